@@ -1,0 +1,250 @@
+"""BERT (Devlin et al., 2019) in Flax, with the attention variant as a config switch.
+
+Post-LayerNorm blocks, exact-erf GELU, learned absolute positions and token types, an MLM
+head tied to the word embeddings: the original architecture, so that `standard` matches
+Hugging Face `BertForMaskedLM` weight for weight. Parameters are float32 and carry logical
+axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`); the trainer maps those to a mesh.
+This file knows nothing about meshes, files or flags.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_sym.attention import SelfAttention, dense_init
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """'auto' is bfloat16 on accelerators (MXU/tensor-core native) and float32 on CPU."""
+  if name == 'auto':
+    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+  return jnp.dtype(name)
+
+
+def _dense(features, axes, cfg, dtype, name):
+  return nn.Dense(
+      features, dtype=dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(dense_init(cfg.initializer_range), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
+
+def _layer_norm(cfg, name):
+  # Statistics in float32 whatever the compute dtype: bf16 variance is too coarse.
+  return nn.LayerNorm(
+      epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+
+
+def _gelu(x):
+  return jax.nn.gelu(x, approximate=False)   # BERT's exact-erf GELU
+
+
+class Embeddings(nn.Module):
+  cfg: Any
+
+  def setup(self):
+    cfg = self.cfg
+    emb = lambda n, axes: nn.Embed(
+        n, cfg.hidden_size, embedding_init=nn.with_logical_partitioning(
+            dense_init(cfg.initializer_range), axes))
+    self.word_embeddings = emb(cfg.vocab_size, ('vocab', 'embed'))
+    self.position_embeddings = emb(cfg.max_position_embeddings, (None, 'embed'))
+    self.token_type_embeddings = emb(cfg.type_vocab_size, (None, 'embed'))
+    self.layer_norm = _layer_norm(cfg, 'layer_norm')
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, input_ids, token_type_ids, *, deterministic):
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+         + self.token_type_embeddings(token_type_ids))
+    return self.dropout(self.layer_norm(x), deterministic=deterministic)
+
+  def attend(self, hidden):
+    """Logits against the word embeddings: the MLM decoder shares them (weight tying)."""
+    return self.word_embeddings.attend(hidden)
+
+
+class Layer(nn.Module):
+  """One post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic, return_weights=False):
+    cfg, dtype = self.cfg, compute_dtype(self.cfg.dtype)
+    dropout = nn.Dropout(cfg.dropout_rate)
+    attn = SelfAttention(
+        hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, attention=cfg.attention,
+        attention_impl=cfg.attention_impl, attention_dropout_rate=cfg.attention_dropout_rate,
+        initializer_range=cfg.initializer_range, pairwise_init_std=cfg.pairwise_init_std,
+        dtype=dtype, name='attention')(
+            x, mask, deterministic=deterministic, return_weights=return_weights)
+    attn, weights = attn if return_weights else (attn, None)
+    x = _layer_norm(cfg, 'attention_layer_norm')(
+        x + dropout(attn, deterministic=deterministic)).astype(dtype)
+    h = _gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x))
+    h = _dense(cfg.hidden_size, ('mlp', 'embed'), cfg, dtype, 'output')(h)
+    x = _layer_norm(cfg, 'output_layer_norm')(
+        x + dropout(h, deterministic=deterministic)).astype(dtype)
+    return x, weights
+
+
+class Encoder(nn.Module):
+  """Embeddings and the stack of layers; returns the last hidden states."""
+  cfg: Any
+
+  def setup(self):
+    self.embeddings = Embeddings(self.cfg)
+    layer = nn.remat(Layer, static_argnums=(3, 4)) if self.cfg.remat else Layer
+    self.layers = [layer(self.cfg, name=f'layer_{i}') for i in range(self.cfg.num_layers)]
+
+  def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True,
+               return_weights=False):
+    hidden_size, num_heads = self.cfg.hidden_size, self.cfg.num_heads
+    if hidden_size % num_heads:
+      raise ValueError(f'model.hidden_size={hidden_size} is not divisible by '
+                       f'model.num_heads={num_heads}.')
+    if input_ids.shape[-1] > self.cfg.max_position_embeddings:
+      raise ValueError(f'Sequence length {input_ids.shape[-1]} exceeds '
+                       f'model.max_position_embeddings={self.cfg.max_position_embeddings}.')
+    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
+    x = x.astype(compute_dtype(self.cfg.dtype))
+    mask = attention_mask.astype(bool)[:, None, None, :]   # [batch, 1, 1, key]
+    all_weights = []
+    for layer in self.layers:
+      x, weights = layer(x, mask, deterministic, return_weights)
+      all_weights.append(weights)
+    return (x, all_weights) if return_weights else x
+
+  def attend(self, hidden):
+    return self.embeddings.attend(hidden)
+
+
+class MLMHead(nn.Module):
+  """Dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, plus a bias."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, hidden, decoder):
+    cfg, dtype = self.cfg, compute_dtype(self.cfg.dtype)
+    h = _gelu(_dense(cfg.hidden_size, ('embed', 'embed_out'), cfg, dtype, 'transform')(hidden))
+    h = _layer_norm(cfg, 'layer_norm')(h).astype(dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
+                      (cfg.vocab_size,))
+    return decoder(h).astype(jnp.float32) + bias
+
+
+class BertForMaskedLM(nn.Module):
+  """The pre-training model: encoder + MLM head (no NSP, no pooler, as in the paper)."""
+  cfg: Any
+
+  def setup(self):
+    self.encoder = Encoder(self.cfg)
+    self.mlm_head = MLMHead(self.cfg)
+
+  def __call__(self, input_ids, token_type_ids, attention_mask, *, masked_positions=None,
+               deterministic=True):
+    """Returns MLM logits [batch, length, vocab], or [batch, P, vocab] at `masked_positions`.
+
+    Sparse prediction (`masked_positions` [batch, P]) gathers the ~15% of positions that
+    carry a loss before the vocabulary projection, the largest matmul of a small BERT.
+    """
+    hidden = self.encoder(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+    if masked_positions is not None:
+      hidden = jnp.take_along_axis(hidden, masked_positions[..., None], axis=1)
+    return self.mlm_head(hidden, self.encoder.attend)
+
+
+class Pooler(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, hidden):
+    dense = _dense(self.cfg.hidden_size, ('embed', 'embed_out'), self.cfg,
+                   compute_dtype(self.cfg.dtype), 'dense')
+    return jnp.tanh(dense(hidden[:, 0]))   # the [CLS] token
+
+
+class BertModel(nn.Module):
+  """Encoder + pooler: Hugging Face's `BertModel`, the paper's parameter-count convention."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True):
+    hidden = Encoder(self.cfg, name='encoder')(
+        input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+    return hidden, Pooler(self.cfg, name='pooler')(hidden)
+
+
+class BertForSequenceClassification(nn.Module):
+  """GLUE: pooler + dropout + linear head (num_labels=1 is STS-B's regressor)."""
+  cfg: Any
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True):
+    _, pooled = BertModel(self.cfg, name='bert')(
+        input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+    pooled = nn.Dropout(self.cfg.dropout_rate)(pooled, deterministic=deterministic)
+    logits = _dense(self.num_labels, ('embed', 'classes'), self.cfg,
+                    compute_dtype(self.cfg.dtype), 'classifier')(pooled)
+    return logits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Sizes and cost, computed from shapes only (jax.eval_shape: nothing is allocated).
+# ----------------------------------------------------------------------------------------
+
+def dummy_inputs(batch=1, length=8):
+  ids = jnp.zeros((batch, length), jnp.int32)
+  return ids, ids, jnp.ones((batch, length), jnp.int32)
+
+
+def abstract_params(module: nn.Module, *, length=8):
+  """Parameter shapes of `module` (ShapeDtypeStructs, logical-axis boxes removed)."""
+  variables = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), *dummy_inputs(1, length)))
+  return nn.meta.unbox(variables['params'])
+
+
+def count_params(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def params_per_module(tree, depth=2) -> dict[str, int]:
+  """Parameter counts grouped by the first `depth` levels of the parameter path."""
+  counts: dict[str, int] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    name = '/'.join(str(getattr(p, 'key', p)) for p in path[:depth])
+    counts[name] = counts.get(name, 0) + int(leaf.size)
+  return counts
+
+
+def encoder_plus_pooler_params(cfg) -> int:
+  """The paper's (and Hugging Face BertModel's) count: encoder + pooler, no MLM head."""
+  return count_params(abstract_params(BertModel(cfg)))
+
+
+FLOPS_FORMULA = (
+    'train FLOPs/token = 3 x forward, forward = 2 x (matmul weights touched per token) '
+    '+ 4 x layers x seq_len x hidden (scores QK^T and weighted sum PV) '
+    '[+ 2 x layers x hidden x head_dim for pairwise q\'=QP] '
+    '+ 2 x (hidden^2 + hidden x vocab) x (predicted fraction) for the MLM head')
+
+
+def train_flops_per_token(cfg, seq_len: int, predicted_fraction: float = 1.0) -> float:
+  """Model FLOPs of one training step per input token (backward = 2 x forward).
+
+  `predicted_fraction` is the share of positions that reach the MLM head: 1.0 for the
+  dense head, max_predictions_per_seq / seq_len for the sparse one. Embedding lookups,
+  softmax, LayerNorm and biases are not counted (the usual MFU convention).
+  """
+  d, layers, head_dim = cfg.hidden_size, cfg.num_layers, cfg.hidden_size // cfg.num_heads
+  projections = {'standard': 4, 'symmetric': 3, 'pairwise': 3}[cfg.attention]  # Q,K,V,O
+  per_layer = 2 * (projections * d * d + 2 * d * cfg.mlp_dim) + 4 * seq_len * d
+  if cfg.attention == 'pairwise':
+    per_layer += 2 * d * head_dim
+  head = 2 * (d * d + d * cfg.vocab_size) * predicted_fraction
+  return 3.0 * (layers * per_layer + head)

@@ -1,0 +1,101 @@
+"""The one definition of every knob; experiment files only change values.
+
+Every experiment config is `get_config(arg)` returning an `ml_collections.ConfigDict`
+built from `base_config(...)`, so a key is spelled in exactly one place and
+`--config.a.b=value` overrides work for every experiment alike.
+"""
+
+import ml_collections
+
+# bert-base-uncased WordPiece size; the MLM decoder and GLUE tokenizer must agree on it.
+BERT_UNCASED_VOCAB_SIZE = 30522
+
+MODEL_SIZES = {
+    # name: (layers, hidden, heads, mlp)
+    'base': (12, 768, 12, 3072),
+    'small': (4, 512, 8, 2048),
+    # A CPU-sized model that still has several heads, so every code path is exercised.
+    'tiny': (2, 128, 4, 512),
+}
+
+
+def model_config(size: str = 'base', attention: str = 'pairwise') -> ml_collections.ConfigDict:
+  layers, hidden, heads, mlp = MODEL_SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      attention=attention,          # 'standard' | 'symmetric' | 'pairwise'
+      attention_impl='auto',        # 'auto' | 'xla' | 'fused'
+      vocab_size=BERT_UNCASED_VOCAB_SIZE,
+      hidden_size=hidden,
+      num_layers=layers,
+      num_heads=heads,
+      mlp_dim=mlp,
+      max_position_embeddings=512,
+      type_vocab_size=2,
+      dropout_rate=0.1,
+      attention_dropout_rate=0.1,
+      layer_norm_eps=1e-12,
+      initializer_range=0.02,       # N(0, 0.02) for every weight but P
+      pairwise_init_std=1.0,        # P_h ~ N(0, 1) as in the reference code
+      dtype='auto',                 # compute dtype; 'auto' = bfloat16 on TPU/GPU, float32 on CPU
+      sparse_mlm=True,              # MLM logits only at masked positions
+      remat=False,                  # rematerialise each layer's activations (saves memory)
+  ))
+
+
+def base_config(size: str = 'base', attention: str = 'pairwise') -> ml_collections.ConfigDict:
+  """The paper's pre-training recipe (PAPER.md) at the given model size."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config(size, attention)
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='seqio',               # 'seqio' (TF input pipeline) | 'shards' (exported, TF-free)
+      task='bert_sym_mlm_embedded', # a registered seqio task (see bert_sym/tasks.py)
+      text_files='',                # glob(s), comma separated, for task 'bert_sym_mlm_text_files'
+      shards_dir='',                # for source='shards': output of `python -m bert_sym.data export`
+      vocab_path='',                # '' = bert-base-uncased WordPiece rebuilt offline
+      max_seq_len=512,
+      mask_rate=0.15,
+      whole_word_masking=False,
+      max_predictions_per_seq=80,   # >= 15% of 512 plus slack; caps the sparse MLM head
+      shuffle_buffer=10_000,
+  ))
+
+  c.batch_size = 256                # global, in sequences
+  c.total_steps = 200_000
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-12,
+      weight_decay=0.01,            # not on biases and LayerNorm
+      warmup_steps=10_000,          # then linear decay to 0 at total_steps
+      grad_clip_norm=1.0,           # Hugging Face Trainer's default, used by the reference run
+      grad_accum_steps=1,
+  ))
+
+  # Mesh axes; -1 takes the devices left over. Logical parameter axes map to mesh axes
+  # through `sharding_rules` (t5x style): changing parallelism never touches the model.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = [
+      ('batch', ('data', 'fsdp')),
+      ('vocab', 'tensor'),
+      ('embed', 'fsdp'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv', None),
+      ('length', None),
+  ]
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 250
+  c.eval_steps = 20
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000,
+      keep_last=3,
+      keep_every=10_000,            # also keep every K-th step forever (0 = off)
+      async_save=True,
+  ))
+  c.on_nonfinite = 'stop'           # 'stop' | 'skip'
+  c.peak_flops_per_device = 0.0     # 0 = look up by device kind (for MFU)
+  return c
