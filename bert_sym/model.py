@@ -47,8 +47,9 @@ class Embeddings(nn.Module):
 
   def setup(self):
     cfg = self.cfg
+    # Compute dtype also sets the tied decoder's matmul precision (the largest in a small BERT).
     emb = lambda n, axes: nn.Embed(
-        n, cfg.hidden_size, embedding_init=nn.with_logical_partitioning(
+        n, cfg.hidden_size, dtype=compute_dtype(cfg.dtype), embedding_init=nn.with_logical_partitioning(
             dense_init(cfg.initializer_range), axes))
     self.word_embeddings = emb(cfg.vocab_size, ('vocab', 'embed'))
     self.position_embeddings = emb(cfg.max_position_embeddings, (None, 'embed'))
