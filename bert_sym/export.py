@@ -1,0 +1,167 @@
+"""Write a trained model of any variant as a standard Hugging Face BERT, and read one back.
+
+Symmetric and pairwise attention are standard attention with a constrained key
+projection. For head h, with Q_h = X Wq_h + bq_h,
+
+  Q_h P_h Q_h^T = Q_h (X Wq_h P_h^T + bq_h P_h^T)^T,
+
+so Wk_h := Wq_h P_h^T and bk_h := bq_h P_h^T give a `BertForMaskedLM` whose logits equal
+ours (symmetric is the case P_h = I). The exported model runs in any BERT tooling with no
+custom code. The reverse direction, `mlm_params_from_hf`, loads a standard checkpoint.
+
+Everything here works on NumPy arrays keyed by Hugging Face's `state_dict` names;
+PyTorch and `transformers` are imported only by `save_hf_pretrained`.
+"""
+
+from typing import Any, Mapping
+
+import numpy as np
+
+_LAYER_NORM = (('weight', 'scale'), ('bias', 'bias'))
+
+
+def hf_bert_config_kwargs(cfg) -> dict[str, Any]:
+  """`transformers.BertConfig` arguments describing the same architecture as `cfg`."""
+  return dict(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      intermediate_size=cfg.mlp_dim, hidden_act='gelu',
+      hidden_dropout_prob=cfg.dropout_rate,
+      attention_probs_dropout_prob=cfg.attention_dropout_rate,
+      max_position_embeddings=cfg.max_position_embeddings,
+      type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range,
+      layer_norm_eps=cfg.layer_norm_eps)
+
+
+def folded_key_projection(query_kernel, query_bias, pairwise=None):
+  """Standard-attention key weights equivalent to a shared query (and optional P).
+
+  query_kernel [d, heads, head_dim], query_bias [heads, head_dim], pairwise
+  [heads, head_dim, head_dim] or None (symmetric). Returns (key_kernel, key_bias) with
+  Wk_h = Wq_h P_h^T and bk_h = bq_h P_h^T, computed in float64 so the fold adds no
+  rounding beyond the final cast.
+  """
+  kernel = np.asarray(query_kernel, np.float64)
+  bias = np.asarray(query_bias, np.float64)
+  if pairwise is None:
+    return kernel.astype(np.float32), bias.astype(np.float32)
+  p = np.asarray(pairwise, np.float64)
+  key_kernel = np.einsum('dhe,hfe->dhf', kernel, p)
+  key_bias = np.einsum('he,hfe->hf', bias, p)
+  return key_kernel.astype(np.float32), key_bias.astype(np.float32)
+
+
+def _linear(kernel, bias):
+  """Flax kernel [in..., out...] -> torch Linear (weight [out, in], bias [out])."""
+  kernel = np.asarray(kernel, np.float32)
+  bias = np.asarray(bias, np.float32)
+  return kernel.reshape(-1, bias.size).T, bias.reshape(-1)
+
+
+def mlm_params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
+  """`BertForMaskedLM` params of any variant -> a standard HF `BertForMaskedLM` state dict.
+
+  `params` is the 'params' collection (boxes removed) with 'encoder' and 'mlm_head'.
+  The tied decoder weight is written too, so the dict loads with `strict=True`.
+  """
+  enc, head = params['encoder'], params['mlm_head']
+  out: dict[str, np.ndarray] = {}
+
+  def put(name, kernel, bias):
+    out[f'{name}.weight'], out[f'{name}.bias'] = _linear(kernel, bias)
+
+  def put_layer_norm(name, tree):
+    for hf_name, our_name in _LAYER_NORM:
+      out[f'{name}.{hf_name}'] = np.asarray(tree[our_name], np.float32)
+
+  emb = enc['embeddings']
+  for name in ('word_embeddings', 'position_embeddings', 'token_type_embeddings'):
+    out[f'bert.embeddings.{name}.weight'] = np.asarray(emb[name]['embedding'], np.float32)
+  put_layer_norm('bert.embeddings.LayerNorm', emb['layer_norm'])
+
+  for i in range(cfg.num_layers):
+    layer, prefix = enc[f'layer_{i}'], f'bert.encoder.layer.{i}'
+    attn = layer['attention']
+    query = attn['query']
+    if 'key' in attn:
+      key_kernel, key_bias = attn['key']['kernel'], attn['key']['bias']
+    else:
+      key_kernel, key_bias = folded_key_projection(
+          query['kernel'], query['bias'], attn.get('pairwise'))
+    put(f'{prefix}.attention.self.query', query['kernel'], query['bias'])
+    put(f'{prefix}.attention.self.key', key_kernel, key_bias)
+    put(f'{prefix}.attention.self.value', attn['value']['kernel'], attn['value']['bias'])
+    put(f'{prefix}.attention.output.dense', attn['output']['kernel'], attn['output']['bias'])
+    put_layer_norm(f'{prefix}.attention.output.LayerNorm', layer['attention_layer_norm'])
+    put(f'{prefix}.intermediate.dense', layer['intermediate']['kernel'],
+        layer['intermediate']['bias'])
+    put(f'{prefix}.output.dense', layer['output']['kernel'], layer['output']['bias'])
+    put_layer_norm(f'{prefix}.output.LayerNorm', layer['output_layer_norm'])
+
+  put('cls.predictions.transform.dense', head['transform']['kernel'], head['transform']['bias'])
+  put_layer_norm('cls.predictions.transform.LayerNorm', head['layer_norm'])
+  out['cls.predictions.bias'] = np.asarray(head['bias'], np.float32)
+  out['cls.predictions.decoder.weight'] = out['bert.embeddings.word_embeddings.weight']
+  out['cls.predictions.decoder.bias'] = out['cls.predictions.bias']
+  return out
+
+
+def mlm_params_from_hf(state_dict: Mapping[str, Any], cfg) -> dict[str, Any]:
+  """A HF `BertForMaskedLM` state dict -> our `standard` `BertForMaskedLM` params.
+
+  Values may be torch tensors or arrays. Only `standard` can hold an arbitrary key
+  projection; for the other variants the key is tied to the query by construction.
+  """
+  if cfg.attention != 'standard':
+    raise ValueError(f'model.attention={cfg.attention!r}: a Hugging Face BERT has a free key '
+                     'projection, which only model.attention=standard can hold.')
+  sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v, np.float32)
+        for k, v in state_dict.items()}
+  d, heads = cfg.hidden_size, cfg.num_heads
+  head_dim = d // heads
+
+  def dense(name):
+    return {'kernel': sd[f'{name}.weight'].T, 'bias': sd[f'{name}.bias']}
+
+  def heads_in(name):   # query/key/value: kernel [d, heads, head_dim]
+    return {'kernel': sd[f'{name}.weight'].T.reshape(d, heads, head_dim),
+            'bias': sd[f'{name}.bias'].reshape(heads, head_dim)}
+
+  def layer_norm(name):
+    return {our: sd[f'{name}.{hf}'] for hf, our in _LAYER_NORM}
+
+  encoder: dict[str, Any] = {'embeddings': {
+      name: {'embedding': sd[f'bert.embeddings.{name}.weight']}
+      for name in ('word_embeddings', 'position_embeddings', 'token_type_embeddings')}}
+  encoder['embeddings']['layer_norm'] = layer_norm('bert.embeddings.LayerNorm')
+  for i in range(cfg.num_layers):
+    prefix = f'bert.encoder.layer.{i}'
+    output = dense(f'{prefix}.attention.output.dense')
+    output['kernel'] = output['kernel'].reshape(heads, head_dim, d)
+    encoder[f'layer_{i}'] = {
+        'attention': {
+            'query': heads_in(f'{prefix}.attention.self.query'),
+            'key': heads_in(f'{prefix}.attention.self.key'),
+            'value': heads_in(f'{prefix}.attention.self.value'),
+            'output': output},
+        'attention_layer_norm': layer_norm(f'{prefix}.attention.output.LayerNorm'),
+        'intermediate': dense(f'{prefix}.intermediate.dense'),
+        'output': dense(f'{prefix}.output.dense'),
+        'output_layer_norm': layer_norm(f'{prefix}.output.LayerNorm'),
+    }
+  mlm_head = {'transform': dense('cls.predictions.transform.dense'),
+              'layer_norm': layer_norm('cls.predictions.transform.LayerNorm'),
+              'bias': sd['cls.predictions.bias']}
+  return {'encoder': encoder, 'mlm_head': mlm_head}
+
+
+def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str) -> None:
+  """Write `params` (any variant) as a standard `BertForMaskedLM` with `save_pretrained`."""
+  import torch
+  import transformers
+
+  model = transformers.BertForMaskedLM(transformers.BertConfig(**hf_bert_config_kwargs(cfg)))
+  state = {k: torch.from_numpy(np.ascontiguousarray(v))
+           for k, v in mlm_params_to_hf(params, cfg).items()}
+  model.load_state_dict(state, strict=True)
+  model.save_pretrained(out_dir)

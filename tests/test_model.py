@@ -1,0 +1,183 @@
+"""The BERT model against the paper's numbers and against Hugging Face BERT."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from bert_sym import export
+from bert_sym import model as bert
+from configs.common import model_config
+from hf_reference import hf_mlm_forward, padded_batch, random_hf_mlm
+
+VARIANTS = ('standard', 'symmetric', 'pairwise')
+
+
+def tiny_config(attention, **overrides):
+  cfg = model_config('tiny', attention)
+  cfg.vocab_size = 1000
+  cfg.dtype = 'float32'
+  cfg.update(overrides)
+  return cfg
+
+
+def init_params(module, cfg, seed=0, length=16):
+  variables = module.init(jax.random.key(seed), *bert.dummy_inputs(2, length))
+  return nn.meta.unbox(variables['params'])
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter counts (PAPER.md table: encoder + pooler, Hugging Face BertModel convention).
+# ---------------------------------------------------------------------------------------
+
+PAPER_COUNTS = {
+    ('base', 'standard'): 109_482_240,
+    ('base', 'symmetric'): 102_395_136,
+    ('base', 'pairwise'): 102_984_960,
+    ('small', 'standard'): 28_763_648,
+    ('small', 'symmetric'): 27_713_024,
+    ('small', 'pairwise'): 27_844_096,
+}
+
+
+@pytest.mark.parametrize('size,attention', sorted(PAPER_COUNTS))
+def test_encoder_plus_pooler_params_match_paper(size, attention):
+  cfg = model_config(size, attention)
+  assert bert.encoder_plus_pooler_params(cfg) == PAPER_COUNTS[(size, attention)]
+
+
+@pytest.mark.parametrize('size', ['base', 'small'])
+def test_standard_count_matches_hugging_face_bert_model(size):
+  cfg = model_config(size, 'standard')
+  hf = transformers.BertModel(transformers.BertConfig(**export.hf_bert_config_kwargs(cfg)))
+  assert bert.encoder_plus_pooler_params(cfg) == sum(p.numel() for p in hf.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Numerical equivalence with Hugging Face BertForMaskedLM (same weights).
+# ---------------------------------------------------------------------------------------
+
+def _compare_with_hf(cfg, length, seed=0):
+  hf = random_hf_mlm(cfg, seed=seed)
+  params = export.mlm_params_from_hf(hf.state_dict(), cfg)
+  batch = padded_batch(cfg.vocab_size, batch=3, length=length, seed=seed)
+  assert batch[2].min() == 0 and batch[1].max() == 1   # padding and a second segment
+
+  hf_hidden, hf_logits = hf_mlm_forward(hf, *batch)
+  model = bert.BertForMaskedLM(cfg)
+  logits = model.apply({'params': params}, *batch)
+  hidden = model.apply({'params': params}, *batch,
+                       method=lambda m, *a: m.encoder(*a))
+  # Both implementations compute every position, pads included (pad queries still
+  # attend to the real keys), so the comparison covers the whole batch.
+  np.testing.assert_allclose(np.asarray(hidden), hf_hidden, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits), hf_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'fused'])
+def test_standard_matches_hugging_face_tiny(impl):
+  _compare_with_hf(tiny_config('standard', attention_impl=impl), length=24)
+
+
+def test_standard_matches_hugging_face_bert_small_shape():
+  cfg = model_config('small', 'standard')
+  cfg.dtype = 'float32'
+  _compare_with_hf(cfg, length=64, seed=1)
+
+
+# ---------------------------------------------------------------------------------------
+# Training-time behaviour.
+# ---------------------------------------------------------------------------------------
+
+def _zero_grad_leaves(grads):
+  return [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(grads)
+          if not np.any(np.asarray(g) != 0)]
+
+
+@pytest.mark.parametrize('attention', VARIANTS)
+def test_every_parameter_gets_a_gradient(attention):
+  cfg = tiny_config(attention)
+  input_ids, token_type_ids, attention_mask = padded_batch(cfg.vocab_size, length=16)
+  labels = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, input_ids.shape))
+
+  mlm = bert.BertForMaskedLM(cfg)
+  mlm_params = init_params(mlm, cfg)
+
+  def mlm_loss(p):
+    logits = mlm.apply({'params': p}, input_ids, token_type_ids, attention_mask)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1))
+
+  grads = jax.grad(mlm_loss)(mlm_params)
+  if attention == 'pairwise':
+    assert grads['encoder']['layer_0']['attention']['pairwise'].shape == (4, 32, 32)
+  assert _zero_grad_leaves(grads) == []
+
+  clf = bert.BertForSequenceClassification(cfg, num_labels=3)
+  clf_params = init_params(clf, cfg)
+  targets = jnp.array([0, 1, 2])
+
+  def clf_loss(p):
+    logits = clf.apply({'params': p}, input_ids, token_type_ids, attention_mask)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], -1))
+
+  grads = jax.grad(clf_loss)(clf_params)
+  assert {'pooler', 'encoder'} <= set(grads['bert']) and 'classifier' in grads
+  assert _zero_grad_leaves(grads) == []
+
+
+@pytest.mark.parametrize('rates', [dict(dropout_rate=0.1, attention_dropout_rate=0.0),
+                                   dict(dropout_rate=0.0, attention_dropout_rate=0.1)],
+                         ids=['hidden', 'attention_probs'])
+def test_dropout_only_in_train_mode(rates):
+  cfg = tiny_config('pairwise', **rates)
+  model = bert.BertForMaskedLM(cfg)
+  params = init_params(model, cfg)
+  batch = padded_batch(cfg.vocab_size)
+  run = lambda seed: model.apply({'params': params}, *batch, deterministic=False,
+                                 rngs={'dropout': jax.random.key(seed)})
+  evaluated = model.apply({'params': params}, *batch)
+  np.testing.assert_array_equal(model.apply({'params': params}, *batch), evaluated)
+  np.testing.assert_array_equal(run(0), run(0))
+  assert np.max(np.abs(run(0) - evaluated)) > 1e-3
+  assert np.max(np.abs(run(0) - run(1))) > 1e-3
+
+
+@pytest.mark.parametrize('attention', VARIANTS)
+def test_sparse_mlm_head_equals_gathered_dense_logits(attention):
+  cfg = tiny_config(attention)
+  model = bert.BertForMaskedLM(cfg)
+  params = init_params(model, cfg)
+  batch = padded_batch(cfg.vocab_size)
+  positions = jnp.array([[0, 5, 15, 3], [2, 2, 7, 1], [4, 0, 0, 0]], jnp.int32)
+  dense = model.apply({'params': params}, *batch)
+  sparse = model.apply({'params': params}, *batch, masked_positions=positions)
+  assert sparse.shape == (3, 4, cfg.vocab_size)
+  np.testing.assert_allclose(sparse, jnp.take_along_axis(dense, positions[..., None], 1),
+                             atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Initialisation (PAPER.md: P ~ N(0, 1); everything else N(0, 0.02), biases 0, LN 1/0).
+# ---------------------------------------------------------------------------------------
+
+def test_initialisation_follows_reference_code():
+  cfg = model_config('small', 'pairwise')
+  params = init_params(bert.BertForMaskedLM(cfg), cfg, length=8)
+  checked = set()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name, leaf = jax.tree_util.keystr(path), np.asarray(leaf)
+    last = path[-1].key
+    if last == 'pairwise':
+      assert leaf.shape == (8, 64, 64)
+      assert abs(leaf.std() - 1.0) < 0.02 and abs(leaf.mean()) < 0.02, name
+    elif last == 'bias':
+      assert np.all(leaf == 0), name
+    elif last == 'scale':
+      assert np.all(leaf == 1), name
+    else:   # Dense / DenseGeneral kernels and embedding tables
+      assert last in ('kernel', 'embedding'), name
+      assert abs(leaf.std() - 0.02) < 0.002 and abs(leaf.mean()) < 0.002, name
+    checked.add(last)
+  assert checked == {'pairwise', 'bias', 'scale', 'kernel', 'embedding'}
