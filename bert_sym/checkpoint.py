@@ -1,0 +1,219 @@
+"""Checkpoints: an orbax `CheckpointManager` under `{workdir}/checkpoints`, plus config.json.
+
+Layout of one step directory `{workdir}/checkpoints/{step}/` (plain orbax, no project code
+needed to read it; see `load_pretrained` and the README):
+
+  state/       StandardSave of {'params', 'opt_state', 'step', 'rng'}  (rng = raw key data)
+  data_iter/   JsonSave of {'process_count': N, 'states': [iterator.get_state() per process]}
+
+Orbax writes each step into a temporary directory and renames it when every item is
+complete, so a crash (or SIGKILL) mid-save leaves no step that looks finished; unfinished
+temporary directories are ignored and cleaned up at the next start.
+"""
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE = 'state'
+DATA_ITER = 'data_iter'
+CONFIG_FILE = 'config.json'
+
+
+# ----------------------------------------------------------------------------------------
+# config.json: the fully resolved config, so that a run can be reproduced and a
+# checkpoint interpreted without the command line that made it.
+# ----------------------------------------------------------------------------------------
+
+def write_config(workdir, config: ml_collections.ConfigDict) -> epath.Path:
+  """Writes `{workdir}/config.json` atomically (a reader never sees half a file)."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  tmp = path.parent / f'.{CONFIG_FILE}.tmp-{os.getpid()}'
+  tmp.write_text(config.to_json(indent=2, sort_keys=True) + '\n')
+  tmp.rename(path)   # POSIX rename replaces the old file atomically
+  return path
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f'{path} does not exist: {workdir} is not a bert_sym training workdir (the trainer '
+        f'writes {CONFIG_FILE} there before the first step).')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+# ----------------------------------------------------------------------------------------
+# The manager and the save/restore calls the trainer makes.
+# ----------------------------------------------------------------------------------------
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return epath.Path(workdir) / 'checkpoints'
+
+
+def make_manager(workdir, ckpt_config=None, *, read_only=False) -> ocp.CheckpointManager:
+  """keep_last N most recent steps, plus every keep_every-th step forever (0 = off)."""
+  ckpt_config = ckpt_config or ml_collections.ConfigDict(
+      dict(keep_last=None, keep_every=0, async_save=False))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=ckpt_config.keep_last or None,
+      keep_period=ckpt_config.keep_every or None,
+      enable_async_checkpointing=bool(ckpt_config.async_save),
+      read_only=read_only,
+      create=not read_only,
+      cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options, item_names=(STATE, DATA_ITER))
+
+
+def _allgather_json(obj) -> list:
+  """Every process's `obj` (JSON-serialisable), in process order, on every process.
+
+  Each host reads its own slice of the data, so each iterator has its own position; the
+  checkpoint keeps them all (orbax's JsonSave writes from the primary host only).
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:int(n)]).decode())
+          for row, n in zip(gathered, lengths.reshape(-1))]
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any, *,
+         force: bool = False) -> bool:
+  """Saves (asynchronously if configured) and returns whether a save was started.
+
+  Must be called by every process. Arrays are copied off the devices before this
+  returns, so the caller may donate `state` to the next update step right away.
+  """
+  data_item = {'process_count': jax.process_count(), 'states': _allgather_json(data_state)}
+  return manager.save(step, force=force, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave(state),
+      DATA_ITER: ocp.args.JsonSave(data_item)}))
+
+
+def _path_str(path) -> str:
+  return '/'.join(str(getattr(p, 'key', getattr(p, 'idx', getattr(p, 'name', p))))
+                  for p in path)
+
+
+def saved_state_metadata(manager: ocp.CheckpointManager, step: int):
+  """The tree of ArrayMetadata (shape, dtype) of the `state` item, read without loading."""
+  return ocp.PyTreeCheckpointer().metadata(
+      manager.directory / str(step) / STATE).item_metadata.tree
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
+  """Raises a readable error if the checkpoint's parameters differ from the config's.
+
+  Restoring mismatched shapes fails deep inside tensorstore; comparing first lets us say
+  which parameter differs and what to do about it.
+  """
+  saved = saved_state_metadata(manager, step)['params']
+  saved_shapes = {_path_str(p): tuple(m.shape)
+                  for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+  wanted_shapes = {_path_str(p): tuple(a.shape)
+                   for p, a in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  where = manager.directory / str(step)
+  problems = []
+  for name in sorted(set(saved_shapes) | set(wanted_shapes)):
+    s, w = saved_shapes.get(name), wanted_shapes.get(name)
+    if s != w:
+      problems.append(f'  params/{name}: checkpoint {s if s else "(absent)"}, '
+                      f'config {w if w else "(absent)"}')
+  if problems:
+    raise ValueError(
+        f'The checkpoint {where} was written by a different model than the current config '
+        f'builds ({len(problems)} parameter(s) differ):\n' + '\n'.join(problems[:10]) +
+        '\nThis workdir belongs to another config: use a fresh --workdir, or rerun with '
+        'the config saved in its config.json.')
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, Any]:
+  """Restores `state` onto the shardings in `abstract_state` (any mesh) + this host's data.
+
+  `abstract_state` holds jax.ShapeDtypeStruct leaves with `.sharding` set: orbax reads
+  each shard straight onto its device, whatever mesh the checkpoint was written from.
+  """
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(abstract_state),
+      DATA_ITER: ocp.args.JsonRestore()}))
+  data_item = restored[DATA_ITER]
+  states = data_item['states']
+  if data_item['process_count'] != jax.process_count():
+    logging.warning(
+        'Checkpoint written by %d processes, resuming on %d: input pipeline positions '
+        'cannot be mapped one to one; every process takes process 0\'s position.',
+        data_item['process_count'], jax.process_count())
+    return restored[STATE], states[0]
+  return restored[STATE], states[jax.process_index()]
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a pre-trained model back (GLUE fine-tuning, export, notebooks).
+# ----------------------------------------------------------------------------------------
+
+def _is_step_dir(path: epath.Path) -> bool:
+  return (path / STATE).is_dir()
+
+
+def resolve_step_dir(path) -> epath.Path:
+  """`path` is a workdir, its `checkpoints/` folder, or one step directory."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist.')
+  if _is_step_dir(path):
+    return path
+  ckpt_root = path if path.name == 'checkpoints' else checkpoint_dir(path)
+  steps = []
+  if ckpt_root.is_dir():
+    # Finalised steps only: orbax's in-progress saves carry a '.orbax-checkpoint-tmp' suffix.
+    steps = [int(p.name) for p in ckpt_root.iterdir()
+             if p.name.isdigit() and _is_step_dir(p)]
+  if not steps:
+    raise FileNotFoundError(
+        f'No finished checkpoint under {path}: expected a training workdir with '
+        f'checkpoints/<step>/{STATE}/, or a step directory such as '
+        f'<workdir>/checkpoints/1000.')
+  return ckpt_root / str(max(steps))
+
+
+def load_params(step_dir) -> dict:
+  """The model parameters of one step as host numpy arrays (opt_state is not read)."""
+  step_dir = epath.Path(step_dir)
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(step_dir / STATE).item_metadata.tree
+  wanted = {'params': tree['params']}
+  restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+      item=wanted,
+      # numpy targets: no sharding needed, so any device count can read any checkpoint.
+      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+      partial_restore=True))
+  return restored['params']
+
+
+def load_pretrained(path) -> tuple[ml_collections.ConfigDict, dict]:
+  """(training config, BertForMaskedLM params) from a workdir or a step directory.
+
+  A workdir gives its latest finished step. `params['encoder']` is the encoder that
+  `BertForSequenceClassification` expects under `['bert']['encoder']`. Arrays are host
+  numpy, unboxed (no logical-axis metadata).
+  """
+  step_dir = resolve_step_dir(path)
+  workdir = step_dir.parent.parent
+  config = read_config(workdir)
+  params = load_params(step_dir)
+  logging.info('Loaded pre-trained params from %s', step_dir)
+  return config, params

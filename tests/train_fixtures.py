@@ -1,0 +1,150 @@
+"""Helpers for the trainer tests: a tiny config, a synthetic MLM input with the data API.
+
+`SyntheticMLMIterator` has the interface of `bert_sym.data.make_mlm_iterator`'s iterator
+(dict of numpy [per_host_batch, max_seq_len]; get_state/set_state), so the trainer can be
+tested without TensorFlow or a corpus. Batch n is a pure function of (seed, split, n,
+process), which makes resume-exactness checks meaningful.
+
+Run as a script it is the trainer's command line with the synthetic input plugged in:
+
+  python -m tests.train_fixtures --config=configs/tiny.py --workdir=/tmp/w --synthetic ...
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Token ids laid out like BERT's WordPiece vocab: the specials live below 104.
+PAD, CLS, SEP, MASK = 0, 101, 102, 103
+FIRST_REGULAR = 104
+
+
+class SyntheticMLMIterator:
+  """Random sentences with BERT-style masking (15%; 80% [MASK], 10% random, 10% same).
+
+  Tokens follow a simple learnable rule (each token is the previous one + 1, wrapping),
+  so a model that trains shows a falling loss.
+  """
+
+  def __init__(self, data_config, *, batch_size, split, seed, start_step=0,
+               process_index=None, process_count=None, vocab_size=1000):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % self.process_count:
+      raise ValueError(f'batch_size={batch_size} not divisible by {self.process_count} processes')
+    self.per_host_batch = batch_size // self.process_count
+    self.seq_len = data_config.max_seq_len
+    self.max_predictions = data_config.max_predictions_per_seq
+    self.mask_rate = data_config.mask_rate
+    self.vocab_size = vocab_size
+    self.seed = seed
+    self.split_id = {'train': 0, 'validation': 1}[split]
+    self.index = start_step
+
+  def __iter__(self):
+    return self
+
+  def get_state(self):
+    return {'index': self.index}
+
+  def set_state(self, state):
+    self.index = int(state['index'])
+
+  def __next__(self):
+    rng = np.random.default_rng(
+        [self.seed, self.split_id, self.index, self.process_index, self.process_count])
+    self.index += 1
+    b, length, regular = self.per_host_batch, self.seq_len, self.vocab_size - FIRST_REGULAR
+    lengths = rng.integers(length // 2, length + 1, size=b)
+    starts = rng.integers(0, regular, size=(b, 1))
+    tokens = FIRST_REGULAR + (starts + np.arange(length)[None]) % regular
+    positions = np.arange(length)[None]
+    real = positions < lengths[:, None]
+    tokens[:, 0] = CLS
+    tokens[np.arange(b), lengths - 1] = SEP
+    tokens = np.where(real, tokens, PAD).astype(np.int32)
+
+    candidates = real & (tokens >= FIRST_REGULAR)
+    scores = np.where(candidates, rng.random((b, length)), 2.0)
+    input_ids, targets = tokens.copy(), np.zeros_like(tokens)
+    weights = np.zeros((b, length), np.float32)
+    for row in range(b):
+      n = min(self.max_predictions, max(1, int(round(self.mask_rate * lengths[row]))))
+      chosen = np.argsort(scores[row])[:n]
+      chosen = chosen[candidates[row, chosen]]
+      targets[row, chosen] = tokens[row, chosen]
+      weights[row, chosen] = 1.0
+      action = rng.random(len(chosen))
+      input_ids[row, chosen[action < 0.8]] = MASK
+      rand = chosen[(action >= 0.8) & (action < 0.9)]
+      input_ids[row, rand] = rng.integers(FIRST_REGULAR, self.vocab_size, size=len(rand))
+    return dict(input_ids=input_ids, token_type_ids=np.zeros_like(tokens),
+                attention_mask=real.astype(np.int32), mlm_targets=targets,
+                mlm_weights=weights)
+
+
+def make_synthetic_iterator(data_config, **kwargs):
+  return SyntheticMLMIterator(data_config, **kwargs)
+
+
+TINY = {
+    'model.vocab_size': 1000, 'model.hidden_size': 32, 'model.num_heads': 2,
+    'model.mlp_dim': 64, 'model.num_layers': 2, 'model.max_position_embeddings': 64,
+    'data.max_seq_len': 32, 'data.max_predictions_per_seq': 6,
+    'batch_size': 16, 'total_steps': 12, 'optimizer.warmup_steps': 3,
+    'log_every_steps': 4, 'eval_every_steps': 6, 'eval_steps': 2,
+    'checkpoint.every_steps': 4, 'checkpoint.keep_last': 2, 'checkpoint.keep_every': 0,
+}
+
+
+def tiny_overrides(**extra):
+  """Command-line overrides that make configs/tiny.py a seconds-long synthetic run.
+
+  Keys use '__' for '.', e.g. tiny_overrides(mesh__data=4).
+  """
+  flags = dict(TINY, **{k.replace('__', '.'): v for k, v in extra.items()})
+  return [f'--config.{k}={v}' for k, v in flags.items()]
+
+
+def tiny_config(**extra):
+  """configs/tiny.py with the same overrides, as a ConfigDict (in-process tests)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.update_from_flattened_dict(
+      dict(TINY, **{k.replace('__', '.'): v for k, v in extra.items()}))
+  return config
+
+
+def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='configs/tiny.py',
+                overrides=None, env=None, timeout=300, check=True, **popen_kwargs):
+  """Runs the trainer's command line in a subprocess with `devices` simulated CPUs."""
+  cmd = [sys.executable, '-m', 'tests.train_fixtures' if synthetic else 'bert_sym.train',
+         f'--config={config}']
+  if workdir is not None:
+    cmd.append(f'--workdir={workdir}')
+  cmd += tiny_overrides(**(overrides or {})) if synthetic else []
+  cmd += list(extra_flags)
+  full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
+                  XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                  TF_CPP_MIN_LOG_LEVEL='3')
+  full_env.update(env or {})
+  if popen_kwargs.pop('background', False):
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+  result = subprocess.run(cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f'{" ".join(cmd)} failed ({result.returncode}):\n'
+                         f'{result.stdout[-5000:]}\n{result.stderr[-8000:]}')
+  return result
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from bert_sym import train  # pylint: disable=g-import-not-at-top
+  app.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator))
