@@ -161,7 +161,7 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str) -> None:
   import transformers
 
   model = transformers.BertForMaskedLM(transformers.BertConfig(**hf_bert_config_kwargs(cfg)))
-  state = {k: torch.from_numpy(np.ascontiguousarray(v))
+  state = {k: torch.from_numpy(np.array(v, np.float32))
            for k, v in mlm_params_to_hf(params, cfg).items()}
   model.load_state_dict(state, strict=True)
   model.save_pretrained(out_dir)
