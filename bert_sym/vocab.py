@@ -230,8 +230,8 @@ if seqio is not None:
     @staticmethod
     def _normalize(s: tf.Tensor) -> tf.Tensor:
       # HF BertNormalizer: clean text, then strip accents (NFD, drop Mn), then lower-case.
-      s = tf.strings.regex_replace(s, r'[\t\n\r\p{Zs}]', ' ')
-      s = tf.strings.regex_replace(s, r'[\x{0}\x{FFFD}\p{Cc}\p{Cf}]', '')
+      s = tf.strings.regex_replace(s, r'[\t\n\r\p{Zs}\p{Zl}\p{Zp}]', ' ')
+      s = tf.strings.regex_replace(s, r'[\x{0}\x{FFFD}\p{Cc}\p{Cf}\p{Co}]', '')
       s = tf_text.normalize_utf8(s, 'NFD')
       s = tf.strings.regex_replace(s, r'\p{Mn}', '')
       # HF lower-cases char by char; ICU would turn a word-final capital sigma into 'ς'.

@@ -1,0 +1,135 @@
+"""bert_sym.vocab: the rebuilt bert-base-uncased vocab, user vocabs, and the TF tokeniser
+checked against Hugging Face's BertTokenizerFast (an independent implementation)."""
+
+import hashlib
+import pathlib
+
+import pytest
+
+from bert_sym import corpus
+from bert_sym import vocab as vocab_lib
+
+SHARED = pathlib.Path(__file__).parents[2] / 'shared'
+WIKITEXT = SHARED / 'data' / 'wikitext-2' / 'wiki.valid.tokens'
+
+
+def test_default_vocab_is_bert_base_uncased():
+  path = vocab_lib.default_vocab_file()
+  data = pathlib.Path(path).read_bytes()
+  assert hashlib.md5(data).hexdigest() == '64800d5d8528ce344256daf115d4965e'
+  tokens = vocab_lib.read_vocab(path)
+  assert len(tokens) == 30522
+  assert vocab_lib.special_ids(tokens, path) == vocab_lib.SpecialIds(
+      pad=0, unk=100, cls=101, sep=102, mask=103)
+  assert tokens[1996] == 'the' and tokens[29612] == '##!'
+
+
+def test_default_vocab_rebuilds_atomically(tmp_path, monkeypatch):
+  monkeypatch.setenv('BERT_SYM_CACHE', str(tmp_path))
+  vocab_lib.default_vocab_file.cache_clear()
+  try:
+    path = pathlib.Path(vocab_lib.default_vocab_file())
+    assert path.parent == tmp_path
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+    path.write_text('corrupted\n')  # a damaged cache is rebuilt, not trusted
+    vocab_lib.default_vocab_file.cache_clear()
+    assert vocab_lib.vocab_md5(vocab_lib.default_vocab_file()) == vocab_lib.BERT_BASE_UNCASED_MD5
+  finally:
+    vocab_lib.default_vocab_file.cache_clear()
+
+
+def _write_vocab(path, tokens):
+  path.write_text('\n'.join(tokens) + '\n', encoding='utf-8')
+  return str(path)
+
+
+def test_user_vocab_special_ids_are_looked_up(tmp_path):
+  tokens = ['[UNK]', 'a', '[SEP]', '[CLS]', '[PAD]', '##b', '[MASK]']
+  path = _write_vocab(tmp_path / 'vocab.txt', tokens)
+  assert vocab_lib.special_ids(vocab_lib.read_vocab(path), path) == vocab_lib.SpecialIds(
+      pad=4, unk=0, cls=3, sep=2, mask=6)
+
+
+@pytest.mark.parametrize('missing', ['[MASK]', '[CLS]', '[SEP]', '[PAD]'])
+def test_vocab_without_special_token_is_a_clear_error(tmp_path, missing):
+  tokens = [t for t in ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a'] if t != missing]
+  path = _write_vocab(tmp_path / 'my_vocab.txt', tokens)
+  with pytest.raises(vocab_lib.VocabError, match=rf'my_vocab\.txt.*lacks \{missing}'):
+    vocab_lib.special_ids(vocab_lib.read_vocab(path), path)
+
+
+def test_missing_and_non_utf8_vocab_files(tmp_path):
+  with pytest.raises(vocab_lib.VocabError, match='nope.txt: cannot read'):
+    vocab_lib.read_vocab(str(tmp_path / 'nope.txt'))
+  bad = tmp_path / 'latin1.txt'
+  bad.write_bytes(b'[PAD]\ncaf\xe9\n')
+  with pytest.raises(vocab_lib.VocabError, match='latin1.txt: vocab file is not valid UTF-8'):
+    vocab_lib.read_vocab(str(bad))
+
+
+# ----------------------------------------------------------------------------------------
+# TF tokeniser (imports TF: kept to the tests below).
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def tf_vocab():
+  pytest.importorskip('tensorflow_text')
+  return vocab_lib.get_vocabulary()
+
+
+def _real_sentences() -> list[str]:
+  """A few thousand real sentences: embedded Wikipedia (+ wikitext-2 when available)."""
+  lines = []
+  for text in corpus.embedded_documents('validation') + corpus.embedded_documents('train')[:20]:
+    for paragraph in text.split('\n'):
+      lines.extend(s + '.' for s in paragraph.split('. ') if s.strip())
+  if WIKITEXT.exists():
+    lines += [l.strip() for l in WIKITEXT.read_text(encoding='utf-8').splitlines()
+              if l.strip()]
+  return lines
+
+
+TRICKY = [
+    'Café naïve façade ﬁnance Straße ÅNGSTRÖM İstanbul ΣΑΣ ὈΔΥΣΣΕΎΣ',
+    '東京タワー 北京大学 한국어 emoji 😀 x\u200bzero\u00adsoft-hyphen',
+    'tab\tnew\nline\r\x00nul \ufffd replacement \x07 bell \u2028 sep\u2029 \x85 \ue000 \x0b',
+    # (HF would also match literal '[UNK]' etc. as added tokens; raw text never holds them.)
+    'a' * 150 + ' overlong words become unknown',
+    "don't U.S.A. $3.50 -- em—dash «quotes» ‘single’ … ellipsis",
+]
+
+
+def test_tokenizer_matches_hugging_face(tf_vocab):
+  transformers = pytest.importorskip('transformers')
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  lines = _real_sentences() + TRICKY
+  assert len(lines) > 3000
+  # transformers>=5 takes the vocab file as `vocab`; older versions as `vocab_file`.
+  hf = transformers.BertTokenizerFast(vocab=tf_vocab.path, do_lower_case=True)
+  if len(hf) != 30522:
+    hf = transformers.BertTokenizerFast(vocab_file=tf_vocab.path, do_lower_case=True)
+  assert len(hf) == 30522
+  expected = hf(lines, add_special_tokens=False)['input_ids']
+  got = tf_vocab.encode_tf(tf.constant(lines)).to_list()
+  mismatches = [(l, hf.convert_ids_to_tokens(e), hf.convert_ids_to_tokens(g))
+                for l, e, g in zip(lines, expected, got) if e != g]
+  assert not mismatches, mismatches[:3]
+  assert sum(map(len, got)) > 100_000
+
+
+def test_encode_decode_scalar(tf_vocab):
+  ids = tf_vocab.encode('Hello, World! Unaffable.')
+  assert ids == [7592, 1010, 2088, 999, 14477, 20961, 3468, 1012]
+  assert tf_vocab.decode(ids) == 'hello , world ! unaffable .'
+  assert tf_vocab.vocab_size == 30522 and tf_vocab.pad_id == 0 and tf_vocab.eos_id is None
+
+
+def test_remote_vocab_path_goes_through_gfile(tmp_path):
+  tf = pytest.importorskip('tensorflow')
+  tokens = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'hello', '##s']
+  path = 'ram://bert_sym_test/vocab.txt'  # an in-memory tf.io.gfile file system
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write('\n'.join(tokens) + '\n')
+  vocabulary = vocab_lib.get_vocabulary(path)
+  assert vocabulary.tokens == tokens and vocabulary.special.mask == 4
+  assert vocabulary.encode('Hellos bye') == [5, 6, 1]
