@@ -1,0 +1,115 @@
+"""Training metrics: TensorBoard event files, a JSON-lines copy, one console line per log.
+
+TensorBoard events are written with the `tensorboard` package's own writer, which needs no
+TensorFlow (GPU images without TF keep their event files). Without `tensorboard` installed
+only `metrics.jsonl` is written. On multi-host runs only process 0 writes anything.
+"""
+
+import json
+import os
+import socket
+import time
+
+from absl import logging
+from etils import epath
+import jax
+
+# Peak dense bf16 FLOP/s per device (per chip for TPUs), for MFU. Matched as substrings of
+# `device.device_kind`, first match wins (so 'v5 lite' is tested before 'v5').
+PEAK_FLOPS_BY_DEVICE_KIND = (
+    ('v6', 918e12),        # TPU v6e (Trillium)
+    ('v5 lite', 197e12),   # TPU v5e
+    ('v5e', 197e12),
+    ('v5p', 459e12),
+    ('v5', 459e12),
+    ('v4', 275e12),
+    ('h200', 989e12),
+    ('h100', 989e12),
+    ('a100', 312e12),
+    ('cpu', 1e11),         # nominal: a few cores' worth; set peak_flops_per_device to taste
+)
+
+
+def peak_flops_per_device(device=None, override: float = 0.0) -> float:
+  if override:
+    return float(override)
+  kind = (device or jax.devices()[0]).device_kind.lower()
+  for key, flops in PEAK_FLOPS_BY_DEVICE_KIND:
+    if key in kind:
+      return flops
+  logging.warning('Unknown device kind %r: MFU is not reported (set '
+                  'config.peak_flops_per_device).', kind)
+  return 0.0
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def format_progress(step: int, total_steps: int, metrics: dict, eta_seconds: float) -> str:
+  """The one console line: step, loss, throughput, MFU, ETA."""
+  parts = [f'step {step}/{total_steps}', f'loss {metrics["train/loss"]:.4f}',
+           f'acc {metrics["train/mlm_accuracy"]:.3f}', f'lr {metrics["train/learning_rate"]:.2e}']
+  if 'perf/steps_per_sec' in metrics:
+    parts += [f'{metrics["perf/steps_per_sec"]:.2f} steps/s',
+              f'{metrics["perf/tokens_per_sec"]:,.0f} tok/s']
+    if 'perf/mfu' in metrics:
+      parts.append(f'MFU {100 * metrics["perf/mfu"]:.1f}%')
+    parts.append(f'ETA {_format_duration(eta_seconds)}')
+  return ' | '.join(parts)
+
+
+class MetricWriter:
+  """Scalars to `{workdir}/tensorboard` (events) and `{workdir}/metrics.jsonl`."""
+
+  def __init__(self, workdir, *, enabled: bool = True):
+    self.enabled = enabled
+    self._events = None
+    self._jsonl = None
+    if not enabled:
+      return
+    workdir = epath.Path(workdir)
+    self._jsonl = (workdir / 'metrics.jsonl').open('a')
+    try:
+      # The record writer and protos of the `tensorboard` package; its EventFileWriter
+      # would import TensorFlow (seconds of start-up, and absent from GPU images).
+      # pylint: disable=g-import-not-at-top
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      from tensorboard.summary.writer.record_writer import RecordWriter
+      # pylint: enable=g-import-not-at-top
+    except ImportError:
+      logging.warning('tensorboard is not installed: metrics go to metrics.jsonl only.')
+      return
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    logdir = workdir / 'tensorboard'
+    logdir.mkdir(parents=True, exist_ok=True)
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+    self._file = (logdir / name).open('wb')
+    self._events = RecordWriter(self._file)
+    self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write_event(self, event):
+    self._events.write(event.SerializeToString())
+    self._events.flush()
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
+    self._jsonl.flush()
+    if self._events is not None:
+      summary = self._summary_pb2.Summary(value=[
+          self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
+      self._write_event(self._event_pb2.Event(
+          wall_time=time.time(), step=int(step), summary=summary))
+
+  def close(self):
+    if not self.enabled:
+      return
+    if self._events is not None:
+      self._events.close()
+    self._jsonl.close()

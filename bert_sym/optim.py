@@ -1,0 +1,39 @@
+"""The paper's optimizer: AdamW, linear warm-up then linear decay to 0, global-norm clip.
+
+Every value comes from `config.optimizer`. Weight decay follows the reference (Hugging
+Face) recipe: every parameter but biases and LayerNorm, so the pairwise matrices P_h and
+the embeddings ARE decayed.
+"""
+
+import jax
+import ml_collections
+import optax
+
+# Leaf names that are not decayed: Dense/LayerNorm/MLM biases and LayerNorm scales.
+_NO_DECAY_LEAVES = ('bias', 'scale')
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """0 -> lr over warmup_steps, then linearly to 0 at total_steps (HF 'linear')."""
+  warmup = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
+  decay = optax.linear_schedule(opt.learning_rate, 0.0,
+                                max(total_steps - opt.warmup_steps, 1))
+  return optax.join_schedules([warmup, decay], boundaries=[opt.warmup_steps])
+
+
+def weight_decay_mask(params):
+  """True where weight decay applies (kernels, embeddings, pairwise P), by leaf name."""
+  def decayed(path, _):
+    return str(getattr(path[-1], 'key', path[-1])) not in _NO_DECAY_LEAVES
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int):
+  """Returns (optax transformation, schedule). Gradient accumulation lives in the step."""
+  schedule = learning_rate_schedule(opt, total_steps)
+  parts = []
+  if opt.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+  parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                           weight_decay=opt.weight_decay, mask=weight_decay_mask))
+  return optax.chain(*parts), schedule

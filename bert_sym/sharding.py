@@ -1,0 +1,148 @@
+"""Mesh from the config, logical axis rules -> NamedSharding, host batches -> global arrays.
+
+Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`, ...; see
+model.py); `config.sharding_rules` maps them onto the mesh axes `data`, `fsdp`, `tensor`.
+Changing the parallelism layout is changing the config, never the model:
+
+  pure data parallel   mesh.data=-1                       (params replicated)
+  FSDP / ZeRO-3        mesh.data=1, mesh.fsdp=-1          ('embed' -> 'fsdp' shards params)
+  data x tensor        mesh.data=4, mesh.tensor=2         ('mlp', 'heads', 'vocab' -> 'tensor')
+
+Batches are split over ('data', 'fsdp') and replicated over 'tensor'.
+"""
+
+import math
+from typing import Any, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the one -1 entry of config.mesh and checks the product equals the devices."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  described = ', '.join(f'{a}={s}' for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1:
+    raise ValueError(f'config.mesh ({described}): at most one axis may be -1 (the rest).')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'config.mesh ({described}): sizes must be positive or -1.')
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % fixed:
+      raise ValueError(
+          f'config.mesh ({described}) needs a multiple of {fixed} devices, but JAX sees '
+          f'{num_devices}. Change --config.mesh.* so the fixed axes divide {num_devices}.')
+    sizes[sizes.index(-1)] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(
+        f'config.mesh ({described}) has {fixed} devices but JAX sees {num_devices}. Set one '
+        f'axis to -1 or make the product {num_devices}.')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  # Auto axes: jit propagates shardings from the in/out shardings we give it.
+  return jax.make_mesh(shape, MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_rules(config: ml_collections.ConfigDict) -> tuple:
+  """config.sharding_rules as flax expects them (tuples; config.json turns them to lists)."""
+  rules = []
+  for name, axes in config.sharding_rules:
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+      unknown = [a for a in axes if a not in MESH_AXES]
+    else:
+      unknown = [axes] if axes is not None and axes not in MESH_AXES else []
+    if unknown:
+      raise ValueError(f'config.sharding_rules maps {name!r} to unknown mesh axis '
+                       f'{unknown}; mesh axes are {MESH_AXES}.')
+    rules.append((name, axes))
+  return tuple(rules)
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str):
+  """Replicates any dimension its mesh axes do not divide (e.g. vocab 30522 on 4 ways)."""
+  fixed = list(spec) + [None] * (len(shape) - len(spec))
+  for i, axes in enumerate(fixed):
+    if axes is not None and shape[i] % _axes_size(mesh, axes):
+      logging.warning('%s: dim %d (size %d) is not divisible by mesh axes %s of size %d; '
+                      'replicating it instead.', name, i, shape[i], axes,
+                      _axes_size(mesh, axes))
+      fixed[i] = None
+  return PartitionSpec(*fixed)
+
+
+def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedSharding per leaf of a tree with `nn.Partitioned` boxes (e.g. from eval_shape).
+
+  The result has the structure of the unboxed tree. Leaves without logical names
+  (step counters, RNG) are replicated.
+  """
+  def to_sharding(path, leaf):
+    if isinstance(leaf, nn.Partitioned):
+      spec = nn.logical_to_mesh_axes(leaf.names, rules)
+      name = jax.tree_util.keystr(path)
+      return NamedSharding(mesh, _divisible_spec(spec, leaf.value.shape, mesh, name))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map_with_path(
+      to_sharding, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data and fsdp; replicated over tensor."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return _axes_size(mesh, BATCH_AXES)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> int:
+  """Returns the per-process batch; raises a readable error when it does not split."""
+  dp, processes = data_parallel_size(mesh), jax.process_count()
+  if batch_size % dp:
+    raise ValueError(
+        f'config.{what}={batch_size} is not divisible by the data-parallel size '
+        f'data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = {dp}. Use a multiple '
+        f'of {dp} or change config.mesh.')
+  if batch_size % processes:
+    raise ValueError(f'config.{what}={batch_size} is not divisible by the {processes} '
+                     f'processes; each process reads an equal share.')
+  if dp % processes:
+    raise ValueError(
+        f'The data-parallel size {dp} is not a multiple of the {processes} processes, so '
+        f'processes would have to read identical rows; give data x fsdp at least one way '
+        f'per process.')
+  return batch_size // processes
+
+
+def host_batch_to_global(batch: dict, mesh: Mesh, global_batch_size: int) -> dict:
+  """Per-process numpy batches -> one global jax.Array per feature, split over the batch."""
+  sharding = batch_sharding(mesh)
+  def to_global(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        sharding, x, (global_batch_size,) + x.shape[1:])
+  return jax.tree.map(to_global, batch)

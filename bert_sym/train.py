@@ -1,0 +1,561 @@
+r"""Pre-trains BertForMaskedLM (standard / symmetric / pairwise attention) with masked LM.
+
+  python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/bert_sym_tiny
+  python -m bert_sym.train --config=configs/sym_base.py --dry_run
+  python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/sym_base \
+      --config.batch_size=512 --config.mesh.fsdp=4
+
+Any config value can be overridden with --config.a.b=value. The resolved config is written
+to {workdir}/config.json; rerunning the same command resumes from the latest checkpoint in
+{workdir}/checkpoints (step, params, optimizer state, RNG, input position).
+
+Reading order follows the data (big_vision style): logging -> mesh -> input -> model &
+optimizer -> shard & init -> update step -> checkpoint restore -> evals -> train loop.
+"""
+
+import contextlib
+import functools
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from bert_sym import checkpoint
+from bert_sym import metrics_writer
+from bert_sym import model as model_lib
+from bert_sym import optim
+from bert_sym import sharding
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None,
+    'Experiment config: a Python file with get_config() (configs/*.py). Override any '
+    'value with --config.<key>=<value>, e.g. --config.model.attention=standard.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None,
+    'Output directory (local or gs://): config.json, checkpoints/, tensorboard/, '
+    'metrics.jsonl. An existing workdir is resumed from its latest checkpoint.')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False,
+    'Print parameter counts per module, FLOPs per token and the variant, then exit. '
+    'Nothing is allocated and no data is read; --workdir is not needed.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None,
+    'host:port of process 0 for multi-process runs. Not needed on TPU pods or under '
+    'SLURM, where jax.distributed.initialize() finds it from the environment.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None, 'Number of processes (with --coordinator_address).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process\'s index (with --coordinator_address).')
+
+
+class RunError(Exception):
+  """A problem with the run's inputs (config, workdir, checkpoint): reported, no traceback."""
+
+
+class NonFiniteError(RunError):
+  pass
+
+
+@contextlib.contextmanager
+def _user_errors(what: str):
+  """Turns the readable ValueErrors raised by our own checks into a RunError."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError, PermissionError) as e:
+    raise RunError(f'{what}: {e}') from e
+
+
+# ----------------------------------------------------------------------------------------
+# Dry run: the model's size and cost from shapes only.
+# ----------------------------------------------------------------------------------------
+
+def predicted_fraction(config) -> float:
+  """Share of positions reaching the MLM head (for FLOPs): P / L sparse, 1 dense."""
+  if config.model.sparse_mlm:
+    return min(config.data.max_predictions_per_seq / config.data.max_seq_len, 1.0)
+  return 1.0
+
+
+def model_summary(config: ml_collections.ConfigDict) -> str:
+  cfg = config.model
+  mlm_params = model_lib.abstract_params(model_lib.BertForMaskedLM(cfg))
+  per_module = model_lib.params_per_module(mlm_params, depth=2)
+  seq_len = config.data.max_seq_len
+  flops = model_lib.train_flops_per_token(cfg, seq_len, predicted_fraction(config))
+  width = max(len(k) for k in per_module)
+  lines = [
+      f'BertForMaskedLM, attention variant: {cfg.attention}',
+      f'  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, '
+      f'mlp {cfg.mlp_dim}, vocab {cfg.vocab_size}, max positions '
+      f'{cfg.max_position_embeddings}',
+      'Parameters per module (MLM model):']
+  natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+  lines += [f'  {name:<{width}}  {per_module[name]:>13,}'
+            for name in sorted(per_module, key=natural)]
+  lines += [
+      f'Total, encoder + pooler (paper / HF BertModel convention): '
+      f'{model_lib.encoder_plus_pooler_params(cfg):,}',
+      f'Total, MLM model (encoder + MLM head, decoder tied to embeddings): '
+      f'{model_lib.count_params(mlm_params):,}',
+      f'Training FLOPs per token: {flops:,.0f} (seq_len {seq_len}, '
+      f'{"sparse" if cfg.sparse_mlm else "dense"} MLM head, predicted fraction '
+      f'{predicted_fraction(config):.4f})',
+      f'  = {flops * config.batch_size * seq_len:.3e} FLOPs per step at batch '
+      f'{config.batch_size}',
+      f'  formula: {model_lib.FLOPS_FORMULA}',
+  ]
+  return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-process start-up.
+# ----------------------------------------------------------------------------------------
+
+def _multiprocess_environment() -> bool:
+  env = os.environ
+  if int(env.get('SLURM_NTASKS', env.get('SLURM_STEP_NUM_TASKS', '1')) or 1) > 1:
+    return True
+  if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):   # a multi-host Cloud TPU slice
+    return True
+  if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return True
+  return bool(env.get('JAX_COORDINATOR_ADDRESS'))
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when several processes share one run."""
+  explicit = _COORDINATOR.value is not None
+  if not explicit and not _multiprocess_environment():
+    return
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    # CPU-only multi-process (tests, debugging) needs a collectives backend.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise RunError('--coordinator_address needs --num_processes and --process_id.')
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  else:
+    jax.distributed.initialize()   # TPU pod / SLURM / MPI: discovered from the env
+  logging.info('Process %d of %d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+class PreemptionFlag:
+  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit): save, then exit cleanly.
+
+  Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
+  every process stop at the same step; a local handler would only stop one of them.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+
+  def reached(self, manager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return manager.reached_preemption(step)
+    return self._event.is_set()
+
+
+# ----------------------------------------------------------------------------------------
+# Losses (shared by the update step and the evals).
+# ----------------------------------------------------------------------------------------
+
+def masked_positions(mlm_weights, num_predictions: int):
+  """The first `num_predictions` positions with weight > 0, in order, per row.
+
+  top_k on (weight - small position penalty) keeps selected positions first and in
+  sequence order; rows with fewer selected positions pad with weight-0 positions.
+  """
+  length = mlm_weights.shape[-1]
+  score = (mlm_weights > 0).astype(jnp.float32) - jnp.arange(length) / (2.0 * length)
+  _, positions = jax.lax.top_k(score, num_predictions)
+  return positions
+
+
+def mlm_sums(model, params, batch, *, sparse: bool, num_predictions: int, dropout_key=None):
+  """(sum of weighted cross-entropy, sum of weighted correct, sum of weights)."""
+  targets, weights = batch['mlm_targets'], batch['mlm_weights']
+  positions = None
+  if sparse:
+    positions = masked_positions(weights, num_predictions)
+    targets = jnp.take_along_axis(targets, positions, axis=1)
+    weights = jnp.take_along_axis(weights, positions, axis=1)
+  logits = model.apply(
+      {'params': params}, batch['input_ids'], batch['token_type_ids'],
+      batch['attention_mask'], masked_positions=positions,
+      deterministic=dropout_key is None,
+      rngs=None if dropout_key is None else {'dropout': dropout_key})
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return (jnp.sum(cross_entropy * weights), jnp.sum(correct * weights), jnp.sum(weights))
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer.
+# ----------------------------------------------------------------------------------------
+
+def _validate(config):
+  if config.on_nonfinite not in ('stop', 'skip'):
+    raise RunError(f"config.on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
+  if config.total_steps <= 0:
+    raise RunError(f'config.total_steps={config.total_steps} must be positive.')
+  accum = config.optimizer.grad_accum_steps
+  if accum < 1 or config.batch_size % accum:
+    raise RunError(f'config.batch_size={config.batch_size} is not divisible by '
+                   f'config.optimizer.grad_accum_steps={accum}.')
+
+
+def _prepare_workdir(workdir: str, config) -> epath.Path:
+  path = epath.Path(workdir)
+  try:
+    if jax.process_index() == 0:
+      path.mkdir(parents=True, exist_ok=True)
+      old = path / checkpoint.CONFIG_FILE
+      if old.exists():
+        previous = checkpoint.read_config(path).to_dict()
+        changed = _diff(previous, json.loads(config.to_json()))
+        if changed:
+          logging.warning('Config differs from %s in: %s', old, ', '.join(changed))
+      checkpoint.write_config(path, config)
+  except OSError as e:
+    raise RunError(f'Cannot write to --workdir={workdir}: {e}. Pass a writable '
+                   f'directory (local path or gs://bucket/path).') from e
+  return path
+
+
+def _diff(a, b, prefix=''):
+  keys = sorted(set(a) | set(b))
+  out = []
+  for k in keys:
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      out += _diff(a[k], b[k], f'{prefix}{k}.')
+    elif a.get(k) != b.get(k):
+      out.append(f'{prefix}{k}')
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_iterator=None):
+  """Trains to config.total_steps (resuming if possible); returns the final eval metrics."""
+  _validate(config)
+
+  # ======================================================================================
+  # Logging
+  # ======================================================================================
+  is_chief = jax.process_index() == 0
+  workdir = _prepare_workdir(workdir, config)
+  writer = metrics_writer.MetricWriter(workdir, enabled=is_chief)
+  preemption = PreemptionFlag()
+  console = print if is_chief else (lambda *a, **k: None)
+
+  # ======================================================================================
+  # Mesh
+  # ======================================================================================
+  with _user_errors('Mesh'):
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config)
+    per_process_batch = sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
+                              'batch_size / optimizer.grad_accum_steps')
+  console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
+          f'device(s), {jax.process_count()} process(es); attention={config.model.attention}')
+  replicated = sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ======================================================================================
+  # Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp)
+  # ======================================================================================
+  if make_iterator is None:
+    from bert_sym import data as data_lib  # pylint: disable=g-import-not-at-top
+    make_iterator = data_lib.make_mlm_iterator
+    data_vocab = data_lib.vocab_size(config.data)
+    if data_vocab > config.model.vocab_size:
+      raise RunError(f'The data vocabulary has {data_vocab} tokens but '
+                     f'config.model.vocab_size={config.model.vocab_size}.')
+  iterator_kwargs = dict(batch_size=config.batch_size, seed=config.seed,
+                         process_index=jax.process_index(),
+                         process_count=jax.process_count())
+  train_iter = make_iterator(config.data, split='train', **iterator_kwargs)
+  to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
+                                global_batch_size=config.batch_size)
+  seq_len = config.data.max_seq_len
+  tokens_per_step = config.batch_size * seq_len
+  del per_process_batch   # checked above; the iterator produces it
+
+  # ======================================================================================
+  # Model & optimizer
+  # ======================================================================================
+  model = model_lib.BertForMaskedLM(config.model)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  flops_per_token = model_lib.train_flops_per_token(
+      config.model, seq_len, predicted_fraction(config))
+  peak_flops = metrics_writer.peak_flops_per_device(override=config.peak_flops_per_device)
+
+  # ======================================================================================
+  # Shard & init: shapes first (nothing allocated), then create state already sharded
+  # ======================================================================================
+  init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
+
+  def init_params(key):
+    return model.init(key, *model_lib.dummy_inputs(1, seq_len))['params']
+
+  boxed_params = jax.eval_shape(init_params, init_key)
+  param_shardings = sharding.logical_to_shardings(boxed_params, mesh, rules)
+  abstract_params = nn.meta.unbox(boxed_params)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  # Adam's moments shard like their parameters; counters are replicated.
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt_state, param_shardings,
+      transform_non_params=lambda _: replicated)
+  state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
+                     'step': replicated, 'rng': replicated}
+
+  @functools.partial(jax.jit, out_shardings=state_shardings)
+  def init_state():
+    params = nn.meta.unbox(init_params(init_key))
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
+            'rng': jax.random.key_data(dropout_base_key)}
+
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      jax.eval_shape(init_state), state_shardings)
+
+  # ======================================================================================
+  # Update step: one jit, state donated, micro-batches scanned for gradient accumulation
+  # ======================================================================================
+  accum = config.optimizer.grad_accum_steps
+  sparse = bool(config.model.sparse_mlm)
+  num_predictions = config.data.max_predictions_per_seq
+  skip_nonfinite = config.on_nonfinite == 'skip'
+
+  def train_step(state, batch):
+    params, step = state['params'], state['step']
+    # Dropout depends on (seed, step) only: a resumed run draws the same masks.
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+    # The loss is normalised by the whole batch's number of targets, so accumulating
+    # per-micro-batch sums gives the big-batch loss and gradient (up to fp order).
+    total_weight = jnp.maximum(jnp.sum(batch['mlm_weights']), 1.0)
+
+    def micro_grads(micro_batch, index):
+      def loss_fn(p):
+        loss_sum, correct, weight = mlm_sums(
+            model, p, micro_batch, sparse=sparse, num_predictions=num_predictions,
+            dropout_key=jax.random.fold_in(step_key, index))
+        return loss_sum / total_weight, (correct, weight)
+      (loss, (correct, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return grads, loss, correct
+
+    if accum == 1:
+      grads, loss, correct = micro_grads(batch, 0)
+    else:
+      # [B, ...] -> [accum, B/accum, ...] taking rows accum apart, so that every
+      # micro-batch stays split over the same devices as the batch (no resharding).
+      def split(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
+        return jax.lax.with_sharding_constraint(
+            jnp.swapaxes(x, 0, 1),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                None, sharding.BATCH_AXES)))
+      micro_batches = jax.tree.map(split, batch)
+
+      def body(carry, inputs):
+        micro_batch, index = inputs
+        grads, loss, correct = micro_grads(micro_batch, index)
+        return jax.tree.map(jnp.add, carry, (grads, loss, correct)), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+      (grads, loss, correct), _ = jax.lax.scan(
+          body, zeros, (micro_batches, jnp.arange(accum)))
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state['opt_state'], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite update is never applied: 'skip' carries on, 'stop' ends the run with
+    # the last good checkpoint untouched (the host checks `finite`).
+    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+    new_state = {
+        'params': jax.tree.map(keep_if_bad, new_params, params),
+        'opt_state': jax.tree.map(keep_if_bad, new_opt_state, state['opt_state']),
+        'step': step + 1,
+        'rng': state['rng'],
+    }
+    metrics = {'train/loss': loss, 'train/mlm_accuracy': correct / total_weight,
+               'train/learning_rate': schedule(step), 'train/grad_norm': grad_norm,
+               'train/finite': finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  del skip_nonfinite   # the step treats both modes alike; the loop decides
+  train_step = jax.jit(
+      train_step, in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  # ======================================================================================
+  # Checkpoint restore (automatic: the latest finished step in the workdir)
+  # ======================================================================================
+  manager = checkpoint.make_manager(workdir, config.checkpoint)
+  latest = manager.latest_step()
+  if latest is not None:
+    with _user_errors(f'Checkpoint {checkpoint.checkpoint_dir(workdir) / str(latest)}'):
+      checkpoint.check_compatible(manager, latest, abstract_params)
+    state, data_state = checkpoint.restore(manager, latest, abstract_state)
+    train_iter.set_state(data_state)
+    console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
+  else:
+    state = init_state()
+    console(f'Initialised {model_lib.count_params(abstract_params):,} parameters '
+            f'(fresh run in {workdir})')
+
+  # ======================================================================================
+  # Evals: MLM loss and accuracy on a fixed slice of the validation split
+  # ======================================================================================
+  @functools.partial(jax.jit, in_shardings=(param_shardings, batch_sharding),
+                     out_shardings=replicated)
+  def eval_step(params, batch):
+    return mlm_sums(model, params, batch, sparse=sparse, num_predictions=num_predictions)
+
+  def evaluate(params) -> dict:
+    eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
+    totals = np.zeros(3)
+    for _ in range(config.eval_steps):
+      try:
+        batch = next(eval_iter)
+      except StopIteration:
+        break
+      totals += np.asarray(jax.device_get(eval_step(params, to_global(batch))))
+    weight = max(totals[2], 1.0)
+    return {'eval/loss': totals[0] / weight, 'eval/mlm_accuracy': totals[1] / weight}
+
+  def run_eval(step):
+    eval_metrics = evaluate(state['params'])
+    writer.write_scalars(step, eval_metrics)
+    console(f'eval step {step}: loss {eval_metrics["eval/loss"]:.4f} | '
+            f'acc {eval_metrics["eval/mlm_accuracy"]:.3f}')
+    return eval_metrics
+
+  # ======================================================================================
+  # Train loop
+  # ======================================================================================
+  step = int(jax.device_get(state['step']))
+  last_saved = latest
+  pending = []                 # (step, metrics on device), fetched at log/save time
+  interval = []                # fetched metrics since the last console line
+  timing = None                # (time, step) once the first step has compiled and run
+  eval_metrics = {}
+
+  def fetch_pending():
+    """Brings metrics to the host; raises on a non-finite step when on_nonfinite=stop."""
+    nonlocal pending
+    fetched = jax.device_get(pending)
+    pending = []
+    for at_step, m in fetched:
+      if not m['train/finite']:
+        if config.on_nonfinite == 'stop':
+          raise NonFiniteError(
+              f'Non-finite loss or gradient at step {at_step} (loss {m["train/loss"]}, '
+              f'grad norm {m["train/grad_norm"]}). The run stops; the update was not '
+              f'applied and the last good checkpoint (step {last_saved}) is kept. Lower '
+              f'the learning rate, or set --config.on_nonfinite=skip to skip such updates.')
+        logging.warning('Non-finite loss or gradient at step %d: update skipped.', at_step)
+    interval.extend(fetched)
+
+  def save(step):
+    nonlocal last_saved
+    fetch_pending()   # never save after a non-finite step in 'stop' mode
+    checkpoint.save(manager, step, state, train_iter.get_state(), force=True)
+    last_saved = step
+
+  if step == 0:
+    eval_metrics = run_eval(0)
+  try:
+    while step < config.total_steps:
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = to_global(next(train_iter))
+        state, metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+
+      if timing is None:
+        jax.block_until_ready(metrics)   # exclude compilation from the throughput
+        timing = (time.perf_counter(), step)
+
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        fetch_pending()
+        scalars = {k: float(np.mean([m[k] for _, m in interval])) for k in interval[0][1]
+                   if k != 'train/finite'}
+        scalars['train/nonfinite_steps'] = sum(1 for _, m in interval if not m['train/finite'])
+        scalars['train/learning_rate'] = float(interval[-1][1]['train/learning_rate'])
+        interval = []
+        now = time.perf_counter()
+        eta = 0.0
+        if step > timing[1]:
+          steps_per_sec = (step - timing[1]) / (now - timing[0])
+          scalars['perf/steps_per_sec'] = steps_per_sec
+          scalars['perf/tokens_per_sec'] = steps_per_sec * tokens_per_step
+          scalars['perf/tflops_per_device'] = (
+              steps_per_sec * tokens_per_step * flops_per_token / jax.device_count() / 1e12)
+          if peak_flops:
+            scalars['perf/mfu'] = scalars['perf/tflops_per_device'] * 1e12 / peak_flops
+          eta = (config.total_steps - step) / steps_per_sec
+          timing = (now, step)
+        writer.write_scalars(step, scalars)
+        console(metrics_writer.format_progress(step, config.total_steps, scalars, eta))
+
+      if step % config.eval_every_steps == 0 or step == config.total_steps:
+        eval_metrics = run_eval(step)
+
+      preempted = preemption.reached(manager, step)
+      if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
+          or preempted):
+        save(step)
+      if preempted:
+        console(f'Preempted (SIGTERM): saved step {step}, exiting.')
+        break
+  finally:
+    # Finish any in-flight (good) save before leaving, whatever happened.
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return eval_metrics
+
+
+def main(argv, make_iterator=None):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/tiny.py')
+  if _DRY_RUN.value:
+    print(model_summary(config))
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required (or pass --dry_run).')
+  try:
+    maybe_initialize_distributed()
+    train_and_evaluate(config, _WORKDIR.value, make_iterator=make_iterator)
+  except RunError as e:
+    logging.error('%s', e)
+    print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
