@@ -138,7 +138,8 @@ def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path
     holdout_every: every N-th document (0, N, 2N, ...) goes to 'validation'.
     **mask_kwargs: mask_seed, mask_rate, whole_word, max_predictions for get_dataset.
   """
-  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+  patterns = patterns.split(',') if isinstance(patterns, str) else list(patterns)
+  expand_patterns(patterns)  # a bad glob fails here, at configuration time
   source = seqio.FunctionDataSource(
       functools.partial(_text_files_dataset, patterns=patterns, holdout_every=holdout_every),
       splits=('train', 'validation'))

@@ -1,0 +1,155 @@
+"""bert_sym.tasks + preprocessors: seqio registration, packing against an independent
+Hugging Face reference, TF masking == NumPy masking, text-file sources and their errors."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip('seqio')
+pytest.importorskip('tensorflow_text')
+
+import seqio  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from bert_sym import corpus  # pylint: disable=g-import-not-at-top
+from bert_sym import data as data_lib
+from bert_sym import preprocessors
+from bert_sym import tasks
+from bert_sym import vocab as vocab_lib
+
+L = 128
+
+
+@pytest.fixture(scope='module')
+def vocabulary():
+  return vocab_lib.get_vocabulary()
+
+
+@pytest.fixture(scope='module')
+def validation_blocks():
+  return np.stack(list(tasks.packed_blocks(tasks.EMBEDDED_TASK, 'validation', L)
+                       .as_numpy_iterator()))
+
+
+def test_tasks_are_registered_with_train_and_validation():
+  for name in ('bert_sym_mlm_embedded', 'bert_sym_mlm_wikipedia', 'bert_sym_mlm_c4'):
+    task = seqio.get_mixture_or_task(name)
+    assert set(task.splits) == {'train', 'validation'}
+    assert set(task.output_features) == set(data_lib.FEATURES)
+  wiki = seqio.get_mixture_or_task('bert_sym_mlm_wikipedia').source
+  assert isinstance(wiki, seqio.TfdsDataSource)
+  assert wiki.tfds_dataset.name.startswith('wikipedia/20230601.en')
+  assert seqio.get_mixture_or_task('bert_sym_mlm_c4').source.tfds_dataset.name.startswith('c4/en')
+
+
+def test_seqio_client_reads_embedded_validation():
+  dataset = seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
+      sequence_length={'input_ids': L}, split='validation', shuffle=False)
+  examples = list(dataset.take(50).as_numpy_iterator())
+  assert len(examples) == 50
+  for ex in examples:
+    assert set(ex) == set(data_lib.FEATURES)
+    assert all(v.shape == (L,) for v in ex.values())
+    assert ex['mlm_weights'].dtype == np.float32 and ex['input_ids'].dtype == np.int32
+    assert ex['input_ids'][0] == 101 and (ex['token_type_ids'] == 0).all()
+    assert ex['mlm_weights'].sum() > 0
+
+
+def test_packing_equals_hugging_face_reference(vocabulary, validation_blocks):
+  """Independent reference: HF tokenisation, doc + [SEP], cut into [CLS] body [SEP]."""
+  transformers = pytest.importorskip('transformers')
+  hf = transformers.BertTokenizerFast(vocab=vocabulary.path, do_lower_case=True)
+  stream = []
+  for doc in corpus.embedded_documents('validation'):
+    stream += hf(doc, add_special_tokens=False)['input_ids'] + [102]
+  body = L - 2
+  expected = []
+  for start in range(0, len(stream), body):
+    block = [101] + stream[start:start + body] + [102]
+    expected.append(block + [0] * (L - len(block)))
+  np.testing.assert_array_equal(validation_blocks, np.array(expected))
+
+
+def _spec(vocabulary, **knobs):
+  return data_lib.MaskSpec.from_vocab(vocabulary.tokens, vocabulary.special.as_dict(), **knobs)
+
+
+@pytest.mark.parametrize('seed,knobs', [
+    (0, {}),
+    (12345, dict(whole_word=True, max_predictions=12)),
+    (2**31 + 7, dict(mask_rate=0.4, max_predictions=80)),
+])
+def test_tf_masking_equals_numpy_masking(vocabulary, validation_blocks, seed, knobs):
+  spec = _spec(vocabulary, **knobs)
+  first = 3_000_000_000  # example indices above 2^32 use the high word of the counter
+  tf_examples = list(preprocessors.mask_blocks(
+      tf.data.Dataset.from_tensor_slices(validation_blocks[:200]), seed, spec,
+      first_index=first).as_numpy_iterator())
+  np_examples = data_lib.mask_blocks(validation_blocks[:200],
+                                     first + np.arange(200), seed, spec)
+  for name in data_lib.FEATURES:
+    np.testing.assert_array_equal(np.stack([e[name] for e in tf_examples]), np_examples[name])
+  assert np_examples['mlm_weights'].sum() > 0
+
+
+def test_task_dataset_equals_numpy_masking_of_packed_blocks(vocabulary, validation_blocks):
+  dataset = seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
+      sequence_length={'input_ids': L}, split='validation', shuffle=False)
+  examples = list(dataset.as_numpy_iterator())
+  expected = data_lib.mask_blocks(validation_blocks, np.arange(len(validation_blocks)), 0,
+                                  _spec(vocabulary, max_predictions=data_lib.MAX_SEQ_LEN))
+  assert len(examples) == len(validation_blocks)
+  for name in data_lib.FEATURES:
+    np.testing.assert_array_equal(np.stack([e[name] for e in examples]), expected[name])
+
+
+def test_sequence_length_over_model_maximum_is_an_error():
+  with pytest.raises(data_lib.DataError, match='max_seq_len=513.*512 position embeddings'):
+    seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
+        sequence_length={'input_ids': 513}, split='validation', shuffle=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Text files.
+# ----------------------------------------------------------------------------------------
+
+def _documents(name, split):
+  return [ex['text'].decode() for ex in
+          seqio.get_mixture_or_task(name).source.get_dataset(split=split, shuffle=False)
+          .as_numpy_iterator()]
+
+
+def test_text_files_one_per_line_and_blank_line_separated(tmp_path):
+  (tmp_path / 'a.txt').write_text('First doc.\nSecond doc.\n\n')
+  (tmp_path / 'b.txt').write_text('Third doc,\nstill third.\n\n  \nFourth doc.\r\n\r\nFifth.')
+  (tmp_path / 'c.txt').write_text('Sixth.\nSeventh.')
+  tasks.register_text_files_task('test_text_files', f'{tmp_path}/a.txt,{tmp_path}/[bc].txt',
+                                 holdout_every=3)
+  # a.txt has a blank line, so it is blank-line separated: one two-line document.
+  everything = ['First doc.\nSecond doc.', 'Third doc,\nstill third.', 'Fourth doc.',
+                'Fifth.', 'Sixth.', 'Seventh.']
+  assert _documents('test_text_files', 'validation') == everything[0::3]
+  assert _documents('test_text_files', 'train') == [d for i, d in enumerate(everything)
+                                                   if i % 3]
+
+
+def test_text_files_task_from_config_value(tmp_path):
+  from configs import common  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'x.txt').write_text('\n'.join(f'Sentence number {i}.' for i in range(300)))
+  config = common.base_config('tiny').data
+  config.task, config.text_files = tasks.TEXT_FILES_TASK, str(tmp_path / '*.txt')
+  name = tasks.task_for_config(config)
+  blocks = list(tasks.packed_blocks(name, 'validation', 16).as_numpy_iterator())
+  assert blocks and all(b.shape == (16,) for b in blocks)
+
+
+def test_text_file_errors_name_the_file(tmp_path):
+  with pytest.raises(data_lib.DataError, match=r'missing\*\.txt: no such file'):
+    tasks.expand_patterns(str(tmp_path / 'missing*.txt'))
+  (tmp_path / 'empty.txt').write_text('')
+  with pytest.raises(data_lib.DataError, match='empty.txt: empty corpus'):
+    tasks.expand_patterns(str(tmp_path / 'empty.txt'))
+  (tmp_path / 'latin1.txt').write_bytes('Un café noir.\n'.encode('latin-1'))
+  tasks.register_text_files_task('test_bad_utf8', str(tmp_path / 'latin1.txt'))
+  with pytest.raises(data_lib.DataError, match='latin1.txt.*not valid UTF-8'):
+    list(data_lib._numpy_blocks(  # pylint: disable=protected-access
+        tasks.packed_blocks('test_bad_utf8', 'train', 32), 'test_bad_utf8'))
