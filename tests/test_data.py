@@ -1,0 +1,300 @@
+"""bert_sym.data: masking statistics, determinism, O(1) resume, host sharding, exported
+shards == the seqio path, TF-free import, and clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bert_sym import data as data_lib
+from bert_sym import vocab as vocab_lib
+from configs import common
+
+L = 128
+TEXT = 'bert_sym_mlm_text_files'
+
+
+def _default_spec(**knobs):
+  path = vocab_lib.default_vocab_file()
+  tokens = vocab_lib.read_vocab(path)
+  return tokens, data_lib.MaskSpec.from_vocab(
+      tokens, vocab_lib.special_ids(tokens, path).as_dict(), **knobs)
+
+
+@pytest.fixture(scope='module')
+def real_blocks():
+  """~1,000 real 128-token blocks (embedded corpus, HF-free path via TF only if needed)."""
+  pytest.importorskip('tensorflow_text')
+  from bert_sym import tasks  # pylint: disable=import-outside-toplevel
+  return np.stack(list(tasks.packed_blocks(tasks.EMBEDDED_TASK, 'validation', L)
+                       .as_numpy_iterator()))
+
+
+# ----------------------------------------------------------------------------------------
+# Masking.
+# ----------------------------------------------------------------------------------------
+
+def test_masking_statistics(real_blocks):
+  tokens, spec = _default_spec(max_predictions=L)
+  blocks = np.concatenate([real_blocks] * 2)  # second copy: other example indices
+  out = data_lib.mask_blocks(blocks, np.arange(len(blocks)), seed=7, spec=spec)
+  candidate = spec.maskable[blocks]
+  selected = out['mlm_weights'] == 1.0
+  assert candidate.sum() >= 100_000
+  assert abs(selected.sum() / candidate.sum() - 0.15) < 0.01
+  special = np.isin(blocks, [0, 100, 101, 102, 103])
+  assert not (selected & special).any()                      # never masked
+  assert ((out['input_ids'] != blocks) <= selected).all()     # only selected positions change
+  np.testing.assert_array_equal(out['mlm_targets'], np.where(selected, blocks, 0))
+  as_mask = (out['input_ids'] == 103)[selected].mean()
+  unchanged = (out['input_ids'] == blocks)[selected].mean()
+  randomised = 1 - as_mask - unchanged
+  assert abs(as_mask - 0.8) < 0.01 and abs(randomised - 0.1) < 0.01
+  assert abs(unchanged - 0.1) < 0.01   # (+1/30522 chance a random token equals the original)
+  random_ids = out['input_ids'][selected & (out['input_ids'] != 103) & (out['input_ids'] != blocks)]
+  assert len(np.unique(random_ids)) > 0.5 * len(random_ids)   # spread over the vocab
+  np.testing.assert_array_equal(out['attention_mask'], (blocks != 0).astype(np.int32))
+  assert out['attention_mask'].min() == 0                    # the last block is padded
+
+
+def test_max_predictions_caps_masked_positions(real_blocks):
+  _, spec = _default_spec(mask_rate=0.5, max_predictions=10)
+  out = data_lib.mask_blocks(real_blocks, np.arange(len(real_blocks)), 0, spec)
+  assert out['mlm_weights'].sum(axis=1).max() == 10
+
+
+def test_whole_word_masking_masks_whole_words(real_blocks):
+  tokens, spec = _default_spec(whole_word=True, max_predictions=L)
+  out = data_lib.mask_blocks(real_blocks, np.arange(len(real_blocks)), 3, spec)
+  selected = out['mlm_weights'] == 1.0
+  maskable = spec.maskable[real_blocks]
+  is_piece = spec.continuation[real_blocks] & maskable
+  is_piece[:, 1:] &= maskable[:, :-1]  # '##x' after [UNK] or [CLS] starts its own word
+  # A continuation piece is selected exactly when the piece before it is.
+  assert (selected[:, 1:][is_piece[:, 1:]] == selected[:, :-1][is_piece[:, 1:]]).all()
+  assert (selected & is_piece).sum() > 100
+  assert abs(selected.sum() / spec.maskable[real_blocks].sum() - 0.15) < 0.01
+
+
+def test_masking_is_a_function_of_seed_and_index(real_blocks):
+  _, spec = _default_spec()
+  a = data_lib.mask_blocks(real_blocks[:64], np.arange(64), 1, spec)
+  b = data_lib.mask_blocks(real_blocks[:64], np.arange(64), 1, spec)
+  c = data_lib.mask_blocks(real_blocks[:64], np.arange(64), 2, spec)
+  d = data_lib.mask_blocks(real_blocks[:64], np.arange(64) + 1, 1, spec)
+  assert all(np.array_equal(a[k], b[k]) for k in data_lib.FEATURES)
+  assert not np.array_equal(a['mlm_weights'], c['mlm_weights'])
+  assert not np.array_equal(a['mlm_weights'], d['mlm_weights'])
+
+
+def test_permutation():
+  p0, p1 = data_lib.permutation(1000, 5, 0), data_lib.permutation(1000, 5, 1)
+  np.testing.assert_array_equal(np.sort(p0), np.arange(1000))
+  assert not np.array_equal(p0, p1) and not np.array_equal(p0, np.arange(1000))
+  np.testing.assert_array_equal(p0, data_lib.permutation(1000, 5, 0))
+
+
+# ----------------------------------------------------------------------------------------
+# Iterator: determinism, resume, hosts, shards vs seqio.
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def text_files(tmp_path_factory):
+  """A small real corpus as text files (embedded Wikipedia articles, one per line)."""
+  from bert_sym import corpus  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('corpus')
+  docs = [t.replace('\n', ' ') for t in corpus.embedded_documents('train')[:30]]
+  (root / 'part-0.txt').write_text('\n'.join(docs[:15]) + '\n', encoding='utf-8')
+  (root / 'part-1.txt').write_text('\n'.join(docs[15:]) + '\n', encoding='utf-8')
+  return str(root / 'part-*.txt')
+
+
+def _config(**overrides):
+  config = common.base_config('tiny').data
+  config.update(dict(max_seq_len=L, max_predictions_per_seq=24, task=TEXT))
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def seqio_config(text_files):
+  pytest.importorskip('tensorflow_text')
+  return _config(source='seqio', text_files=text_files)
+
+
+@pytest.fixture(scope='module')
+def shards_dir(tmp_path_factory, text_files):
+  pytest.importorskip('tensorflow_text')
+  out = tmp_path_factory.mktemp('shards')
+  data_lib.main(['export', f'--task={TEXT}', f'--text_files={text_files}',
+                 f'--max_seq_len={L}', f'--out_dir={out}', '--blocks_per_shard=700'])
+  return str(out)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    for k in data_lib.FEATURES:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_batches_have_the_trainer_layout(seqio_config):
+  batch = next(data_lib.make_mlm_iterator(seqio_config, batch_size=8, split='train', seed=0))
+  assert set(batch) == set(data_lib.FEATURES)
+  for k, v in batch.items():
+    assert v.shape == (8, L)
+    assert v.dtype == (np.float32 if k == 'mlm_weights' else np.int32)
+  assert (batch['mlm_weights'].sum(1) <= 24).all() and (batch['input_ids'][:, 0] == 101).all()
+
+
+def test_same_seed_same_batches_other_seed_other_batches(seqio_config):
+  make = lambda seed: data_lib.make_mlm_iterator(seqio_config, batch_size=16, split='train',
+                                                 seed=seed, process_index=0, process_count=1)
+  a, b, c = _take(make(1), 5), _take(make(1), 5), _take(make(2), 5)
+  _assert_same(a, b)
+  assert not np.array_equal(a[0]['input_ids'], c[0]['input_ids'])
+
+
+def test_resume_yields_the_next_batch_of_an_uninterrupted_run(seqio_config):
+  num_blocks = len(data_lib.load_blocks(seqio_config, 'train'))
+  steps = num_blocks // 16 + 3  # run past an epoch boundary
+  make = lambda **kw: data_lib.make_mlm_iterator(seqio_config, batch_size=16, split='train',
+                                                 seed=4, **kw)
+  full = _take(make(), steps)
+  for k in (1, 7, steps - 2):
+    _assert_same([next(make(start_step=k))], [full[k]])
+    it = make()
+    next(it)
+    state = json.loads(json.dumps(make(start_step=k).get_state()))  # as a checkpoint
+    it.set_state(state)
+    _assert_same([next(it)], [full[k]])
+
+
+def test_resume_rejects_a_different_dataset(seqio_config):
+  it = data_lib.make_mlm_iterator(seqio_config, batch_size=16, split='train', seed=4)
+  state = dict(it.get_state(), num_blocks=it.num_blocks + 1)
+  with pytest.raises(data_lib.DataError, match='num_blocks'):
+    it.set_state(state)
+
+
+def test_hosts_read_disjoint_rows_of_the_same_global_batch(seqio_config):
+  one = _take(data_lib.make_mlm_iterator(seqio_config, batch_size=16, split='train', seed=3,
+                                         process_index=0, process_count=1), 3)
+  for p in (0, 1):
+    host = _take(data_lib.make_mlm_iterator(seqio_config, batch_size=8, split='train', seed=3,
+                                            process_index=p, process_count=2), 3)
+    _assert_same(host, [{k: v[p * 8:(p + 1) * 8] for k, v in b.items()} for b in one])
+
+
+def test_train_epoch_visits_every_block_once(seqio_config):
+  blocks = data_lib.load_blocks(seqio_config, 'train')
+  it = data_lib.make_mlm_iterator(seqio_config, batch_size=len(blocks), split='train', seed=9)
+  rows = it._rows(np.arange(len(blocks)))  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.sort(rows), np.arange(len(blocks)))
+  assert not np.array_equal(rows, np.arange(len(blocks)))
+
+
+def test_validation_is_in_order_and_repeats(seqio_config):
+  blocks = data_lib.load_blocks(seqio_config, 'validation')
+  a = _take(data_lib.make_mlm_iterator(seqio_config, batch_size=4, split='validation',
+                                       seed=0), 3)
+  b = _take(data_lib.make_mlm_iterator(seqio_config, batch_size=4, split='validation',
+                                       seed=0), 3)
+  _assert_same(a, b)
+  np.testing.assert_array_equal(a[0]['attention_mask'][0],
+                                (blocks.take(np.array([0]))[0] != 0).astype(np.int32))
+  steps = len(blocks) // 4 + 2
+  assert len(_take(data_lib.make_mlm_iterator(seqio_config, batch_size=4, split='validation',
+                                              seed=0), steps)) == steps
+
+
+def test_shards_equal_the_seqio_path(seqio_config, shards_dir):
+  shards_config = _config(source='shards', shards_dir=shards_dir)
+  for split in ('train', 'validation'):
+    for whole_word in (False, True):
+      make = lambda c: data_lib.make_mlm_iterator(
+          dict_update(c, whole_word_masking=whole_word), batch_size=32, split=split, seed=11,
+          start_step=2)
+      _assert_same(_take(make(shards_config), 4), _take(make(seqio_config), 4))
+  assert data_lib.vocab_size(shards_config) == data_lib.vocab_size(seqio_config) == 30522
+
+
+def dict_update(config, **values):
+  config = config.copy_and_resolve_references()
+  config.update(values)
+  return config
+
+
+def test_export_layout_and_metadata(shards_dir):
+  split_dir = os.path.join(shards_dir, 'train')
+  metadata = data_lib.read_metadata(shards_dir, 'train')
+  assert metadata['vocab_md5'] == vocab_lib.BERT_BASE_UNCASED_MD5
+  assert metadata['max_seq_len'] == L and metadata['dtype'] == 'uint16'
+  assert len(metadata['shards']) >= 2  # blocks_per_shard=700 forces several shards
+  names = sorted(os.listdir(split_dir))
+  assert not [n for n in names if '.tmp' in n]
+  assert names == sorted([s['file'] for s in metadata['shards']] + ['metadata.json',
+                                                                    'vocab.txt'])
+  arrays = [np.load(os.path.join(split_dir, s['file'])) for s in metadata['shards']]
+  assert sum(len(a) for a in arrays) == metadata['num_blocks']
+  assert metadata['num_tokens'] == sum(int((a != 0).sum()) for a in arrays)
+
+
+def test_shards_path_imports_and_runs_without_tensorflow(shards_dir):
+  script = textwrap.dedent(f"""
+      import sys
+      for name in ('tensorflow', 'tensorflow_text', 'seqio', 'tensorflow_datasets'):
+        sys.modules[name] = None  # any import of them now raises ImportError
+      from bert_sym import data
+      from configs import common
+      config = common.base_config('tiny').data
+      config.update(dict(source='shards', shards_dir={shards_dir!r}, max_seq_len={L}))
+      batch = next(data.make_mlm_iterator(config, batch_size=4, split='train', seed=0,
+                                          process_index=0, process_count=1))
+      assert batch['input_ids'].shape == (4, {L})
+      assert data.vocab_size(config) == 30522
+      assert not [m for m in sys.modules if m.startswith('tensorflow') and sys.modules[m]]
+      print('ok')
+  """)
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+  assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------
+# Errors.
+# ----------------------------------------------------------------------------------------
+
+def test_sequence_length_over_512_is_an_error(tmp_path):
+  with pytest.raises(data_lib.DataError, match='max_seq_len=513'):
+    data_lib.make_mlm_iterator(_config(source='shards', shards_dir=str(tmp_path),
+                                       max_seq_len=513),
+                               batch_size=2, split='train', seed=0, process_index=0,
+                               process_count=1)
+
+
+def test_missing_shards_and_mismatched_length_are_errors(tmp_path, shards_dir):
+  with pytest.raises(data_lib.DataError, match=r'train/metadata\.json: no such file'):
+    data_lib.load_blocks(_config(source='shards', shards_dir=str(tmp_path)), 'train')
+  with pytest.raises(data_lib.DataError, match='128-token blocks.*max_seq_len=64'):
+    data_lib.load_blocks(_config(source='shards', shards_dir=shards_dir, max_seq_len=64),
+                         'train')
+
+
+def test_empty_and_missing_text_corpus_are_errors(tmp_path):
+  pytest.importorskip('tensorflow_text')
+  (tmp_path / 'blank.txt').write_text('\n  \n\n')
+  config = _config(source='seqio', text_files=str(tmp_path / 'blank.txt'))
+  with pytest.raises(data_lib.DataError, match='blank.txt.*empty corpus'):
+    data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
+  config.text_files = str(tmp_path / 'absent.txt')
+  with pytest.raises(data_lib.DataError, match='absent.txt: no such file'):
+    data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
