@@ -1,0 +1,185 @@
+"""GLUE metrics and the paper's score definitions, in plain NumPy.
+
+Written out rather than imported from scikit-learn/scipy so the scoring has no hidden
+defaults (zero-division, tie handling); tests/test_glue_metrics.py checks every function
+against `sklearn.metrics` and `scipy.stats` on the same predictions.
+
+Scores are reported as percentages (x100), as in the paper's tables:
+
+  CoLA            Matthews correlation
+  STS-B           mean of Pearson and Spearman correlation
+  MRPC, QQP       mean of accuracy and F1 (positive class = 1)
+  MNLI-m/-mm, QNLI, RTE, SST-2, WNLI   accuracy
+
+  GLUE (headline) = unweighted mean of the 9 numbers MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE,
+                    STS-B, QNLI, SST-2 (WNLI excluded);  GLUE full = those 9 plus WNLI.
+
+A task that was not run is missing, never a 0. When any of the averaged tasks is missing the
+GLUE score itself is `None` and a separately named *partial* score (mean over the tasks
+present, with their list) is given instead, so a partial number can never be mistaken for
+the paper's headline.
+"""
+
+from collections.abc import Mapping, Sequence
+import math
+
+import numpy as np
+
+# Score names, in the column order of the paper's results table.
+GLUE_SCORES = ('mrpc', 'cola', 'mnli_m', 'mnli_mm', 'qqp', 'rte', 'stsb', 'qnli', 'sst2')
+FULL_SCORES = GLUE_SCORES + ('wnli',)
+
+SCORE_TITLES = {
+    'mrpc': 'MRPC', 'cola': 'CoLA', 'mnli_m': 'MNLI-m', 'mnli_mm': 'MNLI-mm', 'qqp': 'QQP',
+    'rte': 'RTE', 'stsb': 'STS-B', 'qnli': 'QNLI', 'sst2': 'SST-2', 'wnli': 'WNLI',
+}
+
+
+def accuracy(labels, predictions) -> float:
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  return float(np.mean(labels == predictions))
+
+
+def f1(labels, predictions, positive=1) -> float:
+  """Binary F1 of the positive class; 0.0 when there is no positive label or prediction."""
+  labels, predictions = np.asarray(labels) == positive, np.asarray(predictions) == positive
+  true_pos = np.sum(labels & predictions)
+  denominator = np.sum(labels) + np.sum(predictions)
+  return float(2.0 * true_pos / denominator) if denominator else 0.0
+
+
+def matthews_corrcoef(labels, predictions) -> float:
+  """Multi-class Matthews correlation (Gorodkin's R_K); 0.0 when it is undefined.
+
+  Undefined means one side is constant (e.g. a model predicting a single class), where
+  scikit-learn also returns 0.
+  """
+  labels, predictions = np.asarray(labels), np.asarray(predictions)
+  classes, encoded = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+  y_true, y_pred = encoded[:len(labels)], encoded[len(labels):]
+  confusion = np.zeros((len(classes), len(classes)), np.float64)
+  np.add.at(confusion, (y_true, y_pred), 1.0)
+  true_counts, pred_counts = confusion.sum(axis=1), confusion.sum(axis=0)
+  n, correct = confusion.sum(), np.trace(confusion)
+  cov_true_pred = correct * n - true_counts @ pred_counts
+  cov_true_true = n * n - true_counts @ true_counts
+  cov_pred_pred = n * n - pred_counts @ pred_counts
+  if cov_true_true * cov_pred_pred == 0:
+    return 0.0
+  return float(cov_true_pred / math.sqrt(cov_true_true * cov_pred_pred))
+
+
+def pearson(x, y) -> float:
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  x, y = x - x.mean(), y - y.mean()
+  denominator = math.sqrt(float(x @ x) * float(y @ y))
+  return float(x @ y / denominator) if denominator else float('nan')
+
+
+def rank_average_ties(x) -> np.ndarray:
+  """Ranks 1..n; tied values share the mean of their ranks (scipy's 'average')."""
+  x = np.asarray(x)
+  order = np.argsort(x, kind='mergesort')
+  sorted_x = x[order]
+  # Start index of each run of equal values, and the average 1-based rank of that run.
+  run_starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+  run_ends = np.r_[run_starts[1:], len(x)]
+  run_ranks = (run_starts + run_ends + 1) / 2.0
+  ranks = np.empty(len(x), np.float64)
+  ranks[order] = np.repeat(run_ranks, run_ends - run_starts)
+  return ranks
+
+
+def spearman(x, y) -> float:
+  return pearson(rank_average_ties(x), rank_average_ties(y))
+
+
+# ----------------------------------------------------------------------------------------
+# Per-task scores.
+# ----------------------------------------------------------------------------------------
+
+def _acc_and_f1(labels, predictions):
+  acc, f1_score = accuracy(labels, predictions), f1(labels, predictions)
+  return {'accuracy': acc, 'f1': f1_score, 'score': (acc + f1_score) / 2}
+
+
+def _pearson_spearman(labels, predictions):
+  p, s = pearson(labels, predictions), spearman(labels, predictions)
+  return {'pearson': p, 'spearman': s, 'score': (p + s) / 2}
+
+
+def _matthews(labels, predictions):
+  mcc = matthews_corrcoef(labels, predictions)
+  return {'matthews_corrcoef': mcc, 'score': mcc}
+
+
+def _accuracy(labels, predictions):
+  acc = accuracy(labels, predictions)
+  return {'accuracy': acc, 'score': acc}
+
+
+METRIC_OF_SCORE = {
+    'cola': _matthews, 'stsb': _pearson_spearman, 'mrpc': _acc_and_f1, 'qqp': _acc_and_f1,
+    'mnli_m': _accuracy, 'mnli_mm': _accuracy, 'qnli': _accuracy, 'rte': _accuracy,
+    'sst2': _accuracy, 'wnli': _accuracy,
+}
+
+
+def score(name: str, labels, predictions) -> dict[str, float]:
+  """All metrics of one dev set, as fractions, plus 'score' in percent (the table number)."""
+  if name not in METRIC_OF_SCORE:
+    raise ValueError(f'Unknown GLUE score {name!r}; expected one of {sorted(METRIC_OF_SCORE)}.')
+  if len(labels) != len(predictions):
+    raise ValueError(f'{name}: {len(labels)} labels but {len(predictions)} predictions.')
+  if not len(labels):
+    raise ValueError(f'{name}: cannot score an empty dev set.')
+  result = METRIC_OF_SCORE[name](labels, predictions)
+  result['score'] = 100.0 * result['score']
+  return result
+
+
+# ----------------------------------------------------------------------------------------
+# Aggregates: GLUE per seed, and mean +- std over seeds.
+# ----------------------------------------------------------------------------------------
+
+def _mean_over(scores: Mapping[str, float], names: Sequence[str]):
+  present = [n for n in names if scores.get(n) is not None]
+  mean = float(np.mean([scores[n] for n in present])) if present else None
+  return mean, present
+
+
+def glue_aggregates(scores: Mapping[str, float]) -> dict:
+  """{'glue', 'glue_full'} (None unless complete) and their partial counterparts."""
+  out = {}
+  for key, names in (('glue', GLUE_SCORES), ('glue_full', FULL_SCORES)):
+    mean, present = _mean_over(scores, names)
+    complete = len(present) == len(names)
+    out[key] = mean if complete else None
+    out[f'{key}_partial'] = None if complete else mean
+    out[f'{key}_tasks'] = present
+  return out
+
+
+def mean_std(values: Sequence[float | None]) -> dict:
+  """Mean and sample standard deviation (ddof=1; 0.0 for one value) of the values present."""
+  present = [v for v in values if v is not None]
+  if not present:
+    return {'mean': None, 'std': None, 'n': 0}
+  std = float(np.std(present, ddof=1)) if len(present) > 1 else 0.0
+  return {'mean': float(np.mean(present)), 'std': std, 'n': len(present)}
+
+
+def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict:
+  """Per-seed score dicts (score name -> percent) -> per seed aggregates and seed statistics.
+
+  Returns {'per_seed': {seed: {scores..., glue..., }}, 'over_seeds': {name: mean_std}}.
+  """
+  rows = {}
+  for seed, scores in per_seed.items():
+    row = {n: scores.get(n) for n in FULL_SCORES}
+    row.update(glue_aggregates(scores))
+    rows[seed] = row
+  over_seeds = {}
+  for name in FULL_SCORES + ('glue', 'glue_full', 'glue_partial', 'glue_full_partial'):
+    over_seeds[name] = mean_std([row[name] for row in rows.values()])
+  return {'per_seed': rows, 'over_seeds': over_seeds}

@@ -1,0 +1,101 @@
+"""glue_metrics: every metric equals scikit-learn's / scipy's; GLUE aggregation rules."""
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn import metrics
+
+from bert_sym import glue_metrics
+
+
+def _classification_cases():
+  rng = np.random.default_rng(0)
+  cases = []
+  for n, k in ((50, 2), (333, 2), (200, 3), (17, 2)):
+    labels = rng.integers(0, k, n)
+    noisy = np.where(rng.random(n) < 0.7, labels, rng.integers(0, k, n))
+    cases += [(labels, noisy), (labels, np.zeros(n, int)), (labels, labels)]
+  cases.append((np.array([1, 1, 1]), np.array([1, 1, 1])))      # constant both sides
+  cases.append((np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0])))  # perfectly wrong
+  return cases
+
+
+@pytest.mark.parametrize('case', range(len(_classification_cases())))
+def test_classification_metrics_match_sklearn(case):
+  labels, predictions = _classification_cases()[case]
+  assert glue_metrics.accuracy(labels, predictions) == pytest.approx(
+      metrics.accuracy_score(labels, predictions), abs=1e-12)
+  assert glue_metrics.matthews_corrcoef(labels, predictions) == pytest.approx(
+      metrics.matthews_corrcoef(labels, predictions), abs=1e-12)
+  if max(labels.max(), predictions.max()) <= 1:
+    assert glue_metrics.f1(labels, predictions) == pytest.approx(
+        metrics.f1_score(labels, predictions, zero_division=0.0), abs=1e-12)
+
+
+@pytest.mark.parametrize('ties', [False, True])
+def test_correlations_match_scipy(ties):
+  rng = np.random.default_rng(1)
+  labels = rng.uniform(0, 5, 500)
+  predictions = labels + rng.normal(0, 1.5, 500)
+  if ties:   # STS-B gold scores are multiples of 0.2: many ties
+    labels, predictions = np.round(labels * 5) / 5, np.round(predictions)
+  assert glue_metrics.pearson(labels, predictions) == pytest.approx(
+      stats.pearsonr(labels, predictions).statistic, abs=1e-12)
+  assert glue_metrics.spearman(labels, predictions) == pytest.approx(
+      stats.spearmanr(labels, predictions).statistic, abs=1e-12)
+  np.testing.assert_allclose(glue_metrics.rank_average_ties(predictions),
+                             stats.rankdata(predictions))
+
+
+def test_task_scores_follow_the_paper():
+  rng = np.random.default_rng(2)
+  y = rng.integers(0, 2, 300)
+  p = np.where(rng.random(300) < 0.8, y, 1 - y)
+  acc, f1 = metrics.accuracy_score(y, p), metrics.f1_score(y, p)
+  for name in ('mrpc', 'qqp'):
+    assert glue_metrics.score(name, y, p)['score'] == pytest.approx(100 * (acc + f1) / 2)
+  assert glue_metrics.score('cola', y, p)['score'] == pytest.approx(
+      100 * metrics.matthews_corrcoef(y, p))
+  for name in ('mnli_m', 'mnli_mm', 'qnli', 'rte', 'sst2', 'wnli'):
+    assert glue_metrics.score(name, y, p)['score'] == pytest.approx(100 * acc)
+  s, t = rng.uniform(0, 5, 100), rng.uniform(0, 5, 100)
+  assert glue_metrics.score('stsb', s, t)['score'] == pytest.approx(
+      100 * (stats.pearsonr(s, t).statistic + stats.spearmanr(s, t).statistic) / 2)
+  with pytest.raises(ValueError, match='Unknown GLUE score'):
+    glue_metrics.score('mnli', y, p)
+  with pytest.raises(ValueError, match='labels but'):
+    glue_metrics.score('rte', y, p[:-1])
+
+
+def test_glue_is_mean_of_nine_and_full_adds_wnli():
+  scores = dict(zip(glue_metrics.FULL_SCORES, np.arange(10.0) * 7 + 1))
+  agg = glue_metrics.glue_aggregates(scores)
+  nine = [scores[n] for n in glue_metrics.GLUE_SCORES]
+  assert agg['glue'] == pytest.approx(np.mean(nine))
+  assert agg['glue_full'] == pytest.approx(np.mean(nine + [scores['wnli']]))
+  assert agg['glue_partial'] is None and agg['glue_full_partial'] is None
+
+
+def test_the_paper_table_row_reproduces_its_glue():
+  # base pairwise row of PAPER.md: the 9 numbers average to the published 79.36.
+  row = dict(mrpc=87.83, cola=46.91, mnli_m=81.60, mnli_mm=82.02, qqp=88.89, rte=60.58,
+             stsb=86.88, qnli=88.78, sst2=90.78, wnli=34.93)
+  assert glue_metrics.glue_aggregates(row)['glue'] == pytest.approx(79.36, abs=0.005)
+
+
+def test_missing_task_is_never_a_zero():
+  scores = {'cola': 40.0, 'rte': 60.0, 'wnli': 30.0}
+  agg = glue_metrics.glue_aggregates(scores)
+  assert agg['glue'] is None and agg['glue_full'] is None
+  assert agg['glue_partial'] == pytest.approx(50.0)           # not (40 + 60) / 9
+  assert agg['glue_full_partial'] == pytest.approx(130 / 3)
+  assert agg['glue_tasks'] == ['cola', 'rte']
+
+
+def test_summary_over_seeds():
+  per_seed = {1: {'cola': 40.0, 'rte': 60.0}, 2: {'cola': 44.0, 'rte': 62.0}, 3: {'cola': 42.0}}
+  summary = glue_metrics.summarize(per_seed)
+  assert summary['over_seeds']['cola'] == {'mean': 42.0, 'std': pytest.approx(2.0), 'n': 3}
+  assert summary['over_seeds']['rte']['n'] == 2
+  assert summary['over_seeds']['mrpc'] == {'mean': None, 'std': None, 'n': 0}
+  assert summary['per_seed'][3]['glue_partial'] == 42.0
