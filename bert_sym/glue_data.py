@@ -1,0 +1,355 @@
+"""GLUE data: task specs, readers (TFDS `glue/*` or a local GLUE directory), tokenisation.
+
+Two sources give the same `Examples` (same label ids, same text fields):
+
+* TFDS (default): `tfds.load('glue/cola', split='validation')`, ... Needs the prepared
+  dataset in `--config.tfds_data_dir` (or TFDS's default) or internet to download it.
+* A local directory in the layout of the GLUE download script (`CoLA/train.tsv`,
+  `MNLI/dev_matched.tsv`, ...), read with plain tab splitting: the files' quoting is
+  irregular (SST-2 and QQP sentences contain bare quotes), so `csv` quoting rules would
+  merge rows. Per-file quirks handled: CoLA has no header row (source, label, original
+  label, sentence); MRPC starts with a UTF-8 byte-order mark; QQP has malformed rows
+  (wrong column count), which are skipped and counted, as the GLUE baselines do.
+
+Labels use TFDS's ids (e.g. MNLI: entailment=0, neutral=1, contradiction=2); STS-B is a
+float score in [0, 5]. Sentence pairs are packed BERT style, `[CLS] a [SEP] b [SEP]` with
+token types 0/1, truncated longest-first (one token at a time from the longer side) to
+`max_seq_len`. This module knows nothing about models or meshes.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------
+# Task specs.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DevSet:
+  score_name: str     # key in the results (glue_metrics.FULL_SCORES)
+  tsv_file: str       # file name in the GLUE directory
+  tfds_split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  name: str                          # TFDS config name: glue/<name>
+  directory: str                     # folder in the GLUE download-script layout
+  tfds_text_keys: tuple[str, ...]    # one (single sentence) or two (pair) feature names
+  tsv_text_columns: tuple[str, ...]  # header names of the same fields in train/dev TSVs
+  tsv_label_column: str
+  label_names: tuple[str, ...] | None  # None: regression (STS-B)
+  dev_sets: tuple[DevSet, ...]
+  # Files without a header row give the column index of each field instead.
+  tsv_no_header_columns: dict[str, int] | None = None
+
+  @property
+  def is_regression(self) -> bool:
+    return self.label_names is None
+
+  @property
+  def num_labels(self) -> int:
+    return 1 if self.is_regression else len(self.label_names)
+
+
+def _dev(name, tsv='dev.tsv', split='validation'):
+  return (DevSet(name, tsv, split),)
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec('cola', 'CoLA', ('sentence',), ('sentence',), 'label',
+             ('unacceptable', 'acceptable'), _dev('cola'),
+             tsv_no_header_columns={'label': 1, 'sentence': 3}),
+    TaskSpec('sst2', 'SST-2', ('sentence',), ('sentence',), 'label',
+             ('negative', 'positive'), _dev('sst2')),
+    TaskSpec('mrpc', 'MRPC', ('sentence1', 'sentence2'), ('#1 String', '#2 String'), 'Quality',
+             ('not_equivalent', 'equivalent'), _dev('mrpc')),
+    TaskSpec('stsb', 'STS-B', ('sentence1', 'sentence2'), ('sentence1', 'sentence2'), 'score',
+             None, _dev('stsb')),
+    TaskSpec('qqp', 'QQP', ('question1', 'question2'), ('question1', 'question2'),
+             'is_duplicate', ('not_duplicate', 'duplicate'), _dev('qqp')),
+    TaskSpec('mnli', 'MNLI', ('premise', 'hypothesis'), ('sentence1', 'sentence2'),
+             'gold_label', ('entailment', 'neutral', 'contradiction'),
+             (DevSet('mnli_m', 'dev_matched.tsv', 'validation_matched'),
+              DevSet('mnli_mm', 'dev_mismatched.tsv', 'validation_mismatched'))),
+    TaskSpec('qnli', 'QNLI', ('question', 'sentence'), ('question', 'sentence'), 'label',
+             ('entailment', 'not_entailment'), _dev('qnli')),
+    TaskSpec('rte', 'RTE', ('sentence1', 'sentence2'), ('sentence1', 'sentence2'), 'label',
+             ('entailment', 'not_entailment'), _dev('rte')),
+    TaskSpec('wnli', 'WNLI', ('sentence1', 'sentence2'), ('sentence1', 'sentence2'), 'label',
+             ('not_entailment', 'entailment'), _dev('wnli')),
+)}
+
+
+def parse_tasks(tasks) -> list[TaskSpec]:
+  """'cola,sst2' or a sequence of names -> specs; unknown names are an error."""
+  names = [t.strip().lower() for t in (tasks.split(',') if isinstance(tasks, str) else tasks)]
+  names = [n for n in names if n]
+  unknown = [n for n in names if n not in TASKS]
+  if unknown:
+    raise ValueError(f'Unknown GLUE task(s) {unknown}. Valid names (as in TFDS glue/*): '
+                     f'{", ".join(TASKS)}.')
+  if not names:
+    raise ValueError(f'No GLUE task given. Valid names: {", ".join(TASKS)}.')
+  return [TASKS[n] for n in dict.fromkeys(names)]
+
+
+# ----------------------------------------------------------------------------------------
+# Examples from TSV files or TFDS.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Examples:
+  idx: np.ndarray                 # int64: row number in the file / TFDS `idx`
+  texts: tuple[list[str], ...]    # one list per text field
+  labels: np.ndarray              # int32 class ids, or float32 scores (STS-B)
+
+  def __len__(self):
+    return len(self.idx)
+
+  def head(self, n: int) -> 'Examples':
+    """The first n examples (n <= 0: all): deterministic slices for tests and smoke runs."""
+    if n <= 0 or n >= len(self):
+      return self
+    return Examples(self.idx[:n], tuple(t[:n] for t in self.texts), self.labels[:n])
+
+
+class GlueDataError(ValueError):
+  """A GLUE file or directory is missing or not in the expected format."""
+
+
+def _parse_label(spec: TaskSpec, value: str, where: str):
+  value = value.strip()
+  if spec.is_regression:
+    try:
+      return float(value)
+    except ValueError:
+      raise GlueDataError(f'{where}: STS-B score {value!r} is not a number.') from None
+  if value in spec.label_names:
+    return spec.label_names.index(value)
+  if value.isdigit() and int(value) < spec.num_labels:
+    return int(value)
+  raise GlueDataError(f'{where}: label {value!r} is not one of {spec.label_names} '
+                      f'or 0..{spec.num_labels - 1}.')
+
+
+def tsv_path(glue_dir, spec: TaskSpec, file_name: str) -> Path:
+  task_dir = Path(glue_dir) / spec.directory
+  if not Path(glue_dir).is_dir():
+    raise GlueDataError(f'--glue_dir {glue_dir} is not a directory. Point it at the output '
+                        'of the GLUE download script (CoLA/, SST-2/, MRPC/, ...) or leave it '
+                        'empty to read TFDS glue/*.')
+  if not task_dir.is_dir():
+    raise GlueDataError(f'No directory {task_dir} for task {spec.name}: the GLUE layout has '
+                        f'{spec.directory}/train.tsv and {spec.directory}/{spec.dev_sets[0].tsv_file}. '
+                        f'Drop {spec.name} from --tasks or add the files.')
+  path = task_dir / file_name
+  if not path.is_file():
+    raise GlueDataError(f'Missing {path} (task {spec.name}). Expected files: train.tsv, '
+                        f'{", ".join(d.tsv_file for d in spec.dev_sets)}.')
+  return path
+
+
+def read_tsv(path, spec: TaskSpec) -> Examples:
+  """One labelled GLUE TSV (train or dev) in the download-script layout."""
+  path = Path(path)
+  # utf-8-sig drops MRPC's byte-order mark; splitting on '\n' only (not universal newlines)
+  # keeps a stray '\r' inside a sentence from cutting a row in two.
+  with open(path, encoding='utf-8-sig', newline='') as f:
+    lines = [line.rstrip('\r') for line in f.read().split('\n')]
+  lines = [line for line in lines if line.strip()]
+  if not lines:
+    raise GlueDataError(f'{path} is empty; expected a {spec.name} TSV with a label column.')
+
+  if spec.tsv_no_header_columns is not None:
+    columns = spec.tsv_no_header_columns
+    rows = lines
+    first = lines[0].split('\t')
+    if len(first) <= max(columns.values()) or not first[columns['label']].strip().isdigit():
+      raise GlueDataError(f'{path}: expected {spec.name} rows without a header, columns '
+                          f'(source, label, original-label, sentence); the first row is '
+                          f'{first[:4]}.')
+  else:
+    header = [h.strip() for h in lines[0].split('\t')]
+    wanted = spec.tsv_text_columns + (spec.tsv_label_column,)
+    missing = [c for c in wanted if c not in header]
+    if missing:
+      raise GlueDataError(f'{path}: header has columns {header}, but {spec.name} needs '
+                          f'{list(wanted)} (missing {missing}). Is this the right file, '
+                          'with labels (test.tsv has none)?')
+    # MNLI's gold_label is the last column, after a varying number of annotator labels:
+    # look every column up by name, never by position.
+    columns = {c: header.index(c) for c in wanted}
+    rows = lines[1:]
+    if not rows:
+      raise GlueDataError(f'{path} has a header but no examples.')
+
+  text_columns = [columns[c] for c in spec.tsv_text_columns]
+  label_column = columns[spec.tsv_label_column]
+  needed = max(columns.values()) + 1
+  idx, texts, labels, skipped = [], tuple([] for _ in text_columns), [], 0
+  for row_number, line in enumerate(rows):
+    fields = line.split('\t')
+    if len(fields) < needed or fields[label_column].strip() in ('', '-'):
+      skipped += 1   # QQP's malformed rows; NLI rows without a gold label ('-')
+      continue
+    idx.append(row_number)
+    for out, column in zip(texts, text_columns):
+      out.append(fields[column])
+    labels.append(_parse_label(spec, fields[label_column], f'{path}:{row_number + 1}'))
+  if skipped:
+    logging.warning('%s: skipped %d of %d rows with fewer than %d columns or no label.',
+                    path, skipped, len(rows), needed)
+  if not idx:
+    raise GlueDataError(f'{path}: none of its {len(rows)} rows has the {needed} columns '
+                        f'{spec.name} needs.')
+  dtype = np.float32 if spec.is_regression else np.int32
+  return Examples(np.asarray(idx, np.int64), texts, np.asarray(labels, dtype))
+
+
+def load_tfds(spec: TaskSpec, split: str, data_dir: str | None = None) -> Examples:
+  """`tfds.load(f'glue/{name}', split=split)` as Examples (downloads when not prepared)."""
+  import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
+  dataset = tfds.load(f'glue/{spec.name}', split=split, data_dir=data_dir or None,
+                      shuffle_files=False)
+  idx, texts, labels = [], tuple([] for _ in spec.tfds_text_keys), []
+  for example in tfds.as_numpy(dataset):
+    idx.append(int(example['idx']))
+    for out, key in zip(texts, spec.tfds_text_keys):
+      out.append(example[key].decode('utf-8'))
+    labels.append(example['label'])
+  dtype = np.float32 if spec.is_regression else np.int32
+  return Examples(np.asarray(idx, np.int64), texts, np.asarray(labels, dtype))
+
+
+def load_split(spec: TaskSpec, split: str, *, glue_dir: str = '',
+               tfds_data_dir: str = '') -> Examples:
+  """split: 'train' or a dev score name (e.g. 'mnli_mm'); local TSVs when glue_dir is set."""
+  if split == 'train':
+    tsv_file, tfds_split = 'train.tsv', 'train'
+  else:
+    dev = {d.score_name: d for d in spec.dev_sets}[split]
+    tsv_file, tfds_split = dev.tsv_file, dev.tfds_split
+  if glue_dir:
+    return read_tsv(tsv_path(glue_dir, spec, tsv_file), spec)
+  return load_tfds(spec, tfds_split, tfds_data_dir)
+
+
+# ----------------------------------------------------------------------------------------
+# WordPiece tokenisation and BERT sentence-pair packing.
+# ----------------------------------------------------------------------------------------
+
+
+class WordPiece:
+  """Sentence -> WordPiece ids with the pre-training tokenizer (`bert_sym.vocab`).
+
+  The same seqio vocabulary (TF Text WordPiece, Hugging Face's uncased normalisation)
+  that tokenised the pre-training corpus, so GLUE text is split exactly as the model saw
+  text in pre-training. `vocab_path` '' is bert-base-uncased.
+  """
+
+  def __init__(self, vocab_path: str = ''):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from bert_sym import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._vocabulary = vocab_lib.get_vocabulary(vocab_path)
+    self.vocab_file = self._vocabulary.path
+    self.vocab_size = self._vocabulary.vocab_size
+    special = self._vocabulary.special
+    self.pad_id, self.cls_id, self.sep_id = special.pad, special.cls, special.sep
+
+  def encode(self, texts: list[str], chunk: int = 4096) -> list[np.ndarray]:
+    """Token ids per text (no special tokens)."""
+    out = []
+    for start in range(0, len(texts), chunk):
+      ragged = self._vocabulary.encode_tf(self._tf.constant(texts[start:start + chunk]))
+      flat, splits = ragged.flat_values.numpy(), ragged.row_splits.numpy()
+      out.extend(flat[splits[i]:splits[i + 1]].astype(np.int32) for i in range(len(splits) - 1))
+    return out
+
+
+def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+  """Drop one token at a time from the longer side (ties: the second) until it fits."""
+  while len_a + len_b > budget:
+    if len_a > len_b:
+      len_a -= 1
+    else:
+      len_b -= 1
+  return len_a, len_b
+
+
+@dataclasses.dataclass
+class Encoded:
+  """Packed, unpadded sequences of one split (padding happens per batch)."""
+  input_ids: list[np.ndarray]
+  token_type_ids: list[np.ndarray]
+  labels: np.ndarray
+  idx: np.ndarray
+
+  def __len__(self):
+    return len(self.input_ids)
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
+
+
+def encode_examples(examples: Examples, tokenizer: WordPiece, max_seq_len: int) -> Encoded:
+  if max_seq_len < 4:
+    raise ValueError(f'max_seq_len={max_seq_len} leaves no room for [CLS] a [SEP] b [SEP].')
+  pieces = [tokenizer.encode(t) for t in examples.texts]
+  cls, sep = np.int32(tokenizer.cls_id), np.int32(tokenizer.sep_id)
+  input_ids, token_types = [], []
+  for i in range(len(examples)):
+    a = pieces[0][i]
+    if len(pieces) == 1:
+      a = a[:max_seq_len - 2]
+      ids = np.concatenate([[cls], a, [sep]]).astype(np.int32)
+      types = np.zeros(len(ids), np.int32)
+    else:
+      b = pieces[1][i]
+      len_a, len_b = truncate_longest_first(len(a), len(b), max_seq_len - 3)
+      ids = np.concatenate([[cls], a[:len_a], [sep], b[:len_b], [sep]]).astype(np.int32)
+      types = np.concatenate([np.zeros(len_a + 2, np.int32), np.ones(len_b + 1, np.int32)])
+    input_ids.append(ids)
+    token_types.append(types)
+  return Encoded(input_ids, token_types, examples.labels, examples.idx)
+
+
+def bucket_length(longest: int, max_seq_len: int, min_length: int = 16) -> int:
+  """Pad a batch to the next power of two (>= min_length, <= max_seq_len).
+
+  A handful of shapes keeps jit recompilation bounded while short-sentence tasks (SST-2,
+  CoLA) avoid computing on 128 - 15 padding tokens; padded keys get exactly zero attention,
+  so results do not depend on the padded length.
+  """
+  length = min_length
+  while length < longest:
+    length *= 2
+  return min(length, max_seq_len)
+
+
+def pad_batch(encoded: Encoded, indices: np.ndarray, batch_size: int, max_seq_len: int,
+              pad_id: int, bucket: bool = True) -> dict[str, np.ndarray]:
+  """Rows `indices` as a [batch_size, length] batch; missing rows get weight 0."""
+  longest = max((len(encoded.input_ids[i]) for i in indices), default=1)
+  length = bucket_length(longest, max_seq_len) if bucket else max_seq_len
+  ids = np.full((batch_size, length), pad_id, np.int32)
+  types = np.zeros((batch_size, length), np.int32)
+  mask = np.zeros((batch_size, length), np.int32)
+  labels = np.zeros((batch_size,), encoded.labels.dtype)
+  weights = np.zeros((batch_size,), np.float32)
+  for row, i in enumerate(indices):
+    n = len(encoded.input_ids[i])
+    ids[row, :n] = encoded.input_ids[i]
+    types[row, :n] = encoded.token_type_ids[i]
+    mask[row, :n] = 1
+    labels[row] = encoded.labels[i]
+    weights[row] = 1.0
+  return {'input_ids': ids, 'token_type_ids': types, 'attention_mask': mask,
+          'labels': labels, 'weights': weights}

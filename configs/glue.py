@@ -1,0 +1,62 @@
+"""GLUE fine-tuning: the paper's recipe (PAPER.md) on every task, seeds 1-5.
+
+  python -m bert_sym.glue --checkpoint=/path/to/workdir --output_dir=/tmp/glue
+
+5 epochs, AdamW lr 1e-5, 10% linear warm-up then linear decay to 0, batch 16, max length
+128, weight decay 0, dev score after the last epoch (no best-epoch pick). Everything the
+paper does not state follows Hugging Face `run_glue.py`/`Trainer` defaults, which the
+reference implementation ran on: Adam betas 0.9/0.999, eps 1e-8, gradient clipping 1.0,
+keep the last partial batch, dropout 0.1 (the model's).
+
+`--config=configs/glue.py:runlocal` is the same experiment shrunk for a laptop (slices of
+256 train / 128 dev examples, 1 epoch, seed 1). The model itself (size, attention variant,
+vocabulary) is never set here: it is read from the checkpoint's config.json.
+"""
+
+import ml_collections
+
+ALL_TASKS = 'cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli'
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.tasks = ALL_TASKS           # comma-separated TFDS names; --tasks overrides
+  c.seeds = '1,2,3,4,5'         # comma-separated; --seeds overrides
+
+  # Data: TFDS glue/* unless glue_dir (GLUE download-script layout) is set.
+  c.glue_dir = ''
+  c.tfds_data_dir = ''          # '' = TFDS default (~/tensorflow_datasets)
+  c.vocab_path = ''             # '' = the checkpoint's data.vocab_path (bert-base-uncased)
+  c.max_seq_len = 128
+  c.max_train_examples = 0      # > 0: first N training examples only (tests, smoke runs)
+  c.max_eval_examples = 0       # > 0: first N examples of each dev set
+  c.length_buckets = True       # pad each batch to a power of two <= max_seq_len (CPU speed)
+
+  # Optimisation (the paper's recipe).
+  c.epochs = 5.0                # float: fractional epochs allowed for quick runs
+  c.batch_size = 16             # global; split over the data-parallel mesh axis
+  c.eval_batch_size = 64
+  c.learning_rate = 1e-5
+  c.warmup_ratio = 0.1          # of the total fine-tuning steps; then linear decay to 0
+  c.weight_decay = 0.0          # when > 0, not on biases and LayerNorm (as in pre-training)
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.grad_clip_norm = 1.0        # 0 = off
+
+  # Mesh: data parallel over every device by default; parameters follow the logical-axis
+  # rules of the checkpoint's training config (replicated unless fsdp/tensor > 1).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.log_every_steps = 50        # TensorBoard train/loss and train/learning_rate
+  c.progress_bar = True
+
+  if arg == 'runlocal':
+    c.seeds = '1'
+    c.epochs = 1.0
+    c.max_train_examples = 256
+    c.max_eval_examples = 128
+    c.log_every_steps = 4
+  elif arg:
+    raise ValueError(f'configs/glue.py takes no argument or "runlocal", got {arg!r}.')
+  return c
