@@ -238,8 +238,6 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
   tx, schedule = optim.make_optimizer(_optimizer_config(config, total_steps), total_steps)
   init, param_shardings = make_init(model, mesh, rules)
   abstract_params = jax.eval_shape(init, jax.random.key(0))
-  check_encoder_shapes(abstract_params['bert']['encoder'], pretrained.encoder,
-                       pretrained.step_dir)
   # As in the trainer: Adam's moments shard like their parameters; counters replicated.
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
@@ -428,8 +426,14 @@ def parse_seeds(seeds) -> list[int]:
   return list(dict.fromkeys(values))
 
 
-def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict) -> dict:
-  """Fine-tunes and scores every (task, seed); rewrites the outputs after each one."""
+def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict,
+             task_cache: dict | None = None) -> dict:
+  """Fine-tunes and scores every (task, seed); rewrites the outputs after each one.
+
+  `task_cache` (a dict the caller keeps) lets a sweep reuse the compiled steps of one
+  checkpoint for the next: they depend on the model config and data size, not weights.
+  """
+  task_cache = {} if task_cache is None else task_cache
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
   pretrained = load_pretrained(checkpoint)
@@ -479,7 +483,13 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
                                                     tokenizer, config.max_seq_len)
             for d in spec.dev_sets}
     results['runs'][spec.name] = {}
-    task = setup_task(pretrained, spec, len(train), config, mesh, rules)
+    cache_key = (json.dumps(pretrained.config.model.to_dict(), sort_keys=True), spec.name,
+                 len(train))
+    if cache_key not in task_cache:
+      task_cache[cache_key] = setup_task(pretrained, spec, len(train), config, mesh, rules)
+    task = task_cache[cache_key]
+    check_encoder_shapes(jax.eval_shape(task.init, jax.random.key(0))['bert']['encoder'],
+                         pretrained.encoder, pretrained.step_dir)
     for seed in seeds:
       start = time.time()
       tb = _metric_writer(output_dir / 'runs' / f'{spec.name}_seed{seed}')
@@ -541,7 +551,7 @@ def first_step_reaching(points, threshold):
 
 def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
   output_dir = Path(output_dir)
-  points = []
+  points, task_cache = [], {}
   for step in checkpoint_steps(workdir):
     step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
     step_out = output_dir / f'step_{step:08d}'
@@ -553,7 +563,7 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
       logging.info('Step %d already scored in %s; reusing it.', step, done)
       results = previous
     else:
-      results = run_glue(str(step_dir), str(step_out), config)
+      results = run_glue(str(step_dir), str(step_out), config, task_cache)
     points.append(sweep_point(step, results))
     write_sweep(output_dir, workdir, points, reference_score)
   return {'points': points}

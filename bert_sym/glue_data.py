@@ -201,7 +201,8 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
     idx.append(row_number)
     for out, column in zip(texts, text_columns):
       out.append(fields[column])
-    labels.append(_parse_label(spec, fields[label_column], f'{path}:{row_number + 1}'))
+    line_number = row_number + (1 if spec.tsv_no_header_columns is not None else 2)
+    labels.append(_parse_label(spec, fields[label_column], f'{path}:{line_number}'))
   if skipped:
     logging.warning('%s: skipped %d of %d rows with fewer than %d columns or no label.',
                     path, skipped, len(rows), needed)

@@ -1,0 +1,175 @@
+"""glue_data: readers on the real GLUE files, their quirks, TFDS, packing, clear errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bert_sym import glue_data
+
+GLUE_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'glue'
+needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f'{GLUE_DIR} not present')
+
+# (task, split) -> example count of the real files (shared/data/README.md).
+REAL_COUNTS = {
+    ('cola', 'train'): 8551, ('cola', 'cola'): 1043, ('sst2', 'train'): 67349,
+    ('sst2', 'sst2'): 872, ('mrpc', 'train'): 3668, ('mrpc', 'mrpc'): 408,
+    ('stsb', 'train'): 5749, ('stsb', 'stsb'): 1500, ('qnli', 'qnli'): 5463,
+    ('rte', 'train'): 2490, ('rte', 'rte'): 277, ('wnli', 'train'): 635, ('wnli', 'wnli'): 71,
+}
+
+
+@needs_glue
+@pytest.mark.parametrize('task,split', sorted(REAL_COUNTS))
+def test_real_files_read_completely(task, split):
+  spec = glue_data.TASKS[task]
+  examples = glue_data.load_split(spec, split, glue_dir=str(GLUE_DIR))
+  assert len(examples) == REAL_COUNTS[task, split]
+  assert len(examples.texts) == len(spec.tfds_text_keys)
+  assert all(t.strip() for t in examples.texts[0][:50])
+  if spec.is_regression:
+    assert examples.labels.dtype == np.float32
+    assert 0.0 <= examples.labels.min() and examples.labels.max() <= 5.0
+  else:
+    assert set(np.unique(examples.labels)) == set(range(spec.num_labels))
+
+
+@needs_glue
+def test_real_file_quirks():
+  # CoLA: no header, so the first row is an example.
+  cola = glue_data.load_split(glue_data.TASKS['cola'], 'cola', glue_dir=str(GLUE_DIR))
+  assert cola.texts[0][0] == 'The sailors rode the breeze clear of the rocks.'
+  assert cola.labels[0] == 1 and cola.idx[0] == 0
+  # MRPC: the byte-order mark must not hide the 'Quality' column.
+  mrpc = glue_data.load_split(glue_data.TASKS['mrpc'], 'mrpc', glue_dir=str(GLUE_DIR))
+  assert mrpc.labels[:2].tolist() == [1, 0]
+  assert mrpc.texts[1][0].startswith('" The foodservice pie business')
+  # String labels map to TFDS ids; RTE dev row 0 is not_entailment (=1).
+  rte = glue_data.load_split(glue_data.TASKS['rte'], 'rte', glue_dir=str(GLUE_DIR))
+  assert rte.labels[0] == 1
+  stsb = glue_data.load_split(glue_data.TASKS['stsb'], 'stsb', glue_dir=str(GLUE_DIR))
+  assert stsb.labels[:2].tolist() == [5.0, 4.75]
+
+
+MNLI_HEADER = ('index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse'
+               '\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1')
+
+
+def _write(path, text):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text, encoding='utf-8')
+
+
+def _mnli_qqp_dir(root):
+  """MNLI and QQP in the download-script layout (their real headers), a few rows each."""
+  train = MNLI_HEADER + '\tgold_label\n'
+  train += '0\t1\t1n\tgov\t(a)\t(b)\t(A)\t(B)\tA man "sleeps.\tA person rests.\tneutral\tneutral\n'
+  train += '1\t2\t2e\tgov\t(a)\t(b)\t(A)\t(B)\tIt rains.\tWater falls.\tentailment\tentailment\n'
+  _write(root / 'MNLI' / 'train.tsv', train)
+  dev = MNLI_HEADER + '\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n'
+  dev += '0\t1\t1c\tfic\t(a)\t(b)\t(A)\t(B)\tHe left.\tHe stayed.\tcontradiction\tc\tc\tc\tc\tcontradiction\n'
+  dev += '1\t1\t1x\tfic\t(a)\t(b)\t(A)\t(B)\tNo consensus.\tMaybe.\tneutral\tc\te\tn\te\t-\n'
+  _write(root / 'MNLI' / 'dev_matched.tsv', dev)
+  _write(root / 'MNLI' / 'dev_mismatched.tsv', dev.replace('He left', 'She left'))
+  qqp = 'id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n'
+  qqp += '0\t1\t2\tHow do I "learn?\tWhat is the way to learn?\t1\n'
+  qqp += '1\t3\t4\ta malformed row with no second question\n'
+  qqp += '2\t5\t6\tWhy?\tWhy not?\t0\n'
+  _write(root / 'QQP' / 'train.tsv', qqp)
+  _write(root / 'QQP' / 'dev.tsv', qqp)
+
+
+def test_mnli_and_qqp_layouts(tmp_path):
+  _mnli_qqp_dir(tmp_path)
+  mnli = glue_data.TASKS['mnli']
+  train = glue_data.load_split(mnli, 'train', glue_dir=str(tmp_path))
+  assert train.labels.tolist() == [1, 0] and train.texts[0][0] == 'A man "sleeps.'
+  matched = glue_data.load_split(mnli, 'mnli_m', glue_dir=str(tmp_path))
+  mismatched = glue_data.load_split(mnli, 'mnli_mm', glue_dir=str(tmp_path))
+  # gold_label is found by name after 5 annotator labels; '-' (no gold label) is skipped.
+  assert matched.labels.tolist() == [2] and mismatched.texts[0] == ['She left.']
+  qqp = glue_data.load_split(glue_data.TASKS['qqp'], 'qqp', glue_dir=str(tmp_path))
+  assert qqp.labels.tolist() == [1, 0] and qqp.idx.tolist() == [0, 2]   # bad row skipped
+  assert qqp.texts[0][0] == 'How do I "learn?'                        # quote kept verbatim
+
+
+@pytest.mark.parametrize('name', sorted(glue_data.TASKS))
+def test_tfds_source_all_tasks(name):
+  """The default TFDS path, on TFDS's mock data for the real glue/* builder."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  spec = glue_data.TASKS[name]
+  with tfds.testing.mock_data(num_examples=4):
+    for split in ['train'] + [d.score_name for d in spec.dev_sets]:
+      examples = glue_data.load_split(spec, split)
+      assert len(examples) == 4 and len(examples.texts) == len(spec.tfds_text_keys)
+      assert isinstance(examples.texts[-1][0], str)
+      assert examples.labels.dtype == (np.float32 if spec.is_regression else np.int32)
+
+
+def test_errors_are_clear(tmp_path):
+  with pytest.raises(ValueError, match=r"Unknown GLUE task\(s\) \['mnli_m'\].*cola, sst2"):
+    glue_data.parse_tasks('cola,mnli_m')
+  rte = glue_data.TASKS['rte']
+  with pytest.raises(glue_data.GlueDataError, match=r'No directory .*RTE for task rte'):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  with pytest.raises(glue_data.GlueDataError, match='not a directory'):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path / 'nope'))
+  _write(tmp_path / 'RTE' / 'train.tsv', '')
+  with pytest.raises(glue_data.GlueDataError, match='is empty'):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\n0\ta\tb\n')
+  with pytest.raises(glue_data.GlueDataError, match=r"missing \['label'\].*test.tsv has none"):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n')
+  with pytest.raises(glue_data.GlueDataError, match='header but no examples'):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n')
+  with pytest.raises(glue_data.GlueDataError, match=r"train.tsv:2: label 'maybe'"):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  with pytest.raises(glue_data.GlueDataError, match=r'Missing .*RTE/dev.tsv'):
+    glue_data.load_split(rte, 'rte', glue_dir=str(tmp_path))
+  _write(tmp_path / 'CoLA' / 'train.tsv', 'sentence\tlabel\nfine .\t1\n')   # has a header
+  with pytest.raises(glue_data.GlueDataError, match='without a header'):
+    glue_data.load_split(glue_data.TASKS['cola'], 'train', glue_dir=str(tmp_path))
+
+
+def test_truncate_longest_first():
+  assert glue_data.truncate_longest_first(3, 4, 10) == (3, 4)
+  assert glue_data.truncate_longest_first(20, 3, 10) == (7, 3)
+  assert glue_data.truncate_longest_first(6, 6, 9) == (5, 4)   # ties trim the second
+  assert glue_data.truncate_longest_first(50, 60, 9) == (5, 4)
+
+
+@needs_glue
+def test_packing_equals_hugging_face():
+  """[CLS] a [SEP] b [SEP], token types, longest-first truncation: as BertTokenizerFast."""
+  transformers = pytest.importorskip('transformers')
+  from bert_sym import vocab
+  tokenizer = glue_data.WordPiece()
+  # transformers>=5 takes the vocab file as `vocab`; older versions as `vocab_file`.
+  hf = transformers.BertTokenizerFast(vocab=vocab.default_vocab_file(), do_lower_case=True)
+  if len(hf) != 30522:
+    hf = transformers.BertTokenizerFast(vocab_file=vocab.default_vocab_file(),
+                                        do_lower_case=True)
+  for task, max_len in (('rte', 32), ('mrpc', 128), ('cola', 8)):
+    examples = glue_data.load_split(glue_data.TASKS[task], task, glue_dir=str(GLUE_DIR)).head(40)
+    encoded = glue_data.encode_examples(examples, tokenizer, max_len)
+    want = hf(*examples.texts, truncation='longest_first', max_length=max_len)
+    for i in range(len(examples)):
+      assert encoded.input_ids[i].tolist() == want['input_ids'][i], (task, i)
+      assert encoded.token_type_ids[i].tolist() == want['token_type_ids'][i], (task, i)
+
+
+def test_pad_batch_and_buckets():
+  encoded = glue_data.Encoded(
+      input_ids=[np.arange(1, 6), np.arange(1, 21), np.arange(1, 3)],
+      token_type_ids=[np.zeros(5, int), np.ones(20, int), np.zeros(2, int)],
+      labels=np.array([1, 0, 1], np.int32), idx=np.arange(3))
+  batch = glue_data.pad_batch(encoded, np.array([0, 2]), 4, 128, pad_id=0)
+  assert batch['input_ids'].shape == (4, 16)                   # smallest bucket
+  assert batch['weights'].tolist() == [1, 1, 0, 0]            # padding rows carry no loss
+  assert batch['attention_mask'][0].sum() == 5
+  assert glue_data.pad_batch(encoded, np.array([1]), 4, 128, 0)['input_ids'].shape == (4, 32)
+  assert glue_data.pad_batch(encoded, np.array([1]), 4, 128, 0, bucket=False)[
+      'input_ids'].shape == (4, 128)
+  assert glue_data.bucket_length(100, 128) == 128 and glue_data.bucket_length(65, 96) == 96
