@@ -37,7 +37,7 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> epath.Path:
   path = epath.Path(workdir) / CONFIG_FILE
   tmp = path.parent / f'.{CONFIG_FILE}.tmp-{os.getpid()}'
   tmp.write_text(config.to_json(indent=2, sort_keys=True) + '\n')
-  tmp.rename(path)   # POSIX rename replaces the old file atomically
+  tmp.replace(path)   # atomic on POSIX; on GCS a copy of a complete file
   return path
 
 

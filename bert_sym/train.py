@@ -224,22 +224,29 @@ def _validate(config):
                    f'config.optimizer.grad_accum_steps={accum}.')
 
 
-def _prepare_workdir(workdir: str, config) -> epath.Path:
+def _prepare_workdir(workdir: str) -> epath.Path:
   path = epath.Path(workdir)
   try:
-    if jax.process_index() == 0:
-      path.mkdir(parents=True, exist_ok=True)
-      old = path / checkpoint.CONFIG_FILE
-      if old.exists():
-        previous = checkpoint.read_config(path).to_dict()
-        changed = _diff(previous, json.loads(config.to_json()))
-        if changed:
-          logging.warning('Config differs from %s in: %s', old, ', '.join(changed))
-      checkpoint.write_config(path, config)
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write-probe-{jax.process_index()}-{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
   except OSError as e:
     raise RunError(f'Cannot write to --workdir={workdir}: {e}. Pass a writable '
                    f'directory (local path or gs://bucket/path).') from e
   return path
+
+
+def _write_config(workdir: epath.Path, config) -> None:
+  """config.json, written once the workdir is known to hold a compatible run."""
+  if jax.process_index() != 0:
+    return
+  old = workdir / checkpoint.CONFIG_FILE
+  if old.exists():
+    changed = _diff(checkpoint.read_config(workdir).to_dict(), json.loads(config.to_json()))
+    if changed:
+      logging.warning('Config differs from the previous %s in: %s', old, ', '.join(changed))
+  checkpoint.write_config(workdir, config)
 
 
 def _diff(a, b, prefix=''):
@@ -261,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   # Logging
   # ======================================================================================
   is_chief = jax.process_index() == 0
-  workdir = _prepare_workdir(workdir, config)
+  workdir = _prepare_workdir(workdir)
   writer = metrics_writer.MetricWriter(workdir, enabled=is_chief)
   preemption = PreemptionFlag()
   console = print if is_chief else (lambda *a, **k: None)
@@ -290,7 +297,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     if data_vocab > config.model.vocab_size:
       raise RunError(f'The data vocabulary has {data_vocab} tokens but '
                      f'config.model.vocab_size={config.model.vocab_size}.')
-  iterator_kwargs = dict(batch_size=config.batch_size, seed=config.seed,
+  # The iterator yields this process's rows of each global batch.
+  iterator_kwargs = dict(batch_size=per_process_batch, seed=config.seed,
                          process_index=jax.process_index(),
                          process_count=jax.process_count())
   train_iter = make_iterator(config.data, split='train', **iterator_kwargs)
@@ -298,7 +306,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
                                 global_batch_size=config.batch_size)
   seq_len = config.data.max_seq_len
   tokens_per_step = config.batch_size * seq_len
-  del per_process_batch   # checked above; the iterator produces it
 
   # ======================================================================================
   # Model & optimizer
@@ -417,12 +424,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     with _user_errors(f'Checkpoint {checkpoint.checkpoint_dir(workdir) / str(latest)}'):
       checkpoint.check_compatible(manager, latest, abstract_params)
     state, data_state = checkpoint.restore(manager, latest, abstract_state)
-    train_iter.set_state(data_state)
+    with _user_errors('Resuming the input pipeline'):
+      train_iter.set_state(data_state)
     console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
   else:
     state = init_state()
     console(f'Initialised {model_lib.count_params(abstract_params):,} parameters '
             f'(fresh run in {workdir})')
+  _write_config(workdir, config)
 
   # ======================================================================================
   # Evals: MLM loss and accuracy on a fixed slice of the validation split
@@ -432,8 +441,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   def eval_step(params, batch):
     return mlm_sums(model, params, batch, sparse=sparse, num_predictions=num_predictions)
 
+  # Every eval reads the same first eval_steps validation batches (rewound each time).
+  eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
+  eval_start = eval_iter.get_state()
+
   def evaluate(params) -> dict:
-    eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
+    eval_iter.set_state(eval_start)
     totals = np.zeros(3)
     for _ in range(config.eval_steps):
       try:
@@ -557,5 +570,24 @@ def main(argv, make_iterator=None):
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl flag parsing, with config_flags' unknown-key traceback turned into one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    found = re.search(r"([A-Za-z_]\w*)", str(e).replace('\\', ''))
+    key = found.group(1) if found else str(e)
+    culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
+    print(f'FATAL Flags parsing error: unknown config key {key!r}'
+          f'{" in " + ", ".join(culprits) if culprits else ""}. Every key must exist in '
+          f'the config file (see configs/common.py); run with --dry_run to check overrides.',
+          file=sys.stderr)
+    sys.exit(1)
+  except flags.Error as e:
+    print(f'FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.',
+          file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -13,16 +13,18 @@ def get_config(arg=None):
   del arg
   c = common.base_config('tiny', 'pairwise')
   c.model.dtype = 'float32'
-  c.data.max_seq_len = 128
-  c.data.max_predictions_per_seq = 24
+  # Sized so that a 2-core CPU sees the validation loss fall well below its initial
+  # ~10.3 (ln 30522) within about five minutes, compilation included.
+  c.data.max_seq_len = 64
+  c.data.max_predictions_per_seq = 10   # 15% of 64 rounded up
   c.data.shuffle_buffer = 1000
   c.batch_size = 32
-  c.total_steps = 600
+  c.total_steps = 300
   c.optimizer.learning_rate = 1e-3   # small models want a larger step
-  c.optimizer.warmup_steps = 60
-  c.log_every_steps = 20
-  c.eval_every_steps = 100
-  c.eval_steps = 5
-  c.checkpoint.every_steps = 100
+  c.optimizer.warmup_steps = 30
+  c.log_every_steps = 10
+  c.eval_every_steps = 50
+  c.eval_steps = 4
+  c.checkpoint.every_steps = 50
   c.checkpoint.keep_every = 0
   return c

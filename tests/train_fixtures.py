@@ -13,6 +13,7 @@ Run as a script it is the trainer's command line with the synthetic input plugge
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -35,9 +36,7 @@ class SyntheticMLMIterator:
     import jax  # pylint: disable=g-import-not-at-top
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    if batch_size % self.process_count:
-      raise ValueError(f'batch_size={batch_size} not divisible by {self.process_count} processes')
-    self.per_host_batch = batch_size // self.process_count
+    self.per_host_batch = batch_size   # as bert_sym.data: rows per process
     self.seq_len = data_config.max_seq_len
     self.max_predictions = data_config.max_predictions_per_seq
     self.mask_rate = data_config.mask_rate
@@ -56,33 +55,40 @@ class SyntheticMLMIterator:
     self.index = int(state['index'])
 
   def __next__(self):
-    rng = np.random.default_rng(
-        [self.seed, self.split_id, self.index, self.process_index, self.process_count])
+    # Test hooks: a slow input (so a test can kill the run mid-way) and a poisoned batch.
+    if os.environ.get('SYNTHETIC_SLEEP_SECONDS'):
+      time.sleep(float(os.environ['SYNTHETIC_SLEEP_SECONDS']))
+    poison = (self.split_id == 0 and
+              str(self.index) == os.environ.get('SYNTHETIC_NAN_AT_BATCH'))
+    # Like bert_sym.data: process p takes rows [p*B, (p+1)*B) of global batch k, and each
+    # row depends on its global index only, so the global batch ignores the process count.
+    first = (self.index * self.process_count + self.process_index) * self.per_host_batch
     self.index += 1
-    b, length, regular = self.per_host_batch, self.seq_len, self.vocab_size - FIRST_REGULAR
-    lengths = rng.integers(length // 2, length + 1, size=b)
-    starts = rng.integers(0, regular, size=(b, 1))
-    tokens = FIRST_REGULAR + (starts + np.arange(length)[None]) % regular
-    positions = np.arange(length)[None]
-    real = positions < lengths[:, None]
-    tokens[:, 0] = CLS
-    tokens[np.arange(b), lengths - 1] = SEP
+    rows = [self._row(first + r) for r in range(self.per_host_batch)]
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    if poison:
+      batch['mlm_weights'][0, :] = np.nan
+    return batch
+
+  def _row(self, global_index):
+    rng = np.random.default_rng([self.seed, self.split_id, global_index])
+    length, regular = self.seq_len, self.vocab_size - FIRST_REGULAR
+    n_real = int(rng.integers(length // 2, length + 1))
+    tokens = FIRST_REGULAR + (int(rng.integers(0, regular)) + np.arange(length)) % regular
+    real = np.arange(length) < n_real
+    tokens[0], tokens[n_real - 1] = CLS, SEP
     tokens = np.where(real, tokens, PAD).astype(np.int32)
 
-    candidates = real & (tokens >= FIRST_REGULAR)
-    scores = np.where(candidates, rng.random((b, length)), 2.0)
+    candidates = np.flatnonzero(real & (tokens >= FIRST_REGULAR))
+    n = min(self.max_predictions, max(1, int(round(self.mask_rate * n_real))), len(candidates))
+    chosen = np.sort(rng.choice(candidates, size=n, replace=False))
     input_ids, targets = tokens.copy(), np.zeros_like(tokens)
-    weights = np.zeros((b, length), np.float32)
-    for row in range(b):
-      n = min(self.max_predictions, max(1, int(round(self.mask_rate * lengths[row]))))
-      chosen = np.argsort(scores[row])[:n]
-      chosen = chosen[candidates[row, chosen]]
-      targets[row, chosen] = tokens[row, chosen]
-      weights[row, chosen] = 1.0
-      action = rng.random(len(chosen))
-      input_ids[row, chosen[action < 0.8]] = MASK
-      rand = chosen[(action >= 0.8) & (action < 0.9)]
-      input_ids[row, rand] = rng.integers(FIRST_REGULAR, self.vocab_size, size=len(rand))
+    weights = np.zeros(length, np.float32)
+    targets[chosen], weights[chosen] = tokens[chosen], 1.0
+    action = rng.random(n)
+    input_ids[chosen[action < 0.8]] = MASK
+    randomised = chosen[(action >= 0.8) & (action < 0.9)]
+    input_ids[randomised] = rng.integers(FIRST_REGULAR, self.vocab_size, size=len(randomised))
     return dict(input_ids=input_ids, token_type_ids=np.zeros_like(tokens),
                 attention_mask=real.astype(np.int32), mlm_targets=targets,
                 mlm_weights=weights)
@@ -130,7 +136,9 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
   cmd += tiny_overrides(**(overrides or {})) if synthetic else []
   cmd += list(extra_flags)
   full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
-                  XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                  # Unoptimised XLA compiles ~3x faster; these runs are compile-bound.
+                  XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
+                             '--xla_backend_optimization_level=0'),
                   TF_CPP_MIN_LOG_LEVEL='3')
   full_env.update(env or {})
   if popen_kwargs.pop('background', False):
@@ -147,4 +155,5 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from bert_sym import train  # pylint: disable=g-import-not-at-top
-  app.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator))
+  app.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
+          flags_parser=train.parse_flags)

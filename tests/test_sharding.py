@@ -1,0 +1,69 @@
+"""sharding.py: mesh from config, logical rules -> NamedSharding, batch checks."""
+
+import flax.linen as nn
+import jax
+import ml_collections
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from bert_sym import model as model_lib
+from bert_sym import sharding
+from tests import train_fixtures
+
+
+def _mesh_config(data=-1, fsdp=1, tensor=1):
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+@pytest.mark.parametrize('mesh, devices, expected', [
+    ((-1, 1, 1), 8, (8, 1, 1)),
+    ((1, -1, 1), 8, (1, 8, 1)),
+    ((4, 1, 2), 8, (4, 1, 2)),
+    ((-1, 1, 2), 8, (4, 1, 2)),
+    ((-1, 1, 1), 1, (1, 1, 1)),
+])
+def test_mesh_shape(mesh, devices, expected):
+  assert sharding.mesh_shape(_mesh_config(*mesh), devices) == expected
+
+
+@pytest.mark.parametrize('mesh, devices, message', [
+    ((4, 1, 4), 8, 'has 16 devices but JAX sees 8'),
+    ((-1, 3, 1), 8, 'multiple of 3 devices'),
+    ((-1, -1, 1), 8, 'at most one axis'),
+])
+def test_mesh_shape_errors(mesh, devices, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.mesh_shape(_mesh_config(*mesh), devices)
+
+
+def test_rules_from_json_lists_and_unknown_axis():
+  config = train_fixtures.tiny_config()
+  config.sharding_rules = [['batch', ['data', 'fsdp']], ['embed', 'fsdp'], ['kv', None]]
+  assert sharding.logical_rules(config) == (
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('kv', None))
+  config.sharding_rules = [['embed', 'model']]
+  with pytest.raises(ValueError, match="unknown mesh axis"):
+    sharding.logical_rules(config)
+
+
+def test_param_shardings_follow_the_rules():
+  """On a 1-device mesh the specs are still the rules' specs (sizes 1 divide anything)."""
+  config = train_fixtures.tiny_config()
+  mesh = sharding.make_mesh(_mesh_config())
+  module = model_lib.BertForMaskedLM(config.model)
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *model_lib.dummy_inputs())
+                         ['params'])
+  shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
+  assert jax.tree.structure(shardings) == jax.tree.structure(nn.meta.unbox(boxed))
+  layer = shardings['encoder']['layer_0']
+  assert layer['intermediate']['kernel'].spec == P('fsdp', 'tensor')
+  assert layer['attention']['query']['kernel'].spec == P('fsdp', 'tensor', None)
+  assert layer['attention']['pairwise'].spec == P('tensor', None, None)
+  assert (shardings['encoder']['embeddings']['word_embeddings']['embedding'].spec
+          == P('tensor', 'fsdp'))
+  assert shardings['mlm_head']['transform']['kernel'].spec == P('fsdp', None)
+
+
+def test_batch_size_checks():
+  mesh = sharding.make_mesh(_mesh_config())
+  assert sharding.check_batch_size(16, mesh) == 16

@@ -1,0 +1,293 @@
+"""The trainer end to end on simulated CPU devices, with a synthetic input (seconds per run).
+
+Each run is a subprocess (device counts are fixed at JAX start-up). The uninterrupted
+single-device run is shared by several tests as the reference.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bert_sym import checkpoint
+from bert_sym import optim
+from bert_sym import train
+from tests import train_fixtures
+from tests.train_fixtures import run_trainer
+
+STEPS = 16
+# 16 steps, checkpoints every 4, keep all: the reference every other run is compared to.
+BASE = dict(total_steps=STEPS, log_every_steps=2, eval_every_steps=8,
+            checkpoint__every_steps=4, checkpoint__keep_last=10)
+
+
+def _overrides(**extra):
+  return dict(BASE, **extra)
+
+
+def _final_params(workdir):
+  return checkpoint.load_params(checkpoint.resolve_step_dir(workdir))
+
+
+def _metrics(workdir):
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(line) for line in lines]
+
+
+def _train_losses(workdir):
+  return {m['step']: m['train/loss'] for m in _metrics(workdir) if 'train/loss' in m}
+
+
+def _assert_params_equal(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
+
+
+def _assert_params_close(a, b, atol=2e-5):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def _wait_for(predicate, process, timeout=120):
+  start = time.time()
+  while not predicate():
+    if process.poll() is not None:
+      raise AssertionError(f'trainer exited early:\n{process.stdout.read()[-5000:]}')
+    if time.time() - start > timeout:
+      process.kill()
+      raise AssertionError('timed out waiting for the trainer')
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  result = run_trainer(workdir, overrides=_overrides())
+  return workdir, result
+
+
+# ---------------------------------------------------------------------------------------
+# Command line, dry run, clear errors.
+# ---------------------------------------------------------------------------------------
+
+def test_dry_run_prints_paper_counts_without_workdir():
+  result = run_trainer(None, '--dry_run', synthetic=False, config='configs/sym_base.py')
+  assert '102,984,960' in result.stdout
+  assert 'pairwise' in result.stdout and 'FLOPs per token' in result.stdout
+  assert 'formula' in result.stdout
+  from configs import std_base   # pylint: disable=g-import-not-at-top
+  summary = train.model_summary(std_base.get_config())
+  assert '109,482,240' in summary and 'standard' in summary
+
+
+def test_help_and_unknown_config_key():
+  result = run_trainer(None, '--helpfull', synthetic=False, check=False)
+  assert '--dry_run' in result.stdout and '--workdir' in result.stdout
+  result = run_trainer('/tmp/unused', '--config.model.no_such_key=1', synthetic=False,
+                       check=False)
+  assert result.returncode != 0
+  assert 'no_such_key' in result.stderr and 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('devices, overrides, message', [
+    (8, dict(batch_size=12), 'not divisible by the data-parallel size'),
+    (8, dict(mesh__data=4, mesh__tensor=4), 'has 16 devices but JAX sees 8'),
+])
+def test_bad_mesh_or_batch_is_a_clear_error(tmp_path, devices, overrides, message):
+  result = run_trainer(tmp_path, devices=devices, overrides=_overrides(**overrides),
+                       check=False)
+  assert result.returncode == 1
+  assert message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  result = run_trainer(blocker / 'run', overrides=_overrides(), check=False)
+  assert result.returncode == 1
+  assert 'Cannot write to --workdir' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, reference_run):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference_run[0], workdir)
+  config_before = (workdir / 'config.json').read_text()
+  result = run_trainer(workdir, overrides=_overrides(model__mlp_dim=48), check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'intermediate/kernel' in result.stderr and 'another config' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert (workdir / 'config.json').read_text() == config_before   # left untouched
+
+
+# ---------------------------------------------------------------------------------------
+# Training, layouts, resume.
+# ---------------------------------------------------------------------------------------
+
+def test_reference_run_writes_everything(reference_run):
+  workdir, result = reference_run
+  config = checkpoint.read_config(workdir)
+  assert config.total_steps == STEPS and config.model.hidden_size == 32
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == [4, 8, 12, 16]
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  metrics = _metrics(workdir)
+  last = [m for m in metrics if 'perf/mfu' in m][-1]
+  for key in ('train/loss', 'train/mlm_accuracy', 'train/learning_rate', 'train/grad_norm',
+              'perf/steps_per_sec', 'perf/tokens_per_sec', 'perf/mfu'):
+    assert np.isfinite(last[key]), key
+  assert any('eval/loss' in m for m in metrics)
+  assert 'ETA' in result.stdout and 'MFU' in result.stdout and 'tok/s' in result.stdout
+  # The saved config reproduces the run: same config, same final params.
+  _, params = checkpoint.load_pretrained(workdir)
+  assert params['encoder']['layer_0']['attention']['pairwise'].shape == (2, 16, 16)
+
+
+@pytest.mark.parametrize('name, mesh', [
+    ('data_parallel', dict(mesh__data=8)),
+    ('fsdp', dict(mesh__data=1, mesh__fsdp=8)),
+    ('data_x_tensor', dict(mesh__data=4, mesh__tensor=2)),
+])
+def test_mesh_layouts_match_single_device(tmp_path, reference_run, name, mesh):
+  del name
+  workdir = tmp_path / 'run'
+  run_trainer(workdir, devices=8, overrides=_overrides(total_steps=STEPS, **mesh))
+  reference = _train_losses(reference_run[0])
+  losses = _train_losses(workdir)
+  assert losses.keys() == reference.keys()
+  for step in reference:
+    np.testing.assert_allclose(losses[step], reference[step], rtol=1e-4, err_msg=f'{step}')
+  _assert_params_close(_final_params(workdir), _final_params(reference_run[0]))
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
+  workdir = tmp_path / 'killed'
+  process = run_trainer(workdir, overrides=_overrides(), background=True,
+                        env={'SYNTHETIC_SLEEP_SECONDS': '0.15'})
+  # Kill somewhere after the step-8 save was finalised, i.e. mid-way through step 9-12.
+  _wait_for(lambda: (workdir / 'checkpoints' / '8').is_dir(), process)
+  time.sleep(0.4)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert checkpoint.resolve_step_dir(workdir).name in ('8', '12')
+  result = run_trainer(workdir, overrides=_overrides())
+  assert 'Resumed from step' in result.stdout
+  _assert_params_equal(_final_params(workdir), _final_params(reference_run[0]))
+
+
+def test_sigterm_saves_exits_zero_and_resumes_on_another_mesh(tmp_path, reference_run):
+  """Preempted on 8 devices (fsdp), resumed on 1: same result as never stopping."""
+  workdir = tmp_path / 'preempted'
+  mesh8 = dict(mesh__data=1, mesh__fsdp=8)
+  process = run_trainer(workdir, devices=8, overrides=_overrides(**mesh8), background=True,
+                        env={'SYNTHETIC_SLEEP_SECONDS': '0.15'})
+  _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output[-3000:]
+  assert 'Preempted (SIGTERM)' in output
+  stopped_at = int(checkpoint.resolve_step_dir(workdir).name)
+  assert 4 < stopped_at < STEPS and stopped_at % 4   # an off-schedule save
+  result = run_trainer(workdir, devices=1, overrides=_overrides())
+  assert f'Resumed from step {stopped_at}' in result.stdout
+  _assert_params_close(_final_params(workdir), _final_params(reference_run[0]))
+
+
+def test_gradient_accumulation_matches_big_batch(tmp_path):
+  no_dropout = dict(model__dropout_rate=0.0, model__attention_dropout_rate=0.0,
+                    total_steps=4, checkpoint__every_steps=4)
+  run_trainer(tmp_path / 'big', overrides=_overrides(**no_dropout))
+  run_trainer(tmp_path / 'accum', overrides=_overrides(optimizer__grad_accum_steps=4,
+                                                       **no_dropout))
+  big, accum = _train_losses(tmp_path / 'big'), _train_losses(tmp_path / 'accum')
+  for step in big:
+    np.testing.assert_allclose(accum[step], big[step], rtol=1e-5)
+  _assert_params_close(_final_params(tmp_path / 'accum'), _final_params(tmp_path / 'big'),
+                       atol=1e-6)
+
+
+def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path):
+  # Batch index 5 is consumed by step 6: the step-4 checkpoint is the last good one.
+  result = run_trainer(tmp_path, overrides=_overrides(), env={'SYNTHETIC_NAN_AT_BATCH': '5'},
+                       check=False)
+  assert result.returncode == 1
+  assert 'Non-finite loss or gradient at step 6' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['4']
+  params = _final_params(tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_nonfinite_skip_continues(tmp_path):
+  result = run_trainer(tmp_path, overrides=_overrides(on_nonfinite='skip'),
+                       env={'SYNTHETIC_NAN_AT_BATCH': '5'})
+  assert checkpoint.resolve_step_dir(tmp_path).name == str(STEPS)
+  skipped = sum(m.get('train/nonfinite_steps', 0) for m in _metrics(tmp_path))
+  assert skipped == 1, result.stdout[-2000:]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_params(tmp_path)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_process_run_matches_single_process(tmp_path, reference_run):
+  """jax.distributed over 2 local processes x 2 CPU devices, gloo collectives."""
+  workdir = tmp_path / 'multihost'
+  address = f'localhost:{_free_port()}'
+  processes = [
+      run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
+                  f'--process_id={i}', devices=2, overrides=_overrides(), background=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-5000:]
+  assert 'Mesh' in outputs[0] and 'Mesh' not in outputs[1]   # only process 0 logs
+  reference = _train_losses(reference_run[0])
+  losses = _train_losses(workdir)
+  for step in reference:
+    np.testing.assert_allclose(losses[step], reference[step], rtol=1e-4)
+  _assert_params_close(_final_params(workdir), _final_params(reference_run[0]))
+  states = json.loads((workdir / 'checkpoints' / str(STEPS) / 'data_iter' / 'metadata')
+                      .read_text())
+  assert states['process_count'] == 2 and len(states['states']) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces.
+# ---------------------------------------------------------------------------------------
+
+def test_optimizer_schedule_and_decay_mask():
+  config = train_fixtures.tiny_config()
+  opt = config.optimizer
+  schedule = optim.learning_rate_schedule(opt, 100)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(opt.warmup_steps)), opt.learning_rate)
+  np.testing.assert_allclose(float(schedule(100)), 0.0, atol=1e-12)
+  from bert_sym import model as model_lib   # pylint: disable=g-import-not-at-top
+  params = model_lib.abstract_params(model_lib.BertForMaskedLM(config.model))
+  mask = optim.weight_decay_mask(params)
+  layer = mask['encoder']['layer_0']
+  assert layer['attention']['pairwise'] and layer['attention']['query']['kernel']
+  assert not layer['attention']['query']['bias']
+  assert not layer['attention_layer_norm']['scale'] and not mask['mlm_head']['bias']
+  assert mask['encoder']['embeddings']['word_embeddings']['embedding']
+
+
+def test_masked_positions_are_the_weighted_ones_in_order():
+  weights = np.zeros((2, 10), np.float32)
+  weights[0, [7, 2, 5]] = 1.0
+  weights[1, [0, 9]] = 1.0
+  positions = np.asarray(train.masked_positions(weights, 4))
+  np.testing.assert_array_equal(positions[0, :3], [2, 5, 7])
+  np.testing.assert_array_equal(positions[1, :2], [0, 9])
+  assert (weights[0, positions[0, 3]] == 0) and (weights[1, positions[1, 2:]] == 0).all()
