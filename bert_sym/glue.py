@@ -83,7 +83,7 @@ _GLUE_DIR = flags.DEFINE_string(
     'instead of TFDS glue/*.')
 _SWEEP = flags.DEFINE_bool('sweep', False, 'Score every checkpoint step of the workdir.')
 _REFERENCE_SCORE = flags.DEFINE_float(
-    'reference_score', None, 'With --sweep: report the first step reaching 95%% of this '
+    'reference_score', None, 'With --sweep: report the first step reaching 95% of this '
     'GLUE score (e.g. 79.36, the paper\'s final base pairwise score).')
 _REFERENCE_FRACTION = 0.95
 
@@ -342,7 +342,8 @@ def write_atomically(path, text: str) -> None:
 
 
 def predictions_tsv(dev: glue_data.Encoded, predictions, regression) -> str:
-  fmt = (lambda v: f'{float(v):.6g}') if regression else (lambda v: str(int(v)))
+  # 9 significant digits round-trip float32 exactly: scores recomputed from the file match.
+  fmt = (lambda v: f'{float(v):.9g}') if regression else (lambda v: str(int(v)))
   rows = ['idx\tlabel\tprediction']
   rows += [f'{i}\t{fmt(l)}\t{fmt(p)}' for i, l, p in zip(dev.idx, dev.labels, predictions)]
   return '\n'.join(rows) + '\n'
