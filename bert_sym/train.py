@@ -54,10 +54,15 @@ _DRY_RUN = flags.DEFINE_bool(
     'dry_run', False,
     'Print parameter counts per module, FLOPs per token and the variant, then exit. '
     'Nothing is allocated and no data is read; --workdir is not needed.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False,
+    'Call jax.distributed.initialize() with auto-detection (Cloud TPU pod slices, '
+    'SLURM, Open MPI). SLURM and MPI jobs with several tasks are detected without it.')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,
-    'host:port of process 0 for multi-process runs. Not needed on TPU pods or under '
-    'SLURM, where jax.distributed.initialize() finds it from the environment.')
+    'host:port of process 0 for a multi-process run started by hand (e.g. several local '
+    'processes). Not needed with --distributed or under SLURM, where '
+    'jax.distributed.initialize() finds it from the environment.')
 _NUM_PROCESSES = flags.DEFINE_integer(
     'num_processes', None, 'Number of processes (with --coordinator_address).')
 _PROCESS_ID = flags.DEFINE_integer(
@@ -141,7 +146,7 @@ def _multiprocess_environment() -> bool:
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when several processes share one run."""
   explicit = _COORDINATOR.value is not None
-  if not explicit and not _multiprocess_environment():
+  if not explicit and not _DISTRIBUTED.value and not _multiprocess_environment():
     return
   if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
     # CPU-only multi-process (tests, debugging) needs a collectives backend.
@@ -290,18 +295,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   # ======================================================================================
   # Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp)
   # ======================================================================================
-  if make_iterator is None:
-    from bert_sym import data as data_lib  # pylint: disable=g-import-not-at-top
-    make_iterator = data_lib.make_mlm_iterator
-    data_vocab = data_lib.vocab_size(config.data)
-    if data_vocab > config.model.vocab_size:
-      raise RunError(f'The data vocabulary has {data_vocab} tokens but '
-                     f'config.model.vocab_size={config.model.vocab_size}.')
-  # The iterator yields this process's rows of each global batch.
-  iterator_kwargs = dict(batch_size=per_process_batch, seed=config.seed,
-                         process_index=jax.process_index(),
-                         process_count=jax.process_count())
-  train_iter = make_iterator(config.data, split='train', **iterator_kwargs)
+  with _user_errors('Input pipeline'):
+    if make_iterator is None:
+      from bert_sym import data as data_lib  # pylint: disable=g-import-not-at-top
+      make_iterator = data_lib.make_mlm_iterator
+      data_vocab = data_lib.vocab_size(config.data)
+      if data_vocab > config.model.vocab_size:
+        raise ValueError(f'the data vocabulary has {data_vocab} tokens but '
+                         f'config.model.vocab_size={config.model.vocab_size}.')
+    # The iterator yields this process's rows of each global batch.
+    iterator_kwargs = dict(batch_size=per_process_batch, seed=config.seed,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    train_iter = make_iterator(config.data, split='train', **iterator_kwargs)
+    # Every eval reads the same first eval_steps validation batches (rewound each time).
+    eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
+    eval_start = eval_iter.get_state()
   to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
                                 global_batch_size=config.batch_size)
   seq_len = config.data.max_seq_len
@@ -351,7 +360,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   accum = config.optimizer.grad_accum_steps
   sparse = bool(config.model.sparse_mlm)
   num_predictions = config.data.max_predictions_per_seq
-  skip_nonfinite = config.on_nonfinite == 'skip'
 
   def train_step(state, batch):
     params, step = state['params'], state['step']
@@ -410,7 +418,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
                'train/finite': finite.astype(jnp.float32)}
     return new_state, metrics
 
-  del skip_nonfinite   # the step treats both modes alike; the loop decides
   train_step = jax.jit(
       train_step, in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -440,10 +447,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
                      out_shardings=replicated)
   def eval_step(params, batch):
     return mlm_sums(model, params, batch, sparse=sparse, num_predictions=num_predictions)
-
-  # Every eval reads the same first eval_steps validation batches (rewound each time).
-  eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
-  eval_start = eval_iter.get_state()
 
   def evaluate(params) -> dict:
     eval_iter.set_state(eval_start)
@@ -498,6 +501,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
 
   if step == 0:
     eval_metrics = run_eval(0)
+  elif step >= config.total_steps:
+    console(f'Already trained to step {step} (config.total_steps={config.total_steps}); '
+            f'nothing to do. Raise --config.total_steps to train further.')
   try:
     while step < config.total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):

@@ -90,7 +90,7 @@ def test_dry_run_prints_paper_counts_without_workdir():
 
 
 def test_help_and_unknown_config_key():
-  result = run_trainer(None, '--helpfull', synthetic=False, check=False)
+  result = run_trainer(None, '--help', synthetic=False, check=False)
   assert '--dry_run' in result.stdout and '--workdir' in result.stdout
   result = run_trainer('/tmp/unused', '--config.model.no_such_key=1', synthetic=False,
                        check=False)
@@ -145,9 +145,16 @@ def test_reference_run_writes_everything(reference_run):
     assert np.isfinite(last[key]), key
   assert any('eval/loss' in m for m in metrics)
   assert 'ETA' in result.stdout and 'MFU' in result.stdout and 'tok/s' in result.stdout
-  # The saved config reproduces the run: same config, same final params.
   _, params = checkpoint.load_pretrained(workdir)
   assert params['encoder']['layer_0']['attention']['pairwise'].shape == (2, 16, 16)
+
+
+def test_config_json_reproduces_the_run(tmp_path, reference_run):
+  workdir = reference_run[0]
+  run_trainer(tmp_path, config=f'configs/from_json.py:{workdir / "config.json"}',
+              apply_tiny=False)
+  assert (tmp_path / 'config.json').read_text() == (workdir / 'config.json').read_text()
+  _assert_params_equal(_final_params(tmp_path), _final_params(workdir))
 
 
 @pytest.mark.parametrize('name, mesh', [
@@ -260,6 +267,21 @@ def test_two_process_run_matches_single_process(tmp_path, reference_run):
   states = json.loads((workdir / 'checkpoints' / str(STEPS) / 'data_iter' / 'metadata')
                       .read_text())
   assert states['process_count'] == 2 and len(states['states']) == 2
+
+
+def test_real_input_pipeline_trains_and_resumes(tmp_path):
+  """bert_sym.train's own command line on the embedded corpus (seqio task), 2 + 1 steps."""
+  small = [f'--config.{k}={v}' for k, v in dict(
+      model__hidden_size=32, model__num_heads=2, model__mlp_dim=64, data__max_seq_len=32,
+      data__max_predictions_per_seq=5, batch_size=4, eval_steps=1, log_every_steps=1,
+      eval_every_steps=100, checkpoint__every_steps=100).items()]
+  small = [flag.replace('__', '.') for flag in small]
+  result = run_trainer(tmp_path, *small, '--config.total_steps=2', synthetic=False)
+  assert 'step 2/2' in result.stdout and 'eval step 2' in result.stdout
+  result = run_trainer(tmp_path, *small, '--config.total_steps=3', synthetic=False)
+  assert 'Resumed from step 2' in result.stdout and 'step 3/3' in result.stdout
+  state = json.loads((tmp_path / 'checkpoints' / '3' / 'data_iter' / 'metadata').read_text())
+  assert state['states'][0]['step'] == 3
 
 
 # ---------------------------------------------------------------------------------------

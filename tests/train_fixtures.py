@@ -127,13 +127,14 @@ def tiny_config(**extra):
 
 
 def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='configs/tiny.py',
-                overrides=None, env=None, timeout=300, check=True, **popen_kwargs):
+                overrides=None, env=None, timeout=300, check=True, apply_tiny=True,
+                **popen_kwargs):
   """Runs the trainer's command line in a subprocess with `devices` simulated CPUs."""
   cmd = [sys.executable, '-m', 'tests.train_fixtures' if synthetic else 'bert_sym.train',
          f'--config={config}']
   if workdir is not None:
     cmd.append(f'--workdir={workdir}')
-  cmd += tiny_overrides(**(overrides or {})) if synthetic else []
+  cmd += tiny_overrides(**(overrides or {})) if synthetic and apply_tiny else []
   cmd += list(extra_flags)
   full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
                   # Unoptimised XLA compiles ~3x faster; these runs are compile-bound.
