@@ -47,9 +47,9 @@ class Embeddings(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    # Compute dtype also sets the tied decoder's matmul precision (the largest in a small BERT).
+    # Lookups stay float32: the three embeddings are summed before a LayerNorm.
     emb = lambda n, axes: nn.Embed(
-        n, cfg.hidden_size, dtype=compute_dtype(cfg.dtype), embedding_init=nn.with_logical_partitioning(
+        n, cfg.hidden_size, embedding_init=nn.with_logical_partitioning(
             dense_init(cfg.initializer_range), axes))
     self.word_embeddings = emb(cfg.vocab_size, ('vocab', 'embed'))
     self.position_embeddings = emb(cfg.max_position_embeddings, (None, 'embed'))
@@ -64,8 +64,12 @@ class Embeddings(nn.Module):
     return self.dropout(self.layer_norm(x), deterministic=deterministic)
 
   def attend(self, hidden):
-    """Logits against the word embeddings: the MLM decoder shares them (weight tying)."""
-    return self.word_embeddings.attend(hidden)
+    """Logits against the word embeddings: the MLM decoder shares them (weight tying).
+
+    Runs in the compute dtype: on accelerators this is the largest matmul of a small BERT.
+    """
+    table = self.word_embeddings.embedding.astype(hidden.dtype)
+    return jnp.dot(hidden, table.T)
 
 
 class Layer(nn.Module):
