@@ -424,10 +424,19 @@ class MLMIterator:
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     mine = self.get_state()
-    for key in ('seed', 'num_blocks', 'vocab_md5', 'batch_size', 'process_count'):
+    for key in ('seed', 'num_blocks', 'vocab_md5'):
       if key in state and state[key] != mine[key]:
         raise DataError(f'cannot resume: checkpointed input state has {key}={state[key]}, '
-                        f'this iterator has {mine[key]} (different data or batch layout)')
+                        f'this iterator has {mine[key]} (different data)')
+    # The read position depends only on the global batch, so a run may resume on another
+    # number of hosts as long as batch_size x process_count is unchanged.
+    if 'batch_size' in state:
+      saved = state['batch_size'] * state.get('process_count', 1)
+      if saved != self._batch_size * self._process_count:
+        raise DataError(
+            f'cannot resume: the checkpoint was written with a global batch of {saved} '
+            f'sequences, this run reads {self._batch_size * self._process_count}; keep '
+            'config.batch_size unchanged when resuming')
     self._step = int(state['step'])
 
 

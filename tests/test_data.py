@@ -185,6 +185,18 @@ def test_resume_rejects_a_different_dataset(seqio_config):
     it.set_state(state)
 
 
+def test_resume_on_another_host_count_keeps_the_global_batch(seqio_config):
+  make = lambda batch, p, n, **kw: data_lib.make_mlm_iterator(
+      seqio_config, batch_size=batch, split='train', seed=5, process_index=p,
+      process_count=n, **kw)
+  two_hosts_state = make(8, 1, 2, start_step=4).get_state()
+  one_host = make(16, 0, 1)
+  one_host.set_state(json.loads(json.dumps(two_hosts_state)))
+  _assert_same([next(one_host)], [make(16, 0, 1, start_step=4).batch(4)])
+  with pytest.raises(data_lib.DataError, match='global batch of 16'):
+    make(4, 0, 1).set_state(two_hosts_state)
+
+
 def test_hosts_read_disjoint_rows_of_the_same_global_batch(seqio_config):
   one = _take(data_lib.make_mlm_iterator(seqio_config, batch_size=16, split='train', seed=3,
                                          process_index=0, process_count=1), 3)
