@@ -17,9 +17,10 @@ attention variant, vocabulary) is read from the checkpoint's workdir, never rety
   python -m bert_sym.glue --checkpoint=WORKDIR --output_dir=/tmp/sweep --sweep \
       --seeds=1 --reference_score=79.36
 
-  # The tiny-model CPU run reported in the README (six complete local tasks, one seed,
-  # 2 CPU cores; pre-train first with
-  # `python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt`):
+  # The tiny-model CPU run reported in the README: the six complete tasks of a local
+  # GLUE copy, one seed, 1 epoch, length 64 (the tiny model's pre-training length),
+  # lr 1e-4 (a 128-wide model needs a larger step); about 10 min on 2 CPU cores.
+  # Pre-train first: python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt
   python -m bert_sym.glue --checkpoint=/tmp/tiny_glue_ckpt --output_dir=/tmp/tiny_glue \
       --glue_dir=../shared/data/glue --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1 \
       --config.epochs=1 --config.max_seq_len=64 --config.learning_rate=1e-4
@@ -183,6 +184,10 @@ def _loss(logits, labels, weights, regression):
   return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def num_train_steps(num_train, batch_size, epochs) -> int:
+  return max(1, math.ceil(epochs * math.ceil(num_train / batch_size)))
+
+
 def train_batches(n, batch_size, epochs, seed):
   """Index lists of every step: a fresh shuffle per epoch, the last partial batch kept."""
   total_steps = num_train_steps(n, batch_size, epochs)
@@ -225,10 +230,6 @@ class TaskSetup:
   param_shardings: Any
   train_step: Any = None
   predict_step: Any = None
-
-
-def num_train_steps(num_train, batch_size, epochs) -> int:
-  return max(1, math.ceil(epochs * math.ceil(num_train / batch_size)))
 
 
 def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
@@ -304,7 +305,7 @@ def finetune(pretrained, task: TaskSetup, train, config, seed, mesh, tokenizer, 
           raise FloatingPointError(f'{desc}: training loss is {mean_loss} at step {step + 1}; '
                                    'try a lower --config.learning_rate.')
         tb.write_scalars(step + 1, {'train/loss': mean_loss,
-                              'train/learning_rate': float(task.schedule(step))})
+                                    'train/learning_rate': float(task.schedule(step))})
         bar.set_postfix(loss=f'{mean_loss:.4f}', refresh=False)
       bar.update(1)
   return params
@@ -376,7 +377,9 @@ def markdown_table(results: dict) -> str:
   stats = summary['over_seeds']
 
   def pm(s):
-    return '—' if s['mean'] is None else f'{s["mean"]:.2f} ± {s["std"]:.2f}'
+    if s['mean'] is None:
+      return '—'
+    return f'{s["mean"]:.2f}' if s['std'] is None else f'{s["mean"]:.2f} ± {s["std"]:.2f}'
 
   def glue_pm(key, total):
     if stats[key]['n']:
@@ -386,7 +389,9 @@ def markdown_table(results: dict) -> str:
       return f'{pm(stats[f"{key}_partial"])} (partial {len(first[f"{key}_tasks"])}/{total})'
     return '—'
 
-  cells = ['mean ± std', glue_pm('glue', 9), glue_pm('glue_full', 10)]
+  seeds = len(summary['per_seed'])
+  cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
+           glue_pm('glue_full', 10)]
   lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
   lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
             'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
@@ -463,7 +468,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
       'checkpoint': pretrained.step_dir, 'step': pretrained.step,
       'model': {k: model_cfg[k] for k in ('attention', 'num_layers', 'hidden_size',
                                           'num_heads', 'vocab_size')},
-      'recipe': (f'{config.epochs:g} epochs, lr {config.learning_rate:g}, batch '
+      'recipe': (f'{config.epochs:g} epoch(s), lr {config.learning_rate:g}, batch '
                  f'{config.batch_size}, max length {config.max_seq_len}, warm-up '
                  f'{config.warmup_ratio:.0%}, weight decay {config.weight_decay:g}'),
       'config': config.to_dict(), 'devices': jax.device_count(), 'mesh': dict(mesh.shape),

@@ -161,11 +161,14 @@ def glue_aggregates(scores: Mapping[str, float]) -> dict:
 
 
 def mean_std(values: Sequence[float | None]) -> dict:
-  """Mean and sample standard deviation (ddof=1; 0.0 for one value) of the values present."""
+  """Mean and sample standard deviation (ddof=1) of the values present.
+
+  With one value the std is None (undefined), not 0: one seed says nothing about spread.
+  """
   present = [v for v in values if v is not None]
   if not present:
     return {'mean': None, 'std': None, 'n': 0}
-  std = float(np.std(present, ddof=1)) if len(present) > 1 else 0.0
+  std = float(np.std(present, ddof=1)) if len(present) > 1 else None
   return {'mean': float(np.mean(present)), 'std': std, 'n': len(present)}
 
 

@@ -165,6 +165,17 @@ def _handmade_workdir(path, **overrides):
   return path
 
 
+@needs_glue
+@pytest.mark.parametrize('attention', ['standard', 'symmetric'])   # pairwise: `workdir`
+def test_every_attention_variant_fine_tunes(attention, tmp_path):
+  workdir = _handmade_workdir(tmp_path / attention, model__attention=attention,
+                              model__vocab_size=30522)
+  results = glue.run_glue(str(workdir), str(tmp_path / 'out'),
+                          _config(tasks='wnli', max_train_examples=16, max_eval_examples=8))
+  assert results['model']['attention'] == attention
+  assert results['runs']['wnli']['1']['dev_examples'] == {'wnli': 8}
+
+
 def test_bad_checkpoints_are_clear(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()

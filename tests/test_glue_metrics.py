@@ -99,3 +99,5 @@ def test_summary_over_seeds():
   assert summary['over_seeds']['rte']['n'] == 2
   assert summary['over_seeds']['mrpc'] == {'mean': None, 'std': None, 'n': 0}
   assert summary['per_seed'][3]['glue_partial'] == 42.0
+  one_seed = glue_metrics.summarize({1: {'cola': 40.0}})['over_seeds']['cola']
+  assert one_seed == {'mean': 40.0, 'std': None, 'n': 1}      # no spread from one seed
