@@ -432,6 +432,35 @@ def parse_seeds(seeds) -> list[int]:
   return list(dict.fromkeys(values))
 
 
+def recipe(config) -> dict:
+  """The knobs that decide what one (task, seed) computes (not which ones run, or logging)."""
+  ignored = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume')
+  return {k: v for k, v in config.to_dict().items() if k not in ignored}
+
+
+def finished_runs(output_dir, step_dir, config) -> dict:
+  """(task, seed) results of an earlier run of the same checkpoint and recipe, if any.
+
+  Only runs whose prediction files are all present are reused, so a run killed while
+  writing them is redone.
+  """
+  path = Path(output_dir) / 'glue_results.json'
+  if not config.resume or not path.exists():
+    return {}
+  previous = json.loads(path.read_text())
+  previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
+  if previous.get('checkpoint') != step_dir or previous_recipe != recipe(config):
+    logging.info('%s is from another checkpoint or recipe: not resuming from it.', path)
+    return {}
+  done = {}
+  for task, seeds in previous['runs'].items():
+    for seed, run in seeds.items():
+      files = [Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv' for n in run['scores']]
+      if all(f.exists() for f in files):
+        done[task, int(seed)] = run
+  return done
+
+
 def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict,
              task_cache: dict | None = None) -> dict:
   """Fine-tunes and scores every (task, seed); rewrites the outputs after each one.
@@ -474,11 +503,21 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
       'config': config.to_dict(), 'devices': jax.device_count(), 'mesh': dict(mesh.shape),
       'seeds': seeds, 'tasks': [s.name for s in specs], 'runs': {},
   }
+  done = finished_runs(output_dir, pretrained.step_dir, config)
   data_source = config.glue_dir or 'TFDS glue/*'
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
                pretrained.step, data_source, results['tasks'], seeds)
 
   for spec in specs:
+    results['runs'][spec.name] = {}
+    for seed in seeds:
+      if (spec.name, seed) in done:
+        logging.info('%s seed %d: reusing the finished run in %s', spec.name, seed, output_dir)
+        results['runs'][spec.name][str(seed)] = done[spec.name, seed]
+    todo = [seed for seed in seeds if str(seed) not in results['runs'][spec.name]]
+    if not todo:
+      write_results(output_dir, results)
+      continue
     load = lambda split, n: glue_data.load_split(  # pylint: disable=cell-var-from-loop
         spec, split, glue_dir=config.glue_dir, tfds_data_dir=config.tfds_data_dir).head(n)
     # Read every split before training so a missing dev file fails in seconds, not after
@@ -488,15 +527,14 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
     devs = {d.score_name: glue_data.encode_examples(load(d.score_name, config.max_eval_examples),
                                                     tokenizer, config.max_seq_len)
             for d in spec.dev_sets}
-    results['runs'][spec.name] = {}
-    cache_key = (json.dumps(pretrained.config.model.to_dict(), sort_keys=True), spec.name,
-                 len(train))
+    cache_key = (json.dumps(pretrained.config.model.to_dict(), sort_keys=True),
+                 json.dumps(recipe(config), sort_keys=True), spec.name, len(train))
     if cache_key not in task_cache:
       task_cache[cache_key] = setup_task(pretrained, spec, len(train), config, mesh, rules)
     task = task_cache[cache_key]
     check_encoder_shapes(jax.eval_shape(task.init, jax.random.key(0))['bert']['encoder'],
                          pretrained.encoder, pretrained.step_dir)
-    for seed in seeds:
+    for seed in todo:
       start = time.time()
       tb = _metric_writer(output_dir / 'runs' / f'{spec.name}_seed{seed}')
       params = finetune(pretrained, task, train, config, seed, mesh, tokenizer, tb,
@@ -560,16 +598,10 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
   points, task_cache = [], {}
   for step in checkpoint_steps(workdir):
     step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
-    step_out = output_dir / f'step_{step:08d}'
-    done = step_out / 'glue_results.json'
-    previous = json.loads(done.read_text()) if done.exists() else None
-    if previous and previous.get('config') == config.to_dict() and all(
-        len(r) == len(previous['seeds']) for r in previous['runs'].values()) and set(
-            previous['runs']) == set(previous['tasks']):
-      logging.info('Step %d already scored in %s; reusing it.', step, done)
-      results = previous
-    else:
-      results = run_glue(str(step_dir), str(step_out), config, task_cache)
+    # Each step has its own output directory, so an interrupted sweep resumes where it
+    # stopped (config.resume) and a longer training run only adds its new steps.
+    results = run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'), config,
+                       task_cache)
     points.append(sweep_point(step, results))
     write_sweep(output_dir, workdir, points, reference_score)
   return {'points': points}

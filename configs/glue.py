@@ -50,6 +50,9 @@ def get_config(arg=None):
 
   c.log_every_steps = 50        # TensorBoard train/loss and train/learning_rate
   c.progress_bar = True
+  # Reuse the (task, seed) runs already finished in --output_dir for the same checkpoint
+  # and recipe (a preempted or extended run redoes only what is missing).
+  c.resume = True
 
   if arg == 'runlocal':
     c.seeds = '1'

@@ -119,6 +119,37 @@ def test_sweep_scores_every_step(workdir, tmp_path):
     assert (out / f'step_{step:08d}' / 'predictions' / 'mrpc_seed1.tsv').exists()
 
 
+@needs_glue
+def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
+  out = tmp_path / 'resume'
+  config = _config(tasks='wnli', seeds='1', max_train_examples=16, max_eval_examples=8)
+  compiled = {}   # shared by the calls with one recipe, as a sweep does: compile once
+  first = glue.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
+  trained = []
+  real_finetune = glue.finetune
+  monkeypatch.setattr(glue, 'finetune', lambda *a, **k: trained.append(a[4]) or
+                      real_finetune(*a, **k))
+  config.seeds = '1,2'
+  results = glue.run_glue(str(workdir), str(out), config, compiled)
+  assert trained == [2] and results['runs']['wnli']['1'] == first
+  assert results['summary']['over_seeds']['wnli']['n'] == 2
+  (out / 'predictions' / 'wnli_seed2.tsv').unlink()     # an interrupted write: redo seed 2
+  glue.run_glue(str(workdir), str(out), config, compiled)
+  assert trained == [2, 2]
+  config.learning_rate = 3e-5                            # another recipe: redo everything
+  glue.run_glue(str(workdir), str(out), config)
+  assert trained == [2, 2, 1, 2]
+
+
+@pytest.mark.parametrize('matplotlib_installed', [True, False])
+def test_sweep_plot_is_a_png(matplotlib_installed, tmp_path, monkeypatch):
+  if not matplotlib_installed:   # the Pillow fallback
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+  points = [{'step': s, 'score': v} for s, v in ((1000, 50.0), (2000, 70.0), (4000, None))]
+  glue.plot_sweep(tmp_path / 'plot.png', points, threshold=66.5)
+  assert (tmp_path / 'plot.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_mnli_from_tfds_writes_matched_and_mismatched(workdir, tmp_path):
   """The default TFDS source (TFDS's mock data for glue/mnli): one model, two dev sets."""
   tfds = pytest.importorskip('tensorflow_datasets')
