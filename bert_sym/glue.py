@@ -504,6 +504,12 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
       'seeds': seeds, 'tasks': [s.name for s in specs], 'runs': {},
   }
   done = finished_runs(output_dir, pretrained.step_dir, config)
+  # Tasks finished earlier into this directory stay in the table, so tasks can be run one
+  # command at a time (e.g. --tasks=mnli on a bigger machine) and still add up to GLUE.
+  for (task, seed), run in done.items():
+    if task not in results['tasks'] and seed in seeds:
+      results['runs'].setdefault(task, {})[str(seed)] = run
+  results['tasks'] += [t for t in results['runs'] if t not in results['tasks']]
   data_source = config.glue_dir or 'TFDS glue/*'
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
                pretrained.step, data_source, results['tasks'], seeds)

@@ -122,7 +122,8 @@ def test_sweep_scores_every_step(workdir, tmp_path):
 @needs_glue
 def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   out = tmp_path / 'resume'
-  config = _config(tasks='wnli', seeds='1', max_train_examples=16, max_eval_examples=8)
+  config = _config(tasks='wnli', seeds='1', max_train_examples=16, max_eval_examples=8,
+                   max_seq_len=16)
   compiled = {}   # shared by the calls with one recipe, as a sweep does: compile once
   first = glue.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
   trained = []
@@ -136,9 +137,15 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   (out / 'predictions' / 'wnli_seed2.tsv').unlink()     # an interrupted write: redo seed 2
   glue.run_glue(str(workdir), str(out), config, compiled)
   assert trained == [2, 2]
+  config.tasks = 'rte'                     # another task joins the table of the first
+  results = glue.run_glue(str(workdir), str(out), config, compiled)
+  assert set(results['runs']) == {'wnli', 'rte'} and trained == [2, 2, 1, 2]
+  assert results['summary']['per_seed'][1]['glue_full_tasks'] == ['rte', 'wnli']
+  trained.clear()
+  config.tasks = 'wnli'
   config.learning_rate = 3e-5                            # another recipe: redo everything
-  glue.run_glue(str(workdir), str(out), config)
-  assert trained == [2, 2, 1, 2]
+  results = glue.run_glue(str(workdir), str(out), config)
+  assert trained == [1, 2] and set(results['runs']) == {'wnli'}
 
 
 @pytest.mark.parametrize('matplotlib_installed', [True, False])
