@@ -639,72 +639,25 @@ def write_sweep(output_dir, workdir, points, reference_score):
 
 
 def plot_sweep(path, points, threshold=None):
-  """GLUE vs step as a PNG: matplotlib when installed, else a plain Pillow line chart."""
+  """GLUE vs pre-training step as a PNG, with the 95%-of-reference line when given."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')   # no display on TPU VMs and CI
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   steps = [p['step'] for p in points if p['score'] is not None]
   scores = [p['score'] for p in points if p['score'] is not None]
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}.png')
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, scores, 'o-', label='GLUE (dev)')
-    if threshold is not None:
-      ax.axhline(threshold, color='gray', linestyle='--', label=f'95% of reference ({threshold:.2f})')
-    ax.set_xlabel('pre-training step')
-    ax.set_ylabel('GLUE score')
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(tmp, format='png', dpi=100)
-    plt.close(fig)
-  except ImportError:
-    _plot_with_pillow(tmp, steps, scores, threshold)
-  os.replace(tmp, path)
-
-
-def _plot_with_pillow(path, steps, scores, threshold):
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  width, height, margin = 720, 420, 60
-  image = Image.new('RGB', (width, height), 'white')
-  draw = ImageDraw.Draw(image)
-  values = scores + ([threshold] if threshold is not None else [])
-  if not values:
-    draw.text((margin, height // 2), 'no scores yet', fill='black')
-    image.save(path, format='PNG')
-    return
-  lo, hi = min(values), max(values)
-  lo, hi = (lo - 1, hi + 1) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-  x_lo, x_hi = min(steps), max(steps)
-  x_hi = x_hi if x_hi > x_lo else x_lo + 1
-
-  def xy(step, score):
-    return (margin + (step - x_lo) / (x_hi - x_lo) * (width - 2 * margin),
-            height - margin - (score - lo) / (hi - lo) * (height - 2 * margin))
-
-  draw.rectangle([margin, margin, width - margin, height - margin], outline='black')
-  for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-    score = lo + frac * (hi - lo)
-    y = xy(x_lo, score)[1]
-    draw.line([margin - 4, y, margin, y], fill='black')
-    draw.text((4, y - 6), f'{score:.1f}', fill='black')
-    step = x_lo + frac * (x_hi - x_lo)
-    x = xy(step, lo)[0]
-    draw.line([x, height - margin, x, height - margin + 4], fill='black')
-    draw.text((x - 15, height - margin + 8), f'{step:.0f}', fill='black')
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(steps, scores, 'o-', label='GLUE (dev)')
   if threshold is not None:
-    y = xy(x_lo, threshold)[1]
-    for x in range(margin, width - margin, 12):
-      draw.line([x, y, min(x + 6, width - margin), y], fill='gray')
-    draw.text((width - margin - 170, y - 14), f'95% of reference: {threshold:.2f}', fill='gray')
-  points = [xy(s, v) for s, v in zip(steps, scores)]
-  if len(points) > 1:
-    draw.line(points, fill='blue', width=2)
-  for x, y in points:
-    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill='blue')
-  draw.text((margin, 20), 'GLUE (dev) vs pre-training step', fill='black')
-  draw.text((width // 2 - 50, height - 25), 'pre-training step', fill='black')
-  image.save(path, format='PNG')
+    ax.axhline(threshold, color='gray', linestyle='--', label=f'95% of reference ({threshold:.2f})')
+  ax.set_xlabel('pre-training step')
+  ax.set_ylabel('GLUE score')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}.png')
+  fig.savefig(tmp, format='png', dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------
