@@ -11,6 +11,8 @@ custom code. The reverse direction, `mlm_params_from_hf`, loads a standard check
 
 Everything here works on NumPy arrays keyed by Hugging Face's `state_dict` names;
 PyTorch and `transformers` are imported only by `save_hf_pretrained`.
+
+  python -m bert_sym.export --checkpoint=WORKDIR_or_STEP_DIR --out_dir=hf_model
 """
 
 from typing import Any, Mapping
@@ -165,3 +167,27 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str) -> None:
            for k, v in mlm_params_to_hf(params, cfg).items()}
   model.load_state_dict(state, strict=True)
   model.save_pretrained(out_dir)
+
+
+def main(argv):
+  del argv
+  from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
+  from bert_sym import vocab  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  config, params = checkpoint.load_pretrained(_CHECKPOINT.value)
+  save_hf_pretrained(params, config.model, _OUT_DIR.value)
+  # The tokenizer travels with the model so `from_pretrained(out_dir)` works end to end.
+  vocab_file = config.data.get('vocab_path', '') or vocab.default_vocab_file()
+  (epath.Path(_OUT_DIR.value) / 'vocab.txt').write_bytes(epath.Path(vocab_file).read_bytes())
+  print(f'Wrote a standard Hugging Face BertForMaskedLM ({config.model.attention} attention '
+        f'folded into W_k) to {_OUT_DIR.value}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  _CHECKPOINT = flags.DEFINE_string(
+      'checkpoint', None, 'Trainer workdir (latest step) or a step directory.', required=True)
+  _OUT_DIR = flags.DEFINE_string(
+      'out_dir', None, 'Where to write config.json, model weights and vocab.txt.',
+      required=True)
+  app.run(main)
