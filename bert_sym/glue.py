@@ -40,12 +40,14 @@ reported, and a mean over the tasks present is reported instead, labelled "parti
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
 from pathlib import Path
 import shutil
 import time
+import types
 from typing import Any
 
 from absl import app
@@ -67,25 +69,6 @@ from bert_sym import metrics_writer
 from bert_sym import optim
 from bert_sym import sharding
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', str(Path(__file__).resolve().parents[1] / 'configs' / 'glue.py'),
-    'GLUE fine-tuning config (configs/glue.py); override any knob with --config.KEY=VALUE.')
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'A training workdir (its latest checkpoint; with --sweep: all of '
-    'them) or one step directory WORKDIR/checkpoints/STEP.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where results are written.')
-_TASKS = flags.DEFINE_string(
-    'tasks', None, f'Comma-separated TFDS task names (default: config.tasks = '
-    f'{",".join(glue_data.TASKS)}).')
-_SEEDS = flags.DEFINE_string('seeds', None, 'Comma-separated seeds (default: config.seeds = '
-                             '1,2,3,4,5).')
-_GLUE_DIR = flags.DEFINE_string(
-    'glue_dir', None, 'Local GLUE directory (CoLA/train.tsv, MNLI/dev_matched.tsv, ...) '
-    'instead of TFDS glue/*.')
-_SWEEP = flags.DEFINE_bool('sweep', False, 'Score every checkpoint step of the workdir.')
-_REFERENCE_SCORE = flags.DEFINE_float(
-    'reference_score', None, 'With --sweep: report the first step reaching 95% of this '
-    'GLUE score (e.g. 79.36, the paper\'s final base pairwise score).')
 _REFERENCE_FRACTION = 0.95
 
 
@@ -665,29 +648,59 @@ def plot_sweep(path, points, threshold=None):
 # ----------------------------------------------------------------------------------------
 
 
-def main(argv):
+def define_flags() -> types.SimpleNamespace:
+  """The command line, defined only when this module runs as the program.
+
+  Defining flags at import would clash with `bert_sym.train`'s `--config` as soon as one
+  process imports both (a notebook, the test suite).
+  """
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file(
+          'config', str(Path(__file__).resolve().parents[1] / 'configs' / 'glue.py'),
+          'GLUE fine-tuning config (configs/glue.py); override any knob with '
+          '--config.KEY=VALUE.'),
+      checkpoint=flags.DEFINE_string(
+          'checkpoint', None, 'A training workdir (its latest checkpoint; with --sweep: all '
+          'of them) or one step directory WORKDIR/checkpoints/STEP.'),
+      output_dir=flags.DEFINE_string('output_dir', None, 'Where results are written.'),
+      tasks=flags.DEFINE_string(
+          'tasks', None, f'Comma-separated TFDS task names (default: config.tasks = '
+          f'{",".join(glue_data.TASKS)}).'),
+      seeds=flags.DEFINE_string(
+          'seeds', None, 'Comma-separated seeds (default: config.seeds = 1,2,3,4,5).'),
+      glue_dir=flags.DEFINE_string(
+          'glue_dir', None, 'Local GLUE directory (CoLA/train.tsv, MNLI/dev_matched.tsv, '
+          '...) instead of TFDS glue/*.'),
+      sweep=flags.DEFINE_bool('sweep', False, 'Score every checkpoint step of the workdir.'),
+      reference_score=flags.DEFINE_float(
+          'reference_score', None, 'With --sweep: report the first step reaching 95% of '
+          'this GLUE score (e.g. 79.36, the paper\'s final base pairwise score).'),
+  )
+
+
+def main(argv, cli):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _CHECKPOINT.value or not _OUTPUT_DIR.value:
+  if not cli.checkpoint.value or not cli.output_dir.value:
     raise app.UsageError('--checkpoint and --output_dir are required (see --help).')
-  config = _CONFIG.value
-  if _TASKS.value is not None:
-    config.tasks = _TASKS.value
-  if _SEEDS.value is not None:
-    config.seeds = _SEEDS.value
-  if _GLUE_DIR.value is not None:
-    config.glue_dir = _GLUE_DIR.value
-  if _REFERENCE_SCORE.value is not None and not _SWEEP.value:
+  config = cli.config.value
+  if cli.tasks.value is not None:
+    config.tasks = cli.tasks.value
+  if cli.seeds.value is not None:
+    config.seeds = cli.seeds.value
+  if cli.glue_dir.value is not None:
+    config.glue_dir = cli.glue_dir.value
+  if cli.reference_score.value is not None and not cli.sweep.value:
     raise app.UsageError('--reference_score only applies with --sweep.')
   start = time.time()
-  if _SWEEP.value:
-    run_sweep(_CHECKPOINT.value, _OUTPUT_DIR.value, config, _REFERENCE_SCORE.value)
-    print((Path(_OUTPUT_DIR.value) / 'glue_vs_step.md').read_text())
+  if cli.sweep.value:
+    run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
+    print((Path(cli.output_dir.value) / 'glue_vs_step.md').read_text())
   else:
-    run_glue(_CHECKPOINT.value, _OUTPUT_DIR.value, config)
-    print((Path(_OUTPUT_DIR.value) / 'glue_results.md').read_text())
-  print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {_OUTPUT_DIR.value}')
+    run_glue(cli.checkpoint.value, cli.output_dir.value, config)
+    print((Path(cli.output_dir.value) / 'glue_results.md').read_text())
+  print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(functools.partial(main, cli=define_flags()))
