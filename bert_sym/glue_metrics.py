@@ -18,6 +18,14 @@ A task that was not run is missing, never a 0. When any of the averaged tasks is
 GLUE score itself is `None` and a separately named *partial* score (mean over the tasks
 present, with their list) is given instead, so a partial number can never be mistaken for
 the paper's headline.
+
+Degenerate input: a correlation with a constant vector (e.g. an early pre-training
+checkpoint whose STS-B head predicts one value for every pair) is undefined. scipy returns
+NaN with a ConstantInputWarning, which would turn the STS-B score and with it the whole GLUE
+mean into NaN. Here Pearson and Spearman are reported as 0.0 when either vector is constant
+("no linear/rank association"), the convention scikit-learn's `matthews_corrcoef` (and
+`matthews_corrcoef` below) uses for its own degenerate case. For every non-constant input
+the values equal scipy's.
 """
 
 from collections.abc import Mapping, Sequence
@@ -69,11 +77,23 @@ def matthews_corrcoef(labels, predictions) -> float:
   return float(cov_true_pred / math.sqrt(cov_true_true * cov_pred_pred))
 
 
+def _is_constant(x: np.ndarray) -> bool:
+  # Tested on the values themselves, not on the centred sum of squares: the float mean of
+  # identical values need not equal them (np.mean([0.1] * 7) != 0.1), which would leave
+  # rounding noise that correlates arbitrarily instead of a zero denominator.
+  return bool(np.all(x == x[0]))
+
+
 def pearson(x, y) -> float:
+  """Pearson's r; 0.0 when either side is constant (see the module docstring)."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) != len(y) or not len(x):
+    raise ValueError(f'pearson needs two non-empty vectors of one length, got {len(x)} and '
+                     f'{len(y)} values.')
+  if _is_constant(x) or _is_constant(y):
+    return 0.0
   x, y = x - x.mean(), y - y.mean()
-  denominator = math.sqrt(float(x @ x) * float(y @ y))
-  return float(x @ y / denominator) if denominator else float('nan')
+  return float(x @ y / math.sqrt(float(x @ x) * float(y @ y)))
 
 
 def rank_average_ties(x) -> np.ndarray:
@@ -91,6 +111,7 @@ def rank_average_ties(x) -> np.ndarray:
 
 
 def spearman(x, y) -> float:
+  """Spearman's rho (Pearson on tie-averaged ranks); 0.0 when either side is constant."""
   return pearson(rank_average_ties(x), rank_average_ties(y))
 
 

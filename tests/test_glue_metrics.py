@@ -47,6 +47,38 @@ def test_correlations_match_scipy(ties):
                              stats.rankdata(predictions))
 
 
+@pytest.mark.parametrize('constant', [np.full(7, 0.1), np.full(7, 3.0), np.zeros(7)])
+def test_correlation_with_a_constant_vector_is_zero_not_nan(constant):
+  """scipy's NaN (with a ConstantInputWarning) would make STS-B, and GLUE, NaN: 0.0 here.
+
+  0.1 is not exactly representable, so np.mean of the seven copies differs from 0.1: the
+  constancy check must not rely on the centred values being exactly zero.
+  """
+  labels = np.array([0.0, 1.2, 2.4, 3.0, 4.4, 5.0, 1.8])
+  with pytest.warns(stats.ConstantInputWarning):
+    assert np.isnan(stats.pearsonr(labels, constant).statistic)   # the rule replaced
+  for x, y in ((labels, constant), (constant, labels), (constant, constant)):
+    assert glue_metrics.pearson(x, y) == 0.0
+    assert glue_metrics.spearman(x, y) == 0.0
+  result = glue_metrics.score('stsb', labels, constant)
+  assert result == {'pearson': 0.0, 'spearman': 0.0, 'score': 0.0}
+  summary = glue_metrics.summarize({1: {'stsb': result['score'], 'rte': 60.0}})
+  assert summary['per_seed'][1]['glue_partial'] == pytest.approx(30.0)   # finite
+
+
+def test_correlations_near_constant_still_match_scipy():
+  """One differing value is not constant: the exact scipy value, not the 0.0 rule."""
+  labels = np.array([0.0, 1.2, 2.4, 3.0, 4.4, 5.0, 1.8])
+  almost = np.array([2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.5])
+  assert glue_metrics.pearson(labels, almost) == pytest.approx(
+      stats.pearsonr(labels, almost).statistic, abs=1e-12)
+  assert glue_metrics.spearman(labels, almost) == pytest.approx(
+      stats.spearmanr(labels, almost).statistic, abs=1e-12)
+  assert glue_metrics.pearson(labels, almost) != 0.0
+  with pytest.raises(ValueError, match='one length'):
+    glue_metrics.pearson(labels, almost[:-1])
+
+
 def test_task_scores_follow_the_paper():
   rng = np.random.default_rng(2)
   y = rng.integers(0, 2, 300)
