@@ -6,9 +6,17 @@ needed to read it; see `load_pretrained` and the README):
   state/       StandardSave of {'params', 'opt_state', 'step', 'rng'}  (rng = raw key data)
   data_iter/   JsonSave of {'process_count': N, 'states': [iterator.get_state() per process]}
 
-Orbax writes each step into a temporary directory and renames it when every item is
-complete, so a crash (or SIGKILL) mid-save leaves no step that looks finished; unfinished
-temporary directories are ignored and cleaned up at the next start.
+How orbax marks a step complete depends on the filesystem:
+
+  local / POSIX   the step is written into `{step}.orbax-checkpoint-tmp-<ts>/` and renamed
+                  to `{step}/` once every item is complete;
+  gs://           there is no atomic directory rename, so orbax writes straight into
+                  `{step}/` and drops a `commit_success.txt` file in it when complete.
+
+So on GCS an unfinished step *does* look like `checkpoints/{step}/state/`. Every reader
+must therefore go through `finished_steps` (orbax's own finalization check), never a plain
+directory listing. Unfinished steps are ignored, and the trainer's manager cleans up
+local temporary directories at the next start.
 """
 
 import json
@@ -169,19 +177,44 @@ def _is_step_dir(path: epath.Path) -> bool:
   return (path / STATE).is_dir()
 
 
+def _is_finished_step_dir(path: epath.Path) -> bool:
+  # orbax picks the check from the path: no tmp suffix locally, commit_success.txt on gs://.
+  return _is_step_dir(path) and ocp.path.step.is_path_finalized(path)
+
+
+def _checkpoints_root(path) -> epath.Path:
+  path = epath.Path(path)
+  return path if path.name == 'checkpoints' else checkpoint_dir(path)
+
+
+def finished_steps(workdir) -> list[int]:
+  """Sorted steps under `{workdir}/checkpoints` that orbax has finalized (any filesystem).
+
+  `workdir` may also be the `checkpoints/` folder itself. A step whose save is still
+  running or was killed (a tmp-suffixed directory locally, a directory without
+  `commit_success.txt` on gs://) is never listed, so it is never read. Read-only: nothing
+  is created or cleaned up, so it is safe beside a running trainer.
+  """
+  root = _checkpoints_root(workdir)
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and _is_finished_step_dir(p))
+
+
 def resolve_step_dir(path) -> epath.Path:
-  """`path` is a workdir, its `checkpoints/` folder, or one step directory."""
+  """`path` is a workdir, its `checkpoints/` folder, or one finished step directory."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist.')
   if _is_step_dir(path):
+    if not ocp.path.step.is_path_finalized(path):
+      raise FileNotFoundError(
+          f'{path} is a checkpoint that orbax has not finalized (its save is still running '
+          f'or was interrupted); pick a finished step or the workdir.')
     return path
-  ckpt_root = path if path.name == 'checkpoints' else checkpoint_dir(path)
-  steps = []
-  if ckpt_root.is_dir():
-    # Finalised steps only: orbax's in-progress saves carry a '.orbax-checkpoint-tmp' suffix.
-    steps = [int(p.name) for p in ckpt_root.iterdir()
-             if p.name.isdigit() and _is_step_dir(p)]
+  ckpt_root = _checkpoints_root(path)
+  steps = finished_steps(ckpt_root)
   if not steps:
     raise FileNotFoundError(
         f'No finished checkpoint under {path}: expected a training workdir with '

@@ -101,3 +101,30 @@ def test_unfinished_save_is_invisible(tmp_path):
   manager = checkpoint.make_manager(tmp_path, config.checkpoint)
   assert manager.latest_step() == 4
   manager.close()
+
+
+def test_finished_steps_ignores_unfinalized_steps(tmp_path, monkeypatch):
+  """Local: a tmp-suffixed step is skipped. gs://-style: a step without commit_success.txt."""
+  config = train_fixtures.tiny_config()
+  _write_run(tmp_path, config, step=4)
+  assert checkpoint.finished_steps(tmp_path) == [4]
+  assert checkpoint.finished_steps(tmp_path / 'checkpoints') == [4]
+  assert checkpoint.finished_steps(tmp_path / 'nowhere') == []
+  # Local: an interrupted save keeps its tmp suffix (and is not a digit name).
+  (tmp_path / 'checkpoints' / '8.orbax-checkpoint-tmp-1234' / 'state').mkdir(parents=True)
+  assert checkpoint.finished_steps(tmp_path) == [4]
+
+  # gs://: orbax writes straight into checkpoints/<step>/ and finalizes with a commit file.
+  # Make orbax treat this local dir as GCS so its CommitFileTemporaryPath check applies.
+  from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gcs_utils, 'is_gcs_path', lambda _: True)
+  (tmp_path / 'checkpoints' / '4' / 'commit_success.txt').write_text('done')
+  unfinished = tmp_path / 'checkpoints' / '12'
+  (unfinished / 'state').mkdir(parents=True)
+  (unfinished / 'state' / 'garbage').write_text('half a write')
+  assert checkpoint.finished_steps(tmp_path) == [4]
+  assert checkpoint.resolve_step_dir(tmp_path).name == '4'
+  with pytest.raises(FileNotFoundError, match='not finalized'):
+    checkpoint.resolve_step_dir(unfinished)
+  (unfinished / 'commit_success.txt').write_text('done')
+  assert checkpoint.finished_steps(tmp_path) == [4, 12]
