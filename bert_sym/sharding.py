@@ -20,6 +20,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
+import optax
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -108,6 +109,22 @@ def logical_to_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+  """NamedSharding per leaf of `tx.init(params)`, without allocating anything.
+
+  Per-parameter state (Adam's moments, anything optax marks as params-shaped) shards
+  exactly like its parameter, so FSDP/tensor layouts cover the optimizer too; everything
+  else (step counts, schedule state, masked-out placeholders) is replicated.
+  `abstract_params` is the unboxed params tree (ShapeDtypeStructs suffice) and
+  `param_shardings` the matching tree of shardings.
+  """
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  return optax.tree_map_params(
+      tx, lambda _, s: s, abstract_opt_state, param_shardings,
+      transform_non_params=lambda _: replicated(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

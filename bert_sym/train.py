@@ -336,11 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   boxed_params = jax.eval_shape(init_params, init_key)
   param_shardings = sharding.logical_to_shardings(boxed_params, mesh, rules)
   abstract_params = nn.meta.unbox(boxed_params)
-  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   # Adam's moments shard like their parameters; counters are replicated.
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_opt_state, param_shardings,
-      transform_non_params=lambda _: replicated)
+  opt_shardings = sharding.opt_state_shardings(tx, abstract_params, param_shardings, mesh)
   state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
                      'step': replicated, 'rng': replicated}
 

@@ -67,3 +67,26 @@ def test_param_shardings_follow_the_rules():
 def test_batch_size_checks():
   mesh = sharding.make_mesh(_mesh_config())
   assert sharding.check_batch_size(16, mesh) == 16
+
+
+def test_opt_state_shardings_follow_params():
+  """Adam's mu/nu take their parameter's sharding; counts are replicated."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from bert_sym import optim  # pylint: disable=g-import-not-at-top
+  config = train_fixtures.tiny_config()
+  mesh = sharding.make_mesh(_mesh_config())
+  module = model_lib.BertForMaskedLM(config.model)
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *model_lib.dummy_inputs())
+                         ['params'])
+  param_shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
+  abstract_params = nn.meta.unbox(boxed)
+  tx, _ = optim.make_optimizer(config.optimizer, 10)
+  shardings = sharding.opt_state_shardings(tx, abstract_params, param_shardings, mesh)
+  assert (jax.tree.structure(shardings)
+          == jax.tree.structure(jax.eval_shape(tx.init, abstract_params)))
+  adam = [s for s in jax.tree.leaves(
+      shardings, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+      if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1
+  assert adam[0].mu == param_shardings and adam[0].nu == param_shardings
+  assert adam[0].count.spec == P()
