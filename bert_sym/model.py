@@ -2,7 +2,9 @@
 
 Post-LayerNorm blocks, exact-erf GELU, learned absolute positions and token types, an MLM
 head tied to the word embeddings: the original architecture, so that `standard` matches
-Hugging Face `BertForMaskedLM` weight for weight. Parameters are float32 and carry logical
+Hugging Face `BertForMaskedLM` weight for weight. Mixed precision as under PyTorch AMP:
+parameters, LayerNorms, the residual stream and the logits are float32; matmuls run in the
+compute dtype (`model.dtype`, bfloat16 on accelerators). Parameters carry logical
 axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`); the trainer maps those to a mesh.
 This file knows nothing about meshes, files or flags.
 """
@@ -66,10 +68,12 @@ class Embeddings(nn.Module):
   def attend(self, hidden):
     """Logits against the word embeddings: the MLM decoder shares them (weight tying).
 
-    Runs in the compute dtype: on accelerators this is the largest matmul of a small BERT.
+    Operands in the compute dtype (on accelerators the largest matmul of a small BERT),
+    accumulated and returned in float32 so the cross-entropy sees unrounded logits.
     """
-    table = self.word_embeddings.embedding.astype(hidden.dtype)
-    return jnp.dot(hidden, table.T)
+    dtype = compute_dtype(self.cfg.dtype)
+    table = self.word_embeddings.embedding.astype(dtype)
+    return jnp.dot(hidden.astype(dtype), table.T, preferred_element_type=jnp.float32)
 
 
 class Layer(nn.Module):
@@ -88,11 +92,11 @@ class Layer(nn.Module):
             x, mask, deterministic=deterministic, return_weights=return_weights)
     attn, weights = attn if return_weights else (attn, None)
     x = _layer_norm(cfg, 'attention_layer_norm')(
-        x + dropout(attn, deterministic=deterministic)).astype(dtype)
+        x + dropout(attn, deterministic=deterministic))
     h = _gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x))
     h = _dense(cfg.hidden_size, ('mlp', 'embed'), cfg, dtype, 'output')(h)
     x = _layer_norm(cfg, 'output_layer_norm')(
-        x + dropout(h, deterministic=deterministic)).astype(dtype)
+        x + dropout(h, deterministic=deterministic))
     return x, weights
 
 
@@ -115,7 +119,6 @@ class Encoder(nn.Module):
       raise ValueError(f'Sequence length {input_ids.shape[-1]} exceeds '
                        f'model.max_position_embeddings={self.cfg.max_position_embeddings}.')
     x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
-    x = x.astype(compute_dtype(self.cfg.dtype))
     mask = attention_mask.astype(bool)[:, None, None, :]   # [batch, 1, 1, key]
     all_weights = []
     for layer in self.layers:
@@ -135,7 +138,7 @@ class MLMHead(nn.Module):
   def __call__(self, hidden, decoder):
     cfg, dtype = self.cfg, compute_dtype(self.cfg.dtype)
     h = _gelu(_dense(cfg.hidden_size, ('embed', 'embed_out'), cfg, dtype, 'transform')(hidden))
-    h = _layer_norm(cfg, 'layer_norm')(h).astype(dtype)
+    h = _layer_norm(cfg, 'layer_norm')(h)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                       (cfg.vocab_size,))
     return decoder(h).astype(jnp.float32) + bias

@@ -76,6 +76,23 @@ def _compare_with_hf(cfg, length, seed=0):
   np.testing.assert_allclose(np.asarray(logits), hf_logits, atol=1e-4, rtol=0)
 
 
+def test_bfloat16_compute_keeps_residual_stream_and_logits_float32():
+  """Mixed precision as PyTorch AMP: bf16 matmuls, float32 stream, close to the fp32 HF."""
+  cfg = tiny_config('standard', dtype='bfloat16')
+  hf = random_hf_mlm(cfg, seed=3)
+  params = export.mlm_params_from_hf(hf.state_dict(), cfg)
+  batch = padded_batch(cfg.vocab_size, batch=3, length=16, seed=3)
+  hf_hidden, hf_logits = hf_mlm_forward(hf, *batch)
+  model = bert.BertForMaskedLM(cfg)
+  logits = model.apply({'params': params}, *batch)
+  hidden = model.apply({'params': params}, *batch, method=lambda m, *a: m.encoder(*a))
+  assert hidden.dtype == jnp.float32 and logits.dtype == jnp.float32
+  # bf16 has an 8-bit mantissa: errors of ~1e-2 are expected, an fp32 stream keeps them there.
+  np.testing.assert_allclose(np.asarray(hidden), hf_hidden, atol=5e-2, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits), hf_logits, atol=5e-2, rtol=0)
+  assert np.abs(np.asarray(logits) - hf_logits).max() > 0   # bf16 really was used
+
+
 @pytest.mark.parametrize('impl', ['xla', 'fused'])
 def test_standard_matches_hugging_face_tiny(impl):
   _compare_with_hf(tiny_config('standard', attention_impl=impl), length=24)
