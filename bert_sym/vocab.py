@@ -171,6 +171,13 @@ if seqio is not None:
   import tensorflow as tf
   import tensorflow_text as tf_text
 
+  # TF only feeds the input pipeline. Left alone it would claim the GPUs' memory that JAX
+  # needs (it finds the CUDA wheels jax[cuda] installs); every TF path imports this module.
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:   # TF's devices were already initialised by the caller: its choice.
+    pass
+
   class BertWordPieceVocabulary(seqio.Vocabulary):
     """Uncased BERT WordPiece: basic tokenisation + greedy longest-match-first WordPiece.
 
