@@ -2,10 +2,13 @@
 
   documents ('text') -> tokenize_documents -> pack_blocks -> mask_blocks -> MLM features
 
-`pack_blocks` follows the reference run (Hugging Face `run_mlm` grouping): every document
-is followed by [SEP], the documents are concatenated into one stream, and the stream is
-cut into blocks of `max_seq_len - 2` tokens, each wrapped as [CLS] ... [SEP]; the last,
-shorter block is padded. `mask_block_tf` mirrors `bert_sym.data.mask_blocks` (NumPy) op
+`pack_blocks`: every document is followed by [SEP], the documents are concatenated into
+one stream, and the stream is cut into blocks of `max_seq_len - 2` tokens, each wrapped as
+[CLS] ... [SEP], so every training sequence starts and ends like a BERT input; the last,
+shorter block is padded rather than dropped (the embedded corpus is small). This differs
+from Hugging Face `run_mlm`'s `group_texts`, which the reference run used: there each
+document is wrapped as [CLS] doc [SEP], the stream is cut every 512 tokens without
+re-wrapping, and the remainder is dropped. The token budget per block is the same. `mask_block_tf` mirrors `bert_sym.data.mask_blocks` (NumPy) op
 for op, so the tf.data and the TF-free paths give bit-identical examples.
 """
 
