@@ -8,7 +8,8 @@ Changing the parallelism layout is changing the config, never the model:
   FSDP / ZeRO-3        mesh.data=1, mesh.fsdp=-1          ('embed' -> 'fsdp' shards params)
   data x tensor        mesh.data=4, mesh.tensor=2         ('mlp', 'heads', 'vocab' -> 'tensor')
 
-Batches are split over ('data', 'fsdp') and replicated over 'tensor'.
+Batches follow the same table: the `batch` rule (default ('data', 'fsdp')) names the mesh
+axes the leading batch dimension is split over; the others (normally 'tensor') replicate it.
 """
 
 import math
@@ -23,7 +24,9 @@ import numpy as np
 import optax
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-BATCH_AXES = ('data', 'fsdp')
+# Only for callers that pass no rules (configs/common.py's 'batch' rule has the same value);
+# the trainer always passes config.sharding_rules, so the config stays the single source.
+DEFAULT_BATCH_AXES = ('data', 'fsdp')
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -127,22 +130,40 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
       transform_non_params=lambda _: replicated(mesh))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data and fsdp; replicated over tensor."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+def batch_axes(rules=None) -> tuple[str, ...]:
+  """The mesh axes of the logical 'batch' axis in `rules` (from `logical_rules`)."""
+  if rules is None:
+    return DEFAULT_BATCH_AXES
+  found = [axes for name, axes in rules if name == 'batch']
+  if not found:
+    raise ValueError("config.sharding_rules has no 'batch' entry; add e.g. "
+                     "('batch', ('data', 'fsdp')) to say which mesh axes split the batch.")
+  axes = found[0]
+  if axes is None:
+    return ()
+  return tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-  return _axes_size(mesh, BATCH_AXES)
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+  """Leading (batch) dimension split over the 'batch' rule's axes; replicated elsewhere."""
+  axes = batch_axes(rules)
+  return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> int:
+def data_parallel_size(mesh: Mesh, rules=None) -> int:
+  return _axes_size(mesh, batch_axes(rules) or None)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size',
+                     rules=None) -> int:
   """Returns the per-process batch; raises a readable error when it does not split."""
-  dp, processes = data_parallel_size(mesh), jax.process_count()
+  dp, processes = data_parallel_size(mesh, rules), jax.process_count()
+  axes = batch_axes(rules)
   if batch_size % dp:
     raise ValueError(
         f'config.{what}={batch_size} is not divisible by the data-parallel size '
-        f'data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} = {dp}. Use a multiple '
+        f'{" x ".join(axes) or "(none)"} = '
+        f'{" x ".join(str(mesh.shape[a]) for a in axes) or "1"} = {dp}. Use a multiple '
         f'of {dp} or change config.mesh.')
   if batch_size % processes:
     raise ValueError(f'config.{what}={batch_size} is not divisible by the {processes} '
@@ -150,14 +171,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> i
   if dp % processes:
     raise ValueError(
         f'The data-parallel size {dp} is not a multiple of the {processes} processes, so '
-        f'processes would have to read identical rows; give data x fsdp at least one way '
-        f'per process.')
+        f'processes would have to read identical rows; give the batch axes '
+        f'{axes} at least one way per process.')
   return batch_size // processes
 
 
-def host_batch_to_global(batch: dict, mesh: Mesh, global_batch_size: int) -> dict:
+def host_batch_to_global(batch: dict, mesh: Mesh, global_batch_size: int,
+                         rules=None) -> dict:
   """Per-process numpy batches -> one global jax.Array per feature, split over the batch."""
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, rules)
   def to_global(x):
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(

@@ -69,8 +69,24 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', None, 'This process\'s index (with --coordinator_address).')
 
 
+# Exit codes of `python -m bert_sym.train`, for launchers (launch/slurm_gpu.sbatch requeues
+# on PREEMPTED_EXIT_CODE):
+#   0   finished: trained to config.total_steps (or already there)
+#   1   a problem with the inputs (config, workdir, checkpoint) or a non-finite stop
+#   42  stopped early by SIGTERM / preemption after saving a checkpoint: rerun to resume
+PREEMPTED_EXIT_CODE = 42
+
+
 class RunError(Exception):
   """A problem with the run's inputs (config, workdir, checkpoint): reported, no traceback."""
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM / preemption stop once the checkpoint of `step` is saved."""
+
+  def __init__(self, step: int):
+    super().__init__(f'preempted at step {step} (checkpoint saved)')
+    self.step = step
 
 
 class NonFiniteError(RunError):
@@ -143,6 +159,49 @@ def _multiprocess_environment() -> bool:
   return bool(env.get('JAX_COORDINATOR_ADDRESS'))
 
 
+def _tasks_on_this_node(env) -> int | None:
+  """Tasks of this SLURM step on this node, from e.g. SLURM_STEP_TASKS_PER_NODE='8(x2),4'."""
+  spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE')
+  if not spec:
+    return int(env['SLURM_NTASKS_PER_NODE']) if env.get('SLURM_NTASKS_PER_NODE') else None
+  counts = []
+  for part in spec.split(','):
+    match = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+    if not match:
+      return None
+    counts += [int(match.group(1))] * int(match.group(2) or 1)
+  node = int(env.get('SLURM_NODEID', 0))
+  return counts[node] if node < len(counts) else None
+
+
+def slurm_local_device_ids(env=None) -> list[int] | None:
+  """The GPU ordinals (as this process sees them) that this SLURM task should drive.
+
+  jax.distributed.initialize() on SLURM defaults to local_device_ids=[SLURM_LOCALID], which
+  assumes every task sees all of its node's GPUs. With per-task binding
+  (--gpus-per-task=1) each task sees only its own GPU as ordinal 0, so task 3 asks for a
+  GPU 3 that does not exist (jax issues #23452, #28194); with one task per node it would
+  drive 1 GPU of 8. Derived from CUDA_VISIBLE_DEVICES instead:
+
+    task sees only its own GPUs (--gpus-per-task, or fewer GPUs than tasks): all of them;
+    all tasks see the node's G GPUs, T tasks on the node: the LOCALID-th slice of G / T.
+
+  None (JAX's default) outside SLURM, without CUDA_VISIBLE_DEVICES, or on an uneven split.
+  """
+  env = os.environ if env is None else env
+  visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  if 'SLURM_LOCALID' not in env or not visible:
+    return None
+  tasks = _tasks_on_this_node(env)
+  if env.get('SLURM_GPUS_PER_TASK') or (tasks and len(visible) < tasks):
+    return list(range(len(visible)))
+  if not tasks or len(visible) % tasks:
+    return None
+  per_task = len(visible) // tasks
+  local_id = int(env['SLURM_LOCALID'])
+  return list(range(local_id * per_task, (local_id + 1) * per_task))
+
+
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when several processes share one run."""
   explicit = _COORDINATOR.value is not None
@@ -157,13 +216,22 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   else:
-    jax.distributed.initialize()   # TPU pod / SLURM / MPI: discovered from the env
+    # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env; on SLURM
+    # GPUs, which local GPUs this task drives comes from CUDA_VISIBLE_DEVICES (see above).
+    local_device_ids = (None if os.environ.get('JAX_PLATFORMS', '') == 'cpu'
+                        else slurm_local_device_ids())
+    if local_device_ids is not None:
+      logging.info('SLURM task %s drives local GPUs %s (CUDA_VISIBLE_DEVICES=%s)',
+                   os.environ.get('SLURM_LOCALID'), local_device_ids,
+                   os.environ.get('CUDA_VISIBLE_DEVICES'))
+    jax.distributed.initialize(local_device_ids=local_device_ids)
   logging.info('Process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 class PreemptionFlag:
-  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit): save, then exit cleanly.
+  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit): save, then exit with
+  PREEMPTED_EXIT_CODE so that a launcher can tell "resume me" from "finished".
 
   Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
   every process stop at the same step; a local handler would only stop one of them.
@@ -266,7 +334,10 @@ def _diff(a, b, prefix=''):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_iterator=None):
-  """Trains to config.total_steps (resuming if possible); returns the final eval metrics."""
+  """Trains to config.total_steps (resuming if possible); returns the final eval metrics.
+
+  Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption.
+  """
   _validate(config)
 
   # ======================================================================================
@@ -284,13 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   with _user_errors('Mesh'):
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config)
-    per_process_batch = sharding.check_batch_size(config.batch_size, mesh)
+    per_process_batch = sharding.check_batch_size(config.batch_size, mesh, rules=rules)
     sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
-                              'batch_size / optimizer.grad_accum_steps')
+                              'batch_size / optimizer.grad_accum_steps', rules=rules)
   console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
           f'device(s), {jax.process_count()} process(es); attention={config.model.attention}')
   replicated = sharding.replicated(mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
 
   # ======================================================================================
   # Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp)
@@ -312,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
     eval_start = eval_iter.get_state()
   to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
-                                global_batch_size=config.batch_size)
+                                global_batch_size=config.batch_size, rules=rules)
   seq_len = config.data.max_seq_len
   tokens_per_step = config.batch_size * seq_len
 
@@ -385,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
         return jax.lax.with_sharding_constraint(
             jnp.swapaxes(x, 0, 1),
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-                None, sharding.BATCH_AXES)))
+                None, *batch_sharding.spec)))
       micro_batches = jax.tree.map(split, batch)
 
       def body(carry, inputs):
@@ -404,9 +475,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     # A non-finite update is never applied: 'skip' carries on, 'stop' ends the run with
     # the last good checkpoint untouched (the host checks `finite`).
     keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+
+    def keep_opt_state_if_bad(new, old):
+      # The learning-rate schedule's counter still advances on a skipped step: the
+      # schedule is a function of the training step, so the lr applied at step s stays
+      # schedule(s) (what we log) and reaches 0 at total_steps. Adam's moments and its
+      # bias-correction count stay as they were, as if the bad batch had not been seen.
+      if isinstance(new, optax.ScaleByScheduleState):
+        return new
+      return jax.tree.map(keep_if_bad, new, old)
+
     new_state = {
         'params': jax.tree.map(keep_if_bad, new_params, params),
-        'opt_state': jax.tree.map(keep_if_bad, new_opt_state, state['opt_state']),
+        'opt_state': jax.tree.map(
+            keep_opt_state_if_bad, new_opt_state, state['opt_state'],
+            is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)),
         'step': step + 1,
         'rng': state['rng'],
     }
@@ -496,6 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     checkpoint.save(manager, step, state, train_iter.get_state(), force=True)
     last_saved = step
 
+  preempted = False
   if step == 0:
     eval_metrics = run_eval(0)
   elif step >= config.total_steps:
@@ -538,18 +622,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         eval_metrics = run_eval(step)
 
-      preempted = preemption.reached(manager, step)
+      # A SIGTERM on the last step is just a finished run (exit 0, nothing to resume).
+      preempted = preemption.reached(manager, step) and step < config.total_steps
       if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
           or preempted):
         save(step)
       if preempted:
-        console(f'Preempted (SIGTERM): saved step {step}, exiting.')
+        console(f'Preempted (SIGTERM): saved step {step}, exiting with code '
+                f'{PREEMPTED_EXIT_CODE} (rerun the same command to resume).')
         break
   finally:
     # Finish any in-flight (good) save before leaving, whatever happened.
     manager.wait_until_finished()
     manager.close()
     writer.close()
+  if preempted:
+    raise Preempted(step)
   return eval_metrics
 
 
@@ -571,6 +659,10 @@ def main(argv, make_iterator=None):
     logging.error('%s', e)
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
+  except Preempted as e:
+    logging.warning('%s; exiting with code %d.', e, PREEMPTED_EXIT_CODE)
+    sys.stdout.flush()
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def parse_flags(argv):

@@ -84,7 +84,6 @@ def base_config(size: str = 'base', attention: str = 'pairwise') -> ml_collectio
       ('mlp', 'tensor'),
       ('heads', 'tensor'),
       ('kv', None),
-      ('length', None),
   ]
 
   c.log_every_steps = 50

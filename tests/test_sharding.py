@@ -90,3 +90,17 @@ def test_opt_state_shardings_follow_params():
   assert len(adam) == 1
   assert adam[0].mu == param_shardings and adam[0].nu == param_shardings
   assert adam[0].count.spec == P()
+
+
+def test_batch_sharding_comes_from_the_batch_rule():
+  config = train_fixtures.tiny_config()
+  mesh = sharding.make_mesh(_mesh_config())
+  rules = sharding.logical_rules(config)
+  assert sharding.batch_sharding(mesh, rules).spec == P(('data', 'fsdp'))
+  config.sharding_rules = [['batch', 'data'], ['embed', 'fsdp']]
+  rules = sharding.logical_rules(config)
+  assert sharding.batch_axes(rules) == ('data',)
+  assert sharding.batch_sharding(mesh, rules).spec == P('data')
+  assert sharding.check_batch_size(16, mesh, rules=rules) == 16
+  with pytest.raises(ValueError, match="no 'batch' entry"):
+    sharding.batch_axes((('embed', 'fsdp'),))

@@ -16,6 +16,8 @@ import time
 
 import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from bert_sym import checkpoint
@@ -189,8 +191,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
   _assert_params_equal(_final_params(workdir), _final_params(reference_run[0]))
 
 
-def test_sigterm_saves_exits_zero_and_resumes_on_another_mesh(tmp_path, reference_run):
-  """Preempted on 8 devices (fsdp), resumed on 1: same result as never stopping."""
+def test_sigterm_saves_exits_42_and_resumes_on_another_mesh(tmp_path, reference_run):
+  """Preempted on 8 devices (fsdp), resumed on 1: same result as never stopping.
+
+  The exit code is train.PREEMPTED_EXIT_CODE (not 0), so launchers know to requeue.
+  """
   workdir = tmp_path / 'preempted'
   mesh8 = dict(mesh__data=1, mesh__fsdp=8)
   process = run_trainer(workdir, devices=8, overrides=_overrides(**mesh8), background=True,
@@ -198,11 +203,13 @@ def test_sigterm_saves_exits_zero_and_resumes_on_another_mesh(tmp_path, referenc
   _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=120)
-  assert process.returncode == 0, output[-3000:]
+  assert process.returncode == train.PREEMPTED_EXIT_CODE == 42, output[-3000:]
   assert 'Preempted (SIGTERM)' in output
+  assert 'Traceback' not in output
   stopped_at = int(checkpoint.resolve_step_dir(workdir).name)
   assert 4 < stopped_at < STEPS and stopped_at % 4   # an off-schedule save
   result = run_trainer(workdir, devices=1, overrides=_overrides())
+  assert result.returncode == 0   # a finished run exits 0
   assert f'Resumed from step {stopped_at}' in result.stdout
   _assert_params_close(_final_params(workdir), _final_params(reference_run[0]))
 
@@ -239,6 +246,29 @@ def test_nonfinite_skip_continues(tmp_path):
   skipped = sum(m.get('train/nonfinite_steps', 0) for m in _metrics(tmp_path))
   assert skipped == 1, result.stdout[-2000:]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_params(tmp_path)))
+  # The skipped step still advanced the lr schedule (so the last update used
+  # schedule(STEPS - 1) and the schedule hits 0 at total_steps), while Adam's moments and
+  # bias-correction count skipped it.
+  counts = _optimizer_counts(tmp_path)
+  assert counts[optax.ScaleByScheduleState] == STEPS
+  assert counts[optax.ScaleByAdamState] == STEPS - 1
+
+
+def _optimizer_counts(workdir):
+  """{optax state type: count} of the latest checkpoint's opt_state."""
+  step_dir = checkpoint.resolve_step_dir(workdir)
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(step_dir / checkpoint.STATE).item_metadata.tree
+  raw = ckptr.restore(step_dir / checkpoint.STATE, args=ocp.args.PyTreeRestore(
+      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
+  config = checkpoint.read_config(workdir)
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  # The checkpoint stores optax's namedtuples as lists/dicts in the same leaf order.
+  abstract = jax.eval_shape(tx.init, raw['params'])
+  opt_state = jax.tree.unflatten(jax.tree.structure(abstract), jax.tree.leaves(raw['opt_state']))
+  kinds = (optax.ScaleByScheduleState, optax.ScaleByAdamState)
+  return {type(s): int(s.count) for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(s, kinds)}
 
 
 def _free_port():
