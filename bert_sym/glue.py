@@ -25,7 +25,8 @@ attention variant, vocabulary) is read from the checkpoint's workdir, never rety
       --glue_dir=../shared/data/glue --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1 \
       --config.epochs=1 --config.max_seq_len=64 --config.learning_rate=1e-4
 
-Outputs in --output_dir (each written to a temporary file, then renamed over the old one):
+Outputs in --output_dir, local or gs:// (each written to a temporary file, then renamed
+over the old one; on gs:// the rename is a copy of the complete file, then a delete):
   glue_results.json   every metric per task and seed, GLUE per seed, mean +- std
   glue_results.md     the paper's table: one row per seed, then mean +- std
   predictions/<name>_seed<k>.tsv   idx, label, prediction per dev example
@@ -37,15 +38,20 @@ With --sweep: step_<N>/ (the above per checkpoint) and glue_vs_step.{json,md,png
 GLUE is the unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, SST-2
 (WNLI excluded); "GLUE full" adds WNLI. A task not run is shown as missing; then GLUE is not
 reported, and a mean over the tasks present is reported instead, labelled "partial (k/9)".
+STS-B's Pearson and Spearman are 0.0 (not NaN) when the model predicts one constant value.
+
+Multi-host: every process fine-tunes; process 0 alone reads the output directory to decide
+what is already finished (and lists the checkpoints of a sweep), then shares its decision,
+so per-host local output directories cannot send the hosts down different paths.
 """
 
 import dataclasses
 import functools
 import json
+import io
 import math
 import os
 from pathlib import Path
-import shutil
 import time
 import types
 from typing import Any
@@ -53,6 +59,7 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -86,7 +93,9 @@ class Pretrained:
 
 
 def load_pretrained(path) -> Pretrained:
-  step_dir = checkpoint_lib.resolve_step_dir(path)
+  # A workdir means its latest step, which a running trainer can change between two
+  # hosts' listings: process 0 picks it for everyone.
+  step_dir = epath.Path(on_process_0(lambda: str(checkpoint_lib.resolve_step_dir(path))))
   config, params = checkpoint_lib.load_pretrained(step_dir)
   if 'encoder' not in params:
     raise ValueError(f'{step_dir} holds no BertForMaskedLM encoder (top-level params: '
@@ -104,6 +113,47 @@ def check_vocab(pretrained: Pretrained, tokenizer: glue_data.WordPiece) -> None:
         f'{tokenizer.vocab_size} tokens, but the checkpoint {pretrained.step_dir} has '
         f'model.vocab_size={config_size} and a {table_rows}-row embedding table. Pass the '
         'vocabulary it was pre-trained with: --config.vocab_path=PATH/vocab.txt.')
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-host decisions.
+# ----------------------------------------------------------------------------------------
+
+
+def _broadcast_json_from_process_0(obj) -> Any:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  primary = jax.process_index() == 0
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if primary else None
+  # broadcast_one_to_all needs one shape on every process: the length first, then bytes.
+  size = int(multihost_utils.broadcast_one_to_all(
+      np.array(data.size if primary else 0, np.int64)))
+  buffer = data if primary else np.zeros(size, np.uint8)
+  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+
+
+def on_process_0(fn) -> Any:
+  """`fn()` (JSON-serialisable) evaluated on process 0 only, returned on every process.
+
+  For decisions read from the filesystem. Hosts may see different files (per-host local
+  output dirs; a checkpoint finishing between two listings); hosts that decide differently
+  enter different collectives, and the run hangs instead of failing. An error on process 0
+  is raised on every process, for the same reason.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  outcome, error = None, None
+  if jax.process_index() == 0:
+    try:
+      outcome = {'value': fn()}
+    except Exception as e:  # pylint: disable=broad-except
+      error, outcome = e, {'error': f'{type(e).__name__}: {e}'}
+  outcome = _broadcast_json_from_process_0(outcome)
+  if error is not None:
+    raise error
+  if 'error' in outcome:
+    raise RuntimeError(f'Process 0 failed, so process {jax.process_index()} stops too: '
+                       f'{outcome["error"]}')
+  return outcome['value']
 
 
 # ----------------------------------------------------------------------------------------
@@ -186,8 +236,9 @@ def _metric_writer(run_dir) -> metrics_writer.MetricWriter:
   """TensorBoard + metrics.jsonl for one (task, seed); a rerun replaces the old curves."""
   primary = jax.process_index() == 0
   if primary:
-    shutil.rmtree(run_dir, ignore_errors=True)
-    Path(run_dir).mkdir(parents=True)
+    run_dir = epath.Path(run_dir)
+    run_dir.rmtree(missing_ok=True)
+    run_dir.mkdir(parents=True)
   return metrics_writer.MetricWriter(run_dir, enabled=primary)
 
 
@@ -315,14 +366,20 @@ def predict(params, predict_step, dev, config, mesh, pad_id):
 # ----------------------------------------------------------------------------------------
 
 
-def write_atomically(path, text: str) -> None:
-  if jax.process_index() != 0:   # multi-host: every process computes, one writes
+def write_atomically(path, data: str | bytes) -> None:
+  """Writes `data` (text as UTF-8) to a temporary file beside `path`, then renames it.
+
+  Locally the rename is atomic; on gs:// it is a copy of the complete file and a delete,
+  so a reader still never sees a partial object. Only process 0 writes: every process
+  computes the same results.
+  """
+  if jax.process_index() != 0:
     return
-  path = Path(path)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  tmp.write_text(text, encoding='utf-8')
-  os.replace(tmp, path)
+  tmp.write_bytes(data.encode('utf-8') if isinstance(data, str) else data)
+  tmp.replace(path)
 
 
 def predictions_tsv(dev: glue_data.Encoded, predictions, regression) -> str:
@@ -387,9 +444,9 @@ def write_results(output_dir, results) -> None:
   results['summary'] = glue_metrics.summarize(
       {seed: {name: r['score'] for name, r in scores.items()}
        for seed, scores in _scores_by_seed(results).items()})
-  write_atomically(Path(output_dir) / 'glue_results.json',
+  write_atomically(epath.Path(output_dir) / 'glue_results.json',
                    json.dumps(results, indent=2, sort_keys=False) + '\n')
-  write_atomically(Path(output_dir) / 'glue_results.md', markdown_table(results))
+  write_atomically(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
 
 
 def _scores_by_seed(results):
@@ -425,23 +482,27 @@ def finished_runs(output_dir, step_dir, config) -> dict:
   """(task, seed) results of an earlier run of the same checkpoint and recipe, if any.
 
   Only runs whose prediction files are all present are reused, so a run killed while
-  writing them is redone.
+  writing them is redone. Decided on process 0, which alone writes `output_dir`, and the
+  same answer is returned on every process (see `on_process_0`).
   """
-  path = Path(output_dir) / 'glue_results.json'
-  if not config.resume or not path.exists():
-    return {}
-  previous = json.loads(path.read_text())
-  previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
-  if previous.get('checkpoint') != step_dir or previous_recipe != recipe(config):
-    logging.info('%s is from another checkpoint or recipe: not resuming from it.', path)
-    return {}
-  done = {}
-  for task, seeds in previous['runs'].items():
-    for seed, run in seeds.items():
-      files = [Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv' for n in run['scores']]
-      if all(f.exists() for f in files):
-        done[task, int(seed)] = run
-  return done
+  def read():
+    path = epath.Path(output_dir) / 'glue_results.json'
+    if not config.resume or not path.exists():
+      return []
+    previous = json.loads(path.read_text())
+    previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
+    if previous.get('checkpoint') != step_dir or previous_recipe != recipe(config):
+      logging.info('%s is from another checkpoint or recipe: not resuming from it.', path)
+      return []
+    done = []
+    for task, seeds in previous['runs'].items():
+      for seed, run in seeds.items():
+        files = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
+                 for n in run['scores']]
+        if all(f.exists() for f in files):
+          done.append([task, int(seed), run])
+    return done
+  return {(task, seed): run for task, seed, run in on_process_0(read)}
 
 
 def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict,
@@ -474,7 +535,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   sharding.check_batch_size(config.batch_size, mesh, 'batch_size')
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
 
-  output_dir = Path(output_dir)
+  output_dir = epath.Path(output_dir)
   model_cfg = pretrained.config.model
   results = {
       'checkpoint': pretrained.step_dir, 'step': pretrained.step,
@@ -554,9 +615,11 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
 
 
 def checkpoint_steps(workdir) -> list[int]:
+  """The finished checkpoint steps of a training workdir, as process 0 lists them."""
   root = checkpoint_lib.checkpoint_dir(workdir)
-  steps = sorted(int(p.name) for p in root.iterdir()
-                 if p.name.isdigit() and (p / checkpoint_lib.STATE).is_dir()) if root.is_dir() else []
+  steps = on_process_0(lambda: sorted(
+      int(p.name) for p in root.iterdir()
+      if p.name.isdigit() and (p / checkpoint_lib.STATE).is_dir()) if root.is_dir() else [])
   if not steps:
     raise FileNotFoundError(f'--sweep needs a training workdir with finished checkpoints in '
                             f'{root}/<step>/; found none.')
@@ -583,7 +646,7 @@ def first_step_reaching(points, threshold):
 
 
 def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
-  output_dir = Path(output_dir)
+  output_dir = epath.Path(output_dir)
   points, task_cache = [], {}
   for step in checkpoint_steps(workdir):
     step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
@@ -616,9 +679,10 @@ def write_sweep(output_dir, workdir, points, reference_score):
     if any(p['score_kind'] != 'glue' for p in points):
       lines.append('Warning: some scores are partial GLUE means (tasks missing); the '
                    'comparison with a full-GLUE reference is only indicative.')
-  write_atomically(Path(output_dir) / 'glue_vs_step.json', json.dumps(summary, indent=2) + '\n')
-  write_atomically(Path(output_dir) / 'glue_vs_step.md', '\n'.join(lines) + '\n')
-  plot_sweep(Path(output_dir) / 'glue_vs_step.png', points, threshold)
+  output_dir = epath.Path(output_dir)
+  write_atomically(output_dir / 'glue_vs_step.json', json.dumps(summary, indent=2) + '\n')
+  write_atomically(output_dir / 'glue_vs_step.md', '\n'.join(lines) + '\n')
+  plot_sweep(output_dir / 'glue_vs_step.png', points, threshold)
 
 
 def plot_sweep(path, points, threshold=None):
@@ -637,10 +701,10 @@ def plot_sweep(path, points, threshold=None):
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}.png')
-  fig.savefig(tmp, format='png', dpi=100)
+  png = io.BytesIO()   # rendered in memory, then written like every other output file
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
+  write_atomically(path, png.getvalue())
 
 
 # ----------------------------------------------------------------------------------------
@@ -695,10 +759,10 @@ def main(argv, cli):
   start = time.time()
   if cli.sweep.value:
     run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
-    print((Path(cli.output_dir.value) / 'glue_vs_step.md').read_text())
+    print((epath.Path(cli.output_dir.value) / 'glue_vs_step.md').read_text())
   else:
     run_glue(cli.checkpoint.value, cli.output_dir.value, config)
-    print((Path(cli.output_dir.value) / 'glue_results.md').read_text())
+    print((epath.Path(cli.output_dir.value) / 'glue_results.md').read_text())
   print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
 
 
