@@ -84,8 +84,9 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False) -> ocp.Checkpoin
 def _allgather_json(obj) -> list:
   """Every process's `obj` (JSON-serialisable), in process order, on every process.
 
-  Each host reads its own slice of the data, so each iterator has its own position; the
-  checkpoint keeps them all (orbax's JsonSave writes from the primary host only).
+  Each host reads its own slice of the data; the checkpoint keeps every iterator's state
+  (orbax's JsonSave writes from the primary host only), which also records the process
+  count they were written with.
   """
   if jax.process_count() == 1:
     return [obj]
@@ -161,10 +162,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[
   data_item = restored[DATA_ITER]
   states = data_item['states']
   if data_item['process_count'] != jax.process_count():
-    logging.warning(
-        'Checkpoint written by %d processes, resuming on %d: input pipeline positions '
-        'cannot be mapped one to one; every process takes process 0\'s position.',
-        data_item['process_count'], jax.process_count())
+    # The iterator state is a position in the global batch sequence, the same on every
+    # process, and MLMIterator.set_state accepts another process count as long as the
+    # global batch (batch_size x process_count) is unchanged; it raises otherwise.
+    logging.info('Checkpoint written by %d processes, resuming on %d: every process '
+                 'resumes from the saved global input position.',
+                 data_item['process_count'], jax.process_count())
     return restored[STATE], states[0]
   return restored[STATE], states[jax.process_index()]
 

@@ -6,6 +6,7 @@ the embeddings ARE decayed.
 """
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -14,11 +15,20 @@ _NO_DECAY_LEAVES = ('bias', 'scale')
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """0 -> lr over warmup_steps, then linearly to 0 at total_steps (HF 'linear')."""
-  warmup = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
-  decay = optax.linear_schedule(opt.learning_rate, 0.0,
-                                max(total_steps - opt.warmup_steps, 1))
-  return optax.join_schedules([warmup, decay], boundaries=[opt.warmup_steps])
+  """0 -> lr over warmup_steps, then linearly to 0 at total_steps (HF 'linear').
+
+  Written as Hugging Face's `get_linear_schedule_with_warmup` formula rather than joined
+  optax schedules, so it matches at every step including the edge warmup_steps >=
+  total_steps (joined schedules would still give the full lr at total_steps there).
+  """
+  lr, warmup = float(opt.learning_rate), int(opt.warmup_steps)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = step / max(warmup, 1)
+    decay = jnp.maximum(0.0, (total_steps - step) / max(total_steps - warmup, 1))
+    return lr * jnp.where(step < warmup, warm, decay)
+  return schedule
 
 
 def weight_decay_mask(params):

@@ -318,21 +318,73 @@ def test_real_input_pipeline_trains_and_resumes(tmp_path):
 # Pieces.
 # ---------------------------------------------------------------------------------------
 
-def test_optimizer_schedule_and_decay_mask():
-  config = train_fixtures.tiny_config()
-  opt = config.optimizer
-  schedule = optim.learning_rate_schedule(opt, 100)
-  assert float(schedule(0)) == 0.0
-  np.testing.assert_allclose(float(schedule(opt.warmup_steps)), opt.learning_rate)
-  np.testing.assert_allclose(float(schedule(100)), 0.0, atol=1e-12)
-  from bert_sym import model as model_lib   # pylint: disable=g-import-not-at-top
-  params = model_lib.abstract_params(model_lib.BertForMaskedLM(config.model))
+@pytest.mark.parametrize('warmup, total', [(3, 20), (0, 7), (10, 10), (1, 1)])
+def test_lr_schedule_matches_hugging_face(warmup, total):
+  """Every step 0..total against transformers.get_linear_schedule_with_warmup."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  opt = train_fixtures.tiny_config(optimizer__warmup_steps=warmup).optimizer
+  ours = optim.learning_rate_schedule(opt, total)
+  torch_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=opt.learning_rate)
+  hf = transformers.get_linear_schedule_with_warmup(torch_opt, warmup, total)
+  for step in range(total + 1):
+    np.testing.assert_allclose(float(ours(step)), hf.get_last_lr()[0], rtol=1e-6,
+                               atol=1e-12, err_msg=f'step {step}')
+    torch_opt.step()
+    hf.step()
+
+
+def test_weight_decay_mask_matches_hugging_face():
+  """Hugging Face's no_decay = ['bias', 'LayerNorm.weight'] on the exported names."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from bert_sym import export  # pylint: disable=g-import-not-at-top
+  from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
+  # 'standard' maps one to one onto HF's parameters (the other variants fold W_k).
+  cfg = train_fixtures.tiny_config(model__attention='standard').model
+  params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
+                        model_lib.abstract_params(model_lib.BertForMaskedLM(cfg)))
   mask = optim.weight_decay_mask(params)
-  layer = mask['encoder']['layer_0']
-  assert layer['attention']['pairwise'] and layer['attention']['query']['kernel']
-  assert not layer['attention']['query']['bias']
-  assert not layer['attention_layer_norm']['scale'] and not mask['mlm_head']['bias']
-  assert mask['encoder']['embeddings']['word_embeddings']['embedding']
+  # Carry the mask through the exporter: each HF tensor is all 1 (decayed) or all 0.
+  as_hf = export.mlm_params_to_hf(
+      jax.tree.map(lambda p, m: np.full(p.shape, float(m), np.float32), params, mask), cfg)
+  hf_model = transformers.BertForMaskedLM(
+      transformers.BertConfig(**export.hf_bert_config_kwargs(cfg)))
+  no_decay = ['bias', 'LayerNorm.weight']
+  hf_decayed = 0
+  # named_parameters() lists tied tensors (decoder = word embeddings) once, as HF's
+  # optimizer grouping sees them.
+  for name, parameter in hf_model.named_parameters():
+    hf_decays = not any(nd in name for nd in no_decay)
+    values = np.unique(as_hf[name])
+    assert len(values) == 1 and bool(values[0]) == hf_decays, name
+    hf_decayed += parameter.numel() * hf_decays
+  ours_decayed = sum(int(np.size(p)) for p, m in zip(jax.tree.leaves(params),
+                                                      jax.tree.leaves(mask)) if m)
+  assert ours_decayed == hf_decayed > 0
+  # The variants' extra parameter (P_h) has no HF counterpart; it is a matrix: decayed.
+  pairwise = optim.weight_decay_mask(model_lib.abstract_params(model_lib.BertForMaskedLM(
+      train_fixtures.tiny_config(model__attention='pairwise').model)))
+  assert pairwise['encoder']['layer_0']['attention']['pairwise']
+
+
+def test_slurm_local_device_ids():
+  base = {'SLURM_LOCALID': '3', 'SLURM_NODEID': '1', 'SLURM_STEP_TASKS_PER_NODE': '8(x2)'}
+  # --gpus-per-node=8 --ntasks-per-node=8: every task sees 8 GPUs and takes its own.
+  assert train.slurm_local_device_ids(
+      dict(base, CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7')) == [3]
+  # --gpus-per-task=1: the task sees only its GPU, as ordinal 0 (jax's default: [3]).
+  assert train.slurm_local_device_ids(
+      dict(base, CUDA_VISIBLE_DEVICES='3', SLURM_GPUS_PER_TASK='1')) == [0]
+  assert train.slurm_local_device_ids(dict(base, CUDA_VISIBLE_DEVICES='5')) == [0]
+  # One task per node drives all of them; 2 tasks x 4 shared GPUs take slices.
+  one = {'SLURM_LOCALID': '0', 'SLURM_NODEID': '0', 'SLURM_STEP_TASKS_PER_NODE': '1(x4)',
+         'CUDA_VISIBLE_DEVICES': '0,1,2,3'}
+  assert train.slurm_local_device_ids(one) == [0, 1, 2, 3]
+  assert train.slurm_local_device_ids(
+      dict(one, SLURM_LOCALID='1', SLURM_STEP_TASKS_PER_NODE='2,2')) == [2, 3]
+  # Not SLURM, or no GPU list: JAX's own default.
+  assert train.slurm_local_device_ids({'CUDA_VISIBLE_DEVICES': '0'}) is None
+  assert train.slurm_local_device_ids(dict(base)) is None
 
 
 def test_masked_positions_are_the_weighted_ones_in_order():
