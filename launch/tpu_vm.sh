@@ -7,19 +7,24 @@
 #   launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base
 #
 # Environment: PROJECT (default: gcloud's), RUNTIME_VERSION (default tpu-ubuntu2204-base),
-# SPOT=1 for a spot slice, JAX_SPEC (default "jax[tpu]>=0.6,<0.13").
+# SPOT=1 for a spot slice, JAX_SPEC (default "jax[tpu]>=0.6,<0.13"), PYTHON_VERSION
+# (default 3.11). The trainer needs Python >= 3.11 (jax >= 0.7 dropped 3.10) but the
+# tpu-ubuntu2204-base runtime ships 3.10, so each worker installs python$PYTHON_VERSION
+# from the deadsnakes PPA (apt) when its python3 is older and builds the venv with it.
+# A PREEMPTED / TERMINATED (spot) slice still "describes", so it is deleted and recreated.
 # Follow the run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 \
 #   --command 'tail -f ~/bert_sym/train.log'      (or point TensorBoard at WORKDIR/tensorboard)
 set -euo pipefail
 
 if [[ $# -lt 5 ]]; then
-  sed -n '2,15p' "$0"; exit 2
+  sed -n '2,16p' "$0"; exit 2
 fi
 NAME=$1 ZONE=$2 ACCELERATOR=$3 CONFIG=$4 WORKDIR=$5
 shift 5
 EXTRA_ARGS=("$@")
 RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
 JAX_SPEC=${JAX_SPEC:-"jax[tpu]>=0.6,<0.13"}
+PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 if [[ $WORKDIR != gs://* ]]; then
   echo "WORKDIR must be on gs:// (every worker writes checkpoints there)." >&2; exit 2
 fi
@@ -27,14 +32,39 @@ GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
-# 1. The slice.
-if "${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" >/dev/null 2>&1; then
-  echo "Reusing TPU VM $NAME"
-else
+# 1. The slice. A preempted spot slice keeps its name (describe succeeds) but has no
+#    running VMs: only a READY slice can be reused.
+slice_state() {
+  "${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" --format='value(state)' 2>/dev/null || true
+}
+create_slice() {
   echo "Creating TPU VM $NAME ($ACCELERATOR, $RUNTIME_VERSION)"
   "${GCLOUD[@]}" create "$NAME" "${COMMON[@]}" --accelerator-type "$ACCELERATOR" \
     --version "$RUNTIME_VERSION" ${SPOT:+--spot}
-fi
+}
+STATE=$(slice_state)
+case "$STATE" in
+  "")
+    create_slice ;;
+  PREEMPTED|TERMINATED)
+    echo "TPU VM $NAME is $STATE: deleting and recreating it"
+    "${GCLOUD[@]}" delete "$NAME" "${COMMON[@]}" --quiet
+    create_slice ;;
+  *)
+    # CREATING / STARTING / REPAIRING ...: wait (up to 30 minutes) for READY.
+    for _ in $(seq 180); do
+      [[ $STATE == READY ]] && break
+      echo "TPU VM $NAME is $STATE; waiting for READY"
+      sleep 10
+      STATE=$(slice_state)
+    done
+    if [[ $STATE != READY ]]; then
+      echo "TPU VM $NAME is still $STATE after 30 minutes; fix or delete it" \
+        "(gcloud compute tpus tpu-vm delete $NAME --zone $ZONE) and rerun." >&2
+      exit 1
+    fi
+    echo "Reusing TPU VM $NAME" ;;
+esac
 
 # 2. This checkout (tracked files of HEAD plus uncommitted changes) on every worker.
 ARCHIVE=$(mktemp /tmp/bert_sym.XXXXXX.tar.gz)
@@ -43,21 +73,57 @@ trap 'rm -f "$ARCHIVE"' EXIT
   | tar --null -czf "$ARCHIVE" -T -)
 "${GCLOUD[@]}" scp "$ARCHIVE" "$NAME":bert_sym.tar.gz "${COMMON[@]}" --worker=all
 
-# 3. Install (idempotent: the venv is reused on a rerun), then start the run. Stop an older
-#    run first so a relaunch never leaves two trainers on one slice.
-QUOTED_ARGS=""
-if [[ ${#EXTRA_ARGS[@]} -gt 0 ]]; then QUOTED_ARGS=$(printf ' %q' "${EXTRA_ARGS[@]}"); fi
-"${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command "
-  set -e
-  mkdir -p ~/bert_sym && cd ~/bert_sym
-  if [[ -f train.pid ]] && kill \$(cat train.pid) 2>/dev/null; then sleep 10; fi
-  tar -xzf ~/bert_sym.tar.gz -C ~/bert_sym
-  [[ -x .venv/bin/python ]] || python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r requirements.txt '$JAX_SPEC'
-  nohup .venv/bin/python -m bert_sym.train --distributed --config=$CONFIG \
-    --workdir=$WORKDIR $QUOTED_ARGS > train.log 2>&1 < /dev/null &
-  echo \$! > train.pid
-  echo \"worker \$(hostname): started, log in ~/bert_sym/train.log\"
-"
+# 3. Install (idempotent: the venv is reused on a rerun), then start the run. An older run
+#    is stopped first and waited for (it saves a checkpoint on SIGTERM), so a relaunch
+#    never has two trainers on one slice or reads a checkpoint being written.
+# The worker script is single-quoted (nothing expands here); its inputs travel as
+# shell-quoted variable assignments in front of it.
+# shellcheck disable=SC2016
+WORKER_SCRIPT='
+set -euo pipefail
+mkdir -p ~/bert_sym && cd ~/bert_sym
+if [[ -f train.pid ]]; then
+  old=$(cat train.pid)
+  if kill "$old" 2>/dev/null; then
+    echo "worker $(hostname): stopping the previous trainer (pid $old)"
+    for _ in $(seq 600); do kill -0 "$old" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$old" 2>/dev/null; then
+      echo "worker $(hostname): pid $old still running after 10 minutes; killing it"
+      kill -9 "$old" 2>/dev/null || true
+      while kill -0 "$old" 2>/dev/null; do sleep 1; done
+    fi
+  fi
+  rm -f train.pid
+fi
+tar -xzf ~/bert_sym.tar.gz -C ~/bert_sym
+PY=python$PYTHON_VERSION
+if ! command -v "$PY" >/dev/null; then
+  if python3 -c "import sys; sys.exit(sys.version_info < tuple(map(int, \"$PYTHON_VERSION\".split(\".\"))))"; then
+    PY=python3
+  else
+    echo "worker $(hostname): installing $PY (deadsnakes PPA)"
+    sudo DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq software-properties-common
+    sudo add-apt-repository -y ppa:deadsnakes/ppa
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      "python$PYTHON_VERSION" "python$PYTHON_VERSION-venv"
+  fi
+fi
+# A venv left by an older setup may be on the runtime default Python 3.10: rebuild it.
+if [[ -x .venv/bin/python ]] && ! .venv/bin/python -c "import sys; sys.exit(sys.version_info < (3, 11))"; then
+  rm -rf .venv
+fi
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -r requirements.txt "$JAX_SPEC"
+nohup .venv/bin/python -m bert_sym.train --distributed --config="$CONFIG" \
+  --workdir="$WORKDIR" "${EXTRA_ARGS[@]}" > train.log 2>&1 < /dev/null &
+echo $! > train.pid
+echo "worker $(hostname): started, log in ~/bert_sym/train.log"
+'
+EXTRA_DECL=$(declare -p EXTRA_ARGS)
+REMOTE_VARS=$(printf '%s=%q ' PYTHON_VERSION "$PYTHON_VERSION" JAX_SPEC "$JAX_SPEC" \
+  CONFIG "$CONFIG" WORKDIR "$WORKDIR")
+"${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command \
+  "$REMOTE_VARS bash -c $(printf %q "$EXTRA_DECL; $WORKER_SCRIPT")"
 echo "Started $CONFIG on every worker of $NAME; workdir $WORKDIR"
