@@ -7,13 +7,17 @@
    os.cpu_count().
 2. shards: `make_mlm_iterator(source='shards')` (memory-mapped blocks + NumPy masking,
    one thread), after exporting the same corpus; divided by 1 core.
-Tokens are sequence positions served (max_seq_len per example). Appends a section to
-benchmarks/RESULTS.md.
+Tokens are sequence positions served (max_seq_len per example). Writes
+benchmarks/results/data_pipeline_<host>.json and appends a section to benchmarks/RESULTS.md.
 """
 
 import argparse
+import datetime
+import json
 import os
 import pathlib
+import platform
+import shutil
 import tempfile
 import time
 
@@ -64,7 +68,10 @@ def main():
   cores = os.cpu_count() or 1
 
   raw, examples = raw_text_tokens_per_s(args.max_seq_len)
-  shards, _ = shard_tokens_per_s(args.max_seq_len, args.batch_size, args.steps)
+  shards, shards_dir = shard_tokens_per_s(args.max_seq_len, args.batch_size, args.steps)
+  shutil.rmtree(shards_dir, ignore_errors=True)
+  today = datetime.date.today().isoformat()
+  machine = f'{cores}-core {platform.machine()} CPU ({platform.processor() or "unknown"})'
   rows = [
       ('raw text -> seqio task (tokenise + pack + TF mask)', raw, cores),
       ('exported shards -> make_mlm_iterator (NumPy mask)', shards, 1),
@@ -73,11 +80,16 @@ def main():
   table = '\n'.join(['| path | tokens/s | cores used | tokens/s per core |',
                      '|---|---|---|---|'] + lines)
   print(table)
+  results_dir = RESULTS.parent / 'results'
+  results_dir.mkdir(exist_ok=True)
+  (results_dir / f'data_pipeline_{cores}core.json').write_text(json.dumps(dict(
+      date=today, machine=machine, args=vars(args), blocks=examples,
+      raw_text_tokens_per_s_total=raw, raw_text_cores=cores,
+      shards_tokens_per_s_one_core=shards), indent=2) + '\n')
   if not args.no_append:
     section = (
         f'\n## Input pipeline\n\n'
-        f'Date 2026-11-24, machine: {cores}-core CPU (shared with other jobs; raw-text '
-        f'numbers vary about 2x between runs). '
+        f'Date {today}, machine: {machine}. '
         f'`python benchmarks/data_pipeline.py`: embedded Wikipedia (train split, '
         f'{examples} blocks), max_seq_len {args.max_seq_len}, batch {args.batch_size}, '
         f'{args.steps} timed steps. Tokens = sequence positions served.\n\n{table}\n\n'
