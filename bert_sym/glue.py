@@ -272,11 +272,9 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
   total_steps = num_train_steps(num_train, config.batch_size, config.epochs)
   tx, schedule = optim.make_optimizer(_optimizer_config(config, total_steps), total_steps)
   init, param_shardings = make_init(model, mesh, rules)
-  abstract_params = jax.eval_shape(init, jax.random.key(0))
-  # As in the trainer: Adam's moments shard like their parameters; counters replicated.
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
-      transform_non_params=lambda _: sharding.replicated(mesh))
+  # The trainer's rule, from the one place it lives: moments shard like their parameters.
+  opt_shardings = sharding.opt_state_shardings(
+      tx, jax.eval_shape(init, jax.random.key(0)), param_shardings, mesh)
   opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
   task = TaskSetup(spec, model, tx, schedule, total_steps, init, opt_init, param_shardings)
   _compile_steps(task, (param_shardings, opt_shardings), mesh)
@@ -615,14 +613,17 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  """The finished checkpoint steps of a training workdir, as process 0 lists them."""
-  root = checkpoint_lib.checkpoint_dir(workdir)
-  steps = on_process_0(lambda: sorted(
-      int(p.name) for p in root.iterdir()
-      if p.name.isdigit() and (p / checkpoint_lib.STATE).is_dir()) if root.is_dir() else [])
+  """The finished checkpoint steps of a training workdir, as process 0 lists them.
+
+  Finished as orbax decides it (checkpoint.finished_steps): a step the trainer is still
+  writing (in place on gs://) is left out, so a sweep beside a running trainer never reads
+  a partial checkpoint; a later sweep picks it up.
+  """
+  steps = on_process_0(lambda: checkpoint_lib.finished_steps(workdir))
   if not steps:
-    raise FileNotFoundError(f'--sweep needs a training workdir with finished checkpoints in '
-                            f'{root}/<step>/; found none.')
+    raise FileNotFoundError(
+        f'--sweep needs a training workdir with finished checkpoints in '
+        f'{checkpoint_lib.checkpoint_dir(workdir)}/<step>/; found none.')
   return steps
 
 

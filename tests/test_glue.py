@@ -330,6 +330,20 @@ def test_every_attention_variant_fine_tunes(attention, tmp_path):
   assert results['runs']['wnli']['1']['dev_examples'] == {'wnli': 8}
 
 
+def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
+  """On gs:// orbax writes checkpoints/<step>/ in place and marks it finished with
+  commit_success.txt: a sweep beside a running trainer must not read the partial step."""
+  workdir = _handmade_workdir(tmp_path / 'run')                          # step 3, finished
+  assert glue.checkpoint_steps(workdir) == [3]
+  from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gcs_utils, 'is_gcs_path', lambda _: True)       # orbax's gs:// rule
+  (workdir / 'checkpoints' / '3' / 'commit_success.txt').write_text('done')
+  (workdir / 'checkpoints' / '6' / 'state').mkdir(parents=True)       # save in progress
+  assert glue.checkpoint_steps(workdir) == [3]
+  (workdir / 'checkpoints' / '6' / 'commit_success.txt').write_text('done')
+  assert glue.checkpoint_steps(workdir) == [3, 6]
+
+
 def test_bad_checkpoints_are_clear(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
