@@ -69,6 +69,7 @@ import numpy as np
 import optax
 
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import distributed
 from bert_sym import glue_data
 from bert_sym import glue_metrics
 from bert_sym import model as model_lib
@@ -323,7 +324,7 @@ def finetune(pretrained, task: TaskSetup, train, config, seed, mesh, tokenizer, 
 
   batches = train_batches(len(train), config.batch_size, config.epochs, seed)
   losses = []
-  with _progress(len(batches), desc, config.progress_bar) as bar:
+  with _progress(len(batches), desc, config.progress_bar and jax.process_index() == 0) as bar:
     for step, indices in enumerate(batches):
       batch = glue_data.pad_batch(train, indices, config.batch_size, config.max_seq_len,
                                   tokenizer.pad_id, bucket=config.length_buckets)
@@ -720,6 +721,7 @@ def define_flags() -> types.SimpleNamespace:
   process imports both (a notebook, the test suite).
   """
   return types.SimpleNamespace(
+      multiprocess=distributed.define_flags(),
       config=config_flags.DEFINE_config_file(
           'config', str(Path(__file__).resolve().parents[1] / 'configs' / 'glue.py'),
           'GLUE fine-tuning config (configs/glue.py); override any knob with '
@@ -757,14 +759,17 @@ def main(argv, cli):
     config.glue_dir = cli.glue_dir.value
   if cli.reference_score.value is not None and not cli.sweep.value:
     raise app.UsageError('--reference_score only applies with --sweep.')
+  distributed.initialize(cli.multiprocess)   # every host runs this same command
   start = time.time()
   if cli.sweep.value:
     run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
-    print((epath.Path(cli.output_dir.value) / 'glue_vs_step.md').read_text())
+    table = 'glue_vs_step.md'
   else:
     run_glue(cli.checkpoint.value, cli.output_dir.value, config)
-    print((epath.Path(cli.output_dir.value) / 'glue_results.md').read_text())
-  print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
+    table = 'glue_results.md'
+  if jax.process_index() == 0:   # the only process that writes results
+    print((epath.Path(cli.output_dir.value) / table).read_text())
+    print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
 
 
 if __name__ == '__main__':

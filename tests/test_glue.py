@@ -61,6 +61,42 @@ def _read_tsv(path):
 
 
 @needs_glue
+def test_cli_two_processes_match_one_process(workdir, tmp_path):
+  """Two hosts through jax.distributed (gloo on CPU), one device each, each with its own
+  local output dir: the data-parallel fine-tune equals the 2-device single-process run."""
+  common = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
+            f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1',
+            '--config.max_train_examples=16', '--config.max_eval_examples=16',
+            '--config.max_seq_len=32', '--config.epochs=1', '--config.length_buckets=false',
+            '--config.progress_bar=false', '--config.batch_size=8',
+            '--config.eval_batch_size=8']
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  single = subprocess.run(
+      common + [f'--output_dir={tmp_path / "single"}'], cwd=REPO_ROOT, capture_output=True,
+      text=True, timeout=600,
+      env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  assert single.returncode == 0, single.stderr[-3000:]
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      common + [f'--output_dir={tmp_path / f"host{i}"}', f'--coordinator_address=localhost:{port}',
+                '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert not (tmp_path / 'host1' / 'glue_results.json').exists()   # process 0 writes
+  two = json.loads((tmp_path / 'host0' / 'glue_results.json').read_text())
+  one = json.loads((tmp_path / 'single' / 'glue_results.json').read_text())
+  assert two['devices'] == one['devices'] == 2
+  assert (_read_tsv(tmp_path / 'host0' / 'predictions' / 'rte_seed1.tsv')
+          == _read_tsv(tmp_path / 'single' / 'predictions' / 'rte_seed1.tsv'))
+
+
+@needs_glue
 def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
   """The command line, data parallel over 2 simulated CPUs, two seeds, a single-sentence
   (MCC) and a regression pair task: every output is written and every score can be

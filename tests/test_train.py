@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bert_sym import checkpoint
+from bert_sym import distributed
 from bert_sym import optim
 from bert_sym import train
 from tests import train_fixtures
@@ -370,21 +371,21 @@ def test_weight_decay_mask_matches_hugging_face():
 def test_slurm_local_device_ids():
   base = {'SLURM_LOCALID': '3', 'SLURM_NODEID': '1', 'SLURM_STEP_TASKS_PER_NODE': '8(x2)'}
   # --gpus-per-node=8 --ntasks-per-node=8: every task sees 8 GPUs and takes its own.
-  assert train.slurm_local_device_ids(
+  assert distributed.slurm_local_device_ids(
       dict(base, CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7')) == [3]
   # --gpus-per-task=1: the task sees only its GPU, as ordinal 0 (jax's default: [3]).
-  assert train.slurm_local_device_ids(
+  assert distributed.slurm_local_device_ids(
       dict(base, CUDA_VISIBLE_DEVICES='3', SLURM_GPUS_PER_TASK='1')) == [0]
-  assert train.slurm_local_device_ids(dict(base, CUDA_VISIBLE_DEVICES='5')) == [0]
+  assert distributed.slurm_local_device_ids(dict(base, CUDA_VISIBLE_DEVICES='5')) == [0]
   # One task per node drives all of them; 2 tasks x 4 shared GPUs take slices.
   one = {'SLURM_LOCALID': '0', 'SLURM_NODEID': '0', 'SLURM_STEP_TASKS_PER_NODE': '1(x4)',
          'CUDA_VISIBLE_DEVICES': '0,1,2,3'}
-  assert train.slurm_local_device_ids(one) == [0, 1, 2, 3]
-  assert train.slurm_local_device_ids(
+  assert distributed.slurm_local_device_ids(one) == [0, 1, 2, 3]
+  assert distributed.slurm_local_device_ids(
       dict(one, SLURM_LOCALID='1', SLURM_STEP_TASKS_PER_NODE='2,2')) == [2, 3]
   # Not SLURM, or no GPU list: JAX's own default.
-  assert train.slurm_local_device_ids({'CUDA_VISIBLE_DEVICES': '0'}) is None
-  assert train.slurm_local_device_ids(dict(base)) is None
+  assert distributed.slurm_local_device_ids({'CUDA_VISIBLE_DEVICES': '0'}) is None
+  assert distributed.slurm_local_device_ids(dict(base)) is None
 
 
 def test_masked_positions_are_the_weighted_ones_in_order():

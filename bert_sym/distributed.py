@@ -1,0 +1,116 @@
+"""Multi-process start-up shared by the trainer and GLUE: one call, every launcher.
+
+Cloud TPU pod slices, SLURM and Open MPI are detected from the environment; a run started
+by hand passes --coordinator_address/--num_processes/--process_id. On CPU (tests,
+debugging) collectives go through gloo.
+"""
+
+import os
+import re
+import types
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+
+
+def define_flags() -> types.SimpleNamespace:
+  """The multi-process flags; call once, from the program's module."""
+  return types.SimpleNamespace(
+      distributed=flags.DEFINE_bool(
+          'distributed', False,
+          'Call jax.distributed.initialize() with auto-detection (Cloud TPU pod slices, '
+          'SLURM, Open MPI). SLURM and MPI jobs with several tasks are detected without it.'),
+      coordinator_address=flags.DEFINE_string(
+          'coordinator_address', None,
+          'host:port of process 0 for a multi-process run started by hand (e.g. several '
+          'local processes). Not needed with --distributed or under SLURM, where '
+          'jax.distributed.initialize() finds it from the environment.'),
+      num_processes=flags.DEFINE_integer(
+          'num_processes', None, 'Number of processes (with --coordinator_address).'),
+      process_id=flags.DEFINE_integer(
+          'process_id', None, 'This process\'s index (with --coordinator_address).'),
+  )
+
+
+def _multiprocess_environment() -> bool:
+  env = os.environ
+  if int(env.get('SLURM_NTASKS', env.get('SLURM_STEP_NUM_TASKS', '1')) or 1) > 1:
+    return True
+  if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):   # a multi-host Cloud TPU slice
+    return True
+  if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return True
+  return bool(env.get('JAX_COORDINATOR_ADDRESS'))
+
+
+def _tasks_on_this_node(env) -> int | None:
+  """Tasks of this SLURM step on this node, from e.g. SLURM_STEP_TASKS_PER_NODE='8(x2),4'."""
+  spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE')
+  if not spec:
+    return int(env['SLURM_NTASKS_PER_NODE']) if env.get('SLURM_NTASKS_PER_NODE') else None
+  counts = []
+  for part in spec.split(','):
+    match = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+    if not match:
+      return None
+    counts += [int(match.group(1))] * int(match.group(2) or 1)
+  node = int(env.get('SLURM_NODEID', 0))
+  return counts[node] if node < len(counts) else None
+
+
+def slurm_local_device_ids(env=None) -> list[int] | None:
+  """The GPU ordinals (as this process sees them) that this SLURM task should drive.
+
+  jax.distributed.initialize() on SLURM defaults to local_device_ids=[SLURM_LOCALID], which
+  assumes every task sees all of its node's GPUs. With per-task binding
+  (--gpus-per-task=1) each task sees only its own GPU as ordinal 0, so task 3 asks for a
+  GPU 3 that does not exist (jax issues #23452, #28194); with one task per node it would
+  drive 1 GPU of 8. Derived from CUDA_VISIBLE_DEVICES instead:
+
+    task sees only its own GPUs (--gpus-per-task, or fewer GPUs than tasks): all of them;
+    all tasks see the node's G GPUs, T tasks on the node: the LOCALID-th slice of G / T.
+
+  None (JAX's default) outside SLURM, without CUDA_VISIBLE_DEVICES, or on an uneven split.
+  """
+  env = os.environ if env is None else env
+  visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  if 'SLURM_LOCALID' not in env or not visible:
+    return None
+  tasks = _tasks_on_this_node(env)
+  if env.get('SLURM_GPUS_PER_TASK') or (tasks and len(visible) < tasks):
+    return list(range(len(visible)))
+  if not tasks or len(visible) % tasks:
+    return None
+  per_task = len(visible) // tasks
+  local_id = int(env['SLURM_LOCALID'])
+  return list(range(local_id * per_task, (local_id + 1) * per_task))
+
+
+def initialize(cli: types.SimpleNamespace) -> None:
+  """jax.distributed.initialize() when several processes share one run."""
+  explicit = cli.coordinator_address.value is not None
+  if not explicit and not cli.distributed.value and not _multiprocess_environment():
+    return
+  if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    # CPU-only multi-process (tests, debugging) needs a collectives backend.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    if cli.num_processes.value is None or cli.process_id.value is None:
+      raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
+    jax.distributed.initialize(cli.coordinator_address.value,
+                               num_processes=cli.num_processes.value,
+                               process_id=cli.process_id.value)
+  else:
+    # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env; on SLURM
+    # GPUs, which local GPUs this task drives comes from CUDA_VISIBLE_DEVICES (see above).
+    local_device_ids = (None if os.environ.get('JAX_PLATFORMS', '') == 'cpu'
+                        else slurm_local_device_ids())
+    if local_device_ids is not None:
+      logging.info('SLURM task %s drives local GPUs %s (CUDA_VISIBLE_DEVICES=%s)',
+                   os.environ.get('SLURM_LOCALID'), local_device_ids,
+                   os.environ.get('CUDA_VISIBLE_DEVICES'))
+    jax.distributed.initialize(local_device_ids=local_device_ids)
+  logging.info('Process %d of %d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
