@@ -452,15 +452,15 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
                       process_count: int | None = None) -> MLMIterator:
   """Iterator of per-host MLM batches for `config.data` (see the module docstring).
 
-  `shuffle_buffer` > 0 turns on shuffling of 'train' (an exact permutation per epoch, for
-  which no buffer is needed); 0 reads 'train' in order as well.
+  `data_config.shuffle` permutes 'train' exactly, afresh every epoch (blocks are indexed,
+  so no shuffle buffer is needed); validation is always read in order.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   blocks = load_blocks(data_config, split)
-  shuffle = split == 'train' and data_config.shuffle_buffer > 0
+  shuffle = split == 'train' and data_config.shuffle
   return MLMIterator(blocks, _mask_spec(data_config, blocks), batch_size=batch_size,
                      seed=seed, shuffle=shuffle, start_step=start_step,
                      process_index=process_index, process_count=process_count)

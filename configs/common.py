@@ -58,7 +58,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise') -> ml_collectio
       mask_rate=0.15,
       whole_word_masking=False,
       max_predictions_per_seq=80,   # >= 15% of 512 plus slack; caps the sparse MLM head
-      shuffle_buffer=10_000,
+      shuffle=True,                 # train split: a fresh exact permutation every epoch
   ))
 
   c.batch_size = 256                # global, in sequences

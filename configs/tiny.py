@@ -17,7 +17,6 @@ def get_config(arg=None):
   # ~10.3 (ln 30522) within about five minutes, compilation included.
   c.data.max_seq_len = 64
   c.data.max_predictions_per_seq = 10   # 15% of 64 rounded up
-  c.data.shuffle_buffer = 1000
   c.batch_size = 32
   c.total_steps = 300
   c.optimizer.learning_rate = 1e-3   # small models want a larger step
