@@ -62,8 +62,14 @@ def read_config(workdir) -> ml_collections.ConfigDict:
 # The manager and the save/restore calls the trainer makes.
 # ----------------------------------------------------------------------------------------
 
+def absolute(path) -> epath.Path:
+  """Orbax refuses relative paths, and users type `--workdir=runs/x`: resolve local ones."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else epath.Path(os.path.abspath(path))
+
+
 def checkpoint_dir(workdir) -> epath.Path:
-  return epath.Path(workdir) / 'checkpoints'
+  return absolute(workdir) / 'checkpoints'
 
 
 def make_manager(workdir, ckpt_config=None, *, read_only=False) -> ocp.CheckpointManager:
@@ -186,7 +192,7 @@ def _is_finished_step_dir(path: epath.Path) -> bool:
 
 
 def _checkpoints_root(path) -> epath.Path:
-  path = epath.Path(path)
+  path = absolute(path)
   return path if path.name == 'checkpoints' else checkpoint_dir(path)
 
 
@@ -207,7 +213,7 @@ def finished_steps(workdir) -> list[int]:
 
 def resolve_step_dir(path) -> epath.Path:
   """`path` is a workdir, its `checkpoints/` folder, or one finished step directory."""
-  path = epath.Path(path)
+  path = absolute(path)
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist.')
   if _is_step_dir(path):
@@ -228,7 +234,7 @@ def resolve_step_dir(path) -> epath.Path:
 
 def load_params(step_dir) -> dict:
   """The model parameters of one step as host numpy arrays (opt_state is not read)."""
-  step_dir = epath.Path(step_dir)
+  step_dir = absolute(step_dir)
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(step_dir / STATE).item_metadata.tree
   wanted = {'params': tree['params']}

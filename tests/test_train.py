@@ -78,6 +78,16 @@ def reference_run(tmp_path_factory):
   return workdir, result
 
 
+def test_relative_workdir_as_users_type_it(tmp_path):
+  """`--workdir=runs/x` (relative): orbax itself only takes absolute paths."""
+  relative = os.path.relpath(tmp_path / 'run', train_fixtures.REPO_ROOT)
+  assert not os.path.isabs(relative)
+  run_trainer(relative, overrides=_overrides(checkpoint__async_save=True))
+  assert checkpoint.finished_steps(tmp_path / 'run')[-1] == STEPS
+  run_trainer(relative, overrides=_overrides())   # resumes: nothing left to do
+  assert checkpoint.load_pretrained(os.path.relpath(tmp_path / 'run'))[1]
+
+
 # ---------------------------------------------------------------------------------------
 # Command line, dry run, clear errors.
 # ---------------------------------------------------------------------------------------
