@@ -46,14 +46,20 @@ def test_rules_from_json_lists_and_unknown_axis():
     sharding.logical_rules(config)
 
 
-def test_param_shardings_follow_the_rules():
-  """On a 1-device mesh the specs are still the rules' specs (sizes 1 divide anything)."""
+def _tiny_model_shardings():
+  """(config, mesh, boxed abstract params, their shardings) of the tiny MLM model."""
   config = train_fixtures.tiny_config()
   mesh = sharding.make_mesh(_mesh_config())
   module = model_lib.BertForMaskedLM(config.model)
   boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *model_lib.dummy_inputs())
                          ['params'])
-  shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
+  return config, mesh, boxed, sharding.logical_to_shardings(
+      boxed, mesh, sharding.logical_rules(config))
+
+
+def test_param_shardings_follow_the_rules():
+  """On a 1-device mesh the specs are still the rules' specs (sizes 1 divide anything)."""
+  _, _, boxed, shardings = _tiny_model_shardings()
   assert jax.tree.structure(shardings) == jax.tree.structure(nn.meta.unbox(boxed))
   layer = shardings['encoder']['layer_0']
   assert layer['intermediate']['kernel'].spec == P('fsdp', 'tensor')
@@ -73,12 +79,7 @@ def test_opt_state_shardings_follow_params():
   """Adam's mu/nu take their parameter's sharding; counts are replicated."""
   import optax  # pylint: disable=g-import-not-at-top
   from bert_sym import optim  # pylint: disable=g-import-not-at-top
-  config = train_fixtures.tiny_config()
-  mesh = sharding.make_mesh(_mesh_config())
-  module = model_lib.BertForMaskedLM(config.model)
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *model_lib.dummy_inputs())
-                         ['params'])
-  param_shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
+  config, mesh, boxed, param_shardings = _tiny_model_shardings()
   abstract_params = nn.meta.unbox(boxed)
   tx, _ = optim.make_optimizer(config.optimizer, 10)
   shardings = sharding.opt_state_shardings(tx, abstract_params, param_shardings, mesh)
