@@ -163,7 +163,7 @@ def on_process_0(fn) -> Any:
 # ----------------------------------------------------------------------------------------
 
 
-def global_batch(batch: dict, mesh, batch_size: int) -> dict:
+def global_batch(batch: dict, mesh, batch_size: int, rules) -> dict:
   """A batch every process built identically -> global arrays split over the batch axes.
 
   Each process keeps the rows of its own devices (a contiguous block per process), so
@@ -172,7 +172,7 @@ def global_batch(batch: dict, mesh, batch_size: int) -> dict:
   per_process = batch_size // jax.process_count()
   start = jax.process_index() * per_process
   local = {k: v[start:start + per_process] for k, v in batch.items()}
-  return sharding.host_batch_to_global(local, mesh, batch_size)
+  return sharding.host_batch_to_global(local, mesh, batch_size, rules)
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,6 +263,7 @@ class TaskSetup:
   init: Any
   opt_init: Any
   param_shardings: Any
+  rules: Any                 # the training config's logical-axis rules (batch included)
   train_step: Any = None
   predict_step: Any = None
 
@@ -277,7 +278,8 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
   opt_shardings = sharding.opt_state_shardings(
       tx, jax.eval_shape(init, jax.random.key(0)), param_shardings, mesh)
   opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
-  task = TaskSetup(spec, model, tx, schedule, total_steps, init, opt_init, param_shardings)
+  task = TaskSetup(spec, model, tx, schedule, total_steps, init, opt_init, param_shardings,
+                   rules)
   _compile_steps(task, (param_shardings, opt_shardings), mesh)
   return task
 
@@ -328,7 +330,7 @@ def finetune(pretrained, task: TaskSetup, train, config, seed, mesh, tokenizer, 
     for step, indices in enumerate(batches):
       batch = glue_data.pad_batch(train, indices, config.batch_size, config.max_seq_len,
                                   tokenizer.pad_id, bucket=config.length_buckets)
-      batch = global_batch(batch, mesh, config.batch_size)
+      batch = global_batch(batch, mesh, config.batch_size, task.rules)
       params, opt_state, loss = task.train_step(params, opt_state, batch, dropout_key, step)
       losses.append(loss)
       if (step + 1) % config.log_every_steps == 0 or step + 1 == len(batches):
@@ -344,7 +346,7 @@ def finetune(pretrained, task: TaskSetup, train, config, seed, mesh, tokenizer, 
   return params
 
 
-def predict(params, predict_step, dev, config, mesh, pad_id):
+def predict(params, task: TaskSetup, dev, config, mesh, pad_id):
   """Dev predictions in the dev set's order (batches formed by length, then restored)."""
   order = np.argsort(dev.lengths, kind='stable')
   out = []
@@ -353,8 +355,8 @@ def predict(params, predict_step, dev, config, mesh, pad_id):
     batch = glue_data.pad_batch(dev, indices, config.eval_batch_size, config.max_seq_len,
                                 pad_id, bucket=config.length_buckets)
     batch.pop('labels'), batch.pop('weights')
-    batch = global_batch(batch, mesh, config.eval_batch_size)
-    out.append(np.asarray(jax.device_get(predict_step(params, batch)))[:len(indices)])
+    batch = global_batch(batch, mesh, config.eval_batch_size, task.rules)
+    out.append(np.asarray(jax.device_get(task.predict_step(params, batch)))[:len(indices)])
   predictions = np.empty(len(dev), out[0].dtype if out else np.float32)
   predictions[order] = np.concatenate(out) if out else []
   return predictions
@@ -531,8 +533,8 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   # parameters laid out as in pre-training (replicated unless fsdp/tensor > 1).
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(pretrained.config)
-  sharding.check_batch_size(config.batch_size, mesh, 'batch_size')
-  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  sharding.check_batch_size(config.batch_size, mesh, rules, 'batch_size')
+  sharding.check_batch_size(config.eval_batch_size, mesh, rules, 'eval_batch_size')
 
   output_dir = epath.Path(output_dir)
   model_cfg = pretrained.config.model
@@ -591,7 +593,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
       steps = task.total_steps
       scores = {}
       for name, dev in devs.items():
-        predictions = predict(params, task.predict_step, dev, config, mesh, tokenizer.pad_id)
+        predictions = predict(params, task, dev, config, mesh, tokenizer.pad_id)
         scores[name] = glue_metrics.score(name, dev.labels, predictions)
         write_atomically(output_dir / 'predictions' / f'{name}_seed{seed}.tsv',
                          predictions_tsv(dev, predictions, spec.is_regression))

@@ -24,9 +24,6 @@ import numpy as np
 import optax
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-# Only for callers that pass no rules (configs/common.py's 'batch' rule has the same value);
-# the trainer always passes config.sharding_rules, so the config stays the single source.
-DEFAULT_BATCH_AXES = ('data', 'fsdp')
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -130,10 +127,8 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any,
       transform_non_params=lambda _: replicated(mesh))
 
 
-def batch_axes(rules=None) -> tuple[str, ...]:
+def batch_axes(rules) -> tuple[str, ...]:
   """The mesh axes of the logical 'batch' axis in `rules` (from `logical_rules`)."""
-  if rules is None:
-    return DEFAULT_BATCH_AXES
   found = [axes for name, axes in rules if name == 'batch']
   if not found:
     raise ValueError("config.sharding_rules has no 'batch' entry; add e.g. "
@@ -144,18 +139,18 @@ def batch_axes(rules=None) -> tuple[str, ...]:
   return tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
 
 
-def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
   """Leading (batch) dimension split over the 'batch' rule's axes; replicated elsewhere."""
   axes = batch_axes(rules)
   return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
-def data_parallel_size(mesh: Mesh, rules=None) -> int:
+def data_parallel_size(mesh: Mesh, rules) -> int:
   return _axes_size(mesh, batch_axes(rules) or None)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size',
-                     rules=None) -> int:
+def check_batch_size(batch_size: int, mesh: Mesh, rules,
+                     what: str = 'batch_size') -> int:
   """Returns the per-process batch; raises a readable error when it does not split."""
   dp, processes = data_parallel_size(mesh, rules), jax.process_count()
   axes = batch_axes(rules)
@@ -177,7 +172,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size',
 
 
 def host_batch_to_global(batch: dict, mesh: Mesh, global_batch_size: int,
-                         rules=None) -> dict:
+                         rules) -> dict:
   """Per-process numpy batches -> one global jax.Array per feature, split over the batch."""
   sharding = batch_sharding(mesh, rules)
   def to_global(x):

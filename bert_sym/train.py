@@ -263,9 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   with _user_errors('Mesh'):
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config)
-    per_process_batch = sharding.check_batch_size(config.batch_size, mesh, rules=rules)
+    per_process_batch = sharding.check_batch_size(config.batch_size, mesh, rules)
     sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
-                              'batch_size / optimizer.grad_accum_steps', rules=rules)
+                              rules, 'batch_size / optimizer.grad_accum_steps')
   console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
           f'device(s), {jax.process_count()} process(es); attention={config.model.attention}')
   replicated = sharding.replicated(mesh)

@@ -72,7 +72,8 @@ def test_param_shardings_follow_the_rules():
 
 def test_batch_size_checks():
   mesh = sharding.make_mesh(_mesh_config())
-  assert sharding.check_batch_size(16, mesh) == 16
+  rules = sharding.logical_rules(train_fixtures.tiny_config())
+  assert sharding.check_batch_size(16, mesh, rules) == 16
 
 
 def test_opt_state_shardings_follow_params():
