@@ -6,6 +6,12 @@ For head h, with Q = X Wq + bq, K = X Wk + bk and d_h the head size:
   symmetric  S_h = Q_h Q_h^T   / sqrt(d_h)      (one shared projection, no Wk/bk)
   pairwise   S_h = Q_h P_h Q_h^T / sqrt(d_h)    (P_h: a learned d_h x d_h matrix)
 
+Two ablations beyond the paper, each a line below:
+
+  pairwise_diagonal  S_h = Q_h diag(p_h) Q_h^T / sqrt(d_h)   (d_h parameters per head)
+  standard_syminit   standard, with W_k, b_k initialised equal to W_q, b_q (symmetric
+                     initialisation, Saponati et al., ICML 2025); they train apart after
+
 All three reduce to "softmax(q k^T / sqrt(d_h)) v" with k = Q_h and q = Q_h P_h for the
 new variants, so the same core (plain XLA or the fused `jax.nn.dot_product_attention`)
 serves every variant and no custom kernel is needed.
@@ -18,7 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ('standard', 'symmetric', 'pairwise')
+VARIANTS = ('standard', 'symmetric', 'pairwise', 'pairwise_diagonal', 'standard_syminit')
+# Variants with their own key projection (the others use k = Q_h).
+FREE_KEY_VARIANTS = ('standard', 'standard_syminit')
 IMPLEMENTATIONS = ('auto', 'xla', 'fused')
 
 
@@ -68,16 +76,23 @@ class SelfAttention(nn.Module):
     if self.attention_impl not in IMPLEMENTATIONS:
       raise ValueError(f'model.attention_impl={self.attention_impl!r}; use one of {IMPLEMENTATIONS}.')
     head_dim = self.hidden_size // self.num_heads
-    projection = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, head_dim), dtype=self.dtype,
-        kernel_init=nn.with_logical_partitioning(
-            dense_init(self.initializer_range), ('embed', 'heads', 'kv')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv')))
+
+    def projection(name, init_rng=None):
+      kernel_init = dense_init(self.initializer_range)
+      if init_rng is not None:   # draw from a given key, whatever the module path
+        kernel_init = lambda _, shape, dtype, init=kernel_init: init(init_rng, shape, dtype)
+      return nn.DenseGeneral(
+          features=(self.num_heads, head_dim), dtype=self.dtype, name=name,
+          kernel_init=nn.with_logical_partitioning(kernel_init, ('embed', 'heads', 'kv')),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('heads', 'kv')))
 
     # ---- The paper's equation: the only lines where the variants differ. ----
-    query = projection(name='query')(x)
-    if self.attention == 'standard':
-      key = projection(name='key')(x)                        # S = Q K^T
+    shared_init = None
+    if self.attention == 'standard_syminit' and self.is_initializing():
+      shared_init = self.make_rng('params')                  # W_k starts equal to W_q
+    query = projection('query', shared_init)(x)
+    if self.attention in FREE_KEY_VARIANTS:
+      key = projection('key', shared_init)(x)                # S = Q K^T
     else:
       key = query                                            # S = Q Q^T (symmetric)
     if self.attention == 'pairwise':
@@ -87,8 +102,14 @@ class SelfAttention(nn.Module):
           (self.num_heads, head_dim, head_dim))
       # q' = Q_h P_h, so q' k^T = Q_h P_h Q_h^T.
       query = jnp.einsum('blhd,hde->blhe', query, pairwise.astype(self.dtype))
+    if self.attention == 'pairwise_diagonal':
+      diagonal = self.param(
+          'pairwise_diagonal', nn.with_logical_partitioning(
+              nn.initializers.normal(self.pairwise_init_std), ('heads', 'kv')),
+          (self.num_heads, head_dim))
+      query = query * diagonal.astype(self.dtype)            # q' = Q_h diag(p_h)
     # --------------------------------------------------------------------------
-    value = projection(name='value')(x)
+    value = projection('value')(x)
 
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     impl = self.attention_impl

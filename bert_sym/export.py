@@ -39,7 +39,8 @@ def folded_key_projection(query_kernel, query_bias, pairwise=None):
   """Standard-attention key weights equivalent to a shared query (and optional P).
 
   query_kernel [d, heads, head_dim], query_bias [heads, head_dim], pairwise
-  [heads, head_dim, head_dim] or None (symmetric). Returns (key_kernel, key_bias) with
+  [heads, head_dim, head_dim], its diagonal [heads, head_dim] (pairwise_diagonal), or
+  None (symmetric). Returns (key_kernel, key_bias) with
   Wk_h = Wq_h P_h^T and bk_h = bq_h P_h^T, computed in float64 so the fold adds no
   rounding beyond the final cast.
   """
@@ -48,6 +49,8 @@ def folded_key_projection(query_kernel, query_bias, pairwise=None):
   if pairwise is None:
     return kernel.astype(np.float32), bias.astype(np.float32)
   p = np.asarray(pairwise, np.float64)
+  if p.ndim == 2:
+    p = np.einsum('he,ef->hef', p, np.eye(p.shape[-1]))   # diag(p_h)
   key_kernel = np.einsum('dhe,hfe->dhf', kernel, p)
   key_bias = np.einsum('he,hfe->hf', bias, p)
   return key_kernel.astype(np.float32), key_bias.astype(np.float32)
@@ -89,7 +92,8 @@ def mlm_params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
       key_kernel, key_bias = attn['key']['kernel'], attn['key']['bias']
     else:
       key_kernel, key_bias = folded_key_projection(
-          query['kernel'], query['bias'], attn.get('pairwise'))
+          query['kernel'], query['bias'],
+          attn.get('pairwise', attn.get('pairwise_diagonal')))
     put(f'{prefix}.attention.self.query', query['kernel'], query['bias'])
     put(f'{prefix}.attention.self.key', key_kernel, key_bias)
     put(f'{prefix}.attention.self.value', attn['value']['kernel'], attn['value']['bias'])
@@ -114,7 +118,7 @@ def mlm_params_from_hf(state_dict: Mapping[str, Any], cfg) -> dict[str, Any]:
   Values may be torch tensors or arrays. Only `standard` can hold an arbitrary key
   projection; for the other variants the key is tied to the query by construction.
   """
-  if cfg.attention != 'standard':
+  if cfg.attention not in ('standard', 'standard_syminit'):
     raise ValueError(f'model.attention={cfg.attention!r}: a Hugging Face BERT has a free key '
                      'projection, which only model.attention=standard can hold.')
   sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v, np.float32)

@@ -250,7 +250,9 @@ def train_flops_per_token(cfg, seq_len: int, predicted_fraction: float = 1.0) ->
   softmax, LayerNorm and biases are not counted (the usual MFU convention).
   """
   d, layers, head_dim = cfg.hidden_size, cfg.num_layers, cfg.hidden_size // cfg.num_heads
-  projections = {'standard': 4, 'symmetric': 3, 'pairwise': 3}[cfg.attention]  # Q,K,V,O
+  # Q, (K,) V, O. The diagonal P of pairwise_diagonal is elementwise, like biases: not
+  # counted.
+  projections = 4 if cfg.attention in ('standard', 'standard_syminit') else 3
   per_layer = 2 * (projections * d * d + 2 * d * cfg.mlp_dim) + 4 * seq_len * d
   if cfg.attention == 'pairwise':
     per_layer += 2 * d * head_dim

@@ -22,7 +22,7 @@ MODEL_SIZES = {
 def model_config(size: str = 'base', attention: str = 'pairwise') -> ml_collections.ConfigDict:
   layers, hidden, heads, mlp = MODEL_SIZES[size]
   return ml_collections.ConfigDict(dict(
-      attention=attention,          # 'standard' | 'symmetric' | 'pairwise'
+      attention=attention,          # 'standard' | 'symmetric' | 'pairwise' (paper); 'pairwise_diagonal' | 'standard_syminit' (ablations)
       attention_impl='auto',        # 'auto' | 'xla' | 'fused'
       vocab_size=BERT_UNCASED_VOCAB_SIZE,
       hidden_size=hidden,

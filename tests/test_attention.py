@@ -66,6 +66,18 @@ def test_pairwise_with_identity_equals_symmetric():
   np.testing.assert_allclose(out_pairwise, out_symmetric, atol=1e-6, rtol=0)
 
 
+def test_pairwise_diagonal_equals_pairwise_with_diagonal_matrix():
+  x, mask = inputs(pad_from=6)
+  diagonal_module = attention_module('pairwise_diagonal')
+  params = init(diagonal_module, x, mask)
+  assert params['pairwise_diagonal'].shape == (HEADS, HIDDEN // HEADS)
+  full = {k: v for k, v in params.items() if k != 'pairwise_diagonal'}
+  full['pairwise'] = jax.vmap(jnp.diag)(params['pairwise_diagonal'])
+  out_diagonal = diagonal_module.apply({'params': params}, x, mask, deterministic=True)
+  out_full = attention_module('pairwise').apply({'params': full}, x, mask, deterministic=True)
+  np.testing.assert_allclose(out_diagonal, out_full, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('attention', ['pairwise', 'symmetric'])
 def test_equals_standard_with_folded_key(attention):
   """Wk := Wq P^T, bk := bq P^T per head (P = I for symmetric) gives standard attention."""

@@ -35,7 +35,8 @@ def load_hf(cfg, state_dict):
   return hf.eval()
 
 
-@pytest.mark.parametrize('attention', ['standard', 'symmetric', 'pairwise'])
+@pytest.mark.parametrize('attention', ['standard', 'symmetric', 'pairwise', 'pairwise_diagonal',
+                                       'standard_syminit'])
 def test_exported_standard_bert_reproduces_our_logits(attention):
   cfg = tiny_config(attention)
   batch = padded_batch(cfg.vocab_size, length=20)

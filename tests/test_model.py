@@ -48,6 +48,41 @@ def test_encoder_plus_pooler_params_match_paper(size, attention):
   assert bert.encoder_plus_pooler_params(cfg) == PAPER_COUNTS[(size, attention)]
 
 
+# Ablations beyond the paper: pairwise_diagonal adds d_h parameters per head and layer
+# (hidden_size per layer) to symmetric; standard_syminit is standard with another init.
+ABLATION_COUNTS = {
+    ('base', 'pairwise_diagonal'): 102_395_136 + 12 * 768,
+    ('base', 'standard_syminit'): 109_482_240,
+    ('small', 'pairwise_diagonal'): 27_713_024 + 4 * 512,
+    ('small', 'standard_syminit'): 28_763_648,
+}
+
+
+@pytest.mark.parametrize('size,attention', sorted(ABLATION_COUNTS))
+def test_ablation_variant_counts(size, attention):
+  cfg = model_config(size, attention)
+  assert bert.encoder_plus_pooler_params(cfg) == ABLATION_COUNTS[(size, attention)]
+
+
+def test_standard_syminit_starts_with_key_equal_to_query_and_trains_apart():
+  cfg = tiny_config('standard_syminit')
+  params = init_params(bert.BertForMaskedLM(cfg), cfg)
+  for i in range(cfg.num_layers):
+    attn = params['encoder'][f'layer_{i}']['attention']
+    np.testing.assert_array_equal(attn['key']['kernel'], attn['query']['kernel'])
+    assert float(np.std(attn['query']['kernel'])) == pytest.approx(0.02, rel=0.1)
+  # Different layers still draw different weights.
+  layer0 = params['encoder']['layer_0']['attention']['query']['kernel']
+  layer1 = params['encoder']['layer_1']['attention']['query']['kernel']
+  assert not np.allclose(layer0, layer1)
+  # Q and K are separate parameters: one gradient step moves them differently.
+  batch = padded_batch(cfg.vocab_size, batch=2, length=12)
+  model = bert.BertForMaskedLM(cfg)
+  grads = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, *batch)[..., :5] ** 2))(params)
+  g = grads['encoder']['layer_0']['attention']
+  assert not np.allclose(g['query']['kernel'], g['key']['kernel'])
+
+
 @pytest.mark.parametrize('size', ['base', 'small'])
 def test_standard_count_matches_hugging_face_bert_model(size):
   cfg = model_config(size, 'standard')
