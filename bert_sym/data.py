@@ -330,11 +330,13 @@ def load_seqio_blocks(data_config, split: str) -> Blocks:
   task = tasks.task_for_config(data_config)
   vocabulary = vocab_lib.get_vocabulary(data_config.vocab_path)
   cache_key = (task, split, data_config.max_seq_len, vocabulary.md5,
-               data_config.text_files if task == tasks.TEXT_FILES_TASK else '')
+               (data_config.text_files, data_config.get('validation_files', ''))
+               if task == tasks.TEXT_FILES_TASK else '')
   if cache_key not in _SEQIO_BLOCKS:
     description = f'task {task} split {split}'
     if task == tasks.TEXT_FILES_TASK:
-      description += f' ({data_config.text_files})'
+      files = (data_config.get('validation_files', '') if split == 'validation' else '')
+      description += f' ({files or data_config.text_files})'
     dataset = tasks.packed_blocks(task, split, data_config.max_seq_len, vocabulary)
     blocks = list(_numpy_blocks(dataset, description))
     if not blocks:

@@ -116,18 +116,28 @@ def _documents_of_file(path: tf.Tensor) -> tf.data.Dataset:
 
 
 def _text_files_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
-                        patterns: list[str], holdout_every: int):
+                        patterns: list[str], holdout_every: int,
+                        validation_patterns: list[str] | None = None):
   del shuffle_files, seed  # file order defines the held-out documents
+  held_out = split == 'validation'
+  if validation_patterns:   # separate validation files: each split reads its files whole
+    files = expand_patterns(validation_patterns if held_out else patterns)
+    documents = tf.data.Dataset.from_tensor_slices(files).flat_map(_documents_of_file)
+    return documents.map(lambda text: {'text': text})
   files = expand_patterns(patterns)
   documents = tf.data.Dataset.from_tensor_slices(files).flat_map(_documents_of_file)
-  held_out = split == 'validation'
   documents = documents.enumerate().filter(
       lambda i, _: tf.equal(i % holdout_every == 0, held_out))
   return documents.map(lambda _, text: {'text': text})
 
 
+def _pattern_list(patterns: str | list[str]) -> list[str]:
+  return patterns.split(',') if isinstance(patterns, str) else list(patterns)
+
+
 def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path: str = '',
-                             holdout_every: int = HOLDOUT_EVERY, **mask_kwargs
+                             holdout_every: int = HOLDOUT_EVERY,
+                             validation_patterns: str | list[str] = '', **mask_kwargs
                              ) -> seqio.Task:
   """Registers (or replaces) an MLM task over text files matching `patterns`.
 
@@ -135,13 +145,19 @@ def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path
     name: the seqio task name.
     patterns: globs, local or gs://, as a list or comma-separated string.
     vocab_path: vocab.txt for the task's output features ('' = bert-base-uncased).
-    holdout_every: every N-th document (0, N, 2N, ...) goes to 'validation'.
+    holdout_every: every N-th document (0, N, 2N, ...) goes to 'validation', unless
+      `validation_patterns` names the validation files (e.g. WikiText's wiki.valid.tokens).
+    validation_patterns: globs of the validation split ('' = hold out from `patterns`).
     **mask_kwargs: mask_seed, mask_rate, whole_word, max_predictions for get_dataset.
   """
-  patterns = patterns.split(',') if isinstance(patterns, str) else list(patterns)
+  patterns = _pattern_list(patterns)
+  validation_patterns = [p for p in _pattern_list(validation_patterns) if p.strip()]
   expand_patterns(patterns)  # a bad glob fails here, at configuration time
+  if validation_patterns:
+    expand_patterns(validation_patterns)
   source = seqio.FunctionDataSource(
-      functools.partial(_text_files_dataset, patterns=patterns, holdout_every=holdout_every),
+      functools.partial(_text_files_dataset, patterns=patterns, holdout_every=holdout_every,
+                        validation_patterns=validation_patterns),
       splits=('train', 'validation'))
   return _register(name, source, vocab_path, **mask_kwargs)
 
@@ -150,7 +166,8 @@ def task_for_config(data_config) -> str:
   """The task name for `config.data`, registering the text-files task from its globs."""
   if data_config.task == TEXT_FILES_TASK:
     register_text_files_task(TEXT_FILES_TASK, data_config.text_files,
-                             vocab_path=data_config.vocab_path)
+                             vocab_path=data_config.vocab_path,
+                             validation_patterns=data_config.get('validation_files', ''))
   return data_config.task
 
 

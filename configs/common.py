@@ -52,6 +52,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise') -> ml_collectio
       source='seqio',               # 'seqio' (TF input pipeline) | 'shards' (exported, TF-free)
       task='bert_sym_mlm_embedded', # a registered seqio task (see bert_sym/tasks.py)
       text_files='',                # glob(s), comma separated, for task 'bert_sym_mlm_text_files'
+      validation_files='',          # its validation glob(s); '' = every 100th document held out
       shards_dir='',                # for source='shards': output of `python -m bert_sym.data export`
       vocab_path='',                # '' = bert-base-uncased WordPiece rebuilt offline
       max_seq_len=512,

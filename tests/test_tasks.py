@@ -132,6 +132,22 @@ def test_text_files_one_per_line_and_blank_line_separated(tmp_path):
                                                    if i % 3]
 
 
+def test_text_files_with_separate_validation_files(tmp_path):
+  """WikiText style: train.tokens and valid.tokens, each read whole (no hold-out)."""
+  (tmp_path / 'train.txt').write_text('T1.\nT2.\nT3.\n')
+  (tmp_path / 'valid.txt').write_text('V1.\nV2.\n')
+  from configs import common  # pylint: disable=import-outside-toplevel
+  config = common.base_config('tiny').data
+  config.task, config.text_files = tasks.TEXT_FILES_TASK, str(tmp_path / 'train.txt')
+  config.validation_files = str(tmp_path / 'valid.txt')
+  name = tasks.task_for_config(config)
+  assert _documents(name, 'train') == ['T1.', 'T2.', 'T3.']
+  assert _documents(name, 'validation') == ['V1.', 'V2.']
+  config.validation_files = str(tmp_path / 'nope*.txt')
+  with pytest.raises(data_lib.DataError, match=r'nope\*\.txt: no such file'):
+    tasks.task_for_config(config)
+
+
 def test_text_files_task_from_config_value(tmp_path):
   from configs import common  # pylint: disable=import-outside-toplevel
   (tmp_path / 'x.txt').write_text('\n'.join(f'Sentence number {i}.' for i in range(300)))
