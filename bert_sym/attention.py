@@ -13,13 +13,27 @@ Two ablations beyond the paper, each a line below:
                      initialisation, Saponati et al., ICML 2025); they train apart after
 
 All three reduce to "softmax(q k^T / sqrt(d_h)) v" with k = Q_h and q = Q_h P_h for the
-new variants, so the same core (plain XLA or the fused `jax.nn.dot_product_attention`)
-serves every variant and no custom kernel is needed.
+new variants, so one core serves every variant and no custom kernel is needed. The core is
+a config switch (`model.attention_impl`), each name being exactly the kernel that runs:
+
+  xla     explicit scores, float32 softmax statistics, BERT's attention dropout, attention
+          maps (return_weights). The reference path; runs everywhere.
+  cudnn   cuDNN flash attention (GPU), via jax.nn.dot_product_attention(implementation=
+          'cudnn'), bfloat16 operands, right padding given as key lengths.
+  splash  the Pallas splash-attention kernel (TPU), padding given as segment ids;
+          sequence length a multiple of 128.
+  auto    cudnn on GPU, splash on TPU, xla on CPU; xla wherever the fused kernel cannot
+          do what the step asks (attention dropout in training, attention maps). Logged.
+
+A kernel asked for by name never falls back: it runs or raises. The fused kernels have no
+attention-probability dropout, hence two recipes (configs/common.py): paper-exact
+(xla, attention dropout 0.1) and fast (fused kernel, attention_dropout_rate=0).
 """
 
 import functools
 import math
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,35 +41,170 @@ import jax.numpy as jnp
 VARIANTS = ('standard', 'symmetric', 'pairwise', 'pairwise_diagonal', 'standard_syminit')
 # Variants with their own key projection (the others use k = Q_h).
 FREE_KEY_VARIANTS = ('standard', 'standard_syminit')
-IMPLEMENTATIONS = ('auto', 'xla', 'fused')
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
+# The fused kernel `auto` picks on each backend (any other backend: xla).
+BACKEND_KERNELS = {'gpu': 'cudnn', 'tpu': 'splash'}
+SPLASH_BLOCK = 128   # splash tiles are multiples of the 128-lane vector width
 
 
 def dense_init(stddev):
   return nn.initializers.normal(stddev)
 
 
+_LOGGED = set()
+
+
+def _log_once(message):
+  if message not in _LOGGED:
+    _LOGGED.add(message)
+    logging.info('%s', message)
+
+
+def resolve_implementation(impl: str, *, training_dropout: bool, return_weights: bool,
+                           seq_len: int, backend: str | None = None,
+                           interpret: bool = False) -> str:
+  """The kernel that runs: 'xla', 'cudnn' or 'splash' (see the module docstring).
+
+  `training_dropout`: attention dropout is on in this call (training, rate > 0).
+  `interpret`: run Pallas kernels in interpret mode (tests on CPU), so 'splash' runs on
+  any backend.
+  """
+  backend = backend or jax.default_backend()
+  if impl == 'fused':
+    raise ValueError(
+        "model.attention_impl='fused' was removed: it ran plain XLA attention everywhere. "
+        "Use 'auto' (cudnn on GPU, splash on TPU, xla on CPU), or name the kernel: "
+        "'cudnn', 'splash' or 'xla'.")
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'model.attention_impl={impl!r}; use one of {IMPLEMENTATIONS}.')
+  if impl == 'auto':
+    kernel = BACKEND_KERNELS.get(backend, 'xla')
+    why_not = None
+    if kernel != 'xla' and training_dropout:
+      why_not = ('attention dropout is on (model.attention_dropout_rate > 0) and the '
+                 f'fused kernels have none; set model.attention_dropout_rate=0 to train '
+                 f'with {kernel}')
+    elif kernel != 'xla' and return_weights:
+      why_not = 'attention weights were asked for (return_weights)'
+    elif kernel == 'splash' and seq_len % SPLASH_BLOCK:
+      why_not = f'sequence length {seq_len} is not a multiple of {SPLASH_BLOCK}'
+    if why_not:
+      _log_once(f'attention_impl=auto on {backend}: using xla attention, not {kernel}, '
+                f'because {why_not}.')
+      return 'xla'
+    _log_once(f'attention_impl=auto on {backend}: using {kernel} attention.')
+    return kernel
+  if impl == 'xla':
+    return impl
+  # A fused kernel asked for by name: it runs as asked or the config is wrong.
+  needs = {'cudnn': 'gpu', 'splash': 'tpu'}[impl]
+  if backend != needs and not (impl == 'splash' and interpret):
+    raise ValueError(
+        f"model.attention_impl='{impl}' needs a {needs.upper()} but the JAX backend is "
+        f"{backend!r}. Set model.attention_impl=auto (picks the kernel for the backend) "
+        f"or model.attention_impl=xla.")
+  if training_dropout:
+    raise ValueError(
+        f"model.attention_impl='{impl}' has no attention dropout, but "
+        f"model.attention_dropout_rate > 0 in training. Set "
+        f"model.attention_dropout_rate=0 (the fast recipe) or model.attention_impl=xla "
+        f"(the paper-exact recipe).")
+  if return_weights:
+    raise ValueError(
+        f"model.attention_impl='{impl}' cannot return attention weights; use "
+        f"model.attention_impl=xla (or auto) for attention maps.")
+  if impl == 'splash' and seq_len % SPLASH_BLOCK:
+    raise ValueError(
+        f"model.attention_impl='splash' needs a sequence length that is a multiple of "
+        f"{SPLASH_BLOCK}, got {seq_len}; change data.max_seq_len or use "
+        f"model.attention_impl=xla.")
+  return impl
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_as(scores, dtype):
+  """softmax(scores) over the last axis, computed in float32, returned in `dtype`.
+
+  Only the `dtype` probabilities are kept for the backward pass (jax.nn.softmax would keep
+  its float32 output, the largest activation of a BERT layer: [batch, heads, L, L]).
+  """
+  return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _softmax_as_fwd(scores, dtype):
+  probs = _softmax_as(scores, dtype)
+  return probs, probs
+
+
+def _softmax_as_bwd(dtype, probs, grad):
+  del dtype
+  probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
+  return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
+
+
+_softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
+
+
 def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dtype):
-  """Reference core: explicit scores, probabilities in float32, BERT's attention dropout.
+  """Reference core: explicit scores, softmax in float32, BERT's attention dropout.
 
   q, k, v: [batch, length, heads, head_dim]; mask: [batch, 1, 1, length] bool (True = key
   is a real token). Returns (output [batch, length, heads, head_dim], probs [b, h, q, k]).
+  The probabilities are rounded to the compute dtype before dropout and the PV matmul
+  (as the MXU / tensor cores consume them anyway); `probs` is returned in float32.
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   # finfo.min (as in Hugging Face BERT) makes exp() exactly 0 at padded keys.
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
+  probs = _softmax_as(scores, dtype)
   if not deterministic and dropout_rate > 0.0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(dtype), v)
-  return out, probs
+    probs = jnp.where(keep, probs / jnp.asarray(1.0 - dropout_rate, dtype), 0.0)
+  out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(dtype))
+  return out, probs.astype(jnp.float32)
 
 
-def fused_attention(q, k, v, mask, *, dtype):
-  """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies."""
-  del dtype
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+def key_lengths(mask):
+  """[batch, 1, 1, L] key mask -> [batch] int32 real lengths (padding on the right)."""
+  return jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
+
+
+def cudnn_attention(q, k, v, mask, *, dtype):
+  """cuDNN flash attention. Padding as lengths (cuDNN rejects a [B,1,1,L] mask), so it
+  assumes right padding, as every iterator of this project produces."""
+  bf16 = jnp.bfloat16
+  out = jax.nn.dot_product_attention(
+      q.astype(bf16), k.astype(bf16), v.astype(bf16), scale=1.0 / math.sqrt(q.shape[-1]),
+      key_value_seq_lengths=key_lengths(mask), implementation='cudnn')
+  return out.astype(dtype)
+
+
+def splash_attention(q, k, v, mask, *, dtype, interpret=False):
+  """Pallas splash attention (TPU), one kernel call per example (vmapped over the batch).
+
+  Padding as segment ids (1 = real token, 0 = padding): a real query sees exactly the real
+  keys, as in xla_attention. A padded query sees only padded keys (xla: the real ones);
+  nothing reads padded positions, so losses and gradients are the same.
+  """
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  # pylint: enable=g-import-not-at-top
+  _, length, heads, head_dim = q.shape
+  block = math.gcd(length, 512)
+  blocks = sk.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  kernel = sk.make_splash_mha(
+      mask=sm.MultiHeadMask([sm.FullMask((length, length))] * heads), block_sizes=blocks,
+      head_shards=1, q_seq_shards=1, interpret=interpret)
+  segments = mask[:, 0, 0, :].astype(jnp.int32)
+  heads_major = lambda t: jnp.swapaxes(t.astype(dtype), 1, 2)   # [b, h, L, d]
+  q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)      # splash does not scale
+  out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
+      heads_major(q), heads_major(k), heads_major(v), segments)
+  return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 
 class SelfAttention(nn.Module):
@@ -68,13 +217,12 @@ class SelfAttention(nn.Module):
   initializer_range: float = 0.02
   pairwise_init_std: float = 1.0
   dtype: jnp.dtype = jnp.float32
+  kernel_interpret: bool = False   # Pallas kernels in interpret mode (CPU tests)
 
   @nn.compact
   def __call__(self, x, mask, *, deterministic: bool, return_weights: bool = False):
     if self.attention not in VARIANTS:
       raise ValueError(f'model.attention={self.attention!r}; use one of {VARIANTS}.')
-    if self.attention_impl not in IMPLEMENTATIONS:
-      raise ValueError(f'model.attention_impl={self.attention_impl!r}; use one of {IMPLEMENTATIONS}.')
     head_dim = self.hidden_size // self.num_heads
 
     def projection(name, init_rng=None):
@@ -112,14 +260,9 @@ class SelfAttention(nn.Module):
     value = projection('value')(x)
 
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
-    impl = self.attention_impl
-    if impl == 'auto':
-      # The fused path has no attention-probability dropout and hides the weights.
-      impl = 'xla' if (use_dropout or return_weights) else 'fused'
-    if impl == 'fused' and (use_dropout or return_weights):
-      raise ValueError(
-          'attention_impl="fused" cannot apply attention dropout or return attention '
-          'weights; set model.attention_impl=xla (or auto), or attention_dropout_rate=0.')
+    impl = resolve_implementation(
+        self.attention_impl, training_dropout=use_dropout, return_weights=return_weights,
+        seq_len=x.shape[-2], interpret=self.kernel_interpret)
 
     weights = None
     if impl == 'xla':
@@ -127,8 +270,11 @@ class SelfAttention(nn.Module):
       out, weights = xla_attention(
           query, key, value, mask, dropout_rate=self.attention_dropout_rate,
           dropout_rng=rng, deterministic=deterministic, dtype=self.dtype)
+    elif impl == 'cudnn':
+      out = cudnn_attention(query, key, value, mask, dtype=self.dtype)
     else:
-      out = fused_attention(query, key, value, mask, dtype=self.dtype)
+      out = splash_attention(query, key, value, mask, dtype=self.dtype,
+                             interpret=self.kernel_interpret)
 
     out = nn.DenseGeneral(
         features=self.hidden_size, axis=(-2, -1), dtype=self.dtype, name='output',

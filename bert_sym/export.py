@@ -70,6 +70,9 @@ def mlm_params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
   The tied decoder weight is written too, so the dict loads with `strict=True`.
   """
   enc, head = params['encoder'], params['mlm_head']
+  if 'layers' in enc:   # model.scan_layers=True: stacked layers, as a list of layers here
+    from bert_sym.model import unstack_layers  # pylint: disable=g-import-not-at-top
+    enc = unstack_layers(enc)
   out: dict[str, np.ndarray] = {}
 
   def put(name, kernel, bias):

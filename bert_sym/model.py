@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bert_sym.attention import SelfAttention, dense_init
 
@@ -88,7 +89,7 @@ class Layer(nn.Module):
         hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, attention=cfg.attention,
         attention_impl=cfg.attention_impl, attention_dropout_rate=cfg.attention_dropout_rate,
         initializer_range=cfg.initializer_range, pairwise_init_std=cfg.pairwise_init_std,
-        dtype=dtype, name='attention')(
+        dtype=dtype, kernel_interpret=cfg.get('kernel_interpret', False), name='attention')(
             x, mask, deterministic=deterministic, return_weights=return_weights)
     attn, weights = attn if return_weights else (attn, None)
     x = _layer_norm(cfg, 'attention_layer_norm')(
@@ -100,14 +101,85 @@ class Layer(nn.Module):
     return x, weights
 
 
+REMAT_POLICIES = {
+    # Recompute everything in the backward pass but each layer's input.
+    'full': None,
+    # Keep matmul outputs, recompute the elementwise ops (GELU, LayerNorm, softmax).
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(cfg):
+  """(model.remat, model.remat_policy) -> False (no remat) or a jax.checkpoint policy
+  (None = save nothing)."""
+  if not cfg.remat:
+    return False
+  name = cfg.get('remat_policy', 'full')
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'model.remat_policy={name!r}; use one of {sorted(REMAT_POLICIES)}.')
+  return REMAT_POLICIES[name]
+
+
+def stack_layers(tree, num_layers=None):
+  """Per-layer parameters ({'layer_0': ..., 'layer_{n-1}': ...}) -> scanned layout
+  ({'layers': leaves with a leading [n] axis}), wherever they occur in `tree` (MLM, GLUE
+  and Adam-moment trees alike). Exact: leaves are stacked, never cast."""
+  if not isinstance(tree, dict):
+    return tree
+  names = [k for k in tree if isinstance(k, str) and k.startswith('layer_')
+           and k[len('layer_'):].isdigit()]
+  out = {k: stack_layers(v, num_layers) for k, v in tree.items() if k not in names}
+  if names:
+    n = len(names)
+    if sorted(names) != sorted(f'layer_{i}' for i in range(n)) or (
+        num_layers is not None and n != num_layers):
+      raise ValueError(f'Cannot stack layers {sorted(names)}: expected layer_0 .. '
+                       f'layer_{(num_layers or n) - 1}.')
+    if 'layers' in tree:
+      raise ValueError("Both 'layers' and 'layer_{i}' entries: the tree is half converted.")
+    layers = [stack_layers(tree[f'layer_{i}'], num_layers) for i in range(n)]
+    out['layers'] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs])
+                                 if not isinstance(xs[0], jax.Array)
+                                 else jnp.stack(xs), *layers)
+  return out
+
+
+def unstack_layers(tree):
+  """The scanned layout ({'layers': stacked leaves}) -> {'layer_0': ..., ...}; the exact
+  inverse of stack_layers. Export, GLUE and attention maps read this layout."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: unstack_layers(v) for k, v in tree.items() if k != 'layers'}
+  if 'layers' in tree:
+    stacked = tree['layers']
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+      out[f'layer_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return out
+
+
 class Encoder(nn.Module):
   """Embeddings and the stack of layers; returns the last hidden states."""
   cfg: Any
 
   def setup(self):
-    self.embeddings = Embeddings(self.cfg)
-    layer = nn.remat(Layer, static_argnums=(3, 4)) if self.cfg.remat else Layer
-    self.layers = [layer(self.cfg, name=f'layer_{i}') for i in range(self.cfg.num_layers)]
+    cfg = self.cfg
+    self.embeddings = Embeddings(cfg)
+    policy = remat_policy(cfg)
+    layer = Layer
+    if policy is not False:
+      # (self, x, mask, deterministic, return_weights): the two flags are Python bools.
+      layer = nn.remat(Layer, static_argnums=(3, 4), policy=policy,
+                       prevent_cse=not cfg.get('scan_layers', False))
+    if cfg.get('scan_layers', False):
+      # One traced layer applied num_layers times: compile time independent of depth.
+      # Parameters gain a leading [num_layers] axis under 'layers' (see stack_layers).
+      self.layers = nn.scan(
+          layer, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+    else:
+      self.layers = [layer(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
 
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True,
                return_weights=False):
@@ -120,10 +192,14 @@ class Encoder(nn.Module):
                        f'model.max_position_embeddings={self.cfg.max_position_embeddings}.')
     x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
     mask = attention_mask.astype(bool)[:, None, None, :]   # [batch, 1, 1, key]
-    all_weights = []
-    for layer in self.layers:
-      x, weights = layer(x, mask, deterministic, return_weights)
-      all_weights.append(weights)
+    if self.cfg.get('scan_layers', False):
+      x, stacked = self.layers(x, mask, deterministic, return_weights)
+      all_weights = [stacked[i] for i in range(self.cfg.num_layers)] if return_weights else []
+    else:
+      all_weights = []
+      for layer in self.layers:
+        x, weights = layer(x, mask, deterministic, return_weights)
+        all_weights.append(weights)
     return (x, all_weights) if return_weights else x
 
   def attend(self, hidden):

@@ -1,11 +1,15 @@
 """Structural properties of the three compatibility functions (PAPER.md identities)."""
 
+import functools
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bert_sym import attention as attention_lib
 from bert_sym import export
 from bert_sym import model as bert
 from bert_sym.attention import SelfAttention
@@ -96,19 +100,6 @@ def test_equals_standard_with_folded_key(attention):
 
 
 @pytest.mark.parametrize('attention', VARIANTS)
-def test_fused_and_xla_paths_agree(attention):
-  cfg = model_config('tiny', attention)
-  cfg.vocab_size, cfg.dtype = 1000, 'float32'
-  batch = padded_batch(cfg.vocab_size, length=16)
-  cfg.attention_impl = 'xla'
-  params = nn.meta.unbox(bert.BertForMaskedLM(cfg).init(jax.random.key(0), *batch)['params'])
-  xla = bert.BertForMaskedLM(cfg).apply({'params': params}, *batch)
-  cfg.attention_impl = 'fused'
-  fused = bert.BertForMaskedLM(cfg).apply({'params': params}, *batch)
-  np.testing.assert_allclose(fused, xla, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize('attention', VARIANTS)
 def test_padded_keys_get_exactly_zero_attention(attention):
   x, mask = inputs(pad_from=6)
   module = attention_module(attention, dropout=0.1)
@@ -128,10 +119,134 @@ def test_padded_keys_get_exactly_zero_attention(attention):
   np.testing.assert_allclose(out[1, :6], out_changed[1, :6], atol=1e-5, rtol=0)
 
 
-def test_fused_refuses_attention_dropout():
+# ---------------------------------------------------------------------------------------
+# Kernels: every backend computes what the xla reference path computes.
+# ---------------------------------------------------------------------------------------
+
+ALL_VARIANTS = attention_lib.VARIANTS
+KERNEL_LENGTH = 128   # splash tiles are 128 wide
+ON_GPU = jax.default_backend() == 'gpu'
+
+
+def kernel_inputs(batch=2, length=KERNEL_LENGTH, real=(KERNEL_LENGTH, 77)):
+  x = jax.random.normal(jax.random.key(5), (batch, length, HIDDEN))
+  valid = np.arange(length)[None, :] < np.asarray(real)[:, None]   # right padding
+  return x, jnp.asarray(valid)[:, None, None, :], jnp.asarray(valid)
+
+
+def loss_and_grads(module, params, x, mask, valid):
+  """A loss that reads every real position (as the MLM loss does), and its gradients."""
+  cotangent = jax.random.normal(jax.random.key(9), x.shape[:2] + (HIDDEN,))
+
+  def loss(p, x):
+    out = module.apply({'params': p}, x, mask, deterministic=True)
+    return jnp.sum(out * cotangent * valid[..., None]), out
+  (value, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  return value, out, grads
+
+
+@pytest.mark.parametrize('attention', ALL_VARIANTS)
+@pytest.mark.parametrize('impl', [
+    'splash',
+    pytest.param('cudnn', marks=pytest.mark.skipif(
+        not ON_GPU, reason='cuDNN flash attention needs a GPU (jax backend is not gpu)'))])
+def test_kernel_equals_xla_path_with_right_padding(impl, attention):
+  x, mask, valid = kernel_inputs()
+  reference = SelfAttention(hidden_size=HIDDEN, num_heads=HEADS, attention=attention,
+                            attention_impl='xla', attention_dropout_rate=0.1)
+  kernel = reference.clone(attention_impl=impl, kernel_interpret=not ON_GPU)
+  params = init(reference, x, mask)
+  params = jax.tree.map(   # non-zero biases, so a dropped one shows
+      lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
+  want_loss, want_out, want_grads = loss_and_grads(reference, params, x, mask, valid)
+  got_loss, got_out, got_grads = loss_and_grads(kernel, params, x, mask, valid)
+  # cuDNN runs in bfloat16 (it has no float32 flash kernel): a bf16 tolerance there.
+  tol = 1e-5 if impl == 'splash' else 3e-2
+  real = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real],
+                             atol=tol, rtol=tol)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=tol)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+
+
+def test_kernel_comparison_can_fail():
+  """The comparison above sees a one-token change of the padding (so it is not vacuous)."""
+  x, mask, valid = kernel_inputs()
+  reference = attention_module('pairwise')
+  params = init(reference, x, mask)
+  _, want_out, _ = loss_and_grads(reference, params, x, mask, valid)
+  valid2 = np.asarray(valid).copy()
+  valid2[1, 77] = True
+  mask2 = jnp.asarray(valid2)[:, None, None, :]
+  kernel = reference.clone(attention_impl='splash', kernel_interpret=True)
+  _, got_out, _ = loss_and_grads(kernel, params, x, mask2, valid)
+  assert np.abs(np.asarray(got_out)[np.asarray(valid)] -
+                np.asarray(want_out)[np.asarray(valid)]).max() > 1e-3
+
+
+def test_auto_on_cpu_picks_xla_and_says_so(caplog):
+  assert jax.default_backend() == 'cpu'
+  attention_lib._LOGGED.clear()
+  with caplog.at_level(logging.INFO):
+    impl = attention_lib.resolve_implementation(
+        'auto', training_dropout=False, return_weights=False, seq_len=128)
+  assert impl == 'xla'
+  assert 'attention_impl=auto on cpu: using xla attention' in caplog.text
+
+
+@pytest.mark.parametrize('backend,kernel', [('gpu', 'cudnn'), ('tpu', 'splash')])
+def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, caplog):
+  resolve = functools.partial(attention_lib.resolve_implementation, 'auto',
+                              return_weights=False, seq_len=128, backend=backend)
+  assert resolve(training_dropout=False) == kernel
+  attention_lib._LOGGED.clear()
+  with caplog.at_level(logging.INFO):
+    assert resolve(training_dropout=True) == 'xla'
+  assert 'attention_dropout_rate' in caplog.text and kernel in caplog.text
+  assert attention_lib.resolve_implementation(
+      'auto', training_dropout=False, return_weights=True, seq_len=128,
+      backend=backend) == 'xla'
+
+
+@pytest.mark.skipif(ON_GPU, reason='checks the error raised off GPU')
+def test_cudnn_off_gpu_is_a_clear_error():
   x, mask = inputs()
-  module = attention_module('pairwise', impl='fused', dropout=0.1)
-  params = init(module, x, mask)
-  with pytest.raises(ValueError, match='attention_impl'):
+  module = attention_module('pairwise', impl='cudnn')
+  params = init(attention_module('pairwise'), x, mask)
+  with pytest.raises(ValueError, match=r"model.attention_impl='cudnn' needs a GPU.*auto"):
+    module.apply({'params': params}, x, mask, deterministic=True)
+
+
+def test_old_fused_name_is_a_clear_error():
+  with pytest.raises(ValueError, match="'fused' was removed"):
+    attention_lib.resolve_implementation('fused', training_dropout=False,
+                                         return_weights=False, seq_len=128)
+
+
+def test_named_kernel_refuses_dropout_weights_and_bad_lengths():
+  x, mask, _ = kernel_inputs()
+  module = SelfAttention(hidden_size=HIDDEN, num_heads=HEADS, attention='pairwise',
+                         attention_impl='splash', attention_dropout_rate=0.1,
+                         kernel_interpret=True)
+  params = init(attention_module('pairwise'), x, mask)
+  with pytest.raises(ValueError, match='attention_dropout_rate=0'):
     module.apply({'params': params}, x, mask, deterministic=False,
                  rngs={'dropout': jax.random.key(0)})
+  with pytest.raises(ValueError, match='attention weights'):
+    module.apply({'params': params}, x, mask, deterministic=True, return_weights=True)
+  x_short, mask_short = inputs(length=10)
+  with pytest.raises(ValueError, match='multiple of 128'):
+    module.apply({'params': params}, x_short, mask_short, deterministic=True)
+
+
+def test_xla_softmax_keeps_only_compute_dtype_probabilities():
+  """Backward of the bf16-output softmax equals jax.nn.softmax's in float32."""
+  scores = jax.random.normal(jax.random.key(0), (2, 3, 5, 5))
+  cot = jax.random.normal(jax.random.key(1), scores.shape)
+  ours = jax.grad(lambda s: jnp.sum(attention_lib._softmax_as(s, jnp.float32) * cot))(scores)
+  ref = jax.grad(lambda s: jnp.sum(jax.nn.softmax(s) * cot))(scores)
+  np.testing.assert_allclose(ours, ref, atol=1e-6)
+  _, vjp = jax.vjp(lambda s: attention_lib._softmax_as(s, jnp.bfloat16), scores)
+  residuals = [r for r in jax.tree.leaves(vjp) if getattr(r, 'shape', ()) == scores.shape]
+  assert residuals and all(r.dtype == jnp.bfloat16 for r in residuals)

@@ -128,7 +128,7 @@ def test_bfloat16_compute_keeps_residual_stream_and_logits_float32():
   assert np.abs(np.asarray(logits) - hf_logits).max() > 0   # bf16 really was used
 
 
-@pytest.mark.parametrize('impl', ['xla', 'fused'])
+@pytest.mark.parametrize('impl', ['xla', 'auto'])
 def test_standard_matches_hugging_face_tiny(impl):
   _compare_with_hf(tiny_config('standard', attention_impl=impl), length=24)
 
@@ -233,3 +233,101 @@ def test_initialisation_follows_reference_code():
       assert abs(leaf.std() - 0.02) < 0.002 and abs(leaf.mean()) < 0.002, name
     checked.add(last)
   assert checked == {'pairwise', 'bias', 'scale', 'kernel', 'embedding'}
+
+
+# ---------------------------------------------------------------------------------------
+# Scan over layers: the stacked layout converts exactly, and computes the same model.
+# ---------------------------------------------------------------------------------------
+
+def _noisy(params, scale=0.05):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('module', ['mlm', 'glue'])
+def test_stack_and_unstack_layers_round_trip_exactly(module):
+  cfg = tiny_config('pairwise', num_layers=3)
+  scanned_cfg = tiny_config('pairwise', num_layers=3, scan_layers=True)
+  make = {'mlm': bert.BertForMaskedLM,
+          'glue': lambda c: bert.BertForSequenceClassification(c, num_labels=3)}[module]
+  params = _noisy(init_params(make(cfg), cfg))
+  stacked = bert.stack_layers(params, cfg.num_layers)
+  # The stacked tree is exactly what the scanned model creates (names, shapes, dtypes).
+  scanned_shapes = jax.eval_shape(lambda: init_params(make(scanned_cfg), scanned_cfg))
+  assert jax.tree.structure(stacked) == jax.tree.structure(scanned_shapes)
+  for x, s in zip(jax.tree.leaves(stacked), jax.tree.leaves(scanned_shapes)):
+    assert x.shape == s.shape and x.dtype == s.dtype
+  encoder = stacked['encoder'] if module == 'mlm' else stacked['bert']['encoder']
+  assert encoder['layers']['intermediate']['kernel'].shape[0] == 3
+  np.testing.assert_array_equal(encoder['layers']['attention']['pairwise'][2],
+                                (params['encoder'] if module == 'mlm' else
+                                 params['bert']['encoder'])['layer_2']['attention']['pairwise'])
+  _assert_trees_equal(bert.unstack_layers(stacked), params)
+  with pytest.raises(ValueError, match='layer_0'):
+    bert.stack_layers(params, num_layers=4)
+
+
+@pytest.mark.parametrize('attention,remat', [
+    ('standard', False), ('symmetric', False), ('pairwise', False),
+    ('pairwise_diagonal', False), ('standard_syminit', False), ('pairwise', 'dots')])
+def test_scanned_model_equals_unscanned_forward_and_grads(attention, remat):
+  overrides = dict(num_layers=3, remat=bool(remat), remat_policy=remat or 'full')
+  cfg = tiny_config(attention, **overrides)
+  scanned_cfg = tiny_config(attention, scan_layers=True, **overrides)
+  batch = padded_batch(cfg.vocab_size, length=16)
+  params = _noisy(init_params(bert.BertForMaskedLM(cfg), cfg))
+  positions = jnp.asarray(np.tile(np.arange(0, 8, 2), (batch[0].shape[0], 1)))
+
+  def loss(p, c):
+    logits = bert.BertForMaskedLM(c).apply({'params': p}, *batch, masked_positions=positions)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+  want, want_grads = jax.value_and_grad(loss)(params, cfg)
+  got, got_grads = jax.value_and_grad(loss)(bert.stack_layers(params), scanned_cfg)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  got_grads = bert.unstack_layers(got_grads)
+  assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_scanned_model_returns_attention_maps_and_exports_to_hugging_face():
+  cfg = tiny_config('pairwise')
+  scanned_cfg = tiny_config('pairwise', scan_layers=True)
+  batch = padded_batch(cfg.vocab_size, length=16)
+  params = _noisy(init_params(bert.BertForMaskedLM(cfg), cfg))
+  stacked = bert.stack_layers(params)
+  maps = lambda c, p: bert.BertForMaskedLM(c).apply(
+      {'params': p}, *batch, method=lambda m, *a: m.encoder(*a, return_weights=True))[1]
+  want, got = maps(cfg, params), maps(scanned_cfg, stacked)
+  assert len(got) == cfg.num_layers
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-6)
+  # The HF export reads the scanned layout and gives the same state dict, which still
+  # reproduces our logits (test_export checks the unscanned one the same way).
+  exported = export.mlm_params_to_hf(stacked, scanned_cfg)
+  reference = export.mlm_params_to_hf(params, cfg)
+  assert exported.keys() == reference.keys()
+  for k in reference:
+    np.testing.assert_array_equal(exported[k], reference[k])
+  hf = transformers.BertForMaskedLM(transformers.BertConfig(**export.hf_bert_config_kwargs(cfg)))
+  import torch  # pylint: disable=g-import-not-at-top
+  hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in exported.items()},
+                     strict=True)
+  _, hf_logits = hf_mlm_forward(hf.eval(), *batch)
+  logits = bert.BertForMaskedLM(scanned_cfg).apply({'params': stacked}, *batch)
+  np.testing.assert_allclose(np.asarray(logits), hf_logits, atol=1e-4, rtol=0)
+
+
+def test_remat_policy_names():
+  assert bert.remat_policy(tiny_config('pairwise')) is False
+  assert bert.remat_policy(tiny_config('pairwise', remat=True)) is None   # save nothing
+  with pytest.raises(ValueError, match='model.remat_policy'):
+    bert.remat_policy(tiny_config('pairwise', remat=True, remat_policy='everything'))
