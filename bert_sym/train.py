@@ -172,11 +172,40 @@ def masked_positions(mlm_weights, num_predictions: int):
   return positions
 
 
+def host_mlm_positions(batch, num_predictions: int):
+  """Adds original BERT's sparse MLM features, computed on the host in NumPy:
+
+  mlm_positions [B, P] int32 (the first P positions with weight > 0, in order, then 0),
+  mlm_position_targets / mlm_position_weights [B, P] (0 at the padding), P =
+  num_predictions. The same selection as `masked_positions`, so the update step needs no
+  top_k or gather to find its targets. The dense features stay (total weight, evals).
+  """
+  weights = np.asarray(batch['mlm_weights'])
+  length = weights.shape[-1]
+  selected = weights > 0
+  # Stable sort of "not selected": selected positions first, each group in order.
+  order = np.argsort(~selected, axis=-1, kind='stable')[:, :num_predictions]
+  if order.shape[-1] < num_predictions:   # P > L: pad with weight-0 slots
+    order = np.pad(order, ((0, 0), (0, num_predictions - length)))
+  keep = np.take_along_axis(selected, order, axis=-1) & (np.arange(num_predictions) < length)
+  out = dict(batch)
+  out['mlm_positions'] = np.where(keep, order, 0).astype(np.int32)
+  out['mlm_position_targets'] = np.where(
+      keep, np.take_along_axis(np.asarray(batch['mlm_targets']), order, axis=-1),
+      0).astype(np.int32)
+  out['mlm_position_weights'] = np.where(
+      keep, np.take_along_axis(weights, order, axis=-1), 0).astype(np.float32)
+  return out
+
+
 def mlm_sums(model, params, batch, *, sparse: bool, num_predictions: int, dropout_key=None):
   """(sum of weighted cross-entropy, sum of weighted correct, sum of weights)."""
   targets, weights = batch['mlm_targets'], batch['mlm_weights']
   positions = None
-  if sparse:
+  if sparse and 'mlm_positions' in batch:   # computed on the host (host_mlm_positions)
+    positions = batch['mlm_positions']
+    targets, weights = batch['mlm_position_targets'], batch['mlm_position_weights']
+  elif sparse:   # fallback for batches without them: found on the device
     positions = masked_positions(weights, num_predictions)
     targets = jnp.take_along_axis(targets, positions, axis=1)
     weights = jnp.take_along_axis(weights, positions, axis=1)
@@ -190,149 +219,12 @@ def mlm_sums(model, params, batch, *, sparse: bool, num_predictions: int, dropou
   return (jnp.sum(cross_entropy * weights), jnp.sum(correct * weights), jnp.sum(weights))
 
 
-# ----------------------------------------------------------------------------------------
-# The trainer.
-# ----------------------------------------------------------------------------------------
+def make_train_step(config, model, tx, schedule, mesh, batch_sharding):
+  """The update step (not yet jitted): (state, global batch) -> (new state, metrics).
 
-def _validate(config):
-  if config.on_nonfinite not in ('stop', 'skip'):
-    raise RunError(f"config.on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
-  if config.total_steps <= 0:
-    raise RunError(f'config.total_steps={config.total_steps} must be positive.')
-  accum = config.optimizer.grad_accum_steps
-  if accum < 1 or config.batch_size % accum:
-    raise RunError(f'config.batch_size={config.batch_size} is not divisible by '
-                   f'config.optimizer.grad_accum_steps={accum}.')
-
-
-def _prepare_workdir(workdir: str) -> epath.Path:
-  path = epath.Path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write-probe-{jax.process_index()}-{os.getpid()}'
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
-    raise RunError(f'Cannot write to --workdir={workdir}: {e}. Pass a writable '
-                   f'directory (local path or gs://bucket/path).') from e
-  return path
-
-
-def _write_config(workdir: epath.Path, config) -> None:
-  """config.json, written once the workdir is known to hold a compatible run."""
-  if jax.process_index() != 0:
-    return
-  old = workdir / checkpoint.CONFIG_FILE
-  if old.exists():
-    changed = _diff(checkpoint.read_config(workdir).to_dict(), json.loads(config.to_json()))
-    if changed:
-      logging.warning('Config differs from the previous %s in: %s', old, ', '.join(changed))
-  checkpoint.write_config(workdir, config)
-
-
-def _diff(a, b, prefix=''):
-  keys = sorted(set(a) | set(b))
-  out = []
-  for k in keys:
-    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-      out += _diff(a[k], b[k], f'{prefix}{k}.')
-    elif a.get(k) != b.get(k):
-      out.append(f'{prefix}{k}')
-  return out
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_iterator=None):
-  """Trains to config.total_steps (resuming if possible); returns the final eval metrics.
-
-  Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption.
+  One definition for the trainer and benchmarks/accelerator.py, so that the benchmark
+  times exactly what training runs (forward, backward, clipping, AdamW).
   """
-  _validate(config)
-
-  # ======================================================================================
-  # Logging
-  # ======================================================================================
-  is_chief = jax.process_index() == 0
-  workdir = _prepare_workdir(workdir)
-  writer = metrics_writer.MetricWriter(workdir, enabled=is_chief)
-  preemption = PreemptionFlag()
-  console = print if is_chief else (lambda *a, **k: None)
-
-  # ======================================================================================
-  # Mesh
-  # ======================================================================================
-  with _user_errors('Mesh'):
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config)
-    per_process_batch = sharding.check_batch_size(config.batch_size, mesh, rules)
-    sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
-                              rules, 'batch_size / optimizer.grad_accum_steps')
-  console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
-          f'device(s), {jax.process_count()} process(es); attention={config.model.attention}')
-  replicated = sharding.replicated(mesh)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-
-  # ======================================================================================
-  # Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp)
-  # ======================================================================================
-  with _user_errors('Input pipeline'):
-    if make_iterator is None:
-      from bert_sym import data as data_lib  # pylint: disable=g-import-not-at-top
-      make_iterator = data_lib.make_mlm_iterator
-      data_vocab = data_lib.vocab_size(config.data)
-      if data_vocab > config.model.vocab_size:
-        raise ValueError(f'the data vocabulary has {data_vocab} tokens but '
-                         f'config.model.vocab_size={config.model.vocab_size}.')
-    # The iterator yields this process's rows of each global batch.
-    iterator_kwargs = dict(batch_size=per_process_batch, seed=config.seed,
-                           process_index=jax.process_index(),
-                           process_count=jax.process_count())
-    train_iter = make_iterator(config.data, split='train', **iterator_kwargs)
-    # Every eval reads the same first eval_steps validation batches (rewound each time).
-    eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
-    eval_start = eval_iter.get_state()
-  to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
-                                global_batch_size=config.batch_size, rules=rules)
-  seq_len = config.data.max_seq_len
-  tokens_per_step = config.batch_size * seq_len
-
-  # ======================================================================================
-  # Model & optimizer
-  # ======================================================================================
-  model = model_lib.BertForMaskedLM(config.model)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  flops_per_token = model_lib.train_flops_per_token(
-      config.model, seq_len, predicted_fraction(config))
-  peak_flops = metrics_writer.peak_flops_per_device(override=config.peak_flops_per_device)
-
-  # ======================================================================================
-  # Shard & init: shapes first (nothing allocated), then create state already sharded
-  # ======================================================================================
-  init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
-
-  def init_params(key):
-    return model.init(key, *model_lib.dummy_inputs(1, seq_len))['params']
-
-  boxed_params = jax.eval_shape(init_params, init_key)
-  param_shardings = sharding.logical_to_shardings(boxed_params, mesh, rules)
-  abstract_params = nn.meta.unbox(boxed_params)
-  # Adam's moments shard like their parameters; counters are replicated.
-  opt_shardings = sharding.opt_state_shardings(tx, abstract_params, param_shardings, mesh)
-  state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
-                     'step': replicated, 'rng': replicated}
-
-  @functools.partial(jax.jit, out_shardings=state_shardings)
-  def init_state():
-    params = nn.meta.unbox(init_params(init_key))
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
-            'rng': jax.random.key_data(dropout_base_key)}
-
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(init_state), state_shardings)
-
-  # ======================================================================================
-  # Update step: one jit, state donated, micro-batches scanned for gradient accumulation
-  # ======================================================================================
   accum = config.optimizer.grad_accum_steps
   sparse = bool(config.model.sparse_mlm)
   num_predictions = config.data.max_predictions_per_seq
@@ -405,6 +297,230 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
                'train/learning_rate': schedule(step), 'train/grad_norm': grad_norm,
                'train/finite': finite.astype(jnp.float32)}
     return new_state, metrics
+  return train_step
+
+
+# ----------------------------------------------------------------------------------------
+# Performance plumbing: compilation cache, input prefetch, compile once and time it.
+# ----------------------------------------------------------------------------------------
+
+def enable_compilation_cache(cache_dir: str) -> str | None:
+  """JAX's persistent compilation cache at `cache_dir` ('' = off): a rerun or a resumed
+  run loads its compiled steps instead of compiling them again."""
+  if not cache_dir:
+    return None
+  path = os.path.expanduser(cache_dir)
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
+
+
+class Prefetcher:
+  """Reads host batches and `jax.device_put`s them (via `to_global`) in a background
+  thread, `depth` batches ahead of the update step.
+
+  `state` is the input position after the last batch handed out, i.e. of the next batch
+  the step will consume, not what the thread has read ahead: that is what a checkpoint
+  must store for an exact resume.
+  """
+
+  def __init__(self, iterator, to_global, depth: int = 2):
+    import queue  # pylint: disable=g-import-not-at-top
+    self._iterator, self._to_global = iterator, to_global
+    self.state = iterator.get_state()
+    self._queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._work, daemon=True, name='prefetch')
+    self._thread.start()
+
+  def _work(self):
+    while not self._stop.is_set():
+      try:
+        host = next(self._iterator)
+        item = (self._to_global(host), self._iterator.get_state(), None)
+      except BaseException as e:  # pylint: disable=broad-except
+        item = (None, None, e)    # re-raised in the consumer's thread
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except Exception:  # pylint: disable=broad-except  (queue.Full)
+          continue
+      if item[2] is not None:
+        return
+
+  def __next__(self):
+    batch, state, error = self._queue.get()
+    if error is not None:
+      raise error
+    self.state = state
+    return batch
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=10)
+
+
+def compile_step(jitted, *args):
+  """Lowers and compiles `jitted` for `args` once; returns (executable, seconds)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer.
+# ----------------------------------------------------------------------------------------
+
+def _validate(config):
+  if config.on_nonfinite not in ('stop', 'skip'):
+    raise RunError(f"config.on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
+  if config.total_steps <= 0:
+    raise RunError(f'config.total_steps={config.total_steps} must be positive.')
+  accum = config.optimizer.grad_accum_steps
+  if accum < 1 or config.batch_size % accum:
+    raise RunError(f'config.batch_size={config.batch_size} is not divisible by '
+                   f'config.optimizer.grad_accum_steps={accum}.')
+
+
+def _prepare_workdir(workdir: str) -> epath.Path:
+  path = epath.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write-probe-{jax.process_index()}-{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise RunError(f'Cannot write to --workdir={workdir}: {e}. Pass a writable '
+                   f'directory (local path or gs://bucket/path).') from e
+  return path
+
+
+def _write_config(workdir: epath.Path, config) -> None:
+  """config.json, written once the workdir is known to hold a compatible run."""
+  if jax.process_index() != 0:
+    return
+  old = workdir / checkpoint.CONFIG_FILE
+  if old.exists():
+    changed = _diff(checkpoint.read_config(workdir).to_dict(), json.loads(config.to_json()))
+    if changed:
+      logging.warning('Config differs from the previous %s in: %s', old, ', '.join(changed))
+  checkpoint.write_config(workdir, config)
+
+
+def _diff(a, b, prefix=''):
+  keys = sorted(set(a) | set(b))
+  out = []
+  for k in keys:
+    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+      out += _diff(a[k], b[k], f'{prefix}{k}.')
+    elif a.get(k) != b.get(k):
+      out.append(f'{prefix}{k}')
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_iterator=None):
+  """Trains to config.total_steps (resuming if possible); returns the final eval metrics.
+
+  Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption.
+  """
+  _validate(config)
+  cache_dir = enable_compilation_cache(config.get('compilation_cache_dir', ''))
+
+  # ======================================================================================
+  # Logging
+  # ======================================================================================
+  is_chief = jax.process_index() == 0
+  workdir = _prepare_workdir(workdir)
+  writer = metrics_writer.MetricWriter(workdir, enabled=is_chief)
+  preemption = PreemptionFlag()
+  console = print if is_chief else (lambda *a, **k: None)
+
+  # ======================================================================================
+  # Mesh
+  # ======================================================================================
+  with _user_errors('Mesh'):
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config)
+    per_process_batch = sharding.check_batch_size(config.batch_size, mesh, rules)
+    sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
+                              rules, 'batch_size / optimizer.grad_accum_steps')
+  console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
+          f'device(s), {jax.process_count()} process(es); attention={config.model.attention}')
+  replicated = sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  if cache_dir:
+    logging.info('JAX persistent compilation cache: %s', cache_dir)
+
+  # ======================================================================================
+  # Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp)
+  # ======================================================================================
+  with _user_errors('Input pipeline'):
+    if make_iterator is None:
+      from bert_sym import data as data_lib  # pylint: disable=g-import-not-at-top
+      make_iterator = data_lib.make_mlm_iterator
+      data_vocab = data_lib.vocab_size(config.data)
+      if data_vocab > config.model.vocab_size:
+        raise ValueError(f'the data vocabulary has {data_vocab} tokens but '
+                         f'config.model.vocab_size={config.model.vocab_size}.')
+    # The iterator yields this process's rows of each global batch.
+    iterator_kwargs = dict(batch_size=per_process_batch, seed=config.seed,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    train_iter = make_iterator(config.data, split='train', **iterator_kwargs)
+    # Every eval reads the same first eval_steps validation batches (rewound each time).
+    eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
+    eval_start = eval_iter.get_state()
+  host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
+                                     global_batch_size=config.batch_size, rules=rules)
+  if config.model.sparse_mlm:   # the step's targets found on the host, not the device
+    to_global = lambda batch: host_to_global(
+        host_mlm_positions(batch, config.data.max_predictions_per_seq))
+  else:
+    to_global = host_to_global
+  seq_len = config.data.max_seq_len
+  tokens_per_step = config.batch_size * seq_len
+
+  # ======================================================================================
+  # Model & optimizer
+  # ======================================================================================
+  model = model_lib.BertForMaskedLM(config.model)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  flops_per_token = model_lib.train_flops_per_token(
+      config.model, seq_len, predicted_fraction(config))
+  peak_flops = metrics_writer.peak_flops_per_device(override=config.peak_flops_per_device)
+
+  # ======================================================================================
+  # Shard & init: shapes first (nothing allocated), then create state already sharded
+  # ======================================================================================
+  init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
+
+  def init_params(key):
+    return model.init(key, *model_lib.dummy_inputs(1, seq_len))['params']
+
+  boxed_params = jax.eval_shape(init_params, init_key)
+  param_shardings = sharding.logical_to_shardings(boxed_params, mesh, rules)
+  abstract_params = nn.meta.unbox(boxed_params)
+  # Adam's moments shard like their parameters; counters are replicated.
+  opt_shardings = sharding.opt_state_shardings(tx, abstract_params, param_shardings, mesh)
+  state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
+                     'step': replicated, 'rng': replicated}
+
+  @functools.partial(jax.jit, out_shardings=state_shardings)
+  def init_state():
+    params = nn.meta.unbox(init_params(init_key))
+    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
+            'rng': jax.random.key_data(dropout_base_key)}
+
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      jax.eval_shape(init_state), state_shardings)
+
+  # ======================================================================================
+  # Update step: one jit, state donated, micro-batches scanned for gradient accumulation
+  # ======================================================================================
+  train_step = make_train_step(config, model, tx, schedule, mesh, batch_sharding)
+  sparse = bool(config.model.sparse_mlm)
+  num_predictions = config.data.max_predictions_per_seq
 
   train_step = jax.jit(
       train_step, in_shardings=(state_shardings, batch_sharding),
@@ -484,8 +600,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   def save(step):
     nonlocal last_saved
     fetch_pending()   # never save after a non-finite step in 'stop' mode
-    checkpoint.save(manager, step, state, train_iter.get_state(), force=True)
+    # The position of the next batch the step consumes, not what was prefetched.
+    data_state = prefetcher.state if prefetcher else train_iter.get_state()
+    checkpoint.save(manager, step, state, data_state, force=True)
     last_saved = step
+
+  @contextlib.contextmanager
+  def clock_paused():
+    """Evals and saves do not count in steps/s, tokens/s and MFU (big_vision style)."""
+    nonlocal timing
+    if timing is not None:
+      jax.block_until_ready(state)   # the steps already dispatched still count
+    start = time.perf_counter()
+    yield
+    if timing is not None:
+      timing = (timing[0] + time.perf_counter() - start, timing[1])
 
   preempted = False
   if step == 0:
@@ -493,11 +622,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   elif step >= config.total_steps:
     console(f'Already trained to step {step} (config.total_steps={config.total_steps}); '
             f'nothing to do. Raise --config.total_steps to train further.')
+  prefetcher = None
+  compiled_step = None
   try:
+    if step < config.total_steps:
+      prefetcher = Prefetcher(train_iter, to_global, depth=2)
     while step < config.total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = to_global(next(train_iter))
-        state, metrics = train_step(state, batch)
+        batch = next(prefetcher)
+        if compiled_step is None:   # compile exactly once, and say how long it took
+          compiled_step, seconds = compile_step(train_step, state, batch)
+          console(f'compiled train step in {seconds:.1f} s')
+          writer.write_scalars(step, {'perf/compile_seconds': seconds})
+        state, metrics = compiled_step(state, batch)
       step += 1
       pending.append((step, metrics))
 
@@ -528,18 +665,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
         console(metrics_writer.format_progress(step, config.total_steps, scalars, eta))
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
-        eval_metrics = run_eval(step)
+        with clock_paused():
+          eval_metrics = run_eval(step)
 
       # A SIGTERM on the last step is just a finished run (exit 0, nothing to resume).
       preempted = preemption.reached(manager, step) and step < config.total_steps
       if (step % config.checkpoint.every_steps == 0 or step == config.total_steps
           or preempted):
-        save(step)
+        with clock_paused():
+          save(step)
       if preempted:
         console(f'Preempted (SIGTERM): saved step {step}, exiting with code '
                 f'{PREEMPTED_EXIT_CODE} (rerun the same command to resume).')
         break
   finally:
+    if prefetcher:
+      prefetcher.close()
     # Finish any in-flight (good) save before leaving, whatever happened.
     manager.wait_until_finished()
     manager.close()

@@ -102,4 +102,5 @@ def base_config(size: str = 'base', attention: str = 'pairwise') -> ml_collectio
   ))
   c.on_nonfinite = 'stop'           # 'stop' | 'skip'
   c.peak_flops_per_device = 0.0     # 0 = look up by device kind (for MFU)
+  c.compilation_cache_dir = '~/.cache/bert_sym/jax'   # JAX persistent compilation cache; '' = off
   return c

@@ -406,3 +406,43 @@ def test_masked_positions_are_the_weighted_ones_in_order():
   np.testing.assert_array_equal(positions[0, :3], [2, 5, 7])
   np.testing.assert_array_equal(positions[1, :2], [0, 9])
   assert (weights[0, positions[0, 3]] == 0) and (weights[1, positions[1, 2:]] == 0).all()
+
+
+def test_host_mlm_positions_equal_the_device_fallback():
+  rng = np.random.default_rng(0)
+  weights = (rng.random((3, 12)) < 0.3).astype(np.float32)
+  weights[2] = 0.0
+  weights[1, :] = 1.0                  # more targets than P: the first P, as top_k keeps
+  targets = rng.integers(1, 50, (3, 12)).astype(np.int32) * (weights > 0)
+  batch = {'mlm_weights': weights, 'mlm_targets': targets}
+  host = train.host_mlm_positions(batch, 5)
+  assert host['mlm_positions'].shape == (3, 5) and host['mlm_positions'].dtype == np.int32
+  device = np.asarray(train.masked_positions(weights, 5))
+  gather = lambda x, p: np.take_along_axis(x, p, axis=1)
+  for name, dense in (('mlm_position_weights', weights), ('mlm_position_targets', targets)):
+    np.testing.assert_array_equal(host[name], gather(dense, device))
+  real = host['mlm_position_weights'] > 0
+  np.testing.assert_array_equal(host['mlm_positions'][real], device[real])
+  # P larger than the sequence: padded with weight-0 slots.
+  wide = train.host_mlm_positions(batch, 20)
+  assert wide['mlm_positions'].shape == (3, 20) and wide['mlm_position_weights'][:, 12:].sum() == 0
+  assert wide['mlm_position_weights'].sum() == weights.sum()
+
+
+def test_prefetcher_state_is_the_next_batch_the_step_consumes():
+  class Counter:
+    def __init__(self):
+      self.i = 0
+    def __next__(self):
+      self.i += 1
+      return self.i
+    def get_state(self):
+      return {'i': self.i}
+  prefetcher = train.Prefetcher(Counter(), lambda x: x * 10, depth=2)
+  try:
+    assert prefetcher.state == {'i': 0}
+    assert next(prefetcher) == 10 and next(prefetcher) == 20
+    time.sleep(0.2)                    # let the thread read ahead
+    assert prefetcher.state == {'i': 2}
+  finally:
+    prefetcher.close()
