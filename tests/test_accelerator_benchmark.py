@@ -1,0 +1,39 @@
+"""benchmarks/accelerator.py end to end at --size=tiny on CPU: subprocess per config, JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.train_fixtures import REPO_ROOT
+
+
+def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
+  out = tmp_path / 'result.json'
+  command = [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'accelerator.py'),
+             '--size=tiny', '--shapes=64x2', '--variants=symmetric', '--paths=fused',
+             '--steps=2', '--warmup=1', f'--out={out}']
+  run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  summary = json.loads(out.read_text())
+  assert summary['device'] and summary['versions']['jax'] and summary['date']
+  by_impl = {r['impl']: r for r in summary['results']}
+  assert set(by_impl) == {'ours', 'hf'}, summary['results']
+  assert all(r['status'] == 'ok' for r in summary['results']), summary['results']
+  ours = by_impl['ours']
+  assert ours['kernel'] == 'xla'    # auto on CPU
+  assert ours['compile_s'] > 0 and ours['step_ms'] > 0 and ours['tokens_per_s'] > 0
+  assert abs(ours['tokens_per_s'] - 2 * 64 / (ours['step_ms'] / 1e3)) < 1e-6 * ours['tokens_per_s']
+  assert 9.0 < ours['loss'] < 11.5   # ~ln(30522) on random tokens
+  assert ours['vs_hf'] == ours['tokens_per_s'] / by_impl['hf']['tokens_per_s']
+  # Each line is printed as it is measured, before the JSON is written.
+  assert run.stdout.count('| kernel ') == 2 and 'ours/HF' in run.stdout
+
+
+def test_benchmark_imports_neither_tensorflow_nor_seqio():
+  code = ('import sys; sys.argv = ["x"]; import benchmarks.accelerator as a, bert_sym.train, '
+          'bert_sym.export; bad = [m for m in ("tensorflow", "seqio") if m in sys.modules]; '
+          'print(bad); assert not bad, bad')
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       cwd=REPO_ROOT, timeout=120)
+  assert run.returncode == 0, run.stdout + run.stderr
