@@ -3,11 +3,13 @@
   python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/sym_base
 
 Other variants from the command line: --config.model.attention=symmetric.
+
+  python -m bert_sym.train --config=configs/sym_base.py:fast ...   # the fast recipe
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  del arg
-  return common.base_config('base', 'pairwise')
+  # arg: the recipe, 'paper' (default) or 'fast' (no attention dropout, fused kernel).
+  return common.base_config('base', 'pairwise', recipe=arg or 'paper')

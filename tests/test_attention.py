@@ -250,3 +250,21 @@ def test_xla_softmax_keeps_only_compute_dtype_probabilities():
   _, vjp = jax.vjp(lambda s: attention_lib._softmax_as(s, jnp.bfloat16), scores)
   residuals = [r for r in jax.tree.leaves(vjp) if getattr(r, 'shape', ()) == scores.shape]
   assert residuals and all(r.dtype == jnp.bfloat16 for r in residuals)
+
+
+def test_recipes_pair_attention_dropout_with_the_kernel_that_can_run_it():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  paper = common.base_config('tiny', 'pairwise').model
+  fast = common.base_config('tiny', 'pairwise', recipe='fast').model
+  assert (paper.attention_impl, paper.attention_dropout_rate) == ('xla', 0.1)
+  assert (fast.attention_impl, fast.attention_dropout_rate) == ('auto', 0.0)
+  for model in (paper, fast):   # both recipes train on every backend, nothing raises
+    for backend in ('cpu', 'gpu', 'tpu'):
+      attention_lib.resolve_implementation(
+          model.attention_impl, training_dropout=model.attention_dropout_rate > 0,
+          return_weights=False, seq_len=128, backend=backend)
+  assert attention_lib.resolve_implementation(
+      fast.attention_impl, training_dropout=False, return_weights=False, seq_len=128,
+      backend='gpu') == 'cudnn'
+  with pytest.raises(ValueError, match='recipe'):
+    common.base_config('tiny', 'pairwise', recipe='fastest')
