@@ -149,11 +149,18 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params)
       problems.append(f'  params/{name}: checkpoint {s if s else "(absent)"}, '
                       f'config {w if w else "(absent)"}')
   if problems:
+    hint = ''
+    scanned = lambda names: any('/layers/' in f'/{n}' for n in names)
+    if scanned(saved_shapes) != scanned(wanted_shapes):
+      hint = ('\nThe checkpoint and the config differ in model.scan_layers (stacked '
+              "'layers' vs per-layer 'layer_{i}' parameters): rerun with "
+              f'--config.model.scan_layers={scanned(saved_shapes)}, the layout it was '
+              'written in (bert_sym.model.stack_layers / unstack_layers convert exactly).')
     raise ValueError(
         f'The checkpoint {where} was written by a different model than the current config '
         f'builds ({len(problems)} parameter(s) differ):\n' + '\n'.join(problems[:10]) +
         '\nThis workdir belongs to another config: use a fresh --workdir, or rerun with '
-        'the config saved in its config.json.')
+        'the config saved in its config.json.' + hint)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, Any]:

@@ -446,3 +446,19 @@ def test_prefetcher_state_is_the_next_batch_the_step_consumes():
     assert prefetcher.state == {'i': 2}
   finally:
     prefetcher.close()
+
+
+def test_scan_layers_mismatch_with_checkpoint_is_a_clear_error(tmp_path, reference_run):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference_run[0], workdir)
+  result = run_trainer(workdir, overrides=_overrides(model__scan_layers=True), check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert '--config.model.scan_layers=False' in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_trainer_reports_compile_time_once(reference_run):
+  _, result = reference_run
+  assert result.stdout.count('compiled train step in ') == 1, result.stdout[-3000:]
+  compiles = [m for m in _metrics(reference_run[0]) if 'perf/compile_seconds' in m]
+  assert len(compiles) == 1 and compiles[0]['perf/compile_seconds'] > 0
