@@ -209,8 +209,10 @@ def test_sigterm_saves_exits_42_and_resumes_on_another_mesh(tmp_path, reference_
   """
   workdir = tmp_path / 'preempted'
   mesh8 = dict(mesh__data=1, mesh__fsdp=8)
+  # Slow input (the trainer prefetches it, so it must be slower than a save of step 4
+  # takes to appear on disk), so that SIGTERM lands between scheduled saves.
   process = run_trainer(workdir, devices=8, overrides=_overrides(**mesh8), background=True,
-                        env={'SYNTHETIC_SLEEP_SECONDS': '0.15'})
+                        env={'SYNTHETIC_SLEEP_SECONDS': '1.0'})
   _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=120)
