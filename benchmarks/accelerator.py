@@ -142,7 +142,7 @@ def run_ours(spec):
     from bert_sym import attention  # pylint: disable=g-import-not-at-top
     chosen = attention.resolve_implementation(
         impl, training_dropout=attention_dropout > 0, return_weights=False,
-        seq_len=spec['seq'])
+        seq_len=spec['seq'], dtype=model_lib.compute_dtype(config.model.dtype))
   return dict(
       compile_s=compile_s, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
       mfu=(tokens_per_s * flops / peak) if peak else None,

@@ -5,14 +5,14 @@
 #   bash benchmarks/run_gpu.sh [DIR_WITH_ml_collections_WHEEL]
 #
 # The GPU image has jax[cuda], flax, optax, orbax, torch, transformers but no TensorFlow,
-# seqio or ml-collections: ml-collections is installed from a carried wheel (pip download
-# ml-collections -d wheels/ on a machine with internet, then carry wheels/). Results: the
+# seqio or ml-collections: ml-collections is installed from carried wheels (`pip download
+# ml-collections -d wheels/` on a machine with internet fetches it and PyYAML; carry wheels/). Results: the
 # test summary and one line per benchmark configuration on stdout, the JSON under
 # benchmarks/results/ (and copied to $OUT when set, as on the lent device machines).
 set -u
 cd "$(dirname "$0")/.."
 python -c 'import ml_collections' 2>/dev/null ||
-  pip install --no-index --find-links "${1:-wheels}" ml-collections absl-py etils ||
+  pip install --no-index --find-links "${1:-wheels}" ml-collections ||
   { echo 'ml-collections is missing and no wheel was found'; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c 'import jax; print("jax", jax.__version__, jax.devices())'

@@ -62,12 +62,13 @@ def _log_once(message):
 
 def resolve_implementation(impl: str, *, training_dropout: bool, return_weights: bool,
                            seq_len: int, backend: str | None = None,
-                           interpret: bool = False) -> str:
+                           interpret: bool = False, dtype=jnp.bfloat16) -> str:
   """The kernel that runs: 'xla', 'cudnn' or 'splash' (see the module docstring).
 
   `training_dropout`: attention dropout is on in this call (training, rate > 0).
   `interpret`: run Pallas kernels in interpret mode (tests on CPU), so 'splash' runs on
-  any backend.
+  any backend. `dtype`: the compute dtype; `auto` does not give float32 models to cuDNN,
+  whose flash kernels are 16-bit only.
   """
   backend = backend or jax.default_backend()
   if impl == 'fused':
@@ -88,6 +89,9 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
       why_not = 'attention weights were asked for (return_weights)'
     elif kernel == 'splash' and seq_len % SPLASH_BLOCK:
       why_not = f'sequence length {seq_len} is not a multiple of {SPLASH_BLOCK}'
+    elif kernel == 'cudnn' and jnp.dtype(dtype) == jnp.float32:
+      why_not = ('model.dtype is float32 and cuDNN flash attention runs in 16 bits only '
+                 '(model.dtype=auto is bfloat16 on GPU)')
     if why_not:
       _log_once(f'attention_impl=auto on {backend}: using xla attention, not {kernel}, '
                 f'because {why_not}.')
@@ -262,7 +266,7 @@ class SelfAttention(nn.Module):
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     impl = resolve_implementation(
         self.attention_impl, training_dropout=use_dropout, return_weights=return_weights,
-        seq_len=x.shape[-2], interpret=self.kernel_interpret)
+        seq_len=x.shape[-2], interpret=self.kernel_interpret, dtype=self.dtype)
 
     weights = None
     if impl == 'xla':

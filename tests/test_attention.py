@@ -187,14 +187,29 @@ def test_kernel_comparison_can_fail():
                 np.asarray(want_out)[np.asarray(valid)]).max() > 1e-3
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks the CPU choice')
 def test_auto_on_cpu_picks_xla_and_says_so(caplog):
-  assert jax.default_backend() == 'cpu'
   attention_lib._LOGGED.clear()
   with caplog.at_level(logging.INFO):
     impl = attention_lib.resolve_implementation(
         'auto', training_dropout=False, return_weights=False, seq_len=128)
   assert impl == 'xla'
   assert 'attention_impl=auto on cpu: using xla attention' in caplog.text
+
+
+@pytest.mark.skipif(not ON_GPU, reason='auto picks cudnn on a GPU only')
+def test_auto_on_gpu_runs_cudnn_in_bf16_and_xla_in_fp32(caplog):
+  x, mask, _ = kernel_inputs()
+  attention_lib._LOGGED.clear()
+  module = SelfAttention(hidden_size=HIDDEN, num_heads=HEADS, attention='pairwise',
+                         attention_impl='auto', dtype=jnp.bfloat16)
+  params = init(attention_module('pairwise'), x, mask)
+  with caplog.at_level(logging.INFO):
+    module.apply({'params': params}, x, mask, deterministic=True)
+  assert 'attention_impl=auto on gpu: using cudnn attention' in caplog.text
+  with caplog.at_level(logging.INFO):
+    module.clone(dtype=jnp.float32).apply({'params': params}, x, mask, deterministic=True)
+  assert 'using xla attention, not cudnn, because model.dtype is float32' in caplog.text
 
 
 @pytest.mark.parametrize('backend,kernel', [('gpu', 'cudnn'), ('tpu', 'splash')])
@@ -209,6 +224,8 @@ def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, capl
   assert attention_lib.resolve_implementation(
       'auto', training_dropout=False, return_weights=True, seq_len=128,
       backend=backend) == 'xla'
+  if kernel == 'cudnn':   # float32 models stay float32
+    assert resolve(training_dropout=False, dtype=jnp.float32) == 'xla'
 
 
 @pytest.mark.skipif(ON_GPU, reason='checks the error raised off GPU')
