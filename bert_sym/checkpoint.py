@@ -19,8 +19,11 @@ directory listing. Unfinished steps are ignored, and the trainer's manager clean
 local temporary directories at the next start.
 """
 
+import contextlib
 import json
 import os
+import sys
+import time
 from typing import Any
 
 from absl import logging
@@ -126,8 +129,12 @@ def _path_str(path) -> str:
 
 def saved_state_metadata(manager: ocp.CheckpointManager, step: int):
   """The tree of ArrayMetadata (shape, dtype) of the `state` item, read without loading."""
-  return ocp.PyTreeCheckpointer().metadata(
-      manager.directory / str(step) / STATE).item_metadata.tree
+  path = manager.directory / str(step) / STATE
+  metadata = ocp.PyTreeCheckpointer().metadata(path)
+  if metadata is None or metadata.item_metadata is None:
+    raise FileNotFoundError(f'{path}: no readable array metadata (_METADATA or '
+                            'manifest.ocdbt missing or damaged)')
+  return metadata.item_metadata.tree
 
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
@@ -156,7 +163,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params)
               "'layers' vs per-layer 'layer_{i}' parameters): rerun with "
               f'--config.model.scan_layers={scanned(saved_shapes)}, the layout it was '
               'written in (bert_sym.model.stack_layers / unstack_layers convert exactly).')
-    raise ValueError(
+    raise IncompatibleCheckpoint(
         f'The checkpoint {where} was written by a different model than the current config '
         f'builds ({len(problems)} parameter(s) differ):\n' + '\n'.join(problems[:10]) +
         '\nThis workdir belongs to another config: use a fresh --workdir, or rerun with '
@@ -183,6 +190,74 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[
                  data_item['process_count'], jax.process_count())
     return restored[STATE], states[0]
   return restored[STATE], states[jax.process_index()]
+
+
+class IncompatibleCheckpoint(ValueError):
+  """The checkpoint is readable but holds another model: falling back would not help."""
+
+
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  """Moves a damaged step out of `checkpoints/`, so that the step can be saved again."""
+  src = manager.directory / str(step)
+  dst = manager.directory.parent / DAMAGED_DIR / f'{step}-{int(time.time())}'
+  if jax.process_index() == 0:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'bert_sym_quarantine_{step}')
+  return dst
+
+
+@contextlib.contextmanager
+def _unraisable_errors_muted():
+  """A damaged array fails in one of orbax's parallel reads, and the sibling reads that
+  are cancelled print "Exception ignored in: <coroutine ...>" tracebacks (hundreds of
+  lines). The first error is what matters, and restore_latest reports it."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: None
+  try:
+    yield
+  finally:
+    sys.unraisablehook = hook
+
+
+def restore_latest(workdir, ckpt_config, abstract_state, abstract_params, *, log=print
+                   ) -> tuple[ocp.CheckpointManager, int | None, dict | None, Any]:
+  """(manager, step, state, data state) of the newest step that restores, else Nones.
+
+  t5x and MaxText trust the newest checkpoint only as far as it reads: a step whose files
+  were truncated or lost (a disk filled up, a bucket lifecycle rule, a hand-made copy) is
+  skipped with a warning that says why, moved to `{workdir}/damaged_checkpoints/`, and
+  the next newest is tried. A readable checkpoint of another model is an error instead.
+  """
+  manager = make_manager(workdir, ckpt_config)
+  skipped = False
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      with _unraisable_errors_muted():
+        check_compatible(manager, step, abstract_params)
+        state, data_state = restore(manager, step, abstract_state)
+    except IncompatibleCheckpoint:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore appends its whole JSON spec to the message: keep the sentence.
+      reason = ' '.join(str(e).split('. See full TensorStore')[0].split())[:240]
+      reason = f'{type(e).__name__}: {reason}' if reason else type(e).__name__
+      manager.close()
+      moved = _quarantine(manager, step)
+      log(f'WARNING: checkpoint step {step} cannot be restored ({reason}); skipped it and '
+          f'moved it to {moved}. Trying the previous step.')
+      manager = make_manager(workdir, ckpt_config)
+      skipped = True
+      continue
+    return manager, step, state, data_state
+  if skipped:
+    log('WARNING: no checkpoint could be restored; starting from scratch.')
+  return manager, None, None, None
 
 
 # ----------------------------------------------------------------------------------------

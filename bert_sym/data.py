@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
 import tempfile
 from typing import Any, Iterator, Mapping
@@ -279,6 +280,14 @@ def _numpy_blocks(dataset, description: str) -> Iterator[np.ndarray]:
     for block in dataset.as_numpy_iterator():
       yield block
   except tf.errors.OpError as e:
+    # Our own tf.debugging.Assert (e.g. invalid UTF-8) arrives wrapped in an iterator
+    # dump; its payload "[path] [reason]" is the whole story.
+    failed = re.search(r'assertion failed: \[(.*?)\] \[(.*?)\]', e.message)
+    if failed:
+      path, reason = failed.groups()
+      fix = (' Fix: convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.'
+             if 'UTF-8' in reason else '')
+      raise DataError(f'{path} {reason}.{fix}') from None
     raise DataError(f'{description}: {e.message}') from e
 
 

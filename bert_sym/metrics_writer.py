@@ -72,7 +72,8 @@ class MetricWriter:
     if not enabled:
       return
     workdir = epath.Path(workdir)
-    self._jsonl = (workdir / 'metrics.jsonl').open('a')
+    self._jsonl_path = workdir / 'metrics.jsonl'
+    self._jsonl = self._jsonl_path.open('a')
     try:
       # The record writer and protos of the `tensorboard` package; its EventFileWriter
       # would import TensorFlow (seconds of start-up, and absent from GPU images).
@@ -106,6 +107,22 @@ class MetricWriter:
           self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
       self._write_event(self._event_pb2.Event(
           wall_time=time.time(), step=int(step), summary=summary))
+
+  def drop_rows_after(self, step: int) -> None:
+    """Removes metrics.jsonl rows past `step`: after a resume from `step` they are redone,
+    and keeping both copies would make every plot double back. Rewritten atomically."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    rows = self._jsonl_path.read_text().splitlines() if self._jsonl_path.exists() else []
+    kept = [r for r in rows if r.strip() and json.loads(r).get('step', 0) <= step]
+    if len(kept) != len(rows):
+      tmp = self._jsonl_path.parent / f'.{self._jsonl_path.name}.tmp-{os.getpid()}'
+      tmp.write_text(''.join(r + '\n' for r in kept))
+      tmp.replace(self._jsonl_path)
+      logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
+                   len(rows) - len(kept), step)
+    self._jsonl = self._jsonl_path.open('a')
 
   def close(self):
     if not self.enabled:

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from bert_sym import checkpoint
+from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -63,7 +64,9 @@ _DISTRIBUTED_FLAGS = distributed.define_flags()
 #   0   finished: trained to config.total_steps (or already there)
 #   1   a problem with the inputs (config, workdir, checkpoint) or a non-finite stop
 #   42  stopped early by SIGTERM / preemption after saving a checkpoint: rerun to resume
+#   130 stopped by Ctrl-C after saving a checkpoint: rerun to resume
 PREEMPTED_EXIT_CODE = 42
+INTERRUPTED_EXIT_CODE = 130
 
 
 class RunError(Exception):
@@ -73,9 +76,12 @@ class RunError(Exception):
 class Preempted(Exception):
   """Raised after a SIGTERM / preemption stop once the checkpoint of `step` is saved."""
 
-  def __init__(self, step: int):
-    super().__init__(f'preempted at step {step} (checkpoint saved)')
+  def __init__(self, step: int, signal_name: str | None = 'SIGTERM'):
+    super().__init__(f'stopped by {signal_name or "preemption"} at step {step} '
+                     f'(checkpoint saved)')
     self.step = step
+    self.exit_code = (INTERRUPTED_EXIT_CODE if signal_name == 'SIGINT'
+                      else PREEMPTED_EXIT_CODE)
 
 
 class NonFiniteError(RunError):
@@ -138,8 +144,9 @@ def model_summary(config: ml_collections.ConfigDict) -> str:
 # ----------------------------------------------------------------------------------------
 
 class PreemptionFlag:
-  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit): save, then exit with
-  PREEMPTED_EXIT_CODE so that a launcher can tell "resume me" from "finished".
+  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit) or Ctrl-C: save, then exit
+  with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE for Ctrl-C) so that a launcher can tell
+  "resume me" from "finished". A second Ctrl-C stops at once, without saving.
 
   Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
   every process stop at the same step; a local handler would only stop one of them.
@@ -147,8 +154,20 @@ class PreemptionFlag:
 
   def __init__(self):
     self._event = threading.Event()
+    self.signal_name = None
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
+      signal.signal(signal.SIGTERM, self._handle)
+      signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      if self._event.is_set():
+        raise KeyboardInterrupt
+      print('\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to '
+            'quit without saving).', flush=True)
+    self.signal_name = signal.Signals(signum).name
+    self._event.set()
 
   def reached(self, manager, step: int) -> bool:
     if jax.process_count() > 1:
@@ -372,14 +391,10 @@ def compile_step(jitted, *args):
 # ----------------------------------------------------------------------------------------
 
 def _validate(config):
-  if config.on_nonfinite not in ('stop', 'skip'):
-    raise RunError(f"config.on_nonfinite={config.on_nonfinite!r}; use 'stop' or 'skip'.")
-  if config.total_steps <= 0:
-    raise RunError(f'config.total_steps={config.total_steps} must be positive.')
-  accum = config.optimizer.grad_accum_steps
-  if accum < 1 or config.batch_size % accum:
-    raise RunError(f'config.batch_size={config.batch_size} is not divisible by '
-                   f'config.optimizer.grad_accum_steps={accum}.')
+  try:
+    config_check.check(config)
+  except config_check.ConfigError as e:
+    raise RunError(str(e)) from None
 
 
 def _prepare_workdir(workdir: str) -> epath.Path:
@@ -529,12 +544,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   # ======================================================================================
   # Checkpoint restore (automatic: the latest finished step in the workdir)
   # ======================================================================================
-  manager = checkpoint.make_manager(workdir, config.checkpoint)
-  latest = manager.latest_step()
+  with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
+    manager, latest, state, data_state = checkpoint.restore_latest(
+        workdir, config.checkpoint, abstract_state, abstract_params, log=console)
   if latest is not None:
-    with _user_errors(f'Checkpoint {checkpoint.checkpoint_dir(workdir) / str(latest)}'):
-      checkpoint.check_compatible(manager, latest, abstract_params)
-    state, data_state = checkpoint.restore(manager, latest, abstract_state)
     with _user_errors('Resuming the input pipeline'):
       train_iter.set_state(data_state)
     console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
@@ -542,6 +555,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     state = init_state()
     console(f'Initialised {model_lib.count_params(abstract_params):,} parameters '
             f'(fresh run in {workdir})')
+  # Rows logged after the restored step belong to a timeline that is being redone.
+  writer.drop_rows_after(latest if latest is not None else -1)
   _write_config(workdir, config)
 
   # ======================================================================================
@@ -616,6 +631,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     if timing is not None:
       timing = (timing[0] + time.perf_counter() - start, timing[1])
 
+
   preempted = False
   if step == 0:
     eval_metrics = run_eval(0)
@@ -624,6 +640,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
             f'nothing to do. Raise --config.total_steps to train further.')
   prefetcher = None
   compiled_step = None
+  compile_seconds = None
   try:
     if step < config.total_steps:
       prefetcher = Prefetcher(train_iter, to_global, depth=2)
@@ -633,7 +650,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
         if compiled_step is None:   # compile exactly once, and say how long it took
           compiled_step, seconds = compile_step(train_step, state, batch)
           console(f'compiled train step in {seconds:.1f} s')
-          writer.write_scalars(step, {'perf/compile_seconds': seconds})
+          compile_seconds = seconds   # written with the next logged row
         state, metrics = compiled_step(state, batch)
       step += 1
       pending.append((step, metrics))
@@ -661,6 +678,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
             scalars['perf/mfu'] = scalars['perf/tflops_per_device'] * 1e12 / peak_flops
           eta = (config.total_steps - step) / steps_per_sec
           timing = (now, step)
+        if compile_seconds is not None:
+          scalars['perf/compile_seconds'], compile_seconds = compile_seconds, None
         writer.write_scalars(step, scalars)
         console(metrics_writer.format_progress(step, config.total_steps, scalars, eta))
 
@@ -675,8 +694,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
         with clock_paused():
           save(step)
       if preempted:
-        console(f'Preempted (SIGTERM): saved step {step}, exiting with code '
-                f'{PREEMPTED_EXIT_CODE} (rerun the same command to resume).')
+        stop = Preempted(step, preemption.signal_name)
+        console(f'Stopped by {preemption.signal_name or "preemption"}: saved step {step}, '
+                f'exiting with code {stop.exit_code} (rerun the same command to resume).')
         break
   finally:
     if prefetcher:
@@ -686,8 +706,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     manager.close()
     writer.close()
   if preempted:
-    raise Preempted(step)
+    raise Preempted(step, preemption.signal_name)
+  console(closing_summary(workdir, step, eval_metrics, last_saved))
   return eval_metrics
+
+
+def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:
+  """The run's last words: where it ended, where the model is, what to run next."""
+  lines = [f'Done: step {step}.']
+  if eval_metrics:
+    lines[0] += (f' Final eval MLM loss {eval_metrics["eval/loss"]:.4f}, '
+                 f'accuracy {eval_metrics["eval/mlm_accuracy"]:.3f}.')
+  if saved_step is not None:
+    lines.append(f'Checkpoint: {checkpoint.checkpoint_dir(workdir) / str(saved_step)}')
+  lines += [
+      f'Metrics: {workdir}/metrics.jsonl; tensorboard --logdir {workdir}/tensorboard',
+      'Next:',
+      f'  python -m bert_sym.export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
+      '# Hugging Face BERT',
+      f'  python -m bert_sym.glue --checkpoint={workdir} --output_dir=GLUE_DIR '
+      '--glue_dir=../shared/data/glue --tasks=rte --seeds=1   # GLUE fine-tuning',
+  ]
+  return '\n'.join(lines)
+
+
+def quiet_logs(config) -> None:
+  """INFO from orbax/absl (about 40 lines a save) and TF's native start-up chatter off.
+
+  TF logs through C++ absl before anything can configure it ("failed call to cuInit" at
+  error level on a CPU machine, oneDNN notices), so the seqio input stack is imported
+  here with the process's stderr pointed at /dev/null. `--verbosity=0` (absl) keeps
+  everything; a user's own TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are kept.
+  """
+  if flags.FLAGS['verbosity'].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  # Orbax warns on every restore that the `state` item has no _CHECKPOINT_METADATA,
+  # which it never writes for items: not news.
+  logging.get_absl_logger().addFilter(
+      lambda record: '_CHECKPOINT_METADATA' not in record.getMessage())
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # the input pipeline has no math
+  if config.data.source != 'seqio':
+    return
+  saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  sys.stderr.flush()
+  os.dup2(devnull, 2)
+  try:
+    from bert_sym import vocab  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pass   # reported where the input pipeline needs it, with stderr back
+  finally:
+    os.dup2(saved_stderr, 2)
+    os.close(saved_stderr)
+    os.close(devnull)
 
 
 def main(argv, make_iterator=None):
@@ -696,41 +768,85 @@ def main(argv, make_iterator=None):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/tiny.py')
+  try:
+    # Before anything is written or compiled: a bad value costs a second, not a run.
+    config_check.check(config)
+  except config_check.ConfigError as e:
+    print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
   if _DRY_RUN.value:
     print(model_summary(config))
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or pass --dry_run).')
+  quiet_logs(config)
   try:
     distributed.initialize(_DISTRIBUTED_FLAGS)
     train_and_evaluate(config, _WORKDIR.value, make_iterator=make_iterator)
   except RunError as e:
-    logging.error('%s', e)
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
   except Preempted as e:
-    logging.warning('%s; exiting with code %d.', e, PREEMPTED_EXIT_CODE)
+    logging.warning('%s; exiting with code %d.', e, e.exit_code)
     sys.stdout.flush()
-    sys.exit(PREEMPTED_EXIT_CODE)
+    sys.exit(e.exit_code)
+
+
+def config_keys_help(config) -> str:
+  """Every `--config.KEY=VALUE` that `config` accepts, with its current value."""
+  def flatten(d, prefix=''):
+    for key, value in d.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  rows = list(flatten(config.to_dict()))
+  width = max(len(k) for k, _ in rows)
+  return '\n'.join([
+      'Config keys (override any with --config.KEY=VALUE; values of the given --config, '
+      'else configs/sym_base.py):'] + [f'  --config.{k:<{width}} {v!r}' for k, v in rows])
+
+
+_HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
 
 
 def parse_flags(argv):
-  """absl flag parsing, with config_flags' unknown-key traceback turned into one line."""
+  """absl flag parsing, with config_flags' unknown-key traceback turned into one line.
+
+  `--help` also lists the config keys, which absl cannot know (they come from a file).
+  """
   try:
     return flags.FLAGS(argv)
+  except SystemExit:
+    if any(a in _HELP_FLAGS for a in argv[1:]):
+      _print_config_keys(argv)
+    raise
   except (KeyError, AttributeError) as e:
     found = re.search(r"([A-Za-z_]\w*)", str(e).replace('\\', ''))
     key = found.group(1) if found else str(e)
     culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
     print(f'FATAL Flags parsing error: unknown config key {key!r}'
           f'{" in " + ", ".join(culprits) if culprits else ""}. Every key must exist in '
-          f'the config file (see configs/common.py); run with --dry_run to check overrides.',
+          f'the config file (see configs/common.py, or --help for the list).',
           file=sys.stderr)
     sys.exit(1)
   except flags.Error as e:
     print(f'FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.',
           file=sys.stderr)
     sys.exit(1)
+
+
+def _print_config_keys(argv) -> None:
+  config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')),
+                     'configs/sym_base.py')
+  try:
+    config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+        'help', config_file.split(':', 1)[0]).get_config(
+            *config_file.split(':', 1)[1:2])
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'(cannot list the config keys of {config_file}: {e})')
+    return
+  print(config_keys_help(config))
 
 
 if __name__ == '__main__':

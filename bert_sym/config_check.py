@@ -1,0 +1,123 @@
+"""Checks a whole training config before anything is written or compiled.
+
+A bad value (a typo in an enum, a negative step count, text files named without the
+text-files task) used to surface tens of seconds later as a raw KeyError or a traceback,
+after the workdir, metrics.jsonl and tensorboard/ had been created. `check(config)` runs
+first, in well under a second, and raises `ConfigError` with one line that names the key,
+the value, what is allowed and the fix. It imports nothing heavy (no TensorFlow, no
+model), so it also guards `--dry_run` and the launchers.
+"""
+
+from typing import Any, Iterable
+
+import ml_collections
+
+from bert_sym import attention
+
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+DATA_SOURCES = ('seqio', 'shards')
+ON_NONFINITE = ('stop', 'skip')
+TEXT_FILES_TASK = 'bert_sym_mlm_text_files'   # bert_sym.tasks.TEXT_FILES_TASK, TF-free
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message is one line with the fix."""
+
+
+def _choice(key: str, value: Any, allowed: Iterable[str]) -> None:
+  allowed = tuple(allowed)
+  if value not in allowed:
+    raise ConfigError(
+        f'config.{key}={value!r} is not one of: {", ".join(allowed)}. '
+        f'Fix: --config.{key}={allowed[0]} (or another of those).')
+
+
+def _positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
+  low = 0 if allow_zero else 1
+  if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    raise ConfigError(f'config.{key}={value!r} must be an integer >= {low}. '
+                      f'Fix: --config.{key}=<integer >= {low}>.')
+
+
+def _fraction(key: str, value: Any, *, low_open=True, high_open=True) -> None:
+  ok = isinstance(value, (int, float)) and (0 < value if low_open else 0 <= value) and (
+      value < 1 if high_open else value <= 1)
+  if not ok:
+    interval = f'{"(" if low_open else "["}0, 1{")" if high_open else "]"}'
+    raise ConfigError(f'config.{key}={value!r} must lie in {interval}. '
+                      f'Fix: --config.{key}=<value in {interval}>.')
+
+
+def check_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> None:
+  _choice(f'{prefix}.attention', model.attention, attention.VARIANTS)
+  _choice(f'{prefix}.attention_impl', model.attention_impl, attention.IMPLEMENTATIONS)
+  _choice(f'{prefix}.dtype', model.dtype, DTYPES)
+  for key in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
+              'max_position_embeddings', 'type_vocab_size'):
+    _positive(f'{prefix}.{key}', model[key])
+  if model.hidden_size % model.num_heads:
+    raise ConfigError(
+        f'config.{prefix}.hidden_size={model.hidden_size} is not divisible by '
+        f'config.{prefix}.num_heads={model.num_heads}. Fix: pick num_heads dividing it.')
+  _fraction(f'{prefix}.dropout_rate', model.dropout_rate, low_open=False)
+  _fraction(f'{prefix}.attention_dropout_rate', model.attention_dropout_rate,
+            low_open=False)
+
+
+def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
+  _choice('data.source', data.source, DATA_SOURCES)
+  if data.source == 'shards' and not data.shards_dir:
+    raise ConfigError("config.data.source='shards' needs the exported shards. Fix: "
+                      '--config.data.shards_dir=DIR (from `python -m bert_sym.data export`).')
+  if data.source == 'seqio':
+    if not data.task:
+      raise ConfigError('config.data.task is empty. Fix: --config.data.task=bert_sym_mlm_embedded '
+                        '(or another task registered in bert_sym/tasks.py).')
+    if data.text_files and data.task != TEXT_FILES_TASK:
+      raise ConfigError(
+          f'config.data.text_files is set but config.data.task={data.task!r}, so the files '
+          f'would be ignored. Fix: add --config.data.task={TEXT_FILES_TASK}.')
+    if data.get('validation_files') and data.task != TEXT_FILES_TASK:
+      raise ConfigError(
+          f'config.data.validation_files is set but config.data.task={data.task!r}. '
+          f'Fix: add --config.data.task={TEXT_FILES_TASK} (and --config.data.text_files=...).')
+    if data.task == TEXT_FILES_TASK and not data.text_files:
+      raise ConfigError(f'config.data.task={TEXT_FILES_TASK!r} needs files. Fix: '
+                        "--config.data.text_files='/data/*.txt' (comma-separated globs).")
+  _positive('data.max_seq_len', data.max_seq_len)
+  if data.max_seq_len > model.max_position_embeddings:
+    raise ConfigError(
+        f'config.data.max_seq_len={data.max_seq_len} exceeds '
+        f'config.model.max_position_embeddings={model.max_position_embeddings}. '
+        f'Fix: --config.data.max_seq_len={model.max_position_embeddings} or less.')
+  _fraction('data.mask_rate', data.mask_rate)
+  _positive('data.max_predictions_per_seq', data.max_predictions_per_seq)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first value of a training config that cannot work."""
+  check_model(config.model)
+  check_data(config.data, config.model)
+  _positive('batch_size', config.batch_size)
+  _positive('total_steps', config.total_steps)
+  _positive('log_every_steps', config.log_every_steps)
+  _positive('eval_every_steps', config.eval_every_steps)
+  _positive('eval_steps', config.eval_steps, allow_zero=True)
+  _positive('checkpoint.every_steps', config.checkpoint.every_steps)
+  _positive('checkpoint.keep_last', config.checkpoint.keep_last)
+  _positive('checkpoint.keep_every', config.checkpoint.keep_every, allow_zero=True)
+  _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
+  opt = config.optimizer
+  _positive('optimizer.grad_accum_steps', opt.grad_accum_steps)
+  _positive('optimizer.warmup_steps', opt.warmup_steps, allow_zero=True)
+  if config.batch_size % opt.grad_accum_steps:
+    raise ConfigError(
+        f'config.batch_size={config.batch_size} is not divisible by '
+        f'config.optimizer.grad_accum_steps={opt.grad_accum_steps}. Fix: pick a divisor.')
+  if not opt.learning_rate > 0:
+    raise ConfigError(f'config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = config.mesh[axis]
+    if not isinstance(size, int) or not (size == -1 or size >= 1):
+      raise ConfigError(f'config.mesh.{axis}={size!r} must be -1 (the devices left) or a '
+                        f'positive integer. Fix: --config.mesh.{axis}=-1.')
