@@ -17,7 +17,6 @@ new variants, so the same core (plain XLA or the fused `jax.nn.dot_product_atten
 serves every variant and no custom kernel is needed.
 """
 
-import functools
 import math
 
 import flax.linen as nn
