@@ -368,6 +368,11 @@ def load_blocks(data_config, split: str) -> Blocks:
                       f'blocks, config asks max_seq_len={data_config.max_seq_len}')
     return blocks
   if data_config.source == 'seqio':
+    from bert_sym import streaming  # pylint: disable=import-outside-toplevel
+    if data_config.task in streaming.TASKS_IN_TFDS:   # billions of tokens: never in memory
+      raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
+                      "memory; stream it instead (--config.data.source=streaming).\n"
+                      + streaming.prepare_instructions(data_config))
     return load_seqio_blocks(data_config, split)
   raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
                   f'{data_config.source!r}')

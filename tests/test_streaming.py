@@ -468,3 +468,10 @@ def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):
   assert 'Traceback' not in result.stderr.split('bert_sym.train: error')[-1]
   assert 'Corpus' not in result.stdout and 'Initialised' not in result.stdout
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_seqio_path_refuses_corpora_that_do_not_fit_in_memory():
+  config = _config('', source='seqio', task='bert_sym_mlm_wikipedia')
+  with pytest.raises(data_lib.DataError, match=r'(?s)pack all of bert_sym_mlm_wikipedia.*'
+                     r'tfds build wikipedia/20230601\.en'):
+    data_lib.load_blocks(config, 'train')
