@@ -455,13 +455,13 @@ def describe_corpus(iterator, config) -> list[str]:
            f'{config.total_steps:,} steps x {config.batch_size} sequences read '
            f'{epochs:.2f} epochs.']
   if epochs > EPOCH_WARNING_THRESHOLD:
-    warning = (f'WARNING: the run reads the corpus {epochs:.1f} times (> '
+    warning = (f'the run reads the corpus {epochs:.1f} times (> '
                f'{EPOCH_WARNING_THRESHOLD} epochs): the model will memorise it. Use a '
                'larger corpus (see `python -m bert_sym.streaming export`) or fewer steps.')
+    logging.info('%s', lines[0])
     logging.warning('%s', warning)
-    lines.append(warning)
-  for line in lines:
-    logging.info('%s', line)
+    return lines + ['WARNING: ' + warning]
+  logging.info('%s', lines[0])
   return lines
 
 
