@@ -529,6 +529,7 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
   """
   split_url = _join(out_dir, split)
   fs, path = _fs(split_url)
+  fs.invalidate_cache(path)   # other workers wrote parts since this process listed it
   names = sorted(os.path.basename(p) for p in fs.glob(f'{path}/part-?????.json'))
   if not names:
     return None
