@@ -15,7 +15,7 @@ import ml_collections
 from bert_sym import attention
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-DATA_SOURCES = ('seqio', 'shards')
+DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/streaming.py
 ON_NONFINITE = ('stop', 'skip')
 TEXT_FILES_TASK = 'bert_sym_mlm_text_files'   # bert_sym.tasks.TEXT_FILES_TASK, TF-free
 

@@ -305,6 +305,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     # Every eval reads the same first eval_steps validation batches (rewound each time).
     eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
     eval_start = eval_iter.get_state()
+    from bert_sym import streaming  # pylint: disable=g-import-not-at-top
+    for line in streaming.describe_corpus(train_iter, config):   # size, epochs, warning
+      console(line)
   to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
                                 global_batch_size=config.batch_size, rules=rules)
   seq_len = config.data.max_seq_len
