@@ -15,7 +15,7 @@ import ml_collections
 from bert_sym import attention
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-DATA_SOURCES = ('seqio', 'shards')
+DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/streaming.py
 ON_NONFINITE = ('stop', 'skip')
 TEXT_FILES_TASK = 'bert_sym_mlm_text_files'   # bert_sym.tasks.TEXT_FILES_TASK, TF-free
 
@@ -104,7 +104,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   _positive('eval_every_steps', config.eval_every_steps)
   _positive('eval_steps', config.eval_steps, allow_zero=True)
   _positive('checkpoint.every_steps', config.checkpoint.every_steps)
-  _positive('checkpoint.keep_last', config.checkpoint.keep_last)
+  _positive('checkpoint.keep_last', config.checkpoint.keep_last, allow_zero=True)  # 0 = all
   _positive('checkpoint.keep_every', config.checkpoint.keep_every, allow_zero=True)
   _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
   opt = config.optimizer

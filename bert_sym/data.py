@@ -368,8 +368,13 @@ def load_blocks(data_config, split: str) -> Blocks:
                       f'blocks, config asks max_seq_len={data_config.max_seq_len}')
     return blocks
   if data_config.source == 'seqio':
+    from bert_sym import streaming  # pylint: disable=import-outside-toplevel
+    if data_config.task in streaming.TASKS_IN_TFDS:   # billions of tokens: never in memory
+      raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
+                      "memory; stream it instead (--config.data.source=streaming).\n"
+                      + streaming.prepare_instructions(data_config))
     return load_seqio_blocks(data_config, split)
-  raise DataError(f"config.data.source must be 'seqio' or 'shards', got "
+  raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
                   f'{data_config.source!r}')
 
 
@@ -470,6 +475,11 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
     import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+  if data_config.source == 'streaming':   # any size, local or gs:// (bert_sym.streaming)
+    from bert_sym import streaming  # pylint: disable=import-outside-toplevel
+    return streaming.make_iterator(data_config, batch_size=batch_size, split=split, seed=seed,
+                                   start_step=start_step, process_index=process_index,
+                                   process_count=process_count)
   blocks = load_blocks(data_config, split)
   shuffle = split == 'train' and data_config.shuffle
   return MLMIterator(blocks, _mask_spec(data_config, blocks), batch_size=batch_size,
@@ -479,6 +489,9 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
 
 def vocab_size(data_config) -> int:
   """Vocabulary size of the data (the model's vocab_size must equal it)."""
+  if data_config.source == 'streaming':   # also checks that the corpus is prepared
+    from bert_sym import streaming  # pylint: disable=import-outside-toplevel
+    return streaming.vocab_size(data_config)
   if data_config.source == 'shards':
     return int(read_metadata(data_config.shards_dir, 'train')['vocab_size'])
   from bert_sym import vocab as vocab_lib  # pylint: disable=import-outside-toplevel

@@ -9,12 +9,19 @@ so Wk_h := Wq_h P_h^T and bk_h := bq_h P_h^T give a `BertForMaskedLM` whose logi
 ours (symmetric is the case P_h = I). The exported model runs in any BERT tooling with no
 custom code. The reverse direction, `mlm_params_from_hf`, loads a standard checkpoint.
 
-Everything here works on NumPy arrays keyed by Hugging Face's `state_dict` names;
-PyTorch and `transformers` are imported only by `save_hf_pretrained`.
+Everything here works on NumPy arrays keyed by Hugging Face's `state_dict` names. The
+export needs neither PyTorch nor `transformers`: it writes `config.json`,
+`model.safetensors` (NumPy through `safetensors`), and the tokenizer files (`vocab.txt`,
+`tokenizer_config.json` with `model_max_length`, `special_tokens_map.json`), so that
+`AutoTokenizer`, `AutoModelForMaskedLM` and `pipeline('fill-mask')` load the directory
+as it is.
 
   python -m bert_sym.export --checkpoint=WORKDIR_or_STEP_DIR --out_dir=hf_model
 """
 
+import json
+import os
+import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -164,16 +171,66 @@ def mlm_params_from_hf(state_dict: Mapping[str, Any], cfg) -> dict[str, Any]:
   return {'encoder': encoder, 'mlm_head': mlm_head}
 
 
-def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str) -> None:
-  """Write `params` (any variant) as a standard `BertForMaskedLM` with `save_pretrained`."""
-  import torch
-  import transformers
+SPECIAL_TOKENS = {'unk_token': '[UNK]', 'sep_token': '[SEP]', 'pad_token': '[PAD]',
+                  'cls_token': '[CLS]', 'mask_token': '[MASK]'}
 
-  model = transformers.BertForMaskedLM(transformers.BertConfig(**hf_bert_config_kwargs(cfg)))
-  state = {k: torch.from_numpy(np.array(v, np.float32))
-           for k, v in mlm_params_to_hf(params, cfg).items()}
-  model.load_state_dict(state, strict=True)
-  model.save_pretrained(out_dir)
+
+def hf_config_json(cfg) -> dict[str, Any]:
+  """What `BertConfig.save_pretrained` writes for this architecture (transformers-free)."""
+  return dict(architectures=['BertForMaskedLM'], model_type='bert', pad_token_id=0,
+              position_embedding_type='absolute', torch_dtype='float32',
+              **hf_bert_config_kwargs(cfg))
+
+
+def hf_tokenizer_config(cfg) -> dict[str, Any]:
+  """bert-base-uncased's tokenizer settings, with the model's real length limit, so that
+  `truncation=True` cuts at max_position_embeddings (without it HF assumes 1e30)."""
+  return dict(tokenizer_class='BertTokenizer', do_lower_case=True, do_basic_tokenize=True,
+              tokenize_chinese_chars=True, strip_accents=None,
+              clean_up_tokenization_spaces=True,
+              model_max_length=int(cfg.max_position_embeddings), **SPECIAL_TOKENS)
+
+
+def _write_file_atomically(path: str, write) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.tmp')
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
+def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
+                       vocab_bytes: bytes | None = None) -> None:
+  """Writes `params` (any variant) as a standard `BertForMaskedLM` directory.
+
+  Every file is written to a temporary name and renamed, so an interrupted export never
+  leaves a complete-looking model with missing weights.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = mlm_params_to_hf(params, cfg)
+  # The decoder is tied to the word embeddings (and its bias to cls.predictions.bias):
+  # like save_pretrained, store each tensor once; from_pretrained re-ties them.
+  tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()
+             if k not in ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')}
+  _write_file_atomically(os.path.join(out_dir, 'model.safetensors'),
+                         lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}))
+  texts = {'tokenizer_config.json': hf_tokenizer_config(cfg),
+           'special_tokens_map.json': SPECIAL_TOKENS}
+  for name, content in texts.items():
+    _write_file_atomically(os.path.join(out_dir, name), lambda tmp, c=content: open(
+        tmp, 'w').write(json.dumps(c, indent=2) + '\n'))
+  if vocab_bytes is not None:
+    _write_file_atomically(os.path.join(out_dir, 'vocab.txt'),
+                           lambda tmp: open(tmp, 'wb').write(vocab_bytes))
+  # config.json last: its presence marks a finished export.
+  _write_file_atomically(os.path.join(out_dir, 'config.json'), lambda tmp: open(
+      tmp, 'w').write(json.dumps(hf_config_json(cfg), indent=2) + '\n'))
 
 
 def main(argv):
@@ -181,11 +238,14 @@ def main(argv):
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
   from bert_sym import vocab  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
-  config, params = checkpoint.load_pretrained(_CHECKPOINT.value)
-  save_hf_pretrained(params, config.model, _OUT_DIR.value)
+  try:
+    config, params = checkpoint.load_pretrained(_CHECKPOINT.value)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'bert_sym.export: error: {e}') from None
   # The tokenizer travels with the model so `from_pretrained(out_dir)` works end to end.
   vocab_file = config.data.get('vocab_path', '') or vocab.default_vocab_file()
-  (epath.Path(_OUT_DIR.value) / 'vocab.txt').write_bytes(epath.Path(vocab_file).read_bytes())
+  save_hf_pretrained(params, config.model, _OUT_DIR.value,
+                     vocab_bytes=epath.Path(vocab_file).read_bytes())
   print(f'Wrote a standard Hugging Face BertForMaskedLM ({config.model.attention} attention '
         f'folded into W_k) to {_OUT_DIR.value}')
 

@@ -434,6 +434,12 @@ def markdown_table(results: dict) -> str:
   cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
            glue_pm('glue_full', 10)]
   lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
+  cut = {k: results.get('config', {}).get(k, 0) for k in ('max_train_examples', 'max_eval_examples')}
+  if any(cut.values()):
+    lines += ['', '**Cut data, not comparable with the paper:** ' + '; '.join(
+        f'only the first {n} {what} examples' for what, n in
+        (('training', cut['max_train_examples']), ('dev-set', cut['max_eval_examples']))
+        if n) + ' (config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
   lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
             'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
             'mean over the k tasks present only, not comparable to the paper\'s GLUE. '
@@ -761,17 +767,39 @@ def main(argv, cli):
     config.glue_dir = cli.glue_dir.value
   if cli.reference_score.value is not None and not cli.sweep.value:
     raise app.UsageError('--reference_score only applies with --sweep.')
+  metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)
   distributed.initialize(cli.multiprocess)   # every host runs this same command
   start = time.time()
-  if cli.sweep.value:
-    run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
-    table = 'glue_vs_step.md'
-  else:
-    run_glue(cli.checkpoint.value, cli.output_dir.value, config)
-    table = 'glue_results.md'
+  try:
+    if cli.sweep.value:
+      run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
+      table = 'glue_vs_step.md'
+    else:
+      run_glue(cli.checkpoint.value, cli.output_dir.value, config)
+      table = 'glue_results.md'
+  except (ValueError, FileNotFoundError, PermissionError) as e:
+    # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix.
+    raise SystemExit(f'bert_sym.glue: error: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    if 'tensorflow_datasets' not in ''.join(_traceback_files(e)):
+      raise
+    # TFDS could not download or prepare glue/*: offline, or no prepared copy.
+    raise SystemExit(
+        f'bert_sym.glue: error: TFDS could not load GLUE ({type(e).__name__}: '
+        f'{str(e)[:200]}). Fix: prepare it where there is internet (tfds build glue '
+        '--data_dir=DIR) and pass --config.tfds_data_dir=DIR, or use a local copy in '
+        'the GLUE download-script layout with --glue_dir=DIR.') from None
   if jax.process_index() == 0:   # the only process that writes results
     print((epath.Path(cli.output_dir.value) / table).read_text())
     print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
+
+
+def _traceback_files(error: BaseException) -> list[str]:
+  tb, files = error.__traceback__, []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return files
 
 
 if __name__ == '__main__':

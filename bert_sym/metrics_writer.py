@@ -8,6 +8,7 @@ only `metrics.jsonl` is written. On multi-host runs only process 0 writes anythi
 import json
 import os
 import socket
+import sys
 import time
 
 from absl import logging
@@ -130,3 +131,35 @@ class MetricWriter:
     if self._events is not None:
       self._events.close()
     self._jsonl.close()
+
+
+def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
+  """INFO from orbax/absl (about 40 lines a save) and TF's native start-up chatter off.
+
+  TF logs through C++ absl before anything can configure it ("failed call to cuInit" at
+  error level on a CPU machine, oneDNN notices), so the seqio input stack is imported
+  here with the process's stderr pointed at /dev/null. `--verbosity=0` (absl; `verbose`)
+  keeps everything; a user's own TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are kept.
+  """
+  if verbose:
+    return
+  logging.set_verbosity(logging.WARNING)
+  # Orbax warns on every restore that the `state` item has no _CHECKPOINT_METADATA,
+  # which it never writes for items: not news.
+  logging.get_absl_logger().addFilter(
+      lambda record: '_CHECKPOINT_METADATA' not in record.getMessage())
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # the input pipeline has no math
+  if not import_tf:
+    return
+  saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  sys.stderr.flush()
+  os.dup2(devnull, 2)
+  try:
+    from bert_sym import vocab  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+  except ImportError:
+    pass   # reported where the input pipeline needs it, with stderr back
+  finally:
+    os.dup2(saved_stderr, 2)
+    os.close(saved_stderr)
+    os.close(devnull)

@@ -485,6 +485,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     # Every eval reads the same first eval_steps validation batches (rewound each time).
     eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
     eval_start = eval_iter.get_state()
+    from bert_sym import streaming  # pylint: disable=g-import-not-at-top
+    for line in streaming.describe_corpus(train_iter, config):   # size, epochs, warning
+      console(line)
   host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
                                      global_batch_size=config.batch_size, rules=rules)
   if config.model.sparse_mlm:   # the step's targets found on the host, not the device
@@ -730,38 +733,6 @@ def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:
   return '\n'.join(lines)
 
 
-def quiet_logs(config) -> None:
-  """INFO from orbax/absl (about 40 lines a save) and TF's native start-up chatter off.
-
-  TF logs through C++ absl before anything can configure it ("failed call to cuInit" at
-  error level on a CPU machine, oneDNN notices), so the seqio input stack is imported
-  here with the process's stderr pointed at /dev/null. `--verbosity=0` (absl) keeps
-  everything; a user's own TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are kept.
-  """
-  if flags.FLAGS['verbosity'].present:
-    return
-  logging.set_verbosity(logging.WARNING)
-  # Orbax warns on every restore that the `state` item has no _CHECKPOINT_METADATA,
-  # which it never writes for items: not news.
-  logging.get_absl_logger().addFilter(
-      lambda record: '_CHECKPOINT_METADATA' not in record.getMessage())
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # the input pipeline has no math
-  if config.data.source != 'seqio':
-    return
-  saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  sys.stderr.flush()
-  os.dup2(devnull, 2)
-  try:
-    from bert_sym import vocab  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    pass   # reported where the input pipeline needs it, with stderr back
-  finally:
-    os.dup2(saved_stderr, 2)
-    os.close(saved_stderr)
-    os.close(devnull)
-
-
 def main(argv, make_iterator=None):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -779,7 +750,8 @@ def main(argv, make_iterator=None):
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or pass --dry_run).')
-  quiet_logs(config)
+  metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present,
+                            import_tf=config.data.source == 'seqio')
   try:
     distributed.initialize(_DISTRIBUTED_FLAGS)
     train_and_evaluate(config, _WORKDIR.value, make_iterator=make_iterator)

@@ -73,11 +73,11 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   c.model = model_config(size, attention)
 
   c.data = ml_collections.ConfigDict(dict(
-      source='seqio',               # 'seqio' (TF input pipeline) | 'shards' (exported, TF-free)
+      source='seqio',               # 'seqio' (TF input pipeline) | 'shards' (exported, TF-free) | 'streaming' (exported, any size, local or gs://)
       task='bert_sym_mlm_embedded', # a registered seqio task (see bert_sym/tasks.py)
       text_files='',                # glob(s), comma separated, for task 'bert_sym_mlm_text_files'
       validation_files='',          # its validation glob(s); '' = every 100th document held out
-      shards_dir='',                # for source='shards': output of `python -m bert_sym.data export`
+      shards_dir='',                # 'shards': output of `python -m bert_sym.data export`; 'streaming': of `python -m bert_sym.streaming export` (local or gs://)
       vocab_path='',                # '' = bert-base-uncased WordPiece rebuilt offline
       max_seq_len=512,
       mask_rate=0.15,
@@ -125,3 +125,19 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   c.peak_flops_per_device = 0.0     # 0 = look up by device kind (for MFU)
   c.compilation_cache_dir = '~/.cache/bert_sym/jax'   # JAX persistent compilation cache; '' = off
   return apply_recipe(c, recipe)
+
+
+# The paper pre-trained on OSCAR-2301 English (filtered Common Crawl; not in TFDS). C4 English
+# is the TFDS corpus of the same kind, and large enough (~150B tokens) that the recipe's
+# 200k x 256 x 512 = 26B tokens read it less than once, as the paper read OSCAR.
+PRETRAINING_TASK = 'bert_sym_mlm_c4'
+
+
+def pretraining_corpus(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Switches `c` to the real corpus, streamed from exported shards (bert_sym/streaming.py).
+
+  shards_dir stays empty: the trainer then stops at once with the commands that prepare
+  the corpus (`python -m bert_sym.streaming export ...`), never training on something else.
+  """
+  c.data.update(dict(source='streaming', task=PRETRAINING_TASK, shards_dir=''))
+  return c

@@ -1,6 +1,11 @@
-"""The standard-attention bert-base baseline, same recipe as sym_base.
+r"""The standard-attention bert-base baseline, same recipe as sym_base.
 
-  python -m bert_sym.train --config=configs/std_base.py --workdir=gs://BUCKET/std_base
+  python -m bert_sym.train --config=configs/std_base.py --workdir=gs://BUCKET/std_base \
+      --config.data.shards_dir=gs://BUCKET/c4_512
+
+Trains on C4 English streamed from exported shards (configs/common.py:
+`pretraining_corpus`; prepare them with `python -m bert_sym.streaming export`, see
+bert_sym/streaming.py). Without shards_dir the run stops at once and prints how.
 
   python -m bert_sym.train --config=configs/std_base.py:fast ...   # the fast recipe
 """
@@ -10,4 +15,5 @@ from configs import common
 
 def get_config(arg=None):
   # arg: the recipe, 'paper' (default) or 'fast' (no attention dropout, fused kernel).
-  return common.base_config('base', 'standard', recipe=arg or 'paper')
+  return common.pretraining_corpus(
+      common.base_config('base', 'standard', recipe=arg or 'paper'))

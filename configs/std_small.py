@@ -1,6 +1,11 @@
-"""bert-small with standard attention, the small baseline.
+r"""bert-small with standard attention, the small baseline.
 
-  python -m bert_sym.train --config=configs/std_small.py --workdir=gs://BUCKET/std_small
+  python -m bert_sym.train --config=configs/std_small.py --workdir=gs://BUCKET/std_small \
+      --config.data.shards_dir=gs://BUCKET/c4_512
+
+Trains on C4 English streamed from exported shards (configs/common.py:
+`pretraining_corpus`; prepare them with `python -m bert_sym.streaming export`, see
+bert_sym/streaming.py). Without shards_dir the run stops at once and prints how.
 """
 
 from configs import common
@@ -8,4 +13,4 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  return common.base_config('small', 'standard')
+  return common.pretraining_corpus(common.base_config('small', 'standard'))

@@ -1,6 +1,11 @@
-"""The paper's headline: pairwise symmetric attention, bert-base, the paper's recipe.
+r"""The paper's headline: pairwise symmetric attention, bert-base, the paper's recipe.
 
-  python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/sym_base
+  python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/sym_base \
+      --config.data.shards_dir=gs://BUCKET/c4_512
+
+Trains on C4 English streamed from exported shards (configs/common.py:
+`pretraining_corpus`; prepare them with `python -m bert_sym.streaming export`, see
+bert_sym/streaming.py). Without shards_dir the run stops at once and prints how.
 
 Other variants from the command line: --config.model.attention=symmetric.
 
@@ -12,4 +17,5 @@ from configs import common
 
 def get_config(arg=None):
   # arg: the recipe, 'paper' (default) or 'fast' (no attention dropout, fused kernel).
-  return common.base_config('base', 'pairwise', recipe=arg or 'paper')
+  return common.pretraining_corpus(
+      common.base_config('base', 'pairwise', recipe=arg or 'paper'))

@@ -14,10 +14,21 @@
 # A PREEMPTED / TERMINATED (spot) slice still "describes", so it is deleted and recreated.
 # Follow the run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 \
 #   --command 'tail -f ~/bert_sym/train.log'      (or point TensorBoard at WORKDIR/tensorboard)
+#
+# The bert-base/small configs stream C4 from exported shards (bert_sym/streaming.py).
+# Prepare them once, on the same slice, by setting EXPORT_TO (a gs:// directory): every
+# worker first converts its part of the TFDS corpus there (worker i of N takes parts i,
+# i+N, ...; finished parts are skipped on a rerun), waits until all parts are done, then
+# trains from it (--config.data.shards_dir=EXPORT_TO is added). Later runs just pass
+# --config.data.shards_dir=gs://... themselves.
+#   EXPORT_TO=gs://my-bucket/c4_512 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets \
+#     launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base
+# EXPORT_TASK (default bert_sym_mlm_c4) and EXPORT_SEQ_LEN (default 512) pick the corpus.
+# TFDS_DATA_DIR must hold the prepared TFDS dataset (`tfds build c4/en --data_dir=...`).
 set -euo pipefail
 
 if [[ $# -lt 5 ]]; then
-  sed -n '2,16p' "$0"; exit 2
+  sed -n '2,27p' "$0"; exit 2
 fi
 NAME=$1 ZONE=$2 ACCELERATOR=$3 CONFIG=$4 WORKDIR=$5
 shift 5
@@ -27,6 +38,11 @@ JAX_SPEC=${JAX_SPEC:-"jax[tpu]>=0.6,<0.13"}
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 if [[ $WORKDIR != gs://* ]]; then
   echo "WORKDIR must be on gs:// (every worker writes checkpoints there)." >&2; exit 2
+fi
+EXPORT_TO=${EXPORT_TO:-} EXPORT_TASK=${EXPORT_TASK:-bert_sym_mlm_c4}
+EXPORT_SEQ_LEN=${EXPORT_SEQ_LEN:-512} TFDS_DATA_DIR=${TFDS_DATA_DIR:-}
+if [[ -n $EXPORT_TO && $EXPORT_TO != gs://* ]]; then
+  echo "EXPORT_TO must be on gs:// (every worker writes its part there)." >&2; exit 2
 fi
 GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
@@ -116,14 +132,38 @@ fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r requirements.txt "$JAX_SPEC"
-nohup .venv/bin/python -m bert_sym.train --distributed --config="$CONFIG" \
-  --workdir="$WORKDIR" "${EXTRA_ARGS[@]}" > train.log 2>&1 < /dev/null &
+# run.sh: the optional export (this worker converts its share of the corpus), then the trainer
+# (exec, so train.pid is the pid of the trainer once training starts).
+{
+  echo "set -euo pipefail"
+  if [[ -n $EXPORT_TO ]]; then
+    WORKER_ID=$(curl -s -H "Metadata-Flavor: Google" \
+      http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)
+    printf ".venv/bin/python -m bert_sym.streaming export"
+    printf " %q" "--task=$EXPORT_TASK" "--max_seq_len=$EXPORT_SEQ_LEN" "--out_dir=$EXPORT_TO" \
+      "--tfds_data_dir=$TFDS_DATA_DIR" "--num_workers=$NUM_WORKERS" "--worker_index=$WORKER_ID"
+    echo
+    printf "until .venv/bin/python -m bert_sym.streaming finalize %q; do sleep 60; done\n" \
+      "--out_dir=$EXPORT_TO"
+    EXTRA_ARGS+=("--config.data.shards_dir=$EXPORT_TO")
+  fi
+  printf "exec .venv/bin/python -m bert_sym.train --distributed"
+  printf " %q" "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA_ARGS[@]}"
+  echo
+} > run.sh
+nohup bash run.sh > train.log 2>&1 < /dev/null &
 echo $! > train.pid
 echo "worker $(hostname): started, log in ~/bert_sym/train.log"
 '
 EXTRA_DECL=$(declare -p EXTRA_ARGS)
+NUM_WORKERS=1
+if [[ -n $EXPORT_TO ]]; then
+  NUM_WORKERS=$("${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" --format=json \
+    | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["networkEndpoints"]))')
+fi
 REMOTE_VARS=$(printf '%s=%q ' PYTHON_VERSION "$PYTHON_VERSION" JAX_SPEC "$JAX_SPEC" \
-  CONFIG "$CONFIG" WORKDIR "$WORKDIR")
+  CONFIG "$CONFIG" WORKDIR "$WORKDIR" EXPORT_TO "$EXPORT_TO" EXPORT_TASK "$EXPORT_TASK" \
+  EXPORT_SEQ_LEN "$EXPORT_SEQ_LEN" TFDS_DATA_DIR "$TFDS_DATA_DIR" NUM_WORKERS "$NUM_WORKERS")
 "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command \
   "$REMOTE_VARS bash -c $(printf %q "$EXTRA_DECL; $WORKER_SCRIPT")"
 echo "Started $CONFIG on every worker of $NAME; workdir $WORKDIR"

@@ -69,3 +69,65 @@ def test_save_hf_pretrained_loads_with_from_pretrained(tmp_path):
 def test_non_standard_import_is_refused():
   with pytest.raises(ValueError, match='attention=standard'):
     export.mlm_params_from_hf({}, tiny_config('pairwise'))
+
+
+# The export command as a user runs it after `make demo`: a venv with the runtime
+# requirements only, so torch and transformers are made unimportable.
+_EXPORT_WITHOUT_TORCH = """
+import runpy, sys
+class NotInstalled:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('torch', 'transformers'):
+      raise ModuleNotFoundError(f'No module named {name!r}')
+sys.meta_path.insert(0, NotInstalled())
+sys.argv = ['bert_sym.export'] + sys.argv[1:]
+runpy.run_module('bert_sym.export', run_name='__main__', alter_sys=True)
+"""
+
+
+def test_export_command_without_torch_then_fill_mask_pipeline(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.train_fixtures import REPO_ROOT, run_trainer  # pylint: disable=g-import-not-at-top
+  workdir, out_dir = tmp_path / 'run', tmp_path / 'hf'
+  # A real-vocabulary tiny model, two steps: enough for a real checkpoint and config.json.
+  run_trainer(workdir, overrides=dict(model__vocab_size=30522, model__max_position_embeddings=512,
+                                      total_steps=2, checkpoint__every_steps=2))
+  result = subprocess.run(
+      [sys.executable, '-c', _EXPORT_WITHOUT_TORCH, f'--checkpoint={workdir}',
+       f'--out_dir={out_dir}'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(__import__('os').environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(p.name for p in out_dir.iterdir()) == [
+      'config.json', 'model.safetensors', 'special_tokens_map.json',
+      'tokenizer_config.json', 'vocab.txt']
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+  assert tokenizer.model_max_length == 512
+  fill = transformers.pipeline('fill-mask', model=str(out_dir), device='cpu')
+  short = fill('Paris is the [MASK] of France.')
+  assert len(short) == 5 and all(np.isfinite(p['score']) for p in short)
+  long_text = 'The capital [MASK] is here. ' + ' '.join(['word'] * 600)
+  assert len(tokenizer(long_text)['input_ids']) > 512
+  long = fill(long_text, tokenizer_kwargs={'truncation': True})
+  assert len(long) == 5
+  # Same weights as ours: the exported model reproduces the checkpoint's logits.
+  from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
+  config, params = checkpoint.load_pretrained(workdir)
+  batch = padded_batch(30522, length=12)
+  hf = transformers.BertForMaskedLM.from_pretrained(str(out_dir)).eval()
+  _, hf_logits = hf_mlm_forward(hf, *batch)
+  ours = np.asarray(bert.BertForMaskedLM(config.model).apply({'params': params}, *batch))
+  np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=1e-5)
+
+
+def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  result = subprocess.run(
+      [sys.executable, '-m', 'bert_sym.export', f'--checkpoint={tmp_path}/nothing',
+       f'--out_dir={tmp_path}/out'], cwd=REPO_ROOT, capture_output=True, text=True,
+      timeout=120)
+  assert result.returncode == 1
+  assert 'bert_sym.export: error:' in result.stderr and 'does not exist' in result.stderr
+  assert 'Traceback' not in result.stderr

@@ -138,6 +138,9 @@ def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
       [results['runs'][t]['1']['scores'][t]['score'] for t in ('cola', 'stsb')]))
   table = (out / 'glue_results.md').read_text()
   assert '(partial 2/9)' in table and '| 2 |' in table
+  # Cut dev sets are said in the table itself, not only in the JSON.
+  assert ('Cut data, not comparable with the paper:** only the first 24 training examples; '
+          'only the first 20 dev-set examples') in table
   assert not list(out.rglob('*.tmp-*'))                     # atomic writes left no temp
 
 
@@ -408,6 +411,35 @@ def test_bad_tasks_fail_before_training(workdir, tmp_path):
   with pytest.raises(ValueError, match='config.mesh'):
     glue.run_glue(str(workdir), str(tmp_path / 'out'),
                   _config(tasks='rte', mesh={'data': 3, 'fsdp': 1, 'tensor': 1}))
+
+
+@needs_glue
+def test_cli_input_errors_are_one_line(workdir, tmp_path):
+  base = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
+          f'--output_dir={tmp_path / "out"}', '--config.max_seq_len=32']
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu')
+  for extra, message in (([f'--glue_dir={tmp_path}/nowhere', '--tasks=rte'],
+                          'is not a directory'),
+                         ([f'--glue_dir={GLUE_DIR}', '--tasks=qqp'],
+                          'No directory'),
+                         ([f'--glue_dir={GLUE_DIR}', '--tasks=rte2'],
+                          'Unknown GLUE task')):
+    result = subprocess.run(base + extra, cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(errors) == 1 and errors[0].startswith('bert_sym.glue: error:'), errors
+    assert message in errors[0]
+
+
+def test_tfds_glue_builder_code_path_has_its_runtime_dependencies(tmp_path):
+  """TFDS resolves lazy imports (importlib_resources) when it prepares glue/*; the
+  README's first GLUE command died there on a fresh install. Offline, this is as far as
+  TFDS gets before downloading."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder('glue/rte', data_dir=str(tmp_path))
+  assert type(builder).code_path is not None
 
 
 def test_help_shows_how_to_reproduce():

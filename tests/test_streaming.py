@@ -1,0 +1,482 @@
+"""bert_sym.streaming: the input path for corpora of any size.
+
+Corpora are written straight into the shard format (random token blocks, as the export
+writes them), so a 50M-token corpus costs seconds, not a TF tokenisation. gs:// is stood
+in for by file:// and memory:// URLs, which take the same fsspec code path (range reads
+through `fs.cat_ranges`) as gcsfs; plain local paths use os.pread.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from bert_sym import data as data_lib
+from bert_sym import streaming
+from bert_sym import vocab as vocab_lib
+from configs import common
+from tests.train_fixtures import REPO_ROOT, run_trainer
+
+TASK = 'synthetic_test'
+
+
+def write_corpus(url, num_blocks, max_seq_len, *, splits=('train', 'validation'),
+                 num_parts=2, blocks_per_shard=1000, seed=0, task=TASK):
+  """A corpus of random WordPiece ids in the export's format; returns the train metadata."""
+  vocab_path = vocab_lib.default_vocab_file()
+  tokens = vocab_lib.read_vocab(vocab_path)
+  special = vocab_lib.special_ids(tokens, vocab_path).as_dict()
+  rng = np.random.default_rng(seed)
+  for split in splits:
+    split_url = streaming._join(url, split)  # pylint: disable=protected-access
+    streaming.write_vocab(split_url, vocab_lib.read_vocab_bytes(vocab_path))
+    per_part = np.diff(np.linspace(0, num_blocks, num_parts + 1).astype(int))
+    for part, count in enumerate(per_part):
+      writer = streaming.PartWriter(split_url, part, num_parts, max_seq_len=max_seq_len,
+                                    dtype=np.uint16, pad_id=0,
+                                    blocks_per_shard=blocks_per_shard)
+      for start in range(0, count, 4096):    # bounded memory while writing, too
+        n = min(4096, count - start)
+        blocks = rng.integers(1000, len(tokens), (n, max_seq_len), dtype=np.uint16)
+        blocks[:, 0], blocks[:, -1] = special['cls'], special['sep']
+        blocks[:, -1 - rng.integers(0, 8)] = 0    # some padding
+        writer.add(blocks)
+      writer.close(task=task, split=split, vocab_md5=vocab_lib.BERT_BASE_UNCASED_MD5,
+                   vocab_size=len(tokens), special_ids=special)
+    streaming.finalize(url, split)
+  return streaming.read_metadata(url, 'train')
+
+
+def _config(shards_dir, max_seq_len=64, **overrides):
+  config = common.base_config('tiny').data
+  config.update(dict(source='streaming', shards_dir=str(shards_dir), task=TASK,
+                     max_seq_len=max_seq_len,
+                     max_predictions_per_seq=max(1, max_seq_len * 15 // 100 + 1)))
+  config.update(overrides)
+  return config
+
+
+def _iterator(config, split='train', batch_size=8, seed=3, **kwargs):
+  kwargs.setdefault('process_index', 0)
+  kwargs.setdefault('process_count', 1)
+  return data_lib.make_mlm_iterator(config, batch_size=batch_size, split=split, seed=seed,
+                                    **kwargs)
+
+
+def _assert_same(a, b):
+  for k in data_lib.FEATURES:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def small_corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp('small')
+  write_corpus(str(root), 1000, 64, num_parts=3, blocks_per_shard=150)
+  return root
+
+
+# ----------------------------------------------------------------------------------------
+# The shuffle.
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('n', [1, 2, 3, 17, 1000, 4097, 100_003])
+def test_feistel_is_a_bijection_of_every_size(n):
+  p = streaming.feistel_permutation(np.arange(n), n, seed=5, epoch=0)
+  np.testing.assert_array_equal(np.sort(p), np.arange(n))
+  if n >= 17:
+    assert not np.array_equal(p, np.arange(n))
+    assert not np.array_equal(p, streaming.feistel_permutation(np.arange(n), n, 5, 1))
+    assert not np.array_equal(p, streaming.feistel_permutation(np.arange(n), n, 6, 0))
+    # Per index: any slice of the indices gives the same slice of the permutation.
+    np.testing.assert_array_equal(
+        streaming.feistel_permutation(np.arange(n // 3, n // 2), n, 5, 0), p[n // 3:n // 2])
+
+
+def test_feistel_mixes_like_a_random_permutation():
+  n = 100_003
+  p = streaming.feistel_permutation(np.arange(n), n, seed=0, epoch=0)
+  # Neighbours land far apart, and position predicts nothing about the block.
+  assert abs(np.corrcoef(np.arange(n), p)[0, 1]) < 0.02
+  assert np.median(np.abs(np.diff(p))) > n / 5
+  # Fixed points of a random permutation: Poisson(1).
+  assert (p == np.arange(n)).sum() < 8
+  # Huge corpora: no array of the corpus's size is built (a billion blocks, 4 indices).
+  big = streaming.feistel_permutation(np.array([0, 1, 2, 10**9 - 1]), 10**9, 0, 7)
+  assert len(set(big.tolist())) == 4 and (big < 10**9).all()
+
+
+# ----------------------------------------------------------------------------------------
+# Reading: every filesystem gives the same blocks and batches; same as the shards path.
+# ----------------------------------------------------------------------------------------
+
+def test_blocks_are_the_exported_arrays_on_every_filesystem(small_corpus):
+  metadata = streaming.read_metadata(str(small_corpus), 'train')
+  assert len(metadata['shards']) > 3   # several shards per part
+  truth = np.concatenate([np.load(small_corpus / 'train' / s['file'])
+                          for s in metadata['shards']])
+  memory_url = 'memory://streaming-test/corpus'
+  for split in ('train', 'validation'):   # a copy in memory:// (the remote code path)
+    for f in (small_corpus / split).iterdir():
+      fs, path = streaming._fs(f'{memory_url}/{split}/{f.name}')  # pylint: disable=protected-access
+      fs.pipe_file(path, f.read_bytes())
+  rows = np.array([999, 0, 5, 6, 7, 149, 150, 151, 500, 5, 998])
+  for url in (str(small_corpus), f'file://{small_corpus}', memory_url):
+    blocks = streaming.StreamingBlocks(url, 'train')
+    assert len(blocks) == 1000 and blocks.num_tokens == metadata['num_tokens']
+    np.testing.assert_array_equal(blocks.take(rows), truth[rows])
+    np.testing.assert_array_equal(blocks.take(np.arange(1000)), truth)
+    batches = [next(it) for it in [_iterator(_config(url), start_step=7)] for _ in range(3)]
+    reference = _iterator(_config(str(small_corpus)), start_step=7)
+    for batch in batches:
+      _assert_same(batch, next(reference))
+
+
+def test_validation_equals_the_shards_path(small_corpus):
+  """Same files read by source='shards' (mmap) and 'streaming': identical masked batches."""
+  shards = _config(str(small_corpus), source='shards')
+  stream = _config(str(small_corpus))
+  a = _iterator(shards, split='validation', batch_size=16, start_step=2)
+  b = _iterator(stream, split='validation', batch_size=16, start_step=2)
+  for _ in range(4):
+    _assert_same(next(a), next(b))
+
+
+def test_same_seed_same_batches_resume_and_epochs(small_corpus):
+  config = _config(str(small_corpus))
+  run = _iterator(config, batch_size=10)
+  batches = [next(run) for _ in range(205)]   # 2 epochs of 100 steps, and 5 more
+  again = _iterator(config, batch_size=10)
+  _assert_same(batches[0], next(again))
+  other = next(_iterator(config, batch_size=10, seed=4))
+  assert not np.array_equal(other['input_ids'], batches[0]['input_ids'])
+  # Resume from a saved state (O(1): nothing is replayed) and from start_step.
+  resumed = _iterator(config, batch_size=10)
+  resumed.set_state(json.loads(json.dumps(run.get_state())))
+  assert resumed.get_state()['step'] == 205
+  _assert_same(next(resumed), next(run))
+  _assert_same(next(_iterator(config, batch_size=10, start_step=150)), batches[150])
+  # Each epoch reads every block exactly once, in a new order.
+  blocks = streaming.StreamingBlocks(str(small_corpus), 'train')
+  spec_rows = lambda step: run._rows(np.arange(step * 10, step * 10 + 10))  # pylint: disable=protected-access
+  epoch0 = np.concatenate([spec_rows(s) for s in range(100)])
+  epoch1 = np.concatenate([spec_rows(s) for s in range(100, 200)])
+  np.testing.assert_array_equal(np.sort(epoch0), np.arange(len(blocks)))
+  np.testing.assert_array_equal(np.sort(epoch1), np.arange(len(blocks)))
+  assert not np.array_equal(epoch0, epoch1)
+
+
+def test_hosts_read_disjoint_rows_of_the_global_batch(small_corpus):
+  config = _config(str(small_corpus))
+  whole = _iterator(config, batch_size=12, start_step=3)
+  parts = [_iterator(config, batch_size=4, start_step=3, process_index=p, process_count=3)
+           for p in range(3)]
+  for _ in range(2):
+    expected = next(whole)
+    got = [next(p) for p in parts]
+    for k in data_lib.FEATURES:
+      np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), expected[k])
+
+
+def test_resume_checks(small_corpus, tmp_path):
+  config = _config(str(small_corpus))
+  state = _iterator(config).get_state()
+  with pytest.raises(data_lib.DataError, match='global batch'):
+    _iterator(config, batch_size=4).set_state(state)
+  with pytest.raises(data_lib.DataError, match='shuffle'):   # a checkpoint of another source
+    _iterator(config).set_state({k: v for k, v in state.items() if k != 'shuffle'})
+  other = tmp_path / 'other'
+  write_corpus(str(other), 999, 64, num_parts=1)
+  with pytest.raises(data_lib.DataError, match='num_blocks'):
+    _iterator(_config(str(other))).set_state(state)
+
+
+def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
+  with pytest.raises(data_lib.DataError, match=r'(?s)shards_dir is not set.*streaming export'
+                     r'.*configs/tiny\.py'):
+    _iterator(_config(''))
+  with pytest.raises(data_lib.DataError, match=r'(?s)train/metadata\.json cannot be read.*'
+                     r'streaming export'):
+    _iterator(_config(str(tmp_path / 'absent')))
+  with pytest.raises(data_lib.DataError, match='holds task .synthetic_test.'):
+    _iterator(_config(str(small_corpus), task='bert_sym_mlm_c4'))
+  with pytest.raises(data_lib.DataError, match='64-token blocks.*max_seq_len=32'):
+    _iterator(_config(str(small_corpus), max_seq_len=32))
+  broken = tmp_path / 'broken'
+  shutil.copytree(small_corpus, broken)
+  first = streaming.read_metadata(str(broken), 'train')['shards'][0]['file']
+  np.save(broken / 'train' / first, np.zeros((3, 64), np.uint16))
+  next(_iterator(_config(str(broken)), split='validation'))   # validation is intact
+  with pytest.raises(data_lib.DataError, match=f'{first}: array \\(3, 64\\)'):
+    streaming.StreamingBlocks(str(broken), 'train').take(np.array([0]))
+  assert streaming.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
+
+
+def test_describe_corpus_counts_epochs_and_warns(small_corpus):
+  iterator = _iterator(_config(str(small_corpus)))
+  config = common.base_config('tiny')
+  config.data = _config(str(small_corpus))
+  config.batch_size, config.total_steps = 32, 16   # 512 of 1000 blocks
+  lines = streaming.describe_corpus(iterator, config)
+  tokens = streaming.read_metadata(str(small_corpus), 'train')['num_tokens']
+  assert len(lines) == 1 and f'{tokens:,} tokens in 1,000 blocks of 64' in lines[0]
+  assert '0.51 epochs' in lines[0]
+  config.total_steps = 400   # 12.8 epochs
+  lines = streaming.describe_corpus(iterator, config)
+  assert '12.80 epochs' in lines[0] and len(lines) == 2 and 'WARNING' in lines[1]
+
+
+def test_streaming_path_runs_without_tensorflow(small_corpus):
+  script = textwrap.dedent(f"""
+      import sys
+      for name in ('tensorflow', 'tensorflow_text', 'seqio', 'tensorflow_datasets'):
+        sys.modules[name] = None  # any import of them now raises ImportError
+      from bert_sym import data
+      from tests.test_streaming import _config, _iterator
+      for url in ({str(small_corpus)!r}, {'file://' + str(small_corpus)!r}):
+        batch = next(_iterator(_config(url)))
+        assert batch['input_ids'].shape == (8, 64)
+        assert data.vocab_size(_config(url)) == 30522
+      assert not [m for m in sys.modules if m.startswith('tensorflow') and sys.modules[m]]
+      print('ok')
+  """)
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=120, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: a 50M-token corpus streams in the memory of a 1M-token one.
+# ----------------------------------------------------------------------------------------
+
+_RSS_SCRIPT = """
+import sys
+for name in ('tensorflow', 'tensorflow_text', 'seqio', 'tensorflow_datasets'):
+  sys.modules[name] = None   # a training host's footprint: no TF
+import numpy as np, psutil
+from tests.test_streaming import _config, _iterator
+url, batches = sys.argv[1], int(sys.argv[2])
+iterator = _iterator(_config(url, max_seq_len=512), batch_size=32)
+steps_per_epoch = iterator.num_blocks // 32
+checksum = 0
+for i in range(batches):   # spread over the whole corpus (and into the second epoch)
+  iterator.set_state(dict(iterator.get_state(), step=i * (2 * steps_per_epoch) // batches))
+  checksum += int(next(iterator)['input_ids'].sum())
+# Peak: VmHWM of this address space (ru_maxrss would carry the parent's peak over exec).
+status = open('/proc/self/status').read()
+peak = int(status.split('VmHWM:')[1].split()[0]) * 1024
+print(psutil.Process().memory_info().rss, peak, iterator.num_blocks, checksum)
+"""
+
+
+def test_rss_of_a_50m_token_corpus_is_that_of_a_1m_token_one(tmp_path):
+  sizes = {'1M': 2_000, '50M': 100_000}   # blocks of 512 tokens: 1.0M and 51.2M tokens
+  rss = {}
+  for name, blocks in sizes.items():
+    url = f'file://{tmp_path / name}'   # the gs:// code path (fsspec range reads)
+    write_corpus(url, blocks, 512, splits=('train',), num_parts=4,
+                 blocks_per_shard=1 << 14)
+    result = subprocess.run([sys.executable, '-c', _RSS_SCRIPT, url, '300'],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    current, peak, num_blocks, _ = map(int, result.stdout.split())
+    assert num_blocks == blocks
+    rss[name] = (current, peak)
+  print(f'RSS after 300 batches x 32 x 512 spread over the corpus: '
+        f'1M tokens {rss["1M"][0] / 2**20:.0f} MiB (peak {rss["1M"][1] / 2**20:.0f}), '
+        f'50M tokens {rss["50M"][0] / 2**20:.0f} MiB (peak {rss["50M"][1] / 2**20:.0f})')
+  corpus_bytes = sizes['50M'] * 512 * 2   # 100 MiB on disk: loading or mapping it would show
+  assert rss['50M'][1] - rss['1M'][1] < corpus_bytes / 4
+  assert rss['50M'][0] - rss['1M'][0] < corpus_bytes / 4
+
+
+# ----------------------------------------------------------------------------------------
+# Export: parallel, resumable, 2 workers == 1 worker.
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def text_files(tmp_path_factory):
+  from bert_sym import corpus  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp('text')
+  docs = [t.replace('\n', ' ') for t in corpus.embedded_documents('train')[:12]]
+  for i in range(3):
+    (root / f'part-{i}.txt').write_text('\n'.join(docs[i::3]) + '\n', encoding='utf-8')
+  return str(root / 'part-*.txt')
+
+
+def _export(out, text_files, **kwargs):
+  return streaming.export('bert_sym_mlm_text_files', 'train', 64, str(out),
+                          text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
+
+
+def _files(directory):
+  return {p.name: p.read_bytes() for p in sorted(pathlib.Path(directory).iterdir())}
+
+
+def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_files):
+  pytest.importorskip('tensorflow_text')
+  one = _export(tmp_path / 'one', text_files)
+  assert one is not None and len(one['shards']) > 3
+  # Two workers (run one after the other here; on a pod, at once): the first to finish
+  # cannot finalize, the last one writes metadata.json.
+  assert _export(tmp_path / 'two', text_files, num_workers=2, worker_index=1) is None
+  assert not (tmp_path / 'two' / 'train' / 'metadata.json').exists()
+  assert _export(tmp_path / 'two', text_files, num_workers=2, worker_index=0) == one
+  assert _files(tmp_path / 'two' / 'train') == _files(tmp_path / 'one' / 'train')
+  assert not [n for n in _files(tmp_path / 'one' / 'train') if '.tmp' in n]
+  a = streaming.StreamingBlocks(str(tmp_path / 'one'), 'train')
+  b = streaming.StreamingBlocks(str(tmp_path / 'two'), 'train')
+  np.testing.assert_array_equal(a.take(np.arange(len(a))), b.take(np.arange(len(b))))
+  # The blocks are the text's packed blocks: every document's tokens, in part order.
+  assert a.num_tokens > 12 * 64 and (a.take(np.arange(len(a)))[:, 0] == 101).all()
+
+  # A crash mid-part: part 1's manifest never written, one of its shards half there.
+  split = tmp_path / 'two' / 'train'
+  (split / 'part-00001.json').unlink()
+  (split / 'metadata.json').unlink()
+  (split / 'part-00001-00000.npy').write_bytes(b'partial')
+  before = {n: (split / n).stat().st_mtime_ns for n in ('part-00000-00000.npy',
+                                                         'part-00002-00000.npy')}
+  assert streaming.main(['finalize', f'--out_dir={tmp_path / "two"}', '--split=train']) == 1
+  assert _export(tmp_path / 'two', text_files) == one   # reruns part 1 only
+  assert {n: (split / n).stat().st_mtime_ns for n in before} == before
+  assert _files(split) == _files(tmp_path / 'one' / 'train')
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-process: 2 processes with jax.distributed read disjoint halves of the batch.
+# ----------------------------------------------------------------------------------------
+
+_DISTRIBUTED_SCRIPT = """
+import sys
+for name in ('tensorflow', 'tensorflow_text', 'seqio', 'tensorflow_datasets'):
+  sys.modules[name] = None   # as on a GPU/TPU training host without TF
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+address, process_id, url, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(address, num_processes=2, process_id=process_id)
+import numpy as np
+from jax.experimental import multihost_utils
+from bert_sym import data, sharding
+from configs import common
+from tests.test_streaming import _config
+config = common.base_config('tiny')
+mesh = sharding.make_mesh(config.mesh)
+rules = sharding.logical_rules(config)
+iterator = data.make_mlm_iterator(_config(url), batch_size=4, split='train', seed=3,
+                                  start_step=5)   # process index and count from jax
+local = next(iterator)
+global_batch = sharding.host_batch_to_global(local, mesh, 8, rules)
+gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+            for k, v in global_batch.items()}
+np.savez(out, **{'local_' + k: v for k, v in local.items()},
+         **{'global_' + k: v for k, v in gathered.items()})
+print('process', jax.process_index(), 'of', jax.process_count(), 'ok')
+"""
+
+
+def test_two_processes_with_jax_distributed_read_disjoint_halves(small_corpus, tmp_path):
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    address = f'localhost:{s.getsockname()[1]}'
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  url = f'file://{small_corpus}'
+  processes = [subprocess.Popen(
+      [sys.executable, '-c', _DISTRIBUTED_SCRIPT, address, str(i), url,
+       str(tmp_path / f'p{i}.npz')], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=180)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'process 1 of 2 ok' in outputs[1]
+  results = [np.load(tmp_path / f'p{i}.npz') for i in range(2)]
+  expected = next(_iterator(_config(url), batch_size=8, start_step=5))   # 1 process
+  for k in data_lib.FEATURES:
+    np.testing.assert_array_equal(results[0][f'local_{k}'], expected[k][:4], err_msg=k)
+    np.testing.assert_array_equal(results[1][f'local_{k}'], expected[k][4:], err_msg=k)
+    for r in results:
+      np.testing.assert_array_equal(r[f'global_{k}'], expected[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------------------
+# The trainer on the streaming path: kill -9, resume, bitwise; the headline command.
+# ----------------------------------------------------------------------------------------
+
+TRAIN_STEPS = 48
+TRAIN_FLAGS = {
+    'model.vocab_size': 30522, 'model.hidden_size': 32, 'model.num_heads': 2,
+    'model.mlp_dim': 64, 'model.num_layers': 2, 'model.max_position_embeddings': 64,
+    'data.source': 'streaming', 'data.task': TASK, 'data.max_seq_len': 64,
+    'data.max_predictions_per_seq': 10, 'batch_size': 8, 'total_steps': TRAIN_STEPS,
+    'optimizer.warmup_steps': 3, 'log_every_steps': 4, 'eval_every_steps': 24,
+    'eval_steps': 1, 'checkpoint.every_steps': 4, 'checkpoint.keep_last': 20,
+    'checkpoint.keep_every': 0,
+}
+
+
+def _train_flags(shards_dir):
+  return [f'--config.{k}={v}' for k, v in TRAIN_FLAGS.items()] + [
+      f'--config.data.shards_dir={shards_dir}']
+
+
+def test_sigkill_then_resume_on_streaming_shards_is_bitwise_identical(small_corpus, tmp_path):
+  from bert_sym import checkpoint  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  flags = _train_flags(f'file://{small_corpus}')   # the gs:// code path
+  # The uninterrupted reference runs alongside (the test is compile-bound).
+  reference = run_trainer(tmp_path / 'reference', *flags, synthetic=False, background=True)
+  workdir = tmp_path / 'killed'
+  process = run_trainer(workdir, *flags, synthetic=False, background=True)
+  start = time.time()
+  while not (workdir / 'checkpoints' / '8').is_dir():
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    assert time.time() - start < 240, 'timed out waiting for the step-8 checkpoint'
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = int(checkpoint.resolve_step_dir(workdir).name)
+  assert 8 <= killed_at < TRAIN_STEPS, 'the run finished before it was killed'
+  resumed = run_trainer(workdir, *flags, synthetic=False)
+  assert f'Resumed from step {killed_at}' in resumed.stdout
+  reference_output = reference.communicate(timeout=240)[0]
+  assert reference.returncode == 0, reference_output[-3000:]
+  assert 'Corpus synthetic_test (streaming' in reference_output
+  a = checkpoint.load_params(checkpoint.resolve_step_dir(workdir))
+  b = checkpoint.load_params(checkpoint.resolve_step_dir(tmp_path / 'reference'))
+  assert checkpoint.resolve_step_dir(workdir).name == str(TRAIN_STEPS)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
+
+
+@pytest.mark.parametrize('extra', [[], ['--config.data.shards_dir=gs://bert-sym-absent/c4']],
+                         ids=['not_prepared', 'unreachable'])
+def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):
+  start = time.time()
+  result = run_trainer(tmp_path / 'run', *extra, synthetic=False, config='configs/sym_base.py',
+                       check=False, timeout=120)
+  elapsed = time.time() - start
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert elapsed < 10, f'took {elapsed:.1f} s'
+  assert 'tfds build c4/en' in result.stderr
+  assert 'python -m bert_sym.streaming export --task=bert_sym_mlm_c4' in result.stderr
+  assert '--config=configs/tiny.py' in result.stderr
+  assert 'Traceback' not in result.stderr.split('bert_sym.train: error')[-1]
+  assert 'Corpus' not in result.stdout and 'Initialised' not in result.stdout
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_seqio_path_refuses_corpora_that_do_not_fit_in_memory():
+  config = _config('', source='seqio', task='bert_sym_mlm_wikipedia')
+  with pytest.raises(data_lib.DataError, match=r'(?s)pack all of bert_sym_mlm_wikipedia.*'
+                     r'tfds build wikipedia/20230601\.en'):
+    data_lib.load_blocks(config, 'train')
