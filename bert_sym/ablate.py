@@ -270,7 +270,9 @@ def _glue_scores(path) -> dict | None:
     return None
   results = json.loads(file.read_text())
   over = results.get('summary', {}).get('over_seeds', {})
-  return {name: stat['mean'] for name, stat in over.items() if stat.get('mean') is not None}
+  # Task scores and GLUE (or its partial mean); 'glue_full*' only adds WNLI to the same.
+  return {name: stat['mean'] for name, stat in over.items()
+          if stat.get('mean') is not None and not name.startswith('glue_full')}
 
 
 def _model_cost(config) -> dict:
