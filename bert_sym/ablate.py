@@ -629,25 +629,42 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   unknown = [v for v in variants if v not in attention.VARIANTS]
   if unknown:
     raise AblationError(f'Unknown variant(s) {unknown}; choose from {attention.VARIANTS}.')
-  total_steps = int(requested.total_steps)
-
   stop, previous_handler = _install_stop()
   try:
-    actions = _run_grid(config, overrides, variants, seeds, workdir, total_steps, stop,
+    actions = _run_grid(config, overrides, variants, seeds, workdir, requested, stop,
                         summarize_only=summarize_only, glue_dir=glue_dir,
                         glue_tasks=glue_tasks, glue_seeds=glue_seeds, glue_args=glue_args,
                         python=python)
   finally:
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
-  summary = summarize(workdir, variants, seeds, total_steps=total_steps,
+  summary = summarize(workdir, variants, seeds, total_steps=int(requested.total_steps),
                       target_loss=target_loss)
   summary['actions'] = actions
   return summary
 
 
-def _run_grid(config, overrides, variants, seeds, workdir, total_steps, stop, *,
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_differences(requested, saved, variant: str, seed: int) -> list[str]:
+  """Keys in which a run's config.json differs from the requested config of that run."""
+  want = _flatten(json.loads(requested.to_json()))
+  want.update({'model.attention': variant, 'seed': seed})
+  have = _flatten(json.loads(saved.to_json()))
+  return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+
+
+def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
               summarize_only, glue_dir, glue_tasks, glue_seeds, glue_args, python) -> dict:
+  total_steps = int(requested.total_steps)
   actions = {}
   start = time.time()
   for variant in variants:
@@ -658,6 +675,10 @@ def _run_grid(config, overrides, variants, seeds, workdir, total_steps, stop, *,
       if finished:
         actions[name] = 'skipped'
         print(f'{name}: {why}, skipped.', flush=True)
+        changed = config_differences(requested, checkpoint_lib.read_config(path), variant, seed)
+        if changed:
+          print(f'  note: {name} was trained with a config that differs from the requested '
+                f'one in {", ".join(changed)}; it is kept as it is.', flush=True)
       elif summarize_only:
         actions[name] = 'missing'
         print(f'{name}: {why}; --summarize_only, left out.', flush=True)
