@@ -16,8 +16,15 @@ through unchanged, so a grid started by hand with that layout is picked up as is
 finished when it has a config.json and a finalized checkpoint at the requested
 `config.total_steps`; finished runs are skipped, unfinished ones resumed (the trainer
 resumes from its latest checkpoint). Exit code 42 from the trainer (preempted) reruns it;
-any other failure stops the grid with the run's name and log. The same command runs on
-CPU, GPU and TPU VMs: the trainer picks the devices (see launch/).
+any other failure stops the grid with the run's name and log. SIGTERM to the runner is
+passed to the running trainer, which saves; the runner then exits with code 42 too.
+
+CPU, GPU, TPU: the runner only starts trainers, which use every local accelerator, so the
+same command runs on a laptop, a GPU machine or a single-host TPU VM (v4-8, v5e-8, ...;
+install it as launch/tpu_vm.sh does, then ssh in and run the command; a gs:// --workdir
+works, the subprocess logs then stay in ./ablate_logs). On a multi-host slice every worker
+must run the same command at once (`gcloud compute tpus tpu-vm ssh NAME --worker=all
+--command '...'`), as launch/tpu_vm.sh does for the trainer; that path is untested.
 
 Outputs in --workdir, besides the runs:
   summary.json   everything below, per seed and as mean / std over seeds
