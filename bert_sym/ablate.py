@@ -17,7 +17,8 @@ finished when it has a config.json and a finalized checkpoint at the requested
 `config.total_steps`; finished runs are skipped, unfinished ones resumed (the trainer
 resumes from its latest checkpoint). Exit code 42 from the trainer (preempted) reruns it;
 any other failure stops the grid with the run's name and log. SIGTERM to the runner is
-passed to the running trainer, which saves; the runner then exits with code 42 too.
+passed to the running trainer, which saves; the runner then exits with code 42 too. On
+Ctrl-C the trainer saves and exits with 130, and so does the runner.
 
 CPU, GPU, TPU: the runner only starts trainers, which use every local accelerator, so the
 same command runs on a laptop, a GPU machine or a single-host TPU VM (v4-8, v5e-8, ...;
@@ -69,7 +70,8 @@ from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import glue_metrics
 from bert_sym import model as model_lib
 
-PREEMPTED_EXIT_CODE = 42   # bert_sym.train's: stopped after saving, rerun to resume
+PREEMPTED_EXIT_CODE = 42     # bert_sym.train's: SIGTERM, stopped after saving, rerun to resume
+INTERRUPTED_EXIT_CODE = 130  # bert_sym.train's: Ctrl-C, stopped after saving, rerun to resume
 REFERENCE_VARIANT = 'standard'
 SUMMARY_JSON = 'summary.json'
 SUMMARY_MD = 'summary.md'
@@ -509,8 +511,12 @@ def plot(workdir, runs: dict, variants: Sequence[str], target_loss: float,
 # Running the grid.
 # ----------------------------------------------------------------------------------------
 
-class _Preempted(Exception):
-  """The runner itself got SIGTERM: the current run saved and stopped; so does the grid."""
+class _Stopped(Exception):
+  """SIGTERM or Ctrl-C to the runner: the current run saved and stopped; so does the grid."""
+
+  def __init__(self, exit_code: int):
+    super().__init__(exit_code)
+    self.exit_code = exit_code
 
 
 class _Stop:
@@ -539,12 +545,16 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, env=env)
     stop.child = proc
-    for line in proc.stdout:
-      log.write(line)
-      # absl INFO lines are for the log file; progress lines and errors for the console.
-      if not re.match(r'[IW]\d{4} ', line):
-        sys.stdout.write(line)
-        sys.stdout.flush()
+    try:
+      for line in proc.stdout:
+        log.write(line)
+        # absl INFO lines are for the log file; progress lines and errors for the console.
+        if not re.match(r'[IW]\d{4} ', line):
+          sys.stdout.write(line)
+          sys.stdout.flush()
+    except KeyboardInterrupt:   # the trainer got the Ctrl-C too: let it save and exit
+      print('Ctrl-C: waiting for the trainer to save and stop...', flush=True)
+      log.write(proc.communicate()[0] or '')
     code = proc.wait()
     stop.child = None
   return code
@@ -570,8 +580,8 @@ def train_run(config: str, overrides: Sequence[str], variant: str, seed: int, pa
     code = _stream(cmd, path / 'train.log', stop)
     if code == 0:
       return
-    if code == PREEMPTED_EXIT_CODE and stop.requested:
-      raise _Preempted()
+    if code == INTERRUPTED_EXIT_CODE or (code == PREEMPTED_EXIT_CODE and stop.requested):
+      raise _Stopped(code)
     if code != PREEMPTED_EXIT_CODE:
       raise AblationError(
           f'Training {variant} seed {seed} failed (exit code {code}); the grid stops here. '
@@ -600,8 +610,8 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
     cmd.append(f'--glue_dir={glue_dir}')
   code = _stream(cmd, out / 'glue.log', stop)
   if code != 0:
-    if stop.requested:
-      raise _Preempted()
+    if stop.requested or code == -signal.SIGINT:
+      raise _Stopped(INTERRUPTED_EXIT_CODE if code == -signal.SIGINT else PREEMPTED_EXIT_CODE)
     raise AblationError(f'GLUE on {path} failed (exit code {code}); see {out / "glue.log"}.')
   marker.write_text(json.dumps(request) + '\n')
 
@@ -763,10 +773,11 @@ def main(argv, cli, config, overrides):
   except AblationError as e:
     print(f'bert_sym.ablate: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
-  except _Preempted:
-    print('bert_sym.ablate: stopped by SIGTERM after the current run saved; rerun the same '
-          'command to resume.', file=sys.stderr, flush=True)
-    sys.exit(PREEMPTED_EXIT_CODE)
+  except _Stopped as e:
+    how = 'Ctrl-C' if e.exit_code == INTERRUPTED_EXIT_CODE else 'SIGTERM'
+    print(f'bert_sym.ablate: stopped ({how}) after the current run saved; rerun the same '
+          f'command to resume.', file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   print((epath.Path(cli['workdir'].value) / SUMMARY_MD).read_text())
   print(f'Summary and plots in {cli["workdir"].value}: {SUMMARY_JSON}, {SUMMARY_MD}, '
         + ', '.join(summary.get('plots', [])))
