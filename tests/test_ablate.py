@@ -99,6 +99,15 @@ def test_summary_not_reached_and_ratio(tmp_path):
     assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_config_differences_name_the_changed_keys():
+  requested = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
+  saved = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30', '--config.seed=2',
+                                            '--config.model.attention=standard',
+                                            '--config.optimizer.learning_rate=0.5'])
+  assert ablate.config_differences(requested, saved, 'standard', 2) == [
+      'optimizer.learning_rate']
+
+
 def test_bad_override_fails_before_training(tmp_path):
   with pytest.raises(ablate.AblationError, match='no_such_key'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.no_such_key=1'])
