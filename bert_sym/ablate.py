@@ -471,14 +471,16 @@ def plot(workdir, runs: dict, variants: Sequence[str], target_loss: float,
                       for r in vruns]).mean(axis=0)
       ax.plot(x, losses.mean(axis=0), color=colors[v], label=f'{v} ({len(vruns)} seeds)')
       ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=colors[v], alpha=0.2)
-      top.append(losses[:, 1:].max() if losses.shape[1] > 1 else losses.max())
+      # y-range from the last 3/4 of training: the first drop would flatten the rest.
+      late = [i for i, s in enumerate(steps) if s >= 0.25 * steps[-1]] or [len(steps) - 1]
+      top.append(losses[:, late].max())
     ax.axhline(target_loss, color='gray', lw=0.8, ls='--', label='target loss')
-    # The step-0 loss (~ln vocab) would flatten everything after it.
     low = min(min(r.eval_loss) for v in variants for r in runs[v])
     ax.set_ylim(low - 0.05 * (max(top) - low + 1e-9), max(top) + 0.05 * (max(top) - low + 1e-9))
     ax.set_xlabel(xlabel)
     ax.set_ylabel('eval MLM loss')
-    ax.set_title('Eval MLM loss: mean over seeds, band = min-max', fontsize=10)
+    ax.set_title('Eval MLM loss: mean over seeds, band = min-max (y clipped to the '
+                 'last 3/4 of training)', fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
