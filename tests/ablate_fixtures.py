@@ -1,0 +1,46 @@
+"""One tiny ablation grid, trained once per test session, shared by the runner and notebook tests.
+
+2 variants x 2 seeds of configs/tiny.py shrunk to a few steps (each run is the real
+trainer in a subprocess: about 45 s of start-up and compilation on 2 CPU cores).
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLUE_DIR = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data', 'glue')
+
+CONFIG = 'configs/tiny.py'
+VARIANTS = ('standard', 'pairwise')
+SEEDS = (1, 2)
+TOTAL_STEPS = 6
+OVERRIDES = (
+    f'--config.total_steps={TOTAL_STEPS}', '--config.eval_every_steps=2',
+    '--config.log_every_steps=2', '--config.eval_steps=1',
+    '--config.model.hidden_size=32', '--config.model.num_heads=2', '--config.model.mlp_dim=64',
+    '--config.model.max_position_embeddings=64', '--config.data.max_seq_len=32',
+    '--config.data.max_predictions_per_seq=5', '--config.batch_size=8',
+    '--config.optimizer.warmup_steps=2', '--config.checkpoint.every_steps=3',
+    '--config.checkpoint.async_save=False',
+)
+
+
+def ablate_command(workdir, *extra):
+  return [sys.executable, '-m', 'bert_sym.ablate', f'--config={CONFIG}',
+          f'--variants={",".join(VARIANTS)}', f'--seeds={",".join(map(str, SEEDS))}',
+          f'--workdir={workdir}', *OVERRIDES, *extra]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_grid() -> tuple[str, str]:
+  """(workdir, runner output) of the tiny grid, trained through the runner's command line."""
+  workdir = os.path.join(tempfile.mkdtemp(prefix='ablate_grid_'), 'abl')
+  proc = subprocess.run(ablate_command(workdir), cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=900)
+  if proc.returncode != 0:
+    raise AssertionError(f'bert_sym.ablate failed ({proc.returncode}):\n{proc.stdout[-5000:]}'
+                         f'\n{proc.stderr[-5000:]}')
+  return workdir, proc.stdout

@@ -1,0 +1,64 @@
+"""Every notebook runs top to bottom (nbclient), at a tiny size, on the shared tiny grid.
+
+The parameters cell (tagged `parameters`) keeps its defaults; a cell injected right after
+it overrides them, as papermill does. A cell that raises fails the test.
+"""
+
+import os
+
+import pytest
+
+nbclient = pytest.importorskip('nbclient')
+nbformat = pytest.importorskip('nbformat')
+
+from tests import ablate_fixtures as fx  # pylint: disable=g-import-not-at-top
+
+NOTEBOOKS = os.path.join(fx.REPO_ROOT, 'notebooks')
+
+
+def execute(name: str, parameters: str, timeout: int = 600):
+  nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  tagged = [i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', [])]
+  assert len(tagged) == 1, f'{name}: expected one cell tagged "parameters"'
+  nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(parameters))
+  client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name='python3',
+                                   resources={'metadata': {'path': NOTEBOOKS}})
+  client.execute()   # raises CellExecutionError with the cell's traceback
+  return nb
+
+
+def _outputs(nb, output_type):
+  return [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
+          if o.output_type == output_type]
+
+
+def test_committed_notebooks_have_no_outputs():
+  for name in sorted(os.listdir(NOTEBOOKS)):
+    if name.endswith('.ipynb'):
+      nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+      for cell in nb.cells:
+        if cell.cell_type == 'code':
+          assert not cell.outputs and cell.execution_count is None, name
+
+
+def test_ablation_notebook():
+  workdir, _ = fx.tiny_grid()
+  nb = execute('ablation.ipynb', '\n'.join([
+      f'CONFIG = {fx.CONFIG!r}', f'VARIANTS = {",".join(fx.VARIANTS)!r}',
+      f'SEEDS = {",".join(map(str, fx.SEEDS))!r}', f'WORKDIR = {workdir!r}',
+      f'OVERRIDES = {list(fx.OVERRIDES)!r}']))
+  text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
+  assert 'skipped' in text and 'bert_sym.train' not in text   # the grid was reused
+  shown = _outputs(nb, 'display_data')
+  assert any('image/png' in o.data for o in shown)
+  assert any('text/markdown' in o.data and '| standard |' in o.data['text/markdown']
+             for o in shown)
+
+
+def test_attention_analysis_notebook():
+  workdir, _ = fx.tiny_grid()
+  dirs = {v: os.path.join(workdir, v, 'seed1') for v in fx.VARIANTS}
+  nb = execute('attention_analysis.ipynb', f'WORKDIRS = {dirs!r}')
+  text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
+  assert '||skew||/||P||' in text and 'W_q W_k^T' in text
+  assert sum('image/png' in o.data for o in _outputs(nb, 'display_data')) >= 3
