@@ -166,6 +166,9 @@ def test_text_file_errors_name_the_file(tmp_path):
     tasks.expand_patterns(str(tmp_path / 'empty.txt'))
   (tmp_path / 'latin1.txt').write_bytes('Un café noir.\n'.encode('latin-1'))
   tasks.register_text_files_task('test_bad_utf8', str(tmp_path / 'latin1.txt'))
-  with pytest.raises(data_lib.DataError, match='latin1.txt.*not valid UTF-8'):
+  with pytest.raises(data_lib.DataError, match='latin1.txt.*not valid UTF-8') as error:
     list(data_lib._numpy_blocks(  # pylint: disable=protected-access
         tasks.packed_blocks('test_bad_utf8', 'train', 32), 'test_bad_utf8'))
+  # One sentence with the fix, not TF's iterator dump.
+  assert 'Iterator' not in str(error.value) and 'iconv' in str(error.value)
+  assert '\n' not in str(error.value)
