@@ -19,7 +19,6 @@ directory listing. Unfinished steps are ignored, and the trainer's manager clean
 local temporary directories at the next start.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -212,17 +211,35 @@ def _quarantine(manager: ocp.CheckpointManager, step: int) -> epath.Path:
   return dst
 
 
-@contextlib.contextmanager
-def _unraisable_errors_muted():
-  """A damaged array fails in one of orbax's parallel reads, and the sibling reads that
-  are cancelled print "Exception ignored in: <coroutine ...>" tracebacks (hundreds of
-  lines). The first error is what matters, and restore_latest reports it."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = lambda unraisable: None
-  try:
-    yield
-  finally:
-    sys.unraisablehook = hook
+def _is_echo_of_failed_read(unraisable) -> bool:
+  """The echoes of one failed orbax read: cancelled sibling reads ("Exception ignored in:
+  <coroutine ...>") and TensorStore callbacks that land after orbax closed its event loop
+  ("RuntimeError: Event loop is closed"), possibly well after the restore returned."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
+    return True
+  return 'orbax' in repr(unraisable.object) or 'orbax' in ''.join(
+      frame.f_code.co_filename for frame in _frames(unraisable.exc_traceback))
+
+
+def _frames(tb):
+  while tb is not None:
+    yield tb.tb_frame
+    tb = tb.tb_next
+
+
+def _mute_echoes_of_failed_reads() -> None:
+  """Installed for restores: after a damaged checkpoint, hundreds of lines of those echoes
+  would bury the one warning that matters (restore_latest's). Anything else still prints."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'bert_sym_mutes_failed_reads', False):
+    return
+
+  def hook(unraisable):
+    if not _is_echo_of_failed_read(unraisable):
+      previous(unraisable)
+  hook.bert_sym_mutes_failed_reads = True
+  sys.unraisablehook = hook
 
 
 def restore_latest(workdir, ckpt_config, abstract_state, abstract_params, *, log=print
@@ -236,11 +253,11 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params, *, log
   """
   manager = make_manager(workdir, ckpt_config)
   skipped = False
+  _mute_echoes_of_failed_reads()
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      with _unraisable_errors_muted():
-        check_compatible(manager, step, abstract_params)
-        state, data_state = restore(manager, step, abstract_state)
+      check_compatible(manager, step, abstract_params)
+      state, data_state = restore(manager, step, abstract_state)
     except IncompatibleCheckpoint:
       raise
     except Exception as e:  # pylint: disable=broad-except
