@@ -235,6 +235,9 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
 
 def main(argv):
   del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from bert_sym import metrics_writer  # pylint: disable=g-import-not-at-top
+  metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)   # before TF is imported
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
   from bert_sym import vocab  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
