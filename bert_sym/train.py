@@ -746,6 +746,7 @@ def main(argv, make_iterator=None):
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
   if _DRY_RUN.value:
+    metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present, import_tf=False)
     print(model_summary(config))
     return
   if not _WORKDIR.value:
