@@ -208,7 +208,9 @@ class Blocks:
     return out
 
 
-def _write_atomically(path: pathlib.Path, write) -> None:
+def write_atomically(path: pathlib.Path, write) -> None:
+  """`write(f)` into a temporary file beside `path`, then an atomic rename: a reader
+  sees the old file or the whole new one, never half (shards, metadata, exports)."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp-')
   try:
     with os.fdopen(fd, 'wb') as f:
@@ -245,7 +247,7 @@ def export_shards(task: str, split: str, max_seq_len: int, out_dir: str, *,
   def flush():
     name = f'blocks-{len(shards):05d}.npy'
     array = np.stack(pending).astype(dtype)
-    _write_atomically(split_dir / name, lambda f: np.save(f, array))
+    write_atomically(split_dir / name, lambda f: np.save(f, array))
     shards.append({'file': name, 'num_blocks': len(array)})
     pending.clear()
 
@@ -261,14 +263,14 @@ def export_shards(task: str, split: str, max_seq_len: int, out_dir: str, *,
     raise DataError(f'task {task} split {split}: empty corpus (no tokens after tokenising)')
 
   vocab_bytes = vocab_lib.read_vocab_bytes(vocabulary.path)
-  _write_atomically(split_dir / VOCAB_FILE, lambda f: f.write(vocab_bytes))
+  write_atomically(split_dir / VOCAB_FILE, lambda f: f.write(vocab_bytes))
   metadata = dict(
       format_version=SHARD_FORMAT_VERSION, task=task, split=split, max_seq_len=max_seq_len,
       num_blocks=sum(s['num_blocks'] for s in shards), num_tokens=num_tokens,
       dtype=np.dtype(dtype).name, shards=shards, vocab_md5=vocabulary.md5,
       vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
       text_files=text_files)
-  _write_atomically(split_dir / METADATA_FILE,
+  write_atomically(split_dir / METADATA_FILE,
                     lambda f: f.write(json.dumps(metadata, indent=1).encode()))
   return split_dir
 

@@ -20,8 +20,7 @@ as it is.
 """
 
 import json
-import os
-import tempfile
+import pathlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -191,18 +190,6 @@ def hf_tokenizer_config(cfg) -> dict[str, Any]:
               model_max_length=int(cfg.max_position_embeddings), **SPECIAL_TOKENS)
 
 
-def _write_file_atomically(path: str, write) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.tmp')
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-
-
 def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
                        vocab_bytes: bytes | None = None) -> None:
   """Writes `params` (any variant) as a standard `BertForMaskedLM` directory.
@@ -210,28 +197,29 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   Every file is written to a temporary name and renamed, so an interrupted export never
   leaves a complete-looking model with missing weights.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  from bert_sym.data import write_atomically  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(out_dir, exist_ok=True)
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   tensors = mlm_params_to_hf(params, cfg)
   # The decoder is tied to the word embeddings (and its bias to cls.predictions.bias):
   # like save_pretrained, store each tensor once; from_pretrained re-ties them.
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()
              if k not in ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')}
-  _write_file_atomically(os.path.join(out_dir, 'model.safetensors'),
-                         lambda tmp: save_file(tensors, tmp, metadata={'format': 'pt'}))
-  texts = {'tokenizer_config.json': hf_tokenizer_config(cfg),
-           'special_tokens_map.json': SPECIAL_TOKENS}
-  for name, content in texts.items():
-    _write_file_atomically(os.path.join(out_dir, name), lambda tmp, c=content: open(
-        tmp, 'w').write(json.dumps(c, indent=2) + '\n'))
+  files = {'model.safetensors': save(tensors, metadata={'format': 'pt'}),
+           'tokenizer_config.json': _json_bytes(hf_tokenizer_config(cfg)),
+           'special_tokens_map.json': _json_bytes(SPECIAL_TOKENS)}
   if vocab_bytes is not None:
-    _write_file_atomically(os.path.join(out_dir, 'vocab.txt'),
-                           lambda tmp: open(tmp, 'wb').write(vocab_bytes))
+    files['vocab.txt'] = vocab_bytes
   # config.json last: its presence marks a finished export.
-  _write_file_atomically(os.path.join(out_dir, 'config.json'), lambda tmp: open(
-      tmp, 'w').write(json.dumps(hf_config_json(cfg), indent=2) + '\n'))
+  files['config.json'] = _json_bytes(hf_config_json(cfg))
+  for name, data in files.items():
+    write_atomically(out / name, lambda f, data=data: f.write(data))
 
+
+def _json_bytes(value) -> bytes:
+  return (json.dumps(value, indent=2) + '\n').encode()
 
 def main(argv):
   del argv

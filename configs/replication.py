@@ -15,26 +15,22 @@ The argument is the WikiText-2 directory (wiki.train.tokens, wiki.valid.tokens).
 
 import os
 
-from configs import common
+from configs import tiny
 
 
 def get_config(arg=None):
   wikitext_dir = arg or '../shared/data/wikitext-2'
-  c = common.base_config('tiny', 'pairwise')
-  c.model.update(num_layers=4, hidden_size=128, num_heads=4, mlp_dim=512, dtype="float32")
+  c = tiny.get_config()   # the demo's model family, length 64 and learning rate
+  c.model.update(num_layers=4, num_heads=4)
   c.data.task = 'bert_sym_mlm_text_files'
   c.data.text_files = os.path.join(wikitext_dir, 'wiki.train.tokens')
   c.data.validation_files = os.path.join(wikitext_dir, 'wiki.valid.tokens')
-  c.data.max_seq_len = 64
-  c.data.max_predictions_per_seq = 10   # 15% of 64 rounded up
   c.batch_size = 16
   c.total_steps = 400
-  c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 40
   c.log_every_steps = 25
   c.eval_every_steps = 25
   c.eval_steps = 8
   c.checkpoint.every_steps = 200
   c.checkpoint.keep_last = 1
-  c.checkpoint.keep_every = 0
   return c
