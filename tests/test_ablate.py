@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from bert_sym import ablate
+from bert_sym import ablate_report
 from tests import ablate_fixtures as fx
 
 
@@ -22,12 +23,12 @@ from tests import ablate_fixtures as fx
 def test_steps_to_target_hand_made_curves():
   steps = [0, 50, 100, 150, 200]
   losses = [10.0, 7.0, 5.0, 4.0, 3.5]
-  assert ablate.steps_to_target(steps, losses, 5.0) == 100     # equal counts as reached
-  assert ablate.steps_to_target(steps, losses, 4.5) == 150
-  assert ablate.steps_to_target(steps, losses, 10.0) == 0
-  assert ablate.steps_to_target(steps, losses, 3.0) is None    # never reached
+  assert ablate_report.steps_to_target(steps, losses, 5.0) == 100     # equal counts as reached
+  assert ablate_report.steps_to_target(steps, losses, 4.5) == 150
+  assert ablate_report.steps_to_target(steps, losses, 10.0) == 0
+  assert ablate_report.steps_to_target(steps, losses, 3.0) is None    # never reached
   # Non-monotone curve: the first crossing counts, even if the loss goes back up.
-  assert ablate.steps_to_target([0, 10, 20], [5.0, 3.0, 6.0], 4.0) == 10
+  assert ablate_report.steps_to_target([0, 10, 20], [5.0, 3.0, 6.0], 4.0) == 10
 
 
 def test_read_metrics_deduplicates_and_skips_partial_line(tmp_path):
@@ -41,7 +42,7 @@ def test_read_metrics_deduplicates_and_skips_partial_line(tmp_path):
   ]
   text = '\n'.join(json.dumps(r) for r in rows) + '\n{"step": 4, "ti'
   (tmp_path / 'metrics.jsonl').write_text(text)
-  m = ablate.read_metrics(tmp_path)
+  m = ablate_report.read_metrics(tmp_path)
   assert sorted(m['eval']) == [0, 2] and m['eval'][2]['eval/loss'] == 7.5
   assert m['train'][2]['train/loss'] == 9.5
   assert len(m['rows']) == 5
@@ -50,8 +51,8 @@ def test_read_metrics_deduplicates_and_skips_partial_line(tmp_path):
 def test_elapsed_seconds_removes_idle_gap_of_a_restart():
   rows = [{'time': t} for t in (100.0, 110.0, 120.0, 500.0, 510.0)]
   # First process started at 90; the second at 480, 360 s after the last row at 120.
-  assert ablate.elapsed_seconds(rows, [90.0, 480.0]) == [0.0, 10.0, 20.0, 40.0, 50.0]
-  assert ablate.elapsed_seconds(rows, []) == [0.0, 10.0, 20.0, 400.0, 410.0]
+  assert ablate_report.elapsed_seconds(rows, [90.0, 480.0]) == [0.0, 10.0, 20.0, 40.0, 50.0]
+  assert ablate_report.elapsed_seconds(rows, []) == [0.0, 10.0, 20.0, 400.0, 410.0]
 
 
 def _fake_run(root, variant, seed, curve, config_json):
@@ -79,7 +80,7 @@ def test_summary_not_reached_and_ratio(tmp_path):
   for (v, s), c in curves.items():
     _fake_run(tmp_path, v, s, c, cj)
   _fake_run(tmp_path, 'pairwise', 3, [(0, 10.0), (10, 9.0)], cj)   # unfinished (10/30)
-  out = ablate.summarize(tmp_path, ['standard', 'symmetric', 'pairwise'], [1, 2, 3],
+  out = ablate_report.summarize(tmp_path, ['standard', 'symmetric', 'pairwise'], [1, 2, 3],
                          total_steps=30)
   assert out['target_loss']['value'] == pytest.approx(4.5)
   std = out['per_variant']['standard']['steps_to_target']

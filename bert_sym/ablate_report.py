@@ -1,0 +1,363 @@
+"""Ablation report: reads the finished runs of a grid and writes summary.json,
+summary.md and the loss plots (`bert_sym.ablate` runs the grid, then calls `summarize`).
+
+Statistics over seeds: mean and the sample standard deviation (ddof=1), as in the GLUE
+tables (`glue_metrics.mean_std`); one seed has no std.
+
+Wall-clock time is measured from each run's first metrics row (the step-0 eval, so
+start-up and the first compilation are excluded). A resumed run would otherwise count
+the time it sat stopped: each trainer process leaves a TensorBoard event file named after
+its start time, and the idle gap between the last row before a restart and that restart is
+subtracted (the restart's own start-up and compilation are kept: they are real cost).
+Without TensorBoard event files no gap can be found and none is subtracted.
+"""
+
+import dataclasses
+import json
+import re
+from typing import Sequence
+
+from etils import epath
+import ml_collections
+import numpy as np
+
+from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import glue_metrics
+from bert_sym import model as model_lib
+
+REFERENCE_VARIANT = 'standard'
+SUMMARY_JSON = 'summary.json'
+SUMMARY_MD = 'summary.md'
+GLUE_SUBDIR = 'glue'
+
+
+class AblationError(Exception):
+  """A run failed or the inputs are inconsistent: reported without a traceback."""
+
+
+def run_dir(workdir, variant: str, seed: int) -> epath.Path:
+  return epath.Path(workdir) / variant / f'seed{seed}'
+
+
+
+# ----------------------------------------------------------------------------------------
+# Reading one run: config.json, metrics.jsonl, checkpoints.
+# ----------------------------------------------------------------------------------------
+
+def latest_finished_step(path) -> int | None:
+  steps = checkpoint_lib.finished_steps(path)
+  return steps[-1] if steps else None
+
+
+def run_status(path, total_steps: int | None = None) -> tuple[bool, str]:
+  """(finished, why): finished = config.json + a finalized checkpoint at total_steps.
+
+  `total_steps` is the requested one; None = the run's own config.json value (for
+  --summarize_only over a workdir whose config is not at hand).
+  """
+  path = epath.Path(path)
+  if not (path / checkpoint_lib.CONFIG_FILE).exists():
+    return False, 'not started'
+  if total_steps is None:
+    total_steps = checkpoint_lib.read_config(path).total_steps
+  step = latest_finished_step(path)
+  if step is None:
+    return False, f'no finished checkpoint yet (0/{total_steps})'
+  if step < total_steps:
+    return False, f'checkpoint at step {step}/{total_steps}'
+  return True, f'finished (step {step})'
+
+
+def _kind(row: dict) -> str:
+  return 'eval' if any(k.startswith('eval/') for k in row) else 'train'
+
+
+def read_metrics(path) -> dict:
+  """metrics.jsonl -> {'eval': {step: row}, 'train': {step: row}, 'rows': [all, in order]}.
+
+  A step logged twice (re-logged after a resume) keeps its last row. A half-written last
+  line (a run still writing) is ignored.
+  """
+  out = {'eval': {}, 'train': {}, 'rows': []}
+  file = epath.Path(path) / 'metrics.jsonl'
+  if not file.exists():
+    return out
+  for line in file.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if 'step' not in row:
+      continue
+    out['rows'].append(row)
+    out[_kind(row)][int(row['step'])] = row
+  return out
+
+
+def process_start_times(path) -> list[float]:
+  """Start time of every trainer process of this run (from its TensorBoard file name)."""
+  folder = epath.Path(path) / 'tensorboard'
+  if not folder.is_dir():
+    return []
+  starts = []
+  for f in folder.iterdir():
+    m = re.match(r'events\.out\.tfevents\.(\d+)\.', f.name)
+    if m:
+      starts.append(float(m.group(1)))
+  return sorted(starts)
+
+
+def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float]:
+  """Wall-clock seconds of each row since the first one, restarts' idle gaps removed.
+
+  For each process start after the first one, the gap between the last row written before
+  it and the start itself is idle time (the run was stopped) and is subtracted from every
+  later row. Event-file names have whole seconds, so the gap is rounded down by < 1 s.
+  """
+  if not rows:
+    return []
+  times = [float(r['time']) for r in rows]
+  gaps = []   # (start, idle seconds)
+  for start in starts:
+    before = [t for t in times if t <= start]
+    if before and start > times[0]:
+      gaps.append((start, start - max(before)))
+  return [t - times[0] - sum(g for s, g in gaps if s <= t) for t in times]
+
+
+@dataclasses.dataclass
+class Run:
+  variant: str
+  seed: int
+  path: str
+  config: ml_collections.ConfigDict
+  eval_steps: list[int]
+  eval_loss: list[float]
+  eval_accuracy: list[float]
+  eval_seconds: list[float]       # wall-clock of each eval row (see elapsed_seconds)
+  train_seconds: float            # wall-clock of the last row
+
+  @property
+  def tokens_per_step(self) -> int:
+    return int(self.config.batch_size * self.config.data.max_seq_len)
+
+
+def load_run(variant: str, seed: int, path) -> Run:
+  config = checkpoint_lib.read_config(path)
+  metrics = read_metrics(path)
+  # Time of each row in file order; a re-logged step keeps its last row's time.
+  elapsed = elapsed_seconds(metrics['rows'], process_start_times(path))
+  eval_time = {}
+  for row, t in zip(metrics['rows'], elapsed):
+    if _kind(row) == 'eval':
+      eval_time[int(row['step'])] = t
+  steps = sorted(metrics['eval'])
+  return Run(variant=variant, seed=seed, path=str(path), config=config, eval_steps=steps,
+             eval_loss=[float(metrics['eval'][s]['eval/loss']) for s in steps],
+             eval_accuracy=[float(metrics['eval'][s]['eval/mlm_accuracy']) for s in steps],
+             eval_seconds=[eval_time[s] for s in steps],
+             train_seconds=elapsed[-1] if elapsed else 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics.
+# ----------------------------------------------------------------------------------------
+
+mean_std = glue_metrics.mean_std   # mean and sample std (ddof=1) of the values present
+
+
+def steps_to_target(steps: Sequence[int], losses: Sequence[float], target: float) -> int | None:
+  """The first evaluated step whose loss is <= target; None if the curve never gets there."""
+  for step, loss in zip(steps, losses):
+    if loss <= target:
+      return int(step)
+  return None
+
+
+def _fmt(stat: dict, digits: int = 3) -> str:
+  if stat['mean'] is None:
+    return '–'
+  text = f'{stat["mean"]:.{digits}f}'
+  if stat['std'] is not None:
+    text += f' ± {stat["std"]:.{digits}f}'
+  return text
+
+
+def _fmt_int(value) -> str:
+  return '–' if value is None else f'{value:,.0f}'
+
+
+# ----------------------------------------------------------------------------------------
+# Summary: summary.json, summary.md, plots.
+# ----------------------------------------------------------------------------------------
+
+def _table_steps(common: list[int], final: int, max_columns: int = 6) -> list[int]:
+  """A readable subset of the common eval steps for the Markdown table (all in JSON)."""
+  inner = [s for s in common if 0 < s < final]
+  if len(inner) > max_columns - 1:
+    picks = np.linspace(0, len(inner) - 1, max_columns - 1).round().astype(int)
+    inner = [inner[i] for i in sorted(set(picks))]
+  return inner + [final]
+
+
+def _glue_scores(path) -> dict | None:
+  """{score name: mean over fine-tuning seeds} of one pre-training run, or None."""
+  file = epath.Path(path) / GLUE_SUBDIR / 'glue_results.json'
+  if not file.exists():
+    return None
+  results = json.loads(file.read_text())
+  over = results.get('summary', {}).get('over_seeds', {})
+  # Task scores and GLUE (or its partial mean); 'glue_full*' only adds WNLI to the same.
+  return {name: stat['mean'] for name, stat in over.items()
+          if stat.get('mean') is not None and not name.startswith('glue_full')}
+
+
+def _model_cost(config) -> dict:
+  seq_len = config.data.max_seq_len
+  # bert_sym.train.predicted_fraction, restated: importing the trainer would define its
+  # command-line flags in this process, whose --config is ours.
+  fraction = (min(config.data.max_predictions_per_seq / seq_len, 1.0)
+              if config.model.sparse_mlm else 1.0)
+  return {'params_encoder_pooler': int(model_lib.encoder_plus_pooler_params(config.model)),
+          'train_flops_per_token': float(model_lib.train_flops_per_token(
+              config.model, seq_len, fraction)),
+          'seq_len': int(seq_len), 'batch_size': int(config.batch_size)}
+
+
+def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
+              total_steps: int | None = None, target_loss: float | None = None,
+              plots: bool = True) -> dict:
+  """Reads every finished run, writes summary.json / summary.md / plots, returns the dict."""
+  workdir = epath.Path(workdir)
+  runs, excluded = {}, {}
+  for variant in variants:
+    for seed in seeds:
+      path = run_dir(workdir, variant, seed)
+      finished, why = run_status(path, total_steps)
+      if finished:
+        runs.setdefault(variant, []).append(load_run(variant, seed, path))
+      else:
+        excluded[f'{variant}/seed{seed}'] = why
+  present = [v for v in variants if v in runs]
+  if not present:
+    raise AblationError(f'No finished run under {workdir} for variants {list(variants)} and '
+                        f'seeds {list(seeds)}: {excluded}')
+  all_runs = [r for v in present for r in runs[v]]
+
+  # Eval steps present in every included run: the rows of the loss-at-step table.
+  common = sorted(set.intersection(*(set(r.eval_steps) for r in all_runs)))
+  final_steps = {r.eval_steps[-1] for r in all_runs}
+  if len(final_steps) != 1:
+    raise AblationError(f'The runs end at different steps {sorted(final_steps)}: summarize '
+                        f'runs of one total_steps (pass the same --config.total_steps).')
+  final = final_steps.pop()
+
+  def loss_at(run, step):
+    return run.eval_loss[run.eval_steps.index(step)]
+
+  out = {'workdir': str(workdir), 'variants': present, 'seeds': list(seeds),
+         'runs': {v: [r.seed for r in runs[v]] for v in present}, 'excluded': excluded,
+         'statistic': 'mean and sample std (ddof=1) over pre-training seeds',
+         'final_step': final, 'eval_steps': common, 'per_variant': {}}
+
+  reference = REFERENCE_VARIANT if REFERENCE_VARIANT in runs else present[0]
+  if target_loss is None:
+    target_loss = mean_std([loss_at(r, final) for r in runs[reference]])['mean']
+    target_source = f"{reference}'s final mean eval loss"
+  else:
+    target_source = 'given (--target_loss)'
+  out['target_loss'] = {'value': target_loss, 'source': target_source,
+                        'rule': 'first eval step with eval/loss <= target, per seed',
+                        'reference_variant': reference}
+
+  for variant in present:
+    vruns = runs[variant]
+    per_seed_steps = {r.seed: steps_to_target(r.eval_steps, r.eval_loss, target_loss)
+                      for r in vruns}
+    reached = [s for s in per_seed_steps.values() if s is not None]
+    cost = _model_cost(vruns[0].config)
+    glue = {r.seed: _glue_scores(r.path) for r in vruns}
+    glue = {seed: scores for seed, scores in glue.items() if scores}
+    glue_names = sorted({n for scores in glue.values() for n in scores})
+    out['per_variant'][variant] = {
+        **cost,
+        'eval_loss_at_step': {str(s): mean_std([loss_at(r, s) for r in vruns]) for s in common},
+        'final_eval_loss': mean_std([loss_at(r, final) for r in vruns]),
+        'final_eval_mlm_accuracy': mean_std(
+            [r.eval_accuracy[r.eval_steps.index(final)] for r in vruns]),
+        'steps_to_target': {'per_seed': {str(k): v for k, v in per_seed_steps.items()},
+                            'reached': len(reached), 'of': len(vruns),
+                            **mean_std(reached)},
+        'train_seconds': mean_std([r.train_seconds for r in vruns]),
+        'tokens_per_step': vruns[0].tokens_per_step,
+        'glue': {n: mean_std([glue[s].get(n) for s in glue]) for n in glue_names},
+        'glue_per_seed': {str(s): scores for s, scores in glue.items()},
+    }
+  ref_steps = out['per_variant'][reference]['steps_to_target']['mean']
+  for variant in present:
+    st = out['per_variant'][variant]['steps_to_target']
+    st['ratio_to_reference'] = (st['mean'] / ref_steps
+                                if st['mean'] is not None and ref_steps else None)
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / SUMMARY_JSON).write_text(json.dumps(out, indent=2) + '\n')
+  (workdir / SUMMARY_MD).write_text(markdown(out))
+  if plots:
+    from bert_sym import ablate_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
+    out['plots'] = ablate_plots.plot(workdir, runs, present, target_loss, out)
+    (workdir / SUMMARY_JSON).write_text(json.dumps(out, indent=2) + '\n')
+  return out
+
+
+def markdown(summary: dict) -> str:
+  pv = summary['per_variant']
+  variants = summary['variants']
+  final = summary['final_step']
+  target = summary['target_loss']
+  ref = target['reference_variant']
+  lines = [f'# Ablation: {", ".join(variants)}', '',
+           f'Runs in `{summary["workdir"]}`; mean ± std over pre-training seeds (sample std, '
+           f'ddof=1; no std with one seed). Final step {final}.', '']
+  if summary['excluded']:
+    lines += ['Not included (unfinished): ' + ', '.join(
+        f'{k} ({v})' for k, v in summary['excluded'].items()), '']
+  lines += [f'Target eval loss {target["value"]:.4f} ({target["source"]}); steps to target = '
+            f'first eval step at or below it, per seed; ratio = mean steps / {ref}\'s mean '
+            f'steps.', '',
+            '| variant | seeds | params (enc+pooler) | train FLOPs/token | final eval loss | '
+            'final MLM acc | steps to target | ratio vs ' + ref + ' | train time (s) |',
+            '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+  for v in variants:
+    p = pv[v]
+    st = p['steps_to_target']
+    if st['reached'] == 0:
+      steps = 'not reached'
+    else:
+      steps = _fmt(st, 0)
+      if st['reached'] < st['of']:
+        steps += f' (reached in {st["reached"]}/{st["of"]} seeds)'
+    ratio = '–' if st['ratio_to_reference'] is None else f'{st["ratio_to_reference"]:.2f}'
+    lines.append(
+        f'| {v} | {",".join(map(str, summary["runs"][v]))} | '
+        f'{_fmt_int(p["params_encoder_pooler"])} | {p["train_flops_per_token"]:.3e} | '
+        f'{_fmt(p["final_eval_loss"], 4)} | {_fmt(p["final_eval_mlm_accuracy"], 4)} | '
+        f'{steps} | {ratio} | {_fmt(p["train_seconds"], 0)} |')
+
+  shown = _table_steps(summary['eval_steps'], final)
+  lines += ['', 'Eval MLM loss at step (every common eval step is in summary.json):', '',
+            '| variant | ' + ' | '.join(f'step {s}' for s in shown) + ' |',
+            '|---|' + '---:|' * len(shown)]
+  for v in variants:
+    cells = [_fmt(pv[v]['eval_loss_at_step'][str(s)], 3) for s in shown]
+    lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
+
+  names = sorted({n for v in variants for n in pv[v]['glue']},
+                 key=lambda n: (n.startswith('glue'), n))
+  if names:
+    lines += ['', 'GLUE dev (x100; per pre-training seed: mean over fine-tuning seeds; then '
+              'mean ± std over pre-training seeds):', '',
+              '| variant | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+    for v in variants:
+      cells = [_fmt(pv[v]['glue'][n], 2) if n in pv[v]['glue'] else '–' for n in names]
+      lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
