@@ -1,0 +1,48 @@
+"""Whole-file writes: a reader sees the old file or the complete new one, never half.
+
+One helper for every file this package writes outside orbax (shards, metadata, the
+vocabulary cache, Hugging Face exports, GLUE results and predictions, plots), local or
+remote:
+- a local path (or file://): a temporary file beside the target, then `os.replace`, which
+  is atomic on POSIX;
+- an object store (gs://, s3://, memory://) through fsspec: an object becomes visible only
+  once its upload completes, so it is written in place.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Callable, IO
+
+import fsspec
+
+
+def _local_path(path: str) -> str | None:
+  if path.startswith('file://'):
+    return path[len('file://'):]
+  return None if '://' in path else path
+
+
+def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) -> None:
+  """Writes `data` (bytes; text as UTF-8; or a function given the open binary file) to
+  `path`, creating its directory."""
+  path = os.fspath(path)
+  write = data if callable(data) else (
+      lambda f: f.write(data.encode('utf-8') if isinstance(data, str) else data))
+  local = _local_path(path)
+  if local is None:
+    with fsspec.open(path, 'wb') as f:
+      write(f)
+    return
+  directory = os.path.dirname(os.path.abspath(local))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f'.{os.path.basename(local)}.tmp-{uuid.uuid4().hex[:8]}')
+  try:
+    with open(tmp, 'wb') as f:
+      write(f)
+    os.replace(tmp, local)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
