@@ -1,0 +1,200 @@
+"""seqio tasks for BERT MLM pre-training; `import bert_sym.input.seqio_tasks` registers them.
+
+  bert_sym_mlm_embedded    gensim's shortened English Wikipedia dump (no download)
+  bert_sym_mlm_wikipedia   TFDS wikipedia/20230601.en (train only upstream: 1% held out)
+  bert_sym_mlm_c4          TFDS c4/en (its own validation split)
+  bert_sym_mlm_text_files  built from globs by `register_text_files_task`
+
+Every task has 'train' and 'validation' splits and yields the five MLM features of
+`bert_sym.input.masking.FEATURES` at `sequence_length['input_ids']`:
+
+  seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
+      sequence_length={'input_ids': 128}, split='validation', shuffle=False)
+
+Masking inside a task uses the mask seed given at registration (default 0) and the
+block's position in the packed stream; the trainer's iterator (`bert_sym.input.iterator`)
+instead masks packed blocks with its own seed. The tasks are built from the stages below
+(sources, tokenizer, blocks, masking_tf), which never import this module; it also holds
+the seqio Vocabulary over `tokenizer.WordPiece`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import seqio
+
+from bert_sym.input import MAX_SEQ_LEN, check_max_seq_len, import_tensorflow
+from bert_sym.input import blocks, masking, masking_tf, sources, tokenizer
+from bert_sym.input.sources import EMBEDDED_TASK, TEXT_FILES_TASK
+
+tf = import_tensorflow()
+
+
+class BertWordPieceVocabulary(seqio.Vocabulary):
+  """`tokenizer.WordPiece` as a seqio Vocabulary (raw ids, no [CLS]/[SEP], no EOS)."""
+
+  def __init__(self, vocab_path: str = ''):
+    self.wordpiece = tokenizer.WordPiece(vocab_path)
+    self.special = self.wordpiece.special
+    self.md5 = self.wordpiece.md5
+    super().__init__(extra_ids=0)
+
+  @property
+  def path(self) -> str:
+    return self.wordpiece.vocab_file
+
+  @property
+  def tokens(self) -> list[str]:
+    return list(self.wordpiece.tokens)
+
+  @property
+  def pad_id(self) -> int:
+    return self.special.pad
+
+  @property
+  def eos_id(self) -> int | None:
+    return None  # BERT has no EOS; [SEP] is added by packing, not by seqio.
+
+  @property
+  def unk_id(self) -> int:
+    return self.special.unk
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self.wordpiece.vocab_size
+
+  def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+    return self.wordpiece.encode_tf(s)
+
+  def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+    return self.wordpiece.decode_tf(ids)
+
+  def _encode(self, s: str) -> list[int]:
+    return self._encode_tf(tf.constant(s)).numpy().tolist()
+
+  def _decode(self, ids) -> str:
+    return self._decode_tf(tf.constant(list(ids), tf.int32)).numpy().decode('utf-8')
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, BertWordPieceVocabulary) and self.md5 == other.md5
+
+  def __hash__(self) -> int:
+    return hash(self.md5)
+
+
+def get_vocabulary(vocab_path: str = '') -> BertWordPieceVocabulary:
+  """The seqio vocabulary for `vocab_path` ('' = bert-base-uncased)."""
+  return _cached_vocabulary(tokenizer.resolve_vocab_path(vocab_path))
+
+
+@functools.cache
+def _cached_vocabulary(path: str) -> BertWordPieceVocabulary:
+  return BertWordPieceVocabulary(path)
+
+
+def _max_seq_len(sequence_length: dict[str, int] | None) -> int:
+  if not sequence_length or not sequence_length.get('input_ids'):
+    raise ValueError("bert_sym MLM tasks need sequence_length={'input_ids': L, ...}")
+  lengths = {v for k, v in sequence_length.items() if k in masking.FEATURES and v}
+  if len(lengths) != 1:
+    raise ValueError(f'all MLM features share one length; got {sequence_length}')
+  return check_max_seq_len(lengths.pop())
+
+
+def tokenize_and_pack(dataset: tf.data.Dataset, sequence_length, output_features
+                      ) -> tf.data.Dataset:
+  vocabulary = output_features['input_ids'].vocabulary
+  return blocks.packed_blocks(dataset, _max_seq_len(sequence_length), vocabulary)
+
+
+def mask_for_mlm(dataset: tf.data.Dataset, output_features, *, seed: int = 0,
+                 mask_rate: float = 0.15, whole_word: bool = False,
+                 max_predictions: int | None = None) -> tf.data.Dataset:
+  """Packed blocks -> MLM features. `max_predictions=None`: no cap beyond the rate."""
+  vocabulary = output_features['input_ids'].vocabulary
+  spec = masking.MaskSpec.from_vocab(
+      vocabulary.tokens, vocabulary.special.as_dict(), mask_rate=mask_rate,
+      whole_word=whole_word, max_predictions=max_predictions or MAX_SEQ_LEN)
+  return masking_tf.mask_blocks(dataset, seed, spec)
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  ints = dict(vocabulary=vocabulary, add_eos=False, dtype=tf.int32, rank=1)
+  return dict(
+      input_ids=seqio.Feature(**ints),
+      token_type_ids=seqio.Feature(**ints),
+      attention_mask=seqio.Feature(**ints),
+      mlm_targets=seqio.Feature(**ints),
+      mlm_weights=seqio.Feature(vocabulary=seqio.PassThroughVocabulary(1), add_eos=False,
+                                dtype=tf.float32, rank=1),
+  )
+
+
+def _register(name: str, source: seqio.DataSource, vocab_path: str = '', *,
+              mask_seed: int = 0, mask_rate: float = 0.15, whole_word: bool = False,
+              max_predictions: int | None = None) -> seqio.Task:
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)  # re-registration (e.g. new globs) replaces the task
+  return seqio.TaskRegistry.add(
+      name,
+      source=source,
+      preprocessors=[
+          tokenize_and_pack,
+          functools.partial(mask_for_mlm, seed=mask_seed, mask_rate=mask_rate,
+                            whole_word=whole_word, max_predictions=max_predictions),
+      ],
+      output_features=output_features(get_vocabulary(vocab_path)),
+  )
+
+
+def packed_blocks(task_name: str, split: str, max_seq_len: int,
+                  vocabulary: BertWordPieceVocabulary | None = None) -> tf.data.Dataset:
+  """The task's documents, tokenised and packed, unmasked, in source order (no shuffle)."""
+  task = seqio.get_mixture_or_task(task_name)
+  if split not in task.splits:
+    raise ValueError(f'task {task_name} has no split {split!r}; it has {task.splits}')
+  vocabulary = vocabulary or task.output_features['input_ids'].vocabulary
+  documents = task.source.get_dataset(split=split, shuffle=False)
+  return blocks.packed_blocks(documents, max_seq_len, vocabulary)
+
+
+def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path: str = '',
+                             holdout_every: int = sources.HOLDOUT_EVERY,
+                             validation_patterns: str | list[str] = '', **mask_kwargs
+                             ) -> seqio.Task:
+  """Registers (or replaces) an MLM task over text files matching `patterns`.
+
+  Args:
+    name: the seqio task name.
+    patterns: globs, local or gs://, as a list or comma-separated string.
+    vocab_path: vocab.txt for the task's output features ('' = bert-base-uncased).
+    holdout_every: every N-th document (0, N, 2N, ...) goes to 'validation', unless
+      `validation_patterns` names the validation files (e.g. WikiText's wiki.valid.tokens).
+    validation_patterns: globs of the validation split ('' = hold out from `patterns`).
+    **mask_kwargs: mask_seed, mask_rate, whole_word, max_predictions for get_dataset.
+  """
+  source = seqio.FunctionDataSource(  # a bad glob fails here, at configuration time
+      sources.text_files_dataset_fn(patterns, holdout_every=holdout_every,
+                                    validation_patterns=validation_patterns),
+      splits=sources.SPLITS)
+  return _register(name, source, vocab_path, **mask_kwargs)
+
+
+def task_for_config(data_config) -> str:
+  """The task name for `config.data`, registering the text-files task from its globs."""
+  if data_config.task == TEXT_FILES_TASK:
+    register_text_files_task(TEXT_FILES_TASK, data_config.text_files,
+                             vocab_path=data_config.vocab_path,
+                             validation_patterns=data_config.get('validation_files', ''))
+  return data_config.task
+
+
+# ----------------------------------------------------------------------------------------
+# Registration.
+# ----------------------------------------------------------------------------------------
+
+_register(EMBEDDED_TASK, seqio.FunctionDataSource(sources.embedded_dataset,
+                                                  splits=sources.SPLITS))
+for _name, (_tfds_name, _splits) in sources.TFDS_SOURCES.items():
+  _register(_name, seqio.TfdsDataSource(tfds_name=_tfds_name, splits=_splits))
