@@ -1,15 +1,6 @@
-"""`python -m bert_sym.streaming export|finalize`: writes shards (bert_sym.input.export).
-
-  # once, on any number of machines (worker i of N converts parts i, i+N, ...):
-  python -m bert_sym.streaming export --task=bert_sym_mlm_c4 --out_dir=gs://BUCKET/c4_512 \
-      --tfds_data_dir=gs://BUCKET/tfds --num_workers=N --worker_index=i
-  python -m bert_sym.streaming finalize --out_dir=gs://BUCKET/c4_512   # (the last worker
-                                                                        #  already did)
-  # then, on every training host (no TensorFlow needed):
-  python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/run \
-      --config.data.shards_dir=gs://BUCKET/c4_512
-
-The shards serve config.data.source='streaming' (local or gs://) and 'shards' (local).
+"""`python -m bert_sym.streaming export|finalize`: corpus -> shards, the command line of
+`bert_sym.input.export` (see there). The shards serve config.data.source='streaming' (local
+or gs://, any size) and 'shards' (local, memory-mapped).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bert_sym.input.seqio_tasks, masking_tf, blocks packing, sources: seqio registration,
+"""bert_sym.input.seqio_tasks (and blocks packing, sources): seqio registration,
 packing against an independent Hugging Face reference, TF masking == NumPy masking,
 text-file sources and their errors."""
 
@@ -14,7 +14,6 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from bert_sym.input import DataError  # pylint: disable=g-import-not-at-top
 from bert_sym.input import blocks
 from bert_sym.input import masking
-from bert_sym.input import masking_tf
 from bert_sym.input import seqio_tasks as tasks
 from bert_sym.input import sources
 
@@ -83,7 +82,7 @@ def _spec(vocabulary, **knobs):
 def test_tf_masking_equals_numpy_masking(vocabulary, validation_blocks, seed, knobs):
   spec = _spec(vocabulary, **knobs)
   first = 3_000_000_000  # example indices above 2^32 use the high word of the counter
-  tf_examples = list(masking_tf.mask_blocks(
+  tf_examples = list(tasks.mask_blocks_tf(
       tf.data.Dataset.from_tensor_slices(validation_blocks[:200]), seed, spec,
       first_index=first).as_numpy_iterator())
   np_examples = masking.mask_blocks(validation_blocks[:200],

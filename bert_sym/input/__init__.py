@@ -1,27 +1,22 @@
-"""The MLM input pipeline, one module per stage; TensorFlow only at the edge.
+"""The MLM input pipeline, one module per stage; a module imports only those above it.
 
   sources      documents: the embedded corpus, text files, the TFDS corpora's names
   tokenizer    the WordPiece vocab file and tokeniser (MLM and GLUE)
   masking      the counter-based hash RNG: BERT masking, epoch permutations (NumPy)
-  blocks       packing into [CLS] ... [SEP] blocks, exported shards (read, TF-free), and
-               the in-memory blocks of a small corpus
+  blocks       packing into [CLS] ... [SEP] blocks; exported shards (TF-free); small corpora
   streaming    exported shards of any size read by byte range (local or gs://)
   iterator     the trainer's iterator: batch k of MLM features is a function of (seed, k)
-  masking_tf   the TF twin of `masking` (for the seqio tasks)
-  seqio_tasks  the registered seqio tasks and their Vocabulary; imported by none of the above
-  export       corpus -> shards (needs the seqio tasks: TF); `python -m bert_sym.streaming`
+  seqio_tasks  the registered seqio tasks, their Vocabulary and the TF twin of `masking`
+  export       corpus -> shards (`python -m bert_sym.streaming`)
 
-A module imports only modules listed above it (this package holds only what they all
-share). TensorFlow is imported by `import_tensorflow`, only by the functions that run TF
-(tokenising, reading text files, packing, exporting); the shards and streaming paths and
-the iterator's import never load it.
+TensorFlow is imported by `import_tensorflow` (here, with what all stages share), only
+where TF runs: the shards and streaming paths never load it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import pathlib
 import tempfile
 
 MAX_SEQ_LEN = 512  # the model's max_position_embeddings
@@ -54,14 +49,24 @@ def import_tensorflow():
   return tf
 
 
-def write_atomically(path: pathlib.Path, write) -> None:
-  """`write(f)` into a temporary file beside `path`, then an atomic rename: a reader
-  sees the old file or the whole new one, never half (shards, metadata, exports)."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp-')
+def write_atomically(path: str | os.PathLike, write) -> None:
+  """`write(f)` into a temporary file beside `path`, then an atomic rename: a reader sees
+  the old file or the whole new one, never half (shards, metadata, vocab, exports). A
+  remote URL (gs://) is written in place: object stores publish an object only once its
+  upload completes."""
+  path = str(path)
+  if '://' in path and not path.startswith('file://'):
+    import fsspec  # pylint: disable=import-outside-toplevel
+    with fsspec.open(path, 'wb') as f:
+      write(f)
+    return
+  directory, name = os.path.split(path.removeprefix('file://'))
+  os.makedirs(directory or '.', exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory or '.', prefix=name + '.tmp-')
   try:
     with os.fdopen(fd, 'wb') as f:
       write(f)
-    os.replace(tmp, path)
+    os.replace(tmp, os.path.join(directory, name))
   except BaseException:
     os.unlink(tmp)
     raise

@@ -69,10 +69,6 @@ def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= 2**16 else np.int32
 
 
-# ----------------------------------------------------------------------------------------
-# Packing (tf.data).
-# ----------------------------------------------------------------------------------------
-
 def tokenize_documents(dataset, vocabulary):
   """{'text': string} -> int32 token stream pieces: each non-empty document + [SEP].
 
@@ -132,10 +128,6 @@ def numpy_blocks(dataset, description: str) -> Iterator[np.ndarray]:
       raise DataError(f'{path} {reason}.{fix}') from None
     raise DataError(f'{description}: {e.message}') from e
 
-
-# ----------------------------------------------------------------------------------------
-# Reading: exported shards (memory-mapped), or a small corpus packed in memory.
-# ----------------------------------------------------------------------------------------
 
 def read_metadata(shards_dir: str, split: str) -> dict[str, Any]:
   path = pathlib.Path(shards_dir) / split / METADATA_FILE

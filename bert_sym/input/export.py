@@ -4,6 +4,9 @@
       --tfds_data_dir=gs://BUCKET/tfds --num_workers=N --worker_index=i
   python -m bert_sym.streaming finalize --out_dir=gs://BUCKET/c4_512   # (the last worker
                                                                         #  already did)
+  # then, on every training host (no TensorFlow needed):
+  python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/run \
+      --config.data.shards_dir=gs://BUCKET/c4_512
 
 `export`: a split is cut into `num_parts` deterministic parts (default: one per TFDS source
 file; `--num_parts` for function sources such as text files), each tokenised, packed and
@@ -16,7 +19,6 @@ manifest exists, by whichever worker finishes last (or by `finalize`).
 
 The output is read by `bert_sym.input.streaming` (source='streaming', any size, local or
 gs://) and by `bert_sym.input.blocks.load_shards` (source='shards', memory-mapped).
-`export_shards` writes the same format in one piece, one process, local disk.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import uuid
 from typing import Any
 
 from absl import logging
@@ -32,87 +33,12 @@ import numpy as np
 
 from bert_sym.input import DataError, check_max_seq_len, sources, tokenizer, write_atomically
 from bert_sym.input import blocks
-from bert_sym.input.streaming import exists, filesystem, is_local, join_url, read_text
-
-
-def _write_bytes(url: str, write) -> None:
-  """Writes atomically: local files via a temporary name + rename; an object store makes
-  an object visible only once its upload completes, so it is written in place."""
-  fs, path = filesystem(url)
-  if is_local(url) or url.startswith('file://'):
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
-    try:
-      with fs.open(tmp, 'wb') as f:
-        write(f)
-      os.replace(tmp, path)
-    except BaseException:
-      if fs.exists(tmp):
-        fs.rm(tmp)
-      raise
-  else:
-    with fs.open(path, 'wb') as f:
-      write(f)
+from bert_sym.input.streaming import exists, filesystem, join_url, read_text
 
 
 def _write_json(url: str, value) -> None:
-  _write_bytes(url, lambda f: f.write(json.dumps(value, indent=1).encode()))
+  write_atomically(url, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
-
-def export_shards(task: str, split: str, max_seq_len: int, out_dir: str, *,
-                  vocab_path: str = '', text_files: str = '',
-                  blocks_per_shard: int = 1 << 16) -> pathlib.Path:
-  """Writes the task's packed blocks to `out_dir/split/` (shards, vocab.txt, metadata),
-  local disk only, one process; `export` below writes the same format anywhere, in parts.
-
-  Every file is written to a temporary name and renamed; metadata.json comes last, so a
-  directory with metadata.json is complete. Needs TF (tokenisation runs in tf.data).
-  """
-  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
-  check_max_seq_len(max_seq_len)
-  if task == sources.TEXT_FILES_TASK:
-    seqio_tasks.register_text_files_task(task, text_files, vocab_path=vocab_path)
-  vocabulary = seqio_tasks.get_vocabulary(vocab_path)
-  dtype = blocks.token_dtype(vocabulary.vocab_size)
-  split_dir = pathlib.Path(out_dir) / split
-  split_dir.mkdir(parents=True, exist_ok=True)
-
-  shards, pending, num_tokens = [], [], 0
-
-  def flush():
-    name = f'blocks-{len(shards):05d}.npy'
-    array = np.stack(pending).astype(dtype)
-    write_atomically(split_dir / name, lambda f: np.save(f, array))
-    shards.append({'file': name, 'num_blocks': len(array)})
-    pending.clear()
-
-  dataset = seqio_tasks.packed_blocks(task, split, max_seq_len, vocabulary)
-  for block in blocks.numpy_blocks(dataset, description=f'task {task} split {split}'):
-    pending.append(block)
-    num_tokens += int((block != vocabulary.special.pad).sum())
-    if len(pending) == blocks_per_shard:
-      flush()
-  if pending:
-    flush()
-  if not shards:
-    raise DataError(f'task {task} split {split}: empty corpus (no tokens after tokenising)')
-
-  vocab_bytes = tokenizer.read_vocab_bytes(vocabulary.path)
-  write_atomically(split_dir / blocks.VOCAB_FILE, lambda f: f.write(vocab_bytes))
-  metadata = dict(
-      format_version=blocks.SHARD_FORMAT_VERSION, task=task, split=split, max_seq_len=max_seq_len,
-      num_blocks=sum(s['num_blocks'] for s in shards), num_tokens=num_tokens,
-      dtype=np.dtype(dtype).name, shards=shards, vocab_md5=vocabulary.md5,
-      vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
-      text_files=text_files)
-  write_atomically(split_dir / blocks.METADATA_FILE,
-                    lambda f: f.write(json.dumps(metadata, indent=1).encode()))
-  return split_dir
-
-
-# ----------------------------------------------------------------------------------------
-# In parts: shards + part manifests -> metadata.json.
-# ----------------------------------------------------------------------------------------
 
 def part_manifest_name(part: int) -> str:
   return f'part-{part:05d}.json'
@@ -147,8 +73,8 @@ class PartWriter:
   def _flush(self) -> None:
     name = f'part-{self.part:05d}-{len(self.shards):05d}.npy'
     array = self._buffer[:self._filled]
-    _write_bytes(join_url(self.split_url, name),
-                 lambda f: np.lib.format.write_array(f, array, version=(1, 0)))
+    write_atomically(join_url(self.split_url, name),
+                     lambda f: np.lib.format.write_array(f, array, version=(1, 0)))
     self.shards.append({'file': name, 'num_blocks': int(self._filled)})
     self._filled = 0
 
@@ -164,7 +90,7 @@ class PartWriter:
 
 
 def write_vocab(split_url: str, vocab_bytes: bytes) -> None:
-  _write_bytes(join_url(split_url, blocks.VOCAB_FILE), lambda f: f.write(vocab_bytes))
+  write_atomically(join_url(split_url, blocks.VOCAB_FILE), lambda f: f.write(vocab_bytes))
 
 
 def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
@@ -265,3 +191,15 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
     print(f'{split_url}: part {part}/{num_parts}: {manifest["num_blocks"]} blocks, '
           f'{manifest["num_tokens"]} tokens', flush=True)
   return finalize(out_dir, split)
+
+
+def export_shards(task: str, split: str, max_seq_len: int, out_dir: str, *,
+                  vocab_path: str = '', text_files: str = '',
+                  blocks_per_shard: int = 1 << 16) -> pathlib.Path:
+  """`export` in one go (one part, one process) to `out_dir/split/`: the shards, vocab.txt
+  and metadata.json, without the part manifest (nothing is left to resume or merge)."""
+  export(task, split, max_seq_len, out_dir, num_parts=1, vocab_path=vocab_path,
+         text_files=text_files, blocks_per_shard=blocks_per_shard)
+  split_dir = pathlib.Path(out_dir) / split
+  (split_dir / part_manifest_name(0)).unlink()
+  return split_dir

@@ -197,17 +197,11 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
 def vocab_size(data_config) -> int:
   """Vocabulary size of the data (the model's vocab_size must equal it)."""
   if data_config.source == 'streaming':   # also checks that the corpus is prepared
-    streaming.open_blocks(data_config, 'train')  # checks the whole configuration, fails fast
-    metadata = streaming.read_metadata(data_config.shards_dir, 'train', data_config)
-    return int(metadata['vocab_size'])
+    return int(streaming.open_blocks(data_config, 'train').metadata['vocab_size'])
   if data_config.source == 'shards':
     return int(blocks_lib.read_metadata(data_config.shards_dir, 'train')['vocab_size'])
   return len(tokenizer.read_vocab(tokenizer.resolve_vocab_path(data_config.vocab_path)))
 
-
-# ----------------------------------------------------------------------------------------
-# What the run will read: logged by the trainer.
-# ----------------------------------------------------------------------------------------
 
 def describe_corpus(iterator, config) -> list[str]:
   """Lines for the log: corpus size and the number of epochs config.total_steps reads.

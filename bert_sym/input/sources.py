@@ -106,10 +106,6 @@ def embedded_dataset(split: str, shuffle_files: bool = False, seed: int | None =
   return tf.data.Dataset.from_tensor_slices({'text': embedded_documents(split)})
 
 
-# ----------------------------------------------------------------------------------------
-# Text files (local or gs://): one document per line, or blank-line separated documents.
-# ----------------------------------------------------------------------------------------
-
 def expand_patterns(patterns: str | list[str]) -> list[str]:
   """Sorted files matching comma-separated globs; a pattern matching nothing is an error."""
   tf = import_tensorflow()

@@ -96,7 +96,6 @@ def default_vocab_file() -> str:
         f'{i2w}: rebuilt vocab has {len(tokens)} entries and md5 {md5}, expected '
         f'{BERT_BASE_UNCASED_SIZE} and {BERT_BASE_UNCASED_MD5}; install blingfire==0.1.8 '
         'or pass an explicit vocab_path.')
-  path.parent.mkdir(parents=True, exist_ok=True)
   write_atomically(path, lambda f: f.write(data))
   return str(path)
 
@@ -176,24 +175,10 @@ class WordPiece:
   def __init__(self, vocab_path: str = ''):
     self.vocab_file = resolve_vocab_path(vocab_path)
     self.tokens = read_vocab(self.vocab_file)
-    self.special = special_ids(self.tokens, self.vocab_file)
+    self.special = special = special_ids(self.tokens, self.vocab_file)
     self.md5 = vocab_md5(self.vocab_file)
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.tokens)
-
-  @property
-  def pad_id(self) -> int:
-    return self.special.pad
-
-  @property
-  def cls_id(self) -> int:
-    return self.special.cls
-
-  @property
-  def sep_id(self) -> int:
-    return self.special.sep
+    self.vocab_size = len(self.tokens)
+    self.pad_id, self.cls_id, self.sep_id = special.pad, special.cls, special.sep
 
   @functools.cached_property
   def _tokenizer(self):
