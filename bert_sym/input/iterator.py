@@ -206,8 +206,8 @@ def vocab_size(data_config) -> int:
 def describe_corpus(iterator, config) -> list[str]:
   """Lines for the log: corpus size and the number of epochs config.total_steps reads.
 
-  Warns (absl) above EPOCH_WARNING_THRESHOLD epochs. [] for iterators that are not the
-  data module's (e.g. synthetic test inputs).
+  Warns (absl) above EPOCH_WARNING_THRESHOLD epochs. [] for iterators not made here
+  (e.g. synthetic test inputs).
   """
   blocks = getattr(iterator, '_blocks', None)
   if blocks is None or not hasattr(iterator, 'num_blocks'):

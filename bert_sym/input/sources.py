@@ -1,8 +1,9 @@
-"""Documents: the embedded corpus, text files, and the TFDS corpora, as tf.data sources.
+"""Documents: the embedded corpus and text files as tf.data sources; the TFDS corpora.
 
 Every reader yields {'text': document} in a fixed order (the held-out split is part of
 the source, so it never moves). The embedded corpus is TF-free until it is turned into a
-dataset; text files are read with tf.io.gfile (local or gs://).
+dataset; text files are read with tf.io.gfile (local or gs://); the TFDS corpora
+(`TFDS_SOURCES`) are read by seqio's TfdsDataSource (`seqio_tasks`, export only).
 
 The embedded corpus is real English Wikipedia prose that needs no download: gensim's test
 data holds a shortened dump of the first articles (~100 non-redirect articles, ~3 M
