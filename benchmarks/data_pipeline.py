@@ -7,7 +7,7 @@
    os.cpu_count().
 2. shards: `make_mlm_iterator(source='shards')` (memory-mapped blocks + NumPy masking,
    one thread), after exporting the same corpus; divided by 1 core.
-3. streaming: `make_mlm_iterator(source='streaming')` (bert_sym/streaming.py: range reads
+3. streaming: `make_mlm_iterator(source='streaming')` (bert_sym/input/streaming.py: range reads
    + Feistel shuffle + NumPy masking, `batch(k)` called in one thread, no read-ahead) on
    the same corpus exported with `python -m bert_sym.streaming export`, read from a
    local path (os.pread) and through fsspec's file:// (the code path gs:// takes), and on
@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-from bert_sym import data as data_lib
+from bert_sym.input import export as export_lib
+from bert_sym.input import iterator as data_lib
 from configs import common
 
 RESULTS = pathlib.Path(__file__).parent / 'RESULTS.md'
@@ -36,9 +37,9 @@ RESULTS = pathlib.Path(__file__).parent / 'RESULTS.md'
 
 def raw_text_tokens_per_s(max_seq_len: int) -> tuple[float, int]:
   import seqio  # pylint: disable=import-outside-toplevel
-  from bert_sym import corpus, tasks  # pylint: disable=import-outside-toplevel
-  corpus.embedded_articles()  # parse the XML dump outside the timed region
-  dataset = seqio.get_mixture_or_task(tasks.EMBEDDED_TASK).get_dataset(
+  from bert_sym.input import seqio_tasks, sources  # pylint: disable=import-outside-toplevel
+  sources.embedded_articles()  # parse the XML dump outside the timed region
+  dataset = seqio.get_mixture_or_task(seqio_tasks.EMBEDDED_TASK).get_dataset(
       sequence_length={'input_ids': max_seq_len}, split='train', shuffle=False)
   start = time.perf_counter()
   examples = sum(1 for _ in dataset.as_numpy_iterator())
@@ -48,7 +49,7 @@ def raw_text_tokens_per_s(max_seq_len: int) -> tuple[float, int]:
 
 def shard_tokens_per_s(max_seq_len: int, batch_size: int, steps: int) -> tuple[float, str]:
   out_dir = tempfile.mkdtemp(prefix='bert_sym_bench_')
-  data_lib.export_shards('bert_sym_mlm_embedded', 'train', max_seq_len, out_dir)
+  export_lib.export_shards('bert_sym_mlm_embedded', 'train', max_seq_len, out_dir)
   config = common.base_config('base').data
   config.update(dict(source='shards', shards_dir=out_dir, max_seq_len=max_seq_len,
                      max_predictions_per_seq=max(1, int(0.15 * max_seq_len) + 4)))
@@ -80,14 +81,14 @@ def streaming_tokens_per_s(url: str, task: str, max_seq_len: int, batch_size: in
 
 
 def synthetic_streaming_corpus(out_dir: str, num_blocks: int, max_seq_len: int) -> str:
-  from bert_sym import streaming, vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  from bert_sym.input import tokenizer as vocab_lib  # pylint: disable=import-outside-toplevel
   vocab_path = vocab_lib.default_vocab_file()
   tokens = vocab_lib.read_vocab(vocab_path)
   special = vocab_lib.special_ids(tokens, vocab_path).as_dict()
   split_url = os.path.join(out_dir, 'train')
-  streaming.write_vocab(split_url, vocab_lib.read_vocab_bytes(vocab_path))
-  writer = streaming.PartWriter(split_url, 0, 1, max_seq_len=max_seq_len, dtype=np.uint16,
-                                pad_id=0)
+  export_lib.write_vocab(split_url, vocab_lib.read_vocab_bytes(vocab_path))
+  writer = export_lib.PartWriter(split_url, 0, 1, max_seq_len=max_seq_len, dtype=np.uint16,
+                                 pad_id=0)
   rng = np.random.default_rng(0)
   for start in range(0, num_blocks, 4096):
     blocks = rng.integers(1000, len(tokens), (min(4096, num_blocks - start), max_seq_len),
@@ -96,7 +97,7 @@ def synthetic_streaming_corpus(out_dir: str, num_blocks: int, max_seq_len: int) 
     writer.add(blocks)
   writer.close(task='synthetic', split='train', vocab_md5=vocab_lib.BERT_BASE_UNCASED_MD5,
                vocab_size=len(tokens), special_ids=special)
-  streaming.finalize(out_dir, 'train')
+  export_lib.finalize(out_dir, 'train')
   return out_dir
 
 
@@ -112,9 +113,8 @@ def main():
   raw, examples = raw_text_tokens_per_s(args.max_seq_len)
   shards, shards_dir = shard_tokens_per_s(args.max_seq_len, args.batch_size, args.steps)
   shutil.rmtree(shards_dir, ignore_errors=True)
-  from bert_sym import streaming  # pylint: disable=import-outside-toplevel
   stream_dir = tempfile.mkdtemp(prefix='bert_sym_bench_stream_')
-  streaming.export('bert_sym_mlm_embedded', 'train', args.max_seq_len, stream_dir)
+  export_lib.export('bert_sym_mlm_embedded', 'train', args.max_seq_len, stream_dir)
   stream_args = (args.max_seq_len, args.batch_size, args.steps)
   stream_local = streaming_tokens_per_s(stream_dir, 'bert_sym_mlm_embedded', *stream_args)
   stream_fsspec = streaming_tokens_per_s(f'file://{stream_dir}', 'bert_sym_mlm_embedded',

@@ -13,11 +13,11 @@ from typing import Any, Iterable
 import ml_collections
 
 from bert_sym import attention
+from bert_sym.input.sources import TEXT_FILES_TASK
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/streaming.py
+DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/input/streaming.py
 ON_NONFINITE = ('stop', 'skip')
-TEXT_FILES_TASK = 'bert_sym_mlm_text_files'   # bert_sym.tasks.TEXT_FILES_TASK, TF-free
 
 
 class ConfigError(ValueError):
@@ -68,11 +68,11 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
   _choice('data.source', data.source, DATA_SOURCES)
   if data.source == 'shards' and not data.shards_dir:
     raise ConfigError("config.data.source='shards' needs the exported shards. Fix: "
-                      '--config.data.shards_dir=DIR (from `python -m bert_sym.data export`).')
+                      '--config.data.shards_dir=DIR (from `python -m bert_sym.streaming export`).')
   if data.source == 'seqio':
     if not data.task:
       raise ConfigError('config.data.task is empty. Fix: --config.data.task=bert_sym_mlm_embedded '
-                        '(or another task registered in bert_sym/tasks.py).')
+                        '(or another task of bert_sym/input/seqio_tasks.py).')
     if data.text_files and data.task != TEXT_FILES_TASK:
       raise ConfigError(
           f'config.data.text_files is set but config.data.task={data.task!r}, so the files '

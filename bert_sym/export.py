@@ -198,7 +198,7 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   leaves a complete-looking model with missing weights.
   """
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  from bert_sym.data import write_atomically  # pylint: disable=g-import-not-at-top
+  from bert_sym.input import write_atomically  # pylint: disable=g-import-not-at-top
 
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -227,14 +227,14 @@ def main(argv):
   from bert_sym import metrics_writer  # pylint: disable=g-import-not-at-top
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)   # before TF is imported
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
-  from bert_sym import vocab  # pylint: disable=g-import-not-at-top
+  from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   try:
     config, params = checkpoint.load_pretrained(_CHECKPOINT.value)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f'bert_sym.export: error: {e}') from None
   # The tokenizer travels with the model so `from_pretrained(out_dir)` works end to end.
-  vocab_file = config.data.get('vocab_path', '') or vocab.default_vocab_file()
+  vocab_file = config.data.get('vocab_path', '') or tokenizer.default_vocab_file()
   save_hf_pretrained(params, config.model, _OUT_DIR.value,
                      vocab_bytes=epath.Path(vocab_file).read_bytes())
   print(f'Wrote a standard Hugging Face BertForMaskedLM ({config.model.attention} attention '

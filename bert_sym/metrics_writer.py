@@ -137,9 +137,10 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
   """INFO from orbax/absl (about 40 lines a save) and TF's native start-up chatter off.
 
   TF logs through C++ absl before anything can configure it ("failed call to cuInit" at
-  error level on a CPU machine, oneDNN notices), so the seqio input stack is imported
-  here with the process's stderr pointed at /dev/null. `--verbosity=0` (absl; `verbose`)
-  keeps everything; a user's own TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are kept.
+  error level on a CPU machine, oneDNN notices), so TensorFlow and TF Text (the input
+  pipeline's tokeniser, `bert_sym.input.tokenizer`) are imported here, GPUs hidden, with
+  the process's stderr pointed at /dev/null. `--verbosity=0` (absl; `verbose`) keeps
+  everything; a user's own TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are kept.
   """
   if verbose:
     return
@@ -156,7 +157,8 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
   sys.stderr.flush()
   os.dup2(devnull, 2)
   try:
-    from bert_sym import vocab  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel
+    from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    tokenizer.import_tf_text()
   except ImportError:
     pass   # reported where the input pipeline needs it, with stderr back
   finally:

@@ -471,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   # ======================================================================================
   with _user_errors('Input pipeline'):
     if make_iterator is None:
-      from bert_sym import data as data_lib  # pylint: disable=g-import-not-at-top
+      from bert_sym.input import iterator as data_lib  # pylint: disable=g-import-not-at-top
       make_iterator = data_lib.make_mlm_iterator
       data_vocab = data_lib.vocab_size(config.data)
       if data_vocab > config.model.vocab_size:
@@ -485,8 +485,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     # Every eval reads the same first eval_steps validation batches (rewound each time).
     eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
     eval_start = eval_iter.get_state()
-    from bert_sym import streaming  # pylint: disable=g-import-not-at-top
-    for line in streaming.describe_corpus(train_iter, config):   # size, epochs, warning
+    from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
+    for line in iterator.describe_corpus(train_iter, config):   # size, epochs, warning
       console(line)
   host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
                                      global_batch_size=config.batch_size, rules=rules)

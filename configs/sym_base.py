@@ -5,7 +5,7 @@ r"""The paper's headline: pairwise symmetric attention, bert-base, the paper's r
 
 Trains on C4 English streamed from exported shards (configs/common.py:
 `pretraining_corpus`; prepare them with `python -m bert_sym.streaming export`, see
-bert_sym/streaming.py). Without shards_dir the run stops at once and prints how.
+bert_sym/input/streaming.py). Without shards_dir the run stops at once and prints how.
 
 Other variants from the command line: --config.model.attention=symmetric.
 

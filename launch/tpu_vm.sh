@@ -15,7 +15,7 @@
 # Follow the run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 \
 #   --command 'tail -f ~/bert_sym/train.log'      (or point TensorBoard at WORKDIR/tensorboard)
 #
-# The bert-base/small configs stream C4 from exported shards (bert_sym/streaming.py).
+# The bert-base/small configs stream C4 from exported shards (bert_sym/input/streaming.py).
 # Prepare them once, on the same slice, by setting EXPORT_TO (a gs:// directory): every
 # worker first converts its part of the TFDS corpus there (worker i of N takes parts i,
 # i+N, ...; finished parts are skipped on a rerun), waits until all parts are done, then

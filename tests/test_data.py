@@ -1,5 +1,6 @@
-"""bert_sym.data: masking statistics, determinism, O(1) resume, host sharding, exported
-shards == the seqio path, TF-free import, and clear errors."""
+"""bert_sym.input (masking, blocks, iterator, export_shards): masking statistics,
+determinism, O(1) resume, host sharding, exported shards == the in-memory (seqio) path,
+TF-free import, and clear errors."""
 
 import json
 import os
@@ -10,8 +11,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from bert_sym import data as data_lib
-from bert_sym import vocab as vocab_lib
+from bert_sym.input import DataError
+from bert_sym.input import blocks as blocks_lib
+from bert_sym.input import export as export_lib
+from bert_sym.input import iterator as data_lib
+from bert_sym.input import masking
+from bert_sym.input import tokenizer as vocab_lib
 from configs import common
 
 L = 128
@@ -21,7 +26,7 @@ TEXT = 'bert_sym_mlm_text_files'
 def _default_spec(**knobs):
   path = vocab_lib.default_vocab_file()
   tokens = vocab_lib.read_vocab(path)
-  return tokens, data_lib.MaskSpec.from_vocab(
+  return tokens, masking.MaskSpec.from_vocab(
       tokens, vocab_lib.special_ids(tokens, path).as_dict(), **knobs)
 
 
@@ -29,7 +34,7 @@ def _default_spec(**knobs):
 def real_blocks():
   """~1,000 real 128-token blocks (embedded corpus, HF-free path via TF only if needed)."""
   pytest.importorskip('tensorflow_text')
-  from bert_sym import tasks  # pylint: disable=import-outside-toplevel
+  from bert_sym.input import seqio_tasks as tasks  # pylint: disable=import-outside-toplevel
   return np.stack(list(tasks.packed_blocks(tasks.EMBEDDED_TASK, 'validation', L)
                        .as_numpy_iterator()))
 
@@ -41,7 +46,7 @@ def real_blocks():
 def test_masking_statistics(real_blocks):
   tokens, spec = _default_spec(max_predictions=L)
   blocks = np.concatenate([real_blocks] * 2)  # second copy: other example indices
-  out = data_lib.mask_blocks(blocks, np.arange(len(blocks)), seed=7, spec=spec)
+  out = masking.mask_blocks(blocks, np.arange(len(blocks)), seed=7, spec=spec)
   candidate = spec.maskable[blocks]
   selected = out['mlm_weights'] == 1.0
   assert candidate.sum() >= 100_000
@@ -63,13 +68,13 @@ def test_masking_statistics(real_blocks):
 
 def test_max_predictions_caps_masked_positions(real_blocks):
   _, spec = _default_spec(mask_rate=0.5, max_predictions=10)
-  out = data_lib.mask_blocks(real_blocks, np.arange(len(real_blocks)), 0, spec)
+  out = masking.mask_blocks(real_blocks, np.arange(len(real_blocks)), 0, spec)
   assert out['mlm_weights'].sum(axis=1).max() == 10
 
 
 def test_whole_word_masking_masks_whole_words(real_blocks):
   tokens, spec = _default_spec(whole_word=True, max_predictions=L)
-  out = data_lib.mask_blocks(real_blocks, np.arange(len(real_blocks)), 3, spec)
+  out = masking.mask_blocks(real_blocks, np.arange(len(real_blocks)), 3, spec)
   selected = out['mlm_weights'] == 1.0
   maskable = spec.maskable[real_blocks]
   is_piece = spec.continuation[real_blocks] & maskable
@@ -82,20 +87,20 @@ def test_whole_word_masking_masks_whole_words(real_blocks):
 
 def test_masking_is_a_function_of_seed_and_index(real_blocks):
   _, spec = _default_spec()
-  a = data_lib.mask_blocks(real_blocks[:64], np.arange(64), 1, spec)
-  b = data_lib.mask_blocks(real_blocks[:64], np.arange(64), 1, spec)
-  c = data_lib.mask_blocks(real_blocks[:64], np.arange(64), 2, spec)
-  d = data_lib.mask_blocks(real_blocks[:64], np.arange(64) + 1, 1, spec)
-  assert all(np.array_equal(a[k], b[k]) for k in data_lib.FEATURES)
+  a = masking.mask_blocks(real_blocks[:64], np.arange(64), 1, spec)
+  b = masking.mask_blocks(real_blocks[:64], np.arange(64), 1, spec)
+  c = masking.mask_blocks(real_blocks[:64], np.arange(64), 2, spec)
+  d = masking.mask_blocks(real_blocks[:64], np.arange(64) + 1, 1, spec)
+  assert all(np.array_equal(a[k], b[k]) for k in masking.FEATURES)
   assert not np.array_equal(a['mlm_weights'], c['mlm_weights'])
   assert not np.array_equal(a['mlm_weights'], d['mlm_weights'])
 
 
 def test_permutation():
-  p0, p1 = data_lib.permutation(1000, 5, 0), data_lib.permutation(1000, 5, 1)
+  p0, p1 = masking.permutation(1000, 5, 0), masking.permutation(1000, 5, 1)
   np.testing.assert_array_equal(np.sort(p0), np.arange(1000))
   assert not np.array_equal(p0, p1) and not np.array_equal(p0, np.arange(1000))
-  np.testing.assert_array_equal(p0, data_lib.permutation(1000, 5, 0))
+  np.testing.assert_array_equal(p0, masking.permutation(1000, 5, 0))
 
 
 # ----------------------------------------------------------------------------------------
@@ -105,7 +110,7 @@ def test_permutation():
 @pytest.fixture(scope='module')
 def text_files(tmp_path_factory):
   """A small real corpus as text files (embedded Wikipedia articles, one per line)."""
-  from bert_sym import corpus  # pylint: disable=import-outside-toplevel
+  from bert_sym.input import sources as corpus  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('corpus')
   docs = [t.replace('\n', ' ') for t in corpus.embedded_documents('train')[:30]]
   (root / 'part-0.txt').write_text('\n'.join(docs[:15]) + '\n', encoding='utf-8')
@@ -130,8 +135,9 @@ def seqio_config(text_files):
 def shards_dir(tmp_path_factory, text_files):
   pytest.importorskip('tensorflow_text')
   out = tmp_path_factory.mktemp('shards')
-  data_lib.main(['export', f'--task={TEXT}', f'--text_files={text_files}',
-                 f'--max_seq_len={L}', f'--out_dir={out}', '--blocks_per_shard=700'])
+  for split in ('train', 'validation'):
+    export_lib.export_shards(TEXT, split, L, str(out), text_files=text_files,
+                             blocks_per_shard=700)
   return str(out)
 
 
@@ -142,13 +148,13 @@ def _take(iterator, n):
 def _assert_same(batches_a, batches_b):
   assert len(batches_a) == len(batches_b)
   for a, b in zip(batches_a, batches_b):
-    for k in data_lib.FEATURES:
+    for k in masking.FEATURES:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_batches_have_the_trainer_layout(seqio_config):
   batch = next(data_lib.make_mlm_iterator(seqio_config, batch_size=8, split='train', seed=0))
-  assert set(batch) == set(data_lib.FEATURES)
+  assert set(batch) == set(masking.FEATURES)
   for k, v in batch.items():
     assert v.shape == (8, L)
     assert v.dtype == (np.float32 if k == 'mlm_weights' else np.int32)
@@ -181,7 +187,7 @@ def test_resume_yields_the_next_batch_of_an_uninterrupted_run(seqio_config):
 def test_resume_rejects_a_different_dataset(seqio_config):
   it = data_lib.make_mlm_iterator(seqio_config, batch_size=16, split='train', seed=4)
   state = dict(it.get_state(), num_blocks=it.num_blocks + 1)
-  with pytest.raises(data_lib.DataError, match='num_blocks'):
+  with pytest.raises(DataError, match='num_blocks'):
     it.set_state(state)
 
 
@@ -193,7 +199,7 @@ def test_resume_on_another_host_count_keeps_the_global_batch(seqio_config):
   one_host = make(16, 0, 1)
   one_host.set_state(json.loads(json.dumps(two_hosts_state)))
   _assert_same([next(one_host)], [make(16, 0, 1, start_step=4).batch(4)])
-  with pytest.raises(data_lib.DataError, match='global batch of 16'):
+  with pytest.raises(DataError, match='global batch of 16'):
     make(4, 0, 1).set_state(two_hosts_state)
 
 
@@ -247,7 +253,7 @@ def dict_update(config, **values):
 
 def test_export_layout_and_metadata(shards_dir):
   split_dir = os.path.join(shards_dir, 'train')
-  metadata = data_lib.read_metadata(shards_dir, 'train')
+  metadata = blocks_lib.read_metadata(shards_dir, 'train')
   assert metadata['vocab_md5'] == vocab_lib.BERT_BASE_UNCASED_MD5
   assert metadata['max_seq_len'] == L and metadata['dtype'] == 'uint16'
   assert len(metadata['shards']) >= 2  # blocks_per_shard=700 forces several shards
@@ -265,7 +271,7 @@ def test_shards_path_imports_and_runs_without_tensorflow(shards_dir):
       import sys
       for name in ('tensorflow', 'tensorflow_text', 'seqio', 'tensorflow_datasets'):
         sys.modules[name] = None  # any import of them now raises ImportError
-      from bert_sym import data
+      from bert_sym.input import iterator as data
       from configs import common
       config = common.base_config('tiny').data
       config.update(dict(source='shards', shards_dir={shards_dir!r}, max_seq_len={L}))
@@ -286,7 +292,7 @@ def test_shards_path_imports_and_runs_without_tensorflow(shards_dir):
 # ----------------------------------------------------------------------------------------
 
 def test_sequence_length_over_512_is_an_error(tmp_path):
-  with pytest.raises(data_lib.DataError, match='max_seq_len=513'):
+  with pytest.raises(DataError, match='max_seq_len=513'):
     data_lib.make_mlm_iterator(_config(source='shards', shards_dir=str(tmp_path),
                                        max_seq_len=513),
                                batch_size=2, split='train', seed=0, process_index=0,
@@ -294,9 +300,9 @@ def test_sequence_length_over_512_is_an_error(tmp_path):
 
 
 def test_missing_shards_and_mismatched_length_are_errors(tmp_path, shards_dir):
-  with pytest.raises(data_lib.DataError, match=r'train/metadata\.json: no such file'):
+  with pytest.raises(DataError, match=r'train/metadata\.json: no such file'):
     data_lib.load_blocks(_config(source='shards', shards_dir=str(tmp_path)), 'train')
-  with pytest.raises(data_lib.DataError, match='128-token blocks.*max_seq_len=64'):
+  with pytest.raises(DataError, match='128-token blocks.*max_seq_len=64'):
     data_lib.load_blocks(_config(source='shards', shards_dir=shards_dir, max_seq_len=64),
                          'train')
 
@@ -305,8 +311,8 @@ def test_empty_and_missing_text_corpus_are_errors(tmp_path):
   pytest.importorskip('tensorflow_text')
   (tmp_path / 'blank.txt').write_text('\n  \n\n')
   config = _config(source='seqio', text_files=str(tmp_path / 'blank.txt'))
-  with pytest.raises(data_lib.DataError, match='blank.txt.*empty corpus'):
+  with pytest.raises(DataError, match='blank.txt.*empty corpus'):
     data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
   config.text_files = str(tmp_path / 'absent.txt')
-  with pytest.raises(data_lib.DataError, match='absent.txt: no such file'):
+  with pytest.raises(DataError, match='absent.txt: no such file'):
     data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)

@@ -144,7 +144,7 @@ def test_truncate_longest_first():
 def test_packing_equals_hugging_face():
   """[CLS] a [SEP] b [SEP], token types, longest-first truncation: as BertTokenizerFast."""
   transformers = pytest.importorskip('transformers')
-  from bert_sym import vocab
+  from bert_sym.input import tokenizer as vocab
   tokenizer = glue_data.WordPiece()
   # transformers>=5 takes the vocab file as `vocab`; older versions as `vocab_file`.
   hf = transformers.BertTokenizerFast(vocab=vocab.default_vocab_file(), do_lower_case=True)

@@ -1,4 +1,4 @@
-"""bert_sym.streaming: the input path for corpora of any size.
+"""bert_sym.input.streaming (+ export, iterator): the input path for corpora of any size.
 
 Corpora are written straight into the shard format (random token blocks, as the export
 writes them), so a 50M-token corpus costs seconds, not a TF tokenisation. gs:// is stood
@@ -20,9 +20,13 @@ import time
 import numpy as np
 import pytest
 
-from bert_sym import data as data_lib
-from bert_sym import streaming
-from bert_sym import vocab as vocab_lib
+from bert_sym import streaming as streaming_cli
+from bert_sym.input import DataError
+from bert_sym.input import export as export_lib
+from bert_sym.input import iterator as data_lib
+from bert_sym.input import masking
+from bert_sym.input import streaming
+from bert_sym.input import tokenizer as vocab_lib
 from configs import common
 from tests.train_fixtures import REPO_ROOT, run_trainer
 
@@ -37,13 +41,13 @@ def write_corpus(url, num_blocks, max_seq_len, *, splits=('train', 'validation')
   special = vocab_lib.special_ids(tokens, vocab_path).as_dict()
   rng = np.random.default_rng(seed)
   for split in splits:
-    split_url = streaming._join(url, split)  # pylint: disable=protected-access
-    streaming.write_vocab(split_url, vocab_lib.read_vocab_bytes(vocab_path))
+    split_url = streaming.join_url(url, split)
+    export_lib.write_vocab(split_url, vocab_lib.read_vocab_bytes(vocab_path))
     per_part = np.diff(np.linspace(0, num_blocks, num_parts + 1).astype(int))
     for part, count in enumerate(per_part):
-      writer = streaming.PartWriter(split_url, part, num_parts, max_seq_len=max_seq_len,
-                                    dtype=np.uint16, pad_id=0,
-                                    blocks_per_shard=blocks_per_shard)
+      writer = export_lib.PartWriter(split_url, part, num_parts, max_seq_len=max_seq_len,
+                                     dtype=np.uint16, pad_id=0,
+                                     blocks_per_shard=blocks_per_shard)
       for start in range(0, count, 4096):    # bounded memory while writing, too
         n = min(4096, count - start)
         blocks = rng.integers(1000, len(tokens), (n, max_seq_len), dtype=np.uint16)
@@ -52,7 +56,7 @@ def write_corpus(url, num_blocks, max_seq_len, *, splits=('train', 'validation')
         writer.add(blocks)
       writer.close(task=task, split=split, vocab_md5=vocab_lib.BERT_BASE_UNCASED_MD5,
                    vocab_size=len(tokens), special_ids=special)
-    streaming.finalize(url, split)
+    export_lib.finalize(url, split)
   return streaming.read_metadata(url, 'train')
 
 
@@ -73,7 +77,7 @@ def _iterator(config, split='train', batch_size=8, seed=3, **kwargs):
 
 
 def _assert_same(a, b):
-  for k in data_lib.FEATURES:
+  for k in masking.FEATURES:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
@@ -126,7 +130,7 @@ def test_blocks_are_the_exported_arrays_on_every_filesystem(small_corpus):
   memory_url = 'memory://streaming-test/corpus'
   for split in ('train', 'validation'):   # a copy in memory:// (the remote code path)
     for f in (small_corpus / split).iterdir():
-      fs, path = streaming._fs(f'{memory_url}/{split}/{f.name}')  # pylint: disable=protected-access
+      fs, path = streaming.filesystem(f'{memory_url}/{split}/{f.name}')
       fs.pipe_file(path, f.read_bytes())
   rows = np.array([999, 0, 5, 6, 7, 149, 150, 151, 500, 5, 998])
   for url in (str(small_corpus), f'file://{small_corpus}', memory_url):
@@ -182,40 +186,40 @@ def test_hosts_read_disjoint_rows_of_the_global_batch(small_corpus):
   for _ in range(2):
     expected = next(whole)
     got = [next(p) for p in parts]
-    for k in data_lib.FEATURES:
+    for k in masking.FEATURES:
       np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), expected[k])
 
 
 def test_resume_checks(small_corpus, tmp_path):
   config = _config(str(small_corpus))
   state = _iterator(config).get_state()
-  with pytest.raises(data_lib.DataError, match='global batch'):
+  with pytest.raises(DataError, match='global batch'):
     _iterator(config, batch_size=4).set_state(state)
-  with pytest.raises(data_lib.DataError, match='shuffle'):   # a checkpoint of another source
+  with pytest.raises(DataError, match='shuffle'):   # a checkpoint of another source
     _iterator(config).set_state({k: v for k, v in state.items() if k != 'shuffle'})
   other = tmp_path / 'other'
   write_corpus(str(other), 999, 64, num_parts=1)
-  with pytest.raises(data_lib.DataError, match='num_blocks'):
+  with pytest.raises(DataError, match='num_blocks'):
     _iterator(_config(str(other))).set_state(state)
 
 
 def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
-  with pytest.raises(data_lib.DataError, match=r'(?s)shards_dir is not set.*streaming export'
+  with pytest.raises(DataError, match=r'(?s)shards_dir is not set.*streaming export'
                      r'.*configs/tiny\.py'):
     _iterator(_config(''))
-  with pytest.raises(data_lib.DataError, match=r'(?s)train/metadata\.json cannot be read.*'
+  with pytest.raises(DataError, match=r'(?s)train/metadata\.json cannot be read.*'
                      r'streaming export'):
     _iterator(_config(str(tmp_path / 'absent')))
-  with pytest.raises(data_lib.DataError, match='holds task .synthetic_test.'):
+  with pytest.raises(DataError, match='holds task .synthetic_test.'):
     _iterator(_config(str(small_corpus), task='bert_sym_mlm_c4'))
-  with pytest.raises(data_lib.DataError, match='64-token blocks.*max_seq_len=32'):
+  with pytest.raises(DataError, match='64-token blocks.*max_seq_len=32'):
     _iterator(_config(str(small_corpus), max_seq_len=32))
   broken = tmp_path / 'broken'
   shutil.copytree(small_corpus, broken)
   first = streaming.read_metadata(str(broken), 'train')['shards'][0]['file']
   np.save(broken / 'train' / first, np.zeros((3, 64), np.uint16))
   next(_iterator(_config(str(broken)), split='validation'))   # validation is intact
-  with pytest.raises(data_lib.DataError, match=f'{first}: array \\(3, 64\\)'):
+  with pytest.raises(DataError, match=f'{first}: array \\(3, 64\\)'):
     streaming.StreamingBlocks(str(broken), 'train').take(np.array([0]))
   assert streaming.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
 
@@ -225,12 +229,12 @@ def test_describe_corpus_counts_epochs_and_warns(small_corpus):
   config = common.base_config('tiny')
   config.data = _config(str(small_corpus))
   config.batch_size, config.total_steps = 32, 16   # 512 of 1000 blocks
-  lines = streaming.describe_corpus(iterator, config)
+  lines = data_lib.describe_corpus(iterator, config)
   tokens = streaming.read_metadata(str(small_corpus), 'train')['num_tokens']
   assert len(lines) == 1 and f'{tokens:,} tokens in 1,000 blocks of 64' in lines[0]
   assert '0.51 epochs' in lines[0]
   config.total_steps = 400   # 12.8 epochs
-  lines = streaming.describe_corpus(iterator, config)
+  lines = data_lib.describe_corpus(iterator, config)
   assert '12.80 epochs' in lines[0] and len(lines) == 2 and 'WARNING' in lines[1]
 
 
@@ -239,7 +243,7 @@ def test_streaming_path_runs_without_tensorflow(small_corpus):
       import sys
       for name in ('tensorflow', 'tensorflow_text', 'seqio', 'tensorflow_datasets'):
         sys.modules[name] = None  # any import of them now raises ImportError
-      from bert_sym import data
+      from bert_sym.input import iterator as data
       from tests.test_streaming import _config, _iterator
       for url in ({str(small_corpus)!r}, {'file://' + str(small_corpus)!r}):
         batch = next(_iterator(_config(url)))
@@ -305,7 +309,7 @@ def test_rss_of_a_50m_token_corpus_is_that_of_a_1m_token_one(tmp_path):
 
 @pytest.fixture(scope='module')
 def text_files(tmp_path_factory):
-  from bert_sym import corpus  # pylint: disable=import-outside-toplevel
+  from bert_sym.input import sources as corpus  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('text')
   docs = [t.replace('\n', ' ') for t in corpus.embedded_documents('train')[:12]]
   for i in range(3):
@@ -314,8 +318,8 @@ def text_files(tmp_path_factory):
 
 
 def _export(out, text_files, **kwargs):
-  return streaming.export('bert_sym_mlm_text_files', 'train', 64, str(out),
-                          text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
+  return export_lib.export('bert_sym_mlm_text_files', 'train', 64, str(out),
+                           text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
 
 
 def _files(directory):
@@ -346,7 +350,7 @@ def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_file
   (split / 'part-00001-00000.npy').write_bytes(b'partial')
   before = {n: (split / n).stat().st_mtime_ns for n in ('part-00000-00000.npy',
                                                          'part-00002-00000.npy')}
-  assert streaming.main(['finalize', f'--out_dir={tmp_path / "two"}', '--split=train']) == 1
+  assert streaming_cli.main(['finalize', f'--out_dir={tmp_path / "two"}', '--split=train']) == 1
   assert _export(tmp_path / 'two', text_files) == one   # reruns part 1 only
   assert {n: (split / n).stat().st_mtime_ns for n in before} == before
   assert _files(split) == _files(tmp_path / 'one' / 'train')
@@ -366,7 +370,8 @@ address, process_id, url, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.
 jax.distributed.initialize(address, num_processes=2, process_id=process_id)
 import numpy as np
 from jax.experimental import multihost_utils
-from bert_sym import data, sharding
+from bert_sym import sharding
+from bert_sym.input import iterator as data
 from configs import common
 from tests.test_streaming import _config
 config = common.base_config('tiny')
@@ -401,7 +406,7 @@ def test_two_processes_with_jax_distributed_read_disjoint_halves(small_corpus, t
   assert 'process 1 of 2 ok' in outputs[1]
   results = [np.load(tmp_path / f'p{i}.npz') for i in range(2)]
   expected = next(_iterator(_config(url), batch_size=8, start_step=5))   # 1 process
-  for k in data_lib.FEATURES:
+  for k in masking.FEATURES:
     np.testing.assert_array_equal(results[0][f'local_{k}'], expected[k][:4], err_msg=k)
     np.testing.assert_array_equal(results[1][f'local_{k}'], expected[k][4:], err_msg=k)
     for r in results:
@@ -477,6 +482,6 @@ def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):
 
 def test_seqio_path_refuses_corpora_that_do_not_fit_in_memory():
   config = _config('', source='seqio', task='bert_sym_mlm_wikipedia')
-  with pytest.raises(data_lib.DataError, match=r'(?s)pack all of bert_sym_mlm_wikipedia.*'
+  with pytest.raises(DataError, match=r'(?s)pack all of bert_sym_mlm_wikipedia.*'
                      r'tfds build wikipedia/20230601\.en'):
     data_lib.load_blocks(config, 'train')

@@ -1,6 +1,6 @@
 """Helpers for the trainer tests: a tiny config, a synthetic MLM input with the data API.
 
-`SyntheticMLMIterator` has the interface of `bert_sym.data.make_mlm_iterator`'s iterator
+`SyntheticMLMIterator` has the interface of `bert_sym.input.iterator.make_mlm_iterator`'s iterator
 (dict of numpy [per_host_batch, max_seq_len]; get_state/set_state), so the trainer can be
 tested without TensorFlow or a corpus. Batch n is a pure function of (seed, split, n,
 process), which makes resume-exactness checks meaningful.
@@ -36,7 +36,7 @@ class SyntheticMLMIterator:
     import jax  # pylint: disable=g-import-not-at-top
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
-    self.per_host_batch = batch_size   # as bert_sym.data: rows per process
+    self.per_host_batch = batch_size   # as bert_sym.input.iterator: rows per process
     self.seq_len = data_config.max_seq_len
     self.max_predictions = data_config.max_predictions_per_seq
     self.mask_rate = data_config.mask_rate
@@ -60,7 +60,7 @@ class SyntheticMLMIterator:
       time.sleep(float(os.environ['SYNTHETIC_SLEEP_SECONDS']))
     poison = (self.split_id == 0 and
               str(self.index) == os.environ.get('SYNTHETIC_NAN_AT_BATCH'))
-    # Like bert_sym.data: process p takes rows [p*B, (p+1)*B) of global batch k, and each
+    # Like bert_sym.input.iterator: process p takes rows [p*B, (p+1)*B) of global batch k, and each
     # row depends on its global index only, so the global batch ignores the process count.
     first = (self.index * self.process_count + self.process_index) * self.per_host_batch
     self.index += 1

@@ -1,13 +1,14 @@
-"""bert_sym.vocab: the rebuilt bert-base-uncased vocab, user vocabs, and the TF tokeniser
-checked against Hugging Face's BertTokenizerFast (an independent implementation)."""
+"""bert_sym.input.tokenizer: the rebuilt bert-base-uncased vocab, user vocabs, and the TF
+tokeniser (WordPiece, and the seqio Vocabulary over it) checked against Hugging Face's
+BertTokenizerFast (an independent implementation)."""
 
 import hashlib
 import pathlib
 
 import pytest
 
-from bert_sym import corpus
-from bert_sym import vocab as vocab_lib
+from bert_sym.input import sources as corpus
+from bert_sym.input import tokenizer as vocab_lib
 
 SHARED = pathlib.Path(__file__).parents[2] / 'shared'
 WIKITEXT = SHARED / 'data' / 'wikitext-2' / 'wiki.valid.tokens'
@@ -73,8 +74,11 @@ def test_missing_and_non_utf8_vocab_files(tmp_path):
 
 @pytest.fixture(scope='module')
 def tf_vocab():
+  """The seqio Vocabulary (over `WordPiece`)."""
   pytest.importorskip('tensorflow_text')
-  return vocab_lib.get_vocabulary()
+  pytest.importorskip('seqio')
+  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
+  return seqio_tasks.get_vocabulary()
 
 
 def _real_sentences() -> list[str]:
@@ -111,6 +115,8 @@ def test_tokenizer_matches_hugging_face(tf_vocab):
   assert len(hf) == 30522
   expected = hf(lines, add_special_tokens=False)['input_ids']
   got = tf_vocab.encode_tf(tf.constant(lines)).to_list()
+  # GLUE's entry point: the same WordPiece, eagerly.
+  assert [ids.tolist() for ids in vocab_lib.WordPiece().encode(lines)] == got
   mismatches = [(l, hf.convert_ids_to_tokens(e), hf.convert_ids_to_tokens(g))
                 for l, e, g in zip(lines, expected, got) if e != g]
   assert not mismatches, mismatches[:3]
@@ -130,6 +136,8 @@ def test_remote_vocab_path_goes_through_gfile(tmp_path):
   path = 'ram://bert_sym_test/vocab.txt'  # an in-memory tf.io.gfile file system
   with tf.io.gfile.GFile(path, 'w') as f:
     f.write('\n'.join(tokens) + '\n')
-  vocabulary = vocab_lib.get_vocabulary(path)
+  pytest.importorskip('seqio')
+  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
+  vocabulary = seqio_tasks.get_vocabulary(path)
   assert vocabulary.tokens == tokens and vocabulary.special.mask == 4
   assert vocabulary.encode('Hellos bye') == [5, 6, 1]

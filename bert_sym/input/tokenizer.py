@@ -1,12 +1,15 @@
-"""bert-base-uncased WordPiece: the vocab file, its special ids, and a seqio Vocabulary.
+"""bert-base-uncased WordPiece: the vocab file, its special ids, and the tokeniser.
 
 The default vocabulary is rebuilt offline from the list that the `blingfire` wheel ships
 (`bert_base_tok.i2w`) and checked against the md5 of Google's original `vocab.txt`, so
 no download is needed and a silently different vocabulary cannot slip in.
 
-The file helpers are TF-free (GPU images without TensorFlow still need `vocab.txt`, e.g.
-for GLUE tokenisation with Hugging Face); `BertWordPieceVocabulary` exists only where
-seqio/TensorFlow are installed.
+`WordPiece` is the one tokeniser of bert_sym: it tokenises the pre-training corpus (inside
+tf.data, `encode_tf`; the seqio Vocabulary of `seqio_tasks` wraps it) and GLUE text
+(`encode`), so fine-tuning text is split exactly as the model saw text in pre-training.
+Tokenising runs TF Text, so it needs TensorFlow (imported on first use, GPUs hidden from
+it); the vocab file helpers and `WordPiece`'s ids and tokens are TF-free (gs:// vocab paths
+are read through tf.io.gfile).
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ import hashlib
 import os
 import pathlib
 import struct
-import tempfile
 
-try:  # The tf.data path; absent on TF-free images, which read exported shards instead.
-  import seqio
-except ImportError:
-  seqio = None
+import numpy as np
+
+from bert_sym.input import import_tensorflow, write_atomically
 
 BERT_BASE_UNCASED_MD5 = '64800d5d8528ce344256daf115d4965e'
 BERT_BASE_UNCASED_SIZE = 30522
@@ -79,18 +80,6 @@ def _decode_blingfire_i2w(raw: bytes) -> list[str]:
   return [upper.get(t, t) for t in tokens]
 
 
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)  # Readers see the old file or the whole new one, never half.
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 @functools.cache
 def default_vocab_file() -> str:
   """Path of bert-base-uncased's `vocab.txt` (30,522 lines), rebuilt once and cached."""
@@ -107,7 +96,7 @@ def default_vocab_file() -> str:
         f'{i2w}: rebuilt vocab has {len(tokens)} entries and md5 {md5}, expected '
         f'{BERT_BASE_UNCASED_SIZE} and {BERT_BASE_UNCASED_MD5}; install blingfire==0.1.8 '
         'or pass an explicit vocab_path.')
-  _write_atomically(path, data)
+  write_atomically(path, lambda f: f.write(data))
   return str(path)
 
 
@@ -123,7 +112,7 @@ def read_vocab_bytes(path: str) -> bytes:
   """Raw bytes of a vocab file; gs:// and other remote paths go through tf.io.gfile."""
   try:
     if '://' in path:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      tf = import_tensorflow()
       with tf.io.gfile.GFile(path, 'rb') as f:
         return f.read()
     return pathlib.Path(path).read_bytes()
@@ -164,69 +153,40 @@ def vocab_md5(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# seqio Vocabulary backed by TF Text (runs inside tf.data).
+# The tokeniser: TF Text WordPiece with Hugging Face's uncased normalisation.
 # ----------------------------------------------------------------------------------------
 
-if seqio is not None:
-  import tensorflow as tf
-  import tensorflow_text as tf_text
+def import_tf_text():
+  """(tensorflow, tensorflow_text), TF imported with the GPUs hidden from it."""
+  tf = import_tensorflow()
+  import tensorflow_text as tf_text  # pylint: disable=import-outside-toplevel
+  return tf, tf_text
 
-  # TF only feeds the input pipeline. Left alone it would claim the GPUs' memory that JAX
-  # needs (it finds the CUDA wheels jax[cuda] installs); every TF path imports this module.
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:   # TF's devices were already initialised by the caller: its choice.
-    pass
 
-  class BertWordPieceVocabulary(seqio.Vocabulary):
-    """Uncased BERT WordPiece: basic tokenisation + greedy longest-match-first WordPiece.
+class WordPiece:
+  """Uncased BERT WordPiece: basic tokenisation + greedy longest-match-first WordPiece.
 
-    `encode` returns raw WordPiece ids, no [CLS]/[SEP] (packing adds them). The basic
-    tokeniser matches Hugging Face's `BertTokenizerFast(do_lower_case=True)`: drop
-    NUL/U+FFFD/control characters, map whitespace to ' ', NFD + drop accents (Mn),
-    lower-case, split on whitespace, punctuation and CJK characters.
-    """
+  Ids are raw WordPiece ids, no [CLS]/[SEP] (packing adds them). The basic tokeniser
+  matches Hugging Face's `BertTokenizerFast(do_lower_case=True)`: drop NUL/U+FFFD/control
+  characters, map whitespace to ' ', NFD + drop accents (Mn), lower-case, split on
+  whitespace, punctuation and CJK characters. `vocab_path` '' is bert-base-uncased.
+  """
 
-    def __init__(self, vocab_path: str = ''):
-      self._path = resolve_vocab_path(vocab_path)
-      self._tokens = read_vocab(self._path)
-      self.special = special_ids(self._tokens, self._path)
-      self.md5 = vocab_md5(self._path)
-      super().__init__(extra_ids=0)
+  def __init__(self, vocab_path: str = ''):
+    self.vocab_file = resolve_vocab_path(vocab_path)
+    self.tokens = read_vocab(self.vocab_file)
+    self.special = special = special_ids(self.tokens, self.vocab_file)
+    self.md5 = vocab_md5(self.vocab_file)
+    self.vocab_size = len(self.tokens)
+    self.pad_id, self.cls_id, self.sep_id = special.pad, special.cls, special.sep
 
-    @property
-    def path(self) -> str:
-      return self._path
-
-    @property
-    def tokens(self) -> list[str]:
-      return list(self._tokens)
-
-    @property
-    def pad_id(self) -> int:
-      return self.special.pad
-
-    @property
-    def eos_id(self) -> int | None:
-      return None  # BERT has no EOS; [SEP] is added by packing, not by seqio.
-
-    @property
-    def unk_id(self) -> int:
-      return self.special.unk
-
-    @property
-    def _base_vocab_size(self) -> int:
-      return len(self._tokens)
-
-    @functools.cached_property
-    def _tokenizer(self) -> tf_text.BertTokenizer:
-      with tf.init_scope():  # build eagerly even if first used inside a tf.data trace
-        return self._make_tokenizer()
-
-    def _make_tokenizer(self) -> tf_text.BertTokenizer:
+  @functools.cached_property
+  def _tokenizer(self):
+    tf, tf_text = import_tf_text()
+    with tf.init_scope():  # build eagerly even if first used inside a tf.data trace
       table = tf.lookup.StaticHashTable(
           tf.lookup.KeyValueTensorInitializer(
-              tf.constant(self._tokens), tf.range(len(self._tokens), dtype=tf.int64)),
+              tf.constant(self.tokens), tf.range(len(self.tokens), dtype=tf.int64)),
           default_value=self.special.unk)
       # Normalisation is done in `_normalize` (HF's order and lower-casing); TF Text's own
       # lower_case=True uses NFKC case folding, which differs from HF on e.g. ligatures.
@@ -234,49 +194,37 @@ if seqio is not None:
           table, suffix_indicator='##', max_bytes_per_word=MAX_BYTES_PER_WORD,
           unknown_token='[UNK]', lower_case=False, token_out_type=tf.int32)
 
-    @staticmethod
-    def _normalize(s: tf.Tensor) -> tf.Tensor:
-      # HF BertNormalizer: clean text, then strip accents (NFD, drop Mn), then lower-case.
-      s = tf.strings.regex_replace(s, r'[\t\n\r\p{Zs}\p{Zl}\p{Zp}]', ' ')
-      s = tf.strings.regex_replace(s, r'[\x{0}\x{FFFD}\p{Cc}\p{Cf}\p{Co}]', '')
-      s = tf_text.normalize_utf8(s, 'NFD')
-      s = tf.strings.regex_replace(s, r'\p{Mn}', '')
-      # HF lower-cases char by char; ICU would turn a word-final capital sigma into 'ς'.
-      s = tf.strings.regex_replace(s, 'Σ', 'σ')
-      return tf.strings.lower(s, encoding='utf-8')
+  @staticmethod
+  def _normalize(s):
+    tf, tf_text = import_tf_text()
+    # HF BertNormalizer: clean text, then strip accents (NFD, drop Mn), then lower-case.
+    s = tf.strings.regex_replace(s, r'[\t\n\r\p{Zs}\p{Zl}\p{Zp}]', ' ')
+    s = tf.strings.regex_replace(s, r'[\x{0}\x{FFFD}\p{Cc}\p{Cf}\p{Co}]', '')
+    s = tf_text.normalize_utf8(s, 'NFD')
+    s = tf.strings.regex_replace(s, r'\p{Mn}', '')
+    # HF lower-cases char by char; ICU would turn a word-final capital sigma into 'ς'.
+    s = tf.strings.regex_replace(s, 'Σ', 'σ')
+    return tf.strings.lower(s, encoding='utf-8')
 
-    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-      """Scalar string -> int32 [n]; a batch of strings -> ragged int32 [b, None]."""
-      s = tf.convert_to_tensor(s, tf.string)
-      pieces = self._tokenizer.tokenize(self._normalize(tf.reshape(s, [-1])))
-      ids = pieces.merge_dims(-2, -1)  # [b, words, pieces] -> [b, pieces]
-      return ids[0] if s.shape.rank == 0 else ids
+  def encode_tf(self, s):
+    """Scalar string -> int32 [n]; a batch of strings -> ragged int32 [b, None]."""
+    tf = import_tensorflow()
+    s = tf.convert_to_tensor(s, tf.string)
+    pieces = self._tokenizer.tokenize(self._normalize(tf.reshape(s, [-1])))
+    ids = pieces.merge_dims(-2, -1)  # [b, words, pieces] -> [b, pieces]
+    return ids[0] if s.shape.rank == 0 else ids
 
-    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
-      words = self._tokenizer.detokenize(tf.reshape(ids, [1, -1]))
-      return tf.strings.reduce_join(words, separator=' ', axis=-1)[0]
+  def decode_tf(self, ids):
+    tf = import_tensorflow()
+    words = self._tokenizer.detokenize(tf.reshape(ids, [1, -1]))
+    return tf.strings.reduce_join(words, separator=' ', axis=-1)[0]
 
-    def _encode(self, s: str) -> list[int]:
-      return self._encode_tf(tf.constant(s)).numpy().tolist()
-
-    def _decode(self, ids) -> str:
-      return self._decode_tf(tf.constant(list(ids), tf.int32)).numpy().decode('utf-8')
-
-    def __eq__(self, other) -> bool:
-      return isinstance(other, BertWordPieceVocabulary) and self.md5 == other.md5
-
-    def __hash__(self) -> int:
-      return hash(self.md5)
-
-
-def get_vocabulary(vocab_path: str = '') -> 'BertWordPieceVocabulary':
-  """The seqio vocabulary for `vocab_path` ('' = bert-base-uncased); needs TF + seqio."""
-  if seqio is None:
-    raise ImportError('get_vocabulary needs seqio and tensorflow-text (pip install -r '
-                      'requirements.txt); TF-free training reads exported shards instead.')
-  return _cached_vocabulary(resolve_vocab_path(vocab_path))
-
-
-@functools.cache
-def _cached_vocabulary(path: str) -> 'BertWordPieceVocabulary':
-  return BertWordPieceVocabulary(path)
+  def encode(self, texts: list[str], chunk: int = 4096) -> list[np.ndarray]:
+    """Token ids per text (no special tokens), eagerly (GLUE)."""
+    tf = import_tensorflow()
+    out = []
+    for start in range(0, len(texts), chunk):
+      ragged = self.encode_tf(tf.constant(texts[start:start + chunk]))
+      flat, splits = ragged.flat_values.numpy(), ragged.row_splits.numpy()
+      out.extend(flat[splits[i]:splits[i + 1]].astype(np.int32) for i in range(len(splits) - 1))
+    return out

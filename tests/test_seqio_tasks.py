@@ -1,5 +1,6 @@
-"""bert_sym.tasks + preprocessors: seqio registration, packing against an independent
-Hugging Face reference, TF masking == NumPy masking, text-file sources and their errors."""
+"""bert_sym.input.seqio_tasks (and blocks packing, sources): seqio registration,
+packing against an independent Hugging Face reference, TF masking == NumPy masking,
+text-file sources and their errors."""
 
 import numpy as np
 import pytest
@@ -10,18 +11,18 @@ pytest.importorskip('tensorflow_text')
 import seqio  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from bert_sym import corpus  # pylint: disable=g-import-not-at-top
-from bert_sym import data as data_lib
-from bert_sym import preprocessors
-from bert_sym import tasks
-from bert_sym import vocab as vocab_lib
+from bert_sym.input import DataError  # pylint: disable=g-import-not-at-top
+from bert_sym.input import blocks
+from bert_sym.input import masking
+from bert_sym.input import seqio_tasks as tasks
+from bert_sym.input import sources
 
 L = 128
 
 
 @pytest.fixture(scope='module')
 def vocabulary():
-  return vocab_lib.get_vocabulary()
+  return tasks.get_vocabulary()
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +35,7 @@ def test_tasks_are_registered_with_train_and_validation():
   for name in ('bert_sym_mlm_embedded', 'bert_sym_mlm_wikipedia', 'bert_sym_mlm_c4'):
     task = seqio.get_mixture_or_task(name)
     assert set(task.splits) == {'train', 'validation'}
-    assert set(task.output_features) == set(data_lib.FEATURES)
+    assert set(task.output_features) == set(masking.FEATURES)
   wiki = seqio.get_mixture_or_task('bert_sym_mlm_wikipedia').source
   assert isinstance(wiki, seqio.TfdsDataSource)
   assert wiki.tfds_dataset.name.startswith('wikipedia/20230601.en')
@@ -47,7 +48,7 @@ def test_seqio_client_reads_embedded_validation():
   examples = list(dataset.take(50).as_numpy_iterator())
   assert len(examples) == 50
   for ex in examples:
-    assert set(ex) == set(data_lib.FEATURES)
+    assert set(ex) == set(masking.FEATURES)
     assert all(v.shape == (L,) for v in ex.values())
     assert ex['mlm_weights'].dtype == np.float32 and ex['input_ids'].dtype == np.int32
     assert ex['input_ids'][0] == 101 and (ex['token_type_ids'] == 0).all()
@@ -59,7 +60,7 @@ def test_packing_equals_hugging_face_reference(vocabulary, validation_blocks):
   transformers = pytest.importorskip('transformers')
   hf = transformers.BertTokenizerFast(vocab=vocabulary.path, do_lower_case=True)
   stream = []
-  for doc in corpus.embedded_documents('validation'):
+  for doc in sources.embedded_documents('validation'):
     stream += hf(doc, add_special_tokens=False)['input_ids'] + [102]
   body = L - 2
   expected = []
@@ -70,7 +71,7 @@ def test_packing_equals_hugging_face_reference(vocabulary, validation_blocks):
 
 
 def _spec(vocabulary, **knobs):
-  return data_lib.MaskSpec.from_vocab(vocabulary.tokens, vocabulary.special.as_dict(), **knobs)
+  return masking.MaskSpec.from_vocab(vocabulary.tokens, vocabulary.special.as_dict(), **knobs)
 
 
 @pytest.mark.parametrize('seed,knobs', [
@@ -81,12 +82,12 @@ def _spec(vocabulary, **knobs):
 def test_tf_masking_equals_numpy_masking(vocabulary, validation_blocks, seed, knobs):
   spec = _spec(vocabulary, **knobs)
   first = 3_000_000_000  # example indices above 2^32 use the high word of the counter
-  tf_examples = list(preprocessors.mask_blocks(
+  tf_examples = list(tasks.mask_blocks_tf(
       tf.data.Dataset.from_tensor_slices(validation_blocks[:200]), seed, spec,
       first_index=first).as_numpy_iterator())
-  np_examples = data_lib.mask_blocks(validation_blocks[:200],
-                                     first + np.arange(200), seed, spec)
-  for name in data_lib.FEATURES:
+  np_examples = masking.mask_blocks(validation_blocks[:200],
+                                    first + np.arange(200), seed, spec)
+  for name in masking.FEATURES:
     np.testing.assert_array_equal(np.stack([e[name] for e in tf_examples]), np_examples[name])
   assert np_examples['mlm_weights'].sum() > 0
 
@@ -95,15 +96,15 @@ def test_task_dataset_equals_numpy_masking_of_packed_blocks(vocabulary, validati
   dataset = seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
       sequence_length={'input_ids': L}, split='validation', shuffle=False)
   examples = list(dataset.as_numpy_iterator())
-  expected = data_lib.mask_blocks(validation_blocks, np.arange(len(validation_blocks)), 0,
-                                  _spec(vocabulary, max_predictions=data_lib.MAX_SEQ_LEN))
+  expected = masking.mask_blocks(validation_blocks, np.arange(len(validation_blocks)), 0,
+                                 _spec(vocabulary, max_predictions=masking.MAX_SEQ_LEN))
   assert len(examples) == len(validation_blocks)
-  for name in data_lib.FEATURES:
+  for name in masking.FEATURES:
     np.testing.assert_array_equal(np.stack([e[name] for e in examples]), expected[name])
 
 
 def test_sequence_length_over_model_maximum_is_an_error():
-  with pytest.raises(data_lib.DataError, match='max_seq_len=513.*512 position embeddings'):
+  with pytest.raises(DataError, match='max_seq_len=513.*512 position embeddings'):
     seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
         sequence_length={'input_ids': 513}, split='validation', shuffle=False)
 
@@ -144,7 +145,7 @@ def test_text_files_with_separate_validation_files(tmp_path):
   assert _documents(name, 'train') == ['T1.', 'T2.', 'T3.']
   assert _documents(name, 'validation') == ['V1.', 'V2.']
   config.validation_files = str(tmp_path / 'nope*.txt')
-  with pytest.raises(data_lib.DataError, match=r'nope\*\.txt: no such file'):
+  with pytest.raises(DataError, match=r'nope\*\.txt: no such file'):
     tasks.task_for_config(config)
 
 
@@ -159,16 +160,16 @@ def test_text_files_task_from_config_value(tmp_path):
 
 
 def test_text_file_errors_name_the_file(tmp_path):
-  with pytest.raises(data_lib.DataError, match=r'missing\*\.txt: no such file'):
-    tasks.expand_patterns(str(tmp_path / 'missing*.txt'))
+  with pytest.raises(DataError, match=r'missing\*\.txt: no such file'):
+    sources.expand_patterns(str(tmp_path / 'missing*.txt'))
   (tmp_path / 'empty.txt').write_text('')
-  with pytest.raises(data_lib.DataError, match='empty.txt: empty corpus'):
-    tasks.expand_patterns(str(tmp_path / 'empty.txt'))
+  with pytest.raises(DataError, match='empty.txt: empty corpus'):
+    sources.expand_patterns(str(tmp_path / 'empty.txt'))
   (tmp_path / 'latin1.txt').write_bytes('Un café noir.\n'.encode('latin-1'))
   tasks.register_text_files_task('test_bad_utf8', str(tmp_path / 'latin1.txt'))
-  with pytest.raises(data_lib.DataError, match='latin1.txt.*not valid UTF-8') as error:
-    list(data_lib._numpy_blocks(  # pylint: disable=protected-access
-        tasks.packed_blocks('test_bad_utf8', 'train', 32), 'test_bad_utf8'))
+  with pytest.raises(DataError, match='latin1.txt.*not valid UTF-8') as error:
+    list(blocks.numpy_blocks(tasks.packed_blocks('test_bad_utf8', 'train', 32),
+                             'test_bad_utf8'))
   # One sentence with the fix, not TF's iterator dump.
   assert 'Iterator' not in str(error.value) and 'iconv' in str(error.value)
   assert '\n' not in str(error.value)

@@ -1,0 +1,72 @@
+"""The MLM input pipeline, one module per stage; a module imports only those above it.
+
+  sources      documents: the embedded corpus, text files, the TFDS corpora's names
+  tokenizer    the WordPiece vocab file and tokeniser (MLM and GLUE)
+  masking      the counter-based hash RNG: BERT masking, epoch permutations (NumPy)
+  blocks       packing into [CLS] ... [SEP] blocks; exported shards (TF-free); small corpora
+  streaming    exported shards of any size read by byte range (local or gs://)
+  iterator     the trainer's iterator: batch k of MLM features is a function of (seed, k)
+  seqio_tasks  the registered seqio tasks, their Vocabulary and the TF twin of `masking`
+  export       corpus -> shards (`python -m bert_sym.streaming`)
+
+TensorFlow is imported by `import_tensorflow` (here, with what all stages share), only
+where TF runs: the shards and streaming paths never load it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+MAX_SEQ_LEN = 512  # the model's max_position_embeddings
+
+
+class DataError(ValueError):
+  """Bad input data or configuration; the message names the file and the problem."""
+
+
+def check_max_seq_len(max_seq_len: int) -> int:
+  if not 3 <= max_seq_len <= MAX_SEQ_LEN:
+    raise DataError(f'max_seq_len={max_seq_len} is outside [3, {MAX_SEQ_LEN}]: the model '
+                    f'has {MAX_SEQ_LEN} position embeddings (max_position_embeddings).')
+  return max_seq_len
+
+
+@functools.cache
+def import_tensorflow():
+  """`import tensorflow`, hiding the GPUs from it; returns the module.
+
+  TF only feeds the input pipeline. Left alone it would claim the GPUs' memory that JAX
+  needs (it finds the CUDA wheels jax[cuda] installs), so every TF path of bert_sym
+  imports it through here.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:   # TF's devices were already initialised by the caller: its choice.
+    pass
+  return tf
+
+
+def write_atomically(path: str | os.PathLike, write) -> None:
+  """`write(f)` into a temporary file beside `path`, then an atomic rename: a reader sees
+  the old file or the whole new one, never half (shards, metadata, vocab, exports). A
+  remote URL (gs://) is written in place: object stores publish an object only once its
+  upload completes."""
+  path = str(path)
+  if '://' in path and not path.startswith('file://'):
+    import fsspec  # pylint: disable=import-outside-toplevel
+    with fsspec.open(path, 'wb') as f:
+      write(f)
+    return
+  directory, name = os.path.split(path.removeprefix('file://'))
+  os.makedirs(directory or '.', exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory or '.', prefix=name + '.tmp-')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
+    os.replace(tmp, os.path.join(directory, name))
+  except BaseException:
+    os.unlink(tmp)
+    raise

@@ -1,0 +1,205 @@
+"""Export: a corpus tokenised, packed and written as shards (TF needed here only).
+
+  python -m bert_sym.streaming export --task=bert_sym_mlm_c4 --out_dir=gs://BUCKET/c4_512 \
+      --tfds_data_dir=gs://BUCKET/tfds --num_workers=N --worker_index=i
+  python -m bert_sym.streaming finalize --out_dir=gs://BUCKET/c4_512   # (the last worker
+                                                                        #  already did)
+  # then, on every training host (no TensorFlow needed):
+  python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/run \
+      --config.data.shards_dir=gs://BUCKET/c4_512
+
+`export`: a split is cut into `num_parts` deterministic parts (default: one per TFDS source
+file; `--num_parts` for function sources such as text files), each tokenised, packed and
+written on its own as `part-PPPPP-KKKKK.npy` shards, then recorded by `part-PPPPP.json`.
+The output therefore depends on the parts, never on how many workers converted them: 2
+workers write exactly the files 1 worker writes. Every file is written under a temporary
+name and renamed (object stores publish an object only once fully uploaded), a part whose
+manifest exists is skipped on a rerun, and `metadata.json` is written once every part's
+manifest exists, by whichever worker finishes last (or by `finalize`).
+
+The output is read by `bert_sym.input.streaming` (source='streaming', any size, local or
+gs://) and by `bert_sym.input.blocks.load_shards` (source='shards', memory-mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from bert_sym.input import DataError, check_max_seq_len, sources, tokenizer, write_atomically
+from bert_sym.input import blocks
+from bert_sym.input.streaming import exists, filesystem, join_url, read_text
+
+
+def _write_json(url: str, value) -> None:
+  write_atomically(url, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+
+def part_manifest_name(part: int) -> str:
+  return f'part-{part:05d}.json'
+
+
+class PartWriter:
+  """Writes one part's blocks as shards of `blocks_per_shard`, then its manifest.
+
+  Memory: one shard buffer. Used by `export` and by tests writing synthetic corpora.
+  """
+
+  def __init__(self, split_url: str, part: int, num_parts: int, *, max_seq_len: int,
+               dtype, pad_id: int, blocks_per_shard: int = 1 << 16):
+    self.split_url, self.part, self.num_parts = split_url, part, num_parts
+    self.max_seq_len, self.pad_id = max_seq_len, pad_id
+    self._buffer = np.empty((blocks_per_shard, max_seq_len), dtype)
+    self._filled = 0
+    self.shards: list[dict[str, Any]] = []
+    self.num_tokens = 0
+
+  def add(self, blocks: np.ndarray) -> None:
+    blocks = np.asarray(blocks).reshape(-1, self.max_seq_len)
+    while len(blocks):
+      n = min(len(blocks), len(self._buffer) - self._filled)
+      self._buffer[self._filled:self._filled + n] = blocks[:n]
+      self.num_tokens += int(np.count_nonzero(blocks[:n] != self.pad_id))
+      self._filled += n
+      blocks = blocks[n:]
+      if self._filled == len(self._buffer):
+        self._flush()
+
+  def _flush(self) -> None:
+    name = f'part-{self.part:05d}-{len(self.shards):05d}.npy'
+    array = self._buffer[:self._filled]
+    write_atomically(join_url(self.split_url, name),
+                     lambda f: np.lib.format.write_array(f, array, version=(1, 0)))
+    self.shards.append({'file': name, 'num_blocks': int(self._filled)})
+    self._filled = 0
+
+  def close(self, **info) -> dict[str, Any]:
+    if self._filled:
+      self._flush()
+    manifest = dict(part=self.part, num_parts=self.num_parts, shards=self.shards,
+                    num_blocks=sum(s['num_blocks'] for s in self.shards),
+                    num_tokens=self.num_tokens, max_seq_len=self.max_seq_len,
+                    dtype=self._buffer.dtype.name, **info)
+    _write_json(join_url(self.split_url, part_manifest_name(self.part)), manifest)
+    return manifest
+
+
+def write_vocab(split_url: str, vocab_bytes: bytes) -> None:
+  write_atomically(join_url(split_url, blocks.VOCAB_FILE), lambda f: f.write(vocab_bytes))
+
+
+def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
+  """Merges the part manifests into metadata.json; None while parts are missing.
+
+  Idempotent and safe to run concurrently (every writer writes the same bytes).
+  """
+  split_url = join_url(out_dir, split)
+  fs, path = filesystem(split_url)
+  fs.invalidate_cache(path)   # other workers wrote parts since this process listed it
+  names = sorted(os.path.basename(p) for p in fs.glob(f'{path}/part-?????.json'))
+  if not names:
+    return None
+  manifests = [json.loads(read_text(join_url(split_url, n))) for n in names]
+  first = manifests[0]
+  for m in manifests:
+    for key in ('num_parts', 'max_seq_len', 'dtype', 'vocab_md5', 'task', 'split'):
+      if m.get(key) != first.get(key):
+        raise DataError(f'{split_url}: part {m["part"]} has {key}={m.get(key)!r}, '
+                                 f'part {first["part"]} has {first.get(key)!r}; the parts '
+                                 'come from different exports: remove the directory and '
+                                 're-export.')
+  if len(manifests) < first['num_parts']:
+    return None
+  shards = [s for m in manifests for s in m['shards']]
+  if not shards:
+    raise DataError(f'{split_url}: empty corpus (no tokens after tokenising)')
+  metadata = dict(
+      format_version=blocks.SHARD_FORMAT_VERSION, task=first['task'], split=split,
+      max_seq_len=first['max_seq_len'], num_blocks=sum(s['num_blocks'] for s in shards),
+      num_tokens=sum(m['num_tokens'] for m in manifests), dtype=first['dtype'],
+      shards=shards, vocab_md5=first['vocab_md5'], vocab_size=first['vocab_size'],
+      special_ids=first['special_ids'], text_files=first.get('text_files', ''),
+      num_parts=first['num_parts'])
+  _write_json(join_url(split_url, blocks.METADATA_FILE), metadata)
+  return metadata
+
+
+def _part_blocks(task_name: str, split: str, part: int, num_parts: int, max_seq_len: int,
+                 vocabulary):
+  """Packed blocks of one part of the split (tf.data)."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  task = seqio.get_mixture_or_task(task_name)
+  if split not in task.splits:
+    raise DataError(f'task {task_name} has no split {split!r}; it has {task.splits}')
+  if isinstance(task.source, seqio.TfdsDataSource):   # a part is a set of TFDS files
+    documents = task.source.get_dataset(split=split, shuffle=False,
+                                        shard_info=seqio.ShardInfo(part, num_parts))
+  else:   # function sources: every num_parts-th document (reads the source per part)
+    documents = task.source.get_dataset(split=split, shuffle=False)
+    if num_parts > 1:
+      documents = documents.shard(num_parts, part)
+  return blocks.packed_blocks(documents, max_seq_len, vocabulary)
+
+
+def default_num_parts(task_name: str, split: str) -> int:
+  """One part per TFDS source file (a natural, fixed unit of work); 1 otherwise."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  source = seqio.get_mixture_or_task(task_name).source
+  if isinstance(source, seqio.TfdsDataSource):
+    return len(source.list_shards(split))
+  return 1
+
+
+def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: int = 0,
+           num_workers: int = 1, worker_index: int = 0, vocab_path: str = '',
+           text_files: str = '', tfds_data_dir: str = '',
+           blocks_per_shard: int = 1 << 16) -> dict[str, Any] | None:
+  """Converts this worker's parts of `task`/`split`; returns the metadata once complete."""
+  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
+  check_max_seq_len(max_seq_len)
+  if not 0 <= worker_index < num_workers:
+    raise DataError(f'--worker_index={worker_index} is not in [0, {num_workers})')
+  if tfds_data_dir:
+    import seqio  # pylint: disable=import-outside-toplevel
+    seqio.set_tfds_data_dir_override(tfds_data_dir)
+  if task == sources.TEXT_FILES_TASK:
+    seqio_tasks.register_text_files_task(task, text_files, vocab_path=vocab_path)
+  vocabulary = seqio_tasks.get_vocabulary(vocab_path)
+  num_parts = num_parts or default_num_parts(task, split)
+  split_url = join_url(out_dir, split)
+  write_vocab(split_url, tokenizer.read_vocab_bytes(vocabulary.path))
+  info = dict(task=task, split=split, vocab_md5=vocabulary.md5,
+              vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
+              text_files=text_files)
+  for part in range(worker_index, num_parts, num_workers):
+    if exists(join_url(split_url, part_manifest_name(part))):
+      logging.info('%s: part %d already exported, skipped', split_url, part)
+      continue
+    writer = PartWriter(split_url, part, num_parts, max_seq_len=max_seq_len,
+                        dtype=blocks.token_dtype(vocabulary.vocab_size),
+                        pad_id=vocabulary.special.pad, blocks_per_shard=blocks_per_shard)
+    dataset = _part_blocks(task, split, part, num_parts, max_seq_len, vocabulary)
+    description = f'task {task} split {split} part {part}/{num_parts}'
+    for batch in blocks.numpy_blocks(dataset.batch(256), description):
+      writer.add(batch)
+    manifest = writer.close(**info)
+    print(f'{split_url}: part {part}/{num_parts}: {manifest["num_blocks"]} blocks, '
+          f'{manifest["num_tokens"]} tokens', flush=True)
+  return finalize(out_dir, split)
+
+
+def export_shards(task: str, split: str, max_seq_len: int, out_dir: str, *,
+                  vocab_path: str = '', text_files: str = '',
+                  blocks_per_shard: int = 1 << 16) -> pathlib.Path:
+  """`export` in one go (one part, one process) to `out_dir/split/`: the shards, vocab.txt
+  and metadata.json, without the part manifest (nothing is left to resume or merge)."""
+  export(task, split, max_seq_len, out_dir, num_parts=1, vocab_path=vocab_path,
+         text_files=text_files, blocks_per_shard=blocks_per_shard)
+  split_dir = pathlib.Path(out_dir) / split
+  (split_dir / part_manifest_name(0)).unlink()
+  return split_dir

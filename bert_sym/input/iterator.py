@@ -1,0 +1,236 @@
+"""The trainer's iterator: per-host batches of MLM features, batch k a function of k.
+
+  * Global example g (the g-th sequence the run consumes, over all hosts) is block
+    perm_e[g % N] of epoch e = g // N, with perm_e a hash-defined permutation of the N
+    blocks (seeded by (seed, e)); 'validation' is read in order. So batch k is computed
+    from k alone: resuming at step k is O(1) and replays nothing.
+  * Masking is `bert_sym.input.masking.mask_blocks`, a pure function of (seed, g, block).
+  * Host p of P takes rows [p*B, (p+1)*B) of each global batch of P*B examples: the global
+    batch does not depend on the number of hosts, and each host reads only its rows.
+
+The blocks come from `config.data.source`: 'seqio' (a small corpus packed in memory,
+`blocks.load_packed`, TF), 'shards' (exported, memory-mapped) or 'streaming' (exported,
+any size, local or gs://, `bert_sym.input.streaming`; shuffled by a Feistel bijection).
+Imports no TensorFlow unless source='seqio' (GPU images lack TF).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Mapping
+
+from absl import logging
+import numpy as np
+
+from bert_sym.input import DataError, check_max_seq_len, masking, sources, streaming, tokenizer
+from bert_sym.input import blocks as blocks_lib
+
+EPOCH_WARNING_THRESHOLD = 10
+
+
+class MLMIterator:
+  """Per-host batches of MLM features; batch k is a pure function of (seed, k).
+
+  'train' is shuffled (an exact per-epoch permutation of all blocks) and repeats forever.
+  'validation' is read in order and also repeats (deterministically), so a fresh
+  validation iterator always yields the same `eval_steps` batches.
+  """
+
+  def __init__(self, blocks, spec: masking.MaskSpec, *, batch_size: int, seed: int,
+               shuffle: bool, start_step: int = 0, process_index: int = 0,
+               process_count: int = 1):
+    if batch_size < 1 or not 0 <= process_index < process_count:
+      raise ValueError(f'bad batch_size={batch_size} or process {process_index} of '
+                       f'{process_count}')
+    self._blocks, self._spec = blocks, spec
+    self._batch_size, self._seed, self._shuffle = batch_size, seed, shuffle
+    self._process_index, self._process_count = process_index, process_count
+    self._step = start_step
+    self._permutations: dict[int, np.ndarray] = {}
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self._blocks)
+
+  def _rows(self, example_index: np.ndarray) -> np.ndarray:
+    epoch, offset = np.divmod(example_index, self.num_blocks)
+    if not self._shuffle:
+      return offset
+    rows = np.empty_like(offset)
+    for e in np.unique(epoch):
+      if e not in self._permutations:
+        self._permutations = {k: v for k, v in self._permutations.items() if k >= e - 1}
+        self._permutations[int(e)] = masking.permutation(self.num_blocks, self._seed, int(e))
+      rows[epoch == e] = self._permutations[int(e)][offset[epoch == e]]
+    return rows
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """The batch at `step` (no state change)."""
+    first = (step * self._process_count + self._process_index) * self._batch_size
+    example_index = first + np.arange(self._batch_size, dtype=np.int64)
+    blocks = self._blocks.take(self._rows(example_index))
+    return masking.mask_blocks(blocks, example_index, self._seed, self._spec)
+
+  def __iter__(self) -> 'MLMIterator':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.batch(self._step)
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return dict(step=self._step, seed=self._seed, num_blocks=self.num_blocks,
+                vocab_md5=self._blocks.vocab_md5, batch_size=self._batch_size,
+                process_count=self._process_count)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    mine = self.get_state()
+    for key in ('seed', 'num_blocks', 'vocab_md5'):
+      if key in state and state[key] != mine[key]:
+        raise DataError(f'cannot resume: checkpointed input state has {key}={state[key]}, '
+                        f'this iterator has {mine[key]} (different data)')
+    # The read position depends only on the global batch, so a run may resume on another
+    # number of hosts as long as batch_size x process_count is unchanged.
+    if 'batch_size' in state:
+      saved = state['batch_size'] * state.get('process_count', 1)
+      if saved != self._batch_size * self._process_count:
+        raise DataError(
+            f'cannot resume: the checkpoint was written with a global batch of {saved} '
+            f'sequences, this run reads {self._batch_size * self._process_count}; keep '
+            'config.batch_size unchanged when resuming')
+    self._step = int(state['step'])
+
+
+class StreamingMLMIterator(MLMIterator):
+  """`MLMIterator` over `streaming.StreamingBlocks`, with the Feistel shuffle and a
+  read-ahead thread (batch k is a pure function of k, so reading ahead is safe)."""
+
+  def __init__(self, *args, prefetch: int = 2, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._prefetch = prefetch
+    self._pool = (concurrent.futures.ThreadPoolExecutor(1, 'streaming-prefetch')
+                  if prefetch else None)
+    self._ahead: dict[int, concurrent.futures.Future] = {}
+
+  def _rows(self, example_index: np.ndarray) -> np.ndarray:
+    epoch, offset = np.divmod(example_index, self.num_blocks)
+    if not self._shuffle:
+      return offset
+    return streaming.feistel_permutation(offset, self.num_blocks, self._seed, epoch)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._pool is None:
+      return super().__next__()
+    step = self._step
+    self._ahead = {k: v for k, v in self._ahead.items() if k >= step}
+    for k in range(step, step + 1 + self._prefetch):
+      if k not in self._ahead:
+        self._ahead[k] = self._pool.submit(self.batch, k)
+    self._step += 1
+    return self._ahead.pop(step).result()
+
+  def get_state(self) -> dict[str, Any]:
+    shuffle = streaming.SHUFFLE_KIND if self._shuffle else 'none'
+    return dict(super().get_state(), shuffle=shuffle)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    mine = self.get_state()['shuffle']
+    if state.get('shuffle') != mine:
+      raise DataError(
+          f'cannot resume: the checkpointed input state has shuffle='
+          f'{state.get("shuffle")!r} (another input source), this iterator {mine!r}')
+    super().set_state(state)
+    self._ahead.clear()
+
+
+def mask_spec(data_config, blocks) -> masking.MaskSpec:
+  return masking.MaskSpec.from_vocab(
+      blocks.vocab_tokens, blocks.special, mask_rate=data_config.mask_rate,
+      whole_word=data_config.whole_word_masking,
+      max_predictions=data_config.max_predictions_per_seq)
+
+
+def load_blocks(data_config, split: str) -> blocks_lib.Blocks:
+  """The blocks of source 'shards' (memory-mapped) or 'seqio' (packed in memory)."""
+  check_max_seq_len(data_config.max_seq_len)
+  if data_config.source == 'shards':
+    if not data_config.shards_dir:
+      raise DataError("source='shards' needs config.data.shards_dir")
+    blocks = blocks_lib.load_shards(data_config.shards_dir, split, data_config.vocab_path)
+    if blocks.max_seq_len != data_config.max_seq_len:
+      raise DataError(f'{blocks.description}: shards hold {blocks.max_seq_len}-token '
+                      f'blocks, config asks max_seq_len={data_config.max_seq_len}')
+    return blocks
+  if data_config.source == 'seqio':
+    if data_config.task in sources.TFDS_SOURCES:   # billions of tokens: never in memory
+      raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
+                      "memory; stream it instead (--config.data.source=streaming).\n"
+                      + streaming.prepare_instructions(data_config))
+    return blocks_lib.load_packed(data_config, split)
+  raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
+                  f'{data_config.source!r}')
+
+
+def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
+                      start_step: int = 0, process_index: int | None = None,
+                      process_count: int | None = None) -> MLMIterator:
+  """Iterator of per-host MLM batches for `config.data` (see the module docstring).
+
+  `data_config.shuffle` permutes 'train' exactly, afresh every epoch (blocks are indexed,
+  so no shuffle buffer is needed); validation is always read in order.
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if data_config.source == 'streaming':   # any size, local or gs://
+    blocks, iterator = streaming.open_blocks(data_config, split), StreamingMLMIterator
+  else:
+    blocks, iterator = load_blocks(data_config, split), MLMIterator
+  shuffle = split == 'train' and data_config.shuffle
+  return iterator(blocks, mask_spec(data_config, blocks), batch_size=batch_size,
+                  seed=seed, shuffle=shuffle, start_step=start_step,
+                  process_index=process_index, process_count=process_count)
+
+
+def vocab_size(data_config) -> int:
+  """Vocabulary size of the data (the model's vocab_size must equal it)."""
+  if data_config.source == 'streaming':   # also checks that the corpus is prepared
+    return int(streaming.open_blocks(data_config, 'train').metadata['vocab_size'])
+  if data_config.source == 'shards':
+    return int(blocks_lib.read_metadata(data_config.shards_dir, 'train')['vocab_size'])
+  return len(tokenizer.read_vocab(tokenizer.resolve_vocab_path(data_config.vocab_path)))
+
+
+def describe_corpus(iterator, config) -> list[str]:
+  """Lines for the log: corpus size and the number of epochs config.total_steps reads.
+
+  Warns (absl) above EPOCH_WARNING_THRESHOLD epochs. [] for iterators not made here
+  (e.g. synthetic test inputs).
+  """
+  blocks = getattr(iterator, '_blocks', None)
+  if blocks is None or not hasattr(iterator, 'num_blocks'):
+    return []
+  num_blocks = iterator.num_blocks
+  num_tokens = getattr(blocks, 'num_tokens', None)
+  if num_tokens is None and config.data.source == 'shards':
+    num_tokens = blocks_lib.read_metadata(config.data.shards_dir, 'train')['num_tokens']
+  if num_tokens is None:   # in-memory blocks (seqio path): small, count them
+    pad = blocks.special['pad']
+    num_tokens = sum(int(np.count_nonzero(np.asarray(a) != pad)) for a in blocks.arrays)
+  examples = config.total_steps * config.batch_size
+  epochs = examples / max(num_blocks, 1)
+  lines = [f'Corpus {config.data.task} ({config.data.source}: {blocks.description}): '
+           f'{num_tokens:,} tokens in {num_blocks:,} blocks of {blocks.max_seq_len}; '
+           f'{config.total_steps:,} steps x {config.batch_size} sequences read '
+           f'{epochs:.2f} epochs.']
+  if epochs > EPOCH_WARNING_THRESHOLD:
+    warning = (f'the run reads the corpus {epochs:.1f} times (> '
+               f'{EPOCH_WARNING_THRESHOLD} epochs): the model will memorise it. Use a '
+               'larger corpus (see `python -m bert_sym.streaming export`) or fewer steps.')
+    logging.info('%s', lines[0])
+    logging.warning('%s', warning)
+    return lines + ['WARNING: ' + warning]
+  logging.info('%s', lines[0])
+  return lines

@@ -1,0 +1,201 @@
+"""Documents: the embedded corpus and text files as tf.data sources; the TFDS corpora.
+
+Every reader yields {'text': document} in a fixed order (the held-out split is part of
+the source, so it never moves). The embedded corpus is TF-free until it is turned into a
+dataset; text files are read with tf.io.gfile (local or gs://); the TFDS corpora
+(`TFDS_SOURCES`) are read by seqio's TfdsDataSource (`seqio_tasks`, export only).
+
+The embedded corpus is real English Wikipedia prose that needs no download: gensim's test
+data holds a shortened dump of the first articles (~100 non-redirect articles, ~3 M
+characters). We turn its wiki markup into plain text the way one would for a full dump:
+gensim's `extract_pages` + `filter_wiki` remove templates, tables, references and link
+syntax, and we keep casing and punctuation (BERT's tokeniser needs real text, not gensim's
+lower-cased token lists).
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import hashlib
+import html
+import re
+
+from bert_sym.input import DataError, import_tensorflow
+
+EMBEDDED_TASK = 'bert_sym_mlm_embedded'
+TEXT_FILES_TASK = 'bert_sym_mlm_text_files'
+# Text files: document i (in sorted-file order) is held out iff i % HOLDOUT_EVERY == 0.
+HOLDOUT_EVERY = 100
+# TFDS corpora (read through seqio.TfdsDataSource by the seqio tasks): name, splits.
+TFDS_SOURCES = {
+    'bert_sym_mlm_wikipedia': ('wikipedia/20230601.en:1.0.0',   # train only upstream
+                               {'train': 'train[1%:]', 'validation': 'train[:1%]'}),
+    'bert_sym_mlm_c4': ('c4/en:3.1.0', {'train': 'train', 'validation': 'validation'}),
+}
+
+EMBEDDED_DUMP = 'enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2'
+
+# Every `VALIDATION_EVERY`-th article (by a hash of its title, so the split does not move
+# when the dump's order does) is held out for validation.
+VALIDATION_EVERY = 10
+SPLITS = ('train', 'validation')
+
+# Trailing sections that are lists of citations and links rather than prose.
+_BACK_MATTER = re.compile(
+    r'^==+\s*(references|notes|see also|external links|further reading|bibliography|'
+    r'sources|footnotes|citations)\s*==+\s*$', re.IGNORECASE | re.MULTILINE)
+_HEADING = re.compile(r'^=+[^=\n].*=+\s*$', re.MULTILINE)
+_EMPHASIS = re.compile(r"'{2,}")  # ''italic'', '''bold'''
+_LIST_MARKER = re.compile(r'^[*#:;]+\s*', re.MULTILINE)
+_SPACES = re.compile(r'[ \t\u00a0]+')
+_MIN_PARAGRAPH_WORDS = 4  # drops image captions and leftovers of stripped templates
+
+
+def wiki_to_text(markup: str) -> str:
+  """Plain text of one article's wiki markup: paragraphs separated by '\n'."""
+  from gensim.corpora import wikicorpus  # pylint: disable=import-outside-toplevel
+  text = wikicorpus.filter_wiki(markup)
+  back_matter = _BACK_MATTER.search(text)
+  if back_matter:
+    text = text[:back_matter.start()]
+  text = html.unescape(text)
+  text = _HEADING.sub('', text)
+  text = _EMPHASIS.sub('', text)
+  text = _LIST_MARKER.sub('', text)
+  paragraphs = (_SPACES.sub(' ', line).strip() for line in text.split('\n'))
+  return '\n'.join(p for p in paragraphs if len(p.split()) >= _MIN_PARAGRAPH_WORDS)
+
+
+def is_validation_title(title: str) -> bool:
+  digest = hashlib.md5(title.encode('utf-8')).digest()
+  return int.from_bytes(digest[:4], 'little') % VALIDATION_EVERY == 0
+
+
+@functools.cache
+def embedded_articles() -> tuple[tuple[str, str], ...]:
+  """(title, plain text) of every non-redirect article of the embedded dump, dump order."""
+  from gensim.corpora import wikicorpus  # pylint: disable=import-outside-toplevel
+  from gensim.test import utils  # pylint: disable=import-outside-toplevel
+  path = utils.datapath(EMBEDDED_DUMP)
+  articles = []
+  with bz2.open(path, 'rb') as f:
+    for title, markup, _ in wikicorpus.extract_pages(f, filter_namespaces=('0',)):
+      if markup.lstrip().lower().startswith('#redirect'):
+        continue
+      text = wiki_to_text(markup)
+      if text:
+        articles.append((title, text))
+  if not articles:
+    raise ValueError(f'{path}: no articles with text in the embedded Wikipedia dump')
+  return tuple(articles)
+
+
+def embedded_documents(split: str) -> list[str]:
+  """The embedded corpus's documents (one per article) of `split`, deterministic order."""
+  if split not in SPLITS:
+    raise ValueError(f'unknown split {split!r} for the embedded corpus; use one of {SPLITS}')
+  want_validation = split == 'validation'
+  return [text for title, text in embedded_articles()
+          if is_validation_title(title) == want_validation]
+
+
+def embedded_dataset(split: str, shuffle_files: bool = False, seed: int | None = None):
+  """The embedded corpus's documents of `split` as a tf.data dataset of {'text'}."""
+  del shuffle_files, seed  # a handful of articles: order is fixed, blocks are shuffled later
+  tf = import_tensorflow()
+  return tf.data.Dataset.from_tensor_slices({'text': embedded_documents(split)})
+
+
+def expand_patterns(patterns: str | list[str]) -> list[str]:
+  """Sorted files matching comma-separated globs; a pattern matching nothing is an error."""
+  tf = import_tensorflow()
+  if isinstance(patterns, str):
+    patterns = patterns.split(',')
+  patterns = [p.strip() for p in patterns if p.strip()]
+  if not patterns:
+    raise DataError('no text file pattern given (config.data.text_files is empty)')
+  files = []
+  for pattern in patterns:
+    matches = sorted(tf.io.gfile.glob(pattern))
+    if not matches:
+      raise DataError(f'{pattern}: no such file (the pattern matches nothing)')
+    files.extend(m for m in matches if not tf.io.gfile.isdir(m))
+  if sum(tf.io.gfile.stat(f).length for f in files) == 0:
+    raise DataError(f'{", ".join(files)}: empty corpus (all files are empty)')
+  return files
+
+
+def _documents_of_file(path):
+  tf = import_tensorflow()
+  content = tf.io.read_file(path)
+  valid = tf.strings.length(
+      tf.strings.unicode_transcode(content, 'UTF-8', 'UTF-8', errors='ignore')
+  ) == tf.strings.length(content)
+  check = tf.debugging.Assert(valid, [path, 'is not valid UTF-8 text'])
+  with tf.control_dependencies([check]):
+    content = tf.strings.regex_replace(content, '\r\n?', '\n')
+  # A file with a blank line holds blank-line separated documents, else one per line.
+  has_blank_line = tf.strings.regex_full_match(content, r'(?s).*\n[ \t]*\n.*')
+  separated = tf.strings.regex_replace(content, r'\n[ \t]*\n\s*', '\x1e')
+  documents = tf.cond(has_blank_line,
+                      lambda: tf.strings.split(separated, '\x1e'),
+                      lambda: tf.strings.split(content, '\n'))
+  documents = tf.boolean_mask(documents, ~tf.strings.regex_full_match(documents, r'\s*'))
+  return tf.data.Dataset.from_tensor_slices(documents)
+
+
+def _text_files_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
+                        patterns: list[str], holdout_every: int,
+                        validation_patterns: list[str] | None = None):
+  del shuffle_files, seed  # file order defines the held-out documents
+  tf = import_tensorflow()
+  held_out = split == 'validation'
+  if validation_patterns:   # separate validation files: each split reads its files whole
+    files = expand_patterns(validation_patterns if held_out else patterns)
+    documents = tf.data.Dataset.from_tensor_slices(files).flat_map(_documents_of_file)
+    return documents.map(lambda text: {'text': text})
+  files = expand_patterns(patterns)
+  documents = tf.data.Dataset.from_tensor_slices(files).flat_map(_documents_of_file)
+  documents = documents.enumerate().filter(
+      lambda i, _: tf.equal(i % holdout_every == 0, held_out))
+  return documents.map(lambda _, text: {'text': text})
+
+
+def _pattern_list(patterns: str | list[str]) -> list[str]:
+  return patterns.split(',') if isinstance(patterns, str) else list(patterns)
+
+
+def text_files_dataset_fn(patterns: str | list[str], *, holdout_every: int = HOLDOUT_EVERY,
+                          validation_patterns: str | list[str] = ''):
+  """fn(split, shuffle_files, seed=None) -> the documents of text files, as {'text'}.
+
+  Args:
+    patterns: globs, local or gs://, as a list or comma-separated string.
+    holdout_every: every N-th document (0, N, 2N, ...) goes to 'validation', unless
+      `validation_patterns` names the validation files (e.g. WikiText's wiki.valid.tokens).
+    validation_patterns: globs of the validation split ('' = hold out from `patterns`).
+  The globs are checked here, so a bad one fails at configuration time.
+  """
+  patterns = _pattern_list(patterns)
+  validation_patterns = [p for p in _pattern_list(validation_patterns) if p.strip()]
+  expand_patterns(patterns)
+  if validation_patterns:
+    expand_patterns(validation_patterns)
+  return functools.partial(_text_files_dataset, patterns=patterns, holdout_every=holdout_every,
+                           validation_patterns=validation_patterns)
+
+
+def config_documents(data_config, split: str):
+  """The documents of `split` of config.data's task (embedded or text files), {'text'}."""
+  if split not in SPLITS:
+    raise DataError(f'task {data_config.task} has no split {split!r}; it has {SPLITS}')
+  if data_config.task == EMBEDDED_TASK:
+    return embedded_dataset(split)
+  if data_config.task == TEXT_FILES_TASK:
+    dataset_fn = text_files_dataset_fn(
+        data_config.text_files, validation_patterns=data_config.get('validation_files', ''))
+    return dataset_fn(split, shuffle_files=False)
+  raise DataError(f"config.data.source='seqio' packs {EMBEDDED_TASK} or {TEXT_FILES_TASK} "
+                  f'in memory, not {data_config.task!r}: export it (python -m '
+                  'bert_sym.streaming export) and read the shards instead.')

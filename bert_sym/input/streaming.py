@@ -1,0 +1,322 @@
+r"""Exported shards of any size, read block by block through range requests.
+
+Format: the fixed-size-block `.npy` shards of `bert_sym.input.blocks` (uint16
+[n, max_seq_len]), plus one `metadata.json` per split listing them in reading order, so
+block b lives at a computable byte offset of one shard (written by
+`bert_sym.input.export`, `python -m bert_sym.streaming export`). Reading a batch is one
+range request per block through fsspec (local paths with os.pread; gs:// through gcsfs;
+memory:// and file:// exercise the remote code path in tests). Host memory is bounded
+whatever the corpus size: no array of the corpus's size is ever built. TF-free.
+
+Order: example g of the run is block pi_e(g mod N) of epoch e = g // N, where pi_e is a
+keyed Feistel bijection of [0, N) (cycle-walking over the next power of four), keyed by
+(seed, e). It is computed per index (O(1) memory, O(1) resume at any step) and mixes the
+whole corpus every epoch, unlike a shuffle buffer or shard-order shuffling; it is a
+pseudo-random permutation, not a uniform draw from all N! orders, which is immaterial for
+SGD. The price is that consecutive examples are in unrelated places of the corpus (one
+small range read per example): cheap on local disk and GCS with concurrent reads, and the
+iterator (`bert_sym.input.iterator.StreamingMLMIterator`) prefetches the next batches in a
+thread. Masking is `bert_sym.input.masking.mask_blocks`, as on the other input paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from bert_sym.input import DataError, check_max_seq_len, masking, sources
+from bert_sym.input.blocks import METADATA_FILE, SHARD_FORMAT_VERSION, VOCAB_FILE
+from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5
+
+METADATA_TIMEOUT_S = 5.0   # first read of a split's metadata.json
+FEISTEL_ROUNDS = 6
+SHUFFLE_KIND = 'feistel-v1'
+_FEISTEL_SALT = 0xFE157E1
+_HEADER_BYTES = 4096   # enough for any .npy header this code writes
+
+
+# ----------------------------------------------------------------------------------------
+# Filesystems: one layer (fsspec) for local paths, gs://, memory://, file://.
+# ----------------------------------------------------------------------------------------
+
+def filesystem(url: str):
+  import fsspec  # pylint: disable=import-outside-toplevel
+  try:
+    return fsspec.core.url_to_fs(url)
+  except ImportError as e:
+    raise DataError(f'{url}: no filesystem for this URL ({e}); for gs:// install '
+                    'gcsfs (pip install gcsfs, in requirements.txt).') from e
+
+
+def join_url(url: str, *names: str) -> str:
+  return '/'.join([url.rstrip('/')] + list(names))
+
+
+def is_local(url: str) -> bool:
+  return '://' not in url
+
+
+def read_text(url: str) -> str:
+  fs, path = filesystem(url)
+  with fs.open(path, 'rb') as f:
+    return f.read().decode('utf-8')
+
+
+def exists(url: str) -> bool:
+  fs, path = filesystem(url)
+  return fs.exists(path)
+
+
+# ----------------------------------------------------------------------------------------
+# The shuffle: a keyed Feistel bijection of [0, N), computed per index.
+# ----------------------------------------------------------------------------------------
+
+def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
+                        epoch: np.ndarray | int) -> np.ndarray:
+  """pi_epoch(offset) for offsets in [0, num_blocks): a bijection for every (seed, epoch).
+
+  Balanced Feistel network on 2h-bit integers (2^2h >= N), round function murmur3's
+  finaliser keyed by (seed, epoch, round); values >= N are walked through the network
+  again (cycle walking), which keeps the map a bijection of [0, N). Fewer than 4
+  network passes per index on average.
+  """
+  offset = np.asarray(offset, np.int64)
+  if num_blocks <= 1:
+    return np.zeros_like(offset)
+  half = max(1, math.ceil(math.log2(num_blocks) / 2))
+  mask = np.uint64((1 << half) - 1)
+  epoch = np.broadcast_to(np.asarray(epoch, np.int64), offset.shape)
+  with np.errstate(over='ignore'):
+    keys = [masking.example_keys(seed ^ _FEISTEL_SALT, epoch * FEISTEL_ROUNDS + r)
+            for r in range(FEISTEL_ROUNDS)]
+
+    def network(x, k):
+      left, right = x >> np.uint64(half), x & mask
+      for key in k:
+        mixed = masking.fmix32(key ^ right.astype(np.uint32))
+        left, right = right, left ^ (mixed.astype(np.uint64) & mask)
+      return (left << np.uint64(half)) | right
+
+    x = network(offset.astype(np.uint64), keys)
+    outside = np.flatnonzero(x >= np.uint64(num_blocks))
+    while outside.size:
+      x[outside] = network(x[outside], [k[outside] for k in keys])
+      outside = outside[x[outside] >= np.uint64(num_blocks)]
+  return x.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading: metadata, then blocks by byte range.
+# ----------------------------------------------------------------------------------------
+
+def prepare_instructions(data_config) -> str:
+  """How to prepare the configured corpus, and how to smoke-test without it."""
+  task = data_config.task
+  tfds_name = sources.TFDS_SOURCES.get(task, ('',))[0].split(':')[0]
+  out = data_config.shards_dir or 'gs://BUCKET/' + task.replace('bert_sym_mlm_', '') + (
+      f'_{data_config.max_seq_len}')
+  steps = []
+  if tfds_name:
+    steps.append(f'  tfds build {tfds_name} --data_dir=gs://BUCKET/tensorflow_datasets'
+                 '   # once (or use a prepared copy)')
+  extra = ' --tfds_data_dir=gs://BUCKET/tensorflow_datasets' if tfds_name else ''
+  steps.append(f'  python -m bert_sym.streaming export --task={task}{extra} '
+               f'--max_seq_len={data_config.max_seq_len} --out_dir={out} '
+               '[--num_workers=N --worker_index=I]   # TF needed here only')
+  return '\n'.join([
+      f'Prepare it once (launch/tpu_vm.sh does this with EXPORT_TO={out}):', *steps,
+      f'then pass --config.data.shards_dir={out}.',
+      'To smoke-test on the small embedded corpus instead: --config=configs/tiny.py, or '
+      '--config.data.task=bert_sym_mlm_embedded --config.data.source=seqio.'])
+
+
+def _with_timeout(fn, seconds: float):
+  """fn() in a daemon thread; TimeoutError after `seconds` (gcsfs retries an unreachable
+  bucket for a minute; the trainer should fail in seconds)."""
+  result = {}
+
+  def run():
+    try:
+      result['value'] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      result['error'] = e
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  if thread.is_alive():
+    raise TimeoutError(f'no answer within {seconds:.0f} s (unreachable, or no credentials)')
+  if 'error' in result:
+    raise result['error']
+  return result['value']
+
+
+def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, Any]:
+  url = join_url(shards_dir, split, METADATA_FILE)
+
+  def read():
+    if not exists(url):
+      raise FileNotFoundError(f'{url}: no such file')
+    return read_text(url)
+
+  try:
+    metadata = json.loads(_with_timeout(read, METADATA_TIMEOUT_S))
+  except (OSError, ValueError) as e:   # missing, unreachable, unreadable
+    if isinstance(e, DataError):
+      raise
+    what = (f'config.data.task={data_config.task!r} reads exported shards, '
+            if data_config is not None else '')
+    raise DataError(
+        f'{what}but {url} cannot be read ({type(e).__name__}: {e}); the corpus is not '
+        'prepared there, or the export did not finish.\n' +
+        (prepare_instructions(data_config) if data_config is not None else '')) from e
+  if metadata.get('format_version') != SHARD_FORMAT_VERSION:
+    raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
+                    f'code reads {SHARD_FORMAT_VERSION}; re-export.')
+  return metadata
+
+
+class StreamingBlocks:
+  """N packed blocks of an exported split, read on demand by byte range (never mapped).
+
+  Has the interface of `bert_sym.input.blocks.Blocks` that the iterator uses (len, max_seq_len,
+  take, vocab_tokens, special, vocab_md5, description) plus `num_tokens`.
+  """
+
+  def __init__(self, shards_dir: str, split: str, data_config=None):
+    self.split_url = join_url(shards_dir, split)
+    self.description = self.split_url
+    self.metadata = metadata = read_metadata(shards_dir, split, data_config)
+    vocab_bytes = read_text(join_url(self.split_url, VOCAB_FILE)).encode('utf-8')
+    if hashlib.md5(vocab_bytes).hexdigest() != metadata['vocab_md5']:
+      raise DataError(f'{self.split_url}/{VOCAB_FILE}: md5 differs from '
+                      f'{METADATA_FILE}; re-export')
+    self.vocab_tokens = vocab_bytes.decode('utf-8').split('\n')[:metadata['vocab_size']]
+    self.special = metadata['special_ids']
+    self.vocab_md5 = metadata['vocab_md5']
+    self.num_tokens = int(metadata['num_tokens'])
+    self._length = int(metadata['max_seq_len'])
+    self._dtype = np.dtype(metadata['dtype'])
+    self._files = [s['file'] for s in metadata['shards']]
+    self._counts = np.array([s['num_blocks'] for s in metadata['shards']], np.int64)
+    self._starts = np.concatenate([[0], np.cumsum(self._counts)])
+    self._offsets: dict[int, int] = {}   # shard -> byte offset of its data (.npy header)
+    self._fds: dict[int, int] = {}       # local files: shard -> open descriptor
+    self._local = is_local(shards_dir)
+    if not self._local:
+      self._fs, self._root = filesystem(self.split_url)
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  @property
+  def max_seq_len(self) -> int:
+    return self._length
+
+  def _path(self, shard: int) -> str:
+    return (os.path.join(self.split_url, self._files[shard]) if self._local
+            else f'{self._root}/{self._files[shard]}')
+
+  def _read_ranges(self, shards, starts, ends) -> list[bytes]:
+    if self._local:
+      out = []
+      for shard, start, end in zip(shards, starts, ends):
+        if shard not in self._fds:
+          self._fds[shard] = os.open(self._path(shard), os.O_RDONLY)
+        out.append(os.pread(self._fds[shard], end - start, start))
+      return out
+    return self._fs.cat_ranges([self._path(s) for s in shards], list(starts), list(ends))
+
+  def _data_offset(self, shard: int) -> int:
+    if shard not in self._offsets:
+      head = self._read_ranges([shard], [0], [_HEADER_BYTES])[0]
+      buffer = io.BytesIO(head)
+      try:
+        version = np.lib.format.read_magic(buffer)
+        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                  else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = reader(buffer)
+      except ValueError as e:
+        raise DataError(f'{self._path(shard)}: not a .npy shard ({e})') from e
+      expected = (int(self._counts[shard]), self._length)
+      if shape != expected or fortran or dtype != self._dtype:
+        raise DataError(
+            f'{self._path(shard)}: array {shape} {dtype}, metadata says {expected} '
+            f'{self._dtype}; re-export')
+      self._offsets[shard] = buffer.tell()
+    return self._offsets[shard]
+
+  def take(self, rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.int64)
+    out = np.empty((len(rows), self._length), self._dtype)
+    if not len(rows):
+      return out
+    order = np.argsort(rows, kind='stable')
+    sorted_rows = rows[order]
+    shard = np.searchsorted(self._starts, sorted_rows, side='right') - 1
+    # One range per run of consecutive rows in one shard (in-order reads coalesce).
+    new_run = np.ones(len(rows), bool)
+    new_run[1:] = (np.diff(sorted_rows) != 1) | (np.diff(shard) != 0)
+    run_first = np.flatnonzero(new_run)
+    run_size = np.diff(np.append(run_first, len(rows)))
+    row_bytes = self._length * self._dtype.itemsize
+    run_shard = shard[run_first]
+    for s in np.unique(run_shard):
+      self._data_offset(int(s))
+    starts = [self._offsets[int(s)] + int(r - self._starts[s]) * row_bytes
+              for s, r in zip(run_shard, sorted_rows[run_first])]
+    ends = [start + int(n) * row_bytes for start, n in zip(starts, run_size)]
+    chunks = self._read_ranges([int(s) for s in run_shard], starts, ends)
+    flat = np.frombuffer(b''.join(chunks), self._dtype).reshape(len(rows), self._length)
+    out[order] = flat
+    return out
+
+  def close(self) -> None:
+    for fd in self._fds.values():
+      os.close(fd)
+    self._fds.clear()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def open_blocks(data_config, split: str) -> StreamingBlocks:
+  """The configured split, checked against the config (task, length, vocabulary)."""
+  check_max_seq_len(data_config.max_seq_len)
+  if not data_config.shards_dir:
+    raise DataError(
+        f"config.data.source='streaming' reads config.data.task={data_config.task!r} from "
+        'exported shards, and config.data.shards_dir is not set.\n' +
+        prepare_instructions(data_config))
+  blocks = StreamingBlocks(data_config.shards_dir, split, data_config)
+  task = blocks.metadata.get('task')
+  if task != data_config.task:
+    raise DataError(
+        f'{blocks.description} holds task {task!r}, the config asks '
+        f'config.data.task={data_config.task!r}: pass the shards of that task, or set '
+        f'--config.data.task={task} if these are the ones you mean.')
+  if blocks.max_seq_len != data_config.max_seq_len:
+    raise DataError(f'{blocks.description}: shards hold {blocks.max_seq_len}-token '
+                    f'blocks, config asks max_seq_len={data_config.max_seq_len}')
+  if data_config.vocab_path and '://' not in data_config.vocab_path:
+    with open(data_config.vocab_path, 'rb') as f:
+      expected = hashlib.md5(f.read()).hexdigest()
+  elif not data_config.vocab_path:
+    expected = BERT_BASE_UNCASED_MD5
+  else:
+    expected = blocks.vocab_md5
+  if expected != blocks.vocab_md5:
+    raise DataError(
+        f'{blocks.description}: exported with vocabulary md5 {blocks.vocab_md5}, the config '
+        f'uses {data_config.vocab_path or "bert-base-uncased"} (md5 {expected}).')
+  return blocks
