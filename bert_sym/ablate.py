@@ -67,7 +67,7 @@ import ml_collections
 import numpy as np
 
 from bert_sym import checkpoint as checkpoint_lib
-from bert_sym import glue_metrics
+from bert_sym.glue import metrics as glue_metrics
 from bert_sym import model as model_lib
 
 PREEMPTED_EXIT_CODE = 42     # bert_sym.train's: SIGTERM, stopped after saving, rerun to resume

@@ -25,44 +25,44 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 @dataclasses.dataclass
 class StateSpec:
   """Shapes and shardings of a state, known before anything is allocated."""
-  init: Callable[..., dict]      # jitted (optional params override) -> state, created sharded
-  abstract: Any                  # ShapeDtypeStruct tree of the state, with .sharding
-  shardings: dict                # NamedSharding tree of the state
-  abstract_params: Any           # unboxed ShapeDtypeStruct tree of the params
+  init: Callable[..., dict]        # jitted (init key, dropout key) -> state, created sharded
+  init_params: Callable[..., Any]  # jitted init key -> params, created sharded
+  from_params: Callable[..., dict]  # jitted (params, dropout key) -> state at step 0
+  abstract: Any                    # ShapeDtypeStruct tree of the state, with .sharding
+  shardings: dict                  # NamedSharding tree of the state
+  abstract_params: Any             # unboxed ShapeDtypeStruct tree of the params
   param_shardings: Any
 
 
-def create_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules, init_key,
-                 dropout_key) -> StateSpec:
-  """Shapes first (jax.eval_shape), then a jitted init that creates the state sharded.
+def create_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules) -> StateSpec:
+  """Shapes first (jax.eval_shape), then jitted inits that create the state sharded.
 
   `init_params(key)` returns the (logically boxed) params of a flax module. Parameters
   follow the logical-axis `rules`; Adam's moments shard like their parameters; step and
-  rng are replicated. `spec.init(params)` starts from given params instead (e.g. a
-  classifier with a pre-trained encoder): they are laid out on the same shardings.
+  rng are replicated. `from_params` starts from given params instead (e.g. a classifier
+  with a pre-trained encoder, bert_sym.checkpoint.with_pretrained_encoder).
   """
   replicated = sharding.replicated(mesh)
-  boxed = jax.eval_shape(init_params, init_key)
+  boxed = jax.eval_shape(init_params, jax.random.key(0))
   param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
   abstract_params = nn.meta.unbox(boxed)
   opt_shardings = sharding.opt_state_shardings(tx, abstract_params, param_shardings, mesh)
   shardings = {'params': param_shardings, 'opt_state': opt_shardings,
                'step': replicated, 'rng': replicated}
 
-  def state_from(params):
+  def state_from(params, dropout_key):
     return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
             'rng': jax.random.key_data(dropout_key)}
 
-  fresh = jax.jit(lambda: state_from(nn.meta.unbox(init_params(init_key))),
-                  out_shardings=shardings)
-  given = jax.jit(state_from, in_shardings=(param_shardings,), out_shardings=shardings)
-
-  def init(params=None):
-    return fresh() if params is None else given(params)
-
+  params_only = lambda key: nn.meta.unbox(init_params(key))
+  init = jax.jit(lambda key, dropout_key: state_from(params_only(key), dropout_key),
+                 out_shardings=shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          jax.eval_shape(fresh), shardings)
-  return StateSpec(init, abstract, shardings, abstract_params, param_shardings)
+                          jax.eval_shape(init, jax.random.key(0), jax.random.key(0)),
+                          shardings)
+  return StateSpec(init, jax.jit(params_only, out_shardings=param_shardings),
+                   jax.jit(state_from, out_shardings=shardings), abstract, shardings,
+                   abstract_params, param_shardings)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule, *,

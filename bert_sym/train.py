@@ -265,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
   spec = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
-      tx, mesh, rules, init_key, dropout_base_key)
+      tx, mesh, rules)
 
   # ======================================================================================
   # Update step: one jit, state donated, micro-batches scanned for gradient accumulation
@@ -285,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
       train_iter.set_state(data_state)
     console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
   else:
-    state = spec.init()
+    state = spec.init(init_key, dropout_base_key)
     console(f'Initialised {model_lib.count_params(spec.abstract_params):,} parameters '
             f'(fresh run in {workdir})')
   # Rows logged after the restored step belong to a timeline that is being redone.
