@@ -5,10 +5,12 @@ import csv
 import json
 import os
 from pathlib import Path
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import flax.linen as nn
 import jax
@@ -19,6 +21,7 @@ import pytest
 from bert_sym import checkpoint
 from bert_sym import model as model_lib
 from bert_sym import sharding
+from bert_sym import steps as steps_lib
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import finetune
 from bert_sym.glue import metrics as glue_metrics
@@ -454,3 +457,156 @@ def test_help_shows_how_to_reproduce():
                'python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt',
                '--tasks=cola,sst2,mrpc,stsb,rte,wnli'):
     assert text in result.stdout, text
+
+
+# ----------------------------------------------------------------------------------------
+# The shared core in GLUE: on-device non-finite guard, vmapped seeds, resume inside a task.
+# ----------------------------------------------------------------------------------------
+
+
+def _tiny_task(spec_name='rte', **overrides):
+  """A TaskSetup on a randomly initialised tiny encoder (no training, no files)."""
+  train_config = train_fixtures.tiny_config()
+  encoder = nn.meta.unbox(model_lib.BertForMaskedLM(train_config.model).init(
+      jax.random.key(0), *model_lib.dummy_inputs())['params'])['encoder']
+  pretrained = finetune.Pretrained(train_config, jax.tree.map(np.asarray, encoder), 'tiny', 0)
+  config = _config(**overrides)
+  mesh = sharding.make_mesh(config.mesh)
+  task = finetune.setup_task(pretrained, glue_data.TASKS[spec_name], 160, config, mesh,
+                             sharding.logical_rules(train_config))
+  return pretrained, task
+
+
+def _state(pretrained, task, seed):
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  params = checkpoint.with_pretrained_encoder(task.init(init_key), pretrained.encoder)
+  return task.state.from_params(jax.device_put(params, task.state.param_shardings),
+                                dropout_key)
+
+
+def _batch(seed, poison=False):
+  rng = np.random.default_rng(seed)
+  batch = {'input_ids': rng.integers(104, 1000, (8, 16)).astype(np.int32),
+           'token_type_ids': np.zeros((8, 16), np.int32),
+           'attention_mask': np.ones((8, 16), np.int32),
+           'labels': rng.integers(0, 2, 8).astype(np.int32),
+           'weights': np.ones(8, np.float32)}
+  if poison:   # a NaN weight makes the loss and every gradient NaN
+    batch['weights'][0] = np.nan
+  return batch
+
+
+def test_nonfinite_glue_step_leaves_params_and_adam_unchanged():
+  # lr 1e-3 from step 0 (no warm-up): without the guard, the NaN update would be applied.
+  pretrained, task = _tiny_task(learning_rate=1e-3, warmup_ratio=0.0)
+  state = _state(pretrained, task, 1)
+  before = jax.device_get(state)
+  state, metrics = task.train_step(state, _batch(0, poison=True))
+  assert not np.isfinite(float(metrics['train/loss'])) and metrics['train/finite'] == 0
+  after = jax.device_get(state)
+  for old, new in zip(jax.tree.leaves(before['params']), jax.tree.leaves(after['params'])):
+    np.testing.assert_array_equal(old, new)
+  for old, new in zip(jax.tree.leaves(before['opt_state']), jax.tree.leaves(after['opt_state'])):
+    if np.ndim(old):   # Adam's moments (the schedule's counter advances, by design)
+      np.testing.assert_array_equal(old, new)
+  assert int(after['step']) == 1
+  state, metrics = task.train_step(state, _batch(0))          # a good batch still trains
+  assert metrics['train/finite'] == 1
+  moved = jax.device_get(state['params'])
+  assert not np.array_equal(moved['classifier']['kernel'], after['params']['classifier']['kernel'])
+
+  # Seeds trained together: the guard is per seed (seed 2's update is applied).
+  stacked = jax.device_put(
+      steps_lib.stack([_state(pretrained, task, 1), _state(pretrained, task, 2)]),
+      steps_lib.stacked(task.state.shardings))
+  before = jax.device_get(stacked['params'])
+  batch = {k: np.stack([a, b]) for (k, a), b in
+           zip(_batch(0, poison=True).items(), _batch(1).values())}
+  stacked, metrics = task.parallel_step(stacked, batch)
+  assert list(np.asarray(metrics['train/finite'])) == [0.0, 1.0]
+  after = jax.device_get(stacked['params'])
+  np.testing.assert_array_equal(before['classifier']['kernel'][0], after['classifier']['kernel'][0])
+  assert not np.array_equal(before['classifier']['kernel'][1], after['classifier']['kernel'][1])
+
+
+@needs_glue
+def test_parallel_seeds_equal_sequential_seeds(workdir, tmp_path):
+  """Three seeds in one vmapped step give the models of three runs one by one: the same
+  predictions and scores, fp32. Classes are identical; STS-B's regression outputs agree to
+  fp32 rounding only (a batched matmul sums in another order than three single ones)."""
+  outputs = {}
+  for parallel in (True, False):
+    out = tmp_path / f'parallel_{parallel}'
+    outputs[parallel] = suite.run_glue(str(workdir), str(out), _config(
+        tasks='mrpc,stsb', seeds='1,2,3', parallel_seeds=parallel, max_train_examples=24))
+  read = lambda parallel, task, seed: _read_tsv(
+      tmp_path / f'parallel_{parallel}' / 'predictions' / f'{task}_seed{seed}.tsv')
+  for seed in ('1', '2', '3'):
+    assert read(True, 'mrpc', seed) == read(False, 'mrpc', seed)
+    assert (outputs[True]['runs']['mrpc'][seed]['scores']
+            == outputs[False]['runs']['mrpc'][seed]['scores'])
+    together, alone = (np.array([float(r['prediction']) for r in read(p, 'stsb', seed)])
+                       for p in (True, False))
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    for name, value in outputs[True]['runs']['stsb'][seed]['scores']['stsb'].items():
+      assert value == pytest.approx(
+          outputs[False]['runs']['stsb'][seed]['scores']['stsb'][name], rel=1e-4, abs=1e-4)
+  assert outputs[True]['runs']['mrpc']['1']['trained_with_seeds'] == [1, 2, 3]
+  assert not (tmp_path / 'parallel_True' / 'runs' / 'mrpc' / 'checkpoints').exists()
+
+
+@needs_glue
+def test_sigterm_mid_task_saves_exits_42_and_resumes_to_the_same_predictions(workdir,
+                                                                             tmp_path):
+  cmd = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
+         f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,2',
+         '--config.max_train_examples=64', '--config.max_eval_examples=16',
+         '--config.max_seq_len=32', '--config.epochs=40', '--config.length_buckets=false',
+         '--config.batch_size=8', '--config.eval_batch_size=8',
+         '--config.checkpoint_every_steps=5', '--config.log_every_steps=20']
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  run = lambda out: subprocess.run(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=600)
+  reference = run(tmp_path / 'reference')
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  out = tmp_path / 'preempted'
+  process = subprocess.Popen(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ckpts = out / 'runs' / 'rte' / 'checkpoints'
+  deadline = time.time() + 300
+  while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 42, stderr[-3000:]
+  assert not (out / 'glue_results.json').exists()
+  saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
+  assert saved and 0 < max(saved) < 320
+
+  resumed = run(out)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'rte seeds 1,2: resuming from step {max(saved)} of 320' in resumed.stdout
+  for seed in (1, 2):
+    assert (_read_tsv(out / 'predictions' / f'rte_seed{seed}.tsv')
+            == _read_tsv(tmp_path / 'reference' / 'predictions' / f'rte_seed{seed}.tsv'))
+  assert not ckpts.exists()   # a finished task's checkpoints are removed
+
+
+def test_old_output_dirs_are_reused(tmp_path):
+  """glue_results.json written before grad_accum_steps / parallel_seeds /
+  checkpoint_every_steps / on_nonfinite existed: the same recipe, so finished runs count."""
+  config = glue_config.get_config('runlocal')
+  old = config.to_dict()
+  for key in ('grad_accum_steps', 'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite'):
+    del old[key]
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  (tmp_path / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': 'CKPT', 'config': old,
+       'runs': {'rte': {'1': {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}}}}}))
+  assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+  config.grad_accum_steps = 2                      # a real recipe change is still one
+  assert not suite.finished_runs(tmp_path, 'CKPT', config)
