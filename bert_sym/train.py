@@ -69,8 +69,6 @@ class RunError(Exception):
   """A problem with the run's inputs (config, workdir, checkpoint): reported, no traceback."""
 
 
-
-
 @contextlib.contextmanager
 def _user_errors(what: str):
   """Turns the readable ValueErrors raised by our own checks into a RunError."""
@@ -347,9 +345,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   try:
     if step < config.total_steps:
       prefetcher = loop.Prefetcher(train_iter, to_global, depth=2)
-      with _nonfinite_is_run_error():
-        state, step, preempted = loop.run(state, step, config.total_steps, train_step,
-                                          prefetcher, meter, hooks, preemption, manager)
+      state, step, preempted = loop.run(state, step, config.total_steps, train_step,
+                                        prefetcher, meter, hooks, preemption, manager)
   finally:
     if prefetcher:
       prefetcher.close()
@@ -361,14 +358,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     raise Preempted(step, preemption.signal_name)
   console(closing_summary(workdir, step, eval_metrics, meter.last_saved))
   return eval_metrics
-
-
-@contextlib.contextmanager
-def _nonfinite_is_run_error():
-  try:
-    yield
-  except loop.NonFiniteError as e:
-    raise RunError(str(e)) from None
 
 
 
@@ -414,7 +403,7 @@ def main(argv, make_iterator=None):
   try:
     distributed.initialize(_DISTRIBUTED_FLAGS)
     train_and_evaluate(config, _WORKDIR.value, make_iterator=make_iterator)
-  except RunError as e:
+  except (RunError, loop.NonFiniteError) as e:   # said in one line, no traceback
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
   except Preempted as e:
