@@ -73,7 +73,7 @@ def run_ours(spec):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bert_sym import metrics_writer, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from bert_sym import loop, metrics_writer, objectives, optim, sharding, train  # pylint: disable=g-import-not-at-top
   from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
 
@@ -86,7 +86,7 @@ def run_ours(spec):
   config.model.scan_layers = bool(spec['scan_layers'])
   config.optimizer.warmup_steps = 10
   if spec['compilation_cache_dir']:
-    train.enable_compilation_cache(spec['compilation_cache_dir'])
+    loop.enable_compilation_cache(spec['compilation_cache_dir'])
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config)
@@ -116,12 +116,12 @@ def run_ours(spec):
   step = jax.jit(train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  host = train.host_mlm_positions(
+  host = objectives.host_mlm_positions(
       synthetic_batch(spec['batch'], spec['seq'], config.model.vocab_size),
       config.data.max_predictions_per_seq)
   batch = sharding.host_batch_to_global(host, mesh=mesh, global_batch_size=spec['batch'],
                                         rules=rules)
-  compiled, compile_s = train.compile_step(step, state, batch)
+  compiled, compile_s = loop.compile_step(step, state, batch)
   for _ in range(spec['warmup']):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from bert_sym import checkpoint as checkpoint_lib
-from bert_sym import glue_metrics
+from bert_sym.glue import metrics as glue_metrics
 from bert_sym import model as model_lib
 
 REFERENCE_VARIANT = 'standard'

@@ -358,3 +358,26 @@ def load_pretrained(path) -> tuple[ml_collections.ConfigDict, dict]:
   params = load_params(step_dir)
   logging.info('Loaded pre-trained params from %s', step_dir)
   return config, params
+
+
+def with_pretrained_encoder(params: dict, encoder: dict, source='the checkpoint') -> dict:
+  """A classifier's params (BertForSequenceClassification: {'bert': {'encoder', 'pooler'},
+  'classifier'}) with the encoder replaced by a pre-trained one (`load_pretrained`'s
+  params['encoder'], host numpy), as float32; pooler and classifier stay as given (fresh).
+
+  The one place where pre-training's tree meets fine-tuning's. Raises a readable error when
+  the encoder's parameters differ from the ones the classifier expects.
+  """
+  fresh = params['bert']['encoder']
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(fresh)}
+  have = {jax.tree_util.keystr(p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(encoder)}
+  if want != have:
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    raise ValueError(f'The encoder in {source} does not match the model its config.json '
+                     f'describes ({len(diff)} parameters differ, e.g. {diff[:3]}).')
+  out = dict(params)
+  out['bert'] = dict(params['bert'])
+  out['bert']['encoder'] = jax.tree.map(lambda x: np.asarray(x, np.float32), encoder)
+  return out

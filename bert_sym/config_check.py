@@ -8,9 +8,13 @@ the value, what is allowed and the fix. It imports nothing heavy (no TensorFlow,
 model), so it also guards `--dry_run` and the launchers.
 """
 
+import re
+import sys
 from typing import Any, Iterable
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from bert_sym import attention
 from bert_sym.input.sources import TEXT_FILES_TASK
@@ -121,3 +125,64 @@ def check(config: ml_collections.ConfigDict) -> None:
     if not isinstance(size, int) or not (size == -1 or size >= 1):
       raise ConfigError(f'config.mesh.{axis}={size!r} must be -1 (the devices left) or a '
                         f'positive integer. Fix: --config.mesh.{axis}=-1.')
+
+
+# ----------------------------------------------------------------------------------------
+# The command line of bert_sym.train: --help lists the config keys, errors are one line.
+# ----------------------------------------------------------------------------------------
+
+def config_keys_help(config) -> str:
+  """Every `--config.KEY=VALUE` that `config` accepts, with its current value."""
+  def flatten(d, prefix=''):
+    for key, value in d.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  rows = list(flatten(config.to_dict()))
+  width = max(len(k) for k, _ in rows)
+  return '\n'.join([
+      'Config keys (override any with --config.KEY=VALUE; values of the given --config, '
+      'else configs/sym_base.py):'] + [f'  --config.{k:<{width}} {v!r}' for k, v in rows])
+
+
+_HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
+
+
+def parse_flags(argv):
+  """absl flag parsing, with config_flags' unknown-key traceback turned into one line.
+
+  `--help` also lists the config keys, which absl cannot know (they come from a file).
+  """
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit:
+    if any(a in _HELP_FLAGS for a in argv[1:]):
+      _print_config_keys(argv)
+    raise
+  except (KeyError, AttributeError) as e:
+    found = re.search(r"([A-Za-z_]\w*)", str(e).replace('\\', ''))
+    key = found.group(1) if found else str(e)
+    culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
+    print(f'FATAL Flags parsing error: unknown config key {key!r}'
+          f'{" in " + ", ".join(culprits) if culprits else ""}. Every key must exist in '
+          f'the config file (see configs/common.py, or --help for the list).',
+          file=sys.stderr)
+    sys.exit(1)
+  except flags.Error as e:
+    print(f'FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.',
+          file=sys.stderr)
+    sys.exit(1)
+
+
+def _print_config_keys(argv) -> None:
+  config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')),
+                     'configs/sym_base.py')
+  try:
+    config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+        'help', config_file.split(':', 1)[0]).get_config(
+            *config_file.split(':', 1)[1:2])
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'(cannot list the config keys of {config_file}: {e})')
+    return
+  print(config_keys_help(config))

@@ -52,8 +52,10 @@ def _format_duration(seconds: float) -> str:
 
 def format_progress(step: int, total_steps: int, metrics: dict, eta_seconds: float) -> str:
   """The one console line: step, loss, throughput, MFU, ETA."""
-  parts = [f'step {step}/{total_steps}', f'loss {metrics["train/loss"]:.4f}',
-           f'acc {metrics["train/mlm_accuracy"]:.3f}', f'lr {metrics["train/learning_rate"]:.2e}']
+  parts = [f'step {step}/{total_steps}', f'loss {metrics["train/loss"]:.4f}']
+  if 'train/mlm_accuracy' in metrics:   # pre-training; GLUE's step has no accuracy
+    parts.append(f'acc {metrics["train/mlm_accuracy"]:.3f}')
+  parts.append(f'lr {metrics["train/learning_rate"]:.2e}')
   if 'perf/steps_per_sec' in metrics:
     parts += [f'{metrics["perf/steps_per_sec"]:.2f} steps/s',
               f'{metrics["perf/tokens_per_sec"]:,.0f} tok/s']

@@ -43,6 +43,7 @@ def get_config(arg=None):
   c.b2 = 0.999
   c.eps = 1e-8
   c.grad_clip_norm = 1.0        # 0 = off
+  c.grad_accum_steps = 1        # micro-batches per step (same update, less memory)
 
   # Mesh: data parallel over every device by default; parameters follow the logical-axis
   # rules of the checkpoint's training config (replicated unless fsdp/tensor > 1).
@@ -53,6 +54,12 @@ def get_config(arg=None):
   # Reuse the (task, seed) runs already finished in --output_dir for the same checkpoint
   # and recipe (a preempted or extended run redoes only what is missing).
   c.resume = True
+  # Inside a task: a checkpoint in runs/<task>/checkpoints every N steps (0 = only when
+  # stopped by SIGTERM / Ctrl-C); the rerun continues from it.
+  c.checkpoint_every_steps = 1000
+  # All seeds of a task in one vmapped step (False: one by one; same models either way).
+  c.parallel_seeds = True
+  c.on_nonfinite = 'stop'       # 'skip': skip non-finite updates (never applied either way)
 
   if arg == 'runlocal':
     c.seeds = '1'

@@ -5,10 +5,12 @@ import csv
 import json
 import os
 from pathlib import Path
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import flax.linen as nn
 import jax
@@ -17,9 +19,14 @@ import optax
 import pytest
 
 from bert_sym import checkpoint
-from bert_sym import glue
-from bert_sym import glue_metrics
 from bert_sym import model as model_lib
+from bert_sym import sharding
+from bert_sym import steps as steps_lib
+from bert_sym.glue import data as glue_data
+from bert_sym.glue import finetune
+from bert_sym.glue import metrics as glue_metrics
+from bert_sym.glue import report
+from bert_sym.glue import suite
 from configs import glue as glue_config
 from tests import train_fixtures
 
@@ -148,7 +155,7 @@ def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
 def test_sweep_scores_every_step(workdir, tmp_path):
   out = tmp_path / 'sweep'
   config = _config(tasks='mrpc', seeds='1')
-  glue.run_sweep(str(workdir), str(out), config, reference_score=40.0)
+  suite.run_sweep(str(workdir), str(out), config, reference_score=40.0)
   summary = json.loads((out / 'glue_vs_step.json').read_text())
   assert [p['step'] for p in summary['points']] == [2, 4]
   assert summary['threshold'] == pytest.approx(38.0)
@@ -159,10 +166,10 @@ def test_sweep_scores_every_step(workdir, tmp_path):
   # A 4-step model's scores are unpredictable, so the threshold logic is checked with
   # references whose answer is not: MRPC >= 0 always, and never >= 95% of 1000. The
   # reruns reuse the finished step_* runs (resume), so they train nothing.
-  summary = glue.run_sweep(str(workdir), str(out), config, reference_score=0.0)
+  summary = suite.run_sweep(str(workdir), str(out), config, reference_score=0.0)
   assert json.loads((out / 'glue_vs_step.json').read_text())[
       'first_step_reaching_threshold'] == 2
-  glue.run_sweep(str(workdir), str(out), config, reference_score=1000.0)
+  suite.run_sweep(str(workdir), str(out), config, reference_score=1000.0)
   assert json.loads((out / 'glue_vs_step.json').read_text())[
       'first_step_reaching_threshold'] is None
 
@@ -175,17 +182,17 @@ def _point(step, score, kind='glue'):
 def test_first_step_reaching_threshold():
   points = [_point(1000, 60.0), _point(2000, None), _point(3000, 75.4),
             _point(4000, 75.39), _point(5000, 80.0)]
-  assert glue.first_step_reaching(points, 75.39) == 3000   # not 4000: the first one
-  assert glue.first_step_reaching(points, 75.4) == 3000    # reaching = equal counts
-  assert glue.first_step_reaching(points, 75.41) == 5000
-  assert glue.first_step_reaching(points, 50.0) == 1000
-  assert glue.first_step_reaching(points, 80.01) is None   # never reached
-  assert glue.first_step_reaching([_point(1000, None)], 0.0) is None
+  assert report.first_step_reaching(points, 75.39) == 3000   # not 4000: the first one
+  assert report.first_step_reaching(points, 75.4) == 3000    # reaching = equal counts
+  assert report.first_step_reaching(points, 75.41) == 5000
+  assert report.first_step_reaching(points, 50.0) == 1000
+  assert report.first_step_reaching(points, 80.01) is None   # never reached
+  assert report.first_step_reaching([_point(1000, None)], 0.0) is None
 
 
 def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
   points = [_point(1000, 60.0), _point(2000, 74.0), _point(3000, 76.0), _point(4000, 79.0)]
-  glue.write_sweep(tmp_path, 'WORKDIR', points, reference_score=79.36)
+  report.write_sweep(tmp_path, 'WORKDIR', points, reference_score=79.36)
   summary = json.loads((tmp_path / 'glue_vs_step.json').read_text())
   assert summary['threshold'] == pytest.approx(75.392)      # 0.95 * 79.36
   assert summary['first_step_reaching_threshold'] == 3000   # 74.0 < 75.392 <= 76.0
@@ -194,7 +201,7 @@ def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
   assert '95% of it = 75.39. First step reaching it: 3000.' in table
   assert '| 2000 | 74.00 | glue |' in table and 'partial' not in table
 
-  glue.write_sweep(tmp_path, 'WORKDIR', points[:2] + [_point(3000, 70.0, 'glue_partial (2/9)')],
+  report.write_sweep(tmp_path, 'WORKDIR', points[:2] + [_point(3000, 70.0, 'glue_partial (2/9)')],
                    reference_score=79.36)
   summary = json.loads((tmp_path / 'glue_vs_step.json').read_text())
   assert summary['first_step_reaching_threshold'] is None
@@ -202,7 +209,7 @@ def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
   assert 'First step reaching it: none yet.' in table
   assert 'Warning: some scores are partial GLUE means' in table
 
-  glue.write_sweep(tmp_path, 'WORKDIR', points, reference_score=None)
+  report.write_sweep(tmp_path, 'WORKDIR', points, reference_score=None)
   summary = json.loads((tmp_path / 'glue_vs_step.json').read_text())
   assert 'threshold' not in summary and 'first_step_reaching_threshold' not in summary
   assert not list(tmp_path.glob('.*tmp-*'))
@@ -214,41 +221,41 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   config = _config(tasks='wnli', seeds='1', max_train_examples=16, max_eval_examples=8,
                    max_seq_len=16)
   compiled = {}   # shared by the calls with one recipe, as a sweep does: compile once
-  first = glue.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
+  first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
   trained = []
-  real_finetune = glue.finetune
-  monkeypatch.setattr(glue, 'finetune', lambda *a, **k: trained.append(a[4]) or
+  real_finetune = suite.finetune_group
+  monkeypatch.setattr(suite, 'finetune_group', lambda *a, **k: trained.extend(a[4]) or
                       real_finetune(*a, **k))
   config.seeds = '1,2'
-  results = glue.run_glue(str(workdir), str(out), config, compiled)
+  results = suite.run_glue(str(workdir), str(out), config, compiled)
   assert trained == [2] and results['runs']['wnli']['1'] == first
   assert results['summary']['over_seeds']['wnli']['n'] == 2
   (out / 'predictions' / 'wnli_seed2.tsv').unlink()     # an interrupted write: redo seed 2
-  glue.run_glue(str(workdir), str(out), config, compiled)
+  suite.run_glue(str(workdir), str(out), config, compiled)
   assert trained == [2, 2]
   config.tasks = 'rte'                     # another task joins the table of the first
-  results = glue.run_glue(str(workdir), str(out), config, compiled)
+  results = suite.run_glue(str(workdir), str(out), config, compiled)
   assert set(results['runs']) == {'wnli', 'rte'} and trained == [2, 2, 1, 2]
   assert results['summary']['per_seed'][1]['glue_full_tasks'] == ['rte', 'wnli']
   trained.clear()
   config.tasks = 'wnli'
   config.learning_rate = 3e-5                            # another recipe: redo everything
-  results = glue.run_glue(str(workdir), str(out), config)
+  results = suite.run_glue(str(workdir), str(out), config)
   assert trained == [1, 2] and set(results['runs']) == {'wnli'}
 
 
 def test_sweep_plot_is_a_png(tmp_path):
   points = [{'step': s, 'score': v} for s, v in ((1000, 50.0), (2000, 70.0), (4000, None))]
-  glue.plot_sweep(tmp_path / 'plot.png', points, threshold=66.5)
+  report.plot_sweep(tmp_path / 'plot.png', points, threshold=66.5)
   assert (tmp_path / 'plot.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert os.listdir(tmp_path) == ['plot.png']                # the temporary file is gone
 
 
 def test_write_atomically_replaces_text_and_bytes(tmp_path):
   path = tmp_path / 'new' / 'dir' / 'out.json'
-  glue.write_atomically(path, 'héllo\n')
+  report.write_atomically(path, 'héllo\n')
   assert path.read_bytes() == 'héllo\n'.encode('utf-8')
-  glue.write_atomically(str(path), b'\x00\x01')                 # str paths, bytes data
+  report.write_atomically(str(path), b'\x00\x01')                 # str paths, bytes data
   assert path.read_bytes() == b'\x00\x01'
   assert os.listdir(path.parent) == ['out.json']
 
@@ -259,13 +266,13 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent('''
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     address, process_id, output_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     jax.distributed.initialize(address, num_processes=2, process_id=process_id)
-    from bert_sym import glue
+    from bert_sym.glue import hosts, suite
     from configs import glue as glue_config
     config = glue_config.get_config('runlocal')
-    done = glue.finished_runs(output_dir, 'CKPT/checkpoints/4', config)
-    mine = glue.on_process_0(lambda: jax.process_index())
+    done = suite.finished_runs(output_dir, 'CKPT/checkpoints/4', config)
+    mine = hosts.on_process_0(lambda: jax.process_index())
     try:
-      glue.on_process_0(lambda: 1 / 0)
+      hosts.on_process_0(lambda: 1 / 0)
       error = None
     except Exception as e:
       error = f'{type(e).__name__}: {e}'
@@ -317,7 +324,7 @@ def test_mnli_from_tfds_writes_matched_and_mismatched(workdir, tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   out = tmp_path / 'mnli'
   with tfds.testing.mock_data(num_examples=8):
-    results = glue.run_glue(str(workdir), str(out), _config(tasks='mnli', seeds='3',
+    results = suite.run_glue(str(workdir), str(out), _config(tasks='mnli', seeds='3',
                                                             glue_dir=''))
   scores = results['runs']['mnli']['3']['scores']
   assert set(scores) == {'mnli_m', 'mnli_mm'}
@@ -328,12 +335,12 @@ def test_mnli_from_tfds_writes_matched_and_mismatched(workdir, tmp_path):
 
 def test_fresh_head_and_pretrained_encoder(workdir):
   """Encoder weights come from the checkpoint; pooler and classifier are N(0, 0.02)."""
-  pretrained = glue.load_pretrained(str(workdir))
+  pretrained = finetune.load_pretrained(str(workdir))
   config = _config()
-  spec = glue.glue_data.TASKS['rte']
-  mesh = glue.sharding.make_mesh(config.mesh)
-  task = glue.setup_task(pretrained, spec, 16, config, mesh,
-                         glue.sharding.logical_rules(pretrained.config))
+  spec = glue_data.TASKS['rte']
+  mesh = sharding.make_mesh(config.mesh)
+  task = finetune.setup_task(pretrained, spec, 16, config, mesh,
+                         sharding.logical_rules(pretrained.config))
   params = task.init(jax.random.key(1))
   assert set(params) == {'bert', 'classifier'} and set(params['bert']) == {'encoder', 'pooler'}
   kernel = np.asarray(params['bert']['pooler']['dense']['kernel'])
@@ -363,7 +370,7 @@ def _handmade_workdir(path, **overrides):
 def test_every_attention_variant_fine_tunes(attention, tmp_path):
   workdir = _handmade_workdir(tmp_path / attention, model__attention=attention,
                               model__vocab_size=30522)
-  results = glue.run_glue(str(workdir), str(tmp_path / 'out'),
+  results = suite.run_glue(str(workdir), str(tmp_path / 'out'),
                           _config(tasks='wnli', max_train_examples=16, max_eval_examples=8))
   assert results['model']['attention'] == attention
   assert results['runs']['wnli']['1']['dev_examples'] == {'wnli': 8}
@@ -373,43 +380,43 @@ def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
   """On gs:// orbax writes checkpoints/<step>/ in place and marks it finished with
   commit_success.txt: a sweep beside a running trainer must not read the partial step."""
   workdir = _handmade_workdir(tmp_path / 'run')                          # step 3, finished
-  assert glue.checkpoint_steps(workdir) == [3]
+  assert suite.checkpoint_steps(workdir) == [3]
   from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gcs_utils, 'is_gcs_path', lambda _: True)       # orbax's gs:// rule
   (workdir / 'checkpoints' / '3' / 'commit_success.txt').write_text('done')
   (workdir / 'checkpoints' / '6' / 'state').mkdir(parents=True)       # save in progress
-  assert glue.checkpoint_steps(workdir) == [3]
+  assert suite.checkpoint_steps(workdir) == [3]
   (workdir / 'checkpoints' / '6' / 'commit_success.txt').write_text('done')
-  assert glue.checkpoint_steps(workdir) == [3, 6]
+  assert suite.checkpoint_steps(workdir) == [3, 6]
 
 
 def test_bad_checkpoints_are_clear(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match='No finished checkpoint under'):
-    glue.run_glue(str(empty), str(tmp_path / 'out'), _config())
+    suite.run_glue(str(empty), str(tmp_path / 'out'), _config())
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    glue.run_glue(str(tmp_path / 'missing'), str(tmp_path / 'out'), _config())
+    suite.run_glue(str(tmp_path / 'missing'), str(tmp_path / 'out'), _config())
   # tests/train_fixtures' tiny config has a 1000-token vocabulary: not bert-base-uncased.
   small_vocab = _handmade_workdir(tmp_path / 'small_vocab')
   with pytest.raises(ValueError, match=r'Vocabulary mismatch: .* 30522 tokens.*'
                                        r'model.vocab_size=1000'):
-    glue.run_glue(str(small_vocab), str(tmp_path / 'out'), _config())
+    suite.run_glue(str(small_vocab), str(tmp_path / 'out'), _config())
   with pytest.raises(FileNotFoundError, match='--sweep needs a training workdir'):
-    glue.run_sweep(str(empty), str(tmp_path / 'out'), _config())
+    suite.run_sweep(str(empty), str(tmp_path / 'out'), _config())
 
 
 @needs_glue
 def test_bad_tasks_fail_before_training(workdir, tmp_path):
   with pytest.raises(ValueError, match=r"Unknown GLUE task\(s\) \['cola2'\]"):
-    glue.run_glue(str(workdir), str(tmp_path / 'out'), _config(tasks='cola2'))
+    suite.run_glue(str(workdir), str(tmp_path / 'out'), _config(tasks='cola2'))
   # QQP is not in the shared directory: the error names the folder and comes before
   # CoLA (listed first) is trained.
-  with pytest.raises(glue.glue_data.GlueDataError, match=r'No directory .*/QQP for task qqp'):
-    glue.run_glue(str(workdir), str(tmp_path / 'out'), _config(tasks='cola,qqp'))
+  with pytest.raises(glue_data.GlueDataError, match=r'No directory .*/QQP for task qqp'):
+    suite.run_glue(str(workdir), str(tmp_path / 'out'), _config(tasks='cola,qqp'))
   assert not (tmp_path / 'out' / 'glue_results.json').exists()
   with pytest.raises(ValueError, match='config.mesh'):
-    glue.run_glue(str(workdir), str(tmp_path / 'out'),
+    suite.run_glue(str(workdir), str(tmp_path / 'out'),
                   _config(tasks='rte', mesh={'data': 3, 'fsdp': 1, 'tensor': 1}))
 
 
@@ -450,3 +457,156 @@ def test_help_shows_how_to_reproduce():
                'python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt',
                '--tasks=cola,sst2,mrpc,stsb,rte,wnli'):
     assert text in result.stdout, text
+
+
+# ----------------------------------------------------------------------------------------
+# The shared core in GLUE: on-device non-finite guard, vmapped seeds, resume inside a task.
+# ----------------------------------------------------------------------------------------
+
+
+def _tiny_task(spec_name='rte', **overrides):
+  """A TaskSetup on a randomly initialised tiny encoder (no training, no files)."""
+  train_config = train_fixtures.tiny_config()
+  encoder = nn.meta.unbox(model_lib.BertForMaskedLM(train_config.model).init(
+      jax.random.key(0), *model_lib.dummy_inputs())['params'])['encoder']
+  pretrained = finetune.Pretrained(train_config, jax.tree.map(np.asarray, encoder), 'tiny', 0)
+  config = _config(**overrides)
+  mesh = sharding.make_mesh(config.mesh)
+  task = finetune.setup_task(pretrained, glue_data.TASKS[spec_name], 160, config, mesh,
+                             sharding.logical_rules(train_config))
+  return pretrained, task
+
+
+def _state(pretrained, task, seed):
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  params = checkpoint.with_pretrained_encoder(task.init(init_key), pretrained.encoder)
+  return task.state.from_params(jax.device_put(params, task.state.param_shardings),
+                                dropout_key)
+
+
+def _batch(seed, poison=False):
+  rng = np.random.default_rng(seed)
+  batch = {'input_ids': rng.integers(104, 1000, (8, 16)).astype(np.int32),
+           'token_type_ids': np.zeros((8, 16), np.int32),
+           'attention_mask': np.ones((8, 16), np.int32),
+           'labels': rng.integers(0, 2, 8).astype(np.int32),
+           'weights': np.ones(8, np.float32)}
+  if poison:   # a NaN weight makes the loss and every gradient NaN
+    batch['weights'][0] = np.nan
+  return batch
+
+
+def test_nonfinite_glue_step_leaves_params_and_adam_unchanged():
+  # lr 1e-3 from step 0 (no warm-up): without the guard, the NaN update would be applied.
+  pretrained, task = _tiny_task(learning_rate=1e-3, warmup_ratio=0.0)
+  state = _state(pretrained, task, 1)
+  before = jax.device_get(state)
+  state, metrics = task.train_step(state, _batch(0, poison=True))
+  assert not np.isfinite(float(metrics['train/loss'])) and metrics['train/finite'] == 0
+  after = jax.device_get(state)
+  for old, new in zip(jax.tree.leaves(before['params']), jax.tree.leaves(after['params'])):
+    np.testing.assert_array_equal(old, new)
+  for old, new in zip(jax.tree.leaves(before['opt_state']), jax.tree.leaves(after['opt_state'])):
+    if np.ndim(old):   # Adam's moments (the schedule's counter advances, by design)
+      np.testing.assert_array_equal(old, new)
+  assert int(after['step']) == 1
+  state, metrics = task.train_step(state, _batch(0))          # a good batch still trains
+  assert metrics['train/finite'] == 1
+  moved = jax.device_get(state['params'])
+  assert not np.array_equal(moved['classifier']['kernel'], after['params']['classifier']['kernel'])
+
+  # Seeds trained together: the guard is per seed (seed 2's update is applied).
+  stacked = jax.device_put(
+      steps_lib.stack([_state(pretrained, task, 1), _state(pretrained, task, 2)]),
+      steps_lib.stacked(task.state.shardings))
+  before = jax.device_get(stacked['params'])
+  batch = {k: np.stack([a, b]) for (k, a), b in
+           zip(_batch(0, poison=True).items(), _batch(1).values())}
+  stacked, metrics = task.parallel_step(stacked, batch)
+  assert list(np.asarray(metrics['train/finite'])) == [0.0, 1.0]
+  after = jax.device_get(stacked['params'])
+  np.testing.assert_array_equal(before['classifier']['kernel'][0], after['classifier']['kernel'][0])
+  assert not np.array_equal(before['classifier']['kernel'][1], after['classifier']['kernel'][1])
+
+
+@needs_glue
+def test_parallel_seeds_equal_sequential_seeds(workdir, tmp_path):
+  """Three seeds in one vmapped step give the models of three runs one by one: the same
+  predictions and scores, fp32. Classes are identical; STS-B's regression outputs agree to
+  fp32 rounding only (a batched matmul sums in another order than three single ones)."""
+  outputs = {}
+  for parallel in (True, False):
+    out = tmp_path / f'parallel_{parallel}'
+    outputs[parallel] = suite.run_glue(str(workdir), str(out), _config(
+        tasks='mrpc,stsb', seeds='1,2,3', parallel_seeds=parallel, max_train_examples=24))
+  read = lambda parallel, task, seed: _read_tsv(
+      tmp_path / f'parallel_{parallel}' / 'predictions' / f'{task}_seed{seed}.tsv')
+  for seed in ('1', '2', '3'):
+    assert read(True, 'mrpc', seed) == read(False, 'mrpc', seed)
+    assert (outputs[True]['runs']['mrpc'][seed]['scores']
+            == outputs[False]['runs']['mrpc'][seed]['scores'])
+    together, alone = (np.array([float(r['prediction']) for r in read(p, 'stsb', seed)])
+                       for p in (True, False))
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    for name, value in outputs[True]['runs']['stsb'][seed]['scores']['stsb'].items():
+      assert value == pytest.approx(
+          outputs[False]['runs']['stsb'][seed]['scores']['stsb'][name], rel=1e-4, abs=1e-4)
+  assert outputs[True]['runs']['mrpc']['1']['trained_with_seeds'] == [1, 2, 3]
+  assert not (tmp_path / 'parallel_True' / 'runs' / 'mrpc' / 'checkpoints').exists()
+
+
+@needs_glue
+def test_sigterm_mid_task_saves_exits_42_and_resumes_to_the_same_predictions(workdir,
+                                                                             tmp_path):
+  cmd = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
+         f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,2',
+         '--config.max_train_examples=64', '--config.max_eval_examples=16',
+         '--config.max_seq_len=32', '--config.epochs=40', '--config.length_buckets=false',
+         '--config.batch_size=8', '--config.eval_batch_size=8',
+         '--config.checkpoint_every_steps=5', '--config.log_every_steps=20']
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  run = lambda out: subprocess.run(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=600)
+  reference = run(tmp_path / 'reference')
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  out = tmp_path / 'preempted'
+  process = subprocess.Popen(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ckpts = out / 'runs' / 'rte' / 'checkpoints'
+  deadline = time.time() + 300
+  while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=300)
+  assert process.returncode == 42, stderr[-3000:]
+  assert not (out / 'glue_results.json').exists()
+  saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
+  assert saved and 0 < max(saved) < 320
+
+  resumed = run(out)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'rte seeds 1,2: resuming from step {max(saved)} of 320' in resumed.stdout
+  for seed in (1, 2):
+    assert (_read_tsv(out / 'predictions' / f'rte_seed{seed}.tsv')
+            == _read_tsv(tmp_path / 'reference' / 'predictions' / f'rte_seed{seed}.tsv'))
+  assert not ckpts.exists()   # a finished task's checkpoints are removed
+
+
+def test_old_output_dirs_are_reused(tmp_path):
+  """glue_results.json written before grad_accum_steps / parallel_seeds /
+  checkpoint_every_steps / on_nonfinite existed: the same recipe, so finished runs count."""
+  config = glue_config.get_config('runlocal')
+  old = config.to_dict()
+  for key in ('grad_accum_steps', 'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite'):
+    del old[key]
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  (tmp_path / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': 'CKPT', 'config': old,
+       'runs': {'rte': {'1': {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}}}}}))
+  assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+  config.grad_accum_steps = 2                      # a real recipe change is still one
+  assert not suite.finished_runs(tmp_path, 'CKPT', config)

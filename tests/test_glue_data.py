@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bert_sym import glue_data
+from bert_sym.glue import data as glue_data
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'glue'
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f'{GLUE_DIR} not present')

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics
 
-from bert_sym import glue_metrics
+from bert_sym.glue import metrics as glue_metrics
 
 
 def _classification_cases():

@@ -22,6 +22,8 @@ import pytest
 
 from bert_sym import checkpoint
 from bert_sym import distributed
+from bert_sym import loop
+from bert_sym import objectives
 from bert_sym import optim
 from bert_sym import train
 from tests import train_fixtures
@@ -489,7 +491,7 @@ def test_masked_positions_are_the_weighted_ones_in_order():
   weights = np.zeros((2, 10), np.float32)
   weights[0, [7, 2, 5]] = 1.0
   weights[1, [0, 9]] = 1.0
-  positions = np.asarray(train.masked_positions(weights, 4))
+  positions = np.asarray(objectives.masked_positions(weights, 4))
   np.testing.assert_array_equal(positions[0, :3], [2, 5, 7])
   np.testing.assert_array_equal(positions[1, :2], [0, 9])
   assert (weights[0, positions[0, 3]] == 0) and (weights[1, positions[1, 2:]] == 0).all()
@@ -502,16 +504,16 @@ def test_host_mlm_positions_equal_the_device_fallback():
   weights[1, :] = 1.0                  # more targets than P: the first P, as top_k keeps
   targets = rng.integers(1, 50, (3, 12)).astype(np.int32) * (weights > 0)
   batch = {'mlm_weights': weights, 'mlm_targets': targets}
-  host = train.host_mlm_positions(batch, 5)
+  host = objectives.host_mlm_positions(batch, 5)
   assert host['mlm_positions'].shape == (3, 5) and host['mlm_positions'].dtype == np.int32
-  device = np.asarray(train.masked_positions(weights, 5))
+  device = np.asarray(objectives.masked_positions(weights, 5))
   gather = lambda x, p: np.take_along_axis(x, p, axis=1)
   for name, dense in (('mlm_position_weights', weights), ('mlm_position_targets', targets)):
     np.testing.assert_array_equal(host[name], gather(dense, device))
   real = host['mlm_position_weights'] > 0
   np.testing.assert_array_equal(host['mlm_positions'][real], device[real])
   # P larger than the sequence: padded with weight-0 slots.
-  wide = train.host_mlm_positions(batch, 20)
+  wide = objectives.host_mlm_positions(batch, 20)
   assert wide['mlm_positions'].shape == (3, 20) and wide['mlm_position_weights'][:, 12:].sum() == 0
   assert wide['mlm_position_weights'].sum() == weights.sum()
 
@@ -525,7 +527,7 @@ def test_prefetcher_state_is_the_next_batch_the_step_consumes():
       return self.i
     def get_state(self):
       return {'i': self.i}
-  prefetcher = train.Prefetcher(Counter(), lambda x: x * 10, depth=2)
+  prefetcher = loop.Prefetcher(Counter(), lambda x: x * 10, depth=2)
   try:
     assert prefetcher.state == {'i': 0}
     assert next(prefetcher) == 10 and next(prefetcher) == 20

@@ -1,0 +1,164 @@
+r"""GLUE: fine-tune a pre-trained bert_sym checkpoint on every task and score the dev sets.
+
+The paper's recipe (configs/glue.py): per task and seed, a fresh pooler + classifier
+(N(0, 0.02)) on the pre-trained encoder, 5 epochs of AdamW at lr 1e-5 (10% warm-up, then
+linear decay), batch 16, length 128; the dev score after the last epoch. The model (size,
+attention variant, vocabulary) is read from the checkpoint's workdir, never retyped.
+
+  # All nine tasks from TFDS glue/*, seeds 1-5 (the paper's table):
+  python -m bert_sym.glue --checkpoint=WORKDIR --output_dir=/tmp/glue
+
+  # Local files in the GLUE download-script layout, a few tasks, one seed:
+  python -m bert_sym.glue --checkpoint=WORKDIR/checkpoints/600 --output_dir=/tmp/glue \
+      --glue_dir=/path/to/glue_data --tasks=cola,mrpc,rte --seeds=1
+
+  # GLUE vs pre-training step (every checkpoint in WORKDIR), and the first step that
+  # reaches 95% of a reference score (the paper's "half the training steps"):
+  python -m bert_sym.glue --checkpoint=WORKDIR --output_dir=/tmp/sweep --sweep \
+      --seeds=1 --reference_score=79.36
+
+  # The tiny-model CPU run reported in the README: the six complete tasks of a local
+  # GLUE copy, one seed, 1 epoch, length 64 (the tiny model's pre-training length),
+  # lr 1e-4 (a 128-wide model needs a larger step); about 10 min on 2 CPU cores.
+  # Pre-train first: python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt
+  python -m bert_sym.glue --checkpoint=/tmp/tiny_glue_ckpt --output_dir=/tmp/tiny_glue \
+      --glue_dir=../shared/data/glue --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1 \
+      --config.epochs=1 --config.max_seq_len=64 --config.learning_rate=1e-4
+
+Outputs in --output_dir, local or gs:// (each written to a temporary file, then renamed
+over the old one; on gs:// the rename is a copy of the complete file, then a delete):
+  glue_results.json   every metric per task and seed, GLUE per seed, mean +- std
+  glue_results.md     the paper's table: one row per seed, then mean +- std
+  predictions/<name>_seed<k>.tsv   idx, label, prediction per dev example
+                                   (MNLI: mnli_m_seed<k>.tsv and mnli_mm_seed<k>.tsv)
+  runs/<task>_seed<k>/             TensorBoard events (train loss, learning rate, dev
+                                   metrics) and the same scalars in metrics.jsonl
+  runs/<task>/checkpoints/         while a task trains: its checkpoint (every
+                                   config.checkpoint_every_steps and on SIGTERM / Ctrl-C,
+                                   then exit 42 / 130); the rerun continues from it
+With --sweep: step_<N>/ (the above per checkpoint) and glue_vs_step.{json,md,png}.
+
+GLUE is the unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, SST-2
+(WNLI excluded); "GLUE full" adds WNLI. A task not run is shown as missing; then GLUE is not
+reported, and a mean over the tasks present is reported instead, labelled "partial (k/9)".
+STS-B's Pearson and Spearman are 0.0 (not NaN) when the model predicts one constant value.
+
+All seeds of a task train together in one vmapped step (config.parallel_seeds; False:
+one by one), each with its own init, dropout and data order, as when run alone.
+
+Multi-host: every process fine-tunes; process 0 alone reads the output directory to decide
+what is already finished (and lists the checkpoints of a sweep), then shares its decision,
+so per-host local output directories cannot send the hosts down different paths.
+"""
+
+import functools
+from pathlib import Path
+import sys
+import time
+import types
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import jax
+from ml_collections import config_flags
+
+from bert_sym import distributed
+from bert_sym import loop
+from bert_sym import metrics_writer
+from bert_sym.glue import data as glue_data
+from bert_sym.glue import suite
+
+
+# ----------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------
+
+
+def define_flags() -> types.SimpleNamespace:
+  """The command line, defined only when this module runs as the program.
+
+  Defining flags at import would clash with `bert_sym.train`'s `--config` as soon as one
+  process imports both (a notebook, the test suite).
+  """
+  return types.SimpleNamespace(
+      multiprocess=distributed.define_flags(),
+      config=config_flags.DEFINE_config_file(
+          'config', str(Path(__file__).resolve().parents[2] / 'configs' / 'glue.py'),
+          'GLUE fine-tuning config (configs/glue.py); override any knob with '
+          '--config.KEY=VALUE.'),
+      checkpoint=flags.DEFINE_string(
+          'checkpoint', None, 'A training workdir (its latest checkpoint; with --sweep: all '
+          'of them) or one step directory WORKDIR/checkpoints/STEP.'),
+      output_dir=flags.DEFINE_string('output_dir', None, 'Where results are written.'),
+      tasks=flags.DEFINE_string(
+          'tasks', None, f'Comma-separated TFDS task names (default: config.tasks = '
+          f'{",".join(glue_data.TASKS)}).'),
+      seeds=flags.DEFINE_string(
+          'seeds', None, 'Comma-separated seeds (default: config.seeds = 1,2,3,4,5).'),
+      glue_dir=flags.DEFINE_string(
+          'glue_dir', None, 'Local GLUE directory (CoLA/train.tsv, MNLI/dev_matched.tsv, '
+          '...) instead of TFDS glue/*.'),
+      sweep=flags.DEFINE_bool('sweep', False, 'Score every checkpoint step of the workdir.'),
+      reference_score=flags.DEFINE_float(
+          'reference_score', None, 'With --sweep: report the first step reaching 95% of '
+          'this GLUE score (e.g. 79.36, the paper\'s final base pairwise score).'),
+  )
+
+
+def main(argv, cli):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not cli.checkpoint.value or not cli.output_dir.value:
+    raise app.UsageError('--checkpoint and --output_dir are required (see --help).')
+  config = cli.config.value
+  if cli.tasks.value is not None:
+    config.tasks = cli.tasks.value
+  if cli.seeds.value is not None:
+    config.seeds = cli.seeds.value
+  if cli.glue_dir.value is not None:
+    config.glue_dir = cli.glue_dir.value
+  if cli.reference_score.value is not None and not cli.sweep.value:
+    raise app.UsageError('--reference_score only applies with --sweep.')
+  metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)
+  distributed.initialize(cli.multiprocess)   # every host runs this same command
+  start = time.time()
+  try:
+    if cli.sweep.value:
+      suite.run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
+      table = 'glue_vs_step.md'
+    else:
+      suite.run_glue(cli.checkpoint.value, cli.output_dir.value, config)
+      table = 'glue_results.md'
+  except loop.Preempted as e:
+    logging.warning('%s; exiting with code %d.', e, e.exit_code)
+    sys.stdout.flush()
+    sys.exit(e.exit_code)
+  except (ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError) as e:
+    # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix.
+    raise SystemExit(f'bert_sym.glue: error: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    if 'tensorflow_datasets' not in ''.join(_traceback_files(e)):
+      raise
+    # TFDS could not download or prepare glue/*: offline, or no prepared copy.
+    raise SystemExit(
+        f'bert_sym.glue: error: TFDS could not load GLUE ({type(e).__name__}: '
+        f'{str(e)[:200]}). Fix: prepare it where there is internet (tfds build glue '
+        '--data_dir=DIR) and pass --config.tfds_data_dir=DIR, or use a local copy in '
+        'the GLUE download-script layout with --glue_dir=DIR.') from None
+  if jax.process_index() == 0:   # the only process that writes results
+    print((epath.Path(cli.output_dir.value) / table).read_text())
+    print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
+
+
+def _traceback_files(error: BaseException) -> list[str]:
+  tb, files = error.__traceback__, []
+  while tb is not None:
+    files.append(tb.tb_frame.f_code.co_filename)
+    tb = tb.tb_next
+  return files
+
+
+if __name__ == '__main__':
+  app.run(functools.partial(main, cli=define_flags()))

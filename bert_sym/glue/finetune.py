@@ -1,0 +1,320 @@
+"""Fine-tuning one GLUE task on the shared core (bert_sym.steps + bert_sym.loop).
+
+Per task, the seeds to train form one group: with config.parallel_seeds, all of them in
+one jax.vmap'ped step over a leading seed axis of params, optimizer state and batches;
+otherwise one seed at a time. Seed k always has the same init key, dropout key and data
+order (`train_batches(..., seed=k)`) either way, so both paths give the same model.
+
+A group checkpoints to {output_dir}/runs/{task}/checkpoints (bert_sym.checkpoint's
+manager): every config.checkpoint_every_steps and on SIGTERM / Ctrl-C (then exit 42 /
+130, as the trainer). The rerun continues from that step: the data order is a function
+of (seed, step), so the data state is the step.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from absl import logging
+from etils import epath
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import loop
+from bert_sym import metrics_writer
+from bert_sym import model as model_lib
+from bert_sym import objectives
+from bert_sym import optim
+from bert_sym import sharding
+from bert_sym import steps
+from bert_sym.glue import data as glue_data
+from bert_sym.glue import hosts
+
+
+@dataclasses.dataclass
+class Pretrained:
+  config: ml_collections.ConfigDict    # the training config from {workdir}/config.json
+  encoder: dict                        # host numpy BertForMaskedLM params['encoder']
+  step_dir: str
+  step: int
+
+
+def load_pretrained(path) -> Pretrained:
+  # A workdir means its latest step, which a running trainer can change between two
+  # hosts' listings: process 0 picks it for everyone.
+  step_dir = epath.Path(hosts.on_process_0(
+      lambda: str(checkpoint_lib.resolve_step_dir(path))))
+  config, params = checkpoint_lib.load_pretrained(step_dir)
+  if 'encoder' not in params:
+    raise ValueError(f'{step_dir} holds no BertForMaskedLM encoder (top-level params: '
+                     f'{sorted(params)}).')
+  return Pretrained(config, params['encoder'], str(step_dir), int(step_dir.name))
+
+
+def check_vocab(pretrained: Pretrained, tokenizer) -> None:
+  """The tokenizer must emit exactly the ids the embedding table was trained on."""
+  table_rows = pretrained.encoder['embeddings']['word_embeddings']['embedding'].shape[0]
+  config_size = pretrained.config.model.vocab_size
+  if not tokenizer.vocab_size == config_size == table_rows:
+    raise ValueError(
+        f'Vocabulary mismatch: the tokenizer ({tokenizer.vocab_file}) has '
+        f'{tokenizer.vocab_size} tokens, but the checkpoint {pretrained.step_dir} has '
+        f'model.vocab_size={config_size} and a {table_rows}-row embedding table. Pass the '
+        'vocabulary it was pre-trained with: --config.vocab_path=PATH/vocab.txt.')
+
+
+def num_train_steps(num_train, batch_size, epochs) -> int:
+  return max(1, math.ceil(epochs * math.ceil(num_train / batch_size)))
+
+
+def train_batches(n, batch_size, epochs, seed):
+  """Index lists of every step: a fresh shuffle per epoch, the last partial batch kept."""
+  total_steps = num_train_steps(n, batch_size, epochs)
+  rng = np.random.default_rng(seed)
+  batches = []
+  while len(batches) < total_steps:
+    order = rng.permutation(n)
+    batches.extend(order[i:i + batch_size] for i in range(0, n, batch_size))
+  return batches[:total_steps]
+
+
+def global_batch(batch: dict, mesh, batch_size: int, rules, stacked: bool = False) -> dict:
+  """A batch every process built identically -> global arrays split over the batch axes
+  (axis 1 when `stacked` over seeds). Each process keeps the rows of its own devices."""
+  per_process = batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  spec = sharding.batch_sharding(mesh, rules).spec
+  target = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, *spec) if stacked else spec)
+  axis = 1 if stacked else 0
+
+  def to_global(x):
+    local = np.take(np.asarray(x), np.arange(start, start + per_process), axis=axis)
+    shape = x.shape[:axis] + (batch_size,) + x.shape[axis + 1:]
+    return jax.make_array_from_process_local_data(target, local, shape)
+  return jax.tree.map(to_global, batch)
+
+
+def _optimizer_config(config, total_steps):
+  return ml_collections.ConfigDict(dict(
+      learning_rate=config.learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+      weight_decay=config.weight_decay, grad_clip_norm=config.grad_clip_norm,
+      # Hugging Face: warmup_steps = ceil(warmup_ratio * total_steps).
+      warmup_steps=math.ceil(config.warmup_ratio * total_steps)))
+
+
+@dataclasses.dataclass
+class TaskSetup:
+  """What every seed of one task shares: the model, the optimizer and the jitted steps.
+
+  Built once per task so that later seeds (and a sweep's later checkpoints) reuse the
+  compilations.
+  """
+  spec: glue_data.TaskSpec
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  total_steps: int
+  state: steps.StateSpec
+  rules: Any                 # the training config's logical-axis rules (batch included)
+  train_step: Any            # jitted (state, batch) -> (state, metrics), state donated
+  parallel_step: Any         # the same, vmapped over a leading seed axis
+  predict_step: Any
+
+  def init(self, key):
+    """Fresh classifier params (pooler and classifier N(0, 0.02)), created sharded."""
+    return self.state.init_params(key)
+
+
+def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
+  model = model_lib.BertForSequenceClassification(pretrained.config.model,
+                                                  num_labels=spec.num_labels)
+  total_steps = num_train_steps(num_train, config.batch_size, config.epochs)
+  tx, schedule = optim.make_optimizer(_optimizer_config(config, total_steps), total_steps)
+  state = steps.create_state(
+      lambda key: model.init(key, *model_lib.dummy_inputs(1, 8))['params'], tx, mesh, rules)
+  accum = config.get('grad_accum_steps', 1)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  train_step = steps.make_train_step(
+      objectives.classifier_loss_fn(model, regression=spec.is_regression), tx, schedule,
+      weight_fn=objectives.example_weight, accum=accum, mesh=mesh,
+      batch_sharding=batch_sharding, fold_micro_index=False)
+  replicated = sharding.replicated(mesh)
+  # Pinning the shardings keeps step 2's arguments identical to step 1's, so jit compiles
+  # once per padded length.
+  jitted = steps.jit_train_step(train_step, state.shardings, batch_sharding, replicated)
+  parallel = steps.jit_train_step(jax.vmap(train_step), steps.stacked(state.shardings),
+                                  steps.stacked(batch_sharding), replicated)
+
+  def predict(params, batch):
+    logits = objectives.classifier_logits(model, params, batch)
+    return objectives.predictions(logits, spec.is_regression)
+  # Replicated predictions: every process can read them (and they are tiny).
+  predict_step = jax.jit(predict, out_shardings=replicated)
+  return TaskSetup(spec, model, tx, schedule, total_steps, state, rules, jitted, parallel,
+                   predict_step)
+
+
+class _Batches:
+  """The host batches of a group at step `state['step']`: seed k's rows are
+  train_batches(seed=k)[step]; stacked over seeds, padded to the longest seed's length."""
+
+  def __init__(self, train, config, seeds, pad_id, stacked, step):
+    self._per_seed = [train_batches(len(train), config.batch_size, config.epochs, s)
+                      for s in seeds]
+    self._train, self._config, self._pad_id = train, config, pad_id
+    self._stacked, self.step = stacked, step
+
+  def get_state(self):
+    return {'step': self.step}
+
+  def __next__(self):
+    c = self._config
+    batches = [glue_data.pad_batch(self._train, b[self.step], c.batch_size, c.max_seq_len,
+                                   self._pad_id, bucket=c.length_buckets)
+               for b in self._per_seed]
+    self.step += 1
+    if not self._stacked:
+      return batches[0]
+    length = max(b['input_ids'].shape[1] for b in batches)
+    pad = lambda x, value: np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+    for b in batches:
+      b['input_ids'] = pad(b['input_ids'], self._pad_id)
+      b['token_type_ids'], b['attention_mask'] = pad(b['token_type_ids'], 0), pad(
+          b['attention_mask'], 0)
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _group_dir(output_dir, task_name):
+  return epath.Path(output_dir) / 'runs' / task_name
+
+
+def _metric_writer(run_dir, resume_step) -> metrics_writer.MetricWriter:
+  """TensorBoard + metrics.jsonl for one (task, seed); a fresh run replaces old curves,
+  a resumed one drops the rows after its step."""
+  primary = jax.process_index() == 0
+  if primary:
+    run_dir = epath.Path(run_dir)
+    if not resume_step:
+      run_dir.rmtree(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+  writer = metrics_writer.MetricWriter(run_dir, enabled=primary)
+  if resume_step:
+    writer.drop_rows_after(resume_step)
+  return writer
+
+
+def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_id,
+                   output_dir, identity: dict, preemption=None) -> list:
+  """Fine-tunes one model per seed from the checkpoint; returns their params (in order).
+
+  Resumes from {output_dir}/runs/{task}/checkpoints when it holds this group (same
+  seeds, checkpoint and recipe: `identity`); raises loop.Preempted after saving on SIGTERM.
+  """
+  stacked = len(seeds) > 1
+  group_dir = _group_dir(output_dir, task.spec.name)
+  marker = group_dir / 'group.json'
+  identity = dict(identity, seeds=list(seeds), parallel=stacked)
+  same = hosts.on_process_0(lambda: marker.exists() and json.loads(marker.read_text()) == identity)
+  if jax.process_index() == 0 and not same:
+    checkpoint_lib.checkpoint_dir(group_dir).rmtree(missing_ok=True)
+    group_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity))
+  ckpt = ml_collections.ConfigDict(dict(keep_last=1, keep_every=0, async_save=False))
+  abstract, abstract_params = task.state.abstract, task.state.abstract_params
+  if stacked:
+    lead = lambda a, s=None: jax.ShapeDtypeStruct((len(seeds),) + a.shape, a.dtype,
+                                                  sharding=s)
+    abstract = jax.tree.map(lead, abstract, steps.stacked(task.state.shardings))
+    abstract_params = jax.tree.map(lead, abstract_params)
+  manager, latest, state, _ = checkpoint_lib.restore_latest(
+      group_dir, ckpt, abstract, abstract_params, log=logging.warning)
+  desc = f'{task.spec.name} seed{"s" if stacked else ""} {",".join(map(str, seeds))}'
+  if latest is None:
+    states = []
+    for seed in seeds:
+      init_key, dropout_key = jax.random.split(jax.random.key(seed))
+      params = checkpoint_lib.with_pretrained_encoder(
+          task.init(init_key), pretrained.encoder, pretrained.step_dir)
+      params = jax.device_put(params, task.state.param_shardings)
+      states.append(task.state.from_params(params, dropout_key))
+    state = (jax.device_put(steps.stack(states), steps.stacked(task.state.shardings))
+             if stacked else states[0])
+  else:
+    logging.info('%s: resuming from step %d of %d (%s)', desc, latest, task.total_steps,
+                 checkpoint_lib.checkpoint_dir(group_dir))
+    print(f'{desc}: resuming from step {latest} of {task.total_steps}', flush=True)
+  step = latest or 0
+  writers = [_metric_writer(epath.Path(output_dir) / 'runs' / f'{task.spec.name}_seed{s}',
+                            step) for s in seeds]
+  seq_len = config.max_seq_len
+  meter = loop.Meter(
+      task.total_steps, len(seeds) * config.batch_size * seq_len,
+      model_lib.train_flops_per_token(pretrained.config.model, seq_len, 0.0),
+      metrics_writer.peak_flops_per_device(), config.get('on_nonfinite', 'stop'),
+      what=f'GLUE {desc}')
+  meter.last_saved = latest
+  console = print if config.progress_bar and jax.process_index() == 0 else (lambda *a: None)
+
+  def log(step, scalars, eta, per_run):
+    for i, writer in enumerate(writers):
+      writer.write_scalars(step, {
+          'train/loss': np.reshape(per_run['train/loss'], -1)[i if stacked else 0],
+          'train/grad_norm': np.reshape(per_run['train/grad_norm'], -1)[i if stacked else 0],
+          'train/learning_rate': scalars['train/learning_rate']})
+    console(f'{desc}: {metrics_writer.format_progress(step, task.total_steps, scalars, eta)}')
+
+  def save(state, step):
+    if step < task.total_steps:   # a finished group is scored, not resumed
+      checkpoint_lib.save(manager, step, state, {'step': step}, force=True)
+
+  hooks = loop.Hooks(log=log, save=save, log_every=config.log_every_steps,
+                     save_every=config.get('checkpoint_every_steps', 0), console=console,
+                     name=f'GLUE {task.spec.name}')
+  batches = _Batches(train, config, seeds, pad_id, stacked, step)
+  to_global = lambda b: global_batch(b, mesh, config.batch_size, task.rules, stacked)
+  prefetcher = loop.Prefetcher(batches, to_global, depth=2)
+  try:
+    state, step, preempted = loop.run(
+        state, step, task.total_steps, task.parallel_step if stacked else task.train_step,
+        prefetcher, meter, hooks, preemption, manager)
+  finally:
+    prefetcher.close()
+    manager.wait_until_finished()
+    manager.close()
+    for writer in writers:
+      writer.close()
+  if preempted:
+    raise loop.Preempted(step, preemption.signal_name)
+  params = state['params']
+  return steps.unstack(params, len(seeds)) if stacked else [params]
+
+
+def finish_group(output_dir, task_name) -> None:
+  """The group's results are written: its checkpoints are no longer needed."""
+  if jax.process_index() == 0:
+    group_dir = _group_dir(output_dir, task_name)
+    checkpoint_lib.checkpoint_dir(group_dir).rmtree(missing_ok=True)
+    (group_dir / 'group.json').unlink(missing_ok=True)
+
+
+def predict(params, task: TaskSetup, dev, config, mesh, pad_id):
+  """Dev predictions in the dev set's order (batches formed by length, then restored)."""
+  order = np.argsort(dev.lengths, kind='stable')
+  out = []
+  for start in range(0, len(order), config.eval_batch_size):
+    indices = order[start:start + config.eval_batch_size]
+    batch = glue_data.pad_batch(dev, indices, config.eval_batch_size, config.max_seq_len,
+                                pad_id, bucket=config.length_buckets)
+    batch.pop('labels'), batch.pop('weights')
+    batch = global_batch(batch, mesh, config.eval_batch_size, task.rules)
+    out.append(np.asarray(jax.device_get(task.predict_step(params, batch)))[:len(indices)])
+  predictions = np.empty(len(dev), out[0].dtype if out else np.float32)
+  predictions[order] = np.concatenate(out) if out else []
+  return predictions
+

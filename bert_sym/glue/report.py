@@ -1,0 +1,186 @@
+"""GLUE outputs: glue_results.json / .md (the paper's table), predictions TSVs, and the
+sweep's glue_vs_step.{json,md,png}. Every file is written atomically, by process 0 only.
+"""
+
+import io
+import json
+import os
+
+from etils import epath
+import jax
+
+from bert_sym.glue import metrics as glue_metrics
+
+_REFERENCE_FRACTION = 0.95
+
+
+def write_atomically(path, data: str | bytes) -> None:
+  """Writes `data` (text as UTF-8) to a temporary file beside `path`, then renames it.
+
+  Locally the rename is atomic; on gs:// it is a copy of the complete file and a delete,
+  so a reader still never sees a partial object. Only process 0 writes: every process
+  computes the same results.
+  """
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  tmp.write_bytes(data.encode('utf-8') if isinstance(data, str) else data)
+  tmp.replace(path)
+
+
+def predictions_tsv(dev, predictions, regression) -> str:
+  # 9 significant digits round-trip float32 exactly: scores recomputed from the file match.
+  fmt = (lambda v: f'{float(v):.9g}') if regression else (lambda v: str(int(v)))
+  rows = ['idx\tlabel\tprediction']
+  rows += [f'{i}\t{fmt(l)}\t{fmt(p)}' for i, l, p in zip(dev.idx, dev.labels, predictions)]
+  return '\n'.join(rows) + '\n'
+
+
+def _fmt(value, digits=2):
+  return '—' if value is None else f'{value:.{digits}f}'
+
+
+def _glue_cell(row, key, total):
+  if row.get(key) is not None:
+    return _fmt(row[key])
+  if row.get(f'{key}_partial') is not None:
+    return f'{row[f"{key}_partial"]:.2f} (partial {len(row[f"{key}_tasks"])}/{total})'
+  return '—'
+
+
+def markdown_table(results: dict) -> str:
+  names = glue_metrics.FULL_SCORES
+  header = ['seed', 'GLUE', 'GLUE full'] + [glue_metrics.SCORE_TITLES[n] for n in names]
+  lines = [f'# GLUE dev results: {results["checkpoint"]}', '',
+           f'Model: {results["model"]["attention"]} attention, '
+           f'{results["model"]["num_layers"]} layers x {results["model"]["hidden_size"]}; '
+           f'pre-training step {results["step"]}. Fine-tuning: {results["recipe"]}.', '',
+           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  summary = results['summary']
+  for seed, row in summary['per_seed'].items():
+    cells = [str(seed), _glue_cell(row, 'glue', 9), _glue_cell(row, 'glue_full', 10)]
+    lines.append('| ' + ' | '.join(cells + [_fmt(row[n]) for n in names]) + ' |')
+  stats = summary['over_seeds']
+
+  def pm(s):
+    if s['mean'] is None:
+      return '—'
+    return f'{s["mean"]:.2f}' if s['std'] is None else f'{s["mean"]:.2f} ± {s["std"]:.2f}'
+
+  def glue_pm(key, total):
+    if stats[key]['n']:
+      return pm(stats[key])
+    if stats[f'{key}_partial']['n']:
+      first = next(iter(summary['per_seed'].values()))
+      return f'{pm(stats[f"{key}_partial"])} (partial {len(first[f"{key}_tasks"])}/{total})'
+    return '—'
+
+  seeds = len(summary['per_seed'])
+  cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
+           glue_pm('glue_full', 10)]
+  lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
+  cut = {k: results.get('config', {}).get(k, 0) for k in ('max_train_examples', 'max_eval_examples')}
+  if any(cut.values()):
+    lines += ['', '**Cut data, not comparable with the paper:** ' + '; '.join(
+        f'only the first {n} {what} examples' for what, n in
+        (('training', cut['max_train_examples']), ('dev-set', cut['max_eval_examples']))
+        if n) + ' (config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
+  lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
+            'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
+            'mean over the k tasks present only, not comparable to the paper\'s GLUE. '
+            'Scores x100; std over seeds is the sample std (ddof=1).', '']
+  return '\n'.join(lines)
+
+
+def write_results(output_dir, results) -> None:
+  results['summary'] = glue_metrics.summarize(
+      {seed: {name: r['score'] for name, r in scores.items()}
+       for seed, scores in _scores_by_seed(results).items()})
+  write_atomically(epath.Path(output_dir) / 'glue_results.json',
+                   json.dumps(results, indent=2, sort_keys=False) + '\n')
+  write_atomically(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
+
+
+def _scores_by_seed(results):
+  by_seed = {seed: {} for seed in results['seeds']}
+  for task in results['runs'].values():
+    for seed, run in task.items():
+      by_seed[int(seed)].update(run['scores'])
+  return by_seed
+
+
+
+# ----------------------------------------------------------------------------------------
+# Sweep: GLUE against pre-training step.
+# ----------------------------------------------------------------------------------------
+
+
+def sweep_point(step, results) -> dict:
+  stats = results['summary']['over_seeds']
+  first = next(iter(results['summary']['per_seed'].values()))
+  if stats['glue']['n']:
+    kind, s = 'glue', stats['glue']
+  else:
+    kind, s = f'glue_partial ({len(first["glue_tasks"])}/9)', stats['glue_partial']
+  return {'step': step, 'score': s['mean'], 'std': s['std'], 'score_kind': kind,
+          'glue_full': stats['glue_full']['mean'],
+          'tasks': {n: stats[n]['mean'] for n in glue_metrics.FULL_SCORES}}
+
+
+def first_step_reaching(points, threshold):
+  for p in points:
+    if p['score'] is not None and p['score'] >= threshold:
+      return p['step']
+  return None
+
+
+
+def write_sweep(output_dir, workdir, points, reference_score):
+  summary = {'workdir': str(workdir), 'points': points}
+  lines = [f'# GLUE vs pre-training step: {workdir}', '',
+           '| step | score | kind | ' + ' | '.join(
+               glue_metrics.SCORE_TITLES[n] for n in glue_metrics.FULL_SCORES) + ' |',
+           '|' + '---|' * (3 + len(glue_metrics.FULL_SCORES))]
+  for p in points:
+    lines.append(f'| {p["step"]} | {_fmt(p["score"])} | {p["score_kind"]} | ' + ' | '.join(
+        _fmt(p['tasks'][n]) for n in glue_metrics.FULL_SCORES) + ' |')
+  threshold = None
+  if reference_score is not None:
+    threshold = _REFERENCE_FRACTION * reference_score
+    reached = first_step_reaching(points, threshold)
+    summary.update(reference_score=reference_score, threshold=threshold,
+                   first_step_reaching_threshold=reached)
+    lines += ['', f'Reference score {reference_score:.2f}; 95% of it = {threshold:.2f}. '
+              f'First step reaching it: {reached if reached is not None else "none yet"}.']
+    if any(p['score_kind'] != 'glue' for p in points):
+      lines.append('Warning: some scores are partial GLUE means (tasks missing); the '
+                   'comparison with a full-GLUE reference is only indicative.')
+  output_dir = epath.Path(output_dir)
+  write_atomically(output_dir / 'glue_vs_step.json', json.dumps(summary, indent=2) + '\n')
+  write_atomically(output_dir / 'glue_vs_step.md', '\n'.join(lines) + '\n')
+  plot_sweep(output_dir / 'glue_vs_step.png', points, threshold)
+
+
+def plot_sweep(path, points, threshold=None):
+  """GLUE vs pre-training step as a PNG, with the 95%-of-reference line when given."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')   # no display on TPU VMs and CI
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  steps = [p['step'] for p in points if p['score'] is not None]
+  scores = [p['score'] for p in points if p['score'] is not None]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(steps, scores, 'o-', label='GLUE (dev)')
+  if threshold is not None:
+    ax.axhline(threshold, color='gray', linestyle='--', label=f'95% of reference ({threshold:.2f})')
+  ax.set_xlabel('pre-training step')
+  ax.set_ylabel('GLUE score')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  png = io.BytesIO()   # rendered in memory, then written like every other output file
+  fig.savefig(png, format='png', dpi=100)
+  plt.close(fig)
+  write_atomically(path, png.getvalue())
+

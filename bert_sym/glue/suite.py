@@ -1,0 +1,232 @@
+"""One checkpoint: every task x every seed; and the sweep over a workdir's checkpoints.
+
+Resume works at two levels. A (task, seed) whose results and prediction files are in
+--output_dir (same checkpoint and recipe) is reused; a task interrupted mid-training
+continues from its last checkpoint in runs/<task>/checkpoints (bert_sym.glue.finetune).
+"""
+
+import json
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+
+from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import loop
+from bert_sym import metrics_writer
+from bert_sym import sharding
+from bert_sym.glue import data as glue_data
+from bert_sym.glue import finetune as finetune_lib
+from bert_sym.glue import hosts
+from bert_sym.glue import metrics as glue_metrics
+from bert_sym.glue import report
+
+# Knobs that decide what a (task, seed) computes are compared on resume; these do not.
+_NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
+               'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite')
+# Keys added after outputs were written without them: their value then is this default.
+_DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1}
+
+
+def parse_seeds(seeds) -> list[int]:
+  try:
+    values = [int(s) for s in str(seeds).replace(' ', '').split(',') if s]
+  except ValueError:
+    raise ValueError(f'Seeds must be comma-separated integers, got {seeds!r}.') from None
+  if not values:
+    raise ValueError('No seed given.')
+  return list(dict.fromkeys(values))
+
+
+def recipe(config) -> dict:
+  """The knobs that decide what one (task, seed) computes (not which ones run, or logging)."""
+  values = dict(_DEFAULTS_OF_NEWER_KEYS, **config.to_dict())
+  return {k: v for k, v in values.items() if k not in _NOT_RECIPE}
+
+
+def finished_runs(output_dir, step_dir, config) -> dict:
+  """(task, seed) results of an earlier run of the same checkpoint and recipe, if any.
+
+  Only runs whose prediction files are all present are reused, so a run killed while
+  writing them is redone. Decided on process 0, which alone writes `output_dir`, and the
+  same answer is returned on every process (see `hosts.on_process_0`).
+  """
+  def read():
+    path = epath.Path(output_dir) / 'glue_results.json'
+    if not config.resume or not path.exists():
+      return []
+    previous = json.loads(path.read_text())
+    previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
+    if previous.get('checkpoint') != step_dir or previous_recipe != recipe(config):
+      logging.info('%s is from another checkpoint or recipe: not resuming from it.', path)
+      return []
+    done = []
+    for task, seeds in previous['runs'].items():
+      for seed, run in seeds.items():
+        files = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
+                 for n in run['scores']]
+        if all(f.exists() for f in files):
+          done.append([task, int(seed), run])
+    return done
+  return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
+
+
+def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict,
+             task_cache: dict | None = None) -> dict:
+  """Fine-tunes and scores every (task, seed); rewrites the outputs after each group.
+
+  `task_cache` (a dict the caller keeps) lets a sweep reuse the compiled steps of one
+  checkpoint for the next: they depend on the model config and data size, not weights.
+  Raises loop.Preempted after saving when stopped by SIGTERM / Ctrl-C.
+  """
+  task_cache = {} if task_cache is None else task_cache
+  specs = glue_data.parse_tasks(config.tasks)
+  seeds = parse_seeds(config.seeds)
+  pretrained = finetune_lib.load_pretrained(checkpoint)
+  tokenizer = glue_data.WordPiece(
+      config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''))
+  finetune_lib.check_vocab(pretrained, tokenizer)
+  if config.max_seq_len > pretrained.config.model.max_position_embeddings:
+    raise ValueError(f'config.max_seq_len={config.max_seq_len} exceeds the checkpoint\'s '
+                     f'max_position_embeddings={pretrained.config.model.max_position_embeddings}.')
+
+  if config.glue_dir:   # every file checked now, not after hours of training other tasks
+    for spec in specs:
+      for file_name in ['train.tsv'] + [d.tsv_file for d in spec.dev_sets]:
+        glue_data.tsv_path(config.glue_dir, spec, file_name)
+
+  # The trainer's mesh code and logical-axis rules: data parallel over the batch, and
+  # parameters laid out as in pre-training (replicated unless fsdp/tensor > 1).
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(pretrained.config)
+  sharding.check_batch_size(config.batch_size, mesh, rules, 'batch_size')
+  sharding.check_batch_size(config.batch_size // config.get('grad_accum_steps', 1), mesh,
+                            rules, 'batch_size / grad_accum_steps')
+  sharding.check_batch_size(config.eval_batch_size, mesh, rules, 'eval_batch_size')
+
+  output_dir = epath.Path(output_dir)
+  model_cfg = pretrained.config.model
+  results = {
+      'checkpoint': pretrained.step_dir, 'step': pretrained.step,
+      'model': {k: model_cfg[k] for k in ('attention', 'num_layers', 'hidden_size',
+                                          'num_heads', 'vocab_size')},
+      'recipe': (f'{config.epochs:g} epoch(s), lr {config.learning_rate:g}, batch '
+                 f'{config.batch_size}, max length {config.max_seq_len}, warm-up '
+                 f'{config.warmup_ratio:.0%}, weight decay {config.weight_decay:g}'),
+      'config': config.to_dict(), 'devices': jax.device_count(), 'mesh': dict(mesh.shape),
+      'seeds': seeds, 'tasks': [s.name for s in specs], 'runs': {},
+  }
+  done = finished_runs(output_dir, pretrained.step_dir, config)
+  # Tasks finished earlier into this directory stay in the table, so tasks can be run one
+  # command at a time (e.g. --tasks=mnli on a bigger machine) and still add up to GLUE.
+  for (task, seed), run in done.items():
+    if task not in results['tasks'] and seed in seeds:
+      results['runs'].setdefault(task, {})[str(seed)] = run
+  results['tasks'] += [t for t in results['runs'] if t not in results['tasks']]
+  logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
+               pretrained.step, config.glue_dir or 'TFDS glue/*', results['tasks'], seeds)
+  preemption = loop.PreemptionFlag()
+
+  for spec in specs:
+    results['runs'][spec.name] = {}
+    for seed in seeds:
+      if (spec.name, seed) in done:
+        logging.info('%s seed %d: reusing the finished run in %s', spec.name, seed, output_dir)
+        results['runs'][spec.name][str(seed)] = done[spec.name, seed]
+    todo = [seed for seed in seeds if str(seed) not in results['runs'][spec.name]]
+    if not todo:
+      report.write_results(output_dir, results)
+      continue
+    load = lambda split, n: glue_data.load_split(  # pylint: disable=cell-var-from-loop
+        spec, split, glue_dir=config.glue_dir, tfds_data_dir=config.tfds_data_dir).head(n)
+    # Read every split before training so a missing dev file fails in seconds, not after
+    # an hour of fine-tuning.
+    train = glue_data.encode_examples(load('train', config.max_train_examples), tokenizer,
+                                      config.max_seq_len)
+    devs = {d.score_name: glue_data.encode_examples(load(d.score_name, config.max_eval_examples),
+                                                    tokenizer, config.max_seq_len)
+            for d in spec.dev_sets}
+    cache_key = (json.dumps(pretrained.config.model.to_dict(), sort_keys=True),
+                 json.dumps(recipe(config), sort_keys=True), spec.name, len(train))
+    if cache_key not in task_cache:
+      task_cache[cache_key] = finetune_lib.setup_task(pretrained, spec, len(train), config,
+                                                      mesh, rules)
+    task = task_cache[cache_key]
+    identity = {'checkpoint': pretrained.step_dir, 'recipe': recipe(config),
+                'train_examples': len(train)}
+    groups = [todo] if config.get('parallel_seeds', True) else [[s] for s in todo]
+    for group in groups:
+      start = time.time()
+      trained = finetune_group(pretrained, task, train, config, group, mesh,
+                               tokenizer.pad_id, output_dir, identity, preemption)
+      seconds = time.time() - start
+      for seed, params in zip(group, trained):
+        scores = _score(params, task, devs, config, mesh, tokenizer.pad_id, output_dir, seed)
+        results['runs'][spec.name][str(seed)] = {
+            'scores': scores, 'train_examples': len(train),
+            'dev_examples': {n: len(d) for n, d in devs.items()},
+            'train_steps': task.total_steps, 'seconds': round(seconds, 1),
+            **({'trained_with_seeds': group} if len(group) > 1 else {})}
+        logging.info('%s seed %d: %s (%d steps, %.0f s)', spec.name, seed,
+                     ', '.join(f'{n} {s["score"]:.2f}' for n, s in scores.items()),
+                     task.total_steps, seconds)
+      report.write_results(output_dir, results)
+      finetune_lib.finish_group(output_dir, spec.name)
+  return results
+
+
+def finetune_group(*args, **kwargs):
+  """finetune.finetune_group (a seam for tests that count what is trained)."""
+  return finetune_lib.finetune_group(*args, **kwargs)
+
+
+def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:
+  """Dev predictions and scores of one seed; predictions/<name>_seed<k>.tsv written."""
+  writer = metrics_writer.MetricWriter(
+      output_dir / 'runs' / f'{task.spec.name}_seed{seed}', enabled=jax.process_index() == 0)
+  scores = {}
+  for name, dev in devs.items():
+    predictions = finetune_lib.predict(params, task, dev, config, mesh, pad_id)
+    scores[name] = glue_metrics.score(name, dev.labels, predictions)
+    report.write_atomically(output_dir / 'predictions' / f'{name}_seed{seed}.tsv',
+                            report.predictions_tsv(dev, predictions, task.spec.is_regression))
+    writer.write_scalars(task.total_steps,
+                         {f'dev/{name}/{k}': v for k, v in scores[name].items()})
+  writer.close()
+  return scores
+
+
+# ----------------------------------------------------------------------------------------
+# Sweep: GLUE against pre-training step.
+# ----------------------------------------------------------------------------------------
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The finished checkpoint steps of a training workdir, as process 0 lists them.
+
+  Finished as orbax decides it (checkpoint.finished_steps): a step the trainer is still
+  writing (in place on gs://) is left out, so a sweep beside a running trainer never reads
+  a partial checkpoint; a later sweep picks it up.
+  """
+  steps = hosts.on_process_0(lambda: checkpoint_lib.finished_steps(workdir))
+  if not steps:
+    raise FileNotFoundError(
+        f'--sweep needs a training workdir with finished checkpoints in '
+        f'{checkpoint_lib.checkpoint_dir(workdir)}/<step>/; found none.')
+  return steps
+
+
+def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
+  output_dir = epath.Path(output_dir)
+  points, task_cache = [], {}
+  for step in checkpoint_steps(workdir):
+    step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
+    # Each step has its own output directory, so an interrupted sweep resumes where it
+    # stopped (config.resume) and a longer training run only adds its new steps.
+    results = run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'), config,
+                       task_cache)
+    points.append(report.sweep_point(step, results))
+    report.write_sweep(output_dir, workdir, points, reference_score)
+  return {'points': points}

@@ -1,0 +1,293 @@
+"""The host side of every training loop (pre-training and GLUE): preemption, input
+prefetch, compile-once timing, the progress line (steps/s, tokens/s, MFU, ETA), the
+non-finite stop/skip policy, metric rows, and the loop itself (`run`).
+
+The device side (what one step computes) is bert_sym.steps.
+"""
+
+import contextlib
+import dataclasses
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import numpy as np
+
+from bert_sym import metrics_writer
+
+# Exit codes of `python -m bert_sym.train` and `python -m bert_sym.glue`, for launchers
+# (launch/slurm_gpu.sbatch requeues on PREEMPTED_EXIT_CODE):
+#   0   finished
+#   1   a problem with the inputs (config, workdir, checkpoint) or a non-finite stop
+#   42  stopped early by SIGTERM / preemption after saving a checkpoint: rerun to resume
+#   130 stopped by Ctrl-C after saving a checkpoint: rerun to resume
+PREEMPTED_EXIT_CODE = 42
+INTERRUPTED_EXIT_CODE = 130
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM / preemption stop once the checkpoint of `step` is saved."""
+
+  def __init__(self, step: int, signal_name: str | None = 'SIGTERM'):
+    super().__init__(f'stopped by {signal_name or "preemption"} at step {step} '
+                     f'(checkpoint saved)')
+    self.step = step
+    self.exit_code = (INTERRUPTED_EXIT_CODE if signal_name == 'SIGINT'
+                      else PREEMPTED_EXIT_CODE)
+
+
+class NonFiniteError(Exception):
+  """A non-finite loss or gradient with on_nonfinite='stop' (the update was not applied)."""
+
+
+class PreemptionFlag:
+  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit) or Ctrl-C: save, then exit
+  with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE for Ctrl-C) so that a launcher can tell
+  "resume me" from "finished". A second Ctrl-C stops at once, without saving.
+
+  Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
+  every process stop at the same step; a local handler would only stop one of them.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self.signal_name = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handle)
+      signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      if self._event.is_set():
+        raise KeyboardInterrupt
+      print('\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to '
+            'quit without saving).', flush=True)
+    self.signal_name = signal.Signals(signum).name
+    self._event.set()
+
+  def reached(self, manager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return manager.reached_preemption(step)
+    return self._event.is_set()
+
+
+# ----------------------------------------------------------------------------------------
+# Performance plumbing: compilation cache, input prefetch, compile once and time it.
+# ----------------------------------------------------------------------------------------
+
+def enable_compilation_cache(cache_dir: str) -> str | None:
+  """JAX's persistent compilation cache at `cache_dir` ('' = off): a rerun or a resumed
+  run loads its compiled steps instead of compiling them again."""
+  if not cache_dir:
+    return None
+  path = os.path.expanduser(cache_dir)
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
+
+
+class Prefetcher:
+  """Reads host batches and `jax.device_put`s them (via `to_global`) in a background
+  thread, `depth` batches ahead of the update step.
+
+  `state` is the input position after the last batch handed out, i.e. of the next batch
+  the step will consume, not what the thread has read ahead: that is what a checkpoint
+  must store for an exact resume.
+  """
+
+  def __init__(self, iterator, to_global, depth: int = 2):
+    self._iterator, self._to_global = iterator, to_global
+    self.state = iterator.get_state()
+    self._queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._work, daemon=True, name='prefetch')
+    self._thread.start()
+
+  def _work(self):
+    while not self._stop.is_set():
+      try:
+        host = next(self._iterator)
+        item = (self._to_global(host), self._iterator.get_state(), None)
+      except BaseException as e:  # pylint: disable=broad-except
+        item = (None, None, e)    # re-raised in the consumer's thread
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[2] is not None:
+        return
+
+  def __next__(self):
+    batch, state, error = self._queue.get()
+    if error is not None:
+      raise error
+    self.state = state
+    return batch
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=10)
+
+
+def compile_step(jitted, *args):
+  """Lowers and compiles `jitted` for `args` once; returns (executable, seconds)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics on the host: fetched lazily, throughput, the non-finite policy.
+# ----------------------------------------------------------------------------------------
+
+class Meter:
+  """Step metrics stay on the device until a log or save needs them; then they are
+  checked (non-finite policy) and averaged into one row with steps/s, tokens/s, MFU, ETA.
+
+  Metrics may carry a leading axis (GLUE seeds trained together): rows average over it,
+  `per_run` keeps it, and a step counts as non-finite when any run of it is.
+  """
+
+  def __init__(self, total_steps: int, tokens_per_step: float, flops_per_token: float,
+               peak_flops: float, on_nonfinite: str = 'stop', what: str = 'the run'):
+    self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+    self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+    self.on_nonfinite, self.what = on_nonfinite, what
+    self.pending, self.interval = [], []
+    self.timing = None            # (time, step) once the first step has compiled and run
+    self.compile_seconds = None   # written with the next row
+    self.last_saved = None
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+    if self.timing is None:
+      jax.block_until_ready(metrics)   # exclude compilation from the throughput
+      self.timing = (time.perf_counter(), step)
+
+  def fetch(self) -> None:
+    """Brings metrics to the host; raises on a non-finite step when on_nonfinite=stop."""
+    fetched, self.pending = jax.device_get(self.pending), []
+    for at_step, m in fetched:
+      if not np.all(m['train/finite']):
+        if self.on_nonfinite == 'stop':
+          raise NonFiniteError(
+              f'Non-finite loss or gradient at step {at_step} (loss {m["train/loss"]}, '
+              f'grad norm {m["train/grad_norm"]}). {self.what} stops; the update was not '
+              f'applied and the last good checkpoint (step {self.last_saved}) is kept. '
+              'Lower the learning rate, or set --config.on_nonfinite=skip to skip such '
+              'updates.')
+        logging.warning('Non-finite loss or gradient at step %d: update skipped.', at_step)
+    self.interval.extend(fetched)
+
+  def row(self, step: int) -> tuple[dict, float, dict]:
+    """(scalars, ETA seconds, per-run means) of the steps since the last row."""
+    self.fetch()
+    interval, self.interval = self.interval, []
+    per_run = {k: np.mean([m[k] for _, m in interval], axis=0) for k in interval[0][1]
+               if k not in ('train/finite', 'train/learning_rate')}
+    scalars = {k: float(np.mean(v)) for k, v in per_run.items()}
+    scalars['train/nonfinite_steps'] = sum(
+        1 for _, m in interval if not np.all(m['train/finite']))
+    scalars['train/learning_rate'] = float(np.mean(interval[-1][1]['train/learning_rate']))
+    now, eta = time.perf_counter(), 0.0
+    if step > self.timing[1]:
+      steps_per_sec = (step - self.timing[1]) / (now - self.timing[0])
+      scalars['perf/steps_per_sec'] = steps_per_sec
+      scalars['perf/tokens_per_sec'] = steps_per_sec * self.tokens_per_step
+      scalars['perf/tflops_per_device'] = (steps_per_sec * self.tokens_per_step *
+                                           self.flops_per_token / jax.device_count() / 1e12)
+      if self.peak_flops:
+        scalars['perf/mfu'] = scalars['perf/tflops_per_device'] * 1e12 / self.peak_flops
+      eta = (self.total_steps - step) / steps_per_sec
+      self.timing = (now, step)
+    if self.compile_seconds is not None:
+      scalars['perf/compile_seconds'], self.compile_seconds = self.compile_seconds, None
+    return scalars, eta, per_run
+
+  @contextlib.contextmanager
+  def paused(self, state):
+    """Evals and saves do not count in steps/s, tokens/s and MFU (big_vision style)."""
+    if self.timing is not None:
+      jax.block_until_ready(state)   # the steps already dispatched still count
+    start = time.perf_counter()
+    yield
+    if self.timing is not None:
+      self.timing = (self.timing[0] + time.perf_counter() - start, self.timing[1])
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Hooks:
+  """What a loop does besides stepping, each at its own cadence (every N steps and at the
+  last step; 0 = only at the last step)."""
+  log: Callable[[int, dict, float, dict], None]        # (step, scalars, eta, per_run)
+  save: Callable[[Any, int], None]                      # (state, step)
+  log_every: int
+  save_every: int
+  evaluate: Callable[[Any, int], None] | None = None    # (state, step)
+  eval_every: int = 0
+  console: Callable[..., None] = print
+  name: str = 'train'
+
+
+def _due(step, every, total):
+  return step == total or (every > 0 and step % every == 0)
+
+
+def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, hooks: Hooks,
+        preemption: PreemptionFlag | None = None, manager=None) -> tuple[Any, int, bool]:
+  """Steps `state` from `step` to `total_steps`; returns (state, step, preempted).
+
+  The step is compiled once (and the time said); metrics are fetched only at log and save
+  time, so the host never waits for the device between steps. A preemption signal saves
+  the current step and returns preempted=True (unless it was the last step: then the run
+  is simply finished).
+  """
+  compiled = None
+  while step < total_steps:
+    with jax.profiler.StepTraceAnnotation(hooks.name, step_num=step):
+      batch = next(batches)
+      if compiled is None:   # compile exactly once, and say how long it took
+        compiled, seconds = compile_step(train_step, state, batch)
+        hooks.console(f'compiled {hooks.name} step in {seconds:.1f} s')
+        meter.compile_seconds = seconds
+      state, metrics = compiled(state, batch)
+    step += 1
+    meter.add(step, metrics)
+    if _due(step, hooks.log_every, total_steps):
+      hooks.log(step, *meter.row(step))
+    if hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps):
+      with meter.paused(state):
+        hooks.evaluate(state, step)
+    preempted = (preemption is not None and preemption.reached(manager, step)
+                 and step < total_steps)
+    if _due(step, hooks.save_every, total_steps) or preempted:
+      with meter.paused(state):
+        meter.fetch()   # never save after a non-finite step in 'stop' mode
+        hooks.save(state, step)
+        meter.last_saved = step
+    if preempted:
+      code = Preempted(step, preemption.signal_name).exit_code
+      hooks.console(f'Stopped by {preemption.signal_name or "preemption"}: saved step '
+                    f'{step}, exiting with code {code} (rerun the same command to resume).')
+      return state, step, True
+  return state, step, False
+
+
+def progress_logger(writer, console, total_steps: int):
+  """hooks.log for one metrics writer: a TensorBoard/jsonl row and the console line."""
+  def log(step, scalars, eta, per_run):
+    del per_run
+    writer.write_scalars(step, scalars)
+    console(metrics_writer.format_progress(step, total_steps, scalars, eta))
+  return log
