@@ -198,7 +198,7 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   leaves a complete-looking model with missing weights.
   """
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
-  from bert_sym.input import write_atomically  # pylint: disable=g-import-not-at-top
+  from bert_sym.files import write_atomically  # pylint: disable=g-import-not-at-top
 
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

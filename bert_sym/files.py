@@ -27,7 +27,7 @@ def _local_path(path: str) -> str | None:
 def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) -> None:
   """Writes `data` (bytes; text as UTF-8; or a function given the open binary file) to
   `path`, creating its directory."""
-  path = os.fspath(path)
+  path = str(path)   # os.PathLike, epath (gs://) or a URL string
   write = data if callable(data) else (
       lambda f: f.write(data.encode('utf-8') if isinstance(data, str) else data))
   local = _local_path(path)

@@ -253,15 +253,19 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
   the current step and returns preempted=True (unless it was the last step: then the run
   is simply finished).
   """
-  compiled = None
+  # One executable per batch shape: pre-training has one; GLUE's length buckets a few.
+  compiled = {}
   while step < total_steps:
     with jax.profiler.StepTraceAnnotation(hooks.name, step_num=step):
       batch = next(batches)
-      if compiled is None:   # compile exactly once, and say how long it took
-        compiled, seconds = compile_step(train_step, state, batch)
-        hooks.console(f'compiled {hooks.name} step in {seconds:.1f} s')
-        meter.compile_seconds = seconds
-      state, metrics = compiled(state, batch)
+      shape = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+      if shape not in compiled:   # compile once per shape, and say how long it took
+        with meter.paused(state):   # a later shape's compilation is not step time
+          compiled[shape], seconds = compile_step(train_step, state, batch)
+        length = f' (length {batch["input_ids"].shape[-1]})' if len(compiled) > 1 else ''
+        hooks.console(f'compiled {hooks.name} step{length} in {seconds:.1f} s')
+        meter.compile_seconds = (meter.compile_seconds or 0.0) + seconds
+      state, metrics = compiled[shape](state, batch)
     step += 1
     meter.add(step, metrics)
     if _due(step, hooks.log_every, total_steps):

@@ -10,8 +10,6 @@ import pathlib
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import jax

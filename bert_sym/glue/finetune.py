@@ -162,11 +162,20 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
 
 class _Batches:
   """The host batches of a group at step `state['step']`: seed k's rows are
-  train_batches(seed=k)[step]; stacked over seeds, padded to the longest seed's length."""
+  train_batches(seed=k)[step], stacked over the group's seeds.
 
-  def __init__(self, train, config, seeds, pad_id, stacked, step):
-    self._per_seed = [train_batches(len(train), config.batch_size, config.epochs, s)
-                      for s in seeds]
+  Every seed's batch at a step is padded to one length: the longest bucket among the
+  batches of ALL the task's seeds (`length_seeds`) at that step. Dropout masks depend on
+  the padded shape, so this is what makes a seed's run the same whether it trains alone
+  (parallel_seeds=False, or a resumed subset) or vmapped with the others.
+  """
+
+  def __init__(self, train, config, seeds, pad_id, stacked, step, length_seeds=None):
+    per_seed = {s: train_batches(len(train), config.batch_size, config.epochs, s)
+                for s in sorted(set(seeds) | set(length_seeds or ()))}
+    self._per_seed = [per_seed[s] for s in seeds]
+    self._all = list(per_seed.values())
+    self._lengths = train.lengths
     self._train, self._config, self._pad_id = train, config, pad_id
     self._stacked, self.step = stacked, step
 
@@ -175,18 +184,16 @@ class _Batches:
 
   def __next__(self):
     c = self._config
-    batches = [glue_data.pad_batch(self._train, b[self.step], c.batch_size, c.max_seq_len,
-                                   self._pad_id, bucket=c.length_buckets)
+    length = c.max_seq_len
+    if c.length_buckets:
+      length = max(glue_data.bucket_length(int(self._lengths[b[self.step]].max()),
+                                           c.max_seq_len) for b in self._all)
+    batches = [glue_data.pad_batch(self._train, b[self.step], c.batch_size, length,
+                                   self._pad_id, bucket=False)
                for b in self._per_seed]
     self.step += 1
     if not self._stacked:
       return batches[0]
-    length = max(b['input_ids'].shape[1] for b in batches)
-    pad = lambda x, value: np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
-    for b in batches:
-      b['input_ids'] = pad(b['input_ids'], self._pad_id)
-      b['token_type_ids'], b['attention_mask'] = pad(b['token_type_ids'], 0), pad(
-          b['attention_mask'], 0)
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
@@ -210,7 +217,7 @@ def _metric_writer(run_dir, resume_step) -> metrics_writer.MetricWriter:
 
 
 def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_id,
-                   output_dir, identity: dict, preemption=None) -> list:
+                   output_dir, identity: dict, preemption=None, length_seeds=None) -> list:
   """Fine-tunes one model per seed from the checkpoint; returns their params (in order).
 
   Resumes from {output_dir}/runs/{task}/checkpoints when it holds this group (same
@@ -276,7 +283,7 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   hooks = loop.Hooks(log=log, save=save, log_every=config.log_every_steps,
                      save_every=config.get('checkpoint_every_steps', 0), console=console,
                      name=f'GLUE {task.spec.name}')
-  batches = _Batches(train, config, seeds, pad_id, stacked, step)
+  batches = _Batches(train, config, seeds, pad_id, stacked, step, length_seeds)
   to_global = lambda b: global_batch(b, mesh, config.batch_size, task.rules, stacked)
   prefetcher = loop.Prefetcher(batches, to_global, depth=2)
   try:

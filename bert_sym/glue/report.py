@@ -4,31 +4,20 @@ sweep's glue_vs_step.{json,md,png}. Every file is written atomically, by process
 
 import io
 import json
-import os
 
 from etils import epath
 import jax
 
+from bert_sym import files
 from bert_sym.glue import metrics as glue_metrics
 
 _REFERENCE_FRACTION = 0.95
 
 
 def write_atomically(path, data: str | bytes) -> None:
-  """Writes `data` (text as UTF-8) to a temporary file beside `path`, then renames it.
-
-  Locally the rename is atomic; on gs:// it is a copy of the complete file and a delete,
-  so a reader still never sees a partial object. Only process 0 writes: every process
-  computes the same results.
-  """
-  if jax.process_index() != 0:
-    return
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  tmp.write_bytes(data.encode('utf-8') if isinstance(data, str) else data)
-  tmp.replace(path)
-
+  """`files.write_atomically` on process 0 only: every process computes the same results."""
+  if jax.process_index() == 0:
+    files.write_atomically(path, data)
 
 def predictions_tsv(dev, predictions, regression) -> str:
   # 9 significant digits round-trip float32 exactly: scores recomputed from the file match.

@@ -160,7 +160,8 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
     for group in groups:
       start = time.time()
       trained = finetune_group(pretrained, task, train, config, group, mesh,
-                               tokenizer.pad_id, output_dir, identity, preemption)
+                               tokenizer.pad_id, output_dir, identity, preemption,
+                               length_seeds=seeds)
       seconds = time.time() - start
       for seed, params in zip(group, trained):
         scores = _score(params, task, devs, config, mesh, tokenizer.pad_id, output_dir, seed)

@@ -16,8 +16,6 @@ where TF runs: the shards and streaming paths never load it.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 
 MAX_SEQ_LEN = 512  # the model's max_position_embeddings
 
@@ -47,26 +45,3 @@ def import_tensorflow():
   except RuntimeError:   # TF's devices were already initialised by the caller: its choice.
     pass
   return tf
-
-
-def write_atomically(path: str | os.PathLike, write) -> None:
-  """`write(f)` into a temporary file beside `path`, then an atomic rename: a reader sees
-  the old file or the whole new one, never half (shards, metadata, vocab, exports). A
-  remote URL (gs://) is written in place: object stores publish an object only once its
-  upload completes."""
-  path = str(path)
-  if '://' in path and not path.startswith('file://'):
-    import fsspec  # pylint: disable=import-outside-toplevel
-    with fsspec.open(path, 'wb') as f:
-      write(f)
-    return
-  directory, name = os.path.split(path.removeprefix('file://'))
-  os.makedirs(directory or '.', exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory or '.', prefix=name + '.tmp-')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-    os.replace(tmp, os.path.join(directory, name))
-  except BaseException:
-    os.unlink(tmp)
-    raise

@@ -31,7 +31,8 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from bert_sym.input import DataError, check_max_seq_len, sources, tokenizer, write_atomically
+from bert_sym.files import write_atomically
+from bert_sym.input import DataError, check_max_seq_len, sources, tokenizer
 from bert_sym.input import blocks
 from bert_sym.input.streaming import exists, filesystem, join_url, read_text
 

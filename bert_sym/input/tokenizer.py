@@ -23,7 +23,8 @@ import struct
 
 import numpy as np
 
-from bert_sym.input import import_tensorflow, write_atomically
+from bert_sym.files import write_atomically
+from bert_sym.input import import_tensorflow
 
 BERT_BASE_UNCASED_MD5 = '64800d5d8528ce344256daf115d4965e'
 BERT_BASE_UNCASED_SIZE = 30522
