@@ -56,7 +56,6 @@ _DRY_RUN = flags.DEFINE_bool(
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 
 
-
 # Exit codes of `python -m bert_sym.train` (0 finished; 1 input problem or non-finite stop;
 # 42 preempted after saving: rerun to resume; 130 Ctrl-C after saving), from bert_sym.loop.
 # launch/slurm_gpu.sbatch requeues on PREEMPTED_EXIT_CODE.
@@ -222,10 +221,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   # Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp)
   # ======================================================================================
   with _user_errors('Input pipeline'):
+    from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
     if make_iterator is None:
-      from bert_sym.input import iterator as data_lib  # pylint: disable=g-import-not-at-top
-      make_iterator = data_lib.make_mlm_iterator
-      data_vocab = data_lib.vocab_size(config.data)
+      make_iterator = iterator.make_mlm_iterator
+      if config.data.source == 'seqio':   # read through the registered seqio task
+        from bert_sym.input import seqio_tasks  # pylint: disable=g-import-not-at-top
+        make_iterator = functools.partial(make_iterator, documents=seqio_tasks.task_documents)
+      data_vocab = iterator.vocab_size(config.data)
       if data_vocab > config.model.vocab_size:
         raise ValueError(f'the data vocabulary has {data_vocab} tokens but '
                          f'config.model.vocab_size={config.model.vocab_size}.')
@@ -237,7 +239,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     # Every eval reads the same first eval_steps validation batches (rewound each time).
     eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
     eval_start = eval_iter.get_state()
-    from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
     for line in iterator.describe_corpus(train_iter, config):   # size, epochs, warning
       console(line)
   host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,

@@ -171,12 +171,17 @@ def load_shards(shards_dir: str, split: str, vocab_path: str = '') -> Blocks:
 _PACKED: dict[tuple, Blocks] = {}  # one materialisation per process and corpus
 
 
-def load_packed(data_config, split: str) -> Blocks:
-  """Packs config.data's corpus (embedded or text files) once per process, in memory."""
+def load_packed(data_config, split: str, documents=None) -> Blocks:
+  """Packs config.data's corpus once per process, in memory.
+
+  `documents(data_config, split)` gives the {'text'} documents: the trainer passes
+  `seqio_tasks.task_documents` (the registered seqio task's source); the default reads the
+  embedded corpus or text files directly (the same documents, without seqio).
+  """
   task = data_config.task
   vocabulary = WordPiece(data_config.vocab_path)
   text_files = task == sources.TEXT_FILES_TASK
-  cache_key = (task, split, data_config.max_seq_len, vocabulary.md5,
+  cache_key = (task, split, data_config.max_seq_len, vocabulary.md5, documents,
                (data_config.text_files, data_config.get('validation_files', ''))
                if text_files else '')
   if cache_key not in _PACKED:
@@ -184,8 +189,8 @@ def load_packed(data_config, split: str) -> Blocks:
     if text_files:
       files = (data_config.get('validation_files', '') if split == 'validation' else '')
       description += f' ({files or data_config.text_files})'
-    documents = sources.config_documents(data_config, split)
-    dataset = packed_blocks(documents, data_config.max_seq_len, vocabulary)
+    docs = (documents or sources.config_documents)(data_config, split)
+    dataset = packed_blocks(docs, data_config.max_seq_len, vocabulary)
     blocks = list(numpy_blocks(dataset, description))
     if not blocks:
       raise DataError(f'{description}: empty corpus (no tokens after tokenising)')

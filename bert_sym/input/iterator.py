@@ -151,7 +151,7 @@ def mask_spec(data_config, blocks) -> masking.MaskSpec:
       max_predictions=data_config.max_predictions_per_seq)
 
 
-def load_blocks(data_config, split: str) -> blocks_lib.Blocks:
+def load_blocks(data_config, split: str, documents=None) -> blocks_lib.Blocks:
   """The blocks of source 'shards' (memory-mapped) or 'seqio' (packed in memory)."""
   check_max_seq_len(data_config.max_seq_len)
   if data_config.source == 'shards':
@@ -167,18 +167,19 @@ def load_blocks(data_config, split: str) -> blocks_lib.Blocks:
       raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
                       "memory; stream it instead (--config.data.source=streaming).\n"
                       + streaming.prepare_instructions(data_config))
-    return blocks_lib.load_packed(data_config, split)
+    return blocks_lib.load_packed(data_config, split, documents)
   raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
                   f'{data_config.source!r}')
 
 
 def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
                       start_step: int = 0, process_index: int | None = None,
-                      process_count: int | None = None) -> MLMIterator:
+                      process_count: int | None = None, documents=None) -> MLMIterator:
   """Iterator of per-host MLM batches for `config.data` (see the module docstring).
 
   `data_config.shuffle` permutes 'train' exactly, afresh every epoch (blocks are indexed,
-  so no shuffle buffer is needed); validation is always read in order.
+  so no shuffle buffer is needed); validation is always read in order. `documents`: see
+  `blocks.load_packed` (source='seqio' only).
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
@@ -187,7 +188,7 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
   if data_config.source == 'streaming':   # any size, local or gs://
     blocks, iterator = streaming.open_blocks(data_config, split), StreamingMLMIterator
   else:
-    blocks, iterator = load_blocks(data_config, split), MLMIterator
+    blocks, iterator = load_blocks(data_config, split, documents), MLMIterator
   shuffle = split == 'train' and data_config.shuffle
   return iterator(blocks, mask_spec(data_config, blocks), batch_size=batch_size,
                   seed=seed, shuffle=shuffle, start_step=start_step,

@@ -24,7 +24,7 @@ import functools
 
 import seqio
 
-from bert_sym.input import MAX_SEQ_LEN, check_max_seq_len, import_tensorflow
+from bert_sym.input import MAX_SEQ_LEN, DataError, check_max_seq_len, import_tensorflow
 from bert_sym.input import blocks, masking, sources, tokenizer
 from bert_sym.input.sources import EMBEDDED_TASK, TEXT_FILES_TASK
 
@@ -264,6 +264,15 @@ def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path
                                     validation_patterns=validation_patterns),
       splits=sources.SPLITS)
   return _register(name, source, vocab_path, **mask_kwargs)
+
+
+def task_documents(data_config, split: str):
+  """The documents of config.data's registered seqio task (its DataSource), in order:
+  what the trainer packs for source='seqio', so a task registered under any name is read."""
+  task = seqio.get_mixture_or_task(task_for_config(data_config))
+  if split not in task.splits:
+    raise DataError(f'seqio task {task.name} has no split {split!r}; it has {task.splits}')
+  return task.source.get_dataset(split=split, shuffle=False)
 
 
 def task_for_config(data_config) -> str:
