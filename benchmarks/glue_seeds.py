@@ -2,8 +2,10 @@
 after the other, on the current device (CPU by default).
 
   python benchmarks/glue_seeds.py --seeds=3 --steps=60
+  python benchmarks/glue_seeds.py --size=base --seq_len=128     # bert-base, on a GPU
 
-A tiny random encoder (tests' tiny config: 2 layers, hidden 32) fine-tuned on synthetic
+A random encoder (default: the tests' tiny config, 2 layers, hidden 32; --size=base:
+12 layers, hidden 768, 12 heads, vocab 30522, compute dtype 'auto') fine-tuned on synthetic
 sentence pairs (RTE's head), through bert_sym.glue.finetune.finetune_group, the code the
 command line runs. Each mode runs once to compile and once timed (the timed run reuses the
 compiled steps); the rounds alternate so that load on a shared machine hits both alike.
@@ -41,14 +43,22 @@ def main():
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--seq_len', type=int, default=64)
   parser.add_argument('--hidden', type=int, default=32)
+  parser.add_argument('--size', default='tiny', choices=['tiny', 'base'],
+                      help='base: bert-base shapes; overrides --hidden')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--out', default=None)
   args = parser.parse_args()
 
   train_config = tiny.get_config()
-  train_config.model.update(dict(hidden_size=args.hidden, num_heads=2, mlp_dim=2 * args.hidden,
-                                 num_layers=2, vocab_size=1000,
-                                 max_position_embeddings=max(64, args.seq_len)))
+  if args.size == 'base':
+    args.hidden = 768
+    shapes = dict(hidden_size=768, num_heads=12, mlp_dim=3072, num_layers=12,
+                  vocab_size=30522, dtype='auto')
+  else:
+    shapes = dict(hidden_size=args.hidden, num_heads=2, mlp_dim=2 * args.hidden,
+                  num_layers=2, vocab_size=1000)
+  train_config.model.update(dict(shapes, max_position_embeddings=max(64, args.seq_len)))
+  vocab_size = train_config.model.vocab_size
   encoder = nn.meta.unbox(model_lib.BertForMaskedLM(train_config.model).init(
       jax.random.key(0), *model_lib.dummy_inputs())['params'])['encoder']
   pretrained = finetune.Pretrained(train_config, jax.tree.map(np.asarray, encoder), 'tiny', 0)
@@ -60,7 +70,7 @@ def main():
   rng = np.random.default_rng(0)
   lengths = rng.integers(args.seq_len // 2, args.seq_len + 1, n)
   train = glue_data.Encoded(
-      input_ids=[rng.integers(104, 1000, k).astype(np.int32) for k in lengths],
+      input_ids=[rng.integers(104, vocab_size, k).astype(np.int32) for k in lengths],
       token_type_ids=[np.zeros(k, np.int32) for k in lengths],
       labels=rng.integers(0, 2, n).astype(np.int64), idx=np.arange(n))
   mesh = sharding.make_mesh(config.mesh)
@@ -90,13 +100,14 @@ def main():
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'device': f'{device.platform}:{device.device_kind}', 'cpu_count': os.cpu_count(),
       'machine': platform.machine(), 'seeds': args.seeds, 'steps_per_seed': task.total_steps,
-      'batch': args.batch, 'seq_len': args.seq_len, 'hidden': args.hidden,
+      'batch': args.batch, 'seq_len': args.seq_len, 'hidden': args.hidden, 'size': args.size,
+      'dtype': train_config.model.dtype,
       'first_run_seconds_with_compile': first, 'seconds_per_round': times,
       'median_seconds': median, 'speedup_parallel_over_sequential': speedup,
       'note': 'wall clock of finetune_group (training only, no scoring); shared machine',
   }
   print(f'{args.seeds} seeds x {task.total_steps} steps, batch {args.batch}, length '
-        f'{args.seq_len}, hidden {args.hidden} on {result["device"]}:')
+        f'{args.seq_len}, hidden {args.hidden} ({args.size}) on {result["device"]}:')
   for name in modes:
     print(f'  {name:<10} {median[name]:7.2f} s (median of {args.rounds}; first run with '
           f'compilation {first[name]:.2f} s)')
