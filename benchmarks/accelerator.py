@@ -134,7 +134,7 @@ def run_ours(spec):
   device = jax.devices()[0]
   tokens_per_s = spec['batch'] * spec['seq'] / step_s
   flops = model_lib.train_flops_per_token(config.model, spec['seq'],
-                                          train.predicted_fraction(config))
+                                          model_lib.mlm_predicted_fraction(config))
   peak = metrics_writer.peak_flops_per_device()
   stats = device.memory_stats() or {}
   chosen = impl

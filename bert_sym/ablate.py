@@ -56,11 +56,10 @@ import ml_collections
 
 from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
+# The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
+from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate_report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SUMMARY_MD,
                                     latest_finished_step, run_dir, run_status, summarize)
-
-PREEMPTED_EXIT_CODE = 42     # bert_sym.train's: SIGTERM, stopped after saving, rerun to resume
-INTERRUPTED_EXIT_CODE = 130  # bert_sym.train's: Ctrl-C, stopped after saving, rerun to resume
 
 
 # ----------------------------------------------------------------------------------------
@@ -242,22 +241,11 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   return summary
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def config_differences(requested, saved, variant: str, seed: int) -> list[str]:
   """Keys in which a run's config.json differs from the requested config of that run."""
-  want = _flatten(json.loads(requested.to_json()))
-  want.update({'model.attention': variant, 'seed': seed})
-  have = _flatten(json.loads(saved.to_json()))
-  return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+  want = ml_collections.ConfigDict(requested.to_dict())
+  want.model.attention, want.seed = variant, seed
+  return checkpoint_lib.config_differences(want, saved)
 
 
 def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,

@@ -1,19 +1,18 @@
 """Ablation plots: eval loss against steps, tokens and wall-clock (mean line, min-max band
 over seeds per variant), and a GLUE bar chart. Called by `ablate_report.summarize`."""
 
-import io
 from typing import Sequence
 
 from etils import epath
 import numpy as np
 
+from bert_sym import files
+
 
 def _save_png(fig, path: epath.Path) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()   # matplotlib cannot write to gs:// paths; epath can
-  fig.savefig(buffer, format='png')
+  files.write_atomically(path, lambda f: fig.savefig(f, format='png'))
   plt.close(fig)
-  path.write_bytes(buffer.getvalue())
 
 
 def plot(workdir, runs: dict, variants: Sequence[str], target_loss: float,

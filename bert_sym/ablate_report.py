@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import files
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym import model as model_lib
 
@@ -214,13 +215,9 @@ def _glue_scores(path) -> dict | None:
 
 def _model_cost(config) -> dict:
   seq_len = config.data.max_seq_len
-  # bert_sym.train.predicted_fraction, restated: importing the trainer would define its
-  # command-line flags in this process, whose --config is ours.
-  fraction = (min(config.data.max_predictions_per_seq / seq_len, 1.0)
-              if config.model.sparse_mlm else 1.0)
   return {'params_encoder_pooler': int(model_lib.encoder_plus_pooler_params(config.model)),
           'train_flops_per_token': float(model_lib.train_flops_per_token(
-              config.model, seq_len, fraction)),
+              config.model, seq_len, model_lib.mlm_predicted_fraction(config))),
           'seq_len': int(seq_len), 'batch_size': int(config.batch_size)}
 
 
@@ -299,13 +296,11 @@ def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
     st['ratio_to_reference'] = (st['mean'] / ref_steps
                                 if st['mean'] is not None and ref_steps else None)
 
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / SUMMARY_JSON).write_text(json.dumps(out, indent=2) + '\n')
-  (workdir / SUMMARY_MD).write_text(markdown(out))
   if plots:
     from bert_sym import ablate_plots  # pylint: disable=g-import-not-at-top  (matplotlib)
     out['plots'] = ablate_plots.plot(workdir, runs, present, target_loss, out)
-    (workdir / SUMMARY_JSON).write_text(json.dumps(out, indent=2) + '\n')
+  files.write_atomically(workdir / SUMMARY_MD, markdown(out))
+  files.write_atomically(workdir / SUMMARY_JSON, json.dumps(out, indent=2) + '\n')
   return out
 
 

@@ -32,6 +32,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bert_sym import files
+
 STATE = 'state'
 DATA_ITER = 'data_iter'
 CONFIG_FILE = 'config.json'
@@ -43,11 +45,8 @@ CONFIG_FILE = 'config.json'
 # ----------------------------------------------------------------------------------------
 
 def write_config(workdir, config: ml_collections.ConfigDict) -> epath.Path:
-  """Writes `{workdir}/config.json` atomically (a reader never sees half a file)."""
   path = epath.Path(workdir) / CONFIG_FILE
-  tmp = path.parent / f'.{CONFIG_FILE}.tmp-{os.getpid()}'
-  tmp.write_text(config.to_json(indent=2, sort_keys=True) + '\n')
-  tmp.replace(path)   # atomic on POSIX; on GCS a copy of a complete file
+  files.write_atomically(path, config.to_json(indent=2, sort_keys=True) + '\n')
   return path
 
 
@@ -58,6 +57,22 @@ def read_config(workdir) -> ml_collections.ConfigDict:
         f'{path} does not exist: {workdir} is not a bert_sym training workdir (the trainer '
         f'writes {CONFIG_FILE} there before the first step).')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'model.attention': 'pairwise', ...}: every leaf by its dotted key, as in JSON."""
+  def flatten(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  return dict(flatten(json.loads(config.to_json())))
+
+
+def config_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
+  a, b = flat_config(a), flat_config(b)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 # ----------------------------------------------------------------------------------------

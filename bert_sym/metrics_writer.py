@@ -15,6 +15,8 @@ from absl import logging
 from etils import epath
 import jax
 
+from bert_sym import files
+
 # Peak dense bf16 FLOP/s per device (per chip for TPUs), for MFU. Matched as substrings of
 # `device.device_kind`, first match wins (so 'v5 lite' is tested before 'v5').
 PEAK_FLOPS_BY_DEVICE_KIND = (
@@ -120,9 +122,7 @@ class MetricWriter:
     rows = self._jsonl_path.read_text().splitlines() if self._jsonl_path.exists() else []
     kept = [r for r in rows if r.strip() and json.loads(r).get('step', 0) <= step]
     if len(kept) != len(rows):
-      tmp = self._jsonl_path.parent / f'.{self._jsonl_path.name}.tmp-{os.getpid()}'
-      tmp.write_text(''.join(r + '\n' for r in kept))
-      tmp.replace(self._jsonl_path)
+      files.write_atomically(self._jsonl_path, ''.join(r + '\n' for r in kept))
       logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
                    len(rows) - len(kept), step)
     self._jsonl = self._jsonl_path.open('a')

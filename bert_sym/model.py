@@ -318,6 +318,13 @@ FLOPS_FORMULA = (
     '+ 2 x (hidden^2 + hidden x vocab) x (predicted fraction) for the MLM head')
 
 
+def mlm_predicted_fraction(config) -> float:
+  """Share of a training config's positions reaching the MLM head: P / L sparse, 1 dense."""
+  if config.model.sparse_mlm:
+    return min(config.data.max_predictions_per_seq / config.data.max_seq_len, 1.0)
+  return 1.0
+
+
 def train_flops_per_token(cfg, seq_len: int, predicted_fraction: float = 1.0) -> float:
   """Model FLOPs of one training step per input token (backward = 2 x forward).
 

@@ -15,7 +15,6 @@ optimizer -> shard & init -> update step -> checkpoint restore -> evals -> train
 
 import contextlib
 import functools
-import json
 import os
 import re
 import sys
@@ -81,19 +80,12 @@ def _user_errors(what: str):
 # Dry run: the model's size and cost from shapes only.
 # ----------------------------------------------------------------------------------------
 
-def predicted_fraction(config) -> float:
-  """Share of positions reaching the MLM head (for FLOPs): P / L sparse, 1 dense."""
-  if config.model.sparse_mlm:
-    return min(config.data.max_predictions_per_seq / config.data.max_seq_len, 1.0)
-  return 1.0
-
-
 def model_summary(config: ml_collections.ConfigDict) -> str:
   cfg = config.model
   mlm_params = model_lib.abstract_params(model_lib.BertForMaskedLM(cfg))
   per_module = model_lib.params_per_module(mlm_params, depth=2)
   seq_len = config.data.max_seq_len
-  flops = model_lib.train_flops_per_token(cfg, seq_len, predicted_fraction(config))
+  flops = model_lib.train_flops_per_token(cfg, seq_len, model_lib.mlm_predicted_fraction(config))
   width = max(len(k) for k in per_module)
   lines = [
       f'BertForMaskedLM, attention variant: {cfg.attention}',
@@ -111,7 +103,7 @@ def model_summary(config: ml_collections.ConfigDict) -> str:
       f'{model_lib.count_params(mlm_params):,}',
       f'Training FLOPs per token: {flops:,.0f} (seq_len {seq_len}, '
       f'{"sparse" if cfg.sparse_mlm else "dense"} MLM head, predicted fraction '
-      f'{predicted_fraction(config):.4f})',
+      f'{model_lib.mlm_predicted_fraction(config):.4f})',
       f'  = {flops * config.batch_size * seq_len:.3e} FLOPs per step at batch '
       f'{config.batch_size}',
       f'  formula: {model_lib.FLOPS_FORMULA}',
@@ -167,21 +159,10 @@ def _write_config(workdir: epath.Path, config) -> None:
     return
   old = workdir / checkpoint.CONFIG_FILE
   if old.exists():
-    changed = _diff(checkpoint.read_config(workdir).to_dict(), json.loads(config.to_json()))
+    changed = checkpoint.config_differences(checkpoint.read_config(workdir), config)
     if changed:
       logging.warning('Config differs from the previous %s in: %s', old, ', '.join(changed))
   checkpoint.write_config(workdir, config)
-
-
-def _diff(a, b, prefix=''):
-  keys = sorted(set(a) | set(b))
-  out = []
-  for k in keys:
-    if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-      out += _diff(a[k], b[k], f'{prefix}{k}.')
-    elif a.get(k) != b.get(k):
-      out.append(f'{prefix}{k}')
-  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_iterator=None):
@@ -322,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   step = int(jax.device_get(state['step']))
   meter = loop.Meter(
       config.total_steps, config.batch_size * seq_len,
-      model_lib.train_flops_per_token(config.model, seq_len, predicted_fraction(config)),
+      model_lib.train_flops_per_token(config.model, seq_len, model_lib.mlm_predicted_fraction(config)),
       metrics_writer.peak_flops_per_device(override=config.peak_flops_per_device),
       config.on_nonfinite, what='The run')
   meter.last_saved = latest

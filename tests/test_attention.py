@@ -11,10 +11,7 @@ import pytest
 
 from bert_sym import attention as attention_lib
 from bert_sym import export
-from bert_sym import model as bert
 from bert_sym.attention import SelfAttention
-from configs.common import model_config
-from hf_reference import padded_batch
 
 VARIANTS = ('standard', 'symmetric', 'pairwise')
 HIDDEN, HEADS = 64, 4
