@@ -62,9 +62,7 @@ from bert_sym.ablate_report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SU
                                     latest_finished_step, run_dir, run_status, summarize)
 
 
-# ----------------------------------------------------------------------------------------
-# The requested config: the same file + overrides the trainer will see.
-# ----------------------------------------------------------------------------------------
+# ---- The requested config: the same file + overrides the trainer will see ----
 
 def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The ConfigDict `python -m bert_sym.train --config=CONFIG OVERRIDES` would build.
@@ -88,9 +86,7 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
   return values.config
 
 
-# ----------------------------------------------------------------------------------------
-# Running the grid.
-# ----------------------------------------------------------------------------------------
+# ---- Running the grid ----
 
 class _Stopped(Exception):
   """SIGTERM or Ctrl-C to the runner: the current run saved and stopped; so does the grid."""
@@ -281,9 +277,7 @@ def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
   return actions
 
 
-# ----------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------
+# ---- Command line ----
 
 def define_flags():
   """The runner's own flags; its --config and --config.* are read from argv as typed.

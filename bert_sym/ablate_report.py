@@ -40,10 +40,7 @@ def run_dir(workdir, variant: str, seed: int) -> epath.Path:
   return epath.Path(workdir) / variant / f'seed{seed}'
 
 
-
-# ----------------------------------------------------------------------------------------
-# Reading one run: config.json, metrics.jsonl, checkpoints.
-# ----------------------------------------------------------------------------------------
+# ---- Reading one run: config.json, metrics.jsonl, checkpoints ----
 
 def latest_finished_step(path) -> int | None:
   steps = checkpoint_lib.finished_steps(path)
@@ -160,9 +157,7 @@ def load_run(variant: str, seed: int, path) -> Run:
              train_seconds=elapsed[-1] if elapsed else 0.0)
 
 
-# ----------------------------------------------------------------------------------------
-# Statistics.
-# ----------------------------------------------------------------------------------------
+# ---- Statistics ----
 
 mean_std = glue_metrics.mean_std   # mean and sample std (ddof=1) of the values present
 
@@ -188,9 +183,7 @@ def _fmt_int(value) -> str:
   return '–' if value is None else f'{value:,.0f}'
 
 
-# ----------------------------------------------------------------------------------------
-# Summary: summary.json, summary.md, plots.
-# ----------------------------------------------------------------------------------------
+# ---- Summary: summary.json, summary.md, plots ----
 
 def _table_steps(common: list[int], final: int, max_columns: int = 6) -> list[int]:
   """A readable subset of the common eval steps for the Markdown table (all in JSON)."""

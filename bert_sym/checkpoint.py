@@ -75,9 +75,7 @@ def config_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDic
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-# ----------------------------------------------------------------------------------------
-# The manager and the save/restore calls the trainer makes.
-# ----------------------------------------------------------------------------------------
+# ---- The manager and the save/restore calls the trainer makes ----
 
 def absolute(path) -> epath.Path:
   """Orbax refuses relative paths, and users type `--workdir=runs/x`: resolve local ones."""
@@ -292,9 +290,7 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params, *, log
   return manager, None, None, None
 
 
-# ----------------------------------------------------------------------------------------
-# Reading a pre-trained model back (GLUE fine-tuning, export, notebooks).
-# ----------------------------------------------------------------------------------------
+# ---- Reading a pre-trained model back (GLUE fine-tuning, export, notebooks) ----
 
 def _is_step_dir(path: epath.Path) -> bool:
   return (path / STATE).is_dir()

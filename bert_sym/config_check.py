@@ -127,9 +127,7 @@ def check(config: ml_collections.ConfigDict) -> None:
                         f'positive integer. Fix: --config.mesh.{axis}=-1.')
 
 
-# ----------------------------------------------------------------------------------------
-# The command line of bert_sym.train: --help lists the config keys, errors are one line.
-# ----------------------------------------------------------------------------------------
+# ---- The command line of bert_sym.train: --help lists the config keys, errors are one line ----
 
 def config_keys_help(config) -> str:
   """Every `--config.KEY=VALUE` that `config` accepts, with its current value."""

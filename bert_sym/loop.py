@@ -77,9 +77,7 @@ class PreemptionFlag:
     return self._event.is_set()
 
 
-# ----------------------------------------------------------------------------------------
-# Performance plumbing: compilation cache, input prefetch, compile once and time it.
-# ----------------------------------------------------------------------------------------
+# ---- Performance plumbing: compilation cache, input prefetch, compile once and time it ----
 
 def enable_compilation_cache(cache_dir: str) -> str | None:
   """JAX's persistent compilation cache at `cache_dir` ('' = off): a rerun or a resumed
@@ -143,9 +141,7 @@ def compile_step(jitted, *args):
   return compiled, time.perf_counter() - start
 
 
-# ----------------------------------------------------------------------------------------
-# Metrics on the host: fetched lazily, throughput, the non-finite policy.
-# ----------------------------------------------------------------------------------------
+# ---- Metrics on the host: fetched lazily, throughput, the non-finite policy ----
 
 class Meter:
   """Step metrics stay on the device until a log or save needs them; then they are
@@ -222,9 +218,7 @@ class Meter:
       self.timing = (self.timing[0] + time.perf_counter() - start, self.timing[1])
 
 
-# ----------------------------------------------------------------------------------------
-# The loop.
-# ----------------------------------------------------------------------------------------
+# ---- The loop ----
 
 @dataclasses.dataclass
 class Hooks:

@@ -277,9 +277,7 @@ class BertForSequenceClassification(nn.Module):
     return logits.astype(jnp.float32)
 
 
-# ----------------------------------------------------------------------------------------
-# Sizes and cost, computed from shapes only (jax.eval_shape: nothing is allocated).
-# ----------------------------------------------------------------------------------------
+# ---- Sizes and cost, computed from shapes only (jax.eval_shape: nothing is allocated) ----
 
 def dummy_inputs(batch=1, length=8):
   ids = jnp.zeros((batch, length), jnp.int32)

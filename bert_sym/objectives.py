@@ -11,9 +11,7 @@ import numpy as np
 import optax
 
 
-# ----------------------------------------------------------------------------------------
-# Masked LM.
-# ----------------------------------------------------------------------------------------
+# ---- Masked LM ----
 
 def masked_positions(mlm_weights, num_predictions: int):
   """The first `num_predictions` positions with weight > 0, in order, per row.
@@ -88,9 +86,7 @@ def mlm_weight(batch):
   return jnp.maximum(jnp.sum(batch['mlm_weights']), 1.0)
 
 
-# ----------------------------------------------------------------------------------------
-# Sequence classification and regression (GLUE).
-# ----------------------------------------------------------------------------------------
+# ---- Sequence classification and regression (GLUE) ----
 
 def classifier_logits(model, params, batch, dropout_key=None):
   return model.apply(

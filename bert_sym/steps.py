@@ -160,9 +160,7 @@ def make_eval_step(fn, param_shardings, batch_sharding, out_sharding):
                  out_shardings=out_sharding)
 
 
-# ----------------------------------------------------------------------------------------
-# Several independent runs (GLUE seeds) in one step: a leading axis on everything.
-# ----------------------------------------------------------------------------------------
+# ---- Several independent runs (GLUE seeds) in one step: a leading axis on everything ----
 
 def stacked(shardings):
   """The shardings of a tree stacked on a new leading (unsharded) axis."""

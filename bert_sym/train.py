@@ -76,9 +76,7 @@ def _user_errors(what: str):
     raise RunError(f'{what}: {e}') from e
 
 
-# ----------------------------------------------------------------------------------------
-# Dry run: the model's size and cost from shapes only.
-# ----------------------------------------------------------------------------------------
+# ---- Dry run: the model's size and cost from shapes only ----
 
 def model_summary(config: ml_collections.ConfigDict) -> str:
   cfg = config.model
@@ -111,10 +109,7 @@ def model_summary(config: ml_collections.ConfigDict) -> str:
   return '\n'.join(lines)
 
 
-
-# ----------------------------------------------------------------------------------------
-# The MLM update step.
-# ----------------------------------------------------------------------------------------
+# ---- The MLM update step ----
 
 def make_train_step(config, model, tx, schedule, mesh, batch_sharding):
   """The update step (not yet jitted): (state, global batch) -> (new state, metrics).
@@ -129,9 +124,7 @@ def make_train_step(config, model, tx, schedule, mesh, batch_sharding):
       accum=config.optimizer.grad_accum_steps, mesh=mesh, batch_sharding=batch_sharding)
 
 
-# ----------------------------------------------------------------------------------------
-# The trainer.
-# ----------------------------------------------------------------------------------------
+# ---- The trainer ----
 
 def _validate(config):
   try:
@@ -173,18 +166,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   _validate(config)
   cache_dir = loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
 
-  # ======================================================================================
-  # Logging
-  # ======================================================================================
+  # ---- Logging ----
   is_chief = jax.process_index() == 0
   workdir = _prepare_workdir(workdir)
   writer = metrics_writer.MetricWriter(workdir, enabled=is_chief)
   preemption = loop.PreemptionFlag()
   console = print if is_chief else (lambda *a, **k: None)
 
-  # ======================================================================================
-  # Mesh
-  # ======================================================================================
+  # ---- Mesh ----
   with _user_errors('Mesh'):
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config)
@@ -198,9 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   if cache_dir:
     logging.info('JAX persistent compilation cache: %s', cache_dir)
 
-  # ======================================================================================
-  # Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp)
-  # ======================================================================================
+  # ---- Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp) ----
   with _user_errors('Input pipeline'):
     from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
     if make_iterator is None:
@@ -233,30 +220,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     to_global = host_to_global
   seq_len = config.data.max_seq_len
 
-  # ======================================================================================
-  # Model & optimizer
-  # ======================================================================================
+  # ---- Model & optimizer ----
   model = model_lib.BertForMaskedLM(config.model)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
 
-  # ======================================================================================
-  # Shard & init: shapes first (nothing allocated), then create state already sharded
-  # ======================================================================================
+  # ---- Shard & init: shapes first (nothing allocated), then create state already sharded ----
   init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
   spec = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
       tx, mesh, rules)
 
-  # ======================================================================================
-  # Update step: one jit, state donated, micro-batches scanned for gradient accumulation
-  # ======================================================================================
+  # ---- Update step: one jit, state donated, micro-batches scanned for gradient accumulation ----
   train_step = steps.jit_train_step(
       make_train_step(config, model, tx, schedule, mesh, batch_sharding),
       spec.shardings, batch_sharding, replicated)
 
-  # ======================================================================================
-  # Checkpoint restore (automatic: the latest finished step in the workdir)
-  # ======================================================================================
+  # ---- Checkpoint restore (automatic: the latest finished step in the workdir) ----
   with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
     manager, latest, state, data_state = checkpoint.restore_latest(
         workdir, config.checkpoint, spec.abstract, spec.abstract_params, log=console)
@@ -272,9 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   writer.drop_rows_after(latest if latest is not None else -1)
   _write_config(workdir, config)
 
-  # ======================================================================================
-  # Evals: MLM loss and accuracy on a fixed slice of the validation split
-  # ======================================================================================
+  # ---- Evals: MLM loss and accuracy on a fixed slice of the validation split ----
   eval_step = steps.make_eval_step(
       functools.partial(objectives.mlm_sums, model, sparse=sparse,
                         num_predictions=num_predictions),
@@ -297,9 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     console(f'eval step {step}: loss {eval_metrics["eval/loss"]:.4f} | '
             f'acc {eval_metrics["eval/mlm_accuracy"]:.3f}')
 
-  # ======================================================================================
-  # Train loop (bert_sym.loop: compile once, progress line, non-finite policy, preemption)
-  # ======================================================================================
+  # ---- Train loop (bert_sym.loop: compile once, progress line, non-finite policy, preemption) ----
   step = int(jax.device_get(state['step']))
   meter = loop.Meter(
       config.total_steps, config.batch_size * seq_len,
@@ -340,7 +315,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     raise Preempted(step, preemption.signal_name)
   console(closing_summary(workdir, step, eval_metrics, meter.last_saved))
   return eval_metrics
-
 
 
 def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:
