@@ -124,9 +124,7 @@ def default_num_parts(task_name: str, split: str) -> int:
   """One part per TFDS source file (a natural, fixed unit of work); 1 otherwise."""
   import seqio  # pylint: disable=import-outside-toplevel
   source = seqio.get_mixture_or_task(task_name).source
-  if isinstance(source, seqio.TfdsDataSource):
-    return len(source.list_shards(split))
-  return 1
+  return len(source.list_shards(split)) if isinstance(source, seqio.TfdsDataSource) else 1
 
 
 def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: int = 0,

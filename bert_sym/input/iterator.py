@@ -2,16 +2,12 @@
 
   * Global example g (the g-th sequence the run consumes, over all hosts) is block
     perm_e[g % N] of epoch e = g // N, with perm_e a hash-defined permutation of the N
-    blocks (seeded by (seed, e)); 'validation' is read in order. So batch k is computed
-    from k alone: resuming at step k is O(1) and replays nothing.
-  * Masking is `bert_sym.input.masking.mask_blocks`, a pure function of (seed, g, block).
+    blocks (seeded by (seed, e)), and masked by `masking.mask_blocks`, a pure function of
+    (seed, g, block); 'validation' is read in order. Resuming at step k replays nothing.
   * Host p of P takes rows [p*B, (p+1)*B) of each global batch of P*B examples: the global
     batch does not depend on the number of hosts, and each host reads only its rows.
 
-The blocks come from `config.data.source`: 'seqio' (a small corpus packed in memory,
-`blocks.load_packed`, TF), 'shards' (exported, memory-mapped) or 'streaming' (exported,
-any size, local or gs://, `bert_sym.input.streaming`; shuffled by a Feistel bijection).
-Imports no TensorFlow unless source='seqio' (GPU images lack TF).
+Imports no TensorFlow unless config.data.source='seqio' (GPU images lack TF).
 """
 
 from __future__ import annotations

@@ -170,10 +170,6 @@ def mask_blocks_tf(blocks: tf.data.Dataset, seed: int, spec: masking.MaskSpec,
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-# ----------------------------------------------------------------------------------------
-# The seqio tasks.
-# ----------------------------------------------------------------------------------------
-
 def _max_seq_len(sequence_length: dict[str, int] | None) -> int:
   if not sequence_length or not sequence_length.get('input_ids'):
     raise ValueError("bert_sym MLM tasks need sequence_length={'input_ids': L, ...}")

@@ -42,10 +42,6 @@ _FEISTEL_SALT = 0xFE157E1
 _HEADER_BYTES = 4096   # enough for any .npy header this code writes
 
 
-# ----------------------------------------------------------------------------------------
-# Filesystems: one layer (fsspec) for local paths, gs://, memory://, file://.
-# ----------------------------------------------------------------------------------------
-
 def filesystem(url: str):
   import fsspec  # pylint: disable=import-outside-toplevel
   try:
@@ -68,10 +64,6 @@ def exists(url: str) -> bool:
   fs, path = filesystem(url)
   return fs.exists(path)
 
-
-# ----------------------------------------------------------------------------------------
-# The shuffle: a keyed Feistel bijection of [0, N), computed per index.
-# ----------------------------------------------------------------------------------------
 
 def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
                         epoch: np.ndarray | int) -> np.ndarray:
@@ -106,10 +98,6 @@ def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
       outside = outside[x[outside] >= np.uint64(num_blocks)]
   return x.astype(np.int64)
 
-
-# ----------------------------------------------------------------------------------------
-# Reading: metadata, then blocks by byte range.
-# ----------------------------------------------------------------------------------------
 
 def prepare_instructions(data_config) -> str:
   """How to prepare the configured corpus, and how to smoke-test without it."""
@@ -280,9 +268,7 @@ class StreamingBlocks:
     run_size = np.diff(np.append(run_first, len(rows)))
     row_bytes = self._length * self._dtype.itemsize
     run_shard = shard[run_first]
-    for s in np.unique(run_shard):
-      self._data_offset(int(s))
-    starts = [self._offsets[int(s)] + int(r - self._starts[s]) * row_bytes
+    starts = [self._data_offset(int(s)) + int(r - self._starts[s]) * row_bytes
               for s, r in zip(run_shard, sorted_rows[run_first])]
     ends = [start + int(n) * row_bytes for start, n in zip(starts, run_size)]
     chunks = self._read_ranges([int(s) for s in run_shard], starts, ends)
