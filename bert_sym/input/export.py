@@ -1,14 +1,10 @@
 """Export: a corpus tokenised, packed and written as shards (TF needed here only).
 
-`export`: a split is cut into `num_parts` deterministic parts (default: one per TFDS source
-file; `--num_parts` for function sources such as text files), each tokenised, packed and
-written on its own as `part-PPPPP-KKKKK.npy` shards, then recorded by `part-PPPPP.json`.
-The output therefore depends on the parts, never on how many workers converted them: 2
-workers write exactly the files 1 worker writes. Every file is written under a temporary
-name and renamed (object stores publish an object only once fully uploaded), a part whose
-manifest exists is skipped on a rerun, and `metadata.json` is written once every part's
-manifest exists, by whichever worker finishes last (or by `finalize`). The shards are read
-by `bert_sym.input.streaming`.
+A split is cut into `num_parts` deterministic parts (default: one per TFDS source file),
+each written on its own as `part-PPPPP-KKKKK.npy` shards and recorded by `part-PPPPP.json`,
+so the output never depends on how many workers converted it. Files are written under a
+temporary name and renamed (object stores publish an object only once fully uploaded);
+`metadata.json` is written by whichever worker finishes the last part (or by `finalize`).
 """
 
 from __future__ import annotations

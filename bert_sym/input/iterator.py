@@ -185,7 +185,7 @@ def vocab_size(data_config) -> int:
   """Vocabulary size of the data (the model's vocab_size must equal it)."""
   if data_config.source in ('streaming', 'shards'):   # also checks the corpus is prepared
     return len(streaming.open_blocks(data_config, 'train').vocab_tokens)
-  return len(tokenizer.read_vocab(tokenizer.resolve_vocab_path(data_config.vocab_path)))
+  return len(tokenizer.read_vocab(data_config.vocab_path or tokenizer.default_vocab_file()))
 
 
 def describe_corpus(iterator, config) -> list[str]:

@@ -79,14 +79,10 @@ class BertWordPieceVocabulary(seqio.Vocabulary):
     return hash(self.md5)
 
 
+@functools.cache
 def get_vocabulary(vocab_path: str = '') -> BertWordPieceVocabulary:
   """The seqio vocabulary for `vocab_path` ('' = bert-base-uncased)."""
-  return _cached_vocabulary(tokenizer.resolve_vocab_path(vocab_path))
-
-
-@functools.cache
-def _cached_vocabulary(path: str) -> BertWordPieceVocabulary:
-  return BertWordPieceVocabulary(path)
+  return BertWordPieceVocabulary(vocab_path)
 
 
 # ----------------------------------------------------------------------------------------

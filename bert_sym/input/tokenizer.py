@@ -91,10 +91,6 @@ def default_vocab_file() -> str:
   return str(path)
 
 
-def resolve_vocab_path(vocab_path: str = '') -> str:
-  return vocab_path or default_vocab_file()
-
-
 def read_vocab_bytes(path: str) -> bytes:
   """Raw bytes of a vocab file; gs:// and other remote paths go through tf.io.gfile."""
   try:
@@ -149,7 +145,7 @@ class WordPiece:
   """
 
   def __init__(self, vocab_path: str = ''):
-    self.vocab_file = resolve_vocab_path(vocab_path)
+    self.vocab_file = vocab_path or default_vocab_file()
     self.tokens = read_vocab(self.vocab_file)
     self.special = special = special_ids(self.tokens, self.vocab_file)
     self.md5 = vocab_md5(self.vocab_file)
