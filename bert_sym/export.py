@@ -6,15 +6,9 @@ projection. For head h, with Q_h = X Wq_h + bq_h,
   Q_h P_h Q_h^T = Q_h (X Wq_h P_h^T + bq_h P_h^T)^T,
 
 so Wk_h := Wq_h P_h^T and bk_h := bq_h P_h^T give a `BertForMaskedLM` whose logits equal
-ours (symmetric is the case P_h = I). The exported model runs in any BERT tooling with no
-custom code. The reverse direction, `mlm_params_from_hf`, loads a standard checkpoint.
-
-Everything here works on NumPy arrays keyed by Hugging Face's `state_dict` names. The
-export needs neither PyTorch nor `transformers`: it writes `config.json`,
-`model.safetensors` (NumPy through `safetensors`), and the tokenizer files (`vocab.txt`,
-`tokenizer_config.json` with `model_max_length`, `special_tokens_map.json`), so that
-`AutoTokenizer`, `AutoModelForMaskedLM` and `pipeline('fill-mask')` load the directory
-as it is.
+ours (symmetric is the case P_h = I). Everything here works on NumPy arrays keyed by
+Hugging Face's `state_dict` names; the export needs neither PyTorch nor `transformers`
+(README.md, "Exporting to Hugging Face", lists the files it writes).
 
   python -m bert_sym.export --checkpoint=WORKDIR_or_STEP_DIR --out_dir=hf_model
 """
@@ -81,8 +75,8 @@ def mlm_params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
     enc = unstack_layers(enc)
   out: dict[str, np.ndarray] = {}
 
-  def put(name, kernel, bias):
-    out[f'{name}.weight'], out[f'{name}.bias'] = _linear(kernel, bias)
+  def put(name, dense):
+    out[f'{name}.weight'], out[f'{name}.bias'] = _linear(dense['kernel'], dense['bias'])
 
   def put_layer_norm(name, tree):
     for hf_name, our_name in _LAYER_NORM:
@@ -96,24 +90,20 @@ def mlm_params_to_hf(params: Mapping[str, Any], cfg) -> dict[str, np.ndarray]:
   for i in range(cfg.num_layers):
     layer, prefix = enc[f'layer_{i}'], f'bert.encoder.layer.{i}'
     attn = layer['attention']
-    query = attn['query']
-    if 'key' in attn:
-      key_kernel, key_bias = attn['key']['kernel'], attn['key']['bias']
-    else:
-      key_kernel, key_bias = folded_key_projection(
-          query['kernel'], query['bias'],
+    if 'key' not in attn:
+      kernel, bias = folded_key_projection(
+          attn['query']['kernel'], attn['query']['bias'],
           attn.get('pairwise', attn.get('pairwise_diagonal')))
-    put(f'{prefix}.attention.self.query', query['kernel'], query['bias'])
-    put(f'{prefix}.attention.self.key', key_kernel, key_bias)
-    put(f'{prefix}.attention.self.value', attn['value']['kernel'], attn['value']['bias'])
-    put(f'{prefix}.attention.output.dense', attn['output']['kernel'], attn['output']['bias'])
+      attn = dict(attn, key={'kernel': kernel, 'bias': bias})
+    for name in ('query', 'key', 'value'):
+      put(f'{prefix}.attention.self.{name}', attn[name])
+    put(f'{prefix}.attention.output.dense', attn['output'])
     put_layer_norm(f'{prefix}.attention.output.LayerNorm', layer['attention_layer_norm'])
-    put(f'{prefix}.intermediate.dense', layer['intermediate']['kernel'],
-        layer['intermediate']['bias'])
-    put(f'{prefix}.output.dense', layer['output']['kernel'], layer['output']['bias'])
+    put(f'{prefix}.intermediate.dense', layer['intermediate'])
+    put(f'{prefix}.output.dense', layer['output'])
     put_layer_norm(f'{prefix}.output.LayerNorm', layer['output_layer_norm'])
 
-  put('cls.predictions.transform.dense', head['transform']['kernel'], head['transform']['bias'])
+  put('cls.predictions.transform.dense', head['transform'])
   put_layer_norm('cls.predictions.transform.LayerNorm', head['layer_norm'])
   out['cls.predictions.bias'] = np.asarray(head['bias'], np.float32)
   out['cls.predictions.decoder.weight'] = out['bert.embeddings.word_embeddings.weight']
@@ -151,14 +141,12 @@ def mlm_params_from_hf(state_dict: Mapping[str, Any], cfg) -> dict[str, Any]:
   encoder['embeddings']['layer_norm'] = layer_norm('bert.embeddings.LayerNorm')
   for i in range(cfg.num_layers):
     prefix = f'bert.encoder.layer.{i}'
-    output = dense(f'{prefix}.attention.output.dense')
+    attention = {name: heads_in(f'{prefix}.attention.self.{name}')
+                 for name in ('query', 'key', 'value')}
+    output = attention['output'] = dense(f'{prefix}.attention.output.dense')
     output['kernel'] = output['kernel'].reshape(heads, head_dim, d)
     encoder[f'layer_{i}'] = {
-        'attention': {
-            'query': heads_in(f'{prefix}.attention.self.query'),
-            'key': heads_in(f'{prefix}.attention.self.key'),
-            'value': heads_in(f'{prefix}.attention.self.value'),
-            'output': output},
+        'attention': attention,
         'attention_layer_norm': layer_norm(f'{prefix}.attention.output.LayerNorm'),
         'intermediate': dense(f'{prefix}.intermediate.dense'),
         'output': dense(f'{prefix}.output.dense'),
@@ -220,6 +208,7 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
 
 def _json_bytes(value) -> bytes:
   return (json.dumps(value, indent=2) + '\n').encode()
+
 
 def main(argv):
   del argv

@@ -1,13 +1,6 @@
-"""The MLM input pipeline, one module per stage; a module imports only those above it.
-
-  sources      documents: the embedded corpus, text files, the TFDS corpora's names
-  tokenizer    the WordPiece vocab file and tokeniser (MLM and GLUE)
-  masking      the counter-based hash RNG: BERT masking, epoch permutations (NumPy)
-  blocks       packing into [CLS] ... [SEP] blocks; exported shards (TF-free); small corpora
-  streaming    exported shards of any size read by byte range (local or gs://)
-  iterator     the trainer's iterator: batch k of MLM features is a function of (seed, k)
-  seqio_tasks  the registered seqio tasks, their Vocabulary and the TF twin of `masking`
-  export       corpus -> shards (`python -m bert_sym.streaming`)
+"""The MLM input pipeline, one module per stage (README.md's Layout says what each does); a
+module imports only those before it: sources, tokenizer, masking, blocks, streaming,
+iterator, seqio_tasks, export (corpus -> shards, `python -m bert_sym.streaming`).
 
 TensorFlow is imported by `import_tensorflow` (here, with what all stages share), only
 where TF runs: the shards and streaming paths never load it.

@@ -1,4 +1,4 @@
-"""Packed blocks: packing documents into them, and reading them back (TF-free).
+"""Packed blocks: packing documents into them (TF), and holding them by index (TF-free).
 
 A block is `max_seq_len` token ids [CLS] ... [SEP]: every document is followed by [SEP],
 the documents are concatenated into one stream, and the stream is cut into blocks of
@@ -7,31 +7,20 @@ starts and ends like a BERT input; the last, shorter block is padded rather than
 (the embedded corpus is small). This differs from Hugging Face `run_mlm`'s `group_texts`,
 which the reference run used: there each document is wrapped as [CLS] doc [SEP], the
 stream is cut every 512 tokens without re-wrapping, and the remainder is dropped. The
-token budget per block is the same. Packing runs in tf.data (TF).
-
-Blocks come from exported shards on disk (`load_shards`: `.npy` arrays + metadata.json +
-vocab.txt, written by `bert_sym.input.export`, memory-mapped, TF-free), or, for a small
-corpus, are packed in memory at the first call (`load_packed`: the embedded corpus, text
-files up to a few hundred M tokens).
+token budget per block is the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import pathlib
 import re
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from bert_sym.input import DataError, check_max_seq_len, import_tensorflow, sources
-from bert_sym.input.tokenizer import SpecialIds, WordPiece
+from bert_sym.input.tokenizer import WordPiece
 
-SHARD_FORMAT_VERSION = 1
-METADATA_FILE = 'metadata.json'
-VOCAB_FILE = 'vocab.txt'
 _DOCS_PER_TOKENIZE_CALL = 64  # TF Text is much faster on a batch of strings than on one.
 
 
@@ -43,6 +32,7 @@ class Blocks:
   special: dict[str, int]
   vocab_md5: str
   description: str           # for error messages
+  num_tokens: int            # not [PAD]
 
   def __post_init__(self):
     self._starts = np.cumsum([0] + [len(a) for a in self.arrays])
@@ -69,46 +59,34 @@ def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= 2**16 else np.int32
 
 
-def tokenize_documents(dataset, vocabulary):
-  """{'text': string} -> int32 token stream pieces: each non-empty document + [SEP].
+def packed_blocks(documents, max_seq_len: int, vocabulary):
+  """{'text'} documents -> int32 [max_seq_len] blocks, unmasked, in order.
 
   `vocabulary`: a `tokenizer.WordPiece`, or the seqio Vocabulary that wraps one.
   """
   tf = import_tensorflow()
-  sep = tf.constant([vocabulary.special.sep], tf.int32)
+  check_max_seq_len(max_seq_len)
+  special = vocabulary.special
+  sep = tf.constant([special.sep], tf.int32)
 
-  def tokenize(texts):
+  def tokenize(texts):   # -> each non-empty document's ids + [SEP], flattened
     ids = tf.cast(vocabulary.encode_tf(texts), tf.int32)  # ragged [docs, pieces]
     ids = tf.ragged.boolean_mask(ids, ids.row_lengths() > 0)
     seps = tf.RaggedTensor.from_row_lengths(
         tf.tile(sep, [ids.nrows()]), tf.ones([ids.nrows()], tf.int64))
     return tf.concat([ids, seps], axis=1).flat_values
 
-  return (dataset.map(lambda ex: ex['text'])
-          .batch(_DOCS_PER_TOKENIZE_CALL)
-          .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
-
-
-def pack_blocks(token_stream, max_seq_len: int, special: SpecialIds):
-  """1-D token pieces -> int32 [max_seq_len] blocks [CLS] ... [SEP] (+ [PAD] at the end)."""
-  tf = import_tensorflow()
-  check_max_seq_len(max_seq_len)
-  body = max_seq_len - 2
-
   def wrap(chunk):
     block = tf.concat([[special.cls], chunk, [special.sep]], axis=0)
     block = tf.pad(block, [[0, max_seq_len - tf.size(block)]], constant_values=special.pad)
     return tf.ensure_shape(block, [max_seq_len])
 
+  stream = (documents.map(lambda ex: ex['text'])
+            .batch(_DOCS_PER_TOKENIZE_CALL)
+            .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
   # rebatch = unbatch().batch(body) without materialising one element per token.
-  return token_stream.rebatch(body).map(wrap, num_parallel_calls=tf.data.AUTOTUNE,
-                                         deterministic=True)
-
-
-def packed_blocks(documents, max_seq_len: int, vocabulary):
-  """A dataset of {'text'} documents, tokenised and packed, unmasked, in order."""
-  stream = tokenize_documents(documents, vocabulary)
-  return pack_blocks(stream, max_seq_len, vocabulary.special)
+  return stream.rebatch(max_seq_len - 2).map(wrap, num_parallel_calls=tf.data.AUTOTUNE,
+                                             deterministic=True)
 
 
 def numpy_blocks(dataset, description: str) -> Iterator[np.ndarray]:
@@ -127,45 +105,6 @@ def numpy_blocks(dataset, description: str) -> Iterator[np.ndarray]:
              if 'UTF-8' in reason else '')
       raise DataError(f'{path} {reason}.{fix}') from None
     raise DataError(f'{description}: {e.message}') from e
-
-
-def read_metadata(shards_dir: str, split: str) -> dict[str, Any]:
-  path = pathlib.Path(shards_dir) / split / METADATA_FILE
-  if not path.exists():
-    raise DataError(f'{path}: no such file; export the shards first: python -m '
-                    f'bert_sym.streaming export --split={split} --out_dir={shards_dir} ...')
-  metadata = json.loads(path.read_text())
-  if metadata.get('format_version') != SHARD_FORMAT_VERSION:
-    raise DataError(f'{path}: shard format {metadata.get("format_version")}, this code '
-                    f'reads {SHARD_FORMAT_VERSION}; re-export.')
-  return metadata
-
-
-def load_shards(shards_dir: str, split: str, vocab_path: str = '') -> Blocks:
-  """Memory-maps an exported split (TF-free)."""
-  metadata = read_metadata(shards_dir, split)
-  split_dir = pathlib.Path(shards_dir) / split
-  vocab_bytes = (split_dir / VOCAB_FILE).read_bytes()
-  if hashlib.md5(vocab_bytes).hexdigest() != metadata['vocab_md5']:
-    raise DataError(f'{split_dir / VOCAB_FILE}: md5 differs from {METADATA_FILE}; re-export')
-  if vocab_path and '://' not in vocab_path:
-    given = hashlib.md5(pathlib.Path(vocab_path).read_bytes()).hexdigest()
-    if given != metadata['vocab_md5']:
-      raise DataError(f'{vocab_path}: vocab md5 {given} differs from the one the shards in '
-                      f'{split_dir} were exported with ({metadata["vocab_md5"]}).')
-  arrays = []
-  for shard in metadata['shards']:
-    path = split_dir / shard['file']
-    if not path.exists():
-      raise DataError(f'{path}: shard listed in {METADATA_FILE} is missing')
-    array = np.load(path, mmap_mode='r')
-    if array.shape != (shard['num_blocks'], metadata['max_seq_len']):
-      raise DataError(f'{path}: shape {array.shape}, metadata says '
-                      f'{(shard["num_blocks"], metadata["max_seq_len"])}')
-    arrays.append(array)
-  tokens = vocab_bytes.decode('utf-8').split('\n')[:metadata['vocab_size']]
-  return Blocks(arrays, tokens, metadata['special_ids'], metadata['vocab_md5'],
-                description=str(split_dir))
 
 
 _PACKED: dict[tuple, Blocks] = {}  # one materialisation per process and corpus
@@ -195,6 +134,8 @@ def load_packed(data_config, split: str, documents=None) -> Blocks:
     if not blocks:
       raise DataError(f'{description}: empty corpus (no tokens after tokenising)')
     array = np.stack(blocks).astype(token_dtype(vocabulary.vocab_size))
+    num_tokens = int(np.count_nonzero(array != vocabulary.special.pad))
     _PACKED[cache_key] = Blocks([array], list(vocabulary.tokens),
-                                vocabulary.special.as_dict(), vocabulary.md5, description)
+                                vocabulary.special.as_dict(), vocabulary.md5, description,
+                                num_tokens)
   return _PACKED[cache_key]

@@ -1,24 +1,10 @@
 """Export: a corpus tokenised, packed and written as shards (TF needed here only).
 
-  python -m bert_sym.streaming export --task=bert_sym_mlm_c4 --out_dir=gs://BUCKET/c4_512 \
-      --tfds_data_dir=gs://BUCKET/tfds --num_workers=N --worker_index=i
-  python -m bert_sym.streaming finalize --out_dir=gs://BUCKET/c4_512   # (the last worker
-                                                                        #  already did)
-  # then, on every training host (no TensorFlow needed):
-  python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/run \
-      --config.data.shards_dir=gs://BUCKET/c4_512
-
-`export`: a split is cut into `num_parts` deterministic parts (default: one per TFDS source
-file; `--num_parts` for function sources such as text files), each tokenised, packed and
-written on its own as `part-PPPPP-KKKKK.npy` shards, then recorded by `part-PPPPP.json`.
-The output therefore depends on the parts, never on how many workers converted them: 2
-workers write exactly the files 1 worker writes. Every file is written under a temporary
-name and renamed (object stores publish an object only once fully uploaded), a part whose
-manifest exists is skipped on a rerun, and `metadata.json` is written once every part's
-manifest exists, by whichever worker finishes last (or by `finalize`).
-
-The output is read by `bert_sym.input.streaming` (source='streaming', any size, local or
-gs://) and by `bert_sym.input.blocks.load_shards` (source='shards', memory-mapped).
+A split is cut into `num_parts` deterministic parts (default: one per TFDS source file),
+each written on its own as `part-PPPPP-KKKKK.npy` shards and recorded by `part-PPPPP.json`,
+so the output never depends on how many workers converted it. Files are written under a
+temporary name and renamed (object stores publish an object only once fully uploaded);
+`metadata.json` is written by whichever worker finishes the last part (or by `finalize`).
 """
 
 from __future__ import annotations
@@ -34,7 +20,8 @@ import numpy as np
 from bert_sym.files import write_atomically
 from bert_sym.input import DataError, check_max_seq_len, sources, tokenizer
 from bert_sym.input import blocks
-from bert_sym.input.streaming import exists, filesystem, join_url, read_text
+from bert_sym.input.streaming import METADATA_FILE, SHARD_FORMAT_VERSION, VOCAB_FILE
+from bert_sym.input.streaming import exists, filesystem, join_url, read_bytes
 
 
 def _write_json(url: str, value) -> None:
@@ -91,7 +78,7 @@ class PartWriter:
 
 
 def write_vocab(split_url: str, vocab_bytes: bytes) -> None:
-  write_atomically(join_url(split_url, blocks.VOCAB_FILE), lambda f: f.write(vocab_bytes))
+  write_atomically(join_url(split_url, VOCAB_FILE), lambda f: f.write(vocab_bytes))
 
 
 def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
@@ -105,55 +92,35 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
   names = sorted(os.path.basename(p) for p in fs.glob(f'{path}/part-?????.json'))
   if not names:
     return None
-  manifests = [json.loads(read_text(join_url(split_url, n))) for n in names]
+  manifests = [json.loads(read_bytes(join_url(split_url, n))) for n in names]
   first = manifests[0]
   for m in manifests:
     for key in ('num_parts', 'max_seq_len', 'dtype', 'vocab_md5', 'task', 'split'):
       if m.get(key) != first.get(key):
-        raise DataError(f'{split_url}: part {m["part"]} has {key}={m.get(key)!r}, '
-                                 f'part {first["part"]} has {first.get(key)!r}; the parts '
-                                 'come from different exports: remove the directory and '
-                                 're-export.')
+        raise DataError(f'{split_url}: part {m["part"]} has {key}={m.get(key)!r}, part '
+                        f'{first["part"]} has {first.get(key)!r}; the parts come from '
+                        'different exports: remove the directory and re-export.')
   if len(manifests) < first['num_parts']:
     return None
   shards = [s for m in manifests for s in m['shards']]
   if not shards:
     raise DataError(f'{split_url}: empty corpus (no tokens after tokenising)')
   metadata = dict(
-      format_version=blocks.SHARD_FORMAT_VERSION, task=first['task'], split=split,
+      format_version=SHARD_FORMAT_VERSION, task=first['task'], split=split,
       max_seq_len=first['max_seq_len'], num_blocks=sum(s['num_blocks'] for s in shards),
       num_tokens=sum(m['num_tokens'] for m in manifests), dtype=first['dtype'],
       shards=shards, vocab_md5=first['vocab_md5'], vocab_size=first['vocab_size'],
       special_ids=first['special_ids'], text_files=first.get('text_files', ''),
       num_parts=first['num_parts'])
-  _write_json(join_url(split_url, blocks.METADATA_FILE), metadata)
+  _write_json(join_url(split_url, METADATA_FILE), metadata)
   return metadata
-
-
-def _part_blocks(task_name: str, split: str, part: int, num_parts: int, max_seq_len: int,
-                 vocabulary):
-  """Packed blocks of one part of the split (tf.data)."""
-  import seqio  # pylint: disable=import-outside-toplevel
-  task = seqio.get_mixture_or_task(task_name)
-  if split not in task.splits:
-    raise DataError(f'task {task_name} has no split {split!r}; it has {task.splits}')
-  if isinstance(task.source, seqio.TfdsDataSource):   # a part is a set of TFDS files
-    documents = task.source.get_dataset(split=split, shuffle=False,
-                                        shard_info=seqio.ShardInfo(part, num_parts))
-  else:   # function sources: every num_parts-th document (reads the source per part)
-    documents = task.source.get_dataset(split=split, shuffle=False)
-    if num_parts > 1:
-      documents = documents.shard(num_parts, part)
-  return blocks.packed_blocks(documents, max_seq_len, vocabulary)
 
 
 def default_num_parts(task_name: str, split: str) -> int:
   """One part per TFDS source file (a natural, fixed unit of work); 1 otherwise."""
   import seqio  # pylint: disable=import-outside-toplevel
   source = seqio.get_mixture_or_task(task_name).source
-  if isinstance(source, seqio.TfdsDataSource):
-    return len(source.list_shards(split))
-  return 1
+  return len(source.list_shards(split)) if isinstance(source, seqio.TfdsDataSource) else 1
 
 
 def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: int = 0,
@@ -184,7 +151,7 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
     writer = PartWriter(split_url, part, num_parts, max_seq_len=max_seq_len,
                         dtype=blocks.token_dtype(vocabulary.vocab_size),
                         pad_id=vocabulary.special.pad, blocks_per_shard=blocks_per_shard)
-    dataset = _part_blocks(task, split, part, num_parts, max_seq_len, vocabulary)
+    dataset = seqio_tasks.packed_blocks(task, split, max_seq_len, vocabulary, part, num_parts)
     description = f'task {task} split {split} part {part}/{num_parts}'
     for batch in blocks.numpy_blocks(dataset.batch(256), description):
       writer.add(batch)

@@ -2,16 +2,12 @@
 
   * Global example g (the g-th sequence the run consumes, over all hosts) is block
     perm_e[g % N] of epoch e = g // N, with perm_e a hash-defined permutation of the N
-    blocks (seeded by (seed, e)); 'validation' is read in order. So batch k is computed
-    from k alone: resuming at step k is O(1) and replays nothing.
-  * Masking is `bert_sym.input.masking.mask_blocks`, a pure function of (seed, g, block).
+    blocks (seeded by (seed, e)), and masked by `masking.mask_blocks`, a pure function of
+    (seed, g, block); 'validation' is read in order. Resuming at step k replays nothing.
   * Host p of P takes rows [p*B, (p+1)*B) of each global batch of P*B examples: the global
     batch does not depend on the number of hosts, and each host reads only its rows.
 
-The blocks come from `config.data.source`: 'seqio' (a small corpus packed in memory,
-`blocks.load_packed`, TF), 'shards' (exported, memory-mapped) or 'streaming' (exported,
-any size, local or gs://, `bert_sym.input.streaming`; shuffled by a Feistel bijection).
-Imports no TensorFlow unless source='seqio' (GPU images lack TF).
+Imports no TensorFlow unless config.data.source='seqio' (GPU images lack TF).
 """
 
 from __future__ import annotations
@@ -151,25 +147,19 @@ def mask_spec(data_config, blocks) -> masking.MaskSpec:
       max_predictions=data_config.max_predictions_per_seq)
 
 
-def load_blocks(data_config, split: str, documents=None) -> blocks_lib.Blocks:
-  """The blocks of source 'shards' (memory-mapped) or 'seqio' (packed in memory)."""
+def load_blocks(data_config, split: str, documents=None):
+  """The blocks of `config.data.source`; `documents`: see `blocks.load_packed` ('seqio')."""
+  if data_config.source in ('streaming', 'shards'):
+    return streaming.open_blocks(data_config, split)
   check_max_seq_len(data_config.max_seq_len)
-  if data_config.source == 'shards':
-    if not data_config.shards_dir:
-      raise DataError("source='shards' needs config.data.shards_dir")
-    blocks = blocks_lib.load_shards(data_config.shards_dir, split, data_config.vocab_path)
-    if blocks.max_seq_len != data_config.max_seq_len:
-      raise DataError(f'{blocks.description}: shards hold {blocks.max_seq_len}-token '
-                      f'blocks, config asks max_seq_len={data_config.max_seq_len}')
-    return blocks
-  if data_config.source == 'seqio':
-    if data_config.task in sources.TFDS_SOURCES:   # billions of tokens: never in memory
-      raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
-                      "memory; stream it instead (--config.data.source=streaming).\n"
-                      + streaming.prepare_instructions(data_config))
-    return blocks_lib.load_packed(data_config, split, documents)
-  raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
-                  f'{data_config.source!r}')
+  if data_config.source != 'seqio':
+    raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
+                    f'{data_config.source!r}')
+  if data_config.task in sources.TFDS_SOURCES:   # billions of tokens: never in memory
+    raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
+                    "memory; stream it instead (--config.data.source=streaming).\n"
+                    + streaming.prepare_instructions(data_config))
+  return blocks_lib.load_packed(data_config, split, documents)
 
 
 def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
@@ -177,18 +167,14 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
                       process_count: int | None = None, documents=None) -> MLMIterator:
   """Iterator of per-host MLM batches for `config.data` (see the module docstring).
 
-  `data_config.shuffle` permutes 'train' exactly, afresh every epoch (blocks are indexed,
-  so no shuffle buffer is needed); validation is always read in order. `documents`: see
-  `blocks.load_packed` (source='seqio' only).
+  `data_config.shuffle` permutes 'train' afresh every epoch; validation is read in order.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  if data_config.source == 'streaming':   # any size, local or gs://
-    blocks, iterator = streaming.open_blocks(data_config, split), StreamingMLMIterator
-  else:
-    blocks, iterator = load_blocks(data_config, split, documents), MLMIterator
+  blocks = load_blocks(data_config, split, documents)
+  iterator = StreamingMLMIterator if data_config.source == 'streaming' else MLMIterator
   shuffle = split == 'train' and data_config.shuffle
   return iterator(blocks, mask_spec(data_config, blocks), batch_size=batch_size,
                   seed=seed, shuffle=shuffle, start_step=start_step,
@@ -197,11 +183,9 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
 
 def vocab_size(data_config) -> int:
   """Vocabulary size of the data (the model's vocab_size must equal it)."""
-  if data_config.source == 'streaming':   # also checks that the corpus is prepared
-    return int(streaming.open_blocks(data_config, 'train').metadata['vocab_size'])
-  if data_config.source == 'shards':
-    return int(blocks_lib.read_metadata(data_config.shards_dir, 'train')['vocab_size'])
-  return len(tokenizer.read_vocab(tokenizer.resolve_vocab_path(data_config.vocab_path)))
+  if data_config.source in ('streaming', 'shards'):   # also checks the corpus is prepared
+    return len(streaming.open_blocks(data_config, 'train').vocab_tokens)
+  return len(tokenizer.read_vocab(data_config.vocab_path or tokenizer.default_vocab_file()))
 
 
 def describe_corpus(iterator, config) -> list[str]:
@@ -214,24 +198,17 @@ def describe_corpus(iterator, config) -> list[str]:
   if blocks is None or not hasattr(iterator, 'num_blocks'):
     return []
   num_blocks = iterator.num_blocks
-  num_tokens = getattr(blocks, 'num_tokens', None)
-  if num_tokens is None and config.data.source == 'shards':
-    num_tokens = blocks_lib.read_metadata(config.data.shards_dir, 'train')['num_tokens']
-  if num_tokens is None:   # in-memory blocks (seqio path): small, count them
-    pad = blocks.special['pad']
-    num_tokens = sum(int(np.count_nonzero(np.asarray(a) != pad)) for a in blocks.arrays)
   examples = config.total_steps * config.batch_size
   epochs = examples / max(num_blocks, 1)
   lines = [f'Corpus {config.data.task} ({config.data.source}: {blocks.description}): '
-           f'{num_tokens:,} tokens in {num_blocks:,} blocks of {blocks.max_seq_len}; '
+           f'{blocks.num_tokens:,} tokens in {num_blocks:,} blocks of {blocks.max_seq_len}; '
            f'{config.total_steps:,} steps x {config.batch_size} sequences read '
            f'{epochs:.2f} epochs.']
+  logging.info('%s', lines[0])
   if epochs > EPOCH_WARNING_THRESHOLD:
     warning = (f'the run reads the corpus {epochs:.1f} times (> '
                f'{EPOCH_WARNING_THRESHOLD} epochs): the model will memorise it. Use a '
                'larger corpus (see `python -m bert_sym.streaming export`) or fewer steps.')
-    logging.info('%s', lines[0])
     logging.warning('%s', warning)
-    return lines + ['WARNING: ' + warning]
-  logging.info('%s', lines[0])
+    lines.append('WARNING: ' + warning)
   return lines

@@ -108,8 +108,7 @@ def mask_blocks(blocks: np.ndarray, example_index: np.ndarray, seed: int,
 
     num_candidates = candidate.sum(axis=1)
     budget = np.floor(num_candidates.astype(np.float64) * spec.mask_rate + 0.5).astype(np.int64)
-    budget = np.minimum(np.minimum(np.maximum(budget, 1), spec.max_predictions),
-                        num_candidates)
+    budget = np.minimum(np.clip(budget, 1, spec.max_predictions), num_candidates)
     selected = candidate & (ranked_up_to <= budget[:, None])
 
     action = position_bits(keys, positions, STREAM_ACTION)

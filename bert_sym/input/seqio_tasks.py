@@ -1,27 +1,23 @@
-"""seqio tasks for BERT MLM pre-training; `import bert_sym.input.seqio_tasks` registers them.
-
-  bert_sym_mlm_embedded    gensim's shortened English Wikipedia dump (no download)
-  bert_sym_mlm_wikipedia   TFDS wikipedia/20230601.en (train only upstream: 1% held out)
-  bert_sym_mlm_c4          TFDS c4/en (its own validation split)
-  bert_sym_mlm_text_files  built from globs by `register_text_files_task`
+"""seqio tasks for BERT MLM pre-training; `import bert_sym.input.seqio_tasks` registers them
+(README.md's Data section lists them; `register_text_files_task` builds the text-files one).
 
 Every task has 'train' and 'validation' splits and yields the five MLM features of
-`bert_sym.input.masking.FEATURES` at `sequence_length['input_ids']`:
+`masking.FEATURES` at `sequence_length['input_ids']`:
 
   seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
       sequence_length={'input_ids': 128}, split='validation', shuffle=False)
 
 Masking inside a task uses the mask seed given at registration (default 0) and the
-block's position in the packed stream; the trainer's iterator (`bert_sym.input.iterator`)
-instead masks packed blocks with its own seed. The tasks are built from the stages below
-(sources, tokenizer, blocks, masking), which never import this module; it also holds the
-seqio Vocabulary over `tokenizer.WordPiece` and the TF twin of `masking.mask_blocks`.
+block's position in the packed stream; the trainer's iterator instead masks packed blocks
+with its own seed. Also here: the seqio Vocabulary over `tokenizer.WordPiece` and the TF
+twin of `masking.mask_blocks`.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import seqio
 
 from bert_sym.input import MAX_SEQ_LEN, DataError, check_max_seq_len, import_tensorflow
@@ -83,43 +79,36 @@ class BertWordPieceVocabulary(seqio.Vocabulary):
     return hash(self.md5)
 
 
+@functools.cache
 def get_vocabulary(vocab_path: str = '') -> BertWordPieceVocabulary:
   """The seqio vocabulary for `vocab_path` ('' = bert-base-uncased)."""
-  return _cached_vocabulary(tokenizer.resolve_vocab_path(vocab_path))
-
-
-@functools.cache
-def _cached_vocabulary(path: str) -> BertWordPieceVocabulary:
-  return BertWordPieceVocabulary(path)
+  return BertWordPieceVocabulary(vocab_path)
 
 
 # ----------------------------------------------------------------------------------------
 # Masking in TF: mirrors `masking.mask_blocks` (NumPy) op for op, so the tasks (tf.data)
-# and the trainer's iterator give bit-identical examples.
+# and the trainer's iterator give bit-identical examples (uint32 arithmetic wraps in both;
+# TF overloads ^ | & * % on integer tensors, but not >> or <<).
 # ----------------------------------------------------------------------------------------
 
 def _fmix32(x: tf.Tensor) -> tf.Tensor:
-  """murmur3's 32-bit finaliser; uint32 arithmetic wraps as in NumPy."""
-  x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
-  x = x * tf.constant(masking.FMIX_C1, tf.uint32)
-  x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(13, tf.uint32)))
-  x = x * tf.constant(masking.FMIX_C2, tf.uint32)
-  return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
+  rshift = tf.bitwise.right_shift
+  x = (x ^ rshift(x, np.uint32(16))) * np.uint32(masking.FMIX_C1)
+  x = (x ^ rshift(x, np.uint32(13))) * np.uint32(masking.FMIX_C2)
+  return x ^ rshift(x, np.uint32(16))
 
 
 def _example_key(seed: int, example_index: tf.Tensor) -> tf.Tensor:
   index = tf.cast(example_index, tf.uint64)
-  lo = tf.cast(tf.bitwise.bitwise_and(index, tf.constant(0xFFFFFFFF, tf.uint64)), tf.uint32)
-  hi = tf.cast(tf.bitwise.right_shift(index, tf.constant(32, tf.uint64)), tf.uint32)
+  lo = tf.cast(index & np.uint64(0xFFFFFFFF), tf.uint32)
+  hi = tf.cast(tf.bitwise.right_shift(index, np.uint64(32)), tf.uint32)
   key = _fmix32(tf.constant((seed & 0xFFFFFFFF) ^ masking.GOLDEN, tf.uint32))
-  return _fmix32(tf.bitwise.bitwise_xor(_fmix32(tf.bitwise.bitwise_xor(key, lo)), hi))
+  return _fmix32(_fmix32(key ^ lo) ^ hi)
 
 
 def _position_bits(key: tf.Tensor, positions: tf.Tensor, stream: int) -> tf.Tensor:
-  counter = tf.bitwise.bitwise_or(
-      tf.bitwise.left_shift(tf.cast(positions, tf.uint32), tf.constant(2, tf.uint32)),
-      tf.constant(stream, tf.uint32))
-  return _fmix32(tf.bitwise.bitwise_xor(key, _fmix32(counter)))
+  counter = tf.cast(positions, tf.uint32) * np.uint32(4) | np.uint32(stream)   # p << 2 | s
+  return _fmix32(key ^ _fmix32(counter))
 
 
 def mask_block_tf(block: tf.Tensor, example_index: tf.Tensor, seed: int,
@@ -139,8 +128,7 @@ def mask_block_tf(block: tf.Tensor, example_index: tf.Tensor, seed: int,
   word_id = tf.maximum(tf.cumsum(tf.cast(word_start, tf.int32)) - 1, 0)
   start_positions = tf.concat([tf.boolean_mask(positions, word_start), [0]], axis=0)
   start_of = tf.gather(start_positions, word_id)
-  score = tf.cast(_position_bits(key, start_of, masking.STREAM_SELECT),
-                  tf.int64)
+  score = tf.cast(_position_bits(key, start_of, masking.STREAM_SELECT), tf.int64)
   order_key = tf.where(candidate, score * masking.POSITION_RADIX + tf.cast(start_of, tf.int64),
                        masking.NOT_A_CANDIDATE)
   # A word is predicted iff the candidate tokens of all words ranked up to it fit the
@@ -157,11 +145,10 @@ def mask_block_tf(block: tf.Tensor, example_index: tf.Tensor, seed: int,
 
   action = _position_bits(key, positions, masking.STREAM_ACTION)
   random_token = tf.cast(
-      _position_bits(key, positions, masking.STREAM_TOKEN) % tf.constant(
-          spec.vocab_size, tf.uint32), tf.int32)
-  replaced = tf.where(action < tf.constant(masking.MASK_BELOW, tf.uint32), spec.mask_id,
-                      tf.where(action < tf.constant(masking.RANDOM_BELOW, tf.uint32),
-                               random_token, block))
+      _position_bits(key, positions, masking.STREAM_TOKEN) % np.uint32(spec.vocab_size),
+      tf.int32)
+  replaced = tf.where(action < np.uint32(masking.MASK_BELOW), spec.mask_id,
+                      tf.where(action < np.uint32(masking.RANDOM_BELOW), random_token, block))
   return dict(
       input_ids=tf.where(selected, replaced, block),
       token_type_ids=tf.zeros_like(block),
@@ -178,10 +165,6 @@ def mask_blocks_tf(blocks: tf.data.Dataset, seed: int, spec: masking.MaskSpec,
       lambda i, block: mask_block_tf(block, i, seed, spec),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-
-# ----------------------------------------------------------------------------------------
-# The seqio tasks.
-# ----------------------------------------------------------------------------------------
 
 def _max_seq_len(sequence_length: dict[str, int] | None) -> int:
   if not sequence_length or not sequence_length.get('input_ids'):
@@ -238,15 +221,27 @@ def _register(name: str, source: seqio.DataSource, vocab_path: str = '', *,
   )
 
 
-def packed_blocks(task_name: str, split: str, max_seq_len: int,
-                  vocabulary: BertWordPieceVocabulary | None = None) -> tf.data.Dataset:
-  """The task's documents, tokenised and packed, unmasked, in source order (no shuffle)."""
+def documents(task_name: str, split: str, part: int = 0, num_parts: int = 1):
+  """The task's {'text'} documents in source order (no shuffle); part `part` of
+  `num_parts` is a set of TFDS files, or every num_parts-th document of a function source."""
   task = seqio.get_mixture_or_task(task_name)
   if split not in task.splits:
-    raise ValueError(f'task {task_name} has no split {split!r}; it has {task.splits}')
-  vocabulary = vocabulary or task.output_features['input_ids'].vocabulary
-  documents = task.source.get_dataset(split=split, shuffle=False)
-  return blocks.packed_blocks(documents, max_seq_len, vocabulary)
+    raise DataError(f'seqio task {task_name} has no split {split!r}; it has {task.splits}')
+  if isinstance(task.source, seqio.TfdsDataSource):
+    return task.source.get_dataset(split=split, shuffle=False,
+                                   shard_info=seqio.ShardInfo(part, num_parts))
+  dataset = task.source.get_dataset(split=split, shuffle=False)   # read whole per part
+  return dataset.shard(num_parts, part) if num_parts > 1 else dataset
+
+
+def packed_blocks(task_name: str, split: str, max_seq_len: int,
+                  vocabulary: BertWordPieceVocabulary | None = None, part: int = 0,
+                  num_parts: int = 1) -> tf.data.Dataset:
+  """`documents`, tokenised and packed, unmasked."""
+  vocabulary = (vocabulary or
+                seqio.get_mixture_or_task(task_name).output_features['input_ids'].vocabulary)
+  return blocks.packed_blocks(documents(task_name, split, part, num_parts), max_seq_len,
+                              vocabulary)
 
 
 def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path: str = '',
@@ -267,12 +262,9 @@ def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path
 
 
 def task_documents(data_config, split: str):
-  """The documents of config.data's registered seqio task (its DataSource), in order:
-  what the trainer packs for source='seqio', so a task registered under any name is read."""
-  task = seqio.get_mixture_or_task(task_for_config(data_config))
-  if split not in task.splits:
-    raise DataError(f'seqio task {task.name} has no split {split!r}; it has {task.splits}')
-  return task.source.get_dataset(split=split, shuffle=False)
+  """The documents of config.data's registered seqio task: what the trainer packs for
+  source='seqio', so a task registered under any name is read."""
+  return documents(task_for_config(data_config), split)
 
 
 def task_for_config(data_config) -> str:

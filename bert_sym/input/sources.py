@@ -1,16 +1,13 @@
 """Documents: the embedded corpus and text files as tf.data sources; the TFDS corpora.
 
 Every reader yields {'text': document} in a fixed order (the held-out split is part of
-the source, so it never moves). The embedded corpus is TF-free until it is turned into a
-dataset; text files are read with tf.io.gfile (local or gs://); the TFDS corpora
-(`TFDS_SOURCES`) are read by seqio's TfdsDataSource (`seqio_tasks`, export only).
+the source, so it never moves). Text files are read with tf.io.gfile (local or gs://);
+the TFDS corpora (`TFDS_SOURCES`) are read by seqio's TfdsDataSource (`seqio_tasks`).
 
-The embedded corpus is real English Wikipedia prose that needs no download: gensim's test
-data holds a shortened dump of the first articles (~100 non-redirect articles, ~3 M
-characters). We turn its wiki markup into plain text the way one would for a full dump:
-gensim's `extract_pages` + `filter_wiki` remove templates, tables, references and link
-syntax, and we keep casing and punctuation (BERT's tokeniser needs real text, not gensim's
-lower-cased token lists).
+The embedded corpus (see README.md) is gensim's shortened Wikipedia dump, turned into
+plain text the way one would for a full dump: gensim's `extract_pages` + `filter_wiki`
+remove templates, tables, references and link syntax, and we keep casing and punctuation
+(BERT's tokeniser needs real text, not gensim's lower-cased token lists).
 """
 
 from __future__ import annotations
@@ -107,12 +104,16 @@ def embedded_dataset(split: str, shuffle_files: bool = False, seed: int | None =
   return tf.data.Dataset.from_tensor_slices({'text': embedded_documents(split)})
 
 
+def _pattern_list(patterns: str | list[str]) -> list[str]:
+  if isinstance(patterns, str):
+    patterns = patterns.split(',')
+  return [p.strip() for p in patterns if p.strip()]
+
+
 def expand_patterns(patterns: str | list[str]) -> list[str]:
   """Sorted files matching comma-separated globs; a pattern matching nothing is an error."""
   tf = import_tensorflow()
-  if isinstance(patterns, str):
-    patterns = patterns.split(',')
-  patterns = [p.strip() for p in patterns if p.strip()]
+  patterns = _pattern_list(patterns)
   if not patterns:
     raise DataError('no text file pattern given (config.data.text_files is empty)')
   files = []
@@ -151,19 +152,13 @@ def _text_files_dataset(split: str, shuffle_files: bool, seed: int | None = None
   del shuffle_files, seed  # file order defines the held-out documents
   tf = import_tensorflow()
   held_out = split == 'validation'
-  if validation_patterns:   # separate validation files: each split reads its files whole
-    files = expand_patterns(validation_patterns if held_out else patterns)
-    documents = tf.data.Dataset.from_tensor_slices(files).flat_map(_documents_of_file)
-    return documents.map(lambda text: {'text': text})
-  files = expand_patterns(patterns)
+  # Separate validation files: each split reads its files whole.
+  files = expand_patterns(validation_patterns if held_out and validation_patterns else patterns)
   documents = tf.data.Dataset.from_tensor_slices(files).flat_map(_documents_of_file)
-  documents = documents.enumerate().filter(
-      lambda i, _: tf.equal(i % holdout_every == 0, held_out))
-  return documents.map(lambda _, text: {'text': text})
-
-
-def _pattern_list(patterns: str | list[str]) -> list[str]:
-  return patterns.split(',') if isinstance(patterns, str) else list(patterns)
+  if not validation_patterns:
+    documents = documents.enumerate().filter(
+        lambda i, _: tf.equal(i % holdout_every == 0, held_out)).map(lambda _, text: text)
+  return documents.map(lambda text: {'text': text})
 
 
 def text_files_dataset_fn(patterns: str | list[str], *, holdout_every: int = HOLDOUT_EVERY,
@@ -177,8 +172,7 @@ def text_files_dataset_fn(patterns: str | list[str], *, holdout_every: int = HOL
     validation_patterns: globs of the validation split ('' = hold out from `patterns`).
   The globs are checked here, so a bad one fails at configuration time.
   """
-  patterns = _pattern_list(patterns)
-  validation_patterns = [p for p in _pattern_list(validation_patterns) if p.strip()]
+  patterns, validation_patterns = _pattern_list(patterns), _pattern_list(validation_patterns)
   expand_patterns(patterns)
   if validation_patterns:
     expand_patterns(validation_patterns)

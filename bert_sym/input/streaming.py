@@ -1,50 +1,46 @@
-r"""Exported shards of any size, read block by block through range requests.
+r"""Exported shards: their format, read by byte range (any size, local or gs://) or
+memory-mapped (local), TF-free.
 
-Format: the fixed-size-block `.npy` shards of `bert_sym.input.blocks` (uint16
-[n, max_seq_len]), plus one `metadata.json` per split listing them in reading order, so
-block b lives at a computable byte offset of one shard (written by
-`bert_sym.input.export`, `python -m bert_sym.streaming export`). Reading a batch is one
-range request per block through fsspec (local paths with os.pread; gs:// through gcsfs;
-memory:// and file:// exercise the remote code path in tests). Host memory is bounded
-whatever the corpus size: no array of the corpus's size is ever built. TF-free.
+Each split holds `.npy` shards of fixed-size blocks (uint16 [n, max_seq_len]), vocab.txt
+and a `metadata.json` listing the shards in reading order, written by
+`bert_sym.input.export`. Block b lives at a computable byte offset of one shard, read
+through fsspec (os.pread for local paths; memory:// and file:// exercise the remote code
+path in tests), so host memory is bounded whatever the corpus size.
 
-Order: example g of the run is block pi_e(g mod N) of epoch e = g // N, where pi_e is a
-keyed Feistel bijection of [0, N) (cycle-walking over the next power of four), keyed by
-(seed, e). It is computed per index (O(1) memory, O(1) resume at any step) and mixes the
-whole corpus every epoch, unlike a shuffle buffer or shard-order shuffling; it is a
-pseudo-random permutation, not a uniform draw from all N! orders, which is immaterial for
-SGD. The price is that consecutive examples are in unrelated places of the corpus (one
-small range read per example): cheap on local disk and GCS with concurrent reads, and the
-iterator (`bert_sym.input.iterator.StreamingMLMIterator`) prefetches the next batches in a
-thread. Masking is `bert_sym.input.masking.mask_blocks`, as on the other input paths.
+Order: example g is block pi_e(g mod N) of epoch e = g // N, pi_e a keyed Feistel
+bijection of [0, N) (cycle-walking over the next power of four) keyed by (seed, e),
+computed per index. It is a pseudo-random permutation, not a uniform draw from all N!
+orders, which is immaterial for SGD; consecutive examples are far apart in the corpus
+(one small range read each), so the iterator prefetches in a thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
 import math
 import os
+import pathlib
 import threading
 from typing import Any
 
 import numpy as np
 
 from bert_sym.input import DataError, check_max_seq_len, masking, sources
-from bert_sym.input.blocks import METADATA_FILE, SHARD_FORMAT_VERSION, VOCAB_FILE
-from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5
+from bert_sym.input.blocks import Blocks
+from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5, vocab_md5
 
+SHARD_FORMAT_VERSION = 1
+METADATA_FILE = 'metadata.json'
+VOCAB_FILE = 'vocab.txt'
 METADATA_TIMEOUT_S = 5.0   # first read of a split's metadata.json
 FEISTEL_ROUNDS = 6
 SHUFFLE_KIND = 'feistel-v1'
 _FEISTEL_SALT = 0xFE157E1
 _HEADER_BYTES = 4096   # enough for any .npy header this code writes
 
-
-# ----------------------------------------------------------------------------------------
-# Filesystems: one layer (fsspec) for local paths, gs://, memory://, file://.
-# ----------------------------------------------------------------------------------------
 
 def filesystem(url: str):
   import fsspec  # pylint: disable=import-outside-toplevel
@@ -59,24 +55,15 @@ def join_url(url: str, *names: str) -> str:
   return '/'.join([url.rstrip('/')] + list(names))
 
 
-def is_local(url: str) -> bool:
-  return '://' not in url
-
-
-def read_text(url: str) -> str:
+def read_bytes(url: str) -> bytes:
   fs, path = filesystem(url)
-  with fs.open(path, 'rb') as f:
-    return f.read().decode('utf-8')
+  return fs.cat_file(path)
 
 
 def exists(url: str) -> bool:
   fs, path = filesystem(url)
   return fs.exists(path)
 
-
-# ----------------------------------------------------------------------------------------
-# The shuffle: a keyed Feistel bijection of [0, N), computed per index.
-# ----------------------------------------------------------------------------------------
 
 def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
                         epoch: np.ndarray | int) -> np.ndarray:
@@ -112,10 +99,6 @@ def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
   return x.astype(np.int64)
 
 
-# ----------------------------------------------------------------------------------------
-# Reading: metadata, then blocks by byte range.
-# ----------------------------------------------------------------------------------------
-
 def prepare_instructions(data_config) -> str:
   """How to prepare the configured corpus, and how to smoke-test without it."""
   task = data_config.task
@@ -140,22 +123,20 @@ def prepare_instructions(data_config) -> str:
 def _with_timeout(fn, seconds: float):
   """fn() in a daemon thread; TimeoutError after `seconds` (gcsfs retries an unreachable
   bucket for a minute; the trainer should fail in seconds)."""
-  result = {}
+  future = concurrent.futures.Future()
 
   def run():
     try:
-      result['value'] = fn()
+      future.set_result(fn())
     except BaseException as e:  # pylint: disable=broad-except
-      result['error'] = e
+      future.set_exception(e)
 
-  thread = threading.Thread(target=run, daemon=True)
-  thread.start()
-  thread.join(seconds)
-  if thread.is_alive():
-    raise TimeoutError(f'no answer within {seconds:.0f} s (unreachable, or no credentials)')
-  if 'error' in result:
-    raise result['error']
-  return result['value']
+  threading.Thread(target=run, daemon=True).start()
+  try:
+    return future.result(seconds)
+  except concurrent.futures.TimeoutError:
+    raise TimeoutError(
+        f'no answer within {seconds:.0f} s (unreachable, or no credentials)') from None
 
 
 def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, Any]:
@@ -164,7 +145,7 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
   def read():
     if not exists(url):
       raise FileNotFoundError(f'{url}: no such file')
-    return read_text(url)
+    return read_bytes(url)
 
   try:
     metadata = json.loads(_with_timeout(read, METADATA_TIMEOUT_S))
@@ -183,22 +164,41 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
   return metadata
 
 
-class StreamingBlocks:
-  """N packed blocks of an exported split, read on demand by byte range (never mapped).
+def read_vocab_tokens(split_url: str, metadata: dict[str, Any]) -> list[str]:
+  """The split's vocab.txt, checked against its metadata."""
+  vocab_bytes = read_bytes(join_url(split_url, VOCAB_FILE))
+  if hashlib.md5(vocab_bytes).hexdigest() != metadata['vocab_md5']:
+    raise DataError(f'{split_url}/{VOCAB_FILE}: md5 differs from {METADATA_FILE}; re-export')
+  return vocab_bytes.decode('utf-8').split('\n')[:metadata['vocab_size']]
 
-  Has the interface of `bert_sym.input.blocks.Blocks` that the iterator uses (len, max_seq_len,
-  take, vocab_tokens, special, vocab_md5, description) plus `num_tokens`.
-  """
+
+def load_shards(shards_dir: str, split: str, data_config=None) -> Blocks:
+  """An exported split on local disk, memory-mapped (source='shards')."""
+  metadata = read_metadata(shards_dir, split, data_config)
+  split_dir = pathlib.Path(shards_dir) / split
+  tokens = read_vocab_tokens(str(split_dir), metadata)
+  arrays = []
+  for shard in metadata['shards']:
+    path = split_dir / shard['file']
+    if not path.exists():
+      raise DataError(f'{path}: shard listed in {METADATA_FILE} is missing')
+    array = np.load(path, mmap_mode='r')
+    if array.shape != (shard['num_blocks'], metadata['max_seq_len']):
+      raise DataError(f'{path}: shape {array.shape}, metadata says '
+                      f'{(shard["num_blocks"], metadata["max_seq_len"])}')
+    arrays.append(array)
+  return Blocks(arrays, tokens, metadata['special_ids'], metadata['vocab_md5'],
+                str(split_dir), int(metadata['num_tokens']))
+
+
+class StreamingBlocks:
+  """N packed blocks of an exported split, read on demand by byte range (never mapped);
+  what the iterator uses of `blocks.Blocks`, plus `metadata`."""
 
   def __init__(self, shards_dir: str, split: str, data_config=None):
-    self.split_url = join_url(shards_dir, split)
-    self.description = self.split_url
+    self.split_url = self.description = join_url(shards_dir, split)
     self.metadata = metadata = read_metadata(shards_dir, split, data_config)
-    vocab_bytes = read_text(join_url(self.split_url, VOCAB_FILE)).encode('utf-8')
-    if hashlib.md5(vocab_bytes).hexdigest() != metadata['vocab_md5']:
-      raise DataError(f'{self.split_url}/{VOCAB_FILE}: md5 differs from '
-                      f'{METADATA_FILE}; re-export')
-    self.vocab_tokens = vocab_bytes.decode('utf-8').split('\n')[:metadata['vocab_size']]
+    self.vocab_tokens = read_vocab_tokens(self.split_url, metadata)
     self.special = metadata['special_ids']
     self.vocab_md5 = metadata['vocab_md5']
     self.num_tokens = int(metadata['num_tokens'])
@@ -209,7 +209,7 @@ class StreamingBlocks:
     self._starts = np.concatenate([[0], np.cumsum(self._counts)])
     self._offsets: dict[int, int] = {}   # shard -> byte offset of its data (.npy header)
     self._fds: dict[int, int] = {}       # local files: shard -> open descriptor
-    self._local = is_local(shards_dir)
+    self._local = '://' not in shards_dir
     if not self._local:
       self._fs, self._root = filesystem(self.split_url)
 
@@ -268,9 +268,7 @@ class StreamingBlocks:
     run_size = np.diff(np.append(run_first, len(rows)))
     row_bytes = self._length * self._dtype.itemsize
     run_shard = shard[run_first]
-    for s in np.unique(run_shard):
-      self._data_offset(int(s))
-    starts = [self._offsets[int(s)] + int(r - self._starts[s]) * row_bytes
+    starts = [self._data_offset(int(s)) + int(r - self._starts[s]) * row_bytes
               for s, r in zip(run_shard, sorted_rows[run_first])]
     ends = [start + int(n) * row_bytes for start, n in zip(starts, run_size)]
     chunks = self._read_ranges([int(s) for s in run_shard], starts, ends)
@@ -290,33 +288,35 @@ class StreamingBlocks:
       pass
 
 
-def open_blocks(data_config, split: str) -> StreamingBlocks:
-  """The configured split, checked against the config (task, length, vocabulary)."""
+def open_blocks(data_config, split: str) -> Blocks | StreamingBlocks:
+  """The configured split of source 'streaming' or 'shards', checked against the config
+  (task, length, vocabulary)."""
   check_max_seq_len(data_config.max_seq_len)
+  source = data_config.source
   if not data_config.shards_dir:
     raise DataError(
-        f"config.data.source='streaming' reads config.data.task={data_config.task!r} from "
+        f'config.data.source={source!r} reads config.data.task={data_config.task!r} from '
         'exported shards, and config.data.shards_dir is not set.\n' +
         prepare_instructions(data_config))
-  blocks = StreamingBlocks(data_config.shards_dir, split, data_config)
-  task = blocks.metadata.get('task')
-  if task != data_config.task:
-    raise DataError(
-        f'{blocks.description} holds task {task!r}, the config asks '
-        f'config.data.task={data_config.task!r}: pass the shards of that task, or set '
-        f'--config.data.task={task} if these are the ones you mean.')
+  if source == 'shards':
+    blocks = load_shards(data_config.shards_dir, split, data_config)
+  else:
+    blocks = StreamingBlocks(data_config.shards_dir, split, data_config)
+    task = blocks.metadata.get('task')
+    if task != data_config.task:
+      raise DataError(
+          f'{blocks.description} holds task {task!r}, the config asks '
+          f'config.data.task={data_config.task!r}: pass the shards of that task, or set '
+          f'--config.data.task={task} if these are the ones you mean.')
   if blocks.max_seq_len != data_config.max_seq_len:
     raise DataError(f'{blocks.description}: shards hold {blocks.max_seq_len}-token '
                     f'blocks, config asks max_seq_len={data_config.max_seq_len}')
-  if data_config.vocab_path and '://' not in data_config.vocab_path:
-    with open(data_config.vocab_path, 'rb') as f:
-      expected = hashlib.md5(f.read()).hexdigest()
-  elif not data_config.vocab_path:
-    expected = BERT_BASE_UNCASED_MD5
-  else:
-    expected = blocks.vocab_md5
-  if expected != blocks.vocab_md5:
-    raise DataError(
-        f'{blocks.description}: exported with vocabulary md5 {blocks.vocab_md5}, the config '
-        f'uses {data_config.vocab_path or "bert-base-uncased"} (md5 {expected}).')
+  # A remote vocab_path is not read here (TF-free); 'shards' checks only an explicit one.
+  vocab_path = data_config.vocab_path
+  if '://' not in vocab_path and (vocab_path or source == 'streaming'):
+    expected = vocab_md5(vocab_path) if vocab_path else BERT_BASE_UNCASED_MD5
+    if expected != blocks.vocab_md5:
+      raise DataError(
+          f'{blocks.description}: exported with vocabulary md5 {blocks.vocab_md5}, the '
+          f'config uses {vocab_path or "bert-base-uncased"} (md5 {expected}).')
   return blocks

@@ -4,12 +4,10 @@ The default vocabulary is rebuilt offline from the list that the `blingfire` whe
 (`bert_base_tok.i2w`) and checked against the md5 of Google's original `vocab.txt`, so
 no download is needed and a silently different vocabulary cannot slip in.
 
-`WordPiece` is the one tokeniser of bert_sym: it tokenises the pre-training corpus (inside
-tf.data, `encode_tf`; the seqio Vocabulary of `seqio_tasks` wraps it) and GLUE text
-(`encode`), so fine-tuning text is split exactly as the model saw text in pre-training.
-Tokenising runs TF Text, so it needs TensorFlow (imported on first use, GPUs hidden from
-it); the vocab file helpers and `WordPiece`'s ids and tokens are TF-free (gs:// vocab paths
-are read through tf.io.gfile).
+`WordPiece` tokenises both the pre-training corpus (in tf.data) and GLUE text, so
+fine-tuning text is split exactly as in pre-training. Tokenising runs TF Text; the vocab
+file helpers and `WordPiece`'s ids and tokens are TF-free (gs:// vocab paths are read
+through tf.io.gfile).
 """
 
 from __future__ import annotations
@@ -50,16 +48,6 @@ class SpecialIds:
 _SPECIAL_TOKENS = dict(pad='[PAD]', unk='[UNK]', cls='[CLS]', sep='[SEP]', mask='[MASK]')
 
 
-# ----------------------------------------------------------------------------------------
-# The default vocab file, rebuilt from blingfire.
-# ----------------------------------------------------------------------------------------
-
-def _cache_dir() -> pathlib.Path:
-  root = os.environ.get('BERT_SYM_CACHE') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'bert_sym')
-  return pathlib.Path(root)
-
-
 def _decode_blingfire_i2w(raw: bytes) -> list[str]:
   """Entries of a blingfire id-to-word file, in id order, in `vocab.txt` spelling.
 
@@ -84,7 +72,9 @@ def _decode_blingfire_i2w(raw: bytes) -> list[str]:
 @functools.cache
 def default_vocab_file() -> str:
   """Path of bert-base-uncased's `vocab.txt` (30,522 lines), rebuilt once and cached."""
-  path = _cache_dir() / f'bert-base-uncased-{BERT_BASE_UNCASED_MD5[:8]}-vocab.txt'
+  cache = os.environ.get('BERT_SYM_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'bert_sym')
+  path = pathlib.Path(cache) / f'bert-base-uncased-{BERT_BASE_UNCASED_MD5[:8]}-vocab.txt'
   if path.exists() and hashlib.md5(path.read_bytes()).hexdigest() == BERT_BASE_UNCASED_MD5:
     return str(path)
   import blingfire  # pylint: disable=import-outside-toplevel
@@ -99,14 +89,6 @@ def default_vocab_file() -> str:
         'or pass an explicit vocab_path.')
   write_atomically(path, lambda f: f.write(data))
   return str(path)
-
-
-# ----------------------------------------------------------------------------------------
-# Reading any vocab file (local or gs://).
-# ----------------------------------------------------------------------------------------
-
-def resolve_vocab_path(vocab_path: str = '') -> str:
-  return vocab_path or default_vocab_file()
 
 
 def read_vocab_bytes(path: str) -> bytes:
@@ -128,34 +110,23 @@ def read_vocab(path: str) -> list[str]:
     text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
     raise VocabError(f'{path}: vocab file is not valid UTF-8 ({e})') from e
-  tokens = text.split('\n')
-  if tokens and tokens[-1] == '':
-    tokens.pop()
-  tokens = [t.rstrip('\r') for t in tokens]
-  if not tokens:
+  if not text:
     raise VocabError(f'{path}: vocab file is empty')
-  return tokens
+  return [t.rstrip('\r') for t in text.removesuffix('\n').split('\n')]
 
 
 def special_ids(tokens: list[str], path: str) -> SpecialIds:
   """Ids of [PAD] [UNK] [CLS] [SEP] [MASK], looked up by token."""
-  index = {}
-  for i, t in enumerate(tokens):
-    index.setdefault(t, i)
-  missing = [t for t in _SPECIAL_TOKENS.values() if t not in index]
+  missing = [t for t in _SPECIAL_TOKENS.values() if t not in tokens]
   if missing:
     raise VocabError(f'{path}: vocab lacks {", ".join(missing)}, which BERT MLM '
                      'pre-training needs; add them as lines of the file.')
-  return SpecialIds(**{k: index[t] for k, t in _SPECIAL_TOKENS.items()})
+  return SpecialIds(**{k: tokens.index(t) for k, t in _SPECIAL_TOKENS.items()})
 
 
 def vocab_md5(path: str) -> str:
   return hashlib.md5(read_vocab_bytes(path)).hexdigest()
 
-
-# ----------------------------------------------------------------------------------------
-# The tokeniser: TF Text WordPiece with Hugging Face's uncased normalisation.
-# ----------------------------------------------------------------------------------------
 
 def import_tf_text():
   """(tensorflow, tensorflow_text), TF imported with the GPUs hidden from it."""
@@ -174,7 +145,7 @@ class WordPiece:
   """
 
   def __init__(self, vocab_path: str = ''):
-    self.vocab_file = resolve_vocab_path(vocab_path)
+    self.vocab_file = vocab_path or default_vocab_file()
     self.tokens = read_vocab(self.vocab_file)
     self.special = special = special_ids(self.tokens, self.vocab_file)
     self.md5 = vocab_md5(self.vocab_file)
@@ -225,7 +196,6 @@ class WordPiece:
     tf = import_tensorflow()
     out = []
     for start in range(0, len(texts), chunk):
-      ragged = self.encode_tf(tf.constant(texts[start:start + chunk]))
-      flat, splits = ragged.flat_values.numpy(), ragged.row_splits.numpy()
-      out.extend(flat[splits[i]:splits[i + 1]].astype(np.int32) for i in range(len(splits) - 1))
+      ragged = self.encode_tf(tf.constant(texts[start:start + chunk]))   # int32
+      out.extend(np.split(ragged.flat_values.numpy(), ragged.row_splits.numpy()[1:-1]))
     return out
