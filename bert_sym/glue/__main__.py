@@ -71,9 +71,7 @@ from bert_sym.glue import data as glue_data
 from bert_sym.glue import suite
 
 
-# ----------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------
+# ---- Command line ----
 
 
 def define_flags() -> types.SimpleNamespace:

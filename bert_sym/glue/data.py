@@ -27,9 +27,7 @@ import numpy as np
 
 from bert_sym.input.tokenizer import WordPiece  # the pre-training tokeniser (TF Text)
 
-# ----------------------------------------------------------------------------------------
-# Task specs.
-# ----------------------------------------------------------------------------------------
+# ---- Task specs ----
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +100,7 @@ def parse_tasks(tasks) -> list[TaskSpec]:
   return [TASKS[n] for n in dict.fromkeys(names)]
 
 
-# ----------------------------------------------------------------------------------------
-# Examples from TSV files or TFDS.
-# ----------------------------------------------------------------------------------------
+# ---- Examples from TSV files or TFDS ----
 
 
 @dataclasses.dataclass
@@ -245,9 +241,7 @@ def load_split(spec: TaskSpec, split: str, *, glue_dir: str = '',
   return load_tfds(spec, tfds_split, tfds_data_dir)
 
 
-# ----------------------------------------------------------------------------------------
-# WordPiece tokenisation and BERT sentence-pair packing.
-# ----------------------------------------------------------------------------------------
+# ---- WordPiece tokenisation and BERT sentence-pair packing ----
 
 
 def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:

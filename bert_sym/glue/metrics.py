@@ -1,8 +1,4 @@
-"""GLUE metrics and the paper's score definitions, in plain NumPy.
-
-Written out rather than imported from scikit-learn/scipy so the scoring has no hidden
-defaults (zero-division, tie handling); tests/test_glue_metrics.py checks every function
-against `sklearn.metrics` and `scipy.stats` on the same predictions.
+"""GLUE metrics (scikit-learn, scipy) and the paper's score definitions.
 
 Scores are reported as percentages (x100), as in the paper's tables:
 
@@ -20,18 +16,17 @@ present, with their list) is given instead, so a partial number can never be mis
 the paper's headline.
 
 Degenerate input: a correlation with a constant vector (e.g. an early pre-training
-checkpoint whose STS-B head predicts one value for every pair) is undefined. scipy returns
-NaN with a ConstantInputWarning, which would turn the STS-B score and with it the whole GLUE
-mean into NaN. Here Pearson and Spearman are reported as 0.0 when either vector is constant
-("no linear/rank association"), the convention scikit-learn's `matthews_corrcoef` (and
-`matthews_corrcoef` below) uses for its own degenerate case. For every non-constant input
-the values equal scipy's.
+checkpoint whose STS-B head predicts one value for every pair) is undefined; scipy returns
+NaN, which would turn the STS-B score and with it the whole GLUE mean into NaN. Here it is
+0.0 ("no association"), the convention scikit-learn's `matthews_corrcoef` uses for its own
+degenerate case. F1 with no positive label or prediction is 0.0 too (zero_division=0).
 """
 
 from collections.abc import Mapping, Sequence
-import math
 
 import numpy as np
+from scipy import stats
+from sklearn import metrics as sk_metrics
 
 # Score names, in the column order of the paper's results table.
 GLUE_SCORES = ('mrpc', 'cola', 'mnli_m', 'mnli_mm', 'qqp', 'rte', 'stsb', 'qnli', 'sst2')
@@ -44,80 +39,42 @@ SCORE_TITLES = {
 
 
 def accuracy(labels, predictions) -> float:
-  labels, predictions = np.asarray(labels), np.asarray(predictions)
-  return float(np.mean(labels == predictions))
+  return float(sk_metrics.accuracy_score(labels, predictions))
 
 
-def f1(labels, predictions, positive=1) -> float:
-  """Binary F1 of the positive class; 0.0 when there is no positive label or prediction."""
-  labels, predictions = np.asarray(labels) == positive, np.asarray(predictions) == positive
-  true_pos = np.sum(labels & predictions)
-  denominator = np.sum(labels) + np.sum(predictions)
-  return float(2.0 * true_pos / denominator) if denominator else 0.0
+def f1(labels, predictions) -> float:
+  """Binary F1 of class 1; 0.0 when there is no positive label or prediction."""
+  positive = lambda x: np.asarray(x) == 1
+  return float(sk_metrics.f1_score(positive(labels), positive(predictions),
+                                   labels=[False, True], zero_division=0.0))
 
 
 def matthews_corrcoef(labels, predictions) -> float:
-  """Multi-class Matthews correlation (Gorodkin's R_K); 0.0 when it is undefined.
-
-  Undefined means one side is constant (e.g. a model predicting a single class), where
-  scikit-learn also returns 0.
-  """
-  labels, predictions = np.asarray(labels), np.asarray(predictions)
-  classes, encoded = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
-  y_true, y_pred = encoded[:len(labels)], encoded[len(labels):]
-  confusion = np.zeros((len(classes), len(classes)), np.float64)
-  np.add.at(confusion, (y_true, y_pred), 1.0)
-  true_counts, pred_counts = confusion.sum(axis=1), confusion.sum(axis=0)
-  n, correct = confusion.sum(), np.trace(confusion)
-  cov_true_pred = correct * n - true_counts @ pred_counts
-  cov_true_true = n * n - true_counts @ true_counts
-  cov_pred_pred = n * n - pred_counts @ pred_counts
-  if cov_true_true * cov_pred_pred == 0:
-    return 0.0
-  return float(cov_true_pred / math.sqrt(cov_true_true * cov_pred_pred))
+  return float(sk_metrics.matthews_corrcoef(labels, predictions))
 
 
-def _is_constant(x: np.ndarray) -> bool:
+def _correlation(statistic, x, y) -> float:
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) != len(y) or not len(x):
+    raise ValueError(f'A correlation needs two non-empty vectors of one length, got '
+                     f'{len(x)} and {len(y)} values.')
   # Tested on the values themselves, not on the centred sum of squares: the float mean of
-  # identical values need not equal them (np.mean([0.1] * 7) != 0.1), which would leave
-  # rounding noise that correlates arbitrarily instead of a zero denominator.
-  return bool(np.all(x == x[0]))
+  # identical values need not equal them (np.mean([0.1] * 7) != 0.1).
+  if np.all(x == x[0]) or np.all(y == y[0]):
+    return 0.0
+  return float(statistic(x, y).statistic)
 
 
 def pearson(x, y) -> float:
-  """Pearson's r; 0.0 when either side is constant (see the module docstring)."""
-  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-  if len(x) != len(y) or not len(x):
-    raise ValueError(f'pearson needs two non-empty vectors of one length, got {len(x)} and '
-                     f'{len(y)} values.')
-  if _is_constant(x) or _is_constant(y):
-    return 0.0
-  x, y = x - x.mean(), y - y.mean()
-  return float(x @ y / math.sqrt(float(x @ x) * float(y @ y)))
-
-
-def rank_average_ties(x) -> np.ndarray:
-  """Ranks 1..n; tied values share the mean of their ranks (scipy's 'average')."""
-  x = np.asarray(x)
-  order = np.argsort(x, kind='mergesort')
-  sorted_x = x[order]
-  # Start index of each run of equal values, and the average 1-based rank of that run.
-  run_starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-  run_ends = np.r_[run_starts[1:], len(x)]
-  run_ranks = (run_starts + run_ends + 1) / 2.0
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = np.repeat(run_ranks, run_ends - run_starts)
-  return ranks
+  return _correlation(stats.pearsonr, x, y)
 
 
 def spearman(x, y) -> float:
-  """Spearman's rho (Pearson on tie-averaged ranks); 0.0 when either side is constant."""
-  return pearson(rank_average_ties(x), rank_average_ties(y))
+  """Spearman's rho, tied values sharing the mean of their ranks."""
+  return _correlation(stats.spearmanr, x, y)
 
 
-# ----------------------------------------------------------------------------------------
-# Per-task scores.
-# ----------------------------------------------------------------------------------------
+# ---- Per-task scores ----
 
 def _acc_and_f1(labels, predictions):
   acc, f1_score = accuracy(labels, predictions), f1(labels, predictions)
@@ -159,9 +116,7 @@ def score(name: str, labels, predictions) -> dict[str, float]:
   return result
 
 
-# ----------------------------------------------------------------------------------------
-# Aggregates: GLUE per seed, and mean +- std over seeds.
-# ----------------------------------------------------------------------------------------
+# ---- Aggregates: GLUE per seed, and mean +- std over seeds ----
 
 def _mean_over(scores: Mapping[str, float], names: Sequence[str]):
   present = [n for n in names if scores.get(n) is not None]

@@ -100,10 +100,7 @@ def _scores_by_seed(results):
   return by_seed
 
 
-
-# ----------------------------------------------------------------------------------------
-# Sweep: GLUE against pre-training step.
-# ----------------------------------------------------------------------------------------
+# ---- Sweep: GLUE against pre-training step ----
 
 
 def sweep_point(step, results) -> dict:
@@ -123,7 +120,6 @@ def first_step_reaching(points, threshold):
     if p['score'] is not None and p['score'] >= threshold:
       return p['step']
   return None
-
 
 
 def write_sweep(output_dir, workdir, points, reference_score):

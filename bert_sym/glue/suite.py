@@ -199,9 +199,7 @@ def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:
   return scores
 
 
-# ----------------------------------------------------------------------------------------
-# Sweep: GLUE against pre-training step.
-# ----------------------------------------------------------------------------------------
+# ---- Sweep: GLUE against pre-training step ----
 
 
 def checkpoint_steps(workdir) -> list[int]:
