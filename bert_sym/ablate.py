@@ -20,22 +20,11 @@ any other failure stops the grid with the run's name and log. SIGTERM to the run
 passed to the running trainer, which saves; the runner then exits with code 42 too. On
 Ctrl-C the trainer saves and exits with 130, and so does the runner.
 
-CPU, GPU, TPU: the runner only starts trainers, which use every local accelerator, so the
-same command runs on a laptop, a GPU machine or a single-host TPU VM (v4-8, v5e-8, ...;
-install it as launch/tpu_vm.sh does, then ssh in and run the command; a gs:// --workdir
-works, the subprocess logs then stay in ./ablate_logs). On a multi-host slice every worker
-must run the same command at once (`gcloud compute tpus tpu-vm ssh NAME --worker=all
---command '...'`), as launch/tpu_vm.sh does for the trainer; that path is untested.
-
-Outputs in --workdir, besides the runs:
-  summary.json   everything below, per seed and as mean / std over seeds
-  summary.md     the tables: cost (parameters, FLOPs/token), final eval MLM loss and
-                 accuracy, steps to a target loss and the ratio to standard's, eval loss
-                 at fixed steps, GLUE
-  loss_vs_step.png, loss_vs_tokens.png, loss_vs_time.png, glue.png (when GLUE ran)
-
-The report (summary.json, summary.md, plots; statistics over seeds, wall-clock rules) is
-`bert_sym.ablate_report`.
+The runner only starts trainers, which use every local accelerator, so the same command
+runs on a laptop, a GPU machine or a single-host TPU VM (a gs:// --workdir works; the logs
+then stay in ./ablate_logs). On a multi-host slice every worker must run it at once, as
+launch/tpu_vm.sh does for the trainer; that path is untested. The outputs (summary.json,
+summary.md, plots) are listed in the README and written by `bert_sym.ablate_report`.
 """
 
 import json

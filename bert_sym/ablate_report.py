@@ -5,11 +5,8 @@ Statistics over seeds: mean and the sample standard deviation (ddof=1), as in th
 tables (`glue_metrics.mean_std`); one seed has no std.
 
 Wall-clock time is measured from each run's first metrics row (the step-0 eval, so
-start-up and the first compilation are excluded). A resumed run would otherwise count
-the time it sat stopped: each trainer process leaves a TensorBoard event file named after
-its start time, and the idle gap between the last row before a restart and that restart is
-subtracted (the restart's own start-up and compilation are kept: they are real cost).
-Without TensorBoard event files no gap can be found and none is subtracted.
+start-up and the first compilation are excluded), without the time a resumed run sat
+stopped (`elapsed_seconds`).
 """
 
 import dataclasses
@@ -110,7 +107,8 @@ def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float
 
   For each process start after the first one, the gap between the last row written before
   it and the start itself is idle time (the run was stopped) and is subtracted from every
-  later row. Event-file names have whole seconds, so the gap is rounded down by < 1 s.
+  later row; the restart's own start-up and compilation stay (real cost). Event-file names
+  have whole seconds, so the gap is rounded down by < 1 s; without them none is removed.
   """
   if not rows:
     return []
@@ -160,6 +158,7 @@ def load_run(variant: str, seed: int, path) -> Run:
 # ---- Statistics ----
 
 mean_std = glue_metrics.mean_std   # mean and sample std (ddof=1) of the values present
+_fmt_stat = glue_metrics.format_mean_std
 
 
 def steps_to_target(steps: Sequence[int], losses: Sequence[float], target: float) -> int | None:
@@ -170,17 +169,8 @@ def steps_to_target(steps: Sequence[int], losses: Sequence[float], target: float
   return None
 
 
-def _fmt(stat: dict, digits: int = 3) -> str:
-  if stat['mean'] is None:
-    return '–'
-  text = f'{stat["mean"]:.{digits}f}'
-  if stat['std'] is not None:
-    text += f' ± {stat["std"]:.{digits}f}'
-  return text
-
-
 def _fmt_int(value) -> str:
-  return '–' if value is None else f'{value:,.0f}'
+  return '—' if value is None else f'{value:,.0f}'
 
 
 # ---- Summary: summary.json, summary.md, plots ----
@@ -321,22 +311,22 @@ def markdown(summary: dict) -> str:
     if st['reached'] == 0:
       steps = 'not reached'
     else:
-      steps = _fmt(st, 0)
+      steps = _fmt_stat(st, 0)
       if st['reached'] < st['of']:
         steps += f' (reached in {st["reached"]}/{st["of"]} seeds)'
-    ratio = '–' if st['ratio_to_reference'] is None else f'{st["ratio_to_reference"]:.2f}'
+    ratio = '—' if st['ratio_to_reference'] is None else f'{st["ratio_to_reference"]:.2f}'
     lines.append(
         f'| {v} | {",".join(map(str, summary["runs"][v]))} | '
         f'{_fmt_int(p["params_encoder_pooler"])} | {p["train_flops_per_token"]:.3e} | '
-        f'{_fmt(p["final_eval_loss"], 4)} | {_fmt(p["final_eval_mlm_accuracy"], 4)} | '
-        f'{steps} | {ratio} | {_fmt(p["train_seconds"], 0)} |')
+        f'{_fmt_stat(p["final_eval_loss"], 4)} | {_fmt_stat(p["final_eval_mlm_accuracy"], 4)} | '
+        f'{steps} | {ratio} | {_fmt_stat(p["train_seconds"], 0)} |')
 
   shown = _table_steps(summary['eval_steps'], final)
   lines += ['', 'Eval MLM loss at step (every common eval step is in summary.json):', '',
             '| variant | ' + ' | '.join(f'step {s}' for s in shown) + ' |',
             '|---|' + '---:|' * len(shown)]
   for v in variants:
-    cells = [_fmt(pv[v]['eval_loss_at_step'][str(s)], 3) for s in shown]
+    cells = [_fmt_stat(pv[v]['eval_loss_at_step'][str(s)], 3) for s in shown]
     lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
 
   names = sorted({n for v in variants for n in pv[v]['glue']},
@@ -346,6 +336,6 @@ def markdown(summary: dict) -> str:
               'mean ± std over pre-training seeds):', '',
               '| variant | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
     for v in variants:
-      cells = [_fmt(pv[v]['glue'][n], 2) if n in pv[v]['glue'] else '–' for n in names]
+      cells = [_fmt_stat(pv[v]['glue'][n], 2) if n in pv[v]['glue'] else '—' for n in names]
       lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'

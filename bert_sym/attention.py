@@ -12,22 +12,11 @@ Two ablations beyond the paper, each a line below:
   standard_syminit   standard, with W_k, b_k initialised equal to W_q, b_q (symmetric
                      initialisation, Saponati et al., ICML 2025); they train apart after
 
-All three reduce to "softmax(q k^T / sqrt(d_h)) v" with k = Q_h and q = Q_h P_h for the
-new variants, so one core serves every variant and no custom kernel is needed. The core is
-a config switch (`model.attention_impl`), each name being exactly the kernel that runs:
-
-  xla     explicit scores, float32 softmax statistics, BERT's attention dropout, attention
-          maps (return_weights). The reference path; runs everywhere.
-  cudnn   cuDNN flash attention (GPU), via jax.nn.dot_product_attention(implementation=
-          'cudnn'), bfloat16 operands, right padding given as key lengths.
-  splash  the Pallas splash-attention kernel (TPU), padding given as segment ids;
-          sequence length a multiple of 128.
-  auto    cudnn on GPU, splash on TPU, xla on CPU; xla wherever the fused kernel cannot
-          do what the step asks (attention dropout in training, attention maps). Logged.
-
-A kernel asked for by name never falls back: it runs or raises. The fused kernels have no
-attention-probability dropout, hence two recipes (configs/common.py): paper-exact
-(xla, attention dropout 0.1) and fast (fused kernel, attention_dropout_rate=0).
+All reduce to "softmax(q k^T / sqrt(d_h)) v" with k = Q_h and q = Q_h P_h for the new
+variants, so one core serves every variant and no custom kernel is needed. The core is the
+config switch `model.attention_impl` (xla | cudnn | splash | auto; README, "Attention
+kernels and recipes"), each name being exactly the kernel that runs: a kernel asked for by
+name runs or raises, and `auto` logs which one it took and why.
 """
 
 import functools

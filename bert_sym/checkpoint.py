@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 from absl import logging
@@ -102,7 +103,7 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False) -> ocp.Checkpoin
       checkpoint_dir(workdir), options=options, item_names=(STATE, DATA_ITER))
 
 
-def _allgather_json(obj) -> list:
+def allgather_json(obj) -> list:
   """Every process's `obj` (JSON-serialisable), in process order, on every process.
 
   Each host reads its own slice of the data; the checkpoint keeps every iterator's state
@@ -128,7 +129,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any
   Must be called by every process. Arrays are copied off the devices before this
   returns, so the caller may donate `state` to the next update step right away.
   """
-  data_item = {'process_count': jax.process_count(), 'states': _allgather_json(data_state)}
+  data_item = {'process_count': jax.process_count(), 'states': allgather_json(data_state)}
   return manager.save(step, force=force, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardSave(state),
       DATA_ITER: ocp.args.JsonSave(data_item)}))
@@ -231,14 +232,8 @@ def _is_echo_of_failed_read(unraisable) -> bool:
   error = unraisable.exc_value
   if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
     return True
-  return 'orbax' in repr(unraisable.object) or 'orbax' in ''.join(
-      frame.f_code.co_filename for frame in _frames(unraisable.exc_traceback))
-
-
-def _frames(tb):
-  while tb is not None:
-    yield tb.tb_frame
-    tb = tb.tb_next
+  files = ''.join(frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback))
+  return 'orbax' in repr(unraisable.object) or 'orbax' in files
 
 
 def _mute_echoes_of_failed_reads() -> None:

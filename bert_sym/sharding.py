@@ -171,12 +171,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules,
   return batch_size // processes
 
 
-def host_batch_to_global(batch: dict, mesh: Mesh, global_batch_size: int,
-                         rules) -> dict:
-  """Per-process numpy batches -> one global jax.Array per feature, split over the batch."""
-  sharding = batch_sharding(mesh, rules)
+def host_batch_to_global(batch: dict, mesh: Mesh, global_batch_size: int, rules,
+                         batch_axis: int = 0) -> dict:
+  """Per-process numpy batches (this process's rows along `batch_axis`) -> one global
+  jax.Array per feature, split over the batch axes; axes before `batch_axis` (GLUE's
+  stacked seeds) stay whole."""
+  spec = PartitionSpec(*(None,) * batch_axis, *batch_sharding(mesh, rules).spec)
+
   def to_global(x):
     x = np.asarray(x)
-    return jax.make_array_from_process_local_data(
-        sharding, x, (global_batch_size,) + x.shape[1:])
+    shape = x.shape[:batch_axis] + (global_batch_size,) + x.shape[batch_axis + 1:]
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, shape)
   return jax.tree.map(to_global, batch)

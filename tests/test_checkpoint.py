@@ -1,6 +1,8 @@
 """checkpoint.py: config.json round trip, load_pretrained, shape checks, atomic finalize."""
 
 import json
+import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -128,3 +130,27 @@ def test_finished_steps_ignores_unfinalized_steps(tmp_path, monkeypatch):
     checkpoint.resolve_step_dir(unfinished)
   (unfinished / 'commit_success.txt').write_text('done')
   assert checkpoint.finished_steps(tmp_path) == [4, 12]
+
+
+def test_echoes_of_a_failed_orbax_read_are_muted_and_other_unraisables_are_not(monkeypatch):
+  """After a damaged checkpoint, orbax's cancelled reads print as "Exception ignored"
+  (sys.unraisablehook); those are dropped, anything else still reaches the old hook."""
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  checkpoint._mute_echoes_of_failed_reads()  # pylint: disable=protected-access
+  checkpoint._mute_echoes_of_failed_reads()  # pylint: disable=protected-access  (idempotent)
+  unraisable = lambda obj, error: types.SimpleNamespace(
+      object=obj, exc_value=error, exc_traceback=None, exc_type=type(error), err_msg=None)
+  orbax_echo = unraisable('<coroutine object orbax.checkpoint._src.read>', ValueError('x'))
+  closed_loop = unraisable(None, RuntimeError('Event loop is closed'))
+  other = unraisable('<function mine>', ValueError('a real problem'))
+  for item in (orbax_echo, closed_loop, other):
+    sys.unraisablehook(item)
+  assert seen == [other]
+  try:   # a traceback through an orbax file counts too
+    exec(compile('raise ValueError("in orbax")', '/site-packages/orbax/x.py', 'exec'))
+  except ValueError as e:
+    through_orbax = unraisable(None, e)
+    through_orbax.exc_traceback = e.__traceback__
+  sys.unraisablehook(through_orbax)
+  assert seen == [other]

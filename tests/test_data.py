@@ -1,4 +1,4 @@
-"""bert_sym.input (masking, blocks, iterator, export_shards): masking statistics,
+"""bert_sym.input (masking, blocks, iterator, export): masking statistics,
 determinism, O(1) resume, host sharding, exported shards == the in-memory (seqio) path,
 TF-free import, and clear errors."""
 
@@ -136,8 +136,8 @@ def shards_dir(tmp_path_factory, text_files):
   pytest.importorskip('tensorflow_text')
   out = tmp_path_factory.mktemp('shards')
   for split in ('train', 'validation'):
-    export_lib.export_shards(TEXT, split, L, str(out), text_files=text_files,
-                             blocks_per_shard=700)
+    export_lib.export(TEXT, split, L, str(out), num_parts=1, text_files=text_files,
+                      blocks_per_shard=700)
   return str(out)
 
 

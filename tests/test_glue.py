@@ -223,9 +223,9 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   compiled = {}   # shared by the calls with one recipe, as a sweep does: compile once
   first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
   trained = []
-  real_finetune = suite.finetune_group
-  monkeypatch.setattr(suite, 'finetune_group', lambda *a, **k: trained.extend(a[4]) or
-                      real_finetune(*a, **k))
+  real_finetune = suite.finetune_lib.finetune_group
+  monkeypatch.setattr(suite.finetune_lib, 'finetune_group',
+                      lambda *a, **k: trained.extend(a[4]) or real_finetune(*a, **k))
   config.seeds = '1,2'
   results = suite.run_glue(str(workdir), str(out), config, compiled)
   assert trained == [2] and results['runs']['wnli']['1'] == first
@@ -341,7 +341,7 @@ def test_fresh_head_and_pretrained_encoder(workdir):
   mesh = sharding.make_mesh(config.mesh)
   task = finetune.setup_task(pretrained, spec, 16, config, mesh,
                          sharding.logical_rules(pretrained.config))
-  params = task.init(jax.random.key(1))
+  params = task.state.init_params(jax.random.key(1))
   assert set(params) == {'bert', 'classifier'} and set(params['bert']) == {'encoder', 'pooler'}
   kernel = np.asarray(params['bert']['pooler']['dense']['kernel'])
   assert abs(kernel.std() - 0.02) < 0.003
@@ -479,7 +479,8 @@ def _tiny_task(spec_name='rte', **overrides):
 
 def _state(pretrained, task, seed):
   init_key, dropout_key = jax.random.split(jax.random.key(seed))
-  params = checkpoint.with_pretrained_encoder(task.init(init_key), pretrained.encoder)
+  params = checkpoint.with_pretrained_encoder(task.state.init_params(init_key),
+                                              pretrained.encoder)
   return task.state.from_params(jax.device_put(params, task.state.param_shardings),
                                 dropout_key)
 

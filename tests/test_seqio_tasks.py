@@ -79,7 +79,8 @@ def _spec(vocabulary, **knobs):
     (12345, dict(whole_word=True, max_predictions=12)),
     (2**31 + 7, dict(mask_rate=0.4, max_predictions=80)),
 ])
-def test_tf_masking_equals_numpy_masking(vocabulary, validation_blocks, seed, knobs):
+def test_tf_data_masking_equals_numpy_masking(vocabulary, validation_blocks, seed, knobs):
+  """The tf.data path gives each block its example index (above 2^32 too) and the seed."""
   spec = _spec(vocabulary, **knobs)
   first = 3_000_000_000  # example indices above 2^32 use the high word of the counter
   tf_examples = list(tasks.mask_blocks_tf(

@@ -17,16 +17,14 @@ attention variant, vocabulary) is read from the checkpoint's workdir, never rety
   python -m bert_sym.glue --checkpoint=WORKDIR --output_dir=/tmp/sweep --sweep \
       --seeds=1 --reference_score=79.36
 
-  # The tiny-model CPU run reported in the README: the six complete tasks of a local
-  # GLUE copy, one seed, 1 epoch, length 64 (the tiny model's pre-training length),
-  # lr 1e-4 (a 128-wide model needs a larger step); about 10 min on 2 CPU cores.
-  # Pre-train first: python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt
+  # The tiny-model CPU run reported in the README (about 10 min on 2 CPU cores), after
+  # python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt
   python -m bert_sym.glue --checkpoint=/tmp/tiny_glue_ckpt --output_dir=/tmp/tiny_glue \
       --glue_dir=../shared/data/glue --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1 \
       --config.epochs=1 --config.max_seq_len=64 --config.learning_rate=1e-4
 
-Outputs in --output_dir, local or gs:// (each written to a temporary file, then renamed
-over the old one; on gs:// the rename is a copy of the complete file, then a delete):
+Outputs in --output_dir, local or gs://, each written whole (a temporary file renamed
+locally; on gs:// an object appears only once its upload completes):
   glue_results.json   every metric per task and seed, GLUE per seed, mean +- std
   glue_results.md     the paper's table: one row per seed, then mean +- std
   predictions/<name>_seed<k>.tsv   idx, label, prediction per dev example
@@ -38,23 +36,15 @@ over the old one; on gs:// the rename is a copy of the complete file, then a del
                                    then exit 42 / 130); the rerun continues from it
 With --sweep: step_<N>/ (the above per checkpoint) and glue_vs_step.{json,md,png}.
 
-GLUE is the unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, SST-2
-(WNLI excluded); "GLUE full" adds WNLI. A task not run is shown as missing; then GLUE is not
-reported, and a mean over the tasks present is reported instead, labelled "partial (k/9)".
-STS-B's Pearson and Spearman are 0.0 (not NaN) when the model predicts one constant value.
-
-All seeds of a task train together in one vmapped step (config.parallel_seeds; False:
-one by one), each with its own init, dropout and data order, as when run alone.
-
-Multi-host: every process fine-tunes; process 0 alone reads the output directory to decide
-what is already finished (and lists the checkpoints of a sweep), then shares its decision,
-so per-host local output directories cannot send the hosts down different paths.
+Scores, the GLUE mean and its partial form are defined in bert_sym/glue/metrics.py; the
+README's GLUE section covers parallel seeds and resume; bert_sym/glue/hosts.py multi-host runs.
 """
 
 import functools
 from pathlib import Path
 import sys
 import time
+import traceback
 import types
 
 from absl import app
@@ -137,7 +127,8 @@ def main(argv, cli):
     # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix.
     raise SystemExit(f'bert_sym.glue: error: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
-    if 'tensorflow_datasets' not in ''.join(_traceback_files(e)):
+    if 'tensorflow_datasets' not in ''.join(f.filename for f in traceback.extract_tb(
+        e.__traceback__)):
       raise
     # TFDS could not download or prepare glue/*: offline, or no prepared copy.
     raise SystemExit(
@@ -148,14 +139,6 @@ def main(argv, cli):
   if jax.process_index() == 0:   # the only process that writes results
     print((epath.Path(cli.output_dir.value) / table).read_text())
     print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
-
-
-def _traceback_files(error: BaseException) -> list[str]:
-  tb, files = error.__traceback__, []
-  while tb is not None:
-    files.append(tb.tb_frame.f_code.co_filename)
-    tb = tb.tb_next
-  return files
 
 
 if __name__ == '__main__':

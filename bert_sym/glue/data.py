@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bert_sym.input import import_tensorflow
 from bert_sym.input.tokenizer import WordPiece  # the pre-training tokeniser (TF Text)
 
 # ---- Task specs ----
@@ -215,6 +216,7 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
 
 def load_tfds(spec: TaskSpec, split: str, data_dir: str | None = None) -> Examples:
   """`tfds.load(f'glue/{name}', split=split)` as Examples (downloads when not prepared)."""
+  import_tensorflow()   # first, so that TF (under TFDS) leaves the GPUs to JAX
   import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
   dataset = tfds.load(f'glue/{spec.name}', split=split, data_dir=data_dir or None,
                       shuffle_files=False)

@@ -1,14 +1,11 @@
 """Fine-tuning one GLUE task on the shared core (bert_sym.steps + bert_sym.loop).
 
-Per task, the seeds to train form one group: with config.parallel_seeds, all of them in
-one jax.vmap'ped step over a leading seed axis of params, optimizer state and batches;
-otherwise one seed at a time. Seed k always has the same init key, dropout key and data
-order (`train_batches(..., seed=k)`) either way, so both paths give the same model.
-
-A group checkpoints to {output_dir}/runs/{task}/checkpoints (bert_sym.checkpoint's
-manager): every config.checkpoint_every_steps and on SIGTERM / Ctrl-C (then exit 42 /
-130, as the trainer). The rerun continues from that step: the data order is a function
-of (seed, step), so the data state is the step.
+A task's seeds train as one group: all in one jax.vmap'ped step over a leading seed axis
+(config.parallel_seeds), else one at a time; seed k has the same init, dropout and data
+order either way, so both give the same model (see `_Batches`). A group checkpoints to
+{output_dir}/runs/{task}/checkpoints every config.checkpoint_every_steps and on SIGTERM /
+Ctrl-C (exit 42 / 130); the data order is a function of (seed, step), so the step alone
+resumes it.
 """
 
 import dataclasses
@@ -18,11 +15,9 @@ from typing import Any
 
 from absl import logging
 from etils import epath
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import loop
@@ -86,18 +81,11 @@ def train_batches(n, batch_size, epochs, seed):
 def global_batch(batch: dict, mesh, batch_size: int, rules, stacked: bool = False) -> dict:
   """A batch every process built identically -> global arrays split over the batch axes
   (axis 1 when `stacked` over seeds). Each process keeps the rows of its own devices."""
-  per_process = batch_size // jax.process_count()
-  start = jax.process_index() * per_process
-  spec = sharding.batch_sharding(mesh, rules).spec
-  target = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(None, *spec) if stacked else spec)
   axis = 1 if stacked else 0
-
-  def to_global(x):
-    local = np.take(np.asarray(x), np.arange(start, start + per_process), axis=axis)
-    shape = x.shape[:axis] + (batch_size,) + x.shape[axis + 1:]
-    return jax.make_array_from_process_local_data(target, local, shape)
-  return jax.tree.map(to_global, batch)
+  per_process = batch_size // jax.process_count()
+  rows = np.arange(per_process) + jax.process_index() * per_process
+  local = jax.tree.map(lambda x: np.take(np.asarray(x), rows, axis=axis), batch)
+  return sharding.host_batch_to_global(local, mesh, batch_size, rules, batch_axis=axis)
 
 
 def _optimizer_config(config, total_steps):
@@ -116,19 +104,12 @@ class TaskSetup:
   compilations.
   """
   spec: glue_data.TaskSpec
-  model: nn.Module
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
   total_steps: int
   state: steps.StateSpec
   rules: Any                 # the training config's logical-axis rules (batch included)
   train_step: Any            # jitted (state, batch) -> (state, metrics), state donated
   parallel_step: Any         # the same, vmapped over a leading seed axis
   predict_step: Any
-
-  def init(self, key):
-    """Fresh classifier params (pooler and classifier N(0, 0.02)), created sharded."""
-    return self.state.init_params(key)
 
 
 def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
@@ -156,8 +137,7 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
     return objectives.predictions(logits, spec.is_regression)
   # Replicated predictions: every process can read them (and they are tiny).
   predict_step = jax.jit(predict, out_shardings=replicated)
-  return TaskSetup(spec, model, tx, schedule, total_steps, state, rules, jitted, parallel,
-                   predict_step)
+  return TaskSetup(spec, total_steps, state, rules, jitted, parallel, predict_step)
 
 
 class _Batches:
@@ -246,8 +226,9 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
     states = []
     for seed in seeds:
       init_key, dropout_key = jax.random.split(jax.random.key(seed))
+      # A fresh pooler and classifier (N(0, 0.02)) around the pre-trained encoder.
       params = checkpoint_lib.with_pretrained_encoder(
-          task.init(init_key), pretrained.encoder, pretrained.step_dir)
+          task.state.init_params(init_key), pretrained.encoder, pretrained.step_dir)
       params = jax.device_put(params, task.state.param_shardings)
       states.append(task.state.from_params(params, dropout_key))
     state = (jax.device_put(steps.stack(states), steps.stacked(task.state.shardings))

@@ -5,22 +5,11 @@ already finished (and lists the checkpoints of a sweep), so per-host local outpu
 directories cannot send the hosts down different paths.
 """
 
-import json
 from typing import Any
 
 import jax
-import numpy as np
 
-
-def _broadcast_json_from_process_0(obj) -> Any:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  primary = jax.process_index() == 0
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if primary else None
-  # broadcast_one_to_all needs one shape on every process: the length first, then bytes.
-  size = int(multihost_utils.broadcast_one_to_all(
-      np.array(data.size if primary else 0, np.int64)))
-  buffer = data if primary else np.zeros(size, np.uint8)
-  return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+from bert_sym import checkpoint
 
 
 def on_process_0(fn) -> Any:
@@ -39,7 +28,7 @@ def on_process_0(fn) -> Any:
       outcome = {'value': fn()}
     except Exception as e:  # pylint: disable=broad-except
       error, outcome = e, {'error': f'{type(e).__name__}: {e}'}
-  outcome = _broadcast_json_from_process_0(outcome)
+  outcome = checkpoint.allgather_json(outcome)[0]   # process 0's, on every process
   if error is not None:
     raise error
   if 'error' in outcome:

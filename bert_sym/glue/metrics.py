@@ -148,6 +148,14 @@ def mean_std(values: Sequence[float | None]) -> dict:
   return {'mean': float(np.mean(present)), 'std': std, 'n': len(present)}
 
 
+def format_mean_std(stat: dict, digits: int = 2) -> str:
+  """'mean ± std' of a `mean_std` dict; the mean alone for one value, '—' for none."""
+  if stat['mean'] is None:
+    return '—'
+  text = f'{stat["mean"]:.{digits}f}'
+  return text if stat['std'] is None else f'{text} ± {stat["std"]:.{digits}f}'
+
+
 def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict:
   """Per-seed score dicts (score name -> percent) -> per seed aggregates and seed statistics.
 

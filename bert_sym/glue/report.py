@@ -19,6 +19,7 @@ def write_atomically(path, data: str | bytes) -> None:
   if jax.process_index() == 0:
     files.write_atomically(path, data)
 
+
 def predictions_tsv(dev, predictions, regression) -> str:
   # 9 significant digits round-trip float32 exactly: scores recomputed from the file match.
   fmt = (lambda v: f'{float(v):.9g}') if regression else (lambda v: str(int(v)))
@@ -53,11 +54,7 @@ def markdown_table(results: dict) -> str:
     lines.append('| ' + ' | '.join(cells + [_fmt(row[n]) for n in names]) + ' |')
   stats = summary['over_seeds']
 
-  def pm(s):
-    if s['mean'] is None:
-      return '—'
-    return f'{s["mean"]:.2f}' if s['std'] is None else f'{s["mean"]:.2f} ± {s["std"]:.2f}'
-
+  pm = glue_metrics.format_mean_std
   def glue_pm(key, total):
     if stats[key]['n']:
       return pm(stats[key])

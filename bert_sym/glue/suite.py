@@ -159,9 +159,9 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
     groups = [todo] if config.get('parallel_seeds', True) else [[s] for s in todo]
     for group in groups:
       start = time.time()
-      trained = finetune_group(pretrained, task, train, config, group, mesh,
-                               tokenizer.pad_id, output_dir, identity, preemption,
-                               length_seeds=seeds)
+      trained = finetune_lib.finetune_group(pretrained, task, train, config, group, mesh,
+                                            tokenizer.pad_id, output_dir, identity,
+                                            preemption, length_seeds=seeds)
       seconds = time.time() - start
       for seed, params in zip(group, trained):
         scores = _score(params, task, devs, config, mesh, tokenizer.pad_id, output_dir, seed)
@@ -176,11 +176,6 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
       report.write_results(output_dir, results)
       finetune_lib.finish_group(output_dir, spec.name)
   return results
-
-
-def finetune_group(*args, **kwargs):
-  """finetune.finetune_group (a seam for tests that count what is trained)."""
-  return finetune_lib.finetune_group(*args, **kwargs)
 
 
 def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any
 
 from absl import logging
@@ -159,15 +158,3 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
     print(f'{split_url}: part {part}/{num_parts}: {manifest["num_blocks"]} blocks, '
           f'{manifest["num_tokens"]} tokens', flush=True)
   return finalize(out_dir, split)
-
-
-def export_shards(task: str, split: str, max_seq_len: int, out_dir: str, *,
-                  vocab_path: str = '', text_files: str = '',
-                  blocks_per_shard: int = 1 << 16) -> pathlib.Path:
-  """`export` in one go (one part, one process) to `out_dir/split/`: the shards, vocab.txt
-  and metadata.json, without the part manifest (nothing is left to resume or merge)."""
-  export(task, split, max_seq_len, out_dir, num_parts=1, vocab_path=vocab_path,
-         text_files=text_files, blocks_per_shard=blocks_per_shard)
-  split_dir = pathlib.Path(out_dir) / split
-  (split_dir / part_manifest_name(0)).unlink()
-  return split_dir

@@ -12,7 +12,6 @@ Imports no TensorFlow unless config.data.source='seqio' (GPU images lack TF).
 
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Any, Mapping
 
 from absl import logging
@@ -99,32 +98,14 @@ class MLMIterator:
 
 
 class StreamingMLMIterator(MLMIterator):
-  """`MLMIterator` over `streaming.StreamingBlocks`, with the Feistel shuffle and a
-  read-ahead thread (batch k is a pure function of k, so reading ahead is safe)."""
-
-  def __init__(self, *args, prefetch: int = 2, **kwargs):
-    super().__init__(*args, **kwargs)
-    self._prefetch = prefetch
-    self._pool = (concurrent.futures.ThreadPoolExecutor(1, 'streaming-prefetch')
-                  if prefetch else None)
-    self._ahead: dict[int, concurrent.futures.Future] = {}
+  """`MLMIterator` over `streaming.StreamingBlocks`, with the Feistel shuffle (no
+  permutation array). Reading ahead is the training loop's (`loop.Prefetcher`)."""
 
   def _rows(self, example_index: np.ndarray) -> np.ndarray:
     epoch, offset = np.divmod(example_index, self.num_blocks)
     if not self._shuffle:
       return offset
     return streaming.feistel_permutation(offset, self.num_blocks, self._seed, epoch)
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._pool is None:
-      return super().__next__()
-    step = self._step
-    self._ahead = {k: v for k, v in self._ahead.items() if k >= step}
-    for k in range(step, step + 1 + self._prefetch):
-      if k not in self._ahead:
-        self._ahead[k] = self._pool.submit(self.batch, k)
-    self._step += 1
-    return self._ahead.pop(step).result()
 
   def get_state(self) -> dict[str, Any]:
     shuffle = streaming.SHUFFLE_KIND if self._shuffle else 'none'
@@ -137,7 +118,6 @@ class StreamingMLMIterator(MLMIterator):
           f'cannot resume: the checkpointed input state has shuffle='
           f'{state.get("shuffle")!r} (another input source), this iterator {mine!r}')
     super().set_state(state)
-    self._ahead.clear()
 
 
 def mask_spec(data_config, blocks) -> masking.MaskSpec:

@@ -2,8 +2,8 @@
 
 Masking is a pure function of (seed, g, block), g being the example's global index: a
 murmur3 finaliser hashes (seed, g, position, stream) into the random bits of each
-decision, so any batch is computed from its step alone (O(1) resume, no RNG state) and
-the TF twin (`bert_sym.input.seqio_tasks.mask_block_tf`, op for op) gives bit-identical examples.
+decision, so any batch is computed from its step alone (O(1) resume, no RNG state). The
+seqio tasks mask with this same function (`seqio_tasks.mask_blocks_tf`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bert_sym.input import MAX_SEQ_LEN, DataError
 FEATURES = ('input_ids', 'token_type_ids', 'attention_mask', 'mlm_targets', 'mlm_weights')
 
 # Counter-based RNG: murmur3 fmix32 constants, a golden-ratio seed offset, one stream per
-# random decision. Shared with the TF twin in seqio_tasks.py.
+# random decision.
 FMIX_C1 = 0x85EBCA6B
 FMIX_C2 = 0xC2B2AE35
 GOLDEN = 0x9E3779B9

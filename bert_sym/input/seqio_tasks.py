@@ -9,15 +9,13 @@ Every task has 'train' and 'validation' splits and yields the five MLM features 
 
 Masking inside a task uses the mask seed given at registration (default 0) and the
 block's position in the packed stream; the trainer's iterator instead masks packed blocks
-with its own seed. Also here: the seqio Vocabulary over `tokenizer.WordPiece` and the TF
-twin of `masking.mask_blocks`.
+with its own seed. Also here: the seqio Vocabulary over `tokenizer.WordPiece`.
 """
 
 from __future__ import annotations
 
 import functools
 
-import numpy as np
 import seqio
 
 from bert_sym.input import MAX_SEQ_LEN, DataError, check_max_seq_len, import_tensorflow
@@ -85,85 +83,26 @@ def get_vocabulary(vocab_path: str = '') -> BertWordPieceVocabulary:
   return BertWordPieceVocabulary(vocab_path)
 
 
-# ----------------------------------------------------------------------------------------
-# Masking in TF: mirrors `masking.mask_blocks` (NumPy) op for op, so the tasks (tf.data)
-# and the trainer's iterator give bit-identical examples (uint32 arithmetic wraps in both;
-# TF overloads ^ | & * % on integer tensors, but not >> or <<).
-# ----------------------------------------------------------------------------------------
-
-def _fmix32(x: tf.Tensor) -> tf.Tensor:
-  rshift = tf.bitwise.right_shift
-  x = (x ^ rshift(x, np.uint32(16))) * np.uint32(masking.FMIX_C1)
-  x = (x ^ rshift(x, np.uint32(13))) * np.uint32(masking.FMIX_C2)
-  return x ^ rshift(x, np.uint32(16))
-
-
-def _example_key(seed: int, example_index: tf.Tensor) -> tf.Tensor:
-  index = tf.cast(example_index, tf.uint64)
-  lo = tf.cast(index & np.uint64(0xFFFFFFFF), tf.uint32)
-  hi = tf.cast(tf.bitwise.right_shift(index, np.uint64(32)), tf.uint32)
-  key = _fmix32(tf.constant((seed & 0xFFFFFFFF) ^ masking.GOLDEN, tf.uint32))
-  return _fmix32(_fmix32(key ^ lo) ^ hi)
-
-
-def _position_bits(key: tf.Tensor, positions: tf.Tensor, stream: int) -> tf.Tensor:
-  counter = tf.cast(positions, tf.uint32) * np.uint32(4) | np.uint32(stream)   # p << 2 | s
-  return _fmix32(key ^ _fmix32(counter))
-
-
-def mask_block_tf(block: tf.Tensor, example_index: tf.Tensor, seed: int,
-                  spec: masking.MaskSpec) -> dict[str, tf.Tensor]:
-  """One int32 [L] block -> the five MLM features; a pure function of (seed, index)."""
-  length = tf.shape(block)[0]
-  positions = tf.range(length)
-  key = _example_key(seed, example_index)
-  candidate = tf.gather(tf.constant(spec.maskable), block)
-  if spec.whole_word:
-    continuation = tf.gather(tf.constant(spec.continuation), block)
-    previous = tf.concat([[False], candidate[:-1]], axis=0)
-    word_start = candidate & ~(continuation & previous)
-  else:
-    word_start = candidate
-  # Each candidate's word start: the latest word start at or before it.
-  word_id = tf.maximum(tf.cumsum(tf.cast(word_start, tf.int32)) - 1, 0)
-  start_positions = tf.concat([tf.boolean_mask(positions, word_start), [0]], axis=0)
-  start_of = tf.gather(start_positions, word_id)
-  score = tf.cast(_position_bits(key, start_of, masking.STREAM_SELECT), tf.int64)
-  order_key = tf.where(candidate, score * masking.POSITION_RADIX + tf.cast(start_of, tf.int64),
-                       masking.NOT_A_CANDIDATE)
-  # A word is predicted iff the candidate tokens of all words ranked up to it fit the
-  # budget; written as the O(L^2) definition (the NumPy twin sorts instead).
-  ranked_up_to = tf.reduce_sum(
-      tf.cast((order_key[None, :] <= order_key[:, None]) & candidate[None, :], tf.int32),
-      axis=1)
-  num_candidates = tf.reduce_sum(tf.cast(candidate, tf.int32))
-  budget = tf.cast(tf.floor(tf.cast(num_candidates, tf.float64) * spec.mask_rate + 0.5),
-                   tf.int32)
-  budget = tf.minimum(tf.minimum(tf.maximum(budget, 1), spec.max_predictions),
-                      num_candidates)
-  selected = candidate & (ranked_up_to <= budget)
-
-  action = _position_bits(key, positions, masking.STREAM_ACTION)
-  random_token = tf.cast(
-      _position_bits(key, positions, masking.STREAM_TOKEN) % np.uint32(spec.vocab_size),
-      tf.int32)
-  replaced = tf.where(action < np.uint32(masking.MASK_BELOW), spec.mask_id,
-                      tf.where(action < np.uint32(masking.RANDOM_BELOW), random_token, block))
-  return dict(
-      input_ids=tf.where(selected, replaced, block),
-      token_type_ids=tf.zeros_like(block),
-      attention_mask=tf.cast(block != spec.pad_id, tf.int32),
-      mlm_targets=tf.where(selected, block, 0),
-      mlm_weights=tf.cast(selected, tf.float32),
-  )
-
-
 def mask_blocks_tf(blocks: tf.data.Dataset, seed: int, spec: masking.MaskSpec,
-                   first_index: int = 0) -> tf.data.Dataset:
-  """Masks the i-th block with example index `first_index + i`."""
-  return blocks.enumerate(start=first_index).map(
-      lambda i, block: mask_block_tf(block, i, seed, spec),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                   first_index: int = 0, batch_size: int = 256) -> tf.data.Dataset:
+  """Masks the i-th block with example index `first_index + i` by `masking.mask_blocks`
+  itself (through tf.numpy_function): the tasks and the trainer's iterator share one
+  masking function, hence bit-identical examples."""
+  dtypes = [tf.float32 if k == 'mlm_weights' else tf.int32 for k in masking.FEATURES]
+
+  def mask(index, block):
+    out = masking.mask_blocks(block, index, seed, spec)
+    return [out[k] for k in masking.FEATURES]
+
+  def features(index, block):
+    values = tf.numpy_function(mask, [index, block], dtypes, stateful=False)
+    for value in values:
+      value.set_shape(block.shape)
+    return dict(zip(masking.FEATURES, values))
+
+  batched = blocks.enumerate(start=first_index).batch(batch_size)   # one Python call a batch
+  return batched.map(features, num_parallel_calls=tf.data.AUTOTUNE,
+                     deterministic=True).unbatch()
 
 
 def _max_seq_len(sequence_length: dict[str, int] | None) -> int:

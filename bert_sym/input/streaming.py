@@ -11,7 +11,8 @@ Order: example g is block pi_e(g mod N) of epoch e = g // N, pi_e a keyed Feiste
 bijection of [0, N) (cycle-walking over the next power of four) keyed by (seed, e),
 computed per index. It is a pseudo-random permutation, not a uniform draw from all N!
 orders, which is immaterial for SGD; consecutive examples are far apart in the corpus
-(one small range read each), so the iterator prefetches in a thread.
+(one small range read each), which the training loop's prefetch thread overlaps with
+the steps.
 """
 
 from __future__ import annotations
