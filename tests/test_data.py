@@ -259,8 +259,9 @@ def test_export_layout_and_metadata(shards_dir):
   assert len(metadata['shards']) >= 2  # blocks_per_shard=700 forces several shards
   names = sorted(os.listdir(split_dir))
   assert not [n for n in names if '.tmp' in n]
-  assert names == sorted([s['file'] for s in metadata['shards']] + ['metadata.json',
-                                                                    'vocab.txt'])
+  # The shards, their part's manifest (what a rerun skips), the vocabulary, metadata.json.
+  assert names == sorted([s['file'] for s in metadata['shards']] + [
+      export_lib.part_manifest_name(0), 'metadata.json', 'vocab.txt'])
   arrays = [np.load(os.path.join(split_dir, s['file'])) for s in metadata['shards']]
   assert sum(len(a) for a in arrays) == metadata['num_blocks']
   assert metadata['num_tokens'] == sum(int((a != 0).sum()) for a in arrays)
