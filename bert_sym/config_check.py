@@ -131,13 +131,8 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 def config_keys_help(config) -> str:
   """Every `--config.KEY=VALUE` that `config` accepts, with its current value."""
-  def flatten(d, prefix=''):
-    for key, value in d.items():
-      if isinstance(value, dict):
-        yield from flatten(value, f'{prefix}{key}.')
-      else:
-        yield f'{prefix}{key}', value
-  rows = list(flatten(config.to_dict()))
+  from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: --help only)
+  rows = list(checkpoint.flat_config(config).items())
   width = max(len(k) for k, _ in rows)
   return '\n'.join([
       'Config keys (override any with --config.KEY=VALUE; values of the given --config, '
