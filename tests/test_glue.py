@@ -223,8 +223,8 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   compiled = {}   # shared by the calls with one recipe, as a sweep does: compile once
   first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
   trained = []
-  real_finetune = suite.finetune_group
-  monkeypatch.setattr(suite, 'finetune_group', lambda *a, **k: trained.extend(a[4]) or
+  real_finetune = finetune.finetune_group
+  monkeypatch.setattr(finetune, 'finetune_group', lambda *a, **k: trained.extend(a[4]) or
                       real_finetune(*a, **k))
   config.seeds = '1,2'
   results = suite.run_glue(str(workdir), str(out), config, compiled)

@@ -159,9 +159,9 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
     groups = [todo] if config.get('parallel_seeds', True) else [[s] for s in todo]
     for group in groups:
       start = time.time()
-      trained = finetune_group(pretrained, task, train, config, group, mesh,
-                               tokenizer.pad_id, output_dir, identity, preemption,
-                               length_seeds=seeds)
+      trained = finetune_lib.finetune_group(pretrained, task, train, config, group, mesh,
+                                            tokenizer.pad_id, output_dir, identity,
+                                            preemption, length_seeds=seeds)
       seconds = time.time() - start
       for seed, params in zip(group, trained):
         scores = _score(params, task, devs, config, mesh, tokenizer.pad_id, output_dir, seed)
@@ -178,11 +178,6 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   return results
 
 
-def finetune_group(*args, **kwargs):
-  """finetune.finetune_group (a seam for tests that count what is trained)."""
-  return finetune_lib.finetune_group(*args, **kwargs)
-
-
 def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:
   """Dev predictions and scores of one seed; predictions/<name>_seed<k>.tsv written."""
   writer = metrics_writer.MetricWriter(
@@ -197,11 +192,6 @@ def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:
                          {f'dev/{name}/{k}': v for k, v in scores[name].items()})
   writer.close()
   return scores
-
-
-# ----------------------------------------------------------------------------------------
-# Sweep: GLUE against pre-training step.
-# ----------------------------------------------------------------------------------------
 
 
 def checkpoint_steps(workdir) -> list[int]:
