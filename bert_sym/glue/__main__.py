@@ -38,23 +38,15 @@ over the old one; on gs:// the rename is a copy of the complete file, then a del
                                    then exit 42 / 130); the rerun continues from it
 With --sweep: step_<N>/ (the above per checkpoint) and glue_vs_step.{json,md,png}.
 
-GLUE is the unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, SST-2
-(WNLI excluded); "GLUE full" adds WNLI. A task not run is shown as missing; then GLUE is not
-reported, and a mean over the tasks present is reported instead, labelled "partial (k/9)".
-STS-B's Pearson and Spearman are 0.0 (not NaN) when the model predicts one constant value.
-
-All seeds of a task train together in one vmapped step (config.parallel_seeds; False:
-one by one), each with its own init, dropout and data order, as when run alone.
-
-Multi-host: every process fine-tunes; process 0 alone reads the output directory to decide
-what is already finished (and lists the checkpoints of a sweep), then shares its decision,
-so per-host local output directories cannot send the hosts down different paths.
+Scores, GLUE vs "GLUE full" vs partial means, and parallel seeds: README.md, section GLUE.
+Multi-host: every host runs this same command; process 0 decides what is finished (hosts.py).
 """
 
 import functools
 from pathlib import Path
 import sys
 import time
+import traceback
 import types
 
 from absl import app
@@ -69,11 +61,6 @@ from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import suite
-
-
-# ----------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------
 
 
 def define_flags() -> types.SimpleNamespace:
@@ -113,12 +100,9 @@ def main(argv, cli):
   if not cli.checkpoint.value or not cli.output_dir.value:
     raise app.UsageError('--checkpoint and --output_dir are required (see --help).')
   config = cli.config.value
-  if cli.tasks.value is not None:
-    config.tasks = cli.tasks.value
-  if cli.seeds.value is not None:
-    config.seeds = cli.seeds.value
-  if cli.glue_dir.value is not None:
-    config.glue_dir = cli.glue_dir.value
+  for name in ('tasks', 'seeds', 'glue_dir'):   # flags that override a config knob
+    if getattr(cli, name).value is not None:
+      config[name] = getattr(cli, name).value
   if cli.reference_score.value is not None and not cli.sweep.value:
     raise app.UsageError('--reference_score only applies with --sweep.')
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)
@@ -139,7 +123,8 @@ def main(argv, cli):
     # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix.
     raise SystemExit(f'bert_sym.glue: error: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
-    if 'tensorflow_datasets' not in ''.join(_traceback_files(e)):
+    frames = traceback.extract_tb(e.__traceback__)
+    if not any('tensorflow_datasets' in frame.filename for frame in frames):
       raise
     # TFDS could not download or prepare glue/*: offline, or no prepared copy.
     raise SystemExit(
@@ -150,14 +135,6 @@ def main(argv, cli):
   if jax.process_index() == 0:   # the only process that writes results
     print((epath.Path(cli.output_dir.value) / table).read_text())
     print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
-
-
-def _traceback_files(error: BaseException) -> list[str]:
-  tb, files = error.__traceback__, []
-  while tb is not None:
-    files.append(tb.tb_frame.f_code.co_filename)
-    tb = tb.tb_next
-  return files
 
 
 if __name__ == '__main__':
