@@ -1,14 +1,10 @@
 """Fine-tuning one GLUE task on the shared core (bert_sym.steps + bert_sym.loop).
 
-Per task, the seeds to train form one group: with config.parallel_seeds, all of them in
-one jax.vmap'ped step over a leading seed axis of params, optimizer state and batches;
-otherwise one seed at a time. Seed k always has the same init key, dropout key and data
-order (`train_batches(..., seed=k)`) either way, so both paths give the same model.
-
-A group checkpoints to {output_dir}/runs/{task}/checkpoints (bert_sym.checkpoint's
-manager): every config.checkpoint_every_steps and on SIGTERM / Ctrl-C (then exit 42 /
-130, as the trainer). The rerun continues from that step: the data order is a function
-of (seed, step), so the data state is the step.
+The seeds to train form one group: with config.parallel_seeds, one jax.vmap'ped step over
+a leading seed axis; otherwise one seed at a time. Seed k has the same init key, dropout
+key and data order either way, so both paths give the same model. A group checkpoints to
+{output_dir}/runs/{task}/checkpoints; the data order is a function of (seed, step), so on
+resume the data state is the step.
 """
 
 import dataclasses
@@ -18,11 +14,9 @@ from typing import Any
 
 from absl import logging
 from etils import epath
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import optax
 
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import loop
@@ -110,15 +104,12 @@ def _optimizer_config(config, total_steps):
 
 @dataclasses.dataclass
 class TaskSetup:
-  """What every seed of one task shares: the model, the optimizer and the jitted steps.
+  """What every seed of one task shares: the state layout and the jitted steps.
 
   Built once per task so that later seeds (and a sweep's later checkpoints) reuse the
   compilations.
   """
   spec: glue_data.TaskSpec
-  model: nn.Module
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
   total_steps: int
   state: steps.StateSpec
   rules: Any                 # the training config's logical-axis rules (batch included)
@@ -138,12 +129,11 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
   tx, schedule = optim.make_optimizer(_optimizer_config(config, total_steps), total_steps)
   state = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, 8))['params'], tx, mesh, rules)
-  accum = config.get('grad_accum_steps', 1)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   train_step = steps.make_train_step(
       objectives.classifier_loss_fn(model, regression=spec.is_regression), tx, schedule,
-      weight_fn=objectives.example_weight, accum=accum, mesh=mesh,
-      batch_sharding=batch_sharding, fold_micro_index=False)
+      weight_fn=objectives.example_weight, accum=config.get('grad_accum_steps', 1),
+      mesh=mesh, batch_sharding=batch_sharding, fold_micro_index=False)
   replicated = sharding.replicated(mesh)
   # Pinning the shardings keeps step 2's arguments identical to step 1's, so jit compiles
   # once per padded length.
@@ -156,8 +146,7 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
     return objectives.predictions(logits, spec.is_regression)
   # Replicated predictions: every process can read them (and they are tiny).
   predict_step = jax.jit(predict, out_shardings=replicated)
-  return TaskSetup(spec, model, tx, schedule, total_steps, state, rules, jitted, parallel,
-                   predict_step)
+  return TaskSetup(spec, total_steps, state, rules, jitted, parallel, predict_step)
 
 
 class _Batches:
@@ -269,11 +258,9 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   console = print if config.progress_bar and jax.process_index() == 0 else (lambda *a: None)
 
   def log(step, scalars, eta, per_run):
-    for i, writer in enumerate(writers):
-      writer.write_scalars(step, {
-          'train/loss': np.reshape(per_run['train/loss'], -1)[i if stacked else 0],
-          'train/grad_norm': np.reshape(per_run['train/grad_norm'], -1)[i if stacked else 0],
-          'train/learning_rate': scalars['train/learning_rate']})
+    for i, writer in enumerate(writers):   # per_run holds one value per seed
+      row = {k: np.reshape(per_run[k], -1)[i] for k in ('train/loss', 'train/grad_norm')}
+      writer.write_scalars(step, {**row, 'train/learning_rate': scalars['train/learning_rate']})
     console(f'{desc}: {metrics_writer.format_progress(step, task.total_steps, scalars, eta)}')
 
   def save(state, step):
@@ -298,8 +285,7 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
       writer.close()
   if preempted:
     raise loop.Preempted(step, preemption.signal_name)
-  params = state['params']
-  return steps.unstack(params, len(seeds)) if stacked else [params]
+  return steps.unstack(state['params'], len(seeds)) if stacked else [state['params']]
 
 
 def finish_group(output_dir, task_name) -> None:
