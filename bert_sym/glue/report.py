@@ -19,6 +19,7 @@ def write_atomically(path, data: str | bytes) -> None:
   if jax.process_index() == 0:
     files.write_atomically(path, data)
 
+
 def predictions_tsv(dev, predictions, regression) -> str:
   # 9 significant digits round-trip float32 exactly: scores recomputed from the file match.
   fmt = (lambda v: f'{float(v):.9g}') if regression else (lambda v: str(int(v)))
@@ -70,12 +71,13 @@ def markdown_table(results: dict) -> str:
   cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
            glue_pm('glue_full', 10)]
   lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
-  cut = {k: results.get('config', {}).get(k, 0) for k in ('max_train_examples', 'max_eval_examples')}
-  if any(cut.values()):
-    lines += ['', '**Cut data, not comparable with the paper:** ' + '; '.join(
-        f'only the first {n} {what} examples' for what, n in
-        (('training', cut['max_train_examples']), ('dev-set', cut['max_eval_examples']))
-        if n) + ' (config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
+  config = results.get('config', {})
+  cuts = [f'only the first {n} {what} examples' for what, n in (
+      ('training', config.get('max_train_examples', 0)),
+      ('dev-set', config.get('max_eval_examples', 0))) if n]
+  if cuts:
+    lines += ['', f'**Cut data, not comparable with the paper:** {"; ".join(cuts)} '
+              '(config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
   lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
             'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
             'mean over the k tasks present only, not comparable to the paper\'s GLUE. '
@@ -100,12 +102,6 @@ def _scores_by_seed(results):
   return by_seed
 
 
-
-# ----------------------------------------------------------------------------------------
-# Sweep: GLUE against pre-training step.
-# ----------------------------------------------------------------------------------------
-
-
 def sweep_point(step, results) -> dict:
   stats = results['summary']['over_seeds']
   first = next(iter(results['summary']['per_seed'].values()))
@@ -119,11 +115,8 @@ def sweep_point(step, results) -> dict:
 
 
 def first_step_reaching(points, threshold):
-  for p in points:
-    if p['score'] is not None and p['score'] >= threshold:
-      return p['step']
-  return None
-
+  reached = (p['step'] for p in points if p['score'] is not None and p['score'] >= threshold)
+  return next(reached, None)
 
 
 def write_sweep(output_dir, workdir, points, reference_score):
