@@ -86,20 +86,14 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(output_dir, results) -> None:
-  results['summary'] = glue_metrics.summarize(
-      {seed: {name: r['score'] for name, r in scores.items()}
-       for seed, scores in _scores_by_seed(results).items()})
-  write_atomically(epath.Path(output_dir) / 'glue_results.json',
-                   json.dumps(results, indent=2, sort_keys=False) + '\n')
-  write_atomically(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
-
-
-def _scores_by_seed(results):
   by_seed = {seed: {} for seed in results['seeds']}
   for task in results['runs'].values():
     for seed, run in task.items():
-      by_seed[int(seed)].update(run['scores'])
-  return by_seed
+      by_seed[int(seed)].update({name: r['score'] for name, r in run['scores'].items()})
+  results['summary'] = glue_metrics.summarize(by_seed)
+  write_atomically(epath.Path(output_dir) / 'glue_results.json',
+                   json.dumps(results, indent=2, sort_keys=False) + '\n')
+  write_atomically(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
 
 
 def sweep_point(step, results) -> dict:
