@@ -36,8 +36,8 @@ locally; on gs:// an object appears only once its upload completes):
                                    then exit 42 / 130); the rerun continues from it
 With --sweep: step_<N>/ (the above per checkpoint) and glue_vs_step.{json,md,png}.
 
-Scores, the GLUE mean and its partial form are defined in bert_sym/glue/metrics.py; the
-README's GLUE section covers parallel seeds and resume; bert_sym/glue/hosts.py multi-host runs.
+Scores, GLUE vs "GLUE full" vs partial means, and parallel seeds: README.md, section GLUE.
+Multi-host: every host runs this same command; process 0 decides what is finished (hosts.py).
 """
 
 import functools
@@ -59,9 +59,6 @@ from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import suite
-
-
-# ---- Command line ----
 
 
 def define_flags() -> types.SimpleNamespace:
@@ -101,12 +98,9 @@ def main(argv, cli):
   if not cli.checkpoint.value or not cli.output_dir.value:
     raise app.UsageError('--checkpoint and --output_dir are required (see --help).')
   config = cli.config.value
-  if cli.tasks.value is not None:
-    config.tasks = cli.tasks.value
-  if cli.seeds.value is not None:
-    config.seeds = cli.seeds.value
-  if cli.glue_dir.value is not None:
-    config.glue_dir = cli.glue_dir.value
+  for name in ('tasks', 'seeds', 'glue_dir'):   # flags that override a config knob
+    if getattr(cli, name).value is not None:
+      config[name] = getattr(cli, name).value
   if cli.reference_score.value is not None and not cli.sweep.value:
     raise app.UsageError('--reference_score only applies with --sweep.')
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)
@@ -127,8 +121,8 @@ def main(argv, cli):
     # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix.
     raise SystemExit(f'bert_sym.glue: error: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
-    if 'tensorflow_datasets' not in ''.join(f.filename for f in traceback.extract_tb(
-        e.__traceback__)):
+    frames = traceback.extract_tb(e.__traceback__)
+    if not any('tensorflow_datasets' in frame.filename for frame in frames):
       raise
     # TFDS could not download or prepare glue/*: offline, or no prepared copy.
     raise SystemExit(

@@ -1,21 +1,11 @@
 """GLUE data: task specs, readers (TFDS `glue/*` or a local GLUE directory), tokenisation.
 
-Two sources give the same `Examples` (same label ids, same text fields):
-
-* TFDS (default): `tfds.load('glue/cola', split='validation')`, ... Needs the prepared
-  dataset in `--config.tfds_data_dir` (or TFDS's default) or internet to download it.
-* A local directory in the layout of the GLUE download script (`CoLA/train.tsv`,
-  `MNLI/dev_matched.tsv`, ...), read with plain tab splitting: the files' quoting is
-  irregular (SST-2 and QQP sentences contain bare quotes), so `csv` quoting rules would
-  merge rows. Per-file quirks handled: CoLA has no header row (source, label, original
-  label, sentence); MRPC starts with a UTF-8 byte-order mark; QQP has malformed rows
-  (wrong column count), which are skipped and counted, as the GLUE baselines do.
-
-Labels use TFDS's ids (e.g. MNLI: entailment=0, neutral=1, contradiction=2); STS-B is a
-float score in [0, 5]. Sentence pairs are packed BERT style, `[CLS] a [SEP] b [SEP]` with
-token types 0/1, truncated longest-first (one token at a time from the longer side) to
-`max_seq_len` with `WordPiece`, the tokeniser of the pre-training corpus (so GLUE text is
-split exactly as the model saw text in pre-training; it runs TF Text). This module knows
+Both sources give the same `Examples`, with TFDS's label ids (e.g. MNLI: entailment=0,
+neutral=1, contradiction=2; STS-B a float score in [0, 5]). Local TSVs, in the GLUE
+download-script layout, are read with plain tab splitting: their quoting is irregular
+(SST-2 and QQP sentences contain bare quotes), so `csv` quoting rules would merge rows.
+Pairs are packed BERT style, `[CLS] a [SEP] b [SEP]`, with the pre-training `WordPiece`
+(so GLUE text is split exactly as the model saw text in pre-training). This module knows
 nothing about models or meshes.
 """
 
@@ -27,8 +17,6 @@ import numpy as np
 
 from bert_sym.input import import_tensorflow
 from bert_sym.input.tokenizer import WordPiece  # the pre-training tokeniser (TF Text)
-
-# ---- Task specs ----
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +89,6 @@ def parse_tasks(tasks) -> list[TaskSpec]:
   return [TASKS[n] for n in dict.fromkeys(names)]
 
 
-# ---- Examples from TSV files or TFDS ----
-
-
 @dataclasses.dataclass
 class Examples:
   idx: np.ndarray                 # int64: row number in the file / TFDS `idx`
@@ -146,8 +131,9 @@ def tsv_path(glue_dir, spec: TaskSpec, file_name: str) -> Path:
                         'of the GLUE download script (CoLA/, SST-2/, MRPC/, ...) or leave it '
                         'empty to read TFDS glue/*.')
   if not task_dir.is_dir():
+    dev_file = spec.dev_sets[0].tsv_file
     raise GlueDataError(f'No directory {task_dir} for task {spec.name}: the GLUE layout has '
-                        f'{spec.directory}/train.tsv and {spec.directory}/{spec.dev_sets[0].tsv_file}. '
+                        f'{spec.directory}/train.tsv and {spec.directory}/{dev_file}. '
                         f'Drop {spec.name} from --tasks or add the files.')
   path = task_dir / file_name
   if not path.is_file():
@@ -241,9 +227,6 @@ def load_split(spec: TaskSpec, split: str, *, glue_dir: str = '',
   if glue_dir:
     return read_tsv(tsv_path(glue_dir, spec, tsv_file), spec)
   return load_tfds(spec, tfds_split, tfds_data_dir)
-
-
-# ---- WordPiece tokenisation and BERT sentence-pair packing ----
 
 
 def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:

@@ -98,7 +98,7 @@ def _optimizer_config(config, total_steps):
 
 @dataclasses.dataclass
 class TaskSetup:
-  """What every seed of one task shares: the model, the optimizer and the jitted steps.
+  """What every seed of one task shares: the state layout and the jitted steps.
 
   Built once per task so that later seeds (and a sweep's later checkpoints) reuse the
   compilations.
@@ -119,12 +119,11 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
   tx, schedule = optim.make_optimizer(_optimizer_config(config, total_steps), total_steps)
   state = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, 8))['params'], tx, mesh, rules)
-  accum = config.get('grad_accum_steps', 1)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   train_step = steps.make_train_step(
       objectives.classifier_loss_fn(model, regression=spec.is_regression), tx, schedule,
-      weight_fn=objectives.example_weight, accum=accum, mesh=mesh,
-      batch_sharding=batch_sharding, fold_micro_index=False)
+      weight_fn=objectives.example_weight, accum=config.get('grad_accum_steps', 1),
+      mesh=mesh, batch_sharding=batch_sharding, fold_micro_index=False)
   replicated = sharding.replicated(mesh)
   # Pinning the shardings keeps step 2's arguments identical to step 1's, so jit compiles
   # once per padded length.
@@ -250,11 +249,9 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   console = print if config.progress_bar and jax.process_index() == 0 else (lambda *a: None)
 
   def log(step, scalars, eta, per_run):
-    for i, writer in enumerate(writers):
-      writer.write_scalars(step, {
-          'train/loss': np.reshape(per_run['train/loss'], -1)[i if stacked else 0],
-          'train/grad_norm': np.reshape(per_run['train/grad_norm'], -1)[i if stacked else 0],
-          'train/learning_rate': scalars['train/learning_rate']})
+    for i, writer in enumerate(writers):   # per_run holds one value per seed
+      row = {k: np.reshape(per_run[k], -1)[i] for k in ('train/loss', 'train/grad_norm')}
+      writer.write_scalars(step, {**row, 'train/learning_rate': scalars['train/learning_rate']})
     console(f'{desc}: {metrics_writer.format_progress(step, task.total_steps, scalars, eta)}')
 
   def save(state, step):
@@ -279,8 +276,7 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
       writer.close()
   if preempted:
     raise loop.Preempted(step, preemption.signal_name)
-  params = state['params']
-  return steps.unstack(params, len(seeds)) if stacked else [params]
+  return steps.unstack(state['params'], len(seeds)) if stacked else [state['params']]
 
 
 def finish_group(output_dir, task_name) -> None:

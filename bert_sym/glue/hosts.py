@@ -1,9 +1,4 @@
-"""Multi-host decisions: read the filesystem on process 0 only, share the answer.
-
-Every process fine-tunes; process 0 alone reads the output directory to decide what is
-already finished (and lists the checkpoints of a sweep), so per-host local output
-directories cannot send the hosts down different paths.
-"""
+"""Multi-host decisions: read the filesystem on process 0 only, share the answer."""
 
 from typing import Any
 

@@ -55,6 +55,7 @@ def markdown_table(results: dict) -> str:
   stats = summary['over_seeds']
 
   pm = glue_metrics.format_mean_std
+
   def glue_pm(key, total):
     if stats[key]['n']:
       return pm(stats[key])
@@ -67,12 +68,13 @@ def markdown_table(results: dict) -> str:
   cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
            glue_pm('glue_full', 10)]
   lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
-  cut = {k: results.get('config', {}).get(k, 0) for k in ('max_train_examples', 'max_eval_examples')}
-  if any(cut.values()):
-    lines += ['', '**Cut data, not comparable with the paper:** ' + '; '.join(
-        f'only the first {n} {what} examples' for what, n in
-        (('training', cut['max_train_examples']), ('dev-set', cut['max_eval_examples']))
-        if n) + ' (config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
+  config = results.get('config', {})
+  cuts = [f'only the first {n} {what} examples' for what, n in (
+      ('training', config.get('max_train_examples', 0)),
+      ('dev-set', config.get('max_eval_examples', 0))) if n]
+  if cuts:
+    lines += ['', f'**Cut data, not comparable with the paper:** {"; ".join(cuts)} '
+              '(config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
   lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
             'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
             'mean over the k tasks present only, not comparable to the paper\'s GLUE. '
@@ -81,23 +83,14 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(output_dir, results) -> None:
-  results['summary'] = glue_metrics.summarize(
-      {seed: {name: r['score'] for name, r in scores.items()}
-       for seed, scores in _scores_by_seed(results).items()})
-  write_atomically(epath.Path(output_dir) / 'glue_results.json',
-                   json.dumps(results, indent=2, sort_keys=False) + '\n')
-  write_atomically(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
-
-
-def _scores_by_seed(results):
   by_seed = {seed: {} for seed in results['seeds']}
   for task in results['runs'].values():
     for seed, run in task.items():
-      by_seed[int(seed)].update(run['scores'])
-  return by_seed
-
-
-# ---- Sweep: GLUE against pre-training step ----
+      by_seed[int(seed)].update({name: r['score'] for name, r in run['scores'].items()})
+  results['summary'] = glue_metrics.summarize(by_seed)
+  write_atomically(epath.Path(output_dir) / 'glue_results.json',
+                   json.dumps(results, indent=2, sort_keys=False) + '\n')
+  write_atomically(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
 
 
 def sweep_point(step, results) -> dict:
@@ -113,10 +106,8 @@ def sweep_point(step, results) -> dict:
 
 
 def first_step_reaching(points, threshold):
-  for p in points:
-    if p['score'] is not None and p['score'] >= threshold:
-      return p['step']
-  return None
+  reached = (p['step'] for p in points if p['score'] is not None and p['score'] >= threshold)
+  return next(reached, None)
 
 
 def write_sweep(output_dir, workdir, points, reference_score):

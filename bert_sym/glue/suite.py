@@ -139,15 +139,15 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
     if not todo:
       report.write_results(output_dir, results)
       continue
-    load = lambda split, n: glue_data.load_split(  # pylint: disable=cell-var-from-loop
-        spec, split, glue_dir=config.glue_dir, tfds_data_dir=config.tfds_data_dir).head(n)
+
+    def encoded(split, limit):  # pylint: disable=cell-var-from-loop
+      examples = glue_data.load_split(spec, split, glue_dir=config.glue_dir,
+                                      tfds_data_dir=config.tfds_data_dir)
+      return glue_data.encode_examples(examples.head(limit), tokenizer, config.max_seq_len)
     # Read every split before training so a missing dev file fails in seconds, not after
     # an hour of fine-tuning.
-    train = glue_data.encode_examples(load('train', config.max_train_examples), tokenizer,
-                                      config.max_seq_len)
-    devs = {d.score_name: glue_data.encode_examples(load(d.score_name, config.max_eval_examples),
-                                                    tokenizer, config.max_seq_len)
-            for d in spec.dev_sets}
+    train = encoded('train', config.max_train_examples)
+    devs = {d.score_name: encoded(d.score_name, config.max_eval_examples) for d in spec.dev_sets}
     cache_key = (json.dumps(pretrained.config.model.to_dict(), sort_keys=True),
                  json.dumps(recipe(config), sort_keys=True), spec.name, len(train))
     if cache_key not in task_cache:
