@@ -232,8 +232,8 @@ def _is_echo_of_failed_read(unraisable) -> bool:
   error = unraisable.exc_value
   if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
     return True
-  files = ''.join(frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback))
-  return 'orbax' in repr(unraisable.object) or 'orbax' in files
+  filenames = ''.join(frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback))
+  return 'orbax' in repr(unraisable.object) or 'orbax' in filenames
 
 
 def _mute_echoes_of_failed_reads() -> None:

@@ -542,7 +542,7 @@ def test_parallel_seeds_equal_sequential_seeds(workdir, tmp_path):
   for parallel in (True, False):
     out = tmp_path / f'parallel_{parallel}'
     outputs[parallel] = suite.run_glue(str(workdir), str(out), _config(
-        tasks='sst2,stsb', seeds='1,2,3', parallel_seeds=parallel, max_train_examples=48,
+        tasks='sst2,stsb', seeds='1,2,3', parallel_seeds=str(parallel), max_train_examples=48,
         epochs=2.0, learning_rate=1e-3, length_buckets=True, max_seq_len=64))
   read = lambda parallel, task, seed: _read_tsv(
       tmp_path / f'parallel_{parallel}' / 'predictions' / f'{task}_seed{seed}.tsv')
@@ -566,9 +566,10 @@ def test_sigterm_mid_task_saves_exits_42_and_resumes_to_the_same_predictions(wor
   cmd = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
          f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,2',
          '--config.max_train_examples=64', '--config.max_eval_examples=16',
-         '--config.max_seq_len=32', '--config.epochs=40', '--config.length_buckets=false',
+         '--config.max_seq_len=32', '--config.epochs=20', '--config.length_buckets=false',
          '--config.batch_size=8', '--config.eval_batch_size=8',
-         '--config.checkpoint_every_steps=5', '--config.log_every_steps=20']
+         '--config.checkpoint_every_steps=0', '--config.log_every_steps=10',
+         '--config.parallel_seeds=true']   # the harder resume: a vmapped group
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
   run = lambda out: subprocess.run(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
@@ -579,25 +580,39 @@ def test_sigterm_mid_task_saves_exits_42_and_resumes_to_the_same_predictions(wor
   out = tmp_path / 'preempted'
   process = subprocess.Popen(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  ckpts = out / 'runs' / 'rte' / 'checkpoints'
+  # Mid-task = once step 10's train loss is logged; no periodic checkpoints
+  # (checkpoint_every_steps=0), so the one found below is the SIGTERM save.
+  logged = out / 'runs' / 'rte_seed1' / 'metrics.jsonl'
   deadline = time.time() + 300
-  while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+  while not (logged.exists() and logged.read_text().strip()):
     assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
     time.sleep(0.02)
   process.send_signal(signal.SIGTERM)
   stdout, stderr = process.communicate(timeout=300)
   assert process.returncode == 42, stderr[-3000:]
   assert not (out / 'glue_results.json').exists()
+  ckpts = out / 'runs' / 'rte' / 'checkpoints'
   saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
-  assert saved and 0 < max(saved) < 320
+  assert len(saved) == 1 and 10 <= saved[0] < 160
 
   resumed = run(out)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'rte seeds 1,2: resuming from step {max(saved)} of 320' in resumed.stdout
+  assert f'rte seeds 1,2: resuming from step {saved[0]} of 160' in resumed.stdout
   for seed in (1, 2):
     assert (_read_tsv(out / 'predictions' / f'rte_seed{seed}.tsv')
             == _read_tsv(tmp_path / 'reference' / 'predictions' / f'rte_seed{seed}.tsv'))
   assert not ckpts.exists()   # a finished task's checkpoints are removed
+
+
+def test_auto_trains_seeds_together_only_where_it_was_measured_to_pay_off():
+  assert suite.seed_groups([1, 2, 3], 'auto', 123_000, 'gpu') == [[1, 2, 3]]   # MNLI
+  assert suite.seed_groups([1, 2, 3], 'auto', 10_000, 'tpu') == [[1, 2, 3]]
+  assert suite.seed_groups([1, 2, 3], 'auto', 9_999, 'gpu') == [[1], [2], [3]]   # CoLA
+  assert suite.seed_groups([1, 2, 3], 'auto', 123_000, 'cpu') == [[1], [2], [3]]
+  assert suite.seed_groups([4, 5], 'True', 10, 'cpu') == [[4, 5]]   # a command-line 'True'
+  assert suite.seed_groups([4, 5], 'false', 10**6, 'gpu') == [[4], [5]]
+  with pytest.raises(ValueError, match="parallel_seeds must be true, false or auto, got 'yes'"):
+    suite.seed_groups([1], 'yes', 10, 'cpu')
 
 
 def test_old_output_dirs_are_reused(tmp_path):

@@ -126,6 +126,11 @@ def test_errors_are_clear(tmp_path):
   _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n')
   with pytest.raises(glue_data.GlueDataError, match=r"train.tsv:2: label 'maybe'"):
     glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  # A blank line in the middle is dropped, but the error still names the file's line.
+  _write(tmp_path / 'RTE' / 'train.tsv',
+         'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n\n1\tc\td\tmaybe\n')
+  with pytest.raises(glue_data.GlueDataError, match=r"train.tsv:4: label 'maybe'"):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
   with pytest.raises(glue_data.GlueDataError, match=r'Missing .*RTE/dev.tsv'):
     glue_data.load_split(rte, 'rte', glue_dir=str(tmp_path))
   _write(tmp_path / 'CoLA' / 'train.tsv', 'sentence\tlabel\nfine .\t1\n')   # has a header

@@ -148,14 +148,17 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
   # utf-8-sig drops MRPC's byte-order mark; splitting on '\n' only (not universal newlines)
   # keeps a stray '\r' inside a sentence from cutting a row in two.
   with open(path, encoding='utf-8-sig', newline='') as f:
-    lines = [line.rstrip('\r') for line in f.read().split('\n')]
-  lines = [line for line in lines if line.strip()]
+    numbered = [(n, line.rstrip('\r')) for n, line in enumerate(f.read().split('\n'), 1)]
+  # Blank lines are dropped (as csv.DictReader, and so TFDS's idx, does); errors still
+  # name the line number in the file.
+  numbered = [(n, line) for n, line in numbered if line.strip()]
+  lines = [line for _, line in numbered]
   if not lines:
     raise GlueDataError(f'{path} is empty; expected a {spec.name} TSV with a label column.')
 
   if spec.tsv_no_header_columns is not None:
     columns = spec.tsv_no_header_columns
-    rows = lines
+    rows = numbered
     first = lines[0].split('\t')
     if len(first) <= max(columns.values()) or not first[columns['label']].strip().isdigit():
       raise GlueDataError(f'{path}: expected {spec.name} rows without a header, columns '
@@ -172,7 +175,7 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
     # MNLI's gold_label is the last column, after a varying number of annotator labels:
     # look every column up by name, never by position.
     columns = {c: header.index(c) for c in wanted}
-    rows = lines[1:]
+    rows = numbered[1:]
     if not rows:
       raise GlueDataError(f'{path} has a header but no examples.')
 
@@ -180,7 +183,7 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
   label_column = columns[spec.tsv_label_column]
   needed = max(columns.values()) + 1
   idx, texts, labels, skipped = [], tuple([] for _ in text_columns), [], 0
-  for row_number, line in enumerate(rows):
+  for row_number, (line_number, line) in enumerate(rows):
     fields = line.split('\t')
     if len(fields) < needed or fields[label_column].strip() in ('', '-'):
       skipped += 1   # QQP's malformed rows; NLI rows without a gold label ('-')
@@ -188,7 +191,6 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
     idx.append(row_number)
     for out, column in zip(texts, text_columns):
       out.append(fields[column])
-    line_number = row_number + (1 if spec.tsv_no_header_columns is not None else 2)
     labels.append(_parse_label(spec, fields[label_column], f'{path}:{line_number}'))
   if skipped:
     logging.warning('%s: skipped %d of %d rows with fewer than %d columns or no label.',

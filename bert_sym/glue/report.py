@@ -32,11 +32,16 @@ def _fmt(value, digits=2):
   return '—' if value is None else f'{value:.{digits}f}'
 
 
+def _partial(row, key, total):
+  """'(partial k/n)': the GLUE mean in this cell covers k of its n tasks."""
+  return f'(partial {len(row[f"{key}_tasks"])}/{total})'
+
+
 def _glue_cell(row, key, total):
   if row.get(key) is not None:
     return _fmt(row[key])
   if row.get(f'{key}_partial') is not None:
-    return f'{row[f"{key}_partial"]:.2f} (partial {len(row[f"{key}_tasks"])}/{total})'
+    return f'{row[f"{key}_partial"]:.2f} {_partial(row, key, total)}'
   return '—'
 
 
@@ -61,7 +66,7 @@ def markdown_table(results: dict) -> str:
       return pm(stats[key])
     if stats[f'{key}_partial']['n']:
       first = next(iter(summary['per_seed'].values()))
-      return f'{pm(stats[f"{key}_partial"])} (partial {len(first[f"{key}_tasks"])}/{total})'
+      return f'{pm(stats[f"{key}_partial"])} {_partial(first, key, total)}'
     return '—'
 
   seeds = len(summary['per_seed'])

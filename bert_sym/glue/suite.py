@@ -28,6 +28,22 @@ _NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
                'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite')
 # Keys added after outputs were written without them: their value then is this default.
 _DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1}
+# parallel_seeds='auto' trains a task's seeds together from this many steps per seed, off
+# CPU. Measured (benchmarks/RESULTS.md): on an H200 at bert-base together is 1.17x faster
+# a step but compiles about 60 s longer, which about 10k steps repay; on a CPU together is
+# never faster.
+_PARALLEL_FROM_STEPS = 10_000
+
+
+def seed_groups(seeds, parallel_seeds, steps_per_seed, backend) -> list[list[int]]:
+  """The seeds that train together, group by group (config.parallel_seeds)."""
+  mode = str(parallel_seeds).lower()
+  if mode not in ('true', 'false', 'auto'):
+    raise ValueError(f'config.parallel_seeds must be true, false or auto, got '
+                     f'{parallel_seeds!r}.')
+  together = mode == 'true' or (mode == 'auto' and backend != 'cpu'
+                                and steps_per_seed >= _PARALLEL_FROM_STEPS)
+  return [list(seeds)] if together else [[s] for s in seeds]
 
 
 def parse_seeds(seeds) -> list[int]:
@@ -84,6 +100,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   task_cache = {} if task_cache is None else task_cache
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
+  seed_groups(seeds, config.get('parallel_seeds', 'auto'), 0, 'cpu')   # a typo fails now
   pretrained = finetune_lib.load_pretrained(checkpoint)
   tokenizer = glue_data.WordPiece(
       config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''))
@@ -156,7 +173,8 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
     task = task_cache[cache_key]
     identity = {'checkpoint': pretrained.step_dir, 'recipe': recipe(config),
                 'train_examples': len(train)}
-    groups = [todo] if config.get('parallel_seeds', True) else [[s] for s in todo]
+    groups = seed_groups(todo, config.get('parallel_seeds', 'auto'), task.total_steps,
+                         jax.default_backend())
     for group in groups:
       start = time.time()
       trained = finetune_lib.finetune_group(pretrained, task, train, config, group, mesh,
