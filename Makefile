@@ -11,6 +11,9 @@ BIN := $(VENV)/bin
 WORKDIR ?= runs/tiny_demo
 GLUE_DIR ?= ../shared/data/glue
 ARGS ?=
+# pytest-xdist workers: most tests wait on one single-threaded XLA compile or a subprocess,
+# so two workers halve the suite on 2 cores (TEST_WORKERS=0 runs it in one process).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test export glue-local dry-run benchmarks clean
 
@@ -41,7 +44,7 @@ dry-run: $(VENV)/.runtime-installed
 	$(BIN)/python -m bert_sym.train --config=configs/sym_base.py --dry_run
 
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests $(ARGS)
 
 benchmarks: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/attention_variants.py --size=small

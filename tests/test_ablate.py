@@ -14,6 +14,10 @@ from bert_sym import ablate
 from bert_sym import ablate_report
 from tests import ablate_fixtures as fx
 
+# The tiny grid is trained once per test process: under `make test` (pytest-xdist,
+# --dist loadgroup) every test that reads it runs in the same worker.
+pytestmark = pytest.mark.xdist_group('ablate_grid')
+
 
 # ----------------------------------------------------------------------------------------
 # Units: steps to target, metrics reading, wall-clock gaps.

@@ -15,6 +15,10 @@ from tests import ablate_fixtures as fx  # pylint: disable=g-import-not-at-top
 
 NOTEBOOKS = os.path.join(fx.REPO_ROOT, 'notebooks')
 
+# The tiny grid is trained once per test process: under `make test` (pytest-xdist,
+# --dist loadgroup) every test that reads it runs in the same worker.
+pytestmark = pytest.mark.xdist_group('ablate_grid')
+
 
 def execute(name: str, parameters: str, timeout: int = 600):
   nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
