@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_sym import sharding
+
 VARIANTS = ('standard', 'symmetric', 'pairwise', 'pairwise_diagonal', 'standard_syminit')
 # Variants with their own key projection (the others use k = Q_h).
 FREE_KEY_VARIANTS = ('standard', 'standard_syminit')
@@ -173,30 +175,58 @@ def cudnn_attention(q, k, v, mask, *, dtype):
   return out.astype(dtype)
 
 
+def kernel_partition_spec(logical_axes, shape, mesh, rules) -> jax.sharding.PartitionSpec:
+  """The mesh axes of each dimension under the logical axis `rules`, dropped for a
+  dimension they do not divide evenly."""
+  spec = nn.logical_to_mesh_axes(logical_axes, rules)
+  dims = []
+  for size, axes in zip(shape, spec):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    dims.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+  return jax.sharding.PartitionSpec(*dims)
+
+
 def splash_attention(q, k, v, mask, *, dtype, interpret=False):
   """Pallas splash attention (TPU), one kernel call per example (vmapped over the batch).
 
   Padding as segment ids (1 = real token, 0 = padding): a real query sees exactly the real
   keys, as in xla_attention. A padded query sees only padded keys (xla: the real ones);
   nothing reads padded positions, so losses and gradients are the same.
+
+  On a mesh of several devices (the step traced under `sharding.kernel_mesh`) the kernel
+  runs in `jax.shard_map`, each device on its own examples and heads, as MaxText does: a
+  Pallas call is opaque to the SPMD partitioner, which would otherwise gather q, k and v
+  onto every device.
   """
   # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   # pylint: enable=g-import-not-at-top
-  _, length, heads, head_dim = q.shape
-  block = math.gcd(length, 512)
-  blocks = sk.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  kernel = sk.make_splash_mha(
-      mask=sm.MultiHeadMask([sm.FullMask((length, length))] * heads), block_sizes=blocks,
-      head_shards=1, q_seq_shards=1, interpret=interpret)
+
+  def attend(q, k, v, segments):   # [b, h, L, d] and [b, L], on one device's shard
+    _, heads, length, _ = q.shape
+    block = math.gcd(length, 512)
+    blocks = sk.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mha(
+        mask=sm.MultiHeadMask([sm.FullMask((length, length))] * heads), block_sizes=blocks,
+        head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
+        q, k, v, segments)
+
   segments = mask[:, 0, 0, :].astype(jnp.int32)
   heads_major = lambda t: jnp.swapaxes(t.astype(dtype), 1, 2)   # [b, h, L, d]
-  q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)      # splash does not scale
-  out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(s, s)))(
-      heads_major(q), heads_major(k), heads_major(v), segments)
+  q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)   # splash does not scale
+  q, k, v = heads_major(q), heads_major(k), heads_major(v)
+  context = sharding.current_kernel_mesh()
+  if context is None or context[0].size == 1:
+    out = attend(q, k, v, segments)
+  else:
+    mesh, rules = context
+    qkv = kernel_partition_spec(('batch', 'heads', None, None), q.shape, mesh, rules)
+    out = jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, jax.sharding.PartitionSpec(qkv[0], None)),
+                        out_specs=qkv, check_vma=False)(q, k, v, segments)
   return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 

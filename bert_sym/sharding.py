@@ -12,6 +12,8 @@ Batches follow the same table: the `batch` rule (default ('data', 'fsdp')) names
 axes the leading batch dimension is split over; the others (normally 'tensor') replicate it.
 """
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Sequence
 
@@ -54,6 +56,26 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   # Auto axes: jit propagates shardings from the in/out shardings we give it.
   return jax.make_mesh(shape, MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+_KERNEL_MESH = contextvars.ContextVar('kernel_mesh', default=None)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh: Mesh, rules):
+  """While a step is traced: the mesh and logical axis rules that kernels which must run
+  in shard_map (splash attention) split their work by. Our own context rather than flax's
+  `nn.logical_axis_rules`: under that, flax also constrains the boxed parameters DenseGeneral
+  re-creates for its shape checks, which fails for multi-axis features."""
+  token = _KERNEL_MESH.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _KERNEL_MESH.reset(token)
+
+
+def current_kernel_mesh() -> tuple[Mesh, Any] | None:
+  return _KERNEL_MESH.get()
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple:

@@ -8,6 +8,7 @@ layout is the checkpoint format (bert_sym.checkpoint).
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -148,16 +149,27 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
   return train_step
 
 
-def jit_train_step(train_step, state_shardings, batch_sharding, metrics_sharding):
+def in_mesh_context(fn, mesh, rules):
+  """`fn` traced with `mesh` and the logical axis `rules` in context: what a kernel that
+  must run in shard_map (splash attention) reads to split its work as its inputs are split."""
+  @functools.wraps(fn)
+  def traced(*args):
+    with sharding.kernel_mesh(mesh, rules):
+      return fn(*args)
+  return traced
+
+
+def jit_train_step(train_step, state_shardings, batch_sharding, metrics_sharding, rules):
   """One jit, the state donated: its buffers are reused for the new state."""
-  return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+  return jax.jit(in_mesh_context(train_step, batch_sharding.mesh, rules),
+                 in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, metrics_sharding), donate_argnums=(0,))
 
 
-def make_eval_step(fn, param_shardings, batch_sharding, out_sharding):
+def make_eval_step(fn, param_shardings, batch_sharding, out_sharding, rules):
   """jitted (params, batch) -> fn(params, batch), e.g. MLM sums or GLUE predictions."""
-  return jax.jit(fn, in_shardings=(param_shardings, batch_sharding),
-                 out_shardings=out_sharding)
+  return jax.jit(in_mesh_context(fn, batch_sharding.mesh, rules),
+                 in_shardings=(param_shardings, batch_sharding), out_shardings=out_sharding)
 
 
 # ---- Several independent runs (GLUE seeds) in one step: a leading axis on everything ----

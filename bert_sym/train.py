@@ -233,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   # ---- Update step: one jit, state donated, micro-batches scanned for gradient accumulation ----
   train_step = steps.jit_train_step(
       make_train_step(config, model, tx, schedule, mesh, batch_sharding),
-      spec.shardings, batch_sharding, replicated)
+      spec.shardings, batch_sharding, replicated, rules)
 
   # ---- Checkpoint restore (automatic: the latest finished step in the workdir) ----
   with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
@@ -255,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   eval_step = steps.make_eval_step(
       functools.partial(objectives.mlm_sums, model, sparse=sparse,
                         num_predictions=num_predictions),
-      spec.param_shardings, batch_sharding, replicated)
+      spec.param_shardings, batch_sharding, replicated, rules)
   eval_metrics = {}
 
   def run_eval(state, step):

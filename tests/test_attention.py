@@ -2,6 +2,11 @@
 
 import functools
 import logging
+import os
+from pathlib import Path
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -15,6 +20,7 @@ from bert_sym.attention import SelfAttention
 
 VARIANTS = ('standard', 'symmetric', 'pairwise')
 HIDDEN, HEADS = 64, 4
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def attention_module(attention, impl='xla', dropout=0.0):
@@ -167,6 +173,69 @@ def test_kernel_equals_xla_path_with_right_padding(impl, attention):
   np.testing.assert_allclose(got_loss, want_loss, rtol=tol)
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+
+
+_SPLASH_ON_A_MESH = textwrap.dedent('''
+    import flax.linen as nn, jax, jax.numpy as jnp, ml_collections, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from bert_sym import sharding, steps
+    from bert_sym.attention import SelfAttention
+    from configs import tiny
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+    rules = sharding.logical_rules(tiny.get_config())
+    x = jax.random.normal(jax.random.key(5), (4, 128, 64))
+    valid = np.arange(128)[None] < np.array([128, 77, 100, 5])[:, None]
+    mask, valid = jnp.asarray(valid)[:, None, None, :], jnp.asarray(valid)
+    cotangent = jax.random.normal(jax.random.key(9), x.shape)
+    reference = SelfAttention(hidden_size=64, num_heads=4, attention='ATTENTION',
+                              attention_impl='xla', attention_dropout_rate=0.0)
+    kernel = reference.clone(attention_impl='splash', kernel_interpret=True)
+    boxed = reference.init(jax.random.key(0), x, mask, deterministic=True)['params']
+    params = jax.device_put(nn.meta.unbox(boxed),
+                            sharding.logical_to_shardings(boxed, mesh, rules))
+    rows = NamedSharding(mesh, P(('data', 'fsdp')))
+    x, mask, valid, cotangent = jax.device_put((x, mask, valid, cotangent), rows)
+
+    def loss_and_grads(module):
+      def loss(p, x, mask, valid, cotangent):
+        out = module.apply({'params': p}, x, mask, deterministic=True)
+        return jnp.sum(out * cotangent * valid[..., None]), out
+      return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+    def run(module, context=True):
+      fn = loss_and_grads(module)
+      fn = steps.in_mesh_context(fn, mesh, rules) if context else fn
+      return jax.jit(fn), (params, x, mask, valid, cotangent)
+    (want, want_out), want_grads = run(reference)[0](*run(reference)[1])
+    step, args = run(kernel)
+    (got, got_out), got_grads = step(*args)
+    real = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real],
+                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    # Each device runs the kernel on its own rows and heads: (data, fsdp) and tensor.
+    traced = str(jax.make_jaxpr(step)(*args))
+    assert 'shard_map' in traced and "('data', 'fsdp')" in traced and 'tensor' in traced
+    without = str(jax.make_jaxpr(run(kernel, context=False)[0])(*args))
+    assert 'shard_map' not in without
+    print('SPLASH ON A MESH OK')
+''')
+
+
+@pytest.mark.parametrize('attention', ['standard', 'pairwise'])
+def test_splash_on_a_mesh_runs_per_shard_and_equals_xla(attention):
+  """On 8 devices (data 2 x fsdp 2 x tensor 2) splash runs inside shard_map, each device
+  on its own examples and heads, and equals the xla path in forward and gradients."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT))
+  result = subprocess.run(
+      [sys.executable, '-c', _SPLASH_ON_A_MESH.replace('ATTENTION', attention)],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'SPLASH ON A MESH OK' in result.stdout
 
 
 def test_kernel_comparison_can_fail():

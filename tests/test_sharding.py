@@ -106,3 +106,24 @@ def test_batch_sharding_comes_from_the_batch_rule():
   assert sharding.check_batch_size(16, mesh, rules=rules) == 16
   with pytest.raises(ValueError, match="no 'batch' entry"):
     sharding.batch_axes((('embed', 'fsdp'),))
+
+
+def test_steps_are_traced_with_the_kernel_mesh():
+  """What splash attention reads to run in shard_map: set while the train and eval steps
+  are traced, and only then."""
+  from bert_sym import steps   # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp      # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(_mesh_config(), jax.devices()[:1])
+  rules = (('batch', 'data'),)
+  seen = []
+
+  def record(state, batch):
+    seen.append(sharding.current_kernel_mesh())
+    return state, {'loss': jnp.sum(batch)}
+  replicated = sharding.replicated(mesh)
+  steps.jit_train_step(record, replicated, replicated, replicated, rules)(
+      jnp.zeros(2), jnp.ones(2))
+  steps.make_eval_step(record, replicated, replicated, replicated, rules)(
+      jnp.zeros(2), jnp.ones(2))
+  assert seen == [(mesh, rules), (mesh, rules)]
+  assert sharding.current_kernel_mesh() is None

@@ -127,15 +127,15 @@ def setup_task(pretrained, spec, num_train, config, mesh, rules) -> TaskSetup:
   replicated = sharding.replicated(mesh)
   # Pinning the shardings keeps step 2's arguments identical to step 1's, so jit compiles
   # once per padded length.
-  jitted = steps.jit_train_step(train_step, state.shardings, batch_sharding, replicated)
+  jitted = steps.jit_train_step(train_step, state.shardings, batch_sharding, replicated, rules)
   parallel = steps.jit_train_step(jax.vmap(train_step), steps.stacked(state.shardings),
-                                  steps.stacked(batch_sharding), replicated)
+                                  steps.stacked(batch_sharding), replicated, rules)
 
   def predict(params, batch):
     logits = objectives.classifier_logits(model, params, batch)
     return objectives.predictions(logits, spec.is_regression)
   # Replicated predictions: every process can read them (and they are tiny).
-  predict_step = jax.jit(predict, out_shardings=replicated)
+  predict_step = jax.jit(steps.in_mesh_context(predict, mesh, rules), out_shardings=replicated)
   return TaskSetup(spec, total_steps, state, rules, jitted, parallel, predict_step)
 
 
