@@ -225,8 +225,9 @@ def splash_attention(q, k, v, mask, *, dtype, interpret=False):
   else:
     mesh, rules = context
     qkv = kernel_partition_spec(('batch', 'heads', None, None), q.shape, mesh, rules)
-    out = jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, jax.sharding.PartitionSpec(qkv[0], None)),
-                        out_specs=qkv, check_vma=False)(q, k, v, segments)
+    rows = jax.sharding.PartitionSpec(qkv[0], None)
+    out = jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
+                        check_vma=False)(q, k, v, segments)
   return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 
