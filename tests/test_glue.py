@@ -609,10 +609,11 @@ def test_auto_trains_seeds_together_only_where_it_was_measured_to_pay_off():
   assert suite.seed_groups([1, 2, 3], 'auto', 10_000, 'tpu') == [[1, 2, 3]]
   assert suite.seed_groups([1, 2, 3], 'auto', 9_999, 'gpu') == [[1], [2], [3]]   # CoLA
   assert suite.seed_groups([1, 2, 3], 'auto', 123_000, 'cpu') == [[1], [2], [3]]
-  assert suite.seed_groups([4, 5], 'True', 10, 'cpu') == [[4, 5]]   # a command-line 'True'
-  assert suite.seed_groups([4, 5], 'false', 10**6, 'gpu') == [[4], [5]]
+  true = suite.parallel_seeds_mode('True')   # as a command line gives it
+  assert suite.seed_groups([4, 5], true, 10, 'cpu') == [[4, 5]]
+  assert suite.seed_groups([4, 5], suite.parallel_seeds_mode(False), 10**6, 'gpu') == [[4], [5]]
   with pytest.raises(ValueError, match="parallel_seeds must be true, false or auto, got 'yes'"):
-    suite.seed_groups([1], 'yes', 10, 'cpu')
+    suite.parallel_seeds_mode('yes')
 
 
 def test_old_output_dirs_are_reused(tmp_path):

@@ -35,12 +35,16 @@ _DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1}
 _PARALLEL_FROM_STEPS = 10_000
 
 
-def seed_groups(seeds, parallel_seeds, steps_per_seed, backend) -> list[list[int]]:
-  """The seeds that train together, group by group (config.parallel_seeds)."""
-  mode = str(parallel_seeds).lower()
+def parallel_seeds_mode(value) -> str:
+  """config.parallel_seeds as 'true', 'false' or 'auto' (a command line gives strings)."""
+  mode = str(value).lower()
   if mode not in ('true', 'false', 'auto'):
-    raise ValueError(f'config.parallel_seeds must be true, false or auto, got '
-                     f'{parallel_seeds!r}.')
+    raise ValueError(f'config.parallel_seeds must be true, false or auto, got {value!r}.')
+  return mode
+
+
+def seed_groups(seeds, mode: str, steps_per_seed: int, backend: str) -> list[list[int]]:
+  """The seeds that train together, group by group (`parallel_seeds_mode`)."""
   together = mode == 'true' or (mode == 'auto' and backend != 'cpu'
                                 and steps_per_seed >= _PARALLEL_FROM_STEPS)
   return [list(seeds)] if together else [[s] for s in seeds]
@@ -100,7 +104,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   task_cache = {} if task_cache is None else task_cache
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
-  seed_groups(seeds, config.get('parallel_seeds', 'auto'), 0, 'cpu')   # a typo fails now
+  parallel = parallel_seeds_mode(config.get('parallel_seeds', 'auto'))   # typos fail now
   pretrained = finetune_lib.load_pretrained(checkpoint)
   tokenizer = glue_data.WordPiece(
       config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''))
@@ -173,8 +177,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
     task = task_cache[cache_key]
     identity = {'checkpoint': pretrained.step_dir, 'recipe': recipe(config),
                 'train_examples': len(train)}
-    groups = seed_groups(todo, config.get('parallel_seeds', 'auto'), task.total_steps,
-                         jax.default_backend())
+    groups = seed_groups(todo, parallel, task.total_steps, jax.default_backend())
     for group in groups:
       start = time.time()
       trained = finetune_lib.finetune_group(pretrained, task, train, config, group, mesh,
