@@ -2,7 +2,7 @@
 
   python benchmarks/data_pipeline.py [--max_seq_len=512] [--batch_size=32] [--no_append]
 
-1. raw text: the seqio task end to end (TF Text tokenisation, packing, TF masking) on
+1. raw text: the seqio task end to end (TF Text tokenisation, packing, masking) on
    the embedded Wikipedia corpus; tf.data uses every core, so the total is divided by
    os.cpu_count().
 2. shards: `make_mlm_iterator(source='shards')` (memory-mapped blocks + NumPy masking,
@@ -23,12 +23,15 @@ import os
 import pathlib
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-from bert_sym.input import export as export_lib
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from bert_sym.input import export as export_lib  # pylint: disable=g-import-not-at-top
 from bert_sym.input import iterator as data_lib
 from configs import common
 

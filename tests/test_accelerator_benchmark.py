@@ -2,8 +2,11 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+
+import pytest
 
 from tests.train_fixtures import REPO_ROOT
 
@@ -37,3 +40,15 @@ def test_benchmark_imports_neither_tensorflow_nor_seqio():
   run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        cwd=REPO_ROOT, timeout=120)
   assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize('script', sorted(
+    p.name for p in (pathlib.Path(REPO_ROOT) / 'benchmarks').glob('*.py')))
+def test_every_benchmark_starts_as_documented(script):
+  """`python benchmarks/<script> --help` from the repository root, with no PYTHONPATH
+  (as the README and `make benchmarks` run them): the script finds bert_sym itself."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  run = subprocess.run([sys.executable, os.path.join('benchmarks', script), '--help'],
+                       capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'usage' in run.stdout.lower()
