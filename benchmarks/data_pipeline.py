@@ -130,7 +130,7 @@ def main():
   today = datetime.date.today().isoformat()
   machine = f'{cores}-core {platform.machine()} CPU ({platform.processor() or "unknown"})'
   rows = [
-      ('raw text -> seqio task (tokenise + pack + TF mask)', raw, cores),
+      ('raw text -> seqio task (tokenise + pack + mask)', raw, cores),
       ('exported shards -> make_mlm_iterator (NumPy mask)', shards, 1),
       ('streaming, local path (pread + Feistel + NumPy mask)', stream_local, 1),
       ('streaming, file:// via fsspec (the gs:// code path)', stream_fsspec, 1),
