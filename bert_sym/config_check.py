@@ -8,6 +8,8 @@ the value, what is allowed and the fix. It imports nothing heavy (no TensorFlow,
 model), so it also guards `--dry_run` and the launchers.
 """
 
+import math
+import os
 import re
 import sys
 from typing import Any, Iterable
@@ -17,6 +19,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from bert_sym import attention
+from bert_sym.cli import UserError
 from bert_sym.input.sources import TEXT_FILES_TASK
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
@@ -24,7 +27,7 @@ DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/input/st
 ON_NONFINITE = ('stop', 'skip')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value that cannot work; the message is one line with the fix."""
 
 
@@ -89,6 +92,10 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
       raise ConfigError(f'config.data.task={TEXT_FILES_TASK!r} needs files. Fix: '
                         "--config.data.text_files='/data/*.txt' (comma-separated globs).")
   _positive('data.max_seq_len', data.max_seq_len)
+  if data.max_seq_len < 3:
+    raise ConfigError(
+        f'config.data.max_seq_len={data.max_seq_len} leaves no token between [CLS] and '
+        '[SEP]. Fix: --config.data.max_seq_len=64 (or more).')
   if data.max_seq_len > model.max_position_embeddings:
     raise ConfigError(
         f'config.data.max_seq_len={data.max_seq_len} exceeds '
@@ -96,6 +103,15 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
         f'Fix: --config.data.max_seq_len={model.max_position_embeddings} or less.')
   _fraction('data.mask_rate', data.mask_rate)
   _positive('data.max_predictions_per_seq', data.max_predictions_per_seq)
+  maskable = data.max_seq_len - 2   # [CLS] and [SEP] are never masked
+  if data.max_predictions_per_seq > maskable:
+    suggested = min(maskable, math.ceil(data.max_seq_len * data.mask_rate))
+    raise ConfigError(
+        f'config.data.max_predictions_per_seq={data.max_predictions_per_seq} exceeds the '
+        f'{maskable} maskable positions of a {data.max_seq_len}-token sequence (the sparse '
+        f'MLM head would compute that many predictions per row). Fix: '
+        f'--config.data.max_predictions_per_seq={max(suggested, 1)} (mask_rate x '
+        'max_seq_len, rounded up).')
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -127,6 +143,89 @@ def check(config: ml_collections.ConfigDict) -> None:
                         f'positive integer. Fix: --config.mesh.{axis}=-1.')
 
 
+# ---- Pre-flight: everything a run needs, checked before the workdir is created ----
+
+def preflight(config: ml_collections.ConfigDict, *, data: bool = True
+              ) -> ml_collections.ConfigDict:
+  """The trainer's checks before any side effect; returns the config to run.
+
+  Values (`check`), then what depends on this machine (attention kernel vs backend, mesh
+  vs devices, batch vs mesh), then the data (`data=False` when the caller brings its own
+  iterator): both splits opened and verified (shards: every file's size and header; text:
+  packed once, cached for the trainer), the vocabulary against the model's. Raises a
+  `UserError` (one line with the fix) on the first problem; writes nothing. The returned
+  copy holds absolute data paths, so its config.json reruns from any directory.
+  """
+  check(config)
+  config = absolute_data_paths(config)
+  check_backend(config)
+  if data:
+    check_corpus(config)
+  return config
+
+
+def _absolute(path: str) -> str:
+  if not path or '://' in path:   # unset, or a URL (gs://, file://, memory://)
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose data paths (vocab, shards, text-file globs) are absolute."""
+  config = config.copy_and_resolve_references()
+  data = config.data
+  data.vocab_path = _absolute(data.vocab_path)
+  data.shards_dir = _absolute(data.shards_dir)
+  for key in ('text_files', 'validation_files'):
+    if data.get(key):
+      data[key] = ','.join(_absolute(p.strip()) for p in data[key].split(',') if p.strip())
+  return config
+
+
+def check_backend(config: ml_collections.ConfigDict) -> None:
+  """What this machine must offer: the attention kernel, the mesh's devices, the batch split."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from bert_sym import model as model_lib  # pylint: disable=import-outside-toplevel
+  from bert_sym import sharding  # pylint: disable=import-outside-toplevel
+  cfg = config.model
+  try:
+    attention.resolve_implementation(
+        cfg.attention_impl, training_dropout=cfg.attention_dropout_rate > 0,
+        return_weights=False, seq_len=config.data.max_seq_len,
+        interpret=bool(cfg.get('kernel_interpret', False)),
+        dtype=model_lib.compute_dtype(cfg.dtype))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config)
+    sharding.check_batch_size(config.batch_size, mesh, rules)
+    sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
+                              rules, 'batch_size / optimizer.grad_accum_steps')
+  except ValueError as e:
+    raise ConfigError(f'{e} ({jax.device_count()} {jax.devices()[0].platform} device(s) '
+                      'here)') from None
+
+
+def check_corpus(config: ml_collections.ConfigDict) -> None:
+  """Opens (and verifies) both splits the run reads; the data's vocabulary must fit the
+  model's embedding table."""
+  from bert_sym.input import iterator  # pylint: disable=import-outside-toplevel
+  documents = None
+  if config.data.source == 'seqio':   # the trainer reads through the registered task
+    from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
+    documents = seqio_tasks.task_documents
+  for split in ('train', 'validation'):
+    blocks = iterator.load_blocks(config.data, split, documents)
+    data_vocab = len(blocks.vocab_tokens)
+    if data_vocab > config.model.vocab_size:
+      raise ConfigError(
+          f'the data vocabulary ({blocks.description}) has {data_vocab} tokens but '
+          f'config.model.vocab_size={config.model.vocab_size}: ids >= '
+          f'{config.model.vocab_size} have no embedding. Fix: '
+          f'--config.model.vocab_size={data_vocab}.')
+
+
 # ---- The command line of bert_sym.train: --help lists the config keys, errors are one line ----
 
 def config_keys_help(config) -> str:
@@ -143,7 +242,8 @@ _HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
 
 
 def parse_flags(argv):
-  """absl flag parsing, with config_flags' unknown-key traceback turned into one line.
+  """absl flag parsing, with config_flags' unknown-key traceback turned into one line
+  (a `UserError`; other flag errors are worded by `bert_sym.cli`).
 
   `--help` also lists the config keys, which absl cannot know (they come from a file).
   """
@@ -157,15 +257,10 @@ def parse_flags(argv):
     found = re.search(r"([A-Za-z_]\w*)", str(e).replace('\\', ''))
     key = found.group(1) if found else str(e)
     culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
-    print(f'FATAL Flags parsing error: unknown config key {key!r}'
-          f'{" in " + ", ".join(culprits) if culprits else ""}. Every key must exist in '
-          f'the config file (see configs/common.py, or --help for the list).',
-          file=sys.stderr)
-    sys.exit(1)
-  except flags.Error as e:
-    print(f'FATAL Flags parsing error: {e}\nPass --helpfull to see help on flags.',
-          file=sys.stderr)
-    sys.exit(1)
+    raise UserError(
+        f'unknown config key {key!r}{" in " + ", ".join(culprits) if culprits else ""}. '
+        'Fix: every key must exist in the config file (see configs/common.py, or --help '
+        'for the list).') from None
 
 
 def _print_config_keys(argv) -> None:

@@ -126,13 +126,6 @@ def make_train_step(config, model, tx, schedule, mesh, batch_sharding):
 
 # ---- The trainer ----
 
-def _validate(config):
-  try:
-    config_check.check(config)
-  except config_check.ConfigError as e:
-    raise RunError(str(e)) from None
-
-
 def _prepare_workdir(workdir: str) -> epath.Path:
   path = epath.Path(workdir)
   try:
@@ -163,7 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
 
   Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption.
   """
-  _validate(config)
+  # Every input checked before the workdir exists: a bad one leaves nothing behind.
+  config = config_check.preflight(config, data=make_iterator is None)
   cache_dir = loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
 
   # ---- Logging ----
@@ -372,4 +366,5 @@ parse_flags = config_check.parse_flags   # absl parsing; --help lists the config
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  from bert_sym import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, prog='bert_sym.train', flags_parser=parse_flags)

@@ -154,7 +154,7 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from bert_sym import cli  # pylint: disable=g-import-not-at-top
   from bert_sym import train  # pylint: disable=g-import-not-at-top
-  app.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
-          flags_parser=train.parse_flags)
+  cli.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
+          prog='bert_sym.train', flags_parser=train.parse_flags)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 
+from bert_sym.cli import UserError
+
 MAX_SEQ_LEN = 512  # the model's max_position_embeddings
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """Bad input data or configuration; the message names the file and the problem."""
 
 

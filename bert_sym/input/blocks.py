@@ -33,6 +33,8 @@ class Blocks:
   vocab_md5: str
   description: str           # for error messages
   num_tokens: int            # not [PAD]
+  names: list[str] | None = None   # each array's file (shards), for error messages
+  task: str | None = None          # the task the shards were exported from
 
   def __post_init__(self):
     self._starts = np.cumsum([0] + [len(a) for a in self.arrays])
@@ -45,14 +47,41 @@ class Blocks:
     return int(self.arrays[0].shape[1])
 
   def take(self, rows: np.ndarray) -> np.ndarray:
+    """The blocks at `rows`, their ids checked against the vocabulary (one max over the
+    rows read: a damaged or foreign shard stops the run at its first read, naming it)."""
+    rows = np.asarray(rows, np.int64)
     if len(self.arrays) == 1:
-      return np.asarray(self.arrays[0][rows])
-    shard = np.searchsorted(self._starts, rows, side='right') - 1
-    out = np.empty((len(rows), self.max_seq_len), self.arrays[0].dtype)
-    for s in np.unique(shard):
-      at = shard == s
-      out[at] = self.arrays[s][rows[at] - self._starts[s]]
+      out = np.asarray(self.arrays[0][rows])
+      shard = np.zeros(len(rows), np.int64)
+    else:
+      shard = np.searchsorted(self._starts, rows, side='right') - 1
+      out = np.empty((len(rows), self.max_seq_len), self.arrays[0].dtype)
+      for s in np.unique(shard):
+        at = shard == s
+        out[at] = self.arrays[s][rows[at] - self._starts[s]]
+    bad = first_out_of_vocabulary(out, len(self.vocab_tokens))
+    if bad is not None:
+      s = int(shard[bad])
+      name = self.names[s] if self.names else f'{self.description} array {s}'
+      raise out_of_vocabulary_error(name, int(rows[bad] - self._starts[s]), out[bad],
+                                    len(self.vocab_tokens))
     return out
+
+
+def first_out_of_vocabulary(out: np.ndarray, vocab_size: int) -> int | None:
+  """Index of the first row of `out` holding an id >= vocab_size, else None (cheap: one
+  max over the rows just read)."""
+  if out.size and int(out.max()) >= vocab_size:
+    return int(np.flatnonzero((out >= vocab_size).any(axis=1))[0])
+  return None
+
+
+def out_of_vocabulary_error(path: str, block: int, row: np.ndarray,
+                            vocab_size: int) -> DataError:
+  return DataError(
+      f'{path}: block {block} holds token id {int(row.max())}, outside the vocabulary of '
+      f'{vocab_size} tokens (a damaged shard, or one exported with another vocabulary); '
+      're-export the split.')
 
 
 def token_dtype(vocab_size: int):

@@ -1,9 +1,12 @@
 """The trainer's iterator: per-host batches of MLM features, batch k a function of k.
 
   * Global example g (the g-th sequence the run consumes, over all hosts) is block
-    perm_e[g % N] of epoch e = g // N, with perm_e a hash-defined permutation of the N
-    blocks (seeded by (seed, e)), and masked by `masking.mask_blocks`, a pure function of
-    (seed, g, block); 'validation' is read in order. Resuming at step k replays nothing.
+    pi_e(g % N) of epoch e = g // N, with pi_e the keyed Feistel permutation of the N
+    blocks (`streaming.feistel_permutation`, keyed by (seed, e), computed per index: no
+    O(N) array per epoch), the same for every source, so a checkpoint of one source
+    resumes on the same blocks read through another. Each example is masked by
+    `masking.mask_blocks`, a pure function of (seed, g, block); 'validation' is read in
+    order. Resuming at step k replays nothing.
   * Host p of P takes rows [p*B, (p+1)*B) of each global batch of P*B examples: the global
     batch does not depend on the number of hosts, and each host reads only its rows.
 
@@ -26,8 +29,8 @@ EPOCH_WARNING_THRESHOLD = 10
 class MLMIterator:
   """Per-host batches of MLM features; batch k is a pure function of (seed, k).
 
-  'train' is shuffled (an exact per-epoch permutation of all blocks) and repeats forever.
-  'validation' is read in order and also repeats (deterministically), so a fresh
+  'train' is shuffled (a keyed permutation of all blocks, new every epoch) and repeats
+  forever. 'validation' is read in order and also repeats (deterministically), so a fresh
   validation iterator always yields the same `eval_steps` batches.
   """
 
@@ -41,7 +44,6 @@ class MLMIterator:
     self._batch_size, self._seed, self._shuffle = batch_size, seed, shuffle
     self._process_index, self._process_count = process_index, process_count
     self._step = start_step
-    self._permutations: dict[int, np.ndarray] = {}
 
   @property
   def num_blocks(self) -> int:
@@ -51,13 +53,7 @@ class MLMIterator:
     epoch, offset = np.divmod(example_index, self.num_blocks)
     if not self._shuffle:
       return offset
-    rows = np.empty_like(offset)
-    for e in np.unique(epoch):
-      if e not in self._permutations:
-        self._permutations = {k: v for k, v in self._permutations.items() if k >= e - 1}
-        self._permutations[int(e)] = masking.permutation(self.num_blocks, self._seed, int(e))
-      rows[epoch == e] = self._permutations[int(e)][offset[epoch == e]]
-    return rows
+    return streaming.feistel_permutation(offset, self.num_blocks, self._seed, epoch)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The batch at `step` (no state change)."""
@@ -75,16 +71,32 @@ class MLMIterator:
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return dict(step=self._step, seed=self._seed, num_blocks=self.num_blocks,
+    """The read position, with what makes it meaningful: the order (shuffle kind, seed)
+    and the corpus (vocabulary md5, block length, block count)."""
+    return dict(step=self._step, seed=self._seed,
+                shuffle=streaming.SHUFFLE_KIND if self._shuffle else 'none',
+                num_blocks=self.num_blocks, max_seq_len=self._blocks.max_seq_len,
                 vocab_md5=self._blocks.vocab_md5, batch_size=self._batch_size,
                 process_count=self._process_count)
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     mine = self.get_state()
-    for key in ('seed', 'num_blocks', 'vocab_md5'):
+    if 'shuffle' not in state:
+      raise DataError(
+          'cannot resume: the checkpointed input state has no shuffle kind, so it was '
+          "written by an older bert_sym that shuffled source='shards' and 'seqio' by "
+          f'argsort; this one reads every source in the {streaming.SHUFFLE_KIND} order, and '
+          'resuming would read blocks twice or never. Fix: start a new --workdir (or '
+          'finish the run with the version that wrote it).')
+    for key, what in (('shuffle', 'another block order'), ('seed', 'another order'),
+                      ('num_blocks', 'another corpus'), ('max_seq_len', 'another corpus'),
+                      ('vocab_md5', 'another vocabulary')):
       if key in state and state[key] != mine[key]:
-        raise DataError(f'cannot resume: checkpointed input state has {key}={state[key]}, '
-                        f'this iterator has {mine[key]} (different data)')
+        raise DataError(
+            f'cannot resume: the checkpointed input state has {key}={state[key]!r}, this '
+            f'run has {mine[key]!r} ({what}); resuming would not continue the same epoch. '
+            'Fix: resume with the data and config the checkpoint was written with, or '
+            'start a new --workdir.')
     # The read position depends only on the global batch, so a run may resume on another
     # number of hosts as long as batch_size x process_count is unchanged.
     if 'batch_size' in state:
@@ -95,29 +107,6 @@ class MLMIterator:
             f'sequences, this run reads {self._batch_size * self._process_count}; keep '
             'config.batch_size unchanged when resuming')
     self._step = int(state['step'])
-
-
-class StreamingMLMIterator(MLMIterator):
-  """`MLMIterator` over `streaming.StreamingBlocks`, with the Feistel shuffle (no
-  permutation array). Reading ahead is the training loop's (`loop.Prefetcher`)."""
-
-  def _rows(self, example_index: np.ndarray) -> np.ndarray:
-    epoch, offset = np.divmod(example_index, self.num_blocks)
-    if not self._shuffle:
-      return offset
-    return streaming.feistel_permutation(offset, self.num_blocks, self._seed, epoch)
-
-  def get_state(self) -> dict[str, Any]:
-    shuffle = streaming.SHUFFLE_KIND if self._shuffle else 'none'
-    return dict(super().get_state(), shuffle=shuffle)
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    mine = self.get_state()['shuffle']
-    if state.get('shuffle') != mine:
-      raise DataError(
-          f'cannot resume: the checkpointed input state has shuffle='
-          f'{state.get("shuffle")!r} (another input source), this iterator {mine!r}')
-    super().set_state(state)
 
 
 def mask_spec(data_config, blocks) -> masking.MaskSpec:
@@ -137,7 +126,7 @@ def load_blocks(data_config, split: str, documents=None):
                     f'{data_config.source!r}')
   if data_config.task in sources.TFDS_SOURCES:   # billions of tokens: never in memory
     raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
-                    "memory; stream it instead (--config.data.source=streaming).\n"
+                    "memory; stream it instead (--config.data.source=streaming). "
                     + streaming.prepare_instructions(data_config))
   return blocks_lib.load_packed(data_config, split, documents)
 
@@ -147,16 +136,16 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
                       process_count: int | None = None, documents=None) -> MLMIterator:
   """Iterator of per-host MLM batches for `config.data` (see the module docstring).
 
-  `data_config.shuffle` permutes 'train' afresh every epoch; validation is read in order.
+  `data_config.shuffle` permutes 'train' afresh every epoch (the same Feistel order for
+  every source); validation is read in order.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   blocks = load_blocks(data_config, split, documents)
-  iterator = StreamingMLMIterator if data_config.source == 'streaming' else MLMIterator
   shuffle = split == 'train' and data_config.shuffle
-  return iterator(blocks, mask_spec(data_config, blocks), batch_size=batch_size,
+  return MLMIterator(blocks, mask_spec(data_config, blocks), batch_size=batch_size,
                   seed=seed, shuffle=shuffle, start_step=start_step,
                   process_index=process_index, process_count=process_count)
 

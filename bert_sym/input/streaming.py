@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bert_sym.input import DataError, check_max_seq_len, masking, sources
-from bert_sym.input.blocks import Blocks
+from bert_sym.input.blocks import Blocks, first_out_of_vocabulary, out_of_vocabulary_error
 from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5, vocab_md5
 
 SHARD_FORMAT_VERSION = 1
@@ -101,24 +101,22 @@ def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
 
 
 def prepare_instructions(data_config) -> str:
-  """How to prepare the configured corpus, and how to smoke-test without it."""
+  """How to prepare the configured corpus, and how to smoke-test without it (one line)."""
   task = data_config.task
   tfds_name = sources.TFDS_SOURCES.get(task, ('',))[0].split(':')[0]
   out = data_config.shards_dir or 'gs://BUCKET/' + task.replace('bert_sym_mlm_', '') + (
       f'_{data_config.max_seq_len}')
   steps = []
   if tfds_name:
-    steps.append(f'  tfds build {tfds_name} --data_dir=gs://BUCKET/tensorflow_datasets'
-                 '   # once (or use a prepared copy)')
+    steps.append(f'`tfds build {tfds_name} --data_dir=gs://BUCKET/tensorflow_datasets` '
+                 '(once, or use a prepared copy), then')
   extra = ' --tfds_data_dir=gs://BUCKET/tensorflow_datasets' if tfds_name else ''
-  steps.append(f'  python -m bert_sym.streaming export --task={task}{extra} '
-               f'--max_seq_len={data_config.max_seq_len} --out_dir={out} '
-               '[--num_workers=N --worker_index=I]   # TF needed here only')
-  return '\n'.join([
-      f'Prepare it once (launch/tpu_vm.sh does this with EXPORT_TO={out}):', *steps,
-      f'then pass --config.data.shards_dir={out}.',
-      'To smoke-test on the small embedded corpus instead: --config=configs/tiny.py, or '
-      '--config.data.task=bert_sym_mlm_embedded --config.data.source=seqio.'])
+  steps.append(f'`python -m bert_sym.streaming export --task={task}{extra} '
+               f'--max_seq_len={data_config.max_seq_len} --out_dir={out}` (TF needed there '
+               'only; launch/tpu_vm.sh does this with EXPORT_TO)')
+  return ' '.join([
+      'Fix: prepare it once:', *steps, f'and pass --config.data.shards_dir={out}; to '
+      'smoke-test on the small embedded corpus instead: --config=configs/tiny.py.'])
 
 
 def _with_timeout(fn, seconds: float):
@@ -157,8 +155,9 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
             if data_config is not None else '')
     raise DataError(
         f'{what}but {url} cannot be read ({type(e).__name__}: {e}); the corpus is not '
-        'prepared there, or the export did not finish.\n' +
-        (prepare_instructions(data_config) if data_config is not None else '')) from e
+        'prepared there, or the export did not finish. ' +
+        (prepare_instructions(data_config) if data_config is not None
+         else 'Fix: export it (python -m bert_sym.streaming export).')) from e
   if metadata.get('format_version') != SHARD_FORMAT_VERSION:
     raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
                     f'code reads {SHARD_FORMAT_VERSION}; re-export.')
@@ -173,23 +172,84 @@ def read_vocab_tokens(split_url: str, metadata: dict[str, Any]) -> list[str]:
   return vocab_bytes.decode('utf-8').split('\n')[:metadata['vocab_size']]
 
 
+def _parse_header(path: str, head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+  """(shape, fortran_order, dtype, data offset) of a .npy file's first bytes."""
+  buffer = io.BytesIO(head)
+  try:
+    version = np.lib.format.read_magic(buffer)
+    reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+              else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = reader(buffer)
+  except Exception as e:  # pylint: disable=broad-except  (any garbage: ValueError, SyntaxError...)
+    raise DataError(f'{path}: not a .npy shard (garbage header: {one_line(e)}); the file is '
+                    'damaged: re-export the split or copy it again.') from None
+  return shape, fortran, dtype, buffer.tell()
+
+
+def one_line(error) -> str:
+  return ' '.join(str(error).split())[:200]
+
+
+def verify_shards(split_url: str, metadata: dict[str, Any]) -> list[int]:
+  """Checks every shard that metadata.json lists: it exists, its .npy header says the
+  expected shape and dtype, and its size is exactly header + blocks x length x itemsize
+  (so a truncated, resized or half-copied file is found before training, not at its
+  first read). Returns each shard's data offset. One range read per shard (its header)."""
+  length, dtype = int(metadata['max_seq_len']), np.dtype(metadata['dtype'])
+  files = [s['file'] for s in metadata['shards']]
+  local = '://' not in split_url
+  if local:
+    paths = [os.path.join(split_url, f) for f in files]
+    sizes, heads = [], []
+    for path in paths:
+      try:
+        sizes.append(os.stat(path).st_size)
+        with open(path, 'rb') as f:
+          heads.append(f.read(_HEADER_BYTES))
+      except FileNotFoundError:
+        raise DataError(f'{path}: shard listed in {METADATA_FILE} is missing; copy the '
+                        'whole split again, or re-export it.') from None
+  else:
+    fs, root = filesystem(split_url)
+    fs.invalidate_cache(root)
+    listing = {os.path.basename(e['name']): e['size'] for e in fs.ls(root, detail=True)}
+    paths = [join_url(split_url, f) for f in files]
+    for path, name in zip(paths, files):
+      if name not in listing:
+        raise DataError(f'{path}: shard listed in {METADATA_FILE} is missing; copy the '
+                        'whole split again, or re-export it.')
+    sizes = [int(listing[f]) for f in files]
+    heads = fs.cat_ranges([f'{root}/{f}' for f in files], [0] * len(files),
+                          [min(_HEADER_BYTES, size) for size in sizes])
+  offsets = []
+  for shard, path, size, head in zip(metadata['shards'], paths, sizes, heads):
+    shape, fortran, found_dtype, offset = _parse_header(path, head)
+    expected = (int(shard['num_blocks']), length)
+    if tuple(shape) != expected or fortran or found_dtype != dtype:
+      raise DataError(f'{path}: array {tuple(shape)} {found_dtype}, {METADATA_FILE} says '
+                      f'{expected} {dtype}; the file belongs to another export: '
+                      're-export the split.')
+    want = offset + expected[0] * length * dtype.itemsize
+    if size != want:
+      raise DataError(
+          f'{path}: {size:,} bytes, but {expected[0]} blocks of {length} {dtype} need '
+          f'{want:,} ({"truncated" if size < want else "extra bytes"}: an interrupted '
+          'copy or export?); copy the split again or re-export it.')
+    offsets.append(offset)
+  return offsets
+
+
 def load_shards(shards_dir: str, split: str, data_config=None) -> Blocks:
   """An exported split on local disk, memory-mapped (source='shards')."""
   metadata = read_metadata(shards_dir, split, data_config)
   split_dir = pathlib.Path(shards_dir) / split
   tokens = read_vocab_tokens(str(split_dir), metadata)
-  arrays = []
-  for shard in metadata['shards']:
-    path = split_dir / shard['file']
-    if not path.exists():
-      raise DataError(f'{path}: shard listed in {METADATA_FILE} is missing')
-    array = np.load(path, mmap_mode='r')
-    if array.shape != (shard['num_blocks'], metadata['max_seq_len']):
-      raise DataError(f'{path}: shape {array.shape}, metadata says '
-                      f'{(shard["num_blocks"], metadata["max_seq_len"])}')
-    arrays.append(array)
+  verify_shards(str(split_dir), metadata)
+  arrays = [np.load(split_dir / shard['file'], mmap_mode='r') for shard in metadata['shards']]
   return Blocks(arrays, tokens, metadata['special_ids'], metadata['vocab_md5'],
-                str(split_dir), int(metadata['num_tokens']))
+                str(split_dir), int(metadata['num_tokens']),
+                names=[str(split_dir / s['file']) for s in metadata['shards']],
+                task=metadata.get('task'))
 
 
 class StreamingBlocks:
@@ -208,7 +268,8 @@ class StreamingBlocks:
     self._files = [s['file'] for s in metadata['shards']]
     self._counts = np.array([s['num_blocks'] for s in metadata['shards']], np.int64)
     self._starts = np.concatenate([[0], np.cumsum(self._counts)])
-    self._offsets: dict[int, int] = {}   # shard -> byte offset of its data (.npy header)
+    self._offsets = verify_shards(self.split_url, metadata)   # data start of each shard
+    self.task = metadata.get('task')
     self._fds: dict[int, int] = {}       # local files: shard -> open descriptor
     self._local = '://' not in shards_dir
     if not self._local:
@@ -236,22 +297,6 @@ class StreamingBlocks:
     return self._fs.cat_ranges([self._path(s) for s in shards], list(starts), list(ends))
 
   def _data_offset(self, shard: int) -> int:
-    if shard not in self._offsets:
-      head = self._read_ranges([shard], [0], [_HEADER_BYTES])[0]
-      buffer = io.BytesIO(head)
-      try:
-        version = np.lib.format.read_magic(buffer)
-        reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = reader(buffer)
-      except ValueError as e:
-        raise DataError(f'{self._path(shard)}: not a .npy shard ({e})') from e
-      expected = (int(self._counts[shard]), self._length)
-      if shape != expected or fortran or dtype != self._dtype:
-        raise DataError(
-            f'{self._path(shard)}: array {shape} {dtype}, metadata says {expected} '
-            f'{self._dtype}; re-export')
-      self._offsets[shard] = buffer.tell()
     return self._offsets[shard]
 
   def take(self, rows: np.ndarray) -> np.ndarray:
@@ -274,6 +319,11 @@ class StreamingBlocks:
     ends = [start + int(n) * row_bytes for start, n in zip(starts, run_size)]
     chunks = self._read_ranges([int(s) for s in run_shard], starts, ends)
     flat = np.frombuffer(b''.join(chunks), self._dtype).reshape(len(rows), self._length)
+    bad = first_out_of_vocabulary(flat, len(self.vocab_tokens))
+    if bad is not None:
+      s = int(shard[bad])
+      raise out_of_vocabulary_error(self._path(s), int(sorted_rows[bad] - self._starts[s]),
+                                    flat[bad], len(self.vocab_tokens))
     out[order] = flat
     return out
 
@@ -297,27 +347,31 @@ def open_blocks(data_config, split: str) -> Blocks | StreamingBlocks:
   if not data_config.shards_dir:
     raise DataError(
         f'config.data.source={source!r} reads config.data.task={data_config.task!r} from '
-        'exported shards, and config.data.shards_dir is not set.\n' +
+        'exported shards, and config.data.shards_dir is not set. ' +
         prepare_instructions(data_config))
   if source == 'shards':
     blocks = load_shards(data_config.shards_dir, split, data_config)
   else:
     blocks = StreamingBlocks(data_config.shards_dir, split, data_config)
-    task = blocks.metadata.get('task')
-    if task != data_config.task:
-      raise DataError(
-          f'{blocks.description} holds task {task!r}, the config asks '
-          f'config.data.task={data_config.task!r}: pass the shards of that task, or set '
-          f'--config.data.task={task} if these are the ones you mean.')
+  if source == 'streaming' and blocks.task != data_config.task:
+    raise DataError(
+        f'{blocks.description} holds task {blocks.task!r}, the config asks '
+        f'config.data.task={data_config.task!r}: pass the shards of that task, or set '
+        f'--config.data.task={blocks.task} if these are the ones you mean.')
   if blocks.max_seq_len != data_config.max_seq_len:
     raise DataError(f'{blocks.description}: shards hold {blocks.max_seq_len}-token '
-                    f'blocks, config asks max_seq_len={data_config.max_seq_len}')
-  # A remote vocab_path is not read here (TF-free); 'shards' checks only an explicit one.
+                    f'blocks, config asks max_seq_len={data_config.max_seq_len}. Fix: '
+                    f'--config.data.max_seq_len={blocks.max_seq_len}, or export shards of '
+                    f'that length.')
+  # The same vocabulary check for both sources; a remote vocab_path is not read here
+  # (TF-free).
   vocab_path = data_config.vocab_path
-  if '://' not in vocab_path and (vocab_path or source == 'streaming'):
+  if '://' not in vocab_path:
     expected = vocab_md5(vocab_path) if vocab_path else BERT_BASE_UNCASED_MD5
     if expected != blocks.vocab_md5:
       raise DataError(
           f'{blocks.description}: exported with vocabulary md5 {blocks.vocab_md5}, the '
-          f'config uses {vocab_path or "bert-base-uncased"} (md5 {expected}).')
+          f'config uses {vocab_path or "bert-base-uncased"} (md5 {expected}). Fix: '
+          '--config.data.vocab_path=<the vocab.txt the shards were exported with>, or '
+          're-export them with this one.')
   return blocks

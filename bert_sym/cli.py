@@ -1,0 +1,151 @@
+"""What every command line of bert_sym shares: a user error is one line, a traceback a bug.
+
+`python -m bert_sym.train | glue | export | ablate | streaming` run their main through
+`run` (absl programs) or `guard` (argparse). A problem with what the user gave (a flag, a
+path, a file, a config, data that is not prepared) is printed as one line
+
+    bert_sym.train: error: <what is wrong>. Fix: <what to do>
+
+and the process exits with EXIT_USER_ERROR. Our own checks raise `UserError` (or a
+subclass: `config_check.ConfigError`, `input.DataError`); the few foreign exceptions that
+can only mean a user error (a config file that does not load, a malformed flag, a TFDS
+dataset that was never prepared, a path that does not exist) are recognised here, in one
+place, instead of in a try/except per command. Anything else is a bug and keeps its
+traceback. `--help` exits 0 (absl exits 1 after printing it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import traceback
+from typing import Callable, Sequence
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
+
+
+class UserError(Exception):
+  """A problem with the user's input; the message names it and the fix, in one line."""
+
+
+def one_line(text: str) -> str:
+  """The message as one line (multi-line messages of libraries joined with '; ')."""
+  lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+  return '; '.join(lines)
+
+
+def fail(prog: str, message: str, code: int = EXIT_USER_ERROR):
+  print(f'{prog}: error: {one_line(message)}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _from_tfds(error: BaseException) -> bool:
+  frames = traceback.extract_tb(error.__traceback__)
+  return any('tensorflow_datasets' in frame.filename for frame in frames)
+
+
+TFDS_FIX = ('Fix: prepare the dataset once where there is internet (tfds build NAME '
+            '--data_dir=DIR) and point the command at DIR (--tfds_data_dir=DIR for the '
+            'shard export, --config.tfds_data_dir=DIR for GLUE).')
+
+
+def user_error_message(error: BaseException) -> str | None:
+  """The one-line message when `error` is a user error, else None (a bug)."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if isinstance(error, UserError):
+    return str(error)
+  if isinstance(error, app.UsageError):
+    return f'{error} (see --help)'
+  if isinstance(error, flags.Error):
+    return _flag_error_message(error)
+  if _from_tfds(error):
+    # e.g. KeyError "Trying to access splits['train'] but splits is empty": a dataset
+    # that `tfds build` never prepared in the data dir given (or the default one).
+    return (f'TFDS could not load the dataset ({type(error).__name__}: '
+            f'{one_line(error)[:300]}). {TFDS_FIX}')
+  if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                        PermissionError)):
+    return f'{error}. Fix: check the path (and its permissions) given on the command line.'
+  return None
+
+
+def _flag_error_message(error) -> str:
+  text = str(error).strip()
+  # A config file whose get_config() raised: ml_collections puts the traceback into the
+  # flag error; the last line is the exception the config file raised.
+  if 'Error whilst parsing config file' in text:
+    return (f'the config file does not load: {text.splitlines()[-1].strip()}. '
+            'Fix: the --config argument (see the config file\'s docstring).')
+  return f'{one_line(text)} (see --help)'
+
+
+def check_config_files(flag_values=None) -> None:
+  """Raises UserError for a --config file that did not load (ml_collections defers that
+  error to the first use of the config, deep inside the program)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  flag_values = flag_values or flags.FLAGS
+  for name in flag_values:
+    flag = flag_values[name]
+    if type(flag.value).__name__ != '_ErrorConfig':   # ml_collections' placeholder
+      continue
+    cause = object.__getattribute__(flag.value, '_error')
+    detail = [line.strip() for line in str(cause).splitlines() if line.strip()][-1]
+    raise UserError(
+        f'--{name}={flag.serialize().split("=", 1)[-1]} cannot be loaded ({detail}). '
+        f'Fix: pass an existing config file, e.g. --{name}=configs/tiny.py (paths are '
+        'relative to the current directory).')
+
+
+def _help_asked(argv: Sequence[str]) -> bool:
+  return any(a in HELP_FLAGS for a in argv[1:])
+
+
+@contextlib.contextmanager
+def guard(prog: str, *, help_argv: Sequence[str] = ()):
+  """Turns user errors raised inside into `prog: error: ...` and exit 1; a help request
+  that ends in SystemExit exits 0; Ctrl-C exits 130 without a traceback."""
+  try:
+    yield
+  except SystemExit as e:
+    if _help_asked(help_argv) and e.code not in (None, 0):
+      sys.exit(0)
+    raise
+  except KeyboardInterrupt:
+    print(f'{prog}: interrupted', file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+  except BaseException as e:  # pylint: disable=broad-except
+    message = user_error_message(e)
+    if message is None:
+      raise
+    fail(prog, message)
+
+
+def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
+        argv: Sequence[str] | None = None) -> None:
+  """absl's `app.run(main)` with the error handling of this module (see the docstring)."""
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  argv = list(sys.argv if argv is None else argv)
+
+  def parse(args):
+    with guard(prog, help_argv=args):
+      rest = (flags_parser or flags.FLAGS)(args)
+      check_config_files()
+      return rest
+
+  def guarded_main(args):
+    with guard(prog):
+      return main(args)
+
+  app.run(guarded_main, argv=argv, flags_parser=parse)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with errors as one `prog: error: ...` line and exit 1 (not usage + exit 2)."""
+
+  def error(self, message):
+    raise UserError(f'{message} (see --help)')
