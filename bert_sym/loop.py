@@ -145,27 +145,37 @@ def compile_step(jitted, *args):
 
 class Meter:
   """Step metrics stay on the device until a log or save needs them; then they are
-  checked (non-finite policy) and averaged into one row with steps/s, tokens/s, MFU, ETA.
+  checked (non-finite policy) and averaged into one row with steps/s, tokens/s, TFLOP/s
+  per device, MFU and ETA.
 
+  Throughput counts the tokens each step really processed (`add(..., tokens=)`: GLUE's
+  length buckets pad to less than max_seq_len), `tokens_per_step` when not given. MFU
+  needs a known peak: with `peak_flops` 0 (an unknown device, or a CPU without
+  config.peak_flops_per_device) no MFU is reported rather than a made-up one.
   Metrics may carry a leading axis (GLUE seeds trained together): rows average over it,
   `per_run` keeps it, and a step counts as non-finite when any run of it is.
   """
 
   def __init__(self, total_steps: int, tokens_per_step: float, flops_per_token: float,
-               peak_flops: float, on_nonfinite: str = 'stop', what: str = 'the run'):
+               peak_flops: float, on_nonfinite: str = 'stop', what: str = 'the run',
+               num_devices: int | None = None):
     self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
     self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
     self.on_nonfinite, self.what = on_nonfinite, what
+    self.num_devices = num_devices or jax.device_count()
     self.pending, self.interval = [], []
     self.timing = None            # (time, step) once the first step has compiled and run
+    self.tokens = 0.0             # tokens of the steps timed since `timing`
     self.compile_seconds = None   # written with the next row
     self.last_saved = None
 
-  def add(self, step: int, metrics) -> None:
+  def add(self, step: int, metrics, tokens: float | None = None) -> None:
     self.pending.append((step, metrics))
     if self.timing is None:
       jax.block_until_ready(metrics)   # exclude compilation from the throughput
       self.timing = (time.perf_counter(), step)
+    else:
+      self.tokens += self.tokens_per_step if tokens is None else tokens
 
   def fetch(self) -> None:
     """Brings metrics to the host; raises on a non-finite step when on_nonfinite=stop."""
@@ -182,6 +192,18 @@ class Meter:
         logging.warning('Non-finite loss or gradient at step %d: update skipped.', at_step)
     self.interval.extend(fetched)
 
+  def throughput(self, step: int, now: float) -> dict[str, float]:
+    """steps/s, tokens/s, TFLOP/s per device and (with a known peak) MFU since `timing`."""
+    seconds = now - self.timing[0]
+    steps_per_sec = (step - self.timing[1]) / seconds
+    tokens_per_sec = self.tokens / seconds
+    tflops = tokens_per_sec * self.flops_per_token / self.num_devices / 1e12
+    out = {'perf/steps_per_sec': steps_per_sec, 'perf/tokens_per_sec': tokens_per_sec,
+           'perf/tflops_per_device': tflops}
+    if self.peak_flops:
+      out['perf/mfu'] = tflops * 1e12 / self.peak_flops
+    return out
+
   def row(self, step: int) -> tuple[dict, float, dict]:
     """(scalars, ETA seconds, per-run means) of the steps since the last row."""
     self.fetch()
@@ -194,15 +216,9 @@ class Meter:
     scalars['train/learning_rate'] = float(np.mean(interval[-1][1]['train/learning_rate']))
     now, eta = time.perf_counter(), 0.0
     if step > self.timing[1]:
-      steps_per_sec = (step - self.timing[1]) / (now - self.timing[0])
-      scalars['perf/steps_per_sec'] = steps_per_sec
-      scalars['perf/tokens_per_sec'] = steps_per_sec * self.tokens_per_step
-      scalars['perf/tflops_per_device'] = (steps_per_sec * self.tokens_per_step *
-                                           self.flops_per_token / jax.device_count() / 1e12)
-      if self.peak_flops:
-        scalars['perf/mfu'] = scalars['perf/tflops_per_device'] * 1e12 / self.peak_flops
-      eta = (self.total_steps - step) / steps_per_sec
-      self.timing = (now, step)
+      scalars.update(self.throughput(step, now))
+      eta = (self.total_steps - step) / scalars['perf/steps_per_sec']
+      self.timing, self.tokens = (now, step), 0.0
     if self.compile_seconds is not None:
       scalars['perf/compile_seconds'], self.compile_seconds = self.compile_seconds, None
     return scalars, eta, per_run
@@ -261,7 +277,7 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
         meter.compile_seconds = (meter.compile_seconds or 0.0) + seconds
       state, metrics = compiled[shape](state, batch)
     step += 1
-    meter.add(step, metrics)
+    meter.add(step, metrics, tokens=batch['input_ids'].size)   # GLUE: the bucket's length
     if _due(step, hooks.log_every, total_steps):
       hooks.log(step, *meter.row(step))
     if hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps):

@@ -29,17 +29,21 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
     ('h200', 989e12),
     ('h100', 989e12),
     ('a100', 312e12),
-    ('cpu', 1e11),         # nominal: a few cores' worth; set peak_flops_per_device to taste
 )
 
 
 def peak_flops_per_device(device=None, override: float = 0.0) -> float:
+  """The device's peak FLOP/s for MFU; 0 (no MFU) when unknown, e.g. on CPU, whose peak
+  depends on the cores and vector units a run gets: set config.peak_flops_per_device."""
   if override:
     return float(override)
-  kind = (device or jax.devices()[0]).device_kind.lower()
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
   for key, flops in PEAK_FLOPS_BY_DEVICE_KIND:
     if key in kind:
       return flops
+  if device.platform == 'cpu':
+    return 0.0
   logging.warning('Unknown device kind %r: MFU is not reported (set '
                   'config.peak_flops_per_device).', kind)
   return 0.0

@@ -2,13 +2,21 @@
 the sequence-classification / regression loss and predictions (GLUE).
 
 Every function returns *sums* over the batch (or a mean over the rows with weight > 0), so
-that gradient accumulation over micro-batches adds up to the big-batch value.
+that gradient accumulation over micro-batches adds up to the big-batch value. Sums are
+taken with `weighted_sum`: a position of weight 0 contributes 0 even when its value is
+NaN (a padded row with an all-zero attention mask may come out of a fused attention
+kernel as NaN, and NaN x 0 is NaN).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+
+def weighted_sum(values, weights):
+  """sum(values * weights) over the positions with weight > 0 only (NaN-proof padding)."""
+  return jnp.sum(jnp.where(weights > 0, values * weights, 0.0))
 
 
 # ---- Masked LM ----
@@ -69,7 +77,8 @@ def mlm_sums(model, params, batch, *, sparse: bool, num_predictions: int, dropou
       rngs=None if dropout_key is None else {'dropout': dropout_key})
   cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return (jnp.sum(cross_entropy * weights), jnp.sum(correct * weights), jnp.sum(weights))
+  return (weighted_sum(cross_entropy, weights), weighted_sum(correct, weights),
+          jnp.sum(weights))
 
 
 def mlm_loss_fn(model, *, sparse: bool, num_predictions: int):
@@ -109,7 +118,8 @@ def classifier_loss_fn(model, *, regression: bool):
   """
   def loss_fn(params, batch, dropout_key):
     logits = classifier_logits(model, params, batch, dropout_key)
-    return jnp.sum(per_example_loss(logits, batch['labels'], regression) * batch['weights']), {}
+    loss = per_example_loss(logits, batch['labels'], regression)
+    return weighted_sum(loss, batch['weights']), {}
   return loss_fn
 
 

@@ -1,0 +1,66 @@
+"""bert_sym.loop.Meter: throughput and MFU against hand-computed values (patched clock)."""
+
+import numpy as np
+import pytest
+
+from bert_sym import loop
+from bert_sym import metrics_writer
+
+
+class Clock:
+  def __init__(self, now):
+    self.now = now
+
+  def __call__(self):
+    return self.now
+
+
+def _metrics(loss=2.0):
+  return {'train/loss': np.float32(loss), 'train/grad_norm': np.float32(1.0),
+          'train/learning_rate': np.float32(0.1), 'train/finite': np.bool_(True)}
+
+
+def test_tokens_per_second_tflops_and_mfu_are_exact(monkeypatch):
+  clock = Clock(100.0)
+  monkeypatch.setattr(loop.time, 'perf_counter', clock)
+  meter = loop.Meter(total_steps=10, tokens_per_step=1000, flops_per_token=6e6,
+                     peak_flops=1e12, num_devices=2)
+  meter.add(1, _metrics())                  # the first step: compilation, not timed
+  meter.add(2, _metrics(), tokens=640)      # GLUE length buckets: fewer tokens
+  meter.add(3, _metrics(), tokens=320)
+  meter.add(4, _metrics())                  # no count given: tokens_per_step
+  clock.now = 104.0
+  scalars, eta, _ = meter.row(4)
+  # 3 steps and 640 + 320 + 1000 tokens in 4 s, on 2 devices of 1 TFLOP/s peak.
+  assert scalars['perf/steps_per_sec'] == 0.75
+  assert scalars['perf/tokens_per_sec'] == 490.0
+  assert scalars['perf/tflops_per_device'] == pytest.approx(490 * 6e6 / 2 / 1e12, rel=1e-12)
+  assert scalars['perf/mfu'] == pytest.approx(490 * 6e6 / 2 / 1e12, rel=1e-12)
+  assert eta == 8.0                         # 6 steps left at 0.75 steps/s
+  assert scalars['train/loss'] == 2.0
+
+  # An eval of 10 s does not count; the next interval starts afresh.
+  with meter.paused(state=None):
+    clock.now = 114.0
+  meter.add(5, _metrics(), tokens=500)
+  clock.now = 116.0
+  scalars, eta, _ = meter.row(5)
+  assert scalars['perf/steps_per_sec'] == 0.5
+  assert scalars['perf/tokens_per_sec'] == 250.0
+  assert eta == 10.0
+
+
+def test_no_mfu_without_a_known_peak(monkeypatch):
+  clock = Clock(0.0)
+  monkeypatch.setattr(loop.time, 'perf_counter', clock)
+  meter = loop.Meter(total_steps=4, tokens_per_step=100, flops_per_token=1e6,
+                     peak_flops=metrics_writer.peak_flops_per_device(), num_devices=1)
+  meter.add(1, _metrics())
+  meter.add(2, _metrics())
+  clock.now = 1.0
+  scalars, _, _ = meter.row(2)
+  assert scalars['perf/tokens_per_sec'] == 100.0
+  assert scalars['perf/tflops_per_device'] == pytest.approx(1e-4)
+  assert 'perf/mfu' not in scalars          # CPU: no made-up peak
+  assert 'MFU' not in metrics_writer.format_progress(2, 4, scalars, 2.0)
+  assert metrics_writer.peak_flops_per_device(override=5e11) == 5e11
