@@ -338,4 +338,6 @@ def main(argv, cli, config, overrides):
 if __name__ == '__main__':
   _config, _overrides, _rest = split_config_args(sys.argv)
   _cli = define_flags()
-  app.run(lambda argv: main(argv, _cli, _config, _overrides), argv=_rest)
+  from bert_sym import cli  # pylint: disable=g-import-not-at-top
+  cli.run(lambda argv: main(argv, _cli, _config, _overrides), prog='bert_sym.ablate',
+          argv=_rest)

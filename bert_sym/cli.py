@@ -59,7 +59,7 @@ def user_error_message(error: BaseException) -> str | None:
   if isinstance(error, UserError):
     return str(error)
   if isinstance(error, app.UsageError):
-    return f'{error} (see --help)'
+    return str(error) if '--help' in str(error) else f'{error} (see --help)'
   if isinstance(error, flags.Error):
     return _flag_error_message(error)
   if _from_tfds(error):
@@ -67,6 +67,13 @@ def user_error_message(error: BaseException) -> str | None:
     # that `tfds build` never prepared in the data dir given (or the default one).
     return (f'TFDS could not load the dataset ({type(error).__name__}: '
             f'{one_line(error)[:300]}). {TFDS_FIX}')
+  if isinstance(error, OSError) and 'earlier failure to load' in str(error):
+    # ml_collections' placeholder for a config file that did not load, touched by a
+    # program that parses --config itself (bert_sym.ablate).
+    detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (f'the config file {detail[-2] if len(detail) > 1 else ""} cannot be loaded '
+            f'({detail[-1]}). Fix: pass an existing config file, e.g. '
+            '--config=configs/tiny.py (paths are relative to the current directory).')
   if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                         PermissionError)):
     return f'{error}. Fix: check the path (and its permissions) given on the command line.'

@@ -210,10 +210,27 @@ def _json_bytes(value) -> bytes:
   return (json.dumps(value, indent=2) + '\n').encode()
 
 
+def shape_mismatches(params: Mapping[str, Any], cfg) -> list[str]:
+  """'name: checkpoint (shape), config (shape)' for each parameter whose shape (or
+  presence) differs from what `cfg` (the checkpoint's config.json) builds; [] if none."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
+  want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+          jax.tree_util.tree_leaves_with_path(
+              model_lib.abstract_params(model_lib.BertForMaskedLM(cfg)))}
+  have = {jax.tree_util.keystr(p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  return [f'{name}: checkpoint {have.get(name, "absent")}, config {want.get(name, "absent")}'
+          for name in sorted(set(want) | set(have)) if want.get(name) != have.get(name)]
+
+
 def main(argv):
-  del argv
+  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from bert_sym import metrics_writer  # pylint: disable=g-import-not-at-top
+  from bert_sym.cli import UserError  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)   # before TF is imported
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
   from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
@@ -221,20 +238,36 @@ def main(argv):
   try:
     config, params = checkpoint.load_pretrained(_CHECKPOINT.value)
   except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f'bert_sym.export: error: {e}') from None
+    raise UserError(f'{e} Fix: --checkpoint=WORKDIR (a bert_sym.train workdir: its latest '
+                    'step) or WORKDIR/checkpoints/STEP.') from None
+  # A model whose arrays disagree with its config.json would be written as a model that
+  # Hugging Face cannot load: refuse before anything is written.
+  mismatches = shape_mismatches(params, config.model)
+  if mismatches:
+    raise UserError(
+        f'the checkpoint {_CHECKPOINT.value} does not match its config.json in '
+        f'{len(mismatches)} parameter(s): {"; ".join(mismatches[:4])}'
+        f'{"; ..." if len(mismatches) > 4 else ""}. Nothing was written. Fix: export the '
+        'checkpoint with the config.json of the run that wrote it.')
   # The tokenizer travels with the model so `from_pretrained(out_dir)` works end to end.
   vocab_file = config.data.get('vocab_path', '') or tokenizer.default_vocab_file()
-  save_hf_pretrained(params, config.model, _OUT_DIR.value,
-                     vocab_bytes=epath.Path(vocab_file).read_bytes())
+  try:
+    vocab_bytes = epath.Path(vocab_file).read_bytes()
+  except FileNotFoundError:
+    raise UserError(f'{vocab_file}: the vocabulary named by config.data.vocab_path of the '
+                    'checkpoint\'s config.json is missing. Fix: restore that file, or edit '
+                    'vocab_path in config.json.') from None
+  save_hf_pretrained(params, config.model, _OUT_DIR.value, vocab_bytes=vocab_bytes)
   print(f'Wrote a standard Hugging Face BertForMaskedLM ({config.model.attention} attention '
         f'folded into W_k) to {_OUT_DIR.value}')
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from bert_sym import cli  # pylint: disable=g-import-not-at-top
   _CHECKPOINT = flags.DEFINE_string(
       'checkpoint', None, 'Trainer workdir (latest step) or a step directory.', required=True)
   _OUT_DIR = flags.DEFINE_string(
       'out_dir', None, 'Where to write config.json, model weights and vocab.txt.',
       required=True)
-  app.run(main)
+  cli.run(main, prog='bert_sym.export')

@@ -5,15 +5,24 @@ or gs://, any size) and 'shards' (local, memory-mapped).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from bert_sym import cli
 from bert_sym.input import export as export_lib
 from bert_sym.input.streaming import join_url
 
+PROG = 'bert_sym.streaming'
+
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m bert_sym.streaming')
+  """Runs the command; a user error is one `bert_sym.streaming: error:` line, exit 1."""
+  argv = sys.argv[1:] if argv is None else argv
+  with cli.guard(PROG, help_argv=['', *argv]):
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
+  parser = cli.ArgumentParser(prog='python -m bert_sym.streaming')
   commands = parser.add_subparsers(dest='command', required=True)
   ex = commands.add_parser('export', help="convert this worker's parts of a task to shards")
   ex.add_argument('--task', required=True, help='e.g. bert_sym_mlm_c4')
@@ -34,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
   fin.add_argument('--out_dir', required=True)
   fin.add_argument('--split', default='train,validation')
   args = parser.parse_args(argv)
+  if args.command == 'export':
+    export_lib.check_export_args(args.task, args.max_seq_len, args.num_workers,
+                                 args.worker_index, args.num_parts, args.blocks_per_shard,
+                                 args.text_files)
   missing = []
   for split in args.split.split(','):
     if args.command == 'export':

@@ -136,4 +136,5 @@ def main(argv, cli):
 
 
 if __name__ == '__main__':
-  app.run(functools.partial(main, cli=define_flags()))
+  from bert_sym import cli as cli_lib  # pylint: disable=g-import-not-at-top
+  cli_lib.run(functools.partial(main, cli=define_flags()), prog='bert_sym.glue')

@@ -22,7 +22,8 @@ class DataError(UserError, ValueError):
 def check_max_seq_len(max_seq_len: int) -> int:
   if not 3 <= max_seq_len <= MAX_SEQ_LEN:
     raise DataError(f'max_seq_len={max_seq_len} is outside [3, {MAX_SEQ_LEN}]: the model '
-                    f'has {MAX_SEQ_LEN} position embeddings (max_position_embeddings).')
+                    f'has {MAX_SEQ_LEN} position embeddings (max_position_embeddings). Fix: '
+                    f'a max_seq_len in [3, {MAX_SEQ_LEN}], e.g. 128.')
   return max_seq_len
 
 

@@ -115,11 +115,43 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
   return metadata
 
 
+def check_export_args(task: str, max_seq_len: int, num_workers: int, worker_index: int,
+                      num_parts: int, blocks_per_shard: int, text_files: str) -> None:
+  """The command line's values, checked before TF is imported or anything is written."""
+  check_max_seq_len(max_seq_len)
+  if num_workers < 1 or not 0 <= worker_index < num_workers:
+    raise DataError(f'--worker_index={worker_index} is not in [0, --num_workers='
+                    f'{num_workers}). Fix: --num_workers=N (>= 1) and --worker_index in '
+                    '0..N-1.')
+  if num_parts < 0 or blocks_per_shard < 1:
+    raise DataError(f'--num_parts={num_parts} must be >= 0 (0 = one per source file) and '
+                    f'--blocks_per_shard={blocks_per_shard} >= 1.')
+  if task == sources.TEXT_FILES_TASK and not text_files:
+    raise DataError(f"--task={task} needs --text_files='/data/*.txt' (comma-separated "
+                    'globs, local or gs://).')
+  known = (sources.EMBEDDED_TASK, sources.TEXT_FILES_TASK, *sources.TFDS_SOURCES)
+  if task not in known:
+    raise DataError(f'--task={task!r} is not a bert_sym corpus. Fix: --task= one of '
+                    f'{", ".join(known)}.')
+
+
 def default_num_parts(task_name: str, split: str) -> int:
   """One part per TFDS source file (a natural, fixed unit of work); 1 otherwise."""
   import seqio  # pylint: disable=import-outside-toplevel
   source = seqio.get_mixture_or_task(task_name).source
-  return len(source.list_shards(split)) if isinstance(source, seqio.TfdsDataSource) else 1
+  if not isinstance(source, seqio.TfdsDataSource):
+    return 1
+  try:
+    return len(source.list_shards(split))
+  except Exception as e:  # pylint: disable=broad-except
+    # e.g. KeyError "Trying to access splits['train'] but splits is empty": TFDS found no
+    # prepared copy of the dataset in its data dir.
+    name = source.tfds_dataset.name
+    raise DataError(
+        f'TFDS has no prepared {name} split {split!r} ({type(e).__name__}: '
+        f'{" ".join(str(e).split())[:160]}). Fix: prepare it once where there is internet, '
+        f'`tfds build {name.split(":")[0]} --data_dir=DIR` (or use a prepared copy), and '
+        'pass --tfds_data_dir=DIR.') from None
 
 
 def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: int = 0,

@@ -191,36 +191,38 @@ def one_line(error) -> str:
 
 
 def verify_shards(split_url: str, metadata: dict[str, Any]) -> list[int]:
-  """Checks every shard that metadata.json lists: it exists, its .npy header says the
-  expected shape and dtype, and its size is exactly header + blocks x length x itemsize
-  (so a truncated, resized or half-copied file is found before training, not at its
-  first read). Returns each shard's data offset. One range read per shard (its header)."""
+  """Checks every shard that metadata.json lists, before training: it exists, its .npy
+  header says the expected shape and dtype, its size is exactly header + blocks x length x
+  itemsize (a truncated, resized or half-copied file), and its first block's ids lie in
+  the vocabulary (a shard of another vocabulary; every later read is checked too).
+  Returns each shard's data offset. One range read per shard (header + first block)."""
   length, dtype = int(metadata['max_seq_len']), np.dtype(metadata['dtype'])
+  row_bytes = length * dtype.itemsize
   files = [s['file'] for s in metadata['shards']]
-  local = '://' not in split_url
-  if local:
+  missing = lambda path: DataError(f'{path}: shard listed in {METADATA_FILE} is missing; '
+                                   'copy the whole split again, or re-export it.')
+  if '://' not in split_url:
     paths = [os.path.join(split_url, f) for f in files]
     sizes, heads = [], []
     for path in paths:
       try:
         sizes.append(os.stat(path).st_size)
         with open(path, 'rb') as f:
-          heads.append(f.read(_HEADER_BYTES))
+          heads.append(f.read(_HEADER_BYTES + row_bytes))
       except FileNotFoundError:
-        raise DataError(f'{path}: shard listed in {METADATA_FILE} is missing; copy the '
-                        'whole split again, or re-export it.') from None
+        raise missing(path) from None
   else:
     fs, root = filesystem(split_url)
     fs.invalidate_cache(root)
-    listing = {os.path.basename(e['name']): e['size'] for e in fs.ls(root, detail=True)}
+    listing = {os.path.basename(e['name'].rstrip('/')): e['size']
+               for e in fs.ls(root, detail=True)}
     paths = [join_url(split_url, f) for f in files]
     for path, name in zip(paths, files):
       if name not in listing:
-        raise DataError(f'{path}: shard listed in {METADATA_FILE} is missing; copy the '
-                        'whole split again, or re-export it.')
+        raise missing(path)
     sizes = [int(listing[f]) for f in files]
     heads = fs.cat_ranges([f'{root}/{f}' for f in files], [0] * len(files),
-                          [min(_HEADER_BYTES, size) for size in sizes])
+                          [min(_HEADER_BYTES + row_bytes, size) for size in sizes])
   offsets = []
   for shard, path, size, head in zip(metadata['shards'], paths, sizes, heads):
     shape, fortran, found_dtype, offset = _parse_header(path, head)
@@ -229,12 +231,15 @@ def verify_shards(split_url: str, metadata: dict[str, Any]) -> list[int]:
       raise DataError(f'{path}: array {tuple(shape)} {found_dtype}, {METADATA_FILE} says '
                       f'{expected} {dtype}; the file belongs to another export: '
                       're-export the split.')
-    want = offset + expected[0] * length * dtype.itemsize
+    want = offset + expected[0] * row_bytes
     if size != want:
       raise DataError(
           f'{path}: {size:,} bytes, but {expected[0]} blocks of {length} {dtype} need '
           f'{want:,} ({"truncated" if size < want else "extra bytes"}: an interrupted '
           'copy or export?); copy the split again or re-export it.')
+    first = np.frombuffer(head[offset:offset + row_bytes], dtype)
+    if len(first) == length and first_out_of_vocabulary(first[None], metadata['vocab_size']) == 0:
+      raise out_of_vocabulary_error(path, 0, first, metadata['vocab_size'])
     offsets.append(offset)
   return offsets
 
