@@ -37,6 +37,9 @@ def _main(argv: list[str]) -> int:
   ex.add_argument('--tfds_data_dir', default='', help='where `tfds build` wrote the data')
   ex.add_argument('--vocab_path', default='')
   ex.add_argument('--text_files', default='', help='globs for bert_sym_mlm_text_files')
+  ex.add_argument('--validation_files', default='',
+                  help="its validation split's globs, as config.data.validation_files "
+                       "('' = every 100th document of --text_files held out)")
   ex.add_argument('--blocks_per_shard', type=int, default=1 << 16)
   fin = commands.add_parser('finalize', help='write metadata.json once all parts exist; '
                                              'exit 1 while some are missing')
@@ -54,6 +57,7 @@ def _main(argv: list[str]) -> int:
           args.task, split, args.max_seq_len, args.out_dir, num_parts=args.num_parts,
           num_workers=args.num_workers, worker_index=args.worker_index,
           vocab_path=args.vocab_path, text_files=args.text_files,
+          validation_files=args.validation_files,
           tfds_data_dir=args.tfds_data_dir, blocks_per_shard=args.blocks_per_shard)
     else:
       metadata = export_lib.finalize(args.out_dir, split)

@@ -124,6 +124,19 @@ def make_train_step(config, model, tx, schedule, mesh, batch_sharding):
       accum=config.optimizer.grad_accum_steps, mesh=mesh, batch_sharding=batch_sharding)
 
 
+def eval_batch_count(num_blocks: int | None, config, console=print) -> int:
+  """config.eval_steps, or fewer so that an eval reads each validation block at most once
+  (the validation iterator wraps around): a warning says so."""
+  whole = config.eval_steps if num_blocks is None else num_blocks // config.batch_size
+  if whole >= config.eval_steps:
+    return config.eval_steps
+  console(f'WARNING: eval reads {max(whole, 1)} batches, not config.eval_steps='
+          f'{config.eval_steps}: the validation split has {num_blocks} blocks, '
+          f'{whole} whole batches of {config.batch_size}'
+          + (' (fewer than one batch: some blocks count twice)' if not whole else '') + '.')
+  return max(whole, 1)
+
+
 # ---- The trainer ----
 
 def _prepare_workdir(workdir: str) -> epath.Path:
@@ -201,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     # Every eval reads the same first eval_steps validation batches (rewound each time).
     eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
     eval_start = eval_iter.get_state()
+    eval_batches = eval_batch_count(getattr(eval_iter, 'num_blocks', None), config, console)
     for line in iterator.describe_corpus(train_iter, config):   # size, epochs, warning
       console(line)
   host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
@@ -256,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     nonlocal eval_metrics
     eval_iter.set_state(eval_start)
     totals = np.zeros(3)
-    for _ in range(config.eval_steps):
+    for _ in range(eval_batches):
       try:
         batch = next(eval_iter)
       except StopIteration:

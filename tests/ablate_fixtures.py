@@ -11,7 +11,6 @@ import sys
 import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GLUE_DIR = os.path.join(os.path.dirname(REPO_ROOT), 'shared', 'data', 'glue')
 
 CONFIG = 'configs/tiny.py'
 VARIANTS = ('standard', 'pairwise')
@@ -44,3 +43,30 @@ def tiny_grid() -> tuple[str, str]:
     raise AssertionError(f'bert_sym.ablate failed ({proc.returncode}):\n{proc.stdout[-5000:]}'
                          f'\n{proc.stderr[-5000:]}')
   return workdir, proc.stdout
+
+
+# A GLUE directory with one task (RTE, the download script's layout and header), small
+# enough that fine-tuning a tiny checkpoint on it takes seconds: the runner's GLUE path
+# runs in CI without the real data.
+_RTE_ROWS = (
+    ('The cat sat on the mat all afternoon.', 'A cat was on the mat.', 'entailment'),
+    ('The museum opened a new wing in 1998.', 'The museum closed in 1998.', 'not_entailment'),
+    ('Rain fell over the valley for three days.', 'It rained in the valley.', 'entailment'),
+    ('She sold her bicycle to a neighbour.', 'She bought a car.', 'not_entailment'),
+    ('The river floods every spring.', 'The river sometimes floods.', 'entailment'),
+    ('He wrote two novels before he was thirty.', 'He never wrote a book.', 'not_entailment'),
+    ('The team won the final match.', 'The team played a match.', 'entailment'),
+    ('Bread is baked in the morning.', 'The bakery has no oven.', 'not_entailment'),
+)
+
+
+def tiny_glue_dir() -> str:
+  """A GLUE directory holding RTE/train.tsv and RTE/dev.tsv (8 rows each)."""
+  root = tempfile.mkdtemp(prefix='tiny_glue_')
+  os.makedirs(os.path.join(root, 'RTE'))
+  for name in ('train.tsv', 'dev.tsv'):
+    with open(os.path.join(root, 'RTE', name), 'w') as f:
+      f.write('index\tsentence1\tsentence2\tlabel\n')
+      for i, row in enumerate(_RTE_ROWS):
+        f.write('\t'.join((str(i),) + row) + '\n')
+  return root

@@ -1,6 +1,8 @@
 """bert_sym.ablate: the grid through the real trainer, and its statistics recomputed by hand.
 
-Statistics convention checked here: mean and sample std (ddof=1, `statistics.stdev`).
+Statistics checked here: mean and sample std (ddof=1, `statistics.stdev`), steps to target
+by linear interpolation, the ratio only when every seed reached the target, bootstrap
+intervals against scipy.stats.bootstrap, paired differences by hand.
 """
 
 import json
@@ -8,10 +10,13 @@ import os
 import statistics
 import subprocess
 
+import numpy as np
 import pytest
+import scipy.stats
 
 from bert_sym import ablate
-from bert_sym import ablate_report
+from bert_sym.ablate import report as ablate_report
+from bert_sym.ablate import stats
 from tests import ablate_fixtures as fx
 
 # The tiny grid is trained once per test process: under `make test` (pytest-xdist,
@@ -23,15 +28,47 @@ pytestmark = pytest.mark.xdist_group('ablate_grid')
 # Units: steps to target, metrics reading, wall-clock gaps.
 # ----------------------------------------------------------------------------------------
 
-def test_steps_to_target_hand_made_curves():
+def test_steps_to_target_interpolates_between_evals():
   steps = [0, 50, 100, 150, 200]
   losses = [10.0, 7.0, 5.0, 4.0, 3.5]
-  assert ablate_report.steps_to_target(steps, losses, 5.0) == 100     # equal counts as reached
-  assert ablate_report.steps_to_target(steps, losses, 4.5) == 150
-  assert ablate_report.steps_to_target(steps, losses, 10.0) == 0
-  assert ablate_report.steps_to_target(steps, losses, 3.0) is None    # never reached
+  assert stats.steps_to_target(steps, losses, 5.0) == 100       # equal counts as reached
+  assert stats.steps_to_target(steps, losses, 4.5) == 125       # halfway from 5.0 to 4.0
+  assert stats.steps_to_target(steps, losses, 6.0) == 75
+  assert stats.steps_to_target(steps, losses, 10.0) == 0
+  assert stats.steps_to_target(steps, losses, 3.0) is None      # never reached
   # Non-monotone curve: the first crossing counts, even if the loss goes back up.
-  assert ablate_report.steps_to_target([0, 10, 20], [5.0, 3.0, 6.0], 4.0) == 10
+  assert stats.steps_to_target([0, 10, 20], [5.0, 3.0, 6.0], 4.0) == 5
+
+
+def test_default_target_is_a_fraction_of_the_reference_drop():
+  assert stats.default_target([10.0, 12.0], [4.0, 6.0], fraction=0.9) == pytest.approx(
+      11.0 - 0.9 * 6.0)
+
+
+def test_bootstrap_interval_agrees_with_scipy():
+  values = [5.70, 5.66, 5.73, 5.69, 5.75, 5.71]
+  ours = stats.bootstrap_interval([values], np.mean)
+  theirs = scipy.stats.bootstrap((np.array(values),), np.mean, n_resamples=10_000,
+                                 method='percentile', random_state=1).confidence_interval
+  assert ours[0] < np.mean(values) < ours[1]
+  assert ours == pytest.approx([theirs.low, theirs.high], abs=0.004)
+  assert stats.bootstrap_interval([[5.7]], np.mean) is None
+
+
+def test_ratio_only_when_every_seed_of_both_reached():
+  reference = {1: 100.0, 2: 120.0, 3: 110.0}
+  assert stats.steps_ratio(reference, reference)['value'] == 1.0
+  assert stats.steps_ratio(reference, reference)['ci95'] == [1.0, 1.0]
+  faster = {1: 50.0, 2: 60.0, 3: 55.0}
+  assert stats.steps_ratio(faster, reference)['value'] == pytest.approx(0.5)
+  assert stats.steps_ratio({1: 50.0, 2: None, 3: 55.0}, reference)['value'] is None
+  assert stats.steps_ratio(faster, {1: 100.0, 2: None, 3: 110.0})['value'] is None
+
+
+def test_paired_difference_is_per_seed():
+  d = stats.paired_difference({1: 5.0, 2: 6.0, 3: None}, {1: 4.0, 2: 5.5, 3: 4.0})
+  assert d['seeds'] == [1, 2] and d['mean'] == pytest.approx(0.75) and d['n'] == 2
+  assert d['std'] == pytest.approx(statistics.stdev([1.0, 0.5]))
 
 
 def test_read_metrics_deduplicates_and_skips_partial_line(tmp_path):
@@ -72,35 +109,49 @@ def _fake_run(root, variant, seed, curve, config_json):
 def test_summary_not_reached_and_ratio(tmp_path):
   config = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
   cj = config.to_json()
-  curves = {
+  curves = {   # standard: mean first 10.0, mean last 4.5 -> default target 10 - 0.9 * 5.5
       ('standard', 1): [(0, 10.0), (10, 6.0), (20, 5.0), (30, 4.0)],
-      ('standard', 2): [(0, 10.0), (10, 6.0), (20, 5.0), (30, 5.0)],   # mean final: 4.5
+      ('standard', 2): [(0, 10.0), (10, 6.0), (20, 5.0), (30, 5.0)],
       ('pairwise', 1): [(0, 10.0), (10, 4.4), (20, 4.0), (30, 3.0)],
       ('pairwise', 2): [(0, 10.0), (10, 5.0), (20, 4.5), (30, 3.0)],
-      ('symmetric', 1): [(0, 10.0), (10, 8.0), (20, 7.0), (30, 6.0)],   # never reaches 4.5
-      ('symmetric', 2): [(0, 10.0), (10, 8.0), (20, 7.0), (30, 6.0)],
+      ('symmetric', 1): [(0, 10.0), (10, 8.0), (20, 7.0), (30, 4.0)],
+      ('symmetric', 2): [(0, 10.0), (10, 8.0), (20, 7.0), (30, 6.0)],   # never reaches 5.05
   }
   for (v, s), c in curves.items():
     _fake_run(tmp_path, v, s, c, cj)
   _fake_run(tmp_path, 'pairwise', 3, [(0, 10.0), (10, 9.0)], cj)   # unfinished (10/30)
   out = ablate_report.summarize(tmp_path, ['standard', 'symmetric', 'pairwise'], [1, 2, 3],
-                         total_steps=30)
-  assert out['target_loss']['value'] == pytest.approx(4.5)
+                                total_steps=30)
+  target = 10.0 - 0.9 * 5.5
+  assert out['target_loss']['value'] == pytest.approx(target)
+  # The reference reaches its own default target in every seed: ratio 1.0, both counted.
   std = out['per_variant']['standard']['steps_to_target']
-  assert std['per_seed'] == {'1': 30, '2': None} and std['reached'] == 1
-  assert std['mean'] == 30 and std['std'] is None
+  crossing = 10 + (6.0 - target) / (6.0 - 5.0) * 10
+  assert std['per_seed'] == {'1': pytest.approx(crossing), '2': pytest.approx(crossing)}
+  assert std['reached'] == std['of'] == 2 and std['ratio_to_reference'] == 1.0
   pw = out['per_variant']['pairwise']['steps_to_target']
-  assert pw['per_seed'] == {'1': 10, '2': 20}
-  assert pw['mean'] == 15 and pw['std'] == pytest.approx(statistics.stdev([10, 20]))
-  assert pw['ratio_to_reference'] == pytest.approx(0.5)
+  pw_hand = [10 * (10.0 - target) / (10.0 - 4.4), 10 * (10.0 - target) / (10.0 - 5.0)]
+  assert [pw['per_seed'][k] for k in ('1', '2')] == pytest.approx(pw_hand)
+  assert pw['std'] == pytest.approx(statistics.stdev(pw_hand))
+  assert pw['ratio_to_reference'] == pytest.approx(statistics.mean(pw_hand) / crossing)
+  paired = out['per_variant']['pairwise']['paired_vs_reference']
+  assert paired['final_eval_loss']['mean'] == pytest.approx(statistics.mean([-1.0, -2.0]))
+  assert paired['steps_to_target']['mean'] == pytest.approx(statistics.mean(pw_hand) - crossing)
+  # One symmetric seed never reaches the target: counted as such, and no ratio.
   sym = out['per_variant']['symmetric']['steps_to_target']
-  assert sym['reached'] == 0 and sym['mean'] is None and sym['ratio_to_reference'] is None
+  assert sym['reached'] == 1 and sym['per_seed']['2'] is None
+  assert sym['ratio_to_reference'] is None
   assert 'pairwise/seed3' in out['excluded'] and out['runs']['pairwise'] == [1, 2]
   md = (tmp_path / 'summary.md').read_text()
-  assert '| symmetric | 1,2 |' in md and 'not reached' in md
-  assert '30 (reached in 1/2 seeds)' in md
+  assert '| symmetric | 1,2 |' in md and '(n=1/2)' in md and 'Columns:' in md
+  assert out['per_variant']['pairwise']['final_eval_loss']['ci95'] == [3.0, 3.0]
   for name in ('loss_vs_step.png', 'loss_vs_tokens.png', 'loss_vs_time.png'):
     assert (tmp_path / name).stat().st_size > 1000
+  # --target_loss overrides the default: 6.0 is reached by every seed of every variant.
+  out = ablate_report.summarize(tmp_path, ['standard', 'symmetric', 'pairwise'], [1, 2],
+                                total_steps=30, target_loss=6.0, plots=False)
+  assert out['per_variant']['symmetric']['steps_to_target']['ratio_to_reference'] == (
+      pytest.approx(statistics.mean([20 + 10 / 3, 30.0]) / 10.0))
 
 
 def test_config_differences_name_the_changed_keys():
@@ -135,6 +186,36 @@ def _raw_eval_curve(path):
   return {step: row['eval/loss'] for (step, kind), row in last.items() if kind == 'eval'}
 
 
+def _hand_crossing(curve, target):
+  steps = sorted(curve)
+  for i, step in enumerate(steps):
+    if curve[step] <= target:
+      if i == 0:
+        return pytest.approx(step)
+      s0 = steps[i - 1]
+      return pytest.approx(s0 + (curve[s0] - target) / (curve[s0] - curve[step]) * (step - s0))
+  return None
+
+
+def _assert_both_ratio_branches(workdir, curves):
+  """Targets chosen from the curves themselves, so both branches run whatever training did:
+  one every seed reaches (a ratio, equal to the hand value), one a pairwise seed misses."""
+  every_seed_reaches = max(min(c.values()) for c in curves.values())
+  out = ablate_report.summarize(workdir, fx.VARIANTS, fx.SEEDS, target_loss=every_seed_reaches,
+                                plots=False)
+  hand = {v: statistics.mean(_hand_crossing(curves[v, s], every_seed_reaches).expected
+                             for s in fx.SEEDS) for v in fx.VARIANTS}
+  pw = out['per_variant']['pairwise']['steps_to_target']
+  assert pw['reached'] == len(fx.SEEDS)
+  assert pw['ratio_to_reference'] == pytest.approx(hand['pairwise'] / hand['standard'])
+  pairwise_misses = min(curves['pairwise', fx.SEEDS[0]].values()) - 1e-6
+  out = ablate_report.summarize(workdir, fx.VARIANTS, fx.SEEDS, target_loss=pairwise_misses,
+                                plots=False)
+  pw = out['per_variant']['pairwise']['steps_to_target']
+  assert pw['reached'] < len(fx.SEEDS) and pw['ratio_to_reference'] is None
+  ablate_report.summarize(workdir, fx.VARIANTS, fx.SEEDS)   # the default summary back
+
+
 def test_grid_end_to_end_summary_matches_hand_recomputation():
   workdir, stdout = fx.tiny_grid()
   assert stdout.count('; training.') == len(fx.VARIANTS) * len(fx.SEEDS)
@@ -153,25 +234,20 @@ def test_grid_end_to_end_summary_matches_hand_recomputation():
       assert got['mean'] == pytest.approx(statistics.mean(values), abs=1e-9)
       assert got['std'] == pytest.approx(statistics.stdev(values), abs=1e-9)
     final = [curves[v, s][fx.TOTAL_STEPS] for s in fx.SEEDS]
-    cell = f'{statistics.mean(final):.4f} ± {statistics.stdev(final):.4f}'
+    # Two seeds: the bootstrap interval of the mean spans the two values.
+    cell = f'{statistics.mean(final):.4f} [{min(final):.4f}, {max(final):.4f}]'
     assert f'| {v} | 1,2 |' in md and cell in md
-  # Steps to target by hand: target = standard's mean final loss; first eval step <= it.
-  target = statistics.mean(curves['standard', s][fx.TOTAL_STEPS] for s in fx.SEEDS)
+    assert pv['final_eval_loss']['std'] == pytest.approx(statistics.stdev(final), abs=1e-9)
+  # Steps to target by hand: the default target from standard's first and last evals.
+  first = statistics.mean(curves['standard', s][0] for s in fx.SEEDS)
+  last = statistics.mean(curves['standard', s][fx.TOTAL_STEPS] for s in fx.SEEDS)
+  target = first - stats.TARGET_FRACTION * (first - last)
   assert summary['target_loss']['value'] == pytest.approx(target, abs=1e-9)
-  means = {}
   for v in fx.VARIANTS:
-    hand = {}
-    for s in fx.SEEDS:
-      hits = [step for step in sorted(curves[v, s]) if curves[v, s][step] <= target]
-      hand[str(s)] = hits[0] if hits else None
     st = summary['per_variant'][v]['steps_to_target']
-    assert st['per_seed'] == hand
-    reached = [x for x in hand.values() if x is not None]
-    means[v] = statistics.mean(reached) if reached else None
-    assert st['mean'] == means[v]
-  if means['pairwise'] is not None and means['standard']:
-    assert summary['per_variant']['pairwise']['steps_to_target']['ratio_to_reference'] == (
-        pytest.approx(means['pairwise'] / means['standard']))
+    for s in fx.SEEDS:
+      assert st['per_seed'][str(s)] == _hand_crossing(curves[v, s], target)
+  _assert_both_ratio_branches(workdir, curves)
   for name in ('loss_vs_step.png', 'loss_vs_tokens.png', 'loss_vs_time.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000
   assert summary['per_variant']['standard']['params_encoder_pooler'] > 0
@@ -201,20 +277,22 @@ def test_summarize_only_trains_nothing(tmp_path):
              summarize_only=True)
 
 
-@pytest.mark.skipif(not os.path.isdir(fx.GLUE_DIR), reason=f'{fx.GLUE_DIR} not present')
-@pytest.mark.skipif(not os.environ.get('BERT_SYM_SLOW_TESTS'),
-                    reason='about 1 min more (one GLUE fine-tuning subprocess); set '
-                           'BERT_SYM_SLOW_TESTS=1')
-def test_glue_scoring_through_the_runner(tmp_path):
+def test_glue_scoring_through_the_runner():
+  """glue_run, the GLUE columns of the summary and glue.png, on a tiny RTE directory."""
   workdir, _ = fx.tiny_grid()
-  glue_args = ('--config.max_train_examples=16 --config.max_eval_examples=16 '
-               '--config.epochs=1 --config.max_seq_len=32 --config.batch_size=8 '
+  glue_args = ('--config.epochs=1 --config.max_seq_len=32 --config.batch_size=8 '
                '--config.progress_bar=False')
-  out = ablate.run(fx.CONFIG, 'standard', '1', workdir, fx.OVERRIDES, glue_dir=fx.GLUE_DIR,
-                   glue_tasks='rte', glue_seeds='1', glue_args=glue_args)
+  out = ablate.run(fx.CONFIG, 'standard', '1', workdir, fx.OVERRIDES,
+                   glue_dir=fx.tiny_glue_dir(), glue_tasks='rte', glue_seeds='1',
+                   glue_args=glue_args)
   glue = out['per_variant']['standard']['glue']
   assert 0.0 <= glue['rte']['mean'] <= 100.0
-  assert os.path.exists(os.path.join(workdir, 'glue.png'))
-  assert 'GLUE dev' in open(os.path.join(workdir, 'summary.md')).read()
+  scored = json.load(open(os.path.join(workdir, 'standard', 'seed1', 'glue',
+                                       'glue_results.json')))
+  assert out['per_variant']['standard']['glue_per_seed']['1']['rte'] == pytest.approx(
+      scored['summary']['over_seeds']['rte']['mean'])
+  assert os.path.getsize(os.path.join(workdir, 'glue.png')) > 1000
+  assert '| standard | ' in open(os.path.join(workdir, 'summary.md')).read().split(
+      'GLUE dev')[1]
   ablate.run(fx.CONFIG, ','.join(fx.VARIANTS), '1,2', workdir, fx.OVERRIDES,
              summarize_only=True)

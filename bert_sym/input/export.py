@@ -110,6 +110,7 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
       num_tokens=sum(m['num_tokens'] for m in manifests), dtype=first['dtype'],
       shards=shards, vocab_md5=first['vocab_md5'], vocab_size=first['vocab_size'],
       special_ids=first['special_ids'], text_files=first.get('text_files', ''),
+      validation_files=first.get('validation_files', ''),
       num_parts=first['num_parts'])
   _write_json(join_url(split_url, METADATA_FILE), metadata)
   return metadata
@@ -156,9 +157,14 @@ def default_num_parts(task_name: str, split: str) -> int:
 
 def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: int = 0,
            num_workers: int = 1, worker_index: int = 0, vocab_path: str = '',
-           text_files: str = '', tfds_data_dir: str = '',
+           text_files: str = '', validation_files: str = '', tfds_data_dir: str = '',
            blocks_per_shard: int = 1 << 16) -> dict[str, Any] | None:
-  """Converts this worker's parts of `task`/`split`; returns the metadata once complete."""
+  """Converts this worker's parts of `task`/`split`; returns the metadata once complete.
+
+  `validation_files`: for the text-files task, the files of its validation split, as
+  config.data.validation_files ('' = every 100th document of `text_files` held out), so
+  that the shards hold the same text the seqio route reads.
+  """
   from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   check_max_seq_len(max_seq_len)
   if not 0 <= worker_index < num_workers:
@@ -167,14 +173,15 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
     import seqio  # pylint: disable=import-outside-toplevel
     seqio.set_tfds_data_dir_override(tfds_data_dir)
   if task == sources.TEXT_FILES_TASK:
-    seqio_tasks.register_text_files_task(task, text_files, vocab_path=vocab_path)
+    seqio_tasks.register_text_files_task(task, text_files, vocab_path=vocab_path,
+                                         validation_patterns=validation_files)
   vocabulary = seqio_tasks.get_vocabulary(vocab_path)
   num_parts = num_parts or default_num_parts(task, split)
   split_url = join_url(out_dir, split)
   write_vocab(split_url, tokenizer.read_vocab_bytes(vocabulary.path))
   info = dict(task=task, split=split, vocab_md5=vocabulary.md5,
               vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
-              text_files=text_files)
+              text_files=text_files, validation_files=validation_files)
   for part in range(worker_index, num_parts, num_workers):
     if exists(join_url(split_url, part_manifest_name(part))):
       logging.info('%s: part %d already exported, skipped', split_url, part)

@@ -77,10 +77,15 @@ def mask_blocks(blocks: np.ndarray, example_index: np.ndarray, seed: int,
                 spec: MaskSpec) -> dict[str, np.ndarray]:
   """BERT masking of int [B, L] blocks; row b is example `example_index[b]`.
 
-  Budget per row: k = min(max_predictions, max(1, round(rate * n))) of the n maskable
-  tokens (original BERT). Units (tokens, or whole words) are ranked by a hash score and
-  taken while the running token count stays <= k. Each chosen token becomes [MASK] (80%),
-  a uniformly random id (10%) or stays (10%); all chosen tokens are targets.
+  Selection follows google-research/bert `create_masked_lm_predictions`: the budget per
+  row is num_to_predict = min(max_predictions, max(1, round(rate * n))) with n the row's
+  tokens ([CLS] and [SEP] included, padding not; Python's round, half to even); units
+  (tokens, or whole words) are visited in a random order (a hash score in place of
+  rng.shuffle) and a unit is taken when it fits in what is left of the budget; one that
+  would overflow it is skipped and the next one tried. Candidates are the maskable tokens
+  (BERT's: all but [CLS] and [SEP]; here [PAD], [UNK] and [MASK] are left out too). Each
+  chosen token becomes [MASK] (80%), a uniformly random id (10%) or stays (10%); all
+  chosen tokens are targets.
   """
   blocks = np.asarray(blocks).astype(np.int32)
   batch, length = blocks.shape
@@ -95,21 +100,13 @@ def mask_blocks(blocks: np.ndarray, example_index: np.ndarray, seed: int,
       word_start = candidate
     start_of = np.maximum.accumulate(np.where(word_start, positions, 0), axis=1)
     score = position_bits(keys, start_of, STREAM_SELECT).astype(np.int64)
-    order_key = np.where(candidate, score * POSITION_RADIX + start_of, NOT_A_CANDIDATE)
-    # ranked_up_to[t] = #candidates whose key <= key[t]; tokens of a word share a key.
-    order = np.argsort(order_key, axis=1, kind='stable')
-    sorted_key = np.take_along_axis(order_key, order, axis=1)
-    last_of_key = np.ones_like(candidate)
-    last_of_key[:, :-1] = sorted_key[:, :-1] != sorted_key[:, 1:]
-    end = np.where(last_of_key, np.arange(length), length)
-    end = np.minimum.accumulate(end[:, ::-1], axis=1)[:, ::-1]
-    ranked_up_to = np.empty_like(end)
-    np.put_along_axis(ranked_up_to, order, end + 1, axis=1)
-
-    num_candidates = candidate.sum(axis=1)
-    budget = np.floor(num_candidates.astype(np.float64) * spec.mask_rate + 0.5).astype(np.int64)
-    budget = np.minimum(np.clip(budget, 1, spec.max_predictions), num_candidates)
-    selected = candidate & (ranked_up_to <= budget[:, None])
+    # The visiting order of the units: ascending (score, word start), one key per unit.
+    unit_key = np.where(word_start, score * POSITION_RADIX + start_of, NOT_A_CANDIDATE)
+    num_tokens = (blocks != spec.pad_id).sum(axis=1)
+    budget = np.minimum(spec.max_predictions,
+                        np.maximum(1, np.rint(num_tokens * spec.mask_rate))).astype(np.int64)
+    taken_start = _take_units(unit_key, _unit_lengths(candidate, start_of), budget)
+    selected = candidate & np.take_along_axis(taken_start, start_of, axis=1)
 
     action = position_bits(keys, positions, STREAM_ACTION)
     random_token = (position_bits(keys, positions, STREAM_TOKEN)
@@ -123,6 +120,42 @@ def mask_blocks(blocks: np.ndarray, example_index: np.ndarray, seed: int,
       mlm_targets=np.where(selected, blocks, 0).astype(np.int32),
       mlm_weights=selected.astype(np.float32),
   )
+
+
+def _unit_lengths(candidate: np.ndarray, start_of: np.ndarray) -> np.ndarray:
+  """int [B, L]: at a unit's first position, its number of candidate tokens."""
+  lengths = np.zeros(candidate.shape, np.int64)
+  rows = np.broadcast_to(np.arange(candidate.shape[0])[:, None], candidate.shape)
+  np.add.at(lengths, (rows[candidate], start_of[candidate]), 1)
+  return lengths
+
+
+def _take_units(unit_key: np.ndarray, unit_length: np.ndarray,
+                budget: np.ndarray) -> np.ndarray:
+  """bool [B, L] at unit starts: BERT's greedy pass over the units in key order.
+
+  A unit is taken if it fits in the budget left, skipped if it would overflow it; the pass
+  ends when the budget is used up. Vectorised over rows, one iteration per rank; with
+  single-token units nothing can overflow, so the first `budget` units are the answer.
+  """
+  order = np.argsort(unit_key, axis=1, kind='stable')
+  is_unit = np.take_along_axis(unit_key, order, axis=1) != NOT_A_CANDIDATE
+  length = np.where(is_unit, np.take_along_axis(unit_length, order, axis=1), 0)
+  if (length <= 1).all():
+    take = is_unit & (np.cumsum(length, axis=1) <= budget[:, None])
+  else:
+    take = np.zeros_like(is_unit)
+    used = np.zeros_like(budget)
+    for rank in range(length.shape[1]):
+      open_rows = used < budget
+      if not (open_rows & is_unit[:, rank]).any():   # units come first in every row
+        break
+      fits = is_unit[:, rank] & open_rows & (used + length[:, rank] <= budget)
+      take[:, rank] = fits
+      used += np.where(fits, length[:, rank], 0)
+  taken = np.zeros_like(take)
+  np.put_along_axis(taken, order, take, axis=1)
+  return taken
 
 
 def permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:

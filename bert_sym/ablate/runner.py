@@ -1,31 +1,5 @@
-r"""Ablation runner: one pre-training run per (attention variant, seed), then one report.
-
-  python -m bert_sym.ablate --config=configs/tiny.py --variants=standard,symmetric,pairwise \
-      --seeds=1,2,3 --workdir=runs/abl [--config.total_steps=600 ...]
-
-  # Also fine-tune every final checkpoint on GLUE (bert_sym.glue, one subprocess per run):
-  python -m bert_sym.ablate ... --glue_dir=../shared/data/glue --glue_tasks=rte,mrpc \
-      --glue_seeds=1 --glue_args='--config.epochs=1 --config.max_seq_len=64'
-
-  # Only (re)build the report from the runs already in the workdir (trains nothing):
-  python -m bert_sym.ablate ... --summarize_only
-
-Every run is the real trainer, `python -m bert_sym.train`, in `{workdir}/{variant}/seed{S}`
-with `--config.model.attention=V --config.seed=S` and every other `--config.*` flag passed
-through unchanged, so a grid started by hand with that layout is picked up as is. A run is
-finished when it has a config.json and a finalized checkpoint at the requested
-`config.total_steps`; finished runs are skipped, unfinished ones resumed (the trainer
-resumes from its latest checkpoint). Exit code 42 from the trainer (preempted) reruns it;
-any other failure stops the grid with the run's name and log. SIGTERM to the runner is
-passed to the running trainer, which saves; the runner then exits with code 42 too. On
-Ctrl-C the trainer saves and exits with 130, and so does the runner.
-
-The runner only starts trainers, which use every local accelerator, so the same command
-runs on a laptop, a GPU machine or a single-host TPU VM (a gs:// --workdir works; the logs
-then stay in ./ablate_logs). On a multi-host slice every worker must run it at once, as
-launch/tpu_vm.sh does for the trainer; that path is untested. The outputs (summary.json,
-summary.md, plots) are listed in the README and written by `bert_sym.ablate_report`.
-"""
+"""The grid: one `python -m bert_sym.train` subprocess per (variant, seed), and GLUE on
+its final checkpoint (`python -m bert_sym.glue`); interrupted runs resume."""
 
 import json
 import os
@@ -37,7 +11,6 @@ import sys
 import time
 from typing import Sequence
 
-from absl import app
 from absl import flags
 from etils import epath
 from ml_collections import config_flags
@@ -47,7 +20,7 @@ from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
 # The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
-from bert_sym.ablate_report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SUMMARY_MD,
+from bert_sym.ablate.report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SUMMARY_MD,
                                     latest_finished_step, run_dir, run_status, summarize)
 
 
@@ -77,7 +50,7 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
 
 # ---- Running the grid ----
 
-class _Stopped(Exception):
+class Stopped(Exception):
   """SIGTERM or Ctrl-C to the runner: the current run saved and stopped; so does the grid."""
 
   def __init__(self, exit_code: int):
@@ -147,7 +120,7 @@ def train_run(config: str, overrides: Sequence[str], variant: str, seed: int, pa
     if code == 0:
       return
     if code == INTERRUPTED_EXIT_CODE or (code == PREEMPTED_EXIT_CODE and stop.requested):
-      raise _Stopped(code)
+      raise Stopped(code)
     if code != PREEMPTED_EXIT_CODE:
       raise AblationError(
           f'Training {variant} seed {seed} failed (exit code {code}); the grid stops here. '
@@ -177,7 +150,7 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
   code = _stream(cmd, out / 'glue.log', stop)
   if code != 0:
     if stop.requested or code == -signal.SIGINT:
-      raise _Stopped(INTERRUPTED_EXIT_CODE if code == -signal.SIGINT else PREEMPTED_EXIT_CODE)
+      raise Stopped(INTERRUPTED_EXIT_CODE if code == -signal.SIGINT else PREEMPTED_EXIT_CODE)
     raise AblationError(f'GLUE on {path} failed (exit code {code}); see {out / "glue.log"}.')
   marker.write_text(json.dumps(request) + '\n')
 
@@ -264,80 +237,3 @@ def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
   if not summarize_only:
     print(f'Grid done in {time.time() - start:.0f} s.', flush=True)
   return actions
-
-
-# ---- Command line ----
-
-def define_flags():
-  """The runner's own flags; its --config and --config.* are read from argv as typed.
-
-  Defined only when this module is the program, so notebooks and tests can import it
-  beside `bert_sym.train` (which owns the global --config flag).
-  """
-  return dict(
-      variants=flags.DEFINE_string('variants', 'standard,symmetric,pairwise',
-                                   'Comma-separated attention variants.'),
-      seeds=flags.DEFINE_string('seeds', '1,2,3', 'Comma-separated pre-training seeds.'),
-      workdir=flags.DEFINE_string('workdir', None, 'Grid root: {workdir}/{variant}/seed{S}.'),
-      summarize_only=flags.DEFINE_bool('summarize_only', False,
-                                       'Only build the report from the finished runs.'),
-      glue_dir=flags.DEFINE_string('glue_dir', '', 'Local GLUE directory (else TFDS).'),
-      glue_tasks=flags.DEFINE_string('glue_tasks', '', 'GLUE tasks to score ("" = none).'),
-      glue_seeds=flags.DEFINE_string('glue_seeds', '1', 'GLUE fine-tuning seeds per run.'),
-      glue_args=flags.DEFINE_string(
-          'glue_args', '', "Extra bert_sym.glue flags, e.g. '--config.epochs=1'."),
-      target_loss=flags.DEFINE_float(
-          'target_loss', None, "Target eval loss for steps-to-target (default: standard's "
-          'final mean eval loss).'),
-  )
-
-
-def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[str]]:
-  """argv -> (--config value, --config.* overrides, the other arguments)."""
-  config, overrides, rest = None, [], []
-  for arg in argv:
-    if arg.startswith('--config='):
-      config = arg.split('=', 1)[1]
-    elif arg.startswith('--config.'):
-      if '=' not in arg:
-        raise app.UsageError(f'Write overrides as --config.KEY=VALUE, got {arg!r}.')
-      overrides.append(arg)
-    elif arg == '--config':
-      raise app.UsageError('Write --config=PATH (with "=").')
-    else:
-      rest.append(arg)
-  return config, overrides, rest
-
-
-def main(argv, cli, config, overrides):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not cli['workdir'].value:
-    raise app.UsageError('--workdir is required.')
-  if not config:
-    raise app.UsageError('--config=configs/....py is required.')
-  try:
-    summary = run(config, cli['variants'].value, cli['seeds'].value, cli['workdir'].value,
-                  overrides, summarize_only=cli['summarize_only'].value,
-                  glue_dir=cli['glue_dir'].value, glue_tasks=cli['glue_tasks'].value,
-                  glue_seeds=cli['glue_seeds'].value, glue_args=cli['glue_args'].value,
-                  target_loss=cli['target_loss'].value)
-  except AblationError as e:
-    print(f'bert_sym.ablate: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
-  except _Stopped as e:
-    how = 'Ctrl-C' if e.exit_code == INTERRUPTED_EXIT_CODE else 'SIGTERM'
-    print(f'bert_sym.ablate: stopped ({how}) after the current run saved; rerun the same '
-          f'command to resume.', file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
-  print((epath.Path(cli['workdir'].value) / SUMMARY_MD).read_text())
-  print(f'Summary and plots in {cli["workdir"].value}: {SUMMARY_JSON}, {SUMMARY_MD}, '
-        + ', '.join(summary.get('plots', [])))
-
-
-if __name__ == '__main__':
-  _config, _overrides, _rest = split_config_args(sys.argv)
-  _cli = define_flags()
-  from bert_sym import cli  # pylint: disable=g-import-not-at-top
-  cli.run(lambda argv: main(argv, _cli, _config, _overrides), prog='bert_sym.ablate',
-          argv=_rest)

@@ -1,5 +1,5 @@
 """Ablation plots: eval loss against steps, tokens and wall-clock (mean line, min-max band
-over seeds per variant), and a GLUE bar chart. Called by `ablate_report.summarize`."""
+over seeds per variant), and a GLUE bar chart. Called by `report.summarize`."""
 
 from typing import Sequence
 

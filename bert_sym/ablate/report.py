@@ -1,0 +1,404 @@
+"""Ablation report: reads the finished runs of a grid and writes summary.json,
+summary.md and the plots (`bert_sym.ablate` runs the grid, then calls `summarize`).
+
+Statistics over seeds (steps to target by interpolation, bootstrap intervals, paired
+differences against the reference, when a ratio is given): `bert_sym.ablate.stats`.
+
+Wall-clock time is measured from each run's first metrics row (the step-0 eval, so
+start-up and the first compilation are excluded), without the time a resumed run sat
+stopped (`elapsed_seconds`).
+"""
+
+import dataclasses
+import json
+import re
+from typing import Sequence
+
+from etils import epath
+import ml_collections
+import numpy as np
+
+from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import files
+from bert_sym.glue import metrics as glue_metrics
+from bert_sym import model as model_lib
+from bert_sym.ablate import stats
+
+REFERENCE_VARIANT = 'standard'
+SUMMARY_JSON = 'summary.json'
+SUMMARY_MD = 'summary.md'
+GLUE_SUBDIR = 'glue'
+
+
+class AblationError(Exception):
+  """A run failed or the inputs are inconsistent: reported without a traceback."""
+
+
+def run_dir(workdir, variant: str, seed: int) -> epath.Path:
+  return epath.Path(workdir) / variant / f'seed{seed}'
+
+
+# ---- Reading one run: config.json, metrics.jsonl, checkpoints ----
+
+def latest_finished_step(path) -> int | None:
+  steps = checkpoint_lib.finished_steps(path)
+  return steps[-1] if steps else None
+
+
+def run_status(path, total_steps: int | None = None) -> tuple[bool, str]:
+  """(finished, why): finished = config.json + a finalized checkpoint at total_steps.
+
+  `total_steps` is the requested one; None = the run's own config.json value (for
+  --summarize_only over a workdir whose config is not at hand).
+  """
+  path = epath.Path(path)
+  if not (path / checkpoint_lib.CONFIG_FILE).exists():
+    return False, 'not started'
+  if total_steps is None:
+    total_steps = checkpoint_lib.read_config(path).total_steps
+  step = latest_finished_step(path)
+  if step is None:
+    return False, f'no finished checkpoint yet (0/{total_steps})'
+  if step < total_steps:
+    return False, f'checkpoint at step {step}/{total_steps}'
+  return True, f'finished (step {step})'
+
+
+def _kind(row: dict) -> str:
+  return 'eval' if any(k.startswith('eval/') for k in row) else 'train'
+
+
+def read_metrics(path) -> dict:
+  """metrics.jsonl -> {'eval': {step: row}, 'train': {step: row}, 'rows': [all, in order]}.
+
+  A step logged twice (re-logged after a resume) keeps its last row. A half-written last
+  line (a run still writing) is ignored.
+  """
+  out = {'eval': {}, 'train': {}, 'rows': []}
+  file = epath.Path(path) / 'metrics.jsonl'
+  if not file.exists():
+    return out
+  for line in file.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if 'step' not in row:
+      continue
+    out['rows'].append(row)
+    out[_kind(row)][int(row['step'])] = row
+  return out
+
+
+def process_start_times(path) -> list[float]:
+  """Start time of every trainer process of this run (from its TensorBoard file name)."""
+  folder = epath.Path(path) / 'tensorboard'
+  if not folder.is_dir():
+    return []
+  starts = []
+  for f in folder.iterdir():
+    m = re.match(r'events\.out\.tfevents\.(\d+)\.', f.name)
+    if m:
+      starts.append(float(m.group(1)))
+  return sorted(starts)
+
+
+def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float]:
+  """Wall-clock seconds of each row since the first one, restarts' idle gaps removed.
+
+  For each process start after the first one, the gap between the last row written before
+  it and the start itself is idle time (the run was stopped) and is subtracted from every
+  later row; the restart's own start-up and compilation stay (real cost). Event-file names
+  have whole seconds, so the gap is rounded down by < 1 s; without them none is removed.
+  """
+  if not rows:
+    return []
+  times = [float(r['time']) for r in rows]
+  gaps = []   # (start, idle seconds)
+  for start in starts:
+    before = [t for t in times if t <= start]
+    if before and start > times[0]:
+      gaps.append((start, start - max(before)))
+  return [t - times[0] - sum(g for s, g in gaps if s <= t) for t in times]
+
+
+@dataclasses.dataclass
+class Run:
+  variant: str
+  seed: int
+  path: str
+  config: ml_collections.ConfigDict
+  eval_steps: list[int]
+  eval_loss: list[float]
+  eval_accuracy: list[float]
+  eval_seconds: list[float]       # wall-clock of each eval row (see elapsed_seconds)
+  train_seconds: float            # wall-clock of the last row
+
+  @property
+  def tokens_per_step(self) -> int:
+    return int(self.config.batch_size * self.config.data.max_seq_len)
+
+
+def load_run(variant: str, seed: int, path) -> Run:
+  config = checkpoint_lib.read_config(path)
+  metrics = read_metrics(path)
+  # Time of each row in file order; a re-logged step keeps its last row's time.
+  elapsed = elapsed_seconds(metrics['rows'], process_start_times(path))
+  eval_time = {}
+  for row, t in zip(metrics['rows'], elapsed):
+    if _kind(row) == 'eval':
+      eval_time[int(row['step'])] = t
+  steps = sorted(metrics['eval'])
+  return Run(variant=variant, seed=seed, path=str(path), config=config, eval_steps=steps,
+             eval_loss=[float(metrics['eval'][s]['eval/loss']) for s in steps],
+             eval_accuracy=[float(metrics['eval'][s]['eval/mlm_accuracy']) for s in steps],
+             eval_seconds=[eval_time[s] for s in steps],
+             train_seconds=elapsed[-1] if elapsed else 0.0)
+
+
+# ---- Summary: summary.json, summary.md, plots ----
+
+mean_std = glue_metrics.mean_std   # mean and sample std (ddof=1) of the values present
+_fmt_stat = glue_metrics.format_mean_std
+
+# One line in summary.md (and summary.json) that says which statistic each column is.
+STATISTICS_LINE = (
+    'Columns: final eval loss and steps to target = mean [95% bootstrap interval over '
+    'seeds] (n = seeds that reached the target); steps to target = first crossing of the '
+    'eval curve, linear between evals; ratio = mean steps / {ref} mean steps, only when '
+    'every seed of both reached the target [paired bootstrap interval]; paired Δ = mean '
+    'over seeds of (variant - {ref}) on the same seed [bootstrap interval].')
+
+
+def _fmt_int(value) -> str:
+  return '—' if value is None else f'{value:,.0f}'
+
+
+def _fmt_ci(stat: dict, digits: int) -> str:
+  """'mean [low, high]' of a `stats.describe` dict; the mean alone without an interval."""
+  if stat['mean'] is None:
+    return '—'
+  text = f'{stat["mean"]:.{digits}f}'
+  if stat.get('ci95'):
+    low, high = stat['ci95']
+    text += f' [{low:.{digits}f}, {high:.{digits}f}]'
+  return text
+
+
+def _table_steps(common: list[int], final: int, max_columns: int = 6) -> list[int]:
+  """A readable subset of the common eval steps for the Markdown table (all in JSON)."""
+  inner = [s for s in common if 0 < s < final]
+  if len(inner) > max_columns - 1:
+    picks = np.linspace(0, len(inner) - 1, max_columns - 1).round().astype(int)
+    inner = [inner[i] for i in sorted(set(picks))]
+  return inner + [final]
+
+
+def _glue_scores(path) -> dict | None:
+  """{score name: mean over fine-tuning seeds} of one pre-training run, or None."""
+  file = epath.Path(path) / GLUE_SUBDIR / 'glue_results.json'
+  if not file.exists():
+    return None
+  results = json.loads(file.read_text())
+  over = results.get('summary', {}).get('over_seeds', {})
+  # Task scores and GLUE (or its partial mean); 'glue_full*' only adds WNLI to the same.
+  return {name: stat['mean'] for name, stat in over.items()
+          if stat.get('mean') is not None and not name.startswith('glue_full')}
+
+
+def _model_cost(config) -> dict:
+  seq_len = config.data.max_seq_len
+  return {'params_encoder_pooler': int(model_lib.encoder_plus_pooler_params(config.model)),
+          'train_flops_per_token': float(model_lib.train_flops_per_token(
+              config.model, seq_len, model_lib.mlm_predicted_fraction(config))),
+          'seq_len': int(seq_len), 'batch_size': int(config.batch_size)}
+
+
+def _loss_at(run: Run, step: int) -> float:
+  return run.eval_loss[run.eval_steps.index(step)]
+
+
+def load_finished_runs(workdir, variants, seeds, total_steps) -> tuple[dict, dict]:
+  """({variant: [Run]}, {'variant/seedS': why not included}) of the finished runs."""
+  runs, excluded = {}, {}
+  for variant in variants:
+    for seed in seeds:
+      path = run_dir(workdir, variant, seed)
+      finished, why = run_status(path, total_steps)
+      if finished:
+        runs.setdefault(variant, []).append(load_run(variant, seed, path))
+      else:
+        excluded[f'{variant}/seed{seed}'] = why
+  if not runs:
+    raise AblationError(f'No finished run under {workdir} for variants {list(variants)} and '
+                        f'seeds {list(seeds)}: {excluded}')
+  return runs, excluded
+
+
+def common_eval_steps(all_runs: Sequence[Run]) -> tuple[list[int], int]:
+  """(eval steps present in every run, the final step all of them end at)."""
+  common = sorted(set.intersection(*(set(r.eval_steps) for r in all_runs)))
+  final_steps = {r.eval_steps[-1] for r in all_runs}
+  if len(final_steps) != 1:
+    raise AblationError(f'The runs end at different steps {sorted(final_steps)}: summarize '
+                        f'runs of one total_steps (pass the same --config.total_steps).')
+  return common, final_steps.pop()
+
+
+def choose_target(reference_runs: Sequence[Run], reference: str,
+                  target_loss: float | None) -> dict:
+  """The target eval loss and where it came from (given, or `stats.default_target`)."""
+  if target_loss is not None:
+    value, source = float(target_loss), 'given (--target_loss)'
+  else:
+    value = stats.default_target([r.eval_loss[0] for r in reference_runs],
+                                 [r.eval_loss[-1] for r in reference_runs])
+    source = (f"{reference}'s mean first eval loss minus {stats.TARGET_FRACTION:.0%} of its "
+              f'mean drop to the last eval')
+  return {'value': value, 'source': source, 'reference_variant': reference,
+          'rule': 'first crossing of eval/loss below the target, linear between evals, '
+                  'per seed'}
+
+
+def variant_summary(vruns: Sequence[Run], common: list[int], final: int,
+                    target: float) -> dict:
+  """Everything summary.json says about one variant; per-seed values keyed by seed."""
+  per_seed_steps = {r.seed: stats.steps_to_target(r.eval_steps, r.eval_loss, target)
+                    for r in vruns}
+  glue = {r.seed: _glue_scores(r.path) for r in vruns}
+  glue = {seed: scores for seed, scores in glue.items() if scores}
+  glue_names = sorted({n for scores in glue.values() for n in scores})
+  return {
+      **_model_cost(vruns[0].config),
+      'eval_loss_at_step': {str(s): mean_std([_loss_at(r, s) for r in vruns]) for s in common},
+      'final_eval_loss': stats.describe([_loss_at(r, final) for r in vruns]),
+      'final_eval_loss_per_seed': {str(r.seed): _loss_at(r, final) for r in vruns},
+      'final_eval_mlm_accuracy': stats.describe(
+          [r.eval_accuracy[r.eval_steps.index(final)] for r in vruns]),
+      'steps_to_target': {'per_seed': {str(k): v for k, v in per_seed_steps.items()},
+                          'reached': sum(v is not None for v in per_seed_steps.values()),
+                          'of': len(vruns), **stats.describe(list(per_seed_steps.values()))},
+      'train_seconds': mean_std([r.train_seconds for r in vruns]),
+      'tokens_per_step': vruns[0].tokens_per_step,
+      'glue': {n: mean_std([glue[s].get(n) for s in glue]) for n in glue_names},
+      'glue_per_seed': {str(s): scores for s, scores in glue.items()},
+  }
+
+
+def compare_to_reference(per_variant: dict, reference: str) -> None:
+  """Adds the ratio of steps to target and the paired differences to every variant."""
+  ref = per_variant[reference]
+  ref_steps = ref['steps_to_target']['per_seed']
+  for p in per_variant.values():
+    st = p['steps_to_target']
+    ratio = stats.steps_ratio(st['per_seed'], ref_steps)
+    st['ratio_to_reference'], st['ratio_ci95'] = ratio['value'], ratio['ci95']
+    p['paired_vs_reference'] = {
+        'final_eval_loss': stats.paired_difference(p['final_eval_loss_per_seed'],
+                                                   ref['final_eval_loss_per_seed']),
+        'steps_to_target': stats.paired_difference(st['per_seed'], ref_steps),
+    }
+
+
+def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
+              total_steps: int | None = None, target_loss: float | None = None,
+              plots: bool = True) -> dict:
+  """Reads every finished run, writes summary.json / summary.md / plots, returns the dict."""
+  workdir = epath.Path(workdir)
+  runs, excluded = load_finished_runs(workdir, variants, seeds, total_steps)
+  present = [v for v in variants if v in runs]
+  common, final = common_eval_steps([r for v in present for r in runs[v]])
+  reference = REFERENCE_VARIANT if REFERENCE_VARIANT in runs else present[0]
+  target = choose_target(runs[reference], reference, target_loss)
+  out = {'workdir': str(workdir), 'variants': present, 'seeds': list(seeds),
+         'runs': {v: [r.seed for r in runs[v]] for v in present}, 'excluded': excluded,
+         'statistic': STATISTICS_LINE.format(ref=reference),
+         'final_step': final, 'eval_steps': common, 'target_loss': target,
+         'per_variant': {v: variant_summary(runs[v], common, final, target['value'])
+                         for v in present}}
+  compare_to_reference(out['per_variant'], reference)
+  if plots:
+    from bert_sym.ablate import plots as plots_lib  # pylint: disable=g-import-not-at-top  (matplotlib)
+    out['plots'] = plots_lib.plot(workdir, runs, present, target['value'], out)
+  files.write_atomically(workdir / SUMMARY_MD, markdown(out))
+  files.write_atomically(workdir / SUMMARY_JSON, json.dumps(out, indent=2) + '\n')
+  return out
+
+
+# ---- summary.md ----
+
+def _steps_cell(st: dict) -> str:
+  if st['reached'] == 0:
+    return 'not reached'
+  return _fmt_ci(st, 0) + f' (n={st["reached"]}/{st["of"]})'
+
+
+def _ratio_cell(st: dict) -> str:
+  if st['ratio_to_reference'] is None:
+    return '—'
+  text = f'{st["ratio_to_reference"]:.2f}'
+  if st['ratio_ci95']:
+    text += ' [{:.2f}, {:.2f}]'.format(*st['ratio_ci95'])
+  return text
+
+
+def _main_table(summary: dict) -> list[str]:
+  ref = summary['target_loss']['reference_variant']
+  lines = ['| variant | seeds | params (enc+pooler) | train FLOPs/token | final eval loss | '
+           f'paired Δ loss vs {ref} | final MLM acc | steps to target | paired Δ steps | '
+           f'ratio vs {ref} | train time (s) |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for v in summary['variants']:
+    p = summary['per_variant'][v]
+    st, paired = p['steps_to_target'], p['paired_vs_reference']
+    same = v == ref
+    lines.append(
+        f'| {v} | {",".join(map(str, summary["runs"][v]))} | '
+        f'{_fmt_int(p["params_encoder_pooler"])} | {p["train_flops_per_token"]:.3e} | '
+        f'{_fmt_ci(p["final_eval_loss"], 4)} | '
+        f'{"—" if same else _fmt_ci(paired["final_eval_loss"], 4)} | '
+        f'{_fmt_stat(p["final_eval_mlm_accuracy"], 4)} | {_steps_cell(st)} | '
+        f'{"—" if same else _fmt_ci(paired["steps_to_target"], 0)} | {_ratio_cell(st)} | '
+        f'{_fmt_stat(p["train_seconds"], 0)} |')
+  return lines
+
+
+def _loss_at_step_table(summary: dict) -> list[str]:
+  shown = _table_steps(summary['eval_steps'], summary['final_step'])
+  lines = ['', 'Eval MLM loss at step, mean ± std over seeds (every common eval step is in '
+           'summary.json):', '',
+           '| variant | ' + ' | '.join(f'step {s}' for s in shown) + ' |',
+           '|---|' + '---:|' * len(shown)]
+  for v in summary['variants']:
+    cells = [_fmt_stat(summary['per_variant'][v]['eval_loss_at_step'][str(s)], 3)
+             for s in shown]
+    lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def _glue_table(summary: dict) -> list[str]:
+  pv, variants = summary['per_variant'], summary['variants']
+  names = sorted({n for v in variants for n in pv[v]['glue']},
+                 key=lambda n: (n.startswith('glue'), n))
+  if not names:
+    return []
+  lines = ['', 'GLUE dev (x100; per pre-training seed: mean over fine-tuning seeds; then '
+           'mean ± std over pre-training seeds):', '',
+           '| variant | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+  for v in variants:
+    cells = [_fmt_stat(pv[v]['glue'][n], 2) if n in pv[v]['glue'] else '—' for n in names]
+    lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def markdown(summary: dict) -> str:
+  target = summary['target_loss']
+  lines = [f'# Ablation: {", ".join(summary["variants"])}', '',
+           f'Runs in `{summary["workdir"]}`; final step {summary["final_step"]}.', '']
+  if summary['excluded']:
+    lines += ['Not included (unfinished): ' + ', '.join(
+        f'{k} ({v})' for k, v in summary['excluded'].items()), '']
+  lines += [f'Target eval loss {target["value"]:.4f} ({target["source"]}).', '',
+            summary['statistic'], '']
+  lines += _main_table(summary) + _loss_at_step_table(summary) + _glue_table(summary)
+  return '\n'.join(lines) + '\n'

@@ -1,0 +1,107 @@
+"""The ablation's statistics over pre-training seeds, in one place.
+
+* Steps to target: per seed, the first crossing of the eval curve below the target,
+  linearly interpolated between the two evals around it (so its resolution is not the
+  eval interval); None when the curve never gets there.
+* Intervals: percentile bootstrap over seeds (95%, fixed resampling seed, so a summary is
+  reproducible). With 3 seeds a bootstrap has only 10 distinct resamples and understates
+  the width; it says how far the seeds spread, not a guarantee.
+* Paired differences: seed s gives every variant the same data order and masking, so
+  variant - reference per seed removes the data's share of the noise.
+* Ratio of steps to target: only when every seed of both variants reached the target
+  (a mean over the seeds that happened to get there would favour the lucky ones).
+"""
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+# Default target: the reference's mean eval loss after this fraction of its mean drop from
+# the first eval to the last one; every reference seed that trains normally gets there.
+TARGET_FRACTION = 0.9
+
+
+def steps_to_target(steps: Sequence[int], losses: Sequence[float],
+                    target: float) -> float | None:
+  """The step at which the eval curve first reaches `target` (linear between evals)."""
+  for i, (step, loss) in enumerate(zip(steps, losses)):
+    if loss <= target:
+      if i == 0:
+        return float(step)
+      s0, l0 = steps[i - 1], losses[i - 1]
+      return float(s0 + (l0 - target) / (l0 - loss) * (step - s0))
+  return None
+
+
+def default_target(first_losses: Sequence[float], last_losses: Sequence[float],
+                   fraction: float = TARGET_FRACTION) -> float:
+  """first - fraction * (first - last), of the reference's mean first and last eval loss."""
+  first, last = float(np.mean(first_losses)), float(np.mean(last_losses))
+  return first - fraction * (first - last)
+
+
+def bootstrap_interval(samples: Sequence[Sequence[float]],
+                       statistic: Callable[..., float]) -> list[float] | None:
+  """95% percentile interval of statistic(*samples), the samples resampled together.
+
+  `samples` are equal-length columns indexed by seed (paired data resample the same seeds
+  in every column). None with fewer than 2 seeds.
+  """
+  columns = [np.asarray(c, float) for c in samples]
+  n = len(columns[0])
+  if n < 2:
+    return None
+  rng = np.random.default_rng(BOOTSTRAP_SEED)
+  picks = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
+  values = np.array([statistic(*(c[p] for c in columns)) for p in picks])
+  values = values[np.isfinite(values)]
+  tail = 100 * (1 - CONFIDENCE) / 2
+  return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+
+
+def describe(values: Sequence[float | None]) -> dict:
+  """Mean, sample std (ddof=1), n, and the bootstrap interval of the mean, over the values
+  present (None = missing)."""
+  present = [float(v) for v in values if v is not None]
+  n = len(present)
+  return {'mean': float(np.mean(present)) if n else None,
+          'std': float(np.std(present, ddof=1)) if n > 1 else None, 'n': n,
+          'ci95': bootstrap_interval([present], np.mean) if n else None}
+
+
+def paired_difference(variant: dict, reference: dict) -> dict:
+  """variant - reference over the seeds both have a value for ({seed: value} dicts)."""
+  seeds = sorted(s for s in variant
+                 if variant[s] is not None and reference.get(s) is not None)
+  out = describe([variant[s] - reference[s] for s in seeds])
+  out['seeds'] = seeds
+  return out
+
+
+def steps_ratio(variant: dict, reference: dict) -> dict:
+  """mean steps(variant) / mean steps(reference), only if every seed of both got there.
+
+  Resampled by seed pairs when both variants ran the same seeds (the usual grid),
+  each variant on its own otherwise.
+  """
+  v, r = list(variant.values()), list(reference.values())
+  if not v or not r or None in v or None in r:
+    return {'value': None, 'ci95': None,
+            'why': 'not every seed of both variants reached the target'}
+  value = float(np.mean(v) / np.mean(r))
+  if sorted(variant) == sorted(reference):
+    seeds = sorted(variant)
+    ci = bootstrap_interval([[variant[s] for s in seeds], [reference[s] for s in seeds]],
+                            lambda a, b: np.mean(a) / np.mean(b))
+  else:
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    a, b = np.asarray(v, float), np.asarray(r, float)
+    ratios = (rng.choice(a, (BOOTSTRAP_RESAMPLES, len(a))).mean(axis=1)
+              / rng.choice(b, (BOOTSTRAP_RESAMPLES, len(b))).mean(axis=1))
+    tail = 100 * (1 - CONFIDENCE) / 2
+    ci = ([float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
+          if len(a) > 1 or len(b) > 1 else None)
+  return {'value': value, 'ci95': ci, 'why': None}
