@@ -147,8 +147,14 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
   path = Path(path)
   # utf-8-sig drops MRPC's byte-order mark; splitting on '\n' only (not universal newlines)
   # keeps a stray '\r' inside a sentence from cutting a row in two.
-  with open(path, encoding='utf-8-sig', newline='') as f:
-    numbered = [(n, line.rstrip('\r')) for n, line in enumerate(f.read().split('\n'), 1)]
+  try:
+    with open(path, encoding='utf-8-sig', newline='') as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b'\n') + 1
+    raise GlueDataError(f'{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); GLUE TSVs '
+                        'are UTF-8. Re-encode the file (e.g. iconv -f latin1 -t utf-8).') from None
+  numbered = [(n, line.rstrip('\r')) for n, line in enumerate(text.split('\n'), 1)]
   # Blank lines are dropped (as csv.DictReader, and so TFDS's idx, does); errors still
   # name the line number in the file.
   numbered = [(n, line) for n, line in numbered if line.strip()]
