@@ -1,6 +1,8 @@
 """glue_data: readers on the GLUE layouts (the committed fixture; the real files' sizes when
 present), their quirks, TFDS, packing, clear errors."""
 
+import socket
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -120,16 +122,38 @@ def test_mnli_and_qqp_layouts(tmp_path):
   assert qqp.texts[0][0] == 'How do I "learn?'                        # quote kept verbatim
 
 
-@pytest.mark.parametrize('name', sorted(glue_data.TASKS))
-def test_tfds_source_all_tasks(name):
-  """The default TFDS path, on TFDS's mock data for the real glue/* builder."""
-  spec = glue_data.TASKS[name]
+@pytest.fixture
+def tfds_mock_data(monkeypatch):
+  """TFDS's mock data for the real glue/* builders: nothing is prepared, nothing downloads."""
+  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', None)
   with tfds.testing.mock_data(num_examples=4):
-    for split in ['train'] + [d.score_name for d in spec.dev_sets]:
-      examples = glue_data.load_split(spec, split)
-      assert len(examples) == 4 and len(examples.texts) == len(spec.tfds_text_keys)
-      assert isinstance(examples.texts[-1][0], str)
-      assert examples.labels.dtype == (np.float32 if spec.is_regression else np.int32)
+    yield
+
+
+@pytest.mark.parametrize('name', sorted(glue_data.TASKS))
+def test_tfds_source_all_tasks(name, tfds_mock_data):
+  """The default TFDS path, on TFDS's mock data for the real glue/* builder."""
+  del tfds_mock_data
+  spec = glue_data.TASKS[name]
+  for split in ['train'] + [d.score_name for d in spec.dev_sets]:
+    examples = glue_data.load_split(spec, split)
+    assert len(examples) == 4 and len(examples.texts) == len(spec.tfds_text_keys)
+    assert isinstance(examples.texts[-1][0], str)
+    assert examples.labels.dtype == (np.float32 if spec.is_regression else np.int32)
+
+
+def test_tfds_unprepared_and_offline_fails_in_seconds(tmp_path, monkeypatch):
+  """Not prepared in data_dir and the download host unreachable (here: a closed local
+  port): one clear error before tfds.load, instead of minutes of TFDS's retries."""
+  with socket.socket() as closed:
+    closed.bind(('localhost', 0))
+    port = closed.getsockname()[1]
+  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', port))
+  monkeypatch.setattr(tfds, 'load', lambda *a, **k: pytest.fail('tfds.load was called'))
+  with pytest.raises(glue_data.GlueDataError,
+                     match=rf'glue/rte is not prepared in {tmp_path}.*localhost:{port} is '
+                           r'unreachable.*--config.tfds_data_dir=DIR.*--glue_dir=DIR'):
+    glue_data.load_split(glue_data.TASKS['rte'], 'train', tfds_data_dir=str(tmp_path))
 
 
 def test_errors_are_clear(tmp_path):

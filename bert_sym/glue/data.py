@@ -12,6 +12,7 @@ nothing about models or meshes.
 import dataclasses
 import logging
 from pathlib import Path
+import socket
 
 import numpy as np
 
@@ -208,10 +209,35 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
   return Examples(np.asarray(idx, np.int64), texts, np.asarray(labels, dtype))
 
 
+# Where TFDS downloads glue/* from. Probed before `tfds.load` when the task is not prepared,
+# so that an offline machine fails in seconds instead of minutes of TFDS's retries. None
+# skips the probe (tests on TFDS's mock data).
+TFDS_DOWNLOAD_HOST: tuple[str, int] | None = ('dl.fbaipublicfiles.com', 443)
+_PROBE_TIMEOUT_S = 5.0
+
+
+def check_tfds_can_load(tfds, spec: TaskSpec, data_dir: str | None = None) -> None:
+  """Raises GlueDataError when glue/<task> is neither prepared in `data_dir` nor
+  downloadable (its host unreachable)."""
+  builder = tfds.builder(f'glue/{spec.name}', data_dir=data_dir or None)
+  if TFDS_DOWNLOAD_HOST is None or builder.is_prepared():
+    return
+  try:
+    socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=_PROBE_TIMEOUT_S).close()
+  except OSError as e:
+    host, port = TFDS_DOWNLOAD_HOST
+    raise GlueDataError(
+        f'TFDS glue/{spec.name} is not prepared in {builder.data_dir} and its download host '
+        f'{host}:{port} is unreachable ({e}). Fix: prepare it where there is internet (tfds '
+        'build glue --data_dir=DIR) and pass --config.tfds_data_dir=DIR, or use a local copy '
+        'in the GLUE download-script layout with --glue_dir=DIR.') from None
+
+
 def load_tfds(spec: TaskSpec, split: str, data_dir: str | None = None) -> Examples:
   """`tfds.load(f'glue/{name}', split=split)` as Examples (downloads when not prepared)."""
   import_tensorflow()   # first, so that TF (under TFDS) leaves the GPUs to JAX
   import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
+  check_tfds_can_load(tfds, spec, data_dir)
   dataset = tfds.load(f'glue/{spec.name}', split=split, data_dir=data_dir or None,
                       shuffle_files=False)
   idx, texts, labels = [], tuple([] for _ in spec.tfds_text_keys), []
