@@ -1,4 +1,5 @@
-"""Structural properties of the three compatibility functions (PAPER.md identities)."""
+"""Structural properties of the three compatibility functions (the paper's identities;
+Courtois et al., Findings of ACL 2024)."""
 
 import functools
 import logging

@@ -164,23 +164,17 @@ def test_errors_are_clear(tmp_path):
     glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
   with pytest.raises(glue_data.GlueDataError, match='not a directory'):
     glue_data.load_split(rte, 'train', glue_dir=str(tmp_path / 'nope'))
-  _write(tmp_path / 'RTE' / 'train.tsv', '')
-  with pytest.raises(glue_data.GlueDataError, match='is empty'):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\n0\ta\tb\n')
-  with pytest.raises(glue_data.GlueDataError, match=r"missing \['label'\].*test.tsv has none"):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n')
-  with pytest.raises(glue_data.GlueDataError, match='header but no examples'):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n')
-  with pytest.raises(glue_data.GlueDataError, match=r"train.tsv:2: label 'maybe'"):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  # A blank line in the middle is dropped, but the error still names the file's line.
-  _write(tmp_path / 'RTE' / 'train.tsv',
-         'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n\n1\tc\td\tmaybe\n')
-  with pytest.raises(glue_data.GlueDataError, match=r"train.tsv:4: label 'maybe'"):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  header = 'index\tsentence1\tsentence2\tlabel\n'
+  for content, message in (
+      ('', 'is empty'),
+      ('index\tsentence1\tsentence2\n0\ta\tb\n', r"missing \['label'\].*test.tsv has none"),
+      (header, 'header but no examples'),
+      (header + '0\ta\tb\tmaybe\n', r"train.tsv:2: label 'maybe'"),
+      # A blank line in the middle is dropped, but the error still names the file's line.
+      (header + '0\ta\tb\tentailment\n\n1\tc\td\tmaybe\n', r"train.tsv:4: label 'maybe'")):
+    _write(tmp_path / 'RTE' / 'train.tsv', content)
+    with pytest.raises(glue_data.GlueDataError, match=message):
+      glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
   with pytest.raises(glue_data.GlueDataError, match=r'Missing .*RTE/dev.tsv'):
     glue_data.load_split(rte, 'rte', glue_dir=str(tmp_path))
   (tmp_path / 'RTE' / 'train.tsv').write_bytes(

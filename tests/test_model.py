@@ -30,7 +30,7 @@ def init_params(module, cfg, seed=0, length=16):
 
 
 # ---------------------------------------------------------------------------------------
-# Parameter counts (PAPER.md table: encoder + pooler, Hugging Face BertModel convention).
+# Parameter counts (the paper's table, Courtois et al., Findings of ACL 2024: encoder + pooler, Hugging Face BertModel convention).
 # ---------------------------------------------------------------------------------------
 
 PAPER_COUNTS = {
@@ -225,7 +225,7 @@ def test_sparse_mlm_head_equals_gathered_dense_logits(attention):
 
 
 # ---------------------------------------------------------------------------------------
-# Initialisation (PAPER.md: P ~ N(0, 1); everything else N(0, 0.02), biases 0, LN 1/0).
+# Initialisation (as in the paper: P ~ N(0, 1); everything else N(0, 0.02), biases 0, LN 1/0).
 # ---------------------------------------------------------------------------------------
 
 def test_initialisation_follows_reference_code():
