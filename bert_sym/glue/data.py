@@ -146,46 +146,8 @@ def tsv_path(glue_dir, spec: TaskSpec, file_name: str) -> Path:
 def read_tsv(path, spec: TaskSpec) -> Examples:
   """One labelled GLUE TSV (train or dev) in the download-script layout."""
   path = Path(path)
-  # utf-8-sig drops MRPC's byte-order mark; splitting on '\n' only (not universal newlines)
-  # keeps a stray '\r' inside a sentence from cutting a row in two.
-  try:
-    with open(path, encoding='utf-8-sig', newline='') as f:
-      text = f.read()
-  except UnicodeDecodeError as e:
-    line = e.object[:e.start].count(b'\n') + 1
-    raise GlueDataError(f'{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); GLUE TSVs '
-                        'are UTF-8. Re-encode the file (e.g. iconv -f latin1 -t utf-8).') from None
-  numbered = [(n, line.rstrip('\r')) for n, line in enumerate(text.split('\n'), 1)]
-  # Blank lines are dropped (as csv.DictReader, and so TFDS's idx, does); errors still
-  # name the line number in the file.
-  numbered = [(n, line) for n, line in numbered if line.strip()]
-  lines = [line for _, line in numbered]
-  if not lines:
-    raise GlueDataError(f'{path} is empty; expected a {spec.name} TSV with a label column.')
-
-  if spec.tsv_no_header_columns is not None:
-    columns = spec.tsv_no_header_columns
-    rows = numbered
-    first = lines[0].split('\t')
-    if len(first) <= max(columns.values()) or not first[columns['label']].strip().isdigit():
-      raise GlueDataError(f'{path}: expected {spec.name} rows without a header, columns '
-                          f'(source, label, original-label, sentence); the first row is '
-                          f'{first[:4]}.')
-  else:
-    header = [h.strip() for h in lines[0].split('\t')]
-    wanted = spec.tsv_text_columns + (spec.tsv_label_column,)
-    missing = [c for c in wanted if c not in header]
-    if missing:
-      raise GlueDataError(f'{path}: header has columns {header}, but {spec.name} needs '
-                          f'{list(wanted)} (missing {missing}). Is this the right file, '
-                          'with labels (test.tsv has none)?')
-    # MNLI's gold_label is the last column, after a varying number of annotator labels:
-    # look every column up by name, never by position.
-    columns = {c: header.index(c) for c in wanted}
-    rows = numbered[1:]
-    if not rows:
-      raise GlueDataError(f'{path} has a header but no examples.')
-
+  numbered = _numbered_lines(path, spec)
+  columns, rows = _columns_and_rows(path, spec, numbered)
   text_columns = [columns[c] for c in spec.tsv_text_columns]
   label_column = columns[spec.tsv_label_column]
   needed = max(columns.values()) + 1
@@ -207,6 +169,51 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
                         f'{spec.name} needs.')
   dtype = np.float32 if spec.is_regression else np.int32
   return Examples(np.asarray(idx, np.int64), texts, np.asarray(labels, dtype))
+
+
+def _numbered_lines(path: Path, spec: TaskSpec) -> list[tuple[int, str]]:
+  """(line number in the file, line) of every non-blank line."""
+  # utf-8-sig drops MRPC's byte-order mark; splitting on '\n' only (not universal newlines)
+  # keeps a stray '\r' inside a sentence from cutting a row in two.
+  try:
+    with open(path, encoding='utf-8-sig', newline='') as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b'\n') + 1
+    raise GlueDataError(f'{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); GLUE TSVs '
+                        'are UTF-8. Re-encode the file (e.g. iconv -f latin1 -t utf-8).') from None
+  numbered = [(n, line.rstrip('\r')) for n, line in enumerate(text.split('\n'), 1)]
+  # Blank lines are dropped (as csv.DictReader, and so TFDS's idx, does); errors still
+  # name the line number in the file.
+  numbered = [(n, line) for n, line in numbered if line.strip()]
+  if not numbered:
+    raise GlueDataError(f'{path} is empty; expected a {spec.name} TSV with a label column.')
+  return numbered
+
+
+def _columns_and_rows(path: Path, spec: TaskSpec, numbered):
+  """({field: column index}, the example rows): from the header, or CoLA's fixed layout."""
+  first = numbered[0][1]
+  if spec.tsv_no_header_columns is not None:
+    columns = spec.tsv_no_header_columns
+    fields = first.split('\t')
+    if len(fields) <= max(columns.values()) or not fields[columns['label']].strip().isdigit():
+      raise GlueDataError(f'{path}: expected {spec.name} rows without a header, columns '
+                          f'(source, label, original-label, sentence); the first row is '
+                          f'{fields[:4]}.')
+    return columns, numbered
+  header = [h.strip() for h in first.split('\t')]
+  wanted = spec.tsv_text_columns + (spec.tsv_label_column,)
+  missing = [c for c in wanted if c not in header]
+  if missing:
+    raise GlueDataError(f'{path}: header has columns {header}, but {spec.name} needs '
+                        f'{list(wanted)} (missing {missing}). Is this the right file, '
+                        'with labels (test.tsv has none)?')
+  if len(numbered) == 1:
+    raise GlueDataError(f'{path} has a header but no examples.')
+  # MNLI's gold_label is the last column, after a varying number of annotator labels:
+  # look every column up by name, never by position.
+  return {c: header.index(c) for c in wanted}, numbered[1:]
 
 
 # Where TFDS downloads glue/* from. Probed before `tfds.load` when the task is not prepared,
