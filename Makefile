@@ -1,16 +1,20 @@
 # Two entry points, each creating .venv on first use:
 #   make demo   pre-train the tiny pairwise BERT on the embedded Wikipedia corpus (CPU, minutes)
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (what CI runs); skipped tests are listed with their reasons
 # Then, on the demo's checkpoint:
 #   make export       a standard Hugging Face BERT in runs/tiny_demo_hf
-#   make glue-local   GLUE fine-tuning from a local GLUE copy (GLUE_DIR), short recipe
-# Everything else: `source .venv/bin/activate`, then `python -m bert_sym.<train|glue|export>`.
+#   make glue-local   GLUE fine-tuning from a local GLUE copy (GLUE_DIR=...), short recipe
+#   make benchmarks   CPU benchmarks into BENCH_OUT (RECORD=1 also updates benchmarks/RESULTS.md)
+# Everything else: `source .venv/bin/activate`, then `python -m bert_sym.<train|glue|export>`
+# from any directory (bert_sym is installed into the venv in editable mode).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/tiny_demo
-GLUE_DIR ?= ../shared/data/glue
+GLUE_DIR ?=
 ARGS ?=
+BENCH_OUT ?= runs/benchmarks
+RECORD ?= 0
 # pytest-xdist workers: most tests wait on one single-threaded XLA compile or a subprocess,
 # so two workers halve the suite on 2 cores (TEST_WORKERS=0 runs it in one process).
 TEST_WORKERS ?= 2
@@ -21,8 +25,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.runtime-installed: requirements.txt | $(BIN)/python
+$(VENV)/.runtime-installed: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 $(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
@@ -36,6 +41,7 @@ export: $(VENV)/.runtime-installed
 	$(BIN)/python -m bert_sym.export --checkpoint=$(WORKDIR) --out_dir=$(WORKDIR)_hf $(ARGS)
 
 glue-local: $(VENV)/.runtime-installed
+	@test -n "$(GLUE_DIR)" || { echo 'make glue-local: set GLUE_DIR to a GLUE copy in the download-script layout (CoLA/, MRPC/, RTE/, ...), e.g. make glue-local GLUE_DIR=/data/glue_data'; exit 2; }
 	$(BIN)/python -m bert_sym.glue --checkpoint=$(WORKDIR) --output_dir=$(WORKDIR)_glue \
 	    --glue_dir=$(GLUE_DIR) --tasks=rte,mrpc --seeds=1 --config=configs/glue.py:runlocal \
 	    --config.max_seq_len=64 $(ARGS)
@@ -44,11 +50,15 @@ dry-run: $(VENV)/.runtime-installed
 	$(BIN)/python -m bert_sym.train --config=configs/sym_base.py --dry_run
 
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests $(ARGS)
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests $(ARGS)
 
+# Results go to BENCH_OUT; the committed record (benchmarks/results/*.json and a section of
+# benchmarks/RESULTS.md) changes only with RECORD=1.
 benchmarks: $(VENV)/.test-installed
-	$(BIN)/python benchmarks/attention_variants.py --size=small
-	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/attention_variants.py --size=small --out_dir=$(BENCH_OUT) \
+	    $(if $(filter 1,$(RECORD)),--record)
+	$(BIN)/python benchmarks/data_pipeline.py --out_dir=$(BENCH_OUT) \
+	    $(if $(filter 1,$(RECORD)),--record)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -69,14 +69,8 @@ def synthetic_batch(batch, seq_len, vocab_size, seed=0):
 # Workers (one configuration each, in a subprocess).
 # ----------------------------------------------------------------------------------------
 
-def run_ours(spec):
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bert_sym import loop, metrics_writer, objectives, optim, sharding, train  # pylint: disable=g-import-not-at-top
-  from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
+def _ours_config(spec):
   from configs import common  # pylint: disable=g-import-not-at-top
-
   impl, attention_dropout = PATHS[spec['path']]
   config = common.base_config(spec['size'], spec['attention'])
   config.batch_size, config.data.max_seq_len = spec['batch'], spec['seq']
@@ -85,51 +79,59 @@ def run_ours(spec):
   config.model.attention_dropout_rate = attention_dropout
   config.model.scan_layers = bool(spec['scan_layers'])
   config.optimizer.warmup_steps = 10
-  if spec['compilation_cache_dir']:
-    loop.enable_compilation_cache(spec['compilation_cache_dir'])
+  return config
 
+
+def _ours_state_step_batch(config, spec):
+  """The trainer's pieces: state created sharded (steps.create_state), its update step
+  jitted under the kernel mesh (steps.jit_train_step), a global batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
+  from bert_sym import objectives, optim, sharding, steps, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config)
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  replicated = sharding.replicated(mesh)
   model = model_lib.BertForMaskedLM(config.model)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  init_key = jax.random.key(0)
-
-  def init_params(key):
-    return model.init(key, *model_lib.dummy_inputs(1, spec['seq']))['params']
-
-  boxed = jax.eval_shape(init_params, init_key)
-  param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
-  opt_shardings = sharding.opt_state_shardings(
-      tx, nn.meta.unbox(boxed), param_shardings, mesh)
-  state_shardings = {'params': param_shardings, 'opt_state': opt_shardings,
-                     'step': replicated, 'rng': replicated}
-
-  @jax.jit
-  def init_state():
-    params = nn.meta.unbox(init_params(init_key))
-    return {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
-            'rng': jax.random.key_data(jax.random.key(1))}
-  state = jax.device_put(init_state(), state_shardings)
-
-  step = jax.jit(train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
-                 in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  state_spec = steps.create_state(
+      lambda key: model.init(key, *model_lib.dummy_inputs(1, spec['seq']))['params'],
+      tx, mesh, rules)
+  state = state_spec.init(jax.random.key(0), jax.random.key(1))
+  step = steps.jit_train_step(
+      train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
+      state_spec.shardings, batch_sharding, sharding.replicated(mesh), rules)
   host = objectives.host_mlm_positions(
       synthetic_batch(spec['batch'], spec['seq'], config.model.vocab_size),
       config.data.max_predictions_per_seq)
   batch = sharding.host_batch_to_global(host, mesh=mesh, global_batch_size=spec['batch'],
                                         rules=rules)
-  compiled, compile_s = loop.compile_step(step, state, batch)
-  for _ in range(spec['warmup']):
+  return state, step, batch
+
+
+def _timed_steps(compiled, state, batch, warmup, num_steps):
+  """(seconds per step, last metrics) over `num_steps` after `warmup` untimed steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   start = time.perf_counter()
-  for _ in range(spec['steps']):
+  for _ in range(num_steps):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
-  step_s = (time.perf_counter() - start) / spec['steps']
+  return (time.perf_counter() - start) / num_steps, metrics
+
+
+def run_ours(spec):
+  import jax  # pylint: disable=g-import-not-at-top
+  from bert_sym import attention, loop, metrics_writer  # pylint: disable=g-import-not-at-top
+  from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
+
+  config = _ours_config(spec)
+  if spec['compilation_cache_dir']:
+    loop.enable_compilation_cache(spec['compilation_cache_dir'])
+  state, step, batch = _ours_state_step_batch(config, spec)
+  compiled, compile_s = loop.compile_step(step, state, batch)
+  step_s, metrics = _timed_steps(compiled, state, batch, spec['warmup'], spec['steps'])
 
   device = jax.devices()[0]
   tokens_per_s = spec['batch'] * spec['seq'] / step_s
@@ -137,9 +139,9 @@ def run_ours(spec):
                                           model_lib.mlm_predicted_fraction(config))
   peak = metrics_writer.peak_flops_per_device()
   stats = device.memory_stats() or {}
+  impl, attention_dropout = PATHS[spec['path']]
   chosen = impl
   if impl == 'auto':
-    from bert_sym import attention  # pylint: disable=g-import-not-at-top
     chosen = attention.resolve_implementation(
         impl, training_dropout=attention_dropout > 0, return_weights=False,
         seq_len=spec['seq'], dtype=model_lib.compute_dtype(config.model.dtype))

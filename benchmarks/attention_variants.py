@@ -2,11 +2,13 @@
 
   python benchmarks/attention_variants.py --size=small --batch=8 --seq_len=128
 
-Times one jitted forward+backward (value_and_grad of the sparse-head MLM loss, as the
-trainer runs it, no optimizer update) per variant. Variants are interleaved round by
-round so that drift of the machine (thermal, other load) hits all of them alike; the
-reported time is the median over rounds, and the ratio to standard also as the median
-of per-round ratios. Writes benchmarks/results/attention_variants_<device>.json.
+Times one jitted forward+backward per variant of the trainer's loss,
+`objectives.mlm_loss_fn` (sparse MLM head, normalised by `objectives.mlm_weight`), no
+optimizer update. Variants are interleaved round by round so that drift of the machine
+(thermal, other load) hits all of them alike; the reported time is the median over
+rounds, and the ratio to standard also as the median of per-round ratios. Writes
+attention_variants_<device>.json into --out_dir (default runs/benchmarks); --record
+writes it to benchmarks/results/ instead, the committed record.
 
   python benchmarks/attention_variants.py --scope=attention --size=small --batch=8 --seq_len=128
 
@@ -31,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bert_sym import model as bert  # noqa: E402
+from bert_sym import objectives  # noqa: E402
 from bert_sym.attention import SelfAttention  # noqa: E402
 from configs.common import model_config  # noqa: E402
 
@@ -38,29 +41,35 @@ VARIANTS = ('standard', 'symmetric', 'pairwise')
 
 
 def make_batch(cfg, batch, seq_len, num_predictions, seed=0):
+  """A masked-LM batch as the trainer's iterator gives it (dense targets and weights, and
+  the host-computed sparse positions)."""
   rng = np.random.default_rng(seed)
-  input_ids = rng.integers(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32)
-  token_type_ids = (np.arange(seq_len) >= seq_len // 2).astype(np.int32)[None].repeat(batch, 0)
-  attention_mask = np.ones((batch, seq_len), np.int32)
   positions = np.sort(rng.permuted(np.tile(np.arange(seq_len), (batch, 1)), axis=1)
-                      [:, :num_predictions], axis=1).astype(np.int32)
-  labels = rng.integers(0, cfg.vocab_size, (batch, num_predictions)).astype(np.int32)
-  return tuple(jnp.asarray(a) for a in
-               (input_ids, token_type_ids, attention_mask, positions, labels))
+                      [:, :num_predictions], axis=1)
+  weights = np.zeros((batch, seq_len), np.float32)
+  np.put_along_axis(weights, positions, 1.0, axis=1)
+  host = {
+      'input_ids': rng.integers(1, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+      'token_type_ids': (np.arange(seq_len) >= seq_len // 2).astype(np.int32)[None].repeat(
+          batch, 0),
+      'attention_mask': np.ones((batch, seq_len), np.int32),
+      'mlm_targets': rng.integers(0, cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+      'mlm_weights': weights,
+  }
+  return jax.tree.map(jnp.asarray, objectives.host_mlm_positions(host, num_predictions))
 
 
-def build_step(cfg, deterministic):
+def build_step(cfg, num_predictions, deterministic):
+  """jit(value_and_grad) of the trainer's MLM loss (bert_sym.objectives.mlm_loss_fn)."""
   model = bert.BertForMaskedLM(cfg)
+  loss_fn = objectives.mlm_loss_fn(model, sparse=bool(cfg.sparse_mlm),
+                                   num_predictions=num_predictions)
 
-  def loss_fn(params, batch, rng):
-    input_ids, token_type_ids, attention_mask, positions, labels = batch
-    logits = model.apply({'params': params}, input_ids, token_type_ids, attention_mask,
-                         masked_positions=positions, deterministic=deterministic,
-                         rngs={'dropout': rng})
-    log_probs = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(log_probs, labels[..., None], -1))
+  def mean_loss(params, batch, rng):
+    loss_sum, _ = loss_fn(params, batch, None if deterministic else rng)
+    return loss_sum / objectives.mlm_weight(batch)
 
-  return model, jax.jit(jax.value_and_grad(loss_fn))
+  return model, jax.jit(jax.value_and_grad(mean_loss))
 
 
 def build_attention_step(cfg, batch, seq_len):
@@ -83,7 +92,7 @@ def build_attention_step(cfg, batch, seq_len):
   return params, x, step
 
 
-def main():
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--size', default='small', choices=['base', 'small', 'tiny'])
   parser.add_argument('--batch', type=int, default=8)
@@ -102,71 +111,88 @@ def main():
   parser.add_argument('--variants', default=','.join(VARIANTS))
   parser.add_argument('--scope', default='model', choices=['model', 'attention'],
                       help='model: the MLM training step; attention: one attention block')
-  parser.add_argument('--out', default='')
-  args = parser.parse_args()
+  parser.add_argument('--out_dir', default='runs/benchmarks',
+                      help='where the JSON goes (not the committed record)')
+  parser.add_argument('--record', action='store_true',
+                      help='write the JSON to benchmarks/results/ (the committed record)')
+  return parser.parse_args()
 
-  variants = args.variants.split(',')
-  num_predictions = args.predictions or -(-args.seq_len * 15 // 100)
+
+def device_label():
   device = jax.devices()[0]
-  device_name = f'{device.platform}-{device.device_kind}'.replace(' ', '_').lower()
   if device.platform == 'cpu':
-    device_name = f'cpu-{os.cpu_count()}core'
+    return f'cpu-{os.cpu_count()}core'
+  return f'{device.platform}-{device.device_kind}'.replace(' ', '_').lower()
 
-  steps, params, xla_flops, batch = {}, {}, {}, None
+
+def compile_variants(args, variants, num_predictions):
+  """variant -> (compiled step, its params, the compiler's FLOPs), and the shared batch."""
+  compiled, batch = {}, None
   for attention in variants:
     cfg = model_config(args.size, attention)
     cfg.dtype, cfg.attention_impl = args.dtype, args.impl
     if args.scope == 'attention':
-      params[attention], batch, step = build_attention_step(cfg, args.batch, args.seq_len)
+      params, batch, step = build_attention_step(cfg, args.batch, args.seq_len)
     else:
       batch = batch or make_batch(cfg, args.batch, args.seq_len, num_predictions)
-      model, step = build_step(cfg, deterministic=not args.train_mode)
-      params[attention] = nn.meta.unbox(
-          jax.jit(model.init)(jax.random.key(0), *batch[:3])['params'])
+      model, step = build_step(cfg, num_predictions, deterministic=not args.train_mode)
+      params = nn.meta.unbox(jax.jit(model.init)(
+          jax.random.key(0), batch['input_ids'], batch['token_type_ids'],
+          batch['attention_mask'])['params'])
     rng = jax.random.key(1)
     # Compiled once: the executable is timed below and its FLOPs, counted by the
     # compiler, are a noise-free check on the timings (a shared CPU is noisy) and on the
     # analytic FLOP formula.
-    step = step.lower(params[attention], batch, rng).compile()
-    steps[attention] = step
+    step = step.lower(params, batch, rng).compile()
     cost = step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops[attention] = float(cost.get('flops', float('nan'))) if cost else float('nan')
+    flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
     for _ in range(args.warmup):   # first runs
-      jax.block_until_ready(step(params[attention], batch, rng))
+      jax.block_until_ready(step(params, batch, rng))
+    compiled[attention] = (step, params, flops)
+  return compiled, batch
 
-  times = {a: [] for a in variants}
-  round_medians = {a: [] for a in variants}
+
+def time_interleaved(compiled, batch, rounds, steps_per_round):
+  """variant -> every step time, and the per-round medians; a fresh order each round, so
+  no variant always runs right after another one."""
+  times = {a: [] for a in compiled}
+  round_medians = {a: [] for a in compiled}
   rng = jax.random.key(2)
   order_rng = np.random.default_rng(0)
-  for _ in range(args.rounds):
-    # A fresh order each round, so no variant always runs right after another one.
-    for attention in order_rng.permutation(variants):
+  for _ in range(rounds):
+    for attention in order_rng.permutation(list(compiled)):
+      step, params, _ = compiled[attention]
       round_times = []
-      for _ in range(args.steps):
+      for _ in range(steps_per_round):
         start = time.perf_counter()
-        jax.block_until_ready(steps[attention](params[attention], batch, rng))
+        jax.block_until_ready(step(params, batch, rng))
         round_times.append(time.perf_counter() - start)
       times[attention] += round_times
       round_medians[attention].append(statistics.median(round_times))
+  return times, round_medians
 
+
+def model_flops_per_step(args, attention, num_predictions):
+  cfg = model_config(args.size, attention)
+  tokens = args.batch * args.seq_len
+  if args.scope == 'attention':   # one layer's projections and scores, no MLM head
+    d, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
+    projections = 4 if attention == 'standard' else 3
+    return tokens * 3 * (2 * projections * d * d + 4 * args.seq_len * d
+                         + (2 * d * head_dim if attention == 'pairwise' else 0))
+  return tokens * bert.train_flops_per_token(cfg, args.seq_len, num_predictions / args.seq_len)
+
+
+def summarize(args, compiled, times, round_medians, num_predictions) -> dict:
   tokens = args.batch * args.seq_len
   baseline = statistics.median(times['standard']) if 'standard' in times else None
   results = {}
-  print(f'{args.scope}: {args.size}  batch {args.batch} x seq {args.seq_len}  predictions {num_predictions}'
-        f'  dtype {jnp.dtype(bert.compute_dtype(args.dtype)).name}  impl {args.impl}  device {device_name}')
-  print(f'{"variant":<10} {"step ms":>9} {"p10-p90 ms":>14} {"tokens/s":>10} {"vs std (paired)":>16}'
-        f' {"model TFLOP/s":>13} {"XLA GFLOP/step":>15} {"vs standard":>12}')
-  for attention in variants:
-    t = np.array(times[attention])
+  for attention, t in times.items():
+    t = np.array(t)
     median = float(np.median(t))
-    cfg = model_config(args.size, attention)
-    flops = bert.train_flops_per_token(cfg, args.seq_len, num_predictions / args.seq_len)
-    if args.scope == 'attention':   # one layer's projections and scores, no MLM head
-      d, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
-      projections = 4 if attention == 'standard' else 3
-      flops = 3 * (2 * projections * d * d + 4 * args.seq_len * d
-                   + (2 * d * head_dim if attention == 'pairwise' else 0))
+    flops = model_flops_per_step(args, attention, num_predictions)
+    xla_flops = compiled[attention][2]
     results[attention] = dict(
         step_s_median=median, step_s_p10=float(np.percentile(t, 10)),
         step_s_p90=float(np.percentile(t, 90)), samples=len(t), tokens_per_s=tokens / median,
@@ -176,30 +202,51 @@ def main():
         paired_ratio_to_standard=(float(np.median(np.array(round_medians[attention])
                                                   / np.array(round_medians['standard'])))
                                   if baseline else None),
-        model_tflops_per_s=flops * tokens / median / 1e12,
-        model_gflops_per_step=flops * tokens / 1e9,
-        xla_gflops_per_step=xla_flops[attention] / 1e9,
-        xla_flops_ratio_to_standard=(xla_flops[attention] / xla_flops['standard']
+        model_tflops_per_s=flops / median / 1e12, model_gflops_per_step=flops / 1e9,
+        xla_gflops_per_step=xla_flops / 1e9,
+        xla_flops_ratio_to_standard=(xla_flops / compiled['standard'][2]
                                      if baseline else None))
-    r = results[attention]
+  return results
+
+
+def print_table(args, results, num_predictions, device_name):
+  print(f'{args.scope}: {args.size}  batch {args.batch} x seq {args.seq_len}  predictions {num_predictions}'
+        f'  dtype {jnp.dtype(bert.compute_dtype(args.dtype)).name}  impl {args.impl}  device {device_name}')
+  print(f'{"variant":<10} {"step ms":>9} {"p10-p90 ms":>14} {"tokens/s":>10} {"vs std (paired)":>16}'
+        f' {"model TFLOP/s":>13} {"XLA GFLOP/step":>15} {"vs standard":>12}')
+  for attention, r in results.items():
     ratio = (f'{r["ratio_to_standard"]:.3f}/{r["paired_ratio_to_standard"]:.3f}x'
-             if baseline else '-')
-    print(f'{attention:<10} {1e3 * median:9.1f} {1e3 * r["step_s_p10"]:6.1f}-{1e3 * r["step_s_p90"]:<7.1f}'
+             if r['ratio_to_standard'] is not None else '-')
+    print(f'{attention:<10} {1e3 * r["step_s_median"]:9.1f} {1e3 * r["step_s_p10"]:6.1f}-{1e3 * r["step_s_p90"]:<7.1f}'
           f' {r["tokens_per_s"]:10.0f} {ratio:>16} {r["model_tflops_per_s"]:13.3f}'
           f' {r["xla_gflops_per_step"]:15.2f} {r["xla_flops_ratio_to_standard"] or 0:11.3f}x')
 
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
-                                 f'attention_variants_{args.scope}_{device_name}.json'
-                                 if args.scope != 'model' else
-                                 f'attention_variants_{device_name}.json')
-  os.makedirs(os.path.dirname(out), exist_ok=True)
+
+def write_json(args, results, num_predictions, device_name) -> str:
+  out_dir = (os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+             if args.record else args.out_dir)
+  scope = '' if args.scope == 'model' else f'_{args.scope}'
+  out = os.path.join(out_dir, f'attention_variants{scope}_{device_name}.json')
+  os.makedirs(out_dir, exist_ok=True)
   with open(out, 'w') as f:
     json.dump(dict(
-        args=vars(args), device=device_name, device_kind=device.device_kind,
+        args=vars(args), device=device_name, device_kind=jax.devices()[0].device_kind,
         jax=jax.__version__, python=platform.python_version(),
         date=datetime.date.today().isoformat(), num_predictions=num_predictions,
         compute_dtype=jnp.dtype(bert.compute_dtype(args.dtype)).name, results=results), f, indent=2)
-  print(f'wrote {out}')
+  return out
+
+
+def main():
+  args = parse_args()
+  variants = args.variants.split(',')
+  num_predictions = args.predictions or -(-args.seq_len * 15 // 100)
+  device_name = device_label()
+  compiled, batch = compile_variants(args, variants, num_predictions)
+  times, round_medians = time_interleaved(compiled, batch, args.rounds, args.steps)
+  results = summarize(args, compiled, times, round_medians, num_predictions)
+  print_table(args, results, num_predictions, device_name)
+  print(f'wrote {write_json(args, results, num_predictions, device_name)}')
 
 
 if __name__ == '__main__':

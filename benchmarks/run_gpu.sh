@@ -29,10 +29,10 @@ timeout -s KILL 200 python3 benchmarks/glue_seeds.py --size=base --seq_len=128 -
 save benchmarks/results/glue_seeds_gpu_base.json
 
 # 2. GPU-only tests: cuDNN flash attention equals the xla path (forward and gradients, all
-#    five variants, right padding), auto picks cudnn on GPU.
+#    five variants, right padding), auto picks cudnn on GPU: the tests marked gpu.
 echo '== gpu tests'
-timeout -s KILL 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py \
-  -k 'cudnn or auto' 2>&1 | tail -15
+timeout -s KILL 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention.py \
+  -m gpu 2>&1 | tail -15
 
 # 3. The train step: bert-base, seq 128 x 256, standard / symmetric / pairwise on the fast
 #    (cuDNN, no attention dropout) and paper (xla, dropout 0.1) recipes, plus the Hugging

@@ -48,7 +48,7 @@ def model_config(size: str = 'base', attention: str = 'pairwise') -> ml_collecti
 # Attention dropout vs fused attention kernels (cuDNN / splash have no dropout on the
 # attention probabilities), as a recipe name: `--config=configs/sym_base.py:fast`.
 RECIPES = {
-    # PAPER.md exactly: BERT's attention dropout 0.1, on the explicit-scores xla path.
+    # The paper's recipe exactly: BERT's attention dropout 0.1, on the explicit-scores xla path.
     'paper': dict(attention_impl='xla', attention_dropout_rate=0.1),
     # MosaicBERT / ModernBERT: no attention dropout, so `auto` runs the fused kernel
     # (cudnn on GPU, splash on TPU). Hidden-state dropout 0.1 stays.
@@ -66,8 +66,9 @@ def apply_recipe(c: ml_collections.ConfigDict, recipe: str) -> ml_collections.Co
 
 def base_config(size: str = 'base', attention: str = 'pairwise',
                 recipe: str = 'paper') -> ml_collections.ConfigDict:
-  """The paper's pre-training recipe (PAPER.md) at the given model size; recipe='fast'
-  drops attention dropout for the fused attention kernels (see RECIPES)."""
+  """The paper's pre-training recipe (Courtois et al., Findings of ACL 2024) at the given
+  model size; recipe='fast' drops attention dropout for the fused attention kernels (see
+  RECIPES)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config(size, attention)

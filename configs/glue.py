@@ -1,4 +1,4 @@
-"""GLUE fine-tuning: the paper's recipe (PAPER.md) on every task, seeds 1-5.
+"""GLUE fine-tuning: the paper's recipe (Courtois et al., Findings of ACL 2024) on every task, seeds 1-5.
 
   python -m bert_sym.glue --checkpoint=/path/to/workdir --output_dir=/tmp/glue
 

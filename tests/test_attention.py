@@ -1,4 +1,5 @@
-"""Structural properties of the three compatibility functions (PAPER.md identities)."""
+"""Structural properties of the three compatibility functions (the paper's identities;
+Courtois et al., Findings of ACL 2024)."""
 
 import functools
 import logging
@@ -151,8 +152,8 @@ def loss_and_grads(module, params, x, mask, valid):
 @pytest.mark.parametrize('attention', ALL_VARIANTS)
 @pytest.mark.parametrize('impl', [
     'splash',
-    pytest.param('cudnn', marks=pytest.mark.skipif(
-        not ON_GPU, reason='cuDNN flash attention needs a GPU (jax backend is not gpu)'))])
+    pytest.param('cudnn', marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not ON_GPU, reason='cuDNN flash attention needs a GPU (jax backend is not gpu)')])])
 def test_kernel_equals_xla_path_with_right_padding(impl, attention):
   x, mask, valid = kernel_inputs()
   reference = SelfAttention(hidden_size=HIDDEN, num_heads=HEADS, attention=attention,
@@ -253,6 +254,7 @@ def test_kernel_comparison_can_fail():
                 np.asarray(want_out)[np.asarray(valid)]).max() > 1e-3
 
 
+@pytest.mark.gpu   # the CPU's side of the choice: skipped on a GPU machine
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks the CPU choice')
 def test_auto_on_cpu_picks_xla_and_says_so(caplog):
   attention_lib._LOGGED.clear()
@@ -263,6 +265,7 @@ def test_auto_on_cpu_picks_xla_and_says_so(caplog):
   assert 'attention_impl=auto on cpu: using xla attention' in caplog.text
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason='auto picks cudnn on a GPU only')
 def test_auto_on_gpu_runs_cudnn_in_bf16_and_xla_in_fp32(caplog):
   x, mask, _ = kernel_inputs()
@@ -294,6 +297,7 @@ def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, capl
     assert resolve(training_dropout=False, dtype=jnp.float32) == 'xla'
 
 
+@pytest.mark.gpu   # skipped on a GPU machine
 @pytest.mark.skipif(ON_GPU, reason='checks the error raised off GPU')
 def test_cudnn_off_gpu_is_a_clear_error():
   x, mask = inputs()

@@ -1,14 +1,19 @@
-"""glue_data: readers on the real GLUE files, their quirks, TFDS, packing, clear errors."""
+"""glue_data: readers on the GLUE layouts (the committed fixture; the real files' sizes when
+present), their quirks, TFDS, packing, clear errors."""
 
-from pathlib import Path
+import socket
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+import transformers
 
 from bert_sym.glue import data as glue_data
+from bert_sym.input import tokenizer as vocab
+from tests import real_data
 
-GLUE_DIR = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'glue'
-needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f'{GLUE_DIR} not present')
+GLUE_DIR = real_data.GLUE_DIR
+FIXTURE_DIR = real_data.FIXTURE_GLUE_DIR
 
 # (task, split) -> example count of the real files (shared/data/README.md).
 REAL_COUNTS = {
@@ -19,7 +24,7 @@ REAL_COUNTS = {
 }
 
 
-@needs_glue
+@pytest.mark.real_data
 @pytest.mark.parametrize('task,split', sorted(REAL_COUNTS))
 def test_real_files_read_completely(task, split):
   spec = glue_data.TASKS[task]
@@ -34,7 +39,31 @@ def test_real_files_read_completely(task, split):
     assert set(np.unique(examples.labels)) == set(range(spec.num_labels))
 
 
-@needs_glue
+def test_fixture_keeps_the_real_layouts():
+  """The fixture's files have the real files' quirks, so the end-to-end tests that read it
+  exercise them: CoLA without a header, MRPC's byte-order mark, SST-2's space before the
+  tab, STS-B's ten columns."""
+  for task, first in (('CoLA', None), ('MRPC', '\ufeffQuality\t#1 ID\t#2 ID'),
+                      ('SST-2', 'sentence\tlabel'), ('STS-B', 'index\tgenre\tfilename'),
+                      ('RTE', 'index\tsentence1\tsentence2\tlabel')):
+    for name in ('train.tsv', 'dev.tsv'):
+      line = (FIXTURE_DIR / task / name).read_text(encoding='utf-8').split('\n')[0]
+      if first is None:
+        assert line.split('\t')[1] in ('0', '1'), line
+      else:
+        assert line.startswith(first), (task, name)
+  assert (FIXTURE_DIR / 'MRPC' / 'dev.tsv').read_bytes()[:3] == b'\xef\xbb\xbf'
+  cola = glue_data.load_split(glue_data.TASKS['cola'], 'cola', glue_dir=str(FIXTURE_DIR))
+  first_row = (FIXTURE_DIR / 'CoLA' / 'dev.tsv').read_text().split('\n')[0].split('\t')
+  assert cola.texts[0][0] == first_row[3] and cola.labels[0] == int(first_row[1])
+  assert len(cola) == 20 and cola.idx[0] == 0                 # no row taken as a header
+  mrpc = glue_data.load_split(glue_data.TASKS['mrpc'], 'train', glue_dir=str(FIXTURE_DIR))
+  assert len(mrpc) == 48 and any('"' in t for t in mrpc.texts[0])   # bare quotes kept
+  sst2 = glue_data.load_split(glue_data.TASKS['sst2'], 'train', glue_dir=str(FIXTURE_DIR))
+  assert len(sst2) == 48 and sst2.texts[0][0].endswith(' ')
+
+
+@pytest.mark.real_data
 def test_real_file_quirks():
   # CoLA: no header, so the first row is an example.
   cola = glue_data.load_split(glue_data.TASKS['cola'], 'cola', glue_dir=str(GLUE_DIR))
@@ -93,17 +122,38 @@ def test_mnli_and_qqp_layouts(tmp_path):
   assert qqp.texts[0][0] == 'How do I "learn?'                        # quote kept verbatim
 
 
-@pytest.mark.parametrize('name', sorted(glue_data.TASKS))
-def test_tfds_source_all_tasks(name):
-  """The default TFDS path, on TFDS's mock data for the real glue/* builder."""
-  tfds = pytest.importorskip('tensorflow_datasets')
-  spec = glue_data.TASKS[name]
+@pytest.fixture
+def tfds_mock_data(monkeypatch):
+  """TFDS's mock data for the real glue/* builders: nothing is prepared, nothing downloads."""
+  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', None)
   with tfds.testing.mock_data(num_examples=4):
-    for split in ['train'] + [d.score_name for d in spec.dev_sets]:
-      examples = glue_data.load_split(spec, split)
-      assert len(examples) == 4 and len(examples.texts) == len(spec.tfds_text_keys)
-      assert isinstance(examples.texts[-1][0], str)
-      assert examples.labels.dtype == (np.float32 if spec.is_regression else np.int32)
+    yield
+
+
+@pytest.mark.parametrize('name', sorted(glue_data.TASKS))
+def test_tfds_source_all_tasks(name, tfds_mock_data):
+  """The default TFDS path, on TFDS's mock data for the real glue/* builder."""
+  del tfds_mock_data
+  spec = glue_data.TASKS[name]
+  for split in ['train'] + [d.score_name for d in spec.dev_sets]:
+    examples = glue_data.load_split(spec, split)
+    assert len(examples) == 4 and len(examples.texts) == len(spec.tfds_text_keys)
+    assert isinstance(examples.texts[-1][0], str)
+    assert examples.labels.dtype == (np.float32 if spec.is_regression else np.int32)
+
+
+def test_tfds_unprepared_and_offline_fails_in_seconds(tmp_path, monkeypatch):
+  """Not prepared in data_dir and the download host unreachable (here: a closed local
+  port): one clear error before tfds.load, instead of minutes of TFDS's retries."""
+  with socket.socket() as closed:
+    closed.bind(('localhost', 0))
+    port = closed.getsockname()[1]
+  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', port))
+  monkeypatch.setattr(tfds, 'load', lambda *a, **k: pytest.fail('tfds.load was called'))
+  with pytest.raises(glue_data.GlueDataError,
+                     match=rf'glue/rte is not prepared in {tmp_path}.*localhost:{port} is '
+                           r'unreachable.*--config.tfds_data_dir=DIR.*--glue_dir=DIR'):
+    glue_data.load_split(glue_data.TASKS['rte'], 'train', tfds_data_dir=str(tmp_path))
 
 
 def test_errors_are_clear(tmp_path):
@@ -114,25 +164,24 @@ def test_errors_are_clear(tmp_path):
     glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
   with pytest.raises(glue_data.GlueDataError, match='not a directory'):
     glue_data.load_split(rte, 'train', glue_dir=str(tmp_path / 'nope'))
-  _write(tmp_path / 'RTE' / 'train.tsv', '')
-  with pytest.raises(glue_data.GlueDataError, match='is empty'):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\n0\ta\tb\n')
-  with pytest.raises(glue_data.GlueDataError, match=r"missing \['label'\].*test.tsv has none"):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n')
-  with pytest.raises(glue_data.GlueDataError, match='header but no examples'):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n')
-  with pytest.raises(glue_data.GlueDataError, match=r"train.tsv:2: label 'maybe'"):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
-  # A blank line in the middle is dropped, but the error still names the file's line.
-  _write(tmp_path / 'RTE' / 'train.tsv',
-         'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n\n1\tc\td\tmaybe\n')
-  with pytest.raises(glue_data.GlueDataError, match=r"train.tsv:4: label 'maybe'"):
-    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  header = 'index\tsentence1\tsentence2\tlabel\n'
+  for content, message in (
+      ('', 'is empty'),
+      ('index\tsentence1\tsentence2\n0\ta\tb\n', r"missing \['label'\].*test.tsv has none"),
+      (header, 'header but no examples'),
+      (header + '0\ta\tb\tmaybe\n', r"train.tsv:2: label 'maybe'"),
+      # A blank line in the middle is dropped, but the error still names the file's line.
+      (header + '0\ta\tb\tentailment\n\n1\tc\td\tmaybe\n', r"train.tsv:4: label 'maybe'")):
+    _write(tmp_path / 'RTE' / 'train.tsv', content)
+    with pytest.raises(glue_data.GlueDataError, match=message):
+      glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
   with pytest.raises(glue_data.GlueDataError, match=r'Missing .*RTE/dev.tsv'):
     glue_data.load_split(rte, 'rte', glue_dir=str(tmp_path))
+  (tmp_path / 'RTE' / 'train.tsv').write_bytes(
+      b'index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n')   # Latin-1
+  with pytest.raises(glue_data.GlueDataError,
+                     match=r'RTE/train.tsv:2: not UTF-8 .*at byte 37.*Re-encode'):
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
   _write(tmp_path / 'CoLA' / 'train.tsv', 'sentence\tlabel\nfine .\t1\n')   # has a header
   with pytest.raises(glue_data.GlueDataError, match='without a header'):
     glue_data.load_split(glue_data.TASKS['cola'], 'train', glue_dir=str(tmp_path))
@@ -145,19 +194,23 @@ def test_truncate_longest_first():
   assert glue_data.truncate_longest_first(50, 60, 9) == (5, 4)
 
 
-@needs_glue
-def test_packing_equals_hugging_face():
-  """[CLS] a [SEP] b [SEP], token types, longest-first truncation: as BertTokenizerFast."""
-  transformers = pytest.importorskip('transformers')
-  from bert_sym.input import tokenizer as vocab
-  tokenizer = glue_data.WordPiece()
+def _hf_tokenizer():
   # transformers>=5 takes the vocab file as `vocab`; older versions as `vocab_file`.
   hf = transformers.BertTokenizerFast(vocab=vocab.default_vocab_file(), do_lower_case=True)
   if len(hf) != 30522:
     hf = transformers.BertTokenizerFast(vocab_file=vocab.default_vocab_file(),
                                         do_lower_case=True)
+  return hf
+
+
+@pytest.mark.parametrize('glue_dir', [
+    pytest.param(FIXTURE_DIR, id='fixture'),
+    pytest.param(GLUE_DIR, id='real', marks=pytest.mark.real_data)])
+def test_packing_equals_hugging_face(glue_dir):
+  """[CLS] a [SEP] b [SEP], token types, longest-first truncation: as BertTokenizerFast."""
+  tokenizer, hf = glue_data.WordPiece(), _hf_tokenizer()
   for task, max_len in (('rte', 32), ('mrpc', 128), ('cola', 8)):
-    examples = glue_data.load_split(glue_data.TASKS[task], task, glue_dir=str(GLUE_DIR)).head(40)
+    examples = glue_data.load_split(glue_data.TASKS[task], task, glue_dir=str(glue_dir)).head(40)
     encoded = glue_data.encode_examples(examples, tokenizer, max_len)
     want = hf(*examples.texts, truncation='longest_first', max_length=max_len)
     for i in range(len(examples)):

@@ -5,13 +5,14 @@ it overrides them, as papermill does. A cell that raises fails the test.
 """
 
 import os
+import subprocess
+import sys
 
+import nbclient
+import nbformat
 import pytest
 
-nbclient = pytest.importorskip('nbclient')
-nbformat = pytest.importorskip('nbformat')
-
-from tests import ablate_fixtures as fx  # pylint: disable=g-import-not-at-top
+from tests import ablate_fixtures as fx
 
 NOTEBOOKS = os.path.join(fx.REPO_ROOT, 'notebooks')
 
@@ -66,3 +67,25 @@ def test_attention_analysis_notebook():
   text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
   assert '||skew||/||P||' in text and 'W_q W_k^T' in text
   assert sum('image/png' in o.data for o in _outputs(nb, 'display_data')) >= 3
+
+
+def _setup_cell(name):
+  nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  (cell,) = [c for c in nb.cells[:3] if c.cell_type == 'code' and 'REPO_URL' in c.source]
+  return cell.source
+
+
+@pytest.mark.parametrize('name', ['ablation.ipynb', 'attention_analysis.ipynb'])
+def test_setup_cell_finds_the_repository_or_says_what_to_set(name, tmp_path):
+  """Opened from a clone (the notebook's folder), the first cell finds the package next to
+  it; with no copy anywhere and no REPO_URL it says what to set, and clones nothing."""
+  source = _setup_cell(name)
+  run = lambda cwd: subprocess.run([sys.executable, '-c', source], cwd=cwd,
+                                   capture_output=True, text=True, timeout=60)
+  found = run(NOTEBOOKS)
+  assert found.returncode == 0, found.stderr[-2000:]
+  assert f'repository: {fx.REPO_ROOT}' in found.stdout
+  lost = run(tmp_path)
+  assert lost.returncode != 0
+  assert 'No bert_sym repository found' in lost.stderr and 'set REPO_URL' in lost.stderr
+  assert not (tmp_path / 'bert_sym').exists()

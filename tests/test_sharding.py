@@ -1,5 +1,12 @@
 """sharding.py: mesh from config, logical rules -> NamedSharding, batch checks."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -70,10 +77,52 @@ def test_param_shardings_follow_the_rules():
   assert shardings['mlm_head']['transform']['kernel'].spec == P('fsdp', None)
 
 
-def test_batch_size_checks():
-  mesh = sharding.make_mesh(_mesh_config())
-  rules = sharding.logical_rules(train_fixtures.tiny_config())
-  assert sharding.check_batch_size(16, mesh, rules) == 16
+_BATCH_CHECKS = textwrap.dedent("""
+    import json, sys
+    import jax
+    import ml_collections
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    from bert_sym import sharding
+    rules = (('batch', ('data', 'fsdp')),)
+    out = {'devices': jax.device_count(), 'process_count': jax.process_count()}
+    for name, (data, tensor), batch in (('ok', (8, 1), 16), ('dp', (8, 1), 12),
+                                        ('processes', (1, 8), 3), ('ways', (1, 8), 4)):
+      mesh = sharding.make_mesh(ml_collections.ConfigDict(
+          dict(data=data, fsdp=1, tensor=tensor)))
+      try:
+        out[name] = sharding.check_batch_size(batch, mesh, rules)
+      except ValueError as e:
+        out[name] = str(e)
+    print('RESULT', json.dumps(out))
+""")
+
+
+def test_batch_size_checks_on_8_devices_in_2_processes():
+  """check_batch_size's three errors, each reachable only with several devices and
+  processes: two real processes (jax.distributed, gloo) of 4 CPU devices each."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(train_fixtures.REPO_ROOT),
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen([sys.executable, '-c', _BATCH_CHECKS, f'localhost:{port}', str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  results = [json.loads(out.split('RESULT ', 1)[1]) for out, _ in outputs]
+  assert results[0] == results[1]
+  result = results[0]
+  assert result['devices'] == 8 and result['process_count'] == 2
+  assert result['ok'] == 8                                 # 16 rows, 8 per process
+  assert result['dp'] == ('config.batch_size=12 is not divisible by the data-parallel size '
+                          'data x fsdp = 8 x 1 = 8. Use a multiple of 8 or change config.mesh.')
+  assert result['processes'] == ('config.batch_size=3 is not divisible by the 2 processes; '
+                                 'each process reads an equal share.')
+  assert result['ways'].startswith('The data-parallel size 1 is not a multiple of the 2 '
+                                   'processes')
 
 
 def test_opt_state_shardings_follow_params():

@@ -9,9 +9,10 @@ import pytest
 
 from bert_sym.input import sources as corpus
 from bert_sym.input import tokenizer as vocab_lib
+from tests import real_data
 
-SHARED = pathlib.Path(__file__).parents[2] / 'shared'
-WIKITEXT = SHARED / 'data' / 'wikitext-2' / 'wiki.valid.tokens'
+# More real text when the real-size data is there (tests/real_data.py).
+WIKITEXT = real_data.data_dir() / 'wikitext-2' / 'wiki.valid.tokens'
 
 
 def test_default_vocab_is_bert_base_uncased():
@@ -75,8 +76,6 @@ def test_missing_and_non_utf8_vocab_files(tmp_path):
 @pytest.fixture(scope='module')
 def tf_vocab():
   """The seqio Vocabulary (over `WordPiece`)."""
-  pytest.importorskip('tensorflow_text')
-  pytest.importorskip('seqio')
   from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   return seqio_tasks.get_vocabulary()
 
@@ -104,8 +103,8 @@ TRICKY = [
 
 
 def test_tokenizer_matches_hugging_face(tf_vocab):
-  transformers = pytest.importorskip('transformers')
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
   lines = _real_sentences() + TRICKY
   assert len(lines) > 3000
   # transformers>=5 takes the vocab file as `vocab`; older versions as `vocab_file`.
@@ -131,12 +130,11 @@ def test_encode_decode_scalar(tf_vocab):
 
 
 def test_remote_vocab_path_goes_through_gfile(tmp_path):
-  tf = pytest.importorskip('tensorflow')
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tokens = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'hello', '##s']
   path = 'ram://bert_sym_test/vocab.txt'  # an in-memory tf.io.gfile file system
   with tf.io.gfile.GFile(path, 'w') as f:
     f.write('\n'.join(tokens) + '\n')
-  pytest.importorskip('seqio')
   from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   vocabulary = seqio_tasks.get_vocabulary(path)
   assert vocabulary.tokens == tokens and vocabulary.special.mask == 4

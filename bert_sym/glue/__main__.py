@@ -20,7 +20,7 @@ attention variant, vocabulary) is read from the checkpoint's workdir, never rety
   # The tiny-model CPU run reported in the README (about 10 min on 2 CPU cores), after
   # python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt
   python -m bert_sym.glue --checkpoint=/tmp/tiny_glue_ckpt --output_dir=/tmp/tiny_glue \
-      --glue_dir=../shared/data/glue --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1 \
+      --glue_dir=/path/to/glue_data --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1 \
       --config.epochs=1 --config.max_seq_len=64 --config.learning_rate=1e-4
 
 Outputs in --output_dir, local or gs://, each written whole (a temporary file renamed

@@ -12,6 +12,7 @@ nothing about models or meshes.
 import dataclasses
 import logging
 from pathlib import Path
+import socket
 
 import numpy as np
 
@@ -145,40 +146,8 @@ def tsv_path(glue_dir, spec: TaskSpec, file_name: str) -> Path:
 def read_tsv(path, spec: TaskSpec) -> Examples:
   """One labelled GLUE TSV (train or dev) in the download-script layout."""
   path = Path(path)
-  # utf-8-sig drops MRPC's byte-order mark; splitting on '\n' only (not universal newlines)
-  # keeps a stray '\r' inside a sentence from cutting a row in two.
-  with open(path, encoding='utf-8-sig', newline='') as f:
-    numbered = [(n, line.rstrip('\r')) for n, line in enumerate(f.read().split('\n'), 1)]
-  # Blank lines are dropped (as csv.DictReader, and so TFDS's idx, does); errors still
-  # name the line number in the file.
-  numbered = [(n, line) for n, line in numbered if line.strip()]
-  lines = [line for _, line in numbered]
-  if not lines:
-    raise GlueDataError(f'{path} is empty; expected a {spec.name} TSV with a label column.')
-
-  if spec.tsv_no_header_columns is not None:
-    columns = spec.tsv_no_header_columns
-    rows = numbered
-    first = lines[0].split('\t')
-    if len(first) <= max(columns.values()) or not first[columns['label']].strip().isdigit():
-      raise GlueDataError(f'{path}: expected {spec.name} rows without a header, columns '
-                          f'(source, label, original-label, sentence); the first row is '
-                          f'{first[:4]}.')
-  else:
-    header = [h.strip() for h in lines[0].split('\t')]
-    wanted = spec.tsv_text_columns + (spec.tsv_label_column,)
-    missing = [c for c in wanted if c not in header]
-    if missing:
-      raise GlueDataError(f'{path}: header has columns {header}, but {spec.name} needs '
-                          f'{list(wanted)} (missing {missing}). Is this the right file, '
-                          'with labels (test.tsv has none)?')
-    # MNLI's gold_label is the last column, after a varying number of annotator labels:
-    # look every column up by name, never by position.
-    columns = {c: header.index(c) for c in wanted}
-    rows = numbered[1:]
-    if not rows:
-      raise GlueDataError(f'{path} has a header but no examples.')
-
+  numbered = _numbered_lines(path, spec)
+  columns, rows = _columns_and_rows(path, spec, numbered)
   text_columns = [columns[c] for c in spec.tsv_text_columns]
   label_column = columns[spec.tsv_label_column]
   needed = max(columns.values()) + 1
@@ -202,10 +171,80 @@ def read_tsv(path, spec: TaskSpec) -> Examples:
   return Examples(np.asarray(idx, np.int64), texts, np.asarray(labels, dtype))
 
 
+def _numbered_lines(path: Path, spec: TaskSpec) -> list[tuple[int, str]]:
+  """(line number in the file, line) of every non-blank line."""
+  # utf-8-sig drops MRPC's byte-order mark; splitting on '\n' only (not universal newlines)
+  # keeps a stray '\r' inside a sentence from cutting a row in two.
+  try:
+    with open(path, encoding='utf-8-sig', newline='') as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b'\n') + 1
+    raise GlueDataError(f'{path}:{line}: not UTF-8 ({e.reason} at byte {e.start}); GLUE TSVs '
+                        'are UTF-8. Re-encode the file (e.g. iconv -f latin1 -t utf-8).') from None
+  numbered = [(n, line.rstrip('\r')) for n, line in enumerate(text.split('\n'), 1)]
+  # Blank lines are dropped (as csv.DictReader, and so TFDS's idx, does); errors still
+  # name the line number in the file.
+  numbered = [(n, line) for n, line in numbered if line.strip()]
+  if not numbered:
+    raise GlueDataError(f'{path} is empty; expected a {spec.name} TSV with a label column.')
+  return numbered
+
+
+def _columns_and_rows(path: Path, spec: TaskSpec, numbered):
+  """({field: column index}, the example rows): from the header, or CoLA's fixed layout."""
+  first = numbered[0][1]
+  if spec.tsv_no_header_columns is not None:
+    columns = spec.tsv_no_header_columns
+    fields = first.split('\t')
+    if len(fields) <= max(columns.values()) or not fields[columns['label']].strip().isdigit():
+      raise GlueDataError(f'{path}: expected {spec.name} rows without a header, columns '
+                          f'(source, label, original-label, sentence); the first row is '
+                          f'{fields[:4]}.')
+    return columns, numbered
+  header = [h.strip() for h in first.split('\t')]
+  wanted = spec.tsv_text_columns + (spec.tsv_label_column,)
+  missing = [c for c in wanted if c not in header]
+  if missing:
+    raise GlueDataError(f'{path}: header has columns {header}, but {spec.name} needs '
+                        f'{list(wanted)} (missing {missing}). Is this the right file, '
+                        'with labels (test.tsv has none)?')
+  if len(numbered) == 1:
+    raise GlueDataError(f'{path} has a header but no examples.')
+  # MNLI's gold_label is the last column, after a varying number of annotator labels:
+  # look every column up by name, never by position.
+  return {c: header.index(c) for c in wanted}, numbered[1:]
+
+
+# Where TFDS downloads glue/* from. Probed before `tfds.load` when the task is not prepared,
+# so that an offline machine fails in seconds instead of minutes of TFDS's retries. None
+# skips the probe (tests on TFDS's mock data).
+TFDS_DOWNLOAD_HOST: tuple[str, int] | None = ('dl.fbaipublicfiles.com', 443)
+_PROBE_TIMEOUT_S = 5.0
+
+
+def check_tfds_can_load(tfds, spec: TaskSpec, data_dir: str | None = None) -> None:
+  """Raises GlueDataError when glue/<task> is neither prepared in `data_dir` nor
+  downloadable (its host unreachable)."""
+  builder = tfds.builder(f'glue/{spec.name}', data_dir=data_dir or None)
+  if TFDS_DOWNLOAD_HOST is None or builder.is_prepared():
+    return
+  try:
+    socket.create_connection(TFDS_DOWNLOAD_HOST, timeout=_PROBE_TIMEOUT_S).close()
+  except OSError as e:
+    host, port = TFDS_DOWNLOAD_HOST
+    raise GlueDataError(
+        f'TFDS glue/{spec.name} is not prepared in {builder.data_dir} and its download host '
+        f'{host}:{port} is unreachable ({e}). Fix: prepare it where there is internet (tfds '
+        'build glue --data_dir=DIR) and pass --config.tfds_data_dir=DIR, or use a local copy '
+        'in the GLUE download-script layout with --glue_dir=DIR.') from None
+
+
 def load_tfds(spec: TaskSpec, split: str, data_dir: str | None = None) -> Examples:
   """`tfds.load(f'glue/{name}', split=split)` as Examples (downloads when not prepared)."""
   import_tensorflow()   # first, so that TF (under TFDS) leaves the GPUs to JAX
   import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
+  check_tfds_can_load(tfds, spec, data_dir)
   dataset = tfds.load(f'glue/{spec.name}', split=split, data_dir=data_dir or None,
                       shuffle_files=False)
   idx, texts, labels = [], tuple([] for _ in spec.tfds_text_keys), []
