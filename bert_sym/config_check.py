@@ -11,7 +11,6 @@ model), so it also guards `--dry_run` and the launchers.
 import math
 import os
 import re
-import sys
 from typing import Any, Iterable
 
 from absl import flags

@@ -192,6 +192,8 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           (['--config=configs/tiny.py'], '--workdir is required'),
           (['--config=configs/tiny.py', f'--workdir={out}', '--config.no_such_key=1'],
            'no_such_key'),
+          (['--config=configs/tiny.py', f'--workdir={out}', '--config.seed'],
+           'Write overrides as --config.KEY=VALUE'),
           (['--help'], None)],
       'bert_sym.streaming': [
           ([], 'required: command'),

@@ -131,3 +131,20 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
   assert result.returncode == 1
   assert 'bert_sym.export: error:' in result.stderr and 'does not exist' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_shape_mismatches_name_every_differing_parameter():
+  cfg = tiny_config('pairwise')
+  params = bert.abstract_params(bert.BertForMaskedLM(cfg))
+  assert export.shape_mismatches(params, cfg) == []
+  wider = tiny_config('pairwise')
+  wider.mlp_dim = cfg.mlp_dim * 2
+  found = export.shape_mismatches(params, wider)
+  # Per layer: intermediate kernel and bias, output kernel.
+  assert len(found) == 3 * cfg.num_layers, found
+  assert ("['encoder']['layer_0']['intermediate']['kernel']: checkpoint "
+          f"({cfg.hidden_size}, {cfg.mlp_dim}), config ({cfg.hidden_size}, {2 * cfg.mlp_dim})"
+          in found)
+  standard = tiny_config('standard')   # a key projection the checkpoint does not have
+  assert any("['attention']['key']['kernel']: checkpoint absent" in f
+             for f in export.shape_mismatches(params, standard))

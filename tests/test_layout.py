@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'bert_sym'
 # The allowed direction, in one table: stage -> the modules in it (a trailing '.*' is a
 # package and everything in it).
 FLOW = (
-    ('config', ('bert_sym.sharding', 'bert_sym.distributed', 'bert_sym.files')),
+    ('config', ('bert_sym.cli', 'bert_sym.sharding', 'bert_sym.distributed', 'bert_sym.files')),
     ('input', ('bert_sym.input.*',)),
     ('model', ('bert_sym.attention', 'bert_sym.model')),
     ('steps', ('bert_sym.optim', 'bert_sym.objectives', 'bert_sym.steps')),

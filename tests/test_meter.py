@@ -64,3 +64,37 @@ def test_no_mfu_without_a_known_peak(monkeypatch):
   assert 'perf/mfu' not in scalars          # CPU: no made-up peak
   assert 'MFU' not in metrics_writer.format_progress(2, 4, scalars, 2.0)
   assert metrics_writer.peak_flops_per_device(override=5e11) == 5e11
+
+
+def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
+  """GLUE's length buckets: a step on a batch padded to 4 tokens counts 4 per row, not
+  the longest bucket's 8."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  clock = Clock(0.0)
+  monkeypatch.setattr(loop.time, 'perf_counter', clock)
+
+  class Batches:   # one second of wall time per batch
+    def __init__(self, lengths):
+      self.lengths = iter(lengths)
+
+    def __next__(self):
+      clock.now += 1.0
+      return {'input_ids': jnp.zeros((2, next(self.lengths)), jnp.int32)}
+
+  @jax.jit
+  def train_step(state, batch):
+    return state + 1, {'train/loss': jnp.float32(1.0) + batch['input_ids'].sum(),
+                       'train/grad_norm': jnp.float32(1.0),
+                       'train/learning_rate': jnp.float32(0.1), 'train/finite': jnp.bool_(True)}
+
+  rows = []
+  hooks = loop.Hooks(log=lambda step, scalars, eta, per_run: rows.append(scalars),
+                     save=lambda state, step: None, log_every=4, save_every=0,
+                     console=lambda *a, **k: None)
+  meter = loop.Meter(4, tokens_per_step=2 * 8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  loop.run(jnp.int32(0), 0, 4, train_step, Batches([8, 4, 4, 8]), meter, hooks)
+  # Steps 2-4 (the first is compilation) in 3 s: 2 x (4 + 4 + 8) tokens.
+  assert rows[-1]['perf/steps_per_sec'] == 1.0
+  assert rows[-1]['perf/tokens_per_sec'] == 32 / 3

@@ -178,6 +178,52 @@ def test_same_seed_same_batches_resume_and_epochs(small_corpus):
   assert not np.array_equal(epoch0, epoch1)
 
 
+def test_a_streaming_checkpoint_resumes_on_shards_as_if_uninterrupted(small_corpus):
+  """One epoch order for every source: a run checkpointed while streaming continues on
+  the same files memory-mapped (source='shards') with exactly the batches it would have
+  read, across an epoch boundary (1000 blocks = 100 steps of 10)."""
+  stream, shards = _config(str(small_corpus)), _config(str(small_corpus), source='shards')
+  uninterrupted = _iterator(stream, batch_size=10)
+  expected = [next(uninterrupted) for _ in range(110)]
+  first = _iterator(stream, batch_size=10)
+  for _ in range(95):
+    next(first)
+  resumed = _iterator(shards, batch_size=10)
+  resumed.set_state(json.loads(json.dumps(first.get_state())))
+  for step in range(95, 110):
+    _assert_same(next(resumed), expected[step])
+
+
+def test_resuming_on_another_corpus_or_order_is_a_readable_error(small_corpus, tmp_path):
+  state = _iterator(_config(str(small_corpus))).get_state()
+  assert state['shuffle'] == streaming.SHUFFLE_KIND and state['max_seq_len'] == 64
+  old_shards_state = {k: v for k, v in state.items() if k != 'shuffle'}   # argsort era
+  with pytest.raises(DataError, match='older bert_sym that shuffled.*new --workdir'):
+    _iterator(_config(str(small_corpus), source='shards')).set_state(old_shards_state)
+  longer = tmp_path / 'longer'
+  write_corpus(str(longer), 1000, 128, num_parts=1)
+  with pytest.raises(DataError, match='max_seq_len=64.*another corpus'):
+    _iterator(_config(str(longer), max_seq_len=128)).set_state(state)
+  with pytest.raises(DataError, match="shuffle='none'.*another block order"):
+    _iterator(_config(str(small_corpus))).set_state(dict(state, shuffle='none'))
+
+
+@pytest.mark.parametrize('source', ['streaming', 'shards'])
+def test_out_of_vocabulary_ids_stop_at_the_first_read_naming_shard_and_block(
+    small_corpus, tmp_path, source):
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(small_corpus, damaged)
+  shard = streaming.read_metadata(str(damaged), 'train')['shards'][1]
+  array = np.load(damaged / 'train' / shard['file'], mmap_mode='r+')
+  array[7, 3] = 40000   # not block 0, which start-up checks
+  array.flush()
+  del array
+  iterator = _iterator(_config(str(damaged), source=source), batch_size=1000)  # opens fine
+  with pytest.raises(DataError, match=f'{shard["file"]}: block 7 holds token id 40000, '
+                     'outside the vocabulary of 30522'):
+    next(iterator)
+
+
 def test_hosts_read_disjoint_rows_of_the_global_batch(small_corpus):
   config = _config(str(small_corpus))
   whole = _iterator(config, batch_size=12, start_step=3)
