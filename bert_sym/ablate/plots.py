@@ -60,23 +60,31 @@ def plot(workdir, runs: dict, variants: Sequence[str], target_loss: float,
     _save_png(fig, workdir / name)
     written.append(name)
 
-  names = sorted({n for v in variants for n in summary['per_variant'][v]['glue']},
-                 key=lambda n: (n.startswith('glue'), n))
-  if names:
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(names) + 2), 4.0), dpi=90)
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-      glue = summary['per_variant'][v]['glue']
-      means = [glue[n]['mean'] if n in glue else np.nan for n in names]
-      stds = [(glue[n]['std'] or 0.0) if n in glue else 0.0 for n in names]
-      ax.bar(np.arange(len(names)) + i * width, means, width, yerr=stds, capsize=3,
-             color=colors[v], label=v)
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
-    ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylabel('dev score (x100)')
-    ax.set_title('GLUE dev: mean ± std over pre-training seeds', fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_png(fig, workdir / 'glue.png')
+  if _glue_bars(workdir, variants, summary, colors):
     written.append('glue.png')
   return written
+
+
+def _glue_bars(workdir, variants, summary: dict, colors: dict) -> bool:
+  """glue.png: GLUE dev scores per variant (mean ± std over pre-training seeds), if any."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = sorted({n for v in variants for n in summary['per_variant'][v]['glue']},
+                 key=lambda n: (n.startswith('glue'), n))
+  if not names:
+    return False
+  fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(names) + 2), 4.0), dpi=90)
+  width = 0.8 / len(variants)
+  for i, v in enumerate(variants):
+    glue = summary['per_variant'][v]['glue']
+    means = [glue[n]['mean'] if n in glue else np.nan for n in names]
+    stds = [(glue[n]['std'] or 0.0) if n in glue else 0.0 for n in names]
+    ax.bar(np.arange(len(names)) + i * width, means, width, yerr=stds, capsize=3,
+           color=colors[v], label=v)
+  ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
+  ax.set_xticklabels(names, fontsize=8)
+  ax.set_ylabel('dev score (x100)')
+  ax.set_title('GLUE dev: mean ± std over pre-training seeds', fontsize=10)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  _save_png(fig, workdir / 'glue.png')
+  return True
