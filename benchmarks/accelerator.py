@@ -293,7 +293,7 @@ def format_line(r):
   return line
 
 
-def main():
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--size', default='base', choices=sorted(SHAPES))
   parser.add_argument('--shapes', default='', help='SEQxBATCH,... (default: per size)')
@@ -311,35 +311,28 @@ def main():
                       help="'' (default): every compile is measured cold")
   parser.add_argument('--out', default='', help='JSON path (default benchmarks/results/...)')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.worker:
-    worker(json.loads(args.worker))
+  return parser.parse_args()
+
+
+def _same_shape(r, spec):
+  return (r['seq'], r['batch'], r['path']) == (spec['seq'], spec['batch'], spec['path'])
+
+
+def add_hf_ratio(result, spec, results) -> None:
+  """ours/HF tokens/s at the same shape and recipe, on whichever line comes second."""
+  if result['status'] != 'ok':
     return
-  args.shapes = args.shapes or ','.join(SHAPES[args.size])
+  if result['impl'] == 'hf':
+    for r in results:   # ours lines already printed at this shape and path
+      if r['impl'] == 'ours' and r['status'] == 'ok' and _same_shape(r, spec):
+        r['vs_hf'] = r['tokens_per_s'] / result['tokens_per_s']
+    return
+  hf = [r for r in results if r['impl'] == 'hf' and r['status'] == 'ok' and _same_shape(r, spec)]
+  if hf:
+    result['vs_hf'] = result['tokens_per_s'] / hf[0]['tokens_per_s']
 
-  started = time.perf_counter()
-  date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
-  print(f'benchmarks/accelerator.py --size={args.size} shapes {args.shapes} '
-        f'steps {args.steps} ({date})', flush=True)
-  results = []
-  for spec in configurations(args):
-    left = args.budget_s - (time.perf_counter() - started)
-    if left < 5:
-      result = dict(spec, status='skipped', error=f'total budget {args.budget_s} s spent')
-    else:
-      result = run_one(spec, min(args.timeout_s, left))
-    hf = [r for r in results if r['impl'] == 'hf' and r['status'] == 'ok' and
-          (r['seq'], r['batch'], r['path']) == (spec['seq'], spec['batch'], spec['path'])]
-    if result['impl'] == 'hf' and result['status'] == 'ok':
-      for r in results:   # ratios for ours lines already printed at this shape and path
-        if (r['impl'] == 'ours' and r['status'] == 'ok' and
-            (r['seq'], r['batch'], r['path']) == (spec['seq'], spec['batch'], spec['path'])):
-          r['vs_hf'] = r['tokens_per_s'] / result['tokens_per_s']
-    elif hf and result['status'] == 'ok':
-      result['vs_hf'] = result['tokens_per_s'] / hf[0]['tokens_per_s']
-    results.append(result)
-    print(format_line(result), flush=True)
 
+def write_summary(args, date, started, results) -> None:
   ok = [r for r in results if r['status'] == 'ok']
   print('ours/HF tokens/s ratios (same shape and attention-dropout recipe):', flush=True)
   for r in ok:
@@ -362,6 +355,29 @@ def main():
   with open(out, 'w') as f:
     json.dump(summary, f, indent=1)
   print(f'wrote {out} ({summary["wall_s"]:.0f} s)', flush=True)
+
+
+def main():
+  args = parse_args()
+  if args.worker:
+    worker(json.loads(args.worker))
+    return
+  args.shapes = args.shapes or ','.join(SHAPES[args.size])
+  started = time.perf_counter()
+  date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  print(f'benchmarks/accelerator.py --size={args.size} shapes {args.shapes} '
+        f'steps {args.steps} ({date})', flush=True)
+  results = []
+  for spec in configurations(args):
+    left = args.budget_s - (time.perf_counter() - started)
+    if left < 5:
+      result = dict(spec, status='skipped', error=f'total budget {args.budget_s} s spent')
+    else:
+      result = run_one(spec, min(args.timeout_s, left))
+    add_hf_ratio(result, spec, results)
+    results.append(result)
+    print(format_line(result), flush=True)
+  write_summary(args, date, started, results)
 
 
 if __name__ == '__main__':

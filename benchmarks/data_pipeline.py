@@ -128,6 +128,12 @@ def main():
   args = parser.parse_args()
   cores = os.cpu_count() or 1
 
+  rows, examples = measure(args, cores)
+  write(args, rows, examples, cores)
+
+
+def measure(args, cores):
+  """(name, tokens/s, cores used) of every path, and the corpus's block count."""
   raw, examples = raw_text_tokens_per_s(args.max_seq_len, args.batch_size)
   shards, shards_dir = shard_tokens_per_s(args.max_seq_len, args.batch_size, args.steps)
   shutil.rmtree(shards_dir, ignore_errors=True)
@@ -142,15 +148,20 @@ def main():
       tempfile.mkdtemp(prefix='bert_sym_bench_51m_'), 100_000, args.max_seq_len)
   stream_51m = streaming_tokens_per_s(f'file://{synthetic_dir}', 'synthetic', *stream_args)
   shutil.rmtree(synthetic_dir, ignore_errors=True)
-  today = datetime.date.today().isoformat()
-  machine = f'{cores}-core {platform.machine()} CPU ({platform.processor() or "unknown"})'
-  rows = [
+  return [
       ('raw text -> task documents (tokenise + pack) -> iterator (mask)', raw, cores),
       ('exported shards -> make_mlm_iterator (NumPy mask)', shards, 1),
       ('streaming, local path (pread + Feistel + NumPy mask)', stream_local, 1),
       ('streaming, file:// via fsspec (the gs:// code path)', stream_fsspec, 1),
       ('streaming, file://, synthetic 51M-token corpus', stream_51m, 1),
-  ]
+  ], examples
+
+
+def write(args, rows, examples, cores):
+  """Prints the table; writes the JSON and the Markdown section (see the docstring)."""
+  today = datetime.date.today().isoformat()
+  machine = f'{cores}-core {platform.machine()} CPU ({platform.processor() or "unknown"})'
+  raw, shards, stream_local, stream_fsspec, stream_51m = (tps for _, tps, _ in rows)
   lines = [f'| {name} | {tps:,.0f} | {used} | {tps / used:,.0f} |' for name, tps, used in rows]
   table = '\n'.join(['| path | tokens/s | cores used | tokens/s per core |',
                      '|---|---|---|---|'] + lines)

@@ -36,7 +36,7 @@ from configs import glue as glue_config  # noqa: E402
 from configs import tiny  # noqa: E402
 
 
-def main():
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--seeds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=60, help='training steps per seed')
@@ -47,8 +47,11 @@ def main():
                       help='base: bert-base shapes; overrides --hidden')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--out', default=None)
-  args = parser.parse_args()
+  return parser.parse_args()
 
+
+def random_pretrained(args) -> finetune.Pretrained:
+  """A randomly initialised encoder of the requested shapes, as if pre-trained."""
   train_config = tiny.get_config()
   if args.size == 'base':
     args.hidden = 768
@@ -58,24 +61,32 @@ def main():
     shapes = dict(hidden_size=args.hidden, num_heads=2, mlp_dim=2 * args.hidden,
                   num_layers=2, vocab_size=1000)
   train_config.model.update(dict(shapes, max_position_embeddings=max(64, args.seq_len)))
-  vocab_size = train_config.model.vocab_size
   encoder = nn.meta.unbox(model_lib.BertForMaskedLM(train_config.model).init(
       jax.random.key(0), *model_lib.dummy_inputs())['params'])['encoder']
-  pretrained = finetune.Pretrained(train_config, jax.tree.map(np.asarray, encoder), 'tiny', 0)
+  return finetune.Pretrained(train_config, jax.tree.map(np.asarray, encoder), 'tiny', 0)
+
+
+def synthetic_pairs(n, seq_len, vocab_size) -> glue_data.Encoded:
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(seq_len // 2, seq_len + 1, n)
+  return glue_data.Encoded(
+      input_ids=[rng.integers(104, vocab_size, k).astype(np.int32) for k in lengths],
+      token_type_ids=[np.zeros(k, np.int32) for k in lengths],
+      labels=rng.integers(0, 2, n).astype(np.int64), idx=np.arange(n))
+
+
+def main():
+  args = parse_args()
+  pretrained = random_pretrained(args)
   config = glue_config.get_config()
   config.update(dict(epochs=1.0, batch_size=args.batch, max_seq_len=args.seq_len,
                      length_buckets=False, progress_bar=False, log_every_steps=args.steps,
                      checkpoint_every_steps=0))
   n = args.steps * args.batch
-  rng = np.random.default_rng(0)
-  lengths = rng.integers(args.seq_len // 2, args.seq_len + 1, n)
-  train = glue_data.Encoded(
-      input_ids=[rng.integers(104, vocab_size, k).astype(np.int32) for k in lengths],
-      token_type_ids=[np.zeros(k, np.int32) for k in lengths],
-      labels=rng.integers(0, 2, n).astype(np.int64), idx=np.arange(n))
+  train = synthetic_pairs(n, args.seq_len, pretrained.config.model.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
   task = finetune.setup_task(pretrained, glue_data.TASKS['rte'], n, config, mesh,
-                             sharding.logical_rules(train_config))
+                             sharding.logical_rules(pretrained.config))
   seeds = list(range(1, args.seeds + 1))
   modes = {'parallel': [seeds], 'sequential': [[s] for s in seeds]}
 
@@ -93,6 +104,10 @@ def main():
   for _ in range(args.rounds):
     for name, groups in modes.items():
       times[name].append(run(groups))
+  report(args, pretrained, task, first, times)
+
+
+def report(args, pretrained, task, first, times):
   median = {name: statistics.median(t) for name, t in times.items()}
   speedup = median['sequential'] / median['parallel']
   device = jax.devices()[0]
@@ -101,14 +116,14 @@ def main():
       'device': f'{device.platform}:{device.device_kind}', 'cpu_count': os.cpu_count(),
       'machine': platform.machine(), 'seeds': args.seeds, 'steps_per_seed': task.total_steps,
       'batch': args.batch, 'seq_len': args.seq_len, 'hidden': args.hidden, 'size': args.size,
-      'dtype': train_config.model.dtype,
+      'dtype': pretrained.config.model.dtype,
       'first_run_seconds_with_compile': first, 'seconds_per_round': times,
       'median_seconds': median, 'speedup_parallel_over_sequential': speedup,
       'note': 'wall clock of finetune_group (training only, no scoring); shared machine',
   }
   print(f'{args.seeds} seeds x {task.total_steps} steps, batch {args.batch}, length '
         f'{args.seq_len}, hidden {args.hidden} ({args.size}) on {result["device"]}:')
-  for name in modes:
+  for name in times:
     print(f'  {name:<10} {median[name]:7.2f} s (median of {args.rounds}; first run with '
           f'compilation {first[name]:.2f} s)')
   print(f'  speed-up of parallel seeds: {speedup:.2f}x')

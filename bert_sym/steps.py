@@ -100,53 +100,61 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
     if accum == 1:
       grads, loss, sums = micro_grads(batch, 0)
     else:
-      # [B, ...] -> [accum, B/accum, ...] taking rows accum apart, so that every
-      # micro-batch stays split over the same devices as the batch (no resharding).
-      def split(x):
-        x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
-        if mesh is None or batch_sharding is None:
-          return x
-        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
-      micro_batches = jax.tree.map(split, batch)
-
-      def body(carry, inputs):
-        micro_batch, index = inputs
-        out = micro_grads(micro_batch, index)
-        return jax.tree.map(jnp.add, carry, out), None
-
-      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-          lambda: micro_grads(jax.tree.map(lambda x: x[0], micro_batches), 0)))
-      (grads, loss, sums), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
-
+      grads, loss, sums = _summed_over_micro_batches(micro_grads, batch, accum, mesh,
+                                                     batch_sharding)
     grad_norm = optax.global_norm(grads)
-    updates, new_opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_bad = lambda new, old: jnp.where(finite, new, old)
-
-    def keep_opt_state_if_bad(new, old):
-      # The learning-rate schedule's counter still advances on a skipped step: the
-      # schedule is a function of the training step, so the lr applied at step s stays
-      # schedule(s) (what we log) and reaches 0 at total_steps. Adam's moments and its
-      # bias-correction count stay as they were, as if the bad batch had not been seen.
-      if isinstance(new, optax.ScaleByScheduleState):
-        return new
-      return jax.tree.map(keep_if_bad, new, old)
-
-    new_state = {
-        'params': jax.tree.map(keep_if_bad, new_params, params),
-        'opt_state': jax.tree.map(
-            keep_opt_state_if_bad, new_opt_state, state['opt_state'],
-            is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)),
-        'step': step + 1,
-        'rng': state['rng'],
-    }
+    new_params, new_opt_state = _update_if_finite(tx, grads, state, finite)
+    new_state = {'params': new_params, 'opt_state': new_opt_state, 'step': step + 1,
+                 'rng': state['rng']}
     metrics = {'train/loss': loss, **{f'train/{k}': v / total_weight for k, v in sums.items()},
                'train/learning_rate': schedule(step), 'train/grad_norm': grad_norm,
                'train/finite': finite.astype(jnp.float32)}
     return new_state, metrics
   return train_step
+
+
+def _summed_over_micro_batches(micro_grads, batch, accum, mesh, batch_sharding):
+  """`micro_grads(micro_batch, index)` summed over `accum` micro-batches in a lax.scan."""
+  # [B, ...] -> [accum, B/accum, ...] taking rows accum apart, so that every micro-batch
+  # stays split over the same devices as the batch (no resharding).
+  def split(x):
+    x = jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+    if mesh is None or batch_sharding is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
+  micro_batches = jax.tree.map(split, batch)
+
+  def body(carry, inputs):
+    micro_batch, index = inputs
+    return jax.tree.map(jnp.add, carry, micro_grads(micro_batch, index)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+      lambda: micro_grads(jax.tree.map(lambda x: x[0], micro_batches), 0)))
+  summed, _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
+  return summed
+
+
+def _update_if_finite(tx, grads, state, finite):
+  """(params, opt_state) after applying `grads`, or as they were where not `finite`."""
+  params = state['params']
+  updates, new_opt_state = tx.update(grads, state['opt_state'], params)
+  new_params = optax.apply_updates(params, updates)
+  keep_if_bad = lambda new, old: jnp.where(finite, new, old)
+
+  def keep_opt_state_if_bad(new, old):
+    # The learning-rate schedule's counter still advances on a skipped step: the
+    # schedule is a function of the training step, so the lr applied at step s stays
+    # schedule(s) (what we log) and reaches 0 at total_steps. Adam's moments and its
+    # bias-correction count stay as they were, as if the bad batch had not been seen.
+    if isinstance(new, optax.ScaleByScheduleState):
+      return new
+    return jax.tree.map(keep_if_bad, new, old)
+
+  return (jax.tree.map(keep_if_bad, new_params, params),
+          jax.tree.map(keep_opt_state_if_bad, new_opt_state, state['opt_state'],
+                       is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)))
 
 
 def in_mesh_context(fn, mesh, rules):

@@ -39,7 +39,8 @@ class Pretrained:
   step: int
 
 
-def load_pretrained(path) -> Pretrained:
+def load_pretrained_encoder(path) -> Pretrained:
+  """The encoder of a pre-training checkpoint (checkpoint.load_pretrained) and its config."""
   # A workdir means its latest step, which a running trainer can change between two
   # hosts' listings: process 0 picks it for everyone.
   step_dir = epath.Path(hosts.on_process_0(
@@ -204,63 +205,14 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   """
   stacked = len(seeds) > 1
   group_dir = _group_dir(output_dir, task.spec.name)
-  marker = group_dir / 'group.json'
-  identity = dict(identity, seeds=list(seeds), parallel=stacked)
-  same = hosts.on_process_0(lambda: marker.exists() and json.loads(marker.read_text()) == identity)
-  if jax.process_index() == 0 and not same:
-    checkpoint_lib.checkpoint_dir(group_dir).rmtree(missing_ok=True)
-    group_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity))
-  ckpt = ml_collections.ConfigDict(dict(keep_last=1, keep_every=0, async_save=False))
-  abstract, abstract_params = task.state.abstract, task.state.abstract_params
-  if stacked:
-    lead = lambda a, s=None: jax.ShapeDtypeStruct((len(seeds),) + a.shape, a.dtype,
-                                                  sharding=s)
-    abstract = jax.tree.map(lead, abstract, steps.stacked(task.state.shardings))
-    abstract_params = jax.tree.map(lead, abstract_params)
-  manager, latest, state, _ = checkpoint_lib.restore_latest(
-      group_dir, ckpt, abstract, abstract_params, log=logging.warning)
+  _claim_group_dir(group_dir, dict(identity, seeds=list(seeds), parallel=stacked))
   desc = f'{task.spec.name} seed{"s" if stacked else ""} {",".join(map(str, seeds))}'
-  if latest is None:
-    states = []
-    for seed in seeds:
-      init_key, dropout_key = jax.random.split(jax.random.key(seed))
-      # A fresh pooler and classifier (N(0, 0.02)) around the pre-trained encoder.
-      params = checkpoint_lib.with_pretrained_encoder(
-          task.state.init_params(init_key), pretrained.encoder, pretrained.step_dir)
-      params = jax.device_put(params, task.state.param_shardings)
-      states.append(task.state.from_params(params, dropout_key))
-    state = (jax.device_put(steps.stack(states), steps.stacked(task.state.shardings))
-             if stacked else states[0])
-  else:
-    logging.info('%s: resuming from step %d of %d (%s)', desc, latest, task.total_steps,
-                 checkpoint_lib.checkpoint_dir(group_dir))
-    print(f'{desc}: resuming from step {latest} of {task.total_steps}', flush=True)
+  manager, latest, state = _restore_or_init(pretrained, task, seeds, group_dir, desc)
   step = latest or 0
   writers = [_metric_writer(epath.Path(output_dir) / 'runs' / f'{task.spec.name}_seed{s}',
                             step) for s in seeds]
-  seq_len = config.max_seq_len
-  meter = loop.Meter(
-      task.total_steps, len(seeds) * config.batch_size * seq_len,
-      model_lib.train_flops_per_token(pretrained.config.model, seq_len, 0.0),
-      metrics_writer.peak_flops_per_device(), config.get('on_nonfinite', 'stop'),
-      what=f'GLUE {desc}')
-  meter.last_saved = latest
-  console = print if config.progress_bar and jax.process_index() == 0 else (lambda *a: None)
-
-  def log(step, scalars, eta, per_run):
-    for i, writer in enumerate(writers):   # per_run holds one value per seed
-      row = {k: np.reshape(per_run[k], -1)[i] for k in ('train/loss', 'train/grad_norm')}
-      writer.write_scalars(step, {**row, 'train/learning_rate': scalars['train/learning_rate']})
-    console(f'{desc}: {metrics_writer.format_progress(step, task.total_steps, scalars, eta)}')
-
-  def save(state, step):
-    if step < task.total_steps:   # a finished group is scored, not resumed
-      checkpoint_lib.save(manager, step, state, {'step': step}, force=True)
-
-  hooks = loop.Hooks(log=log, save=save, log_every=config.log_every_steps,
-                     save_every=config.get('checkpoint_every_steps', 0), console=console,
-                     name=f'GLUE {task.spec.name}')
+  meter = _meter(pretrained, task, config, len(seeds), desc, latest)
+  hooks = _hooks(task, config, writers, manager, desc)
   batches = _Batches(train, config, seeds, pad_id, stacked, step, length_seeds)
   to_global = lambda b: global_batch(b, mesh, config.batch_size, task.rules, stacked)
   prefetcher = loop.Prefetcher(batches, to_global, depth=2)
@@ -279,12 +231,87 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   return steps.unstack(state['params'], len(seeds)) if stacked else [state['params']]
 
 
+def _claim_group_dir(group_dir, identity: dict) -> None:
+  """A checkpoint of another group (other seeds, checkpoint or recipe) is removed, never
+  resumed; process 0 decides for every host."""
+  marker = group_dir / 'group.json'
+  same = hosts.on_process_0(lambda: marker.exists() and json.loads(marker.read_text()) == identity)
+  if jax.process_index() == 0 and not same:
+    checkpoint_lib.checkpoint_dir(group_dir).rmtree(missing_ok=True)
+    group_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity))
+
+
+def _restore_or_init(pretrained, task: TaskSetup, seeds, group_dir, desc):
+  """(checkpoint manager, restored step or None, state): the group's last checkpoint, else a
+  fresh pooler and classifier (N(0, 0.02)) around the pre-trained encoder per seed."""
+  stacked = len(seeds) > 1
+  ckpt = ml_collections.ConfigDict(dict(keep_last=1, keep_every=0, async_save=False))
+  abstract, abstract_params = task.state.abstract, task.state.abstract_params
+  if stacked:
+    lead = lambda a, s=None: jax.ShapeDtypeStruct((len(seeds),) + a.shape, a.dtype,
+                                                  sharding=s)
+    abstract = jax.tree.map(lead, abstract, steps.stacked(task.state.shardings))
+    abstract_params = jax.tree.map(lead, abstract_params)
+  manager, latest, state, _ = checkpoint_lib.restore_latest(
+      group_dir, ckpt, abstract, abstract_params, log=logging.warning)
+  if latest is not None:
+    logging.info('%s: resuming from step %d of %d (%s)', desc, latest, task.total_steps,
+                 checkpoint_lib.checkpoint_dir(group_dir))
+    print(f'{desc}: resuming from step {latest} of {task.total_steps}', flush=True)
+    return manager, latest, state
+  states = []
+  for seed in seeds:
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    params = checkpoint_lib.with_pretrained_encoder(
+        task.state.init_params(init_key), pretrained.encoder, pretrained.step_dir)
+    params = jax.device_put(params, task.state.param_shardings)
+    states.append(task.state.from_params(params, dropout_key))
+  if stacked:
+    return manager, None, jax.device_put(steps.stack(states),
+                                         steps.stacked(task.state.shardings))
+  return manager, None, states[0]
+
+
+def _meter(pretrained, task: TaskSetup, config, num_seeds, desc, last_saved) -> loop.Meter:
+  seq_len = config.max_seq_len
+  meter = loop.Meter(
+      task.total_steps, num_seeds * config.batch_size * seq_len,
+      model_lib.train_flops_per_token(pretrained.config.model, seq_len, 0.0),
+      metrics_writer.peak_flops_per_device(), config.get('on_nonfinite', 'stop'),
+      what=f'GLUE {desc}')
+  meter.last_saved = last_saved
+  return meter
+
+
+def _hooks(task: TaskSetup, config, writers, manager, desc) -> loop.Hooks:
+  """Per-seed metrics every config.log_every_steps; a checkpoint every
+  config.checkpoint_every_steps and on SIGTERM, except after the last step."""
+  console = print if config.progress_bar and jax.process_index() == 0 else (lambda *a: None)
+
+  def log(step, scalars, eta, per_run):
+    for i, writer in enumerate(writers):   # per_run holds one value per seed
+      row = {k: np.reshape(per_run[k], -1)[i] for k in ('train/loss', 'train/grad_norm')}
+      writer.write_scalars(step, {**row, 'train/learning_rate': scalars['train/learning_rate']})
+    console(f'{desc}: {metrics_writer.format_progress(step, task.total_steps, scalars, eta)}')
+
+  def save(state, step):
+    if step < task.total_steps:   # a finished group is scored, not resumed
+      checkpoint_lib.save(manager, step, state, {'step': step}, force=True)
+
+  return loop.Hooks(log=log, save=save, log_every=config.log_every_steps,
+                    save_every=config.get('checkpoint_every_steps', 0), console=console,
+                    name=f'GLUE {task.spec.name}')
+
+
 def finish_group(output_dir, task_name) -> None:
   """The group's results are written: its checkpoints are no longer needed."""
   if jax.process_index() == 0:
     group_dir = _group_dir(output_dir, task_name)
     checkpoint_lib.checkpoint_dir(group_dir).rmtree(missing_ok=True)
     (group_dir / 'group.json').unlink(missing_ok=True)
+    if group_dir.exists() and not any(group_dir.iterdir()):
+      group_dir.rmdir()   # no empty runs/<task>/ left beside the runs/<task>_seed<k>/ logs
 
 
 def predict(params, task: TaskSetup, dev, config, mesh, pad_id):

@@ -14,7 +14,7 @@ from bert_sym.glue import metrics as glue_metrics
 _REFERENCE_FRACTION = 0.95
 
 
-def write_atomically(path, data: str | bytes) -> None:
+def write_on_process_0(path, data: str | bytes) -> None:
   """`files.write_atomically` on process 0 only: every process computes the same results."""
   if jax.process_index() == 0:
     files.write_atomically(path, data)
@@ -93,9 +93,9 @@ def write_results(output_dir, results) -> None:
     for seed, run in task.items():
       by_seed[int(seed)].update({name: r['score'] for name, r in run['scores'].items()})
   results['summary'] = glue_metrics.summarize(by_seed)
-  write_atomically(epath.Path(output_dir) / 'glue_results.json',
+  write_on_process_0(epath.Path(output_dir) / 'glue_results.json',
                    json.dumps(results, indent=2, sort_keys=False) + '\n')
-  write_atomically(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
+  write_on_process_0(epath.Path(output_dir) / 'glue_results.md', markdown_table(results))
 
 
 def sweep_point(step, results) -> dict:
@@ -136,8 +136,8 @@ def write_sweep(output_dir, workdir, points, reference_score):
       lines.append('Warning: some scores are partial GLUE means (tasks missing); the '
                    'comparison with a full-GLUE reference is only indicative.')
   output_dir = epath.Path(output_dir)
-  write_atomically(output_dir / 'glue_vs_step.json', json.dumps(summary, indent=2) + '\n')
-  write_atomically(output_dir / 'glue_vs_step.md', '\n'.join(lines) + '\n')
+  write_on_process_0(output_dir / 'glue_vs_step.json', json.dumps(summary, indent=2) + '\n')
+  write_on_process_0(output_dir / 'glue_vs_step.md', '\n'.join(lines) + '\n')
   plot_sweep(output_dir / 'glue_vs_step.png', points, threshold)
 
 
@@ -160,5 +160,5 @@ def plot_sweep(path, points, threshold=None):
   png = io.BytesIO()   # rendered in memory, then written like every other output file
   fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
-  write_atomically(path, png.getvalue())
+  write_on_process_0(path, png.getvalue())
 

@@ -5,8 +5,10 @@ Resume works at two levels. A (task, seed) whose results and prediction files ar
 continues from its last checkpoint in runs/<task>/checkpoints (bert_sym.glue.finetune).
 """
 
+import dataclasses
 import json
 import time
+from typing import Any
 
 from absl import logging
 from etils import epath
@@ -93,6 +95,23 @@ def finished_runs(output_dir, step_dir, config) -> dict:
   return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
 
 
+@dataclasses.dataclass
+class _Session:
+  """What every task of one `run_glue` call shares."""
+  pretrained: finetune_lib.Pretrained
+  tokenizer: glue_data.WordPiece
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  rules: Any
+  output_dir: epath.Path
+  seeds: list[int]
+  parallel: str                     # parallel_seeds_mode
+  done: dict                        # (task, seed) -> run reused from an earlier call
+  results: dict                     # rewritten to glue_results.json after every group
+  task_cache: dict
+  preemption: loop.PreemptionFlag
+
+
 def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict,
              task_cache: dict | None = None) -> dict:
   """Fine-tunes and scores every (task, seed); rewrites the outputs after each group.
@@ -101,35 +120,62 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   checkpoint for the next: they depend on the model config and data size, not weights.
   Raises loop.Preempted after saving when stopped by SIGTERM / Ctrl-C.
   """
-  task_cache = {} if task_cache is None else task_cache
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
   parallel = parallel_seeds_mode(config.get('parallel_seeds', 'auto'))   # typos fail now
-  pretrained = finetune_lib.load_pretrained(checkpoint)
+  pretrained, tokenizer = _checkpoint_and_tokenizer(checkpoint, config)
+  _check_local_files(config, specs)
+  mesh, rules = _mesh_and_rules(config, pretrained)
+  output_dir = epath.Path(output_dir)
+  results = _new_results(pretrained, config, mesh, seeds, specs)
+  done = finished_runs(output_dir, pretrained.step_dir, config)
+  _keep_other_finished_tasks(results, done, seeds)
+  logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
+               pretrained.step, config.glue_dir or 'TFDS glue/*', results['tasks'], seeds)
+  session = _Session(pretrained, tokenizer, config, mesh, rules, output_dir, seeds, parallel,
+                     done, results, {} if task_cache is None else task_cache,
+                     loop.PreemptionFlag())
+  for spec in specs:
+    _run_task(session, spec)
+  return results
+
+
+def _checkpoint_and_tokenizer(checkpoint, config):
+  """The pre-trained encoder and the tokenizer it was trained with, checked together."""
+  pretrained = finetune_lib.load_pretrained_encoder(checkpoint)
   tokenizer = glue_data.WordPiece(
       config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''))
   finetune_lib.check_vocab(pretrained, tokenizer)
-  if config.max_seq_len > pretrained.config.model.max_position_embeddings:
+  max_positions = pretrained.config.model.max_position_embeddings
+  if config.max_seq_len > max_positions:
     raise ValueError(f'config.max_seq_len={config.max_seq_len} exceeds the checkpoint\'s '
-                     f'max_position_embeddings={pretrained.config.model.max_position_embeddings}.')
+                     f'max_position_embeddings={max_positions}.')
+  return pretrained, tokenizer
 
-  if config.glue_dir:   # every file checked now, not after hours of training other tasks
+
+def _check_local_files(config, specs) -> None:
+  """Every local file checked now, not after hours of training other tasks."""
+  if config.glue_dir:
     for spec in specs:
       for file_name in ['train.tsv'] + [d.tsv_file for d in spec.dev_sets]:
         glue_data.tsv_path(config.glue_dir, spec, file_name)
 
-  # The trainer's mesh code and logical-axis rules: data parallel over the batch, and
-  # parameters laid out as in pre-training (replicated unless fsdp/tensor > 1).
+
+def _mesh_and_rules(config, pretrained):
+  """The trainer's mesh code and logical-axis rules: data parallel over the batch, and
+  parameters laid out as in pre-training (replicated unless fsdp/tensor > 1)."""
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(pretrained.config)
   sharding.check_batch_size(config.batch_size, mesh, rules, 'batch_size')
   sharding.check_batch_size(config.batch_size // config.get('grad_accum_steps', 1), mesh,
                             rules, 'batch_size / grad_accum_steps')
   sharding.check_batch_size(config.eval_batch_size, mesh, rules, 'eval_batch_size')
+  return mesh, rules
 
-  output_dir = epath.Path(output_dir)
+
+def _new_results(pretrained, config, mesh, seeds, specs) -> dict:
   model_cfg = pretrained.config.model
-  results = {
+  return {
       'checkpoint': pretrained.step_dir, 'step': pretrained.step,
       'model': {k: model_cfg[k] for k in ('attention', 'num_layers', 'hidden_size',
                                           'num_heads', 'vocab_size')},
@@ -139,64 +185,78 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
       'config': config.to_dict(), 'devices': jax.device_count(), 'mesh': dict(mesh.shape),
       'seeds': seeds, 'tasks': [s.name for s in specs], 'runs': {},
   }
-  done = finished_runs(output_dir, pretrained.step_dir, config)
-  # Tasks finished earlier into this directory stay in the table, so tasks can be run one
-  # command at a time (e.g. --tasks=mnli on a bigger machine) and still add up to GLUE.
+
+
+def _keep_other_finished_tasks(results, done, seeds) -> None:
+  """Tasks finished earlier into this directory stay in the table, so tasks can be run one
+  command at a time (e.g. --tasks=mnli on a bigger machine) and still add up to GLUE."""
   for (task, seed), run in done.items():
     if task not in results['tasks'] and seed in seeds:
       results['runs'].setdefault(task, {})[str(seed)] = run
   results['tasks'] += [t for t in results['runs'] if t not in results['tasks']]
-  logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
-               pretrained.step, config.glue_dir or 'TFDS glue/*', results['tasks'], seeds)
-  preemption = loop.PreemptionFlag()
 
-  for spec in specs:
-    results['runs'][spec.name] = {}
-    for seed in seeds:
-      if (spec.name, seed) in done:
-        logging.info('%s seed %d: reusing the finished run in %s', spec.name, seed, output_dir)
-        results['runs'][spec.name][str(seed)] = done[spec.name, seed]
-    todo = [seed for seed in seeds if str(seed) not in results['runs'][spec.name]]
-    if not todo:
-      report.write_results(output_dir, results)
-      continue
 
-    def encoded(split, limit):  # pylint: disable=cell-var-from-loop
-      examples = glue_data.load_split(spec, split, glue_dir=config.glue_dir,
-                                      tfds_data_dir=config.tfds_data_dir)
-      return glue_data.encode_examples(examples.head(limit), tokenizer, config.max_seq_len)
-    # Read every split before training so a missing dev file fails in seconds, not after
-    # an hour of fine-tuning.
-    train = encoded('train', config.max_train_examples)
-    devs = {d.score_name: encoded(d.score_name, config.max_eval_examples) for d in spec.dev_sets}
-    cache_key = (json.dumps(pretrained.config.model.to_dict(), sort_keys=True),
-                 json.dumps(recipe(config), sort_keys=True), spec.name, len(train))
-    if cache_key not in task_cache:
-      task_cache[cache_key] = finetune_lib.setup_task(pretrained, spec, len(train), config,
-                                                      mesh, rules)
-    task = task_cache[cache_key]
-    identity = {'checkpoint': pretrained.step_dir, 'recipe': recipe(config),
-                'train_examples': len(train)}
-    groups = seed_groups(todo, parallel, task.total_steps, jax.default_backend())
-    for group in groups:
-      start = time.time()
-      trained = finetune_lib.finetune_group(pretrained, task, train, config, group, mesh,
-                                            tokenizer.pad_id, output_dir, identity,
-                                            preemption, length_seeds=seeds)
-      seconds = time.time() - start
-      for seed, params in zip(group, trained):
-        scores = _score(params, task, devs, config, mesh, tokenizer.pad_id, output_dir, seed)
-        results['runs'][spec.name][str(seed)] = {
-            'scores': scores, 'train_examples': len(train),
-            'dev_examples': {n: len(d) for n, d in devs.items()},
-            'train_steps': task.total_steps, 'seconds': round(seconds, 1),
-            **({'trained_with_seeds': group} if len(group) > 1 else {})}
-        logging.info('%s seed %d: %s (%d steps, %.0f s)', spec.name, seed,
-                     ', '.join(f'{n} {s["score"]:.2f}' for n, s in scores.items()),
-                     task.total_steps, seconds)
-      report.write_results(output_dir, results)
-      finetune_lib.finish_group(output_dir, spec.name)
-  return results
+def _run_task(session: _Session, spec) -> None:
+  """Every seed of one task not finished before: fine-tuned group by group, then scored."""
+  runs = session.results['runs'][spec.name] = {}
+  for seed in session.seeds:
+    if (spec.name, seed) in session.done:
+      logging.info('%s seed %d: reusing the finished run in %s', spec.name, seed,
+                   session.output_dir)
+      runs[str(seed)] = session.done[spec.name, seed]
+  todo = [seed for seed in session.seeds if str(seed) not in runs]
+  if not todo:
+    report.write_results(session.output_dir, session.results)
+    return
+  # Every split is read before training, so a missing dev file fails in seconds, not
+  # after an hour of fine-tuning.
+  train = _encoded_split(session, spec, 'train', session.config.max_train_examples)
+  devs = {d.score_name: _encoded_split(session, spec, d.score_name,
+                                       session.config.max_eval_examples)
+          for d in spec.dev_sets}
+  task = _task_setup(session, spec, len(train))
+  identity = {'checkpoint': session.pretrained.step_dir, 'recipe': recipe(session.config),
+              'train_examples': len(train)}
+  for group in seed_groups(todo, session.parallel, task.total_steps, jax.default_backend()):
+    start = time.time()
+    trained = finetune_lib.finetune_group(
+        session.pretrained, task, train, session.config, group, session.mesh,
+        session.tokenizer.pad_id, session.output_dir, identity, session.preemption,
+        length_seeds=session.seeds)
+    seconds = time.time() - start
+    for seed, params in zip(group, trained):
+      runs[str(seed)] = _scored_run(session, task, params, seed, group, train, devs, seconds)
+    report.write_results(session.output_dir, session.results)
+    finetune_lib.finish_group(session.output_dir, spec.name)
+
+
+def _encoded_split(session: _Session, spec, split, limit):
+  examples = glue_data.load_split(spec, split, glue_dir=session.config.glue_dir,
+                                  tfds_data_dir=session.config.tfds_data_dir)
+  return glue_data.encode_examples(examples.head(limit), session.tokenizer,
+                                   session.config.max_seq_len)
+
+
+def _task_setup(session: _Session, spec, num_train) -> finetune_lib.TaskSetup:
+  """The task's compiled steps, from the cache when a sweep's earlier checkpoint built them."""
+  key = (json.dumps(session.pretrained.config.model.to_dict(), sort_keys=True),
+         json.dumps(recipe(session.config), sort_keys=True), spec.name, num_train)
+  if key not in session.task_cache:
+    session.task_cache[key] = finetune_lib.setup_task(
+        session.pretrained, spec, num_train, session.config, session.mesh, session.rules)
+  return session.task_cache[key]
+
+
+def _scored_run(session: _Session, task, params, seed, group, train, devs, seconds) -> dict:
+  scores = _score(params, task, devs, session.config, session.mesh, session.tokenizer.pad_id,
+                  session.output_dir, seed)
+  logging.info('%s seed %d: %s (%d steps, %.0f s)', task.spec.name, seed,
+               ', '.join(f'{n} {s["score"]:.2f}' for n, s in scores.items()),
+               task.total_steps, seconds)
+  return {'scores': scores, 'train_examples': len(train),
+          'dev_examples': {n: len(d) for n, d in devs.items()},
+          'train_steps': task.total_steps, 'seconds': round(seconds, 1),
+          **({'trained_with_seeds': group} if len(group) > 1 else {})}
 
 
 def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:
@@ -207,7 +267,7 @@ def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:
   for name, dev in devs.items():
     predictions = finetune_lib.predict(params, task, dev, config, mesh, pad_id)
     scores[name] = glue_metrics.score(name, dev.labels, predictions)
-    report.write_atomically(output_dir / 'predictions' / f'{name}_seed{seed}.tsv',
+    report.write_on_process_0(output_dir / 'predictions' / f'{name}_seed{seed}.tsv',
                             report.predictions_tsv(dev, predictions, task.spec.is_regression))
     writer.write_scalars(task.total_steps,
                          {f'dev/{name}/{k}': v for k, v in scores[name].items()})
