@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 # Before anything loads libtpu: its one-process lock guards real chips, of which none is used.
@@ -18,6 +19,8 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from bert_sym import aot  # pylint: disable=g-import-not-at-top
 from bert_sym import model as model_lib
+from bert_sym import sharding
+from bert_sym import tpu
 from configs import tiny
 
 pytest.importorskip('libtpu', reason='needs libtpu: pip install -r requirements-tpu.txt')
@@ -46,10 +49,10 @@ def tiny_config(**model):
     ('v5e:4x4', 'v5e:4x4', 16), ('v4:2x2x4', 'v4:2x2x4', 16), ('V5E-16', 'v5e:4x4', 16),
 ])
 def test_topology_names_map_to_libtpu_slices(name, topology, chips):
-  slice_ = aot.parse_topology(name)
+  slice_ = tpu.parse_topology(name)
   assert (slice_.topology, slice_.chips) == (topology, chips)
   # libtpu agrees: one compile-only device per chip (megacore on v4/v5p).
-  assert len(aot.compile_only_devices(slice_)) == chips
+  assert len(tpu.compile_only_devices(slice_)) == chips
 
 
 @pytest.mark.parametrize('name, message', [
@@ -57,14 +60,25 @@ def test_topology_names_map_to_libtpu_slices(name, topology, chips):
     ('v4-7', 'is not a TPU slice'), ('v5e-12', 'not a power of two'),
     ('v4:4x4', 'grid has 3 dimensions')])
 def test_bad_topology_names_are_one_line_errors(name, message):
-  with pytest.raises(aot.AotError, match=message) as error:
-    aot.parse_topology(name)
+  with pytest.raises(tpu.SliceError, match=message) as error:
+    tpu.parse_topology(name)
   assert '\n' not in str(error.value)
 
 
-def test_multi_slice_devices():
-  devices = aot.compile_only_devices(aot.parse_topology('v5e-4'), num_slices=2)
+def test_multi_slice_mesh_spans_slices_on_the_data_axis_only():
+  devices = tpu.compile_only_devices(tpu.parse_topology('v5e-4'), num_slices=2)
   assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+  config = tiny_config()
+  config.mesh.update(data=-1, fsdp=2, tensor=1)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  assert dict(mesh.shape) == {'data': 4, 'fsdp': 2, 'tensor': 1}
+  slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  # Each fsdp group lies inside one slice; the data axis crosses from slice 0 to slice 1.
+  assert (slice_of == slice_of[:, :1, :]).all()
+  assert list(slice_of[:, 0, 0]) == [0, 0, 1, 1]
+  config.mesh.update(data=1, fsdp=-1)
+  with pytest.raises(ValueError, match='multiple of the 2 slices'):
+    sharding.make_mesh(config.mesh, devices)
 
 
 def test_hbm_overflow_messages_are_parsed():
@@ -104,14 +118,17 @@ def test_tiny_splash_compiles_for_v5e_4_from_the_command_line(tmp_path):
   assert 'ESTIMATE' in result.stdout and 'fits: True' in result.stdout
 
 
-@pytest.mark.parametrize('variant', ['standard', 'symmetric', 'pairwise_diagonal',
-                                     'standard_syminit'])
-def test_every_attention_variant_compiles_with_splash(variant):
+@pytest.mark.parametrize('variant, num_slices', [
+    ('standard', 1), ('symmetric', 1), ('pairwise_diagonal', 1),
+    ('standard_syminit', 2)])   # two v5e-4 slices over DCN: multi-slice, at no extra compile
+def test_every_attention_variant_compiles_with_splash(variant, num_slices):
   # pairwise: the command-line test above.
   config = tiny_config(attention=variant, attention_impl='splash',
                        attention_dropout_rate=0.0, scan_layers=True)
-  report = aot.preflight(config, 'v5e-4', eval_step=False)
+  report = aot.preflight(config, 'v5e-4', num_slices, eval_step=False)
   assert report['kernel'] == 'splash' and report['fits']
+  assert report['chips'] == 4 * num_slices and report['num_slices'] == num_slices
+  assert report['mesh'] == {'data': 4 * num_slices, 'fsdp': 1, 'tensor': 1}
   assert report['train_step']['mosaic_kernels'] >= 3
   # The trap the estimate avoids: with scanned layers the compiler counts one layer.
   assert (report['train_step']['compiler_cost']['flops']
@@ -152,7 +169,7 @@ def test_argument_bytes_are_the_shards_of_the_state_and_batch(paper_recipe):
   a tiled TPU layout (its `input_formats`), which pads small dimensions; an input the step
   never reads (the dense mlm_targets, when the sparse head reads its own) is dropped."""
   config, report, compiled = paper_recipe
-  devices = aot.compile_only_devices(aot.parse_topology('v5e-4'))
+  devices = tpu.compile_only_devices(tpu.parse_topology('v5e-4'))
   with aot.attention.target_backend('tpu'):
     built = aot.build_steps(config, devices)
   leaves = aot.jax.tree.leaves((built.spec.abstract, built.batch))
