@@ -55,7 +55,7 @@ from bert_sym.input import masking
 _CONFIG = train._CONFIG  # pylint: disable=protected-access
 _TOPOLOGY = flags.DEFINE_string(
     'topology', None, 'The TPU slice: a Cloud TPU accelerator type (v4-32, v5e-16, '
-    'v5litepod-16, v5p-128, v6e-8) or generation:chips (v5e:4x4, v4:2x2x4).')
+    'v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4).')
 _NUM_SLICES = flags.DEFINE_integer(
     'num_slices', 1, 'Slices joined over the data-center network (multi-slice).')
 _OUT = flags.DEFINE_string('out', None, 'Write the report as JSON to this file.')
@@ -224,7 +224,8 @@ def estimate(config, slice_: tpu.Slice, num_slices: int, device, step_bytes: flo
   tokens_per_chip = config.batch_size * seq_len / chips
   flops_per_token = model_lib.train_flops_per_token(
       config.model, seq_len, model_lib.mlm_predicted_fraction(config))
-  peak = metrics_writer.peak_flops_per_device(device)
+  peak = metrics_writer.peak_flops_per_device(
+      device, override=config.get('peak_flops_per_device', 0.0))
   flops = flops_per_token * tokens_per_chip
   compute_s, memory_s = flops / peak, step_bytes / slice_.chip.hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
@@ -250,7 +251,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   The eval step is compiled when the train step fits (and `eval_step`). `executables`, if
   given, receives the compiled steps by name (for inspection; they cannot run here).
 
-  Raises AotError (one line) for a bad topology or config, or a step that does not fit.
+  A step that does not fit is reported (fits False, bytes_over_hbm); AotError (one line)
+  is raised for a topology or config that cannot be compiled for.
   """
   try:
     config_check.check(config)
