@@ -30,8 +30,8 @@ $(VENV)/.runtime-installed: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
-	$(BIN)/pip install -q -r requirements-test.txt
+$(VENV)/.test-installed: requirements-test.txt requirements-tpu.txt $(VENV)/.runtime-installed
+	$(BIN)/pip install -q -r requirements-test.txt -r requirements-tpu.txt
 	touch $@
 
 demo: $(VENV)/.runtime-installed

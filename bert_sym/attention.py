@@ -19,6 +19,8 @@ kernels and recipes"), each name being exactly the kernel that runs: a kernel as
 name runs or raises, and `auto` logs which one it took and why.
 """
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -36,6 +38,28 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
 # The fused kernel `auto` picks on each backend (any other backend: xla).
 BACKEND_KERNELS = {'gpu': 'cudnn', 'tpu': 'splash'}
 SPLASH_BLOCK = 128   # splash tiles are multiples of the 128-lane vector width
+
+
+_TARGET_BACKEND = contextvars.ContextVar('target_backend', default=None)
+
+
+@contextlib.contextmanager
+def target_backend(backend: str):
+  """Resolve kernels (and `model.dtype=auto`) for `backend` rather than the host's.
+
+  Ahead-of-time compilation (bert_sym.aot) traces on a CPU host for a TPU slice: there,
+  `auto` must pick splash and bfloat16, and splash must be the real Mosaic kernel.
+  """
+  token = _TARGET_BACKEND.set(backend)
+  try:
+    yield
+  finally:
+    _TARGET_BACKEND.reset(token)
+
+
+def current_backend() -> str:
+  """The backend the step is being built for: `target_backend`'s, else JAX's default."""
+  return _TARGET_BACKEND.get() or jax.default_backend()
 
 
 def dense_init(stddev):
@@ -61,7 +85,7 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
   any backend. `dtype`: the compute dtype; `auto` does not give float32 models to cuDNN,
   whose flash kernels are 16-bit only.
   """
-  backend = backend or jax.default_backend()
+  backend = backend or current_backend()
   if impl == 'fused':
     raise ValueError(
         "model.attention_impl='fused' was removed: it ran plain XLA attention everywhere. "

@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_sym.attention import SelfAttention, dense_init
+from bert_sym.attention import SelfAttention, current_backend, dense_init
 
 
 def compute_dtype(name: str) -> jnp.dtype:
   """'auto' is bfloat16 on accelerators (MXU/tensor-core native) and float32 on CPU."""
   if name == 'auto':
-    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+    return jnp.float32 if current_backend() == 'cpu' else jnp.bfloat16
   return jnp.dtype(name)
 
 

@@ -54,8 +54,22 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
   # Auto axes: jit propagates shardings from the in/out shardings we give it.
-  return jax.make_mesh(shape, MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=axis_types)
+  # Multi-slice (TPU slices joined over the data-center network, DCN): only the `data`
+  # axis crosses slices (one gradient all-reduce per step over the slow links); fsdp and
+  # tensor stay inside a slice, on its fast interconnect (ICI).
+  if shape[0] % slices:
+    raise ValueError(
+        f'config.mesh data={shape[0]} must be a multiple of the {slices} slices (only the '
+        f'data axis spans slices). Set --config.mesh.data=-1 or a multiple of {slices}.')
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  per_slice = (shape[0] // slices,) + tuple(shape[1:])
+  grid = mesh_utils.create_hybrid_device_mesh(
+      per_slice, (slices,) + (1,) * (len(shape) - 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 _KERNEL_MESH = contextvars.ContextVar('kernel_mesh', default=None)

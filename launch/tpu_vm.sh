@@ -25,10 +25,17 @@
 #     launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base
 # EXPORT_TASK (default bert_sym_mlm_c4) and EXPORT_SEQ_LEN (default 512) pick the corpus.
 # TFDS_DATA_DIR must hold the prepared TFDS dataset (`tfds build c4/en --data_dir=...`).
+#
+# Preflight: before anything is created, the train step is compiled here for ACCELERATOR
+# (python -m bert_sym.aot; needs `pip install -r requirements-tpu.txt` on this machine, no
+# TPU) and the launch stops if it does not fit in the chips' memory. It prints memory per
+# chip and a roofline estimate of the run's speed; bert-base takes a few minutes to compile
+# on a laptop (--config.model.scan_layers=True: under a minute). PYTHON (default: this
+# checkout's .venv/bin/python, else python3) runs it; SKIP_PREFLIGHT=1 skips it.
 set -euo pipefail
 
 if [[ $# -lt 5 ]]; then
-  sed -n '2,27p' "$0"; exit 2
+  sed -n '2,35p' "$0"; exit 2
 fi
 NAME=$1 ZONE=$2 ACCELERATOR=$3 CONFIG=$4 WORKDIR=$5
 shift 5
@@ -47,6 +54,22 @@ fi
 GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+# 0. Preflight: does CONFIG fit on ACCELERATOR? Compiled here, before any slice exists.
+if [[ -z ${SKIP_PREFLIGHT:-} ]]; then
+  PREFLIGHT_PYTHON=${PYTHON:-}
+  if [[ -z $PREFLIGHT_PYTHON ]]; then
+    PREFLIGHT_PYTHON=python3
+    [[ -x $REPO_ROOT/.venv/bin/python ]] && PREFLIGHT_PYTHON=$REPO_ROOT/.venv/bin/python
+  fi
+  echo "Preflight: compiling $CONFIG for $ACCELERATOR on this machine (bert_sym.aot)"
+  if ! (cd "$REPO_ROOT" && "$PREFLIGHT_PYTHON" -m bert_sym.aot --config="$CONFIG" \
+        --topology="$ACCELERATOR" "${EXTRA_ARGS[@]}"); then
+    echo "Preflight failed for $CONFIG on $ACCELERATOR (above); nothing was created." \
+      "Fix the config, or set SKIP_PREFLIGHT=1 to launch anyway." >&2
+    exit 1
+  fi
+fi
 
 # 1. The slice. A preempted spot slice keeps its name (describe succeeds) but has no
 #    running VMs: only a READY slice can be reused.

@@ -1,0 +1,391 @@
+r"""Compile the trainer's own steps for a TPU slice on any machine, before renting it.
+
+  python -m bert_sym.aot --config=configs/sym_base.py:fast --topology=v5e-16
+  python -m bert_sym.aot --config=configs/sym_base.py --topology=v4-32 --out=report.json \
+      --config.mesh.fsdp=4
+
+Needs `libtpu` (pip install -r requirements-tpu.txt); no TPU. The TPU compiler runs on
+this host for a slice of compile-only devices (`jax.experimental.topologies`), on the
+same update and eval steps `bert_sym.train` jits (train.make_train_step ->
+steps.jit_train_step, steps.make_eval_step), the same mesh, shardings and donation, with
+shapes only: nothing is allocated. Kernels are resolved for the TPU (attention_impl
+auto/splash -> the Mosaic splash kernel, model.dtype auto -> bfloat16), not for the host.
+
+It prints, and writes as JSON with --out: the slice, the mesh, the attention kernel,
+compile seconds, per-chip memory from the compiler (arguments, temporaries, outputs,
+aliases, total) against the chip's HBM, the collectives in the compiled program, the
+compiler's per-chip FLOPs and bytes, and a roofline ESTIMATE of the step time, tokens/s
+per chip and the wall time of config.total_steps. Exit status 1, with one line naming the
+bytes over and the knobs to turn, when the step does not fit in HBM.
+
+The estimate's FLOPs are the model's own count (model.train_flops_per_token): XLA's
+cost_analysis() counts the body of a scanned loop (model.scan_layers=True) once, not once
+per layer. The compiler's figures are reported as they are, next to it.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import re
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+
+from bert_sym import attention
+from bert_sym import config_check
+from bert_sym import metrics_writer
+from bert_sym import model as model_lib
+from bert_sym import objectives
+from bert_sym import optim
+from bert_sym import sharding
+from bert_sym import steps
+from bert_sym import tpu
+from bert_sym import train
+from bert_sym.input import masking
+
+# --config (and --config.<key>=<value>) is the trainer's own flag: importing bert_sym.train
+# defines it, with its other flags, which this command ignores.
+_CONFIG = train._CONFIG  # pylint: disable=protected-access
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, 'The TPU slice: a Cloud TPU accelerator type (v4-32, v5e-16, '
+    'v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4).')
+_NUM_SLICES = flags.DEFINE_integer(
+    'num_slices', 1, 'Slices joined over the data-center network (multi-slice).')
+_OUT = flags.DEFINE_string('out', None, 'Write the report as JSON to this file.')
+_EVAL_STEP = flags.DEFINE_bool(
+    'eval_step', True, 'Also compile the eval step (always smaller than the train step).')
+
+
+class AotError(Exception):
+  """A problem reported in one line, without a traceback (exit status 1)."""
+
+
+# ---- The steps, as the trainer builds them, on abstract (shape-only) arguments ----
+
+def abstract_batch(config, batch_sharding) -> dict:
+  """ShapeDtypeStructs of one global batch, as bert_sym.train feeds its steps: the
+  masking features (masking.FEATURES; mlm_weights float32, the rest int32) plus the
+  sparse head's positions when model.sparse_mlm (objectives.host_mlm_positions)."""
+  length, rows = config.data.max_seq_len, config.batch_size
+  one_row = {k: np.zeros((1, length), np.float32 if k == 'mlm_weights' else np.int32)
+             for k in masking.FEATURES}
+  if config.model.sparse_mlm:
+    one_row = objectives.host_mlm_positions(one_row, config.data.max_predictions_per_seq)
+  return {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype, sharding=batch_sharding)
+          for k, v in one_row.items()}
+
+
+@dataclasses.dataclass
+class Built:
+  mesh: Any
+  spec: steps.StateSpec
+  batch: dict
+  train_step: Any           # jitted, as the trainer's
+  eval_step: Any
+  kernel: str
+  dtype: str
+
+
+def build_steps(config: ml_collections.ConfigDict, devices) -> Built:
+  """The trainer's mesh, state and steps (bert_sym.train.train_and_evaluate) on `devices`."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_rules(config)
+  sharding.check_batch_size(config.batch_size, mesh, rules)
+  sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
+                            rules, 'batch_size / optimizer.grad_accum_steps')
+  replicated = sharding.replicated(mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  seq_len = config.data.max_seq_len
+  model = model_lib.BertForMaskedLM(config.model)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  spec = steps.create_state(
+      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
+      tx, mesh, rules)
+  train_step = steps.jit_train_step(
+      train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
+      spec.shardings, batch_sharding, replicated, rules)
+  eval_step = steps.make_eval_step(
+      functools.partial(objectives.mlm_sums, model, sparse=bool(config.model.sparse_mlm),
+                        num_predictions=config.data.max_predictions_per_seq),
+      spec.param_shardings, batch_sharding, replicated, rules)
+  dtype = model_lib.compute_dtype(config.model.dtype)
+  kernel = attention.resolve_implementation(
+      config.model.attention_impl, training_dropout=config.model.attention_dropout_rate > 0,
+      return_weights=False, seq_len=seq_len, dtype=dtype)
+  return Built(mesh, spec, abstract_batch(config, batch_sharding), train_step, eval_step,
+               kernel, np.dtype(dtype).name)
+
+
+# ---- What the compiler says ----
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+               'collective-permute')
+# An HLO instruction '... = f32[..] all-reduce(...)' or its async '-start' half (the
+# '-done' half is the same collective, not counted twice).
+_COLLECTIVE_OP = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  counts = {kind: 0 for kind in COLLECTIVES}
+  for match in _COLLECTIVE_OP.finditer(hlo_text):
+    counts[match.group(1)] += 1
+  return {k: v for k, v in counts.items() if v}
+
+
+def memory_report(compiled) -> dict[str, int]:
+  """Per-chip bytes of one executable. Donated arguments alias outputs, so the total
+  counts them once: arguments + outputs - aliases + temporaries + code."""
+  stats = compiled.memory_analysis()
+  out = dict(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+             aliases=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+             generated_code=stats.generated_code_size_in_bytes)
+  out['total'] = (out['arguments'] + out['outputs'] - out['aliases'] + out['temporaries']
+                  + out['generated_code'])
+  return {k: int(v) for k, v in out.items()}
+
+
+def cost_report(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # older jax: one per module
+  return {'flops': float(cost.get('flops', 0.0)),
+          'bytes_accessed': float(cost.get('bytes accessed', 0.0))}
+
+
+def _compile(jitted, *args):
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+_SIZE = r'([\d.]+)\s*([KMGT]?)i?B?'
+# The TPU compiler's two ways of saying it: 'Exceeded hbm capacity by 1.25G', and
+# 'the total memory required for HLO temporaries (145.25G) exceeds available HBM (15.75G)'.
+_OVER_BY = re.compile(r'[Ee]xceeded hbm capacity by ' + _SIZE, re.IGNORECASE)
+_NEEDED_VS_AVAILABLE = re.compile(
+    r'\(' + _SIZE + r'\) exceeds available HBM \(' + _SIZE + r'\)', re.IGNORECASE)
+_UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
+def _size(number: str, unit: str) -> int:
+  return int(float(number) * _UNITS[unit.upper()])
+
+
+def bytes_over(message: str) -> int | None:
+  """How far over HBM the compiler's out-of-memory message says the step is, if it does."""
+  found = _OVER_BY.search(message)
+  if found:
+    return _size(*found.groups())
+  found = _NEEDED_VS_AVAILABLE.search(message)
+  if found:
+    needed, available = _size(*found.groups()[:2]), _size(*found.groups()[2:])
+    return max(0, needed - available)
+  return None
+
+
+def fit_advice(config) -> str:
+  """The knobs that lower per-chip memory, as flags with values to try (only existing keys)."""
+  knobs = []
+  if config.mesh.get('fsdp') is not None and config.mesh.fsdp == 1:
+    knobs.append('--config.mesh.fsdp=-1 --config.mesh.data=1 (shard params and Adam '
+                 'state over the chips)')
+  accum = config.optimizer.get('grad_accum_steps')
+  if accum is not None:
+    knobs.append(f'--config.optimizer.grad_accum_steps={2 * accum} (same batch, half the '
+                 f'activations)')
+  if not config.model.get('remat', True):
+    knobs.append('--config.model.remat=True (recompute activations in the backward pass)')
+  if not config.model.get('scan_layers', True):
+    knobs.append('--config.model.scan_layers=True')
+  knobs.append(f'--config.batch_size={config.batch_size // 2} (changes the recipe)')
+  return 'Try: ' + '; or '.join(knobs) + '.'
+
+
+def _human(n: float) -> str:
+  return f'{n / tpu.GiB:.2f} GiB'
+
+
+def estimate(config, slice_: tpu.Slice, num_slices: int, device, step_bytes: float,
+             scanned: bool) -> dict:
+  """Roofline ESTIMATE of one step on one chip: max(FLOPs / peak, bytes / HBM bandwidth).
+
+  FLOPs: the model's own count (model.train_flops_per_token x tokens per chip); bytes:
+  the compiler's per-chip bytes accessed, which under model.scan_layers=True count the
+  layer loop's body once (then the memory term is a lower bound).
+  """
+  chips = slice_.chips * num_slices
+  seq_len = config.data.max_seq_len
+  tokens_per_chip = config.batch_size * seq_len / chips
+  flops_per_token = model_lib.train_flops_per_token(
+      config.model, seq_len, model_lib.mlm_predicted_fraction(config))
+  peak = metrics_writer.peak_flops_per_device(
+      device, override=config.get('peak_flops_per_device', 0.0))
+  flops = flops_per_token * tokens_per_chip
+  compute_s, memory_s = flops / peak, step_bytes / slice_.chip.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s)
+  return {
+      'note': 'roofline estimate (not a measurement): max(model FLOPs / peak, compiler '
+              'bytes accessed / HBM bandwidth); real steps are slower (MFU < 100%)',
+      'peak_flops_per_chip': peak, 'hbm_bytes_per_s': slice_.chip.hbm_bytes_per_s,
+      'model_flops_per_token': flops_per_token,
+      'model_flops_per_chip_per_step': flops, 'tokens_per_chip_per_step': tokens_per_chip,
+      'compute_bound_s': compute_s, 'memory_bound_s': memory_s,
+      'memory_bound_is_lower_bound': scanned,
+      'step_s': step_s, 'bound': 'compute' if compute_s >= memory_s else 'memory',
+      'tokens_per_s_per_chip': tokens_per_chip / step_s,
+      'total_steps': config.total_steps,
+      'total_hours': config.total_steps * step_s / 3600,
+  }
+
+
+def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1, *,
+              eval_step: bool = True, executables: dict | None = None) -> dict:
+  """Compiles the train and eval steps of `config` for the slice; returns the report.
+
+  The eval step is compiled when the train step fits (and `eval_step`). `executables`, if
+  given, receives the compiled steps by name (for inspection; they cannot run here).
+
+  A step that does not fit is reported (fits False, bytes_over_hbm); AotError (one line)
+  is raised for a topology or config that cannot be compiled for.
+  """
+  try:
+    config_check.check(config)
+  except config_check.ConfigError as e:
+    raise AotError(str(e)) from None
+  if num_slices < 1:
+    raise AotError(f'--num_slices={num_slices} must be >= 1.')
+  try:
+    slice_ = tpu.parse_topology(topology)
+    devices = tpu.compile_only_devices(slice_, num_slices)
+  except tpu.SliceError as e:
+    raise AotError(str(e)) from None
+  report: dict[str, Any] = {
+      'topology': slice_.name, 'libtpu_topology': slice_.topology,
+      'device_kind': devices[0].device_kind, 'num_slices': num_slices,
+      'chips': len(devices), 'hbm_bytes_per_chip': slice_.chip.hbm_bytes,
+      'jax': jax.__version__, 'attention': config.model.attention,
+      'attention_impl': config.model.attention_impl,
+      'batch_size': config.batch_size, 'seq_len': config.data.max_seq_len,
+      'scan_layers': bool(config.model.get('scan_layers', False)),
+      'remat': bool(config.model.get('remat', False)),
+      'grad_accum_steps': config.optimizer.grad_accum_steps,
+  }
+  with attention.target_backend('tpu'):
+    try:
+      built = build_steps(config, devices)
+    except ValueError as e:   # the trainer's own readable mesh / batch / kernel errors
+      raise AotError(str(e)) from None
+    report.update(mesh=dict(built.mesh.shape), kernel=built.kernel, dtype=built.dtype)
+    over = None
+    todo = [('train_step', built.train_step, (built.spec.abstract, built.batch))]
+    if eval_step:
+      todo.append(('eval_step', built.eval_step, (built.spec.abstract['params'], built.batch)))
+    for name, jitted, args in todo:
+      try:
+        compiled, seconds = _compile(jitted, *args)
+      except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
+        message = str(e)
+        if 'RESOURCE_EXHAUSTED' not in message and 'hbm' not in message.lower():
+          raise
+        over = bytes_over(message)
+        report[name] = {'compiler_out_of_memory': message.splitlines()[0][:500]}
+        break
+      if executables is not None:
+        executables[name] = compiled
+      hlo = compiled.as_text()
+      report[name] = {
+          'compile_s': seconds, 'memory': memory_report(compiled),
+          'collectives': count_collectives(hlo),
+          # Pallas kernels compiled by Mosaic for the TPU (splash): custom calls in the HLO.
+          'mosaic_kernels': hlo.count('custom_call_target="tpu_custom_call"'),
+          'compiler_cost': cost_report(compiled),
+      }
+      if report[name]['memory']['total'] > slice_.chip.hbm_bytes:
+        break
+  totals = [report.get(name, {}).get('memory', {}).get('total', math.inf)
+            for name, _, _ in todo]
+  report['fits'] = over is None and max(totals) <= slice_.chip.hbm_bytes
+  # None: the compiler ran out of memory without saying by how much.
+  report['bytes_over_hbm'] = over if over is not None or max(totals) == math.inf else max(
+      0, max(totals) - slice_.chip.hbm_bytes)
+  train_memory = report['train_step'].get('memory')
+  if train_memory is not None:
+    report['estimate'] = estimate(
+        config, slice_, num_slices, devices[0],
+        report['train_step']['compiler_cost']['bytes_accessed'], report['scan_layers'])
+  return report
+
+
+def summary(report: dict) -> str:
+  lines = [
+      f"{report['topology']} ({report['libtpu_topology']}, {report['chips']} x "
+      f"{report['device_kind']}, {report['num_slices']} slice(s)); mesh {report['mesh']}; "
+      f"attention {report['attention']} with kernel {report['kernel']}, {report['dtype']}; "
+      f"batch {report['batch_size']} x seq {report['seq_len']}"]
+  for name in ('train_step', 'eval_step'):
+    part = report.get(name)
+    if not part:
+      continue
+    if 'memory' not in part:
+      lines.append(f'{name}: the TPU compiler ran out of memory: '
+                   f"{part['compiler_out_of_memory']}")
+      continue
+    m = part['memory']
+    lines.append(
+        f"{name}: compiled in {part['compile_s']:.1f} s; per chip {_human(m['total'])} of "
+        f"{_human(report['hbm_bytes_per_chip'])} HBM (arguments {_human(m['arguments'])}, "
+        f"temporaries {_human(m['temporaries'])}, outputs {_human(m['outputs'])}, "
+        f"aliased {_human(m['aliases'])}); collectives "
+        f"{part['collectives'] or 'none'}; compiler cost per chip "
+        f"{part['compiler_cost']['flops']:.3g} FLOPs, "
+        f"{part['compiler_cost']['bytes_accessed']:.3g} bytes")
+  lines.append(f"fits: {report['fits']}")
+  est = report.get('estimate')
+  if est:
+    lower = '; the memory term is a lower bound with scanned layers' if est[
+        'memory_bound_is_lower_bound'] else ''
+    lines.append(
+        f"ESTIMATE (roofline, not measured): {est['step_s'] * 1e3:.1f} ms/step "
+        f"({est['bound']}-bound{lower}), {est['tokens_per_s_per_chip']:,.0f} tokens/s per "
+        f"chip, {est['total_steps']:,} steps in {est['total_hours'] / 24:.1f} days")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or not _TOPOLOGY.value:
+    raise app.UsageError('--config and --topology are required, e.g. '
+                         '--config=configs/sym_base.py --topology=v5e-16')
+  metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present, import_tf=False)
+  # Nothing runs on this host: keep JAX off any local accelerator (a TPU VM's chips stay
+  # free for its trainer); the slice's devices come from libtpu, for compiling only.
+  jax.config.update('jax_platforms', 'cpu')
+  config = _CONFIG.value
+  try:
+    report = preflight(config, _TOPOLOGY.value, _NUM_SLICES.value,
+                       eval_step=_EVAL_STEP.value)
+  except AotError as e:
+    print(f'bert_sym.aot: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(1)
+  print(summary(report), flush=True)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(report, f, indent=2)
+  if not report['fits']:
+    over = report['bytes_over_hbm']
+    over_text = f'{_human(over)} over' if over else 'over (the compiler gave no figure)'
+    print(f"bert_sym.aot: error: does not fit on {report['topology']}: {over_text} the "
+          f"{_human(report['hbm_bytes_per_chip'])} HBM of a {report['device_kind']} chip. "
+          f'{fit_advice(config)}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=config_check.parse_flags)

@@ -1,0 +1,149 @@
+"""TPU slices as users name them, the chips' figures, and their devices for compiling only.
+
+`v5e-16`, `v5litepod-16`, `v4-32` (TensorCores: 16 chips), `v5p-128`, `v6e-8`, or the chip
+grid itself (`v5e:4x4`, `v4:2x2x4`) -> libtpu's topology name and chip count, as MaxText's
+accelerator table maps them. `compile_only_devices` asks libtpu (pip install -r
+requirements-tpu.txt) for the slice's devices on any host, no TPU needed: what bert_sym.aot
+compiles for.
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import sys
+import tempfile
+
+import jax
+from jax.experimental import topologies
+
+# Compiling for a topology loads libtpu next to whatever else this host runs; libtpu's
+# one-process-per-machine lock guards real TPU chips, of which a compile uses none.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
+
+# ---- The chips: what the roofline estimate assumes (public spec sheets, per chip) ----
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  generation: str           # as in accelerator types: v4, v5e, v5p, v6e
+  topology_prefix: str      # as libtpu names the topology: 'v5:2x2x1' is a v5p slice
+  dims: int                 # torus dimensions (2 for the 'lite' chips)
+  cores_in_name: int        # accelerator types of v4/v5p count TensorCores, 2 per chip
+  chip_config: str          # 'megacore': the chip's two TensorCores act as one device
+  hbm_bytes: int
+  hbm_bytes_per_s: float
+
+
+GiB = 1024 ** 3
+# Peak bf16 FLOP/s comes from metrics_writer.PEAK_FLOPS_BY_DEVICE_KIND (the table MFU uses).
+CHIPS = {
+    'v4': Chip('v4', 'v4', 3, 2, 'megacore', 32 * GiB, 1228e9),
+    'v5e': Chip('v5e', 'v5e', 2, 1, 'default', 16 * GiB, 819e9),
+    'v5p': Chip('v5p', 'v5', 3, 2, 'megacore', 95 * GiB, 2765e9),
+    'v6e': Chip('v6e', 'v6e', 2, 1, 'default', 32 * GiB, 1640e9),
+}
+GENERATION_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6lite': 'v6e', 'v5': 'v5p'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  name: str                 # as the user typed it
+  chip: Chip
+  topology: str             # libtpu's name, e.g. 'v5e:4x4'
+  chips: int
+
+
+class SliceError(ValueError):
+  """A slice name or topology that cannot be compiled for; one line with the fix."""
+
+
+def _grid(chips: int, dims: int) -> list[int]:
+  """The usual slice shape for a power-of-two chip count: 2D 2x2, 2x4, 4x4, 4x8, ...;
+  3D (v4, v5p) 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8, ... (as the TPU docs list them)."""
+  if dims == 2:
+    a = 2 ** (int(math.log2(chips)) // 2)
+    return [a, chips // a]
+  if chips < 4:
+    return [1, 1, chips] if chips > 1 else [1, 1, 1]
+  shape = [2, 2, 1]
+  while math.prod(shape) < chips:
+    smallest = min(shape)
+    last = max(i for i, s in enumerate(shape) if s == smallest)
+    shape[last] *= 2
+  return shape
+
+
+def parse_topology(name: str) -> Slice:
+  """'v5e-16', 'v5litepod-16', 'v4-32' (TensorCores: 16 chips), 'v5p-128', 'v6e-8', or
+  the chip grid itself: 'v5e:4x4', 'v4:2x2x4', 'v5p:2x2x1'."""
+  text = name.strip().lower()
+  usage = (f'--topology={name!r} is not a TPU slice. Use an accelerator type (v4-32, '
+           f'v5e-16, v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4).')
+  match = re.fullmatch(r'(v\d+[a-z]*)([-:])([\dx]+)', text)
+  if not match:
+    raise SliceError(usage)
+  generation, separator, size = match.groups()
+  generation = GENERATION_ALIASES.get(generation, generation)
+  if generation not in CHIPS:
+    raise SliceError(f'--topology={name!r}: unknown TPU generation {generation!r}; '
+                   f'known: {", ".join(sorted(CHIPS))}.')
+  chip = CHIPS[generation]
+  if separator == ':':
+    grid = [int(d) for d in size.split('x') if d]
+    if len(grid) != chip.dims or min(grid) < 1:
+      raise SliceError(f'--topology={name!r}: a {generation} grid has {chip.dims} '
+                     f'dimensions, e.g. {generation}:{"x".join(["2"] * chip.dims)}.')
+  else:
+    if not size.isdigit() or int(size) % chip.cores_in_name:
+      raise SliceError(usage)
+    chips = int(size) // chip.cores_in_name
+    if chips < 1 or chips & (chips - 1):
+      raise SliceError(f'--topology={name!r}: {chips} chips is not a power of two; give '
+                     f'the grid instead, e.g. {generation}:4x4x12.')
+    grid = _grid(chips, chip.dims)
+  return Slice(name, chip, f'{chip.topology_prefix}:{"x".join(map(str, grid))}',
+               math.prod(grid))
+
+
+def compile_only_devices(slice_: Slice, num_slices: int = 1) -> list:
+  """The slice's devices, for compiling only (needs libtpu, not a TPU)."""
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise SliceError('Compiling for a TPU needs libtpu, which is not installed. Fix: '
+                   'pip install -r requirements-tpu.txt (the jax[tpu] extra of the '
+                   f'installed jax {jax.__version__}).') from None
+  kwargs = dict(chip_config_name=slice_.chip.chip_config)
+  if num_slices > 1:
+    kwargs['num_slices'] = num_slices
+  try:
+    with _libtpu_startup_quiet():
+      topology = topologies.get_topology_desc(
+          topology_name=slice_.topology, platform='tpu', **kwargs)
+  except Exception as e:  # pylint: disable=broad-except  (libtpu's error types vary)
+    raise SliceError(f'libtpu cannot describe the topology {slice_.topology} '
+                   f'(num_slices={num_slices}): {str(e).splitlines()[0]}') from None
+  return list(topology.devices)
+
+
+@contextlib.contextmanager
+def _libtpu_startup_quiet():
+  """libtpu, loaded off a TPU VM, writes half a dozen lines of 'could not determine TPU
+  worker hostnames' to the process's stderr (C++, fd 2): expected here, so they go to a
+  temporary file, shown only when the load fails."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+') as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    except Exception:
+      os.dup2(saved, 2)
+      sink.seek(0)
+      sys.stderr.write(sink.read())
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
