@@ -30,6 +30,8 @@ import socket
 import sys
 import time
 import traceback
+import warnings
+import weakref
 from typing import Any
 
 from absl import logging
@@ -239,11 +241,25 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any
   data_item = {'process_count': jax.process_count(), 'states': allgather_json(data_state)}
   check_saves(manager)
   try:
-    return manager.save(step, force=force, args=ocp.args.Composite(**{
+    # orbax first waits for the previous (background) save: its failure surfaces here.
+    started = manager.save(step, force=force, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
         DATA_ITER: ocp.args.JsonSave(data_item)}))
   except Exception as e:  # pylint: disable=broad-except
-    raise _save_failed(manager, step, e) from None
+    raise _save_failed(manager, _failed_step(manager, step), e) from None
+  _LAST_STARTED[manager] = step
+  return started
+
+
+# The step of each manager's latest started save: a background failure belongs to it.
+_LAST_STARTED = weakref.WeakKeyDictionary()
+
+
+def _failed_step(manager, current: int | None = None) -> int | None:
+  previous = _LAST_STARTED.get(manager)
+  if previous is not None and previous != current and previous not in manager.all_steps():
+    return previous
+  return current if current is not None else previous
 
 
 def check_saves(manager: ocp.CheckpointManager) -> None:
@@ -251,7 +267,7 @@ def check_saves(manager: ocp.CheckpointManager) -> None:
   try:
     manager.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except
-    raise _save_failed(manager, _unfinished_step(manager), e) from None
+    raise _save_failed(manager, _failed_step(manager), e) from None
 
 
 def finish_saves(manager: ocp.CheckpointManager) -> None:
@@ -259,13 +275,7 @@ def finish_saves(manager: ocp.CheckpointManager) -> None:
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
-    raise _save_failed(manager, _unfinished_step(manager), e) from None
-
-
-def _unfinished_step(manager) -> int | None:
-  tmp = [p.name.split('.')[0] for p in manager.directory.iterdir()
-         if '.orbax-checkpoint-tmp' in p.name] if manager.directory.is_dir() else []
-  return int(tmp[0]) if tmp and tmp[0].isdigit() else None
+    raise _save_failed(manager, _failed_step(manager), e) from None
 
 
 _SAVE_CAUSES = ((errno.ENOSPC, 'the disk is full (ENOSPC)'),
@@ -276,6 +286,9 @@ _SAVE_CAUSES = ((errno.ENOSPC, 'the disk is full (ENOSPC)'),
 
 def _save_failed(manager, step, error) -> CheckpointSaveError:
   """One line naming step, path and cause; the unfinished step's temporary files removed."""
+  # The run ends here: orbax's abandoned write coroutines would each print a warning when
+  # collected at exit, after the one line that says what happened.
+  warnings.filterwarnings('ignore', 'coroutine .* was never awaited', RuntimeWarning)
   text = describe_error(error)
   for chained in (error, error.__cause__, error.__context__):
     if isinstance(chained, OSError) and chained.errno is not None:
@@ -283,6 +296,10 @@ def _save_failed(manager, step, error) -> CheckpointSaveError:
       break
   cause = next((why for number, why in _SAVE_CAUSES
                 if os.strerror(number) in text or f'errno {number}' in text.lower()), text)
+  if 'RESOURCE_EXHAUSTED' in text:   # TensorStore's word for ENOSPC / EDQUOT
+    cause = 'the disk is full or over quota (ENOSPC / EDQUOT)'
+  elif 'PERMISSION_DENIED' in text:
+    cause = 'permission denied (EACCES)'
   for tmp in manager.directory.glob('*.orbax-checkpoint-tmp*') if jax.process_index() == 0 else []:
     tmp.rmtree(missing_ok=True)
   kept = [s for s in finished_steps(manager.directory) if s != step]

@@ -6,6 +6,7 @@ only `metrics.jsonl` is written. On multi-host runs only process 0 writes anythi
 """
 
 import json
+import logging as std_logging
 import math
 import os
 import socket
@@ -174,6 +175,10 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
   # which it never writes for items: not news.
   logging.get_absl_logger().addFilter(
       lambda record: '_CHECKPOINT_METADATA' not in record.getMessage())
+  # A failed save is logged by orbax's threads with tracebacks, then raised to our code,
+  # which says it in one line (bert_sym.checkpoint.CheckpointSaveError).
+  logging.get_absl_logger().addFilter(
+      lambda record: not (record.levelno >= std_logging.ERROR and '/orbax/' in record.pathname))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # the input pipeline has no math
   if not import_tf:

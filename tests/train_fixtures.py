@@ -153,8 +153,25 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
   return result
 
 
+def _simulate_full_disk_at_step(step: str) -> None:
+  """Test hook: creating step `step`'s directory fails as on a full disk (ENOSPC), for
+  machines where a small tmpfs cannot be mounted."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  cls = type(epath.Path('/'))
+  original = cls.mkdir
+
+  def mkdir(self, *args, **kwargs):
+    if self.name.startswith(f'{step}.orbax-checkpoint-tmp'):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return original(self, *args, **kwargs)
+  cls.mkdir = mkdir
+
+
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   from bert_sym import train  # pylint: disable=g-import-not-at-top
+  if os.environ.get('SYNTHETIC_NO_SPACE_AT_STEP'):
+    _simulate_full_disk_at_step(os.environ['SYNTHETIC_NO_SPACE_AT_STEP'])
   app.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
           flags_parser=train.parse_flags)
