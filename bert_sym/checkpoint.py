@@ -284,11 +284,21 @@ _SAVE_CAUSES = ((errno.ENOSPC, 'the disk is full (ENOSPC)'),
                 (errno.EROFS, 'the filesystem is read-only (EROFS)'))
 
 
+def _mute_closed_loop_echoes() -> None:
+  """After a failed save, TensorStore keeps calling back into orbax's closed event loop
+  (dozens of "RuntimeError: Event loop is closed" tracebacks). The run is over by then."""
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+  sys.unraisablehook = lambda u: (None if _is_closed_loop(u.exc_value)
+                                  else previous_unraisable(u))
+  sys.excepthook = lambda t, v, tb: None if _is_closed_loop(v) else previous_except(t, v, tb)
+
+
 def _save_failed(manager, step, error) -> CheckpointSaveError:
   """One line naming step, path and cause; the unfinished step's temporary files removed."""
   # The run ends here: orbax's abandoned write coroutines would each print a warning when
   # collected at exit, after the one line that says what happened.
   warnings.filterwarnings('ignore', 'coroutine .* was never awaited', RuntimeWarning)
+  _mute_closed_loop_echoes()
   text = describe_error(error)
   for chained in (error, error.__cause__, error.__context__):
     if isinstance(chained, OSError) and chained.errno is not None:
@@ -530,13 +540,14 @@ def _set_aside(ckpt_dir: epath.Path, step: int, suffix: str = '') -> epath.Path:
   return dst
 
 
-def set_aside_diverged(workdir, steps, log=print) -> None:
+def set_aside_diverged(workdir, steps, onset: int, log=print) -> None:
   """Moves checkpoints written while a run was diverging beside the damaged ones."""
   for step in sorted(steps):
     if (checkpoint_dir(workdir) / str(step)).exists():
       moved = _set_aside(checkpoint_dir(workdir), step, DIVERGED_SUFFIX)
-      log(f'Set aside checkpoint step {step} (written after the last healthy log, while '
-          f'the run was diverging) to {moved}.')
+      log(f'Set aside checkpoint step {step} to {moved}: the run was diverging there (its '
+          f'loss was unhealthy from step {onset} on), so resuming from it would diverge '
+          'again.')
 
 
 def damaged_steps_found(workdir) -> list[str]:
@@ -568,25 +579,33 @@ def _refuse_silent_restart(workdir, moved_now, start_over: bool, log) -> None:
 
 
 @contextlib.contextmanager
-def quiet_failed_reads():
-  """While restoring: the echoes of a failed orbax read (cancelled sibling reads, "Task
+def quiet_orbax_echoes():
+  """While restoring (and saving): the echoes of a failed orbax read (cancelled sibling reads, "Task
   exception was never retrieved", TensorStore callbacks after the loop closed) would bury
   the one warning that matters; they are dropped, anything else still prints. The
   previous hook is back when the restore is over."""
-  previous = sys.unraisablehook
+  previous, previous_except = sys.unraisablehook, sys.excepthook
 
   def hook(unraisable):
     if not _is_echo_of_failed_read(unraisable):
       previous(unraisable)
+
+  def excepthook(kind, value, tb):   # TensorStore's callbacks into a closed loop
+    if not _is_closed_loop(value):
+      previous_except(kind, value, tb)
   asyncio_filter = _AsyncioEchoFilter()
-  sys.unraisablehook = hook
+  sys.unraisablehook, sys.excepthook = hook, excepthook
   std_logging.getLogger('asyncio').addFilter(asyncio_filter)
   try:
     yield
   finally:
     gc.collect()   # cancelled reads are reported when collected: here, not later
-    sys.unraisablehook = previous
+    sys.unraisablehook, sys.excepthook = previous, previous_except
     std_logging.getLogger('asyncio').removeFilter(asyncio_filter)
+
+
+def _is_closed_loop(error) -> bool:
+  return isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
 
 
 class _AsyncioEchoFilter(std_logging.Filter):
@@ -620,7 +639,7 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *
   hint = config_hint(workdir, config)
   manager = make_manager(workdir, ckpt_config)
   moved = []
-  with quiet_failed_reads():
+  with quiet_orbax_echoes():
     for step in _steps_newest_first(manager):
       restored, reason = _restore_step(manager, step, abstract_state, hint)
       if restored is not None:
@@ -713,7 +732,7 @@ def _first_readable(path, read, log):
   but never moved (a reader may run beside the trainer); any other failure is one line.
   """
   candidates = _candidate_step_dirs(path)
-  with quiet_failed_reads():
+  with quiet_orbax_echoes():
     for step_dir in candidates:
       try:
         return step_dir, _retrying(lambda d=step_dir: read(d), step_dir)

@@ -216,7 +216,7 @@ class StepHealth:
       raise NonFiniteError(
           f'{self.skipped_in_a_row} consecutive non-finite steps up to step {step} with '
           f'on_nonfinite=skip (limit: --config.max_consecutive_nonfinite='
-          f'{self.max_consecutive_skips}): {self.what} has diverged and stops. Lower the '
+          f'{self.max_consecutive_skips}). {self.what} has diverged and stops; lower the '
           'learning rate.', self.onset, _kept_checkpoint(last_saved))
 
 

@@ -170,6 +170,10 @@ def _check_inputs(config):
     config_check.check(config)
   except config_check.ConfigError as e:
     raise RunError(str(e)) from None
+  skips = config.get('max_consecutive_nonfinite', 10)
+  if not isinstance(skips, int) or isinstance(skips, bool) or skips < 1:
+    raise RunError(f'config.max_consecutive_nonfinite={skips!r} must be an integer >= 1 '
+                   '(the skipped non-finite steps in a row after which the run stops).')
 
 
 def _prepare_workdir(workdir: str) -> epath.Path:
@@ -395,9 +399,10 @@ def _train(config, state, latest, train_step, data: _Input, evaluate, manager, p
     evaluate(state, 0)
   try:
     prefetcher = loop.Prefetcher(data.train_iter, data.to_global, depth=2)
-    state, step, preempted = loop.run(state, step, config.total_steps, train_step,
-                                      prefetcher, meter, hooks, preemption, manager)
-    checkpoint.finish_saves(manager)
+    with checkpoint.quiet_orbax_echoes():   # a failed save is said once, in one line
+      state, step, preempted = loop.run(state, step, config.total_steps, train_step,
+                                        prefetcher, meter, hooks, preemption, manager)
+      checkpoint.finish_saves(manager)
   except loop.NonFiniteError as e:
     raise _set_aside_divergence(e, run.workdir, manager, latest, run) from None
   finally:
@@ -418,7 +423,7 @@ def _set_aside_divergence(error: loop.NonFiniteError, workdir, manager, latest, 
     manager.wait_until_finished()
   diverged = [s for s in checkpoint.finished_steps(workdir)
               if s >= error.onset - 1 and (latest is None or s > latest)]
-  checkpoint.set_aside_diverged(workdir, diverged, log=run.console)
+  checkpoint.set_aside_diverged(workdir, diverged, error.onset, log=run.console)
   kept = checkpoint.finished_steps(workdir)
   run.last_saved = kept[-1] if kept else None
   where = (f'The newest checkpoint from before the divergence is step {kept[-1]}: rerun with '

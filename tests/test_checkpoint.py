@@ -152,7 +152,7 @@ def test_echoes_of_a_failed_orbax_read_are_muted_only_around_restores(monkeypatc
   orbax_echo = unraisable('<coroutine object orbax.checkpoint._src.read>', ValueError('x'))
   closed_loop = unraisable(None, RuntimeError('Event loop is closed'))
   other = unraisable('<function mine>', ValueError('a real problem'))
-  with checkpoint.quiet_failed_reads():
+  with checkpoint.quiet_orbax_echoes():
     for item in (orbax_echo, closed_loop, other):
       sys.unraisablehook(item)
     assert seen == [other]

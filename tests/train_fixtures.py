@@ -58,6 +58,10 @@ class SyntheticMLMIterator:
     # Test hooks: a slow input (so a test can kill the run mid-way) and a poisoned batch.
     if os.environ.get('SYNTHETIC_SLEEP_SECONDS'):
       time.sleep(float(os.environ['SYNTHETIC_SLEEP_SECONDS']))
+    # A run held mid-way until the test creates this file (e.g. while a second starts).
+    gate = os.environ.get('SYNTHETIC_WAIT_FOR_FILE')
+    while gate and self.split_id == 0 and self.index >= 2 and not os.path.exists(gate):
+      time.sleep(0.05)
     poison = (self.split_id == 0 and
               str(self.index) == os.environ.get('SYNTHETIC_NAN_AT_BATCH'))
     # Like bert_sym.input.iterator: process p takes rows [p*B, (p+1)*B) of global batch k, and each
