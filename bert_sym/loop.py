@@ -42,30 +42,51 @@ class Preempted(Exception):
 
 
 class NonFiniteError(Exception):
-  """A non-finite loss or gradient with on_nonfinite='stop' (the update was not applied)."""
+  """A non-finite loss or gradient with on_nonfinite='stop' (the update was not applied),
+  or too many consecutive skipped updates with on_nonfinite='skip'.
+
+  `headline` says what happened, `onset` is the first step of the unhealthy streak (a loss
+  spike or a non-finite step) that ended in it: checkpoints saved at `onset - 1` or later
+  hold the diverging model.
+  """
+
+  def __init__(self, headline: str, onset: int, kept: str = ''):
+    super().__init__(f'{headline} {kept}'.strip())
+    self.headline, self.onset = headline, onset
 
 
 class PreemptionFlag:
   """Set on SIGTERM (Cloud TPU preemption, SLURM time limit) or Ctrl-C: save, then exit
   with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE for Ctrl-C) so that a launcher can tell
-  "resume me" from "finished". A second Ctrl-C stops at once, without saving.
+  "resume me" from "finished". A second Ctrl-C stops at once, without saving, in one line.
 
   Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
-  every process stop at the same step; a local handler would only stop one of them.
+  every process stop at the same step on SIGTERM; a local handler would only stop one of
+  them, so there Ctrl-C stops without saving (see the README). Used as a context manager:
+  the previous handlers are back when the run returns or raises.
   """
 
   def __init__(self):
     self._event = threading.Event()
     self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, self._handle)
-      signal.signal(signal.SIGINT, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
     if signum == signal.SIGINT:
       if self._event.is_set():
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt   # the entry point says it in one line (exit 130)
       print('\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to '
             'quit without saving).', flush=True)
     self.signal_name = signal.Signals(signum).name
@@ -143,6 +164,67 @@ def compile_step(jitted, *args):
 
 # ---- Metrics on the host: fetched lazily, throughput, the non-finite policy ----
 
+class StepHealth:
+  """The non-finite policy and the run's health, judged step by step in order.
+
+  A step is unhealthy when its loss or gradient is non-finite, its loss is above
+  `loss_ceiling` (for MLM: far worse than guessing uniformly, i.e. exploded weights), or,
+  after `warmup_steps`, above `spike_factor` x the median of the last healthy losses. A
+  checkpoint is good when the step after it was healthy: when a run stops, the streak
+  of unhealthy steps that led there starts at `onset`, and checkpoints from `onset - 1` on
+  hold the diverging model. `on_nonfinite='skip'` stops after `max_consecutive_skips`.
+  """
+
+  def __init__(self, on_nonfinite: str = 'stop', what: str = 'the run', *,
+               loss_ceiling: float | None = None, warmup_steps: int = 0,
+               spike_factor: float = 3.0, window: int = 16, max_consecutive_skips: int = 10):
+    self.on_nonfinite, self.what = on_nonfinite, what
+    self.loss_ceiling, self.warmup_steps = loss_ceiling, warmup_steps
+    self.spike_factor, self.window = spike_factor, window
+    self.max_consecutive_skips = max_consecutive_skips
+    self.recent, self.onset, self.skipped_in_a_row = [], None, 0
+
+  def _healthy_loss(self, step: int, loss: float) -> bool:
+    if self.loss_ceiling is not None and loss > self.loss_ceiling:
+      return False
+    if step > self.warmup_steps and len(self.recent) >= 4:
+      return loss <= self.spike_factor * float(np.median(self.recent))
+    return True
+
+  def observe(self, step: int, metrics: dict, last_saved=None) -> None:
+    finite = bool(np.all(metrics['train/finite']))
+    loss = float(np.max(metrics['train/loss']))
+    if finite and self._healthy_loss(step, loss):
+      self.recent = (self.recent + [loss])[-self.window:]
+      self.onset, self.skipped_in_a_row = None, 0
+      return
+    self.onset = step if self.onset is None else self.onset
+    if finite:
+      logging.warning('Loss spike at step %d (loss %.4g): checkpoints from here on are not '
+                      'counted as good until the loss recovers.', step, loss)
+      return
+    what = (f'Non-finite loss or gradient at step {step} (loss {metrics["train/loss"]}, '
+            f'grad norm {metrics["train/grad_norm"]}).')
+    if self.on_nonfinite == 'stop':
+      raise NonFiniteError(
+          f'{what} {self.what} stops; the update was not applied. Lower the learning rate, '
+          'or set --config.on_nonfinite=skip to skip such updates.', self.onset,
+          _kept_checkpoint(last_saved))
+    self.skipped_in_a_row += 1
+    logging.warning('%s Update skipped (%d in a row).', what, self.skipped_in_a_row)
+    if self.skipped_in_a_row >= self.max_consecutive_skips:
+      raise NonFiniteError(
+          f'{self.skipped_in_a_row} consecutive non-finite steps up to step {step} with '
+          f'on_nonfinite=skip (limit: --config.max_consecutive_nonfinite='
+          f'{self.max_consecutive_skips}). {self.what} has diverged and stops; lower the '
+          'learning rate.', self.onset, _kept_checkpoint(last_saved))
+
+
+def _kept_checkpoint(step) -> str:
+  return ('No checkpoint was written before it.' if step is None else
+          f'The last checkpoint written (step {step}) is kept.')
+
+
 class Meter:
   """Step metrics stay on the device until a log or save needs them; then they are
   checked (non-finite policy) and averaged into one row with steps/s, tokens/s, TFLOP/s
@@ -168,6 +250,7 @@ class Meter:
     self.tokens = 0.0             # tokens of the steps timed since `timing`
     self.compile_seconds = None   # written with the next row
     self.last_saved = None
+    self.health = StepHealth(on_nonfinite, what)
 
   def add(self, step: int, metrics, tokens: float | None = None) -> None:
     self.pending.append((step, metrics))
@@ -181,15 +264,7 @@ class Meter:
     """Brings metrics to the host; raises on a non-finite step when on_nonfinite=stop."""
     fetched, self.pending = jax.device_get(self.pending), []
     for at_step, m in fetched:
-      if not np.all(m['train/finite']):
-        if self.on_nonfinite == 'stop':
-          raise NonFiniteError(
-              f'Non-finite loss or gradient at step {at_step} (loss {m["train/loss"]}, '
-              f'grad norm {m["train/grad_norm"]}). {self.what} stops; the update was not '
-              f'applied and the last good checkpoint (step {self.last_saved}) is kept. '
-              'Lower the learning rate, or set --config.on_nonfinite=skip to skip such '
-              'updates.')
-        logging.warning('Non-finite loss or gradient at step %d: update skipped.', at_step)
+      self.health.observe(at_step, m, self.last_saved)   # raises per the policy
     self.interval.extend(fetched)
 
   def throughput(self, step: int, now: float) -> dict[str, float]:
@@ -248,6 +323,7 @@ class Hooks:
   eval_every: int = 0
   console: Callable[..., None] = print
   name: str = 'train'
+  check_saves: Callable[[], None] | None = None        # raises if a background save failed
 
 
 def _due(step, every, total):
@@ -278,6 +354,8 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
       state, metrics = compiled[shape](state, batch)
     step += 1
     meter.add(step, metrics, tokens=batch['input_ids'].size)   # GLUE: the bucket's length
+    if hooks.check_saves is not None:
+      hooks.check_saves()
     if _due(step, hooks.log_every, total_steps):
       hooks.log(step, *meter.row(step))
     if hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps):

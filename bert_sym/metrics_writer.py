@@ -6,6 +6,8 @@ only `metrics.jsonl` is written. On multi-host runs only process 0 writes anythi
 """
 
 import json
+import logging as std_logging
+import math
 import os
 import socket
 import sys
@@ -71,6 +73,17 @@ def format_progress(step: int, total_steps: int, metrics: dict, eta_seconds: flo
   return ' | '.join(parts)
 
 
+def jsonl_row(step: int, scalars: dict) -> str:
+  """One strict-JSON line: a NaN or infinity is written as null and its key listed under
+  'nonfinite' (bare NaN tokens are rejected by strict JSON readers)."""
+  row = {'step': int(step), 'time': time.time()}
+  bad = sorted(k for k, v in scalars.items() if not math.isfinite(v))
+  row.update({k: (None if k in bad else v) for k, v in scalars.items()})
+  if bad:
+    row['nonfinite'] = bad
+  return json.dumps(row, allow_nan=False)
+
+
 class MetricWriter:
   """Scalars to `{workdir}/tensorboard` (events) and `{workdir}/metrics.jsonl`."""
 
@@ -109,7 +122,7 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
+    self._jsonl.write(jsonl_row(step, scalars) + '\n')
     self._jsonl.flush()
     if self._events is not None:
       summary = self._summary_pb2.Summary(value=[
@@ -129,6 +142,17 @@ class MetricWriter:
       files.write_atomically(self._jsonl_path, ''.join(r + '\n' for r in kept))
       logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
                    len(rows) - len(kept), step)
+    self._jsonl = self._jsonl_path.open('a')
+
+  def set_aside_rows(self) -> None:
+    """A run starting from step 0 in a workdir with rows (an attempt killed before its
+    first save, or --start_over) keeps them in metrics.jsonl.<time>.old, not mixed in."""
+    if not self.enabled or not self._jsonl_path.exists() or not self._jsonl_path.read_text().strip():
+      return
+    self._jsonl.close()
+    old = self._jsonl_path.parent / f'metrics.jsonl.{int(time.time())}.old'
+    self._jsonl_path.rename(old)
+    logging.warning('metrics.jsonl of the earlier attempt moved to %s.', old)
     self._jsonl = self._jsonl_path.open('a')
 
   def close(self):
@@ -155,6 +179,10 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
   # which it never writes for items: not news.
   logging.get_absl_logger().addFilter(
       lambda record: '_CHECKPOINT_METADATA' not in record.getMessage())
+  # A failed save is logged by orbax's threads with tracebacks, then raised to our code,
+  # which says it in one line (bert_sym.checkpoint.CheckpointSaveError).
+  logging.get_absl_logger().addFilter(
+      lambda record: not (record.levelno >= std_logging.ERROR and '/orbax/' in record.pathname))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # the input pipeline has no math
   if not import_tf:

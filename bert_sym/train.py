@@ -14,16 +14,20 @@ optimizer -> shard & init -> update step -> checkpoint restore -> evals -> train
 """
 
 import contextlib
+import dataclasses
 import functools
+import math
 import os
 import re
 import sys
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -52,6 +56,11 @@ _DRY_RUN = flags.DEFINE_bool(
     'dry_run', False,
     'Print parameter counts per module, FLOPs per token and the variant, then exit. '
     'Nothing is allocated and no data is read; --workdir is not needed.')
+_START_OVER = flags.DEFINE_bool(
+    'start_over', False,
+    'Train from step 0 when --workdir holds checkpoints none of which restores (all '
+    'damaged; see damaged_checkpoints/). Without it such a workdir stops the trainer '
+    'instead of silently throwing its progress away.')
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 
 
@@ -137,7 +146,47 @@ def eval_batch_count(num_blocks: int | None, config, console=print) -> int:
   return max(whole, 1)
 
 
-# ---- The trainer ----
+# ---- The trainer: one screen that calls a named piece per section ----
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_iterator=None,
+                       *, start_over: bool = False):
+  """Trains to config.total_steps (resuming if possible); returns the final eval metrics.
+
+  Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption. With
+  `start_over`, a workdir whose checkpoints are all damaged starts again from step 0.
+  Signal handlers and hooks are as before when this returns or raises.
+  """
+  config = _check_inputs(config, make_iterator)   # every input, before any side effect
+  loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
+  workdir = _prepare_workdir(workdir)
+  with checkpoint.workdir_lock(workdir), loop.PreemptionFlag() as preemption:
+    run = _open_run(workdir)                   # logging: console line, metrics writer
+    try:
+      mesh = _build_mesh(config, run)
+      data = _build_input(config, mesh, make_iterator, run)
+      model = model_lib.BertForMaskedLM(config.model)
+      tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+      spec, train_step = _build_state_and_step(config, model, tx, schedule, mesh, data)
+      manager, latest, state = _restore_or_init(config, workdir, spec, data, run, start_over)
+      evaluate = _build_evaluator(config, model, spec, data, run)
+      step = _train(config, state, latest, train_step, data, evaluate, manager, preemption,
+                    run)
+    finally:
+      run.writer.close()
+  run.console(closing_summary(workdir, step, run.eval_metrics, run.last_saved))
+  return run.eval_metrics
+
+
+def _check_inputs(config, make_iterator):
+  """Every input checked before the workdir exists (config_check.preflight: values, backend,
+  mesh, data), so a bad one leaves nothing behind; returns the config with absolute paths."""
+  config = config_check.preflight(config, data=make_iterator is None)
+  skips = config.get('max_consecutive_nonfinite', 10)
+  if not isinstance(skips, int) or isinstance(skips, bool) or skips < 1:
+    raise RunError(f'config.max_consecutive_nonfinite={skips!r} must be an integer >= 1 '
+                   '(the skipped non-finite steps in a row after which the run stops).')
+  return config
+
 
 def _prepare_workdir(workdir: str) -> epath.Path:
   path = epath.Path(workdir)
@@ -152,6 +201,119 @@ def _prepare_workdir(workdir: str) -> epath.Path:
   return path
 
 
+@dataclasses.dataclass
+class _Run:
+  """What every section reports to: the console (process 0 only) and the metrics."""
+  workdir: epath.Path
+  console: Callable[..., None]
+  writer: metrics_writer.MetricWriter
+  eval_metrics: dict = dataclasses.field(default_factory=dict)
+  last_saved: int | None = None
+
+
+def _open_run(workdir) -> _Run:
+  is_chief = jax.process_index() == 0
+  return _Run(workdir, print if is_chief else (lambda *a, **k: None),
+              metrics_writer.MetricWriter(workdir, enabled=is_chief))
+
+
+def _build_mesh(config, run: _Run):
+  with _user_errors('Mesh'):
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config)
+    sharding.check_batch_size(config.batch_size, mesh, rules)
+    sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
+                              rules, 'batch_size / optimizer.grad_accum_steps')
+  run.console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} '
+              f'{jax.devices()[0].device_kind} device(s), {jax.process_count()} '
+              f'process(es); attention={config.model.attention}')
+  return mesh
+
+
+@dataclasses.dataclass
+class _Input:
+  train_iter: Any
+  eval_iter: Any
+  eval_start: Any          # every eval reads the same first eval_batches batches
+  eval_batches: int        # config.eval_steps, or fewer: each validation block at most once
+  to_global: Callable      # host numpy batch -> global arrays split over (data, fsdp)
+  rules: Any
+  batch_sharding: Any
+
+
+def _default_iterator(config):
+  from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
+  make_iterator = iterator.make_mlm_iterator
+  if config.data.source == 'seqio':   # read through the registered seqio task
+    from bert_sym.input import seqio_tasks  # pylint: disable=g-import-not-at-top
+    make_iterator = functools.partial(make_iterator, documents=seqio_tasks.task_documents)
+  data_vocab = iterator.vocab_size(config.data)
+  if data_vocab > config.model.vocab_size:
+    raise ValueError(f'the data vocabulary has {data_vocab} tokens but '
+                     f'config.model.vocab_size={config.model.vocab_size}.')
+  return make_iterator
+
+
+def _build_input(config, mesh, make_iterator, run: _Run) -> _Input:
+  """Per-process numpy batches (this process's rows of each global batch) -> global arrays."""
+  rules = sharding.logical_rules(config)
+  with _user_errors('Input pipeline'):
+    from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
+    make_iterator = make_iterator or _default_iterator(config)
+    kwargs = dict(batch_size=sharding.check_batch_size(config.batch_size, mesh, rules),
+                  seed=config.seed, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    train_iter = make_iterator(config.data, split='train', **kwargs)
+    eval_iter = make_iterator(config.data, split='validation', **kwargs)
+    for line in iterator.describe_corpus(train_iter, config):   # size, epochs, warning
+      run.console(line)
+  host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
+                                     global_batch_size=config.batch_size, rules=rules)
+  to_global = host_to_global
+  if config.model.sparse_mlm:   # the step's targets found on the host, not the device
+    to_global = lambda batch: host_to_global(objectives.host_mlm_positions(
+        batch, config.data.max_predictions_per_seq))
+  eval_batches = eval_batch_count(getattr(eval_iter, 'num_blocks', None), config,
+                                  run.console)
+  return _Input(train_iter, eval_iter, eval_iter.get_state(), eval_batches, to_global, rules,
+                sharding.batch_sharding(mesh, rules))
+
+
+def _build_state_and_step(config, model, tx, schedule, mesh, data: _Input):
+  """Shapes first (nothing allocated), a state created already sharded, and the update
+  step: one jit, state donated, micro-batches scanned for gradient accumulation."""
+  seq_len = config.data.max_seq_len
+  spec = steps.create_state(
+      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
+      tx, mesh, data.rules)
+  train_step = steps.jit_train_step(
+      make_train_step(config, model, tx, schedule, mesh, data.batch_sharding),
+      spec.shardings, data.batch_sharding, sharding.replicated(mesh), data.rules)
+  return spec, train_step
+
+
+def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over: bool):
+  """The newest step that restores (checkpoint.restore_latest's rules), else a new state."""
+  init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
+  with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
+    manager, latest, state, data_state = checkpoint.restore_latest(
+        workdir, config.checkpoint, spec.abstract, log=run.console, config=config,
+        start_over=start_over)
+  if latest is not None:
+    with _user_errors('Resuming the input pipeline'):
+      data.train_iter.set_state(data_state)
+    run.console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
+    run.writer.drop_rows_after(latest)   # rows after it belong to a timeline redone now
+  else:
+    state = spec.init(init_key, dropout_base_key)
+    run.console(f'Initialised {model_lib.count_params(spec.abstract_params):,} parameters '
+                f'(fresh run in {workdir})')
+    run.writer.set_aside_rows()   # an earlier attempt's rows are kept, beside the new ones
+  run.last_saved = latest
+  _write_config(workdir, config)
+  return manager, latest, state
+
+
 def _write_config(workdir: epath.Path, config) -> None:
   """config.json, written once the workdir is known to hold a compatible run."""
   if jax.process_index() != 0:
@@ -164,165 +326,127 @@ def _write_config(workdir: epath.Path, config) -> None:
   checkpoint.write_config(workdir, config)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_iterator=None):
-  """Trains to config.total_steps (resuming if possible); returns the final eval metrics.
-
-  Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption.
-  """
-  # Every input checked before the workdir exists: a bad one leaves nothing behind.
-  config = config_check.preflight(config, data=make_iterator is None)
-  cache_dir = loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
-
-  # ---- Logging ----
-  is_chief = jax.process_index() == 0
-  workdir = _prepare_workdir(workdir)
-  writer = metrics_writer.MetricWriter(workdir, enabled=is_chief)
-  preemption = loop.PreemptionFlag()
-  console = print if is_chief else (lambda *a, **k: None)
-
-  # ---- Mesh ----
-  with _user_errors('Mesh'):
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config)
-    per_process_batch = sharding.check_batch_size(config.batch_size, mesh, rules)
-    sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
-                              rules, 'batch_size / optimizer.grad_accum_steps')
-  console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
-          f'device(s), {jax.process_count()} process(es); attention={config.model.attention}')
-  replicated = sharding.replicated(mesh)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  if cache_dir:
-    logging.info('JAX persistent compilation cache: %s', cache_dir)
-
-  # ---- Input pipeline: per-process numpy batches -> global arrays split over (data, fsdp) ----
-  with _user_errors('Input pipeline'):
-    from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
-    if make_iterator is None:
-      make_iterator = iterator.make_mlm_iterator
-      if config.data.source == 'seqio':   # read through the registered seqio task
-        from bert_sym.input import seqio_tasks  # pylint: disable=g-import-not-at-top
-        make_iterator = functools.partial(make_iterator, documents=seqio_tasks.task_documents)
-      data_vocab = iterator.vocab_size(config.data)
-      if data_vocab > config.model.vocab_size:
-        raise ValueError(f'the data vocabulary has {data_vocab} tokens but '
-                         f'config.model.vocab_size={config.model.vocab_size}.')
-    # The iterator yields this process's rows of each global batch.
-    iterator_kwargs = dict(batch_size=per_process_batch, seed=config.seed,
-                           process_index=jax.process_index(),
-                           process_count=jax.process_count())
-    train_iter = make_iterator(config.data, split='train', **iterator_kwargs)
-    # Every eval reads the same first eval_steps validation batches (rewound each time).
-    eval_iter = make_iterator(config.data, split='validation', **iterator_kwargs)
-    eval_start = eval_iter.get_state()
-    eval_batches = eval_batch_count(getattr(eval_iter, 'num_blocks', None), config, console)
-    for line in iterator.describe_corpus(train_iter, config):   # size, epochs, warning
-      console(line)
-  host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
-                                     global_batch_size=config.batch_size, rules=rules)
-  sparse = bool(config.model.sparse_mlm)
-  num_predictions = config.data.max_predictions_per_seq
-  if sparse:   # the step's targets found on the host, not the device
-    to_global = lambda batch: host_to_global(
-        objectives.host_mlm_positions(batch, num_predictions))
-  else:
-    to_global = host_to_global
-  seq_len = config.data.max_seq_len
-
-  # ---- Model & optimizer ----
-  model = model_lib.BertForMaskedLM(config.model)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-
-  # ---- Shard & init: shapes first (nothing allocated), then create state already sharded ----
-  init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
-  spec = steps.create_state(
-      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
-      tx, mesh, rules)
-
-  # ---- Update step: one jit, state donated, micro-batches scanned for gradient accumulation ----
-  train_step = steps.jit_train_step(
-      make_train_step(config, model, tx, schedule, mesh, batch_sharding),
-      spec.shardings, batch_sharding, replicated, rules)
-
-  # ---- Checkpoint restore (automatic: the latest finished step in the workdir) ----
-  with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
-    manager, latest, state, data_state = checkpoint.restore_latest(
-        workdir, config.checkpoint, spec.abstract, spec.abstract_params, log=console)
-  if latest is not None:
-    with _user_errors('Resuming the input pipeline'):
-      train_iter.set_state(data_state)
-    console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
-  else:
-    state = spec.init(init_key, dropout_base_key)
-    console(f'Initialised {model_lib.count_params(spec.abstract_params):,} parameters '
-            f'(fresh run in {workdir})')
-  # Rows logged after the restored step belong to a timeline that is being redone.
-  writer.drop_rows_after(latest if latest is not None else -1)
-  _write_config(workdir, config)
-
-  # ---- Evals: MLM loss and accuracy on a fixed slice of the validation split ----
+def _build_evaluator(config, model, spec, data: _Input, run: _Run):
+  """evaluate(state, step, write=True): MLM loss and accuracy on the first eval_steps
+  validation batches, or None when config.eval_steps == 0 (no eval at all)."""
+  if not config.eval_steps:
+    return None
   eval_step = steps.make_eval_step(
-      functools.partial(objectives.mlm_sums, model, sparse=sparse,
-                        num_predictions=num_predictions),
-      spec.param_shardings, batch_sharding, replicated, rules)
-  eval_metrics = {}
+      functools.partial(objectives.mlm_sums, model, sparse=bool(config.model.sparse_mlm),
+                        num_predictions=config.data.max_predictions_per_seq),
+      spec.param_shardings, data.batch_sharding,
+      sharding.replicated(data.batch_sharding.mesh), data.rules)
 
-  def run_eval(state, step):
-    nonlocal eval_metrics
-    eval_iter.set_state(eval_start)
+  def evaluate(state, step, write=True):
+    data.eval_iter.set_state(data.eval_start)
     totals = np.zeros(3)
-    for _ in range(eval_batches):
+    for _ in range(data.eval_batches):
       try:
-        batch = next(eval_iter)
+        batch = next(data.eval_iter)
       except StopIteration:
         break
-      totals += np.asarray(jax.device_get(eval_step(state['params'], to_global(batch))))
+      totals += np.asarray(jax.device_get(eval_step(state['params'], data.to_global(batch))))
     weight = max(totals[2], 1.0)
-    eval_metrics = {'eval/loss': totals[0] / weight, 'eval/mlm_accuracy': totals[1] / weight}
-    writer.write_scalars(step, eval_metrics)
-    console(f'eval step {step}: loss {eval_metrics["eval/loss"]:.4f} | '
-            f'acc {eval_metrics["eval/mlm_accuracy"]:.3f}')
+    run.eval_metrics = {'eval/loss': totals[0] / weight,
+                        'eval/mlm_accuracy': totals[1] / weight}
+    if write:
+      run.writer.write_scalars(step, run.eval_metrics)
+    run.console(f'eval step {step}: loss {run.eval_metrics["eval/loss"]:.4f} | '
+                f'acc {run.eval_metrics["eval/mlm_accuracy"]:.3f}')
+  return evaluate
 
-  # ---- Train loop (bert_sym.loop: compile once, progress line, non-finite policy, preemption) ----
-  step = int(jax.device_get(state['step']))
+
+def _make_meter(config, latest) -> loop.Meter:
+  """Throughput and the health of the run (bert_sym.loop.StepHealth), step by step."""
+  seq_len = config.data.max_seq_len
   meter = loop.Meter(
       config.total_steps, config.batch_size * seq_len,
-      model_lib.train_flops_per_token(config.model, seq_len, model_lib.mlm_predicted_fraction(config)),
+      model_lib.train_flops_per_token(config.model, seq_len,
+                                      model_lib.mlm_predicted_fraction(config)),
       metrics_writer.peak_flops_per_device(override=config.peak_flops_per_device),
       config.on_nonfinite, what='The run')
   meter.last_saved = latest
-  prefetcher = None
+  # A loss twice that of guessing uniformly over the vocabulary means exploded weights.
+  meter.health = loop.StepHealth(
+      config.on_nonfinite, 'The run', loss_ceiling=2 * math.log(config.model.vocab_size),
+      warmup_steps=config.optimizer.warmup_steps,
+      max_consecutive_skips=config.get('max_consecutive_nonfinite', 10))
+  return meter
 
+
+@jax.jit
+def _all_finite(params):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+
+
+def _make_hooks(config, run: _Run, manager, evaluate, meter, input_position):
+  """Log, eval and save cadences; a save refuses non-finite params."""
   def save(state, step):
-    # The position of the next batch the step consumes, not what was prefetched.
-    data_state = prefetcher.state if prefetcher else train_iter.get_state()
-    checkpoint.save(manager, step, state, data_state, force=True)
+    if not bool(_all_finite(state['params'])):
+      raise loop.NonFiniteError(f'The parameters at step {step} are not finite; they were '
+                                'not saved.', meter.health.onset or step)
+    checkpoint.save(manager, step, state, input_position(), force=True)
+    run.last_saved = step
 
-  hooks = loop.Hooks(
-      log=loop.progress_logger(writer, console, config.total_steps), save=save,
+  return loop.Hooks(
+      log=loop.progress_logger(run.writer, run.console, config.total_steps), save=save,
       log_every=config.log_every_steps, save_every=config.checkpoint.every_steps,
-      evaluate=run_eval, eval_every=config.eval_every_steps, console=console)
-  if step == 0:
-    run_eval(state, 0)
-  elif step >= config.total_steps:
-    console(f'Already trained to step {step} (config.total_steps={config.total_steps}); '
-            f'nothing to do. Raise --config.total_steps to train further.')
-  preempted = False
+      evaluate=evaluate, eval_every=config.eval_every_steps, console=run.console,
+      check_saves=lambda: checkpoint.check_saves(manager))
+
+
+def _train(config, state, latest, train_step, data: _Input, evaluate, manager, preemption,
+           run: _Run) -> int:
+  """The train loop (bert_sym.loop: compile once, progress line, non-finite policy,
+  preemption); returns the last step. Every save has finished (or failed loudly) after."""
+  step = int(jax.device_get(state['step']))
+  meter, prefetcher = _make_meter(config, latest), None
+  # The position of the next batch the step consumes, not what was prefetched.
+  position = lambda: prefetcher.state if prefetcher else data.train_iter.get_state()
+  hooks = _make_hooks(config, run, manager, evaluate, meter, position)
+  if step >= config.total_steps:
+    run.console(f'Already trained to step {step} (config.total_steps={config.total_steps});'
+                ' nothing to do. Raise --config.total_steps to train further.')
+    if evaluate:
+      evaluate(state, step, write=False)   # the closing summary's numbers, not a new row
+    return step
+  if step == 0 and evaluate:
+    evaluate(state, 0)
   try:
-    if step < config.total_steps:
-      prefetcher = loop.Prefetcher(train_iter, to_global, depth=2)
+    prefetcher = loop.Prefetcher(data.train_iter, data.to_global, depth=2)
+    with checkpoint.quiet_orbax_echoes():   # a failed save is said once, in one line
       state, step, preempted = loop.run(state, step, config.total_steps, train_step,
                                         prefetcher, meter, hooks, preemption, manager)
+      checkpoint.finish_saves(manager)
+  except loop.NonFiniteError as e:
+    raise _set_aside_divergence(e, run.workdir, manager, latest, run) from None
   finally:
     if prefetcher:
       prefetcher.close()
-    # Finish any in-flight (good) save before leaving, whatever happened.
-    manager.wait_until_finished()
+    with contextlib.suppress(Exception):   # a failed save was said already
+      manager.wait_until_finished()
     manager.close()
-    writer.close()
   if preempted:
     raise Preempted(step, preemption.signal_name)
-  console(closing_summary(workdir, step, eval_metrics, meter.last_saved))
-  return eval_metrics
+  return step
+
+
+def _set_aside_divergence(error: loop.NonFiniteError, workdir, manager, latest, run: _Run):
+  """Checkpoints this run wrote from the step before the divergence began go aside (as
+  damaged ones do); the error then names the newest one from before it."""
+  with contextlib.suppress(Exception):
+    manager.wait_until_finished()
+  diverged = [s for s in checkpoint.finished_steps(workdir)
+              if s >= error.onset - 1 and (latest is None or s > latest)]
+  checkpoint.set_aside_diverged(workdir, diverged, error.onset, log=run.console)
+  kept = checkpoint.finished_steps(workdir)
+  run.last_saved = kept[-1] if kept else None
+  where = (f'The newest checkpoint from before the divergence is step {kept[-1]}: rerun with '
+           'a fixed config (e.g. a lower --config.optimizer.learning_rate) and it resumes '
+           'from there.' if kept else
+           'There is no checkpoint from before the divergence: a rerun with a fixed config '
+           'starts from step 0.')
+  return loop.NonFiniteError(error.headline, error.onset, where)
 
 
 def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:
@@ -339,7 +463,7 @@ def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:
       f'  python -m bert_sym.export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
       '# Hugging Face BERT',
       f'  python -m bert_sym.glue --checkpoint={workdir} --output_dir=GLUE_DIR '
-      '--glue_dir=../shared/data/glue --tasks=rte --seeds=1   # GLUE fine-tuning',
+      '--glue_dir=/path/to/glue_data --tasks=rte --seeds=1   # GLUE fine-tuning',
   ]
   return '\n'.join(lines)
 
@@ -366,10 +490,16 @@ def main(argv, make_iterator=None):
                             import_tf=config.data.source == 'seqio')
   try:
     distributed.initialize(_DISTRIBUTED_FLAGS)
-    train_and_evaluate(config, _WORKDIR.value, make_iterator=make_iterator)
-  except (RunError, loop.NonFiniteError) as e:   # said in one line, no traceback
+    train_and_evaluate(config, _WORKDIR.value, make_iterator=make_iterator,
+                       start_over=_START_OVER.value)
+  except (RunError, loop.NonFiniteError, checkpoint.WorkdirBusy,
+          checkpoint.CheckpointSaveError) as e:   # said in one line, no traceback
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
+  except KeyboardInterrupt:   # a second Ctrl-C
+    print('\nbert_sym.train: stopped by a second Ctrl-C without saving; rerun the same '
+          'command to resume from the last checkpoint.', file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED_EXIT_CODE)
   except Preempted as e:
     logging.warning('%s; exiting with code %d.', e, e.exit_code)
     sys.stdout.flush()

@@ -123,6 +123,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
       async_save=True,
   ))
   c.on_nonfinite = 'stop'           # 'stop' | 'skip'
+  c.max_consecutive_nonfinite = 10  # 'skip' stops (exit 1) after this many in a row
   c.peak_flops_per_device = 0.0     # 0 = look up by device kind (for MFU)
   c.compilation_cache_dir = '~/.cache/bert_sym/jax'   # JAX persistent compilation cache; '' = off
   return apply_recipe(c, recipe)

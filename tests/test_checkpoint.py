@@ -1,6 +1,10 @@
 """checkpoint.py: config.json round trip, load_pretrained, shape checks, atomic finalize."""
 
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
 import types
 
@@ -13,6 +17,10 @@ import pytest
 
 from bert_sym import checkpoint
 from bert_sym import model as model_lib
+from bert_sym import optim
+from bert_sym import sharding
+from bert_sym import steps
+from bert_sym import train
 from tests import train_fixtures
 
 
@@ -87,9 +95,10 @@ def test_shape_mismatch_names_the_parameter(tmp_path):
   _write_run(tmp_path, train_fixtures.tiny_config())
   other = train_fixtures.tiny_config(model__mlp_dim=48)
   abstract = model_lib.abstract_params(model_lib.BertForMaskedLM(other.model))
-  manager = checkpoint.make_manager(tmp_path, other.checkpoint)
-  with pytest.raises(ValueError, match=r'(?s)intermediate/kernel.*another config'):
-    checkpoint.check_compatible(manager, manager.latest_step(), abstract)
+  saved = checkpoint.read_state_metadata(tmp_path / 'checkpoints' / '7')
+  with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                     match=r'(?s)intermediate/kernel.*model\.\*.*another config'):
+    checkpoint.check_compatible({'params': saved['params']}, {'params': abstract}, tmp_path)
 
 
 def test_unfinished_save_is_invisible(tmp_path):
@@ -132,25 +141,208 @@ def test_finished_steps_ignores_unfinalized_steps(tmp_path, monkeypatch):
   assert checkpoint.finished_steps(tmp_path) == [4, 12]
 
 
-def test_echoes_of_a_failed_orbax_read_are_muted_and_other_unraisables_are_not(monkeypatch):
+def test_echoes_of_a_failed_orbax_read_are_muted_only_around_restores(monkeypatch):
   """After a damaged checkpoint, orbax's cancelled reads print as "Exception ignored"
-  (sys.unraisablehook); those are dropped, anything else still reaches the old hook."""
+  (sys.unraisablehook); inside a restore those are dropped, anything else still reaches
+  the old hook, and the old hook is back afterwards."""
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
-  checkpoint._mute_echoes_of_failed_reads()  # pylint: disable=protected-access
-  checkpoint._mute_echoes_of_failed_reads()  # pylint: disable=protected-access  (idempotent)
   unraisable = lambda obj, error: types.SimpleNamespace(
       object=obj, exc_value=error, exc_traceback=None, exc_type=type(error), err_msg=None)
   orbax_echo = unraisable('<coroutine object orbax.checkpoint._src.read>', ValueError('x'))
   closed_loop = unraisable(None, RuntimeError('Event loop is closed'))
   other = unraisable('<function mine>', ValueError('a real problem'))
-  for item in (orbax_echo, closed_loop, other):
-    sys.unraisablehook(item)
-  assert seen == [other]
-  try:   # a traceback through an orbax file counts too
-    exec(compile('raise ValueError("in orbax")', '/site-packages/orbax/x.py', 'exec'))
-  except ValueError as e:
-    through_orbax = unraisable(None, e)
-    through_orbax.exc_traceback = e.__traceback__
-  sys.unraisablehook(through_orbax)
-  assert seen == [other]
+  with checkpoint.quiet_orbax_echoes():
+    for item in (orbax_echo, closed_loop, other):
+      sys.unraisablehook(item)
+    assert seen == [other]
+    try:   # a traceback through an orbax file counts too
+      exec(compile('raise ValueError("in orbax")', '/site-packages/orbax/x.py', 'exec'))
+    except ValueError as e:
+      through_orbax = unraisable(None, e)
+      through_orbax.exc_traceback = e.__traceback__
+    sys.unraisablehook(through_orbax)
+    assert seen == [other]
+  assert sys.unraisablehook == seen.append   # restored
+  sys.unraisablehook(orbax_echo)
+  assert seen == [other, orbax_echo]
+
+
+# ---------------------------------------------------------------------------------------
+# Restore rules (checkpoint.restore_latest): corruption is set aside, nothing else is.
+# ---------------------------------------------------------------------------------------
+
+def _trainer_spec(config):
+  """The state the trainer builds for `config` (its optimizer included)."""
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config)
+  model = model_lib.BertForMaskedLM(config.model)
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  seq_len = config.data.max_seq_len
+  return steps.create_state(
+      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
+      tx, mesh, rules)
+
+
+@pytest.fixture(scope='module')
+def trainer_run(tmp_path_factory):
+  """A workdir as the trainer leaves it: config.json, steps 4 and 8, metrics.jsonl."""
+  workdir = tmp_path_factory.mktemp('trainer_run')
+  config = train_fixtures.tiny_config()
+  spec = _trainer_spec(config)
+  state = spec.init(jax.random.key(0), jax.random.key(1))
+  checkpoint.write_config(workdir, config)
+  manager = checkpoint.make_manager(workdir, config.checkpoint)
+  for step in (4, 8):
+    checkpoint.save(manager, step, state, {'index': step}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  (workdir / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': s, 'train/loss': 7.0 - s / 10}) + '\n' for s in range(1, 9)))
+  return workdir, config, spec
+
+
+def _copy(trainer_run, tmp_path):
+  workdir, config, spec = trainer_run
+  shutil.copytree(workdir, tmp_path / 'run')
+  return tmp_path / 'run', config, spec
+
+
+def _restore(workdir, run_config, spec, **kwargs):
+  # The call as the trainer made it before the whole-tree compare (abstract params 4th).
+  manager, step, state, data = checkpoint.restore_latest(
+      workdir, run_config.checkpoint, spec.abstract, spec.abstract_params, log=print,
+      **kwargs)
+  manager.close()
+  return step, state, data
+
+
+def _layout(workdir):
+  damaged = workdir / checkpoint.DAMAGED_DIR
+  return (checkpoint.finished_steps(workdir),
+          sorted(p.name.split('-')[0] for p in damaged.iterdir()) if damaged.exists() else [])
+
+
+def test_optimizer_state_change_is_a_readable_error_and_moves_nothing(tmp_path, trainer_run):
+  """grad_clip_norm 1.0 -> 0 drops optax's clipping state: the params still match, the
+  optimizer state does not. Before: every step was quarantined and the run restarted."""
+  workdir, config, _ = _copy(trainer_run, tmp_path)
+  changed = train_fixtures.tiny_config(optimizer__grad_clip_norm=0.0)
+  with pytest.raises(checkpoint.IncompatibleCheckpoint) as error:
+    _restore(workdir, changed, _trainer_spec(changed), config=changed)
+  message = str(error.value)
+  assert 'opt_state/' in message and 'optimizer.grad_clip_norm' in message, message
+  assert 'Changed since config.json: optimizer.grad_clip_norm' in message, message
+  assert _layout(workdir) == ([4, 8], [])
+
+
+def _failing_reads(monkeypatch, failures):
+  """CheckpointManager.restore raises OSError `failures` times, then reads for real."""
+  calls = []
+  original = ocp.CheckpointManager.restore
+
+  def restore(self, *args, **kwargs):
+    calls.append(args)
+    if len(calls) <= failures:
+      raise OSError(5, 'Input/output error (simulated storage hiccup)')
+    return original(self, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
+  monkeypatch.setattr(checkpoint, 'BACKOFF_SECONDS', 0.01)
+  return calls
+
+
+def test_transient_read_error_is_retried_and_resumes_newest(tmp_path, trainer_run,
+                                                            monkeypatch):
+  workdir, config, spec = _copy(trainer_run, tmp_path)
+  calls = _failing_reads(monkeypatch, failures=2)
+  step, state, data = _restore(workdir, config, spec)
+  assert step == 8 and data == {'index': 8} and len(calls) == 3
+  assert _layout(workdir) == ([4, 8], [])
+
+
+def test_persistent_read_error_stops_moves_nothing_keeps_metrics(tmp_path, trainer_run,
+                                                                 monkeypatch):
+  """Through the trainer: one readable line, the checkpoints and metrics.jsonl as they were."""
+  workdir, config, _ = _copy(trainer_run, tmp_path)
+  metrics_before = (workdir / 'metrics.jsonl').read_text()
+  _failing_reads(monkeypatch, failures=10**6)
+  with pytest.raises(train.RunError) as error:
+    train.train_and_evaluate(config, str(workdir),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
+  message = str(error.value)
+  assert '\n' not in message and 'OSError' in message and 'nothing was moved' in message
+  assert f'after {checkpoint.READ_ATTEMPTS} attempts' in message, message
+  assert _layout(workdir) == ([4, 8], [])
+  assert (workdir / 'metrics.jsonl').read_text() == metrics_before
+  assert not (workdir / checkpoint.LOCK_FILE).exists()   # released on the way out
+
+
+def _truncate_arrays(step_dir):
+  for f in (step_dir / 'state').rglob('d/*'):
+    f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+
+
+def test_truncated_newest_step_is_set_aside_and_previous_restored(tmp_path, trainer_run,
+                                                                  capsys):
+  workdir, config, spec = _copy(trainer_run, tmp_path)
+  _truncate_arrays(workdir / 'checkpoints' / '8')
+  step, _, data = _restore(workdir, config, spec)
+  assert step == 4 and data == {'index': 4}
+  assert _layout(workdir) == ([4], ['8'])
+  out = capsys.readouterr()
+  assert 'checkpoint step 8 cannot be restored (ValueError: OUT_OF_RANGE' in out.out
+  assert 'Traceback' not in out.out + out.err and 'never retrieved' not in out.out + out.err
+
+
+def test_every_step_damaged_stops_unless_start_over(tmp_path, trainer_run):
+  workdir, config, spec = _copy(trainer_run, tmp_path)
+  _truncate_arrays(workdir / 'checkpoints' / '8')
+  (workdir / 'checkpoints' / '4' / 'state' / '_METADATA').unlink()
+  with pytest.raises(checkpoint.NothingRestored, match=r'--start_over'):
+    _restore(workdir, config, spec)
+  assert _layout(workdir) == ([], ['4', '8'])
+  with pytest.raises(checkpoint.NothingRestored):   # a rerun still refuses
+    _restore(workdir, config, spec)
+  assert _restore(workdir, config, spec, start_over=True) == (None, None, None)
+
+
+@pytest.mark.parametrize('damage', ['truncated_arrays', 'missing_METADATA'])
+def test_readers_fall_back_to_the_previous_step_with_the_warning(tmp_path, trainer_run,
+                                                                 capsys, damage):
+  """Export's and GLUE's loading (load_pretrained, resolve_step_dir): as the trainer, but
+  read-only (nothing moved). Before: AttributeError 'NoneType' has no attribute 'tree'."""
+  workdir, _, _ = _copy(trainer_run, tmp_path)
+  newest = workdir / 'checkpoints' / '8'
+  if damage == 'truncated_arrays':
+    _truncate_arrays(newest)
+  else:
+    (newest / 'state' / '_METADATA').unlink()
+  assert checkpoint.resolve_step_dir(workdir).name == '4'
+  _, params = checkpoint.load_pretrained(workdir)
+  assert params['encoder']['layer_0']['attention']['pairwise'].shape == (2, 16, 16)
+  err = capsys.readouterr().err
+  assert 'WARNING: checkpoint step 8 cannot be restored' in err and 'Trying the previous' in err
+  assert 'Traceback' not in err and 'never retrieved' not in err
+  assert _layout(workdir) == ([4, 8], [])
+  with pytest.raises(checkpoint.DamagedCheckpoint, match='is damaged'):
+    checkpoint.load_pretrained(newest)   # a step named explicitly is not replaced
+
+
+def test_second_trainer_on_a_live_workdir_stops(tmp_path):
+  """The lock holds host and pid; a live holder stops the second trainer, a dead one on
+  this host is taken over."""
+  lock = tmp_path / checkpoint.LOCK_FILE
+  with checkpoint.workdir_lock(tmp_path):
+    holder = json.loads(lock.read_text())
+    assert holder['pid'] == os.getpid() and holder['host'] == socket.gethostname()
+    with pytest.raises(checkpoint.WorkdirBusy, match=f'pid {os.getpid()} on'):
+      with checkpoint.workdir_lock(tmp_path):
+        pass
+    assert json.loads(lock.read_text()) == holder   # the holder's lock untouched
+  assert not lock.exists()
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                        capture_output=True, text=True, check=True)
+  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': int(dead.stdout)}))
+  said = []
+  with checkpoint.workdir_lock(tmp_path, log=said.append):
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+  assert said and 'no longer running' in said[0]

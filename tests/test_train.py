@@ -10,6 +10,7 @@ import pathlib
 import shutil
 import signal
 import socket
+import subprocess
 import time
 
 import jax
@@ -84,8 +85,12 @@ def test_relative_workdir_as_users_type_it(tmp_path):
   assert not os.path.isabs(relative)
   run_trainer(relative, overrides=_overrides(checkpoint__async_save=True))
   assert checkpoint.finished_steps(tmp_path / 'run')[-1] == STEPS
-  run_trainer(relative, overrides=_overrides())   # resumes: nothing left to do
+  again = run_trainer(relative, overrides=_overrides())   # resumes: nothing left to do
   assert checkpoint.load_pretrained(os.path.relpath(tmp_path / 'run'))[1]
+  # A second `make demo` ends like the first, with the final eval loss (no new row).
+  assert 'Already trained to step' in again.stdout
+  assert f'Done: step {STEPS}. Final eval MLM loss' in again.stdout, again.stdout[-2000:]
+  _assert_one_row_per_step(tmp_path / 'run')
 
 
 # ---------------------------------------------------------------------------------------
@@ -551,3 +556,130 @@ def test_trainer_reports_compile_time_once(reference_run):
   assert result.stdout.count('compiled train step in ') == 1, result.stdout[-3000:]
   compiles = [m for m in _metrics(reference_run[0]) if 'perf/compile_seconds' in m]
   assert len(compiles) == 1 and compiles[0]['perf/compile_seconds'] > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Failures that must stop the run in one line and keep what it had.
+# ---------------------------------------------------------------------------------------
+
+def _strict_json_rows(workdir):
+  def refuse(token):
+    raise ValueError(f'bare {token} in metrics.jsonl')
+  return [json.loads(line, parse_constant=refuse)
+          for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def _error_lines(result):
+  return [l for l in result.stderr.splitlines() if 'error:' in l]
+
+
+def test_divergence_sets_its_checkpoints_aside_and_a_fixed_rerun_finishes(tmp_path):
+  """lr 1e6, a checkpoint every 3 steps: the step-3 checkpoint holds exploded weights and
+  used to trap the workdir (every rerun resumed it and diverged again)."""
+  diverging = _overrides(checkpoint__every_steps=3, optimizer__learning_rate=1e6)
+  result = run_trainer(tmp_path, overrides=diverging, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  [line] = _error_lines(result)
+  assert 'Non-finite loss or gradient at step' in line
+  assert 'no checkpoint from before the divergence' in line and 'None' not in line, line
+  assert 'Set aside checkpoint step 3' in result.stdout and 'Traceback' not in result.stderr
+  assert checkpoint.finished_steps(tmp_path) == []
+  assert [p.name.endswith('-diverged') for p in (tmp_path / 'damaged_checkpoints').iterdir()]
+  _strict_json_rows(tmp_path)
+  # The same command with the default learning rate: no file deleted by hand.
+  result = run_trainer(tmp_path, overrides=_overrides(checkpoint__every_steps=3))
+  final = [m for m in _strict_json_rows(tmp_path) if m['step'] == STEPS and 'train/loss' in m]
+  assert final and np.isfinite(final[0]['train/loss']), result.stdout[-2000:]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_params(tmp_path)))
+
+
+def test_skip_stops_after_consecutive_nonfinite_steps_and_keeps_no_bad_model(tmp_path):
+  result = run_trainer(tmp_path, overrides=_overrides(
+      checkpoint__every_steps=3, optimizer__learning_rate=1e6, on_nonfinite='skip',
+      max_consecutive_nonfinite=4), check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  [line] = _error_lines(result)
+  assert '4 consecutive non-finite steps' in line and 'max_consecutive_nonfinite=4' in line
+  for step in checkpoint.finished_steps(tmp_path):   # whatever is left to resume from
+    params = checkpoint.load_params(tmp_path / 'checkpoints' / str(step))
+    assert all(np.isfinite(x).all() and np.abs(x).max() < 100 for x in jax.tree.leaves(params))
+  rows = _strict_json_rows(tmp_path)   # strict JSON: non-finite values are null + flagged
+  flagged = [m for m in rows if 'nonfinite' in m]
+  assert flagged and all(m[k] is None for m in flagged for k in m['nonfinite'])
+
+
+def _mount_tmpfs(path, size):
+  """A small tmpfs (a real full disk) where the test may mount one (root), else None."""
+  path.mkdir()
+  if os.geteuid() != 0 or not shutil.which('mount'):
+    return None
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True, check=False)
+  return path if done.returncode == 0 else None
+
+
+def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path):
+  """Checkpoints of this model take ~360 KB: on a 1000 KB tmpfs step 4 fits and a later
+  save fails with ENOSPC. Without a mountable tmpfs, creating step 8 fails with ENOSPC."""
+  disk = _mount_tmpfs(tmp_path / 'disk', '1000k')
+  env = {} if disk else {'SYNTHETIC_NO_SPACE_AT_STEP': '8'}
+  try:
+    workdir = tmp_path / 'disk' / 'run'
+    result = run_trainer(workdir, overrides=_overrides(checkpoint__async_save=True),
+                         env=env, check=False)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    [line] = _error_lines(result)
+    failed = int(line.split('Saving checkpoint step ')[1].split()[0])
+    assert failed >= 8 and f'{workdir}/checkpoints/{failed}' in line, line
+    assert '(ENOSPC' in line and 'previous checkpoint (step' in line, line
+    assert 'Traceback' not in result.stdout + result.stderr
+    assert len((result.stdout + result.stderr).splitlines()) < 25
+    assert not list((workdir / 'checkpoints').glob('*orbax-checkpoint-tmp*'))
+    kept = checkpoint.finished_steps(workdir)
+    assert kept and kept[-1] < failed
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_params(workdir)))
+  finally:
+    if disk:
+      subprocess.run(['umount', str(disk)], check=False)
+
+
+def test_eval_steps_zero_and_a_second_trainer_on_the_live_workdir(tmp_path):
+  """eval_steps=0: no eval rows, no eval line in the summary (never eval/loss 0.0). A
+  second trainer on the same workdir stops at once; the first one's files are its own."""
+  workdir = tmp_path / 'run'
+  # The first run waits after two batches until the second one has been turned away.
+  gate = tmp_path / 'second_has_tried'
+  first = run_trainer(workdir, overrides=_overrides(eval_steps=0), background=True,
+                      env={'SYNTHETIC_WAIT_FOR_FILE': str(gate)})
+  lock = workdir / checkpoint.LOCK_FILE
+  _wait_for(lambda: lock.exists() and json.loads(lock.read_text() or '{}'), first)
+  assert json.loads(lock.read_text())['pid'] == first.pid
+  second = run_trainer(workdir, overrides=_overrides(seed=1), check=False)
+  gate.write_text('')
+  assert second.returncode == 1, second.stderr[-3000:]
+  [line] = _error_lines(second)
+  assert f'in use by another trainer (pid {first.pid} on {socket.gethostname()}' in line
+  output, _ = first.communicate(timeout=240)
+  assert first.returncode == 0, output[-3000:]
+  assert f'Done: step {STEPS}.\n' in output, output[-2000:]
+  assert 'eval step' not in output and 'Final eval' not in output, output[-2000:]
+  rows = _strict_json_rows(workdir)
+  assert not [m for m in rows if any(k.startswith('eval/') for k in m)]
+  _assert_one_row_per_step(workdir)
+  assert checkpoint.read_config(workdir).seed == 0
+  assert not (workdir / checkpoint.LOCK_FILE).exists()
+
+
+def test_second_ctrl_c_quits_in_one_line(tmp_path):
+  workdir = tmp_path / 'run'
+  process = run_trainer(workdir, overrides=_overrides(), background=True,
+                        env={'SYNTHETIC_SLEEP_SECONDS': '0.3'})
+  _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.1)
+  process.send_signal(signal.SIGINT)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == train.INTERRUPTED_EXIT_CODE, output[-3000:]
+  assert 'stopped by a second Ctrl-C without saving' in output
+  assert 'Traceback' not in output and 'KeyboardInterrupt' not in output, output[-3000:]
+  assert not (workdir / checkpoint.LOCK_FILE).exists()

@@ -58,6 +58,10 @@ class SyntheticMLMIterator:
     # Test hooks: a slow input (so a test can kill the run mid-way) and a poisoned batch.
     if os.environ.get('SYNTHETIC_SLEEP_SECONDS'):
       time.sleep(float(os.environ['SYNTHETIC_SLEEP_SECONDS']))
+    # A run held mid-way until the test creates this file (e.g. while a second starts).
+    gate = os.environ.get('SYNTHETIC_WAIT_FOR_FILE')
+    while gate and self.split_id == 0 and self.index >= 2 and not os.path.exists(gate):
+      time.sleep(0.05)
     poison = (self.split_id == 0 and
               str(self.index) == os.environ.get('SYNTHETIC_NAN_AT_BATCH'))
     # Like bert_sym.input.iterator: process p takes rows [p*B, (p+1)*B) of global batch k, and each
@@ -153,8 +157,25 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
   return result
 
 
+def _simulate_full_disk_at_step(step: str) -> None:
+  """Test hook: creating step `step`'s directory fails as on a full disk (ENOSPC), for
+  machines where a small tmpfs cannot be mounted."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  cls = type(epath.Path('/'))
+  original = cls.mkdir
+
+  def mkdir(self, *args, **kwargs):
+    if self.name.startswith(f'{step}.orbax-checkpoint-tmp'):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return original(self, *args, **kwargs)
+  cls.mkdir = mkdir
+
+
 if __name__ == '__main__':
   from bert_sym import cli  # pylint: disable=g-import-not-at-top
   from bert_sym import train  # pylint: disable=g-import-not-at-top
+  if os.environ.get('SYNTHETIC_NO_SPACE_AT_STEP'):
+    _simulate_full_disk_at_step(os.environ['SYNTHETIC_NO_SPACE_AT_STEP'])
   cli.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
           prog='bert_sym.train', flags_parser=train.parse_flags)
