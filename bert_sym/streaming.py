@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from bert_sym import cli
+from bert_sym import metrics_writer
 from bert_sym.input import export as export_lib
 from bert_sym.input.streaming import join_url
 
@@ -46,6 +47,9 @@ def _main(argv: list[str]) -> int:
   fin.add_argument('--out_dir', required=True)
   fin.add_argument('--split', default='train,validation')
   args = parser.parse_args(argv)
+  # TF's native start-up lines ('failed call to cuInit', oneDNN) would bury the two result
+  # lines; quiet_logs imports TF with them muted.
+  metrics_writer.quiet_logs(verbose=False, import_tf=args.command == 'export')
   if args.command == 'export':
     export_lib.check_export_args(args.task, args.max_seq_len, args.num_workers,
                                  args.worker_index, args.num_parts, args.blocks_per_shard,

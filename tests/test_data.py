@@ -32,16 +32,25 @@ def _default_spec(**knobs):
 
 @pytest.fixture(scope='module')
 def real_blocks():
-  """~1,000 real 128-token blocks (embedded corpus, HF-free path via TF only if needed)."""
-  pytest.importorskip('tensorflow_text')
-  from bert_sym.input import seqio_tasks as tasks  # pylint: disable=import-outside-toplevel
-  return np.stack(list(tasks.packed_blocks(tasks.EMBEDDED_TASK, 'validation', L)
-                       .as_numpy_iterator()))
+  """1,000 packed 128-token blocks over the real bert-base-uncased vocabulary, in NumPy
+  (masking needs only token ids): words of one head piece and 0-2 '##' pieces, [CLS] ...
+  [SEP] per block, the last block padded, as the packer lays them out."""
+  tokens = vocab_lib.read_vocab(vocab_lib.default_vocab_file())
+  ids = np.arange(len(tokens))
+  is_piece = np.array([t.startswith('##') for t in tokens])
+  is_word = ~is_piece & ~np.array([t.startswith('[') and t.endswith(']') for t in tokens])
+  heads, pieces = ids[is_word], ids[is_piece]
+  rng = np.random.default_rng(0)
+  blocks = np.zeros((1000, L), np.int32)
+  for row in blocks:
+    words = []
+    while len(words) < L - 2:
+      words += [rng.choice(heads)] + list(rng.choice(pieces, rng.choice(3, p=[.7, .2, .1])))
+    row[:] = [101] + words[:L - 2] + [102]
+  blocks[-1, L // 2:] = 0
+  blocks[-1, L // 2 - 1] = 102
+  return blocks
 
-
-# ----------------------------------------------------------------------------------------
-# Masking.
-# ----------------------------------------------------------------------------------------
 
 def test_masking_statistics(real_blocks):
   tokens, spec = _default_spec(max_predictions=L)
@@ -127,13 +136,11 @@ def _config(**overrides):
 
 @pytest.fixture(scope='module')
 def seqio_config(text_files):
-  pytest.importorskip('tensorflow_text')
   return _config(source='seqio', text_files=text_files)
 
 
 @pytest.fixture(scope='module')
 def shards_dir(tmp_path_factory, text_files):
-  pytest.importorskip('tensorflow_text')
   out = tmp_path_factory.mktemp('shards')
   for split in ('train', 'validation'):
     export_lib.export(TEXT, split, L, str(out), num_parts=1, text_files=text_files,
@@ -309,7 +316,6 @@ def test_missing_shards_and_mismatched_length_are_errors(tmp_path, shards_dir):
 
 
 def test_empty_and_missing_text_corpus_are_errors(tmp_path):
-  pytest.importorskip('tensorflow_text')
   (tmp_path / 'blank.txt').write_text('\n  \n\n')
   config = _config(source='seqio', text_files=str(tmp_path / 'blank.txt'))
   with pytest.raises(DataError, match='blank.txt.*empty corpus'):

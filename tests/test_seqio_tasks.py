@@ -1,15 +1,12 @@
 """bert_sym.input.seqio_tasks (and blocks packing, sources): seqio registration,
-packing against an independent Hugging Face reference, TF masking == NumPy masking,
+packing against an independent Hugging Face reference, the tasks' masked examples,
 text-file sources and their errors."""
 
 import numpy as np
 import pytest
 
-pytest.importorskip('seqio')
-pytest.importorskip('tensorflow_text')
-
-import seqio  # pylint: disable=g-import-not-at-top
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+import seqio
+import tensorflow as tf
 
 from bert_sym.input import DataError  # pylint: disable=g-import-not-at-top
 from bert_sym.input import blocks
@@ -57,7 +54,7 @@ def test_seqio_client_reads_embedded_validation():
 
 def test_packing_equals_hugging_face_reference(vocabulary, validation_blocks):
   """Independent reference: HF tokenisation, doc + [SEP], cut into [CLS] body [SEP]."""
-  transformers = pytest.importorskip('transformers')
+  import transformers  # pylint: disable=import-outside-toplevel
   hf = transformers.BertTokenizerFast(vocab=vocabulary.path, do_lower_case=True)
   stream = []
   for doc in sources.embedded_documents('validation'):
