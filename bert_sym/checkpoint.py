@@ -639,18 +639,22 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *
   hint = config_hint(workdir, config)
   manager = make_manager(workdir, ckpt_config)
   moved = []
-  with quiet_orbax_echoes():
-    for step in _steps_newest_first(manager):
-      restored, reason = _restore_step(manager, step, abstract_state, hint)
-      if restored is not None:
-        return (manager, step) + tuple(restored)
-      manager.close()
-      destination = _set_aside(manager.directory, step)
-      log(f'WARNING: checkpoint step {step} cannot be restored ({reason}); skipped it and '
-          f'moved it to {destination}. Trying the previous step.')
-      manager = make_manager(workdir, ckpt_config)
-      moved.append(step)
-  _refuse_silent_restart(workdir, moved, start_over, log)
+  try:
+    with quiet_orbax_echoes():
+      for step in _steps_newest_first(manager):
+        restored, reason = _restore_step(manager, step, abstract_state, hint)
+        if restored is not None:
+          return (manager, step) + tuple(restored)
+        manager.close()
+        destination = _set_aside(manager.directory, step)
+        log(f'WARNING: checkpoint step {step} cannot be restored ({reason}); skipped it '
+            f'and moved it to {destination}. Trying the previous step.')
+        manager = make_manager(workdir, ckpt_config)
+        moved.append(step)
+    _refuse_silent_restart(workdir, moved, start_over, log)
+  except BaseException:
+    manager.close()
+    raise
   return manager, None, None, None
 
 

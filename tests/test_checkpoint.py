@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -265,9 +266,14 @@ def test_persistent_read_error_stops_moves_nothing_keeps_metrics(tmp_path, train
   workdir, config, _ = _copy(trainer_run, tmp_path)
   metrics_before = (workdir / 'metrics.jsonl').read_text()
   _failing_reads(monkeypatch, failures=10**6)
+  hooks_before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                  sys.unraisablehook, sys.excepthook)
   with pytest.raises(train.RunError) as error:
     train.train_and_evaluate(config, str(workdir),
                              make_iterator=train_fixtures.make_synthetic_iterator)
+  # The process is left as it was found (a notebook keeps its own Ctrl-C and hooks).
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+          sys.unraisablehook, sys.excepthook) == hooks_before
   message = str(error.value)
   assert '\n' not in message and 'OSError' in message and 'nothing was moved' in message
   assert f'after {checkpoint.READ_ATTEMPTS} attempts' in message, message
@@ -317,7 +323,9 @@ def test_readers_fall_back_to_the_previous_step_with_the_warning(tmp_path, train
   else:
     (newest / 'state' / '_METADATA').unlink()
   assert checkpoint.resolve_step_dir(workdir).name == '4'
-  _, params = checkpoint.load_pretrained(workdir)
+  from bert_sym.glue import finetune  # pylint: disable=g-import-not-at-top
+  assert finetune.load_pretrained(workdir).step == 4   # GLUE's way in
+  _, params = checkpoint.load_pretrained(workdir)      # export's way in
   assert params['encoder']['layer_0']['attention']['pairwise'].shape == (2, 16, 16)
   err = capsys.readouterr().err
   assert 'WARNING: checkpoint step 8 cannot be restored' in err and 'Trying the previous' in err
