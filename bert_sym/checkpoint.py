@@ -585,9 +585,12 @@ def quiet_orbax_echoes():
   the one warning that matters; they are dropped, anything else still prints. The
   previous hook is back when the restore is over."""
   previous, previous_except = sys.unraisablehook, sys.excepthook
+  muted = []
 
   def hook(unraisable):
-    if not _is_echo_of_failed_read(unraisable):
+    if _is_echo_of_failed_read(unraisable):
+      muted.append(unraisable.exc_type)
+    else:
       previous(unraisable)
 
   def excepthook(kind, value, tb):   # TensorStore's callbacks into a closed loop
@@ -600,6 +603,9 @@ def quiet_orbax_echoes():
     yield
   finally:
     gc.collect()   # cancelled reads are reported when collected: here, not later
+    if muted:      # a read failed: its last TensorStore callbacks land a moment later
+      time.sleep(0.5)
+      gc.collect()
     sys.unraisablehook, sys.excepthook = previous, previous_except
     std_logging.getLogger('asyncio').removeFilter(asyncio_filter)
 
