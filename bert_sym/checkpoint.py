@@ -585,9 +585,12 @@ def quiet_orbax_echoes():
   the one warning that matters; they are dropped, anything else still prints. The
   previous hook is back when the restore is over."""
   previous, previous_except = sys.unraisablehook, sys.excepthook
+  muted = []
 
   def hook(unraisable):
-    if not _is_echo_of_failed_read(unraisable):
+    if _is_echo_of_failed_read(unraisable):
+      muted.append(unraisable.exc_type)
+    else:
       previous(unraisable)
 
   def excepthook(kind, value, tb):   # TensorStore's callbacks into a closed loop
@@ -600,6 +603,9 @@ def quiet_orbax_echoes():
     yield
   finally:
     gc.collect()   # cancelled reads are reported when collected: here, not later
+    if muted:      # a read failed: its last TensorStore callbacks land a moment later
+      time.sleep(0.5)
+      gc.collect()
     sys.unraisablehook, sys.excepthook = previous, previous_except
     std_logging.getLogger('asyncio').removeFilter(asyncio_filter)
 
@@ -639,18 +645,22 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *
   hint = config_hint(workdir, config)
   manager = make_manager(workdir, ckpt_config)
   moved = []
-  with quiet_orbax_echoes():
-    for step in _steps_newest_first(manager):
-      restored, reason = _restore_step(manager, step, abstract_state, hint)
-      if restored is not None:
-        return (manager, step) + tuple(restored)
-      manager.close()
-      destination = _set_aside(manager.directory, step)
-      log(f'WARNING: checkpoint step {step} cannot be restored ({reason}); skipped it and '
-          f'moved it to {destination}. Trying the previous step.')
-      manager = make_manager(workdir, ckpt_config)
-      moved.append(step)
-  _refuse_silent_restart(workdir, moved, start_over, log)
+  try:
+    with quiet_orbax_echoes():
+      for step in _steps_newest_first(manager):
+        restored, reason = _restore_step(manager, step, abstract_state, hint)
+        if restored is not None:
+          return (manager, step) + tuple(restored)
+        manager.close()
+        destination = _set_aside(manager.directory, step)
+        log(f'WARNING: checkpoint step {step} cannot be restored ({reason}); skipped it '
+            f'and moved it to {destination}. Trying the previous step.')
+        manager = make_manager(workdir, ckpt_config)
+        moved.append(step)
+    _refuse_silent_restart(workdir, moved, start_over, log)
+  except BaseException:
+    manager.close()
+    raise
   return manager, None, None, None
 
 

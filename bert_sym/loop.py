@@ -62,25 +62,29 @@ class PreemptionFlag:
 
   Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
   every process stop at the same step on SIGTERM; a local handler would only stop one of
-  them, so there Ctrl-C stops without saving (see the README). Used as a context manager:
-  the previous handlers are back when the run returns or raises.
+  them, so there Ctrl-C stops without saving (see the README). `close()` (or leaving it as
+  a context manager) puts the previous handlers back.
   """
 
   def __init__(self):
     self._event = threading.Event()
     self.signal_name = None
     self._previous = {}
-
-  def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
         self._previous[signum] = signal.signal(signum, self._handle)
-    return self
 
-  def __exit__(self, *exc):
+  def close(self) -> None:
+    """Puts back the handlers that were there before."""
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
     self._previous = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
 
   def _handle(self, signum, frame):
     del frame

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -228,10 +229,14 @@ def test_optimizer_state_change_is_a_readable_error_and_moves_nothing(tmp_path, 
   workdir, config, _ = _copy(trainer_run, tmp_path)
   changed = train_fixtures.tiny_config(optimizer__grad_clip_norm=0.0)
   with pytest.raises(checkpoint.IncompatibleCheckpoint) as error:
-    _restore(workdir, changed, _trainer_spec(changed), config=changed)
+    _restore(workdir, changed, _trainer_spec(changed))
   message = str(error.value)
   assert 'opt_state/' in message and 'optimizer.grad_clip_norm' in message, message
-  assert 'Changed since config.json: optimizer.grad_clip_norm' in message, message
+  assert _layout(workdir) == ([4, 8], [])
+  # Given the config, the keys that changed since config.json are named too.
+  with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                     match='Changed since config.json: optimizer.grad_clip_norm'):
+    _restore(workdir, changed, _trainer_spec(changed), config=changed)
   assert _layout(workdir) == ([4, 8], [])
 
 
@@ -246,7 +251,7 @@ def _failing_reads(monkeypatch, failures):
       raise OSError(5, 'Input/output error (simulated storage hiccup)')
     return original(self, *args, **kwargs)
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
-  monkeypatch.setattr(checkpoint, 'BACKOFF_SECONDS', 0.01)
+  monkeypatch.setattr(checkpoint, 'BACKOFF_SECONDS', 0.01, raising=False)
   return calls
 
 
@@ -265,9 +270,14 @@ def test_persistent_read_error_stops_moves_nothing_keeps_metrics(tmp_path, train
   workdir, config, _ = _copy(trainer_run, tmp_path)
   metrics_before = (workdir / 'metrics.jsonl').read_text()
   _failing_reads(monkeypatch, failures=10**6)
+  hooks_before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                  sys.unraisablehook, sys.excepthook)
   with pytest.raises(train.RunError) as error:
     train.train_and_evaluate(config, str(workdir),
                              make_iterator=train_fixtures.make_synthetic_iterator)
+  # The process is left as it was found (a notebook keeps its own Ctrl-C and hooks).
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+          sys.unraisablehook, sys.excepthook) == hooks_before
   message = str(error.value)
   assert '\n' not in message and 'OSError' in message and 'nothing was moved' in message
   assert f'after {checkpoint.READ_ATTEMPTS} attempts' in message, message
@@ -317,7 +327,9 @@ def test_readers_fall_back_to_the_previous_step_with_the_warning(tmp_path, train
   else:
     (newest / 'state' / '_METADATA').unlink()
   assert checkpoint.resolve_step_dir(workdir).name == '4'
-  _, params = checkpoint.load_pretrained(workdir)
+  from bert_sym.glue import finetune  # pylint: disable=g-import-not-at-top
+  assert finetune.load_pretrained(workdir).step == 4   # GLUE's way in
+  _, params = checkpoint.load_pretrained(workdir)      # export's way in
   assert params['encoder']['layer_0']['attention']['pairwise'].shape == (2, 16, 16)
   err = capsys.readouterr().err
   assert 'WARNING: checkpoint step 8 cannot be restored' in err and 'Trying the previous' in err
@@ -346,3 +358,51 @@ def test_second_trainer_on_a_live_workdir_stops(tmp_path):
   with checkpoint.workdir_lock(tmp_path, log=said.append):
     assert json.loads(lock.read_text())['pid'] == os.getpid()
   assert said and 'no longer running' in said[0]
+
+
+@pytest.mark.parametrize('error, kind', [
+    (FileNotFoundError(2, 'No such file'), 'damaged'),
+    (json.JSONDecodeError('Expecting value', '{"a":', 5), 'damaged'),
+    (ValueError('OUT_OF_RANGE: Error reading "d/abc": Requested byte range [0, 16)'), 'damaged'),
+    (ValueError('NOT_FOUND: Metadata at "step/.zarray" does not exist'), 'damaged'),
+    (OSError(5, 'Input/output error'), 'transient'),
+    (TimeoutError('read timed out'), 'transient'),
+    (ValueError('UNAVAILABLE: gs:// returned 503'), 'transient'),
+    (PermissionError(13, 'Permission denied'), 'fatal'),
+    (MemoryError(), 'fatal'),
+    (ValueError('PERMISSION_DENIED: 403 from gs://'), 'fatal'),
+    (ValueError('some bug in our code'), 'fatal'),
+])
+def test_failure_kinds(error, kind):
+  assert checkpoint.failure_kind(error) == kind
+
+
+def test_permission_error_is_one_line_without_retries(tmp_path, trainer_run, monkeypatch):
+  workdir, config, spec = _copy(trainer_run, tmp_path)
+  calls = []
+
+  def denied(self, *args, **kwargs):
+    calls.append(args)
+    raise PermissionError(13, 'Permission denied', str(workdir))
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', denied)
+  with pytest.raises(checkpoint.CheckpointReadError, match='PermissionError') as error:
+    _restore(workdir, config, spec)
+  assert '\n' not in str(error.value) and len(calls) == 1
+  assert _layout(workdir) == ([4, 8], [])
+
+
+def test_start_over_trains_from_zero_and_keeps_the_old_rows(tmp_path, trainer_run):
+  workdir, config, _ = _copy(trainer_run, tmp_path)
+  old_rows = (workdir / 'metrics.jsonl').read_text()
+  for step in (4, 8):
+    (workdir / 'checkpoints' / str(step) / 'state' / '_METADATA').unlink()
+  config = train_fixtures.tiny_config(total_steps=4, checkpoint__every_steps=4, eval_steps=1)
+  iterator = train_fixtures.make_synthetic_iterator
+  with pytest.raises(train.RunError, match='--start_over'):
+    train.train_and_evaluate(config, str(workdir), make_iterator=iterator)
+  train.train_and_evaluate(config, str(workdir), make_iterator=iterator, start_over=True)
+  assert checkpoint.finished_steps(workdir) == [4]
+  [kept] = workdir.glob('metrics.jsonl.*.old')
+  assert kept.read_text() == old_rows
+  new_rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert new_rows[0]['step'] == 0 and new_rows[-1]['step'] == 4
