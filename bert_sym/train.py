@@ -16,7 +16,6 @@ optimizer -> shard & init -> update step -> checkpoint restore -> evals -> train
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 import re
 import sys
@@ -27,7 +26,6 @@ from absl import flags
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -40,6 +38,7 @@ from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
 from bert_sym import optim
+from bert_sym import pretrain_loop
 from bert_sym import sharding
 from bert_sym import steps
 
@@ -169,8 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
       spec, train_step = _build_state_and_step(config, model, tx, schedule, mesh, data)
       manager, latest, state = _restore_or_init(config, workdir, spec, data, run, start_over)
       evaluate = _build_evaluator(config, model, spec, data, run)
-      step = _train(config, state, latest, train_step, data, evaluate, manager, preemption,
-                    run)
+      step = pretrain_loop.run_to_total_steps(config, state, latest, train_step, data,
+                                              evaluate, manager, preemption, run)
     finally:
       run.writer.close()
   run.console(closing_summary(workdir, step, run.eval_metrics, run.last_saved))
@@ -354,99 +353,6 @@ def _build_evaluator(config, model, spec, data: _Input, run: _Run):
     run.console(f'eval step {step}: loss {run.eval_metrics["eval/loss"]:.4f} | '
                 f'acc {run.eval_metrics["eval/mlm_accuracy"]:.3f}')
   return evaluate
-
-
-def _make_meter(config, latest) -> loop.Meter:
-  """Throughput and the health of the run (bert_sym.loop.StepHealth), step by step."""
-  seq_len = config.data.max_seq_len
-  meter = loop.Meter(
-      config.total_steps, config.batch_size * seq_len,
-      model_lib.train_flops_per_token(config.model, seq_len,
-                                      model_lib.mlm_predicted_fraction(config)),
-      metrics_writer.peak_flops_per_device(override=config.peak_flops_per_device),
-      config.on_nonfinite, what='The run')
-  meter.last_saved = latest
-  # A loss twice that of guessing uniformly over the vocabulary means exploded weights.
-  meter.health = loop.StepHealth(
-      config.on_nonfinite, 'The run', loss_ceiling=2 * math.log(config.model.vocab_size),
-      warmup_steps=config.optimizer.warmup_steps,
-      max_consecutive_skips=config.get('max_consecutive_nonfinite', 10))
-  return meter
-
-
-@jax.jit
-def _all_finite(params):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-
-
-def _make_hooks(config, run: _Run, manager, evaluate, meter, input_position):
-  """Log, eval and save cadences; a save refuses non-finite params."""
-  def save(state, step):
-    if not bool(_all_finite(state['params'])):
-      raise loop.NonFiniteError(f'The parameters at step {step} are not finite; they were '
-                                'not saved.', meter.health.onset or step)
-    checkpoint.save(manager, step, state, input_position(), force=True)
-    run.last_saved = step
-
-  return loop.Hooks(
-      log=loop.progress_logger(run.writer, run.console, config.total_steps), save=save,
-      log_every=config.log_every_steps, save_every=config.checkpoint.every_steps,
-      evaluate=evaluate, eval_every=config.eval_every_steps, console=run.console,
-      check_saves=lambda: checkpoint.check_saves(manager))
-
-
-def _train(config, state, latest, train_step, data: _Input, evaluate, manager, preemption,
-           run: _Run) -> int:
-  """The train loop (bert_sym.loop: compile once, progress line, non-finite policy,
-  preemption); returns the last step. Every save has finished (or failed loudly) after."""
-  step = int(jax.device_get(state['step']))
-  meter, prefetcher = _make_meter(config, latest), None
-  # The position of the next batch the step consumes, not what was prefetched.
-  position = lambda: prefetcher.state if prefetcher else data.train_iter.get_state()
-  hooks = _make_hooks(config, run, manager, evaluate, meter, position)
-  if step >= config.total_steps:
-    run.console(f'Already trained to step {step} (config.total_steps={config.total_steps});'
-                ' nothing to do. Raise --config.total_steps to train further.')
-    if evaluate:
-      evaluate(state, step, write=False)   # the closing summary's numbers, not a new row
-    return step
-  if step == 0 and evaluate:
-    evaluate(state, 0)
-  try:
-    prefetcher = loop.Prefetcher(data.train_iter, data.to_global, depth=2)
-    with checkpoint.quiet_orbax_echoes():   # a failed save is said once, in one line
-      state, step, preempted = loop.run(state, step, config.total_steps, train_step,
-                                        prefetcher, meter, hooks, preemption, manager)
-      checkpoint.finish_saves(manager)
-  except loop.NonFiniteError as e:
-    raise _set_aside_divergence(e, run.workdir, manager, latest, run) from None
-  finally:
-    if prefetcher:
-      prefetcher.close()
-    with contextlib.suppress(Exception):   # a failed save was said already
-      manager.wait_until_finished()
-    manager.close()
-  if preempted:
-    raise Preempted(step, preemption.signal_name)
-  return step
-
-
-def _set_aside_divergence(error: loop.NonFiniteError, workdir, manager, latest, run: _Run):
-  """Checkpoints this run wrote from the step before the divergence began go aside (as
-  damaged ones do); the error then names the newest one from before it."""
-  with contextlib.suppress(Exception):
-    manager.wait_until_finished()
-  diverged = [s for s in checkpoint.finished_steps(workdir)
-              if s >= error.onset - 1 and (latest is None or s > latest)]
-  checkpoint.set_aside_diverged(workdir, diverged, error.onset, log=run.console)
-  kept = checkpoint.finished_steps(workdir)
-  run.last_saved = kept[-1] if kept else None
-  where = (f'The newest checkpoint from before the divergence is step {kept[-1]}: rerun with '
-           'a fixed config (e.g. a lower --config.optimizer.learning_rate) and it resumes '
-           'from there.' if kept else
-           'There is no checkpoint from before the divergence: a rerun with a fixed config '
-           'starts from step 0.')
-  return loop.NonFiniteError(error.headline, error.onset, where)
 
 
 def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:

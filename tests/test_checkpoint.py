@@ -1,4 +1,4 @@
-"""checkpoint.py: config.json round trip, load_pretrained, shape checks, atomic finalize."""
+"""bert_sym.checkpoint: config.json round trip, load_pretrained, shape checks, atomic finalize."""
 
 import json
 import os
@@ -251,7 +251,7 @@ def _failing_reads(monkeypatch, failures):
       raise OSError(5, 'Input/output error (simulated storage hiccup)')
     return original(self, *args, **kwargs)
   monkeypatch.setattr(ocp.CheckpointManager, 'restore', restore)
-  monkeypatch.setattr(checkpoint, 'BACKOFF_SECONDS', 0.01, raising=False)
+  monkeypatch.setattr(checkpoint.restoring, 'BACKOFF_SECONDS', 0.01)
   return calls
 
 
@@ -328,7 +328,7 @@ def test_readers_fall_back_to_the_previous_step_with_the_warning(tmp_path, train
     (newest / 'state' / '_METADATA').unlink()
   assert checkpoint.resolve_step_dir(workdir).name == '4'
   from bert_sym.glue import finetune  # pylint: disable=g-import-not-at-top
-  assert finetune.load_pretrained(workdir).step == 4   # GLUE's way in
+  assert finetune.load_pretrained_encoder(workdir).step == 4   # GLUE's way in
   _, params = checkpoint.load_pretrained(workdir)      # export's way in
   assert params['encoder']['layer_0']['attention']['pairwise'].shape == (2, 16, 16)
   err = capsys.readouterr().err

@@ -24,9 +24,9 @@ FLOW = (
     ('input', ('bert_sym.input.*',)),
     ('model', ('bert_sym.attention', 'bert_sym.model')),
     ('steps', ('bert_sym.optim', 'bert_sym.objectives', 'bert_sym.steps')),
-    ('checkpoint', ('bert_sym.checkpoint',)),
+    ('checkpoint', ('bert_sym.checkpoint.*',)),
     ('train', ('bert_sym.config_check', 'bert_sym.metrics_writer', 'bert_sym.loop',
-               'bert_sym.train', 'bert_sym.streaming', 'bert_sym.aot')),
+               'bert_sym.pretrain_loop', 'bert_sym.train', 'bert_sym.streaming', 'bert_sym.aot')),
     ('glue/export', ('bert_sym.glue.*', 'bert_sym.export', 'bert_sym.ablate.*')),
 )
 MAX_LINES = 420   # "about 400": one job per file

@@ -1,0 +1,48 @@
+"""Checkpoints: an orbax `CheckpointManager` under `{workdir}/checkpoints`, plus config.json.
+
+Layout of one step directory `{workdir}/checkpoints/{step}/` (plain orbax, no project code
+needed to read it; see `load_pretrained` and the README):
+
+  state/       StandardSave of {'params', 'opt_state', 'step', 'rng'}  (rng = raw key data)
+  data_iter/   JsonSave of {'process_count': N, 'states': [iterator.get_state() per process]}
+
+How orbax marks a step complete depends on the filesystem:
+
+  local / POSIX   the step is written into `{step}.orbax-checkpoint-tmp-<ts>/` and renamed
+                  to `{step}/` once every item is complete;
+  gs://           there is no atomic directory rename, so orbax writes straight into
+                  `{step}/` and drops a `commit_success.txt` file in it when complete.
+
+So on GCS an unfinished step *does* look like `checkpoints/{step}/state/`. Every reader
+must therefore go through `finished_steps` (orbax's own finalization check), never a plain
+directory listing. Unfinished steps are ignored, and the trainer's manager cleans up
+local temporary directories at the next start.
+
+The package in the order a run meets it: `core` (names, errors, config.json, the manager,
+finished steps), `locking` (one trainer per workdir), `saving`, `restoring` (the trainer's
+restore rules), `pretrained` (GLUE's and export's reads, by the same rules). Everything
+public is re-exported here: callers write `checkpoint.save(...)`.
+"""
+
+from bert_sym.checkpoint.core import (  # noqa: F401
+    STATE, DATA_ITER, CONFIG_FILE, IncompatibleCheckpoint, DamagedCheckpoint,
+    CheckpointReadError, CheckpointSaveError, write_config, read_config, flat_config,
+    config_differences, absolute, checkpoint_dir, make_manager, allgather_json,
+    key_path_str, describe_error, is_closed_loop_error, is_step_dir, checkpoints_root,
+    finished_steps
+)
+from bert_sym.checkpoint.locking import (  # noqa: F401
+    LOCK_FILE, WorkdirBusy, workdir_lock
+)
+from bert_sym.checkpoint.saving import (  # noqa: F401
+    save, check_saves, finish_saves
+)
+from bert_sym.checkpoint.restoring import (  # noqa: F401
+    DAMAGED_DIR, DIVERGED_SUFFIX, READ_ATTEMPTS, BACKOFF_SECONDS, failure_kind,
+    read_state_metadata, read_json_item, check_compatible, config_hint, restore,
+    set_aside_diverged, damaged_steps_found, NothingRestored, quiet_orbax_echoes,
+    restore_latest
+)
+from bert_sym.checkpoint.pretrained import (  # noqa: F401
+    resolve_step_dir, load_params, load_pretrained, with_pretrained_encoder
+)

@@ -1,0 +1,161 @@
+"""The checkpoint format: its names and errors, config.json, the orbax manager every reader
+and writer opens, and which steps orbax has finished."""
+
+import json
+import os
+import re
+from typing import Any
+
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bert_sym import files
+
+
+STATE = 'state'
+DATA_ITER = 'data_iter'
+CONFIG_FILE = 'config.json'
+
+
+class IncompatibleCheckpoint(ValueError):
+  """The checkpoint is readable but holds another model: falling back would not help."""
+
+
+class DamagedCheckpoint(ValueError):
+  """Recognised corruption of one step: files missing, truncated or not parsable."""
+
+
+class CheckpointReadError(ValueError):
+  """A checkpoint could not be read, and the checkpoint itself is not to blame."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save failed (disk full, permission, quota): the run must stop at once."""
+
+
+
+def write_config(workdir, config: ml_collections.ConfigDict) -> epath.Path:
+  path = epath.Path(workdir) / CONFIG_FILE
+  files.write_atomically(path, config.to_json(indent=2, sort_keys=True) + '\n')
+  return path
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f'{path} does not exist: {workdir} is not a bert_sym training workdir (the trainer '
+        f'writes {CONFIG_FILE} there before the first step).')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'model.attention': 'pairwise', ...}: every leaf by its dotted key, as in JSON."""
+  def flatten(tree, prefix=''):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from flatten(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+  return dict(flatten(json.loads(config.to_json())))
+
+
+def config_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> list[str]:
+  a, b = flat_config(a), flat_config(b)
+  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+
+def absolute(path) -> epath.Path:
+  """Orbax refuses relative paths, and users type `--workdir=runs/x`: resolve local ones."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else epath.Path(os.path.abspath(path))
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return absolute(workdir) / 'checkpoints'
+
+
+def make_manager(workdir, ckpt_config=None, *, read_only=False) -> ocp.CheckpointManager:
+  """keep_last N most recent steps, plus every keep_every-th step forever (0 = off)."""
+  ckpt_config = ckpt_config or ml_collections.ConfigDict(
+      dict(keep_last=None, keep_every=0, async_save=False))
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=ckpt_config.keep_last or None,
+      keep_period=ckpt_config.keep_every or None,
+      enable_async_checkpointing=bool(ckpt_config.async_save),
+      read_only=read_only,
+      create=not read_only,
+      cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options, item_names=(STATE, DATA_ITER))
+
+
+def allgather_json(obj) -> list:
+  """Every process's `obj` (JSON-serialisable), in process order, on every process.
+
+  Each host reads its own slice of the data; the checkpoint keeps every iterator's state
+  (orbax's JsonSave writes from the primary host only), which also records the process
+  count they were written with.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:int(n)]).decode())
+          for row, n in zip(gathered, lengths.reshape(-1))]
+
+
+def key_path_str(path) -> str:
+  return '/'.join(str(getattr(p, 'key', getattr(p, 'idx', getattr(p, 'name', p))))
+                  for p in path)
+
+
+def describe_error(error: BaseException) -> str:
+  """One line: the exception's type and sentence, without TensorStore's JSON spec."""
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  text = lines[-1] if lines and lines[0].startswith('Traceback') else ' '.join(lines)
+  text = re.split(r'\. See full TensorStore|\s*\[tensorstore_spec', text)[0]
+  text = ' '.join(text.split())[:240]
+  return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def is_closed_loop_error(error) -> bool:
+  return isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
+
+
+
+def is_step_dir(path: epath.Path) -> bool:
+  return (path / STATE).is_dir()
+
+
+def _is_finished_step_dir(path: epath.Path) -> bool:
+  # orbax picks the check from the path: no tmp suffix locally, commit_success.txt on gs://.
+  return is_step_dir(path) and ocp.path.step.is_path_finalized(path)
+
+
+def checkpoints_root(path) -> epath.Path:
+  path = absolute(path)
+  return path if path.name == 'checkpoints' else checkpoint_dir(path)
+
+
+def finished_steps(workdir) -> list[int]:
+  """Sorted steps under `{workdir}/checkpoints` that orbax has finalized (any filesystem).
+
+  `workdir` may also be the `checkpoints/` folder itself. A step whose save is still
+  running or was killed (a tmp-suffixed directory locally, a directory without
+  `commit_success.txt` on gs://) is never listed, so it is never read. Read-only: nothing
+  is created or cleaned up, so it is safe beside a running trainer.
+  """
+  root = checkpoints_root(workdir)
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and _is_finished_step_dir(p))

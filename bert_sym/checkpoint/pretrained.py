@@ -1,0 +1,139 @@
+"""Reading a pre-trained model back (GLUE fine-tuning, export, notebooks), by the same
+rules as the trainer's restore: a damaged newest step falls back to the previous one."""
+
+import sys
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bert_sym.checkpoint.core import CheckpointReadError, DamagedCheckpoint, STATE, absolute, checkpoints_root, describe_error, finished_steps, is_step_dir, read_config
+from bert_sym.checkpoint import restoring
+
+
+def _warn(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _candidate_step_dirs(path) -> list[epath.Path]:
+  """[path] for a finished step directory; a workdir's finished steps, newest first."""
+  path = absolute(path)
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist.')
+  if is_step_dir(path):
+    if not ocp.path.step.is_path_finalized(path):
+      raise FileNotFoundError(
+          f'{path} is a checkpoint that orbax has not finalized (its save is still running '
+          f'or was interrupted); pick a finished step or the workdir.')
+    return [path]
+  ckpt_root = checkpoints_root(path)
+  steps = finished_steps(ckpt_root)
+  if not steps:
+    raise FileNotFoundError(
+        f'No finished checkpoint under {path}: expected a training workdir with '
+        f'checkpoints/<step>/{STATE}/, or a step directory such as '
+        f'<workdir>/checkpoints/1000.')
+  return [ckpt_root / str(step) for step in reversed(steps)]
+
+
+def _retrying(read, what):
+  """read(), retried with back-off while the storage fails transiently."""
+  for attempt in range(restoring.READ_ATTEMPTS):
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      if restoring.failure_kind(e) != 'transient' or attempt + 1 == restoring.READ_ATTEMPTS:
+        raise
+      delay = restoring.BACKOFF_SECONDS * 2 ** attempt
+      logging.warning('Reading %s failed (%s); retrying in %.0f s.', what, describe_error(e),
+                      delay)
+      time.sleep(delay)
+  raise AssertionError('unreachable')
+
+
+def _first_readable(path, read, log):
+  """(step_dir, read(step_dir)) of the newest step of `path` that is not damaged.
+
+  The trainer's rules, read-only: a damaged step is skipped with the trainer's warning
+  but never moved (a reader may run beside the trainer); any other failure is one line.
+  """
+  candidates = _candidate_step_dirs(path)
+  with restoring.quiet_orbax_echoes():
+    for step_dir in candidates:
+      try:
+        return step_dir, _retrying(lambda d=step_dir: read(d), step_dir)
+      except Exception as e:  # pylint: disable=broad-except
+        reason, kind = describe_error(e), restoring.failure_kind(e)
+        if kind != 'damaged':
+          raise CheckpointReadError(
+              f'Could not read checkpoint {step_dir} ({reason}); it does not look damaged, '
+              'so it was not skipped. Fix the cause and rerun.') from None
+        if len(candidates) > 1:
+          log(f'WARNING: checkpoint step {step_dir.name} cannot be restored ({reason}); '
+              'skipped it. Trying the previous step.')
+        last_reason = reason
+  raise DamagedCheckpoint(
+      f'No checkpoint under {path} can be read: ' + (
+          f'{candidates[0]} is damaged ({last_reason}).' if len(candidates) == 1 else
+          f'all {len(candidates)} finished steps are damaged.'))
+
+
+def resolve_step_dir(path, log=_warn) -> epath.Path:
+  """`path` is a workdir, its `checkpoints/` folder, or one finished step directory; a
+  workdir gives its newest step whose metadata and JSON item read (damaged ones skipped)."""
+  return _first_readable(path, lambda d: (restoring.read_state_metadata(d), restoring.read_json_item(d)), log)[0]
+
+
+def load_params(step_dir) -> dict:
+  """The model parameters of one step as host numpy arrays (opt_state is not read)."""
+  step_dir = absolute(step_dir)
+  wanted = {'params': restoring.read_state_metadata(step_dir)['params']}
+  checkpointer = ocp.PyTreeCheckpointer()
+  restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
+      item=wanted,
+      # numpy targets: no sharding needed, so any device count can read any checkpoint.
+      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+      partial_restore=True))
+  return restored['params']
+
+
+def load_pretrained(path, log=_warn) -> tuple[ml_collections.ConfigDict, dict]:
+  """(training config, BertForMaskedLM params) from a workdir or a step directory.
+
+  A workdir gives its newest step that reads (a damaged one is skipped with a warning, as
+  the trainer does). `params['encoder']` is the encoder that
+  `BertForSequenceClassification` expects under `['bert']['encoder']`. Arrays are host
+  numpy, unboxed (no logical-axis metadata).
+  """
+  step_dir, params = _first_readable(
+      path, lambda d: (restoring.read_json_item(d), load_params(d))[1], log)
+  config = read_config(step_dir.parent.parent)
+  logging.info('Loaded pre-trained params from %s', step_dir)
+  return config, params
+
+
+def with_pretrained_encoder(params: dict, encoder: dict, source='the checkpoint') -> dict:
+  """A classifier's params (BertForSequenceClassification: {'bert': {'encoder', 'pooler'},
+  'classifier'}) with the encoder replaced by a pre-trained one (`load_pretrained`'s
+  params['encoder'], host numpy), as float32; pooler and classifier stay as given (fresh).
+
+  The one place where pre-training's tree meets fine-tuning's. Raises a readable error when
+  the encoder's parameters differ from the ones the classifier expects.
+  """
+  fresh = params['bert']['encoder']
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(fresh)}
+  have = {jax.tree_util.keystr(p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_leaves_with_path(encoder)}
+  if want != have:
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    raise ValueError(f'The encoder in {source} does not match the model its config.json '
+                     f'describes ({len(diff)} parameters differ, e.g. {diff[:3]}).')
+  out = dict(params)
+  out['bert'] = dict(params['bert'])
+  out['bert']['encoder'] = jax.tree.map(lambda x: np.asarray(x, np.float32), encoder)
+  return out

@@ -1,0 +1,343 @@
+"""The trainer's restore: the newest step that reads; corruption is set aside, everything
+else is said and left in place (the README's restore table)."""
+
+import contextlib
+import gc
+import json
+import logging as std_logging
+import sys
+import time
+import traceback
+from typing import Any
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config
+
+
+# ---- Restore: corruption is set aside, everything else is said and left in place ----
+#
+#   recognised corruption (a missing or truncated array file, a missing or unreadable
+#   _METADATA / manifest, a JSON item that does not parse)
+#       -> the step moves to {workdir}/damaged_checkpoints/ and the previous one is tried;
+#   a readable checkpoint of another model or optimizer
+#       -> IncompatibleCheckpoint naming the differing arrays and the likely config keys;
+#   anything else (I/O, timeout, out of memory, permission)
+#       -> transient storage errors are retried with back-off, then CheckpointReadError
+#          (one line); nothing is moved.
+# Every process reads, and all act on the worst outcome any of them saw (process 0's
+# wording first), so hosts never disagree about which step they resumed from.
+
+DAMAGED_DIR = 'damaged_checkpoints'
+DIVERGED_SUFFIX = '-diverged'   # set aside by a non-finite stop, not for corruption
+READ_ATTEMPTS = 4
+BACKOFF_SECONDS = 2.0           # 2, 4, 8 s between attempts
+
+
+# TensorStore's messages start with an absl status code.
+_CORRUPTION_CODES = ('NOT_FOUND:', 'OUT_OF_RANGE:', 'DATA_LOSS:')
+_TRANSIENT_CODES = ('UNAVAILABLE:', 'DEADLINE_EXCEEDED:', 'ABORTED:')
+
+
+def failure_kind(error: BaseException) -> str:
+  """'damaged', 'transient' or 'fatal': what a failed read says about the step."""
+  text = str(error)
+  if isinstance(error, (DamagedCheckpoint, FileNotFoundError, json.JSONDecodeError)):
+    return 'damaged'
+  if isinstance(error, ValueError) and any(code in text for code in _CORRUPTION_CODES):
+    return 'damaged'
+  if isinstance(error, (PermissionError, MemoryError)) or 'PERMISSION_DENIED' in text:
+    return 'fatal'
+  if isinstance(error, OSError) or any(code in text for code in _TRANSIENT_CODES):
+    return 'transient'   # a generic I/O error, a timeout, a dropped connection
+  return 'fatal'
+
+
+def read_state_metadata(step_dir) -> Any:
+  """The tree of ArrayMetadata (shape, dtype) of `step_dir`'s state, read without arrays.
+
+  Raises the storage's own error (FileNotFoundError for a missing _METADATA, TensorStore's
+  NOT_FOUND / OUT_OF_RANGE for a lost or short file) so that `failure_kind` can tell.
+  """
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    metadata = handler.metadata(epath.Path(step_dir) / STATE)
+  finally:
+    handler.close()
+  tree = getattr(metadata, 'tree', None)
+  if tree is None:
+    raise DamagedCheckpoint(f'{step_dir}/{STATE} has no readable array metadata')
+  return tree
+
+
+def read_json_item(step_dir) -> dict:
+  """The data_iter item, parsed (a missing or unparsable file is corruption)."""
+  return json.loads((epath.Path(step_dir) / DATA_ITER / 'metadata').read_text())
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {key_path_str(p): (tuple(x.shape), str(np.dtype(x.dtype)))
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_compatible(saved_tree, abstract_state, where, hint: str = '') -> None:
+  """Raises IncompatibleCheckpoint unless the saved state (params, opt_state, step, rng:
+  structure, shapes, dtypes) is what the config builds. Restoring mismatched trees fails
+  deep inside orbax or TensorStore; comparing first says which arrays differ and why."""
+  saved, wanted = _shapes(saved_tree), _shapes(abstract_state)
+  differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+  if not differing:
+    return
+  show = lambda x: f'{x[0]} {x[1]}' if x else '(absent)'
+  problems = [f'  {k}: checkpoint {show(saved.get(k))}, config {show(wanted.get(k))}'
+              for k in differing[:10]]
+  more = f'\n  ... and {len(differing) - 10} more' if len(differing) > 10 else ''
+  raise IncompatibleCheckpoint(
+      f'The checkpoint {where} was written by a different model or optimizer than the '
+      f'current config builds ({len(differing)} array(s) differ):\n' + '\n'.join(problems) +
+      more + '\n' + _likely_causes(differing, saved, wanted, hint) +
+      'This workdir belongs to another config: use a fresh --workdir, or rerun with the '
+      'config saved in its config.json. Nothing was moved.')
+
+
+def _likely_causes(differing, saved, wanted, hint) -> str:
+  """The config keys most likely responsible, from where the trees differ."""
+  causes = []
+  if any(k.startswith('params/') for k in differing):
+    scanned = lambda names: any('/layers/' in f'/{n}' for n in names)
+    if scanned(saved) != scanned(wanted):
+      causes.append(
+          f'model.scan_layers (stacked \'layers\' vs per-layer \'layer_{{i}}\' parameters): '
+          f'rerun with --config.model.scan_layers={scanned(saved)}, the layout it was '
+          'written in (bert_sym.model.stack_layers / unstack_layers convert exactly)')
+    else:
+      causes.append('model.* (sizes, attention variant, dtypes)')
+  if any(k.startswith('opt_state/') for k in differing):
+    causes.append('optimizer.grad_clip_norm (0 and non-zero build different optimizer '
+                  'states), another optimizer recipe, or another optax version')
+  text = 'Likely config keys: ' + '; '.join(causes) + '.\n' if causes else ''
+  return text + (f'{hint}\n' if hint else '')
+
+
+def config_hint(workdir, config) -> str:
+  """The keys in which `config` differs from the workdir's config.json ('' if unknown)."""
+  if config is None or not (epath.Path(workdir) / CONFIG_FILE).exists():
+    return ''
+  try:
+    changed = config_differences(read_config(workdir), config)
+  except ValueError:
+    return ''
+  relevant = [k for k in changed if k.startswith(('model.', 'optimizer.'))]
+  return f'Changed since config.json: {", ".join(relevant)}.' if relevant else ''
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, Any]:
+  """Restores `state` onto the shardings in `abstract_state` (any mesh) + this host's data.
+
+  `abstract_state` holds jax.ShapeDtypeStruct leaves with `.sharding` set: orbax reads
+  each shard straight onto its device, whatever mesh the checkpoint was written from.
+  """
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(abstract_state),
+      DATA_ITER: ocp.args.JsonRestore()}))
+  data_item = restored[DATA_ITER]
+  states = data_item['states']
+  if data_item['process_count'] != jax.process_count():
+    # The iterator state is a position in the global batch sequence, the same on every
+    # process, and MLMIterator.set_state accepts another process count as long as the
+    # global batch (batch_size x process_count) is unchanged; it raises otherwise.
+    logging.info('Checkpoint written by %d processes, resuming on %d: every process '
+                 'resumes from the saved global input position.',
+                 data_item['process_count'], jax.process_count())
+    return restored[STATE], states[0]
+  return restored[STATE], states[jax.process_index()]
+
+
+def _read_step(manager, step, abstract_state, hint):
+  """Checks the step's metadata and JSON item, compares trees, then reads the arrays."""
+  step_dir = manager.directory / str(step)
+  saved_tree = read_state_metadata(step_dir)
+  read_json_item(step_dir)
+  check_compatible(saved_tree, abstract_state, step_dir, hint)
+  return restore(manager, step, abstract_state)
+
+
+_SEVERITY = ('ok', 'damaged', 'transient', 'fatal', 'incompatible')
+
+
+def _agreed(outcome: dict) -> dict:
+  """The worst outcome any process saw, the same on every process."""
+  return max(allgather_json(outcome), key=lambda o: _SEVERITY.index(o['kind']))
+
+
+def _restore_step(manager, step, abstract_state, hint):
+  """((state, data state), None) if `step` restores, (None, reason) if it is damaged;
+  raises IncompatibleCheckpoint or CheckpointReadError otherwise."""
+  for attempt in range(READ_ATTEMPTS):
+    result, outcome = None, {'kind': 'ok', 'reason': ''}
+    try:
+      result = _read_step(manager, step, abstract_state, hint)
+    except IncompatibleCheckpoint as e:
+      outcome = {'kind': 'incompatible', 'reason': str(e)}
+    except Exception as e:  # pylint: disable=broad-except
+      outcome = {'kind': failure_kind(e), 'reason': describe_error(e)}
+    agreed = _agreed(outcome)
+    if agreed['kind'] == 'ok':
+      return result, None
+    if agreed['kind'] == 'damaged':
+      return None, agreed['reason']
+    if agreed['kind'] == 'incompatible':
+      raise IncompatibleCheckpoint(agreed['reason'])
+    if agreed['kind'] == 'transient' and attempt + 1 < READ_ATTEMPTS:
+      delay = BACKOFF_SECONDS * 2 ** attempt
+      logging.warning('Reading checkpoint step %d failed (%s); retrying in %.0f s.',
+                      step, agreed['reason'], delay)
+      time.sleep(delay)
+      continue
+    raise CheckpointReadError(_read_failure_line(manager.directory / str(step), agreed, attempt))
+  raise AssertionError('unreachable')
+
+
+def _read_failure_line(step_dir, outcome, attempt) -> str:
+  tries = f' after {attempt + 1} attempts' if outcome['kind'] == 'transient' else ''
+  return (f'Could not read checkpoint {step_dir}{tries} ({outcome["reason"]}). The '
+          'checkpoint does not look damaged, so nothing was moved and nothing was started: '
+          'fix the cause (storage reachable, permissions, memory) and rerun the same '
+          'command to resume.')
+
+
+def _set_aside(ckpt_dir: epath.Path, step: int, suffix: str = '') -> epath.Path:
+  """Moves a step out of `checkpoints/` (process 0 renames, every process waits)."""
+  src = ckpt_dir / str(step)
+  dst = ckpt_dir.parent / DAMAGED_DIR / f'{step}-{int(time.time())}{suffix}'
+  if jax.process_index() == 0:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'bert_sym_set_aside_{step}')
+  return dst
+
+
+def set_aside_diverged(workdir, steps, onset: int, log=print) -> None:
+  """Moves checkpoints written while a run was diverging beside the damaged ones."""
+  for step in sorted(steps):
+    if (checkpoint_dir(workdir) / str(step)).exists():
+      moved = _set_aside(checkpoint_dir(workdir), step, DIVERGED_SUFFIX)
+      log(f'Set aside checkpoint step {step} to {moved}: the run was diverging there (its '
+          f'loss was unhealthy from step {onset} on), so resuming from it would diverge '
+          'again.')
+
+
+def damaged_steps_found(workdir) -> list[str]:
+  """Entries of damaged_checkpoints/ set aside for corruption (not for divergence)."""
+  root = absolute(workdir) / DAMAGED_DIR
+  if not root.is_dir():
+    return []
+  return sorted(p.name for p in root.iterdir() if not p.name.endswith(DIVERGED_SUFFIX))
+
+
+class NothingRestored(CheckpointReadError):
+  """A workdir with checkpoints, none of which restores, and no --start_over."""
+
+
+def _refuse_silent_restart(workdir, moved_now, start_over: bool, log) -> None:
+  found = damaged_steps_found(workdir)
+  if not moved_now and not found:
+    return   # a fresh workdir (or only diverged steps set aside): start from step 0
+  where = absolute(workdir) / DAMAGED_DIR
+  if start_over:
+    log(f'WARNING: no checkpoint restores (damaged ones are in {where}); starting over '
+        'from step 0 as --start_over asks.')
+    return
+  raise NothingRestored(
+      f'No checkpoint in {checkpoint_dir(workdir)} restores: every step was damaged and '
+      f'is now in {where} ({", ".join(found)}). Nothing was started, so no progress is '
+      'thrown away silently. Repair or copy back a step, or rerun with --start_over to '
+      'train from step 0 (metrics.jsonl keeps its rows).')
+
+
+@contextlib.contextmanager
+def quiet_orbax_echoes():
+  """While restoring (and saving): the echoes of a failed orbax read (cancelled sibling reads, "Task
+  exception was never retrieved", TensorStore callbacks after the loop closed) would bury
+  the one warning that matters; they are dropped, anything else still prints. The
+  previous hook is back when the restore is over."""
+  previous, previous_except = sys.unraisablehook, sys.excepthook
+  muted = []
+
+  def hook(unraisable):
+    if _is_echo_of_failed_read(unraisable):
+      muted.append(unraisable.exc_type)
+    else:
+      previous(unraisable)
+
+  def excepthook(kind, value, tb):   # TensorStore's callbacks into a closed loop
+    if not is_closed_loop_error(value):
+      previous_except(kind, value, tb)
+  asyncio_filter = _AsyncioEchoFilter()
+  sys.unraisablehook, sys.excepthook = hook, excepthook
+  std_logging.getLogger('asyncio').addFilter(asyncio_filter)
+  try:
+    yield
+  finally:
+    gc.collect()   # cancelled reads are reported when collected: here, not later
+    if muted:      # a read failed: its last TensorStore callbacks land a moment later
+      time.sleep(0.5)
+      gc.collect()
+    sys.unraisablehook, sys.excepthook = previous, previous_except
+    std_logging.getLogger('asyncio').removeFilter(asyncio_filter)
+
+
+class _AsyncioEchoFilter(std_logging.Filter):
+  def filter(self, record):
+    return 'exception was never retrieved' not in record.getMessage()
+
+
+def _is_echo_of_failed_read(unraisable) -> bool:
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
+    return True
+  filenames = ''.join(frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback))
+  return 'orbax' in repr(unraisable.object) or 'orbax' in filenames
+
+
+def _steps_newest_first(manager) -> list[int]:
+  """Process 0's listing, on every process (a running save could differ between hosts)."""
+  return allgather_json(sorted(manager.all_steps(), reverse=True))[0]
+
+
+def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *,
+                   log=print, config=None, start_over: bool = False
+                   ) -> tuple[ocp.CheckpointManager, int | None, dict | None, Any]:
+  """(manager, step, state, data state) of the newest step that restores, else Nones.
+
+  `abstract_params` is accepted for older callers; the whole `abstract_state` is compared.
+  See the table above for what each failure does. A workdir whose checkpoints were all
+  damaged raises NothingRestored unless `start_over`.
+  """
+  del abstract_params
+  hint = config_hint(workdir, config)
+  manager = make_manager(workdir, ckpt_config)
+  moved = []
+  try:
+    with quiet_orbax_echoes():
+      for step in _steps_newest_first(manager):
+        restored, reason = _restore_step(manager, step, abstract_state, hint)
+        if restored is not None:
+          return (manager, step) + tuple(restored)
+        manager.close()
+        destination = _set_aside(manager.directory, step)
+        log(f'WARNING: checkpoint step {step} cannot be restored ({reason}); skipped it '
+            f'and moved it to {destination}. Trying the previous step.')
+        manager = make_manager(workdir, ckpt_config)
+        moved.append(step)
+    _refuse_silent_restart(workdir, moved, start_over, log)
+  except BaseException:
+    manager.close()
+    raise
+  return manager, None, None, None

@@ -1,0 +1,105 @@
+"""Saving a step; a failed save (disk full, permission, quota) stops the run at once."""
+
+import errno
+import os
+import sys
+import warnings
+import weakref
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from bert_sym.checkpoint.core import CheckpointSaveError, DATA_ITER, STATE, allgather_json, describe_error, finished_steps, is_closed_loop_error
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any, *,
+         force: bool = False) -> bool:
+  """Saves (asynchronously if configured) and returns whether a save was started.
+
+  Must be called by every process. Arrays are copied off the devices before this
+  returns, so the caller may donate `state` to the next update step right away. A
+  failure, here or in the previous background save, raises CheckpointSaveError.
+  """
+  data_item = {'process_count': jax.process_count(), 'states': allgather_json(data_state)}
+  check_saves(manager)
+  try:
+    # orbax first waits for the previous (background) save: its failure surfaces here.
+    started = manager.save(step, force=force, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA_ITER: ocp.args.JsonSave(data_item)}))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, _failed_step(manager, step), e) from None
+  _LAST_STARTED[manager] = step
+  return started
+
+
+# The step of each manager's latest started save: a background failure belongs to it.
+_LAST_STARTED = weakref.WeakKeyDictionary()
+
+
+def _failed_step(manager, current: int | None = None) -> int | None:
+  previous = _LAST_STARTED.get(manager)
+  if previous is not None and previous != current and previous not in manager.all_steps():
+    return previous
+  return current if current is not None else previous
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises CheckpointSaveError if a background save has failed (cheap: call every step)."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, _failed_step(manager), e) from None
+
+
+def finish_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for the in-flight save; raises CheckpointSaveError if it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, _failed_step(manager), e) from None
+
+
+_SAVE_CAUSES = ((errno.ENOSPC, 'the disk is full (ENOSPC)'),
+                (errno.EDQUOT, 'the disk quota is exceeded (EDQUOT)'),
+                (errno.EACCES, 'permission denied (EACCES)'),
+                (errno.EROFS, 'the filesystem is read-only (EROFS)'))
+
+
+def _mute_closed_loop_echoes() -> None:
+  """After a failed save, TensorStore keeps calling back into orbax's closed event loop
+  (dozens of "RuntimeError: Event loop is closed" tracebacks). The run is over by then."""
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+  sys.unraisablehook = lambda u: (None if is_closed_loop_error(u.exc_value)
+                                  else previous_unraisable(u))
+  sys.excepthook = lambda t, v, tb: None if is_closed_loop_error(v) else previous_except(t, v, tb)
+
+
+def _save_failed(manager, step, error) -> CheckpointSaveError:
+  """One line naming step, path and cause; the unfinished step's temporary files removed."""
+  # The run ends here: orbax's abandoned write coroutines would each print a warning when
+  # collected at exit, after the one line that says what happened.
+  warnings.filterwarnings('ignore', 'coroutine .* was never awaited', RuntimeWarning)
+  _mute_closed_loop_echoes()
+  text = describe_error(error)
+  for chained in (error, error.__cause__, error.__context__):
+    if isinstance(chained, OSError) and chained.errno is not None:
+      text = describe_error(chained)
+      break
+  cause = next((why for number, why in _SAVE_CAUSES
+                if os.strerror(number) in text or f'errno {number}' in text.lower()), text)
+  if 'RESOURCE_EXHAUSTED' in text:   # TensorStore's word for ENOSPC / EDQUOT
+    cause = 'the disk is full or over quota (ENOSPC / EDQUOT)'
+  elif 'PERMISSION_DENIED' in text:
+    cause = 'permission denied (EACCES)'
+  for tmp in manager.directory.glob('*.orbax-checkpoint-tmp*') if jax.process_index() == 0 else []:
+    tmp.rmtree(missing_ok=True)
+  kept = [s for s in finished_steps(manager.directory) if s != step]
+  previous = (f'the previous checkpoint (step {kept[-1]}) is intact' if kept
+              else 'no earlier checkpoint exists')
+  where = manager.directory / str(step) if step is not None else manager.directory
+  return CheckpointSaveError(
+      f'Saving checkpoint step {step} to {where} failed: {cause}. The run stops here; '
+      f'{previous}. Free space or fix the permissions, then rerun the same command to '
+      'resume.')
