@@ -4,6 +4,7 @@ Each run is a subprocess (device counts are fixed at JAX start-up). The uninterr
 single-device run is shared by several tests as the reference.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -45,6 +46,17 @@ def _final_params(workdir):
 def _metrics(workdir):
   lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
   return [json.loads(line) for line in lines]
+
+
+def _logged_step(workdir) -> int:
+  """The newest step with a row in metrics.jsonl (-1 before the first; a row being
+  written is not counted)."""
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  steps = [-1]
+  for line in path.read_text().splitlines() if path.exists() else []:
+    with contextlib.suppress(ValueError):
+      steps.append(json.loads(line)['step'])
+  return max(steps)
 
 
 def _train_losses(workdir):
@@ -238,7 +250,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
                         env={'SYNTHETIC_SLEEP_SECONDS': '0.15'})
   # Kill somewhere after the step-8 save was finalised, i.e. mid-way through step 9-12.
   _wait_for(lambda: (workdir / 'checkpoints' / '8').is_dir(), process)
-  time.sleep(0.4)
+  # Mid-way through steps 9-12: once step 9's row is logged (an event, not a delay).
+  _wait_for(lambda: _logged_step(workdir) >= 9, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert checkpoint.resolve_step_dir(workdir).name in ('8', '12')
@@ -532,11 +545,15 @@ def test_prefetcher_state_is_the_next_batch_the_step_consumes():
       return self.i
     def get_state(self):
       return {'i': self.i}
-  prefetcher = loop.Prefetcher(Counter(), lambda x: x * 10, depth=2)
+  counter = Counter()
+  prefetcher = loop.Prefetcher(counter, lambda x: x * 10, depth=2)
   try:
     assert prefetcher.state == {'i': 0}
     assert next(prefetcher) == 10 and next(prefetcher) == 20
-    time.sleep(0.2)                    # let the thread read ahead
+    deadline = time.time() + 60        # the thread reads ahead `depth` batches: wait for it
+    while counter.i < 4 and time.time() < deadline:
+      time.sleep(0.01)
+    assert counter.i >= 4              # read ahead, yet the state is what was consumed
     assert prefetcher.state == {'i': 2}
   finally:
     prefetcher.close()
@@ -676,9 +693,15 @@ def test_second_ctrl_c_quits_in_one_line(tmp_path):
                         env={'SYNTHETIC_SLEEP_SECONDS': '0.3'})
   _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
   process.send_signal(signal.SIGINT)
-  time.sleep(0.1)
+  # The second Ctrl-C once the first is acknowledged (its line printed), mid-save or not.
+  seen = []
+  for line in process.stdout:
+    seen.append(line)
+    if line.startswith('Ctrl-C: saving a checkpoint'):
+      break
   process.send_signal(signal.SIGINT)
   output, _ = process.communicate(timeout=120)
+  output = ''.join(seen) + output
   assert process.returncode == train.INTERRUPTED_EXIT_CODE, output[-3000:]
   assert 'stopped by a second Ctrl-C without saving' in output
   assert 'Traceback' not in output and 'KeyboardInterrupt' not in output, output[-3000:]
