@@ -192,7 +192,7 @@ def check_backend(config: ml_collections.ConfigDict) -> None:
         cfg.attention_impl, training_dropout=cfg.attention_dropout_rate > 0,
         return_weights=False, seq_len=config.data.max_seq_len,
         interpret=bool(cfg.get('kernel_interpret', False)),
-        dtype=model_lib.compute_dtype(cfg.dtype))
+        dtype=model_lib.compute_dtype(cfg.dtype), scanned=bool(cfg.get('scan_layers', False)))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   try:
