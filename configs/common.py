@@ -71,6 +71,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   RECIPES)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.prng_impl = 'threefry'          # dropout masks' PRNG: 'threefry' | 'rbg' | 'unsafe_rbg' (bert_sym/steps.py); a run resumes only with the one that wrote it
   c.model = model_config(size, attention)
 
   c.data = ml_collections.ConfigDict(dict(
