@@ -35,6 +35,7 @@ import numpy as np
 from bert_sym import checkpoint
 from bert_sym import config_check
 from bert_sym import distributed
+from bert_sym import gpu_flags
 from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -504,6 +505,7 @@ def main(argv, make_iterator=None):
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or pass --dry_run).')
+  gpu_flags.set_xla_gpu_flags(bool(config.get('xla_gpu_flags', True)))   # before the backend
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present,
                             import_tf=config.data.source == 'seqio')
   try:
