@@ -365,11 +365,15 @@ def configurations(args):
                        compilation_cache_dir=args.compilation_cache_dir)
   for shape in args.shapes.split(','):
     seq, batch = (int(v) for v in shape.split('x'))
+    hf_rates = set()   # one HF run per attention-dropout rate: the peer of every path with it
     for path in args.paths.split(','):
+      if path not in PATHS:
+        raise SystemExit(f'--paths: unknown path {path!r}; use some of {sorted(PATHS)}')
       for attention in args.variants.split(','):
         specs.append(dict(common_fields, impl='ours', attention=attention, path=path,
                           seq=seq, batch=batch))
-      if args.hf:
+      if args.hf and PATHS[path][1] not in hf_rates:
+        hf_rates.add(PATHS[path][1])
         specs.append(dict(common_fields, impl='hf', attention='standard', path=path,
                           seq=seq, batch=batch))
   if args.profile:   # the first of ours, traced after its timed steps
@@ -450,7 +454,9 @@ def parse_args():
 
 
 def _same_shape(r, spec):
-  return (r['seq'], r['batch'], r['path']) == (spec['seq'], spec['batch'], spec['path'])
+  """Same shape and attention-dropout rate (the HF peer of every path with that rate)."""
+  return ((r['seq'], r['batch'], PATHS[r['path']][1]) ==
+          (spec['seq'], spec['batch'], PATHS[spec['path']][1]))
 
 
 def add_hf_ratio(result, spec, results) -> None:
