@@ -21,6 +21,14 @@ measured: compile seconds (lower().compile(), once) apart from the step time, to
 MFU (model FLOPs from model.train_flops_per_token; peak from metrics_writer) and peak
 device memory. All lines go to benchmarks/results/accelerator_<device>_<date>.json.
 
+--profile also traces the first of our configurations with jax.profiler (5 steps after the
+timed ones) and writes, beside the trace, top_ops.txt: the 30 device ops that took the
+most time (XLA op / fusion name, calls and ms per step, share of the measured step and of
+the device's busy time), so one short GPU run gives the material to work on offline:
+
+  python benchmarks/accelerator.py --shapes=128x256 --variants=standard --paths=fused \
+      --no_hf --profile        # -> benchmarks/results/profile_<config>/top_ops.txt
+
 Imports nothing that imports TensorFlow or seqio (synthetic random tokens): runs on a GPU
 image with jax, flax, optax, orbax, ml-collections, torch and transformers only.
 """
@@ -43,7 +51,13 @@ VARIANTS = ('standard', 'symmetric', 'pairwise')
 PATHS = {  # name: (attention_impl, attention_dropout_rate)
     'fused': ('auto', 0.0),
     'xla': ('xla', 0.1),
+    # The paper's attention dropout inside cuDNN flash attention (GPU; layers unscanned,
+    # bert_sym/attention.py). Elsewhere auto runs it on xla. Not in the default --paths.
+    'fused_dropout': ('auto', 0.1),
 }
+DEFAULT_PATHS = ('fused', 'xla')
+PROFILE_STEPS = 5
+TOP_OPS = 30
 RESULT_PREFIX = 'RESULT '
 
 
@@ -77,8 +91,11 @@ def _ours_config(spec):
   config.data.max_predictions_per_seq = predictions_per_seq(spec['seq'])
   config.model.attention_impl = impl
   config.model.attention_dropout_rate = attention_dropout
-  config.model.scan_layers = bool(spec['scan_layers'])
+  # cuDNN's in-kernel dropout cannot run in scanned layers (bert_sym/attention.py).
+  config.model.scan_layers = bool(spec['scan_layers']) and spec['path'] != 'fused_dropout'
   config.optimizer.warmup_steps = 10
+  config.prng_impl = spec.get('prng_impl', 'threefry')
+  config.xla_gpu_flags = bool(spec.get('xla_gpu_flags', 1))
   return config
 
 
@@ -95,8 +112,9 @@ def _ours_state_step_batch(config, spec):
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   state_spec = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, spec['seq']))['params'],
-      tx, mesh, rules)
-  state = state_spec.init(jax.random.key(0), jax.random.key(1))
+      tx, mesh, rules, prng_impl=config.prng_impl)
+  state = state_spec.init(jax.random.key(0),
+                          steps.dropout_key(jax.random.key(1), config.prng_impl))
   step = steps.jit_train_step(
       train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
       state_spec.shardings, batch_sharding, sharding.replicated(mesh), rules)
@@ -121,7 +139,27 @@ def _timed_steps(compiled, state, batch, warmup, num_steps):
   return (time.perf_counter() - start) / num_steps, metrics
 
 
+def _profile(compiled, state, batch, profile_dir):
+  """PROFILE_STEPS steps under jax.profiler; the path of the trace it wrote."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+  try:
+    for _ in range(PROFILE_STEPS):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+  finally:
+    jax.profiler.stop_trace()
+  traces = sorted(glob.glob(os.path.join(profile_dir, 'plugins', 'profile', '*',
+                                         '*.trace.json.gz')), key=os.path.getmtime)
+  if not traces:
+    raise FileNotFoundError(f'jax.profiler wrote no *.trace.json.gz under {profile_dir}')
+  return traces[-1]
+
+
 def run_ours(spec):
+  from bert_sym import gpu_flags  # pylint: disable=g-import-not-at-top  (before jax starts)
+  gpu_flags.set_xla_gpu_flags(bool(spec.get('xla_gpu_flags', 1)))
   import jax  # pylint: disable=g-import-not-at-top
   from bert_sym import attention, loop, metrics_writer  # pylint: disable=g-import-not-at-top
   from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -132,6 +170,17 @@ def run_ours(spec):
   state, step, batch = _ours_state_step_batch(config, spec)
   compiled, compile_s = loop.compile_step(step, state, batch)
   step_s, metrics = _timed_steps(compiled, state, batch, spec['warmup'], spec['steps'])
+  profile = {}
+  if spec.get('profile_dir'):
+    # _timed_steps donated `state`: a fresh one for the profiled steps.
+    state, _, batch = _ours_state_step_batch(config, spec)
+    trace = _profile(compiled, state, batch, spec['profile_dir'])
+    table = os.path.join(spec['profile_dir'], 'top_ops.txt')
+    rows, device_ms = top_device_ops(load_trace(trace), steps=PROFILE_STEPS)
+    with open(table, 'w') as f:
+      f.write(format_top_ops(rows, device_ms, step_ms=step_s * 1e3,
+                             title=config_name(spec)))
+    profile = dict(profile_trace=trace, profile_table=table)
 
   device = jax.devices()[0]
   tokens_per_s = spec['batch'] * spec['seq'] / step_s
@@ -144,13 +193,15 @@ def run_ours(spec):
   if impl == 'auto':
     chosen = attention.resolve_implementation(
         impl, training_dropout=attention_dropout > 0, return_weights=False,
-        seq_len=spec['seq'], dtype=model_lib.compute_dtype(config.model.dtype))
+        seq_len=spec['seq'], dtype=model_lib.compute_dtype(config.model.dtype),
+        scanned=bool(config.model.scan_layers))
   return dict(
       compile_s=compile_s, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
       mfu=(tokens_per_s * flops / peak) if peak else None,
       peak_memory_gib=stats.get('peak_bytes_in_use', 0) / 2**30 or None,
       kernel=chosen, loss=float(metrics['train/loss']), device=device.device_kind,
-      platform=device.platform, jax=jax.__version__, **_cuda_versions(jax))
+      platform=device.platform, jax=jax.__version__, scan_layers=config.model.scan_layers,
+      xla_flags=os.environ.get('XLA_FLAGS', ''), **profile, **_cuda_versions(jax))
 
 
 def _cuda_versions(jax):
@@ -226,6 +277,72 @@ def run_hf(spec):
       torch_cuda=torch.version.cuda)
 
 
+# ----------------------------------------------------------------------------------------
+# The profile: jax.profiler's trace (Chrome trace JSON) -> the top device ops.
+# ----------------------------------------------------------------------------------------
+
+def load_trace(path):
+  import gzip  # pylint: disable=g-import-not-at-top
+  with (gzip.open if path.endswith('.gz') else open)(path, 'rt') as f:
+    trace = json.load(f)
+  return trace['traceEvents'] if isinstance(trace, dict) else trace
+
+
+def _op_threads(events):
+  """{(pid, tid)} of the events that are device ops: on a GPU/TPU the 'XLA Ops' line of
+  each /device: process (else all its lines); on CPU, where XLA runs its thunks on host
+  threads, the tf_XLA* threads of /host:CPU."""
+  processes, threads = {}, {}
+  for e in events:
+    if e.get('ph') == 'M' and e.get('name') == 'process_name':
+      processes[e['pid']] = e['args']['name']
+    elif e.get('ph') == 'M' and e.get('name') == 'thread_name':
+      threads[(e['pid'], e['tid'])] = e['args']['name']
+  devices = {p for p, name in processes.items()
+             if name.startswith('/device:') and 'CUSTOM' not in name}
+  if devices:
+    xla_ops = {k for k, name in threads.items() if k[0] in devices and name == 'XLA Ops'}
+    return xla_ops or {k for k in threads if k[0] in devices}, 'device'
+  host = {p for p, name in processes.items() if name.startswith('/host:CPU')}
+  return {k for k, name in threads.items()
+          if k[0] in host and name.startswith('tf_XLA')}, 'cpu'
+
+
+def top_device_ops(events, *, steps: int, top: int = TOP_OPS):
+  """([(name, calls per step, ms per step)], device busy ms per step), longest first."""
+  chosen, _ = _op_threads(events)
+  totals, counts = {}, {}
+  for e in events:
+    if e.get('ph') != 'X' or (e.get('pid'), e.get('tid')) not in chosen:
+      continue
+    name = e['name']
+    if name.startswith(('end: ', 'ThunkExecutor')):   # XLA:CPU's wrappers, not ops
+      continue
+    totals[name] = totals.get(name, 0.0) + float(e.get('dur', 0.0))
+    counts[name] = counts.get(name, 0) + 1
+  busy_ms = sum(totals.values()) / 1e3 / steps
+  rows = sorted(((n, counts[n] / steps, totals[n] / 1e3 / steps) for n in totals),
+                key=lambda r: -r[2])
+  return rows[:top], busy_ms
+
+
+def format_top_ops(rows, device_ms, *, step_ms, title=''):
+  lines = [f'Top {len(rows)} device ops by time{": " + title if title else ""}',
+           f'step {step_ms:.2f} ms (timed), device busy {device_ms:.2f} ms per step '
+           f'(profiled, {PROFILE_STEPS} steps)',
+           f"{'#':>3}  {'op':<48} {'calls/step':>10} {'ms/step':>9} {'% step':>7} "
+           f"{'% busy':>7}"]
+  for i, (name, calls, ms) in enumerate(rows, 1):
+    lines.append(f'{i:>3}  {name[:48]:<48} {calls:>10.1f} {ms:>9.3f} '
+                 f'{100 * ms / step_ms if step_ms else 0:>6.1f}% '
+                 f'{100 * ms / device_ms if device_ms else 0:>6.1f}%')
+  return '\n'.join(lines) + '\n'
+
+
+def config_name(spec):
+  return f"{spec['attention']}_{spec['path']}_{spec['seq']}x{spec['batch']}"
+
+
 def worker(spec):
   result = dict(spec)
   try:
@@ -243,17 +360,26 @@ def worker(spec):
 def configurations(args):
   specs = []
   common_fields = dict(size=args.size, steps=args.steps, warmup=args.warmup,
-                       scan_layers=args.scan_layers,
+                       scan_layers=args.scan_layers, prng_impl=args.prng_impl,
+                       xla_gpu_flags=args.xla_gpu_flags,
                        compilation_cache_dir=args.compilation_cache_dir)
   for shape in args.shapes.split(','):
     seq, batch = (int(v) for v in shape.split('x'))
+    hf_rates = set()   # one HF run per attention-dropout rate: the peer of every path with it
     for path in args.paths.split(','):
+      if path not in PATHS:
+        raise SystemExit(f'--paths: unknown path {path!r}; use some of {sorted(PATHS)}')
       for attention in args.variants.split(','):
         specs.append(dict(common_fields, impl='ours', attention=attention, path=path,
                           seq=seq, batch=batch))
-      if args.hf:
+      if args.hf and PATHS[path][1] not in hf_rates:
+        hf_rates.add(PATHS[path][1])
         specs.append(dict(common_fields, impl='hf', attention='standard', path=path,
                           seq=seq, batch=batch))
+  if args.profile:   # the first of ours, traced after its timed steps
+    first = next((s for s in specs if s['impl'] == 'ours'), None)
+    if first is not None:
+      first['profile_dir'] = os.path.join(args.profile_root, 'profile_' + config_name(first))
   return specs
 
 
@@ -290,6 +416,10 @@ def format_line(r):
           f"mem {fmt(r['peak_memory_gib'], '.2f')} GiB | loss {r['loss']:.3f}")
   if r.get('vs_hf') is not None:
     line += f" | ours/HF {r['vs_hf']:.2f}x"
+  if r['impl'] == 'ours':
+    line += f" | prng {r.get('prng_impl', 'threefry')} | xla_gpu_flags {r.get('xla_gpu_flags', 1)}"
+  if r.get('profile_table'):
+    line += f" | profile {r['profile_table']}"
   return line
 
 
@@ -298,7 +428,16 @@ def parse_args():
   parser.add_argument('--size', default='base', choices=sorted(SHAPES))
   parser.add_argument('--shapes', default='', help='SEQxBATCH,... (default: per size)')
   parser.add_argument('--variants', default=','.join(VARIANTS))
-  parser.add_argument('--paths', default=','.join(PATHS))
+  parser.add_argument('--paths', default=','.join(DEFAULT_PATHS),
+                      help=f'of {sorted(PATHS)}')
+  parser.add_argument('--prng_impl', default='threefry',
+                      help='config.prng_impl: threefry | rbg | unsafe_rbg')
+  parser.add_argument('--xla_gpu_flags', type=int, default=1,
+                      help='1: the trainer\'s XLA GPU flags (bert_sym/gpu_flags.py); 0: off')
+  parser.add_argument('--profile', action='store_true',
+                      help='trace the first of our configs; write top_ops.txt beside it')
+  parser.add_argument('--profile_root', default=os.path.join(REPO_ROOT, 'benchmarks',
+                                                             'results'))
   parser.add_argument('--steps', type=int, default=20, help='timed steps per config')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--no_hf', dest='hf', action='store_false')
@@ -315,7 +454,9 @@ def parse_args():
 
 
 def _same_shape(r, spec):
-  return (r['seq'], r['batch'], r['path']) == (spec['seq'], spec['batch'], spec['path'])
+  """Same shape and attention-dropout rate (the HF peer of every path with that rate)."""
+  return ((r['seq'], r['batch'], PATHS[r['path']][1]) ==
+          (spec['seq'], spec['batch'], PATHS[spec['path']][1]))
 
 
 def add_hf_ratio(result, spec, results) -> None:

@@ -1,42 +1,95 @@
 #!/bin/bash
-# The one command for a session that has an NVIDIA GPU (H100/H200), about 10 minutes: the
-# GLUE parallel-seeds benchmark at bert-base, the GPU-only attention tests, then the
-# accelerator benchmark at seq 128 x 256. From the repository root:
+# The one command for a session that has an NVIDIA GPU (H100/H200): under 8 minutes, every
+# step under a hard limit (SIGKILL) and a shared budget, output flushed as it comes. From
+# the repository root:
 #
 #   bash benchmarks/run_gpu.sh [DIR_WITH_ml_collections_WHEEL]
+#
+# In order of importance (a step that no longer fits the budget is reported as skipped):
+#   1. the GPU-only tests (marked gpu): cuDNN flash attention equals xla, attention dropout
+#      inside cuDNN (rate, fresh masks per step, unbiased, backward uses the forward's
+#      mask, all-padding rows), the XLA GPU flags known to the GPU plugin;
+#   2. the train step at bert-base, standard attention, against Hugging Face from the same
+#      run: seq 128 x 256 and 512 x 128 on the fast recipe (fused: cuDNN, no attention
+#      dropout), the paper recipe on cuDNN (fused_dropout) and on xla (xla);
+#   3. A/B: the trainer's XLA GPU flags off; the dropout PRNG rbg and unsafe_rbg;
+#   4. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
+#      the top 30 device ops;
+#   5. with the time left: seq 512 x 32 and 512 x 256, then the GLUE parallel-seeds
+#      benchmark.
+# Everything (JSON, tables, this log) goes under benchmarks/results/ and to $OUT.
 #
 # The GPU image has jax[cuda], flax, optax, orbax, torch, transformers but no TensorFlow,
 # seqio or ml-collections: ml-collections is installed from a carried wheel (`pip download
 # --no-deps ml-collections -d .whl` on a machine with internet; absl-py and PyYAML are in
-# the image). Each step runs under its own hard limit (SIGKILL) and prints as it goes; the
-# JSON goes under benchmarks/results/ and is copied to $OUT as soon as it exists.
+# the image).
 set -u
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-benchmarks/results}
+mkdir -p benchmarks/results "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/run_gpu.log") 2>&1
+LIMIT_S=${RUN_GPU_LIMIT_S:-460}   # the whole script; 8 minutes minus start-up slack
+START=$SECONDS
 if ! python3 -c 'import ml_collections' 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bert_sym_site \
     "${1:-.whl}"/ml_collections-*.whl || { echo 'no ml-collections wheel found'; exit 1; }
   export PYTHONPATH=/tmp/bert_sym_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
+timeout -s KILL 60 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 save() { if [ -n "${OUT:-}" ]; then cp "$@" "$OUT"/ 2>/dev/null; fi; }
 
-# 1. GLUE: 3 seeds in one vmapped step vs one after the other, bert-base, batch 16, seq 128.
-echo '== glue seeds'
-timeout -s KILL 200 python3 benchmarks/glue_seeds.py --size=base --seq_len=128 --seeds=3 \
-  --steps=60 --rounds=3 --out=benchmarks/results/glue_seeds_gpu_base.json
-save benchmarks/results/glue_seeds_gpu_base.json
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND under min(MAX, time left), SIGKILL after.
+step() {
+  local name=$1 max=$2; shift 2
+  local left=$(( LIMIT_S - (SECONDS - START) ))
+  if [ "$left" -lt 30 ]; then echo "== $name: SKIPPED (${left}s of the budget left)"; return; fi
+  [ "$max" -gt "$left" ] && max=$left
+  echo "== $name (limit ${max}s, $(( SECONDS - START ))s elapsed)"
+  timeout -s KILL "$max" "$@"
+  echo "== $name: exit $?"
+}
+# The benchmark's own budget: 10 s under its kill, so that it still writes its JSON.
+bench() {   # NAME MAX_SECONDS OUT_JSON ARGS...
+  local name=$1 max=$2 json=$3; shift 3
+  local left=$(( LIMIT_S - (SECONDS - START) ))
+  [ "$max" -gt "$left" ] && max=$left
+  rm -f "$json"   # never hand back an older run's file as this one's
+  step "$name" "$max" python3 benchmarks/accelerator.py --size=base --steps=10 \
+    --timeout_s=70 --budget_s=$(( max > 20 ? max - 15 : 5 )) --out="$json" "$@"
+  [ -f "$json" ] && save "$json"
+}
+DATE=$(date -u +%Y-%m-%d)
+R=benchmarks/results
 
-# 2. GPU-only tests: cuDNN flash attention equals the xla path (forward and gradients, all
-#    five variants, right padding), auto picks cudnn on GPU: the tests marked gpu.
-echo '== gpu tests'
-timeout -s KILL 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention.py \
-  -m gpu 2>&1 | tail -15
+step 'gpu tests' 100 python3 -m pytest -q -rs -p no:cacheprovider -m gpu \
+  tests/test_cudnn_dropout.py tests/test_attention.py tests/test_gpu_flags.py
 
-# 3. The train step: bert-base, seq 128 x 256, standard / symmetric / pairwise on the fast
-#    (cuDNN, no attention dropout) and paper (xla, dropout 0.1) recipes, plus the Hugging
-#    Face PyTorch peer. Each config is killed after 75 s.
-echo '== accelerator'
-timeout -s KILL 230 python3 benchmarks/accelerator.py --size=base --shapes=128x256 --budget_s=210
-save benchmarks/results/accelerator_*.json
+bench 'train step vs HF: seq 128 x 256 and 512 x 128' 230 "$R/accelerator_gpu_${DATE}.json" \
+  --variants=standard --shapes=128x256,512x128 --paths=fused,fused_dropout,xla
+
+bench 'A/B: XLA GPU flags off (fast, 128 x 256)' 45 "$R/accelerator_gpu_noflags_${DATE}.json" \
+  --variants=standard --shapes=128x256 --paths=fused --no_hf --xla_gpu_flags=0
+for impl in rbg unsafe_rbg; do
+  bench "A/B: prng_impl=$impl (paper on xla, 128 x 256)" 45 \
+    "$R/accelerator_gpu_${impl}_${DATE}.json" \
+    --variants=standard --shapes=128x256 --paths=xla --no_hf --prng_impl=$impl
+done
+
+PROFILE_TABLE=$R/profile_standard_fused_128x256/top_ops.txt
+rm -f "$PROFILE_TABLE"
+bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DATE}.json" \
+  --variants=standard --shapes=128x256 --paths=fused --no_hf --profile
+cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
+
+bench 'train step vs HF: seq 512 x 32 and 512 x 256' 200 \
+  "$R/accelerator_gpu_more_shapes_${DATE}.json" \
+  --variants=standard --shapes=512x32,512x256 --paths=fused,fused_dropout,xla
+
+GLUE_JSON=$R/glue_seeds_gpu_base_${DATE}.json
+rm -f "$GLUE_JSON"
+step 'glue seeds' 200 python3 benchmarks/glue_seeds.py --size=base --seq_len=128 --seeds=3 \
+  --steps=60 --rounds=3 --out="$GLUE_JSON"
+[ -f "$GLUE_JSON" ] && save "$GLUE_JSON"
+echo "== done in $(( SECONDS - START ))s"

@@ -118,7 +118,8 @@ def build_steps(config: ml_collections.ConfigDict, devices) -> Built:
   dtype = model_lib.compute_dtype(config.model.dtype)
   kernel = attention.resolve_implementation(
       config.model.attention_impl, training_dropout=config.model.attention_dropout_rate > 0,
-      return_weights=False, seq_len=seq_len, dtype=dtype)
+      return_weights=False, seq_len=seq_len, dtype=dtype,
+      scanned=bool(config.model.get('scan_layers', False)))
   return Built(mesh, spec, abstract_batch(config, batch_sharding), train_step, eval_step,
                kernel, np.dtype(dtype).name)
 

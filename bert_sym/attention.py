@@ -17,12 +17,29 @@ variants, so one core serves every variant and no custom kernel is needed. The c
 config switch `model.attention_impl` (xla | cudnn | splash | auto; README, "Attention
 kernels and recipes"), each name being exactly the kernel that runs: a kernel asked for by
 name runs or raises, and `auto` logs which one it took and why.
+
+Attention dropout inside cuDNN flash attention (`cudnn` with model.attention_dropout_rate
+> 0) draws its mask in the kernel, from cuDNN's Philox generator: JAX gives the kernel a
+static seed and XLA advances a per-instruction offset on every execution (XLA's
+CuDnnThunk: InitDropoutState(seed, increment 16), UpdateDropoutState per call), so masks
+change from step to step and a layer's backward call meets the same offset as its forward
+call. Consequences (all checked by the GPU tests in tests/test_attention.py, not on CPU):
+  - the mask is not a function of the run's PRNG key: a resumed run (or a recompiled step)
+    starts the offsets again, and two data-parallel devices draw the same mask pattern
+    for their local examples;
+  - each layer gets its own static seed (from its module path), else every layer of a
+    step would draw the same mask;
+  - model.scan_layers=True is refused: one traced layer is one instruction inside a loop,
+    whose backward runs the layers in reverse order and so would meet other offsets than
+    their forward (wrong gradients), and all layers would share a seed.
 """
 
 import contextlib
 import contextvars
 import functools
+import inspect
 import math
+import zlib
 
 from absl import logging
 import flax.linen as nn
@@ -75,15 +92,36 @@ def _log_once(message):
     logging.info('%s', message)
 
 
+# The private JAX entry point that exposes cuDNN's in-kernel dropout (jax.nn's does not).
+_CUDNN_DROPOUT_ARGS = ('dropout_rate', 'seed', 'q_seqlen', 'kv_seqlen', 'mask_type')
+
+
+def cudnn_dropout_missing() -> str | None:
+  """Why this JAX cannot run attention dropout inside cuDNN flash attention (None: it can)."""
+  try:
+    # pylint: disable=g-import-not-at-top
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+  except ImportError as e:
+    return f'jax {jax.__version__} has no jax._src.cudnn.fused_attention_stablehlo ({e})'
+  parameters = inspect.signature(fused.dot_product_attention).parameters
+  missing = [a for a in _CUDNN_DROPOUT_ARGS if a not in parameters]
+  if missing or not hasattr(getattr(fused, 'MaskType', None), 'PADDING'):
+    return (f'jax {jax.__version__}\'s cuDNN dot_product_attention lacks '
+            f'{missing or ["MaskType.PADDING"]}')
+  return None
+
+
 def resolve_implementation(impl: str, *, training_dropout: bool, return_weights: bool,
                            seq_len: int, backend: str | None = None,
-                           interpret: bool = False, dtype=jnp.bfloat16) -> str:
+                           interpret: bool = False, dtype=jnp.bfloat16,
+                           scanned: bool = False) -> str:
   """The kernel that runs: 'xla', 'cudnn' or 'splash' (see the module docstring).
 
   `training_dropout`: attention dropout is on in this call (training, rate > 0).
   `interpret`: run Pallas kernels in interpret mode (tests on CPU), so 'splash' runs on
   any backend. `dtype`: the compute dtype; `auto` does not give float32 models to cuDNN,
-  whose flash kernels are 16-bit only.
+  whose flash kernels are 16-bit only. `scanned`: the layers run in nn.scan
+  (model.scan_layers), where cuDNN's in-kernel dropout cannot run (module docstring).
   """
   backend = backend or current_backend()
   if impl == 'fused':
@@ -96,10 +134,8 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
   if impl == 'auto':
     kernel = BACKEND_KERNELS.get(backend, 'xla')
     why_not = None
-    if kernel != 'xla' and training_dropout:
-      why_not = ('attention dropout is on (model.attention_dropout_rate > 0) and the '
-                 f'fused kernels have none; set model.attention_dropout_rate=0 to train '
-                 f'with {kernel}')
+    if kernel != 'xla' and training_dropout and _no_fused_dropout(kernel, scanned):
+      why_not = _no_fused_dropout(kernel, scanned)
     elif kernel != 'xla' and return_weights:
       why_not = 'attention weights were asked for (return_weights)'
     elif kernel == 'splash' and seq_len % SPLASH_BLOCK:
@@ -122,7 +158,13 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
         f"model.attention_impl='{impl}' needs a {needs.upper()} but the JAX backend is "
         f"{backend!r}. Set model.attention_impl=auto (picks the kernel for the backend) "
         f"or model.attention_impl=xla.")
-  if training_dropout:
+  if training_dropout and impl == 'cudnn':
+    why_not = _no_fused_dropout(impl, scanned)
+    if why_not:
+      raise ValueError(
+          f"model.attention_impl='cudnn' with attention dropout cannot run: {why_not}. "
+          f"Or use model.attention_impl=xla (the paper-exact recipe).")
+  elif training_dropout:
     raise ValueError(
         f"model.attention_impl='{impl}' has no attention dropout, but "
         f"model.attention_dropout_rate > 0 in training. Set "
@@ -138,6 +180,22 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
         f"{SPLASH_BLOCK}, got {seq_len}; change data.max_seq_len or use "
         f"model.attention_impl=xla.")
   return impl
+
+
+def _no_fused_dropout(kernel: str, scanned: bool) -> str | None:
+  """Why `kernel` cannot apply attention dropout here (None: it can)."""
+  if kernel != 'cudnn':
+    return (f'attention dropout is on (model.attention_dropout_rate > 0) and {kernel} has '
+            f'none; set model.attention_dropout_rate=0 to train with {kernel}')
+  missing = cudnn_dropout_missing()
+  if missing:
+    return (f'attention dropout is on and {missing}; upgrade jax[cuda], or set '
+            'model.attention_dropout_rate=0 to train with cudnn')
+  if scanned:
+    return ('attention dropout is on and model.scan_layers=True: cuDNN\'s in-kernel dropout '
+            'would meet other masks in the backward pass of a scanned layer; set '
+            'model.scan_layers=False to train with cudnn')
+  return None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -189,14 +247,41 @@ def key_lengths(mask):
   return jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
 
 
-def cudnn_attention(q, k, v, mask, *, dtype):
+def cudnn_attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, seed: int = 0):
   """cuDNN flash attention. Padding as lengths (cuDNN rejects a [B,1,1,L] mask), so it
-  assumes right padding, as every iterator of this project produces."""
+  assumes right padding, as every iterator of this project produces.
+
+  With `dropout_rate` > 0 the kernel drops attention probabilities itself (BERT's
+  attention dropout, scaled by 1/(1-rate)); `seed` is static and the masks advance with
+  every execution (module docstring). jax.nn.dot_product_attention has no dropout, so that
+  case calls JAX's cuDNN entry point directly (checked by cudnn_dropout_missing).
+  """
   bf16 = jnp.bfloat16
-  out = jax.nn.dot_product_attention(
-      q.astype(bf16), k.astype(bf16), v.astype(bf16), scale=1.0 / math.sqrt(q.shape[-1]),
-      key_value_seq_lengths=key_lengths(mask), implementation='cudnn')
+  q, k, v = q.astype(bf16), k.astype(bf16), v.astype(bf16)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  if dropout_rate <= 0.0:
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=key_lengths(mask),
+        implementation='cudnn')
+    return out.astype(dtype)
+  missing = cudnn_dropout_missing()
+  if missing:
+    raise ValueError(f'attention dropout inside cuDNN flash attention: {missing}. Upgrade '
+                     'jax[cuda] or use model.attention_impl=xla.')
+  # pylint: disable-next=g-import-not-at-top
+  from jax._src.cudnn import fused_attention_stablehlo as fused
+  batch, length = q.shape[0], q.shape[1]
+  out = fused.dot_product_attention(
+      q, k, v, q_seqlen=jnp.full((batch,), length, jnp.int32),
+      kv_seqlen=key_lengths(mask), scale=scale, mask_type=fused.MaskType.PADDING,
+      seed=int(seed), dropout_rate=float(dropout_rate), qkv_layout='BTNH')
   return out.astype(dtype)
+
+
+def static_dropout_seed(module_path) -> int:
+  """A per-layer static cuDNN dropout seed (a 31-bit CRC of the module path), so that the
+  layers of one step do not draw the same mask."""
+  return zlib.crc32('/'.join(map(str, module_path)).encode()) & 0x7FFFFFFF
 
 
 def kernel_partition_spec(logical_axes, shape, mesh, rules) -> jax.sharding.PartitionSpec:
@@ -266,6 +351,7 @@ class SelfAttention(nn.Module):
   pairwise_init_std: float = 1.0
   dtype: jnp.dtype = jnp.float32
   kernel_interpret: bool = False   # Pallas kernels in interpret mode (CPU tests)
+  scanned: bool = False            # inside nn.scan over layers (model.scan_layers)
 
   @nn.compact
   def __call__(self, x, mask, *, deterministic: bool, return_weights: bool = False):
@@ -310,7 +396,8 @@ class SelfAttention(nn.Module):
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     impl = resolve_implementation(
         self.attention_impl, training_dropout=use_dropout, return_weights=return_weights,
-        seq_len=x.shape[-2], interpret=self.kernel_interpret, dtype=self.dtype)
+        seq_len=x.shape[-2], interpret=self.kernel_interpret, dtype=self.dtype,
+        scanned=self.scanned)
 
     weights = None
     if impl == 'xla':
@@ -319,7 +406,10 @@ class SelfAttention(nn.Module):
           query, key, value, mask, dropout_rate=self.attention_dropout_rate,
           dropout_rng=rng, deterministic=deterministic, dtype=self.dtype)
     elif impl == 'cudnn':
-      out = cudnn_attention(query, key, value, mask, dtype=self.dtype)
+      out = cudnn_attention(
+          query, key, value, mask, dtype=self.dtype,
+          dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
+          seed=static_dropout_seed(self.scope.path))
     else:
       out = splash_attention(query, key, value, mask, dtype=self.dtype,
                              interpret=self.kernel_interpret)

@@ -24,6 +24,7 @@ from bert_sym.input.sources import TEXT_FILES_TASK
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/input/streaming.py
 ON_NONFINITE = ('stop', 'skip')
+PRNG_IMPLS = ('threefry', 'rbg', 'unsafe_rbg')   # bert_sym.steps.PRNG_IMPLS (no jax import here)
 
 
 class ConfigError(UserError, ValueError):
@@ -126,6 +127,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   _positive('checkpoint.keep_last', config.checkpoint.keep_last, allow_zero=True)  # 0 = all
   _positive('checkpoint.keep_every', config.checkpoint.keep_every, allow_zero=True)
   _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
+  _choice('prng_impl', config.get('prng_impl', 'threefry'), PRNG_IMPLS)
   opt = config.optimizer
   _positive('optimizer.grad_accum_steps', opt.grad_accum_steps)
   _positive('optimizer.warmup_steps', opt.warmup_steps, allow_zero=True)
@@ -192,7 +194,7 @@ def check_backend(config: ml_collections.ConfigDict) -> None:
         cfg.attention_impl, training_dropout=cfg.attention_dropout_rate > 0,
         return_weights=False, seq_len=config.data.max_seq_len,
         interpret=bool(cfg.get('kernel_interpret', False)),
-        dtype=model_lib.compute_dtype(cfg.dtype))
+        dtype=model_lib.compute_dtype(cfg.dtype), scanned=bool(cfg.get('scan_layers', False)))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   try:

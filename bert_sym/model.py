@@ -89,7 +89,8 @@ class Layer(nn.Module):
         hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, attention=cfg.attention,
         attention_impl=cfg.attention_impl, attention_dropout_rate=cfg.attention_dropout_rate,
         initializer_range=cfg.initializer_range, pairwise_init_std=cfg.pairwise_init_std,
-        dtype=dtype, kernel_interpret=cfg.get('kernel_interpret', False), name='attention')(
+        dtype=dtype, kernel_interpret=cfg.get('kernel_interpret', False),
+        scanned=bool(cfg.get('scan_layers', False)), name='attention')(
             x, mask, deterministic=deterministic, return_weights=return_weights)
     attn, weights = attn if return_weights else (attn, None)
     x = _layer_norm(cfg, 'attention_layer_norm')(

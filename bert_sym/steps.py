@@ -5,6 +5,13 @@ so that both get the same sharded init, gradient accumulation, non-finite guard 
 donation. A state is the dict {'params', 'opt_state', 'step', 'rng'} (rng = raw key data:
 dropout at step s is a function of (rng, s), so a resumed run draws the same masks); its
 layout is the checkpoint format (bert_sym.checkpoint).
+
+The dropout keys' PRNG implementation is a knob (config.prng_impl, PRNG_IMPLS): threefry
+(JAX's default, the same bits on every backend), rbg or unsafe_rbg (XLA's RngBitGenerator,
+as MaxText and axlearn set on accelerators; unsafe_rbg also derives fold_in/split keys
+with it). Each step uses one key per dropout layer for the whole batch, never a vmap over
+per-example keys. The key data's shape differs (threefry 2 words, rbg 4), so a checkpoint
+says which implementation wrote it.
 """
 
 import dataclasses
@@ -22,6 +29,26 @@ from bert_sym import sharding
 # divides both by `weight_fn(batch)` (the whole batch's, not a micro-batch's).
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
+# config.prng_impl -> JAX's name of the implementation.
+PRNG_IMPLS = {'threefry': 'threefry2x32', 'rbg': 'rbg', 'unsafe_rbg': 'unsafe_rbg'}
+
+
+def jax_prng_impl(name: str) -> str:
+  if name not in PRNG_IMPLS:
+    raise ValueError(f'prng_impl={name!r}; use one of {sorted(PRNG_IMPLS)} (threefry is '
+                     "JAX's default; rbg and unsafe_rbg use XLA's RngBitGenerator).")
+  return PRNG_IMPLS[name]
+
+
+def dropout_key(key: jax.Array, prng_impl: str = 'threefry') -> jax.Array:
+  """A key of implementation `prng_impl` drawn from the threefry `key` (itself if threefry),
+  so that the parameters' initialisation does not depend on the dropout RNG."""
+  impl = jax_prng_impl(prng_impl)
+  if impl == str(jax.random.key_impl(key)):
+    return key
+  words = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+  return jax.random.wrap_key_data(jax.random.bits(key, words, jnp.uint32), impl=impl)
+
 
 @dataclasses.dataclass
 class StateSpec:
@@ -35,13 +62,15 @@ class StateSpec:
   param_shardings: Any
 
 
-def create_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules) -> StateSpec:
+def create_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules,
+                 prng_impl: str = 'threefry') -> StateSpec:
   """Shapes first (jax.eval_shape), then jitted inits that create the state sharded.
 
   `init_params(key)` returns the (logically boxed) params of a flax module. Parameters
   follow the logical-axis `rules`; Adam's moments shard like their parameters; step and
   rng are replicated. `from_params` starts from given params instead (e.g. a classifier
-  with a pre-trained encoder, bert_sym.checkpoint.with_pretrained_encoder).
+  with a pre-trained encoder, bert_sym.checkpoint.with_pretrained_encoder). `prng_impl`:
+  the dropout key's implementation (the state's rng has its key data shape).
   """
   replicated = sharding.replicated(mesh)
   boxed = jax.eval_shape(init_params, jax.random.key(0))
@@ -59,7 +88,8 @@ def create_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules) -> St
   init = jax.jit(lambda key, dropout_key: state_from(params_only(key), dropout_key),
                  out_shardings=shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          jax.eval_shape(init, jax.random.key(0), jax.random.key(0)),
+                          jax.eval_shape(init, jax.random.key(0), jax.random.key(
+                              0, impl=jax_prng_impl(prng_impl))),
                           shardings)
   return StateSpec(init, jax.jit(params_only, out_shardings=param_shardings),
                    jax.jit(state_from, out_shardings=shardings), abstract, shardings,
@@ -68,23 +98,27 @@ def create_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules) -> St
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule, *,
                     weight_fn: Callable[[dict], jax.Array], accum: int = 1, mesh=None,
-                    batch_sharding=None, fold_micro_index: bool = True):
+                    batch_sharding=None, fold_micro_index: bool = True,
+                    prng_impl: str = 'threefry'):
   """The update step (not yet jitted): (state, batch) -> (new state, metrics).
 
   - `accum` > 1 splits the batch into micro-batches (rows `accum` apart, so that each
     stays on the batch's devices) and adds their gradients in a `lax.scan`. The loss is
     normalised by the whole batch's `weight_fn`, so the sum is the big-batch gradient.
   - Dropout key of micro-batch i at step s: fold_in(fold_in(rng, s), i); with
-    `fold_micro_index=False` and accum == 1, fold_in(rng, s) itself.
+    `fold_micro_index=False` and accum == 1, fold_in(rng, s) itself. `rng` holds key data
+    of implementation `prng_impl` (PRNG_IMPLS).
   - A non-finite loss or gradient norm leaves params and Adam's moments as they were
     (decided on the device, before anything is applied); the schedule's counter still
     advances. `train/finite` tells the host, which stops or skips (bert_sym.loop).
   Metrics: train/loss, train/grad_norm, train/learning_rate, train/finite and
   train/<name> = sum / weight for every extra sum of `loss_fn`.
   """
+  impl = jax_prng_impl(prng_impl)
+
   def train_step(state, batch):
     params, step = state['params'], state['step']
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng'], impl=impl), step)
     total_weight = weight_fn(batch)
 
     def micro_grads(micro_batch, index):

@@ -33,6 +33,7 @@ import numpy as np
 from bert_sym import checkpoint
 from bert_sym import config_check
 from bert_sym import distributed
+from bert_sym import gpu_flags
 from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -129,7 +130,8 @@ def make_train_step(config, model, tx, schedule, mesh, batch_sharding):
       objectives.mlm_loss_fn(model, sparse=bool(config.model.sparse_mlm),
                              num_predictions=config.data.max_predictions_per_seq),
       tx, schedule, weight_fn=objectives.mlm_weight,
-      accum=config.optimizer.grad_accum_steps, mesh=mesh, batch_sharding=batch_sharding)
+      accum=config.optimizer.grad_accum_steps, mesh=mesh, batch_sharding=batch_sharding,
+      prng_impl=config.get('prng_impl', 'threefry'))
 
 
 def eval_batch_count(num_blocks: int | None, config, console=print) -> int:
@@ -284,7 +286,7 @@ def _build_state_and_step(config, model, tx, schedule, mesh, data: _Input):
   seq_len = config.data.max_seq_len
   spec = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
-      tx, mesh, data.rules)
+      tx, mesh, data.rules, prng_impl=config.get('prng_impl', 'threefry'))
   train_step = steps.jit_train_step(
       make_train_step(config, model, tx, schedule, mesh, data.batch_sharding),
       spec.shardings, data.batch_sharding, sharding.replicated(mesh), data.rules)
@@ -294,11 +296,13 @@ def _build_state_and_step(config, model, tx, schedule, mesh, data: _Input):
 def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over: bool):
   """The newest step that restores (checkpoint.restore_latest's rules), else a new state."""
   init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
+  dropout_base_key = steps.dropout_key(dropout_base_key, config.get('prng_impl', 'threefry'))
   with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
     manager, latest, state, data_state = checkpoint.restore_latest(
         workdir, config.checkpoint, spec.abstract, log=run.console, config=config,
         start_over=start_over)
   if latest is not None:
+    _check_same_prng_impl(workdir, config)
     with _user_errors('Resuming the input pipeline'):
       data.train_iter.set_state(data_state)
     run.console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
@@ -311,6 +315,21 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
   run.last_saved = latest
   _write_config(workdir, config)
   return manager, latest, state
+
+
+def _check_same_prng_impl(workdir, config) -> None:
+  """rbg and unsafe_rbg keys have the same shape, so the shape check of the restore does
+  not tell them apart: config.json (written by the run being resumed) does."""
+  path = epath.Path(workdir) / checkpoint.CONFIG_FILE
+  if not path.exists():
+    return
+  saved = checkpoint.read_config(workdir).get('prng_impl', 'threefry')
+  wanted = config.get('prng_impl', 'threefry')
+  if saved != wanted:
+    raise RunError(
+        f'{workdir} was trained with prng_impl={saved!r} and this run asks for {wanted!r}: '
+        f'its saved dropout key is {saved} key data. Rerun with --config.prng_impl={saved}, '
+        'or use a fresh --workdir.')
 
 
 def _write_config(workdir: epath.Path, config) -> None:
@@ -392,6 +411,7 @@ def main(argv, make_iterator=None):
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or pass --dry_run).')
+  gpu_flags.set_xla_gpu_flags(bool(config.get('xla_gpu_flags', True)))   # before the backend
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present,
                             import_tf=config.data.source == 'seqio')
   try:

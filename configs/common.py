@@ -71,6 +71,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   RECIPES)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.prng_impl = 'threefry'          # dropout masks' PRNG: 'threefry' | 'rbg' | 'unsafe_rbg' (bert_sym/steps.py); a run resumes only with the one that wrote it
   c.model = model_config(size, attention)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -125,6 +126,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   c.on_nonfinite = 'stop'           # 'stop' | 'skip'
   c.max_consecutive_nonfinite = 10  # 'skip' stops (exit 1) after this many in a row
   c.peak_flops_per_device = 0.0     # 0 = look up by device kind (for MFU)
+  c.xla_gpu_flags = True            # on NVIDIA GPUs, set bert_sym/gpu_flags.py's XLA flags (cuDNN LayerNorm, cuBLASLt epilogues); False = XLA's defaults
   c.compilation_cache_dir = '~/.cache/bert_sym/jax'   # JAX persistent compilation cache; '' = off
   return apply_recipe(c, recipe)
 

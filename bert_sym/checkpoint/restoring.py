@@ -116,6 +116,9 @@ def _likely_causes(differing, saved, wanted, hint) -> str:
           'written in (bert_sym.model.stack_layers / unstack_layers convert exactly)')
     else:
       causes.append('model.* (sizes, attention variant, dtypes)')
+  if 'rng' in differing:   # threefry keys are 2 uint32 words, rbg and unsafe_rbg keys 4
+    causes.append('prng_impl (the dropout key data differs in shape between threefry and '
+                  'rbg/unsafe_rbg): rerun with the prng_impl this run was written with')
   if any(k.startswith('opt_state/') for k in differing):
     causes.append('optimizer.grad_clip_norm (0 and non-zero build different optimizer '
                   'states), another optimizer recipe, or another optax version')
@@ -131,7 +134,7 @@ def config_hint(workdir, config) -> str:
     changed = config_differences(read_config(workdir), config)
   except ValueError:
     return ''
-  relevant = [k for k in changed if k.startswith(('model.', 'optimizer.'))]
+  relevant = [k for k in changed if k.startswith(('model.', 'optimizer.', 'prng_impl'))]
   return f'Changed since config.json: {", ".join(relevant)}.' if relevant else ''
 
 

@@ -1,0 +1,61 @@
+"""The trainer's XLA GPU flags (bert_sym/gpu_flags.py): only known flags, only on GPU, the
+user's own XLA_FLAGS kept, and a knob that turns them off. Whether they help is measured
+on a GPU by benchmarks/run_gpu.sh, not here."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bert_sym import gpu_flags
+from configs import common
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_flag_is_known_to_the_installed_xla_and_a_made_up_one_is_not():
+  names = list(gpu_flags.GPU_FLAGS) + ['xla_gpu_enable_no_such_thing']
+  assert gpu_flags.known_flags(names) == set(gpu_flags.GPU_FLAGS)
+
+
+def test_xla_accepts_the_flags_at_start_up():
+  """XLA aborts on a flag it does not know: the real parser, in a fresh process."""
+  flags = ' '.join(f'--{n}={v}' for n, v in gpu_flags.GPU_FLAGS.items())
+  code = 'import jax, jax.numpy as jnp; print(float(jnp.ones(3).sum()))'
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu'),
+                          timeout=120, cwd=REPO_ROOT)
+  assert result.returncode == 0 and result.stdout.strip() == '3.0', result.stderr[-2000:]
+  bad = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       env=dict(os.environ, XLA_FLAGS='--xla_gpu_enable_no_such_thing=true',
+                                JAX_PLATFORMS='cpu'), timeout=120, cwd=REPO_ROOT)
+  assert bad.returncode != 0   # why a flag must be checked before it is set
+
+
+def test_flags_are_added_after_the_users_own_and_never_override_them():
+  environ = {'XLA_FLAGS': '--xla_gpu_enable_cublaslt=false'}
+  added = gpu_flags.set_xla_gpu_flags(True, environ, force=True)
+  assert '--xla_gpu_enable_cublaslt=true' not in added
+  assert '--xla_gpu_enable_cudnn_layer_norm=true' in added
+  assert environ['XLA_FLAGS'].startswith('--xla_gpu_enable_cublaslt=false ')
+
+
+def test_knob_off_or_no_gpu_sets_nothing(monkeypatch):
+  environ = {}
+  assert gpu_flags.set_xla_gpu_flags(False, environ, force=True) == [] and not environ
+  monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: None)   # a CPU-only JAX
+  assert gpu_flags.set_xla_gpu_flags(True, environ) == [] and not environ
+  monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: 'jax_cuda12_plugin')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')                      # GPU present, not used
+  assert gpu_flags.set_xla_gpu_flags(True, environ) == [] and not environ
+
+
+def test_the_knob_is_in_the_config_and_on_by_default():
+  assert common.base_config('tiny').xla_gpu_flags is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(gpu_flags.cuda_plugin() is None, reason='needs a JAX with a CUDA plugin')
+def test_gpu_plugin_knows_the_flags():
+  assert gpu_flags.known_flags(list(gpu_flags.GPU_FLAGS)) == set(gpu_flags.GPU_FLAGS)

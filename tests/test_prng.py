@@ -1,0 +1,103 @@
+"""The dropout RNG knob (config.prng_impl): threefry, rbg and unsafe_rbg train the same
+step, with one key per dropout layer for the whole batch; a run resumes only with the
+implementation that wrote it. (Resuming with the same one is tests/test_train.py's.)"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bert_sym import config_check
+from bert_sym import model as model_lib
+from bert_sym import optim, sharding, steps, train
+from tests import train_fixtures
+
+IMPLS = ('threefry', 'rbg', 'unsafe_rbg')
+KEY_WORDS = {'threefry': 2, 'rbg': 4, 'unsafe_rbg': 4}
+
+
+def test_config_check_knows_the_same_names_as_steps():
+  assert set(config_check.PRNG_IMPLS) == set(steps.PRNG_IMPLS)
+  config = train_fixtures.tiny_config(prng_impl='philox')
+  with pytest.raises(config_check.ConfigError, match="prng_impl.*'philox'"):
+    config_check.check(config)
+
+
+def _tiny_step(prng_impl):
+  config = train_fixtures.tiny_config(prng_impl=prng_impl)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  model = model_lib.BertForMaskedLM(config.model)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  seq = config.data.max_seq_len
+  spec = steps.create_state(
+      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq))['params'], tx, mesh, rules,
+      prng_impl=prng_impl)
+  step = train.make_train_step(config, model, tx, schedule, mesh, batch_sharding)
+  iterator = train_fixtures.make_synthetic_iterator(
+      config.data, batch_size=config.batch_size, split='train', seed=0)
+  from bert_sym import objectives  # pylint: disable=g-import-not-at-top
+  batch = jax.tree.map(jnp.asarray, objectives.host_mlm_positions(
+      next(iterator), config.data.max_predictions_per_seq))
+  init_key, dropout = jax.random.split(jax.random.key(0))
+  return spec, step, batch, init_key, steps.dropout_key(dropout, prng_impl)
+
+
+def _random_bits_keys(jaxpr):
+  """The key shapes of every random_bits in `jaxpr`, nested jaxprs included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'random_bits':
+      shapes.append(eqn.invars[0].aval.shape)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      shapes += _random_bits_keys(sub)
+  return shapes
+
+
+@pytest.mark.parametrize('prng_impl', IMPLS)
+def test_each_implementation_builds_the_step_with_one_batched_key_per_dropout(prng_impl):
+  spec, step, batch, init_key, dropout = _tiny_step(prng_impl)
+  state = spec.init(init_key, dropout)
+  assert state['rng'].shape == (KEY_WORDS[prng_impl],)
+  assert spec.abstract['rng'].shape == state['rng'].shape   # what a restore compares
+  # Every mask is drawn from one scalar key for the whole [batch, ...] array: no vmap
+  # over per-example keys (a key of shape [batch] would show here).
+  key_shapes = _random_bits_keys(jax.make_jaxpr(step)(state, batch).jaxpr)
+  assert key_shapes and all(shape == () for shape in key_shapes), key_shapes
+  # (Tracing checks the key plumbing; test_resume_rbg_* really trains with rbg.)
+
+
+def test_unknown_implementation_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"prng_impl='philox'; use one of"):
+    steps.dropout_key(jax.random.key(0), 'philox')
+
+
+@pytest.fixture(scope='module')
+def threefry_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('threefry')
+  config = train_fixtures.tiny_config(total_steps=2, eval_steps=0, checkpoint__every_steps=2)
+  train.train_and_evaluate(config, str(workdir),
+                           make_iterator=train_fixtures.make_synthetic_iterator)
+  return workdir
+
+
+def test_resume_with_another_key_shape_is_a_readable_error(threefry_run):
+  config = train_fixtures.tiny_config(total_steps=4, eval_steps=0, prng_impl='rbg')
+  with pytest.raises(train.RunError) as error:
+    train.train_and_evaluate(config, str(threefry_run),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
+  message = str(error.value)
+  assert 'rng: checkpoint (2,) uint32, config (4,) uint32' in message, message
+  assert 'prng_impl' in message
+
+
+def test_resume_rbg_as_unsafe_rbg_is_a_readable_error(tmp_path):
+  """Same key shape (4 words): config.json says which implementation wrote the run."""
+  config = train_fixtures.tiny_config(total_steps=2, eval_steps=0, checkpoint__every_steps=2,
+                                      prng_impl='rbg')
+  train.train_and_evaluate(config, str(tmp_path),
+                           make_iterator=train_fixtures.make_synthetic_iterator)
+  config = train_fixtures.tiny_config(total_steps=4, eval_steps=0, prng_impl='unsafe_rbg')
+  with pytest.raises(train.RunError, match=r"prng_impl='rbg'.*--config.prng_impl=rbg"):
+    train.train_and_evaluate(config, str(tmp_path),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
