@@ -18,20 +18,13 @@ config switch `model.attention_impl` (xla | cudnn | splash | auto; README, "Atte
 kernels and recipes"), each name being exactly the kernel that runs: a kernel asked for by
 name runs or raises, and `auto` logs which one it took and why.
 
-Attention dropout inside cuDNN flash attention (`cudnn` with model.attention_dropout_rate
-> 0) draws its mask in the kernel, from cuDNN's Philox generator: JAX gives the kernel a
-static seed and XLA advances a per-instruction offset on every execution (XLA's
-CuDnnThunk: InitDropoutState(seed, increment 16), UpdateDropoutState per call), so masks
-change from step to step and a layer's backward call meets the same offset as its forward
-call. Consequences (all checked by the GPU tests in tests/test_attention.py, not on CPU):
-  - the mask is not a function of the run's PRNG key: a resumed run (or a recompiled step)
-    starts the offsets again, and two data-parallel devices draw the same mask pattern
-    for their local examples;
-  - each layer gets its own static seed (from its module path), else every layer of a
-    step would draw the same mask;
-  - model.scan_layers=True is refused: one traced layer is one instruction inside a loop,
-    whose backward runs the layers in reverse order and so would meet other offsets than
-    their forward (wrong gradients), and all layers would share a seed.
+Attention dropout inside cuDNN flash attention (`cudnn`, model.attention_dropout_rate > 0)
+draws its mask in the kernel from cuDNN's Philox generator: a static seed, and an offset XLA
+advances on every execution (CuDnnThunk), so masks change from step to step and a layer's
+backward call meets its forward's offset. Hence (GPU tests in tests/test_cudnn_dropout.py):
+the mask is not a function of the run's key (a resume restarts the offsets; data-parallel
+devices share a pattern); each layer gets its own seed (its module path); and
+model.scan_layers=True is refused (the scanned backward would meet other offsets).
 """
 
 import contextlib

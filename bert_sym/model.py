@@ -9,6 +9,7 @@ axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`); the trainer maps those to a
 This file knows nothing about meshes, files or flags.
 """
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -340,3 +341,36 @@ def train_flops_per_token(cfg, seq_len: int, predicted_fraction: float = 1.0) ->
     per_layer += 2 * d * head_dim
   head = 2 * (d * d + d * cfg.vocab_size) * predicted_fraction
   return 3.0 * (layers * per_layer + head)
+
+
+def summary(config) -> str:
+  """The dry run's report: size and cost of the MLM model from shapes only (nothing is
+  allocated), with the paper's parameter-count convention beside the MLM model's."""
+  cfg = config.model
+  mlm_params = abstract_params(BertForMaskedLM(cfg))
+  per_module = params_per_module(mlm_params, depth=2)
+  seq_len = config.data.max_seq_len
+  flops = train_flops_per_token(cfg, seq_len, mlm_predicted_fraction(config))
+  width = max(len(k) for k in per_module)
+  lines = [
+      f'BertForMaskedLM, attention variant: {cfg.attention}',
+      f'  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, '
+      f'mlp {cfg.mlp_dim}, vocab {cfg.vocab_size}, max positions '
+      f'{cfg.max_position_embeddings}',
+      'Parameters per module (MLM model):']
+  natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+  lines += [f'  {name:<{width}}  {per_module[name]:>13,}'
+            for name in sorted(per_module, key=natural)]
+  lines += [
+      f'Total, encoder + pooler (paper / HF BertModel convention): '
+      f'{encoder_plus_pooler_params(cfg):,}',
+      f'Total, MLM model (encoder + MLM head, decoder tied to embeddings): '
+      f'{count_params(mlm_params):,}',
+      f'Training FLOPs per token: {flops:,.0f} (seq_len {seq_len}, '
+      f'{"sparse" if cfg.sparse_mlm else "dense"} MLM head, predicted fraction '
+      f'{mlm_predicted_fraction(config):.4f})',
+      f'  = {flops * config.batch_size * seq_len:.3e} FLOPs per step at batch '
+      f'{config.batch_size}',
+      f'  formula: {FLOPS_FORMULA}',
+  ]
+  return '\n'.join(lines)

@@ -74,20 +74,22 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
     return step
   if step == 0 and evaluate:
     evaluate(state, 0)
-  try:
-    prefetcher = loop.Prefetcher(data.train_iter, data.to_global, depth=2)
-    with checkpoint.quiet_orbax_echoes():   # a failed save is said once, in one line
+  # A failed save is said once, in one line: orbax's echoes of it (tasks collected when the
+  # manager closes) are muted until the manager is closed, not only during the loop.
+  with checkpoint.quiet_orbax_echoes():
+    try:
+      prefetcher = loop.Prefetcher(data.train_iter, data.to_global, depth=2)
       state, step, preempted = loop.run(state, step, config.total_steps, train_step,
                                         prefetcher, meter, hooks, preemption, manager)
       checkpoint.finish_saves(manager)
-  except loop.NonFiniteError as e:
-    raise set_aside_divergence(e, run.workdir, manager, latest, run) from None
-  finally:
-    if prefetcher:
-      prefetcher.close()
-    with contextlib.suppress(Exception):   # a failed save was said already
-      manager.wait_until_finished()
-    manager.close()
+    except loop.NonFiniteError as e:
+      raise set_aside_divergence(e, run.workdir, manager, latest, run) from None
+    finally:
+      if prefetcher:
+        prefetcher.close()
+      with contextlib.suppress(Exception):   # a failed save was said already
+        manager.wait_until_finished()
+      manager.close()
   if preempted:
     raise loop.Preempted(step, preemption.signal_name)
   return step

@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import re
 import sys
 from typing import Any, Callable
 
@@ -83,39 +82,6 @@ def _user_errors(what: str):
     yield
   except (ValueError, FileNotFoundError, PermissionError) as e:
     raise RunError(f'{what}: {e}') from e
-
-
-# ---- Dry run: the model's size and cost from shapes only ----
-
-def model_summary(config: ml_collections.ConfigDict) -> str:
-  cfg = config.model
-  mlm_params = model_lib.abstract_params(model_lib.BertForMaskedLM(cfg))
-  per_module = model_lib.params_per_module(mlm_params, depth=2)
-  seq_len = config.data.max_seq_len
-  flops = model_lib.train_flops_per_token(cfg, seq_len, model_lib.mlm_predicted_fraction(config))
-  width = max(len(k) for k in per_module)
-  lines = [
-      f'BertForMaskedLM, attention variant: {cfg.attention}',
-      f'  layers {cfg.num_layers}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, '
-      f'mlp {cfg.mlp_dim}, vocab {cfg.vocab_size}, max positions '
-      f'{cfg.max_position_embeddings}',
-      'Parameters per module (MLM model):']
-  natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
-  lines += [f'  {name:<{width}}  {per_module[name]:>13,}'
-            for name in sorted(per_module, key=natural)]
-  lines += [
-      f'Total, encoder + pooler (paper / HF BertModel convention): '
-      f'{model_lib.encoder_plus_pooler_params(cfg):,}',
-      f'Total, MLM model (encoder + MLM head, decoder tied to embeddings): '
-      f'{model_lib.count_params(mlm_params):,}',
-      f'Training FLOPs per token: {flops:,.0f} (seq_len {seq_len}, '
-      f'{"sparse" if cfg.sparse_mlm else "dense"} MLM head, predicted fraction '
-      f'{model_lib.mlm_predicted_fraction(config):.4f})',
-      f'  = {flops * config.batch_size * seq_len:.3e} FLOPs per step at batch '
-      f'{config.batch_size}',
-      f'  formula: {model_lib.FLOPS_FORMULA}',
-  ]
-  return '\n'.join(lines)
 
 
 # ---- The MLM update step ----
@@ -302,7 +268,8 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
         workdir, config.checkpoint, spec.abstract, log=run.console, config=config,
         start_over=start_over)
   if latest is not None:
-    _check_same_prng_impl(workdir, config)
+    with _user_errors('Resuming'):
+      checkpoint.check_same_prng_impl(workdir, config)
     with _user_errors('Resuming the input pipeline'):
       data.train_iter.set_state(data_state)
     run.console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
@@ -315,21 +282,6 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
   run.last_saved = latest
   _write_config(workdir, config)
   return manager, latest, state
-
-
-def _check_same_prng_impl(workdir, config) -> None:
-  """rbg and unsafe_rbg keys have the same shape, so the shape check of the restore does
-  not tell them apart: config.json (written by the run being resumed) does."""
-  path = epath.Path(workdir) / checkpoint.CONFIG_FILE
-  if not path.exists():
-    return
-  saved = checkpoint.read_config(workdir).get('prng_impl', 'threefry')
-  wanted = config.get('prng_impl', 'threefry')
-  if saved != wanted:
-    raise RunError(
-        f'{workdir} was trained with prng_impl={saved!r} and this run asks for {wanted!r}: '
-        f'its saved dropout key is {saved} key data. Rerun with --config.prng_impl={saved}, '
-        'or use a fresh --workdir.')
 
 
 def _write_config(workdir: epath.Path, config) -> None:
@@ -407,7 +359,7 @@ def main(argv, make_iterator=None):
     sys.exit(1)
   if _DRY_RUN.value:
     metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present, import_tf=False)
-    print(model_summary(config))
+    print(model_lib.summary(config))
     return
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or pass --dry_run).')

@@ -23,6 +23,7 @@ import pytest
 from bert_sym import checkpoint
 from bert_sym import distributed
 from bert_sym import loop
+from bert_sym import model as model_lib
 from bert_sym import objectives
 from bert_sym import optim
 from bert_sym import train
@@ -115,7 +116,7 @@ def test_dry_run_prints_paper_counts_without_workdir():
   assert 'pairwise' in result.stdout and 'FLOPs per token' in result.stdout
   assert 'formula' in result.stdout
   from configs import std_base   # pylint: disable=g-import-not-at-top
-  summary = train.model_summary(std_base.get_config())
+  summary = model_lib.summary(std_base.get_config())
   assert '109,482,240' in summary and 'standard' in summary
 
 
@@ -456,7 +457,7 @@ def test_weight_decay_mask_matches_hugging_face():
   """Hugging Face's no_decay = ['bias', 'LayerNorm.weight'] on the exported names."""
   import transformers  # pylint: disable=g-import-not-at-top
   from bert_sym import export  # pylint: disable=g-import-not-at-top
-  from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
+
   # 'standard' maps one to one onto HF's parameters (the other variants fold W_k).
   cfg = train_fixtures.tiny_config(model__attention='standard').model
   params = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),

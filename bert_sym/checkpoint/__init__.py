@@ -41,7 +41,7 @@ from bert_sym.checkpoint.restoring import (  # noqa: F401
     DAMAGED_DIR, DIVERGED_SUFFIX, READ_ATTEMPTS, BACKOFF_SECONDS, failure_kind,
     read_state_metadata, read_json_item, check_compatible, config_hint, restore,
     set_aside_diverged, damaged_steps_found, NothingRestored, quiet_orbax_echoes,
-    restore_latest
+    restore_latest, check_same_prng_impl
 )
 from bert_sym.checkpoint.pretrained import (  # noqa: F401
     resolve_step_dir, load_params, load_pretrained, with_pretrained_encoder

@@ -344,3 +344,18 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *
     manager.close()
     raise
   return manager, None, None, None
+
+
+def check_same_prng_impl(workdir, config) -> None:
+  """rbg and unsafe_rbg keys have the same shape, so the shape check of the restore does
+  not tell them apart: config.json (written by the run being resumed) does."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return
+  saved = read_config(workdir).get('prng_impl', 'threefry')
+  wanted = config.get('prng_impl', 'threefry')
+  if saved != wanted:
+    raise IncompatibleCheckpoint(
+        f'{workdir} was trained with prng_impl={saved!r} and this run asks for {wanted!r}: '
+        f'its saved dropout key is {saved} key data. Rerun with --config.prng_impl={saved}, '
+        'or use a fresh --workdir.')

@@ -1,6 +1,7 @@
 """Saving a step; a failed save (disk full, permission, quota) stops the run at once."""
 
 import errno
+import logging as std_logging
 import os
 import sys
 import warnings
@@ -74,6 +75,10 @@ def _mute_closed_loop_echoes() -> None:
   sys.unraisablehook = lambda u: (None if is_closed_loop_error(u.exc_value)
                                   else previous_unraisable(u))
   sys.excepthook = lambda t, v, tb: None if is_closed_loop_error(v) else previous_except(t, v, tb)
+  # The write tasks that failed are logged by asyncio when collected, at any later time up
+  # to interpreter exit ("Task exception was never retrieved" + a traceback each).
+  std_logging.getLogger('asyncio').addFilter(
+      lambda record: 'exception was never retrieved' not in record.getMessage())
 
 
 def _save_failed(manager, step, error) -> CheckpointSaveError:
