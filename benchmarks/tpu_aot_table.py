@@ -134,7 +134,7 @@ def format_row(row):
   speed = days = '-'
   if est:
     speed = f"{est['tokens_per_s_per_chip']:,.0f}"
-    days = f"{est['step_s'] * 200_000 / 86400:.1f}"
+    days = f"{est['step_s'] * 200_000 / 86400:.2f}"
   compile_text = f'{compile_s:.0f}' if compile_s is not None else '-'
   return (f"| {name} | {r['chips']} | {r['kernel']} | {memory} | {fit} | "
           f"{compile_text} | {speed} | {days} |")

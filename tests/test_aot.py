@@ -239,3 +239,16 @@ def test_tpu_vm_launcher_stops_before_creating_a_slice_that_would_not_fit(tmp_pa
   assert 'bert_sym.aot: error: does not fit on v5litepod-4' in result.stderr
   assert 'nothing was created' in result.stderr
   assert not calls.exists()
+
+
+def test_kernels_and_dtype_resolve_for_the_target_not_the_host():
+  resolve = lambda: aot.attention.resolve_implementation(
+      'auto', training_dropout=False, return_weights=False, seq_len=SEQ)
+  assert aot.jax.default_backend() == 'cpu'
+  assert resolve() == 'xla' and model_lib.compute_dtype('auto') == np.float32
+  with aot.attention.target_backend('tpu'):
+    assert resolve() == 'splash' and model_lib.compute_dtype('auto') == aot.jax.numpy.bfloat16
+    # Named splash: the real kernel, no interpret mode needed on this CPU host.
+    assert aot.attention.resolve_implementation(
+        'splash', training_dropout=False, return_weights=False, seq_len=SEQ) == 'splash'
+  assert resolve() == 'xla'
