@@ -208,6 +208,10 @@ def fit_advice(config) -> str:
   return 'Try: ' + '; or '.join(knobs) + '.'
 
 
+def _duration(hours: float) -> str:
+  return f'{hours / 24:.1f} days' if hours >= 48 else f'{hours:.2f} hours'
+
+
 def _human(n: float) -> str:
   return f'{n / tpu.GiB:.2f} GiB'
 
@@ -354,7 +358,7 @@ def summary(report: dict) -> str:
     lines.append(
         f"ESTIMATE (roofline, not measured): {est['step_s'] * 1e3:.1f} ms/step "
         f"({est['bound']}-bound{lower}), {est['tokens_per_s_per_chip']:,.0f} tokens/s per "
-        f"chip, {est['total_steps']:,} steps in {est['total_hours'] / 24:.1f} days")
+        f"chip, {est['total_steps']:,} steps in {_duration(est['total_hours'])}")
   return '\n'.join(lines)
 
 

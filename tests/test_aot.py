@@ -146,6 +146,7 @@ def paper_recipe():
   return config, report, executables['train_step']
 
 
+@pytest.mark.xdist_group('aot_paper_recipe')   # one compile, shared
 def test_paper_recipe_compiles_with_xla(paper_recipe):
   _, report, _ = paper_recipe
   assert report['kernel'] == 'xla' and report['fits']
@@ -163,6 +164,7 @@ def tpu_bytes(shape, itemsize, layout) -> int:
   return math.prod(dims) * itemsize
 
 
+@pytest.mark.xdist_group('aot_paper_recipe')   # one compile, shared
 def test_argument_bytes_are_the_shards_of_the_state_and_batch(paper_recipe):
   """The report's per-chip argument bytes = one chip's shard of every array of the state
   and batch, summed here from the abstract arrays' shardings. The compiler stores each in
@@ -186,6 +188,7 @@ def test_argument_bytes_are_the_shards_of_the_state_and_batch(paper_recipe):
   assert unpadded <= reported <= 1.01 * unpadded
 
 
+@pytest.mark.xdist_group('aot_paper_recipe')   # one compile, shared
 def test_model_flop_count_agrees_with_the_unscanned_compile(paper_recipe):
   """The estimate takes FLOPs from model.train_flops_per_token, because the compiler counts
   a scanned layer loop once (see the splash test); unscanned, the compiler's count is the
@@ -236,3 +239,16 @@ def test_tpu_vm_launcher_stops_before_creating_a_slice_that_would_not_fit(tmp_pa
   assert 'bert_sym.aot: error: does not fit on v5litepod-4' in result.stderr
   assert 'nothing was created' in result.stderr
   assert not calls.exists()
+
+
+def test_kernels_and_dtype_resolve_for_the_target_not_the_host():
+  resolve = lambda: aot.attention.resolve_implementation(
+      'auto', training_dropout=False, return_weights=False, seq_len=SEQ)
+  assert aot.jax.default_backend() == 'cpu'
+  assert resolve() == 'xla' and model_lib.compute_dtype('auto') == np.float32
+  with aot.attention.target_backend('tpu'):
+    assert resolve() == 'splash' and model_lib.compute_dtype('auto') == aot.jax.numpy.bfloat16
+    # Named splash: the real kernel, no interpret mode needed on this CPU host.
+    assert aot.attention.resolve_implementation(
+        'splash', training_dropout=False, return_weights=False, seq_len=SEQ) == 'splash'
+  assert resolve() == 'xla'
