@@ -38,7 +38,7 @@ demo: $(VENV)/.runtime-installed
 	$(BIN)/python -m bert_sym.train --config=configs/tiny.py --workdir=$(WORKDIR) $(ARGS)
 
 export: $(VENV)/.runtime-installed
-	$(BIN)/python -m bert_sym.export --checkpoint=$(WORKDIR) --out_dir=$(WORKDIR)_hf $(ARGS)
+	$(BIN)/python -m bert_sym.hf_export --checkpoint=$(WORKDIR) --out_dir=$(WORKDIR)_hf $(ARGS)
 
 glue-local: $(VENV)/.runtime-installed
 	@test -n "$(GLUE_DIR)" || { echo 'make glue-local: set GLUE_DIR to a GLUE copy in the download-script layout (CoLA/, MRPC/, RTE/, ...), e.g. make glue-local GLUE_DIR=/data/glue_data'; exit 2; }

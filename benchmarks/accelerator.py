@@ -116,7 +116,7 @@ def _ours_state_step_batch(config, spec):
   state = state_spec.init(jax.random.key(0),
                           steps.dropout_key(jax.random.key(1), config.prng_impl))
   step = steps.jit_train_step(
-      train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
+      train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding),
       state_spec.shardings, batch_sharding, sharding.replicated(mesh), rules)
   host = objectives.host_mlm_positions(
       synthetic_batch(spec['batch'], spec['seq'], config.model.vocab_size),
@@ -219,7 +219,7 @@ def _cuda_versions(jax):
 def run_hf(spec):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from bert_sym import export  # pylint: disable=g-import-not-at-top  (NumPy only)
+  from bert_sym import hf_export as export  # pylint: disable=g-import-not-at-top  (NumPy only)
   from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
 

@@ -8,9 +8,9 @@
    iterator (NumPy); TF uses every core, so the total is divided by os.cpu_count().
 2. shards: `make_mlm_iterator(source='shards')` (memory-mapped blocks + NumPy masking,
    one thread), after exporting the same corpus; divided by 1 core.
-3. streaming: `make_mlm_iterator(source='streaming')` (bert_sym/input/streaming.py: range reads
+3. streaming: `make_mlm_iterator(source='streaming')` (bert_sym/input/shard_reader.py: range reads
    + Feistel shuffle + NumPy masking, `batch(k)` called in one thread, no read-ahead) on
-   the same corpus exported with `python -m bert_sym.streaming export`, read from a
+   the same corpus exported with `python -m bert_sym.shards export`, read from a
    local path (os.pread) and through fsspec's file:// (the code path gs:// takes), and on
    a synthetic 51M-token corpus (100k blocks of 512) so that reads are spread over 100 MB.
 Tokens are sequence positions served (max_seq_len per example). Writes
@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from bert_sym.input import export as export_lib  # pylint: disable=g-import-not-at-top
+from bert_sym.input import shard_writer as export_lib  # pylint: disable=g-import-not-at-top
 from bert_sym.input import iterator as data_lib
 from configs import common
 

@@ -6,7 +6,7 @@ r"""Compile the trainer's own steps for a TPU slice on any machine, before renti
 
 Needs `libtpu` (pip install -r requirements-tpu.txt); no TPU. The TPU compiler runs on
 this host for a slice of compile-only devices (`jax.experimental.topologies`), on the
-same update and eval steps `bert_sym.train` jits (train.make_train_step ->
+same update and eval steps `bert_sym.train` jits (train.make_mlm_train_step ->
 steps.jit_train_step, steps.make_eval_step), the same mesh, shardings and donation, with
 shapes only: nothing is allocated. Kernels are resolved for the TPU (attention_impl
 auto/splash -> the Mosaic splash kernel, model.dtype auto -> bfloat16), not for the host.
@@ -109,7 +109,7 @@ def build_steps(config: ml_collections.ConfigDict, devices) -> Built:
       lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
       tx, mesh, rules)
   train_step = steps.jit_train_step(
-      train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
+      train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding),
       spec.shardings, batch_sharding, replicated, rules)
   eval_step = steps.make_eval_step(
       functools.partial(objectives.mlm_sums, model, sparse=bool(config.model.sparse_mlm),

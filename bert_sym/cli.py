@@ -137,6 +137,8 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   argv = list(sys.argv if argv is None else argv)
+  from bert_sym import tpu  # pylint: disable=import-outside-toplevel
+  tpu.use_the_cpu_without_a_tpu()
 
   def parse(args):
     with guard(prog, help_argv=args):

@@ -22,7 +22,7 @@ from bert_sym.cli import UserError
 from bert_sym.input.sources import TEXT_FILES_TASK
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
-DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/input/streaming.py
+DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/input/shard_reader.py
 ON_NONFINITE = ('stop', 'skip')
 PRNG_IMPLS = ('threefry', 'rbg', 'unsafe_rbg')   # bert_sym.steps.PRNG_IMPLS (no jax import here)
 
@@ -75,7 +75,7 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
   _choice('data.source', data.source, DATA_SOURCES)
   if data.source == 'shards' and not data.shards_dir:
     raise ConfigError("config.data.source='shards' needs the exported shards. Fix: "
-                      '--config.data.shards_dir=DIR (from `python -m bert_sym.streaming export`).')
+                      '--config.data.shards_dir=DIR (from `python -m bert_sym.shards export`).')
   if data.source == 'seqio':
     if not data.task:
       raise ConfigError('config.data.task is empty. Fix: --config.data.task=bert_sym_mlm_embedded '

@@ -147,3 +147,24 @@ def _libtpu_startup_quiet():
     finally:
       os.dup2(saved, 2)
       os.close(saved)
+
+
+def no_tpu_here() -> bool:
+  """libtpu is installed (to compile for TPUs with `bert_sym.aot`) on a machine with no TPU
+  and no GPU plugin, and the user has not chosen JAX_PLATFORMS: JAX would try to start a
+  TPU at its first use, print half a dozen INVALID_ARGUMENT lines, then take the CPU."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from bert_sym import gpu_flags  # pylint: disable=import-outside-toplevel
+  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+    return False
+  on_a_tpu_vm = (glob.glob('/dev/accel*') or os.path.exists('/dev/vfio')
+                 or os.environ.get('TPU_ACCELERATOR_TYPE'))
+  return not on_a_tpu_vm and gpu_flags.cuda_plugin() is None
+
+
+def use_the_cpu_without_a_tpu() -> None:
+  """Skips JAX's TPU probe where `no_tpu_here` (compiling for a TPU topology still works:
+  bert_sym.aot asks libtpu for the slice's devices directly)."""
+  if no_tpu_here():
+    jax.config.update('jax_platforms', 'cpu')

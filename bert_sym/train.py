@@ -86,7 +86,7 @@ def _user_errors(what: str):
 
 # ---- The MLM update step ----
 
-def make_train_step(config, model, tx, schedule, mesh, batch_sharding):
+def make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding):
   """The update step (not yet jitted): (state, global batch) -> (new state, metrics).
 
   One definition for the trainer and benchmarks/accelerator.py, so that the benchmark
@@ -254,7 +254,7 @@ def _build_state_and_step(config, model, tx, schedule, mesh, data: _Input):
       lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
       tx, mesh, data.rules, prng_impl=config.get('prng_impl', 'threefry'))
   train_step = steps.jit_train_step(
-      make_train_step(config, model, tx, schedule, mesh, data.batch_sharding),
+      make_mlm_train_step(config, model, tx, schedule, mesh, data.batch_sharding),
       spec.shardings, data.batch_sharding, sharding.replicated(mesh), data.rules)
   return spec, train_step
 
@@ -337,7 +337,7 @@ def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:
   lines += [
       f'Metrics: {workdir}/metrics.jsonl; tensorboard --logdir {workdir}/tensorboard',
       'Next:',
-      f'  python -m bert_sym.export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
+      f'  python -m bert_sym.hf_export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
       '# Hugging Face BERT',
       f'  python -m bert_sym.glue --checkpoint={workdir} --output_dir=GLUE_DIR '
       '--glue_dir=/path/to/glue_data --tasks=rte --seeds=1   # GLUE fine-tuning',

@@ -79,7 +79,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
       task='bert_sym_mlm_embedded', # a registered seqio task (see bert_sym/input/seqio_tasks.py)
       text_files='',                # glob(s), comma separated, for task 'bert_sym_mlm_text_files'
       validation_files='',          # its validation glob(s); '' = every 100th document held out
-      shards_dir='',                # output of `python -m bert_sym.streaming export`: local or gs:// ('streaming'), local ('shards')
+      shards_dir='',                # output of `python -m bert_sym.shards export`: local or gs:// ('streaming'), local ('shards')
       vocab_path='',                # '' = bert-base-uncased WordPiece rebuilt offline
       max_seq_len=512,
       mask_rate=0.15,
@@ -138,10 +138,10 @@ PRETRAINING_TASK = 'bert_sym_mlm_c4'
 
 
 def pretraining_corpus(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Switches `c` to the real corpus, streamed from exported shards (bert_sym/input/streaming.py).
+  """Switches `c` to the real corpus, streamed from exported shards (bert_sym/input/shard_reader.py).
 
   shards_dir stays empty: the trainer then stops at once with the commands that prepare
-  the corpus (`python -m bert_sym.streaming export ...`), never training on something else.
+  the corpus (`python -m bert_sym.shards export ...`), never training on something else.
   """
   c.data.update(dict(source='streaming', task=PRETRAINING_TASK, shards_dir=''))
   return c

@@ -17,7 +17,7 @@ interpolates between evals, so it does not need them dense).
 
 The same text through exported shards (TF-free reading; the eval reads the same blocks):
 
-  python -m bert_sym.streaming export --task=bert_sym_mlm_text_files --max_seq_len=64 \
+  python -m bert_sym.shards export --task=bert_sym_mlm_text_files --max_seq_len=64 \
       --text_files=/path/to/wikitext-2/wiki.train.tokens \
       --validation_files=/path/to/wikitext-2/wiki.valid.tokens --out_dir=/tmp/wikitext2_64
   python -m bert_sym.ablate --config=configs/replication.py:/path/to/wikitext-2 ... \

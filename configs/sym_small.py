@@ -4,8 +4,8 @@ r"""bert-small (4 layers, 512 hidden, 8 heads) with pairwise attention, paper re
       --config.data.shards_dir=gs://BUCKET/c4_512
 
 Trains on C4 English streamed from exported shards (configs/common.py:
-`pretraining_corpus`; prepare them with `python -m bert_sym.streaming export`, see
-bert_sym/input/streaming.py). Without shards_dir the run stops at once and prints how.
+`pretraining_corpus`; prepare them with `python -m bert_sym.shards export`, see
+bert_sym/input/shard_reader.py). Without shards_dir the run stops at once and prints how.
 """
 
 from configs import common

@@ -15,7 +15,7 @@
 # Follow the run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 \
 #   --command 'tail -f ~/bert_sym/train.log'      (or point TensorBoard at WORKDIR/tensorboard)
 #
-# The bert-base/small configs stream C4 from exported shards (bert_sym/input/streaming.py).
+# The bert-base/small configs stream C4 from exported shards (bert_sym/input/shard_reader.py).
 # Prepare them once, on the same slice, by setting EXPORT_TO (a gs:// directory): every
 # worker first converts its part of the TFDS corpus there (worker i of N takes parts i,
 # i+N, ...; finished parts are skipped on a rerun), waits until all parts are done, then
@@ -162,11 +162,11 @@ fi
   if [[ -n $EXPORT_TO ]]; then
     WORKER_ID=$(curl -s -H "Metadata-Flavor: Google" \
       http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)
-    printf ".venv/bin/python -m bert_sym.streaming export"
+    printf ".venv/bin/python -m bert_sym.shards export"
     printf " %q" "--task=$EXPORT_TASK" "--max_seq_len=$EXPORT_SEQ_LEN" "--out_dir=$EXPORT_TO" \
       "--tfds_data_dir=$TFDS_DATA_DIR" "--num_workers=$NUM_WORKERS" "--worker_index=$WORKER_ID"
     echo
-    printf "until .venv/bin/python -m bert_sym.streaming finalize %q; do sleep 60; done\n" \
+    printf "until .venv/bin/python -m bert_sym.shards finalize %q; do sleep 60; done\n" \
       "--out_dir=$EXPORT_TO"
     EXTRA_ARGS+=("--config.data.shards_dir=$EXPORT_TO")
   fi

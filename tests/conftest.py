@@ -9,7 +9,14 @@ import os
 
 import pytest
 
+from bert_sym import tpu
 from tests import real_data
+
+# The test venv installs libtpu (tests/test_aot.py compiles for TPU slices): off a TPU VM,
+# every JAX process, test subprocesses included, would probe for a TPU and print a page of
+# warnings before taking the CPU.
+if tpu.no_tpu_here():
+  os.environ['JAX_PLATFORMS'] = 'cpu'
 
 
 def pytest_configure(config):

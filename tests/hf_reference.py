@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import transformers
 
-from bert_sym import export
+from bert_sym import hf_export as export
 
 
 def random_hf_mlm(cfg, seed=0, perturb=0.05):

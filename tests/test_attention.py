@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bert_sym import attention as attention_lib
-from bert_sym import export
+from bert_sym import hf_export as export
 from bert_sym.attention import SelfAttention
 
 VARIANTS = ('standard', 'symmetric', 'pairwise')

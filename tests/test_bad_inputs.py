@@ -175,7 +175,7 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
   train = _train_cases(tmp_path, corpora)
   plans = {
       'bert_sym.train': train,
-      'bert_sym.export': [
+      'bert_sym.hf_export': [
           ([f'--checkpoint={tmp_path}/absent', f'--out_dir={out}'], 'absent'),
           ([f'--checkpoint={ckpt}', f'--out_dir={out}'],
            "does not match its config.json in"),
@@ -195,7 +195,7 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           (['--config=configs/tiny.py', f'--workdir={out}', '--config.seed'],
            'Write overrides as --config.KEY=VALUE'),
           (['--help'], None)],
-      'bert_sym.streaming': [
+      'bert_sym.shards': [
           ([], 'required: command'),
           (['export', '--task=nope', f'--out_dir={out}'], "--task='nope' is not"),
           (['export', '--task=bert_sym_mlm_embedded', '--max_seq_len=1000',

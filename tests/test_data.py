@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bert_sym.input import DataError
-from bert_sym.input import streaming
-from bert_sym.input import export as export_lib
+from bert_sym.input import shard_reader
+from bert_sym.input import shard_writer as export_lib
 from bert_sym.input import iterator as data_lib
 from bert_sym.input import masking
 from bert_sym.input import tokenizer as vocab_lib
@@ -260,7 +260,7 @@ def dict_update(config, **values):
 
 def test_export_layout_and_metadata(shards_dir):
   split_dir = os.path.join(shards_dir, 'train')
-  metadata = streaming.read_metadata(shards_dir, 'train')
+  metadata = shard_reader.read_metadata(shards_dir, 'train')
   assert metadata['vocab_md5'] == vocab_lib.BERT_BASE_UNCASED_MD5
   assert metadata['max_seq_len'] == L and metadata['dtype'] == 'uint16'
   assert len(metadata['shards']) >= 2  # blocks_per_shard=700 forces several shards

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from bert_sym import export
+from bert_sym import hf_export as export
 from bert_sym import model as bert
 from configs.common import model_config
 from hf_reference import hf_mlm_forward, padded_batch
@@ -80,8 +80,8 @@ class NotInstalled:
     if name.split('.')[0] in ('torch', 'transformers'):
       raise ModuleNotFoundError(f'No module named {name!r}')
 sys.meta_path.insert(0, NotInstalled())
-sys.argv = ['bert_sym.export'] + sys.argv[1:]
-runpy.run_module('bert_sym.export', run_name='__main__', alter_sys=True)
+sys.argv = ['bert_sym.hf_export'] + sys.argv[1:]
+runpy.run_module('bert_sym.hf_export', run_name='__main__', alter_sys=True)
 """
 
 
@@ -125,11 +125,11 @@ def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
   result = subprocess.run(
-      [sys.executable, '-m', 'bert_sym.export', f'--checkpoint={tmp_path}/nothing',
+      [sys.executable, '-m', 'bert_sym.hf_export', f'--checkpoint={tmp_path}/nothing',
        f'--out_dir={tmp_path}/out'], cwd=REPO_ROOT, capture_output=True, text=True,
       timeout=120)
   assert result.returncode == 1
-  assert 'bert_sym.export: error:' in result.stderr and 'does not exist' in result.stderr
+  assert 'bert_sym.hf_export: error:' in result.stderr and 'does not exist' in result.stderr
   assert 'Traceback' not in result.stderr
 
 

@@ -20,14 +20,14 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'bert_sym'
 # package and everything in it).
 FLOW = (
     ('config', ('bert_sym.cli', 'bert_sym.sharding', 'bert_sym.distributed', 'bert_sym.files',
-                'bert_sym.tpu')),
+                'bert_sym.tpu', 'bert_sym.gpu_flags')),
     ('input', ('bert_sym.input.*',)),
     ('model', ('bert_sym.attention', 'bert_sym.model')),
     ('steps', ('bert_sym.optim', 'bert_sym.objectives', 'bert_sym.steps')),
     ('checkpoint', ('bert_sym.checkpoint.*',)),
     ('train', ('bert_sym.config_check', 'bert_sym.metrics_writer', 'bert_sym.loop',
-               'bert_sym.pretrain_loop', 'bert_sym.train', 'bert_sym.streaming', 'bert_sym.aot')),
-    ('glue/export', ('bert_sym.glue.*', 'bert_sym.export', 'bert_sym.ablate.*')),
+               'bert_sym.pretrain_loop', 'bert_sym.train', 'bert_sym.shards', 'bert_sym.aot')),
+    ('glue/export', ('bert_sym.glue.*', 'bert_sym.hf_export', 'bert_sym.ablate.*')),
 )
 MAX_LINES = 420   # "about 400": one job per file
 

@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from bert_sym import attention as attention_lib
-from bert_sym import export
+from bert_sym import hf_export as export
 from bert_sym import model as bert
 from configs.common import model_config
 from hf_reference import hf_mlm_forward, padded_batch, random_hf_mlm

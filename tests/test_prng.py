@@ -33,7 +33,7 @@ def _tiny_step(prng_impl):
   spec = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, seq))['params'], tx, mesh, rules,
       prng_impl=prng_impl)
-  step = train.make_train_step(config, model, tx, schedule, mesh, batch_sharding)
+  step = train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding)
   iterator = train_fixtures.make_synthetic_iterator(
       config.data, batch_size=config.batch_size, split='train', seed=0)
   from bert_sym import objectives  # pylint: disable=g-import-not-at-top

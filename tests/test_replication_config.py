@@ -4,7 +4,7 @@ an eval never reads a validation block twice."""
 import numpy as np
 import pytest
 
-from bert_sym import streaming as export_cli
+from bert_sym import shards as export_cli
 from bert_sym import train
 from bert_sym.input import iterator as data_lib
 from bert_sym.input import seqio_tasks

@@ -1,6 +1,6 @@
 """The whole training step against PyTorch: 20 updates from the same weights, same batches.
 
-Ours: `train.make_train_step` (sparse MLM loss normalised by the batch's targets, global-
+Ours: `train.make_mlm_train_step` (sparse MLM loss normalised by the batch's targets, global-
 norm clipping, AdamW with the weight-decay mask, warm-up then linear decay), jitted as the
 trainer jits it. Reference: Hugging Face `BertForMaskedLM` loaded from our export, with
 `torch.optim.AdamW` over the Trainer's two parameter groups (no decay on biases and
@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from bert_sym import export
+from bert_sym import hf_export as export
 from bert_sym import model as model_lib
 from bert_sym import objectives
 from bert_sym import optim
@@ -72,7 +72,7 @@ def _ours(config, batches):
   spec = steps.create_state(
       lambda key: model.init(key, *model_lib.dummy_inputs(1, LENGTH))['params'], tx, mesh, rules)
   train_step = steps.jit_train_step(
-      train.make_train_step(config, model, tx, schedule, mesh, batch_sharding),
+      train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding),
       spec.shardings, batch_sharding, sharding.replicated(mesh), rules)
   state = spec.init(jax.random.key(0), jax.random.key(1))
   initial = jax.device_get(state['params'])

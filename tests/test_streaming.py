@@ -1,4 +1,4 @@
-"""bert_sym.input.streaming (+ export, iterator): the input path for corpora of any size.
+"""bert_sym.input.shard_reader (+ export, iterator): the input path for corpora of any size.
 
 Corpora are written straight into the shard format (random token blocks, as the export
 writes them), so a 50M-token corpus costs seconds, not a TF tokenisation. gs:// is stood
@@ -20,12 +20,12 @@ import time
 import numpy as np
 import pytest
 
-from bert_sym import streaming as streaming_cli
+from bert_sym import shards as streaming_cli
 from bert_sym.input import DataError
-from bert_sym.input import export as export_lib
+from bert_sym.input import shard_writer as export_lib
 from bert_sym.input import iterator as data_lib
 from bert_sym.input import masking
-from bert_sym.input import streaming
+from bert_sym.input import shard_reader
 from bert_sym.input import tokenizer as vocab_lib
 from configs import common
 from tests.train_fixtures import REPO_ROOT, run_trainer
@@ -41,7 +41,7 @@ def write_corpus(url, num_blocks, max_seq_len, *, splits=('train', 'validation')
   special = vocab_lib.special_ids(tokens, vocab_path).as_dict()
   rng = np.random.default_rng(seed)
   for split in splits:
-    split_url = streaming.join_url(url, split)
+    split_url = shard_reader.join_url(url, split)
     export_lib.write_vocab(split_url, vocab_lib.read_vocab_bytes(vocab_path))
     per_part = np.diff(np.linspace(0, num_blocks, num_parts + 1).astype(int))
     for part, count in enumerate(per_part):
@@ -57,7 +57,7 @@ def write_corpus(url, num_blocks, max_seq_len, *, splits=('train', 'validation')
       writer.close(task=task, split=split, vocab_md5=vocab_lib.BERT_BASE_UNCASED_MD5,
                    vocab_size=len(tokens), special_ids=special)
     export_lib.finalize(url, split)
-  return streaming.read_metadata(url, 'train')
+  return shard_reader.read_metadata(url, 'train')
 
 
 def _config(shards_dir, max_seq_len=64, **overrides):
@@ -94,27 +94,27 @@ def small_corpus(tmp_path_factory):
 
 @pytest.mark.parametrize('n', [1, 2, 3, 17, 1000, 4097, 100_003])
 def test_feistel_is_a_bijection_of_every_size(n):
-  p = streaming.feistel_permutation(np.arange(n), n, seed=5, epoch=0)
+  p = shard_reader.feistel_permutation(np.arange(n), n, seed=5, epoch=0)
   np.testing.assert_array_equal(np.sort(p), np.arange(n))
   if n >= 17:
     assert not np.array_equal(p, np.arange(n))
-    assert not np.array_equal(p, streaming.feistel_permutation(np.arange(n), n, 5, 1))
-    assert not np.array_equal(p, streaming.feistel_permutation(np.arange(n), n, 6, 0))
+    assert not np.array_equal(p, shard_reader.feistel_permutation(np.arange(n), n, 5, 1))
+    assert not np.array_equal(p, shard_reader.feistel_permutation(np.arange(n), n, 6, 0))
     # Per index: any slice of the indices gives the same slice of the permutation.
     np.testing.assert_array_equal(
-        streaming.feistel_permutation(np.arange(n // 3, n // 2), n, 5, 0), p[n // 3:n // 2])
+        shard_reader.feistel_permutation(np.arange(n // 3, n // 2), n, 5, 0), p[n // 3:n // 2])
 
 
 def test_feistel_mixes_like_a_random_permutation():
   n = 100_003
-  p = streaming.feistel_permutation(np.arange(n), n, seed=0, epoch=0)
+  p = shard_reader.feistel_permutation(np.arange(n), n, seed=0, epoch=0)
   # Neighbours land far apart, and position predicts nothing about the block.
   assert abs(np.corrcoef(np.arange(n), p)[0, 1]) < 0.02
   assert np.median(np.abs(np.diff(p))) > n / 5
   # Fixed points of a random permutation: Poisson(1).
   assert (p == np.arange(n)).sum() < 8
   # Huge corpora: no array of the corpus's size is built (a billion blocks, 4 indices).
-  big = streaming.feistel_permutation(np.array([0, 1, 2, 10**9 - 1]), 10**9, 0, 7)
+  big = shard_reader.feistel_permutation(np.array([0, 1, 2, 10**9 - 1]), 10**9, 0, 7)
   assert len(set(big.tolist())) == 4 and (big < 10**9).all()
 
 
@@ -123,18 +123,18 @@ def test_feistel_mixes_like_a_random_permutation():
 # ----------------------------------------------------------------------------------------
 
 def test_blocks_are_the_exported_arrays_on_every_filesystem(small_corpus):
-  metadata = streaming.read_metadata(str(small_corpus), 'train')
+  metadata = shard_reader.read_metadata(str(small_corpus), 'train')
   assert len(metadata['shards']) > 3   # several shards per part
   truth = np.concatenate([np.load(small_corpus / 'train' / s['file'])
                           for s in metadata['shards']])
   memory_url = 'memory://streaming-test/corpus'
   for split in ('train', 'validation'):   # a copy in memory:// (the remote code path)
     for f in (small_corpus / split).iterdir():
-      fs, path = streaming.filesystem(f'{memory_url}/{split}/{f.name}')
+      fs, path = shard_reader.filesystem(f'{memory_url}/{split}/{f.name}')
       fs.pipe_file(path, f.read_bytes())
   rows = np.array([999, 0, 5, 6, 7, 149, 150, 151, 500, 5, 998])
   for url in (str(small_corpus), f'file://{small_corpus}', memory_url):
-    blocks = streaming.StreamingBlocks(url, 'train')
+    blocks = shard_reader.StreamingBlocks(url, 'train')
     assert len(blocks) == 1000 and blocks.num_tokens == metadata['num_tokens']
     np.testing.assert_array_equal(blocks.take(rows), truth[rows])
     np.testing.assert_array_equal(blocks.take(np.arange(1000)), truth)
@@ -169,7 +169,7 @@ def test_same_seed_same_batches_resume_and_epochs(small_corpus):
   _assert_same(next(resumed), next(run))
   _assert_same(next(_iterator(config, batch_size=10, start_step=150)), batches[150])
   # Each epoch reads every block exactly once, in a new order.
-  blocks = streaming.StreamingBlocks(str(small_corpus), 'train')
+  blocks = shard_reader.StreamingBlocks(str(small_corpus), 'train')
   spec_rows = lambda step: run._rows(np.arange(step * 10, step * 10 + 10))  # pylint: disable=protected-access
   epoch0 = np.concatenate([spec_rows(s) for s in range(100)])
   epoch1 = np.concatenate([spec_rows(s) for s in range(100, 200)])
@@ -196,7 +196,7 @@ def test_a_streaming_checkpoint_resumes_on_shards_as_if_uninterrupted(small_corp
 
 def test_resuming_on_another_corpus_or_order_is_a_readable_error(small_corpus, tmp_path):
   state = _iterator(_config(str(small_corpus))).get_state()
-  assert state['shuffle'] == streaming.SHUFFLE_KIND and state['max_seq_len'] == 64
+  assert state['shuffle'] == shard_reader.SHUFFLE_KIND and state['max_seq_len'] == 64
   old_shards_state = {k: v for k, v in state.items() if k != 'shuffle'}   # argsort era
   with pytest.raises(DataError, match='older bert_sym that shuffled.*new --workdir'):
     _iterator(_config(str(small_corpus), source='shards')).set_state(old_shards_state)
@@ -213,7 +213,7 @@ def test_out_of_vocabulary_ids_stop_at_the_first_read_naming_shard_and_block(
     small_corpus, tmp_path, source):
   damaged = tmp_path / 'damaged'
   shutil.copytree(small_corpus, damaged)
-  shard = streaming.read_metadata(str(damaged), 'train')['shards'][1]
+  shard = shard_reader.read_metadata(str(damaged), 'train')['shards'][1]
   array = np.load(damaged / 'train' / shard['file'], mmap_mode='r+')
   array[7, 3] = 40000   # not block 0, which start-up checks
   array.flush()
@@ -262,12 +262,12 @@ def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
     _iterator(_config(str(small_corpus), max_seq_len=32))
   broken = tmp_path / 'broken'
   shutil.copytree(small_corpus, broken)
-  first = streaming.read_metadata(str(broken), 'train')['shards'][0]['file']
+  first = shard_reader.read_metadata(str(broken), 'train')['shards'][0]['file']
   np.save(broken / 'train' / first, np.zeros((3, 64), np.uint16))
   next(_iterator(_config(str(broken)), split='validation'))   # validation is intact
   with pytest.raises(DataError, match=f'{first}: array \\(3, 64\\)'):
-    streaming.StreamingBlocks(str(broken), 'train').take(np.array([0]))
-  assert streaming.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
+    shard_reader.StreamingBlocks(str(broken), 'train').take(np.array([0]))
+  assert shard_reader.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
 
 
 def test_describe_corpus_counts_epochs_and_warns(small_corpus):
@@ -276,7 +276,7 @@ def test_describe_corpus_counts_epochs_and_warns(small_corpus):
   config.data = _config(str(small_corpus))
   config.batch_size, config.total_steps = 32, 16   # 512 of 1000 blocks
   lines = data_lib.describe_corpus(iterator, config)
-  tokens = streaming.read_metadata(str(small_corpus), 'train')['num_tokens']
+  tokens = shard_reader.read_metadata(str(small_corpus), 'train')['num_tokens']
   assert len(lines) == 1 and f'{tokens:,} tokens in 1,000 blocks of 64' in lines[0]
   assert '0.51 epochs' in lines[0]
   config.total_steps = 400   # 12.8 epochs
@@ -382,8 +382,8 @@ def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_file
   assert _export(tmp_path / 'two', text_files, num_workers=2, worker_index=0) == one
   assert _files(tmp_path / 'two' / 'train') == _files(tmp_path / 'one' / 'train')
   assert not [n for n in _files(tmp_path / 'one' / 'train') if '.tmp' in n]
-  a = streaming.StreamingBlocks(str(tmp_path / 'one'), 'train')
-  b = streaming.StreamingBlocks(str(tmp_path / 'two'), 'train')
+  a = shard_reader.StreamingBlocks(str(tmp_path / 'one'), 'train')
+  b = shard_reader.StreamingBlocks(str(tmp_path / 'two'), 'train')
   np.testing.assert_array_equal(a.take(np.arange(len(a))), b.take(np.arange(len(b))))
   # The blocks are the text's packed blocks: every document's tokens, in part order.
   assert a.num_tokens > 12 * 64 and (a.take(np.arange(len(a)))[:, 0] == 101).all()
@@ -518,7 +518,7 @@ def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):
   assert result.returncode == 1, result.stderr[-3000:]
   assert elapsed < 10, f'took {elapsed:.1f} s'
   assert 'tfds build c4/en' in result.stderr
-  assert 'python -m bert_sym.streaming export --task=bert_sym_mlm_c4' in result.stderr
+  assert 'python -m bert_sym.shards export --task=bert_sym_mlm_c4' in result.stderr
   assert '--config=configs/tiny.py' in result.stderr
   assert 'Traceback' not in result.stderr.split('bert_sym.train: error')[-1]
   assert 'Corpus' not in result.stdout and 'Initialised' not in result.stdout

@@ -206,7 +206,7 @@ def test_reference_run_writes_everything(reference_run):
   tail = result.stdout.strip().splitlines()[-6:]
   assert tail[0].startswith(f'Done: step {STEPS}. Final eval MLM loss'), tail
   assert any(f'Checkpoint: {workdir}/checkpoints/{STEPS}' in l for l in tail)
-  assert any('python -m bert_sym.export' in l for l in tail)
+  assert any('python -m bert_sym.hf_export' in l for l in tail)
   assert any('python -m bert_sym.glue' in l for l in tail)
   assert 'orbax' not in result.stdout + result.stderr
   _, params = checkpoint.load_pretrained(workdir)
@@ -456,7 +456,7 @@ def test_lr_schedule_matches_hugging_face(warmup, total):
 def test_weight_decay_mask_matches_hugging_face():
   """Hugging Face's no_decay = ['bias', 'LayerNorm.weight'] on the exported names."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from bert_sym import export  # pylint: disable=g-import-not-at-top
+  from bert_sym import hf_export as export  # pylint: disable=g-import-not-at-top
 
   # 'standard' maps one to one onto HF's parameters (the other variants fold W_k).
   cfg = train_fixtures.tiny_config(model__attention='standard').model

@@ -1,6 +1,6 @@
 """The MLM input pipeline, one module per stage (README.md's Layout says what each does); a
 module imports only those before it: sources, tokenizer, masking, blocks, streaming,
-iterator, seqio_tasks, export (corpus -> shards, `python -m bert_sym.streaming`).
+iterator, seqio_tasks, export (corpus -> shards, `python -m bert_sym.shards`).
 
 TensorFlow is imported by `import_tensorflow` (here, with what all stages share), only
 where TF runs: the shards and streaming paths never load it.

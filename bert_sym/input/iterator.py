@@ -2,7 +2,7 @@
 
   * Global example g (the g-th sequence the run consumes, over all hosts) is block
     pi_e(g % N) of epoch e = g // N, with pi_e the keyed Feistel permutation of the N
-    blocks (`streaming.feistel_permutation`, keyed by (seed, e), computed per index: no
+    blocks (`shard_reader.feistel_permutation`, keyed by (seed, e), computed per index: no
     O(N) array per epoch), the same for every source, so a checkpoint of one source
     resumes on the same blocks read through another. Each example is masked by
     `masking.mask_blocks`, a pure function of (seed, g, block); 'validation' is read in
@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from absl import logging
 import numpy as np
 
-from bert_sym.input import DataError, check_max_seq_len, masking, sources, streaming, tokenizer
+from bert_sym.input import DataError, check_max_seq_len, masking, shard_reader, sources, tokenizer
 from bert_sym.input import blocks as blocks_lib
 
 EPOCH_WARNING_THRESHOLD = 10
@@ -53,7 +53,7 @@ class MLMIterator:
     epoch, offset = np.divmod(example_index, self.num_blocks)
     if not self._shuffle:
       return offset
-    return streaming.feistel_permutation(offset, self.num_blocks, self._seed, epoch)
+    return shard_reader.feistel_permutation(offset, self.num_blocks, self._seed, epoch)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The batch at `step` (no state change)."""
@@ -74,7 +74,7 @@ class MLMIterator:
     """The read position, with what makes it meaningful: the order (shuffle kind, seed)
     and the corpus (vocabulary md5, block length, block count)."""
     return dict(step=self._step, seed=self._seed,
-                shuffle=streaming.SHUFFLE_KIND if self._shuffle else 'none',
+                shuffle=shard_reader.SHUFFLE_KIND if self._shuffle else 'none',
                 num_blocks=self.num_blocks, max_seq_len=self._blocks.max_seq_len,
                 vocab_md5=self._blocks.vocab_md5, batch_size=self._batch_size,
                 process_count=self._process_count)
@@ -85,7 +85,7 @@ class MLMIterator:
       raise DataError(
           'cannot resume: the checkpointed input state has no shuffle kind, so it was '
           "written by an older bert_sym that shuffled source='shards' and 'seqio' by "
-          f'argsort; this one reads every source in the {streaming.SHUFFLE_KIND} order, and '
+          f'argsort; this one reads every source in the {shard_reader.SHUFFLE_KIND} order, and '
           'resuming would read blocks twice or never. Fix: start a new --workdir (or '
           'finish the run with the version that wrote it).')
     for key, what in (('shuffle', 'another block order'), ('seed', 'another order'),
@@ -119,7 +119,7 @@ def mask_spec(data_config, blocks) -> masking.MaskSpec:
 def load_blocks(data_config, split: str, documents=None):
   """The blocks of `config.data.source`; `documents`: see `blocks.load_packed` ('seqio')."""
   if data_config.source in ('streaming', 'shards'):
-    return streaming.open_blocks(data_config, split)
+    return shard_reader.open_blocks(data_config, split)
   check_max_seq_len(data_config.max_seq_len)
   if data_config.source != 'seqio':
     raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
@@ -127,7 +127,7 @@ def load_blocks(data_config, split: str, documents=None):
   if data_config.task in sources.TFDS_SOURCES:   # billions of tokens: never in memory
     raise DataError(f"config.data.source='seqio' would pack all of {data_config.task} in "
                     "memory; stream it instead (--config.data.source=streaming). "
-                    + streaming.prepare_instructions(data_config))
+                    + shard_reader.prepare_instructions(data_config))
   return blocks_lib.load_packed(data_config, split, documents)
 
 
@@ -153,7 +153,7 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
 def vocab_size(data_config) -> int:
   """Vocabulary size of the data (the model's vocab_size must equal it)."""
   if data_config.source in ('streaming', 'shards'):   # also checks the corpus is prepared
-    return len(streaming.open_blocks(data_config, 'train').vocab_tokens)
+    return len(shard_reader.open_blocks(data_config, 'train').vocab_tokens)
   return len(tokenizer.read_vocab(data_config.vocab_path or tokenizer.default_vocab_file()))
 
 
@@ -177,7 +177,7 @@ def describe_corpus(iterator, config) -> list[str]:
   if epochs > EPOCH_WARNING_THRESHOLD:
     warning = (f'the run reads the corpus {epochs:.1f} times (> '
                f'{EPOCH_WARNING_THRESHOLD} epochs): the model will memorise it. Use a '
-               'larger corpus (see `python -m bert_sym.streaming export`) or fewer steps.')
+               'larger corpus (see `python -m bert_sym.shards export`) or fewer steps.')
     logging.warning('%s', warning)
     lines.append('WARNING: ' + warning)
   return lines

@@ -192,4 +192,4 @@ def config_documents(data_config, split: str):
     return dataset_fn(split, shuffle_files=False)
   raise DataError(f"config.data.source='seqio' packs {EMBEDDED_TASK} or {TEXT_FILES_TASK} "
                   f'in memory, not {data_config.task!r}: export it (python -m '
-                  'bert_sym.streaming export) and read the shards instead.')
+                  'bert_sym.shards export) and read the shards instead.')

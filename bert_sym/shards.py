@@ -1,5 +1,5 @@
-"""`python -m bert_sym.streaming export|finalize`: corpus -> shards, the command line of
-`bert_sym.input.export` (see there). The shards serve config.data.source='streaming' (local
+"""`python -m bert_sym.shards export|finalize`: corpus -> shards, the command line of
+`bert_sym.input.shard_writer` (see there). The shards serve config.data.source='streaming' (local
 or gs://, any size) and 'shards' (local, memory-mapped).
 """
 
@@ -9,21 +9,21 @@ import sys
 
 from bert_sym import cli
 from bert_sym import metrics_writer
-from bert_sym.input import export as export_lib
-from bert_sym.input.streaming import join_url
+from bert_sym.input import shard_writer as export_lib
+from bert_sym.input.shard_reader import join_url
 
-PROG = 'bert_sym.streaming'
+PROG = 'bert_sym.shards'
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the command; a user error is one `bert_sym.streaming: error:` line, exit 1."""
+  """Runs the command; a user error is one `bert_sym.shards: error:` line, exit 1."""
   argv = sys.argv[1:] if argv is None else argv
   with cli.guard(PROG, help_argv=['', *argv]):
     return _main(argv)
 
 
 def _main(argv: list[str]) -> int:
-  parser = cli.ArgumentParser(prog='python -m bert_sym.streaming')
+  parser = cli.ArgumentParser(prog='python -m bert_sym.shards')
   commands = parser.add_subparsers(dest='command', required=True)
   ex = commands.add_parser('export', help="convert this worker's parts of a task to shards")
   ex.add_argument('--task', required=True, help='e.g. bert_sym_mlm_c4')

@@ -10,7 +10,7 @@ ours (symmetric is the case P_h = I). Everything here works on NumPy arrays keye
 Hugging Face's `state_dict` names; the export needs neither PyTorch nor `transformers`
 (README.md, "Exporting to Hugging Face", lists the files it writes).
 
-  python -m bert_sym.export --checkpoint=WORKDIR_or_STEP_DIR --out_dir=hf_model
+  python -m bert_sym.hf_export --checkpoint=WORKDIR_or_STEP_DIR --out_dir=hf_model
 """
 
 import json
@@ -270,4 +270,4 @@ if __name__ == '__main__':
   _OUT_DIR = flags.DEFINE_string(
       'out_dir', None, 'Where to write config.json, model weights and vocab.txt.',
       required=True)
-  cli.run(main, prog='bert_sym.export')
+  cli.run(main, prog='bert_sym.hf_export')

@@ -3,7 +3,7 @@ memory-mapped (local), TF-free.
 
 Each split holds `.npy` shards of fixed-size blocks (uint16 [n, max_seq_len]), vocab.txt
 and a `metadata.json` listing the shards in reading order, written by
-`bert_sym.input.export`. Block b lives at a computable byte offset of one shard, read
+`bert_sym.input.shard_writer`. Block b lives at a computable byte offset of one shard, read
 through fsspec (os.pread for local paths; memory:// and file:// exercise the remote code
 path in tests), so host memory is bounded whatever the corpus size.
 
@@ -111,7 +111,7 @@ def prepare_instructions(data_config) -> str:
     steps.append(f'`tfds build {tfds_name} --data_dir=gs://BUCKET/tensorflow_datasets` '
                  '(once, or use a prepared copy), then')
   extra = ' --tfds_data_dir=gs://BUCKET/tensorflow_datasets' if tfds_name else ''
-  steps.append(f'`python -m bert_sym.streaming export --task={task}{extra} '
+  steps.append(f'`python -m bert_sym.shards export --task={task}{extra} '
                f'--max_seq_len={data_config.max_seq_len} --out_dir={out}` (TF needed there '
                'only; launch/tpu_vm.sh does this with EXPORT_TO)')
   return ' '.join([
@@ -157,7 +157,7 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
         f'{what}but {url} cannot be read ({type(e).__name__}: {e}); the corpus is not '
         'prepared there, or the export did not finish. ' +
         (prepare_instructions(data_config) if data_config is not None
-         else 'Fix: export it (python -m bert_sym.streaming export).')) from e
+         else 'Fix: export it (python -m bert_sym.shards export).')) from e
   if metadata.get('format_version') != SHARD_FORMAT_VERSION:
     raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
                     f'code reads {SHARD_FORMAT_VERSION}; re-export.')

@@ -19,8 +19,8 @@ import numpy as np
 from bert_sym.files import write_atomically
 from bert_sym.input import DataError, check_max_seq_len, sources, tokenizer
 from bert_sym.input import blocks
-from bert_sym.input.streaming import METADATA_FILE, SHARD_FORMAT_VERSION, VOCAB_FILE
-from bert_sym.input.streaming import exists, filesystem, join_url, read_bytes
+from bert_sym.input.shard_reader import METADATA_FILE, SHARD_FORMAT_VERSION, VOCAB_FILE
+from bert_sym.input.shard_reader import exists, filesystem, join_url, read_bytes
 
 
 def _write_json(url: str, value) -> None:
