@@ -259,28 +259,8 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   A step that does not fit is reported (fits False, bytes_over_hbm); AotError (one line)
   is raised for a topology or config that cannot be compiled for.
   """
-  try:
-    config_check.check(config)
-  except config_check.ConfigError as e:
-    raise AotError(str(e)) from None
-  if num_slices < 1:
-    raise AotError(f'--num_slices={num_slices} must be >= 1.')
-  try:
-    slice_ = tpu.parse_topology(topology)
-    devices = tpu.compile_only_devices(slice_, num_slices)
-  except tpu.SliceError as e:
-    raise AotError(str(e)) from None
-  report: dict[str, Any] = {
-      'topology': slice_.name, 'libtpu_topology': slice_.topology,
-      'device_kind': devices[0].device_kind, 'num_slices': num_slices,
-      'chips': len(devices), 'hbm_bytes_per_chip': slice_.chip.hbm_bytes,
-      'jax': jax.__version__, 'attention': config.model.attention,
-      'attention_impl': config.model.attention_impl,
-      'batch_size': config.batch_size, 'seq_len': config.data.max_seq_len,
-      'scan_layers': bool(config.model.get('scan_layers', False)),
-      'remat': bool(config.model.get('remat', False)),
-      'grad_accum_steps': config.optimizer.grad_accum_steps,
-  }
+  slice_, devices = _slice_devices(config, topology, num_slices)
+  report = _report_header(config, slice_, devices, num_slices)
   with attention.target_backend('tpu'):
     try:
       built = build_steps(config, devices)
@@ -292,39 +272,72 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
     if eval_step:
       todo.append(('eval_step', built.eval_step, (built.spec.abstract['params'], built.batch)))
     for name, jitted, args in todo:
-      try:
-        compiled, seconds = _compile(jitted, *args)
-      except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
-        message = str(e)
-        if 'RESOURCE_EXHAUSTED' not in message and 'hbm' not in message.lower():
-          raise
-        over = bytes_over(message)
-        report[name] = {'compiler_out_of_memory': message.splitlines()[0][:500]}
-        break
-      if executables is not None:
-        executables[name] = compiled
-      hlo = compiled.as_text()
-      report[name] = {
-          'compile_s': seconds, 'memory': memory_report(compiled),
-          'collectives': count_collectives(hlo),
-          # Pallas kernels compiled by Mosaic for the TPU (splash): custom calls in the HLO.
-          'mosaic_kernels': hlo.count('custom_call_target="tpu_custom_call"'),
-          'compiler_cost': cost_report(compiled),
-      }
-      if report[name]['memory']['total'] > slice_.chip.hbm_bytes:
-        break
+      report[name], over = _compile_report(jitted, args, name, executables)
+      memory = report[name].get('memory')
+      if memory is None or memory['total'] > slice_.chip.hbm_bytes:
+        break   # out of memory: the eval step need not be tried
   totals = [report.get(name, {}).get('memory', {}).get('total', math.inf)
             for name, _, _ in todo]
   report['fits'] = over is None and max(totals) <= slice_.chip.hbm_bytes
   # None: the compiler ran out of memory without saying by how much.
   report['bytes_over_hbm'] = over if over is not None or max(totals) == math.inf else max(
       0, max(totals) - slice_.chip.hbm_bytes)
-  train_memory = report['train_step'].get('memory')
-  if train_memory is not None:
+  if report['train_step'].get('memory') is not None:
     report['estimate'] = estimate(
         config, slice_, num_slices, devices[0],
         report['train_step']['compiler_cost']['bytes_accessed'], report['scan_layers'])
   return report
+
+
+def _slice_devices(config, topology: str, num_slices: int):
+  """The config checked as the trainer checks it, then the slice and its compile-only
+  devices; AotError (one line) on any problem."""
+  try:
+    config_check.check(config)
+  except config_check.ConfigError as e:
+    raise AotError(str(e)) from None
+  if num_slices < 1:
+    raise AotError(f'--num_slices={num_slices} must be >= 1.')
+  try:
+    slice_ = tpu.parse_topology(topology)
+    return slice_, tpu.compile_only_devices(slice_, num_slices)
+  except tpu.SliceError as e:
+    raise AotError(str(e)) from None
+
+
+def _report_header(config, slice_, devices, num_slices: int) -> dict[str, Any]:
+  return {
+      'topology': slice_.name, 'libtpu_topology': slice_.topology,
+      'device_kind': devices[0].device_kind, 'num_slices': num_slices,
+      'chips': len(devices), 'hbm_bytes_per_chip': slice_.chip.hbm_bytes,
+      'jax': jax.__version__, 'attention': config.model.attention,
+      'attention_impl': config.model.attention_impl,
+      'batch_size': config.batch_size, 'seq_len': config.data.max_seq_len,
+      'scan_layers': bool(config.model.get('scan_layers', False)),
+      'remat': bool(config.model.get('remat', False)),
+      'grad_accum_steps': config.optimizer.grad_accum_steps,
+  }
+
+
+def _compile_report(jitted, args, name: str, executables: dict | None):
+  """(the step's report, bytes over HBM if the compiler ran out of memory else None)."""
+  try:
+    compiled, seconds = _compile(jitted, *args)
+  except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
+    message = str(e)
+    if 'RESOURCE_EXHAUSTED' not in message and 'hbm' not in message.lower():
+      raise
+    return {'compiler_out_of_memory': message.splitlines()[0][:500]}, bytes_over(message)
+  if executables is not None:
+    executables[name] = compiled
+  hlo = compiled.as_text()
+  return {
+      'compile_s': seconds, 'memory': memory_report(compiled),
+      'collectives': count_collectives(hlo),
+      # Pallas kernels compiled by Mosaic for the TPU (splash): custom calls in the HLO.
+      'mosaic_kernels': hlo.count('custom_call_target="tpu_custom_call"'),
+      'compiler_cost': cost_report(compiled),
+  }, None
 
 
 def summary(report: dict) -> str:

@@ -125,23 +125,7 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'model.attention_impl={impl!r}; use one of {IMPLEMENTATIONS}.')
   if impl == 'auto':
-    kernel = BACKEND_KERNELS.get(backend, 'xla')
-    why_not = None
-    if kernel != 'xla' and training_dropout and _no_fused_dropout(kernel, scanned):
-      why_not = _no_fused_dropout(kernel, scanned)
-    elif kernel != 'xla' and return_weights:
-      why_not = 'attention weights were asked for (return_weights)'
-    elif kernel == 'splash' and seq_len % SPLASH_BLOCK:
-      why_not = f'sequence length {seq_len} is not a multiple of {SPLASH_BLOCK}'
-    elif kernel == 'cudnn' and jnp.dtype(dtype) == jnp.float32:
-      why_not = ('model.dtype is float32 and cuDNN flash attention runs in 16 bits only '
-                 '(model.dtype=auto is bfloat16 on GPU)')
-    if why_not:
-      _log_once(f'attention_impl=auto on {backend}: using xla attention, not {kernel}, '
-                f'because {why_not}.')
-      return 'xla'
-    _log_once(f'attention_impl=auto on {backend}: using {kernel} attention.')
-    return kernel
+    return _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scanned)
   if impl == 'xla':
     return impl
   # A fused kernel asked for by name: it runs as asked or the config is wrong.
@@ -173,6 +157,27 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
         f"{SPLASH_BLOCK}, got {seq_len}; change data.max_seq_len or use "
         f"model.attention_impl=xla.")
   return impl
+
+
+def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scanned) -> str:
+  """`auto`: the backend's kernel, or xla where it cannot apply (logged once, with why)."""
+  kernel = BACKEND_KERNELS.get(backend, 'xla')
+  why_not = None
+  if kernel != 'xla' and training_dropout and _no_fused_dropout(kernel, scanned):
+    why_not = _no_fused_dropout(kernel, scanned)
+  elif kernel != 'xla' and return_weights:
+    why_not = 'attention weights were asked for (return_weights)'
+  elif kernel == 'splash' and seq_len % SPLASH_BLOCK:
+    why_not = f'sequence length {seq_len} is not a multiple of {SPLASH_BLOCK}'
+  elif kernel == 'cudnn' and jnp.dtype(dtype) == jnp.float32:
+    why_not = ('model.dtype is float32 and cuDNN flash attention runs in 16 bits only '
+               '(model.dtype=auto is bfloat16 on GPU)')
+  if why_not:
+    _log_once(f'attention_impl=auto on {backend}: using xla attention, not {kernel}, '
+              f'because {why_not}.')
+    return 'xla'
+  _log_once(f'attention_impl=auto on {backend}: using {kernel} attention.')
+  return kernel
 
 
 def _no_fused_dropout(kernel: str, scanned: bool) -> str | None:
