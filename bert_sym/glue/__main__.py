@@ -54,6 +54,7 @@ from etils import epath
 import jax
 from ml_collections import config_flags
 
+from bert_sym import checkpoint
 from bert_sym import distributed
 from bert_sym import loop
 from bert_sym import metrics_writer
@@ -117,8 +118,10 @@ def main(argv, cli):
     logging.warning('%s; exiting with code %d.', e, e.exit_code)
     sys.stdout.flush()
     sys.exit(e.exit_code)
-  except (ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError) as e:
-    # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix.
+  except (ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError,
+          checkpoint.CheckpointSaveError) as e:
+    # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix; a failed
+    # save (disk full, permission) names the step, the path and the cause.
     raise SystemExit(f'bert_sym.glue: error: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
     frames = traceback.extract_tb(e.__traceback__)
