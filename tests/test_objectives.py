@@ -38,7 +38,7 @@ ON_GPU = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN needs 
 
 
 @pytest.mark.parametrize('impl,sparse', [('xla', False), ('xla', True), ('splash', False),
-                                         pytest.param('cudnn', False, marks=ON_GPU)])
+                                         pytest.param('cudnn', False, marks=[ON_GPU, pytest.mark.gpu])])
 def test_mlm_sums_with_a_zero_length_row_equal_those_without_it(impl, sparse):
   cfg = model_config('tiny', 'pairwise')
   cfg.update(vocab_size=1000, dtype='bfloat16' if impl == 'cudnn' else 'float32',

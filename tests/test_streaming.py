@@ -250,11 +250,11 @@ def test_resume_checks(small_corpus, tmp_path):
 
 
 def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
-  with pytest.raises(DataError, match=r'(?s)shards_dir is not set.*streaming export'
+  with pytest.raises(DataError, match=r'(?s)shards_dir is not set.*shards export'
                      r'.*configs/tiny\.py'):
     _iterator(_config(''))
   with pytest.raises(DataError, match=r'(?s)train/metadata\.json cannot be read.*'
-                     r'streaming export'):
+                     r'shards export'):
     _iterator(_config(str(tmp_path / 'absent')))
   with pytest.raises(DataError, match='holds task .synthetic_test.'):
     _iterator(_config(str(small_corpus), task='bert_sym_mlm_c4'))
