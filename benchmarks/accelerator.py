@@ -100,30 +100,19 @@ def _ours_config(spec):
 
 
 def _ours_state_step_batch(config, spec):
-  """The trainer's pieces: state created sharded (steps.create_state), its update step
-  jitted under the kernel mesh (steps.jit_train_step), a global batch."""
+  """The trainer's step (bert_sym.train.build_mlm_step), its state and a global batch."""
   import jax  # pylint: disable=g-import-not-at-top
-  from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
-  from bert_sym import objectives, optim, sharding, steps, train  # pylint: disable=g-import-not-at-top
+  from bert_sym import objectives, sharding, steps, train  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  model = model_lib.BertForMaskedLM(config.model)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  state_spec = steps.create_state(
-      lambda key: model.init(key, *model_lib.dummy_inputs(1, spec['seq']))['params'],
-      tx, mesh, rules, prng_impl=config.prng_impl)
-  state = state_spec.init(jax.random.key(0),
-                          steps.dropout_key(jax.random.key(1), config.prng_impl))
-  step = steps.jit_train_step(
-      train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding),
-      state_spec.shardings, batch_sharding, sharding.replicated(mesh), rules)
+  mlm = train.build_mlm_step(config, mesh)
+  state = mlm.spec.init(jax.random.key(0),
+                        steps.dropout_key(jax.random.key(1), config.prng_impl))
   host = objectives.host_mlm_positions(
       synthetic_batch(spec['batch'], spec['seq'], config.model.vocab_size),
       config.data.max_predictions_per_seq)
   batch = sharding.host_batch_to_global(host, mesh=mesh, global_batch_size=spec['batch'],
-                                        rules=rules)
-  return state, step, batch
+                                        rules=mlm.rules)
+  return state, mlm.train_step, batch
 
 
 def _timed_steps(compiled, state, batch, warmup, num_steps):

@@ -6,8 +6,8 @@ r"""Compile the trainer's own steps for a TPU slice on any machine, before renti
 
 Needs `libtpu` (pip install -r requirements-tpu.txt); no TPU. The TPU compiler runs on
 this host for a slice of compile-only devices (`jax.experimental.topologies`), on the
-same update and eval steps `bert_sym.train` jits (train.make_mlm_train_step ->
-steps.jit_train_step, steps.make_eval_step), the same mesh, shardings and donation, with
+same update and eval steps `bert_sym.train` jits (train.build_mlm_step: one definition
+for both), the same mesh, shardings and donation, with
 shapes only: nothing is allocated. Kernels are resolved for the TPU (attention_impl
 auto/splash -> the Mosaic splash kernel, model.dtype auto -> bfloat16), not for the host.
 
@@ -24,7 +24,6 @@ per layer. The compiler's figures are reported as they are, next to it.
 """
 
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -43,8 +42,6 @@ from bert_sym import config_check
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
-from bert_sym import optim
-from bert_sym import sharding
 from bert_sym import steps
 from bert_sym import tpu
 from bert_sym import train
@@ -94,34 +91,17 @@ class Built:
 
 
 def build_steps(config: ml_collections.ConfigDict, devices) -> Built:
-  """The trainer's mesh, state and steps (bert_sym.train.train_and_evaluate) on `devices`."""
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.logical_rules(config)
-  sharding.check_batch_size(config.batch_size, mesh, rules)
-  sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
-                            rules, 'batch_size / optimizer.grad_accum_steps')
-  replicated = sharding.replicated(mesh)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+  """The trainer's mesh, state and steps (bert_sym.train.build_mlm_step) on `devices`."""
+  mesh = train.checked_mesh(config, devices)
+  mlm = train.build_mlm_step(config, mesh)
   seq_len = config.data.max_seq_len
-  model = model_lib.BertForMaskedLM(config.model)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  spec = steps.create_state(
-      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
-      tx, mesh, rules)
-  train_step = steps.jit_train_step(
-      train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding),
-      spec.shardings, batch_sharding, replicated, rules)
-  eval_step = steps.make_eval_step(
-      functools.partial(objectives.mlm_sums, model, sparse=bool(config.model.sparse_mlm),
-                        num_predictions=config.data.max_predictions_per_seq),
-      spec.param_shardings, batch_sharding, replicated, rules)
   dtype = model_lib.compute_dtype(config.model.dtype)
   kernel = attention.resolve_implementation(
       config.model.attention_impl, training_dropout=config.model.attention_dropout_rate > 0,
       return_weights=False, seq_len=seq_len, dtype=dtype,
       scanned=bool(config.model.get('scan_layers', False)))
-  return Built(mesh, spec, abstract_batch(config, batch_sharding), train_step, eval_step,
-               kernel, np.dtype(dtype).name)
+  return Built(mesh, mlm.spec, abstract_batch(config, mlm.batch_sharding), mlm.train_step,
+               mlm.eval_step, kernel, np.dtype(dtype).name)
 
 
 # ---- What the compiler says ----

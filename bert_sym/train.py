@@ -11,6 +11,8 @@ to {workdir}/config.json; rerunning the same command resumes from the latest che
 
 Reading order follows the data (big_vision style): logging -> mesh -> input -> model &
 optimizer -> shard & init -> update step -> checkpoint restore -> evals -> train loop.
+`build_mlm_step` is the pre-training step that bert_sym.aot, the accelerator benchmark and
+the PyTorch parity test also use.
 """
 
 import contextlib
@@ -89,8 +91,8 @@ def _user_errors(what: str):
 def make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding):
   """The update step (not yet jitted): (state, global batch) -> (new state, metrics).
 
-  One definition for the trainer and benchmarks/accelerator.py, so that the benchmark
-  times exactly what training runs (forward, backward, clipping, AdamW).
+  build_mlm_step jits it for the trainer, bert_sym.aot, the benchmark and the tests, so
+  each sees exactly what training runs (forward, backward, clipping, AdamW).
   """
   return steps.make_train_step(
       objectives.mlm_loss_fn(model, sparse=bool(config.model.sparse_mlm),
@@ -98,6 +100,50 @@ def make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding):
       tx, schedule, weight_fn=objectives.mlm_weight,
       accum=config.optimizer.grad_accum_steps, mesh=mesh, batch_sharding=batch_sharding,
       prng_impl=config.get('prng_impl', 'threefry'))
+
+
+@dataclasses.dataclass
+class MlmStep:
+  """What pre-training runs on one mesh. The trainer trains it, bert_sym.aot compiles it
+  for a TPU slice, benchmarks/accelerator.py times it, tests/test_step_parity.py checks it
+  against PyTorch: one definition, so that each looks at exactly what the trainer runs."""
+  model: model_lib.BertForMaskedLM
+  rules: Any
+  batch_sharding: jax.sharding.NamedSharding
+  spec: steps.StateSpec   # the state's shapes and shardings; spec.init(keys) creates it
+  update: Callable        # (state, global batch) -> (state, metrics), not jitted
+  train_step: Callable    # `update` jitted with the state's shardings, the state donated
+  eval_step: Callable     # jitted (params, global batch) -> [loss sum, correct, weight]
+
+
+def checked_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """config.mesh over `devices` (default: every device), the batch checked to split."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_rules(config)
+  sharding.check_batch_size(config.batch_size, mesh, rules)
+  sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
+                            rules, 'batch_size / optimizer.grad_accum_steps')
+  return mesh
+
+
+def build_mlm_step(config, mesh) -> MlmStep:
+  """Model and optimizer, the state's shapes (nothing allocated; the state is created
+  already sharded), and the steps: one jit each, micro-batches scanned for accumulation."""
+  rules = sharding.logical_rules(config)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  model = model_lib.BertForMaskedLM(config.model)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  spec = steps.create_state(
+      lambda key: model.init(key, *model_lib.dummy_inputs(1, config.data.max_seq_len))['params'],
+      tx, mesh, rules, prng_impl=config.get('prng_impl', 'threefry'))
+  replicated = sharding.replicated(mesh)
+  update = make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding)
+  train_step = steps.jit_train_step(update, spec.shardings, batch_sharding, replicated, rules)
+  eval_step = steps.make_eval_step(
+      functools.partial(objectives.mlm_sums, model, sparse=bool(config.model.sparse_mlm),
+                        num_predictions=config.data.max_predictions_per_seq),
+      spec.param_shardings, batch_sharding, replicated, rules)
+  return MlmStep(model, rules, batch_sharding, spec, update, train_step, eval_step)
 
 
 def eval_batch_count(num_blocks: int | None, config, console=print) -> int:
@@ -131,12 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     try:
       mesh = _build_mesh(config, run)
       data = _build_input(config, mesh, make_iterator, run)
-      model = model_lib.BertForMaskedLM(config.model)
-      tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-      spec, train_step = _build_state_and_step(config, model, tx, schedule, mesh, data)
-      manager, latest, state = _restore_or_init(config, workdir, spec, data, run, start_over)
-      evaluate = _build_evaluator(config, model, spec, data, run)
-      step = pretrain_loop.run_to_total_steps(config, state, latest, train_step, data,
+      mlm = build_mlm_step(config, mesh)     # model, optimizer, state shapes, steps
+      manager, latest, state = _restore_or_init(config, workdir, mlm.spec, data, run,
+                                                start_over)
+      evaluate = _build_evaluator(config, mlm.eval_step, data, run)
+      step = pretrain_loop.run_to_total_steps(config, state, latest, mlm.train_step, data,
                                               evaluate, manager, preemption, run)
     finally:
       run.writer.close()
@@ -186,11 +231,7 @@ def _open_run(workdir) -> _Run:
 
 def _build_mesh(config, run: _Run):
   with _user_errors('Mesh'):
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config)
-    sharding.check_batch_size(config.batch_size, mesh, rules)
-    sharding.check_batch_size(config.batch_size // config.optimizer.grad_accum_steps, mesh,
-                              rules, 'batch_size / optimizer.grad_accum_steps')
+    mesh = checked_mesh(config)
   run.console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} '
               f'{jax.devices()[0].device_kind} device(s), {jax.process_count()} '
               f'process(es); attention={config.model.attention}')
@@ -214,11 +255,7 @@ def _default_iterator(config):
   if config.data.source == 'seqio':   # read through the registered seqio task
     from bert_sym.input import seqio_tasks  # pylint: disable=g-import-not-at-top
     make_iterator = functools.partial(make_iterator, documents=seqio_tasks.task_documents)
-  data_vocab = iterator.vocab_size(config.data)
-  if data_vocab > config.model.vocab_size:
-    raise ValueError(f'the data vocabulary has {data_vocab} tokens but '
-                     f'config.model.vocab_size={config.model.vocab_size}.')
-  return make_iterator
+  return make_iterator   # the data's vocabulary was checked against the model's in preflight
 
 
 def _build_input(config, mesh, make_iterator, run: _Run) -> _Input:
@@ -244,19 +281,6 @@ def _build_input(config, mesh, make_iterator, run: _Run) -> _Input:
                                   run.console)
   return _Input(train_iter, eval_iter, eval_iter.get_state(), eval_batches, to_global, rules,
                 sharding.batch_sharding(mesh, rules))
-
-
-def _build_state_and_step(config, model, tx, schedule, mesh, data: _Input):
-  """Shapes first (nothing allocated), a state created already sharded, and the update
-  step: one jit, state donated, micro-batches scanned for gradient accumulation."""
-  seq_len = config.data.max_seq_len
-  spec = steps.create_state(
-      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq_len))['params'],
-      tx, mesh, data.rules, prng_impl=config.get('prng_impl', 'threefry'))
-  train_step = steps.jit_train_step(
-      make_mlm_train_step(config, model, tx, schedule, mesh, data.batch_sharding),
-      spec.shardings, data.batch_sharding, sharding.replicated(mesh), data.rules)
-  return spec, train_step
 
 
 def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over: bool):
@@ -296,16 +320,11 @@ def _write_config(workdir: epath.Path, config) -> None:
   checkpoint.write_config(workdir, config)
 
 
-def _build_evaluator(config, model, spec, data: _Input, run: _Run):
+def _build_evaluator(config, eval_step, data: _Input, run: _Run):
   """evaluate(state, step, write=True): MLM loss and accuracy on the first eval_steps
   validation batches, or None when config.eval_steps == 0 (no eval at all)."""
   if not config.eval_steps:
     return None
-  eval_step = steps.make_eval_step(
-      functools.partial(objectives.mlm_sums, model, sparse=bool(config.model.sparse_mlm),
-                        num_predictions=config.data.max_predictions_per_seq),
-      spec.param_shardings, data.batch_sharding,
-      sharding.replicated(data.batch_sharding.mesh), data.rules)
 
   def evaluate(state, step, write=True):
     data.eval_iter.set_state(data.eval_start)

@@ -105,13 +105,6 @@ def test_masking_is_a_function_of_seed_and_index(real_blocks):
   assert not np.array_equal(a['mlm_weights'], d['mlm_weights'])
 
 
-def test_permutation():
-  p0, p1 = masking.permutation(1000, 5, 0), masking.permutation(1000, 5, 1)
-  np.testing.assert_array_equal(np.sort(p0), np.arange(1000))
-  assert not np.array_equal(p0, p1) and not np.array_equal(p0, np.arange(1000))
-  np.testing.assert_array_equal(p0, masking.permutation(1000, 5, 0))
-
-
 # ----------------------------------------------------------------------------------------
 # Iterator: determinism, resume, hosts, shards vs seqio.
 # ----------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import pytest
 
 from bert_sym import config_check
-from bert_sym import model as model_lib
 from bert_sym import optim, sharding, steps, train
 from tests import train_fixtures
 
@@ -24,23 +23,14 @@ def test_config_check_knows_the_same_names_as_steps():
 
 def _tiny_step(prng_impl):
   config = train_fixtures.tiny_config(prng_impl=prng_impl)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  model = model_lib.BertForMaskedLM(config.model)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  seq = config.data.max_seq_len
-  spec = steps.create_state(
-      lambda key: model.init(key, *model_lib.dummy_inputs(1, seq))['params'], tx, mesh, rules,
-      prng_impl=prng_impl)
-  step = train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding)
+  mlm = train.build_mlm_step(config, sharding.make_mesh(config.mesh))
   iterator = train_fixtures.make_synthetic_iterator(
       config.data, batch_size=config.batch_size, split='train', seed=0)
   from bert_sym import objectives  # pylint: disable=g-import-not-at-top
   batch = jax.tree.map(jnp.asarray, objectives.host_mlm_positions(
       next(iterator), config.data.max_predictions_per_seq))
   init_key, dropout = jax.random.split(jax.random.key(0))
-  return spec, step, batch, init_key, steps.dropout_key(dropout, prng_impl)
+  return mlm.spec, mlm.update, batch, init_key, steps.dropout_key(dropout, prng_impl)
 
 
 def _random_bits_keys(jaxpr):

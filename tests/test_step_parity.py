@@ -1,6 +1,6 @@
 """The whole training step against PyTorch: 20 updates from the same weights, same batches.
 
-Ours: `train.make_mlm_train_step` (sparse MLM loss normalised by the batch's targets, global-
+Ours: `train.build_mlm_step` (sparse MLM loss normalised by the batch's targets, global-
 norm clipping, AdamW with the weight-decay mask, warm-up then linear decay), jitted as the
 trainer jits it. Reference: Hugging Face `BertForMaskedLM` loaded from our export, with
 `torch.optim.AdamW` over the Trainer's two parameter groups (no decay on biases and
@@ -19,9 +19,7 @@ import transformers
 from bert_sym import hf_export as export
 from bert_sym import model as model_lib
 from bert_sym import objectives
-from bert_sym import optim
 from bert_sym import sharding
-from bert_sym import steps
 from bert_sym import train
 from configs import tiny
 from hf_reference import padded_batch
@@ -65,16 +63,9 @@ def _batches(seed=0, distinct=4):
 def _ours(config, batches):
   """(per-step losses, final params) from the trainer's own step."""
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.logical_rules(config)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  model = model_lib.BertForMaskedLM(config.model)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  spec = steps.create_state(
-      lambda key: model.init(key, *model_lib.dummy_inputs(1, LENGTH))['params'], tx, mesh, rules)
-  train_step = steps.jit_train_step(
-      train.make_mlm_train_step(config, model, tx, schedule, mesh, batch_sharding),
-      spec.shardings, batch_sharding, sharding.replicated(mesh), rules)
-  state = spec.init(jax.random.key(0), jax.random.key(1))
+  mlm = train.build_mlm_step(config, mesh)
+  train_step, rules = mlm.train_step, mlm.rules
+  state = mlm.spec.init(jax.random.key(0), jax.random.key(1))
   initial = jax.device_get(state['params'])
   losses = []
   for batch in batches:

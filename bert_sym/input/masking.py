@@ -1,4 +1,4 @@
-"""BERT masking with a counter-based hash RNG (NumPy), and the epoch permutation.
+"""BERT masking with a counter-based hash RNG (NumPy).
 
 Masking is a pure function of (seed, g, block), g being the example's global index: a
 murmur3 finaliser hashes (seed, g, position, stream) into the random bits of each
@@ -22,7 +22,7 @@ FEATURES = ('input_ids', 'token_type_ids', 'attention_mask', 'mlm_targets', 'mlm
 FMIX_C1 = 0x85EBCA6B
 FMIX_C2 = 0xC2B2AE35
 GOLDEN = 0x9E3779B9
-STREAM_SELECT, STREAM_ACTION, STREAM_TOKEN, STREAM_PERMUTE = 0, 1, 2, 3
+STREAM_SELECT, STREAM_ACTION, STREAM_TOKEN = 0, 1, 2
 MASK_BELOW = int(0.8 * 2**32)     # action bits below this: [MASK] (80%)
 RANDOM_BELOW = int(0.9 * 2**32)   # below this: random token (10%); else unchanged (10%)
 POSITION_RADIX = 1024             # > MAX_SEQ_LEN: (score, word start) as one int64 key
@@ -156,13 +156,3 @@ def _take_units(unit_key: np.ndarray, unit_length: np.ndarray,
   taken = np.zeros_like(take)
   np.put_along_axis(taken, order, take, axis=1)
   return taken
-
-
-def permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
-  """A hash-defined permutation: stable across NumPy versions and platforms."""
-  with np.errstate(over='ignore'):
-    key = example_keys(seed ^ 0x5EED, np.array([epoch]))
-    bits = position_bits(key, np.arange(num_blocks, dtype=np.int64), STREAM_PERMUTE)
-  order_key = (bits.astype(np.uint64) << np.uint64(32)) | np.arange(num_blocks,
-                                                                   dtype=np.uint64)
-  return np.argsort(order_key).astype(np.int64)
