@@ -391,30 +391,31 @@ class SelfAttention(nn.Module):
     # --------------------------------------------------------------------------
     value = projection('value')(x)
 
-    use_dropout = not deterministic and self.attention_dropout_rate > 0.0
-    impl = resolve_implementation(
-        self.attention_impl, training_dropout=use_dropout, return_weights=return_weights,
-        seq_len=x.shape[-2], interpret=self.kernel_interpret, dtype=self.dtype,
-        scanned=self.scanned)
-
-    weights = None
-    if impl == 'xla':
-      rng = self.make_rng('dropout') if use_dropout else None
-      out, weights = xla_attention(
-          query, key, value, mask, dropout_rate=self.attention_dropout_rate,
-          dropout_rng=rng, deterministic=deterministic, dtype=self.dtype)
-    elif impl == 'cudnn':
-      out = cudnn_attention(
-          query, key, value, mask, dtype=self.dtype,
-          dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
-          seed=static_dropout_seed(self.scope.path))
-    else:
-      out = splash_attention(query, key, value, mask, dtype=self.dtype,
-                             interpret=self.kernel_interpret)
-
+    out, weights = self._attend(query, key, value, mask, deterministic, return_weights)
     out = nn.DenseGeneral(
         features=self.hidden_size, axis=(-2, -1), dtype=self.dtype, name='output',
         kernel_init=nn.with_logical_partitioning(
             dense_init(self.initializer_range), ('heads', 'kv', 'embed')),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))(out)
     return (out, weights) if return_weights else out
+
+  def _attend(self, query, key, value, mask, deterministic, return_weights):
+    """softmax(q k^T / sqrt(d)) v on the kernel resolve_implementation picks; the weights
+    (or None: the fused kernels never form them)."""
+    use_dropout = not deterministic and self.attention_dropout_rate > 0.0
+    impl = resolve_implementation(
+        self.attention_impl, training_dropout=use_dropout, return_weights=return_weights,
+        seq_len=query.shape[-3], interpret=self.kernel_interpret, dtype=self.dtype,
+        scanned=self.scanned)
+    if impl == 'xla':
+      rng = self.make_rng('dropout') if use_dropout else None
+      return xla_attention(
+          query, key, value, mask, dropout_rate=self.attention_dropout_rate,
+          dropout_rng=rng, deterministic=deterministic, dtype=self.dtype)
+    if impl == 'cudnn':
+      return cudnn_attention(
+          query, key, value, mask, dtype=self.dtype,
+          dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
+          seed=static_dropout_seed(self.scope.path)), None
+    return splash_attention(query, key, value, mask, dtype=self.dtype,
+                            interpret=self.kernel_interpret), None
