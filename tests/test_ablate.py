@@ -10,6 +10,7 @@ import os
 import statistics
 import subprocess
 
+import ml_collections
 import numpy as np
 import pytest
 import scipy.stats
@@ -161,6 +162,20 @@ def test_config_differences_name_the_changed_keys():
                                             '--config.optimizer.learning_rate=0.5'])
   assert ablate.config_differences(requested, saved, 'standard', 2) == [
       'optimizer.learning_rate']
+
+
+def test_a_relative_data_path_is_no_config_difference(tmp_path, monkeypatch):
+  """The trainer saves data paths made absolute; the same relative path asked again is the
+  same config, not a 'trained with a config that differs' note on every rerun."""
+  monkeypatch.chdir(tmp_path)
+  relative = ['--config.data.text_files=corpus/train.txt', '--config.data.shards_dir=shards']
+  requested = ablate.resolve_config(os.path.join(fx.REPO_ROOT, fx.CONFIG), relative)
+  saved = ml_collections.ConfigDict(json.loads(json.dumps(requested.to_dict())))
+  saved.model.attention, saved.seed = 'pairwise', 3   # as the runner's run wrote it
+  assert saved.data.text_files == str(tmp_path / 'corpus' / 'train.txt')
+  assert ablate.config_differences(requested, saved, 'pairwise', 3) == []
+  saved.data.shards_dir = str(tmp_path / 'other')
+  assert ablate.config_differences(requested, saved, 'pairwise', 3) == ['data.shards_dir']
 
 
 def test_bad_override_fails_before_training(tmp_path):

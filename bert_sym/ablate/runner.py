@@ -18,6 +18,7 @@ import ml_collections
 
 from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import config_check
 # The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SUMMARY_MD,
@@ -27,7 +28,8 @@ from bert_sym.ablate.report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SU
 # ---- The requested config: the same file + overrides the trainer will see ----
 
 def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The ConfigDict `python -m bert_sym.train --config=CONFIG OVERRIDES` would build.
+  """The ConfigDict `python -m bert_sym.train --config=CONFIG OVERRIDES` would build and
+  write to its config.json (data paths made absolute from the current directory).
 
   Parsed with a private FlagValues, so it neither needs nor touches the global flags (it
   runs inside a notebook, or beside `bert_sym.train` imported in the same process).
@@ -45,7 +47,8 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
   except (flags.Error, KeyError, AttributeError, ValueError) as e:
     raise AblationError(f'Cannot build the config {config} with {list(overrides)}: {e}. '
                         f'Every key must exist in the config file (configs/common.py).') from e
-  return values.config
+  # As the trainer writes it to config.json: a relative data path differs from none.
+  return config_check.absolute_data_paths(values.config)
 
 
 # ---- Running the grid ----
