@@ -406,3 +406,56 @@ def test_start_over_trains_from_zero_and_keeps_the_old_rows(tmp_path, trainer_ru
   assert kept.read_text() == old_rows
   new_rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert new_rows[0]['step'] == 0 and new_rows[-1]['step'] == 4
+
+
+# ---- Hosts agree: two real processes (jax.distributed over gloo) ----
+
+_TWO_HOST_READS = r'''
+import json, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from bert_sym.checkpoint import restoring
+restoring.BACKOFF_SECONDS = 0.0
+# What each process's own read of step 8 saw, per scenario: one host's read fails.
+SEEN = {'damaged_on_1': [None, FileNotFoundError(2, 'No such file', '8/state/_METADATA')],
+        'transient_on_0': [OSError(5, 'Input/output error'), None],
+        'incompatible_on_1': [None, restoring.IncompatibleCheckpoint('opt_state/0/count')]}
+out = {}
+for name, seen in SEEN.items():
+  error = seen[jax.process_index()]
+  def read(manager, step, abstract_state, hint, error=error):
+    if error is not None:
+      raise error
+    return ('state', 'data state')
+  restoring._read_step = read
+  manager = type('Manager', (), {'directory': restoring.epath.Path('/ckpt')})()
+  try:
+    out[name] = list(restoring._restore_step(manager, 8, None, None))
+  except Exception as e:
+    out[name] = [type(e).__name__, str(e)]
+print('RESULT', json.dumps(out))
+'''
+
+
+def test_two_hosts_act_on_the_worst_read_either_saw():
+  """Each host reads the step itself; when only one host's read fails, both take that
+  outcome (damaged: both skip the step; transient: both retry, then stop; incompatible:
+  both stop), so no host resumes from a step the other set aside."""
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(train_fixtures.REPO_ROOT))
+  procs = [subprocess.Popen([sys.executable, '-c', _TWO_HOST_READS, f'localhost:{port}',
+                             str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  host0, host1 = (json.loads(out.split('RESULT ', 1)[1]) for out, _ in outputs)
+  assert host0 == host1
+  state, reason = host0['damaged_on_1']
+  assert state is None and 'No such file' in reason
+  kind, line = host0['transient_on_0']
+  assert kind == 'CheckpointReadError' and 'after 4 attempts' in line and 'Input/output' in line
+  assert host0['incompatible_on_1'] == ['IncompatibleCheckpoint', 'opt_state/0/count']
