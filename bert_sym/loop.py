@@ -235,15 +235,18 @@ class Meter:
   per device, MFU and ETA.
 
   Throughput counts the tokens each step really processed (`add(..., tokens=)`: GLUE's
-  length buckets pad to less than max_seq_len), `tokens_per_step` when not given. MFU
+  length buckets pad to less than max_seq_len), `tokens_per_step` when not given, and
+  their FLOPs at that length when `flops_per_token` is a function of the sequence length
+  (attention's share grows with it). MFU
   needs a known peak: with `peak_flops` 0 (an unknown device, or a CPU without
   config.peak_flops_per_device) no MFU is reported rather than a made-up one.
   Metrics may carry a leading axis (GLUE seeds trained together): rows average over it,
   `per_run` keeps it, and a step counts as non-finite when any run of it is.
   """
 
-  def __init__(self, total_steps: int, tokens_per_step: float, flops_per_token: float,
-               peak_flops: float, on_nonfinite: str = 'stop', what: str = 'the run',
+  def __init__(self, total_steps: int, tokens_per_step: float,
+               flops_per_token: float | Callable[[int], float], peak_flops: float,
+               on_nonfinite: str = 'stop', what: str = 'the run',
                num_devices: int | None = None):
     self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
     self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
@@ -252,17 +255,24 @@ class Meter:
     self.pending, self.interval = [], []
     self.timing = None            # (time, step) once the first step has compiled and run
     self.tokens = 0.0             # tokens of the steps timed since `timing`
+    self.flops = 0.0              # and their model FLOPs
     self.compile_seconds = None   # written with the next row
     self.last_saved = None
     self.health = StepHealth(on_nonfinite, what)
 
-  def add(self, step: int, metrics, tokens: float | None = None) -> None:
+  def add(self, step: int, metrics, tokens: float | None = None,
+          seq_len: int | None = None) -> None:
     self.pending.append((step, metrics))
     if self.timing is None:
       jax.block_until_ready(metrics)   # exclude compilation from the throughput
       self.timing = (time.perf_counter(), step)
-    else:
-      self.tokens += self.tokens_per_step if tokens is None else tokens
+      return
+    tokens = self.tokens_per_step if tokens is None else tokens
+    per_token = self.flops_per_token
+    if callable(per_token):
+      per_token = per_token(seq_len)
+    self.tokens += tokens
+    self.flops += tokens * per_token
 
   def fetch(self) -> None:
     """Brings metrics to the host; raises on a non-finite step when on_nonfinite=stop."""
@@ -276,7 +286,7 @@ class Meter:
     seconds = now - self.timing[0]
     steps_per_sec = (step - self.timing[1]) / seconds
     tokens_per_sec = self.tokens / seconds
-    tflops = tokens_per_sec * self.flops_per_token / self.num_devices / 1e12
+    tflops = self.flops / seconds / self.num_devices / 1e12
     out = {'perf/steps_per_sec': steps_per_sec, 'perf/tokens_per_sec': tokens_per_sec,
            'perf/tflops_per_device': tflops}
     if self.peak_flops:
@@ -297,7 +307,7 @@ class Meter:
     if step > self.timing[1]:
       scalars.update(self.throughput(step, now))
       eta = (self.total_steps - step) / scalars['perf/steps_per_sec']
-      self.timing, self.tokens = (now, step), 0.0
+      self.timing, self.tokens, self.flops = (now, step), 0.0, 0.0
     if self.compile_seconds is not None:
       scalars['perf/compile_seconds'], self.compile_seconds = self.compile_seconds, None
     return scalars, eta, per_run
@@ -357,7 +367,8 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
         meter.compile_seconds = (meter.compile_seconds or 0.0) + seconds
       state, metrics = compiled[shape](state, batch)
     step += 1
-    meter.add(step, metrics, tokens=batch['input_ids'].size)   # GLUE: the bucket's length
+    meter.add(step, metrics, tokens=batch['input_ids'].size,   # GLUE: the bucket's length
+              seq_len=batch['input_ids'].shape[-1])
     if hooks.check_saves is not None:
       hooks.check_saves()
     if _due(step, hooks.log_every, total_steps):

@@ -98,3 +98,9 @@ def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
   # Steps 2-4 (the first is compilation) in 3 s: 2 x (4 + 4 + 8) tokens.
   assert rows[-1]['perf/steps_per_sec'] == 1.0
   assert rows[-1]['perf/tokens_per_sec'] == 32 / 3
+  # FLOPs per token as a function of the length (attention grows with it), as GLUE's:
+  # each bucket counts its tokens at its own length, not at max_seq_len.
+  meter = loop.Meter(4, tokens_per_step=2 * 8, flops_per_token=lambda length: 1e12 * length,
+                     peak_flops=0.0, num_devices=1)
+  loop.run(jnp.int32(0), 0, 4, train_step, Batches([8, 4, 4, 8]), meter, hooks)
+  assert rows[-1]['perf/tflops_per_device'] == pytest.approx((8 * 4 + 8 * 4 + 16 * 8) / 3)

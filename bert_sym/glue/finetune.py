@@ -277,7 +277,7 @@ def _meter(pretrained, task: TaskSetup, config, num_seeds, desc, last_saved) -> 
   seq_len = config.max_seq_len
   meter = loop.Meter(
       task.total_steps, num_seeds * config.batch_size * seq_len,
-      model_lib.train_flops_per_token(pretrained.config.model, seq_len, 0.0),
+      lambda length: model_lib.train_flops_per_token(pretrained.config.model, length, 0.0),
       metrics_writer.peak_flops_per_device(), config.get('on_nonfinite', 'stop'),
       what=f'GLUE {desc}')
   meter.last_saved = last_saved
