@@ -20,7 +20,8 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 # Default target: the reference's mean eval loss after this fraction of its mean drop from
-# the first eval to the last one; every reference seed that trains normally gets there.
+# its first eval after step 0 to the last one (report._first_trained_loss says why not
+# from step 0); every reference seed that trains normally gets there.
 TARGET_FRACTION = 0.9
 
 
