@@ -110,28 +110,31 @@ def _fake_run(root, variant, seed, curve, config_json):
 def test_summary_not_reached_and_ratio(tmp_path):
   config = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
   cj = config.to_json()
-  curves = {   # standard: mean first 10.0, mean last 4.5 -> default target 10 - 0.9 * 5.5
-      ('standard', 1): [(0, 10.0), (10, 6.0), (20, 5.0), (30, 4.0)],
-      ('standard', 2): [(0, 10.0), (10, 6.0), (20, 5.0), (30, 5.0)],
-      ('pairwise', 1): [(0, 10.0), (10, 4.4), (20, 4.0), (30, 3.0)],
-      ('pairwise', 2): [(0, 10.0), (10, 5.0), (20, 4.5), (30, 3.0)],
-      ('symmetric', 1): [(0, 10.0), (10, 8.0), (20, 7.0), (30, 4.0)],
-      ('symmetric', 2): [(0, 10.0), (10, 8.0), (20, 7.0), (30, 6.0)],   # never reaches 5.05
+  # Step 0 is the untrained model (12.0). Standard: mean first eval after step 0 = 6.0,
+  # mean last 4.0 -> default target 6.0 - 0.9 * 2.0 = 4.2 (from step 0 it would be 4.8).
+  curves = {
+      ('standard', 1): [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)],
+      ('standard', 2): [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)],
+      ('pairwise', 1): [(0, 12.0), (10, 4.4), (20, 4.0), (30, 3.0)],
+      ('pairwise', 2): [(0, 12.0), (10, 5.0), (20, 4.5), (30, 2.0)],
+      ('symmetric', 1): [(0, 12.0), (10, 8.0), (20, 7.0), (30, 4.0)],
+      ('symmetric', 2): [(0, 12.0), (10, 8.0), (20, 7.0), (30, 6.0)],   # never reaches 4.2
   }
   for (v, s), c in curves.items():
     _fake_run(tmp_path, v, s, c, cj)
-  _fake_run(tmp_path, 'pairwise', 3, [(0, 10.0), (10, 9.0)], cj)   # unfinished (10/30)
+  _fake_run(tmp_path, 'pairwise', 3, [(0, 12.0), (10, 9.0)], cj)   # unfinished (10/30)
   out = ablate_report.summarize(tmp_path, ['standard', 'symmetric', 'pairwise'], [1, 2, 3],
                                 total_steps=30)
-  target = 10.0 - 0.9 * 5.5
+  target = 6.0 - 0.9 * (6.0 - 4.0)
   assert out['target_loss']['value'] == pytest.approx(target)
+  assert 'first eval after step 0' in out['target_loss']['source']
   # The reference reaches its own default target in every seed: ratio 1.0, both counted.
   std = out['per_variant']['standard']['steps_to_target']
-  crossing = 10 + (6.0 - target) / (6.0 - 5.0) * 10
+  crossing = 20 + (5.0 - target) / (5.0 - 4.0) * 10
   assert std['per_seed'] == {'1': pytest.approx(crossing), '2': pytest.approx(crossing)}
   assert std['reached'] == std['of'] == 2 and std['ratio_to_reference'] == 1.0
   pw = out['per_variant']['pairwise']['steps_to_target']
-  pw_hand = [10 * (10.0 - target) / (10.0 - 4.4), 10 * (10.0 - target) / (10.0 - 5.0)]
+  pw_hand = [10 + (4.4 - target) / (4.4 - 4.0) * 10, 20 + (4.5 - target) / (4.5 - 2.0) * 10]
   assert [pw['per_seed'][k] for k in ('1', '2')] == pytest.approx(pw_hand)
   assert pw['std'] == pytest.approx(statistics.stdev(pw_hand))
   assert pw['ratio_to_reference'] == pytest.approx(statistics.mean(pw_hand) / crossing)
@@ -145,7 +148,7 @@ def test_summary_not_reached_and_ratio(tmp_path):
   assert 'pairwise/seed3' in out['excluded'] and out['runs']['pairwise'] == [1, 2]
   md = (tmp_path / 'summary.md').read_text()
   assert '| symmetric | 1,2 |' in md and '(n=1/2)' in md and 'Columns:' in md
-  assert out['per_variant']['pairwise']['final_eval_loss']['ci95'] == [3.0, 3.0]
+  assert out['per_variant']['pairwise']['final_eval_loss']['ci95'] == [2.0, 3.0]
   for name in ('loss_vs_step.png', 'loss_vs_tokens.png', 'loss_vs_time.png'):
     assert (tmp_path / name).stat().st_size > 1000
   # --target_loss overrides the default: 6.0 is reached by every seed of every variant.
