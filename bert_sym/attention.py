@@ -400,8 +400,7 @@ class SelfAttention(nn.Module):
     return (out, weights) if return_weights else out
 
   def _attend(self, query, key, value, mask, deterministic, return_weights):
-    """softmax(q k^T / sqrt(d)) v on the kernel resolve_implementation picks; the weights
-    (or None: the fused kernels never form them)."""
+    """(softmax(q k^T / sqrt(d)) v, its weights or None) on the kernel chosen for it."""
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     impl = resolve_implementation(
         self.attention_impl, training_dropout=use_dropout, return_weights=return_weights,
