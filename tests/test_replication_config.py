@@ -1,6 +1,9 @@
 """configs/replication.py: the seqio route and the shard route evaluate on the same text, and
 an eval never reads a validation block twice."""
 
+import json
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -67,3 +70,47 @@ def test_eval_reads_each_validation_block_at_most_once():
   assert train.eval_batch_count(10, config, lines.append) == 1
   assert 'some blocks count twice' in lines[1]
   assert train.eval_batch_count(None, config, lines.append) == 256   # size unknown
+
+
+# ---- The docs quote the committed grid (benchmarks/replication/grid_2026-12-02) ----
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+GRID = REPO_ROOT / 'benchmarks' / 'replication' / 'grid_2026-12-02'
+
+
+def _table_rows(markdown: str) -> list[str]:
+  return [line for line in markdown.splitlines() if line.startswith('| ')
+          and not line.startswith('| variant')]
+
+
+def test_replication_page_quotes_the_runner_tables():
+  """Every row of the runner's summary.md tables (default target) is on REPLICATION.md as
+  the runner wrote it, and the steps columns at each later target: the same runs, no
+  hand-edited numbers."""
+  page = (REPO_ROOT / 'benchmarks' / 'REPLICATION.md').read_text()
+  missing = [row for row in _table_rows((GRID / 'summary.md').read_text()) if row not in page]
+  for target in ('6.0', '5.95', '5.9'):
+    for row in _table_rows((GRID / f'summary_target_{target}.md').read_text()):
+      cells = [c.strip() for c in row.strip('|').split('|')]
+      if len(cells) == 11:   # the main table: variant ... steps, paired steps, ratio, time
+        quoted = f'| {float(target):.2f} | {cells[0]} | {" | ".join(cells[7:10])} |'
+        missing += [] if quoted in page else [quoted]
+  assert not missing, missing
+
+
+def test_readme_quotes_the_grid_summary():
+  readme = ' '.join((REPO_ROOT / 'README.md').read_text().split())   # lines rewrapped
+  final = json.loads((GRID / 'summary.json').read_text())['per_variant']
+  for variant in ('standard', 'symmetric', 'pairwise'):
+    loss = final[variant]['final_eval_loss']
+    assert (f'{variant} {loss["mean"]:.3f} [{loss["ci95"][0]:.3f}, {loss["ci95"][1]:.3f}]'
+            in readme), variant
+  for variant in ('symmetric', 'pairwise'):
+    paired = final[variant]['paired_vs_reference']['final_eval_loss']
+    assert (f'{variant} {paired["mean"]:+.3f} [{paired["ci95"][0]:+.3f}, '
+            f'{paired["ci95"][1]:+.3f}]' in readme), variant
+  at_595 = json.loads((GRID / 'summary_target_5.95.json').read_text())['per_variant']
+  for variant in ('symmetric', 'pairwise'):
+    steps = at_595[variant]['steps_to_target']
+    assert (f'{variant} {steps["ratio_to_reference"]:.2f} [{steps["ratio_ci95"][0]:.2f}, '
+            f'{steps["ratio_ci95"][1]:.2f}]' in readme), variant
