@@ -352,8 +352,14 @@ def configurations(args):
                        scan_layers=args.scan_layers, prng_impl=args.prng_impl,
                        xla_gpu_flags=args.xla_gpu_flags,
                        compilation_cache_dir=args.compilation_cache_dir)
+  for attention in args.variants.split(','):
+    if attention not in VARIANTS:
+      raise SystemExit(f'--variants: unknown variant {attention!r}; use some of {VARIANTS}')
   for shape in args.shapes.split(','):
-    seq, batch = (int(v) for v in shape.split('x'))
+    try:
+      seq, batch = (int(v) for v in shape.split('x'))
+    except ValueError:
+      raise SystemExit(f'--shapes: {shape!r} is not SEQxBATCH (e.g. 128x256)') from None
     hf_rates = set()   # one HF run per attention-dropout rate: the peer of every path with it
     for path in args.paths.split(','):
       if path not in PATHS:

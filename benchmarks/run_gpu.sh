@@ -15,7 +15,8 @@
 #   3. A/B: the trainer's XLA GPU flags off; the dropout PRNG rbg and unsafe_rbg;
 #   4. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
 #      the top 30 device ops;
-#   5. with the time left: seq 512 x 32 and 512 x 256, then the GLUE parallel-seeds
+#   5. pairwise on the fast recipe at the shapes of 2., for its step time against standard's;
+#   6. with the time left: seq 512 x 32 and 512 x 256, then the GLUE parallel-seeds
 #      benchmark.
 # Everything (JSON, tables, this log) goes under benchmarks/results/ and to $OUT.
 #
@@ -82,6 +83,10 @@ rm -f "$PROFILE_TABLE"
 bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DATE}.json" \
   --variants=standard --shapes=128x256 --paths=fused --no_hf --profile
 cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
+
+bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 60 \
+  "$R/accelerator_gpu_pairwise_${DATE}.json" \
+  --variants=pairwise --shapes=128x256,512x128 --paths=fused --no_hf
 
 bench 'train step vs HF: seq 512 x 32 and 512 x 256' 200 \
   "$R/accelerator_gpu_more_shapes_${DATE}.json" \

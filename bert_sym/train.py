@@ -245,8 +245,6 @@ class _Input:
   eval_start: Any          # every eval reads the same first eval_batches batches
   eval_batches: int        # config.eval_steps, or fewer: each validation block at most once
   to_global: Callable      # host numpy batch -> global arrays split over (data, fsdp)
-  rules: Any
-  batch_sharding: Any
 
 
 def _default_iterator(config):
@@ -279,8 +277,7 @@ def _build_input(config, mesh, make_iterator, run: _Run) -> _Input:
         batch, config.data.max_predictions_per_seq))
   eval_batches = eval_batch_count(getattr(eval_iter, 'num_blocks', None), config,
                                   run.console)
-  return _Input(train_iter, eval_iter, eval_iter.get_state(), eval_batches, to_global, rules,
-                sharding.batch_sharding(mesh, rules))
+  return _Input(train_iter, eval_iter, eval_iter.get_state(), eval_batches, to_global)
 
 
 def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over: bool):

@@ -5,8 +5,13 @@ with, or only without, a GPU): a broken install or a missing file must not turn 
 skips. `make test` lists every skip with its reason (pytest -rs).
 """
 
+import importlib.metadata
 import os
+import shutil
+import tempfile
 
+import jax
+from packaging import version
 import pytest
 
 from bert_sym import tpu
@@ -20,6 +25,8 @@ if tpu.no_tpu_here():
 
 
 def pytest_configure(config):
+  _check_xdist_groups(config)
+  _share_compilation_cache(config)
   config.addinivalue_line(
       'markers', 'gpu: depends on whether a GPU is present; the only tests CI lets skip')
   config.addinivalue_line(
@@ -31,6 +38,27 @@ def pytest_configure(config):
         'run without the real-size tests.')
 
 
+_CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+
+
+def _share_compilation_cache(config):
+  """One JAX persistent compilation cache for the whole session: the xdist workers and every
+  subprocess (GLUE and export CLIs; the trainer keeps its config's own cache dir) inherit
+  the variable, so the tiny programs that many tests compile again are compiled once. The
+  cache returns the executable a compile would produce, so no test sees a difference but
+  time. It lives in a temporary directory removed at the end of the session."""
+  if os.environ.get(_CACHE_ENV) or hasattr(config, 'workerinput'):
+    return   # the user's own cache, or a worker that inherited the controller's
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix='bert_sym_test_jax_cache_')
+  # JAX caches only compiles over 1 s by default; most of the suite's take 0.2-1 s.
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+  # This process imported JAX before reading the variables (tests run here without xdist).
+  jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+  config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True))
+
+
 def pytest_collection_modifyitems(config, items):
   """Without the real-size data, its tests are not collected (not skipped)."""
   if real_data.available():
@@ -39,6 +67,22 @@ def pytest_collection_modifyitems(config, items):
   if dropped:
     config.hook.pytest_deselected(items=dropped)
     items[:] = [item for item in items if item.get_closest_marker('real_data') is None]
+
+
+def _check_xdist_groups(config):
+  """`--dist loadgroup` must keep each xdist_group in one worker: else the group's shared
+  fixture (the ablation grid, the paper-recipe TPU compile) is built in every worker,
+  silently doubling the suite's slowest parts. pytest-xdist <= 3.8 tags a test's group by
+  rewriting `Item._nodeid`, which pytest 9.2 no longer reads (requirements-test.txt)."""
+  if config.getoption('dist', 'no') != 'loadgroup':
+    return
+  xdist_version = version.parse(importlib.metadata.version('pytest-xdist'))
+  if (version.parse(pytest.__version__) >= version.parse('9.2')
+      and xdist_version <= version.parse('3.8.0')):
+    raise pytest.UsageError(
+        f'pytest {pytest.__version__} with pytest-xdist {xdist_version} ignores xdist_group '
+        'under --dist loadgroup. Install the versions of requirements-test.txt '
+        '(pip install -r requirements-test.txt), or run without workers (-n 0).')
 
 
 def _not_gpu_skips(session) -> list[str]:

@@ -1,0 +1,70 @@
+"""benchmarks/run_gpu.sh is run only where a GPU is lent, with minutes to spare: a typo in
+one of its benchmark commands would cost that session's only chance. Each `bench` line is
+parsed here by the benchmark's own argument parser and expanded into its configurations."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.train_fixtures import REPO_ROOT
+
+SCRIPT = os.path.join(REPO_ROOT, 'benchmarks', 'run_gpu.sh')
+sys.path.insert(0, os.path.join(REPO_ROOT, 'benchmarks'))
+import accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _bench_lines():
+  """(name, benchmark arguments) of every `bench NAME MAX JSON ARGS...` call, with the
+  script's loop variable and path variables filled in."""
+  text = open(SCRIPT).read().replace('\\\n', ' ')
+  calls = []
+  for line in (raw.strip() for raw in text.splitlines()):
+    if not line.startswith('bench '):
+      continue
+    impls = ('rbg', 'unsafe_rbg') if '$impl' in line else (None,)
+    for impl in impls:
+      words = shlex.split(line.replace('$impl', impl or ''))
+      calls.append((words[1], words[4:]))
+  return calls
+
+
+def test_script_is_valid_bash():
+  subprocess.run(['bash', '-n', SCRIPT], check=True)
+
+
+def test_there_are_bench_lines():
+  names = [name for name, _ in _bench_lines()]
+  assert len(names) == 7 and any('profile' in name for name in names), names
+
+
+@pytest.mark.parametrize('name,args', _bench_lines(), ids=[n for n, _ in _bench_lines()])
+def test_every_bench_command_parses_into_configurations(name, args, monkeypatch):
+  # bench() adds these itself; --out is the JSON path it is given.
+  argv = ['accelerator.py', '--size=base', '--steps=10', '--timeout_s=70', '--budget_s=50',
+          '--out=x.json', *args]
+  monkeypatch.setattr(sys, 'argv', argv)
+  parsed = accelerator.parse_args()
+  parsed.shapes = parsed.shapes or ','.join(accelerator.SHAPES[parsed.size])
+  specs = accelerator.configurations(parsed)
+  ours = [s for s in specs if s['impl'] == 'ours']
+  assert ours, name
+  for spec in ours:
+    assert spec['attention'] in accelerator.VARIANTS and spec['path'] in accelerator.PATHS
+    assert re.fullmatch(r'\d+', str(spec['seq'])) and spec['batch'] > 0
+  assert parsed.prng_impl in ('threefry', 'rbg', 'unsafe_rbg')
+  if parsed.profile:
+    assert 'profile_dir' in ours[0]
+
+
+def test_a_typo_is_refused_before_anything_runs(monkeypatch):
+  for bad, message in (('--variants=pairwse', 'unknown variant'),
+                       ('--paths=fusd', 'unknown path'), ('--shapes=128by256', 'SEQxBATCH')):
+    monkeypatch.setattr(sys, 'argv', ['accelerator.py', bad])
+    parsed = accelerator.parse_args()
+    parsed.shapes = parsed.shapes or ','.join(accelerator.SHAPES[parsed.size])
+    with pytest.raises(SystemExit, match=message):
+      accelerator.configurations(parsed)
