@@ -83,14 +83,15 @@ def _table_rows(markdown: str) -> list[str]:
           and not line.startswith('| variant')]
 
 
-def test_replication_page_quotes_the_runner_tables():
+@pytest.mark.parametrize('grid', [GRID, GRID / 'pairwise_diagonal'], ids=lambda p: p.name)
+def test_replication_page_quotes_the_runner_tables(grid):
   """Every row of the runner's summary.md tables (default target) is on REPLICATION.md as
   the runner wrote it, and the steps columns at each later target: the same runs, no
   hand-edited numbers."""
   page = (REPO_ROOT / 'benchmarks' / 'REPLICATION.md').read_text()
-  missing = [row for row in _table_rows((GRID / 'summary.md').read_text()) if row not in page]
+  missing = [row for row in _table_rows((grid / 'summary.md').read_text()) if row not in page]
   for target in ('6.0', '5.95', '5.9'):
-    for row in _table_rows((GRID / f'summary_target_{target}.md').read_text()):
+    for row in _table_rows((grid / f'summary_target_{target}.md').read_text()):
       cells = [c.strip() for c in row.strip('|').split('|')]
       if len(cells) == 11:   # the main table: variant ... steps, paired steps, ratio, time
         quoted = f'| {float(target):.2f} | {cells[0]} | {" | ".join(cells[7:10])} |'
@@ -109,6 +110,13 @@ def test_readme_quotes_the_grid_summary():
     paired = final[variant]['paired_vs_reference']['final_eval_loss']
     assert (f'{variant} {paired["mean"]:+.3f} [{paired["ci95"][0]:+.3f}, '
             f'{paired["ci95"][1]:+.3f}]' in readme), variant
+  later = json.loads((GRID / 'pairwise_diagonal' / 'summary.json').read_text())['per_variant']
+  paired = later['pairwise_diagonal']['paired_vs_reference']['final_eval_loss']
+  assert (f'pairwise_diagonal {paired["mean"]:+.3f} [{paired["ci95"][0]:+.3f}, '
+          f'{paired["ci95"][1]:+.3f}]' in readme)
+  drift = max(abs(later['standard']['final_eval_loss_per_seed'][seed] - loss)
+              for seed, loss in final['standard']['final_eval_loss_per_seed'].items())
+  assert f'moved by up to {drift:.3f}' in readme
   at_595 = json.loads((GRID / 'summary_target_5.95.json').read_text())['per_variant']
   for variant in ('symmetric', 'pairwise'):
     steps = at_595[variant]['steps_to_target']
