@@ -426,7 +426,7 @@ def parse_args():
   parser.add_argument('--paths', default=','.join(DEFAULT_PATHS),
                       help=f'of {sorted(PATHS)}')
   parser.add_argument('--prng_impl', default='threefry',
-                      help='config.prng_impl: threefry | rbg | unsafe_rbg')
+                      choices=('threefry', 'rbg', 'unsafe_rbg'), help='config.prng_impl')
   parser.add_argument('--xla_gpu_flags', type=int, default=1,
                       help='1: the trainer\'s XLA GPU flags (bert_sym/gpu_flags.py); 0: off')
   parser.add_argument('--profile', action='store_true',
@@ -445,7 +445,9 @@ def parse_args():
                       help="'' (default): every compile is measured cold")
   parser.add_argument('--out', default='', help='JSON path (default benchmarks/results/...)')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
-  return parser.parse_args()
+  args = parser.parse_args()
+  args.shapes = args.shapes or ','.join(SHAPES[args.size])
+  return args
 
 
 def _same_shape(r, spec):
@@ -498,7 +500,6 @@ def main():
   if args.worker:
     worker(json.loads(args.worker))
     return
-  args.shapes = args.shapes or ','.join(SHAPES[args.size])
   started = time.perf_counter()
   date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
   print(f'benchmarks/accelerator.py --size={args.size} shapes {args.shapes} '

@@ -3,7 +3,6 @@ one of its benchmark commands would cost that session's only chance. Each `bench
 parsed here by the benchmark's own argument parser and expanded into its configurations."""
 
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _bench_lines():
-  """(name, benchmark arguments) of every `bench NAME MAX JSON ARGS...` call, with the
+  """The benchmark arguments of every `bench NAME MAX JSON ARGS...` call, with the
   script's loop variable and path variables filled in."""
   text = open(SCRIPT).read().replace('\\\n', ' ')
   calls = []
@@ -28,7 +27,7 @@ def _bench_lines():
     impls = ('rbg', 'unsafe_rbg') if '$impl' in line else (None,)
     for impl in impls:
       words = shlex.split(line.replace('$impl', impl or ''))
-      calls.append((words[1], words[4:]))
+      calls.append(pytest.param(words[4:], id=words[1]))
   return calls
 
 
@@ -37,25 +36,23 @@ def test_script_is_valid_bash():
 
 
 def test_there_are_bench_lines():
-  names = [name for name, _ in _bench_lines()]
+  names = [call.id for call in _bench_lines()]
   assert len(names) == 7 and any('profile' in name for name in names), names
 
 
-@pytest.mark.parametrize('name,args', _bench_lines(), ids=[n for n, _ in _bench_lines()])
-def test_every_bench_command_parses_into_configurations(name, args, monkeypatch):
+@pytest.mark.parametrize('args', _bench_lines())
+def test_every_bench_command_parses_into_configurations(args, monkeypatch):
   # bench() adds these itself; --out is the JSON path it is given.
   argv = ['accelerator.py', '--size=base', '--steps=10', '--timeout_s=70', '--budget_s=50',
           '--out=x.json', *args]
   monkeypatch.setattr(sys, 'argv', argv)
-  parsed = accelerator.parse_args()
-  parsed.shapes = parsed.shapes or ','.join(accelerator.SHAPES[parsed.size])
+  parsed = accelerator.parse_args()   # exits on an unknown flag or --prng_impl
   specs = accelerator.configurations(parsed)
   ours = [s for s in specs if s['impl'] == 'ours']
-  assert ours, name
+  assert ours, args
   for spec in ours:
     assert spec['attention'] in accelerator.VARIANTS and spec['path'] in accelerator.PATHS
-    assert re.fullmatch(r'\d+', str(spec['seq'])) and spec['batch'] > 0
-  assert parsed.prng_impl in ('threefry', 'rbg', 'unsafe_rbg')
+    assert spec['seq'] > 0 and spec['batch'] > 0
   if parsed.profile:
     assert 'profile_dir' in ours[0]
 
@@ -65,6 +62,8 @@ def test_a_typo_is_refused_before_anything_runs(monkeypatch):
                        ('--paths=fusd', 'unknown path'), ('--shapes=128by256', 'SEQxBATCH')):
     monkeypatch.setattr(sys, 'argv', ['accelerator.py', bad])
     parsed = accelerator.parse_args()
-    parsed.shapes = parsed.shapes or ','.join(accelerator.SHAPES[parsed.size])
     with pytest.raises(SystemExit, match=message):
       accelerator.configurations(parsed)
+  monkeypatch.setattr(sys, 'argv', ['accelerator.py', '--prng_impl=rgb'])
+  with pytest.raises(SystemExit):   # argparse's choices
+    accelerator.parse_args()
