@@ -18,6 +18,7 @@ import pytest
 from bert_sym import attention as attention_lib
 from bert_sym import hf_export as export
 from bert_sym.attention import SelfAttention
+from tests.train_fixtures import cpu_devices_flags
 
 VARIANTS = ('standard', 'symmetric', 'pairwise')
 HIDDEN, HEADS = 64, 4
@@ -230,7 +231,7 @@ _SPLASH_ON_A_MESH = textwrap.dedent('''
 def test_splash_on_a_mesh_runs_per_shard_and_equals_xla(attention):
   """On 8 devices (data 2 x fsdp 2 x tensor 2) splash runs inside shard_map, each device
   on its own examples and heads, and equals the xla path in forward and gradients."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=cpu_devices_flags(8),
              JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO_ROOT))
   result = subprocess.run(
       [sys.executable, '-c', _SPLASH_ON_A_MESH.replace('ATTENTION', attention)],

@@ -31,6 +31,7 @@ from bert_sym.glue import suite
 from configs import glue as glue_config
 from tests import real_data
 from tests import train_fixtures
+from tests.train_fixtures import cpu_devices_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The end-to-end tests read the committed GLUE-layout fixture, so they run in every clone.
@@ -83,7 +84,7 @@ def test_cli_two_processes_match_one_process(workdir, tmp_path):
   single = subprocess.run(
       common + [f'--output_dir={tmp_path / "single"}'], cwd=REPO_ROOT, capture_output=True,
       text=True, timeout=600,
-      env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+      env=dict(env, XLA_FLAGS=cpu_devices_flags(2)))
   assert single.returncode == 0, single.stderr[-3000:]
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -115,7 +116,7 @@ def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
          '--config.max_seq_len=32', '--config.epochs=1', '--config.length_buckets=false',
          '--config.progress_bar=false', '--config.batch_size=8', '--config.eval_batch_size=8']
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2', TF_CPP_MIN_LOG_LEVEL='3')
+             XLA_FLAGS=cpu_devices_flags(2), TF_CPP_MIN_LOG_LEVEL='3')
   result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from bert_sym import model as model_lib
 from bert_sym import sharding
 from tests import train_fixtures
+from tests.train_fixtures import cpu_devices_flags
 
 
 def _mesh_config(data=-1, fsdp=1, tensor=1):
@@ -94,18 +95,32 @@ _BATCH_CHECKS = textwrap.dedent("""
         out[name] = sharding.check_batch_size(batch, mesh, rules)
       except ValueError as e:
         out[name] = str(e)
+    # GLUE's batches on a mesh whose processes alternate along the batch, as on TPU pods
+    # (v4-16: processes 0,1,0,1,...): the global rows must keep the batch's order.
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from bert_sym.glue import finetune
+    alternating = sorted(jax.devices(), key=lambda d: (d.id % 4, d.process_index))
+    mesh = Mesh(np.array(alternating).reshape(8, 1, 1), ('data', 'fsdp', 'tensor'))
+    gather = jax.jit(lambda b: b, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    out['processes_along_batch'] = [d.process_index for d in mesh.devices.flat]
+    for name, batch, stacked in (('glue_rows', np.arange(16), False),
+                                 ('glue_rows_stacked', np.arange(32).reshape(2, 16), True)):
+      rows = gather(finetune.global_batch({"x": batch}, mesh, rules, stacked))['x']
+      out[name] = np.asarray(rows).tolist()
     print('RESULT', json.dumps(out))
 """)
 
 
 def test_batch_size_checks_on_8_devices_in_2_processes():
   """check_batch_size's three errors, each reachable only with several devices and
-  processes: two real processes (jax.distributed, gloo) of 4 CPU devices each."""
+  processes, and GLUE's global batches on a mesh whose processes alternate: two real
+  processes (jax.distributed, gloo) of 4 CPU devices each."""
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(train_fixtures.REPO_ROOT),
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+             XLA_FLAGS=cpu_devices_flags(4))
   procs = [subprocess.Popen([sys.executable, '-c', _BATCH_CHECKS, f'localhost:{port}', str(i)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -123,6 +138,9 @@ def test_batch_size_checks_on_8_devices_in_2_processes():
                                  'each process reads an equal share.')
   assert result['ways'].startswith('The data-parallel size 1 is not a multiple of the 2 '
                                    'processes')
+  assert result['processes_along_batch'] == [0, 1] * 4
+  assert result['glue_rows'] == list(range(16))
+  assert result['glue_rows_stacked'] == [list(range(16)), list(range(16, 32))]
 
 
 def test_opt_state_shardings_follow_params():

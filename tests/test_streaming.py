@@ -28,7 +28,7 @@ from bert_sym.input import masking
 from bert_sym.input import shard_reader
 from bert_sym.input import tokenizer as vocab_lib
 from configs import common
-from tests.train_fixtures import REPO_ROOT, run_trainer
+from tests.train_fixtures import REPO_ROOT, cpu_devices_flags, run_trainer
 
 TASK = 'synthetic_test'
 
@@ -439,7 +439,7 @@ def test_two_processes_with_jax_distributed_read_disjoint_halves(small_corpus, t
     s.bind(('localhost', 0))
     address = f'localhost:{s.getsockname()[1]}'
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=cpu_devices_flags(1))
   url = f'file://{small_corpus}'
   processes = [subprocess.Popen(
       [sys.executable, '-c', _DISTRIBUTED_SCRIPT, address, str(i), url,

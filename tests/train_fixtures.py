@@ -130,6 +130,13 @@ def tiny_config(**extra):
   return config
 
 
+def cpu_devices_flags(devices: int) -> str:
+  """XLA_FLAGS for a subprocess with `devices` simulated CPUs, keeping the session's flags
+  (tests/conftest.py: fast unoptimised compiles)."""
+  return (f"{os.environ.get('XLA_FLAGS', '')} "
+          f'--xla_force_host_platform_device_count={devices}').strip()
+
+
 def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='configs/tiny.py',
                 overrides=None, env=None, timeout=300, check=True, apply_tiny=True,
                 **popen_kwargs):
@@ -142,7 +149,7 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
   cmd += list(extra_flags)
   full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
                   # Unoptimised XLA compiles ~3x faster; these runs are compile-bound.
-                  XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
+                  XLA_FLAGS=(f'{cpu_devices_flags(devices)} '
                              '--xla_backend_optimization_level=0'),
                   TF_CPP_MIN_LOG_LEVEL='3')
   full_env.update(env or {})

@@ -79,14 +79,18 @@ def train_batches(n, batch_size, epochs, seed):
   return batches[:total_steps]
 
 
-def global_batch(batch: dict, mesh, batch_size: int, rules, stacked: bool = False) -> dict:
+def global_batch(batch: dict, mesh, rules, stacked: bool = False) -> dict:
   """A batch every process built identically -> global arrays split over the batch axes
-  (axis 1 when `stacked` over seeds). Each process keeps the rows of its own devices."""
+  (axis 1 when `stacked` over seeds), in the batch's own row order.
+
+  Every process passes the whole batch and each device reads its own rows of it. Handing
+  each process a contiguous share instead would put that share on the process's devices,
+  which on TPU pod meshes are not contiguous (v4-16: processes 0,1,0,1,... along the
+  batch): the global rows come out permuted, and dev predictions would be paired with the
+  wrong examples."""
   axis = 1 if stacked else 0
-  per_process = batch_size // jax.process_count()
-  rows = np.arange(per_process) + jax.process_index() * per_process
-  local = jax.tree.map(lambda x: np.take(np.asarray(x), rows, axis=axis), batch)
-  return sharding.host_batch_to_global(local, mesh, batch_size, rules, batch_axis=axis)
+  return sharding.host_batch_to_global(
+      batch, mesh, jax.tree.leaves(batch)[0].shape[axis], rules, batch_axis=axis)
 
 
 def _optimizer_config(config, total_steps):
@@ -214,7 +218,7 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   meter = _meter(pretrained, task, config, len(seeds), desc, latest)
   hooks = _hooks(task, config, writers, manager, desc)
   batches = _Batches(train, config, seeds, pad_id, stacked, step, length_seeds)
-  to_global = lambda b: global_batch(b, mesh, config.batch_size, task.rules, stacked)
+  to_global = lambda b: global_batch(b, mesh, task.rules, stacked)
   prefetcher = loop.Prefetcher(batches, to_global, depth=2)
   try:
     state, step, preempted = loop.run(
@@ -323,7 +327,7 @@ def predict(params, task: TaskSetup, dev, config, mesh, pad_id):
     batch = glue_data.pad_batch(dev, indices, config.eval_batch_size, config.max_seq_len,
                                 pad_id, bucket=config.length_buckets)
     batch.pop('labels'), batch.pop('weights')
-    batch = global_batch(batch, mesh, config.eval_batch_size, task.rules)
+    batch = global_batch(batch, mesh, task.rules)
     out.append(np.asarray(jax.device_get(task.predict_step(params, batch)))[:len(indices)])
   predictions = np.empty(len(dev), out[0].dtype if out else np.float32)
   predictions[order] = np.concatenate(out) if out else []
