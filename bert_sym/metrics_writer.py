@@ -137,11 +137,21 @@ class MetricWriter:
       return
     self._jsonl.close()
     rows = self._jsonl_path.read_text().splitlines() if self._jsonl_path.exists() else []
-    kept = [r for r in rows if r.strip() and json.loads(r).get('step', 0) <= step]
+    kept, cut_short = [], []
+    for line in rows:
+      try:
+        if line.strip() and json.loads(line).get('step', 0) <= step:
+          kept.append(line)
+      except json.JSONDecodeError:   # a row cut off by a crash or a full disk
+        cut_short.append(line)
+    if cut_short:
+      logging.warning('metrics.jsonl: dropped %d line(s) that are not JSON (written when '
+                      'the previous attempt stopped): %s', len(cut_short),
+                      ' | '.join(line[:200] for line in cut_short))
     if len(kept) != len(rows):
       files.write_atomically(self._jsonl_path, ''.join(r + '\n' for r in kept))
       logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
-                   len(rows) - len(kept), step)
+                   len(rows) - len(kept) - len(cut_short), step)
     self._jsonl = self._jsonl_path.open('a')
 
   def set_aside_rows(self) -> None:

@@ -256,8 +256,11 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert checkpoint.resolve_step_dir(workdir).name in ('8', '12')
+  with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
+    f.write('{"step": 12, "train/lo')   # a row cut off by the kill (or by a full disk)
   result = run_trainer(workdir, overrides=_overrides())
   assert 'Resumed from step' in result.stdout
+  assert "dropped 1 line(s) that are not JSON" in result.stderr
   _assert_params_equal(_final_params(workdir), _final_params(reference_run[0]))
   _assert_one_row_per_step(workdir)   # rows logged after step 8 were redone, not doubled
 
