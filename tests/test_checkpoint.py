@@ -313,6 +313,11 @@ def test_every_step_damaged_stops_unless_start_over(tmp_path, trainer_run):
   with pytest.raises(checkpoint.NothingRestored):   # a rerun still refuses
     _restore(workdir, config, spec)
   assert _restore(workdir, config, spec, start_over=True) == (None, None, None)
+  # The steps stay, acknowledged: a rerun before the new run's first save (a requeued job)
+  # starts from step 0 instead of refusing again.
+  assert sorted(p.name.split('-')[0] for p in (workdir / 'damaged_checkpoints').iterdir()
+                if p.name.endswith('-started-over')) == ['4', '8']
+  assert _restore(workdir, config, spec) == (None, None, None)
 
 
 @pytest.mark.parametrize('damage', ['truncated_arrays', 'missing_METADATA'])

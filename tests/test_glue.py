@@ -5,6 +5,7 @@ import csv
 import json
 import os
 from pathlib import Path
+import shutil
 import signal
 import socket
 import subprocess
@@ -611,6 +612,19 @@ def test_sigterm_mid_task_saves_exits_42_and_resumes_to_the_same_predictions(wor
   ckpts = out / 'runs' / 'rte' / 'checkpoints'
   saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
   assert len(saved) == 1 and 10 <= saved[0] < 160
+  # The same, with that checkpoint damaged: the task is fine-tuned again from the
+  # pre-trained encoder (the reference's predictions), not refused for good.
+  damaged = tmp_path / 'damaged'
+  shutil.copytree(out, damaged)
+  (damaged / 'runs' / 'rte' / 'checkpoints' / str(saved[0]) / 'state' / '_METADATA').unlink()
+  redone = run(damaged)
+  assert redone.returncode == 0, redone.stderr[-3000:]
+  assert f'checkpoint step {saved[0]} cannot be restored' in redone.stderr
+  assert 'starting over from step 0' in redone.stderr and 'resuming' not in redone.stdout
+  for seed in (1, 2):
+    assert (_read_tsv(damaged / 'predictions' / f'rte_seed{seed}.tsv')
+            == _read_tsv(tmp_path / 'reference' / 'predictions' / f'rte_seed{seed}.tsv'))
+  assert not (damaged / 'runs' / 'rte').exists()
 
   resumed = run(out)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -34,6 +34,9 @@ from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER
 
 DAMAGED_DIR = 'damaged_checkpoints'
 DIVERGED_SUFFIX = '-diverged'   # set aside by a non-finite stop, not for corruption
+# A damaged step that a --start_over run has acknowledged: kept, but it no longer stops a
+# later rerun of that workdir (e.g. a requeue before the new run's first save).
+STARTED_OVER_SUFFIX = '-started-over'
 READ_ATTEMPTS = 4
 BACKOFF_SECONDS = 2.0           # 2, 4, 8 s between attempts
 
@@ -227,21 +230,38 @@ def _set_aside(ckpt_dir: epath.Path, step: int, suffix: str = '') -> epath.Path:
 
 
 def set_aside_diverged(workdir, steps, onset: int, log=print) -> None:
-  """Moves checkpoints written while a run was diverging beside the damaged ones."""
-  for step in sorted(steps):
-    if (checkpoint_dir(workdir) / str(step)).exists():
-      moved = _set_aside(checkpoint_dir(workdir), step, DIVERGED_SUFFIX)
-      log(f'Set aside checkpoint step {step} to {moved}: the run was diverging there (its '
-          f'loss was unhealthy from step {onset} on), so resuming from it would diverge '
-          'again.')
+  """Moves checkpoints written while a run was diverging beside the damaged ones.
+
+  Process 0's list is everyone's: each `_set_aside` waits for every process, so a host
+  whose own listing differed (or that looked after process 0's rename) would leave the
+  others waiting forever."""
+  present = [step for step in sorted(steps) if (checkpoint_dir(workdir) / str(step)).exists()]
+  for step in allgather_json(present)[0]:
+    moved = _set_aside(checkpoint_dir(workdir), step, DIVERGED_SUFFIX)
+    log(f'Set aside checkpoint step {step} to {moved}: the run was diverging there (its '
+        f'loss was unhealthy from step {onset} on), so resuming from it would diverge '
+        'again.')
 
 
 def damaged_steps_found(workdir) -> list[str]:
-  """Entries of damaged_checkpoints/ set aside for corruption (not for divergence)."""
+  """Entries of damaged_checkpoints/ set aside for corruption (not for divergence), that
+  no --start_over has acknowledged yet."""
   root = absolute(workdir) / DAMAGED_DIR
   if not root.is_dir():
     return []
-  return sorted(p.name for p in root.iterdir() if not p.name.endswith(DIVERGED_SUFFIX))
+  return sorted(p.name for p in root.iterdir()
+                if not p.name.endswith((DIVERGED_SUFFIX, STARTED_OVER_SUFFIX)))
+
+
+def _acknowledge(workdir, names) -> None:
+  """Renames `names` (process 0's listing) to <name>-started-over; every process waits."""
+  root = absolute(workdir) / DAMAGED_DIR
+  if jax.process_index() == 0:
+    for name in names:
+      (root / name).rename(root / f'{name}{STARTED_OVER_SUFFIX}')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('bert_sym_acknowledge_damaged')
 
 
 class NothingRestored(CheckpointReadError):
@@ -249,13 +269,14 @@ class NothingRestored(CheckpointReadError):
 
 
 def _refuse_silent_restart(workdir, moved_now, start_over: bool, log) -> None:
-  found = damaged_steps_found(workdir)
+  found = allgather_json(damaged_steps_found(workdir))[0]   # one verdict for every host
   if not moved_now and not found:
-    return   # a fresh workdir (or only diverged steps set aside): start from step 0
+    return   # a fresh workdir (or only diverged or acknowledged steps set aside): step 0
   where = absolute(workdir) / DAMAGED_DIR
   if start_over:
-    log(f'WARNING: no checkpoint restores (damaged ones are in {where}); starting over '
-        'from step 0 as --start_over asks.')
+    log(f'WARNING: no checkpoint restores (damaged ones are in {where}, kept with the '
+        f'suffix {STARTED_OVER_SUFFIX}); starting over from step 0.')
+    _acknowledge(workdir, found)
     return
   raise NothingRestored(
       f'No checkpoint in {checkpoint_dir(workdir)} restores: every step was damaged and '

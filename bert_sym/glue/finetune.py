@@ -257,8 +257,10 @@ def _restore_or_init(pretrained, task: TaskSetup, seeds, group_dir, desc):
                                                   sharding=s)
     abstract = jax.tree.map(lead, abstract, steps.stacked(task.state.shardings))
     abstract_params = jax.tree.map(lead, abstract_params)
+  # start_over: a task whose checkpoints are all damaged is fine-tuned again from the
+  # pre-trained encoder (minutes; refusing would stop this output directory for good).
   manager, latest, state, _ = checkpoint_lib.restore_latest(
-      group_dir, ckpt, abstract, abstract_params, log=logging.warning)
+      group_dir, ckpt, abstract, abstract_params, log=logging.warning, start_over=True)
   if latest is not None:
     logging.info('%s: resuming from step %d of %d (%s)', desc, latest, task.total_steps,
                  checkpoint_lib.checkpoint_dir(group_dir))
@@ -313,6 +315,7 @@ def finish_group(output_dir, task_name) -> None:
   if jax.process_index() == 0:
     group_dir = _group_dir(output_dir, task_name)
     checkpoint_lib.checkpoint_dir(group_dir).rmtree(missing_ok=True)
+    (group_dir / checkpoint_lib.DAMAGED_DIR).rmtree(missing_ok=True)   # of a finished task
     (group_dir / 'group.json').unlink(missing_ok=True)
     if group_dir.exists() and not any(group_dir.iterdir()):
       group_dir.rmdir()   # no empty runs/<task>/ left beside the runs/<task>_seed<k>/ logs
