@@ -373,17 +373,23 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
       hooks.check_saves()
     if _due(step, hooks.log_every, total_steps):
       hooks.log(step, *meter.row(step))
-    if hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps):
-      with meter.paused(state):
-        hooks.evaluate(state, step)
+    eval_due = hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps)
     preempted = (preemption is not None and preemption.reached(manager, step)
                  and step < total_steps)
+    if eval_due and not preempted:
+      with meter.paused(state):
+        hooks.evaluate(state, step)
     if _due(step, hooks.save_every, total_steps) or preempted:
       with meter.paused(state):
         meter.fetch()   # never save after a non-finite step in 'stop' mode
         hooks.save(state, step)
         meter.last_saved = step
     if preempted:
+      if eval_due:   # after the save: the notice before the kill (30 s on spot TPUs) is for it
+        if manager is not None:
+          manager.wait_until_finished()
+        with meter.paused(state):
+          hooks.evaluate(state, step)
       code = Preempted(step, preemption.signal_name).exit_code
       hooks.console(f'Stopped by {preemption.signal_name or "preemption"}: saved step '
                     f'{step}, exiting with code {code} (rerun the same command to resume).')

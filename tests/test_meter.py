@@ -104,3 +104,43 @@ def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
                      peak_flops=0.0, num_devices=1)
   loop.run(jnp.int32(0), 0, 4, train_step, Batches([8, 4, 4, 8]), meter, hooks)
   assert rows[-1]['perf/tflops_per_device'] == pytest.approx((8 * 4 + 8 * 4 + 16 * 8) / 3)
+
+
+def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step():
+  """Spot TPUs give 30 s between the notice and the kill: that time is for the checkpoint.
+  An eval due at the preempted step runs after the save has finished, not before it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  class Batches:
+    def __next__(self):
+      return {'input_ids': jnp.zeros((2, 4), jnp.int32)}
+
+  @jax.jit
+  def train_step(state, batch):
+    del batch
+    return state + 1, {'train/loss': jnp.float32(1.0), 'train/grad_norm': jnp.float32(1.0),
+                       'train/learning_rate': jnp.float32(0.1), 'train/finite': jnp.bool_(True)}
+
+  class PreemptedAtStep3:
+    signal_name = 'SIGTERM'
+
+    def reached(self, manager, step):
+      del manager
+      return step == 3
+
+  class Manager:
+    def wait_until_finished(self):
+      calls.append(('save finished', None))
+
+  calls = []
+  hooks = loop.Hooks(log=lambda *a: None, save=lambda state, step: calls.append(('save', step)),
+                     log_every=0, save_every=0, console=lambda *a, **k: None,
+                     evaluate=lambda state, step: calls.append(('eval', step)), eval_every=1)
+  meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  state, step, preempted = loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter, hooks,
+                                    PreemptedAtStep3(), Manager())
+  assert (int(state), step, preempted) == (3, 3, True)
+  assert calls == [('eval', 1), ('eval', 2), ('save', 3), ('save finished', None),
+                   ('eval', 3)]
