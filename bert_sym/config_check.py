@@ -76,6 +76,12 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
   if data.source == 'shards' and not data.shards_dir:
     raise ConfigError("config.data.source='shards' needs the exported shards. Fix: "
                       '--config.data.shards_dir=DIR (from `python -m bert_sym.shards export`).')
+  if data.source == 'shards' and '://' in data.shards_dir:
+    raise ConfigError(
+        f"config.data.source='shards' memory-maps a local directory, but "
+        f'config.data.shards_dir={data.shards_dir!r} is a URL. Fix: '
+        '--config.data.source=streaming (reads the same shards from gs:// and other URLs), '
+        'or copy the shards to a local disk.')
   if data.source == 'seqio':
     if not data.task:
       raise ConfigError('config.data.task is empty. Fix: --config.data.task=bert_sym_mlm_embedded '

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from bert_sym import config_check
 from configs import common
 from configs import from_json
@@ -29,3 +31,14 @@ def test_config_json_holds_absolute_data_paths_and_reruns_from_any_directory(
   rerun = from_json.get_config(str(tmp_path / 'config.json'))
   assert os.path.exists(rerun.data.text_files.split(',')[1])
   assert json.loads(rerun.to_json()) == json.loads(resolved.to_json())
+
+
+def test_memory_mapped_shards_from_a_url_name_the_streaming_source():
+  """source='shards' memory-maps files: from gs:// it used to fail later, on a mangled
+  local path ('gs:/bucket/...'), instead of naming the source that reads URLs."""
+  config = common.base_config('tiny')
+  config.data.update(dict(source='shards', shards_dir='gs://bucket/c4_512'))
+  with pytest.raises(config_check.ConfigError, match='--config.data.source=streaming'):
+    config_check.check(config)
+  config.data.source = 'streaming'
+  config_check.check(config)
