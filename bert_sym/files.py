@@ -5,17 +5,23 @@ vocabulary cache, Hugging Face exports, GLUE results and predictions, plots), lo
 remote:
 - a local path (or file://): a temporary file beside the target, then `os.replace`, which
   is atomic on POSIX;
-- an object store (gs://, s3://, memory://) through fsspec: an object becomes visible only
-  once its upload completes, so it is written in place.
+- an object store (gs://, s3://, memory://) through fsspec: the data goes to a local
+  temporary file first and is uploaded only once complete (an object is visible only when
+  its upload finishes). Writing through fsspec's file object directly would not do:
+  leaving its `with` block on an exception still closes, and so publishes, the half.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from typing import Callable, IO
 
 import fsspec
+
+_UPLOAD_CHUNK_BYTES = 16 << 20
 
 
 def _local_path(path: str) -> str | None:
@@ -32,8 +38,12 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
       lambda f: f.write(data.encode('utf-8') if isinstance(data, str) else data))
   local = _local_path(path)
   if local is None:
-    with fsspec.open(path, 'wb') as f:
-      write(f)
+    fs, remote = fsspec.core.url_to_fs(path)
+    with tempfile.TemporaryFile() as staged:
+      write(staged)
+      staged.seek(0)
+      with fs.open(remote, 'wb') as f:
+        shutil.copyfileobj(staged, f, length=_UPLOAD_CHUNK_BYTES)
     return
   directory = os.path.dirname(os.path.abspath(local))
   os.makedirs(directory, exist_ok=True)

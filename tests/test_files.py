@@ -37,3 +37,22 @@ def test_object_store_paths_go_through_fsspec():
   files.write_atomically(url, '{"n": 1}')
   with fsspec.open(url, 'rb') as f:
     assert f.read() == b'{"n": 1}'
+
+
+def test_a_crash_mid_write_to_an_object_store_publishes_nothing():
+  """fsspec's file object publishes what was written when its `with` block is left, even
+  on an exception: a half results file that looks complete. Staged locally instead."""
+  url = 'memory://bucket/run/glue_results.json'
+  files.write_atomically(url, '{"complete": true}')
+
+  def crash(f):
+    f.write(b'{"half": ')
+    raise RuntimeError('killed mid-write')
+
+  with pytest.raises(RuntimeError, match='killed'):
+    files.write_atomically(url, crash)
+  with fsspec.open(url, 'rb') as f:
+    assert f.read() == b'{"complete": true}'
+  with pytest.raises(RuntimeError, match='killed'):
+    files.write_atomically('memory://bucket/run/new.json', crash)
+  assert not fsspec.filesystem('memory').exists('/bucket/run/new.json')
