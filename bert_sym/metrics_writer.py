@@ -15,6 +15,7 @@ import time
 
 from absl import logging
 from etils import epath
+import fsspec
 import jax
 
 from bert_sym import files
@@ -84,6 +85,74 @@ def jsonl_row(step: int, scalars: dict) -> str:
   return json.dumps(row, allow_nan=False)
 
 
+class _JsonLines:
+  """metrics.jsonl, one row per line, each row on storage once written.
+
+  Local: an append handle, flushed per row. Object stores (gs://): no append there
+  (gcsfs turns 'a' into a fresh object, and an unfinished upload is invisible), so the
+  rows are kept here and the whole file is uploaded again after each row, atomically
+  (`files.write_atomically`): a few MB at most, every log_every_steps steps.
+  """
+
+  def __init__(self, path: str):
+    path = path.removeprefix('file://')
+    self.path = path
+    self._remote = '://' in path
+    self._rows = self._read() if self._remote else None
+    self._handle = None if self._remote else open(path, 'a', encoding='utf-8')
+
+  def _read(self) -> list[str]:
+    if self._remote:
+      fs, remote = fsspec.core.url_to_fs(self.path)
+      return fs.cat_file(remote).decode('utf-8').splitlines() if fs.exists(remote) else []
+    with open(self.path, encoding='utf-8') as f:
+      return f.read().splitlines()
+
+  def rows(self) -> list[str]:
+    if self._remote:
+      return list(self._rows)
+    self._handle.flush()
+    return self._read()
+
+  def append(self, row: str) -> None:
+    if self._remote:
+      self._rows.append(row)
+      self._upload()
+    else:
+      self._handle.write(row + '\n')
+      self._handle.flush()
+
+  def replace(self, rows: list[str]) -> None:
+    """The file becomes `rows` (a reader sees the old file or the new one)."""
+    if self._remote:
+      self._rows = list(rows)
+      self._upload()
+      return
+    self._handle.close()
+    files.write_atomically(self.path, ''.join(r + '\n' for r in rows))
+    self._handle = open(self.path, 'a', encoding='utf-8')
+
+  def set_aside(self, suffix: str) -> str:
+    """Renames the file to path + suffix and starts an empty one; returns the new name."""
+    old = self.path + suffix
+    if self._remote:
+      fs, remote = fsspec.core.url_to_fs(self.path)
+      fs.mv(remote, fsspec.core.url_to_fs(old)[1])
+      self._rows = []
+    else:
+      self._handle.close()
+      os.replace(self.path, old)
+      self._handle = open(self.path, 'a', encoding='utf-8')
+    return old
+
+  def _upload(self) -> None:
+    files.write_atomically(self.path, ''.join(r + '\n' for r in self._rows))
+
+  def close(self) -> None:
+    if self._handle is not None:
+      self._handle.close()
+
+
 class MetricWriter:
   """Scalars to `{workdir}/tensorboard` (events) and `{workdir}/metrics.jsonl`."""
 
@@ -93,9 +162,7 @@ class MetricWriter:
     self._jsonl = None
     if not enabled:
       return
-    workdir = epath.Path(workdir)
-    self._jsonl_path = workdir / 'metrics.jsonl'
-    self._jsonl = self._jsonl_path.open('a')
+    self._jsonl = _JsonLines(f'{str(workdir).rstrip("/")}/metrics.jsonl')
     try:
       # The record writer and protos of the `tensorboard` package; its EventFileWriter
       # would import TensorFlow (seconds of start-up, and absent from GPU images).
@@ -107,7 +174,7 @@ class MetricWriter:
       logging.warning('tensorboard is not installed: metrics go to metrics.jsonl only.')
       return
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    logdir = workdir / 'tensorboard'
+    logdir = epath.Path(workdir) / 'tensorboard'
     logdir.mkdir(parents=True, exist_ok=True)
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
     self._file = (logdir / name).open('wb')
@@ -122,8 +189,7 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(jsonl_row(step, scalars) + '\n')
-    self._jsonl.flush()
+    self._jsonl.append(jsonl_row(step, scalars))
     if self._events is not None:
       summary = self._summary_pb2.Summary(value=[
           self._summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in scalars.items()])
@@ -135,8 +201,7 @@ class MetricWriter:
     and keeping both copies would make every plot double back. Rewritten atomically."""
     if not self.enabled:
       return
-    self._jsonl.close()
-    rows = self._jsonl_path.read_text().splitlines() if self._jsonl_path.exists() else []
+    rows = self._jsonl.rows()
     kept, cut_short = [], []
     for line in rows:
       try:
@@ -149,21 +214,17 @@ class MetricWriter:
                       'the previous attempt stopped): %s', len(cut_short),
                       ' | '.join(line[:200] for line in cut_short))
     if len(kept) != len(rows):
-      files.write_atomically(self._jsonl_path, ''.join(r + '\n' for r in kept))
+      self._jsonl.replace(kept)
       logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
                    len(rows) - len(kept) - len(cut_short), step)
-    self._jsonl = self._jsonl_path.open('a')
 
   def set_aside_rows(self) -> None:
     """A run starting from step 0 in a workdir with rows (an attempt killed before its
     first save, or --start_over) keeps them in metrics.jsonl.<time>.old, not mixed in."""
-    if not self.enabled or not self._jsonl_path.exists() or not self._jsonl_path.read_text().strip():
+    if not self.enabled or not any(row.strip() for row in self._jsonl.rows()):
       return
-    self._jsonl.close()
-    old = self._jsonl_path.parent / f'metrics.jsonl.{int(time.time())}.old'
-    self._jsonl_path.rename(old)
+    old = self._jsonl.set_aside(f'.{int(time.time())}.old')
     logging.warning('metrics.jsonl of the earlier attempt moved to %s.', old)
-    self._jsonl = self._jsonl_path.open('a')
 
   def close(self):
     if not self.enabled:

@@ -1,4 +1,9 @@
-"""bert_sym.loop.Meter: throughput and MFU against hand-computed values (patched clock)."""
+"""The host side of the loops: bert_sym.loop.Meter's throughput and MFU against
+hand-computed values (patched clock), the loop's order at a preemption, and
+metrics.jsonl across resumes, local and on an object store."""
+
+import json
+import sys
 
 import numpy as np
 import pytest
@@ -144,3 +149,36 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step():
   assert (int(state), step, preempted) == (3, 3, True)
   assert calls == [('eval', 1), ('eval', 2), ('save', 3), ('save finished', None),
                    ('eval', 3)]
+
+
+@pytest.mark.parametrize('where', ['local', 'object_store'])
+def test_metrics_jsonl_rows_survive_a_resume_locally_and_on_an_object_store(
+    tmp_path, monkeypatch, where):
+  """Object stores have no append (gcsfs makes 'a' a fresh object, and a buffered upload
+  is not there until closed): rows are uploaded whole, after each row. A resumed writer
+  keeps the rows up to the restored step, and a fresh start sets the old rows aside."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # metrics.jsonl only
+  workdir = (str(tmp_path) if where == 'local'
+             else f'memory://bucket/{tmp_path.name}')
+  fs, root = fsspec.core.url_to_fs(workdir)
+  read = lambda: [{k: v for k, v in json.loads(row).items() if k != 'time'} for row in
+                  fs.cat_file(f'{root}/metrics.jsonl').decode().splitlines()]
+  first = metrics_writer.MetricWriter(workdir)
+  for step in (1, 2, 3):
+    first.write_scalars(step, {'train/loss': 10.0 - step})
+    assert [r['step'] for r in read()] == list(range(1, step + 1))   # there once written
+  del first   # killed: never closed
+  resumed = metrics_writer.MetricWriter(workdir)
+  resumed.drop_rows_after(2)
+  resumed.write_scalars(3, {'train/loss': 6.5})
+  assert read() == [{'step': 1, 'train/loss': 9.0}, {'step': 2, 'train/loss': 8.0},
+                    {'step': 3, 'train/loss': 6.5}]
+  resumed.close()
+  fresh = metrics_writer.MetricWriter(workdir)
+  fresh.set_aside_rows()
+  fresh.write_scalars(1, {'train/loss': 9.5})
+  assert read() == [{'step': 1, 'train/loss': 9.5}]
+  [old] = [f for f in fs.ls(root, detail=False) if f.endswith('.old')]
+  assert [json.loads(r)['step'] for r in fs.cat_file(old).decode().splitlines()] == [1, 2, 3]
+  fresh.close()
