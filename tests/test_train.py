@@ -421,6 +421,26 @@ def test_two_process_run_matches_single_process(tmp_path, reference_run):
   assert states['process_count'] == 2 and len(states['states']) == 2
 
 
+def test_two_process_divergence_sets_its_checkpoints_aside_once_and_both_stop(tmp_path):
+  """Process 0 renames and both hosts wait at each rename, so both must set aside the same
+  steps: process 0's list (a host listing after a rename used to skip that barrier and
+  leave the other waiting). Both stop with exit 1; step 3 is set aside once."""
+  address = f'localhost:{_free_port()}'
+  diverging = _overrides(checkpoint__every_steps=3, optimizer__learning_rate=1e6)
+  processes = [
+      run_trainer(tmp_path, f'--coordinator_address={address}', '--num_processes=2',
+                  f'--process_id={i}', devices=2, overrides=diverging, background=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 1, out[-5000:]
+    assert 'Non-finite loss or gradient at step' in out
+  assert 'Set aside checkpoint step 3' in outputs[0]
+  assert checkpoint.finished_steps(tmp_path) == []
+  assert sorted(p.name.split('-')[0] for p in (tmp_path / 'damaged_checkpoints').iterdir()
+                if p.name.endswith('-diverged')) == ['3']
+
+
 def test_real_input_pipeline_trains_and_resumes(tmp_path):
   """bert_sym.train's own command line on the embedded corpus (seqio task), 2 + 1 steps."""
   small = [f'--config.{k}={v}' for k, v in dict(
