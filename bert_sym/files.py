@@ -24,7 +24,8 @@ import fsspec
 _UPLOAD_CHUNK_BYTES = 16 << 20
 
 
-def _local_path(path: str) -> str | None:
+def local_path(path: str) -> str | None:
+  """The filesystem path of a local path or file:// URL; None for an object store."""
   if path.startswith('file://'):
     return path[len('file://'):]
   return None if '://' in path else path
@@ -36,7 +37,7 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
   path = str(path)   # os.PathLike, epath (gs://) or a URL string
   write = data if callable(data) else (
       lambda f: f.write(data.encode('utf-8') if isinstance(data, str) else data))
-  local = _local_path(path)
+  local = local_path(path)
   if local is None:
     fs, remote = fsspec.core.url_to_fs(path)
     with tempfile.TemporaryFile() as staged:

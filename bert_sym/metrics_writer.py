@@ -95,9 +95,9 @@ class _JsonLines:
   """
 
   def __init__(self, path: str):
-    path = path.removeprefix('file://')
-    self.path = path
-    self._remote = '://' in path
+    local = files.local_path(path)
+    self.path = local or path
+    self._remote = local is None
     self._rows = self._read() if self._remote else None
     self._handle = None if self._remote else open(path, 'a', encoding='utf-8')
 

@@ -24,7 +24,8 @@ if tpu.no_tpu_here():
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
 # The suite is bound by XLA:CPU compiles of tiny programs: without LLVM's optimisations they
-# compile ~3x faster (the whole suite: 952 s -> 746 s on 2 cores). The HLO, and so what the
+# compile ~3x faster (one GLUE test: 39 s -> 30 s; whole-suite times on a shared 2-core
+# machine vary too much between runs to quote one gain). The HLO, and so what the
 # tests compare, is the same; the TPU compiler of tests/test_aot.py ignores the flag (its
 # report, memory and FLOPs included, was identical with and without it). Read when JAX
 # creates its backend, so set before any test runs; subprocesses inherit it.

@@ -18,16 +18,16 @@ def test_writes_bytes_text_and_writer_functions(tmp_path):
   assert target.read_bytes() == b'abc'
 
 
+def _crash_mid_write(f):
+  f.write(b'{"compl')
+  raise RuntimeError('killed mid-write')
+
+
 def test_a_crash_mid_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
   target = tmp_path / 'results.json'
   files.write_atomically(target, '{"complete": true}')
-
-  def crash(f):
-    f.write(b'{"compl')
-    raise RuntimeError('killed mid-write')
-
   with pytest.raises(RuntimeError, match='killed'):
-    files.write_atomically(target, crash)
+    files.write_atomically(target, _crash_mid_write)
   assert target.read_text() == '{"complete": true}'
   assert os.listdir(tmp_path) == ['results.json']
 
@@ -44,15 +44,10 @@ def test_a_crash_mid_write_to_an_object_store_publishes_nothing():
   on an exception: a half results file that looks complete. Staged locally instead."""
   url = 'memory://bucket/run/glue_results.json'
   files.write_atomically(url, '{"complete": true}')
-
-  def crash(f):
-    f.write(b'{"half": ')
-    raise RuntimeError('killed mid-write')
-
   with pytest.raises(RuntimeError, match='killed'):
-    files.write_atomically(url, crash)
+    files.write_atomically(url, _crash_mid_write)
   with fsspec.open(url, 'rb') as f:
     assert f.read() == b'{"complete": true}'
   with pytest.raises(RuntimeError, match='killed'):
-    files.write_atomically('memory://bucket/run/new.json', crash)
+    files.write_atomically('memory://bucket/run/new.json', _crash_mid_write)
   assert not fsspec.filesystem('memory').exists('/bucket/run/new.json')

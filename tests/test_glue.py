@@ -5,7 +5,6 @@ import csv
 import json
 import os
 from pathlib import Path
-import shutil
 import signal
 import socket
 import subprocess

@@ -148,9 +148,9 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
   cmd += tiny_overrides(**(overrides or {})) if synthetic and apply_tiny else []
   cmd += list(extra_flags)
   full_env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
-                  # Unoptimised XLA compiles ~3x faster; these runs are compile-bound.
-                  XLA_FLAGS=(f'{cpu_devices_flags(devices)} '
-                             '--xla_backend_optimization_level=0'),
+                  # With tests/conftest.py's unoptimised compiles: these runs are
+                  # compile-bound.
+                  XLA_FLAGS=cpu_devices_flags(devices),
                   TF_CPP_MIN_LOG_LEVEL='3')
   full_env.update(env or {})
   if popen_kwargs.pop('background', False):

@@ -223,10 +223,15 @@ def _set_aside(ckpt_dir: epath.Path, step: int, suffix: str = '') -> epath.Path:
   if jax.process_index() == 0:
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
+  _wait_for_every_process(f'bert_sym_set_aside_{step}')
+  return dst
+
+
+def _wait_for_every_process(name: str) -> None:
+  """A barrier after process 0's renames: no host reads the directory before they are done."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f'bert_sym_set_aside_{step}')
-  return dst
+    multihost_utils.sync_global_devices(name)
 
 
 def set_aside_diverged(workdir, steps, onset: int, log=print) -> None:
@@ -259,9 +264,7 @@ def _acknowledge(workdir, names) -> None:
   if jax.process_index() == 0:
     for name in names:
       (root / name).rename(root / f'{name}{STARTED_OVER_SUFFIX}')
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('bert_sym_acknowledge_damaged')
+  _wait_for_every_process('bert_sym_acknowledge_damaged')
 
 
 class NothingRestored(CheckpointReadError):
