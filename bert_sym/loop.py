@@ -187,6 +187,7 @@ class StepHealth:
     self.spike_factor, self.window = spike_factor, window
     self.max_consecutive_skips = max_consecutive_skips
     self.recent, self.onset, self.skipped_in_a_row = [], None, 0
+    self.last_healthy = None   # the newest healthy step while no streak is open
 
   def _healthy_loss(self, step: int, loss: float) -> bool:
     if self.loss_ceiling is not None and loss > self.loss_ceiling:
@@ -200,7 +201,7 @@ class StepHealth:
     loss = float(np.max(metrics['train/loss']))
     if finite and self._healthy_loss(step, loss):
       self.recent = (self.recent + [loss])[-self.window:]
-      self.onset, self.skipped_in_a_row = None, 0
+      self.onset, self.skipped_in_a_row, self.last_healthy = None, 0, step
       return
     self.onset = step if self.onset is None else self.onset
     if finite:
@@ -222,6 +223,17 @@ class StepHealth:
           f'on_nonfinite=skip (limit: --config.max_consecutive_nonfinite='
           f'{self.max_consecutive_skips}). {self.what} has diverged and stops; lower the '
           'learning rate.', self.onset, _kept_checkpoint(last_saved))
+
+
+  def good_below(self, resumed_from: int | None = None) -> int | None:
+    """Checkpoints saved at steps below this are good: the step after each was healthy
+    (checkpoint.KeepNewestGood keeps the newest of them). The checkpoint a run resumed
+    from counts as good; None before any judgement."""
+    if self.onset is not None:
+      return self.onset - 1
+    if self.last_healthy is not None:
+      return self.last_healthy
+    return None if resumed_from is None else resumed_from + 1
 
 
 def _kept_checkpoint(step) -> str:

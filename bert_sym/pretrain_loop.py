@@ -63,6 +63,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   preemption); returns the last step. Every save has finished (or failed loudly) after."""
   step = int(jax.device_get(state['step']))
   meter, prefetcher = make_meter(config, latest), None
+  run.keep_good.good_below = lambda: meter.health.good_below(resumed_from=latest)
   # The position of the next batch the step consumes, not what was prefetched.
   position = lambda: prefetcher.state if prefetcher else data.train_iter.get_state()
   hooks = make_hooks(config, run, manager, evaluate, meter, position)

@@ -221,6 +221,9 @@ class _Run:
   writer: metrics_writer.MetricWriter
   eval_metrics: dict = dataclasses.field(default_factory=dict)
   last_saved: int | None = None
+  # Rotation keeps the newest good checkpoint; the loop says which are good.
+  keep_good: checkpoint.KeepNewestGood = dataclasses.field(
+      default_factory=checkpoint.KeepNewestGood)
 
 
 def _open_run(workdir) -> _Run:
@@ -287,7 +290,7 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
   with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
     manager, latest, state, data_state = checkpoint.restore_latest(
         workdir, config.checkpoint, spec.abstract, log=run.console, config=config,
-        start_over=start_over)
+        start_over=start_over, keep_good=run.keep_good)
   if latest is not None:
     with _user_errors('Resuming'):
       checkpoint.check_same_prng_impl(workdir, config)

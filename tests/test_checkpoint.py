@@ -1,5 +1,6 @@
 """bert_sym.checkpoint: config.json round trip, load_pretrained, shape checks, atomic finalize."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,12 +12,14 @@ import types
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from bert_sym import checkpoint
+from bert_sym import loop
 from bert_sym import model as model_lib
 from bert_sym import optim
 from bert_sym import sharding
@@ -167,6 +170,89 @@ def test_echoes_of_a_failed_orbax_read_are_muted_only_around_restores(monkeypatc
   assert sys.unraisablehook == seen.append   # restored
   sys.unraisablehook(orbax_echo)
   assert seen == [other, orbax_echo]
+
+
+# ---------------------------------------------------------------------------------------
+# Rotation: keep_last / keep_every as orbax has them, and never the newest good checkpoint.
+# ---------------------------------------------------------------------------------------
+
+def _save_each(manager, steps_to_save, before_each=lambda step: None):
+  for step in steps_to_save:
+    before_each(step)
+    checkpoint.save(manager, step, {'x': np.full(3, step, np.float32)}, {'index': step},
+                    force=True)
+  manager.wait_until_finished()
+  kept = manager.all_steps()
+  manager.close()
+  return sorted(kept)
+
+
+@pytest.mark.parametrize('keep_last,keep_every', [(2, 0), (1, 4), (3, 5), (0, 0), (0, 3)])
+def test_rotation_keeps_what_orbax_own_options_keep(tmp_path, keep_last, keep_every):
+  """make_manager states keep_last/keep_every as an explicit preservation policy (to add
+  KeepNewestGood): it must keep exactly what orbax's max_to_keep/keep_period keep."""
+  ckpt = types.SimpleNamespace(keep_last=keep_last, keep_every=keep_every, async_save=False)
+  ours = _save_each(checkpoint.make_manager(tmp_path / 'ours', ckpt), range(1, 13))
+  reference = ocp.CheckpointManager(
+      tmp_path / 'orbax' / 'checkpoints', item_names=(checkpoint.STATE, checkpoint.DATA_ITER),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep_last or None,
+                                           keep_period=keep_every or None))
+  assert ours == _save_each(reference, range(1, 13))
+
+
+def test_rotation_keeps_the_newest_checkpoint_the_step_health_calls_good(tmp_path):
+  """keep_last=1, a save every 2 steps, a loss spike from step 7: checkpoint 6 made the
+  spiking loss of step 7, so 4 is the newest good one and must outlive the rotation."""
+  health = loop.StepHealth('stop')
+  keep_good = checkpoint.KeepNewestGood()
+  keep_good.good_below = health.good_below
+  ckpt = types.SimpleNamespace(keep_last=1, keep_every=0, async_save=False)
+  losses = {s: 5.0 for s in range(1, 7)} | {s: 100.0 for s in range(7, 13)}
+  observed = []
+
+  def observe_up_to(step):   # the loop judges every step before it saves
+    for s in range(len(observed) + 1, step + 1):
+      health.observe(s, {'train/finite': True, 'train/loss': losses[s]})
+      observed.append(s)
+
+  manager = checkpoint.make_manager(tmp_path, ckpt, keep_good=keep_good)
+  assert _save_each(manager, [2, 4, 6], observe_up_to) == [4, 6]   # 6 is not judged yet
+  manager = checkpoint.make_manager(tmp_path, ckpt, keep_good=keep_good)
+  assert _save_each(manager, [8, 10, 12], observe_up_to) == [4, 12]
+  assert health.onset == 7 and health.good_below() == 6
+
+
+def test_a_spike_then_divergence_leaves_the_newest_good_checkpoint_to_resume(tmp_path,
+                                                                            monkeypatch):
+  """Through the trainer, keep_last=1: the real step, whose reported loss is 100x from
+  step 7 on and NaN at step 11. Orbax alone keeps only step 10, which the divergence sets
+  aside, and the rerun would start from step 0; the run must point to step 4 and keep it."""
+  real_build = train.build_mlm_step
+
+  def spiking_step(config, mesh):
+    mlm = real_build(config, mesh)
+
+    @jax.jit
+    def train_step(state, batch):
+      state, metrics = mlm.train_step(state, batch)
+      step = state['step']
+      loss = jnp.where(step >= 7, 100.0, 1.0) * metrics['train/loss']
+      finite = jnp.where(step == 11, 0.0, metrics['train/finite'])
+      return state, dict(metrics, **{'train/loss': jnp.where(step == 11, jnp.nan, loss),
+                                     'train/finite': finite})
+    return dataclasses.replace(mlm, train_step=train_step)
+
+  monkeypatch.setattr(train, 'build_mlm_step', spiking_step)
+  config = train_fixtures.tiny_config(total_steps=16, log_every_steps=2, eval_every_steps=16,
+                                      checkpoint__every_steps=2, checkpoint__keep_last=1)
+  with pytest.raises(loop.NonFiniteError) as error:
+    train.train_and_evaluate(config, str(tmp_path),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
+  assert error.value.onset == 7
+  assert 'Non-finite loss or gradient at step 11' in str(error.value)
+  assert 'The newest checkpoint from before the divergence is step 4' in str(error.value)
+  assert checkpoint.finished_steps(tmp_path) == [4]
+  assert [p.name.split('-')[0] for p in (tmp_path / 'damaged_checkpoints').iterdir()] == ['10']
 
 
 # ---------------------------------------------------------------------------------------

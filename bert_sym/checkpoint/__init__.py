@@ -27,7 +27,7 @@ public is re-exported here: callers write `checkpoint.save(...)`.
 from bert_sym.checkpoint.core import (  # noqa: F401
     STATE, DATA_ITER, CONFIG_FILE, IncompatibleCheckpoint, DamagedCheckpoint,
     CheckpointReadError, CheckpointSaveError, write_config, read_config, flat_config,
-    config_differences, absolute, checkpoint_dir, make_manager, allgather_json,
+    config_differences, absolute, checkpoint_dir, KeepNewestGood, make_manager, allgather_json,
     key_path_str, describe_error, is_closed_loop_error, is_step_dir, checkpoints_root,
     finished_steps
 )

@@ -4,7 +4,7 @@ and writer opens, and which steps orbax has finished."""
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import jax
@@ -79,13 +79,49 @@ def checkpoint_dir(workdir) -> epath.Path:
   return absolute(workdir) / 'checkpoints'
 
 
-def make_manager(workdir, ckpt_config=None, *, read_only=False) -> ocp.CheckpointManager:
-  """keep_last N most recent steps, plus every keep_every-th step forever (0 = off)."""
+class KeepNewestGood:
+  """An orbax preservation policy: rotation (keep_last) never deletes the newest checkpoint
+  known to be good, the one a divergence's error points the rerun to.
+
+  A checkpoint is good once the step after it was healthy (bert_sym.loop.StepHealth), so
+  the newest one is not known to be good when the next save rotates. With keep_last=1, or
+  a loss-spike streak longer than keep_last saves, orbax alone would keep only checkpoints
+  that a divergence then sets aside, and the rerun would start from step 0. The training
+  loop sets `good_below`: checkpoints at steps below what it returns are good (None: no
+  judgement yet, nothing extra kept). A healthy run with keep_last >= 2 keeps no more than
+  before; keep_last=1 keeps a second checkpoint until the step after the newest is judged.
+  """
+
+  def __init__(self):
+    self.good_below: Callable[[], int | None] = lambda: None
+
+  def should_preserve(self, checkpoints, *, context) -> list[bool]:
+    del context
+    bound = self.good_below()
+    newest_good = max((c.step for c in checkpoints if bound is not None and c.step < bound),
+                      default=None)
+    return [c.step == newest_good for c in checkpoints]
+
+
+def make_manager(workdir, ckpt_config=None, *, read_only=False,
+                 keep_good: KeepNewestGood | None = None) -> ocp.CheckpointManager:
+  """keep_last N most recent steps (0 = all), plus every keep_every-th step forever (0 =
+  off), plus the newest good one when the trainer passes `keep_good`."""
   ckpt_config = ckpt_config or ml_collections.ConfigDict(
       dict(keep_last=None, keep_every=0, async_save=False))
+  policies = getattr(ocp, 'checkpoint_managers', None)
+  if not hasattr(policies, 'AnyPreservationPolicy'):
+    raise ImportError(
+        f'orbax-checkpoint {getattr(ocp, "__version__", "(unknown version)")} has no '
+        'preservation policies, which checkpoint rotation needs: pip install '
+        '"orbax-checkpoint>=0.11.14,<0.13" (requirements.txt).')
+  keep = [policies.LatestN(n=ckpt_config.keep_last or None)]
+  if ckpt_config.keep_every:
+    keep.append(policies.EveryNSteps(interval_steps=ckpt_config.keep_every))
+  if keep_good is not None:
+    keep.append(keep_good)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=ckpt_config.keep_last or None,
-      keep_period=ckpt_config.keep_every or None,
+      preservation_policy=policies.AnyPreservationPolicy(keep),
       enable_async_checkpointing=bool(ckpt_config.async_save),
       read_only=read_only,
       create=not read_only,

@@ -339,17 +339,18 @@ def _steps_newest_first(manager) -> list[int]:
 
 
 def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *,
-                   log=print, config=None, start_over: bool = False
+                   log=print, config=None, start_over: bool = False, keep_good=None
                    ) -> tuple[ocp.CheckpointManager, int | None, dict | None, Any]:
   """(manager, step, state, data state) of the newest step that restores, else Nones.
 
   `abstract_params` is accepted for older callers; the whole `abstract_state` is compared.
   See the table above for what each failure does. A workdir whose checkpoints were all
-  damaged raises NothingRestored unless `start_over`.
+  damaged raises NothingRestored unless `start_over`. `keep_good` (a
+  checkpoint.KeepNewestGood) goes to the manager the run then saves with.
   """
   del abstract_params
   hint = config_hint(workdir, config)
-  manager = make_manager(workdir, ckpt_config)
+  manager = make_manager(workdir, ckpt_config, keep_good=keep_good)
   moved = []
   try:
     with quiet_orbax_echoes():
@@ -361,7 +362,7 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *
         destination = _set_aside(manager.directory, step)
         log(f'WARNING: checkpoint step {step} cannot be restored ({reason}); skipped it '
             f'and moved it to {destination}. Trying the previous step.')
-        manager = make_manager(workdir, ckpt_config)
+        manager = make_manager(workdir, ckpt_config, keep_good=keep_good)
         moved.append(step)
     _refuse_silent_restart(workdir, moved, start_over, log)
   except BaseException:
