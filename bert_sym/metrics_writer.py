@@ -5,6 +5,7 @@ TensorFlow (GPU images without TF keep their event files). Without `tensorboard`
 only `metrics.jsonl` is written. On multi-host runs only process 0 writes anything.
 """
 
+import io
 import json
 import logging as std_logging
 import math
@@ -14,7 +15,6 @@ import sys
 import time
 
 from absl import logging
-from etils import epath
 import fsspec
 import jax
 
@@ -174,16 +174,24 @@ class MetricWriter:
       logging.warning('tensorboard is not installed: metrics go to metrics.jsonl only.')
       return
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    logdir = epath.Path(workdir) / 'tensorboard'
-    logdir.mkdir(parents=True, exist_ok=True)
+    logdir = f'{str(workdir).rstrip("/")}/tensorboard'
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
-    self._file = (logdir / name).open('wb')
+    local = files.local_path(f'{logdir}/{name}')
+    # Object stores (gs://): an open upload is invisible until closed (gcsfs; and epath
+    # uses gcsfs without TensorFlow), so the events are kept here and the whole file is
+    # uploaded again after each row, as metrics.jsonl: ~1 KB a row.
+    self._remote_events = None if local else f'{logdir}/{name}'
+    if local:
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+    self._file = open(local, 'wb') if local else io.BytesIO()
     self._events = RecordWriter(self._file)
     self._write_event(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write_event(self, event):
     self._events.write(event.SerializeToString())
     self._events.flush()
+    if self._remote_events:
+      files.write_atomically(self._remote_events, self._file.getvalue())
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:

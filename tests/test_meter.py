@@ -182,3 +182,32 @@ def test_metrics_jsonl_rows_survive_a_resume_locally_and_on_an_object_store(
   [old] = [f for f in fs.ls(root, detail=False) if f.endswith('.old')]
   assert [json.loads(r)['step'] for r in fs.cat_file(old).decode().splitlines()] == [1, 2, 3]
   fresh.close()
+
+
+@pytest.mark.parametrize('where', ['local', 'object_store'])
+def test_tensorboard_reads_every_row_before_the_writer_is_closed(tmp_path, where):
+  """TensorBoard's own loader reads the event file after each row, with the writer still
+  open (a run in progress, or killed). On object stores an open upload is invisible until
+  closed, so the file is uploaded whole after each row."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path) if where == 'local' else f'memory://bucket/tb_{tmp_path.name}'
+  fs, root = fsspec.core.url_to_fs(workdir)
+
+  def scalars_tensorboard_sees():
+    [name] = fs.ls(f'{root}/tensorboard', detail=False)
+    local = tmp_path / 'read' / name.rsplit('/', 1)[-1]   # the loader reads local files
+    local.parent.mkdir(exist_ok=True)
+    local.write_bytes(fs.cat_file(name))
+    events = event_accumulator.EventAccumulator(str(local.parent))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()['scalars']}
+
+  writer = metrics_writer.MetricWriter(workdir)
+  writer.write_scalars(4, {'train/loss': 7.5, 'perf/mfu': 0.25})
+  assert scalars_tensorboard_sees() == {'train/loss': [(4, 7.5)], 'perf/mfu': [(4, 0.25)]}
+  writer.write_scalars(8, {'train/loss': 6.0, 'perf/mfu': 0.5})
+  assert scalars_tensorboard_sees() == {'train/loss': [(4, 7.5), (8, 6.0)],
+                                        'perf/mfu': [(4, 0.25), (8, 0.5)]}
+  writer.close()
