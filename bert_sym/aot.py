@@ -386,4 +386,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_check.parse_flags)
+  from bert_sym import cli  # pylint: disable=g-import-not-at-top
+  app.run(main, argv=cli.locate_config_files(sys.argv), flags_parser=config_check.parse_flags)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import pathlib
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -25,6 +26,8 @@ from typing import Callable, Sequence
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
+# The checkout this package runs from (an editable install): its configs/ directory.
+CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class UserError(Exception):
@@ -104,7 +107,31 @@ def check_config_files(flag_values=None) -> None:
     raise UserError(
         f'--{name}={flag.serialize().split("=", 1)[-1]} cannot be loaded ({detail}). '
         f'Fix: pass an existing config file, e.g. --{name}=configs/tiny.py (paths are '
-        'relative to the current directory).')
+        f'relative to the current directory, else to the checkout {CHECKOUT}).')
+
+
+def locate_config_files(argv: Sequence[str]) -> list[str]:
+  """`--config=PATH[:ARG]` as typed from any directory: PATH relative to the current
+  directory, else to the checkout (whose configs/ the README's commands name), made
+  absolute so that subprocesses (ablate's runs) find it too. The directory holding a
+  config package goes on sys.path: config files import their siblings (`from configs
+  import common`), which the editable install alone does not make importable."""
+  argv, out = list(argv), []
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config=') or (i and argv[i - 1] == '--config'):
+      flag, value = ('--config=', arg[len('--config='):]) if arg.startswith('--config=') \
+          else ('', arg)
+      path, colon, config_arg = value.partition(':')
+      file = pathlib.Path(path).expanduser()
+      if path and not file.is_absolute() and not file.exists() and (CHECKOUT / file).exists():
+        file = CHECKOUT / file
+        arg = f'{flag}{file}{colon}{config_arg}'
+      if file.is_file() and (file.parent / '__init__.py').exists():
+        package_root = str(file.resolve().parent.parent)
+        if package_root not in sys.path:
+          sys.path.insert(0, package_root)
+    out.append(arg)
+  return out
 
 
 def _help_asked(argv: Sequence[str]) -> bool:
@@ -136,7 +163,7 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
   """absl's `app.run(main)` with the error handling of this module (see the docstring)."""
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
-  argv = list(sys.argv if argv is None else argv)
+  argv = locate_config_files(sys.argv if argv is None else argv)
   from bert_sym import tpu  # pylint: disable=import-outside-toplevel
   tpu.use_the_cpu_without_a_tpu()
 

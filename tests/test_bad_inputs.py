@@ -219,3 +219,27 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           and pathlib.Path(a.split('=', 1)[1]).exists()]
   assert not left, left
   assert not out.exists()
+
+
+def test_config_paths_work_from_any_directory(tmp_path):
+  """The README: after `source .venv/bin/activate`, every command works from any
+  directory. `--config=configs/...` then means the checkout's configs/, and the config
+  files' own `from configs import common` must import. The package is put on the path
+  the way an install does, without the checkout root (which would hide the problem)."""
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'bert_sym').symlink_to(pathlib.Path(REPO_ROOT) / 'bert_sym')
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  run = lambda *args: subprocess.run([sys.executable, '-m', *args], cwd=elsewhere, env=env,
+                                     capture_output=True, text=True, timeout=300)
+  for config in ('configs/tiny.py', f'{REPO_ROOT}/configs/sym_base.py:fast'):
+    result = run('bert_sym.train', f'--config={config}', '--dry_run')
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'FLOPs per step' in result.stdout
+  result = run('bert_sym.train', '--config=configs/missing.py', '--dry_run')
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert "No such file or directory: 'configs/missing.py'" in result.stderr
+  assert f'else to the checkout {REPO_ROOT}' in result.stderr
+  assert not list(elsewhere.iterdir())   # a dry run writes nothing

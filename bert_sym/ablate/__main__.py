@@ -82,7 +82,7 @@ def main(argv, cli, config, overrides):
 if __name__ == '__main__':
   from bert_sym import cli  # pylint: disable=g-import-not-at-top
   with cli.guard('bert_sym.ablate'):   # e.g. --config.KEY without =VALUE
-    _config, _overrides, _rest = split_config_args(sys.argv)
+    _config, _overrides, _rest = split_config_args(cli.locate_config_files(sys.argv))
   _cli = define_flags()
   cli.run(lambda argv: main(argv, _cli, _config, _overrides), prog='bert_sym.ablate',
           argv=_rest)
