@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
@@ -220,7 +221,10 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   config = _config(tasks='wnli', seeds='1', max_train_examples=16, max_eval_examples=8,
                    max_seq_len=16)
   compiled = {}   # shared by the calls with one recipe, as a sweep does: compile once
+  handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
+  # In process (a notebook): Ctrl-C and SIGTERM are the caller's again afterwards.
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
   trained = []
   real_finetune = suite.finetune_lib.finetune_group
   monkeypatch.setattr(suite.finetune_lib, 'finetune_group',
@@ -358,7 +362,7 @@ def test_mnli_from_tfds_writes_matched_and_mismatched(workdir, tmp_path, monkeyp
     assert len(rows) == 8 and {r['prediction'] for r in rows} <= {'0', '1', '2'}
 
 
-def test_fresh_head_and_pretrained_encoder(workdir):
+def test_fresh_head_and_pretrained_encoder(workdir, tmp_path):
   """Encoder weights come from the checkpoint; pooler and classifier are N(0, 0.02)."""
   pretrained = finetune.load_pretrained_encoder(str(workdir))
   config = _config()
@@ -372,6 +376,23 @@ def test_fresh_head_and_pretrained_encoder(workdir):
   assert abs(kernel.std() - 0.02) < 0.003
   assert params['classifier']['kernel'].shape == (32, 2)
   assert not np.any(np.asarray(params['classifier']['bias']))
+  # What fine-tuning starts from (two seeds stacked): every seed's encoder is the one in
+  # the newest checkpoint, as plain orbax reads it; only the head differs between seeds.
+  state_dir = workdir / 'checkpoints' / '4' / 'state'
+  reader = ocp.PyTreeCheckpointer()
+  tree = reader.metadata(state_dir).item_metadata.tree
+  saved = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
+      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
+  _, latest, state = finetune._restore_or_init(pretrained, task, [0, 1],
+                                               tmp_path / 'group', 'rte')
+  assert latest is None
+  encoder = jax.device_get(state['params']['bert']['encoder'])
+  assert jax.tree.structure(encoder) == jax.tree.structure(saved['params']['encoder'])
+  for got, want in zip(jax.tree.leaves(encoder), jax.tree.leaves(saved['params']['encoder'])):
+    for seed in range(2):
+      np.testing.assert_array_equal(got[seed], want.astype(np.float32))
+  heads = np.asarray(state['params']['classifier']['kernel'])
+  assert not np.array_equal(heads[0], heads[1])
 
 
 def _handmade_workdir(path, **overrides):

@@ -132,11 +132,13 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   _keep_other_finished_tasks(results, done, seeds)
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
                pretrained.step, config.glue_dir or 'TFDS glue/*', results['tasks'], seeds)
-  session = _Session(pretrained, tokenizer, config, mesh, rules, output_dir, seeds, parallel,
-                     done, results, {} if task_cache is None else task_cache,
-                     loop.PreemptionFlag())
-  for spec in specs:
-    _run_task(session, spec)
+  # The signal handlers are the process's again when this returns or raises (notebooks).
+  with loop.PreemptionFlag() as preemption:
+    session = _Session(pretrained, tokenizer, config, mesh, rules, output_dir, seeds,
+                       parallel, done, results, {} if task_cache is None else task_cache,
+                       preemption)
+    for spec in specs:
+      _run_task(session, spec)
   return results
 
 
