@@ -1,0 +1,82 @@
+"""The README's measured figures are the recorded ones (benchmarks/results/*.json and
+benchmarks/RESULTS.md): a rerun that records new numbers fails here until the README says
+them too. Ranges are min-max over the records, at the README's rounding."""
+
+import json
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ' '.join((ROOT / 'README.md').read_text().split())   # line breaks as spaces
+RESULTS = ROOT / 'benchmarks' / 'results'
+
+
+def _load(name):
+  return json.loads((RESULTS / name).read_text())
+
+
+def _h200_rows():
+  """Our train step on one H200, 2026-11-26 (seq 128 and seq 512 were two runs)."""
+  return [r for name in ('accelerator_nvidia-h200_2026-11-26.json',
+                         'accelerator_nvidia-h200_2026-11-26_seq512.json')
+          for r in _load(name)['results'] if r.get('impl') == 'ours']
+
+
+def _range(values, fmt):
+  return f'{fmt(min(values))}-{fmt(max(values))}'
+
+
+def test_glue_seeds_speedups():
+  cpu = [_load(p.name)['speedup_parallel_over_sequential']
+         for p in RESULTS.glob('glue_seeds_cpu*.json')]
+  assert len(cpu) >= 2
+  assert f'not faster ({_range(cpu, lambda v: f"{v:.2f}x")},' in README
+  gpu = _load('glue_seeds_gpu_base.json')
+  assert f'together is {gpu["speedup_parallel_over_sequential"]:.2f}x faster' in README
+  extra = (gpu['first_run_seconds_with_compile']['parallel']
+           - gpu['first_run_seconds_with_compile']['sequential'])
+  assert f'compiles about {round(extra, -1):.0f} s longer' in README
+
+
+def _per_core(prefix):
+  """The tokens/s per core column of every RESULTS.md table row starting with `prefix`."""
+  rows = [line for line in (ROOT / 'benchmarks' / 'RESULTS.md').read_text().splitlines()
+          if line.startswith(f'| {prefix}')]
+  return [float(row.strip('|').split('|')[-1].replace(',', '')) / 1e6 for row in rows]
+
+
+def test_input_pipeline_ranges():
+  millions = lambda v: f'{v:.1f}'
+  shards, streaming = _per_core('exported shards'), _per_core('streaming')
+  assert len(shards) >= 3 and len(streaming) >= 9
+  assert f'The shard reader serves {_range(shards, millions)}M tokens/s per core' in README
+  assert f'the streaming reader {_range(streaming, millions)}M tokens/s per core' in README
+
+
+@pytest.mark.parametrize('path,seq,batch,figure', [
+    ('fused', 128, 256, '{} the Hugging Face PyTorch model'),
+    ('fused', 512, 32, 'and {} at seq 512'),
+    ('xla', 128, 256, 'is {} HF at seq 128'),
+    ('xla', 512, 32, 'and {} at seq 512; MFU'),
+])
+def test_h200_ratios_against_hugging_face(path, seq, batch, figure):
+  rows = [r for r in _h200_rows()
+          if r['path'] == path and r['seq'] == seq and r['batch'] == batch]
+  assert {r['attention'] for r in rows} == {'standard', 'symmetric', 'pairwise'}
+  ratios = [r['vs_hf'] for r in rows]
+  assert figure.format(_range(ratios, lambda v: f'{v:.2f}x').replace('x-', '-')) in README
+
+
+def test_h200_fast_recipe_tokens_per_second_and_mfu():
+  rows = _h200_rows()
+  k = {r['attention']: f'{round(r["tokens_per_s"] / 1e3)}k' for r in rows
+       if r['path'] == 'fused' and r['seq'] == 128}
+  assert (f'runs {k["standard"]} tokens/s for standard, {k["symmetric"]} symmetric and '
+          f'{k["pairwise"]} pairwise at seq 128 x 256') in README
+  percent = lambda v: f'{100 * v:.0f}'
+  fast = [r['mfu'] for r in rows if r['path'] == 'fused']
+  paper = [r['mfu'] for r in rows if r['path'] == 'xla']
+  assert (f'MFU {_range(fast, percent)}% on the fast recipe and {_range(paper, percent)}% '
+          'on the paper recipe') in README
