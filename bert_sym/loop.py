@@ -106,7 +106,9 @@ class PreemptionFlag:
 
 def enable_compilation_cache(cache_dir: str) -> str | None:
   """JAX's persistent compilation cache at `cache_dir` ('' = off): a rerun or a resumed
-  run loads its compiled steps instead of compiling them again."""
+  run loads its compiled steps instead of compiling them again. Off means off, also when
+  JAX_COMPILATION_CACHE_DIR is set (JAX would use that directory otherwise)."""
+  jax.config.update('jax_enable_compilation_cache', bool(cache_dir))
   if not cache_dir:
     return None
   path = os.path.expanduser(cache_dir)

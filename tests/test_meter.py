@@ -3,6 +3,8 @@ hand-computed values (patched clock), the loop's order at a preemption, and
 metrics.jsonl across resumes, local and on an object store."""
 
 import json
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -211,3 +213,38 @@ def test_tensorboard_reads_every_row_before_the_writer_is_closed(tmp_path, where
   assert scalars_tensorboard_sees() == {'train/loss': [(4, 7.5), (8, 6.0)],
                                         'perf/mfu': [(4, 0.25), (8, 0.5)]}
   writer.close()
+
+
+@pytest.mark.parametrize('setting', ['', 'own'])
+def test_compilation_cache_off_means_off_even_with_jax_s_variable(tmp_path, setting):
+  """--config.compilation_cache_dir='' turns JAX's persistent cache off: JAX would
+  otherwise still use $JAX_COMPILATION_CACHE_DIR (set here, as the test session does)."""
+  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  inherited, own = tmp_path / 'inherited', tmp_path / 'own'
+  inherited.mkdir()
+  script = ('import sys, jax, jax.numpy as jnp; from bert_sym import loop; '
+            'loop.enable_compilation_cache(sys.argv[1]); '
+            'jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.ones(7)).block_until_ready()')
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(inherited),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  subprocess.run([sys.executable, '-c', script, str(own) if setting else ''], env=env,
+                 check=True, capture_output=True, timeout=120)
+  assert not list(inherited.iterdir())
+  assert bool(own.exists() and list(own.iterdir())) == bool(setting)
+
+
+def test_a_loss_worse_than_twice_a_uniform_guess_is_unhealthy_even_in_warm_up():
+  """The trainer's health: with vocab 1000, ln(1000) = 6.91 is guessing uniformly; a loss
+  above 2 x 6.91 means exploded weights, spike rule or not (warm-up has none)."""
+  from bert_sym import pretrain_loop  # pylint: disable=g-import-not-at-top
+  from tests import train_fixtures  # pylint: disable=g-import-not-at-top
+  config = train_fixtures.tiny_config(model__vocab_size=1000, optimizer__warmup_steps=100)
+  health = pretrain_loop.make_meter(config, None).health
+  ok = lambda loss: {'train/finite': True, 'train/loss': loss}
+  health.observe(1, ok(13.8))            # below 2 ln(1000) = 13.816
+  assert health.onset is None and health.good_below() == 1
+  health.observe(2, ok(13.83))
+  assert health.onset == 2 and health.good_below() == 1
+  health.observe(3, ok(7.0))             # recovered
+  assert health.onset is None and health.good_below() == 3
