@@ -1,0 +1,91 @@
+"""GLUE's model and loss against Hugging Face `BertForSequenceClassification` (PyTorch,
+fp32): the same weights give the same logits, the same loss (cross-entropy, or MSE for
+STS-B's num_labels=1 head) and the same gradients. Ours: `model.BertForSequenceClassification`
+and `objectives.classifier_loss_fn` / `example_weight`, with a padded row of weight 0 (a
+last partial batch), which the reference simply does not see."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bert_sym import hf_export as export
+from bert_sym import model as bert
+from bert_sym import objectives
+from configs.common import model_config
+from hf_reference import padded_batch
+
+
+def _noisy_params(module, cfg):
+  """Every parameter random (biases and LayerNorm too), so a dropped or transposed copy
+  cannot match by accident."""
+  params = bert.abstract_params(module, length=16)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      np.asarray(0.05 * jax.random.normal(k, x.shape), np.float32) for x, k in zip(leaves, keys)])
+
+
+def _hf_classifier(params, cfg, num_labels):
+  """Our classifier's params in a HF BertForSequenceClassification (strict load)."""
+  hidden = cfg.hidden_size   # an MLM head only to reuse the export's encoder mapping
+  mlm_head = {'transform': {'kernel': np.zeros((hidden, hidden)), 'bias': np.zeros(hidden)},
+              'layer_norm': {'scale': np.ones(hidden), 'bias': np.zeros(hidden)},
+              'bias': np.zeros(cfg.vocab_size)}
+  state = {k: v for k, v in export.mlm_params_to_hf(
+      {'encoder': params['bert']['encoder'], 'mlm_head': mlm_head}, cfg).items()
+           if k.startswith('bert.')}
+  linear = lambda dense: export._linear(dense['kernel'], dense['bias'])  # pylint: disable=protected-access
+  state['bert.pooler.dense.weight'], state['bert.pooler.dense.bias'] = linear(
+      params['bert']['pooler']['dense'])
+  state['classifier.weight'], state['classifier.bias'] = linear(params['classifier'])
+  model = transformers.BertForSequenceClassification(transformers.BertConfig(
+      num_labels=num_labels, **export.hf_bert_config_kwargs(cfg)))
+  model.load_state_dict(
+      {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+  return model.eval()
+
+
+@pytest.mark.parametrize('attention', ['standard', 'pairwise'])
+@pytest.mark.parametrize('num_labels', [3, 1], ids=['classification', 'regression'])
+def test_logits_loss_and_gradients_match_hugging_face(attention, num_labels):
+  cfg = model_config('tiny', attention)
+  cfg.update(vocab_size=500, dtype='float32', dropout_rate=0.0, attention_dropout_rate=0.0)
+  module = bert.BertForSequenceClassification(cfg, num_labels=num_labels)
+  params = _noisy_params(module, cfg)
+  input_ids, token_type_ids, attention_mask = padded_batch(cfg.vocab_size, batch=4)
+  rng = np.random.default_rng(0)
+  labels = (rng.normal(size=4).astype(np.float32) if num_labels == 1
+            else rng.integers(0, num_labels, 4).astype(np.int32))
+  weights = np.array([1, 1, 1, 0], np.float32)   # the last row pads a partial batch
+  batch = dict(input_ids=input_ids, token_type_ids=token_type_ids,
+               attention_mask=attention_mask, labels=labels, weights=weights)
+  loss_fn = objectives.classifier_loss_fn(module, regression=num_labels == 1)
+
+  def loss(p):
+    total, _ = loss_fn(p, batch, None)
+    return total / objectives.example_weight(batch)
+
+  ours_loss, ours_grads = jax.value_and_grad(loss)(params)
+  ours_logits = objectives.classifier_logits(module, params, batch)
+
+  reference = _hf_classifier(params, cfg, num_labels)
+  real = slice(0, 3)
+  as_torch = lambda a: torch.from_numpy(np.asarray(a[real], np.int64))
+  out = reference(input_ids=as_torch(input_ids), token_type_ids=as_torch(token_type_ids),
+                  attention_mask=as_torch(attention_mask),
+                  labels=torch.from_numpy(labels[real].astype(
+                      np.float32 if num_labels == 1 else np.int64)))
+  out.loss.backward()
+  np.testing.assert_allclose(np.asarray(ours_logits)[real], out.logits.detach().numpy(),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(float(ours_loss), out.loss.item(), rtol=1e-5)
+  grad = lambda name: dict(reference.named_parameters())[name].grad.numpy()
+  np.testing.assert_allclose(np.asarray(ours_grads['classifier']['kernel']).T,
+                             grad('classifier.weight'), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ours_grads['bert']['pooler']['dense']['bias']),
+                             grad('bert.pooler.dense.bias'), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(ours_grads['bert']['encoder']['embeddings']['word_embeddings']['embedding']),
+      grad('bert.embeddings.word_embeddings.weight'), rtol=1e-3, atol=1e-6)
