@@ -226,7 +226,6 @@ class StepHealth:
           f'{self.max_consecutive_skips}). {self.what} has diverged and stops; lower the '
           'learning rate.', self.onset, _kept_checkpoint(last_saved))
 
-
   def good_below(self, resumed_from: int | None = None) -> int | None:
     """Checkpoints saved at steps below this are good: the step after each was healthy
     (checkpoint.KeepNewestGood keeps the newest of them). The checkpoint a run resumed

@@ -43,7 +43,7 @@ def _hf_classifier(params, cfg, num_labels):
   model = transformers.BertForSequenceClassification(transformers.BertConfig(
       num_labels=num_labels, **export.hf_bert_config_kwargs(cfg)))
   model.load_state_dict(
-      {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+      {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
   return model.eval()
 
 
