@@ -406,6 +406,29 @@ def test_every_step_damaged_stops_unless_start_over(tmp_path, trainer_run):
   assert _restore(workdir, config, spec) == (None, None, None)
 
 
+def _garble(path):
+  path.write_bytes(b'\x00\xffnot what was written')
+
+
+@pytest.mark.parametrize('damage', [
+    lambda step_dir: (step_dir / 'data_iter' / 'metadata').write_text('{"index": 8'),
+    lambda step_dir: [_garble(f) for f in (step_dir / 'state').rglob('manifest.ocdbt')],
+    lambda step_dir: _garble(step_dir / 'state' / '_METADATA'),
+], ids=['data_iter_not_json', 'manifest_unreadable', 'METADATA_unreadable'])
+def test_unreadable_metadata_sets_the_step_aside(tmp_path, trainer_run, capsys, damage):
+  """The README's first failure row, for damage to the small files rather than the arrays:
+  the step moves to damaged_checkpoints/ with the warning, the previous one restores."""
+  workdir, config, spec = _copy(trainer_run, tmp_path)
+  newest = workdir / 'checkpoints' / '8'
+  assert damage(newest) != []   # the file to damage exists in this orbax's layout
+  step, _, data = _restore(workdir, config, spec)
+  assert step == 4 and data == {'index': 4}
+  assert _layout(workdir) == ([4], ['8'])
+  out = capsys.readouterr()
+  assert 'checkpoint step 8 cannot be restored' in out.out, out.out
+  assert 'Traceback' not in out.out + out.err
+
+
 @pytest.mark.parametrize('damage', ['truncated_arrays', 'missing_METADATA'])
 def test_readers_fall_back_to_the_previous_step_with_the_warning(tmp_path, trainer_run,
                                                                  capsys, damage):
@@ -454,6 +477,7 @@ def test_second_trainer_on_a_live_workdir_stops(tmp_path):
 @pytest.mark.parametrize('error, kind', [
     (FileNotFoundError(2, 'No such file'), 'damaged'),
     (json.JSONDecodeError('Expecting value', '{"a":', 5), 'damaged'),
+    (UnicodeDecodeError('utf-8', b'\xff', 0, 1, 'invalid start byte'), 'damaged'),
     (ValueError('OUT_OF_RANGE: Error reading "d/abc": Requested byte range [0, 16)'), 'damaged'),
     (ValueError('NOT_FOUND: Metadata at "step/.zarray" does not exist'), 'damaged'),
     (OSError(5, 'Input/output error'), 'transient'),
@@ -468,17 +492,20 @@ def test_failure_kinds(error, kind):
   assert checkpoint.failure_kind(error) == kind
 
 
-def test_permission_error_is_one_line_without_retries(tmp_path, trainer_run, monkeypatch):
+@pytest.mark.parametrize('error', [PermissionError(13, 'Permission denied'), MemoryError()],
+                         ids=['permission_denied', 'out_of_memory'])
+def test_fatal_read_error_is_one_line_without_retries(tmp_path, trainer_run, monkeypatch,
+                                                      error):
   workdir, config, spec = _copy(trainer_run, tmp_path)
   calls = []
 
-  def denied(self, *args, **kwargs):
+  def failing(self, *args, **kwargs):
     calls.append(args)
-    raise PermissionError(13, 'Permission denied', str(workdir))
-  monkeypatch.setattr(ocp.CheckpointManager, 'restore', denied)
-  with pytest.raises(checkpoint.CheckpointReadError, match='PermissionError') as error:
+    raise error
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', failing)
+  with pytest.raises(checkpoint.CheckpointReadError, match=type(error).__name__) as raised:
     _restore(workdir, config, spec)
-  assert '\n' not in str(error.value) and len(calls) == 1
+  assert '\n' not in str(raised.value) and len(calls) == 1
   assert _layout(workdir) == ([4, 8], [])
 
 

@@ -22,7 +22,7 @@ from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER
 # ---- Restore: corruption is set aside, everything else is said and left in place ----
 #
 #   recognised corruption (a missing or truncated array file, a missing or unreadable
-#   _METADATA / manifest, a JSON item that does not parse)
+#   _METADATA / manifest, a JSON item that does not parse or is not even text)
 #       -> the step moves to {workdir}/damaged_checkpoints/ and the previous one is tried;
 #   a readable checkpoint of another model or optimizer
 #       -> IncompatibleCheckpoint naming the differing arrays and the likely config keys;
@@ -49,7 +49,10 @@ _TRANSIENT_CODES = ('UNAVAILABLE:', 'DEADLINE_EXCEEDED:', 'ABORTED:')
 def failure_kind(error: BaseException) -> str:
   """'damaged', 'transient' or 'fatal': what a failed read says about the step."""
   text = str(error)
-  if isinstance(error, (DamagedCheckpoint, FileNotFoundError, json.JSONDecodeError)):
+  # A metadata file of bytes that are not text (UnicodeDecodeError) is as damaged as one
+  # whose text is not JSON.
+  if isinstance(error, (DamagedCheckpoint, FileNotFoundError, json.JSONDecodeError,
+                        UnicodeDecodeError)):
     return 'damaged'
   if isinstance(error, ValueError) and any(code in text for code in _CORRUPTION_CODES):
     return 'damaged'
