@@ -421,6 +421,40 @@ def test_two_process_run_matches_single_process(tmp_path, reference_run):
   assert states['process_count'] == 2 and len(states['states']) == 2
 
 
+def test_two_process_sigterm_to_one_host_stops_both_at_one_step_and_resumes(tmp_path,
+                                                                          reference_run):
+  """A preemption notice reaches one host of two: JAX's preemption sync point (through
+  orbax) makes both save the same step and exit 42; a rerun of both resumes from it and
+  ends where an uninterrupted run ends. A local signal handler would stop only the host
+  that got the signal, and the other would hang in the next collective."""
+  workdir = tmp_path / 'preempted'
+  address = f'localhost:{_free_port()}'
+  processes = [
+      run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
+                  f'--process_id={i}', devices=2, overrides=_overrides(), background=True,
+                  env={'SYNTHETIC_SLEEP_SECONDS': '1.0'})
+      for i in range(2)]
+  _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), processes[0], timeout=240)
+  processes[1].send_signal(signal.SIGTERM)   # the non-coordinator host only
+  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == train.PREEMPTED_EXIT_CODE, out[-5000:]
+    assert 'Traceback' not in out, out[-5000:]
+  stopped_at = int(checkpoint.resolve_step_dir(workdir).name)
+  assert 4 < stopped_at < STEPS
+  assert f'saved step {stopped_at}, exiting with code 42' in outputs[0]
+  address = f'localhost:{_free_port()}'
+  processes = [
+      run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
+                  f'--process_id={i}', devices=2, overrides=_overrides(), background=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 0, out[-5000:]
+  assert f'Resumed from step {stopped_at}' in outputs[0]
+  _assert_params_close(_final_params(workdir), _final_params(reference_run[0]))
+
+
 def test_two_process_divergence_sets_its_checkpoints_aside_once_and_both_stop(tmp_path):
   """Process 0 renames and both hosts wait at each rename, so both must set aside the same
   steps: process 0's list (a host listing after a rename used to skip that barrier and

@@ -1,0 +1,227 @@
+"""launch/slurm_gpu.sbatch with SLURM's commands stubbed: a SIGTERM before the time
+limit becomes a requeue, a finished run does not requeue, a failed task fails the job.
+
+`srun` (stub) starts every task in its own session, as SLURM does, and the test signals
+the tasks' process groups as `--signal=TERM@300` would. The trainer is a stand-in that
+behaves as bert_sym.train does (tests/test_train.py checks the real one's exit codes): it
+saves on SIGTERM and exits 42.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TASKS = 2
+
+SRUN = """#!/bin/bash
+# srun stub: drops srun's own options, runs the command once per task, each in its own
+# session, and exits with the first failing task's code.
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i setsid "$@" &
+  pids+=($!)
+done
+rc=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || { code=$?; [[ $rc -eq 0 ]] && rc=$code; }
+done
+exit $rc
+"""
+
+# The stand-in trainer: records its arguments, says where it can be signalled, then either
+# exits with FAKE_TRAINER_EXIT or waits for SIGTERM, "saves" and exits 42.
+TRAINER = """#!{python}
+import os, signal, sys, time
+task = os.environ['SLURM_PROCID']
+out = os.environ['STUB_DIR']
+def on_term(signum, frame):
+  time.sleep(0.5)   # the save: the task's shell must still be there when it ends
+  with open(f'{{out}}/saved-{{task}}', 'w') as f:
+    f.write('saved')
+  sys.exit(42)
+signal.signal(signal.SIGTERM, on_term)
+with open(f'{{out}}/args-{{task}}', 'w') as f:
+  f.write('\\n'.join(sys.argv[1:]))
+os.replace(f'{{out}}/args-{{task}}', f'{{out}}/ready-{{task}}')
+with open(f'{{out}}/pgid-{{task}}', 'w') as f:
+  f.write(str(os.getpgid(0)))
+if 'FAKE_TRAINER_EXIT' in os.environ:
+  code = int(os.environ['FAKE_TRAINER_EXIT'].split(',')[int(task)])
+  sys.exit(code)
+while True:
+  time.sleep(0.1)
+"""
+
+
+@pytest.fixture
+def slurm(tmp_path):
+  """(start(env) -> Popen, stub directory): sbatch's script with stubbed SLURM commands."""
+  stubs = tmp_path / 'bin'
+  stubs.mkdir()
+  for name, text in (('srun', SRUN), ('python', TRAINER.format(python=sys.executable)),
+                     ('scontrol', f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol_calls\n')):
+    (stubs / name).write_text(text)
+    (stubs / name).chmod(0o755)
+  submit_dir = tmp_path / 'submit'   # the job's shared submit directory (the marker's home)
+  submit_dir.mkdir()
+
+  def start(**env):
+    full_env = dict(os.environ, PATH=f'{stubs}:{os.environ["PATH"]}', PYTHON=str(
+        stubs / 'python'), STUB_DIR=str(tmp_path), WORKDIR=str(tmp_path / 'run'),
+        SLURM_JOB_ID='1234', SLURM_NTASKS=str(TASKS), SLURM_NNODES='1',
+        SLURM_SUBMIT_DIR=str(submit_dir), **env)
+    return subprocess.Popen(
+        ['bash', str(REPO_ROOT / 'launch' / 'slurm_gpu.sbatch'), '--config.total_steps=5'],
+        env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return start, tmp_path
+
+
+def _wait_for_tasks(stub_dir, process, timeout=60):
+  start = time.time()
+  while not all((stub_dir / f'pgid-{i}').exists() for i in range(TASKS)):
+    assert process.poll() is None, process.stdout.read()
+    assert time.time() - start < timeout, 'the tasks did not start'
+    time.sleep(0.05)
+  time.sleep(0.2)   # pgid is written right after the handler is installed
+
+
+def test_sigterm_before_the_time_limit_saves_and_requeues(slurm):
+  start, stub_dir = slurm
+  process = start()
+  _wait_for_tasks(stub_dir, process)
+  for i in range(TASKS):   # SLURM signals every process of every task
+    os.killpg(int((stub_dir / f'pgid-{i}').read_text()), signal.SIGTERM)
+  output, _ = process.communicate(timeout=60)
+  assert process.returncode == 0, output
+  assert all((stub_dir / f'saved-{i}').exists() for i in range(TASKS))
+  assert (stub_dir / 'scontrol_calls').read_text() == 'requeue 1234\n'
+  assert 'requeueing job 1234 to resume' in output
+  assert not list((stub_dir / 'submit').glob('.bert_sym-preempted-*'))   # marker cleared
+  args = (stub_dir / 'ready-1').read_text().splitlines()
+  assert args == ['-m', 'bert_sym.train', '--config=configs/sym_base.py',
+                  f'--workdir={stub_dir / "run"}', '--config.total_steps=5']
+
+
+def test_a_finished_run_is_not_requeued(slurm):
+  start, stub_dir = slurm
+  process = start(FAKE_TRAINER_EXIT='0,0')
+  output, _ = process.communicate(timeout=60)
+  assert process.returncode == 0, output
+  assert not (stub_dir / 'scontrol_calls').exists()
+
+
+@pytest.mark.parametrize('codes', ['1,0', '0,1'])
+def test_a_failed_task_fails_the_job_without_requeue(slurm, codes):
+  start, stub_dir = slurm
+  process = start(FAKE_TRAINER_EXIT=codes)
+  output, _ = process.communicate(timeout=60)
+  assert process.returncode == 1, output
+  assert not (stub_dir / 'scontrol_calls').exists()
+
+
+def test_a_preempted_worker_beside_a_failed_one_is_not_requeued(slurm):
+  """Process 0 exits 42 but another task failed: the job fails instead of looping on
+  requeues of a run that cannot go on."""
+  start, stub_dir = slurm
+  process = start(FAKE_TRAINER_EXIT='42,1')
+  output, _ = process.communicate(timeout=60)
+  assert process.returncode == 1, output
+  assert not (stub_dir / 'scontrol_calls').exists()
+
+
+# ---- launch/tpu_vm.sh with gcloud stubbed: the worker script runs here, in a fake home ----
+
+GCLOUD = """#!{python}
+# gcloud stub: `compute tpus tpu-vm <verb> ...`. describe answers from SLICE_STATE, scp
+# copies into the fake worker's home, ssh runs the --command there (one worker).
+import json, os, shutil, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ['STUB_DIR'] + '/gcloud_calls', 'a') as f:
+  f.write(' '.join(args[3:5]) + ('  --spot' if '--spot' in args else '') + '\\n')
+verb, home = args[3], os.environ['WORKER_HOME']
+if verb == 'describe':
+  if '--format=json' in args:
+    print(json.dumps({{'networkEndpoints': [{{}}] * 4}}))
+  else:
+    print(os.environ['SLICE_STATE'])
+elif verb == 'scp':
+  shutil.copy(args[4], os.path.join(home, args[5].split(':')[1]))
+elif verb == 'ssh':
+  command = args[args.index('--command') + 1]
+  sys.exit(subprocess.run(['bash', '-c', command], env=dict(os.environ, HOME=home)).returncode)
+"""
+
+# The worker's venv python: version checks run for real; every other call is recorded.
+WORKER_PYTHON = """#!{python}
+import json, os, subprocess, sys
+if sys.argv[1] == '-c':
+  sys.exit(subprocess.run([{python!r}] + sys.argv[1:]).returncode)
+with open(os.environ['STUB_DIR'] + '/worker_python_calls', 'a') as f:
+  f.write(json.dumps(sys.argv[1:]) + '\\n')
+"""
+
+
+def _executable(path, text):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+@pytest.mark.parametrize('state', ['READY', 'PREEMPTED'])
+def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(tmp_path, state):
+  """SKIP_PREFLIGHT=1 and EXPORT_TO: the worker converts its share of the corpus (worker
+  3 of the slice's 4), waits for all parts, then trains from them with the user's extra
+  flags intact; a preempted spot slice is deleted and recreated first."""
+  stubs, home = tmp_path / 'bin', tmp_path / 'worker_home'
+  python = sys.executable
+  version = f'{sys.version_info.major}.{sys.version_info.minor}'
+  _executable(stubs / 'gcloud', GCLOUD.format(python=python))
+  _executable(stubs / 'curl', '#!/bin/sh\necho 3\n')   # the metadata server's worker number
+  _executable(stubs / 'sudo', '#!/bin/sh\necho "sudo was called" >&2; exit 1\n')
+  os.symlink(python, stubs / f'python{version}')
+  # A venv left by an earlier launch on this worker: reused, its pip a no-op.
+  _executable(home / 'bert_sym' / '.venv' / 'bin' / 'python',
+              WORKER_PYTHON.format(python=python))
+  _executable(home / 'bert_sym' / '.venv' / 'bin' / 'pip', '#!/bin/sh\nexit 0\n')
+  env = dict(os.environ, PATH=f'{stubs}:{os.environ["PATH"]}', STUB_DIR=str(tmp_path),
+             WORKER_HOME=str(home), SLICE_STATE=state, SKIP_PREFLIGHT='1', SPOT='1',
+             PYTHON_VERSION=version, EXPORT_TO='gs://bucket/c4_512',
+             TFDS_DATA_DIR='gs://bucket/tensorflow_datasets')
+  result = subprocess.run(
+      ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+       'configs/sym_base.py', 'gs://bucket/sym_base', "--config.name=it's a run"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert 'Preflight' not in result.stdout
+
+  expected_gcloud = ['describe bert-sym', 'scp ' , 'describe bert-sym', 'ssh bert-sym']
+  if state == 'PREEMPTED':
+    expected_gcloud[1:1] = ['delete bert-sym', 'create bert-sym  --spot']
+  calls = (tmp_path / 'gcloud_calls').read_text().splitlines()
+  assert [c if not c.startswith('scp ') else 'scp ' for c in calls] == expected_gcloud
+  assert (home / 'bert_sym' / 'bert_sym' / 'train.py').is_file()   # the checkout travelled
+
+  calls_file = tmp_path / 'worker_python_calls'
+  deadline = time.time() + 30   # run.sh runs in the background (nohup)
+  while len(calls_file.read_text().splitlines() if calls_file.exists() else []) < 3:
+    assert time.time() < deadline, (home / 'bert_sym' / 'train.log').read_text()
+    time.sleep(0.1)
+  export, finalize, train_call = [json.loads(l) for l in calls_file.read_text().splitlines()]
+  assert export == ['-m', 'bert_sym.shards', 'export', '--task=bert_sym_mlm_c4',
+                    '--max_seq_len=512', '--out_dir=gs://bucket/c4_512',
+                    '--tfds_data_dir=gs://bucket/tensorflow_datasets', '--num_workers=4',
+                    '--worker_index=3']
+  assert finalize == ['-m', 'bert_sym.shards', 'finalize', '--out_dir=gs://bucket/c4_512']
+  assert train_call == ['-m', 'bert_sym.train', '--distributed', '--config=configs/sym_base.py',
+                        '--workdir=gs://bucket/sym_base', "--config.name=it's a run",
+                        '--config.data.shards_dir=gs://bucket/c4_512']
+  assert (home / 'bert_sym' / 'train.pid').is_file()
