@@ -113,6 +113,44 @@ def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
   assert rows[-1]['perf/tflops_per_device'] == pytest.approx((8 * 4 + 8 * 4 + 16 * 8) / 3)
 
 
+def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(monkeypatch):
+  """loop.run pauses the meter around evals and saves: a 100 s eval every 2 steps and a
+  50 s save every 4 leave 1 step/s (each batch takes 1 s), not 3 steps in 103 s."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  clock = Clock(0.0)
+  monkeypatch.setattr(loop.time, 'perf_counter', clock)
+
+  class Batches:
+    def __next__(self):
+      clock.now += 1.0
+      return {'input_ids': jnp.zeros((2, 4), jnp.int32)}
+
+  @jax.jit
+  def train_step(state, batch):
+    del batch
+    return state + 1, _metrics()
+
+  def slow(seconds):
+    def hook(state, step):
+      del state, step
+      clock.now += seconds
+    return hook
+
+  rows = []
+  hooks = loop.Hooks(log=lambda step, scalars, eta, per_run: rows.append((step, scalars, eta)),
+                     save=slow(50.0), log_every=4, save_every=4, evaluate=slow(100.0),
+                     eval_every=2, console=lambda *a, **k: None)
+  meter = loop.Meter(12, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  loop.run(jnp.int32(0), 0, 12, train_step, Batches(), meter, hooks)
+  assert [step for step, _, _ in rows] == [4, 8, 12]
+  for step, scalars, eta in rows:
+    assert scalars['perf/steps_per_sec'] == 1.0, (step, scalars)
+    assert scalars['perf/tokens_per_sec'] == 8.0
+    assert eta == 12 - step
+
+
 def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step():
   """Spot TPUs give 30 s between the notice and the kill: that time is for the checkpoint.
   An eval due at the preempted step runs after the save has finished, not before it."""
