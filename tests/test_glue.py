@@ -18,6 +18,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from scipy import stats
+from sklearn import metrics as sklearn_metrics
 import tensorflow_datasets as tfds
 
 from bert_sym import checkpoint
@@ -136,7 +138,13 @@ def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
       cast = float if task == 'stsb' else int
       labels = [cast(r['label']) for r in rows]
       predictions = [cast(r['prediction']) for r in rows]
-      expected = glue_metrics.score(name, labels, predictions)['score']
+      # Recomputed with scikit-learn / scipy directly, at the paper's definitions: MCC for
+      # CoLA, the mean of Pearson and Spearman for STS-B, in percent.
+      if task == 'cola':
+        expected = 100 * sklearn_metrics.matthews_corrcoef(labels, predictions)
+      else:
+        expected = 50 * (stats.pearsonr(labels, predictions)[0] +
+                         stats.spearmanr(labels, predictions)[0])
       assert run['scores'][name]['score'] == pytest.approx(expected, abs=1e-4)
       events = list((out / 'runs' / f'{task}_seed{seed}' / 'tensorboard').iterdir())
       assert events and events[0].name.startswith('events.out.tfevents')
