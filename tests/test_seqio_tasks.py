@@ -77,7 +77,10 @@ def _spec(vocabulary, **knobs):
     (2**31 + 7, dict(mask_rate=0.4, max_predictions=80)),
 ])
 def test_tf_data_masking_equals_numpy_masking(vocabulary, validation_blocks, seed, knobs):
-  """The tf.data path gives each block its example index (above 2^32 too) and the seed."""
+  """The tf.data path gives each block its example index (above 2^32 too) and the seed.
+
+  Two implementations of ours that must agree: the numpy one is checked against BERT's own
+  create_masked_lm_predictions, independently written, in tests/test_masking_bert.py."""
   spec = _spec(vocabulary, **knobs)
   first = 3_000_000_000  # example indices above 2^32 use the high word of the counter
   tf_examples = list(tasks.mask_blocks_tf(
