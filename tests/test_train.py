@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -295,6 +296,28 @@ def test_damaged_newest_checkpoint_falls_back_to_previous_step(tmp_path, referen
   _assert_one_row_per_step(workdir)
 
 
+def test_start_over_and_verbosity_as_typed_on_the_command_line(tmp_path, reference_run):
+  """Every checkpoint damaged: the trainer stops naming --start_over, quietly (no absl INFO
+  lines); `--start_over` trains from step 0, keeping the old rows, and `--verbosity=0`
+  shows the libraries' INFO logs."""
+  workdir = tmp_path / 'all_damaged'
+  shutil.copytree(reference_run[0], workdir)
+  for step_dir in (workdir / 'checkpoints').iterdir():
+    (step_dir / 'state' / '_METADATA').unlink()
+  absl_info = re.compile(r'^I\d{4} \d\d:\d\d:\d\d', re.MULTILINE)
+  refused = run_trainer(workdir, overrides=_overrides(), check=False)
+  assert refused.returncode == 1, refused.stdout[-3000:] + refused.stderr[-3000:]
+  assert '--start_over' in refused.stderr and 'Traceback' not in refused.stderr
+  assert not absl_info.search(refused.stdout + refused.stderr)
+  result = run_trainer(workdir, '--start_over', '--verbosity=0',
+                       overrides=_overrides(total_steps=4, eval_every_steps=4))
+  assert 'Resumed' not in result.stdout
+  assert absl_info.search(result.stdout + result.stderr), result.stderr[-3000:]
+  assert checkpoint.finished_steps(workdir) == [4]
+  assert len(list(workdir.glob('metrics.jsonl.*.old'))) == 1
+  assert _metrics(workdir)[0]['step'] == 0
+
+
 def test_ctrl_c_saves_and_resumes(tmp_path, reference_run):
   workdir = tmp_path / 'interrupted'
   process = run_trainer(workdir, overrides=_overrides(), background=True,
@@ -399,33 +422,12 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_process_run_matches_single_process(tmp_path, reference_run):
-  """jax.distributed over 2 local processes x 2 CPU devices, gloo collectives."""
-  workdir = tmp_path / 'multihost'
-  address = f'localhost:{_free_port()}'
-  processes = [
-      run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
-                  f'--process_id={i}', devices=2, overrides=_overrides(), background=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=240)[0] for p in processes]
-  for p, out in zip(processes, outputs):
-    assert p.returncode == 0, out[-5000:]
-  assert 'Mesh' in outputs[0] and 'Mesh' not in outputs[1]   # only process 0 logs
-  reference = _train_losses(reference_run[0])
-  losses = _train_losses(workdir)
-  for step in reference:
-    np.testing.assert_allclose(losses[step], reference[step], rtol=1e-4)
-  _assert_params_close(_final_params(workdir), _final_params(reference_run[0]))
-  states = json.loads((workdir / 'checkpoints' / str(STEPS) / 'data_iter' / 'metadata')
-                      .read_text())
-  assert states['process_count'] == 2 and len(states['states']) == 2
-
-
-def test_two_process_sigterm_to_one_host_stops_both_at_one_step_and_resumes(tmp_path,
-                                                                          reference_run):
-  """A preemption notice reaches one host of two: JAX's preemption sync point (through
-  orbax) makes both save the same step and exit 42; a rerun of both resumes from it and
-  ends where an uninterrupted run ends. A local signal handler would stop only the host
+def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
+    tmp_path, reference_run):
+  """jax.distributed over 2 local processes x 2 CPU devices, gloo collectives. A preemption
+  notice reaches one host of two: JAX's preemption sync point (through orbax) makes both
+  save the same step and exit 42; a rerun of both resumes from it and ends where an
+  uninterrupted single-device run ends (losses and parameters). A local signal handler would stop only the host
   that got the signal, and the other would hang in the next collective."""
   workdir = tmp_path / 'preempted'
   address = f'localhost:{_free_port()}'
@@ -452,7 +454,21 @@ def test_two_process_sigterm_to_one_host_stops_both_at_one_step_and_resumes(tmp_
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-5000:]
   assert f'Resumed from step {stopped_at}' in outputs[0]
+  assert 'Mesh' in outputs[0] and 'Mesh' not in outputs[1]   # only process 0 logs
+  # 2 processes x 2 devices, stopped and resumed, train as 1 device does uninterrupted.
+  reference = _train_losses(reference_run[0])
+  losses = _train_losses(workdir)
+  assert sorted(losses) == sorted(reference)
+  # A row averages the steps since the previous row: after a stop at an odd step, the first
+  # row of the rerun averages one step where the reference averages two.
+  partial_row = stopped_at + 1 if stopped_at % 2 else None
+  for step in reference:
+    if step != partial_row:
+      np.testing.assert_allclose(losses[step], reference[step], rtol=1e-4)
   _assert_params_close(_final_params(workdir), _final_params(reference_run[0]))
+  states = json.loads((workdir / 'checkpoints' / str(STEPS) / 'data_iter' / 'metadata')
+                      .read_text())
+  assert states['process_count'] == 2 and len(states['states']) == 2
 
 
 def test_two_process_divergence_sets_its_checkpoints_aside_once_and_both_stop(tmp_path):
