@@ -633,8 +633,10 @@ def test_parallel_seeds_equal_sequential_seeds(workdir, tmp_path):
   assert not (tmp_path / 'parallel_True' / 'runs' / 'sst2').exists()
 
 
-def test_sigterm_mid_task_saves_exits_42_and_resumes_to_the_same_predictions(workdir,
+def test_ctrl_c_then_sigterm_mid_task_save_and_resume_to_the_same_predictions(workdir,
                                                                              tmp_path):
+  """Ctrl-C mid-task saves and exits 130; the rerun, stopped by SIGTERM further on, saves
+  and exits 42; the third run finishes with the predictions of an uninterrupted run."""
   cmd = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
          f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,2',
          '--config.max_train_examples=32', '--config.max_eval_examples=16',
@@ -650,26 +652,36 @@ def test_sigterm_mid_task_saves_exits_42_and_resumes_to_the_same_predictions(wor
   assert reference.returncode == 0, reference.stderr[-3000:]
 
   out = tmp_path / 'preempted'
-  process = subprocess.Popen(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  # Mid-task = once step 10's train loss is logged; no periodic checkpoints
-  # (checkpoint_every_steps=0), so the one found below is the SIGTERM save.
-  logged = out / 'runs' / 'rte_seed1' / 'metrics.jsonl'
-  deadline = time.time() + 300
-  while not (logged.exists() and logged.read_text().strip()):
-    assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
-    time.sleep(0.02)
-  process.send_signal(signal.SIGTERM)
-  stdout, stderr = process.communicate(timeout=300)
-  assert process.returncode == 42, stderr[-3000:]
-  assert not (out / 'glue_results.json').exists()
   ckpts = out / 'runs' / 'rte' / 'checkpoints'
-  saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
-  assert len(saved) == 1 and 10 <= saved[0] < 160
+  logged = out / 'runs' / 'rte_seed1' / 'metrics.jsonl'
 
+  def logged_steps():
+    lines = logged.read_text().splitlines() if logged.exists() else []
+    return [json.loads(line)['step'] for line in lines if line.endswith('}')]
+
+  def stop_after(step, signum, exit_code):
+    """Runs the command, sends `signum` once a row past `step` is logged (no periodic
+    checkpoints: checkpoint_every_steps=0, so the one left is the signal's save)."""
+    process = subprocess.Popen(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not any(s > step for s in logged_steps()):
+      assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+      time.sleep(0.02)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == exit_code, stderr[-3000:]
+    assert 'Traceback' not in stdout + stderr, stderr[-3000:]
+    assert not (out / 'glue_results.json').exists()
+    saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and step < saved[0] < 160, saved
+    return saved[0]
+
+  first = stop_after(0, signal.SIGINT, 130)
+  second = stop_after(first, signal.SIGTERM, 42)
   resumed = run(out)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'rte seeds 1,2: resuming from step {saved[0]} of 160' in resumed.stdout
+  assert f'rte seeds 1,2: resuming from step {second} of 160' in resumed.stdout
   for seed in (1, 2):
     assert (_read_tsv(out / 'predictions' / f'rte_seed{seed}.tsv')
             == _read_tsv(tmp_path / 'reference' / 'predictions' / f'rte_seed{seed}.tsv'))
