@@ -9,6 +9,8 @@ import json
 import os
 import statistics
 import subprocess
+import sys
+import textwrap
 
 import ml_collections
 import numpy as np
@@ -17,6 +19,7 @@ import scipy.stats
 
 from bert_sym import ablate
 from bert_sym.ablate import report as ablate_report
+from bert_sym.ablate import runner
 from bert_sym.ablate import stats
 from tests import ablate_fixtures as fx
 
@@ -179,6 +182,59 @@ def test_a_relative_data_path_is_no_config_difference(tmp_path, monkeypatch):
   assert ablate.config_differences(requested, saved, 'pairwise', 3) == []
   saved.data.shards_dir = str(tmp_path / 'other')
   assert ablate.config_differences(requested, saved, 'pairwise', 3) == ['data.shards_dir']
+
+
+def _fake_trainer(tmp_path, exit_codes):
+  """A stand-in for `python -m bert_sym.train`: exits with the next of `exit_codes` on each
+  call (the real trainer's codes are checked in tests/test_train.py)."""
+  script = tmp_path / 'fake_python'
+  script.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import pathlib, sys
+      calls = pathlib.Path({str(tmp_path / 'calls')!r})
+      n = len(calls.read_text().splitlines()) if calls.exists() else 0
+      with calls.open('a') as f:
+        f.write(' '.join(sys.argv[1:]) + '\\n')
+      print('trainer call', n + 1)
+      sys.exit({list(exit_codes)!r}[n])
+      """))
+  script.chmod(0o755)
+  return str(script)
+
+
+def test_a_preempted_run_is_rerun_until_it_finishes(tmp_path, capsys):
+  python = _fake_trainer(tmp_path, [42, 42, 0])
+  runner.train_run('configs/tiny.py', ['--config.total_steps=6'], 'pairwise', 3,
+                   tmp_path / 'run', runner._Stop(), python=python)
+  calls = (tmp_path / 'calls').read_text().splitlines()
+  assert len(calls) == 3 and len(set(calls)) == 1   # the same command each time: it resumes
+  assert calls[0] == (f'-m bert_sym.train --config=configs/tiny.py --workdir={tmp_path / "run"} '
+                      '--config.model.attention=pairwise --config.seed=3 --config.total_steps=6')
+  assert capsys.readouterr().out.count('pairwise seed 3: preempted (exit 42); resuming.') == 2
+  assert (tmp_path / 'run' / 'train.log').read_text().count('trainer call') == 3
+
+
+@pytest.mark.parametrize('codes, stop_requested, expected', [
+    ([130], False, 'stopped 130'),      # Ctrl-C: the trainer saved; the grid stops
+    ([42], True, 'stopped 42'),         # SIGTERM to the runner itself: no rerun
+    ([1], False, 'failed'),             # a failed run stops the grid, naming its log
+    ([42] * 3, False, 'preempted 2 times in a row'),
+])
+def test_a_run_that_cannot_go_on_stops_the_grid(tmp_path, codes, stop_requested, expected):
+  stop = runner._Stop()
+  stop.requested = stop_requested
+  with pytest.raises((runner.Stopped, runner.AblationError)) as error:
+    runner.train_run('configs/tiny.py', [], 'standard', 1, tmp_path / 'run', stop,
+                     python=_fake_trainer(tmp_path, codes), max_restarts=2)
+  if expected.startswith('stopped'):
+    assert isinstance(error.value, runner.Stopped)
+    assert error.value.exit_code == int(expected.split()[1])
+  else:
+    assert isinstance(error.value, runner.AblationError)
+    assert expected in str(error.value)
+    if expected == 'failed':
+      assert str(tmp_path / 'run' / 'train.log') in str(error.value)
+  assert len((tmp_path / 'calls').read_text().splitlines()) == len(codes)
 
 
 def test_bad_override_fails_before_training(tmp_path):
