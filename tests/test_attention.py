@@ -296,6 +296,11 @@ def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, capl
       backend=backend) == 'xla'
   if kernel == 'cudnn':   # float32 models stay float32
     assert resolve(training_dropout=False, dtype=jnp.float32) == 'xla'
+  else:                   # a length that splash's 128-wide blocks cannot tile
+    attention_lib._LOGGED.clear()
+    with caplog.at_level(logging.INFO):
+      assert resolve(training_dropout=False, seq_len=100) == 'xla'
+    assert 'sequence length 100 is not a multiple of 128' in caplog.text
 
 
 @pytest.mark.gpu   # skipped on a GPU machine

@@ -80,3 +80,12 @@ def test_h200_fast_recipe_tokens_per_second_and_mfu():
   paper = [r['mfu'] for r in rows if r['path'] == 'xla']
   assert (f'MFU {_range(fast, percent)}% on the fast recipe and {_range(paper, percent)}% '
           'on the paper recipe') in README
+
+
+def test_demo_training_figures():
+  """The opening paragraph's demo run, as benchmarks/demo.py recorded it."""
+  demo = _load('demo_cpu-2core.json')['train']
+  assert demo['steps'] == 300 and demo['eval_loss_first_step'] == 0
+  assert (f'about {5 * round(demo["train_seconds"] / 5):.0f} s of training (300 steps; '
+          f'validation MLM loss {demo["eval_loss_first"]:.2f} -> '
+          f'{demo["eval_loss_last"]:.2f};') in README
