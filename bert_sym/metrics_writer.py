@@ -174,13 +174,13 @@ class MetricWriter:
       logging.warning('tensorboard is not installed: metrics go to metrics.jsonl only.')
       return
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    logdir = f'{str(workdir).rstrip("/")}/tensorboard'
-    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
-    local = files.local_path(f'{logdir}/{name}')
+    events_path = (f'{str(workdir).rstrip("/")}/tensorboard/events.out.tfevents.'
+                   f'{int(time.time())}.{socket.gethostname()}.{os.getpid()}')
+    local = files.local_path(events_path)
     # Object stores (gs://): an open upload is invisible until closed (gcsfs; and epath
     # uses gcsfs without TensorFlow), so the events are kept here and the whole file is
     # uploaded again after each row, as metrics.jsonl: ~1 KB a row.
-    self._remote_events = None if local else f'{logdir}/{name}'
+    self._remote_events = None if local else events_path
     if local:
       os.makedirs(os.path.dirname(local), exist_ok=True)
     self._file = open(local, 'wb') if local else io.BytesIO()
