@@ -89,3 +89,22 @@ def test_demo_training_figures():
   assert (f'about {5 * round(demo["train_seconds"] / 5):.0f} s of training (300 steps; '
           f'validation MLM loss {demo["eval_loss_first"]:.2f} -> '
           f'{demo["eval_loss_last"]:.2f};') in README
+
+
+def test_demo_glue_figures():
+  """`make glue-local`'s time and the GLUE table of the demo model, as recorded."""
+  record = _load('demo_cpu-2core.json')
+  local = record['glue_local']
+  assert local['flags'] == ['--tasks=rte,mrpc', '--seeds=1', '--config=configs/glue.py:runlocal',
+                            '--config.max_seq_len=64']   # the Makefile's glue-local
+  assert f'from a local GLUE copy (about {10 * round(local["seconds"] / 10):.0f} s)' in README
+  table = record['glue_table']
+  assert (f'took about {round(table["seconds"] / 60)} minutes for the three seeds' in README)
+  for flag in table['flags']:
+    assert flag in README   # the README's command is the one measured
+  stats = table['over_seeds']
+  cell = lambda s: f'{s["mean"]:.2f} +- {s["std"]:.2f}'
+  row = ' | '.join(['1-3', f'{cell(stats["glue_partial"])} (partial 5/9)',
+                    f'{cell(stats["glue_full_partial"])} (partial 6/10)'] +
+                   [cell(stats[task]) for task in ('mrpc', 'cola', 'rte', 'stsb', 'sst2', 'wnli')])
+  assert f'| {row} |' in README
