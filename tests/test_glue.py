@@ -715,3 +715,31 @@ def test_old_output_dirs_are_reused(tmp_path):
   assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
   config.grad_accum_steps = 2                      # a real recipe change is still one
   assert not suite.finished_runs(tmp_path, 'CKPT', config)
+
+
+@pytest.mark.parametrize('change', ['checkpoint', 'recipe', 'no_resume'])
+def test_results_of_another_checkpoint_or_recipe_are_set_aside_not_overwritten(
+    tmp_path, caplog, change):
+  config = glue_config.get_config('runlocal')
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n0\t1\t1\n')
+  (tmp_path / 'glue_results.md').write_text('| old table |\n')
+  old = json.dumps({'checkpoint': 'CKPT', 'config': config.to_dict(),
+                    'runs': {'rte': {'1': {'scores': {'rte': {'accuracy': 1.0, 'score': 100.0}}}}}})
+  (tmp_path / 'glue_results.json').write_text(old)
+  step_dir = 'OTHER' if change == 'checkpoint' else 'CKPT'
+  if change == 'recipe':
+    config.learning_rate = 3e-5
+  if change == 'no_resume':
+    config.resume = False
+  with caplog.at_level('WARNING'):
+    assert not suite.finished_runs(tmp_path, step_dir, config)
+  [aside] = tmp_path.glob('replaced-*')
+  assert (aside / 'glue_results.json').read_text() == old
+  assert (aside / 'glue_results.md').read_text() == '| old table |\n'
+  assert (aside / 'predictions' / 'rte_seed1.tsv').read_text().endswith('0\t1\t1\n')
+  assert not (tmp_path / 'glue_results.json').exists()
+  assert not list((tmp_path / 'predictions').iterdir())
+  assert f'they are kept in {aside}' in caplog.text
+  if change == 'recipe':
+    assert 'another recipe (learning_rate differ)' in caplog.text

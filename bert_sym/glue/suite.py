@@ -77,12 +77,20 @@ def finished_runs(output_dir, step_dir, config) -> dict:
   """
   def read():
     path = epath.Path(output_dir) / 'glue_results.json'
-    if not config.resume or not path.exists():
+    if not path.exists():
       return []
     previous = json.loads(path.read_text())
     previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
-    if previous.get('checkpoint') != step_dir or previous_recipe != recipe(config):
-      logging.info('%s is from another checkpoint or recipe: not resuming from it.', path)
+    if previous.get('checkpoint') != step_dir:
+      set_aside_results(output_dir, f'another checkpoint ({previous.get("checkpoint")})')
+      return []
+    if previous_recipe != recipe(config):
+      changed = sorted(k for k in set(previous_recipe) | set(recipe(config))
+                       if previous_recipe.get(k) != recipe(config).get(k))
+      set_aside_results(output_dir, f'another recipe ({", ".join(changed)} differ)')
+      return []
+    if not config.resume:
+      set_aside_results(output_dir, 'an earlier run (config.resume=False)')
       return []
     done = []
     for task, seeds in previous['runs'].items():
@@ -93,6 +101,24 @@ def finished_runs(output_dir, step_dir, config) -> dict:
           done.append([task, int(seed), run])
     return done
   return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
+
+
+def set_aside_results(output_dir, whose: str) -> None:
+  """Moves the results of an earlier run that this one will not reuse (glue_results.*,
+  predictions/) into output_dir/replaced-<time>/, so that a rerun with another checkpoint
+  or recipe never overwrites them. glue_results.json moves last: after a crash midway the
+  next run still finds it and moves the rest."""
+  output_dir = epath.Path(output_dir)
+  aside = output_dir / f'replaced-{int(time.time())}'
+  predictions = output_dir / 'predictions'
+  paths = sorted(predictions.glob('*.tsv')) if predictions.exists() else []
+  for path in paths + [output_dir / 'glue_results.md', output_dir / 'glue_results.json']:
+    if path.exists():
+      target = aside / path.relative_to(output_dir)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      path.rename(target)
+  logging.warning('%s held the GLUE results of %s; they are kept in %s, and this run '
+                  'writes new ones.', output_dir, whose, aside)
 
 
 @dataclasses.dataclass
