@@ -518,7 +518,10 @@ def test_start_over_trains_from_zero_and_keeps_the_old_rows(tmp_path, trainer_ru
   iterator = train_fixtures.make_synthetic_iterator
   with pytest.raises(train.RunError, match='--start_over'):
     train.train_and_evaluate(config, str(workdir), make_iterator=iterator)
+  handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   train.train_and_evaluate(config, str(workdir), make_iterator=iterator, start_over=True)
+  # A finished run puts back the handlers it found too (a notebook keeps its Ctrl-C).
+  assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
   assert checkpoint.finished_steps(workdir) == [4]
   [kept] = workdir.glob('metrics.jsonl.*.old')
   assert kept.read_text() == old_rows

@@ -2,6 +2,7 @@
 benchmarks/RESULTS.md): a rerun that records new numbers fails here until the README says
 them too. Ranges are min-max over the records, at the README's rounding."""
 
+import decimal
 import json
 import pathlib
 import re
@@ -108,3 +109,71 @@ def test_demo_glue_figures():
                     f'{cell(stats["glue_full_partial"])} (partial 6/10)'] +
                    [cell(stats[task]) for task in ('mrpc', 'cola', 'rte', 'stsb', 'sst2', 'wnli')])
   assert f'| {row} |' in README
+
+
+def test_fast_recipe_against_paper_recipe():
+  """CPU: the two recipes' final MLM loss (RESULTS.md); H200: the fast step's speed and
+  memory against the paper step's, per attention variant."""
+  results_md = (ROOT / 'benchmarks' / 'RESULTS.md').read_text()
+  final = {name: re.search(rf'^\| [\d.]+ \({name}\) .*\| ([\d.]+) \(([\d.]+)\) \|$',
+                           results_md, re.MULTILINE) for name in ('paper', 'fast')}
+  spread = max(float(m[2]) for m in final.values())
+  assert (f'({final["fast"][1]} vs {final["paper"][1]}, seed spread {spread:.2f};'
+          in README)
+  rows = {(r['path'], r['seq'], r['attention']): r for r in _h200_rows()}
+  speedup, less_memory = {}, {}
+  for seq in (128, 512):
+    pairs = [(rows[('fused', seq, a)], rows[('xla', seq, a)])
+             for a in ('standard', 'symmetric', 'pairwise')]
+    speedup[seq] = _range([f['tokens_per_s'] / x['tokens_per_s'] for f, x in pairs],
+                          lambda v: f'{v:.2f}')
+    less_memory[seq] = [x['peak_memory_gib'] - f['peak_memory_gib'] for f, x in pairs]
+  assert (f'is {speedup[128]}x (seq 128) and {speedup[512]}x (seq 512) faster than '
+          "`paper`'s over the three variants") in README
+  low, high = min(less_memory[128] + less_memory[512]), max(less_memory[128] + less_memory[512])
+  assert f'with {low:.0f}-{high:.0f} GiB less memory' in README
+
+
+def test_streaming_rates_on_loaded_and_idle_machines():
+  """The two ranges of the input section: RESULTS.md sections that say the machine was
+  idle, and the others."""
+  sections = re.split(r'^###? ', (ROOT / 'benchmarks' / 'RESULTS.md').read_text(),
+                      flags=re.MULTILINE)
+  rates = {True: [], False: []}
+  for section in sections:
+    for line in section.splitlines():
+      if line.startswith('| streaming'):
+        rates['idle' in section].append(float(line.strip('|').split('|')[-1]
+                                              .replace(',', '')) / 1e6)
+  millions = lambda v: f'{v:.1f}M'
+  assert (f'Measured: {_range(rates[False], millions).replace("M-", "-")} tokens/s per core '
+          f'at seq 512 with masking on a loaded machine, '
+          f'{_range(rates[True], millions).replace("M-", "-")} on an idle one') in README
+
+
+def test_tpu_v4_8_preflight_figures():
+  rows = [json.loads(line) for line in
+          (RESULTS / 'tpu_aot_cpu-2core_2026-12-02.jsonl').read_text().splitlines()]
+  pick = lambda recipe: next(r['report'] for r in rows if r['config'] == 'sym_base' and
+                             r['recipe'] == recipe and r['seq'] == 512 and
+                             r['topology'] == 'v4-8')
+  fast, paper = pick('fast'), pick('paper')
+  gib = lambda b: b / 2**30
+  assert fast['fits'] and not paper['fits']
+  assert (f'on a v4-8 the fast recipe fits ({gib(fast["train_step"]["memory"]["total"]):.1f} '
+          f'of {gib(fast["hbm_bytes_per_chip"]):.0f} GiB per chip)') in README
+  accumulated = re.search(r'fits with optimizer\.grad_accum_steps=2 \(([\d.]+) GiB\)',
+                          (ROOT / 'benchmarks' / 'RESULTS.md').read_text())[1]
+  rounded = decimal.Decimal(accumulated).quantize(decimal.Decimal('0.1'),
+                                                   rounding=decimal.ROUND_HALF_UP)
+  assert f'`--config.optimizer.grad_accum_steps=2` ({rounded} GiB)' in README
+
+
+def test_cpu_attention_variant_step_times():
+  results = _load('attention_variants_cpu-2core_quiet.json')['results']
+  fewer = 1 - results['pairwise']['xla_gflops_per_step'] / results['standard'][
+      'xla_gflops_per_step']
+  assert (f'the pairwise step does {100 * fewer:.1f}% fewer FLOPs (as XLA counts them) than '
+          f'standard but takes '
+          f'{results["pairwise"]["ratio_to_standard"]:.3f}x its time, symmetric '
+          f'{results["symmetric"]["ratio_to_standard"]:.3f}x') in README
