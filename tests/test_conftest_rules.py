@@ -1,5 +1,6 @@
-"""tests/conftest.py's own rule, run on a probe suite: with CI=true a skip that is not
-marked `gpu` fails the session (a broken install must not pass as green skips)."""
+"""tests/conftest.py's own rules, run on a probe suite: with CI=true a skip that is not
+marked `gpu` fails the session (a broken install must not pass as green skips); a
+BERT_SYM_DATA_DIR that does not exist stops the session before any test runs."""
 
 import os
 import pathlib
@@ -23,6 +24,10 @@ def test_skipped_for_a_missing_file():
 @pytest.mark.gpu
 def test_gpu_only():
   pytest.skip('needs a GPU')
+
+@pytest.mark.real_data
+def test_on_real_data():
+  pass
 '''
 
 
@@ -33,8 +38,8 @@ def probe_suite(tmp_path_factory):
   (root / 'conftest.py').write_text('from tests.conftest import *  # noqa: F401,F403\n')
   (root / 'test_probe.py').write_text(textwrap.dedent(PROBE))
 
-  def run(ci: str, *args):
-    env = dict(os.environ, CI=ci, PYTHONPATH=str(REPO_ROOT))
+  def run(ci: str, *args, **env_vars):
+    env = dict(os.environ, CI=ci, PYTHONPATH=str(REPO_ROOT), **env_vars)
     return subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
                            '-rs', str(root), *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -44,7 +49,7 @@ def probe_suite(tmp_path_factory):
 def test_ci_fails_on_a_skip_that_is_not_gpu_only(probe_suite):
   result = probe_suite('true')
   assert result.returncode == 1, result.stdout[-3000:]
-  assert '1 passed, 2 skipped' in result.stdout
+  assert ', 2 skipped' in result.stdout
   assert ('CI=true: 1 skipped test(s) are not GPU-only, so the run fails' in result.stdout
           and 'test_skipped_for_a_missing_file' in result.stdout), result.stdout[-3000:]
 
@@ -55,3 +60,19 @@ def test_ci_lets_gpu_only_skips_pass_and_local_runs_list_skips(probe_suite):
   local = probe_suite('')
   assert local.returncode == 0, local.stdout[-3000:]
   assert 'SKIPPED' in local.stdout and 'no such file' in local.stdout   # -rs lists the reason
+
+
+def test_a_data_directory_that_does_not_exist_stops_the_session(probe_suite, tmp_path):
+  missing = tmp_path / 'no_such_dir'
+  result = probe_suite('', BERT_SYM_DATA_DIR=str(missing))
+  assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout[-3000:]
+  assert f'BERT_SYM_DATA_DIR={missing} does not exist' in result.stderr
+  assert 'passed' not in result.stdout   # nothing ran
+
+
+def test_real_data_tests_run_only_where_the_data_is(probe_suite, tmp_path):
+  data = tmp_path / 'data'
+  (data / 'glue').mkdir(parents=True)
+  (data / 'wikitext-2').mkdir()
+  with_data = probe_suite('', '-k', 'real_data', BERT_SYM_DATA_DIR=str(data))
+  assert '1 passed' in with_data.stdout, with_data.stdout[-3000:]
