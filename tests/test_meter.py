@@ -286,3 +286,22 @@ def test_a_loss_worse_than_twice_a_uniform_guess_is_unhealthy_even_in_warm_up():
   assert health.onset == 2 and health.good_below() == 1
   health.observe(3, ok(7.0))             # recovered
   assert health.onset is None and health.good_below() == 3
+
+
+def test_tensorflow_start_up_lines_are_hidden_unless_verbose():
+  """quiet_logs (the default; --verbosity=N keeps everything) imports TF and TF Text with
+  stderr pointed away: their native start-up lines (oneDNN, cuInit) never show. The
+  control run, without it, shows them, so the check can fail."""
+  code = ('from bert_sym import metrics_writer\n'
+          'if {quiet}: metrics_writer.quiet_logs(False)\n'
+          'import tensorflow as tf\n'
+          'from bert_sym.input import tokenizer\n'
+          'print(int(tf.reduce_sum(tf.constant([1, 2]))))\n')
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS')}
+  run = lambda quiet: subprocess.run([sys.executable, '-c', code.format(quiet=quiet)],
+                                     env=env, capture_output=True, text=True, timeout=300)
+  loud, quiet = run(False), run(True)
+  assert loud.stdout == quiet.stdout == '3\n', quiet.stderr[-2000:]
+  assert loud.stderr.strip(), 'TensorFlow printed nothing here: the check cannot fail'
+  assert quiet.stderr == ''
