@@ -7,6 +7,8 @@ user types it.
       --checkpoint=runs/demo_bench/tiny_demo --glue_dir=/data/glue_data --record
 
 Parts:
+- install: a fresh venv with requirements.txt, as `make demo` creates it (pip's cache off,
+  so the wheels are downloaded): wall time and the venv's size on disk;
 - train: `python -m bert_sym.train --config=configs/tiny.py` in a fresh workdir (a
   subprocess, as `make demo` runs it; the compilation cache off, so the time includes
   compiling); from its metrics.jsonl, the validation MLM loss before training and at the
@@ -37,7 +39,7 @@ GLUE_FLAGS = ['--tasks=cola,sst2,mrpc,stsb,rte,wnli', '--seeds=1,2,3', '--config
 # `make glue-local`'s (Makefile), minus the paths.
 GLUE_LOCAL_FLAGS = ['--tasks=rte,mrpc', '--seeds=1', '--config=configs/glue.py:runlocal',
                     '--config.max_seq_len=64']
-PARTS = ('train', 'glue_local', 'glue_table')
+PARTS = ('install', 'train', 'glue_local', 'glue_table')
 
 
 def _run(cmd, log_path) -> float:
@@ -50,6 +52,24 @@ def _run(cmd, log_path) -> float:
   if result.returncode != 0:
     sys.exit(f'{" ".join(cmd)} failed with exit code {result.returncode}; see {log_path}')
   return seconds
+
+
+def install(out_dir: pathlib.Path) -> dict:
+  venv = out_dir / 'venv'
+  if venv.exists():
+    sys.exit(f'{venv} exists: the install must start from nothing. Remove it or pick '
+             'another --out_dir.')
+  env = dict(os.environ, PIP_NO_CACHE_DIR='1')
+  start = time.perf_counter()
+  with open(out_dir / 'install.log', 'w') as log:
+    for cmd in ([sys.executable, '-m', 'venv', str(venv)],
+                [str(venv / 'bin' / 'pip'), 'install', '-q', '--upgrade', 'pip'],
+                [str(venv / 'bin' / 'pip'), 'install', '-q', '-r', 'requirements.txt']):
+      if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+        sys.exit(f'{" ".join(cmd)} failed; see {out_dir / "install.log"}')
+  seconds = time.perf_counter() - start
+  size = sum(p.stat().st_size for p in venv.rglob('*') if p.is_file() and not p.is_symlink())
+  return {'seconds': seconds, 'venv_gb': size / 1e9}
 
 
 def train_demo(out_dir: pathlib.Path) -> dict:
@@ -95,18 +115,23 @@ def main():
                       help='also write the parts into benchmarks/results/demo_cpu-<N>core.json')
   args = parser.parse_args()
   parts = args.parts.split(',') if args.parts else (
-      list(PARTS) if args.glue_dir else ['train'])
+      ['train', 'glue_local', 'glue_table'] if args.glue_dir else ['train'])
   if set(parts) - set(PARTS):
     parser.error(f'--parts: unknown {sorted(set(parts) - set(PARTS))}; use {PARTS}')
   if set(parts) & {'glue_local', 'glue_table'} and not args.glue_dir:
     parser.error('the GLUE parts need --glue_dir (a local GLUE copy)')
-  if 'train' not in parts and not args.checkpoint:
-    parser.error('without the train part, --checkpoint must name a finished demo workdir')
+  if (set(parts) & {'glue_local', 'glue_table'} and 'train' not in parts
+      and not args.checkpoint):
+    parser.error('the GLUE parts without the train part need --checkpoint (a finished demo '
+                 'workdir)')
   out_dir = pathlib.Path(args.out_dir).absolute()
   out_dir.mkdir(parents=True, exist_ok=True)
   result = {'date': datetime.date.today().isoformat(), 'machine': platform.machine(),
             'cpu_count': os.cpu_count()}
   checkpoint = args.checkpoint
+  if 'install' in parts:
+    result['install'] = install(out_dir)
+    print(json.dumps(result['install']), flush=True)
   if 'train' in parts:
     result['train'] = train_demo(out_dir)
     checkpoint = result['train'].pop('workdir')   # machine paths stay out of the record

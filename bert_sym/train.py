@@ -393,9 +393,15 @@ def main(argv, make_iterator=None):
           checkpoint.CheckpointSaveError) as e:   # said in one line, no traceback
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
-  except KeyboardInterrupt:   # a second Ctrl-C
-    print('\nbert_sym.train: stopped by a second Ctrl-C without saving; rerun the same '
-          'command to resume from the last checkpoint.', file=sys.stderr, flush=True)
+  except KeyboardInterrupt:
+    # One process: a second Ctrl-C (the first saves). Several: the first, as no handler is
+    # installed there (loop.PreemptionFlag), so nothing was saved.
+    what = ('Ctrl-C on a multi-process run (it saves on SIGTERM only: send SIGTERM to any '
+            'process to save at one step on all)'
+            if jax.distributed.is_initialized() and jax.process_count() > 1
+            else 'a second Ctrl-C')
+    print(f'\nbert_sym.train: stopped by {what} without saving; rerun the same command to '
+          'resume from the last checkpoint.', file=sys.stderr, flush=True)
     sys.exit(INTERRUPTED_EXIT_CODE)
   except Preempted as e:
     logging.warning('%s; exiting with code %d.', e, e.exit_code)

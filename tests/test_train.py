@@ -422,20 +422,24 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _two_processes(workdir, overrides, env=None):
+  """The trainer as 2 local processes x 2 CPU devices (jax.distributed, gloo), started."""
+  address = f'localhost:{_free_port()}'
+  return [run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
+                      f'--process_id={i}', devices=2, overrides=overrides, background=True,
+                      env=env)
+          for i in range(2)]
+
+
 def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
     tmp_path, reference_run):
   """jax.distributed over 2 local processes x 2 CPU devices, gloo collectives. A preemption
   notice reaches one host of two: JAX's preemption sync point (through orbax) makes both
   save the same step and exit 42; a rerun of both resumes from it and ends where an
-  uninterrupted single-device run ends (losses and parameters). A local signal handler would stop only the host
-  that got the signal, and the other would hang in the next collective."""
+  uninterrupted single-device run ends (losses and parameters). A local signal handler
+  would stop only the host that got the signal; the other would hang in a collective."""
   workdir = tmp_path / 'preempted'
-  address = f'localhost:{_free_port()}'
-  processes = [
-      run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
-                  f'--process_id={i}', devices=2, overrides=_overrides(), background=True,
-                  env={'SYNTHETIC_SLEEP_SECONDS': '1.0'})
-      for i in range(2)]
+  processes = _two_processes(workdir, _overrides(), env={'SYNTHETIC_SLEEP_SECONDS': '1.0'})
   _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), processes[0], timeout=240)
   processes[1].send_signal(signal.SIGTERM)   # the non-coordinator host only
   outputs = [p.communicate(timeout=240)[0] for p in processes]
@@ -445,11 +449,7 @@ def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
   stopped_at = int(checkpoint.resolve_step_dir(workdir).name)
   assert 4 < stopped_at < STEPS
   assert f'saved step {stopped_at}, exiting with code 42' in outputs[0]
-  address = f'localhost:{_free_port()}'
-  processes = [
-      run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
-                  f'--process_id={i}', devices=2, overrides=_overrides(), background=True)
-      for i in range(2)]
+  processes = _two_processes(workdir, _overrides())
   outputs = [p.communicate(timeout=240)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-5000:]
@@ -471,16 +471,30 @@ def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
   assert states['process_count'] == 2 and len(states['states']) == 2
 
 
+def test_ctrl_c_to_a_two_process_run_stops_both_in_one_line_keeping_the_checkpoints(tmp_path):
+  """Ctrl-C in a terminal reaches every process (srun, mpirun): with several processes
+  there is no handler (a local one would stop one process at a step the others never
+  reach), so each stops at once, exit 130, saying how to save instead; the checkpoints
+  written so far are intact (the newest loads)."""
+  processes = _two_processes(tmp_path, _overrides(), env={'SYNTHETIC_SLEEP_SECONDS': '0.5'})
+  _wait_for(lambda: (tmp_path / 'checkpoints' / '4').is_dir(), processes[0], timeout=240)
+  for p in processes:
+    p.send_signal(signal.SIGINT)
+  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  for p, out in zip(processes, outputs):
+    assert p.returncode == train.INTERRUPTED_EXIT_CODE, out[-5000:]
+    assert ('stopped by Ctrl-C on a multi-process run (it saves on SIGTERM only' in out
+            and 'Traceback' not in out), out[-5000:]
+  newest = checkpoint.finished_steps(tmp_path)[-1]
+  assert newest >= 4 and checkpoint.load_params(tmp_path / 'checkpoints' / str(newest))
+
+
 def test_two_process_divergence_sets_its_checkpoints_aside_once_and_both_stop(tmp_path):
   """Process 0 renames and both hosts wait at each rename, so both must set aside the same
   steps: process 0's list (a host listing after a rename used to skip that barrier and
   leave the other waiting). Both stop with exit 1; step 3 is set aside once."""
-  address = f'localhost:{_free_port()}'
   diverging = _overrides(checkpoint__every_steps=3, optimizer__learning_rate=1e6)
-  processes = [
-      run_trainer(tmp_path, f'--coordinator_address={address}', '--num_processes=2',
-                  f'--process_id={i}', devices=2, overrides=diverging, background=True)
-      for i in range(2)]
+  processes = _two_processes(tmp_path, diverging)
   outputs = [p.communicate(timeout=240)[0] for p in processes]
   for p, out in zip(processes, outputs):
     assert p.returncode == 1, out[-5000:]
