@@ -85,6 +85,9 @@ def test_h200_fast_recipe_tokens_per_second_and_mfu():
 
 def test_demo_training_figures():
   """The opening paragraph's demo run, as benchmarks/demo.py recorded it."""
+  install = _load('demo_cpu-2core.json')['install']
+  assert (f'about {5 * round(install["seconds"] / 5):.0f} s of installing (a '
+          f'{install["venv_gb"]:.1f} GB `.venv`') in README
   demo = _load('demo_cpu-2core.json')['train']
   assert demo['steps'] == 300 and demo['eval_loss_first_step'] == 0
   assert (f'about {5 * round(demo["train_seconds"] / 5):.0f} s of training (300 steps; '
