@@ -15,9 +15,11 @@ GLUE_DIR ?=
 ARGS ?=
 BENCH_OUT ?= runs/benchmarks
 RECORD ?= 0
-# pytest-xdist workers: most tests wait on one single-threaded XLA compile or a subprocess,
-# so two workers halve the suite on 2 cores (TEST_WORKERS=0 runs it in one process).
-TEST_WORKERS ?= 2
+# pytest-xdist workers: most tests wait on one single-threaded XLA compile or on a
+# subprocess (whose start-up, sleeps and gloo handshakes leave a core idle), so on 2 cores a
+# third worker fills those gaps: 990 s with 2 workers, 899 s with 3 (benchmarks/RESULTS.md,
+# "Test suite wall time"). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test export glue-local dry-run benchmarks clean
 
