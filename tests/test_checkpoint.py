@@ -492,6 +492,18 @@ def test_failure_kinds(error, kind):
   assert checkpoint.failure_kind(error) == kind
 
 
+def test_error_descriptions_are_one_line_and_say_where_they_were_cut():
+  long = ValueError('OUT_OF_RANGE: Error reading "' + 'dir/' * 100 + 'd/abc"\n'
+                    '  [tensorstore_spec=\'{"driver": "zarr"}\']')
+  said = checkpoint.describe_error(long)
+  assert '\n' not in said and 'tensorstore_spec' not in said
+  assert said.startswith('ValueError: OUT_OF_RANGE: Error reading "dir/dir/')
+  assert said.endswith('...') and len(said) == len('ValueError: ') + 240
+  assert checkpoint.describe_error(ValueError(
+      'NOT_FOUND: no _METADATA. See full TensorStore spec below')) == (
+          'ValueError: NOT_FOUND: no _METADATA')
+
+
 @pytest.mark.parametrize('error', [PermissionError(13, 'Permission denied'), MemoryError()],
                          ids=['permission_denied', 'out_of_memory'])
 def test_fatal_read_error_is_one_line_without_retries(tmp_path, trainer_run, monkeypatch,

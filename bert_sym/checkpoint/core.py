@@ -159,7 +159,9 @@ def describe_error(error: BaseException) -> str:
   lines = [line for line in str(error).splitlines() if line.strip()]
   text = lines[-1] if lines and lines[0].startswith('Traceback') else ' '.join(lines)
   text = re.split(r'\. See full TensorStore|\s*\[tensorstore_spec', text)[0]
-  text = ' '.join(text.split())[:240]
+  text = ' '.join(text.split())
+  if len(text) > 240:   # TensorStore's messages can run to pages; say where it was cut
+    text = text[:237].rstrip() + '...'
   return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
