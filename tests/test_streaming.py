@@ -270,6 +270,29 @@ def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
   assert shard_reader.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
 
 
+def test_a_failed_range_read_raises_the_storage_error(tmp_path, monkeypatch):
+  """fsspec's cat_ranges returns a failed read's exception in place of its bytes unless
+  told to raise: the storage error (a 503 after gcsfs's retries, expired credentials) must
+  reach the user, not a TypeError from joining an exception into the batch's bytes."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  url = f'memory://failing_reads_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  blocks = shard_reader.StreamingBlocks(url, 'train')
+
+  memory_fs = type(fsspec.filesystem('memory'))
+  read = memory_fs.cat_file
+
+  def failing_read(self, path, start=None, end=None, **kwargs):   # the shards only
+    if str(path).endswith('.npy'):
+      raise OSError(5, 'simulated storage error (503 after retries)')
+    return read(self, path, start=start, end=end, **kwargs)
+  monkeypatch.setattr(memory_fs, 'cat_file', failing_read)
+  with pytest.raises(OSError, match='simulated storage error'):
+    blocks.take(np.array([0, 5]))
+  with pytest.raises(OSError, match='simulated storage error'):
+    shard_reader.StreamingBlocks(url, 'train')   # the shard headers, read when opening
+
+
 def test_describe_corpus_counts_epochs_and_warns(small_corpus):
   iterator = _iterator(_config(str(small_corpus)))
   config = common.base_config('tiny')

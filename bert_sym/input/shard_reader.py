@@ -221,8 +221,11 @@ def verify_shards(split_url: str, metadata: dict[str, Any]) -> list[int]:
       if name not in listing:
         raise missing(path)
     sizes = [int(listing[f]) for f in files]
+    # on_error='raise': fsspec's default returns a failed read's exception in place of its
+    # bytes, which then fails later as a TypeError that hides the storage error.
     heads = fs.cat_ranges([f'{root}/{f}' for f in files], [0] * len(files),
-                          [min(_HEADER_BYTES + row_bytes, size) for size in sizes])
+                          [min(_HEADER_BYTES + row_bytes, size) for size in sizes],
+                          on_error='raise')
   offsets = []
   for shard, path, size, head in zip(metadata['shards'], paths, sizes, heads):
     shape, fortran, found_dtype, offset = _parse_header(path, head)
@@ -299,7 +302,8 @@ class StreamingBlocks:
           self._fds[shard] = os.open(self._path(shard), os.O_RDONLY)
         out.append(os.pread(self._fds[shard], end - start, start))
       return out
-    return self._fs.cat_ranges([self._path(s) for s in shards], list(starts), list(ends))
+    return self._fs.cat_ranges([self._path(s) for s in shards], list(starts), list(ends),
+                               on_error='raise')   # see verify_shards
 
   def _data_offset(self, shard: int) -> int:
     return self._offsets[shard]
