@@ -472,6 +472,13 @@ def test_second_trainer_on_a_live_workdir_stops(tmp_path):
   with checkpoint.workdir_lock(tmp_path, log=said.append):
     assert json.loads(lock.read_text())['pid'] == os.getpid()
   assert said and 'no longer running' in said[0]
+  # A container restarted after a SIGKILL often gets the same pid and hostname: the lock
+  # left by its earlier life names our pid but is not one this process holds.
+  lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}))
+  said.clear()
+  with checkpoint.workdir_lock(tmp_path, log=said.append):
+    assert lock.exists()
+  assert said and 'taking over' in said[0] and not lock.exists()
 
 
 @pytest.mark.parametrize('error, kind', [

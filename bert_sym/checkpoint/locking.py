@@ -14,6 +14,10 @@ from bert_sym.checkpoint.core import absolute, allgather_json
 # ---- One trainer per workdir ----
 
 LOCK_FILE = 'trainer.lock'
+# Lock files this process holds now. A lock naming this process's pid that is not here was
+# left by an earlier process that had the same pid (a container restarted after a SIGKILL
+# or OOM often gets the same pid and hostname): stale, not ours.
+_HELD = set()
 
 
 class WorkdirBusy(ValueError):
@@ -41,11 +45,16 @@ def workdir_lock(workdir, log=print):
   problem = allgather_json(problem)[0]
   if problem:
     raise WorkdirBusy(problem)
+  held = local and jax.process_index() == 0
+  if held:
+    _HELD.add(path)
   try:
     yield
   finally:
-    if local and jax.process_index() == 0 and _lock_holder(path).get('pid') == os.getpid():
-      os.unlink(path)
+    if held:
+      _HELD.discard(path)
+      if _lock_holder(path).get('pid') == os.getpid():
+        os.unlink(path)
 
 
 def _lock_holder(path) -> dict:
@@ -61,6 +70,8 @@ def _is_stale(path, holder: dict) -> bool:
     return time.time() - os.path.getmtime(path) > 30
   if holder.get('host') != socket.gethostname():
     return False   # cannot tell whether a process on another host is alive
+  if holder.get('pid') == os.getpid():
+    return path not in _HELD
   try:
     os.kill(int(holder['pid']), 0)
   except ProcessLookupError:
@@ -85,7 +96,7 @@ def _take_lock(path, log) -> None:
             f'{holder.get("started", "?")}; lock file {path}). Wait for it to finish or use '
             'another --workdir; if that process is gone, delete the lock file.') from None
       log(f'WARNING: taking over {path}: its holder (pid {holder.get("pid", "?")} on this '
-          'host) is no longer running.')
+          'host) is no longer running.')   # (or was an earlier process with our pid)
       with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
       continue
