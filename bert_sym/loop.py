@@ -351,6 +351,7 @@ class Hooks:
   console: Callable[..., None] = print
   name: str = 'train'
   check_saves: Callable[[], None] | None = None        # raises if a background save failed
+  finish_saves: Callable[[], None] | None = None       # waits; raises if the save failed
 
 
 def _due(step, every, total):
@@ -399,7 +400,9 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
         meter.last_saved = step
     if preempted:
       if eval_due:   # after the save: the notice before the kill (30 s on spot TPUs) is for it
-        if manager is not None:
+        if hooks.finish_saves is not None:   # a failed save is said in one line
+          hooks.finish_saves()
+        elif manager is not None:
           manager.wait_until_finished()
         with meter.paused(state):
           hooks.evaluate(state, step)

@@ -54,7 +54,8 @@ def make_hooks(config, run, manager, evaluate, meter, input_position):
       log=loop.progress_logger(run.writer, run.console, config.total_steps), save=save,
       log_every=config.log_every_steps, save_every=config.checkpoint.every_steps,
       evaluate=evaluate, eval_every=config.eval_every_steps, console=run.console,
-      check_saves=lambda: checkpoint.check_saves(manager))
+      check_saves=lambda: checkpoint.check_saves(manager),
+      finish_saves=lambda: checkpoint.finish_saves(manager))
 
 
 def run_to_total_steps(config, state, latest, train_step, data, evaluate, manager, preemption,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from etils import epath
 import numpy as np
 import pytest
 
@@ -151,7 +152,7 @@ def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(m
     assert eta == 12 - step
 
 
-def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step():
+def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   """Spot TPUs give 30 s between the notice and the kill: that time is for the checkpoint.
   An eval due at the preempted step runs after the save has finished, not before it."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -189,6 +190,29 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step():
   assert (int(state), step, preempted) == (3, 3, True)
   assert calls == [('eval', 1), ('eval', 2), ('save', 3), ('save finished', None),
                    ('eval', 3)]
+
+  # The background save of that step fails (disk full): the trainer's hook says it in one
+  # line (CheckpointSaveError), and the eval does not run. Before, the raw OSError of
+  # manager.wait_until_finished() ended the run in a traceback.
+  from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
+
+  class FullDiskManager:
+    directory = epath.Path(tmp_path)
+
+    def wait_until_finished(self):
+      raise OSError(28, 'No space left on device')
+
+    def all_steps(self):
+      return []
+  manager = FullDiskManager()
+  calls.clear()
+  hooks.finish_saves = lambda: checkpoint.finish_saves(manager)
+  meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  with pytest.raises(checkpoint.CheckpointSaveError, match='the disk is full'):
+    loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter, hooks, PreemptedAtStep3(),
+             manager)
+  assert calls == [('eval', 1), ('eval', 2), ('save', 3)]
 
 
 @pytest.mark.parametrize('where', ['local', 'object_store'])
