@@ -423,6 +423,14 @@ def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_file
   assert {n: (split / n).stat().st_mtime_ns for n in before} == before
   assert _files(split) == _files(tmp_path / 'one' / 'train')
 
+  # A rerun with another length would skip the parts there and mix two exports: refused
+  # before anything is written.
+  files_before = {n: (split / n).read_bytes() for n in _files(split)}
+  with pytest.raises(DataError, match='holds an export with max_seq_len=64, not 128'):
+    export_lib.export('bert_sym_mlm_text_files', 'train', 128, str(tmp_path / 'two'),
+                      text_files=text_files, num_parts=3, blocks_per_shard=40)
+  assert {n: (split / n).read_bytes() for n in _files(split)} == files_before
+
 
 # ----------------------------------------------------------------------------------------
 # Multi-process: 2 processes with jax.distributed read disjoint halves of the batch.

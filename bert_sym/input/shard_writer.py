@@ -155,6 +155,24 @@ def default_num_parts(task_name: str, split: str) -> int:
         'pass --tfds_data_dir=DIR.') from None
 
 
+def _check_existing_parts(split_url: str, wanted: dict) -> None:
+  """A rerun skips the parts already there, so they must be parts of this export: another
+  length, vocabulary or corpus would be mixed in (and its vocab.txt overwritten)."""
+  fs, path = filesystem(split_url)
+  if not fs.exists(path):
+    return
+  names = sorted(os.path.basename(p) for p in fs.glob(f'{path}/part-?????.json'))
+  if not names:
+    return
+  found = json.loads(read_bytes(join_url(split_url, names[0])))
+  for key, value in wanted.items():
+    if found.get(key, '') != value:
+      raise DataError(
+          f'{split_url} holds an export with {key}={found.get(key)!r}, not {value!r} as '
+          'asked; a rerun keeps the parts already there, so the two would be mixed. Fix: '
+          f'export to a new --out_dir, or remove {split_url} to export it again.')
+
+
 def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: int = 0,
            num_workers: int = 1, worker_index: int = 0, vocab_path: str = '',
            text_files: str = '', validation_files: str = '', tfds_data_dir: str = '',
@@ -178,6 +196,9 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
   vocabulary = seqio_tasks.get_vocabulary(vocab_path)
   num_parts = num_parts or default_num_parts(task, split)
   split_url = join_url(out_dir, split)
+  _check_existing_parts(split_url, dict(
+      task=task, split=split, max_seq_len=max_seq_len, num_parts=num_parts,
+      vocab_md5=vocabulary.md5, text_files=text_files, validation_files=validation_files))
   write_vocab(split_url, tokenizer.read_vocab_bytes(vocabulary.path))
   info = dict(task=task, split=split, vocab_md5=vocabulary.md5,
               vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
