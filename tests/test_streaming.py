@@ -293,6 +293,19 @@ def test_a_failed_range_read_raises_the_storage_error(tmp_path, monkeypatch):
     shard_reader.StreamingBlocks(url, 'train')   # the shard headers, read when opening
 
 
+def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeypatch):
+  import fsspec  # pylint: disable=g-import-not-at-top
+  url = f'memory://failing_metadata_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  monkeypatch.setattr(type(fsspec.filesystem('memory')), 'cat_file',
+                      lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, 'denied')))
+  with pytest.raises(DataError) as error:
+    shard_reader.StreamingBlocks(url, 'train')
+  assert 'metadata.json cannot be read (PermissionError' in str(error.value)
+  assert 'the storage did not answer or refused the read' in str(error.value)
+  assert 'not prepared' not in str(error.value)
+
+
 def test_describe_corpus_counts_epochs_and_warns(small_corpus):
   iterator = _iterator(_config(str(small_corpus)))
   config = common.base_config('tiny')

@@ -153,11 +153,14 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
       raise
     what = (f'config.data.task={data_config.task!r} reads exported shards, '
             if data_config is not None else '')
-    raise DataError(
-        f'{what}but {url} cannot be read ({type(e).__name__}: {e}); the corpus is not '
-        'prepared there, or the export did not finish. ' +
-        (prepare_instructions(data_config) if data_config is not None
-         else 'Fix: export it (python -m bert_sym.shards export).')) from e
+    if isinstance(e, (FileNotFoundError, ValueError)):   # absent, or not what we write
+      why = ('the corpus is not prepared there, or the export did not finish. ' +
+             (prepare_instructions(data_config) if data_config is not None
+              else 'Fix: export it (python -m bert_sym.shards export).'))
+    else:   # a timeout, a refused or failed read: the corpus may well be there
+      why = ('the storage did not answer or refused the read (network, credentials, '
+             'permissions). Fix: check that this machine can read it, then rerun.')
+    raise DataError(f'{what}but {url} cannot be read ({type(e).__name__}: {e}); {why}') from e
   if metadata.get('format_version') != SHARD_FORMAT_VERSION:
     raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
                     f'code reads {SHARD_FORMAT_VERSION}; re-export.')
