@@ -400,10 +400,8 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
         meter.last_saved = step
     if preempted:
       if eval_due:   # after the save: the notice before the kill (30 s on spot TPUs) is for it
-        if hooks.finish_saves is not None:   # a failed save is said in one line
-          hooks.finish_saves()
-        elif manager is not None:
-          manager.wait_until_finished()
+        if finish := hooks.finish_saves or (manager and manager.wait_until_finished):
+          finish()   # the trainer's finish_saves says a failed save in one line
         with meter.paused(state):
           hooks.evaluate(state, step)
       code = Preempted(step, preemption.signal_name).exit_code

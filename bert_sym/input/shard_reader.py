@@ -153,14 +153,16 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
       raise
     what = (f'config.data.task={data_config.task!r} reads exported shards, '
             if data_config is not None else '')
+    prepare = (prepare_instructions(data_config) if data_config is not None
+               else 'Fix: export it (python -m bert_sym.shards export).')
     if isinstance(e, (FileNotFoundError, ValueError)):   # absent, or not what we write
-      why = ('the corpus is not prepared there, or the export did not finish. ' +
-             (prepare_instructions(data_config) if data_config is not None
-              else 'Fix: export it (python -m bert_sym.shards export).'))
+      why = 'the corpus is not prepared there, or the export did not finish. '
     else:   # a timeout, a refused or failed read: the corpus may well be there
       why = ('the storage did not answer or refused the read (network, credentials, '
-             'permissions). Fix: check that this machine can read it, then rerun.')
-    raise DataError(f'{what}but {url} cannot be read ({type(e).__name__}: {e}); {why}') from e
+             'permissions): check that this machine can read it. If it was never '
+             'prepared: ')
+    raise DataError(
+        f'{what}but {url} cannot be read ({type(e).__name__}: {e}); {why}{prepare}') from e
   if metadata.get('format_version') != SHARD_FORMAT_VERSION:
     raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
                     f'code reads {SHARD_FORMAT_VERSION}; re-export.')
