@@ -81,12 +81,13 @@ def finished_runs(output_dir, step_dir, config) -> dict:
       return []
     previous = json.loads(path.read_text())
     previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
+    current_recipe = recipe(config)
     if previous.get('checkpoint') != step_dir:
       set_aside_results(output_dir, f'another checkpoint ({previous.get("checkpoint")})')
       return []
-    if previous_recipe != recipe(config):
-      changed = sorted(k for k in set(previous_recipe) | set(recipe(config))
-                       if previous_recipe.get(k) != recipe(config).get(k))
+    if previous_recipe != current_recipe:
+      changed = sorted(k for k in set(previous_recipe) | set(current_recipe)
+                       if previous_recipe.get(k) != current_recipe.get(k))
       set_aside_results(output_dir, f'another recipe ({", ".join(changed)} differ)')
       return []
     if not config.resume:
