@@ -748,6 +748,30 @@ def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path):
       subprocess.run(['umount', str(disk)], check=False)
 
 
+def test_sigterm_at_an_eval_step_whose_save_fails_stops_in_one_line(tmp_path):
+  """On SIGTERM at an eval step the trainer waits for the save before that eval (the notice
+  before the kill is for the save). When the save fails (disk full) the run stops in one
+  line naming the step and the cause, with no traceback, and runs no eval on the unsaved
+  step. Every step is an eval step here and the only save is the preemption's."""
+  workdir = tmp_path / 'run'
+  process = run_trainer(workdir, overrides=_overrides(
+      eval_every_steps=1, checkpoint__every_steps=1000, checkpoint__async_save=True),
+      background=True, env={'SYNTHETIC_NO_SPACE_AT_STEP': 'any',
+                            'SYNTHETIC_SLEEP_SECONDS': '0.3'})
+  _wait_for(lambda: _logged_step(workdir) >= 2, process)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 1, output[-3000:]
+  [line] = [l for l in output.splitlines() if 'error:' in l]
+  assert 'Saving checkpoint step ' in line and '(ENOSPC' in line, line
+  failed = int(line.split('Saving checkpoint step ')[1].split()[0])
+  assert 'Traceback' not in output and 'Stopped by SIGTERM' not in output
+  eval_steps = [m['step'] for m in _metrics(workdir) if 'eval/loss' in m]
+  assert failed not in eval_steps and eval_steps == list(range(eval_steps[0], failed))
+  assert checkpoint.finished_steps(workdir) == []
+  assert not list((workdir / 'checkpoints').glob('*orbax-checkpoint-tmp*'))
+
+
 def test_eval_steps_zero_and_a_second_trainer_on_the_live_workdir(tmp_path):
   """eval_steps=0: no eval rows, no eval line in the summary (never eval/loss 0.0). A
   second trainer on the same workdir stops at once; the first one's files are its own."""

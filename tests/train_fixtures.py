@@ -165,15 +165,16 @@ def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='config
 
 
 def _simulate_full_disk_at_step(step: str) -> None:
-  """Test hook: creating step `step`'s directory fails as on a full disk (ENOSPC), for
-  machines where a small tmpfs cannot be mounted."""
+  """Test hook: creating step `step`'s directory (any step's for 'any') fails as on a full
+  disk (ENOSPC), for machines where a small tmpfs cannot be mounted."""
   import errno  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   cls = type(epath.Path('/'))
   original = cls.mkdir
 
   def mkdir(self, *args, **kwargs):
-    if self.name.startswith(f'{step}.orbax-checkpoint-tmp'):
+    if (self.name.startswith(f'{step}.orbax-checkpoint-tmp') or
+        (step == 'any' and '.orbax-checkpoint-tmp' in self.name)):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
     return original(self, *args, **kwargs)
   cls.mkdir = mkdir

@@ -4,6 +4,7 @@ import errno
 import logging as std_logging
 import os
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any
@@ -81,12 +82,33 @@ def _mute_closed_loop_echoes() -> None:
       lambda record: 'exception was never retrieved' not in record.getMessage())
 
 
+def _release_writers_left_waiting() -> None:
+  """When creating the step's directory fails (ENOSPC, EACCES), orbax's writer threads of
+  that save wait for a "directory created" signal that never comes, for the coordination
+  timeout (300 s); they are not daemons, so the process hung that long after saying the
+  error. The run is over: cancel them and send the signals they wait for, so they return."""
+  try:
+    from orbax.checkpoint._src.futures import future as orbax_future  # pylint: disable=g-import-not-at-top
+  except ImportError:   # another orbax layout: nothing of ours to release
+    return
+  thread_class = getattr(orbax_future, '_SignalingThread', None)
+  for thread in threading.enumerate() if thread_class else []:
+    if isinstance(thread, thread_class) and thread.is_alive():
+      thread.cancel()   # it returns as soon as its wait ends, without running the write
+      try:
+        orbax_future.set_signals(thread._receive_signals,   # pylint: disable=protected-access
+                                 operation_id=thread._operation_id)  # pylint: disable=protected-access
+      except Exception:  # pylint: disable=broad-except
+        pass   # best effort: at worst the old wait-out-the-timeout behaviour
+
+
 def _save_failed(manager, step, error) -> CheckpointSaveError:
   """One line naming step, path and cause; the unfinished step's temporary files removed."""
   # The run ends here: orbax's abandoned write coroutines would each print a warning when
   # collected at exit, after the one line that says what happened.
   warnings.filterwarnings('ignore', 'coroutine .* was never awaited', RuntimeWarning)
   _mute_closed_loop_echoes()
+  _release_writers_left_waiting()
   text = describe_error(error)
   for chained in (error, error.__cause__, error.__context__):
     if isinstance(chained, OSError) and chained.errno is not None:
