@@ -66,6 +66,30 @@ def test_load_pretrained_from_workdir_and_step_dir(tmp_path):
           == jax.tree.map(lambda a: a.shape, glue['bert']['encoder']))
 
 
+def test_a_workdir_named_checkpoints_is_read_and_set_aside_like_any_other(tmp_path):
+  """--workdir=~/checkpoints: the trainer saves under ~/checkpoints/checkpoints/<step>. The
+  readers took the workdir for the checkpoints folder, found no step, and a divergence set
+  nothing aside (the rerun resumed the diverged step: a trapped workdir)."""
+  from bert_sym import pretrain_loop  # pylint: disable=g-import-not-at-top
+  config = train_fixtures.tiny_config()
+  workdir = tmp_path / 'checkpoints'
+  params = _write_run(workdir, config, step=4)
+  _write_run(workdir, config, step=8)
+  manager = checkpoint.make_manager(workdir, config.checkpoint)
+  assert checkpoint.finished_steps(workdir) == manager.all_steps() == [4, 8]
+  assert checkpoint.resolve_step_dir(workdir) == workdir / 'checkpoints' / '8'
+  assert checkpoint.finished_steps(workdir / 'checkpoints') == [4, 8]   # the folder itself
+  run = types.SimpleNamespace(console=lambda *a: None, last_saved=8, workdir=workdir)
+  error = pretrain_loop.set_aside_divergence(
+      loop.NonFiniteError('Non-finite loss at step 7.', onset=6), workdir, manager, None, run)
+  manager.close()
+  assert checkpoint.finished_steps(workdir) == [4] and run.last_saved == 4
+  assert 'before the divergence is step 4' in str(error)
+  _, loaded = checkpoint.load_pretrained(str(workdir))
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_load_pretrained_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
     checkpoint.load_pretrained(str(tmp_path / 'nope'))

@@ -180,8 +180,12 @@ def _is_finished_step_dir(path: epath.Path) -> bool:
 
 
 def checkpoints_root(path) -> epath.Path:
+  """`{path}/checkpoints`, or `path` itself when it is the `checkpoints/` folder. A workdir
+  that is itself named `checkpoints` (--workdir=~/checkpoints) has its own `checkpoints/`."""
   path = absolute(path)
-  return path if path.name == 'checkpoints' else checkpoint_dir(path)
+  if path.name == 'checkpoints' and not checkpoint_dir(path).is_dir():
+    return path
+  return checkpoint_dir(path)
 
 
 def finished_steps(workdir) -> list[int]:
