@@ -505,6 +505,66 @@ def test_second_trainer_on_a_live_workdir_stops(tmp_path):
   assert said and 'taking over' in said[0] and not lock.exists()
 
 
+def test_a_killed_holders_lock_is_taken_over_and_a_live_ones_is_not(tmp_path):
+  """Another process holds the lock: a second trainer stops naming its pid. SIGKILLed, it
+  cannot release the lock file, but the kernel releases the lock: taken over."""
+  code = ('import sys, time; from bert_sym import checkpoint\n'
+          'with checkpoint.workdir_lock(sys.argv[1]):\n'
+          '  print("held", flush=True); time.sleep(300)\n')
+  holder = subprocess.Popen([sys.executable, '-c', code, str(tmp_path)], cwd=train_fixtures.REPO_ROOT,
+                            env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(checkpoint.WorkdirBusy, match=f'pid {holder.pid} on'):
+      with checkpoint.workdir_lock(tmp_path):
+        pass
+  finally:
+    holder.kill()
+    holder.wait()
+  said = []
+  with checkpoint.workdir_lock(tmp_path, log=said.append):
+    assert json.loads((tmp_path / checkpoint.LOCK_FILE).read_text())['pid'] == os.getpid()
+  assert said and f'pid {holder.pid} on' in said[0] and 'no longer running' in said[0]
+
+
+@pytest.mark.parametrize('then', ['nobody_takes_it', 'a_third_trainer_takes_it'])
+def test_a_lock_released_while_we_are_taking_it(tmp_path, monkeypatch, then):
+  """The holder releases (unlinks) the lock file between our open and our lock: we then
+  lock a deleted file. Taking that for the lock let two trainers run (we and whoever took
+  the fresh file); before, the vanished file raised FileNotFoundError with the wrong fix."""
+  from bert_sym.checkpoint import locking  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / checkpoint.LOCK_FILE)
+  holder_fd = os.open(path, os.O_CREAT | os.O_RDWR)   # another open file: another holder
+  fcntl.flock(holder_fd, fcntl.LOCK_EX)
+  os.write(holder_fd, json.dumps({'host': socket.gethostname(), 'pid': 1}).encode())
+  third = []
+  real_flock = fcntl.flock
+
+  def flock_after_the_holder_leaves(fd, operation):
+    if holder_fd is not None and not third:
+      os.unlink(path)      # the holder's release: unlink, then unlock
+      os.close(holder_fd)
+      third.append(None)
+      if then == 'a_third_trainer_takes_it':
+        third[0] = os.open(path, os.O_CREAT | os.O_RDWR)
+        real_flock(third[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(third[0], json.dumps({'host': 'elsewhere', 'pid': 4242}).encode())
+    return real_flock(fd, operation)
+  monkeypatch.setattr(locking.fcntl, 'flock', flock_after_the_holder_leaves)
+  if then == 'nobody_takes_it':
+    with checkpoint.workdir_lock(tmp_path):
+      assert json.loads(open(path).read())['pid'] == os.getpid()
+    assert not os.path.exists(path)
+  else:
+    with pytest.raises(checkpoint.WorkdirBusy, match='pid 4242 on elsewhere'):
+      with checkpoint.workdir_lock(tmp_path):
+        pass
+    assert json.loads(open(path).read())['pid'] == 4242   # the third trainer's, untouched
+    os.close(third[0])
+
+
 @pytest.mark.parametrize('error, kind', [
     (FileNotFoundError(2, 'No such file'), 'damaged'),
     (json.JSONDecodeError('Expecting value', '{"a":', 5), 'damaged'),

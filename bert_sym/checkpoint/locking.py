@@ -1,6 +1,7 @@
-"""One trainer per workdir: a lock file taken atomically, aware of stale holders."""
+"""One trainer per workdir: an flock on a lock file that names its holder."""
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -14,10 +15,9 @@ from bert_sym.checkpoint.core import absolute, allgather_json
 # ---- One trainer per workdir ----
 
 LOCK_FILE = 'trainer.lock'
-# Lock files this process holds now. A lock naming this process's pid that is not here was
-# left by an earlier process that had the same pid (a container restarted after a SIGKILL
-# or OOM often gets the same pid and hostname): stale, not ours.
-_HELD = set()
+# The open lock file of each workdir this process holds (the lock lives as long as it is
+# open: the kernel releases it when the holder dies, however it dies).
+_HELD = {}
 
 
 class WorkdirBusy(ValueError):
@@ -29,32 +29,39 @@ def workdir_lock(workdir, log=print):
   """Held by process 0 for the whole run: a second trainer on the same workdir stops at
   once instead of deleting the first one's saves and interleaving its metrics.
 
-  The lock file holds the holder's host and pid and is created atomically (O_EXCL). A lock
-  left by a dead process on this host is taken over with a warning. Object stores (gs://)
-  have no O_EXCL: there the lock is not taken (one trainer per gs:// workdir is the user's
-  job, as with any orbax run).
+  An flock on `trainer.lock`, which names the holder (host, pid, start) for the message.
+  The kernel drops the lock when the holder dies (SIGKILL, OOM, a restarted container),
+  so no guess about whether a pid is alive is needed, and two trainers taking over a dead
+  one's lock at once cannot both win (a takeover by unlink could: each judged it stale).
+  Object stores (gs://) and filesystems without locks: the lock is not taken (one trainer
+  per workdir is then the user's job, as with any orbax run).
   """
   path = os.path.join(str(absolute(workdir)), LOCK_FILE)
   local = '://' not in str(workdir)
-  problem = None
+  problem, error = None, None
   if local and jax.process_index() == 0:
     try:
       _take_lock(path, log)
     except WorkdirBusy as e:
       problem = str(e)
+    except Exception as e:  # pylint: disable=broad-except
+      error, problem = e, f'{type(e).__name__}: {e}'   # every host stops, not only this one
   problem = allgather_json(problem)[0]
+  if error is not None:
+    raise error
   if problem:
     raise WorkdirBusy(problem)
-  held = local and jax.process_index() == 0
-  if held:
-    _HELD.add(path)
   try:
     yield
   finally:
-    if held:
-      _HELD.discard(path)
-      if _lock_holder(path).get('pid') == os.getpid():
-        os.unlink(path)
+    if path in _HELD:
+      fd = _HELD.pop(path)
+      # Unlinked before it is unlocked: a trainer that opened it meanwhile then finds its
+      # lock is on a deleted file and takes a fresh one (see _take_lock).
+      with contextlib.suppress(OSError):
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+          os.unlink(path)
+      os.close(fd)
 
 
 def _lock_holder(path) -> dict:
@@ -65,42 +72,48 @@ def _lock_holder(path) -> dict:
     return {}
 
 
-def _is_stale(path, holder: dict) -> bool:
-  if not holder:   # unparsable: stale unless it is being written right now
-    return time.time() - os.path.getmtime(path) > 30
-  if holder.get('host') != socket.gethostname():
-    return False   # cannot tell whether a process on another host is alive
-  if holder.get('pid') == os.getpid():
-    return path not in _HELD
-  try:
-    os.kill(int(holder['pid']), 0)
-  except ProcessLookupError:
-    return True
-  except (PermissionError, ValueError, KeyError, TypeError):
-    return False
-  return False
-
-
 def _take_lock(path, log) -> None:
   me = {'host': socket.gethostname(), 'pid': os.getpid(),
         'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
-  for _ in range(3):
+  for _ in range(5):
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
       holder = _lock_holder(path)
-      if not _is_stale(path, holder):
-        raise WorkdirBusy(
-            f'{os.path.dirname(path)} is in use by another trainer (pid '
-            f'{holder.get("pid", "?")} on {holder.get("host", "?")}, since '
-            f'{holder.get("started", "?")}; lock file {path}). Wait for it to finish or use '
-            'another --workdir; if that process is gone, delete the lock file.') from None
-      log(f'WARNING: taking over {path}: its holder (pid {holder.get("pid", "?")} on this '
-          'host) is no longer running.')   # (or was an earlier process with our pid)
-      with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+      raise WorkdirBusy(
+          f'{os.path.dirname(path)} is in use by another trainer (pid '
+          f'{holder.get("pid", "?")} on {holder.get("host", "?")}, since '
+          f'{holder.get("started", "?")}; lock file {path}). Wait for it to finish or use '
+          'another --workdir.') from None
+    except OSError as e:   # ENOLCK / EOPNOTSUPP: e.g. an NFS mount without lockd, FUSE
+      os.close(fd)
+      log(f'WARNING: {path} cannot be locked on this filesystem ({e.strerror}); a second '
+          'trainer on this workdir would not be stopped.')
+      return
+    try:   # the holder before us unlinked it between our open and our lock: not the lock
+      current = os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+      current = False
+    if not current:
+      os.close(fd)
       continue
-    with os.fdopen(fd, 'w') as f:
+    with os.fdopen(os.dup(fd), 'r+') as f:
+      previous = _holder_text(f.read())
+      if previous:   # left by a trainer that died without releasing it
+        log(f'WARNING: taking over {path}: its holder (pid {previous.get("pid", "?")} on '
+            f'{previous.get("host", "?")}) is no longer running.')
+      f.seek(0)
+      f.truncate()
       json.dump(me, f)
+    _HELD[path] = fd
     return
   raise WorkdirBusy(f'Could not take the workdir lock {path}; another trainer keeps taking it.')
+
+
+def _holder_text(text: str) -> dict:
+  try:
+    return json.loads(text) if text.strip() else {}
+  except ValueError:
+    return {'pid': '?'}
