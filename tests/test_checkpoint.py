@@ -639,47 +639,63 @@ import json, sys
 import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from bert_sym.checkpoint import restoring
 restoring.BACKOFF_SECONDS = 0.0
-# What each process's own read of step 8 saw, per scenario: one host's read fails.
+# What each process's own check of step 8 sees, per scenario: one host's check fails
+# (always, or only the first time); the arrays are then read for real (orbax's restore,
+# with its own collectives).
 SEEN = {'damaged_on_1': [None, FileNotFoundError(2, 'No such file', '8/state/_METADATA')],
         'transient_on_0': [OSError(5, 'Input/output error'), None],
+        'transient_once_on_1': [None, OSError(5, 'Input/output error')],
         'incompatible_on_1': [None, restoring.IncompatibleCheckpoint('opt_state/0/count')]}
+read_metadata = restoring.read_state_metadata
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ('d',))
+abstract = {'x': jax.ShapeDtypeStruct((4,), np.float32, sharding=NamedSharding(mesh, P()))}
+manager = restoring.make_manager(sys.argv[3])
 out = {}
 for name, seen in SEEN.items():
-  error = seen[jax.process_index()]
-  def read(manager, step, abstract_state, hint, error=error):
-    if error is not None:
+  error, calls = seen[jax.process_index()], []
+  def check(step_dir, error=error, once=name.endswith('_once_on_1')):
+    calls.append(step_dir)
+    if error is not None and not (once and len(calls) > 1):
       raise error
-    return ('state', 'data state')
-  restoring._read_step = read
-  manager = type('Manager', (), {'directory': restoring.epath.Path('/ckpt')})()
+    return read_metadata(step_dir)
+  restoring.read_state_metadata = check
   try:
-    out[name] = list(restoring._restore_step(manager, 8, None, None))
+    result, reason = restoring._restore_step(manager, 8, abstract, None)
+    out[name] = [reason] if result is None else [np.asarray(result[0]['x']).tolist(), result[1]]
   except Exception as e:
     out[name] = [type(e).__name__, str(e)]
 print('RESULT', json.dumps(out))
 '''
 
 
-def test_two_hosts_act_on_the_worst_read_either_saw():
+def test_two_hosts_act_on_the_worst_read_either_saw(tmp_path):
   """Each host reads the step itself; when only one host's read fails, both take that
-  outcome (damaged: both skip the step; transient: both retry, then stop; incompatible:
-  both stop), so no host resumes from a step the other set aside."""
+  outcome (damaged: both skip the step; transient: both retry, then stop or restore;
+  incompatible: both stop), so no host resumes from a step the other set aside. A host
+  whose check failed never met the other inside orbax's restore (gloo aborted both)."""
+  manager = checkpoint.make_manager(tmp_path)
+  checkpoint.save(manager, 8, {'x': np.arange(4, dtype=np.float32)}, {'index': 8}, force=True)
+  manager.wait_until_finished()
+  manager.close()
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(train_fixtures.REPO_ROOT))
   procs = [subprocess.Popen([sys.executable, '-c', _TWO_HOST_READS, f'localhost:{port}',
-                             str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
+                             str(i), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   host0, host1 = (json.loads(out.split('RESULT ', 1)[1]) for out, _ in outputs)
   assert host0 == host1
-  state, reason = host0['damaged_on_1']
-  assert state is None and 'No such file' in reason
+  [reason] = host0['damaged_on_1']
+  assert 'No such file' in reason
+  assert host0['transient_once_on_1'] == [[0.0, 1.0, 2.0, 3.0], {'index': 8}]
   kind, line = host0['transient_on_0']
   assert kind == 'CheckpointReadError' and 'after 4 attempts' in line and 'Input/output' in line
   assert host0['incompatible_on_1'] == ['IncompatibleCheckpoint', 'opt_state/0/count']

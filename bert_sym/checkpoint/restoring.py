@@ -166,13 +166,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[
   return restored[STATE], states[jax.process_index()]
 
 
-def _read_step(manager, step, abstract_state, hint):
-  """Checks the step's metadata and JSON item, compares trees, then reads the arrays."""
+def _check_step(manager, step, abstract_state, hint) -> None:
+  """Reads the step's metadata and JSON item and compares trees (no collective inside)."""
   step_dir = manager.directory / str(step)
   saved_tree = read_state_metadata(step_dir)
   read_json_item(step_dir)
   check_compatible(saved_tree, abstract_state, step_dir, hint)
-  return restore(manager, step, abstract_state)
 
 
 _SEVERITY = ('ok', 'damaged', 'transient', 'fatal', 'incompatible')
@@ -183,20 +182,31 @@ def _agreed(outcome: dict) -> dict:
   return max(allgather_json(outcome), key=lambda o: _SEVERITY.index(o['kind']))
 
 
+def _outcome_of(read) -> tuple[Any, dict]:
+  try:
+    return read(), {'kind': 'ok', 'reason': ''}
+  except IncompatibleCheckpoint as e:
+    return None, {'kind': 'incompatible', 'reason': str(e)}
+  except Exception as e:  # pylint: disable=broad-except
+    return None, {'kind': failure_kind(e), 'reason': describe_error(e)}
+
+
 def _restore_step(manager, step, abstract_state, hint):
   """((state, data state), None) if `step` restores, (None, reason) if it is damaged;
-  raises IncompatibleCheckpoint or CheckpointReadError otherwise."""
+  raises IncompatibleCheckpoint or CheckpointReadError otherwise.
+
+  Two rounds, each ending in an agreement: the checks, then orbax's restore. orbax's
+  restore holds collectives of its own, so a host enters it only when every host passed
+  the checks (one host in it and another in the agreement deadlocks or aborts the run).
+  """
   for attempt in range(READ_ATTEMPTS):
-    result, outcome = None, {'kind': 'ok', 'reason': ''}
-    try:
-      result = _read_step(manager, step, abstract_state, hint)
-    except IncompatibleCheckpoint as e:
-      outcome = {'kind': 'incompatible', 'reason': str(e)}
-    except Exception as e:  # pylint: disable=broad-except
-      outcome = {'kind': failure_kind(e), 'reason': describe_error(e)}
-    agreed = _agreed(outcome)
+    _, agreed = _outcome_of(lambda: _check_step(manager, step, abstract_state, hint))
+    agreed = _agreed(agreed)
     if agreed['kind'] == 'ok':
-      return result, None
+      result, outcome = _outcome_of(lambda: restore(manager, step, abstract_state))
+      agreed = _agreed(outcome)
+      if agreed['kind'] == 'ok':
+        return result, None
     if agreed['kind'] == 'damaged':
       return None, agreed['reason']
     if agreed['kind'] == 'incompatible':
