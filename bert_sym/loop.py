@@ -385,11 +385,11 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
               seq_len=batch['input_ids'].shape[-1])
     if hooks.check_saves is not None:
       hooks.check_saves()
-    if _due(step, hooks.log_every, total_steps):
-      hooks.log(step, *meter.row(step))
-    eval_due = hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps)
     preempted = (preemption is not None and preemption.reached(manager, step)
                  and step < total_steps)
+    if _due(step, hooks.log_every, total_steps) or preempted:   # the resumed run starts here
+      hooks.log(step, *meter.row(step))
+    eval_due = hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps)
     if eval_due and not preempted:
       with meter.paused(state):
         hooks.evaluate(state, step)

@@ -180,7 +180,8 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
       calls.append(('save finished', None))
 
   calls = []
-  hooks = loop.Hooks(log=lambda *a: None, save=lambda state, step: calls.append(('save', step)),
+  hooks = loop.Hooks(log=lambda step, *a: calls.append(('log', step)),
+                     save=lambda state, step: calls.append(('save', step)),
                      log_every=0, save_every=0, console=lambda *a, **k: None,
                      evaluate=lambda state, step: calls.append(('eval', step)), eval_every=1)
   meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
@@ -188,7 +189,8 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   state, step, preempted = loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter, hooks,
                                     PreemptedAtStep3(), Manager())
   assert (int(state), step, preempted) == (3, 3, True)
-  assert calls == [('eval', 1), ('eval', 2), ('save', 3), ('save finished', None),
+  # The steps since the last row get their row: the resumed run starts after them.
+  assert calls == [('eval', 1), ('eval', 2), ('log', 3), ('save', 3), ('save finished', None),
                    ('eval', 3)]
 
   # The background save of that step fails (disk full): the trainer's hook says it in one
@@ -212,7 +214,7 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   with pytest.raises(checkpoint.CheckpointSaveError, match='the disk is full'):
     loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter, hooks, PreemptedAtStep3(),
              manager)
-  assert calls == [('eval', 1), ('eval', 2), ('save', 3)]
+  assert calls == [('eval', 1), ('eval', 2), ('log', 3), ('save', 3)]
 
 
 @pytest.mark.parametrize('where', ['local', 'object_store'])
