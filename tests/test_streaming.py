@@ -9,6 +9,7 @@ through `fs.cat_ranges`) as gcsfs; plain local paths use os.pread.
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import socket
@@ -568,6 +569,32 @@ def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):
   assert 'Traceback' not in result.stderr.split('bert_sym.train: error')[-1]
   assert 'Corpus' not in result.stdout and 'Initialised' not in result.stdout
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_the_suggested_export_command_exports_the_configured_corpus(tmp_path, monkeypatch):
+  """The 'Fix: prepare it once' command, as a shell would split it, given to the shards
+  command line: it is accepted and exports the config's files with the config's vocabulary
+  (without them the text-files export fails, or writes shards the trainer rejects)."""
+  config = _config(tmp_path / 'not yet', max_seq_len=64, task='bert_sym_mlm_text_files',
+                   text_files='/data/wiki text/*.train.tokens,/data/more/*.txt',
+                   validation_files='/data/wiki text/*.valid.tokens',
+                   vocab_path='/vocabs/my vocab.txt')
+  with pytest.raises(DataError) as error:
+    data_lib.load_blocks(config, 'train')
+  command = str(error.value).split('`python -m bert_sym.shards ')[1].split('`')[0]
+  exported = {}
+
+  def export(*args, **kwargs):   # what the command line asks of the exporter, no TF
+    exported[args[1]] = args, kwargs
+
+  monkeypatch.setattr(streaming_cli.metrics_writer, 'quiet_logs', lambda *a, **k: None)
+  monkeypatch.setattr(export_lib, 'export', export)   # None: 'parts still missing'
+  assert streaming_cli.main(shlex.split(command)) == 0
+  assert set(exported) == {'train', 'validation'}
+  (task, _, max_seq_len, out_dir), kwargs = exported['train']
+  assert (task, max_seq_len, out_dir) == (config.task, 64, config.shards_dir)
+  assert {k: kwargs[k] for k in ('text_files', 'validation_files', 'vocab_path')} == {
+      k: config[k] for k in ('text_files', 'validation_files', 'vocab_path')}
 
 
 def test_seqio_path_refuses_corpora_that_do_not_fit_in_memory():
