@@ -4,8 +4,11 @@ import importlib
 import json
 import os
 
+from absl import flags
+from ml_collections import config_flags
 import pytest
 
+from bert_sym import cli
 from bert_sym import config_check
 from configs import common
 from configs import from_json
@@ -85,3 +88,37 @@ def test_the_paper_lengths_and_every_shipped_config_pass_the_check():
   for name in ('sym_base', 'std_base', 'sym_small', 'std_small', 'tiny', 'replication'):
     config_check.check(importlib.import_module(f'configs.{name}').get_config())
 
+
+def _config_flag(value):
+  """--config=value as the trainer reads it (bert_sym.cli.run: the path located, absl +
+  config_flags parsing, a config file that did not load checked); the config, or the one
+  line the user sees."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values)
+  try:
+    flag_values(cli.locate_config_files(['bert_sym.train', f'--config={value}']))
+    cli.check_config_files(flag_values)
+  except Exception as e:  # pylint: disable=broad-except
+    message = cli.user_error_message(e)
+    assert message is not None, e   # None: a traceback, not one line
+    return message
+  return flag_values.config
+
+
+@pytest.mark.parametrize('name', ['sym_small', 'std_small', 'sym_base', 'std_base'])
+def test_the_recipe_argument_of_a_config_is_applied_and_a_typo_refused(name):
+  """`configs/sym_small.py:fast` ran the paper recipe: the small configs dropped their
+  argument, so any recipe, or a typo of one, was silently ignored."""
+  paper, fast = _config_flag(f'configs/{name}.py'), _config_flag(f'configs/{name}.py:fast')
+  assert (paper.model.attention_impl, paper.model.attention_dropout_rate) == ('xla', 0.1)
+  assert (fast.model.attention_impl, fast.model.attention_dropout_rate) == ('auto', 0.0)
+  assert _config_flag(f'configs/{name}.py:paper').to_dict() == paper.to_dict()
+  message = _config_flag(f'configs/{name}.py:fsat')
+  assert "Unknown recipe 'fsat'" in message and "'fast'" in message, message
+
+
+def test_tiny_refuses_an_argument_it_would_ignore():
+  assert _config_flag('configs/tiny.py').model.num_layers == 2
+  message = _config_flag('configs/tiny.py:fast')
+  assert "configs/tiny.py takes no argument, got 'fast'" in message, message
+  assert 'Fix: --config=configs/tiny.py' in message, message
