@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 
+from bert_sym import cli
 from bert_sym import shards as streaming_cli
 from bert_sym.input import DataError
 from bert_sym.input import shard_writer as export_lib
@@ -269,6 +270,26 @@ def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
   with pytest.raises(DataError, match=f'{first}: array \\(3, 64\\)'):
     shard_reader.StreamingBlocks(str(broken), 'train').take(np.array([0]))
   assert shard_reader.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
+
+
+def test_a_split_copied_without_its_vocabulary_says_so(small_corpus, tmp_path):
+  """`gsutil cp '*.npy' metadata.json` leaves vocab.txt behind: that was a raw
+  FileNotFoundError, which the command line words as 'check the path given on the command
+  line' (the path given is fine)."""
+  local = tmp_path / 'copied'
+  shutil.copytree(small_corpus, local, ignore=shutil.ignore_patterns('vocab.txt'))
+  memory_url = 'memory://streaming-test/copied-without-vocab'
+  for f in (small_corpus / 'train').iterdir():
+    if f.name != 'vocab.txt':
+      fs, path = shard_reader.filesystem(f'{memory_url}/train/{f.name}')
+      fs.pipe_file(path, f.read_bytes())
+  for url, source in ((str(local), 'shards'), (str(local), 'streaming'),
+                      (memory_url, 'streaming')):
+    with pytest.raises(DataError) as error:
+      _iterator(_config(url, source=source))
+    message = cli.user_error_message(error.value)
+    assert message.startswith(f'{url}/train/vocab.txt: the split has no vocab.txt'), message
+    assert 'copy the whole split again' in message and 're-export' in message, message
 
 
 def test_a_failed_range_read_raises_the_storage_error(tmp_path, monkeypatch):

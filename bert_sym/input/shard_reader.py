@@ -182,7 +182,13 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
 
 def read_vocab_tokens(split_url: str, metadata: dict[str, Any]) -> list[str]:
   """The split's vocab.txt, checked against its metadata."""
-  vocab_bytes = read_bytes(join_url(split_url, VOCAB_FILE))
+  url = join_url(split_url, VOCAB_FILE)
+  try:
+    vocab_bytes = read_bytes(url)
+  except FileNotFoundError:   # a partial copy (only *.npy and metadata.json, say)
+    raise DataError(f'{url}: the split has no {VOCAB_FILE}, which its shards need; copy '
+                    'the whole split again (every file of the directory), or re-export '
+                    'it.') from None
   if hashlib.md5(vocab_bytes).hexdigest() != metadata['vocab_md5']:
     raise DataError(f'{split_url}/{VOCAB_FILE}: md5 differs from {METADATA_FILE}; re-export')
   return vocab_bytes.decode('utf-8').split('\n')[:metadata['vocab_size']]
