@@ -118,6 +118,16 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
         f'MLM head would compute that many predictions per row). Fix: '
         f'--config.data.max_predictions_per_seq={max(suggested, 1)} (mask_rate x '
         'max_seq_len, rounded up).')
+  # Masking takes min(max_predictions_per_seq, max(1, round(mask_rate x tokens))) per row
+  # (bert_sym/input/masking.py): a smaller cap would silently mask less than mask_rate.
+  wanted = min(maskable, max(1, round(data.mask_rate * data.max_seq_len)))
+  if data.max_predictions_per_seq < wanted:
+    raise ConfigError(
+        f'config.data.mask_rate={data.mask_rate} asks for {wanted} masked tokens in a full '
+        f'{data.max_seq_len}-token row, but config.data.max_predictions_per_seq='
+        f'{data.max_predictions_per_seq} caps them at {data.max_predictions_per_seq} '
+        f'({data.max_predictions_per_seq / data.max_seq_len:.0%} of the row). Fix: '
+        f'--config.data.max_predictions_per_seq={wanted}, or a lower mask_rate.')
 
 
 def check(config: ml_collections.ConfigDict) -> None:

@@ -7,12 +7,15 @@ remote:
   is atomic on POSIX;
 - an object store (gs://, s3://, memory://) through fsspec: the data goes to a local
   temporary file first and is uploaded only once complete (an object is visible only when
-  its upload finishes). Writing through fsspec's file object directly would not do:
-  leaving its `with` block on an exception still closes, and so publishes, the half.
+  its upload finishes). The upload itself is not in a `with` block either: fsspec's
+  buffered files (gcsfs, s3fs) finalise the upload on close, so leaving the block on an
+  exception or Ctrl-C part-way would publish the half under the final name; it is
+  discarded instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -31,6 +34,24 @@ def local_path(path: str) -> str | None:
   return None if '://' in path else path
 
 
+def _upload(fs, staged: IO[bytes], remote: str) -> None:
+  """Copies `staged` to `remote`, publishing it only if the whole copy succeeded."""
+  f = fs.open(remote, 'wb')
+  try:
+    shutil.copyfileobj(staged, f, length=_UPLOAD_CHUNK_BYTES)
+  except BaseException:
+    # Not close(): it would finalise, i.e. publish, the part uploaded so far. discard()
+    # aborts the upload session (gcsfs, s3fs); should that fail too, the unfinished session
+    # just expires, and the original error is the one to report. Marking the file closed
+    # keeps its __del__ from closing (publishing) it when it is garbage-collected.
+    with contextlib.suppress(Exception):
+      f.discard()
+    if isinstance(f, fsspec.spec.AbstractBufferedFile):
+      f.closed = True
+    raise
+  f.close()
+
+
 def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) -> None:
   """Writes `data` (bytes; text as UTF-8; or a function given the open binary file) to
   `path`, creating its directory."""
@@ -43,8 +64,7 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
     with tempfile.TemporaryFile() as staged:
       write(staged)
       staged.seek(0)
-      with fs.open(remote, 'wb') as f:
-        shutil.copyfileobj(staged, f, length=_UPLOAD_CHUNK_BYTES)
+      _upload(fs, staged, remote)
     return
   directory = os.path.dirname(os.path.abspath(local))
   os.makedirs(directory, exist_ok=True)

@@ -6,11 +6,14 @@ r"""bert-small with standard attention, the small baseline.
 Trains on C4 English streamed from exported shards (configs/common.py:
 `pretraining_corpus`; prepare them with `python -m bert_sym.shards export`, see
 bert_sym/input/shard_reader.py). Without shards_dir the run stops at once and prints how.
+
+  python -m bert_sym.train --config=configs/std_small.py:fast ...   # the fast recipe
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  del arg
-  return common.pretraining_corpus(common.base_config('small', 'standard'))
+  # arg: the recipe, 'paper' (default) or 'fast' (no attention dropout, fused kernel).
+  return common.pretraining_corpus(
+      common.base_config('small', 'standard', recipe=arg or 'paper'))

@@ -10,7 +10,11 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  if arg:   # ignoring it would run something other than what was asked
+    raise ValueError(
+        f'configs/tiny.py takes no argument, got {arg!r}. Fix: --config=configs/tiny.py '
+        '(recipes such as :fast are for the small and base configs; here set '
+        '--config.model.attention_dropout_rate=0 --config.model.attention_impl=auto).')
   c = common.base_config('tiny', 'pairwise')
   c.model.dtype = 'float32'
   # Sized so that a 2-core CPU sees the validation loss fall well below its initial

@@ -100,6 +100,7 @@ def test_tiny_splash_compiles_for_v5e_4_from_the_command_line(tmp_path):
   out = tmp_path / 'r.json'
   result = run_aot('--config=configs/tiny.py', '--topology=v5e-4',
                    f'--config.data.max_seq_len={SEQ}',
+                   '--config.data.max_predictions_per_seq=20',
                    f'--config.model.max_position_embeddings={SEQ}',
                    '--config.model.attention_impl=splash',
                    '--config.model.attention_dropout_rate=0', f'--out={out}')
@@ -210,6 +211,7 @@ def test_model_flop_count_agrees_with_the_unscanned_compile(paper_recipe):
 def test_oversized_config_exits_non_zero_with_one_readable_line():
   result = run_aot('--config=configs/tiny.py', '--topology=v5e-4',
                    '--config.batch_size=16384', '--config.data.max_seq_len=512',
+                   '--config.data.max_predictions_per_seq=77',
                    '--config.model.max_position_embeddings=512')
   assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
@@ -234,7 +236,8 @@ def test_tpu_vm_launcher_stops_before_creating_a_slice_that_would_not_fit(tmp_pa
   result = subprocess.run(
       ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central1-a', 'v5litepod-4',
        'configs/tiny.py', 'gs://bucket/run', '--config.batch_size=16384',
-       '--config.data.max_seq_len=512', '--config.model.max_position_embeddings=512'],
+       '--config.data.max_seq_len=512', '--config.data.max_predictions_per_seq=77',
+       '--config.model.max_position_embeddings=512'],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
   assert 'bert_sym.aot: error: does not fit on v5litepod-4' in result.stderr

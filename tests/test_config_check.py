@@ -1,10 +1,14 @@
 """bert_sym.config_check.preflight: what a run needs, checked before anything is written."""
 
+import importlib
 import json
 import os
 
+from absl import flags
+from ml_collections import config_flags
 import pytest
 
+from bert_sym import cli
 from bert_sym import config_check
 from configs import common
 from configs import from_json
@@ -42,3 +46,79 @@ def test_memory_mapped_shards_from_a_url_name_the_streaming_source():
     config_check.check(config)
   config.data.source = 'streaming'
   config_check.check(config)
+
+
+def _bert_num_to_predict(num_tokens, masked_lm_prob, max_predictions_per_seq):
+  """google-research/bert create_pretraining_data.py, create_masked_lm_predictions."""
+  return min(max_predictions_per_seq, max(1, int(round(num_tokens * masked_lm_prob))))
+
+
+def test_a_prediction_cap_that_would_cut_mask_rate_is_refused():
+  """max_predictions_per_seq caps the masked tokens of a row: set below what mask_rate asks
+  of a full row, the run silently masked less (tiny at mask_rate=0.4: 16%, not 40%)."""
+  config = common.base_config('tiny')
+  config.data.update(dict(max_seq_len=64, max_predictions_per_seq=10, mask_rate=0.4))
+  with pytest.raises(config_check.ConfigError,
+                     match=r'mask_rate=0\.4 .*max_predictions_per_seq=10 caps.*Fix: '
+                           r'--config\.data\.max_predictions_per_seq=26'):
+    config_check.check(config)
+  # Refused exactly when BERT's per-row count for a full row is cut by the cap (all but
+  # [CLS] and [SEP] can be masked, so a cap of max_seq_len - 2 cuts nothing).
+  for max_seq_len, mask_rate in [(16, 0.15), (64, 0.15), (64, 0.4), (128, 0.15), (128, 0.2),
+                                 (512, 0.15), (10, 0.9)]:
+    wanted = _bert_num_to_predict(max_seq_len, mask_rate, max_seq_len - 2)
+    for cap in range(1, max_seq_len - 1):
+      config.data.update(dict(max_seq_len=max_seq_len, mask_rate=mask_rate,
+                              max_predictions_per_seq=cap))
+      cut = _bert_num_to_predict(max_seq_len, mask_rate, cap) < wanted
+      try:
+        config_check.check_data(config.data, config.model)
+        refused = False
+      except config_check.ConfigError as e:
+        assert f'max_predictions_per_seq={wanted}' in str(e)
+        refused = True
+      assert refused == cut, (max_seq_len, mask_rate, cap)
+
+
+def test_the_paper_lengths_and_every_shipped_config_pass_the_check():
+  for max_seq_len, max_predictions in ((128, 20), (512, 80)):   # BERT's two phases
+    config = common.base_config('base')
+    config.data.update(dict(max_seq_len=max_seq_len, max_predictions_per_seq=max_predictions))
+    config_check.check(config)
+  for name in ('sym_base', 'std_base', 'sym_small', 'std_small', 'tiny', 'replication'):
+    config_check.check(importlib.import_module(f'configs.{name}').get_config())
+
+
+def _config_flag(value):
+  """--config=value as the trainer reads it (bert_sym.cli.run: the path located, absl +
+  config_flags parsing, a config file that did not load checked); the config, or the one
+  line the user sees."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=flag_values)
+  try:
+    flag_values(cli.locate_config_files(['bert_sym.train', f'--config={value}']))
+    cli.check_config_files(flag_values)
+  except Exception as e:  # pylint: disable=broad-except
+    message = cli.user_error_message(e)
+    assert message is not None, e   # None: a traceback, not one line
+    return message
+  return flag_values.config
+
+
+@pytest.mark.parametrize('name', ['sym_small', 'std_small', 'sym_base', 'std_base'])
+def test_the_recipe_argument_of_a_config_is_applied_and_a_typo_refused(name):
+  """`configs/sym_small.py:fast` ran the paper recipe: the small configs dropped their
+  argument, so any recipe, or a typo of one, was silently ignored."""
+  paper, fast = _config_flag(f'configs/{name}.py'), _config_flag(f'configs/{name}.py:fast')
+  assert (paper.model.attention_impl, paper.model.attention_dropout_rate) == ('xla', 0.1)
+  assert (fast.model.attention_impl, fast.model.attention_dropout_rate) == ('auto', 0.0)
+  assert _config_flag(f'configs/{name}.py:paper').to_dict() == paper.to_dict()
+  message = _config_flag(f'configs/{name}.py:fsat')
+  assert "Unknown recipe 'fsat'" in message and "'fast'" in message, message
+
+
+def test_tiny_refuses_an_argument_it_would_ignore():
+  assert _config_flag('configs/tiny.py').model.num_layers == 2
+  message = _config_flag('configs/tiny.py:fast')
+  assert "configs/tiny.py takes no argument, got 'fast'" in message, message
+  assert 'Fix: --config=configs/tiny.py' in message, message

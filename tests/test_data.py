@@ -4,6 +4,7 @@ TF-free import, and clear errors."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from bert_sym.input import shard_reader
 from bert_sym.input import shard_writer as export_lib
 from bert_sym.input import iterator as data_lib
 from bert_sym.input import masking
+from bert_sym.input import sources
 from bert_sym.input import tokenizer as vocab_lib
 from configs import common
 
@@ -316,3 +318,24 @@ def test_empty_and_missing_text_corpus_are_errors(tmp_path):
   config.text_files = str(tmp_path / 'absent.txt')
   with pytest.raises(DataError, match='absent.txt: no such file'):
     data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
+
+
+def test_a_directory_given_as_text_files_is_named_with_the_glob_to_use(tmp_path):
+  """A directory (WikiText's instead of its file) was reported as ': empty corpus (all
+  files are empty)': no name, and the wrong diagnosis."""
+  corpus = tmp_path / 'wikitext-2'
+  corpus.mkdir()
+  (corpus / 'wiki.train.tokens').write_text('some text\n')
+  for pattern in (str(corpus), f'{corpus}/'):
+    with pytest.raises(DataError, match=re.escape(
+        f"{pattern} is a directory, not text files. Fix: a glob of the files, such as "
+        f"'{corpus}/*.txt'.")):
+      sources.expand_patterns(pattern)
+    with pytest.raises(DataError, match=f'{pattern} is a directory'):   # not just skipped
+      sources.expand_patterns(f'{corpus}/*.tokens,{pattern}')
+  (tmp_path / 'other').mkdir()
+  with pytest.raises(DataError, match=re.escape(
+      f'{tmp_path}/* matches only directories ({tmp_path}/other, {corpus})')):
+    sources.expand_patterns(f'{tmp_path}/*')
+  assert sources.expand_patterns(f'{tmp_path}/*/*.tokens') == [
+      str(corpus / 'wiki.train.tokens')]

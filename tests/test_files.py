@@ -1,5 +1,6 @@
 """files.write_atomically: the old file or the whole new one, never half, local or remote."""
 
+import gc
 import os
 
 import fsspec
@@ -51,3 +52,54 @@ def test_a_crash_mid_write_to_an_object_store_publishes_nothing():
   with pytest.raises(RuntimeError, match='killed'):
     files.write_atomically('memory://bucket/run/new.json', _crash_mid_write)
   assert not fsspec.filesystem('memory').exists('/bucket/run/new.json')
+
+
+class _GcsLikeFile(fsspec.spec.AbstractBufferedFile):
+  """Like gcsfs's file: the object appears under its name when the final chunk is sent,
+  which close() (and so leaving a `with` block, or garbage collection) does."""
+  def _initiate_upload(self):
+    self._parts = []
+
+  def _upload_chunk(self, final=False):
+    self._parts.append(self.buffer.getvalue())
+    if final:
+      self.fs.store[self.path] = b''.join(self._parts)
+    return True
+
+  def write(self, data):
+    _GcsLikeFileSystem.writes += 1
+    if _GcsLikeFileSystem.writes == _GcsLikeFileSystem.interrupt_at_write:
+      raise KeyboardInterrupt('Ctrl-C during the upload')
+    return super().write(data)
+
+
+class _GcsLikeFileSystem(fsspec.AbstractFileSystem):
+  protocol = 'gcslike'
+  store = {}
+  writes = 0
+  interrupt_at_write = None
+
+  def _open(self, path, mode='rb', block_size=None, **kwargs):
+    return _GcsLikeFile(self, path, mode, block_size=4)
+
+
+def test_an_upload_interrupted_part_way_publishes_nothing(monkeypatch):
+  """An exception or Ctrl-C in the middle of the upload itself (not while staging): the
+  object store must not finalise the part sent so far under the final name."""
+  fsspec.register_implementation('gcslike', _GcsLikeFileSystem, clobber=True)
+  monkeypatch.setattr(_GcsLikeFileSystem, 'store', {})
+  monkeypatch.setattr(files, '_UPLOAD_CHUNK_BYTES', 4)   # several writes for a short file
+  payload = b'{"format_version": 1, "shards": ["part-00000.npy", "part-00001.npy"]}'
+  url = 'gcslike://bucket/c4/train/metadata.json'
+  files.write_atomically(url, payload)
+  assert _GcsLikeFileSystem.store == {'bucket/c4/train/metadata.json': payload}
+
+  monkeypatch.setattr(_GcsLikeFileSystem, 'writes', 0)
+  monkeypatch.setattr(_GcsLikeFileSystem, 'interrupt_at_write', 3)
+  with pytest.raises(KeyboardInterrupt):
+    files.write_atomically('gcslike://bucket/c4/validation/metadata.json', payload)
+  monkeypatch.setattr(_GcsLikeFileSystem, 'writes', 0)
+  with pytest.raises(KeyboardInterrupt):   # over an existing object: the old one stays
+    files.write_atomically(url, payload[::-1])
+  gc.collect()   # a dropped file object closes itself; that must not publish either
+  assert _GcsLikeFileSystem.store == {'bucket/c4/train/metadata.json': payload}

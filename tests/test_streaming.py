@@ -9,6 +9,7 @@ through `fs.cat_ranges`) as gcsfs; plain local paths use os.pread.
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import time
 import numpy as np
 import pytest
 
+from bert_sym import cli
 from bert_sym import shards as streaming_cli
 from bert_sym.input import DataError
 from bert_sym.input import shard_writer as export_lib
@@ -268,6 +270,26 @@ def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
   with pytest.raises(DataError, match=f'{first}: array \\(3, 64\\)'):
     shard_reader.StreamingBlocks(str(broken), 'train').take(np.array([0]))
   assert shard_reader.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
+
+
+def test_a_split_copied_without_its_vocabulary_says_so(small_corpus, tmp_path):
+  """`gsutil cp '*.npy' metadata.json` leaves vocab.txt behind: that was a raw
+  FileNotFoundError, which the command line words as 'check the path given on the command
+  line' (the path given is fine)."""
+  local = tmp_path / 'copied'
+  shutil.copytree(small_corpus, local, ignore=shutil.ignore_patterns('vocab.txt'))
+  memory_url = 'memory://streaming-test/copied-without-vocab'
+  for f in (small_corpus / 'train').iterdir():
+    if f.name != 'vocab.txt':
+      fs, path = shard_reader.filesystem(f'{memory_url}/train/{f.name}')
+      fs.pipe_file(path, f.read_bytes())
+  for url, source in ((str(local), 'shards'), (str(local), 'streaming'),
+                      (memory_url, 'streaming')):
+    with pytest.raises(DataError) as error:
+      _iterator(_config(url, source=source))
+    message = cli.user_error_message(error.value)
+    assert message.startswith(f'{url}/train/vocab.txt: the split has no vocab.txt'), message
+    assert 'copy the whole split again' in message and 're-export' in message, message
 
 
 def test_a_failed_range_read_raises_the_storage_error(tmp_path, monkeypatch):
@@ -568,6 +590,32 @@ def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):
   assert 'Traceback' not in result.stderr.split('bert_sym.train: error')[-1]
   assert 'Corpus' not in result.stdout and 'Initialised' not in result.stdout
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_the_suggested_export_command_exports_the_configured_corpus(tmp_path, monkeypatch):
+  """The 'Fix: prepare it once' command, as a shell would split it, given to the shards
+  command line: it is accepted and exports the config's files with the config's vocabulary
+  (without them the text-files export fails, or writes shards the trainer rejects)."""
+  config = _config(tmp_path / 'not yet', max_seq_len=64, task='bert_sym_mlm_text_files',
+                   text_files='/data/wiki text/*.train.tokens,/data/more/*.txt',
+                   validation_files='/data/wiki text/*.valid.tokens',
+                   vocab_path='/vocabs/my vocab.txt')
+  with pytest.raises(DataError) as error:
+    data_lib.load_blocks(config, 'train')
+  command = str(error.value).split('`python -m bert_sym.shards ')[1].split('`')[0]
+  exported = {}
+
+  def export(*args, **kwargs):   # what the command line asks of the exporter, no TF
+    exported[args[1]] = args, kwargs
+
+  monkeypatch.setattr(streaming_cli.metrics_writer, 'quiet_logs', lambda *a, **k: None)
+  monkeypatch.setattr(export_lib, 'export', export)   # None: 'parts still missing'
+  assert streaming_cli.main(shlex.split(command)) == 0
+  assert set(exported) == {'train', 'validation'}
+  (task, _, max_seq_len, out_dir), kwargs = exported['train']
+  assert (task, max_seq_len, out_dir) == (config.task, 64, config.shards_dir)
+  assert {k: kwargs[k] for k in ('text_files', 'validation_files', 'vocab_path')} == {
+      k: config[k] for k in ('text_files', 'validation_files', 'vocab_path')}
 
 
 def test_seqio_path_refuses_corpora_that_do_not_fit_in_memory():

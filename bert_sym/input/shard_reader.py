@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import threading
 from typing import Any
 
@@ -110,13 +111,23 @@ def prepare_instructions(data_config) -> str:
   if tfds_name:
     steps.append(f'`tfds build {tfds_name} --data_dir=gs://BUCKET/tensorflow_datasets` '
                  '(once, or use a prepared copy), then')
-  extra = ' --tfds_data_dir=gs://BUCKET/tensorflow_datasets' if tfds_name else ''
-  steps.append(f'`python -m bert_sym.shards export --task={task}{extra} '
-               f'--max_seq_len={data_config.max_seq_len} --out_dir={out}` (TF needed there '
+  flags = [f'--task={task}']
+  if tfds_name:
+    flags.append('--tfds_data_dir=gs://BUCKET/tensorflow_datasets')
+  flags.append(f'--max_seq_len={data_config.max_seq_len}')
+  # The files and vocabulary the config reads: without them the export of the text-files
+  # task fails, and other shards carry a vocabulary md5 the trainer rejects. Quoted: the
+  # shell must pass a glob on, not expand it.
+  for key in ('text_files', 'validation_files', 'vocab_path'):
+    if data_config.get(key, ''):
+      flags.append(f'--{key}={shlex.quote(data_config[key])}')
+  flags.append(f'--out_dir={shlex.quote(out)}')
+  steps.append(f'`python -m bert_sym.shards export {" ".join(flags)}` (TF needed there '
                'only; launch/tpu_vm.sh does this with EXPORT_TO)')
   return ' '.join([
-      'Fix: prepare it once:', *steps, f'and pass --config.data.shards_dir={out}; to '
-      'smoke-test on the small embedded corpus instead: --config=configs/tiny.py.'])
+      'Fix: prepare it once:', *steps,
+      f'and pass --config.data.shards_dir={shlex.quote(out)}; to smoke-test on the small '
+      'embedded corpus instead: --config=configs/tiny.py.'])
 
 
 def _with_timeout(fn, seconds: float):
@@ -171,7 +182,13 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
 
 def read_vocab_tokens(split_url: str, metadata: dict[str, Any]) -> list[str]:
   """The split's vocab.txt, checked against its metadata."""
-  vocab_bytes = read_bytes(join_url(split_url, VOCAB_FILE))
+  url = join_url(split_url, VOCAB_FILE)
+  try:
+    vocab_bytes = read_bytes(url)
+  except FileNotFoundError:   # a partial copy (only *.npy and metadata.json, say)
+    raise DataError(f'{url}: the split has no {VOCAB_FILE}, which its shards need; copy '
+                    'the whole split again (every file of the directory), or re-export '
+                    'it.') from None
   if hashlib.md5(vocab_bytes).hexdigest() != metadata['vocab_md5']:
     raise DataError(f'{split_url}/{VOCAB_FILE}: md5 differs from {METADATA_FILE}; re-export')
   return vocab_bytes.decode('utf-8').split('\n')[:metadata['vocab_size']]

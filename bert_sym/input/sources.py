@@ -121,7 +121,14 @@ def expand_patterns(patterns: str | list[str]) -> list[str]:
     matches = sorted(tf.io.gfile.glob(pattern))
     if not matches:
       raise DataError(f'{pattern}: no such file (the pattern matches nothing)')
-    files.extend(m for m in matches if not tf.io.gfile.isdir(m))
+    pattern_files = [m for m in matches if not tf.io.gfile.isdir(m)]
+    if not pattern_files:   # else the corpus would be empty, and the pattern unnamed
+      what = ('is a directory' if len(matches) == 1 else
+              f'matches only directories ({", ".join(matches[:3])}'
+              f'{", ..." if len(matches) > 3 else ""})')
+      raise DataError(f'{pattern} {what}, not text files. Fix: a glob of the files, such '
+                      f"as '{matches[0].rstrip('/')}/*.txt'.")
+    files.extend(pattern_files)
   if sum(tf.io.gfile.stat(f).length for f in files) == 0:
     raise DataError(f'{", ".join(files)}: empty corpus (all files are empty)')
   return files
