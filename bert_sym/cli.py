@@ -88,8 +88,10 @@ def _flag_error_message(error) -> str:
   # A config file whose get_config() raised: ml_collections puts the traceback into the
   # flag error; the last line is the exception the config file raised.
   if 'Error whilst parsing config file' in text:
-    return (f'the config file does not load: {text.splitlines()[-1].strip()}. '
-            'Fix: the --config argument (see the config file\'s docstring).')
+    raised = text.splitlines()[-1].strip().rstrip('.')
+    fix = '' if 'Fix:' in raised else (' Fix: the --config argument (see the config '
+                                       'file\'s docstring).')
+    return f'the config file does not load: {raised}.{fix}'   # its own fix, if it says one
   return f'{one_line(text)} (see --help)'
 
 

@@ -115,6 +115,7 @@ def test_the_recipe_argument_of_a_config_is_applied_and_a_typo_refused(name):
   assert _config_flag(f'configs/{name}.py:paper').to_dict() == paper.to_dict()
   message = _config_flag(f'configs/{name}.py:fsat')
   assert "Unknown recipe 'fsat'" in message and "'fast'" in message, message
+  assert '..' not in message and message.count('Fix:') == 1, message   # one sentence each
 
 
 def test_tiny_refuses_an_argument_it_would_ignore():
@@ -122,3 +123,4 @@ def test_tiny_refuses_an_argument_it_would_ignore():
   message = _config_flag('configs/tiny.py:fast')
   assert "configs/tiny.py takes no argument, got 'fast'" in message, message
   assert 'Fix: --config=configs/tiny.py' in message, message
+  assert '..' not in message and message.count('Fix:') == 1, message   # its own fix only
