@@ -44,9 +44,11 @@ def all_finite(params):
 def make_hooks(config, run, manager, evaluate, meter, input_position):
   """Log, eval and save cadences; a save refuses non-finite params."""
   def save(state, step):
+    # Without an unhealthy streak, the loss of `step` was finite: the params from before
+    # its update are good, and only the next loss would show the damage (onset step + 1).
     if not bool(all_finite(state['params'])):
       raise loop.NonFiniteError(f'The parameters at step {step} are not finite; they were '
-                                'not saved.', meter.health.onset or step)
+                                'not saved.', meter.health.onset or step + 1)
     checkpoint.save(manager, step, state, input_position(), force=True)
     run.last_saved = step
 

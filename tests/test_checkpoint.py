@@ -90,6 +90,28 @@ def test_a_workdir_named_checkpoints_is_read_and_set_aside_like_any_other(tmp_pa
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_params_that_turn_nonfinite_at_a_save_keep_the_checkpoint_before(tmp_path):
+  """The update of step 6 overflows the params while its loss was finite: step 6 is not
+  saved, and step 5 (whose params gave that finite loss) is good and stays. Before, the
+  divergence was dated step 6, and the checkpoints from step 5 on were set aside."""
+  from bert_sym import pretrain_loop  # pylint: disable=g-import-not-at-top
+  config = train_fixtures.tiny_config()
+  for step in (4, 5):
+    params = _write_run(tmp_path, config, step=step)
+  manager = checkpoint.make_manager(tmp_path, config.checkpoint)
+  run = types.SimpleNamespace(console=lambda *a: None, last_saved=5, workdir=tmp_path,
+                              writer=None)
+  meter = pretrain_loop.make_meter(config, latest=5)
+  hooks = pretrain_loop.make_hooks(config, run, manager, None, meter, lambda: {})
+  overflowed = jax.tree.map(lambda x: np.full_like(x, np.inf), params)
+  with pytest.raises(loop.NonFiniteError) as raised:
+    hooks.save({'params': overflowed}, 6)
+  error = pretrain_loop.set_aside_divergence(raised.value, tmp_path, manager, None, run)
+  manager.close()
+  assert checkpoint.finished_steps(tmp_path) == [4, 5] and run.last_saved == 5
+  assert 'before the divergence is step 5' in str(error)
+
+
 def test_load_pretrained_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
     checkpoint.load_pretrained(str(tmp_path / 'nope'))
