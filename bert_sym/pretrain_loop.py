@@ -73,8 +73,11 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   if step >= config.total_steps:
     run.console(f'Already trained to step {step} (config.total_steps={config.total_steps});'
                 ' nothing to do. Raise --config.total_steps to train further.')
-    if evaluate:
-      evaluate(state, step, write=False)   # the closing summary's numbers, not a new row
+    try:
+      if evaluate:
+        evaluate(state, step, write=False)   # the closing summary's numbers, not a new row
+    finally:
+      manager.close()
     return step
   if step == 0 and evaluate:
     evaluate(state, 0)

@@ -634,7 +634,8 @@ def test_fatal_read_error_is_one_line_without_retries(tmp_path, trainer_run, mon
   assert _layout(workdir) == ([4, 8], [])
 
 
-def test_start_over_trains_from_zero_and_keeps_the_old_rows(tmp_path, trainer_run):
+def test_start_over_trains_from_zero_and_keeps_the_old_rows(tmp_path, trainer_run,
+                                                            monkeypatch):
   workdir, config, _ = _copy(trainer_run, tmp_path)
   old_rows = (workdir / 'metrics.jsonl').read_text()
   for step in (4, 8):
@@ -652,6 +653,16 @@ def test_start_over_trains_from_zero_and_keeps_the_old_rows(tmp_path, trainer_ru
   assert kept.read_text() == old_rows
   new_rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert new_rows[0]['step'] == 0 and new_rows[-1]['step'] == 4
+  # Rerun: already trained to step 4. Every checkpoint manager opened is closed (its
+  # threads too; a notebook calls this many times).
+  opened, closed = [], []
+  init, close = ocp.CheckpointManager.__init__, ocp.CheckpointManager.close
+  monkeypatch.setattr(ocp.CheckpointManager, '__init__',
+                      lambda self, *a, **k: (opened.append(id(self)), init(self, *a, **k))[1])
+  monkeypatch.setattr(ocp.CheckpointManager, 'close',
+                      lambda self: (closed.append(id(self)), close(self))[1])
+  train.train_and_evaluate(config, str(workdir), make_iterator=iterator)
+  assert opened and set(opened) <= set(closed)
 
 
 # ---- Hosts agree: two real processes (jax.distributed over gloo) ----
