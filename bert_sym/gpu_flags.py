@@ -29,6 +29,9 @@ GPU_FLAGS = {
     'xla_gpu_enable_latency_hiding_scheduler': 'true',
 }
 CUDA_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin')
+# The PJRT plugins: the GPU compiler that reads XLA_FLAGS on a GPU lives here
+# (jax-cuda1x-pjrt's xla_cuda_plugin.so), not in jaxlib or jax_cuda1x_plugin.
+PJRT_PLUGINS = ('jax_plugins.xla_cuda12', 'jax_plugins.xla_cuda13')
 
 
 def cuda_plugin() -> str | None:
@@ -40,10 +43,13 @@ def cuda_plugin() -> str | None:
 
 
 def _xla_libraries() -> list[Path]:
-  """The shared libraries that parse XLA_FLAGS: jaxlib's and the CUDA plugin's."""
+  """The shared libraries that parse XLA_FLAGS: jaxlib's and the CUDA plugins'."""
   paths = []
-  for module in ('jaxlib',) + CUDA_PLUGINS:
-    spec = importlib.util.find_spec(module)
+  for module in ('jaxlib',) + CUDA_PLUGINS + PJRT_PLUGINS:
+    try:
+      spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:   # no jax_plugins package at all
+      spec = None
     if spec is not None and spec.submodule_search_locations:
       for folder in spec.submodule_search_locations:
         paths += sorted(Path(folder).glob('*.so'))

@@ -237,3 +237,24 @@ def test_gpu_model_trains_with_cudnn_dropout_and_auto_picks_it():
   assert FORWARD in hlo   # auto took cudnn, with the dropout inside it
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads(params,
                                                                              jax.random.key(1))))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason='cuDNN flash attention needs a GPU')
+@pytest.mark.parametrize('graphs', [{}, {'xla_gpu_graph_min_graph_size': 1}],
+                         ids=['default', 'cuda_graphs_forced'])
+def test_gpu_a_whole_model_draws_new_masks_each_execution(graphs):
+  """The one-op jits above are never recorded into a CUDA graph; the model's program is
+  (XLA graphs runs of >= 5 ops by default). A replayed graph must not replay cuDNN's
+  dropout offset. Hidden dropout 0 and the same key: only cuDNN's masks can differ."""
+  cfg = tiny_cudnn_config(dropout_rate=0.0)
+  module = model_lib.BertForMaskedLM(cfg)
+  ids, types, mask = model_lib.dummy_inputs(2, 64)
+  params = nn.meta.unbox(module.init(jax.random.key(0), ids, types, mask)['params'])
+  forward = jax.jit(lambda p, key: module.apply({'params': p}, ids, types, mask,
+                                                deterministic=False, rngs={'dropout': key}))
+  compiled = forward.lower(params, jax.random.key(1)).compile(compiler_options=graphs)
+  assert FORWARD in compiled.as_text()
+  outputs = [np.asarray(compiled(params, jax.random.key(1)), np.float32) for _ in range(3)]
+  assert not np.array_equal(outputs[0], outputs[1]), 'cuDNN dropout repeated its masks'
+  assert not np.array_equal(outputs[1], outputs[2]), 'cuDNN dropout repeated its masks'

@@ -59,3 +59,18 @@ def test_the_knob_is_in_the_config_and_on_by_default():
 @pytest.mark.skipif(gpu_flags.cuda_plugin() is None, reason='needs a JAX with a CUDA plugin')
 def test_gpu_plugin_knows_the_flags():
   assert gpu_flags.known_flags(list(gpu_flags.GPU_FLAGS)) == set(gpu_flags.GPU_FLAGS)
+
+
+def test_the_pjrt_plugin_that_compiles_for_the_gpu_is_consulted(tmp_path, monkeypatch):
+  """On a GPU, XLA_FLAGS are parsed by jax-cuda12-pjrt's xla_cuda_plugin.so. A flag that
+  library does not know would abort the start-up, whatever jaxlib knows: a stand-in
+  plugin that names only xla_dump_to must leave every flag out."""
+  plugin = tmp_path / 'jax_plugins' / 'xla_cuda12'
+  plugin.mkdir(parents=True)
+  (plugin / '__init__.py').write_text('')
+  (plugin / 'xla_cuda_plugin.so').write_bytes(b'\0xla_dump_to\0')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for name in [m for m in sys.modules if m.startswith('jax_plugins')]:
+    monkeypatch.delitem(sys.modules, name)
+  assert plugin / 'xla_cuda_plugin.so' in gpu_flags._xla_libraries()  # pylint: disable=protected-access
+  assert gpu_flags.known_flags(list(gpu_flags.GPU_FLAGS)) == set()
