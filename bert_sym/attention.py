@@ -234,10 +234,21 @@ def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dt
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = _softmax_as(scores, dtype)
   if not deterministic and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / jnp.asarray(1.0 - dropout_rate, dtype), 0.0)
+    probs = inverted_dropout(probs, dropout_rate, dropout_rng)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(dtype))
   return out, probs.astype(jnp.float32)
+
+
+def inverted_dropout(x, rate: float, rng):
+  """Zeroes each entry with probability `rate` and divides the rest by 1 - rate, in
+  float32: dividing bf16 values by bf16(1 - rate) (0.8984375 for 0.9, as flax's nn.Dropout
+  does) inflates every kept value by 0.18%, in training only. Float32 inputs give flax's
+  values exactly (same mask from the same key)."""
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, (x.astype(jnp.float32) / (1.0 - rate)).astype(x.dtype),
+                   jnp.zeros((), x.dtype))
 
 
 def key_lengths(mask):

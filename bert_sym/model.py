@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bert_sym.attention import SelfAttention, current_backend, dense_init
+from bert_sym.attention import SelfAttention, current_backend, dense_init, inverted_dropout
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -46,6 +46,18 @@ def _gelu(x):
   return jax.nn.gelu(x, approximate=False)   # BERT's exact-erf GELU
 
 
+class Dropout(nn.Module):
+  """nn.Dropout (same masks from the same keys), its scale applied in float32: flax's
+  divides bf16 activations by bf16(1 - rate) (attention.inverted_dropout)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    return inverted_dropout(x, self.rate, self.make_rng('dropout'))
+
+
 class Embeddings(nn.Module):
   cfg: Any
 
@@ -59,7 +71,7 @@ class Embeddings(nn.Module):
     self.position_embeddings = emb(cfg.max_position_embeddings, (None, 'embed'))
     self.token_type_embeddings = emb(cfg.type_vocab_size, (None, 'embed'))
     self.layer_norm = _layer_norm(cfg, 'layer_norm')
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = Dropout(cfg.dropout_rate)
 
   def __call__(self, input_ids, token_type_ids, *, deterministic):
     positions = jnp.arange(input_ids.shape[-1])[None, :]
@@ -85,7 +97,7 @@ class Layer(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic, return_weights=False):
     cfg, dtype = self.cfg, compute_dtype(self.cfg.dtype)
-    dropout = nn.Dropout(cfg.dropout_rate)
+    dropout = Dropout(cfg.dropout_rate)
     attn = SelfAttention(
         hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, attention=cfg.attention,
         attention_impl=cfg.attention_impl, attention_dropout_rate=cfg.attention_dropout_rate,
@@ -273,7 +285,7 @@ class BertForSequenceClassification(nn.Module):
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True):
     _, pooled = BertModel(self.cfg, name='bert')(
         input_ids, token_type_ids, attention_mask, deterministic=deterministic)
-    pooled = nn.Dropout(self.cfg.dropout_rate)(pooled, deterministic=deterministic)
+    pooled = Dropout(self.cfg.dropout_rate)(pooled, deterministic=deterministic)
     logits = _dense(self.num_labels, ('embed', 'classes'), self.cfg,
                     compute_dtype(self.cfg.dtype), 'classifier')(pooled)
     return logits.astype(jnp.float32)
