@@ -96,6 +96,19 @@ def create_state(init_params: Callable[[jax.Array], Any], tx, mesh, rules,
                    abstract_params, param_shardings)
 
 
+def micro_batch_key(rng, step, index, accum: int, fold_micro_index: bool = True):
+  """The dropout key of micro-batch `index` at `step`: a different one for every pair.
+
+  With accumulation, one fold of the pair's rank: unsafe_rbg's fold_in is an XOR, so the
+  two folds fold_in(fold_in(rng, s), i) gave micro-batch i of step s the masks of
+  micro-batch s of step i.
+  """
+  if accum > 1:
+    return jax.random.fold_in(rng, step * accum + index)
+  step_key = jax.random.fold_in(rng, step)
+  return jax.random.fold_in(step_key, index) if fold_micro_index else step_key
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule, *,
                     weight_fn: Callable[[dict], jax.Array], accum: int = 1, mesh=None,
                     batch_sharding=None, fold_micro_index: bool = True,
@@ -105,9 +118,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
   - `accum` > 1 splits the batch into micro-batches (rows `accum` apart, so that each
     stays on the batch's devices) and adds their gradients in a `lax.scan`. The loss is
     normalised by the whole batch's `weight_fn`, so the sum is the big-batch gradient.
-  - Dropout key of micro-batch i at step s: fold_in(fold_in(rng, s), i); with
-    `fold_micro_index=False` and accum == 1, fold_in(rng, s) itself. `rng` holds key data
-    of implementation `prng_impl` (PRNG_IMPLS).
+  - Dropout key of micro-batch i at step s (`micro_batch_key`): with accum > 1,
+    fold_in(rng, s * accum + i); else fold_in(fold_in(rng, s), 0), or with
+    `fold_micro_index=False` fold_in(rng, s) itself. `rng` holds key data of
+    implementation `prng_impl` (PRNG_IMPLS).
   - A non-finite loss or gradient norm leaves params and Adam's moments as they were
     (decided on the device, before anything is applied); the schedule's counter still
     advances. `train/finite` tells the host, which stops or skips (bert_sym.loop).
@@ -118,12 +132,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule,
 
   def train_step(state, batch):
     params, step = state['params'], state['step']
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state['rng'], impl=impl), step)
+    rng = jax.random.wrap_key_data(state['rng'], impl=impl)
     total_weight = weight_fn(batch)
 
     def micro_grads(micro_batch, index):
-      key = (jax.random.fold_in(step_key, index) if fold_micro_index or accum > 1
-             else step_key)
+      key = micro_batch_key(rng, step, index, accum, fold_micro_index)
 
       def scaled_loss(p):
         loss_sum, sums = loss_fn(p, micro_batch, key)

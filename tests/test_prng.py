@@ -3,6 +3,7 @@ step, with one key per dropout layer for the whole batch; a run resumes only wit
 implementation that wrote it. (Resuming with the same one is tests/test_train.py's.)"""
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -91,3 +92,15 @@ def test_resume_rbg_as_unsafe_rbg_is_a_readable_error(tmp_path):
   with pytest.raises(train.RunError, match=r"prng_impl='rbg'.*--config.prng_impl=rbg"):
     train.train_and_evaluate(config, str(tmp_path),
                              make_iterator=train_fixtures.make_synthetic_iterator)
+
+
+@pytest.mark.parametrize('prng_impl', sorted(steps.PRNG_IMPLS))
+def test_every_step_and_micro_batch_gets_its_own_dropout_key(prng_impl):
+  """unsafe_rbg's fold_in is an XOR: folding step then micro-batch index gave micro-batch
+  1 of step 0 the masks of micro-batch 0 of step 1 (and so on) under accumulation."""
+  rng = jax.random.key(0, impl=steps.jax_prng_impl(prng_impl))
+  for accum in (1, 4):
+    keys = {(s, i): jax.random.key_data(steps.micro_batch_key(rng, jnp.int32(s), i, accum))
+            for s in range(6) for i in range(accum)}
+    distinct = {tuple(np.asarray(k).ravel().tolist()) for k in keys.values()}
+    assert len(distinct) == len(keys), (prng_impl, accum)
