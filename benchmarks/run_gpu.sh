@@ -12,13 +12,16 @@
 #   2. the train step at bert-base, standard attention, against Hugging Face from the same
 #      run: seq 128 x 256 and 512 x 128 on the fast recipe (fused: cuDNN, no attention
 #      dropout), the paper recipe on cuDNN (fused_dropout) and on xla (xla);
-#   3. A/B: the trainer's XLA GPU flags off; the dropout PRNG rbg and unsafe_rbg;
-#   4. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
+#   3. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
 #      the top 30 device ops;
+#   4. A/B: the trainer's XLA GPU flags off; the dropout PRNG rbg and unsafe_rbg;
 #   5. pairwise on the fast recipe at the shapes of 2., for its step time against standard's;
 #   6. with the time left: seq 512 x 32 and 512 x 256, then the GLUE parallel-seeds
 #      benchmark.
-# Everything (JSON, tables, this log) goes under benchmarks/results/ and to $OUT.
+# Everything (JSON, tables) goes under benchmarks/results/. $OUT gets two files, whatever
+# runs: this log, and results.tar with every result so far (rewritten whole after each, so
+# a kill leaves the previous one): the device tool hands back at most 8 files, and ten
+# loose ones would lose two, maybe the log. `tar -xf results.tar -C benchmarks/results`.
 #
 # The GPU image has jax[cuda], flax, optax, orbax, torch, transformers but no TensorFlow,
 # seqio or ml-collections: ml-collections is installed from a carried wheel (`pip download
@@ -39,7 +42,15 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout -s KILL 60 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
-save() { if [ -n "${OUT:-}" ]; then cp "$@" "$OUT"/ 2>/dev/null; fi; }
+R=benchmarks/results
+SAVED=()
+save() {   # FILE... (under $R): adds them to $OUT/results.tar, replaced by a rename
+  [ -n "${OUT:-}" ] || return 0
+  local f
+  for f in "$@"; do SAVED+=("${f#"$R"/}"); done
+  tar -cf "$OUT/results.tar.part" -C "$R" "${SAVED[@]}" &&
+    mv -f "$OUT/results.tar.part" "$OUT/results.tar"
+}
 
 # step NAME MAX_SECONDS COMMAND...: runs COMMAND under min(MAX, time left), SIGKILL after.
 step() {
@@ -62,13 +73,18 @@ bench() {   # NAME MAX_SECONDS OUT_JSON ARGS...
   [ -f "$json" ] && save "$json"
 }
 DATE=$(date -u +%Y-%m-%d)
-R=benchmarks/results
 
 step 'gpu tests' 100 python3 -m pytest -q -rs -p no:cacheprovider -m gpu \
   tests/test_cudnn_dropout.py tests/test_attention.py tests/test_gpu_flags.py
 
-bench 'train step vs HF: seq 128 x 256 and 512 x 128' 230 "$R/accelerator_gpu_${DATE}.json" \
+bench 'train step vs HF: seq 128 x 256 and 512 x 128' 260 "$R/accelerator_gpu_${DATE}.json" \
   --variants=standard --shapes=128x256,512x128 --paths=fused,fused_dropout,xla
+
+PROFILE_TABLE=$R/profile_standard_fused_128x256/top_ops.txt
+rm -f "$PROFILE_TABLE"
+bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DATE}.json" \
+  --variants=standard --shapes=128x256 --paths=fused --no_hf --profile
+cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
 
 bench 'A/B: XLA GPU flags off (fast, 128 x 256)' 45 "$R/accelerator_gpu_noflags_${DATE}.json" \
   --variants=standard --shapes=128x256 --paths=fused --no_hf --xla_gpu_flags=0
@@ -77,12 +93,6 @@ for impl in rbg unsafe_rbg; do
     "$R/accelerator_gpu_${impl}_${DATE}.json" \
     --variants=standard --shapes=128x256 --paths=xla --no_hf --prng_impl=$impl
 done
-
-PROFILE_TABLE=$R/profile_standard_fused_128x256/top_ops.txt
-rm -f "$PROFILE_TABLE"
-bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DATE}.json" \
-  --variants=standard --shapes=128x256 --paths=fused --no_hf --profile
-cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
 
 bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 60 \
   "$R/accelerator_gpu_pairwise_${DATE}.json" \

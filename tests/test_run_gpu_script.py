@@ -67,3 +67,46 @@ def test_a_typo_is_refused_before_anything_runs(monkeypatch):
   monkeypatch.setattr(sys, 'argv', ['accelerator.py', '--prng_impl=rgb'])
   with pytest.raises(SystemExit):   # argparse's choices
     accelerator.parse_args()
+
+
+_PYTHON_STAND_IN = r'''#!/bin/bash
+# python3 for run_gpu.sh without a GPU: each benchmark writes its --out JSON (and the
+# profile its table), as the real ones do.
+case "$*" in
+  *'import ml_collections'*|*'import jax'*|*'-m pytest'*) echo "stand-in: $*"; exit 0;;
+esac
+out=
+for arg in "$@"; do case "$arg" in --out=*) out=${arg#--out=};; esac; done
+if [[ " $* " == *' --profile '* ]]; then
+  mkdir -p benchmarks/results/profile_standard_fused_128x256
+  echo 'top 30 device ops' > benchmarks/results/profile_standard_fused_128x256/top_ops.txt
+fi
+[ -n "$out" ] && echo '{"stand_in": true}' > "$out"
+exit 0
+'''
+
+
+def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
+  """The device tool hands back at most 8 files from $OUT. The script writes 9 results
+  and its log: they come back as the log and one tar holding every result."""
+  import tarfile  # pylint: disable=g-import-not-at-top
+  repo, stubs, out = tmp_path / 'repo', tmp_path / 'bin', tmp_path / 'out'
+  (repo / 'benchmarks').mkdir(parents=True)
+  stubs.mkdir()
+  out.mkdir()
+  (repo / 'benchmarks' / 'run_gpu.sh').write_text(open(SCRIPT).read())
+  for name, text in (('python3', _PYTHON_STAND_IN), ('nvidia-smi', '#!/bin/bash\necho H200\n')):
+    (stubs / name).write_text(text)
+    (stubs / name).chmod(0o755)
+  env = dict(os.environ, OUT=str(out), PATH=f'{stubs}:{os.environ["PATH"]}')
+  subprocess.run(['bash', str(repo / 'benchmarks' / 'run_gpu.sh')], env=env, check=True,
+                 capture_output=True, timeout=120)
+  assert sorted(p.name for p in out.iterdir()) == ['results.tar', 'run_gpu.log']
+  with tarfile.open(out / 'results.tar') as tar:
+    names = tar.getnames()
+  results = sorted((repo / 'benchmarks' / 'results').rglob('*.json'))
+  assert len(results) == 8 and 'profile_standard_fused_128x256/top_ops.txt' in names
+  assert sorted(names) == sorted(str(p.relative_to(repo / 'benchmarks' / 'results'))
+                                 for p in results + [repo / 'benchmarks' / 'results' /
+                                                     'profile_standard_fused_128x256' /
+                                                     'top_ops.txt'])
