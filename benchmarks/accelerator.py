@@ -71,6 +71,9 @@ def synthetic_batch(batch, seq_len, vocab_size, seed=0):
   rng = np.random.default_rng(seed)
   weights = (rng.random((batch, seq_len)) < 0.15).astype(np.float32)
   weights[:, 0] = 0.0
+  # At most max_predictions_per_seq per row, as the input pipeline gives: beyond it our
+  # sparse MLM head would drop targets that HF's dense loss still counts.
+  weights[np.cumsum(weights, axis=1) > predictions_per_seq(seq_len)] = 0.0
   targets = rng.integers(1000, vocab_size, (batch, seq_len)).astype(np.int32)
   return dict(input_ids=rng.integers(1000, vocab_size, (batch, seq_len)).astype(np.int32),
               token_type_ids=np.zeros((batch, seq_len), np.int32),
