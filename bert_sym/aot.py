@@ -25,7 +25,6 @@ per layer. The compiler's figures are reported as they are, next to it.
 
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
@@ -256,12 +255,13 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
       memory = report[name].get('memory')
       if memory is None or memory['total'] > slice_.chip.hbm_bytes:
         break   # out of memory: the eval step need not be tried
-  totals = [report.get(name, {}).get('memory', {}).get('total', math.inf)
-            for name, _, _ in todo]
-  report['fits'] = over is None and max(totals) <= slice_.chip.hbm_bytes
-  # None: the compiler ran out of memory without saying by how much.
-  report['bytes_over_hbm'] = over if over is not None or max(totals) == math.inf else max(
-      0, max(totals) - slice_.chip.hbm_bytes)
+  compiled = [report[name] for name, _, _ in todo if name in report]   # eval: maybe not tried
+  totals = [step['memory']['total'] for step in compiled if step.get('memory')]
+  unknown = len(totals) < len(compiled)   # the compiler ran out of memory, or said nothing
+  report['fits'] = over is None and not unknown and max(totals) <= slice_.chip.hbm_bytes
+  if over is None and totals and not (unknown and max(totals) <= slice_.chip.hbm_bytes):
+    over = max(0, max(totals) - slice_.chip.hbm_bytes)
+  report['bytes_over_hbm'] = over   # None: out of memory without saying by how much
   if report['train_step'].get('memory') is not None:
     report['estimate'] = estimate(
         config, slice_, num_slices, devices[0],

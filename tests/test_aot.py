@@ -256,3 +256,22 @@ def test_kernels_and_dtype_resolve_for_the_target_not_the_host():
     assert aot.attention.resolve_implementation(
         'splash', training_dropout=False, return_weights=False, seq_len=SEQ) == 'splash'
   assert resolve() == 'xla'
+
+
+def test_a_compiled_step_over_hbm_says_by_how_much(monkeypatch):
+  """The TPU compiler may compile a step whose buffers exceed HBM (it then fails at run
+  time): the eval step is not tried, and the train step's overage is the figure. It was
+  None ('the compiler gave no figure') because the untried eval step counted as infinite."""
+  config = tiny_config(attention_impl='xla', attention_dropout_rate=0.0, scan_layers=True)
+  hbm = 16 * 2**30   # a v5e chip
+  tried = []
+
+  def compile_report(jitted, args, name, executables):
+    del jitted, args, executables
+    tried.append(name)
+    return {'memory': {'total': hbm + 3 * 2**30},
+            'compiler_cost': {'flops': 1.0, 'bytes_accessed': 1.0}}, None
+  monkeypatch.setattr(aot, '_compile_report', compile_report)
+  report = aot.preflight(config, 'v5e-4')
+  assert tried == ['train_step'] and report['hbm_bytes_per_chip'] == hbm
+  assert not report['fits'] and report['bytes_over_hbm'] == 3 * 2**30
