@@ -237,6 +237,37 @@ def test_a_run_that_cannot_go_on_stops_the_grid(tmp_path, codes, stop_requested,
   assert len((tmp_path / 'calls').read_text().splitlines()) == len(codes)
 
 
+@pytest.mark.parametrize('codes, stop_requested, expected', [
+    ([130], False, 'stopped 130'),      # Ctrl-C: GLUE saved (bert_sym.glue exits 130)
+    ([42], True, 'stopped 42'),         # SIGTERM to the runner itself: no rerun
+    ([42, 42, 0], False, 'scored'),     # GLUE alone preempted: rerun, it resumes
+    ([1], False, 'failed'),
+])
+def test_glue_stops_and_resumes_as_training_does(tmp_path, codes, stop_requested, expected):
+  """The grid's GLUE step reads bert_sym.glue's exit codes as train_run reads the trainer's."""
+  stop = runner._Stop()
+  stop.requested = stop_requested
+  run = tmp_path / 'run'
+  run.mkdir()
+  glue = dict(glue_dir='', tasks='rte', seeds='1', glue_args=[], stop=stop,
+              python=_fake_trainer(tmp_path, codes), max_restarts=2)
+  if expected == 'scored':
+    runner.glue_run(run, **glue)
+    assert (run / 'glue' / 'ablate_request.json').exists()
+  else:
+    with pytest.raises((runner.Stopped, runner.AblationError)) as error:
+      runner.glue_run(run, **glue)
+    if expected == 'failed':
+      assert isinstance(error.value, runner.AblationError)
+      assert str(run / 'glue' / 'glue.log') in str(error.value)
+    else:
+      assert isinstance(error.value, runner.Stopped)
+      assert error.value.exit_code == int(expected.split()[1])
+    assert not (run / 'glue' / 'ablate_request.json').exists()   # not scored: redone
+  calls = (tmp_path / 'calls').read_text().splitlines()
+  assert len(calls) == len(codes) and len(set(calls)) == 1   # the same command: it resumes
+
+
 def test_bad_override_fails_before_training(tmp_path):
   with pytest.raises(ablate.AblationError, match='no_such_key'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.no_such_key=1'])
