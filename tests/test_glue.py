@@ -23,6 +23,7 @@ from sklearn import metrics as sklearn_metrics
 import tensorflow_datasets as tfds
 
 from bert_sym import checkpoint
+from bert_sym import loop
 from bert_sym import model as model_lib
 from bert_sym import sharding
 from bert_sym import steps as steps_lib
@@ -253,6 +254,48 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   config.learning_rate = 3e-5                            # another recipe: redo everything
   results = suite.run_glue(str(workdir), str(out), config)
   assert trained == [1, 2] and set(results['runs']) == {'wnli'}
+
+
+def test_a_stop_loses_no_run_finished_before(tmp_path, monkeypatch):
+  """Runs reused from glue_results.json are in it from its first rewrite on: a stop before
+  their task is reached loses none of them (they would be fine-tuned again). Seeds not
+  requested stay too, outside the table, and count again when asked for."""
+  workdir = _handmade_workdir(tmp_path / 'run', model__vocab_size=30522)
+  out = tmp_path / 'out'
+  config = _config(tasks='wnli,rte', seeds='1', max_train_examples=8, max_eval_examples=8,
+                   max_seq_len=16, batch_size=8, parallel_seeds='false')
+  compiled = {}
+
+  def saved_runs(key='runs'):
+    return json.loads((out / 'glue_results.json').read_text()).get(key, {})
+
+  first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']
+  trained, stop_at = [], ['rte']
+  real_finetune = suite.finetune_lib.finetune_group
+
+  def finetune(*args, **kwargs):
+    trained.append((args[1].spec.name, list(args[4])))
+    if args[1].spec.name in stop_at:
+      raise loop.Preempted(0)                       # SIGTERM while rte seed 2 trains
+    return real_finetune(*args, **kwargs)
+
+  monkeypatch.setattr(suite.finetune_lib, 'finetune_group', finetune)
+  config.seeds = '1,2'
+  with pytest.raises(loop.Preempted):
+    suite.run_glue(str(workdir), str(out), config, compiled)
+  assert trained == [('wnli', [2]), ('rte', [2])]
+  runs = saved_runs()
+  assert runs['rte'] == {'1': first['rte']['1']} and set(runs['wnli']) == {'1', '2'}
+  stop_at.clear()
+  second = suite.run_glue(str(workdir), str(out), config, compiled)['runs']
+  assert trained[2:] == [('rte', [2])]             # rte seed 1 was not fine-tuned again
+  config.seeds = '1'
+  results = suite.run_glue(str(workdir), str(out), config, compiled)
+  assert results['summary']['over_seeds']['wnli']['n'] == 1 and len(trained) == 3
+  assert saved_runs(suite.OTHER_SEEDS) == {t: {'2': second[t]['2']} for t in ('wnli', 'rte')}
+  config.seeds = '1,2'                             # asked for again: reused, not redone
+  assert suite.run_glue(str(workdir), str(out), config, compiled)['runs'] == second
+  assert len(trained) == 3 and not saved_runs(suite.OTHER_SEEDS)
 
 
 def test_a_task_whose_checkpoints_are_all_damaged_is_fine_tuned_again(workdir, tmp_path,
