@@ -446,18 +446,22 @@ def test_fresh_head_and_pretrained_encoder(workdir, tmp_path):
   assert not np.array_equal(heads[0], heads[1])
 
 
-def _handmade_workdir(path, **overrides):
-  """A workdir written with the trainer's checkpoint module, without training."""
+def _handmade_workdir(path, steps=(3,), **overrides):
+  """A workdir written with the trainer's checkpoint module, without training; each step
+  after the first holds other params (shifted by its index)."""
   config = train_fixtures.tiny_config(**overrides)
   path.mkdir(parents=True)
   checkpoint.write_config(path, config)
-  params = nn.meta.unbox(model_lib.BertForMaskedLM(config.model).init(
+  initial = nn.meta.unbox(model_lib.BertForMaskedLM(config.model).init(
       jax.random.key(0), *model_lib.dummy_inputs())['params'])
   manager = checkpoint.make_manager(path, config.checkpoint)
-  checkpoint.save(manager, 3, {'params': params, 'opt_state': optax.adamw(1e-3).init(params),
-                               'step': np.int32(3), 'rng': jax.random.key_data(jax.random.key(0))},
-                  {'index': 3}, force=True)
-  manager.wait_until_finished()
+  for index, step in enumerate(steps):
+    params = jax.tree.map(lambda x, i=index: x + i, initial)
+    checkpoint.save(manager, step, {
+        'params': params, 'opt_state': optax.adamw(1e-3).init(params),
+        'step': np.int32(step), 'rng': jax.random.key_data(jax.random.key(0))},
+        {'index': step}, force=True)
+    manager.wait_until_finished()
   manager.close()
   return path
 
@@ -504,6 +508,27 @@ def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
   assert suite.checkpoint_steps(workdir) == [3]
   (workdir / 'checkpoints' / '6' / 'commit_success.txt').write_text('done')
   assert suite.checkpoint_steps(workdir) == [3, 6]
+
+
+def test_a_newest_step_with_a_truncated_array_file_falls_back_as_export_does(tmp_path,
+                                                                            capsys):
+  """Its metadata reads, one array file does not: GLUE must not stop on it (choosing the
+  step from metadata alone) while export skips it; both take the previous step."""
+  workdir = _handmade_workdir(tmp_path / 'run', steps=(3, 6))
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['3', '6']
+  largest = max((workdir / 'checkpoints' / '6' / 'state').rglob('d/*'),
+                key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+  assert checkpoint.resolve_step_dir(workdir).name == '6'    # its metadata reads
+  pretrained = finetune.load_pretrained_encoder(workdir)
+  assert pretrained.step == 3 and pretrained.step_dir.endswith('/3')
+  # Orbax's own restore of step 3 (no project code), and export's reader, agree with it.
+  want = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / '3' / 'state')
+  jax.tree.map(np.testing.assert_array_equal, pretrained.encoder,
+               jax.tree.map(np.asarray, want['params']['encoder']))
+  jax.tree.map(np.testing.assert_array_equal, pretrained.encoder,
+               checkpoint.load_pretrained(workdir)[1]['encoder'])
+  assert 'WARNING: checkpoint step 6 cannot be restored' in capsys.readouterr().err
 
 
 def test_bad_checkpoints_are_clear(tmp_path):
