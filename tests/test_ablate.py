@@ -75,6 +75,19 @@ def test_paired_difference_is_per_seed():
   assert d['std'] == pytest.approx(statistics.stdev([1.0, 0.5]))
 
 
+def test_paired_steps_only_when_every_seed_of_both_reached():
+  """A variant that misses the target on 2 of 3 seeds must not look faster from its one
+  lucky seed: no paired difference of steps then, as no ratio."""
+  reference = {1: 100.0, 2: 120.0, 3: 110.0}
+  lucky = stats.paired_steps_difference({1: 40.0, 2: None, 3: None}, reference)
+  assert lucky['mean'] is None and lucky['n'] == 0 and lucky['why'] == stats.NOT_EVERY_SEED
+  assert stats.paired_steps_difference(reference, {1: 90.0, 2: None, 3: 95.0})['mean'] is None
+  d = stats.paired_steps_difference({1: 50.0, 2: 65.0, 3: 52.0}, reference)
+  differences = np.array([50.0, 65.0, 52.0]) - np.array([100.0, 120.0, 110.0])
+  assert d['mean'] == pytest.approx(np.mean(differences)) and d['n'] == 3
+  assert d['std'] == pytest.approx(np.std(differences, ddof=1)) and d['seeds'] == [1, 2, 3]
+
+
 def test_read_metrics_deduplicates_and_skips_partial_line(tmp_path):
   rows = [
       {'step': 0, 'time': 1.0, 'eval/loss': 10.0, 'eval/mlm_accuracy': 0.0},
@@ -148,9 +161,19 @@ def test_summary_not_reached_and_ratio(tmp_path):
   sym = out['per_variant']['symmetric']['steps_to_target']
   assert sym['reached'] == 1 and sym['per_seed']['2'] is None
   assert sym['ratio_to_reference'] is None
+  assert out['per_variant']['symmetric']['paired_vs_reference']['steps_to_target'][
+      'mean'] is None
   assert 'pairwise/seed3' in out['excluded'] and out['runs']['pairwise'] == [1, 2]
   md = (tmp_path / 'summary.md').read_text()
   assert '| symmetric | 1,2 |' in md and '(n=1/2)' in md and 'Columns:' in md
+  rows = {}   # the main table's (the first table's) rows, by variant
+  for line in md.splitlines():
+    if line.startswith('| '):
+      rows.setdefault(line.split(' | ')[0][2:], line.split(' | '))
+  paired_steps = rows['variant'].index('paired Δ steps')
+  assert rows['symmetric'][paired_steps] == '—'     # 1 of 2 seeds reached: not defined
+  assert rows['pairwise'][paired_steps].endswith('(n=2)')
+  assert 'only when every seed of both reached the target' in md
   assert out['per_variant']['pairwise']['final_eval_loss']['ci95'] == [2.0, 3.0]
   for name in ('loss_vs_step.png', 'loss_vs_tokens.png', 'loss_vs_time.png'):
     assert (tmp_path / name).stat().st_size > 1000
@@ -235,6 +258,37 @@ def test_a_run_that_cannot_go_on_stops_the_grid(tmp_path, codes, stop_requested,
     if expected == 'failed':
       assert str(tmp_path / 'run' / 'train.log') in str(error.value)
   assert len((tmp_path / 'calls').read_text().splitlines()) == len(codes)
+
+
+@pytest.mark.parametrize('codes, stop_requested, expected', [
+    ([130], False, 'stopped 130'),      # Ctrl-C: GLUE saved (bert_sym.glue exits 130)
+    ([42], True, 'stopped 42'),         # SIGTERM to the runner itself: no rerun
+    ([42, 42, 0], False, 'scored'),     # GLUE alone preempted: rerun, it resumes
+    ([1], False, 'failed'),
+])
+def test_glue_stops_and_resumes_as_training_does(tmp_path, codes, stop_requested, expected):
+  """The grid's GLUE step reads bert_sym.glue's exit codes as train_run reads the trainer's."""
+  stop = runner._Stop()
+  stop.requested = stop_requested
+  run = tmp_path / 'run'
+  run.mkdir()
+  glue = dict(glue_dir='', tasks='rte', seeds='1', glue_args=[], stop=stop,
+              python=_fake_trainer(tmp_path, codes), max_restarts=2)
+  if expected == 'scored':
+    runner.glue_run(run, **glue)
+    assert (run / 'glue' / 'ablate_request.json').exists()
+  else:
+    with pytest.raises((runner.Stopped, runner.AblationError)) as error:
+      runner.glue_run(run, **glue)
+    if expected == 'failed':
+      assert isinstance(error.value, runner.AblationError)
+      assert str(run / 'glue' / 'glue.log') in str(error.value)
+    else:
+      assert isinstance(error.value, runner.Stopped)
+      assert error.value.exit_code == int(expected.split()[1])
+    assert not (run / 'glue' / 'ablate_request.json').exists()   # not scored: redone
+  calls = (tmp_path / 'calls').read_text().splitlines()
+  assert len(calls) == len(codes) and len(set(calls)) == 1   # the same command: it resumes
 
 
 def test_bad_override_fails_before_training(tmp_path):

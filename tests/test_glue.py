@@ -23,6 +23,7 @@ from sklearn import metrics as sklearn_metrics
 import tensorflow_datasets as tfds
 
 from bert_sym import checkpoint
+from bert_sym import loop
 from bert_sym import model as model_lib
 from bert_sym import sharding
 from bert_sym import steps as steps_lib
@@ -255,6 +256,48 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   assert trained == [1, 2] and set(results['runs']) == {'wnli'}
 
 
+def test_a_stop_loses_no_run_finished_before(tmp_path, monkeypatch):
+  """Runs reused from glue_results.json are in it from its first rewrite on: a stop before
+  their task is reached loses none of them (they would be fine-tuned again). Seeds not
+  requested stay too, outside the table, and count again when asked for."""
+  workdir = _handmade_workdir(tmp_path / 'run', model__vocab_size=30522)
+  out = tmp_path / 'out'
+  config = _config(tasks='wnli,rte', seeds='1', max_train_examples=8, max_eval_examples=8,
+                   max_seq_len=16, batch_size=8, parallel_seeds='false')
+  compiled = {}
+
+  def saved_runs(key='runs'):
+    return json.loads((out / 'glue_results.json').read_text()).get(key, {})
+
+  first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']
+  trained, stop_at = [], ['rte']
+  real_finetune = suite.finetune_lib.finetune_group
+
+  def finetune(*args, **kwargs):
+    trained.append((args[1].spec.name, list(args[4])))
+    if args[1].spec.name in stop_at:
+      raise loop.Preempted(0)                       # SIGTERM while rte seed 2 trains
+    return real_finetune(*args, **kwargs)
+
+  monkeypatch.setattr(suite.finetune_lib, 'finetune_group', finetune)
+  config.seeds = '1,2'
+  with pytest.raises(loop.Preempted):
+    suite.run_glue(str(workdir), str(out), config, compiled)
+  assert trained == [('wnli', [2]), ('rte', [2])]
+  runs = saved_runs()
+  assert runs['rte'] == {'1': first['rte']['1']} and set(runs['wnli']) == {'1', '2'}
+  stop_at.clear()
+  second = suite.run_glue(str(workdir), str(out), config, compiled)['runs']
+  assert trained[2:] == [('rte', [2])]             # rte seed 1 was not fine-tuned again
+  config.seeds = '1'
+  results = suite.run_glue(str(workdir), str(out), config, compiled)
+  assert results['summary']['over_seeds']['wnli']['n'] == 1 and len(trained) == 3
+  assert saved_runs(suite.OTHER_SEEDS) == {t: {'2': second[t]['2']} for t in ('wnli', 'rte')}
+  config.seeds = '1,2'                             # asked for again: reused, not redone
+  assert suite.run_glue(str(workdir), str(out), config, compiled)['runs'] == second
+  assert len(trained) == 3 and not saved_runs(suite.OTHER_SEEDS)
+
+
 def test_a_task_whose_checkpoints_are_all_damaged_is_fine_tuned_again(workdir, tmp_path,
                                                                       monkeypatch, caplog):
   """GLUE has no --start_over: refusing (as the trainer does) would stop this output
@@ -403,18 +446,22 @@ def test_fresh_head_and_pretrained_encoder(workdir, tmp_path):
   assert not np.array_equal(heads[0], heads[1])
 
 
-def _handmade_workdir(path, **overrides):
-  """A workdir written with the trainer's checkpoint module, without training."""
+def _handmade_workdir(path, steps=(3,), **overrides):
+  """A workdir written with the trainer's checkpoint module, without training; each step
+  after the first holds other params (shifted by its index)."""
   config = train_fixtures.tiny_config(**overrides)
   path.mkdir(parents=True)
   checkpoint.write_config(path, config)
-  params = nn.meta.unbox(model_lib.BertForMaskedLM(config.model).init(
+  initial = nn.meta.unbox(model_lib.BertForMaskedLM(config.model).init(
       jax.random.key(0), *model_lib.dummy_inputs())['params'])
   manager = checkpoint.make_manager(path, config.checkpoint)
-  checkpoint.save(manager, 3, {'params': params, 'opt_state': optax.adamw(1e-3).init(params),
-                               'step': np.int32(3), 'rng': jax.random.key_data(jax.random.key(0))},
-                  {'index': 3}, force=True)
-  manager.wait_until_finished()
+  for index, step in enumerate(steps):
+    params = jax.tree.map(lambda x, i=index: x + i, initial)
+    checkpoint.save(manager, step, {
+        'params': params, 'opt_state': optax.adamw(1e-3).init(params),
+        'step': np.int32(step), 'rng': jax.random.key_data(jax.random.key(0))},
+        {'index': step}, force=True)
+    manager.wait_until_finished()
   manager.close()
   return path
 
@@ -461,6 +508,27 @@ def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
   assert suite.checkpoint_steps(workdir) == [3]
   (workdir / 'checkpoints' / '6' / 'commit_success.txt').write_text('done')
   assert suite.checkpoint_steps(workdir) == [3, 6]
+
+
+def test_a_newest_step_with_a_truncated_array_file_falls_back_as_export_does(tmp_path,
+                                                                            capsys):
+  """Its metadata reads, one array file does not: GLUE must not stop on it (choosing the
+  step from metadata alone) while export skips it; both take the previous step."""
+  workdir = _handmade_workdir(tmp_path / 'run', steps=(3, 6))
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['3', '6']
+  largest = max((workdir / 'checkpoints' / '6' / 'state').rglob('d/*'),
+                key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+  assert checkpoint.resolve_step_dir(workdir).name == '6'    # its metadata reads
+  pretrained = finetune.load_pretrained_encoder(workdir)
+  assert pretrained.step == 3 and pretrained.step_dir.endswith('/3')
+  # Orbax's own restore of step 3 (no project code), and export's reader, agree with it.
+  want = ocp.StandardCheckpointer().restore(workdir / 'checkpoints' / '3' / 'state')
+  jax.tree.map(np.testing.assert_array_equal, pretrained.encoder,
+               jax.tree.map(np.asarray, want['params']['encoder']))
+  jax.tree.map(np.testing.assert_array_equal, pretrained.encoder,
+               checkpoint.load_pretrained(workdir)[1]['encoder'])
+  assert 'WARNING: checkpoint step 6 cannot be restored' in capsys.readouterr().err
 
 
 def test_bad_checkpoints_are_clear(tmp_path):

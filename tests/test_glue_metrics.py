@@ -126,3 +126,44 @@ def test_summary_over_seeds():
   assert summary['per_seed'][3]['glue_partial'] == 42.0
   one_seed = glue_metrics.summarize({1: {'cola': 40.0}})['over_seeds']['cola']
   assert one_seed == {'mean': 40.0, 'std': None, 'n': 1}      # no spread from one seed
+
+
+def test_glue_over_seeds_is_complete_only_when_every_seed_is(tmp_path):
+  """--tasks=mnli --seeds=1, then the other 8 tasks with --seeds=1,2,3 into one directory:
+  seed 1's GLUE alone must not stand unmarked as the mean over seeds beside task columns
+  over 3 seeds. The mean row is partial: over the 7 tasks every seed has."""
+  from bert_sym.glue import report   # pylint: disable=g-import-not-at-top
+  base = {'mrpc': 80.0, 'cola': 40.0, 'qqp': 85.0, 'rte': 60.0, 'stsb': 85.0, 'qnli': 88.0,
+          'sst2': 90.0, 'wnli': 50.0}
+  per_seed = {s: {n: v + 10.0 * s for n, v in base.items()} for s in (1, 2, 3)}
+  per_seed[1].update(mnli_m=80.0, mnli_mm=81.0)
+  over = glue_metrics.summarize(per_seed)['over_seeds']
+  assert over['glue'] == {'mean': None, 'std': None, 'n': 0}
+  seven = ['mrpc', 'cola', 'qqp', 'rte', 'stsb', 'qnli', 'sst2']
+  by_seed = np.array([[per_seed[s][n] for n in seven] for s in (1, 2, 3)]).mean(axis=1)
+  partial = over['glue_partial']
+  assert partial['mean'] == pytest.approx(np.mean(by_seed)) and partial['n'] == 3
+  assert partial['std'] == pytest.approx(np.std(by_seed, ddof=1))
+  assert partial['tasks'] == seven and partial['seeds'] == [1, 2, 3]
+  assert over['glue_full_partial']['tasks'] == seven + ['wnli']
+  runs = {n: {str(s): {'scores': {n: {'score': per_seed[s][n]}}} for s in (1, 2, 3)
+              if n in per_seed[s]} for n in glue_metrics.FULL_SCORES}
+  results = {'checkpoint': 'CKPT', 'step': 1, 'recipe': 'r', 'seeds': [1, 2, 3], 'runs': runs,
+             'model': {'attention': 'standard', 'num_layers': 2, 'hidden_size': 8}}
+  report.write_results(tmp_path, results)
+  mean_row = next(line for line in (tmp_path / 'glue_results.md').read_text().splitlines()
+                  if line.startswith('| mean ± std'))
+  assert mean_row.split(' | ')[1] == (f'{np.mean(by_seed):.2f} ± '
+                                      f'{np.std(by_seed, ddof=1):.2f} (partial 7/9)')
+  assert report.sweep_point(1, results)['score_kind'] == 'glue_partial (7/9)'
+  # Every task of seed 1 and none of seed 2 yet: 1 of 2 seeds, said so.
+  summary = glue_metrics.summarize({1: {n: 50.0 for n in glue_metrics.FULL_SCORES}, 2: {}})
+  assert summary['over_seeds']['glue']['n'] == 0
+  assert summary['over_seeds']['glue_partial']['seeds'] == [1]
+  point = report.sweep_point(1, {'summary': summary})
+  assert point['score'] == 50.0 and point['score_kind'] == 'glue_partial (9/9, 1 of 2 seeds)'
+  # Every seed complete: GLUE over seeds as before, no partial.
+  complete = {s: {n: 50.0 + s for n in glue_metrics.FULL_SCORES} for s in (1, 2)}
+  over = glue_metrics.summarize(complete)['over_seeds']
+  assert over['glue']['mean'] == pytest.approx(51.5) and over['glue']['n'] == 2
+  assert over['glue_partial']['n'] == 0

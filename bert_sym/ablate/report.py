@@ -167,14 +167,16 @@ STATISTICS_LINE = (
     'seeds] (n = seeds that reached the target); steps to target = first crossing of the '
     'eval curve, linear between evals; ratio = mean steps / {ref} mean steps, only when '
     'every seed of both reached the target [paired bootstrap interval]; paired Δ = mean '
-    'over seeds of (variant - {ref}) on the same seed [bootstrap interval].')
+    'over seeds of (variant - {ref}) on the same seed [bootstrap interval]; paired Δ '
+    'steps (n = seeds), as the ratio, only when every seed of both reached the target '
+    '(— otherwise: a mean over the seeds that got there favours the lucky ones).')
 
 
 def _fmt_int(value) -> str:
   return '—' if value is None else f'{value:,.0f}'
 
 
-def _fmt_ci(stat: dict, digits: int) -> str:
+def _fmt_ci(stat: dict, digits: int, with_n: bool = False) -> str:
   """'mean [low, high]' of a `stats.describe` dict; the mean alone without an interval."""
   if stat['mean'] is None:
     return '—'
@@ -182,7 +184,7 @@ def _fmt_ci(stat: dict, digits: int) -> str:
   if stat.get('ci95'):
     low, high = stat['ci95']
     text += f' [{low:.{digits}f}, {high:.{digits}f}]'
-  return text
+  return text + (f' (n={stat["n"]})' if with_n else '')
 
 
 def _table_steps(common: list[int], final: int, max_columns: int = 6) -> list[int]:
@@ -308,7 +310,7 @@ def compare_to_reference(per_variant: dict, reference: str) -> None:
     p['paired_vs_reference'] = {
         'final_eval_loss': stats.paired_difference(p['final_eval_loss_per_seed'],
                                                    ref['final_eval_loss_per_seed']),
-        'steps_to_target': stats.paired_difference(st['per_seed'], ref_steps),
+        'steps_to_target': stats.paired_steps_difference(st['per_seed'], ref_steps),
     }
 
 
@@ -370,7 +372,8 @@ def _main_table(summary: dict) -> list[str]:
         f'{_fmt_ci(p["final_eval_loss"], 4)} | '
         f'{"—" if same else _fmt_ci(paired["final_eval_loss"], 4)} | '
         f'{_fmt_stat(p["final_eval_mlm_accuracy"], 4)} | {_steps_cell(st)} | '
-        f'{"—" if same else _fmt_ci(paired["steps_to_target"], 0)} | {_ratio_cell(st)} | '
+        f'{"—" if same else _fmt_ci(paired["steps_to_target"], 0, with_n=True)} | '
+        f'{_ratio_cell(st)} | '
         f'{_fmt_stat(p["train_seconds"], 0)} |')
   return lines
 

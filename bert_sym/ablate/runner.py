@@ -111,6 +111,26 @@ def _install_stop() -> tuple[_Stop, object]:
     return stop, None
 
 
+def _run_resuming(cmd: list[str], log_file, stop: _Stop, what: str,
+                  max_restarts: int) -> int:
+  """Runs `cmd` until it exits other than by a preemption, and returns that exit code.
+
+  42 without our own SIGTERM is a preemption of the child alone: it saved, and the same
+  command resumes it. Ctrl-C (130, or killed by SIGINT before its handler was in place) and
+  our own SIGTERM also saved, but mean the grid should stop: Stopped.
+  """
+  for _ in range(max_restarts + 1):
+    code = _stream(cmd, log_file, stop)
+    if code in (INTERRUPTED_EXIT_CODE, -signal.SIGINT):
+      raise Stopped(INTERRUPTED_EXIT_CODE)
+    if code == PREEMPTED_EXIT_CODE and stop.requested:
+      raise Stopped(code)
+    if code != PREEMPTED_EXIT_CODE:
+      return code
+    print(f'{what}: preempted (exit {code}); resuming.', flush=True)
+  raise AblationError(f'{what} was preempted {max_restarts} times in a row.')
+
+
 def train_run(config: str, overrides: Sequence[str], variant: str, seed: int, path,
               stop: _Stop, python: str = sys.executable, max_restarts: int = 100) -> None:
   """Trains one run to the end, rerunning after a preemption (exit code 42)."""
@@ -118,24 +138,18 @@ def train_run(config: str, overrides: Sequence[str], variant: str, seed: int, pa
   path.mkdir(parents=True, exist_ok=True)
   cmd = [python, '-m', 'bert_sym.train', f'--config={config}', f'--workdir={path}',
          f'--config.model.attention={variant}', f'--config.seed={seed}', *overrides]
-  for _ in range(max_restarts + 1):
-    code = _stream(cmd, path / 'train.log', stop)
-    if code == 0:
-      return
-    if code == INTERRUPTED_EXIT_CODE or (code == PREEMPTED_EXIT_CODE and stop.requested):
-      raise Stopped(code)
-    if code != PREEMPTED_EXIT_CODE:
-      raise AblationError(
-          f'Training {variant} seed {seed} failed (exit code {code}); the grid stops here. '
-          f'Its output is in {path / "train.log"}. Fix the cause and rerun the same command: '
-          f'finished runs are skipped, this one resumes from its last checkpoint.')
-    print(f'{variant} seed {seed}: preempted (exit {code}); resuming.', flush=True)
-  raise AblationError(f'{variant} seed {seed} was preempted {max_restarts} times in a row.')
+  code = _run_resuming(cmd, path / 'train.log', stop, f'{variant} seed {seed}', max_restarts)
+  if code != 0:
+    raise AblationError(
+        f'Training {variant} seed {seed} failed (exit code {code}); the grid stops here. '
+        f'Its output is in {path / "train.log"}. Fix the cause and rerun the same command: '
+        f'finished runs are skipped, this one resumes from its last checkpoint.')
 
 
 def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence[str],
-             stop: _Stop, python: str = sys.executable) -> None:
-  """Fine-tunes one finished run on GLUE into {run}/glue (skipped if already done)."""
+             stop: _Stop, python: str = sys.executable, max_restarts: int = 100) -> None:
+  """Fine-tunes one finished run on GLUE into {run}/glue (skipped if already done), rerunning
+  after a preemption (exit code 42) as train_run does: GLUE saves and resumes the same way."""
   path = epath.Path(path)
   out = path / GLUE_SUBDIR
   request = {'glue_dir': glue_dir, 'tasks': tasks, 'seeds': seeds, 'args': list(glue_args),
@@ -150,11 +164,14 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
          f'--tasks={tasks}', f'--seeds={seeds}', *glue_args]
   if glue_dir:
     cmd.append(f'--glue_dir={glue_dir}')
-  code = _stream(cmd, out / 'glue.log', stop)
+  code = _run_resuming(cmd, out / 'glue.log', stop, f'GLUE on {path}', max_restarts)
   if code != 0:
-    if stop.requested or code == -signal.SIGINT:
-      raise Stopped(INTERRUPTED_EXIT_CODE if code == -signal.SIGINT else PREEMPTED_EXIT_CODE)
-    raise AblationError(f'GLUE on {path} failed (exit code {code}); see {out / "glue.log"}.')
+    if stop.requested:   # killed by our forwarded SIGTERM before its handler was in place
+      raise Stopped(PREEMPTED_EXIT_CODE)
+    raise AblationError(
+        f'GLUE on {path} failed (exit code {code}); the grid stops here. Its output is in '
+        f'{out / "glue.log"}. Fix the cause and rerun the same command: the finished '
+        f'(task, seed) runs in {out} are reused.')
   marker.write_text(json.dumps(request) + '\n')
 
 

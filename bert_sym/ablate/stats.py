@@ -8,8 +8,9 @@
   the width; it says how far the seeds spread, not a guarantee.
 * Paired differences: seed s gives every variant the same data order and masking, so
   variant - reference per seed removes the data's share of the noise.
-* Ratio of steps to target: only when every seed of both variants reached the target
-  (a mean over the seeds that happened to get there would favour the lucky ones).
+* Ratio and paired difference of steps to target: only when every seed of both variants
+  reached the target (a mean over the seeds that happened to get there would favour the
+  lucky ones).
 """
 
 from typing import Callable, Sequence
@@ -82,16 +83,33 @@ def paired_difference(variant: dict, reference: dict) -> dict:
   return out
 
 
+NOT_EVERY_SEED = 'not every seed of both variants reached the target'
+
+
+def _every_seed_reached(variant: dict, reference: dict) -> bool:
+  v, r = list(variant.values()), list(reference.values())
+  return bool(v) and bool(r) and None not in v and None not in r
+
+
+def paired_steps_difference(variant: dict, reference: dict) -> dict:
+  """`paired_difference` of steps to target, only if every seed of both got there; else
+  its mean is None and 'why' says so. Over the seeds where both happened to get there, a
+  variant that misses on 2 of 3 seeds would look faster from its one lucky seed."""
+  if not _every_seed_reached(variant, reference):
+    return {'mean': None, 'std': None, 'n': 0, 'ci95': None, 'seeds': [],
+            'why': NOT_EVERY_SEED}
+  return {**paired_difference(variant, reference), 'why': None}
+
+
 def steps_ratio(variant: dict, reference: dict) -> dict:
   """mean steps(variant) / mean steps(reference), only if every seed of both got there.
 
   Resampled by seed pairs when both variants ran the same seeds (the usual grid),
   each variant on its own otherwise.
   """
+  if not _every_seed_reached(variant, reference):
+    return {'value': None, 'ci95': None, 'why': NOT_EVERY_SEED}
   v, r = list(variant.values()), list(reference.values())
-  if not v or not r or None in v or None in r:
-    return {'value': None, 'ci95': None,
-            'why': 'not every seed of both variants reached the target'}
   value = float(np.mean(v) / np.mean(r))
   if sorted(variant) == sorted(reference):
     seeds = sorted(variant)

@@ -44,5 +44,6 @@ from bert_sym.checkpoint.restoring import (  # noqa: F401
     restore_latest, check_same_prng_impl
 )
 from bert_sym.checkpoint.pretrained import (  # noqa: F401
-    resolve_step_dir, load_params, load_pretrained, with_pretrained_encoder
+    candidate_step_dirs, resolve_step_dir, load_params, load_pretrained, load_pretrained_step,
+    with_pretrained_encoder
 )

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_sym.checkpoint.core import CheckpointReadError, DamagedCheckpoint, STATE, absolute, checkpoints_root, describe_error, finished_steps, is_step_dir, read_config
+from bert_sym.checkpoint.core import CheckpointReadError, DamagedCheckpoint, STATE, absolute, allgather_json, checkpoints_root, describe_error, finished_steps, is_step_dir, read_config
 from bert_sym.checkpoint import restoring
 
 
@@ -19,7 +19,7 @@ def _warn(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def _candidate_step_dirs(path) -> list[epath.Path]:
+def candidate_step_dirs(path) -> list[epath.Path]:
   """[path] for a finished step directory; a workdir's finished steps, newest first."""
   path = absolute(path)
   if not path.exists():
@@ -55,27 +55,37 @@ def _retrying(read, what):
   raise AssertionError('unreachable')
 
 
-def _first_readable(path, read, log):
+def _first_readable(path, read, log, step_dirs=None):
   """(step_dir, read(step_dir)) of the newest step of `path` that is not damaged.
 
   The trainer's rules, read-only: a damaged step is skipped with the trainer's warning
   but never moved (a reader may run beside the trainer); any other failure is one line.
+  `step_dirs`: the candidates, newest first, when the caller listed them (on several
+  hosts, process 0's listing: a running trainer can add a step between two listings).
+  Every process must call this: orbax's restore is collective, so every host reads each
+  candidate and they agree (a step damaged on any host is skipped by all).
   """
-  candidates = _candidate_step_dirs(path)
+  candidates = ([epath.Path(d) for d in step_dirs] if step_dirs is not None
+                else candidate_step_dirs(path))
   with restoring.quiet_orbax_echoes():
     for step_dir in candidates:
       try:
-        return step_dir, _retrying(lambda d=step_dir: read(d), step_dir)
+        value, kind = _retrying(lambda d=step_dir: read(d), step_dir), 'ok'
       except Exception as e:  # pylint: disable=broad-except
-        reason, kind = describe_error(e), restoring.failure_kind(e)
-        if kind != 'damaged':
-          raise CheckpointReadError(
-              f'Could not read checkpoint {step_dir} ({reason}); it does not look damaged, '
-              'so it was not skipped. Fix the cause and rerun.') from None
-        if len(candidates) > 1:
-          log(f'WARNING: checkpoint step {step_dir.name} cannot be restored ({reason}); '
-              'skipped it. Trying the previous step.')
-        last_reason = reason
+        value, reason, kind = None, describe_error(e), restoring.failure_kind(e)
+      kinds = allgather_json(kind)   # [kind] in one process
+      if all(k == 'ok' for k in kinds):
+        return step_dir, value
+      if kind == 'ok':
+        reason = 'it failed on another host'
+      if any(k not in ('ok', 'damaged') for k in kinds):
+        raise CheckpointReadError(
+            f'Could not read checkpoint {step_dir} ({reason}); it does not look damaged, '
+            'so it was not skipped. Fix the cause and rerun.')
+      if len(candidates) > 1:
+        log(f'WARNING: checkpoint step {step_dir.name} cannot be restored ({reason}); '
+            'skipped it. Trying the previous step.')
+      last_reason = reason
   raise DamagedCheckpoint(
       f'No checkpoint under {path} can be read: ' + (
           f'{candidates[0]} is damaged ({last_reason}).' if len(candidates) == 1 else
@@ -101,18 +111,27 @@ def load_params(step_dir) -> dict:
   return restored['params']
 
 
-def load_pretrained(path, log=_warn) -> tuple[ml_collections.ConfigDict, dict]:
-  """(training config, BertForMaskedLM params) from a workdir or a step directory.
+def load_pretrained_step(path, log=_warn, step_dirs=None) -> tuple[
+    epath.Path, ml_collections.ConfigDict, dict]:
+  """(step directory read, training config, BertForMaskedLM params) from a workdir or a
+  step directory: export's and GLUE's one way in.
 
-  A workdir gives its newest step that reads (a damaged one is skipped with a warning, as
-  the trainer does). `params['encoder']` is the encoder that
-  `BertForSequenceClassification` expects under `['bert']['encoder']`. Arrays are host
-  numpy, unboxed (no logical-axis metadata).
+  A workdir gives its newest step whose params restore whole, not only its metadata: a
+  step with a truncated array file is skipped with a warning, as the trainer does.
+  `params['encoder']` is the encoder that `BertForSequenceClassification` expects under
+  `['bert']['encoder']`. Arrays are host numpy, unboxed (no logical-axis metadata).
+  On several hosts every process calls it, with process 0's `step_dirs` (`_first_readable`).
   """
   step_dir, params = _first_readable(
-      path, lambda d: (restoring.read_json_item(d), load_params(d))[1], log)
+      path, lambda d: (restoring.read_json_item(d), load_params(d))[1], log, step_dirs)
   config = read_config(step_dir.parent.parent)
   logging.info('Loaded pre-trained params from %s', step_dir)
+  return step_dir, config, params
+
+
+def load_pretrained(path, log=_warn) -> tuple[ml_collections.ConfigDict, dict]:
+  """(training config, BertForMaskedLM params): `load_pretrained_step` without the step."""
+  _, config, params = load_pretrained_step(path, log)
   return config, params
 
 

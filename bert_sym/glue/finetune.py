@@ -40,12 +40,15 @@ class Pretrained:
 
 
 def load_pretrained_encoder(path) -> Pretrained:
-  """The encoder of a pre-training checkpoint (checkpoint.load_pretrained) and its config."""
-  # A workdir means its latest step, which a running trainer can change between two
-  # hosts' listings: process 0 picks it for everyone.
-  step_dir = epath.Path(hosts.on_process_0(
-      lambda: str(checkpoint_lib.resolve_step_dir(path))))
-  config, params = checkpoint_lib.load_pretrained(step_dir)
+  """The encoder of a pre-training checkpoint and its config, read as export reads it
+  (checkpoint.load_pretrained_step): a newest step whose arrays do not restore is skipped."""
+  # A workdir's finished steps, which a running trainer can change between two hosts'
+  # listings: process 0 lists them for everyone. Every host then reads them together (the
+  # restore is collective), whole: a step chosen from its metadata alone could still have a
+  # truncated array file.
+  step_dirs = hosts.on_process_0(
+      lambda: [str(d) for d in checkpoint_lib.candidate_step_dirs(path)])
+  step_dir, config, params = checkpoint_lib.load_pretrained_step(path, step_dirs=step_dirs)
   if 'encoder' not in params:
     raise ValueError(f'{step_dir} holds no BertForMaskedLM encoder (top-level params: '
                      f'{sorted(params)}).')

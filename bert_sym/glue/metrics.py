@@ -100,13 +100,33 @@ def format_mean_std(stat: dict, digits: int = 2) -> str:
   return text if stat['std'] is None else f'{text} ± {stat["std"]:.{digits}f}'
 
 
+def _glue_over_seeds(rows: Mapping[int, dict], key: str, names: Sequence[str]) -> dict:
+  """{key: mean_std, key_partial: mean_std + 'tasks', 'seeds'} over seeds.
+
+  `key` only when every seed has every task: a mean over the complete seeds alone would sit
+  unmarked beside task columns averaged over more seeds. Otherwise the partial mean: per
+  seed the mean over the tasks that every seed with scores has (the same tasks for each),
+  then over those seeds; 'tasks' and 'seeds' say what it covers.
+  """
+  if rows and all(row[key] is not None for row in rows.values()):
+    return {key: mean_std([row[key] for row in rows.values()]),
+            f'{key}_partial': {**mean_std([]), 'tasks': [], 'seeds': []}}
+  scored = {seed: row for seed, row in rows.items() if row[f'{key}_tasks']}
+  tasks = [n for n in names if scored and all(row[n] is not None for row in scored.values())]
+  seeds = sorted(scored) if tasks else []
+  partial = mean_std([float(np.mean([scored[s][n] for n in tasks])) for s in seeds])
+  return {key: mean_std([]), f'{key}_partial': {**partial, 'tasks': tasks, 'seeds': seeds}}
+
+
 def summarize(per_seed: Mapping[int, Mapping[str, float]]) -> dict:
   """Per-seed score dicts (score name -> percent) -> per seed aggregates and seed statistics.
 
-  Returns {'per_seed': {seed: {scores..., glue..., }}, 'over_seeds': {name: mean_std}}.
+  Returns {'per_seed': {seed: {scores..., glue..., }}, 'over_seeds': {name: mean_std}};
+  GLUE over seeds as `_glue_over_seeds` says.
   """
   rows = {seed: {**{n: scores.get(n) for n in FULL_SCORES}, **glue_aggregates(scores)}
           for seed, scores in per_seed.items()}
-  names = FULL_SCORES + ('glue', 'glue_full', 'glue_partial', 'glue_full_partial')
-  over_seeds = {n: mean_std([row[n] for row in rows.values()]) for n in names}
+  over_seeds = {n: mean_std([row[n] for row in rows.values()]) for n in FULL_SCORES}
+  for key, names in (('glue', GLUE_SCORES), ('glue_full', FULL_SCORES)):
+    over_seeds.update(_glue_over_seeds(rows, key, names))
   return {'per_seed': rows, 'over_seeds': over_seeds}

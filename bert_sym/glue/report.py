@@ -37,6 +37,13 @@ def _partial(row, key, total):
   return f'(partial {len(row[f"{key}_tasks"])}/{total})'
 
 
+def _partial_counts(stat, total, seeds):
+  """'k/n' tasks of a partial GLUE over seeds; ', m of s seeds' when not every seed has
+  scores."""
+  fewer = f', {stat["n"]} of {seeds} seeds' if stat['n'] != seeds else ''
+  return f'{len(stat["tasks"])}/{total}{fewer}'
+
+
 def _glue_cell(row, key, total):
   if row.get(key) is not None:
     return _fmt(row[key])
@@ -60,16 +67,16 @@ def markdown_table(results: dict) -> str:
   stats = summary['over_seeds']
 
   pm = glue_metrics.format_mean_std
+  seeds = len(summary['per_seed'])
 
   def glue_pm(key, total):
-    if stats[key]['n']:
+    if stats[key]['n']:   # every seed has every task
       return pm(stats[key])
-    if stats[f'{key}_partial']['n']:
-      first = next(iter(summary['per_seed'].values()))
-      return f'{pm(stats[f"{key}_partial"])} {_partial(first, key, total)}'
+    partial = stats[f'{key}_partial']
+    if partial['n']:
+      return f'{pm(partial)} (partial {_partial_counts(partial, total, seeds)})'
     return '—'
 
-  seeds = len(summary['per_seed'])
   cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
            glue_pm('glue_full', 10)]
   lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
@@ -82,7 +89,9 @@ def markdown_table(results: dict) -> str:
               '(config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
   lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
             'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
-            'mean over the k tasks present only, not comparable to the paper\'s GLUE. '
+            'mean over the k tasks present only, not comparable to the paper\'s GLUE; in '
+            'the mean row, GLUE is partial unless every seed has every task: over the tasks '
+            'every seed has ("m of s seeds": only m have scores). '
             'Scores x100; std over seeds is the sample std (ddof=1).', '']
   return '\n'.join(lines)
 
@@ -100,11 +109,11 @@ def write_results(output_dir, results) -> None:
 
 def sweep_point(step, results) -> dict:
   stats = results['summary']['over_seeds']
-  first = next(iter(results['summary']['per_seed'].values()))
   if stats['glue']['n']:
     kind, s = 'glue', stats['glue']
   else:
-    kind, s = f'glue_partial ({len(first["glue_tasks"])}/9)', stats['glue_partial']
+    s = stats['glue_partial']
+    kind = f'glue_partial ({_partial_counts(s, 9, len(results["summary"]["per_seed"]))})'
   return {'step': step, 'score': s['mean'], 'std': s['std'], 'score_kind': kind,
           'glue_full': stats['glue_full']['mean'],
           'tasks': {n: stats[n]['mean'] for n in glue_metrics.FULL_SCORES}}

@@ -30,6 +30,9 @@ _NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
                'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite')
 # Keys added after outputs were written without them: their value then is this default.
 _DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1}
+# glue_results.json key of the finished runs of seeds not requested this time (see
+# `_keep_finished_runs`).
+OTHER_SEEDS = 'runs_of_other_seeds'
 # parallel_seeds='auto' trains a task's seeds together from this many steps per seed, off
 # CPU. Measured (benchmarks/RESULTS.md): on an H200 at bert-base together is 1.17x faster
 # a step but compiles about 60 s longer, which about 10k steps repay; on a CPU together is
@@ -94,12 +97,13 @@ def finished_runs(output_dir, step_dir, config) -> dict:
       set_aside_results(output_dir, 'an earlier run (config.resume=False)')
       return []
     done = []
-    for task, seeds in previous['runs'].items():
-      for seed, run in seeds.items():
-        files = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
-                 for n in run['scores']]
-        if all(f.exists() for f in files):
-          done.append([task, int(seed), run])
+    for runs in (previous['runs'], previous.get(OTHER_SEEDS, {})):
+      for task, seeds in runs.items():
+        for seed, run in seeds.items():
+          files = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
+                   for n in run['scores']]
+          if all(f.exists() for f in files):
+            done.append([task, int(seed), run])
     return done
   return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
 
@@ -133,7 +137,6 @@ class _Session:
   output_dir: epath.Path
   seeds: list[int]
   parallel: str                     # parallel_seeds_mode
-  done: dict                        # (task, seed) -> run reused from an earlier call
   results: dict                     # rewritten to glue_results.json after every group
   task_cache: dict
   preemption: loop.PreemptionFlag
@@ -155,14 +158,13 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   mesh, rules = _mesh_and_rules(config, pretrained)
   output_dir = epath.Path(output_dir)
   results = _new_results(pretrained, config, mesh, seeds, specs)
-  done = finished_runs(output_dir, pretrained.step_dir, config)
-  _keep_other_finished_tasks(results, done, seeds)
+  _keep_finished_runs(results, finished_runs(output_dir, pretrained.step_dir, config), seeds)
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
                pretrained.step, config.glue_dir or 'TFDS glue/*', results['tasks'], seeds)
   # The signal handlers are the process's again when this returns or raises (notebooks).
   with loop.PreemptionFlag() as preemption:
     session = _Session(pretrained, tokenizer, config, mesh, rules, output_dir, seeds,
-                       parallel, done, results, {} if task_cache is None else task_cache,
+                       parallel, results, {} if task_cache is None else task_cache,
                        preemption)
     for spec in specs:
       _run_task(session, spec)
@@ -216,23 +218,30 @@ def _new_results(pretrained, config, mesh, seeds, specs) -> dict:
   }
 
 
-def _keep_other_finished_tasks(results, done, seeds) -> None:
-  """Tasks finished earlier into this directory stay in the table, so tasks can be run one
-  command at a time (e.g. --tasks=mnli on a bigger machine) and still add up to GLUE."""
+def _keep_finished_runs(results, done, seeds) -> None:
+  """Every run finished earlier into this directory goes into `results` now, before any
+  task starts: glue_results.json is rewritten after each group, and a run added only when
+  its task is reached would be lost from it (and fine-tuned again) by a stop before then.
+
+  Tasks not requested stay in the table, so tasks can be run one command at a time (e.g.
+  --tasks=mnli on a bigger machine) and still add up to GLUE. Seeds not requested are kept
+  the same way, but under OTHER_SEEDS, outside the table and its mean over seeds (which are
+  over the requested seeds): a later command asking for them reuses them. They are not set
+  aside (set_aside_results): that is for results this checkpoint and recipe cannot reuse.
+  """
   for (task, seed), run in done.items():
-    if task not in results['tasks'] and seed in seeds:
-      results['runs'].setdefault(task, {})[str(seed)] = run
+    kept = results['runs'] if seed in seeds else results.setdefault(OTHER_SEEDS, {})
+    kept.setdefault(task, {})[str(seed)] = run
   results['tasks'] += [t for t in results['runs'] if t not in results['tasks']]
 
 
 def _run_task(session: _Session, spec) -> None:
   """Every seed of one task not finished before: fine-tuned group by group, then scored."""
-  runs = session.results['runs'][spec.name] = {}
+  runs = session.results['runs'].setdefault(spec.name, {})   # reused runs: already in
   for seed in session.seeds:
-    if (spec.name, seed) in session.done:
+    if str(seed) in runs:
       logging.info('%s seed %d: reusing the finished run in %s', spec.name, seed,
                    session.output_dir)
-      runs[str(seed)] = session.done[spec.name, seed]
   todo = [seed for seed in session.seeds if str(seed) not in runs]
   if not todo:
     report.write_results(session.output_dir, session.results)
