@@ -811,3 +811,28 @@ def test_results_of_another_checkpoint_or_recipe_are_set_aside_not_overwritten(
   assert f'they are kept in {aside}' in caplog.text
   if change == 'recipe':
     assert 'another recipe (learning_rate differ)' in caplog.text
+
+
+def test_a_group_marker_cut_short_by_a_crash_is_reclaimed_not_a_crash(tmp_path):
+  """group.json says which seeds, checkpoint and recipe a group checkpoint belongs to. A
+  truncated one (killed while writing) made every rerun fail with JSONDecodeError."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  group_dir = epath.Path(tmp_path) / 'rte_seeds_1'
+  (group_dir / 'checkpoints' / '4').mkdir(parents=True)
+  (group_dir / 'group.json').write_text('{"seeds": [1')
+  identity = {'seeds': [1], 'checkpoint': 'ckpt', 'recipe': {'learning_rate': 2e-5}}
+  finetune._claim_group_dir(group_dir, identity)  # pylint: disable=protected-access
+  assert json.loads((group_dir / 'group.json').read_text()) == identity
+  assert not (group_dir / 'checkpoints').exists()   # another group's state: not resumed
+  (group_dir / 'checkpoints' / '8').mkdir(parents=True)
+  finetune._claim_group_dir(group_dir, identity)  # pylint: disable=protected-access
+  assert (group_dir / 'checkpoints' / '8').exists()   # its own: kept for the resume
+
+
+def test_two_set_asides_in_the_same_second_keep_both(tmp_path, monkeypatch):
+  monkeypatch.setattr(suite.time, 'time', lambda: 1_700_000_000.0)
+  for text in ('first', 'second'):
+    (tmp_path / 'glue_results.json').write_text(json.dumps({'run': text}))
+    suite.set_aside_results(tmp_path, 'another checkpoint')
+  kept = sorted(json.loads(p.read_text())['run'] for p in tmp_path.glob('replaced-*/*.json'))
+  assert kept == ['first', 'second']

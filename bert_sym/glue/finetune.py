@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import files
 from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -242,11 +243,16 @@ def _claim_group_dir(group_dir, identity: dict) -> None:
   """A checkpoint of another group (other seeds, checkpoint or recipe) is removed, never
   resumed; process 0 decides for every host."""
   marker = group_dir / 'group.json'
-  same = hosts.on_process_0(lambda: marker.exists() and json.loads(marker.read_text()) == identity)
+
+  def same_group():
+    try:
+      return json.loads(marker.read_text()) == identity
+    except (FileNotFoundError, ValueError):   # none yet, or cut short by a crash: not ours
+      return False
+  same = hosts.on_process_0(same_group)
   if jax.process_index() == 0 and not same:
     checkpoint_lib.checkpoint_dir(group_dir).rmtree(missing_ok=True)
-    group_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity))
+    files.write_atomically(str(marker), json.dumps(identity))
 
 
 def _restore_or_init(pretrained, task: TaskSetup, seeds, group_dir, desc):

@@ -6,6 +6,7 @@ continues from its last checkpoint in runs/<task>/checkpoints (bert_sym.glue.fin
 """
 
 import dataclasses
+import itertools
 import json
 import time
 from typing import Any
@@ -115,6 +116,10 @@ def set_aside_results(output_dir, whose: str) -> None:
   next run still finds it and moves the rest."""
   output_dir = epath.Path(output_dir)
   aside = output_dir / f'replaced-{int(time.time())}'
+  for n in itertools.count(1):   # a second set-aside in the same second must not overwrite
+    if not aside.exists():
+      break
+    aside = output_dir / f'replaced-{int(time.time())}-{n}'
   predictions = output_dir / 'predictions'
   paths = sorted(predictions.glob('*.tsv')) if predictions.exists() else []
   for path in paths + [output_dir / 'glue_results.md', output_dir / 'glue_results.json']:
