@@ -226,6 +226,20 @@ def test_out_of_vocabulary_ids_stop_at_the_first_read_naming_shard_and_block(
     next(iterator)
 
 
+def test_a_negative_id_in_an_int32_shard_is_out_of_vocabulary_too():
+  """Vocabularies over 65,536 ids are stored as int32, where damage can read as a negative
+  id; only ids >= vocab_size were caught, and a negative one reached the embedding lookup."""
+  from bert_sym.input import blocks  # pylint: disable=g-import-not-at-top
+  rows = np.full((4, 8), 5, np.int32)
+  rows[2, 6] = -17
+  assert blocks.first_out_of_vocabulary(rows, 100_000) == 2
+  assert 'holds token id -17, outside' in str(
+      blocks.out_of_vocabulary_error('part-0.npy', 2, rows[2], 100_000))
+  rows[1, 0] = 100_000
+  assert blocks.first_out_of_vocabulary(rows, 100_000) == 1
+  assert blocks.first_out_of_vocabulary(np.full((2, 8), 5, np.int32), 100_000) is None
+
+
 def test_hosts_read_disjoint_rows_of_the_global_batch(small_corpus):
   config = _config(str(small_corpus))
   whole = _iterator(config, batch_size=12, start_step=3)

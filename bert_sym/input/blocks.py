@@ -69,19 +69,21 @@ class Blocks:
 
 
 def first_out_of_vocabulary(out: np.ndarray, vocab_size: int) -> int | None:
-  """Index of the first row of `out` holding an id >= vocab_size, else None (cheap: one
-  max over the rows just read)."""
-  if out.size and int(out.max()) >= vocab_size:
-    return int(np.flatnonzero((out >= vocab_size).any(axis=1))[0])
+  """Index of the first row of `out` holding an id outside [0, vocab_size), else None
+  (cheap: one max and one min over the rows just read; int32 shards, for vocabularies over
+  65,536 ids, can hold negative ones)."""
+  if out.size and (int(out.max()) >= vocab_size or int(out.min()) < 0):
+    return int(np.flatnonzero(((out >= vocab_size) | (out < 0)).any(axis=1))[0])
   return None
 
 
 def out_of_vocabulary_error(path: str, block: int, row: np.ndarray,
                             vocab_size: int) -> DataError:
+  bad = int(row[(row >= vocab_size) | (row < 0)][0])
   return DataError(
-      f'{path}: block {block} holds token id {int(row.max())}, outside the vocabulary of '
-      f'{vocab_size} tokens (a damaged shard, or one exported with another vocabulary); '
-      're-export the split.')
+      f'{path}: block {block} holds token id {bad}, outside the vocabulary of {vocab_size} '
+      'tokens (a damaged shard, or one exported with another vocabulary); re-export the '
+      'split.')
 
 
 def token_dtype(vocab_size: int):
