@@ -637,3 +637,14 @@ def test_seqio_path_refuses_corpora_that_do_not_fit_in_memory():
   with pytest.raises(DataError, match=r'(?s)pack all of bert_sym_mlm_wikipedia.*'
                      r'tfds build wikipedia/20230601\.en'):
     data_lib.load_blocks(config, 'train')
+
+
+def test_a_split_directory_given_as_the_corpus_says_to_pass_its_parent(small_corpus):
+  """shards_dir=.../corpus/train: the message told to export the corpus again (hours at
+  paper scale) when the fix is to drop '/train'."""
+  split_dir = f'{small_corpus}/train'
+  with pytest.raises(DataError) as raised:
+    shard_reader.read_metadata(split_dir, 'train')
+  assert f'--config.data.shards_dir={small_corpus}' in str(raised.value)
+  assert 'export' not in str(raised.value).split('Fix:')[1]
+  assert shard_reader.read_metadata(str(small_corpus), 'train')['shards']

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import posixpath
 import shlex
 import threading
 from typing import Any
@@ -154,6 +155,11 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
 
   def read():
     if not exists(url):
+      if exists(join_url(shards_dir, METADATA_FILE)):   # one split of a corpus, not the corpus
+        parent = posixpath.dirname(shards_dir.rstrip('/'))
+        raise DataError(f'{shards_dir} is one split of an exported corpus (it holds '
+                        f'{METADATA_FILE} itself). Fix: pass the corpus directory, its '
+                        f'parent: --config.data.shards_dir={parent}')
       raise FileNotFoundError(f'{url}: no such file')
     return read_bytes(url)
 
