@@ -339,3 +339,15 @@ def test_a_directory_given_as_text_files_is_named_with_the_glob_to_use(tmp_path)
     sources.expand_patterns(f'{tmp_path}/*')
   assert sources.expand_patterns(f'{tmp_path}/*/*.tokens') == [
       str(corpus / 'wiki.train.tokens')]
+
+
+def test_validation_files_that_the_training_glob_also_matches_are_refused(tmp_path):
+  """--config.data.text_files='wiki.*.tokens' with validation_files=wiki.valid.tokens
+  trained on the validation text, and the validation loss looked fine."""
+  for split in ('train', 'valid', 'test'):
+    (tmp_path / f'wiki.{split}.tokens').write_text(f'{split} text\n')
+  valid = str(tmp_path / 'wiki.valid.tokens')
+  with pytest.raises(DataError, match=re.escape(f'{valid}: in both the training files')):
+    sources.text_files_dataset_fn(f'{tmp_path}/wiki.*.tokens', validation_patterns=valid)
+  sources.text_files_dataset_fn(str(tmp_path / 'wiki.train.tokens'), validation_patterns=valid)
+  sources.text_files_dataset_fn(f'{tmp_path}/wiki.*.tokens')   # held out from the files

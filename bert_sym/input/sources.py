@@ -180,9 +180,17 @@ def text_files_dataset_fn(patterns: str | list[str], *, holdout_every: int = HOL
   The globs are checked here, so a bad one fails at configuration time.
   """
   patterns, validation_patterns = _pattern_list(patterns), _pattern_list(validation_patterns)
-  expand_patterns(patterns)
+  train_files = expand_patterns(patterns)
   if validation_patterns:
-    expand_patterns(validation_patterns)
+    # A glob such as wiki.*.tokens also matches the validation file: the validation loss
+    # would then be measured on text the model trained on.
+    both = sorted(set(train_files) & set(expand_patterns(validation_patterns)))
+    if both:
+      raise DataError(
+          f'{", ".join(both[:3])}{", ..." if len(both) > 3 else ""}: in both the training '
+          f'files ({",".join(patterns)}) and the validation files '
+          f'({",".join(validation_patterns)}). Fix: narrow the training glob (e.g. '
+          "wiki.train.tokens, not wiki.*.tokens).")
   return functools.partial(_text_files_dataset, patterns=patterns, holdout_every=holdout_every,
                            validation_patterns=validation_patterns)
 
