@@ -5,6 +5,7 @@ import csv
 import json
 import os
 from pathlib import Path
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,7 +163,7 @@ def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
   assert not list(out.rglob('*.tmp-*'))                     # atomic writes left no temp
 
 
-def test_sweep_scores_every_step(workdir, tmp_path):
+def test_sweep_scores_every_step(workdir, tmp_path, capsys):
   out = tmp_path / 'sweep'
   config = _config(tasks='mrpc', seeds='1')
   suite.run_sweep(str(workdir), str(out), config, reference_score=40.0)
@@ -182,6 +183,15 @@ def test_sweep_scores_every_step(workdir, tmp_path):
   suite.run_sweep(str(workdir), str(out), config, reference_score=1000.0)
   assert json.loads((out / 'glue_vs_step.json').read_text())[
       'first_step_reaching_threshold'] is None
+  # A damaged step in the middle of a run is a gap in the sweep, not the sweep's end.
+  damaged = tmp_path / 'damaged_run'
+  shutil.copytree(workdir, damaged)
+  for array_file in (damaged / 'checkpoints' / '2' / 'state').rglob('d/*'):
+    array_file.write_bytes(array_file.read_bytes()[:array_file.stat().st_size // 2])
+  suite.run_sweep(str(damaged), str(tmp_path / 'sweep_damaged'), config)
+  assert [p['step'] for p in json.loads(
+      (tmp_path / 'sweep_damaged' / 'glue_vs_step.json').read_text())['points']] == [4]
+  assert 'step 2 skipped, its checkpoint is damaged' in capsys.readouterr().err
 
 
 def _point(step, score, kind='glue'):

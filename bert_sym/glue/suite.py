@@ -8,6 +8,7 @@ continues from its last checkpoint in runs/<task>/checkpoints (bert_sym.glue.fin
 import dataclasses
 import itertools
 import json
+import sys
 import time
 from typing import Any
 
@@ -343,8 +344,13 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
     step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
     # Each step has its own output directory, so an interrupted sweep resumes where it
     # stopped (config.resume) and a longer training run only adds its new steps.
-    results = run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'), config,
-                       task_cache)
+    try:
+      results = run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'), config,
+                         task_cache)
+    except checkpoint_lib.DamagedCheckpoint as e:   # one bad step: a gap, not the end
+      print(f'WARNING: GLUE sweep: step {step} skipped, its checkpoint is damaged ({e})',
+            file=sys.stderr, flush=True)
+      continue
     points.append(report.sweep_point(step, results))
     report.write_sweep(output_dir, workdir, points, reference_score)
   return {'points': points}
