@@ -425,3 +425,18 @@ def test_glue_scoring_through_the_runner():
       'GLUE dev')[1]
   ablate.run(fx.CONFIG, ','.join(fx.VARIANTS), '1,2', workdir, fx.OVERRIDES,
              summarize_only=True)
+
+
+def test_a_glue_mean_over_fewer_pre_training_runs_says_so():
+  """Seed 1 of a variant has its full GLUE, seed 2 only a partial one: the 'glue' column
+  was seed 1's alone, shown as the variant's."""
+  from bert_sym.ablate import report  # pylint: disable=g-import-not-at-top
+  from bert_sym.glue import metrics as glue_metrics  # pylint: disable=g-import-not-at-top
+  per_seed = {'1': {'glue': 80.0, 'rte': 60.0}, '2': {'glue_partial': 70.0, 'rte': 64.0}}
+  names = ('glue', 'glue_partial', 'rte')
+  summary = {'variants': ['pairwise'], 'per_variant': {'pairwise': {
+      'steps_to_target': {'of': 2},
+      'glue': {n: glue_metrics.mean_std([s.get(n) for s in per_seed.values()])
+               for n in names}}}}
+  [row] = [l for l in report._glue_table(summary) if l.startswith('| pairwise')]  # pylint: disable=protected-access
+  assert row == '| pairwise | 62.00 ± 2.83 | 80.00 (n=1/2) | 70.00 (n=1/2) |'

@@ -398,11 +398,18 @@ def _glue_table(summary: dict) -> list[str]:
   if not names:
     return []
   lines = ['', 'GLUE dev (x100; per pre-training seed: mean over fine-tuning seeds; then '
-           'mean ± std over pre-training seeds):', '',
+           'mean ± std over pre-training seeds; (n=k/m): only k of the m pre-training runs '
+           'have that score yet):', '',
            '| variant | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+
+  def cell(v, name):
+    stat, runs = pv[v]['glue'].get(name), pv[v]['steps_to_target']['of']
+    if stat is None or stat['mean'] is None:
+      return '—'
+    # A mean over fewer runs than the variant has must not pass for the variant's.
+    return _fmt_stat(stat, 2) + (f' (n={stat["n"]}/{runs})' if stat['n'] < runs else '')
   for v in variants:
-    cells = [_fmt_stat(pv[v]['glue'][n], 2) if n in pv[v]['glue'] else '—' for n in names]
-    lines.append(f'| {v} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {v} | ' + ' | '.join(cell(v, n) for n in names) + ' |')
   return lines
 
 
