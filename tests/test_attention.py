@@ -258,7 +258,7 @@ def test_kernel_comparison_can_fail():
 @pytest.mark.gpu   # the CPU's side of the choice: skipped on a GPU machine
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks the CPU choice')
 def test_auto_on_cpu_picks_xla_and_says_so(caplog):
-  attention_lib._LOGGED.clear()
+  attention_lib._log_once.cache_clear()
   with caplog.at_level(logging.INFO):
     impl = attention_lib.resolve_implementation(
         'auto', training_dropout=False, return_weights=False, seq_len=128)
@@ -270,7 +270,7 @@ def test_auto_on_cpu_picks_xla_and_says_so(caplog):
 @pytest.mark.skipif(not ON_GPU, reason='auto picks cudnn on a GPU only')
 def test_auto_on_gpu_runs_cudnn_in_bf16_and_xla_in_fp32(caplog):
   x, mask, _ = kernel_inputs()
-  attention_lib._LOGGED.clear()
+  attention_lib._log_once.cache_clear()
   module = SelfAttention(hidden_size=HIDDEN, num_heads=HEADS, attention='pairwise',
                          attention_impl='auto', dtype=jnp.bfloat16)
   params = init(attention_module('pairwise'), x, mask)
@@ -287,7 +287,7 @@ def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, capl
   resolve = functools.partial(attention_lib.resolve_implementation, 'auto',
                               return_weights=False, seq_len=128, backend=backend)
   assert resolve(training_dropout=False) == kernel
-  attention_lib._LOGGED.clear()
+  attention_lib._log_once.cache_clear()
   with caplog.at_level(logging.INFO):   # splash has no dropout; cuDNN's in scanned layers
     assert resolve(training_dropout=True, scanned=True) == 'xla'
   assert 'attention dropout is on' in caplog.text and kernel in caplog.text
@@ -297,7 +297,7 @@ def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, capl
   if kernel == 'cudnn':   # float32 models stay float32
     assert resolve(training_dropout=False, dtype=jnp.float32) == 'xla'
   else:                   # a length that splash's 128-wide blocks cannot tile
-    attention_lib._LOGGED.clear()
+    attention_lib._log_once.cache_clear()
     with caplog.at_level(logging.INFO):
       assert resolve(training_dropout=False, seq_len=100) == 'xla'
     assert 'sequence length 100 is not a multiple of 128' in caplog.text

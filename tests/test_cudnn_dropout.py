@@ -92,7 +92,7 @@ def test_auto_takes_cudnn_for_dropout_on_gpu_unless_layers_are_scanned(caplog):
       'auto', return_weights=False, seq_len=128, backend='gpu', **kw)
   expected = 'xla' if attention_lib.cudnn_dropout_missing() else 'cudnn'
   assert resolve(training_dropout=True) == expected
-  attention_lib._LOGGED.clear()  # pylint: disable=protected-access
+  attention_lib._log_once.cache_clear()  # pylint: disable=protected-access
   with caplog.at_level('INFO'):
     assert resolve(training_dropout=True, scanned=True) == 'xla'
   assert 'model.scan_layers=False' in caplog.text

@@ -4,9 +4,8 @@ summary.md and the plots (`bert_sym.ablate` runs the grid, then calls `summarize
 Statistics over seeds (steps to target by interpolation, bootstrap intervals, paired
 differences against the reference, when a ratio is given): `bert_sym.ablate.stats`.
 
-Wall-clock time is measured from each run's first metrics row (the step-0 eval, so
-start-up and the first compilation are excluded), without the time a resumed run sat
-stopped (`elapsed_seconds`).
+Wall-clock time runs from each run's first metrics row (the step-0 eval: start-up and the
+first compilation excluded), without the time a resumed run sat stopped (`elapsed_seconds`).
 """
 
 import dataclasses
@@ -372,8 +371,7 @@ def _main_table(summary: dict) -> list[str]:
         f'{_fmt_ci(p["final_eval_loss"], 4)} | '
         f'{"—" if same else _fmt_ci(paired["final_eval_loss"], 4)} | '
         f'{_fmt_stat(p["final_eval_mlm_accuracy"], 4)} | {_steps_cell(st)} | '
-        f'{"—" if same else _fmt_ci(paired["steps_to_target"], 0, with_n=True)} | '
-        f'{_ratio_cell(st)} | '
+        f'{"—" if same else _fmt_ci(paired["steps_to_target"], 0, True)} | {_ratio_cell(st)} | '
         f'{_fmt_stat(p["train_seconds"], 0)} |')
   return lines
 
@@ -401,15 +399,11 @@ def _glue_table(summary: dict) -> list[str]:
            'mean ± std over pre-training seeds; (n=k/m): only k of the m pre-training runs '
            'have that score yet):', '',
            '| variant | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
-
-  def cell(v, name):
-    stat, runs = pv[v]['glue'].get(name), pv[v]['steps_to_target']['of']
-    if stat is None or stat['mean'] is None:
-      return '—'
-    # A mean over fewer runs than the variant has must not pass for the variant's.
-    return _fmt_stat(stat, 2) + (f' (n={stat["n"]}/{runs})' if stat['n'] < runs else '')
-  for v in variants:
-    lines.append(f'| {v} | ' + ' | '.join(cell(v, n) for n in names) + ' |')
+  for v in variants:   # a mean over fewer runs than the variant has says so
+    runs, stats_ = pv[v]['steps_to_target']['of'], [pv[v]['glue'].get(n) for n in names]
+    lines.append(f'| {v} | ' + ' | '.join(
+        '—' if not st or st['mean'] is None else _fmt_stat(st, 2) + (
+            f' (n={st["n"]}/{runs})' if st['n'] < runs else '') for st in stats_) + ' |')
   return lines
 
 
