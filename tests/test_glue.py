@@ -846,3 +846,22 @@ def test_two_set_asides_in_the_same_second_keep_both(tmp_path, monkeypatch):
     suite.set_aside_results(tmp_path, 'another checkpoint')
   kept = sorted(json.loads(p.read_text())['run'] for p in tmp_path.glob('replaced-*/*.json'))
   assert kept == ['first', 'second']
+
+
+def test_a_group_resumed_with_another_seed_list_starts_again(tmp_path, monkeypatch):
+  """Every seed's batch is padded to the longest bucket among ALL the task's seeds at that
+  step (dropout masks depend on it): a group checkpoint from a run with --seeds=1,2,3 must
+  not be resumed by one with --seeds=1,2, which pads differently from there on."""
+  claimed = []
+
+  def claim(group_dir, identity):
+    claimed.append(identity)
+    raise StopIteration   # what the group would do next is not the point here
+  monkeypatch.setattr(finetune, '_claim_group_dir', claim)
+  task = type('Task', (), {'spec': type('Spec', (), {'name': 'rte'})()})()
+  for length_seeds in ([1, 2, 3], [1, 2]):
+    with pytest.raises(StopIteration):
+      finetune.finetune_group(None, task, None, None, [2], None, 0, tmp_path,
+                              {'checkpoint': 'c'}, length_seeds=length_seeds)
+  assert claimed[0] != claimed[1]
+  assert [c['length_seeds'] for c in claimed] == [[1, 2, 3], [1, 2]]

@@ -213,7 +213,10 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   """
   stacked = len(seeds) > 1
   group_dir = _group_dir(output_dir, task.spec.name)
-  _claim_group_dir(group_dir, dict(identity, seeds=list(seeds), parallel=stacked))
+  # The seeds whose batches set the padded lengths are part of it too: resumed with another
+  # --seeds list, a run would change its lengths, so its dropout masks, midway.
+  _claim_group_dir(group_dir, dict(identity, seeds=list(seeds), parallel=stacked,
+                                   length_seeds=sorted(set(length_seeds or seeds))))
   desc = f'{task.spec.name} seed{"s" if stacked else ""} {",".join(map(str, seeds))}'
   manager, latest, state = _restore_or_init(pretrained, task, seeds, group_dir, desc)
   step = latest or 0
