@@ -14,7 +14,6 @@ Hugging Face's `state_dict` names; the export needs neither PyTorch nor `transfo
 """
 
 import json
-import pathlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -188,8 +187,7 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
   from bert_sym.files import write_atomically  # pylint: disable=g-import-not-at-top
 
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = str(out_dir).rstrip('/')   # a string: pathlib would turn gs://b/x into gs:/b/x
   tensors = mlm_params_to_hf(params, cfg)
   # The decoder is tied to the word embeddings (and its bias to cls.predictions.bias):
   # like save_pretrained, store each tensor once; from_pretrained re-ties them.
@@ -203,7 +201,7 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   # config.json last: its presence marks a finished export.
   files['config.json'] = _json_bytes(hf_config_json(cfg))
   for name, data in files.items():
-    write_atomically(out / name, lambda f, data=data: f.write(data))
+    write_atomically(f'{out}/{name}', lambda f, data=data: f.write(data))   # makes the dir
 
 
 def _json_bytes(value) -> bytes:
@@ -215,6 +213,9 @@ def shape_mismatches(params: Mapping[str, Any], cfg) -> list[str]:
   presence) differs from what `cfg` (the checkpoint's config.json) builds; [] if none."""
   import jax  # pylint: disable=g-import-not-at-top
   from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
+  # Shapes only: the kernel the run trained with (splash, cudnn) need not exist here.
+  cfg = cfg.copy_and_resolve_references()
+  cfg.attention_impl = 'xla'
   want = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
           jax.tree_util.tree_leaves_with_path(
               model_lib.abstract_params(model_lib.BertForMaskedLM(cfg)))}

@@ -148,3 +148,32 @@ def test_shape_mismatches_name_every_differing_parameter():
   standard = tiny_config('standard')   # a key projection the checkpoint does not have
   assert any("['attention']['key']['kernel']: checkpoint absent" in f
              for f in export.shape_mismatches(params, standard))
+
+
+def test_export_to_an_object_store_lands_there(tmp_path, monkeypatch):
+  """--out_dir=gs://...: pathlib made it gs:/..., a local folder, and said 'Wrote'. Here an
+  fsspec memory:// bucket stands in for gs://; the files are read back and loaded by HF."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  cfg = tiny_config('standard')
+  batch = padded_batch(cfg.vocab_size, length=12)
+  params = random_params(cfg, batch)
+  export.save_hf_pretrained(params, cfg, f'memory://bucket/{tmp_path.name}/hf/')
+  assert not list(tmp_path.iterdir())   # nothing local
+  fs = fsspec.filesystem('memory')
+  local = tmp_path / 'copy'
+  fs.get(f'/bucket/{tmp_path.name}/hf/', str(local), recursive=True)
+  hf = transformers.BertForMaskedLM.from_pretrained(str(local)).eval()
+  _, hf_logits = hf_mlm_forward(hf, *batch)
+  ours = np.asarray(bert.BertForMaskedLM(cfg).apply({'params': params}, *batch))
+  np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=1e-5)
+
+
+def test_a_checkpoint_trained_with_a_named_kernel_exports_on_a_cpu():
+  """A run with attention_impl=splash (TPU) or cudnn (GPU) is exported anywhere: only
+  shapes are compared, and the kernel is not needed for them."""
+  cfg = tiny_config('pairwise')
+  params = bert.abstract_params(bert.BertForMaskedLM(cfg))
+  for kernel in ('splash', 'cudnn'):
+    cfg.attention_impl = kernel
+    assert export.shape_mismatches(params, cfg) == []
