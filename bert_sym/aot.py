@@ -387,4 +387,4 @@ def main(argv):
 
 if __name__ == '__main__':
   from bert_sym import cli  # pylint: disable=g-import-not-at-top
-  app.run(main, argv=cli.locate_config_files(sys.argv), flags_parser=config_check.parse_flags)
+  cli.run(main, prog='bert_sym.aot', flags_parser=config_check.parse_flags)

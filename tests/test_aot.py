@@ -275,3 +275,18 @@ def test_a_compiled_step_over_hbm_says_by_how_much(monkeypatch):
   report = aot.preflight(config, 'v5e-4')
   assert tried == ['train_step'] and report['hbm_bytes_per_chip'] == hbm
   assert not report['fits'] and report['bytes_over_hbm'] == 3 * 2**30
+
+
+def test_the_command_line_errors_are_one_line_and_help_exits_0():
+  """bert_sym.aot bypassed the CLI's error handling: --help exited 1 and a bad config key
+  (launch/tpu_vm.sh passes the user's own) came out as a traceback."""
+  assert run_aot('--help').returncode == 0
+  for flags, message in (
+      (('--config=configs/tiny.py', '--topology=v5e-4', '--config.nonexist=1'),
+       "unknown config key 'nonexist'"),
+      (('--config=configs/nope.py', '--topology=v5e-4'), 'cannot be loaded'),
+      (('--config=configs/tiny.py',), '--config and --topology are required')):
+    result = run_aot(*flags)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith('bert_sym.aot: error: ') and message in line, line
