@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from bert_sym import attention
+from bert_sym import cli
 from bert_sym.cli import UserError
 from bert_sym.input.sources import TEXT_FILES_TASK
 
@@ -281,8 +282,12 @@ def parse_flags(argv):
 
 
 def _print_config_keys(argv) -> None:
-  config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')),
-                     'configs/sym_base.py')
+  # --config=X or --config X (both accepted), else the headline config of this checkout.
+  given = [a.split('=', 1)[1] if a.startswith('--config=') else argv[i + 1]
+           for i, a in enumerate(argv) if a.startswith('--config=') or
+           (a == '--config' and i + 1 < len(argv))]
+  config_file = given[-1] if given else str(cli.CHECKOUT / 'configs' / 'sym_base.py')
+  cli.locate_config_files(['', f'--config={config_file}'])   # its package on sys.path
   try:
     config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
         'help', config_file.split(':', 1)[0]).get_config(

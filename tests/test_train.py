@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -132,6 +133,21 @@ def test_help_and_unknown_config_key():
                        check=False)
   assert result.returncode != 0
   assert 'no_such_key' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_help_lists_the_given_configs_keys_in_either_flag_form_from_any_directory(tmp_path):
+  """`--config configs/tiny.py` (a form accepted everywhere else) listed sym_base's values,
+  and from outside the checkout the listing failed."""
+  def listed(*args):
+    out = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--help', *args],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                  PYTHONPATH=train_fixtures.REPO_ROOT))
+    assert out.returncode == 0 and 'cannot list' not in out.stdout, out.stdout[-2000:]
+    return [l.split()[1] for l in out.stdout.splitlines()
+            if l.split()[:1] == ['--config.total_steps']]
+  assert listed('--config=configs/tiny.py') == listed('--config', 'configs/tiny.py') == ['300']
+  assert listed() == ['200000']   # configs/sym_base.py, the headline config
 
 
 @pytest.mark.parametrize('devices, overrides, message', [
