@@ -6,6 +6,7 @@ only `metrics.jsonl` is written. On multi-host runs only process 0 writes anythi
 """
 
 import io
+import itertools
 import json
 import logging as std_logging
 import math
@@ -153,6 +154,9 @@ class _JsonLines:
       self._handle.close()
 
 
+_WRITER_NUMBERS = itertools.count()
+
+
 class MetricWriter:
   """Scalars to `{workdir}/tensorboard` (events) and `{workdir}/metrics.jsonl`."""
 
@@ -174,8 +178,11 @@ class MetricWriter:
       logging.warning('tensorboard is not installed: metrics go to metrics.jsonl only.')
       return
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    # The writer's number keeps a second writer of this process in the same second (a
+    # notebook resuming) from overwriting the first one's file.
     events_path = (f'{str(workdir).rstrip("/")}/tensorboard/events.out.tfevents.'
-                   f'{int(time.time())}.{socket.gethostname()}.{os.getpid()}')
+                   f'{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
+                   f'{next(_WRITER_NUMBERS)}')
     local = files.local_path(events_path)
     # Object stores (gs://): an open upload is invisible until closed (gcsfs; and epath
     # uses gcsfs without TensorFlow), so the events are kept here and the whole file is
@@ -225,6 +232,11 @@ class MetricWriter:
       self._jsonl.replace(kept)
       logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
                    len(rows) - len(kept) - len(cut_short), step)
+    if self._events is not None:   # TensorBoard's own way: it purges the earlier files'
+      # events from this step on when it reads a session START here (else plots double back)
+      self._write_event(self._event_pb2.Event(
+          wall_time=time.time(), step=step + 1,
+          session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
 
   def set_aside_rows(self) -> None:
     """A run starting from step 0 in a workdir with rows (an attempt killed before its

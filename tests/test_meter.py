@@ -279,6 +279,27 @@ def test_tensorboard_reads_every_row_before_the_writer_is_closed(tmp_path, where
   writer.close()
 
 
+def test_tensorboard_shows_a_resumed_run_once(tmp_path):
+  """A run killed after logging steps 2-6 but saving only step 3 redoes steps 4-6. The
+  rows after 3 are dropped from metrics.jsonl; TensorBoard, which keeps the old event file,
+  showed them twice (..., 5, 6, 4, 5, 6) until the new file told it to purge them."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  first = metrics_writer.MetricWriter(tmp_path)
+  for step in range(2, 7):
+    first.write_scalars(step, {'train/loss': 10.0 - step})
+  del first   # killed
+  resumed = metrics_writer.MetricWriter(tmp_path)   # same process, same second: a notebook
+  resumed.drop_rows_after(3)
+  for step in range(4, 8):
+    resumed.write_scalars(step, {'train/loss': 20.0 - step})
+  resumed.close()
+  assert len(list((tmp_path / 'tensorboard').iterdir())) == 2
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [
+      (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0), (6, 14.0), (7, 13.0)]
+
+
 @pytest.mark.parametrize('setting', ['', 'own'])
 def test_compilation_cache_off_means_off_even_with_jax_s_variable(tmp_path, setting):
   """--config.compilation_cache_dir='' turns JAX's persistent cache off: JAX would
