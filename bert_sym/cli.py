@@ -1,6 +1,6 @@
 """What every command line of bert_sym shares: a user error is one line, a traceback a bug.
 
-`python -m bert_sym.train | glue | export | ablate | streaming` run their main through
+`python -m bert_sym.train | glue | hf_export | shards | ablate | aot` run their main through
 `run` (absl programs) or `guard` (argparse). A problem with what the user gave (a flag, a
 path, a file, a config, data that is not prepared) is printed as one line
 
@@ -166,6 +166,7 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   argv = locate_config_files(sys.argv if argv is None else argv)
+  argv = [a if a not in ('-h', '-?') else '--help' for a in argv]   # absl knows neither
   from bert_sym import tpu  # pylint: disable=import-outside-toplevel
   tpu.use_the_cpu_without_a_tpu()
 

@@ -148,6 +148,10 @@ def test_help_lists_the_given_configs_keys_in_either_flag_form_from_any_director
             if l.split()[:1] == ['--config.total_steps']]
   assert listed('--config=configs/tiny.py') == listed('--config', 'configs/tiny.py') == ['300']
   assert listed() == ['200000']   # configs/sym_base.py, the headline config
+  short = subprocess.run([sys.executable, '-m', 'bert_sym.train', '-h'], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert short.returncode == 0 and '--workdir' in short.stdout   # absl knows no -h
 
 
 @pytest.mark.parametrize('devices, overrides, message', [
