@@ -13,6 +13,9 @@ from bert_sym.input import shard_writer as export_lib
 from bert_sym.input.shard_reader import join_url
 
 PROG = 'bert_sym.shards'
+# finalize's exit while parts of other workers are missing: a launcher waits on this one
+# and stops on 1 (an error: waiting would never end).
+PARTS_MISSING_EXIT_CODE = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +46,8 @@ def _main(argv: list[str]) -> int:
                        "('' = every 100th document of --text_files held out)")
   ex.add_argument('--blocks_per_shard', type=int, default=1 << 16)
   fin = commands.add_parser('finalize', help='write metadata.json once all parts exist; '
-                                             'exit 1 while some are missing')
+                                             f'exit {PARTS_MISSING_EXIT_CODE} while some '
+                                             'are missing (1: an error)')
   fin.add_argument('--out_dir', required=True)
   fin.add_argument('--split', default='train,validation')
   args = parser.parse_args(argv)
@@ -72,7 +76,7 @@ def _main(argv: list[str]) -> int:
     else:
       print(f'{join_url(args.out_dir, split)}: complete, {metadata["num_blocks"]} blocks, '
             f'{metadata["num_tokens"]} tokens')
-  return 1 if (missing and args.command == 'finalize') else 0
+  return PARTS_MISSING_EXIT_CODE if (missing and args.command == 'finalize') else 0
 
 
 if __name__ == '__main__':

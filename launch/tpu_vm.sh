@@ -166,8 +166,11 @@ fi
     printf " %q" "--task=$EXPORT_TASK" "--max_seq_len=$EXPORT_SEQ_LEN" "--out_dir=$EXPORT_TO" \
       "--tfds_data_dir=$TFDS_DATA_DIR" "--num_workers=$NUM_WORKERS" "--worker_index=$WORKER_ID"
     echo
-    printf "until .venv/bin/python -m bert_sym.shards finalize %q; do sleep 60; done\n" \
+    # finalize exits 3 while parts of other workers are missing: wait for them; any other
+    # failure (a DataError, a wrong EXPORT_TO) stops here instead of waiting forever.
+    printf "until .venv/bin/python -m bert_sym.shards finalize %q; do rc=\$?; " \
       "--out_dir=$EXPORT_TO"
+    echo "[[ \$rc -eq 3 ]] || exit \$rc; sleep 60; done"
     EXTRA_ARGS+=("--config.data.shards_dir=$EXPORT_TO")
   fi
   printf "exec .venv/bin/python -m bert_sym.train --distributed"

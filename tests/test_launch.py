@@ -167,6 +167,10 @@ if sys.argv[1] == '-c':
   sys.exit(subprocess.run([{python!r}] + sys.argv[1:]).returncode)
 with open(os.environ['STUB_DIR'] + '/worker_python_calls', 'a') as f:
   f.write(json.dumps(sys.argv[1:]) + '\\n')
+if 'finalize' in sys.argv:   # FINALIZE_CODES: its exit code at each call (the last repeats)
+  codes = os.environ.get('FINALIZE_CODES', '0').split(',')
+  calls = open(os.environ['STUB_DIR'] + '/worker_python_calls').read().count('finalize')
+  sys.exit(int(codes[min(calls, len(codes)) - 1]))
 """
 
 
@@ -176,8 +180,12 @@ def _executable(path, text):
   path.chmod(0o755)
 
 
-@pytest.mark.parametrize('state', ['READY', 'PREEMPTED'])
-def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(tmp_path, state):
+@pytest.mark.parametrize('state, finalize_codes', [
+    ('READY', '0'), ('PREEMPTED', '0'),
+    ('READY', '3,3,0'),   # parts still missing (exit 3): waits, then trains
+    ('READY', '1')])      # a real error (exit 1): stops, where it waited forever
+def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
+    tmp_path, state, finalize_codes):
   """SKIP_PREFLIGHT=1 and EXPORT_TO: the worker converts its share of the corpus (worker
   3 of the slice's 4), waits for all parts, then trains from them with the user's extra
   flags intact; a preempted spot slice is deleted and recreated first."""
@@ -187,6 +195,7 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(tm
   _executable(stubs / 'gcloud', GCLOUD.format(python=python))
   _executable(stubs / 'curl', '#!/bin/sh\necho 3\n')   # the metadata server's worker number
   _executable(stubs / 'sudo', '#!/bin/sh\necho "sudo was called" >&2; exit 1\n')
+  _executable(stubs / 'sleep', '#!/bin/sh\nexit 0\n')   # the wait between finalize calls
   os.symlink(python, stubs / f'python{version}')
   # A venv left by an earlier launch on this worker: reused, its pip a no-op.
   _executable(home / 'bert_sym' / '.venv' / 'bin' / 'python',
@@ -195,7 +204,7 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(tm
   env = dict(os.environ, PATH=f'{stubs}:{os.environ["PATH"]}', STUB_DIR=str(tmp_path),
              WORKER_HOME=str(home), SLICE_STATE=state, SKIP_PREFLIGHT='1', SPOT='1',
              PYTHON_VERSION=version, EXPORT_TO='gs://bucket/c4_512',
-             TFDS_DATA_DIR='gs://bucket/tensorflow_datasets')
+             TFDS_DATA_DIR='gs://bucket/tensorflow_datasets', FINALIZE_CODES=finalize_codes)
   result = subprocess.run(
       ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
        'configs/sym_base.py', 'gs://bucket/sym_base', "--config.name=it's a run"],
@@ -211,11 +220,21 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(tm
   assert (home / 'bert_sym' / 'bert_sym' / 'train.py').is_file()   # the checkout travelled
 
   calls_file = tmp_path / 'worker_python_calls'
+  finalizes = len(finalize_codes.split(','))
   deadline = time.time() + 30   # run.sh runs in the background (nohup)
-  while len(calls_file.read_text().splitlines() if calls_file.exists() else []) < 3:
-    assert time.time() < deadline, (home / 'bert_sym' / 'train.log').read_text()
+  log = home / 'bert_sym' / 'train.log'
+  while len(calls_file.read_text().splitlines() if calls_file.exists() else []) < (
+      1 + finalizes + (finalize_codes != '1')):
+    assert time.time() < deadline, log.read_text()
     time.sleep(0.1)
-  export, finalize, train_call = [json.loads(l) for l in calls_file.read_text().splitlines()]
+  if finalize_codes == '1':
+    time.sleep(1)   # had it looped, more finalize calls would be there by now
+    assert len(calls_file.read_text().splitlines()) == 2, calls_file.read_text()
+    return
+  export, *finalize_calls, train_call = [json.loads(l)
+                                         for l in calls_file.read_text().splitlines()]
+  assert len(finalize_calls) == finalizes and len(set(map(tuple, finalize_calls))) == 1
+  finalize = finalize_calls[0]
   assert export == ['-m', 'bert_sym.shards', 'export', '--task=bert_sym_mlm_c4',
                     '--max_seq_len=512', '--out_dir=gs://bucket/c4_512',
                     '--tfds_data_dir=gs://bucket/tensorflow_datasets', '--num_workers=4',

@@ -467,7 +467,8 @@ def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_file
   (split / 'part-00001-00000.npy').write_bytes(b'partial')
   before = {n: (split / n).stat().st_mtime_ns for n in ('part-00000-00000.npy',
                                                          'part-00002-00000.npy')}
-  assert streaming_cli.main(['finalize', f'--out_dir={tmp_path / "two"}', '--split=train']) == 1
+  assert streaming_cli.main(['finalize', f'--out_dir={tmp_path / "two"}',
+                             '--split=train']) == streaming_cli.PARTS_MISSING_EXIT_CODE == 3
   assert _export(tmp_path / 'two', text_files) == one   # reruns part 1 only
   assert {n: (split / n).stat().st_mtime_ns for n in before} == before
   assert _files(split) == _files(tmp_path / 'one' / 'train')
