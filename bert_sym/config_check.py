@@ -256,9 +256,6 @@ def config_keys_help(config) -> str:
       'else configs/sym_base.py):'] + [f'  --config.{k:<{width}} {v!r}' for k, v in rows])
 
 
-_HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
-
-
 def parse_flags(argv):
   """absl flag parsing, with config_flags' unknown-key traceback turned into one line
   (a `UserError`; other flag errors are worded by `bert_sym.cli`).
@@ -268,7 +265,7 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except SystemExit:
-    if any(a in _HELP_FLAGS for a in argv[1:]):
+    if any(a in cli.HELP_FLAGS for a in argv[1:]):
       _print_config_keys(argv)
     raise
   except (KeyError, AttributeError) as e:

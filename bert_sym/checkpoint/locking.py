@@ -67,8 +67,8 @@ def workdir_lock(workdir, log=print):
 def _lock_holder(path) -> dict:
   try:
     with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
+      return _holder_text(f.read())
+  except OSError:
     return {}
 
 

@@ -116,11 +116,9 @@ def set_aside_results(output_dir, whose: str) -> None:
   or recipe never overwrites them. glue_results.json moves last: after a crash midway the
   next run still finds it and moves the rest."""
   output_dir = epath.Path(output_dir)
-  aside = output_dir / f'replaced-{int(time.time())}'
-  for n in itertools.count(1):   # a second set-aside in the same second must not overwrite
-    if not aside.exists():
-      break
-    aside = output_dir / f'replaced-{int(time.time())}-{n}'
+  stamp = int(time.time())   # and a number when a set-aside of this second is there
+  aside = next(d for d in (output_dir / f'replaced-{stamp}{f"-{n}" if n else ""}'
+                           for n in itertools.count()) if not d.exists())
   predictions = output_dir / 'predictions'
   paths = sorted(predictions.glob('*.tsv')) if predictions.exists() else []
   for path in paths + [output_dir / 'glue_results.md', output_dir / 'glue_results.json']:
