@@ -66,7 +66,8 @@ def shard_tokens_per_s(max_seq_len: int, batch_size: int, steps: int) -> tuple[f
   out_dir = tempfile.mkdtemp(prefix='bert_sym_bench_')
   export_lib.export('bert_sym_mlm_embedded', 'train', max_seq_len, out_dir, num_parts=1)
   config = common.base_config('base').data
-  config.update(dict(source='shards', shards_dir=out_dir, max_seq_len=max_seq_len,
+  config.update(dict(source='shards', shards_dir=out_dir, task='bert_sym_mlm_embedded',
+                     max_seq_len=max_seq_len,
                      max_predictions_per_seq=max(1, int(0.15 * max_seq_len) + 4)))
   iterator = data_lib.make_mlm_iterator(config, batch_size=batch_size, split='train', seed=0,
                                         process_index=0, process_count=1)

@@ -277,7 +277,8 @@ def test_shards_path_imports_and_runs_without_tensorflow(shards_dir):
       from bert_sym.input import iterator as data
       from configs import common
       config = common.base_config('tiny').data
-      config.update(dict(source='shards', shards_dir={shards_dir!r}, max_seq_len={L}))
+      config.update(dict(source='shards', shards_dir={shards_dir!r}, max_seq_len={L},
+                         task={TEXT!r}))
       batch = next(data.make_mlm_iterator(config, batch_size=4, split='train', seed=0,
                                           process_index=0, process_count=1))
       assert batch['input_ids'].shape == (4, {L})

@@ -272,8 +272,9 @@ def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
   with pytest.raises(DataError, match=r'(?s)train/metadata\.json cannot be read.*'
                      r'shards export'):
     _iterator(_config(str(tmp_path / 'absent')))
-  with pytest.raises(DataError, match='holds task .synthetic_test.'):
-    _iterator(_config(str(small_corpus), task='bert_sym_mlm_c4'))
+  for source in ('streaming', 'shards'):   # another corpus must not train under this name
+    with pytest.raises(DataError, match='holds task .synthetic_test.'):
+      _iterator(_config(str(small_corpus), task='bert_sym_mlm_c4', source=source))
   with pytest.raises(DataError, match='64-token blocks.*max_seq_len=32'):
     _iterator(_config(str(small_corpus), max_seq_len=32))
   broken = tmp_path / 'broken'

@@ -390,7 +390,8 @@ def open_blocks(data_config, split: str) -> Blocks | StreamingBlocks:
     blocks = load_shards(data_config.shards_dir, split, data_config)
   else:
     blocks = StreamingBlocks(data_config.shards_dir, split, data_config)
-  if source == 'streaming' and blocks.task != data_config.task:
+  # Both sources: shards of another task would train on another corpus without a word.
+  if blocks.task != data_config.task:
     raise DataError(
         f'{blocks.description} holds task {blocks.task!r}, the config asks '
         f'config.data.task={data_config.task!r}: pass the shards of that task, or set '
