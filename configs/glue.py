@@ -31,6 +31,10 @@ def get_config(arg=None):
   c.max_train_examples = 0      # > 0: first N training examples only (tests, smoke runs)
   c.max_eval_examples = 0       # > 0: first N examples of each dev set
   c.length_buckets = True       # pad each batch to a power of two <= max_seq_len (CPU speed)
+  # The attention kernel (xla | cudnn | splash | auto). Not the checkpoint's: the kernel
+  # named in pre-training may not exist here (splash off a TPU), or not tile GLUE's short
+  # lengths; auto takes the backend's fused kernel where it can run, xla elsewhere.
+  c.attention_impl = 'auto'
 
   # Optimisation (the paper's recipe).
   c.epochs = 5.0                # float: fractional epochs allowed for quick runs

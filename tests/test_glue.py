@@ -23,6 +23,7 @@ from scipy import stats
 from sklearn import metrics as sklearn_metrics
 import tensorflow_datasets as tfds
 
+from bert_sym import attention
 from bert_sym import checkpoint
 from bert_sym import loop
 from bert_sym import model as model_lib
@@ -462,7 +463,9 @@ def _handmade_workdir(path, steps=(3,), **overrides):
   config = train_fixtures.tiny_config(**overrides)
   path.mkdir(parents=True)
   checkpoint.write_config(path, config)
-  initial = nn.meta.unbox(model_lib.BertForMaskedLM(config.model).init(
+  runnable = config.model.copy_and_resolve_references()
+  runnable.attention_impl = 'xla'   # a kernel this machine has; the weights are the same
+  initial = nn.meta.unbox(model_lib.BertForMaskedLM(runnable).init(
       jax.random.key(0), *model_lib.dummy_inputs())['params'])
   manager = checkpoint.make_manager(path, config.checkpoint)
   for index, step in enumerate(steps):
@@ -479,9 +482,10 @@ def _handmade_workdir(path, steps=(3,), **overrides):
 @pytest.mark.parametrize('attention', ['standard', 'symmetric'])   # pairwise: `workdir`
 def test_every_attention_variant_fine_tunes(attention, tmp_path, monkeypatch):
   """Each variant's checkpoint fine-tunes: the loss moves, the classifier learns, the
-  score is a valid accuracy."""
+  score is a valid accuracy. The checkpoints name splash, a TPU kernel, as a run trained
+  on a TPU does: GLUE runs its own kernel choice (config.attention_impl=auto)."""
   workdir = _handmade_workdir(tmp_path / attention, model__attention=attention,
-                              model__vocab_size=30522)
+                              model__vocab_size=30522, model__attention_impl='splash')
   trained, compiled = [], {}
   real_finetune = suite.finetune_lib.finetune_group
   monkeypatch.setattr(suite.finetune_lib, 'finetune_group',
@@ -504,6 +508,27 @@ def test_every_attention_variant_fine_tunes(attention, tmp_path, monkeypatch):
   assert np.any(np.asarray(final['bias']))   # starts at zero
   accuracy = run['scores']['wnli']['accuracy']
   assert 0.0 <= accuracy <= 1.0 and accuracy * 8 == pytest.approx(round(accuracy * 8))
+
+
+def test_the_kernel_is_glues_own_choice_checked_before_training(monkeypatch):
+  """A named kernel that cannot run fails at once with GLUE's own fix: off its backend,
+  or splash on a TPU with length buckets shorter than its 128-token tiles, where auto
+  takes xla."""
+  model_cfg = train_fixtures.tiny_config(model__attention_dropout_rate=0.0).model
+  with pytest.raises(ValueError, match=r"^GLUE config.attention_impl='splash' cannot run "
+                                       r"here: attention_impl='splash' needs a TPU but the JAX "
+                                       r"backend is 'cpu'\. Fix: --config.attention_impl=auto "
+                                       r"\(the default\) or xla\.$"):
+    suite._glue_kernel(_config(attention_impl='splash'), model_cfg)
+  monkeypatch.setattr(attention, 'current_backend', lambda: 'tpu')
+  with pytest.raises(ValueError, match=r'multiple of 128, got 16\. Fix'):
+    suite._glue_kernel(_config(attention_impl='splash', length_buckets=True,
+                               max_seq_len=128), model_cfg)
+  assert suite._glue_kernel(_config(attention_impl='splash', max_seq_len=128),
+                            model_cfg) == 'splash'
+  assert suite._glue_kernel(_config(length_buckets=True), model_cfg) == 'auto'
+  with pytest.raises(ValueError, match=r"one of \('auto', 'xla', 'cudnn', 'splash'\)"):
+    suite._glue_kernel(_config(attention_impl='flash'), model_cfg)
 
 
 def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ continues from its last checkpoint in runs/<task>/checkpoints (bert_sym.glue.fin
 import dataclasses
 import itertools
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -17,9 +18,11 @@ from etils import epath
 import jax
 import ml_collections
 
+from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import loop
 from bert_sym import metrics_writer
+from bert_sym import model as model_lib
 from bert_sym import sharding
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import finetune as finetune_lib
@@ -30,8 +33,9 @@ from bert_sym.glue import report
 # Knobs that decide what a (task, seed) computes are compared on resume; these do not.
 _NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
                'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite')
-# Keys added after outputs were written without them: their value then is this default.
-_DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1}
+# Keys added after outputs were written without them: their value then is this default
+# (attention_impl: those runs used the checkpoint's kernel, the same math as auto's).
+_DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1, 'attention_impl': 'auto'}
 # glue_results.json key of the finished runs of seeds not requested this time (see
 # `_keep_finished_runs`).
 OTHER_SEEDS = 'runs_of_other_seeds'
@@ -178,6 +182,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
 def _checkpoint_and_tokenizer(checkpoint, config):
   """The pre-trained encoder and the tokenizer it was trained with, checked together."""
   pretrained = finetune_lib.load_pretrained_encoder(checkpoint)
+  pretrained.config.model.attention_impl = _glue_kernel(config, pretrained.config.model)
   tokenizer = glue_data.WordPiece(
       config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''))
   finetune_lib.check_vocab(pretrained, tokenizer)
@@ -186,6 +191,31 @@ def _checkpoint_and_tokenizer(checkpoint, config):
     raise ValueError(f'config.max_seq_len={config.max_seq_len} exceeds the checkpoint\'s '
                      f'max_position_embeddings={max_positions}.')
   return pretrained, tokenizer
+
+
+def _glue_kernel(config, model_cfg) -> str:
+  """config.attention_impl, checked now against this backend and GLUE's lengths.
+
+  The kernel is how attention is computed, not what the checkpoint learned, so GLUE
+  chooses its own instead of the one named in pre-training: a checkpoint trained with
+  splash on a TPU fine-tunes on a GPU, and on a TPU the short length buckets (16-64
+  tokens), which splash cannot tile, run xla under 'auto'."""
+  impl = config.get('attention_impl', 'auto')
+  if impl not in attention.IMPLEMENTATIONS:
+    raise ValueError(f'GLUE config.attention_impl={impl!r}; use one of '
+                     f'{attention.IMPLEMENTATIONS}.')
+  shortest = glue_data.bucket_length(1, config.max_seq_len) if config.length_buckets \
+      else config.max_seq_len
+  try:
+    attention.resolve_implementation(
+        impl, training_dropout=model_cfg.attention_dropout_rate > 0, return_weights=False,
+        seq_len=shortest, dtype=model_lib.compute_dtype(model_cfg.dtype),
+        scanned=bool(model_cfg.get('scan_layers', False)))
+  except ValueError as e:   # its first clause says why; its fixes are pre-training's
+    why = re.split(r'[.;] ', str(e))[0].replace('model.attention_impl', 'attention_impl')
+    raise ValueError(f'GLUE config.attention_impl={impl!r} cannot run here: {why}. Fix: '
+                     '--config.attention_impl=auto (the default) or xla.') from None
+  return impl
 
 
 def _check_local_files(config, specs) -> None:
