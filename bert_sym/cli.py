@@ -70,6 +70,16 @@ def user_error_message(error: BaseException) -> str | None:
     # that `tfds build` never prepared in the data dir given (or the default one).
     return (f'TFDS could not load the dataset ({type(error).__name__}: '
             f'{one_line(error)[:300]}). {TFDS_FIX}')
+  if isinstance(error, (ImportError, SyntaxError)) and _from_config_loading(error):
+    # A syntax error names its own line; an import error's is the traceback's last frame.
+    last = traceback.extract_tb(error.__traceback__)[-1]
+    where = (f'{error.filename}, line {error.lineno}: ' if isinstance(error, SyntaxError)
+             else f'{last.filename}, line {last.lineno}: ')
+    fix = ('correct that line' if isinstance(error, SyntaxError) else
+           'install that module, or import it from where it is (this checkout\'s configs/ '
+           'is importable from any directory)')
+    return (f'the config file does not load ({where}{type(error).__name__}: '
+            f'{getattr(error, "msg", None) or error}). Fix: {fix}.')
   if isinstance(error, OSError) and 'earlier failure to load' in str(error):
     # ml_collections' placeholder for a config file that did not load, touched by a
     # program that parses --config itself (bert_sym.ablate).
@@ -81,6 +91,11 @@ def user_error_message(error: BaseException) -> str | None:
                         PermissionError)):
     return f'{error}. Fix: check the path (and its permissions) given on the command line.'
   return None
+
+
+def _from_config_loading(error: BaseException) -> bool:
+  frames = traceback.extract_tb(error.__traceback__)
+  return any('config_flags' in frame.filename for frame in frames)
 
 
 def _flag_error_message(error) -> str:
@@ -118,6 +133,8 @@ def locate_config_files(argv: Sequence[str]) -> list[str]:
   absolute so that subprocesses (ablate's runs) find it too. The directory holding a
   config package goes on sys.path: config files import their siblings (`from configs
   import common`), which the editable install alone does not make importable."""
+  if str(CHECKOUT) not in sys.path:   # `from configs import common` in a user's own file
+    sys.path.append(str(CHECKOUT))
   argv, out = list(argv), []
   for i, arg in enumerate(argv):
     if arg.startswith('--config=') or (i and argv[i - 1] == '--config'):

@@ -26,6 +26,7 @@ DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/input/shard_reader.py
 ON_NONFINITE = ('stop', 'skip')
 PRNG_IMPLS = ('threefry', 'rbg', 'unsafe_rbg')   # bert_sym.steps.PRNG_IMPLS (no jax import here)
+REMAT_POLICIES = ('full', 'dots')                 # bert_sym.model.REMAT_POLICIES
 
 
 class ConfigError(UserError, ValueError):
@@ -60,6 +61,7 @@ def check_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> None
   _choice(f'{prefix}.attention', model.attention, attention.VARIANTS)
   _choice(f'{prefix}.attention_impl', model.attention_impl, attention.IMPLEMENTATIONS)
   _choice(f'{prefix}.dtype', model.dtype, DTYPES)
+  _choice(f'{prefix}.remat_policy', model.get('remat_policy', 'full'), REMAT_POLICIES)
   for key in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
               'max_position_embeddings', 'type_vocab_size'):
     _positive(f'{prefix}.{key}', model[key])
@@ -131,8 +133,25 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
         f'--config.data.max_predictions_per_seq={wanted}, or a lower mask_rate.')
 
 
+def _not_negative(key: str, value: Any) -> None:
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+    raise ConfigError(f'config.{key}={value!r} must be a number >= 0. '
+                      f'Fix: --config.{key}=<number >= 0>.')
+
+
+def _check_kind(config, needs: str, command: str, other: str) -> None:
+  """A config file of the other command (GLUE's given to the trainer, or the reverse)."""
+  if needs not in config:
+    raise ConfigError(
+        f'this config has no {needs!r}: it is not a {command} config (its keys: '
+        f'{", ".join(sorted(config.keys())[:6])}, ...). Fix: --config={other}, or run the '
+        'command this config is for.')
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first value of a training config that cannot work."""
+  _check_kind(config, 'model', 'training', 'configs/tiny.py (or sym_base.py, ...)')
+  _check_kind(config, 'data', 'training', 'configs/tiny.py (or sym_base.py, ...)')
   check_model(config.model)
   check_data(config.data, config.model)
   _positive('batch_size', config.batch_size)
@@ -154,11 +173,41 @@ def check(config: ml_collections.ConfigDict) -> None:
         f'config.optimizer.grad_accum_steps={opt.grad_accum_steps}. Fix: pick a divisor.')
   if not opt.learning_rate > 0:
     raise ConfigError(f'config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.')
+  _not_negative('optimizer.weight_decay', opt.weight_decay)
+  _not_negative('optimizer.grad_clip_norm', opt.grad_clip_norm)   # 0 = off
   for axis in ('data', 'fsdp', 'tensor'):
     size = config.mesh[axis]
     if not isinstance(size, int) or not (size == -1 or size >= 1):
       raise ConfigError(f'config.mesh.{axis}={size!r} must be -1 (the devices left) or a '
                         f'positive integer. Fix: --config.mesh.{axis}=-1.')
+
+
+def check_glue(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first value of a GLUE config (configs/glue.py) that cannot
+  work: before any output is written, not at the first compile or as a silent no-op."""
+  _check_kind(config, 'tasks', 'GLUE', 'configs/glue.py (or configs/glue.py:runlocal)')
+  for key in ('batch_size', 'eval_batch_size', 'grad_accum_steps', 'log_every_steps',
+              'max_consecutive_nonfinite'):
+    _positive(key, config.get(key, 1))
+  for key in ('max_train_examples', 'max_eval_examples', 'checkpoint_every_steps'):
+    _positive(key, config[key], allow_zero=True)
+  if config.batch_size % config.get('grad_accum_steps', 1):
+    raise ConfigError(
+        f'config.batch_size={config.batch_size} is not divisible by '
+        f'config.grad_accum_steps={config.grad_accum_steps}. Fix: pick a divisor.')
+  if config.max_seq_len < 8 or not isinstance(config.max_seq_len, int):
+    raise ConfigError(f'config.max_seq_len={config.max_seq_len!r} cannot hold a sentence '
+                      'pair. Fix: --config.max_seq_len=128 (the paper\'s).')
+  for key in ('epochs', 'learning_rate', 'eps'):
+    if not isinstance(config[key], (int, float)) or not config[key] > 0:
+      raise ConfigError(f'config.{key}={config[key]!r} must be > 0. Fix: '
+                        f'--config.{key}=<number > 0> (configs/glue.py has the paper\'s).')
+  _fraction('warmup_ratio', config.warmup_ratio, low_open=False, high_open=False)
+  _fraction('b1', config.b1, low_open=False)
+  _fraction('b2', config.b2, low_open=False)
+  _not_negative('weight_decay', config.weight_decay)
+  _not_negative('grad_clip_norm', config.grad_clip_norm)
+  _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
 
 
 # ---- Pre-flight: everything a run needs, checked before the workdir is created ----
@@ -256,7 +305,7 @@ def config_keys_help(config) -> str:
       'else configs/sym_base.py):'] + [f'  --config.{k:<{width}} {v!r}' for k, v in rows])
 
 
-def parse_flags(argv):
+def parse_flags(argv, default_config: str = 'sym_base.py'):
   """absl flag parsing, with config_flags' unknown-key traceback turned into one line
   (a `UserError`; other flag errors are worded by `bert_sym.cli`).
 
@@ -266,7 +315,7 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except SystemExit:
     if any(a in cli.HELP_FLAGS for a in argv[1:]):
-      _print_config_keys(argv)
+      _print_config_keys(argv, default_config)
     raise
   except (KeyError, AttributeError) as e:
     found = re.search(r"([A-Za-z_]\w*)", str(e).replace('\\', ''))
@@ -274,16 +323,15 @@ def parse_flags(argv):
     culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
     raise UserError(
         f'unknown config key {key!r}{" in " + ", ".join(culprits) if culprits else ""}. '
-        'Fix: every key must exist in the config file (see configs/common.py, or --help '
-        'for the list).') from None
+        'Fix: every key must exist in the config file (--help lists them).') from None
 
 
-def _print_config_keys(argv) -> None:
+def _print_config_keys(argv, default_config: str) -> None:
   # --config=X or --config X (both accepted), else the headline config of this checkout.
   given = [a.split('=', 1)[1] if a.startswith('--config=') else argv[i + 1]
            for i, a in enumerate(argv) if a.startswith('--config=') or
            (a == '--config' and i + 1 < len(argv))]
-  config_file = given[-1] if given else str(cli.CHECKOUT / 'configs' / 'sym_base.py')
+  config_file = given[-1] if given else str(cli.CHECKOUT / 'configs' / default_config)
   cli.locate_config_files(['', f'--config={config_file}'])   # its package on sys.path
   try:
     config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access

@@ -36,7 +36,11 @@ def define_flags() -> types.SimpleNamespace:
 
 def _multiprocess_environment() -> bool:
   env = os.environ
-  if int(env.get('SLURM_NTASKS', env.get('SLURM_STEP_NUM_TASKS', '1')) or 1) > 1:
+  # A SLURM job of several tasks counts only in a process srun started (it sets the
+  # SLURM_STEP_* variables JAX's own detection reads): a batch script's own shell, or an
+  # `salloc -n 4` one, runs a single process that has no step to join.
+  if 'SLURM_STEP_NODELIST' in env and int(
+      env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1:
     return True
   if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):   # a multi-host Cloud TPU slice
     return True
@@ -97,11 +101,18 @@ def initialize(cli: types.SimpleNamespace) -> None:
     # CPU-only multi-process (tests, debugging) needs a collectives backend.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if explicit:
-    if cli.num_processes.value is None or cli.process_id.value is None:
+    count, index = cli.num_processes.value, cli.process_id.value
+    if count is None or index is None:
       raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
-    jax.distributed.initialize(cli.coordinator_address.value,
-                               num_processes=cli.num_processes.value,
-                               process_id=cli.process_id.value)
+    if not 0 <= index < count:
+      raise app.UsageError(f'--process_id={index} with --num_processes={count}: process '
+                           f'ids run from 0 to {count - 1}, one per process.')
+    # Said before the call, which blocks until every process has connected (up to JAX's
+    # 5 min), and whose own errors then blame another process.
+    print(f'Process {index} of {count}: waiting for all processes at '
+          f'{cli.coordinator_address.value} (process 0 serves it there).', flush=True)
+    jax.distributed.initialize(cli.coordinator_address.value, num_processes=count,
+                               process_id=index)
   else:
     # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env; on SLURM
     # GPUs, which local GPUs this task drives comes from CUDA_VISIBLE_DEVICES (see above).
@@ -111,6 +122,15 @@ def initialize(cli: types.SimpleNamespace) -> None:
       logging.info('SLURM task %s drives local GPUs %s (CUDA_VISIBLE_DEVICES=%s)',
                    os.environ.get('SLURM_LOCALID'), local_device_ids,
                    os.environ.get('CUDA_VISIBLE_DEVICES'))
-    jax.distributed.initialize(local_device_ids=local_device_ids)
+    print('Multi-process run: waiting for every process (jax.distributed.initialize '
+          'with the coordinator found in the environment).', flush=True)
+    try:
+      jax.distributed.initialize(local_device_ids=local_device_ids)
+    except ValueError as e:   # nothing to detect: a lone process given --distributed
+      raise app.UsageError(
+          f'jax.distributed.initialize found no cluster ({e}). Fix: start one process per '
+          'task with srun (SLURM), mpirun, or on every worker of a TPU slice; or pass '
+          '--coordinator_address/--num_processes/--process_id; or drop --distributed.'
+      ) from None
   logging.info('Process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

@@ -170,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   Signal handlers and hooks are as before when this returns or raises.
   """
   config = _check_inputs(config, make_iterator)   # every input, before any side effect
+  checkpoint.check_same_config_on_every_host(config, 'run')
   loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   workdir = _prepare_workdir(workdir)
   with checkpoint.workdir_lock(workdir), loop.PreemptionFlag() as preemption:

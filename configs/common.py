@@ -104,7 +104,9 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   # Mesh axes; -1 takes the devices left over. Logical parameter axes map to mesh axes
   # through `sharding_rules` (t5x style): changing parallelism never touches the model.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.sharding_rules = [
+  # A tuple, not a list: ml_collections can override tuples from the command line
+  # (--config.sharding_rules="(('batch', 'data'), ...)"), lists not at all.
+  c.sharding_rules = (
       ('batch', ('data', 'fsdp')),
       ('vocab', 'tensor'),
       ('embed', 'fsdp'),
@@ -112,7 +114,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
       ('heads', 'tensor'),
       ('kv', None),
       ('layers', None),             # the stacked axis of scan_layers=True
-  ]
+  )
 
   c.log_every_steps = 50
   c.eval_every_steps = 250

@@ -13,7 +13,22 @@ from etils import epath
 import ml_collections
 
 
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def get_config(path):
   if not path:
     raise ValueError('Usage: --config=configs/from_json.py:/path/to/config.json')
-  return ml_collections.ConfigDict(json.loads(epath.Path(path).read_text()))
+  path = epath.Path(path)
+  if path.is_dir():   # a workdir, as the trainer's own messages name runs
+    path = path / 'config.json'
+  if not path.exists():
+    raise ValueError(f'{path} does not exist. Fix: --config=configs/from_json.py:'
+                     'WORKDIR/config.json (the file the trainer wrote into the old run).')
+  values = json.loads(path.read_text())
+  # JSON has no tuples; the config file's tuples go back to tuples, so that they can still
+  # be overridden from the command line as the original run's could.
+  if 'sharding_rules' in values:
+    values['sharding_rules'] = _tuples(values['sharding_rules'])
+  return ml_collections.ConfigDict(values)

@@ -67,6 +67,7 @@ def get_config(arg=None):
   # compile; one by one otherwise (benchmarks/RESULTS.md).
   c.parallel_seeds = 'auto'
   c.on_nonfinite = 'stop'       # 'skip': skip non-finite updates (never applied either way)
+  c.max_consecutive_nonfinite = 10   # with 'skip': stop after this many in a row
 
   if arg == 'runlocal':
     c.seeds = '1'

@@ -64,12 +64,23 @@ if [[ -z ${SKIP_PREFLIGHT:-} ]]; then
   fi
   echo "Preflight: compiling $CONFIG for $ACCELERATOR on this machine (bert_sym.aot)"
   if ! (cd "$REPO_ROOT" && "$PREFLIGHT_PYTHON" -m bert_sym.aot --config="$CONFIG" \
-        --topology="$ACCELERATOR" "${EXTRA_ARGS[@]}"); then
+        --topology="$ACCELERATOR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}); then
     echo "Preflight failed for $CONFIG on $ACCELERATOR (above); nothing was created." \
       "Fix the config, or set SKIP_PREFLIGHT=1 to launch anyway." >&2
     exit 1
   fi
 fi
+
+# This checkout as it is (tracked files, uncommitted changes, new files not ignored; a
+# tracked file deleted from the disk is left out), archived before a slice exists: a
+# failure here must not leave a billed slice idle. A directory, not a file name with a
+# suffix, from mktemp: BSD mktemp (macOS) replaces only trailing X's.
+ARCHIVE_DIR=$(mktemp -d /tmp/bert_sym.XXXXXX)
+ARCHIVE=$ARCHIVE_DIR/bert_sym.tar.gz
+trap 'rm -rf "$ARCHIVE_DIR"' EXIT
+(cd "$REPO_ROOT" && git ls-files -z --cached --others --exclude-standard --deduplicate \
+  | while IFS= read -r -d '' file; do if [[ -e $file ]]; then printf '%s\0' "$file"; fi; done \
+  | tar --null -czf "$ARCHIVE" -T -)
 
 # 1. The slice. A preempted spot slice keeps its name (describe succeeds) but has no
 #    running VMs: only a READY slice can be reused.
@@ -105,11 +116,7 @@ case "$STATE" in
     echo "Reusing TPU VM $NAME" ;;
 esac
 
-# 2. This checkout (tracked files of HEAD plus uncommitted changes) on every worker.
-ARCHIVE=$(mktemp /tmp/bert_sym.XXXXXX.tar.gz)
-trap 'rm -f "$ARCHIVE"' EXIT
-(cd "$REPO_ROOT" && git ls-files -z --cached --others --exclude-standard \
-  | tar --null -czf "$ARCHIVE" -T -)
+# 2. This checkout on every worker (its archive was built before step 1).
 "${GCLOUD[@]}" scp "$ARCHIVE" "$NAME":bert_sym.tar.gz "${COMMON[@]}" --worker=all
 
 # 3. Install (idempotent: the venv is reused on a rerun), then start the run. An older run
@@ -123,12 +130,15 @@ set -euo pipefail
 mkdir -p ~/bert_sym && cd ~/bert_sym
 if [[ -f train.pid ]]; then
   old=$(cat train.pid)
-  if kill "$old" 2>/dev/null; then
+  # Its whole process group (run.sh runs in its own session): during the export, killing
+  # only run.sh would leave the exporter running beside the new one. A run.sh started
+  # before sessions were used is not a group leader: then the pid alone.
+  if kill -- "-$old" 2>/dev/null || kill "$old" 2>/dev/null; then
     echo "worker $(hostname): stopping the previous trainer (pid $old)"
     for _ in $(seq 600); do kill -0 "$old" 2>/dev/null || break; sleep 1; done
     if kill -0 "$old" 2>/dev/null; then
       echo "worker $(hostname): pid $old still running after 10 minutes; killing it"
-      kill -9 "$old" 2>/dev/null || true
+      kill -9 -- "-$old" 2>/dev/null || kill -9 "$old" 2>/dev/null || true
       while kill -0 "$old" 2>/dev/null; do sleep 1; done
     fi
   fi
@@ -177,7 +187,7 @@ fi
   printf " %q" "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA_ARGS[@]}"
   echo
 } > run.sh
-nohup bash run.sh > train.log 2>&1 < /dev/null &
+setsid nohup bash run.sh > train.log 2>&1 < /dev/null &
 echo $! > train.pid
 echo "worker $(hostname): started, log in ~/bert_sym/train.log"
 '

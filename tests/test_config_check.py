@@ -3,6 +3,9 @@
 import importlib
 import json
 import os
+import re
+import subprocess
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -10,8 +13,10 @@ import pytest
 
 from bert_sym import cli
 from bert_sym import config_check
+from bert_sym import model as model_lib
 from configs import common
 from configs import from_json
+from configs import glue as glue_config
 
 
 def test_config_json_holds_absolute_data_paths_and_reruns_from_any_directory(
@@ -124,3 +129,94 @@ def test_tiny_refuses_an_argument_it_would_ignore():
   assert "configs/tiny.py takes no argument, got 'fast'" in message, message
   assert 'Fix: --config=configs/tiny.py' in message, message
   assert '..' not in message and message.count('Fix:') == 1, message   # its own fix only
+
+
+def test_config_files_that_do_not_load_are_one_line_naming_file_and_line(tmp_path):
+  (tmp_path / 'syntax.py').write_text('def get_config(:\n  pass\n')
+  (tmp_path / 'imports.py').write_text('import no_such_module\n')
+  message = _config_flag(str(tmp_path / 'syntax.py'))
+  assert f'{tmp_path / "syntax.py"}, line 1: SyntaxError' in message, message
+  message = _config_flag(str(tmp_path / 'imports.py'))
+  assert (f"{tmp_path / 'imports.py'}, line 1: ModuleNotFoundError: No module named "
+          "'no_such_module'") in message, message
+
+
+def test_a_users_config_file_imports_configs_from_any_directory(tmp_path):
+  """A config of one's own beside one's data, built on this checkout's configs/, run from
+  its directory: `configs` was importable only from the checkout."""
+  (tmp_path / 'mine.py').write_text(
+      'from configs import tiny\n\ndef get_config():\n  c = tiny.get_config()\n'
+      '  c.model.num_layers = 1\n  return c\n')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--config=mine.py',
+                           '--dry_run'], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'configs' not in result.stderr
+
+
+def test_sharding_rules_can_be_overridden_also_in_a_rerun_from_config_json(tmp_path):
+  """--help lists --config.sharding_rules, but as a list ml_collections refused any
+  override of it (and config.json turns tuples into lists)."""
+  rules = "(('batch', 'data'), ('embed', 'fsdp'), ('kv', None))"
+  config = _config_flag('configs/tiny.py')
+  (tmp_path / 'config.json').write_text(config.to_json())
+  for source in ('configs/tiny.py', f'configs/from_json.py:{tmp_path / "config.json"}',
+                 f'configs/from_json.py:{tmp_path}'):   # a workdir, too
+    argv = cli.locate_config_files(['bert_sym.train', f'--config={source}',
+                                    f'--config.sharding_rules={rules}'])
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    assert flag_values.config.sharding_rules == (('batch', 'data'), ('embed', 'fsdp'),
+                                                 ('kv', None)), source
+
+
+def test_a_config_of_the_other_command_is_named_as_such():
+  with pytest.raises(config_check.ConfigError, match=r"no 'model': it is not a training "
+                                                    r"config.*Fix: --config=configs/tiny.py"):
+    config_check.check(glue_config.get_config())
+  with pytest.raises(config_check.ConfigError, match=r"no 'tasks': it is not a GLUE config"
+                                                    r".*Fix: --config=configs/glue.py"):
+    config_check.check_glue(common.base_config('tiny'))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('model.remat_policy', 'bogus', "remat_policy='bogus' is not one of: full, dots"),
+    ('optimizer.weight_decay', -0.01, 'weight_decay=-0.01 must be a number >= 0'),
+    ('optimizer.grad_clip_norm', -1.0, 'grad_clip_norm=-1.0 must be a number >= 0'),
+])
+def test_training_values_refused_up_front(key, value, message):
+  config = common.base_config('tiny')
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+    config_check.check(config)
+
+
+def test_the_remat_policies_checked_are_the_models():
+  assert set(config_check.REMAT_POLICIES) == set(model_lib.REMAT_POLICIES)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(grad_accum_steps=3), 'batch_size=16 is not divisible by config.grad_accum_steps=3'),
+    (dict(batch_size=0), 'batch_size=0 must be an integer >= 1'),
+    (dict(eval_batch_size=0), 'eval_batch_size=0 must be an integer >= 1'),
+    (dict(epochs=0.0), 'epochs=0.0 must be > 0'),
+    (dict(learning_rate=-1.0), 'learning_rate=-1.0 must be > 0'),
+    (dict(warmup_ratio=1.5), 'warmup_ratio=1.5 must lie in [0, 1]'),
+    (dict(on_nonfinite='Stop'), "on_nonfinite='Stop' is not one of: stop, skip"),
+    (dict(max_consecutive_nonfinite=0), 'max_consecutive_nonfinite=0 must be an integer'),
+    (dict(max_seq_len=4), 'max_seq_len=4 cannot hold a sentence pair'),
+    (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be a number >= 0'),
+    (dict(b2=1.0), 'b2=1.0 must lie in [0, 1)'),
+])
+def test_glue_values_refused_before_any_output(overrides, message):
+  """Each of these ran: to a reshape traceback at the first compile (grad_accum_steps),
+  a ZeroDivisionError, an untrained classifier scored as a result (epochs=0), updates the
+  wrong way (a negative learning rate), or 'skip' for a mistyped 'stop'."""
+  config = glue_config.get_config()
+  config.update(overrides)
+  with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+    config_check.check_glue(config)
+  config_check.check_glue(glue_config.get_config('runlocal'))   # the shipped ones pass

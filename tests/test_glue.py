@@ -580,6 +580,11 @@ def test_bad_checkpoints_are_clear(tmp_path):
     suite.run_glue(str(small_vocab), str(tmp_path / 'out'), _config())
   with pytest.raises(FileNotFoundError, match='--sweep needs a training workdir'):
     suite.run_sweep(str(empty), str(tmp_path / 'out'), _config())
+  # One segment embedding (RoBERTa-style): the pair tasks' token type 1 was clamped to 0.
+  one_segment = _handmade_workdir(tmp_path / 'one_segment', model__type_vocab_size=1,
+                                  model__vocab_size=30522)
+  with pytest.raises(ValueError, match=r'type_vocab_size=1: .* second sentence of rte'):
+    suite.run_glue(str(one_segment), str(tmp_path / 'out'), _config(tasks='cola,rte'))
 
 
 def test_bad_tasks_fail_before_training(workdir, tmp_path):
@@ -604,8 +609,14 @@ def test_cli_input_errors_are_one_line(workdir, tmp_path):
                          ([f'--glue_dir={GLUE_DIR}', '--tasks=qqp'],
                           'No directory'),
                          ([f'--glue_dir={GLUE_DIR}', '--tasks=rte2'],
-                          'Unknown GLUE task')):
-    result = subprocess.run(base + extra, cwd=REPO_ROOT, env=env, capture_output=True,
+                          'Unknown GLUE task'),
+                         # Were three chained tracebacks: ml_collections applied the
+                         # overrides while the flag was defined, before our parsing.
+                         (['--config.epoch=1'], "unknown config key 'epoch'"),
+                         (['--config=configs/tiny.py'], "no 'tasks': it is not a GLUE config")):
+    command = (base[:3] + extra + base[3:-1] if extra[0].startswith('--config=')
+               else base + extra)   # a config file before, and without, GLUE's overrides
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
@@ -668,6 +679,15 @@ def _batch(seed, poison=False):
   if poison:   # a NaN weight makes the loss and every gradient NaN
     batch['weights'][0] = np.nan
   return batch
+
+
+def test_the_skip_limit_is_glues_own_key():
+  """GLUE's stop message names --config.max_consecutive_nonfinite: the key exists, and
+  is the limit the meter applies (it was the trainer's default, 10, whatever was set)."""
+  pretrained, task = _tiny_task()
+  meter = finetune._meter(pretrained, task, _config(max_consecutive_nonfinite=3), 1, 'rte',
+                          None)
+  assert meter.health.max_consecutive_skips == 3
 
 
 def test_nonfinite_glue_step_leaves_params_and_adam_unchanged():

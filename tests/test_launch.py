@@ -10,10 +10,12 @@ saves on SIGTERM and exits 42.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -51,6 +53,8 @@ def on_term(signum, frame):
 signal.signal(signal.SIGTERM, on_term)
 with open(f'{{out}}/args-{{task}}', 'w') as f:
   f.write('\\n'.join(sys.argv[1:]))
+with open(f'{{out}}/srun_cpus-{{task}}', 'w') as f:   # what srun >= 22.05 gives each task
+  f.write(os.environ.get('SRUN_CPUS_PER_TASK', '-'))
 os.replace(f'{{out}}/args-{{task}}', f'{{out}}/ready-{{task}}')
 with open(f'{{out}}/pgid-{{task}}', 'w') as f:
   f.write(str(os.getpgid(0)))
@@ -96,7 +100,7 @@ def _wait_for_tasks(stub_dir, process, timeout=60):
 
 def test_sigterm_before_the_time_limit_saves_and_requeues(slurm):
   start, stub_dir = slurm
-  process = start()
+  process = start(SLURM_CPUS_PER_TASK='12')
   _wait_for_tasks(stub_dir, process)
   for i in range(TASKS):   # SLURM signals every process of every task
     os.killpg(int((stub_dir / f'pgid-{i}').read_text()), signal.SIGTERM)
@@ -106,6 +110,8 @@ def test_sigterm_before_the_time_limit_saves_and_requeues(slurm):
   assert (stub_dir / 'scontrol_calls').read_text() == 'requeue 1234\n'
   assert 'requeueing job 1234 to resume' in output
   assert not list((stub_dir / 'submit').glob('.bert_sym-preempted-*'))   # marker cleared
+  # srun no longer inherits sbatch's --cpus-per-task (Slurm 22.05): passed on explicitly.
+  assert (stub_dir / 'srun_cpus-1').read_text() == '12'
   args = (stub_dir / 'ready-1').read_text().splitlines()
   assert args == ['-m', 'bert_sym.train', '--config=configs/sym_base.py',
                   f'--workdir={stub_dir / "run"}', '--config.total_steps=5']
@@ -180,15 +186,8 @@ def _executable(path, text):
   path.chmod(0o755)
 
 
-@pytest.mark.parametrize('state, finalize_codes', [
-    ('READY', '0'), ('PREEMPTED', '0'),
-    ('READY', '3,3,0'),   # parts still missing (exit 3): waits, then trains
-    ('READY', '1')])      # a real error (exit 1): stops, where it waited forever
-def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
-    tmp_path, state, finalize_codes):
-  """SKIP_PREFLIGHT=1 and EXPORT_TO: the worker converts its share of the corpus (worker
-  3 of the slice's 4), waits for all parts, then trains from them with the user's extra
-  flags intact; a preempted spot slice is deleted and recreated first."""
+def _stubbed_slice(tmp_path, state, finalize_codes='0'):
+  """(env, worker home) for launch/tpu_vm.sh with gcloud, the worker and its venv stubbed."""
   stubs, home = tmp_path / 'bin', tmp_path / 'worker_home'
   python = sys.executable
   version = f'{sys.version_info.major}.{sys.version_info.minor}'
@@ -205,6 +204,90 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
              WORKER_HOME=str(home), SLICE_STATE=state, SKIP_PREFLIGHT='1', SPOT='1',
              PYTHON_VERSION=version, EXPORT_TO='gs://bucket/c4_512',
              TFDS_DATA_DIR='gs://bucket/tensorflow_datasets', FINALIZE_CODES=finalize_codes)
+  return env, home
+
+
+def test_tpu_vm_launcher_ships_a_checkout_with_a_deleted_file_and_archives_before_creating(
+    tmp_path):
+  """A tracked file deleted from the disk (not `git rm`ed) made tar fail after the slice was
+  created: a billed slice left idle. The checkout is now archived first, without it."""
+  clone = tmp_path / 'clone'
+  subprocess.run(['git', 'clone', '-q', str(REPO_ROOT), str(clone)], check=True)
+  shutil.copy(REPO_ROOT / 'launch' / 'tpu_vm.sh', clone / 'launch' / 'tpu_vm.sh')   # under test
+  (clone / 'README.md').unlink()
+  (clone / 'notes.txt').write_text('a new file, not yet committed\n')
+  env, home = _stubbed_slice(tmp_path, state='')   # no slice yet: created
+  env.pop('EXPORT_TO')
+  result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+                           'configs/sym_base.py', 'gs://bucket/sym_base'], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  calls = (tmp_path / 'gcloud_calls').read_text().splitlines()
+  assert calls[:2] == ['describe bert-sym', 'create bert-sym  --spot'], calls
+  shipped = home / 'bert_sym'
+  assert (shipped / 'notes.txt').is_file() and (shipped / 'bert_sym' / 'train.py').is_file()
+  assert not (shipped / 'README.md').exists()
+  # Archived before step 1: when the archive cannot be made (a failing tar), no slice.
+  (tmp_path / 'gcloud_calls').unlink()
+  _executable(tmp_path / 'bin' / 'tar', '#!/bin/sh\necho "tar: failed" >&2; exit 2\n')
+  result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+                           'configs/sym_base.py', 'gs://bucket/sym_base'], cwd=clone, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and not (tmp_path / 'gcloud_calls').exists(), result.stdout
+
+
+def _alive(pid) -> bool:
+  try:
+    status = pathlib.Path(f'/proc/{pid}/status').read_text()
+  except FileNotFoundError:
+    return False
+  return '\nState:\tZ' not in status   # a zombie nobody reaped is gone too
+
+
+def test_tpu_vm_relaunch_stops_the_whole_previous_run_not_only_its_shell(tmp_path):
+  """A relaunch during the shard export killed only run.sh's shell: the exporter (its
+  child) ran on beside the new launch's exporter, on the same parts."""
+  env, home = _stubbed_slice(tmp_path, state='READY')
+  env.pop('EXPORT_TO')
+  (home / 'bert_sym').mkdir(parents=True, exist_ok=True)
+  child_pid = tmp_path / 'exporter.pid'
+  previous = subprocess.Popen(   # run.sh of the previous launch, in its own session
+      ['bash', '-c', f'{sys.executable} -c "import time; time.sleep(300)" & '
+                     f'echo $! > {child_pid}; wait'], start_new_session=True)
+  # Reaped as soon as it dies: the launcher waits until `kill -0` fails, never on a zombie.
+  threading.Thread(target=previous.wait, daemon=True).start()
+  try:
+    deadline = time.time() + 30
+    while not child_pid.exists() or not child_pid.read_text().strip():
+      assert time.time() < deadline
+      time.sleep(0.05)
+    exporter = int(child_pid.read_text())
+    (home / 'bert_sym' / 'train.pid').write_text(str(previous.pid))
+    result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b',
+                             'v4-32', 'configs/sym_base.py', 'gs://bucket/sym_base'],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'stopping the previous trainer' in result.stdout
+    previous.wait(timeout=30)
+    deadline = time.time() + 30
+    while _alive(exporter):
+      assert time.time() < deadline, 'the previous run\'s exporter is still running'
+      time.sleep(0.1)
+  finally:
+    previous.kill()
+
+
+@pytest.mark.parametrize('state, finalize_codes', [
+    ('READY', '0'), ('PREEMPTED', '0'),
+    ('READY', '3,3,0'),   # parts still missing (exit 3): waits, then trains
+    ('READY', '1')])      # a real error (exit 1): stops, where it waited forever
+def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
+    tmp_path, state, finalize_codes):
+  """SKIP_PREFLIGHT=1 and EXPORT_TO: the worker converts its share of the corpus (worker
+  3 of the slice's 4), waits for all parts, then trains from them with the user's extra
+  flags intact; a preempted spot slice is deleted and recreated first."""
+  env, home = _stubbed_slice(tmp_path, state, finalize_codes)
   result = subprocess.run(
       ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
        'configs/sym_base.py', 'gs://bucket/sym_base', "--config.name=it's a run"],

@@ -451,6 +451,36 @@ def _two_processes(workdir, overrides, env=None):
           for i in range(2)]
 
 
+def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
+  """Hosts given different workdirs (node-local paths) trained, then hung at the first
+  save with no step ever complete; hosts given different overrides hung in a collective
+  (total_steps) or trained one model from two recipes, without a word. Both now stop
+  before the first step, every process with the same line."""
+  for name, per_process, message in (
+      ('workdirs', [[], []], 'is not one directory shared by every process: process(es) 1 '
+                             'do not see the lock file'),
+      ('configs', [[], ['--config.seed=7']], 'started with different configs: process 1 '
+                                             'differs from process 0 in seed=7 (process 0: ')):
+    address = f'localhost:{_free_port()}'
+    processes = [run_trainer(tmp_path / name / (f'host{i}' if name == 'workdirs' else 'run'),
+                             f'--coordinator_address={address}', '--num_processes=2',
+                             f'--process_id={i}', *per_process[i], devices=2,
+                             overrides=_overrides(), background=True)
+                 for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=240)[0] for p in processes]
+    finally:
+      for p in processes:
+        p.kill()
+    for p, out in zip(processes, outputs):
+      errors = [line for line in out.splitlines() if 'bert_sym.train: error:' in line]
+      assert p.returncode == 1 and 'Traceback' not in out, out[-3000:]
+      assert len(errors) == 1 and message in errors[0], out[-3000:]
+      assert 'step 1' not in out
+    assert not list((tmp_path / name).rglob('checkpoints/*'))
+    assert not list((tmp_path / name).rglob('trainer.lock'))   # released on the way out
+
+
 def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
     tmp_path, reference_run):
   """jax.distributed over 2 local processes x 2 CPU devices, gloo collectives. A preemption
@@ -612,6 +642,44 @@ def test_slurm_local_device_ids():
   # Not SLURM, or no GPU list: JAX's own default.
   assert distributed.slurm_local_device_ids({'CUDA_VISIBLE_DEVICES': '0'}) is None
   assert distributed.slurm_local_device_ids(dict(base)) is None
+
+
+def test_only_a_process_srun_started_counts_as_multi_process(monkeypatch):
+  """A batch script's own shell (or `salloc -n 4`'s) has SLURM_NTASKS=4 but no step:
+  taking it for a multi-process run made jax.distributed.initialize fail with
+  'coordinator_address should be defined' (a GLUE run after the training srun)."""
+  for name in [k for k in os.environ if k.startswith(('SLURM_', 'OMPI_', 'TPU_', 'JAX_C'))]:
+    monkeypatch.delenv(name)
+  monkeypatch.setenv('SLURM_NTASKS', '4')
+  monkeypatch.setenv('SLURM_PROCID', '0')
+  assert not distributed._multiprocess_environment()
+  monkeypatch.setenv('SLURM_STEP_NODELIST', 'node[1-2]')
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '4')
+  assert distributed._multiprocess_environment()
+  monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '1')   # srun -n 1: one process
+  assert not distributed._multiprocess_environment()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--coordinator_address=localhost:1', '--process_id=2', '--num_processes=2'],
+     'process ids run from 0 to 1'),
+    (['--coordinator_address=localhost:1', '--process_id=0'],
+     'needs --num_processes and --process_id'),
+    (['--distributed'], 'found no cluster'),
+])
+def test_multi_process_start_up_errors_are_one_line_before_waiting(argv, message, tmp_path):
+  """A process id out of range was a traceback while process 0 waited; --distributed on a
+  lone machine a traceback ('coordinator_address should be defined')."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('SLURM_', 'OMPI_', 'TPU_WORKER', 'JAX_COORDINATOR'))}
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--config=configs/tiny.py',
+                           f'--workdir={tmp_path / "run"}', *argv],
+                          cwd=train_fixtures.REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+  errors = [line for line in result.stderr.splitlines() if 'error:' in line]
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
 
 
 def test_masked_positions_are_the_weighted_ones_in_order():

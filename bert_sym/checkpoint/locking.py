@@ -1,4 +1,5 @@
-"""One trainer per workdir: an flock on a lock file that names its holder."""
+"""One trainer per workdir: an flock on a lock file that names its holder; and one run
+across hosts: the same config, and a workdir every host shares."""
 
 import contextlib
 import fcntl
@@ -9,7 +10,8 @@ import time
 
 import jax
 
-from bert_sym.checkpoint.core import absolute, allgather_json
+from bert_sym.checkpoint.core import absolute, allgather_json, flat_config
+from bert_sym.cli import UserError
 
 
 # ---- One trainer per workdir ----
@@ -22,6 +24,34 @@ _HELD = {}
 
 class WorkdirBusy(ValueError):
   """Another live trainer holds the workdir."""
+
+
+class HostsDisagree(UserError, ValueError):
+  """The processes of one multi-host run were not started as one run."""
+
+
+def check_same_config_on_every_host(config, what: str = 'run') -> None:
+  """Every process runs process 0's config (which alone is written to config.json).
+
+  Hosts started with other overrides (total_steps, a seed, a learning rate) either hang in
+  a collective that only some of them reach, or silently train one model from several
+  recipes."""
+  if jax.process_count() == 1:
+    return
+  everyone = allgather_json(flat_config(config))
+  first = everyone[0]
+  differing = {index: sorted(k for k in set(theirs) | set(first)
+                             if theirs.get(k) != first.get(k))
+               for index, theirs in enumerate(everyone) if theirs != first}
+  if differing:
+    index, keys = next(iter(differing.items()))
+    shown = ', '.join(f'{k}={everyone[index].get(k)!r} (process 0: {first.get(k)!r})'
+                      for k in keys[:3])
+    raise HostsDisagree(
+        f'the processes of this {what} were started with different configs: process '
+        f'{index} differs from process 0 in {shown}{", ..." if len(keys) > 3 else ""} '
+        f'({len(differing)} process(es) differ). Fix: start every process with the same '
+        'command (the same --config file, overrides and data paths).')
 
 
 @contextlib.contextmanager
@@ -38,30 +68,51 @@ def workdir_lock(workdir, log=print):
   """
   path = os.path.join(str(absolute(workdir)), LOCK_FILE)
   local = '://' not in str(workdir)
-  problem, error = None, None
+  problem, error, holder = None, None, None
   if local and jax.process_index() == 0:
     try:
-      _take_lock(path, log)
+      holder = _take_lock(path, log)
     except WorkdirBusy as e:
       problem = str(e)
     except Exception as e:  # pylint: disable=broad-except
       error, problem = e, f'{type(e).__name__}: {e}'   # every host stops, not only this one
-  problem = allgather_json(problem)[0]
+  problem, holder = allgather_json([problem, holder])[0]
   if error is not None:
     raise error
   if problem:
     raise WorkdirBusy(problem)
   try:
+    _check_every_host_sees(path, holder, workdir)
     yield
   finally:
-    if path in _HELD:
-      fd = _HELD.pop(path)
-      # Unlinked before it is unlocked: a trainer that opened it meanwhile then finds its
-      # lock is on a deleted file and takes a fresh one (see _take_lock).
-      with contextlib.suppress(OSError):
-        if os.path.samestat(os.fstat(fd), os.stat(path)):
-          os.unlink(path)
-      os.close(fd)
+    _release(path)
+
+
+def _check_every_host_sees(path, holder, workdir) -> None:
+  """Every host reads the lock file that process 0 wrote: else each host would write its
+  share of every checkpoint into its own directory (a node-local path on a cluster), no
+  step would ever be complete, and the run would hang at its first save."""
+  if holder is None or jax.process_count() == 1:
+    return
+  blind = [index for index, sees in enumerate(allgather_json(_lock_holder(path) == holder))
+           if not sees]
+  if blind:
+    raise HostsDisagree(
+        f'--workdir={workdir} is not one directory shared by every process: process(es) '
+        f'{", ".join(map(str, blind))} do not see the lock file {path} that process 0 wrote '
+        'there (a node-local path?). Fix: a --workdir on a filesystem every host mounts '
+        '(NFS, Lustre, ...) or gs://.')
+
+
+def _release(path) -> None:
+  if path in _HELD:
+    fd = _HELD.pop(path)
+    # Unlinked before it is unlocked: a trainer that opened it meanwhile then finds its
+    # lock is on a deleted file and takes a fresh one (see _take_lock).
+    with contextlib.suppress(OSError):
+      if os.path.samestat(os.fstat(fd), os.stat(path)):
+        os.unlink(path)
+    os.close(fd)
 
 
 def _lock_holder(path) -> dict:
@@ -72,7 +123,8 @@ def _lock_holder(path) -> dict:
     return {}
 
 
-def _take_lock(path, log) -> None:
+def _take_lock(path, log) -> dict | None:
+  """The holder written into the lock file; None where the filesystem cannot lock."""
   me = {'host': socket.gethostname(), 'pid': os.getpid(),
         'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
   for _ in range(5):
@@ -91,7 +143,7 @@ def _take_lock(path, log) -> None:
       os.close(fd)
       log(f'WARNING: {path} cannot be locked on this filesystem ({e.strerror}); a second '
           'trainer on this workdir would not be stopped.')
-      return
+      return None
     try:   # the holder before us unlinked it between our open and our lock: not the lock
       current = os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
@@ -108,7 +160,7 @@ def _take_lock(path, log) -> None:
       f.truncate()
       json.dump(me, f)
     _HELD[path] = fd
-    return
+    return me
   raise WorkdirBusy(f'Could not take the workdir lock {path}; another trainer keeps taking it.')
 
 

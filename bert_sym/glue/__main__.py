@@ -56,6 +56,7 @@ import jax
 from ml_collections import config_flags
 
 from bert_sym import checkpoint
+from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import loop
 from bert_sym import metrics_writer
@@ -71,9 +72,12 @@ def define_flags() -> types.SimpleNamespace:
   """
   return types.SimpleNamespace(
       multiprocess=distributed.define_flags(),
+      # No default here: ml_collections would load a default at definition, before
+      # parsing, and apply the --config.KEY overrides then, where a mistyped key is a
+      # traceback. The default file is put on the command line instead (`_with_config`).
       config=config_flags.DEFINE_config_file(
-          'config', str(Path(__file__).resolve().parents[2] / 'configs' / 'glue.py'),
-          'GLUE fine-tuning config (configs/glue.py); override any knob with '
+          'config', None,
+          'GLUE fine-tuning config (default: configs/glue.py); override any knob with '
           '--config.KEY=VALUE.'),
       checkpoint=flags.DEFINE_string(
           'checkpoint', None, 'A training workdir (its latest checkpoint; with --sweep: all '
@@ -100,6 +104,7 @@ def main(argv, cli):
   if not cli.checkpoint.value or not cli.output_dir.value:
     raise app.UsageError('--checkpoint and --output_dir are required (see --help).')
   config = cli.config.value
+  config_check.check_glue(config)   # the trainer's config given here fails in one line
   for name in ('tasks', 'seeds', 'glue_dir'):   # flags that override a config knob
     if getattr(cli, name).value is not None:
       config[name] = getattr(cli, name).value
@@ -139,6 +144,17 @@ def main(argv, cli):
     print(f'GLUE finished in {time.time() - start:.0f} s; outputs in {cli.output_dir.value}')
 
 
+_DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / 'configs' / 'glue.py'
+
+
+def _with_config(argv: list[str]) -> list[str]:
+  if any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    return argv
+  return [argv[0], f'--config={_DEFAULT_CONFIG}', *argv[1:]]
+
 if __name__ == '__main__':
   from bert_sym import cli as cli_lib  # pylint: disable=g-import-not-at-top
-  cli_lib.run(functools.partial(main, cli=define_flags()), prog='bert_sym.glue')
+  cli_lib.run(functools.partial(main, cli=define_flags()), prog='bert_sym.glue',
+              argv=_with_config(sys.argv),
+              flags_parser=functools.partial(config_check.parse_flags,
+                                             default_config='glue.py'))

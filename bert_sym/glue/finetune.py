@@ -299,6 +299,7 @@ def _meter(pretrained, task: TaskSetup, config, num_seeds, desc, last_saved) -> 
       metrics_writer.peak_flops_per_device(), config.get('on_nonfinite', 'stop'),
       what=f'GLUE {desc}')
   meter.last_saved = last_saved
+  meter.health.max_consecutive_skips = config.get('max_consecutive_nonfinite', 10)
   return meter
 
 

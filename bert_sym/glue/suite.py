@@ -20,6 +20,7 @@ import ml_collections
 
 from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import config_check
 from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -32,7 +33,8 @@ from bert_sym.glue import report
 
 # Knobs that decide what a (task, seed) computes are compared on resume; these do not.
 _NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
-               'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite')
+               'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite',
+               'max_consecutive_nonfinite')
 # Keys added after outputs were written without them: their value then is this default
 # (attention_impl: those runs used the checkpoint's kernel, the same math as auto's).
 _DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1, 'attention_impl': 'auto'}
@@ -158,10 +160,17 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   checkpoint for the next: they depend on the model config and data size, not weights.
   Raises loop.Preempted after saving when stopped by SIGTERM / Ctrl-C.
   """
+  config_check.check_glue(config)
+  checkpoint_lib.check_same_config_on_every_host(config, 'GLUE run')
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
   parallel = parallel_seeds_mode(config.get('parallel_seeds', 'auto'))   # typos fail now
   pretrained, tokenizer = _checkpoint_and_tokenizer(checkpoint, config)
+  pairs = [s.name for s in specs if len(s.tfds_text_keys) == 2]
+  if pairs and pretrained.config.model.type_vocab_size < 2:   # a gather would clamp type 1
+    raise ValueError(f'{pretrained.step_dir} has model.type_vocab_size='
+                     f'{pretrained.config.model.type_vocab_size}: no segment embedding for '
+                     f'the second sentence of {", ".join(pairs)}. Fix: --tasks without them.')
   _check_local_files(config, specs)
   mesh, rules = _mesh_and_rules(config, pretrained)
   output_dir = epath.Path(output_dir)
