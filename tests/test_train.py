@@ -291,11 +291,20 @@ def _truncate_data_files(step_dir):
     f.write_bytes(f.read_bytes()[:10])
 
 
+def _truncate_the_largest_data_file(step_dir):
+  """Array bytes only, the metadata intact: orbax's array read fails, wrapped in a bare
+  Exception whose cause (TensorStore OUT_OF_RANGE) alone says the step is damaged."""
+  largest = max((step_dir / 'state').rglob('d/*'), key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:10])
+
+
 @pytest.mark.parametrize('damage', [
     _truncate_data_files,
+    _truncate_the_largest_data_file,
     lambda step_dir: (step_dir / 'state' / '_METADATA').unlink(),
     lambda step_dir: (step_dir / 'data_iter' / 'metadata').unlink(),
-], ids=['truncated_data_file', 'missing_METADATA', 'missing_data_iter_metadata'])
+], ids=['truncated_data_file', 'truncated_array_bytes', 'missing_METADATA',
+        'missing_data_iter_metadata'])
 def test_damaged_newest_checkpoint_falls_back_to_previous_step(tmp_path, reference_run,
                                                                damage):
   """A run whose newest checkpoint (12) was damaged resumes from 8, says so, and ends

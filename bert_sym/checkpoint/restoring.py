@@ -47,7 +47,22 @@ _TRANSIENT_CODES = ('UNAVAILABLE:', 'DEADLINE_EXCEEDED:', 'ABORTED:')
 
 
 def failure_kind(error: BaseException) -> str:
-  """'damaged', 'transient' or 'fatal': what a failed read says about the step."""
+  """'damaged', 'transient' or 'fatal': what a failed read says about the step.
+
+  Read down the chain of causes: orbax wraps an array read's TensorStore error (a short
+  or missing data file: OUT_OF_RANGE, NOT_FOUND) in a bare Exception, which alone says
+  nothing. The first error in the chain that says something decides."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    kind = _own_kind(error)
+    if kind:
+      return kind
+    error = error.__cause__ or error.__context__
+  return 'fatal'
+
+
+def _own_kind(error: BaseException) -> str | None:
   text = str(error)
   # A metadata file of bytes that are not text (UnicodeDecodeError) is as damaged as one
   # whose text is not JSON.
@@ -60,7 +75,7 @@ def failure_kind(error: BaseException) -> str:
     return 'fatal'
   if isinstance(error, OSError) or any(code in text for code in _TRANSIENT_CODES):
     return 'transient'   # a generic I/O error, a timeout, a dropped connection
-  return 'fatal'
+  return None if type(error) is Exception else 'fatal'   # a bare wrapper says nothing
 
 
 def read_state_metadata(step_dir) -> Any:
