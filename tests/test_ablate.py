@@ -299,6 +299,20 @@ def test_bad_override_fails_before_training(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_the_command_line_names_its_required_config_and_refuses_glue_dir_alone(tmp_path):
+  """`--help` never mentioned --config, which is required; `--glue_dir` without
+  `--glue_tasks` trained the grid and silently scored no GLUE at all."""
+  command = [sys.executable, '-m', 'bert_sym.ablate']
+  help_text = subprocess.run(command + ['--help'], cwd=fx.REPO_ROOT, capture_output=True,
+                             text=True, timeout=120).stdout
+  assert '--config (required)' in help_text and '--glue_tasks=rte,mrpc' in help_text
+  result = subprocess.run(command + [f'--config={fx.CONFIG}', f'--workdir={tmp_path / "g"}',
+                                     f'--glue_dir={tmp_path}'],
+                          cwd=fx.REPO_ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+  assert 'no --glue_tasks' in result.stderr and not (tmp_path / 'g').exists()
+
+
 # ----------------------------------------------------------------------------------------
 # End to end: the tiny grid through the command line.
 # ----------------------------------------------------------------------------------------

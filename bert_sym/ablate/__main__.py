@@ -1,4 +1,13 @@
-"""`python -m bert_sym.ablate`: the command line of the ablation runner (see __init__)."""
+r"""The ablation runner: one pre-training run per (attention variant, seed), then a report.
+
+  python -m bert_sym.ablate --config=configs/tiny.py --variants=standard,symmetric,pairwise \
+      --seeds=1,2,3 --workdir=runs/abl [--config.KEY=VALUE ...] \
+      [--glue_dir=/path/to/glue_data --glue_tasks=rte,mrpc]
+
+--config (required) and every --config.KEY=VALUE are the trainer's, passed to each run
+unchanged; --summarize_only needs the same ones, as it compares the runs against them.
+Details: bert_sym/ablate/__init__.py and the README's "Ablations".
+"""
 
 import sys
 from typing import Sequence
@@ -61,6 +70,9 @@ def main(argv, cli, config, overrides):
     raise app.UsageError('--workdir is required.')
   if not config:
     raise app.UsageError('--config=configs/....py is required.')
+  if cli['glue_dir'].value and not cli['glue_tasks'].value:   # would score nothing, silently
+    raise app.UsageError('--glue_dir is given but no --glue_tasks: name the tasks to score, '
+                         'e.g. --glue_tasks=rte,mrpc.')
   try:
     summary = run(config, cli['variants'].value, cli['seeds'].value, cli['workdir'].value,
                   overrides, summarize_only=cli['summarize_only'].value,
