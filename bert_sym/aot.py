@@ -25,6 +25,7 @@ per layer. The compiler's figures are reported as they are, next to it.
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -38,6 +39,7 @@ import numpy as np
 
 from bert_sym import attention
 from bert_sym import config_check
+from bert_sym import files
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
@@ -169,12 +171,13 @@ def bytes_over(message: str) -> int | None:
   return None
 
 
-def fit_advice(config) -> str:
-  """The knobs that lower per-chip memory, as flags with values to try (only existing keys)."""
+def fit_advice(config, num_slices: int = 1) -> str:
+  """The knobs that lower per-chip memory, as flags with values to try (only existing keys).
+  With several slices the data axis must keep one entry per slice (sharding.make_mesh)."""
   knobs = []
   if config.mesh.get('fsdp') is not None and config.mesh.fsdp == 1:
-    knobs.append('--config.mesh.fsdp=-1 --config.mesh.data=1 (shard params and Adam '
-                 'state over the chips)')
+    knobs.append(f'--config.mesh.fsdp=-1 --config.mesh.data={num_slices} (shard params and '
+                 'Adam state over the chips' + (' of each slice)' if num_slices > 1 else ')'))
   accum = config.optimizer.get('grad_accum_steps')
   if accum is not None:
     knobs.append(f'--config.optimizer.grad_accum_steps={2 * accum} (same batch, half the '
@@ -366,6 +369,14 @@ def main(argv):
   # free for its trainer); the slice's devices come from libtpu, for compiling only.
   jax.config.update('jax_platforms', 'cpu')
   config = _CONFIG.value
+  if _OUT.value:   # checked before compiling, which can take minutes
+    out_dir = os.path.dirname(os.path.abspath(_OUT.value))
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+      raise app.UsageError(f'--out={_OUT.value}: cannot create its directory ({e}).') from None
+    if not os.access(out_dir, os.W_OK):
+      raise app.UsageError(f'--out={_OUT.value}: {out_dir} is not writable.')
   try:
     report = preflight(config, _TOPOLOGY.value, _NUM_SLICES.value,
                        eval_step=_EVAL_STEP.value)
@@ -374,14 +385,13 @@ def main(argv):
     sys.exit(1)
   print(summary(report), flush=True)
   if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(report, f, indent=2)
+    files.write_atomically(_OUT.value, json.dumps(report, indent=2))
   if not report['fits']:
     over = report['bytes_over_hbm']
     over_text = f'{_human(over)} over' if over else 'over (the compiler gave no figure)'
     print(f"bert_sym.aot: error: does not fit on {report['topology']}: {over_text} the "
           f"{_human(report['hbm_bytes_per_chip'])} HBM of a {report['device_kind']} chip. "
-          f'{fit_advice(config)}', file=sys.stderr, flush=True)
+          f'{fit_advice(config, _NUM_SLICES.value)}', file=sys.stderr, flush=True)
     sys.exit(1)
 
 

@@ -74,8 +74,8 @@ def current_backend() -> str:
 
 
 @functools.lru_cache(maxsize=None)   # each message once
-def _log_once(message):
-  logging.info('%s', message)
+def _log_once(message, level=logging.INFO):
+  logging.log(level, '%s', message)
 
 
 # The private JAX entry point that exposes cuDNN's in-kernel dropout (jax.nn's does not).
@@ -166,8 +166,9 @@ def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scan
     why_not = ('model.dtype is float32 and cuDNN flash attention runs in 16 bits only '
                '(model.dtype=auto is bfloat16 on GPU)')
   if why_not:
+    # A warning, which the default logs show: the slow path is never taken unsaid.
     _log_once(f'attention_impl=auto on {backend}: using xla attention, not {kernel}, '
-              f'because {why_not}.')
+              f'because {why_not}.', logging.WARNING)
     return 'xla'
   _log_once(f'attention_impl=auto on {backend}: using {kernel} attention.')
   return kernel

@@ -295,14 +295,16 @@ def check_corpus(config: ml_collections.ConfigDict) -> None:
 
 # ---- The command line of bert_sym.train: --help lists the config keys, errors are one line ----
 
-def config_keys_help(config) -> str:
+def config_keys_help(config, config_file: str) -> str:
   """Every `--config.KEY=VALUE` that `config` accepts, with its current value."""
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: --help only)
   rows = list(checkpoint.flat_config(config).items())
   width = max(len(k) for k, _ in rows)
+  shown = os.path.relpath(config_file, cli.CHECKOUT) if config_file.startswith(
+      str(cli.CHECKOUT)) else config_file
   return '\n'.join([
-      'Config keys (override any with --config.KEY=VALUE; values of the given --config, '
-      'else configs/sym_base.py):'] + [f'  --config.{k:<{width}} {v!r}' for k, v in rows])
+      f'Config keys of --config={shown} (override any with --config.KEY=VALUE):'] + [
+          f'  --config.{k:<{width}} {v!r}' for k, v in rows])
 
 
 def parse_flags(argv, default_config: str = 'sym_base.py'):
@@ -340,4 +342,4 @@ def _print_config_keys(argv, default_config: str) -> None:
   except Exception as e:  # pylint: disable=broad-except
     print(f'(cannot list the config keys of {config_file}: {e})')
     return
-  print(config_keys_help(config))
+  print(config_keys_help(config, config_file))

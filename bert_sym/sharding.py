@@ -64,7 +64,9 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if shape[0] % slices:
     raise ValueError(
         f'config.mesh data={shape[0]} must be a multiple of the {slices} slices (only the '
-        f'data axis spans slices). Set --config.mesh.data=-1 or a multiple of {slices}.')
+        f'data axis spans slices). Set --config.mesh.data='
+        f'{slices if -1 in [mesh_config[a] for a in MESH_AXES] else -1} or a multiple of '
+        f'{slices}.')
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
   per_slice = (shape[0] // slices,) + tuple(shape[1:])
   grid = mesh_utils.create_hybrid_device_mesh(

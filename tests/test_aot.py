@@ -76,9 +76,16 @@ def test_multi_slice_mesh_spans_slices_on_the_data_axis_only():
   # Each fsdp group lies inside one slice; the data axis crosses from slice 0 to slice 1.
   assert (slice_of == slice_of[:, :1, :]).all()
   assert list(slice_of[:, 0, 0]) == [0, 0, 1, 1]
+  # What aot's "does not fit" advice said with 2 slices (fsdp=-1 data=1), and then the
+  # advice here (data=-1 beside fsdp=-1: "at most one axis may be -1"); both now work.
   config.mesh.update(data=1, fsdp=-1)
-  with pytest.raises(ValueError, match='multiple of the 2 slices'):
+  with pytest.raises(ValueError, match=r'multiple of the 2 slices.*mesh.data=2 or'):
     sharding.make_mesh(config.mesh, devices)
+  advice = aot.fit_advice(tiny_config(), num_slices=2)   # its mesh: data=-1, fsdp=1
+  assert '--config.mesh.fsdp=-1 --config.mesh.data=2' in advice, advice
+  config.mesh.update(data=2, fsdp=-1)
+  assert dict(sharding.make_mesh(config.mesh, devices).shape) == {'data': 2, 'fsdp': 4,
+                                                                  'tensor': 1}
 
 
 def test_hbm_overflow_messages_are_parsed():

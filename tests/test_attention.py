@@ -266,6 +266,17 @@ def test_auto_on_cpu_picks_xla_and_says_so(caplog):
   assert 'attention_impl=auto on cpu: using xla attention' in caplog.text
 
 
+def test_auto_falling_back_to_xla_on_an_accelerator_is_a_warning(caplog):
+  """The default logs (absl at WARNING) dropped the reason a TPU or GPU run took xla."""
+  attention_lib._log_once.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    impl = attention_lib.resolve_implementation(
+        'auto', training_dropout=True, return_weights=False, seq_len=128, backend='tpu')
+  assert impl == 'xla'
+  assert ('attention_impl=auto on tpu: using xla attention, not splash, because '
+          'attention dropout') in caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason='auto picks cudnn on a GPU only')
 def test_auto_on_gpu_runs_cudnn_in_bf16_and_xla_in_fp32(caplog):

@@ -17,10 +17,10 @@ attention variant, vocabulary) is read from the checkpoint's workdir, never rety
   python -m bert_sym.glue --checkpoint=WORKDIR --output_dir=/tmp/sweep --sweep \
       --seeds=1 --reference_score=79.36
 
-  # The tiny-model CPU run reported in the README (about 10 min on 2 CPU cores), after
-  # python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt
+  # The tiny-model CPU run reported in the README (3 seeds: about 19 min on 2 CPU cores),
+  # after python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt
   python -m bert_sym.glue --checkpoint=/tmp/tiny_glue_ckpt --output_dir=/tmp/tiny_glue \
-      --glue_dir=/path/to/glue_data --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1 \
+      --glue_dir=/path/to/glue_data --tasks=cola,sst2,mrpc,stsb,rte,wnli --seeds=1,2,3 \
       --config.epochs=1 --config.max_seq_len=64 --config.learning_rate=1e-4
 
 Outputs in --output_dir, local or gs://, each written whole (a temporary file renamed
