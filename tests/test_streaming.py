@@ -7,6 +7,7 @@ through `fs.cat_ranges`) as gcsfs; plain local paths use os.pread.
 """
 
 import json
+import logging
 import os
 import pathlib
 import shlex
@@ -343,7 +344,7 @@ def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeyp
   assert 'not prepared' not in str(error.value)
 
 
-def test_describe_corpus_counts_epochs_and_warns(small_corpus):
+def test_describe_corpus_counts_epochs_and_warns(small_corpus, caplog):
   iterator = _iterator(_config(str(small_corpus)))
   config = common.base_config('tiny')
   config.data = _config(str(small_corpus))
@@ -353,8 +354,10 @@ def test_describe_corpus_counts_epochs_and_warns(small_corpus):
   assert len(lines) == 1 and f'{tokens:,} tokens in 1,000 blocks of 64' in lines[0]
   assert '0.51 epochs' in lines[0]
   config.total_steps = 400   # 12.8 epochs
-  lines = data_lib.describe_corpus(iterator, config)
+  with caplog.at_level(logging.WARNING):
+    lines = data_lib.describe_corpus(iterator, config)
   assert '12.80 epochs' in lines[0] and len(lines) == 2 and 'WARNING' in lines[1]
+  assert 'memorise' not in caplog.text   # the console line only: it was printed twice
 
 
 def test_streaming_path_runs_without_tensorflow(small_corpus):

@@ -160,7 +160,8 @@ def vocab_size(data_config) -> int:
 def describe_corpus(iterator, config) -> list[str]:
   """Lines for the log: corpus size and the number of epochs config.total_steps reads.
 
-  Warns (absl) above EPOCH_WARNING_THRESHOLD epochs. [] for iterators not made here
+  Above EPOCH_WARNING_THRESHOLD epochs a WARNING line, for the caller's console only (it
+  was also logged, so the default logs showed it twice). [] for iterators not made here
   (e.g. synthetic test inputs).
   """
   blocks = getattr(iterator, '_blocks', None)
@@ -178,6 +179,5 @@ def describe_corpus(iterator, config) -> list[str]:
     warning = (f'the run reads the corpus {epochs:.1f} times (> '
                f'{EPOCH_WARNING_THRESHOLD} epochs): the model will memorise it. Use a '
                'larger corpus (see `python -m bert_sym.shards export`) or fewer steps.')
-    logging.warning('%s', warning)
     lines.append('WARNING: ' + warning)
   return lines
