@@ -13,7 +13,9 @@ Hugging Face's `state_dict` names; the export needs neither PyTorch nor `transfo
   python -m bert_sym.hf_export --checkpoint=WORKDIR_or_STEP_DIR --out_dir=hf_model
 """
 
+import contextlib
 import json
+import posixpath
 from typing import Any, Mapping
 
 import numpy as np
@@ -193,6 +195,7 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   # like save_pretrained, store each tensor once; from_pretrained re-ties them.
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()
              if k not in ('cls.predictions.decoder.weight', 'cls.predictions.decoder.bias')}
+  _clear_earlier_export(out)
   files = {'model.safetensors': save(tensors, metadata={'format': 'pt'}),
            'tokenizer_config.json': _json_bytes(hf_tokenizer_config(cfg)),
            'special_tokens_map.json': _json_bytes(SPECIAL_TOKENS)}
@@ -202,6 +205,49 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   files['config.json'] = _json_bytes(hf_config_json(cfg))
   for name, data in files.items():
     write_atomically(f'{out}/{name}', lambda f, data=data: f.write(data))   # makes the dir
+
+
+# Files of a Hugging Face model directory that this export does not write: left from an
+# earlier save_pretrained into the same directory, they would win over ours (a stale
+# tokenizer.json is what AutoTokenizer loads first).
+_OTHER_HF_FILES = ('tokenizer.json', 'added_tokens.json', 'pytorch_model.bin',
+                   'model.safetensors.index.json', 'pytorch_model.bin.index.json',
+                   'tf_model.h5', 'flax_model.msgpack', 'generation_config.json')
+
+
+def check_out_dir(out_dir: str) -> None:
+  """Raises ValueError unless `out_dir` is new, empty, or an earlier Hugging Face export
+  (which the export replaces): never a training workdir, whose config.json it would
+  overwrite, nor a directory of other files."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fs, root = fsspec.core.url_to_fs(str(out_dir).rstrip('/'))
+  if not fs.exists(root):
+    return
+  names = {posixpath.basename(p.rstrip('/')) for p in fs.ls(root, detail=False)}
+  if not names:
+    return
+  config = {}
+  if 'config.json' in names:
+    with contextlib.suppress(ValueError, OSError):
+      config = json.loads(fs.cat_file(f'{root}/config.json'))
+  if 'checkpoints' in names or ('config.json' in names and 'model' in config):
+    raise ValueError(f'--out_dir={out_dir} is a bert_sym training workdir: the export would '
+                     'overwrite its config.json. Fix: --out_dir=a new directory.')
+  if config.get('model_type') != 'bert':
+    raise ValueError(f'--out_dir={out_dir} is not empty ({", ".join(sorted(names)[:4])}'
+                     f'{", ..." if len(names) > 4 else ""}) and holds no earlier export. '
+                     'Fix: --out_dir=a new or empty directory.')
+
+
+def _clear_earlier_export(out: str) -> None:
+  """An earlier export in `out` loses its config.json first (the mark of a finished export:
+  the directory then looks finished again only when this export is), then the files this
+  export does not write."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  fs, root = fsspec.core.url_to_fs(out)
+  for name in ('config.json',) + _OTHER_HF_FILES:
+    if fs.exists(f'{root}/{name}'):
+      fs.rm(f'{root}/{name}')
 
 
 def _json_bytes(value) -> bytes:
@@ -236,6 +282,10 @@ def main(argv):
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
   from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
+  try:
+    check_out_dir(_OUT_DIR.value)   # before the checkpoint is read: seconds, not minutes
+  except ValueError as e:
+    raise UserError(str(e)) from None
   try:
     config, params = checkpoint.load_pretrained(_CHECKPOINT.value)
   except (FileNotFoundError, ValueError) as e:

@@ -69,6 +69,20 @@ def test_ratio_only_when_every_seed_of_both_reached():
   assert stats.steps_ratio(faster, {1: 100.0, 2: None, 3: 110.0})['value'] is None
 
 
+def test_non_finite_values_give_no_interval_and_no_crossing():
+  """A NaN eval loss started an interpolation to a NaN step, which counted as reached; a
+  NaN seed got a finite interval (from the resamples that missed it) beside a NaN mean;
+  a ratio to a zero mean raised IndexError (a percentile of no values)."""
+  nan, inf = float('nan'), float('inf')
+  assert stats.steps_to_target([0, 100, 200, 300], [10, nan, 2, 1], 3) == 175.0   # 0 -> 200
+  assert stats.steps_to_target([0, 100, 200], [10, inf, 2], 3) == 175.0
+  assert stats.steps_to_target([0, 100], [nan, nan], 3) is None
+  assert stats.describe([1.0, nan, 3.0])['ci95'] is None
+  assert stats.describe([nan, nan])['ci95'] is None
+  with np.errstate(divide='ignore'):
+    assert stats.steps_ratio({1: 1.0, 2: 2.0}, {1: 0.0, 2: 0.0})['ci95'] is None
+
+
 def test_paired_difference_is_per_seed():
   d = stats.paired_difference({1: 5.0, 2: 6.0, 3: None}, {1: 4.0, 2: 5.5, 3: 4.0})
   assert d['seeds'] == [1, 2] and d['mean'] == pytest.approx(0.75) and d['n'] == 2

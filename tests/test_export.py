@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from bert_sym import files as export_files
 from bert_sym import hf_export as export
 from bert_sym import model as bert
 from configs.common import model_config
@@ -64,6 +65,43 @@ def test_save_hf_pretrained_loads_with_from_pretrained(tmp_path):
   _, hf_logits = hf_mlm_forward(hf, *batch)
   ours = np.asarray(bert.BertForMaskedLM(cfg).apply({'params': params}, *batch))
   np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=1e-5)
+
+
+def test_out_dir_is_new_empty_or_an_earlier_export_which_is_replaced_whole(tmp_path,
+                                                                          monkeypatch):
+  """--out_dir=WORKDIR overwrote the training config.json (later commands on the workdir
+  then failed); an earlier directory's tokenizer.json won over the exported vocabulary;
+  and a re-export interrupted midway kept the earlier config.json, so looked finished."""
+  workdir = tmp_path / 'workdir'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  (workdir / 'config.json').write_text('{"model": {}, "data": {}}')
+  with pytest.raises(ValueError, match='is a bert_sym training workdir'):
+    export.check_out_dir(str(workdir))
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'notes.txt').write_text('mine')
+  with pytest.raises(ValueError, match=r'not empty \(notes.txt\) and holds no earlier export'):
+    export.check_out_dir(str(tmp_path / 'other'))
+  export.check_out_dir(str(tmp_path / 'new'))   # new, or empty: fine
+  cfg = tiny_config('standard')
+  params = random_params(cfg, padded_batch(cfg.vocab_size, length=12))
+  out = tmp_path / 'hf'
+  export.save_hf_pretrained(params, cfg, str(out))
+  (out / 'tokenizer.json').write_text('{"stale": true}')   # another save_pretrained's
+  export.check_out_dir(str(out))                               # an earlier export: replaced
+  real_write = export_files.write_atomically
+
+  def fail_on_weights(path, data):
+    if str(path).endswith('model.safetensors'):
+      raise KeyboardInterrupt
+    real_write(path, data)
+  monkeypatch.setattr(export_files, 'write_atomically', fail_on_weights)
+  with pytest.raises(KeyboardInterrupt):
+    export.save_hf_pretrained(params, cfg, str(out))
+  assert not (out / 'config.json').exists() and not (out / 'tokenizer.json').exists()
+  monkeypatch.setattr(export_files, 'write_atomically', real_write)
+  export.save_hf_pretrained(params, cfg, str(out))
+  assert sorted(p.name for p in out.iterdir()) == [
+      'config.json', 'model.safetensors', 'special_tokens_map.json', 'tokenizer_config.json']
 
 
 def test_non_standard_import_is_refused():

@@ -8,10 +8,15 @@ import os
 import subprocess
 import sys
 
+import jax
 import nbclient
 import nbformat
+import numpy as np
+import optax
 import pytest
 
+from bert_sym import checkpoint
+from bert_sym import model as model_lib
 from tests import ablate_fixtures as fx
 
 NOTEBOOKS = os.path.join(fx.REPO_ROOT, 'notebooks')
@@ -60,9 +65,29 @@ def test_ablation_notebook():
              for o in shown)
 
 
-def test_attention_analysis_notebook():
+def _scanned_copy(workdir, out):
+  """The same weights as a run with model.scan_layers=True writes them (layers stacked)."""
+  config, params = checkpoint.load_pretrained(workdir)
+  config.model.scan_layers = True
+  params = model_lib.stack_layers(params)
+  os.makedirs(out)
+  checkpoint.write_config(out, config)
+  manager = checkpoint.make_manager(out, config.checkpoint)
+  checkpoint.save(manager, fx.TOTAL_STEPS, {
+      'params': params, 'opt_state': optax.adamw(1e-3).init(params),
+      'step': np.int32(fx.TOTAL_STEPS), 'rng': jax.random.key_data(jax.random.key(0))},
+      {'index': 0}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  return out
+
+
+def test_attention_analysis_notebook(tmp_path):
+  """On the grid's runs; pairwise's with its layers stacked, as scan_layers=True saves
+  them (the notebook read per-layer parameters only, a KeyError on 'layer_0')."""
   workdir, _ = fx.tiny_grid()
   dirs = {v: os.path.join(workdir, v, 'seed1') for v in fx.VARIANTS}
+  dirs['pairwise'] = _scanned_copy(dirs['pairwise'], str(tmp_path / 'pairwise_scanned'))
   nb = execute('attention_analysis.ipynb', f'WORKDIRS = {dirs!r}')
   text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
   assert '||skew||/||P||' in text and 'W_q W_k^T' in text

@@ -126,8 +126,11 @@ def test_text_files_one_per_line_and_blank_line_separated(tmp_path):
   (tmp_path / 'c.txt').write_text('Sixth.\nSeventh.')
   tasks.register_text_files_task('test_text_files', f'{tmp_path}/a.txt,{tmp_path}/[bc].txt',
                                  holdout_every=3)
-  # a.txt has a blank line, so it is blank-line separated: one two-line document.
-  everything = ['First doc.\nSecond doc.', 'Third doc,\nstill third.', 'Fourth doc.',
+  # a.txt's only blank line is at its end (as `echo >> a.txt` leaves it): one document per
+  # line still. It made the whole file one document, and with a single such file that
+  # document was held out: all of it in validation, none in training.
+  # b.txt has blank lines between its lines of text: blank-line separated.
+  everything = ['First doc.', 'Second doc.', 'Third doc,\nstill third.', 'Fourth doc.',
                 'Fifth.', 'Sixth.', 'Seventh.']
   assert _documents('test_text_files', 'validation') == everything[0::3]
   assert _documents('test_text_files', 'train') == [d for i, d in enumerate(everything)

@@ -7,6 +7,7 @@ import pathlib
 
 import pytest
 
+from bert_sym import cli
 from bert_sym.input import sources as corpus
 from bert_sym.input import tokenizer as vocab_lib
 from tests import real_data
@@ -58,6 +59,17 @@ def test_vocab_without_special_token_is_a_clear_error(tmp_path, missing):
   path = _write_vocab(tmp_path / 'my_vocab.txt', tokens)
   with pytest.raises(vocab_lib.VocabError, match=rf'my_vocab\.txt.*lacks \{missing}'):
     vocab_lib.special_ids(vocab_lib.read_vocab(path), path)
+
+
+def test_a_repeated_token_is_named_with_its_lines_and_is_a_user_error(tmp_path):
+  """TF's lookup table failed on it with a FailedPreconditionError traceback (an
+  upper-cased copy of bert-base-uncased repeats 'I', 'SS', ...)."""
+  path = _write_vocab(tmp_path / 'dup.txt', ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]',
+                                             'the', 'of', 'the'])
+  with pytest.raises(vocab_lib.VocabError, match=r"dup.txt: token 'the' appears on lines 6 "
+                                                 r"and 8.*Fix: remove the repeat"):
+    vocab_lib.read_vocab(path)
+  assert issubclass(vocab_lib.VocabError, cli.UserError)   # one line on every command line
 
 
 def test_missing_and_non_utf8_vocab_files(tmp_path):

@@ -28,12 +28,14 @@ TARGET_FRACTION = 0.9
 
 def steps_to_target(steps: Sequence[int], losses: Sequence[float],
                     target: float) -> float | None:
-  """The step at which the eval curve first reaches `target` (linear between evals)."""
-  for i, (step, loss) in enumerate(zip(steps, losses)):
+  """The step at which the eval curve first reaches `target` (linear between evals).
+  A non-finite eval (a diverged run) neither reaches it nor starts an interpolation."""
+  finite = [(s, l) for s, l in zip(steps, losses) if np.isfinite(l)]
+  for i, (step, loss) in enumerate(finite):
     if loss <= target:
       if i == 0:
         return float(step)
-      s0, l0 = steps[i - 1], losses[i - 1]
+      s0, l0 = finite[i - 1]
       return float(s0 + (l0 - target) / (l0 - loss) * (step - s0))
   return None
 
@@ -59,7 +61,11 @@ def bootstrap_interval(samples: Sequence[Sequence[float]],
   rng = np.random.default_rng(BOOTSTRAP_SEED)
   picks = rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))
   values = np.array([statistic(*(c[p] for c in columns)) for p in picks])
+  if not np.isfinite(columns).all():   # the interval would be of the resamples that
+    return None                         # happened to miss the NaN, beside a NaN mean
   values = values[np.isfinite(values)]
+  if not values.size:                   # e.g. a ratio to a zero mean
+    return None
   tail = 100 * (1 - CONFIDENCE) / 2
   return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
 

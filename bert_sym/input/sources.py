@@ -143,7 +143,10 @@ def _documents_of_file(path):
   check = tf.debugging.Assert(valid, [path, 'is not valid UTF-8 text'])
   with tf.control_dependencies([check]):
     content = tf.strings.regex_replace(content, '\r\n?', '\n')
-  # A file with a blank line holds blank-line separated documents, else one per line.
+  # A file with a blank line between two lines of text holds blank-line separated documents,
+  # else one per line. Stripped first: a blank line at the end (`echo >> file`) made a
+  # file of one document per line a single document.
+  content = tf.strings.strip(content)
   has_blank_line = tf.strings.regex_full_match(content, r'(?s).*\n[ \t]*\n.*')
   separated = tf.strings.regex_replace(content, r'\n[ \t]*\n\s*', '\x1e')
   documents = tf.cond(has_blank_line,

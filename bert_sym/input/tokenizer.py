@@ -22,15 +22,16 @@ import struct
 import numpy as np
 
 from bert_sym.files import write_atomically
-from bert_sym.input import import_tensorflow
+from bert_sym.input import DataError, import_tensorflow
 
 BERT_BASE_UNCASED_MD5 = '64800d5d8528ce344256daf115d4965e'
 BERT_BASE_UNCASED_SIZE = 30522
 MAX_BYTES_PER_WORD = 100  # Google's and Hugging Face's limit; longer words become [UNK].
 
 
-class VocabError(ValueError):
-  """A vocabulary file that cannot be used (missing, unreadable, lacks special tokens)."""
+class VocabError(DataError):
+  """A vocabulary file that cannot be used (missing, unreadable, lacks special tokens):
+  a user error, one line on every command line (a DataError, so also a ValueError)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,17 @@ def read_vocab(path: str) -> list[str]:
     raise VocabError(f'{path}: vocab file is not valid UTF-8 ({e})') from e
   if not text:
     raise VocabError(f'{path}: vocab file is empty')
-  return [t.rstrip('\r') for t in text.removesuffix('\n').split('\n')]
+  tokens = [t.rstrip('\r') for t in text.removesuffix('\n').split('\n')]
+  if len(set(tokens)) < len(tokens):   # TF's lookup table would fail deep in a traceback
+    first = {}
+    for line, token in enumerate(tokens, 1):
+      if token in first:
+        raise VocabError(f'{path}: token {token!r} appears on lines {first[token]} and '
+                         f'{line}; each line must hold a different token (an upper-cased '
+                         'copy of an uncased vocabulary repeats some). Fix: remove the '
+                         'repeat.')
+      first[token] = line
+  return tokens
 
 
 def special_ids(tokens: list[str], path: str) -> SpecialIds:
