@@ -321,6 +321,22 @@ def test_empty_and_missing_text_corpus_are_errors(tmp_path):
     data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
 
 
+def test_a_corpus_held_out_whole_says_so_and_how_to_export_again(tmp_path):
+  """One document: the hold-out (every 100th, the first included) takes it, and training
+  got 'empty corpus (no tokens after tokenising)' for a file full of tokens; the export
+  then kept its empty part, so the rerun after adding text failed the same way."""
+  (tmp_path / 'one.txt').write_text('A single document of a few words.\n')
+  config = _config(source='seqio', text_files=str(tmp_path / 'one.txt'))
+  with pytest.raises(DataError, match='one.txt.*empty corpus.*held out for validation.*'
+                                      'validation_files'):
+    data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
+  out = tmp_path / 'shards'
+  with pytest.raises(DataError, match=rf'no part holds a token; .*held out for validation.*'
+                                      rf'remove {out}/train .*export again'):
+    export_lib.export(TEXT, 'train', L, str(out), num_parts=1,
+                      text_files=str(tmp_path / 'one.txt'))
+
+
 def test_a_directory_given_as_text_files_is_named_with_the_glob_to_use(tmp_path):
   """A directory (WikiText's instead of its file) was reported as ': empty corpus (all
   files are empty)': no name, and the wrong diagnosis."""

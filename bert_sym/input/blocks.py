@@ -166,7 +166,11 @@ def load_packed(data_config, split: str, documents=None) -> Blocks:
     # (measured: about 10% of the load; the tokenising is the rest).
     batches = list(numpy_blocks(dataset.batch(_BLOCKS_PER_READ), description))
     if not batches:
-      raise DataError(f'{description}: empty corpus (no tokens after tokenising)')
+      held_out = (': every 100th document (the first included) is held out for validation, '
+                  'so a file of one document leaves training nothing. Fix: more text, or '
+                  '--config.data.validation_files' if text_files and split == 'train' and
+                  not data_config.get('validation_files') else '')
+      raise DataError(f'{description}: empty corpus (no tokens after tokenising){held_out}')
     array = np.concatenate(batches).astype(token_dtype(vocabulary.vocab_size))
     num_tokens = int(np.count_nonzero(array != vocabulary.special.pad))
     _PACKED[cache_key] = Blocks([array], list(vocabulary.tokens),

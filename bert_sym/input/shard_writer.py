@@ -103,7 +103,13 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
     return None
   shards = [s for m in manifests for s in m['shards']]
   if not shards:
-    raise DataError(f'{split_url}: empty corpus (no tokens after tokenising)')
+    held_out = ('; with text files and no --validation_files, every 100th document (the '
+                'first included) is held out for validation, so a file of one document '
+                'leaves training nothing' if first.get('text_files') and split == 'train'
+                and not first.get('validation_files') else '')
+    raise DataError(f'{split_url}: empty corpus: no part holds a token{held_out}. Fix: more '
+                    f'text, then remove {split_url} (its empty parts count as exported) and '
+                    'export again.')
   metadata = dict(
       format_version=SHARD_FORMAT_VERSION, task=first['task'], split=split,
       max_seq_len=first['max_seq_len'], num_blocks=sum(s['num_blocks'] for s in shards),
