@@ -3,6 +3,7 @@ determinism, O(1) resume, host sharding, exported shards == the in-memory (seqio
 TF-free import, and clear errors."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -335,6 +336,27 @@ def test_a_corpus_held_out_whole_says_so_and_how_to_export_again(tmp_path):
                                       rf'remove {out}/train .*export again'):
     export_lib.export(TEXT, 'train', L, str(out), num_parts=1,
                       text_files=str(tmp_path / 'one.txt'))
+
+
+def test_a_vocabulary_that_does_not_fit_the_text_is_said(tmp_path, caplog, capsys):
+  """A 10-token vocab.txt turned 83% of a corpus into [UNK] without a word (so would a
+  cased one, which the lower-casing tokenizer never matches)."""
+  (tmp_path / 'text.txt').write_text('\n'.join(f'The river number {i} flows to the sea.'
+                                              for i in range(300)))
+  (tmp_path / 'vocab.txt').write_text('\n'.join(
+      ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'the', 'to', '.']) + '\n')
+  config = _config(source='seqio', text_files=str(tmp_path / 'text.txt'))
+  with caplog.at_level(logging.WARNING):
+    data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
+  assert '[UNK]' not in caplog.text   # bert-base-uncased fits English
+  config.vocab_path = str(tmp_path / 'vocab.txt')
+  with caplog.at_level(logging.WARNING):
+    data_lib.make_mlm_iterator(config, batch_size=2, split='train', seed=0)
+  assert re.search(r'\d+\.\d% of the tokens are \[UNK\].*Fix: --config.data.vocab_path',
+                   caplog.text), caplog.text
+  export_lib.export(TEXT, 'train', L, str(tmp_path / 'shards'), num_parts=1,
+                    text_files=str(tmp_path / 'text.txt'), vocab_path=config.vocab_path)
+  assert 'of the tokens are [UNK]' in capsys.readouterr().out
 
 
 def test_a_directory_given_as_text_files_is_named_with_the_glob_to_use(tmp_path):

@@ -16,6 +16,7 @@ import dataclasses
 import re
 from typing import Iterator
 
+from absl import logging
 import numpy as np
 
 from bert_sym.input import DataError, check_max_seq_len, import_tensorflow, sources
@@ -139,6 +140,18 @@ def numpy_blocks(dataset, description: str) -> Iterator[np.ndarray]:
 
 
 _BLOCKS_PER_READ = 256
+# Above this share of [UNK] the vocabulary does not fit the text (a cased vocab.txt, which
+# the uncased tokenizer never matches; another language): said, as training would go on.
+UNK_WARNING_SHARE = 0.05
+
+
+def unk_warning(description: str, unk: int, tokens: int) -> str | None:
+  """The warning when [UNK] is more than UNK_WARNING_SHARE of the tokens, else None."""
+  if tokens and unk / tokens > UNK_WARNING_SHARE:
+    return (f'{description}: {unk / tokens:.1%} of the tokens are [UNK]: the vocabulary '
+            'does not fit this text (the tokenizer lower-cases: a cased vocab.txt never '
+            'matches). Fix: --config.data.vocab_path=<a vocab.txt of this text>.')
+  return None
 _PACKED: dict[tuple, Blocks] = {}  # one materialisation per process and corpus
 
 
@@ -173,6 +186,10 @@ def load_packed(data_config, split: str, documents=None) -> Blocks:
       raise DataError(f'{description}: empty corpus (no tokens after tokenising){held_out}')
     array = np.concatenate(batches).astype(token_dtype(vocabulary.vocab_size))
     num_tokens = int(np.count_nonzero(array != vocabulary.special.pad))
+    warning = unk_warning(description, int(np.count_nonzero(array == vocabulary.special.unk)),
+                          num_tokens)
+    if warning:
+      logging.warning('%s', warning)
     _PACKED[cache_key] = Blocks([array], list(vocabulary.tokens),
                                 vocabulary.special.as_dict(), vocabulary.md5, description,
                                 num_tokens)

@@ -218,9 +218,14 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
                         pad_id=vocabulary.special.pad, blocks_per_shard=blocks_per_shard)
     dataset = seqio_tasks.packed_blocks(task, split, max_seq_len, vocabulary, part, num_parts)
     description = f'task {task} split {split} part {part}/{num_parts}'
+    unk = 0
     for batch in blocks.numpy_blocks(dataset.batch(256), description):
       writer.add(batch)
+      unk += int(np.count_nonzero(batch == vocabulary.special.unk))
     manifest = writer.close(**info)
+    warning = blocks.unk_warning(f'{split_url} part {part}', unk, manifest['num_tokens'])
+    if warning:
+      print(f'WARNING: {warning}', flush=True)
     print(f'{split_url}: part {part}/{num_parts}: {manifest["num_blocks"]} blocks, '
           f'{manifest["num_tokens"]} tokens', flush=True)
   return finalize(out_dir, split)
