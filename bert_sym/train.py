@@ -384,8 +384,10 @@ def main(argv, make_iterator=None):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or pass --dry_run).')
   gpu_flags.set_xla_gpu_flags(bool(config.get('xla_gpu_flags', True)))   # before the backend
+  # TF only where the input pipeline needs it (seqio, not exported shards or an iterator
+  # passed in): its import is 5 s of a start-up.
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present,
-                            import_tf=config.data.source == 'seqio')
+                            import_tf=config.data.source == 'seqio' and make_iterator is None)
   try:
     distributed.initialize(_DISTRIBUTED_FLAGS)
     train_and_evaluate(config, _WORKDIR.value, make_iterator=make_iterator,

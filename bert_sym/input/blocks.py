@@ -113,6 +113,9 @@ def packed_blocks(documents, max_seq_len: int, vocabulary):
     block = tf.pad(block, [[0, max_seq_len - tf.size(block)]], constant_values=special.pad)
     return tf.ensure_shape(block, [max_seq_len])
 
+  # Plain graph code: AutoGraph would only rewrite it, TF Text's tokenizer included, at
+  # every start-up (measured: packing the embedded corpus 7.0 s -> 3.7 s, the same blocks).
+  tokenize, wrap = (tf.autograph.experimental.do_not_convert(f) for f in (tokenize, wrap))
   stream = (documents.map(lambda ex: ex['text'])
             .batch(_DOCS_PER_TOKENIZE_CALL)
             .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
