@@ -45,7 +45,7 @@ def fail(prog: str, message: str, code: int = EXIT_USER_ERROR):
   sys.exit(code)
 
 
-def _raised_in(error: BaseException, package: str) -> bool:
+def raised_in(error: BaseException, package: str) -> bool:
   """Whether `error` passed through a file of `package` (a library that signals user
   errors with generic exceptions)."""
   return any(package in frame.filename for frame in traceback.extract_tb(error.__traceback__))
@@ -66,12 +66,12 @@ def user_error_message(error: BaseException) -> str | None:
     return str(error) if '--help' in str(error) else f'{error} (see --help)'
   if isinstance(error, flags.Error):
     return _flag_error_message(error)
-  if _raised_in(error, 'tensorflow_datasets'):
+  if raised_in(error, 'tensorflow_datasets'):
     # e.g. KeyError "Trying to access splits['train'] but splits is empty": a dataset
     # that `tfds build` never prepared in the data dir given (or the default one).
     return (f'TFDS could not load the dataset ({type(error).__name__}: '
             f'{one_line(error)[:300]}). {TFDS_FIX}')
-  if isinstance(error, (ImportError, SyntaxError)) and _raised_in(error, 'config_flags'):
+  if isinstance(error, (ImportError, SyntaxError)) and raised_in(error, 'config_flags'):
     # A syntax error names its own line; an import error's is the traceback's last frame.
     last = traceback.extract_tb(error.__traceback__)[-1]
     where = (f'{error.filename}, line {error.lineno}: ' if isinstance(error, SyntaxError)

@@ -305,7 +305,8 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
                 f'(fresh run in {workdir})')
     run.writer.set_aside_rows()   # an earlier attempt's rows are kept, beside the new ones
   run.last_saved = latest
-  _write_config(workdir, config)
+  with _user_errors('Writing the config'):
+    _write_config(workdir, config)
   return manager, latest, state
 
 
@@ -384,8 +385,7 @@ def main(argv, make_iterator=None):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required (or pass --dry_run).')
   gpu_flags.set_xla_gpu_flags(bool(config.get('xla_gpu_flags', True)))   # before the backend
-  # TF only where the input pipeline needs it (seqio, not exported shards or an iterator
-  # passed in): its import is 5 s of a start-up.
+  # TF (5 s to import) only for the seqio pipeline, not for shards or an iterator passed in.
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present,
                             import_tf=config.data.source == 'seqio' and make_iterator is None)
   try:

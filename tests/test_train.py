@@ -204,6 +204,18 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, reference_run):
   assert (workdir / 'config.json').read_text() == config_before   # left untouched
 
 
+def test_an_unparsable_config_json_is_one_line_naming_it(tmp_path):
+  workdir = tmp_path / 'edited'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('{"seed": 0, ')   # cut short by a hand edit
+  result = run_trainer(workdir, overrides=_overrides(total_steps=2), check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if 'error' in line]
+  assert len(errors) == 1 and 'config.json is not valid JSON' in errors[0], errors
+  assert (workdir / 'config.json').read_text() == '{"seed": 0, '   # left as it was
+
+
 # ---------------------------------------------------------------------------------------
 # Training, layouts, resume.
 # ---------------------------------------------------------------------------------------
@@ -298,12 +310,26 @@ def _truncate_the_largest_data_file(step_dir):
   largest.write_bytes(largest.read_bytes()[:10])
 
 
+def _delete_the_largest_data_file(step_dir):
+  """Gone from under its OCDBT manifest: TensorStore says FAILED_PRECONDITION (a
+  "Truncated Zstd-compressed stream"), not NOT_FOUND."""
+  max((step_dir / 'state').rglob('d/*'), key=lambda f: f.stat().st_size).unlink()
+
+
+def _cut_the_sharding_file(step_dir):
+  sharding = step_dir / 'state' / '_sharding'   # FAILED_PRECONDITION: ... Invalid JSON
+  sharding.write_bytes(sharding.read_bytes()[:10])
+
+
 @pytest.mark.parametrize('damage', [
     _truncate_data_files,
     _truncate_the_largest_data_file,
+    _delete_the_largest_data_file,
+    _cut_the_sharding_file,
     lambda step_dir: (step_dir / 'state' / '_METADATA').unlink(),
     lambda step_dir: (step_dir / 'data_iter' / 'metadata').unlink(),
-], ids=['truncated_data_file', 'truncated_array_bytes', 'missing_METADATA',
+], ids=['truncated_data_file', 'truncated_array_bytes', 'deleted_array_file',
+        'cut_sharding_file', 'missing_METADATA',
         'missing_data_iter_metadata'])
 def test_damaged_newest_checkpoint_falls_back_to_previous_step(tmp_path, reference_run,
                                                                damage):

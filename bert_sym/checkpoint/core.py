@@ -49,7 +49,13 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
         f'{path} does not exist: {workdir} is not a bert_sym training workdir (the trainer '
         f'writes {CONFIG_FILE} there before the first step).')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(
+        f'{path} is not valid JSON ({e}); it holds the run\'s config. Fix: put back a copy '
+        'of it, or remove it when the workdir has no checkpoints (the trainer writes it '
+        'again).') from e
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import contextlib
 import gc
 import json
 import logging as std_logging
+import re
 import sys
 import time
 import traceback
@@ -44,6 +45,10 @@ BACKOFF_SECONDS = 2.0           # 2, 4, 8 s between attempts
 # TensorStore's messages start with an absl status code.
 _CORRUPTION_CODES = ('NOT_FOUND:', 'OUT_OF_RANGE:', 'DATA_LOSS:')
 _TRANSIENT_CODES = ('UNAVAILABLE:', 'DEADLINE_EXCEEDED:', 'ABORTED:')
+# TensorStore's FAILED_PRECONDITION for bytes that do not decode (a data file gone from its
+# OCDBT manifest: "Truncated Zstd-compressed stream"; a cut _sharding: "Invalid JSON").
+_UNDECODABLE = re.compile(r'FAILED_PRECONDITION:.*(Truncated|Invalid JSON|[Cc]orrupt|'
+                          r'Error decoding|Unexpected end)', re.S)
 
 
 def failure_kind(error: BaseException) -> str:
@@ -69,7 +74,8 @@ def _own_kind(error: BaseException) -> str | None:
   if isinstance(error, (DamagedCheckpoint, FileNotFoundError, json.JSONDecodeError,
                         UnicodeDecodeError)):
     return 'damaged'
-  if isinstance(error, ValueError) and any(code in text for code in _CORRUPTION_CODES):
+  if isinstance(error, ValueError) and (any(code in text for code in _CORRUPTION_CODES)
+                                        or _UNDECODABLE.search(text)):
     return 'damaged'
   if isinstance(error, (PermissionError, MemoryError)) or 'PERMISSION_DENIED' in text:
     return 'fatal'

@@ -45,7 +45,6 @@ import functools
 from pathlib import Path
 import sys
 import time
-import traceback
 import types
 
 from absl import app
@@ -56,6 +55,7 @@ import jax
 from ml_collections import config_flags
 
 from bert_sym import checkpoint
+from bert_sym import cli as cli_lib   # `cli` is main's flags
 from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import loop
@@ -130,8 +130,7 @@ def main(argv, cli):
     # save (disk full, permission) names the step, the path and the cause.
     raise SystemExit(f'bert_sym.glue: error: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
-    frames = traceback.extract_tb(e.__traceback__)
-    if not any('tensorflow_datasets' in frame.filename for frame in frames):
+    if not cli_lib.raised_in(e, 'tensorflow_datasets'):
       raise
     # TFDS could not download or prepare glue/*: offline, or no prepared copy.
     raise SystemExit(
@@ -152,8 +151,8 @@ def _with_config(argv: list[str]) -> list[str]:
     return argv
   return [argv[0], f'--config={_DEFAULT_CONFIG}', *argv[1:]]
 
+
 if __name__ == '__main__':
-  from bert_sym import cli as cli_lib  # pylint: disable=g-import-not-at-top
   cli_lib.run(functools.partial(main, cli=define_flags()), prog='bert_sym.glue',
               argv=_with_config(sys.argv),
               flags_parser=functools.partial(config_check.parse_flags,
