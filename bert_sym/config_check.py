@@ -231,7 +231,7 @@ def preflight(config: ml_collections.ConfigDict, *, data: bool = True
   return config
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
   if not path or '://' in path:   # unset, or a URL (gs://, file://, memory://)
     return path
   return os.path.abspath(os.path.expanduser(path))
@@ -241,11 +241,11 @@ def absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
   """A copy of `config` whose data paths (vocab, shards, text-file globs) are absolute."""
   config = config.copy_and_resolve_references()
   data = config.data
-  data.vocab_path = _absolute(data.vocab_path)
-  data.shards_dir = _absolute(data.shards_dir)
+  data.vocab_path = absolute_path(data.vocab_path)
+  data.shards_dir = absolute_path(data.shards_dir)
   for key in ('text_files', 'validation_files'):
     if data.get(key):
-      data[key] = ','.join(_absolute(p.strip()) for p in data[key].split(',') if p.strip())
+      data[key] = ','.join(absolute_path(p.strip()) for p in data[key].split(',') if p.strip())
   return config
 
 

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bert_sym import checkpoint
 from bert_sym import loop
@@ -36,6 +37,33 @@ def make_meter(config, latest) -> loop.Meter:
   return meter
 
 
+# ---- The meter in the checkpoint: a resumed run judges and logs as if never stopped ----
+# Saved beside the input position (the data_iter item): the health of the run (a loss-spike
+# streak open at the save, the recent healthy losses) and the steps not yet in a row.
+# Without it a run resumed mid-divergence took its checkpoint for a good one, and the
+# first row after a resume averaged fewer steps than the uninterrupted run's.
+_HEALTH_KEYS = ('recent', 'onset', 'skipped_in_a_row', 'last_healthy')
+
+
+def meter_state(meter: loop.Meter) -> dict:
+  """JSON of what `load_meter_state` puts back (metrics as fetched: call after fetch)."""
+  interval = [[step, {k: [str(np.asarray(v).dtype), np.asarray(v).tolist()]
+                      for k, v in metrics.items()}] for step, metrics in meter.interval]
+  health = {k: getattr(meter.health, k) for k in _HEALTH_KEYS}
+  health['recent'] = [float(x) for x in health['recent']]
+  return {'health': health, 'interval': interval}
+
+
+def load_meter_state(meter: loop.Meter, saved: dict | None) -> None:
+  """Puts back `meter_state`; None (a checkpoint from before it was saved) changes nothing."""
+  if not saved:
+    return
+  for key in _HEALTH_KEYS:
+    setattr(meter.health, key, saved['health'][key])
+  meter.interval = [(step, {k: np.asarray(value, dtype) for k, (dtype, value) in m.items()})
+                    for step, m in saved['interval']]
+
+
 @jax.jit
 def all_finite(params):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
@@ -49,7 +77,8 @@ def make_hooks(config, run, manager, evaluate, meter, input_position):
     if not bool(all_finite(state['params'])):
       raise loop.NonFiniteError(f'The parameters at step {step} are not finite; they were '
                                 'not saved.', meter.health.onset or step + 1)
-    checkpoint.save(manager, step, state, input_position(), force=True)
+    checkpoint.save(manager, step, state, input_position(), force=True,
+                    meter_state=meter_state(meter))
     run.last_saved = step
 
   return loop.Hooks(
@@ -66,7 +95,12 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   preemption); returns the last step. Every save has finished (or failed loudly) after."""
   step = int(jax.device_get(state['step']))
   meter, prefetcher = make_meter(config, latest), None
-  run.keep_good.good_below = lambda: meter.health.good_below(resumed_from=latest)
+  if latest is not None:
+    load_meter_state(meter, checkpoint.read_json_item(
+        checkpoint.checkpoint_dir(run.workdir) / str(latest)).get('meter'))
+  # Saved while a loss-spike streak was open, the checkpoint resumed from is no good one.
+  resumed_good = latest if meter.health.onset is None else None
+  run.keep_good.good_below = lambda: meter.health.good_below(resumed_from=resumed_good)
   # The position of the next batch the step consumes, not what was prefetched.
   position = lambda: prefetcher.state if prefetcher else data.train_iter.get_state()
   hooks = make_hooks(config, run, manager, evaluate, meter, position)
@@ -90,7 +124,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
                                         prefetcher, meter, hooks, preemption, manager)
       checkpoint.finish_saves(manager)
     except loop.NonFiniteError as e:
-      raise set_aside_divergence(e, run.workdir, manager, latest, run) from None
+      raise set_aside_divergence(e, run.workdir, manager, resumed_good, run) from None
     finally:
       if prefetcher:
         prefetcher.close()
@@ -102,13 +136,13 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   return step
 
 
-def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, latest, run):
-  """Checkpoints this run wrote from the step before the divergence began go aside (as
-  damaged ones do); the error then names the newest one from before it."""
+def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, resumed_good, run):
+  """Checkpoints from the step before the divergence began go aside (as damaged ones do),
+  but not a good one the run resumed from; the error then names the newest one left."""
   with contextlib.suppress(Exception):
     manager.wait_until_finished()
   diverged = [s for s in checkpoint.finished_steps(workdir)
-              if s >= error.onset - 1 and (latest is None or s > latest)]
+              if s >= error.onset - 1 and (resumed_good is None or s > resumed_good)]
   checkpoint.set_aside_diverged(workdir, diverged, error.onset, log=run.console)
   kept = checkpoint.finished_steps(workdir)
   run.last_saved = kept[-1] if kept else None

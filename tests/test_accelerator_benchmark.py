@@ -17,9 +17,12 @@ def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
   steps, warmup, batch, seq = 2, 1, 2, 64
   command = [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'accelerator.py'),
              '--size=tiny', f'--shapes={seq}x{batch}', '--variants=symmetric', '--paths=fused',
-             f'--steps={steps}', f'--warmup={warmup}', f'--out={out}']
+             f'--steps={steps}', f'--warmup={warmup}', f'--out={out}',
+             # The GPU run's limits (75 s a configuration) are for an idle accelerator: a
+             # shared 2-core CPU under the rest of the suite took 133 s for the two.
+             '--timeout_s=400', '--budget_s=800']
   start = time.perf_counter()
-  run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
   wall_s = time.perf_counter() - start   # measured here, independently of the benchmark
   assert run.returncode == 0, run.stderr[-3000:]
   summary = json.loads(out.read_text())

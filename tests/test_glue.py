@@ -34,6 +34,7 @@ from bert_sym.glue import finetune
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym.glue import report
 from bert_sym.glue import suite
+from bert_sym.glue import sweep
 from configs import glue as glue_config
 from tests import real_data
 from tests import train_fixtures
@@ -167,7 +168,9 @@ def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
 def test_sweep_scores_every_step(workdir, tmp_path, capsys):
   out = tmp_path / 'sweep'
   config = _config(tasks='mrpc', seeds='1')
-  suite.run_sweep(str(workdir), str(out), config, reference_score=40.0)
+  source, workdir = workdir, tmp_path / 'run'   # a copy: step 2 is rotated away below
+  shutil.copytree(source, workdir)
+  sweep.run_sweep(str(workdir), str(out), config, reference_score=40.0)
   summary = json.loads((out / 'glue_vs_step.json').read_text())
   assert [p['step'] for p in summary['points']] == [2, 4]
   assert summary['threshold'] == pytest.approx(38.0)
@@ -178,18 +181,28 @@ def test_sweep_scores_every_step(workdir, tmp_path, capsys):
   # A 4-step model's scores are unpredictable, so the threshold logic is checked with
   # references whose answer is not: MRPC >= 0 always, and never >= 95% of 1000. The
   # reruns reuse the finished step_* runs (resume), so they train nothing.
-  summary = suite.run_sweep(str(workdir), str(out), config, reference_score=0.0)
+  summary = sweep.run_sweep(str(workdir), str(out), config, reference_score=0.0)
   assert json.loads((out / 'glue_vs_step.json').read_text())[
       'first_step_reaching_threshold'] == 2
-  suite.run_sweep(str(workdir), str(out), config, reference_score=1000.0)
+  sweep.run_sweep(str(workdir), str(out), config, reference_score=1000.0)
   assert json.loads((out / 'glue_vs_step.json').read_text())[
       'first_step_reaching_threshold'] is None
+  # Step 2 rotated away (keep_last) while the trainer ran on: its scored point stays on the
+  # curve, and so does the answer to "the first step reaching it".
+  shutil.rmtree(workdir / 'checkpoints' / '2')
+  sweep.run_sweep(str(workdir), str(out), config, reference_score=0.0)
+  summary = json.loads((out / 'glue_vs_step.json').read_text())
+  assert [p['step'] for p in summary['points']] == [2, 4]
+  assert summary['first_step_reaching_threshold'] == 2
+  sweep.run_sweep(str(workdir), str(out), _config(tasks='mrpc', seeds='2'))   # another
+  assert [p['step'] for p in json.loads(    # seed list: step 2's seed-1 point is not its
+      (out / 'glue_vs_step.json').read_text())['points']] == [4]
   # A damaged step in the middle of a run is a gap in the sweep, not the sweep's end.
   damaged = tmp_path / 'damaged_run'
-  shutil.copytree(workdir, damaged)
+  shutil.copytree(source, damaged)
   for array_file in (damaged / 'checkpoints' / '2' / 'state').rglob('d/*'):
     array_file.write_bytes(array_file.read_bytes()[:array_file.stat().st_size // 2])
-  suite.run_sweep(str(damaged), str(tmp_path / 'sweep_damaged'), config)
+  sweep.run_sweep(str(damaged), str(tmp_path / 'sweep_damaged'), config)
   assert [p['step'] for p in json.loads(
       (tmp_path / 'sweep_damaged' / 'glue_vs_step.json').read_text())['points']] == [4]
   assert 'step 2 skipped, its checkpoint is damaged' in capsys.readouterr().err
@@ -535,14 +548,14 @@ def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
   """On gs:// orbax writes checkpoints/<step>/ in place and marks it finished with
   commit_success.txt: a sweep beside a running trainer must not read the partial step."""
   workdir = _handmade_workdir(tmp_path / 'run')                          # step 3, finished
-  assert suite.checkpoint_steps(workdir) == [3]
+  assert sweep.checkpoint_steps(workdir) == [3]
   from orbax.checkpoint._src.path import gcs_utils  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gcs_utils, 'is_gcs_path', lambda _: True)       # orbax's gs:// rule
   (workdir / 'checkpoints' / '3' / 'commit_success.txt').write_text('done')
   (workdir / 'checkpoints' / '6' / 'state').mkdir(parents=True)       # save in progress
-  assert suite.checkpoint_steps(workdir) == [3]
+  assert sweep.checkpoint_steps(workdir) == [3]
   (workdir / 'checkpoints' / '6' / 'commit_success.txt').write_text('done')
-  assert suite.checkpoint_steps(workdir) == [3, 6]
+  assert sweep.checkpoint_steps(workdir) == [3, 6]
 
 
 def test_a_newest_step_with_a_truncated_array_file_falls_back_as_export_does(tmp_path,
@@ -579,7 +592,7 @@ def test_bad_checkpoints_are_clear(tmp_path):
                                        r'model.vocab_size=1000'):
     suite.run_glue(str(small_vocab), str(tmp_path / 'out'), _config())
   with pytest.raises(FileNotFoundError, match='--sweep needs a training workdir'):
-    suite.run_sweep(str(empty), str(tmp_path / 'out'), _config())
+    sweep.run_sweep(str(empty), str(tmp_path / 'out'), _config())
   # One segment embedding (RoBERTa-style): the pair tasks' token type 1 was clamped to 0.
   one_segment = _handmade_workdir(tmp_path / 'one_segment', model__type_vocab_size=1,
                                   model__vocab_size=30522)
@@ -610,6 +623,9 @@ def test_cli_input_errors_are_one_line(workdir, tmp_path):
                           'No directory'),
                          ([f'--glue_dir={GLUE_DIR}', '--tasks=rte2'],
                           'Unknown GLUE task'),
+                         # Was numpy's "expected non-negative integer", after tokenising.
+                         ([f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,-1'],
+                          'Seeds must be non-negative integers'),
                          # Were three chained tracebacks: ml_collections applied the
                          # overrides while the flag was defined, before our parsing.
                          (['--config.epoch=1'], "unknown config key 'epoch'"),
@@ -623,6 +639,7 @@ def test_cli_input_errors_are_one_line(workdir, tmp_path):
     errors = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(errors) == 1 and errors[0].startswith('bert_sym.glue: error:'), errors
     assert message in errors[0]
+    assert not (tmp_path / 'out' / 'runs').exists()   # refused before any training
 
 
 def test_tfds_glue_builder_code_path_has_its_runtime_dependencies(tmp_path):
@@ -840,17 +857,52 @@ def test_old_output_dirs_are_reused(tmp_path):
   assert not suite.finished_runs(tmp_path, 'CKPT', config)
 
 
-@pytest.mark.parametrize('change', ['checkpoint', 'recipe', 'no_resume'])
+@pytest.mark.parametrize('text', ['{"checkpoint": "CK', '{"checkpoint": "CKPT"}', '[1, 2]'])
+def test_a_results_file_edited_by_hand_is_named_in_the_error(tmp_path, text):
+  (tmp_path / 'glue_results.json').write_text(text)
+  with pytest.raises(ValueError, match=r'glue_results.json is not results this tool wrote'):
+    suite.finished_runs(tmp_path, 'CKPT', glue_config.get_config('runlocal'))
+  assert (tmp_path / 'glue_results.json').read_text() == text   # nothing moved or lost
+
+
+def test_the_same_data_under_another_spelling_is_the_same_recipe(tmp_path, monkeypatch):
+  """DIR and DIR/, or DIR relative to the working directory, name the same GLUE copy."""
+  config = glue_config.get_config('runlocal')
+  config.glue_dir = str(tmp_path / 'glue')
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  (tmp_path / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': 'CKPT', 'config': config.to_dict(),
+       'runs': {'rte': {'1': {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}}}}}))
+  monkeypatch.chdir(tmp_path)
+  for spelling in (f'{tmp_path}/glue/', 'glue', './glue/'):
+    config.glue_dir = spelling
+    assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)], spelling
+  assert suite.with_absolute_paths(config).glue_dir == str(tmp_path / 'glue')   # recorded
+
+
+@pytest.mark.parametrize('change', ['checkpoint', 'rewritten_checkpoint', 'recipe',
+                                    'no_resume'])
 def test_results_of_another_checkpoint_or_recipe_are_set_aside_not_overwritten(
     tmp_path, caplog, change):
   config = glue_config.get_config('runlocal')
   (tmp_path / 'predictions').mkdir()
   (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n0\t1\t1\n')
   (tmp_path / 'glue_results.md').write_text('| old table |\n')
-  old = json.dumps({'checkpoint': 'CKPT', 'config': config.to_dict(),
+  # A step directory as orbax commits it: its _CHECKPOINT_METADATA says when.
+  ckpt = tmp_path / 'workdir' / 'checkpoints' / '4'
+  ckpt.mkdir(parents=True)
+  commit = lambda ns: (ckpt / '_CHECKPOINT_METADATA').write_text(
+      json.dumps({'init_timestamp_nsecs': ns - 5, 'commit_timestamp_nsecs': ns}))
+  commit(1_000)
+  old = json.dumps({'checkpoint': str(ckpt), 'checkpoint_written': 1_000,
+                    'config': config.to_dict(),
                     'runs': {'rte': {'1': {'scores': {'rte': {'accuracy': 1.0, 'score': 100.0}}}}}})
   (tmp_path / 'glue_results.json').write_text(old)
-  step_dir = 'OTHER' if change == 'checkpoint' else 'CKPT'
+  assert list(suite.finished_runs(tmp_path, str(ckpt), config)) == [('rte', 1)]   # unchanged
+  step_dir = 'OTHER' if change == 'checkpoint' else str(ckpt)
+  if change == 'rewritten_checkpoint':   # the workdir rebuilt: another model, the same path
+    commit(2_000)
   if change == 'recipe':
     config.learning_rate = 3e-5
   if change == 'no_resume':
@@ -866,6 +918,8 @@ def test_results_of_another_checkpoint_or_recipe_are_set_aside_not_overwritten(
   assert f'they are kept in {aside}' in caplog.text
   if change == 'recipe':
     assert 'another recipe (learning_rate differ)' in caplog.text
+  if change == 'rewritten_checkpoint':
+    assert 'another checkpoint' in caplog.text and 'written at 1000' in caplog.text
 
 
 def test_a_group_marker_cut_short_by_a_crash_is_reclaimed_not_a_crash(tmp_path):

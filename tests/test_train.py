@@ -822,6 +822,45 @@ def test_divergence_sets_its_checkpoints_aside_and_a_fixed_rerun_finishes(tmp_pa
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_params(tmp_path)))
 
 
+def test_a_divergence_across_a_restart_keeps_the_good_checkpoint_and_names_it(tmp_path):
+  """A run stopped while its loss was exploding (here: it reached total_steps; a
+  preemption is the same) and resumed: the checkpoint it resumed from was saved mid-streak.
+  It used to count as good, so rotation deleted the real good one (4) and the NaN stop
+  sent the rerun back into the exploded model."""
+  cadence = dict(log_every_steps=1, eval_every_steps=100, checkpoint__every_steps=2,
+                 checkpoint__keep_last=3, optimizer__warmup_steps=1,
+                 optimizer__grad_clip_norm=0)
+  run_trainer(tmp_path, overrides=_overrides(total_steps=4, **cadence))   # healthy: 2, 4
+  exploding = dict(cadence, optimizer__learning_rate=1e3)
+  first = run_trainer(tmp_path, overrides=_overrides(total_steps=9, **exploding))
+  assert 'Loss spike at step 6' in first.stderr, first.stderr[-3000:]
+  assert checkpoint.finished_steps(tmp_path) == [4, 6, 8, 9]   # 4: the newest good one
+  result = run_trainer(tmp_path, overrides=_overrides(total_steps=40, **exploding),
+                       check=False)
+  assert 'Resumed from step 9' in result.stdout and result.returncode == 1
+  [line] = _error_lines(result)
+  assert 'The newest checkpoint from before the divergence is step 4' in line, line
+  assert checkpoint.finished_steps(tmp_path) == [4]
+  assert 'unhealthy from step 6 on' in result.stdout
+
+
+def test_a_resume_between_log_rows_logs_the_rows_of_the_uninterrupted_run(tmp_path):
+  """Saves every 3 steps, rows every 4: the first row after resuming from step 3 averages
+  steps 1-4, as the run that never stopped does (it averaged step 4 alone)."""
+  cadence = _overrides(total_steps=8, log_every_steps=4, checkpoint__every_steps=3)
+  reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
+  run_trainer(reference, overrides=cadence)
+  shutil.copytree(reference, resumed)
+  for step in (6, 8):   # as if killed after saving step 3
+    shutil.rmtree(resumed / 'checkpoints' / str(step))
+  result = run_trainer(resumed, overrides=cadence)
+  assert 'Resumed from step 3' in result.stdout
+  train_rows = lambda w: [{k: v for k, v in m.items() if k.startswith('train/')}
+                          for m in _metrics(w) if 'train/loss' in m]
+  assert [m['step'] for m in _metrics(resumed) if 'train/loss' in m] == [4, 8]
+  assert train_rows(resumed) == train_rows(reference)
+
+
 def test_skip_stops_after_consecutive_nonfinite_steps_and_keeps_no_bad_model(tmp_path):
   result = run_trainer(tmp_path, overrides=_overrides(
       checkpoint__every_steps=3, optimizer__learning_rate=1e6, on_nonfinite='skip',

@@ -4,7 +4,8 @@ Layout of one step directory `{workdir}/checkpoints/{step}/` (plain orbax, no pr
 needed to read it; see `load_pretrained` and the README):
 
   state/       StandardSave of {'params', 'opt_state', 'step', 'rng'}  (rng = raw key data)
-  data_iter/   JsonSave of {'process_count': N, 'states': [iterator.get_state() per process]}
+  data_iter/   JsonSave of {'process_count': N, 'states': [iterator.get_state() per process],
+               'meter': the run's health and unlogged steps (bert_sym.pretrain_loop)}
 
 How orbax marks a step complete depends on the filesystem:
 
@@ -29,7 +30,7 @@ from bert_sym.checkpoint.core import (  # noqa: F401
     CheckpointReadError, CheckpointSaveError, write_config, read_config, flat_config,
     config_differences, absolute, checkpoint_dir, KeepNewestGood, make_manager, allgather_json,
     key_path_str, describe_error, is_closed_loop_error, is_step_dir, checkpoints_root,
-    finished_steps
+    finished_steps, written_at
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401
     LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host

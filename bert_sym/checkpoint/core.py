@@ -207,3 +207,14 @@ def finished_steps(workdir) -> list[int]:
     return []
   return sorted(int(p.name) for p in root.iterdir()
                 if p.name.isdigit() and _is_finished_step_dir(p))
+
+
+def written_at(step_dir) -> int | None:
+  """When orbax committed `step_dir` (ns), from its _CHECKPOINT_METADATA: with the path, what
+  tells a step apart from another written later at the same path (a rebuilt workdir, a
+  diverged step set aside and trained again). None when orbax recorded no time."""
+  try:
+    metadata = json.loads((epath.Path(step_dir) / '_CHECKPOINT_METADATA').read_text())
+  except (OSError, ValueError):
+    return None
+  return metadata.get('commit_timestamp_nsecs') or metadata.get('init_timestamp_nsecs')

@@ -16,14 +16,17 @@ from bert_sym.checkpoint.core import CheckpointSaveError, DATA_ITER, STATE, allg
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any, *,
-         force: bool = False) -> bool:
+         force: bool = False, meter_state: dict | None = None) -> bool:
   """Saves (asynchronously if configured) and returns whether a save was started.
 
   Must be called by every process. Arrays are copied off the devices before this
   returns, so the caller may donate `state` to the next update step right away. A
   failure, here or in the previous background save, raises CheckpointSaveError.
+  `meter_state` (JSON) goes into the data_iter item beside the input positions.
   """
   data_item = {'process_count': jax.process_count(), 'states': allgather_json(data_state)}
+  if meter_state is not None:   # the same on every process (pretrain_loop.meter_state)
+    data_item['meter'] = meter_state
   check_saves(manager)
   try:
     # orbax first waits for the previous (background) save: its failure surfaces here.

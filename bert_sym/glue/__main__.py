@@ -62,6 +62,7 @@ from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import suite
+from bert_sym.glue import sweep
 
 
 def define_flags() -> types.SimpleNamespace:
@@ -115,7 +116,7 @@ def main(argv, cli):
   start = time.time()
   try:
     if cli.sweep.value:
-      suite.run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
+      sweep.run_sweep(cli.checkpoint.value, cli.output_dir.value, config, cli.reference_score.value)
       table = 'glue_vs_step.md'
     else:
       suite.run_glue(cli.checkpoint.value, cli.output_dir.value, config)

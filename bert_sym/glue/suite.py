@@ -1,4 +1,4 @@
-"""One checkpoint: every task x every seed; and the sweep over a workdir's checkpoints.
+"""One checkpoint: every task x every seed (`bert_sym.glue.sweep` runs it on each step).
 
 Resume works at two levels. A (task, seed) whose results and prediction files are in
 --output_dir (same checkpoint and recipe) is reused; a task interrupted mid-training
@@ -9,7 +9,6 @@ import dataclasses
 import itertools
 import json
 import re
-import sys
 import time
 from typing import Any
 
@@ -70,13 +69,30 @@ def parse_seeds(seeds) -> list[int]:
     raise ValueError(f'Seeds must be comma-separated integers, got {seeds!r}.') from None
   if not values:
     raise ValueError('No seed given.')
+  if min(values) < 0:   # numpy's generators take none; found now, not after tokenising
+    raise ValueError(f'Seeds must be non-negative integers, got {seeds!r}.')
   return list(dict.fromkeys(values))
 
 
 def recipe(config) -> dict:
-  """The knobs that decide what one (task, seed) computes (not which ones run, or logging)."""
+  """The knobs that decide what one (task, seed) computes (not which ones run, or logging).
+  Paths compare as absolute ones: DIR and DIR/ are the same data."""
   values = dict(_DEFAULTS_OF_NEWER_KEYS, **config.to_dict())
+  values.update({k: config_check.absolute_path(values[k]) for k in _PATHS if values.get(k)})
   return {k: v for k, v in values.items() if k not in _NOT_RECIPE}
+
+
+_PATHS = ('glue_dir', 'tfds_data_dir', 'vocab_path')
+
+
+def with_absolute_paths(config) -> ml_collections.ConfigDict:
+  """A copy whose local paths are absolute, as the results record them: a relative path
+  means other data from another directory."""
+  config = config.copy_and_resolve_references()
+  for key in _PATHS:
+    if config.get(key):
+      config[key] = config_check.absolute_path(config[key])
+  return config
 
 
 def finished_runs(output_dir, step_dir, config) -> dict:
@@ -90,11 +106,19 @@ def finished_runs(output_dir, step_dir, config) -> dict:
     path = epath.Path(output_dir) / 'glue_results.json'
     if not path.exists():
       return []
-    previous = json.loads(path.read_text())
-    previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
+    try:
+      previous = json.loads(path.read_text())
+      previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:   # edited by hand?
+      raise ValueError(f'{path} is not results this tool wrote ({type(e).__name__}: {e}). '
+                       'Fix: move it (and predictions/) away, or use another '
+                       '--output_dir.') from None
     current_recipe = recipe(config)
-    if previous.get('checkpoint') != step_dir:
-      set_aside_results(output_dir, f'another checkpoint ({previous.get("checkpoint")})')
+    if (previous.get('checkpoint') != step_dir or
+        previous.get('checkpoint_written') != checkpoint_lib.written_at(step_dir)):
+      # The same path rewritten (a rebuilt workdir) is another checkpoint too.
+      set_aside_results(output_dir, f'another checkpoint ({previous.get("checkpoint")}, '
+                        f'written at {previous.get("checkpoint_written")})')
       return []
     if previous_recipe != current_recipe:
       changed = sorted(k for k in set(previous_recipe) | set(current_recipe)
@@ -161,6 +185,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   Raises loop.Preempted after saving when stopped by SIGTERM / Ctrl-C.
   """
   config_check.check_glue(config)
+  config = with_absolute_paths(config)
   checkpoint_lib.check_same_config_on_every_host(config, 'GLUE run')
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
@@ -251,6 +276,7 @@ def _new_results(pretrained, config, mesh, seeds, specs) -> dict:
   model_cfg = pretrained.config.model
   return {
       'checkpoint': pretrained.step_dir, 'step': pretrained.step,
+      'checkpoint_written': checkpoint_lib.written_at(pretrained.step_dir),
       'model': {k: model_cfg[k] for k in ('attention', 'num_layers', 'hidden_size',
                                           'num_heads', 'vocab_size')},
       'recipe': (f'{config.epochs:g} epoch(s), lr {config.learning_rate:g}, batch '
@@ -297,6 +323,7 @@ def _run_task(session: _Session, spec) -> None:
           for d in spec.dev_sets}
   task = _task_setup(session, spec, len(train))
   identity = {'checkpoint': session.pretrained.step_dir, 'recipe': recipe(session.config),
+               'checkpoint_written': checkpoint_lib.written_at(session.pretrained.step_dir),
               'train_examples': len(train)}
   for group in seed_groups(todo, session.parallel, task.total_steps, jax.default_backend()):
     start = time.time()
@@ -354,40 +381,3 @@ def _score(params, task, devs, config, mesh, pad_id, output_dir, seed) -> dict:
                          {f'dev/{name}/{k}': v for k, v in scores[name].items()})
   writer.close()
   return scores
-
-
-# ---- Sweep: GLUE against pre-training step ----
-
-
-def checkpoint_steps(workdir) -> list[int]:
-  """The finished checkpoint steps of a training workdir, as process 0 lists them.
-
-  Finished as orbax decides it (checkpoint.finished_steps): a step the trainer is still
-  writing (in place on gs://) is left out, so a sweep beside a running trainer never reads
-  a partial checkpoint; a later sweep picks it up.
-  """
-  steps = hosts.on_process_0(lambda: checkpoint_lib.finished_steps(workdir))
-  if not steps:
-    raise FileNotFoundError(
-        f'--sweep needs a training workdir with finished checkpoints in '
-        f'{checkpoint_lib.checkpoint_dir(workdir)}/<step>/; found none.')
-  return steps
-
-
-def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
-  output_dir = epath.Path(output_dir)
-  points, task_cache = [], {}
-  for step in checkpoint_steps(workdir):
-    step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
-    # Each step has its own output directory, so an interrupted sweep resumes where it
-    # stopped (config.resume) and a longer training run only adds its new steps.
-    try:
-      results = run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'), config,
-                         task_cache)
-    except checkpoint_lib.DamagedCheckpoint as e:   # one bad step: a gap, not the end
-      print(f'WARNING: GLUE sweep: step {step} skipped, its checkpoint is damaged ({e})',
-            file=sys.stderr, flush=True)
-      continue
-    points.append(report.sweep_point(step, results))
-    report.write_sweep(output_dir, workdir, points, reference_score)
-  return {'points': points}

@@ -1,0 +1,75 @@
+"""The sweep: GLUE on every checkpoint step of a pre-training workdir (the paper's "GLUE
+against pre-training step"), one `suite.run_glue` output directory per step."""
+
+import json
+import sys
+
+from etils import epath
+import ml_collections
+
+from bert_sym import checkpoint as checkpoint_lib
+from bert_sym.glue import data as glue_data
+from bert_sym.glue import hosts
+from bert_sym.glue import report
+from bert_sym.glue import suite
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The finished checkpoint steps of a training workdir, as process 0 lists them.
+
+  Finished as orbax decides it (checkpoint.finished_steps): a step the trainer is still
+  writing (in place on gs://) is left out, so a sweep beside a running trainer never reads
+  a partial checkpoint; a later sweep picks it up.
+  """
+  steps = hosts.on_process_0(lambda: checkpoint_lib.finished_steps(workdir))
+  if not steps:
+    raise FileNotFoundError(
+        f'--sweep needs a training workdir with finished checkpoints in '
+        f'{checkpoint_lib.checkpoint_dir(workdir)}/<step>/; found none.')
+  return steps
+
+
+def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
+  """{step: results} of steps an earlier sweep scored whose checkpoints are gone since
+  (rotated away by keep_last while the trainer ran on): their results are on disk, for
+  this workdir, recipe, tasks and seeds, so the curve keeps them."""
+  tasks = [s.name for s in glue_data.parse_tasks(config.tasks)]
+  kept = {}
+  for path in sorted(epath.Path(output_dir).glob('step_*/glue_results.json')):
+    step = path.parent.name.removeprefix('step_')
+    if not step.isdigit() or int(step) in present:
+      continue
+    try:
+      results = json.loads(path.read_text())
+      same = (results['checkpoint'] == str(checkpoint_lib.checkpoint_dir(workdir) / str(int(step)))
+              and suite.recipe(ml_collections.ConfigDict(results['config'])) == suite.recipe(config)
+              and results['tasks'] == tasks and results['seeds'] == suite.parse_seeds(config.seeds))
+    except (ValueError, KeyError, TypeError):   # not a finished sweep point: left out
+      continue
+    if same:
+      kept[int(step)] = results
+  return kept
+
+
+def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
+  output_dir = epath.Path(output_dir)
+  config = suite.with_absolute_paths(config)
+  steps = checkpoint_steps(workdir)
+  scored = hosts.on_process_0(lambda: {str(k): v for k, v in scored_steps_gone(
+      workdir, output_dir, config, set(steps)).items()})
+  points = [report.sweep_point(int(step), results) for step, results in scored.items()]
+  task_cache = {}
+  for step in steps:
+    step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
+    # Each step has its own output directory, so an interrupted sweep resumes where it
+    # stopped (config.resume) and a longer training run only adds its new steps.
+    try:
+      results = suite.run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'), config,
+                               task_cache)
+    except checkpoint_lib.DamagedCheckpoint as e:   # one bad step: a gap, not the end
+      print(f'WARNING: GLUE sweep: step {step} skipped, its checkpoint is damaged ({e})',
+            file=sys.stderr, flush=True)
+      continue
+    points = sorted(points + [report.sweep_point(step, results)], key=lambda p: p['step'])
+    report.write_sweep(output_dir, workdir, points, reference_score)
+  return {'points': points}
