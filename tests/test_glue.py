@@ -57,9 +57,10 @@ TINY_MODEL = {
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """Pre-trains with the real trainer CLI on the embedded corpus: 4 steps, saves 2 and 4."""
-  workdir = tmp_path_factory.mktemp('pretrained')
   flags = [f'--config.{k}={v}' for k, v in TINY_MODEL.items()]
-  train_fixtures.run_trainer(workdir, *flags, synthetic=False, timeout=600)
+  workdir = train_fixtures.built_once(   # once per session; tests copy it to change it
+      tmp_path_factory, 'glue_pretrained',
+      lambda path: train_fixtures.run_trainer(path, *flags, synthetic=False, timeout=600))
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4']
   return workdir
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import types
 import sys
 import time
 
@@ -89,9 +90,15 @@ def _wait_for(predicate, process, timeout=120):
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('reference')
-  result = run_trainer(workdir, overrides=_overrides())
-  return workdir, result
+  """(workdir, its trainer's output) of the reference run, trained once per session:
+  tests copy the workdir before changing it."""
+  def build(path):
+    result = run_trainer(path / 'workdir', overrides=_overrides())
+    (path / 'stdout').write_text(result.stdout)
+    (path / 'stderr').write_text(result.stderr)
+  path = train_fixtures.built_once(tmp_path_factory, 'train_reference_run', build)
+  return path / 'workdir', types.SimpleNamespace(stdout=(path / 'stdout').read_text(),
+                                                 stderr=(path / 'stderr').read_text())
 
 
 def test_relative_workdir_as_users_type_it(tmp_path):

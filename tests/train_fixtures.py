@@ -11,6 +11,8 @@ Run as a script it is the trainer's command line with the synthetic input plugge
 """
 
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +137,24 @@ def cpu_devices_flags(devices: int) -> str:
   (tests/conftest.py: fast unoptimised compiles)."""
   return (f"{os.environ.get('XLA_FLAGS', '')} "
           f'--xla_force_host_platform_device_count={devices}').strip()
+
+
+def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """`build(path)` once per test session, however many pytest-xdist workers ask: the first
+  builds under a file lock, the others wait and share the result, which they must only
+  read (copy it to change it). pytest-xdist's own recipe for session-wide fixtures; each
+  worker building its own copy of a trained workdir cost a trainer run per worker."""
+  from filelock import FileLock  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent   # shared by the workers of this session
+  path, done = root / name, root / f'{name}.done'
+  with FileLock(str(root / f'{name}.lock')):
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      build(path)
+      done.touch()
+  return path
 
 
 def run_trainer(workdir, *extra_flags, devices=1, synthetic=True, config='configs/tiny.py',
