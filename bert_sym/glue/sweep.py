@@ -34,16 +34,18 @@ def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
   (rotated away by keep_last while the trainer ran on): their results are on disk, for
   this workdir, recipe, tasks and seeds, so the curve keeps them."""
   tasks = [s.name for s in glue_data.parse_tasks(config.tasks)]
+  seeds, recipe = suite.parse_seeds(config.seeds), suite.recipe(config)
   kept = {}
   for path in sorted(epath.Path(output_dir).glob('step_*/glue_results.json')):
     step = path.parent.name.removeprefix('step_')
     if not step.isdigit() or int(step) in present:
       continue
+    step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(int(step))
     try:
       results = json.loads(path.read_text())
-      same = (results['checkpoint'] == str(checkpoint_lib.checkpoint_dir(workdir) / str(int(step)))
-              and suite.recipe(ml_collections.ConfigDict(results['config'])) == suite.recipe(config)
-              and results['tasks'] == tasks and results['seeds'] == suite.parse_seeds(config.seeds))
+      same = (results['checkpoint'] == str(step_dir) and results['tasks'] == tasks
+              and results['seeds'] == seeds
+              and suite.recipe(ml_collections.ConfigDict(results['config'])) == recipe)
     except (ValueError, KeyError, TypeError):   # not a finished sweep point: left out
       continue
     if same:

@@ -155,6 +155,8 @@ def unk_warning(description: str, unk: int, tokens: int) -> str | None:
             'does not fit this text (the tokenizer lower-cases: a cased vocab.txt never '
             'matches). Fix: --config.data.vocab_path=<a vocab.txt of this text>.')
   return None
+
+
 _PACKED: dict[tuple, Blocks] = {}  # one materialisation per process and corpus
 
 
