@@ -4,8 +4,10 @@
 trainer in a subprocess: about 45 s of start-up and compilation on 2 CPU cores).
 """
 
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,10 +35,18 @@ def ablate_command(workdir, *extra):
           f'--workdir={workdir}', *OVERRIDES, *extra]
 
 
+def _temporary_dir(prefix: str) -> str:
+  """A directory removed when the test process exits (a grid is about 90 MB of
+  checkpoints: left behind, every suite run would add one to /tmp)."""
+  path = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_grid() -> tuple[str, str]:
   """(workdir, runner output) of the tiny grid, trained through the runner's command line."""
-  workdir = os.path.join(tempfile.mkdtemp(prefix='ablate_grid_'), 'abl')
+  workdir = os.path.join(_temporary_dir('ablate_grid_'), 'abl')
   proc = subprocess.run(ablate_command(workdir), cwd=REPO_ROOT, capture_output=True,
                         text=True, timeout=900)
   if proc.returncode != 0:
@@ -62,7 +72,7 @@ _RTE_ROWS = (
 
 def tiny_glue_dir() -> str:
   """A GLUE directory holding RTE/train.tsv and RTE/dev.tsv (8 rows each)."""
-  root = tempfile.mkdtemp(prefix='tiny_glue_')
+  root = _temporary_dir('tiny_glue_')
   os.makedirs(os.path.join(root, 'RTE'))
   for name in ('train.tsv', 'dev.tsv'):
     with open(os.path.join(root, 'RTE', name), 'w') as f:
