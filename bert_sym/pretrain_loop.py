@@ -95,9 +95,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   preemption); returns the last step. Every save has finished (or failed loudly) after."""
   step = int(jax.device_get(state['step']))
   meter, prefetcher = make_meter(config, latest), None
-  if latest is not None:
-    load_meter_state(meter, checkpoint.read_json_item(
-        checkpoint.checkpoint_dir(run.workdir) / str(latest)).get('meter'))
+  load_meter_state(meter, run.saved_meter)
   # Saved while a loss-spike streak was open, the checkpoint resumed from is no good one.
   resumed_good = latest if meter.health.onset is None else None
   run.keep_good.good_below = lambda: meter.health.good_below(resumed_from=resumed_good)

@@ -341,10 +341,8 @@ def _copy(trainer_run, tmp_path):
 
 
 def _restore(workdir, run_config, spec, **kwargs):
-  # The call as the trainer made it before the whole-tree compare (abstract params 4th).
-  manager, step, state, data = checkpoint.restore_latest(
-      workdir, run_config.checkpoint, spec.abstract, spec.abstract_params, log=print,
-      **kwargs)
+  manager, step, state, data, _ = checkpoint.restore_latest(
+      workdir, run_config.checkpoint, spec.abstract, log=print, **kwargs)
   manager.close()
   return step, state, data
 

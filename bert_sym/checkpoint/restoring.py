@@ -165,8 +165,10 @@ def config_hint(workdir, config) -> str:
   return f'Changed since config.json: {", ".join(relevant)}.' if relevant else ''
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[dict, Any]:
-  """Restores `state` onto the shardings in `abstract_state` (any mesh) + this host's data.
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state
+            ) -> tuple[dict, Any, dict | None]:
+  """Restores `state` onto the shardings in `abstract_state` (any mesh), this host's data
+  state, and the run's saved meter (None in checkpoints from before it was saved).
 
   `abstract_state` holds jax.ShapeDtypeStruct leaves with `.sharding` set: orbax reads
   each shard straight onto its device, whatever mesh the checkpoint was written from.
@@ -183,8 +185,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state) -> tuple[
     logging.info('Checkpoint written by %d processes, resuming on %d: every process '
                  'resumes from the saved global input position.',
                  data_item['process_count'], jax.process_count())
-    return restored[STATE], states[0]
-  return restored[STATE], states[jax.process_index()]
+    return restored[STATE], states[0], data_item.get('meter')
+  return restored[STATE], states[jax.process_index()], data_item.get('meter')
 
 
 def _check_step(manager, step, abstract_state, hint) -> None:
@@ -372,17 +374,15 @@ def _steps_newest_first(manager) -> list[int]:
   return allgather_json(sorted(manager.all_steps(), reverse=True))[0]
 
 
-def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *,
+def restore_latest(workdir, ckpt_config, abstract_state, *,
                    log=print, config=None, start_over: bool = False, keep_good=None
-                   ) -> tuple[ocp.CheckpointManager, int | None, dict | None, Any]:
-  """(manager, step, state, data state) of the newest step that restores, else Nones.
+                   ) -> tuple[ocp.CheckpointManager, int | None, dict | None, Any, Any]:
+  """(manager, step, `restore`'s three) of the newest step that restores, else Nones.
 
-  `abstract_params` is accepted for older callers; the whole `abstract_state` is compared.
   See the table above for what each failure does. A workdir whose checkpoints were all
   damaged raises NothingRestored unless `start_over`. `keep_good` (a
   checkpoint.KeepNewestGood) goes to the manager the run then saves with.
   """
-  del abstract_params
   hint = config_hint(workdir, config)
   manager = make_manager(workdir, ckpt_config, keep_good=keep_good)
   moved = []
@@ -402,7 +402,7 @@ def restore_latest(workdir, ckpt_config, abstract_state, abstract_params=None, *
   except BaseException:
     manager.close()
     raise
-  return manager, None, None, None
+  return manager, None, None, None, None
 
 
 def check_same_prng_impl(workdir, config) -> None:

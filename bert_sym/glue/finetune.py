@@ -263,16 +263,15 @@ def _restore_or_init(pretrained, task: TaskSetup, seeds, group_dir, desc):
   fresh pooler and classifier (N(0, 0.02)) around the pre-trained encoder per seed."""
   stacked = len(seeds) > 1
   ckpt = ml_collections.ConfigDict(dict(keep_last=1, keep_every=0, async_save=False))
-  abstract, abstract_params = task.state.abstract, task.state.abstract_params
+  abstract = task.state.abstract
   if stacked:
     lead = lambda a, s=None: jax.ShapeDtypeStruct((len(seeds),) + a.shape, a.dtype,
                                                   sharding=s)
     abstract = jax.tree.map(lead, abstract, steps.stacked(task.state.shardings))
-    abstract_params = jax.tree.map(lead, abstract_params)
   # start_over: a task whose checkpoints are all damaged is fine-tuned again from the
   # pre-trained encoder (minutes; refusing would stop this output directory for good).
-  manager, latest, state, _ = checkpoint_lib.restore_latest(
-      group_dir, ckpt, abstract, abstract_params, log=logging.warning, start_over=True)
+  manager, latest, state, _, _ = checkpoint_lib.restore_latest(
+      group_dir, ckpt, abstract, log=logging.warning, start_over=True)
   if latest is not None:
     logging.info('%s: resuming from step %d of %d (%s)', desc, latest, task.total_steps,
                  checkpoint_lib.checkpoint_dir(group_dir))
