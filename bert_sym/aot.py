@@ -19,8 +19,9 @@ per chip and the wall time of config.total_steps. Exit status 1, with one line n
 bytes over and the knobs to turn, when the step does not fit in HBM.
 
 The estimate's FLOPs are the model's own count (model.train_flops_per_token): XLA's
-cost_analysis() counts the body of a scanned loop (model.scan_layers=True) once, not once
-per layer. The compiler's figures are reported as they are, next to it.
+cost_analysis() counts a loop body once (the layers of model.scan_layers=True, the
+micro-batches of optimizer.grad_accum_steps > 1), so its figures, reported as they are,
+are low then, and the estimate's memory term is a lower bound.
 """
 
 import dataclasses
@@ -43,6 +44,7 @@ from bert_sym import files
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
+from bert_sym import sharding
 from bert_sym import steps
 from bert_sym import tpu
 from bert_sym import train
@@ -142,8 +144,7 @@ def cost_report(compiled) -> dict[str, float]:
 
 def _compile(jitted, *args):
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  return compiled, time.perf_counter() - start
+  return jitted.lower(*args).compile(), time.perf_counter() - start
 
 
 _SIZE = r'([\d.]+)\s*([KMGT]?)i?B?'
@@ -171,22 +172,27 @@ def bytes_over(message: str) -> int | None:
   return None
 
 
-def fit_advice(config, num_slices: int = 1) -> str:
+def fit_advice(config, num_slices: int = 1, data_parallel: int = 1) -> str:
   """The knobs that lower per-chip memory, as flags with values to try (only existing keys).
-  With several slices the data axis must keep one entry per slice (sharding.make_mesh)."""
+  With several slices the data axis must keep one entry per slice (sharding.make_mesh); a
+  micro-batch must still split over the `data_parallel` chips (sharding.check_batch_size)."""
   knobs = []
   if config.mesh.get('fsdp') is not None and config.mesh.fsdp == 1:
     knobs.append(f'--config.mesh.fsdp=-1 --config.mesh.data={num_slices} (shard params and '
                  'Adam state over the chips' + (' of each slice)' if num_slices > 1 else ')'))
-  accum = config.optimizer.get('grad_accum_steps')
-  if accum is not None:
-    knobs.append(f'--config.optimizer.grad_accum_steps={2 * accum} (same batch, half the '
-                 f'activations)')
+  accum, batch = config.optimizer.get('grad_accum_steps'), config.batch_size
+  more = [k for k in range((accum or 1) + 1, batch // data_parallel + 1)
+          if batch % (k * data_parallel) == 0]
+  if accum is not None and more:
+    knobs.append(f'--config.optimizer.grad_accum_steps={more[0]} (same batch, '
+                 f'{accum / more[0]:.2g}x the activations)')
   if not config.model.get('remat', True):
     knobs.append('--config.model.remat=True (recompute activations in the backward pass)')
   if not config.model.get('scan_layers', True):
     knobs.append('--config.model.scan_layers=True')
-  knobs.append(f'--config.batch_size={config.batch_size // 2} (changes the recipe)')
+  step = (accum or 1) * data_parallel   # the smallest batch that splits
+  if batch // 2 >= step:
+    knobs.append(f'--config.batch_size={batch // 2 // step * step} (changes the recipe)')
   return 'Try: ' + '; or '.join(knobs) + '.'
 
 
@@ -199,12 +205,11 @@ def _human(n: float) -> str:
 
 
 def estimate(config, slice_: tpu.Slice, num_slices: int, device, step_bytes: float,
-             scanned: bool) -> dict:
+             loops: list[str]) -> dict:
   """Roofline ESTIMATE of one step on one chip: max(FLOPs / peak, bytes / HBM bandwidth).
 
   FLOPs: the model's own count (model.train_flops_per_token x tokens per chip); bytes:
-  the compiler's per-chip bytes accessed, which under model.scan_layers=True count the
-  layer loop's body once (then the memory term is a lower bound).
+  the compiler's per-chip bytes accessed: a lower bound if `loops` (loops_counted_once).
   """
   chips = slice_.chips * num_slices
   seq_len = config.data.max_seq_len
@@ -223,7 +228,7 @@ def estimate(config, slice_: tpu.Slice, num_slices: int, device, step_bytes: flo
       'model_flops_per_token': flops_per_token,
       'model_flops_per_chip_per_step': flops, 'tokens_per_chip_per_step': tokens_per_chip,
       'compute_bound_s': compute_s, 'memory_bound_s': memory_s,
-      'memory_bound_is_lower_bound': scanned,
+      'memory_bound_is_lower_bound': bool(loops), 'loops_counted_once': loops,
       'step_s': step_s, 'bound': 'compute' if compute_s >= memory_s else 'memory',
       'tokens_per_s_per_chip': tokens_per_chip / step_s,
       'total_steps': config.total_steps,
@@ -248,7 +253,9 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
       built = build_steps(config, devices)
     except ValueError as e:   # the trainer's own readable mesh / batch / kernel errors
       raise AotError(str(e)) from None
-    report.update(mesh=dict(built.mesh.shape), kernel=built.kernel, dtype=built.dtype)
+    report.update(mesh=dict(built.mesh.shape), kernel=built.kernel, dtype=built.dtype,
+                  data_parallel=sharding.data_parallel_size(built.mesh,
+                                                            sharding.logical_rules(config)))
     over = None
     todo = [('train_step', built.train_step, (built.spec.abstract, built.batch))]
     if eval_step:
@@ -268,8 +275,15 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   if report['train_step'].get('memory') is not None:
     report['estimate'] = estimate(
         config, slice_, num_slices, devices[0],
-        report['train_step']['compiler_cost']['bytes_accessed'], report['scan_layers'])
+        report['train_step']['compiler_cost']['bytes_accessed'], loops_counted_once(report))
   return report
+
+
+def loops_counted_once(report, eval_step: bool = False) -> list[str]:
+  """The step's loops whose body cost_analysis() counts once (so its figures are low)."""
+  accumulates = report['grad_accum_steps'] > 1 and not eval_step
+  return [name for name, on in (('scanned layers', report['scan_layers']),
+                                ('gradient accumulation', accumulates)) if on]
 
 
 def _slice_devices(config, topology: str, num_slices: int):
@@ -345,12 +359,14 @@ def summary(report: dict) -> str:
         f"aliased {_human(m['aliases'])}); collectives "
         f"{part['collectives'] or 'none'}; compiler cost per chip "
         f"{part['compiler_cost']['flops']:.3g} FLOPs, "
-        f"{part['compiler_cost']['bytes_accessed']:.3g} bytes")
+        f"{part['compiler_cost']['bytes_accessed']:.3g} bytes" + (' (a loop body counted '
+        'once: low)' if loops_counted_once(report, eval_step=name == 'eval_step') else ''))
   lines.append(f"fits: {report['fits']}")
   est = report.get('estimate')
   if est:
-    lower = '; the memory term is a lower bound with scanned layers' if est[
-        'memory_bound_is_lower_bound'] else ''
+    loops = ' and '.join(est['loops_counted_once'])
+    lower = (f'; the memory term is a lower bound: the compiler counts the loop body of '
+             f'{loops} once' if loops else '')
     lines.append(
         f"ESTIMATE (roofline, not measured): {est['step_s'] * 1e3:.1f} ms/step "
         f"({est['bound']}-bound{lower}), {est['tokens_per_s_per_chip']:,.0f} tokens/s per "
@@ -370,6 +386,9 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   config = _CONFIG.value
   if _OUT.value:   # checked before compiling, which can take minutes
+    if os.path.isdir(_OUT.value):
+      raise app.UsageError(f'--out={_OUT.value} is a directory; give the report a file '
+                           f'name, e.g. --out={os.path.join(_OUT.value, "aot.json")}.')
     out_dir = os.path.dirname(os.path.abspath(_OUT.value))
     try:
       os.makedirs(out_dir, exist_ok=True)
@@ -391,7 +410,8 @@ def main(argv):
     over_text = f'{_human(over)} over' if over else 'over (the compiler gave no figure)'
     print(f"bert_sym.aot: error: does not fit on {report['topology']}: {over_text} the "
           f"{_human(report['hbm_bytes_per_chip'])} HBM of a {report['device_kind']} chip. "
-          f'{fit_advice(config, _NUM_SLICES.value)}', file=sys.stderr, flush=True)
+          f"{fit_advice(config, _NUM_SLICES.value, report['data_parallel'])}",
+          file=sys.stderr, flush=True)
     sys.exit(1)
 
 

@@ -9,6 +9,7 @@ compiles for.
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -75,6 +76,16 @@ def _grid(chips: int, dims: int) -> list[int]:
   return shape
 
 
+def _example_grid(chips: int, dims: int) -> list[int] | None:
+  """A grid of `chips` that libtpu accepts, near-cubic: its first two sides even (a host
+  holds 2x2 chips), e.g. 12 -> 2x6 (2-D), 2x2x3 (3-D); None if there is none."""
+  grids = [g for g in itertools.product(range(2, chips + 1, 2), repeat=2)
+           if chips % math.prod(g) == 0]
+  grids = [list(g) + [chips // math.prod(g)] * (dims - 2) for g in grids
+           if dims == 3 or math.prod(g) == chips]
+  return min(grids, key=lambda g: (max(g), g), default=None)
+
+
 def parse_topology(name: str) -> Slice:
   """'v5e-16', 'v5litepod-16', 'v4-32' (TensorCores: 16 chips), 'v5p-128', 'v6e-8', or
   the chip grid itself: 'v5e:4x4', 'v4:2x2x4', 'v5p:2x2x1'."""
@@ -100,8 +111,11 @@ def parse_topology(name: str) -> Slice:
       raise SliceError(usage)
     chips = int(size) // chip.cores_in_name
     if chips < 1 or chips & (chips - 1):
+      grid = _example_grid(chips, chip.dims)
+      example = (f', e.g. {generation}:{"x".join(map(str, grid))}' if grid else
+                 ' (its first two sides even: a host holds 2x2 chips)')
       raise SliceError(f'--topology={name!r}: {chips} chips is not a power of two; give '
-                     f'the grid instead, e.g. {generation}:4x4x12.')
+                       f'the grid instead{example}.')
     grid = _grid(chips, chip.dims)
   return Slice(name, chip, f'{chip.topology_prefix}:{"x".join(map(str, grid))}',
                math.prod(grid))

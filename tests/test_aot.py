@@ -8,6 +8,7 @@ the splash variants use scanned layers (one layer body compiled) and the train s
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,17 @@ def test_bad_topology_names_are_one_line_errors(name, message):
   assert '\n' not in str(error.value)
 
 
+@pytest.mark.parametrize('name, chips', [('v5e-12', 12), ('v4-24', 12), ('v6e-24', 24)])
+def test_the_grid_offered_for_a_chip_count_not_a_power_of_two_is_a_slice(name, chips):
+  """It was 'e.g. v5e:4x4x12' for every generation and count: a 3-D grid for a 2-D
+  chip, and 192 chips for 12."""
+  with pytest.raises(tpu.SliceError, match='not a power of two') as error:
+    tpu.parse_topology(name)
+  grid = str(error.value).split('e.g. ')[1].rstrip('.')
+  slice_ = tpu.parse_topology(grid)
+  assert slice_.chips == chips and len(tpu.compile_only_devices(slice_)) == chips
+
+
 def test_multi_slice_mesh_spans_slices_on_the_data_axis_only():
   devices = tpu.compile_only_devices(tpu.parse_topology('v5e-4'), num_slices=2)
   assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
@@ -86,6 +98,26 @@ def test_multi_slice_mesh_spans_slices_on_the_data_axis_only():
   config.mesh.update(data=2, fsdp=-1)
   assert dict(sharding.make_mesh(config.mesh, devices).shape) == {'data': 2, 'fsdp': 4,
                                                                   'tensor': 1}
+
+
+@pytest.mark.parametrize('batch, accum, data_parallel, offered', [
+    (16384, 1, 4, ('grad_accum_steps=2', 'batch_size=8192')),
+    (24, 2, 4, ('grad_accum_steps=3', 'batch_size=8')),
+    (4, 1, 4, ())])   # nothing smaller splits over 4 chips
+def test_fit_advice_offers_only_batches_that_split_over_the_chips(batch, accum,
+                                                                   data_parallel, offered):
+  """A batch or accumulation that sharding.check_batch_size refuses is no advice: it
+  offered grad_accum_steps=2 and batch_size=2 for a batch of 4 on 4 chips."""
+  config = tiny_config()
+  config.batch_size, config.optimizer.grad_accum_steps = batch, accum
+  advice = aot.fit_advice(config, data_parallel=data_parallel)
+  for knob in offered:
+    assert f'--config.optimizer.{knob} ' in advice or f'--config.{knob} ' in advice, advice
+  values = re.findall(r'--config\.(?:optimizer\.)?(grad_accum_steps|batch_size)=(\d+)', advice)
+  assert len(values) == len(offered), advice
+  for knob, value in values:   # each change on its own, as the advice offers them
+    tried = {'batch_size': batch, 'grad_accum_steps': accum, knob: int(value)}
+    assert tried['batch_size'] % (tried['grad_accum_steps'] * data_parallel) == 0, tried
 
 
 def test_hbm_overflow_messages_are_parsed():
@@ -213,6 +245,23 @@ def test_model_flop_count_agrees_with_the_unscanned_compile(paper_recipe):
   assert 1.0 <= compiler / model <= 1.3, (compiler, model)
 
 
+def test_with_gradient_accumulation_the_memory_term_is_a_lower_bound():
+  """The compiler counts the micro-batch loop's body once, like a scanned layer loop, so
+  its figures are a fraction of the step's; the estimate said nothing and took its bytes
+  as the whole step's (a faster estimate for the same work)."""
+  config = tiny_config(attention_impl='xla', attention_dropout_rate=0.0, scan_layers=False)
+  config.optimizer.grad_accum_steps = 4
+  report = aot.preflight(config, 'v5e-4', eval_step=False)
+  estimate = report['estimate']
+  assert estimate['memory_bound_is_lower_bound']
+  assert estimate['loops_counted_once'] == ['gradient accumulation']
+  assert (report['train_step']['compiler_cost']['flops']
+          < 0.5 * estimate['model_flops_per_chip_per_step'])   # the trap, as it stands
+  text = aot.summary(report)
+  assert 'counts the loop body of gradient accumulation once' in text
+  assert 'bytes (a loop body counted once: low)' in text
+
+
 # ---- Not fitting: exit 1, one line naming the bytes over and the knobs ----
 
 def test_oversized_config_exits_non_zero_with_one_readable_line():
@@ -284,7 +333,7 @@ def test_a_compiled_step_over_hbm_says_by_how_much(monkeypatch):
   assert not report['fits'] and report['bytes_over_hbm'] == 3 * 2**30
 
 
-def test_the_command_line_errors_are_one_line_and_help_exits_0():
+def test_the_command_line_errors_are_one_line_and_help_exits_0(tmp_path):
   """bert_sym.aot bypassed the CLI's error handling: --help exited 1 and a bad config key
   (launch/tpu_vm.sh passes the user's own) came out as a traceback."""
   assert run_aot('--help').returncode == 0
@@ -292,7 +341,10 @@ def test_the_command_line_errors_are_one_line_and_help_exits_0():
       (('--config=configs/tiny.py', '--topology=v5e-4', '--config.nonexist=1'),
        "unknown config key 'nonexist'"),
       (('--config=configs/nope.py', '--topology=v5e-4'), 'cannot be loaded'),
-      (('--config=configs/tiny.py',), '--config and --topology are required')):
+      (('--config=configs/tiny.py',), '--config and --topology are required'),
+      # Before compiling (minutes at scale), not after: it was "[Errno 21] Is a directory".
+      (('--config=configs/tiny.py', '--topology=v5e-4', f'--out={tmp_path}'),
+       f'--out={tmp_path} is a directory; give the report a file name')):
     result = run_aot(*flags)
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
