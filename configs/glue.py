@@ -68,6 +68,7 @@ def get_config(arg=None):
   c.parallel_seeds = 'auto'
   c.on_nonfinite = 'stop'       # 'skip': skip non-finite updates (never applied either way)
   c.max_consecutive_nonfinite = 10   # with 'skip': stop after this many in a row
+  c.peak_flops_per_device = 0.0  # 0 = look up by device kind (for MFU), as in pre-training
 
   if arg == 'runlocal':
     c.seeds = '1'

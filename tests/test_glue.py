@@ -699,13 +699,15 @@ def _batch(seed, poison=False):
   return batch
 
 
-def test_the_skip_limit_is_glues_own_key():
+def test_the_skip_limit_and_the_peak_are_glues_own_keys():
   """GLUE's stop message names --config.max_consecutive_nonfinite: the key exists, and
-  is the limit the meter applies (it was the trainer's default, 10, whatever was set)."""
+  is the limit the meter applies (it was the trainer's default, 10, whatever was set).
+  The peak FLOP/s for MFU can be set as in pre-training (an unknown key, it could not)."""
   pretrained, task = _tiny_task()
-  meter = finetune._meter(pretrained, task, _config(max_consecutive_nonfinite=3), 1, 'rte',
-                          None)
-  assert meter.health.max_consecutive_skips == 3
+  config = _config(max_consecutive_nonfinite=3, peak_flops_per_device=2e12)
+  meter = finetune._meter(pretrained, task, config, 1, 'rte', None)
+  assert meter.health.max_consecutive_skips == 3 and meter.peak_flops == 2e12
+  assert 'peak_flops_per_device' not in suite.recipe(config)   # MFU only: no rerun
 
 
 def test_nonfinite_glue_step_leaves_params_and_adam_unchanged():

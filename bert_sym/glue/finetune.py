@@ -295,7 +295,8 @@ def _meter(pretrained, task: TaskSetup, config, num_seeds, desc, last_saved) -> 
   meter = loop.Meter(
       task.total_steps, num_seeds * config.batch_size * seq_len,
       lambda length: model_lib.train_flops_per_token(pretrained.config.model, length, 0.0),
-      metrics_writer.peak_flops_per_device(), config.get('on_nonfinite', 'stop'),
+      metrics_writer.peak_flops_per_device(override=config.get('peak_flops_per_device', 0.0)),
+      config.get('on_nonfinite', 'stop'),
       what=f'GLUE {desc}')
   meter.last_saved = last_saved
   meter.health.max_consecutive_skips = config.get('max_consecutive_nonfinite', 10)
