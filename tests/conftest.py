@@ -28,9 +28,19 @@ if tpu.no_tpu_here():
 # machine vary too much between runs to quote one gain). The HLO, and so what the
 # tests compare, is the same; the TPU compiler of tests/test_aot.py ignores the flag (its
 # report, memory and FLOPs included, was identical with and without it). Read when JAX
-# creates its backend, so set before any test runs; subprocesses inherit it.
+# creates its backend, so set before any test runs; subprocesses inherit it. Not where JAX
+# can run on CUDA: the GPU tests (benchmarks/run_gpu.sh) check the kernels a user gets.
 _FAST_CPU_COMPILE = '--xla_backend_optimization_level=0'
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+
+
+def cuda_jax_installed() -> bool:
+  """A jax CUDA plugin (jax[cuda12], jax[cuda13]) is installed; read without starting JAX."""
+  return any((d.metadata['Name'] or '').lower().replace('_', '-').startswith('jax-cuda')
+             for d in importlib.metadata.distributions())
+
+
+if ('xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '')
+    and not cuda_jax_installed()):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_CPU_COMPILE}".strip()
 
 

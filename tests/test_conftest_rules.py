@@ -76,3 +76,23 @@ def test_real_data_tests_run_only_where_the_data_is(probe_suite, tmp_path):
   (data / 'wikitext-2').mkdir()
   with_data = probe_suite('', '-k', 'real_data', BERT_SYM_DATA_DIR=str(data))
   assert '1 passed' in with_data.stdout, with_data.stdout[-3000:]
+
+
+@pytest.mark.parametrize('cuda_plugin', [False, True])
+def test_unoptimised_compiles_only_where_jax_cannot_run_on_cuda(tmp_path, cuda_plugin):
+  """The suite's fast-compile flag (LLVM without optimisations) is for XLA:CPU; with a jax
+  CUDA plugin installed the GPU tests must run the kernels a user gets (it was set there
+  too)."""
+  site = tmp_path / 'site'
+  if cuda_plugin:   # what `pip install jax[cuda13]` leaves, as importlib.metadata reads it
+    info = site / 'jax_cuda13_plugin-0.8.0.dist-info'
+    info.mkdir(parents=True)
+    (info / 'METADATA').write_text('Metadata-Version: 2.1\nName: jax-cuda13-plugin\n'
+                                   'Version: 0.8.0\n')
+  env = dict(os.environ, PYTHONPATH=f'{REPO_ROOT}{os.pathsep}{site}', XLA_FLAGS='')
+  result = subprocess.run(
+      [sys.executable, '-c', 'import os, tests.conftest; print(os.environ["XLA_FLAGS"])'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  flag_set = '--xla_backend_optimization_level=0' in result.stdout
+  assert flag_set != cuda_plugin, result.stdout
