@@ -387,18 +387,23 @@ def run_one(spec, timeout_s):
   start = time.perf_counter()
   process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=REPO_ROOT)
+  timed_out = False
   try:
     out, err = process.communicate(timeout=timeout_s)
   except subprocess.TimeoutExpired:
     process.kill()   # SIGKILL: a wedged kernel or compiler does not get a say
     out, err = process.communicate()
-    return dict(spec, status='timeout', error=f'killed after {timeout_s} s',
-                wall_s=time.perf_counter() - start)
-  for line in out.splitlines():
+    timed_out = True
+  for line in out.splitlines():   # measured, then stuck on the way out: still a result
     if line.startswith(RESULT_PREFIX):
       result = json.loads(line[len(RESULT_PREFIX):])
       result['wall_s'] = time.perf_counter() - start
+      if timed_out:
+        result['note'] = f'killed after {timeout_s} s, after printing this result'
       return result
+  if timed_out:
+    return dict(spec, status='timeout', error=f'killed after {timeout_s} s',
+                wall_s=time.perf_counter() - start)
   return dict(spec, status='crashed', error=(err or out)[-2000:],
               returncode=process.returncode, wall_s=time.perf_counter() - start)
 

@@ -46,7 +46,7 @@ def peak_flops_per_device(device=None, override: float = 0.0) -> float:
   for key, flops in PEAK_FLOPS_BY_DEVICE_KIND:
     if key in kind:
       return flops
-  if device.platform == 'cpu':
+  if getattr(device, 'platform', None) == 'cpu':   # benchmarks pass torch's name only
     return 0.0
   logging.warning('Unknown device kind %r: MFU is not reported (set '
                   'config.peak_flops_per_device).', kind)

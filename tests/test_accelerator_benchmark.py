@@ -73,3 +73,19 @@ def test_the_synthetic_batch_masks_what_the_sparse_head_can_predict():
   assert per_row.max() <= accelerator.predictions_per_seq(128) == 20
   assert abs(per_row.mean() / 127 - 0.15) < 0.01   # still BERT's 15% on average
   assert ((batch['mlm_targets'] != 0) == (batch['mlm_weights'] > 0)).all()
+
+
+def test_a_worker_killed_after_printing_its_result_keeps_the_result(tmp_path, monkeypatch):
+  """A worker that measured, printed its RESULT line and then hung on the way out (a
+  device or thread that does not let go) was recorded as a timeout: the measurement lost."""
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  worker = tmp_path / 'python'
+  worker.write_text("#!/bin/sh\necho 'RESULT {\"status\": \"ok\", \"step_ms\": 12.5}'\n"
+                    'exec sleep 120\n')
+  worker.chmod(0o755)
+  monkeypatch.setattr(accelerator.sys, 'executable', str(worker))
+  result = accelerator.run_one({'impl': 'ours'}, timeout_s=2)
+  assert result['status'] == 'ok' and result['step_ms'] == 12.5, result
+  assert 'killed after 2 s' in result['note']
+  worker.write_text('#!/bin/sh\nexec sleep 120\n')   # nothing measured: still a timeout
+  assert accelerator.run_one({'impl': 'ours'}, timeout_s=2)['status'] == 'timeout'

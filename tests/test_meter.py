@@ -74,6 +74,14 @@ def test_no_mfu_without_a_known_peak(monkeypatch):
   assert metrics_writer.peak_flops_per_device(override=5e11) == 5e11
 
 
+def test_a_device_known_by_name_only_gets_its_peak_or_none():
+  """benchmarks/accelerator.py looks up the Hugging Face peer's GPU by torch's device name:
+  an unknown name raised AttributeError (no .platform) and lost the measured HF result."""
+  by_name = lambda name: type('Device', (), {'device_kind': name})()
+  assert metrics_writer.peak_flops_per_device(by_name('NVIDIA H200')) == 989e12
+  assert metrics_writer.peak_flops_per_device(by_name('NVIDIA B200')) == 0.0
+
+
 def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
   """GLUE's length buckets: a step on a batch padded to 4 tokens counts 4 per row, not
   the longest bucket's 8."""
