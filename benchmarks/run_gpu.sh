@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/run_gpu.sh [DIR_WITH_ml_collections_WHEEL]
 #
-# In order of importance (a step that no longer fits the budget is reported as skipped):
+# It stops at once, having measured nothing, if JAX does not run on the GPU. Then, in order
+# of importance (a step that no longer fits the budget is reported as skipped):
 #   1. the GPU-only tests (marked gpu): cuDNN flash attention equals xla, attention dropout
 #      inside cuDNN (rate, fresh masks per step, unbiased, backward uses the forward's
 #      mask, all-padding rows), the XLA GPU flags known to the GPU plugin;
@@ -41,7 +42,15 @@ if ! python3 -c 'import ml_collections' 2>/dev/null; then
   export PYTHONPATH=/tmp/bert_sym_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-timeout -s KILL 60 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
+# Every step below measures a GPU: if JAX came up on the CPU (a CUDA plugin that did not
+# load), they would spend the whole budget timing bert-base on the host. RUN_GPU_ALLOW_CPU=1
+# runs them anyway (a dry run of this script at --size=base on a CPU machine).
+if ! timeout -s KILL 60 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())
+raise SystemExit(jax.default_backend() != "gpu")' && [ "${RUN_GPU_ALLOW_CPU:-0}" != 1 ]; then
+  echo 'JAX does not run on a GPU here (see the devices above): nothing was measured. Fix:' \
+    'install jax[cuda12] or jax[cuda13] matching the driver.'
+  exit 1
+fi
 R=benchmarks/results
 SAVED=()
 save() {   # FILE... (under $R): adds them to $OUT/results.tar, replaced by a rename
@@ -52,11 +61,14 @@ save() {   # FILE... (under $R): adds them to $OUT/results.tar, replaced by a re
     mv -f "$OUT/results.tar.part" "$OUT/results.tar"
 }
 
-# step NAME MAX_SECONDS COMMAND...: runs COMMAND under min(MAX, time left), SIGKILL after.
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND under min(MAX, time left), SIGKILL after;
+# skipped with under STEP_MIN_S (default 30) seconds left.
 step() {
   local name=$1 max=$2; shift 2
-  local left=$(( LIMIT_S - (SECONDS - START) ))
-  if [ "$left" -lt 30 ]; then echo "== $name: SKIPPED (${left}s of the budget left)"; return; fi
+  local left=$(( LIMIT_S - (SECONDS - START) )) needs=${STEP_MIN_S:-30}
+  if [ "$left" -lt "$needs" ]; then
+    echo "== $name: SKIPPED (${left}s of the budget left, it needs ${needs}s)"; return
+  fi
   [ "$max" -gt "$left" ] && max=$left
   echo "== $name (limit ${max}s, $(( SECONDS - START ))s elapsed)"
   timeout -s KILL "$max" "$@"
@@ -104,7 +116,9 @@ bench 'train step vs HF: seq 512 x 32 and 512 x 256' 200 \
 
 GLUE_JSON=$R/glue_seeds_gpu_base_${DATE}.json
 rm -f "$GLUE_JSON"
-step 'glue seeds' 200 python3 benchmarks/glue_seeds.py --size=base --seq_len=128 --seeds=3 \
+# It writes nothing until it has finished (about 165 s on the H200, 2026-11-26): killed
+# sooner, its time would be lost.
+STEP_MIN_S=180 step 'glue seeds' 200 python3 benchmarks/glue_seeds.py --size=base --seq_len=128 --seeds=3 \
   --steps=60 --rounds=3 --out="$GLUE_JSON"
 [ -f "$GLUE_JSON" ] && save "$GLUE_JSON"
 echo "== done in $(( SECONDS - START ))s"

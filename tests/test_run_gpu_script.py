@@ -110,3 +110,46 @@ def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
                                  for p in results + [repo / 'benchmarks' / 'results' /
                                                      'profile_standard_fused_128x256' /
                                                      'top_ops.txt'])
+
+
+def _run_script(tmp_path, python_stand_in, **env_vars):
+  """run_gpu.sh from a copy of the repository's layout, with stand-ins for python3 and
+  nvidia-smi; returns (exit status, log, the python3 command lines it ran)."""
+  repo, stubs, out = tmp_path / 'repo', tmp_path / 'bin', tmp_path / 'out'
+  (repo / 'benchmarks').mkdir(parents=True)
+  stubs.mkdir()
+  out.mkdir()
+  (repo / 'benchmarks' / 'run_gpu.sh').write_text(open(SCRIPT).read())
+  calls = tmp_path / 'calls'
+  logged = python_stand_in.replace('#!/bin/bash\n', f'#!/bin/bash\necho "$*" >> {calls}\n', 1)
+  for name, text in (('python3', logged), ('nvidia-smi', '#!/bin/bash\necho H200\n')):
+    (stubs / name).write_text(text)
+    (stubs / name).chmod(0o755)
+  env = dict(os.environ, OUT=str(out), PATH=f'{stubs}:{os.environ["PATH"]}', **env_vars)
+  done = subprocess.run(['bash', str(repo / 'benchmarks' / 'run_gpu.sh')], env=env,
+                        capture_output=True, text=True, timeout=120)
+  ran = calls.read_text().splitlines() if calls.exists() else []
+  return done.returncode, (out / 'run_gpu.log').read_text(), ran
+
+
+def test_without_a_gpu_under_jax_it_stops_before_measuring(tmp_path):
+  """A CUDA plugin that did not load leaves JAX on the CPU: every step then timed
+  bert-base on the host until the budget ran out."""
+  on_cpu = _PYTHON_STAND_IN.replace("*'import ml_collections'*|*'import jax'*|",
+                                    "*'import jax'*) exit 1;;\n  *'import ml_collections'*|")
+  status, log, ran = _run_script(tmp_path, on_cpu)
+  assert status == 1 and 'JAX does not run on a GPU here' in log, log
+  assert not [c for c in ran if 'benchmarks/' in c or 'pytest' in c], ran
+  status, log, ran = _run_script(tmp_path / 'dry', on_cpu, RUN_GPU_ALLOW_CPU='1')
+  assert status == 0 and any('benchmarks/accelerator.py' in c for c in ran), log
+
+
+def test_the_glue_step_runs_only_with_the_time_to_finish(tmp_path):
+  """benchmarks/glue_seeds.py writes nothing until it ends (about 165 s on the H200):
+  started with 30-165 s left it was always killed, and its time lost."""
+  _, log, ran = _run_script(tmp_path, _PYTHON_STAND_IN)
+  assert any('glue_seeds.py' in c for c in ran), log
+  _, log, ran = _run_script(tmp_path / 'short', _PYTHON_STAND_IN, RUN_GPU_LIMIT_S='150')
+  assert not any('glue_seeds.py' in c for c in ran)
+  assert '== glue seeds: SKIPPED' in log and 'it needs 180s' in log, log
+  assert any('accelerator.py' in c for c in ran)   # the benchmarks before it still ran
