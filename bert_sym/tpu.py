@@ -9,7 +9,6 @@ compiles for.
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import re
@@ -79,10 +78,10 @@ def _grid(chips: int, dims: int) -> list[int]:
 def _example_grid(chips: int, dims: int) -> list[int] | None:
   """A grid of `chips` that libtpu accepts, near-cubic: its first two sides even (a host
   holds 2x2 chips), e.g. 12 -> 2x6 (2-D), 2x2x3 (3-D); None if there is none."""
-  grids = [g for g in itertools.product(range(2, chips + 1, 2), repeat=2)
-           if chips % math.prod(g) == 0]
-  grids = [list(g) + [chips // math.prod(g)] * (dims - 2) for g in grids
-           if dims == 3 or math.prod(g) == chips]
+  even = lambda n: [d for d in range(2, math.isqrt(n) + 1, 2) if n % d == 0] + [
+      n // d for d in range(1, math.isqrt(n) + 1) if n % d == 0 and (n // d) % 2 == 0]
+  grids = [[a, b] + [chips // (a * b)] * (dims - 2)
+           for a in even(chips) for b in even(chips // a) if dims == 3 or a * b == chips]
   return min(grids, key=lambda g: (max(g), g), default=None)
 
 
