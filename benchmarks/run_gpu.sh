@@ -19,8 +19,8 @@
 #   5. pairwise on the fast recipe at the shapes of 2., for its step time against standard's;
 #   6. with the time left: seq 512 x 32 and 512 x 256, then the GLUE parallel-seeds
 #      benchmark.
-# Everything (JSON, tables) goes under benchmarks/results/. $OUT gets two files, whatever
-# runs: this log, and results.tar with every result so far (rewritten whole after each, so
+# Everything (JSON, tables) goes under benchmarks/results/. $OUT gets two files (only the
+# log if JAX is not on the GPU): this log, and results.tar with every result so far (rewritten whole after each, so
 # a kill leaves the previous one): the device tool hands back at most 8 files, and ten
 # loose ones would lose two, maybe the log. `tar -xf results.tar -C benchmarks/results`.
 #

@@ -14,6 +14,7 @@ import jax
 from packaging import version
 import pytest
 
+from bert_sym import gpu_flags
 from bert_sym import tpu
 from tests import real_data
 
@@ -31,16 +32,8 @@ if tpu.no_tpu_here():
 # creates its backend, so set before any test runs; subprocesses inherit it. Not where JAX
 # can run on CUDA: the GPU tests (benchmarks/run_gpu.sh) check the kernels a user gets.
 _FAST_CPU_COMPILE = '--xla_backend_optimization_level=0'
-
-
-def cuda_jax_installed() -> bool:
-  """A jax CUDA plugin (jax[cuda12], jax[cuda13]) is installed; read without starting JAX."""
-  return any((d.metadata['Name'] or '').lower().replace('_', '-').startswith('jax-cuda')
-             for d in importlib.metadata.distributions())
-
-
 if ('xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '')
-    and not cuda_jax_installed()):
+    and gpu_flags.cuda_plugin() is None):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_CPU_COMPILE}".strip()
 
 

@@ -215,7 +215,7 @@ def _outcome_of(read) -> tuple[Any, dict]:
 
 
 def _restore_step(manager, step, abstract_state, hint):
-  """((state, data state), None) if `step` restores, (None, reason) if it is damaged;
+  """(`restore`'s three, None) if `step` restores, (None, reason) if it is damaged;
   raises IncompatibleCheckpoint or CheckpointReadError otherwise.
 
   Two rounds, each ending in an agreement: the checks, then orbax's restore. orbax's
