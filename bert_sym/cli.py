@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
+import re
 import sys
 import traceback
 from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_PREEMPTED = 42   # loop.PREEMPTED_EXIT_CODE: every process saved the same step, then exits
 HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
 # The checkout this package runs from (an editable install): its configs/ directory.
 CHECKOUT = pathlib.Path(__file__).resolve().parents[1]
@@ -91,7 +94,22 @@ def user_error_message(error: BaseException) -> str | None:
   if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                         PermissionError)):
     return f'{error}. Fix: check the path (and its permissions) given on the command line.'
+  if another_process_stopped(str(error)):
+    return (f'another process of this run stopped or stalled ({type(error).__name__}: '
+            f'{one_line(error)[:300]}); its own log says why. Fix that, then rerun the same '
+            'command on every host to resume.')
   return None
+
+
+# How a collective or barrier says that a peer process has gone (gloo on CPU, the
+# coordination service's barriers on every platform).
+_PEER_GONE = re.compile(r'closed by peer|reset by peer|Barrier timed out|DEADLINE_EXCEEDED',
+                        re.IGNORECASE)
+
+
+def another_process_stopped(text: str) -> bool:
+  """Whether an error, in one of several processes, says that another one is gone."""
+  return _one_of_several_processes() and bool(_PEER_GONE.search(text))
 
 
 def _flag_error_message(error) -> str:
@@ -190,10 +208,38 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
       return rest
 
   def guarded_main(args):
-    with guard(prog):
-      return main(args)
+    try:
+      with guard(prog):
+        return main(args)
+    except SystemExit as e:
+      if e.code not in (None, 0, EXIT_PREEMPTED):
+        leave_a_multiprocess_run(e.code if isinstance(e.code, int) else EXIT_USER_ERROR)
+      raise
+    except BaseException:   # a bug
+      if _one_of_several_processes():
+        traceback.print_exc()   # what the normal exit would print
+        leave_a_multiprocess_run(EXIT_USER_ERROR)
+      raise
 
   app.run(guarded_main, argv=argv, flags_parser=parse)
+
+
+def leave_a_multiprocess_run(code: int) -> None:
+  """Ends this process now if it is one of several (jax.distributed); else returns.
+
+  A normal exit runs jax.distributed.shutdown, whose barrier waits for every process; the
+  others may be blocked in a collective this one left (a checkpoint save, a train step),
+  so both waited for the barrier's timeout (5 minutes) and aborted (exit 134). Without it
+  they see the connection close and stop on their own error at once."""
+  if _one_of_several_processes():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+
+
+def _one_of_several_processes() -> bool:
+  jax = sys.modules.get('jax')   # not imported: not started by jax.distributed either
+  return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 class ArgumentParser(argparse.ArgumentParser):

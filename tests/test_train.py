@@ -918,6 +918,29 @@ def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path):
       subprocess.run(['umount', str(disk)], check=False)
 
 
+def test_one_hosts_failed_save_stops_every_host_at_once_in_one_line(tmp_path):
+  """2 processes (gloo), synchronous saves; process 1's disk is full at step 8. Process 1
+  said so, then both hung in jax.distributed's shutdown barrier (process 0 was still in
+  the save's collective) and aborted after 5 minutes (exit 134). Now both exit 1 at once:
+  process 1 names the full disk, process 0 the process that stopped."""
+  workdir = tmp_path / 'run'
+  processes = _two_processes(workdir, _overrides(checkpoint__async_save=False),
+                             env={'SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP': '1:8'})
+  try:
+    outputs = [p.communicate(timeout=150)[0] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 1 and 'Traceback' not in out, out[-3000:]
+  [line_0] = [l for l in outputs[0].splitlines() if 'bert_sym.train: error:' in l]
+  [line_1] = [l for l in outputs[1].splitlines() if 'bert_sym.train: error:' in l]
+  assert 'Saving checkpoint step 8' in line_1 and '(ENOSPC' in line_1, line_1
+  assert 'another process of this run stopped or stalled' in line_0, line_0
+  assert 'Its own log says why' in line_0 and 'Free space' not in line_0, line_0
+  assert checkpoint.finished_steps(workdir) == [4]   # the good step, untouched
+
+
 def test_sigterm_at_an_eval_step_whose_save_fails_stops_in_one_line(tmp_path):
   """On SIGTERM at an eval step the trainer waits for the save before that eval (the notice
   before the kill is for the save). When the save fails (disk full) the run stops in one

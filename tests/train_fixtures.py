@@ -200,10 +200,29 @@ def _simulate_full_disk_at_step(step: str) -> None:
   cls.mkdir = mkdir
 
 
+def _simulate_full_disk_on_one_process(process_and_step: str) -> None:
+  """Test hook: on process P only, writing the arrays of step N ('P:N') fails with ENOSPC
+  (a host whose local disk or quota ran out; the others write theirs)."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+  process, step = (int(x) for x in process_and_step.split(':'))
+  original = serialization.async_serialize_from_host
+
+  async def write(shards, tensorstore_spec, *args, **kwargs):
+    if (jax.process_index() == process and
+        f'/{step}.orbax-checkpoint-tmp' in str(tensorstore_spec)):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f'step {step}')
+    return await original(shards, tensorstore_spec, *args, **kwargs)
+  serialization.async_serialize_from_host = write
+
+
 if __name__ == '__main__':
   from bert_sym import cli  # pylint: disable=g-import-not-at-top
   from bert_sym import train  # pylint: disable=g-import-not-at-top
   if os.environ.get('SYNTHETIC_NO_SPACE_AT_STEP'):
     _simulate_full_disk_at_step(os.environ['SYNTHETIC_NO_SPACE_AT_STEP'])
+  if os.environ.get('SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'):
+    _simulate_full_disk_on_one_process(os.environ['SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'])
   cli.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
           prog='bert_sym.train', flags_parser=train.parse_flags)

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from bert_sym import cli
 from bert_sym.checkpoint.core import CheckpointSaveError, DATA_ITER, STATE, allgather_json, describe_error, finished_steps, is_closed_loop_error
 
 
@@ -119,7 +120,11 @@ def _save_failed(manager, step, error) -> CheckpointSaveError:
       break
   cause = next((why for number, why in _SAVE_CAUSES
                 if os.strerror(number) in text or f'errno {number}' in text.lower()), text)
-  if 'RESOURCE_EXHAUSTED' in text:   # TensorStore's word for ENOSPC / EDQUOT
+  fix = 'Free space or fix the permissions'
+  if cli.another_process_stopped(text):   # this host's save was fine
+    cause = f'another process of this run stopped or stalled in this save ({text[:200]})'
+    fix = 'Its own log says why: fix that'
+  elif 'RESOURCE_EXHAUSTED' in text:   # TensorStore's word for ENOSPC / EDQUOT
     cause = 'the disk is full or over quota (ENOSPC / EDQUOT)'
   elif 'PERMISSION_DENIED' in text:
     cause = 'permission denied (EACCES)'
@@ -131,5 +136,4 @@ def _save_failed(manager, step, error) -> CheckpointSaveError:
   where = manager.directory / str(step) if step is not None else manager.directory
   return CheckpointSaveError(
       f'Saving checkpoint step {step} to {where} failed: {cause}. The run stops here; '
-      f'{previous}. Free space or fix the permissions, then rerun the same command to '
-      'resume.')
+      f'{previous}. {fix}, then rerun the same command to resume.')
