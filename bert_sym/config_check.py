@@ -162,6 +162,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   _positive('checkpoint.every_steps', config.checkpoint.every_steps)
   _positive('checkpoint.keep_last', config.checkpoint.keep_last, allow_zero=True)  # 0 = all
   _positive('checkpoint.keep_every', config.checkpoint.keep_every, allow_zero=True)
+  _positive('checkpoint.save_timeout_s', config.checkpoint.get('save_timeout_s', 600))
   _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
   _choice('prng_impl', config.get('prng_impl', 'threefry'), PRNG_IMPLS)
   opt = config.optimizer

@@ -124,6 +124,10 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
       keep_last=3,                  # plus the newest good one (see the README's failures)
       keep_every=10_000,            # also keep every K-th step forever (0 = off)
       async_save=True,
+      # A host whose background save fails or stalls stops every host after this long (the
+      # others wait for it at orbax's barrier); orbax's default is 1200. Raise it for
+      # checkpoints that take longer to write.
+      save_timeout_s=600,
   ))
   c.on_nonfinite = 'stop'           # 'stop' | 'skip'
   c.max_consecutive_nonfinite = 10  # 'skip' stops (exit 1) after this many in a row

@@ -185,6 +185,7 @@ def test_a_config_of_the_other_command_is_named_as_such():
     ('model.remat_policy', 'bogus', "remat_policy='bogus' is not one of: full, dots"),
     ('optimizer.weight_decay', -0.01, 'weight_decay=-0.01 must be a number >= 0'),
     ('optimizer.grad_clip_norm', -1.0, 'grad_clip_norm=-1.0 must be a number >= 0'),
+    ('checkpoint.save_timeout_s', 0, 'save_timeout_s=0 must be an integer >= 1'),
 ])
 def test_training_values_refused_up_front(key, value, message):
   config = common.base_config('tiny')

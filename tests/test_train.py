@@ -918,14 +918,18 @@ def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path):
       subprocess.run(['umount', str(disk)], check=False)
 
 
-def test_one_hosts_failed_save_stops_every_host_at_once_in_one_line(tmp_path):
-  """2 processes (gloo), synchronous saves; process 1's disk is full at step 8. Process 1
+@pytest.mark.parametrize('async_save', [False, True])
+def test_one_hosts_failed_save_stops_every_host_in_one_line(tmp_path, async_save):
+  """2 processes (gloo); process 1's disk is full at step 8. Synchronous saves: process 1
   said so, then both hung in jax.distributed's shutdown barrier (process 0 was still in
-  the save's collective) and aborted after 5 minutes (exit 134). Now both exit 1 at once:
-  process 1 names the full disk, process 0 the process that stopped."""
+  the save's collective) and aborted after 5 minutes (exit 134); now both exit 1 at once.
+  Asynchronous saves: nothing said, both trained on and waited at orbax's barrier for
+  its 20-minute default; now for config.checkpoint.save_timeout_s (20 s here). Process 1
+  names the full disk, process 0 the process that stopped."""
   workdir = tmp_path / 'run'
-  processes = _two_processes(workdir, _overrides(checkpoint__async_save=False),
-                             env={'SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP': '1:8'})
+  processes = _two_processes(
+      workdir, _overrides(checkpoint__async_save=async_save, checkpoint__save_timeout_s=20),
+      env={'SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP': '1:8'})
   try:
     outputs = [p.communicate(timeout=150)[0] for p in processes]
   finally:

@@ -129,6 +129,8 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False,
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policies.AnyPreservationPolicy(keep),
       enable_async_checkpointing=bool(ckpt_config.async_save),
+      async_options=ocp.AsyncOptions(
+          timeout_secs=int(ckpt_config.get('save_timeout_s', 600))),
       read_only=read_only,
       create=not read_only,
       cleanup_tmp_directories=not read_only)
