@@ -699,6 +699,21 @@ for name, seen in SEEN.items():
     out[name] = [reason] if result is None else [np.asarray(result[0]['x']).tolist(), result[1]]
   except Exception as e:
     out[name] = [type(e).__name__, str(e)]
+# The checks pass on both, then process 1's read of the arrays fails inside orbax's
+# restore, after which process 0 waits in orbax's closing barrier.
+from orbax.checkpoint._src.serialization import serialization
+read_arrays = serialization.async_deserialize
+async def failing_read(*args, **kwargs):
+  if jax.process_index() == 1:
+    raise OSError(5, 'Input/output error', 'an array file')
+  return await read_arrays(*args, **kwargs)
+restoring.read_state_metadata = read_metadata
+serialization.async_deserialize = failing_read
+try:
+  restoring._restore_step(manager, 8, abstract, None)
+  out['array_read_fails_on_1'] = ['restored']
+except Exception as e:
+  out['array_read_fails_on_1'] = [type(e).__name__, str(e)]
 print('RESULT', json.dumps(out))
 '''
 
@@ -707,7 +722,8 @@ def test_two_hosts_act_on_the_worst_read_either_saw(tmp_path):
   """Each host reads the step itself; when only one host's read fails, both take that
   outcome (damaged: both skip the step; transient: both retry, then stop or restore;
   incompatible: both stop), so no host resumes from a step the other set aside. A host
-  whose check failed never met the other inside orbax's restore (gloo aborted both)."""
+  whose check failed never met the other inside orbax's restore (gloo aborted both); one
+  whose array read failed inside it meets the other at orbax's closing barrier."""
   manager = checkpoint.make_manager(tmp_path)
   checkpoint.save(manager, 8, {'x': np.arange(4, dtype=np.float32)}, {'index': 8}, force=True)
   manager.wait_until_finished()
@@ -730,3 +746,7 @@ def test_two_hosts_act_on_the_worst_read_either_saw(tmp_path):
   kind, line = host0['transient_on_0']
   assert kind == 'CheckpointReadError' and 'after 4 attempts' in line and 'Input/output' in line
   assert host0['incompatible_on_1'] == ['IncompatibleCheckpoint', 'opt_state/0/count']
+  # Process 1 met process 0 in orbax's barrier, then both agreed: before, their collectives
+  # differed and gloo aborted both (exit 134).
+  kind, line = host0['array_read_fails_on_1']
+  assert kind == 'CheckpointReadError' and 'Input/output' in line, line

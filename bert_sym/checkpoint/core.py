@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bert_sym import cli
 from bert_sym import files
 
 
@@ -130,12 +131,39 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False,
       preservation_policy=policies.AnyPreservationPolicy(keep),
       enable_async_checkpointing=bool(ckpt_config.async_save),
       async_options=ocp.AsyncOptions(
-          timeout_secs=int(ckpt_config.get('save_timeout_s', 600))),
+          timeout_secs=int(getattr(ckpt_config, 'save_timeout_s', 600))),
       read_only=read_only,
       create=not read_only,
       cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options, item_names=(STATE, DATA_ITER))
+
+
+def restore_on_every_host(manager: ocp.CheckpointManager, step: int, args):
+  """manager.restore, which on success ends in a barrier of orbax's (a collective). A host
+  whose read failed skipped it, so the hosts' next collectives differed (one in the
+  barrier, the other agreeing on the outcome: gloo aborted both processes). That host
+  joins the barrier before raising; unless the error says another process has gone."""
+  try:
+    return manager.restore(step, args=args)
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and not cli.another_process_stopped(describe_error(e)):
+      _join_orbax_restore_barrier(manager)
+    raise
+
+
+def _join_orbax_restore_barrier(manager) -> None:
+  """The barrier orbax's Checkpointer.restore ends with (orbax 0.11: its name and
+  processes); nothing for another orbax layout."""
+  from orbax.checkpoint._src.multihost import multihost  # pylint: disable=g-import-not-at-top
+  checkpointer = manager._checkpointer  # pylint: disable=protected-access
+  try:
+    key = multihost.unique_barrier_key('Checkpointer:restore',
+                                       prefix=checkpointer._barrier_sync_key_prefix)  # pylint: disable=protected-access
+    processes = checkpointer._active_processes  # pylint: disable=protected-access
+  except AttributeError:
+    return
+  multihost.sync_global_processes(key, processes=processes)
 
 
 def allgather_json(obj) -> list:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config
+from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config, restore_on_every_host
 
 
 # ---- Restore: corruption is set aside, everything else is said and left in place ----
@@ -173,7 +173,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state
   `abstract_state` holds jax.ShapeDtypeStruct leaves with `.sharding` set: orbax reads
   each shard straight onto its device, whatever mesh the checkpoint was written from.
   """
-  restored = manager.restore(step, args=ocp.args.Composite(**{
+  restored = restore_on_every_host(manager, step, ocp.args.Composite(**{
       STATE: ocp.args.StandardRestore(abstract_state),
       DATA_ITER: ocp.args.JsonRestore()}))
   data_item = restored[DATA_ITER]
