@@ -102,9 +102,10 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 # How a collective or barrier says that a peer process has gone (gloo on CPU, the
-# coordination service's barriers on every platform).
-_PEER_GONE = re.compile(r'closed by peer|reset by peer|Barrier timed out|DEADLINE_EXCEEDED',
-                        re.IGNORECASE)
+# coordination service's barriers on every platform). Not a bare DEADLINE_EXCEEDED or
+# "reset by peer": storage (GCS) says those of its own reads and writes.
+_PEER_GONE = re.compile(r'gloo.*(closed|reset) by peer|Barrier timed out',
+                        re.IGNORECASE | re.DOTALL)
 
 
 def another_process_stopped(text: str) -> bool:
