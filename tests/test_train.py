@@ -943,6 +943,9 @@ def test_one_hosts_failed_save_stops_every_host_in_one_line(tmp_path, async_save
   assert 'another process of this run stopped or stalled' in line_0, line_0
   assert 'Its own log says why' in line_0 and 'Free space' not in line_0, line_0
   assert checkpoint.finished_steps(workdir) == [4]   # the good step, untouched
+  if async_save:   # said when it happened, not only at the timeout
+    assert ('WARNING: process 1: writing its part of a checkpoint failed (OSError: [Errno '
+            '28] No space left on device' in outputs[1]), outputs[1][-3000:]
 
 
 def test_sigterm_at_an_eval_step_whose_save_fails_stops_in_one_line(tmp_path):
