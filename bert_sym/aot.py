@@ -181,11 +181,11 @@ def fit_advice(config, num_slices: int = 1, data_parallel: int = 1) -> str:
     knobs.append(f'--config.mesh.fsdp=-1 --config.mesh.data={num_slices} (shard params and '
                  'Adam state over the chips' + (' of each slice)' if num_slices > 1 else ')'))
   accum, batch = config.optimizer.get('grad_accum_steps'), config.batch_size
-  more = [k for k in range((accum or 1) + 1, batch // data_parallel + 1)
-          if batch % (k * data_parallel) == 0]
+  more = next((k for k in range((accum or 1) + 1, batch // data_parallel + 1)
+               if batch % (k * data_parallel) == 0), None)   # the next one that splits
   if accum is not None and more:
-    knobs.append(f'--config.optimizer.grad_accum_steps={more[0]} (same batch, '
-                 f'{accum / more[0]:.2g}x the activations)')
+    knobs.append(f'--config.optimizer.grad_accum_steps={more} (same batch, '
+                 f'{accum / more:.2g}x the activations)')
   if not config.model.get('remat', True):
     knobs.append('--config.model.remat=True (recompute activations in the backward pass)')
   if not config.model.get('scan_layers', True):

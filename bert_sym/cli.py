@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
-EXIT_PREEMPTED = 42   # loop.PREEMPTED_EXIT_CODE: every process saved the same step, then exits
+EXIT_PREEMPTED = 42   # every process saved the same step, then exits (bert_sym.loop)
 HELP_FLAGS = ('--help', '-help', '-h', '--helpshort', '--helpfull', '-?')
 # The checkout this package runs from (an editable install): its configs/ directory.
 CHECKOUT = pathlib.Path(__file__).resolve().parents[1]

@@ -18,16 +18,16 @@ from absl import logging
 import jax
 import numpy as np
 
+from bert_sym import cli
 from bert_sym import metrics_writer
 
-# Exit codes of `python -m bert_sym.train` and `python -m bert_sym.glue`, for launchers
-# (launch/slurm_gpu.sbatch requeues on PREEMPTED_EXIT_CODE):
+# Exit codes of bert_sym.train and bert_sym.glue (launch/slurm_gpu.sbatch requeues on 42):
 #   0   finished
 #   1   a problem with the inputs (config, workdir, checkpoint) or a non-finite stop
 #   42  stopped early by SIGTERM / preemption after saving a checkpoint: rerun to resume
 #   130 stopped by Ctrl-C after saving a checkpoint: rerun to resume
-PREEMPTED_EXIT_CODE = 42
-INTERRUPTED_EXIT_CODE = 130
+PREEMPTED_EXIT_CODE = cli.EXIT_PREEMPTED
+INTERRUPTED_EXIT_CODE = cli.EXIT_INTERRUPTED
 
 
 class Preempted(Exception):

@@ -493,6 +493,16 @@ def _two_processes(workdir, overrides, env=None):
           for i in range(2)]
 
 
+def _outputs_of(processes, timeout):
+  """Each process's output once it has exited; every one is killed if one overruns (a
+  hung process must not outlive the test)."""
+  try:
+    return [p.communicate(timeout=timeout)[0] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+
+
 def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
   """Hosts given different workdirs (node-local paths) trained, then hung at the first
   save with no step ever complete; hosts given different overrides hung in a collective
@@ -509,11 +519,7 @@ def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
                              f'--process_id={i}', *per_process[i], devices=2,
                              overrides=_overrides(), background=True)
                  for i in range(2)]
-    try:
-      outputs = [p.communicate(timeout=240)[0] for p in processes]
-    finally:
-      for p in processes:
-        p.kill()
+    outputs = _outputs_of(processes, timeout=240)
     for p, out in zip(processes, outputs):
       errors = [line for line in out.splitlines() if 'bert_sym.train: error:' in line]
       assert p.returncode == 1 and 'Traceback' not in out, out[-3000:]
@@ -534,7 +540,7 @@ def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
   processes = _two_processes(workdir, _overrides(), env={'SYNTHETIC_SLEEP_SECONDS': '1.0'})
   _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), processes[0], timeout=240)
   processes[1].send_signal(signal.SIGTERM)   # the non-coordinator host only
-  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  outputs = _outputs_of(processes, timeout=240)
   for p, out in zip(processes, outputs):
     assert p.returncode == train.PREEMPTED_EXIT_CODE, out[-5000:]
     assert 'Traceback' not in out, out[-5000:]
@@ -542,7 +548,7 @@ def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
   assert 4 < stopped_at < STEPS
   assert f'saved step {stopped_at}, exiting with code 42' in outputs[0]
   processes = _two_processes(workdir, _overrides())
-  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  outputs = _outputs_of(processes, timeout=240)
   for p, out in zip(processes, outputs):
     assert p.returncode == 0, out[-5000:]
   assert f'Resumed from step {stopped_at}' in outputs[0]
@@ -573,7 +579,7 @@ def test_ctrl_c_to_a_two_process_run_stops_both_in_one_line_keeping_the_checkpoi
   _wait_for(lambda: (tmp_path / 'checkpoints' / '4').is_dir(), processes[0], timeout=240)
   for p in processes:
     p.send_signal(signal.SIGINT)
-  outputs = [p.communicate(timeout=120)[0] for p in processes]
+  outputs = _outputs_of(processes, timeout=120)
   for p, out in zip(processes, outputs):
     assert p.returncode == train.INTERRUPTED_EXIT_CODE, out[-5000:]
     assert ('stopped by Ctrl-C on a multi-process run (it saves on SIGTERM only' in out
@@ -588,7 +594,7 @@ def test_two_process_divergence_sets_its_checkpoints_aside_once_and_both_stop(tm
   leave the other waiting). Both stop with exit 1; step 3 is set aside once."""
   diverging = _overrides(checkpoint__every_steps=3, optimizer__learning_rate=1e6)
   processes = _two_processes(tmp_path, diverging)
-  outputs = [p.communicate(timeout=240)[0] for p in processes]
+  outputs = _outputs_of(processes, timeout=240)
   for p, out in zip(processes, outputs):
     assert p.returncode == 1, out[-5000:]
     assert 'Non-finite loss or gradient at step' in out
@@ -930,11 +936,7 @@ def test_one_hosts_failed_save_stops_every_host_in_one_line(tmp_path, async_save
   processes = _two_processes(
       workdir, _overrides(checkpoint__async_save=async_save, checkpoint__save_timeout_s=20),
       env={'SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP': '1:8'})
-  try:
-    outputs = [p.communicate(timeout=150)[0] for p in processes]
-  finally:
-    for p in processes:
-      p.kill()
+  outputs = _outputs_of(processes, timeout=150)
   for p, out in zip(processes, outputs):
     assert p.returncode == 1 and 'Traceback' not in out, out[-3000:]
   [line_0] = [l for l in outputs[0].splitlines() if 'bert_sym.train: error:' in l]
