@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from bert_sym import attention
 from bert_sym import cli
 from bert_sym.cli import UserError
+from bert_sym.input import sources
 from bert_sym.input.sources import TEXT_FILES_TASK
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
@@ -246,7 +247,7 @@ def absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
   data.shards_dir = absolute_path(data.shards_dir)
   for key in ('text_files', 'validation_files'):
     if data.get(key):
-      data[key] = ','.join(absolute_path(p.strip()) for p in data[key].split(',') if p.strip())
+      data[key] = ','.join(sources.absolute_patterns(data[key]))
   return config
 
 

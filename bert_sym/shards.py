@@ -10,6 +10,7 @@ import sys
 from bert_sym import cli
 from bert_sym import metrics_writer
 from bert_sym.input import shard_writer as export_lib
+from bert_sym.input import sources
 from bert_sym.input.shard_reader import join_url
 
 PROG = 'bert_sym.shards'
@@ -64,8 +65,10 @@ def _main(argv: list[str]) -> int:
       metadata = export_lib.export(
           args.task, split, args.max_seq_len, args.out_dir, num_parts=args.num_parts,
           num_workers=args.num_workers, worker_index=args.worker_index,
-          vocab_path=args.vocab_path, text_files=args.text_files,
-          validation_files=args.validation_files,
+          vocab_path=args.vocab_path,
+          # Recorded absolute, so that the trainer can tell them from other files.
+          text_files=','.join(sources.absolute_patterns(args.text_files)),
+          validation_files=','.join(sources.absolute_patterns(args.validation_files)),
           tfds_data_dir=args.tfds_data_dir, blocks_per_shard=args.blocks_per_shard)
     else:
       metadata = export_lib.finalize(args.out_dir, split)

@@ -653,3 +653,47 @@ def test_a_split_directory_given_as_the_corpus_says_to_pass_its_parent(small_cor
   assert f'--config.data.shards_dir={small_corpus}' in str(raised.value)
   assert 'export' not in str(raised.value).split('Fix:')[1]
   assert shard_reader.read_metadata(str(small_corpus), 'train')['shards']
+
+
+def test_text_file_shards_of_other_files_are_refused_by_name(tmp_path, monkeypatch):
+  """Every text-files corpus has the same task name, so the files are what tells two
+  corpora apart: shards exported from other files than the config names must not train
+  under its name. Another spelling of the same files is the same corpus."""
+  task = 'bert_sym_mlm_text_files'
+  write_corpus(str(tmp_path / 'shards'), 40, 64, num_parts=1, task=task)
+  for split in ('train', 'validation'):   # what `shards export` records (absolute)
+    path = tmp_path / 'shards' / split / 'metadata.json'
+    metadata = json.loads(path.read_text())
+    metadata.update(text_files=f'{tmp_path}/wiki/*.txt', validation_files='')
+    path.write_text(json.dumps(metadata))
+  monkeypatch.chdir(tmp_path)
+  for source in ('shards', 'streaming'):
+    same = _config(tmp_path / 'shards', task=task, source=source, text_files='./wiki/*.txt')
+    assert len(data_lib.load_blocks(same, 'train')) == 40
+    assert len(data_lib.load_blocks(same, 'validation')) == 40
+    other = _config(tmp_path / 'shards', task=task, source=source,
+                    text_files=f'{tmp_path}/books/*.txt')
+    with pytest.raises(DataError, match=r"exported from --text_files='.*/wiki/\*\.txt', "
+                       r"the config names config\.data\.text_files='.*/books/\*\.txt'.*"
+                       r"Fix: --config\.data\.shards_dir="):
+      data_lib.load_blocks(other, 'train')
+    held_out = _config(tmp_path / 'shards', task=task, source=source,
+                       text_files='wiki/*.txt', validation_files='valid/*.txt')
+    with pytest.raises(DataError, match="exported from --validation_files=''"):
+      data_lib.load_blocks(held_out, 'validation')
+  # Older exports recorded the patterns as typed (relative): they cannot be resolved, and
+  # are not refused.
+  metadata.update(text_files='wiki/*.txt')
+  path.write_text(json.dumps(metadata))
+  old = _config(tmp_path / 'shards', task=task, source='shards', text_files='/else/*.txt')
+  assert len(data_lib.load_blocks(old, 'validation')) == 40
+
+  # The exporter records the patterns absolute, whatever directory it ran from.
+  exported = {}
+  monkeypatch.setattr(streaming_cli.metrics_writer, 'quiet_logs', lambda *a, **k: None)
+  monkeypatch.setattr(export_lib, 'export', lambda *a, **k: exported.update(k))
+  streaming_cli.main(['export', f'--task={task}', '--text_files=wiki/*.txt, ~/b.txt',
+                      '--validation_files=v.txt', f'--out_dir={tmp_path / "out"}',
+                      '--split=train'])
+  assert exported['text_files'] == f'{tmp_path}/wiki/*.txt,{os.path.expanduser("~")}/b.txt'
+  assert exported['validation_files'] == f'{tmp_path}/v.txt'

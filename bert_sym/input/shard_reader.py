@@ -183,6 +183,7 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
   if metadata.get('format_version') != SHARD_FORMAT_VERSION:
     raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
                     f'code reads {SHARD_FORMAT_VERSION}; re-export.')
+  sources.check_exported_files(metadata, data_config, join_url(shards_dir, split))
   return metadata
 
 

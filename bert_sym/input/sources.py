@@ -16,6 +16,7 @@ import bz2
 import functools
 import hashlib
 import html
+import os
 import re
 
 from bert_sym.input import DataError, import_tensorflow
@@ -108,6 +109,35 @@ def _pattern_list(patterns: str | list[str]) -> list[str]:
   if isinstance(patterns, str):
     patterns = patterns.split(',')
   return [p.strip() for p in patterns if p.strip()]
+
+
+def absolute_patterns(patterns: str | list[str]) -> list[str]:
+  """Comma-separated globs made absolute (URLs as they are): two spellings of the same
+  files then compare equal, and a recorded pattern means the same from any directory."""
+  return [p if '://' in p else os.path.abspath(os.path.expanduser(p))
+          for p in _pattern_list(patterns)]
+
+
+def check_exported_files(metadata: dict, data_config, where: str) -> None:
+  """Shards of the text-files task record the files they were exported from. The task name
+  is the same for every such corpus, so a config naming other files would otherwise train
+  on a corpus it does not name, without a word. An export that recorded relative patterns
+  (older versions) cannot be resolved and is not checked; nor is a config naming none."""
+  if (data_config is None or data_config.task != TEXT_FILES_TASK
+      or not data_config.get('text_files', '')):
+    return
+  for key in ('text_files', 'validation_files'):
+    recorded = _pattern_list(metadata.get(key, ''))
+    if any('://' not in p and not os.path.isabs(p) for p in recorded):
+      return
+    configured = absolute_patterns(data_config.get(key, ''))
+    if sorted(map(os.path.normpath, recorded)) != sorted(map(os.path.normpath, configured)):
+      raise DataError(
+          f'{where} was exported from --{key}={",".join(recorded)!r}, the config names '
+          f'config.data.{key}={",".join(configured)!r}: these shards hold another corpus. '
+          f'Fix: --config.data.shards_dir=<the shards exported from those files>, or '
+          f'--config.data.{key}={",".join(recorded)!r} if these shards are the ones you '
+          'mean.')
 
 
 def expand_patterns(patterns: str | list[str]) -> list[str]:
