@@ -110,6 +110,10 @@ TRICKY = [
     'tab\tnew\nline\r\x00nul \ufffd replacement \x07 bell \u2028 sep\u2029 \x85 \ue000 \x0b',
     # (HF would also match literal '[UNK]' etc. as added tokens; raw text never holds them.)
     'a' * 150 + ' overlong words become unknown',
+    # Hugging Face's limit counts characters, not UTF-8 bytes: 51-100 letters of 2 or 3
+    # bytes each are pieces, 101 are [UNK].
+    'б' * 51 + ' ' + 'α' * 70 + ' ' + 'ก' * 40 + ' ' + 'привет' * 14 + ' ' + 'б' * 101,
+    'a' * 100 + ' ' + 'a' * 101 + ' 東' + 'ー' * 100,
     "don't U.S.A. $3.50 -- em—dash «quotes» ‘single’ … ellipsis",
 ]
 

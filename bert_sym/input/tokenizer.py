@@ -26,7 +26,9 @@ from bert_sym.input import DataError, import_tensorflow
 
 BERT_BASE_UNCASED_MD5 = '64800d5d8528ce344256daf115d4965e'
 BERT_BASE_UNCASED_SIZE = 30522
-MAX_BYTES_PER_WORD = 100  # Google's and Hugging Face's limit; longer words become [UNK].
+# Hugging Face's limit (BertTokenizerFast's max_input_chars_per_word): a word of more
+# characters (code points, not bytes) becomes [UNK].
+MAX_CHARS_PER_WORD = 100
 
 
 class VocabError(DataError):
@@ -173,9 +175,15 @@ class WordPiece:
           default_value=self.special.unk)
       # Normalisation is done in `_normalize` (HF's order and lower-casing); TF Text's own
       # lower_case=True uses NFKC case folding, which differs from HF on e.g. ligatures.
-      return tf_text.BertTokenizer(
-          table, suffix_indicator='##', max_bytes_per_word=MAX_BYTES_PER_WORD,
-          unknown_token='[UNK]', lower_case=False, token_out_type=tf.int32)
+      # BertTokenizer's two stages, kept apart: its word limit counts UTF-8 bytes, so a
+      # word of 51 Cyrillic letters was [UNK] here and pieces for Hugging Face. The limit
+      # is applied in characters between the two (`encode_tf`); 4 bytes a character.
+      # BasicTokenizer is BertTokenizer's own first stage (not exported by tensorflow_text).
+      from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer  # pylint: disable=import-outside-toplevel
+      return (BasicTokenizer(lower_case=False),
+              tf_text.WordpieceTokenizer(
+                  table, suffix_indicator='##', max_bytes_per_word=4 * MAX_CHARS_PER_WORD,
+                  unknown_token='[UNK]', token_out_type=tf.int32))
 
   @staticmethod
   def _normalize(s):
@@ -193,13 +201,18 @@ class WordPiece:
     """Scalar string -> int32 [n]; a batch of strings -> ragged int32 [b, None]."""
     tf = import_tensorflow()
     s = tf.convert_to_tensor(s, tf.string)
-    pieces = self._tokenizer.tokenize(self._normalize(tf.reshape(s, [-1])))
+    split_words, wordpiece = self._tokenizer
+    words = split_words.tokenize(self._normalize(tf.reshape(s, [-1])))
+    words = tf.ragged.map_flat_values(   # a word over the limit is [UNK], whole
+        lambda w: tf.where(tf.strings.length(w, unit='UTF8_CHAR') > MAX_CHARS_PER_WORD,
+                           '[UNK]', w), words)
+    pieces = wordpiece.tokenize(words)
     ids = pieces.merge_dims(-2, -1)  # [b, words, pieces] -> [b, pieces]
     return ids[0] if s.shape.rank == 0 else ids
 
   def decode_tf(self, ids):
     tf = import_tensorflow()
-    words = self._tokenizer.detokenize(tf.reshape(ids, [1, -1]))
+    words = self._tokenizer[1].detokenize(tf.reshape(ids, [1, -1]))
     return tf.strings.reduce_join(words, separator=' ', axis=-1)[0]
 
   def encode(self, texts: list[str], chunk: int = 4096) -> list[np.ndarray]:
