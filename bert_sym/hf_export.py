@@ -14,6 +14,7 @@ Hugging Face's `state_dict` names; the export needs neither PyTorch nor `transfo
 """
 
 import contextlib
+import hashlib
 import json
 import posixpath
 from typing import Any, Mapping
@@ -163,9 +164,10 @@ SPECIAL_TOKENS = {'unk_token': '[UNK]', 'sep_token': '[SEP]', 'pad_token': '[PAD
                   'cls_token': '[CLS]', 'mask_token': '[MASK]'}
 
 
-def hf_config_json(cfg) -> dict[str, Any]:
-  """What `BertConfig.save_pretrained` writes for this architecture (transformers-free)."""
-  return dict(architectures=['BertForMaskedLM'], model_type='bert', pad_token_id=0,
+def hf_config_json(cfg, pad_token_id: int = 0) -> dict[str, Any]:
+  """What `BertConfig.save_pretrained` writes for this architecture (transformers-free).
+  `pad_token_id`: the vocabulary's [PAD] (HF gives that embedding row no gradient)."""
+  return dict(architectures=['BertForMaskedLM'], model_type='bert', pad_token_id=pad_token_id,
               position_embedding_type='absolute', torch_dtype='float32',
               **hf_bert_config_kwargs(cfg))
 
@@ -199,10 +201,13 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   files = {'model.safetensors': save(tensors, metadata={'format': 'pt'}),
            'tokenizer_config.json': _json_bytes(hf_tokenizer_config(cfg)),
            'special_tokens_map.json': _json_bytes(SPECIAL_TOKENS)}
+  pad_token_id = 0   # bert-base-uncased's; a user vocabulary may hold [PAD] elsewhere
   if vocab_bytes is not None:
     files['vocab.txt'] = vocab_bytes
+    tokens = [line.strip() for line in vocab_bytes.decode('utf-8').splitlines()]
+    pad_token_id = tokens.index(SPECIAL_TOKENS['pad_token'])
   # config.json last: its presence marks a finished export.
-  files['config.json'] = _json_bytes(hf_config_json(cfg))
+  files['config.json'] = _json_bytes(hf_config_json(cfg, pad_token_id))
   for name, data in files.items():
     write_atomically(f'{out}/{name}', lambda f, data=data: f.write(data))   # makes the dir
 
@@ -213,6 +218,10 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
 _OTHER_HF_FILES = ('tokenizer.json', 'added_tokens.json', 'pytorch_model.bin',
                    'model.safetensors.index.json', 'pytorch_model.bin.index.json',
                    'tf_model.h5', 'flax_model.msgpack', 'generation_config.json')
+
+
+_EXPORT_FILES = ('model.safetensors', 'tokenizer_config.json', 'special_tokens_map.json',
+                 'vocab.txt', 'config.json')
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -233,7 +242,10 @@ def check_out_dir(out_dir: str) -> None:
   if 'checkpoints' in names or ('config.json' in names and 'model' in config):
     raise ValueError(f'--out_dir={out_dir} is a bert_sym training workdir: the export would '
                      'overwrite its config.json. Fix: --out_dir=a new directory.')
-  if config.get('model_type') != 'bert':
+  # An export interrupted before its config.json (written last): only its own files, and
+  # the temporary ones of a write cut short.
+  interrupted = 'config.json' not in names and all(name.lstrip('.').split('.tmp-')[0] in _EXPORT_FILES for name in names)
+  if config.get('model_type') != 'bert' and not interrupted:
     raise ValueError(f'--out_dir={out_dir} is not empty ({", ".join(sorted(names)[:4])}'
                      f'{", ..." if len(names) > 4 else ""}) and holds no earlier export. '
                      'Fix: --out_dir=a new or empty directory.')
@@ -287,7 +299,7 @@ def main(argv):
   except ValueError as e:
     raise UserError(str(e)) from None
   try:
-    config, params = checkpoint.load_pretrained(_CHECKPOINT.value)
+    step_dir, config, params = checkpoint.load_pretrained_step(_CHECKPOINT.value)
   except (FileNotFoundError, ValueError) as e:
     raise UserError(f'{e} Fix: --checkpoint=WORKDIR (a bert_sym.train workdir: its latest '
                     'step) or WORKDIR/checkpoints/STEP.') from None
@@ -308,6 +320,13 @@ def main(argv):
     raise UserError(f'{vocab_file}: the vocabulary named by config.data.vocab_path of the '
                     'checkpoint\'s config.json is missing. Fix: restore that file, or edit '
                     'vocab_path in config.json.') from None
+  try:
+    checkpoint.check_trained_vocab(
+        step_dir, vocab_file, hashlib.md5(vocab_bytes).hexdigest(),
+        'restore that file as it was when the run trained, or set data.vocab_path in the '
+        'run\'s config.json to the vocab.txt it trained with. Nothing was written.')
+  except ValueError as e:
+    raise UserError(str(e)) from None
   save_hf_pretrained(params, config.model, _OUT_DIR.value, vocab_bytes=vocab_bytes)
   print(f'Wrote a standard Hugging Face BertForMaskedLM ({config.model.attention} attention '
         f'folded into W_k) to {_OUT_DIR.value}')

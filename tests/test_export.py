@@ -98,10 +98,33 @@ def test_out_dir_is_new_empty_or_an_earlier_export_which_is_replaced_whole(tmp_p
   with pytest.raises(KeyboardInterrupt):
     export.save_hf_pretrained(params, cfg, str(out))
   assert not (out / 'config.json').exists() and not (out / 'tokenizer.json').exists()
+  # What is left is the export's own files: rerunning the same command replaces them (it
+  # was refused as 'holds no earlier export'), as after a SIGKILL mid-write.
+  (out / '.model.safetensors.tmp-0123abcd').write_bytes(b'partial')
+  export.check_out_dir(str(out))
+  (out / 'notes.txt').write_text('mine')
+  with pytest.raises(ValueError, match='holds no earlier export'):
+    export.check_out_dir(str(out))
+  (out / 'notes.txt').unlink()
+  (out / '.model.safetensors.tmp-0123abcd').unlink()
   monkeypatch.setattr(export_files, 'write_atomically', real_write)
   export.save_hf_pretrained(params, cfg, str(out))
   assert sorted(p.name for p in out.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json', 'tokenizer_config.json']
+
+
+def test_the_exported_pad_token_is_the_vocabularys(tmp_path):
+  """A user vocabulary may hold [PAD] anywhere (its special ids are looked up by name);
+  config.json said 0, so HF froze the embedding of token 0 (a real word) instead."""
+  cfg = tiny_config('symmetric')
+  tokens = [f'w{i}' for i in range(cfg.vocab_size)]
+  tokens[:6] = ['the', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '[PAD]']
+  params = random_params(cfg, padded_batch(cfg.vocab_size, length=12))
+  export.save_hf_pretrained(params, cfg, str(tmp_path), vocab_bytes='\n'.join(tokens).encode())
+  hf = transformers.BertForMaskedLM.from_pretrained(str(tmp_path))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert hf.config.pad_token_id == tokenizer.pad_token_id == 5
+  assert hf.bert.embeddings.word_embeddings.padding_idx == 5
 
 
 def test_non_standard_import_is_refused():

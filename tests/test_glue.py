@@ -5,6 +5,7 @@ import csv
 import json
 import os
 from pathlib import Path
+import re
 import shutil
 import signal
 import socket
@@ -599,6 +600,50 @@ def test_bad_checkpoints_are_clear(tmp_path):
                                   model__vocab_size=30522)
   with pytest.raises(ValueError, match=r'type_vocab_size=1: .* second sentence of rte'):
     suite.run_glue(str(one_segment), str(tmp_path / 'out'), _config(tasks='cola,rte'))
+
+
+def test_a_vocabulary_other_than_the_trained_one_is_refused_by_glue_and_export(workdir,
+                                                                               tmp_path):
+  """bert-base-uncased with two tokens swapped has the same size, so only the md5 the
+  checkpoint recorded tells it from the vocabulary the run trained on: GLUE ran to the
+  end on ids of other rows, and export wrote a model with that tokenizer."""
+  from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
+  lines = Path(tokenizer.default_vocab_file()).read_bytes().split(b'\n')
+  lines[2000], lines[2001] = lines[2001], lines[2000]
+  swapped = tmp_path / 'swapped_vocab.txt'
+  swapped.write_bytes(b'\n'.join(lines))
+  refused = (r'swapped_vocab\.txt \(md5 [0-9a-f]{32}\) is not the vocabulary .*/4 was '
+             rf'trained on \(md5 {tokenizer.BERT_BASE_UNCASED_MD5}\).*Fix: ')
+  with pytest.raises(ValueError, match=refused + r'Pass the vocabulary'):
+    suite.run_glue(str(workdir), str(tmp_path / 'out'), _config(vocab_path=str(swapped)))
+  assert not (tmp_path / 'out' / 'glue_results.json').exists()
+  # Export reads the vocabulary that the run's config.json names.
+  run = tmp_path / 'run'
+  shutil.copytree(workdir, run)
+  config = json.loads((run / 'config.json').read_text())
+  config['data']['vocab_path'] = str(swapped)
+  (run / 'config.json').write_text(json.dumps(config))
+  command = [sys.executable, '-m', 'bert_sym.hf_export', f'--checkpoint={run}',
+             f'--out_dir={tmp_path / "hf"}']
+  result = subprocess.run(command, cwd=train_fixtures.REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  assert re.search(refused + r'.*Nothing was written', result.stderr), result.stderr[-2000:]
+  assert not (tmp_path / 'hf').exists()
+
+
+def test_a_table_padded_past_the_vocabulary_fine_tunes(tmp_path):
+  """The trainer accepts model.vocab_size above the vocabulary (30528 rows for 30522
+  tokens: a multiple of 64); GLUE refused every such checkpoint, and its fix (pass the
+  pre-training vocabulary) could not help."""
+  workdir = _handmade_workdir(tmp_path / 'padded', model__vocab_size=30528)
+  results = suite.run_glue(str(workdir), str(tmp_path / 'out'), _config(
+      tasks='wnli', max_train_examples=8, max_eval_examples=8, batch_size=4, epochs=1.0))
+  assert results['runs']['wnli']['1']['dev_examples'] == {'wnli': 8}
+  smaller = _handmade_workdir(tmp_path / 'smaller', model__vocab_size=30000)
+  with pytest.raises(ValueError, match=r'Vocabulary mismatch: .* 30522 tokens.*'
+                                       r'model.vocab_size=30000'):
+    suite.run_glue(str(smaller), str(tmp_path / 'out2'), _config())
 
 
 def test_bad_tasks_fail_before_training(workdir, tmp_path):

@@ -156,3 +156,19 @@ def with_pretrained_encoder(params: dict, encoder: dict, source='the checkpoint'
   out['bert'] = dict(params['bert'])
   out['bert']['encoder'] = jax.tree.map(lambda x: np.asarray(x, np.float32), encoder)
   return out
+
+
+def check_trained_vocab(step_dir, vocab_file: str, md5: str, fix: str) -> None:
+  """Raises ValueError unless `vocab_file` (its md5) is the vocabulary `step_dir` was
+  trained on, as the step's input state recorded it: a vocabulary of the same size but
+  another order would feed the model ids of other rows, and nothing would fail. A step
+  that recorded none (written by an older bert_sym) is not checked."""
+  try:
+    states = restoring.read_json_item(step_dir).get('states') or [{}]
+  except (OSError, ValueError):   # no input state: the restore itself says what is wrong
+    return
+  trained = states[0].get('vocab_md5') if isinstance(states[0], dict) else None
+  if trained and trained != md5:
+    raise ValueError(
+        f'{vocab_file} (md5 {md5}) is not the vocabulary {step_dir} was trained on (md5 '
+        f'{trained}): its ids would index other rows of the embedding table. Fix: {fix}')

@@ -57,15 +57,20 @@ def load_pretrained_encoder(path) -> Pretrained:
 
 
 def check_vocab(pretrained: Pretrained, tokenizer) -> None:
-  """The tokenizer must emit exactly the ids the embedding table was trained on."""
+  """The tokenizer must emit exactly the ids the embedding table was trained on: the same
+  vocabulary (its md5, as the checkpoint recorded it), in a table at least that large (the
+  trainer accepts a table padded past the vocabulary, say 30528 rows for 30522 tokens)."""
+  fix = ('Pass the vocabulary it was pre-trained with: --config.vocab_path=PATH/vocab.txt '
+         '(the run\'s config.json names it as data.vocab_path).')
+  checkpoint_lib.check_trained_vocab(pretrained.step_dir, tokenizer.vocab_file, tokenizer.md5,
+                                     fix)
   table_rows = pretrained.encoder['embeddings']['word_embeddings']['embedding'].shape[0]
   config_size = pretrained.config.model.vocab_size
-  if not tokenizer.vocab_size == config_size == table_rows:
+  if not tokenizer.vocab_size <= config_size == table_rows:
     raise ValueError(
         f'Vocabulary mismatch: the tokenizer ({tokenizer.vocab_file}) has '
         f'{tokenizer.vocab_size} tokens, but the checkpoint {pretrained.step_dir} has '
-        f'model.vocab_size={config_size} and a {table_rows}-row embedding table. Pass the '
-        'vocabulary it was pre-trained with: --config.vocab_path=PATH/vocab.txt.')
+        f'model.vocab_size={config_size} and a {table_rows}-row embedding table. {fix}')
 
 
 def num_train_steps(num_train, batch_size, epochs) -> int:
