@@ -1,6 +1,6 @@
-"""The host side of every training loop (pre-training and GLUE): preemption, input
-prefetch, compile-once timing, the progress line (steps/s, tokens/s, MFU, ETA), the
-non-finite stop/skip policy, metric rows, and the loop itself (`run`).
+"""The host side of every training loop (pre-training and GLUE): input prefetch, compile-once timing, the progress line (steps/s, tokens/s, MFU, ETA), the
+non-finite stop/skip policy, metric rows, and the loop itself (`run`), which stops on the
+signals of bert_sym.preemption.
 
 The device side (what one step computes) is bert_sym.steps.
 """
@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import os
 import queue
-import signal
 import threading
 import time
 from typing import Any, Callable
@@ -18,27 +17,9 @@ from absl import logging
 import jax
 import numpy as np
 
-from bert_sym import cli
 from bert_sym import metrics_writer
-
-# Exit codes of bert_sym.train and bert_sym.glue (launch/slurm_gpu.sbatch requeues on 42):
-#   0   finished
-#   1   a problem with the inputs (config, workdir, checkpoint) or a non-finite stop
-#   42  stopped early by SIGTERM / preemption after saving a checkpoint: rerun to resume
-#   130 stopped by Ctrl-C after saving a checkpoint: rerun to resume
-PREEMPTED_EXIT_CODE = cli.EXIT_PREEMPTED
-INTERRUPTED_EXIT_CODE = cli.EXIT_INTERRUPTED
-
-
-class Preempted(Exception):
-  """Raised after a SIGTERM / preemption stop once the checkpoint of `step` is saved."""
-
-  def __init__(self, step: int, signal_name: str | None = 'SIGTERM'):
-    super().__init__(f'stopped by {signal_name or "preemption"} at step {step} '
-                     f'(checkpoint saved)')
-    self.step = step
-    self.exit_code = (INTERRUPTED_EXIT_CODE if signal_name == 'SIGINT'
-                      else PREEMPTED_EXIT_CODE)
+# The stop signals (SIGTERM, Ctrl-C) and their exit codes, for the loop's callers too.
+from bert_sym.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag  # noqa: F401
 
 
 class NonFiniteError(Exception):
@@ -53,53 +34,6 @@ class NonFiniteError(Exception):
   def __init__(self, headline: str, onset: int, kept: str = ''):
     super().__init__(f'{headline} {kept}'.strip())
     self.headline, self.onset = headline, onset
-
-
-class PreemptionFlag:
-  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit) or Ctrl-C: save, then exit
-  with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE for Ctrl-C) so that a launcher can tell
-  "resume me" from "finished". A second Ctrl-C stops at once, without saving, in one line.
-
-  Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
-  every process stop at the same step on SIGTERM; a local handler would only stop one of
-  them, so there Ctrl-C stops without saving (see the README). `close()` (or leaving it as
-  a context manager) puts the previous handlers back.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self.signal_name = None
-    self._previous = {}
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-
-  def close(self) -> None:
-    """Puts back the handlers that were there before."""
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-    self._previous = {}
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-  def _handle(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT:
-      if self._event.is_set():
-        raise KeyboardInterrupt   # the entry point says it in one line (exit 130)
-      print('\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to '
-            'quit without saving).', flush=True)
-    self.signal_name = signal.Signals(signum).name
-    self._event.set()
-
-  def reached(self, manager, step: int) -> bool:
-    if jax.process_count() > 1:
-      return manager.reached_preemption(step)
-    return self._event.is_set()
 
 
 # ---- Performance plumbing: compilation cache, input prefetch, compile once and time it ----
@@ -390,18 +324,25 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
     if _due(step, hooks.log_every, total_steps) or preempted:   # the resumed run starts here
       hooks.log(step, *meter.row(step))
     eval_due = hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps)
-    if eval_due and not preempted:
+    evaluated = eval_due and not preempted
+    if evaluated:
       with meter.paused(state):
         hooks.evaluate(state, step)
-    if _due(step, hooks.save_every, total_steps) or preempted:
+    saving = _due(step, hooks.save_every, total_steps) or preempted
+    if saving:
       with meter.paused(state):
         meter.fetch()   # never save after a non-finite step in 'stop' mode
         hooks.save(state, step)
         meter.last_saved = step
-    if preempted:
-      if eval_due:   # after the save: the notice before the kill (30 s on spot TPUs) is for it
-        if finish := hooks.finish_saves or (manager and manager.wait_until_finished):
-          finish()   # the trainer's finish_saves says a failed save in one line
+    # A signal during this step's eval or save: the step is saved, so stop here, not after
+    # one more step and a second save inside the notice. (The rows since the last log are
+    # in the saved meter state: the resumed run logs them as this one would have.)
+    late = (saving and not preempted and step < total_steps and preemption is not None
+            and preemption.raised_locally())
+    if preempted or late:
+      if finish := hooks.finish_saves or (manager and manager.wait_until_finished):
+        finish()   # before saying 'saved'; the trainer's finish_saves raises in one line
+      if eval_due and not evaluated:   # after the save: the notice (30 s on spot TPUs) is for it
         with meter.paused(state):
           hooks.evaluate(state, step)
       code = Preempted(step, preemption.signal_name).exit_code

@@ -25,8 +25,9 @@ FLOW = (
     ('model', ('bert_sym.attention', 'bert_sym.model')),
     ('steps', ('bert_sym.optim', 'bert_sym.objectives', 'bert_sym.steps')),
     ('checkpoint', ('bert_sym.checkpoint.*',)),
-    ('train', ('bert_sym.config_check', 'bert_sym.metrics_writer', 'bert_sym.loop',
-               'bert_sym.pretrain_loop', 'bert_sym.train', 'bert_sym.shards', 'bert_sym.aot')),
+    ('train', ('bert_sym.config_check', 'bert_sym.metrics_writer', 'bert_sym.preemption',
+               'bert_sym.loop', 'bert_sym.pretrain_loop', 'bert_sym.train', 'bert_sym.shards',
+               'bert_sym.aot')),
     ('glue/export', ('bert_sym.glue.*', 'bert_sym.hf_export', 'bert_sym.ablate.*')),
 )
 MAX_LINES = 420   # "about 400": one job per file

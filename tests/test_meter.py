@@ -225,6 +225,57 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   assert calls == [('eval', 1), ('eval', 2), ('log', 3), ('save', 3)]
 
 
+def test_a_signal_during_an_eval_or_save_stops_at_that_steps_save():
+  """SIGTERM while step 4 evaluates (or saves): that step's save is the preemption save.
+  The loop went on to train step 5 and wrote a second checkpoint inside the notice (which
+  could push an older one out under keep_last); and it said 'saved' before the save had
+  finished."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  class Batches:
+    def __next__(self):
+      return {'input_ids': jnp.zeros((2, 4), jnp.int32)}
+
+  @jax.jit
+  def train_step(state, batch):
+    del batch
+    return state + 1, _metrics()
+
+  class Manager:
+    def wait_until_finished(self):
+      calls.append(('save finished', None))
+
+  for during in ('eval', 'save'):
+    calls = []
+
+    def hook(what, during=during):
+      def record(state, step):
+        del state
+        calls.append((what, step))
+        if what == during and step == 4:
+          os.kill(os.getpid(), signal.SIGTERM)   # the real signal, to the real handler
+      return record
+    hooks = loop.Hooks(log=lambda step, *a: calls.append(('log', step)),
+                       save=hook('save'), log_every=3, save_every=2, evaluate=hook('eval'),
+                       eval_every=4,
+                       console=lambda line: line.startswith('Stopped') and calls.append(
+                           (line[:20], None)))
+    meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                       num_devices=1)
+    with loop.PreemptionFlag() as flag:
+      state, step, preempted = loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter,
+                                        hooks, flag, Manager())
+    assert (int(state), step, preempted) == (4, 4, True), during
+    # No row at step 4: the rows since step 3 are in the saved meter state, and the
+    # resumed run logs them at step 6 as an uninterrupted one would.
+    assert calls == [('save', 2), ('log', 3), ('eval', 4), ('save', 4),
+                     ('save finished', None), ('Stopped by SIGTERM: ', None)], during
+    assert [at_step for at_step, _ in meter.interval] == [4], during
+
+
 @pytest.mark.parametrize('where', ['local', 'object_store'])
 def test_metrics_jsonl_rows_survive_a_resume_locally_and_on_an_object_store(
     tmp_path, monkeypatch, where):

@@ -1,0 +1,80 @@
+"""Stopping a run on a signal: SIGTERM (Cloud TPU preemption, SLURM's time limit) or
+Ctrl-C sets a flag that the loop (bert_sym.loop.run) reads after each step, saves, and
+exits with a code that tells a launcher "resume me" from "finished"."""
+
+import signal
+import threading
+
+import jax
+
+from bert_sym import cli
+
+# Exit codes of bert_sym.train and bert_sym.glue (launch/slurm_gpu.sbatch requeues on 42):
+#   0   finished
+#   1   a problem with the inputs (config, workdir, checkpoint) or a non-finite stop
+#   42  stopped early by SIGTERM / preemption after saving a checkpoint: rerun to resume
+#   130 stopped by Ctrl-C after saving a checkpoint: rerun to resume
+PREEMPTED_EXIT_CODE = cli.EXIT_PREEMPTED
+INTERRUPTED_EXIT_CODE = cli.EXIT_INTERRUPTED
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM / preemption stop once the checkpoint of `step` is saved."""
+
+  def __init__(self, step: int, signal_name: str | None = 'SIGTERM'):
+    super().__init__(f'stopped by {signal_name or "preemption"} at step {step} '
+                     f'(checkpoint saved)')
+    self.step = step
+    self.exit_code = (INTERRUPTED_EXIT_CODE if signal_name == 'SIGINT'
+                      else PREEMPTED_EXIT_CODE)
+
+
+class PreemptionFlag:
+  """Set on SIGTERM (Cloud TPU preemption, SLURM time limit) or Ctrl-C: save, then exit
+  with PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE for Ctrl-C) so that a launcher can tell
+  "resume me" from "finished". A second Ctrl-C stops at once, without saving, in one line.
+
+  Multi-process runs use JAX's preemption sync point instead (through orbax), which makes
+  every process stop at the same step on SIGTERM; a local handler would only stop one of
+  them, so there Ctrl-C stops without saving (see the README). `close()` (or leaving it as
+  a context manager) puts the previous handlers back.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self.signal_name = None
+    self._previous = {}
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+
+  def close(self) -> None:
+    """Puts back the handlers that were there before."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      if self._event.is_set():
+        raise KeyboardInterrupt   # the entry point says it in one line (exit 130)
+      print('\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to '
+            'quit without saving).', flush=True)
+    self.signal_name = signal.Signals(signum).name
+    self._event.set()
+
+  def reached(self, manager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return manager.reached_preemption(step)
+    return self._event.is_set()
+
+  def raised_locally(self) -> bool:
+    """A signal seen by this (only) process; several stop at orbax's agreed step instead."""
+    return jax.process_count() == 1 and self._event.is_set()
