@@ -232,19 +232,25 @@ class MetricWriter:
       self._jsonl.replace(kept)
       logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
                    len(rows) - len(kept) - len(cut_short), step)
-    if self._events is not None:   # TensorBoard's own way: it purges the earlier files'
-      # events from this step on when it reads a session START here (else plots double back)
+    self._restart_at(step + 1)
+
+  def _restart_at(self, step: int) -> None:
+    """TensorBoard's own way to redo steps: reading a session START at `step`, it purges
+    the earlier files' events from that step on (else every plot doubles back)."""
+    if self._events is not None:
       self._write_event(self._event_pb2.Event(
-          wall_time=time.time(), step=step + 1,
+          wall_time=time.time(), step=step,
           session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
 
   def set_aside_rows(self) -> None:
     """A run starting from step 0 in a workdir with rows (an attempt killed before its
-    first save, or --start_over) keeps them in metrics.jsonl.<time>.old, not mixed in."""
+    first save, or --start_over) keeps them in metrics.jsonl.<time>.old, not mixed in;
+    TensorBoard is told to drop its plots of them."""
     if not self.enabled or not any(row.strip() for row in self._jsonl.rows()):
       return
     old = self._jsonl.set_aside(f'.{int(time.time())}.old')
     logging.warning('metrics.jsonl of the earlier attempt moved to %s.', old)
+    self._restart_at(0)   # its events stay in their files, out of TensorBoard's plots
 
   def close(self):
     if not self.enabled:

@@ -358,6 +358,17 @@ def test_tensorboard_shows_a_resumed_run_once(tmp_path):
   assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [
       (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0), (6, 14.0), (7, 13.0)]
 
+  # Killed again before its first save (or --start_over): a fresh start from step 0 sets
+  # the rows aside, and TensorBoard, which kept both files, showed 2..7 then 1, 2.
+  fresh = metrics_writer.MetricWriter(tmp_path)
+  fresh.set_aside_rows()
+  for step in (1, 2):
+    fresh.write_scalars(step, {'train/loss': 30.0 - step})
+  fresh.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(1, 29.0), (2, 28.0)]
+
 
 @pytest.mark.parametrize('setting', ['', 'own'])
 def test_compilation_cache_off_means_off_even_with_jax_s_variable(tmp_path, setting):
