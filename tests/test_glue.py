@@ -593,6 +593,11 @@ def test_bad_checkpoints_are_clear(tmp_path):
   with pytest.raises(ValueError, match=r'Vocabulary mismatch: .* 30522 tokens.*'
                                        r'model.vocab_size=1000'):
     suite.run_glue(str(small_vocab), str(tmp_path / 'out'), _config())
+  short = _handmade_workdir(tmp_path / 'short', model__vocab_size=30522,
+                           model__max_position_embeddings=64)
+  with pytest.raises(ValueError, match=r'max_seq_len=128 exceeds .*=64: .*Fix: '
+                                       r'--config.max_seq_len=64'):
+    suite.run_glue(str(short), str(tmp_path / 'out'), _config(max_seq_len=128))
   with pytest.raises(FileNotFoundError, match='--sweep needs a training workdir'):
     sweep.run_sweep(str(empty), str(tmp_path / 'out'), _config())
   # One segment embedding (RoBERTa-style): the pair tasks' token type 1 was clamped to 0.

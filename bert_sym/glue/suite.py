@@ -223,7 +223,8 @@ def _checkpoint_and_tokenizer(checkpoint, config):
   max_positions = pretrained.config.model.max_position_embeddings
   if config.max_seq_len > max_positions:
     raise ValueError(f'config.max_seq_len={config.max_seq_len} exceeds the checkpoint\'s '
-                     f'max_position_embeddings={max_positions}.')
+                     f'max_position_embeddings={max_positions}: it has no position embedding '
+                     f'past that. Fix: --config.max_seq_len={max_positions} (or less).')
   return pretrained, tokenizer
 
 
