@@ -305,8 +305,9 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
                 f'(fresh run in {workdir})')
     run.writer.set_aside_rows()   # an earlier attempt's rows are kept, beside the new ones
   run.last_saved = latest
-  with _user_errors('Writing the config'):
-    _write_config(workdir, config)
+  if latest is None or latest < config.total_steps:   # else nothing trains: config.json
+    with _user_errors('Writing the config'):          # keeps what the run trained with
+      _write_config(workdir, config)
   return manager, latest, state
 
 

@@ -113,6 +113,11 @@ def test_relative_workdir_as_users_type_it(tmp_path):
   assert 'Already trained to step' in again.stdout
   assert f'Done: step {STEPS}. Final eval MLM loss' in again.stdout, again.stdout[-2000:]
   _assert_one_row_per_step(tmp_path / 'run')
+  # Fewer steps asked than done: nothing trains, and config.json still describes the run
+  # (it was rewritten with the lower total_steps).
+  lower = run_trainer(relative, overrides=_overrides(total_steps=STEPS - 4))
+  assert f'Already trained to step {STEPS} (config.total_steps={STEPS - 4})' in lower.stdout
+  assert checkpoint.read_config(tmp_path / 'run').total_steps == STEPS
 
 
 # ---------------------------------------------------------------------------------------
