@@ -89,3 +89,66 @@ def test_logits_loss_and_gradients_match_hugging_face(attention, num_labels):
   np.testing.assert_allclose(
       np.asarray(ours_grads['bert']['encoder']['embeddings']['word_embeddings']['embedding']),
       grad('bert.embeddings.word_embeddings.weight'), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize('attention', ['standard', 'pairwise'])
+def test_train_mode_matches_hugging_face_given_the_same_dropout_masks(attention, monkeypatch):
+  """Where dropout sits is seen only in train mode: after the embeddings' LayerNorm, on
+  the attention probabilities, on each sublayer's output before its residual add, and on
+  the pooled output. The masks our model draws are replayed, in call order, into torch's
+  dropout; HF (eager attention, train mode) must then give our logits and gradients. A
+  dropout moved after a residual add, dropped, or put on the scores fails here."""
+  from bert_sym import attention as attention_lib  # pylint: disable=g-import-not-at-top
+  cfg = model_config('tiny', attention)
+  cfg.update(vocab_size=500, dtype='float32', dropout_rate=0.1, attention_dropout_rate=0.1,
+             attention_impl='xla')
+  module = bert.BertForSequenceClassification(cfg, num_labels=3)
+  params = _noisy_params(module, cfg)
+  input_ids, token_type_ids, attention_mask = padded_batch(cfg.vocab_size, batch=3)
+  labels = np.array([0, 2, 1], np.int32)
+
+  masks, real_dropout = [], attention_lib.inverted_dropout
+
+  def recording(x, rate, rng):   # the same draw as the real one: same key, same shape
+    masks.append(np.asarray(jax.random.bernoulli(rng, 1.0 - rate, x.shape)))
+    return real_dropout(x, rate, rng)
+  monkeypatch.setattr(attention_lib, 'inverted_dropout', recording)
+  monkeypatch.setattr(bert, 'inverted_dropout', recording)
+
+  def loss(p):
+    logits = module.apply({'params': p}, input_ids, token_type_ids, attention_mask,
+                          deterministic=False, rngs={'dropout': jax.random.key(7)})
+    log_probs = jax.nn.log_softmax(logits)
+    return -np.mean(log_probs[np.arange(3), labels]), logits
+
+  with jax.disable_jit():   # eager: the masks are concrete arrays as they are drawn
+    (ours_loss, ours_logits), ours_grads = jax.value_and_grad(loss, has_aux=True)(params)
+  assert len(masks) == 2 + 3 * cfg.num_layers   # embeddings, 3 a layer, pooled output
+  assert sum(m.size for m in masks) > 0 and 0.85 < np.mean(np.concatenate(
+      [m.ravel() for m in masks])) < 0.95
+
+  replay = list(masks)
+
+  def replayed_dropout(x, p=0.5, training=True, inplace=False):
+    del inplace
+    if not training or p == 0.0:
+      return x
+    keep = replay.pop(0)
+    assert keep.shape == tuple(x.shape), (keep.shape, tuple(x.shape))
+    return x * torch.from_numpy(keep.copy()).to(x.dtype) / (1.0 - p)
+  monkeypatch.setattr(torch.nn.functional, 'dropout', replayed_dropout)
+  reference = _hf_classifier(params, cfg, 3)
+  reference.config._attn_implementation = 'eager'   # pylint: disable=protected-access
+  reference.train()
+  as_torch = lambda a: torch.from_numpy(np.asarray(a, np.int64))
+  out = reference(input_ids=as_torch(input_ids), token_type_ids=as_torch(token_type_ids),
+                  attention_mask=as_torch(attention_mask), labels=as_torch(labels))
+  assert not replay   # every mask used, in order
+  out.loss.backward()
+  np.testing.assert_allclose(np.asarray(ours_logits), out.logits.detach().numpy(),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(float(ours_loss), out.loss.item(), rtol=1e-5)
+  grad = lambda name: dict(reference.named_parameters())[name].grad.numpy()
+  np.testing.assert_allclose(
+      np.asarray(ours_grads['bert']['encoder']['embeddings']['word_embeddings']['embedding']),
+      grad('bert.embeddings.word_embeddings.weight'), rtol=1e-3, atol=1e-6)
