@@ -4,6 +4,8 @@ STS-B's num_labels=1 head) and the same gradients. Ours: `model.BertForSequenceC
 and `objectives.classifier_loss_fn` / `example_weight`, with a padded row of weight 0 (a
 last partial batch), which the reference simply does not see."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -152,3 +154,32 @@ def test_train_mode_matches_hugging_face_given_the_same_dropout_masks(attention,
   np.testing.assert_allclose(
       np.asarray(ours_grads['bert']['encoder']['embeddings']['word_embeddings']['embedding']),
       grad('bert.embeddings.word_embeddings.weight'), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize('total_steps', [37, 10, 1])
+def test_fine_tuning_learning_rates_are_hugging_faces(total_steps):
+  """GLUE's schedule is the Trainer's: warm-up over ceil(warmup_ratio x steps) steps
+  (TrainingArguments.get_warmup_steps), then linear decay to 0. At 37 steps, 10% is 3.7:
+  a floor would warm up over 3 steps, HF does over 4. Every step's rate is compared."""
+  from bert_sym import optim  # pylint: disable=g-import-not-at-top
+  from bert_sym.glue import finetune  # pylint: disable=g-import-not-at-top
+  from configs import glue as glue_config  # pylint: disable=g-import-not-at-top
+  config = glue_config.get_config('runlocal')
+  opt = finetune._optimizer_config(config, total_steps)  # pylint: disable=protected-access
+  _, schedule = optim.make_optimizer(opt, total_steps)
+  # The Trainer's own rule (building TrainingArguments would need `accelerate`):
+  # transformers 5 takes the ratio as a warmup_steps below 1, 4.x as warmup_ratio.
+  warmup = transformers.TrainingArguments.get_warmup_steps(types.SimpleNamespace(
+      warmup_steps=config.warmup_ratio, warmup_ratio=config.warmup_ratio), total_steps)
+  if not isinstance(warmup, int):
+    warmup = transformers.TrainingArguments.get_warmup_steps(types.SimpleNamespace(
+        warmup_steps=0, warmup_ratio=config.warmup_ratio), total_steps)
+  adamw = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+  scheduler = transformers.get_linear_schedule_with_warmup(adamw, warmup, total_steps)
+  theirs = []
+  for _ in range(total_steps):
+    theirs.append(scheduler.get_last_lr()[0])
+    adamw.step()
+    scheduler.step()
+  np.testing.assert_allclose([float(schedule(step)) for step in range(total_steps)], theirs,
+                             rtol=1e-6, atol=1e-12)

@@ -62,6 +62,31 @@ def test_mlm_sums_with_a_zero_length_row_equal_those_without_it(impl, sparse):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize('sparse', [False, True])
+def test_mlm_accuracy_counts_the_weighted_targets_only(sparse):
+  """The logged MLM accuracy against sklearn's on the weighted positions. Decoys: every
+  position of weight 0 holds the token the model predicts there, so counting any of them
+  shows (the step-parity batches could not show it: their unweighted targets are [PAD],
+  which a model never predicts)."""
+  from sklearn import metrics as sklearn_metrics  # pylint: disable=g-import-not-at-top
+  cfg = model_config('tiny', 'pairwise')
+  cfg.update(vocab_size=1000, dtype='float32', max_position_embeddings=LENGTH, num_layers=1,
+             hidden_size=32, num_heads=2, mlp_dim=64, attention_impl='xla')
+  model = bert.BertForMaskedLM(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), *bert.dummy_inputs(1, LENGTH))['params'])
+  batch = _batch(np.random.default_rng(1))
+  predicted = np.asarray(model.apply({'params': params}, batch['input_ids'],
+                                     batch['token_type_ids'], batch['attention_mask'])).argmax(-1)
+  weighted = batch['mlm_weights'] > 0
+  hits = weighted & (np.random.default_rng(2).random(weighted.shape) < 0.5)
+  batch['mlm_targets'] = np.where(~weighted | hits, predicted, batch['mlm_targets'])
+  _, correct, total = objectives.mlm_sums(model, params, batch, sparse=sparse,
+                                          num_predictions=LENGTH)
+  expected = sklearn_metrics.accuracy_score(batch['mlm_targets'][weighted], predicted[weighted])
+  assert 0.3 < expected < 0.7
+  np.testing.assert_allclose(float(correct) / float(total), expected, rtol=1e-6)
+
+
 def test_classifier_loss_is_finite_with_a_padded_row():
   class NanOnPadding(nn.Module):   # stands in for a kernel that returns NaN at length 0
     @nn.compact

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from sklearn import metrics as sklearn_metrics
 import torch
 import transformers
 
@@ -67,13 +68,14 @@ def _ours(config, batches):
   train_step, rules = mlm.train_step, mlm.rules
   state = mlm.spec.init(jax.random.key(0), jax.random.key(1))
   initial = jax.device_get(state['params'])
-  losses = []
+  losses, logged = [], []
   for batch in batches:
     batch = objectives.host_mlm_positions(batch, config.data.max_predictions_per_seq)
     batch = sharding.host_batch_to_global(batch, mesh, BATCH, rules)
     state, metrics = train_step(state, batch)
     losses.append(float(metrics['train/loss']))
-  return initial, losses, jax.device_get(state['params'])
+    logged.append({k: float(metrics[f'train/{k}']) for k in ('learning_rate', 'mlm_accuracy')})
+  return initial, losses, jax.device_get(state['params']), logged
 
 
 def _reference(config, initial_params, batches):
@@ -93,27 +95,37 @@ def _reference(config, initial_params, batches):
                             lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps)
   scheduler = transformers.get_linear_schedule_with_warmup(adamw, opt.warmup_steps, STEPS)
   as_torch = lambda a: torch.from_numpy(np.asarray(a, np.int64))
-  losses = []
+  losses, logged = [], []
   for batch in batches:
     labels = np.where(batch['mlm_weights'] > 0, batch['mlm_targets'], -100)
     out = hf(input_ids=as_torch(batch['input_ids']),
              token_type_ids=as_torch(batch['token_type_ids']),
              attention_mask=as_torch(batch['attention_mask']), labels=as_torch(labels))
+    targets = batch['mlm_weights'] > 0
+    logged.append({   # what a step logs: the rate of its own update, accuracy on targets
+        'learning_rate': scheduler.get_last_lr()[0],
+        'mlm_accuracy': sklearn_metrics.accuracy_score(
+            batch['mlm_targets'][targets], out.logits.detach().numpy().argmax(-1)[targets])})
     adamw.zero_grad()
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(hf.parameters(), opt.grad_clip_norm)
     adamw.step()
     scheduler.step()
     losses.append(out.loss.item())
-  return losses, {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  return losses, {k: v.detach().numpy() for k, v in hf.state_dict().items()}, logged
 
 
 def test_twenty_training_steps_match_pytorch():
   config = _config()
   batches = _batches()
-  initial, our_losses, our_params = _ours(config, batches)
-  ref_losses, ref_params = _reference(config, initial, batches)
+  initial, our_losses, our_params, our_logged = _ours(config, batches)
+  ref_losses, ref_params, ref_logged = _reference(config, initial, batches)
   np.testing.assert_allclose(our_losses, ref_losses, atol=1e-4, rtol=0)
+  # The logged learning rate and MLM accuracy, step by step (torch's scheduler; sklearn).
+  for key in ('learning_rate', 'mlm_accuracy'):
+    np.testing.assert_allclose([r[key] for r in our_logged], [r[key] for r in ref_logged],
+                               rtol=1e-5, atol=1e-7, err_msg=key)
+  assert len({r['mlm_accuracy'] for r in ref_logged}) > 3   # it changes: the check has teeth
   assert our_losses[-1] < our_losses[0] - 0.5   # it trained: the comparison has teeth
   ours = export.mlm_params_to_hf(our_params, config.model)
   assert ours.keys() == ref_params.keys()

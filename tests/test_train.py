@@ -865,7 +865,8 @@ def test_a_divergence_across_a_restart_keeps_the_good_checkpoint_and_names_it(tm
 def test_a_resume_between_log_rows_logs_the_rows_of_the_uninterrupted_run(tmp_path):
   """Saves every 3 steps, rows every 4: the first row after resuming from step 3 averages
   steps 1-4, as the run that never stopped does (it averaged step 4 alone)."""
-  cadence = _overrides(total_steps=8, log_every_steps=4, checkpoint__every_steps=3)
+  cadence = _overrides(total_steps=8, log_every_steps=4, checkpoint__every_steps=3,
+                       eval_every_steps=6)
   reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
   run_trainer(reference, overrides=cadence)
   shutil.copytree(reference, resumed)
@@ -877,6 +878,12 @@ def test_a_resume_between_log_rows_logs_the_rows_of_the_uninterrupted_run(tmp_pa
                           for m in _metrics(w) if 'train/loss' in m]
   assert [m['step'] for m in _metrics(resumed) if 'train/loss' in m] == [4, 8]
   assert train_rows(resumed) == train_rows(reference)
+  # Every eval reads the same validation batches (the iterator rewound), so the resumed
+  # run's evals at 6 and 8 equal those of the run that evaluated at 0 first.
+  eval_rows = lambda w: [{k: v for k, v in m.items() if k != 'time'} for m in _metrics(w)
+                         if 'eval/loss' in m and m['step'] > 3]
+  assert [m['step'] for m in eval_rows(resumed)] == [6, 8]
+  assert eval_rows(resumed) == eval_rows(reference)
 
 
 def test_skip_stops_after_consecutive_nonfinite_steps_and_keeps_no_bad_model(tmp_path):
