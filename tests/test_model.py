@@ -367,3 +367,47 @@ def test_dropout_scales_bf16_by_exactly_one_over_keep(where):
   flax_f32 = nn.Dropout(0.1).apply({}, x, False, rngs={'dropout': key},
                                    **({} if where == 'hidden' else {'rng': key}))
   np.testing.assert_array_equal(np.asarray(drop(x)), np.asarray(flax_f32))
+
+
+# ---------------------------------------------------------------------------------------
+# The FLOPs that MFU divides by.
+# ---------------------------------------------------------------------------------------
+
+def _matmul_flops(jaxpr) -> int:
+  """2 x output size x contracted size of every dot_general, sub-computations included:
+  counted from what JAX traces, not from our formula."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contracting, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(
+          np.prod([lhs[i] for i in contracting]))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          total += _matmul_flops(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          total += _matmul_flops(sub)
+  return total
+
+
+@pytest.mark.parametrize('attention', attention_lib.VARIANTS)
+@pytest.mark.parametrize('sparse', [False, True], ids=['dense_head', 'sparse_head'])
+def test_train_flops_per_token_is_three_times_the_traced_forward_matmuls(attention, sparse):
+  """MFU's numerator: every matmul of the forward pass that JAX traces (projections,
+  scores and PV over all L keys, pairwise P, MLP, MLM head at the predicted positions),
+  times 3 for forward + backward. A wrong term (attention 2Ld instead of 4Ld, a projection
+  too many for symmetric) changes every MFU figure the README and benchmarks quote."""
+  cfg = tiny_config(attention)
+  batch, length, predicted = 2, 24, 5
+  model = bert.BertForMaskedLM(cfg)
+  params = init_params(model, cfg, length=length)
+  ids, types_, mask = (jnp.asarray(a) for a in padded_batch(cfg.vocab_size, batch, length))
+  positions = jnp.tile(jnp.arange(predicted)[None], (batch, 1)) if sparse else None
+  jaxpr = jax.make_jaxpr(lambda p: model.apply({'params': p}, ids, types_, mask,
+                                               masked_positions=positions))(params)
+  forward = _matmul_flops(jaxpr.jaxpr)
+  fraction = predicted / length if sparse else 1.0
+  expected = bert.train_flops_per_token(cfg, length, fraction)
+  np.testing.assert_allclose(3 * forward / (batch * length), expected, rtol=1e-9)
