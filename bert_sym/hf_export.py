@@ -244,7 +244,8 @@ def check_out_dir(out_dir: str) -> None:
                      'overwrite its config.json. Fix: --out_dir=a new directory.')
   # An export interrupted before its config.json (written last): only its own files, and
   # the temporary ones of a write cut short.
-  interrupted = 'config.json' not in names and all(name.lstrip('.').split('.tmp-')[0] in _EXPORT_FILES for name in names)
+  interrupted = 'config.json' not in names and all(
+      name.lstrip('.').split('.tmp-')[0] in _EXPORT_FILES for name in names)
   if config.get('model_type') != 'bert' and not interrupted:
     raise ValueError(f'--out_dir={out_dir} is not empty ({", ".join(sorted(names)[:4])}'
                      f'{", ..." if len(names) > 4 else ""}) and holds no earlier export. '

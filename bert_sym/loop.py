@@ -1,6 +1,7 @@
-"""The host side of every training loop (pre-training and GLUE): input prefetch, compile-once timing, the progress line (steps/s, tokens/s, MFU, ETA), the
-non-finite stop/skip policy, metric rows, and the loop itself (`run`), which stops on the
-signals of bert_sym.preemption.
+"""The host side of every training loop (pre-training and GLUE): input prefetch,
+compile-once timing, the progress line (steps/s, tokens/s, MFU, ETA), the non-finite
+stop/skip policy, metric rows, and the loop itself (`run`), which stops on the signals of
+bert_sym.preemption.
 
 The device side (what one step computes) is bert_sym.steps.
 """
@@ -19,7 +20,8 @@ import numpy as np
 
 from bert_sym import metrics_writer
 # The stop signals (SIGTERM, Ctrl-C) and their exit codes, for the loop's callers too.
-from bert_sym.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag  # noqa: F401
+from bert_sym.preemption import (  # noqa: F401
+    INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag)
 
 
 class NonFiniteError(Exception):
