@@ -66,10 +66,9 @@ _DISTRIBUTED_FLAGS = distributed.define_flags()
 
 
 # Exit codes of `python -m bert_sym.train` (0 finished; 1 input problem or non-finite stop;
-# 42 preempted after saving: rerun to resume; 130 Ctrl-C after saving), from bert_sym.loop.
-# launch/slurm_gpu.sbatch requeues on PREEMPTED_EXIT_CODE.
-PREEMPTED_EXIT_CODE = loop.PREEMPTED_EXIT_CODE
-INTERRUPTED_EXIT_CODE = loop.INTERRUPTED_EXIT_CODE
+# 42 preempted after saving: rerun to resume, as launch/slurm_gpu.sbatch does; 130 Ctrl-C
+# after saving), from bert_sym.preemption.
+PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE = loop.PREEMPTED_EXIT_CODE, loop.INTERRUPTED_EXIT_CODE
 Preempted = loop.Preempted
 
 
@@ -305,8 +304,8 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
                 f'(fresh run in {workdir})')
     run.writer.set_aside_rows()   # an earlier attempt's rows are kept, beside the new ones
   run.last_saved = latest
-  if latest is None or latest < config.total_steps:   # else nothing trains: config.json
-    with _user_errors('Writing the config'):          # keeps what the run trained with
+  if latest is None or latest < config.total_steps:   # else nothing trains: keep its config
+    with _user_errors('Writing the config'):
       _write_config(workdir, config)
   return manager, latest, state
 
