@@ -125,6 +125,20 @@ def test_feistel_mixes_like_a_random_permutation():
 # Reading: every filesystem gives the same blocks and batches; same as the shards path.
 # ----------------------------------------------------------------------------------------
 
+def test_the_feistel_v1_order_is_pinned():
+  """Checkpoints record the order's name (SHUFFLE_KIND) and resume into it by index: any
+  change of its salt or round keys must come with a new name, or a resumed run reads some
+  blocks twice and others never. Values as feistel-v1 first wrote them."""
+  assert shard_reader.SHUFFLE_KIND == 'feistel-v1'
+  order = lambda n, seed, epoch, count: shard_reader.feistel_permutation(
+      np.arange(count), n, seed, epoch).tolist()
+  assert order(20, 0, 0, 20) == [19, 0, 18, 1, 10, 17, 4, 8, 16, 9, 3, 6, 2, 5, 13, 15, 11,
+                                 7, 14, 12]
+  assert order(20, 0, 1, 20) == [6, 18, 19, 17, 10, 4, 3, 8, 13, 1, 11, 5, 12, 15, 14, 2, 9,
+                                 7, 0, 16]
+  assert order(1000, 7, 3, 10) == [75, 86, 551, 695, 101, 240, 434, 731, 709, 648]
+
+
 def test_blocks_are_the_exported_arrays_on_every_filesystem(small_corpus):
   metadata = shard_reader.read_metadata(str(small_corpus), 'train')
   assert len(metadata['shards']) > 3   # several shards per part
@@ -142,6 +156,10 @@ def test_blocks_are_the_exported_arrays_on_every_filesystem(small_corpus):
     np.testing.assert_array_equal(blocks.take(rows), truth[rows])
     np.testing.assert_array_equal(blocks.take(np.arange(1000)), truth)
     batches = [next(it) for it in [_iterator(_config(url), start_step=7)] for _ in range(3)]
+    if url == str(small_corpus):   # and memory-mapped (source='shards'): every row, each
+      mapped = shard_reader.load_shards(url, 'train')   # shard's first and last included
+      np.testing.assert_array_equal(mapped.take(np.arange(1000)), truth)
+      np.testing.assert_array_equal(mapped.take(rows), truth[rows])
     reference = _iterator(_config(str(small_corpus)), start_step=7)
     for batch in batches:
       _assert_same(batch, next(reference))
@@ -179,6 +197,15 @@ def test_same_seed_same_batches_resume_and_epochs(small_corpus):
   np.testing.assert_array_equal(np.sort(epoch0), np.arange(len(blocks)))
   np.testing.assert_array_equal(np.sort(epoch1), np.arange(len(blocks)))
   assert not np.array_equal(epoch0, epoch1)
+  # Masking is a function of the example, not of the block (RoBERTa's dynamic masking):
+  # a block read again in the next epoch gets other masked positions.
+  block = int(epoch0[0])
+  again = int(np.flatnonzero(epoch1 == block)[0]) + 1000   # its example index in epoch 1
+  first_weights = batches[0]['mlm_weights'][0]
+  second_weights = batches[again // 10]['mlm_weights'][again % 10]
+  np.testing.assert_array_equal(batches[0]['mlm_targets'][0][first_weights > 0],
+                                blocks.take(np.array([block]))[0][first_weights > 0])
+  assert not np.array_equal(first_weights, second_weights)
 
 
 def test_a_streaming_checkpoint_resumes_on_shards_as_if_uninterrupted(small_corpus):
@@ -209,6 +236,12 @@ def test_resuming_on_another_corpus_or_order_is_a_readable_error(small_corpus, t
     _iterator(_config(str(longer), max_seq_len=128)).set_state(state)
   with pytest.raises(DataError, match="shuffle='none'.*another block order"):
     _iterator(_config(str(small_corpus))).set_state(dict(state, shuffle='none'))
+  # Another config.seed is another permutation (the trainer only warns that the config
+  # changed), another vocabulary another corpus: both refused, not resumed into.
+  with pytest.raises(DataError, match=r"seed=3, this run has 4 \(another order\)"):
+    _iterator(_config(str(small_corpus)), seed=4).set_state(state)
+  with pytest.raises(DataError, match=r"vocab_md5='0+'.*another vocabulary"):
+    _iterator(_config(str(small_corpus))).set_state(dict(state, vocab_md5='0' * 32))
 
 
 @pytest.mark.parametrize('source', ['streaming', 'shards'])
