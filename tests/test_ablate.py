@@ -49,14 +49,39 @@ def test_default_target_is_a_fraction_of_the_reference_drop():
       11.0 - 0.9 * 6.0)
 
 
+def _scipy_interval(samples, statistic, level=0.95):
+  ci = scipy.stats.bootstrap(tuple(np.asarray(x, float) for x in samples), statistic,
+                             n_resamples=100_000, method='percentile', random_state=1,
+                             confidence_level=level, vectorized=True).confidence_interval
+  return [ci.low, ci.high]
+
+
 def test_bootstrap_interval_agrees_with_scipy():
-  values = [5.70, 5.66, 5.73, 5.69, 5.75, 5.71]
+  """Within 2.5% of the interval's width of scipy's 95% percentile interval, and not within
+  it of the 90% one (a tolerance of a fixed 0.004 let a 90% interval pass as 95%)."""
+  values = [5.706, 5.693, 5.732, 5.705, 5.673, 5.718, 5.765, 5.747, 5.665, 5.637, 5.669,
+            5.702]
+  mean = lambda x, axis=-1: np.mean(x, axis=axis)
   ours = stats.bootstrap_interval([values], np.mean)
-  theirs = scipy.stats.bootstrap((np.array(values),), np.mean, n_resamples=10_000,
-                                 method='percentile', random_state=1).confidence_interval
+  theirs, ninety = _scipy_interval([values], mean), _scipy_interval([values], mean, 0.90)
+  tolerance = 0.025 * (theirs[1] - theirs[0])
   assert ours[0] < np.mean(values) < ours[1]
-  assert ours == pytest.approx([theirs.low, theirs.high], abs=0.004)
+  assert ours == pytest.approx(theirs, abs=tolerance)
+  assert ours != pytest.approx(ninety, abs=tolerance)
   assert stats.bootstrap_interval([[5.7]], np.mean) is None
+
+
+def test_the_ratio_of_unpaired_seeds_is_scipys_two_sample_bootstrap():
+  """Variants that ran different seeds: each resampled on its own (scipy's independent
+  two-sample bootstrap), not paired by position."""
+  variant = {1: 5200.0, 2: 4900.0, 3: 5600.0, 4: 5100.0}
+  reference = {5: 6100.0, 6: 6600.0, 7: 5900.0, 8: 6400.0, 9: 6000.0}
+  ratio = stats.steps_ratio(variant, reference)
+  assert ratio['value'] == pytest.approx(np.mean(list(variant.values()))
+                                         / np.mean(list(reference.values())))
+  theirs = _scipy_interval([list(variant.values()), list(reference.values())],
+                           lambda a, b, axis=-1: np.mean(a, axis) / np.mean(b, axis))
+  assert ratio['ci95'] == pytest.approx(theirs, abs=0.025 * (theirs[1] - theirs[0]))
 
 
 def test_ratio_only_when_every_seed_of_both_reached():
@@ -132,7 +157,8 @@ def _fake_run(root, variant, seed, curve, config_json):
   (path / 'checkpoints' / str(curve[-1][0]) / 'state').mkdir(parents=True)
   (path / 'config.json').write_text(config_json)
   (path / 'metrics.jsonl').write_text(''.join(
-      json.dumps({'step': s, 'time': 1000.0 + s, 'eval/loss': l, 'eval/mlm_accuracy': 0.1})
+      json.dumps({'step': s, 'time': 1000.0 + s, 'eval/loss': l,
+                  'eval/mlm_accuracy': 0.1 + s / 1000})   # a value per step
       + '\n' for s, l in curve))
   return path
 
@@ -178,6 +204,10 @@ def test_summary_not_reached_and_ratio(tmp_path):
   assert out['per_variant']['symmetric']['paired_vs_reference']['steps_to_target'][
       'mean'] is None
   assert 'pairwise/seed3' in out['excluded'] and out['runs']['pairwise'] == [1, 2]
+  # The final eval's accuracy (step 30's), and the tokens a step reads (loss_vs_tokens' x).
+  assert out['per_variant']['pairwise']['final_eval_mlm_accuracy']['mean'] == pytest.approx(0.13)
+  assert out['per_variant']['pairwise']['tokens_per_step'] == (
+      config.batch_size * config.data.max_seq_len)
   md = (tmp_path / 'summary.md').read_text()
   assert '| symmetric | 1,2 |' in md and '(n=1/2)' in md and 'Columns:' in md
   rows = {}   # the main table's (the first table's) rows, by variant
