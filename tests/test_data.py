@@ -74,6 +74,11 @@ def test_masking_statistics(real_blocks):
   assert abs(unchanged - 0.1) < 0.01   # (+1/30522 chance a random token equals the original)
   random_ids = out['input_ids'][selected & (out['input_ids'] != 103) & (out['input_ids'] != blocks)]
   assert len(np.unique(random_ids)) > 0.5 * len(random_ids)   # spread over the vocab
+  # Uniform over the whole vocabulary, its top included (BERT: rng.randint(0, V - 1)).
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  assert len(random_ids) > 1000 and random_ids.max() > 0.99 * spec.vocab_size
+  counts = np.bincount(random_ids * 10 // spec.vocab_size, minlength=10)
+  assert stats.chisquare(counts).pvalue > 1e-3, counts
   np.testing.assert_array_equal(out['attention_mask'], (blocks != 0).astype(np.int32))
   assert out['attention_mask'].min() == 0                    # the last block is padded
 
@@ -95,6 +100,34 @@ def test_whole_word_masking_masks_whole_words(real_blocks):
   assert (selected[:, 1:][is_piece[:, 1:]] == selected[:, :-1][is_piece[:, 1:]]).all()
   assert (selected & is_piece).sum() > 100
   assert abs(selected.sum() / spec.maskable[real_blocks].sum() - 0.15) < 0.01
+
+
+def test_whole_word_masking_draws_each_pieces_replacement_on_its_own(real_blocks):
+  """BERT chooses [MASK] / random / unchanged per token, also inside a whole word: the two
+  pieces of a selected word differ in being [MASK] with probability 2 x 0.8 x 0.2 = 0.32
+  (a draw shared by the word would make it 0)."""
+  _, spec = _default_spec(whole_word=True, max_predictions=L)
+  out = masking.mask_blocks(real_blocks, np.arange(len(real_blocks)), 3, spec)
+  selected = out['mlm_weights'] == 1.0
+  as_mask = out['input_ids'] == spec.mask_id
+  pair = selected[:, 1:] & selected[:, :-1] & spec.continuation[real_blocks][:, 1:]
+  assert pair.sum() > 100
+  differ = (as_mask[:, 1:] != as_mask[:, :-1])[pair].mean()
+  assert 0.2 < differ < 0.45, differ
+
+
+def test_a_piece_after_a_special_token_starts_its_own_word():
+  """'##x' right after [CLS] or [SEP] belongs to no word before it: with whole words it is
+  a unit of its own (never masked, were it glued to [CLS]; and after [SEP] not tied to the
+  previous document's last word)."""
+  tokens, spec = _default_spec(whole_word=True, max_predictions=L)
+  piece, word = tokens.index('##s'), tokens.index('house')
+  cls, sep = tokens.index('[CLS]'), tokens.index('[SEP]')
+  row = [cls, piece, word, word, sep, piece, word, sep]
+  blocks = np.array([row + [spec.pad_id] * (L - len(row))] * 4000)
+  selected = masking.mask_blocks(blocks, np.arange(len(blocks)), 5, spec)['mlm_weights'] > 0
+  assert selected[:, 1].mean() > 0.05 and selected[:, 5].mean() > 0.05
+  assert (selected[:, 5] & ~selected[:, 3]).sum() > 0.8 * selected[:, 5].sum()
 
 
 def test_masking_is_a_function_of_seed_and_index(real_blocks):
