@@ -104,6 +104,23 @@ def test_task_dataset_equals_numpy_masking_of_packed_blocks(vocabulary, validati
     np.testing.assert_array_equal(np.stack([e[name] for e in examples]), expected[name])
 
 
+def test_a_registered_tasks_masking_knobs_reach_its_dataset(tmp_path, vocabulary):
+  """register_text_files_task(mask_seed=, whole_word=, mask_rate=, max_predictions=): the
+  task's examples are the numpy masking of its packed blocks with those knobs."""
+  (tmp_path / 'a.txt').write_text('\n'.join(
+      f'Sentence {i} about unbelievably long hyphenated words.' for i in range(60)))
+  knobs = dict(mask_rate=0.3, whole_word=True, max_predictions=7)
+  tasks.register_text_files_task('test_knobs', str(tmp_path / 'a.txt'), mask_seed=5, **knobs)
+  examples = list(seqio.get_mixture_or_task('test_knobs').get_dataset(
+      sequence_length={'input_ids': 32}, split='train', shuffle=False).as_numpy_iterator())
+  packed = np.stack(list(tasks.packed_blocks('test_knobs', 'train', 32).as_numpy_iterator()))
+  expected = masking.mask_blocks(packed, np.arange(len(packed)), 5, _spec(vocabulary, **knobs))
+  assert len(examples) == len(packed) > 3
+  for name in masking.FEATURES:
+    np.testing.assert_array_equal(np.stack([e[name] for e in examples]), expected[name])
+  assert expected['mlm_weights'].sum(axis=1).max() == 7
+
+
 def test_sequence_length_over_model_maximum_is_an_error():
   with pytest.raises(DataError, match='max_seq_len=513.*512 position embeddings'):
     seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
@@ -161,6 +178,30 @@ def test_text_files_task_from_config_value(tmp_path):
   name = tasks.task_for_config(config)
   blocks = list(tasks.packed_blocks(name, 'validation', 16).as_numpy_iterator())
   assert blocks and all(b.shape == (16,) for b in blocks)
+
+
+def test_documents_of_no_token_add_no_separator(tmp_path, vocabulary):
+  """A line of no-break spaces or control characters is not blank to RE2's \\s, so it
+  reaches the tokenizer as a document, which gives it no token: it must add no [SEP] (a
+  stray [SEP][SEP] pair), as Hugging Face's tokens of the same lines show."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  lines = ['First document here.', '\u00a0\u00a0', '\x07\x07', 'Second one.',
+           '\u200b', 'Third.']
+  (tmp_path / 'train.txt').write_text('\n'.join(lines), encoding='utf-8')
+  (tmp_path / 'valid.txt').write_text('Held out.\n', encoding='utf-8')
+  from configs import common  # pylint: disable=import-outside-toplevel
+  config = common.base_config('tiny').data
+  config.task, config.text_files = tasks.TEXT_FILES_TASK, str(tmp_path / 'train.txt')
+  config.validation_files = str(tmp_path / 'valid.txt')
+  name = tasks.task_for_config(config)
+  got = np.stack(list(tasks.packed_blocks(name, 'train', 32).as_numpy_iterator()))
+  hf = transformers.BertTokenizerFast(vocab=vocabulary.path, do_lower_case=True)
+  stream = []
+  for line in lines:
+    ids = hf(line, add_special_tokens=False)['input_ids']
+    stream += ids + [102] if ids else []
+  assert len(stream) < 30   # one block
+  np.testing.assert_array_equal(got, [[101] + stream + [102] + [0] * (30 - len(stream))])
 
 
 def test_text_file_errors_name_the_file(tmp_path):
