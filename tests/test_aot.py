@@ -56,6 +56,17 @@ def test_topology_names_map_to_libtpu_slices(name, topology, chips):
   assert len(tpu.compile_only_devices(slice_)) == chips
 
 
+@pytest.mark.parametrize('name, peak', [('v4-8', 275e12), ('v5e-4', 197e12),
+                                        ('v5p-8', 459e12), ('v6e-8', 918e12)])
+def test_each_tpu_generation_gets_its_own_peak_for_mfu(name, peak):
+  """The device kind as libtpu names it ('TPU v5 lite', 'TPU v5', ...) finds the chip's
+  bf16 peak of the public spec sheet: the table is matched by substring, so an entry in the
+  wrong order gave v5e the v5p peak (MFU 2.3x too low) without a test noticing."""
+  from bert_sym import metrics_writer  # pylint: disable=g-import-not-at-top
+  device = tpu.compile_only_devices(tpu.parse_topology(name))[0]
+  assert metrics_writer.peak_flops_per_device(device) == peak, device.device_kind
+
+
 @pytest.mark.parametrize('name, message', [
     ('v5e16', 'is not a TPU slice'), ('v7x-8', 'unknown TPU generation'),
     ('v4-7', 'is not a TPU slice'), ('v5e-12', 'not a power of two'),

@@ -422,3 +422,44 @@ def test_tensorflow_start_up_lines_are_hidden_unless_verbose():
   assert loud.stdout == quiet.stdout == '3\n', quiet.stderr[-2000:]
   assert loud.stderr.strip(), 'TensorFlow printed nothing here: the check cannot fail'
   assert quiet.stderr == ''
+
+
+def _health_row(loss, finite=True, lr=0.1):
+  return {'train/loss': np.asarray(loss, np.float32), 'train/grad_norm': np.float32(1.0),
+          'train/learning_rate': np.float32(lr), 'train/finite': np.asarray(finite)}
+
+
+def test_step_health_rules_one_by_one():
+  """The non-finite policy and the spike rule, each on a pattern built to show one rule."""
+  # Seeds trained together (GLUE): one seed's non-finite step is the step's, and stops.
+  with pytest.raises(loop.NonFiniteError, match='Non-finite loss or gradient at step 3'):
+    loop.StepHealth('stop').observe(3, _health_row([0.5, np.nan], finite=[True, False]))
+  # 'skip' stops after N consecutive bad steps; scattered ones never add up to a stop.
+  scattered = loop.StepHealth('skip', max_consecutive_skips=2)
+  for step in range(1, 41):
+    scattered.observe(step, _health_row(1.0, finite=step % 2 == 0))
+  in_a_row = loop.StepHealth('skip', max_consecutive_skips=2)
+  in_a_row.observe(1, _health_row(np.nan, finite=False))
+  with pytest.raises(loop.NonFiniteError, match='2 consecutive non-finite steps'):
+    in_a_row.observe(2, _health_row(np.nan, finite=False))
+  # The spike rule compares with the median of the *latest* healthy losses: after a long
+  # descent from 10 to 0.5, a loss of 3.5 is a spike (3x the first losses' median is not).
+  health = loop.StepHealth('stop', window=4)
+  for step, loss in enumerate(np.linspace(10.0, 0.5, 40), start=1):
+    health.observe(step, _health_row(loss))
+  assert health.onset is None and health.last_healthy == 40
+  health.observe(41, _health_row(3.5))
+  assert health.onset == 41 and health.good_below() == 40
+
+
+def test_a_row_logs_the_learning_rate_of_its_last_step():
+  """A row averages the interval's losses but reports the schedule where it stands now
+  (the last step's rate), as the step-parity test checks step by step."""
+  meter = loop.Meter(10, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  meter.timing = (0.0, 0)
+  for step, lr in ((1, 0.1), (2, 0.2), (3, 0.3)):
+    meter.add(step, _health_row(float(step), lr=lr))
+  scalars, _, _ = meter.row(3)
+  assert scalars['train/learning_rate'] == pytest.approx(0.3)
+  assert scalars['train/loss'] == pytest.approx(2.0)
