@@ -9,6 +9,7 @@ import pytest
 
 from bert_sym import shards as export_cli
 from bert_sym import train
+from bert_sym.input import DataError
 from bert_sym.input import iterator as data_lib
 from bert_sym.input import seqio_tasks
 from bert_sym.input import tokenizer as vocab_lib
@@ -54,9 +55,14 @@ def test_shard_and_seqio_routes_evaluate_on_the_same_text(wikitext_dir, tmp_path
   # ... and that text is wiki.valid.tokens, not documents held out of wiki.train.tokens.
   tokens = vocab_lib.read_vocab(vocab_lib.default_vocab_file())
   assert tokens.index('zebra') in seqio_blocks and tokens.index('apples') not in seqio_blocks
-  # Without --validation_files the export holds other text (what the flag fixes).
+  # Without --validation_files the export holds other text (what the flag fixes): the
+  # trainer refuses it under a config that names wiki.valid.tokens, and it is indeed other
+  # text (documents held out of wiki.train.tokens).
   _export(wikitext_dir, tmp_path / 'held_out')
   shards.shards_dir = str(tmp_path / 'held_out')
+  with pytest.raises(DataError, match="exported from --validation_files=''"):
+    _all_blocks(shards, 'validation')
+  shards.validation_files = ''
   held_out = _all_blocks(shards, 'validation')
   assert tokens.index('zebra') not in held_out
 
