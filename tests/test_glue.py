@@ -1017,3 +1017,30 @@ def test_a_group_resumed_with_another_seed_list_starts_again(tmp_path, monkeypat
                               {'checkpoint': 'c'}, length_seeds=length_seeds)
   assert claimed[0] != claimed[1]
   assert [c['length_seeds'] for c in claimed] == [[1, 2, 3], [1, 2]]
+
+
+def test_dev_predictions_come_back_in_the_dev_sets_order():
+  """Dev batches are formed by length (buckets) and the predictions put back: each one
+  must be its own example's, as the model applied to that example alone gives it. A
+  prediction paired with another example would score every task against wrong labels.
+  STS-B's regression head: every example gets its own value, even from a fresh head."""
+  spec_name = 'stsb'
+  pretrained, task = _tiny_task(spec_name, eval_batch_size=4, length_buckets=True)
+  params = jax.device_get(_state(pretrained, task, 0)['params'])
+  # A fresh head's outputs differ in the 5th decimal: scaled, examples differ visibly.
+  params['classifier']['kernel'] = params['classifier']['kernel'] * 1000.0
+  rng = np.random.default_rng(3)
+  lengths = rng.permutation([5, 30, 9, 17, 3, 26, 12, 7, 21, 4, 15])
+  dev = glue_data.Encoded(
+      input_ids=[np.array([101, *rng.integers(104, 1000, n), 102], np.int32) for n in lengths],
+      token_type_ids=[np.zeros(n + 2, np.int32) for n in lengths],
+      labels=np.zeros(len(lengths), np.float32), idx=np.arange(len(lengths)))
+  config = _config(eval_batch_size=4, length_buckets=True)
+  got = finetune.predict(params, task, dev, config, sharding.make_mesh(config.mesh), pad_id=0)
+  model = model_lib.BertForSequenceClassification(
+      pretrained.config.model, num_labels=glue_data.TASKS[spec_name].num_labels)
+  for i, (ids, types) in enumerate(zip(dev.input_ids, dev.token_type_ids)):
+    logits = model.apply({'params': params}, ids[None], types[None], np.ones_like(ids)[None])
+    np.testing.assert_allclose(got[i], logits[0, 0], rtol=1e-4, atol=1e-5,
+                               err_msg=f'example {i}')
+  assert np.isfinite(got).all() and len(set(np.round(got, 2).tolist())) > 5, got
