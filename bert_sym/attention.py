@@ -389,8 +389,8 @@ class SelfAttention(nn.Module):
           (self.num_heads, head_dim))
       query = query * diagonal.astype(self.dtype)            # q' = Q_h diag(p_h)
     # --------------------------------------------------------------------------
-    value = projection('value')(x)
-
+    heads = lambda t: sharding.constrain(t, ('batch', None, 'heads', None))   # as projected
+    query, key, value = heads(query), heads(key), heads(projection('value')(x))
     out, weights = self._attend(query, key, value, mask, deterministic, return_weights)
     out = nn.DenseGeneral(
         features=self.hidden_size, axis=(-2, -1), dtype=self.dtype, name='output',

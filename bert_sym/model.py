@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bert_sym import sharding
 from bert_sym.attention import SelfAttention, current_backend, dense_init, inverted_dropout
 
 
@@ -44,6 +45,11 @@ def _layer_norm(cfg, name):
 
 def _gelu(x):
   return jax.nn.gelu(x, approximate=False)   # BERT's exact-erf GELU
+
+
+# The residual stream [batch, length, hidden]: split over the batch rule's axes, whole
+# along the hidden size (sharding.constrain; 'embed' names the weights' axis, not this).
+ACTIVATION = ('batch', None, None)
 
 
 class Dropout(nn.Module):
@@ -109,10 +115,11 @@ class Layer(nn.Module):
     x = _layer_norm(cfg, 'attention_layer_norm')(
         x + dropout(attn, deterministic=deterministic))
     h = _gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x))
+    h = sharding.constrain(h, ('batch', None, 'mlp'))
     h = _dense(cfg.hidden_size, ('mlp', 'embed'), cfg, dtype, 'output')(h)
     x = _layer_norm(cfg, 'output_layer_norm')(
         x + dropout(h, deterministic=deterministic))
-    return x, weights
+    return sharding.constrain(x, ACTIVATION), weights
 
 
 REMAT_POLICIES = {
@@ -204,7 +211,8 @@ class Encoder(nn.Module):
     if input_ids.shape[-1] > self.cfg.max_position_embeddings:
       raise ValueError(f'Sequence length {input_ids.shape[-1]} exceeds '
                        f'model.max_position_embeddings={self.cfg.max_position_embeddings}.')
-    x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
+    x = sharding.constrain(
+        self.embeddings(input_ids, token_type_ids, deterministic=deterministic), ACTIVATION)
     mask = attention_mask.astype(bool)[:, None, None, :]   # [batch, 1, 1, key]
     if self.cfg.get('scan_layers', False):
       x, stacked = self.layers(x, mask, deterministic, return_weights)
