@@ -104,3 +104,46 @@ def test_every_step_and_micro_batch_gets_its_own_dropout_key(prng_impl):
             for s in range(6) for i in range(accum)}
     distinct = {tuple(np.asarray(k).ravel().tolist()) for k in keys.values()}
     assert len(distinct) == len(keys), (prng_impl, accum)
+
+
+def test_the_train_step_draws_new_masks_each_step_and_the_same_on_a_replay():
+  """The dropout key is folded with the state's step: the same params and batch at step 0
+  and at step 1 see other masks (other losses), and step 1 replayed (a resume) the same.
+  A key that ignored the step would reuse one set of masks for the whole run."""
+  spec, step, batch, init_key, dropout = _tiny_step('threefry')
+  state = spec.init(init_key, dropout)
+  loss_at = lambda s: float(jax.jit(step)(dict(state, step=jnp.asarray(s, state['step'].dtype)),
+                                          batch)[1]['train/loss'])
+  assert loss_at(0) != loss_at(1)
+  assert loss_at(1) == loss_at(1)
+
+
+def test_a_finite_loss_with_an_infinite_gradient_is_not_applied():
+  """A bf16 overflow in the backward pass can leave the loss finite and a gradient
+  infinite: the step must count as non-finite and leave params and Adam's moments as
+  they were, as for a non-finite loss (the loss alone was not enough to tell)."""
+  import optax  # pylint: disable=g-import-not-at-top
+
+  @jax.custom_vjp
+  def overflowing(w):
+    return jnp.sum(w)
+  overflowing.defvjp(lambda w: (jnp.sum(w), None),
+                     lambda _, g: (jnp.full((3,), jnp.inf) * g,))
+
+  def loss_fn(params, batch, key):
+    del key
+    return overflowing(params['w']) * jnp.sum(batch['x']), {}
+  tx = optax.adam(0.1)
+  step = steps.make_train_step(loss_fn, tx, lambda s: 0.1,
+                               weight_fn=lambda batch: jnp.float32(1.0))
+  params = {'w': jnp.ones(3)}
+  state = {'params': params, 'opt_state': tx.init(params), 'step': jnp.int32(0),
+           'rng': jax.random.key_data(jax.random.key(0))}
+  new, metrics = jax.jit(step)(state, {'x': jnp.ones(2)})
+  assert np.isfinite(float(metrics['train/loss'])) and not np.isfinite(
+      float(metrics['train/grad_norm']))
+  assert float(metrics['train/finite']) == 0.0
+  np.testing.assert_array_equal(new['params']['w'], params['w'])
+  for old, kept in zip(jax.tree.leaves(state['opt_state'][0].mu),
+                       jax.tree.leaves(new['opt_state'][0].mu)):
+    np.testing.assert_array_equal(kept, old)
