@@ -177,6 +177,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.')
   _not_negative('optimizer.weight_decay', opt.weight_decay)
   _not_negative('optimizer.grad_clip_norm', opt.grad_clip_norm)   # 0 = off
+  _fraction('optimizer.b1', opt.b1, low_open=False)   # Adam's decay rates: 1 never moves
+  _fraction('optimizer.b2', opt.b2, low_open=False)
   for axis in ('data', 'fsdp', 'tensor'):
     size = config.mesh[axis]
     if not isinstance(size, int) or not (size == -1 or size >= 1):

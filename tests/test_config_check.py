@@ -186,6 +186,8 @@ def test_a_config_of_the_other_command_is_named_as_such():
     ('optimizer.weight_decay', -0.01, 'weight_decay=-0.01 must be a number >= 0'),
     ('optimizer.grad_clip_norm', -1.0, 'grad_clip_norm=-1.0 must be a number >= 0'),
     ('checkpoint.save_timeout_s', 0, 'save_timeout_s=0 must be an integer >= 1'),
+    ('optimizer.b1', 1.0, 'optimizer.b1=1.0 must lie in [0, 1)'),
+    ('optimizer.b2', -0.1, 'optimizer.b2=-0.1 must lie in [0, 1)'),
 ])
 def test_training_values_refused_up_front(key, value, message):
   config = common.base_config('tiny')
@@ -211,6 +213,7 @@ def test_the_remat_policies_checked_are_the_models():
     (dict(max_seq_len=4), 'max_seq_len=4 cannot hold a sentence pair'),
     (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be a number >= 0'),
     (dict(b2=1.0), 'b2=1.0 must lie in [0, 1)'),
+    (dict(b1=-0.1), 'b1=-0.1 must lie in [0, 1)'),
 ])
 def test_glue_values_refused_before_any_output(overrides, message):
   """Each of these ran: to a reshape traceback at the first compile (grad_accum_steps),

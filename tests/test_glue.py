@@ -470,6 +470,10 @@ def test_fresh_head_and_pretrained_encoder(workdir, tmp_path):
       np.testing.assert_array_equal(got[seed], want.astype(np.float32))
   heads = np.asarray(state['params']['classifier']['kernel'])
   assert not np.array_equal(heads[0], heads[1])
+  # and its dropout masks: each seed has its own key (one shared key, other heads, would
+  # make the seeds' spread understate what independent runs show).
+  rngs = np.asarray(jax.device_get(state['rng']))
+  assert not np.array_equal(rngs[0], rngs[1])
 
 
 def _handmade_workdir(path, steps=(3,), **overrides):
@@ -1044,3 +1048,19 @@ def test_dev_predictions_come_back_in_the_dev_sets_order():
     np.testing.assert_allclose(got[i], logits[0, 0], rtol=1e-4, atol=1e-5,
                                err_msg=f'example {i}')
   assert np.isfinite(got).all() and len(set(np.round(got, 2).tolist())) > 5, got
+
+
+def test_train_batches_reshuffle_every_epoch_as_the_trainer_does():
+  """As Hugging Face's Trainer (a RandomSampler re-drawn each epoch, the last partial batch
+  kept): every epoch visits each example once, in a new order; seeds differ; the step
+  count is ceil(epochs x ceil(n / batch)), a fractional last epoch cut short."""
+  n, batch_size = 10, 4
+  batches = finetune.train_batches(n, batch_size, 3.0, seed=1)
+  assert len(batches) == 9 and [len(b) for b in batches[:3]] == [4, 4, 2]
+  epochs = [np.concatenate(batches[e * 3:(e + 1) * 3]) for e in range(3)]
+  for epoch in epochs:
+    assert sorted(epoch.tolist()) == list(range(n))
+  assert len({tuple(e.tolist()) for e in epochs}) == 3
+  assert not np.array_equal(np.concatenate(finetune.train_batches(n, batch_size, 3.0, 2)),
+                            np.concatenate(batches))
+  assert len(finetune.train_batches(n, batch_size, 1.5, seed=1)) == 5
