@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 from etils import epath
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,6 +28,20 @@ class Clock:
 def _metrics(loss=2.0):
   return {'train/loss': np.float32(loss), 'train/grad_norm': np.float32(1.0),
           'train/learning_rate': np.float32(0.1), 'train/finite': np.bool_(True)}
+
+
+class _Zeros:
+  """The loop tests' input: the same small batch every step."""
+
+  def __next__(self):
+    return {'input_ids': jnp.zeros((2, 4), jnp.int32)}
+
+
+@jax.jit
+def _count_step(state, batch):
+  """A train step that counts: state + 1, with healthy metrics."""
+  del batch
+  return state + 1, _metrics()
 
 
 def test_tokens_per_second_tflops_and_mfu_are_exact(monkeypatch):
@@ -85,8 +101,6 @@ def test_a_device_known_by_name_only_gets_its_peak_or_none():
 def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
   """GLUE's length buckets: a step on a batch padded to 4 tokens counts 4 per row, not
   the longest bucket's 8."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   clock = Clock(0.0)
   monkeypatch.setattr(loop.time, 'perf_counter', clock)
 
@@ -125,20 +139,13 @@ def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
 def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(monkeypatch):
   """loop.run pauses the meter around evals and saves: a 100 s eval every 2 steps and a
   50 s save every 4 leave 1 step/s (each batch takes 1 s), not 3 steps in 103 s."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   clock = Clock(0.0)
   monkeypatch.setattr(loop.time, 'perf_counter', clock)
 
-  class Batches:
+  class Batches(_Zeros):
     def __next__(self):
       clock.now += 1.0
-      return {'input_ids': jnp.zeros((2, 4), jnp.int32)}
-
-  @jax.jit
-  def train_step(state, batch):
-    del batch
-    return state + 1, _metrics()
+      return super().__next__()
 
   def slow(seconds):
     def hook(state, step):
@@ -152,7 +159,7 @@ def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(m
                      eval_every=2, console=lambda *a, **k: None)
   meter = loop.Meter(12, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
                      num_devices=1)
-  loop.run(jnp.int32(0), 0, 12, train_step, Batches(), meter, hooks)
+  loop.run(jnp.int32(0), 0, 12, _count_step, Batches(), meter, hooks)
   assert [step for step, _, _ in rows] == [4, 8, 12]
   for step, scalars, eta in rows:
     assert scalars['perf/steps_per_sec'] == 1.0, (step, scalars)
@@ -163,19 +170,6 @@ def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(m
 def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   """Spot TPUs give 30 s between the notice and the kill: that time is for the checkpoint.
   An eval due at the preempted step runs after the save has finished, not before it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  class Batches:
-    def __next__(self):
-      return {'input_ids': jnp.zeros((2, 4), jnp.int32)}
-
-  @jax.jit
-  def train_step(state, batch):
-    del batch
-    return state + 1, {'train/loss': jnp.float32(1.0), 'train/grad_norm': jnp.float32(1.0),
-                       'train/learning_rate': jnp.float32(0.1), 'train/finite': jnp.bool_(True)}
-
   class PreemptedAtStep3:
     signal_name = 'SIGTERM'
 
@@ -194,7 +188,7 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
                      evaluate=lambda state, step: calls.append(('eval', step)), eval_every=1)
   meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
                      num_devices=1)
-  state, step, preempted = loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter, hooks,
+  state, step, preempted = loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter, hooks,
                                     PreemptedAtStep3(), Manager())
   assert (int(state), step, preempted) == (3, 3, True)
   # The steps since the last row get their row: the resumed run starts after them.
@@ -220,7 +214,7 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
                      num_devices=1)
   with pytest.raises(checkpoint.CheckpointSaveError, match='the disk is full'):
-    loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter, hooks, PreemptedAtStep3(),
+    loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter, hooks, PreemptedAtStep3(),
              manager)
   assert calls == [('eval', 1), ('eval', 2), ('log', 3), ('save', 3)]
 
@@ -230,19 +224,7 @@ def test_a_signal_during_an_eval_or_save_stops_at_that_steps_save():
   The loop went on to train step 5 and wrote a second checkpoint inside the notice (which
   could push an older one out under keep_last); and it said 'saved' before the save had
   finished."""
-  import os  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  class Batches:
-    def __next__(self):
-      return {'input_ids': jnp.zeros((2, 4), jnp.int32)}
-
-  @jax.jit
-  def train_step(state, batch):
-    del batch
-    return state + 1, _metrics()
 
   class Manager:
     def wait_until_finished(self):
@@ -266,7 +248,7 @@ def test_a_signal_during_an_eval_or_save_stops_at_that_steps_save():
     meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
                        num_devices=1)
     with loop.PreemptionFlag() as flag:
-      state, step, preempted = loop.run(jnp.int32(0), 0, 8, train_step, Batches(), meter,
+      state, step, preempted = loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter,
                                         hooks, flag, Manager())
     assert (int(state), step, preempted) == (4, 4, True), during
     # No row at step 4: the rows since step 3 are in the saved meter state, and the
