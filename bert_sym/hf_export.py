@@ -203,9 +203,10 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
            'special_tokens_map.json': _json_bytes(SPECIAL_TOKENS)}
   pad_token_id = 0   # bert-base-uncased's; a user vocabulary may hold [PAD] elsewhere
   if vocab_bytes is not None:
+    from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
     files['vocab.txt'] = vocab_bytes
-    tokens = [line.strip() for line in vocab_bytes.decode('utf-8').splitlines()]
-    pad_token_id = tokens.index(SPECIAL_TOKENS['pad_token'])
+    where = f'{out}/vocab.txt'
+    pad_token_id = tokenizer.special_ids(tokenizer.parse_vocab(vocab_bytes, where), where).pad
   # config.json last: its presence marks a finished export.
   files['config.json'] = _json_bytes(hf_config_json(cfg, pad_token_id))
   for name, data in files.items():

@@ -106,10 +106,9 @@ def constrain(x, logical_axes: Sequence[str | None]):
   if context is None:
     return x
   mesh, rules = context
-  spec = list(nn.logical_to_mesh_axes(tuple(logical_axes), rules))
-  spec = [axes if axes is None or size % _axes_size(mesh, axes) == 0 else None
-          for axes, size in zip(spec, x.shape)]
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+  spec = _divisible_spec(nn.logical_to_mesh_axes(tuple(logical_axes), rules), x.shape, mesh,
+                         name=None)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple:
@@ -135,14 +134,17 @@ def _axes_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, name: str):
-  """Replicates any dimension its mesh axes do not divide (e.g. vocab 30522 on 4 ways)."""
+def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+                    name: str | None):
+  """Replicates any dimension its mesh axes do not divide (e.g. vocab 30522 on 4 ways),
+  with a warning naming `name` (None: silently, as for activations)."""
   fixed = list(spec) + [None] * (len(shape) - len(spec))
   for i, axes in enumerate(fixed):
     if axes is not None and shape[i] % _axes_size(mesh, axes):
-      logging.warning('%s: dim %d (size %d) is not divisible by mesh axes %s of size %d; '
-                      'replicating it instead.', name, i, shape[i], axes,
-                      _axes_size(mesh, axes))
+      if name is not None:
+        logging.warning('%s: dim %d (size %d) is not divisible by mesh axes %s of size %d; '
+                        'replicating it instead.', name, i, shape[i], axes,
+                        _axes_size(mesh, axes))
       fixed[i] = None
   return PartitionSpec(*fixed)
 

@@ -108,7 +108,11 @@ def read_vocab_bytes(path: str) -> bytes:
 
 def read_vocab(path: str) -> list[str]:
   """Tokens of a `vocab.txt` (one per line, id = line number)."""
-  raw = read_vocab_bytes(path)
+  return parse_vocab(read_vocab_bytes(path), path)
+
+
+def parse_vocab(raw: bytes, path: str) -> list[str]:
+  """Tokens of a `vocab.txt`'s bytes, already read from `path` (named in errors)."""
   try:
     text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
