@@ -28,25 +28,30 @@ def define_flags() -> types.SimpleNamespace:
           'local processes). Not needed with --distributed or under SLURM, where '
           'jax.distributed.initialize() finds it from the environment.'),
       num_processes=flags.DEFINE_integer(
-          'num_processes', None, 'Number of processes (with --coordinator_address).'),
+          'num_processes', None,
+          'Number of processes (with --coordinator_address, or JAX_COORDINATOR_ADDRESS).'),
       process_id=flags.DEFINE_integer(
-          'process_id', None, 'This process\'s index (with --coordinator_address).'),
+          'process_id', None,
+          'This process\'s index, 0 to num_processes - 1 (with --num_processes).'),
   )
 
 
-def _multiprocess_environment() -> bool:
+def _multiprocess_environment() -> str | None:
+  """What in the environment says this process is one of several (None: nothing)."""
   env = os.environ
   # A SLURM job of several tasks counts only in a process srun started (it sets the
   # SLURM_STEP_* variables JAX's own detection reads): a batch script's own shell, or an
   # `salloc -n 4` one, runs a single process that has no step to join.
-  if 'SLURM_STEP_NODELIST' in env and int(
-      env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1:
-    return True
+  tasks = env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or '1'
+  if 'SLURM_STEP_NODELIST' in env and int(tasks) > 1:
+    return f'an srun step of {tasks} tasks (SLURM_STEP_NODELIST)'
   if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):   # a multi-host Cloud TPU slice
-    return True
+    return 'a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES)'
   if int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
-    return True
-  return bool(env.get('JAX_COORDINATOR_ADDRESS'))
+    return f'an Open MPI job (OMPI_COMM_WORLD_SIZE={env["OMPI_COMM_WORLD_SIZE"]})'
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return f'JAX_COORDINATOR_ADDRESS={env["JAX_COORDINATOR_ADDRESS"]}'
+  return None
 
 
 def _tasks_on_this_node(env) -> int | None:
@@ -94,25 +99,37 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
 
 def initialize(cli: types.SimpleNamespace) -> None:
   """jax.distributed.initialize() when several processes share one run."""
-  explicit = cli.coordinator_address.value is not None
-  if not explicit and not cli.distributed.value and not _multiprocess_environment():
+  address = cli.coordinator_address.value
+  count, index = cli.num_processes.value, cli.process_id.value
+  found = _multiprocess_environment()
+  trigger = ('--coordinator_address' if address else
+             found or ('--distributed' if cli.distributed.value else None))
+  if trigger is None:
+    if count is not None or index is not None:
+      # Else every process would train as a run of its own, all in one workdir.
+      raise app.UsageError(
+          '--num_processes/--process_id need --coordinator_address=host:port (where '
+          'process 0 serves), or a launcher JAX detects (--distributed).')
     return
   if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
     # CPU-only multi-process (tests, debugging) needs a collectives backend.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if explicit:
-    count, index = cli.num_processes.value, cli.process_id.value
+  if address or count is not None or index is not None:
     if count is None or index is None:
-      raise app.UsageError('--coordinator_address needs --num_processes and --process_id.')
+      raise app.UsageError(f'{trigger} needs --num_processes and --process_id.')
     if not 0 <= index < count:
       raise app.UsageError(f'--process_id={index} with --num_processes={count}: process '
                            f'ids run from 0 to {count - 1}, one per process.')
     # Said before the call, which blocks until every process has connected (up to JAX's
     # 5 min), and whose own errors then blame another process.
+    where = address or os.environ.get('JAX_COORDINATOR_ADDRESS') or 'the detected coordinator'
     print(f'Process {index} of {count}: waiting for all processes at '
-          f'{cli.coordinator_address.value} (process 0 serves it there).', flush=True)
-    jax.distributed.initialize(cli.coordinator_address.value, num_processes=count,
-                               process_id=index)
+          f'{where} (process 0 serves it there).', flush=True)
+    try:
+      jax.distributed.initialize(address, num_processes=count, process_id=index)
+    except ValueError as e:   # no address given or detected
+      raise app.UsageError(f'jax.distributed.initialize: {e} Fix: pass '
+                           '--coordinator_address=host:port (where process 0 serves).') from None
   else:
     # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env; on SLURM
     # GPUs, which local GPUs this task drives comes from CUDA_VISIBLE_DEVICES (see above).
@@ -122,15 +139,17 @@ def initialize(cli: types.SimpleNamespace) -> None:
       logging.info('SLURM task %s drives local GPUs %s (CUDA_VISIBLE_DEVICES=%s)',
                    os.environ.get('SLURM_LOCALID'), local_device_ids,
                    os.environ.get('CUDA_VISIBLE_DEVICES'))
-    print('Multi-process run: waiting for every process (jax.distributed.initialize '
-          'with the coordinator found in the environment).', flush=True)
+    print(f'Multi-process run ({trigger}): waiting for every process '
+          '(jax.distributed.initialize with the coordinator found in the environment).',
+          flush=True)
     try:
       jax.distributed.initialize(local_device_ids=local_device_ids)
-    except ValueError as e:   # nothing to detect: a lone process given --distributed
+    except ValueError as e:   # nothing to detect: a lone process, or a launcher JAX can't read
       raise app.UsageError(
-          f'jax.distributed.initialize found no cluster ({e}). Fix: start one process per '
-          'task with srun (SLURM), mpirun, or on every worker of a TPU slice; or pass '
-          '--coordinator_address/--num_processes/--process_id; or drop --distributed.'
-      ) from None
+          f'{trigger} asks for a multi-process run, but jax.distributed.initialize found '
+          f'no cluster ({e}). Fix: start one process per task with srun (SLURM), mpirun '
+          '(Open MPI 4; for Open MPI 5 pass the flags), or on every worker of a TPU slice; '
+          'or pass --coordinator_address/--num_processes/--process_id'
+          + ('; or drop --distributed.' if trigger == '--distributed' else '.')) from None
   logging.info('Process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

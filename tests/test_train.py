@@ -17,6 +17,7 @@ import types
 import sys
 import time
 
+from absl import app
 import jax
 import numpy as np
 import optax
@@ -692,6 +693,10 @@ def test_slurm_local_device_ids():
   assert distributed.slurm_local_device_ids(one) == [0, 1, 2, 3]
   assert distributed.slurm_local_device_ids(
       dict(one, SLURM_LOCALID='1', SLURM_STEP_TASKS_PER_NODE='2,2')) == [2, 3]
+  # A step on fewer nodes than the allocation (srun -N1 on its second node): JAX's default.
+  assert distributed.slurm_local_device_ids(
+      {'SLURM_LOCALID': '0', 'SLURM_NODEID': '1', 'SLURM_STEP_TASKS_PER_NODE': '2',
+       'CUDA_VISIBLE_DEVICES': '0,1'}) is None
   # Not SLURM, or no GPU list: JAX's own default.
   assert distributed.slurm_local_device_ids({'CUDA_VISIBLE_DEVICES': '0'}) is None
   assert distributed.slurm_local_device_ids(dict(base)) is None
@@ -711,6 +716,50 @@ def test_only_a_process_srun_started_counts_as_multi_process(monkeypatch):
   assert distributed._multiprocess_environment()
   monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '1')   # srun -n 1: one process
   assert not distributed._multiprocess_environment()
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '10.0.0.1')   # a single-host TPU VM
+  assert not distributed._multiprocess_environment()
+  monkeypatch.setenv('TPU_WORKER_HOSTNAMES', '10.0.0.1,10.0.0.2')
+  assert 'TPU_WORKER_HOSTNAMES' in distributed._multiprocess_environment()
+  monkeypatch.delenv('TPU_WORKER_HOSTNAMES')
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'host0:1234')   # JAX's own variable
+  assert 'JAX_COORDINATOR_ADDRESS' in distributed._multiprocess_environment()
+
+
+def _start_up_flags(**values):
+  names = ('distributed', 'coordinator_address', 'num_processes', 'process_id')
+  return types.SimpleNamespace(**{n: types.SimpleNamespace(value=values.get(n, False if
+                                  n == 'distributed' else None)) for n in names})
+
+
+def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_the_trigger(
+    monkeypatch):
+  """Flags beside JAX_COORDINATOR_ADDRESS were dropped (auto-detection, which then found no
+  process count); an Open MPI 5 job (no OMPI_MCA_orte_hnp_uri, which JAX reads) was told to
+  'drop --distributed', a flag it never had."""
+  for name in [k for k in os.environ if k.startswith(('SLURM_', 'OMPI_', 'TPU_WORKER', 'JAX_COORDINATOR'))]:
+    monkeypatch.delenv(name)
+  jax.devices()   # this process's own backend, started before config.update is replaced
+  settings = []   # (not this test process's own collectives)
+  monkeypatch.setattr(jax.config, 'update', lambda *setting: settings.append(setting))
+  calls = []
+  def initialize(*args, **kwargs):
+    calls.append((args, kwargs))
+    if 'JAX_COORDINATOR_ADDRESS' not in os.environ:   # as JAX's own, with nothing to detect
+      raise ValueError('coordinator_address should be defined.')
+  monkeypatch.setattr(jax.distributed, 'initialize', initialize)
+  monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'host0:1234')
+  distributed.initialize(_start_up_flags(num_processes=4, process_id=3))
+  assert calls == [((None,), {'num_processes': 4, 'process_id': 3})]
+  assert settings == [('jax_cpu_collectives_implementation', 'gloo')]
+
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '2')
+  with pytest.raises(app.UsageError, match=r'OMPI_COMM_WORLD_SIZE=2\) asks for') as error:
+    distributed.initialize(_start_up_flags())
+  assert 'drop --distributed' not in str(error.value)
+  monkeypatch.delenv('OMPI_COMM_WORLD_SIZE')
+  with pytest.raises(app.UsageError, match='drop --distributed'):
+    distributed.initialize(_start_up_flags(distributed=True))
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -719,6 +768,7 @@ def test_only_a_process_srun_started_counts_as_multi_process(monkeypatch):
     (['--coordinator_address=localhost:1', '--process_id=0'],
      'needs --num_processes and --process_id'),
     (['--distributed'], 'found no cluster'),
+    (['--num_processes=2', '--process_id=1'], 'need --coordinator_address'),
 ])
 def test_multi_process_start_up_errors_are_one_line_before_waiting(argv, message, tmp_path):
   """A process id out of range was a traceback while process 0 waited; --distributed on a
