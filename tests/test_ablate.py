@@ -20,6 +20,7 @@ import scipy.stats
 from bert_sym import ablate
 from bert_sym.ablate import report as ablate_report
 from bert_sym.ablate import runner
+from bert_sym.ablate import runs as ablate_runs
 from bert_sym.ablate import stats
 from tests import ablate_fixtures as fx
 
@@ -138,7 +139,7 @@ def test_read_metrics_deduplicates_and_skips_partial_line(tmp_path):
   ]
   text = '\n'.join(json.dumps(r) for r in rows) + '\n{"step": 4, "ti'
   (tmp_path / 'metrics.jsonl').write_text(text)
-  m = ablate_report.read_metrics(tmp_path)
+  m = ablate_runs.read_metrics(tmp_path)
   assert sorted(m['eval']) == [0, 2] and m['eval'][2]['eval/loss'] == 7.5
   assert m['train'][2]['train/loss'] == 9.5
   assert len(m['rows']) == 5
@@ -147,8 +148,36 @@ def test_read_metrics_deduplicates_and_skips_partial_line(tmp_path):
 def test_elapsed_seconds_removes_idle_gap_of_a_restart():
   rows = [{'time': t} for t in (100.0, 110.0, 120.0, 500.0, 510.0)]
   # First process started at 90; the second at 480, 360 s after the last row at 120.
-  assert ablate_report.elapsed_seconds(rows, [90.0, 480.0]) == [0.0, 10.0, 20.0, 40.0, 50.0]
-  assert ablate_report.elapsed_seconds(rows, []) == [0.0, 10.0, 20.0, 400.0, 410.0]
+  assert ablate_runs.elapsed_seconds(rows, [90.0, 480.0]) == [0.0, 10.0, 20.0, 40.0, 50.0]
+  assert ablate_runs.elapsed_seconds(rows, []) == [0.0, 10.0, 20.0, 400.0, 410.0]
+
+
+def test_two_restarts_after_the_same_last_row_remove_its_idle_time_once():
+  """A restart that left no kept row (killed in start-up, or its rows dropped by the next
+  resume) and the one after it both started after the row at 150: each subtracted its gap
+  from 150, so time ran backwards (60 s -> 10 s)."""
+  rows = [{'time': t} for t in (100.0, 110.0, 120.0, 130.0, 140.0, 150.0, 310.0, 320.0)]
+  elapsed = ablate_runs.elapsed_seconds(rows, [95.0, 200.0, 300.0])
+  assert elapsed == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]
+  assert elapsed == sorted(elapsed)
+
+
+def test_a_non_finite_eval_written_as_null_is_a_diverged_point_not_a_crash(tmp_path):
+  """The trainer writes a non-finite eval loss as null (strict JSON): float(None) stopped
+  the whole summary."""
+  cj = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30']).to_json()
+  for seed in (1, 2):
+    _fake_run(tmp_path, 'standard', seed, [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)], cj)
+    _fake_run(tmp_path, 'symmetric', seed, [(0, 12.0), (10, None), (20, 4.1), (30, 3.9)], cj)
+  out = ablate_report.summarize(tmp_path, ['standard', 'symmetric'], [1, 2], total_steps=30)
+  sym = out['per_variant']['symmetric']
+  # steps to target 4.2 from the finite points only: 0 (12.0) -> 20 (4.1), linear.
+  crossing = 0 + (12.0 - 4.2) / (12.0 - 4.1) * 20
+  assert out['target_loss']['value'] == pytest.approx(4.2)
+  assert sym['steps_to_target']['per_seed'] == {'1': pytest.approx(crossing),
+                                                '2': pytest.approx(crossing)}
+  assert sym['final_eval_loss']['mean'] == pytest.approx(3.9)
+  assert (tmp_path / 'summary.md').exists()
 
 
 def _fake_run(root, variant, seed, curve, config_json):

@@ -4,24 +4,21 @@ summary.md and the plots (`bert_sym.ablate` runs the grid, then calls `summarize
 Statistics over seeds (steps to target by interpolation, bootstrap intervals, paired
 differences against the reference, when a ratio is given): `bert_sym.ablate.stats`.
 
-Wall-clock time runs from each run's first metrics row (the step-0 eval: start-up and the
-first compilation excluded), without the time a resumed run sat stopped (`elapsed_seconds`).
+Each run is read by `bert_sym.ablate.runs` (metrics rows, wall-clock time without the time
+a resumed run sat stopped).
 """
 
-import dataclasses
 import json
-import re
 from typing import Sequence
 
 from etils import epath
-import ml_collections
 import numpy as np
 
-from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import files
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym import model as model_lib
 from bert_sym.ablate import stats
+from bert_sym.ablate.runs import Run, load_run, run_dir, run_status
 
 REFERENCE_VARIANT = 'standard'
 SUMMARY_JSON = 'summary.json'
@@ -31,128 +28,6 @@ GLUE_SUBDIR = 'glue'
 
 class AblationError(Exception):
   """A run failed or the inputs are inconsistent: reported without a traceback."""
-
-
-def run_dir(workdir, variant: str, seed: int) -> epath.Path:
-  return epath.Path(workdir) / variant / f'seed{seed}'
-
-
-# ---- Reading one run: config.json, metrics.jsonl, checkpoints ----
-
-def latest_finished_step(path) -> int | None:
-  steps = checkpoint_lib.finished_steps(path)
-  return steps[-1] if steps else None
-
-
-def run_status(path, total_steps: int | None = None) -> tuple[bool, str]:
-  """(finished, why): finished = config.json + a finalized checkpoint at total_steps.
-
-  `total_steps` is the requested one; None = the run's own config.json value (for
-  --summarize_only over a workdir whose config is not at hand).
-  """
-  path = epath.Path(path)
-  if not (path / checkpoint_lib.CONFIG_FILE).exists():
-    return False, 'not started'
-  if total_steps is None:
-    total_steps = checkpoint_lib.read_config(path).total_steps
-  step = latest_finished_step(path)
-  if step is None:
-    return False, f'no finished checkpoint yet (0/{total_steps})'
-  if step < total_steps:
-    return False, f'checkpoint at step {step}/{total_steps}'
-  return True, f'finished (step {step})'
-
-
-def _kind(row: dict) -> str:
-  return 'eval' if any(k.startswith('eval/') for k in row) else 'train'
-
-
-def read_metrics(path) -> dict:
-  """metrics.jsonl -> {'eval': {step: row}, 'train': {step: row}, 'rows': [all, in order]}.
-
-  A step logged twice (re-logged after a resume) keeps its last row. A half-written last
-  line (a run still writing) is ignored.
-  """
-  out = {'eval': {}, 'train': {}, 'rows': []}
-  file = epath.Path(path) / 'metrics.jsonl'
-  if not file.exists():
-    return out
-  for line in file.read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if 'step' not in row:
-      continue
-    out['rows'].append(row)
-    out[_kind(row)][int(row['step'])] = row
-  return out
-
-
-def process_start_times(path) -> list[float]:
-  """Start time of every trainer process of this run (from its TensorBoard file name)."""
-  folder = epath.Path(path) / 'tensorboard'
-  if not folder.is_dir():
-    return []
-  starts = []
-  for f in folder.iterdir():
-    m = re.match(r'events\.out\.tfevents\.(\d+)\.', f.name)
-    if m:
-      starts.append(float(m.group(1)))
-  return sorted(starts)
-
-
-def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float]:
-  """Wall-clock seconds of each row since the first one, restarts' idle gaps removed.
-
-  For each process start after the first one, the gap between the last row written before
-  it and the start itself is idle time (the run was stopped) and is subtracted from every
-  later row; the restart's own start-up and compilation stay (real cost). Event-file names
-  have whole seconds, so the gap is rounded down by < 1 s; without them none is removed.
-  """
-  if not rows:
-    return []
-  times = [float(r['time']) for r in rows]
-  gaps = []   # (start, idle seconds)
-  for start in starts:
-    before = [t for t in times if t <= start]
-    if before and start > times[0]:
-      gaps.append((start, start - max(before)))
-  return [t - times[0] - sum(g for s, g in gaps if s <= t) for t in times]
-
-
-@dataclasses.dataclass
-class Run:
-  variant: str
-  seed: int
-  path: str
-  config: ml_collections.ConfigDict
-  eval_steps: list[int]
-  eval_loss: list[float]
-  eval_accuracy: list[float]
-  eval_seconds: list[float]       # wall-clock of each eval row (see elapsed_seconds)
-  train_seconds: float            # wall-clock of the last row
-
-  @property
-  def tokens_per_step(self) -> int:
-    return int(self.config.batch_size * self.config.data.max_seq_len)
-
-
-def load_run(variant: str, seed: int, path) -> Run:
-  config = checkpoint_lib.read_config(path)
-  metrics = read_metrics(path)
-  # Time of each row in file order; a re-logged step keeps its last row's time.
-  elapsed = elapsed_seconds(metrics['rows'], process_start_times(path))
-  eval_time = {}
-  for row, t in zip(metrics['rows'], elapsed):
-    if _kind(row) == 'eval':
-      eval_time[int(row['step'])] = t
-  steps = sorted(metrics['eval'])
-  return Run(variant=variant, seed=seed, path=str(path), config=config, eval_steps=steps,
-             eval_loss=[float(metrics['eval'][s]['eval/loss']) for s in steps],
-             eval_accuracy=[float(metrics['eval'][s]['eval/mlm_accuracy']) for s in steps],
-             eval_seconds=[eval_time[s] for s in steps],
-             train_seconds=elapsed[-1] if elapsed else 0.0)
 
 
 # ---- Summary: summary.json, summary.md, plots ----

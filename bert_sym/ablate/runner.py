@@ -22,7 +22,8 @@ from bert_sym import config_check
 # The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SUMMARY_MD,
-                                    latest_finished_step, run_dir, run_status, summarize)
+                                    summarize)
+from bert_sym.ablate.runs import latest_finished_step, run_dir, run_status
 
 
 # ---- The requested config: the same file + overrides the trainer will see ----
