@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -360,3 +361,74 @@ def test_the_command_line_errors_are_one_line_and_help_exits_0(tmp_path):
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()
     assert line.startswith('bert_sym.aot: error: ') and message in line, line
+
+
+def test_memory_counts_donated_state_once():
+  """Donated buffers are both arguments and outputs (aliases): a total that added them
+  instead of subtracting made the preflight say 'does not fit' and tpu_vm.sh refuse."""
+  stats = types.SimpleNamespace(argument_size_in_bytes=10, output_size_in_bytes=8,
+                                alias_size_in_bytes=6, temp_size_in_bytes=3,
+                                generated_code_size_in_bytes=1)
+  compiled = types.SimpleNamespace(memory_analysis=lambda: stats)
+  assert aot.memory_report(compiled)['total'] == 10 + 8 - 6 + 3 + 1
+
+
+def _known_peak_config():
+  config = tiny.get_config()
+  config.peak_flops_per_device = 1e12
+  return config
+
+
+def test_the_estimate_is_the_slower_roofline_bound_over_every_slices_chips():
+  config = _known_peak_config()
+  slice_ = tpu.parse_topology('v5e-4')
+  one = aot.estimate(config, slice_, 1, None, step_bytes=1.0, loops=[])
+  two = aot.estimate(config, slice_, 2, None, step_bytes=1.0, loops=[])
+  assert two['tokens_per_chip_per_step'] == one['tokens_per_chip_per_step'] / 2
+  assert one['bound'] == 'compute' and one['step_s'] == one['compute_bound_s']
+  slow = aot.estimate(config, slice_, 1, None, step_bytes=1e15, loops=[])
+  assert slow['bound'] == 'memory'
+  assert slow['step_s'] == max(slow['compute_bound_s'], slow['memory_bound_s'])
+
+
+def test_only_accumulation_or_scanned_layers_count_a_loop_body_once():
+  assert aot.loops_counted_once({'grad_accum_steps': 1, 'scan_layers': False}) == []
+  assert aot.loops_counted_once({'grad_accum_steps': 2, 'scan_layers': False})
+
+
+def test_halving_the_batch_down_to_one_split_per_device_is_offered():
+  config = _known_peak_config()
+  config.batch_size, config.optimizer.grad_accum_steps = 16, 2
+  assert '--config.batch_size=8 ' in aot.fit_advice(config, data_parallel=4)
+
+
+def test_a_compiler_out_of_memory_without_a_figure_is_a_report_not_a_crash(monkeypatch):
+  config = tiny.get_config()
+  config.data.max_seq_len = config.model.max_position_embeddings = 128
+  config.data.max_predictions_per_seq = 20
+  config.model.attention_impl, config.model.attention_dropout_rate = 'xla', 0.0
+  monkeypatch.setattr(aot, '_compile_report', lambda *a: (
+      {'compiler_out_of_memory': 'RESOURCE_EXHAUSTED: no figure'}, None))
+  report = aot.preflight(config, 'v5e-4')
+  assert report['fits'] is False and report['bytes_over_hbm'] is None
+
+
+def test_async_collectives_are_counted_once():
+  hlo = (' %a = f32[8] all-reduce-start(%x)\n %b = f32[8] all-reduce-done(%a)\n'
+         ' %c = f32[8] all-gather(%y)\n')
+  assert aot.count_collectives(hlo) == {'all-reduce': 1, 'all-gather': 1}
+
+
+def test_a_grid_with_a_zero_side_is_a_slice_error():
+  with pytest.raises(tpu.SliceError, match='dimensions'):
+    tpu.parse_topology('v5e:0x4')
+
+
+def test_a_gpu_host_with_libtpu_installed_is_not_sent_to_the_cpu(monkeypatch):
+  """libtpu (for this file's compiles) on a GPU machine: no_tpu_here() made the trainer
+  force jax_platforms=cpu, and conftest too, so the GPU tests would skip, not fail."""
+  from bert_sym import gpu_flags  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
+  monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: 'jax_cuda12_plugin')
+  assert tpu.no_tpu_here() is False

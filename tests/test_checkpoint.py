@@ -765,3 +765,34 @@ def test_only_gloo_or_a_barrier_says_that_another_process_has_gone(monkeypatch):
   assert not any(cli.another_process_stopped(text) for text in own)
   monkeypatch.setattr(cli, '_one_of_several_processes', lambda: False)
   assert not cli.another_process_stopped(gone[0])   # one process: nobody else to blame
+
+
+def test_export_and_glue_stop_on_a_read_error_that_is_not_damage(tmp_path):
+  """A permission (or other fatal) error on the newest step must stop a reader in one line,
+  not fall back to an older step as if the newest were damaged."""
+  from bert_sym.checkpoint import pretrained  # pylint: disable=g-import-not-at-top
+  newest, older = tmp_path / '8', tmp_path / '4'
+  def read(error):
+    def read_step(step_dir):
+      if step_dir == newest:
+        raise error
+      return 'older state'
+    return read_step
+  warnings = []
+  step_dir, value = pretrained._first_readable(  # pylint: disable=protected-access
+      tmp_path, read(FileNotFoundError('state/_METADATA')), warnings.append,
+      step_dirs=[newest, older])
+  assert (step_dir, value) == (older, 'older state') and 'skipped it' in warnings[0]
+  with pytest.raises(checkpoint.CheckpointReadError, match='does not look damaged'):
+    pretrained._first_readable(  # pylint: disable=protected-access
+        tmp_path, read(PermissionError(13, 'Permission denied')), warnings.append,
+        step_dirs=[newest, older])
+
+
+def test_an_encoder_of_another_shape_is_refused_in_one_line():
+  from bert_sym.checkpoint import pretrained  # pylint: disable=g-import-not-at-top
+  params = {'bert': {'encoder': {'w': np.zeros((2, 3))}, 'pooler': {}}, 'classifier': {}}
+  with pytest.raises(ValueError, match=r'does not match .*\(1 parameters differ'):
+    pretrained.with_pretrained_encoder(params, {'w': np.zeros((2, 4))})
+  out = pretrained.with_pretrained_encoder(params, {'w': np.ones((2, 3), np.float16)})
+  assert out['bert']['encoder']['w'].dtype == np.float32 and params['bert']['encoder']['w'].sum() == 0

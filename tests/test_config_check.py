@@ -188,6 +188,10 @@ def test_a_config_of_the_other_command_is_named_as_such():
     ('checkpoint.save_timeout_s', 0, 'save_timeout_s=0 must be an integer >= 1'),
     ('optimizer.b1', 1.0, 'optimizer.b1=1.0 must lie in [0, 1)'),
     ('optimizer.b2', -0.1, 'optimizer.b2=-0.1 must lie in [0, 1)'),
+    ('optimizer.learning_rate', 0.0, 'learning_rate=0.0 must be > 0'),   # nothing would move
+    ('model.hidden_size', 130, 'hidden_size=130 is not divisible by'),
+    ('data.max_seq_len', 513, 'exceeds config.model.max_position_embeddings=512'),
+    ('data.validation_files', '/data/valid.txt', 'validation_files is set but'),
 ])
 def test_training_values_refused_up_front(key, value, message):
   config = common.base_config('tiny')
@@ -224,3 +228,40 @@ def test_glue_values_refused_before_any_output(overrides, message):
   with pytest.raises(config_check.ConfigError, match=re.escape(message)):
     config_check.check_glue(config)
   config_check.check_glue(glue_config.get_config('runlocal'))   # the shipped ones pass
+
+
+def test_a_config_file_in_the_current_directory_wins_over_the_checkouts(tmp_path,
+                                                                        monkeypatch):
+  """A user's own configs/tiny.py (or a second clone's) must not be replaced silently by
+  the installed checkout's file of the same name."""
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'tiny.py').write_text('# the user\'s own\n')
+  monkeypatch.chdir(tmp_path)
+  assert cli.locate_config_files(['prog', '--config=configs/tiny.py']) == [
+      'prog', '--config=configs/tiny.py']
+  assert cli.locate_config_files(['prog', '--config=configs/sym_base.py']) == [
+      'prog', f'--config={cli.CHECKOUT / "configs" / "sym_base.py"}']
+
+
+def test_ctrl_c_outside_the_loop_exits_130_and_permission_errors_are_one_line():
+  """Ctrl-C in start-up or compilation (outside the training loop's own handling) must
+  exit 130, which launchers tell apart from a user error (1)."""
+  with pytest.raises(SystemExit) as exit_info:
+    with cli.guard('prog'):
+      raise KeyboardInterrupt
+  assert exit_info.value.code == cli.EXIT_INTERRUPTED == 130
+  message = cli.user_error_message(PermissionError(13, 'Permission denied', '/data/out'))
+  assert message and '/data/out' in message
+
+
+def test_a_table_one_row_short_of_the_data_vocabulary_is_refused():
+  """The data's top token id needs a row: vocab_size = data vocabulary - 1 leaves id N-1
+  without an embedding (a gather clamps it silently on accelerators)."""
+  from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
+  config = common.base_config('tiny')
+  data_vocab = len(iterator.load_blocks(config.data, 'train').vocab_tokens)
+  config.model.vocab_size = data_vocab - 1
+  with pytest.raises(config_check.ConfigError, match=f'has {data_vocab} tokens but'):
+    config_check.check_corpus(config)
+  config.model.vocab_size = data_vocab
+  config_check.check_corpus(config)

@@ -62,6 +62,8 @@ class _GcsLikeFile(fsspec.spec.AbstractBufferedFile):
 
   def _upload_chunk(self, final=False):
     self._parts.append(self.buffer.getvalue())
+    if final and _GcsLikeFileSystem.fail_final:
+      raise OSError('the final chunk was refused')
     if final:
       self.fs.store[self.path] = b''.join(self._parts)
     return True
@@ -78,6 +80,7 @@ class _GcsLikeFileSystem(fsspec.AbstractFileSystem):
   store = {}
   writes = 0
   interrupt_at_write = None
+  fail_final = False
 
   def _open(self, path, mode='rb', block_size=None, **kwargs):
     return _GcsLikeFile(self, path, mode, block_size=4)
@@ -103,3 +106,25 @@ def test_an_upload_interrupted_part_way_publishes_nothing(monkeypatch):
     files.write_atomically(url, payload[::-1])
   gc.collect()   # a dropped file object closes itself; that must not publish either
   assert _GcsLikeFileSystem.store == {'bucket/c4/train/metadata.json': payload}
+
+
+def test_a_failed_final_upload_is_raised_not_lost_in_garbage_collection(monkeypatch):
+  """The object store publishes on close(): left to the file's __del__, an error there is
+  printed and ignored, and a failed upload would look like a success."""
+  fsspec.register_implementation('gcslike', _GcsLikeFileSystem, clobber=True)
+  monkeypatch.setattr(_GcsLikeFileSystem, 'store', {})
+  monkeypatch.setattr(_GcsLikeFileSystem, 'fail_final', True)
+  with pytest.raises(OSError, match='final chunk was refused'):
+    files.write_atomically('gcslike://bucket/run/config.json', b'{"a": 1}')
+  assert not _GcsLikeFileSystem.store
+
+
+def test_ctrl_c_while_writing_a_local_file_leaves_no_temporary_file(tmp_path):
+  (tmp_path / 'config.json').write_text('{"old": true}')
+  def interrupted(f):
+    f.write(b'{"new"')
+    raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    files.write_atomically(tmp_path / 'config.json', interrupted)
+  assert os.listdir(tmp_path) == ['config.json']
+  assert (tmp_path / 'config.json').read_text() == '{"old": true}'

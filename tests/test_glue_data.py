@@ -231,3 +231,45 @@ def test_pad_batch_and_buckets():
   assert glue_data.pad_batch(encoded, np.array([1]), 4, 128, 0, bucket=False)[
       'input_ids'].shape == (4, 128)
   assert glue_data.bucket_length(100, 128) == 128 and glue_data.bucket_length(65, 96) == 96
+
+
+def test_pad_batch_keeps_the_second_sentences_token_types():
+  encoded = glue_data.Encoded([np.arange(1, 6)], [np.array([0, 0, 1, 1, 1])],
+                              np.array([1], np.int32), np.arange(1))
+  batch = glue_data.pad_batch(encoded, np.array([0]), 2, 128, pad_id=0)
+  assert batch['token_type_ids'][0, :5].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_a_label_id_out_of_range_is_an_error(tmp_path):
+  (tmp_path / 'RTE').mkdir()
+  (tmp_path / 'RTE' / 'train.tsv').write_text('index\tsentence1\tsentence2\tlabel\n0\ta\tb\t2\n')
+  with pytest.raises(glue_data.GlueDataError, match="label '2'"):
+    glue_data.load_split(glue_data.TASKS['rte'], 'train', glue_dir=str(tmp_path))
+
+
+def test_a_row_missing_its_last_column_is_skipped_not_a_traceback(tmp_path):
+  (tmp_path / 'RTE').mkdir()
+  (tmp_path / 'RTE' / 'train.tsv').write_text(
+      'index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\n')
+  assert len(glue_data.load_split(glue_data.TASKS['rte'], 'train', glue_dir=str(tmp_path))) == 1
+
+
+def test_head_0_or_less_is_every_example():
+  examples = glue_data.Examples(np.arange(3), (['a', 'b', 'c'],), np.zeros(3, np.int32))
+  assert len(examples.head(0)) == 3 and len(examples.head(-1)) == 3
+  assert len(examples.head(2)) == 2
+
+
+def test_mnli_dev_sets_read_their_own_tfds_splits():
+  matched, mismatched = glue_data.TASKS['mnli'].dev_sets
+  assert (matched.score_name, matched.tfds_split) == ('mnli_m', 'validation_matched')
+  assert (mismatched.score_name, mismatched.tfds_split) == ('mnli_mm', 'validation_mismatched')
+
+
+def test_prepared_tfds_data_needs_no_network(monkeypatch):
+  """An offline host whose TFDS glue/* is prepared must not be refused as unreachable."""
+  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', 1))
+  monkeypatch.setattr(socket, 'create_connection', lambda *a, **k: pytest.fail('probed'))
+  builder = type('Builder', (), {'is_prepared': lambda self: True, 'data_dir': 'D'})()
+  fake_tfds = type('Tfds', (), {'builder': staticmethod(lambda *a, **k: builder)})
+  glue_data.check_tfds_can_load(fake_tfds, glue_data.TASKS['rte'])

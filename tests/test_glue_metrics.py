@@ -167,3 +167,45 @@ def test_glue_over_seeds_is_complete_only_when_every_seed_is(tmp_path):
   over = glue_metrics.summarize(complete)['over_seeds']
   assert over['glue']['mean'] == pytest.approx(51.5) and over['glue']['n'] == 2
   assert over['glue_partial']['n'] == 0
+
+
+def test_the_table_cells_of_one_seed_of_two_tasks(tmp_path):
+  """Per-seed rows count partial GLUE over 9 tasks, a capped dev set is said, and the mean
+  row names how many seeds it is over."""
+  from bert_sym.glue import report   # pylint: disable=g-import-not-at-top
+  runs = {n: {'1': {'scores': {n: {'score': 51.0}}}} for n in ('cola', 'rte')}
+  report.write_results(tmp_path, {
+      'checkpoint': 'C', 'step': 1, 'recipe': 'r', 'seeds': [1], 'runs': runs,
+      'model': {'attention': 'standard', 'num_layers': 2, 'hidden_size': 8},
+      'config': {'max_train_examples': 24, 'max_eval_examples': 20}})
+  table = (tmp_path / 'glue_results.md').read_text()
+  seed_row = next(line for line in table.splitlines() if line.startswith('| 1 |'))
+  assert seed_row.split(' | ')[1] == '51.00 (partial 2/9)'
+  assert 'only the first 20 dev-set examples' in table and '| mean (1 seed) |' in table
+
+
+def test_a_sweep_points_full_glue_counts_wnli():
+  from bert_sym.glue import report   # pylint: disable=g-import-not-at-top
+  scores = dict({n: 50.0 for n in glue_metrics.FULL_SCORES}, wnli=0.0)
+  point = report.sweep_point(1, {'summary': glue_metrics.summarize({1: scores})})
+  assert point['score'] == 50.0
+  assert point['glue_full'] == pytest.approx(np.mean([scores[n] for n in glue_metrics.FULL_SCORES]))
+
+
+def test_regression_predictions_and_labels_round_trip_float32():
+  from bert_sym.glue import data as glue_data   # pylint: disable=g-import-not-at-top
+  from bert_sym.glue import report   # pylint: disable=g-import-not-at-top
+  dev = glue_data.Examples(np.arange(1), ([''],), np.array([1.2345678], np.float32))
+  prediction = np.array([3.14159274], np.float32)
+  row = report.predictions_tsv(dev, prediction, True).splitlines()[1].split('\t')
+  assert np.float32(row[2]) == prediction[0] and np.float32(row[1]) == dev.labels[0]
+
+
+def test_only_process_0_writes_the_outputs(tmp_path, monkeypatch):
+  from bert_sym.glue import report   # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(report.jax, 'process_index', lambda: 1)
+  report.write_on_process_0(tmp_path / 'x', 'y')
+  assert not (tmp_path / 'x').exists()
+  monkeypatch.setattr(report.jax, 'process_index', lambda: 0)
+  report.write_on_process_0(tmp_path / 'x', 'y')
+  assert (tmp_path / 'x').read_text() == 'y'

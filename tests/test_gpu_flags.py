@@ -2,6 +2,7 @@
 user's own XLA_FLAGS kept, and a knob that turns them off. Whether they help is measured
 on a GPU by benchmarks/run_gpu.sh, not here."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -74,3 +75,22 @@ def test_the_pjrt_plugin_that_compiles_for_the_gpu_is_consulted(tmp_path, monkey
     monkeypatch.delitem(sys.modules, name)
   assert plugin / 'xla_cuda_plugin.so' in gpu_flags._xla_libraries()  # pylint: disable=protected-access
   assert gpu_flags.known_flags(list(gpu_flags.GPU_FLAGS)) == set()
+
+
+def test_no_plugin_installed_means_none_and_an_installed_one_is_named(monkeypatch):
+  """A CPU-only JAX taken for a CUDA one turns off conftest's fast-compile flag and adds
+  the trainer's GPU flags where no GPU can run."""
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
+  assert gpu_flags.cuda_plugin() is None
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: object() if name == 'jax_cuda13_plugin' else None)
+  assert gpu_flags.cuda_plugin() == 'jax_cuda13_plugin'
+
+
+def test_flags_are_not_set_once_a_backend_has_started(monkeypatch):
+  """XLA reads XLA_FLAGS once: set later, they would be logged as on but do nothing."""
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: True)
+  environ = {'XLA_FLAGS': '--foo=1'}
+  assert gpu_flags.set_xla_gpu_flags(True, environ, force=True) == []
+  assert environ == {'XLA_FLAGS': '--foo=1'}

@@ -96,6 +96,10 @@ def test_a_device_known_by_name_only_gets_its_peak_or_none():
   by_name = lambda name: type('Device', (), {'device_kind': name})()
   assert metrics_writer.peak_flops_per_device(by_name('NVIDIA H200')) == 989e12
   assert metrics_writer.peak_flops_per_device(by_name('NVIDIA B200')) == 0.0
+  # First match wins: 'TPU v5 lite' (v5e) is not a v5p.
+  assert metrics_writer.peak_flops_per_device(by_name('TPU v5 lite')) == 197e12
+  assert metrics_writer.peak_flops_per_device(by_name('TPU v5p')) == 459e12
+  assert metrics_writer.peak_flops_per_device(by_name('TPU v4')) == 275e12
 
 
 def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
@@ -445,3 +449,11 @@ def test_a_row_logs_the_learning_rate_of_its_last_step():
   scalars, _, _ = meter.row(3)
   assert scalars['train/learning_rate'] == pytest.approx(0.3)
   assert scalars['train/loss'] == pytest.approx(2.0)
+
+
+def test_an_infinite_value_is_written_as_null_and_named():
+  """Strict JSON has no Infinity: json.dumps(allow_nan=False) raised on the first inf loss
+  (a run with on_nonfinite=skip crashed where it should skip)."""
+  row = json.loads(metrics_writer.jsonl_row(1, {'l': float('inf'), 'm': float('-inf'),
+                                                'n': float('nan'), 'ok': 1.5}))
+  assert row['nonfinite'] == ['l', 'm', 'n'] and row['l'] is None and row['ok'] == 1.5
