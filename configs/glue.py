@@ -62,9 +62,10 @@ def get_config(arg=None):
   # stopped by SIGTERM / Ctrl-C); the rerun continues from it.
   c.checkpoint_every_steps = 1000
   # All seeds of a task in one vmapped step (True), or one by one (False): the same models
-  # either way. 'auto': together on an accelerator from 10k steps per seed (MNLI, QQP,
-  # QNLI, SST-2 with the paper's recipe), where the saved step time repays the longer
-  # compile; one by one otherwise (benchmarks/RESULTS.md).
+  # either way, up to float rounding (vmapped matmuls sum in another order). 'auto':
+  # together on an accelerator from 10k steps per seed (MNLI, QQP, QNLI, SST-2 with the
+  # paper's recipe), where the saved step time repays the longer compile; one by one
+  # otherwise (benchmarks/RESULTS.md).
   c.parallel_seeds = 'auto'
   c.on_nonfinite = 'stop'       # 'skip': skip non-finite updates (never applied either way)
   c.max_consecutive_nonfinite = 10   # with 'skip': stop after this many in a row

@@ -34,6 +34,7 @@ from bert_sym.glue import data as glue_data
 from bert_sym.glue import finetune
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym.glue import report
+from bert_sym.glue import reuse
 from bert_sym.glue import suite
 from bert_sym.glue import sweep
 from configs import glue as glue_config
@@ -914,7 +915,9 @@ def test_old_output_dirs_are_reused(tmp_path):
   assert not suite.finished_runs(tmp_path, 'CKPT', config)
 
 
-@pytest.mark.parametrize('text', ['{"checkpoint": "CK', '{"checkpoint": "CKPT"}', '[1, 2]'])
+@pytest.mark.parametrize('text', [
+    '{"checkpoint": "CK', '{"checkpoint": "CKPT"}', '[1, 2]',
+    '{"checkpoint": "CKPT", "config": {}, "runs": {"rte": {"1": {"seconds": 3}}}}'])
 def test_a_results_file_edited_by_hand_is_named_in_the_error(tmp_path, text):
   (tmp_path / 'glue_results.json').write_text(text)
   with pytest.raises(ValueError, match=r'glue_results.json is not results this tool wrote'):
@@ -946,6 +949,8 @@ def test_results_of_another_checkpoint_or_recipe_are_set_aside_not_overwritten(
   (tmp_path / 'predictions').mkdir()
   (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n0\t1\t1\n')
   (tmp_path / 'glue_results.md').write_text('| old table |\n')
+  (tmp_path / 'runs' / 'rte_seed1').mkdir(parents=True)   # its train and dev curves
+  (tmp_path / 'runs' / 'rte_seed1' / 'metrics.jsonl').write_text('{"step": 1}\n')
   # A step directory as orbax commits it: its _CHECKPOINT_METADATA says when.
   ckpt = tmp_path / 'workdir' / 'checkpoints' / '4'
   ckpt.mkdir(parents=True)
@@ -970,6 +975,7 @@ def test_results_of_another_checkpoint_or_recipe_are_set_aside_not_overwritten(
   assert (aside / 'glue_results.json').read_text() == old
   assert (aside / 'glue_results.md').read_text() == '| old table |\n'
   assert (aside / 'predictions' / 'rte_seed1.tsv').read_text().endswith('0\t1\t1\n')
+  assert (aside / 'runs' / 'rte_seed1' / 'metrics.jsonl').read_text() == '{"step": 1}\n'
   assert not (tmp_path / 'glue_results.json').exists()
   assert not list((tmp_path / 'predictions').iterdir())
   assert f'they are kept in {aside}' in caplog.text
@@ -977,6 +983,76 @@ def test_results_of_another_checkpoint_or_recipe_are_set_aside_not_overwritten(
     assert 'another recipe (learning_rate differ)' in caplog.text
   if change == 'rewritten_checkpoint':
     assert 'another checkpoint' in caplog.text and 'written at 1000' in caplog.text
+
+
+def test_a_run_padded_for_another_seed_list_is_set_aside_and_trained_again(tmp_path):
+  """With length buckets every seed of a task is padded to the longest batch among ALL its
+  seeds (dropout masks follow the padded shape): seed 1 trained by --seeds=1 is not seed 1
+  of --seeds=1,2, yet it was reused, and the table differed from a fresh --seeds=1,2 run."""
+  config = glue_config.get_config('runlocal')
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  (tmp_path / 'runs' / 'rte_seed1').mkdir(parents=True)
+  (tmp_path / 'runs' / 'rte_seed1' / 'metrics.jsonl').write_text('{"step": 1}\n')
+  run = {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}}
+  def results(**values):   # as written by --seeds=1
+    (tmp_path / 'glue_results.json').write_text(json.dumps(
+        {'checkpoint': 'CKPT', 'config': dict(config.to_dict(), seeds='1', **values),
+         'seeds': [1], 'runs': {'rte': {'1': run}}}))
+  results(length_buckets=False)   # padded to max_seq_len: the same run for any seed list
+  config.seeds, config.length_buckets = '1,2', False
+  assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+  results(length_buckets=True)
+  config.length_buckets = True
+  config.seeds = '1'
+  assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+  config.seeds = '1,2'
+  assert not suite.finished_runs(tmp_path, 'CKPT', config)
+  [aside] = tmp_path.glob('replaced-*')
+  assert json.loads((aside / 'glue_results.json').read_text())['runs'] == {'rte': {'1': run}}
+  assert (aside / 'predictions' / 'rte_seed1.tsv').exists()
+  assert (aside / 'runs' / 'rte_seed1' / 'metrics.jsonl').exists()
+  assert not (tmp_path / 'predictions' / 'rte_seed1.tsv').exists()
+  # A run that records its list is reused for that list, whatever the file's own.
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  run['padded_with_seeds'] = [1, 2]
+  results(length_buckets=True)
+  assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+
+
+def _scored_step(output_dir, workdir, step, written, tasks, seeds=(1, 2)):
+  config = _config()
+  folder = output_dir / f'step_{step:08d}'
+  folder.mkdir(parents=True)
+  (folder / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': str(workdir / 'checkpoints' / str(step)), 'checkpoint_written': written,
+       'config': config.to_dict(), 'tasks': list(tasks), 'seeds': list(seeds), 'runs': {}}))
+
+
+def _committed_step(workdir, step, written):
+  (workdir / 'checkpoints' / str(step)).mkdir(parents=True)
+  (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').write_text(
+      json.dumps({'commit_timestamp_nsecs': written}))
+
+
+def test_a_sweep_keeps_rotated_steps_of_this_training_run_only(tmp_path):
+  """A step scored earlier whose checkpoint is gone stays on the curve, but not one of a
+  workdir since rebuilt (it mixed two models on one curve), and not lost when the tasks or
+  seeds are given in another order or the directory holds tasks of other commands."""
+  config = _config(tasks='wnli,rte', seeds='2,1')
+  workdir, out = tmp_path / 'run', tmp_path / 'sweep'
+  _scored_step(out, workdir, 2, 100, tasks=('rte', 'wnli', 'mrpc'))
+  _scored_step(out, workdir, 4, 200, tasks=('rte', 'wnli'))
+  _committed_step(workdir, 4, 200)   # step 2 rotated away; step 4 as scored
+  assert list(sweep.scored_steps_gone(workdir, out, config, {4})) == [2]
+  # Rebuilt: step 4 committed again since (another model at the same path).
+  (workdir / 'checkpoints' / '4' / '_CHECKPOINT_METADATA').write_text(
+      json.dumps({'commit_timestamp_nsecs': 300}))
+  assert not sweep.scored_steps_gone(workdir, out, config, {4})
+  # Rebuilt to fewer steps: a gone step 6 committed before the present step 4.
+  _scored_step(out, workdir, 6, 150, tasks=('wnli', 'rte'))
+  assert 6 not in sweep.scored_steps_gone(workdir, out, config, {4})
+  assert not sweep.scored_steps_gone(workdir, out, _config(tasks='wnli,rte', seeds='1'), set())
 
 
 def test_a_group_marker_cut_short_by_a_crash_is_reclaimed_not_a_crash(tmp_path):
@@ -996,7 +1072,7 @@ def test_a_group_marker_cut_short_by_a_crash_is_reclaimed_not_a_crash(tmp_path):
 
 
 def test_two_set_asides_in_the_same_second_keep_both(tmp_path, monkeypatch):
-  monkeypatch.setattr(suite.time, 'time', lambda: 1_700_000_000.0)
+  monkeypatch.setattr(reuse.time, 'time', lambda: 1_700_000_000.0)
   for text in ('first', 'second'):
     (tmp_path / 'glue_results.json').write_text(json.dumps({'run': text}))
     suite.set_aside_results(tmp_path, 'another checkpoint')

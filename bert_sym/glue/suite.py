@@ -6,7 +6,6 @@ continues from its last checkpoint in runs/<task>/checkpoints (bert_sym.glue.fin
 """
 
 import dataclasses
-import itertools
 import json
 import re
 import time
@@ -26,20 +25,11 @@ from bert_sym import model as model_lib
 from bert_sym import sharding
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import finetune as finetune_lib
-from bert_sym.glue import hosts
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym.glue import report
+from bert_sym.glue.reuse import (OTHER_SEEDS, finished_runs, parse_seeds, recipe,
+                                 set_aside_results, with_absolute_paths)
 
-# Knobs that decide what a (task, seed) computes are compared on resume; these do not.
-_NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
-               'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite',
-               'max_consecutive_nonfinite', 'peak_flops_per_device')
-# Keys added after outputs were written without them: their value then is this default
-# (attention_impl: those runs used the checkpoint's kernel, the same math as auto's).
-_DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1, 'attention_impl': 'auto'}
-# glue_results.json key of the finished runs of seeds not requested this time (see
-# `_keep_finished_runs`).
-OTHER_SEEDS = 'runs_of_other_seeds'
 # parallel_seeds='auto' trains a task's seeds together from this many steps per seed, off
 # CPU. Measured (benchmarks/RESULTS.md): on an H200 at bert-base together is 1.17x faster
 # a step but compiles about 60 s longer, which about 10k steps repay; on a CPU together is
@@ -60,104 +50,6 @@ def seed_groups(seeds, mode: str, steps_per_seed: int, backend: str) -> list[lis
   together = mode == 'true' or (mode == 'auto' and backend != 'cpu'
                                 and steps_per_seed >= _PARALLEL_FROM_STEPS)
   return [list(seeds)] if together else [[s] for s in seeds]
-
-
-def parse_seeds(seeds) -> list[int]:
-  try:
-    values = [int(s) for s in str(seeds).replace(' ', '').split(',') if s]
-  except ValueError:
-    raise ValueError(f'Seeds must be comma-separated integers, got {seeds!r}.') from None
-  if not values:
-    raise ValueError('No seed given.')
-  if min(values) < 0:   # numpy's generators take none; found now, not after tokenising
-    raise ValueError(f'Seeds must be non-negative integers, got {seeds!r}.')
-  return list(dict.fromkeys(values))
-
-
-def recipe(config) -> dict:
-  """The knobs that decide what one (task, seed) computes (not which ones run, or logging).
-  Paths compare as absolute ones: DIR and DIR/ are the same data."""
-  values = dict(_DEFAULTS_OF_NEWER_KEYS, **config.to_dict())
-  values.update({k: config_check.absolute_path(values[k]) for k in _PATHS if values.get(k)})
-  return {k: v for k, v in values.items() if k not in _NOT_RECIPE}
-
-
-_PATHS = ('glue_dir', 'tfds_data_dir', 'vocab_path')
-
-
-def with_absolute_paths(config) -> ml_collections.ConfigDict:
-  """A copy whose local paths are absolute, as the results record them: a relative path
-  means other data from another directory."""
-  config = config.copy_and_resolve_references()
-  for key in _PATHS:
-    if config.get(key):
-      config[key] = config_check.absolute_path(config[key])
-  return config
-
-
-def finished_runs(output_dir, step_dir, config) -> dict:
-  """(task, seed) results of an earlier run of the same checkpoint and recipe, if any.
-
-  Only runs whose prediction files are all present are reused, so a run killed while
-  writing them is redone. Decided on process 0, which alone writes `output_dir`, and the
-  same answer is returned on every process (see `hosts.on_process_0`).
-  """
-  def read():
-    path = epath.Path(output_dir) / 'glue_results.json'
-    if not path.exists():
-      return []
-    try:
-      previous = json.loads(path.read_text())
-      previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:   # edited by hand?
-      raise ValueError(f'{path} is not results this tool wrote ({type(e).__name__}: {e}). '
-                       'Fix: move it (and predictions/) away, or use another '
-                       '--output_dir.') from None
-    current_recipe = recipe(config)
-    if (previous.get('checkpoint') != step_dir or
-        previous.get('checkpoint_written') != checkpoint_lib.written_at(step_dir)):
-      # The same path rewritten (a rebuilt workdir) is another checkpoint too.
-      set_aside_results(output_dir, f'another checkpoint ({previous.get("checkpoint")}, '
-                        f'written at {previous.get("checkpoint_written")})')
-      return []
-    if previous_recipe != current_recipe:
-      changed = sorted(k for k in set(previous_recipe) | set(current_recipe)
-                       if previous_recipe.get(k) != current_recipe.get(k))
-      set_aside_results(output_dir, f'another recipe ({", ".join(changed)} differ)')
-      return []
-    if not config.resume:
-      set_aside_results(output_dir, 'an earlier run (config.resume=False)')
-      return []
-    done = []
-    for runs in (previous['runs'], previous.get(OTHER_SEEDS, {})):
-      for task, seeds in runs.items():
-        for seed, run in seeds.items():
-          files = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
-                   for n in run['scores']]
-          if all(f.exists() for f in files):
-            done.append([task, int(seed), run])
-    return done
-  return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
-
-
-def set_aside_results(output_dir, whose: str) -> None:
-  """Moves the results of an earlier run that this one will not reuse (glue_results.*,
-  predictions/) into output_dir/replaced-<time>/, so that a rerun with another checkpoint
-  or recipe never overwrites them. glue_results.json moves last: after a crash midway the
-  next run still finds it and moves the rest."""
-  output_dir = epath.Path(output_dir)
-  stamp = int(time.time())   # and a number when a set-aside of this second is there
-  aside = next(d for d in (output_dir / f'replaced-{stamp}{f"-{n}" if n else ""}'
-                           for n in itertools.count()) if not d.exists())
-  predictions = output_dir / 'predictions'
-  paths = sorted(predictions.glob('*.tsv')) if predictions.exists() else []
-  for path in paths + [output_dir / 'glue_results.md', output_dir / 'glue_results.json']:
-    if path.exists():
-      target = aside / path.relative_to(output_dir)
-      target.parent.mkdir(parents=True, exist_ok=True)
-      path.rename(target)
-  logging.warning('%s held the GLUE results of %s; they are kept in %s, and this run '
-                  'writes new ones.', output_dir, whose, aside)
 
 
 @dataclasses.dataclass
@@ -365,6 +257,7 @@ def _scored_run(session: _Session, task, params, seed, group, train, devs, secon
   return {'scores': scores, 'train_examples': len(train),
           'dev_examples': {n: len(d) for n, d in devs.items()},
           'train_steps': task.total_steps, 'seconds': round(seconds, 1),
+          'padded_with_seeds': session.seeds,   # the batch lengths (config.length_buckets)
           **({'trained_with_seeds': group} if len(group) > 1 else {})}
 
 

@@ -32,25 +32,55 @@ def checkpoint_steps(workdir) -> list[int]:
 def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
   """{step: results} of steps an earlier sweep scored whose checkpoints are gone since
   (rotated away by keep_last while the trainer ran on): their results are on disk, for
-  this workdir, recipe, tasks and seeds, so the curve keeps them."""
-  tasks = [s.name for s in glue_data.parse_tasks(config.tasks)]
-  seeds, recipe = suite.parse_seeds(config.seeds), suite.recipe(config)
-  kept = {}
+  this workdir, recipe, tasks and seeds, so the curve keeps them.
+
+  Only if they come from the training run whose steps are present now, not from a workdir
+  since rebuilt (`_same_training_run`)."""
+  tasks = {s.name for s in glue_data.parse_tasks(config.tasks)}
+  seeds, recipe = set(suite.parse_seeds(config.seeds)), suite.recipe(config)
+  earlier = {}
   for path in sorted(epath.Path(output_dir).glob('step_*/glue_results.json')):
     step = path.parent.name.removeprefix('step_')
-    if not step.isdigit() or int(step) in present:
-      continue
-    step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(int(step))
     try:
-      results = json.loads(path.read_text())
-      same = (results['checkpoint'] == str(step_dir) and results['tasks'] == tasks
-              and results['seeds'] == seeds
-              and suite.recipe(ml_collections.ConfigDict(results['config'])) == recipe)
-    except (ValueError, KeyError, TypeError):   # not a finished sweep point: left out
+      earlier[int(step)] = json.loads(path.read_text())
+    except ValueError:   # not a finished sweep point (or not a step directory): left out
       continue
-    if same:
-      kept[int(step)] = results
+  written_now = {p: checkpoint_lib.written_at(checkpoint_lib.checkpoint_dir(workdir) / str(p))
+                 for p in present}
+  kept = {}
+  for step, results in earlier.items():
+    if step in present:
+      continue
+    step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
+    try:   # the order of tasks and seeds does not matter; tasks kept from other commands
+      same = (results['checkpoint'] == str(step_dir) and tasks <= set(results['tasks'])
+              and seeds == set(results['seeds'])
+              and suite.recipe(ml_collections.ConfigDict(results['config'])) == recipe)
+    except (KeyError, TypeError, AttributeError):   # not a finished sweep point: left out
+      continue
+    if same and _same_training_run(step, results.get('checkpoint_written'), written_now,
+                                   earlier):
+      kept[step] = results
   return kept
+
+
+def _same_training_run(step, written, written_now, earlier) -> bool:
+  """Whether a gone step, committed at `written`, belongs to the run whose steps are
+  present now ({step: commit time}). One run commits its steps in step order, so a step
+  committed after a later present step (or before an earlier one) is from another run;
+  and a present step rewritten since an earlier sweep scored it marks a rebuild: steps
+  committed before that earlier copy belong to the run before it."""
+  if written is None:
+    return True   # orbax recorded no time: nothing to tell them apart
+  for present, now in written_now.items():
+    if now is None:
+      continue
+    if (present > step) != (now > written):
+      return False
+    before = earlier.get(present, {}).get('checkpoint_written')
+    if before is not None and before != now and written <= before:
+      return False
+  return True
 
 
 def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:

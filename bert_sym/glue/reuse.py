@@ -1,0 +1,163 @@
+"""What an earlier GLUE run left in --output_dir: reused when it is what this run would
+compute, set aside (moved, never overwritten) when it is not."""
+
+import itertools
+import json
+import time
+
+from absl import logging
+from etils import epath
+import ml_collections
+
+from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import config_check
+from bert_sym.glue import hosts
+
+# Knobs that decide what a (task, seed) computes are compared on resume; these do not.
+_NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
+               'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite',
+               'max_consecutive_nonfinite', 'peak_flops_per_device')
+# Keys added after outputs were written without them: their value then is this default
+# (attention_impl: those runs used the checkpoint's kernel, the same math as auto's).
+_DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1, 'attention_impl': 'auto'}
+# glue_results.json key of the finished runs of seeds not requested this time (see
+# `_keep_finished_runs`).
+OTHER_SEEDS = 'runs_of_other_seeds'
+
+
+def parse_seeds(seeds) -> list[int]:
+  try:
+    values = [int(s) for s in str(seeds).replace(' ', '').split(',') if s]
+  except ValueError:
+    raise ValueError(f'Seeds must be comma-separated integers, got {seeds!r}.') from None
+  if not values:
+    raise ValueError('No seed given.')
+  if min(values) < 0:   # numpy's generators take none; found now, not after tokenising
+    raise ValueError(f'Seeds must be non-negative integers, got {seeds!r}.')
+  return list(dict.fromkeys(values))
+
+
+def recipe(config) -> dict:
+  """The knobs that decide what one (task, seed) computes (not which ones run, or logging).
+  Paths compare as absolute ones: DIR and DIR/ are the same data."""
+  values = dict(_DEFAULTS_OF_NEWER_KEYS, **config.to_dict())
+  values.update({k: config_check.absolute_path(values[k]) for k in _PATHS if values.get(k)})
+  return {k: v for k, v in values.items() if k not in _NOT_RECIPE}
+
+
+_PATHS = ('glue_dir', 'tfds_data_dir', 'vocab_path')
+
+
+def with_absolute_paths(config) -> ml_collections.ConfigDict:
+  """A copy whose local paths are absolute, as the results record them: a relative path
+  means other data from another directory."""
+  config = config.copy_and_resolve_references()
+  for key in _PATHS:
+    if config.get(key):
+      config[key] = config_check.absolute_path(config[key])
+  return config
+
+
+def finished_runs(output_dir, step_dir, config) -> dict:
+  """(task, seed) results of an earlier run of the same checkpoint and recipe, if any.
+
+  Only runs whose prediction files are all present are reused, so a run killed while
+  writing them is redone. Decided on process 0, which alone writes `output_dir`, and the
+  same answer is returned on every process (see `hosts.on_process_0`).
+  """
+  def read():
+    path = epath.Path(output_dir) / 'glue_results.json'
+    if not path.exists():
+      return []
+    try:
+      previous = json.loads(path.read_text())
+      previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
+      candidates = [(task, int(seed), dict(run, padded_with_seeds=_padded_with(run, previous)))
+                    for runs in (previous['runs'], previous.get(OTHER_SEEDS, {}))
+                    for task, seeds in runs.items() for seed, run in seeds.items()
+                    if run['scores']]   # (KeyError: not a run this tool wrote)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:   # edited by hand?
+      raise ValueError(f'{path} is not results this tool wrote ({type(e).__name__}: {e}). '
+                       'Fix: move it (and predictions/) away, or use another '
+                       '--output_dir.') from None
+    current_recipe = recipe(config)
+    if (previous.get('checkpoint') != step_dir or
+        previous.get('checkpoint_written') != checkpoint_lib.written_at(step_dir)):
+      # The same path rewritten (a rebuilt workdir) is another checkpoint too.
+      set_aside_results(output_dir, f'another checkpoint ({previous.get("checkpoint")}, '
+                        f'written at {previous.get("checkpoint_written")})')
+      return []
+    if previous_recipe != current_recipe:
+      changed = sorted(k for k in set(previous_recipe) | set(current_recipe)
+                       if previous_recipe.get(k) != current_recipe.get(k))
+      set_aside_results(output_dir, f'another recipe ({", ".join(changed)} differ)')
+      return []
+    if not config.resume:
+      set_aside_results(output_dir, 'an earlier run (config.resume=False)')
+      return []
+    seeds = parse_seeds(config.seeds)
+    done, stale = [], []
+    for task, seed, run in candidates:
+      files = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
+               for n in run['scores']]
+      if not all(f.exists() for f in files):
+        continue
+      padded_with = run['padded_with_seeds']   # None: not recorded, nothing to compare
+      if config.length_buckets and seed in seeds and padded_with not in (None, seeds):
+        stale.append((task, seed))   # other padding, other dropout masks: not this run
+      else:
+        done.append([task, seed, run])
+    if stale:
+      set_aside_results(output_dir, f'runs padded to the lengths of another seed list '
+                        f'(config.length_buckets pads every seed of a task to the longest '
+                        f'of all its seeds; --config.length_buckets=False does not)',
+                        only=stale)
+    return done
+  return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
+
+
+def _padded_with(run: dict, results: dict) -> list[int] | None:
+  """The seed list whose batch lengths padded this run (all the seeds of its command);
+  a run written before this was recorded: the seeds of the file's own command."""
+  seeds = run.get('padded_with_seeds', results.get('seeds'))
+  return None if seeds is None else [int(s) for s in seeds]
+
+
+def set_aside_results(output_dir, whose: str, only=None) -> None:
+  """Moves the results of an earlier run that this one will not reuse (glue_results.*,
+  predictions/, the runs/<task>_seed<k>/ curves) into output_dir/replaced-<time>/, so that
+  a rerun with another checkpoint or recipe never overwrites them. glue_results.json moves
+  last: after a crash midway the next run still finds it and moves the rest.
+
+  `only`: the (task, seed) runs to move, the others staying in place; the moved runs'
+  rows are copied into replaced-<time>/glue_results.json first.
+  """
+  output_dir = epath.Path(output_dir)
+  stamp = int(time.time())   # and a number when a set-aside of this second is there
+  aside = next(d for d in (output_dir / f'replaced-{stamp}{f"-{n}" if n else ""}'
+                           for n in itertools.count()) if not d.exists())
+  results_file = output_dir / 'glue_results.json'
+  if only is None:
+    curves = sorted(output_dir.glob('runs/*_seed*'))
+    predictions = sorted(output_dir.glob('predictions/*.tsv'))
+    last = [output_dir / 'glue_results.md', results_file]
+  else:
+    previous = json.loads(results_file.read_text())
+    moved = {}
+    sections = (previous['runs'], previous.get(OTHER_SEEDS, {}))
+    for task, seed in only:
+      run = next(runs[task][str(seed)] for runs in sections if str(seed) in runs.get(task, {}))
+      moved.setdefault(task, {})[str(seed)] = run
+    aside.mkdir(parents=True)
+    (aside / 'glue_results.json').write_text(json.dumps(dict(previous, runs=moved), indent=2))
+    curves = [output_dir / 'runs' / f'{task}_seed{seed}' for task, seed in only]
+    predictions = [output_dir / 'predictions' / f'{n}_seed{seed}.tsv'
+                   for task, seed in only for n in moved[task][str(seed)]['scores']]
+    last = []
+  for path in curves + predictions + last:
+    if path.exists():
+      target = aside / path.relative_to(output_dir)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      path.rename(target)
+  logging.warning('%s held the GLUE results of %s; they are kept in %s, and this run '
+                  'writes new ones.', output_dir, whose, aside)
