@@ -178,6 +178,15 @@ def test_a_non_finite_eval_written_as_null_is_a_diverged_point_not_a_crash(tmp_p
                                                 '2': pytest.approx(crossing)}
   assert sym['final_eval_loss']['mean'] == pytest.approx(3.9)
   assert (tmp_path / 'summary.md').exists()
+  # The variant with the null first (the plots' y-limits took its NaN), and a null final
+  # eval of another seed: still a summary, in strict JSON (NaN written as null).
+  _fake_run(tmp_path, 'symmetric', 3, [(0, 12.0), (10, 5.0), (20, 4.1), (30, None)], cj)
+  ablate_report.summarize(tmp_path, ['symmetric', 'standard'], [1, 2, 3], total_steps=30)
+  def refuse(constant):
+    raise ValueError(f'{constant} in summary.json')
+  summary = json.loads((tmp_path / 'summary.json').read_text(), parse_constant=refuse)
+  assert summary['per_variant']['symmetric']['final_eval_loss_per_seed']['3'] is None
+  assert (tmp_path / 'loss_vs_step.png').exists()
 
 
 def _fake_run(root, variant, seed, curve, config_json):

@@ -46,10 +46,14 @@ def plot(workdir, runs: dict, variants: Sequence[str], target_loss: float,
       ax.fill_between(x, losses.min(axis=0), losses.max(axis=0), color=colors[v], alpha=0.2)
       # y-range from the last 3/4 of training: the first drop would flatten the rest.
       late = [i for i, s in enumerate(steps) if s >= 0.25 * steps[-1]] or [len(steps) - 1]
-      top.append(losses[:, late].max())
-    ax.axhline(target_loss, color='gray', lw=0.8, ls='--', label='target loss')
-    low = min(min(r.eval_loss) for v in variants for r in runs[v])
-    ax.set_ylim(low - 0.05 * (max(top) - low + 1e-9), max(top) + 0.05 * (max(top) - low + 1e-9))
+      # A diverged (null, NaN) eval is a gap in its line, not the axis limit.
+      top.append(np.nanmax(losses[:, late], initial=-np.inf))
+    if np.isfinite(target_loss):
+      ax.axhline(target_loss, color='gray', lw=0.8, ls='--', label='target loss')
+    low = np.nanmin([l for v in variants for r in runs[v] for l in r.eval_loss] + [np.inf])
+    high = max(top)
+    if np.isfinite(low) and np.isfinite(high):
+      ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
     ax.set_xlabel(xlabel)
     ax.set_ylabel('eval MLM loss')
     ax.set_title('Eval MLM loss: mean over seeds, band = min-max (y clipped to the '

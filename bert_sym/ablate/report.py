@@ -209,8 +209,20 @@ def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
     from bert_sym.ablate import plots as plots_lib  # pylint: disable=g-import-not-at-top  (matplotlib)
     out['plots'] = plots_lib.plot(workdir, runs, present, target['value'], out)
   files.write_atomically(workdir / SUMMARY_MD, markdown(out))
-  files.write_atomically(workdir / SUMMARY_JSON, json.dumps(out, indent=2) + '\n')
+  files.write_atomically(workdir / SUMMARY_JSON,
+                         json.dumps(_strict_json(out), indent=2, allow_nan=False) + '\n')
   return out
+
+
+def _strict_json(value):
+  """NaN / inf (a diverged run's loss) as null, as the trainer's metrics rows write them."""
+  if isinstance(value, dict):
+    return {k: _strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_strict_json(v) for v in value]
+  if isinstance(value, float) and not np.isfinite(value):
+    return None
+  return value
 
 
 # ---- summary.md ----
