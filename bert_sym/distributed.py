@@ -125,8 +125,13 @@ def initialize(cli: types.SimpleNamespace) -> None:
     where = address or os.environ.get('JAX_COORDINATOR_ADDRESS') or 'the detected coordinator'
     print(f'Process {index} of {count}: waiting for all processes at '
           f'{where} (process 0 serves it there).', flush=True)
+    # Under srun, which local GPUs this task drives still comes from CUDA_VISIBLE_DEVICES.
+    local_device_ids = (None if os.environ.get('JAX_PLATFORMS', '') == 'cpu'
+                        else slurm_local_device_ids())
     try:
-      jax.distributed.initialize(address, num_processes=count, process_id=index)
+      jax.distributed.initialize(address, num_processes=count, process_id=index,
+                                 **({'local_device_ids': local_device_ids}
+                                    if local_device_ids is not None else {}))
     except ValueError as e:   # no address given or detected
       raise app.UsageError(f'jax.distributed.initialize: {e} Fix: pass '
                            '--coordinator_address=host:port (where process 0 serves).') from None

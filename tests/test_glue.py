@@ -995,10 +995,12 @@ def test_a_run_padded_for_another_seed_list_is_set_aside_and_trained_again(tmp_p
   (tmp_path / 'runs' / 'rte_seed1').mkdir(parents=True)
   (tmp_path / 'runs' / 'rte_seed1' / 'metrics.jsonl').write_text('{"step": 1}\n')
   run = {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}}
-  def results(**values):   # as written by --seeds=1
+  other = {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}, 'padded_with_seeds': [3]}
+  def results(**values):   # as written by --seeds=1 (seed 3 from an earlier command)
     (tmp_path / 'glue_results.json').write_text(json.dumps(
         {'checkpoint': 'CKPT', 'config': dict(config.to_dict(), seeds='1', **values),
-         'seeds': [1], 'runs': {'rte': {'1': run}}}))
+         'seeds': [1], 'runs': {'rte': {'1': run}},
+         'runs_of_other_seeds': {'rte': {'3': other}}}))
   results(length_buckets=False)   # padded to max_seq_len: the same run for any seed list
   config.seeds, config.length_buckets = '1,2', False
   assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
@@ -1009,7 +1011,8 @@ def test_a_run_padded_for_another_seed_list_is_set_aside_and_trained_again(tmp_p
   config.seeds = '1,2'
   assert not suite.finished_runs(tmp_path, 'CKPT', config)
   [aside] = tmp_path.glob('replaced-*')
-  assert json.loads((aside / 'glue_results.json').read_text())['runs'] == {'rte': {'1': run}}
+  aside_results = json.loads((aside / 'glue_results.json').read_text())
+  assert aside_results['runs'] == {'rte': {'1': run}} and 'runs_of_other_seeds' not in aside_results
   assert (aside / 'predictions' / 'rte_seed1.tsv').exists()
   assert (aside / 'runs' / 'rte_seed1' / 'metrics.jsonl').exists()
   assert not (tmp_path / 'predictions' / 'rte_seed1.tsv').exists()
@@ -1017,6 +1020,8 @@ def test_a_run_padded_for_another_seed_list_is_set_aside_and_trained_again(tmp_p
   (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
   run['padded_with_seeds'] = [1, 2]
   results(length_buckets=True)
+  assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+  config.seeds = '2,1'   # the same padding: the lengths are over the set of seeds
   assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
 
 

@@ -751,6 +751,18 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
   distributed.initialize(_start_up_flags(num_processes=4, process_id=3))
   assert calls == [((None,), {'num_processes': 4, 'process_id': 3})]
   assert settings == [('jax_cpu_collectives_implementation', 'gloo')]
+  # An srun task bound to its own GPU (--gpus-per-task=1) sees it as ordinal 0: with the
+  # flags too, not JAX's default [SLURM_LOCALID] (a GPU it cannot see).
+  calls.clear()
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')   # (this process's backend already runs)
+  for name, value in {'SLURM_LOCALID': '3', 'SLURM_GPUS_PER_TASK': '1',
+                      'CUDA_VISIBLE_DEVICES': '3'}.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize(_start_up_flags(num_processes=8, process_id=3))
+  assert calls == [((None,), {'num_processes': 8, 'process_id': 3, 'local_device_ids': [0]})]
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  for name in ('SLURM_LOCALID', 'SLURM_GPUS_PER_TASK', 'CUDA_VISIBLE_DEVICES'):
+    monkeypatch.delenv(name)
 
   monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
   monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '2')

@@ -103,7 +103,8 @@ def finished_runs(output_dir, step_dir, config) -> dict:
       if not all(f.exists() for f in files):
         continue
       padded_with = run['padded_with_seeds']   # None: not recorded, nothing to compare
-      if config.length_buckets and seed in seeds and padded_with not in (None, seeds):
+      if (config.length_buckets and seed in seeds and padded_with is not None
+          and set(padded_with) != set(seeds)):   # (the padding sorts them: order is free)
         stale.append((task, seed))   # other padding, other dropout masks: not this run
       else:
         done.append([task, seed, run])
@@ -149,7 +150,9 @@ def set_aside_results(output_dir, whose: str, only=None) -> None:
       run = next(runs[task][str(seed)] for runs in sections if str(seed) in runs.get(task, {}))
       moved.setdefault(task, {})[str(seed)] = run
     aside.mkdir(parents=True)
-    (aside / 'glue_results.json').write_text(json.dumps(dict(previous, runs=moved), indent=2))
+    aside_results = {k: v for k, v in previous.items() if k != OTHER_SEEDS}
+    (aside / 'glue_results.json').write_text(json.dumps(dict(aside_results, runs=moved),
+                                                        indent=2))
     curves = [output_dir / 'runs' / f'{task}_seed{seed}' for task, seed in only]
     predictions = [output_dir / 'predictions' / f'{n}_seed{seed}.tsv'
                    for task, seed in only for n in moved[task][str(seed)]['scores']]
