@@ -1054,10 +1054,33 @@ def test_a_sweep_keeps_rotated_steps_of_this_training_run_only(tmp_path):
   (workdir / 'checkpoints' / '4' / '_CHECKPOINT_METADATA').write_text(
       json.dumps({'commit_timestamp_nsecs': 300}))
   assert not sweep.scored_steps_gone(workdir, out, config, {4})
+  # ...and on every later sweep, when step 4's results are the new model's own.
+  shutil.rmtree(out / 'step_00000004')
+  _scored_step(out, workdir, 4, 300, tasks=('rte', 'wnli'))
+  assert not sweep.scored_steps_gone(workdir, out, config, {4})
   # Rebuilt to fewer steps: a gone step 6 committed before the present step 4.
   _scored_step(out, workdir, 6, 150, tasks=('wnli', 'rte'))
   assert 6 not in sweep.scored_steps_gone(workdir, out, config, {4})
   assert not sweep.scored_steps_gone(workdir, out, _config(tasks='wnli,rte', seeds='1'), set())
+
+
+def test_a_sweep_drops_a_diverged_step_and_keeps_the_history_it_branched_from(tmp_path):
+  """Steps 2, 4, 6 scored; 6 set aside as diverged and the run resumed from 4: the old 6
+  is not the run's step 6, and 2 and 4 stay its history, before and after the new 6."""
+  config = _config(tasks='rte', seeds='1,2')
+  workdir, out = tmp_path / 'run', tmp_path / 'sweep'
+  for step, written in ((2, 100), (4, 200), (6, 300)):
+    _scored_step(out, workdir, step, written, tasks=('rte',))
+  _committed_step(workdir, 4, 200)
+  diverged = workdir / 'damaged_checkpoints' / '6-1700000000-diverged'
+  diverged.mkdir(parents=True)
+  (diverged / '_CHECKPOINT_METADATA').write_text(json.dumps({'commit_timestamp_nsecs': 300}))
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {4})) == [2]
+  shutil.rmtree(workdir / 'checkpoints' / '4')   # rotated away; the new 6 and 8 present
+  _committed_step(workdir, 6, 400)
+  _committed_step(workdir, 8, 500)
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {6, 8})) == [2, 4]
+  assert not (out / 'older_builds.json').exists()
 
 
 def test_a_group_marker_cut_short_by_a_crash_is_reclaimed_not_a_crash(tmp_path):

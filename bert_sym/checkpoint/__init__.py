@@ -39,8 +39,8 @@ from bert_sym.checkpoint.saving import (  # noqa: F401
     save, check_saves, finish_saves
 )
 from bert_sym.checkpoint.restoring import (  # noqa: F401
-    DAMAGED_DIR, DIVERGED_SUFFIX, READ_ATTEMPTS, BACKOFF_SECONDS, failure_kind,
-    read_state_metadata, read_json_item, check_compatible, config_hint, restore,
+    DAMAGED_DIR, DIVERGED_SUFFIX, STARTED_OVER_SUFFIX, READ_ATTEMPTS, BACKOFF_SECONDS,
+    failure_kind, read_state_metadata, read_json_item, check_compatible, config_hint, restore,
     set_aside_diverged, damaged_steps_found, NothingRestored, quiet_orbax_echoes,
     restore_latest, check_same_prng_impl
 )

@@ -8,6 +8,7 @@ from etils import epath
 import ml_collections
 
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import files
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import hosts
 from bert_sym.glue import report
@@ -29,13 +30,17 @@ def checkpoint_steps(workdir) -> list[int]:
   return steps
 
 
+# Commit time (ns) at or before which a workdir's checkpoints are from an earlier build of
+# it (deleted and trained again): kept in the sweep's directory, as the results that told
+# it are replaced by the rebuild's own.
+_OLDER_BUILDS = 'older_builds.json'
+
+
 def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
   """{step: results} of steps an earlier sweep scored whose checkpoints are gone since
   (rotated away by keep_last while the trainer ran on): their results are on disk, for
-  this workdir, recipe, tasks and seeds, so the curve keeps them.
-
-  Only if they come from the training run whose steps are present now, not from a workdir
-  since rebuilt (`_same_training_run`)."""
+  this workdir, recipe, tasks and seeds, so the curve keeps them. Not a step of another
+  training run of the same path (`_other_runs_steps`)."""
   tasks = {s.name for s in glue_data.parse_tasks(config.tasks)}
   seeds, recipe = set(suite.parse_seeds(config.seeds)), suite.recipe(config)
   earlier = {}
@@ -45,8 +50,6 @@ def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
       earlier[int(step)] = json.loads(path.read_text())
     except ValueError:   # not a finished sweep point (or not a step directory): left out
       continue
-  written_now = {p: checkpoint_lib.written_at(checkpoint_lib.checkpoint_dir(workdir) / str(p))
-                 for p in present}
   kept = {}
   for step, results in earlier.items():
     if step in present:
@@ -58,29 +61,55 @@ def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
               and suite.recipe(ml_collections.ConfigDict(results['config'])) == recipe)
     except (KeyError, TypeError, AttributeError):   # not a finished sweep point: left out
       continue
-    if same and _same_training_run(step, results.get('checkpoint_written'), written_now,
-                                   earlier):
+    if same:
       kept[step] = results
-  return kept
+  others = _other_runs_steps(workdir, output_dir, present, earlier, kept)
+  return {step: results for step, results in kept.items() if step not in others}
 
 
-def _same_training_run(step, written, written_now, earlier) -> bool:
-  """Whether a gone step, committed at `written`, belongs to the run whose steps are
-  present now ({step: commit time}). One run commits its steps in step order, so a step
-  committed after a later present step (or before an earlier one) is from another run;
-  and a present step rewritten since an earlier sweep scored it marks a rebuild: steps
-  committed before that earlier copy belong to the run before it."""
-  if written is None:
-    return True   # orbax recorded no time: nothing to tell them apart
-  for present, now in written_now.items():
-    if now is None:
-      continue
-    if (present > step) != (now > written):
-      return False
-    before = earlier.get(present, {}).get('checkpoint_written')
-    if before is not None and before != now and written <= before:
-      return False
-  return True
+def _other_runs_steps(workdir, output_dir, present, earlier, gone) -> set[int]:
+  """The `gone` steps that are not the history of the run whose steps are `present`.
+
+  Told by orbax's commit times. A step the trainer set aside (diverged, damaged, started
+  over: in damaged_checkpoints/ with its commit time) left the run's history. A rewrite
+  of a present step that the trainer did not branch off (diverged, damaged), or a gone
+  step committed before a present one of a lower step (one run commits in step order),
+  marks a rebuilt workdir: every commit up to then is an older build's, remembered in
+  output_dir/older_builds.json for the sweeps after this one.
+  """
+  ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
+  now = {p: checkpoint_lib.written_at(ckpt_dir / str(p)) for p in present}
+  set_aside, branched = set(), set()   # (step, commit time); branched: not started over
+  damaged_dir = ckpt_dir.parent / checkpoint_lib.DAMAGED_DIR
+  for folder in (damaged_dir.iterdir() if damaged_dir.is_dir() else []):
+    step = folder.name.split('-')[0]
+    if step.isdigit():
+      copy = (int(step), checkpoint_lib.written_at(folder))
+      set_aside.add(copy)
+      if not folder.name.endswith(checkpoint_lib.STARTED_OVER_SUFFIX):
+        branched.add(copy)
+  record = epath.Path(output_dir) / _OLDER_BUILDS
+  builds = json.loads(record.read_text()) if record.exists() else {}
+  older = builds.get(str(workdir), -1)
+  for step, written in now.items():   # a present step rewritten since a sweep scored it
+    before = earlier.get(step, {}).get('checkpoint_written')
+    if None not in (before, written) and before != written and (step, before) not in branched:
+      older = max(older, before)
+  others = set()
+  for step, results in gone.items():
+    written = results.get('checkpoint_written')
+    if written is None:
+      continue   # orbax recorded no time: nothing to tell runs apart
+    if (step, written) in set_aside:
+      others.add(step)
+    elif any(w is not None and (p > step) != (w > written) for p, w in now.items()):
+      older = max(older, written)
+  others |= {step for step, results in gone.items()
+             if results.get('checkpoint_written') is not None
+             and results['checkpoint_written'] <= older}
+  if older != builds.get(str(workdir), -1):
+    files.write_atomically(record, json.dumps(dict(builds, **{str(workdir): older})))
+  return others
 
 
 def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
