@@ -11,6 +11,7 @@ import ml_collections
 
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import config_check
+from bert_sym import files
 from bert_sym.glue import hosts
 
 # Knobs that decide what a (task, seed) computes are compared on resume; these do not.
@@ -72,7 +73,8 @@ def finished_runs(output_dir, step_dir, config) -> dict:
     try:
       previous = json.loads(path.read_text())
       previous_recipe = recipe(ml_collections.ConfigDict(previous['config']))
-      candidates = [(task, int(seed), dict(run, padded_with_seeds=_padded_with(run, previous)))
+      candidates = [(task, int(seed),
+                     dict(run, padded_with_seeds=_padded_with(run, previous)))
                     for runs in (previous['runs'], previous.get(OTHER_SEEDS, {}))
                     for task, seeds in runs.items() for seed, run in seeds.items()
                     if run['scores']]   # (KeyError: not a run this tool wrote)
@@ -98,9 +100,9 @@ def finished_runs(output_dir, step_dir, config) -> dict:
     seeds = parse_seeds(config.seeds)
     done, stale = [], []
     for task, seed, run in candidates:
-      files = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
-               for n in run['scores']]
-      if not all(f.exists() for f in files):
+      predictions = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
+                     for n in run['scores']]
+      if not all(f.exists() for f in predictions):
         continue
       padded_with = run['padded_with_seeds']   # None: not recorded, nothing to compare
       if (config.length_buckets and seed in seeds and padded_with is not None
@@ -109,9 +111,9 @@ def finished_runs(output_dir, step_dir, config) -> dict:
       else:
         done.append([task, seed, run])
     if stale:
-      set_aside_results(output_dir, f'runs padded to the lengths of another seed list '
-                        f'(config.length_buckets pads every seed of a task to the longest '
-                        f'of all its seeds; --config.length_buckets=False does not)',
+      set_aside_results(output_dir, 'runs padded to the lengths of another seed list '
+                        '(config.length_buckets pads every seed of a task to the longest '
+                        'of all its seeds; --config.length_buckets=False does not)',
                         only=stale)
     return done
   return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
@@ -149,10 +151,9 @@ def set_aside_results(output_dir, whose: str, only=None) -> None:
     for task, seed in only:
       run = next(runs[task][str(seed)] for runs in sections if str(seed) in runs.get(task, {}))
       moved.setdefault(task, {})[str(seed)] = run
-    aside.mkdir(parents=True)
     aside_results = {k: v for k, v in previous.items() if k != OTHER_SEEDS}
-    (aside / 'glue_results.json').write_text(json.dumps(dict(aside_results, runs=moved),
-                                                        indent=2))
+    files.write_atomically(aside / 'glue_results.json',
+                           json.dumps(dict(aside_results, runs=moved), indent=2))
     curves = [output_dir / 'runs' / f'{task}_seed{seed}' for task, seed in only]
     predictions = [output_dir / 'predictions' / f'{n}_seed{seed}.tsv'
                    for task, seed in only for n in moved[task][str(seed)]['scores']]
