@@ -536,3 +536,76 @@ def test_a_glue_mean_over_fewer_pre_training_runs_says_so():
                for n in names}}}}
   [row] = [l for l in report._glue_table(summary) if l.startswith('| pairwise')]  # pylint: disable=protected-access
   assert row == '| pairwise | 62.00 ± 2.83 | 80.00 (n=1/2) | 70.00 (n=1/2) |'
+
+
+def test_a_curve_already_below_target_at_its_first_eval_reaches_it_there():
+  """Not interpolated from another eval (the last one gave -200), nor a division by zero."""
+  assert stats.steps_to_target([0, 100], [3.0, 2.0], 5.0) == 0
+  assert stats.steps_to_target([50], [3.0], 5.0) == 50
+
+
+def test_unpaired_ratio_has_an_interval_when_one_side_has_a_single_seed():
+  ratio = stats.steps_ratio({1: 50.0}, {2: 100.0, 3: 120.0})
+  assert ratio['value'] == pytest.approx(50 / 110)
+  assert ratio['ci95'] is not None and ratio['ci95'][0] < ratio['ci95'][1]
+
+
+def _fake(tmp_path, body):
+  script = tmp_path / 'fake_python'
+  script.write_text(f'#!{sys.executable}\n' + textwrap.dedent(body))
+  script.chmod(0o755)
+  return str(script)
+
+
+def test_a_trainer_killed_by_sigint_stops_the_grid(tmp_path):
+  """A trainer killed by SIGINT before its own handler was in place is a Ctrl-C (the grid
+  stops with 130), not a failed run."""
+  python = _fake(tmp_path, """\
+      import os, signal
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGINT)
+      """)
+  with pytest.raises(runner.Stopped) as error:
+    runner.train_run('configs/tiny.py', [], 'standard', 1, tmp_path / 'run', runner._Stop(),
+                     python=python)
+  assert error.value.exit_code == runner.INTERRUPTED_EXIT_CODE
+
+
+def test_glue_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_path):
+  run = tmp_path / 'run'
+  run.mkdir()
+  stop = runner._Stop()
+  stop.requested = True
+  with pytest.raises(runner.Stopped) as error:
+    runner.glue_run(run, glue_dir='', tasks='rte', seeds='1', glue_args=[], stop=stop,
+                    python=_fake(tmp_path, 'import sys; sys.exit(-15 & 0xff)\n'))
+  assert error.value.exit_code == runner.PREEMPTED_EXIT_CODE
+
+
+def test_glue_is_rerun_when_its_marker_exists_but_its_results_do_not(tmp_path):
+  run = tmp_path / 'run'
+  run.mkdir()
+  calls = tmp_path / 'calls'
+  python = _fake(tmp_path, f"""\
+      import pathlib
+      pathlib.Path({str(calls)!r}).open('a').write('x\\n')
+      """)
+  glue = dict(glue_dir='', tasks='rte', seeds='1', glue_args=[], stop=runner._Stop(),
+              python=python)
+  runner.glue_run(run, **glue)          # writes the marker; the fake writes no results
+  assert (run / 'glue' / 'ablate_request.json').exists()
+  runner.glue_run(run, **glue)          # no glue_results.json: not "already scored"
+  assert len(calls.read_text().splitlines()) == 2
+
+
+def test_an_unknown_variant_fails_before_training(tmp_path):
+  calls = tmp_path / 'calls'
+  python = _fake(tmp_path, f"""\
+      import pathlib, sys
+      pathlib.Path({str(calls)!r}).open('a').write('x\\n')
+      sys.exit(1)
+      """)
+  with pytest.raises(runner.AblationError, match='Unknown variant'):
+    runner.run('configs/tiny.py', 'no_such_variant', '1', str(tmp_path / 'grid'),
+               python=python)
+  assert not calls.exists()

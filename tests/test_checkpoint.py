@@ -1,6 +1,7 @@
 """bert_sym.checkpoint: config.json round trip, load_pretrained, shape checks, atomic finalize."""
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bert_sym import checkpoint
+from bert_sym.checkpoint import locking
 from bert_sym import loop
 from bert_sym import model as model_lib
 from bert_sym import optim
@@ -553,7 +555,6 @@ def test_a_lock_released_while_we_are_taking_it(tmp_path, monkeypatch, then):
   """The holder releases (unlinks) the lock file between our open and our lock: we then
   lock a deleted file. Taking that for the lock let two trainers run (we and whoever took
   the fresh file); before, the vanished file raised FileNotFoundError with the wrong fix."""
-  from bert_sym.checkpoint import locking  # pylint: disable=g-import-not-at-top
   import fcntl  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / checkpoint.LOCK_FILE)
   holder_fd = os.open(path, os.O_CREAT | os.O_RDWR)   # another open file: another holder
@@ -795,4 +796,77 @@ def test_an_encoder_of_another_shape_is_refused_in_one_line():
   with pytest.raises(ValueError, match=r'does not match .*\(1 parameters differ'):
     pretrained.with_pretrained_encoder(params, {'w': np.zeros((2, 4))})
   out = pretrained.with_pretrained_encoder(params, {'w': np.ones((2, 3), np.float16)})
-  assert out['bert']['encoder']['w'].dtype == np.float32 and params['bert']['encoder']['w'].sum() == 0
+  assert out['bert']['encoder']['w'].dtype == np.float32
+  assert params['bert']['encoder']['w'].sum() == 0   # the fresh params are not changed
+
+
+def test_an_object_store_workdir_is_not_locked(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with checkpoint.workdir_lock('gs://bucket/run'):
+    pass
+  assert not list(tmp_path.rglob('*'))
+
+
+def test_release_leaves_a_lock_file_that_is_not_ours(tmp_path):
+  """Ours was replaced meanwhile by another trainer's fresh lock file: leaving must not
+  delete that one."""
+  path = tmp_path / checkpoint.LOCK_FILE
+  with checkpoint.workdir_lock(tmp_path):
+    os.unlink(path)
+    path.write_text(json.dumps({'host': 'elsewhere', 'pid': 4242}))
+  assert json.loads(path.read_text())['pid'] == 4242
+
+
+def test_a_longer_dead_holder_text_is_overwritten_whole(tmp_path):
+  """Trailing bytes of a dead holder's longer text made the lock file unreadable JSON, and
+  a second trainer's message then said "pid ?"."""
+  path = tmp_path / checkpoint.LOCK_FILE
+  path.write_text(json.dumps({'host': 'x' * 500, 'pid': 1}))
+  with checkpoint.workdir_lock(tmp_path, log=lambda *a: None):
+    assert json.loads(path.read_text())['pid'] == os.getpid()
+    with pytest.raises(checkpoint.WorkdirBusy,
+                       match=f'pid {os.getpid()} on {socket.gethostname()}'):
+      with checkpoint.workdir_lock(tmp_path):
+        pass
+
+
+def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch):
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, 'No locks available')
+  monkeypatch.setattr(locking.fcntl, 'flock', no_locks)
+  said = []
+  with checkpoint.workdir_lock(tmp_path, log=said.append):
+    pass
+  assert said and 'cannot be locked on this filesystem' in said[0]
+
+
+def test_an_unexpected_error_taking_the_lock_is_raised_as_itself(tmp_path, monkeypatch):
+  """A PermissionError must not come out as WorkdirBusy ('another trainer')."""
+  def denied(*args, **kwargs):
+    raise PermissionError(errno.EACCES, 'Permission denied')
+  monkeypatch.setattr(locking.os, 'open', denied)
+  with pytest.raises(PermissionError):
+    with checkpoint.workdir_lock(tmp_path):
+      pass
+
+
+def _diverge(tmp_path, steps, onset, resumed_good):
+  from bert_sym import pretrain_loop  # pylint: disable=g-import-not-at-top
+  config = train_fixtures.tiny_config()
+  for step in steps:
+    _write_run(tmp_path, config, step=step)
+  manager = checkpoint.make_manager(tmp_path, config.checkpoint)
+  run = types.SimpleNamespace(console=lambda *a: None, last_saved=steps[-1], workdir=tmp_path)
+  pretrain_loop.set_aside_divergence(loop.NonFiniteError('x', onset=onset), tmp_path, manager,
+                                     resumed_good, run)
+  manager.close()
+  return checkpoint.finished_steps(tmp_path), run.last_saved
+
+
+def test_the_checkpoint_of_the_step_before_the_onset_goes_aside(tmp_path):
+  # (two saves: the tiny config keeps the newest 2)
+  assert _diverge(tmp_path, (5, 8), onset=6, resumed_good=None) == ([], None)
+
+
+def test_the_good_checkpoint_resumed_from_stays(tmp_path):
+  assert _diverge(tmp_path, (5, 8), onset=6, resumed_good=5) == ([5], 5)

@@ -3,6 +3,7 @@ an eval never reads a validation block twice."""
 
 import json
 import pathlib
+import types
 
 import numpy as np
 import pytest
@@ -128,3 +129,9 @@ def test_readme_quotes_the_grid_summary():
     steps = at_595[variant]['steps_to_target']
     assert (f'{variant} {steps["ratio_to_reference"]:.2f} [{steps["ratio_ci95"][0]:.2f}, '
             f'{steps["ratio_ci95"][1]:.2f}]' in readme), variant
+
+
+def test_exactly_eval_steps_whole_batches_is_no_warning():
+  config = types.SimpleNamespace(eval_steps=6, batch_size=16)
+  lines = []
+  assert train.eval_batch_count(96, config, lines.append) == 6 and not lines
