@@ -116,7 +116,9 @@ def initialize(cli: types.SimpleNamespace) -> None:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if address or count is not None or index is not None:
     if count is None or index is None:
-      raise app.UsageError(f'{trigger} needs --num_processes and --process_id.')
+      raise app.UsageError('--coordinator_address needs --num_processes and --process_id.'
+                           if address else '--num_processes and --process_id go together: '
+                           'pass both, or neither to let JAX detect them.')
     if not 0 <= index < count:
       raise app.UsageError(f'--process_id={index} with --num_processes={count}: process '
                            f'ids run from 0 to {count - 1}, one per process.')

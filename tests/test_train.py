@@ -764,6 +764,8 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
   for name in ('SLURM_LOCALID', 'SLURM_GPUS_PER_TASK', 'CUDA_VISIBLE_DEVICES'):
     monkeypatch.delenv(name)
 
+  with pytest.raises(app.UsageError, match='--num_processes and --process_id go together'):
+    distributed.initialize(_start_up_flags(process_id=3))
   monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
   monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '2')
   with pytest.raises(app.UsageError, match=r'OMPI_COMM_WORLD_SIZE=2\) asks for') as error:
