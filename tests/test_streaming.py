@@ -730,3 +730,45 @@ def test_text_file_shards_of_other_files_are_refused_by_name(tmp_path, monkeypat
                       '--split=train'])
   assert exported['text_files'] == f'{tmp_path}/wiki/*.txt,{os.path.expanduser("~")}/b.txt'
   assert exported['validation_files'] == f'{tmp_path}/v.txt'
+
+
+def _quiet(monkeypatch):
+  monkeypatch.setattr(streaming_cli.metrics_writer, 'quiet_logs', lambda *a, **k: None)
+
+
+def test_export_passes_every_flag_to_the_exporter(tmp_path, monkeypatch):
+  """A worker of several exports only its parts, with the sizes and TFDS dir it was given
+  (without num_workers/worker_index every worker would export every part, racing on the
+  same files; without blocks_per_shard, shards of the default size)."""
+  _quiet(monkeypatch)
+  calls = []
+  monkeypatch.setattr(export_lib, 'export', lambda *a, **k: calls.append((a, k)))
+  code = streaming_cli.main([
+      'export', '--task=bert_sym_mlm_c4', f'--out_dir={tmp_path}', '--num_workers=4',
+      '--worker_index=2', '--num_parts=8', '--blocks_per_shard=7',
+      f'--tfds_data_dir={tmp_path}/tfds', '--vocab_path=/v/vocab.txt', '--max_seq_len=128'])
+  assert code == 0   # export: parts missing is not an error
+  assert [a for a, _ in calls] == [('bert_sym_mlm_c4', s, 128, str(tmp_path))
+                                   for s in ('train', 'validation')]
+  for _, kwargs in calls:
+    assert {k: kwargs.get(k) for k in ('num_workers', 'worker_index', 'num_parts',
+                                       'blocks_per_shard', 'tfds_data_dir', 'vocab_path')} == {
+        'num_workers': 4, 'worker_index': 2, 'num_parts': 8, 'blocks_per_shard': 7,
+        'tfds_data_dir': f'{tmp_path}/tfds', 'vocab_path': '/v/vocab.txt'}
+
+
+def test_finalize_finalizes_each_split_it_names(tmp_path, monkeypatch, capsys):
+  """`shards finalize --out_dir=...` (as launch/ runs it: default --split) writes each split's
+  metadata: a validation split never finalized would look complete to the launcher."""
+  _quiet(monkeypatch)
+  seen = []
+
+  def finalize(out_dir, split):
+    seen.append((out_dir, split))
+    return {'num_blocks': 1, 'num_tokens': 2} if split == 'train' else None
+  monkeypatch.setattr(export_lib, 'finalize', finalize)
+  code = streaming_cli.main(['finalize', f'--out_dir={tmp_path}'])
+  assert seen == [(str(tmp_path), 'train'), (str(tmp_path), 'validation')]
+  assert code == streaming_cli.PARTS_MISSING_EXIT_CODE   # validation still missing
+  out = capsys.readouterr().out
+  assert f'{tmp_path}/train: complete' in out and f'{tmp_path}/validation: parts still' in out

@@ -113,9 +113,10 @@ def test_relative_workdir_as_users_type_it(tmp_path):
   # A second `make demo` ends like the first, with the final eval loss (no new row).
   assert 'Already trained to step' in again.stdout
   assert f'Done: step {STEPS}. Final eval MLM loss' in again.stdout, again.stdout[-2000:]
+  assert re.search(rf'Checkpoint: \S*run/checkpoints/{STEPS}\b', again.stdout), again.stdout[-2000:]
   _assert_one_row_per_step(tmp_path / 'run')
   # Fewer steps asked than done: nothing trains, and config.json still describes the run
-  # (it was rewritten with the lower total_steps).
+  # (it is not rewritten with the lower total_steps).
   lower = run_trainer(relative, overrides=_overrides(total_steps=STEPS - 4))
   assert f'Already trained to step {STEPS} (config.total_steps={STEPS - 4})' in lower.stdout
   assert checkpoint.read_config(tmp_path / 'run').total_steps == STEPS
@@ -736,7 +737,8 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
   """Flags beside JAX_COORDINATOR_ADDRESS were dropped (auto-detection, which then found no
   process count); an Open MPI 5 job (no OMPI_MCA_orte_hnp_uri, which JAX reads) was told to
   'drop --distributed', a flag it never had."""
-  for name in [k for k in os.environ if k.startswith(('SLURM_', 'OMPI_', 'TPU_WORKER', 'JAX_COORDINATOR'))]:
+  for name in [k for k in os.environ
+               if k.startswith(('SLURM_', 'OMPI_', 'TPU_WORKER', 'JAX_COORDINATOR'))]:
     monkeypatch.delenv(name)
   jax.devices()   # this process's own backend, started before config.update is replaced
   settings = []   # (not this test process's own collectives)
@@ -1092,3 +1094,25 @@ def test_second_ctrl_c_quits_in_one_line(tmp_path):
   assert 'stopped by a second Ctrl-C without saving' in output
   assert 'Traceback' not in output and 'KeyboardInterrupt' not in output, output[-3000:]
   assert not (workdir / checkpoint.LOCK_FILE).exists()
+
+
+def test_zero_nonfinite_limit_is_refused_before_the_workdir_exists(tmp_path):
+  config = train_fixtures.tiny_config(max_consecutive_nonfinite=0)
+  with pytest.raises(train.RunError, match='max_consecutive_nonfinite=0 must be an integer >= 1'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_changed_config_is_named_when_config_json_is_rewritten(tmp_path, caplog):
+  """Resuming with other values must say which ones changed, not rewrite silently."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(tmp_path)
+  train._write_config(workdir, train_fixtures.tiny_config())  # pylint: disable=protected-access
+  with caplog.at_level(logging.WARNING):
+    train._write_config(  # pylint: disable=protected-access
+        workdir, train_fixtures.tiny_config(seed=7, total_steps=9))
+  warnings = [r.getMessage() for r in caplog.records if 'Config differs' in r.getMessage()]
+  assert len(warnings) == 1 and 'seed' in warnings[0] and 'total_steps' in warnings[0], warnings
+  assert checkpoint.read_config(workdir).seed == 7
