@@ -22,6 +22,7 @@ import os
 import pathlib
 import re
 import sys
+import time
 import traceback
 from typing import Callable, Sequence
 
@@ -235,7 +236,29 @@ def leave_a_multiprocess_run(code: int) -> None:
   if _one_of_several_processes():
     sys.stdout.flush()
     sys.stderr.flush()
+    _leave_together()
     os._exit(code)  # pylint: disable=protected-access
+
+
+# How long a leaving process waits for the others to leave too (an error every process met).
+LEAVE_TOGETHER_MS = 10_000
+
+
+def _leave_together() -> None:
+  """Process 0 serves jax.distributed's coordination service: gone first, it made a host
+  still on its way out of the same error abort (SIGABRT, "the JAX distributed service
+  detected fatal errors") instead of exiting with its own code. So the processes meet at a
+  short barrier and process 0 leaves last; a host that does not come (stuck in a collective
+  this one left, or gone) only delays the exit by the barrier's timeout."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  client = jax_distributed.global_state.client
+  try:
+    client.wait_at_barrier('bert_sym_leave', LEAVE_TOGETHER_MS)
+  except Exception:  # pylint: disable=broad-except
+    return
+  if jax.process_index() == 0:
+    time.sleep(2.0)   # the others' os._exit first
 
 
 def _one_of_several_processes() -> bool:
