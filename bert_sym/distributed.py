@@ -114,6 +114,14 @@ def initialize(cli: types.SimpleNamespace) -> None:
   if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
     # CPU-only multi-process (tests, debugging) needs a collectives backend.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # On SLURM GPUs, which local GPUs this task drives comes from CUDA_VISIBLE_DEVICES (see
+  # slurm_local_device_ids), with the flags or without.
+  local_device_ids = (None if os.environ.get('JAX_PLATFORMS', '') == 'cpu'
+                      else slurm_local_device_ids())
+  if local_device_ids is not None:
+    logging.info('SLURM task %s drives local GPUs %s (CUDA_VISIBLE_DEVICES=%s)',
+                 os.environ.get('SLURM_LOCALID'), local_device_ids,
+                 os.environ.get('CUDA_VISIBLE_DEVICES'))
   if address or count is not None or index is not None:
     if count is None or index is None:
       raise app.UsageError('--coordinator_address needs --num_processes and --process_id.'
@@ -127,9 +135,6 @@ def initialize(cli: types.SimpleNamespace) -> None:
     where = address or os.environ.get('JAX_COORDINATOR_ADDRESS') or 'the detected coordinator'
     print(f'Process {index} of {count}: waiting for all processes at '
           f'{where} (process 0 serves it there).', flush=True)
-    # Under srun, which local GPUs this task drives still comes from CUDA_VISIBLE_DEVICES.
-    local_device_ids = (None if os.environ.get('JAX_PLATFORMS', '') == 'cpu'
-                        else slurm_local_device_ids())
     try:
       jax.distributed.initialize(address, num_processes=count, process_id=index,
                                  **({'local_device_ids': local_device_ids}
@@ -138,14 +143,7 @@ def initialize(cli: types.SimpleNamespace) -> None:
       raise app.UsageError(f'jax.distributed.initialize: {e} Fix: pass '
                            '--coordinator_address=host:port (where process 0 serves).') from None
   else:
-    # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env; on SLURM
-    # GPUs, which local GPUs this task drives comes from CUDA_VISIBLE_DEVICES (see above).
-    local_device_ids = (None if os.environ.get('JAX_PLATFORMS', '') == 'cpu'
-                        else slurm_local_device_ids())
-    if local_device_ids is not None:
-      logging.info('SLURM task %s drives local GPUs %s (CUDA_VISIBLE_DEVICES=%s)',
-                   os.environ.get('SLURM_LOCALID'), local_device_ids,
-                   os.environ.get('CUDA_VISIBLE_DEVICES'))
+    # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env.
     print(f'Multi-process run ({trigger}): waiting for every process '
           '(jax.distributed.initialize with the coordinator found in the environment).',
           flush=True)

@@ -428,6 +428,7 @@ def test_a_gpu_host_with_libtpu_installed_is_not_sent_to_the_cpu(monkeypatch):
   """libtpu (for this file's compiles) on a GPU machine: no_tpu_here() made the trainer
   force jax_platforms=cpu, and conftest too, so the GPU tests would skip, not fail."""
   from bert_sym import gpu_flags  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('libtpu')   # (without it no_tpu_here() is False whatever the GPU)
   monkeypatch.delenv('JAX_PLATFORMS', raising=False)
   monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
   monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: 'jax_cuda12_plugin')

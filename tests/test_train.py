@@ -6,6 +6,7 @@ single-device run is shared by several tests as the reference.
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import re
@@ -18,6 +19,7 @@ import sys
 import time
 
 from absl import app
+from etils import epath
 import jax
 import numpy as np
 import optax
@@ -1106,8 +1108,6 @@ def test_zero_nonfinite_limit_is_refused_before_the_workdir_exists(tmp_path):
 
 def test_a_changed_config_is_named_when_config_json_is_rewritten(tmp_path, caplog):
   """Resuming with other values must say which ones changed, not rewrite silently."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  import logging  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(tmp_path)
   train._write_config(workdir, train_fixtures.tiny_config())  # pylint: disable=protected-access
   with caplog.at_level(logging.WARNING):

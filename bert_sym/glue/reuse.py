@@ -114,7 +114,7 @@ def finished_runs(output_dir, step_dir, config) -> dict:
       set_aside_results(output_dir, 'runs padded to the lengths of another seed list '
                         '(config.length_buckets pads every seed of a task to the longest '
                         'of all its seeds; --config.length_buckets=False does not)',
-                        only=stale)
+                        only=stale, previous=previous)
     return done
   return {(task, seed): run for task, seed, run in hosts.on_process_0(read)}
 
@@ -126,14 +126,15 @@ def _padded_with(run: dict, results: dict) -> list[int] | None:
   return None if seeds is None else [int(s) for s in seeds]
 
 
-def set_aside_results(output_dir, whose: str, only=None) -> None:
+def set_aside_results(output_dir, whose: str, only=None, previous=None) -> None:
   """Moves the results of an earlier run that this one will not reuse (glue_results.*,
   predictions/, the runs/<task>_seed<k>/ curves) into output_dir/replaced-<time>/, so that
   a rerun with another checkpoint or recipe never overwrites them. glue_results.json moves
   last: after a crash midway the next run still finds it and moves the rest.
 
-  `only`: the (task, seed) runs to move, the others staying in place; the moved runs'
-  rows are copied into replaced-<time>/glue_results.json first.
+  `only`: the (task, seed) runs of `previous` (glue_results.json as read) to move, the
+  others staying in place; the moved runs' rows are copied into
+  replaced-<time>/glue_results.json first.
   """
   output_dir = epath.Path(output_dir)
   stamp = int(time.time())   # and a number when a set-aside of this second is there
@@ -145,7 +146,6 @@ def set_aside_results(output_dir, whose: str, only=None) -> None:
     predictions = sorted(output_dir.glob('predictions/*.tsv'))
     last = [output_dir / 'glue_results.md', results_file]
   else:
-    previous = json.loads(results_file.read_text())
     moved = {}
     sections = (previous['runs'], previous.get(OTHER_SEEDS, {}))
     for task, seed in only:
