@@ -69,8 +69,9 @@ def all_finite(params):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
-def make_hooks(config, run, manager, evaluate, meter, input_position):
-  """Log, eval and save cadences; a save refuses non-finite params."""
+def make_hooks(config, run, manager, evaluate, meter, input_position, lineage=None):
+  """Log, eval and save cadences; a save refuses non-finite params. Every save records
+  `lineage` (checkpoint.extend_lineage): which start of the trainer wrote it."""
   def save(state, step):
     # Without an unhealthy streak, the loss of `step` was finite: the params from before
     # its update are good, and only the next loss would show the damage (onset step + 1).
@@ -78,7 +79,7 @@ def make_hooks(config, run, manager, evaluate, meter, input_position):
       raise loop.NonFiniteError(f'The parameters at step {step} are not finite; they were '
                                 'not saved.', meter.health.onset or step + 1)
     checkpoint.save(manager, step, state, input_position(), force=True,
-                    meter_state=meter_state(meter))
+                    meter_state=meter_state(meter), lineage=lineage)
     run.last_saved = step
 
   return loop.Hooks(
@@ -95,13 +96,15 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   preemption); returns the last step. Every save has finished (or failed loudly) after."""
   step = int(jax.device_get(state['step']))
   meter, prefetcher = make_meter(config, latest), None
-  load_meter_state(meter, run.saved_meter)
+  saved = run.saved or {}
+  load_meter_state(meter, saved.get('meter'))
+  lineage = checkpoint.extend_lineage(saved.get('lineage'), latest)   # this start's own id
   # Saved while a loss-spike streak was open, the checkpoint resumed from is no good one.
   resumed_good = latest if meter.health.onset is None else None
   run.keep_good.good_below = lambda: meter.health.good_below(resumed_from=resumed_good)
   # The position of the next batch the step consumes, not what was prefetched.
   position = lambda: prefetcher.state if prefetcher else data.train_iter.get_state()
-  hooks = make_hooks(config, run, manager, evaluate, meter, position)
+  hooks = make_hooks(config, run, manager, evaluate, meter, position, lineage)
   if step >= config.total_steps:
     run.console(f'Already trained to step {step} (config.total_steps={config.total_steps});'
                 ' nothing to do. Raise --config.total_steps to train further.')

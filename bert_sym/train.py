@@ -221,7 +221,7 @@ class _Run:
   writer: metrics_writer.MetricWriter
   eval_metrics: dict = dataclasses.field(default_factory=dict)
   last_saved: int | None = None
-  saved_meter: dict | None = None   # the restored checkpoint's (pretrain_loop.meter_state)
+  saved: dict | None = None   # the restored step's record: {'meter', 'lineage'} (restore)
   keep_good: checkpoint.KeepNewestGood = dataclasses.field(   # the loop says which are good
       default_factory=checkpoint.KeepNewestGood)
 
@@ -288,7 +288,7 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
   init_key, dropout_base_key = jax.random.split(jax.random.key(config.seed))
   dropout_base_key = steps.dropout_key(dropout_base_key, config.get('prng_impl', 'threefry'))
   with _user_errors(f'Checkpoint in {checkpoint.checkpoint_dir(workdir)}'):
-    manager, latest, state, data_state, run.saved_meter = checkpoint.restore_latest(
+    manager, latest, state, data_state, run.saved = checkpoint.restore_latest(
         workdir, config.checkpoint, spec.abstract, log=run.console, config=config,
         start_over=start_over, keep_good=run.keep_good)
   if latest is not None:

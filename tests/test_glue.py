@@ -134,6 +134,8 @@ def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
 
   results = json.loads((out / 'glue_results.json').read_text())
   assert results['step'] == 4 and results['devices'] == 2 and results['mesh']['data'] == 2
+  [[trainer_run, started_from]] = checkpoint.lineage_of(workdir / 'checkpoints' / '4')
+  assert started_from == -1 and results['checkpoint_run'] == trainer_run   # the sweep's history (test_a_sweep_*)
   assert results['model']['attention'] == 'pairwise'
   assert results['config']['learning_rate'] == 1e-5        # the paper's recipe by default
   for task, name in (('cola', 'cola'), ('stsb', 'stsb')):
@@ -1025,62 +1027,97 @@ def test_a_run_padded_for_another_seed_list_is_set_aside_and_trained_again(tmp_p
   assert list(suite.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
 
 
-def _scored_step(output_dir, workdir, step, written, tasks, seeds=(1, 2)):
+def _scored_step(output_dir, workdir, step, run, tasks=('rte',), seeds=(1, 2)):
+  """An earlier sweep's results for `step`, of a checkpoint written by trainer start `run`."""
   config = _config()
   folder = output_dir / f'step_{step:08d}'
-  folder.mkdir(parents=True)
+  folder.mkdir(parents=True, exist_ok=True)
   (folder / 'glue_results.json').write_text(json.dumps(
-      {'checkpoint': str(workdir / 'checkpoints' / str(step)), 'checkpoint_written': written,
+      {'checkpoint': str(workdir / 'checkpoints' / str(step)), 'checkpoint_run': run,
        'config': config.to_dict(), 'tasks': list(tasks), 'seeds': list(seeds), 'runs': {}}))
 
 
-def _committed_step(workdir, step, written):
-  (workdir / 'checkpoints' / str(step)).mkdir(parents=True)
-  (workdir / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA').write_text(
-      json.dumps({'commit_timestamp_nsecs': written}))
+def _present_step(workdir, step, lineage):
+  """A checkpoint step whose data_iter item records `lineage` (checkpoint.extend_lineage)."""
+  (workdir / 'checkpoints' / str(step) / 'data_iter').mkdir(parents=True, exist_ok=True)
+  (workdir / 'checkpoints' / str(step) / 'data_iter' / 'metadata').write_text(
+      json.dumps({'process_count': 1, 'states': [{}], 'lineage': lineage}))
 
 
-def test_a_sweep_keeps_rotated_steps_of_this_training_run_only(tmp_path):
+def test_a_sweep_keeps_rotated_steps_of_this_training_run_only(tmp_path, capsys):
   """A step scored earlier whose checkpoint is gone stays on the curve, but not one of a
-  workdir since rebuilt (it mixed two models on one curve), and not lost when the tasks or
-  seeds are given in another order or the directory holds tasks of other commands."""
+  workdir since trained anew (it mixed two models on one curve), and not lost when the
+  tasks or seeds are given in another order or the directory holds tasks of other
+  commands. Judged by heuristics on commit times before, a rebuilt workdir whose steps all
+  came after the old scored ones (old 2 and 4 gone, new 6 and 8) kept the old points."""
   config = _config(tasks='wnli,rte', seeds='2,1')
   workdir, out = tmp_path / 'run', tmp_path / 'sweep'
-  _scored_step(out, workdir, 2, 100, tasks=('rte', 'wnli', 'mrpc'))
-  _scored_step(out, workdir, 4, 200, tasks=('rte', 'wnli'))
-  _committed_step(workdir, 4, 200)   # step 2 rotated away; step 4 as scored
+  _scored_step(out, workdir, 2, 'a', tasks=('rte', 'wnli', 'mrpc'))
+  _scored_step(out, workdir, 4, 'a', tasks=('rte', 'wnli'))
+  _present_step(workdir, 4, [['a', -1]])   # step 2 rotated away; step 4 as scored
   assert list(sweep.scored_steps_gone(workdir, out, config, {4})) == [2]
-  # Rebuilt: step 4 committed again since (another model at the same path).
-  (workdir / 'checkpoints' / '4' / '_CHECKPOINT_METADATA').write_text(
-      json.dumps({'commit_timestamp_nsecs': 300}))
+  assert 'left off' not in capsys.readouterr().err
+  _present_step(workdir, 4, [['b', -1]])   # trained anew: another model at the same path
   assert not sweep.scored_steps_gone(workdir, out, config, {4})
-  # ...and on every later sweep, when step 4's results are the new model's own.
-  shutil.rmtree(out / 'step_00000004')
-  _scored_step(out, workdir, 4, 300, tasks=('rte', 'wnli'))
-  assert not sweep.scored_steps_gone(workdir, out, config, {4})
-  # Rebuilt to fewer steps: a gone step 6 committed before the present step 4.
-  _scored_step(out, workdir, 6, 150, tasks=('wnli', 'rte'))
-  assert 6 not in sweep.scored_steps_gone(workdir, out, config, {4})
-  assert not sweep.scored_steps_gone(workdir, out, _config(tasks='wnli,rte', seeds='1'), set())
+  assert 'step(s) 2 are left off the curve' in capsys.readouterr().err
+  shutil.rmtree(workdir / 'checkpoints' / '4')   # the new run's steps are all past the old
+  _present_step(workdir, 6, [['b', -1]])
+  _present_step(workdir, 8, [['b', -1]])
+  assert not sweep.scored_steps_gone(workdir, out, config, {6, 8})
+  # The results of other seeds are not this sweep's, whichever run wrote them.
+  _present_step(workdir, 8, [['a', -1]])
+  assert not sweep.scored_steps_gone(workdir, out, _config(tasks='wnli,rte', seeds='1'), {8})
 
 
 def test_a_sweep_drops_a_diverged_step_and_keeps_the_history_it_branched_from(tmp_path):
-  """Steps 2, 4, 6 scored; 6 set aside as diverged and the run resumed from 4: the old 6
-  is not the run's step 6, and 2 and 4 stay its history, before and after the new 6."""
+  """Steps 2, 4, 6 scored; 6 set aside (diverged or damaged) and the run resumed from 4:
+  the old 6 is not the run's step 6, and 2 and 4 stay its history, before and after the
+  new 6. A plain restart (resumed from its newest step) keeps every step before it."""
   config = _config(tasks='rte', seeds='1,2')
   workdir, out = tmp_path / 'run', tmp_path / 'sweep'
-  for step, written in ((2, 100), (4, 200), (6, 300)):
-    _scored_step(out, workdir, step, written, tasks=('rte',))
-  _committed_step(workdir, 4, 200)
-  diverged = workdir / 'damaged_checkpoints' / '6-1700000000-diverged'
-  diverged.mkdir(parents=True)
-  (diverged / '_CHECKPOINT_METADATA').write_text(json.dumps({'commit_timestamp_nsecs': 300}))
-  assert sorted(sweep.scored_steps_gone(workdir, out, config, {4})) == [2]
-  shutil.rmtree(workdir / 'checkpoints' / '4')   # rotated away; the new 6 and 8 present
-  _committed_step(workdir, 6, 400)
-  _committed_step(workdir, 8, 500)
-  assert sorted(sweep.scored_steps_gone(workdir, out, config, {6, 8})) == [2, 4]
-  assert not (out / 'older_builds.json').exists()
+  for step in (2, 4, 6):
+    _scored_step(out, workdir, step, 'a')
+  resumed = [['a', -1], ['b', 4]]
+  _present_step(workdir, 4, [['a', -1]])
+  _present_step(workdir, 8, resumed)   # the new 6 rotated away too
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {4, 8})) == [2]
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {8})) == [2, 4]
+  _scored_step(out, workdir, 6, 'b')   # the new 6, scored before it rotated away
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {8})) == [2, 4, 6]
+  # Resumed from 4 twice (the first resume wrote 6 and was set aside again): not b's 6.
+  _present_step(workdir, 8, resumed + [['c', 4]])
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {8})) == [2, 4]
+  # A newest step whose record does not read: the next newest says the history.
+  _present_step(workdir, 10, resumed)
+  (workdir / 'checkpoints' / '10' / 'data_iter' / 'metadata').write_text('{"cut')
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {8, 10})) == [2, 4]
+
+
+def test_a_sweep_leaves_out_results_that_name_no_training_run(tmp_path, capsys):
+  """Results scored before checkpoints recorded their run, or a workdir whose checkpoints
+  record none, cannot be placed in a history: left off the curve, and said."""
+  config = _config(tasks='rte', seeds='1,2')
+  workdir, out = tmp_path / 'run', tmp_path / 'sweep'
+  _scored_step(out, workdir, 2, None)
+  _present_step(workdir, 4, [['a', -1]])
+  assert not sweep.scored_steps_gone(workdir, out, config, {4})
+  _scored_step(out, workdir, 2, 'a')
+  _present_step(workdir, 4, None)
+  assert not sweep.scored_steps_gone(workdir, out, config, {4})
+  assert capsys.readouterr().err.count('step(s) 2 are left off the curve') == 2
+
+
+def test_lineage_places_each_step_at_the_start_that_wrote_it():
+  lineage = [['a', -1], ['b', 4], ['c', 4], ['d', 9]]
+  assert [checkpoint.written_by(lineage, s) for s in (0, 4, 5, 9, 10, 10**9)] == [
+      'a', 'a', 'c', 'c', 'd', 'd']
+  assert checkpoint.written_by([['b', 4]], 3) is None
+  fresh = checkpoint.extend_lineage(lineage, None)
+  resumed = checkpoint.extend_lineage(lineage, 12)
+  assert len(fresh) == 1 and fresh[0][1] == -1 and fresh[0][0] not in str(lineage)
+  assert resumed[:4] == lineage and resumed[4][1] == 12 and resumed[4][0] != fresh[0][0]
+  assert checkpoint.extend_lineage(None, 12)[0][1] == 12   # a step from before lineages
 
 
 def test_a_group_marker_cut_short_by_a_crash_is_reclaimed_not_a_crash(tmp_path):

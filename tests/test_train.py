@@ -304,7 +304,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
   _wait_for(lambda: _logged_step(workdir) >= 9, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert checkpoint.resolve_step_dir(workdir).name in ('8', '12')
+  killed_at = int(checkpoint.resolve_step_dir(workdir).name)
+  assert killed_at in (8, 12)
+  [[first_run, started_from]] = checkpoint.lineage_of(workdir / 'checkpoints' / '8')
+  assert started_from == -1
   with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
     f.write('{"step": 12, "train/lo')   # a row cut off by the kill (or by a full disk)
   result = run_trainer(workdir, overrides=_overrides())
@@ -312,6 +315,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
   assert "dropped 1 line(s) that are not JSON" in result.stderr
   _assert_params_equal(_final_params(workdir), _final_params(reference_run[0]))
   _assert_one_row_per_step(workdir)   # rows logged after step 8 were redone, not doubled
+  # The steps after the resume record the start that wrote them, after the first one's.
+  [first, (resumed_run, resumed_from)] = checkpoint.lineage_of(workdir / 'checkpoints' / '16')
+  assert first == [first_run, -1] and resumed_from == killed_at and resumed_run != first_run
 
 
 def _truncate_data_files(step_dir):
@@ -385,6 +391,9 @@ def test_start_over_and_verbosity_as_typed_on_the_command_line(tmp_path, referen
   assert 'Resumed' not in result.stdout
   assert absl_info.search(result.stdout + result.stderr), result.stderr[-3000:]
   assert checkpoint.finished_steps(workdir) == [4]
+  [[new_run, started_from]] = checkpoint.lineage_of(workdir / 'checkpoints' / '4')
+  assert started_from == -1   # a run of its own, not the one the damaged steps were
+  assert new_run not in str(checkpoint.lineage_of(reference_run[0] / 'checkpoints' / '16'))
   assert len(list(workdir.glob('metrics.jsonl.*.old'))) == 1
   assert _metrics(workdir)[0]['step'] == 0
 

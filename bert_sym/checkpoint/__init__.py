@@ -5,7 +5,8 @@ needed to read it; see `load_pretrained` and the README):
 
   state/       StandardSave of {'params', 'opt_state', 'step', 'rng'}  (rng = raw key data)
   data_iter/   JsonSave of {'process_count': N, 'states': [iterator.get_state() per process],
-               'meter': the run's health and unlogged steps (bert_sym.pretrain_loop)}
+               'meter': the run's health and unlogged steps (bert_sym.pretrain_loop),
+               'lineage': which start of the trainer wrote it and each earlier step}
 
 How orbax marks a step complete depends on the filesystem:
 
@@ -30,7 +31,7 @@ from bert_sym.checkpoint.core import (  # noqa: F401
     CheckpointReadError, CheckpointSaveError, write_config, read_config, flat_config,
     config_differences, absolute, checkpoint_dir, KeepNewestGood, make_manager, allgather_json,
     key_path_str, describe_error, is_closed_loop_error, is_step_dir, checkpoints_root,
-    finished_steps, written_at
+    finished_steps, written_at, lineage_of, extend_lineage, written_by
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401
     LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host

@@ -4,6 +4,7 @@ and writer opens, and which steps orbax has finished."""
 import json
 import os
 import re
+import uuid
 from typing import Any, Callable
 
 from etils import epath
@@ -248,3 +249,39 @@ def written_at(step_dir) -> int | None:
   except (OSError, ValueError):
     return None
   return metadata.get('commit_timestamp_nsecs') or metadata.get('init_timestamp_nsecs')
+
+
+# ---- Which training run wrote a step ----
+# The data_iter item's 'lineage': [[run id, step it started from], ...], one entry per start
+# of the trainer along this step's history (-1: a fresh start), the newest last. A step
+# written by entry i lies after that entry's start and at or before the next entry's. A
+# step of the same number written by any other start (a diverged or damaged step set aside
+# and trained again, a workdir deleted and rebuilt) has another run id: GLUE's sweep keeps a
+# scored step whose checkpoint is gone only if the lineage now in the workdir holds it.
+
+def lineage_of(step_dir) -> list | None:
+  """The step's lineage; None where it recorded none (written before bert_sym kept one)
+  or its JSON item does not read."""
+  try:
+    item = json.loads((epath.Path(step_dir) / DATA_ITER / 'metadata').read_text())
+    return item.get('lineage') or None
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def extend_lineage(lineage: list | None, started_from: int | None) -> list:
+  """The lineage this start of the trainer saves: the restored step's (None when it
+  recorded none) and a new run id, the same on every process (a collective)."""
+  run_id = allgather_json(uuid.uuid4().hex)[0]
+  if started_from is None:
+    return [[run_id, -1]]
+  return [*(lineage or []), [run_id, started_from]]
+
+
+def written_by(lineage: list, step: int) -> str | None:
+  """The run id of the start in `lineage` that wrote `step` (None: none of them)."""
+  ends = [start for _, start in lineage[1:]] + [float('inf')]
+  for (run_id, start), end in zip(lineage, ends):
+    if start < step <= end:
+      return run_id
+  return None

@@ -166,9 +166,9 @@ def config_hint(workdir, config) -> str:
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state
-            ) -> tuple[dict, Any, dict | None]:
+            ) -> tuple[dict, Any, dict]:
   """Restores `state` onto the shardings in `abstract_state` (any mesh), this host's data
-  state, and the run's saved meter (None in checkpoints from before it was saved).
+  state, and the run's own record: {'meter', 'lineage'} (None where a step saved none).
 
   `abstract_state` holds jax.ShapeDtypeStruct leaves with `.sharding` set: orbax reads
   each shard straight onto its device, whatever mesh the checkpoint was written from.
@@ -177,7 +177,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state
       STATE: ocp.args.StandardRestore(abstract_state),
       DATA_ITER: ocp.args.JsonRestore()}))
   data_item = restored[DATA_ITER]
-  states = data_item['states']
+  states, record = data_item['states'], {k: data_item.get(k) for k in ('meter', 'lineage')}
   if data_item['process_count'] != jax.process_count():
     # The iterator state is a position in the global batch sequence, the same on every
     # process, and MLMIterator.set_state accepts another process count as long as the
@@ -185,8 +185,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state
     logging.info('Checkpoint written by %d processes, resuming on %d: every process '
                  'resumes from the saved global input position.',
                  data_item['process_count'], jax.process_count())
-    return restored[STATE], states[0], data_item.get('meter')
-  return restored[STATE], states[jax.process_index()], data_item.get('meter')
+    return restored[STATE], states[0], record
+  return restored[STATE], states[jax.process_index()], record
 
 
 def _check_step(manager, step, abstract_state, hint) -> None:

@@ -17,17 +17,21 @@ from bert_sym.checkpoint.core import CheckpointSaveError, DATA_ITER, STATE, allg
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any, *,
-         force: bool = False, meter_state: dict | None = None) -> bool:
+         force: bool = False, meter_state: dict | None = None,
+         lineage: list | None = None) -> bool:
   """Saves (asynchronously if configured) and returns whether a save was started.
 
   Must be called by every process. Arrays are copied off the devices before this
   returns, so the caller may donate `state` to the next update step right away. A
   failure, here or in the previous background save, raises CheckpointSaveError.
-  `meter_state` (JSON) goes into the data_iter item beside the input positions.
+  `meter_state` (JSON) and `lineage` (core.extend_lineage) go into the data_iter item
+  beside the input positions.
   """
   data_item = {'process_count': jax.process_count(), 'states': allgather_json(data_state)}
   if meter_state is not None:   # the same on every process (pretrain_loop.meter_state)
     data_item['meter'] = meter_state
+  if lineage is not None:
+    data_item['lineage'] = lineage
   check_saves(manager)
   try:
     # orbax first waits for the previous (background) save: its failure surfaces here.

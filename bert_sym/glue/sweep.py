@@ -30,12 +30,6 @@ def checkpoint_steps(workdir) -> list[int]:
   return steps
 
 
-# Commit time (ns) at or before which a workdir's checkpoints are from an earlier build of
-# it (deleted and trained again): kept in the sweep's directory, as the results that told
-# it are replaced by the rebuild's own.
-_OLDER_BUILDS = 'older_builds.json'
-
-
 def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
   """{step: results} of steps an earlier sweep scored whose checkpoints are gone since
   (rotated away by keep_last while the trainer ran on): their results are on disk, for
@@ -63,52 +57,28 @@ def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
       continue
     if same:
       kept[step] = results
-  others = _other_runs_steps(workdir, output_dir, present, earlier, kept)
+  others = _other_runs_steps(workdir, present, kept)
   return {step: results for step, results in kept.items() if step not in others}
 
 
-def _other_runs_steps(workdir, output_dir, present, earlier, gone) -> set[int]:
-  """The `gone` steps that are not the history of the run whose steps are `present`.
-
-  Told by orbax's commit times. A step the trainer set aside (diverged, damaged, started
-  over: in damaged_checkpoints/ with its commit time) left the run's history. A rewrite
-  of a present step that the trainer did not branch off (diverged, damaged), or a gone
-  step committed before a present one of a lower step (one run commits in step order),
-  marks a rebuilt workdir: every commit up to then is an older build's, remembered in
-  output_dir/older_builds.json for the sweeps after this one.
-  """
+def _other_runs_steps(workdir, present, gone) -> set[int]:
+  """The `gone` steps that are not the history of the training run whose steps are
+  `present`: each result names the start of the trainer that wrote its checkpoint, and the
+  newest present step's lineage says which start wrote each step of its history
+  (checkpoint.lineage_of). A step diverged or damaged and set aside, or one of a workdir
+  deleted and trained again, was written by a start that lineage does not hold there."""
   ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
-  now = {p: checkpoint_lib.written_at(ckpt_dir / str(p)) for p in present}
-  set_aside, branched = set(), set()   # (step, commit time); branched: not started over
-  damaged_dir = ckpt_dir.parent / checkpoint_lib.DAMAGED_DIR
-  for folder in (damaged_dir.iterdir() if damaged_dir.is_dir() else []):
-    step = folder.name.split('-')[0]
-    if step.isdigit():
-      copy = (int(step), checkpoint_lib.written_at(folder))
-      set_aside.add(copy)
-      if not folder.name.endswith(checkpoint_lib.STARTED_OVER_SUFFIX):
-        branched.add(copy)
-  record = epath.Path(output_dir) / _OLDER_BUILDS
-  builds = json.loads(record.read_text()) if record.exists() else {}
-  older = builds.get(str(workdir), -1)
-  for step, written in now.items():   # a present step rewritten since a sweep scored it
-    before = earlier.get(step, {}).get('checkpoint_written')
-    if None not in (before, written) and before != written and (step, before) not in branched:
-      older = max(older, before)
-  others = set()
-  for step, results in gone.items():
-    written = results.get('checkpoint_written')
-    if written is None:
-      continue   # orbax recorded no time: nothing to tell runs apart
-    if (step, written) in set_aside:
-      others.add(step)
-    elif any(w is not None and (p > step) != (w > written) for p, w in now.items()):
-      older = max(older, written)
-  others |= {step for step, results in gone.items()
-             if results.get('checkpoint_written') is not None
-             and results['checkpoint_written'] <= older}
-  if older != builds.get(str(workdir), -1):
-    files.write_atomically(record, json.dumps(dict(builds, **{str(workdir): older})))
+  lineages = (checkpoint_lib.lineage_of(ckpt_dir / str(s)) for s in sorted(present)[::-1])
+  lineage = next(filter(None, lineages), None)
+  others = {step for step, results in gone.items()
+            if lineage is None or results.get('checkpoint_run') is None
+            or checkpoint_lib.written_by(lineage, step) != results['checkpoint_run']}
+  if others:
+    print(f'WARNING: GLUE sweep: the results of step(s) {", ".join(map(str, sorted(others)))} '
+          f'are left off the curve: their checkpoints are gone from {ckpt_dir}, and the '
+          'training run there did not write them (a diverged or damaged step trained again, '
+          'a workdir trained anew, or a checkpoint from before bert_sym recorded its run).',
+          file=sys.stderr, flush=True)
   return others
 
 
