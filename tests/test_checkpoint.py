@@ -396,6 +396,26 @@ def test_transient_read_error_is_retried_and_resumes_newest(tmp_path, trainer_ru
   assert _layout(workdir) == ([4, 8], [])
 
 
+def test_a_reader_retries_a_storage_error_then_names_it_in_one_line(tmp_path, trainer_run,
+                                                                   monkeypatch):
+  """GLUE's and export's read (load_pretrained): a transient error on every attempt is
+  retried READ_ATTEMPTS times, then said as itself; nothing is skipped or moved."""
+  workdir, _, _ = _copy(trainer_run, tmp_path)
+  calls = []
+
+  def failing(step_dir):
+    calls.append(step_dir)
+    raise OSError(5, 'Input/output error (simulated storage hiccup)')
+  monkeypatch.setattr(checkpoint.restoring, 'read_json_item', failing)
+  monkeypatch.setattr(checkpoint.restoring, 'BACKOFF_SECONDS', 0.0)
+  with pytest.raises(checkpoint.CheckpointReadError) as error:
+    checkpoint.load_pretrained(workdir)
+  message = str(error.value)
+  assert 'Input/output error' in message and 'does not look damaged' in message, message
+  assert len(calls) == checkpoint.READ_ATTEMPTS and set(calls) == {workdir / 'checkpoints' / '8'}
+  assert _layout(workdir) == ([4, 8], [])
+
+
 def test_persistent_read_error_stops_moves_nothing_keeps_metrics(tmp_path, trainer_run,
                                                                  monkeypatch):
   """Through the trainer: one readable line, the checkpoints and metrics.jsonl as they were."""
