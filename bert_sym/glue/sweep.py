@@ -8,7 +8,6 @@ from etils import epath
 import ml_collections
 
 from bert_sym import checkpoint as checkpoint_lib
-from bert_sym import files
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import hosts
 from bert_sym.glue import report
