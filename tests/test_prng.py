@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from bert_sym import config_check
-from bert_sym import optim, sharding, steps, train
+from bert_sym import sharding, steps, train
 from tests import train_fixtures
 
 IMPLS = ('threefry', 'rbg', 'unsafe_rbg')
