@@ -1072,13 +1072,28 @@ def test_a_sweep_keeps_rotated_steps_of_this_training_run_only(tmp_path, capsys)
 def test_a_sweep_drops_a_diverged_step_and_keeps_the_history_it_branched_from(tmp_path):
   """Steps 2, 4, 6 scored; 6 set aside (diverged or damaged) and the run resumed from 4:
   the old 6 is not the run's step 6, and 2 and 4 stay its history, before and after the
-  new 6. A plain restart (resumed from its newest step) keeps every step before it."""
+  new 6. A plain restart (resumed from its newest step) keeps every step before it. Before
+  the rerun, the set-aside 6 stayed on the curve (found by a review of the lineage)."""
   config = _config(tasks='rte', seeds='1,2')
   workdir, out = tmp_path / 'run', tmp_path / 'sweep'
   for step in (2, 4, 6):
     _scored_step(out, workdir, step, 'a')
-  resumed = [['a', -1], ['b', 4]]
   _present_step(workdir, 4, [['a', -1]])
+  # Set aside and not trained again yet (the run stopped there): disowned, off the curve.
+  diverged = workdir / 'damaged_checkpoints' / '6-1700000000-diverged'
+  _present_step(workdir, 6, [['a', -1]])
+  diverged.parent.mkdir()
+  (workdir / 'checkpoints' / '6').rename(diverged)
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {4})) == [2]
+  # ...also when its JSON item is what was damaged: told by orbax's commit time.
+  (diverged / 'data_iter' / 'metadata').write_text('{"cut')
+  (diverged / '_CHECKPOINT_METADATA').write_text(json.dumps({'commit_timestamp_nsecs': 300}))
+  results = json.loads((out / 'step_00000006' / 'glue_results.json').read_text())
+  (out / 'step_00000006' / 'glue_results.json').write_text(
+      json.dumps(dict(results, checkpoint_written=300)))
+  assert sorted(sweep.scored_steps_gone(workdir, out, config, {4})) == [2]
+  shutil.rmtree(diverged)
+  resumed = [['a', -1], ['b', 4]]
   _present_step(workdir, 8, resumed)   # the new 6 rotated away too
   assert sorted(sweep.scored_steps_gone(workdir, out, config, {4, 8})) == [2]
   shutil.rmtree(workdir / 'checkpoints' / '4')

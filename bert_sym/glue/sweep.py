@@ -64,19 +64,32 @@ def _other_runs_steps(workdir, present, gone) -> set[int]:
   """The `gone` steps that are not the history of the training run whose steps are
   `present`: each result names the start of the trainer that wrote its checkpoint, and the
   newest present step's lineage says which start wrote each step of its history
-  (checkpoint.lineage_of). A step diverged or damaged and set aside, or one of a workdir
-  deleted and trained again, was written by a start that lineage does not hold there."""
+  (checkpoint.lineage_of). A step diverged or damaged and set aside, then trained again,
+  or one of a workdir deleted and trained anew, was written by a start that lineage does
+  not hold there. A step set aside and not trained again (yet) is in damaged_checkpoints/:
+  the trainer disowned that model, so its point goes too (told by its run id, or by
+  orbax's commit time where its JSON item is what was damaged)."""
   ckpt_dir = checkpoint_lib.checkpoint_dir(workdir)
   lineages = (checkpoint_lib.lineage_of(ckpt_dir / str(s)) for s in sorted(present)[::-1])
   lineage = next(filter(None, lineages), None)
+  damaged_dir = ckpt_dir.parent / checkpoint_lib.DAMAGED_DIR
+  set_aside = set()   # (step, run id) and (step, commit time) of every step set aside
+  for folder in (damaged_dir.iterdir() if damaged_dir.is_dir() else []):
+    step = folder.name.split('-')[0]
+    if step.isdigit():
+      run_id = (checkpoint_lib.lineage_of(folder) or [[None]])[-1][0]
+      set_aside |= {(int(step), key) for key in (run_id, checkpoint_lib.written_at(folder))
+                    if key is not None}
   others = {step for step, results in gone.items()
             if lineage is None or results.get('checkpoint_run') is None
-            or checkpoint_lib.written_by(lineage, step) != results['checkpoint_run']}
+            or checkpoint_lib.written_by(lineage, step) != results['checkpoint_run']
+            or (step, results['checkpoint_run']) in set_aside
+            or (step, results.get('checkpoint_written')) in set_aside}
   if others:
     print(f'WARNING: GLUE sweep: the results of step(s) {", ".join(map(str, sorted(others)))} '
           f'are left off the curve: their checkpoints are gone from {ckpt_dir}, and the '
-          'training run there did not write them (a diverged or damaged step trained again, '
-          'a workdir trained anew, or a checkpoint from before bert_sym recorded its run).',
+          'training run there did not keep them (a diverged or damaged step set aside, a '
+          'workdir trained anew, or a checkpoint from before bert_sym recorded its run).',
           file=sys.stderr, flush=True)
   return others
 
