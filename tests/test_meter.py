@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bert_sym import checkpoint
 from bert_sym import loop
 from bert_sym import metrics_writer
 
@@ -457,3 +458,53 @@ def test_an_infinite_value_is_written_as_null_and_named():
   row = json.loads(metrics_writer.jsonl_row(1, {'l': float('inf'), 'm': float('-inf'),
                                                 'n': float('nan'), 'ok': 1.5}))
   assert row['nonfinite'] == ['l', 'm', 'n'] and row['l'] is None and row['ok'] == 1.5
+
+
+def test_a_signal_at_the_last_step_finishes_the_run_not_preempts_it():
+  """SIGTERM that lands on step == total_steps: the run is simply finished (exit 0), one
+  save, not a preemption exit 42 that makes a launcher rerun it."""
+  class PreemptedAtStep4:
+    signal_name = 'SIGTERM'
+
+    def reached(self, manager, step):
+      return step == 4
+
+  class Manager:
+    def wait_until_finished(self):
+      calls.append(('save finished', None))
+
+  calls = []
+  hooks = loop.Hooks(log=lambda step, *a: calls.append(('log', step)),
+                     save=lambda state, step: calls.append(('save', step)),
+                     log_every=0, save_every=0, console=lambda *a, **k: None)
+  meter = loop.Meter(4, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  state, step, preempted = loop.run(jnp.int32(0), 0, 4, _count_step, _Zeros(), meter, hooks,
+                                    PreemptedAtStep4(), Manager())
+  assert (int(state), step, preempted) == (4, 4, False)
+  assert calls == [('log', 4), ('save', 4)]
+
+
+def test_a_row_counts_the_non_finite_steps_of_its_interval():
+  meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     on_nonfinite='skip', num_devices=1)
+  bad = dict(_metrics(), **{'train/finite': np.bool_(False)})
+  for step, m in enumerate([_metrics(), bad, _metrics(), _metrics()], start=1):
+    meter.add(step, m)
+  scalars, _, _ = meter.row(4)
+  assert scalars['train/nonfinite_steps'] == 1
+
+
+def test_the_checkpoint_resumed_from_is_kept_before_any_step_is_judged():
+  """Resumed from step 8, no step judged yet: a rotation (keep_last=1) must not drop 8,
+  the only checkpoint known to be good."""
+  health = loop.StepHealth()
+  keep = checkpoint.KeepNewestGood()
+  keep.good_below = lambda: health.good_below(resumed_from=8)
+  Ckpt = type('Ckpt', (), {})
+  checkpoints = []
+  for s in (4, 8, 12):
+    c = Ckpt()
+    c.step = s
+    checkpoints.append(c)
+  assert keep.should_preserve(checkpoints, context=None) == [False, True, False]

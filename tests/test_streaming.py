@@ -772,3 +772,101 @@ def test_finalize_finalizes_each_split_it_names(tmp_path, monkeypatch, capsys):
   assert code == streaming_cli.PARTS_MISSING_EXIT_CODE   # validation still missing
   out = capsys.readouterr().out
   assert f'{tmp_path}/train: complete' in out and f'{tmp_path}/validation: parts still' in out
+
+
+# The shard format checks, read order and the finalize line (a mutation audit found them
+# untested: each test below fails with the check it names removed).
+
+def _read_rows(batch, blocks, rows):
+  """True where each batch row is blocks[rows[i]] (positions that were not picked for
+  masking are the block's own tokens)."""
+  truth = blocks.take(np.asarray(rows))
+  keep = batch['mlm_weights'] == 0
+  return bool((np.where(keep, batch['input_ids'], truth) == truth).all())
+
+
+def test_validation_is_read_in_block_order(small_corpus):
+  blocks = shard_reader.StreamingBlocks(str(small_corpus), 'validation')
+  it = _iterator(_config(str(small_corpus)), split='validation', batch_size=16)
+  for step in range(3):
+    assert _read_rows(next(it), blocks, np.arange(step * 16, step * 16 + 16))
+
+
+def test_train_with_shuffle_off_is_read_in_block_order(small_corpus):
+  blocks = shard_reader.StreamingBlocks(str(small_corpus), 'train')
+  it = _iterator(_config(str(small_corpus), shuffle=False), batch_size=16)
+  for step in range(3):
+    assert _read_rows(next(it), blocks, np.arange(step * 16, step * 16 + 16))
+  assert it.get_state()['shuffle'] == 'none'
+
+
+def test_train_with_shuffle_on_is_not_block_order(small_corpus):
+  blocks = shard_reader.StreamingBlocks(str(small_corpus), 'train')
+  it = _iterator(_config(str(small_corpus), shuffle=True), batch_size=16)
+  assert not _read_rows(next(it), blocks, np.arange(16))
+  assert it.get_state()['shuffle'] == shard_reader.SHUFFLE_KIND
+
+
+_SOURCES = ('streaming', 'shards')
+
+
+def _copy(small_corpus, tmp_path):
+  root = tmp_path / 'copy'
+  shutil.copytree(small_corpus, root)
+  metadata = json.loads((root / 'train' / 'metadata.json').read_text())
+  return root, metadata
+
+
+@pytest.mark.parametrize('source', _SOURCES)
+def test_another_shard_format_version_is_refused(small_corpus, tmp_path, source):
+  root, metadata = _copy(small_corpus, tmp_path)
+  metadata['format_version'] = shard_reader.SHARD_FORMAT_VERSION + 1
+  (root / 'train' / 'metadata.json').write_text(json.dumps(metadata))
+  with pytest.raises(DataError, match='shard format 2, this code reads 1; re-export'):
+    _iterator(_config(str(root), source=source))
+
+
+@pytest.mark.parametrize('source', _SOURCES)
+def test_a_vocab_txt_that_is_not_the_exported_one_is_refused(small_corpus, tmp_path, source):
+  """metadata.json's md5 is the config's, but vocab.txt was swapped: its tokens would
+  drive whole-word masking and the random replacements."""
+  root, _ = _copy(small_corpus, tmp_path)
+  vocab = root / 'train' / 'vocab.txt'
+  vocab.write_bytes(vocab.read_bytes().replace(b'\nthe\n', b'\nteh\n', 1))
+  with pytest.raises(DataError, match='vocab.txt: md5 differs from metadata.json'):
+    _iterator(_config(str(root), source=source))
+
+
+@pytest.mark.parametrize('source', _SOURCES)
+def test_a_fortran_order_shard_is_refused(small_corpus, tmp_path, source):
+  """Same shape and dtype, column-major bytes: read by byte range, every block would be
+  other tokens."""
+  root, metadata = _copy(small_corpus, tmp_path)
+  path = root / 'train' / metadata['shards'][0]['file']
+  np.save(path, np.asfortranarray(np.load(path)))
+  with pytest.raises(DataError, match='belongs to another export'):
+    _iterator(_config(str(root), source=source))
+
+
+@pytest.mark.parametrize('source', _SOURCES)
+def test_a_shard_with_extra_bytes_is_refused(small_corpus, tmp_path, source):
+  root, metadata = _copy(small_corpus, tmp_path)
+  path = root / 'train' / metadata['shards'][0]['file']
+  with open(path, 'ab') as f:
+    f.write(b'\0' * 128)
+  with pytest.raises(DataError, match=r'extra bytes: an interrupted copy or export'):
+    _iterator(_config(str(root), source=source))
+
+
+def test_a_missing_corpus_names_the_configured_task(tmp_path):
+  with pytest.raises(DataError, match=r"config\.data\.task='synthetic_test' reads exported "
+                     r'shards, but .*absent/train/metadata\.json cannot be read'):
+    _iterator(_config(str(tmp_path / 'absent')))
+
+
+def test_finalize_reports_the_blocks_and_tokens_of_the_split(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(streaming_cli.metrics_writer, 'quiet_logs', lambda *a, **k: None)
+  monkeypatch.setattr(export_lib, 'finalize',
+                      lambda out_dir, split: {'num_blocks': 7, 'num_tokens': 448})
+  assert streaming_cli.main(['finalize', f'--out_dir={tmp_path}', '--split=train']) == 0
+  assert f'{tmp_path}/train: complete, 7 blocks, 448 tokens' in capsys.readouterr().out

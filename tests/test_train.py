@@ -1125,3 +1125,44 @@ def test_a_changed_config_is_named_when_config_json_is_rewritten(tmp_path, caplo
   warnings = [r.getMessage() for r in caplog.records if 'Config differs' in r.getMessage()]
   assert len(warnings) == 1 and 'seed' in warnings[0] and 'total_steps' in warnings[0], warnings
   assert checkpoint.read_config(workdir).seed == 7
+
+
+def test_eval_reads_the_validation_split_and_training_the_train_split():
+  config = train_fixtures.tiny_config()
+  mesh = train.checked_mesh(config)
+  made = []
+
+  def make_iterator(data_config, *, split, **kwargs):
+    it = train_fixtures.make_synthetic_iterator(data_config, split=split, **kwargs)
+    made.append((split, it))
+    return it
+  run = types.SimpleNamespace(console=lambda *a, **k: None)
+  data = train._build_input(config, mesh, make_iterator, run)  # pylint: disable=protected-access
+  splits = {id(it): split for split, it in made}
+  assert splits[id(data.train_iter)] == 'train'
+  assert splits[id(data.eval_iter)] == 'validation'
+
+
+def test_extending_a_run_records_the_new_config(tmp_path):
+  """Resumed with a higher total_steps: config.json describes the run that continues (the
+  config `configs/from_json.py` reproduces), not the one it was started as."""
+  iterator = train_fixtures.make_synthetic_iterator
+  config = train_fixtures.tiny_config(total_steps=2, checkpoint__every_steps=2, eval_steps=0,
+                                      log_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path), make_iterator=iterator)
+  assert checkpoint.read_config(tmp_path).total_steps == 2
+  longer = train_fixtures.tiny_config(total_steps=4, checkpoint__every_steps=2, eval_steps=0,
+                                      log_every_steps=2)
+  train.train_and_evaluate(longer, str(tmp_path), make_iterator=iterator)
+  assert checkpoint.finished_steps(tmp_path)[-1] == 4
+  assert checkpoint.read_config(tmp_path).total_steps == 4
+
+
+def test_a_boolean_nonfinite_limit_is_refused(tmp_path):
+  config = train_fixtures.tiny_config()
+  with config.unlocked():
+    config.max_consecutive_nonfinite = True
+  with pytest.raises(train.RunError, match='max_consecutive_nonfinite=True must be an integer'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
+  assert not (tmp_path / 'run').exists()
