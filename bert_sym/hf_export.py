@@ -233,6 +233,9 @@ def check_out_dir(out_dir: str) -> None:
   fs, root = fsspec.core.url_to_fs(str(out_dir).rstrip('/'))
   if not fs.exists(root):
     return
+  if not fs.isdir(root):   # (fs.ls of a file lists the file: it read as its own content)
+    raise ValueError(f'--out_dir={out_dir} is a file, not a directory. Fix: --out_dir=a new '
+                     'or empty directory.')
   names = {posixpath.basename(p.rstrip('/')) for p in fs.ls(root, detail=False)}
   if not names:
     return

@@ -82,6 +82,10 @@ def test_out_dir_is_new_empty_or_an_earlier_export_which_is_replaced_whole(tmp_p
   with pytest.raises(ValueError, match=r'not empty \(notes.txt\) and holds no earlier export'):
     export.check_out_dir(str(tmp_path / 'other'))
   export.check_out_dir(str(tmp_path / 'new'))   # new, or empty: fine
+  for name in ('notes', 'vocab.txt'):   # a file: it was listed as its own content, and
+    (tmp_path / name).write_text('mine')   # one named as an export file passed the check
+    with pytest.raises(ValueError, match=f'--out_dir={tmp_path / name} is a file, not a dir'):
+      export.check_out_dir(str(tmp_path / name))
   cfg = tiny_config('standard')
   params = random_params(cfg, padded_batch(cfg.vocab_size, length=12))
   out = tmp_path / 'hf'
