@@ -324,12 +324,17 @@ def parse_flags(argv, default_config: str = 'sym_base.py'):
       _print_config_keys(argv, default_config)
     raise
   except (KeyError, AttributeError) as e:
-    found = re.search(r"([A-Za-z_]\w*)", str(e).replace('\\', ''))
-    key = found.group(1) if found else str(e)
-    culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
-    raise UserError(
-        f'unknown config key {key!r}{" in " + ", ".join(culprits) if culprits else ""}. '
-        'Fix: every key must exist in the config file (--help lists them).') from None
+    raise UserError(unknown_key_line(e, argv)) from None
+
+
+def unknown_key_line(error: Exception, argv) -> str:
+  """config_flags' KeyError for a mistyped --config.KEY (its repr holds quotes, newlines
+  and a "Did you mean"), as one line naming the key and the flag."""
+  found = re.search(r"([A-Za-z_]\w*)", str(error).replace('\\', ''))
+  key = found.group(1) if found else str(error)
+  culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
+  return (f'unknown config key {key!r}{" in " + ", ".join(culprits) if culprits else ""}. '
+          'Fix: every key must exist in the config file (--help lists them).')
 
 
 def _print_config_keys(argv, default_config: str) -> None:

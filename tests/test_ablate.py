@@ -279,7 +279,8 @@ def test_a_relative_data_path_is_no_config_difference(tmp_path, monkeypatch):
   """The trainer saves data paths made absolute; the same relative path asked again is the
   same config, not a 'trained with a config that differs' note on every rerun."""
   monkeypatch.chdir(tmp_path)
-  relative = ['--config.data.text_files=corpus/train.txt', '--config.data.shards_dir=shards']
+  relative = ['--config.data.task=bert_sym_mlm_text_files',
+              '--config.data.text_files=corpus/train.txt', '--config.data.shards_dir=shards']
   requested = ablate.resolve_config(os.path.join(fx.REPO_ROOT, fx.CONFIG), relative)
   saved = ml_collections.ConfigDict(json.loads(json.dumps(requested.to_dict())))
   saved.model.attention, saved.seed = 'pairwise', 3   # as the runner's run wrote it
@@ -374,8 +375,15 @@ def test_glue_stops_and_resumes_as_training_does(tmp_path, codes, stop_requested
 
 
 def test_bad_override_fails_before_training(tmp_path):
-  with pytest.raises(ablate.AblationError, match='no_such_key'):
-    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.no_such_key=1'])
+  """In the trainer's words: a mistyped key was a Python repr (quotes, a newline), and a
+  bad value passed to each run's trainer, which refused it after the run's folder existed."""
+  with pytest.raises(ablate.AblationError) as error:
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.model.atention=x'])
+  assert str(error.value) == (
+      "unknown config key 'atention' in --config.model.atention=x. Fix: every key must "
+      'exist in the config file (--help lists them).')
+  with pytest.raises(ablate.AblationError, match=r'config.total_steps=-5 must be'):
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.total_steps=-5'])
   with pytest.raises(ablate.AblationError, match='--variants'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.seed=3'])
   assert not list(tmp_path.iterdir())

@@ -45,9 +45,14 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
                                   lock_config=True, sys_argv=argv)
   try:
     values(argv)
-  except (flags.Error, KeyError, AttributeError, ValueError) as e:
-    raise AblationError(f'Cannot build the config {config} with {list(overrides)}: {e}. '
-                        f'Every key must exist in the config file (configs/common.py).') from e
+    config_check.check(values.config)   # the trainer's value checks, before any run
+  except (KeyError, AttributeError) as e:   # the trainer's line for a mistyped key
+    raise AblationError(config_check.unknown_key_line(e, argv)) from None
+  except config_check.ConfigError as e:
+    raise AblationError(str(e)) from None
+  except (flags.Error, ValueError) as e:
+    raise AblationError(f'Cannot build the config {config} with {list(overrides)}: {e}.'
+                        ) from None
   # As the trainer writes it to config.json: a relative data path differs from none.
   return config_check.absolute_data_paths(values.config)
 
