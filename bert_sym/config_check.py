@@ -327,14 +327,15 @@ def parse_flags(argv, default_config: str = 'sym_base.py'):
     raise UserError(unknown_key_line(e, argv)) from None
 
 
-def unknown_key_line(error: Exception, argv) -> str:
+def unknown_key_line(error: Exception, argv, lister: str = '--help') -> str:
   """config_flags' KeyError for a mistyped --config.KEY (its repr holds quotes, newlines
-  and a "Did you mean"), as one line naming the key and the flag."""
+  and a "Did you mean"), as one line naming the key, the flag, and the command (`lister`)
+  that lists the keys."""
   found = re.search(r"([A-Za-z_]\w*)", str(error).replace('\\', ''))
   key = found.group(1) if found else str(error)
   culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
   return (f'unknown config key {key!r}{" in " + ", ".join(culprits) if culprits else ""}. '
-          'Fix: every key must exist in the config file (--help lists them).')
+          f'Fix: every key must exist in the config file ({lister} lists them).')
 
 
 def _print_config_keys(argv, default_config: str) -> None:

@@ -381,7 +381,8 @@ def test_bad_override_fails_before_training(tmp_path):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.model.atention=x'])
   assert str(error.value) == (
       "unknown config key 'atention' in --config.model.atention=x. Fix: every key must "
-      'exist in the config file (--help lists them).')
+      f'exist in the config file (python -m bert_sym.train --config={fx.CONFIG} --help '
+      'lists them).')
   with pytest.raises(ablate.AblationError, match=r'config.total_steps=-5 must be'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.total_steps=-5'])
   with pytest.raises(ablate.AblationError, match='--variants'):

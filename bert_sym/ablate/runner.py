@@ -47,7 +47,8 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
     values(argv)
     config_check.check(values.config)   # the trainer's value checks, before any run
   except (KeyError, AttributeError) as e:   # the trainer's line for a mistyped key
-    raise AblationError(config_check.unknown_key_line(e, argv)) from None
+    raise AblationError(config_check.unknown_key_line(
+        e, argv, f'python -m bert_sym.train --config={config} --help')) from None
   except config_check.ConfigError as e:
     raise AblationError(str(e)) from None
   except (flags.Error, ValueError) as e:
