@@ -13,9 +13,11 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -1199,8 +1201,9 @@ def test_dev_predictions_come_back_in_the_dev_sets_order():
   got = finetune.predict(params, task, dev, config, sharding.make_mesh(config.mesh), pad_id=0)
   model = model_lib.BertForSequenceClassification(
       pretrained.config.model, num_labels=glue_data.TASKS[spec_name].num_labels)
-  for i, (ids, types) in enumerate(zip(dev.input_ids, dev.token_type_ids)):
-    logits = model.apply({'params': params}, ids[None], types[None], np.ones_like(ids)[None])
+  for i, (ids, segments) in enumerate(zip(dev.input_ids, dev.token_type_ids)):
+    logits = model.apply({'params': params}, ids[None], segments[None],
+                         np.ones_like(ids)[None])
     np.testing.assert_allclose(got[i], logits[0, 0], rtol=1e-4, atol=1e-5,
                                err_msg=f'example {i}')
   assert np.isfinite(got).all() and len(set(np.round(got, 2).tolist())) > 5, got
@@ -1220,3 +1223,175 @@ def test_train_batches_reshuffle_every_epoch_as_the_trainer_does():
   assert not np.array_equal(np.concatenate(finetune.train_batches(n, batch_size, 3.0, 2)),
                             np.concatenate(batches))
   assert len(finetune.train_batches(n, batch_size, 1.5, seed=1)) == 5
+
+
+# ---- From a mutation audit: each test fails with the check it names removed ----
+
+def _rows(run_dir):
+  path = run_dir / 'metrics.jsonl'
+  return [json.loads(l)['step'] for l in path.read_text().splitlines() if l.strip()] \
+      if path.exists() else []
+
+
+def _old_curve(run_dir, steps):
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / 'metrics.jsonl').write_text(
+      ''.join(json.dumps({'step': s, 'train/loss': 1.0}) + '\n' for s in steps))
+
+
+def test_a_fresh_run_replaces_old_curves(tmp_path):
+  run_dir = tmp_path / 'runs' / 'rte_seed1'
+  _old_curve(run_dir, [1, 2, 3, 4])
+  writer = finetune._metric_writer(run_dir, 0)   # pylint: disable=protected-access
+  writer.write_scalars(1, {'train/loss': 0.5})
+  writer.close()
+  assert _rows(run_dir) == [1]
+
+
+def test_a_resumed_run_drops_the_rows_after_its_step(tmp_path):
+  run_dir = tmp_path / 'runs' / 'rte_seed1'
+  _old_curve(run_dir, [1, 2, 3, 4])
+  writer = finetune._metric_writer(run_dir, 2)   # pylint: disable=protected-access
+  writer.write_scalars(3, {'train/loss': 0.5})
+  writer.close()
+  assert _rows(run_dir) == [1, 2, 3]
+
+
+def test_check_vocab_refuses_a_table_other_than_the_config(tmp_path):
+  config = ml_collections.ConfigDict({'model': {'vocab_size': 1000}})
+  table = np.zeros((1200, 4), np.float32)   # config says 1000 rows, the table has 1200
+  pretrained = finetune.Pretrained(
+      config, {'embeddings': {'word_embeddings': {'embedding': table}}}, str(tmp_path), 1)
+  tokenizer = types.SimpleNamespace(vocab_file='vocab.txt', md5='x', vocab_size=1000)
+  with pytest.raises(ValueError, match='Vocabulary mismatch'):
+    finetune.check_vocab(pretrained, tokenizer)
+  pretrained.encoder['embeddings']['word_embeddings']['embedding'] = table[:1000]
+  finetune.check_vocab(pretrained, tokenizer)   # consistent: accepted
+
+
+def test_a_seed_alone_is_padded_as_with_all_its_tasks_seeds():
+  """With length_buckets a seed trained alone (parallel_seeds=False, or resumed by itself)
+  pads each step to the longest batch among ALL the task's seeds, as the vmapped group does:
+  dropout masks follow the padded shape."""
+  lengths = [4] * 15 + [60]   # one long example: it lands in other steps for other seeds
+  train = glue_data.Encoded(
+      input_ids=[np.full(n, 7, np.int32) for n in lengths],
+      token_type_ids=[np.zeros(n, np.int32) for n in lengths],
+      labels=np.zeros(len(lengths), np.int32), idx=np.arange(len(lengths)))
+  config = ml_collections.ConfigDict(dict(batch_size=2, epochs=1.0, max_seq_len=64,
+                                          length_buckets=True))
+  seeds = [1, 2, 3]
+  together = finetune._Batches(train, config, seeds, 0, True, 0)   # pylint: disable=protected-access
+  alone = {s: finetune._Batches(train, config, [s], 0, False, 0, length_seeds=seeds)   # pylint: disable=protected-access
+           for s in seeds}
+  steps = finetune.num_train_steps(len(train), config.batch_size, config.epochs)
+  for _ in range(steps):
+    stacked = next(together)
+    for k, s in enumerate(seeds):
+      batch = next(alone[s])
+      assert batch['input_ids'].shape == stacked['input_ids'].shape[1:]
+      np.testing.assert_array_equal(batch['input_ids'], stacked['input_ids'][k])
+
+
+def _results_file(tmp_path, config, runs):
+  (tmp_path / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': 'CKPT', 'config': config.to_dict(), 'runs': runs}))
+
+
+def test_parse_seeds_drops_repeats_keeping_order():
+  assert reuse.parse_seeds('3,1,3, 1,2') == [3, 1, 2]
+
+
+def test_a_run_missing_one_of_its_prediction_files_is_redone(tmp_path):
+  config = glue_config.get_config('runlocal')
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'mnli_m_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  score = {'accuracy': 0.5, 'score': 50.0}
+  _results_file(tmp_path, config, {'mnli': {'1': {'scores': {'mnli_m': score, 'mnli_mm': score}}}})
+  assert not reuse.finished_runs(tmp_path, 'CKPT', config)   # mnli_mm never written
+  (tmp_path / 'predictions' / 'mnli_mm_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  assert list(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('mnli', 1)]
+
+
+@pytest.mark.parametrize('key, value', [
+    ('epochs', 5.0), ('batch_size', 32), ('learning_rate', 1e-4), ('max_seq_len', 64),
+    ('warmup_ratio', 0.0), ('weight_decay', 0.1), ('max_train_examples', 7),
+    ('max_eval_examples', 7), ('length_buckets', False)])
+def test_every_training_knob_is_part_of_the_recipe(tmp_path, key, value):
+  config = glue_config.get_config('runlocal')
+  assert config[key] != value, key
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  _results_file(tmp_path, config, {'rte': {'1': {'scores': {'rte': {'accuracy': 0.5,
+                                                               'score': 50.0}}}}})
+  assert list(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+  config[key] = value
+  assert not reuse.finished_runs(tmp_path, 'CKPT', config)   # set aside, trained again
+
+
+def _pretrained(**model):
+  config = train_fixtures.tiny_config(**{f'model__{k}': v for k, v in model.items()})
+  return finetune.Pretrained(config, {}, '/nowhere/checkpoints/4', 4)
+
+
+def test_a_max_seq_len_one_past_the_position_table_is_refused(monkeypatch):
+  monkeypatch.setattr(suite.finetune_lib, 'load_pretrained_encoder',
+                      lambda path: _pretrained(max_position_embeddings=32))
+  monkeypatch.setattr(suite.glue_data, 'WordPiece', lambda path: types.SimpleNamespace())
+  monkeypatch.setattr(suite.finetune_lib, 'check_vocab', lambda *a: None)
+  config = glue_config.get_config('runlocal')
+  config.update(dict(max_seq_len=32, length_buckets=False, attention_impl='xla'))
+  suite._checkpoint_and_tokenizer('CKPT', config)   # pylint: disable=protected-access
+  config.max_seq_len = 33
+  with pytest.raises(ValueError, match='max_seq_len=33 exceeds'):
+    suite._checkpoint_and_tokenizer('CKPT', config)   # pylint: disable=protected-access
+
+
+def test_sentence_pair_tasks_need_a_second_segment_embedding(monkeypatch, tmp_path):
+  monkeypatch.setattr(suite, '_checkpoint_and_tokenizer',
+                      lambda checkpoint, config: (_pretrained(type_vocab_size=1), None))
+  config = glue_config.get_config('runlocal')
+  config.update(dict(tasks='rte', seeds='1', glue_dir=str(real_data.FIXTURE_GLUE_DIR)))
+  with pytest.raises(ValueError, match='type_vocab_size=1: no segment embedding'):
+    suite.run_glue('CKPT', str(tmp_path / 'out'), config)
+
+
+def test_reused_tasks_join_the_recorded_task_list():
+  """A sweep keeps a rotated step only if its results list this command's tasks."""
+  results = {'runs': {}, 'tasks': ['rte']}
+  run = {'scores': {'wnli': {'accuracy': 0.5, 'score': 50.0}}}
+  suite._keep_finished_runs(results, {('wnli', 1): run, ('rte', 2): run}, [1])   # pylint: disable=protected-access
+  assert results['tasks'] == ['rte', 'wnli']
+  assert results['runs'] == {'wnli': {'1': run}}
+  assert results[suite.OTHER_SEEDS] == {'rte': {'2': run}}
+
+
+def _sweep_results(score):
+  return {'summary': glue_metrics.summarize({1: {'rte': score}})}
+
+
+def test_the_curve_is_in_step_order_with_rotated_steps_between(tmp_path, monkeypatch):
+  """Steps 1000 (kept by keep_every) and 5000 present, 2000 and 3000 scored earlier and
+  rotated away: the curve and the first step reaching the reference go by step."""
+  monkeypatch.setattr(sweep, 'checkpoint_steps', lambda workdir: [1000, 5000])
+  monkeypatch.setattr(sweep, 'scored_steps_gone',
+                      lambda *a: {2000: _sweep_results(90.0), 3000: _sweep_results(95.0)})
+  scores = {'00001000': 99.0, '00005000': 99.0}
+  monkeypatch.setattr(sweep.suite, 'run_glue',
+                      lambda ckpt, out, config, cache: _sweep_results(scores[out[-8:]]))
+  config = glue_config.get_config('runlocal')
+  points = sweep.run_sweep(tmp_path / 'run', tmp_path / 'sweep', config,
+                           reference_score=100.0)['points']
+  assert [p['step'] for p in points] == [1000, 2000, 3000, 5000]
+  summary = json.loads((tmp_path / 'sweep' / 'glue_vs_step.json').read_text())
+  assert summary['first_step_reaching_threshold'] == 1000
+
+
+def test_unreadable_or_foreign_step_folders_are_left_out(tmp_path):
+  config = glue_config.get_config('runlocal')
+  config.update(dict(tasks='rte', seeds='1'))
+  out = tmp_path / 'sweep'
+  for name, text in (('step_00000002', '{"cut'), ('step_notes', '{}')):
+    (out / name).mkdir(parents=True)
+    (out / name / 'glue_results.json').write_text(text)
+  assert sweep.scored_steps_gone(tmp_path / 'run', out, config, {4}) == {}

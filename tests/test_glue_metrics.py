@@ -209,3 +209,19 @@ def test_only_process_0_writes_the_outputs(tmp_path, monkeypatch):
   monkeypatch.setattr(report.jax, 'process_index', lambda: 0)
   report.write_on_process_0(tmp_path / 'x', 'y')
   assert (tmp_path / 'x').read_text() == 'y'
+
+
+# From a mutation audit (a partial GLUE table is not a complete one).
+
+def test_one_missing_task_keeps_glue_partial():
+  # All nine GLUE tasks but no WNLI: 'glue' is complete, 'glue_full' is not (9 of 10).
+  scores = {n: float(i + 1) for i, n in enumerate(glue_metrics.GLUE_SCORES)}
+  agg = glue_metrics.glue_aggregates(scores)
+  assert agg['glue'] == pytest.approx(5.0) and agg['glue_partial'] is None
+  assert agg['glue_full'] is None
+  assert agg['glue_full_partial'] == pytest.approx(5.0)
+  assert agg['glue_full_tasks'] == list(glue_metrics.GLUE_SCORES)
+  # Eight of nine: no headline GLUE either.
+  del scores['sst2']
+  agg = glue_metrics.glue_aggregates(scores)
+  assert agg['glue'] is None and agg['glue_partial'] == pytest.approx(4.5)
