@@ -3,6 +3,7 @@ determinism, O(1) resume, host sharding, exported shards == the in-memory (seqio
 TF-free import, and clear errors."""
 
 import json
+import hashlib
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from bert_sym.input import DataError
+from bert_sym.input import blocks
 from bert_sym.input import shard_reader
 from bert_sym.input import shard_writer as export_lib
 from bert_sym.input import iterator as data_lib
@@ -423,3 +425,131 @@ def test_validation_files_that_the_training_glob_also_matches_are_refused(tmp_pa
     sources.text_files_dataset_fn(f'{tmp_path}/wiki.*.tokens', validation_patterns=valid)
   sources.text_files_dataset_fn(str(tmp_path / 'wiki.train.tokens'), validation_patterns=valid)
   sources.text_files_dataset_fn(f'{tmp_path}/wiki.*.tokens')   # held out from the files
+
+
+# From a mutation audit: each test fails with the rule it names broken.
+
+def test_token_dtype_holds_every_id_of_the_vocabulary():
+  """uint16 only when every id 0..V-1 fits (V <= 65536); a 65,537-token vocabulary needs
+  int32, else id 65536 wraps to 0 ([PAD]) in the shards."""
+  for vocab_size in (30522, 2**16, 2**16 + 1, 100_000, 2**17):
+    dtype = blocks.token_dtype(vocab_size)
+    top = np.array([vocab_size - 1], np.int64)
+    assert int(top.astype(dtype)[0]) == vocab_size - 1, (vocab_size, dtype)
+  assert blocks.token_dtype(2**16) == np.uint16
+
+
+def test_an_id_equal_to_the_vocabulary_size_is_out_of_vocabulary():
+  out = np.array([[1, 2, 3], [4, 10, 0], [9, 9, 9]])
+  assert blocks.first_out_of_vocabulary(out, 10) == 1
+  assert blocks.first_out_of_vocabulary(out, 11) is None
+  assert blocks.first_out_of_vocabulary(out[[0, 2]], 10) is None
+
+
+def _data_config(max_seq_len):
+  config = common.base_config('tiny').data
+  config.update(dict(max_seq_len=max_seq_len))
+  return config
+
+
+def test_load_packed_counts_the_non_padding_tokens_and_keys_on_the_length():
+  """num_tokens (logged as the corpus size) is the count of non-[PAD] ids; packing the same
+  corpus at two lengths in one process gives blocks of each length."""
+  short = blocks.load_packed(_data_config(64), 'validation')
+  long = blocks.load_packed(_data_config(128), 'validation')
+  assert short.max_seq_len == 64 and long.max_seq_len == 128
+  for packed in (short, long):
+    every = packed.take(np.arange(len(packed)))
+    pad = packed.special['pad']
+    assert packed.num_tokens == int((every != pad).sum())
+    assert (every == pad).any()          # the last block is padded: the count differs
+  # the same token stream: each block adds [CLS] and [SEP] around its body
+  body = lambda p: p.num_tokens - 2 * len(p)
+  assert body(short) == body(long)
+
+
+def _docs(pattern, split='train', holdout_every=1000):
+  fn = sources.text_files_dataset_fn(pattern, holdout_every=holdout_every)
+  return [ex['text'].decode() for ex in fn(split, shuffle_files=False).as_numpy_iterator()]
+
+
+def test_old_mac_cr_line_endings_split_like_lf(tmp_path):
+  lines = [f'Document number {i} has some words.' for i in range(5)]
+  (tmp_path / 'lf.txt').write_bytes(('\n'.join(lines) + '\n').encode())
+  (tmp_path / 'cr.txt').write_bytes(('\r'.join(lines) + '\r').encode())
+  (tmp_path / 'crlf.txt').write_bytes(('\r\n'.join(lines) + '\r\n').encode())
+  for name in ('lf', 'cr', 'crlf'):
+    # (document 0 is held out for validation: i % holdout_every == 0)
+    assert _docs(str(tmp_path / f'{name}.txt')) == lines[1:], name
+    assert _docs(str(tmp_path / f'{name}.txt'), 'validation') == lines[:1], name
+
+
+def test_whitespace_only_lines_are_not_documents_and_do_not_shift_the_holdout(tmp_path):
+  """A form-feed line (old text files) is not a document: it neither becomes one nor
+  takes a place in the every-N-th hold-out count."""
+  lines = [f'Line {i} of real text here.' for i in range(6)]
+  with_ff = lines[:3] + ['\f'] + lines[3:]
+  (tmp_path / 'a.txt').write_text('\n'.join(with_ff) + '\n')
+  assert _docs(str(tmp_path / 'a.txt')) == lines[1:]
+  # holdout_every=2: documents 0, 2, 4 validation (counted over real documents only)
+  assert _docs(str(tmp_path / 'a.txt'), 'validation', 2) == lines[0::2]
+  assert _docs(str(tmp_path / 'a.txt'), 'train', 2) == lines[1::2]
+
+
+def test_embedded_validation_is_the_md5_little_endian_tenth_of_titles():
+  """The documented split rule, recomputed: md5(title)[:4] as a little-endian uint32 % 10
+  == 0 is validation (pins the split so recorded validation losses stay comparable)."""
+  articles = sources.embedded_articles()
+  want = [t for title, t in articles
+          if int.from_bytes(hashlib.md5(title.encode()).digest()[:4], 'little') % 10 == 0]
+  assert sources.embedded_documents('validation') == want
+  assert 0 < len(want) < len(articles)
+
+
+@pytest.fixture(scope='module')
+def two_corpora(tmp_path_factory):
+  root = tmp_path_factory.mktemp('text')
+  docs = [t.replace('\n', ' ') for t in sources.embedded_documents('train')[:12]]
+  for i in range(3):
+    (root / f'part-{i}.txt').write_text('\n'.join(docs[i::3]) + '\n', encoding='utf-8')
+  (root / 'other.txt').write_text('\n'.join(docs[:6]) + '\n', encoding='utf-8')
+  return str(root / 'part-*.txt'), str(root / 'other.txt')
+
+
+def _export_parts(out, files, **kwargs):
+  return export_lib.export('bert_sym_mlm_text_files', 'train', 64, str(out), text_files=files,
+                           num_parts=3, blocks_per_shard=40, **kwargs)
+
+
+def test_a_worker_exports_only_its_own_parts(tmp_path, two_corpora):
+  """worker i of N exports parts i, i+N, ...: worker 1 of 2 over 3 parts writes part 1 only."""
+  assert _export_parts(tmp_path, two_corpora[0], num_workers=2, worker_index=1) is None
+  manifests = sorted(p.name for p in (tmp_path / 'train').glob('part-?????.json'))
+  assert manifests == ['part-00001.json']
+
+
+def test_a_rerun_on_other_text_files_is_refused(tmp_path, two_corpora):
+  """The parts there were exported from other files: a rerun would mix two corpora."""
+  assert _export_parts(tmp_path, two_corpora[0]) is not None
+  with pytest.raises(DataError, match='holds an export with text_files='):
+    _export_parts(tmp_path, two_corpora[1])
+
+
+@pytest.mark.parametrize('key,other', [('max_seq_len', 128), ('vocab_md5', 'f' * 32)])
+def test_finalize_refuses_parts_of_different_exports(tmp_path, key, other):
+  """Two workers started with different settings at once (no manifest yet to check against):
+  finalize must not merge a 64-long part with a 128-long one, or two vocabularies."""
+  split = tmp_path / 'train'
+  for part in range(2):
+    length = other if (key == 'max_seq_len' and part == 1) else 64
+    writer = export_lib.PartWriter(str(split), part, 2, max_seq_len=length, dtype=np.uint16,
+                                   pad_id=0, blocks_per_shard=4)
+    writer.add(np.full((3, length), 5, np.uint16))
+    info = dict(task='bert_sym_mlm_embedded', split='train', vocab_md5='a' * 32,
+                vocab_size=30522, special_ids={'pad': 0})
+    if key == 'vocab_md5' and part == 1:
+      info['vocab_md5'] = other
+    writer.close(**info)
+  with pytest.raises(DataError, match=f'part 1 has {key}='):
+    export_lib.finalize(str(tmp_path), 'train')
+  assert not (split / 'metadata.json').exists()

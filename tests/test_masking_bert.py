@@ -17,7 +17,9 @@ too, and the blocks never put a '##' piece right after a token that is not a can
 
 import numpy as np
 import pytest
+from scipy import stats
 
+from bert_sym.input import DataError
 from bert_sym.input import masking
 from bert_sym.input import tokenizer as vocab_lib
 
@@ -150,3 +152,70 @@ def test_budget_counts_every_token_of_the_instance():
   assert (counts <= budget).all() and (counts == budget).mean() > 0.98
   full = lengths == L
   assert counts[full].sum() / lengths[full].sum() == pytest.approx(10 / 64, abs=1e-3)
+
+
+# From a mutation audit: each test fails with the rule it names broken.
+
+def _vocab_and_specials():
+  path = vocab_lib.default_vocab_file()
+  tokens = vocab_lib.read_vocab(path)
+  return tokens, vocab_lib.special_ids(tokens, path).as_dict()
+
+
+def test_a_three_token_row_still_gets_one_prediction():
+  """BERT: num_to_predict = max(1, int(round(n * rate))); for [CLS] word [SEP] (n=3,
+  round(0.45) = 0) that is 1, so the one word is always a target."""
+  tokens, special = _vocab_and_specials()
+  spec = masking.MaskSpec.from_vocab(tokens, special, max_predictions=20)
+  word = tokens.index('house')
+  L = 16
+  row = [special['cls'], word, special['sep']] + [special['pad']] * (L - 3)
+  blocks = np.array([row] * 50)
+  out = masking.mask_blocks(blocks, np.arange(50), 0, spec)
+  assert max(1, int(round(3 * 0.15))) == 1
+  np.testing.assert_array_equal(out['mlm_weights'].sum(1), np.ones(50))
+  assert (out['mlm_weights'][:, 1] == 1).all()
+  assert (out['mlm_targets'][:, 1] == word).all()
+
+
+def test_random_replacement_covers_every_id_of_a_small_vocabulary():
+  """The random 10% draws uniformly from ALL ids 0..V-1 (BERT: randint(0, V-1) inclusive),
+  the last id included. Small vocabulary so every id is seen many times."""
+  vocab = 7
+  maskable = np.ones(vocab, bool)
+  maskable[[0, 1]] = False     # pad=0, mask=1
+  spec = masking.MaskSpec(vocab_size=vocab, pad_id=0, mask_id=1, maskable=maskable,
+                          continuation=np.zeros(vocab, bool), mask_rate=0.5,
+                          max_predictions=64)
+  rng = np.random.default_rng(0)
+  blocks = rng.integers(2, vocab, size=(4000, 64)).astype(np.int32)
+  out = masking.mask_blocks(blocks, np.arange(len(blocks)), 3, spec)
+  selected = out['mlm_weights'] > 0
+  ids = out['input_ids'][selected]
+  orig = blocks[selected]
+  # Positions neither [MASK] nor left alone are the random draws that moved; together with
+  # the random draws that landed on the original id, the 'random' branch is uniform over V.
+  moved = ids[(ids != 1) & (ids != orig)]
+  counts = np.bincount(moved, minlength=vocab)
+  assert counts[vocab - 1] > 0, counts
+  # Ids 2..6 are the originals (uniform), so among moved draws they are equally likely;
+  # id 0 is never an original, so it is never 'unmoved': expected 5/4 of the others.
+  assert stats.chisquare(counts[2:]).pvalue > 1e-3, counts
+  assert counts[0] / counts[2:].mean() == pytest.approx(5 / 4, rel=0.08), counts
+
+
+@pytest.mark.parametrize('rate', [0.0, 1.0, -0.1, 1.5])
+def test_mask_rate_outside_the_open_interval_is_refused(rate):
+  tokens, special = _vocab_and_specials()
+  with pytest.raises(DataError, match='mask_rate'):
+    masking.MaskSpec.from_vocab(tokens, special, mask_rate=rate)
+
+
+def test_pretraining_blocks_are_one_segment():
+  """No NSP: every position is segment 0, also after an inner [SEP]."""
+  tokens, special = _vocab_and_specials()
+  spec = masking.MaskSpec.from_vocab(tokens, special)
+  word = tokens.index('house')
+  row = [special['cls'], word, word, special['sep'], word, word, special['sep'], special['pad']]
+  out = masking.mask_blocks(np.array([row] * 4), np.arange(4), 0, spec)
+  assert (out['token_type_ids'] == 0).all()

@@ -103,3 +103,68 @@ def test_classifier_loss_is_finite_with_a_padded_row():
                       batch['attention_mask'])['params']
   loss, _ = objectives.classifier_loss_fn(model, regression=False)(params, batch, None)
   assert np.isfinite(float(loss))
+
+
+# From a mutation audit: each test fails with the rule it names broken.
+
+_LEN = 32
+
+
+def _tiny_mlm(dropout):
+  cfg = model_config('tiny', 'pairwise')
+  cfg.update(vocab_size=200, dtype='float32', max_position_embeddings=_LEN, num_layers=1,
+             hidden_size=32, num_heads=2, mlp_dim=64, attention_impl='xla',
+             dropout_rate=dropout, attention_dropout_rate=0.0)
+  model = bert.BertForMaskedLM(cfg)
+  params = nn.meta.unbox(model.init(jax.random.key(0), *bert.dummy_inputs(1, _LEN))['params'])
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 200, (4, _LEN)).astype(np.int32)
+  weights = (rng.random((4, _LEN)) < 0.2).astype(np.float32)
+  weights[:, 3] = 1.0
+  batch = dict(input_ids=ids, token_type_ids=np.zeros_like(ids),
+               attention_mask=np.ones_like(ids), mlm_targets=ids, mlm_weights=weights)
+  return model, params, batch
+
+
+def test_the_training_loss_applies_dropout_when_given_a_dropout_key():
+  """mlm_loss_fn with a dropout key is the train-mode loss: it differs between keys and
+  from the eval-mode (key None) loss; with dropout_rate 0 they all agree."""
+  for sparse in (False, True):
+    model, params, batch = _tiny_mlm(dropout=0.3)
+    loss_fn = objectives.mlm_loss_fn(model, sparse=sparse, num_predictions=_LEN)
+    eval_loss = float(loss_fn(params, batch, None)[0])
+    a = float(loss_fn(params, batch, jax.random.key(1))[0])
+    b = float(loss_fn(params, batch, jax.random.key(2))[0])
+    assert a != eval_loss and b != eval_loss and a != b, (a, b, eval_loss)
+    model0, params0, batch0 = _tiny_mlm(dropout=0.0)
+    loss_fn0 = objectives.mlm_loss_fn(model0, sparse=sparse, num_predictions=_LEN)
+    np.testing.assert_allclose(float(loss_fn0(params0, batch0, jax.random.key(1))[0]),
+                               float(loss_fn0(params0, batch0, None)[0]), rtol=1e-6)
+
+
+def test_mlm_weight_of_a_batch_without_targets_is_one_not_zero():
+  """A batch with no targets (loss sum 0) must not be divided by 0 (NaN update)."""
+  batch = dict(mlm_weights=np.zeros((2, 8), np.float32))
+  assert float(objectives.mlm_weight(batch)) == 1.0
+  batch = dict(mlm_weights=np.ones((2, 8), np.float32))
+  assert float(objectives.mlm_weight(batch)) == 16.0
+
+
+def test_host_mlm_positions_are_in_sequence_order_on_long_rows():
+  """The first P selected positions, ascending, at realistic lengths (512)."""
+  rng = np.random.default_rng(0)
+  weights = (rng.random((16, 512)) < 0.15).astype(np.float32)
+  targets = rng.integers(1, 100, weights.shape).astype(np.int32)
+  out = objectives.host_mlm_positions(dict(mlm_weights=weights, mlm_targets=targets), 80)
+  for row in range(len(weights)):
+    expected = np.flatnonzero(weights[row])[:80]
+    n = len(expected)
+    np.testing.assert_array_equal(out['mlm_positions'][row, :n], expected)
+    np.testing.assert_array_equal(out['mlm_position_targets'][row, :n], targets[row, expected])
+    assert (out['mlm_position_weights'][row, n:] == 0).all()
+
+
+def test_glue_predictions_are_the_most_likely_class_or_the_regressors_output():
+  logits = jnp.array([[0.1, 2.0, -1.0], [3.0, 0.0, 1.0]])
+  np.testing.assert_array_equal(objectives.predictions(logits, False), [1, 0])
+  np.testing.assert_allclose(objectives.predictions(logits[:, :1], True), [0.1, 3.0])

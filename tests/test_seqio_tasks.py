@@ -244,3 +244,36 @@ def test_trainer_reads_the_registered_seqio_task(tmp_path):
   through_seqio, direct = take(documents=tasks.task_documents), take()
   for key in direct:
     np.testing.assert_array_equal(through_seqio[key], direct[key])
+
+
+# From a mutation audit: each test fails with the rule it names broken.
+
+def test_documents_parts_partition_a_function_source(tmp_path):
+  """Parts of a text-files task are disjoint and together the whole split, in order
+  (export with num_parts > 1 would otherwise repeat the corpus once per part)."""
+  lines = [f'Document {i} with a few words.' for i in range(1, 40)]
+  (tmp_path / 'a.txt').write_text('Held out one.\n' + '\n'.join(lines) + '\n')
+  tasks.register_text_files_task('bert_sym_test_parts', str(tmp_path / 'a.txt'))
+  read = lambda part, n: [e['text'].decode() for e in
+                          tasks.documents('bert_sym_test_parts', 'train', part, n).as_numpy_iterator()]
+  whole = read(0, 1)
+  assert whole == lines
+  parts = [read(p, 3) for p in range(3)]
+  assert sum(map(len, parts)) == len(whole)
+  assert sorted(sum(parts, [])) == sorted(whole)
+  assert parts[0] == whole[0::3]
+
+
+def test_mlm_features_of_two_lengths_are_refused():
+  with pytest.raises(ValueError, match='share one length'):
+    tasks._max_seq_len({'input_ids': 128, 'mlm_targets': 64})  # pylint: disable=protected-access
+  assert tasks._max_seq_len({'input_ids': 128, 'mlm_targets': 128}) == 128  # pylint: disable=protected-access
+
+
+def test_vocabularies_of_different_files_are_not_equal(tmp_path):
+  tokens = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'hello']
+  a, b = tmp_path / 'a.txt', tmp_path / 'b.txt'
+  a.write_text('\n'.join(tokens) + '\n')
+  b.write_text('\n'.join(tokens + ['world']) + '\n')
+  va, vb = tasks.get_vocabulary(str(a)), tasks.get_vocabulary(str(b))
+  assert va != vb and va == tasks.BertWordPieceVocabulary(str(a))

@@ -155,3 +155,21 @@ def test_remote_vocab_path_goes_through_gfile(tmp_path):
   vocabulary = seqio_tasks.get_vocabulary(path)
   assert vocabulary.tokens == tokens and vocabulary.special.mask == 4
   assert vocabulary.encode('Hellos bye') == [5, 6, 1]
+
+
+# From a mutation audit: each test fails with the rule it names broken.
+
+def test_a_vocab_txt_with_windows_line_endings_reads_like_hugging_face(tmp_path):
+  """A vocab.txt saved with CRLF: the tokens are those of the LF file (Hugging Face reads
+  it in text mode, universal newlines), so [PAD] etc. are found and ids agree."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  tokens = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'hello', '##s', 'world']
+  crlf = tmp_path / 'vocab.txt'
+  crlf.write_bytes(('\r\n'.join(tokens) + '\r\n').encode('utf-8'))
+  got = vocab_lib.read_vocab(str(crlf))
+  assert got == tokens
+  hf = transformers.BertTokenizer(vocab=str(crlf), do_lower_case=True)   # transformers>=5: vocab=
+  assert [hf.get_vocab()[t] for t in tokens] == list(range(len(tokens)))
+  special = vocab_lib.special_ids(got, str(crlf))
+  assert (special.pad, special.unk, special.cls, special.sep, special.mask) == (
+      hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id)
