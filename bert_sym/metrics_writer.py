@@ -179,10 +179,13 @@ class MetricWriter:
       return
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     # The writer's number keeps a second writer of this process in the same second (a
-    # notebook resuming) from overwriting the first one's file.
+    # notebook resuming) from overwriting the first one's file. TensorBoard reads the
+    # files in name order, and a restart's purge works only on the files before its own:
+    # zero-padded, writer 10 sorts after writer 9 (it sorted first, and the old plots
+    # came back).
     events_path = (f'{str(workdir).rstrip("/")}/tensorboard/events.out.tfevents.'
                    f'{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
-                   f'{next(_WRITER_NUMBERS)}')
+                   f'{next(_WRITER_NUMBERS):06d}')
     local = files.local_path(events_path)
     # Object stores (gs://): an open upload is invisible until closed (gcsfs; and epath
     # uses gcsfs without TensorFlow), so the events are kept here and the whole file is

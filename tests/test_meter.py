@@ -2,6 +2,7 @@
 hand-computed values (patched clock), the loop's order at a preemption, and
 metrics.jsonl across resumes, local and on an object store."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -325,11 +326,15 @@ def test_tensorboard_reads_every_row_before_the_writer_is_closed(tmp_path, where
   writer.close()
 
 
-def test_tensorboard_shows_a_resumed_run_once(tmp_path):
+def test_tensorboard_shows_a_resumed_run_once(tmp_path, monkeypatch):
   """A run killed after logging steps 2-6 but saving only step 3 redoes steps 4-6. The
   rows after 3 are dropped from metrics.jsonl; TensorBoard, which keeps the old event file,
-  showed them twice (..., 5, 6, 4, 5, 6) until the new file told it to purge them."""
+  showed them twice (..., 5, 6, 4, 5, 6) until the new file told it to purge them.
+  The three writers are the process's 9th-11th in one second: file names numbered 8, 9, 10
+  sorted 10 first, and TensorBoard showed the old plots again (a CI flake)."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(metrics_writer, '_WRITER_NUMBERS', itertools.count(8))
+  monkeypatch.setattr(metrics_writer.time, 'time', lambda: 1_796_000_000.0)
   first = metrics_writer.MetricWriter(tmp_path)
   for step in range(2, 7):
     first.write_scalars(step, {'train/loss': 10.0 - step})
