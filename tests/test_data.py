@@ -506,35 +506,6 @@ def test_embedded_validation_is_the_md5_little_endian_tenth_of_titles():
   assert 0 < len(want) < len(articles)
 
 
-@pytest.fixture(scope='module')
-def two_corpora(tmp_path_factory):
-  root = tmp_path_factory.mktemp('text')
-  docs = [t.replace('\n', ' ') for t in sources.embedded_documents('train')[:12]]
-  for i in range(3):
-    (root / f'part-{i}.txt').write_text('\n'.join(docs[i::3]) + '\n', encoding='utf-8')
-  (root / 'other.txt').write_text('\n'.join(docs[:6]) + '\n', encoding='utf-8')
-  return str(root / 'part-*.txt'), str(root / 'other.txt')
-
-
-def _export_parts(out, files, **kwargs):
-  return export_lib.export('bert_sym_mlm_text_files', 'train', 64, str(out), text_files=files,
-                           num_parts=3, blocks_per_shard=40, **kwargs)
-
-
-def test_a_worker_exports_only_its_own_parts(tmp_path, two_corpora):
-  """worker i of N exports parts i, i+N, ...: worker 1 of 2 over 3 parts writes part 1 only."""
-  assert _export_parts(tmp_path, two_corpora[0], num_workers=2, worker_index=1) is None
-  manifests = sorted(p.name for p in (tmp_path / 'train').glob('part-?????.json'))
-  assert manifests == ['part-00001.json']
-
-
-def test_a_rerun_on_other_text_files_is_refused(tmp_path, two_corpora):
-  """The parts there were exported from other files: a rerun would mix two corpora."""
-  assert _export_parts(tmp_path, two_corpora[0]) is not None
-  with pytest.raises(DataError, match='holds an export with text_files='):
-    _export_parts(tmp_path, two_corpora[1])
-
-
 @pytest.mark.parametrize('key,other', [('max_seq_len', 128), ('vocab_md5', 'f' * 32)])
 def test_finalize_refuses_parts_of_different_exports(tmp_path, key, other):
   """Two workers started with different settings at once (no manifest yet to check against):

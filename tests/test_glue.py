@@ -1239,22 +1239,17 @@ def _old_curve(run_dir, steps):
       ''.join(json.dumps({'step': s, 'train/loss': 1.0}) + '\n' for s in steps))
 
 
-def test_a_fresh_run_replaces_old_curves(tmp_path):
+@pytest.mark.parametrize('resumed_at, rows', [(0, [1]), (2, [1, 2, 3])])
+def test_a_fresh_run_replaces_old_curves_and_a_resumed_one_cuts_them(tmp_path, resumed_at,
+                                                                      rows):
+  """A fine-tune from step 0 replaces an earlier attempt's curve; one resumed at step 2
+  keeps its rows up to 2 and drops the rest (they are redone)."""
   run_dir = tmp_path / 'runs' / 'rte_seed1'
   _old_curve(run_dir, [1, 2, 3, 4])
-  writer = finetune._metric_writer(run_dir, 0)   # pylint: disable=protected-access
-  writer.write_scalars(1, {'train/loss': 0.5})
+  writer = finetune._metric_writer(run_dir, resumed_at)   # pylint: disable=protected-access
+  writer.write_scalars(resumed_at + 1, {'train/loss': 0.5})
   writer.close()
-  assert _rows(run_dir) == [1]
-
-
-def test_a_resumed_run_drops_the_rows_after_its_step(tmp_path):
-  run_dir = tmp_path / 'runs' / 'rte_seed1'
-  _old_curve(run_dir, [1, 2, 3, 4])
-  writer = finetune._metric_writer(run_dir, 2)   # pylint: disable=protected-access
-  writer.write_scalars(3, {'train/loss': 0.5})
-  writer.close()
-  assert _rows(run_dir) == [1, 2, 3]
+  assert _rows(run_dir) == rows
 
 
 def test_check_vocab_refuses_a_table_other_than_the_config(tmp_path):

@@ -173,29 +173,43 @@ def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(m
     assert eta == 12 - step
 
 
+class _SignalAt:
+  """A preemption flag that says SIGTERM came once the loop reaches `step`."""
+  signal_name = 'SIGTERM'
+
+  def __init__(self, step):
+    self.step = step
+
+  def reached(self, manager, step):
+    del manager
+    return step == self.step
+
+
+class _RecordingManager:
+  def __init__(self, calls):
+    self.calls = calls
+
+  def wait_until_finished(self):
+    self.calls.append(('save finished', None))
+
+
+def _recording_hooks(calls, **kwargs):
+  """Hooks that append (what, step) to `calls`, with no cadence of their own."""
+  return loop.Hooks(log=lambda step, *a: calls.append(('log', step)),
+                    save=lambda state, step: calls.append(('save', step)),
+                    log_every=0, save_every=0, console=lambda *a, **k: None, **kwargs)
+
+
 def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   """Spot TPUs give 30 s between the notice and the kill: that time is for the checkpoint.
   An eval due at the preempted step runs after the save has finished, not before it."""
-  class PreemptedAtStep3:
-    signal_name = 'SIGTERM'
-
-    def reached(self, manager, step):
-      del manager
-      return step == 3
-
-  class Manager:
-    def wait_until_finished(self):
-      calls.append(('save finished', None))
-
   calls = []
-  hooks = loop.Hooks(log=lambda step, *a: calls.append(('log', step)),
-                     save=lambda state, step: calls.append(('save', step)),
-                     log_every=0, save_every=0, console=lambda *a, **k: None,
-                     evaluate=lambda state, step: calls.append(('eval', step)), eval_every=1)
+  hooks = _recording_hooks(calls, evaluate=lambda state, step: calls.append(('eval', step)),
+                           eval_every=1)
   meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
                      num_devices=1)
   state, step, preempted = loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter, hooks,
-                                    PreemptedAtStep3(), Manager())
+                                    _SignalAt(3), _RecordingManager(calls))
   assert (int(state), step, preempted) == (3, 3, True)
   # The steps since the last row get their row: the resumed run starts after them.
   assert calls == [('eval', 1), ('eval', 2), ('log', 3), ('save', 3), ('save finished', None),
@@ -220,8 +234,7 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
                      num_devices=1)
   with pytest.raises(checkpoint.CheckpointSaveError, match='the disk is full'):
-    loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter, hooks, PreemptedAtStep3(),
-             manager)
+    loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter, hooks, _SignalAt(3), manager)
   assert calls == [('eval', 1), ('eval', 2), ('log', 3), ('save', 3)]
 
 
@@ -468,24 +481,12 @@ def test_an_infinite_value_is_written_as_null_and_named():
 def test_a_signal_at_the_last_step_finishes_the_run_not_preempts_it():
   """SIGTERM that lands on step == total_steps: the run is simply finished (exit 0), one
   save, not a preemption exit 42 that makes a launcher rerun it."""
-  class PreemptedAtStep4:
-    signal_name = 'SIGTERM'
-
-    def reached(self, manager, step):
-      return step == 4
-
-  class Manager:
-    def wait_until_finished(self):
-      calls.append(('save finished', None))
-
   calls = []
-  hooks = loop.Hooks(log=lambda step, *a: calls.append(('log', step)),
-                     save=lambda state, step: calls.append(('save', step)),
-                     log_every=0, save_every=0, console=lambda *a, **k: None)
   meter = loop.Meter(4, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
                      num_devices=1)
-  state, step, preempted = loop.run(jnp.int32(0), 0, 4, _count_step, _Zeros(), meter, hooks,
-                                    PreemptedAtStep4(), Manager())
+  state, step, preempted = loop.run(jnp.int32(0), 0, 4, _count_step, _Zeros(), meter,
+                                    _recording_hooks(calls), _SignalAt(4),
+                                    _RecordingManager(calls))
   assert (int(state), step, preempted) == (4, 4, False)
   assert calls == [('log', 4), ('save', 4)]
 

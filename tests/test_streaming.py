@@ -477,6 +477,20 @@ def _export(out, text_files, **kwargs):
                            text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
 
 
+def test_a_worker_exports_only_its_own_parts(tmp_path, text_files):
+  """worker i of N exports parts i, i+N, ...: worker 1 of 2 over 3 parts writes part 1 only."""
+  assert _export(tmp_path, text_files, num_workers=2, worker_index=1) is None
+  manifests = sorted(p.name for p in (tmp_path / 'train').glob('part-?????.json'))
+  assert manifests == ['part-00001.json']
+
+
+def test_a_rerun_on_other_text_files_is_refused(tmp_path, text_files):
+  """The parts there were exported from other files: a rerun would mix two corpora."""
+  assert _export(tmp_path, text_files) is not None
+  with pytest.raises(DataError, match='holds an export with text_files='):
+    _export(tmp_path, text_files.replace('part-*.txt', 'part-0.txt'))
+
+
 def _files(directory):
   return {p.name: p.read_bytes() for p in sorted(pathlib.Path(directory).iterdir())}
 

@@ -31,7 +31,7 @@ from bert_sym.checkpoint.core import (  # noqa: F401
     CheckpointReadError, CheckpointSaveError, write_config, read_config, flat_config,
     config_differences, absolute, checkpoint_dir, KeepNewestGood, make_manager, allgather_json,
     key_path_str, describe_error, is_closed_loop_error, is_step_dir, checkpoints_root,
-    finished_steps, written_at, lineage_of, extend_lineage, written_by
+    finished_steps, written_at, read_json_item, lineage_of, run_id_of, extend_lineage, written_by
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401
     LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host
@@ -41,7 +41,7 @@ from bert_sym.checkpoint.saving import (  # noqa: F401
 )
 from bert_sym.checkpoint.restoring import (  # noqa: F401
     DAMAGED_DIR, DIVERGED_SUFFIX, STARTED_OVER_SUFFIX, READ_ATTEMPTS, BACKOFF_SECONDS,
-    failure_kind, read_state_metadata, read_json_item, check_compatible, config_hint, restore,
+    failure_kind, read_state_metadata, check_compatible, config_hint, restore,
     set_aside_diverged, damaged_steps_found, NothingRestored, quiet_orbax_echoes,
     restore_latest, check_same_prng_impl
 )

@@ -259,14 +259,23 @@ def written_at(step_dir) -> int | None:
 # and trained again, a workdir deleted and rebuilt) has another run id: GLUE's sweep keeps a
 # scored step whose checkpoint is gone only if the lineage now in the workdir holds it.
 
+def read_json_item(step_dir) -> dict:
+  """The data_iter item, parsed (a missing or unparsable file is corruption)."""
+  return json.loads((epath.Path(step_dir) / DATA_ITER / 'metadata').read_text())
+
+
 def lineage_of(step_dir) -> list | None:
   """The step's lineage; None where it recorded none (written before bert_sym kept one)
   or its JSON item does not read."""
   try:
-    item = json.loads((epath.Path(step_dir) / DATA_ITER / 'metadata').read_text())
-    return item.get('lineage') or None
+    return read_json_item(step_dir).get('lineage') or None
   except (OSError, ValueError, AttributeError):
     return None
+
+
+def run_id_of(step_dir) -> str | None:
+  """The id of the start of the trainer that wrote the step (the newest in its lineage)."""
+  return (lineage_of(step_dir) or [[None]])[-1][0]
 
 
 def extend_lineage(lineage: list | None, started_from: int | None) -> list:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config, restore_on_every_host
+from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config, read_json_item, restore_on_every_host
 
 
 # ---- Restore: corruption is set aside, everything else is said and left in place ----
@@ -99,11 +99,6 @@ def read_state_metadata(step_dir) -> Any:
   if tree is None:
     raise DamagedCheckpoint(f'{step_dir}/{STATE} has no readable array metadata')
   return tree
-
-
-def read_json_item(step_dir) -> dict:
-  """The data_iter item, parsed (a missing or unparsable file is corruption)."""
-  return json.loads((epath.Path(step_dir) / DATA_ITER / 'metadata').read_text())
 
 
 def _shapes(tree) -> dict[str, tuple]:

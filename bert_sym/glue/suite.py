@@ -171,7 +171,7 @@ def _new_results(pretrained, config, mesh, seeds, specs) -> dict:
       'checkpoint': pretrained.step_dir, 'step': pretrained.step,
       'checkpoint_written': checkpoint_lib.written_at(pretrained.step_dir),
       # Which start of the trainer wrote it (checkpoint.lineage_of): the sweep's history.
-      'checkpoint_run': (checkpoint_lib.lineage_of(pretrained.step_dir) or [[None]])[-1][0],
+      'checkpoint_run': checkpoint_lib.run_id_of(pretrained.step_dir),
       'model': {k: model_cfg[k] for k in ('attention', 'num_layers', 'hidden_size',
                                           'num_heads', 'vocab_size')},
       'recipe': (f'{config.epochs:g} epoch(s), lr {config.learning_rate:g}, batch '

@@ -77,9 +77,8 @@ def _other_runs_steps(workdir, present, gone) -> set[int]:
   for folder in (damaged_dir.iterdir() if damaged_dir.is_dir() else []):
     step = folder.name.split('-')[0]
     if step.isdigit():
-      run_id = (checkpoint_lib.lineage_of(folder) or [[None]])[-1][0]
-      set_aside |= {(int(step), key) for key in (run_id, checkpoint_lib.written_at(folder))
-                    if key is not None}
+      keys = (checkpoint_lib.run_id_of(folder), checkpoint_lib.written_at(folder))
+      set_aside |= {(int(step), key) for key in keys if key is not None}
   others = {step for step, results in gone.items()
             if lineage is None or results.get('checkpoint_run') is None
             or checkpoint_lib.written_by(lineage, step) != results['checkpoint_run']
