@@ -21,7 +21,7 @@ RECORD ?= 0
 # "Test suite wall time"). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 3
 
-.PHONY: demo test export glue-local dry-run benchmarks clean
+.PHONY: demo test export glue-local dry-run benchmarks clean gpu-compiler
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,16 @@ $(VENV)/.runtime-installed: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-installed: requirements-test.txt requirements-tpu.txt $(VENV)/.runtime-installed
+$(VENV)/.test-installed: requirements-test.txt requirements-tpu.txt $(VENV)/.gpu-compiler-installed
 	$(BIN)/pip install -q -r requirements-test.txt -r requirements-tpu.txt
+	touch $@
+
+# The GPU compiler for `bert_sym.aot --topology=h100` on a machine without a GPU, kept out
+# of the venv's packages (requirements-gpu-compiler.txt says why): PYTHONPATH=$(VENV)/gpu-compiler.
+gpu-compiler: $(VENV)/.gpu-compiler-installed
+$(VENV)/.gpu-compiler-installed: requirements-gpu-compiler.txt $(VENV)/.runtime-installed
+	rm -rf $(VENV)/gpu-compiler
+	$(BIN)/pip install -q --no-deps --target $(VENV)/gpu-compiler -r requirements-gpu-compiler.txt
 	touch $@
 
 demo: $(VENV)/.runtime-installed

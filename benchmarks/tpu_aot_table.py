@@ -187,10 +187,15 @@ def update_results(args):
   if missing:
     lines += ['', 'Not run (out of time): ' + '; '.join(
         f'{c} {r} seq {s} {t}' for c, r, s, t in missing) + '.']
+  write_section(SECTION, lines)
+
+
+def write_section(title: str, lines: list[str]) -> None:
+  """Replaces the section of RESULTS.md headed `title` (appends it if absent)."""
   text = RESULTS.read_text()
   section = '\n'.join(lines) + '\n'
-  if SECTION in text:
-    head, tail = text.split(SECTION, 1)
+  if title in text:
+    head, tail = text.split(title, 1)
     rest = tail.split('\n## ', 1)
     text = head + section + ('\n## ' + rest[1] if len(rest) > 1 else '')
   else:

@@ -1,15 +1,19 @@
-r"""Compile the trainer's own steps for a TPU slice on any machine, before renting it.
+r"""Compile the trainer's own steps for a TPU slice or NVIDIA GPUs on any machine, before renting them.
 
   python -m bert_sym.aot --config=configs/sym_base.py:fast --topology=v5e-16
   python -m bert_sym.aot --config=configs/sym_base.py --topology=v4-32 --out=report.json \
       --config.mesh.fsdp=4
+  PYTHONPATH=.venv/gpu-compiler python -m bert_sym.aot --config=configs/sym_base.py:fast \
+      --topology=h200
 
-Needs `libtpu` (pip install -r requirements-tpu.txt); no TPU. The TPU compiler runs on
-this host for a slice of compile-only devices (`jax.experimental.topologies`), on the
+TPUs need `libtpu` (pip install -r requirements-tpu.txt); GPUs JAX's CUDA plugin
+(bert_sym/gpu.py). No TPU or GPU. The compiler runs on
+this host for compile-only devices (`jax.experimental.topologies`), on the
 same update and eval steps `bert_sym.train` jits (train.build_mlm_step: one definition
 for both), the same mesh, shardings and donation, with
-shapes only: nothing is allocated. Kernels are resolved for the TPU (attention_impl
-auto/splash -> the Mosaic splash kernel, model.dtype auto -> bfloat16), not for the host.
+shapes only: nothing is allocated. Kernels are resolved for the target, not the host
+(attention_impl auto -> the Mosaic splash kernel on TPU, cuDNN flash attention on GPU;
+model.dtype auto -> bfloat16); the compiled program's custom calls show which ran.
 
 It prints, and writes as JSON with --out: the slice, the mesh, the attention kernel,
 compile seconds, per-chip memory from the compiler (arguments, temporaries, outputs,
@@ -24,6 +28,7 @@ micro-batches of optimizer.grad_accum_steps > 1), so its figures, reported as th
 are low then, and the estimate's memory term is a lower bound.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -41,6 +46,7 @@ import numpy as np
 from bert_sym import attention
 from bert_sym import config_check
 from bert_sym import files
+from bert_sym import gpu
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
@@ -55,7 +61,8 @@ from bert_sym.input import masking
 _CONFIG = train._CONFIG  # pylint: disable=protected-access
 _TOPOLOGY = flags.DEFINE_string(
     'topology', None, 'The TPU slice: a Cloud TPU accelerator type (v4-32, v5e-16, '
-    'v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4).')
+    'v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4); or NVIDIA '
+    'GPUs: a100, h100, h200, or the GPUs of one host (h100-8).')
 _NUM_SLICES = flags.DEFINE_integer(
     'num_slices', 1, 'Slices joined over the data-center network (multi-slice).')
 _OUT = flags.DEFINE_string('out', None, 'Write the report as JSON to this file.')
@@ -114,6 +121,7 @@ COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
 # An HLO instruction '... = f32[..] all-reduce(...)' or its async '-start' half (the
 # '-done' half is the same collective, not counted twice).
 _COLLECTIVE_OP = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
+_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -135,41 +143,12 @@ def memory_report(compiled) -> dict[str, int]:
   return {k: int(v) for k, v in out.items()}
 
 
-def cost_report(compiled) -> dict[str, float]:
+def cost_report(compiled) -> dict[str, float] | None:
+  """None where the compiler gives none (the GPU compiler without a GPU)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # older jax: one per module
-  return {'flops': float(cost.get('flops', 0.0)),
-          'bytes_accessed': float(cost.get('bytes accessed', 0.0))}
-
-
-def _compile(jitted, *args):
-  start = time.perf_counter()
-  return jitted.lower(*args).compile(), time.perf_counter() - start
-
-
-_SIZE = r'([\d.]+)\s*([KMGT]?)i?B?'
-# The TPU compiler's two ways of saying it: 'Exceeded hbm capacity by 1.25G', and
-# 'the total memory required for HLO temporaries (145.25G) exceeds available HBM (15.75G)'.
-_OVER_BY = re.compile(r'[Ee]xceeded hbm capacity by ' + _SIZE, re.IGNORECASE)
-_NEEDED_VS_AVAILABLE = re.compile(
-    r'\(' + _SIZE + r'\) exceeds available HBM \(' + _SIZE + r'\)', re.IGNORECASE)
-_UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
-
-
-def _size(number: str, unit: str) -> int:
-  return int(float(number) * _UNITS[unit.upper()])
-
-
-def bytes_over(message: str) -> int | None:
-  """How far over HBM the compiler's out-of-memory message says the step is, if it does."""
-  found = _OVER_BY.search(message)
-  if found:
-    return _size(*found.groups())
-  found = _NEEDED_VS_AVAILABLE.search(message)
-  if found:
-    needed, available = _size(*found.groups()[:2]), _size(*found.groups()[2:])
-    return max(0, needed - available)
-  return None
+  return None if cost is None else {'flops': float(cost.get('flops', 0.0)),
+                                    'bytes_accessed': float(cost.get('bytes accessed', 0.0))}
 
 
 def fit_advice(config, num_slices: int = 1, data_parallel: int = 1) -> str:
@@ -177,7 +156,8 @@ def fit_advice(config, num_slices: int = 1, data_parallel: int = 1) -> str:
   With several slices the data axis must keep one entry per slice (sharding.make_mesh); a
   micro-batch must still split over the `data_parallel` chips (sharding.check_batch_size)."""
   knobs = []
-  if config.mesh.get('fsdp') is not None and config.mesh.fsdp == 1:
+  if (config.mesh.get('fsdp') is not None and config.mesh.fsdp == 1
+      and (data_parallel > 1 or num_slices > 1)):   # (one GPU: nothing to shard over)
     knobs.append(f'--config.mesh.fsdp=-1 --config.mesh.data={num_slices} (shard params and '
                  'Adam state over the chips' + (' of each slice)' if num_slices > 1 else ')'))
   accum, batch = config.optimizer.get('grad_accum_steps'), config.batch_size
@@ -209,7 +189,8 @@ def estimate(config, slice_: tpu.Slice, num_slices: int, device, step_bytes: flo
   """Roofline ESTIMATE of one step on one chip: max(FLOPs / peak, bytes / HBM bandwidth).
 
   FLOPs: the model's own count (model.train_flops_per_token x tokens per chip); bytes:
-  the compiler's per-chip bytes accessed: a lower bound if `loops` (loops_counted_once).
+  the compiler's per-chip bytes accessed: a lower bound if `loops` (loops_counted_once);
+  None (no memory term) where the compiler gives no cost analysis.
   """
   chips = slice_.chips * num_slices
   seq_len = config.data.max_seq_len
@@ -219,8 +200,9 @@ def estimate(config, slice_: tpu.Slice, num_slices: int, device, step_bytes: flo
   peak = metrics_writer.peak_flops_per_device(
       device, override=config.get('peak_flops_per_device', 0.0))
   flops = flops_per_token * tokens_per_chip
-  compute_s, memory_s = flops / peak, step_bytes / slice_.chip.hbm_bytes_per_s
-  step_s = max(compute_s, memory_s)
+  compute_s = flops / peak
+  memory_s = None if step_bytes is None else step_bytes / slice_.chip.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s or 0.0)
   return {
       'note': 'roofline estimate (not a measurement): max(model FLOPs / peak, compiler '
               'bytes accessed / HBM bandwidth); real steps are slower (MFU < 100%)',
@@ -228,8 +210,9 @@ def estimate(config, slice_: tpu.Slice, num_slices: int, device, step_bytes: flo
       'model_flops_per_token': flops_per_token,
       'model_flops_per_chip_per_step': flops, 'tokens_per_chip_per_step': tokens_per_chip,
       'compute_bound_s': compute_s, 'memory_bound_s': memory_s,
-      'memory_bound_is_lower_bound': bool(loops), 'loops_counted_once': loops,
-      'step_s': step_s, 'bound': 'compute' if compute_s >= memory_s else 'memory',
+      'memory_bound_is_lower_bound': bool(loops) and memory_s is not None,
+      'loops_counted_once': loops,
+      'step_s': step_s, 'bound': 'compute' if compute_s >= (memory_s or 0.0) else 'memory',
       'tokens_per_s_per_chip': tokens_per_chip / step_s,
       'total_steps': config.total_steps,
       'total_hours': config.total_steps * step_s / 3600,
@@ -248,7 +231,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   """
   slice_, devices = _slice_devices(config, topology, num_slices)
   report = _report_header(config, slice_, devices, num_slices)
-  with attention.target_backend('tpu'):
+  with attention.target_backend(slice_.chip.backend):
     try:
       built = build_steps(config, devices)
     except ValueError as e:   # the trainer's own readable mesh / batch / kernel errors
@@ -272,10 +255,12 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   if over is None and totals and not (unknown and max(totals) <= slice_.chip.hbm_bytes):
     over = max(0, max(totals) - slice_.chip.hbm_bytes)
   report['bytes_over_hbm'] = over   # None: out of memory without saying by how much
+  if slice_.chip.backend == 'gpu' and report['fits']:
+    report['memory_fraction_advice'] = gpu.memory_fraction_advice(max(totals), slice_.chip)
   if report['train_step'].get('memory') is not None:
-    report['estimate'] = estimate(
-        config, slice_, num_slices, devices[0],
-        report['train_step']['compiler_cost']['bytes_accessed'], loops_counted_once(report))
+    cost = report['train_step']['compiler_cost']
+    report['estimate'] = estimate(config, slice_, num_slices, devices[0],
+                                  cost and cost['bytes_accessed'], loops_counted_once(report))
   return report
 
 
@@ -296,6 +281,10 @@ def _slice_devices(config, topology: str, num_slices: int):
   if num_slices < 1:
     raise AotError(f'--num_slices={num_slices} must be >= 1.')
   try:
+    if gpu.is_gpu(topology):
+      slice_ = gpu.parse_topology(topology)
+      return slice_, gpu.compile_only_devices(slice_, num_slices,
+                                              xla_gpu_flags=config.get('xla_gpu_flags', True))
     slice_ = tpu.parse_topology(topology)
     return slice_, tpu.compile_only_devices(slice_, num_slices)
   except tpu.SliceError as e:
@@ -304,7 +293,7 @@ def _slice_devices(config, topology: str, num_slices: int):
 
 def _report_header(config, slice_, devices, num_slices: int) -> dict[str, Any]:
   return {
-      'topology': slice_.name, 'libtpu_topology': slice_.topology,
+      'topology': slice_.name, 'compiler_topology': slice_.topology,
       'device_kind': devices[0].device_kind, 'num_slices': num_slices,
       'chips': len(devices), 'hbm_bytes_per_chip': slice_.chip.hbm_bytes,
       'jax': jax.__version__, 'attention': config.model.attention,
@@ -319,27 +308,30 @@ def _report_header(config, slice_, devices, num_slices: int) -> dict[str, Any]:
 def _compile_report(jitted, args, name: str, executables: dict | None):
   """(the step's report, bytes over HBM if the compiler ran out of memory else None)."""
   try:
-    compiled, seconds = _compile(jitted, *args)
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError and kin)
     message = str(e)
     if 'RESOURCE_EXHAUSTED' not in message and 'hbm' not in message.lower():
       raise
-    return {'compiler_out_of_memory': message.splitlines()[0][:500]}, bytes_over(message)
+    return {'compiler_out_of_memory': message.splitlines()[0][:500]}, tpu.bytes_over_hbm(message)
   if executables is not None:
     executables[name] = compiled
   hlo = compiled.as_text()
   return {
       'compile_s': seconds, 'memory': memory_report(compiled),
       'collectives': count_collectives(hlo),
-      # Pallas kernels compiled by Mosaic for the TPU (splash): custom calls in the HLO.
-      'mosaic_kernels': hlo.count('custom_call_target="tpu_custom_call"'),
+      # The kernels outside XLA's fusions: Mosaic (splash: tpu_custom_call), cuDNN
+      # flash attention (__cudnn$fmhaSoftmax[Dropout][Backward]), by target.
+      'custom_calls': dict(collections.Counter(_CUSTOM_CALL.findall(hlo))),
       'compiler_cost': cost_report(compiled),
   }, None
 
 
 def summary(report: dict) -> str:
   lines = [
-      f"{report['topology']} ({report['libtpu_topology']}, {report['chips']} x "
+      f"{report['topology']} ({report['compiler_topology']}, {report['chips']} x "
       f"{report['device_kind']}, {report['num_slices']} slice(s)); mesh {report['mesh']}; "
       f"attention {report['attention']} with kernel {report['kernel']}, {report['dtype']}; "
       f"batch {report['batch_size']} x seq {report['seq_len']}"]
@@ -348,25 +340,29 @@ def summary(report: dict) -> str:
     if not part:
       continue
     if 'memory' not in part:
-      lines.append(f'{name}: the TPU compiler ran out of memory: '
+      lines.append(f'{name}: the compiler ran out of memory: '
                    f"{part['compiler_out_of_memory']}")
       continue
-    m = part['memory']
+    m, cost = part['memory'], part['compiler_cost']
     lines.append(
         f"{name}: compiled in {part['compile_s']:.1f} s; per chip {_human(m['total'])} of "
         f"{_human(report['hbm_bytes_per_chip'])} HBM (arguments {_human(m['arguments'])}, "
         f"temporaries {_human(m['temporaries'])}, outputs {_human(m['outputs'])}, "
-        f"aliased {_human(m['aliases'])}); collectives "
-        f"{part['collectives'] or 'none'}; compiler cost per chip "
-        f"{part['compiler_cost']['flops']:.3g} FLOPs, "
-        f"{part['compiler_cost']['bytes_accessed']:.3g} bytes" + (' (a loop body counted '
-        'once: low)' if loops_counted_once(report, eval_step=name == 'eval_step') else ''))
-  lines.append(f"fits: {report['fits']}")
+        f"aliased {_human(m['aliases'])}); collectives {part['collectives'] or 'none'}; "
+        f"custom calls {part['custom_calls'] or 'none'}; " + (
+            f"compiler cost per chip {cost['flops']:.3g} FLOPs, {cost['bytes_accessed']:.3g} "
+            f"bytes" if cost else 'no compiler cost analysis (none without the device)') + (
+            ' (a loop body counted once: low)'
+            if cost and loops_counted_once(report, eval_step=name == 'eval_step') else ''))
+  lines.append(f"fits: {report['fits']}" + (f"; but {report['memory_fraction_advice']}"
+                                            if report.get('memory_fraction_advice') else ''))
   est = report.get('estimate')
   if est:
     loops = ' and '.join(est['loops_counted_once'])
     lower = (f'; the memory term is a lower bound: the compiler counts the loop body of '
-             f'{loops} once' if loops else '')
+             f'{loops} once' if est['memory_bound_is_lower_bound'] else '')
+    if est['memory_bound_s'] is None:
+      lower = '; FLOPs only: no memory term without the compiler\'s cost analysis'
     lines.append(
         f"ESTIMATE (roofline, not measured): {est['step_s'] * 1e3:.1f} ms/step "
         f"({est['bound']}-bound{lower}), {est['tokens_per_s_per_chip']:,.0f} tokens/s per "
@@ -382,8 +378,11 @@ def main(argv):
                          '--config=configs/sym_base.py --topology=v5e-16')
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present, import_tf=False)
   # Nothing runs on this host: keep JAX off any local accelerator (a TPU VM's chips stay
-  # free for its trainer); the slice's devices come from libtpu, for compiling only.
+  # free for its trainer); the target's devices come from libtpu or the CUDA plugin, for
+  # compiling only. Their executables cannot be loaded from a persistent compilation cache
+  # (no client to load them into: a warning per step), nor are they ever run: no cache.
   jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_enable_compilation_cache', False)
   config = _CONFIG.value
   if _OUT.value:   # checked before compiling, which can take minutes
     if os.path.isdir(_OUT.value):

@@ -34,6 +34,7 @@ class Chip:
   chip_config: str          # 'megacore': the chip's two TensorCores act as one device
   hbm_bytes: int
   hbm_bytes_per_s: float
+  backend: str = 'tpu'      # the JAX backend its kernels are resolved for
 
 
 GiB = 1024 ** 3
@@ -50,8 +51,8 @@ GENERATION_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6lite': 'v6e', 'v5'
 @dataclasses.dataclass(frozen=True)
 class Slice:
   name: str                 # as the user typed it
-  chip: Chip
-  topology: str             # libtpu's name, e.g. 'v5e:4x4'
+  chip: Chip                # or a gpu.Gpu (bert_sym/gpu.py)
+  topology: str             # libtpu's name, e.g. 'v5e:4x4' (GPUs: the CUDA plugin's '1x1x8')
   chips: int
 
 
@@ -118,6 +119,31 @@ def parse_topology(name: str) -> Slice:
     grid = _grid(chips, chip.dims)
   return Slice(name, chip, f'{chip.topology_prefix}:{"x".join(map(str, grid))}',
                math.prod(grid))
+
+
+_SIZE = r'([\d.]+)\s*([KMGT]?)i?B?'
+# The TPU compiler's two ways of saying it: 'Exceeded hbm capacity by 1.25G', and
+# 'the total memory required for HLO temporaries (145.25G) exceeds available HBM (15.75G)'.
+_OVER_BY = re.compile(r'[Ee]xceeded hbm capacity by ' + _SIZE, re.IGNORECASE)
+_NEEDED_VS_AVAILABLE = re.compile(
+    r'\(' + _SIZE + r'\) exceeds available HBM \(' + _SIZE + r'\)', re.IGNORECASE)
+_UNITS = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+
+
+def _size(number: str, unit: str) -> int:
+  return int(float(number) * _UNITS[unit.upper()])
+
+
+def bytes_over_hbm(message: str) -> int | None:
+  """How far over HBM the compiler's out-of-memory message says the step is, if it does."""
+  found = _OVER_BY.search(message)
+  if found:
+    return _size(*found.groups())
+  found = _NEEDED_VS_AVAILABLE.search(message)
+  if found:
+    needed, available = _size(*found.groups()[:2]), _size(*found.groups()[2:])
+    return max(0, needed - available)
+  return None
 
 
 def compile_only_devices(slice_: Slice, num_slices: int = 1) -> list:

@@ -20,7 +20,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'bert_sym'
 # package and everything in it).
 FLOW = (
     ('config', ('bert_sym.cli', 'bert_sym.sharding', 'bert_sym.distributed', 'bert_sym.files',
-                'bert_sym.tpu', 'bert_sym.gpu_flags')),
+                'bert_sym.tpu', 'bert_sym.gpu', 'bert_sym.gpu_flags')),
     ('input', ('bert_sym.input.*',)),
     ('model', ('bert_sym.attention', 'bert_sym.model')),
     ('steps', ('bert_sym.optim', 'bert_sym.objectives', 'bert_sym.steps')),

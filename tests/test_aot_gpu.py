@@ -1,0 +1,175 @@
+"""bert_sym.aot for NVIDIA GPUs: the trainer's steps compiled by XLA's GPU compiler on this
+CPU host, for an H100 or H200 described by its spec (bert_sym/gpu.py).
+
+The compiler is JAX's CUDA plugin with cuDNN, which `make test` installs into
+.venv/gpu-compiler (requirements-gpu-compiler.txt); once on the path the plugin loads into
+every JAX process, so only the compiling subprocesses get PYTHONPATH=.venv/gpu-compiler.
+The memory figures are checked against what an H200 measured for the same steps
+(benchmarks/results/accelerator_nvidia-h200_2026-11-26*.json), an independent reference.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bert_sym import gpu
+from bert_sym import gpu_flags
+from bert_sym import tpu
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_COMPILER = os.path.join(sys.prefix, 'gpu-compiler')
+H200_RUNS = [os.path.join(REPO_ROOT, 'benchmarks', 'results', name) for name in (
+    'accelerator_nvidia-h200_2026-11-26.json', 'accelerator_nvidia-h200_2026-11-26_seq512.json')]
+# The plugin's and compiler's own C++ log lines (the plugin's start-up on a machine without
+# a GPU: 'cudart_stub.cc:31] Could not find cuda drivers'), not this program's output.
+CPP_LOG = re.compile(r'^[IWEF]\d{4} .*\.cc:\d+\]|absl::InitializeLog\(\)')
+TINY_ON_GPU = ('--config=configs/tiny.py', '--config.model.dtype=auto')   # bf16: cuDNN's
+
+
+def run_aot(*flags, gpu_compiler=True):
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS', None)   # the session's fast-CPU-compile flag is not the trainer's
+  if gpu_compiler:
+    if not os.path.isdir(GPU_COMPILER):
+      pytest.skip(f'needs the GPU compiler in {GPU_COMPILER}: make gpu-compiler')
+    env['PYTHONPATH'] = os.pathsep.join([GPU_COMPILER, REPO_ROOT])
+  return subprocess.run([sys.executable, '-m', 'bert_sym.aot', *flags], cwd=REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+def our_stderr(result) -> list[str]:
+  return [l for l in result.stderr.splitlines()
+          if l.strip() and not CPP_LOG.search(l)]
+
+
+def compiled_report(tmp_path, *flags) -> dict:
+  out = tmp_path / 'report.json'
+  result = run_aot(*flags, f'--out={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert not our_stderr(result), our_stderr(result)   # auto's choice is logged at INFO
+  return json.loads(out.read_text())
+
+
+# ---- Names (no compile) ----
+
+@pytest.mark.parametrize('name, topology, gpus, kind', [
+    ('h100', '1x1x1', 1, 'NVIDIA H100 80GB HBM3'), ('H200-8', '1x1x8', 8, 'NVIDIA H200'),
+    ('a100-4', '1x1x4', 4, 'NVIDIA A100-SXM4-80GB')])
+def test_gpu_names_map_to_the_plugin_s_topology(name, topology, gpus, kind):
+  slice_ = gpu.parse_topology(name)
+  assert gpu.is_gpu(name) and not gpu.is_gpu('v5e-16')
+  assert (slice_.topology, slice_.chips, slice_.chip.device_kind) == (topology, gpus, kind)
+  assert slice_.chip.backend == 'gpu'
+
+
+@pytest.mark.parametrize('name, message', [
+    ('h100-16', r'covers one host \(1 to 8 GPUs\)'), ('h100-0', 'covers one host'),
+    ('h100x8', 'is not a GPU this knows')])
+def test_bad_gpu_names_are_one_line_errors(name, message):
+  with pytest.raises(tpu.SliceError, match=message):
+    gpu.parse_topology(name)
+
+
+def test_a_step_above_jax_s_default_memory_fraction_names_the_setting():
+  chip = gpu.GPUS['h200']
+  assert gpu.memory_fraction_advice(int(0.7 * chip.hbm_bytes), chip) is None
+  advice = gpu.memory_fraction_advice(int(0.9 * chip.hbm_bytes), chip)
+  assert 'needs 90%' in advice and 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.93' in advice
+
+
+def test_without_the_cuda_plugin_the_fix_is_one_line(monkeypatch):
+  monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: None)
+  with pytest.raises(tpu.SliceError, match='make gpu-compiler, then run with PYTHONPATH'):
+    gpu.compile_only_devices(gpu.parse_topology('h100'))
+  # And from the command line, in this venv (which has no CUDA plugin of its own).
+  result = run_aot(*TINY_ON_GPU, '--topology=h100', gpu_compiler=False)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  [line] = our_stderr(result)
+  assert line.startswith('bert_sym.aot: error: ') and 'make gpu-compiler' in line, line
+
+
+# ---- Compiled for the GPU ----
+
+@pytest.mark.parametrize('recipe, flags, forward, backward', [
+    # The fast recipe: auto takes cuDNN flash attention, one call per layer and pass.
+    ('fast', ('--config.model.attention_impl=auto', '--config.model.attention_dropout_rate=0'),
+     '__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward'),
+    # Attention dropout on: auto passes it to the kernel (in-kernel dropout, unscanned).
+    ('paper on cudnn', ('--config.model.attention_impl=auto',
+                        '--config.model.attention_dropout_rate=0.1'),
+     '__cudnn$fmhaSoftmaxDropout', '__cudnn$fmhaSoftmaxDropoutBackward'),
+    # The paper recipe as shipped (xla): explicit scores, no cuDNN attention at all.
+    ('paper', ('--config.model.attention_impl=xla', '--config.model.attention_dropout_rate=0.1'),
+     None, None)])
+def test_the_attention_kernel_in_the_compiled_gpu_step_is_the_one_named(tmp_path, recipe, flags,
+                                                                       forward, backward):
+  report = compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100', *flags)
+  layers = 2   # configs/tiny.py
+  assert report['device_kind'] == 'NVIDIA H100 80GB HBM3' and report['dtype'] == 'bfloat16'
+  assert report['kernel'] == ('xla' if forward is None else 'cudnn')
+  train, evaluation = report['train_step']['custom_calls'], report['eval_step']['custom_calls']
+  fmha = lambda calls: {k: v for k, v in calls.items() if k.startswith('__cudnn$fmha')}
+  if forward is None:
+    assert fmha(train) == fmha(evaluation) == {}
+  else:
+    assert fmha(train) == {forward: layers, backward: layers}
+    # Evaluation is deterministic: no dropout, no backward.
+    assert fmha(evaluation) == {'__cudnn$fmhaSoftmax': layers}
+  assert report['fits'] and report['memory_fraction_advice'] is None
+  # MFU's peak for the device the compiler saw; no memory term without cost analysis.
+  assert report['estimate']['peak_flops_per_chip'] == 989e12
+  assert report['estimate']['memory_bound_s'] is None
+
+
+def _measured(path: str, seq: int) -> dict:
+  with open(next(p for p in H200_RUNS if ('seq512' in p) == (seq == 512))) as f:
+    run = json.load(f)
+  return next(r for r in run['results'] if r['impl'] == 'ours' and r['attention'] == 'pairwise'
+              and r['path'] == path and r['seq'] == seq and r['status'] == 'ok')
+
+
+@pytest.mark.parametrize('path, seq, batch', [('fused', 128, 256), ('xla', 512, 32)])
+def test_compiled_memory_is_what_an_h200_measured(tmp_path, path, seq, batch):
+  """The same step the benchmark ran (bert-base pairwise, scanned layers, its shapes and
+  recipe), compiled for an H200 here: the compiler's total is within 3% of the peak the
+  H200 reported (it was within 1.5% for all four of that run's pairwise rows)."""
+  measured = _measured(path, seq)
+  assert (measured['batch'], measured['scan_layers']) == (batch, 1)
+  impl, rate = {'fused': ('auto', 0.0), 'xla': ('xla', 0.1)}[path]
+  report = compiled_report(
+      tmp_path, '--config=configs/sym_base.py', '--topology=h200', '--noeval_step',
+      f'--config.batch_size={batch}', f'--config.data.max_seq_len={seq}',
+      f'--config.data.max_predictions_per_seq={20 if seq == 128 else 80}',
+      '--config.model.scan_layers=True', f'--config.model.attention_impl={impl}',
+      f'--config.model.attention_dropout_rate={rate}')
+  assert report['kernel'] == measured['kernel']
+  compiled_gib = report['train_step']['memory']['total'] / 2 ** 30
+  assert compiled_gib == pytest.approx(measured['peak_memory_gib'], rel=0.03)
+
+
+def test_a_step_over_the_gpu_s_memory_is_one_line_with_knobs_that_apply_to_one_gpu():
+  result = run_aot(*TINY_ON_GPU, '--topology=h100', '--noeval_step',
+                   '--config.batch_size=262144', '--config.model.attention_impl=xla')
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'fits: False' in result.stdout
+  [line] = our_stderr(result)
+  assert line.startswith('bert_sym.aot: error: does not fit on h100: ') and 'GiB over' in line
+  assert 'NVIDIA H100 80GB HBM3' in line and 'grad_accum_steps=2' in line, line
+  assert 'mesh.fsdp' not in line   # one GPU: nothing to shard the state over
+
+
+def test_a_persistent_compilation_cache_in_the_environment_is_left_alone(tmp_path,
+                                                                         monkeypatch):
+  """Compile-only executables cannot be loaded back from JAX's persistent cache (no client:
+  'PjRtCompiler must be constructed with a Client', a warning per step on the next run),
+  and never run: bert_sym.aot neither writes nor reads one, whatever the environment says."""
+  cache = tmp_path / 'jax_cache'
+  cache.mkdir()
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache))
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100', '--noeval_step')
+  assert not list(cache.iterdir())
