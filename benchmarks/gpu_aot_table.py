@@ -8,7 +8,8 @@ Each row is one `python -m bert_sym.aot --topology=h200 --noeval_step` run (its 
 process) of a step that `benchmarks/run_gpu.sh` times: standard and pairwise attention, the
 three attention paths of benchmarks/accelerator.py (`fused`: auto, no attention dropout;
 `xla`: the paper recipe; `fused_dropout`: attention dropout inside cuDNN), at its shapes,
-with its layout (scanned layers, except fused_dropout, which cannot scan). It records the
+with its layout (scanned layers, except fused_dropout, which cannot scan; and the paper
+recipe at 512 x 256 unscanned too, where scanned it does not fit). It records the
 compiled per-GPU memory, the cuDNN attention calls, whether the step fits the GPU and
 JAX's default 75% share of it, and, where the H200 run of 2026-11-26 measured the same
 step, that run's peak memory beside it. Rows are appended to OUT_DIR/rows.jsonl as they
@@ -41,11 +42,14 @@ def rows():
   for seq, batch in SHAPES:
     for attention in ('standard', 'pairwise'):
       for path in ('fused', 'xla', 'fused_dropout'):
-        yield dict(attention=attention, path=path, seq=seq, batch=batch)
+        yield dict(attention=attention, path=path, seq=seq, batch=batch,
+                   scan=path != 'fused_dropout')
+  # The paper recipe where scanned layers do not fit: unscanned.
+  yield dict(attention='standard', path='xla', seq=512, batch=256, scan=False)
 
 
 def key(row):
-  return (row['attention'], row['path'], row['seq'], row['batch'])
+  return (row['attention'], row['path'], row['seq'], row['batch'], row.get('scan', True))
 
 
 def measured_peaks() -> dict:
@@ -53,7 +57,8 @@ def measured_peaks() -> dict:
   for path in MEASURED:
     for r in json.loads(path.read_text())['results']:
       if r['impl'] == 'ours' and r.get('status') == 'ok':
-        peaks[(r['attention'], r['path'], r['seq'], r['batch'])] = r['peak_memory_gib']
+        peaks[(r['attention'], r['path'], r['seq'], r['batch'], bool(r['scan_layers']))] = (
+            r['peak_memory_gib'])
   return peaks
 
 
@@ -68,7 +73,7 @@ def run_aot(row, timeout_s):
                f'--config.data.max_predictions_per_seq={accelerator.predictions_per_seq(row["seq"])}',
                f'--config.model.attention_impl={impl}',
                f'--config.model.attention_dropout_rate={rate}',
-               f'--config.model.scan_layers={row["path"] != "fused_dropout"}']
+               f'--config.model.scan_layers={row["scan"]}']
     try:
       proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=timeout_s)
@@ -101,9 +106,10 @@ def measure(args):
 
 def format_row(row):
   r = row['report']
-  name = f"{row['attention']} | {row['path']} | {row['seq']} x {row['batch']}"
+  name = (f"{row['attention']} | {row['path']} | {row['seq']} x {row['batch']} | "
+          f"{'yes' if row['scan'] else 'no'}")
   if 'error' in r or 'memory' not in r.get('train_step', {}):
-    return f"| {name} | error: {r.get('error', 'compiler out of memory')} | | | | |"
+    return f"| {name} | error: {r.get('error', 'compiler out of memory')} | | | |"
   total = r['train_step']['memory']['total']
   calls = sum(n for k, n in r['train_step']['custom_calls'].items()
               if k.startswith('__cudnn$fmha'))
@@ -135,20 +141,21 @@ def update_results(args):
       'auto with attention dropout 0 (the fast recipe), `xla` = the paper recipe, '
       '`fused_dropout` = attention dropout 0.1 inside cuDNN (unscanned: cuDNN\'s dropout '
       'cannot run in scanned layers); the others scan their layers, as the benchmark does '
-      '(so a scanned step shows one cuDNN call per pass: the loop body). GiB: the '
+      '(a scanned step shows one cuDNN call per pass: the loop body), and the paper recipe '
+      'at 512 x 256 is also compiled unscanned. GiB: the '
       'compiler\'s total (arguments + outputs - donated aliases + temporaries) and its '
       'share of the GPU. Measured: the peak the H200 reported for the same step on '
       '2026-11-26 (jax 0.11.2) and the compiled figure\'s difference from it. Fits: JAX '
       'takes 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says more. Without a '
       'GPU the compiler does not autotune (its matmuls are Triton fusions), so no speed '
       'is estimated here.', '',
-      '| attention | path | seq x batch | kernel | GiB (share) | measured GiB | fits |',
-      '|---|---|---|---|---|---|---|',
+      '| attention | path | seq x batch | scanned | kernel | GiB (share) | measured GiB | fits |',
+      '|---|---|---|---|---|---|---|---|',
   ]
   lines += [format_row(r) for r in table]
   missing = [k for k in order if k not in {key(r) for r in table}]
   if missing:
-    lines += ['', 'Not run: ' + '; '.join(f'{a} {p} {s} x {b}' for a, p, s, b in missing) + '.']
+    lines += ['', 'Not run: ' + '; '.join(f'{a} {p} {s} x {b}' for a, p, s, b, _ in missing) + '.']
   tpu_aot_table.write_section(SECTION, lines)
 
 

@@ -180,3 +180,20 @@ def test_cpu_attention_variant_step_times():
           f'standard but takes '
           f'{results["pairwise"]["ratio_to_standard"]:.3f}x its time, symmetric '
           f'{results["symmetric"]["ratio_to_standard"]:.3f}x') in README
+
+
+def test_gpu_preflight_figures():
+  rows = [json.loads(line) for line in
+          (RESULTS / 'gpu_aot_cpu-2core_2026-12-05.jsonl').read_text().splitlines()]
+  total_gib = lambda r: r['report']['train_step']['memory']['total'] / 2**30
+  differences = [abs(total_gib(r) / r['measured_peak_gib'] - 1) for r in rows
+                 if r['measured_peak_gib']]
+  assert len(differences) == 8
+  assert f'within {max(differences):.1%} of the peak an H200 measured for each of the eight' \
+      in README
+  paper = {r['scan']: r for r in rows if (r['attention'], r['path'], r['seq'], r['batch'])
+           == ('standard', 'xla', 512, 256)}
+  hbm = paper[True]['report']['hbm_bytes_per_chip'] / 2**30
+  assert not paper[True]['report']['fits'] and paper[False]['report']['fits']
+  assert (f'with scanned layers needs {total_gib(paper[True]):.1f} GiB, over an H200\'s '
+          f'{hbm:.1f} (unscanned: {total_gib(paper[False]):.1f} GiB)') in README

@@ -37,7 +37,7 @@ def test_script_is_valid_bash():
 
 def test_there_are_bench_lines():
   names = [call.id for call in _bench_lines()]
-  assert len(names) == 7 and any('profile' in name for name in names), names
+  assert len(names) == 8 and any('profile' in name for name in names), names
 
 
 @pytest.mark.parametrize('args', _bench_lines())
@@ -87,7 +87,7 @@ exit 0
 
 
 def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
-  """The device tool hands back at most 8 files from $OUT. The script writes 9 results
+  """The device tool hands back at most 8 files from $OUT. The script writes 10 results
   and its log: they come back as the log and one tar holding every result."""
   import tarfile  # pylint: disable=g-import-not-at-top
   repo, stubs, out = tmp_path / 'repo', tmp_path / 'bin', tmp_path / 'out'
@@ -105,7 +105,7 @@ def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
   with tarfile.open(out / 'results.tar') as tar:
     names = tar.getnames()
   results = sorted((repo / 'benchmarks' / 'results').rglob('*.json'))
-  assert len(results) == 8 and 'profile_standard_fused_128x256/top_ops.txt' in names
+  assert len(results) == 9 and 'profile_standard_fused_128x256/top_ops.txt' in names
   assert sorted(names) == sorted(str(p.relative_to(repo / 'benchmarks' / 'results'))
                                  for p in results + [repo / 'benchmarks' / 'results' /
                                                      'profile_standard_fused_128x256' /
