@@ -57,7 +57,8 @@ _CUDNN, _CUDA = (9, 8), (12, 8)
 
 
 def is_gpu(name: str) -> bool:
-  return bool(re.match(r'\s*(a100|h100|h200)\b', name.lower()))
+  """A name for the GPU parser: TPU names start with their generation, v2 to v6e."""
+  return not name.strip().lower().startswith('v')
 
 
 def parse_topology(name: str) -> tpu.Slice:
@@ -65,7 +66,8 @@ def parse_topology(name: str) -> tpu.Slice:
   match = re.fullmatch(r'(a100|h100|h200)(?:-(\d+))?', name.strip().lower())
   if not match:
     raise tpu.SliceError(f'--topology={name!r} is not a GPU this knows: use a100, h100 or '
-                         f'h200, or the GPUs of one host, e.g. h100-8.')
+                         f'h200, or the GPUs of one host, e.g. h100-8 (TPU slices: v5e-16, '
+                         f'v4-32, ...).')
   count = int(match.group(2) or 1)
   if not 1 <= count <= MAX_PER_HOST:
     raise tpu.SliceError(f'--topology={name!r}: compiling for GPUs covers one host (1 to '

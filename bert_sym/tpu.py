@@ -91,7 +91,8 @@ def parse_topology(name: str) -> Slice:
   the chip grid itself: 'v5e:4x4', 'v4:2x2x4', 'v5p:2x2x1'."""
   text = name.strip().lower()
   usage = (f'--topology={name!r} is not a TPU slice. Use an accelerator type (v4-32, '
-           f'v5e-16, v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4).')
+           f'v5e-16, v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4); '
+           f'or NVIDIA GPUs: a100, h100, h200, h100-8.')
   match = re.fullmatch(r'(v\d+[a-z]*)([-:])([\dx]+)', text)
   if not match:
     raise SliceError(usage)

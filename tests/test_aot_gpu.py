@@ -61,15 +61,16 @@ def compiled_report(tmp_path, *flags) -> dict:
     ('a100-4', '1x1x4', 4, 'NVIDIA A100-SXM4-80GB')])
 def test_gpu_names_map_to_the_plugin_s_topology(name, topology, gpus, kind):
   slice_ = gpu.parse_topology(name)
-  assert gpu.is_gpu(name) and not gpu.is_gpu('v5e-16')
+  assert gpu.is_gpu(name) and not gpu.is_gpu('v5e-16') and not gpu.is_gpu(' V4:2x2x1')
   assert (slice_.topology, slice_.chips, slice_.chip.device_kind) == (topology, gpus, kind)
   assert slice_.chip.backend == 'gpu'
 
 
 @pytest.mark.parametrize('name, message', [
     ('h100-16', r'covers one host \(1 to 8 GPUs\)'), ('h100-0', 'covers one host'),
-    ('h100x8', 'is not a GPU this knows')])
+    ('h100x8', 'is not a GPU this knows'), ('b200', 'is not a GPU this knows')])
 def test_bad_gpu_names_are_one_line_errors(name, message):
+  assert gpu.is_gpu(name)   # so bert_sym.aot gives the GPU parser's message, not libtpu's
   with pytest.raises(tpu.SliceError, match=message):
     gpu.parse_topology(name)
 
