@@ -28,7 +28,7 @@ from bert_sym import tpu
 class Gpu:
   generation: str
   device_kind: str          # what the device reports; MFU's peak FLOP/s is found by it
-  hbm_bytes: int            # the memory the GPU reports (cudaMemGetInfo's total)
+  hbm_bytes: int            # the memory the GPU reports (nvidia-smi's memory.total)
   hbm_bytes_per_s: float
   compute_capability: tuple[int, int]
   cores: int                # streaming multiprocessors
@@ -39,7 +39,9 @@ class Gpu:
   backend: str = 'gpu'
 
 
-# Public spec sheets (SXM parts), the fields XLA's GPU compiler reads (GpuDeviceInfoProto).
+# SXM parts: spec-sheet figures and the memory nvidia-smi reports (the H200's 143,771 MiB is
+# the one benchmarks/RESULTS.md recorded), in the fields XLA's GPU compiler reads
+# (GpuDeviceInfoProto).
 GPUS = {
     'a100': Gpu('a100', 'NVIDIA A100-SXM4-80GB', 81_251 * 2 ** 20, 2039e9, (8, 0), 108, 1.41,
                 40 * 2 ** 20, 167_936, 64),

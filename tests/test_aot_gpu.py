@@ -174,3 +174,18 @@ def test_a_persistent_compilation_cache_in_the_environment_is_left_alone(tmp_pat
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100', '--noeval_step')
   assert not list(cache.iterdir())
+
+
+def test_the_gpus_of_one_host_compile_with_collectives_and_fsdp_shards_the_state(tmp_path):
+  data_parallel = compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100-8', '--noeval_step')
+  fsdp = compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100-8', '--noeval_step',
+                         '--config.mesh.fsdp=-1', '--config.mesh.data=1')
+  assert data_parallel['chips'] == 8 and data_parallel['mesh']['data'] == 8
+  assert data_parallel['train_step']['collectives'].get('all-reduce', 0) >= 1
+  collectives = fsdp['train_step']['collectives']
+  assert fsdp['mesh']['fsdp'] == 8 and collectives.get('reduce-scatter', 0) >= 1
+  assert collectives.get('all-gather', 0) >= 1
+  # Parameters and Adam state: whole on every GPU, or an eighth of them on each.
+  share = (fsdp['train_step']['memory']['arguments']
+           / data_parallel['train_step']['memory']['arguments'])
+  assert 1 / 8 <= share < 1 / 6, share
