@@ -26,7 +26,8 @@ TASK = 'synthetic_test'
 LENGTH = 32
 
 
-def _drive(module, cases, tmp_path):
+def drive_cases(module, cases, tmp_path):
+  """Runs each (argv, expected) of `cases` through `module`'s __main__, in one process."""
   cases_file = tmp_path / f'{module}.cases.json'
   cases_file.write_text(json.dumps([argv for argv, _ in cases]))
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
@@ -37,7 +38,8 @@ def _drive(module, cases, tmp_path):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _check(module, cases, results, table):
+def one_line_failures(module, cases, results, table):
+  """What in `results` is not the one `module: error: EXPECTED` line (or --help's exit 0)."""
   prog = module
   failures = []
   for (argv, expected), got in zip(cases, results):
@@ -209,7 +211,7 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           (['--help'], None), (['export', '--help'], None)],
   }
   for module, cases in plans.items():
-    failures += _check(module, cases, _drive(module, cases, tmp_path), table)
+    failures += one_line_failures(module, cases, drive_cases(module, cases, tmp_path), table)
   width = max(len(row[0]) for row in table)
   print('\n' + '\n'.join(f'{cmd[:110]:<{min(width, 110)}} | {code} | {secs:5.2f} s | {msg}'
                          for cmd, code, secs, msg in table))

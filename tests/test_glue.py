@@ -41,6 +41,7 @@ from bert_sym.glue import suite
 from bert_sym.glue import sweep
 from configs import glue as glue_config
 from tests import real_data
+from tests import test_bad_inputs
 from tests import train_fixtures
 from tests.train_fixtures import cpu_devices_flags
 
@@ -674,32 +675,23 @@ def test_bad_tasks_fail_before_training(workdir, tmp_path):
 
 
 def test_cli_input_errors_are_one_line(workdir, tmp_path):
-  base = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
-          f'--output_dir={tmp_path / "out"}', '--config.max_seq_len=32']
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu')
-  for extra, message in (([f'--glue_dir={tmp_path}/nowhere', '--tasks=rte'],
-                          'is not a directory'),
-                         ([f'--glue_dir={GLUE_DIR}', '--tasks=qqp'],
-                          'No directory'),
-                         ([f'--glue_dir={GLUE_DIR}', '--tasks=rte2'],
-                          'Unknown GLUE task'),
-                         # Was numpy's "expected non-negative integer", after tokenising.
-                         ([f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,-1'],
-                          'Seeds must be non-negative integers'),
-                         # Were three chained tracebacks: ml_collections applied the
-                         # overrides while the flag was defined, before our parsing.
-                         (['--config.epoch=1'], "unknown config key 'epoch'"),
-                         (['--config=configs/tiny.py'], "no 'tasks': it is not a GLUE config")):
-    command = (base[:3] + extra + base[3:-1] if extra[0].startswith('--config=')
-               else base + extra)   # a config file before, and without, GLUE's overrides
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert 'Traceback' not in result.stderr
-    errors = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(errors) == 1 and errors[0].startswith('bert_sym.glue: error:'), errors
-    assert message in errors[0]
-    assert not (tmp_path / 'out' / 'runs').exists()   # refused before any training
+  out = [f'--checkpoint={workdir}', f'--output_dir={tmp_path / "out"}', '--config.max_seq_len=32']
+  cases = [
+      (out + [f'--glue_dir={tmp_path}/nowhere', '--tasks=rte'], 'is not a directory'),
+      (out + [f'--glue_dir={GLUE_DIR}', '--tasks=qqp'], 'No directory'),
+      (out + [f'--glue_dir={GLUE_DIR}', '--tasks=rte2'], 'Unknown GLUE task'),
+      # Was numpy's "expected non-negative integer", after tokenising.
+      (out + [f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,-1'],
+       'Seeds must be non-negative integers'),
+      # Were three chained tracebacks: ml_collections applied the overrides while the flag
+      # was defined, before our parsing.
+      (out + ['--config.epoch=1'], "unknown config key 'epoch'"),
+      # A config file before, and without, GLUE's overrides.
+      (['--config=configs/tiny.py'] + out[:2], "no 'tasks': it is not a GLUE config")]
+  results = test_bad_inputs.drive_cases('bert_sym.glue', cases, tmp_path)
+  failures = test_bad_inputs.one_line_failures('bert_sym.glue', cases, results, [])
+  assert not failures, '\n\n'.join(failures)
+  assert not (tmp_path / 'out' / 'runs').exists()   # refused before any training
 
 
 def test_tfds_glue_builder_code_path_has_its_runtime_dependencies(tmp_path):
