@@ -178,7 +178,7 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
   plans = {
       'bert_sym.train': train,
       'bert_sym.hf_export': [
-          ([f'--checkpoint={tmp_path}/absent', f'--out_dir={out}'], 'absent'),
+          ([f'--checkpoint={tmp_path}/absent', f'--out_dir={out}'], 'absent does not exist'),
           ([f'--checkpoint={ckpt}', f'--out_dir={out}'],
            "does not match its config.json in"),
           ([f'--out_dir={out}'], '--checkpoint'),

@@ -185,19 +185,6 @@ def test_export_command_without_torch_then_fill_mask_pipeline(tmp_path):
   np.testing.assert_allclose(hf_logits, ours, atol=1e-4, rtol=1e-5)
 
 
-def test_export_of_a_missing_checkpoint_is_one_line(tmp_path):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
-  result = subprocess.run(
-      [sys.executable, '-m', 'bert_sym.hf_export', f'--checkpoint={tmp_path}/nothing',
-       f'--out_dir={tmp_path}/out'], cwd=REPO_ROOT, capture_output=True, text=True,
-      timeout=120)
-  assert result.returncode == 1
-  assert 'bert_sym.hf_export: error:' in result.stderr and 'does not exist' in result.stderr
-  assert 'Traceback' not in result.stderr
-
-
 def test_shape_mismatches_name_every_differing_parameter():
   cfg = tiny_config('pairwise')
   params = bert.abstract_params(bert.BertForMaskedLM(cfg))
