@@ -16,6 +16,7 @@ graphs, which only a GPU run checks (benchmarks/run_gpu.sh).
 """
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -54,6 +55,8 @@ MAX_PER_HOST = 8
 # JAX's GPU allocator takes this fraction of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
 # says otherwise (JAX's "GPU memory allocation" docs): a step above it fails on the GPU.
 JAX_DEFAULT_MEMORY_FRACTION = 0.75
+# The most to give JAX: the CUDA context and cuDNN/cuBLAS workspaces live beside its pool.
+MAX_MEMORY_FRACTION = 0.95
 # The cuDNN and CUDA versions the compiler assumes (those of the jax[cuda12] wheels).
 _CUDNN, _CUDA = (9, 8), (12, 8)
 
@@ -114,6 +117,14 @@ def compile_only_devices(slice_: tpu.Slice, num_slices: int = 1, *,
                          'installed. Fix: make gpu-compiler, then run with '
                          'PYTHONPATH=.venv/gpu-compiler (on a GPU machine: pip install '
                          f'"jax[cuda12]=={jax.__version__}").')
+  try:   # JAX asks cuDNN its version when it traces a cuDNN attention call
+    # pylint: disable-next=g-import-not-at-top
+    from jax._src.cudnn import fused_attention_stablehlo
+    fused_attention_stablehlo.check_cudnn_version()
+  except Exception as e:  # pylint: disable=broad-except  (RuntimeError, ImportError)
+    raise tpu.SliceError(f'JAX\'s CUDA plugin is installed but cuDNN is not found ({e}); '
+                         'the GPU compiler needs it for cuDNN flash attention. Fix: make '
+                         'gpu-compiler, then run with PYTHONPATH=.venv/gpu-compiler.') from None
   gpu_flags.set_xla_gpu_flags(xla_gpu_flags, force=True)
   try:
     topology = topologies.get_topology_desc(
@@ -124,11 +135,24 @@ def compile_only_devices(slice_: tpu.Slice, num_slices: int = 1, *,
   return list(topology.devices)
 
 
-def memory_fraction_advice(total_bytes: int, chip: Gpu) -> str | None:
-  """What the GPU run must set when the step needs more than JAX's allocator takes."""
+def memory_fraction_needed(total_bytes: int, chip: Gpu) -> float | None:
+  """The XLA_PYTHON_CLIENT_MEM_FRACTION a step of `total_bytes` needs, in hundredths with 2%
+  to spare: None if JAX's default suffices, infinity if no setting leaves CUDA its share."""
   needed = total_bytes / chip.hbm_bytes
   if needed <= JAX_DEFAULT_MEMORY_FRACTION:
     return None
-  return (f'it needs {needed:.0%} of the GPU\'s memory and JAX takes '
-          f'{JAX_DEFAULT_MEMORY_FRACTION:.0%} by default: run it with '
-          f'XLA_PYTHON_CLIENT_MEM_FRACTION={min(0.99, needed + 0.03):.2f}')
+  fraction = math.ceil(round((needed + 0.02) * 100, 6)) / 100
+  return fraction if fraction <= MAX_MEMORY_FRACTION else float('inf')
+
+
+def memory_fraction_advice(total_bytes: int, chip: Gpu) -> str | None:
+  """What the GPU run must set when the step needs more than JAX's allocator takes."""
+  fraction = memory_fraction_needed(total_bytes, chip)
+  if fraction is None:
+    return None
+  needs = (f'it needs {total_bytes / chip.hbm_bytes:.1%} of the GPU\'s memory and JAX takes '
+           f'{JAX_DEFAULT_MEMORY_FRACTION:.0%} by default')
+  if fraction == float('inf'):
+    return (f'{needs}, and more than {MAX_MEMORY_FRACTION:.0%} leaves CUDA\'s own buffers no '
+            'room: treat it as not fitting')
+  return f'{needs}: run it with XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:.2f}'

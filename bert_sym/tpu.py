@@ -100,7 +100,7 @@ def parse_topology(name: str) -> Slice:
   generation = GENERATION_ALIASES.get(generation, generation)
   if generation not in CHIPS:
     raise SliceError(f'--topology={name!r}: unknown TPU generation {generation!r}; '
-                   f'known: {", ".join(sorted(CHIPS))}.')
+                   f'known: {", ".join(sorted(CHIPS))} (NVIDIA GPUs: a100, h100, h200).')
   chip = CHIPS[generation]
   if separator == ':':
     grid = [int(d) for d in size.split('x') if d]

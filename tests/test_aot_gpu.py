@@ -79,13 +79,24 @@ def test_a_step_above_jax_s_default_memory_fraction_names_the_setting():
   chip = gpu.GPUS['h200']
   assert gpu.memory_fraction_advice(int(0.7 * chip.hbm_bytes), chip) is None
   advice = gpu.memory_fraction_advice(int(0.9 * chip.hbm_bytes), chip)
-  assert 'needs 90%' in advice and 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.93' in advice
+  assert 'needs 90.0%' in advice and 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.92' in advice
+  # Never a setting below the need, nor one that leaves CUDA nothing.
+  for share in (0.931, 0.95, 0.995, 1.0):
+    advice = gpu.memory_fraction_advice(int(share * chip.hbm_bytes), chip)
+    assert 'XLA_PYTHON_CLIENT_MEM_FRACTION=' not in advice and 'not fitting' in advice, share
+  assert gpu.memory_fraction_needed(int(0.93 * chip.hbm_bytes), chip) == pytest.approx(0.95)
 
 
 def test_without_the_cuda_plugin_the_fix_is_one_line(monkeypatch):
   monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: None)
   with pytest.raises(tpu.SliceError, match='make gpu-compiler, then run with PYTHONPATH'):
     gpu.compile_only_devices(gpu.parse_topology('h100'))
+  # A plugin without cuDNN (this venv has neither: JAX's own check says so) was a
+  # 63-line traceback from the first cuDNN attention call.
+  monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: 'jax_cuda12_plugin')
+  with pytest.raises(tpu.SliceError, match='installed but cuDNN is not found .*make gpu-compiler'):
+    gpu.compile_only_devices(gpu.parse_topology('h100'))
+  monkeypatch.undo()
   # And from the command line, in this venv (which has no CUDA plugin of its own).
   result = run_aot(*TINY_ON_GPU, '--topology=h100', gpu_compiler=False)
   assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
