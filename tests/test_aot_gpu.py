@@ -117,9 +117,18 @@ def test_without_the_cuda_plugin_the_fix_is_one_line(monkeypatch):
     # The paper recipe as shipped (xla): explicit scores, no cuDNN attention at all.
     ('paper', ('--config.model.attention_impl=xla', '--config.model.attention_dropout_rate=0.1'),
      None, None)])
-def test_the_attention_kernel_in_the_compiled_gpu_step_is_the_one_named(tmp_path, recipe, flags,
+def test_the_attention_kernel_in_the_compiled_gpu_step_is_the_one_named(tmp_path, monkeypatch,
+                                                                       recipe, flags,
                                                                        forward, backward):
+  # Compile-only executables cannot be loaded back from JAX's persistent cache (no client:
+  # 'PjRtCompiler must be constructed with a Client', a warning per step on the next run),
+  # and never run: bert_sym.aot neither writes nor reads one, whatever the environment says.
+  cache = tmp_path / 'jax_cache'
+  cache.mkdir()
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache))
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   report = compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100', *flags)
+  assert not list(cache.iterdir())
   layers = 2   # configs/tiny.py
   assert report['device_kind'] == 'NVIDIA H100 80GB HBM3' and report['dtype'] == 'bfloat16'
   assert report['kernel'] == ('xla' if forward is None else 'cudnn')
@@ -172,19 +181,6 @@ def test_a_step_over_the_gpu_s_memory_is_one_line_with_knobs_that_apply_to_one_g
   assert line.startswith('bert_sym.aot: error: does not fit on h100: ') and 'GiB over' in line
   assert 'NVIDIA H100 80GB HBM3' in line and 'grad_accum_steps=2' in line, line
   assert 'mesh.fsdp' not in line   # one GPU: nothing to shard the state over
-
-
-def test_a_persistent_compilation_cache_in_the_environment_is_left_alone(tmp_path,
-                                                                         monkeypatch):
-  """Compile-only executables cannot be loaded back from JAX's persistent cache (no client:
-  'PjRtCompiler must be constructed with a Client', a warning per step on the next run),
-  and never run: bert_sym.aot neither writes nor reads one, whatever the environment says."""
-  cache = tmp_path / 'jax_cache'
-  cache.mkdir()
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache))
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-  compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100', '--noeval_step')
-  assert not list(cache.iterdir())
 
 
 def test_the_gpus_of_one_host_compile_with_collectives_and_fsdp_shards_the_state(tmp_path):
