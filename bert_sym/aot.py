@@ -224,11 +224,9 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   """Compiles the train and eval steps of `config` for the slice; returns the report.
 
   The eval step is compiled when the train step fits (and `eval_step`). `executables`, if
-  given, receives the compiled steps by name (for inspection; they cannot run here).
-
-  A step that does not fit is reported (fits False, bytes_over_hbm); AotError (one line)
-  is raised for a topology or config that cannot be compiled for.
-  """
+  given, receives the compiled steps by name (for inspection; they cannot run here). A
+  step that does not fit is reported (fits False, bytes_over_hbm); AotError (one line)
+  is raised for a topology or config that cannot be compiled for."""
   slice_, devices = _slice_devices(config, topology, num_slices)
   report = _report_header(config, slice_, devices, num_slices)
   with attention.target_backend(slice_.chip.backend):
@@ -246,14 +244,14 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
     for name, jitted, args in todo:
       report[name], over = _compile_report(jitted, args, name, executables)
       memory = report[name].get('memory')
-      if memory is None or memory['total'] > slice_.chip.hbm_bytes:
+      if memory is None or memory['total'] > slice_.chip.usable_bytes:
         break   # out of memory: the eval step need not be tried
   compiled = [report[name] for name, _, _ in todo if name in report]   # eval: maybe not tried
   totals = [step['memory']['total'] for step in compiled if step.get('memory')]
   unknown = len(totals) < len(compiled)   # the compiler ran out of memory, or said nothing
-  report['fits'] = over is None and not unknown and max(totals) <= slice_.chip.hbm_bytes
-  if over is None and totals and not (unknown and max(totals) <= slice_.chip.hbm_bytes):
-    over = max(0, max(totals) - slice_.chip.hbm_bytes)
+  report['fits'] = over is None and not unknown and max(totals) <= slice_.chip.usable_bytes
+  if over is None and totals and not (unknown and max(totals) <= slice_.chip.usable_bytes):
+    over = max(0, max(totals) - slice_.chip.usable_bytes)
   report['bytes_over_hbm'] = over   # None: out of memory without saying by how much
   if slice_.chip.backend == 'gpu' and report['fits']:
     report['memory_fraction_advice'] = gpu.memory_fraction_advice(max(totals), slice_.chip)
@@ -296,6 +294,7 @@ def _report_header(config, slice_, devices, num_slices: int) -> dict[str, Any]:
       'topology': slice_.name, 'compiler_topology': slice_.topology,
       'device_kind': devices[0].device_kind, 'num_slices': num_slices,
       'chips': len(devices), 'hbm_bytes_per_chip': slice_.chip.hbm_bytes,
+      'usable_bytes_per_chip': slice_.chip.usable_bytes,   # a GPU's: what JAX's pool can hold
       'jax': jax.__version__, 'attention': config.model.attention,
       'attention_impl': config.model.attention_impl,
       'batch_size': config.batch_size, 'seq_len': config.data.max_seq_len,
@@ -407,8 +406,10 @@ def main(argv):
   if not report['fits']:
     over = report['bytes_over_hbm']
     over_text = f'{_human(over)} over' if over else 'over (the compiler gave no figure)'
+    usable, hbm = _human(report['usable_bytes_per_chip']), _human(report['hbm_bytes_per_chip'])
     print(f"bert_sym.aot: error: does not fit on {report['topology']}: {over_text} the "
-          f"{_human(report['hbm_bytes_per_chip'])} HBM of a {report['device_kind']} chip. "
+          f"{hbm if usable == hbm else f'{usable} (of {hbm}) that JAX can have of the'} HBM "
+          f"of a {report['device_kind']} chip. "
           f"{fit_advice(config, _NUM_SLICES.value, report['data_parallel'])}",
           file=sys.stderr, flush=True)
     sys.exit(1)

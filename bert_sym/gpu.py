@@ -39,6 +39,11 @@ class Gpu:
   fpus_per_core: int
   backend: str = 'gpu'
 
+  @property
+  def usable_bytes(self) -> int:
+    """The most a step may need: JAX's pool at its largest, less 2% to spare in it."""
+    return int(self.hbm_bytes * (MAX_MEMORY_FRACTION - SPARE_FRACTION))
+
 
 # SXM parts: spec-sheet figures and the memory nvidia-smi reports (the H200's 143,771 MiB is
 # the one benchmarks/RESULTS.md recorded), in the fields XLA's GPU compiler reads
@@ -55,8 +60,9 @@ MAX_PER_HOST = 8
 # JAX's GPU allocator takes this fraction of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION
 # says otherwise (JAX's "GPU memory allocation" docs): a step above it fails on the GPU.
 JAX_DEFAULT_MEMORY_FRACTION = 0.75
-# The most to give JAX: the CUDA context and cuDNN/cuBLAS workspaces live beside its pool.
-MAX_MEMORY_FRACTION = 0.95
+# The most to give JAX: the CUDA context and cuDNN/cuBLAS workspaces live beside its pool;
+# and the share of the pool left to spare above a step's need.
+MAX_MEMORY_FRACTION, SPARE_FRACTION = 0.95, 0.02
 # The cuDNN and CUDA versions the compiler assumes (those of the jax[cuda12] wheels).
 _CUDNN, _CUDA = (9, 8), (12, 8)
 
@@ -141,7 +147,7 @@ def memory_fraction_needed(total_bytes: int, chip: Gpu) -> float | None:
   needed = total_bytes / chip.hbm_bytes
   if needed <= JAX_DEFAULT_MEMORY_FRACTION:
     return None
-  fraction = math.ceil(round((needed + 0.02) * 100, 6)) / 100
+  fraction = math.ceil(round((needed + SPARE_FRACTION) * 100, 6)) / 100
   return fraction if fraction <= MAX_MEMORY_FRACTION else float('inf')
 
 

@@ -36,6 +36,10 @@ class Chip:
   hbm_bytes_per_s: float
   backend: str = 'tpu'      # the JAX backend its kernels are resolved for
 
+  @property
+  def usable_bytes(self) -> int:   # a step may fill the HBM: XLA owns all of it on a TPU
+    return self.hbm_bytes
+
 
 GiB = 1024 ** 3
 # Peak bf16 FLOP/s comes from metrics_writer.PEAK_FLOPS_BY_DEVICE_KIND (the table MFU uses).

@@ -85,6 +85,9 @@ def test_a_step_above_jax_s_default_memory_fraction_names_the_setting():
     advice = gpu.memory_fraction_advice(int(share * chip.hbm_bytes), chip)
     assert 'XLA_PYTHON_CLIENT_MEM_FRACTION=' not in advice and 'not fitting' in advice, share
   assert gpu.memory_fraction_needed(int(0.93 * chip.hbm_bytes), chip) == pytest.approx(0.95)
+  # What bert_sym.aot calls fitting is what some setting can hold.
+  assert gpu.memory_fraction_needed(chip.usable_bytes, chip) <= gpu.MAX_MEMORY_FRACTION
+  assert gpu.memory_fraction_needed(chip.usable_bytes + 2 ** 20, chip) == float('inf')
 
 
 def test_without_the_cuda_plugin_the_fix_is_one_line(monkeypatch):
@@ -179,6 +182,7 @@ def test_a_step_over_the_gpu_s_memory_is_one_line_with_knobs_that_apply_to_one_g
   assert 'fits: False' in result.stdout
   [line] = our_stderr(result)
   assert line.startswith('bert_sym.aot: error: does not fit on h100: ') and 'GiB over' in line
+  assert '(of 79.65 GiB) that JAX can have of the HBM' in line   # 93% of it: CUDA's share
   assert 'NVIDIA H100 80GB HBM3' in line and 'grad_accum_steps=2' in line, line
   assert 'mesh.fsdp' not in line   # one GPU: nothing to shard the state over
 
