@@ -153,3 +153,29 @@ def test_the_glue_step_runs_only_with_the_time_to_finish(tmp_path):
   assert not any('glue_seeds.py' in c for c in ran)
   assert '== glue seeds: SKIPPED' in log and 'it needs 180s' in log, log
   assert any('accelerator.py' in c for c in ran)   # the benchmarks before it still ran
+
+
+def test_every_timed_step_fits_an_h200_as_compiled(monkeypatch):
+  """Each configuration the script times was compiled for an H200 on a CPU host
+  (benchmarks/gpu_aot_table.py, the record in benchmarks/results/gpu_aot_*.jsonl) and fits
+  JAX's default 75% share of it: a step that cannot fit would spend the GPU session's
+  minutes compiling towards an out-of-memory error (the paper recipe at 512 x 256 did)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  record = sorted(pathlib.Path(REPO_ROOT, 'benchmarks', 'results').glob('gpu_aot_*.jsonl'))[-1]
+  compiled = {}
+  for row in map(json.loads, record.read_text().splitlines()):
+    report = row['report']
+    share = report['train_step']['memory']['total'] / report['hbm_bytes_per_chip']
+    compiled[(row['attention'], row['path'], row['seq'], row['batch'], row['scan'])] = (
+        report['fits'] and share <= 0.75)
+  timed = set()
+  for call in _bench_lines():
+    argv = ['accelerator.py', '--size=base', '--out=x.json', *call.values[0]]
+    monkeypatch.setattr(sys, 'argv', argv)
+    for spec in accelerator.configurations(accelerator.parse_args()):
+      if spec['impl'] == 'ours':
+        scanned = bool(spec['scan_layers']) and spec['path'] != 'fused_dropout'
+        timed.add((spec['attention'], spec['path'], spec['seq'], spec['batch'], scanned))
+  assert timed and timed <= set(compiled), sorted(timed - set(compiled))
+  assert all(compiled[step] for step in timed), [s for s in timed if not compiled[s]]
