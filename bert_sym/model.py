@@ -81,8 +81,14 @@ class Embeddings(nn.Module):
 
   def __call__(self, input_ids, token_type_ids, *, deterministic):
     positions = jnp.arange(input_ids.shape[-1])[None, :]
-    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
-         + self.token_type_embeddings(token_type_ids))
+    # Each table whole before its lookup, as FSDP gathers every weight before use: a lookup
+    # in a table split along `embed` gives activations split along the hidden size (an
+    # all-to-all each way), and with data x fsdp its gradient could not be scattered back
+    # without replicating it first (XLA's "Involuntary full rematerialization").
+    lookup = lambda embed, ids: jnp.take(
+        sharding.constrain(embed.embedding, (None, None)), ids, axis=0)
+    x = (lookup(self.word_embeddings, input_ids) + lookup(self.position_embeddings, positions)
+         + lookup(self.token_type_embeddings, token_type_ids))
     return self.dropout(self.layer_norm(x), deterministic=deterministic)
 
   def attend(self, hidden):

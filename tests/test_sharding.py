@@ -202,7 +202,7 @@ import jax
 from bert_sym import aot
 from tests import train_fixtures
 out = {}
-for name, data, fsdp in (('data_parallel', -1, 1), ('fsdp', 1, -1)):
+for name, data, fsdp in (('data_parallel', -1, 1), ('fsdp', 1, -1), ('hybrid', 2, -1)):
   config = train_fixtures.tiny_config(
       mesh__data=data, mesh__fsdp=fsdp, batch_size=64, model__hidden_size=64,
       model__mlp_dim=256, data__max_seq_len=64, model__max_position_embeddings=64)
@@ -220,14 +220,21 @@ def test_fsdp_needs_no_more_memory_per_device_than_data_parallelism():
   under data parallelism. Without constraints on the activations XLA followed the weights'
   `embed` split into the residual stream: 24 all-to-alls and 3.5x the temporaries here
   (bert-base on v4-8: 28.5 GiB a chip where data parallelism needs 16.5). The compiler's
-  own memory analysis, 8 CPU devices."""
+  own memory analysis, 8 CPU devices. Hybrid (data=2 x fsdp=4, the multi-node layout: FSDP
+  inside a node, data parallel across): the embedding tables' gradient, scattered from the
+  batch-split activations into tables split along `embed`, was an "Involuntary full
+  rematerialization" (the whole tensor replicated, then split) until the tables are
+  gathered before the lookup, as FSDP gathers every other weight."""
   result = subprocess.run([sys.executable, '-c', _FSDP_PROBE], capture_output=True,
                           text=True, timeout=600, cwd=train_fixtures.REPO_ROOT,
                           env=dict(os.environ, JAX_PLATFORMS='cpu',
                                    XLA_FLAGS=cpu_devices_flags(8)))
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
-  assert out['fsdp']['temporaries'] <= out['data_parallel']['temporaries'], out
-  # Only the embedding lookup (a table split along `embed`) is re-split, once each way.
-  assert out['fsdp']['collectives'].get('all-to-all', 0) <= 2, out
-  assert out['fsdp']['collectives'].get('all-gather', 0) > 0   # the weights, gathered
+  assert 'Involuntary full rematerialization' not in result.stderr, result.stderr[-3000:]
+  for layout in ('fsdp', 'hybrid'):
+    assert out[layout]['temporaries'] <= out['data_parallel']['temporaries'], out
+    # No activation is re-split: the weights are gathered (the embedding tables too, which
+    # were re-split by an all-to-all each way), the gradients reduced.
+    assert out[layout]['collectives'].get('all-to-all', 0) == 0, out
+    assert out[layout]['collectives'].get('all-gather', 0) > 0   # the weights, gathered
