@@ -62,7 +62,7 @@ _CONFIG = train._CONFIG  # pylint: disable=protected-access
 _TOPOLOGY = flags.DEFINE_string(
     'topology', None, 'The TPU slice: a Cloud TPU accelerator type (v4-32, v5e-16, '
     'v5litepod-16, v5p-128, v6e-8) or generation:grid (v5e:4x4, v4:2x2x4); or NVIDIA '
-    'GPUs: a100, h100, h200, or the GPUs of one host (h100-8).')
+    'GPUs: a100, h100, h200, h100-8 (one host), h100-16 (two hosts of 8).')
 _NUM_SLICES = flags.DEFINE_integer(
     'num_slices', 1, 'Slices joined over the data-center network (multi-slice).')
 _OUT = flags.DEFINE_string('out', None, 'Write the report as JSON to this file.')

@@ -1,6 +1,7 @@
 """NVIDIA GPUs as users name them, their figures, and their devices for compiling only.
 
-`h100`, `h200`, `a100` (one GPU) or `h100-8` (the GPUs of one host, up to 8) -> compile-only
+`h100`, `h200`, `a100` (one GPU), `h100-8` (the GPUs of one host) or `h100-16` (hosts of
+8) -> compile-only
 devices of JAX's CUDA plugin, described to XLA's GPU compiler by a target config (the
 device description that the plugin would read from a real GPU), so that bert_sym.aot
 compiles the trainer's steps for a GPU on a machine that has none, as it does for TPU
@@ -73,18 +74,20 @@ def is_gpu(name: str) -> bool:
 
 
 def parse_topology(name: str) -> tpu.Slice:
-  """'h100' (one GPU) or 'h100-8' (GPUs of one host); a100, h100 and h200."""
+  """'h100' (one GPU), 'h100-4' (GPUs of one host), 'h100-16' (hosts of 8 GPUs, as
+  launch/slurm_gpu.sbatch runs them); a100, h100 and h200."""
   match = re.fullmatch(r'(a100|h100|h200)(?:-(\d+))?', name.strip().lower())
   if not match:
     raise tpu.SliceError(f'--topology={name!r} is not a GPU this knows: use a100, h100 or '
-                         f'h200, or the GPUs of one host, e.g. h100-8 (TPU slices: v5e-16, '
-                         f'v4-32, ...).')
+                         f'h200, or several: h100-8 (one host), h100-16 (two hosts of 8) '
+                         f'(TPU slices: v5e-16, v4-32, ...).')
   count = int(match.group(2) or 1)
-  if not 1 <= count <= MAX_PER_HOST:
-    raise tpu.SliceError(f'--topology={name!r}: compiling for GPUs covers one host (1 to '
-                         f'{MAX_PER_HOST} GPUs); a job over several hosts runs the same '
-                         f'per-GPU program, so compile for {match.group(1)}-8.')
-  return tpu.Slice(name, GPUS[match.group(1)], f'1x1x{count}', count)
+  if count < 1 or (count > MAX_PER_HOST and count % MAX_PER_HOST):
+    raise tpu.SliceError(f'--topology={name!r}: give 1 to {MAX_PER_HOST} GPUs (one host) or '
+                         f'a multiple of {MAX_PER_HOST} (hosts of {MAX_PER_HOST} GPUs each).')
+  hosts, per_host = (1, count) if count <= MAX_PER_HOST else (count // MAX_PER_HOST,
+                                                               MAX_PER_HOST)
+  return tpu.Slice(name, GPUS[match.group(1)], f'1x{hosts}x{per_host}', count)
 
 
 def target_config(chip: Gpu) -> str:

@@ -58,7 +58,8 @@ def compiled_report(tmp_path, *flags) -> dict:
 
 @pytest.mark.parametrize('name, topology, gpus, kind', [
     ('h100', '1x1x1', 1, 'NVIDIA H100 80GB HBM3'), ('H200-8', '1x1x8', 8, 'NVIDIA H200'),
-    ('a100-4', '1x1x4', 4, 'NVIDIA A100-SXM4-80GB')])
+    ('a100-4', '1x1x4', 4, 'NVIDIA A100-SXM4-80GB'),
+    ('h100-16', '1x2x8', 16, 'NVIDIA H100 80GB HBM3')])   # two hosts of 8, as slurm_gpu.sbatch
 def test_gpu_names_map_to_the_plugin_s_topology(name, topology, gpus, kind):
   slice_ = gpu.parse_topology(name)
   assert gpu.is_gpu(name) and not gpu.is_gpu('v5e-16') and not gpu.is_gpu(' V4:2x2x1')
@@ -67,7 +68,7 @@ def test_gpu_names_map_to_the_plugin_s_topology(name, topology, gpus, kind):
 
 
 @pytest.mark.parametrize('name, message', [
-    ('h100-16', r'covers one host \(1 to 8 GPUs\)'), ('h100-0', 'covers one host'),
+    ('h100-12', 'or a multiple of 8'), ('h100-0', r'give 1 to 8 GPUs \(one host\)'),
     ('h100x8', 'is not a GPU this knows'), ('b200', 'is not a GPU this knows')])
 def test_bad_gpu_names_are_one_line_errors(name, message):
   assert gpu.is_gpu(name)   # so bert_sym.aot gives the GPU parser's message, not libtpu's
