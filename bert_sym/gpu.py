@@ -119,8 +119,8 @@ def compile_only_devices(slice_: tpu.Slice, num_slices: int = 1, *,
   # pylint: disable-next=g-import-not-at-top
   from jax.experimental import topologies
   if num_slices != 1:
-    raise tpu.SliceError('--num_slices is for TPU slices; give the GPUs of one host, e.g. '
-                         f'--topology={slice_.chip.generation}-8.')
+    raise tpu.SliceError('--num_slices is for TPU slices; name all the GPUs instead, e.g. '
+                         f'--topology={slice_.chip.generation}-16 for two hosts of 8.')
   if gpu_flags.cuda_plugin() is None:
     raise tpu.SliceError('Compiling for an NVIDIA GPU needs JAX\'s CUDA plugin, which is not '
                          'installed. Fix: make gpu-compiler, then run with '

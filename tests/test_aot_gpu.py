@@ -92,6 +92,8 @@ def test_a_step_above_jax_s_default_memory_fraction_names_the_setting():
 
 
 def test_without_the_cuda_plugin_the_fix_is_one_line(monkeypatch):
+  with pytest.raises(tpu.SliceError, match='--topology=h100-16 for two hosts of 8'):
+    gpu.compile_only_devices(gpu.parse_topology('h100-8'), num_slices=2)
   monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: None)
   with pytest.raises(tpu.SliceError, match='make gpu-compiler, then run with PYTHONPATH'):
     gpu.compile_only_devices(gpu.parse_topology('h100'))
