@@ -84,7 +84,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   parallel = parallel_seeds_mode(config.get('parallel_seeds', 'auto'))   # typos fail now
   pretrained, tokenizer = _checkpoint_and_tokenizer(checkpoint, config)
   pairs = [s.name for s in specs if len(s.tfds_text_keys) == 2]
-  if pairs and pretrained.config.model.type_vocab_size < 2:   # a gather would clamp type 1
+  if pairs and pretrained.config.model.type_vocab_size < 2:   # type 1 would look up NaN
     raise ValueError(f'{pretrained.step_dir} has model.type_vocab_size='
                      f'{pretrained.config.model.type_vocab_size}: no segment embedding for '
                      f'the second sentence of {", ".join(pairs)}. Fix: --tasks without them.')
