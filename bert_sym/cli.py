@@ -103,9 +103,11 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 # How a collective or barrier says that a peer process has gone (gloo on CPU, the
-# coordination service's barriers on every platform). Not a bare DEADLINE_EXCEEDED or
-# "reset by peer": storage (GCS) says those of its own reads and writes.
-_PEER_GONE = re.compile(r'gloo.*(closed|reset) by peer|Barrier timed out',
+# coordination service's barriers on every platform, and orbax's own words when it wraps
+# such a barrier's timeout in a TimeoutError of its async save). Not a bare
+# DEADLINE_EXCEEDED or "reset by peer": storage (GCS) says those of its own reads and writes.
+_PEER_GONE = re.compile(r'gloo.*(closed|reset) by peer|Barrier timed out|'
+                        r'Timed out while waiting for async_\w+ barrier',
                         re.IGNORECASE | re.DOTALL)
 
 
