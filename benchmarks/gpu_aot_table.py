@@ -17,7 +17,6 @@ finish; a rerun skips rows already there. --update_results (re)writes the "GPU p
 section of benchmarks/RESULTS.md from the JSONL.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -90,9 +89,7 @@ def measure(args):
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   jsonl = out_dir / 'rows.jsonl'
-  done = set()
-  if jsonl.exists():
-    done = {key(json.loads(l)) for l in jsonl.read_text().splitlines() if l.strip()}
+  done = tpu_aot_table.finished_keys(jsonl, key)
   peaks = measured_peaks()
   for row in rows():
     if key(row) in done:
@@ -162,18 +159,5 @@ def update_results(args):
   tpu_aot_table.write_section(SECTION, lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out_dir', default='runs/gpu_aot')
-  parser.add_argument('--timeout_s', type=int, default=900, help='per bert_sym.aot run')
-  parser.add_argument('--update_results', action='store_true',
-                      help='only (re)write the RESULTS.md section from OUT_DIR/rows.jsonl')
-  args = parser.parse_args()
-  if args.update_results:
-    update_results(args)
-  else:
-    measure(args)
-
-
 if __name__ == '__main__':
-  main()
+  tpu_aot_table.main(__doc__, 'runs/gpu_aot', 900, measure, update_results)

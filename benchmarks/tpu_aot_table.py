@@ -92,9 +92,7 @@ def measure(args):
   out_dir = pathlib.Path(args.out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   jsonl = out_dir / 'rows.jsonl'
-  done = set()
-  if jsonl.exists():
-    done = {key(json.loads(l)) for l in jsonl.read_text().splitlines() if l.strip()}
+  done = finished_keys(jsonl, key)
   for row in rows():
     if key(row) in done:
       continue
@@ -204,17 +202,25 @@ def write_section(title: str, lines: list[str]) -> None:
   print(section)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out_dir', default='runs/tpu_aot')
-  parser.add_argument('--timeout_s', type=int, default=1800, help='per bert_sym.aot run')
+def finished_keys(jsonl: pathlib.Path, key) -> set:
+  """The keys of the rows already in `jsonl` (a rerun skips them)."""
+  if not jsonl.exists():
+    return set()
+  return {key(json.loads(l)) for l in jsonl.read_text().splitlines() if l.strip()}
+
+
+def main(doc=__doc__, out_dir='runs/tpu_aot', timeout_s=1800, measure_fn=None, update_fn=None):
+  """The command line of this table and of gpu_aot_table.py (which passes its own)."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+  parser.add_argument('--out_dir', default=out_dir)
+  parser.add_argument('--timeout_s', type=int, default=timeout_s, help='per bert_sym.aot run')
   parser.add_argument('--update_results', action='store_true',
                       help='only (re)write the RESULTS.md section from OUT_DIR/rows.jsonl')
   args = parser.parse_args()
   if args.update_results:
-    update_results(args)
+    (update_fn or update_results)(args)
   else:
-    measure(args)
+    (measure_fn or measure)(args)
 
 
 if __name__ == '__main__':
