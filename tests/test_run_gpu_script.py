@@ -2,6 +2,7 @@
 one of its benchmark commands would cost that session's only chance. Each `bench` line is
 parsed here by the benchmark's own argument parser and expanded into its configurations."""
 
+import json
 import os
 import shlex
 import subprocess
@@ -160,7 +161,6 @@ def test_every_timed_step_fits_an_h200_as_compiled(monkeypatch):
   (benchmarks/gpu_aot_table.py, the record in benchmarks/results/gpu_aot_*.jsonl) and fits
   JAX's default 75% share of it: a step that cannot fit would spend the GPU session's
   minutes compiling towards an out-of-memory error (the paper recipe at 512 x 256 did)."""
-  import json  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   record = sorted(pathlib.Path(REPO_ROOT, 'benchmarks', 'results').glob('gpu_aot_*.jsonl'))[-1]
   compiled = {}
@@ -179,3 +179,52 @@ def test_every_timed_step_fits_an_h200_as_compiled(monkeypatch):
         timed.add((spec['attention'], spec['path'], spec['seq'], spec['batch'], scanned))
   assert timed and timed <= set(compiled), sorted(timed - set(compiled))
   assert all(compiled[step] for step in timed), [s for s in timed if not compiled[s]]
+
+
+# What the GPU image lacks of requirements*.txt: it has jax, flax, optax, orbax, torch and
+# transformers (with their own dependencies), pytest, and ml-collections from the carried
+# wheel; the rest of our runtime requirements are not there.
+_NOT_ON_THE_GPU_IMAGE = ('tensorflow', 'tensorflow_text', 'tensorflow_datasets', 'seqio',
+                         'gensim', 'blingfire', 'matplotlib', 'tensorboard', 'sklearn',
+                         'gcsfs', 'nbclient', 'nbformat', 'xdist')
+_IMAGE_SITECUSTOMIZE = f'''
+import importlib.abc, importlib.util, sys
+MISSING = {_NOT_ON_THE_GPU_IMAGE!r}
+missing = lambda name: name.split('.')[0] in MISSING
+class NotInstalled(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if missing(name):
+      raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)
+sys.meta_path.insert(0, NotInstalled())
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if missing(name) else find_spec(name, package))
+'''
+
+
+def test_its_python_steps_run_with_only_what_the_gpu_image_has(tmp_path):
+  """The GPU image has no TensorFlow, seqio, gensim, matplotlib, scikit-learn...: a
+  top-level or lazy import of one in the GPU tests, the benchmark, its profile or the GLUE
+  seeds benchmark would cost the lent GPU's minutes. Each runs here, tiny, on the CPU,
+  with those packages made uninstalled (sitecustomize)."""
+  (tmp_path / 'sitecustomize.py').write_text(_IMAGE_SITECUSTOMIZE)
+  env = dict(os.environ, PYTHONPATH=f'{tmp_path}:{REPO_ROOT}', JAX_PLATFORMS='cpu')
+  run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env,
+                                     capture_output=True, text=True, timeout=300)
+  for module in _NOT_ON_THE_GPU_IMAGE:   # the stand-in works
+    assert "No module named" in run('-c', f'import {module}').stderr, module
+  gpu_tests = run('-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-m', 'gpu',
+                  'tests/test_cudnn_dropout.py', 'tests/test_attention.py',
+                  'tests/test_gpu_flags.py')
+  assert gpu_tests.returncode == 0 and ' passed' in gpu_tests.stdout, gpu_tests.stdout[-3000:]
+  out = tmp_path / 'out'
+  bench = run('benchmarks/accelerator.py', '--size=tiny', '--steps=1', '--variants=standard',
+              '--shapes=32x2', '--paths=fused', '--no_hf', '--profile', '--prng_impl=rbg',
+              f'--profile_root={out}', f'--out={out}/bench.json')
+  assert bench.returncode == 0, bench.stderr[-3000:]
+  rows = json.loads((out / 'bench.json').read_text())['results']
+  assert [(r['status'], r.get('error')) for r in rows] == [('ok', None)], rows
+  assert (out / 'profile_standard_fused_32x2' / 'top_ops.txt').stat().st_size > 0
+  glue = run('benchmarks/glue_seeds.py', '--size=tiny', '--seq_len=16', '--seeds=2',
+             '--steps=2', '--rounds=1', f'--out={out}/glue.json')
+  assert glue.returncode == 0 and (out / 'glue.json').exists(), glue.stderr[-3000:]
