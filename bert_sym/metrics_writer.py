@@ -255,6 +255,10 @@ class MetricWriter:
     logging.warning('metrics.jsonl of the earlier attempt moved to %s.', old)
     self._restart_at(0)   # its events stay in their files, out of TensorBoard's plots
 
+  @property
+  def writes_tensorboard(self) -> bool:
+    return self._events is not None
+
   def close(self):
     if not self.enabled:
       return

@@ -65,9 +65,8 @@ _START_OVER = flags.DEFINE_bool(
 _DISTRIBUTED_FLAGS = distributed.define_flags()
 
 
-# Exit codes of `python -m bert_sym.train` (0 finished; 1 input problem or non-finite stop;
-# 42 preempted after saving: rerun to resume, as launch/slurm_gpu.sbatch does; 130 Ctrl-C
-# after saving), from bert_sym.preemption.
+# Exit codes (bert_sym.preemption): 0 finished; 1 input problem or non-finite stop; saved
+# and stopped: 42 preempted (rerun to resume, as launch/slurm_gpu.sbatch does), 130 Ctrl-C.
 PREEMPTED_EXIT_CODE, INTERRUPTED_EXIT_CODE = loop.PREEMPTED_EXIT_CODE, loop.INTERRUPTED_EXIT_CODE
 Preempted = loop.Preempted
 
@@ -185,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
                                               evaluate, manager, preemption, run)
     finally:
       run.writer.close()
-  run.console(closing_summary(workdir, step, run.eval_metrics, run.last_saved))
+  run.console(closing_summary(workdir, step, run))
   return run.eval_metrics
 
 
@@ -347,16 +346,17 @@ def _build_evaluator(config, eval_step, data: _Input, run: _Run):
   return evaluate
 
 
-def closing_summary(workdir, step: int, eval_metrics: dict, saved_step) -> str:
+def closing_summary(workdir, step: int, run) -> str:
   """The run's last words: where it ended, where the model is, what to run next."""
-  lines = [f'Done: step {step}.']
-  if eval_metrics:
-    lines[0] += (f' Final eval MLM loss {eval_metrics["eval/loss"]:.4f}, '
-                 f'accuracy {eval_metrics["eval/mlm_accuracy"]:.3f}.')
-  if saved_step is not None:
-    lines.append(f'Checkpoint: {checkpoint.checkpoint_dir(workdir) / str(saved_step)}')
-  lines += [
-      f'Metrics: {workdir}/metrics.jsonl; tensorboard --logdir {workdir}/tensorboard',
+  lines, metrics = [f'Done: step {step}.'], run.eval_metrics
+  if metrics:
+    lines[0] += (f' Final eval MLM loss {metrics["eval/loss"]:.4f}, '
+                 f'accuracy {metrics["eval/mlm_accuracy"]:.3f}.')
+  if run.last_saved is not None:
+    lines.append(f'Checkpoint: {checkpoint.checkpoint_dir(workdir) / str(run.last_saved)}')
+  lines += [   # TensorBoard only where its package wrote events (GPU images may lack it)
+      f'Metrics: {workdir}/metrics.jsonl' + (f'; tensorboard --logdir {workdir}/tensorboard'
+                                             if run.writer.writes_tensorboard else ''),
       'Next:',
       f'  python -m bert_sym.hf_export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
       '# Hugging Face BERT',

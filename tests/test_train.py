@@ -29,6 +29,7 @@ import pytest
 from bert_sym import checkpoint
 from bert_sym import distributed
 from bert_sym import loop
+from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
 from bert_sym import optim
@@ -255,11 +256,26 @@ def test_reference_run_writes_everything(reference_run):
   tail = result.stdout.strip().splitlines()[-6:]
   assert tail[0].startswith(f'Done: step {STEPS}. Final eval MLM loss'), tail
   assert any(f'Checkpoint: {workdir}/checkpoints/{STEPS}' in l for l in tail)
+  assert f'Metrics: {workdir}/metrics.jsonl; tensorboard --logdir {workdir}/tensorboard' in tail
   assert any('python -m bert_sym.hf_export' in l for l in tail)
   assert any('python -m bert_sym.glue' in l for l in tail)
   assert 'orbax' not in result.stdout + result.stderr
   _, params = checkpoint.load_pretrained(workdir)
   assert params['encoder']['layer_0']['attention']['pairwise'].shape == (2, 16, 16)
+
+
+def test_the_summary_names_tensorboard_only_where_its_events_were_written(tmp_path,
+                                                                         monkeypatch):
+  """GPU images may lack the tensorboard package: the metrics are then in metrics.jsonl
+  only, and the summary must not send the user to a log directory that does not exist."""
+  monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # not installed
+  writer = metrics_writer.MetricWriter(str(tmp_path))
+  run = types.SimpleNamespace(eval_metrics={}, last_saved=None, writer=writer)
+  summary = train.closing_summary(tmp_path, 3, run).splitlines()
+  writer.close()
+  assert not (tmp_path / 'tensorboard').exists()
+  assert f'Metrics: {tmp_path}/metrics.jsonl' in summary, summary
+  assert 'tensorboard' not in '\n'.join(summary)
 
 
 def test_config_json_reproduces_the_run(tmp_path, reference_run):
