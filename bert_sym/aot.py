@@ -104,12 +104,8 @@ def build_steps(config: ml_collections.ConfigDict, devices) -> Built:
   """The trainer's mesh, state and steps (bert_sym.train.build_mlm_step) on `devices`."""
   mesh = train.checked_mesh(config, devices)
   mlm = train.build_mlm_step(config, mesh)
-  seq_len = config.data.max_seq_len
   dtype = model_lib.compute_dtype(config.model.dtype)
-  kernel = attention.resolve_implementation(
-      config.model.attention_impl, training_dropout=config.model.attention_dropout_rate > 0,
-      return_weights=False, seq_len=seq_len, dtype=dtype,
-      scanned=bool(config.model.get('scan_layers', False)))
+  kernel = config_check.training_kernel(config)
   return Built(mesh, mlm.spec, abstract_batch(config, mlm.batch_sharding), mlm.train_step,
                mlm.eval_step, kernel, np.dtype(dtype).name)
 

@@ -253,20 +253,27 @@ def absolute_data_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
   return config
 
 
-def check_backend(config: ml_collections.ConfigDict) -> None:
-  """What this machine must offer: the attention kernel, the mesh's devices, the batch split."""
-  import jax  # pylint: disable=import-outside-toplevel
+def training_kernel(config: ml_collections.ConfigDict) -> str:
+  """The attention kernel the train step runs on this backend ('xla', 'cudnn' or 'splash':
+  model.attention_impl resolved as the model resolves it); a ConfigError where the kernel
+  named cannot run."""
   from bert_sym import model as model_lib  # pylint: disable=import-outside-toplevel
-  from bert_sym import sharding  # pylint: disable=import-outside-toplevel
   cfg = config.model
   try:
-    attention.resolve_implementation(
+    return attention.resolve_implementation(
         cfg.attention_impl, training_dropout=cfg.attention_dropout_rate > 0,
         return_weights=False, seq_len=config.data.max_seq_len,
         interpret=bool(cfg.get('kernel_interpret', False)),
         dtype=model_lib.compute_dtype(cfg.dtype), scanned=bool(cfg.get('scan_layers', False)))
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def check_backend(config: ml_collections.ConfigDict) -> None:
+  """What this machine must offer: the attention kernel, the mesh's devices, the batch split."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from bert_sym import sharding  # pylint: disable=import-outside-toplevel
+  training_kernel(config)
   try:
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config)

@@ -1,4 +1,4 @@
-"""XLA flags the trainer sets on NVIDIA GPUs (config.xla_gpu_flags; README, "XLA flags on GPU").
+"""XLA flags the trainer sets on NVIDIA GPUs (config.xla_gpu_flags; listed in the README).
 
 XLA reads XLA_FLAGS once, when the first backend starts, so `set_xla_gpu_flags` runs at
 the top of the trainer and of each benchmark worker, before anything asks for a device.

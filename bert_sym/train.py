@@ -234,9 +234,9 @@ def _open_run(workdir) -> _Run:
 def _build_mesh(config, run: _Run):
   with _user_errors('Mesh'):
     mesh = checked_mesh(config)
-  run.console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} '
-              f'{jax.devices()[0].device_kind} device(s), {jax.process_count()} '
-              f'process(es); attention={config.model.attention}')
+  run.console(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
+              f'device(s), {jax.process_count()} process(es); attention={config.model.attention}, '
+              f'kernel {config_check.training_kernel(config)}')
   return mesh
 
 

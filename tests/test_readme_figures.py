@@ -172,6 +172,20 @@ def test_tpu_v4_8_preflight_figures():
   assert f'`--config.optimizer.grad_accum_steps=2` ({rounded} GiB)' in README
 
 
+def test_fsdp_memory_figures():
+  """bert-base on v4-8, TPU compiler: the newest FSDP row of RESULTS.md's table (rows in
+  the order the code changed), data parallelism's, and FSDP's before the constraints."""
+  text = (ROOT / 'benchmarks' / 'RESULTS.md').read_text()
+  table = text.split('### FSDP, 2026-12-04')[1].split('\n\n')[2]
+  rows = [(name.strip(), float(gib)) for name, gib in
+          re.findall(r'^\| ([^|]+) \| ([\d.]+) GiB \|', table, re.M)]
+  fsdp = [gib for name, gib in rows if name.startswith('fsdp=4')]
+  data = [gib for name, gib in rows if name.startswith('data=4')]
+  assert len(fsdp) >= 3 and len(data) == 1
+  assert (f'bert-base on v4-8: {fsdp[-1]:.1f} GiB a chip with FSDP, {data[0]:.1f} with data '
+          f'parallelism, where FSDP needed {fsdp[0]:.1f} before') in README
+
+
 def test_cpu_attention_variant_step_times():
   results = _load('attention_variants_cpu-2core_quiet.json')['results']
   fewer = 1 - results['pairwise']['xla_gflops_per_step'] / results['standard'][
