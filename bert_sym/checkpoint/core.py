@@ -122,7 +122,7 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False,
     raise ImportError(
         f'orbax-checkpoint {getattr(ocp, "__version__", "(unknown version)")} has no '
         'preservation policies, which checkpoint rotation needs: pip install '
-        '"orbax-checkpoint>=0.11.14,<0.13" (requirements.txt).')
+        '"orbax-checkpoint>=0.11.26,<0.13" (requirements.txt).')
   keep = [policies.LatestN(n=ckpt_config.keep_last or None)]
   if ckpt_config.keep_every:
     keep.append(policies.EveryNSteps(interval_steps=ckpt_config.keep_every))
