@@ -27,13 +27,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.runtime-installed: requirements.txt pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -r requirements.txt
+$(VENV)/.runtime-installed: requirements.txt constraints.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-installed: requirements-test.txt requirements-tpu.txt $(VENV)/.gpu-compiler-installed
-	$(BIN)/pip install -q -r requirements-test.txt -r requirements-tpu.txt
+# torch from PyTorch's CPU index where it can be reached (--retries 0: at once where it
+# cannot; only torch is looked up there): PyPI's torch is the CUDA build, GBs of CUDA
+# libraries and triton, whose C extension crashes a process that loaded TensorFlow's first.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+$(VENV)/.test-installed: requirements-test.txt requirements-tpu.txt constraints.txt $(VENV)/.gpu-compiler-installed
+	$(BIN)/pip install -q --no-deps --retries 0 --extra-index-url $(TORCH_CPU_INDEX) \
+	    "$$(grep -E '^torch==' requirements-test.txt | cut -d' ' -f1)"
+	$(BIN)/pip install -q -r requirements-test.txt -r requirements-tpu.txt -c constraints.txt
 	touch $@
 
 # The GPU compiler for `bert_sym.aot --topology=h100` on a machine without a GPU, kept out

@@ -6,9 +6,18 @@ skips. `make test` lists every skip with its reason (pytest -rs).
 """
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
+
+# PyPI's torch is the CUDA build, with triton, whose C extension crashes the process
+# (SIGSEGV) when it loads after TensorFlow's (tensorflow 2.21, triton 3.7.1); the other
+# way round both work. transformers loads it lazily (torch._dynamo), long after a test has
+# imported TensorFlow, so it is loaded here first. (`make test` installs the CPU torch,
+# without triton, where PyTorch's index can be reached.)
+if importlib.util.find_spec('triton') is not None:
+  import triton._C.libtriton  # pylint: disable=g-import-not-at-top,unused-import
 
 import jax
 from packaging import version

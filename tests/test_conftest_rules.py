@@ -98,3 +98,27 @@ def test_unoptimised_compiles_only_where_jax_cannot_run_on_cuda(tmp_path, cuda_p
   assert result.returncode == 0, result.stderr[-3000:]
   flag_set = '--xla_backend_optimization_level=0' in result.stdout
   assert flag_set != cuda_plugin, result.stdout
+
+
+def test_triton_s_library_loads_before_tensorflow_s(tmp_path):
+  """With PyPI's (CUDA) torch, transformers loads triton's C extension lazily, after the
+  tests imported TensorFlow, and the process crashes (SIGSEGV; tensorflow 2.21, triton
+  3.7.1). The repository's conftest loads it first; a stand-in triton records the order."""
+  stub, suite = tmp_path / 'site', tmp_path / 'suite'
+  (stub / 'triton' / '_C').mkdir(parents=True)
+  (stub / 'triton' / '__init__.py').write_text('')
+  (stub / 'triton' / '_C' / '__init__.py').write_text('')
+  order = tmp_path / 'order.txt'
+  (stub / 'triton' / '_C' / 'libtriton.py').write_text(
+      f"import sys\nopen({str(order)!r}, 'a').write("
+      "f\"libtriton after tensorflow: {'tensorflow' in sys.modules}\\n\")\n")
+  suite.mkdir()
+  (suite / 'conftest.py').write_text('from tests.conftest import *  # noqa: F401,F403\n')
+  (suite / 'test_both.py').write_text(
+      'import tensorflow\n\ndef test_then_triton():\n  import triton._C.libtriton\n')
+  env = dict(os.environ, CI='', PYTHONPATH=f'{stub}{os.pathsep}{REPO_ROOT}')
+  result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                           str(suite)], cwd=suite, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:]
+  assert order.read_text() == 'libtriton after tensorflow: False\n'
