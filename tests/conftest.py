@@ -17,7 +17,7 @@ import tempfile
 # imported TensorFlow, so it is loaded here first. (`make test` installs the CPU torch,
 # without triton, where PyTorch's index can be reached.)
 if importlib.util.find_spec('triton') is not None:
-  import triton._C.libtriton  # pylint: disable=g-import-not-at-top,unused-import
+  importlib.import_module('triton._C.libtriton')
 
 import jax
 from packaging import version
