@@ -40,9 +40,21 @@ def _random_bits_keys(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'random_bits':
       shapes.append(eqn.invars[0].aval.shape)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in _sub_jaxprs(eqn.params.values()):
       shapes += _random_bits_keys(sub)
   return shapes
+
+
+def _sub_jaxprs(values):
+  """The jaxprs among an equation's params (a scan's body, a pjit's callee...), found by
+  their fields: jax.core.jaxprs_in_params is gone from jax 0.12."""
+  for value in values:
+    if isinstance(value, (list, tuple)):
+      yield from _sub_jaxprs(value)
+    elif hasattr(value, 'eqns'):        # Jaxpr
+      yield value
+    elif hasattr(getattr(value, 'jaxpr', None), 'eqns'):   # ClosedJaxpr
+      yield value.jaxpr
 
 
 @pytest.mark.parametrize('prng_impl', IMPLS)
