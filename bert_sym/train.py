@@ -11,8 +11,7 @@ to {workdir}/config.json; rerunning the same command resumes from the latest che
 
 Reading order follows the data (big_vision style): logging -> mesh -> input -> model &
 optimizer -> shard & init -> update step -> checkpoint restore -> evals -> train loop.
-`build_mlm_step` is the pre-training step that bert_sym.aot, the accelerator benchmark and
-the PyTorch parity test also use.
+`build_mlm_step` is the step that bert_sym.aot, the benchmark and the parity test build too.
 """
 
 import contextlib
@@ -396,15 +395,16 @@ def main(argv, make_iterator=None):
           checkpoint.CheckpointSaveError) as e:   # said in one line, no traceback
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
-  except KeyboardInterrupt:
-    # One process: a second Ctrl-C (the first saves). Several: the first, as no handler is
-    # installed there (loop.PreemptionFlag), so nothing was saved.
+  except KeyboardInterrupt:   # one process: a second Ctrl-C (the first saves); several:
+    # the first, as no handler is installed there (loop.PreemptionFlag): nothing was saved.
+    several = jax.distributed.is_initialized() and jax.process_count() > 1
     what = ('Ctrl-C on a multi-process run (it saves on SIGTERM only: send SIGTERM to any '
-            'process to save at one step on all)'
-            if jax.distributed.is_initialized() and jax.process_count() > 1
-            else 'a second Ctrl-C')
+            'process to save at one step on all)' if several else 'a second Ctrl-C')
     print(f'\nbert_sym.train: stopped by {what} without saving; rerun the same command to '
           'resume from the last checkpoint.', file=sys.stderr, flush=True)
+    if not several:   # at once: a normal exit finalised the abandoned async save's asyncio
+      sys.stdout.flush()   # loop, which printed a traceback (several: cli leaves together)
+      os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
     sys.exit(INTERRUPTED_EXIT_CODE)
   except Preempted as e:
     logging.warning('%s; exiting with code %d.', e, e.exit_code)
