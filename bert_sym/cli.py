@@ -113,7 +113,7 @@ _PEER_GONE = re.compile(r'gloo.*(closed|reset) by peer|Barrier timed out|'
 
 def another_process_stopped(text: str) -> bool:
   """Whether an error, in one of several processes, says that another one is gone."""
-  return _one_of_several_processes() and bool(_PEER_GONE.search(text))
+  return one_of_several_processes() and bool(_PEER_GONE.search(text))
 
 
 def _flag_error_message(error) -> str:
@@ -220,7 +220,7 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
         leave_a_multiprocess_run(e.code if isinstance(e.code, int) else EXIT_USER_ERROR)
       raise
     except BaseException:   # a bug
-      if _one_of_several_processes():
+      if one_of_several_processes():
         traceback.print_exc()   # what the normal exit would print
         leave_a_multiprocess_run(EXIT_USER_ERROR)
       raise
@@ -235,7 +235,7 @@ def leave_a_multiprocess_run(code: int) -> None:
   others may be blocked in a collective this one left (a checkpoint save, a train step),
   so both waited for the barrier's timeout (5 minutes) and aborted (exit 134). Without it
   they see the connection close and stop on their own error at once."""
-  if _one_of_several_processes():
+  if one_of_several_processes():
     sys.stdout.flush()
     sys.stderr.flush()
     _leave_together()
@@ -263,7 +263,7 @@ def _leave_together() -> None:
     time.sleep(2.0)   # the others' os._exit first
 
 
-def _one_of_several_processes() -> bool:
+def one_of_several_processes() -> bool:
   jax = sys.modules.get('jax')   # not imported: not started by jax.distributed either
   return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
 

@@ -31,6 +31,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from bert_sym import checkpoint
+from bert_sym import cli
 from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import gpu_flags
@@ -397,7 +398,7 @@ def main(argv, make_iterator=None):
     sys.exit(1)
   except KeyboardInterrupt:   # one process: a second Ctrl-C (the first saves); several:
     # the first, as no handler is installed there (loop.PreemptionFlag): nothing was saved.
-    several = jax.distributed.is_initialized() and jax.process_count() > 1
+    several = cli.one_of_several_processes()
     what = ('Ctrl-C on a multi-process run (it saves on SIGTERM only: send SIGTERM to any '
             'process to save at one step on all)' if several else 'a second Ctrl-C')
     print(f'\nbert_sym.train: stopped by {what} without saving; rerun the same command to '
@@ -416,5 +417,4 @@ parse_flags = config_check.parse_flags   # absl parsing; --help lists the config
 
 
 if __name__ == '__main__':
-  from bert_sym import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, prog='bert_sym.train', flags_parser=parse_flags)

@@ -779,7 +779,7 @@ def test_only_gloo_or_a_barrier_says_that_another_process_has_gone(monkeypatch):
   """The words that make a host stop with "another process of this run stopped" (and skip
   the restore barrier): a storage timeout or reset on this host's own write is not one."""
   from bert_sym import cli  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(cli, '_one_of_several_processes', lambda: True)
+  monkeypatch.setattr(cli, 'one_of_several_processes', lambda: True)
   gone = ('UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer [::1]:9',
           'DEADLINE_EXCEEDED: Barrier timed out. Id: ThreadSaveMultiHostValueHolder',
           # orbax's async save, wrapping the barrier's error (seen once in a CI run of
@@ -789,7 +789,7 @@ def test_only_gloo_or_a_barrier_says_that_another_process_has_gone(monkeypatch):
          'UNAVAILABLE: Connection reset by peer (GCS upload)', '[Errno 28] No space left')
   assert all(cli.another_process_stopped(text) for text in gone)
   assert not any(cli.another_process_stopped(text) for text in own)
-  monkeypatch.setattr(cli, '_one_of_several_processes', lambda: False)
+  monkeypatch.setattr(cli, 'one_of_several_processes', lambda: False)
   assert not cli.another_process_stopped(gone[0])   # one process: nobody else to blame
 
 
