@@ -14,6 +14,7 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -924,6 +925,26 @@ def test_diverged_and_acknowledged_steps_are_not_damage(tmp_path):
                f'2-90{restoring.STARTED_OVER_SUFFIX}'):
     (root / name).mkdir()
   assert restoring.damaged_steps_found(tmp_path) == ['4-100']
+
+
+def test_a_step_belongs_to_the_newest_start_in_its_lineage(tmp_path):
+  """GLUE keys a sweep's results by the start of the trainer that wrote the step: for a
+  resumed run that is the newest start, not the first."""
+  step_dir = tmp_path / '16'
+  (step_dir / 'data_iter').mkdir(parents=True)
+  (step_dir / 'data_iter' / 'metadata').write_text(
+      json.dumps({'lineage': [['a', -1], ['b', 8]]}))
+  assert checkpoint.lineage_of(step_dir) == [['a', -1], ['b', 8]]
+  assert checkpoint.run_id_of(step_dir) == 'b'
+  assert checkpoint.run_id_of(tmp_path / 'missing') is None
+
+
+def test_config_differences_include_keys_only_one_config_has():
+  a = ml_collections.ConfigDict({'x': 1, 'model': {'attention': 'pairwise'}})
+  b = ml_collections.ConfigDict({'x': 1, 'y': 2, 'model': {'attention': 'standard'}})
+  assert checkpoint.config_differences(a, b) == ['model.attention', 'y']
+  assert checkpoint.config_differences(b, a) == ['model.attention', 'y']
+  assert checkpoint.config_differences(a, a) == []
 
 
 def test_the_step_a_run_resumed_from_is_not_its_own():

@@ -499,6 +499,11 @@ def test_a_row_counts_the_non_finite_steps_of_its_interval():
     meter.add(step, m)
   scalars, _, _ = meter.row(4)
   assert scalars['train/nonfinite_steps'] == 1
+  # Seeds trained together (GLUE): a step where one seed of two is non-finite counts.
+  meter.add(5, _health_row([1.0, 1.0], finite=[True, True]))
+  meter.add(6, _health_row([1.0, np.nan], finite=[True, False]))
+  scalars, _, _ = meter.row(6)
+  assert scalars['train/nonfinite_steps'] == 1
 
 
 def test_the_checkpoint_resumed_from_is_kept_before_any_step_is_judged():
@@ -514,3 +519,21 @@ def test_the_checkpoint_resumed_from_is_kept_before_any_step_is_judged():
     c.step = s
     checkpoints.append(c)
   assert keep.should_preserve(checkpoints, context=None) == [False, True, False]
+
+
+def test_a_divergence_names_the_last_checkpoint_the_run_wrote():
+  """The stop message says which checkpoint is kept: the one saved at step 2 here, not
+  'no checkpoint' (the run's own saves count, not only the step it resumed from)."""
+  def diverging_step(state, batch):
+    del batch
+    finite = state < 3
+    return state + 1, dict(_metrics(), **{'train/loss': jnp.where(finite, 2.0, jnp.nan),
+                                          'train/finite': finite})
+
+  meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     on_nonfinite='stop', num_devices=1)
+  hooks = loop.Hooks(log=lambda *a: None, save=lambda state, step: None, log_every=1,
+                     save_every=2, console=lambda *a, **k: None)
+  with pytest.raises(loop.NonFiniteError,
+                     match=r'at step 4.*The last checkpoint written \(step 2\) is kept'):
+    loop.run(jnp.int32(0), 0, 8, jax.jit(diverging_step), _Zeros(), meter, hooks)

@@ -38,6 +38,7 @@ def test_mesh_shape(mesh, devices, expected):
     ((4, 1, 4), 8, 'has 16 devices but JAX sees 8'),
     ((-1, 3, 1), 8, 'multiple of 3 devices'),
     ((-1, -1, 1), 8, 'at most one axis'),
+    ((0, -1, 1), 8, 'sizes must be positive'),
 ])
 def test_mesh_shape_errors(mesh, devices, message):
   with pytest.raises(ValueError, match=message):
@@ -87,10 +88,11 @@ _BATCH_CHECKS = textwrap.dedent("""
     from bert_sym import sharding
     rules = (('batch', ('data', 'fsdp')),)
     out = {'devices': jax.device_count(), 'process_count': jax.process_count()}
-    for name, (data, tensor), batch in (('ok', (8, 1), 16), ('dp', (8, 1), 12),
-                                        ('processes', (1, 8), 3), ('ways', (1, 8), 4)):
+    for name, (data, fsdp, tensor), batch in (
+        ('ok', (8, 1, 1), 16), ('dp', (8, 1, 1), 12), ('processes', (1, 1, 8), 3),
+        ('ways', (1, 1, 8), 4), ('fsdp_ok', (1, 8, 1), 16), ('fsdp_dp', (2, 4, 1), 12)):
       mesh = sharding.make_mesh(ml_collections.ConfigDict(
-          dict(data=data, fsdp=1, tensor=tensor)))
+          dict(data=data, fsdp=fsdp, tensor=tensor)))
       try:
         out[name] = sharding.check_batch_size(batch, mesh, rules)
       except ValueError as e:
@@ -138,6 +140,11 @@ def test_batch_size_checks_on_8_devices_in_2_processes():
                                  'each process reads an equal share.')
   assert result['ways'].startswith('The data-parallel size 1 is not a multiple of the 2 '
                                    'processes')
+  # The batch is split over every axis its rule names (FSDP shards the batch too).
+  assert result['fsdp_ok'] == 8
+  assert result['fsdp_dp'] == ('config.batch_size=12 is not divisible by the data-parallel '
+                               'size data x fsdp = 2 x 4 = 8. Use a multiple of 8 or change '
+                               'config.mesh.')
   assert result['processes_along_batch'] == [0, 1] * 4
   assert result['glue_rows'] == list(range(16))
   assert result['glue_rows_stacked'] == [list(range(16)), list(range(16, 32))]
