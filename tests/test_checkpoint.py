@@ -916,6 +916,13 @@ def test_a_bare_wrapper_defers_to_its_cause():
   assert restoring.failure_kind(_wrapped(short)) == 'damaged'
   assert restoring.failure_kind(_wrapped(OSError(5, 'Input/output error'))) == 'transient'
   assert restoring.failure_kind(Exception('nothing chained')) == 'fatal'
+  try:   # raised while handling, without `from`: the cause is the implicit context
+    try:
+      raise short
+    except ValueError:
+      raise Exception('restore failed')   # pylint: disable=broad-exception-raised,raise-missing-from
+  except Exception as implicit:   # pylint: disable=broad-except
+    assert restoring.failure_kind(implicit) == 'damaged'
 
 
 def test_diverged_and_acknowledged_steps_are_not_damage(tmp_path):

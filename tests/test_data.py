@@ -392,6 +392,9 @@ def test_a_vocabulary_that_does_not_fit_the_text_is_said(tmp_path, caplog, capsy
   export_lib.export(TEXT, 'train', L, str(tmp_path / 'shards'), num_parts=1,
                     text_files=str(tmp_path / 'text.txt'), vocab_path=config.vocab_path)
   assert 'of the tokens are [UNK]' in capsys.readouterr().out
+  # A share, not a count: the odd emoji in a large corpus is no reason to warn.
+  assert blocks.unk_warning('corpus', 50, 1000) is None
+  assert '5.1% of the tokens' in blocks.unk_warning('corpus', 51, 1000)
 
 
 def test_a_directory_given_as_text_files_is_named_with_the_glob_to_use(tmp_path):

@@ -260,6 +260,31 @@ def test_out_of_vocabulary_ids_stop_at_the_first_read_naming_shard_and_block(
     next(iterator)
 
 
+def test_start_up_checks_every_shards_first_block_and_dtype_on_every_filesystem(tmp_path):
+  """Before the first step, on local and remote (file://, memory://) paths alike: a shard
+  whose block 0 is outside the vocabulary, or whose dtype is not the export's, is refused
+  by name. Blocks of 4096 tokens put the bad id past the first 4 KiB, which hold the
+  header (a remote check that read only those would find it hours into the run)."""
+  for name, message in (('oov', 'block 0 holds token id 65535'),
+                        ('dtype', r'array \(2, 4096\) int16.*belongs to another export')):
+    damaged = tmp_path / name
+    train = write_corpus(str(damaged), 6, 4096, splits=('train',), num_parts=1,
+                         blocks_per_shard=2)['shards']
+    array = np.load(damaged / 'train' / train[1]['file'])
+    if name == 'oov':
+      array[0, 4000] = 65535
+    else:   # the same bytes a block, so only the header's dtype tells
+      array = array.astype(np.int16)
+    np.save(damaged / 'train' / train[1]['file'], array)
+    memory_url = f'memory://streaming-test/start-up-{name}'
+    for f in (damaged / 'train').iterdir():
+      fs, path = shard_reader.filesystem(f'{memory_url}/train/{f.name}')
+      fs.pipe_file(path, f.read_bytes())
+    for url in (str(damaged), f'file://{damaged}', memory_url):
+      with pytest.raises(DataError, match=f'{train[1]["file"]}.*{message}'):
+        shard_reader.StreamingBlocks(url, 'train')
+
+
 def test_a_negative_id_in_an_int32_shard_is_out_of_vocabulary_too():
   """Vocabularies over 65,536 ids are stored as int32, where damage can read as a negative
   id; only ids >= vocab_size were caught, and a negative one reached the embedding lookup."""
@@ -319,6 +344,22 @@ def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
   with pytest.raises(DataError, match=f'{first}: array \\(3, 64\\)'):
     shard_reader.StreamingBlocks(str(broken), 'train').take(np.array([0]))
   assert shard_reader.BERT_BASE_UNCASED_MD5 == vocab_lib.BERT_BASE_UNCASED_MD5
+
+
+@pytest.mark.parametrize('key, message', [('format_version', 'shard format None'),
+                                          ('task', 'holds task None')])
+def test_metadata_without_its_format_or_task_is_refused(small_corpus, tmp_path, key, message):
+  """A hand-made or foreign metadata.json (no format version, no task) is not read as if
+  it were this export's."""
+  edited = tmp_path / 'edited'
+  shutil.copytree(small_corpus, edited)
+  path = edited / 'train' / shard_reader.METADATA_FILE
+  metadata = json.loads(path.read_text())
+  del metadata[key]
+  path.write_text(json.dumps(metadata))
+  for source in ('streaming', 'shards'):
+    with pytest.raises(DataError, match=message):
+      _iterator(_config(str(edited), source=source))
 
 
 def test_a_split_copied_without_its_vocabulary_says_so(small_corpus, tmp_path):
