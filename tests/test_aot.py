@@ -324,6 +324,8 @@ def test_kernels_and_dtype_resolve_for_the_target_not_the_host():
     # Named splash: the real kernel, no interpret mode needed on this CPU host.
     assert aot.attention.resolve_implementation(
         'splash', training_dropout=False, return_weights=False, seq_len=SEQ) == 'splash'
+  with aot.attention.target_backend('gpu'):   # tensor cores: bfloat16 too
+    assert model_lib.compute_dtype('auto') == aot.jax.numpy.bfloat16
   assert resolve() == 'xla'
 
 

@@ -219,3 +219,19 @@ def test_pretraining_blocks_are_one_segment():
   row = [special['cls'], word, word, special['sep'], word, word, special['sep'], special['pad']]
   out = masking.mask_blocks(np.array([row] * 4), np.arange(4), 0, spec)
   assert (out['token_type_ids'] == 0).all()
+
+
+def test_the_three_random_streams_never_share_a_counter():
+  """Selection, 80/10/10 action and random token draw from one hash of (example, position,
+  stream): were two streams' counters to coincide (e.g. stream 2 at position p with stream
+  0 at p + 1), the random token at p would be a function of the selection score at p + 1."""
+  positions = np.broadcast_to(np.arange(512), (4, 512))
+  with np.errstate(over='ignore'):   # uint32 hashing wraps by design, as in mask_blocks
+    keys = masking.example_keys(0, np.arange(4))[:, None]
+    streams = [masking.position_bits(keys, positions, s) for s in
+               (masking.STREAM_SELECT, masking.STREAM_ACTION, masking.STREAM_TOKEN)]
+  for a, bits_a in enumerate(streams):
+    for b, bits_b in enumerate(streams):
+      if a != b:
+        assert not np.any(bits_a == bits_b)
+        assert not np.any(bits_a[:, :-1] == bits_b[:, 1:])   # stream a at p, b at p + 1

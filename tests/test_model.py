@@ -289,6 +289,39 @@ def test_stack_and_unstack_layers_round_trip_exactly(module):
     bert.stack_layers(params, num_layers=4)
 
 
+def test_stack_layers_keeps_the_numeric_order_past_ten():
+  """bert-base has 12 layers: layer_10 goes after layer_9, not after layer_1 (string order
+  would silently permute a converted checkpoint's layers)."""
+  tree = {'encoder': {f'layer_{i}': {'w': np.full((2,), i, np.float32)} for i in range(12)}}
+  stacked = bert.stack_layers(tree, 12)
+  np.testing.assert_array_equal(stacked['encoder']['layers']['w'][:, 0], np.arange(12))
+  np.testing.assert_array_equal(
+      bert.unstack_layers(stacked)['encoder']['layer_10']['w'], tree['encoder']['layer_10']['w'])
+
+
+def test_scanned_layers_draw_their_own_dropout_masks(monkeypatch):
+  """Under nn.scan each layer gets its own dropout key (split_rngs), as the unscanned
+  model's named layers do: one key shared by every layer is another regulariser."""
+  cfg = tiny_config('standard', num_layers=3, scan_layers=True, dropout_rate=0.1,
+                    attention_dropout_rate=0.0, attention_impl='xla')
+  seen = []
+  real = bert.inverted_dropout
+
+  def recording(x, rate, rng):
+    jax.debug.callback(lambda k: seen.append(np.asarray(k).tobytes()),
+                       jax.random.key_data(rng))
+    return real(x, rate, rng)
+
+  monkeypatch.setattr(bert, 'inverted_dropout', recording)
+  module = bert.BertForMaskedLM(cfg)
+  params = init_params(module, cfg, length=8)
+  ids, types, mask = bert.dummy_inputs(2, 8)
+  jax.block_until_ready(module.apply({'params': params}, ids, types, mask,
+                                     deterministic=False, rngs={'dropout': jax.random.key(1)}))
+  # The embeddings' dropout, then two a layer (attention output, feed-forward output).
+  assert len(seen) == 1 + 2 * 3 and len(set(seen)) == len(seen)
+
+
 @pytest.mark.parametrize('attention,remat', [
     ('standard', False), ('symmetric', False), ('pairwise', False),
     ('pairwise_diagonal', False), ('standard_syminit', False), ('pairwise', 'dots')])
