@@ -150,6 +150,25 @@ def test_batch_size_checks_on_8_devices_in_2_processes():
   assert result['glue_rows_stacked'] == [list(range(16)), list(range(16, 32))]
 
 
+def test_a_dimension_its_mesh_axes_do_not_divide_is_replicated_with_a_warning(caplog):
+  """A vocabulary of 1001 rows on tensor=2 (bert-base's 30522 on 4 ways): that dimension is
+  replicated and named in a warning; the others keep the rules' axes. An abstract mesh
+  (no devices needed) of the shape data 1 x fsdp 4 x tensor 2."""
+  config = train_fixtures.tiny_config()
+  config.model.vocab_size = 1001
+  mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)
+  module = model_lib.BertForMaskedLM(config.model)
+  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *model_lib.dummy_inputs())
+                         ['params'])
+  with caplog.at_level('WARNING'):
+    shardings = sharding.logical_to_shardings(boxed, mesh, sharding.logical_rules(config))
+  assert shardings['encoder']['embeddings']['word_embeddings']['embedding'].spec == P(None,
+                                                                                    'fsdp')
+  assert shardings['encoder']['layer_0']['intermediate']['kernel'].spec == P('fsdp', 'tensor')
+  assert ("['encoder']['embeddings']['word_embeddings']['embedding']: dim 0 (size 1001) is "
+          'not divisible by mesh axes tensor of size 2; replicating it instead.') in caplog.text
+
+
 def test_opt_state_shardings_follow_params():
   """Adam's mu/nu take their parameter's sharding; counts are replicated."""
   import optax  # pylint: disable=g-import-not-at-top
