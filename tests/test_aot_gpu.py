@@ -76,6 +76,18 @@ def test_bad_gpu_names_are_one_line_errors(name, message):
     gpu.parse_topology(name)
 
 
+@pytest.mark.parametrize('name, per_core_kib, per_block_kib', [
+    ('a100', 164, 163), ('h100', 228, 227), ('h200', 228, 227)])
+def test_the_device_description_has_nvidia_s_shared_memory_limits(name, per_core_kib,
+                                                                   per_block_kib):
+  """CUDA C++ Programming Guide, "Technical Specifications per Compute Capability": shared
+  memory per SM 164 KB (8.0) and 228 KB (9.0); per block (opt-in) 163 KB and 227 KB. The
+  compiler tiles its fusions (and picks cuDNN's) to fit them."""
+  description = gpu.target_config(gpu.GPUS[name])
+  assert f'shared_memory_per_core: {per_core_kib * 1024}' in description
+  assert f'shared_memory_per_block_optin: {per_block_kib * 1024}' in description
+
+
 def test_a_step_above_jax_s_default_memory_fraction_names_the_setting():
   chip = gpu.GPUS['h200']
   assert gpu.memory_fraction_advice(int(0.7 * chip.hbm_bytes), chip) is None

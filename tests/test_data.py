@@ -499,6 +499,17 @@ def test_whitespace_only_lines_are_not_documents_and_do_not_shift_the_holdout(tm
   assert _docs(str(tmp_path / 'a.txt'), 'train', 2) == lines[1::2]
 
 
+def test_wiki_markup_becomes_paragraphs_of_prose():
+  """The embedded corpus's text: markup, headings and list markers gone, entities decoded,
+  paragraphs under 4 words dropped (captions, template leftovers), and nothing from the
+  back matter (See also, References) on."""
+  markup = ("'''Foo''' is a small town in the  north &amp; east.\n\nIt has four words.\n\n"
+            "Two words here.\n\n== History ==\n* Founded in 1850 by settlers\n\n"
+            "== See also ==\n* [[Bar]] is another town nearby here\n")
+  assert sources.wiki_to_text(markup) == ('Foo is a small town in the north & east.\n'
+                                         'It has four words.\nFounded in 1850 by settlers')
+
+
 def test_embedded_validation_is_the_md5_little_endian_tenth_of_titles():
   """The documented split rule, recomputed: md5(title)[:4] as a little-endian uint32 % 10
   == 0 is validation (pins the split so recorded validation losses stay comparable)."""

@@ -104,6 +104,32 @@ def test_task_dataset_equals_numpy_masking_of_packed_blocks(vocabulary, validati
     np.testing.assert_array_equal(np.stack([e[name] for e in examples]), expected[name])
 
 
+def test_the_default_tasks_mask_15_percent_at_every_length(vocabulary):
+  """No cap but the rate unless the config sets one: at seq 512 a block gets about 77
+  predictions (a cap of 20, fine at 128, would silently cut the MLM signal by 4)."""
+  length = 512
+  dataset = seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
+      sequence_length={'input_ids': length}, split='validation', shuffle=False)
+  examples = list(dataset.take(4).as_numpy_iterator())
+  packed = np.stack(list(tasks.packed_blocks(tasks.EMBEDDED_TASK, 'validation', length)
+                         .take(4).as_numpy_iterator()))
+  expected = masking.mask_blocks(packed, np.arange(4), 0,
+                                 _spec(vocabulary, max_predictions=length))
+  for name in masking.FEATURES:
+    np.testing.assert_array_equal(np.stack([e[name] for e in examples]), expected[name])
+  real_tokens = (packed != vocabulary.pad_id).sum(axis=1)
+  np.testing.assert_array_equal(expected['mlm_weights'].sum(axis=1),
+                                np.rint(0.15 * real_tokens))   # as BERT: [CLS], [SEP] count
+  assert expected['mlm_weights'].sum(axis=1).min() > 70
+
+
+def test_decoding_a_packed_block_keeps_every_document(vocabulary):
+  """seqio's decode stops at eos_id: BERT has none ([SEP] ends documents inside blocks)."""
+  ids = [vocabulary.special.cls, *vocabulary.encode('first'), vocabulary.special.sep,
+         *vocabulary.encode('second'), vocabulary.special.sep]
+  assert 'second' in vocabulary.decode(ids)
+
+
 def test_a_registered_tasks_masking_knobs_reach_its_dataset(tmp_path, vocabulary):
   """register_text_files_task(mask_seed=, whole_word=, mask_rate=, max_predictions=): the
   task's examples are the numpy masking of its packed blocks with those knobs."""
@@ -262,6 +288,21 @@ def test_documents_parts_partition_a_function_source(tmp_path):
   assert sum(map(len, parts)) == len(whole)
   assert sorted(sum(parts, [])) == sorted(whole)
   assert parts[0] == whole[0::3]
+
+
+def test_documents_parts_of_a_tfds_task_are_its_files_shards(monkeypatch):
+  """A TFDS corpus (C4, Wikipedia) is split into parts by seqio's ShardInfo, part `part` of
+  `num_parts` (not part 0 every time: the export would hold that slice num_parts times)."""
+  asked = []
+
+  def get_dataset(self, split, shuffle, shard_info=None, **kwargs):
+    del self, kwargs
+    asked.append((split, shuffle, shard_info))
+    return tf.data.Dataset.from_tensor_slices({'text': ['a document']})
+
+  monkeypatch.setattr(seqio.TfdsDataSource, 'get_dataset', get_dataset)
+  tasks.documents('bert_sym_mlm_c4', 'train', 3, 8)
+  assert asked == [('train', False, seqio.ShardInfo(index=3, num_shards=8))]
 
 
 def test_mlm_features_of_two_lengths_are_refused():

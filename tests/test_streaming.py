@@ -144,6 +144,8 @@ def test_blocks_are_the_exported_arrays_on_every_filesystem(small_corpus):
   assert len(metadata['shards']) > 3   # several shards per part
   truth = np.concatenate([np.load(small_corpus / 'train' / s['file'])
                           for s in metadata['shards']])
+  assert metadata['num_parts'] == 3   # the parts' token counts add up (pad id 0)
+  assert metadata['num_tokens'] == np.count_nonzero(truth != 0)
   memory_url = 'memory://streaming-test/corpus'
   for split in ('train', 'validation'):   # a copy in memory:// (the remote code path)
     for f in (small_corpus / split).iterdir():
