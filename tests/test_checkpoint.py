@@ -978,6 +978,43 @@ def test_a_background_failure_is_named_by_the_step_whose_save_failed():
   assert saving._failed_step(manager) == 8   # pylint: disable=protected-access
 
 
+def _failing_save(tmp_path, monkeypatch, saved_steps, error):
+  """The one-line error of a save at step 12 that raises `error`, after `saved_steps`."""
+  manager = checkpoint.make_manager(tmp_path)
+  try:
+    for step in saved_steps:
+      saving.save(manager, step, {'x': jnp.zeros(3)}, {'pos': step})
+    manager.wait_until_finished()
+
+    def fail(*args, **kwargs):
+      del args, kwargs
+      raise error
+
+    monkeypatch.setattr(manager, 'save', fail)
+    with pytest.raises(checkpoint.CheckpointSaveError) as raised:
+      saving.save(manager, 12, {'x': jnp.zeros(3)}, {'pos': 12})
+  finally:
+    monkeypatch.undo()
+    manager.close()
+  return str(raised.value)
+
+
+def test_a_failed_save_names_the_newest_intact_checkpoint(tmp_path, monkeypatch):
+  """keep_last > 1: the step the rerun resumes from (8), not the oldest kept (4)."""
+  message = _failing_save(tmp_path, monkeypatch, (4, 8),
+                          OSError(errno.ENOSPC, 'No space left on device'))
+  assert 'the previous checkpoint (step 8) is intact' in message, message
+  assert 'the disk is full (ENOSPC)' in message, message
+
+
+def test_a_wrapped_os_error_is_named_by_its_cause(tmp_path, monkeypatch):
+  try:
+    raise RuntimeError('commit failed') from OSError(errno.ENOSPC, 'No space left on device')
+  except RuntimeError as wrapped:
+    message = _failing_save(tmp_path, monkeypatch, (), wrapped)
+  assert 'the disk is full (ENOSPC)' in message and 'no earlier checkpoint' in message, message
+
+
 def test_a_save_records_its_lineage_and_meter(tmp_path):
   manager = checkpoint.make_manager(tmp_path)
   try:

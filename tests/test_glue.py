@@ -1398,3 +1398,60 @@ def test_unreadable_or_foreign_step_folders_are_left_out(tmp_path):
     (out / name).mkdir(parents=True)
     (out / name / 'glue_results.json').write_text(text)
   assert sweep.scored_steps_gone(tmp_path / 'run', out, config, {4}) == {}
+
+
+def test_stacked_batches_are_split_over_the_batch_axis_not_the_seeds():
+  """Seeds trained together: (seeds, batch, length) arrays split along the batch (3 seeds
+  on 2 devices would not divide, and the devices would each train other seeds)."""
+  _, task = _tiny_task()
+  mesh = sharding.make_mesh(_config().mesh)
+  batch = {'input_ids': np.zeros((3, 4, 8), np.int32)}
+  spec = finetune.global_batch(batch, mesh, task.rules, stacked=True)['input_ids'].sharding.spec
+  assert spec[0] is None and spec[1] == sharding.batch_axes(task.rules)
+
+
+def test_seed_zero_is_a_seed():
+  assert reuse.parse_seeds('0,1') == [0, 1]
+
+
+def test_the_vocabulary_under_another_spelling_is_the_same_recipe(tmp_path, monkeypatch):
+  config = glue_config.get_config('runlocal')
+  (tmp_path / 'vocab.txt').write_text('x\n')
+  monkeypatch.chdir(tmp_path)
+  config.vocab_path = 'vocab.txt'
+  same = reuse.recipe(reuse.with_absolute_paths(config))
+  for spelling in (str(tmp_path / 'vocab.txt'), './vocab.txt'):
+    config.vocab_path = spelling
+    assert reuse.recipe(reuse.with_absolute_paths(config)) == same
+
+
+def test_a_finished_run_of_a_seed_not_asked_for_now_is_kept(tmp_path):
+  """Seeds 1,3 asked where 1,2 were trained: seed 2's run is kept for a later command
+  (not set aside as padded for another seed list, which only concerns seeds trained now)."""
+  config = glue_config.get_config('runlocal')
+  config.length_buckets = True
+  (tmp_path / 'predictions').mkdir()
+  for seed in (1, 2):
+    (tmp_path / 'predictions' / f'rte_seed{seed}.tsv').write_text('idx\tlabel\tprediction\n')
+  run = lambda: {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}, 'padded_with_seeds': [1, 2]}
+  config.seeds = '1,2'
+  (tmp_path / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': 'CKPT', 'checkpoint_written': None, 'config': config.to_dict(),
+       'seeds': [1, 2], 'runs': {'rte': {'1': run()}}, reuse.OTHER_SEEDS: {'rte': {'2': run()}}}))
+  config.seeds = '1,3'
+  reuse.finished_runs(tmp_path, 'CKPT', config)
+  assert (tmp_path / 'predictions' / 'rte_seed2.tsv').exists()
+
+
+def test_a_later_tasks_missing_dev_file_stops_before_any_training(workdir, tmp_path,
+                                                                  monkeypatch):
+  glue = tmp_path / 'glue'
+  shutil.copytree(GLUE_DIR, glue)
+  (glue / 'RTE' / 'dev.tsv').unlink()
+  trained = []
+  monkeypatch.setattr(suite.finetune_lib, 'finetune_group',
+                      lambda *a, **k: trained.append(a[4]) or [])
+  with pytest.raises(Exception, match='RTE.dev.tsv'):
+    suite.run_glue(str(workdir), str(tmp_path / 'out'),
+                   _config(tasks='wnli,rte', seeds='1', glue_dir=str(glue)))
+  assert not trained
