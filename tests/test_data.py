@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -540,54 +539,3 @@ def test_finalize_refuses_parts_of_different_exports(tmp_path, key, other):
     export_lib.finalize(str(tmp_path), 'train')
   assert not (split / 'metadata.json').exists()
 
-
-# From a mutation audit of the shard writer: each test fails with the rule it names broken.
-
-@pytest.fixture(scope='module')
-def three_text_files(tmp_path_factory):
-  root = tmp_path_factory.mktemp('text')
-  docs = [t.replace('\n', ' ') for t in sources.embedded_documents('train')[:12]]
-  for i in range(3):
-    (root / f'part-{i}.txt').write_text('\n'.join(docs[i::3]) + '\n', encoding='utf-8')
-  return str(root / 'part-*.txt')
-
-
-def _export_text_files(out, text_files, **kwargs):
-  return export_lib.export(sources.TEXT_FILES_TASK, 'train', 64, str(out),
-                           text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
-
-
-def test_text_file_shards_are_accepted_by_a_config_naming_the_same_files(tmp_path,
-                                                                        three_text_files):
-  """The export records its files, so the trainer accepts them (the refusal of other files
-  is tested in test_streaming)."""
-  _export_text_files(tmp_path, three_text_files)
-  metadata = json.loads((tmp_path / 'train' / 'metadata.json').read_text())
-  assert metadata['text_files'] == three_text_files
-  config = ml_collections.ConfigDict(dict(task=sources.TEXT_FILES_TASK,
-                                          text_files=three_text_files, validation_files=''))
-  sources.check_exported_files(metadata, config, str(tmp_path / 'train'))
-
-
-def test_a_part_manifest_counts_its_blocks_not_its_shards(tmp_path, three_text_files):
-  _export_text_files(tmp_path, three_text_files)
-  for path in (tmp_path / 'train').glob('part-?????.json'):
-    manifest = json.loads(path.read_text())
-    assert len(manifest['shards']) > 1
-    assert manifest['num_blocks'] == sum(s['num_blocks'] for s in manifest['shards'])
-
-
-def test_a_rerun_with_other_validation_files_is_refused(tmp_path, three_text_files):
-  """Not skipped as "already exported": the old parts hold another training split."""
-  train = three_text_files.replace('part-*', 'part-[01]')
-  validation = three_text_files.replace('part-*', 'part-2')
-  assert _export_text_files(tmp_path, train, validation_files=validation) is not None
-  with pytest.raises(DataError, match='holds an export with validation_files='):
-    _export_text_files(tmp_path, train)
-
-
-@pytest.mark.parametrize('worker_index', [-1, 2])
-def test_export_refuses_a_worker_index_outside_the_workers(tmp_path, three_text_files,
-                                                          worker_index):
-  with pytest.raises(DataError, match='worker_index'):
-    _export_text_files(tmp_path, three_text_files, num_workers=2, worker_index=worker_index)

@@ -19,6 +19,7 @@ import sys
 import textwrap
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -29,6 +30,7 @@ from bert_sym.input import shard_writer as export_lib
 from bert_sym.input import iterator as data_lib
 from bert_sym.input import masking
 from bert_sym.input import shard_reader
+from bert_sym.input import sources
 from bert_sym.input import tokenizer as vocab_lib
 from configs import common
 from tests.train_fixtures import REPO_ROOT, cpu_devices_flags, run_trainer
@@ -507,17 +509,50 @@ def test_rss_of_a_50m_token_corpus_is_that_of_a_1m_token_one(tmp_path):
 
 @pytest.fixture(scope='module')
 def text_files(tmp_path_factory):
-  from bert_sym.input import sources as corpus  # pylint: disable=import-outside-toplevel
   root = tmp_path_factory.mktemp('text')
-  docs = [t.replace('\n', ' ') for t in corpus.embedded_documents('train')[:12]]
+  docs = [t.replace('\n', ' ') for t in sources.embedded_documents('train')[:12]]
   for i in range(3):
     (root / f'part-{i}.txt').write_text('\n'.join(docs[i::3]) + '\n', encoding='utf-8')
   return str(root / 'part-*.txt')
 
 
 def _export(out, text_files, **kwargs):
-  return export_lib.export('bert_sym_mlm_text_files', 'train', 64, str(out),
+  return export_lib.export(sources.TEXT_FILES_TASK, 'train', 64, str(out),
                            text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
+
+
+def test_text_file_shards_are_accepted_by_a_config_naming_the_same_files(tmp_path, text_files):
+  """The export records its files, so the trainer accepts them (the refusal of other files
+  is test_text_file_shards_of_other_files_are_refused_by_name)."""
+  _export(tmp_path, text_files)
+  metadata = json.loads((tmp_path / 'train' / 'metadata.json').read_text())
+  assert metadata['text_files'] == text_files
+  config = ml_collections.ConfigDict(dict(task=sources.TEXT_FILES_TASK,
+                                          text_files=text_files, validation_files=''))
+  sources.check_exported_files(metadata, config, str(tmp_path / 'train'))
+
+
+def test_a_part_manifest_counts_its_blocks_not_its_shards(tmp_path, text_files):
+  _export(tmp_path, text_files)
+  for path in (tmp_path / 'train').glob('part-?????.json'):
+    manifest = json.loads(path.read_text())
+    assert len(manifest['shards']) > 1
+    assert manifest['num_blocks'] == sum(s['num_blocks'] for s in manifest['shards'])
+
+
+def test_a_rerun_with_other_validation_files_is_refused(tmp_path, text_files):
+  """Not skipped as "already exported": the old parts hold another training split."""
+  train = text_files.replace('part-*', 'part-[01]')
+  validation = text_files.replace('part-*', 'part-2')
+  assert _export(tmp_path, train, validation_files=validation) is not None
+  with pytest.raises(DataError, match='holds an export with validation_files='):
+    _export(tmp_path, train)
+
+
+@pytest.mark.parametrize('worker_index', [-1, 2])
+def test_export_refuses_a_worker_index_outside_the_workers(tmp_path, text_files, worker_index):
+  with pytest.raises(DataError, match='worker_index'):
+    _export(tmp_path, text_files, num_workers=2, worker_index=worker_index)
 
 
 def test_a_worker_exports_only_its_own_parts(tmp_path, text_files):
