@@ -1,4 +1,5 @@
-"""The package's layout: imports follow the data flow, no cycles, no oversized files.
+"""The package's layout: imports follow the data flow, no cycles, no oversized files; and no
+committed file names a directory of the machine it was written on.
 
 Data flows one way: config -> input -> model -> steps -> checkpoint -> train -> GLUE/export.
 Every `import` / `from ... import` in bert_sym/ (top-level or inside a function, read with
@@ -10,6 +11,8 @@ it is the on-disk format that both sides share, so both import it and it imports
 """
 
 import ast
+import re
+import subprocess
 import pathlib
 
 import pytest
@@ -163,3 +166,43 @@ def test_files_stay_small(path):
   lines = len(path.read_text().splitlines())
   assert lines <= MAX_LINES, (f'{path.relative_to(PACKAGE.parent)} has {lines} lines (limit '
                               f'{MAX_LINES}): split it by job.')
+
+
+# Where the development machine, the GPU image and users' own machines keep files: a
+# committed record that names one of them (a benchmark's --out, an ablation's workdir)
+# points every other reader at a directory they do not have.
+MACHINE_PATH = re.compile(r'(?:^|[^\w.$}~-])(/(?:work|root|home|Users)/[^\s"\'`),]*)')
+
+
+def committed_files() -> list[pathlib.Path]:
+  root = PACKAGE.parent
+  listed = subprocess.run(['git', 'ls-files', '-z'], cwd=root, capture_output=True,
+                          check=True).stdout.decode().split('\0')
+  return [root / name for name in listed if name and (root / name).is_file()]
+
+
+def test_no_committed_file_names_a_path_of_a_machine():
+  found = []
+  # This file is left out: its own examples below name such paths.
+  for path in set(committed_files()) - {pathlib.Path(__file__).resolve()}:
+    try:
+      text = path.read_text()
+    except UnicodeDecodeError:
+      continue
+    for number, line in enumerate(text.splitlines(), 1):
+      found += [f'{path.relative_to(PACKAGE.parent)}:{number}: {match}'
+                for match in MACHINE_PATH.findall(line)]
+  assert not found, ('committed files name paths of the machine they were written on; use '
+                     'a path relative to the repository or a placeholder ($OUT, '
+                     '/path/to/...):\n' + '\n'.join(found))
+
+
+@pytest.mark.parametrize('line,named', [
+    ('"workdir": "/work/main/runs/replication",', '/work/main/runs/replication'),
+    ('--out=/root/out/accelerator.json', '/root/out/accelerator.json'),
+    ('cd /home/alice/bert_sym && make', '/home/alice/bert_sym'),
+    ('--workdir=runs/replication --out=$OUT/x.json', None),
+    ('make demo WORKDIR=/tmp/x; gs://bucket/work/a; ~/work/x; src/work/y', None),
+])
+def test_the_machine_path_check_catches_what_it_claims(line, named):
+  assert MACHINE_PATH.findall(line) == ([named] if named else [])
