@@ -7,11 +7,10 @@ r"""Compile the trainer's own steps for a TPU slice or NVIDIA GPUs on any machin
       --topology=h200
 
 TPUs need `libtpu` (pip install -r requirements-tpu.txt); GPUs JAX's CUDA plugin
-(bert_sym/gpu.py). No TPU or GPU. The compiler runs on
-this host for compile-only devices (`jax.experimental.topologies`), on the
-same update and eval steps `bert_sym.train` jits (train.build_mlm_step: one definition
-for both), the same mesh, shardings and donation, with
-shapes only: nothing is allocated. Kernels are resolved for the target, not the host
+(bert_sym/gpu.py). No TPU or GPU. The compiler runs on this host for compile-only devices
+(`jax.experimental.topologies`), on the same update and eval steps `bert_sym.train` jits
+(train.build_mlm_step: one definition for both), the same mesh, shardings and donation,
+with shapes only: nothing is allocated. Kernels are resolved for the target, not the host
 (attention_impl auto -> the Mosaic splash kernel on TPU, cuDNN flash attention on GPU;
 model.dtype auto -> bfloat16); the compiled program's custom calls show which ran.
 
@@ -68,6 +67,9 @@ _NUM_SLICES = flags.DEFINE_integer(
 _OUT = flags.DEFINE_string('out', None, 'Write the report as JSON to this file.')
 _EVAL_STEP = flags.DEFINE_bool(
     'eval_step', True, 'Also compile the eval step (always smaller than the train step).')
+_REQUIRE_DATA = flags.DEFINE_bool(
+    'require_data', False, 'Also refuse a config that names no data (exported shards '
+    'without --config.data.shards_dir): launch/tpu_vm.sh passes it.')
 
 
 class AotError(Exception):
@@ -391,9 +393,11 @@ def main(argv):
     if not os.access(out_dir, os.W_OK):
       raise app.UsageError(f'--out={_OUT.value}: {out_dir} is not writable.')
   try:
+    if _REQUIRE_DATA.value:
+      config_check.check_data_named(config)
     report = preflight(config, _TOPOLOGY.value, _NUM_SLICES.value,
                        eval_step=_EVAL_STEP.value)
-  except AotError as e:
+  except (AotError, config_check.ConfigError) as e:
     print(f'bert_sym.aot: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
   print(summary(report), flush=True)

@@ -214,6 +214,15 @@ def check_glue(config: ml_collections.ConfigDict) -> None:
   _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
 
 
+def check_data_named(config: ml_collections.ConfigDict) -> None:
+  """Exported shards are named: without config.data.shards_dir the trainer stops as it
+  starts. `check` lets it pass (bert_sym.aot compiles such configs to size a slice);
+  launch/tpu_vm.sh asks for it (aot --require_data) before it creates a slice."""
+  if config.data.source in ('shards', 'streaming') and not config.data.shards_dir:
+    from bert_sym.input import shard_reader  # pylint: disable=import-outside-toplevel
+    raise ConfigError(shard_reader.missing_shards_dir(config.data))
+
+
 # ---- Pre-flight: everything a run needs, checked before the workdir is created ----
 
 def preflight(config: ml_collections.ConfigDict, *, data: bool = True

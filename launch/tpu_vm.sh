@@ -4,18 +4,26 @@
 # preemption resumes from the latest checkpoint in the gs:// workdir.
 #
 #   launch/tpu_vm.sh NAME ZONE ACCELERATOR CONFIG WORKDIR [--config.key=value ...]
-#   launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base
+#   launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base \
+#     --config.data.shards_dir=gs://my-bucket/c4_512
 #
-# Environment: PROJECT (default: gcloud's), RUNTIME_VERSION (default tpu-ubuntu2204-base),
-# SPOT=1 for a spot slice, JAX_SPEC (default "jax[tpu]>=0.6,<0.13"), PYTHON_VERSION
-# (default 3.11). The trainer needs Python >= 3.11 (jax >= 0.7 dropped 3.10) but the
-# tpu-ubuntu2204-base runtime ships 3.10, so each worker installs python$PYTHON_VERSION
-# from the deadsnakes PPA (apt) when its python3 is older and builds the venv with it.
+# Environment: PROJECT (default: gcloud's), RUNTIME_VERSION (default: the one Cloud TPU's
+# docs name for the generation: v2-alpha-tpuv6e for v6e, v2-alpha-tpuv5 for v5p,
+# v2-alpha-tpuv5-lite for v5e, tpu-ubuntu2204-base for v4 and older), SPOT=1 for a spot
+# slice, JAX_SPEC (default "jax[tpu]"), PYTHON_VERSION (default 3.11). Workers install
+# requirements.txt and JAX_SPEC under constraints.txt: the versions the tests and the
+# preflight ran, and the same ones again on a slice recreated after a preemption (a newer
+# optax or orbax could refuse the checkpoint); UNPINNED=1 takes the newest in the ranges.
+# The trainer needs Python >= 3.11 (jax >= 0.7 dropped 3.10) but the runtimes ship 3.10,
+# so each worker installs python$PYTHON_VERSION from the deadsnakes PPA (apt) when its
+# python3 is older and builds the venv with it.
 # A PREEMPTED / TERMINATED (spot) slice still "describes", so it is deleted and recreated.
 # Follow the run: gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=0 \
 #   --command 'tail -f ~/bert_sym/train.log'      (or point TensorBoard at WORKDIR/tensorboard)
 #
 # The bert-base/small configs stream C4 from exported shards (bert_sym/input/shard_reader.py).
+# Without --config.data.shards_dir=gs://... or EXPORT_TO the preflight stops: every trainer
+# would stop as it starts, on a billed slice.
 # Prepare them once, on the same slice, by setting EXPORT_TO (a gs:// directory): every
 # worker first converts its part of the TFDS corpus there (worker i of N takes parts i,
 # i+N, ...; finished parts are skipped on a rerun), waits until all parts are done, then
@@ -35,13 +43,21 @@
 set -euo pipefail
 
 if [[ $# -lt 5 ]]; then
-  sed -n '2,35p' "$0"; exit 2
+  sed -n '2,42p' "$0"; exit 2
 fi
 NAME=$1 ZONE=$2 ACCELERATOR=$3 CONFIG=$4 WORKDIR=$5
 shift 5
 EXTRA_ARGS=("$@")
-RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
-JAX_SPEC=${JAX_SPEC:-"jax[tpu]>=0.6,<0.13"}
+case "$ACCELERATOR" in
+  v6e*) DEFAULT_RUNTIME=v2-alpha-tpuv6e ;;
+  v5p*) DEFAULT_RUNTIME=v2-alpha-tpuv5 ;;
+  v5litepod*|v5e*) DEFAULT_RUNTIME=v2-alpha-tpuv5-lite ;;
+  *) DEFAULT_RUNTIME=tpu-ubuntu2204-base ;;
+esac
+RUNTIME_VERSION=${RUNTIME_VERSION:-$DEFAULT_RUNTIME}
+JAX_SPEC=${JAX_SPEC:-"jax[tpu]"}
+PIN=(-c constraints.txt)
+[[ -n ${UNPINNED:-} ]] && PIN=()
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 if [[ $WORKDIR != gs://* ]]; then
   echo "WORKDIR must be on gs:// (every worker writes checkpoints there)." >&2; exit 2
@@ -63,8 +79,10 @@ if [[ -z ${SKIP_PREFLIGHT:-} ]]; then
     [[ -x $REPO_ROOT/.venv/bin/python ]] && PREFLIGHT_PYTHON=$REPO_ROOT/.venv/bin/python
   fi
   echo "Preflight: compiling $CONFIG for $ACCELERATOR on this machine (bert_sym.aot)"
+  # --require_data: the config must name its data, unless EXPORT_TO is about to make it.
   if ! (cd "$REPO_ROOT" && "$PREFLIGHT_PYTHON" -m bert_sym.aot --config="$CONFIG" \
-        --topology="$ACCELERATOR" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}); then
+        --topology="$ACCELERATOR" ${EXPORT_TO:+--config.data.shards_dir=$EXPORT_TO} \
+        --require_data ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}); then
     echo "Preflight failed for $CONFIG on $ACCELERATOR (above); nothing was created." \
       "Fix the config, or set SKIP_PREFLIGHT=1 to launch anyway." >&2
     exit 1
@@ -119,15 +137,15 @@ esac
 # 2. This checkout on every worker (its archive was built before step 1).
 "${GCLOUD[@]}" scp "$ARCHIVE" "$NAME":bert_sym.tar.gz "${COMMON[@]}" --worker=all
 
-# 3. Install (idempotent: the venv is reused on a rerun), then start the run. An older run
-#    is stopped first and waited for (it saves a checkpoint on SIGTERM), so a relaunch
-#    never has two trainers on one slice or reads a checkpoint being written.
-# The worker script is single-quoted (nothing expands here); its inputs travel as
-# shell-quoted variable assignments in front of it.
+# 3. Three passes over the workers, each ending when every worker is done: stop the
+#    previous run (it saves a checkpoint on SIGTERM; waited for, so a relaunch never has two
+#    trainers on one slice or reads a checkpoint being written), install, start. The
+#    trainers then start within seconds of each other: jax.distributed.initialize waits
+#    5 minutes for the others, which a worker still stopping or installing could miss.
+# Each pass is single-quoted (nothing expands here); its inputs travel as shell-quoted
+# variable assignments in front of it.
 # shellcheck disable=SC2016
-WORKER_SCRIPT='
-set -euo pipefail
-mkdir -p ~/bert_sym && cd ~/bert_sym
+STOP_PASS='
 if [[ -f train.pid ]]; then
   old=$(cat train.pid)
   # Its whole process group (run.sh runs in its own session): during the export, killing
@@ -144,6 +162,12 @@ if [[ -f train.pid ]]; then
   fi
   rm -f train.pid
 fi
+'
+# shellcheck disable=SC2016
+INSTALL_PASS='
+# This checkout exactly: files deleted since the last launch go too. The venv stays (reused:
+# the install below is then quick), and the logs of earlier runs.
+find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name "train.log*" -exec rm -rf {} +
 tar -xzf ~/bert_sym.tar.gz -C ~/bert_sym
 PY=python$PYTHON_VERSION
 if ! command -v "$PY" >/dev/null; then
@@ -164,9 +188,12 @@ if [[ -x .venv/bin/python ]] && ! .venv/bin/python -c "import sys; sys.exit(sys.
 fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -r requirements.txt "$JAX_SPEC"
+.venv/bin/pip install -q ${PIN[@]+"${PIN[@]}"} -r requirements.txt "$JAX_SPEC"
+'
 # run.sh: the optional export (this worker converts its share of the corpus), then the trainer
 # (exec, so train.pid is the pid of the trainer once training starts).
+# shellcheck disable=SC2016
+START_PASS='
 {
   echo "set -euo pipefail"
   if [[ -n $EXPORT_TO ]]; then
@@ -187,11 +214,12 @@ fi
   printf " %q" "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA_ARGS[@]}"
   echo
 } > run.sh
+if [[ -f train.log ]]; then mv -f train.log train.log.previous; fi
 setsid nohup bash run.sh > train.log 2>&1 < /dev/null &
 echo $! > train.pid
 echo "worker $(hostname): started, log in ~/bert_sym/train.log"
 '
-EXTRA_DECL=$(declare -p EXTRA_ARGS)
+DECLARATIONS=$(declare -p EXTRA_ARGS PIN)
 NUM_WORKERS=1
 if [[ -n $EXPORT_TO ]]; then
   NUM_WORKERS=$("${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" --format=json \
@@ -200,6 +228,12 @@ fi
 REMOTE_VARS=$(printf '%s=%q ' PYTHON_VERSION "$PYTHON_VERSION" JAX_SPEC "$JAX_SPEC" \
   CONFIG "$CONFIG" WORKDIR "$WORKDIR" EXPORT_TO "$EXPORT_TO" EXPORT_TASK "$EXPORT_TASK" \
   EXPORT_SEQ_LEN "$EXPORT_SEQ_LEN" TFDS_DATA_DIR "$TFDS_DATA_DIR" NUM_WORKERS "$NUM_WORKERS")
-"${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command \
-  "$REMOTE_VARS bash -c $(printf %q "$EXTRA_DECL; $WORKER_SCRIPT")"
+on_every_worker() {   # NAME PASS: runs the pass in ~/bert_sym on all workers at once
+  echo "On every worker: $1"
+  "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command "$REMOTE_VARS bash -c $(
+    printf %q "$DECLARATIONS; set -euo pipefail; mkdir -p ~/bert_sym && cd ~/bert_sym; $2")"
+}
+on_every_worker 'stop the previous run' "$STOP_PASS"
+on_every_worker 'install' "$INSTALL_PASS"
+on_every_worker 'start' "$START_PASS"
 echo "Started $CONFIG on every worker of $NAME; workdir $WORKDIR"

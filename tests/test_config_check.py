@@ -265,3 +265,22 @@ def test_a_table_one_row_short_of_the_data_vocabulary_is_refused():
     config_check.check_corpus(config)
   config.model.vocab_size = data_vocab
   config_check.check_corpus(config)
+
+
+@pytest.mark.parametrize('source, shards_dir, refused', [
+    ('streaming', '', True), ('streaming', 'gs://bucket/c4_512', False), ('seqio', '', False)])
+def test_a_launch_must_name_the_shards_a_shard_source_reads(source, shards_dir, refused):
+  """`check` passes configs/sym_base.py (source streaming) without shards: bert_sym.aot
+  sizes a slice for it. check_data_named, which the TPU launcher asks for, refuses it with
+  the export command. (Source 'shards' without them is refused by `check` itself.)"""
+  config = importlib.import_module('configs.sym_base').get_config()
+  config.data.source, config.data.shards_dir = source, shards_dir
+  config_check.check(config)
+  if not refused:
+    config_check.check_data_named(config)
+    return
+  with pytest.raises(config_check.ConfigError, match=(
+      f"config.data.source='{source}' reads config.data.task='bert_sym_mlm_c4' from exported "
+      r'shards, and config.data.shards_dir is not set\. Fix: prepare it once: .*'
+      r'python -m bert_sym.shards export --task=bert_sym_mlm_c4 ')):
+    config_check.check_data_named(config)

@@ -147,12 +147,22 @@ def test_a_preempted_worker_beside_a_failed_one_is_not_requeued(slurm):
 
 GCLOUD = """#!{python}
 # gcloud stub: `compute tpus tpu-vm <verb> ...`. describe answers from SLICE_STATE, scp
-# copies into the fake worker's home, ssh runs the --command there (one worker).
+# copies into the fake worker's home, ssh runs the --command there (one worker, standing
+# for all: scp and ssh without --worker=all would reach worker 0 only, and are refused).
 import json, os, shutil, subprocess, sys
 args = sys.argv[1:]
-with open(os.environ['STUB_DIR'] + '/gcloud_calls', 'a') as f:
-  f.write(' '.join(args[3:5]) + ('  --spot' if '--spot' in args else '') + '\\n')
 verb, home = args[3], os.environ['WORKER_HOME']
+if '--zone' not in args or (verb in ('scp', 'ssh') and '--worker=all' not in args):
+  sys.exit(f'gcloud stub: {{verb}} without --zone or --worker=all: {{args}}')
+record = ' '.join(args[3:5])
+if verb == 'create':
+  record += ' ' + args[args.index('--version') + 1]
+if verb == 'ssh':   # which of the launcher's three passes
+  command = args[args.index('--command') + 1]
+  record += ' ' + ('install' if 'pip install' in command else
+                   'start' if 'setsid' in command else 'stop')
+with open(os.environ['STUB_DIR'] + '/gcloud_calls', 'a') as f:
+  f.write(record + ('  --spot' if '--spot' in args else '') + '\\n')
 if verb == 'describe':
   if '--format=json' in args:
     print(json.dumps({{'networkEndpoints': [{{}}] * 4}}))
@@ -198,7 +208,8 @@ def _stubbed_slice(tmp_path, state, finalize_codes='0'):
   # A venv left by an earlier launch on this worker: reused, its pip a no-op.
   _executable(home / 'bert_sym' / '.venv' / 'bin' / 'python',
               WORKER_PYTHON.format(python=python))
-  _executable(home / 'bert_sym' / '.venv' / 'bin' / 'pip', '#!/bin/sh\nexit 0\n')
+  _executable(home / 'bert_sym' / '.venv' / 'bin' / 'pip',
+              f'#!/bin/sh\necho "$@" >> {tmp_path}/pip_calls\n')
   env = dict(os.environ, PATH=f'{stubs}:{os.environ["PATH"]}', STUB_DIR=str(tmp_path),
              WORKER_HOME=str(home), SLICE_STATE=state, SKIP_PREFLIGHT='1', SPOT='1',
              PYTHON_VERSION=version, EXPORT_TO='gs://bucket/c4_512',
@@ -217,15 +228,25 @@ def test_tpu_vm_launcher_ships_a_checkout_with_a_deleted_file_and_archives_befor
   (clone / 'notes.txt').write_text('a new file, not yet committed\n')
   env, home = _stubbed_slice(tmp_path, state='')   # no slice yet: created
   env.pop('EXPORT_TO')
+  shipped = home / 'bert_sym'
+  # What an earlier launch left: a module since deleted from the checkout, its log.
+  (shipped / 'bert_sym').mkdir(parents=True)
+  (shipped / 'bert_sym' / 'removed_since.py').write_text('import nothing\n')
+  (shipped / 'train.log').write_text('the previous run\n')
   result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
                            'configs/sym_base.py', 'gs://bucket/sym_base'], cwd=clone, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   calls = (tmp_path / 'gcloud_calls').read_text().splitlines()
-  assert calls[:2] == ['describe bert-sym', 'create bert-sym  --spot'], calls
-  shipped = home / 'bert_sym'
+  assert calls[:2] == ['describe bert-sym', 'create bert-sym tpu-ubuntu2204-base  --spot'], calls
   assert (shipped / 'notes.txt').is_file() and (shipped / 'bert_sym' / 'train.py').is_file()
   assert not (shipped / 'README.md').exists()
+  assert not (shipped / 'bert_sym' / 'removed_since.py').exists()   # this checkout exactly
+  assert (shipped / '.venv' / 'bin' / 'python').is_file()           # the venv is reused
+  assert (shipped / 'train.log.previous').read_text() == 'the previous run\n'
+  # The tested versions, as the preflight ran them (and again after a preemption).
+  assert (tmp_path / 'pip_calls').read_text().splitlines()[-1] == (
+      'install -q -c constraints.txt -r requirements.txt jax[tpu]')
   # Archived before step 1: when the archive cannot be made (a failing tar), no slice.
   (tmp_path / 'gcloud_calls').unlink()
   _executable(tmp_path / 'bin' / 'tar', '#!/bin/sh\necho "tar: failed" >&2; exit 2\n')
@@ -294,9 +315,11 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert 'Preflight' not in result.stdout
 
-  expected_gcloud = ['describe bert-sym', 'scp ' , 'describe bert-sym', 'ssh bert-sym']
+  # Stop, install and start: each pass done on every worker before the next begins.
+  expected_gcloud = ['describe bert-sym', 'scp ', 'describe bert-sym', 'ssh bert-sym stop',
+                     'ssh bert-sym install', 'ssh bert-sym start']
   if state == 'PREEMPTED':
-    expected_gcloud[1:1] = ['delete bert-sym', 'create bert-sym  --spot']
+    expected_gcloud[1:1] = ['delete bert-sym', 'create bert-sym tpu-ubuntu2204-base  --spot']
   calls = (tmp_path / 'gcloud_calls').read_text().splitlines()
   assert [c if not c.startswith('scp ') else 'scp ' for c in calls] == expected_gcloud
   assert (home / 'bert_sym' / 'bert_sym' / 'train.py').is_file()   # the checkout travelled
@@ -326,3 +349,41 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
                         '--workdir=gs://bucket/sym_base', "--config.name=it's a run",
                         '--config.data.shards_dir=gs://bucket/c4_512']
   assert (home / 'bert_sym' / 'train.pid').is_file()
+
+
+@pytest.mark.parametrize('accelerator, runtime', [
+    ('v6e-8', 'v2-alpha-tpuv6e'), ('v5p-128', 'v2-alpha-tpuv5'),
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite'), ('v4-32', 'tpu-ubuntu2204-base')])
+def test_tpu_vm_launcher_creates_the_runtime_cloud_tpu_names_for_the_generation(
+    tmp_path, accelerator, runtime):
+  """Cloud TPU's software-versions table: v4 and older on tpu-ubuntu2204-base, v5e, v5p
+  and v6e each on their own v2-alpha runtime (the launcher used the first for all)."""
+  env, _ = _stubbed_slice(tmp_path, state='')
+  env.pop('EXPORT_TO')
+  result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', accelerator,
+                           'configs/sym_base.py', 'gs://bucket/sym_base'], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  calls = (tmp_path / 'gcloud_calls').read_text().splitlines()
+  assert calls[1] == f'create bert-sym {runtime}  --spot'
+
+
+def test_tpu_vm_launcher_stops_before_creating_a_slice_for_a_run_that_names_no_data(tmp_path):
+  """configs/sym_base.py reads exported shards: launched without
+  --config.data.shards_dir or EXPORT_TO, every worker's trainer stopped as it started, on
+  a slice created and billed. The preflight now refuses first, with the commands that
+  prepare the shards."""
+  env, _ = _stubbed_slice(tmp_path, state='')
+  env.pop('EXPORT_TO')
+  env.pop('SKIP_PREFLIGHT')
+  env['PYTHON'] = sys.executable
+  result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+                           'configs/sym_base.py', 'gs://bucket/sym_base'], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if 'error' in l]
+  assert len(errors) == 1 and errors[0].startswith('bert_sym.aot: error: ')
+  assert 'config.data.shards_dir is not set' in errors[0]
+  assert 'bert_sym.shards export' in errors[0] and 'EXPORT_TO' in errors[0]
+  assert 'nothing was created' in result.stderr
+  assert not (tmp_path / 'gcloud_calls').exists()

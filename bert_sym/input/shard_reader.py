@@ -131,6 +131,13 @@ def prepare_instructions(data_config) -> str:
       'embedded corpus instead: --config=configs/tiny.py.'])
 
 
+def missing_shards_dir(data_config) -> str:
+  """The error for source 'streaming' or 'shards' without config.data.shards_dir."""
+  return (f'config.data.source={data_config.source!r} reads config.data.task='
+          f'{data_config.task!r} from exported shards, and config.data.shards_dir is not set. '
+          + prepare_instructions(data_config))
+
+
 def _with_timeout(fn, seconds: float):
   """fn() in a daemon thread; TimeoutError after `seconds` (gcsfs retries an unreachable
   bucket for a minute; the trainer should fail in seconds)."""
@@ -383,10 +390,7 @@ def open_blocks(data_config, split: str) -> Blocks | StreamingBlocks:
   check_max_seq_len(data_config.max_seq_len)
   source = data_config.source
   if not data_config.shards_dir:
-    raise DataError(
-        f'config.data.source={source!r} reads config.data.task={data_config.task!r} from '
-        'exported shards, and config.data.shards_dir is not set. ' +
-        prepare_instructions(data_config))
+    raise DataError(missing_shards_dir(data_config))
   if source == 'shards':
     blocks = load_shards(data_config.shards_dir, split, data_config)
   else:
