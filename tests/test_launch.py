@@ -23,9 +23,9 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TASKS = 2
 
 SRUN = """#!/bin/bash
-# srun stub: drops srun's own options, runs the command once per task, each in its own
-# session, and exits with the first failing task's code.
-while [[ $1 == --* ]]; do shift; done
+# srun stub: records srun's own options (then drops them), runs the command once per task,
+# each in its own session, and exits with the first failing task's code.
+while [[ $1 == --* ]]; do echo "$1" >> "$STUB_DIR/srun_options"; shift; done
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
   SLURM_PROCID=$i setsid "$@" &
@@ -131,6 +131,8 @@ def test_a_failed_task_fails_the_job_without_requeue(slurm, codes):
   output, _ = process.communicate(timeout=60)
   assert process.returncode == 1, output
   assert not (stub_dir / 'scontrol_calls').exists()
+  # What ends the other tasks on a real cluster (the stub waits for them instead).
+  assert '--kill-on-bad-exit=1' in (stub_dir / 'srun_options').read_text().split()
 
 
 def test_a_preempted_worker_beside_a_failed_one_is_not_requeued(slurm):
