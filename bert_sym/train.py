@@ -360,7 +360,7 @@ def closing_summary(workdir, step: int, run) -> str:
       'Next:',
       f'  python -m bert_sym.hf_export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
       '# Hugging Face BERT',
-      f'  python -m bert_sym.glue --checkpoint={workdir} --output_dir=GLUE_DIR '
+      f'  python -m bert_sym.glue --checkpoint={workdir} --output_dir=GLUE_OUT_DIR '
       '--glue_dir=/path/to/glue_data --tasks=rte --seeds=1   # GLUE fine-tuning',
   ]
   return '\n'.join(lines)

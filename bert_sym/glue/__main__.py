@@ -35,7 +35,8 @@ locally; on gs:// an object appears only once its upload completes):
   runs/<task>/checkpoints/         while a task trains: its checkpoint (every
                                    config.checkpoint_every_steps and on SIGTERM / Ctrl-C,
                                    then exit 42 / 130); the rerun continues from it
-With --sweep: step_<N>/ (the above per checkpoint) and glue_vs_step.{json,md,png}.
+With --sweep: a folder per checkpoint, step_<N in 8 digits>/ (step_00000300/), holding the
+above, and glue_vs_step.{json,md,png}.
 
 Scores, GLUE vs "GLUE full" vs partial means, and parallel seeds: README.md, section GLUE.
 Multi-host: every host runs this same command; process 0 decides what is finished (hosts.py).
