@@ -39,6 +39,9 @@ def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
   assert ours['tokens_per_s'] > floor and hf['tokens_per_s'] > floor
   assert ours['vs_hf'] == pytest.approx(ours['tokens_per_s'] / hf['tokens_per_s'])
   assert 9.0 < ours['loss'] < 11.5   # ~ln(30522) on random tokens
+  # The compiled step holds at least the state: tiny BERT's float32 parameters and Adam's
+  # two moments (the MLM head's bias and the pooler aside, 4.4M parameters at hidden 128).
+  assert ours['compiled_memory_gib'] * 2**30 > 3 * 4 * 4.0e6
   # Each line is printed as it is measured, before the JSON is written.
   assert run.stdout.count('| kernel ') == 2 and 'ours/HF' in run.stdout
 
@@ -89,3 +92,34 @@ def test_a_worker_killed_after_printing_its_result_keeps_the_result(tmp_path, mo
   assert 'killed after 2 s' in result['note']
   worker.write_text('#!/bin/sh\nexec sleep 120\n')   # nothing measured: still a timeout
   assert accelerator.run_one({'impl': 'ours'}, timeout_s=2)['status'] == 'timeout'
+
+
+class _Device:
+  device_kind = 'NVIDIA H100 80GB HBM3'
+
+  def __init__(self, limit):
+    self.limit = limit
+
+  def memory_stats(self):
+    return None if self.limit is None else {'bytes_limit': self.limit}
+
+
+def test_a_step_over_the_devices_memory_is_refused_before_it_runs(monkeypatch):
+  """bert-base at 512 x 256 needs 87 GiB (compiled for an H200): on an 80 GB H100 it was an
+  allocator failure after compiling; it is now one line with both figures, before any step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  compiled = jax.jit(lambda x, y: (x @ y).sum(0)).lower(
+      jnp.ones((256, 512)), jnp.ones((512, 512))).compile()
+  stats = compiled.memory_analysis()
+  needed = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  assert needed >= (256 * 512 + 512 * 512) * 4   # the two arguments at least
+  assert accelerator.compiled_bytes_that_fit(compiled, _Device(None)) == needed   # CPU: no limit
+  assert accelerator.compiled_bytes_that_fit(compiled, _Device(needed)) == needed
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+  with pytest.raises(MemoryError, match=(
+      r'not run: the compiled step needs 0\.0 GiB, the NVIDIA H100 80GB HBM3 lets JAX have '
+      r'0\.0 GiB \(XLA_PYTHON_CLIENT_MEM_FRACTION=0\.95\)')):
+    accelerator.compiled_bytes_that_fit(compiled, _Device(needed - 1))

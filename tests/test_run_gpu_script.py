@@ -159,7 +159,7 @@ def test_the_glue_step_runs_only_with_the_time_to_finish(tmp_path):
 def test_every_timed_step_fits_an_h200_as_compiled(monkeypatch):
   """Each configuration the script times was compiled for an H200 on a CPU host
   (benchmarks/gpu_aot_table.py, the record in benchmarks/results/gpu_aot_*.jsonl) and fits
-  JAX's default 75% share of it: a step that cannot fit would spend the GPU session's
+  JAX's default 75% share of it (the script lets JAX have 95%): a step that cannot fit would spend the GPU session's
   minutes compiling towards an out-of-memory error (the paper recipe at 512 x 256 did)."""
   import pathlib  # pylint: disable=g-import-not-at-top
   record = sorted(pathlib.Path(REPO_ROOT, 'benchmarks', 'results').glob('gpu_aot_*.jsonl'))[-1]
