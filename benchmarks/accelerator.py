@@ -44,6 +44,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+from bert_sym import files  # pylint: disable=g-import-not-at-top,wrong-import-position  (no jax)
 
 SHAPES = {'base': ['128x256', '512x32'], 'small': ['128x64', '512x16'],
           'tiny': ['64x8', '128x4']}
@@ -188,9 +189,8 @@ def run_ours(spec):
     trace = _profile(compiled, state, batch, spec['profile_dir'])
     table = os.path.join(spec['profile_dir'], 'top_ops.txt')
     rows, device_ms = top_device_ops(load_trace(trace), steps=PROFILE_STEPS)
-    with open(table, 'w') as f:
-      f.write(format_top_ops(rows, device_ms, step_ms=step_s * 1e3,
-                             title=config_name(spec)))
+    files.write_atomically(table, format_top_ops(rows, device_ms, step_ms=step_s * 1e3,
+                                                 title=config_name(spec)))
     profile = dict(profile_trace=trace, profile_table=table)
 
   device = jax.devices()[0]
@@ -516,9 +516,8 @@ def write_summary(args, date, started, results) -> None:
   out = args.out or os.path.join(
       REPO_ROOT, 'benchmarks', 'results',
       f"accelerator_{device.replace(' ', '-').lower()}_{date[:10]}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(summary, f, indent=1)
+  # Whole or not at all: run_gpu.sh's SIGKILL may land while it is written.
+  files.write_atomically(out, json.dumps(summary, indent=1))
   print(f'wrote {out} ({summary["wall_s"]:.0f} s)', flush=True)
 
 

@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bert_sym import files  # noqa: E402
 from bert_sym import model as bert  # noqa: E402
 from bert_sym import objectives  # noqa: E402
 from bert_sym.attention import SelfAttention  # noqa: E402
@@ -227,13 +228,12 @@ def write_json(args, results, num_predictions, device_name) -> str:
              if args.record else args.out_dir)
   scope = '' if args.scope == 'model' else f'_{args.scope}'
   out = os.path.join(out_dir, f'attention_variants{scope}_{device_name}.json')
-  os.makedirs(out_dir, exist_ok=True)
-  with open(out, 'w') as f:
-    json.dump(dict(
-        args=vars(args), device=device_name, device_kind=jax.devices()[0].device_kind,
-        jax=jax.__version__, python=platform.python_version(),
-        date=datetime.date.today().isoformat(), num_predictions=num_predictions,
-        compute_dtype=jnp.dtype(bert.compute_dtype(args.dtype)).name, results=results), f, indent=2)
+  files.write_atomically(out, json.dumps(dict(   # whole, or not at all
+      args=vars(args), device=device_name, device_kind=jax.devices()[0].device_kind,
+      jax=jax.__version__, python=platform.python_version(),
+      date=datetime.date.today().isoformat(), num_predictions=num_predictions,
+      compute_dtype=jnp.dtype(bert.compute_dtype(args.dtype)).name, results=results),
+      indent=2))
   return out
 
 

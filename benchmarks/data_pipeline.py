@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from bert_sym.input import shard_writer as export_lib  # pylint: disable=g-import-not-at-top
+from bert_sym import files  # pylint: disable=g-import-not-at-top
+from bert_sym.input import shard_writer as export_lib
 from bert_sym.input import iterator as data_lib
 from configs import common
 
@@ -170,7 +171,7 @@ def write(args, rows, examples, cores):
   results_dir = RESULTS.parent / 'results' if args.record else pathlib.Path(args.out_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
   json_path = results_dir / f'data_pipeline_{cores}core.json'
-  json_path.write_text(json.dumps(dict(
+  files.write_atomically(json_path, json.dumps(dict(   # whole, or not at all
       date=today, machine=machine, args=vars(args), blocks=examples,
       raw_text_tokens_per_s_total=raw, raw_text_cores=cores,
       shards_tokens_per_s_one_core=shards,

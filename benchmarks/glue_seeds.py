@@ -28,6 +28,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bert_sym import files  # noqa: E402
 from bert_sym import model as model_lib  # noqa: E402
 from bert_sym import sharding  # noqa: E402
 from bert_sym.glue import data as glue_data  # noqa: E402
@@ -129,8 +130,7 @@ def report(args, pretrained, task, first, times):
   print(f'  speed-up of parallel seeds: {speedup:.2f}x')
   path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                   f'glue_seeds_{device.platform}.json')
-  with open(path, 'w') as f:
-    json.dump(result, f, indent=2)
+  files.write_atomically(path, json.dumps(result, indent=2))   # whole, or not at all
   print(f'wrote {path}')
 
 

@@ -123,3 +123,19 @@ def test_a_step_over_the_devices_memory_is_refused_before_it_runs(monkeypatch):
       r'not run: the compiled step needs 0\.0 GiB, the NVIDIA H100 80GB HBM3 lets JAX have '
       r'0\.0 GiB \(XLA_PYTHON_CLIENT_MEM_FRACTION=0\.95\)')):
     accelerator.compiled_bytes_that_fit(compiled, _Device(needed - 1))
+
+
+def test_a_summary_that_fails_to_serialize_leaves_no_file(tmp_path):
+  """The JSON was dumped into the open file: a failure (or run_gpu.sh's SIGKILL) midway left
+  a truncated record under the final name. It is now written whole or not at all."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'accelerator_gpu.json'
+  good = dict(impl='ours', status='ok', device='cpu', attention='standard', path='fused',
+              seq=64, batch=2)
+  args = argparse.Namespace(out=str(out))
+  with pytest.raises(TypeError):   # a set is not JSON
+    accelerator.write_summary(args, '2026-12-05', 0.0, [dict(good, odd={1})])
+  assert list(tmp_path.iterdir()) == []
+  accelerator.write_summary(args, '2026-12-05', 0.0, [good])
+  assert json.loads(out.read_text())['results'] == [good]
