@@ -19,6 +19,7 @@ import ml_collections
 from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import config_check
+from bert_sym import files
 # The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SUMMARY_MD,
@@ -179,7 +180,7 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
         f'GLUE on {path} failed (exit code {code}); the grid stops here. Its output is in '
         f'{out / "glue.log"}. Fix the cause and rerun the same command: the finished '
         f'(task, seed) runs in {out} are reused.')
-  marker.write_text(json.dumps(request) + '\n')
+  files.write_atomically(marker, json.dumps(request) + '\n')   # read back with json.loads
 
 
 def parse_list(text, cast=str) -> list:
