@@ -150,14 +150,18 @@ def _profile(compiled, state, batch, profile_dir):
   return traces[-1]
 
 
-def compiled_bytes_that_fit(compiled, device) -> int:
-  """The compiled step's bytes (arguments + outputs - aliases + temporaries, as bert_sym.aot
-  counts them). Where they exceed what the device lets JAX allocate (its
-  XLA_PYTHON_CLIENT_MEM_FRACTION), MemoryError before any step runs: one line with both
-  figures, not an allocator dump (bert-base at 512 x 256 on an 80 GB H100, say)."""
+def compiled_bytes_that_fit(compiled, device) -> int | None:
+  """The compiled step's bytes (arguments + outputs - aliases + temporaries + code, as
+  bert_sym.aot counts them; None where the backend gives no memory analysis). Where they
+  exceed what the device lets JAX allocate (its XLA_PYTHON_CLIENT_MEM_FRACTION), MemoryError
+  before any step runs: one line with both figures, not an allocator dump (bert-base at
+  512 x 256 on an 80 GB H100, say)."""
   stats = compiled.memory_analysis()
+  if stats is None:
+    return None
   needed = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+            - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+            + stats.generated_code_size_in_bytes)
   limit = (device.memory_stats() or {}).get('bytes_limit')   # None on CPU
   if limit and needed > limit:
     fraction = os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75, JAX default')
@@ -180,7 +184,7 @@ def run_ours(spec):
     loop.enable_compilation_cache(spec['compilation_cache_dir'])
   state, step, batch = _ours_state_step_batch(config, spec)
   compiled, compile_s = loop.compile_step(step, state, batch)
-  compiled_gib = compiled_bytes_that_fit(compiled, jax.devices()[0]) / 2**30
+  compiled_bytes = compiled_bytes_that_fit(compiled, jax.devices()[0])
   step_s, metrics = _timed_steps(compiled, state, batch, spec['warmup'], spec['steps'])
   profile = {}
   if spec.get('profile_dir'):
@@ -210,7 +214,7 @@ def run_ours(spec):
       compile_s=compile_s, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
       mfu=(tokens_per_s * flops / peak) if peak else None,
       peak_memory_gib=stats.get('peak_bytes_in_use', 0) / 2**30 or None,
-      compiled_memory_gib=compiled_gib, kernel=chosen, loss=float(metrics['train/loss']), device=device.device_kind,
+      compiled_memory_gib=compiled_bytes and compiled_bytes / 2**30, kernel=chosen, loss=float(metrics['train/loss']), device=device.device_kind,
       platform=device.platform, jax=jax.__version__, scan_layers=config.model.scan_layers,
       xla_flags=os.environ.get('XLA_FLAGS', ''), **profile, **_cuda_versions(jax))
 

@@ -11,9 +11,10 @@
 # docs name for the generation: v2-alpha-tpuv6e for v6e, v2-alpha-tpuv5 for v5p,
 # v2-alpha-tpuv5-lite for v5e, tpu-ubuntu2204-base for v4 and older), SPOT=1 for a spot
 # slice, JAX_SPEC (default "jax[tpu]"), PYTHON_VERSION (default 3.11). Workers install
-# requirements.txt and JAX_SPEC under constraints.txt: the versions the tests and the
-# preflight ran, and the same ones again on a slice recreated after a preemption (a newer
-# optax or orbax could refuse the checkpoint); UNPINNED=1 takes the newest in the ranges.
+# requirements.txt and JAX_SPEC under constraints.txt: the versions the tests ran (and
+# `make` installs here), and the same ones again on a slice recreated after a preemption (a
+# newer optax or orbax could refuse the checkpoint). A JAX_SPEC naming a version needs
+# UNPINNED=1, which takes the newest of every package within requirements.txt's ranges.
 # The trainer needs Python >= 3.11 (jax >= 0.7 dropped 3.10) but the runtimes ship 3.10,
 # so each worker installs python$PYTHON_VERSION from the deadsnakes PPA (apt) when its
 # python3 is older and builds the venv with it.
@@ -58,6 +59,13 @@ RUNTIME_VERSION=${RUNTIME_VERSION:-$DEFAULT_RUNTIME}
 JAX_SPEC=${JAX_SPEC:-"jax[tpu]"}
 PIN=(-c constraints.txt)
 [[ -n ${UNPINNED:-} ]] && PIN=()
+if (( ${#PIN[@]} )) && [[ $JAX_SPEC == *[=\<\>~!]* ]]; then
+  # pip would refuse it on every worker, after the slice exists and the old run has stopped.
+  echo "JAX_SPEC=$JAX_SPEC names a version, and workers install under constraints.txt" \
+    "($(grep -E '^jax==' "$(dirname "$0")/../constraints.txt")): drop the version, or set" \
+    "UNPINNED=1 to install without the constraints." >&2
+  exit 2
+fi
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 if [[ $WORKDIR != gs://* ]]; then
   echo "WORKDIR must be on gs:// (every worker writes checkpoints there)." >&2; exit 2
@@ -81,7 +89,7 @@ if [[ -z ${SKIP_PREFLIGHT:-} ]]; then
   echo "Preflight: compiling $CONFIG for $ACCELERATOR on this machine (bert_sym.aot)"
   # --require_data: the config must name its data, unless EXPORT_TO is about to make it.
   if ! (cd "$REPO_ROOT" && "$PREFLIGHT_PYTHON" -m bert_sym.aot --config="$CONFIG" \
-        --topology="$ACCELERATOR" ${EXPORT_TO:+--config.data.shards_dir=$EXPORT_TO} \
+        --topology="$ACCELERATOR" ${EXPORT_TO:+"--config.data.shards_dir=$EXPORT_TO"} \
         --require_data ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}); then
     echo "Preflight failed for $CONFIG on $ACCELERATOR (above); nothing was created." \
       "Fix the config, or set SKIP_PREFLIGHT=1 to launch anyway." >&2
@@ -150,14 +158,19 @@ if [[ -f train.pid ]]; then
   old=$(cat train.pid)
   # Its whole process group (run.sh runs in its own session): during the export, killing
   # only run.sh would leave the exporter running beside the new one. A run.sh started
-  # before sessions were used is not a group leader: then the pid alone.
+  # before sessions were used is not a group leader: then the pid alone. Waited for until
+  # no process of the group is left (zombies aside), so none outlives this pass.
+  running() {
+    kill -0 "$old" 2>/dev/null ||
+      ps -e -o pgid=,stat= | awk -v g="$old" "\$1 == g && \$2 !~ /^Z/ {f = 1} END {exit !f}"
+  }
   if kill -- "-$old" 2>/dev/null || kill "$old" 2>/dev/null; then
     echo "worker $(hostname): stopping the previous trainer (pid $old)"
-    for _ in $(seq 600); do kill -0 "$old" 2>/dev/null || break; sleep 1; done
-    if kill -0 "$old" 2>/dev/null; then
+    for _ in $(seq 600); do running || break; sleep 1; done
+    if running; then
       echo "worker $(hostname): pid $old still running after 10 minutes; killing it"
       kill -9 -- "-$old" 2>/dev/null || kill -9 "$old" 2>/dev/null || true
-      while kill -0 "$old" 2>/dev/null; do sleep 1; done
+      while running; do sleep 1; done
     fi
   fi
   rm -f train.pid
@@ -165,8 +178,14 @@ fi
 '
 # shellcheck disable=SC2016
 INSTALL_PASS='
+# The stop pass removes train.pid once the old run is gone: still there, it failed on this
+# worker, and nothing may be deleted under a trainer that may still be running.
+if [[ -f train.pid ]]; then
+  echo "worker $(hostname): the previous run was not stopped (train.pid is still there)" >&2
+  exit 1
+fi
 # This checkout exactly: files deleted since the last launch go too. The venv stays (reused:
-# the install below is then quick), and the logs of earlier runs.
+# the install below is then quick), and the previous log (train.log.previous).
 find . -mindepth 1 -maxdepth 1 ! -name .venv ! -name "train.log*" -exec rm -rf {} +
 tar -xzf ~/bert_sym.tar.gz -C ~/bert_sym
 PY=python$PYTHON_VERSION

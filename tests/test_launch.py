@@ -212,7 +212,9 @@ def _stubbed_slice(tmp_path, state, finalize_codes='0'):
               WORKER_PYTHON.format(python=python))
   _executable(home / 'bert_sym' / '.venv' / 'bin' / 'pip',
               f'#!/bin/sh\necho "$@" >> {tmp_path}/pip_calls\n')
-  env = dict(os.environ, PATH=f'{stubs}:{os.environ["PATH"]}', STUB_DIR=str(tmp_path),
+  env = {k: v for k, v in os.environ.items()   # the launcher's own knobs, if set here
+         if k not in ('RUNTIME_VERSION', 'JAX_SPEC', 'UNPINNED', 'PROJECT', 'PYTHON')}
+  env.update(PATH=f'{stubs}:{os.environ["PATH"]}', STUB_DIR=str(tmp_path),
              WORKER_HOME=str(home), SLICE_STATE=state, SKIP_PREFLIGHT='1', SPOT='1',
              PYTHON_VERSION=version, EXPORT_TO='gs://bucket/c4_512',
              TFDS_DATA_DIR='gs://bucket/tensorflow_datasets', FINALIZE_CODES=finalize_codes)
@@ -273,9 +275,13 @@ def test_tpu_vm_relaunch_stops_the_whole_previous_run_not_only_its_shell(tmp_pat
   env.pop('EXPORT_TO')
   (home / 'bert_sym').mkdir(parents=True, exist_ok=True)
   child_pid = tmp_path / 'exporter.pid'
-  previous = subprocess.Popen(   # run.sh of the previous launch, in its own session
-      ['bash', '-c', f'{sys.executable} -c "import time; time.sleep(300)" & '
-                     f'echo $! > {child_pid}; wait'], start_new_session=True)
+  # run.sh of the previous launch, in its own session; its exporter takes 2 s to stop.
+  exporter_code = ('import signal, sys, time; '
+                   'signal.signal(signal.SIGTERM, lambda *_: (time.sleep(2), sys.exit(0))); '
+                   'time.sleep(300)')
+  previous = subprocess.Popen(
+      ['bash', '-c', f'{sys.executable} -c "{exporter_code}" & echo $! > {child_pid}; wait'],
+      start_new_session=True)
   # Reaped as soon as it dies: the launcher waits until `kill -0` fails, never on a zombie.
   threading.Thread(target=previous.wait, daemon=True).start()
   try:
@@ -291,11 +297,8 @@ def test_tpu_vm_relaunch_stops_the_whole_previous_run_not_only_its_shell(tmp_pat
                             timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'stopping the previous trainer' in result.stdout
-    previous.wait(timeout=30)
-    deadline = time.time() + 30
-    while _alive(exporter):
-      assert time.time() < deadline, 'the previous run\'s exporter is still running'
-      time.sleep(0.1)
+    # Gone before the install pass deleted the checkout under it, not only run.sh.
+    assert not _alive(exporter), 'the previous run\'s exporter is still running'
   finally:
     previous.kill()
 
@@ -389,3 +392,27 @@ def test_tpu_vm_launcher_stops_before_creating_a_slice_for_a_run_that_names_no_d
   assert 'bert_sym.shards export' in errors[0] and 'EXPORT_TO' in errors[0]
   assert 'nothing was created' in result.stderr
   assert not (tmp_path / 'gcloud_calls').exists()
+
+
+def test_tpu_vm_launcher_refuses_a_jax_version_the_constraints_would_refuse(tmp_path):
+  """JAX_SPEC='jax[tpu]==0.9.0' under constraints.txt (jax==0.10.2): pip failed on every
+  worker after the slice existed and the old run had stopped. Refused here now, naming
+  UNPINNED=1, with which it installs without the constraints."""
+  env, _ = _stubbed_slice(tmp_path, state='READY')
+  env.pop('EXPORT_TO')
+  command = ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+             'configs/sym_base.py', 'gs://bucket/sym_base']
+  env['JAX_SPEC'] = 'jax[tpu]==0.9.0'
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.stderr.strip() == (
+      'JAX_SPEC=jax[tpu]==0.9.0 names a version, and workers install under constraints.txt '
+      '(jax==0.10.2): drop the version, or set UNPINNED=1 to install without the constraints.')
+  assert not (tmp_path / 'gcloud_calls').exists()
+  env['UNPINNED'] = '1'
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert (tmp_path / 'pip_calls').read_text().splitlines()[-1] == (
+      'install -q -r requirements.txt jax[tpu]==0.9.0')
