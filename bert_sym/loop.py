@@ -286,7 +286,8 @@ class Hooks:
   eval_every: int = 0
   console: Callable[..., None] = print
   name: str = 'train'
-  check_saves: Callable[[], None] | None = None        # raises if a background save failed
+  check_saves: Callable[[bool], None] | None = None    # raises if a background save failed;
+  # its argument: whether this is a step where all processes check together (a log step)
   finish_saves: Callable[[], None] | None = None       # waits; raises if the save failed
 
 
@@ -320,7 +321,7 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
     meter.add(step, metrics, tokens=batch['input_ids'].size,   # GLUE: the bucket's length
               seq_len=batch['input_ids'].shape[-1])
     if hooks.check_saves is not None:
-      hooks.check_saves()
+      hooks.check_saves(_due(step, hooks.log_every, total_steps))
     preempted = (preemption is not None and preemption.reached(manager, step)
                  and step < total_steps)
     if _due(step, hooks.log_every, total_steps) or preempted:   # the resumed run starts here

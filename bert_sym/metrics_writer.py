@@ -279,7 +279,7 @@ def _orbax_errors_in_one_line(record) -> bool:
       and jax.process_count() > 1):
     print(f'WARNING: process {jax.process_index()}: writing its part of a checkpoint failed '
           f'({type(error).__name__}: {" ".join(str(error).split())[:300]}); every process '
-          'stops at the next save, within config.checkpoint.save_timeout_s.',
+          'stops at a log step or save, within config.checkpoint.save_timeout_s.',
           file=sys.stderr, flush=True)
   return False
 

@@ -86,7 +86,7 @@ def make_hooks(config, run, manager, evaluate, meter, input_position, lineage=No
       log=loop.progress_logger(run.writer, run.console, config.total_steps), save=save,
       log_every=config.log_every_steps, save_every=config.checkpoint.every_steps,
       evaluate=evaluate, eval_every=config.eval_every_steps, console=run.console,
-      check_saves=lambda: checkpoint.check_saves(manager),
+      check_saves=lambda together: checkpoint.check_saves(manager, together=together),
       finish_saves=lambda: checkpoint.finish_saves(manager))
 
 
@@ -119,6 +119,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   # A failed save is said once, in one line: orbax's echoes of it (tasks collected when the
   # manager closes) are muted until the manager is closed, not only during the loop.
   with checkpoint.quiet_orbax_echoes():
+    abandoned = False
     try:
       prefetcher = loop.Prefetcher(data.train_iter, data.to_global, depth=2)
       state, step, preempted = loop.run(state, step, config.total_steps, train_step,
@@ -126,12 +127,19 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
       checkpoint.finish_saves(manager)
     except loop.NonFiniteError as e:
       raise set_aside_divergence(e, run.workdir, manager, resumed_good, run) from None
+    except checkpoint.CheckpointSaveError:
+      # Every process stopped on it together (checkpoint.check_saves): orbax's threads
+      # still wait for the failed save's barriers (save_timeout_s); this process leaves
+      # without them (cli.leave_a_multiprocess_run).
+      abandoned = jax.process_count() > 1
+      raise
     finally:
       if prefetcher:
         prefetcher.close()
-      with contextlib.suppress(Exception):   # a failed save was said already
-        manager.wait_until_finished()
-      manager.close()
+      if not abandoned:
+        with contextlib.suppress(Exception):   # a failed save was said already
+          manager.wait_until_finished()
+        manager.close()
   if preempted:
     raise loop.Preempted(step, preemption.signal_name)
   return step

@@ -1058,6 +1058,30 @@ def test_one_hosts_failed_save_stops_every_host_in_one_line(tmp_path, async_save
             '28] No space left on device' in outputs[1]), outputs[1][-3000:]
 
 
+def test_a_save_failure_that_surfaces_between_saves_stops_every_host_together(tmp_path):
+  """Process 1's disk is full at step 8, and orbax reports it there at the next step's
+  check (9), between two saves (it may, or only at the next save). Process 1 stopped at
+  once, at a step of its own: process 0, left in step 10's collective, was aborted by
+  jax.distributed (SIGABRT, "Terminating process because the JAX distributed service
+  detected fatal errors"; CI met it). Both now stop together at the next log step (10),
+  process 0 naming process 1."""
+  workdir = tmp_path / 'run'
+  processes = _two_processes(
+      workdir, _overrides(checkpoint__async_save=True, checkpoint__every_steps=8),
+      env={'SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP': '1:8',
+           'SYNTHETIC_SAVE_FAILURE_SURFACES_ON_PROCESS_AT_STEP': '1:8'})
+  outputs = _outputs_of(processes, timeout=150)
+  for p, out in zip(processes, outputs):
+    assert p.returncode == 1 and 'Traceback' not in out and 'Fatal' not in out, out[-3000:]
+  [line_0] = [l for l in outputs[0].splitlines() if 'bert_sym.train: error:' in l]
+  [line_1] = [l for l in outputs[1].splitlines() if 'bert_sym.train: error:' in l]
+  assert 'Saving checkpoint step 8' in line_1 and '(ENOSPC' in line_1, line_1
+  assert ('Saving checkpoint step 8' in line_0 and 'another process of this run stopped or '
+          'stalled in this save (process(es) 1 could not finish it)' in line_0), line_0
+  logged = [row['step'] for row in _metrics(workdir) if 'train/loss' in row]
+  assert max(logged) == 8   # stopped at step 10's check, before its row
+
+
 def test_sigterm_at_an_eval_step_whose_save_fails_stops_in_one_line(tmp_path):
   """On SIGTERM at an eval step the trainer waits for the save before that eval (the notice
   before the kill is for the save). When the save fails (disk full) the run stops in one

@@ -27,12 +27,16 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any
   `meter_state` (JSON) and `lineage` (core.extend_lineage) go into the data_iter item
   beside the input positions.
   """
-  data_item = {'process_count': jax.process_count(), 'states': allgather_json(data_state)}
+  # With the input positions, every process says whether its last background save failed:
+  # all of them stop here together (check_saves left it to this boundary).
+  failure = _background_failure(manager)
+  gathered = allgather_json([data_state, failure is not None])
+  _raise_if_any_failed(manager, failure, [i for i, (_, bad) in enumerate(gathered) if bad])
+  data_item = {'process_count': jax.process_count(), 'states': [g[0] for g in gathered]}
   if meter_state is not None:   # the same on every process (pretrain_loop.meter_state)
     data_item['meter'] = meter_state
   if lineage is not None:
     data_item['lineage'] = lineage
-  check_saves(manager)
   try:
     # orbax first waits for the previous (background) save: its failure surfaces here.
     started = manager.save(step, force=force, args=ocp.args.Composite(**{
@@ -55,16 +59,46 @@ def _failed_step(manager, current: int | None = None) -> int | None:
   return current if current is not None else previous
 
 
-def check_saves(manager: ocp.CheckpointManager) -> None:
-  """Raises CheckpointSaveError if a background save has failed (cheap: call every step)."""
+# A background save's failure as orbax reported it (once), kept for the next save.
+_FAILURES = weakref.WeakKeyDictionary()
+
+
+def _background_failure(manager) -> CheckpointSaveError | None:
   try:
     manager.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except
-    raise _save_failed(manager, _failed_step(manager), e) from None
+    _FAILURES.setdefault(manager, _save_failed(manager, _failed_step(manager), e))
+  return _FAILURES.get(manager)
+
+
+def check_saves(manager: ocp.CheckpointManager, *, together: bool = False) -> None:
+  """Raises CheckpointSaveError if a background save has failed (cheap: call every step).
+
+  One of several processes raises only `together` (a step where every process checks, the
+  loop's log steps) or at the next `save`, and then so do the others: raised at a step of
+  its own, it left them blocked in the next step's collective, where they aborted (SIGABRT)
+  once it was gone (process 0 takes the coordination service with it)."""
+  failure = _background_failure(manager)
+  if not cli.one_of_several_processes():
+    _raise_if_any_failed(manager, failure, [])
+  elif together:
+    _raise_if_any_failed(manager, failure,
+                         [i for i, bad in enumerate(allgather_json(failure is not None)) if bad])
+
+
+def _raise_if_any_failed(manager, failure, failed_processes) -> None:
+  """This process's own failure first (it names the cause), else the others'."""
+  if failure is not None:
+    raise failure
+  if failed_processes:
+    raise _save_failed(manager, _failed_step(manager), None,
+                       failed_processes=failed_processes)
 
 
 def finish_saves(manager: ocp.CheckpointManager) -> None:
   """Waits for the in-flight save; raises CheckpointSaveError if it failed."""
+  if (failure := _FAILURES.get(manager)) is not None:
+    raise failure
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
@@ -110,22 +144,24 @@ def _release_writers_left_waiting() -> None:
         pass   # best effort: at worst the old wait-out-the-timeout behaviour
 
 
-def _save_failed(manager, step, error) -> CheckpointSaveError:
-  """One line naming step, path and cause; the unfinished step's temporary files removed."""
+def _save_failed(manager, step, error, *, failed_processes=()) -> CheckpointSaveError:
+  """One line naming step, path and cause (`error`, or the other processes whose save
+  failed); the unfinished step's temporary files removed."""
   # The run ends here: orbax's abandoned write coroutines would each print a warning when
   # collected at exit, after the one line that says what happened.
   warnings.filterwarnings('ignore', 'coroutine .* was never awaited', RuntimeWarning)
   _mute_closed_loop_echoes()
   _release_writers_left_waiting()
-  text = describe_error(error)
-  for chained in (error, error.__cause__, error.__context__):
+  text = (f'process(es) {", ".join(map(str, failed_processes))} could not finish it'
+          if failed_processes else describe_error(error))
+  for chained in (error, error.__cause__, error.__context__) if error is not None else ():
     if isinstance(chained, OSError) and chained.errno is not None:
       text = describe_error(chained)
       break
   cause = next((why for number, why in _SAVE_CAUSES
                 if os.strerror(number) in text or f'errno {number}' in text.lower()), text)
   fix = 'Free space or fix the permissions'
-  if cli.another_process_stopped(text):   # this host's save was fine
+  if failed_processes or cli.another_process_stopped(text):   # this host's save was fine
     cause = f'another process of this run stopped or stalled in this save ({text[:200]})'
     fix = 'Its own log says why: fix that'
   elif 'RESOURCE_EXHAUSTED' in text:   # TensorStore's word for ENOSPC / EDQUOT
