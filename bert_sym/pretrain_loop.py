@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_sym import checkpoint
+from bert_sym import cli
 from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -131,7 +132,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
       # Every process stopped on it together (checkpoint.check_saves): orbax's threads
       # still wait for the failed save's barriers (save_timeout_s); this process leaves
       # without them (cli.leave_a_multiprocess_run).
-      abandoned = jax.process_count() > 1
+      abandoned = cli.one_of_several_processes()
       raise
     finally:
       if prefetcher:

@@ -1077,7 +1077,7 @@ def test_a_save_failure_that_surfaces_between_saves_stops_every_host_together(tm
   [line_1] = [l for l in outputs[1].splitlines() if 'bert_sym.train: error:' in l]
   assert 'Saving checkpoint step 8' in line_1 and '(ENOSPC' in line_1, line_1
   assert ('Saving checkpoint step 8' in line_0 and 'another process of this run stopped or '
-          'stalled in this save (process(es) 1 could not finish it)' in line_0), line_0
+          'stalled in this save (process(es) 1 reported it failed)' in line_0), line_0
   logged = [row['step'] for row in _metrics(workdir) if 'train/loss' in row]
   assert max(logged) == 8   # stopped at step 10's check, before its row
 

@@ -30,8 +30,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any
   # With the input positions, every process says whether its last background save failed:
   # all of them stop here together (check_saves left it to this boundary).
   failure = _background_failure(manager)
-  gathered = allgather_json([data_state, failure is not None])
-  _raise_if_any_failed(manager, failure, [i for i, (_, bad) in enumerate(gathered) if bad])
+  gathered = allgather_json([data_state, _failure_kind(failure)])
+  _raise_if_any_failed(manager, failure, [kind for _, kind in gathered])
   data_item = {'process_count': jax.process_count(), 'states': [g[0] for g in gathered]}
   if meter_state is not None:   # the same on every process (pretrain_loop.meter_state)
     data_item['meter'] = meter_state
@@ -59,16 +59,26 @@ def _failed_step(manager, current: int | None = None) -> int | None:
   return current if current is not None else previous
 
 
-# A background save's failure as orbax reported it (once), kept for the next save.
+# A background save's failure as orbax reported it (once), kept until every process stops
+# on it: the error line (and its clean-up of the step's files) is made only then, when no
+# process is still writing.
 _FAILURES = weakref.WeakKeyDictionary()
 
 
-def _background_failure(manager) -> CheckpointSaveError | None:
+def _background_failure(manager) -> Exception | None:
   try:
     manager.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except
-    _FAILURES.setdefault(manager, _save_failed(manager, _failed_step(manager), e))
+    _FAILURES.setdefault(manager, e)
   return _FAILURES.get(manager)
+
+
+def _failure_kind(failure) -> str | None:
+  """What the other processes are told: 'failed' (this one's own write failed), 'waited'
+  (it timed out waiting for another one), or None."""
+  if failure is None:
+    return None
+  return 'waited' if cli.another_process_stopped(describe_error(failure)) else 'failed'
 
 
 def check_saves(manager: ocp.CheckpointManager, *, together: bool = False) -> None:
@@ -82,23 +92,24 @@ def check_saves(manager: ocp.CheckpointManager, *, together: bool = False) -> No
   if not cli.one_of_several_processes():
     _raise_if_any_failed(manager, failure, [])
   elif together:
-    _raise_if_any_failed(manager, failure,
-                         [i for i, bad in enumerate(allgather_json(failure is not None)) if bad])
+    _raise_if_any_failed(manager, failure, allgather_json(_failure_kind(failure)))
 
 
-def _raise_if_any_failed(manager, failure, failed_processes) -> None:
-  """This process's own failure first (it names the cause), else the others'."""
+def _raise_if_any_failed(manager, failure, kinds) -> None:
+  """This process's own failure first (it names the cause), else the others' (`kinds`,
+  one per process: those whose own write failed, else those that timed out waiting)."""
   if failure is not None:
-    raise failure
-  if failed_processes:
-    raise _save_failed(manager, _failed_step(manager), None,
-                       failed_processes=failed_processes)
+    raise _save_failed(manager, _failed_step(manager), failure) from None
+  named = ([i for i, kind in enumerate(kinds) if kind == 'failed'] or
+           [i for i, kind in enumerate(kinds) if kind == 'waited'])
+  if named:
+    raise _save_failed(manager, _failed_step(manager), None, failed_processes=named)
 
 
 def finish_saves(manager: ocp.CheckpointManager) -> None:
   """Waits for the in-flight save; raises CheckpointSaveError if it failed."""
   if (failure := _FAILURES.get(manager)) is not None:
-    raise failure
+    raise _save_failed(manager, _failed_step(manager), failure) from None
   try:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
@@ -152,7 +163,7 @@ def _save_failed(manager, step, error, *, failed_processes=()) -> CheckpointSave
   warnings.filterwarnings('ignore', 'coroutine .* was never awaited', RuntimeWarning)
   _mute_closed_loop_echoes()
   _release_writers_left_waiting()
-  text = (f'process(es) {", ".join(map(str, failed_processes))} could not finish it'
+  text = (f'process(es) {", ".join(map(str, failed_processes))} reported it failed'
           if failed_processes else describe_error(error))
   for chained in (error, error.__cause__, error.__context__) if error is not None else ():
     if isinstance(chained, OSError) and chained.errno is not None:
