@@ -151,17 +151,14 @@ def _profile(compiled, state, batch, profile_dir):
 
 
 def compiled_bytes_that_fit(compiled, device) -> int | None:
-  """The compiled step's bytes (arguments + outputs - aliases + temporaries + code, as
-  bert_sym.aot counts them; None where the backend gives no memory analysis). Where they
-  exceed what the device lets JAX allocate (its XLA_PYTHON_CLIENT_MEM_FRACTION), MemoryError
-  before any step runs: one line with both figures, not an allocator dump (bert-base at
-  512 x 256 on an 80 GB H100, say)."""
-  stats = compiled.memory_analysis()
-  if stats is None:
+  """The compiled step's bytes (bert_sym.aot.memory_report's total; None where the backend
+  gives no memory analysis). Where they exceed what the device lets JAX allocate (its
+  XLA_PYTHON_CLIENT_MEM_FRACTION), MemoryError before any step runs: one line with both
+  figures, not an allocator dump (bert-base at 512 x 256 on an 80 GB H100, say)."""
+  from bert_sym import aot  # pylint: disable=g-import-not-at-top
+  if compiled.memory_analysis() is None:
     return None
-  needed = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes + stats.temp_size_in_bytes
-            + stats.generated_code_size_in_bytes)
+  needed = aot.memory_report(compiled)['total']
   limit = (device.memory_stats() or {}).get('bytes_limit')   # None on CPU
   if limit and needed > limit:
     fraction = os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75, JAX default')
@@ -214,7 +211,8 @@ def run_ours(spec):
       compile_s=compile_s, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
       mfu=(tokens_per_s * flops / peak) if peak else None,
       peak_memory_gib=stats.get('peak_bytes_in_use', 0) / 2**30 or None,
-      compiled_memory_gib=compiled_bytes and compiled_bytes / 2**30, kernel=chosen, loss=float(metrics['train/loss']), device=device.device_kind,
+      compiled_memory_gib=None if compiled_bytes is None else compiled_bytes / 2**30,
+      kernel=chosen, loss=float(metrics['train/loss']), device=device.device_kind,
       platform=device.platform, jax=jax.__version__, scan_layers=config.model.scan_layers,
       xla_flags=os.environ.get('XLA_FLAGS', ''), **profile, **_cuda_versions(jax))
 

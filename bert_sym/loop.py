@@ -320,11 +320,12 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
     step += 1
     meter.add(step, metrics, tokens=batch['input_ids'].size,   # GLUE: the bucket's length
               seq_len=batch['input_ids'].shape[-1])
+    log_due = _due(step, hooks.log_every, total_steps)
     if hooks.check_saves is not None:
-      hooks.check_saves(_due(step, hooks.log_every, total_steps))
+      hooks.check_saves(log_due)
     preempted = (preemption is not None and preemption.reached(manager, step)
                  and step < total_steps)
-    if _due(step, hooks.log_every, total_steps) or preempted:   # the resumed run starts here
+    if log_due or preempted:   # the resumed run starts here
       hooks.log(step, *meter.row(step))
     eval_due = hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps)
     evaluated = eval_due and not preempted
