@@ -1027,3 +1027,45 @@ def test_a_save_records_its_lineage_and_meter(tmp_path):
   assert checkpoint.lineage_of(step_dir) == [['a', -1]]
   item = checkpoint.read_json_item(step_dir)
   assert item['states'] == [{'pos': 5}] and item['meter'] == {'m': 1}
+
+
+def _background_write_fails_at(step, monkeypatch):
+  """Writing the arrays of `step` fails with ENOSPC in orbax's background thread."""
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+  original = serialization.async_serialize_from_host
+
+  async def write(shards, tensorstore_spec, *args, **kwargs):
+    if f'/{step}.orbax-checkpoint-tmp' in str(tensorstore_spec):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f'step {step}')
+    return await original(shards, tensorstore_spec, *args, **kwargs)
+  monkeypatch.setattr(serialization, 'async_serialize_from_host', write)
+
+
+def test_noticing_a_failed_background_save_leaves_orbax_to_skip_its_rotation(tmp_path, monkeypatch):
+  """keep_last=1, step 4 saved, step 8's background write fails. Our check saw the failure
+  before orbax's finalize thread did (held back here): it used to take orbax's stored
+  error, and the finalize thread, seeing none, rotated step 4 out as if step 8 had been
+  committed. The run's only checkpoint was lost. Now orbax still sees it and keeps step 4."""
+  import threading  # pylint: disable=g-import-not-at-top
+  manager = checkpoint.make_manager(tmp_path, ml_collections.ConfigDict(
+      dict(keep_last=1, keep_every=0, async_save=True, save_timeout_s=30)))
+  try:
+    saving.save(manager, 4, {'x': jnp.zeros(3)}, {'pos': 4})
+    manager.wait_until_finished()
+    _background_write_fails_at(8, monkeypatch)
+    finalize_may_go = threading.Event()
+    metadata = manager._non_blocking_metadata_store   # pylint: disable=protected-access
+    wait_for_metadata = metadata.wait_until_finished
+    monkeypatch.setattr(metadata, 'wait_until_finished',
+                        lambda: (finalize_may_go.wait(30), wait_for_metadata()))
+    saving.save(manager, 8, {'x': jnp.ones(3)}, {'pos': 8})
+    manager._checkpointer._async_manager._thread.join(30)   # pylint: disable=protected-access
+    with pytest.raises(checkpoint.CheckpointSaveError, match=r'step 8 .*\(ENOSPC\)'):
+      saving.check_saves(manager)
+    finalize_may_go.set()
+    with pytest.raises(Exception):   # orbax's own report of the failed save
+      manager.wait_until_finished()
+  finally:
+    finalize_may_go.set()
+    monkeypatch.undo()
+  assert checkpoint.finished_steps(tmp_path) == [4]

@@ -99,27 +99,27 @@ def small_corpus(tmp_path_factory):
 
 @pytest.mark.parametrize('n', [1, 2, 3, 17, 1000, 4097, 100_003])
 def test_feistel_is_a_bijection_of_every_size(n):
-  p = shard_reader.feistel_permutation(np.arange(n), n, seed=5, epoch=0)
+  p = data_lib.feistel_permutation(np.arange(n), n, seed=5, epoch=0)
   np.testing.assert_array_equal(np.sort(p), np.arange(n))
   if n >= 17:
     assert not np.array_equal(p, np.arange(n))
-    assert not np.array_equal(p, shard_reader.feistel_permutation(np.arange(n), n, 5, 1))
-    assert not np.array_equal(p, shard_reader.feistel_permutation(np.arange(n), n, 6, 0))
+    assert not np.array_equal(p, data_lib.feistel_permutation(np.arange(n), n, 5, 1))
+    assert not np.array_equal(p, data_lib.feistel_permutation(np.arange(n), n, 6, 0))
     # Per index: any slice of the indices gives the same slice of the permutation.
     np.testing.assert_array_equal(
-        shard_reader.feistel_permutation(np.arange(n // 3, n // 2), n, 5, 0), p[n // 3:n // 2])
+        data_lib.feistel_permutation(np.arange(n // 3, n // 2), n, 5, 0), p[n // 3:n // 2])
 
 
 def test_feistel_mixes_like_a_random_permutation():
   n = 100_003
-  p = shard_reader.feistel_permutation(np.arange(n), n, seed=0, epoch=0)
+  p = data_lib.feistel_permutation(np.arange(n), n, seed=0, epoch=0)
   # Neighbours land far apart, and position predicts nothing about the block.
   assert abs(np.corrcoef(np.arange(n), p)[0, 1]) < 0.02
   assert np.median(np.abs(np.diff(p))) > n / 5
   # Fixed points of a random permutation: Poisson(1).
   assert (p == np.arange(n)).sum() < 8
   # Huge corpora: no array of the corpus's size is built (a billion blocks, 4 indices).
-  big = shard_reader.feistel_permutation(np.array([0, 1, 2, 10**9 - 1]), 10**9, 0, 7)
+  big = data_lib.feistel_permutation(np.array([0, 1, 2, 10**9 - 1]), 10**9, 0, 7)
   assert len(set(big.tolist())) == 4 and (big < 10**9).all()
 
 
@@ -131,8 +131,8 @@ def test_the_feistel_v1_order_is_pinned():
   """Checkpoints record the order's name (SHUFFLE_KIND) and resume into it by index: any
   change of its salt or round keys must come with a new name, or a resumed run reads some
   blocks twice and others never. Values as feistel-v1 first wrote them."""
-  assert shard_reader.SHUFFLE_KIND == 'feistel-v1'
-  order = lambda n, seed, epoch, count: shard_reader.feistel_permutation(
+  assert data_lib.SHUFFLE_KIND == 'feistel-v1'
+  order = lambda n, seed, epoch, count: data_lib.feistel_permutation(
       np.arange(count), n, seed, epoch).tolist()
   assert order(20, 0, 0, 20) == [19, 0, 18, 1, 10, 17, 4, 8, 16, 9, 3, 6, 2, 5, 13, 15, 11,
                                  7, 14, 12]
@@ -230,7 +230,7 @@ def test_a_streaming_checkpoint_resumes_on_shards_as_if_uninterrupted(small_corp
 
 def test_resuming_on_another_corpus_or_order_is_a_readable_error(small_corpus, tmp_path):
   state = _iterator(_config(str(small_corpus))).get_state()
-  assert state['shuffle'] == shard_reader.SHUFFLE_KIND and state['max_seq_len'] == 64
+  assert state['shuffle'] == data_lib.SHUFFLE_KIND and state['max_seq_len'] == 64
   old_shards_state = {k: v for k, v in state.items() if k != 'shuffle'}   # argsort era
   with pytest.raises(DataError, match='older bert_sym that shuffled.*new --workdir'):
     _iterator(_config(str(small_corpus), source='shards')).set_state(old_shards_state)
@@ -455,6 +455,52 @@ def test_streaming_path_runs_without_tensorflow(small_corpus):
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=120, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
   assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-2000:]
+
+
+_OPEN_FILES_SCRIPT = """
+import os, resource, sys
+from bert_sym.input import DataError
+from tests.test_streaming import _config, _iterator
+url, soft, hard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+for source in ('streaming', 'shards'):
+  try:
+    iterator = _iterator(_config(url, max_seq_len=16, source=source), batch_size=64)
+    for _ in range(40):   # 2,560 examples: the first 1,500 (an epoch) read every shard
+      next(iterator)
+    print(source, 'read', 'open', len(os.listdir('/proc/self/fd')))
+  except DataError as e:
+    print(source, 'DataError', e)
+"""
+
+
+def test_a_corpus_of_more_shards_than_the_open_files_limit(tmp_path):
+  """1,500 shards, a limit of 512 open files (the usual one is 1,024; C4 exports 1,024
+  parts or more). Streaming read every shard with a descriptor kept open each and died
+  with EMFILE (a traceback) past the limit; it now keeps MAX_OPEN_SHARDS open. 'shards'
+  maps every shard (a descriptor each): it raises the soft limit up to the hard one, and
+  where the hard limit is too low says so in one line, naming source 'streaming'."""
+  write_corpus(str(tmp_path), 1500, 16, splits=('train',), num_parts=1, blocks_per_shard=1)
+
+  def run(soft, hard):
+    result = subprocess.run([sys.executable, '-c', _OPEN_FILES_SCRIPT, str(tmp_path),
+                             str(soft), str(hard)], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=300, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(line.split(' ', 1) for line in result.stdout.splitlines())
+
+  import resource  # pylint: disable=g-import-not-at-top
+  hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+  if hard != resource.RLIM_INFINITY and hard < 1500 + 1024:
+    pytest.skip(f'this machine allows {hard} open files, too few to map 1,500 shards')
+  lines = run(512, hard)
+  assert lines['shards'].startswith('read'), lines
+  assert int(lines['streaming'].split()[2]) < 64 + shard_reader.MAX_OPEN_SHARDS, lines
+  lines = run(512, 512)
+  assert lines['streaming'].startswith('read'), lines
+  assert lines['shards'].startswith('DataError') and '1500 shards' in lines['shards'], lines
+  assert 'at most 512 files' in lines['shards'], lines
+  assert '--config.data.source=streaming' in lines['shards'], lines
 
 
 # ----------------------------------------------------------------------------------------
@@ -896,7 +942,7 @@ def test_train_with_shuffle_on_is_not_block_order(small_corpus):
   blocks = shard_reader.StreamingBlocks(str(small_corpus), 'train')
   it = _iterator(_config(str(small_corpus), shuffle=True), batch_size=16)
   assert not _read_rows(next(it), blocks, np.arange(16))
-  assert it.get_state()['shuffle'] == shard_reader.SHUFFLE_KIND
+  assert it.get_state()['shuffle'] == data_lib.SHUFFLE_KIND
 
 
 _SOURCES = ('streaming', 'shards')

@@ -217,28 +217,6 @@ def _simulate_full_disk_on_one_process(process_and_step: str) -> None:
   serialization.async_serialize_from_host = write
 
 
-def _surface_a_save_failure_between_saves(process_and_step: str) -> None:
-  """Test hook: on process P, orbax reports the failed background save of step N ('P:N') at
-  the first check after that save started (as it may, in a step between two saves)."""
-  import errno  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  process, step = (int(x) for x in process_and_step.split(':'))
-  started = set()
-  original_save, original_check = ocp.CheckpointManager.save, ocp.CheckpointManager.check_for_errors
-
-  def save(self, step_, *args, **kwargs):
-    started.add(step_)
-    return original_save(self, step_, *args, **kwargs)
-
-  def check_for_errors(self):
-    if jax.process_index() == process and step in started:
-      started.discard(step)
-      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f'step {step}')
-    return original_check(self)
-  ocp.CheckpointManager.save, ocp.CheckpointManager.check_for_errors = save, check_for_errors
-
-
 if __name__ == '__main__':
   from bert_sym import cli  # pylint: disable=g-import-not-at-top
   from bert_sym import train  # pylint: disable=g-import-not-at-top
@@ -246,8 +224,5 @@ if __name__ == '__main__':
     _simulate_full_disk_at_step(os.environ['SYNTHETIC_NO_SPACE_AT_STEP'])
   if os.environ.get('SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'):
     _simulate_full_disk_on_one_process(os.environ['SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'])
-  if os.environ.get('SYNTHETIC_SAVE_FAILURE_SURFACES_ON_PROCESS_AT_STEP'):
-    _surface_a_save_failure_between_saves(
-        os.environ['SYNTHETIC_SAVE_FAILURE_SURFACES_ON_PROCESS_AT_STEP'])
   cli.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
           prog='bert_sym.train', flags_parser=train.parse_flags)

@@ -37,6 +37,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any
     data_item['meter'] = meter_state
   if lineage is not None:
     data_item['lineage'] = lineage
+  _watch_writes(manager)
   try:
     # orbax first waits for the previous (background) save: its failure surfaces here.
     started = manager.save(step, force=force, args=ocp.args.Composite(**{
@@ -66,11 +67,52 @@ _FAILURES = weakref.WeakKeyDictionary()
 
 
 def _background_failure(manager) -> Exception | None:
-  try:
+  if (failure := _write_failure(manager)) is not None:
+    _FAILURES.setdefault(manager, failure)
+  return _FAILURES.get(manager)
+
+
+# Each orbax writer's failed background write, recorded as its thread ends (_watch_writes).
+_WRITE_FAILURES = weakref.WeakKeyDictionary()
+
+
+def _writer(manager):
+  """orbax's background writer of asynchronous saves (None: synchronous saves, where a
+  failure raises in `manager.save` itself, or an orbax whose layout this does not know)."""
+  writer = getattr(getattr(manager, '_checkpointer', None), '_async_manager', None)
+  return writer if hasattr(writer, '_thread_func') and hasattr(writer, '_exception') else None
+
+
+def _watch_writes(manager) -> None:
+  """Records each failed background write as the writer's thread ends, leaving orbax's
+  stored error in place.
+
+  `manager.check_for_errors()` takes that error. When it ran before orbax's own finalize
+  thread looked, the thread saw none and rotated old checkpoints out as if the failed save
+  had been committed (with keep_last=1, the only one). Otherwise the finalize thread took
+  it, and held it (in a barrier with the other processes, for up to save_timeout_s) until
+  the next save: the run trained on, unsaved, until then."""
+  writer = _writer(manager)
+  run = getattr(writer, '_thread_func', None)
+  if writer is None or getattr(run, 'watched', False):
+    return
+
+  def watched_run(*args, **kwargs):
+    run(*args, **kwargs)
+    if writer._exception is not None:   # pylint: disable=protected-access
+      _WRITE_FAILURES[writer] = writer._exception   # pylint: disable=protected-access
+  watched_run.watched = True
+  writer._thread_func = watched_run   # pylint: disable=protected-access
+
+
+def _write_failure(manager) -> Exception | None:
+  if (writer := _writer(manager)) is not None:
+    return _WRITE_FAILURES.get(writer)
+  try:   # an orbax layout _watch_writes does not know: its public check (takes the error)
     manager.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except
-    _FAILURES.setdefault(manager, e)
-  return _FAILURES.get(manager)
+    return e
+  return None
 
 
 def _failure_kind(failure) -> str | None:

@@ -2,8 +2,9 @@
 
   * Global example g (the g-th sequence the run consumes, over all hosts) is block
     pi_e(g % N) of epoch e = g // N, with pi_e the keyed Feistel permutation of the N
-    blocks (`shard_reader.feistel_permutation`, keyed by (seed, e), computed per index: no
-    O(N) array per epoch), the same for every source, so a checkpoint of one source
+    blocks (`feistel_permutation`, keyed by (seed, e), computed per index: no
+    O(N) array per epoch; a pseudo-random permutation, not a uniform draw from all N!
+    orders, which is immaterial for SGD), the same for every source, so a checkpoint of one source
     resumes on the same blocks read through another. Each example is masked by
     `masking.mask_blocks`, a pure function of (seed, g, block); 'validation' is read in
     order. Resuming at step k replays nothing.
@@ -15,6 +16,7 @@ Imports no TensorFlow unless config.data.source='seqio' (GPU images lack TF).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 from absl import logging
@@ -24,6 +26,43 @@ from bert_sym.input import DataError, check_max_seq_len, masking, shard_reader, 
 from bert_sym.input import blocks as blocks_lib
 
 EPOCH_WARNING_THRESHOLD = 10
+FEISTEL_ROUNDS = 6
+SHUFFLE_KIND = 'feistel-v1'
+_FEISTEL_SALT = 0xFE157E1
+
+
+def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
+                        epoch: np.ndarray | int) -> np.ndarray:
+  """pi_epoch(offset) for offsets in [0, num_blocks): a bijection for every (seed, epoch).
+
+  Balanced Feistel network on 2h-bit integers (2^2h >= N), round function murmur3's
+  finaliser keyed by (seed, epoch, round); values >= N are walked through the network
+  again (cycle walking), which keeps the map a bijection of [0, N). Fewer than 4
+  network passes per index on average.
+  """
+  offset = np.asarray(offset, np.int64)
+  if num_blocks <= 1:
+    return np.zeros_like(offset)
+  half = max(1, math.ceil(math.log2(num_blocks) / 2))
+  mask = np.uint64((1 << half) - 1)
+  epoch = np.broadcast_to(np.asarray(epoch, np.int64), offset.shape)
+  with np.errstate(over='ignore'):
+    keys = [masking.example_keys(seed ^ _FEISTEL_SALT, epoch * FEISTEL_ROUNDS + r)
+            for r in range(FEISTEL_ROUNDS)]
+
+    def network(x, k):
+      left, right = x >> np.uint64(half), x & mask
+      for key in k:
+        mixed = masking.fmix32(key ^ right.astype(np.uint32))
+        left, right = right, left ^ (mixed.astype(np.uint64) & mask)
+      return (left << np.uint64(half)) | right
+
+    x = network(offset.astype(np.uint64), keys)
+    outside = np.flatnonzero(x >= np.uint64(num_blocks))
+    while outside.size:
+      x[outside] = network(x[outside], [k[outside] for k in keys])
+      outside = outside[x[outside] >= np.uint64(num_blocks)]
+  return x.astype(np.int64)
 
 
 class MLMIterator:
@@ -53,7 +92,7 @@ class MLMIterator:
     epoch, offset = np.divmod(example_index, self.num_blocks)
     if not self._shuffle:
       return offset
-    return shard_reader.feistel_permutation(offset, self.num_blocks, self._seed, epoch)
+    return feistel_permutation(offset, self.num_blocks, self._seed, epoch)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The batch at `step` (no state change)."""
@@ -74,7 +113,7 @@ class MLMIterator:
     """The read position, with what makes it meaningful: the order (shuffle kind, seed)
     and the corpus (vocabulary md5, block length, block count)."""
     return dict(step=self._step, seed=self._seed,
-                shuffle=shard_reader.SHUFFLE_KIND if self._shuffle else 'none',
+                shuffle=SHUFFLE_KIND if self._shuffle else 'none',
                 num_blocks=self.num_blocks, max_seq_len=self._blocks.max_seq_len,
                 vocab_md5=self._blocks.vocab_md5, batch_size=self._batch_size,
                 process_count=self._process_count)
@@ -85,7 +124,7 @@ class MLMIterator:
       raise DataError(
           'cannot resume: the checkpointed input state has no shuffle kind, so it was '
           "written by an older bert_sym that shuffled source='shards' and 'seqio' by "
-          f'argsort; this one reads every source in the {shard_reader.SHUFFLE_KIND} order, and '
+          f'argsort; this one reads every source in the {SHUFFLE_KIND} order, and '
           'resuming would read blocks twice or never. Fix: start a new --workdir (or '
           'finish the run with the version that wrote it).')
     for key, what in (('shuffle', 'another block order'), ('seed', 'another order'),

@@ -5,14 +5,8 @@ Each split holds `.npy` shards of fixed-size blocks (uint16 [n, max_seq_len]), v
 and a `metadata.json` listing the shards in reading order, written by
 `bert_sym.input.shard_writer`. Block b lives at a computable byte offset of one shard, read
 through fsspec (os.pread for local paths; memory:// and file:// exercise the remote code
-path in tests), so host memory is bounded whatever the corpus size.
-
-Order: example g is block pi_e(g mod N) of epoch e = g // N, pi_e a keyed Feistel
-bijection of [0, N) (cycle-walking over the next power of four) keyed by (seed, e),
-computed per index. It is a pseudo-random permutation, not a uniform draw from all N!
-orders, which is immaterial for SGD; consecutive examples are far apart in the corpus
-(one small range read each), which the training loop's prefetch thread overlaps with
-the steps.
+path in tests), so host memory is bounded whatever the corpus size. The order in which
+blocks are read is the iterator's (`iterator.feistel_permutation`).
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ import concurrent.futures
 import hashlib
 import io
 import json
-import math
 import os
 import pathlib
 import posixpath
@@ -31,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_sym.input import DataError, check_max_seq_len, masking, sources
+from bert_sym.input import DataError, check_max_seq_len, sources
 from bert_sym.input.blocks import Blocks, first_out_of_vocabulary, out_of_vocabulary_error
 from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5, vocab_md5
 
@@ -39,10 +32,11 @@ SHARD_FORMAT_VERSION = 1
 METADATA_FILE = 'metadata.json'
 VOCAB_FILE = 'vocab.txt'
 METADATA_TIMEOUT_S = 5.0   # first read of a split's metadata.json
-FEISTEL_ROUNDS = 6
-SHUFFLE_KIND = 'feistel-v1'
-_FEISTEL_SALT = 0xFE157E1
 _HEADER_BYTES = 4096   # enough for any .npy header this code writes
+# A corpus has thousands of shards (C4: 1,024 source files at least); the usual limit of
+# open files is 1,024. Source 'streaming' keeps this many open, the least recently read
+# closed first; 'shards' maps all of them (one descriptor each, see load_shards).
+MAX_OPEN_SHARDS = 64
 
 
 def filesystem(url: str):
@@ -66,40 +60,6 @@ def read_bytes(url: str) -> bytes:
 def exists(url: str) -> bool:
   fs, path = filesystem(url)
   return fs.exists(path)
-
-
-def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
-                        epoch: np.ndarray | int) -> np.ndarray:
-  """pi_epoch(offset) for offsets in [0, num_blocks): a bijection for every (seed, epoch).
-
-  Balanced Feistel network on 2h-bit integers (2^2h >= N), round function murmur3's
-  finaliser keyed by (seed, epoch, round); values >= N are walked through the network
-  again (cycle walking), which keeps the map a bijection of [0, N). Fewer than 4
-  network passes per index on average.
-  """
-  offset = np.asarray(offset, np.int64)
-  if num_blocks <= 1:
-    return np.zeros_like(offset)
-  half = max(1, math.ceil(math.log2(num_blocks) / 2))
-  mask = np.uint64((1 << half) - 1)
-  epoch = np.broadcast_to(np.asarray(epoch, np.int64), offset.shape)
-  with np.errstate(over='ignore'):
-    keys = [masking.example_keys(seed ^ _FEISTEL_SALT, epoch * FEISTEL_ROUNDS + r)
-            for r in range(FEISTEL_ROUNDS)]
-
-    def network(x, k):
-      left, right = x >> np.uint64(half), x & mask
-      for key in k:
-        mixed = masking.fmix32(key ^ right.astype(np.uint32))
-        left, right = right, left ^ (mixed.astype(np.uint64) & mask)
-      return (left << np.uint64(half)) | right
-
-    x = network(offset.astype(np.uint64), keys)
-    outside = np.flatnonzero(x >= np.uint64(num_blocks))
-    while outside.size:
-      x[outside] = network(x[outside], [k[outside] for k in keys])
-      outside = outside[x[outside] >= np.uint64(num_blocks)]
-  return x.astype(np.int64)
 
 
 def prepare_instructions(data_config) -> str:
@@ -289,11 +249,29 @@ def load_shards(shards_dir: str, split: str, data_config=None) -> Blocks:
   split_dir = pathlib.Path(shards_dir) / split
   tokens = read_vocab_tokens(str(split_dir), metadata)
   verify_shards(str(split_dir), metadata)
+  _allow_open_files(len(metadata['shards']), str(split_dir))
   arrays = [np.load(split_dir / shard['file'], mmap_mode='r') for shard in metadata['shards']]
   return Blocks(arrays, tokens, metadata['special_ids'], metadata['vocab_md5'],
                 str(split_dir), int(metadata['num_tokens']),
                 names=[str(split_dir / s['file']) for s in metadata['shards']],
                 task=metadata.get('task'))
+
+
+def _allow_open_files(num_shards: int, where: str) -> None:
+  """Every memory map holds a file descriptor: raise the soft limit of open files towards
+  the hard one, or say why the split cannot be mapped (rather than EMFILE mid-load)."""
+  import resource  # pylint: disable=import-outside-toplevel
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  need = num_shards + 1024   # and the rest of the process: checkpoints, sockets, libraries
+  if soft == resource.RLIM_INFINITY or soft >= need:
+    return
+  if hard == resource.RLIM_INFINITY or hard >= need:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return
+  raise DataError(
+      f'{where}: {num_shards} shards to memory-map (one open file each), but this process '
+      f'may open at most {hard} files (ulimit -Hn). Fix: --config.data.source=streaming '
+      f'(keeps {MAX_OPEN_SHARDS} open), or raise the limit, or re-export with larger shards.')
 
 
 class StreamingBlocks:
@@ -334,9 +312,13 @@ class StreamingBlocks:
     if self._local:
       out = []
       for shard, start, end in zip(shards, starts, ends):
-        if shard not in self._fds:
-          self._fds[shard] = os.open(self._path(shard), os.O_RDONLY)
-        out.append(os.pread(self._fds[shard], end - start, start))
+        fd = self._fds.pop(shard, None)   # re-inserted last: the dict is in order of use
+        if fd is None:
+          fd = os.open(self._path(shard), os.O_RDONLY)
+          if len(self._fds) >= MAX_OPEN_SHARDS:
+            os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[shard] = fd
+        out.append(os.pread(fd, end - start, start))
       return out
     return self._fs.cat_ranges([self._path(s) for s in shards], list(starts), list(ends),
                                on_error='raise')   # see verify_shards
