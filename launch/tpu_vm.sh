@@ -223,7 +223,8 @@ START_PASS='
       "--tfds_data_dir=$TFDS_DATA_DIR" "--num_workers=$NUM_WORKERS" "--worker_index=$WORKER_ID"
     echo
     # finalize exits 3 while parts of other workers are missing: wait for them; any other
-    # failure (a DataError, a wrong EXPORT_TO) stops here instead of waiting forever.
+    # failure (a DataError, a wrong EXPORT_TO, another worker whose export raised: it
+    # leaves a worker-N.failed marker) stops here instead of waiting forever.
     printf "until .venv/bin/python -m bert_sym.shards finalize %q; do rc=\$?; " \
       "--out_dir=$EXPORT_TO"
     echo "[[ \$rc -eq 3 ]] || exit \$rc; sleep 60; done"

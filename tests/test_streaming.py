@@ -567,6 +567,47 @@ def _export(out, text_files, **kwargs):
                            text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
 
 
+def test_a_failed_worker_stops_the_others_waiting_for_its_parts(tmp_path, text_files,
+                                                                monkeypatch):
+  """On a pod every worker exports its parts, then waits in `finalize` (exit 3) for the
+  others'. A worker whose export raised left the rest waiting forever on a paid slice; it
+  now leaves a marker, and finalize on the others stops (exit 1) naming it and its error,
+  until its rerun (which keeps the parts already exported) clears it."""
+  from bert_sym.input import seqio_tasks  # pylint: disable=g-import-not-at-top
+  packed_blocks = seqio_tasks.packed_blocks
+
+  def part_1_fails(task, split, max_seq_len, vocabulary, part, num_parts):
+    if part == 1:
+      raise OSError(28, 'No space left on device')
+    return packed_blocks(task, split, max_seq_len, vocabulary, part, num_parts)
+  monkeypatch.setattr(seqio_tasks, 'packed_blocks', part_1_fails)
+  with pytest.raises(OSError):
+    _export(tmp_path, text_files, num_workers=2, worker_index=1)
+  with pytest.raises(DataError, match=r'the export of worker 1 failed \(OSError: \[Errno 28\] '
+                     r'No space left on device\), so its parts will not come'):
+    _export(tmp_path, text_files, num_workers=2, worker_index=0)
+  _quiet(monkeypatch)
+  finalize = ['finalize', f'--out_dir={tmp_path}', '--split=train']
+  with pytest.raises(SystemExit) as stopped:
+    streaming_cli.main(finalize)
+  assert stopped.value.code == 1
+  monkeypatch.setattr(seqio_tasks, 'packed_blocks', packed_blocks)
+  assert _export(tmp_path, text_files, num_workers=2, worker_index=1) is not None
+  assert streaming_cli.main(finalize) == 0
+  assert not list((tmp_path / 'train').glob('*.failed'))
+
+
+def test_finalize_of_a_directory_with_no_export_is_an_error_not_a_wait(tmp_path, monkeypatch,
+                                                                       capsys):
+  """A mistyped --out_dir used to exit 3, "parts still missing (other workers)": a launcher
+  waiting on that would wait forever."""
+  _quiet(monkeypatch)
+  with pytest.raises(SystemExit) as stopped:
+    streaming_cli.main(['finalize', f'--out_dir={tmp_path / "typo"}'])
+  assert stopped.value.code == 1
+  assert f'{tmp_path / "typo"}/train: nothing exported there' in capsys.readouterr().err
+
+
 def test_text_file_shards_are_accepted_by_a_config_naming_the_same_files(tmp_path, text_files):
   """The export records its files, so the trainer accepts them (the refusal of other files
   is test_text_file_shards_of_other_files_are_refused_by_name)."""

@@ -76,6 +76,11 @@ class PartWriter:
     return manifest
 
 
+# Written by a worker whose export raised, removed when it starts again: finalize on the
+# other workers (the launcher waits there for all the parts) stops instead of waiting.
+_FAILED_MARKER = 'worker-{}.failed'
+
+
 def write_vocab(split_url: str, vocab_bytes: bytes) -> None:
   write_atomically(join_url(split_url, VOCAB_FILE), lambda f: f.write(vocab_bytes))
 
@@ -89,7 +94,19 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
   fs, path = filesystem(split_url)
   fs.invalidate_cache(path)   # other workers wrote parts since this process listed it
   names = sorted(os.path.basename(p) for p in fs.glob(f'{path}/part-?????.json'))
+  failed = sorted(fs.glob(f'{path}/{_FAILED_MARKER.format("*")}'))
+  if failed:   # its parts will not come: waiting for them would never end
+    name = os.path.basename(failed[0])
+    more = f'; {len(failed) - 1} more worker(s) failed too' if len(failed) > 1 else ''
+    raise DataError(
+        f'{split_url}: the export of worker {int(name.split("-")[1].split(".")[0])} failed '
+        f'({read_bytes(join_url(split_url, name)).decode()[:300]}){more}, so its parts will '
+        'not come. Fix that, then rerun the export on that worker (the parts already '
+        'exported are kept).')
   if not names:
+    if not exists(join_url(split_url, VOCAB_FILE)):   # every worker's export writes it first
+      raise DataError(f'{split_url}: nothing exported there. Fix: check --out_dir, or run '
+                      '`python -m bert_sym.shards export` first.')
     return None
   manifests = [json.loads(read_bytes(join_url(split_url, n))) for n in names]
   first = manifests[0]
@@ -161,6 +178,11 @@ def default_num_parts(task_name: str, split: str) -> int:
         'pass --tfds_data_dir=DIR.') from None
 
 
+class _Refused(DataError):
+  """An export refused before writing anything: every worker, given the same command,
+  is refused alike, and the export there stays as it was (no failure marker)."""
+
+
 def _check_existing_parts(split_url: str, wanted: dict) -> None:
   """A rerun skips the parts already there, so they must be parts of this export: another
   length, vocabulary or corpus would be mixed in (and its vocab.txt overwritten)."""
@@ -173,7 +195,7 @@ def _check_existing_parts(split_url: str, wanted: dict) -> None:
   found = json.loads(read_bytes(join_url(split_url, names[0])))
   for key, value in wanted.items():
     if found.get(key, '') != value:
-      raise DataError(
+      raise _Refused(
           f'{split_url} holds an export with {key}={found.get(key)!r}, not {value!r} as '
           'asked; a rerun keeps the parts already there, so the two would be mixed. Fix: '
           f'export to a new --out_dir, or remove {split_url} to export it again.')
@@ -189,10 +211,32 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
   config.data.validation_files ('' = every 100th document of `text_files` held out), so
   that the shards hold the same text the seqio route reads.
   """
-  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   check_max_seq_len(max_seq_len)
   if not 0 <= worker_index < num_workers:
     raise DataError(f'--worker_index={worker_index} is not in [0, {num_workers})')
+  split_url = join_url(out_dir, split)
+  marker = join_url(split_url, _FAILED_MARKER.format(f'{worker_index:05d}'))
+  fs, marker_path = filesystem(marker)
+  if fs.exists(marker_path):
+    fs.rm(marker_path)
+  try:
+    _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, worker_index,
+                  vocab_path, text_files, validation_files, tfds_data_dir, blocks_per_shard)
+  except _Refused:
+    raise
+  except Exception as e:
+    try:
+      write_atomically(marker, f'{type(e).__name__}: {" ".join(str(e).split())}')
+    except Exception:  # pylint: disable=broad-except
+      pass   # out_dir itself fails (permissions, quota): the error below says so
+    raise
+  return finalize(out_dir, split)
+
+
+def _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, worker_index,
+                  vocab_path, text_files, validation_files, tfds_data_dir,
+                  blocks_per_shard) -> None:
+  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   if tfds_data_dir:
     import seqio  # pylint: disable=import-outside-toplevel
     seqio.set_tfds_data_dir_override(tfds_data_dir)
@@ -201,7 +245,6 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
                                          validation_patterns=validation_files)
   vocabulary = seqio_tasks.get_vocabulary(vocab_path)
   num_parts = num_parts or default_num_parts(task, split)
-  split_url = join_url(out_dir, split)
   _check_existing_parts(split_url, dict(
       task=task, split=split, max_seq_len=max_seq_len, num_parts=num_parts,
       vocab_md5=vocabulary.md5, text_files=text_files, validation_files=validation_files))
@@ -228,4 +271,3 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
       print(f'WARNING: {warning}', flush=True)
     print(f'{split_url}: part {part}/{num_parts}: {manifest["num_blocks"]} blocks, '
           f'{manifest["num_tokens"]} tokens', flush=True)
-  return finalize(out_dir, split)
