@@ -86,18 +86,19 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
         f'config.data.shards_dir={data.shards_dir!r} is a URL. Fix: '
         '--config.data.source=streaming (reads the same shards from gs:// and other URLs), '
         'or copy the shards to a local disk.')
+  # Every source: shards of the text-files task record their files (checked against these).
+  if data.text_files and data.task != TEXT_FILES_TASK:
+    raise ConfigError(
+        f'config.data.text_files is set but config.data.task={data.task!r}, so the files '
+        f'would be ignored. Fix: add --config.data.task={TEXT_FILES_TASK}.')
+  if data.get('validation_files') and data.task != TEXT_FILES_TASK:
+    raise ConfigError(
+        f'config.data.validation_files is set but config.data.task={data.task!r}. '
+        f'Fix: add --config.data.task={TEXT_FILES_TASK} (and --config.data.text_files=...).')
   if data.source == 'seqio':
     if not data.task:
       raise ConfigError('config.data.task is empty. Fix: --config.data.task=bert_sym_mlm_embedded '
                         '(or another task of bert_sym/input/seqio_tasks.py).')
-    if data.text_files and data.task != TEXT_FILES_TASK:
-      raise ConfigError(
-          f'config.data.text_files is set but config.data.task={data.task!r}, so the files '
-          f'would be ignored. Fix: add --config.data.task={TEXT_FILES_TASK}.')
-    if data.get('validation_files') and data.task != TEXT_FILES_TASK:
-      raise ConfigError(
-          f'config.data.validation_files is set but config.data.task={data.task!r}. '
-          f'Fix: add --config.data.task={TEXT_FILES_TASK} (and --config.data.text_files=...).')
     if data.task == TEXT_FILES_TASK and not data.text_files:
       raise ConfigError(f'config.data.task={TEXT_FILES_TASK!r} needs files. Fix: '
                         "--config.data.text_files='/data/*.txt' (comma-separated globs).")
@@ -295,14 +296,14 @@ def check_backend(config: ml_collections.ConfigDict) -> None:
 
 
 def check_corpus(config: ml_collections.ConfigDict) -> None:
-  """Opens (and verifies) both splits the run reads; the data's vocabulary must fit the
-  model's embedding table."""
+  """Opens (and verifies) the splits the run reads (no 'validation' with eval_steps=0); the
+  data's vocabulary must fit the model's embedding table."""
   from bert_sym.input import iterator  # pylint: disable=import-outside-toplevel
   documents = None
   if config.data.source == 'seqio':   # the trainer reads through the registered task
     from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
     documents = seqio_tasks.task_documents
-  for split in ('train', 'validation'):
+  for split in ('train', 'validation') if config.eval_steps else ('train',):
     blocks = iterator.load_blocks(config.data, split, documents)
     data_vocab = len(blocks.vocab_tokens)
     if data_vocab > config.model.vocab_size:

@@ -5,9 +5,8 @@ r"""Pre-trains BertForMaskedLM (standard / symmetric / pairwise attention) with 
   python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/sym_base \
       --config.batch_size=512 --config.mesh.fsdp=4
 
-Any config value can be overridden with --config.a.b=value. The resolved config is written
-to {workdir}/config.json; rerunning the same command resumes from the latest checkpoint in
-{workdir}/checkpoints (step, params, optimizer state, RNG, input position).
+Any config value can be overridden with --config.a.b=value. The resolved config is written to
+{workdir}/config.json; the same command resumes from {workdir}/checkpoints' latest step.
 
 Reading order follows the data (big_vision style): logging -> mesh -> input -> model &
 optimizer -> shard & init -> update step -> checkpoint restore -> evals -> train loop.
@@ -268,7 +267,7 @@ def _build_input(config, mesh, make_iterator, run: _Run) -> _Input:
                   seed=config.seed, process_index=jax.process_index(),
                   process_count=jax.process_count())
     train_iter = make_iterator(config.data, split='train', **kwargs)
-    eval_iter = make_iterator(config.data, split='validation', **kwargs)
+    eval_iter = config.eval_steps and make_iterator(config.data, split='validation', **kwargs)
     for line in iterator.describe_corpus(train_iter, config):   # size, epochs, warning
       run.console(line)
   host_to_global = functools.partial(sharding.host_batch_to_global, mesh=mesh,
@@ -277,8 +276,9 @@ def _build_input(config, mesh, make_iterator, run: _Run) -> _Input:
   if config.model.sparse_mlm:   # the step's targets found on the host, not the device
     to_global = lambda batch: host_to_global(objectives.host_mlm_positions(
         batch, config.data.max_predictions_per_seq))
-  eval_batches = eval_batch_count(getattr(eval_iter, 'num_blocks', None), config,
-                                  run.console)
+  if not config.eval_steps:   # no eval: an export without a validation split trains too
+    return _Input(train_iter, None, None, 0, to_global)
+  eval_batches = eval_batch_count(getattr(eval_iter, 'num_blocks', None), config, run.console)
   return _Input(train_iter, eval_iter, eval_iter.get_state(), eval_batches, to_global)
 
 

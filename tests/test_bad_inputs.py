@@ -154,6 +154,8 @@ def _train_cases(tmp, corpora):
       (_shards('shards', corpora / 'pristine') + ['--config.model.vocab_size=1000'],
        '--config.model.vocab_size=30522'),
       (_shards('streaming', corpora / 'absent'), 'metadata.json cannot be read'),
+      (_shards('streaming', corpora / 'pristine') + [f'--config.data.text_files={tmp}/*.txt'],
+       'so the files would be ignored'),   # were, on shards of another task
   ]
   for source in ('shards', 'streaming'):
     cases += [(_shards(source, corpora / kind), DAMAGE[kind]) for kind in DAMAGE]

@@ -805,6 +805,17 @@ def test_sigkill_then_resume_on_streaming_shards_is_bitwise_identical(small_corp
     assert np.array_equal(x, y), f'{jax.tree_util.keystr(path)} differs'
 
 
+def test_eval_steps_zero_trains_on_an_export_without_a_validation_split(tmp_path):
+  """eval_steps=0 turns evaluation off, so the validation split is not read: an export of
+  'train' alone used to stop the run ("metadata.json cannot be read ... not prepared")."""
+  write_corpus(str(tmp_path / 'corpus'), 200, 64, splits=('train',))
+  flags = _train_flags(tmp_path / 'corpus') + [
+      '--config.eval_steps=0', '--config.total_steps=4', '--config.checkpoint.every_steps=4']
+  result = run_trainer(tmp_path / 'run', *flags, synthetic=False)
+  assert 'eval/loss' not in (tmp_path / 'run' / 'metrics.jsonl').read_text()
+  assert (tmp_path / 'run' / 'checkpoints' / '4').is_dir(), result.stdout[-2000:]
+
+
 @pytest.mark.parametrize('extra', [[], ['--config.data.shards_dir=gs://bert-sym-absent/c4']],
                          ids=['not_prepared', 'unreachable'])
 def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):

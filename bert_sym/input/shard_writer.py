@@ -225,10 +225,13 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
   except _Refused:
     raise
   except Exception as e:
-    try:
-      write_atomically(marker, f'{type(e).__name__}: {" ".join(str(e).split())}')
-    except Exception:  # pylint: disable=broad-except
-      pass   # out_dir itself fails (permissions, quota): the error below says so
+    # Only once this worker has written there: a failure before (files, TFDS, arguments)
+    # is every worker's, given the same command, and a refused export leaves nothing.
+    if fs.exists(os.path.dirname(marker_path)):
+      try:
+        write_atomically(marker, f'{type(e).__name__}: {" ".join(str(e).split())}')
+      except Exception:  # pylint: disable=broad-except
+        pass   # out_dir itself fails (permissions, quota): the error below says so
     raise
   return finalize(out_dir, split)
 
