@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from bert_sym import attention
 from bert_sym import cli
 from bert_sym.cli import UserError
-from bert_sym.input import sources
+from bert_sym.input import MAX_SEQ_LEN, sources
 from bert_sym.input.sources import TEXT_FILES_TASK
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
@@ -107,6 +107,11 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
     raise ConfigError(
         f'config.data.max_seq_len={data.max_seq_len} leaves no token between [CLS] and '
         '[SEP]. Fix: --config.data.max_seq_len=64 (or more).')
+  if data.max_seq_len > MAX_SEQ_LEN:
+    raise ConfigError(
+        f'config.data.max_seq_len={data.max_seq_len} exceeds {MAX_SEQ_LEN}, the longest '
+        'block the input pipeline packs and masks (BERT\'s; whatever the model\'s '
+        f'max_position_embeddings). Fix: --config.data.max_seq_len={MAX_SEQ_LEN} or less.')
   if data.max_seq_len > model.max_position_embeddings:
     raise ConfigError(
         f'config.data.max_seq_len={data.max_seq_len} exceeds '

@@ -190,7 +190,8 @@ def test_a_config_of_the_other_command_is_named_as_such():
     ('optimizer.b2', -0.1, 'optimizer.b2=-0.1 must lie in [0, 1)'),
     ('optimizer.learning_rate', 0.0, 'learning_rate=0.0 must be > 0'),   # nothing would move
     ('model.hidden_size', 130, 'hidden_size=130 is not divisible by'),
-    ('data.max_seq_len', 513, 'exceeds config.model.max_position_embeddings=512'),
+    ('data.max_seq_len', 513, 'exceeds 512, the longest block the input pipeline packs'),
+    ('model.max_position_embeddings', 256, 'exceeds config.model.max_position_embeddings=256'),
     ('data.validation_files', '/data/valid.txt', 'validation_files is set but'),
 ])
 def test_training_values_refused_up_front(key, value, message):
@@ -198,6 +199,16 @@ def test_training_values_refused_up_front(key, value, message):
   section, name = key.split('.')
   config[section][name] = value
   with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+    config_check.check(config)
+
+
+def test_a_model_with_more_positions_is_not_blamed_for_the_input_pipelines_limit():
+  """max_position_embeddings=1024 and max_seq_len=768 passed the checks, then the input
+  pipeline refused 768 saying the model had 512 position embeddings."""
+  config = common.base_config('tiny')
+  config.model.max_position_embeddings, config.data.max_seq_len = 1024, 768
+  with pytest.raises(config_check.ConfigError, match=r'max_seq_len=768 exceeds 512, the '
+                     r'longest block the input pipeline packs and masks \(BERT'):
     config_check.check(config)
 
 

@@ -1027,6 +1027,25 @@ def test_a_vocab_txt_that_is_not_the_exported_one_is_refused(small_corpus, tmp_p
     _iterator(_config(str(root), source=source))
 
 
+@pytest.mark.parametrize('scheme', ['', 'file://'])
+def test_a_config_vocab_other_than_the_exports_is_refused_local_or_remote(small_corpus,
+                                                                          tmp_path, scheme):
+  """Shards exported with bert-base-uncased, a config naming another vocab.txt: training
+  would use the shards' ids while config.json records the other vocabulary, which GLUE and
+  the Hugging Face export tokenise with. A URL vocab_path (gs://, here file://) was not
+  read at all, so not checked."""
+  other = tmp_path / 'vocab.txt'
+  other.write_bytes(vocab_lib.read_vocab_bytes(vocab_lib.default_vocab_file()).replace(
+      b'\nthe\n', b'\nteh\n', 1))
+  with pytest.raises(DataError, match='exported with vocabulary md5 .* the config uses '
+                     f'{scheme}{other}'):
+    shard_reader.open_blocks(_config(str(small_corpus), vocab_path=f'{scheme}{other}'),
+                             'train')
+  with pytest.raises(DataError, match='vocab_path=file:///absent/vocab.txt: cannot read it'):
+    shard_reader.open_blocks(_config(str(small_corpus), vocab_path='file:///absent/vocab.txt'),
+                             'train')
+
+
 @pytest.mark.parametrize('source', _SOURCES)
 def test_a_fortran_order_shard_is_refused(small_corpus, tmp_path, source):
   """Same shape and dtype, column-major bytes: read by byte range, every block would be

@@ -81,6 +81,16 @@ def test_missing_and_non_utf8_vocab_files(tmp_path):
     vocab_lib.read_vocab(str(bad))
 
 
+def test_a_byte_order_mark_is_named_not_taken_for_a_missing_pad(tmp_path):
+  """A vocab.txt saved with a BOM: the first token read as '\ufeff[PAD]', and the error
+  asked to add a [PAD] line that is there."""
+  bom = tmp_path / 'bom.txt'
+  bom.write_bytes(b'\xef\xbb\xbf[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n')
+  with pytest.raises(vocab_lib.VocabError, match='bom.txt: vocab file starts with a UTF-8 '
+                                                 'byte-order mark'):
+    vocab_lib.read_vocab(str(bom))
+
+
 # ----------------------------------------------------------------------------------------
 # TF tokeniser (imports TF: kept to the tests below).
 # ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import functools
 
 from bert_sym.cli import UserError
 
-MAX_SEQ_LEN = 512  # the model's max_position_embeddings
+MAX_SEQ_LEN = 512  # BERT's; masking packs a position into its sort key below 1024
 
 
 class DataError(UserError, ValueError):
@@ -21,9 +21,9 @@ class DataError(UserError, ValueError):
 
 def check_max_seq_len(max_seq_len: int) -> int:
   if not 3 <= max_seq_len <= MAX_SEQ_LEN:
-    raise DataError(f'max_seq_len={max_seq_len} is outside [3, {MAX_SEQ_LEN}]: the model '
-                    f'has {MAX_SEQ_LEN} position embeddings (max_position_embeddings). Fix: '
-                    f'a max_seq_len in [3, {MAX_SEQ_LEN}], e.g. 128.')
+    raise DataError(f'max_seq_len={max_seq_len} is outside [3, {MAX_SEQ_LEN}], the block '
+                    f'lengths the input pipeline packs and masks (BERT\'s {MAX_SEQ_LEN}). Fix: a '
+                    f'max_seq_len in [3, {MAX_SEQ_LEN}], e.g. 128.')
   return max_seq_len
 
 

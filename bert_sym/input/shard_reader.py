@@ -388,15 +388,23 @@ def open_blocks(data_config, split: str) -> Blocks | StreamingBlocks:
                     f'blocks, config asks max_seq_len={data_config.max_seq_len}. Fix: '
                     f'--config.data.max_seq_len={blocks.max_seq_len}, or export shards of '
                     f'that length.')
-  # The same vocabulary check for both sources; a remote vocab_path is not read here
-  # (TF-free).
+  # The same vocabulary check for both sources (a remote vocab_path read through fsspec,
+  # TF-free): config.json records the vocab GLUE and the Hugging Face export tokenise with.
   vocab_path = data_config.vocab_path
-  if '://' not in vocab_path:
-    expected = vocab_md5(vocab_path) if vocab_path else BERT_BASE_UNCASED_MD5
-    if expected != blocks.vocab_md5:
-      raise DataError(
-          f'{blocks.description}: exported with vocabulary md5 {blocks.vocab_md5}, the '
-          f'config uses {vocab_path or "bert-base-uncased"} (md5 {expected}). Fix: '
-          '--config.data.vocab_path=<the vocab.txt the shards were exported with>, or '
-          're-export them with this one.')
+  if not vocab_path:
+    expected = BERT_BASE_UNCASED_MD5
+  elif '://' in vocab_path:
+    try:
+      expected = hashlib.md5(read_bytes(vocab_path)).hexdigest()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f'config.data.vocab_path={vocab_path}: cannot read it ({one_line(e)}). '
+                      'Fix: the path of the vocab.txt the shards were exported with.') from e
+  else:
+    expected = vocab_md5(vocab_path)
+  if expected != blocks.vocab_md5:
+    raise DataError(
+        f'{blocks.description}: exported with vocabulary md5 {blocks.vocab_md5}, the '
+        f'config uses {vocab_path or "bert-base-uncased"} (md5 {expected}). Fix: '
+        '--config.data.vocab_path=<the vocab.txt the shards were exported with>, or '
+        're-export them with this one.')
   return blocks

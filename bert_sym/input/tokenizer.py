@@ -119,6 +119,9 @@ def parse_vocab(raw: bytes, path: str) -> list[str]:
     raise VocabError(f'{path}: vocab file is not valid UTF-8 ({e})') from e
   if not text:
     raise VocabError(f'{path}: vocab file is empty')
+  if text.startswith('\ufeff'):   # the tokenizer would read it as part of token 0
+    raise VocabError(f'{path}: vocab file starts with a UTF-8 byte-order mark (saved by a '
+                     "Windows editor?). Fix: remove it, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' FILE.")
   tokens = [t.rstrip('\r') for t in text.removesuffix('\n').split('\n')]
   if len(set(tokens)) < len(tokens):   # TF's lookup table would fail deep in a traceback
     first = {}
