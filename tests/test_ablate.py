@@ -532,6 +532,49 @@ def test_glue_scoring_through_the_runner():
              summarize_only=True)
 
 
+def test_glue_results_of_an_unfinished_glue_run_are_not_reported(tmp_path):
+  """bert_sym.glue rewrites glue_results.json after each group of fine-tuning seeds. After
+  a crash one run's RTE was the mean of 1 of 3 seeds, shown beside another's mean of 3
+  unmarked. Only GLUE that ended (its request written back) counts, on the run's latest
+  checkpoint."""
+  config = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
+  curve = [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)]
+  runs = {v: _fake_run(tmp_path, v, 1, curve, config.to_json()) for v in ('standard', 'pairwise')}
+  for variant, rte in (('standard', 62.0), ('pairwise', 70.0)):
+    (runs[variant] / 'glue').mkdir()
+    (runs[variant] / 'glue' / 'glue_results.json').write_text(json.dumps(
+        {'summary': {'over_seeds': {'rte': {'mean': rte, 'std': 0.0, 'n': 3}}}}))
+  (runs['standard'] / 'glue' / 'ablate_request.json').write_text(json.dumps({'step': 30}))
+  out = ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1], total_steps=30)
+  assert out['per_variant']['standard']['glue']['rte']['mean'] == 62.0
+  assert 'rte' not in out['per_variant']['pairwise']['glue'], out['per_variant']['pairwise']
+  # Scored at step 20, then trained on to 30: that GLUE is not the run's.
+  (runs['pairwise'] / 'glue' / 'ablate_request.json').write_text(json.dumps({'step': 20}))
+  out = ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1], total_steps=30)
+  assert 'rte' not in out['per_variant']['pairwise']['glue'], out['per_variant']['pairwise']
+  (runs['pairwise'] / 'glue' / 'ablate_request.json').write_text(json.dumps({'step': 30}))
+  out = ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1], total_steps=30)
+  assert out['per_variant']['pairwise']['glue']['rte']['mean'] == 70.0
+
+
+def test_a_glue_rerun_with_another_request_unmarks_the_old_results_first(tmp_path):
+  """A rerun with more seeds: while it runs, the old request's marker said "scored"."""
+  run = tmp_path / 'run'
+  (run / 'glue').mkdir(parents=True)
+  (run / 'glue' / 'ablate_request.json').write_text(json.dumps({'seeds': '1'}))
+  (run / 'glue' / 'glue_results.json').write_text('{}')
+  seen = tmp_path / 'seen'
+  python = _fake(tmp_path, f"""\
+      import os, pathlib
+      marker = {str(run / 'glue' / 'ablate_request.json')!r}
+      pathlib.Path({str(seen)!r}).write_text(str(os.path.exists(marker)))
+      """)
+  runner.glue_run(run, glue_dir='', tasks='rte', seeds='1,2,3', glue_args=[],
+                  stop=runner._Stop(), python=python)
+  assert seen.read_text() == 'False'
+  assert json.loads((run / 'glue' / 'ablate_request.json').read_text())['seeds'] == '1,2,3'
+
+
 def test_a_glue_mean_over_fewer_pre_training_runs_says_so():
   """Seed 1 of a variant has its full GLUE, seed 2 only a partial one: the 'glue' column
   was seed 1's alone, shown as the variant's."""

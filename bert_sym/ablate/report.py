@@ -18,12 +18,13 @@ from bert_sym import files
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym import model as model_lib
 from bert_sym.ablate import stats
-from bert_sym.ablate.runs import Run, load_run, run_dir, run_status
+from bert_sym.ablate.runs import Run, latest_finished_step, load_run, run_dir, run_status
 
 REFERENCE_VARIANT = 'standard'
 SUMMARY_JSON = 'summary.json'
 SUMMARY_MD = 'summary.md'
 GLUE_SUBDIR = 'glue'
+GLUE_DONE = 'ablate_request.json'   # GLUE's request, written when it exits 0
 
 
 class AblationError(Exception):
@@ -71,10 +72,16 @@ def _table_steps(common: list[int], final: int, max_columns: int = 6) -> list[in
 
 
 def _glue_scores(path) -> dict | None:
-  """{score name: mean over fine-tuning seeds} of one pre-training run, or None."""
-  file = epath.Path(path) / GLUE_SUBDIR / 'glue_results.json'
-  if not file.exists():
+  """{score name: mean over fine-tuning seeds} of one pre-training run, or None: no GLUE
+  finished on its latest checkpoint. bert_sym.glue rewrites its results after every group
+  of seeds, so after a crash (or part-way through a rerun with more tasks or seeds) they
+  held some of the fine-tuning seeds, and showed beside other runs' full means unmarked."""
+  file, done = (epath.Path(path) / GLUE_SUBDIR / name for name in ('glue_results.json',
+                                                                   GLUE_DONE))
+  if not (file.exists() and done.exists()):
     return None
+  if json.loads(done.read_text()).get('step') != latest_finished_step(path):
+    return None   # scored an earlier checkpoint: the run trained on since
   results = json.loads(file.read_text())
   over = results.get('summary', {}).get('over_seeds', {})
   # Task scores and GLUE (or its partial mean); 'glue_full*' only adds WNLI to the same.

@@ -22,8 +22,8 @@ from bert_sym import config_check
 from bert_sym import files
 # The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
-from bert_sym.ablate.report import (AblationError, GLUE_SUBDIR, SUMMARY_JSON, SUMMARY_MD,
-                                    summarize)
+from bert_sym.ablate.report import (AblationError, GLUE_DONE, GLUE_SUBDIR, SUMMARY_JSON,
+                                    SUMMARY_MD, summarize)
 from bert_sym.ablate.runs import latest_finished_step, run_dir, run_status
 
 
@@ -162,11 +162,12 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
   out = path / GLUE_SUBDIR
   request = {'glue_dir': glue_dir, 'tasks': tasks, 'seeds': seeds, 'args': list(glue_args),
              'step': latest_finished_step(path)}
-  marker = out / 'ablate_request.json'
+  marker = out / GLUE_DONE
   if (marker.exists() and json.loads(marker.read_text()) == request
       and (out / 'glue_results.json').exists()):
     print(f'{path}: GLUE already scored, skipped.', flush=True)
     return
+  marker.unlink(missing_ok=True)   # another request's: until this one ends, not scored
   out.mkdir(parents=True, exist_ok=True)
   cmd = [python, '-m', 'bert_sym.glue', f'--checkpoint={path}', f'--output_dir={out}',
          f'--tasks={tasks}', f'--seeds={seeds}', *glue_args]
