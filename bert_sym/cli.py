@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import pathlib
 import re
@@ -60,6 +61,18 @@ TFDS_FIX = ('Fix: prepare the dataset once where there is internet (tfds build N
             'shard export, --config.tfds_data_dir=DIR for GLUE).')
 
 
+# Limits of the machine, not bugs: what a user does about each (a checkpoint save names its
+# own, checkpoint.saving).
+_MACHINE_LIMITS = {
+    errno.ENOSPC: 'the disk is full. Fix: free space',
+    errno.EDQUOT: 'the disk quota is exceeded. Fix: free space or raise the quota',
+    errno.EROFS: 'the filesystem is read-only. Fix: write to another directory',
+    errno.EMFILE: 'this process may open no more files. Fix: raise the limit (ulimit -n)',
+    errno.ENFILE: 'the system may open no more files. Fix: close other programs or raise '
+                  'fs.file-max',
+}
+
+
 def user_error_message(error: BaseException) -> str | None:
   """The one-line message when `error` is a user error, else None (a bug)."""
   from absl import app  # pylint: disable=import-outside-toplevel
@@ -95,6 +108,8 @@ def user_error_message(error: BaseException) -> str | None:
   if isinstance(error, (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                         PermissionError)):
     return f'{error}. Fix: check the path (and its permissions) given on the command line.'
+  if isinstance(error, OSError) and error.errno in _MACHINE_LIMITS:
+    return f'{error}: {_MACHINE_LIMITS[error.errno]}, then rerun the same command.'
   if another_process_stopped(str(error)):
     return (f'another process of this run stopped or stalled ({type(error).__name__}: '
             f'{one_line(error)[:300]}); its own log says why. Fix that, then rerun the same '

@@ -263,6 +263,13 @@ def test_ctrl_c_outside_the_loop_exits_130_and_permission_errors_are_one_line():
   assert exit_info.value.code == cli.EXIT_INTERRUPTED == 130
   message = cli.user_error_message(PermissionError(13, 'Permission denied', '/data/out'))
   assert message and '/data/out' in message
+  # A full disk or too many open files outside a checkpoint save: one line with the fix,
+  # not a traceback; an OSError of another kind stays a bug's traceback.
+  message = cli.user_error_message(OSError(28, 'No space left on device', '/data/out/x'))
+  assert message and '/data/out/x' in message and 'the disk is full. Fix: free space' in message
+  message = cli.user_error_message(OSError(24, 'Too many open files'))
+  assert message and 'ulimit -n' in message
+  assert cli.user_error_message(OSError(5, 'Input/output error')) is None
 
 
 def test_a_table_one_row_short_of_the_data_vocabulary_is_refused():
