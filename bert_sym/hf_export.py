@@ -297,6 +297,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)   # before TF is imported
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
+  from bert_sym import config_check  # pylint: disable=g-import-not-at-top
   from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
   try:
@@ -309,8 +310,15 @@ def main(argv):
     raise UserError(f'{e} Fix: --checkpoint=WORKDIR (a bert_sym.train workdir: its latest '
                     'step) or WORKDIR/checkpoints/STEP.') from None
   # A model whose arrays disagree with its config.json would be written as a model that
-  # Hugging Face cannot load: refuse before anything is written.
-  mismatches = shape_mismatches(params, config.model)
+  # Hugging Face cannot load: refuse before anything is written. config.json may have been
+  # edited by hand (the README says to, for vocab_path): its values checked as the trainer's.
+  try:
+    config_check.check_model(config.model)
+    mismatches = shape_mismatches(params, config.model)
+  except (ValueError, AttributeError, KeyError) as e:
+    raise UserError(f'the config.json of {_CHECKPOINT.value}: {str(e).split(" Fix:")[0]} '
+                    'Fix: correct that value in config.json, as the run that wrote the '
+                    'checkpoint had it.') from None
   if mismatches:
     raise UserError(
         f'the checkpoint {_CHECKPOINT.value} does not match its config.json in '

@@ -176,6 +176,12 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
   table, failures = [], []
   out = tmp_path / 'out'
   ckpt = str(mismatched_checkpoint)
+  # Its config.json edited by hand (as the README says to, for vocab_path), with a typo.
+  misspelled = tmp_path / 'misspelled'
+  shutil.copytree(ckpt, misspelled)
+  config_json = json.loads((misspelled / 'config.json').read_text())
+  config_json['model']['attention'] = 'Pairwise'
+  (misspelled / 'config.json').write_text(json.dumps(config_json))
   train = _train_cases(tmp_path, corpora)
   plans = {
       'bert_sym.train': train,
@@ -183,6 +189,8 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           ([f'--checkpoint={tmp_path}/absent', f'--out_dir={out}'], 'absent does not exist'),
           ([f'--checkpoint={ckpt}', f'--out_dir={out}'],
            "does not match its config.json in"),
+          ([f'--checkpoint={misspelled}', f'--out_dir={out}'],
+           "config.model.attention='Pairwise' is not one of"),
           ([f'--out_dir={out}'], '--checkpoint'),
           (['--help'], None)],
       'bert_sym.glue': [
