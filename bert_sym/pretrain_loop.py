@@ -120,7 +120,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   # A failed save is said once, in one line: orbax's echoes of it (tasks collected when the
   # manager closes) are muted until the manager is closed, not only during the loop.
   with checkpoint.quiet_orbax_echoes():
-    abandoned = False
+    abandoned = save_failed = False
     try:
       prefetcher = loop.Prefetcher(data.train_iter, data.to_global, depth=2)
       state, step, preempted = loop.run(state, step, config.total_steps, train_step,
@@ -132,7 +132,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
       # Every process stopped on it together (checkpoint.check_saves): orbax's threads
       # still wait for the failed save's barriers (save_timeout_s); this process leaves
       # without them (cli.leave_a_multiprocess_run).
-      abandoned = cli.one_of_several_processes()
+      abandoned, save_failed = cli.one_of_several_processes(), True
       raise
     finally:
       if prefetcher:
@@ -140,7 +140,12 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
       if not abandoned:
         with contextlib.suppress(Exception):   # a failed save was said already
           manager.wait_until_finished()
-        manager.close()
+        # orbax still holds the failure (checkpoint.saving leaves it there): closing would
+        # raise it again, over the one line that says it.
+        with contextlib.suppress(Exception) if save_failed else contextlib.nullcontext():
+          manager.close()
+        if save_failed:   # writes still running when it was said recreated the step's files
+          checkpoint.remove_unfinished_steps(manager)
   if preempted:
     raise loop.Preempted(step, preemption.signal_name)
   return step

@@ -1032,6 +1032,34 @@ def test_full_disk_stops_at_the_failed_save_in_one_line(tmp_path):
       subprocess.run(['umount', str(disk)], check=False)
 
 
+def test_a_disk_that_fills_between_saves_stops_at_the_next_save_in_one_line(tmp_path):
+  """A real full disk (a tmpfs filled while the run trains, after step 6), asynchronous
+  saves every 10 steps: step 10's background write fails. The run said so in one line,
+  then closing the checkpoint manager raised orbax's copy of the error over it (two
+  tracebacks ending in a bare OSError, no error line), and the step's temporary files,
+  recreated by writes still running, were left behind."""
+  disk = _mount_tmpfs(tmp_path / 'disk', '20m')
+  if not disk:
+    pytest.skip('needs a tmpfs to fill (root and mount)')
+  try:
+    workdir = disk / 'run'
+    process = run_trainer(workdir, overrides=_overrides(
+        total_steps=40, log_every_steps=2, eval_every_steps=100, checkpoint__every_steps=10,
+        checkpoint__keep_last=2, checkpoint__async_save=True), background=True,
+        env={'SYNTHETIC_SLEEP_SECONDS': '0.3'})
+    _wait_for(lambda: _logged_step(workdir) >= 6, process)
+    subprocess.run(['dd', 'if=/dev/zero', f'of={disk}/filler', 'bs=4k'], capture_output=True,
+                   check=False)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 1 and 'Traceback' not in output, output[-3000:]
+    [line] = [l for l in output.splitlines() if 'error:' in l]
+    assert 'Saving checkpoint step 10' in line and '(ENOSPC)' in line, line
+    assert not list((workdir / 'checkpoints').glob('*orbax-checkpoint-tmp*'))
+    assert checkpoint.finished_steps(workdir) == []
+  finally:
+    subprocess.run(['umount', str(disk)], check=False)
+
+
 @pytest.mark.parametrize('async_save', [False, True])
 def test_one_hosts_failed_save_stops_every_host_in_one_line(tmp_path, async_save):
   """2 processes (gloo); process 1's disk is full at step 8. Synchronous saves: process 1

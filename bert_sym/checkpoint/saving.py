@@ -197,6 +197,13 @@ def _release_writers_left_waiting() -> None:
         pass   # best effort: at worst the old wait-out-the-timeout behaviour
 
 
+def remove_unfinished_steps(manager) -> None:
+  """The temporary directories of saves that did not finish (orbax's own start-up would
+  remove them; a run that stops on a failed save leaves none)."""
+  for tmp in manager.directory.glob('*.orbax-checkpoint-tmp*') if jax.process_index() == 0 else []:
+    tmp.rmtree(missing_ok=True)
+
+
 def _save_failed(manager, step, error, *, failed_processes=()) -> CheckpointSaveError:
   """One line naming step, path and cause (`error`, or the other processes whose save
   failed); the unfinished step's temporary files removed."""
@@ -221,8 +228,7 @@ def _save_failed(manager, step, error, *, failed_processes=()) -> CheckpointSave
     cause = 'the disk is full or over quota (ENOSPC / EDQUOT)'
   elif 'PERMISSION_DENIED' in text:
     cause = 'permission denied (EACCES)'
-  for tmp in manager.directory.glob('*.orbax-checkpoint-tmp*') if jax.process_index() == 0 else []:
-    tmp.rmtree(missing_ok=True)
+  remove_unfinished_steps(manager)
   kept = [s for s in finished_steps(manager.directory) if s != step]
   previous = (f'the previous checkpoint (step {kept[-1]}) is intact' if kept
               else 'no earlier checkpoint exists')
