@@ -5,6 +5,7 @@ TensorFlow (GPU images without TF keep their event files). Without `tensorboard`
 only `metrics.jsonl` is written. On multi-host runs only process 0 writes anything.
 """
 
+import contextlib
 import io
 import itertools
 import json
@@ -100,7 +101,12 @@ class _JsonLines:
     self.path = local or path
     self._remote = local is None
     self._rows = self._read() if self._remote else None
-    self._handle = None if self._remote else open(path, 'a', encoding='utf-8')
+    self._handle = None if self._remote else self._open()
+
+  def _open(self):
+    # Unbuffered: a row that fails to write (a full disk) is taken back whole in `append`,
+    # and no buffer is left to fail again (over the first error) when the file is closed.
+    return open(self.path, 'ab', buffering=0)
 
   def _read(self) -> list[str]:
     if self._remote:
@@ -110,18 +116,22 @@ class _JsonLines:
       return f.read().splitlines()
 
   def rows(self) -> list[str]:
-    if self._remote:
-      return list(self._rows)
-    self._handle.flush()
-    return self._read()
+    return list(self._rows) if self._remote else self._read()
 
   def append(self, row: str) -> None:
     if self._remote:
       self._rows.append(row)
       self._upload()
     else:
-      self._handle.write(row + '\n')
-      self._handle.flush()
+      size = os.fstat(self._handle.fileno()).st_size
+      data = memoryview((row + '\n').encode('utf-8'))
+      try:
+        while data:
+          data = data[self._handle.write(data):]
+      except OSError as e:   # nothing half-written: the file ends at its last whole row
+        with contextlib.suppress(OSError):
+          os.ftruncate(self._handle.fileno(), size)
+        raise OSError(e.errno, e.strerror, self.path) from None
 
   def replace(self, rows: list[str]) -> None:
     """The file becomes `rows` (a reader sees the old file or the new one)."""
@@ -131,7 +141,7 @@ class _JsonLines:
       return
     self._handle.close()
     files.write_atomically(self.path, ''.join(r + '\n' for r in rows))
-    self._handle = open(self.path, 'a', encoding='utf-8')
+    self._handle = self._open()
 
   def set_aside(self, suffix: str) -> str:
     """Renames the file to path + suffix and starts an empty one; returns the new name."""
@@ -143,7 +153,7 @@ class _JsonLines:
     else:
       self._handle.close()
       os.replace(self.path, old)
-      self._handle = open(self.path, 'a', encoding='utf-8')
+      self._handle = self._open()
     return old
 
   def _upload(self) -> None:

@@ -537,3 +537,36 @@ def test_a_divergence_names_the_last_checkpoint_the_run_wrote():
   with pytest.raises(loop.NonFiniteError,
                      match=r'at step 4.*The last checkpoint written \(step 2\) is kept'):
     loop.run(jnp.int32(0), 0, 8, jax.jit(diverging_step), _Zeros(), meter, hooks)
+
+
+_FULL_FILE_SCRIPT = """
+import resource, signal, sys
+from bert_sym import metrics_writer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails (EFBIG)
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+writer = metrics_writer.MetricWriter(sys.argv[1])
+try:
+  for step in range(1000):
+    writer.write_scalars(step, {'train/loss': 1.0 / (step + 1), 'perf/tokens_per_sec': 1e4})
+except OSError as e:
+  print('stopped', step, e)
+writer.close()   # nothing buffered to fail again
+print('closed')
+"""
+
+
+def test_a_row_that_does_not_fit_is_not_left_half_written(tmp_path):
+  """A full disk (here a file size limit) mid-row left metrics.jsonl ending in a cut-off
+  row, and the error named no file; closing the writer then failed again on its buffer."""
+  result = subprocess.run([sys.executable, '-c', _FULL_FILE_SCRIPT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'closed' in result.stdout and f"{tmp_path}/metrics.jsonl" in result.stdout, result.stdout
+  text = (tmp_path / 'metrics.jsonl').read_text()
+  assert text.endswith('\n') and 2900 < len(text) <= 3000, len(text)
+  rows = [json.loads(line) for line in text.splitlines()]
+  assert [r['step'] for r in rows] == list(range(len(rows)))
+  stopped_at = int(result.stdout.split()[1])
+  assert stopped_at == len(rows)
+
