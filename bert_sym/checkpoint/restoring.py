@@ -123,7 +123,7 @@ def check_compatible(saved_tree, abstract_state, where, hint: str = '') -> None:
       f'current config builds ({len(differing)} array(s) differ):\n' + '\n'.join(problems) +
       more + '\n' + _likely_causes(differing, saved, wanted, hint) +
       'This workdir belongs to another config: use a fresh --workdir, or rerun with the '
-      'config saved in its config.json. Nothing was moved.')
+      'config saved in its config.json. That checkpoint was left where it is.')
 
 
 def _likely_causes(differing, saved, wanted, hint) -> str:
