@@ -51,6 +51,9 @@ def _main(argv: list[str]) -> int:
                                              'are missing (1: an error)')
   fin.add_argument('--out_dir', required=True)
   fin.add_argument('--split', default='train,validation')
+  fin.add_argument('--stalled_after_minutes', type=float, default=0,
+                   help='parts missing and nothing written for this long is an error (1), '
+                        'not a wait (3): a worker killed without a word (0 = wait forever)')
   args = parser.parse_args(argv)
   # TF's native start-up lines ('failed call to cuInit', oneDNN) would bury the two result
   # lines; quiet_logs imports TF with them muted.
@@ -71,7 +74,7 @@ def _main(argv: list[str]) -> int:
           validation_files=','.join(sources.absolute_patterns(args.validation_files)),
           tfds_data_dir=args.tfds_data_dir, blocks_per_shard=args.blocks_per_shard)
     else:
-      metadata = export_lib.finalize(args.out_dir, split)
+      metadata = export_lib.finalize(args.out_dir, split, args.stalled_after_minutes)
     if metadata is None:
       missing.append(split)
       print(f'{join_url(args.out_dir, split)}: parts still missing (other workers); '

@@ -33,6 +33,8 @@
 #   EXPORT_TO=gs://my-bucket/c4_512 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets \
 #     launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base
 # EXPORT_TASK (default bert_sym_mlm_c4) and EXPORT_SEQ_LEN (default 512) pick the corpus.
+# A worker whose export fails stops the others' wait; one killed without a word does when
+# nothing has been written for EXPORT_STALL_MINUTES (default 180).
 # TFDS_DATA_DIR must hold the prepared TFDS dataset (`tfds build c4/en --data_dir=...`).
 #
 # Preflight: before anything is created, the train step is compiled here for ACCELERATOR
@@ -72,6 +74,7 @@ if [[ $WORKDIR != gs://* ]]; then
 fi
 EXPORT_TO=${EXPORT_TO:-} EXPORT_TASK=${EXPORT_TASK:-bert_sym_mlm_c4}
 EXPORT_SEQ_LEN=${EXPORT_SEQ_LEN:-512} TFDS_DATA_DIR=${TFDS_DATA_DIR:-}
+EXPORT_STALL_MINUTES=${EXPORT_STALL_MINUTES:-180}
 if [[ -n $EXPORT_TO && $EXPORT_TO != gs://* ]]; then
   echo "EXPORT_TO must be on gs:// (every worker writes its part there)." >&2; exit 2
 fi
@@ -225,8 +228,8 @@ START_PASS='
     # finalize exits 3 while parts of other workers are missing: wait for them; any other
     # failure (a DataError, a wrong EXPORT_TO, another worker whose export raised: it
     # leaves a worker-N.failed marker) stops here instead of waiting forever.
-    printf "until .venv/bin/python -m bert_sym.shards finalize %q; do rc=\$?; " \
-      "--out_dir=$EXPORT_TO"
+    printf "until .venv/bin/python -m bert_sym.shards finalize %q %q; do rc=\$?; " \
+      "--out_dir=$EXPORT_TO" "--stalled_after_minutes=$EXPORT_STALL_MINUTES"
     echo "[[ \$rc -eq 3 ]] || exit \$rc; sleep 60; done"
     EXTRA_ARGS+=("--config.data.shards_dir=$EXPORT_TO")
   fi
@@ -247,7 +250,8 @@ if [[ -n $EXPORT_TO ]]; then
 fi
 REMOTE_VARS=$(printf '%s=%q ' PYTHON_VERSION "$PYTHON_VERSION" JAX_SPEC "$JAX_SPEC" \
   CONFIG "$CONFIG" WORKDIR "$WORKDIR" EXPORT_TO "$EXPORT_TO" EXPORT_TASK "$EXPORT_TASK" \
-  EXPORT_SEQ_LEN "$EXPORT_SEQ_LEN" TFDS_DATA_DIR "$TFDS_DATA_DIR" NUM_WORKERS "$NUM_WORKERS")
+  EXPORT_SEQ_LEN "$EXPORT_SEQ_LEN" TFDS_DATA_DIR "$TFDS_DATA_DIR" NUM_WORKERS "$NUM_WORKERS" \
+  EXPORT_STALL_MINUTES "$EXPORT_STALL_MINUTES")
 on_every_worker() {   # NAME PASS: runs the pass in ~/bert_sym on all workers at once
   echo "On every worker: $1"
   "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command "$REMOTE_VARS bash -c $(

@@ -349,7 +349,8 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
                     '--max_seq_len=512', '--out_dir=gs://bucket/c4_512',
                     '--tfds_data_dir=gs://bucket/tensorflow_datasets', '--num_workers=4',
                     '--worker_index=3']
-  assert finalize == ['-m', 'bert_sym.shards', 'finalize', '--out_dir=gs://bucket/c4_512']
+  assert finalize == ['-m', 'bert_sym.shards', 'finalize', '--out_dir=gs://bucket/c4_512',
+                      '--stalled_after_minutes=180']
   assert train_call == ['-m', 'bert_sym.train', '--distributed', '--config=configs/sym_base.py',
                         '--workdir=gs://bucket/sym_base', "--config.name=it's a run",
                         '--config.data.shards_dir=gs://bucket/c4_512']

@@ -597,6 +597,28 @@ def test_a_failed_worker_stops_the_others_waiting_for_its_parts(tmp_path, text_f
   assert not list((tmp_path / 'train').glob('*.failed'))
 
 
+def test_finalize_gives_up_on_parts_nothing_has_written_for_too_long(tmp_path, text_files,
+                                                                      monkeypatch, capsys):
+  """Worker 1 of 2 was killed (SIGKILL, preemption) before its part 1: it left no failure
+  marker, and the others would wait for part 1 forever. With --stalled_after_minutes,
+  finalize waits (exit 3) while files keep coming, then stops (exit 1) naming the part."""
+  _export(tmp_path, text_files, num_workers=2, worker_index=0)   # parts 0 and 2
+  _quiet(monkeypatch)
+  finalize = ['finalize', f'--out_dir={tmp_path}', '--split=train',
+              '--stalled_after_minutes=30']
+  assert streaming_cli.main(finalize) == streaming_cli.PARTS_MISSING_EXIT_CODE
+  an_hour_ago = time.time() - 3600
+  for path in (tmp_path / 'train').iterdir():
+    os.utime(path, (an_hour_ago, an_hour_ago))
+  with pytest.raises(SystemExit) as stopped:
+    streaming_cli.main(finalize)
+  assert stopped.value.code == 1
+  error = capsys.readouterr().err
+  assert 'parts 1 of 3 still missing, and nothing was written there for 60 minutes' in error
+  assert 'rerun the export on those workers' in error
+  assert streaming_cli.main(finalize[:-1]) == 3   # without it: waits, as before
+
+
 def test_finalize_of_a_directory_with_no_export_is_an_error_not_a_wait(tmp_path, monkeypatch,
                                                                        capsys):
   """A mistyped --out_dir used to exit 3, "parts still missing (other workers)": a launcher
@@ -953,7 +975,8 @@ def test_finalize_finalizes_each_split_it_names(tmp_path, monkeypatch, capsys):
   _quiet(monkeypatch)
   seen = []
 
-  def finalize(out_dir, split):
+  def finalize(out_dir, split, stalled_after_minutes):
+    assert stalled_after_minutes == 0   # the default: wait as long as it takes
     seen.append((out_dir, split))
     return {'num_blocks': 1, 'num_tokens': 2} if split == 'train' else None
   monkeypatch.setattr(export_lib, 'finalize', finalize)
@@ -1076,6 +1099,6 @@ def test_a_missing_corpus_names_the_configured_task(tmp_path):
 def test_finalize_reports_the_blocks_and_tokens_of_the_split(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(streaming_cli.metrics_writer, 'quiet_logs', lambda *a, **k: None)
   monkeypatch.setattr(export_lib, 'finalize',
-                      lambda out_dir, split: {'num_blocks': 7, 'num_tokens': 448})
+                      lambda out_dir, split, stalled: {'num_blocks': 7, 'num_tokens': 448})
   assert streaming_cli.main(['finalize', f'--out_dir={tmp_path}', '--split=train']) == 0
   assert f'{tmp_path}/train: complete, 7 blocks, 448 tokens' in capsys.readouterr().out

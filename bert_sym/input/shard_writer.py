@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -85,10 +86,13 @@ def write_vocab(split_url: str, vocab_bytes: bytes) -> None:
   write_atomically(join_url(split_url, VOCAB_FILE), lambda f: f.write(vocab_bytes))
 
 
-def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
+def finalize(out_dir: str, split: str, stalled_after_minutes: float = 0) -> dict[str, Any] | None:
   """Merges the part manifests into metadata.json; None while parts are missing.
 
   Idempotent and safe to run concurrently (every writer writes the same bytes).
+  `stalled_after_minutes` > 0: parts missing and no file of the split newer than that is
+  an error (a worker killed without a word leaves no failure marker; waiting for its parts
+  would never end).
   """
   split_url = join_url(out_dir, split)
   fs, path = filesystem(split_url)
@@ -107,7 +111,7 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
     if not exists(join_url(split_url, VOCAB_FILE)):   # every worker's export writes it first
       raise DataError(f'{split_url}: nothing exported there. Fix: check --out_dir, or run '
                       '`python -m bert_sym.shards export` first.')
-    return None
+    return _check_progress(fs, path, split_url, [], None, stalled_after_minutes)
   manifests = [json.loads(read_bytes(join_url(split_url, n))) for n in names]
   first = manifests[0]
   for m in manifests:
@@ -117,7 +121,8 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
                         f'{first["part"]} has {first.get(key)!r}; the parts come from '
                         'different exports: remove the directory and re-export.')
   if len(manifests) < first['num_parts']:
-    return None
+    return _check_progress(fs, path, split_url, [m['part'] for m in manifests],
+                           first['num_parts'], stalled_after_minutes)
   shards = [s for m in manifests for s in m['shards']]
   if not shards:
     held_out = ('; with text files and no --validation_files, every 100th document (the '
@@ -137,6 +142,29 @@ def finalize(out_dir: str, split: str) -> dict[str, Any] | None:
       num_parts=first['num_parts'])
   _write_json(join_url(split_url, METADATA_FILE), metadata)
   return metadata
+
+
+def _check_progress(fs, path, split_url, done, num_parts, stalled_after_minutes) -> None:
+  """None while some file of the split (a shard, a part's manifest, vocab.txt) is newer
+  than `stalled_after_minutes`, else a DataError naming the missing parts."""
+  if stalled_after_minutes <= 0:
+    return None
+  try:
+    newest = max(fs.modified(p).timestamp() for p in fs.glob(f'{path}/*'))
+  except (NotImplementedError, ValueError):   # a filesystem without times: wait as before
+    return None
+  idle = (time.time() - newest) / 60
+  if idle <= stalled_after_minutes:
+    return None
+  missing = sorted(set(range(num_parts or 0)) - set(done))
+  what = (f'parts {", ".join(map(str, missing[:8]))}{" ..." if len(missing) > 8 else ""} '
+          f'of {num_parts}' if missing else 'every part')
+  raise DataError(
+      f'{split_url}: {what} still missing, and nothing was written there for {idle:.0f} '
+      f'minutes (--stalled_after_minutes={stalled_after_minutes:g}): the workers exporting '
+      'them (part p: worker p mod the number of workers) stopped without a failure marker '
+      '(killed? preempted?). Fix: rerun the export on those workers (the parts already '
+      'exported are kept).')
 
 
 def check_export_args(task: str, max_seq_len: int, num_workers: int, worker_index: int,
