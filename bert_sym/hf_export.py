@@ -314,11 +314,11 @@ def main(argv):
   # edited by hand (the README says to, for vocab_path): its values checked as the trainer's.
   try:
     config_check.check_model(config.model)
-    mismatches = shape_mismatches(params, config.model)
-  except (ValueError, AttributeError, KeyError) as e:
+  except (ValueError, AttributeError, KeyError) as e:   # a bad value, a deleted key
     raise UserError(f'the config.json of {_CHECKPOINT.value}: {str(e).split(" Fix:")[0]} '
                     'Fix: correct that value in config.json, as the run that wrote the '
                     'checkpoint had it.') from None
+  mismatches = shape_mismatches(params, config.model)
   if mismatches:
     raise UserError(
         f'the checkpoint {_CHECKPOINT.value} does not match its config.json in '

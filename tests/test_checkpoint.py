@@ -1041,7 +1041,8 @@ def _background_write_fails_at(step, monkeypatch):
   monkeypatch.setattr(serialization, 'async_serialize_from_host', write)
 
 
-def test_noticing_a_failed_background_save_leaves_orbax_to_skip_its_rotation(tmp_path, monkeypatch):
+def test_noticing_a_failed_background_save_leaves_orbax_to_skip_its_rotation(tmp_path,
+                                                                           monkeypatch):
   """keep_last=1, step 4 saved, step 8's background write fails. Our check saw the failure
   before orbax's finalize thread did (held back here): it used to take orbax's stored
   error, and the finalize thread, seeing none, rotated step 4 out as if step 8 had been
@@ -1056,8 +1057,9 @@ def test_noticing_a_failed_background_save_leaves_orbax_to_skip_its_rotation(tmp
     finalize_may_go = threading.Event()
     metadata = manager._non_blocking_metadata_store   # pylint: disable=protected-access
     wait_for_metadata = metadata.wait_until_finished
-    monkeypatch.setattr(metadata, 'wait_until_finished',
-                        lambda: (finalize_may_go.wait(30), wait_for_metadata()))
+    in_finalize_thread = lambda: threading.current_thread() is not threading.main_thread()
+    monkeypatch.setattr(metadata, 'wait_until_finished', lambda: (
+        in_finalize_thread() and finalize_may_go.wait(30), wait_for_metadata()))
     saving.save(manager, 8, {'x': jnp.ones(3)}, {'pos': 8})
     manager._checkpointer._async_manager._thread.join(30)   # pylint: disable=protected-access
     with pytest.raises(checkpoint.CheckpointSaveError, match=r'step 8 .*\(ENOSPC\)'):

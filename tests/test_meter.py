@@ -569,4 +569,3 @@ def test_a_row_that_does_not_fit_is_not_left_half_written(tmp_path):
   assert [r['step'] for r in rows] == list(range(len(rows)))
   stopped_at = int(result.stdout.split()[1])
   assert stopped_at == len(rows)
-

@@ -595,6 +595,11 @@ def test_a_failed_worker_stops_the_others_waiting_for_its_parts(tmp_path, text_f
   assert _export(tmp_path, text_files, num_workers=2, worker_index=1) is not None
   assert streaming_cli.main(finalize) == 0
   assert not list((tmp_path / 'train').glob('*.failed'))
+  # A marker whose parts were written after all (the export rerun with another
+  # --num_workers, which has no such worker to clear it) no longer stops anything.
+  (tmp_path / 'train' / 'worker-00003.failed').write_text('OSError: [Errno 28]')
+  (tmp_path / 'train' / 'metadata.json').unlink()
+  assert streaming_cli.main(finalize) == 0
 
 
 def test_finalize_gives_up_on_parts_nothing_has_written_for_too_long(tmp_path, text_files,

@@ -60,9 +60,9 @@ def _failed_step(manager, current: int | None = None) -> int | None:
   return current if current is not None else previous
 
 
-# A background save's failure as orbax reported it (once), kept until every process stops
-# on it: the error line (and its clean-up of the step's files) is made only then, when no
-# process is still writing.
+# A background save's failure as this process first saw it (_write_failure), kept until
+# every process stops on it: the error line (and its clean-up of the step's files) is made
+# only then, when no process is still writing.
 _FAILURES = weakref.WeakKeyDictionary()
 
 

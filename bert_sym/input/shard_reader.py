@@ -262,7 +262,9 @@ def _allow_open_files(num_shards: int, where: str) -> None:
   the hard one, or say why the split cannot be mapped (rather than EMFILE mid-load)."""
   import resource  # pylint: disable=import-outside-toplevel
   soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-  need = num_shards + 1024   # and the rest of the process: checkpoints, sockets, libraries
+  open_now = len(os.listdir('/proc/self/fd')) if os.path.isdir('/proc/self/fd') else 0
+  # What is open already (the other split's maps), and room for checkpoints and sockets.
+  need = open_now + num_shards + 1024
   if soft == resource.RLIM_INFINITY or soft >= need:
     return
   if hard == resource.RLIM_INFINITY or hard >= need:

@@ -98,15 +98,6 @@ def finalize(out_dir: str, split: str, stalled_after_minutes: float = 0) -> dict
   fs, path = filesystem(split_url)
   fs.invalidate_cache(path)   # other workers wrote parts since this process listed it
   names = sorted(os.path.basename(p) for p in fs.glob(f'{path}/part-?????.json'))
-  failed = sorted(fs.glob(f'{path}/{_FAILED_MARKER.format("*")}'))
-  if failed:   # its parts will not come: waiting for them would never end
-    name = os.path.basename(failed[0])
-    more = f'; {len(failed) - 1} more worker(s) failed too' if len(failed) > 1 else ''
-    raise DataError(
-        f'{split_url}: the export of worker {int(name.split("-")[1].split(".")[0])} failed '
-        f'({read_bytes(join_url(split_url, name)).decode()[:300]}){more}, so its parts will '
-        'not come. Fix that, then rerun the export on that worker (the parts already '
-        'exported are kept).')
   if not names:
     if not exists(join_url(split_url, VOCAB_FILE)):   # every worker's export writes it first
       raise DataError(f'{split_url}: nothing exported there. Fix: check --out_dir, or run '
@@ -145,8 +136,19 @@ def finalize(out_dir: str, split: str, stalled_after_minutes: float = 0) -> dict
 
 
 def _check_progress(fs, path, split_url, done, num_parts, stalled_after_minutes) -> None:
-  """None while some file of the split (a shard, a part's manifest, vocab.txt) is newer
-  than `stalled_after_minutes`, else a DataError naming the missing parts."""
+  """Parts are missing: None (wait) unless a worker's failure marker says they will not
+  come, or no file of the split (a shard, a manifest, vocab.txt) is newer than
+  `stalled_after_minutes` (a worker killed without a marker). Markers of a worker whose
+  parts were all written after all (rerun with another --num_workers) do not count."""
+  failed = sorted(fs.glob(f'{path}/{_FAILED_MARKER.format("*")}'))
+  if failed:   # its parts will not come: waiting for them would never end
+    name = os.path.basename(failed[0])
+    more = f'; {len(failed) - 1} more worker(s) failed too' if len(failed) > 1 else ''
+    raise DataError(
+        f'{split_url}: the export of worker {int(name.split("-")[1].split(".")[0])} failed '
+        f'({read_bytes(join_url(split_url, name)).decode()[:300]}){more}, so its parts will '
+        'not come. Fix that, then rerun the export on that worker (the parts already '
+        'exported are kept).')
   if stalled_after_minutes <= 0:
     return None
   try:
@@ -206,11 +208,6 @@ def default_num_parts(task_name: str, split: str) -> int:
         'pass --tfds_data_dir=DIR.') from None
 
 
-class _Refused(DataError):
-  """An export refused before writing anything: every worker, given the same command,
-  is refused alike, and the export there stays as it was (no failure marker)."""
-
-
 def _check_existing_parts(split_url: str, wanted: dict) -> None:
   """A rerun skips the parts already there, so they must be parts of this export: another
   length, vocabulary or corpus would be mixed in (and its vocab.txt overwritten)."""
@@ -223,7 +220,7 @@ def _check_existing_parts(split_url: str, wanted: dict) -> None:
   found = json.loads(read_bytes(join_url(split_url, names[0])))
   for key, value in wanted.items():
     if found.get(key, '') != value:
-      raise _Refused(
+      raise DataError(
           f'{split_url} holds an export with {key}={found.get(key)!r}, not {value!r} as '
           'asked; a rerun keeps the parts already there, so the two would be mixed. Fix: '
           f'export to a new --out_dir, or remove {split_url} to export it again.')
@@ -247,15 +244,15 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
   fs, marker_path = filesystem(marker)
   if fs.exists(marker_path):
     fs.rm(marker_path)
+  writing = []   # _export_parts appends once it writes: a failure before (files, TFDS,
+  # arguments, an export already there of another kind) is every worker's, given the same
+  # command, and leaves nothing behind.
   try:
     _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, worker_index,
-                  vocab_path, text_files, validation_files, tfds_data_dir, blocks_per_shard)
-  except _Refused:
-    raise
+                  vocab_path, text_files, validation_files, tfds_data_dir, blocks_per_shard,
+                  writing)
   except Exception as e:
-    # Only once this worker has written there: a failure before (files, TFDS, arguments)
-    # is every worker's, given the same command, and a refused export leaves nothing.
-    if fs.exists(os.path.dirname(marker_path)):
+    if writing:
       try:
         write_atomically(marker, f'{type(e).__name__}: {" ".join(str(e).split())}')
       except Exception:  # pylint: disable=broad-except
@@ -266,7 +263,7 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
 
 def _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, worker_index,
                   vocab_path, text_files, validation_files, tfds_data_dir,
-                  blocks_per_shard) -> None:
+                  blocks_per_shard, writing: list) -> None:
   from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   if tfds_data_dir:
     import seqio  # pylint: disable=import-outside-toplevel
@@ -279,6 +276,7 @@ def _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, w
   _check_existing_parts(split_url, dict(
       task=task, split=split, max_seq_len=max_seq_len, num_parts=num_parts,
       vocab_md5=vocabulary.md5, text_files=text_files, validation_files=validation_files))
+  writing.append(True)
   write_vocab(split_url, tokenizer.read_vocab_bytes(vocabulary.path))
   info = dict(task=task, split=split, vocab_md5=vocabulary.md5,
               vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
