@@ -147,8 +147,9 @@ def test_a_registered_tasks_masking_knobs_reach_its_dataset(tmp_path, vocabulary
   assert expected['mlm_weights'].sum(axis=1).max() == 7
 
 
-def test_sequence_length_over_model_maximum_is_an_error():
-  with pytest.raises(DataError, match='max_seq_len=513.*512 position embeddings'):
+def test_sequence_length_over_the_pipelines_maximum_is_an_error():
+  with pytest.raises(DataError, match=r'max_seq_len=513 is outside \[3, 512\], the block '
+                                     'lengths the input pipeline'):
     seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
         sequence_length={'input_ids': 513}, split='validation', shuffle=False)
 
