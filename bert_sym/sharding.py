@@ -26,6 +26,11 @@ import numpy as np
 import optax
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+# Every logical axis name the models (MLM and GLUE, scanned or not) give their arrays and
+# activations (tests/test_sharding.py reads them off the models): a rule naming another
+# one would shard nothing, silently (flax replicates what no rule names).
+LOGICAL_AXES = ('batch', 'vocab', 'embed', 'embed_out', 'mlp', 'heads', 'kv', 'layers',
+                'classes')
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -123,6 +128,9 @@ def logical_rules(config: ml_collections.ConfigDict) -> tuple:
     if unknown:
       raise ValueError(f'config.sharding_rules maps {name!r} to unknown mesh axis '
                        f'{unknown}; mesh axes are {MESH_AXES}.')
+    if name not in LOGICAL_AXES:
+      raise ValueError(f'config.sharding_rules names {name!r}, which no array of the model '
+                       f'has, so the rule would shard nothing. Fix: one of {LOGICAL_AXES}.')
     rules.append((name, axes))
   return tuple(rules)
 

@@ -53,6 +53,32 @@ def test_rules_from_json_lists_and_unknown_axis():
   config.sharding_rules = [['embed', 'model']]
   with pytest.raises(ValueError, match="unknown mesh axis"):
     sharding.logical_rules(config)
+  # A misspelled logical name sharded nothing, silently (flax replicates unnamed axes).
+  config.sharding_rules = [['batch', 'data'], ['mpl', 'tensor']]
+  with pytest.raises(ValueError, match="names 'mpl', which no array of the model has"):
+    sharding.logical_rules(config)
+
+
+def test_the_known_logical_axes_are_the_models(monkeypatch):
+  """sharding.LOGICAL_AXES is what the MLM and GLUE models name, scanned or not: their
+  parameters' axes and the activations they constrain (recorded while traced)."""
+  config = train_fixtures.tiny_config()
+  named = set()
+  constrain = sharding.constrain
+  monkeypatch.setattr(sharding, 'constrain', lambda x, axes: (
+      named.update(a for a in axes if a), constrain(x, axes))[1])
+  mesh = sharding.make_mesh(_mesh_config())
+  scanned = config.model.copy_and_resolve_references()
+  scanned.scan_layers = not config.model.scan_layers
+  for module in (model_lib.BertForMaskedLM(config.model), model_lib.BertForMaskedLM(scanned),
+                 model_lib.BertForSequenceClassification(config.model, num_labels=3)):
+    with sharding.kernel_mesh(mesh, sharding.logical_rules(config)):
+      boxed = jax.eval_shape(lambda m=module: m.init(
+          jax.random.key(0), *model_lib.dummy_inputs())['params'])
+    for spec in jax.tree.leaves(nn.get_partition_spec(boxed),
+                                is_leaf=lambda x: isinstance(x, P)):
+      named.update(a for a in spec if a)
+  assert named == set(sharding.LOGICAL_AXES)
 
 
 def _tiny_model_shardings():
