@@ -67,9 +67,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   # axis crosses slices (one gradient all-reduce per step over the slow links); fsdp and
   # tensor stay inside a slice, on its fast interconnect (ICI).
   if shape[0] % slices:
+    # JAX gives GPUs of different nodes different slice indices too (NVLink inside a node,
+    # the network between them): FSDP alone (data=1) cannot span nodes.
+    what = 'nodes' if devices[0].platform == 'gpu' else 'slices'
     raise ValueError(
-        f'config.mesh data={shape[0]} must be a multiple of the {slices} slices (only the '
-        f'data axis spans slices). Set --config.mesh.data='
+        f'config.mesh data={shape[0]} must be a multiple of the {slices} {what} (only the '
+        f'data axis spans {what}; fsdp and tensor stay inside one). Set --config.mesh.data='
         f'{slices if -1 in [mesh_config[a] for a in MESH_AXES] else -1} or a multiple of '
         f'{slices}.')
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top

@@ -59,6 +59,16 @@ def test_rules_from_json_lists_and_unknown_axis():
     sharding.logical_rules(config)
 
 
+def test_fsdp_alone_across_gpu_nodes_is_refused_naming_nodes():
+  """JAX gives GPUs of different nodes different slice indices: a 2-node FSDP mesh
+  (data=1) hit the multi-slice rule, whose message spoke of TPU slices only."""
+  import types  # pylint: disable=g-import-not-at-top
+  gpus = [types.SimpleNamespace(id=i, slice_index=i // 4, platform='gpu') for i in range(8)]
+  with pytest.raises(ValueError, match=r'data=1 must be a multiple of the 2 nodes \(only the '
+                     r'data axis spans nodes; fsdp and tensor stay inside one\)'):
+    sharding.make_mesh(_mesh_config(1, -1, 1), gpus)
+
+
 def test_the_known_logical_axes_are_the_models(monkeypatch):
   """sharding.LOGICAL_AXES is what the MLM and GLUE models name, scanned or not: their
   parameters' axes and the activations they constrain (recorded while traced)."""
