@@ -237,7 +237,28 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules,
         f'The data-parallel size {dp} is not a multiple of the {processes} processes, so '
         f'processes would have to read identical rows; give the batch axes '
         f'{axes} at least one way per process.')
+  if processes > 1:   # a compile-only topology (bert_sym.aot) has one process here
+    needed = rows_needed_per_process(batch_size, mesh, rules, lambda d: d.process_index)
+    wrong = {p: n for p, n in needed.items() if n != batch_size // processes}
+    if wrong:
+      process, rows = next(iter(wrong.items()))
+      raise ValueError(
+          f'The batch axes {axes} do not split the batch between the {processes} '
+          f'processes: the devices of process {process} hold {rows} rows of each batch of '
+          f'config.{what}={batch_size}, but it reads {batch_size // processes}. Fix: put '
+          "the mesh axis that spans processes (normally 'data') among the batch axes, e.g. "
+          "('batch', ('data', 'fsdp')) in config.sharding_rules.")
   return batch_size // processes
+
+
+def rows_needed_per_process(batch_size: int, mesh: Mesh, rules, process_of) -> dict:
+  """{process: how many distinct rows of a global batch its devices hold}; each must be
+  what the process reads (jax.make_array_from_process_local_data fails on the first batch
+  otherwise, after the run has started)."""
+  spans = {}
+  for device, index in batch_sharding(mesh, rules).devices_indices_map((batch_size,)).items():
+    spans.setdefault(process_of(device), set()).add(index[0].indices(batch_size)[:2])
+  return {p: sum(stop - start for start, stop in rows) for p, rows in spans.items()}
 
 
 def host_batch_to_global(batch: dict, mesh: Mesh, global_batch_size: int, rules,

@@ -133,6 +133,14 @@ _BATCH_CHECKS = textwrap.dedent("""
         out[name] = sharding.check_batch_size(batch, mesh, rules)
       except ValueError as e:
         out[name] = str(e)
+    # The batch split over fsdp alone, the data axis (across the processes) left out: each
+    # process's devices hold the whole batch, half of which it reads.
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4, tensor=1)))
+    out['data_axis_left_out'] = [[d.process_index for d in row] for row in mesh.devices[:, :, 0]]
+    try:
+      out['batch_within_processes'] = sharding.check_batch_size(32, mesh, (('batch', 'fsdp'),))
+    except ValueError as e:
+      out['batch_within_processes'] = str(e)
     # GLUE's batches on a mesh whose processes alternate along the batch, as on TPU pods
     # (v4-16: processes 0,1,0,1,...): the global rows must keep the batch's order.
     import numpy as np
@@ -170,6 +178,12 @@ def test_batch_size_checks_on_8_devices_in_2_processes():
   result = results[0]
   assert result['devices'] == 8 and result['process_count'] == 2
   assert result['ok'] == 8                                 # 16 rows, 8 per process
+  assert result['data_axis_left_out'] == [[0, 0, 0, 0], [1, 1, 1, 1]]
+  assert result['batch_within_processes'] == (
+      "The batch axes ('fsdp',) do not split the batch between the 2 processes: the devices "
+      'of process 0 hold 32 rows of each batch of config.batch_size=32, but it reads 16. '
+      "Fix: put the mesh axis that spans processes (normally 'data') among the batch axes, "
+      "e.g. ('batch', ('data', 'fsdp')) in config.sharding_rules.")
   assert result['dp'] == ('config.batch_size=12 is not divisible by the data-parallel size '
                           'data x fsdp = 8 x 1 = 8. Use a multiple of 8 or change config.mesh.')
   assert result['processes'] == ('config.batch_size=3 is not divisible by the 2 processes; '
