@@ -232,6 +232,33 @@ def test_first_step_reaching_threshold():
   assert report.first_step_reaching([_point(1000, None)], 0.0) is None
 
 
+def test_a_sigterm_while_a_sweep_scores_stops_it_with_exit_42(workdir, tmp_path, monkeypatch):
+  """SIGTERM while step 2's last task is scored: each step had its own signal handler, so
+  the flag was dropped with it and the sweep went on to step 4 (a preemption's SIGKILL then
+  ended it with no 42, no requeue). It stops after step 2 now; the rerun does step 4."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from bert_sym import loop  # pylint: disable=g-import-not-at-top
+  out, config = tmp_path / 'sweep', _config(tasks='mrpc', seeds='1')
+  score = suite._score   # pylint: disable=protected-access
+  signalled = []
+
+  def score_then_sigterm(*args, **kwargs):
+    if not signalled:
+      signalled.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return score(*args, **kwargs)
+  monkeypatch.setattr(suite, '_score', score_then_sigterm)
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(loop.Preempted) as stopped:
+    sweep.run_sweep(str(workdir), str(out), config)
+  assert stopped.value.exit_code == 42 and stopped.value.step == 2
+  assert signal.getsignal(signal.SIGTERM) == before   # the process's handler again
+  assert (out / 'step_00000002' / 'glue_results.json').exists()
+  assert not (out / 'step_00000004').exists()
+  points = sweep.run_sweep(str(workdir), str(out), config)['points']
+  assert [p['step'] for p in points] == [2, 4]
+
+
 def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
   points = [_point(1000, 60.0), _point(2000, 74.0), _point(3000, 76.0), _point(4000, 79.0)]
   report.write_sweep(tmp_path, 'WORKDIR', points, reference_score=79.36)
@@ -1044,7 +1071,8 @@ def _scored_step(output_dir, workdir, step, run, tasks=('rte',), seeds=(1, 2)):
   folder.mkdir(parents=True, exist_ok=True)
   (folder / 'glue_results.json').write_text(json.dumps(
       {'checkpoint': str(workdir / 'checkpoints' / str(step)), 'checkpoint_run': run,
-       'config': config.to_dict(), 'tasks': list(tasks), 'seeds': list(seeds), 'runs': {}}))
+       'config': config.to_dict(), 'tasks': list(tasks), 'seeds': list(seeds),
+       'runs': {task: {str(seed): {} for seed in seeds} for task in tasks}}))
 
 
 def _present_step(workdir, step, lineage):
@@ -1077,6 +1105,23 @@ def test_a_sweep_keeps_rotated_steps_of_this_training_run_only(tmp_path, capsys)
   # The results of other seeds are not this sweep's, whichever run wrote them.
   _present_step(workdir, 8, [['a', -1]])
   assert not sweep.scored_steps_gone(workdir, out, _config(tasks='wnli,rte', seeds='1'), {8})
+
+
+def test_a_sweep_leaves_out_a_step_it_stopped_in_whose_checkpoint_is_gone(tmp_path, capsys):
+  """A sweep stopped (SIGTERM) after RTE of step 2, before SST-2; step 2 was then rotated
+  away. Its results file lists both tasks from the first group on, so the point was kept
+  on the curve, scored on RTE alone, where it could be "the first step reaching" 95%."""
+  config = _config(tasks='rte,sst2', seeds='1')
+  workdir, out = tmp_path / 'run', tmp_path / 'sweep'
+  _scored_step(out, workdir, 2, 'a', tasks=('rte', 'sst2'), seeds=(1,))
+  results = json.loads((out / 'step_00000002' / 'glue_results.json').read_text())
+  del results['runs']['sst2']
+  (out / 'step_00000002' / 'glue_results.json').write_text(json.dumps(results))
+  _scored_step(out, workdir, 4, 'a', tasks=('rte', 'sst2'), seeds=(1,))
+  _present_step(workdir, 6, [['a', -1]])   # steps 2 and 4 rotated away
+  assert list(sweep.scored_steps_gone(workdir, out, config, {6})) == [4]
+  assert ('step(s) 2 were not fully scored when the sweep stopped, and their checkpoints '
+          'are gone since') in capsys.readouterr().err
 
 
 def test_a_sweep_drops_a_diverged_step_and_keeps_the_history_it_branched_from(tmp_path):
@@ -1381,7 +1426,7 @@ def test_the_curve_is_in_step_order_with_rotated_steps_between(tmp_path, monkeyp
                       lambda *a: {2000: _sweep_results(90.0), 3000: _sweep_results(95.0)})
   scores = {'00001000': 99.0, '00005000': 99.0}
   monkeypatch.setattr(sweep.suite, 'run_glue',
-                      lambda ckpt, out, config, cache: _sweep_results(scores[out[-8:]]))
+                      lambda ckpt, out, config, cache, preemption: _sweep_results(scores[out[-8:]]))
   config = glue_config.get_config('runlocal')
   points = sweep.run_sweep(tmp_path / 'run', tmp_path / 'sweep', config,
                            reference_score=100.0)['points']

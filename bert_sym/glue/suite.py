@@ -69,13 +69,24 @@ class _Session:
 
 
 def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict,
-             task_cache: dict | None = None) -> dict:
+             task_cache: dict | None = None, preemption: loop.PreemptionFlag | None = None
+             ) -> dict:
   """Fine-tunes and scores every (task, seed); rewrites the outputs after each group.
 
   `task_cache` (a dict the caller keeps) lets a sweep reuse the compiled steps of one
   checkpoint for the next: they depend on the model config and data size, not weights.
-  Raises loop.Preempted after saving when stopped by SIGTERM / Ctrl-C.
+  Raises loop.Preempted after saving when stopped by SIGTERM / Ctrl-C. The signals are
+  caught from the start (a SIGTERM while the checkpoint loads killed the process, exit
+  143, which launchers do not requeue), by `preemption` when a sweep passes its own (one
+  for all its steps), and are the process's again when this returns or raises.
   """
+  if preemption is not None:
+    return _run_glue(checkpoint, output_dir, config, task_cache, preemption)
+  with loop.PreemptionFlag() as preemption:
+    return _run_glue(checkpoint, output_dir, config, task_cache, preemption)
+
+
+def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   config_check.check_glue(config)
   config = with_absolute_paths(config)
   checkpoint_lib.check_same_config_on_every_host(config, 'GLUE run')
@@ -95,13 +106,10 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
   _keep_finished_runs(results, finished_runs(output_dir, pretrained.step_dir, config), seeds)
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
                pretrained.step, config.glue_dir or 'TFDS glue/*', results['tasks'], seeds)
-  # The signal handlers are the process's again when this returns or raises (notebooks).
-  with loop.PreemptionFlag() as preemption:
-    session = _Session(pretrained, tokenizer, config, mesh, rules, output_dir, seeds,
-                       parallel, results, {} if task_cache is None else task_cache,
-                       preemption)
-    for spec in specs:
-      _run_task(session, spec)
+  session = _Session(pretrained, tokenizer, config, mesh, rules, output_dir, seeds,
+                     parallel, results, {} if task_cache is None else task_cache, preemption)
+  for spec in specs:
+    _run_task(session, spec)
   return results
 
 

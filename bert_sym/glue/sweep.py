@@ -8,6 +8,7 @@ from etils import epath
 import ml_collections
 
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import loop
 from bert_sym.glue import data as glue_data
 from bert_sym.glue import hosts
 from bert_sym.glue import report
@@ -43,7 +44,7 @@ def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
       earlier[int(step)] = json.loads(path.read_text())
     except ValueError:   # not a finished sweep point (or not a step directory): left out
       continue
-  kept = {}
+  kept, unfinished = {}, []
   for step, results in earlier.items():
     if step in present:
       continue
@@ -52,10 +53,19 @@ def scored_steps_gone(workdir, output_dir, config, present) -> dict[int, dict]:
       same = (results['checkpoint'] == str(step_dir) and tasks <= set(results['tasks'])
               and seeds == set(results['seeds'])
               and suite.recipe(ml_collections.ConfigDict(results['config'])) == recipe)
+      # 'tasks' lists what was asked from the first group on; 'runs' what was scored.
+      scored = all(str(seed) in results['runs'].get(task, {}) for task in tasks
+                   for seed in seeds)
     except (KeyError, TypeError, AttributeError):   # not a finished sweep point: left out
       continue
-    if same:
+    if same and scored:
       kept[step] = results
+    elif same:
+      unfinished.append(step)
+  if unfinished:
+    print(f'WARNING: GLUE sweep: step(s) {", ".join(map(str, unfinished))} were not fully '
+          'scored when the sweep stopped, and their checkpoints are gone since: left off '
+          'the curve.', file=sys.stderr, flush=True)
   others = _other_runs_steps(workdir, present, kept)
   return {step: results for step, results in kept.items() if step not in others}
 
@@ -101,17 +111,23 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
       workdir, output_dir, config, set(steps)).items()})
   points = [report.sweep_point(int(step), results) for step, results in scored.items()]
   task_cache = {}
-  for step in steps:
-    step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
-    # Each step has its own output directory, so an interrupted sweep resumes where it
-    # stopped (config.resume) and a longer training run only adds its new steps.
-    try:
-      results = suite.run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'), config,
-                               task_cache)
-    except checkpoint_lib.DamagedCheckpoint as e:   # one bad step: a gap, not the end
-      print(f'WARNING: GLUE sweep: step {step} skipped, its checkpoint is damaged ({e})',
-            file=sys.stderr, flush=True)
-      continue
-    points = sorted(points + [report.sweep_point(step, results)], key=lambda p: p['step'])
-    report.write_sweep(output_dir, workdir, points, reference_score)
+  # One flag for the whole sweep: a signal while a step's last task was scored, or while
+  # the next checkpoint loaded, was lost with that step's own flag (the sweep went on) or
+  # met no handler at all (killed, exit 143, not requeued).
+  with loop.PreemptionFlag() as preemption:
+    for step in steps:
+      step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
+      # Each step has its own output directory, so an interrupted sweep resumes where it
+      # stopped (config.resume) and a longer training run only adds its new steps.
+      try:
+        results = suite.run_glue(str(step_dir), str(output_dir / f'step_{step:08d}'),
+                                 config, task_cache, preemption)
+      except checkpoint_lib.DamagedCheckpoint as e:   # one bad step: a gap, not the end
+        print(f'WARNING: GLUE sweep: step {step} skipped, its checkpoint is damaged ({e})',
+              file=sys.stderr, flush=True)
+        continue
+      points = sorted(points + [report.sweep_point(step, results)], key=lambda p: p['step'])
+      report.write_sweep(output_dir, workdir, points, reference_score)
+      if preemption.raised_locally() and step != steps[-1]:   # the rest when rerun
+        raise loop.Preempted(step, preemption.signal_name)
   return {'points': points}
