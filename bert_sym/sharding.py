@@ -238,7 +238,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules,
         f'processes would have to read identical rows; give the batch axes '
         f'{axes} at least one way per process.')
   if processes > 1:   # a compile-only topology (bert_sym.aot) has one process here
-    needed = rows_needed_per_process(batch_size, mesh, rules, lambda d: d.process_index)
+    needed = _rows_per_process(batch_size, mesh, rules)
     wrong = {p: n for p, n in needed.items() if n != batch_size // processes}
     if wrong:
       process, rows = next(iter(wrong.items()))
@@ -251,13 +251,13 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules,
   return batch_size // processes
 
 
-def rows_needed_per_process(batch_size: int, mesh: Mesh, rules, process_of) -> dict:
+def _rows_per_process(batch_size: int, mesh: Mesh, rules) -> dict:
   """{process: how many distinct rows of a global batch its devices hold}; each must be
   what the process reads (jax.make_array_from_process_local_data fails on the first batch
   otherwise, after the run has started)."""
   spans = {}
   for device, index in batch_sharding(mesh, rules).devices_indices_map((batch_size,)).items():
-    spans.setdefault(process_of(device), set()).add(index[0].indices(batch_size)[:2])
+    spans.setdefault(device.process_index, set()).add(index[0].indices(batch_size)[:2])
   return {p: sum(stop - start for start, stop in rows) for p, rows in spans.items()}
 
 

@@ -236,6 +236,7 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
   config.data.validation_files ('' = every 100th document of `text_files` held out), so
   that the shards hold the same text the seqio route reads.
   """
+  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   check_max_seq_len(max_seq_len)
   if not 0 <= worker_index < num_workers:
     raise DataError(f'--worker_index={worker_index} is not in [0, {num_workers})')
@@ -244,27 +245,6 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
   fs, marker_path = filesystem(marker)
   if fs.exists(marker_path):
     fs.rm(marker_path)
-  writing = []   # _export_parts appends once it writes: a failure before (files, TFDS,
-  # arguments, an export already there of another kind) is every worker's, given the same
-  # command, and leaves nothing behind.
-  try:
-    _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, worker_index,
-                  vocab_path, text_files, validation_files, tfds_data_dir, blocks_per_shard,
-                  writing)
-  except Exception as e:
-    if writing:
-      try:
-        write_atomically(marker, f'{type(e).__name__}: {" ".join(str(e).split())}')
-      except Exception:  # pylint: disable=broad-except
-        pass   # out_dir itself fails (permissions, quota): the error below says so
-    raise
-  return finalize(out_dir, split)
-
-
-def _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, worker_index,
-                  vocab_path, text_files, validation_files, tfds_data_dir,
-                  blocks_per_shard, writing: list) -> None:
-  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
   if tfds_data_dir:
     import seqio  # pylint: disable=import-outside-toplevel
     seqio.set_tfds_data_dir_override(tfds_data_dir)
@@ -276,12 +256,30 @@ def _export_parts(task, split, max_seq_len, split_url, num_parts, num_workers, w
   _check_existing_parts(split_url, dict(
       task=task, split=split, max_seq_len=max_seq_len, num_parts=num_parts,
       vocab_md5=vocabulary.md5, text_files=text_files, validation_files=validation_files))
-  writing.append(True)
-  write_vocab(split_url, tokenizer.read_vocab_bytes(vocabulary.path))
+  # A failure before this point (files, TFDS, arguments, an export there of another kind)
+  # is every worker's, given the same command, and leaves nothing behind; one from here on
+  # leaves the marker.
   info = dict(task=task, split=split, vocab_md5=vocabulary.md5,
               vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
               text_files=text_files, validation_files=validation_files)
-  for part in range(worker_index, num_parts, num_workers):
+  try:
+    _write_parts(split_url, range(worker_index, num_parts, num_workers), num_parts,
+                 vocabulary, info, max_seq_len, blocks_per_shard)
+  except Exception as e:
+    try:
+      write_atomically(marker, f'{type(e).__name__}: {" ".join(str(e).split())}')
+    except Exception:  # pylint: disable=broad-except
+      pass   # out_dir itself fails (permissions, quota): the error below says so
+    raise
+  return finalize(out_dir, split)
+
+
+def _write_parts(split_url, parts, num_parts, vocabulary, info, max_seq_len,
+                 blocks_per_shard) -> None:
+  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
+  task, split = info['task'], info['split']
+  write_vocab(split_url, tokenizer.read_vocab_bytes(vocabulary.path))
+  for part in parts:
     if exists(join_url(split_url, part_manifest_name(part))):
       logging.info('%s: part %d already exported, skipped', split_url, part)
       continue
