@@ -481,9 +481,15 @@ def _garble(path):
 
 @pytest.mark.parametrize('damage', [
     lambda step_dir: (step_dir / 'data_iter' / 'metadata').write_text('{"index": 8'),
+    # JSON of another shape: before, a KeyError the trainer called "does not look damaged",
+    # refusing to start instead of falling back to step 4.
+    lambda step_dir: (step_dir / 'data_iter' / 'metadata').write_text('{}'),
+    lambda step_dir: (step_dir / 'data_iter' / 'metadata').write_text(
+        '{"process_count": 2, "states": [{"index": 8}]}'),
     lambda step_dir: [_garble(f) for f in (step_dir / 'state').rglob('manifest.ocdbt')],
     lambda step_dir: _garble(step_dir / 'state' / '_METADATA'),
-], ids=['data_iter_not_json', 'manifest_unreadable', 'METADATA_unreadable'])
+], ids=['data_iter_not_json', 'data_iter_empty_object', 'data_iter_states_short',
+        'manifest_unreadable', 'METADATA_unreadable'])
 def test_unreadable_metadata_sets_the_step_aside(tmp_path, trainer_run, capsys, damage):
   """The README's first failure row, for damage to the small files rather than the arrays:
   the step moves to damaged_checkpoints/ with the warning, the previous one restores."""
@@ -939,8 +945,8 @@ def test_a_step_belongs_to_the_newest_start_in_its_lineage(tmp_path):
   resumed run that is the newest start, not the first."""
   step_dir = tmp_path / '16'
   (step_dir / 'data_iter').mkdir(parents=True)
-  (step_dir / 'data_iter' / 'metadata').write_text(
-      json.dumps({'lineage': [['a', -1], ['b', 8]]}))
+  (step_dir / 'data_iter' / 'metadata').write_text(json.dumps(
+      {'process_count': 1, 'states': [{}], 'lineage': [['a', -1], ['b', 8]]}))
   assert checkpoint.lineage_of(step_dir) == [['a', -1], ['b', 8]]
   assert checkpoint.run_id_of(step_dir) == 'b'
   assert checkpoint.run_id_of(tmp_path / 'missing') is None

@@ -260,8 +260,19 @@ def written_at(step_dir) -> int | None:
 # scored step whose checkpoint is gone only if the lineage now in the workdir holds it.
 
 def read_json_item(step_dir) -> dict:
-  """The data_iter item, parsed (a missing or unparsable file is corruption)."""
-  return json.loads((epath.Path(step_dir) / DATA_ITER / 'metadata').read_text())
+  """The data_iter item, parsed and checked: a missing or unparsable file is corruption,
+  and so is JSON of another shape (orbax writes the file whole, so only damage or a
+  hand edit leaves one that parses without {'process_count': N, 'states': [N dicts]})."""
+  path = epath.Path(step_dir) / DATA_ITER / 'metadata'
+  item = json.loads(path.read_text())
+  count = item.get('process_count') if isinstance(item, dict) else None
+  states = item.get('states') if isinstance(item, dict) else None
+  if not (isinstance(count, int) and count >= 1 and isinstance(states, list)
+          and len(states) == count and all(isinstance(s, dict) for s in states)):
+    raise DamagedCheckpoint(
+        f'{path} does not hold the input position bert_sym saves ({{"process_count": N, '
+        f'"states": [N objects]}}); it was damaged or edited')
+  return item
 
 
 def lineage_of(step_dir) -> list | None:
