@@ -23,6 +23,7 @@ import uuid
 from typing import Callable, IO
 
 import fsspec
+from etils import epath
 
 _UPLOAD_CHUNK_BYTES = 16 << 20
 
@@ -77,3 +78,19 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def check_writable(directory, flag: str) -> epath.Path:
+  """Creates `directory` and writes and removes a probe file in it, so that a place this
+  process cannot write fails at once, in one line naming `flag`, and not at the first save
+  after data loading and compiling."""
+  path = epath.Path(directory)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f'Cannot write to {flag}={directory}: {e}. Pass a writable '
+                     'directory (local path or gs://bucket/path).') from e
+  return path

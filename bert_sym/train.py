@@ -33,6 +33,7 @@ from bert_sym import checkpoint
 from bert_sym import cli
 from bert_sym import config_check
 from bert_sym import distributed
+from bert_sym import files
 from bert_sym import gpu_flags
 from bert_sym import loop
 from bert_sym import metrics_writer
@@ -199,16 +200,10 @@ def _check_inputs(config, make_iterator):
 
 
 def _prepare_workdir(workdir: str) -> epath.Path:
-  path = epath.Path(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write-probe-{jax.process_index()}-{os.getpid()}'
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
-    raise RunError(f'Cannot write to --workdir={workdir}: {e}. Pass a writable '
-                   f'directory (local path or gs://bucket/path).') from e
-  return path
+    return files.check_writable(workdir, '--workdir')
+  except ValueError as e:
+    raise RunError(str(e)) from e
 
 
 @dataclasses.dataclass

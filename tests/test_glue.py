@@ -703,6 +703,8 @@ def test_bad_tasks_fail_before_training(workdir, tmp_path):
 
 def test_cli_input_errors_are_one_line(workdir, tmp_path):
   out = [f'--checkpoint={workdir}', f'--output_dir={tmp_path / "out"}', '--config.max_seq_len=32']
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
   cases = [
       (out + [f'--glue_dir={tmp_path}/nowhere', '--tasks=rte'], 'is not a directory'),
       (out + [f'--glue_dir={GLUE_DIR}', '--tasks=qqp'], 'No directory'),
@@ -714,7 +716,11 @@ def test_cli_input_errors_are_one_line(workdir, tmp_path):
       # was defined, before our parsing.
       (out + ['--config.epoch=1'], "unknown config key 'epoch'"),
       # A config file before, and without, GLUE's overrides.
-      (['--config=configs/tiny.py'] + out[:2], "no 'tasks': it is not a GLUE config")]
+      (['--config=configs/tiny.py'] + out[:2], "no 'tasks': it is not a GLUE config"),
+      # An output directory below a file: was an orbax error after RTE's data was read and
+      # its step compiled, at the first save.
+      ([out[0], out[2], f'--output_dir={blocker}/glue', f'--glue_dir={GLUE_DIR}', '--tasks=rte'],
+       f'Cannot write to --output_dir={blocker}/glue')]
   results = test_bad_inputs.drive_cases('bert_sym.glue', cases, tmp_path)
   failures = test_bad_inputs.one_line_failures('bert_sym.glue', cases, results, [])
   assert not failures, '\n\n'.join(failures)

@@ -19,6 +19,7 @@ import ml_collections
 from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import config_check
+from bert_sym import files
 from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -88,6 +89,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
 
 def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   config_check.check_glue(config)
+  files.check_writable(output_dir, '--output_dir')   # not after the first task's training
   config = with_absolute_paths(config)
   checkpoint_lib.check_same_config_on_every_host(config, 'GLUE run')
   specs = glue_data.parse_tasks(config.tasks)
