@@ -1216,7 +1216,7 @@ def test_two_set_asides_in_the_same_second_keep_both(tmp_path, monkeypatch):
   monkeypatch.setattr(reuse.time, 'time', lambda: 1_700_000_000.0)
   for text in ('first', 'second'):
     (tmp_path / 'glue_results.json').write_text(json.dumps({'run': text}))
-    suite.set_aside_results(tmp_path, 'another checkpoint')
+    reuse.set_aside_results(tmp_path, 'another checkpoint')
   kept = sorted(json.loads(p.read_text())['run'] for p in tmp_path.glob('replaced-*/*.json'))
   assert kept == ['first', 'second']
 

@@ -29,7 +29,7 @@ from bert_sym.glue import finetune as finetune_lib
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym.glue import report
 from bert_sym.glue.reuse import (OTHER_SEEDS, finished_runs, parse_seeds, recipe,
-                                 set_aside_results, with_absolute_paths)
+                                 with_absolute_paths)
 
 # parallel_seeds='auto' trains a task's seeds together from this many steps per seed, off
 # CPU. Measured (benchmarks/RESULTS.md): on an H200 at bert-base together is 1.17x faster
