@@ -206,6 +206,7 @@ class Meter:
     self.tokens = 0.0             # tokens of the steps timed since `timing`
     self.flops = 0.0              # and their model FLOPs
     self.compile_seconds = None   # written with the next row
+    self.pause_seconds = {}       # 'eval' / 'save' -> durations so far, for the ETA
     self.last_saved = None
     self.health = StepHealth(on_nonfinite, what)
 
@@ -262,14 +263,31 @@ class Meter:
     return scalars, eta, per_run
 
   @contextlib.contextmanager
-  def paused(self, state):
-    """Evals and saves do not count in steps/s, tokens/s and MFU (big_vision style)."""
+  def paused(self, state, kind: str | None = None):
+    """Evals and saves do not count in steps/s, tokens/s and MFU (big_vision style); the
+    durations of those of a `kind` are kept for the ETA (`pauses_left`)."""
     if self.timing is not None:
       jax.block_until_ready(state)   # the steps already dispatched still count
     start = time.perf_counter()
     yield
+    seconds = time.perf_counter() - start
+    if kind is not None:
+      self.pause_seconds.setdefault(kind, []).append(seconds)
     if self.timing is not None:
-      self.timing = (self.timing[0] + time.perf_counter() - start, self.timing[1])
+      self.timing = (self.timing[0] + seconds, self.timing[1])
+
+  def pauses_left(self, step: int, total_steps: int, cadences: dict[str, int]) -> float:
+    """Seconds the evals and saves still due at steps `step`..`total_steps` will take, at
+    the mean duration of each kind so far (0 for a kind not yet timed): the part of the
+    ETA that steps/s leaves out. `step` counts: its log comes before its eval and save."""
+    seconds = 0.0
+    for kind, every in cadences.items():
+      if self.pause_seconds.get(kind):
+        due = 1   # every=0: the last step's only
+        if every > 0:   # the multiples of `every` in [step, total_steps], and the last step
+          due = total_steps // every - (step - 1) // every + (total_steps % every != 0)
+        seconds += due * float(np.mean(self.pause_seconds[kind]))
+    return seconds
 
 
 # ---- The loop ----
@@ -326,15 +344,18 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
     preempted = (preemption is not None and preemption.reached(manager, step)
                  and step < total_steps)
     if log_due or preempted:   # the resumed run starts here
-      hooks.log(step, *meter.row(step))
+      scalars, eta, per_run = meter.row(step)
+      eta += meter.pauses_left(step, total_steps, {'eval': hooks.eval_every,
+                                                   'save': hooks.save_every})
+      hooks.log(step, scalars, eta, per_run)
     eval_due = hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps)
     evaluated = eval_due and not preempted
     if evaluated:
-      with meter.paused(state):
+      with meter.paused(state, 'eval'):
         hooks.evaluate(state, step)
     saving = _due(step, hooks.save_every, total_steps) or preempted
     if saving:
-      with meter.paused(state):
+      with meter.paused(state, 'save'):
         meter.fetch()   # never save after a non-finite step in 'stop' mode
         hooks.save(state, step)
         meter.last_saved = step

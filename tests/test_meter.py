@@ -144,7 +144,9 @@ def test_the_loop_counts_each_batch_at_its_padded_length(monkeypatch):
 
 def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(monkeypatch):
   """loop.run pauses the meter around evals and saves: a 100 s eval every 2 steps and a
-  50 s save every 4 leave 1 step/s (each batch takes 1 s), not 3 steps in 103 s."""
+  50 s save every 4 leave 1 step/s (each batch takes 1 s), not 3 steps in 103 s. The ETA
+  adds the evals and saves still due, at their mean duration so far (it was the steps'
+  time only: 4 s at step 8, where 404 s were left)."""
   clock = Clock(0.0)
   monkeypatch.setattr(loop.time, 'perf_counter', clock)
 
@@ -170,7 +172,21 @@ def test_slow_evals_and_saves_inside_the_loop_do_not_count_in_steps_per_second(m
   for step, scalars, eta in rows:
     assert scalars['perf/steps_per_sec'] == 1.0, (step, scalars)
     assert scalars['perf/tokens_per_sec'] == 8.0
-    assert eta == 12 - step
+  # A step's log comes before its eval and save. At step 4 only the eval at step 2 was
+  # timed: 8 steps and 5 evals (4..12) left; at 8, 4 steps, 3 evals and 2 saves (8, 12);
+  # at 12 its own eval and save.
+  assert [eta for _, _, eta in rows] == [8 + 5 * 100, 4 + 3 * 100 + 2 * 50, 100 + 50]
+  assert clock.now - (8 + 3 * 100 + 50) == 404   # what was left at step 8 indeed
+
+
+def test_the_eta_counts_each_kind_of_pause_at_its_own_cadence():
+  meter = loop.Meter(10, tokens_per_step=1, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  meter.pause_seconds = {'eval': [2.0, 4.0], 'save': [10.0]}
+  # Evals at 3, 6, 9 and the last step 10; a save only at the last step (every=0).
+  assert meter.pauses_left(4, 10, {'eval': 3, 'save': 0}) == 3 * 3.0 + 10.0
+  assert meter.pauses_left(10, 10, {'eval': 5, 'save': 5}) == 3.0 + 10.0
+  assert meter.pauses_left(4, 10, {'eval': 3, 'other': 1}) == 9.0   # never timed: 0
 
 
 class _SignalAt:
