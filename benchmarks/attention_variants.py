@@ -228,8 +228,9 @@ def write_json(args, results, num_predictions, device_name) -> str:
              if args.record else args.out_dir)
   scope = '' if args.scope == 'model' else f'_{args.scope}'
   out = os.path.join(out_dir, f'attention_variants{scope}_{device_name}.json')
-  files.write_atomically(out, json.dumps(dict(   # whole, or not at all
-      args=vars(args), device=device_name, device_kind=jax.devices()[0].device_kind,
+  recorded = {k: v for k, v in vars(args).items() if k not in ('out_dir', 'record')}
+  files.write_atomically(out, json.dumps(dict(   # whole, or not at all; no local path
+      args=recorded, device=device_name, device_kind=jax.devices()[0].device_kind,
       jax=jax.__version__, python=platform.python_version(),
       date=datetime.date.today().isoformat(), num_predictions=num_predictions,
       compute_dtype=jnp.dtype(bert.compute_dtype(args.dtype)).name, results=results),

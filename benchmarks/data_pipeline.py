@@ -171,8 +171,9 @@ def write(args, rows, examples, cores):
   results_dir = RESULTS.parent / 'results' if args.record else pathlib.Path(args.out_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
   json_path = results_dir / f'data_pipeline_{cores}core.json'
-  files.write_atomically(json_path, json.dumps(dict(   # whole, or not at all
-      date=today, machine=machine, args=vars(args), blocks=examples,
+  recorded = {k: v for k, v in vars(args).items() if k not in ('out_dir', 'record')}
+  files.write_atomically(json_path, json.dumps(dict(   # whole, or not at all; no local path
+      date=today, machine=machine, args=recorded, blocks=examples,
       raw_text_tokens_per_s_total=raw, raw_text_cores=cores,
       shards_tokens_per_s_one_core=shards,
       streaming_local_tokens_per_s_one_core=stream_local,
