@@ -220,8 +220,13 @@ def data_parallel_size(mesh: Mesh, rules) -> int:
 
 def check_batch_size(batch_size: int, mesh: Mesh, rules,
                      what: str = 'batch_size') -> int:
-  """Returns the per-process batch; raises a readable error when it does not split."""
-  dp, processes = data_parallel_size(mesh, rules), jax.process_count()
+  """Returns the per-process batch; raises a readable error when it does not split.
+
+  The processes are those of the mesh's devices, not of this process's runtime: a
+  compile-only TPU topology (bert_sym.aot) knows its hosts while one process compiles, so
+  a mesh that every host of the slice would refuse is refused before the slice is rented."""
+  dp = data_parallel_size(mesh, rules)
+  processes = len({d.process_index for d in mesh.devices.flat})
   axes = batch_axes(rules)
   if batch_size % dp:
     raise ValueError(
@@ -237,7 +242,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules,
         f'The data-parallel size {dp} is not a multiple of the {processes} processes, so '
         f'processes would have to read identical rows; give the batch axes '
         f'{axes} at least one way per process.')
-  if processes > 1:   # a compile-only topology (bert_sym.aot) has one process here
+  if processes > 1:
     needed = _rows_per_process(batch_size, mesh, rules)
     wrong = {p: n for p, n in needed.items() if n != batch_size // processes}
     if wrong:

@@ -23,6 +23,7 @@ from bert_sym import aot  # pylint: disable=g-import-not-at-top
 from bert_sym import model as model_lib
 from bert_sym import sharding
 from bert_sym import tpu
+from bert_sym import train
 from configs import tiny
 
 pytest.importorskip('libtpu', reason='needs libtpu: pip install -r requirements-tpu.txt')
@@ -110,6 +111,21 @@ def test_multi_slice_mesh_spans_slices_on_the_data_axis_only():
   config.mesh.update(data=2, fsdp=-1)
   assert dict(sharding.make_mesh(config.mesh, devices).shape) == {'data': 2, 'fsdp': 4,
                                                                   'tensor': 1}
+
+
+def test_a_mesh_the_slices_hosts_would_refuse_is_refused_here():
+  """v5e-16 is 4 hosts of 4 chips. data=2 x tensor=8 passed the preflight (this process
+  alone was counted) and stopped every trainer of the rented slice at start-up."""
+  devices = tpu.compile_only_devices(tpu.parse_topology('v5e-16'))
+  assert len({d.process_index for d in devices}) == 4
+  config = tiny_config()
+  config.mesh.update(data=2, fsdp=1, tensor=8)
+  with pytest.raises(ValueError, match='data-parallel size 2 is not a multiple of the 4 '
+                                       'processes'):
+    train.checked_mesh(config, devices)
+  config.mesh.update(data=-1, fsdp=1, tensor=1)   # 16-way data parallel: 4 rows per host
+  config.batch_size = 32
+  assert dict(train.checked_mesh(config, devices).shape)['data'] == 16
 
 
 @pytest.mark.parametrize('batch, accum, data_parallel, offered', [
