@@ -46,9 +46,22 @@
 set -euo pipefail
 
 if [[ $# -lt 5 ]]; then
-  sed -n '2,42p' "$0"; exit 2
+  sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d'; exit 2
 fi
 NAME=$1 ZONE=$2 ACCELERATOR=$3 CONFIG=$4 WORKDIR=$5
+# SPOT, UNPINNED, SKIP_PREFLIGHT: 1/true/yes is on, empty/0/false/no off (SPOT=0 was a spot
+# slice, SKIP_PREFLIGHT=0 no preflight); anything else is refused before any work.
+switch() {
+  case "${!1:-}" in
+    1|true|yes) return 0 ;;
+    ""|0|false|no) return 1 ;;
+    *) echo "$1=${!1} must be 1 (or true/yes) or 0 (or false/no)." >&2; exit 2 ;;
+  esac
+}
+SPOT_FLAG=() PIN=(-c constraints.txt)
+if switch SPOT; then SPOT_FLAG=(--spot); fi
+if switch UNPINNED; then PIN=(); fi
+if switch SKIP_PREFLIGHT; then SKIP_PREFLIGHT=1; else SKIP_PREFLIGHT=; fi
 shift 5
 EXTRA_ARGS=("$@")
 case "$ACCELERATOR" in
@@ -59,8 +72,6 @@ case "$ACCELERATOR" in
 esac
 RUNTIME_VERSION=${RUNTIME_VERSION:-$DEFAULT_RUNTIME}
 JAX_SPEC=${JAX_SPEC:-"jax[tpu]"}
-PIN=(-c constraints.txt)
-[[ -n ${UNPINNED:-} ]] && PIN=()
 if (( ${#PIN[@]} )) && [[ $JAX_SPEC == *[=\<\>~!]* ]]; then
   # pip would refuse it on every worker, after the slice exists and the old run has stopped.
   echo "JAX_SPEC=$JAX_SPEC names a version, and workers install under constraints.txt" \
@@ -83,7 +94,7 @@ COMMON=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 # 0. Preflight: does CONFIG fit on ACCELERATOR? Compiled here, before any slice exists.
-if [[ -z ${SKIP_PREFLIGHT:-} ]]; then
+if [[ -z $SKIP_PREFLIGHT ]]; then
   PREFLIGHT_PYTHON=${PYTHON:-}
   if [[ -z $PREFLIGHT_PYTHON ]]; then
     PREFLIGHT_PYTHON=python3
@@ -117,33 +128,40 @@ slice_state() {
   "${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" --format='value(state)' 2>/dev/null || true
 }
 create_slice() {
+  # The Cloud TPU API names v5e slices v5litepod-N; bert_sym.aot takes both spellings.
   echo "Creating TPU VM $NAME ($ACCELERATOR, $RUNTIME_VERSION)"
-  "${GCLOUD[@]}" create "$NAME" "${COMMON[@]}" --accelerator-type "$ACCELERATOR" \
-    --version "$RUNTIME_VERSION" ${SPOT:+--spot}
+  "${GCLOUD[@]}" create "$NAME" "${COMMON[@]}" --accelerator-type "${ACCELERATOR/#v5e-/v5litepod-}" \
+    --version "$RUNTIME_VERSION" ${SPOT_FLAG[@]+"${SPOT_FLAG[@]}"}
 }
-STATE=$(slice_state)
-case "$STATE" in
-  "")
-    create_slice ;;
-  PREEMPTED|TERMINATED)
-    echo "TPU VM $NAME is $STATE: deleting and recreating it"
-    "${GCLOUD[@]}" delete "$NAME" "${COMMON[@]}" --quiet
-    create_slice ;;
-  *)
-    # CREATING / STARTING / REPAIRING ...: wait (up to 30 minutes) for READY.
-    for _ in $(seq 180); do
-      [[ $STATE == READY ]] && break
-      echo "TPU VM $NAME is $STATE; waiting for READY"
-      sleep 10
-      STATE=$(slice_state)
-    done
-    if [[ $STATE != READY ]]; then
-      echo "TPU VM $NAME is still $STATE after 30 minutes; fix or delete it" \
-        "(gcloud compute tpus tpu-vm delete $NAME --zone $ZONE) and rerun." >&2
-      exit 1
-    fi
-    echo "Reusing TPU VM $NAME" ;;
-esac
+use_slice() {
+  local state
+  state=$(slice_state)
+  for _ in $(seq 180); do
+    case "$state" in
+      READY)
+        echo "Reusing TPU VM $NAME"; return ;;
+      "")   # none (also once a DELETING one is gone)
+        create_slice; return ;;
+      PREEMPTED|TERMINATED)
+        echo "TPU VM $NAME is $state: deleting and recreating it"
+        "${GCLOUD[@]}" delete "$NAME" "${COMMON[@]}" --quiet
+        create_slice; return ;;
+      STOPPED|SUSPENDED|HIDDEN)   # states a slice does not leave by itself
+        echo "TPU VM $NAME is $state; start it (gcloud compute tpus tpu-vm start $NAME" \
+          "--zone $ZONE) or delete it, and rerun." >&2
+        exit 1 ;;
+    esac
+    # CREATING / STARTING / RESTARTING / REPAIRING / STOPPING / DELETING ...: wait for it
+    # to settle (up to 30 minutes).
+    echo "TPU VM $NAME is $state; waiting"
+    sleep 10
+    state=$(slice_state)
+  done
+  echo "TPU VM $NAME is still $state after 30 minutes; fix or delete it" \
+    "(gcloud compute tpus tpu-vm delete $NAME --zone $ZONE) and rerun." >&2
+  exit 1
+}
+use_slice
 
 # 2. This checkout on every worker (its archive was built before step 1).
 "${GCLOUD[@]}" scp "$ARCHIVE" "$NAME":bert_sym.tar.gz "${COMMON[@]}" --worker=all

@@ -148,7 +148,8 @@ def test_a_preempted_worker_beside_a_failed_one_is_not_requeued(slurm):
 # ---- launch/tpu_vm.sh with gcloud stubbed: the worker script runs here, in a fake home ----
 
 GCLOUD = """#!{python}
-# gcloud stub: `compute tpus tpu-vm <verb> ...`. describe answers from SLICE_STATE, scp
+# gcloud stub: `compute tpus tpu-vm <verb> ...`. describe answers from SLICE_STATE (a
+# comma-separated list: one state per describe, the last repeating), scp
 # copies into the fake worker's home, ssh runs the --command there (one worker, standing
 # for all: scp and ssh without --worker=all would reach worker 0 only, and are refused).
 import json, os, shutil, subprocess, sys
@@ -159,6 +160,8 @@ if '--zone' not in args or (verb in ('scp', 'ssh') and '--worker=all' not in arg
 record = ' '.join(args[3:5])
 if verb == 'create':
   record += ' ' + args[args.index('--version') + 1]
+  with open(os.environ['STUB_DIR'] + '/gcloud_args', 'a') as f:
+    f.write(' '.join(args) + '\\n')
 if verb == 'ssh':   # which of the launcher's three passes
   command = args[args.index('--command') + 1]
   record += ' ' + ('install' if 'pip install' in command else
@@ -169,7 +172,11 @@ if verb == 'describe':
   if '--format=json' in args:
     print(json.dumps({{'networkEndpoints': [{{}}] * 4}}))
   else:
-    print(os.environ['SLICE_STATE'])
+    states = os.environ['SLICE_STATE'].split(',')
+    counter = os.environ['STUB_DIR'] + '/describe_count'
+    seen = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, 'w').write(str(seen + 1))
+    print(states[min(seen, len(states) - 1)])
 elif verb == 'scp':
   shutil.copy(args[4], os.path.join(home, args[5].split(':')[1]))
 elif verb == 'ssh':
@@ -372,6 +379,56 @@ def test_tpu_vm_launcher_creates_the_runtime_cloud_tpu_names_for_the_generation(
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   calls = (tmp_path / 'gcloud_calls').read_text().splitlines()
   assert calls[1] == f'create bert-sym {runtime}  --spot'
+
+
+@pytest.mark.parametrize('states, code, calls, said', [
+    # Waited for until it was gone, then created (it waited 30 minutes, then failed).
+    ('DELETING,DELETING,', 0, ['describe'] * 3 + ['create'], 'is DELETING; waiting'),
+    ('CREATING,READY', 0, ['describe'] * 2, 'Reusing TPU VM'),
+    # A state the slice does not leave by itself: at once, with the command that does.
+    ('STOPPED', 1, ['describe'], 'gcloud compute tpus tpu-vm start bert-sym'),
+])
+def test_tpu_vm_launcher_waits_only_for_states_that_settle(tmp_path, states, code, calls,
+                                                           said):
+  env, _ = _stubbed_slice(tmp_path, state=states)
+  env.pop('EXPORT_TO')
+  result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v5e-16',
+                           'configs/sym_base.py', 'gs://bucket/sym_base'], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
+  assert said in result.stdout + result.stderr
+  made = [c.split()[0] for c in (tmp_path / 'gcloud_calls').read_text().splitlines()]
+  assert made[:len(calls)] == calls and 'create' not in made[len(calls):], made
+  if 'create' in calls:   # the Cloud TPU API's name for a v5e slice
+    assert 'v5litepod-16' in (tmp_path / 'gcloud_args').read_text()
+
+
+def test_tpu_vm_launcher_reads_0_as_off_and_refuses_other_switch_values(tmp_path):
+  """SPOT=0 created a spot slice and SKIP_PREFLIGHT=0 skipped the preflight: only whether
+  the variable was set counted."""
+  env, _ = _stubbed_slice(tmp_path, state='')
+  env.pop('EXPORT_TO')
+  launch = lambda: subprocess.run(
+      ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32', 'configs/sym_base.py',
+       'gs://bucket/sym_base'], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+      timeout=120)
+  env['SPOT'] = '0'
+  result = launch()
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert (tmp_path / 'gcloud_calls').read_text().splitlines()[1] == (
+      'create bert-sym tpu-ubuntu2204-base')   # no --spot
+  (tmp_path / 'gcloud_calls').unlink()
+  _executable(tmp_path / 'preflight_python', '#!/bin/sh\necho "preflight ran"; exit 1\n')
+  env.update(SKIP_PREFLIGHT='0', PYTHON=str(tmp_path / 'preflight_python'))
+  result = launch()
+  assert result.returncode == 1 and 'preflight ran' in result.stdout, result.stdout
+  assert not (tmp_path / 'gcloud_calls').exists()   # stopped before any slice
+  env['SPOT'] = 'maybe'
+  result = launch()
+  assert result.returncode == 2 and 'SPOT=maybe must be 1' in result.stderr, result.stderr
+  usage = subprocess.run(['bash', 'launch/tpu_vm.sh'], capture_output=True, text=True)
+  assert usage.returncode == 2   # the whole header, which ended mid-sentence before
+  assert usage.stdout.rstrip().endswith('SKIP_PREFLIGHT=1 skips it.'), usage.stdout[-300:]
 
 
 def test_tpu_vm_launcher_stops_before_creating_a_slice_for_a_run_that_names_no_data(tmp_path):
