@@ -123,10 +123,8 @@ _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
-  counts = {kind: 0 for kind in COLLECTIVES}
-  for match in _COLLECTIVE_OP.finditer(hlo_text):
-    counts[match.group(1)] += 1
-  return {k: v for k, v in counts.items() if v}
+  counts = collections.Counter(match.group(1) for match in _COLLECTIVE_OP.finditer(hlo_text))
+  return {kind: counts[kind] for kind in COLLECTIVES if counts[kind]}
 
 
 def memory_report(compiled) -> dict[str, int]:
@@ -171,6 +169,8 @@ def fit_advice(config, num_slices: int = 1, data_parallel: int = 1) -> str:
   step = (accum or 1) * data_parallel   # the smallest batch that splits
   if batch // 2 >= step:
     knobs.append(f'--config.batch_size={batch // 2 // step * step} (changes the recipe)')
+  knobs = knobs or ['more chips (a larger --topology), --config.mesh.tensor=2 or more, or a '
+                    'smaller model']   # everything that trades speed for memory is on
   return 'Try: ' + '; or '.join(knobs) + '.'
 
 
@@ -292,7 +292,7 @@ def _report_header(config, slice_, devices, num_slices: int) -> dict[str, Any]:
       'topology': slice_.name, 'compiler_topology': slice_.topology,
       'device_kind': devices[0].device_kind, 'num_slices': num_slices,
       'chips': len(devices), 'hbm_bytes_per_chip': slice_.chip.hbm_bytes,
-      'usable_bytes_per_chip': slice_.chip.usable_bytes,   # a GPU's: what JAX's pool can hold
+      'usable_bytes_per_chip': slice_.chip.usable_bytes,   # the compiler's or JAX's share
       'jax': jax.__version__, 'attention': config.model.attention,
       'attention_impl': config.model.attention_impl,
       'batch_size': config.batch_size, 'seq_len': config.data.max_seq_len,
@@ -312,6 +312,8 @@ def _compile_report(jitted, args, name: str, executables: dict | None):
     message = str(e)
     if 'RESOURCE_EXHAUSTED' not in message and 'hbm' not in message.lower():
       raise
+    if vmem := tpu.vmem_shortage(message):
+      raise AotError(f'{name}: {vmem}') from None
     return {'compiler_out_of_memory': message.splitlines()[0][:500]}, tpu.bytes_over_hbm(message)
   if executables is not None:
     executables[name] = compiled
@@ -385,13 +387,11 @@ def main(argv):
     if os.path.isdir(_OUT.value):
       raise app.UsageError(f'--out={_OUT.value} is a directory; give the report a file '
                            f'name, e.g. --out={os.path.join(_OUT.value, "aot.json")}.')
-    out_dir = os.path.dirname(os.path.abspath(_OUT.value))
     try:
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-      raise app.UsageError(f'--out={_OUT.value}: cannot create its directory ({e}).') from None
-    if not os.access(out_dir, os.W_OK):
-      raise app.UsageError(f'--out={_OUT.value}: {out_dir} is not writable.')
+      files.check_writable(os.path.dirname(os.path.abspath(_OUT.value)),
+                           f'the directory of --out={_OUT.value}')
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   try:
     if _REQUIRE_DATA.value:
       config_check.check_data_named(config)
@@ -406,12 +406,11 @@ def main(argv):
   if not report['fits']:
     over = report['bytes_over_hbm']
     over_text = f'{_human(over)} over' if over else 'over (the compiler gave no figure)'
-    usable, hbm = _human(report['usable_bytes_per_chip']), _human(report['hbm_bytes_per_chip'])
+    owner = 'the TPU compiler' if report['device_kind'].startswith('TPU') else 'JAX'
     print(f"bert_sym.aot: error: does not fit on {report['topology']}: {over_text} the "
-          f"{hbm if usable == hbm else f'{usable} (of {hbm}) that JAX can have of the'} HBM "
-          f"of a {report['device_kind']} chip. "
-          f"{fit_advice(config, _NUM_SLICES.value, report['data_parallel'])}",
-          file=sys.stderr, flush=True)
+          f"{_human(report['usable_bytes_per_chip'])} (of {_human(report['hbm_bytes_per_chip'])})"
+          f" that {owner} can have of the HBM of a {report['device_kind']} chip. "
+          f"{fit_advice(config, _NUM_SLICES.value, report['data_parallel'])}", file=sys.stderr)
     sys.exit(1)
 
 

@@ -80,10 +80,10 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
     raise
 
 
-def check_writable(directory, flag: str) -> epath.Path:
+def check_writable(directory, what: str) -> epath.Path:
   """Creates `directory` and writes and removes a probe file in it, so that a place this
-  process cannot write fails at once, in one line naming `flag`, and not at the first save
-  after data loading and compiling."""
+  process cannot write fails at once, in one line naming `what` (the flag and its value),
+  and not at the first save after data loading and compiling."""
   path = epath.Path(directory)
   try:
     path.mkdir(parents=True, exist_ok=True)
@@ -91,6 +91,6 @@ def check_writable(directory, flag: str) -> epath.Path:
     probe.write_text('')
     probe.unlink()
   except OSError as e:
-    raise ValueError(f'Cannot write to {flag}={directory}: {e}. Pass a writable '
-                     'directory (local path or gs://bucket/path).') from e
+    raise ValueError(f'Cannot write to {what}: {e}. Pass a writable directory (local '
+                     'path or gs://bucket/path).') from e
   return path

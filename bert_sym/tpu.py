@@ -34,20 +34,24 @@ class Chip:
   chip_config: str          # 'megacore': the chip's two TensorCores act as one device
   hbm_bytes: int
   hbm_bytes_per_s: float
+  compiler_bytes: int       # what the TPU compiler lets a program have of the HBM
   backend: str = 'tpu'      # the JAX backend its kernels are resolved for
 
   @property
-  def usable_bytes(self) -> int:   # a step may fill the HBM: XLA owns all of it on a TPU
-    return self.hbm_bytes
+  def usable_bytes(self) -> int:
+    return self.compiler_bytes
 
 
 GiB = 1024 ** 3
 # Peak bf16 FLOP/s comes from metrics_writer.PEAK_FLOPS_BY_DEVICE_KIND (the table MFU uses).
+# compiler_bytes: the "available HBM" the TPU compiler (libtpu 0.0.42) names when a program
+# does not fit, e.g. '... exceeds available HBM (15.75G)' on v5e; the rest it keeps. The
+# v5p figure (95.74G) says its HBM is 96 GiB, not the 95 of some spec sheets.
 CHIPS = {
-    'v4': Chip('v4', 'v4', 3, 2, 'megacore', 32 * GiB, 1228e9),
-    'v5e': Chip('v5e', 'v5e', 2, 1, 'default', 16 * GiB, 819e9),
-    'v5p': Chip('v5p', 'v5', 3, 2, 'megacore', 95 * GiB, 2765e9),
-    'v6e': Chip('v6e', 'v6e', 2, 1, 'default', 32 * GiB, 1640e9),
+    'v4': Chip('v4', 'v4', 3, 2, 'megacore', 32 * GiB, 1228e9, int(30.75 * GiB)),
+    'v5e': Chip('v5e', 'v5e', 2, 1, 'default', 16 * GiB, 819e9, int(15.75 * GiB)),
+    'v5p': Chip('v5p', 'v5', 3, 2, 'megacore', 96 * GiB, 2765e9, int(95.74 * GiB)),
+    'v6e': Chip('v6e', 'v6e', 2, 1, 'default', 32 * GiB, 1640e9, int(31.25 * GiB)),
 }
 GENERATION_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6lite': 'v6e', 'v5': 'v5p'}
 
@@ -139,6 +143,17 @@ def _size(number: str, unit: str) -> int:
   return int(float(number) * _UNITS[unit.upper()])
 
 
+def vmem_shortage(message: str) -> str | None:
+  """What to say when the compiler's out-of-memory is a kernel's scratch in a core's vector
+  memory (Mosaic: CompileTimeScopedVmemOom), not HBM: more chips or sharding do not shrink
+  it, so the HBM advice would not help. None for any other message."""
+  if 'vmem' not in message.lower() or 'hbm' in message.lower():
+    return None
+  return ('a kernel needs more on-chip vector memory (VMEM) than a core has; this is not '
+          f'HBM ({message.splitlines()[0][:300]}). Fix: --config.model.attention_impl=xla, '
+          'or a smaller head size (model.hidden_size / model.num_heads).')
+
+
 def bytes_over_hbm(message: str) -> int | None:
   """How far over HBM the compiler's out-of-memory message says the step is, if it does."""
   found = _OVER_BY.search(message)
@@ -160,6 +175,11 @@ def compile_only_devices(slice_: Slice, num_slices: int = 1) -> list:
                    'pip install -r requirements-tpu.txt (the jax[tpu] extra of the '
                    f'installed jax {jax.__version__}).') from None
   kwargs = dict(chip_config_name=slice_.chip.chip_config)
+  grid = [int(side) for side in slice_.topology.split(':')[1].split('x')]
+  if slice_.chips == 1 or (slice_.chip.dims == 2 and slice_.chips == 8):
+    # Cloud TPU's hosts: libtpu assumes 2x2 chips each, but a one-chip slice (v5e-1,
+    # v6e-1; refused under that default) and a v5e-8 / v6e-8 are one VM.
+    kwargs['chips_per_host_bounds'] = tuple(grid + [1] * (3 - len(grid)))
   if num_slices > 1:
     kwargs['num_slices'] = num_slices
   try:
@@ -176,18 +196,14 @@ def compile_only_devices(slice_: Slice, num_slices: int = 1) -> list:
 def _libtpu_startup_quiet():
   """libtpu, loaded off a TPU VM, writes half a dozen lines of 'could not determine TPU
   worker hostnames' to the process's stderr (C++, fd 2): expected here, so they go to a
-  temporary file, shown only when the load fails."""
+  temporary file and are dropped, also when the topology is refused (the SliceError
+  carries libtpu's own reason in one line)."""
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile(mode='w+') as sink:
     os.dup2(sink.fileno(), 2)
     try:
       yield
-    except Exception:
-      os.dup2(saved, 2)
-      sink.seek(0)
-      sys.stderr.write(sink.read())
-      raise
     finally:
       os.dup2(saved, 2)
       os.close(saved)

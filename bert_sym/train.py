@@ -201,7 +201,7 @@ def _check_inputs(config, make_iterator):
 
 def _prepare_workdir(workdir: str) -> epath.Path:
   try:
-    return files.check_writable(workdir, '--workdir')
+    return files.check_writable(workdir, f'--workdir={workdir}')
   except ValueError as e:
     raise RunError(str(e)) from e
 

@@ -89,7 +89,7 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
 
 def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   config_check.check_glue(config)
-  files.check_writable(output_dir, '--output_dir')   # not after the first task's training
+  files.check_writable(output_dir, f'--output_dir={output_dir}')   # not after a task's training
   config = with_absolute_paths(config)
   checkpoint_lib.check_same_config_on_every_host(config, 'GLUE run')
   specs = glue_data.parse_tasks(config.tasks)
