@@ -189,6 +189,26 @@ def test_a_non_finite_eval_written_as_null_is_a_diverged_point_not_a_crash(tmp_p
   assert (tmp_path / 'loss_vs_step.png').exists()
 
 
+def test_the_plots_leave_a_notebooks_backend_alone(tmp_path):
+  """ablate's and the GLUE sweep's plots switched matplotlib to Agg: in a notebook, every
+  later plt.show() then showed nothing (the attention notebook's default path)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  from bert_sym.glue import report as glue_report  # pylint: disable=g-import-not-at-top
+  config_json = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=10']).to_json()
+  before = matplotlib.get_backend()
+  matplotlib.use('svg')   # stands for the notebook's inline backend
+  try:
+    for seed in (1, 2):
+      _fake_run(tmp_path, 'standard', seed, [(0, 12.0), (10, 6.0)], config_json)
+    ablate_report.summarize(tmp_path, ['standard'], [1, 2], total_steps=10)
+    glue_report.plot_sweep(tmp_path / 'sweep.png', [{'step': 10, 'score': 50.0}])
+    assert matplotlib.get_backend() == 'svg'
+    assert (tmp_path / 'loss_vs_step.png').read_bytes()[:4] == b'\x89PNG'
+    assert (tmp_path / 'sweep.png').read_bytes()[:4] == b'\x89PNG'
+  finally:
+    matplotlib.use(before)
+
+
 def _fake_run(root, variant, seed, curve, config_json):
   """A finished run on disk without training: config.json, metrics, a finalized step dir."""
   path = root / variant / f'seed{seed}'

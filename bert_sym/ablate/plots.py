@@ -9,27 +9,31 @@ import numpy as np
 from bert_sym import files
 
 
+def _figure(**kwargs):
+  """(figure, axes) without pyplot: pyplot would need a backend, and switching to Agg (as
+  these plots did) took a notebook's inline figures away for the rest of its session."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(**kwargs)
+  return fig, fig.subplots()
+
+
 def _save_png(fig, path: epath.Path) -> None:
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   files.write_atomically(path, lambda f: fig.savefig(f, format='png'))
-  plt.close(fig)
 
 
 def plot(workdir, runs: dict, variants: Sequence[str], target_loss: float,
          summary: dict) -> list[str]:
   """Mean eval loss over seeds (line) and min-max over seeds (band), per variant."""
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   workdir = epath.Path(workdir)
-  colors = dict(zip(variants, plt.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
+  colors = dict(zip(variants, matplotlib.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
   written = []
   axes_spec = (('step', 'loss_vs_step.png', 'training step'),
                ('tokens', 'loss_vs_tokens.png', 'tokens seen (step x batch x seq len)'),
                ('time', 'loss_vs_time.png', 'wall-clock seconds since the step-0 eval'))
   for kind, name, xlabel in axes_spec:
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+    fig, ax = _figure(figsize=(6.4, 4.0), dpi=90)
     top = []
     for v in variants:
       vruns = runs[v]
@@ -71,12 +75,11 @@ def plot(workdir, runs: dict, variants: Sequence[str], target_loss: float,
 
 def _glue_bars(workdir, variants, summary: dict, colors: dict) -> bool:
   """glue.png: GLUE dev scores per variant (mean ± std over pre-training seeds), if any."""
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   names = sorted({n for v in variants for n in summary['per_variant'][v]['glue']},
                  key=lambda n: (n.startswith('glue'), n))
   if not names:
     return False
-  fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(names) + 2), 4.0), dpi=90)
+  fig, ax = _figure(figsize=(max(6.4, 1.2 * len(names) + 2), 4.0), dpi=90)
   width = 0.8 / len(variants)
   for i, v in enumerate(variants):
     glue = summary['per_variant'][v]['glue']

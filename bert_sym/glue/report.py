@@ -152,12 +152,13 @@ def write_sweep(output_dir, workdir, points, reference_score):
 
 def plot_sweep(path, points, threshold=None):
   """GLUE vs pre-training step as a PNG, with the 95%-of-reference line when given."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')   # no display on TPU VMs and CI
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A Figure without pyplot needs no display (TPU VMs, CI) and leaves a notebook's own
+  # backend alone (matplotlib.use('Agg') took its inline figures away).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   steps = [p['step'] for p in points if p['score'] is not None]
   scores = [p['score'] for p in points if p['score'] is not None]
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  ax = fig.subplots()
   ax.plot(steps, scores, 'o-', label='GLUE (dev)')
   if threshold is not None:
     ax.axhline(threshold, color='gray', linestyle='--', label=f'95% of reference ({threshold:.2f})')
@@ -168,6 +169,5 @@ def plot_sweep(path, points, threshold=None):
   fig.tight_layout()
   png = io.BytesIO()   # rendered in memory, then written like every other output file
   fig.savefig(png, format='png', dpi=100)
-  plt.close(fig)
   write_on_process_0(path, png.getvalue())
 
