@@ -15,8 +15,8 @@
    a synthetic 51M-token corpus (100k blocks of 512) so that reads are spread over 100 MB.
 Tokens are sequence positions served (max_seq_len per example). Writes
 data_pipeline_<cores>core.json and data_pipeline.md into --out_dir (default runs/benchmarks);
---record writes the JSON to benchmarks/results/ and appends the section to
-benchmarks/RESULTS.md instead (the committed record).
+--record writes the JSON to benchmarks/results/ and puts the section, newest first, under
+the "Input pipeline" heading of benchmarks/RESULTS.md instead (the committed record).
 """
 
 import argparse
@@ -179,8 +179,7 @@ def write(args, rows, examples, cores):
       streaming_local_tokens_per_s_one_core=stream_local,
       streaming_fsspec_tokens_per_s_one_core=stream_fsspec,
       streaming_fsspec_51m_tokens_per_s_one_core=stream_51m), indent=2) + '\n')
-  section = (
-      f'\n## Input pipeline\n\n'
+  measured = (
       f'Date {today}, machine: {machine}. '
       f'`python benchmarks/data_pipeline.py`: embedded Wikipedia (train split, '
       f'{examples} blocks), max_seq_len {args.max_seq_len}, batch {args.batch_size}, '
@@ -189,9 +188,15 @@ def write(args, rows, examples, cores):
       f'{"met" if shards >= 200_000 else "NOT met"}; from the streaming format: '
       f'{"met" if min(stream_local, stream_fsspec, stream_51m) >= 200_000 else "NOT met"}.'
       '\n')
-  markdown = RESULTS if args.record else results_dir / 'data_pipeline.md'
-  with markdown.open('a' if args.record else 'w') as f:
-    f.write(section)
+  if not args.record:
+    markdown = results_dir / 'data_pipeline.md'
+    files.write_atomically(markdown, f'## Input pipeline\n\n{measured}')
+  else:   # newest first under the one heading (appended, it made a second one), the rest kept
+    markdown, heading = RESULTS, '## Input pipeline\n\n'
+    text, entry = RESULTS.read_text(), f'### Recorded {today}\n\n{measured}\n'
+    text = (text.replace(heading, heading + entry, 1) if heading in text
+            else text.rstrip('\n') + '\n\n' + heading + entry)
+    files.write_atomically(markdown, text)
   print(f'wrote {json_path} and {markdown}')
 
 

@@ -128,7 +128,9 @@ def main():
   out_dir.mkdir(parents=True, exist_ok=True)
   result = {'date': datetime.date.today().isoformat(), 'machine': platform.machine(),
             'cpu_count': os.cpu_count()}
-  checkpoint = args.checkpoint
+  # The commands run from the repository root: relative paths are the caller's, like --out_dir.
+  checkpoint = args.checkpoint and str(pathlib.Path(args.checkpoint).absolute())
+  glue_dir = args.glue_dir and str(pathlib.Path(args.glue_dir).absolute())
   if 'install' in parts:
     result['install'] = install(out_dir)
     print(json.dumps(result['install']), flush=True)
@@ -138,7 +140,7 @@ def main():
     print(json.dumps(result['train']), flush=True)
   for part, flags in (('glue_local', GLUE_LOCAL_FLAGS), ('glue_table', GLUE_FLAGS)):
     if part in parts:
-      result[part] = glue_on_demo(out_dir, part, flags, checkpoint, args.glue_dir)
+      result[part] = glue_on_demo(out_dir, part, flags, checkpoint, glue_dir)
       print(result[part]['table'], flush=True)
   print(json.dumps(result, indent=2))
   if args.record:
