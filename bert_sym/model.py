@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_sym import sharding
-from bert_sym.attention import SelfAttention, current_backend, dense_init, inverted_dropout
+from bert_sym.attention import (SelfAttention, current_backend, dense_init, inverted_dropout,
+                                target_backend)
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -333,8 +334,12 @@ def params_per_module(tree, depth=2) -> dict[str, int]:
 
 
 def encoder_plus_pooler_params(cfg) -> int:
-  """The paper's (and Hugging Face BertModel's) count: encoder + pooler, no MLM head."""
-  return count_params(abstract_params(BertModel(cfg)))
+  """The paper's (and Hugging Face BertModel's) count: encoder + pooler, no MLM head.
+
+  Counted with kernels resolved for the CPU: asking JAX for its default backend started
+  it, and in a notebook (ablate.run) that took the GPU or TPU its trainers then need."""
+  with target_backend('cpu'):
+    return count_params(abstract_params(BertModel(cfg)))
 
 
 FLOPS_FORMULA = (

@@ -209,6 +209,21 @@ def test_the_plots_leave_a_notebooks_backend_alone(tmp_path):
     matplotlib.use(before)
 
 
+def test_the_summary_leaves_the_notebooks_jax_backend_unstarted():
+  """ablate.run in a notebook kernel: counting the parameters for the summary started JAX's
+  backend there (jax.default_backend()), which on Colab holds the GPU or TPU the next
+  call's trainers need."""
+  code = ('from jax._src import xla_bridge\n'
+          'from bert_sym.ablate import report\n'
+          'from tests import ablate_fixtures as fx\n'
+          'from bert_sym import ablate\n'
+          'cost = report._model_cost(ablate.resolve_config(fx.CONFIG, []))\n'
+          'print(cost["params_encoder_pooler"] > 0, xla_bridge.backends_are_initialized())\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=fx.REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.stdout.split() == ['True', 'False'], result.stdout + result.stderr[-2000:]
+
+
 def _fake_run(root, variant, seed, curve, config_json):
   """A finished run on disk without training: config.json, metrics, a finalized step dir."""
   path = root / variant / f'seed{seed}'
@@ -407,6 +422,9 @@ def test_bad_override_fails_before_training(tmp_path):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.total_steps=-5'])
   with pytest.raises(ablate.AblationError, match='--variants'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.seed=3'])
+  # Runs without eval rows trained the whole grid, then the summary failed (IndexError).
+  with pytest.raises(ablate.AblationError, match=r'eval_steps=0: .* Fix: eval_steps >= 1'):
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.eval_steps=0'])
   assert not list(tmp_path.iterdir())
 
 

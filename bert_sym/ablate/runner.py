@@ -210,6 +210,9 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
     raise AblationError(f'{clashing}: the runner sets the variant and seed of each run; use '
                         f'--variants and --seeds.')
   requested = resolve_config(config, overrides)
+  if requested.get('eval_steps', 1) < 1:   # was an IndexError after training the grid
+    raise AblationError(f'config.eval_steps={requested.eval_steps}: the ablation compares '
+                        'the runs\' eval losses, so it needs them. Fix: eval_steps >= 1.')
   unknown = [v for v in variants if v not in attention.VARIANTS]
   if unknown:
     raise AblationError(f'Unknown variant(s) {unknown}; choose from {attention.VARIANTS}.')
