@@ -78,16 +78,29 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
   GPU 3 that does not exist (jax issues #23452, #28194); with one task per node it would
   drive 1 GPU of 8. Derived from CUDA_VISIBLE_DEVICES instead:
 
-    task sees only its own GPUs (--gpus-per-task, or fewer GPUs than tasks): all of them;
+    task sees only its own GPUs (--gpus-per-task, or one GPU each): all of them;
     all tasks see the node's G GPUs, T tasks on the node: the LOCALID-th slice of G / T.
 
-  None (JAX's default) outside SLURM, without CUDA_VISIBLE_DEVICES, or on an uneven split.
+  A task that sees several GPUs but fewer than the node's tasks shares them with others
+  (--gpu-bind=closest: a NUMA domain's GPUs): driving all of them, 4 processes would claim
+  each GPU. That is a UsageError naming the fix, unless SLURM_GPUS_ON_NODE shows enough
+  GPUs for every task to have its own. None (JAX's default) outside SLURM, without
+  CUDA_VISIBLE_DEVICES, or on an uneven split.
   """
   env = os.environ if env is None else env
   visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
   if 'SLURM_LOCALID' not in env or not visible:
     return None
   tasks = _tasks_on_this_node(env)
+  if tasks and 1 < len(visible) < tasks and not env.get('SLURM_GPUS_PER_TASK'):
+    on_node = int(env.get('SLURM_GPUS_ON_NODE') or 0)
+    if tasks * len(visible) > on_node:
+      raise app.UsageError(
+          f'SLURM task {env["SLURM_LOCALID"]} sees {len(visible)} GPUs '
+          f'(CUDA_VISIBLE_DEVICES={env["CUDA_VISIBLE_DEVICES"]}) and its node runs {tasks} '
+          'tasks, so tasks would share GPUs (e.g. --gpu-bind=closest). Fix: one task per '
+          'GPU with every task seeing the node\'s GPUs (no --gpu-bind, as '
+          'launch/slurm_gpu.sbatch), or --gpus-per-task=1.')
   if env.get('SLURM_GPUS_PER_TASK') or (tasks and len(visible) < tasks):
     return list(range(len(visible)))
   if not tasks or len(visible) % tasks:

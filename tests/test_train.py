@@ -731,6 +731,17 @@ def test_slurm_local_device_ids():
   # Not SLURM, or no GPU list: JAX's own default.
   assert distributed.slurm_local_device_ids({'CUDA_VISIBLE_DEVICES': '0'}) is None
   assert distributed.slurm_local_device_ids(dict(base)) is None
+  # --gpu-bind=closest on 2 sockets: each of the node's 8 tasks sees its socket's 4 GPUs.
+  # All 8 drove all 4 they saw: every GPU claimed by 4 processes.
+  closest = dict(base, CUDA_VISIBLE_DEVICES='4,5,6,7')
+  with pytest.raises(app.UsageError, match=r'sees 4 GPUs .* 8 tasks, so tasks would share'):
+    distributed.slurm_local_device_ids(closest)
+  with pytest.raises(app.UsageError, match='--gpus-per-task=1'):   # 9 tasks, 8 GPUs
+    distributed.slurm_local_device_ids(dict(base, SLURM_STEP_TASKS_PER_NODE='9,7', SLURM_NODEID='0',
+                                            CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7'))
+  # A node with GPUs enough for each task's own pair (SLURM_GPUS_ON_NODE): all of them.
+  assert distributed.slurm_local_device_ids(
+      dict(base, CUDA_VISIBLE_DEVICES='6,7', SLURM_GPUS_ON_NODE='16')) == [0, 1]
 
 
 def test_only_a_process_srun_started_counts_as_multi_process(monkeypatch):
