@@ -338,15 +338,46 @@ def parse_flags(argv, default_config: str = 'sym_base.py'):
   (a `UserError`; other flag errors are worded by `bert_sym.cli`).
 
   `--help` also lists the config keys, which absl cannot know (they come from a file).
+  A flag given twice is refused: absl keeps the last, so `--config` passed to a launcher
+  that passes its own trained another config than the one the launcher announced.
   """
+  for flag in ('--config', '--workdir'):
+    given = [a for a in argv[1:] if a == flag or a.startswith(f'{flag}=')]
+    if len(given) > 1:
+      raise UserError(f'{flag} is given {len(given)} times ({", ".join(given)}): one per run. '
+                      'Fix: drop all but one (with launch/slurm_gpu.sbatch, set CONFIG= or '
+                      'WORKDIR= instead of passing the flag).')
   try:
     return flags.FLAGS(argv)
   except SystemExit:
     if any(a in cli.HELP_FLAGS for a in argv[1:]):
       _print_config_keys(argv, default_config)
     raise
-  except (KeyError, AttributeError) as e:
-    raise UserError(unknown_key_line(e, argv)) from None
+  except (KeyError, AttributeError, TypeError) as e:
+    # ml_collections looked a key up inside a value (--config.model.attention.impl: a
+    # TypeError on the string; .remat.policy: a KeyError naming 'Attribute' on the bool).
+    through_a_value = _key_through_a_value(argv, default_config)
+    if through_a_value is None and isinstance(e, TypeError):
+      raise
+    raise UserError(through_a_value or unknown_key_line(e, argv)) from None
+
+
+def _key_through_a_value(argv, default_config: str) -> str | None:
+  """The line for the first --config.A.B... whose A is a value, not a group of keys."""
+  from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: errors only)
+  loaded = _load_config(argv, default_config)
+  if loaded is None:
+    return None
+  leaves = checkpoint.flat_config(loaded[0])
+  for arg in argv[1:]:
+    path = arg.split('=', 1)[0][len('--config.'):].split('.')
+    for depth in range(1, len(path)):
+      prefix = '.'.join(path[:depth])
+      if arg.startswith('--config.') and prefix in leaves:
+        return (f'unknown config key {".".join(path)!r} in {arg}: config.{prefix} is a '
+                f'value ({leaves[prefix]!r}), not a group of keys. Fix: every key must '
+                'exist in the config file (--help lists them).')
+  return None
 
 
 def unknown_key_line(error: Exception, argv, lister: str = '--help') -> str:
@@ -360,7 +391,9 @@ def unknown_key_line(error: Exception, argv, lister: str = '--help') -> str:
           f'Fix: every key must exist in the config file ({lister} lists them).')
 
 
-def _print_config_keys(argv, default_config: str) -> None:
+def _load_config(argv, default_config: str):
+  """(config, its file) of the command line's --config, without overrides; None if it
+  does not load (then a message is printed)."""
   # --config=X or --config X (both accepted), else the headline config of this checkout.
   given = [a.split('=', 1)[1] if a.startswith('--config=') else argv[i + 1]
            for i, a in enumerate(argv) if a.startswith('--config=') or
@@ -368,10 +401,15 @@ def _print_config_keys(argv, default_config: str) -> None:
   config_file = given[-1] if given else str(cli.CHECKOUT / 'configs' / default_config)
   cli.locate_config_files(['', f'--config={config_file}'])   # its package on sys.path
   try:
-    config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+    return config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
         'help', config_file.split(':', 1)[0]).get_config(
-            *config_file.split(':', 1)[1:2])
+            *config_file.split(':', 1)[1:2]), config_file
   except Exception as e:  # pylint: disable=broad-except
     print(f'(cannot list the config keys of {config_file}: {e})')
-    return
-  print(config_keys_help(config, config_file))
+    return None
+
+
+def _print_config_keys(argv, default_config: str) -> None:
+  loaded = _load_config(argv, default_config)
+  if loaded is not None:
+    print(config_keys_help(*loaded))

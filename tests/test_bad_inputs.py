@@ -150,6 +150,12 @@ def _train_cases(tmp, corpora):
       (tiny + ['--config.batch_size=0'], 'batch_size=0'),
       (tiny + ['--config.no_such_key=1'], "unknown config key 'no_such_key'"),
       (tiny + ['--config.model.attention=bogus'], "config.model.attention='bogus'"),
+      # A key looked up inside a value: a TypeError traceback, or "unknown key 'Attribute'".
+      (tiny + ['--config.model.attention.impl=cudnn'],
+       "config.model.attention is a value ('pairwise'"),
+      (tiny + ['--config.model.remat.policy=dots'], 'config.model.remat is a value'),
+      # absl kept the last: a launcher's own --config lost to the user's, silently.
+      (tiny + ['--config=configs/sym_small.py'], '--config is given 2 times'),
       (['--config=configs/sym_base.py'], 'shards_dir is not set'),
       (_shards('shards', corpora / 'pristine') + ['--config.model.vocab_size=1000'],
        '--config.model.vocab_size=30522'),

@@ -89,7 +89,6 @@ def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict
 
 def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   config_check.check_glue(config)
-  files.check_writable(output_dir, f'--output_dir={output_dir}')   # not after a task's training
   config = with_absolute_paths(config)
   checkpoint_lib.check_same_config_on_every_host(config, 'GLUE run')
   specs = glue_data.parse_tasks(config.tasks)
@@ -103,7 +102,8 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
                      f'the second sentence of {", ".join(pairs)}. Fix: --tasks without them.')
   _check_local_files(config, specs)
   mesh, rules = _mesh_and_rules(config, pretrained)
-  output_dir = epath.Path(output_dir)
+  # The inputs are checked (a refused run leaves no folder); data and compiles come next.
+  output_dir = files.check_writable(output_dir, f'--output_dir={output_dir}')
   results = _new_results(pretrained, config, mesh, seeds, specs)
   _keep_finished_runs(results, finished_runs(output_dir, pretrained.step_dir, config), seeds)
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
