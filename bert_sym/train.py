@@ -63,6 +63,7 @@ _START_OVER = flags.DEFINE_bool(
     'damaged; see damaged_checkpoints/). Without it such a workdir stops the trainer '
     'instead of silently throwing its progress away.')
 _DISTRIBUTED_FLAGS = distributed.define_flags()
+flags.adopt_module_key_flags(distributed)   # --help lists them (absl: this module's only)
 
 
 # Exit codes (bert_sym.preemption): 0 finished; 1 input problem or non-finite stop; saved

@@ -739,7 +739,8 @@ def test_help_shows_how_to_reproduce():
   result = subprocess.run([sys.executable, '-m', 'bert_sym.glue', '--help'], cwd=REPO_ROOT,
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
                           capture_output=True, text=True, timeout=120)
-  for text in ('--checkpoint', '--sweep', '--reference_score', '--glue_dir',
+  for text in ('--checkpoint', '--sweep', '--reference_score', '--glue_dir', '--[no]distributed',
+               '--coordinator_address',
                'python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/tiny_glue_ckpt',
                '--tasks=cola,sst2,mrpc,stsb,rte,wnli'):
     assert text in result.stdout, text

@@ -142,6 +142,9 @@ def test_dry_run_prints_paper_counts_without_workdir():
 def test_help_and_unknown_config_key():
   result = run_trainer(None, '--help', synthetic=False, check=False)
   assert '--dry_run' in result.stdout and '--workdir' in result.stdout
+  # The multi-process flags the README and launch/ name (were in --helpfull only).
+  for flag in ('--[no]distributed', '--coordinator_address', '--num_processes', '--process_id'):
+    assert flag in result.stdout, flag
   # The config keys, which absl cannot list by itself, with the given config's values.
   assert '--config.model.attention' in result.stdout
   assert "--config.data.validation_files" in result.stdout

@@ -72,8 +72,10 @@ def define_flags() -> types.SimpleNamespace:
   Defining flags at import would clash with `bert_sym.train`'s `--config` as soon as one
   process imports both (a notebook, the test suite).
   """
+  multiprocess = distributed.define_flags()
+  flags.adopt_module_key_flags(distributed)   # --help lists them (absl: this module's only)
   return types.SimpleNamespace(
-      multiprocess=distributed.define_flags(),
+      multiprocess=multiprocess,
       # No default here: ml_collections would load a default at definition, before
       # parsing, and apply the --config.KEY overrides then, where a mistyped key is a
       # traceback. The default file is put on the command line instead (`_with_config`).
