@@ -89,6 +89,16 @@ EXPORT_STALL_MINUTES=${EXPORT_STALL_MINUTES:-180}
 if [[ -n $EXPORT_TO && $EXPORT_TO != gs://* ]]; then
   echo "EXPORT_TO must be on gs:// (every worker writes its part there)." >&2; exit 2
 fi
+for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
+  # The launcher passes its own (absl would say the flag is "defined twice", at start-up on
+  # every worker with SKIP_PREFLIGHT=1).
+  if [[ $arg == --config=* || $arg == --workdir=* ||
+        ( -n $EXPORT_TO && $arg == --config.data.shards_dir=* ) ]]; then
+    echo "$arg: launch/tpu_vm.sh passes that flag itself (from CONFIG, WORKDIR or" \
+      "EXPORT_TO); drop it from the arguments." >&2
+    exit 2
+  fi
+done
 GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
 REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)

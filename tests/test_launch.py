@@ -431,6 +431,19 @@ def test_tpu_vm_launcher_reads_0_as_off_and_refuses_other_switch_values(tmp_path
   assert usage.stdout.rstrip().endswith('SKIP_PREFLIGHT=1 skips it.'), usage.stdout[-300:]
 
 
+@pytest.mark.parametrize('extra', ['--config=configs/tiny.py', '--workdir=gs://bucket/other',
+                                   '--config.data.shards_dir=gs://bucket/mine'])
+def test_tpu_vm_launcher_refuses_an_argument_it_passes_itself(tmp_path, extra):
+  """Given again, absl kept the user's (--config) or said 'defined twice' on every worker
+  of a created slice (--config.data.shards_dir beside EXPORT_TO, SKIP_PREFLIGHT=1)."""
+  env, _ = _stubbed_slice(tmp_path, state='')   # EXPORT_TO set
+  result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+                           'configs/sym_base.py', 'gs://bucket/sym_base', extra],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and 'passes that flag itself' in result.stderr, result.stderr
+  assert not (tmp_path / 'gcloud_calls').exists()
+
+
 def test_tpu_vm_launcher_stops_before_creating_a_slice_for_a_run_that_names_no_data(tmp_path):
   """configs/sym_base.py reads exported shards: launched without
   --config.data.shards_dir or EXPORT_TO, every worker's trainer stopped as it started, on
