@@ -35,6 +35,7 @@ class Chip:
   hbm_bytes: int
   hbm_bytes_per_s: float
   compiler_bytes: int       # what the TPU compiler lets a program have of the HBM
+  max_chips: int = 256      # the largest slice (pod) Cloud TPU offers
   backend: str = 'tpu'      # the JAX backend its kernels are resolved for
 
   @property
@@ -48,9 +49,9 @@ GiB = 1024 ** 3
 # does not fit, e.g. '... exceeds available HBM (15.75G)' on v5e; the rest it keeps. The
 # v5p figure (95.74G) says its HBM is 96 GiB, not the 95 of some spec sheets.
 CHIPS = {
-    'v4': Chip('v4', 'v4', 3, 2, 'megacore', 32 * GiB, 1228e9, int(30.75 * GiB)),
+    'v4': Chip('v4', 'v4', 3, 2, 'megacore', 32 * GiB, 1228e9, int(30.75 * GiB), 4096),
     'v5e': Chip('v5e', 'v5e', 2, 1, 'default', 16 * GiB, 819e9, int(15.75 * GiB)),
-    'v5p': Chip('v5p', 'v5', 3, 2, 'megacore', 96 * GiB, 2765e9, int(95.74 * GiB)),
+    'v5p': Chip('v5p', 'v5', 3, 2, 'megacore', 96 * GiB, 2765e9, int(95.74 * GiB), 8960),
     'v6e': Chip('v6e', 'v6e', 2, 1, 'default', 32 * GiB, 1640e9, int(31.25 * GiB)),
 }
 GENERATION_ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6lite': 'v6e', 'v5': 'v5p'}
@@ -126,6 +127,9 @@ def parse_topology(name: str) -> Slice:
       raise SliceError(f'--topology={name!r}: {chips} chips is not a power of two; give '
                        f'the grid instead{example}.')
     grid = _grid(chips, chip.dims)
+  if math.prod(grid) > chip.max_chips:
+    raise SliceError(f'--topology={name!r}: a {generation} slice has at most '
+                     f'{chip.max_chips} chips; for more, join slices with --num_slices.')
   return Slice(name, chip, f'{chip.topology_prefix}:{"x".join(map(str, grid))}',
                math.prod(grid))
 

@@ -86,7 +86,8 @@ def test_each_tpu_generation_gets_its_own_peak_for_mfu(name, peak):
 @pytest.mark.parametrize('name, message', [
     ('v5e16', 'is not a TPU slice'), ('v7x-8', 'unknown TPU generation'),
     ('v4-7', 'is not a TPU slice'), ('v5e-12', 'not a power of two'),
-    ('v4:4x4', 'grid has 3 dimensions')])
+    ('v4:4x4', 'grid has 3 dimensions'),
+    ('v5e-512', 'at most 256 chips'), ('v6e:32x16', 'at most 256 chips')])
 def test_bad_topology_names_are_one_line_errors(name, message):
   with pytest.raises(tpu.SliceError, match=message) as error:
     tpu.parse_topology(name)
