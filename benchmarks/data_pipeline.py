@@ -191,11 +191,19 @@ def write(args, rows, examples, cores):
   if not args.record:
     markdown = results_dir / 'data_pipeline.md'
     files.write_atomically(markdown, f'## Input pipeline\n\n{measured}')
-  else:   # newest first under the one heading (appended, it made a second one), the rest kept
+  else:   # newest first under the one heading (appended, it made a second one), after
+    # the section's preface (its notes on the records below), the rest kept
     markdown, heading = RESULTS, '## Input pipeline\n\n'
     text, entry = RESULTS.read_text(), f'### Recorded {today}\n\n{measured}\n'
-    text = (text.replace(heading, heading + entry, 1) if heading in text
-            else text.rstrip('\n') + '\n\n' + heading + entry)
+    if heading not in text:
+      text = text.rstrip('\n') + '\n\n' + heading + entry
+    else:
+      head, section = text.split(heading, 1)
+      end = section.find('\n## ')
+      at = section.find('### ', 0, None if end < 0 else end)
+      at = at if at >= 0 else (len(section) if end < 0 else end + 1)
+      preface = section[:at].rstrip('\n') + '\n\n' if section[:at].strip() else ''
+      text = head + heading + preface + entry + section[at:]
     files.write_atomically(markdown, text)
   print(f'wrote {json_path} and {markdown}')
 

@@ -30,7 +30,6 @@ are low then, and the estimate's memory term is a lower bound.
 import collections
 import dataclasses
 import json
-import os
 import re
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -383,13 +383,13 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_enable_compilation_cache', False)
   config = _CONFIG.value
-  if _OUT.value:   # checked before compiling, which can take minutes
-    if os.path.isdir(_OUT.value):
+  if _OUT.value:   # checked before compiling, which can take minutes (local or gs://)
+    out = epath.Path(_OUT.value)
+    if out.is_dir():
       raise app.UsageError(f'--out={_OUT.value} is a directory; give the report a file '
-                           f'name, e.g. --out={os.path.join(_OUT.value, "aot.json")}.')
+                           f'name, e.g. --out={out / "aot.json"}.')
     try:
-      files.check_writable(os.path.dirname(os.path.abspath(_OUT.value)),
-                           f'the directory of --out={_OUT.value}')
+      files.check_writable(out.parent, f'the directory of --out={_OUT.value}')
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   try:

@@ -356,13 +356,13 @@ def parse_flags(argv, default_config: str = 'sym_base.py'):
   except (KeyError, AttributeError, TypeError) as e:
     # ml_collections looked a key up inside a value (--config.model.attention.impl: a
     # TypeError on the string; .remat.policy: a KeyError naming 'Attribute' on the bool).
-    through_a_value = _key_through_a_value(argv, default_config)
+    through_a_value = key_through_a_value(argv, default_config)
     if through_a_value is None and isinstance(e, TypeError):
       raise
     raise UserError(through_a_value or unknown_key_line(e, argv)) from None
 
 
-def _key_through_a_value(argv, default_config: str) -> str | None:
+def key_through_a_value(argv, default_config: str) -> str | None:
   """The line for the first --config.A.B... whose A is a value, not a group of keys."""
   from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top  (orbax: errors only)
   loaded = _load_config(argv, default_config)

@@ -81,10 +81,11 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
     task sees only its own GPUs (--gpus-per-task, or one GPU each): all of them;
     all tasks see the node's G GPUs, T tasks on the node: the LOCALID-th slice of G / T.
 
-  A task that sees several GPUs but fewer than the node's tasks shares them with others
-  (--gpu-bind=closest: a NUMA domain's GPUs): driving all of them, 4 processes would claim
-  each GPU. That is a UsageError naming the fix, unless SLURM_GPUS_ON_NODE shows enough
-  GPUs for every task to have its own. None (JAX's default) outside SLURM, without
+  Where SLURM_GPUS_ON_NODE shows GPUs enough for each task's own set (--gpu-bind=closest,
+  2 tasks on 8 GPUs: 4 each), a task drives all it sees. A task that sees several GPUs but
+  fewer than the node's tasks otherwise shares them (closest with 8 tasks: a NUMA
+  domain's 4 GPUs each; driving all of them, 4 processes would claim each GPU): a
+  UsageError naming the fix. None (JAX's default) outside SLURM, without
   CUDA_VISIBLE_DEVICES, or on an uneven split.
   """
   env = os.environ if env is None else env
@@ -92,15 +93,16 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
   if 'SLURM_LOCALID' not in env or not visible:
     return None
   tasks = _tasks_on_this_node(env)
+  on_node = int(env.get('SLURM_GPUS_ON_NODE') or 0)
+  if tasks and tasks * len(visible) <= on_node:
+    return list(range(len(visible)))   # the tasks' GPU sets are disjoint: each its own
   if tasks and 1 < len(visible) < tasks and not env.get('SLURM_GPUS_PER_TASK'):
-    on_node = int(env.get('SLURM_GPUS_ON_NODE') or 0)
-    if tasks * len(visible) > on_node:
-      raise app.UsageError(
-          f'SLURM task {env["SLURM_LOCALID"]} sees {len(visible)} GPUs '
-          f'(CUDA_VISIBLE_DEVICES={env["CUDA_VISIBLE_DEVICES"]}) and its node runs {tasks} '
-          'tasks, so tasks would share GPUs (e.g. --gpu-bind=closest). Fix: one task per '
-          'GPU with every task seeing the node\'s GPUs (no --gpu-bind, as '
-          'launch/slurm_gpu.sbatch), or --gpus-per-task=1.')
+    raise app.UsageError(
+        f'SLURM task {env["SLURM_LOCALID"]} sees {len(visible)} GPUs '
+        f'(CUDA_VISIBLE_DEVICES={env["CUDA_VISIBLE_DEVICES"]}) and its node runs {tasks} '
+        'tasks, so tasks would share GPUs (e.g. --gpu-bind=closest). Fix: one task per '
+        'GPU with every task seeing the node\'s GPUs (no --gpu-bind, as '
+        'launch/slurm_gpu.sbatch), or --gpus-per-task=1.')
   if env.get('SLURM_GPUS_PER_TASK') or (tasks and len(visible) < tasks):
     return list(range(len(visible)))
   if not tasks or len(visible) % tasks:

@@ -336,8 +336,11 @@ def params_per_module(tree, depth=2) -> dict[str, int]:
 def encoder_plus_pooler_params(cfg) -> int:
   """The paper's (and Hugging Face BertModel's) count: encoder + pooler, no MLM head.
 
-  Counted with kernels resolved for the CPU: asking JAX for its default backend started
-  it, and in a notebook (ablate.run) that took the GPU or TPU its trainers then need."""
+  Shapes only, so counted with the xla kernel for the CPU: asking JAX for its default
+  backend started it, and in a notebook (ablate.run) that took the GPU or TPU its trainers
+  then need; a kernel named for another backend (cudnn, splash) need not build here."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.attention_impl = 'xla'
   with target_backend('cpu'):
     return count_params(abstract_params(BertModel(cfg)))
 

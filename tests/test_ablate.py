@@ -422,6 +422,11 @@ def test_bad_override_fails_before_training(tmp_path):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.total_steps=-5'])
   with pytest.raises(ablate.AblationError, match='--variants'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.seed=3'])
+  # A key looked up inside a value: a TypeError traceback, or "unknown key 'Attribute'".
+  with pytest.raises(ablate.AblationError, match=r"config.model.attention is a value"):
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.model.attention.impl=x'])
+  with pytest.raises(ablate.AblationError, match=r'config.model.remat is a value'):
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.model.remat.policy=x'])
   # Runs without eval rows trained the whole grid, then the summary failed (IndexError).
   with pytest.raises(ablate.AblationError, match=r'eval_steps=0: .* Fix: eval_steps >= 1'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.eval_steps=0'])

@@ -420,7 +420,10 @@ def test_the_command_line_errors_are_one_line_and_help_exits_0(tmp_path):
       (('--config=configs/tiny.py',), '--config and --topology are required'),
       # Before compiling (minutes at scale), not after: it was "[Errno 21] Is a directory".
       (('--config=configs/tiny.py', '--topology=v5e-4', f'--out={tmp_path}'),
-       f'--out={tmp_path} is a directory; give the report a file name')):
+       f'--out={tmp_path} is a directory; give the report a file name'),
+      (('--config=configs/tiny.py', '--topology=v5e-4', f'--out={tmp_path}/a_file/r.json'),
+       f'Cannot write to the directory of --out={tmp_path}/a_file/r.json')):
+    (tmp_path / 'a_file').write_text('')
     result = run_aot(*flags)
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
     [line] = result.stderr.strip().splitlines()

@@ -212,6 +212,8 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
            'no_such_key'),
           (['--config=configs/tiny.py', f'--workdir={out}', '--config.seed'],
            'Write overrides as --config.KEY=VALUE'),
+          (['--config=configs/tiny.py', '--config=configs/sym_small.py', f'--workdir={out}'],
+           '--config is given twice'),   # the last one won, silently
           (['--help'], None)],
       'bert_sym.shards': [
           ([], 'required: command'),

@@ -14,7 +14,8 @@ def test_a_recorded_input_pipeline_run_goes_under_the_one_heading(tmp_path, monk
   """It was appended to RESULTS.md with its own '## Input pipeline': a second section."""
   results = tmp_path / 'benchmarks' / 'RESULTS.md'
   results.parent.mkdir()
-  results.write_text('# Results\n\n## Input pipeline\n\nolder record\n\n## Next\n\nkept\n')
+  results.write_text('# Results\n\n## Input pipeline\n\npreface\n\n### Older\n\nolder record\n\n'
+                     '## Next\n\nkept\n')
   monkeypatch.setattr(data_pipeline, 'RESULTS', results)
   rows = [(f'path {i}', 300_000.0 + i, 1) for i in range(5)]
   args = argparse.Namespace(record=True, out_dir=str(tmp_path / 'out'), max_seq_len=512,
@@ -23,5 +24,6 @@ def test_a_recorded_input_pipeline_run_goes_under_the_one_heading(tmp_path, monk
     data_pipeline.write(args, rows, examples=1027, cores=2)
   text = results.read_text()
   assert text.count('## Input pipeline') == 1 and text.count('### Recorded ') == 2
-  assert text.index('### Recorded ') < text.index('older record') < text.index('## Next')
+  assert (text.index('preface') < text.index('### Recorded ') < text.index('### Older')
+          < text.index('## Next'))
   assert text.endswith('## Next\n\nkept\n') and '| path 4 | 300,004 | 1 |' in text

@@ -43,6 +43,17 @@ PAPER_COUNTS = {
 }
 
 
+@pytest.mark.parametrize('impl, backend', [('cudnn', 'gpu'), ('splash', 'tpu'), ('auto', 'gpu')])
+def test_parameters_are_counted_whatever_kernel_the_config_names(impl, backend):
+  """The count (ablation summary, --dry_run) built the model for the CPU: a config naming
+  cudnn failed there on a real GPU, and splash (which refuses length 8) everywhere."""
+  cfg = model_config('small', 'pairwise')
+  cfg.attention_impl = impl
+  with attention_lib.target_backend(backend):
+    assert bert.encoder_plus_pooler_params(cfg) == PAPER_COUNTS[('small', 'pairwise')]
+  assert cfg.attention_impl == impl   # the caller's config is left as it was
+
+
 @pytest.mark.parametrize('size,attention', sorted(PAPER_COUNTS))
 def test_encoder_plus_pooler_params_match_paper(size, attention):
   cfg = model_config(size, attention)

@@ -745,6 +745,13 @@ def test_slurm_local_device_ids():
   # A node with GPUs enough for each task's own pair (SLURM_GPUS_ON_NODE): all of them.
   assert distributed.slurm_local_device_ids(
       dict(base, CUDA_VISIBLE_DEVICES='6,7', SLURM_GPUS_ON_NODE='16')) == [0, 1]
+  # closest with 2 tasks on 8 GPUs: each sees its socket's 4 and drives them (it took a
+  # half of them as if all 8 were shared, leaving GPUs 2-5 idle).
+  two = dict(base, SLURM_STEP_TASKS_PER_NODE='2(x2)', SLURM_GPUS_ON_NODE='8')
+  assert distributed.slurm_local_device_ids(
+      dict(two, SLURM_LOCALID='1', CUDA_VISIBLE_DEVICES='4,5,6,7')) == [0, 1, 2, 3]
+  assert distributed.slurm_local_device_ids(   # no binding: all 8 seen, halves taken
+      dict(two, SLURM_LOCALID='1', CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7')) == [4, 5, 6, 7]
 
 
 def test_only_a_process_srun_started_counts_as_multi_process(monkeypatch):

@@ -51,6 +51,9 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str], list[
   config, overrides, rest = None, [], []
   for arg in argv:
     if arg.startswith('--config='):
+      if config is not None:   # as the trainer: the last one silently won
+        raise app.UsageError(f'--config is given twice (--config={config}, {arg}): one per '
+                             'ablation.')
       config = arg.split('=', 1)[1]
     elif arg.startswith('--config.'):
       if '=' not in arg:

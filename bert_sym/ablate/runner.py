@@ -47,8 +47,11 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
   try:
     values(argv)
     config_check.check(values.config)   # the trainer's value checks, before any run
-  except (KeyError, AttributeError) as e:   # the trainer's line for a mistyped key
-    raise AblationError(config_check.unknown_key_line(
+  except (KeyError, AttributeError, TypeError) as e:   # the trainer's line for a bad key
+    through_a_value = config_check.key_through_a_value(argv, config)
+    if through_a_value is None and isinstance(e, TypeError):
+      raise
+    raise AblationError(through_a_value or config_check.unknown_key_line(
         e, argv, f'python -m bert_sym.train --config={config} --help')) from None
   except config_check.ConfigError as e:
     raise AblationError(str(e)) from None
