@@ -218,6 +218,9 @@ def check_glue(config: ml_collections.ConfigDict) -> None:
   _not_negative('weight_decay', config.weight_decay)
   _not_negative('grad_clip_norm', config.grad_clip_norm)
   _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
+  for key in ('dropout_rate', 'attention_dropout_rate'):
+    if key in config:
+      _fraction(key, config[key], low_open=False)
 
 
 def check_data_named(config: ml_collections.ConfigDict) -> None:

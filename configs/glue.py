@@ -6,7 +6,9 @@
 128, weight decay 0, dev score after the last epoch (no best-epoch pick). Everything the
 paper does not state follows Hugging Face `run_glue.py`/`Trainer` defaults, which the
 reference implementation ran on: Adam betas 0.9/0.999, eps 1e-8, gradient clipping 1.0,
-keep the last partial batch, dropout 0.1 (the model's).
+keep the last partial batch, dropout 0.1 (hidden and attention, set here: the reference
+loaded the pre-training config.json, whose rates are 0.1, while a `fast` checkpoint here
+trained without attention dropout).
 
 `--config=configs/glue.py:runlocal` is the same experiment shrunk for a laptop (slices of
 256 train / 128 dev examples, 1 epoch, seed 1). The model itself (size, attention variant,
@@ -33,8 +35,13 @@ def get_config(arg=None):
   c.length_buckets = True       # pad each batch to a power of two <= max_seq_len (CPU speed)
   # The attention kernel (xla | cudnn | splash | auto). Not the checkpoint's: the kernel
   # named in pre-training may not exist here (splash off a TPU), or not tile GLUE's short
-  # lengths; auto takes the backend's fused kernel where it can run, xla elsewhere.
+  # lengths; auto takes splash on a TPU where it can tile the lengths, xla elsewhere (not
+  # cuDNN: its dropout masks ignore the seed, and it cannot batch over seeds trained
+  # together).
   c.attention_impl = 'auto'
+  # Dropout while fine-tuning (the paper's 0.1), whatever the checkpoint trained with.
+  c.dropout_rate = 0.1
+  c.attention_dropout_rate = 0.1
 
   # Optimisation (the paper's recipe).
   c.epochs = 5.0                # float: fractional epochs allowed for quick runs

@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from bert_sym import attention
 from bert_sym import checkpoint
+from bert_sym import config_check
 from bert_sym import loop
 from bert_sym import model as model_lib
 from bert_sym import sharding
@@ -571,16 +572,40 @@ def test_the_kernel_is_glues_own_choice_checked_before_training(monkeypatch):
                                        r"here: attention_impl='splash' needs a TPU but the JAX "
                                        r"backend is 'cpu'\. Fix: --config.attention_impl=auto "
                                        r"\(the default\) or xla\.$"):
-    suite._glue_kernel(_config(attention_impl='splash'), model_cfg)
+    suite._glue_kernel(_config(attention_impl='splash'), model_cfg, 'auto')
   monkeypatch.setattr(attention, 'current_backend', lambda: 'tpu')
   with pytest.raises(ValueError, match=r'multiple of 128, got 16\. Fix'):
     suite._glue_kernel(_config(attention_impl='splash', length_buckets=True,
-                               max_seq_len=128), model_cfg)
+                               max_seq_len=128), model_cfg, 'auto')
   assert suite._glue_kernel(_config(attention_impl='splash', max_seq_len=128),
-                            model_cfg) == 'splash'
-  assert suite._glue_kernel(_config(length_buckets=True), model_cfg) == 'auto'
+                            model_cfg, 'auto') == 'splash'
+  assert suite._glue_kernel(_config(length_buckets=True), model_cfg, 'auto') == 'auto'
   with pytest.raises(ValueError, match=r"one of \('auto', 'xla', 'cudnn', 'splash'\)"):
-    suite._glue_kernel(_config(attention_impl='flash'), model_cfg)
+    suite._glue_kernel(_config(attention_impl='flash'), model_cfg, 'auto')
+  # On a GPU auto is xla (it took cuDNN, whose in-kernel dropout masks do not follow the
+  # seed, and whose batching rule fails to trace the vmap over seeds trained together).
+  monkeypatch.setattr(attention, 'current_backend', lambda: 'gpu')
+  model_cfg.dtype = 'bfloat16'
+  for rate in (0.0, 0.1):
+    model_cfg.attention_dropout_rate = rate
+    assert suite._glue_kernel(_config(), model_cfg, 'auto') == 'xla'
+  model_cfg.attention_dropout_rate = 0.0
+  with pytest.raises(ValueError, match=r"'cudnn' cannot train seeds together.*"
+                                       r"--config.parallel_seeds=false"):
+    suite._glue_kernel(_config(attention_impl='cudnn'), model_cfg, 'auto')
+  assert suite._glue_kernel(_config(attention_impl='cudnn'), model_cfg, 'false') == 'cudnn'
+
+
+def test_glue_fine_tunes_with_its_own_dropout_not_the_checkpoints(workdir):
+  """A `fast` checkpoint (no attention dropout) fine-tuned without it: the rates came from
+  its config.json, where the paper's GLUE runs used 0.1."""
+  pretrained, _ = suite._checkpoint_and_tokenizer(   # pylint: disable=protected-access
+      str(workdir), _config(dropout_rate=0.05, attention_dropout_rate=0.07), 'auto')
+  assert (pretrained.config.model.dropout_rate,
+          pretrained.config.model.attention_dropout_rate) == (0.05, 0.07)
+  assert glue_config.get_config().attention_dropout_rate == 0.1
+  with pytest.raises(ValueError, match='attention_dropout_rate'):
+    config_check.check_glue(_config(attention_dropout_rate=1.5))
 
 
 def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
@@ -1396,15 +1421,15 @@ def test_a_max_seq_len_one_past_the_position_table_is_refused(monkeypatch):
   monkeypatch.setattr(suite.finetune_lib, 'check_vocab', lambda *a: None)
   config = glue_config.get_config('runlocal')
   config.update(dict(max_seq_len=32, length_buckets=False, attention_impl='xla'))
-  suite._checkpoint_and_tokenizer('CKPT', config)   # pylint: disable=protected-access
+  suite._checkpoint_and_tokenizer('CKPT', config, 'auto')   # pylint: disable=protected-access
   config.max_seq_len = 33
   with pytest.raises(ValueError, match='max_seq_len=33 exceeds'):
-    suite._checkpoint_and_tokenizer('CKPT', config)   # pylint: disable=protected-access
+    suite._checkpoint_and_tokenizer('CKPT', config, 'auto')   # pylint: disable=protected-access
 
 
 def test_sentence_pair_tasks_need_a_second_segment_embedding(monkeypatch, tmp_path):
   monkeypatch.setattr(suite, '_checkpoint_and_tokenizer',
-                      lambda checkpoint, config: (_pretrained(type_vocab_size=1), None))
+                      lambda checkpoint, config, parallel: (_pretrained(type_vocab_size=1), None))
   config = glue_config.get_config('runlocal')
   config.update(dict(tasks='rte', seeds='1', glue_dir=str(real_data.FIXTURE_GLUE_DIR)))
   with pytest.raises(ValueError, match='type_vocab_size=1: no segment embedding'):

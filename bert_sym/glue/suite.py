@@ -94,7 +94,7 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
   parallel = parallel_seeds_mode(config.get('parallel_seeds', 'auto'))   # typos fail now
-  pretrained, tokenizer = _checkpoint_and_tokenizer(checkpoint, config)
+  pretrained, tokenizer = _checkpoint_and_tokenizer(checkpoint, config, parallel)
   pairs = [s.name for s in specs if len(s.tfds_text_keys) == 2]
   if pairs and pretrained.config.model.type_vocab_size < 2:   # type 1 would look up NaN
     raise ValueError(f'{pretrained.step_dir} has model.type_vocab_size='
@@ -115,10 +115,14 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   return results
 
 
-def _checkpoint_and_tokenizer(checkpoint, config):
+def _checkpoint_and_tokenizer(checkpoint, config, parallel: str):
   """The pre-trained encoder and the tokenizer it was trained with, checked together."""
   pretrained = finetune_lib.load_pretrained_encoder(checkpoint)
-  pretrained.config.model.attention_impl = _glue_kernel(config, pretrained.config.model)
+  for key in ('dropout_rate', 'attention_dropout_rate'):   # GLUE's recipe, not pre-training's
+    if key in config:
+      pretrained.config.model[key] = config[key]
+  pretrained.config.model.attention_impl = _glue_kernel(config, pretrained.config.model,
+                                                        parallel)
   tokenizer = glue_data.WordPiece(
       config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''))
   finetune_lib.check_vocab(pretrained, tokenizer)
@@ -130,7 +134,7 @@ def _checkpoint_and_tokenizer(checkpoint, config):
   return pretrained, tokenizer
 
 
-def _glue_kernel(config, model_cfg) -> str:
+def _glue_kernel(config, model_cfg, parallel: str) -> str:
   """config.attention_impl, checked now against this backend and GLUE's lengths.
 
   The kernel is how attention is computed, not what the checkpoint learned, so GLUE
@@ -141,6 +145,16 @@ def _glue_kernel(config, model_cfg) -> str:
   if impl not in attention.IMPLEMENTATIONS:
     raise ValueError(f'GLUE config.attention_impl={impl!r}; use one of '
                      f'{attention.IMPLEMENTATIONS}.')
+  if impl == 'auto' and attention.current_backend() == 'gpu':
+    # Not cuDNN, whose attention-dropout masks come from its own generator, not the seed's
+    # key (seeds trained together would share them), and whose batching rule cannot trace
+    # the vmap over seeds trained together (jax 0.10: "cannot reshape array of shape (2,)
+    # into shape (6,)", its sequence lengths left unbatched). xla does both.
+    impl = 'xla'
+  if impl == 'cudnn' and parallel != 'false':
+    raise ValueError("GLUE config.attention_impl='cudnn' cannot train seeds together (JAX's "
+                     'cuDNN attention does not batch over their vmap). Fix: '
+                     '--config.parallel_seeds=false, or --config.attention_impl=auto.')
   shortest = glue_data.bucket_length(1, config.max_seq_len) if config.length_buckets \
       else config.max_seq_len
   try:
