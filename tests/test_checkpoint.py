@@ -1021,6 +1021,25 @@ def test_a_wrapped_os_error_is_named_by_its_cause(tmp_path, monkeypatch):
   assert 'the disk is full (ENOSPC)' in message and 'no earlier checkpoint' in message, message
 
 
+@pytest.mark.parametrize('error, cause', [
+    (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), 'the disk quota is exceeded (EDQUOT)'),
+    (PermissionError(errno.EACCES, 'Permission denied'), 'permission denied (EACCES)'),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS)), 'the filesystem is read-only (EROFS)'),
+    # TensorStore's words for them (gs://, or a local array write), in a bare Exception.
+    (Exception('RESOURCE_EXHAUSTED: Error writing "d/0": quota'),
+     'the disk is full or over quota (ENOSPC / EDQUOT)'),
+    (Exception('PERMISSION_DENIED: Error writing "d/0"'), 'permission denied (EACCES)'),
+], ids=['EDQUOT', 'EACCES', 'EROFS', 'tensorstore_RESOURCE_EXHAUSTED',
+        'tensorstore_PERMISSION_DENIED'])
+def test_each_save_failure_the_readme_names_is_one_line_with_its_cause(tmp_path, monkeypatch,
+                                                                      error, cause):
+  """README: 'A save fails (disk full, quota, permission) | The run stops at once: one
+  line'. Only ENOSPC was exercised."""
+  message = _failing_save(tmp_path, monkeypatch, (4,), error)
+  assert f'Saving checkpoint step 12 to {tmp_path}' in message and cause in message, message
+  assert 'the previous checkpoint (step 4) is intact' in message and '\n' not in message
+
+
 def test_a_save_records_its_lineage_and_meter(tmp_path):
   manager = checkpoint.make_manager(tmp_path)
   try:

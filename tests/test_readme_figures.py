@@ -211,3 +211,10 @@ def test_gpu_preflight_figures():
   assert not paper[True]['report']['fits'] and paper[False]['report']['fits']
   assert (f'with scanned layers needs {total_gib(paper[True]):.1f} GiB, over an H200\'s '
           f'{hbm:.1f} (unscanned: {total_gib(paper[False]):.1f} GiB)') in README
+
+
+def test_the_read_retries_are_the_ones_the_readme_names():
+  from bert_sym.checkpoint import restoring  # pylint: disable=g-import-not-at-top
+  waits = [restoring.BACKOFF_SECONDS * 2 ** i for i in range(restoring.READ_ATTEMPTS - 1)]
+  assert (f'Retried {restoring.READ_ATTEMPTS - 1} times with back-off '
+          f'({", ".join(f"{w:g}" for w in waits)} s)') in README
