@@ -38,6 +38,7 @@ import datetime
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -169,6 +170,20 @@ def compiled_bytes_that_fit(compiled, device) -> int | None:
   return needed
 
 
+def kernel_that_ran(chosen: str, hlo_text: str) -> str:
+  """The attention kernel in the compiled step: cuDNN flash attention (__cudnn$fmha...
+  custom calls), splash (Mosaic: tpu_custom_call) or xla. A record names what ran, not
+  what the config chose: a fused path compiled without its kernel raises (the row is an
+  error, not a fallback timed under the kernel's name)."""
+  targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+  ran = ('cudnn' if any(t.startswith('__cudnn$fmha') for t in targets) else
+         'splash' if 'tpu_custom_call' in targets else 'xla')
+  if chosen in ('cudnn', 'splash') and ran != chosen:
+    raise RuntimeError(f'the step chose the {chosen} kernel but compiled without it '
+                       f'(custom calls: {sorted(targets) or "none"})')
+  return ran
+
+
 def run_ours(spec):
   from bert_sym import gpu_flags  # pylint: disable=g-import-not-at-top  (before jax starts)
   gpu_flags.set_xla_gpu_flags(bool(spec.get('xla_gpu_flags', 1)))
@@ -212,7 +227,8 @@ def run_ours(spec):
       mfu=(tokens_per_s * flops / peak) if peak else None,
       peak_memory_gib=stats.get('peak_bytes_in_use', 0) / 2**30 or None,
       compiled_memory_gib=None if compiled_bytes is None else compiled_bytes / 2**30,
-      kernel=chosen, loss=float(metrics['train/loss']), device=device.device_kind,
+      kernel=kernel_that_ran(chosen, compiled.as_text()),
+      loss=float(metrics['train/loss']), device=device.device_kind,
       platform=device.platform, jax=jax.__version__, scan_layers=config.model.scan_layers,
       xla_flags=os.environ.get('XLA_FLAGS', ''), **profile, **_cuda_versions(jax))
 

@@ -151,3 +151,18 @@ def test_a_backend_without_memory_analysis_skips_the_check():
     def memory_analysis(self):
       return None
   assert accelerator.compiled_bytes_that_fit(NoAnalysis(), _Device(1)) is None
+
+
+def test_a_record_names_the_kernel_the_executable_holds():
+  """README figures say '(cuDNN)': the record named the config's choice, whatever the
+  compiled step held; a fused path that compiled without its kernel is now an error row."""
+  sys.path.insert(0, os.path.join(REPO_ROOT, 'benchmarks'))
+  import accelerator  # pylint: disable=g-import-not-at-top
+  cudnn = ('%a = custom-call(%q), custom_call_target="__cudnn$fmhaSoftmaxDropout"\n'
+           '%b = custom-call(%g), custom_call_target="__cudnn$fmhaSoftmaxDropoutBackward"')
+  assert accelerator.kernel_that_ran('cudnn', cudnn) == 'cudnn'
+  assert accelerator.kernel_that_ran('splash', 'custom_call_target="tpu_custom_call"') == 'splash'
+  assert accelerator.kernel_that_ran('xla', 'custom_call_target="Sharding"') == 'xla'
+  with pytest.raises(RuntimeError, match=r"chose the cudnn kernel but compiled without it "
+                                         r"\(custom calls: \['Sharding'\]\)"):
+    accelerator.kernel_that_ran('cudnn', 'custom_call_target="Sharding"')
