@@ -795,10 +795,13 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
   settings = []   # (not this test process's own collectives)
   monkeypatch.setattr(jax.config, 'update', lambda *setting: settings.append(setting))
   calls = []
+  from jax._src.clusters import ompi_cluster  # pylint: disable=g-import-not-at-top
+
   def initialize(*args, **kwargs):
     calls.append((args, kwargs))
-    if 'JAX_COORDINATOR_ADDRESS' not in os.environ:   # as JAX's own, with nothing to detect
-      raise ValueError('coordinator_address should be defined.')
+    detected = ompi_cluster.OmpiCluster.is_env_present()
+    if 'JAX_COORDINATOR_ADDRESS' not in os.environ and not detected:
+      raise ValueError('coordinator_address should be defined.')   # JAX's, nothing detected
   monkeypatch.setattr(jax.distributed, 'initialize', initialize)
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'host0:1234')
   distributed.initialize(_start_up_flags(num_processes=4, process_id=3))
@@ -824,6 +827,19 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
   with pytest.raises(app.UsageError, match=r'OMPI_COMM_WORLD_SIZE=2\) asks for') as error:
     distributed.initialize(_start_up_flags())
   assert 'drop --distributed' not in str(error.value)
+  # Open MPI 4's mpirun sets OMPI_MCA_orte_hnp_uri: JAX's own detection reads the job from
+  # it (the coordinator, count and rank), and the start-up hands it over without flags.
+  for name, value in {'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.0.0.5,10.1.0.5:38721',
+                      'OMPI_COMM_WORLD_RANK': '1', 'OMPI_COMM_WORLD_LOCAL_RANK': '1'}.items():
+    monkeypatch.setenv(name, value)
+  assert ompi_cluster.OmpiCluster.get_coordinator_address(None, None).startswith('10.0.0.5:')
+  assert (ompi_cluster.OmpiCluster.get_process_count(),
+          ompi_cluster.OmpiCluster.get_process_id()) == (2, 1)
+  calls.clear()
+  distributed.initialize(_start_up_flags())
+  assert calls == [((), {'local_device_ids': None})]
+  for name in ('OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK'):
+    monkeypatch.delenv(name)
   monkeypatch.delenv('OMPI_COMM_WORLD_SIZE')
   with pytest.raises(app.UsageError, match='drop --distributed'):
     distributed.initialize(_start_up_flags(distributed=True))
