@@ -114,3 +114,41 @@ def test_setup_cell_finds_the_repository_or_says_what_to_set(name, tmp_path):
   assert lost.returncode != 0
   assert 'No bert_sym repository found' in lost.stderr and 'set REPO_URL' in lost.stderr
   assert not (tmp_path / 'bert_sym').exists()
+
+
+@pytest.mark.parametrize('notebook', ['ablation.ipynb', 'attention_analysis.ipynb'])
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+def test_the_colab_setup_installs_the_gpu_jax_and_refuses_a_runtime_that_misses_it(
+    notebook, backend, tmp_path, monkeypatch):
+  """On a Colab GPU runtime, requirements.txt alone could replace Colab's CUDA JAX by a CPU
+  one: every run would then train on the CPU, unsaid. The setup cell (run here with Colab,
+  nvidia-smi and the subprocesses stood in for) installs jax[cuda12] beside the
+  requirements and stops if the runs' JAX still sees no GPU."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  cell = ''.join(nbformat.read(os.path.join(NOTEBOOKS, notebook), as_version=4).cells[1].source)
+  root = tmp_path / 'bert_sym'   # a fresh runtime's upload: no .venv yet
+  (root / 'bert_sym').mkdir(parents=True)
+  (root / 'configs').mkdir()
+  for name in ('bert_sym/__init__.py', 'configs/tiny.py', 'requirements.txt'):
+    (root / name).write_text('')
+  monkeypatch.chdir(root)
+  monkeypatch.setattr(sys, 'path', list(sys.path))   # the cell puts the root on it
+  monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
+  monkeypatch.setattr(shutil, 'which', lambda name: '/usr/bin/nvidia-smi'
+                      if name == 'nvidia-smi' else None)
+  calls = []
+
+  def run(command, **kwargs):
+    del kwargs
+    calls.append(command)
+    return subprocess.CompletedProcess(command, 0, stdout=f'{backend}\n')
+  monkeypatch.setattr(subprocess, 'run', run)
+  if backend == 'cpu':
+    with pytest.raises(RuntimeError, match=r'NVIDIA GPU but JAX sees cpu: pip install -U'):
+      exec(cell, {})  # pylint: disable=exec-used
+  else:
+    exec(cell, {})  # pylint: disable=exec-used
+  install = calls[0]
+  assert install[1:5] == ['-m', 'pip', 'install', '-q'] and install[-1] == 'jax[cuda12]'
+  assert install[-2] == str(root / 'requirements.txt')
