@@ -253,9 +253,11 @@ def test_reference_run_writes_everything(reference_run):
     assert np.isfinite(last[key]), key
   assert any('eval/loss' in m for m in metrics)
   assert 'ETA' in result.stdout and 'tok/s' in result.stdout
-  # The kernel that runs is said by default (auto's choice is otherwise an INFO log).
-  assert re.search(r"^Mesh \{.*\} over 1 cpu device\(s\), 1 process\(es\); "
-                   r"attention=pairwise, kernel xla$", result.stdout, re.M), result.stdout
+  # The kernel that runs is said by default (auto's choice is otherwise an INFO log), on
+  # the first line, as the README says.
+  assert re.fullmatch(r"Mesh \{.*\} over 1 cpu device\(s\), 1 process\(es\); "
+                      r"attention=pairwise, kernel xla", result.stdout.splitlines()[0]), (
+                          result.stdout)
   # No MFU against a made-up CPU peak (config.peak_flops_per_device is 0).
   assert 'MFU' not in result.stdout and not any('perf/mfu' in m for m in metrics)
   # The run ends on a summary, not on library logs.
