@@ -277,8 +277,7 @@ def cudnn_attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, seed: in
 
 
 def static_dropout_seed(module_path) -> int:
-  """A per-layer static cuDNN dropout seed (a 31-bit CRC of the module path), so that the
-  layers of one step do not draw the same mask."""
+  """A per-layer static cuDNN dropout seed (31-bit CRC of the module path): layers differ."""
   return zlib.crc32('/'.join(map(str, module_path)).encode()) & 0x7FFFFFFF
 
 
@@ -402,10 +401,11 @@ class SelfAttention(nn.Module):
   def _attend(self, query, key, value, mask, deterministic, return_weights):
     """(softmax(q k^T / sqrt(d)) v, its weights or None) on the kernel chosen for it."""
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
-    impl = resolve_implementation(
-        self.attention_impl, training_dropout=use_dropout, return_weights=return_weights,
-        seq_len=query.shape[-3], interpret=self.kernel_interpret, dtype=self.dtype,
-        scanned=self.scanned)
+    as_trained = self.attention_impl == 'auto' and self.attention_dropout_rate > 0.0
+    impl = resolve_implementation(   # auto's eval: the kernel of training, that the trainer names
+        self.attention_impl, training_dropout=use_dropout or as_trained,
+        return_weights=return_weights, seq_len=query.shape[-3],
+        interpret=self.kernel_interpret, dtype=self.dtype, scanned=self.scanned)
     if impl == 'xla':
       rng = self.make_rng('dropout') if use_dropout else None
       return xla_attention(

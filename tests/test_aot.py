@@ -201,6 +201,22 @@ def run_aot(*flags):
                         env=env, capture_output=True, text=True, timeout=900)
 
 
+def test_the_eval_step_runs_the_kernel_the_train_step_runs():
+  """auto with attention dropout trains on xla (splash has no dropout), and the trainer
+  names xla; the eval step (no dropout) resolved splash: another kernel, compiled apart,
+  whose failure would first show at the first eval."""
+  config = tiny_config(attention_impl='auto', attention_dropout_rate=0.1)
+  report = aot.preflight(config, 'v5e-4')
+  assert report['kernel'] == 'xla'
+  for step in ('train_step', 'eval_step'):
+    assert 'tpu_custom_call' not in report[step]['custom_calls'], (step, report[step])
+  config = tiny_config(attention_impl='auto', attention_dropout_rate=0.0)
+  report = aot.preflight(config, 'v5e-4')   # no dropout: splash in both
+  assert report['kernel'] == 'splash'
+  for step in ('train_step', 'eval_step'):
+    assert 'tpu_custom_call' in report[step]['custom_calls'], (step, report[step])
+
+
 def test_tiny_splash_compiles_for_v5e_4_from_the_command_line(tmp_path):
   out = tmp_path / 'r.json'
   result = run_aot('--config=configs/tiny.py', '--topology=v5e-4',
