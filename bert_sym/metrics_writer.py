@@ -249,11 +249,14 @@ class MetricWriter:
 
   def _restart_at(self, step: int) -> None:
     """TensorBoard's own way to redo steps: reading a session START at `step`, it purges
-    the earlier files' events from that step on (else every plot doubles back)."""
+    the earlier files' events from that step on (else every plot doubles back). Written
+    twice: the TensorBoard server's reader takes a run's first START for its start, not a
+    restart, and an earlier attempt wrote none (the legacy reader purged on either)."""
     if self._events is not None:
-      self._write_event(self._event_pb2.Event(
-          wall_time=time.time(), step=step,
-          session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
+      for _ in range(2):
+        self._write_event(self._event_pb2.Event(
+            wall_time=time.time(), step=step,
+            session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)))
 
   def set_aside_rows(self) -> None:
     """A run starting from step 0 in a workdir with rows (an attempt killed before its

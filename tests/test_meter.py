@@ -361,7 +361,6 @@ def test_tensorboard_shows_a_resumed_run_once(tmp_path, monkeypatch):
   showed them twice (..., 5, 6, 4, 5, 6) until the new file told it to purge them.
   The three writers are the process's 9th-11th in one second: file names numbered 8, 9, 10
   sorted 10 first, and TensorBoard showed the old plots again (a CI flake)."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(metrics_writer, '_WRITER_NUMBERS', itertools.count(8))
   monkeypatch.setattr(metrics_writer.time, 'time', lambda: 1_796_000_000.0)
   first = metrics_writer.MetricWriter(tmp_path)
@@ -374,10 +373,11 @@ def test_tensorboard_shows_a_resumed_run_once(tmp_path, monkeypatch):
     resumed.write_scalars(step, {'train/loss': 20.0 - step})
   resumed.close()
   assert len(list((tmp_path / 'tensorboard').iterdir())) == 2
-  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
-  events.Reload()
-  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [
-      (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0), (6, 14.0), (7, 13.0)]
+  # Both of TensorBoard's readers: the server's (plugin_event_accumulator) takes the first
+  # session START of a run for its start, not a restart, and showed 2..6, 4..7 when the
+  # resume's START was the run's first; the legacy reader purged on it.
+  want = [(2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0), (6, 14.0), (7, 13.0)]
+  assert _tensorboard_curves(tmp_path / 'tensorboard', 'train/loss') == (want, want)
 
   # Killed again before its first save (or --start_over): a fresh start from step 0 sets
   # the rows aside, and TensorBoard, which kept both files, showed 2..7 then 1, 2.
@@ -386,9 +386,23 @@ def test_tensorboard_shows_a_resumed_run_once(tmp_path, monkeypatch):
   for step in (1, 2):
     fresh.write_scalars(step, {'train/loss': 30.0 - step})
   fresh.close()
-  events = event_accumulator.EventAccumulator(str(tmp_path / 'tensorboard'))
-  events.Reload()
-  assert [(e.step, e.value) for e in events.Scalars('train/loss')] == [(1, 29.0), (2, 28.0)]
+  want = [(1, 29.0), (2, 28.0)]
+  assert _tensorboard_curves(tmp_path / 'tensorboard', 'train/loss') == (want, want)
+
+
+def _tensorboard_curves(directory, tag):
+  """(step, value) of `tag` as TensorBoard's two readers see it: the legacy
+  EventAccumulator and the plugin one behind the TensorBoard server."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import plugin_event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  legacy = event_accumulator.EventAccumulator(str(directory))
+  server = plugin_event_accumulator.EventAccumulator(str(directory))
+  legacy.Reload()
+  server.Reload()
+  return ([(e.step, e.value) for e in legacy.Scalars(tag)],
+          [(e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+           for e in server.Tensors(tag)])
 
 
 @pytest.mark.parametrize('setting', ['', 'own'])
