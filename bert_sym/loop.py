@@ -307,6 +307,10 @@ class Hooks:
   check_saves: Callable[[bool], None] | None = None    # raises if a background save failed;
   # its argument: whether this is a step where all processes check together (a log step)
   finish_saves: Callable[[], None] | None = None       # waits; raises if the save failed
+  # A row for the steps since the last one when stopped between rows. False where the save
+  # keeps those steps (the trainer's meter state): the resumed run then writes the row at
+  # its step, as an uninterrupted run does, instead of one off the schedule and one short.
+  row_at_preemption: bool = True
 
 
 def _due(step, every, total):
@@ -343,7 +347,7 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
       hooks.check_saves(log_due)
     preempted = (preemption is not None and preemption.reached(manager, step)
                  and step < total_steps)
-    if log_due or preempted:   # the resumed run starts here
+    if log_due or (preempted and hooks.row_at_preemption):
       scalars, eta, per_run = meter.row(step)
       eta += meter.pauses_left(step, total_steps, {'eval': hooks.eval_every,
                                                    'save': hooks.save_every})

@@ -88,7 +88,8 @@ def make_hooks(config, run, manager, evaluate, meter, input_position, lineage=No
       log_every=config.log_every_steps, save_every=config.checkpoint.every_steps,
       evaluate=evaluate, eval_every=config.eval_every_steps, console=run.console,
       check_saves=lambda together: checkpoint.check_saves(manager, together=together),
-      finish_saves=lambda: checkpoint.finish_saves(manager))
+      finish_saves=lambda: checkpoint.finish_saves(manager),
+      row_at_preemption=False)   # the save keeps the steps since the last row (meter_state)
 
 
 def run_to_total_steps(config, state, latest, train_step, data, evaluate, manager, preemption,

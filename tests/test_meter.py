@@ -227,9 +227,21 @@ def test_a_preemption_saves_before_the_eval_that_is_due_at_that_step(tmp_path):
   state, step, preempted = loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter, hooks,
                                     _SignalAt(3), _RecordingManager(calls))
   assert (int(state), step, preempted) == (3, 3, True)
-  # The steps since the last row get their row: the resumed run starts after them.
+  # The steps since the last row get their row where the save does not keep them (GLUE):
+  # the resumed run starts after them.
   assert calls == [('eval', 1), ('eval', 2), ('log', 3), ('save', 3), ('save finished', None),
                    ('eval', 3)]
+  # The trainer's save keeps them (its meter state): no row off the schedule (SIGTERM at
+  # 41 of a run logging every 7 wrote a row at 41, then one at 42 of a single step).
+  calls.clear()
+  hooks.row_at_preemption = False
+  meter = loop.Meter(8, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  loop.run(jnp.int32(0), 0, 8, _count_step, _Zeros(), meter, hooks, _SignalAt(3),
+           _RecordingManager(calls))
+  assert calls == [('eval', 1), ('eval', 2), ('save', 3), ('save finished', None), ('eval', 3)]
+  assert [step for step, _ in meter.interval] == [1, 2, 3]   # what the save's meter state holds
+  hooks.row_at_preemption = True
 
   # The background save of that step fails (disk full): the trainer's hook says it in one
   # line (CheckpointSaveError), and the eval does not run. Before, the raw OSError of
