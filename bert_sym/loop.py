@@ -313,7 +313,8 @@ class Hooks:
   row_at_preemption: bool = True
 
 
-def _due(step, every, total):
+def due(step, every, total) -> bool:
+  """Whether a cadence of `every` steps (0: only the last) falls on `step`."""
   return step == total or (every > 0 and step % every == 0)
 
 
@@ -342,7 +343,7 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
     step += 1
     meter.add(step, metrics, tokens=batch['input_ids'].size,   # GLUE: the bucket's length
               seq_len=batch['input_ids'].shape[-1])
-    log_due = _due(step, hooks.log_every, total_steps)
+    log_due = due(step, hooks.log_every, total_steps)
     if hooks.check_saves is not None:
       hooks.check_saves(log_due)
     preempted = (preemption is not None and preemption.reached(manager, step)
@@ -352,12 +353,12 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
       eta += meter.pauses_left(step, total_steps, {'eval': hooks.eval_every,
                                                    'save': hooks.save_every})
       hooks.log(step, scalars, eta, per_run)
-    eval_due = hooks.evaluate is not None and _due(step, hooks.eval_every, total_steps)
+    eval_due = hooks.evaluate is not None and due(step, hooks.eval_every, total_steps)
     evaluated = eval_due and not preempted
     if evaluated:
       with meter.paused(state, 'eval'):
         hooks.evaluate(state, step)
-    saving = _due(step, hooks.save_every, total_steps) or preempted
+    saving = due(step, hooks.save_every, total_steps) or preempted
     if saving:
       with meter.paused(state, 'save'):
         meter.fetch()   # never save after a non-finite step in 'stop' mode

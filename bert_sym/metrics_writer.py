@@ -224,6 +224,17 @@ class MetricWriter:
       self._write_event(self._event_pb2.Event(
           wall_time=time.time(), step=int(step), summary=summary))
 
+  def logged(self, step: int, tag: str) -> bool:
+    """Whether metrics.jsonl holds a row at `step` with `tag` (False where not enabled)."""
+    for line in self._jsonl.rows() if self.enabled else []:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row.get('step') == step and tag in row:
+        return True
+    return False
+
   def drop_rows_after(self, step: int) -> None:
     """Removes metrics.jsonl rows past `step`: after a resume from `step` they are redone,
     and keeping both copies would make every plot double back. Rewritten atomically."""

@@ -116,8 +116,13 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
     finally:
       manager.close()
     return step
-  if step == 0 and evaluate:
-    evaluate(state, 0)
+  # Step 0's eval; or a resume from a step whose eval never wrote its row: a preemption
+  # saves first and evaluates after, inside the notice, and the kill may come first.
+  # Process 0 alone reads metrics.jsonl; every process takes its answer (eval is collective).
+  if evaluate and (step == 0 or (loop.due(step, config.eval_every_steps, config.total_steps)
+                                 and not checkpoint.allgather_json(
+                                     run.writer.logged(step, 'eval/loss'))[0])):
+    evaluate(state, step)
   # A failed save is said once, in one line: orbax's echoes of it (tasks collected when the
   # manager closes) are muted until the manager is closed, not only during the loop.
   with checkpoint.quiet_orbax_echoes():

@@ -1021,6 +1021,32 @@ def test_a_resume_between_log_rows_logs_the_rows_of_the_uninterrupted_run(tmp_pa
   assert eval_rows(resumed) == eval_rows(reference)
 
 
+def test_a_resume_evaluates_the_step_whose_eval_was_killed(tmp_path):
+  """A preemption saves, then runs the eval due at that step inside the notice; a kill
+  during that eval lost it for good (the resumed run evaluated at step 0 only). The resume
+  now evaluates a due step that has no eval row: the row the uninterrupted run wrote."""
+  cadence = _overrides(total_steps=6, log_every_steps=3, checkpoint__every_steps=3,
+                       eval_every_steps=3)
+  reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
+  run_trainer(reference, overrides=cadence)
+  shutil.copytree(reference, resumed)
+  shutil.rmtree(resumed / 'checkpoints' / '6')   # as if killed in step 3's eval:
+  rows = (resumed / 'metrics.jsonl').read_text().splitlines()   # no row from it on
+  (resumed / 'metrics.jsonl').write_text(''.join(
+      f'{r}\n' for r in rows if json.loads(r)['step'] < 3 or (
+          json.loads(r)['step'] == 3 and 'eval/loss' not in json.loads(r))))
+  result = run_trainer(resumed, overrides=cadence)
+  assert 'Resumed from step 3' in result.stdout
+  evals = lambda w: [{k: v for k, v in m.items() if k != 'time'} for m in _metrics(w)
+                     if 'eval/loss' in m]
+  assert [m['step'] for m in evals(resumed)] == [0, 3, 6]
+  assert evals(resumed) == evals(reference)
+  # A resume whose step has its eval row does not evaluate it again.
+  shutil.rmtree(resumed / 'checkpoints' / '6')
+  run_trainer(resumed, overrides=cadence)
+  assert [m['step'] for m in evals(resumed)] == [0, 3, 6]
+
+
 def test_skip_stops_after_consecutive_nonfinite_steps_and_keeps_no_bad_model(tmp_path):
   result = run_trainer(tmp_path, overrides=_overrides(
       checkpoint__every_steps=3, optimizer__learning_rate=1e6, on_nonfinite='skip',
