@@ -109,7 +109,8 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   hooks = make_hooks(config, run, manager, evaluate, meter, position, lineage)
   if step >= config.total_steps:
     run.console(f'Already trained to step {step} (config.total_steps={config.total_steps});'
-                ' nothing to do. Raise --config.total_steps to train further.')
+                ' nothing to do. Raise --config.total_steps to train further (the learning-'
+                'rate decay is then recomputed for the new total: the rate rises again).')
     try:
       if evaluate:
         evaluate(state, step, write=False)   # the closing summary's numbers, not a new row

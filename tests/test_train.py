@@ -115,6 +115,8 @@ def test_relative_workdir_as_users_type_it(tmp_path):
   assert checkpoint.load_pretrained(os.path.relpath(tmp_path / 'run'))[1]
   # A second `make demo` ends like the first, with the final eval loss (no new row).
   assert 'Already trained to step' in again.stdout
+  # Its advice says what raising total_steps does to the schedule (the rate jumped 10x).
+  assert 'learning-rate decay is then recomputed for the new total' in again.stdout
   assert f'Done: step {STEPS}. Final eval MLM loss' in again.stdout, again.stdout[-2000:]
   assert re.search(rf'Checkpoint: \S*run/checkpoints/{STEPS}\b', again.stdout), again.stdout[-2000:]
   _assert_one_row_per_step(tmp_path / 'run')
