@@ -32,6 +32,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 128
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache():
+  """As `python -m bert_sym.aot` runs: a compile-only executable cannot be read back from
+  JAX's persistent cache (no client to load it into: a warning), so none is used."""
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  yield
+  jax.config.update('jax_enable_compilation_cache', before)
+
+
 def tiny_config(**model):
   config = tiny.get_config()
   config.data.max_seq_len = SEQ
