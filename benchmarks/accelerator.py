@@ -38,7 +38,6 @@ import datetime
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -175,7 +174,8 @@ def kernel_that_ran(chosen: str, hlo_text: str) -> str:
   custom calls), splash (Mosaic: tpu_custom_call) or xla. A record names what ran, not
   what the config chose: a fused path compiled without its kernel raises (the row is an
   error, not a fallback timed under the kernel's name)."""
-  targets = set(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+  from bert_sym import aot  # pylint: disable=g-import-not-at-top
+  targets = set(aot.CUSTOM_CALL.findall(hlo_text))
   ran = ('cudnn' if any(t.startswith('__cudnn$fmha') for t in targets) else
          'splash' if 'tpu_custom_call' in targets else 'xla')
   if chosen in ('cudnn', 'splash') and ran != chosen:

@@ -119,7 +119,7 @@ COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
 # An HLO instruction '... = f32[..] all-reduce(...)' or its async '-start' half (the
 # '-done' half is the same collective, not counted twice).
 _COLLECTIVE_OP = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
-_CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -323,7 +323,7 @@ def _compile_report(jitted, args, name: str, executables: dict | None):
       'collectives': count_collectives(hlo),
       # The kernels outside XLA's fusions: Mosaic (splash: tpu_custom_call), cuDNN
       # flash attention (__cudnn$fmhaSoftmax[Dropout][Backward]), by target.
-      'custom_calls': dict(collections.Counter(_CUSTOM_CALL.findall(hlo))),
+      'custom_calls': dict(collections.Counter(CUSTOM_CALL.findall(hlo))),
       'compiler_cost': cost_report(compiled),
   }, None
 
