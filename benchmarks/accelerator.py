@@ -95,7 +95,7 @@ def _ours_config(spec):
   config.data.max_predictions_per_seq = predictions_per_seq(spec['seq'])
   config.model.attention_impl = impl
   config.model.attention_dropout_rate = attention_dropout
-  # cuDNN's in-kernel dropout cannot run in scanned layers (bert_sym/attention.py).
+  # cuDNN's in-kernel dropout cannot run in scanned layers (bert_sym/kernel_choice.py).
   config.model.scan_layers = bool(spec['scan_layers']) and spec['path'] != 'fused_dropout'
   config.optimizer.warmup_steps = 10
   config.prng_impl = spec.get('prng_impl', 'threefry')
@@ -188,7 +188,7 @@ def run_ours(spec):
   from bert_sym import gpu_flags  # pylint: disable=g-import-not-at-top  (before jax starts)
   gpu_flags.set_xla_gpu_flags(bool(spec.get('xla_gpu_flags', 1)))
   import jax  # pylint: disable=g-import-not-at-top
-  from bert_sym import attention, loop, metrics_writer  # pylint: disable=g-import-not-at-top
+  from bert_sym import kernel_choice, loop, metrics_writer  # pylint: disable=g-import-not-at-top
   from bert_sym import model as model_lib  # pylint: disable=g-import-not-at-top
 
   config = _ours_config(spec)
@@ -218,10 +218,11 @@ def run_ours(spec):
   impl, attention_dropout = PATHS[spec['path']]
   chosen = impl
   if impl == 'auto':
-    chosen = attention.resolve_implementation(
+    chosen = kernel_choice.resolve_implementation(
         impl, training_dropout=attention_dropout > 0, return_weights=False,
         seq_len=spec['seq'], dtype=model_lib.compute_dtype(config.model.dtype),
-        scanned=bool(config.model.scan_layers))
+        scanned=bool(config.model.scan_layers),
+        head_dim=config.model.hidden_size // config.model.num_heads)
   return dict(
       compile_s=compile_s, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
       mfu=(tokens_per_s * flops / peak) if peak else None,

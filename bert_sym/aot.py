@@ -42,10 +42,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from bert_sym import attention
 from bert_sym import config_check
 from bert_sym import files
 from bert_sym import gpu
+from bert_sym import kernel_choice
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
@@ -227,7 +227,7 @@ def preflight(config: ml_collections.ConfigDict, topology: str, num_slices: int 
   is raised for a topology or config that cannot be compiled for."""
   slice_, devices = _slice_devices(config, topology, num_slices)
   report = _report_header(config, slice_, devices, num_slices)
-  with attention.target_backend(slice_.chip.backend):
+  with kernel_choice.target_backend(slice_.chip.backend):
     try:
       built = build_steps(config, devices)
     except ValueError as e:   # the trainer's own readable mesh / batch / kernel errors

@@ -15,8 +15,7 @@ Two ablations beyond the paper, each a line below:
 All reduce to "softmax(q k^T / sqrt(d_h)) v" with k = Q_h and q = Q_h P_h for the new
 variants, so one core serves every variant and no custom kernel is needed. The core is the
 config switch `model.attention_impl` (xla | cudnn | splash | auto; README, "Attention
-kernels and recipes"), each name being exactly the kernel that runs: a kernel asked for by
-name runs or raises, and `auto` logs which one it took and why.
+kernels and recipes"; bert_sym.kernel_choice picks the one that runs).
 
 Attention dropout inside cuDNN flash attention (`cudnn`, model.attention_dropout_rate > 0)
 draws its mask in the kernel from cuDNN's Philox generator: a static seed, and an offset XLA
@@ -27,167 +26,21 @@ devices share a pattern); each layer gets its own seed (its module path); and
 model.scan_layers=True is refused (the scanned backward would meet other offsets).
 """
 
-import contextlib
-import contextvars
 import functools
-import inspect
 import math
 import zlib
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from bert_sym import sharding
+from bert_sym import kernel_choice
 
 VARIANTS = ('standard', 'symmetric', 'pairwise', 'pairwise_diagonal', 'standard_syminit')
 # Variants with their own key projection (the others use k = Q_h).
 FREE_KEY_VARIANTS = ('standard', 'standard_syminit')
-IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
-# The fused kernel `auto` picks on each backend (any other backend: xla).
-BACKEND_KERNELS = {'gpu': 'cudnn', 'tpu': 'splash'}
-SPLASH_BLOCK = 128   # splash tiles are multiples of the 128-lane vector width
 dense_init = nn.initializers.normal   # BERT's N(0, initializer_range) for every weight
-
-
-_TARGET_BACKEND = contextvars.ContextVar('target_backend', default=None)
-
-
-@contextlib.contextmanager
-def target_backend(backend: str):
-  """Resolve kernels (and `model.dtype=auto`) for `backend` rather than the host's.
-
-  Ahead-of-time compilation (bert_sym.aot) traces on a CPU host for a TPU slice: there,
-  `auto` must pick splash and bfloat16, and splash must be the real Mosaic kernel.
-  """
-  token = _TARGET_BACKEND.set(backend)
-  try:
-    yield
-  finally:
-    _TARGET_BACKEND.reset(token)
-
-
-def current_backend() -> str:
-  """The backend the step is being built for: `target_backend`'s, else JAX's default."""
-  return _TARGET_BACKEND.get() or jax.default_backend()
-
-
-@functools.lru_cache(maxsize=None)   # each message once
-def _log_once(message, level=logging.INFO):
-  logging.log(level, '%s', message)
-
-
-# The private JAX entry point that exposes cuDNN's in-kernel dropout (jax.nn's does not).
-_CUDNN_DROPOUT_ARGS = ('dropout_rate', 'seed', 'q_seqlen', 'kv_seqlen', 'mask_type')
-
-
-def cudnn_dropout_missing() -> str | None:
-  """Why this JAX cannot run attention dropout inside cuDNN flash attention (None: it can)."""
-  try:
-    # pylint: disable=g-import-not-at-top
-    from jax._src.cudnn import fused_attention_stablehlo as fused
-  except ImportError as e:
-    return f'jax {jax.__version__} has no jax._src.cudnn.fused_attention_stablehlo ({e})'
-  parameters = inspect.signature(fused.dot_product_attention).parameters
-  missing = [a for a in _CUDNN_DROPOUT_ARGS if a not in parameters]
-  if missing or not hasattr(getattr(fused, 'MaskType', None), 'PADDING'):
-    return (f'jax {jax.__version__}\'s cuDNN dot_product_attention lacks '
-            f'{missing or ["MaskType.PADDING"]}')
-  return None
-
-
-def resolve_implementation(impl: str, *, training_dropout: bool, return_weights: bool,
-                           seq_len: int, backend: str | None = None,
-                           interpret: bool = False, dtype=jnp.bfloat16,
-                           scanned: bool = False) -> str:
-  """The kernel that runs: 'xla', 'cudnn' or 'splash' (see the module docstring).
-
-  `training_dropout`: attention dropout is on in this call (training, rate > 0).
-  `interpret`: run Pallas kernels in interpret mode (tests on CPU), so 'splash' runs on
-  any backend. `dtype`: the compute dtype; `auto` does not give float32 models to cuDNN,
-  whose flash kernels are 16-bit only. `scanned`: the layers run in nn.scan
-  (model.scan_layers), where cuDNN's in-kernel dropout cannot run (module docstring).
-  """
-  backend = backend or current_backend()
-  if impl == 'fused':
-    raise ValueError(
-        "model.attention_impl='fused' was removed: it ran plain XLA attention everywhere. "
-        "Use 'auto' (cudnn on GPU, splash on TPU, xla on CPU), or name the kernel: "
-        "'cudnn', 'splash' or 'xla'.")
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'model.attention_impl={impl!r}; use one of {IMPLEMENTATIONS}.')
-  if impl == 'auto':
-    return _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scanned)
-  if impl == 'xla':
-    return impl
-  # A fused kernel asked for by name: it runs as asked or the config is wrong.
-  needs = {'cudnn': 'gpu', 'splash': 'tpu'}[impl]
-  if backend != needs and not (impl == 'splash' and interpret):
-    raise ValueError(
-        f"model.attention_impl='{impl}' needs a {needs.upper()} but the JAX backend is "
-        f"{backend!r}. Set model.attention_impl=auto (picks the kernel for the backend) "
-        f"or model.attention_impl=xla.")
-  if training_dropout and impl == 'cudnn':
-    why_not = _no_fused_dropout(impl, scanned)
-    if why_not:
-      raise ValueError(
-          f"model.attention_impl='cudnn' with attention dropout cannot run: {why_not}. "
-          f"Or use model.attention_impl=xla (the paper-exact recipe).")
-  elif training_dropout:
-    raise ValueError(
-        f"model.attention_impl='{impl}' has no attention dropout, but "
-        f"model.attention_dropout_rate > 0 in training. Set "
-        f"model.attention_dropout_rate=0 (the fast recipe) or model.attention_impl=xla "
-        f"(the paper-exact recipe).")
-  if return_weights:
-    raise ValueError(
-        f"model.attention_impl='{impl}' cannot return attention weights; use "
-        f"model.attention_impl=xla (or auto) for attention maps.")
-  if impl == 'splash' and seq_len % SPLASH_BLOCK:
-    raise ValueError(
-        f"model.attention_impl='splash' needs a sequence length that is a multiple of "
-        f"{SPLASH_BLOCK}, got {seq_len}; change data.max_seq_len or use "
-        f"model.attention_impl=xla.")
-  return impl
-
-
-def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scanned) -> str:
-  """`auto`: the backend's kernel, or xla where it cannot apply (logged once, with why)."""
-  kernel = BACKEND_KERNELS.get(backend, 'xla')
-  why_not = None
-  if kernel != 'xla' and training_dropout and _no_fused_dropout(kernel, scanned):
-    why_not = _no_fused_dropout(kernel, scanned)
-  elif kernel != 'xla' and return_weights:
-    why_not = 'attention weights were asked for (return_weights)'
-  elif kernel == 'splash' and seq_len % SPLASH_BLOCK:
-    why_not = f'sequence length {seq_len} is not a multiple of {SPLASH_BLOCK}'
-  elif kernel == 'cudnn' and jnp.dtype(dtype) == jnp.float32:
-    why_not = ('model.dtype is float32 and cuDNN flash attention runs in 16 bits only '
-               '(model.dtype=auto is bfloat16 on GPU)')
-  if why_not:
-    # A warning, which the default logs show: the slow path is never taken unsaid.
-    _log_once(f'attention_impl=auto on {backend}: using xla attention, not {kernel}, '
-              f'because {why_not}.', logging.WARNING)
-    return 'xla'
-  _log_once(f'attention_impl=auto on {backend}: using {kernel} attention.')
-  return kernel
-
-
-def _no_fused_dropout(kernel: str, scanned: bool) -> str | None:
-  """Why `kernel` cannot apply attention dropout here (None: it can)."""
-  if kernel != 'cudnn':
-    return (f'attention dropout is on (model.attention_dropout_rate > 0) and {kernel} has '
-            f'none; set model.attention_dropout_rate=0 to train with {kernel}')
-  missing = cudnn_dropout_missing()
-  if missing:
-    return (f'attention dropout is on and {missing}; upgrade jax[cuda], or set '
-            'model.attention_dropout_rate=0 to train with cudnn')
-  if scanned:
-    return ('attention dropout is on and model.scan_layers=True: cuDNN\'s in-kernel dropout '
-            'would meet other masks in the backward pass of a scanned layer; set '
-            'model.scan_layers=False to train with cudnn')
-  return None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -252,7 +105,7 @@ def cudnn_attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, seed: in
   With `dropout_rate` > 0 the kernel drops attention probabilities itself (BERT's
   attention dropout, scaled by 1/(1-rate)); `seed` is static and the masks advance with
   every execution (module docstring). jax.nn.dot_product_attention has no dropout, so that
-  case calls JAX's cuDNN entry point directly (checked by cudnn_dropout_missing).
+  case calls JAX's cuDNN entry point directly (checked by kernel_choice.cudnn_dropout_missing).
   """
   bf16 = jnp.bfloat16
   q, k, v = q.astype(bf16), k.astype(bf16), v.astype(bf16)
@@ -262,7 +115,7 @@ def cudnn_attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, seed: in
         q, k, v, scale=scale, key_value_seq_lengths=key_lengths(mask),
         implementation='cudnn')
     return out.astype(dtype)
-  missing = cudnn_dropout_missing()
+  missing = kernel_choice.cudnn_dropout_missing()
   if missing:
     raise ValueError(f'attention dropout inside cuDNN flash attention: {missing}. Upgrade '
                      'jax[cuda] or use model.attention_impl=xla.')
@@ -402,10 +255,11 @@ class SelfAttention(nn.Module):
     """(softmax(q k^T / sqrt(d)) v, its weights or None) on the kernel chosen for it."""
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     as_trained = self.attention_impl == 'auto' and self.attention_dropout_rate > 0.0
-    impl = resolve_implementation(   # auto's eval: the kernel of training, that the trainer names
+    impl = kernel_choice.resolve_implementation(   # auto's eval: the kernel of training, that the trainer names
         self.attention_impl, training_dropout=use_dropout or as_trained,
         return_weights=return_weights, seq_len=query.shape[-3],
-        interpret=self.kernel_interpret, dtype=self.dtype, scanned=self.scanned)
+        interpret=self.kernel_interpret, dtype=self.dtype, scanned=self.scanned,
+        head_dim=query.shape[-1])
     if impl == 'xla':
       rng = self.make_rng('dropout') if use_dropout else None
       return xla_attention(

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from bert_sym import attention
 from bert_sym import cli
+from bert_sym import kernel_choice
 from bert_sym.cli import UserError
 from bert_sym.input import MAX_SEQ_LEN, sources
 from bert_sym.input.sources import TEXT_FILES_TASK
@@ -60,7 +61,7 @@ def _fraction(key: str, value: Any, *, low_open=True, high_open=True) -> None:
 
 def check_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> None:
   _choice(f'{prefix}.attention', model.attention, attention.VARIANTS)
-  _choice(f'{prefix}.attention_impl', model.attention_impl, attention.IMPLEMENTATIONS)
+  _choice(f'{prefix}.attention_impl', model.attention_impl, kernel_choice.IMPLEMENTATIONS)
   _choice(f'{prefix}.dtype', model.dtype, DTYPES)
   _choice(f'{prefix}.remat_policy', model.get('remat_policy', 'full'), REMAT_POLICIES)
   for key in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim',
@@ -278,11 +279,12 @@ def training_kernel(config: ml_collections.ConfigDict) -> str:
   from bert_sym import model as model_lib  # pylint: disable=import-outside-toplevel
   cfg = config.model
   try:
-    return attention.resolve_implementation(
+    return kernel_choice.resolve_implementation(
         cfg.attention_impl, training_dropout=cfg.attention_dropout_rate > 0,
         return_weights=False, seq_len=config.data.max_seq_len,
         interpret=bool(cfg.get('kernel_interpret', False)),
-        dtype=model_lib.compute_dtype(cfg.dtype), scanned=bool(cfg.get('scan_layers', False)))
+        dtype=model_lib.compute_dtype(cfg.dtype), scanned=bool(cfg.get('scan_layers', False)),
+        head_dim=cfg.hidden_size // cfg.num_heads)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_sym import sharding
-from bert_sym.attention import (SelfAttention, current_backend, dense_init, inverted_dropout,
-                                target_backend)
+from bert_sym.attention import SelfAttention, dense_init, inverted_dropout
+from bert_sym.kernel_choice import current_backend, target_backend
 
 
 def compute_dtype(name: str) -> jnp.dtype:

@@ -23,7 +23,7 @@ def model_config(size: str = 'base', attention: str = 'pairwise') -> ml_collecti
   layers, hidden, heads, mlp = MODEL_SIZES[size]
   return ml_collections.ConfigDict(dict(
       attention=attention,          # 'standard' | 'symmetric' | 'pairwise' (paper); 'pairwise_diagonal' | 'standard_syminit' (ablations)
-      attention_impl='auto',        # 'auto' | 'xla' | 'cudnn' (GPU) | 'splash' (TPU); see bert_sym/attention.py
+      attention_impl='auto',        # 'auto' | 'xla' | 'cudnn' (GPU) | 'splash' (TPU); see bert_sym/kernel_choice.py
       vocab_size=BERT_UNCASED_VOCAB_SIZE,
       hidden_size=hidden,
       num_layers=layers,

@@ -20,6 +20,7 @@ import pytest
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 from bert_sym import aot  # pylint: disable=g-import-not-at-top
+from bert_sym import kernel_choice
 from bert_sym import model as model_lib
 from bert_sym import sharding
 from bert_sym import tpu
@@ -307,7 +308,7 @@ def test_argument_bytes_are_the_shards_of_the_state_and_batch(paper_recipe):
   never reads (the dense mlm_targets, when the sparse head reads its own) is dropped."""
   config, report, compiled = paper_recipe
   devices = tpu.compile_only_devices(tpu.parse_topology('v5e-4'))
-  with aot.attention.target_backend('tpu'):
+  with kernel_choice.target_backend('tpu'):
     built = aot.build_steps(config, devices)
   leaves = aot.jax.tree.leaves((built.spec.abstract, built.batch))
   formats = aot.jax.tree.leaves(compiled.input_formats)
@@ -402,16 +403,16 @@ def test_tpu_vm_launcher_stops_before_creating_a_slice_that_would_not_fit(tmp_pa
 
 
 def test_kernels_and_dtype_resolve_for_the_target_not_the_host():
-  resolve = lambda: aot.attention.resolve_implementation(
+  resolve = lambda: kernel_choice.resolve_implementation(
       'auto', training_dropout=False, return_weights=False, seq_len=SEQ)
   assert aot.jax.default_backend() == 'cpu'
   assert resolve() == 'xla' and model_lib.compute_dtype('auto') == np.float32
-  with aot.attention.target_backend('tpu'):
+  with kernel_choice.target_backend('tpu'):
     assert resolve() == 'splash' and model_lib.compute_dtype('auto') == aot.jax.numpy.bfloat16
     # Named splash: the real kernel, no interpret mode needed on this CPU host.
-    assert aot.attention.resolve_implementation(
+    assert kernel_choice.resolve_implementation(
         'splash', training_dropout=False, return_weights=False, seq_len=SEQ) == 'splash'
-  with aot.attention.target_backend('gpu'):   # tensor cores: bfloat16 too
+  with kernel_choice.target_backend('gpu'):   # tensor cores: bfloat16 too
     assert model_lib.compute_dtype('auto') == aot.jax.numpy.bfloat16
   assert resolve() == 'xla'
 

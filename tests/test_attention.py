@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from bert_sym import attention as attention_lib
+from bert_sym import config_check
 from bert_sym import hf_export as export
+from bert_sym import kernel_choice
 from bert_sym.attention import SelfAttention
 from tests.train_fixtures import cpu_devices_flags
 
@@ -263,9 +265,9 @@ def test_kernel_comparison_can_fail():
 @pytest.mark.gpu   # the CPU's side of the choice: skipped on a GPU machine
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks the CPU choice')
 def test_auto_on_cpu_picks_xla_and_says_so(caplog):
-  attention_lib._log_once.cache_clear()
+  kernel_choice._log_once.cache_clear()
   with caplog.at_level(logging.INFO):
-    impl = attention_lib.resolve_implementation(
+    impl = kernel_choice.resolve_implementation(
         'auto', training_dropout=False, return_weights=False, seq_len=128)
   assert impl == 'xla'
   assert 'attention_impl=auto on cpu: using xla attention' in caplog.text
@@ -273,9 +275,9 @@ def test_auto_on_cpu_picks_xla_and_says_so(caplog):
 
 def test_auto_falling_back_to_xla_on_an_accelerator_is_a_warning(caplog):
   """The default logs (absl at WARNING) dropped the reason a TPU or GPU run took xla."""
-  attention_lib._log_once.cache_clear()
+  kernel_choice._log_once.cache_clear()
   with caplog.at_level(logging.WARNING):
-    impl = attention_lib.resolve_implementation(
+    impl = kernel_choice.resolve_implementation(
         'auto', training_dropout=True, return_weights=False, seq_len=128, backend='tpu')
   assert impl == 'xla'
   assert ('attention_impl=auto on tpu: using xla attention, not splash, because '
@@ -286,7 +288,7 @@ def test_auto_falling_back_to_xla_on_an_accelerator_is_a_warning(caplog):
 @pytest.mark.skipif(not ON_GPU, reason='auto picks cudnn on a GPU only')
 def test_auto_on_gpu_runs_cudnn_in_bf16_and_xla_in_fp32(caplog):
   x, mask, _ = kernel_inputs()
-  attention_lib._log_once.cache_clear()
+  kernel_choice._log_once.cache_clear()
   module = SelfAttention(hidden_size=HIDDEN, num_heads=HEADS, attention='pairwise',
                          attention_impl='auto', dtype=jnp.bfloat16)
   params = init(attention_module('pairwise'), x, mask)
@@ -300,20 +302,20 @@ def test_auto_on_gpu_runs_cudnn_in_bf16_and_xla_in_fp32(caplog):
 
 @pytest.mark.parametrize('backend,kernel', [('gpu', 'cudnn'), ('tpu', 'splash')])
 def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, caplog):
-  resolve = functools.partial(attention_lib.resolve_implementation, 'auto',
+  resolve = functools.partial(kernel_choice.resolve_implementation, 'auto',
                               return_weights=False, seq_len=128, backend=backend)
   assert resolve(training_dropout=False) == kernel
-  attention_lib._log_once.cache_clear()
+  kernel_choice._log_once.cache_clear()
   with caplog.at_level(logging.INFO):   # splash has no dropout; cuDNN's in scanned layers
     assert resolve(training_dropout=True, scanned=True) == 'xla'
   assert 'attention dropout is on' in caplog.text and kernel in caplog.text
-  assert attention_lib.resolve_implementation(
+  assert kernel_choice.resolve_implementation(
       'auto', training_dropout=False, return_weights=True, seq_len=128,
       backend=backend) == 'xla'
   if kernel == 'cudnn':   # float32 models stay float32
     assert resolve(training_dropout=False, dtype=jnp.float32) == 'xla'
   else:                   # a length that splash's 128-wide blocks cannot tile
-    attention_lib._log_once.cache_clear()
+    kernel_choice._log_once.cache_clear()
     with caplog.at_level(logging.INFO):
       assert resolve(training_dropout=False, seq_len=100) == 'xla'
     assert 'sequence length 100 is not a multiple of 128' in caplog.text
@@ -331,7 +333,7 @@ def test_cudnn_off_gpu_is_a_clear_error():
 
 def test_old_fused_name_is_a_clear_error():
   with pytest.raises(ValueError, match="'fused' was removed"):
-    attention_lib.resolve_implementation('fused', training_dropout=False,
+    kernel_choice.resolve_implementation('fused', training_dropout=False,
                                          return_weights=False, seq_len=128)
 
 
@@ -371,11 +373,56 @@ def test_recipes_pair_attention_dropout_with_the_kernel_that_can_run_it():
   assert (fast.attention_impl, fast.attention_dropout_rate) == ('auto', 0.0)
   for model in (paper, fast):   # both recipes train on every backend, nothing raises
     for backend in ('cpu', 'gpu', 'tpu'):
-      attention_lib.resolve_implementation(
+      kernel_choice.resolve_implementation(
           model.attention_impl, training_dropout=model.attention_dropout_rate > 0,
           return_weights=False, seq_len=128, backend=backend)
-  assert attention_lib.resolve_implementation(
+  assert kernel_choice.resolve_implementation(
       fast.attention_impl, training_dropout=False, return_weights=False, seq_len=128,
       backend='gpu') == 'cudnn'
   with pytest.raises(ValueError, match='recipe'):
     common.base_config('tiny', 'pairwise', recipe='fastest')
+
+
+def test_cudnn_head_sizes_are_judged_by_jaxs_own_flash_attention_check(caplog):
+  """cuDNN flash attention takes head sizes that are multiples of 8 up to 128 (256 from
+  Hopper): `auto` takes xla for the others, with a warning, and a config naming cudnn is
+  refused before the step is built (it was JAX's NotImplementedError traceback at the first
+  step). The rule is JAX's check_is_flash_attention (on CPU it applies the pre-Hopper limit)."""
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=g-import-not-at-top
+  for head_dim in range(1, 300):
+    shape = jax.ShapeDtypeStruct((2, 128, 4, head_dim), jnp.bfloat16)
+    try:
+      fused.check_is_flash_attention(shape, shape, shape, fused.AttentionLayout.BTNH.value,
+                                     90000, has_bias=False, is_training=True)
+      jax_takes_it = True
+    except NotImplementedError:
+      jax_takes_it = False
+    assert (kernel_choice.cudnn_head_dim_problem(head_dim) is None) == jax_takes_it, head_dim
+  resolve = functools.partial(kernel_choice.resolve_implementation, training_dropout=False,
+                              return_weights=False, seq_len=128, backend='gpu')
+  assert resolve('auto', head_dim=64) == 'cudnn' and resolve('cudnn', head_dim=64) == 'cudnn'
+  kernel_choice._log_once.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    assert resolve('auto', head_dim=36) == 'xla'
+  assert 'using xla attention, not cudnn, because the head size 36' in caplog.text
+  with pytest.raises(ValueError, match=r"'cudnn' cannot run: the head size 36 .*num_heads"):
+    resolve('cudnn', head_dim=36)
+  # The trainer's preflight (and so bert_sym.aot for GPUs) passes the config's head size.
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.base_config('tiny', 'pairwise', recipe='fast')
+  config.model.dtype = 'bfloat16'
+  with kernel_choice.target_backend('gpu'):
+    config.model.hidden_size, config.model.num_heads = 128, 2
+    assert config_check.training_kernel(config) == 'cudnn'
+    config.model.hidden_size, config.model.num_heads = 72, 2
+    assert config_check.training_kernel(config) == 'xla'
+    config.model.attention_impl = 'cudnn'
+    with pytest.raises(config_check.ConfigError, match='head size 36'):
+      config_check.training_kernel(config)
+  # The model passes its own head size: built for a GPU, a 36-wide head runs xla (here).
+  x, mask = inputs()
+  module = SelfAttention(hidden_size=72, num_heads=2, attention='pairwise',
+                         attention_impl='auto', dtype=jnp.bfloat16)
+  with kernel_choice.target_backend('gpu'):
+    params = module.init(jax.random.key(0), x[..., :72], mask, deterministic=True)
+    module.apply(params, x[..., :72], mask, deterministic=True)

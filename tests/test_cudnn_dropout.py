@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bert_sym import attention as attention_lib
+from bert_sym import kernel_choice
 from bert_sym import model as model_lib
 from configs.common import model_config
 
@@ -47,7 +48,7 @@ def lowered_train_grads_for_gpu(cfg, monkeypatch, length=64):
     monkeypatch.setattr(fused, 'check_cudnn_version', lambda: 90800)
   module = model_lib.BertForMaskedLM(cfg)
   ids, types, mask = model_lib.dummy_inputs(2, length)
-  with attention_lib.target_backend('gpu'):
+  with kernel_choice.target_backend('gpu'):
     abstract = jax.eval_shape(lambda: nn.meta.unbox(
         module.init(jax.random.key(0), ids, types, mask)['params']))
 
@@ -60,8 +61,8 @@ def lowered_train_grads_for_gpu(cfg, monkeypatch, length=64):
 
 
 def test_dropout_runs_inside_cudnn_with_its_own_seed_per_layer(monkeypatch):
-  if attention_lib.cudnn_dropout_missing():
-    pytest.skip(attention_lib.cudnn_dropout_missing())
+  if kernel_choice.cudnn_dropout_missing():
+    pytest.skip(kernel_choice.cudnn_dropout_missing())
   calls = _custom_calls(lowered_train_grads_for_gpu(tiny_cudnn_config(), monkeypatch))
   forward = [c for t, c in calls if t == FORWARD]
   backward = [c for t, c in calls if t == BACKWARD]
@@ -80,7 +81,7 @@ def test_evaluation_calls_cudnn_without_dropout(monkeypatch):
     monkeypatch.setattr(fused, 'check_cudnn_version', lambda: 90800)
   module = model_lib.BertForMaskedLM(tiny_cudnn_config())
   inputs = model_lib.dummy_inputs(2, 64)
-  with attention_lib.target_backend('gpu'):
+  with kernel_choice.target_backend('gpu'):
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
     text = jax.jit(lambda v: module.apply(v, *inputs, deterministic=True)).trace(
         abstract).lower(lowering_platforms=('cuda',)).as_text()
@@ -88,11 +89,11 @@ def test_evaluation_calls_cudnn_without_dropout(monkeypatch):
 
 
 def test_auto_takes_cudnn_for_dropout_on_gpu_unless_layers_are_scanned(caplog):
-  resolve = lambda **kw: attention_lib.resolve_implementation(
+  resolve = lambda **kw: kernel_choice.resolve_implementation(
       'auto', return_weights=False, seq_len=128, backend='gpu', **kw)
-  expected = 'xla' if attention_lib.cudnn_dropout_missing() else 'cudnn'
+  expected = 'xla' if kernel_choice.cudnn_dropout_missing() else 'cudnn'
   assert resolve(training_dropout=True) == expected
-  attention_lib._log_once.cache_clear()  # pylint: disable=protected-access
+  kernel_choice._log_once.cache_clear()  # pylint: disable=protected-access
   with caplog.at_level('INFO'):
     assert resolve(training_dropout=True, scanned=True) == 'xla'
   assert 'model.scan_layers=False' in caplog.text
@@ -102,21 +103,21 @@ def test_auto_takes_cudnn_for_dropout_on_gpu_unless_layers_are_scanned(caplog):
 def test_named_cudnn_refuses_dropout_with_scanned_layers():
   with pytest.raises(ValueError, match=r"attention_impl='cudnn' with attention dropout.*"
                                        r"scan_layers=False"):
-    attention_lib.resolve_implementation(
+    kernel_choice.resolve_implementation(
         'cudnn', training_dropout=True, return_weights=False, seq_len=128, backend='gpu',
         scanned=True)
-  assert attention_lib.resolve_implementation(
+  assert kernel_choice.resolve_implementation(
       'cudnn', training_dropout=True, return_weights=False, seq_len=128,
       backend='gpu') == 'cudnn'
 
 
 def test_old_jax_without_cudnn_dropout_is_a_clear_error(monkeypatch):
-  monkeypatch.setattr(attention_lib, 'cudnn_dropout_missing',
+  monkeypatch.setattr(kernel_choice, 'cudnn_dropout_missing',
                       lambda: "jax 0.4.1's cuDNN dot_product_attention lacks ['dropout_rate']")
   with pytest.raises(ValueError, match=r'upgrade jax\[cuda\].*attention_impl=xla'):
-    attention_lib.resolve_implementation(
+    kernel_choice.resolve_implementation(
         'cudnn', training_dropout=True, return_weights=False, seq_len=128, backend='gpu')
-  assert attention_lib.resolve_implementation(
+  assert kernel_choice.resolve_implementation(
       'auto', training_dropout=True, return_weights=False, seq_len=128,
       backend='gpu') == 'xla'
 

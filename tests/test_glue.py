@@ -26,7 +26,7 @@ from scipy import stats
 from sklearn import metrics as sklearn_metrics
 import tensorflow_datasets as tfds
 
-from bert_sym import attention
+from bert_sym import kernel_choice
 from bert_sym import checkpoint
 from bert_sym import config_check
 from bert_sym import loop
@@ -573,7 +573,7 @@ def test_the_kernel_is_glues_own_choice_checked_before_training(monkeypatch):
                                        r"backend is 'cpu'\. Fix: --config.attention_impl=auto "
                                        r"\(the default\) or xla\.$"):
     suite._glue_kernel(_config(attention_impl='splash'), model_cfg, 'auto')
-  monkeypatch.setattr(attention, 'current_backend', lambda: 'tpu')
+  monkeypatch.setattr(kernel_choice, 'current_backend', lambda: 'tpu')
   with pytest.raises(ValueError, match=r'multiple of 128, got 16\. Fix'):
     suite._glue_kernel(_config(attention_impl='splash', length_buckets=True,
                                max_seq_len=128), model_cfg, 'auto')
@@ -584,7 +584,7 @@ def test_the_kernel_is_glues_own_choice_checked_before_training(monkeypatch):
     suite._glue_kernel(_config(attention_impl='flash'), model_cfg, 'auto')
   # On a GPU auto is xla (it took cuDNN, whose in-kernel dropout masks do not follow the
   # seed, and whose batching rule fails to trace the vmap over seeds trained together).
-  monkeypatch.setattr(attention, 'current_backend', lambda: 'gpu')
+  monkeypatch.setattr(kernel_choice, 'current_backend', lambda: 'gpu')
   model_cfg.dtype = 'bfloat16'
   for rate in (0.0, 0.1):
     model_cfg.attention_dropout_rate = rate

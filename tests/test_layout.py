@@ -25,7 +25,7 @@ FLOW = (
     ('config', ('bert_sym.cli', 'bert_sym.sharding', 'bert_sym.distributed', 'bert_sym.files',
                 'bert_sym.tpu', 'bert_sym.gpu', 'bert_sym.gpu_flags')),
     ('input', ('bert_sym.input.*',)),
-    ('model', ('bert_sym.attention', 'bert_sym.model')),
+    ('model', ('bert_sym.kernel_choice', 'bert_sym.attention', 'bert_sym.model')),
     ('steps', ('bert_sym.optim', 'bert_sym.objectives', 'bert_sym.steps')),
     ('checkpoint', ('bert_sym.checkpoint.*',)),
     ('train', ('bert_sym.config_check', 'bert_sym.metrics_writer', 'bert_sym.preemption',

@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 from bert_sym import attention as attention_lib
+from bert_sym import kernel_choice
 from bert_sym import hf_export as export
 from bert_sym import model as bert
 from configs.common import model_config
@@ -49,7 +50,7 @@ def test_parameters_are_counted_whatever_kernel_the_config_names(impl, backend):
   cudnn failed there on a real GPU, and splash (which refuses length 8) everywhere."""
   cfg = model_config('small', 'pairwise')
   cfg.attention_impl = impl
-  with attention_lib.target_backend(backend):
+  with kernel_choice.target_backend(backend):
     assert bert.encoder_plus_pooler_params(cfg) == PAPER_COUNTS[('small', 'pairwise')]
   assert cfg.attention_impl == impl   # the caller's config is left as it was
 
@@ -142,7 +143,7 @@ def test_bfloat16_compute_keeps_residual_stream_and_logits_float32():
 
 def _auto_runs() -> str:
   """What attention_impl='auto' runs for the float32 tiny model on this machine."""
-  return attention_lib.resolve_implementation(
+  return kernel_choice.resolve_implementation(
       'auto', training_dropout=False, return_weights=False, seq_len=24, dtype=jnp.float32)
 
 

@@ -16,10 +16,10 @@ from etils import epath
 import jax
 import ml_collections
 
-from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import config_check
 from bert_sym import files
+from bert_sym import kernel_choice
 from bert_sym import loop
 from bert_sym import metrics_writer
 from bert_sym import model as model_lib
@@ -142,10 +142,10 @@ def _glue_kernel(config, model_cfg, parallel: str) -> str:
   splash on a TPU fine-tunes on a GPU, and on a TPU the short length buckets (16-64
   tokens), which splash cannot tile, run xla under 'auto'."""
   impl = config.get('attention_impl', 'auto')
-  if impl not in attention.IMPLEMENTATIONS:
+  if impl not in kernel_choice.IMPLEMENTATIONS:
     raise ValueError(f'GLUE config.attention_impl={impl!r}; use one of '
-                     f'{attention.IMPLEMENTATIONS}.')
-  if impl == 'auto' and attention.current_backend() == 'gpu':
+                     f'{kernel_choice.IMPLEMENTATIONS}.')
+  if impl == 'auto' and kernel_choice.current_backend() == 'gpu':
     # Not cuDNN, whose attention-dropout masks come from its own generator, not the seed's
     # key (seeds trained together would share them), and whose batching rule cannot trace
     # the vmap over seeds trained together (jax 0.10: "cannot reshape array of shape (2,)
@@ -158,10 +158,11 @@ def _glue_kernel(config, model_cfg, parallel: str) -> str:
   shortest = glue_data.bucket_length(1, config.max_seq_len) if config.length_buckets \
       else config.max_seq_len
   try:
-    attention.resolve_implementation(
+    kernel_choice.resolve_implementation(
         impl, training_dropout=model_cfg.attention_dropout_rate > 0, return_weights=False,
         seq_len=shortest, dtype=model_lib.compute_dtype(model_cfg.dtype),
-        scanned=bool(model_cfg.get('scan_layers', False)))
+        scanned=bool(model_cfg.get('scan_layers', False)),
+        head_dim=model_cfg.hidden_size // model_cfg.num_heads)
   except ValueError as e:   # its first clause says why; its fixes are pre-training's
     why = re.split(r'[.;] ', str(e))[0].replace('model.attention_impl', 'attention_impl')
     raise ValueError(f'GLUE config.attention_impl={impl!r} cannot run here: {why}. Fix: '
