@@ -31,7 +31,9 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
     ('v5p', 459e12),
     ('v5', 459e12),
     ('v4', 275e12),
-    ('h200', 989e12),
+    ('h200', 989e12),      # bf16 dense, the spec sheets' figure without sparsity
+    ('h100 pcie', 756e12),   # the PCIe and NVL parts run slower clocks than the SXM one
+    ('h100 nvl', 835e12),
     ('h100', 989e12),
     ('a100', 312e12),
 )

@@ -97,6 +97,10 @@ def test_a_device_known_by_name_only_gets_its_peak_or_none():
   an unknown name raised AttributeError (no .platform) and lost the measured HF result."""
   by_name = lambda name: type('Device', (), {'device_kind': name})()
   assert metrics_writer.peak_flops_per_device(by_name('NVIDIA H200')) == 989e12
+  # H100s by part (nvidia-smi's names): the PCIe card had the SXM peak, MFU 30% low.
+  assert metrics_writer.peak_flops_per_device(by_name('NVIDIA H100 80GB HBM3')) == 989e12
+  assert metrics_writer.peak_flops_per_device(by_name('NVIDIA H100 PCIe')) == 756e12
+  assert metrics_writer.peak_flops_per_device(by_name('NVIDIA H100 NVL')) == 835e12
   assert metrics_writer.peak_flops_per_device(by_name('NVIDIA B200')) == 0.0
   # First match wins: 'TPU v5 lite' (v5e) is not a v5p.
   assert metrics_writer.peak_flops_per_device(by_name('TPU v5 lite')) == 197e12
