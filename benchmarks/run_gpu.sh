@@ -42,8 +42,12 @@ exec > >(tee -a "$OUT_DIR/run_gpu.log") 2>&1
 LIMIT_S=${RUN_GPU_LIMIT_S:-460}   # the whole script; 8 minutes minus start-up slack
 START=$SECONDS
 if ! python3 -c 'import ml_collections' 2>/dev/null; then
+  # The newest wheel there: given two versions of one package, pip installs neither.
+  WHEEL=$(ls -1 "${1:-.whl}"/ml_collections-*.whl 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$WHEEL" ] || { echo "no ml-collections wheel in ${1:-.whl}: pip download --no-deps" \
+    "ml-collections -d ${1:-.whl} (on a machine with internet), then carry it"; exit 1; }
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/bert_sym_site \
-    "${1:-.whl}"/ml_collections-*.whl || { echo 'no ml-collections wheel found'; exit 1; }
+    "$WHEEL" || { echo "could not install $WHEEL"; exit 1; }
   export PYTHONPATH=/tmp/bert_sym_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -147,6 +147,23 @@ def test_without_a_gpu_under_jax_it_stops_before_measuring(tmp_path):
   assert status == 0 and any('benchmarks/accelerator.py' in c for c in ran), log
 
 
+def test_the_newest_of_the_carried_ml_collections_wheels_is_installed(tmp_path):
+  """Two versions in .whl (a second `pip download` later) made pip refuse both, before
+  anything was measured; none at all names the command that fetches one."""
+  without = _PYTHON_STAND_IN.replace("*'import ml_collections'*|", "*'import ml_collections'*) exit 1;;\n  ")
+  wheels = tmp_path / 'repo' / '.whl'
+  wheels.mkdir(parents=True)
+  for version in ('0.1.1', '1.0.0', '1.1.0'):
+    (wheels / f'ml_collections-{version}-py3-none-any.whl').write_text('')
+  status, log, ran = _run_script(tmp_path, without)
+  [install] = [c for c in ran if '-m pip install' in c]
+  assert status == 0 and install.split()[-1] == '.whl/ml_collections-1.1.0-py3-none-any.whl', (
+      install, log)
+  status, log, ran = _run_script(tmp_path / 'none', without)
+  assert status == 1 and 'pip download --no-deps ml-collections -d .whl' in log, log
+  assert not [c for c in ran if '-m pip install' in c or 'benchmarks/' in c], ran
+
+
 def test_the_glue_step_runs_only_with_the_time_to_finish(tmp_path):
   """benchmarks/glue_seeds.py writes nothing until it ends (about 165 s on the H200):
   started with 30-165 s left it was always killed, and its time lost."""
