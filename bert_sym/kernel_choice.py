@@ -1,8 +1,8 @@
 """Which attention kernel runs: `model.attention_impl` resolved for a backend.
 
-`xla` (plain XLA, every backend, the only one with attention weights and the paper's
-attention dropout everywhere), `cudnn` (cuDNN flash attention, GPU) and `splash` (the Mosaic
-splash kernel, TPU) are exactly the kernels they name: asked for by name, a kernel runs or
+`xla` (plain XLA on every backend: the only kernel that returns attention weights, and the
+one with attention dropout on every backend), `cudnn` (cuDNN flash attention, GPU) and
+`splash` (the Mosaic splash kernel, TPU) are exactly the kernels they name: asked for by name, a kernel runs or
 the config is refused with the reason and the fix. `auto` takes the backend's kernel, or
 xla where that kernel cannot apply, and logs which one it took and why (a warning when an
 accelerator falls back). The model (bert_sym.attention), the trainer's preflight, GLUE and
