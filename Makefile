@@ -66,7 +66,7 @@ dry-run: $(VENV)/.runtime-installed
 	$(BIN)/python -m bert_sym.train --config=configs/sym_base.py --dry_run
 
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests $(ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests $(ARGS)
 
 # Results go to BENCH_OUT; the committed record (benchmarks/results/*.json and a section of
 # benchmarks/RESULTS.md) changes only with RECORD=1.
