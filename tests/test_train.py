@@ -16,6 +16,7 @@ import socket
 import subprocess
 import types
 import sys
+import threading
 import time
 
 from absl import app
@@ -616,9 +617,16 @@ def test_ctrl_c_to_a_two_process_run_stops_both_in_one_line_keeping_the_checkpoi
   """Ctrl-C in a terminal reaches every process (srun, mpirun): with several processes
   there is no handler (a local one would stop one process at a step the others never
   reach), so each stops at once, exit 130, saying how to save instead; the checkpoints
-  written so far are intact (the newest loads)."""
-  processes = _two_processes(tmp_path, _overrides(), env={'SYNTHETIC_SLEEP_SECONDS': '0.5'})
-  _wait_for(lambda: (tmp_path / 'checkpoints' / '4').is_dir(), processes[0], timeout=240)
+  written so far are intact (the newest loads).
+
+  The signal comes while both wait for step 7's batch (held): one process still blocked in
+  a collective at a log step cannot take it (gloo's C++ wait), and the one that took it
+  left that process to be aborted when the coordination service went down with it."""
+  held = {'SYNTHETIC_WAIT_FOR_FILE': str(tmp_path / 'never'), 'SYNTHETIC_WAIT_AT_BATCH': '6'}
+  processes = _two_processes(tmp_path, _overrides(), env=held)
+  # Step 6's row is written once both processes are past its collectives (not a save or
+  # eval step: nothing else follows it).
+  _wait_for(lambda: _logged_step(tmp_path) >= 6, processes[0], timeout=240)
   for p in processes:
     p.send_signal(signal.SIGINT)
   outputs = _outputs_of(processes, timeout=120)
@@ -1232,16 +1240,23 @@ def test_eval_steps_zero_and_a_second_trainer_on_the_live_workdir(tmp_path):
 
 
 def test_second_ctrl_c_quits_in_one_line(tmp_path):
+  """The second Ctrl-C comes while the first's save is pending: the run is held at step 7's
+  batch (the step that would end with it cannot end), and it is sent once the first has
+  been taken (two signals sent back to back could be merged into one by the OS)."""
   workdir = tmp_path / 'run'
-  process = run_trainer(workdir, overrides=_overrides(), background=True,
-                        env={'SYNTHETIC_SLEEP_SECONDS': '0.3'})
-  _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
+  held = {'SYNTHETIC_WAIT_FOR_FILE': str(tmp_path / 'never'), 'SYNTHETIC_WAIT_AT_BATCH': '6'}
+  process = run_trainer(workdir, overrides=_overrides(), background=True, env=held)
+  _wait_for(lambda: _logged_step(workdir) >= 6, process)
   process.send_signal(signal.SIGINT)
-  # The second Ctrl-C while the first's save is still pending (steps take 0.3 s here); two
-  # signals sent back to back could be merged into one by the OS.
-  time.sleep(0.1)
+  watchdog = threading.Timer(120, process.kill)   # a hung run ends the readline below
+  watchdog.start()
+  taken = ''
+  while 'Ctrl-C: saving' not in taken:   # printed (and flushed) by the handler
+    taken = process.stdout.readline()
+    assert taken, 'the trainer ended before taking the first Ctrl-C'
+  watchdog.cancel()
   process.send_signal(signal.SIGINT)
-  output, _ = process.communicate(timeout=120)
+  [output] = _outputs_of([process], timeout=120)   # killed if it hangs at the held batch
   assert process.returncode == train.INTERRUPTED_EXIT_CODE, output[-3000:]
   assert 'stopped by a second Ctrl-C without saving' in output
   assert 'Traceback' not in output and 'KeyboardInterrupt' not in output, output[-3000:]

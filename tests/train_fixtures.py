@@ -60,9 +60,12 @@ class SyntheticMLMIterator:
     # Test hooks: a slow input (so a test can kill the run mid-way) and a poisoned batch.
     if os.environ.get('SYNTHETIC_SLEEP_SECONDS'):
       time.sleep(float(os.environ['SYNTHETIC_SLEEP_SECONDS']))
-    # A run held mid-way until the test creates this file (e.g. while a second starts).
+    # A run held mid-way until the test creates this file (e.g. while a second starts): its
+    # training batches from SYNTHETIC_WAIT_AT_BATCH on (default 2) wait for it.
     gate = os.environ.get('SYNTHETIC_WAIT_FOR_FILE')
-    while gate and self.split_id == 0 and self.index >= 2 and not os.path.exists(gate):
+    held_from = int(os.environ.get('SYNTHETIC_WAIT_AT_BATCH', '2'))
+    while (gate and self.split_id == 0 and self.index >= held_from
+           and not os.path.exists(gate)):
       time.sleep(0.05)
     poison = (self.split_id == 0 and
               str(self.index) == os.environ.get('SYNTHETIC_NAN_AT_BATCH'))
