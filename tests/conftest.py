@@ -141,3 +141,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def _in_ci() -> bool:
   return os.environ.get('CI', '').lower() in ('true', '1')
+
+
+@pytest.fixture(autouse=True)
+def _absl_verbosity_restored():
+  """A command's main (metrics_writer.quiet_logs) sets absl's verbosity to WARNING for the
+  whole process: the tests after it in that worker lost absl's INFO records (caplog)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  logger = absl_logging.get_absl_logger()
+  before = logger.level   # NOTSET at first: absl's records follow the root logger's level
+  yield
+  logger.setLevel(before)
