@@ -928,10 +928,19 @@ def test_ctrl_c_then_sigterm_mid_task_save_and_resume_to_the_same_predictions(wo
     lines = logged.read_text().splitlines() if logged.exists() else []
     return [json.loads(line)['step'] for line in lines if line.endswith('}')]
 
+  # The runs to stop take 50 ms a batch (about 6 ms here otherwise): the whole remaining
+  # run, 150 steps after the first row, took under a second, so a test process starved
+  # that long sent its signal to a finished run.
+  slow_batches = ('import runpy, time; from bert_sym.glue import finetune as f; '
+                  'take = f._Batches.__next__; '
+                  'f._Batches.__next__ = lambda self: (time.sleep(0.05), take(self))[1]; '
+                  "runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)")
+
   def stop_after(step, signum, exit_code):
     """Runs the command, sends `signum` once a row past `step` is logged (no periodic
     checkpoints: checkpoint_every_steps=0, so the one left is the signal's save)."""
-    process = subprocess.Popen(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
+    process = subprocess.Popen([sys.executable, '-c', slow_batches, *cmd[3:],
+                                f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not any(s > step for s in logged_steps()):
