@@ -813,7 +813,10 @@ def test_sigkill_then_resume_on_streaming_shards_is_bitwise_identical(small_corp
   # The uninterrupted reference runs alongside (the test is compile-bound).
   reference = run_trainer(tmp_path / 'reference', *flags, synthetic=False, background=True)
   workdir = tmp_path / 'killed'
-  process = run_trainer(workdir, *flags, synthetic=False, background=True)
+  # Its input slowed to 0.1 s a batch: the 40 steps after checkpoint 8 took 2.4 s, and a
+  # test process starved that long killed a finished run.
+  process = run_trainer(workdir, *flags, apply_tiny=False, background=True,
+                        env={'REAL_INPUT_SLEEP_SECONDS': '0.1'})
   start = time.time()
   while not (workdir / 'checkpoints' / '8').is_dir():
     assert process.poll() is None, process.stdout.read()[-3000:]

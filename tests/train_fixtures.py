@@ -227,5 +227,11 @@ if __name__ == '__main__':
     _simulate_full_disk_at_step(os.environ['SYNTHETIC_NO_SPACE_AT_STEP'])
   if os.environ.get('SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'):
     _simulate_full_disk_on_one_process(os.environ['SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'])
-  cli.run(lambda argv: train.main(argv, make_iterator=make_synthetic_iterator),
+  make_iterator = make_synthetic_iterator
+  if os.environ.get('REAL_INPUT_SLEEP_SECONDS'):   # the real pipeline, slowed (a test kills it)
+    from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
+    make_iterator, take = None, iterator.MLMIterator.__next__
+    iterator.MLMIterator.__next__ = lambda self: (
+        time.sleep(float(os.environ['REAL_INPUT_SLEEP_SECONDS'])), take(self))[1]
+  cli.run(lambda argv: train.main(argv, make_iterator=make_iterator),
           prog='bert_sym.train', flags_parser=train.parse_flags)
