@@ -55,8 +55,9 @@ with open(f'{{out}}/args-{{task}}', 'w') as f:
 with open(f'{{out}}/srun_cpus-{{task}}', 'w') as f:   # what srun >= 22.05 gives each task
   f.write(os.environ.get('SRUN_CPUS_PER_TASK', '-'))
 os.replace(f'{{out}}/args-{{task}}', f'{{out}}/ready-{{task}}')
-with open(f'{{out}}/pgid-{{task}}', 'w') as f:
+with open(f'{{out}}/pgid-{{task}}.tmp', 'w') as f:   # whole when it appears
   f.write(str(os.getpgid(0)))
+os.replace(f'{{out}}/pgid-{{task}}.tmp', f'{{out}}/pgid-{{task}}')
 if 'FAKE_TRAINER_EXIT' in os.environ:
   code = int(os.environ['FAKE_TRAINER_EXIT'].split(',')[int(task)])
   sys.exit(code)
@@ -93,8 +94,7 @@ def _wait_for_tasks(stub_dir, process, timeout=60):
   while not all((stub_dir / f'pgid-{i}').exists() for i in range(TASKS)):
     assert process.poll() is None, process.stdout.read()
     assert time.time() - start < timeout, 'the tasks did not start'
-    time.sleep(0.05)
-  time.sleep(0.2)   # pgid is written right after the handler is installed
+    time.sleep(0.05)   # (pgid appears whole, after the handler is installed)
 
 
 def test_sigterm_before_the_time_limit_saves_and_requeues(slurm):
