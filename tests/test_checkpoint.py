@@ -758,11 +758,9 @@ def test_two_hosts_act_on_the_worst_read_either_saw(tmp_path):
   checkpoint.save(manager, 8, {'x': np.arange(4, dtype=np.float32)}, {'index': 8}, force=True)
   manager.wait_until_finished()
   manager.close()
-  with socket.socket() as sock:
-    sock.bind(('localhost', 0))
-    port = sock.getsockname()[1]
+  address = train_fixtures.coordinator_address()
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(train_fixtures.REPO_ROOT))
-  procs = [subprocess.Popen([sys.executable, '-c', _TWO_HOST_READS, f'localhost:{port}',
+  procs = [subprocess.Popen([sys.executable, '-c', _TWO_HOST_READS, address,
                              str(i), str(tmp_path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]

@@ -8,7 +8,6 @@ from pathlib import Path
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -100,11 +99,9 @@ def test_cli_two_processes_match_one_process(workdir, tmp_path):
       text=True, timeout=600,
       env=dict(env, XLA_FLAGS=cpu_devices_flags(2)))
   assert single.returncode == 0, single.stderr[-3000:]
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    port = s.getsockname()[1]
+  address = train_fixtures.coordinator_address()
   procs = [subprocess.Popen(
-      common + [f'--output_dir={tmp_path / f"host{i}"}', f'--coordinator_address=localhost:{port}',
+      common + [f'--output_dir={tmp_path / f"host{i}"}', f'--coordinator_address={address}',
                 '--num_processes=2', f'--process_id={i}'],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
@@ -434,9 +431,7 @@ def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(tmp_path):
       {'checkpoint': 'CKPT/checkpoints/4', 'config': config.to_dict(),
        'runs': {'rte': {'1': run}, 'cola': {'1': {'scores': {'cola': {'score': 1.0}}}}}}))
   (host0 / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
-  with socket.socket() as s:      # a free port for the coordinator
-    s.bind(('localhost', 0))
-    address = f'localhost:{s.getsockname()[1]}'
+  address = train_fixtures.coordinator_address()
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
   procs = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_SCRIPT, address, str(i),

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -162,12 +161,10 @@ def test_batch_size_checks_on_8_devices_in_2_processes():
   """check_batch_size's three errors, each reachable only with several devices and
   processes, and GLUE's global batches on a mesh whose processes alternate: two real
   processes (jax.distributed, gloo) of 4 CPU devices each."""
-  with socket.socket() as sock:
-    sock.bind(('localhost', 0))
-    port = sock.getsockname()[1]
+  address = train_fixtures.coordinator_address()
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(train_fixtures.REPO_ROOT),
              XLA_FLAGS=cpu_devices_flags(4))
-  procs = [subprocess.Popen([sys.executable, '-c', _BATCH_CHECKS, f'localhost:{port}', str(i)],
+  procs = [subprocess.Popen([sys.executable, '-c', _BATCH_CHECKS, address, str(i)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=300) for p in procs]

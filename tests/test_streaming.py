@@ -13,7 +13,6 @@ import pathlib
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,7 +32,7 @@ from bert_sym.input import shard_reader
 from bert_sym.input import sources
 from bert_sym.input import tokenizer as vocab_lib
 from configs import common
-from tests.train_fixtures import REPO_ROOT, cpu_devices_flags, run_trainer
+from tests.train_fixtures import REPO_ROOT, coordinator_address, cpu_devices_flags, run_trainer
 
 TASK = 'synthetic_test'
 
@@ -762,9 +761,7 @@ print('process', jax.process_index(), 'of', jax.process_count(), 'ok')
 
 
 def test_two_processes_with_jax_distributed_read_disjoint_halves(small_corpus, tmp_path):
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    address = f'localhost:{s.getsockname()[1]}'
+  address = coordinator_address()
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
              XLA_FLAGS=cpu_devices_flags(1))
   url = f'file://{small_corpus}'

@@ -523,15 +523,9 @@ def _optimizer_counts(workdir):
       opt_state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(s, kinds)}
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(workdir, overrides, env=None):
   """The trainer as 2 local processes x 2 CPU devices (jax.distributed, gloo), started."""
-  address = f'localhost:{_free_port()}'
+  address = train_fixtures.coordinator_address()
   return [run_trainer(workdir, f'--coordinator_address={address}', '--num_processes=2',
                       f'--process_id={i}', devices=2, overrides=overrides, background=True,
                       env=env)
@@ -558,7 +552,7 @@ def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
                              'do not see the lock file'),
       ('configs', [[], ['--config.seed=7']], 'started with different configs: process 1 '
                                              'differs from process 0 in seed=7 (process 0: ')):
-    address = f'localhost:{_free_port()}'
+    address = train_fixtures.coordinator_address()
     processes = [run_trainer(tmp_path / name / (f'host{i}' if name == 'workdirs' else 'run'),
                              f'--coordinator_address={address}', '--num_processes=2',
                              f'--process_id={i}', *per_process[i], devices=2,

@@ -12,7 +12,9 @@ Run as a script it is the trainer's command line with the synthetic input plugge
 
 import os
 import pathlib
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -133,6 +135,26 @@ def tiny_config(**extra):
   config.update_from_flattened_dict(
       dict(TINY, **{k.replace('__', '.'): v for k, v in extra.items()}))
   return config
+
+
+def coordinator_address() -> str:
+  """localhost:PORT for a test's jax.distributed coordinator, free when chosen. The port
+  is drawn below the kernel's ephemeral range: one from bind(port 0) is in that range, and
+  the gloo and gRPC connections of the tests running beside took it again (at times) in
+  the seconds before the coordinator bound it."""
+  try:
+    with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+      ephemeral_start = int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    ephemeral_start = 32768   # Linux's default; IANA's range starts at 49152
+  while True:
+    port = random.SystemRandom().randrange(10000, max(ephemeral_start, 10001))
+    with socket.socket() as s:
+      try:
+        s.bind(('localhost', port))
+      except OSError:
+        continue
+    return f'localhost:{port}'
 
 
 def cpu_devices_flags(devices: int) -> str:
