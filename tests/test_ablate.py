@@ -48,6 +48,9 @@ def test_steps_to_target_interpolates_between_evals():
 def test_default_target_is_a_fraction_of_the_reference_drop():
   assert stats.default_target([10.0, 12.0], [4.0, 6.0], fraction=0.9) == pytest.approx(
       11.0 - 0.9 * 6.0)
+  # Of the seeds' means: with three seeds a median (11, 5) would give another target.
+  assert stats.default_target([10.0, 11.0, 15.0], [4.0, 5.0, 9.0], fraction=0.9) == (
+      pytest.approx(12.0 - 0.9 * 6.0))
 
 
 def _scipy_interval(samples, statistic, level=0.95):
@@ -83,6 +86,26 @@ def test_the_ratio_of_unpaired_seeds_is_scipys_two_sample_bootstrap():
   theirs = _scipy_interval([list(variant.values()), list(reference.values())],
                            lambda a, b, axis=-1: np.mean(a, axis) / np.mean(b, axis))
   assert ratio['ci95'] == pytest.approx(theirs, abs=0.025 * (theirs[1] - theirs[0]))
+
+
+def test_the_ratio_of_paired_seeds_is_scipys_paired_bootstrap_of_the_ratio_of_means():
+  """The same seeds: resampled in pairs, the statistic being the ratio reported (mean over
+  mean), not the mean of per-seed ratios, whose interval is another; and the same
+  interval on every call (a summary rewritten from the same runs is the same file)."""
+  variant = {1: 50.0, 2: 400.0, 3: 60.0, 4: 140.0, 5: 100.0, 6: 75.0}
+  reference = {1: 100.0, 2: 200.0, 3: 120.0, 4: 150.0, 5: 90.0, 6: 130.0}
+  v, r = list(variant.values()), list(reference.values())
+  ratio = stats.steps_ratio(variant, reference)
+  ci = scipy.stats.bootstrap((np.asarray(v), np.asarray(r)),
+                             lambda a, b, axis=-1: np.mean(a, axis) / np.mean(b, axis),
+                             paired=True, n_resamples=100_000, method='percentile',
+                             random_state=1, vectorized=True).confidence_interval
+  width = ci.high - ci.low
+  assert ratio['ci95'] == pytest.approx([ci.low, ci.high], abs=0.025 * width)
+  mean_of_ratios = _scipy_interval([np.divide(v, r)], lambda x, axis=-1: np.mean(x, axis))
+  assert ratio['ci95'] != pytest.approx(mean_of_ratios, abs=0.025 * width)
+  assert stats.steps_ratio(variant, reference) == ratio
+  assert stats.describe(v) == stats.describe(v)
 
 
 def test_ratio_only_when_every_seed_of_both_reached():
