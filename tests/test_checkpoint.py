@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import types
 
 import flax.linen as nn
@@ -394,8 +395,13 @@ def test_transient_read_error_is_retried_and_resumes_newest(tmp_path, trainer_ru
                                                             monkeypatch):
   workdir, config, spec = _copy(trainer_run, tmp_path)
   calls = _failing_reads(monkeypatch, failures=2)
+  slept = []   # the waits, as the defaults have them (2 s, doubling), not waited here
+  monkeypatch.setattr(checkpoint.restoring, 'BACKOFF_SECONDS', 2.0)
+  monkeypatch.setattr(checkpoint.restoring, 'time', types.SimpleNamespace(
+      sleep=slept.append, time=time.time))
   step, state, data = _restore(workdir, config, spec)
   assert step == 8 and data == {'index': 8} and len(calls) == 3
+  assert slept == [2.0, 4.0]
   assert _layout(workdir) == ([4, 8], [])
 
 
