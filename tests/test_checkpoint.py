@@ -988,6 +988,25 @@ def test_a_background_failure_is_named_by_the_step_whose_save_failed():
   assert saving._failed_step(manager) == 8   # pylint: disable=protected-access
 
 
+def test_every_host_stops_on_any_hosts_failed_or_stalled_save(tmp_path, monkeypatch):
+  """What each process does with the save outcomes gathered at a log step: one whose own
+  write failed names the cause; the others name the process(es) whose write failed, else
+  those that timed out waiting. A host left out of "waited" alone trained on into the next
+  step's collective, where it was aborted when the stalled one left."""
+  monkeypatch.setattr(sys, 'unraisablehook', sys.unraisablehook)   # _save_failed mutes
+  monkeypatch.setattr(sys, 'excepthook', sys.excepthook)           # orbax's echoes
+  manager = checkpoint.make_manager(tmp_path)
+  raise_if = saving._raise_if_any_failed   # pylint: disable=protected-access
+  try:
+    raise_if(manager, None, [None, None])   # nothing failed: go on
+    for kinds, named in (([None, 'waited'], '1'), (['failed', 'waited', 'failed'], '0, 2')):
+      with pytest.raises(checkpoint.CheckpointSaveError,
+                         match=f'process[(]es[)] {named} reported it failed'):
+        raise_if(manager, None, kinds)
+  finally:
+    manager.close()
+
+
 def _failing_save(tmp_path, monkeypatch, saved_steps, error):
   """The one-line error of a save at step 12 that raises `error`, after `saved_steps`."""
   manager = checkpoint.make_manager(tmp_path)
