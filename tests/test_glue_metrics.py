@@ -182,6 +182,16 @@ def test_the_table_cells_of_one_seed_of_two_tasks(tmp_path):
   seed_row = next(line for line in table.splitlines() if line.startswith('| 1 |'))
   assert seed_row.split(' | ')[1] == '51.00 (partial 2/9)'
   assert 'only the first 20 dev-set examples' in table and '| mean (1 seed) |' in table
+  # Full data (0 = every example, the paper's runs) is not called cut; one cut is itself.
+  for cut, said in (({'max_train_examples': 0, 'max_eval_examples': 0}, None),
+                    ({'max_train_examples': 0, 'max_eval_examples': 20},
+                     'only the first 20 dev-set examples (config')):
+    report.write_results(tmp_path, {
+        'checkpoint': 'C', 'step': 1, 'recipe': 'r', 'seeds': [1], 'runs': runs,
+        'model': {'attention': 'standard', 'num_layers': 2, 'hidden_size': 8},
+        'config': cut})
+    table = (tmp_path / 'glue_results.md').read_text()
+    assert ('Cut data' in table) == (said is not None) and (said is None or said in table)
 
 
 def test_a_sweep_points_full_glue_counts_wnli():
