@@ -139,22 +139,25 @@ def tiny_config(**extra):
 
 def coordinator_address() -> str:
   """localhost:PORT for a test's jax.distributed coordinator, free when chosen. The port
-  is drawn below the kernel's ephemeral range: one from bind(port 0) is in that range, and
-  the gloo and gRPC connections of the tests running beside took it again (at times) in
-  the seconds before the coordinator bound it."""
+  is drawn below the kernel's ephemeral range: one from bind(port 0) is in that range,
+  where the gloo and gRPC connections of the tests running beside could take it in the
+  seconds before the coordinator binds it."""
   try:
     with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
       ephemeral_start = int(f.read().split()[0])
   except (OSError, ValueError, IndexError):
-    ephemeral_start = 32768   # Linux's default; IANA's range starts at 49152
-  while True:
-    port = random.SystemRandom().randrange(10000, max(ephemeral_start, 10001))
+    ephemeral_start = 32768   # Linux's default
+  for _ in range(100) if ephemeral_start > 11000 else ():
+    port = random.SystemRandom().randrange(10000, ephemeral_start)
     with socket.socket() as s:
       try:
         s.bind(('localhost', port))
       except OSError:
         continue
     return f'localhost:{port}'
+  with socket.socket() as s:   # no room below the range: the kernel's choice
+    s.bind(('localhost', 0))
+    return f'localhost:{s.getsockname()[1]}'
 
 
 def cpu_devices_flags(devices: int) -> str:
