@@ -83,6 +83,24 @@ def test_a_prediction_cap_that_would_cut_mask_rate_is_refused():
         assert f'max_predictions_per_seq={wanted}' in str(e)
         refused = True
       assert refused == cut, (max_seq_len, mask_rate, cap)
+  # Above max_seq_len - 2 a slot is always padding, whatever the rate: refused from the
+  # first one (only 1000 was tried, so max_seq_len - 1 passed).
+  for cap, refused in ((62, False), (63, True), (64, True)):
+    config.data.update(dict(max_seq_len=64, mask_rate=0.15, max_predictions_per_seq=cap))
+    try:
+      config_check.check_data(config.data, config.model)
+      assert not refused, cap
+    except config_check.ConfigError as e:
+      assert refused and 'exceeds the 62 maskable positions' in str(e), (cap, str(e))
+
+
+@pytest.mark.parametrize('flag', ['--config', '--workdir'])
+def test_a_run_flag_given_twice_is_refused(flag):
+  """absl keeps the last: a launcher's --workdir plus the user's trained in another
+  directory than the one the launcher announced (and looked in to resume)."""
+  argv = ['bert_sym.train', f'{flag}=a', '--config.seed=1', f'{flag}=b']
+  with pytest.raises(cli.UserError, match=f'{flag} is given 2 times [(]{flag}=a, {flag}=b[)]'):
+    config_check.parse_flags(argv)
 
 
 def test_the_paper_lengths_and_every_shipped_config_pass_the_check():
