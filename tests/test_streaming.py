@@ -457,19 +457,23 @@ def test_streaming_path_runs_without_tensorflow(small_corpus):
 
 
 _OPEN_FILES_SCRIPT = """
-import os, resource, sys
+import gc, os, resource, sys
 from bert_sym.input import DataError
 from tests.test_streaming import _config, _iterator
 url, soft, hard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+def shard_files():   # descriptors open on the corpus's files
+  return [fd for fd in os.listdir('/proc/self/fd')
+          if os.path.realpath(f'/proc/self/fd/{fd}').startswith(os.path.realpath(url))]
 for source in ('streaming', 'shards'):
   try:
     iterator = _iterator(_config(url, max_seq_len=16, source=source), batch_size=64)
     for _ in range(40):   # 2,560 examples: the first 1,500 (an epoch) read every shard
       next(iterator)
-    shard_files = [fd for fd in os.listdir('/proc/self/fd')   # descriptors on the corpus
-                   if os.path.realpath(f'/proc/self/fd/{fd}').startswith(os.path.realpath(url))]
-    print(source, 'read', 'open', len(shard_files))
+    print(source, 'read', 'open', len(shard_files()))
+    del iterator
+    gc.collect()
+    print(source + '_dropped', len(shard_files()))   # an iterator let go keeps none open
   except DataError as e:
     print(source, 'DataError', e)
 """
@@ -498,6 +502,7 @@ def test_a_corpus_of_more_shards_than_the_open_files_limit(tmp_path):
   assert lines['shards'].startswith('read'), lines
   # The README's "at most 64 shard files open at once", counted on the corpus's own files.
   assert 0 < int(lines['streaming'].split()[2]) <= shard_reader.MAX_OPEN_SHARDS == 64, lines
+  assert lines['streaming_dropped'] == '0', lines   # a notebook reopening splits ran out
   lines = run(512, 512)
   assert lines['streaming'].startswith('read'), lines
   assert lines['shards'].startswith('DataError') and '1500 shards' in lines['shards'], lines
