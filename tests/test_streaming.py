@@ -845,7 +845,12 @@ def test_eval_steps_zero_trains_on_an_export_without_a_validation_split(tmp_path
   'train' alone used to stop the run ("metadata.json cannot be read ... not prepared")."""
   write_corpus(str(tmp_path / 'corpus'), 200, 64, splits=('train',))
   flags = _train_flags(tmp_path / 'corpus') + [
-      '--config.eval_steps=0', '--config.total_steps=4', '--config.checkpoint.every_steps=4']
+      '--config.total_steps=4', '--config.checkpoint.every_steps=4']
+  # With evals on, the missing split is said before the workdir exists (nothing to clean).
+  refused = run_trainer(tmp_path / 'evaluating', *flags, synthetic=False, check=False)
+  assert refused.returncode == 1 and 'validation' in refused.stderr, refused.stderr[-3000:]
+  assert 'Traceback' not in refused.stderr and not (tmp_path / 'evaluating').exists()
+  flags.append('--config.eval_steps=0')
   result = run_trainer(tmp_path / 'run', *flags, synthetic=False)
   assert 'eval/loss' not in (tmp_path / 'run' / 'metrics.jsonl').read_text()
   assert (tmp_path / 'run' / 'checkpoints' / '4').is_dir(), result.stdout[-2000:]
