@@ -116,9 +116,9 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
         f"model.attention_impl='{impl}' needs a {needs.upper()} but the JAX backend is "
         f"{backend!r}. Set model.attention_impl=auto (picks the kernel for the backend) "
         f"or model.attention_impl=xla.")
-  if impl == 'cudnn' and cudnn_head_dim_problem(head_dim):
+  if impl == 'cudnn' and (head_problem := cudnn_head_dim_problem(head_dim)):
     raise ValueError(f"model.attention_impl='cudnn' cannot run: "
-                     f"{cudnn_head_dim_problem(head_dim)}. Use model.attention_impl=auto "
+                     f"{head_problem}. Use model.attention_impl=auto "
                      f"(xla for this size) or change model.num_heads.")
   if training_dropout and impl == 'cudnn':
     why_not = _no_fused_dropout(impl, scanned)
@@ -158,8 +158,8 @@ def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scan
   elif kernel == 'cudnn' and jnp.dtype(dtype) == jnp.float32:
     why_not = ('model.dtype is float32 and cuDNN flash attention runs in 16 bits only '
                '(model.dtype=auto is bfloat16 on GPU)')
-  elif kernel == 'cudnn' and cudnn_head_dim_problem(head_dim):
-    why_not = cudnn_head_dim_problem(head_dim)
+  elif kernel == 'cudnn' and (head_problem := cudnn_head_dim_problem(head_dim)):
+    why_not = head_problem
   if why_not:
     # A warning, which the default logs show: the slow path is never taken unsaid.
     _log_once(f'attention_impl=auto on {backend}: using xla attention, not {kernel}, '

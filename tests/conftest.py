@@ -29,11 +29,10 @@ from tests import real_data
 
 # The test venv installs libtpu (tests/test_aot.py compiles for TPU slices): off a TPU VM,
 # every JAX process, test subprocesses included, would probe for a TPU and print a page of
-# warnings before taking the CPU. The variable is for the subprocesses: this process read
-# it when it imported JAX, above.
+# warnings before taking the CPU.
 if tpu.no_tpu_here():
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  jax.config.update('jax_platforms', 'cpu')
+  tpu.use_the_cpu_without_a_tpu()       # this process, which imported JAX above
+  os.environ['JAX_PLATFORMS'] = 'cpu'   # its subprocesses
 
 # The suite is bound by XLA:CPU compiles of tiny programs: without LLVM's optimisations they
 # compile ~3x faster (one GLUE test: 39 s -> 30 s; whole-suite times on a shared 2-core
