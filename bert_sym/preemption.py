@@ -62,13 +62,15 @@ class PreemptionFlag:
 
   def _handle(self, signum, frame):
     del frame
-    if signum == signal.SIGINT:
-      if self._event.is_set():
-        raise KeyboardInterrupt   # the entry point says it in one line (exit 130)
-      print('\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to '
-            'quit without saving).', flush=True)
+    if signum == signal.SIGINT and self._event.is_set():
+      raise KeyboardInterrupt   # the entry point says it in one line (exit 130)
+    # Taken before it is said: Python runs a second signal's handler inside this one, and
+    # one landing during the message must see the first taken, not be a first one again.
     self.signal_name = signal.Signals(signum).name
     self._event.set()
+    if signum == signal.SIGINT:
+      print('\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to '
+            'quit without saving).', flush=True)
 
   def reached(self, manager, step: int) -> bool:
     if jax.process_count() > 1:

@@ -5,6 +5,7 @@ metrics.jsonl across resumes, local and on an object store."""
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -275,7 +276,6 @@ def test_a_signal_during_an_eval_or_save_stops_at_that_steps_save():
   The loop went on to train step 5 and wrote a second checkpoint inside the notice (which
   could push an older one out under keep_last); and it said 'saved' before the save had
   finished."""
-  import signal  # pylint: disable=g-import-not-at-top
 
   class Manager:
     def wait_until_finished(self):
@@ -307,6 +307,26 @@ def test_a_signal_during_an_eval_or_save_stops_at_that_steps_save():
     assert calls == [('save', 2), ('log', 3), ('eval', 4), ('save', 4),
                      ('save finished', None), ('Stopped by SIGTERM: ', None)], during
     assert [at_step for at_step, _ in meter.interval] == [4], during
+
+
+def test_a_second_ctrl_c_during_the_first_ones_message_quits(monkeypatch):
+  """Python runs a signal's handler inside a handler still running: a second Ctrl-C that
+  lands while the first one prints its message must find the first one taken, or both are
+  taken as a first one (the message twice, and a run held at a batch never stops: CI's
+  hang of test_second_ctrl_c_quits_in_one_line)."""
+  printed = []
+
+  def print_and_press_again(*args, **kwargs):
+    del kwargs
+    printed.append(args)
+    if len(printed) == 1:
+      os.kill(os.getpid(), signal.SIGINT)   # the real second signal, mid-message
+
+  monkeypatch.setattr('builtins.print', print_and_press_again)
+  with loop.PreemptionFlag() as flag:
+    with pytest.raises(KeyboardInterrupt):
+      flag._handle(signal.SIGINT, None)   # pylint: disable=protected-access
+  assert len(printed) == 1, printed
 
 
 @pytest.mark.parametrize('where', ['local', 'object_store'])
