@@ -344,8 +344,11 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
       1 + finalizes + (finalize_codes != '1')):
     assert time.time() < deadline, log.read_text()
     time.sleep(0.1)
-  if finalize_codes == '1':
-    time.sleep(1)   # had it looped, more finalize calls would be there by now
+  if finalize_codes == '1':   # run.sh has ended: had it looped, it would still be running
+    pid = int((home / 'bert_sym' / 'train.pid').read_text())
+    while _alive(pid):
+      assert time.time() < deadline, log.read_text()
+      time.sleep(0.1)
     assert len(calls_file.read_text().splitlines()) == 2, calls_file.read_text()
     return
   export, *finalize_calls, train_call = [json.loads(l)
