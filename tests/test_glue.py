@@ -1251,6 +1251,36 @@ def test_two_set_asides_in_the_same_second_keep_both(tmp_path, monkeypatch):
   assert kept == ['first', 'second']
 
 
+def test_a_set_aside_cut_short_is_finished_by_the_next_one(tmp_path, monkeypatch):
+  """glue_results.json moves last: a crash before the end leaves it in place, so the next
+  run sees the earlier results and moves the rest; every file ends in a replaced-* one."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  earlier = {'glue_results.json': '{"run": "earlier"}', 'glue_results.md': '| task |',
+             'predictions/RTE_seed1.tsv': 'index\tprediction', 'runs/rte_seed1/m': 'curve',
+             'runs/mrpc_seed1/m': 'curve'}
+  for name, text in earlier.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+  path_class = type(epath.Path(tmp_path))
+  rename, moves = path_class.rename, []
+
+  def crash_at_the_last_move(path, target):
+    moves.append(path)
+    if len(moves) == len(earlier):
+      raise OSError('killed')
+    return rename(path, target)
+  monkeypatch.setattr(path_class, 'rename', crash_at_the_last_move)
+  with pytest.raises(OSError, match='killed'):
+    reuse.set_aside_results(tmp_path, 'another checkpoint')
+  monkeypatch.undo()
+  assert (tmp_path / 'glue_results.json').exists()   # what tells the next run to move the rest
+  reuse.set_aside_results(tmp_path, 'another checkpoint')
+  kept = ['/'.join(p.relative_to(tmp_path).parts[1:])   # less the replaced-* directory
+          for p in tmp_path.glob('replaced-*/**/*') if p.is_file()]
+  assert sorted(kept) == sorted(earlier)
+  assert not [p for p in tmp_path.rglob('*') if p.is_file() and 'replaced-' not in str(p)]
+
+
 def test_a_group_resumed_with_another_seed_list_starts_again(tmp_path, monkeypatch):
   """Every seed's batch is padded to the longest bucket among ALL the task's seeds at that
   step (dropout masks depend on it): a group checkpoint from a run with --seeds=1,2,3 must
