@@ -421,6 +421,34 @@ def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeyp
   assert 'not prepared' not in str(error.value)
 
 
+def test_a_shard_copied_after_a_failed_start_is_seen_despite_a_cached_listing(tmp_path,
+                                                                           monkeypatch):
+  """gcsfs caches directory listings per process: a notebook whose start failed on a shard
+  not yet copied, rerun once the copy is done, listed the directory from that cache and
+  found it missing again. The start-up check lists afresh."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  url = f'memory://listing_cache_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  memory_fs = type(fsspec.filesystem('memory'))
+  ls, listings = memory_fs.ls, {}
+
+  def cached_ls(self, path, detail=True, **kwargs):   # as gcsfs's dircache
+    key = (self._strip_protocol(path), detail)   # pylint: disable=protected-access
+    if key not in listings:
+      listings[key] = ls(self, path, detail=detail, **kwargs)
+    return listings[key]
+  monkeypatch.setattr(memory_fs, 'ls', cached_ls)
+  monkeypatch.setattr(memory_fs, 'invalidate_cache', lambda self, path=None: listings.clear())
+  fs, root = shard_reader.filesystem(f'{url}/train')
+  shard = f'{root}/{shard_reader.read_metadata(url, "train")["shards"][0]["file"]}'
+  copied = fs.cat_file(shard)
+  fs.rm(shard)   # not copied yet
+  with pytest.raises(DataError, match='is missing'):
+    shard_reader.StreamingBlocks(url, 'train')
+  fs.pipe_file(shard, copied)   # copied by another process: this one's cache knows nothing
+  assert shard_reader.StreamingBlocks(url, 'train').take(np.array([0])).shape[0] == 1
+
+
 def test_describe_corpus_counts_epochs_and_warns(small_corpus, caplog):
   iterator = _iterator(_config(str(small_corpus)))
   config = common.base_config('tiny')
