@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
 import nbclient
 import nbformat
@@ -65,11 +66,8 @@ def test_ablation_notebook():
              for o in shown)
 
 
-def _scanned_copy(workdir, out):
-  """The same weights as a run with model.scan_layers=True writes them (layers stacked)."""
-  config, params = checkpoint.load_pretrained(workdir)
-  config.model.scan_layers = True
-  params = model_lib.stack_layers(params)
+def _write_run(out, config, params):
+  """A workdir holding `params` at the grid's last step, as the trainer writes one."""
   os.makedirs(out)
   checkpoint.write_config(out, config)
   manager = checkpoint.make_manager(out, config.checkpoint)
@@ -82,16 +80,43 @@ def _scanned_copy(workdir, out):
   return out
 
 
+def _scanned_copy(workdir, out):
+  """The same weights as a run with model.scan_layers=True writes them (layers stacked)."""
+  config, params = checkpoint.load_pretrained(workdir)
+  config.model.scan_layers = True
+  return _write_run(out, config, model_lib.stack_layers(params))
+
+
+def _initialised_run(workdir, variant, out):
+  """A run of `variant` at its initial weights (the grid trains two variants only)."""
+  config, _ = checkpoint.load_pretrained(workdir)
+  config.model.attention = variant
+  variables = model_lib.BertForMaskedLM(config.model).init(
+      jax.random.key(0), *model_lib.dummy_inputs(1, 8))
+  return _write_run(out, config, flax.core.meta.unbox(variables['params']))
+
+
 def test_attention_analysis_notebook(tmp_path):
   """On the grid's runs; pairwise's with its layers stacked, as scan_layers=True saves
-  them (the notebook read per-layer parameters only, a KeyError on 'layer_0')."""
+  them (the notebook read per-layer parameters only, a KeyError on 'layer_0'); the other
+  variants at their initial weights. Each variant's scores are recomputed from its
+  projections and checked against the model's probabilities inside the notebook;
+  symmetric's are symmetric, and standard_syminit's W_q W_k^T too (W_k = W_q at init)."""
   workdir, _ = fx.tiny_grid()
   dirs = {v: os.path.join(workdir, v, 'seed1') for v in fx.VARIANTS}
   dirs['pairwise'] = _scanned_copy(dirs['pairwise'], str(tmp_path / 'pairwise_scanned'))
+  for variant in ('symmetric', 'pairwise_diagonal', 'standard_syminit'):
+    dirs[variant] = _initialised_run(dirs['standard'], variant, str(tmp_path / variant))
   nb = execute('attention_analysis.ipynb', f'WORKDIRS = {dirs!r}')
   text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
   assert '||skew||/||P||' in text and 'W_q W_k^T' in text
-  assert sum('image/png' in o.data for o in _outputs(nb, 'display_data')) >= 3
+  assert 'pairwise_diagonal layer 1 head 1: ||skew||/||P|| = 0.000' in text, text[-3000:]
+  model = checkpoint.read_config(dirs['standard']).model
+  layers, heads = model.num_layers, model.num_heads
+  assert f'symmetric {[[0.0] * heads] * layers}' in text, text[-3000:]
+  assert f'standard_syminit: ||sym(W_q W_k^T)||_F / ||W_q W_k^T||_F, layers x heads\n' \
+         f'{np.ones((layers, heads))}' in text, text[-3000:]
+  assert sum('image/png' in o.data for o in _outputs(nb, 'display_data')) >= 5
 
 
 def _setup_cell(name):
