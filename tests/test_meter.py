@@ -329,6 +329,29 @@ def test_a_second_ctrl_c_during_the_first_ones_message_quits(monkeypatch):
   assert len(printed) == 1, printed
 
 
+def test_the_flag_puts_the_handlers_back_and_runs_off_the_main_thread():
+  """A notebook training in a background thread: only the main thread may set a handler
+  (signal.signal raises ValueError elsewhere), so there the run has none, and no error."""
+  import threading  # pylint: disable=g-import-not-at-top
+  handlers = lambda: [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+  before = handlers()
+  with loop.PreemptionFlag() as flag:
+    assert handlers() == [flag._handle] * 2   # pylint: disable=protected-access
+  assert handlers() == before
+  errors = []
+
+  def train_in_a_thread():
+    try:
+      with loop.PreemptionFlag() as flag:
+        assert not flag.reached(None, 1)
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+  thread = threading.Thread(target=train_in_a_thread)
+  thread.start()
+  thread.join()
+  assert not errors and handlers() == before
+
+
 @pytest.mark.parametrize('where', ['local', 'object_store'])
 def test_metrics_jsonl_rows_survive_a_resume_locally_and_on_an_object_store(
     tmp_path, monkeypatch, where):
