@@ -392,8 +392,11 @@ def unknown_key_line(error: Exception, argv, lister: str = '--help') -> str:
   found = re.search(r"([A-Za-z_]\w*)", str(error).replace('\\', ''))
   key = found.group(1) if found else str(error)
   culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
+  meant = re.search(r'Did you mean \W*"(\w+)\W*" instead', str(error))   # ml_collections'
+  fix = (f'did you mean {meant.group(1)!r}? Every key must exist in the config file'
+         if meant else 'every key must exist in the config file')
   return (f'unknown config key {key!r}{" in " + ", ".join(culprits) if culprits else ""}. '
-          f'Fix: every key must exist in the config file ({lister} lists them).')
+          f'Fix: {fix} ({lister} lists them).')
 
 
 def _load_config(argv, default_config: str):

@@ -91,6 +91,9 @@ def check_writable(directory, what: str) -> epath.Path:
     probe.write_text('')
     probe.unlink()
   except OSError as e:
-    raise ValueError(f'Cannot write to {what}: {e}. Pass a writable directory (local '
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    why = (f'{blocker} is a file, not a directory' if blocker is not None   # errno 17 / 20
+           else str(e))
+    raise ValueError(f'Cannot write to {what}: {why}. Pass a writable directory (local '
                      'path or gs://bucket/path).') from e
   return path

@@ -21,7 +21,7 @@ import numpy as np
 from bert_sym import metrics_writer
 # The stop signals (SIGTERM, Ctrl-C) and their exit codes, for the loop's callers too.
 from bert_sym.preemption import (  # noqa: F401
-    INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag)
+    INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, PreemptionFlag, exit_on)
 
 
 class NonFiniteError(Exception):
@@ -375,10 +375,7 @@ def run(state, step: int, total_steps: int, train_step, batches, meter: Meter, h
       if eval_due and not evaluated:   # after the save: the notice (30 s on spot TPUs) is for it
         with meter.paused(state):
           hooks.evaluate(state, step)
-      code = Preempted(step, preemption.signal_name).exit_code
-      hooks.console(f'Stopped by {preemption.signal_name or "preemption"}: saved step '
-                    f'{step}, exiting with code {code} (rerun the same command to resume).')
-      return state, step, True
+      return state, step, True   # the caller raises Preempted, which its entry point says
   return state, step, False
 
 

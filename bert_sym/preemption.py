@@ -3,8 +3,10 @@ Ctrl-C sets a flag that the loop (bert_sym.loop.run) reads after each step, save
 exits with a code that tells a launcher "resume me" from "finished"."""
 
 import signal
+import sys
 import threading
 
+from absl import logging
 import jax
 
 from bert_sym import cli
@@ -22,11 +24,12 @@ class Preempted(Exception):
   """Raised after a SIGTERM / preemption stop once the checkpoint of `step` is saved."""
 
   def __init__(self, step: int, signal_name: str | None = 'SIGTERM'):
-    super().__init__(f'stopped by {signal_name or "preemption"} at step {step} '
-                     f'(checkpoint saved)')
     self.step = step
     self.exit_code = (INTERRUPTED_EXIT_CODE if signal_name == 'SIGINT'
                       else PREEMPTED_EXIT_CODE)
+    # The one line the entry point says (process 0 prints it, the others log it).
+    super().__init__(f'Stopped by {signal_name or "preemption"}: saved step {step}, exiting '
+                     f'with code {self.exit_code} (rerun the same command to resume).')
 
 
 class PreemptionFlag:
@@ -80,3 +83,12 @@ class PreemptionFlag:
   def raised_locally(self) -> bool:
     """A signal seen by this (only) process; several stop at orbax's agreed step instead."""
     return jax.process_count() == 1 and self._event.is_set()
+
+
+def exit_on(stop: Preempted) -> None:
+  """Says the stop once (process 0 prints it, the others log it) and exits with its code."""
+  if jax.process_index() == 0:
+    print(stop, flush=True)
+  else:
+    logging.warning('%s', stop)
+  sys.exit(stop.exit_code)

@@ -404,9 +404,7 @@ def main(argv, make_iterator=None):
       os._exit(INTERRUPTED_EXIT_CODE)  # pylint: disable=protected-access
     sys.exit(INTERRUPTED_EXIT_CODE)
   except Preempted as e:
-    logging.warning('%s; exiting with code %d.', e, e.exit_code)
-    sys.stdout.flush()
-    sys.exit(e.exit_code)
+    loop.exit_on(e)
 
 
 parse_flags = config_check.parse_flags   # absl parsing; --help lists the config keys

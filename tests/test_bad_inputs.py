@@ -149,6 +149,9 @@ def _train_cases(tmp, corpora):
       (tiny + ['--config.mesh.data=4'], 'has 4 devices but JAX sees 1'),
       (tiny + ['--config.batch_size=0'], 'batch_size=0'),
       (tiny + ['--config.no_such_key=1'], "unknown config key 'no_such_key'"),
+      (tiny + ['--config.model.atention=standard'],
+       "unknown config key 'atention' in --config.model.atention=standard. Fix: did you mean "
+       "'attention'?"),
       (tiny + ['--config.model.attention=bogus'], "config.model.attention='bogus'"),
       # A key looked up inside a value: a TypeError traceback, or "unknown key 'Attribute'".
       (tiny + ['--config.model.attention.impl=cudnn'],
@@ -192,7 +195,8 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
   plans = {
       'bert_sym.train': train,
       'bert_sym.hf_export': [
-          ([f'--checkpoint={tmp_path}/absent', f'--out_dir={out}'], 'absent does not exist'),
+          ([f'--checkpoint={tmp_path}/absent', f'--out_dir={out}'],
+           'absent does not exist. Fix: pass a training workdir'),
           ([f'--checkpoint={ckpt}', f'--out_dir={out}'],
            "does not match its config.json in"),
           ([f'--checkpoint={misspelled}', f'--out_dir={out}'],
@@ -200,7 +204,8 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           ([f'--out_dir={out}'], '--checkpoint'),
           (['--help'], None)],
       'bert_sym.glue': [
-          ([f'--checkpoint={tmp_path}/absent', f'--output_dir={out}', '--tasks=rte'], 'absent'),
+          ([f'--checkpoint={tmp_path}/absent', f'--output_dir={out}', '--tasks=rte'],
+           'absent does not exist. Fix: pass a training workdir'),
           ([f'--output_dir={out}'], '--checkpoint and --output_dir are required'),
           (['--config=configs/nonexistent.py', f'--checkpoint={ckpt}', f'--output_dir={out}'],
            'cannot be loaded'),

@@ -371,7 +371,8 @@ def test_optimizer_state_change_is_a_readable_error_and_moves_nothing(tmp_path, 
   assert _layout(workdir) == ([4, 8], [])
   # Given the config, the keys that changed since config.json are named too.
   with pytest.raises(checkpoint.IncompatibleCheckpoint,
-                     match='Changed since config.json: optimizer.grad_clip_norm'):
+                     match=r'optimizer.grad_clip_norm=1.0 in its config.json, 0.0 now\. Fix: '
+                           r'rerun with --config.optimizer.grad_clip_norm=1.0 to resume it'):
     _restore(workdir, changed, _trainer_spec(changed), config=changed)
   assert _layout(workdir) == ([4, 8], [])
 

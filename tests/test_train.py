@@ -211,19 +211,28 @@ def test_bad_config_value_fails_before_anything_is_written(tmp_path, flag, messa
 def test_unwritable_workdir_is_a_clear_error(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
-  result = run_trainer(blocker / 'run', overrides=_overrides(), check=False)
-  assert result.returncode == 1
-  assert 'Cannot write to --workdir' in result.stderr and 'Traceback' not in result.stderr
+  for workdir in (blocker / 'run', blocker):   # under a file, or a file itself
+    result = run_trainer(workdir, overrides=_overrides(), check=False)
+    assert result.returncode == 1
+    assert (f'Cannot write to --workdir={workdir}: {blocker} is a file, not a directory. '
+            'Pass a writable directory') in result.stderr, result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, reference_run):
   workdir = tmp_path / 'copy'
   shutil.copytree(reference_run[0], workdir)
   config_before = (workdir / 'config.json').read_text()
+  written = json.loads(config_before)['model']['mlp_dim']
   result = run_trainer(workdir, overrides=_overrides(model__mlp_dim=48), check=False)
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'intermediate/kernel' in result.stderr and 'another config' in result.stderr
   assert 'Traceback' not in result.stderr
+  # The cause leads, with the flag that resumes: the arrays come after (they were 15 lines
+  # in front of it, the cause second to last).
+  [first] = [line for line in result.stderr.splitlines() if 'error:' in line]
+  assert (f'model.mlp_dim={written} in its config.json, 48 now. Fix: rerun with '
+          f'--config.model.mlp_dim={written} to resume it, or use a fresh --workdir') in first
   assert (workdir / 'config.json').read_text() == config_before   # left untouched
 
 
@@ -433,8 +442,12 @@ def test_ctrl_c_saves_and_resumes(tmp_path, reference_run):
   process.send_signal(signal.SIGINT)
   output, _ = process.communicate(timeout=120)
   assert process.returncode == train.INTERRUPTED_EXIT_CODE == 130, output[-3000:]
-  assert 'Stopped by SIGINT' in output and 'Traceback' not in output
+  assert 'Traceback' not in output
   stopped_at = int(checkpoint.resolve_step_dir(workdir).name)
+  # Said once (the loop's line and the entry point's log line said it twice).
+  assert output.count('stopped by SIGINT') + output.count('Stopped by SIGINT') == 1, output
+  assert (f'Stopped by SIGINT: saved step {stopped_at}, exiting with code 130 (rerun the '
+          'same command to resume).') in output
   assert 4 < stopped_at < STEPS
   result = run_trainer(workdir, overrides=_overrides())
   assert f'Resumed from step {stopped_at}' in result.stdout

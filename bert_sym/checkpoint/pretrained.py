@@ -23,7 +23,9 @@ def candidate_step_dirs(path) -> list[epath.Path]:
   """[path] for a finished step directory; a workdir's finished steps, newest first."""
   path = absolute(path)
   if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist.')
+    raise FileNotFoundError(f'{path} does not exist. Fix: pass a training workdir (the '
+                            '--workdir of bert_sym.train) or one of its checkpoints/<step> '
+                            'directories.')
   if is_step_dir(path):
     if not ocp.path.step.is_path_finalized(path):
       raise FileNotFoundError(

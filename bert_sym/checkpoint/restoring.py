@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config, read_json_item, restore_on_every_host
+from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, flat_config, is_closed_loop_error, key_path_str, make_manager, read_config, read_json_item, restore_on_every_host
 
 
 # ---- Restore: corruption is set aside, everything else is said and left in place ----
@@ -109,7 +109,9 @@ def _shapes(tree) -> dict[str, tuple]:
 def check_compatible(saved_tree, abstract_state, where, hint: str = '') -> None:
   """Raises IncompatibleCheckpoint unless the saved state (params, opt_state, step, rng:
   structure, shapes, dtypes) is what the config builds. Restoring mismatched trees fails
-  deep inside orbax or TensorStore; comparing first says which arrays differ and why."""
+  deep inside orbax or TensorStore; comparing first says which arrays differ and why.
+  `hint` (config_hint): the config keys changed since the workdir's config.json, which
+  then lead the message, with the flags that resume it."""
   saved, wanted = _shapes(saved_tree), _shapes(abstract_state)
   differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
   if not differing:
@@ -118,15 +120,19 @@ def check_compatible(saved_tree, abstract_state, where, hint: str = '') -> None:
   problems = [f'  {k}: checkpoint {show(saved.get(k))}, config {show(wanted.get(k))}'
               for k in differing[:10]]
   more = f'\n  ... and {len(differing) - 10} more' if len(differing) > 10 else ''
+  arrays = f'({len(differing)} array(s) differ):\n' + '\n'.join(problems) + more
+  if hint:   # the cause is known: said first, the arrays after
+    raise IncompatibleCheckpoint(
+        f'The checkpoint {where} was written with another config: {hint} That checkpoint '
+        f'was left where it is. The arrays {arrays}')
   raise IncompatibleCheckpoint(
       f'The checkpoint {where} was written by a different model or optimizer than the '
-      f'current config builds ({len(differing)} array(s) differ):\n' + '\n'.join(problems) +
-      more + '\n' + _likely_causes(differing, saved, wanted, hint) +
+      f'current config builds {arrays}\n' + _likely_causes(differing, saved, wanted) +
       'This workdir belongs to another config: use a fresh --workdir, or rerun with the '
       'config saved in its config.json. That checkpoint was left where it is.')
 
 
-def _likely_causes(differing, saved, wanted, hint) -> str:
+def _likely_causes(differing, saved, wanted) -> str:
   """The config keys most likely responsible, from where the trees differ."""
   causes = []
   if any(k.startswith('params/') for k in differing):
@@ -144,20 +150,28 @@ def _likely_causes(differing, saved, wanted, hint) -> str:
   if any(k.startswith('opt_state/') for k in differing):
     causes.append('optimizer.grad_clip_norm (0 and non-zero build different optimizer '
                   'states), another optimizer recipe, or another optax version')
-  text = 'Likely config keys: ' + '; '.join(causes) + '.\n' if causes else ''
-  return text + (f'{hint}\n' if hint else '')
+  return 'Likely config keys: ' + '; '.join(causes) + '.\n' if causes else ''
 
 
 def config_hint(workdir, config) -> str:
-  """The keys in which `config` differs from the workdir's config.json ('' if unknown)."""
+  """The model, optimizer and PRNG keys in which `config` differs from the workdir's
+  config.json, with the flags that resume it ('' if none or unknown)."""
   if config is None or not (epath.Path(workdir) / CONFIG_FILE).exists():
     return ''
   try:
-    changed = config_differences(read_config(workdir), config)
+    written = read_config(workdir)
+    changed = config_differences(written, config)
   except ValueError:
     return ''
   relevant = [k for k in changed if k.startswith(('model.', 'optimizer.', 'prng_impl'))]
-  return f'Changed since config.json: {", ".join(relevant)}.' if relevant else ''
+  if not relevant:
+    return ''
+  written, now = flat_config(written), flat_config(config)
+  said = ', '.join(f'{k}={written.get(k)!r} in its config.json, {now.get(k)!r} now'
+                   for k in relevant)
+  flags = ' '.join(f'--config.{k}={written[k]}' for k in relevant if k in written)
+  resume = f'rerun with {flags} to resume it, or ' if flags else ''
+  return f'{said}. Fix: {resume}use a fresh --workdir for this config.'
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state

@@ -50,7 +50,6 @@ import types
 
 from absl import app
 from absl import flags
-from absl import logging
 from etils import epath
 import jax
 from ml_collections import config_flags
@@ -125,9 +124,7 @@ def main(argv, cli):
       suite.run_glue(cli.checkpoint.value, cli.output_dir.value, config)
       table = 'glue_results.md'
   except loop.Preempted as e:
-    logging.warning('%s; exiting with code %d.', e, e.exit_code)
-    sys.stdout.flush()
-    sys.exit(e.exit_code)
+    loop.exit_on(e)
   except (ValueError, FileNotFoundError, PermissionError, loop.NonFiniteError,
           checkpoint.CheckpointSaveError) as e:
     # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix; a failed
