@@ -1281,6 +1281,21 @@ def test_a_set_aside_cut_short_is_finished_by_the_next_one(tmp_path, monkeypatch
   assert not [p for p in tmp_path.rglob('*') if p.is_file() and 'replaced-' not in str(p)]
 
 
+def test_tfds_glue_unprepared_offline_is_refused_before_the_output_dir(workdir, tmp_path,
+                                                                      monkeypatch):
+  """Checked with the other inputs: a refused run leaves no output folder behind (it left
+  an empty one, as TFDS was first asked when the first task loaded)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as closed:
+    closed.bind(('localhost', 0))
+    port = closed.getsockname()[1]
+  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', port))
+  config = _config(tasks='rte', seeds='1', glue_dir='', tfds_data_dir=str(tmp_path / 'tfds'))
+  with pytest.raises(glue_data.GlueDataError, match='glue/rte is not prepared'):
+    suite.run_glue(str(workdir), str(tmp_path / 'out'), config)
+  assert not (tmp_path / 'out').exists()
+
+
 def test_a_group_resumed_with_another_seed_list_starts_again(tmp_path, monkeypatch):
   """Every seed's batch is padded to the longest bucket among ALL the task's seeds at that
   step (dropout masks depend on it): a group checkpoint from a run with --seeds=1,2,3 must

@@ -223,9 +223,11 @@ TFDS_DOWNLOAD_HOST: tuple[str, int] | None = ('dl.fbaipublicfiles.com', 443)
 _PROBE_TIMEOUT_S = 5.0
 
 
-def check_tfds_can_load(tfds, spec: TaskSpec, data_dir: str | None = None) -> None:
+def check_tfds_can_load(spec: TaskSpec, data_dir: str | None = None) -> None:
   """Raises GlueDataError when glue/<task> is neither prepared in `data_dir` nor
   downloadable (its host unreachable)."""
+  import_tensorflow()   # first, so that TF (under TFDS) leaves the GPUs to JAX
+  import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
   builder = tfds.builder(f'glue/{spec.name}', data_dir=data_dir or None)
   if TFDS_DOWNLOAD_HOST is None or builder.is_prepared():
     return
@@ -242,9 +244,8 @@ def check_tfds_can_load(tfds, spec: TaskSpec, data_dir: str | None = None) -> No
 
 def load_tfds(spec: TaskSpec, split: str, data_dir: str | None = None) -> Examples:
   """`tfds.load(f'glue/{name}', split=split)` as Examples (downloads when not prepared)."""
-  import_tensorflow()   # first, so that TF (under TFDS) leaves the GPUs to JAX
+  check_tfds_can_load(spec, data_dir)
   import tensorflow_datasets as tfds   # pylint: disable=g-import-not-at-top
-  check_tfds_can_load(tfds, spec, data_dir)
   dataset = tfds.load(f'glue/{spec.name}', split=split, data_dir=data_dir or None,
                       shuffle_files=False)
   idx, texts, labels = [], tuple([] for _ in spec.tfds_text_keys), []

@@ -100,7 +100,7 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
     raise ValueError(f'{pretrained.step_dir} has model.type_vocab_size='
                      f'{pretrained.config.model.type_vocab_size}: no segment embedding for '
                      f'the second sentence of {", ".join(pairs)}. Fix: --tasks without them.')
-  _check_local_files(config, specs)
+  _check_data(config, specs)
   mesh, rules = _mesh_and_rules(config, pretrained)
   # The inputs are checked (a refused run leaves no folder); data and compiles come next.
   output_dir = files.check_writable(output_dir, f'--output_dir={output_dir}')
@@ -170,12 +170,15 @@ def _glue_kernel(config, model_cfg, parallel: str) -> str:
   return impl
 
 
-def _check_local_files(config, specs) -> None:
-  """Every local file checked now, not after hours of training other tasks."""
-  if config.glue_dir:
-    for spec in specs:
+def _check_data(config, specs) -> None:
+  """Every task's data checked now, not after hours of training other tasks: its local
+  files, or that TFDS has it prepared or can download it."""
+  for spec in specs:
+    if config.glue_dir:
       for file_name in ['train.tsv'] + [d.tsv_file for d in spec.dev_sets]:
         glue_data.tsv_path(config.glue_dir, spec, file_name)
+    else:
+      glue_data.check_tfds_can_load(spec, config.get('tfds_data_dir', ''))
 
 
 def _mesh_and_rules(config, pretrained):
