@@ -727,3 +727,11 @@ def test_an_unknown_variant_fails_before_training(tmp_path):
     runner.run('configs/tiny.py', 'no_such_variant', '1', str(tmp_path / 'grid'),
                python=python)
   assert not calls.exists()
+
+
+def test_a_difference_that_rounds_to_zero_has_no_sign():
+  """'-0 [-0, 0]' read as a difference in the paired Δ steps column."""
+  cell = ablate_report._fmt_ci  # pylint: disable=protected-access
+  assert cell({'mean': -0.3, 'ci95': [-0.4, 0.2], 'n': 3}, 0, True) == '0 [0, 0] (n=3)'
+  assert cell({'mean': -0.00004, 'ci95': [-1.23456, 0.00001]}, 4) == '0.0000 [-1.2346, 0.0000]'
+  assert cell({'mean': -2.6, 'ci95': None}, 0) == '-3'

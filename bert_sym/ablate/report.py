@@ -55,10 +55,12 @@ def _fmt_ci(stat: dict, digits: int, with_n: bool = False) -> str:
   """'mean [low, high]' of a `stats.describe` dict; the mean alone without an interval."""
   if stat['mean'] is None:
     return '—'
-  text = f'{stat["mean"]:.{digits}f}'
+  # '+ 0.0' turns a -0.3 rounded to '-0' into '0' (a sign on nothing reads as a difference).
+  number = lambda x: f'{round(x, digits) + 0.0:.{digits}f}'
+  text = number(stat['mean'])
   if stat.get('ci95'):
     low, high = stat['ci95']
-    text += f' [{low:.{digits}f}, {high:.{digits}f}]'
+    text += f' [{number(low)}, {number(high)}]'
   return text + (f' (n={stat["n"]})' if with_n else '')
 
 
