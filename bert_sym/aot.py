@@ -175,7 +175,8 @@ def fit_advice(config, num_slices: int = 1, data_parallel: int = 1) -> str:
 
 
 def _duration(hours: float) -> str:
-  return f'{hours / 24:.1f} days' if hours >= 48 else f'{hours:.2f} hours'
+  return (f'{hours / 24:.1f} days' if hours >= 48 else f'{hours:.2f} hours' if hours >= 1
+          else f'{hours * 60:.1f} minutes' if hours * 60 >= 1 else f'{hours * 3600:.1f} s')
 
 
 def _human(n: float) -> str:

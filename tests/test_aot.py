@@ -528,3 +528,10 @@ def test_a_gpu_host_with_libtpu_installed_is_not_sent_to_the_cpu(monkeypatch):
   monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
   monkeypatch.setattr(gpu_flags, 'cuda_plugin', lambda: 'jax_cuda12_plugin')
   assert tpu.no_tpu_here() is False
+
+
+def test_the_training_time_is_said_in_a_unit_that_shows_it():
+  """A tiny config's 300 steps read '0.00 hours'."""
+  duration = aot._duration  # pylint: disable=protected-access
+  assert [duration(h) for h in (100.0, 2.5, 0.5, 300 * 0.004 / 3600)] == [
+      '4.2 days', '2.50 hours', '30.0 minutes', '1.2 s']
