@@ -340,12 +340,10 @@ def config_keys_help(config, config_file: str) -> str:
 
 def parse_flags(argv, default_config: str = 'sym_base.py'):
   """absl flag parsing, with config_flags' unknown-key traceback turned into one line
-  (a `UserError`; other flag errors are worded by `bert_sym.cli`).
-
-  `--help` also lists the config keys, which absl cannot know (they come from a file).
-  A flag given twice is refused: absl keeps the last, so `--config` passed to a launcher
-  that passes its own trained another config than the one the launcher announced.
-  """
+  (a `UserError`; other flag errors are worded by `bert_sym.cli`). `--help` also lists
+  the config keys, which absl cannot know (they come from a file). A flag given twice is
+  refused: absl keeps the last, so `--config` passed to a launcher that passes its own
+  trained another config than the one the launcher announced."""
   for flag in ('--config', '--workdir'):
     given = [a for a in argv[1:] if a == flag or a.startswith(f'{flag}=')]
     if len(given) > 1:
@@ -386,17 +384,15 @@ def key_through_a_value(argv, default_config: str) -> str | None:
 
 
 def unknown_key_line(error: Exception, argv, lister: str = '--help') -> str:
-  """config_flags' KeyError for a mistyped --config.KEY (its repr holds quotes, newlines
-  and a "Did you mean"), as one line naming the key, the flag, and the command (`lister`)
-  that lists the keys."""
+  """config_flags' KeyError for a mistyped --config.KEY (quotes, newlines and a "Did you
+  mean" in its repr) as one line: the key, the flag, the fix, what lists keys (`lister`)."""
   found = re.search(r"([A-Za-z_]\w*)", str(error).replace('\\', ''))
   key = found.group(1) if found else str(error)
   culprits = [a for a in argv[1:] if a.startswith('--config.') and key and key in a]
   meant = re.search(r'Did you mean \W*"(\w+)\W*" instead', str(error))   # ml_collections'
-  fix = (f'did you mean {meant.group(1)!r}? Every key must exist in the config file'
-         if meant else 'every key must exist in the config file')
   return (f'unknown config key {key!r}{" in " + ", ".join(culprits) if culprits else ""}. '
-          f'Fix: {fix} ({lister} lists them).')
+          f'Fix: {f"did you mean {meant.group(1)!r}? E" if meant else "e"}very key must '
+          f'exist in the config file ({lister} lists them).')
 
 
 def _load_config(argv, default_config: str):

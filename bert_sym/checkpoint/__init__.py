@@ -29,7 +29,7 @@ public is re-exported here: callers write `checkpoint.save(...)`.
 from bert_sym.checkpoint.core import (  # noqa: F401
     STATE, DATA_ITER, CONFIG_FILE, IncompatibleCheckpoint, DamagedCheckpoint,
     CheckpointReadError, CheckpointSaveError, write_config, read_config, flat_config,
-    config_differences, absolute, checkpoint_dir, KeepNewestGood, make_manager, allgather_json,
+    config_differences, config_hint, absolute, checkpoint_dir, KeepNewestGood, make_manager, allgather_json,
     key_path_str, describe_error, is_closed_loop_error, is_step_dir, checkpoints_root,
     finished_steps, written_at, read_json_item, lineage_of, run_id_of, extend_lineage, written_by
 )
@@ -41,7 +41,7 @@ from bert_sym.checkpoint.saving import (  # noqa: F401
 )
 from bert_sym.checkpoint.restoring import (  # noqa: F401
     DAMAGED_DIR, DIVERGED_SUFFIX, STARTED_OVER_SUFFIX, READ_ATTEMPTS, BACKOFF_SECONDS,
-    failure_kind, read_state_metadata, check_compatible, config_hint, restore,
+    failure_kind, read_state_metadata, check_compatible, restore,
     set_aside_diverged, damaged_steps_found, NothingRestored, quiet_orbax_echoes,
     restore_latest, check_same_prng_impl
 )

@@ -76,6 +76,26 @@ def config_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDic
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def config_hint(workdir, config) -> str:
+  """The model, optimizer and PRNG keys in which `config` differs from the workdir's
+  config.json, with the flags that resume it ('' if none or unknown)."""
+  if config is None or not (epath.Path(workdir) / CONFIG_FILE).exists():
+    return ''
+  try:
+    written = read_config(workdir)
+    changed = config_differences(written, config)
+  except ValueError:
+    return ''
+  relevant = [k for k in changed if k.startswith(('model.', 'optimizer.', 'prng_impl'))]
+  if not relevant:
+    return ''
+  written, now = flat_config(written), flat_config(config)
+  said = ', '.join(f'{k}={written.get(k)!r} in its config.json, {now.get(k)!r} now'
+                   for k in relevant)
+  flags = ' '.join(f'--config.{k}={written[k]}' for k in relevant if k in written)
+  resume = f'rerun with {flags} to resume it, or ' if flags else ''
+  return f'{said}. Fix: {resume}use a fresh --workdir for this config.'
+
 
 def absolute(path) -> epath.Path:
   """Orbax refuses relative paths, and users type `--workdir=runs/x`: resolve local ones."""

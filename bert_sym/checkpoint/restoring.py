@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_differences, describe_error, flat_config, is_closed_loop_error, key_path_str, make_manager, read_config, read_json_item, restore_on_every_host
+from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_hint, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config, read_json_item, restore_on_every_host
 
 
 # ---- Restore: corruption is set aside, everything else is said and left in place ----
@@ -151,27 +151,6 @@ def _likely_causes(differing, saved, wanted) -> str:
     causes.append('optimizer.grad_clip_norm (0 and non-zero build different optimizer '
                   'states), another optimizer recipe, or another optax version')
   return 'Likely config keys: ' + '; '.join(causes) + '.\n' if causes else ''
-
-
-def config_hint(workdir, config) -> str:
-  """The model, optimizer and PRNG keys in which `config` differs from the workdir's
-  config.json, with the flags that resume it ('' if none or unknown)."""
-  if config is None or not (epath.Path(workdir) / CONFIG_FILE).exists():
-    return ''
-  try:
-    written = read_config(workdir)
-    changed = config_differences(written, config)
-  except ValueError:
-    return ''
-  relevant = [k for k in changed if k.startswith(('model.', 'optimizer.', 'prng_impl'))]
-  if not relevant:
-    return ''
-  written, now = flat_config(written), flat_config(config)
-  said = ', '.join(f'{k}={written.get(k)!r} in its config.json, {now.get(k)!r} now'
-                   for k in relevant)
-  flags = ' '.join(f'--config.{k}={written[k]}' for k in relevant if k in written)
-  resume = f'rerun with {flags} to resume it, or ' if flags else ''
-  return f'{said}. Fix: {resume}use a fresh --workdir for this config.'
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state
