@@ -5,6 +5,7 @@ or gs://, any size) and 'shards' (local, memory-mapped).
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from bert_sym import cli
@@ -29,28 +30,36 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
   parser = cli.ArgumentParser(prog='python -m bert_sym.shards')
   commands = parser.add_subparsers(dest='command', required=True)
-  ex = commands.add_parser('export', help="convert this worker's parts of a task to shards")
-  ex.add_argument('--task', required=True, help='e.g. bert_sym_mlm_c4')
-  ex.add_argument('--split', default='train,validation', help='comma-separated')
-  ex.add_argument('--max_seq_len', type=int, default=512)
-  ex.add_argument('--out_dir', required=True, help='local directory or gs://bucket/path')
-  ex.add_argument('--num_workers', type=int, default=1)
-  ex.add_argument('--worker_index', type=int, default=0)
+  with_defaults = {'formatter_class': argparse.ArgumentDefaultsHelpFormatter}
+  required = {'required': True, 'default': argparse.SUPPRESS}   # no '(default: None)'
+  ex = commands.add_parser('export', help="convert this worker's parts of a task to shards",
+                           **with_defaults)
+  ex.add_argument('--task', **required, help='the seqio task, e.g. bert_sym_mlm_c4')
+  ex.add_argument('--split', default='train,validation', help='comma-separated splits')
+  ex.add_argument('--max_seq_len', type=int, default=512,
+                  help='tokens per block: the config.data.max_seq_len the shards serve')
+  ex.add_argument('--out_dir', **required, help='local directory or gs://bucket/path')
+  ex.add_argument('--num_workers', type=int, default=1,
+                  help='machines exporting together, each its share of the parts')
+  ex.add_argument('--worker_index', type=int, default=0,
+                  help='this machine, 0 .. num_workers-1')
   ex.add_argument('--num_parts', type=int, default=0,
                   help='0 = one per TFDS source file (1 for text files); must be the same '
                        'for every worker')
   ex.add_argument('--tfds_data_dir', default='', help='where `tfds build` wrote the data')
-  ex.add_argument('--vocab_path', default='')
+  ex.add_argument('--vocab_path', default='',
+                  help="WordPiece vocab.txt ('' = bert-base-uncased, as the trainer)")
   ex.add_argument('--text_files', default='', help='globs for bert_sym_mlm_text_files')
   ex.add_argument('--validation_files', default='',
                   help="its validation split's globs, as config.data.validation_files "
                        "('' = every 100th document of --text_files held out)")
-  ex.add_argument('--blocks_per_shard', type=int, default=1 << 16)
+  ex.add_argument('--blocks_per_shard', type=int, default=1 << 16,
+                  help='blocks of max_seq_len tokens per .npy file')
   fin = commands.add_parser('finalize', help='write metadata.json once all parts exist; '
                                              f'exit {PARTS_MISSING_EXIT_CODE} while some '
-                                             'are missing (1: an error)')
-  fin.add_argument('--out_dir', required=True)
-  fin.add_argument('--split', default='train,validation')
+                                             'are missing (1: an error)', **with_defaults)
+  fin.add_argument('--out_dir', **required, help='the export\'s --out_dir')
+  fin.add_argument('--split', default='train,validation', help='comma-separated splits')
   fin.add_argument('--stalled_after_minutes', type=float, default=0,
                    help='parts missing and nothing written for this long is an error (1), '
                         'not a wait (3): a worker killed without a word (0 = wait forever)')

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import signal
@@ -1148,3 +1149,16 @@ def test_finalize_reports_the_blocks_and_tokens_of_the_split(tmp_path, monkeypat
                       lambda out_dir, split, stalled: {'num_blocks': 7, 'num_tokens': 448})
   assert streaming_cli.main(['finalize', f'--out_dir={tmp_path}', '--split=train']) == 0
   assert f'{tmp_path}/train: complete, 7 blocks, 448 tokens' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('command, options', [('export', 12), ('finalize', 3)])
+def test_every_option_of_the_shards_command_says_what_it_is_and_its_default(command, options,
+                                                                           capsys):
+  with pytest.raises(SystemExit) as done:
+    streaming_cli.main([command, '--help'])
+  assert done.value.code == 0
+  lines = capsys.readouterr().out.split('options:')[1]
+  described = re.findall(r'\n  (--\w+)(?: [A-Z_]+)?(?:\n {20,}| +)\S', lines)
+  assert len(described) == options, lines   # --help is not among them: its line says 'show'
+  assert lines.count('(default:') == options - sum(f in lines for f in ('--task', '--out_dir'))
+  assert '(default: None)' not in lines   # the required ones have none
