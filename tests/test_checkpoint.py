@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -130,14 +131,18 @@ def test_load_pretrained_clear_errors(tmp_path):
     checkpoint.load_pretrained(str(tmp_path / 'run'))
 
 
-def test_plain_orbax_reads_a_checkpoint(tmp_path):
-  """The README snippet: no project code, numpy restore (any device count)."""
+def test_plain_orbax_reads_a_checkpoint(tmp_path, caplog):
+  """The README snippet: no project code, numpy restore (any device count), and the one
+  warning of orbax's the README explains."""
   params = _write_run(tmp_path, train_fixtures.tiny_config(), step=3)
   path = tmp_path / 'checkpoints' / '3' / 'state'
   ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(path).item_metadata.tree
-  state = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
+  with caplog.at_level(logging.WARNING):
+    tree = ckptr.metadata(path).item_metadata.tree
+    state = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
+  assert {r.getMessage().split(':')[0] for r in caplog.records
+          if r.levelno >= logging.WARNING} == {'Metadata file does not exist'}
   assert int(state['step']) == 3
   np.testing.assert_array_equal(state['params']['encoder']['embeddings']['word_embeddings']
                                 ['embedding'], params['encoder']['embeddings']
