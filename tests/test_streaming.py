@@ -903,6 +903,13 @@ def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+def test_shards_of_the_embedded_corpus_not_exported_yet_suggest_reading_it_through_seqio():
+  """configs/tiny.py asked to read shards: 'use configs/tiny.py' was the hint it got."""
+  with pytest.raises(DataError, match=r'smoke-test on the small embedded corpus instead: '
+                                      r'--config\.data\.source=seqio\.$'):
+    _iterator(_config('', task='bert_sym_mlm_embedded'))
+
+
 def test_the_suggested_export_command_exports_the_configured_corpus(tmp_path, monkeypatch):
   """The 'Fix: prepare it once' command, as a shell would split it, given to the shards
   command line: it is accepted and exports the config's files with the config's vocabulary

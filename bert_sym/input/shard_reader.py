@@ -85,10 +85,14 @@ def prepare_instructions(data_config) -> str:
   flags.append(f'--out_dir={shlex.quote(out)}')
   steps.append(f'`python -m bert_sym.shards export {" ".join(flags)}` (TF needed there '
                'only; launch/tpu_vm.sh does this with EXPORT_TO)')
+  # Already on the embedded corpus (configs/tiny.py asked to read shards): seqio reads it
+  # as it is; any other task's smoke test is the tiny config.
+  instead = ('--config.data.source=seqio' if task == sources.EMBEDDED_TASK
+             else '--config=configs/tiny.py')
   return ' '.join([
       'Fix: prepare it once:', *steps,
       f'and pass --config.data.shards_dir={shlex.quote(out)}; to smoke-test on the small '
-      'embedded corpus instead: --config=configs/tiny.py.'])
+      f'embedded corpus instead: {instead}.'])
 
 
 def missing_shards_dir(data_config) -> str:
