@@ -438,9 +438,9 @@ def test_bad_override_fails_before_training(tmp_path):
   with pytest.raises(ablate.AblationError) as error:
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.model.atention=x'])
   assert str(error.value) == (
-      "unknown config key 'atention' in --config.model.atention=x. Fix: every key must "
-      f'exist in the config file (python -m bert_sym.train --config={fx.CONFIG} --help '
-      'lists them).')
+      "unknown config key 'atention' in --config.model.atention=x. Fix: did you mean "
+      "'attention'? Every key must exist in the config file (python -m bert_sym.train "
+      f'--config={fx.CONFIG} --help lists them).')
   with pytest.raises(ablate.AblationError, match=r'config.total_steps=-5 must be'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.total_steps=-5'])
   with pytest.raises(ablate.AblationError, match='--variants'):
