@@ -23,7 +23,8 @@ advances on every execution (CuDnnThunk), so masks change from step to step and 
 backward call meets its forward's offset. Hence (GPU tests in tests/test_cudnn_dropout.py):
 the mask is not a function of the run's key (a resume restarts the offsets; data-parallel
 devices share a pattern); each layer gets its own seed (its module path); and
-model.scan_layers=True is refused (the scanned backward would meet other offsets).
+model.scan_layers=True is refused (the scanned backward would meet other offsets). On an
+H100 with jax 0.11.2 its backward aborted the process: `auto` does not take it (kernel_choice).
 """
 
 import functools

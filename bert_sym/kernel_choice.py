@@ -22,6 +22,12 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
 # The fused kernel `auto` picks on each backend (any other backend: xla).
 BACKEND_KERNELS = {'gpu': 'cudnn', 'tpu': 'splash'}
 SPLASH_BLOCK = 128   # splash tiles are multiples of the 128-lane vector width
+# Measured (benchmarks/RESULTS.md, 2026-12-06): so `auto` leaves attention dropout to xla,
+# and `cudnn` named with dropout is an opt-in for another JAX.
+CUDNN_DROPOUT_FAILED = (
+    "attention dropout is on and cuDNN's in-kernel dropout failed on an H100 with jax "
+    '0.11.2 (its backward aborted the process; the train step did not finish a step in '
+    '70 s); set model.attention_impl=cudnn to try it with your JAX')
 
 
 _TARGET_BACKEND = contextvars.ContextVar('target_backend', default=None)
@@ -151,6 +157,8 @@ def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scan
   why_not = None
   if kernel != 'xla' and training_dropout and _no_fused_dropout(kernel, scanned):
     why_not = _no_fused_dropout(kernel, scanned)
+  elif kernel == 'cudnn' and training_dropout:
+    why_not = CUDNN_DROPOUT_FAILED
   elif kernel != 'xla' and return_weights:
     why_not = 'attention weights were asked for (return_weights)'
   elif kernel == 'splash' and seq_len % SPLASH_BLOCK:

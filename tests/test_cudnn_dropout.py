@@ -88,16 +88,21 @@ def test_evaluation_calls_cudnn_without_dropout(monkeypatch):
   assert [t for t, _ in _custom_calls(text)] == ['__cudnn$fmhaSoftmax'] * 2
 
 
-def test_auto_takes_cudnn_for_dropout_on_gpu_unless_layers_are_scanned(caplog):
-  resolve = lambda **kw: kernel_choice.resolve_implementation(
-      'auto', return_weights=False, seq_len=128, backend='gpu', **kw)
-  expected = 'xla' if kernel_choice.cudnn_dropout_missing() else 'cudnn'
-  assert resolve(training_dropout=True) == expected
+def test_auto_leaves_attention_dropout_on_gpu_to_xla_and_says_why(caplog):
+  """cuDNN's in-kernel dropout failed on an H100 (jax 0.11.2, 2026-12-06: the backward
+  test aborted the process, the train step hung), so `auto` takes xla for it, with the
+  reason; named, cudnn still takes dropout (an opt-in for another JAX)."""
+  resolve = lambda impl='auto', **kw: kernel_choice.resolve_implementation(
+      impl, return_weights=False, seq_len=128, backend='gpu', **kw)
   kernel_choice._log_once.cache_clear()  # pylint: disable=protected-access
   with caplog.at_level('INFO'):
-    assert resolve(training_dropout=True, scanned=True) == 'xla'
-  assert 'model.scan_layers=False' in caplog.text
-  assert resolve(training_dropout=False, scanned=True) == 'cudnn'   # no dropout: fine
+    assert resolve(training_dropout=True) == 'xla'
+  assert 'backward aborted the process' in caplog.text
+  assert 'set model.attention_impl=cudnn to try it' in caplog.text
+  assert resolve(training_dropout=False) == 'cudnn'   # no dropout: cuDNN
+  assert resolve(training_dropout=False, scanned=True) == 'cudnn'
+  if not kernel_choice.cudnn_dropout_missing():
+    assert resolve('cudnn', training_dropout=True) == 'cudnn'
 
 
 def test_named_cudnn_refuses_dropout_with_scanned_layers():
@@ -224,8 +229,8 @@ def test_gpu_gradients_are_finite_for_an_all_padding_row():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason='cuDNN flash attention needs a GPU')
-def test_gpu_model_trains_with_cudnn_dropout_and_auto_picks_it():
-  cfg = tiny_cudnn_config(attention_impl='auto')
+def test_gpu_model_trains_with_cudnn_dropout_when_named():
+  cfg = tiny_cudnn_config(attention_impl='cudnn')
   module = model_lib.BertForMaskedLM(cfg)
   ids, types, mask = model_lib.dummy_inputs(2, 64)
   params = nn.meta.unbox(module.init(jax.random.key(0), ids, types, mask)['params'])
@@ -235,7 +240,7 @@ def test_gpu_model_trains_with_cudnn_dropout_and_auto_picks_it():
     return jax.grad(lambda p: jnp.mean(module.apply(
         {'params': p}, ids, types, mask, deterministic=False, rngs={'dropout': key})))(params)
   hlo = grads.lower(params, jax.random.key(1)).compile().as_text()
-  assert FORWARD in hlo   # auto took cudnn, with the dropout inside it
+  assert FORWARD in hlo   # cudnn, with the dropout inside it
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads(params,
                                                                              jax.random.key(1))))
 
