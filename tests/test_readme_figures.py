@@ -218,3 +218,27 @@ def test_the_read_retries_are_the_ones_the_readme_names():
   waits = [restoring.BACKOFF_SECONDS * 2 ** i for i in range(restoring.READ_ATTEMPTS - 1)]
   assert (f'Retried {restoring.READ_ATTEMPTS - 1} times with back-off '
           f'({", ".join(f"{w:g}" for w in waits)} s)') in README
+
+
+def test_h100_figures():
+  """One H100, 2026-12-06: each ratio from its own record (HF in the same run)."""
+  rows = [r for name in ('accelerator_nvidia-h100_2026-12-06.json',
+                         'accelerator_nvidia-h100_512x32_2026-12-06.json',
+                         'accelerator_nvidia-h100_pairwise_2026-12-06.json')
+          for r in _load(name)['results'] if r.get('impl') == 'ours' and 'step_ms' in r]
+  ours = {(r['attention'], r['path'], r['seq'], r['batch']): r for r in rows}
+  ratio = lambda *key: f'{ours[("standard",) + key]["vs_hf"]:.2f}x'
+  assert (f'the fast recipe is {ratio("fused", 128, 256)} HF at seq 128 x 256, '
+          f'{ratio("fused", 512, 128)} at 512 x 128 and {ratio("fused", 512, 32)} at 512 x 32'
+          ) in README
+  fast = [r['mfu'] for r in rows if r['path'] == 'fused' and r['attention'] == 'standard']
+  percent = lambda v: f'{100 * v:.0f}'
+  assert f'(MFU {_range(fast, percent)}%), the paper recipe on xla {ratio("xla", 128, 256)}' \
+      in README
+  pairwise = [ours[('pairwise', 'fused', s, b)]['step_ms'] / ours[('standard', 'fused', s, b)]
+              ['step_ms'] for s, b in ((128, 256), (512, 128))]
+  assert f"pairwise's fast step {_range(pairwise, lambda v: f'{v:.2f}x').split('-')[0]}" \
+      in README and max(pairwise) < 0.995
+  failed = [r for r in _load('accelerator_nvidia-h100_2026-12-06.json')['results']
+            if r.get('path') == 'fused_dropout' and r.get('impl') == 'ours']
+  assert failed and all('step_ms' not in r for r in failed)   # "did not finish a step"
