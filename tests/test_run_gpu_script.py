@@ -262,3 +262,18 @@ def test_its_python_steps_run_with_only_what_the_gpu_image_has(tmp_path):
   glue = run('benchmarks/glue_seeds.py', '--size=tiny', '--seq_len=16', '--seeds=2',
              '--steps=2', '--rounds=1', f'--out={out}/glue.json')
   assert glue.returncode == 0 and (out / 'glue.json').exists(), glue.stderr[-3000:]
+
+
+def test_a_gpu_test_that_aborts_the_process_does_not_hide_the_others(tmp_path):
+  """On an H100 (jax 0.11.2) cuDNN's dropout backward test aborted pytest, and the GPU
+  tests after it never ran: each test now runs in its own process."""
+  aborting = _PYTHON_STAND_IN.replace(
+      "  *'import ml_collections'*|*'import jax'*|*'-m pytest'*)",
+      "  *'--collect-only'*) printf 't.py::aborts\\nt.py::passes\\n\\n1 tests'; exit 0;;\n"
+      "  *'t.py::aborts'*) echo 'Fatal Python error: Aborted'; kill -ABRT $$;;\n"
+      "  *'t.py::passes'*) echo '1 passed in 0.1s'; exit 0;;\n"
+      "  *'import ml_collections'*|*'import jax'*|*'-m pytest'*)")
+  status, log, _ = _run_script(tmp_path, aborting)
+  assert status == 0, log
+  assert 't.py::aborts: exit 134 (Fatal Python error: Aborted )' in log, log
+  assert 't.py::passes: exit 0 (1 passed in 0.1s )' in log, log
