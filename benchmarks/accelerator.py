@@ -14,10 +14,15 @@ Configurations (bert-base: seq 128 at batch 256 and seq 512 at batch 32):
         to pair with our two recipes. HF computes the MLM head at every position (dense),
         ours at the masked ones (model.sparse_mlm, as original BERT).
 
+Layers are laid out as `python -m bert_sym.train` lays them out (configs/common.py:
+model.scan_layers=False) unless --scan_layers=1 scans them (compiled for an H100, the
+scanned step's stacked residuals cost 5 GiB more at 128 x 256; benchmarks/RESULTS.md).
+
 Each configuration runs in its own subprocess under a hard time limit (killed on expiry),
 so one that hangs or runs out of memory costs only its own slot; the parent never
-initialises an accelerator itself. A result line is printed and flushed as soon as it is
-measured: compile seconds (lower().compile(), once) apart from the step time, tokens/s,
+initialises an accelerator itself; one killed at its limit names its last milestone (state
+on the device, compiled, first step ended). A result line is printed and flushed as soon
+as it is measured: compile seconds (lower().compile(), once) apart from the step time, tokens/s,
 MFU (model FLOPs from model.train_flops_per_token; peak from metrics_writer) and peak
 device memory. All lines go to benchmarks/results/accelerator_<device>_<date>.json.
 
@@ -60,6 +65,9 @@ DEFAULT_PATHS = ('fused', 'xla')
 PROFILE_STEPS = 5
 TOP_OPS = 30
 RESULT_PREFIX = 'RESULT '
+# A worker's milestones, printed as reached: a configuration killed at its time limit
+# says how far it got (compiling, or its first step never ending: different bugs).
+PROGRESS_PREFIX = 'PROGRESS '
 
 
 def predictions_per_seq(seq_len):
@@ -119,11 +127,19 @@ def _ours_state_step_batch(config, spec):
   return state, mlm.train_step, batch
 
 
+def _progress(what):
+  print(f'{PROGRESS_PREFIX}{what}', flush=True)
+
+
 def _timed_steps(compiled, state, batch, warmup, num_steps):
   """(seconds per step, last metrics) over `num_steps` after `warmup` untimed steps."""
   import jax  # pylint: disable=g-import-not-at-top
-  for _ in range(warmup):
+  for i in range(warmup):
     state, metrics = compiled(state, batch)
+    if i == 0:   # the first step apart: one that never ends is named as such
+      start = time.perf_counter()
+      jax.block_until_ready((state, metrics))
+      _progress(f'first step ended ({time.perf_counter() - start:.1f} s)')
   jax.block_until_ready((state, metrics))
   start = time.perf_counter()
   for _ in range(num_steps):
@@ -195,7 +211,9 @@ def run_ours(spec):
   if spec['compilation_cache_dir']:
     loop.enable_compilation_cache(spec['compilation_cache_dir'])
   state, step, batch = _ours_state_step_batch(config, spec)
+  _progress('state and batch on the device')
   compiled, compile_s = loop.compile_step(step, state, batch)
+  _progress(f'compiled in {compile_s:.1f} s')
   compiled_bytes = compiled_bytes_that_fit(compiled, jax.devices()[0])
   step_s, metrics = _timed_steps(compiled, state, batch, spec['warmup'], spec['steps'])
   profile = {}
@@ -432,16 +450,19 @@ def run_one(spec, timeout_s):
     process.kill()   # SIGKILL: a wedged kernel or compiler does not get a say
     out, err = process.communicate()
     timed_out = True
+  reached = [l[len(PROGRESS_PREFIX):] for l in out.splitlines() if l.startswith(PROGRESS_PREFIX)]
   for line in out.splitlines():   # measured, then stuck on the way out: still a result
     if line.startswith(RESULT_PREFIX):
       result = json.loads(line[len(RESULT_PREFIX):])
-      result['wall_s'] = time.perf_counter() - start
+      result.update(wall_s=time.perf_counter() - start, progress=reached)
       if timed_out:
         result['note'] = f'killed after {timeout_s} s, after printing this result'
       return result
   if timed_out:
-    return dict(spec, status='timeout', error=f'killed after {timeout_s} s',
-                wall_s=time.perf_counter() - start)
+    return dict(spec, status='timeout', wall_s=time.perf_counter() - start,
+                error=f'killed after {timeout_s:.0f} s; ' + (
+                    f'its last milestone: {reached[-1]}' if reached else
+                    'before its state was on the device'), progress=reached)
   return dict(spec, status='crashed', error=(err or out)[-2000:],
               returncode=process.returncode, wall_s=time.perf_counter() - start)
 
@@ -458,6 +479,7 @@ def format_line(r):
   if r.get('vs_hf') is not None:
     line += f" | ours/HF {r['vs_hf']:.2f}x"
   if r['impl'] == 'ours':
+    line += f" | scan {int(bool(r.get('scan_layers')))}"
     line += f" | prng {r.get('prng_impl', 'threefry')} | xla_gpu_flags {r.get('xla_gpu_flags', 1)}"
   if r.get('profile_table'):
     line += f" | profile {r['profile_table']}"
@@ -482,8 +504,9 @@ def parse_args():
   parser.add_argument('--steps', type=int, default=20, help='timed steps per config')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--no_hf', dest='hf', action='store_false')
-  parser.add_argument('--scan_layers', type=int, default=1,
-                      help='1: model.scan_layers=True (compile time independent of depth)')
+  parser.add_argument('--scan_layers', type=int, default=None,
+                      help='1: model.scan_layers=True (compile time independent of depth); '
+                      '0: unscanned. Default: the trainer\'s (configs/common.py)')
   parser.add_argument('--timeout_s', type=float, default=75.0, help='per configuration')
   parser.add_argument('--budget_s', type=float, default=285.0,
                       help='total; configurations not started in time are skipped')
@@ -493,6 +516,9 @@ def parse_args():
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   args.shapes = args.shapes or ','.join(SHAPES[args.size])
+  if args.scan_layers is None:   # what `python -m bert_sym.train` runs, unless told
+    from configs import common  # pylint: disable=g-import-not-at-top  (ml_collections only)
+    args.scan_layers = int(common.base_config(args.size, 'standard').model.scan_layers)
   return args
 
 

@@ -8,8 +8,8 @@ Each row is one `python -m bert_sym.aot --topology=h200 --noeval_step` run (its 
 process) of a step that `benchmarks/run_gpu.sh` times: standard and pairwise attention, the
 three attention paths of benchmarks/accelerator.py (`fused`: auto, no attention dropout;
 `xla`: the paper recipe; `fused_dropout`: attention dropout inside cuDNN), at its shapes,
-with its layout (scanned layers, except fused_dropout, which cannot scan; and the paper
-recipe at 512 x 256 unscanned too, where scanned it does not fit). It records the
+in both layouts (layers unscanned, the trainer's default, and scanned; fused_dropout
+only unscanned: cuDNN's dropout cannot run in scanned layers). It records the
 compiled per-GPU memory, the cuDNN attention calls, whether the step fits the GPU and
 JAX's default 75% share of it, and, where the H200 run of 2026-11-26 measured the same
 step, that run's peak memory beside it. Rows are appended to OUT_DIR/rows.jsonl as they
@@ -42,10 +42,9 @@ def rows():
   for seq, batch in SHAPES:
     for attention in ('standard', 'pairwise'):
       for path in ('fused', 'xla', 'fused_dropout'):
-        yield dict(attention=attention, path=path, seq=seq, batch=batch,
-                   scan=path != 'fused_dropout')
-  # The paper recipe where scanned layers do not fit: unscanned.
-  yield dict(attention='standard', path='xla', seq=512, batch=256, scan=False)
+        # Both layouts: the benchmark times the trainer's (unscanned) and scanned as an A/B.
+        for scan in ((False,) if path == 'fused_dropout' else (True, False)):
+          yield dict(attention=attention, path=path, seq=seq, batch=batch, scan=scan)
 
 
 def key(row):
@@ -139,9 +138,9 @@ def update_results(args):
       '(`bert_sym/gpu.py`), no GPU. Paths as in `benchmarks/accelerator.py`: `fused` = '
       'auto with attention dropout 0 (the fast recipe), `xla` = the paper recipe, '
       '`fused_dropout` = attention dropout 0.1 inside cuDNN (unscanned: cuDNN\'s dropout '
-      'cannot run in scanned layers); the others scan their layers, as the benchmark does '
-      '(a scanned step shows one cuDNN call per pass: the loop body), and the paper recipe '
-      'at 512 x 256 is also compiled unscanned. GiB: the '
+      'cannot run in scanned layers); the others in both layouts: unscanned, as the '
+      'trainer runs and the benchmark times by default, and scanned (a scanned step shows '
+      'one cuDNN call per pass: the loop body). GiB: the '
       'compiler\'s total (arguments + outputs - donated aliases + temporaries) and its '
       'share of the GPU. Measured: the peak the H200 reported for the same step on '
       '2026-11-26 (jax 0.11.2) and the compiled figure\'s difference from it. Fits: JAX '

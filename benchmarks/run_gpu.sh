@@ -10,19 +10,20 @@
 #   1. the GPU-only tests (marked gpu): cuDNN flash attention equals xla, attention dropout
 #      inside cuDNN (rate, fresh masks per step, unbiased, backward uses the forward's
 #      mask, all-padding rows), the XLA GPU flags known to the GPU plugin;
-#   2. the train step at bert-base, standard attention, against Hugging Face from the same
-#      run: seq 128 x 256 and 512 x 128 on the fast recipe (fused: cuDNN, no attention
-#      dropout), the paper recipe on cuDNN (fused_dropout) and on xla (xla);
-#   3. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
+#   2. the train step at bert-base, standard attention, layers as the trainer lays them
+#      out (unscanned), against Hugging Face from the same run: seq 128 x 256 and 512 x 128
+#      on the fast recipe (fused: cuDNN, no attention dropout) and the paper recipe (xla);
+#   3. A/B: the same steps at 128 x 256 with scanned layers;
+#   4. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
 #      the top 30 device ops;
-#   4. A/B: the trainer's XLA GPU flags off; the dropout PRNG rbg and unsafe_rbg;
 #   5. pairwise on the fast recipe at the shapes of 2., for its step time against standard's;
-#   6. with the time left: seq 512 x 32, and 512 x 256 on the fused paths (xla does not
-#      fit an H200 there; on an 80 GB H100 neither does the fast recipe, whose row then
-#      says so after compiling, before any step), then the GLUE parallel-seeds benchmark.
+#   6. with the time left: seq 512 x 32 and 512 x 256 against HF, the paper recipe with
+#      attention dropout inside cuDNN (fused_dropout), then the GLUE parallel-seeds benchmark.
+# Measured once and dropped for time (benchmarks/RESULTS.md, H100 2026-12-06): the trainer's
+# XLA GPU flags off (no effect) and the dropout PRNGs rbg / unsafe_rbg (no gain).
 # JAX may take 95% of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75; each
 # configuration, Hugging Face's included, has the GPU to itself): on an H100 the paper
-# recipe on xla at 512 x 128 needs 71.8 GiB as compiled, over 75% of its 80 GB.
+# recipe at 512 x 256 needs 63.6 GiB as compiled, over 75% of its 80 GB.
 # Everything (JSON, tables) goes under benchmarks/results/. $OUT gets two files (only the
 # log if JAX is not on the GPU): this log, and results.tar with every result so far (rewritten whole after each, so
 # a kill leaves the previous one): the device tool hands back at most 8 files, and ten
@@ -96,27 +97,22 @@ bench() {   # NAME MAX_SECONDS OUT_JSON ARGS...
 DATE=$(date -u +%Y-%m-%d)
 
 # Every test file holding a `gpu` test (tests/test_run_gpu_script.py checks the list): not
-# `-m gpu tests/`, which would collect modules that import TensorFlow or seqio.
+# `-m gpu tests/`, which would collect modules that import TensorFlow or seqio. One process
+# until a test takes it down (cuDNN's dropout backward aborted it, on an H100 with jax
+# 0.11.2), then a new one for the tests after it (benchmarks/run_gpu_tests.py).
 GPU_TESTS="tests/test_cudnn_dropout.py tests/test_attention.py tests/test_gpu_flags.py tests/test_objectives.py"
-# One process per test: a test that aborts the process (cuDNN's dropout backward did, on an
-# H100 with jax 0.11.2) fails alone, and the tests after it still run.
-gpu_tests() {
-  local ids id
-  # shellcheck disable=SC2086
-  ids=$(python3 -m pytest -q --collect-only -p no:cacheprovider -m gpu $GPU_TESTS | grep '::')
-  for id in $ids; do
-    timeout -s KILL 60 python3 -m pytest -q -rs -p no:cacheprovider -m gpu "$id" \
-      > /tmp/bert_sym_gpu_test.log 2>&1
-    echo "$id: exit $? ($(grep -E 'passed|failed|skipped|error|Fatal' \
-      /tmp/bert_sym_gpu_test.log | tail -n 2 | tr '\n' ' '))"
-  done
-}
-export -f gpu_tests   # run by `step` under its timeout, in a child bash
-export GPU_TESTS
-step 'gpu tests' 150 bash -c gpu_tests
+# shellcheck disable=SC2086
+step 'gpu tests' 150 python3 benchmarks/run_gpu_tests.py --quiet_s=60 $GPU_TESTS
 
-bench 'train step vs HF: seq 128 x 256 and 512 x 128' 260 "$R/accelerator_gpu_${DATE}.json" \
-  --variants=standard --shapes=128x256,512x128 --paths=fused,fused_dropout,xla
+# Layers as the trainer lays them out (unscanned, configs/common.py) unless --scan_layers=1.
+bench 'train step vs HF: seq 128 x 256 and 512 x 128' 240 "$R/accelerator_gpu_${DATE}.json" \
+  --variants=standard --shapes=128x256,512x128 --paths=fused,xla
+# The H100 run of 2026-12-06 timed scanned layers; its profile's top op was 413
+# device-to-device copies (11% of the step), and compiled for a GPU the scanned step slices
+# its stacked parameters and residuals per layer: scanned against unscanned, same run.
+bench 'A/B: scanned layers (fast and paper, 128 x 256)' 70 \
+  "$R/accelerator_gpu_scanned_${DATE}.json" \
+  --variants=standard --shapes=128x256 --paths=fused,xla --no_hf --scan_layers=1
 
 PROFILE_TABLE=$R/profile_standard_fused_128x256/top_ops.txt
 rm -f "$PROFILE_TABLE"
@@ -124,25 +120,23 @@ bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DAT
   --variants=standard --shapes=128x256 --paths=fused --no_hf --profile
 cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
 
-bench 'A/B: XLA GPU flags off (fast, 128 x 256)' 45 "$R/accelerator_gpu_noflags_${DATE}.json" \
-  --variants=standard --shapes=128x256 --paths=fused --no_hf --xla_gpu_flags=0
-for impl in rbg unsafe_rbg; do
-  bench "A/B: prng_impl=$impl (paper on xla, 128 x 256)" 45 \
-    "$R/accelerator_gpu_${impl}_${DATE}.json" \
-    --variants=standard --shapes=128x256 --paths=xla --no_hf --prng_impl=$impl
-done
-
-bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 60 \
+bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 70 \
   "$R/accelerator_gpu_pairwise_${DATE}.json" \
   --variants=pairwise --shapes=128x256,512x128 --paths=fused --no_hf
 
 bench 'train step vs HF: seq 512 x 32' 90 "$R/accelerator_gpu_512x32_${DATE}.json" \
-  --variants=standard --shapes=512x32 --paths=fused,fused_dropout,xla
-# Not xla at 512 x 256: scanned (as here) its step needs 141.6 GiB, over the H200's 140.4
-# (compiled for an H200 on a CPU: benchmarks/RESULTS.md, "GPU preflight").
-bench 'train step vs HF: seq 512 x 256 (fused paths)' 110 \
-  "$R/accelerator_gpu_512x256_${DATE}.json" \
-  --variants=standard --shapes=512x256 --paths=fused,fused_dropout
+  --variants=standard --shapes=512x32 --paths=fused,xla
+# Unscanned, both recipes fit at 512 x 256: compiled for an H200 68.0 and 104.4 GiB, for an
+# 80 GB H100 59.4 and 63.6 (XLA schedules for the memory it is given); scanned, neither fit
+# an H100 (benchmarks/RESULTS.md, "GPU preflight").
+bench 'train step vs HF: seq 512 x 256' 110 "$R/accelerator_gpu_512x256_${DATE}.json" \
+  --variants=standard --shapes=512x256 --paths=fused,xla
+
+# cuDNN's in-kernel attention dropout was killed at every shape on an H100 (no step in
+# 70 s): where it stops now (compiling, or its first step) is in its line.
+bench 'paper recipe on cuDNN (in-kernel dropout, 128 x 256)' 90 \
+  "$R/accelerator_gpu_fused_dropout_${DATE}.json" \
+  --variants=standard --shapes=128x256 --paths=fused_dropout --no_hf --timeout_s=80
 
 GLUE_JSON=$R/glue_seeds_gpu_base_${DATE}.json
 rm -f "$GLUE_JSON"

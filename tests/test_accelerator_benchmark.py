@@ -32,6 +32,12 @@ def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
   assert all(r['status'] == 'ok' for r in summary['results']), summary['results']
   ours, hf = by_impl['ours'], by_impl['hf']
   assert ours['kernel'] == 'xla'    # auto on CPU
+  # The layout `python -m bert_sym.train` runs (unscanned) unless --scan_layers says: the
+  # GPU runs timed scanned layers while the trainer ran them unscanned.
+  assert ours['scan_layers'] is False and '| scan 0 |' in run.stdout
+  # Its milestones, in order: a configuration killed at its limit names the last one.
+  assert [p.split(' (')[0].split(' in ')[0] for p in ours['progress']] == [
+      'state and batch on the device', 'compiled', 'first step ended'], ours['progress']
   # Both configurations ran inside this command: their compile and timed steps fit in its
   # wall time, so each served at least steps * batch * seq tokens in it.
   assert ours['compile_s'] + (ours['step_ms'] + hf['step_ms']) * steps / 1e3 < wall_s
@@ -92,6 +98,24 @@ def test_a_worker_killed_after_printing_its_result_keeps_the_result(tmp_path, mo
   assert 'killed after 2 s' in result['note']
   worker.write_text('#!/bin/sh\nexec sleep 120\n')   # nothing measured: still a timeout
   assert accelerator.run_one({'impl': 'ours'}, timeout_s=2)['status'] == 'timeout'
+
+
+def test_a_configuration_killed_at_its_limit_says_how_far_it_got(tmp_path, monkeypatch):
+  """cuDNN's in-kernel dropout was killed at 70 s on an H100 with no other word: a compile
+  that never ended and a first step that never ended are different bugs."""
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  worker = tmp_path / 'python'
+  worker.write_text("#!/bin/sh\necho 'PROGRESS state and batch on the device'\n"
+                    "echo 'PROGRESS compiled in 31.5 s'\nexec sleep 120\n")
+  worker.chmod(0o755)
+  monkeypatch.setattr(accelerator.sys, 'executable', str(worker))
+  result = accelerator.run_one({'impl': 'ours'}, timeout_s=2)
+  assert result['status'] == 'timeout', result
+  assert result['error'] == 'killed after 2 s; its last milestone: compiled in 31.5 s'
+  assert result['progress'] == ['state and batch on the device', 'compiled in 31.5 s']
+  worker.write_text('#!/bin/sh\nexec sleep 120\n')
+  assert accelerator.run_one({'impl': 'ours'}, timeout_s=2)['error'] == (
+      'killed after 2 s; before its state was on the device')
 
 
 class _Device:

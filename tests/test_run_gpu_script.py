@@ -20,17 +20,14 @@ import accelerator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _bench_lines():
-  """The benchmark arguments of every `bench NAME MAX JSON ARGS...` call, with the
-  script's loop variable and path variables filled in."""
+  """The benchmark arguments of every `bench NAME MAX JSON ARGS...` call."""
   text = open(SCRIPT).read().replace('\\\n', ' ')
   calls = []
   for line in (raw.strip() for raw in text.splitlines()):
     if not line.startswith('bench '):
       continue
-    impls = ('rbg', 'unsafe_rbg') if '$impl' in line else (None,)
-    for impl in impls:
-      words = shlex.split(line.replace('$impl', impl or ''))
-      calls.append(pytest.param(words[4:], id=words[1]))
+    words = shlex.split(line)
+    calls.append(pytest.param(words[4:], id=words[1]))
   return calls
 
 
@@ -40,7 +37,12 @@ def test_script_is_valid_bash():
 
 def test_there_are_bench_lines():
   names = [call.id for call in _bench_lines()]
-  assert len(names) == 8 and any('profile' in name for name in names), names
+  assert len(names) == 7 and any('profile' in name for name in names), names
+  # Every step in the trainer's layout but the one A/B against it (the H100 run of
+  # 2026-12-06 timed scanned layers only, which the trainer does not run by default).
+  scanned = [call.id for call in _bench_lines() if '--scan_layers=1' in call.values[0]]
+  assert scanned == ['A/B: scanned layers (fast and paper, 128 x 256)'], names
+  assert not [c for c in _bench_lines() if '--scan_layers=0' in c.values[0]]
 
 
 @pytest.mark.parametrize('args', _bench_lines())
@@ -90,7 +92,7 @@ exit 0
 
 
 def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
-  """The device tool hands back at most 8 files from $OUT. The script writes 10 results
+  """The device tool hands back at most 8 files from $OUT. The script writes 9 results
   and its log: they come back as the log and one tar holding every result."""
   import tarfile  # pylint: disable=g-import-not-at-top
   repo, stubs, out = tmp_path / 'repo', tmp_path / 'bin', tmp_path / 'out'
@@ -108,7 +110,7 @@ def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
   with tarfile.open(out / 'results.tar') as tar:
     names = tar.getnames()
   results = sorted((repo / 'benchmarks' / 'results').rglob('*.json'))
-  assert len(results) == 9 and 'profile_standard_fused_128x256/top_ops.txt' in names
+  assert len(results) == 8 and 'profile_standard_fused_128x256/top_ops.txt' in names
   assert sorted(names) == sorted(str(p.relative_to(repo / 'benchmarks' / 'results'))
                                  for p in results + [repo / 'benchmarks' / 'results' /
                                                      'profile_standard_fused_128x256' /
@@ -248,9 +250,10 @@ def test_its_python_steps_run_with_only_what_the_gpu_image_has(tmp_path):
                                      capture_output=True, text=True, timeout=300)
   for module in _NOT_ON_THE_GPU_IMAGE:   # the stand-in works
     assert "No module named" in run('-c', f'import {module}').stderr, module
-  gpu_tests = run('-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-m', 'gpu',
-                  *_gpu_test_files())
-  assert gpu_tests.returncode == 0 and ' passed' in gpu_tests.stdout, gpu_tests.stdout[-3000:]
+  gpu_tests = run('benchmarks/run_gpu_tests.py', '--quiet_s=240', *_gpu_test_files())
+  summary = gpu_tests.stdout[gpu_tests.stdout.rfind('gpu tests: '):]
+  assert gpu_tests.returncode == 0 and ' passed' in summary, gpu_tests.stdout[-3000:]
+  assert 'crashed' not in summary and 'failed' not in summary, summary
   out = tmp_path / 'out'
   bench = run('benchmarks/accelerator.py', '--size=tiny', '--steps=1', '--variants=standard',
               '--shapes=32x2', '--paths=fused', '--no_hf', '--profile', '--prng_impl=rbg',
@@ -264,16 +267,47 @@ def test_its_python_steps_run_with_only_what_the_gpu_image_has(tmp_path):
   assert glue.returncode == 0 and (out / 'glue.json').exists(), glue.stderr[-3000:]
 
 
-def test_a_gpu_test_that_aborts_the_process_does_not_hide_the_others(tmp_path):
+_FAKE_GPU_TESTS = """
+import os, time, pytest
+pytestmark = pytest.mark.gpu
+def test_a_passes(): pass
+def test_b_aborts(): os.abort()
+def test_c_fails(): assert 1 == 2, 'the reason, printed as it fails'
+def test_d_hangs(): time.sleep(120)
+def test_e_skips(): pytest.skip('no GPU')
+def test_f_passes(): pass
+"""
+
+
+def test_a_gpu_test_that_aborts_or_hangs_does_not_hide_the_others(tmp_path):
   """On an H100 (jax 0.11.2) cuDNN's dropout backward test aborted pytest, and the GPU
-  tests after it never ran: each test now runs in its own process."""
-  aborting = _PYTHON_STAND_IN.replace(
-      "  *'import ml_collections'*|*'import jax'*|*'-m pytest'*)",
-      "  *'--collect-only'*) printf 't.py::aborts\\nt.py::passes\\n\\n1 tests'; exit 0;;\n"
-      "  *'t.py::aborts'*) echo 'Fatal Python error: Aborted'; kill -ABRT $$;;\n"
-      "  *'t.py::passes'*) echo '1 passed in 0.1s'; exit 0;;\n"
-      "  *'import ml_collections'*|*'import jax'*|*'-m pytest'*)")
-  status, log, _ = _run_script(tmp_path, aborting)
-  assert status == 0, log
-  assert 't.py::aborts: exit 134 (Fatal Python error: Aborted )' in log, log
-  assert 't.py::passes: exit 0 (1 passed in 0.1s )' in log, log
+  tests after it never ran. Real pytest, real abort and hang: each is reported as such,
+  every other test still runs, a failure's reason is in the log though the process that
+  ran it was later killed, and the runner fails."""
+  (tmp_path / 'pytest.ini').write_text('[pytest]\nmarkers =\n  gpu: needs a GPU\n')
+  (tmp_path / 'test_fake_gpu.py').write_text(_FAKE_GPU_TESTS)
+  (tmp_path / 'test_not_gpu.py').write_text('def test_not_marked(): pass\n')
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'run_gpu_tests.py'),
+       '--quiet_s=8', 'test_fake_gpu.py', 'test_not_gpu.py'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  log = done.stdout
+  assert done.returncode == 1, log + done.stderr
+  summary = log[log.index('gpu tests: '):]
+  assert summary.splitlines()[0] == (
+      'gpu tests: 1 crashed, 1 failed, 1 hung, 2 passed, 1 skipped'), log
+  assert ('test_fake_gpu.py::test_b_aborts: CRASHED (exit -6: Fatal Python error: Aborted)'
+          in summary), log
+  assert 'test_fake_gpu.py::test_d_hangs: HUNG (no outcome in 8 s; killed)' in summary, log
+  assert 'test_fake_gpu.py::test_c_fails: FAILED' in summary, log
+  assert 'the reason, printed as it fails' in log[:log.index('test_d_hangs')], log
+  assert 'test_fake_gpu.py::test_f_passes PASSED' in log and 'test_not_marked' not in log
+  # Three processes for one crash and one hang, not one per test.
+  assert log.count('test session starts') == 3, log
+
+
+def test_the_script_runs_the_gpu_tests_through_the_runner(tmp_path):
+  _, log, ran = _run_script(tmp_path, _PYTHON_STAND_IN)
+  [tests] = [c for c in ran if 'run_gpu_tests.py' in c]
+  assert tests.split()[1:] == ['--quiet_s=60', *_gpu_test_files()], tests
+  assert '== gpu tests: exit 0' in log, log
