@@ -62,6 +62,27 @@ def test_every_bench_command_parses_into_configurations(args, monkeypatch):
     assert 'profile_dir' in ours[0]
 
 
+def _specs(args, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', ['accelerator.py', '--size=base', '--out=x.json', *args])
+  return [s for s in accelerator.configurations(accelerator.parse_args()) if s['impl'] == 'ours']
+
+
+def test_the_profile_compiles_from_the_cache_the_step_before_it_filled(monkeypatch):
+  """The profile times the main run's first configuration again; from the same cache
+  (emptied before the main run, whose compiles stay cold) it skips the second compile."""
+  calls = {call.id: call.values[0] for call in _bench_lines()}
+  [main] = [a for name, a in calls.items() if name.startswith('train step vs HF: seq 128')]
+  [profile] = [a for name, a in calls.items() if name.startswith('profile')]
+  main_first, profiled = _specs(main, monkeypatch)[0], _specs(profile, monkeypatch)[0]
+  drop = ('profile_dir',)
+  assert ({k: v for k, v in main_first.items() if k not in drop} ==
+          {k: v for k, v in profiled.items() if k not in drop})
+  cache = main_first['compilation_cache_dir']
+  assert cache == '$JAX_CACHE', cache
+  text = open(SCRIPT).read()
+  assert text.index('rm -rf "$JAX_CACHE"') < text.index("bench 'train step vs HF: seq 128")
+
+
 def test_a_typo_is_refused_before_anything_runs(monkeypatch):
   for bad, message in (('--variants=pairwse', 'unknown variant'),
                        ('--paths=fusd', 'unknown path'), ('--shapes=128by256', 'SEQxBATCH')):
