@@ -515,6 +515,45 @@ def _assert_both_ratio_branches(workdir, curves):
   ablate_report.summarize(workdir, fx.VARIANTS, fx.SEEDS)   # the default summary back
 
 
+def test_the_reading_says_which_paired_intervals_exclude_zero():
+  """summary.md's answer to the paper's claim, checked against scipy's bootstrap of the
+  same paired differences: below 0, above 0, straddling 0, and no statistic at all."""
+  seeds = [1, 2, 3, 4, 5, 6]
+  rng = np.random.default_rng(0)
+  standard = {s: 7.0 + 0.1 * rng.standard_normal() for s in seeds}
+  losses = {'symmetric': {s: standard[s] - 0.05 + 0.005 * rng.standard_normal() for s in seeds},
+            'pairwise': {s: standard[s] + (0.01 if s % 2 else -0.01) for s in seeds},
+            'pairwise_diagonal': {s: standard[s] + 0.05 + 0.005 * rng.standard_normal()
+                                  for s in seeds}}
+  steps_standard = {s: 100.0 + s for s in seeds}
+  per_variant = {v: {'paired_vs_reference': {
+      'final_eval_loss': stats.paired_difference(loss, standard),
+      'steps_to_target': stats.paired_steps_difference(
+          {s: (None if v == 'pairwise' and s == 1 else 90.0 + s) for s in seeds},
+          steps_standard)}} for v, loss in losses.items()}
+  summary = {'target_loss': {'reference_variant': 'standard'}, 'final_step': 600,
+             'variants': ['standard', *losses], 'runs': {v: seeds for v in losses},
+             'per_variant': {'standard': {}, **per_variant}}
+  lines = ablate_report.reading(summary)
+  for v, loss in losses.items():
+    low, high = _scipy_interval([[loss[s] - standard[s] for s in seeds]], np.mean)
+    expected = ('lower than standard' if high < 0 else 'higher than standard' if low > 0
+                else 'not separated from standard (the interval includes 0)')
+    [line] = [l for l in lines if l.startswith(f'- {v} - standard, final eval loss:')]
+    assert line.endswith(expected + '.'), (line, low, high)
+  assert '- symmetric - standard, steps to target: -10 [-10, -10] over 6 seeds: fewer than ' \
+         'standard.' in lines
+  assert ('- pairwise - standard, steps to target: none (not every seed of both variants '
+          'reached the target).') in lines
+  assert not any(l.startswith('- No variant is separated') for l in lines)
+  # Nothing separated: the hint, with the grid's step and seeds.
+  summary['variants'] = ['standard', 'pairwise']
+  lines = ablate_report.reading(summary)
+  assert lines[-1] == ('- No variant is separated from standard at step 600 with 6 seed(s). '
+                       'More seeds (--seeds) narrow the intervals; more steps '
+                       '(--config.total_steps) let the curves part.')
+
+
 def test_grid_end_to_end_summary_matches_hand_recomputation():
   workdir, stdout = fx.tiny_grid()
   assert stdout.count('; training.') == len(fx.VARIANTS) * len(fx.SEEDS)
@@ -548,6 +587,9 @@ def test_grid_end_to_end_summary_matches_hand_recomputation():
     for s in fx.SEEDS:
       assert st['per_seed'][str(s)] == _hand_crossing(curves[v, s], target)
   _assert_both_ratio_branches(workdir, curves)
+  # The reading: a line per variant and measure, in summary.json and summary.md alike.
+  assert len(summary['reading']) >= 2 * (len(fx.VARIANTS) - 1)
+  assert '\n'.join(summary['reading']) in md
   for name in ('loss_vs_step.png', 'loss_vs_tokens.png', 'loss_vs_time.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000
   assert summary['per_variant']['standard']['params_encoder_pooler'] > 0

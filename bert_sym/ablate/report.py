@@ -214,6 +214,7 @@ def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
          'per_variant': {v: variant_summary(runs[v], common, final, target['value'])
                          for v in present}}
   compare_to_reference(out['per_variant'], reference)
+  out['reading'] = reading(out)
   if plots:
     from bert_sym.ablate import plots as plots_lib  # pylint: disable=g-import-not-at-top  (matplotlib)
     out['plots'] = plots_lib.plot(workdir, runs, present, target['value'], out)
@@ -303,6 +304,45 @@ def _glue_table(summary: dict) -> list[str]:
   return lines
 
 
+def _verdict(stat: dict, digits: int, ref: str, below: str, above: str) -> str:
+  """'mean [low, high] over n seeds: what the interval says', or why there is none."""
+  if stat['mean'] is None:
+    return f'none ({stat.get("why") or "no seed has a value for both"})'
+  mean = f'{stat["mean"]:+.{digits}f}'
+  if not stat['ci95']:
+    return f'{mean} from {stat["n"]} seed: no interval, nothing separated'
+  low, high = stat['ci95']
+  text = f'{mean} [{low:+.{digits}f}, {high:+.{digits}f}] over {stat["n"]} seeds: '
+  if low > 0:
+    return text + f'{above} than {ref}'
+  if high < 0:
+    return text + f'{below} than {ref}'
+  return text + f'not separated from {ref} (the interval includes 0)'
+
+
+def reading(summary: dict) -> list[str]:
+  """What the grid says of the paper's claim, variant by variant: whether each paired
+  interval (variant - reference, same seeds) excludes 0; if none does, what would help."""
+  ref = summary['target_loss']['reference_variant']
+  lines, separated = [], False
+  for v in summary['variants']:
+    if v == ref:
+      continue
+    paired = summary['per_variant'][v]['paired_vs_reference']
+    for name, stat, digits, below, above in (
+        ('final eval loss', paired['final_eval_loss'], 4, 'lower', 'higher'),
+        ('steps to target', paired['steps_to_target'], 0, 'fewer', 'more')):
+      verdict = _verdict(stat, digits, ref, below, above)
+      separated |= verdict.endswith(f'than {ref}')
+      lines.append(f'- {v} - {ref}, {name}: {verdict}.')
+  if lines and not separated:
+    seeds = max(len(r) for r in summary['runs'].values())
+    lines.append(f'- No variant is separated from {ref} at step {summary["final_step"]} '
+                 f'with {seeds} seed(s). More seeds (--seeds) narrow the intervals; more '
+                 'steps (--config.total_steps) let the curves part.')
+  return lines
+
+
 def markdown(summary: dict) -> str:
   target = summary['target_loss']
   lines = [f'# Ablation: {", ".join(summary["variants"])}', '',
@@ -312,5 +352,9 @@ def markdown(summary: dict) -> str:
         f'{k} ({v})' for k, v in summary['excluded'].items()), '']
   lines += [f'Target eval loss {target["value"]:.4f} ({target["source"]}).', '',
             summary['statistic'], '']
-  lines += _main_table(summary) + _loss_at_step_table(summary) + _glue_table(summary)
+  lines += _main_table(summary)
+  if summary.get('reading'):
+    lines += ['', 'Reading (paired 95% bootstrap intervals; one that excludes 0 separates '
+              'the variant from the reference):', ''] + summary['reading']
+  lines += _loss_at_step_table(summary) + _glue_table(summary)
   return '\n'.join(lines) + '\n'
