@@ -546,8 +546,13 @@ def test_the_reading_says_which_paired_intervals_exclude_zero():
   assert ('- pairwise - standard, steps to target: none (not every seed of both variants '
           'reached the target).') in lines
   assert not any(l.startswith('- No variant is separated') for l in lines)
+  assert not any('a lead for more seeds' in l for l in lines)   # 6 seeds: no caveat
+  summary['runs'] = {v: seeds[:3] for v in losses}   # 3 seeds: separations are leads
+  assert ablate_report.reading(summary)[-1] == (
+      '- With 3 seed(s) a bootstrap interval is narrower than the truth: read a separation '
+      'as a lead for more seeds, not a result.')
   # Nothing separated: the hint, with the grid's step and seeds.
-  summary['variants'] = ['standard', 'pairwise']
+  summary['variants'], summary['runs'] = ['standard', 'pairwise'], {v: seeds for v in losses}
   lines = ablate_report.reading(summary)
   assert lines[-1] == ('- No variant is separated from standard at step 600 with 6 seed(s). '
                        'More seeds (--seeds) narrow the intervals; more steps '

@@ -21,6 +21,7 @@ from bert_sym.ablate import stats
 from bert_sym.ablate.runs import Run, latest_finished_step, load_run, run_dir, run_status
 
 REFERENCE_VARIANT = 'standard'
+FEW_SEEDS = 5   # below it, the reading's separations are leads, not results
 SUMMARY_JSON = 'summary.json'
 SUMMARY_MD = 'summary.md'
 GLUE_SUBDIR = 'glue'
@@ -335,11 +336,16 @@ def reading(summary: dict) -> list[str]:
       verdict = _verdict(stat, digits, ref, below, above)
       separated |= verdict.endswith(f'than {ref}')
       lines.append(f'- {v} - {ref}, {name}: {verdict}.')
+  seeds = max((len(r) for r in summary['runs'].values()), default=0)
   if lines and not separated:
-    seeds = max(len(r) for r in summary['runs'].values())
     lines.append(f'- No variant is separated from {ref} at step {summary["final_step"]} '
                  f'with {seeds} seed(s). More seeds (--seeds) narrow the intervals; more '
                  'steps (--config.total_steps) let the curves part.')
+  elif lines and seeds < FEW_SEEDS:
+    # A percentile bootstrap over a handful of values covers less than it says (over
+    # two seeds its interval is just the two values).
+    lines.append(f'- With {seeds} seed(s) a bootstrap interval is narrower than the '
+                 f'truth: read a separation as a lead for more seeds, not a result.')
   return lines
 
 
