@@ -551,6 +551,11 @@ def test_the_reading_says_which_paired_intervals_exclude_zero():
   assert ablate_report.reading(summary)[-1] == (
       '- With 3 seed(s) a bootstrap interval is narrower than the truth: read a separation '
       'as a lead for more seeds, not a result.')
+  # A separation smaller than the table's 4 decimals (the tiny grid's pairwise ended 3e-5
+  # above standard on both seeds) was printed '+0.0000 [+0.0000, +0.0000] ...: higher'.
+  tiny = stats.paired_difference({1: 7.00003, 2: 7.00004}, {1: 7.0, 2: 7.0})
+  assert ablate_report._verdict(tiny, 4, 'standard', 'lower', 'higher') == (  # pylint: disable=protected-access
+      '+3.5e-05 [+3.0e-05, +4.0e-05] over 2 seeds: higher than standard')
   # Nothing separated: the hint, with the grid's step and seeds.
   summary['variants'], summary['runs'] = ['standard', 'pairwise'], {v: seeds for v in losses}
   lines = ablate_report.reading(summary)

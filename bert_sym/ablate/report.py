@@ -305,15 +305,23 @@ def _glue_table(summary: dict) -> list[str]:
   return lines
 
 
+def _signed(value: float, digits: int) -> str:
+  """+0.0123; a difference too small for `digits` decimals in 2 significant digits
+  (+3.1e-05), so that a separation is never printed as '+0.0000 [+0.0000, +0.0000]'."""
+  if value != 0 and abs(value) < 0.5 * 10 ** -digits:
+    return f'{value:+.1e}'
+  return f'{value:+.{digits}f}'
+
+
 def _verdict(stat: dict, digits: int, ref: str, below: str, above: str) -> str:
   """'mean [low, high] over n seeds: what the interval says', or why there is none."""
   if stat['mean'] is None:
     return f'none ({stat.get("why") or "no seed has a value for both"})'
-  mean = f'{stat["mean"]:+.{digits}f}'
+  mean = _signed(stat['mean'], digits)
   if not stat['ci95']:
     return f'{mean} from {stat["n"]} seed: no interval, nothing separated'
   low, high = stat['ci95']
-  text = f'{mean} [{low:+.{digits}f}, {high:+.{digits}f}] over {stat["n"]} seeds: '
+  text = f'{mean} [{_signed(low, digits)}, {_signed(high, digits)}] over {stat["n"]} seeds: '
   if low > 0:
     return text + f'{above} than {ref}'
   if high < 0:
