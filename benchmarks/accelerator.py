@@ -60,6 +60,8 @@ PATHS = {  # name: (attention_impl, attention_dropout_rate)
     # The paper's attention dropout inside cuDNN flash attention (GPU; layers unscanned,
     # bert_sym/attention.py; it failed on an H100, 2026-12-06). Not in the default --paths.
     'fused_dropout': ('cudnn', 0.1),
+    # The same, inside our Pallas (Triton) flash attention (bert_sym/flash_dropout.py; GPU).
+    'pallas_dropout': ('pallas', 0.1),
 }
 DEFAULT_PATHS = ('fused', 'xla')
 PROFILE_STEPS = 5
@@ -187,14 +189,16 @@ def compiled_bytes_that_fit(compiled, device) -> int | None:
 
 def kernel_that_ran(chosen: str, hlo_text: str) -> str:
   """The attention kernel in the compiled step: cuDNN flash attention (__cudnn$fmha...
-  custom calls), splash (Mosaic: tpu_custom_call) or xla. A record names what ran, not
-  what the config chose: a fused path compiled without its kernel raises (the row is an
-  error, not a fallback timed under the kernel's name)."""
+  custom calls), our Pallas kernel (Triton custom calls of bert_sym.flash_dropout), splash
+  (Mosaic: tpu_custom_call) or xla. A record names what ran, not what the config chose: a
+  fused path compiled without its kernel raises (the row is an error, not a fallback timed
+  under the kernel's name)."""
   from bert_sym import aot  # pylint: disable=g-import-not-at-top
   targets = set(aot.CUSTOM_CALL.findall(hlo_text))
   ran = ('cudnn' if any(t.startswith('__cudnn$fmha') for t in targets) else
+         'pallas' if aot.TRITON_CALL in targets and 'flash_dropout' in hlo_text else
          'splash' if 'tpu_custom_call' in targets else 'xla')
-  if chosen in ('cudnn', 'splash') and ran != chosen:
+  if chosen in ('cudnn', 'pallas', 'splash') and ran != chosen:
     raise RuntimeError(f'the step chose the {chosen} kernel but compiled without it '
                        f'(custom calls: {sorted(targets) or "none"})')
   return ran

@@ -105,7 +105,7 @@ def parse_args():
   parser.add_argument('--rounds', type=int, default=15, help='interleaved rounds')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--dtype', default='auto', help="compute dtype: auto|float32|bfloat16")
-  parser.add_argument('--impl', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
+  parser.add_argument('--impl', default='auto', choices=['auto', 'xla', 'cudnn', 'pallas', 'splash'])
   parser.add_argument('--train_mode', action='store_true',
                       help='dropout on (auto then runs the xla attention path: the fused '
                            'kernels have no attention-probability dropout)')

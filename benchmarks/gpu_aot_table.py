@@ -6,11 +6,12 @@
 
 Each row is one `python -m bert_sym.aot --topology=h200 --noeval_step` run (its own
 process) of a step that `benchmarks/run_gpu.sh` times: standard and pairwise attention, the
-three attention paths of benchmarks/accelerator.py (`fused`: auto, no attention dropout;
-`xla`: the paper recipe; `fused_dropout`: attention dropout inside cuDNN), at its shapes,
-in both layouts (layers unscanned, the trainer's default, and scanned; fused_dropout
-only unscanned: cuDNN's dropout cannot run in scanned layers). It records the
-compiled per-GPU memory, the cuDNN attention calls, whether the step fits the GPU and
+attention paths of benchmarks/accelerator.py (`fused`: auto, no attention dropout; `xla`:
+the paper recipe; `fused_dropout` / `pallas_dropout`: attention dropout inside cuDNN / our
+Pallas kernel), at its shapes, in both layouts (layers unscanned, the trainer's default,
+and scanned; the dropout kernels unscanned only, cuDNN's because it cannot run in scanned
+layers). It records the compiled per-GPU memory, the attention kernel's calls (cuDNN's,
+or Triton's for ours), whether the step fits the GPU and
 JAX's default 75% share of it, and, where the H200 run of 2026-11-26 measured the same
 step, that run's peak memory beside it. Rows are appended to OUT_DIR/rows.jsonl as they
 finish; a rerun skips rows already there. --update_results (re)writes the "GPU preflight"
@@ -27,6 +28,7 @@ import sys
 import tempfile
 
 import accelerator
+from bert_sym import aot
 from bert_sym import gpu
 import tpu_aot_table
 
@@ -41,9 +43,9 @@ MEASURED = [REPO_ROOT / 'benchmarks' / 'results' / f'accelerator_nvidia-h200_202
 def rows():
   for seq, batch in SHAPES:
     for attention in ('standard', 'pairwise'):
-      for path in ('fused', 'xla', 'fused_dropout'):
+      for path in ('fused', 'xla', 'fused_dropout', 'pallas_dropout'):
         # Both layouts: the benchmark times the trainer's (unscanned) and scanned as an A/B.
-        for scan in ((False,) if path == 'fused_dropout' else (True, False)):
+        for scan in ((True, False) if path in ('fused', 'xla') else (False,)):
           yield dict(attention=attention, path=path, seq=seq, batch=batch, scan=scan)
 
 
@@ -108,15 +110,17 @@ def format_row(row):
   if 'error' in r or 'memory' not in r.get('train_step', {}):
     return f"| {name} | error: {r.get('error', 'compiler out of memory')} | | | |"
   total = r['train_step']['memory']['total']
+  # The attention kernel's own calls: cuDNN's, or Triton's for our Pallas kernel.
+  library = 'Triton' if r['kernel'] == 'pallas' else 'cuDNN'
   calls = sum(n for k, n in r['train_step']['custom_calls'].items()
-              if k.startswith('__cudnn$fmha'))
+              if k.startswith('__cudnn$fmha') or (library == 'Triton' and k == aot.TRITON_CALL))
   share = total / r['hbm_bytes_per_chip']
   fraction = gpu.memory_fraction_needed(total, gpu.GPUS[TOPOLOGY])
   fits = ('no' if not r['fits'] or fraction == float('inf') else 'yes' if fraction is None
           else f'with XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:.2f}')
   peak = row['measured_peak_gib']
   measured = f"{peak:.2f} ({total / 2 ** 30 / peak - 1:+.1%})" if peak else '-'
-  return (f"| {name} | {r['kernel']} ({calls} cuDNN calls) | {total / 2 ** 30:.2f} "
+  return (f"| {name} | {r['kernel']} ({calls} {library} calls) | {total / 2 ** 30:.2f} "
           f"({share:.0%}) | {measured} | {fits} |")
 
 
@@ -138,7 +142,8 @@ def update_results(args):
       '(`bert_sym/gpu.py`), no GPU. Paths as in `benchmarks/accelerator.py`: `fused` = '
       'auto with attention dropout 0 (the fast recipe), `xla` = the paper recipe, '
       '`fused_dropout` = attention dropout 0.1 inside cuDNN (unscanned: cuDNN\'s dropout '
-      'cannot run in scanned layers); the others in both layouts: unscanned, as the '
+      'cannot run in scanned layers), `pallas_dropout` = attention dropout 0.1 inside our '
+      'Pallas (Triton) flash attention, unscanned as the trainer runs; the others in both layouts: unscanned, as the '
       'trainer runs and the benchmark times by default, and scanned (a scanned step shows '
       'one cuDNN call per pass: the loop body). GiB: the '
       'compiler\'s total (arguments + outputs - donated aliases + temporaries) and its '

@@ -12,7 +12,8 @@
 #      mask, all-padding rows), the XLA GPU flags known to the GPU plugin;
 #   2. the train step at bert-base, standard attention, layers as the trainer lays them
 #      out (unscanned), against Hugging Face from the same run: seq 128 x 256 and 512 x 128
-#      on the fast recipe (fused: cuDNN, no attention dropout) and the paper recipe (xla);
+#      on the fast recipe (fused: cuDNN, no attention dropout) and the paper recipe, with
+#      attention dropout inside our Pallas kernel (pallas_dropout) and on xla;
 #   3. A/B: the same steps at 128 x 256 with scanned layers;
 #   4. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
 #      the top 30 device ops;
@@ -102,7 +103,7 @@ DATE=$(date -u +%Y-%m-%d)
 # `-m gpu tests/`, which would collect modules that import TensorFlow or seqio. One process
 # until a test takes it down (cuDNN's dropout backward aborted it, on an H100 with jax
 # 0.11.2), then a new one for the tests after it (benchmarks/run_gpu_tests.py).
-GPU_TESTS="tests/test_cudnn_dropout.py tests/test_attention.py tests/test_gpu_flags.py tests/test_objectives.py"
+GPU_TESTS="tests/test_cudnn_dropout.py tests/test_flash_dropout.py tests/test_attention.py tests/test_gpu_flags.py tests/test_objectives.py"
 # shellcheck disable=SC2086
 step 'gpu tests' 150 python3 benchmarks/run_gpu_tests.py --quiet_s=60 $GPU_TESTS
 
@@ -111,8 +112,10 @@ step 'gpu tests' 150 python3 benchmarks/run_gpu_tests.py --quiet_s=60 $GPU_TESTS
 JAX_CACHE=/tmp/bert_sym_run_gpu_jax_cache
 rm -rf "$JAX_CACHE"
 # Layers as the trainer lays them out (unscanned, configs/common.py) unless --scan_layers=1.
-bench 'train step vs HF: seq 128 x 256 and 512 x 128' 270 "$R/accelerator_gpu_${DATE}.json" \
-  --variants=standard --shapes=128x256,512x128 --paths=fused,xla \
+# The paper recipe twice: attention dropout inside our Pallas kernel (pallas_dropout), and
+# on xla; Hugging Face with attention dropout is the peer of both.
+bench 'train step vs HF: seq 128 x 256 and 512 x 128' 320 "$R/accelerator_gpu_${DATE}.json" \
+  --variants=standard --shapes=128x256,512x128 --paths=fused,pallas_dropout,xla \
   --compilation_cache_dir="$JAX_CACHE"
 # The H100 run of 2026-12-06 timed scanned layers; its profile's top op was 413
 # device-to-device copies (11% of the step), and compiled for a GPU the scanned step slices
@@ -133,7 +136,7 @@ bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 70 \
   --variants=pairwise --shapes=128x256,512x128 --paths=fused --no_hf
 
 bench 'train step vs HF: seq 512 x 32' 90 "$R/accelerator_gpu_512x32_${DATE}.json" \
-  --variants=standard --shapes=512x32 --paths=fused,xla
+  --variants=standard --shapes=512x32 --paths=fused,pallas_dropout,xla
 # Unscanned, both recipes fit at 512 x 256: compiled for an H200 68.0 and 104.4 GiB, for an
 # 80 GB H100 59.4 and 63.6 (XLA schedules for the memory it is given); scanned, neither fit
 # an H100 (benchmarks/RESULTS.md, "GPU preflight").

@@ -116,10 +116,10 @@ def build_steps(config: ml_collections.ConfigDict, devices) -> Built:
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                'collective-permute')
-# An HLO instruction '... = f32[..] all-reduce(...)' or its async '-start' half (the
-# '-done' half is the same collective, not counted twice).
+# An HLO '... = f32[..] all-reduce(...)' or its async '-start' half ('-done' is the same one).
 _COLLECTIVE_OP = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
+TRITON_CALL = '__gpu$xla.gpu.triton'   # a Pallas kernel lowered through Triton (GPU)
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -323,7 +323,7 @@ def _compile_report(jitted, args, name: str, executables: dict | None):
       'compile_s': seconds, 'memory': memory_report(compiled),
       'collectives': count_collectives(hlo),
       # The kernels outside XLA's fusions: Mosaic (splash: tpu_custom_call), cuDNN
-      # flash attention (__cudnn$fmhaSoftmax[Dropout][Backward]), by target.
+      # flash attention (__cudnn$fmhaSoftmax[Dropout][Backward]), Pallas on GPU (Triton).
       'custom_calls': dict(collections.Counter(CUSTOM_CALL.findall(hlo))),
       'compiler_cost': cost_report(compiled),
   }, None

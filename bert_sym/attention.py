@@ -14,8 +14,8 @@ Two ablations beyond the paper, each a line below:
 
 All reduce to "softmax(q k^T / sqrt(d_h)) v" with k = Q_h and q = Q_h P_h for the new
 variants, so one core serves every variant and no custom kernel is needed. The core is the
-config switch `model.attention_impl` (xla | cudnn | splash | auto; README, "Attention
-kernels and recipes"; bert_sym.kernel_choice picks the one that runs).
+config switch `model.attention_impl` (xla | cudnn | pallas | splash | auto; README,
+"Attention kernels and recipes"; bert_sym.kernel_choice picks the one that runs).
 
 Attention dropout inside cuDNN flash attention (`cudnn`, model.attention_dropout_rate > 0)
 draws its mask in the kernel from cuDNN's Philox generator: a static seed, and an offset XLA
@@ -35,8 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_sym import sharding
 from bert_sym import kernel_choice
+from bert_sym import sharding
 
 VARIANTS = ('standard', 'symmetric', 'pairwise', 'pairwise_diagonal', 'standard_syminit')
 # Variants with their own key projection (the others use k = Q_h).
@@ -128,6 +128,35 @@ def cudnn_attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, seed: in
       kv_seqlen=key_lengths(mask), scale=scale, mask_type=fused.MaskType.PADDING,
       seed=int(seed), dropout_rate=float(dropout_rate), qkv_layout='BTNH')
   return out.astype(dtype)
+
+
+def pallas_attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, dropout_rng=None,
+                     interpret: bool = False):
+  """Our flash attention with BERT's attention dropout inside the kernel (GPU;
+  bert_sym.flash_dropout). Its seed is drawn from the layer's dropout key, so masks are a
+  function of the run's key. Under a mesh it runs in `jax.shard_map`, as splash does, each
+  device on its own examples and heads, with its shard's index folded into the seed."""
+  from bert_sym import flash_dropout  # pylint: disable=g-import-not-at-top  (Pallas Triton: on demand)
+  seed = (jax.random.bits(dropout_rng, (), jnp.uint32) if dropout_rate > 0.0
+          else jnp.uint32(0))
+  attend = functools.partial(flash_dropout.attention, dtype=dtype, dropout_rate=dropout_rate,
+                             interpret=interpret)
+  context = sharding.current_kernel_mesh()
+  if context is None or context[0].size == 1:
+    return attend(q, k, v, mask, seed=seed)
+  mesh, rules = context
+  qkv = kernel_partition_spec(('batch', None, 'heads', None), q.shape, mesh, rules)
+  keys = jax.sharding.PartitionSpec(qkv[0], None, None, None)
+  axes = [a for part in (qkv[0], qkv[2]) if part
+          for a in ((part,) if isinstance(part, str) else part)]
+
+  def attend_shard(q, k, v, mask):
+    shard_seed = seed
+    for axis in axes:
+      shard_seed = flash_dropout.fold(shard_seed, jax.lax.axis_index(axis))
+    return attend(q, k, v, mask, seed=shard_seed)
+  return jax.shard_map(attend_shard, mesh=mesh, in_specs=(qkv, qkv, qkv, keys),
+                       out_specs=qkv, check_vma=False)(q, k, v, mask)
 
 
 def static_dropout_seed(module_path) -> int:
@@ -266,6 +295,12 @@ class SelfAttention(nn.Module):
       return xla_attention(
           query, key, value, mask, dropout_rate=self.attention_dropout_rate,
           dropout_rng=rng, deterministic=deterministic, dtype=self.dtype)
+    if impl == 'pallas':
+      return pallas_attention(
+          query, key, value, mask, dtype=self.dtype,
+          dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
+          dropout_rng=self.make_rng('dropout') if use_dropout else None,
+          interpret=self.kernel_interpret), None
     if impl == 'cudnn':
       return cudnn_attention(
           query, key, value, mask, dtype=self.dtype,

@@ -1,8 +1,10 @@
 """Which attention kernel runs: `model.attention_impl` resolved for a backend.
 
 `xla` (plain XLA on every backend: the only kernel that returns attention weights, and the
-one with attention dropout on every backend), `cudnn` (cuDNN flash attention, GPU) and
-`splash` (the Mosaic splash kernel, TPU) are exactly the kernels they name: asked for by name, a kernel runs or
+one with attention dropout on every backend), `cudnn` (cuDNN flash attention, GPU), `pallas`
+(our flash attention with attention dropout inside the kernel, GPU: bert_sym.flash_dropout;
+not yet measured, so `auto` does not take it) and `splash` (the Mosaic splash kernel, TPU)
+are exactly the kernels they name: asked for by name, a kernel runs or
 the config is refused with the reason and the fix. `auto` takes the backend's kernel, or
 xla where that kernel cannot apply, and logs which one it took and why (a warning when an
 accelerator falls back). The model (bert_sym.attention), the trainer's preflight, GLUE and
@@ -18,7 +20,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'splash')
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')
 # The fused kernel `auto` picks on each backend (any other backend: xla).
 BACKEND_KERNELS = {'gpu': 'cudnn', 'tpu': 'splash'}
 SPLASH_BLOCK = 128   # splash tiles are multiples of the 128-lane vector width
@@ -93,11 +95,11 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
                            seq_len: int, backend: str | None = None,
                            interpret: bool = False, dtype=jnp.bfloat16,
                            scanned: bool = False, head_dim: int | None = None) -> str:
-  """The kernel that runs: 'xla', 'cudnn' or 'splash' (see the module docstring).
+  """The kernel that runs: 'xla', 'cudnn', 'pallas' or 'splash' (the module docstring).
 
   `training_dropout`: attention dropout is on in this call (training, rate > 0).
-  `interpret`: run Pallas kernels in interpret mode (tests on CPU), so 'splash' runs on
-  any backend. `dtype`: the compute dtype; `auto` does not give float32 models to cuDNN,
+  `interpret`: run Pallas kernels in interpret mode (tests on CPU), so 'splash' and
+  'pallas' run on any backend. `dtype`: the compute dtype; `auto` does not give float32 models to cuDNN,
   whose flash kernels are 16-bit only. `scanned`: the layers run in nn.scan
   (model.scan_layers), where cuDNN's in-kernel dropout cannot run (module docstring).
   `head_dim`: hidden_size / num_heads, which cuDNN limits (None: not checked).
@@ -116,8 +118,8 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
   if impl == 'xla':
     return impl
   # A fused kernel asked for by name: it runs as asked or the config is wrong.
-  needs = {'cudnn': 'gpu', 'splash': 'tpu'}[impl]
-  if backend != needs and not (impl == 'splash' and interpret):
+  needs = {'cudnn': 'gpu', 'pallas': 'gpu', 'splash': 'tpu'}[impl]
+  if backend != needs and not (impl in ('splash', 'pallas') and interpret):
     raise ValueError(
         f"model.attention_impl='{impl}' needs a {needs.upper()} but the JAX backend is "
         f"{backend!r}. Set model.attention_impl=auto (picks the kernel for the backend) "
@@ -126,6 +128,8 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
     raise ValueError(f"model.attention_impl='cudnn' cannot run: "
                      f"{head_problem}. Use model.attention_impl=auto "
                      f"(xla for this size) or change model.num_heads.")
+  if impl == 'pallas':
+    return _pallas_checked(seq_len, head_dim, return_weights)
   if training_dropout and impl == 'cudnn':
     why_not = _no_fused_dropout(impl, scanned)
     if why_not:
@@ -148,6 +152,18 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
         f"{SPLASH_BLOCK}, got {seq_len}; change data.max_seq_len or use "
         f"model.attention_impl=xla.")
   return impl
+
+
+def _pallas_checked(seq_len: int, head_dim: int | None, return_weights: bool) -> str:
+  """'pallas' if it can run these shapes (attention dropout or not), else the reason."""
+  from bert_sym import flash_dropout  # pylint: disable=g-import-not-at-top  (Pallas: on demand)
+  if return_weights:
+    raise ValueError("model.attention_impl='pallas' cannot return attention weights; use "
+                     "model.attention_impl=xla (or auto) for attention maps.")
+  if why_not := flash_dropout.problem(seq_len, head_dim or flash_dropout.BLOCK):
+    raise ValueError(f"model.attention_impl='pallas' cannot run: {why_not}. Change "
+                     f"data.max_seq_len or model.num_heads, or use model.attention_impl=xla.")
+  return 'pallas'
 
 
 def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scanned,

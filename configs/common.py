@@ -23,7 +23,7 @@ def model_config(size: str = 'base', attention: str = 'pairwise') -> ml_collecti
   layers, hidden, heads, mlp = MODEL_SIZES[size]
   return ml_collections.ConfigDict(dict(
       attention=attention,          # 'standard' | 'symmetric' | 'pairwise' (paper); 'pairwise_diagonal' | 'standard_syminit' (ablations)
-      attention_impl='auto',        # 'auto' | 'xla' | 'cudnn' (GPU) | 'splash' (TPU); see bert_sym/kernel_choice.py
+      attention_impl='auto',        # 'auto' | 'xla' | 'cudnn' (GPU) | 'pallas' (GPU, dropout in the kernel) | 'splash' (TPU); see bert_sym/kernel_choice.py
       vocab_size=BERT_UNCASED_VOCAB_SIZE,
       hidden_size=hidden,
       num_layers=layers,
@@ -41,7 +41,7 @@ def model_config(size: str = 'base', attention: str = 'pairwise') -> ml_collecti
       remat=False,                  # rematerialise each layer's activations (saves memory)
       remat_policy='full',          # with remat: 'full' (save nothing) | 'dots' (keep matmul outputs)
       scan_layers=False,            # nn.scan over layers: compile time independent of depth; params under 'layers' with a leading [num_layers] axis (model.stack_layers converts)
-      kernel_interpret=False,       # Pallas kernels (splash) in interpret mode: tests on CPU only
+      kernel_interpret=False,       # Pallas kernels (splash, pallas) in interpret mode: tests on CPU only
   ))
 
 

@@ -187,6 +187,11 @@ def test_a_record_names_the_kernel_the_executable_holds():
   assert accelerator.kernel_that_ran('cudnn', cudnn) == 'cudnn'
   assert accelerator.kernel_that_ran('splash', 'custom_call_target="tpu_custom_call"') == 'splash'
   assert accelerator.kernel_that_ran('xla', 'custom_call_target="Sharding"') == 'xla'
+  pallas = ('%f = custom-call(%s, %q), custom_call_target="__gpu$xla.gpu.triton", '
+            'backend_config={name = "flash_dropout_forward"}')
+  assert accelerator.kernel_that_ran('pallas', pallas) == 'pallas'
+  with pytest.raises(RuntimeError, match='chose the pallas kernel but compiled without it'):
+    accelerator.kernel_that_ran('pallas', 'custom_call_target="__gpu$xla.gpu.triton"')
   with pytest.raises(RuntimeError, match=r"chose the cudnn kernel but compiled without it "
                                          r"\(custom calls: \['Sharding'\]\)"):
     accelerator.kernel_that_ran('cudnn', 'custom_call_target="Sharding"')

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from bert_sym import aot
 from bert_sym import gpu
 from bert_sym import gpu_flags
 from bert_sym import tpu
@@ -163,6 +164,21 @@ def test_the_attention_kernel_in_the_compiled_gpu_step_is_the_one_named(tmp_path
   # MFU's peak for the device the compiler saw; no memory term without cost analysis.
   assert report['estimate']['peak_flops_per_chip'] == 989e12
   assert report['estimate']['memory_bound_s'] is None
+
+
+def test_our_pallas_kernel_compiles_for_the_gpu_with_the_paper_recipe(tmp_path):
+  """attention_impl=pallas, attention dropout 0.1: XLA's GPU compiler builds our Triton
+  kernels (bert_sym/flash_dropout.py), a forward and a backward per layer in training and
+  a forward per layer in evaluation, and no cuDNN attention."""
+  report = compiled_report(tmp_path, *TINY_ON_GPU, '--topology=h100',
+                           '--config.model.attention_impl=pallas',
+                           '--config.model.attention_dropout_rate=0.1')
+  layers = 2   # configs/tiny.py
+  assert report['kernel'] == 'pallas' and report['fits']
+  for step, calls in (('train_step', 2 * layers), ('eval_step', layers)):
+    custom = report[step]['custom_calls']
+    assert custom.get(aot.TRITON_CALL) == calls, (step, custom)
+    assert not [k for k in custom if k.startswith('__cudnn$fmha')], (step, custom)
 
 
 def _measured(path: str, seq: int) -> dict:

@@ -154,22 +154,24 @@ def loss_and_grads(module, params, x, mask, valid):
 
 @pytest.mark.parametrize('attention', ALL_VARIANTS)
 @pytest.mark.parametrize('impl', [
-    'splash',
+    'splash', 'pallas',
     pytest.param('cudnn', marks=[pytest.mark.gpu, pytest.mark.skipif(
         not ON_GPU, reason='cuDNN flash attention needs a GPU (jax backend is not gpu)')])])
 def test_kernel_equals_xla_path_with_right_padding(impl, attention):
   x, mask, valid = kernel_inputs()
   reference = SelfAttention(hidden_size=HIDDEN, num_heads=HEADS, attention=attention,
                             attention_impl='xla', attention_dropout_rate=0.1)
-  # Pallas kernels run compiled on TPU only; elsewhere in interpret mode.
+  # Pallas kernels run compiled on their accelerator (splash: TPU, pallas: GPU); elsewhere
+  # in interpret mode.
+  native = {'splash': 'tpu', 'pallas': 'gpu'}.get(impl)
   kernel = reference.clone(attention_impl=impl,
-                           kernel_interpret=jax.default_backend() != 'tpu')
+                           kernel_interpret=native is not None and jax.default_backend() != native)
   params = init(reference, x, mask)
   params = jax.tree.map(   # non-zero biases, so a dropped one shows
       lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
   want_loss, want_out, want_grads = loss_and_grads(reference, params, x, mask, valid)
   got_loss, got_out, got_grads = loss_and_grads(kernel, params, x, mask, valid)
-  # cuDNN runs in bfloat16 (it has no float32 flash kernel): a bf16 tolerance there.
+  # cuDNN and our pallas kernel run in bfloat16: a bf16 tolerance there.
   tol = 1e-5 if impl == 'splash' else 3e-2
   real = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(got_out)[real], np.asarray(want_out)[real],

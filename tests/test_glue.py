@@ -575,7 +575,7 @@ def test_the_kernel_is_glues_own_choice_checked_before_training(monkeypatch):
   assert suite._glue_kernel(_config(attention_impl='splash', max_seq_len=128),
                             model_cfg, 'auto') == 'splash'
   assert suite._glue_kernel(_config(length_buckets=True), model_cfg, 'auto') == 'auto'
-  with pytest.raises(ValueError, match=r"one of \('auto', 'xla', 'cudnn', 'splash'\)"):
+  with pytest.raises(ValueError, match=r"one of \('auto', 'xla', 'cudnn', 'pallas', 'splash'\)"):
     suite._glue_kernel(_config(attention_impl='flash'), model_cfg, 'auto')
   # On a GPU auto is xla (it took cuDNN, whose in-kernel dropout masks do not follow the
   # seed, and whose batching rule fails to trace the vmap over seeds trained together).

@@ -211,6 +211,13 @@ def test_gpu_preflight_figures():
   assert not paper[True]['report']['fits'] and paper[False]['report']['fits']
   assert (f'with scanned layers needs {total_gib(paper[True]):.1f} GiB, over an H200\'s '
           f'{hbm:.1f} (unscanned: {total_gib(paper[False]):.1f} GiB)') in README
+  # Our Pallas kernel: its forward and backward Triton kernels in every layer of the step.
+  pallas = [r['report'] for r in rows if r['path'] == 'pallas_dropout']
+  assert pallas and all(r['kernel'] == 'pallas' and r['fits'] and
+                        r['train_step']['custom_calls'] == {'__gpu$xla.gpu.triton': 2 * 12}
+                        for r in pallas), pallas
+  assert 'compiles its forward and backward Triton kernels inside the bert-base train step' \
+      in README
   fast = {r['scan']: r for r in rows if (r['attention'], r['path'], r['seq'], r['batch'])
           == ('standard', 'fused', 128, 256)}
   assert total_gib(fast[True]) > total_gib(fast[False])
