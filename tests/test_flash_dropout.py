@@ -68,6 +68,20 @@ def test_outputs_and_gradients_equal_the_reference(rate):
     assert np.abs(got[valid] - np.asarray(undropped)[valid]).max() > 0.1
 
 
+def test_padding_anywhere_not_only_on_the_right():
+  """Segment ids, not lengths: left padding and a hole in the middle are masked too."""
+  q, k, v, _, _ = _inputs()
+  valid = np.ones((BATCH, LENGTH), bool)
+  valid[0, :70] = False          # left padding, past the first tile
+  valid[1, 40:90] = False        # a hole
+  mask = jnp.asarray(valid)[:, None, None, :]
+  got = flash_dropout.attention(q, k, v, mask, dtype=jnp.float32, dropout_rate=RATE,
+                                seed=jnp.uint32(5), interpret=True)
+  bf16 = lambda t: t.astype(jnp.bfloat16).astype(jnp.float32)
+  want = flash_dropout.reference(bf16(q), bf16(k), bf16(v), mask, dropout_rate=RATE, seed=5)
+  np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], atol=2e-2)
+
+
 def test_the_reference_comparison_sees_another_mask():
   """Not vacuous: the kernel with another seed is far from the reference's mask."""
   q, k, v, mask, valid = _inputs()
