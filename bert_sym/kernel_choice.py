@@ -4,8 +4,8 @@
 one with attention dropout on every backend), `cudnn` (cuDNN flash attention, GPU), `pallas`
 (our flash attention with attention dropout inside the kernel, GPU: bert_sym.flash_dropout;
 not yet measured, so `auto` does not take it) and `splash` (the Mosaic splash kernel, TPU)
-are exactly the kernels they name: asked for by name, a kernel runs or
-the config is refused with the reason and the fix. `auto` takes the backend's kernel, or
+are exactly the kernels they name: asked for by name, a kernel runs or the config is
+refused with the reason and the fix. `auto` takes the backend's kernel, or
 xla where that kernel cannot apply, and logs which one it took and why (a warning when an
 accelerator falls back). The model (bert_sym.attention), the trainer's preflight, GLUE and
 the ahead-of-time compiler all resolve through `resolve_implementation`.
@@ -99,8 +99,8 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
 
   `training_dropout`: attention dropout is on in this call (training, rate > 0).
   `interpret`: run Pallas kernels in interpret mode (tests on CPU), so 'splash' and
-  'pallas' run on any backend. `dtype`: the compute dtype; `auto` does not give float32 models to cuDNN,
-  whose flash kernels are 16-bit only. `scanned`: the layers run in nn.scan
+  'pallas' run on any backend. `dtype`: the compute dtype; `auto` does not give float32
+  models to cuDNN, whose flash kernels are 16-bit only. `scanned`: the layers run in nn.scan
   (model.scan_layers), where cuDNN's in-kernel dropout cannot run (module docstring).
   `head_dim`: hidden_size / num_heads, which cuDNN limits (None: not checked).
   """
