@@ -196,7 +196,7 @@ def kernel_that_ran(chosen: str, hlo_text: str) -> str:
   from bert_sym import aot  # pylint: disable=g-import-not-at-top
   targets = set(aot.CUSTOM_CALL.findall(hlo_text))
   ran = ('cudnn' if any(t.startswith('__cudnn$fmha') for t in targets) else
-         'pallas' if aot.TRITON_CALL in targets and 'flash_dropout' in hlo_text else
+         'pallas' if targets & set(aot.TRITON_CALLS) and 'flash_dropout' in hlo_text else
          'splash' if 'tpu_custom_call' in targets else 'xla')
   if chosen in ('cudnn', 'pallas', 'splash') and ran != chosen:
     raise RuntimeError(f'the step chose the {chosen} kernel but compiled without it '

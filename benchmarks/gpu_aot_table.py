@@ -113,7 +113,7 @@ def format_row(row):
   # The attention kernel's own calls: cuDNN's, or Triton's for our Pallas kernel.
   library = 'Triton' if r['kernel'] == 'pallas' else 'cuDNN'
   calls = sum(n for k, n in r['train_step']['custom_calls'].items()
-              if k.startswith('__cudnn$fmha') or (library == 'Triton' and k == aot.TRITON_CALL))
+              if k.startswith('__cudnn$fmha') or (library == 'Triton' and k in aot.TRITON_CALLS))
   share = total / r['hbm_bytes_per_chip']
   fraction = gpu.memory_fraction_needed(total, gpu.GPUS[TOPOLOGY])
   fits = ('no' if not r['fits'] or fraction == float('inf') else 'yes' if fraction is None

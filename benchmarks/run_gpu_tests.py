@@ -8,8 +8,9 @@ dropout backward aborted pytest on an H100 (jax 0.11.2), and every test after it
 unrun. A process per test cost each of them JAX's start-up on the GPU (16 of them, most
 of two minutes of an eight-minute budget). So the tests run in one pytest process, which
 reports each outcome as it ends (-v); when the process dies, the test it was in is reported
-as crashed, with its exit status and last lines, and the tests after it go on in a new
-process: N crashes cost N + 1 start-ups. A process that reports nothing for --quiet_s
+as crashed, with its exit status and Python's fatal error line (a death between tests, in a
+teardown or from a late GPU error, is reported after the test that ended last), and the
+tests after it go on in a new process: N crashes cost N + 1 start-ups. A process that reports nothing for --quiet_s
 seconds (a test hung in a kernel) is killed, and its test reported as hung.
 
 Prints a line per test as it ends, then a summary; exit status 1 if any test failed,
@@ -18,12 +19,11 @@ crashed or hung (or none was found), else 0.
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import threading
 
-OUTCOME = re.compile(r'^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b')
+OUTCOMES = ('PASSED', 'FAILED', 'SKIPPED', 'ERROR', 'XFAIL', 'XPASS')
 # This module is also a pytest plugin (-p run_gpu_tests, from this folder): a failure's
 # traceback is printed as it happens, not at the session's end, which a later crash or
 # hang would never reach.
@@ -40,19 +40,31 @@ def pytest_runtest_logreport(report):
 
 
 def collect(paths: list[str]) -> list[str]:
-  """The ids of the gpu tests in `paths`, in pytest's order."""
+  """The ids of the gpu tests in `paths`, in pytest's order (a parameter may hold spaces)."""
   done = subprocess.run([*PYTEST, '-q', '--collect-only', *paths], capture_output=True,
                         text=True, check=False, env=_ENV)
-  ids = [l for l in done.stdout.splitlines() if '::' in l and ' ' not in l]
+  ids = [l.strip() for l in done.stdout.splitlines() if '::' in l]
   if done.returncode not in (0, 5):   # 5: nothing collected
     sys.exit(f'pytest could not collect {paths} (exit {done.returncode}):\n'
              f'{done.stdout[-2000:]}{done.stderr[-2000:]}')
   return ids
 
 
+def _read(line: str, ids: list[str]):
+  """(test id, outcome or None) of a -v line that starts a test ('ID ') or ends one
+  ('ID PASSED ...'); (None, None) for any other line."""
+  test = max((i for i in ids if line.startswith(i + ' ') or line.rstrip() == i),
+             key=len, default=None)
+  if test is None:
+    return None, None
+  word = line[len(test):].split()[:1]
+  return test, (word[0] if word and word[0] in OUTCOMES else None)
+
+
 def run_until_it_ends_or_dies(ids: list[str], quiet_s: float):
-  """Runs `ids` in one pytest process, echoing its output. Returns (outcomes by id,
-  exit status, its last lines, whether it was killed for going quiet)."""
+  """Runs `ids` in one pytest process, echoing its output. Returns (outcomes by id, the
+  test started and not ended when the output stopped (None: between tests), exit status,
+  its last lines, whether it was killed for going quiet)."""
   process = subprocess.Popen([*PYTEST, '-v', '--tb=short', '-rfE', *ids], env=_ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   went_quiet = threading.Event()
@@ -61,37 +73,42 @@ def run_until_it_ends_or_dies(ids: list[str], quiet_s: float):
     went_quiet.set()
     process.kill()
 
-  outcomes, tail = {}, []
+  outcomes, tail, running = {}, [], None
   timer = threading.Timer(quiet_s, kill_when_quiet)
   timer.start()
   try:
     for line in process.stdout:
       print(line, end='', flush=True)
       tail = (tail + [line.rstrip()])[-60:]
-      if match := OUTCOME.match(line):
-        outcomes[match.group(1)] = match.group(2)
+      test, outcome = _read(line, ids)
+      if test is not None and outcome is None and test not in outcomes:
+        running = test
+      elif outcome is not None:
+        outcomes[test], running = outcome, None
         timer.cancel()   # the next test gets its own quiet_s
         timer = threading.Timer(quiet_s, kill_when_quiet)
         timer.start()
   finally:
     timer.cancel()
-  return outcomes, process.wait(), tail, went_quiet.is_set()
+  return outcomes, running, process.wait(), tail, went_quiet.is_set()
 
 
-def _cause(tail: list[str], test: str) -> str:
-  """What a dead process said last: Python's fatal error line if any (its traceback
-  follows it), else its last line; without the test's own id, which -v printed first."""
-  lines = [l.replace(test, '').strip() for l in tail]
-  lines = [l for l in lines if l]
-  fatal = [l for l in lines if l.startswith(('Fatal Python error', 'Segmentation fault'))]
-  return (fatal or lines[-1:] or ['no output'])[0][:200]
+def _cause(tail: list[str]) -> str:
+  """What a dead process said last: Python's fatal error line if any (printed wherever the
+  output stood, even after a test's id or progress), else its last line."""
+  for line in tail:
+    for marker in ('Fatal Python error', 'Segmentation fault'):
+      if marker in line:
+        return line[line.index(marker):].strip()[:200]
+  lines = [l.strip() for l in tail if l.strip()]
+  return (lines[-1:] or ['no output'])[0][:200]
 
 
 def run(paths: list[str], quiet_s: float) -> dict[str, str]:
   pending = collect(paths)
   results = {}
   while pending:
-    outcomes, status, tail, went_quiet = run_until_it_ends_or_dies(pending, quiet_s)
+    outcomes, running, status, tail, went_quiet = run_until_it_ends_or_dies(pending, quiet_s)
     results.update(outcomes)
     pending = [i for i in pending if i not in outcomes]
     if not pending:
@@ -100,10 +117,20 @@ def run(paths: list[str], quiet_s: float) -> dict[str, str]:
       for test in pending:
         results[test] = f'NOT RUN (pytest exit {status})'
       break
-    test, pending = pending[0], pending[1:]
-    results[test] = (f'HUNG (no outcome in {quiet_s:.0f} s; killed)' if went_quiet else
-                     f'CRASHED (exit {status}: {_cause(tail, test)})')
-    print(f'\n{test} {results[test]}', flush=True)
+    why = (f'no outcome in {quiet_s:.0f} s; killed' if went_quiet else
+           f'exit {status}: {_cause(tail)}')
+    if running is not None:   # the test it was in
+      results[running] = f'{"HUNG" if went_quiet else "CRASHED"} ({why})'
+      pending.remove(running)
+      print(f'\n{running} {results[running]}', flush=True)
+    elif outcomes:   # between tests: a teardown or a late error; the tests after still run
+      last = list(outcomes)[-1]
+      results[f'(after {last})'] = f'CRASHED ({why})'
+      print(f'\nthe process died after {last} ended ({why})', flush=True)
+    else:   # before its first test (an import or a collection): no test will run
+      for test in pending:
+        results[test] = f'NOT RUN (the process died before its first test: {why})'
+      break
   return results
 
 

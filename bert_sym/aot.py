@@ -114,12 +114,12 @@ def build_steps(config: ml_collections.ConfigDict, devices) -> Built:
 
 # ---- What the compiler says ----
 
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
-               'collective-permute')
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 # An HLO '... = f32[..] all-reduce(...)' or its async '-start' half ('-done' is the same one).
 _COLLECTIVE_OP = re.compile(r'\s(' + '|'.join(COLLECTIVES) + r')(?:-start)?\(')
 CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
-TRITON_CALL = '__gpu$xla.gpu.triton'   # a Pallas kernel lowered through Triton (GPU)
+# A Pallas kernel lowered through Triton (GPU): jaxlib <= 0.10.2's target, then newer's.
+TRITON_CALLS = ('__gpu$xla.gpu.triton', 'triton_kernel_call_ffi')
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:

@@ -547,15 +547,23 @@ def test_the_reading_says_which_paired_intervals_exclude_zero():
           'reached the target).') in lines
   assert not any(l.startswith('- No variant is separated') for l in lines)
   assert not any('a lead for more seeds' in l for l in lines)   # 6 seeds: no caveat
-  summary['runs'] = {v: seeds[:3] for v in losses}   # 3 seeds: separations are leads
-  assert ablate_report.reading(summary)[-1] == (
-      '- With 3 seed(s) a bootstrap interval is narrower than the truth: read a separation '
-      'as a lead for more seeds, not a result.')
   # A separation smaller than the table's 4 decimals (the tiny grid's pairwise ended 3e-5
   # above standard on both seeds) was printed '+0.0000 [+0.0000, +0.0000] ...: higher'.
   tiny = stats.paired_difference({1: 7.00003, 2: 7.00004}, {1: 7.0, 2: 7.0})
   assert ablate_report._verdict(tiny, 4, 'standard', 'lower', 'higher') == (  # pylint: disable=protected-access
       '+3.5e-05 [+3.0e-05, +4.0e-05] over 2 seeds: higher than standard')
+  # The caveat counts the seeds behind the intervals (a variant with 2 of the reference's
+  # 6 finished), not the grid's largest count; a diverged run says so.
+  two = dict(per_variant['symmetric']['paired_vs_reference'])
+  two['final_eval_loss'] = stats.paired_difference({1: 6.9, 2: 6.9}, standard)
+  lonely = dict(summary, variants=['standard', 'symmetric'],
+                per_variant={'standard': {}, 'symmetric': {'paired_vs_reference': two}})
+  assert ablate_report.reading(lonely)[-1] == (
+      '- With 2 seed(s) a bootstrap interval is narrower than the truth: read a separation '
+      'as a lead for more seeds, not a result.')
+  nan = stats.paired_difference({1: float('nan'), 2: 7.0, 3: 7.1}, standard)
+  assert ablate_report._verdict(nan, 4, 'standard', 'lower', 'higher') == (  # pylint: disable=protected-access
+      'not finite over 3 seeds (a run diverged): nothing separated')
   # Nothing separated: the hint, with the grid's step and seeds.
   summary['variants'], summary['runs'] = ['standard', 'pairwise'], {v: seeds for v in losses}
   lines = ablate_report.reading(summary)

@@ -190,6 +190,9 @@ def test_a_record_names_the_kernel_the_executable_holds():
   pallas = ('%f = custom-call(%s, %q), custom_call_target="__gpu$xla.gpu.triton", '
             'backend_config={name = "flash_dropout_forward"}')
   assert accelerator.kernel_that_ran('pallas', pallas) == 'pallas'
+  # jaxlib after 0.10.2 (the GPU image's 0.11.2) compiles the kernel itself: another target.
+  newer = pallas.replace('__gpu$xla.gpu.triton', 'triton_kernel_call_ffi')
+  assert accelerator.kernel_that_ran('pallas', newer) == 'pallas'
   with pytest.raises(RuntimeError, match='chose the pallas kernel but compiled without it'):
     accelerator.kernel_that_ran('pallas', 'custom_call_target="__gpu$xla.gpu.triton"')
   with pytest.raises(RuntimeError, match=r"chose the cudnn kernel but compiled without it "

@@ -291,12 +291,18 @@ def test_its_python_steps_run_with_only_what_the_gpu_image_has(tmp_path):
 _FAKE_GPU_TESTS = """
 import os, time, pytest
 pytestmark = pytest.mark.gpu
+@pytest.fixture
+def aborts_in_teardown():
+  yield
+  os.abort()
 def test_a_passes(): pass
 def test_b_aborts(): os.abort()
 def test_c_fails(): assert 1 == 2, 'the reason, printed as it fails'
 def test_d_hangs(): time.sleep(120)
 def test_e_skips(): pytest.skip('no GPU')
-def test_f_passes(): pass
+def test_f_passes(aborts_in_teardown): pass
+@pytest.mark.parametrize('p', ['a b'])
+def test_g_spaced(p): pass
 """
 
 
@@ -316,15 +322,19 @@ def test_a_gpu_test_that_aborts_or_hangs_does_not_hide_the_others(tmp_path):
   assert done.returncode == 1, log + done.stderr
   summary = log[log.index('gpu tests: '):]
   assert summary.splitlines()[0] == (
-      'gpu tests: 1 crashed, 1 failed, 1 hung, 2 passed, 1 skipped'), log
+      'gpu tests: 2 crashed, 1 failed, 1 hung, 3 passed, 1 skipped'), log
   assert ('test_fake_gpu.py::test_b_aborts: CRASHED (exit -6: Fatal Python error: Aborted)'
           in summary), log
   assert 'test_fake_gpu.py::test_d_hangs: HUNG (no outcome in 8 s; killed)' in summary, log
   assert 'test_fake_gpu.py::test_c_fails: FAILED' in summary, log
   assert 'the reason, printed as it fails' in log[:log.index('test_d_hangs')], log
-  assert 'test_fake_gpu.py::test_f_passes PASSED' in log and 'test_not_marked' not in log
-  # Three processes for one crash and one hang, not one per test.
-  assert log.count('test session starts') == 3, log
+  # A crash after a test's outcome (its teardown) is the process's, not the next test's,
+  # which still runs (it was blamed and dropped); an id with a space is run too.
+  assert ('(after test_fake_gpu.py::test_f_passes): CRASHED (exit -6: Fatal Python error: '
+          'Aborted)') in summary, log
+  assert 'test_fake_gpu.py::test_g_spaced[a b] PASSED' in log and 'test_not_marked' not in log
+  # Four processes for two crashes and one hang, not one per test.
+  assert log.count('test session starts') == 4, log
 
 
 def test_the_script_runs_the_gpu_tests_through_the_runner(tmp_path):

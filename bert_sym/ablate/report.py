@@ -317,6 +317,8 @@ def _verdict(stat: dict, digits: int, ref: str, below: str, above: str) -> str:
   """'mean [low, high] over n seeds: what the interval says', or why there is none."""
   if stat['mean'] is None:
     return f'none ({stat.get("why") or "no seed has a value for both"})'
+  if not np.isfinite(stat['mean']):
+    return f'not finite over {stat["n"]} seeds (a run diverged): nothing separated'
   mean = _signed(stat['mean'], digits)
   if not stat['ci95']:
     return f'{mean} from {stat["n"]} seed: no interval, nothing separated'
@@ -333,7 +335,7 @@ def reading(summary: dict) -> list[str]:
   """What the grid says of the paper's claim, variant by variant: whether each paired
   interval (variant - reference, same seeds) excludes 0; if none does, what would help."""
   ref = summary['target_loss']['reference_variant']
-  lines, separated = [], False
+  lines, separated, paired_seeds = [], False, []
   for v in summary['variants']:
     if v == ref:
       continue
@@ -344,7 +346,10 @@ def reading(summary: dict) -> list[str]:
       verdict = _verdict(stat, digits, ref, below, above)
       separated |= verdict.endswith(f'than {ref}')
       lines.append(f'- {v} - {ref}, {name}: {verdict}.')
-  seeds = max((len(r) for r in summary['runs'].values()), default=0)
+      if stat['mean'] is not None:
+        paired_seeds.append(stat['n'])
+  # The seeds behind the intervals: those both runs of a pair finished, not the grid's.
+  seeds = min(paired_seeds, default=0)
   if lines and not separated:
     lines.append(f'- No variant is separated from {ref} at step {summary["final_step"]} '
                  f'with {seeds} seed(s). More seeds (--seeds) narrow the intervals; more '
