@@ -20,6 +20,9 @@ dropout key each step: masks are a function of the run's key, as on the xla path
 are not). Padding is a key mask given as segment ids (1 real, 0 padding): real queries
 attend to real keys, padded queries to padded keys (their outputs are never read), so no
 row is empty, an all-padding example included.
+
+JAX 0.11 deprecates Pallas's Triton backend (Mosaic GPU is its successor): the kernels
+name it (plgpu.CompilerParams), and a port waits for this one to be measured.
 """
 
 import functools
