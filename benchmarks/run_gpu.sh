@@ -9,7 +9,8 @@
 # of importance (a step that no longer fits the budget is reported as skipped):
 #   1. the GPU-only tests (marked gpu): cuDNN flash attention equals xla, attention dropout
 #      inside cuDNN (rate, fresh masks per step, unbiased, backward uses the forward's
-#      mask, all-padding rows), the XLA GPU flags known to the GPU plugin;
+#      mask, all-padding rows, each backward configuration apart), our Pallas dropout
+#      kernel against its reference (compiled Triton), the XLA GPU flags the plugin knows;
 #   2. the train step at bert-base, standard attention, layers as the trainer lays them
 #      out (unscanned), against Hugging Face from the same run: seq 128 x 256 and 512 x 128
 #      on the fast recipe (fused: cuDNN, no attention dropout) and the paper recipe, with
