@@ -10,8 +10,9 @@ of two minutes of an eight-minute budget). So the tests run in one pytest proces
 reports each outcome as it ends (-v); when the process dies, the test it was in is reported
 as crashed, with its exit status and Python's fatal error line (a death between tests, in a
 teardown or from a late GPU error, is reported after the test that ended last), and the
-tests after it go on in a new process: N crashes cost N + 1 start-ups. A process that reports nothing for --quiet_s
-seconds (a test hung in a kernel) is killed, and its test reported as hung.
+tests after it go on in a new process: N crashes cost N + 1 start-ups. A process that
+prints nothing for --quiet_s seconds (a test hung in a kernel) is killed and its test
+reported as hung.
 
 Prints a line per test as it ends, then a summary; exit status 1 if any test failed,
 crashed or hung (or none was found), else 0.
@@ -78,6 +79,11 @@ def run_until_it_ends_or_dies(ids: list[str], quiet_s: float):
   timer.start()
   try:
     for line in process.stdout:
+      # Any line restarts the clock (a slow start-up or collection is not a hang); -v
+      # ends a test's line only with its outcome, so a hung test prints nothing.
+      timer.cancel()
+      timer = threading.Timer(quiet_s, kill_when_quiet)
+      timer.start()
       print(line, end='', flush=True)
       tail = (tail + [line.rstrip()])[-60:]
       test, outcome = _read(line, ids)
@@ -85,9 +91,6 @@ def run_until_it_ends_or_dies(ids: list[str], quiet_s: float):
         running = test
       elif outcome is not None:
         outcomes[test], running = outcome, None
-        timer.cancel()   # the next test gets its own quiet_s
-        timer = threading.Timer(quiet_s, kill_when_quiet)
-        timer.start()
   finally:
     timer.cancel()
   return outcomes, running, process.wait(), tail, went_quiet.is_set()
@@ -117,7 +120,7 @@ def run(paths: list[str], quiet_s: float) -> dict[str, str]:
       for test in pending:
         results[test] = f'NOT RUN (pytest exit {status})'
       break
-    why = (f'no outcome in {quiet_s:.0f} s; killed' if went_quiet else
+    why = (f'no output in {quiet_s:.0f} s; killed' if went_quiet else
            f'exit {status}: {_cause(tail)}')
     if running is not None:   # the test it was in
       results[running] = f'{"HUNG" if went_quiet else "CRASHED"} ({why})'
@@ -138,7 +141,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('paths', nargs='+', help='test files or ids')
   parser.add_argument('--quiet_s', type=float, default=90.0,
-                      help='kill a process that reports no outcome for this long')
+                      help='kill a pytest process that prints nothing for this long')
   args = parser.parse_args()
   results = run(args.paths, args.quiet_s)
   counts = {}

@@ -316,7 +316,7 @@ def test_a_gpu_test_that_aborts_or_hangs_does_not_hide_the_others(tmp_path):
   (tmp_path / 'test_not_gpu.py').write_text('def test_not_marked(): pass\n')
   done = subprocess.run(
       [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'run_gpu_tests.py'),
-       '--quiet_s=8', 'test_fake_gpu.py', 'test_not_gpu.py'],
+       '--quiet_s=12', 'test_fake_gpu.py', 'test_not_gpu.py'],
       cwd=tmp_path, capture_output=True, text=True, timeout=120)
   log = done.stdout
   assert done.returncode == 1, log + done.stderr
@@ -325,7 +325,7 @@ def test_a_gpu_test_that_aborts_or_hangs_does_not_hide_the_others(tmp_path):
       'gpu tests: 2 crashed, 1 failed, 1 hung, 3 passed, 1 skipped'), log
   assert ('test_fake_gpu.py::test_b_aborts: CRASHED (exit -6: Fatal Python error: Aborted)'
           in summary), log
-  assert 'test_fake_gpu.py::test_d_hangs: HUNG (no outcome in 8 s; killed)' in summary, log
+  assert 'test_fake_gpu.py::test_d_hangs: HUNG (no output in 12 s; killed)' in summary, log
   assert 'test_fake_gpu.py::test_c_fails: FAILED' in summary, log
   assert 'the reason, printed as it fails' in log[:log.index('test_d_hangs')], log
   # A crash after a test's outcome (its teardown) is the process's, not the next test's,
