@@ -37,6 +37,7 @@ import jax.numpy as jnp
 BLOCK = 64   # queries and keys per tile; sequence lengths must be multiples of it
 _LOG2E = math.log2(math.e)
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+_SEED_SPEC = pl.BlockSpec((1,), lambda *_: (0,))   # the int32[1] seed, whole, in every program
 
 
 def _mix(x):
@@ -162,11 +163,10 @@ def _specs(length, head_dim, *blocks):
 
 def _forward(q, k, v, segments, seed, rate, scale, interpret):
   batch, length, heads, head_dim = q.shape
-  seed_spec = pl.BlockSpec((1,), lambda *_: (0,))
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, scale=scale, rate=rate, num_heads=heads),
       grid=(length // BLOCK, batch, heads),
-      in_specs=[seed_spec,
+      in_specs=[_SEED_SPEC,
                 pl.BlockSpec((None, BLOCK, None, head_dim), lambda i, b, h: (b, i, h, 0)),
                 *_specs(length, head_dim, lambda i, b, h: (b, 0, h, 0),
                         lambda i, b, h: (b, 0, h, 0)),
@@ -202,8 +202,7 @@ def _flash_bwd(rate, scale, interpret, residuals, do):
   dq, dk, dv = pl.pallas_call(
       functools.partial(_backward_kernel, scale=scale, rate=rate, num_heads=heads),
       grid=(batch, heads, length // BLOCK),
-      in_specs=[pl.BlockSpec((1,), lambda *_: (0,)), *_specs(length, head_dim, whole, whole,
-                                                              whole),
+      in_specs=[_SEED_SPEC, *_specs(length, head_dim, whole, whole, whole),
                 pl.BlockSpec((None, length), lambda b, h, _: (b, 0)),
                 *_specs(length, head_dim, whole), row, row],
       out_specs=[pl.BlockSpec((None, BLOCK, None, head_dim), tile)] * 3,
@@ -217,11 +216,11 @@ def _flash_bwd(rate, scale, interpret, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def problem(seq_len: int, head_dim: int) -> str | None:
-  """Why the kernel cannot take these shapes (None: it can)."""
+def problem(seq_len: int, head_dim: int | None) -> str | None:
+  """Why the kernel cannot take these shapes (None: it can; head_dim None: not checked)."""
   if seq_len % BLOCK:
     return f'the sequence length {seq_len} is not a multiple of {BLOCK}'
-  if head_dim < 16 or head_dim & (head_dim - 1):
+  if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
     return f'the head size {head_dim} is not a power of 2 of at least 16'
   return None
 
@@ -244,8 +243,8 @@ def attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, seed=None,
   `dropout_rate` > 0), e.g. drawn from the layer's dropout key. Computes in bfloat16 with
   float32 accumulation; returns `dtype`."""
   bf16 = jnp.bfloat16
-  if problem(q.shape[1], q.shape[-1]):
-    raise ValueError(f'model.attention_impl=pallas: {problem(q.shape[1], q.shape[-1])}.')
+  if why_not := problem(q.shape[1], q.shape[-1]):
+    raise ValueError(f'model.attention_impl=pallas: {why_not}.')
   segments = mask.reshape(mask.shape[0], mask.shape[-1]).astype(jnp.int32)
   seed = jnp.uint32(0) if seed is None else jnp.asarray(seed, jnp.uint32)
   seed = lax.bitcast_convert_type(seed, jnp.int32).reshape(1)

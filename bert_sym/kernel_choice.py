@@ -160,7 +160,7 @@ def _pallas_checked(seq_len: int, head_dim: int | None, return_weights: bool) ->
   if return_weights:
     raise ValueError("model.attention_impl='pallas' cannot return attention weights; use "
                      "model.attention_impl=xla (or auto) for attention maps.")
-  if why_not := flash_dropout.problem(seq_len, head_dim or flash_dropout.BLOCK):
+  if why_not := flash_dropout.problem(seq_len, head_dim):
     raise ValueError(f"model.attention_impl='pallas' cannot run: {why_not}. Change "
                      f"data.max_seq_len or model.num_heads, or use model.attention_impl=xla.")
   return 'pallas'

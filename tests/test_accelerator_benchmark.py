@@ -84,38 +84,40 @@ def test_the_synthetic_batch_masks_what_the_sparse_head_can_predict():
   assert ((batch['mlm_targets'] != 0) == (batch['mlm_weights'] > 0)).all()
 
 
+def _hanging_worker(tmp_path, monkeypatch):
+  """run_one(*printed): runs a stand-in worker that prints `printed` lines, then hangs
+  past run_one's 2 s limit (the benchmark's `python` for its subprocesses)."""
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  worker = tmp_path / 'python'
+  monkeypatch.setattr(accelerator.sys, 'executable', str(worker))
+
+  def run_one(*printed):
+    worker.write_text('#!/bin/sh\n' + ''.join(f"echo '{line}'\n" for line in printed) +
+                      'exec sleep 120\n')
+    worker.chmod(0o755)
+    return accelerator.run_one({'impl': 'ours'}, timeout_s=2)
+  return run_one
+
+
 def test_a_worker_killed_after_printing_its_result_keeps_the_result(tmp_path, monkeypatch):
   """A worker that measured, printed its RESULT line and then hung on the way out (a
   device or thread that does not let go) was recorded as a timeout: the measurement lost."""
-  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
-  worker = tmp_path / 'python'
-  worker.write_text("#!/bin/sh\necho 'RESULT {\"status\": \"ok\", \"step_ms\": 12.5}'\n"
-                    'exec sleep 120\n')
-  worker.chmod(0o755)
-  monkeypatch.setattr(accelerator.sys, 'executable', str(worker))
-  result = accelerator.run_one({'impl': 'ours'}, timeout_s=2)
+  run_one = _hanging_worker(tmp_path, monkeypatch)
+  result = run_one('RESULT {"status": "ok", "step_ms": 12.5}')
   assert result['status'] == 'ok' and result['step_ms'] == 12.5, result
   assert 'killed after 2 s' in result['note']
-  worker.write_text('#!/bin/sh\nexec sleep 120\n')   # nothing measured: still a timeout
-  assert accelerator.run_one({'impl': 'ours'}, timeout_s=2)['status'] == 'timeout'
+  assert run_one()['status'] == 'timeout'   # nothing measured: still a timeout
 
 
 def test_a_configuration_killed_at_its_limit_says_how_far_it_got(tmp_path, monkeypatch):
   """cuDNN's in-kernel dropout was killed at 70 s on an H100 with no other word: a compile
   that never ended and a first step that never ended are different bugs."""
-  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
-  worker = tmp_path / 'python'
-  worker.write_text("#!/bin/sh\necho 'PROGRESS state and batch on the device'\n"
-                    "echo 'PROGRESS compiled in 31.5 s'\nexec sleep 120\n")
-  worker.chmod(0o755)
-  monkeypatch.setattr(accelerator.sys, 'executable', str(worker))
-  result = accelerator.run_one({'impl': 'ours'}, timeout_s=2)
+  run_one = _hanging_worker(tmp_path, monkeypatch)
+  result = run_one('PROGRESS state and batch on the device', 'PROGRESS compiled in 31.5 s')
   assert result['status'] == 'timeout', result
   assert result['error'] == 'killed after 2 s; its last milestone: compiled in 31.5 s'
   assert result['progress'] == ['state and batch on the device', 'compiled in 31.5 s']
-  worker.write_text('#!/bin/sh\nexec sleep 120\n')
-  assert accelerator.run_one({'impl': 'ours'}, timeout_s=2)['error'] == (
-      'killed after 2 s; before its state was on the device')
+  assert run_one()['error'] == 'killed after 2 s; before its state was on the device'
 
 
 class _Device:
