@@ -795,3 +795,14 @@ def test_a_difference_that_rounds_to_zero_has_no_sign():
   assert cell({'mean': -0.3, 'ci95': [-0.4, 0.2], 'n': 3}, 0, True) == '0 [0, 0] (n=3)'
   assert cell({'mean': -0.00004, 'ci95': [-1.23456, 0.00001]}, 4) == '0.0000 [-1.2346, 0.0000]'
   assert cell({'mean': -2.6, 'ci95': None}, 0) == '-3'
+
+
+def test_a_tiny_paired_loss_difference_keeps_its_digits_in_the_table():
+  """The main table printed the tiny grid's paired Δ loss (3e-5 on both seeds) as
+  '0.0000 [0.0000, 0.0000]' while the reading below it said 'higher than standard'."""
+  cell = ablate_report._fmt_paired  # pylint: disable=protected-access
+  tiny = stats.paired_difference({1: 7.00003, 2: 7.00004}, {1: 7.0, 2: 7.0})
+  assert cell(tiny, 4) == '+3.5e-05 [+3.0e-05, +4.0e-05]'
+  assert cell({'mean': -0.01234, 'ci95': [-0.02, 0.0]}, 4) == '-0.0123 [-0.0200, +0.0000]'
+  assert cell({'mean': 0.5, 'ci95': None}, 4) == '+0.5000'
+  assert cell({'mean': None}, 4) == '—'
