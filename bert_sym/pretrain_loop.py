@@ -113,7 +113,12 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
                 'rate decay is then recomputed for the new total: the rate rises again).')
     try:
       if evaluate:
-        evaluate(state, step, write=False)   # the closing summary's numbers, not a new row
+        # The closing summary's numbers. A new row only where the last step's eval never
+        # wrote its own (a preemption saves first, and the kill may come before the eval):
+        # without it, readers of metrics.jsonl (the ablation report) see an unfinished run.
+        missing = step == config.total_steps and not checkpoint.allgather_json(
+            run.writer.logged(step, 'eval/loss'))[0]
+        evaluate(state, step, write=missing)
     finally:
       manager.close()
     return step

@@ -112,7 +112,15 @@ def test_relative_workdir_as_users_type_it(tmp_path):
   assert not os.path.isabs(relative)
   run_trainer(relative, overrides=_overrides(checkpoint__async_save=True))
   assert checkpoint.finished_steps(tmp_path / 'run')[-1] == STEPS
+  # A kill between the last save and its eval (a preemption saves first) left no final
+  # eval row: the next start writes it, once, and the ablation report sees a finished run.
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  rows = metrics.read_text().splitlines()
+  final = [r for r in rows if json.loads(r)['step'] == STEPS and 'eval/loss' in json.loads(r)]
+  assert len(final) == 1
+  metrics.write_text(''.join(r + '\n' for r in rows if r not in final))
   again = run_trainer(relative, overrides=_overrides())   # resumes: nothing left to do
+  assert (STEPS, True) in [(m['step'], 'eval/loss' in m) for m in _metrics(tmp_path / 'run')]
   assert checkpoint.load_pretrained(os.path.relpath(tmp_path / 'run'))[1]
   # A second `make demo` ends like the first, with the final eval loss (no new row).
   assert 'Already trained to step' in again.stdout
