@@ -44,8 +44,21 @@ def _layer_norm(cfg, name):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
 
 
+@jax.custom_vjp
 def _gelu(x):
-  return jax.nn.gelu(x, approximate=False)   # BERT's exact-erf GELU
+  """BERT's exact-erf GELU; its backward keeps only x, as PyTorch's: autodiff of jax.nn.gelu
+  keeps 2 more [tokens, mlp] arrays a layer (bert-base 128 x 256, H100: 18.07 -> 13.61 GiB)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_backward(x, grad):
+  x32 = x.astype(jnp.float32)   # Phi(x) + x phi(x), in float32 whatever the compute dtype
+  slope = (0.5 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2))))
+           + x32 * jnp.exp(-0.5 * x32 * x32) * np.float32(1 / np.sqrt(2 * np.pi)))
+  return ((grad.astype(jnp.float32) * slope).astype(x.dtype),)
+
+
+_gelu.defvjp(lambda x: (_gelu(x), x), _gelu_backward)
 
 
 # The residual stream [batch, length, hidden]: split over the batch rule's axes, whole
@@ -124,8 +137,7 @@ class Layer(nn.Module):
     h = _gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x))
     h = sharding.constrain(h, ('batch', None, 'mlp'))
     h = _dense(cfg.hidden_size, ('mlp', 'embed'), cfg, dtype, 'output')(h)
-    x = _layer_norm(cfg, 'output_layer_norm')(
-        x + dropout(h, deterministic=deterministic))
+    x = _layer_norm(cfg, 'output_layer_norm')(x + dropout(h, deterministic=deterministic))
     return sharding.constrain(x, ACTIVATION), weights
 
 
@@ -138,8 +150,7 @@ REMAT_POLICIES = {
 
 
 def remat_policy(cfg):
-  """(model.remat, model.remat_policy) -> False (no remat) or a jax.checkpoint policy
-  (None = save nothing)."""
+  """(model.remat, model.remat_policy) -> False (no remat) or a jax.checkpoint policy."""
   if not cfg.remat:
     return False
   name = cfg.get('remat_policy', 'full')
@@ -315,8 +326,7 @@ def dummy_inputs(batch=1, length=8):
 
 def abstract_params(module: nn.Module, *, length=8):
   """Parameter shapes of `module` (ShapeDtypeStructs, logical-axis boxes removed)."""
-  variables = jax.eval_shape(
-      lambda: module.init(jax.random.key(0), *dummy_inputs(1, length)))
+  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(1, length)))
   return nn.meta.unbox(variables['params'])
 
 
