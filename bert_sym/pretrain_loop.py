@@ -173,9 +173,14 @@ def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, resumed_g
   checkpoint.set_aside_diverged(workdir, diverged, error.onset, log=run.console)
   kept = checkpoint.finished_steps(workdir)
   run.last_saved = kept[-1] if kept else None
+  # Unreadable steps set aside earlier make a rerun refuse to start silently from step 0.
+  damaged = [] if kept else checkpoint.damaged_steps_found(workdir)
   where = (f'The newest checkpoint from before the divergence is step {kept[-1]}: rerun with '
            'a fixed config (e.g. a lower --config.optimizer.learning_rate) and it resumes '
            'from there.' if kept else
+           'There is no checkpoint from before the divergence, and the steps in '
+           f'damaged_checkpoints/ ({", ".join(damaged)}) could not be read: rerun with a fixed '
+           'config and --start_over to start from step 0.' if damaged else
            'There is no checkpoint from before the divergence: a rerun with a fixed config '
            'starts from step 0.')
   return loop.NonFiniteError(error.headline, error.onset, where)

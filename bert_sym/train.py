@@ -201,6 +201,8 @@ def _check_inputs(config, make_iterator):
 
 
 def _prepare_workdir(workdir: str) -> epath.Path:
+  # The shell leaves `--workdir=~/x` as typed: unexpanded, the run went to ./~/x.
+  workdir = workdir if '://' in str(workdir) else os.path.expanduser(workdir)
   try:
     return files.check_writable(workdir, f'--workdir={workdir}')
   except ValueError as e:

@@ -978,6 +978,33 @@ def _error_lines(result):
   return [l for l in result.stderr.splitlines() if 'error:' in l]
 
 
+def test_divergence_with_unreadable_steps_aside_names_start_over(tmp_path):
+  """A run that fell back past an unreadable step (in damaged_checkpoints/) and then
+  diverged from the one it resumed: its error said 'a rerun starts from step 0', but the
+  rerun refused (unacknowledged damaged steps): the error names --start_over."""
+  from bert_sym import pretrain_loop  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'damaged_checkpoints' / '12-1796568251').mkdir(parents=True)
+  (tmp_path / 'damaged_checkpoints' / '8-1796568254-diverged').mkdir()
+  run = types.SimpleNamespace(console=print, last_saved=8)
+  manager = types.SimpleNamespace(wait_until_finished=lambda: None)
+  error = pretrain_loop.set_aside_divergence(
+      loop.NonFiniteError('Non-finite loss at step 9.', onset=9), tmp_path, manager, None, run)
+  assert run.last_saved is None
+  assert str(error).endswith('There is no checkpoint from before the divergence, and the steps '
+                             'in damaged_checkpoints/ (12-1796568251) could not be read: rerun '
+                             'with a fixed config and --start_over to start from step 0.'), error
+
+
+def test_workdir_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+  """The shell leaves `--workdir=~/x` as typed: the run went to ./~/x while its closing
+  summary's TensorBoard command pointed at $HOME/x."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.chdir(tmp_path / '..')
+  assert str(train._prepare_workdir('~/run')) == str(tmp_path / 'run')  # pylint: disable=protected-access
+  assert str(checkpoint.absolute('~/run')) == str(tmp_path / 'run')
+  assert not (tmp_path.parent / '~').exists()
+
+
 def test_divergence_sets_its_checkpoints_aside_and_a_fixed_rerun_finishes(tmp_path):
   """lr 1e6, a checkpoint every 3 steps: the step-3 checkpoint holds exploded weights and
   used to trap the workdir (every rerun resumed it and diverged again)."""

@@ -98,9 +98,10 @@ def config_hint(workdir, config) -> str:
 
 
 def absolute(path) -> epath.Path:
-  """Orbax refuses relative paths, and users type `--workdir=runs/x`: resolve local ones."""
+  """Orbax refuses relative paths, and users type `--workdir=runs/x`: resolve local ones
+  (`~` too: the shell leaves `--workdir=~/x` as typed)."""
   path = epath.Path(path)
-  return path if '://' in str(path) else epath.Path(os.path.abspath(path))
+  return path if '://' in str(path) else epath.Path(os.path.abspath(os.path.expanduser(path)))
 
 
 def checkpoint_dir(workdir) -> epath.Path:

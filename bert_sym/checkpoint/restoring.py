@@ -306,8 +306,8 @@ def _refuse_silent_restart(workdir, moved_now, start_over: bool, log) -> None:
     _acknowledge(workdir, found)
     return
   raise NothingRestored(
-      f'No checkpoint in {checkpoint_dir(workdir)} restores: every step was damaged and '
-      f'is now in {where} ({", ".join(found)}). Nothing was started, so no progress is '
+      f'No checkpoint in {checkpoint_dir(workdir)} restores: the steps that could not be '
+      f'read are in {where} ({", ".join(found)}). Nothing was started, so no progress is '
       'thrown away silently. Repair or copy back a step, or rerun with --start_over to '
       'train from step 0 (the earlier rows are kept, in metrics.jsonl.<time>.old).')
 
