@@ -95,10 +95,11 @@ def _blocks(tokens, special, rows, seed=0):
   return out
 
 
-def _shuffle_like(seed, example):
-  """rng.shuffle for the reference: the units in bert_sym's hash order (score, start)."""
+def _shuffle_like(seed, example, row):
+  """rng.shuffle for the reference: the units in bert_sym's hash order (score, start), keyed
+  by (seed, example index, the block's ids) as mask_blocks keys them."""
   with np.errstate(over='ignore'):   # uint32 hash arithmetic wraps by design
-    key = masking.example_keys(seed, np.array([example]))
+    key = masking.block_keys(seed, np.array([example]), row[None])
 
   def shuffle(cand_indexes):
     starts = np.array([unit[0] for unit in cand_indexes], np.int64)
@@ -125,7 +126,7 @@ def test_selection_matches_bert_create_masked_lm_predictions(whole_word, rate,
     skipped = []
     expected = create_masked_lm_positions(
         row_tokens, rate, max_predictions, whole_word,
-        _shuffle_like(seed, first + r), skipped)
+        _shuffle_like(seed, first + r, row), skipped)
     got = np.flatnonzero(out['mlm_weights'][r]).tolist()
     assert got == expected, f'row {r}: {got} != {expected}'
     rows_with_a_skip += bool(skipped)
@@ -243,7 +244,9 @@ def test_the_masks_of_a_fixed_batch_are_pinned():
   batch of fixed blocks is pinned here by its SHA-256. Swapping the random-token and
   keep-as-is draws kept every statistic the other tests check. A change that moves this
   value moves every run's masks (README, "Data": masking is a pure function of (seed,
-  example index)): change it only knowingly, as a run resumed across it reads other masks."""
+  example index, block)): change it only knowingly, as a run resumed across it reads other
+  masks. Moved once: the block's ids entered the key (same-index blocks of a seqio task's
+  shards were masked alike; test_seqio_tasks.py)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   tokens, special = _vocab_and_specials()
   spec = masking.MaskSpec.from_vocab(tokens, special, max_predictions=20)
@@ -255,4 +258,4 @@ def test_the_masks_of_a_fixed_batch_are_pinned():
   digest = hashlib.sha256(b''.join(np.ascontiguousarray(out[k]).tobytes()
                                    for k in sorted(out))).hexdigest()
   assert out['mlm_weights'].sum() > 0
-  assert digest == '075cf27cb6b56a7f8e6b6ebf1a757b3a0d9c690766148cc72f952f705438214b'
+  assert digest == '5daac30ad6a69a49ff3171087b99ac6a21e6976f4ffd69b77b7ceaaa69a520b6'

@@ -147,6 +147,34 @@ def test_a_registered_tasks_masking_knobs_reach_its_dataset(tmp_path, vocabulary
   assert expected['mlm_weights'].sum(axis=1).max() == 7
 
 
+def test_shards_of_a_task_read_through_seqio_are_masked_independently(tmp_path, vocabulary):
+  """A seqio client that reads a task in shards (t5x's multi-host input: get_dataset with
+  a ShardInfo per host) numbers each shard's blocks from 0. Were the mask a function of
+  (seed, that index) alone, the k-th block of every shard would be masked at the same
+  positions with the same 80/10/10 draws; keyed by the block's ids too, the two shards'
+  same-index blocks share masked positions no more than chance allows."""
+  rng = np.random.default_rng(0)
+  words = [t for t in vocabulary.tokens if t.isalpha() and t.isascii() and len(t) > 2]
+  (tmp_path / 'words.txt').write_text('\n'.join(
+      ' '.join(rng.choice(words, rng.integers(20, 60))) for _ in range(400)))
+  task = tasks.register_text_files_task('test_seqio_shards', str(tmp_path / 'words.txt'))
+
+  def shard(index):
+    return list(task.get_dataset(sequence_length={'input_ids': 64}, split='train',
+                                 shuffle=False, shard_info=seqio.ShardInfo(index, 2))
+                .as_numpy_iterator())
+
+  pairs = [(a, b) for a, b in zip(shard(0), shard(1))
+           if (a['attention_mask'] == 1).all() and (b['attention_mask'] == 1).all()]
+  assert len(pairs) > 100
+  assert not any(np.array_equal(a['mlm_targets'], b['mlm_targets']) for a, b in pairs)
+  same_position = [a['mlm_weights'] @ b['mlm_weights'] / a['mlm_weights'].sum()
+                   for a, b in pairs]
+  assert np.mean(same_position) < 0.25   # chance: about 0.15 of a block's masked positions
+  identical = sum(np.array_equal(a['mlm_weights'], b['mlm_weights']) for a, b in pairs)
+  assert identical == 0, f'{identical} of {len(pairs)} same-index pairs masked alike'
+
+
 def test_sequence_length_over_the_pipelines_maximum_is_an_error():
   with pytest.raises(DataError, match=r'max_seq_len=513 is outside \[3, 512\], the block '
                                      'lengths the input pipeline'):

@@ -1,9 +1,15 @@
 """BERT masking with a counter-based hash RNG (NumPy).
 
-Masking is a pure function of (seed, g, block), g being the example's global index: a
-murmur3 finaliser hashes (seed, g, position, stream) into the random bits of each
-decision, so any batch is computed from its step alone (O(1) resume, no RNG state). The
-seqio tasks mask with this same function (`seqio_tasks.mask_blocks_tf`).
+Masking is a pure function of (seed, g, block), g being the example's index in the stream
+that is read: a murmur3 finaliser hashes (seed, g, the block's ids, position, stream) into
+the random bits of each decision, so any batch is computed from its step alone (O(1)
+resume, no RNG state). The seqio tasks mask with this same function
+(`seqio_tasks.mask_blocks_tf`). The block's ids enter the key because g alone is not
+global there: a seqio client reading a task in shards (get_dataset with a ShardInfo per
+host, as t5x does) numbers every shard's blocks from 0, and keyed by (seed, g) the k-th
+blocks of all shards were masked at the same positions with the same 80/10/10 draws. g
+stays in the key so that a block read again (the next epoch, a repeated document) is
+masked anew.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ FMIX_C1 = 0x85EBCA6B
 FMIX_C2 = 0xC2B2AE35
 GOLDEN = 0x9E3779B9
 STREAM_SELECT, STREAM_ACTION, STREAM_TOKEN = 0, 1, 2
+STREAM_CONTENT = 3                # the last free stream (2 bits): hashes the block's ids
 MASK_BELOW = int(0.8 * 2**32)     # action bits below this: [MASK] (80%)
 RANDOM_BELOW = int(0.9 * 2**32)   # below this: random token (10%); else unchanged (10%)
 POSITION_RADIX = 1024             # > MAX_SEQ_LEN: (score, word start) as one int64 key
@@ -73,6 +80,22 @@ def position_bits(keys: np.ndarray, positions: np.ndarray, stream: int) -> np.nd
   return fmix32(keys ^ fmix32(counter))
 
 
+def block_keys(seed: int, example_index: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+  """uint32 [B]: the key of row b's random draws, from (seed, example_index[b], blocks[b]).
+
+  The row's ids are hashed as a wrapping sum of one hash per (position, id): vectorised
+  over the whole batch, order-sensitive, and two different blocks collide with
+  probability about 2^-32. Callers wrap uint32 overflow (np.errstate), as mask_blocks does.
+  """
+  blocks = np.asarray(blocks)
+  positions = np.arange(blocks.shape[1], dtype=np.int64)
+  terms = position_bits(blocks.astype(np.uint32), positions, STREAM_CONTENT)
+  total = terms.sum(axis=1, dtype=np.uint64)   # < 2^41 at 512 positions: no wrap
+  content = fmix32((total & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+                   ^ (total >> np.uint64(32)).astype(np.uint32))
+  return fmix32(example_keys(seed, example_index) ^ content)
+
+
 def mask_blocks(blocks: np.ndarray, example_index: np.ndarray, seed: int,
                 spec: MaskSpec) -> dict[str, np.ndarray]:
   """BERT masking of int [B, L] blocks; row b is example `example_index[b]`.
@@ -90,7 +113,7 @@ def mask_blocks(blocks: np.ndarray, example_index: np.ndarray, seed: int,
   blocks = np.asarray(blocks).astype(np.int32)
   batch, length = blocks.shape
   with np.errstate(over='ignore'):
-    keys = example_keys(seed, example_index)[:, None]
+    keys = block_keys(seed, example_index, blocks)[:, None]
     positions = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
     candidate = spec.maskable[blocks]
     if spec.whole_word:

@@ -7,9 +7,11 @@ Every task has 'train' and 'validation' splits and yields the five MLM features 
   seqio.get_mixture_or_task('bert_sym_mlm_embedded').get_dataset(
       sequence_length={'input_ids': 128}, split='validation', shuffle=False)
 
-Masking inside a task uses the mask seed given at registration (default 0) and the
-block's position in the packed stream; the trainer's iterator instead masks packed blocks
-with its own seed. Also here: the seqio Vocabulary over `tokenizer.WordPiece`.
+Masking inside a task uses the mask seed given at registration (default 0), the block's
+position in the packed stream it reads and the block's ids (a shard read with
+get_dataset(shard_info=...) numbers its blocks from 0: the ids keep two shards' k-th
+blocks from being masked alike); the trainer's iterator instead masks packed blocks with
+its own seed. Also here: the seqio Vocabulary over `tokenizer.WordPiece`.
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def mask_blocks_tf(blocks: tf.data.Dataset, seed: int, spec: masking.MaskSpec,
                    first_index: int = 0, batch_size: int = 256) -> tf.data.Dataset:
   """Masks the i-th block with example index `first_index + i` by `masking.mask_blocks`
   itself (through tf.numpy_function): the tasks and the trainer's iterator share one
-  masking function, hence bit-identical examples."""
+  masking function, hence bit-identical examples. i counts within `blocks`, one shard's
+  stream under a ShardInfo; mask_blocks also keys each block by its ids, so same-index
+  blocks of different shards are masked independently."""
   dtypes = [tf.float32 if k == 'mlm_weights' else tf.int32 for k in masking.FEATURES]
 
   def mask(index, block):
