@@ -68,7 +68,8 @@ def _softmax_as_bwd(dtype, probs, grad):
 _softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
 
 
-def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dtype):
+def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dtype,
+                  lean_backward=True):
   """Reference core: explicit scores, softmax in float32, BERT's attention dropout.
 
   q, k, v: [batch, length, heads, head_dim]; mask: [batch, 1, 1, length] bool (True = key
@@ -80,11 +81,53 @@ def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dt
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   # finfo.min (as in Hugging Face BERT) makes exp() exactly 0 at padded keys.
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  if not deterministic and dropout_rate > 0.0 and lean_backward:
+    out = _dropout_attention(scores, v, dropout_rng, dropout_rate, dtype)
+    # Attention maps of a training pass (rare; dead code, removed by XLA, otherwise).
+    probs = jax.lax.stop_gradient(
+        inverted_dropout(_softmax_as(scores, dtype), dropout_rate, dropout_rng))
+    return out, probs.astype(jnp.float32)
   probs = _softmax_as(scores, dtype)
-  if not deterministic and dropout_rate > 0.0:
+  if not deterministic and dropout_rate > 0.0:   # autodiff's: keeps mask and dropped probs
     probs = inverted_dropout(probs, dropout_rate, dropout_rng)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(dtype))
   return out, probs.astype(jnp.float32)
+
+
+def _dropped_probs(probs, rng, rate: float, dtype):
+  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+  return keep, jnp.where(keep, (probs.astype(jnp.float32) / (1.0 - rate)).astype(dtype), 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dropout_attention(scores, v, rng, rate: float, dtype):
+  """dropout(softmax(scores)) v, the backward keeping the probabilities alone: it draws the
+  dropout mask again from `rng` (as FlashAttention does), where autodiff would keep the
+  mask and the dropped probabilities too, two more [batch, heads, L, L] arrays a layer."""
+  return _dropout_attention_fwd(scores, v, rng, rate, dtype)[0]
+
+
+def _dropout_attention_fwd(scores, v, rng, rate, dtype):
+  probs = _softmax_as(scores, dtype)
+  out = jnp.einsum('bhqk,bkhd->bqhd', _dropped_probs(probs, rng, rate, dtype)[1],
+                   v.astype(dtype))
+  return out, (probs, v, rng)
+
+
+def _dropout_attention_bwd(rate, dtype, saved, grad):
+  probs, v, rng = saved   # the same ops autodiff runs, in the same dtypes
+  # Else XLA's GPU compiler merges this draw with the forward's, and keeps the mask.
+  probs, rng = jax.lax.optimization_barrier((probs, rng))
+  keep, dropped = _dropped_probs(probs, rng, rate, dtype)
+  grad = grad.astype(dtype)
+  d_v = jnp.einsum('bhqk,bqhd->bkhd', dropped, grad).astype(v.dtype)
+  d_dropped = jnp.einsum('bqhd,bkhd->bhqk', grad, v.astype(dtype))
+  d_probs = jnp.where(keep, (d_dropped.astype(jnp.float32) / (1.0 - rate)).astype(dtype), 0)
+  (d_scores,) = _softmax_as_bwd(dtype, probs, d_probs)
+  return d_scores, d_v, None
+
+
+_dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
 
 
 def inverted_dropout(x, rate: float, rng):
@@ -232,6 +275,7 @@ class SelfAttention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   kernel_interpret: bool = False   # Pallas kernels in interpret mode (CPU tests)
   scanned: bool = False            # inside nn.scan over layers (model.scan_layers)
+  lean_backward: bool = True       # xla + dropout: the backward draws the mask again
 
   @nn.compact
   def __call__(self, x, mask, *, deterministic: bool, return_weights: bool = False):
@@ -294,7 +338,8 @@ class SelfAttention(nn.Module):
       rng = self.make_rng('dropout') if use_dropout else None
       return xla_attention(
           query, key, value, mask, dropout_rate=self.attention_dropout_rate,
-          dropout_rng=rng, deterministic=deterministic, dtype=self.dtype)
+          dropout_rng=rng, deterministic=deterministic, dtype=self.dtype,
+          lean_backward=self.lean_backward)
     if impl == 'pallas':
       return pallas_attention(
           query, key, value, mask, dtype=self.dtype,

@@ -4,11 +4,12 @@ Post-LayerNorm blocks, exact-erf GELU, learned absolute positions and token type
 head tied to the word embeddings: the original architecture, so that `standard` matches
 Hugging Face `BertForMaskedLM` weight for weight. Mixed precision as under PyTorch AMP:
 parameters, LayerNorms, the residual stream and the logits are float32; matmuls run in the
-compute dtype (`model.dtype`, bfloat16 on accelerators). Parameters carry logical
-axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`); the trainer maps those to a mesh.
-This file knows nothing about meshes, files or flags.
+compute dtype (`model.dtype`, bfloat16 on accelerators). Parameters carry logical axis
+names (`vocab`, `embed`, `mlp`, `heads`, `kv`); the trainer maps those to a mesh. This
+file knows nothing about meshes, files or flags.
 """
 
+import functools
 import re
 from typing import Any
 
@@ -59,6 +60,7 @@ def _gelu_backward(x, grad):
 
 
 _gelu.defvjp(lambda x: (_gelu(x), x), _gelu_backward)
+_AUTODIFF_GELU = functools.partial(jax.nn.gelu, approximate=False)   # model.lean_backward=False
 
 
 # The residual stream [batch, length, hidden]: split over the batch rule's axes, whole
@@ -67,8 +69,7 @@ ACTIVATION = ('batch', None, None)
 
 
 class Dropout(nn.Module):
-  """nn.Dropout (same masks from the same keys), its scale applied in float32: flax's
-  divides bf16 activations by bf16(1 - rate) (attention.inverted_dropout)."""
+  """nn.Dropout's masks, its scale applied in float32 (see attention.inverted_dropout)."""
   rate: float
 
   @nn.compact
@@ -129,24 +130,22 @@ class Layer(nn.Module):
         attention_impl=cfg.attention_impl, attention_dropout_rate=cfg.attention_dropout_rate,
         initializer_range=cfg.initializer_range, pairwise_init_std=cfg.pairwise_init_std,
         dtype=dtype, kernel_interpret=cfg.get('kernel_interpret', False),
-        scanned=bool(cfg.get('scan_layers', False)), name='attention')(
+        scanned=bool(cfg.get('scan_layers', False)),
+        lean_backward=cfg.get('lean_backward', True), name='attention')(
             x, mask, deterministic=deterministic, return_weights=return_weights)
     attn, weights = attn if return_weights else (attn, None)
     x = _layer_norm(cfg, 'attention_layer_norm')(
         x + dropout(attn, deterministic=deterministic))
-    h = _gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x))
+    gelu = _gelu if cfg.get('lean_backward', True) else _AUTODIFF_GELU
+    h = gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x))
     h = sharding.constrain(h, ('batch', None, 'mlp'))
     h = _dense(cfg.hidden_size, ('mlp', 'embed'), cfg, dtype, 'output')(h)
     x = _layer_norm(cfg, 'output_layer_norm')(x + dropout(h, deterministic=deterministic))
     return sharding.constrain(x, ACTIVATION), weights
 
 
-REMAT_POLICIES = {
-    # Recompute everything in the backward pass but each layer's input.
-    'full': None,
-    # Keep matmul outputs, recompute the elementwise ops (GELU, LayerNorm, softmax).
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = {   # full: keep each layer's input alone; dots: keep matmul outputs too
+    'full': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def remat_policy(cfg):
@@ -253,7 +252,8 @@ class MLMHead(nn.Module):
   @nn.compact
   def __call__(self, hidden, decoder):
     cfg, dtype = self.cfg, compute_dtype(self.cfg.dtype)
-    h = _gelu(_dense(cfg.hidden_size, ('embed', 'embed_out'), cfg, dtype, 'transform')(hidden))
+    gelu = _gelu if cfg.get('lean_backward', True) else _AUTODIFF_GELU
+    h = gelu(_dense(cfg.hidden_size, ('embed', 'embed_out'), cfg, dtype, 'transform')(hidden))
     h = _layer_norm(cfg, 'layer_norm')(h)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                       (cfg.vocab_size,))

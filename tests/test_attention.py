@@ -367,6 +367,52 @@ def test_xla_softmax_keeps_only_compute_dtype_probabilities():
   assert residuals and all(r.dtype == jnp.bfloat16 for r in residuals)
 
 
+def _autodiff_dropout_attention(q, k, v, mask, rng, rate, dtype):
+  """xla_attention's training formula, differentiated by JAX (which keeps the dropout mask
+  and the dropped probabilities for the backward pass)."""
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores / np.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
+  probs = attention_lib._softmax_as(scores, dtype)  # pylint: disable=protected-access
+  probs = attention_lib.inverted_dropout(probs, rate, rng)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(dtype))
+
+
+def test_xla_attention_dropout_backward_draws_the_mask_again():
+  """The paper recipe's attention dropout on xla: gradients equal JAX's autodiff of the
+  same formula (bit for bit in bf16, padding included), and the compiled (CPU) backward
+  keeps less than autodiff's: the mask is drawn again from the key, not kept.
+  tests/test_aot_gpu.py checks the GPU compiler's step, which merged the two draws (kept
+  the mask) without the optimization barrier."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 3, 8)) for i in range(3))
+  mask = (jnp.arange(16) < jnp.array([16, 11])[:, None])[:, None, None, :]
+  rate = 0.1
+  for dtype, atol, impl in ((jnp.bfloat16, 0.0, 'threefry2x32'), (jnp.bfloat16, 0.0, 'rbg'),
+                            (jnp.bfloat16, 0.0, 'unsafe_rbg'), (jnp.float32, 1e-6, 'threefry2x32')):
+    rng = jax.random.key(3, impl=impl)   # config.prng_impl's choices: the same mask drawn twice
+    ours = lambda q, k, v: attention_lib.xla_attention(
+        q, k, v, mask, dropout_rate=rate, dropout_rng=rng, deterministic=False, dtype=dtype)[0]
+    ref = lambda q, k, v: _autodiff_dropout_attention(q, k, v, mask, rng, rate, dtype)
+    cot = jax.random.normal(jax.random.key(4), q.shape).astype(dtype)
+    (out, vjp), (want, ref_vjp) = jax.vjp(ours, q, k, v), jax.vjp(ref, q, k, v)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                               atol=atol)
+    for got, expected in zip(vjp(cot), ref_vjp(cot)):
+      np.testing.assert_allclose(got, expected, atol=atol)
+  # Compiled (CPU) temporaries of the gradient at 8 x 4 heads x 256 x 256.
+  q = jnp.ones((8, 256, 4, 16))
+  mask = jnp.ones((8, 1, 1, 256), bool)
+  def temp_bytes(attend):
+    grad = jax.jit(jax.grad(lambda q: attend(q, q, q).astype(jnp.float32).sum()))
+    return grad.lower(q).compile().memory_analysis().temp_size_in_bytes
+  ours = temp_bytes(lambda q, k, v: attention_lib.xla_attention(
+      q, k, v, mask, dropout_rate=rate, dropout_rng=rng, deterministic=False,
+      dtype=jnp.bfloat16)[0])
+  autodiff = temp_bytes(lambda q, k, v: _autodiff_dropout_attention(
+      q, k, v, mask, rng, rate, jnp.bfloat16))
+  mask_bytes = 8 * 4 * 256 * 256   # one bool [batch, heads, L, L]
+  assert ours <= autodiff - mask_bytes, (ours, autodiff)
+
+
 def test_recipes_pair_attention_dropout_with_the_kernel_that_can_run_it():
   from configs import common  # pylint: disable=g-import-not-at-top
   paper = common.base_config('tiny', 'pairwise').model
