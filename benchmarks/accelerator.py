@@ -110,6 +110,7 @@ def _ours_config(spec):
   config.optimizer.warmup_steps = 10
   config.prng_impl = spec.get('prng_impl', 'threefry')
   config.xla_gpu_flags = bool(spec.get('xla_gpu_flags', 1))
+  config.model.lean_backward = bool(spec.get('lean_backward', 1))
   return config
 
 
@@ -413,7 +414,7 @@ def configurations(args):
   specs = []
   common_fields = dict(size=args.size, steps=args.steps, warmup=args.warmup,
                        scan_layers=args.scan_layers, prng_impl=args.prng_impl,
-                       xla_gpu_flags=args.xla_gpu_flags,
+                       xla_gpu_flags=args.xla_gpu_flags, lean_backward=args.lean_backward,
                        compilation_cache_dir=args.compilation_cache_dir)
   for attention in args.variants.split(','):
     if attention not in VARIANTS:
@@ -485,6 +486,7 @@ def format_line(r):
   if r['impl'] == 'ours':
     line += f" | scan {int(bool(r.get('scan_layers')))}"
     line += f" | prng {r.get('prng_impl', 'threefry')} | xla_gpu_flags {r.get('xla_gpu_flags', 1)}"
+    line += f" | lean {r.get('lean_backward', 1)}"
   if r.get('profile_table'):
     line += f" | profile {r['profile_table']}"
   return line
@@ -501,6 +503,9 @@ def parse_args():
                       choices=('threefry', 'rbg', 'unsafe_rbg'), help='config.prng_impl')
   parser.add_argument('--xla_gpu_flags', type=int, default=1,
                       help='1: the trainer\'s XLA GPU flags (bert_sym/gpu_flags.py); 0: off')
+  parser.add_argument('--lean_backward', type=int, default=1,
+                      help='1: model.lean_backward (GELU keeps x alone, xla attention dropout '
+                      'draws its mask again); 0: JAX autodiff\'s backward')
   parser.add_argument('--profile', action='store_true',
                       help='trace the first of our configs; write top_ops.txt beside it')
   parser.add_argument('--profile_root', default=os.path.join(REPO_ROOT, 'benchmarks',

@@ -17,7 +17,8 @@
 #      attention dropout inside our Pallas kernel (pallas_dropout) and on xla;
 #   3. A/B: the same steps at 128 x 256 with scanned layers;
 #   4. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
-#      the top 30 device ops;
+#      the top 30 device ops; then A/B: JAX autodiff's backward (model.lean_backward=False)
+#      at 128 x 256;
 #   5. pairwise on the fast recipe at the shapes of 2., for its step time against standard's;
 #   6. with the time left: seq 512 x 32 and 512 x 256 against HF, the paper recipe with
 #      attention dropout inside cuDNN (fused_dropout), then the GLUE parallel-seeds benchmark.
@@ -25,7 +26,7 @@
 # XLA GPU flags off (no effect) and the dropout PRNGs rbg / unsafe_rbg (no gain).
 # JAX may take 95% of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75; each
 # configuration, Hugging Face's included, has the GPU to itself): on an H100 the paper
-# recipe at 512 x 256 needs 63.6 GiB as compiled, over 75% of its 80 GB.
+# recipe at 512 x 256 needs 68.3 GiB as compiled, over 75% of its 80 GB.
 # Everything (JSON, tables) goes under benchmarks/results/. $OUT gets two files (only the
 # log if JAX is not on the GPU): this log, and results.tar with every result so far (rewritten whole after each, so
 # a kill leaves the previous one): the device tool hands back at most 8 files, and ten
@@ -132,15 +133,24 @@ bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DAT
   --compilation_cache_dir="$JAX_CACHE"
 cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
 
+# model.lean_backward (the default since 2026-12-06, timed by every step above): GELU's
+# backward keeps x alone and xla attention dropout's draws its mask again; compiled for an
+# H100, 18.07 -> 13.61 GiB (fast) and 21.99 -> 14.85 (paper) at 128 x 256. Its speed
+# against JAX autodiff's backward, same run:
+bench 'A/B: autodiff backward (lean_backward=0; fast and paper, 128 x 256)' 70 \
+  "$R/accelerator_gpu_autodiff_backward_${DATE}.json" \
+  --variants=standard --shapes=128x256 --paths=fused,xla --no_hf --lean_backward=0
+
 bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 70 \
   "$R/accelerator_gpu_pairwise_${DATE}.json" \
   --variants=pairwise --shapes=128x256,512x128 --paths=fused --no_hf
 
 bench 'train step vs HF: seq 512 x 32' 90 "$R/accelerator_gpu_512x32_${DATE}.json" \
   --variants=standard --shapes=512x32 --paths=fused,pallas_dropout,xla
-# Unscanned, both recipes fit at 512 x 256: compiled for an H200 68.0 and 104.4 GiB, for an
-# 80 GB H100 59.4 and 63.6 (XLA schedules for the memory it is given); scanned, neither fit
-# an H100 (benchmarks/RESULTS.md, "GPU preflight").
+# Unscanned, both recipes fit at 512 x 256: compiled for an H200 50.1 and 69.7 GiB, for an
+# 80 GB H100 50.1 and 68.3 (XLA recomputes to fit the memory it is given; before
+# model.lean_backward 68.0 and 104.4, 59.4 and 63.6); scanned, neither fit an H100
+# (benchmarks/RESULTS.md, "GPU preflight" and "model.lean_backward").
 bench 'train step vs HF: seq 512 x 256' 110 "$R/accelerator_gpu_512x256_${DATE}.json" \
   --variants=standard --shapes=512x256 --paths=fused,xla
 

@@ -35,6 +35,7 @@ def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
   # The layout `python -m bert_sym.train` runs (unscanned) unless --scan_layers says: the
   # GPU runs timed scanned layers while the trainer ran them unscanned.
   assert ours['scan_layers'] is False and '| scan 0 |' in run.stdout
+  assert ours['lean_backward'] == 1 and '| lean 1' in run.stdout   # the trainer's default
   # Its milestones, in order: a configuration killed at its limit names the last one.
   assert [p.split(' (')[0].split(' in ')[0] for p in ours['progress']] == [
       'state and batch on the device', 'compiled', 'first step ended'], ours['progress']

@@ -37,12 +37,15 @@ def test_script_is_valid_bash():
 
 def test_there_are_bench_lines():
   names = [call.id for call in _bench_lines()]
-  assert len(names) == 7 and any('profile' in name for name in names), names
+  assert len(names) == 8 and any('profile' in name for name in names), names
   # Every step in the trainer's layout but the one A/B against it (the H100 run of
   # 2026-12-06 timed scanned layers only, which the trainer does not run by default).
   scanned = [call.id for call in _bench_lines() if '--scan_layers=1' in call.values[0]]
   assert scanned == ['A/B: scanned layers (fast and paper, 128 x 256)'], names
   assert not [c for c in _bench_lines() if '--scan_layers=0' in c.values[0]]
+  # The trainer's backward (model.lean_backward) everywhere but in the one A/B against it.
+  autodiff = [call.id for call in _bench_lines() if '--lean_backward=0' in call.values[0]]
+  assert autodiff == ['A/B: autodiff backward (lean_backward=0; fast and paper, 128 x 256)']
 
 
 @pytest.mark.parametrize('args', _bench_lines())
@@ -113,7 +116,7 @@ exit 0
 
 
 def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
-  """The device tool hands back at most 8 files from $OUT. The script writes 9 results
+  """The device tool hands back at most 8 files from $OUT. The script writes 10 results
   and its log: they come back as the log and one tar holding every result."""
   import tarfile  # pylint: disable=g-import-not-at-top
   repo, stubs, out = tmp_path / 'repo', tmp_path / 'bin', tmp_path / 'out'
@@ -131,7 +134,7 @@ def test_what_comes_back_fits_the_device_tools_eight_files(tmp_path):
   with tarfile.open(out / 'results.tar') as tar:
     names = tar.getnames()
   results = sorted((repo / 'benchmarks' / 'results').rglob('*.json'))
-  assert len(results) == 8 and 'profile_standard_fused_128x256/top_ops.txt' in names
+  assert len(results) == 9 and 'profile_standard_fused_128x256/top_ops.txt' in names
   assert sorted(names) == sorted(str(p.relative_to(repo / 'benchmarks' / 'results'))
                                  for p in results + [repo / 'benchmarks' / 'results' /
                                                      'profile_standard_fused_128x256' /
