@@ -233,7 +233,7 @@ class MetricWriter:
         row = json.loads(line)
       except json.JSONDecodeError:
         continue
-      if row.get('step') == step and tag in row:
+      if isinstance(row, dict) and row.get('step') == step and tag in row:
         return True
     return False
 
@@ -246,13 +246,16 @@ class MetricWriter:
     kept, cut_short = [], []
     for line in rows:
       try:
-        if line.strip() and json.loads(line).get('step', 0) <= step:
-          kept.append(line)
+        row = json.loads(line) if line.strip() else {}
       except json.JSONDecodeError:   # a row cut off by a crash or a full disk
+        row = None
+      if not isinstance(row, dict):   # (or a hand edit that left JSON but not a row)
         cut_short.append(line)
+      elif line.strip() and row.get('step', 0) <= step:
+        kept.append(line)
     if cut_short:
-      logging.warning('metrics.jsonl: dropped %d line(s) that are not JSON (written when '
-                      'the previous attempt stopped): %s', len(cut_short),
+      logging.warning('metrics.jsonl: dropped %d line(s) that are not JSON rows (written '
+                      'when the previous attempt stopped, or edited): %s', len(cut_short),
                       ' | '.join(line[:200] for line in cut_short))
     if len(kept) != len(rows):
       self._jsonl.replace(kept)

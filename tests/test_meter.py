@@ -656,3 +656,22 @@ def test_a_row_that_does_not_fit_is_not_left_half_written(tmp_path):
   assert [r['step'] for r in rows] == list(range(len(rows)))
   stopped_at = int(result.stdout.split()[1])
   assert stopped_at == len(rows)
+
+
+def test_a_json_line_that_is_not_a_row_does_not_stop_a_resume(tmp_path, monkeypatch):
+  """A hand edit that leaves valid JSON but not an object (`[1, 2]`) in metrics.jsonl: the
+  resume's row checks called .get on it (AttributeError). It is dropped with a warning, as
+  a row cut short by a crash is; every row around it is kept."""
+  monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # metrics.jsonl only
+  first = metrics_writer.MetricWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    first.write_scalars(step, {'train/loss': 10.0 - step})
+  first.close()
+  rows = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(rows[:1] + ['[1, 2]'] + rows[1:]) + '\n')
+  resumed = metrics_writer.MetricWriter(str(tmp_path))
+  assert resumed.logged(2, 'train/loss') and not resumed.logged(4, 'train/loss')
+  resumed.drop_rows_after(2)
+  resumed.close()
+  assert [json.loads(r)['step'] for r in
+          (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2]

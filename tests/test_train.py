@@ -256,6 +256,15 @@ def test_an_unparsable_config_json_is_one_line_naming_it(tmp_path):
   assert (workdir / 'config.json').read_text() == '{"seed": 0, '   # left as it was
 
 
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
+  """A hand edit leaving valid JSON that is not an object (`[]`): ConfigDict raised a bare
+  AttributeError traceback."""
+  (tmp_path / 'config.json').write_text('[]')
+  with pytest.raises(ValueError, match=r'config.json holds a JSON list, not an object; it '
+                     r"holds the run's config. Fix: put back a copy"):
+    checkpoint.read_config(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------
 # Training, layouts, resume.
 # ---------------------------------------------------------------------------------------

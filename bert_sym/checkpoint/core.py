@@ -51,13 +51,15 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
         f'{path} does not exist: {workdir} is not a bert_sym training workdir (the trainer '
         f'writes {CONFIG_FILE} there before the first step).')
+  fix = ('it holds the run\'s config. Fix: put back a copy of it, or remove it when the '
+         'workdir has no checkpoints (the trainer writes it again).')
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    written = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(
-        f'{path} is not valid JSON ({e}); it holds the run\'s config. Fix: put back a copy '
-        'of it, or remove it when the workdir has no checkpoints (the trainer writes it '
-        'again).') from e
+    raise ValueError(f'{path} is not valid JSON ({e}); {fix}') from e
+  if not isinstance(written, dict):   # a hand edit: ConfigDict([]) fails with AttributeError
+    raise ValueError(f'{path} holds a JSON {type(written).__name__}, not an object; {fix}')
+  return ml_collections.ConfigDict(written)
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
