@@ -37,35 +37,12 @@ import jax.numpy as jnp
 
 from bert_sym import kernel_choice
 from bert_sym import sharding
+from bert_sym.lean_backward import dropout_attention, softmax_as
 
 VARIANTS = ('standard', 'symmetric', 'pairwise', 'pairwise_diagonal', 'standard_syminit')
 # Variants with their own key projection (the others use k = Q_h).
 FREE_KEY_VARIANTS = ('standard', 'standard_syminit')
 dense_init = nn.initializers.normal   # BERT's N(0, initializer_range) for every weight
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _softmax_as(scores, dtype):
-  """softmax(scores) over the last axis, computed in float32, returned in `dtype`.
-
-  Only the `dtype` probabilities are kept for the backward pass (jax.nn.softmax would keep
-  its float32 output, the largest activation of a BERT layer: [batch, heads, L, L]).
-  """
-  return jax.nn.softmax(scores, axis=-1).astype(dtype)
-
-
-def _softmax_as_fwd(scores, dtype):
-  probs = _softmax_as(scores, dtype)
-  return probs, probs
-
-
-def _softmax_as_bwd(dtype, probs, grad):
-  del dtype
-  probs, grad = probs.astype(jnp.float32), grad.astype(jnp.float32)
-  return (probs * (grad - jnp.sum(grad * probs, axis=-1, keepdims=True)),)
-
-
-_softmax_as.defvjp(_softmax_as_fwd, _softmax_as_bwd)
 
 
 def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dtype,
@@ -82,52 +59,16 @@ def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dt
   # finfo.min (as in Hugging Face BERT) makes exp() exactly 0 at padded keys.
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   if not deterministic and dropout_rate > 0.0 and lean_backward:
-    out = _dropout_attention(scores, v, dropout_rng, dropout_rate, dtype)
+    out = dropout_attention(scores, v, dropout_rng, dropout_rate, dtype)
     # Attention maps of a training pass (rare; dead code, removed by XLA, otherwise).
     probs = jax.lax.stop_gradient(
-        inverted_dropout(_softmax_as(scores, dtype), dropout_rate, dropout_rng))
+        inverted_dropout(softmax_as(scores, dtype), dropout_rate, dropout_rng))
     return out, probs.astype(jnp.float32)
-  probs = _softmax_as(scores, dtype)
+  probs = softmax_as(scores, dtype)
   if not deterministic and dropout_rate > 0.0:   # autodiff's: keeps mask and dropped probs
     probs = inverted_dropout(probs, dropout_rate, dropout_rng)
   out = jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(dtype))
   return out, probs.astype(jnp.float32)
-
-
-def _dropped_probs(probs, rng, rate: float, dtype):
-  keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-  return keep, jnp.where(keep, (probs.astype(jnp.float32) / (1.0 - rate)).astype(dtype), 0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _dropout_attention(scores, v, rng, rate: float, dtype):
-  """dropout(softmax(scores)) v, the backward keeping the probabilities alone: it draws the
-  dropout mask again from `rng` (as FlashAttention does), where autodiff would keep the
-  mask and the dropped probabilities too, two more [batch, heads, L, L] arrays a layer."""
-  return _dropout_attention_fwd(scores, v, rng, rate, dtype)[0]
-
-
-def _dropout_attention_fwd(scores, v, rng, rate, dtype):
-  probs = _softmax_as(scores, dtype)
-  out = jnp.einsum('bhqk,bkhd->bqhd', _dropped_probs(probs, rng, rate, dtype)[1],
-                   v.astype(dtype))
-  return out, (probs, v, rng)
-
-
-def _dropout_attention_bwd(rate, dtype, saved, grad):
-  probs, v, rng = saved   # the same ops autodiff runs, in the same dtypes
-  # Else XLA's GPU compiler merges this draw with the forward's, and keeps the mask.
-  probs, rng = jax.lax.optimization_barrier((probs, rng))
-  keep, dropped = _dropped_probs(probs, rng, rate, dtype)
-  grad = grad.astype(dtype)
-  d_v = jnp.einsum('bhqk,bqhd->bkhd', dropped, grad).astype(v.dtype)
-  d_dropped = jnp.einsum('bqhd,bkhd->bhqk', grad, v.astype(dtype))
-  d_probs = jnp.where(keep, (d_dropped.astype(jnp.float32) / (1.0 - rate)).astype(dtype), 0)
-  (d_scores,) = _softmax_as_bwd(dtype, probs, d_probs)
-  return d_scores, d_v, None
-
-
-_dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
 
 
 def inverted_dropout(x, rate: float, rng):

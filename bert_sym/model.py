@@ -9,7 +9,6 @@ names (`vocab`, `embed`, `mlp`, `heads`, `kv`); the trainer maps those to a mesh
 file knows nothing about meshes, files or flags.
 """
 
-import functools
 import re
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bert_sym import lean_backward
 from bert_sym import sharding
 from bert_sym.attention import SelfAttention, dense_init, inverted_dropout
 from bert_sym.kernel_choice import current_backend, target_backend
@@ -43,24 +43,6 @@ def _layer_norm(cfg, name):
       epsilon=cfg.layer_norm_eps, dtype=jnp.float32, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
-
-
-@jax.custom_vjp
-def _gelu(x):
-  """BERT's exact-erf GELU; its backward keeps only x, as PyTorch's: autodiff of jax.nn.gelu
-  keeps 2 more [tokens, mlp] arrays a layer (bert-base 128 x 256, H100: 18.07 -> 13.61 GiB)."""
-  return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_backward(x, grad):
-  x32 = x.astype(jnp.float32)   # Phi(x) + x phi(x), in float32 whatever the compute dtype
-  slope = (0.5 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2))))
-           + x32 * jnp.exp(-0.5 * x32 * x32) * np.float32(1 / np.sqrt(2 * np.pi)))
-  return ((grad.astype(jnp.float32) * slope).astype(x.dtype),)
-
-
-_gelu.defvjp(lambda x: (_gelu(x), x), _gelu_backward)
-_AUTODIFF_GELU = functools.partial(jax.nn.gelu, approximate=False)   # model.lean_backward=False
 
 
 # The residual stream [batch, length, hidden]: split over the batch rule's axes, whole
@@ -112,9 +94,9 @@ class Embeddings(nn.Module):
     Operands in the compute dtype (on accelerators the largest matmul of a small BERT),
     accumulated and returned in float32 so the cross-entropy sees unrounded logits.
     """
-    dtype = compute_dtype(self.cfg.dtype)
-    table = self.word_embeddings.embedding.astype(dtype)
-    return jnp.dot(hidden.astype(dtype), table.T, preferred_element_type=jnp.float32)
+    return lean_backward.decoder_logits(hidden, self.word_embeddings.embedding,
+                                        compute_dtype(self.cfg.dtype),
+                                        lean=self.cfg.get('lean_backward', True))
 
 
 class Layer(nn.Module):
@@ -136,8 +118,8 @@ class Layer(nn.Module):
     attn, weights = attn if return_weights else (attn, None)
     x = _layer_norm(cfg, 'attention_layer_norm')(
         x + dropout(attn, deterministic=deterministic))
-    gelu = _gelu if cfg.get('lean_backward', True) else _AUTODIFF_GELU
-    h = gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x))
+    h = lean_backward.gelu(_dense(cfg.mlp_dim, ('embed', 'mlp'), cfg, dtype, 'intermediate')(x),
+                           lean=cfg.get('lean_backward', True))
     h = sharding.constrain(h, ('batch', None, 'mlp'))
     h = _dense(cfg.hidden_size, ('mlp', 'embed'), cfg, dtype, 'output')(h)
     x = _layer_norm(cfg, 'output_layer_norm')(x + dropout(h, deterministic=deterministic))
@@ -252,8 +234,9 @@ class MLMHead(nn.Module):
   @nn.compact
   def __call__(self, hidden, decoder):
     cfg, dtype = self.cfg, compute_dtype(self.cfg.dtype)
-    gelu = _gelu if cfg.get('lean_backward', True) else _AUTODIFF_GELU
-    h = gelu(_dense(cfg.hidden_size, ('embed', 'embed_out'), cfg, dtype, 'transform')(hidden))
+    h = lean_backward.gelu(
+        _dense(cfg.hidden_size, ('embed', 'embed_out'), cfg, dtype, 'transform')(hidden),
+        lean=cfg.get('lean_backward', True))
     h = _layer_norm(cfg, 'layer_norm')(h)
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                       (cfg.vocab_size,))

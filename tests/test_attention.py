@@ -19,6 +19,7 @@ from bert_sym import attention as attention_lib
 from bert_sym import config_check
 from bert_sym import hf_export as export
 from bert_sym import kernel_choice
+from bert_sym import lean_backward
 from bert_sym.attention import SelfAttention
 from tests.train_fixtures import cpu_devices_flags
 
@@ -359,10 +360,10 @@ def test_xla_softmax_keeps_only_compute_dtype_probabilities():
   """Backward of the bf16-output softmax equals jax.nn.softmax's in float32."""
   scores = jax.random.normal(jax.random.key(0), (2, 3, 5, 5))
   cot = jax.random.normal(jax.random.key(1), scores.shape)
-  ours = jax.grad(lambda s: jnp.sum(attention_lib._softmax_as(s, jnp.float32) * cot))(scores)
+  ours = jax.grad(lambda s: jnp.sum(lean_backward.softmax_as(s, jnp.float32) * cot))(scores)
   ref = jax.grad(lambda s: jnp.sum(jax.nn.softmax(s) * cot))(scores)
   np.testing.assert_allclose(ours, ref, atol=1e-6)
-  _, vjp = jax.vjp(lambda s: attention_lib._softmax_as(s, jnp.bfloat16), scores)
+  _, vjp = jax.vjp(lambda s: lean_backward.softmax_as(s, jnp.bfloat16), scores)
   residuals = [r for r in jax.tree.leaves(vjp) if getattr(r, 'shape', ()) == scores.shape]
   assert residuals and all(r.dtype == jnp.bfloat16 for r in residuals)
 
@@ -372,7 +373,7 @@ def _autodiff_dropout_attention(q, k, v, mask, rng, rate, dtype):
   and the dropped probabilities for the backward pass)."""
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask, scores / np.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
-  probs = attention_lib._softmax_as(scores, dtype)  # pylint: disable=protected-access
+  probs = lean_backward.softmax_as(scores, dtype)
   probs = attention_lib.inverted_dropout(probs, rate, rng)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v.astype(dtype))
 
