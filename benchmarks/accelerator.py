@@ -504,8 +504,8 @@ def parse_args():
   parser.add_argument('--xla_gpu_flags', type=int, default=1,
                       help='1: the trainer\'s XLA GPU flags (bert_sym/gpu_flags.py); 0: off')
   parser.add_argument('--lean_backward', type=int, default=1,
-                      help='1: model.lean_backward (GELU keeps x alone, xla attention dropout '
-                      'draws its mask again); 0: JAX autodiff\'s backward')
+                      help='1: model.lean_backward (bert_sym/lean_backward.py); 0: JAX '
+                      'autodiff\'s backward')
   parser.add_argument('--profile', action='store_true',
                       help='trace the first of our configs; write top_ops.txt beside it')
   parser.add_argument('--profile_root', default=os.path.join(REPO_ROOT, 'benchmarks',

@@ -26,7 +26,7 @@
 # XLA GPU flags off (no effect) and the dropout PRNGs rbg / unsafe_rbg (no gain).
 # JAX may take 95% of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75; each
 # configuration, Hugging Face's included, has the GPU to itself): on an H100 the paper
-# recipe at 512 x 256 needs 68.3 GiB as compiled, over 75% of its 80 GB.
+# recipe at 512 x 256 needs 68.6 GiB as compiled, over 75% of its 80 GB.
 # Everything (JSON, tables) goes under benchmarks/results/. $OUT gets two files (only the
 # log if JAX is not on the GPU): this log, and results.tar with every result so far (rewritten whole after each, so
 # a kill leaves the previous one): the device tool hands back at most 8 files, and ten
@@ -134,9 +134,10 @@ bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DAT
 cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
 
 # model.lean_backward (the default since 2026-12-06, timed by every step above): GELU's
-# backward keeps x alone and xla attention dropout's draws its mask again; compiled for an
-# H100, 18.07 -> 13.61 GiB (fast) and 21.99 -> 14.85 (paper) at 128 x 256. Its speed
-# against JAX autodiff's backward, same run:
+# backward keeps x alone, xla attention dropout's draws its mask again, the MLM decoder's
+# matmuls run in bf16 (bert_sym/lean_backward.py); compiled for an H100, 18.07 -> 13.56 GiB
+# (fast) and 21.99 -> 14.85 (paper) at 128 x 256. Its speed against JAX autodiff's
+# backward, same run:
 bench 'A/B: autodiff backward (lean_backward=0; fast and paper, 128 x 256)' 70 \
   "$R/accelerator_gpu_autodiff_backward_${DATE}.json" \
   --variants=standard --shapes=128x256 --paths=fused,xla --no_hf --lean_backward=0
@@ -147,8 +148,8 @@ bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 70 \
 
 bench 'train step vs HF: seq 512 x 32' 90 "$R/accelerator_gpu_512x32_${DATE}.json" \
   --variants=standard --shapes=512x32 --paths=fused,pallas_dropout,xla
-# Unscanned, both recipes fit at 512 x 256: compiled for an H200 50.1 and 69.7 GiB, for an
-# 80 GB H100 50.1 and 68.3 (XLA recomputes to fit the memory it is given; before
+# Unscanned, both recipes fit at 512 x 256: compiled for an H200 49.9 and 69.7 GiB, for an
+# 80 GB H100 49.9 and 68.6 (XLA recomputes to fit the memory it is given; before
 # model.lean_backward 68.0 and 104.4, 59.4 and 63.6); scanned, neither fit an H100
 # (benchmarks/RESULTS.md, "GPU preflight" and "model.lean_backward").
 bench 'train step vs HF: seq 512 x 256' 110 "$R/accelerator_gpu_512x256_${DATE}.json" \
