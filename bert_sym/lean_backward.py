@@ -7,7 +7,8 @@ run a backward matmul in float32 where PyTorch AMP runs it in the compute dtype:
 - with `model.lean_backward` (the default): `gelu` keeps x alone, as PyTorch's does;
   `dropout_attention` (attention dropout on the xla path) draws its mask again from the
   key, as FlashAttention does; `decoder_logits` (the tied MLM decoder, the largest matmul
-  of a small BERT) runs its backward matmuls in the compute dtype, as AMP does.
+  of a small BERT) runs its backward matmuls in the compute dtype, as AMP does;
+  `cross_entropy` computes its gradient in one elementwise pass over the logits.
 `model.lean_backward=False` is JAX autodiff's backward (what the GPU runs measured up to
 2026-12-06). Compiled memory: benchmarks/RESULTS.md, "model.lean_backward".
 """
@@ -17,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 # ---- softmax: float32 statistics, probabilities kept in the compute dtype ----
@@ -137,3 +139,40 @@ def _lean_decoder_bwd(saved, grad):
 
 
 _lean_decoder.defvjp(lambda h, t: (_lean_decoder(h, t), (h, t)), _lean_decoder_bwd)
+
+
+# ---- The MLM cross-entropy: softmax - one-hot, in one pass ----
+
+def cross_entropy(logits, labels, lean: bool = True):
+  """optax.softmax_cross_entropy_with_integer_labels(logits, labels).
+
+  Autodiff of optax's picks the label's logit with a gather, whose transpose scatters the
+  gradient into a zero-filled float32 [batch, predictions, vocab] array that further passes
+  then combine with the softmax (in the compiled H100 step, five passes over 596 MiB
+  arrays). Lean, the gradient is softmax - one-hot, scaled, in one elementwise pass that
+  XLA fuses with the decoder's cast and bias gradient; where the loss's cotangent is 0
+  (weight-0 positions) it is exactly 0, even for non-finite logits."""
+  if not lean:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return _lean_cross_entropy(logits, labels)
+
+
+@jax.custom_vjp
+def _lean_cross_entropy(logits, labels):
+  return _lean_cross_entropy_fwd(logits, labels)[0]
+
+
+def _lean_cross_entropy_fwd(logits, labels):
+  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+  label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  return log_normalizer - label_logits, (logits, labels, log_normalizer)
+
+
+def _lean_cross_entropy_bwd(saved, grad):
+  logits, labels, log_normalizer = saved
+  one_hot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+  d_logits = (jnp.exp(logits - log_normalizer[..., None]) - one_hot) * grad[..., None]
+  return jnp.where(grad[..., None] == 0, 0, d_logits).astype(logits.dtype), None
+
+
+_lean_cross_entropy.defvjp(_lean_cross_entropy_fwd, _lean_cross_entropy_bwd)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bert_sym import lean_backward
+
 
 def weighted_sum(values, weights):
   """sum(values * weights) over the positions with weight > 0 only (NaN-proof padding)."""
@@ -75,7 +77,8 @@ def mlm_sums(model, params, batch, *, sparse: bool, num_predictions: int, dropou
       batch['attention_mask'], masked_positions=positions,
       deterministic=dropout_key is None,
       rngs=None if dropout_key is None else {'dropout': dropout_key})
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  cross_entropy = lean_backward.cross_entropy(logits, targets,
+                                              lean=model.cfg.get('lean_backward', True))
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return (weighted_sum(cross_entropy, weights), weighted_sum(correct, weights),
           jnp.sum(weights))
