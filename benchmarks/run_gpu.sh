@@ -135,9 +135,9 @@ cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
 
 # model.lean_backward (the default since 2026-12-06, timed by every step above): GELU's
 # backward keeps x alone, xla attention dropout's draws its mask again, the MLM decoder's
-# matmuls run in bf16 (bert_sym/lean_backward.py); compiled for an H100, 18.07 -> 13.56 GiB
-# (fast) and 21.99 -> 14.85 (paper) at 128 x 256. Its speed against JAX autodiff's
-# backward, same run:
+# matmuls run in bf16, the cross-entropy's gradient is one pass (bert_sym/lean_backward.py);
+# compiled for an H100, 18.07 -> 13.32 GiB (fast) and 21.99 -> 14.56 (paper) at 128 x 256.
+# Its speed against JAX autodiff's backward, same run:
 bench 'A/B: autodiff backward (lean_backward=0; fast and paper, 128 x 256)' 70 \
   "$R/accelerator_gpu_autodiff_backward_${DATE}.json" \
   --variants=standard --shapes=128x256 --paths=fused,xla --no_hf --lean_backward=0
@@ -148,9 +148,9 @@ bench 'pairwise vs standard (fast, 128 x 256 and 512 x 128)' 70 \
 
 bench 'train step vs HF: seq 512 x 32' 90 "$R/accelerator_gpu_512x32_${DATE}.json" \
   --variants=standard --shapes=512x32 --paths=fused,pallas_dropout,xla
-# Unscanned, both recipes fit at 512 x 256: compiled for an H200 49.9 and 69.7 GiB, for an
-# 80 GB H100 49.9 and 68.6 (XLA recomputes to fit the memory it is given; before
-# model.lean_backward 68.0 and 104.4, 59.4 and 63.6); scanned, neither fit an H100
+# Unscanned, both recipes fit at 512 x 256: compiled for an H200 or an 80 GB H100, 49.0 and
+# 68.6 GiB (before model.lean_backward: H200 68.0 and 104.4, H100 59.4 and 63.6, the
+# latter after XLA recomputed activations to fit); scanned, neither fit an H100
 # (benchmarks/RESULTS.md, "GPU preflight" and "model.lean_backward").
 bench 'train step vs HF: seq 512 x 256' 110 "$R/accelerator_gpu_512x256_${DATE}.json" \
   --variants=standard --shapes=512x256 --paths=fused,xla
