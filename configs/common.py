@@ -41,7 +41,7 @@ def model_config(size: str = 'base', attention: str = 'pairwise') -> ml_collecti
       remat=False,                  # rematerialise each layer's activations (saves memory)
       remat_policy='full',          # with remat: 'full' (save nothing) | 'dots' (keep matmul outputs)
       scan_layers=False,            # nn.scan over layers: compile time independent of depth; params under 'layers' with a leading [num_layers] axis (model.stack_layers converts)
-      lean_backward=True,           # backward passes written by hand (bert_sym/lean_backward.py): GELU keeps x alone, xla attention dropout draws its mask again, the MLM decoder's matmuls in bf16; False: JAX autodiff's (what the GPU runs up to 2026-12-06 measured)
+      lean_backward=True,           # backward passes written by hand (bert_sym/lean_backward.py): GELU keeps x alone, xla attention dropout draws its mask again, the MLM decoder's matmuls in bf16, a one-pass cross-entropy gradient; False: JAX autodiff's (what the GPU runs up to 2026-12-06 measured)
       kernel_interpret=False,       # Pallas kernels (splash, pallas) in interpret mode: tests on CPU only
   ))
 
