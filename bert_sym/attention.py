@@ -60,9 +60,9 @@ def xla_attention(q, k, v, mask, *, dropout_rate, dropout_rng, deterministic, dt
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   if not deterministic and dropout_rate > 0.0 and lean_backward:
     out = dropout_attention(scores, v, dropout_rng, dropout_rate, dtype)
-    # Attention maps of a training pass (rare; dead code, removed by XLA, otherwise).
-    probs = jax.lax.stop_gradient(
-        inverted_dropout(softmax_as(scores, dtype), dropout_rate, dropout_rng))
+    # Attention maps of a training pass (rare: dead code otherwise, which XLA removes),
+    # differentiable through autodiff like the rest.
+    probs = inverted_dropout(softmax_as(scores, dtype), dropout_rate, dropout_rng)
     return out, probs.astype(jnp.float32)
   probs = softmax_as(scores, dtype)
   if not deterministic and dropout_rate > 0.0:   # autodiff's: keeps mask and dropped probs

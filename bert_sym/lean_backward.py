@@ -170,7 +170,9 @@ def _lean_cross_entropy_fwd(logits, labels):
 
 def _lean_cross_entropy_bwd(saved, grad):
   logits, labels, log_normalizer = saved
-  one_hot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+  vocab = logits.shape[-1]
+  labels = jnp.where(labels < 0, labels + vocab, labels)   # as the forward's gather reads them
+  one_hot = labels[..., None] == jnp.arange(vocab, dtype=labels.dtype)
   d_logits = (jnp.exp(logits - log_normalizer[..., None]) - one_hot) * grad[..., None]
   return jnp.where(grad[..., None] == 0, 0, d_logits).astype(logits.dtype), None
 

@@ -399,6 +399,12 @@ def test_xla_attention_dropout_backward_draws_the_mask_again():
                                atol=atol)
     for got, expected in zip(vjp(cot), ref_vjp(cot)):
       np.testing.assert_allclose(got, expected, atol=atol)
+  # The attention maps a training pass returns carry gradients, as autodiff's do.
+  maps = lambda lean: lambda q: jnp.sum(attention_lib.xla_attention(
+      q, k, v, mask, dropout_rate=rate, dropout_rng=rng, deterministic=False,
+      dtype=jnp.float32, lean_backward=lean)[1] ** 2)
+  np.testing.assert_allclose(jax.grad(maps(True))(q), jax.grad(maps(False))(q), atol=1e-6)
+  assert float(jnp.abs(jax.grad(maps(True))(q)).max()) > 0
   # Compiled (CPU) temporaries of the gradient at 8 x 4 heads x 256 x 256.
   q = jnp.ones((8, 256, 4, 16))
   mask = jnp.ones((8, 1, 1, 256), bool)
