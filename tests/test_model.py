@@ -542,6 +542,7 @@ def test_the_lean_cross_entropy_equals_optax_with_a_one_pass_gradient():
   # -1 reads the last class in optax's gather (NumPy's indexing): the gradient agrees.
   labels = jnp.asarray(rng.integers(0, 50, size=(3, 5)), jnp.int32).at[1, 2].set(-1)
   weights = jnp.asarray(rng.integers(0, 2, size=(3, 5)), jnp.float32).at[0, 0].set(0.0)
+  weights = weights.at[1, 2].set(1.0)   # the -1 label counts
   loss = lambda ce: lambda x: jnp.sum(jnp.where(weights > 0, ce(x, labels) * weights, 0.0))
   ours = loss(lean_backward.cross_entropy)
   theirs = loss(optax.softmax_cross_entropy_with_integer_labels)
