@@ -180,8 +180,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'config.batch_size={config.batch_size} is not divisible by '
         f'config.optimizer.grad_accum_steps={opt.grad_accum_steps}. Fix: pick a divisor.')
-  if not opt.learning_rate > 0:
-    raise ConfigError(f'config.optimizer.learning_rate={opt.learning_rate!r} must be > 0.')
+  for key, paper in (('learning_rate', 1e-4), ('eps', 1e-12)):   # eps 0: NaN in unseen rows
+    if isinstance(opt[key], bool) or not isinstance(opt[key], (int, float)) or opt[key] <= 0:
+      raise ConfigError(f'config.optimizer.{key}={opt[key]!r} must be > 0 (the paper: {paper}).')
   _not_negative('optimizer.weight_decay', opt.weight_decay)
   _not_negative('optimizer.grad_clip_norm', opt.grad_clip_norm)   # 0 = off
   _fraction('optimizer.b1', opt.b1, low_open=False)   # Adam's decay rates: 1 never moves

@@ -17,7 +17,7 @@ def _tuples(value):
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def get_config(path):
+def get_config(path=None):   # None: `--config=configs/from_json.py` without `:PATH`
   if not path:
     raise ValueError('Usage: --config=configs/from_json.py:/path/to/config.json')
   path = epath.Path(path)

@@ -42,6 +42,13 @@ def test_config_json_holds_absolute_data_paths_and_reruns_from_any_directory(
   assert json.loads(rerun.to_json()) == json.loads(resolved.to_json())
 
 
+def test_from_json_without_a_path_says_its_usage():
+  """`--config=configs/from_json.py` without `:PATH`: ml_collections calls get_config()
+  with no argument, which raised a TypeError before the usage line could be said."""
+  with pytest.raises(ValueError, match=r'Usage: --config=configs/from_json.py:/path/to/'):
+    from_json.get_config()
+
+
 def test_memory_mapped_shards_from_a_url_name_the_streaming_source():
   """source='shards' memory-maps files: from gs:// it used to fail later, on a mangled
   local path ('gs:/bucket/...'), instead of naming the source that reads URLs."""
@@ -207,6 +214,8 @@ def test_a_config_of_the_other_command_is_named_as_such():
     ('optimizer.b1', 1.0, 'optimizer.b1=1.0 must lie in [0, 1)'),
     ('optimizer.b2', -0.1, 'optimizer.b2=-0.1 must lie in [0, 1)'),
     ('optimizer.learning_rate', 0.0, 'learning_rate=0.0 must be > 0'),   # nothing would move
+    # Adam's 0 / (0 + 0) in embedding rows no batch touched: NaN parameters, a healthy loss.
+    ('optimizer.eps', 0.0, 'optimizer.eps=0.0 must be > 0 (the paper: 1e-12)'),
     ('model.hidden_size', 130, 'hidden_size=130 is not divisible by'),
     ('data.max_seq_len', 513, 'exceeds 512, the longest block the input pipeline packs'),
     ('model.max_position_embeddings', 256, 'exceeds config.model.max_position_embeddings=256'),
