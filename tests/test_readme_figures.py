@@ -257,3 +257,16 @@ def test_h100_figures():
   failed = [r for r in _load('accelerator_nvidia-h100_2026-12-06.json')['results']
             if r.get('path') == 'fused_dropout' and r.get('impl') == 'ours']
   assert failed and all('step_ms' not in r for r in failed)   # "did not finish a step"
+
+
+def test_lean_backward_tpu_figures():
+  """The v4-8 paper-recipe compile with and without model.lean_backward, as README says."""
+  record = json.loads((RESULTS / 'tpu_aot_lean_backward_cpu-2core_2026-12-06.json').read_text())
+  lean, autodiff = record['reports']['True'], record['reports']['False']
+  assert lean['fits'] and not autodiff['fits']
+  assert lean['attention_impl'] == autodiff['attention_impl'] == 'xla'
+  assert (lean['topology'], lean['batch_size'], lean['seq_len']) == ('v4-8', 256, 512)
+  readme = ' '.join(README.split())
+  assert (f'the paper recipe fits the v4-8 scanned too, '
+          f'{lean["train_step"]["memory"]["total"] / 2**30:.1f} GiB per chip, where '
+          f'autodiff\'s is {autodiff["bytes_over_hbm"] / 2**30:.1f} GiB over') in readme
