@@ -125,22 +125,32 @@ def pallas_attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, dropout
           else jnp.uint32(0))
   attend = functools.partial(flash_dropout.attention, dtype=dtype, dropout_rate=dropout_rate,
                              interpret=interpret)
-  context = sharding.current_kernel_mesh()
-  if context is None or context[0].size == 1:
-    return attend(q, k, v, mask, seed=seed)
-  mesh, rules = context
-  qkv = kernel_partition_spec(('batch', None, 'heads', None), q.shape, mesh, rules)
-  keys = jax.sharding.PartitionSpec(qkv[0], None, None, None)
-  axes = [a for part in (qkv[0], qkv[2]) if part
-          for a in ((part,) if isinstance(part, str) else part)]
 
-  def attend_shard(q, k, v, mask):
+  def attend_shard(q, k, v, mask, axes):
     shard_seed = seed
     for axis in axes:
       shard_seed = flash_dropout.fold(shard_seed, jax.lax.axis_index(axis))
     return attend(q, k, v, mask, seed=shard_seed)
-  return jax.shard_map(attend_shard, mesh=mesh, in_specs=(qkv, qkv, qkv, keys),
-                       out_specs=qkv, check_vma=False)(q, k, v, mask)
+  return _on_each_shard(attend_shard, ('batch', None, 'heads', None), q, k, v, mask)
+
+
+def _on_each_shard(attend, layout, q, k, v, keys):
+  """`attend(q, k, v, keys, axes)` for a Pallas kernel: on one device, or on a mesh (the
+  step traced under `sharding.kernel_mesh`) in `jax.shard_map`, each device on its own
+  examples and heads, as MaxText does: a Pallas call is opaque to the SPMD partitioner,
+  which would otherwise gather q, k and v onto every device. `layout`: q's logical axes;
+  `keys` is split as q's first axis; `axes`: the mesh axes a device's shard is split over
+  (() on one device)."""
+  context = sharding.current_kernel_mesh()
+  if context is None or context[0].size == 1:
+    return attend(q, k, v, keys, ())
+  mesh, rules = context
+  qkv = kernel_partition_spec(layout, q.shape, mesh, rules)
+  axes = tuple(a for part in qkv if part for a in ((part,) if isinstance(part, str) else part))
+  rows = jax.sharding.PartitionSpec(qkv[0], *[None] * (keys.ndim - 1))
+  return jax.shard_map(lambda *args: attend(*args, axes), mesh=mesh,
+                       in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
+                       check_vma=False)(q, k, v, keys)
 
 
 def static_dropout_seed(module_path) -> int:
@@ -166,17 +176,14 @@ def splash_attention(q, k, v, mask, *, dtype, interpret=False):
   keys, as in xla_attention. A padded query sees only padded keys (xla: the real ones);
   nothing reads padded positions, so losses and gradients are the same.
 
-  On a mesh of several devices (the step traced under `sharding.kernel_mesh`) the kernel
-  runs in `jax.shard_map`, each device on its own examples and heads, as MaxText does: a
-  Pallas call is opaque to the SPMD partitioner, which would otherwise gather q, k and v
-  onto every device.
+  On a mesh of several devices it runs per shard (`_on_each_shard`).
   """
   # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   # pylint: enable=g-import-not-at-top
 
-  def attend(q, k, v, segments):   # [b, h, L, d] and [b, L], on one device's shard
+  def attend(q, k, v, segments, _):   # [b, h, L, d] and [b, L], on one device's shard
     _, heads, length, _ = q.shape
     block = math.gcd(length, 512)
     blocks = sk.BlockSizes(
@@ -192,15 +199,7 @@ def splash_attention(q, k, v, mask, *, dtype, interpret=False):
   heads_major = lambda t: jnp.swapaxes(t.astype(dtype), 1, 2)   # [b, h, L, d]
   q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)   # splash does not scale
   q, k, v = heads_major(q), heads_major(k), heads_major(v)
-  context = sharding.current_kernel_mesh()
-  if context is None or context[0].size == 1:
-    out = attend(q, k, v, segments)
-  else:
-    mesh, rules = context
-    qkv = kernel_partition_spec(('batch', 'heads', None, None), q.shape, mesh, rules)
-    rows = jax.sharding.PartitionSpec(qkv[0], None)
-    out = jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
-                        check_vma=False)(q, k, v, segments)
+  out = _on_each_shard(attend, ('batch', 'heads', None, None), q, k, v, segments)
   return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 

@@ -54,8 +54,7 @@ def keep_mask(seed, batch_head, rows, cols, length: int, rate: float):
   draw per (seed, batch * heads + head, query, key), the same in every kernel and in the
   plain-JAX reference. `rows` and `cols` broadcast against each other (int32)."""
   threshold = jnp.uint32(min(round(rate * 2.0 ** 32), 2 ** 32 - 1))
-  stream = _mix(seed.astype(jnp.uint32) ^ _mix(
-      batch_head.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB)))
+  stream = fold(seed, batch_head)
   position = (rows * length + cols).astype(jnp.uint32)
   return _mix(_mix(stream ^ position) + stream) >= threshold
 
@@ -104,16 +103,19 @@ def _backward_kernel(seed_ref, q_ref, k_ref, v_ref, segments_ref, do_ref, lse_re
   batch_head = batch * num_heads + head
   iota = lambda axis: lax.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), axis)
 
-  def probabilities(q_start, k_start, q, k):
-    """(P, Z) of one tile: the softmax from the saved log-sum-exp and the scaled mask."""
+  def tile(q_start, k_start, q, k, v, do):
+    """(P * Z, dS) of one tile: the softmax P from the saved log-sum-exp, Z the scaled
+    mask, and the scores' gradient (module docstring)."""
     rows_slice, keys = pl.ds(q_start, BLOCK), pl.ds(k_start, BLOCK)
     s = _scores(q, k, segments_ref[rows_slice], segments_ref[keys], scale)
     p = jnp.exp2(s - lse_ref[rows_slice][:, None])
-    if rate == 0.0:
-      return p, None
-    keep = keep_mask(seed_ref[0], batch_head, q_start + iota(0), k_start + iota(1),
-                     length, rate)
-    return p, jnp.where(keep, 1.0 / (1.0 - rate), 0.0)
+    dp, dropped = plgpu.dot(do, v.T), p
+    if rate > 0.0:
+      keep = keep_mask(seed_ref[0], batch_head, q_start + iota(0), k_start + iota(1),
+                       length, rate)
+      z = jnp.where(keep, 1.0 / (1.0 - rate), 0.0)
+      dp, dropped = dp * z, p * z
+    return dropped, p * (dp - delta_ref[rows_slice][:, None]) * scale
 
   # dK and dV of this block of keys, over every block of queries.
   k_start = block * BLOCK
@@ -124,12 +126,8 @@ def _backward_kernel(seed_ref, q_ref, k_ref, v_ref, segments_ref, do_ref, lse_re
     q_start = q_block * BLOCK
     rows_slice = pl.ds(q_start, BLOCK)
     q, do = q_ref[rows_slice, :], do_ref[rows_slice, :]
-    p, z = probabilities(q_start, k_start, q, k)
-    dv = dv + plgpu.dot((p if z is None else p * z).astype(do.dtype).T, do)
-    dp = plgpu.dot(do, v.T)
-    if z is not None:
-      dp = dp * z
-    ds = p * (dp - delta_ref[rows_slice][:, None]) * scale
+    dropped, ds = tile(q_start, k_start, q, k, v, do)
+    dv = dv + plgpu.dot(dropped.astype(do.dtype).T, do)
     return dk + plgpu.dot(ds.astype(q.dtype).T, q), dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -145,11 +143,7 @@ def _backward_kernel(seed_ref, q_ref, k_ref, v_ref, segments_ref, do_ref, lse_re
   def dq_step(k_block, dq):
     k_start = k_block * BLOCK
     k, v = k_ref[pl.ds(k_start, BLOCK), :], v_ref[pl.ds(k_start, BLOCK), :]
-    p, z = probabilities(q_start, k_start, q, k)
-    dp = plgpu.dot(do, v.T)
-    if z is not None:
-      dp = dp * z
-    ds = p * (dp - delta_ref[rows_slice][:, None]) * scale
+    _, ds = tile(q_start, k_start, q, k, v, do)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, length // BLOCK, dq_step, jnp.zeros(q.shape, jnp.float32))
@@ -226,12 +220,13 @@ def problem(seq_len: int, head_dim: int | None) -> str | None:
 
 
 def fold(seed, index):
-  """Another seed for shard `index` (uint32): devices holding other examples or heads
-  under jax.shard_map must not repeat each other's masks (their local indices coincide)."""
+  """Another seed (uint32) for `index`: each (batch, head) of `keep_mask`, and each shard
+  under jax.shard_map (devices holding other examples or heads must not repeat each
+  other's masks: their local indices coincide)."""
   # Mixed after the xor: a bare xor per mesh axis would cancel (shards (0, 0) and (1, 1)
   # of two axes would share a seed).
-  return _mix(seed.astype(jnp.uint32) ^ _mix(
-      jnp.asarray(index, jnp.uint32) * jnp.uint32(0x85EBCA6B) + jnp.uint32(0x27D4EB2F)))
+  return _mix(jnp.asarray(seed).astype(jnp.uint32) ^ _mix(
+      jnp.asarray(index).astype(jnp.uint32) * jnp.uint32(0x85EBCA6B) + jnp.uint32(0x27D4EB2F)))
 
 
 def attention(q, k, v, mask, *, dtype, dropout_rate: float = 0.0, seed=None,

@@ -330,11 +330,10 @@ def _verdict(stat: dict, digits: int, ref: str, below: str, above: str) -> str:
     return f'none ({stat.get("why") or "no seed has a value for both"})'
   if not np.isfinite(stat['mean']):
     return f'not finite over {stat["n"]} seeds (a run diverged): nothing separated'
-  mean = _signed(stat['mean'], digits)
   if not stat['ci95']:
-    return f'{mean} from {stat["n"]} seed: no interval, nothing separated'
+    return f'{_fmt_paired(stat, digits)} from {stat["n"]} seed: no interval, nothing separated'
   low, high = stat['ci95']
-  text = f'{mean} [{_signed(low, digits)}, {_signed(high, digits)}] over {stat["n"]} seeds: '
+  text = f'{_fmt_paired(stat, digits)} over {stat["n"]} seeds: '
   if low > 0:
     return text + f'{above} than {ref}'
   if high < 0:
