@@ -107,27 +107,26 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
   # The position of the next batch the step consumes, not what was prefetched.
   position = lambda: prefetcher.state if prefetcher else data.train_iter.get_state()
   hooks = make_hooks(config, run, manager, evaluate, meter, position, lineage)
+  # Whether `step`'s eval row is missing: a preemption saves first and evaluates after,
+  # inside the notice, and the kill may come first. Process 0 alone reads metrics.jsonl;
+  # every process takes its answer (eval is collective).
+  eval_row_missing = lambda: not checkpoint.allgather_json(
+      run.writer.logged(step, 'eval/loss'))[0]
   if step >= config.total_steps:
     run.console(f'Already trained to step {step} (config.total_steps={config.total_steps});'
                 ' nothing to do. Raise --config.total_steps to train further (the learning-'
                 'rate decay is then recomputed for the new total: the rate rises again).')
     try:
       if evaluate:
-        # The closing summary's numbers. A new row only where the last step's eval never
-        # wrote its own (a preemption saves first, and the kill may come before the eval):
-        # without it, readers of metrics.jsonl (the ablation report) see an unfinished run.
-        missing = step == config.total_steps and not checkpoint.allgather_json(
-            run.writer.logged(step, 'eval/loss'))[0]
-        evaluate(state, step, write=missing)
+        # The closing summary's numbers; a new row only where the last step's is missing
+        # (without it, readers of metrics.jsonl, the ablation report, see an unfinished run).
+        evaluate(state, step, write=step == config.total_steps and eval_row_missing())
     finally:
       manager.close()
     return step
-  # Step 0's eval; or a resume from a step whose eval never wrote its row: a preemption
-  # saves first and evaluates after, inside the notice, and the kill may come first.
-  # Process 0 alone reads metrics.jsonl; every process takes its answer (eval is collective).
+  # Step 0's eval; or a resume from a step whose eval never wrote its row.
   if evaluate and (step == 0 or (loop.due(step, config.eval_every_steps, config.total_steps)
-                                 and not checkpoint.allgather_json(
-                                     run.writer.logged(step, 'eval/loss'))[0])):
+                                 and eval_row_missing())):
     evaluate(state, step)
   # A failed save is said once, in one line: orbax's echoes of it (tasks collected when the
   # manager closes) are muted until the manager is closed, not only during the loop.
