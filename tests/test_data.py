@@ -425,6 +425,22 @@ def test_a_directory_given_as_text_files_is_named_with_the_glob_to_use(tmp_path)
       str(corpus / 'wiki.train.tokens')]
 
 
+def test_overlapping_text_file_globs_read_each_file_once(tmp_path):
+  """--config.data.text_files='/data/*.txt,/data/wiki1.txt' read wiki1.txt twice: its
+  documents were trained on twice, and with the held-out split (document 0 is wiki1's
+  first) its copy trained on the validation text."""
+  for i in (1, 2, 3):
+    (tmp_path / f'wiki{i}.txt').write_text(f'document {i} of the corpus\n')
+  patterns = f'{tmp_path}/*.txt,{tmp_path}/wiki1.txt'
+  assert sources.expand_patterns(patterns) == [str(tmp_path / f'wiki{i}.txt')
+                                               for i in (1, 2, 3)]
+  dataset_fn = sources.text_files_dataset_fn(patterns)
+  text = {split: [d['text'].decode() for d in dataset_fn(split, False).as_numpy_iterator()]
+          for split in ('train', 'validation')}
+  assert text == {'train': ['document 2 of the corpus', 'document 3 of the corpus'],
+                  'validation': ['document 1 of the corpus']}
+
+
 def test_validation_files_that_the_training_glob_also_matches_are_refused(tmp_path):
   """--config.data.text_files='wiki.*.tokens' with validation_files=wiki.valid.tokens
   trained on the validation text, and the validation loss looked fine."""

@@ -141,12 +141,13 @@ def check_exported_files(metadata: dict, data_config, where: str) -> None:
 
 
 def expand_patterns(patterns: str | list[str]) -> list[str]:
-  """Sorted files matching comma-separated globs; a pattern matching nothing is an error."""
+  """Sorted files matching comma-separated globs, each once; a pattern matching nothing is
+  an error."""
   tf = import_tensorflow()
   patterns = _pattern_list(patterns)
   if not patterns:
     raise DataError('no text file pattern given (config.data.text_files is empty)')
-  files = []
+  files, seen = [], set()
   for pattern in patterns:
     matches = sorted(tf.io.gfile.glob(pattern))
     if not matches:
@@ -158,7 +159,10 @@ def expand_patterns(patterns: str | list[str]) -> list[str]:
               f'{", ..." if len(matches) > 3 else ""})')
       raise DataError(f'{pattern} {what}, not text files. Fix: a glob of the files, such '
                       f"as '{matches[0].rstrip('/')}/*.txt'.")
-    files.extend(pattern_files)
+    # Globs that overlap (/data/*.txt,/data/wiki*.txt) name a file once: read twice, its
+    # documents were trained on twice, and one copy could be held out for validation.
+    files.extend(f for f in pattern_files if f not in seen)
+    seen.update(pattern_files)
   if sum(tf.io.gfile.stat(f).length for f in files) == 0:
     raise DataError(f'{", ".join(files)}: empty corpus (all files are empty)')
   return files
