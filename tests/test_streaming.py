@@ -351,7 +351,8 @@ def test_errors_name_the_problem_and_the_fix(small_corpus, tmp_path):
 
 
 @pytest.mark.parametrize('key, message', [('format_version', 'shard format None'),
-                                          ('task', 'holds task None')])
+                                          ('task', 'holds task None'),
+                                          ('whole', 'holds a JSON list, not an object')])
 def test_metadata_without_its_format_or_task_is_refused(small_corpus, tmp_path, key, message):
   """A hand-made or foreign metadata.json (no format version, no task) is not read as if
   it were this export's."""
@@ -359,7 +360,10 @@ def test_metadata_without_its_format_or_task_is_refused(small_corpus, tmp_path, 
   shutil.copytree(small_corpus, edited)
   path = edited / 'train' / shard_reader.METADATA_FILE
   metadata = json.loads(path.read_text())
-  del metadata[key]
+  if key == 'whole':   # valid JSON that is not an object: was an AttributeError traceback
+    metadata = [metadata]
+  else:
+    del metadata[key]
   path.write_text(json.dumps(metadata))
   for source in ('streaming', 'shards'):
     with pytest.raises(DataError, match=message):

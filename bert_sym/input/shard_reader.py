@@ -151,6 +151,8 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
              'prepared: ')
     raise DataError(
         f'{what}but {url} cannot be read ({type(e).__name__}: {e}); {why}{prepare}') from e
+  if not isinstance(metadata, dict):   # JSON, but not what an export writes (a hand edit)
+    raise DataError(f'{url} holds a JSON {type(metadata).__name__}, not an object; re-export.')
   if metadata.get('format_version') != SHARD_FORMAT_VERSION:
     raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
                     f'code reads {SHARD_FORMAT_VERSION}; re-export.')
