@@ -79,7 +79,8 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
   drive 1 GPU of 8. Derived from CUDA_VISIBLE_DEVICES instead:
 
     task sees only its own GPUs (--gpus-per-task, or one GPU each): all of them;
-    all tasks see the node's G GPUs, T tasks on the node: the LOCALID-th slice of G / T.
+    all tasks see the node's G GPUs, T tasks on the node: the LOCALID-th slice of G / T
+    (also with --gpus-per-task=N --gpu-bind=none, where G = T x N).
 
   Where SLURM_GPUS_ON_NODE shows GPUs enough for each task's own set (--gpu-bind=closest,
   2 tasks on 8 GPUs: 4 each), a task drives all it sees. A task that sees several GPUs but
@@ -103,7 +104,11 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
         'tasks, so tasks would share GPUs (e.g. --gpu-bind=closest). Fix: one task per '
         'GPU with every task seeing the node\'s GPUs (no --gpu-bind, as '
         'launch/slurm_gpu.sbatch), or --gpus-per-task=1.')
-  if env.get('SLURM_GPUS_PER_TASK') or (tasks and len(visible) < tasks):
+  # --gpus-per-task=N with --gpu-bind=none: every task sees all tasks' GPUs, N each to take.
+  own = re.search(r'(\d+)$', env.get('SLURM_GPUS_PER_TASK', ''))   # '1', 'h100:2'
+  own = int(own[1]) if own else 0
+  unbound = bool(own and tasks and len(visible) == tasks * own > own)
+  if (own and not unbound) or (tasks and len(visible) < tasks):
     return list(range(len(visible)))
   if not tasks or len(visible) % tasks:
     return None

@@ -755,6 +755,14 @@ def test_slurm_local_device_ids():
   assert distributed.slurm_local_device_ids(
       dict(base, CUDA_VISIBLE_DEVICES='3', SLURM_GPUS_PER_TASK='1')) == [0]
   assert distributed.slurm_local_device_ids(dict(base, CUDA_VISIBLE_DEVICES='5')) == [0]
+  # --gpus-per-task=1 --gpu-bind=none: every task sees the node's 8 (all 8 tasks drove all 8).
+  assert distributed.slurm_local_device_ids(dict(
+      base, CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7', SLURM_GPUS_PER_TASK='1')) == [3]
+  assert distributed.slurm_local_device_ids(dict(   # 2 each, typed: 'h100:2'
+      base, SLURM_STEP_TASKS_PER_NODE='4(x2)', CUDA_VISIBLE_DEVICES='0,1,2,3,4,5,6,7',
+      SLURM_GPUS_PER_TASK='h100:2')) == [6, 7]
+  assert distributed.slurm_local_device_ids(dict(   # bound: sees its own 2
+      base, CUDA_VISIBLE_DEVICES='6,7', SLURM_GPUS_PER_TASK='2')) == [0, 1]
   # One task per node drives all of them; 2 tasks x 4 shared GPUs take slices.
   one = {'SLURM_LOCALID': '0', 'SLURM_NODEID': '0', 'SLURM_STEP_TASKS_PER_NODE': '1(x4)',
          'CUDA_VISIBLE_DEVICES': '0,1,2,3'}
