@@ -1584,3 +1584,14 @@ def test_a_later_tasks_missing_dev_file_stops_before_any_training(workdir, tmp_p
     suite.run_glue(str(workdir), str(tmp_path / 'out'),
                    _config(tasks='wnli,rte', seeds='1', glue_dir=str(glue)))
   assert not trained
+
+
+def test_a_sweep_takes_the_checkpoints_folder_as_a_single_run_does(workdir, tmp_path):
+  """--checkpoint=WORKDIR/checkpoints is a workdir's checkpoints to a single run and to the
+  sweep's listing; the sweep then looked every step up under checkpoints/checkpoints/."""
+  out = tmp_path / 'sweep'
+  sweep.run_sweep(str(workdir / 'checkpoints'), str(out), _config(tasks='wnli', seeds='1'))
+  points = json.loads((out / 'glue_vs_step.json').read_text())['points']
+  assert [p['step'] for p in points] == [2, 4]
+  assert json.loads((out / 'step_00000004' / 'glue_results.json').read_text())[
+      'checkpoint'] == str(workdir / 'checkpoints' / '4')

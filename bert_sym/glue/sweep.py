@@ -106,6 +106,9 @@ def _other_runs_steps(workdir, present, gone) -> set[int]:
 def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
   output_dir = epath.Path(output_dir)
   config = suite.with_absolute_paths(config)
+  # The workdir itself when given its checkpoints/ folder (which a single run accepts):
+  # every step below is looked up as checkpoint_dir(workdir) / step.
+  workdir = str(checkpoint_lib.checkpoints_root(workdir).parent)
   steps = checkpoint_steps(workdir)
   scored = hosts.on_process_0(lambda: {str(k): v for k, v in scored_steps_gone(
       workdir, output_dir, config, set(steps)).items()})
