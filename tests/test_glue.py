@@ -1595,3 +1595,25 @@ def test_a_sweep_takes_the_checkpoints_folder_as_a_single_run_does(workdir, tmp_
   assert [p['step'] for p in points] == [2, 4]
   assert json.loads((out / 'step_00000004' / 'glue_results.json').read_text())[
       'checkpoint'] == str(workdir / 'checkpoints' / '4')
+
+
+def test_a_task_not_asked_for_now_keeps_runs_padded_for_another_seed_list(tmp_path):
+  """--tasks=wnli --seeds=1 after --tasks=rte --seeds=1,2 (length buckets): RTE is not
+  trained now, yet its seed-1 run was set aside as padded for another seed list, so it left
+  the table and a later --tasks=rte,wnli --seeds=1,2 fine-tuned it again."""
+  config = glue_config.get_config('runlocal')
+  config.length_buckets = True
+  (tmp_path / 'predictions').mkdir()
+  for seed in (1, 2):
+    (tmp_path / 'predictions' / f'rte_seed{seed}.tsv').write_text('idx\tlabel\tprediction\n')
+  run = lambda: {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}, 'padded_with_seeds': [1, 2]}
+  config.tasks, config.seeds = 'rte', '1,2'
+  (tmp_path / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': 'CKPT', 'checkpoint_written': None, 'config': config.to_dict(),
+       'seeds': [1, 2], 'runs': {'rte': {'1': run(), '2': run()}}}))
+  config.tasks, config.seeds = 'wnli', '1'
+  assert sorted(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1), ('rte', 2)]
+  assert not list(tmp_path.glob('replaced-*'))
+  assert (tmp_path / 'predictions' / 'rte_seed1.tsv').exists()
+  config.tasks = 'rte,wnli'   # RTE trained now with --seeds=1: seed 1 is padded otherwise
+  assert list(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 2)]

@@ -12,6 +12,7 @@ import ml_collections
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import config_check
 from bert_sym import files
+from bert_sym.glue import data as glue_data
 from bert_sym.glue import hosts
 
 # Knobs that decide what a (task, seed) computes are compared on resume; these do not.
@@ -98,6 +99,9 @@ def finished_runs(output_dir, step_dir, config) -> dict:
       set_aside_results(output_dir, 'an earlier run (config.resume=False)')
       return []
     seeds = parse_seeds(config.seeds)
+    # Only runs this command trains again can be stale: a task not asked for now keeps its
+    # runs (in the table) for the later command whose seed list they were padded with.
+    tasks = {spec.name for spec in glue_data.parse_tasks(config.tasks)}
     done, stale = [], []
     for task, seed, run in candidates:
       predictions = [epath.Path(output_dir) / 'predictions' / f'{n}_seed{seed}.tsv'
@@ -105,7 +109,7 @@ def finished_runs(output_dir, step_dir, config) -> dict:
       if not all(f.exists() for f in predictions):
         continue
       padded_with = run['padded_with_seeds']   # None: not recorded, nothing to compare
-      if (config.length_buckets and seed in seeds and padded_with is not None
+      if (config.length_buckets and task in tasks and seed in seeds and padded_with is not None
           and set(padded_with) != set(seeds)):   # (the padding sorts them: order is free)
         stale.append((task, seed))   # other padding, other dropout masks: not this run
       else:
