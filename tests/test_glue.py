@@ -1617,3 +1617,10 @@ def test_a_task_not_asked_for_now_keeps_runs_padded_for_another_seed_list(tmp_pa
   assert (tmp_path / 'predictions' / 'rte_seed1.tsv').exists()
   config.tasks = 'rte,wnli'   # RTE trained now with --seeds=1: seed 1 is padded otherwise
   assert list(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 2)]
+
+
+def test_seeds_separated_by_spaces_are_refused_not_joined():
+  """--seeds='1 2' (spaces for commas) ran seed 12 alone, silently."""
+  assert reuse.parse_seeds(' 1 , 2 ') == [1, 2]
+  with pytest.raises(ValueError, match="Seeds must be comma-separated integers, got '1 2'"):
+    reuse.parse_seeds('1 2')

@@ -29,7 +29,8 @@ OTHER_SEEDS = 'runs_of_other_seeds'
 
 def parse_seeds(seeds) -> list[int]:
   try:
-    values = [int(s) for s in str(seeds).replace(' ', '').split(',') if s]
+    # Spaces around a seed are fine; inside one ('1 2') they are not seed 12.
+    values = [int(s) for s in str(seeds).split(',') if s.strip()]
   except ValueError:
     raise ValueError(f'Seeds must be comma-separated integers, got {seeds!r}.') from None
   if not values:
