@@ -1624,3 +1624,25 @@ def test_seeds_separated_by_spaces_are_refused_not_joined():
   assert reuse.parse_seeds(' 1 , 2 ') == [1, 2]
   with pytest.raises(ValueError, match="Seeds must be comma-separated integers, got '1 2'"):
     reuse.parse_seeds('1 2')
+
+
+def test_a_checkpoint_unlike_its_config_is_refused_before_the_output_dir_is_touched(
+    workdir, tmp_path):
+  """A config.json describing another model than the checkpoint's arrays failed only when
+  the first task's training started: after an earlier run's results in --output_dir were
+  set aside for this checkpoint, and without a fix."""
+  other = tmp_path / 'other'
+  shutil.copytree(workdir, other)
+  config = json.loads((other / 'config.json').read_text())
+  config['model'].update(hidden_size=64, mlp_dim=128)
+  (other / 'config.json').write_text(json.dumps(config))
+  out = tmp_path / 'out'
+  out.mkdir()
+  earlier = json.dumps({'checkpoint': str(workdir / 'checkpoints' / '4'), 'runs': {},
+                        'config': _config(tasks='rte').to_dict()})
+  (out / 'glue_results.json').write_text(earlier)
+  with pytest.raises(ValueError, match=r'does not match the model its config.json '
+                                       r'describes .*Fix: pass the workdir'):
+    suite.run_glue(str(other), str(out), _config(tasks='rte'))
+  assert (out / 'glue_results.json').read_text() == earlier
+  assert sorted(p.name for p in out.iterdir()) == ['glue_results.json']

@@ -48,6 +48,6 @@ from bert_sym.checkpoint.restoring import (  # noqa: F401
 )
 from bert_sym.checkpoint.pretrained import (  # noqa: F401
     candidate_step_dirs, resolve_step_dir, load_params, load_pretrained, load_pretrained_step,
-    check_trained_vocab,
+    check_trained_vocab, check_encoder,
     with_pretrained_encoder
 )

@@ -145,7 +145,17 @@ def with_pretrained_encoder(params: dict, encoder: dict, source='the checkpoint'
   The one place where pre-training's tree meets fine-tuning's. Raises a readable error when
   the encoder's parameters differ from the ones the classifier expects.
   """
-  fresh = params['bert']['encoder']
+  check_encoder(params['bert']['encoder'], encoder, source)
+  out = dict(params)
+  out['bert'] = dict(params['bert'])
+  out['bert']['encoder'] = jax.tree.map(lambda x: np.asarray(x, np.float32), encoder)
+  return out
+
+
+def check_encoder(fresh, encoder: dict, source='the checkpoint') -> None:
+  """Raises a readable ValueError unless the pre-trained `encoder` has the parameters
+  (paths and shapes) of `fresh`, the encoder its config.json describes (arrays or
+  ShapeDtypeStructs: GLUE checks before any output is touched)."""
   want = {jax.tree_util.keystr(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_leaves_with_path(fresh)}
   have = {jax.tree_util.keystr(p): tuple(np.shape(x))
@@ -153,11 +163,9 @@ def with_pretrained_encoder(params: dict, encoder: dict, source='the checkpoint'
   if want != have:
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     raise ValueError(f'The encoder in {source} does not match the model its config.json '
-                     f'describes ({len(diff)} parameters differ, e.g. {diff[:3]}).')
-  out = dict(params)
-  out['bert'] = dict(params['bert'])
-  out['bert']['encoder'] = jax.tree.map(lambda x: np.asarray(x, np.float32), encoder)
-  return out
+                     f'describes ({len(diff)} parameters differ, e.g. {diff[:3]}). Fix: '
+                     'pass the workdir this checkpoint was trained in, with the '
+                     'config.json it was trained with.')
 
 
 def check_trained_vocab(step_dir, vocab_file: str, md5: str, fix: str) -> None:

@@ -53,6 +53,14 @@ def load_pretrained_encoder(path) -> Pretrained:
   if 'encoder' not in params:
     raise ValueError(f'{step_dir} holds no BertForMaskedLM encoder (top-level params: '
                      f'{sorted(params)}).')
+  # Checked now, before --output_dir is touched (an earlier run's results set aside for
+  # this checkpoint), not when the first task's training starts. Shapes only; the xla
+  # kernel, which every backend can trace (the kernel does not change the parameters).
+  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
+  model_cfg.attention_impl = 'xla'
+  fresh = model_lib.abstract_params(
+      model_lib.BertForSequenceClassification(model_cfg, num_labels=1))['bert']['encoder']
+  checkpoint_lib.check_encoder(fresh, params['encoder'], step_dir)
   return Pretrained(config, params['encoder'], str(step_dir), int(step_dir.name))
 
 
