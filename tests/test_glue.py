@@ -1646,3 +1646,24 @@ def test_a_checkpoint_unlike_its_config_is_refused_before_the_output_dir_is_touc
     suite.run_glue(str(other), str(out), _config(tasks='rte'))
   assert (out / 'glue_results.json').read_text() == earlier
   assert sorted(p.name for p in out.iterdir()) == ['glue_results.json']
+
+
+@pytest.mark.parametrize('task_dir, file_name', [('RTE', 'dev.tsv'), ('CoLA', 'train.tsv')])
+def test_a_later_tasks_file_without_labels_stops_before_any_training(
+    workdir, tmp_path, monkeypatch, task_dir, file_name):
+  """Only the files' presence was checked up front: a later task's dev.tsv without its
+  label column (test.tsv's layout) failed after every task before it had trained."""
+  glue = tmp_path / 'glue'
+  shutil.copytree(GLUE_DIR, glue)
+  path = glue / task_dir / file_name
+  rows = path.read_text().splitlines()
+  keep = 3 if task_dir == 'RTE' else 1   # RTE: index, sentence1, sentence2; CoLA: source
+  path.write_text(''.join('\t'.join(r.split('\t')[:keep]) + '\n' for r in rows))
+  trained = []
+  monkeypatch.setattr(suite.finetune_lib, 'finetune_group',
+                      lambda *a, **k: trained.append(a[4]) or [])
+  with pytest.raises(glue_data.GlueDataError, match=f'{task_dir}.{file_name}'):
+    suite.run_glue(str(workdir), str(tmp_path / 'out'),
+                   _config(tasks=f'wnli,{task_dir.lower()}', seeds='1', glue_dir=str(glue)))
+  assert not trained
+  assert not (tmp_path / 'out').exists()
