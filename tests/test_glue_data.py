@@ -187,11 +187,19 @@ def test_errors_are_clear(tmp_path):
     glue_data.load_split(glue_data.TASKS['cola'], 'train', glue_dir=str(tmp_path))
 
 
-def test_truncate_longest_first():
-  assert glue_data.truncate_longest_first(3, 4, 10) == (3, 4)
-  assert glue_data.truncate_longest_first(20, 3, 10) == (7, 3)
-  assert glue_data.truncate_longest_first(6, 6, 9) == (5, 4)   # ties trim the second
-  assert glue_data.truncate_longest_first(50, 60, 9) == (5, 4)
+def test_truncate_longest_first_as_hugging_face():
+  """Every pair of lengths 1-14 in budgets 2-17, against BertTokenizerFast's truncation of
+  one-token words. Where both sides are cut to an odd budget, the odd token went to the
+  first side (Google BERT's rule; 8 + 10 in 9 gave 5 + 4), not to the longer as in HF."""
+  hf = _hf_tokenizer()
+  for len_a in range(1, 15):
+    for len_b in range(1, 15):
+      for budget in range(2, 18):
+        want = hf(' '.join(['cat'] * len_a), ' '.join(['dog'] * len_b),
+                  truncation='longest_first', max_length=budget + 3)['token_type_ids']
+        got = glue_data.truncate_longest_first(len_a, len_b, budget)
+        assert got == (len(want) - sum(want) - 2, sum(want) - 1), (len_a, len_b, budget)
+  assert glue_data.truncate_longest_first(8, 10, 9) == (4, 5)
 
 
 def _hf_tokenizer():

@@ -287,13 +287,16 @@ def load_split(spec: TaskSpec, split: str, *, glue_dir: str = '',
 
 
 def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-  """Drop one token at a time from the longer side (ties: the second) until it fits."""
-  while len_a + len_b > budget:
-    if len_a > len_b:
-      len_a -= 1
-    else:
-      len_b -= 1
-  return len_a, len_b
+  """Hugging Face's truncation='longest_first' (the paper's GLUE runs used its tokenizers):
+  the longer side is cut to what the shorter leaves; where both must be cut, each keeps
+  half and the longer (on a tie, the second) the odd token. Google BERT's
+  _truncate_seq_pair gives that token to the first: 8 + 10 in 9 is 5 + 4 there, 4 + 5 here.
+  """
+  if len_a + len_b <= budget:
+    return len_a, len_b
+  shorter = min(len_a, len_b, budget // 2)
+  longer = budget - shorter
+  return (longer, shorter) if len_a > len_b else (shorter, longer)
 
 
 @dataclasses.dataclass
