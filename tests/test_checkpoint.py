@@ -97,6 +97,27 @@ def test_a_workdir_named_checkpoints_is_read_and_set_aside_like_any_other(tmp_pa
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_a_workdir_that_is_part_of_another_is_refused_before_anything_is_written(tmp_path):
+  """--workdir=<run>/checkpoints or <run>/checkpoints/8: the trainer found no checkpoint
+  there, trained from step 0, and wrote its checkpoints/, config.json, metrics.jsonl and
+  tensorboard/ inside the old run's folder (or inside a finished step)."""
+  config = train_fixtures.tiny_config()
+  workdir = tmp_path / 'run'
+  _write_run(workdir, config, step=8)
+  ckpts = workdir / 'checkpoints'
+  for wrong, right in ((ckpts, workdir), (ckpts / '8', workdir)):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+    with pytest.raises(train.RunError, match=rf'^--workdir={wrong} is a .* not a training '
+                       rf'workdir.* Fix: .*--workdir={right} to resume it'):
+      train._prepare_workdir(str(wrong))  # pylint: disable=protected-access
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
+  # Workdirs stay workdirs: this one, a fresh one, and one named checkpoints.
+  for fine in (workdir, tmp_path / 'fresh', tmp_path / 'checkpoints'):
+    assert train._prepare_workdir(str(fine)) == fine  # pylint: disable=protected-access
+  _write_run(tmp_path / 'checkpoints', config, step=4)
+  assert checkpoint.workdir_misplaced(tmp_path / 'checkpoints') is None
+
+
 def test_params_that_turn_nonfinite_at_a_save_keep_the_checkpoint_before(tmp_path):
   """The update of step 6 overflows the params while its loss was finite: step 6 is not
   saved, and step 5 (whose params gave that finite loss) is good and stays. Before, the

@@ -248,6 +248,26 @@ def checkpoints_root(path) -> epath.Path:
   return checkpoint_dir(path)
 
 
+def workdir_misplaced(path) -> str | None:
+  """Why `path`, given as a trainer's --workdir, is a part of a training workdir and not
+  one (its checkpoints/ folder, one of its steps), else None. A trainer there found no
+  checkpoint, trained from step 0 and wrote its own checkpoints/, config.json and metrics
+  inside the old run's folder, or inside a finished step."""
+  path = absolute(path)
+  if not path.is_dir():
+    return None
+  if is_step_dir(path):
+    what, workdir = 'a checkpoint step directory', path.parent.parent
+  elif checkpoint_dir(path).is_dir() or not any(
+      p.name.isdigit() and is_step_dir(p) for p in path.iterdir()):
+    return None
+  else:
+    what, workdir = 'a checkpoints/ folder (it holds checkpoint steps)', path.parent
+  return (f'--workdir={path} is {what}, not a training workdir: a run there would start '
+          f'from step 0 inside it. Fix: pass the workdir that holds config.json and '
+          f'checkpoints/ (--workdir={workdir} to resume it), or a fresh directory.')
+
+
 def finished_steps(workdir) -> list[int]:
   """Sorted steps under `{workdir}/checkpoints` that orbax has finalized (any filesystem).
 
