@@ -203,8 +203,9 @@ def _check_inputs(config, make_iterator):
 def _prepare_workdir(workdir: str) -> epath.Path:
   # The shell leaves `--workdir=~/x` as typed: unexpanded, the run went to ./~/x.
   workdir = workdir if '://' in str(workdir) else os.path.expanduser(workdir)
-  if misplaced := checkpoint.workdir_misplaced(workdir):   # before anything is written
-    raise RunError(misplaced)
+  # Before anything is written (a blocked checkpoints/ failed at the first save, hours in).
+  if problem := checkpoint.workdir_misplaced(workdir) or checkpoint.workdir_blocked(workdir):
+    raise RunError(problem)
   try:
     return files.check_writable(workdir, f'--workdir={workdir}')
   except ValueError as e:

@@ -118,6 +118,22 @@ def test_a_workdir_that_is_part_of_another_is_refused_before_anything_is_written
   assert checkpoint.workdir_misplaced(tmp_path / 'checkpoints') is None
 
 
+@pytest.mark.parametrize('name,folder', [('checkpoints', False), ('tensorboard', False),
+                                         ('metrics.jsonl', True), ('config.json', True)])
+def test_a_workdir_whose_own_entries_are_blocked_is_refused_at_once(tmp_path, name, folder):
+  """A file named checkpoints in the workdir: the run trained to its first save, then
+  stopped with "free space or fix the permissions" (a file named tensorboard: a traceback)."""
+  blocker = tmp_path / 'run' / name
+  if folder:
+    blocker.mkdir(parents=True)
+  else:
+    blocker.parent.mkdir()
+    blocker.write_text('not the trainer\'s')
+  with pytest.raises(train.RunError, match=rf'^{blocker} is a (file|directory), where the '
+                     r'trainer keeps its .* Fix: move it out of the workdir, or pass another'):
+    train._prepare_workdir(str(tmp_path / 'run'))  # pylint: disable=protected-access
+
+
 def test_params_that_turn_nonfinite_at_a_save_keep_the_checkpoint_before(tmp_path):
   """The update of step 6 overflows the params while its loss was finite: step 6 is not
   saved, and step 5 (whose params gave that finite loss) is good and stays. Before, the

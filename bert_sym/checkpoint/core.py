@@ -268,6 +268,22 @@ def workdir_misplaced(path) -> str | None:
           f'checkpoints/ (--workdir={workdir} to resume it), or a fresh directory.')
 
 
+def workdir_blocked(path) -> str | None:
+  """Why the trainer cannot write its own entries in workdir `path`, else None: a file
+  where its checkpoints/ or tensorboard/ folder goes (the run trained until its first save
+  and then said "free space or fix the permissions"; a traceback for tensorboard), or a
+  folder where config.json or metrics.jsonl goes."""
+  path = absolute(path)
+  for name, folder in (('checkpoints', True), ('tensorboard', True), (CONFIG_FILE, False),
+                       ('metrics.jsonl', False)):
+    entry = path / name
+    if entry.exists() and entry.is_dir() != folder:
+      return (f'{entry} is {"a file" if folder else "a directory"}, where the trainer keeps '
+              f'its {name}{"/ folder" if folder else " file"}. Fix: move it out of the '
+              f'workdir, or pass another --workdir.')
+  return None
+
+
 def finished_steps(workdir) -> list[int]:
   """Sorted steps under `{workdir}/checkpoints` that orbax has finalized (any filesystem).
 
