@@ -164,14 +164,21 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
 
 def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, resumed_good, run):
   """Checkpoints from the step before the divergence began go aside (as damaged ones do),
-  but not a good one the run resumed from; the error then names the newest one left."""
+  as in a run that never stopped; the error then names the newest one left.
+
+  That takes the checkpoint this run resumed from when the divergence began at the first
+  step after it: that step's loss and gradient come from its parameters and the data alone,
+  not from the config a rerun would fix. Kept and named, it trapped the workdir: each rerun
+  resumed into it and stopped again. (Rotation already counted it as no good one.)"""
   with contextlib.suppress(Exception):
     manager.wait_until_finished()
-  diverged = [s for s in checkpoint.finished_steps(workdir)
-              if s >= error.onset - 1 and (resumed_good is None or s > resumed_good)]
+  diverged = [s for s in checkpoint.finished_steps(workdir) if s >= error.onset - 1]
   checkpoint.set_aside_diverged(workdir, diverged, error.onset, log=run.console)
   kept = checkpoint.finished_steps(workdir)
   run.last_saved = kept[-1] if kept else None
+  resumed_into = (f' Step {resumed_good}, which this run resumed from, went aside too: the '
+                  'divergence began at the first step after it, so its parameters gave it.'
+                  if resumed_good in diverged else '')
   # Unreadable steps set aside earlier make a rerun refuse to start silently from step 0.
   damaged = [] if kept else checkpoint.damaged_steps_found(workdir)
   where = (f'The newest checkpoint from before the divergence is step {kept[-1]}: rerun with '
@@ -182,4 +189,4 @@ def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, resumed_g
            'config and --start_over to start from step 0.' if damaged else
            'There is no checkpoint from before the divergence: a rerun with a fixed config '
            'starts from step 0.')
-  return loop.NonFiniteError(error.headline, error.onset, where)
+  return loop.NonFiniteError(error.headline, error.onset, where + resumed_into)

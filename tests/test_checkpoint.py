@@ -947,8 +947,10 @@ def test_the_checkpoint_of_the_step_before_the_onset_goes_aside(tmp_path):
   assert _diverge(tmp_path, (5, 8), onset=6, resumed_good=None) == ([], None)
 
 
-def test_the_good_checkpoint_resumed_from_stays(tmp_path):
-  assert _diverge(tmp_path, (5, 8), onset=6, resumed_good=5) == ([5], 5)
+def test_the_checkpoint_resumed_from_stays_unless_the_divergence_began_right_after_it(tmp_path):
+  assert _diverge(tmp_path, (5, 8), onset=7, resumed_good=5) == ([5], 5)
+  # Onset 6: step 6's loss came from 5's parameters (tests/test_train.py, end to end).
+  assert _diverge(tmp_path / 'next', (5, 8), onset=6, resumed_good=5) == ([], None)
 
 
 # From a mutation audit: each test fails with the check it names removed.

@@ -1064,6 +1064,29 @@ def test_a_divergence_across_a_restart_keeps_the_good_checkpoint_and_names_it(tm
   assert 'unhealthy from step 6 on' in result.stdout
 
 
+def test_a_checkpoint_that_itself_diverges_on_resume_goes_aside_not_the_rerun_into_it(tmp_path):
+  """A run stopped right after the update that blew its parameters up (finite, so the save
+  took them; here it reached total_steps, a preemption is the same). Resumed, the first
+  step's loss is already non-finite: the checkpoint resumed from gave it, whatever the
+  learning rate. It was kept and named ('rerun with a fixed config and it resumes from
+  there'), so every rerun resumed into it and stopped again: the workdir was trapped."""
+  cadence = dict(log_every_steps=1, eval_every_steps=100, checkpoint__every_steps=2,
+                 checkpoint__keep_last=3, optimizer__warmup_steps=1,
+                 optimizer__grad_clip_norm=0)
+  run_trainer(tmp_path, overrides=_overrides(total_steps=4, **cadence))   # healthy: 2, 4
+  run_trainer(tmp_path, overrides=_overrides(total_steps=5, optimizer__learning_rate=1e30,
+                                             **cadence))   # step 5's update: |w| ~ 1e30
+  assert checkpoint.finished_steps(tmp_path) == [2, 4, 5]
+  result = run_trainer(tmp_path, overrides=_overrides(total_steps=40, **cadence), check=False)
+  assert 'Resumed from step 5' in result.stdout and result.returncode == 1, result.stderr[-3000:]
+  [line] = _error_lines(result)
+  assert 'The newest checkpoint from before the divergence is step 4' in line, line
+  assert 'Step 5, which this run resumed from, went aside' in line, line
+  assert checkpoint.finished_steps(tmp_path) == [2, 4]
+  run_trainer(tmp_path, overrides=_overrides(total_steps=6, **cadence))   # no trap
+  assert checkpoint.finished_steps(tmp_path)[-1] == 6
+
+
 def test_a_resume_between_log_rows_logs_the_rows_of_the_uninterrupted_run(tmp_path):
   """Saves every 3 steps, rows every 4: the first row after resuming from step 3 averages
   steps 1-4, as the run that never stopped does (it averaged step 4 alone)."""
