@@ -89,6 +89,9 @@ def jsonl_row(step: int, scalars: dict) -> str:
   return json.dumps(row, allow_nan=False)
 
 
+DROPPED_SUFFIX = '.dropped'   # rows past the step a run resumed from, appended at each resume
+
+
 class _JsonLines:
   """metrics.jsonl, one row per line, each row on storage once written.
 
@@ -144,6 +147,14 @@ class _JsonLines:
     self._handle.close()
     files.write_atomically(self.path, ''.join(r + '\n' for r in rows))
     self._handle = self._open()
+
+  def add_to(self, suffix: str, rows: list[str]) -> str:
+    """Appends `rows` to path + suffix, rewritten whole (a reader sees it before or after)."""
+    path = self.path + suffix
+    fs, where = fsspec.core.url_to_fs(path)
+    before = fs.cat_file(where).decode('utf-8') if fs.exists(where) else ''
+    files.write_atomically(path, before + ''.join(r + '\n' for r in rows))
+    return path
 
   def set_aside(self, suffix: str) -> str:
     """Renames the file to path + suffix and starts an empty one; returns the new name."""
@@ -238,12 +249,13 @@ class MetricWriter:
     return False
 
   def drop_rows_after(self, step: int) -> None:
-    """Removes metrics.jsonl rows past `step`: after a resume from `step` they are redone,
-    and keeping both copies would make every plot double back. Rewritten atomically."""
+    """Moves metrics.jsonl rows past `step` to metrics.jsonl.dropped: after a resume from
+    `step` they are redone, and both copies would make every plot double back. They are
+    kept there (a diverged or damaged timeline's rows are its record). Rewritten atomically."""
     if not self.enabled:
       return
     rows = self._jsonl.rows()
-    kept, cut_short = [], []
+    kept, cut_short, dropped = [], [], []
     for line in rows:
       try:
         row = json.loads(line) if line.strip() else {}
@@ -253,14 +265,18 @@ class MetricWriter:
         cut_short.append(line)
       elif line.strip() and row.get('step', 0) <= step:
         kept.append(line)
+      elif line.strip():
+        dropped.append(line)
+    if dropped:   # first: a crash between the two writes leaves a copy, not a loss
+      self._jsonl.add_to(DROPPED_SUFFIX, dropped)
     if cut_short:
       logging.warning('metrics.jsonl: dropped %d line(s) that are not JSON rows (written '
                       'when the previous attempt stopped, or edited): %s', len(cut_short),
                       ' | '.join(line[:200] for line in cut_short))
     if len(kept) != len(rows):
       self._jsonl.replace(kept)
-      logging.info('metrics.jsonl: dropped %d rows logged after step %d (resumed there).',
-                   len(rows) - len(kept) - len(cut_short), step)
+      logging.info('metrics.jsonl: %d rows logged after step %d (resumed there) moved to '
+                   'metrics.jsonl%s.', len(dropped), step, DROPPED_SUFFIX)
     self._restart_at(step + 1)
 
   def _restart_at(self, step: int) -> None:

@@ -373,6 +373,12 @@ def test_metrics_jsonl_rows_survive_a_resume_locally_and_on_an_object_store(
   resumed.write_scalars(3, {'train/loss': 6.5})
   assert read() == [{'step': 1, 'train/loss': 9.0}, {'step': 2, 'train/loss': 8.0},
                     {'step': 3, 'train/loss': 6.5}]
+  resumed.drop_rows_after(1)   # rows dropped at each resume are kept, in order (were lost)
+  dropped = fs.cat_file(f'{root}/metrics.jsonl.dropped').decode().splitlines()
+  assert [(r['step'], r['train/loss']) for r in map(json.loads, dropped)] == [
+      (3, 7.0), (2, 8.0), (3, 6.5)]
+  resumed.write_scalars(2, {'train/loss': 8.5})
+  resumed.write_scalars(3, {'train/loss': 6.5})
   resumed.close()
   fresh = metrics_writer.MetricWriter(workdir)
   fresh.set_aside_rows()
