@@ -160,8 +160,17 @@ def test_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match=r"Unknown GLUE task\(s\) \['mnli_m'\].*cola, sst2"):
     glue_data.parse_tasks('cola,mnli_m')
   rte = glue_data.TASKS['rte']
-  with pytest.raises(glue_data.GlueDataError, match=r'No directory .*RTE for task rte'):
+  # No task folder at all: --glue_dir is a level off (it only said to drop the task).
+  with pytest.raises(glue_data.GlueDataError, match=r'No directory .*RTE for task rte.*'
+                     'holds no GLUE task folder: point --glue_dir at the one that holds RTE/'):
     glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  (tmp_path / 'CoLA').mkdir()
+  with pytest.raises(glue_data.GlueDataError, match=r'add the files\.$'):   # a task is there
+    glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  for score in ('nan', 'inf', 'high'):   # 'nan' was a label, and a NaN loss hours later
+    with pytest.raises(glue_data.GlueDataError, match=f"x.tsv:2: STS-B score '{score}' is not"):
+      glue_data._parse_label(glue_data.TASKS['stsb'], score, 'x.tsv:2')
+  assert glue_data._parse_label(glue_data.TASKS['stsb'], ' 3.8 ', 'x.tsv:2') == 3.8
   with pytest.raises(glue_data.GlueDataError, match='not a directory'):
     glue_data.load_split(rte, 'train', glue_dir=str(tmp_path / 'nope'))
   header = 'index\tsentence1\tsentence2\tlabel\n'

@@ -11,6 +11,7 @@ nothing about models or meshes.
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 import socket
 
@@ -114,9 +115,12 @@ def _parse_label(spec: TaskSpec, value: str, where: str):
   value = value.strip()
   if spec.is_regression:
     try:
-      return float(value)
+      score = float(value)
     except ValueError:
-      raise GlueDataError(f'{where}: STS-B score {value!r} is not a number.') from None
+      score = math.nan
+    if not math.isfinite(score):   # 'nan' parsed: training stopped later on a NaN loss
+      raise GlueDataError(f'{where}: STS-B score {value!r} is not a number.')
+    return score
   if value in spec.label_names:
     return spec.label_names.index(value)
   if value.isdigit() and int(value) < spec.num_labels:
@@ -133,9 +137,13 @@ def tsv_path(glue_dir, spec: TaskSpec, file_name: str) -> Path:
                         'empty to read TFDS glue/*.')
   if not task_dir.is_dir():
     dev_file = spec.dev_sets[0].tsv_file
+    # No task folder at all: --glue_dir is one level off, not a task to drop.
+    level = ('' if any(Path(glue_dir, t.directory).is_dir() for t in TASKS.values()) else
+             f' It holds no GLUE task folder: point --glue_dir at the one that holds '
+             f'{spec.directory}/ (the GLUE download script\'s output).')
     raise GlueDataError(f'No directory {task_dir} for task {spec.name}: the GLUE layout has '
                         f'{spec.directory}/train.tsv and {spec.directory}/{dev_file}. '
-                        f'Drop {spec.name} from --tasks or add the files.')
+                        f'Drop {spec.name} from --tasks or add the files.{level}')
   path = task_dir / file_name
   if not path.is_file():
     raise GlueDataError(f'Missing {path} (task {spec.name}). Expected files: train.tsv, '
