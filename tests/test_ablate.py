@@ -806,3 +806,28 @@ def test_a_tiny_paired_loss_difference_keeps_its_digits_in_the_table():
   assert cell({'mean': -0.01234, 'ci95': [-0.02, 0.0]}, 4) == '-0.0123 [-0.0200, +0.0000]'
   assert cell({'mean': 0.5, 'ci95': None}, 4) == '+0.5000'
   assert cell({'mean': None}, 4) == '—'
+
+
+def test_a_run_trained_with_another_config_is_never_averaged_with_the_grid(tmp_path, capsys):
+  """A finished run whose config.json differs from the grid's (here its learning rate) was
+  skipped with a note and then averaged with the rest in summary.json / summary.md."""
+  overrides = ['--config.total_steps=30']
+  curve = [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)]
+  for variant in ('standard', 'pairwise'):
+    for seed in (1, 2):
+      odd = ['--config.optimizer.learning_rate=0.5'] if (variant, seed) == ('pairwise', 2) else []
+      config = ablate.resolve_config(fx.CONFIG, overrides + odd)
+      config.model.attention, config.seed = variant, seed
+      _fake_run(tmp_path, variant, seed, curve if not odd else [(s, l - 1) for s, l in curve],
+                config.to_json())
+  out = ablate.run(fx.CONFIG, 'standard,pairwise', '1,2', str(tmp_path), overrides,
+                   summarize_only=True)
+  assert out['runs'] == {'standard': [1, 2], 'pairwise': [1]}
+  assert 'optimizer.learning_rate' in out['excluded']['pairwise/seed2']
+  assert out['per_variant']['pairwise']['final_eval_loss']['mean'] == 4.0
+  assert 'pairwise/seed2 (trained with another config' in (tmp_path / 'summary.md').read_text()
+  assert 'left out of the summary' in capsys.readouterr().out
+  # Without the grid's config, runs that disagree are refused rather than averaged.
+  with pytest.raises(ablate.AblationError, match='optimizer.learning_rate'):
+    ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1, 2], total_steps=30,
+                            plots=False)

@@ -18,7 +18,8 @@ from bert_sym import files
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym import model as model_lib
 from bert_sym.ablate import stats
-from bert_sym.ablate.runs import Run, latest_finished_step, load_run, run_dir, run_status
+from bert_sym.ablate.runs import (Run, grid_config_differences, latest_finished_step, load_run,
+                                  run_dir, run_status)
 
 REFERENCE_VARIANT = 'standard'
 FEW_SEEDS = 5   # below it, the reading's separations are leads, not results
@@ -115,17 +116,35 @@ def _loss_at(run: Run, step: int) -> float:
   return run.eval_loss[run.eval_steps.index(step)]
 
 
-def load_finished_runs(workdir, variants, seeds, total_steps) -> tuple[dict, dict]:
-  """({variant: [Run]}, {'variant/seedS': why not included}) of the finished runs."""
-  runs, excluded = {}, {}
+def load_finished_runs(workdir, variants, seeds, total_steps,
+                       requested=None) -> tuple[dict, dict]:
+  """({variant: [Run]}, {'variant/seedS': why not included}) of the finished runs.
+
+  A run trained with a config other than `requested` (given the run's variant and seed)
+  is left out and named: averaged with the rest, it shifted every statistic unseen.
+  Without `requested`, runs whose configs differ from one another are refused.
+  """
+  runs, excluded, first = {}, {}, None
   for variant in variants:
     for seed in seeds:
-      path = run_dir(workdir, variant, seed)
+      path, name = run_dir(workdir, variant, seed), f'{variant}/seed{seed}'
       finished, why = run_status(path, total_steps)
-      if finished:
-        runs.setdefault(variant, []).append(load_run(variant, seed, path))
+      if not finished:
+        excluded[name] = why
+        continue
+      run = load_run(variant, seed, path)
+      first = first or (name, run.config)
+      changed = (grid_config_differences(run.config, first[1]) if requested is None
+                 else grid_config_differences(run.config, requested, variant, seed))
+      if changed and requested is None:
+        raise AblationError(
+            f'{name} was trained with a config that differs from {first[0]}\'s in '
+            f'{", ".join(changed)}: they cannot be averaged together. Summarize with the '
+            f'grid\'s --config and overrides (other runs are then left out and named).')
+      if changed:
+        excluded[name] = f'trained with another config: {", ".join(changed)}'
       else:
-        excluded[f'{variant}/seed{seed}'] = why
+        runs.setdefault(variant, []).append(run)
   if not runs:
     raise AblationError(f'No finished run under {workdir} for variants {list(variants)} and '
                         f'seeds {list(seeds)}: {excluded}')
@@ -211,10 +230,11 @@ def compare_to_reference(per_variant: dict, reference: str) -> None:
 
 def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
               total_steps: int | None = None, target_loss: float | None = None,
-              plots: bool = True) -> dict:
-  """Reads every finished run, writes summary.json / summary.md / plots, returns the dict."""
+              plots: bool = True, requested=None) -> dict:
+  """Reads every finished run, writes summary.json / summary.md / plots, returns the dict.
+  `requested`: the grid's config (`load_finished_runs` leaves out runs trained otherwise)."""
   workdir = epath.Path(workdir)
-  runs, excluded = load_finished_runs(workdir, variants, seeds, total_steps)
+  runs, excluded = load_finished_runs(workdir, variants, seeds, total_steps, requested)
   present = [v for v in variants if v in runs]
   common, final = common_eval_steps([r for v in present for r in runs[v]])
   reference = REFERENCE_VARIANT if REFERENCE_VARIANT in runs else present[0]
@@ -377,7 +397,7 @@ def markdown(summary: dict) -> str:
   lines = [f'# Ablation: {", ".join(summary["variants"])}', '',
            f'Runs in `{summary["workdir"]}`; final step {summary["final_step"]}.', '']
   if summary['excluded']:
-    lines += ['Not included (unfinished): ' + ', '.join(
+    lines += ['Not included: ' + ', '.join(
         f'{k} ({v})' for k, v in summary['excluded'].items()), '']
   lines += [f'Target eval loss {target["value"]:.4f} ({target["source"]}).', '',
             summary['statistic'], '']

@@ -24,7 +24,8 @@ from bert_sym import files
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_DONE, GLUE_SUBDIR, SUMMARY_JSON,
                                     SUMMARY_MD, summarize)
-from bert_sym.ablate.runs import latest_finished_step, run_dir, run_status
+from bert_sym.ablate.runs import (grid_config_differences, latest_finished_step, run_dir,
+                                  run_status)
 
 
 # ---- The requested config: the same file + overrides the trainer will see ----
@@ -229,16 +230,14 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
   summary = summarize(workdir, variants, seeds, total_steps=int(requested.total_steps),
-                      target_loss=target_loss)
+                      target_loss=target_loss, requested=requested)
   summary['actions'] = actions
   return summary
 
 
 def config_differences(requested, saved, variant: str, seed: int) -> list[str]:
   """Keys in which a run's config.json differs from the requested config of that run."""
-  want = ml_collections.ConfigDict(requested.to_dict())
-  want.model.attention, want.seed = variant, seed
-  return checkpoint_lib.config_differences(want, saved)
+  return grid_config_differences(saved, requested, variant, seed)
 
 
 def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
@@ -257,7 +256,7 @@ def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
         changed = config_differences(requested, checkpoint_lib.read_config(path), variant, seed)
         if changed:
           print(f'  note: {name} was trained with a config that differs from the requested '
-                f'one in {", ".join(changed)}; it is kept as it is.', flush=True)
+                f'one in {", ".join(changed)}; it is left out of the summary.', flush=True)
       elif summarize_only:
         actions[name] = 'missing'
         print(f'{name}: {why}; --summarize_only, left out.', flush=True)

@@ -44,6 +44,22 @@ def run_status(path, total_steps: int | None = None) -> tuple[bool, str]:
   return True, f'finished (step {step})'
 
 
+# Set per run from its folder (the runner passes them): they differ between runs by design.
+PER_RUN_KEYS = ('model.attention', 'seed')
+
+
+def grid_config_differences(config, baseline, variant: str | None = None,
+                            seed: int | None = None) -> list[str]:
+  """Keys in which a run's config differs from `baseline`: the requested config, given the
+  run's variant and seed; or, without them, another run's config, those two keys aside."""
+  if variant is None:
+    return [k for k in checkpoint_lib.config_differences(baseline, config)
+            if k not in PER_RUN_KEYS]
+  want = ml_collections.ConfigDict(baseline.to_dict())
+  want.model.attention, want.seed = variant, seed
+  return checkpoint_lib.config_differences(want, config)
+
+
 def _kind(row: dict) -> str:
   return 'eval' if any(k.startswith('eval/') for k in row) else 'train'
 
