@@ -831,3 +831,18 @@ def test_a_run_trained_with_another_config_is_never_averaged_with_the_grid(tmp_p
   with pytest.raises(ablate.AblationError, match='optimizer.learning_rate'):
     ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1, 2], total_steps=30,
                             plots=False)
+
+
+def test_an_unfinished_run_of_another_config_is_not_resumed_into_a_mix(tmp_path):
+  """The runner resumed an unfinished run whatever config its checkpoint was trained with:
+  the trainer only logs the difference (a W line the runner keeps off the console) and
+  rewrites config.json, so the run went on as a mix that the summary could not see."""
+  overrides = ['--config.total_steps=30']
+  old = ablate.resolve_config(fx.CONFIG, overrides + ['--config.optimizer.learning_rate=0.5'])
+  old.model.attention, old.seed = 'standard', 1
+  _fake_run(tmp_path / 'grid', 'standard', 1, [(0, 12.0), (10, 6.0)], old.to_json())
+  python = _fake_trainer(tmp_path, [0])
+  with pytest.raises(ablate.AblationError, match=r'standard/seed1 \(checkpoint at step 10; '
+                     r'optimizer.learning_rate\)'):
+    runner.run(fx.CONFIG, 'standard', '1', str(tmp_path / 'grid'), overrides, python=python)
+  assert not (tmp_path / 'calls').exists()   # nothing trained

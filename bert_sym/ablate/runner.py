@@ -240,9 +240,35 @@ def config_differences(requested, saved, variant: str, seed: int) -> list[str]:
   return grid_config_differences(saved, requested, variant, seed)
 
 
+def _refuse_mixed_resumes(requested, variants, seeds, workdir) -> None:
+  """Refuses, before anything trains, to resume a run whose checkpoint was trained with
+  another config: the trainer goes on with any config that restores (a learning rate, a
+  schedule's total_steps) and rewrites config.json, so the run became a mix of the two
+  that nothing downstream could see."""
+  mixed = []
+  for variant in variants:
+    for seed in seeds:
+      path = run_dir(workdir, variant, seed)
+      step = latest_finished_step(path)
+      if (step is None or step >= int(requested.total_steps)
+          or not (path / checkpoint_lib.CONFIG_FILE).exists()):
+        continue
+      changed = config_differences(requested, checkpoint_lib.read_config(path), variant, seed)
+      if changed:
+        mixed.append(f'{variant}/seed{seed} (checkpoint at step {step}; {", ".join(changed)})')
+  if mixed:
+    raise AblationError(
+        f'Unfinished run(s) trained with a config that differs from the requested one: '
+        f'{"; ".join(mixed)}. Resuming would train the rest of each with another config. '
+        f'Rerun with the config they were trained with, or move their folders away to '
+        f'train them anew.')
+
+
 def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
               summarize_only, glue_dir, glue_tasks, glue_seeds, glue_args, python) -> dict:
   total_steps = int(requested.total_steps)
+  if not summarize_only:
+    _refuse_mixed_resumes(requested, variants, seeds, workdir)
   actions = {}
   start = time.time()
   for variant in variants:
