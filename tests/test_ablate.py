@@ -846,3 +846,20 @@ def test_an_unfinished_run_of_another_config_is_not_resumed_into_a_mix(tmp_path)
                      r'optimizer.learning_rate\)'):
     runner.run(fx.CONFIG, 'standard', '1', str(tmp_path / 'grid'), overrides, python=python)
   assert not (tmp_path / 'calls').exists()   # nothing trained
+
+
+def test_a_reference_seed_with_a_non_finite_final_eval_leaves_the_default_target_finite(
+    tmp_path):
+  """One standard seed whose last eval is NaN made the default target NaN: every variant
+  then read 'not reached', pairwise too, whose curves end far below any target."""
+  cj = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30']).to_json()
+  _fake_run(tmp_path, 'standard', 1, [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)], cj)
+  _fake_run(tmp_path, 'standard', 2, [(0, 12.0), (10, 6.0), (20, 5.0), (30, None)], cj)
+  for seed in (1, 2):
+    _fake_run(tmp_path, 'pairwise', seed, [(0, 12.0), (10, 5.0), (20, 4.0), (30, 3.0)], cj)
+  out = ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1, 2], total_steps=30,
+                                plots=False)
+  assert out['target_loss']['value'] == pytest.approx(6.0 - 0.9 * (6.0 - 4.0))
+  assert 'left out: 2' in out['target_loss']['source']
+  pw = out['per_variant']['pairwise']['steps_to_target']
+  assert pw['reached'] == 2 and pw['per_seed']['1'] == pytest.approx(10 + 0.8 / 1.0 * 10)

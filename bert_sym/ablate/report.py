@@ -179,10 +179,15 @@ def choose_target(reference_runs: Sequence[Run], reference: str,
   if target_loss is not None:
     value, source = float(target_loss), 'given (--target_loss)'
   else:
-    value = stats.default_target([_first_trained_loss(r) for r in reference_runs],
-                                 [r.eval_loss[-1] for r in reference_runs])
+    # A seed with a non-finite first or last eval made the target NaN: every variant then
+    # read 'not reached'. The target comes from the others; the source names it.
+    ends = {r.seed: (_first_trained_loss(r), r.eval_loss[-1]) for r in reference_runs}
+    used = {s: e for s, e in ends.items() if np.isfinite(e).all()} or ends
+    value = stats.default_target(*zip(*used.values()))
     source = (f"{reference}'s mean eval loss at its first eval after step 0 minus "
-              f'{stats.TARGET_FRACTION:.0%} of its mean drop from there to the last eval')
+              f'{stats.TARGET_FRACTION:.0%} of its mean drop from there to the last eval'
+              + ('' if len(used) == len(ends) else ' (seeds with a non-finite eval left '
+                 f'out: {", ".join(str(s) for s in ends if s not in used)})'))
   return {'value': value, 'source': source, 'reference_variant': reference,
           'rule': 'first crossing of eval/loss below the target, linear between evals, '
                   'per seed'}
