@@ -816,7 +816,10 @@ def test_a_run_trained_with_another_config_is_never_averaged_with_the_grid(tmp_p
   for variant in ('standard', 'pairwise'):
     for seed in (1, 2):
       odd = ['--config.optimizer.learning_rate=0.5'] if (variant, seed) == ('pairwise', 2) else []
-      config = ablate.resolve_config(fx.CONFIG, overrides + odd)
+      # How a run was carried out (its checkpoint cadence, remat) is not another experiment.
+      how = (['--config.checkpoint.keep_last=7', '--config.model.remat=True']
+             if (variant, seed) == ('standard', 2) else [])
+      config = ablate.resolve_config(fx.CONFIG, overrides + odd + how)
       config.model.attention, config.seed = variant, seed
       _fake_run(tmp_path, variant, seed, curve if not odd else [(s, l - 1) for s, l in curve],
                 config.to_json())

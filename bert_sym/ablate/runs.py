@@ -46,18 +46,29 @@ def run_status(path, total_steps: int | None = None) -> tuple[bool, str]:
 
 # Set per run from its folder (the runner passes them): they differ between runs by design.
 PER_RUN_KEYS = ('model.attention', 'seed')
+# How a run is carried out, not what it computes (the same math, to float rounding): a run
+# that differs only in these is still one of the grid (the model's kernel and backward,
+# the mesh, logging, checkpoint cadence, compiler settings). Prefixes end with '.'.
+NOT_THE_EXPERIMENT = (
+    'model.attention_impl', 'model.remat', 'model.remat_policy', 'model.scan_layers',
+    'model.lean_backward', 'model.kernel_interpret', 'mesh.', 'sharding_rules',
+    'log_every_steps', 'checkpoint.', 'on_nonfinite', 'max_consecutive_nonfinite',
+    'peak_flops_per_device', 'xla_gpu_flags', 'compilation_cache_dir')
 
 
 def grid_config_differences(config, baseline, variant: str | None = None,
                             seed: int | None = None) -> list[str]:
-  """Keys in which a run's config differs from `baseline`: the requested config, given the
-  run's variant and seed; or, without them, another run's config, those two keys aside."""
+  """Keys that change what a run computes in which its config differs from `baseline`: the
+  requested config, given the run's variant and seed; or, without them, another run's
+  config, those two keys aside."""
   if variant is None:
-    return [k for k in checkpoint_lib.config_differences(baseline, config)
-            if k not in PER_RUN_KEYS]
-  want = ml_collections.ConfigDict(baseline.to_dict())
-  want.model.attention, want.seed = variant, seed
-  return checkpoint_lib.config_differences(want, config)
+    changed = [k for k in checkpoint_lib.config_differences(baseline, config)
+               if k not in PER_RUN_KEYS]
+  else:
+    want = ml_collections.ConfigDict(baseline.to_dict())
+    want.model.attention, want.seed = variant, seed
+    changed = checkpoint_lib.config_differences(want, config)
+  return [k for k in changed if not k.startswith(NOT_THE_EXPERIMENT)]
 
 
 def _kind(row: dict) -> str:
