@@ -201,3 +201,20 @@ def test_a_record_names_the_kernel_the_executable_holds():
   with pytest.raises(RuntimeError, match=r"chose the cudnn kernel but compiled without it "
                                          r"\(custom calls: \['Sharding'\]\)"):
     accelerator.kernel_that_ran('cudnn', 'custom_call_target="Sharding"')
+
+
+def test_ours_runs_on_one_device_of_a_host_with_several():
+  """tokens/s and MFU are per accelerator (one device's peak, the HF peer's one GPU): on a
+  host with 4 GPUs or TPU chips the step ran over all of them, its MFU 4x too high."""
+  from tests.train_fixtures import cpu_devices_flags  # pylint: disable=g-import-not-at-top
+  code = ('import sys; sys.argv = ["x"]; import jax; import benchmarks.accelerator as a\n'
+          'spec = dict(size="tiny", path="fused", attention="symmetric", seq=64, batch=4, '
+          'scan_layers=0)\n'
+          'state, _, batch = a._ours_state_step_batch(a._ours_config(spec), spec)\n'
+          'print(jax.device_count(), len(batch["input_ids"].devices()), '
+          'len(jax.tree.leaves(state)[0].devices()))')
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       cwd=REPO_ROOT, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=cpu_devices_flags(4)))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.split()[-3:] == ['4', '1', '1'], run.stdout
