@@ -140,6 +140,7 @@ def _progress(what):
 def _timed_steps(compiled, state, batch, warmup, num_steps):
   """(seconds per step, last metrics) over `num_steps` after `warmup` untimed steps."""
   import jax  # pylint: disable=g-import-not-at-top
+  metrics = None   # --warmup=0: nothing ran yet (it raised UnboundLocalError)
   for i in range(warmup):
     state, metrics = compiled(state, batch)
     if i == 0:   # the first step apart: one that never ends is named as such

@@ -218,3 +218,13 @@ def test_ours_runs_on_one_device_of_a_host_with_several():
                        env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=cpu_devices_flags(4)))
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.split()[-3:] == ['4', '1', '1'], run.stdout
+
+
+def test_no_warmup_steps_times_the_steps_alone():
+  """--warmup=0 (compilation is timed apart): every row of ours was an UnboundLocalError."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  step = jax.jit(lambda state, batch: (state + 1, {'train/loss': state}))
+  seconds, metrics = accelerator._timed_steps(step, jnp.int32(0), None, 0, 3)  # pylint: disable=protected-access
+  assert seconds > 0 and int(metrics['train/loss']) == 2
