@@ -162,10 +162,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   _check_kind(config, 'data', 'training', 'configs/tiny.py (or sym_base.py, ...)')
   check_model(config.model)
   check_data(config.data, config.model)
-  _positive('batch_size', config.batch_size)
-  _positive('total_steps', config.total_steps)
-  _positive('log_every_steps', config.log_every_steps)
-  _positive('eval_every_steps', config.eval_every_steps)
+  for key in ('batch_size', 'total_steps', 'log_every_steps', 'eval_every_steps'):
+    _positive(key, config[key])
   _positive('eval_steps', config.eval_steps, allow_zero=True)
   _positive('checkpoint.every_steps', config.checkpoint.every_steps)
   _positive('checkpoint.keep_last', config.checkpoint.keep_last, allow_zero=True)  # 0 = all
@@ -181,8 +179,10 @@ def check(config: ml_collections.ConfigDict) -> None:
         f'config.batch_size={config.batch_size} is not divisible by '
         f'config.optimizer.grad_accum_steps={opt.grad_accum_steps}. Fix: pick a divisor.')
   for key, paper in (('learning_rate', 1e-4), ('eps', 1e-12)):   # eps 0: NaN in unseen rows
-    if isinstance(opt[key], bool) or not isinstance(opt[key], (int, float)) or opt[key] <= 0:
-      raise ConfigError(f'config.optimizer.{key}={opt[key]!r} must be > 0 (the paper: {paper}).')
+    if isinstance(opt[key], bool) or not isinstance(opt[key], (int, float)) or not (
+        0 < opt[key] < math.inf):   # nan and inf too: the first update made every weight NaN
+      raise ConfigError(f'config.optimizer.{key}={opt[key]!r} must be > 0 (the paper: '
+                        f'{paper}) and finite. Fix: --config.optimizer.{key}={paper}.')
   _not_negative('optimizer.weight_decay', opt.weight_decay)
   _not_negative('optimizer.grad_clip_norm', opt.grad_clip_norm)   # 0 = off
   _fraction('optimizer.b1', opt.b1, low_open=False)   # Adam's decay rates: 1 never moves
@@ -210,9 +210,9 @@ def check_glue(config: ml_collections.ConfigDict) -> None:
   if config.max_seq_len < 8 or not isinstance(config.max_seq_len, int):
     raise ConfigError(f'config.max_seq_len={config.max_seq_len!r} cannot hold a sentence '
                       'pair. Fix: --config.max_seq_len=128 (the paper\'s).')
-  for key in ('epochs', 'learning_rate', 'eps'):
-    if not isinstance(config[key], (int, float)) or not config[key] > 0:
-      raise ConfigError(f'config.{key}={config[key]!r} must be > 0. Fix: '
+  for key in ('epochs', 'learning_rate', 'eps'):   # inf: a traceback (epochs), NaN weights
+    if not isinstance(config[key], (int, float)) or not 0 < config[key] < math.inf:
+      raise ConfigError(f'config.{key}={config[key]!r} must be > 0 and finite. Fix: '
                         f'--config.{key}=<number > 0> (configs/glue.py has the paper\'s).')
   _fraction('warmup_ratio', config.warmup_ratio, low_open=False, high_open=False)
   _fraction('b1', config.b1, low_open=False)

@@ -216,6 +216,12 @@ def test_a_config_of_the_other_command_is_named_as_such():
     ('optimizer.learning_rate', 0.0, 'learning_rate=0.0 must be > 0'),   # nothing would move
     # Adam's 0 / (0 + 0) in embedding rows no batch touched: NaN parameters, a healthy loss.
     ('optimizer.eps', 0.0, 'optimizer.eps=0.0 must be > 0 (the paper: 1e-12)'),
+    # nan and inf passed: the run trained, then stopped at step 2 on a NaN loss, saying to
+    # lower the learning rate.
+    ('optimizer.learning_rate', float('nan'), 'learning_rate=nan must be > 0 (the paper: '
+                                              '0.0001) and finite. Fix:'),
+    ('optimizer.learning_rate', float('inf'), 'learning_rate=inf must be > 0'),
+    ('optimizer.eps', float('nan'), 'optimizer.eps=nan must be > 0'),
     ('model.hidden_size', 130, 'hidden_size=130 is not divisible by'),
     ('data.max_seq_len', 513, 'exceeds 512, the longest block the input pipeline packs'),
     ('model.max_position_embeddings', 256, 'exceeds config.model.max_position_embeddings=256'),
@@ -249,6 +255,8 @@ def test_the_remat_policies_checked_are_the_models():
     (dict(eval_batch_size=0), 'eval_batch_size=0 must be an integer >= 1'),
     (dict(epochs=0.0), 'epochs=0.0 must be > 0'),
     (dict(learning_rate=-1.0), 'learning_rate=-1.0 must be > 0'),
+    (dict(learning_rate=float('inf')), 'learning_rate=inf must be > 0 and finite'),
+    (dict(epochs=float('inf')), 'epochs=inf must be > 0 and finite'),   # was a traceback
     (dict(warmup_ratio=1.5), 'warmup_ratio=1.5 must lie in [0, 1]'),
     (dict(on_nonfinite='Stop'), "on_nonfinite='Stop' is not one of: stop, skip"),
     (dict(max_consecutive_nonfinite=0), 'max_consecutive_nonfinite=0 must be an integer'),
