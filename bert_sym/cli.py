@@ -98,6 +98,13 @@ def user_error_message(error: BaseException) -> str | None:
            'is importable from any directory)')
     return (f'the config file does not load ({where}{type(error).__name__}: '
             f'{getattr(error, "msg", None) or error}). Fix: {fix}.')
+  if (isinstance(error, AttributeError) and "'get_config'" in str(error)
+      and raised_in(error, 'config_flags')):
+    # e.g. --config=configs/common.py, the shared defaults the experiment files build on.
+    return ('the config file defines no get_config(): it is not an experiment config. Fix: '
+            'pass one that does (configs/tiny.py, sym_base.py, ... for training and '
+            'bert_sym.aot; configs/glue.py for GLUE); configs/common.py holds only the '
+            'defaults they share.')
   if isinstance(error, OSError) and 'earlier failure to load' in str(error):
     # ml_collections' placeholder for a config file that did not load, touched by a
     # program that parses --config itself (bert_sym.ablate).

@@ -36,8 +36,7 @@ class ConfigError(UserError, ValueError):
 
 
 def _choice(key: str, value: Any, allowed: Iterable[str]) -> None:
-  allowed = tuple(allowed)
-  if value not in allowed:
+  if value not in (allowed := tuple(allowed)):
     raise ConfigError(
         f'config.{key}={value!r} is not one of: {", ".join(allowed)}. '
         f'Fix: --config.{key}={allowed[0]} (or another of those).')
@@ -164,10 +163,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   check_data(config.data, config.model)
   for key in ('batch_size', 'total_steps', 'log_every_steps', 'eval_every_steps'):
     _positive(key, config[key])
-  _positive('eval_steps', config.eval_steps, allow_zero=True)
   _positive('checkpoint.every_steps', config.checkpoint.every_steps)
-  _positive('checkpoint.keep_last', config.checkpoint.keep_last, allow_zero=True)  # 0 = all
-  _positive('checkpoint.keep_every', config.checkpoint.keep_every, allow_zero=True)
+  for key in ('eval_steps', 'checkpoint.keep_last', 'checkpoint.keep_every'):
+    _positive(key, config[key], allow_zero=True)   # 0: no evals, keep all, none kept forever
   _positive('checkpoint.save_timeout_s', config.checkpoint.get('save_timeout_s', 600))
   _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
   _choice('prng_impl', config.get('prng_impl', 'threefry'), PRNG_IMPLS)
@@ -358,8 +356,10 @@ def parse_flags(argv, default_config: str = 'sym_base.py'):
       _print_config_keys(argv, default_config)
     raise
   except (KeyError, AttributeError, TypeError) as e:
+    if "'get_config'" in str(e):   # a file without get_config(): bert_sym.cli words it
+      raise
     # ml_collections looked a key up inside a value (--config.model.attention.impl: a
-    # TypeError on the string; .remat.policy: a KeyError naming 'Attribute' on the bool).
+    # TypeError on the string; .remat.policy: a KeyError naming 'Attribute' on the bool)
     through_a_value = key_through_a_value(argv, default_config)
     if through_a_value is None and isinstance(e, TypeError):
       raise

@@ -337,3 +337,19 @@ def test_a_launch_must_name_the_shards_a_shard_source_reads(source, shards_dir, 
       r'shards, and config.data.shards_dir is not set\. Fix: prepare it once: .*'
       r'python -m bert_sym.shards export --task=bert_sym_mlm_c4 ')):
     config_check.check_data_named(config)
+
+
+def test_a_config_file_without_get_config_is_named_as_such():
+  """configs/common.py (the defaults the experiment files share) given as --config printed
+  '(cannot list the config keys ...)' and then "unknown config key 'module'" (the first
+  word of AttributeError's "module 'config_config' has no attribute 'get_config'")."""
+  for program, args in (('train', ['--dry_run']),   # ablate parses --config itself
+                        ('ablate', ['--workdir=unused', '--variants=standard', '--seeds=1'])):
+    result = subprocess.run([sys.executable, '-m', f'bert_sym.{program}',
+                             '--config=configs/common.py', *args], cwd=cli.CHECKOUT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f'bert_sym.{program}: error: the config file defines no '
+                                    'get_config(): it is not an experiment config. Fix:'), (
+                                        result.stderr)
+    assert result.stderr.count('\n') == 1 and 'module' not in result.stdout + result.stderr
