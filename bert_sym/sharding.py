@@ -121,8 +121,16 @@ def constrain(x, logical_axes: Sequence[str | None]):
 
 def logical_rules(config: ml_collections.ConfigDict) -> tuple:
   """config.sharding_rules as flax expects them (tuples; config.json turns them to lists)."""
-  rules = []
-  for name, axes in config.sharding_rules:
+  rules, given = [], config.sharding_rules
+  for rule in given if isinstance(given, (list, tuple)) else [given]:
+    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+      # e.g. "(('batch', 'data'))", a pair without its trailing comma: a ValueError
+      # "too many values to unpack", naming neither the key nor the fix.
+      raise ValueError(f'config.sharding_rules={given!r}: {rule!r} is not a (logical axis, '
+                       'mesh axes) pair. Fix: a tuple of pairs, e.g. --config.sharding_rules='
+                       "\"(('batch', 'data'), ('embed', 'fsdp'), ('kv', None))\" (one pair: "
+                       "\"(('batch', 'data'),)\").")
+    name, axes = rule
     if isinstance(axes, (list, tuple)):
       axes = tuple(axes)
       unknown = [a for a in axes if a not in MESH_AXES]

@@ -58,6 +58,21 @@ def test_rules_from_json_lists_and_unknown_axis():
     sharding.logical_rules(config)
 
 
+@pytest.mark.parametrize('rules', [
+    ('batch', 'data'),   # --config.sharding_rules="(('batch', 'data'))": no trailing comma
+    ('bogus',),          # what ml_collections makes of --config.sharding_rules=bogus
+    ((1, 2),),
+])
+def test_rules_that_are_not_pairs_name_the_key_and_the_fix(rules):
+  """Each was 'too many values to unpack (expected 2)' (or an unknown axis named 2 for
+  the logical axis 1): no key, no fix, in bert_sym.train and bert_sym.aot alike."""
+  config = train_fixtures.tiny_config()
+  config.sharding_rules = rules
+  with pytest.raises(ValueError, match=r"config.sharding_rules=.* is not a \(logical axis, "
+                                       r"mesh axes\) pair. Fix: a tuple of pairs"):
+    sharding.logical_rules(config)
+
+
 def test_fsdp_alone_across_gpu_nodes_is_refused_naming_nodes():
   """JAX gives GPUs of different nodes different slice indices: a 2-node FSDP mesh
   (data=1) hit the multi-slice rule, whose message spoke of TPU slices only."""
