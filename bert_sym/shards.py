@@ -70,7 +70,7 @@ def _main(argv: list[str]) -> int:
   if args.command == 'export':
     export_lib.check_export_args(args.task, args.max_seq_len, args.num_workers,
                                  args.worker_index, args.num_parts, args.blocks_per_shard,
-                                 args.text_files)
+                                 args.text_files, args.validation_files)
   missing = []
   for split in args.split.split(','):
     if args.command == 'export':

@@ -703,6 +703,21 @@ def test_a_rerun_with_other_validation_files_is_refused(tmp_path, text_files):
     _export(tmp_path, train)
 
 
+@pytest.mark.parametrize('task, flag', [('bert_sym_mlm_embedded', '--text_files'),
+                                        ('bert_sym_mlm_c4', '--validation_files')])
+def test_export_refuses_text_files_its_task_would_ignore(tmp_path, capsys, task, flag):
+  """The embedded corpus was exported in their place, exit 0 (the trainer refuses the
+  same combination)."""
+  with pytest.raises(SystemExit) as exited:
+    streaming_cli.main(['export', f'--task={task}', f'{flag}={tmp_path}/*.txt',
+                        f'--out_dir={tmp_path / "out"}', '--max_seq_len=64'])
+  assert exited.value.code == cli.EXIT_USER_ERROR
+  assert capsys.readouterr().err == (
+      f'bert_sym.shards: error: {flag} is set but --task={task}, which does not read it. '
+      f'Fix: --task={sources.TEXT_FILES_TASK}, or drop {flag}.\n')
+  assert not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('worker_index', [-1, 2])
 def test_export_refuses_a_worker_index_outside_the_workers(tmp_path, text_files, worker_index):
   with pytest.raises(DataError, match='worker_index'):

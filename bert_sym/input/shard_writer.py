@@ -170,7 +170,8 @@ def _check_progress(fs, path, split_url, done, num_parts, stalled_after_minutes)
 
 
 def check_export_args(task: str, max_seq_len: int, num_workers: int, worker_index: int,
-                      num_parts: int, blocks_per_shard: int, text_files: str) -> None:
+                      num_parts: int, blocks_per_shard: int, text_files: str,
+                      validation_files: str = '') -> None:
   """The command line's values, checked before TF is imported or anything is written."""
   check_max_seq_len(max_seq_len)
   if num_workers < 1 or not 0 <= worker_index < num_workers:
@@ -183,6 +184,11 @@ def check_export_args(task: str, max_seq_len: int, num_workers: int, worker_inde
   if task == sources.TEXT_FILES_TASK and not text_files:
     raise DataError(f"--task={task} needs --text_files='/data/*.txt' (comma-separated "
                     'globs, local or gs://).')
+  if task != sources.TEXT_FILES_TASK and (text_files or validation_files):
+    # They were ignored: another corpus exported in their place (the trainer refuses it).
+    flag = '--text_files' if text_files else '--validation_files'
+    raise DataError(f'{flag} is set but --task={task}, which does not read it. Fix: '
+                    f'--task={sources.TEXT_FILES_TASK}, or drop {flag}.')
   known = (sources.EMBEDDED_TASK, sources.TEXT_FILES_TASK, *sources.TFDS_SOURCES)
   if task not in known:
     raise DataError(f'--task={task!r} is not a bert_sym corpus. Fix: --task= one of '
