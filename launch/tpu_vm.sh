@@ -101,7 +101,30 @@ for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
 done
 GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
-REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd)
+REPO_ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
+# CONFIG as the workers see it: a file of this checkout (all that is shipped), relative to
+# its root (~/bert_sym on a worker), as the trainer resolves it (the current directory
+# first, then the checkout). An absolute path, or a file outside the checkout, passed the
+# preflight here and stopped every worker's trainer on a created slice.
+CONFIG_FILE=${CONFIG%%:*} CONFIG_ARG=${CONFIG#"${CONFIG%%:*}"}   # ':fast' or ''
+CONFIG_PATH=
+if [[ -f $CONFIG_FILE ]]; then
+  CONFIG_PATH=$(cd "$(dirname "$CONFIG_FILE")" && pwd -P)/$(basename "$CONFIG_FILE")
+elif [[ $CONFIG_FILE != /* && -f $REPO_ROOT/$CONFIG_FILE ]]; then
+  CONFIG_PATH=$REPO_ROOT/$CONFIG_FILE
+fi
+if [[ -z $CONFIG_PATH ]]; then
+  echo "CONFIG=$CONFIG_FILE: no such file (here or in $REPO_ROOT)." >&2; exit 2
+elif [[ $CONFIG_PATH != "$REPO_ROOT"/* ]]; then
+  echo "CONFIG=$CONFIG_FILE is outside this checkout ($REPO_ROOT), the only files the" \
+    "workers get. Fix: copy it into the checkout (e.g. configs/) and pass that path." >&2
+  exit 2
+elif git -C "$REPO_ROOT" check-ignore -q "${CONFIG_PATH#"$REPO_ROOT"/}" 2>/dev/null; then
+  echo "CONFIG=$CONFIG_FILE is ignored by git, so it is not shipped to the workers. Fix:" \
+    "move it where git does not ignore it (e.g. configs/)." >&2
+  exit 2
+fi
+CONFIG=${CONFIG_PATH#"$REPO_ROOT"/}$CONFIG_ARG
 
 # 0. Preflight: does CONFIG fit on ACCELERATOR? Compiled here, before any slice exists.
 if [[ -z $SKIP_PREFLIGHT ]]; then

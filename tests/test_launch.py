@@ -434,6 +434,42 @@ def test_tpu_vm_launcher_reads_0_as_off_and_refuses_other_switch_values(tmp_path
   assert usage.stdout.rstrip().endswith('SKIP_PREFLIGHT=1 skips it.'), usage.stdout[-300:]
 
 
+def test_tpu_vm_launcher_passes_the_workers_a_config_path_of_the_checkout_they_get(tmp_path):
+  """CONFIG as an absolute path (or relative to another directory) passed the preflight
+  here and went to every worker as typed, where no such file is: each trainer stopped on a
+  created slice. A file outside the checkout, or one git ignores, is never shipped."""
+  env, home = _stubbed_slice(tmp_path, state='READY')
+  env.pop('EXPORT_TO')
+  (tmp_path / 'mine.py').write_text('def get_config():\n  return None\n')
+  (REPO_ROOT / 'configs' / '__pycache__').mkdir(exist_ok=True)   # ignored by git
+  ignored = REPO_ROOT / 'configs' / '__pycache__' / f'launch_test_{os.getpid()}.py'
+  ignored.write_text('def get_config():\n  return None\n')
+  try:
+    for config, cwd, refused in (
+        (str(tmp_path / 'mine.py'), REPO_ROOT, 'is outside this checkout'),
+        ('configs/absent.py', REPO_ROOT, 'no such file'),
+        (str(ignored), REPO_ROOT, 'is ignored by git'),
+        (f'{REPO_ROOT}/configs/sym_base.py:fast', tmp_path, None),
+        ('../configs/sym_base.py:fast', REPO_ROOT / 'launch', None)):
+      (tmp_path / 'worker_python_calls').unlink(missing_ok=True)
+      result = subprocess.run(['bash', str(REPO_ROOT / 'launch' / 'tpu_vm.sh'), 'bert-sym',
+                               'us-central2-b', 'v4-32', config, 'gs://bucket/run'], cwd=cwd,
+                              env=env, capture_output=True, text=True, timeout=120)
+      if refused:
+        assert result.returncode == 2 and refused in result.stderr, (config, result.stderr)
+        assert not (tmp_path / 'gcloud_calls').exists(), config
+        continue
+      assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+      calls, deadline = tmp_path / 'worker_python_calls', time.time() + 30   # nohup: wait
+      while not calls.exists() or not calls.read_text().strip():
+        assert time.time() < deadline
+        time.sleep(0.1)
+      assert json.loads(calls.read_text().splitlines()[0])[3] == (
+          '--config=configs/sym_base.py:fast'), config
+  finally:
+    ignored.unlink()
+
+
 @pytest.mark.parametrize('extra', ['--config=configs/tiny.py', '--workdir=gs://bucket/other',
                                    '--config.data.shards_dir=gs://bucket/mine'])
 def test_tpu_vm_launcher_refuses_an_argument_it_passes_itself(tmp_path, extra):
