@@ -526,3 +526,17 @@ def test_tpu_vm_launcher_refuses_a_jax_version_the_constraints_would_refuse(tmp_
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert (tmp_path / 'pip_calls').read_text().splitlines()[-1] == (
       'install -q -r requirements.txt jax[tpu]==0.9.0')
+
+
+def test_a_submit_from_outside_the_checkout_says_so_before_any_task_starts(tmp_path):
+  """PYTHON defaults to .venv/bin/python in the submit directory: sbatch run from elsewhere
+  started every task only for it to exit 127 (command not found)."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
+  result = subprocess.run(
+      ['bash', str(REPO_ROOT / 'launch' / 'slurm_gpu.sbatch')], capture_output=True, text=True,
+      env=dict(env, WORKDIR=str(tmp_path / 'run'), SLURM_SUBMIT_DIR=str(tmp_path),
+               SLURM_JOB_ID='1234'))
+  assert result.returncode == 2, result.stderr
+  assert 'PYTHON=.venv/bin/python: not found from' in result.stderr
+  assert "Fix: submit from the checkout's root" in result.stderr
+
