@@ -140,9 +140,9 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
         f'--config.data.max_predictions_per_seq={wanted}, or a lower mask_rate.')
 
 
-def _not_negative(key: str, value: Any) -> None:
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-    raise ConfigError(f'config.{key}={value!r} must be a number >= 0. '
+def _not_negative(key: str, value: Any) -> None:   # (inf: weight decay made every weight NaN)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+    raise ConfigError(f'config.{key}={value!r} must be a finite number >= 0. '
                       f'Fix: --config.{key}=<number >= 0>.')
 
 
@@ -181,8 +181,8 @@ def check(config: ml_collections.ConfigDict) -> None:
         0 < opt[key] < math.inf):   # nan and inf too: the first update made every weight NaN
       raise ConfigError(f'config.optimizer.{key}={opt[key]!r} must be > 0 (the paper: '
                         f'{paper}) and finite. Fix: --config.optimizer.{key}={paper}.')
-  _not_negative('optimizer.weight_decay', opt.weight_decay)
-  _not_negative('optimizer.grad_clip_norm', opt.grad_clip_norm)   # 0 = off
+  for key in ('optimizer.weight_decay', 'optimizer.grad_clip_norm', 'peak_flops_per_device'):
+    _not_negative(key, config.get(key, 0))   # clip 0: off; peak 0: the device's (MFU < 0)
   _fraction('optimizer.b1', opt.b1, low_open=False)   # Adam's decay rates: 1 never moves
   _fraction('optimizer.b2', opt.b2, low_open=False)
   for axis in ('data', 'fsdp', 'tensor'):

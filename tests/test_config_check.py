@@ -208,8 +208,11 @@ def test_a_config_of_the_other_command_is_named_as_such():
 
 @pytest.mark.parametrize('key, value, message', [
     ('model.remat_policy', 'bogus', "remat_policy='bogus' is not one of: full, dots"),
-    ('optimizer.weight_decay', -0.01, 'weight_decay=-0.01 must be a number >= 0'),
-    ('optimizer.grad_clip_norm', -1.0, 'grad_clip_norm=-1.0 must be a number >= 0'),
+    ('optimizer.weight_decay', -0.01, 'weight_decay=-0.01 must be a finite number >= 0'),
+    ('optimizer.grad_clip_norm', -1.0, 'grad_clip_norm=-1.0 must be a finite number >= 0'),
+    ('optimizer.weight_decay', float('inf'), 'weight_decay=inf must be a finite number >= 0'),
+    ('peak_flops_per_device', -1e12, 'peak_flops_per_device=-1000000000000.0 must be a '
+     'finite'),   # a negative MFU on every line
     ('checkpoint.save_timeout_s', 0, 'save_timeout_s=0 must be an integer >= 1'),
     ('optimizer.b1', 1.0, 'optimizer.b1=1.0 must lie in [0, 1)'),
     ('optimizer.b2', -0.1, 'optimizer.b2=-0.1 must lie in [0, 1)'),
@@ -229,8 +232,8 @@ def test_a_config_of_the_other_command_is_named_as_such():
 ])
 def test_training_values_refused_up_front(key, value, message):
   config = common.base_config('tiny')
-  section, name = key.split('.')
-  config[section][name] = value
+  section, _, name = key.rpartition('.')
+  (config[section] if section else config)[name] = value
   with pytest.raises(config_check.ConfigError, match=re.escape(message)):
     config_check.check(config)
 
@@ -261,7 +264,7 @@ def test_the_remat_policies_checked_are_the_models():
     (dict(on_nonfinite='Stop'), "on_nonfinite='Stop' is not one of: stop, skip"),
     (dict(max_consecutive_nonfinite=0), 'max_consecutive_nonfinite=0 must be an integer'),
     (dict(max_seq_len=4), 'max_seq_len=4 cannot hold a sentence pair'),
-    (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be a number >= 0'),
+    (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be a finite number >= 0'),
     (dict(b2=1.0), 'b2=1.0 must lie in [0, 1)'),
     (dict(b1=-0.1), 'b1=-0.1 must lie in [0, 1)'),
 ])
