@@ -215,8 +215,8 @@ def check_glue(config: ml_collections.ConfigDict) -> None:
   _fraction('warmup_ratio', config.warmup_ratio, low_open=False, high_open=False)
   _fraction('b1', config.b1, low_open=False)
   _fraction('b2', config.b2, low_open=False)
-  _not_negative('weight_decay', config.weight_decay)
-  _not_negative('grad_clip_norm', config.grad_clip_norm)
+  for key in ('weight_decay', 'grad_clip_norm', 'peak_flops_per_device'):   # MFU < 0
+    _not_negative(key, config.get(key, 0))
   _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
   for key in ('dropout_rate', 'attention_dropout_rate'):
     if key in config:

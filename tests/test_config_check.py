@@ -267,6 +267,9 @@ def test_the_remat_policies_checked_are_the_models():
     (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be a finite number >= 0'),
     (dict(b2=1.0), 'b2=1.0 must lie in [0, 1)'),
     (dict(b1=-0.1), 'b1=-0.1 must lie in [0, 1)'),
+    # As in pre-training: a negative MFU on every GLUE progress line.
+    (dict(peak_flops_per_device=-1e12), 'peak_flops_per_device=-1000000000000.0 must be a '
+                                        'finite number >= 0'),
 ])
 def test_glue_values_refused_before_any_output(overrides, message):
   """Each of these ran: to a reshape traceback at the first compile (grad_accum_steps),
