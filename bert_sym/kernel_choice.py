@@ -171,8 +171,10 @@ def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scan
   """`auto`: the backend's kernel, or xla where it cannot apply (logged once, with why)."""
   kernel = BACKEND_KERNELS.get(backend, 'xla')
   why_not = None
-  if kernel != 'xla' and training_dropout:   # splash has none; cuDNN's failed on a GPU
-    why_not = _no_fused_dropout(kernel, scanned) or CUDNN_DROPOUT_FAILED
+  if kernel == 'cudnn' and training_dropout:   # cuDNN's failed on a GPU, whatever the layout
+    why_not = CUDNN_DROPOUT_FAILED + (' and model.scan_layers=False' if scanned else '')
+  elif kernel != 'xla' and training_dropout:   # splash has none
+    why_not = _no_fused_dropout(kernel, scanned)
   elif kernel != 'xla' and return_weights:
     why_not = 'attention weights were asked for (return_weights)'
   elif kernel == 'splash' and seq_len % SPLASH_BLOCK:

@@ -105,6 +105,20 @@ def test_auto_leaves_attention_dropout_on_gpu_to_xla_and_says_why(caplog):
     assert resolve('cudnn', training_dropout=True) == 'cudnn'
 
 
+def test_auto_s_warning_for_dropout_in_scanned_layers_names_a_fix_that_works(caplog):
+  """With scanned layers the warning said `set model.scan_layers=False to train with cudnn`,
+  but unscanned `auto` still takes xla (cuDNN's dropout failed on a GPU): the fix it names
+  must be one that gets cudnn."""
+  kernel_choice._log_once.cache_clear()  # pylint: disable=protected-access
+  with caplog.at_level('WARNING'):
+    assert kernel_choice.resolve_implementation(
+        'auto', training_dropout=True, return_weights=False, seq_len=128, backend='gpu',
+        scanned=True) == 'xla'
+  assert 'backward aborted the process' in caplog.text
+  assert ('set model.attention_impl=cudnn to try it with your JAX and '
+          'model.scan_layers=False') in caplog.text
+
+
 def test_named_cudnn_refuses_dropout_with_scanned_layers():
   with pytest.raises(ValueError, match=r"attention_impl='cudnn' with attention dropout.*"
                                        r"scan_layers=False"):
