@@ -86,15 +86,14 @@ def check_data(data: ml_collections.ConfigDict, model: ml_collections.ConfigDict
         f'config.data.shards_dir={data.shards_dir!r} is a URL. Fix: '
         '--config.data.source=streaming (reads the same shards from gs:// and other URLs), '
         'or copy the shards to a local disk.')
-  # Every source: shards of the text-files task record their files (checked against these).
-  if data.text_files and data.task != TEXT_FILES_TASK:
-    raise ConfigError(
-        f'config.data.text_files is set but config.data.task={data.task!r}, so the files '
-        f'would be ignored. Fix: add --config.data.task={TEXT_FILES_TASK}.')
-  if data.get('validation_files') and data.task != TEXT_FILES_TASK:
-    raise ConfigError(
-        f'config.data.validation_files is set but config.data.task={data.task!r}. '
-        f'Fix: add --config.data.task={TEXT_FILES_TASK} (and --config.data.text_files=...).')
+  for key in ('text_files', 'validation_files'):   # every source: its shards record them
+    if data.get(key) and data.task != TEXT_FILES_TASK:
+      raise ConfigError(f'config.data.{key} is set but config.data.task={data.task!r}, so the '
+                        f'files would be ignored. Fix: add --config.data.task={TEXT_FILES_TASK}.')
+  if data.shards_dir and data.source == 'seqio':   # only 'shards' and 'streaming' read them
+    raise ConfigError("config.data.shards_dir is set but config.data.source='seqio', so the "
+                      'shards would be ignored. Fix: add --config.data.source=shards (local) '
+                      'or --config.data.source=streaming (local or gs://).')
   if data.source == 'seqio':
     if not data.task:
       raise ConfigError('config.data.task is empty. Fix: --config.data.task=bert_sym_mlm_embedded '

@@ -338,7 +338,8 @@ def test_a_relative_data_path_is_no_config_difference(tmp_path, monkeypatch):
   same config, not a 'trained with a config that differs' note on every rerun."""
   monkeypatch.chdir(tmp_path)
   relative = ['--config.data.task=bert_sym_mlm_text_files',
-              '--config.data.text_files=corpus/train.txt', '--config.data.shards_dir=shards']
+              '--config.data.text_files=corpus/train.txt', '--config.data.source=shards',
+              '--config.data.shards_dir=shards']
   requested = ablate.resolve_config(os.path.join(fx.REPO_ROOT, fx.CONFIG), relative)
   saved = ml_collections.ConfigDict(json.loads(json.dumps(requested.to_dict())))
   saved.model.attention, saved.seed = 'pairwise', 3   # as the runner's run wrote it

@@ -229,6 +229,8 @@ def test_a_config_of_the_other_command_is_named_as_such():
     ('data.max_seq_len', 513, 'exceeds 512, the longest block the input pipeline packs'),
     ('model.max_position_embeddings', 256, 'exceeds config.model.max_position_embeddings=256'),
     ('data.validation_files', '/data/valid.txt', 'validation_files is set but'),
+    # The seqio source never reads shards: the run trained on the task's text instead.
+    ('data.shards_dir', '/data/shards', "shards_dir is set but config.data.source='seqio'"),
 ])
 def test_training_values_refused_up_front(key, value, message):
   config = common.base_config('tiny')
