@@ -306,9 +306,10 @@ def main(argv):
     raise UserError(str(e)) from None
   try:
     step_dir, config, params = checkpoint.load_pretrained_step(_CHECKPOINT.value)
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(f'{e} Fix: --checkpoint=WORKDIR (a bert_sym.train workdir: its latest '
-                    'step) or WORKDIR/checkpoints/STEP.') from None
+  except (FileNotFoundError, ValueError) as e:   # the reader's line may name its fix itself
+    raise UserError(str(e) if 'Fix:' in str(e) else f'{e} Fix: --checkpoint=WORKDIR (a '
+                    'bert_sym.train workdir: its latest step) or WORKDIR/checkpoints/STEP.'
+                    ) from None
   # A model whose arrays disagree with its config.json would be written as a model that
   # Hugging Face cannot load: refuse before anything is written. config.json may have been
   # edited by hand (the README says to, for vocab_path): its values checked as the trainer's.

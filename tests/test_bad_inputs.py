@@ -268,3 +268,16 @@ def test_config_paths_work_from_any_directory(tmp_path):
   assert "No such file or directory: 'configs/missing.py'" in result.stderr
   assert f'else to the checkout {REPO_ROOT}' in result.stderr
   assert not list(elsewhere.iterdir())   # a dry run writes nothing
+
+
+def test_export_of_a_missing_checkpoint_names_its_fix_once(tmp_path):
+  """hf_export added its own 'Fix: --checkpoint=...' to the reader's line, which already
+  ended on one: `... Fix: pass a training workdir ... Fix: --checkpoint=WORKDIR ...`."""
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.hf_export',
+                           f'--checkpoint={tmp_path}/absent', f'--out_dir={tmp_path}/out'],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert 'absent does not exist. Fix: pass a training workdir' in line, line
+  assert line.count('Fix:') == 1, line
