@@ -147,7 +147,8 @@ def tsv_path(glue_dir, spec: TaskSpec, file_name: str) -> Path:
   path = task_dir / file_name
   if not path.is_file():
     raise GlueDataError(f'Missing {path} (task {spec.name}). Expected files: train.tsv, '
-                        f'{", ".join(d.tsv_file for d in spec.dev_sets)}.')
+                        f'{", ".join(d.tsv_file for d in spec.dev_sets)}. Fix: drop '
+                        f'{spec.name} from --tasks or add the file.')
   return path
 
 
