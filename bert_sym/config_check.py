@@ -216,10 +216,10 @@ def check_glue(config: ml_collections.ConfigDict) -> None:
   _fraction('b2', config.b2, low_open=False)
   for key in ('weight_decay', 'grad_clip_norm', 'peak_flops_per_device'):   # MFU < 0
     _not_negative(key, config.get(key, 0))
-  _choice('on_nonfinite', config.on_nonfinite, ON_NONFINITE)
-  for key in ('dropout_rate', 'attention_dropout_rate'):
-    if key in config:
-      _fraction(key, config[key], low_open=False)
+  for key, allowed in (('on_nonfinite', ON_NONFINITE), ('pair_truncation', ('hf', 'bert'))):
+    _choice(key, config.get(key, allowed[0]), allowed)
+  for key in [k for k in ('dropout_rate', 'attention_dropout_rate') if k in config]:
+    _fraction(key, config[key], low_open=False)
 
 
 def check_data_named(config: ml_collections.ConfigDict) -> None:

@@ -33,6 +33,10 @@ def get_config(arg=None):
   c.max_train_examples = 0      # > 0: first N training examples only (tests, smoke runs)
   c.max_eval_examples = 0       # > 0: first N examples of each dev set
   c.length_buckets = True       # pad each batch to a power of two <= max_seq_len (CPU speed)
+  # A pair over max_seq_len: 'hf', Hugging Face's truncation='longest_first' (the paper's
+  # tokenizers); 'bert', Google BERT's _truncate_seq_pair. They differ only where both
+  # sentences are cut: which keeps the odd token.
+  c.pair_truncation = 'hf'
   # The attention kernel (xla | cudnn | splash | auto). Not the checkpoint's: the kernel
   # named in pre-training may not exist here (splash off a TPU), or not tile GLUE's short
   # lengths; auto takes splash on a TPU where it can tile the lengths, xla elsewhere (not

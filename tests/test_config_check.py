@@ -264,6 +264,7 @@ def test_the_remat_policies_checked_are_the_models():
     (dict(epochs=float('inf')), 'epochs=inf must be > 0 and finite'),   # was a traceback
     (dict(warmup_ratio=1.5), 'warmup_ratio=1.5 must lie in [0, 1]'),
     (dict(on_nonfinite='Stop'), "on_nonfinite='Stop' is not one of: stop, skip"),
+    (dict(pair_truncation='longest'), "pair_truncation='longest' is not one of: hf, bert"),
     (dict(max_consecutive_nonfinite=0), 'max_consecutive_nonfinite=0 must be an integer'),
     (dict(max_seq_len=4), 'max_seq_len=4 cannot hold a sentence pair'),
     (dict(grad_clip_norm=-1.0), 'grad_clip_norm=-1.0 must be a finite number >= 0'),

@@ -993,6 +993,22 @@ def test_old_output_dirs_are_reused(tmp_path):
   assert not suite.finished_runs(tmp_path, 'CKPT', config)
 
 
+@pytest.mark.parametrize('rule, reused', [('hf', False), ('bert', True)])
+def test_results_from_before_pair_truncation_are_googles_rule(tmp_path, rule, reused):
+  """Written before config.pair_truncation, pairs were cut by Google BERT's rule: such runs
+  are reused by a 'bert' recipe only (an 'hf' table would mix both rules)."""
+  config = glue_config.get_config('runlocal')
+  old = config.to_dict()
+  del old['pair_truncation']
+  config.pair_truncation = rule
+  (tmp_path / 'predictions').mkdir()
+  (tmp_path / 'predictions' / 'rte_seed1.tsv').write_text('idx\tlabel\tprediction\n')
+  (tmp_path / 'glue_results.json').write_text(json.dumps(
+      {'checkpoint': 'CKPT', 'config': old,
+       'runs': {'rte': {'1': {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}}}}}))
+  assert bool(suite.finished_runs(tmp_path, 'CKPT', config)) == reused
+
+
 @pytest.mark.parametrize('text', [
     '{"checkpoint": "CK', '{"checkpoint": "CKPT"}', '[1, 2]',
     '{"checkpoint": "CKPT", "config": {}, "runs": {"rte": {"1": {"seconds": 3}}}}'])

@@ -214,6 +214,23 @@ def test_truncate_longest_first_as_hugging_face():
   assert glue_data.truncate_longest_first(8, 10, 9) == (4, 5)
 
 
+def test_truncate_longest_first_as_google_bert():
+  """config.pair_truncation='bert': run_classifier.py's _truncate_seq_pair, written out."""
+  def truncate_seq_pair(len_a, len_b, budget):
+    while len_a + len_b > budget:
+      if len_a > len_b:
+        len_a -= 1
+      else:
+        len_b -= 1
+    return len_a, len_b
+  for len_a in range(0, 20):
+    for len_b in range(0, 20):
+      for budget in range(0, 30):
+        assert glue_data.truncate_longest_first(len_a, len_b, budget, 'bert') == (
+            truncate_seq_pair(len_a, len_b, budget)), (len_a, len_b, budget)
+  assert glue_data.truncate_longest_first(8, 10, 9, 'bert') == (5, 4)
+
+
 def _hf_tokenizer():
   # transformers>=5 takes the vocab file as `vocab`; older versions as `vocab_file`.
   hf = transformers.BertTokenizerFast(vocab=vocab.default_vocab_file(), do_lower_case=True)

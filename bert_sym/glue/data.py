@@ -295,16 +295,22 @@ def load_split(spec: TaskSpec, split: str, *, glue_dir: str = '',
   return load_tfds(spec, tfds_split, tfds_data_dir)
 
 
-def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-  """Hugging Face's truncation='longest_first' (the paper's GLUE runs used its tokenizers):
-  the longer side is cut to what the shorter leaves; where both must be cut, each keeps
-  half and the longer (on a tie, the second) the odd token. Google BERT's
-  _truncate_seq_pair gives that token to the first: 8 + 10 in 9 is 5 + 4 there, 4 + 5 here.
-  """
+PAIR_TRUNCATIONS = ('hf', 'bert')   # config.pair_truncation
+
+
+def truncate_longest_first(len_a: int, len_b: int, budget: int,
+                           rule: str = 'hf') -> tuple[int, int]:
+  """'hf': Hugging Face's truncation='longest_first' (the paper's GLUE runs used its
+  tokenizers): the longer side is cut to what the shorter leaves; where both must be cut,
+  each keeps half and the longer (on a tie, the second) the odd token. 'bert': Google
+  BERT's _truncate_seq_pair, one token at a time from the longer (ties: the second), which
+  gives that token to the first: 8 + 10 in 9 is 4 + 5 by 'hf', 5 + 4 by 'bert'."""
   if len_a + len_b <= budget:
     return len_a, len_b
   shorter = min(len_a, len_b, budget // 2)
   longer = budget - shorter
+  if rule == 'bert' and min(len_a, len_b) > budget // 2 and budget % 2:   # both cut, odd
+    return longer, shorter
   return (longer, shorter) if len_a > len_b else (shorter, longer)
 
 
@@ -324,7 +330,8 @@ class Encoded:
     return np.fromiter((len(x) for x in self.input_ids), np.int64, len(self.input_ids))
 
 
-def encode_examples(examples: Examples, tokenizer: WordPiece, max_seq_len: int) -> Encoded:
+def encode_examples(examples: Examples, tokenizer: WordPiece, max_seq_len: int,
+                    pair_truncation: str = 'hf') -> Encoded:
   if max_seq_len < 4:
     raise ValueError(f'max_seq_len={max_seq_len} leaves no room for [CLS] a [SEP] b [SEP].')
   pieces = [tokenizer.encode(t) for t in examples.texts]
@@ -338,7 +345,7 @@ def encode_examples(examples: Examples, tokenizer: WordPiece, max_seq_len: int) 
       types = np.zeros(len(ids), np.int32)
     else:
       b = pieces[1][i]
-      len_a, len_b = truncate_longest_first(len(a), len(b), max_seq_len - 3)
+      len_a, len_b = truncate_longest_first(len(a), len(b), max_seq_len - 3, pair_truncation)
       ids = np.concatenate([[cls], a[:len_a], [sep], b[:len_b], [sep]]).astype(np.int32)
       types = np.concatenate([np.zeros(len_a + 2, np.int32), np.ones(len_b + 1, np.int32)])
     input_ids.append(ids)

@@ -20,8 +20,10 @@ _NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
                'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite',
                'max_consecutive_nonfinite', 'peak_flops_per_device')
 # Keys added after outputs were written without them: their value then is this default
-# (attention_impl: those runs used the checkpoint's kernel, the same math as auto's).
-_DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1, 'attention_impl': 'auto'}
+# (attention_impl: those runs used the checkpoint's kernel, the same math as auto's;
+# pair_truncation: Google BERT's rule was the only one, so such results are not reused).
+_DEFAULTS_OF_NEWER_KEYS = {'grad_accum_steps': 1, 'attention_impl': 'auto',
+                           'pair_truncation': 'bert'}
 # glue_results.json key of the finished runs of seeds not requested this time (see
 # `_keep_finished_runs`).
 OTHER_SEEDS = 'runs_of_other_seeds'

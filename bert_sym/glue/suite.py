@@ -265,7 +265,8 @@ def _encoded_split(session: _Session, spec, split, limit):
   examples = glue_data.load_split(spec, split, glue_dir=session.config.glue_dir,
                                   tfds_data_dir=session.config.tfds_data_dir)
   return glue_data.encode_examples(examples.head(limit), session.tokenizer,
-                                   session.config.max_seq_len)
+                                   session.config.max_seq_len,
+                                   session.config.get('pair_truncation', 'hf'))
 
 
 def _task_setup(session: _Session, spec, num_train) -> finetune_lib.TaskSetup:
