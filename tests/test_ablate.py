@@ -638,6 +638,18 @@ def test_summarize_only_trains_nothing(tmp_path):
              summarize_only=True)
 
 
+def test_summarize_only_without_the_grids_overrides_names_them(tmp_path, capsys):
+  """Runs finished at their own total_steps=30, summarized without --config.total_steps=30:
+  each was 'checkpoint at step 30/N ... left out', not saying which flag was missing."""
+  config = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
+  _fake_run(tmp_path, 'standard', 1, [(0, 12.0), (30, 4.0)], config.to_json())
+  assert ablate.resolve_config(fx.CONFIG, []).total_steps != 30
+  with pytest.raises(ablate.AblationError, match='No finished run'):
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), [], summarize_only=True)
+  assert ('It finished its own total_steps=30: summarize with the overrides the grid was run '
+          'with (--config.total_steps=30, ...)') in capsys.readouterr().out
+
+
 def test_glue_scoring_through_the_runner():
   """glue_run, the GLUE columns of the summary and glue.png, on a tiny RTE directory."""
   workdir, _ = fx.tiny_grid()

@@ -287,7 +287,13 @@ def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
                 f'one in {", ".join(changed)}; it is left out of the summary.', flush=True)
       elif summarize_only:
         actions[name] = 'missing'
-        print(f'{name}: {why}; --summarize_only, left out.', flush=True)
+        # Finished at its own total_steps, another than asked: the grid's overrides are missing.
+        own = (checkpoint_lib.read_config(path).get('total_steps')
+               if (path / checkpoint_lib.CONFIG_FILE).exists() else None)
+        hint = (f' It finished its own total_steps={own}: summarize with the overrides the grid '
+                f'was run with (--config.total_steps={own}, ...).'
+                if own and own != total_steps and latest_finished_step(path) == own else '')
+        print(f'{name}: {why}; --summarize_only, left out.{hint}', flush=True)
         continue
       else:
         print(f'{name}: {why}; training.', flush=True)
