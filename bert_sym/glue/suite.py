@@ -157,16 +157,23 @@ def _glue_kernel(config, model_cfg, parallel: str) -> str:
                      '--config.parallel_seeds=false, or --config.attention_impl=auto.')
   shortest = glue_data.bucket_length(1, config.max_seq_len) if config.length_buckets \
       else config.max_seq_len
+  resolve = lambda seq_len: kernel_choice.resolve_implementation(
+      impl, training_dropout=model_cfg.attention_dropout_rate > 0, return_weights=False,
+      seq_len=seq_len, dtype=model_lib.compute_dtype(model_cfg.dtype),
+      scanned=bool(model_cfg.get('scan_layers', False)),
+      head_dim=model_cfg.hidden_size // model_cfg.num_heads)
   try:
-    kernel_choice.resolve_implementation(
-        impl, training_dropout=model_cfg.attention_dropout_rate > 0, return_weights=False,
-        seq_len=shortest, dtype=model_lib.compute_dtype(model_cfg.dtype),
-        scanned=bool(model_cfg.get('scan_layers', False)),
-        head_dim=model_cfg.hidden_size // model_cfg.num_heads)
+    resolve(shortest)
   except ValueError as e:   # its first clause says why; its fixes are pre-training's
     why = re.split(r'[.;] ', str(e))[0].replace('model.attention_impl', 'attention_impl')
+    try:   # only the short length buckets (splash tiles max_seq_len, not 16-64)
+      unbucketed = shortest != config.max_seq_len and bool(resolve(config.max_seq_len))
+    except ValueError:
+      unbucketed = False
     raise ValueError(f'GLUE config.attention_impl={impl!r} cannot run here: {why}. Fix: '
-                     '--config.attention_impl=auto (the default) or xla.') from None
+                     '--config.attention_impl=auto (the default) or xla' + (
+                         ', or --config.length_buckets=false (every batch padded to '
+                         'max_seq_len)' if unbucketed else '') + '.') from None
   return impl
 
 
