@@ -1164,3 +1164,18 @@ def test_noticing_a_failed_background_save_leaves_orbax_to_skip_its_rotation(tmp
     finalize_may_go.set()
     monkeypatch.undo()
   assert checkpoint.finished_steps(tmp_path) == [4]
+
+
+def test_two_set_asides_of_one_step_in_one_second_keep_both(tmp_path, monkeypatch):
+  """Named <step>-<second><suffix>: the second one renamed onto the first (locally an
+  error; on gs://, a rename copies objects, so both steps' files were merged)."""
+  from bert_sym.checkpoint import restoring  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(restoring.time, 'time', lambda: 1700000000.5)
+  ckpt_dir = tmp_path / 'checkpoints'
+  moved = []
+  for attempt in ('first', 'second'):
+    (ckpt_dir / '8').mkdir(parents=True)
+    (ckpt_dir / '8' / 'which').write_text(attempt)
+    moved.append(restoring._set_aside(ckpt_dir, 8, '-diverged'))
+  assert [p.name for p in moved] == ['8-1700000000-diverged', '8-1700000000-1-diverged']
+  assert [(p / 'which').read_text() for p in moved] == ['first', 'second']

@@ -243,7 +243,9 @@ def _read_failure_line(step_dir, outcome, attempt) -> str:
 def _set_aside(ckpt_dir: epath.Path, step: int, suffix: str = '') -> epath.Path:
   """Moves a step out of `checkpoints/` (process 0 renames, every process waits)."""
   src = ckpt_dir / str(step)
-  dst = ckpt_dir.parent / DAMAGED_DIR / f'{step}-{int(time.time())}{suffix}'
+  stamp = int(time.time())   # and a number where a set-aside of this step and second is
+  dst = next(d for d in (ckpt_dir.parent / DAMAGED_DIR / f'{step}-{stamp}{f"-{n}" if n else ""}'
+                         f'{suffix}' for n in range(1000)) if not d.exists())   # (gs://: merged)
   if jax.process_index() == 0:
     dst.parent.mkdir(parents=True, exist_ok=True)
     src.rename(dst)
