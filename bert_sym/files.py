@@ -10,7 +10,8 @@ remote:
   its upload finishes). The upload itself is not in a `with` block either: fsspec's
   buffered files (gcsfs, s3fs) finalise the upload on close, so leaving the block on an
   exception or Ctrl-C part-way would publish the half under the final name; it is
-  discarded instead.
+  discarded instead. Filesystems whose files exist from open on and grow as written
+  (memory://, sftp, HDFS, FTP, SMB) get a temporary name beside the target, then a move.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import fsspec
 from etils import epath
 
 _UPLOAD_CHUNK_BYTES = 16 << 20
+# fsspec protocols whose open('wb') creates the file under its name at once (memory://:
+# empty, truncating the old one) and writes into it as it goes.
+_WRITES_IN_PLACE = {'memory', 'sftp', 'ssh', 'hdfs', 'arrow_hdfs', 'webhdfs', 'ftp', 'smb'}
 
 
 def local_path(path: str) -> str | None:
@@ -65,7 +69,19 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
     with tempfile.TemporaryFile() as staged:
       write(staged)
       staged.seek(0)
-      _upload(fs, staged, remote)
+      protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+      if not protocols & _WRITES_IN_PLACE:
+        _upload(fs, staged, remote)
+        return
+      tmp = f'{remote}.tmp-{uuid.uuid4().hex[:8]}'
+      try:
+        _upload(fs, staged, tmp)
+        fs.mv(tmp, remote)
+      except BaseException:
+        with contextlib.suppress(Exception):
+          if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
     return
   directory = os.path.dirname(os.path.abspath(local))
   os.makedirs(directory, exist_ok=True)

@@ -128,3 +128,23 @@ def test_ctrl_c_while_writing_a_local_file_leaves_no_temporary_file(tmp_path):
     files.write_atomically(tmp_path / 'config.json', interrupted)
   assert os.listdir(tmp_path) == ['config.json']
   assert (tmp_path / 'config.json').read_text() == '{"old": true}'
+
+
+def test_an_upload_to_a_filesystem_that_writes_in_place_fails_part_way_publishing_nothing(
+    monkeypatch):
+  """memory:// (like sftp, HDFS) creates the file at open and writes into it: a copy that
+  fails half-way left the half under the final name, over the good one."""
+  fs = fsspec.filesystem('memory')
+  url = 'memory://bucket/in_place/metrics.json'
+  files.write_atomically(url, '{"complete": true}')
+  def half_then_killed(source, target, length=0):
+    del length
+    target.write(source.read(5))
+    raise KeyboardInterrupt
+  monkeypatch.setattr(files.shutil, 'copyfileobj', half_then_killed)
+  for target in (url, 'memory://bucket/in_place/new.json'):
+    with pytest.raises(KeyboardInterrupt):
+      files.write_atomically(target, '{"complete": false, "padding": 1}')
+  gc.collect()
+  assert fs.cat('/bucket/in_place/metrics.json') == b'{"complete": true}'
+  assert fs.ls('/bucket/in_place', detail=False) == ['/bucket/in_place/metrics.json']
