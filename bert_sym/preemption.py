@@ -66,7 +66,9 @@ class PreemptionFlag:
   def _handle(self, signum, frame):
     del frame
     if signum == signal.SIGINT and self._event.is_set():
-      raise KeyboardInterrupt   # the entry point says it in one line (exit 130)
+      # The entry point says it in one line (exit 130); with no argument, a Ctrl-C that
+      # met no handler (start-up, closing), not a second one.
+      raise KeyboardInterrupt('a second Ctrl-C')
     # Taken before it is said: Python runs a second signal's handler inside this one, and
     # one landing during the message must see the first taken, not be a first one again.
     self.signal_name = signal.Signals(signum).name

@@ -397,11 +397,11 @@ def main(argv, make_iterator=None):
           checkpoint.CheckpointSaveError) as e:   # said in one line, no traceback
     print(f'bert_sym.train: error: {e}', file=sys.stderr, flush=True)
     sys.exit(1)
-  except KeyboardInterrupt:   # one process: a second Ctrl-C (the first saves); several:
-    # the first, as no handler is installed there (loop.PreemptionFlag): nothing was saved.
+  except KeyboardInterrupt as e:   # one process: a second Ctrl-C (the first saves) or one
+    # before/after the loop's handler; several: no handler there: nothing was saved.
     several = cli.one_of_several_processes()
     what = ('Ctrl-C on a multi-process run (it saves on SIGTERM only: send SIGTERM to any '
-            'process to save at one step on all)' if several else 'a second Ctrl-C')
+            'process to save at one step on all)' if several else (e.args or ['Ctrl-C'])[0])
     print(f'\nbert_sym.train: stopped by {what} without saving; rerun the same command to '
           'resume from the last checkpoint.', file=sys.stderr, flush=True)
     if not several:   # at once: a normal exit finalised the abandoned async save's asyncio

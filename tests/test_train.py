@@ -1327,6 +1327,16 @@ def test_eval_steps_zero_and_a_second_trainer_on_the_live_workdir(tmp_path):
   assert not (workdir / checkpoint.LOCK_FILE).exists()
 
 
+def test_a_ctrl_c_before_the_loops_handler_is_not_called_a_second_one(tmp_path):
+  """A first Ctrl-C during start-up (here while the processes connect) was said to be "a
+  second Ctrl-C"."""
+  result = run_trainer(tmp_path / 'run', overrides=_overrides(), check=False,
+                       env={'SYNTHETIC_CTRL_C_AT_START': '1'})
+  assert result.returncode == train.INTERRUPTED_EXIT_CODE, result.stderr[-3000:]
+  assert 'stopped by Ctrl-C without saving' in result.stderr, result.stderr[-3000:]
+  assert 'second' not in result.stderr
+
+
 def test_second_ctrl_c_quits_in_one_line(tmp_path):
   """The second Ctrl-C comes while the first's save is pending: the run is held at step 7's
   batch (the step that would end with it cannot end), and it is sent once the first has

@@ -14,6 +14,7 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -253,6 +254,9 @@ if __name__ == '__main__':
   if os.environ.get('SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'):
     _simulate_full_disk_on_one_process(os.environ['SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP'])
   make_iterator = make_synthetic_iterator
+  if os.environ.get('SYNTHETIC_CTRL_C_AT_START'):   # while waiting for the other processes
+    from bert_sym import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize = lambda cli_flags: signal.raise_signal(signal.SIGINT)
   if os.environ.get('REAL_INPUT_SLEEP_SECONDS'):   # the real pipeline, slowed (a test kills it)
     from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
     make_iterator, take = None, iterator.MLMIterator.__next__
