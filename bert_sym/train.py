@@ -204,7 +204,7 @@ def _prepare_workdir(workdir: str) -> epath.Path:
   # The shell leaves `--workdir=~/x` as typed: unexpanded, the run went to ./~/x.
   workdir = workdir if '://' in str(workdir) else os.path.expanduser(workdir)
   # Before anything is written (a blocked checkpoints/ failed at the first save, hours in).
-  if problem := checkpoint.workdir_misplaced(workdir) or checkpoint.workdir_blocked(workdir):
+  if problem := checkpoint.workdir_problem(workdir):
     raise RunError(problem)
   try:
     return files.check_writable(workdir, f'--workdir={workdir}')

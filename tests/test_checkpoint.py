@@ -1179,3 +1179,12 @@ def test_two_set_asides_of_one_step_in_one_second_keep_both(tmp_path, monkeypatc
     moved.append(restoring._set_aside(ckpt_dir, 8, '-diverged'))
   assert [p.name for p in moved] == ['8-1700000000-diverged', '8-1700000000-1-diverged']
   assert [(p / 'which').read_text() for p in moved] == ['first', 'second']
+
+
+def test_a_workdir_url_the_trainer_cannot_write_is_one_line(tmp_path):
+  """--workdir=file:///x (or memory://) was a KeyError traceback from etils.epath."""
+  assert checkpoint.workdir_problem(f'file://{tmp_path}/run') == (
+      f'--workdir=file://{tmp_path}/run: file:// is not a storage the trainer writes to. Fix: '
+      f'a local directory (--workdir={tmp_path}/run), or one of gs://, s3://, az://.')
+  assert 'memory:// is not a storage' in checkpoint.workdir_problem('memory://bucket/run')
+  assert checkpoint.workdir_problem(tmp_path / 'fresh') is None

@@ -33,7 +33,7 @@ from bert_sym.checkpoint.core import (  # noqa: F401
     allgather_json, key_path_str, describe_error, is_closed_loop_error, is_step_dir,
     checkpoints_root, finished_steps, written_at, read_json_item, lineage_of, run_id_of,
     extend_lineage, written_by, workdir_misplaced,
-    workdir_blocked
+    workdir_blocked, workdir_problem
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401
     LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host

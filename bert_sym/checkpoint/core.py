@@ -248,6 +248,19 @@ def checkpoints_root(path) -> epath.Path:
   return checkpoint_dir(path)
 
 
+WORKDIR_URL_SCHEMES = ('gs://', 's3://', 'az://')   # etils.epath's writable ones
+
+
+def workdir_problem(path) -> str | None:
+  """Why `path` cannot be a trainer's --workdir, in one line with the fix, else None."""
+  scheme = str(path).split('://')[0] + '://' if '://' in str(path) else None
+  if scheme and scheme not in WORKDIR_URL_SCHEMES:   # was a KeyError traceback from epath
+    local = f' (--workdir={str(path)[7:]})' if scheme == 'file://' else ''
+    return (f'--workdir={path}: {scheme} is not a storage the trainer writes to. Fix: a local '
+            f'directory{local}, or one of {", ".join(WORKDIR_URL_SCHEMES)}.')
+  return workdir_misplaced(path) or workdir_blocked(path)
+
+
 def workdir_misplaced(path) -> str | None:
   """Why `path`, given as a trainer's --workdir, is a part of a training workdir and not
   one (its checkpoints/ folder, one of its steps), else None. A trainer there found no
