@@ -446,6 +446,10 @@ def configurations(args):
   return specs
 
 
+def _text(data) -> str:
+  return data.decode(errors='replace') if isinstance(data, bytes) else (data or '')
+
+
 def run_one(spec, timeout_s):
   """Runs `spec` in a subprocess; SIGKILL after timeout_s. Returns the result dict."""
   command = [sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)]
@@ -457,7 +461,11 @@ def run_one(spec, timeout_s):
     out, err = process.communicate(timeout=timeout_s)
   except subprocess.TimeoutExpired:
     process.kill()   # SIGKILL: a wedged kernel or compiler does not get a say
-    out, err = process.communicate()
+    try:
+      out, err = process.communicate(timeout=5)
+    except subprocess.TimeoutExpired as e:   # a child of it (ptxas...) holds the pipes
+      out, err = (_text(e.output), _text(e.stderr))
+      process.wait()
     timed_out = True
   reached = [l[len(PROGRESS_PREFIX):] for l in out.splitlines() if l.startswith(PROGRESS_PREFIX)]
   for line in out.splitlines():   # measured, then stuck on the way out: still a result

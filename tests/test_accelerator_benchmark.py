@@ -121,6 +121,24 @@ def test_a_configuration_killed_at_its_limit_says_how_far_it_got(tmp_path, monke
   assert run_one()['error'] == 'killed after 2 s; before its state was on the device'
 
 
+def test_a_child_of_a_killed_worker_holding_its_pipes_does_not_stall_the_parent(
+    tmp_path, monkeypatch):
+  """A worker killed at its limit whose own child (a compiler it started) lived on kept
+  its stdout open: run_one waited for that child, past the limit, and run_gpu.sh's kill
+  then took the whole benchmark with every configuration measured before it."""
+  import time  # pylint: disable=g-import-not-at-top
+  from benchmarks import accelerator  # pylint: disable=g-import-not-at-top
+  worker = tmp_path / 'python'
+  worker.write_text("#!/bin/sh\necho 'PROGRESS compiled in 1.0 s'\nsleep 40 &\n"
+                    'exec sleep 120\n')
+  worker.chmod(0o755)
+  monkeypatch.setattr(accelerator.sys, 'executable', str(worker))
+  start = time.perf_counter()
+  result = accelerator.run_one({'impl': 'ours'}, timeout_s=2)
+  assert time.perf_counter() - start < 20, result
+  assert result['status'] == 'timeout' and result['progress'] == ['compiled in 1.0 s'], result
+
+
 class _Device:
   device_kind = 'NVIDIA H100 80GB HBM3'
 
