@@ -420,6 +420,9 @@ def configurations(args):
                        scan_layers=args.scan_layers, prng_impl=args.prng_impl,
                        xla_gpu_flags=args.xla_gpu_flags, lean_backward=args.lean_backward,
                        compilation_cache_dir=args.compilation_cache_dir)
+  if args.steps < 1 or args.warmup < 0:   # else every worker compiled, then divided by 0
+    raise SystemExit(f'--steps={args.steps} --warmup={args.warmup}: need steps >= 1, '
+                     'warmup >= 0')
   for attention in args.variants.split(','):
     if attention not in VARIANTS:
       raise SystemExit(f'--variants: unknown variant {attention!r}; use some of {VARIANTS}')
@@ -428,6 +431,8 @@ def configurations(args):
       seq, batch = (int(v) for v in shape.split('x'))
     except ValueError:
       raise SystemExit(f'--shapes: {shape!r} is not SEQxBATCH (e.g. 128x256)') from None
+    if seq < 1 or batch < 1:
+      raise SystemExit(f'--shapes: {shape!r} is not SEQxBATCH (e.g. 128x256)')
     hf_rates = set()   # one HF run per attention-dropout rate: the peer of every path with it
     for path in args.paths.split(','):
       if path not in PATHS:

@@ -88,7 +88,9 @@ def test_the_profile_compiles_from_the_cache_the_step_before_it_filled(monkeypat
 
 def test_a_typo_is_refused_before_anything_runs(monkeypatch):
   for bad, message in (('--variants=pairwse', 'unknown variant'),
-                       ('--paths=fusd', 'unknown path'), ('--shapes=128by256', 'SEQxBATCH')):
+                       ('--paths=fusd', 'unknown path'), ('--shapes=128by256', 'SEQxBATCH'),
+                       # each worker compiled, then divided by zero: every row an error
+                       ('--shapes=128x0', 'SEQxBATCH'), ('--steps=0', 'steps >= 1')):
     monkeypatch.setattr(sys, 'argv', ['accelerator.py', bad])
     parsed = accelerator.parse_args()
     with pytest.raises(SystemExit, match=message):
