@@ -48,7 +48,11 @@ def parse_args():
                       help='base: bert-base shapes; overrides --hidden')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--out', default=None)
-  return parser.parse_args()
+  args = parser.parse_args()
+  for name in ('seeds', 'steps', 'batch', 'seq_len', 'hidden', 'rounds'):
+    if getattr(args, name) < 1:   # --rounds=0: the median of nothing, after the first runs
+      parser.error(f'--{name}={getattr(args, name)}: must be at least 1')
+  return args
 
 
 def random_pretrained(args) -> finetune.Pretrained:

@@ -4,6 +4,8 @@ import argparse
 import os
 import sys
 
+import pytest
+
 from tests.train_fixtures import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, 'benchmarks'))
@@ -27,3 +29,14 @@ def test_a_recorded_input_pipeline_run_goes_under_the_one_heading(tmp_path, monk
   assert (text.index('preface') < text.index('### Recorded ') < text.index('### Older')
           < text.index('## Next'))
   assert text.endswith('## Next\n\nkept\n') and '| path 4 | 300,004 | 1 |' in text
+
+
+@pytest.mark.parametrize('bad', ['--rounds=0', '--seeds=0', '--steps=0'])
+def test_glue_seeds_refuses_a_count_of_zero_before_it_runs(bad, monkeypatch, capsys):
+  """--rounds=0 ran every seed (compiles included), then raised StatisticsError (the median
+  of no rounds) and wrote nothing."""
+  import glue_seeds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, 'argv', ['glue_seeds.py', bad])
+  with pytest.raises(SystemExit):
+    glue_seeds.parse_args()
+  assert 'must be at least 1' in capsys.readouterr().err
