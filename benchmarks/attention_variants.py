@@ -116,7 +116,11 @@ def parse_args():
                       help='where the JSON goes (not the committed record)')
   parser.add_argument('--record', action='store_true',
                       help='write the JSON to benchmarks/results/ (the committed record)')
-  return parser.parse_args()
+  args = parser.parse_args()
+  for name in ('batch', 'seq_len', 'steps', 'rounds'):
+    if getattr(args, name) < 1:   # --rounds=0: the summary's median of nothing, after compiling
+      parser.error(f'--{name}={getattr(args, name)}: must be at least 1')
+  return args
 
 
 def device_label():

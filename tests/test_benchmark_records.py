@@ -40,3 +40,13 @@ def test_glue_seeds_refuses_a_count_of_zero_before_it_runs(bad, monkeypatch, cap
   with pytest.raises(SystemExit):
     glue_seeds.parse_args()
   assert 'must be at least 1' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('bad', ['--rounds=0', '--steps=0', '--batch=0', '--seq_len=0'])
+def test_attention_variants_refuses_a_count_of_zero_before_it_runs(bad, monkeypatch, capsys):
+  """--rounds=0 compiled every variant, then failed in the summary (the median of nothing)."""
+  import attention_variants  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, 'argv', ['attention_variants.py', bad])
+  with pytest.raises(SystemExit):
+    attention_variants.parse_args()
+  assert 'must be at least 1' in capsys.readouterr().err
