@@ -119,6 +119,28 @@ def test_attention_analysis_notebook(tmp_path):
   assert sum('image/png' in o.data for o in _outputs(nb, 'display_data')) >= 5
 
 
+def test_attention_analysis_leaves_out_runs_of_another_config(tmp_path):
+  """Trained through the runner (WORKDIRS empty) into a workdir where one variant's run
+  finished with another config: the runner skips it and leaves it out of its summary; the
+  notebook analysed it anyway, beside runs of the requested config."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  grid, _ = fx.tiny_grid()
+  workdir = str(tmp_path / 'abl')
+  for variant in fx.VARIANTS:
+    shutil.copytree(os.path.join(grid, variant, 'seed1'), os.path.join(workdir, variant, 'seed1'))
+  other = os.path.join(workdir, 'pairwise', 'seed1')
+  config = checkpoint.read_config(other)
+  config.optimizer.learning_rate *= 2
+  checkpoint.write_config(other, config)
+  nb = execute('attention_analysis.ipynb', '\n'.join([
+      'WORKDIRS = {}', f'VARIANTS = {list(fx.VARIANTS)!r}', f'TRAIN_CONFIG = {fx.CONFIG!r}',
+      f'TRAIN_OVERRIDES = {list(fx.OVERRIDES)!r}', f'TRAIN_WORKDIR = {workdir!r}']))
+  text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
+  assert 'left out of the analysis: pairwise' in text and 'optimizer.learning_rate' in text
+  assert not any(line.startswith('pairwise [[') for line in text.splitlines()), text[-3000:]
+  assert any(line.startswith('standard [[') for line in text.splitlines()), text[-3000:]
+
+
 def _setup_cell(name):
   nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   (cell,) = [c for c in nb.cells[:3] if c.cell_type == 'code' and 'REPO_URL' in c.source]
