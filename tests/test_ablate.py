@@ -834,8 +834,11 @@ def test_a_run_trained_with_another_config_is_never_averaged_with_the_grid(tmp_p
              if (variant, seed) == ('standard', 2) else [])
       config = ablate.resolve_config(fx.CONFIG, overrides + odd + how)
       config.model.attention, config.seed = variant, seed
+      written = json.loads(config.to_json())
+      if (variant, seed) == ('pairwise', 1):   # written before prng_impl existed (threefry)
+        del written['prng_impl']
       _fake_run(tmp_path, variant, seed, curve if not odd else [(s, l - 1) for s, l in curve],
-                config.to_json())
+                json.dumps(written))
   out = ablate.run(fx.CONFIG, 'standard,pairwise', '1,2', str(tmp_path), overrides,
                    summarize_only=True)
   assert out['runs'] == {'standard': [1, 2], 'pairwise': [1]}

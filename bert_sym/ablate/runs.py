@@ -56,11 +56,25 @@ NOT_THE_EXPERIMENT = (
     'peak_flops_per_device', 'xla_gpu_flags', 'compilation_cache_dir')
 
 
+# Keys added after runs were written without them: their value then (prng_impl, 2026-12-02:
+# threefry was the only generator), so such a run still counts as one of the grid.
+DEFAULTS_OF_NEWER_KEYS = {'prng_impl': 'threefry'}
+
+
+def _with_newer_defaults(config):
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in DEFAULTS_OF_NEWER_KEYS.items():
+    if key not in config:
+      config[key] = value
+  return config
+
+
 def grid_config_differences(config, baseline, variant: str | None = None,
                             seed: int | None = None) -> list[str]:
   """Keys that change what a run computes in which its config differs from `baseline`: the
   requested config, given the run's variant and seed; or, without them, another run's
   config, those two keys aside."""
+  config, baseline = _with_newer_defaults(config), _with_newer_defaults(baseline)
   if variant is None:
     changed = [k for k in checkpoint_lib.config_differences(baseline, config)
                if k not in PER_RUN_KEYS]
