@@ -1571,19 +1571,26 @@ def test_the_vocabulary_under_another_spelling_is_the_same_recipe(tmp_path, monk
     assert reuse.recipe(reuse.with_absolute_paths(config)) == same
 
 
+def _rte_seeds_1_2_padded_together(output_dir, config, runs, others=None):
+  """glue_results.json and predictions of RTE seeds 1 and 2, trained together with length
+  buckets (each run padded with seeds [1, 2]); `runs`/`others`: the seeds in each section."""
+  config.length_buckets, config.seeds = True, '1,2'
+  (output_dir / 'predictions').mkdir()
+  for seed in (1, 2):
+    (output_dir / 'predictions' / f'rte_seed{seed}.tsv').write_text('idx\tlabel\tprediction\n')
+  run = lambda: {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}, 'padded_with_seeds': [1, 2]}
+  results = {'checkpoint': 'CKPT', 'checkpoint_written': None, 'config': config.to_dict(),
+             'seeds': [1, 2], 'runs': {'rte': {str(s): run() for s in runs}}}
+  if others:
+    results[reuse.OTHER_SEEDS] = {'rte': {str(s): run() for s in others}}
+  (output_dir / 'glue_results.json').write_text(json.dumps(results))
+
+
 def test_a_finished_run_of_a_seed_not_asked_for_now_is_kept(tmp_path):
   """Seeds 1,3 asked where 1,2 were trained: seed 2's run is kept for a later command
   (not set aside as padded for another seed list, which only concerns seeds trained now)."""
   config = glue_config.get_config('runlocal')
-  config.length_buckets = True
-  (tmp_path / 'predictions').mkdir()
-  for seed in (1, 2):
-    (tmp_path / 'predictions' / f'rte_seed{seed}.tsv').write_text('idx\tlabel\tprediction\n')
-  run = lambda: {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}, 'padded_with_seeds': [1, 2]}
-  config.seeds = '1,2'
-  (tmp_path / 'glue_results.json').write_text(json.dumps(
-      {'checkpoint': 'CKPT', 'checkpoint_written': None, 'config': config.to_dict(),
-       'seeds': [1, 2], 'runs': {'rte': {'1': run()}}, reuse.OTHER_SEEDS: {'rte': {'2': run()}}}))
+  _rte_seeds_1_2_padded_together(tmp_path, config, runs=[1], others=[2])
   config.seeds = '1,3'
   reuse.finished_runs(tmp_path, 'CKPT', config)
   assert (tmp_path / 'predictions' / 'rte_seed2.tsv').exists()
@@ -1619,15 +1626,8 @@ def test_a_task_not_asked_for_now_keeps_runs_padded_for_another_seed_list(tmp_pa
   trained now, yet its seed-1 run was set aside as padded for another seed list, so it left
   the table and a later --tasks=rte,wnli --seeds=1,2 fine-tuned it again."""
   config = glue_config.get_config('runlocal')
-  config.length_buckets = True
-  (tmp_path / 'predictions').mkdir()
-  for seed in (1, 2):
-    (tmp_path / 'predictions' / f'rte_seed{seed}.tsv').write_text('idx\tlabel\tprediction\n')
-  run = lambda: {'scores': {'rte': {'accuracy': 0.5, 'score': 50.0}}, 'padded_with_seeds': [1, 2]}
-  config.tasks, config.seeds = 'rte', '1,2'
-  (tmp_path / 'glue_results.json').write_text(json.dumps(
-      {'checkpoint': 'CKPT', 'checkpoint_written': None, 'config': config.to_dict(),
-       'seeds': [1, 2], 'runs': {'rte': {'1': run(), '2': run()}}}))
+  config.tasks = 'rte'
+  _rte_seeds_1_2_padded_together(tmp_path, config, runs=[1, 2])
   config.tasks, config.seeds = 'wnli', '1'
   assert sorted(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1), ('rte', 2)]
   assert not list(tmp_path.glob('replaced-*'))
