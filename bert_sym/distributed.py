@@ -105,8 +105,8 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
         'GPU with every task seeing the node\'s GPUs (no --gpu-bind, as '
         'launch/slurm_gpu.sbatch), or --gpus-per-task=1.')
   # --gpus-per-task=N with --gpu-bind=none: every task sees all tasks' GPUs, N each to take.
-  own = re.search(r'(\d+)$', env.get('SLURM_GPUS_PER_TASK', ''))   # '1', 'h100:2'
-  own = int(own[1]) if own else 0
+  per_task_flag = re.search(r'(\d+)$', env.get('SLURM_GPUS_PER_TASK', ''))   # '1', 'h100:2'
+  own = int(per_task_flag[1]) if per_task_flag else 0
   unbound = bool(own and tasks and len(visible) == tasks * own > own)
   if (own and not unbound) or (tasks and len(visible) < tasks):
     return list(range(len(visible)))

@@ -30,6 +30,5 @@ the statistics are defined in `bert_sym.ablate.stats`.
 
 from bert_sym.ablate.report import (AblationError, REFERENCE_VARIANT, SUMMARY_JSON,
                                     SUMMARY_MD, summarize)
-from bert_sym.ablate.runs import load_run, run_dir, run_status
-from bert_sym.ablate.runner import (config_differences, glue_run, parse_list,
-                                    resolve_config, run, train_run)
+from bert_sym.ablate.runs import config_differences, load_run, run_dir, run_status
+from bert_sym.ablate.runner import glue_run, parse_list, resolve_config, run, train_run

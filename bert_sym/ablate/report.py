@@ -18,7 +18,7 @@ from bert_sym import files
 from bert_sym.glue import metrics as glue_metrics
 from bert_sym import model as model_lib
 from bert_sym.ablate import stats
-from bert_sym.ablate.runs import (Run, grid_config_differences, latest_finished_step, load_run,
+from bert_sym.ablate.runs import (Run, config_differences, latest_finished_step, load_run,
                                   run_dir, run_status)
 
 REFERENCE_VARIANT = 'standard'
@@ -134,8 +134,8 @@ def load_finished_runs(workdir, variants, seeds, total_steps,
         continue
       run = load_run(variant, seed, path)
       first = first or (name, run.config)
-      changed = (grid_config_differences(run.config, first[1]) if requested is None
-                 else grid_config_differences(run.config, requested, variant, seed))
+      changed = (config_differences(first[1], run.config) if requested is None
+                 else config_differences(requested, run.config, variant, seed))
       if changed and requested is None:
         raise AblationError(
             f'{name} was trained with a config that differs from {first[0]}\'s in '

@@ -24,7 +24,7 @@ from bert_sym import files
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_DONE, GLUE_SUBDIR, SUMMARY_JSON,
                                     SUMMARY_MD, summarize)
-from bert_sym.ablate.runs import (grid_config_differences, latest_finished_step, run_dir,
+from bert_sym.ablate.runs import (config_differences, latest_finished_step, run_dir,
                                   run_status)
 
 
@@ -235,11 +235,6 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
                       target_loss=target_loss, requested=requested)
   summary['actions'] = actions
   return summary
-
-
-def config_differences(requested, saved, variant: str, seed: int) -> list[str]:
-  """Keys in which a run's config.json differs from the requested config of that run."""
-  return grid_config_differences(saved, requested, variant, seed)
 
 
 def _refuse_mixed_resumes(requested, variants, seeds, workdir) -> None:

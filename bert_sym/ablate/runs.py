@@ -69,20 +69,17 @@ def _with_newer_defaults(config):
   return config
 
 
-def grid_config_differences(config, baseline, variant: str | None = None,
-                            seed: int | None = None) -> list[str]:
-  """Keys that change what a run computes in which its config differs from `baseline`: the
-  requested config, given the run's variant and seed; or, without them, another run's
-  config, those two keys aside."""
-  config, baseline = _with_newer_defaults(config), _with_newer_defaults(baseline)
-  if variant is None:
-    changed = [k for k in checkpoint_lib.config_differences(baseline, config)
-               if k not in PER_RUN_KEYS]
-  else:
-    want = ml_collections.ConfigDict(baseline.to_dict())
-    want.model.attention, want.seed = variant, seed
-    changed = checkpoint_lib.config_differences(want, config)
-  return [k for k in changed if not k.startswith(NOT_THE_EXPERIMENT)]
+def config_differences(baseline, saved, variant: str | None = None,
+                       seed: int | None = None) -> list[str]:
+  """Keys that change what a run computes in which its config.json (`saved`) differs from
+  `baseline`: the requested config, given the run's variant and seed; or, without them,
+  another run's config, those two keys aside."""
+  baseline, saved = _with_newer_defaults(baseline), _with_newer_defaults(saved)
+  if variant is not None:   # (a copy: set in place)
+    baseline.model.attention, baseline.seed = variant, seed
+  changed = checkpoint_lib.config_differences(baseline, saved)
+  return [k for k in changed if not k.startswith(NOT_THE_EXPERIMENT)
+          and (variant is not None or k not in PER_RUN_KEYS)]
 
 
 def _kind(row: dict) -> str:
