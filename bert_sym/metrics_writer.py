@@ -156,18 +156,27 @@ class _JsonLines:
     files.write_atomically(path, before + ''.join(r + '\n' for r in rows))
     return path
 
-  def set_aside(self, suffix: str) -> str:
-    """Renames the file to path + suffix and starts an empty one; returns the new name."""
-    old = self.path + suffix
-    if self._remote:
-      fs, remote = fsspec.core.url_to_fs(self.path)
-      fs.mv(remote, fsspec.core.url_to_fs(old)[1])
-      self._rows = []
+  def move_aside(self, suffix: str, new_suffix: str) -> str | None:
+    """Renames path + suffix to path + new_suffix (-1, -2, ... where that is taken: two
+    attempts in one second) and returns the new name; None if there was no such file.
+    Moving metrics.jsonl itself (suffix '') starts an empty one."""
+    fs, where = fsspec.core.url_to_fs(self.path + suffix)
+    if not fs.exists(where):
+      return None
+    new = self.path + new_suffix
+    for n in itertools.count(1):
+      if not fs.exists(fsspec.core.url_to_fs(new)[1]):
+        break
+      new = f'{self.path}{new_suffix}-{n}'
+    if suffix or self._remote:
+      fs.mv(where, fsspec.core.url_to_fs(new)[1])
+      if not suffix:
+        self._rows = []
     else:
       self._handle.close()
-      os.replace(self.path, old)
+      os.rename(self.path, new)
       self._handle = self._open()
-    return old
+    return new
 
   def _upload(self) -> None:
     files.write_atomically(self.path, ''.join(r + '\n' for r in self._rows))
@@ -251,7 +260,9 @@ class MetricWriter:
   def drop_rows_after(self, step: int) -> None:
     """Moves metrics.jsonl rows past `step` to metrics.jsonl.dropped: after a resume from
     `step` they are redone, and both copies would make every plot double back. They are
-    kept there (a diverged or damaged timeline's rows are its record). Rewritten atomically."""
+    kept there (a diverged or damaged timeline's rows are its record), after a line that
+    names the resume, so that several timelines' rows do not run together; so are lines
+    that are not rows (cut short by a crash, or edited). Rewritten atomically."""
     if not self.enabled:
       return
     rows = self._jsonl.rows()
@@ -267,11 +278,14 @@ class MetricWriter:
         kept.append(line)
       elif line.strip():
         dropped.append(line)
-    if dropped:   # first: a crash between the two writes leaves a copy, not a loss
-      self._jsonl.add_to(DROPPED_SUFFIX, dropped)
+    if dropped or cut_short:   # first: a crash between the two writes leaves a copy, not a loss
+      self._jsonl.add_to(DROPPED_SUFFIX, [
+          json.dumps({'resumed_from_step': step, 'time': round(time.time(), 3)}),
+          *dropped, *cut_short])
     if cut_short:
-      logging.warning('metrics.jsonl: dropped %d line(s) that are not JSON rows (written '
-                      'when the previous attempt stopped, or edited): %s', len(cut_short),
+      logging.warning('metrics.jsonl: moved %d line(s) that are not JSON rows (written '
+                      'when the previous attempt stopped, or edited) to metrics.jsonl%s: '
+                      '%s', len(cut_short), DROPPED_SUFFIX,
                       ' | '.join(line[:200] for line in cut_short))
     if len(kept) != len(rows):
       self._jsonl.replace(kept)
@@ -292,13 +306,20 @@ class MetricWriter:
 
   def set_aside_rows(self) -> None:
     """A run starting from step 0 in a workdir with rows (an attempt killed before its
-    first save, or --start_over) keeps them in metrics.jsonl.<time>.old, not mixed in;
-    TensorBoard is told to drop its plots of them."""
-    if not self.enabled or not any(row.strip() for row in self._jsonl.rows()):
+    first save, or --start_over) keeps them in metrics.jsonl.<time>.old (and its
+    metrics.jsonl.dropped in metrics.jsonl.dropped.<time>.old), not mixed in; TensorBoard
+    is told to drop its plots of them."""
+    if not self.enabled:
       return
-    old = self._jsonl.set_aside(f'.{int(time.time())}.old')
-    logging.warning('metrics.jsonl of the earlier attempt moved to %s.', old)
-    self._restart_at(0)   # its events stay in their files, out of TensorBoard's plots
+    stamp = int(time.time())
+    dropped = self._jsonl.move_aside(DROPPED_SUFFIX, f'{DROPPED_SUFFIX}.{stamp}.old')
+    rows = (self._jsonl.move_aside('', f'.{stamp}.old')
+            if any(row.strip() for row in self._jsonl.rows()) else None)
+    if rows or dropped:
+      logging.warning('metrics of the earlier attempt moved to %s.',
+                      ' and '.join(path for path in (rows, dropped) if path))
+    if rows:
+      self._restart_at(0)   # its events stay in their files, out of TensorBoard's plots
 
   @property
   def writes_tensorboard(self) -> bool:

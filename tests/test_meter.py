@@ -375,8 +375,9 @@ def test_metrics_jsonl_rows_survive_a_resume_locally_and_on_an_object_store(
                     {'step': 3, 'train/loss': 6.5}]
   resumed.drop_rows_after(1)   # rows dropped at each resume are kept, in order (were lost)
   dropped = fs.cat_file(f'{root}/metrics.jsonl.dropped').decode().splitlines()
-  assert [(r['step'], r['train/loss']) for r in map(json.loads, dropped)] == [
-      (3, 7.0), (2, 8.0), (3, 6.5)]
+  assert [(r.get('resumed_from_step'), r.get('step'), r.get('train/loss'))
+          for r in map(json.loads, dropped)] == [   # each resume's rows after a line naming it
+      (2, None, None), (None, 3, 7.0), (1, None, None), (None, 2, 8.0), (None, 3, 6.5)]
   resumed.write_scalars(2, {'train/loss': 8.5})
   resumed.write_scalars(3, {'train/loss': 6.5})
   resumed.close()
@@ -384,8 +385,12 @@ def test_metrics_jsonl_rows_survive_a_resume_locally_and_on_an_object_store(
   fresh.set_aside_rows()
   fresh.write_scalars(1, {'train/loss': 9.5})
   assert read() == [{'step': 1, 'train/loss': 9.5}]
-  [old] = [f for f in fs.ls(root, detail=False) if f.endswith('.old')]
+  [old] = [f for f in fs.ls(root, detail=False) if f.endswith('.old') and 'dropped' not in f]
   assert [json.loads(r)['step'] for r in fs.cat_file(old).decode().splitlines()] == [1, 2, 3]
+  # The earlier attempt's dropped rows go aside with its rows (were appended to by the next)
+  [old_dropped] = [f for f in fs.ls(root, detail=False) if '.dropped.' in f]
+  assert fs.cat_file(old_dropped).decode().splitlines() == dropped
+  assert not fs.exists(f'{root}/metrics.jsonl.dropped')
   fresh.close()
 
 
@@ -681,3 +686,23 @@ def test_a_json_line_that_is_not_a_row_does_not_stop_a_resume(tmp_path, monkeypa
   resumed.close()
   assert [json.loads(r)['step'] for r in
           (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+  # Kept, not deleted: the line goes to metrics.jsonl.dropped with the rows after step 2
+  assert (tmp_path / 'metrics.jsonl.dropped').read_text().splitlines()[1:] == [
+      rows[2], '[1, 2]']
+
+
+def test_two_attempts_set_aside_in_one_second_keep_both(tmp_path, monkeypatch):
+  """Two runs from step 0 (each killed before its first save) in one second: the second
+  set-aside renamed its rows onto the first's metrics.jsonl.<time>.old (os.replace), and
+  that attempt's rows were gone."""
+  monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # metrics.jsonl only
+  monkeypatch.setattr(metrics_writer.time, 'time', lambda: 1700000000.0)
+  for loss in (5.0, 6.0, 7.0):
+    writer = metrics_writer.MetricWriter(str(tmp_path))
+    writer.set_aside_rows()
+    writer.write_scalars(1, {'train/loss': loss})
+    writer.close()
+  olds = sorted(tmp_path.glob('metrics.jsonl.*.old*'))
+  assert [p.name for p in olds] == ['metrics.jsonl.1700000000.old',
+                                    'metrics.jsonl.1700000000.old-1']
+  assert sorted(json.loads(p.read_text())['train/loss'] for p in olds) == [5.0, 6.0]
