@@ -3,8 +3,8 @@
 One helper for every file this package writes outside orbax (shards, metadata, the
 vocabulary cache, Hugging Face exports, GLUE results and predictions, plots), local or
 remote:
-- a local path (or file://): a temporary file beside the target, then `os.replace`, which
-  is atomic on POSIX;
+- a local path (or file://): a temporary file beside the target, synced to disk, then
+  `os.replace`, which is atomic on POSIX;
 - an object store (gs://, s3://, memory://) through fsspec: the data goes to a local
   temporary file first and is uploaded only once complete (an object is visible only when
   its upload finishes). The upload itself is not in a `with` block either: fsspec's
@@ -89,11 +89,25 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
   try:
     with open(tmp, 'wb') as f:
       write(f)
+      # Before the rename: else a power loss (not a crash) can leave the new name on an
+      # empty file, the old contents gone.
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, local)
+    _fsync_directory(directory)   # the rename itself
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def _fsync_directory(directory: str) -> None:
+  with contextlib.suppress(OSError):   # not every filesystem (or OS) opens directories
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 def check_writable(directory, what: str) -> epath.Path:

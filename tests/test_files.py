@@ -19,6 +19,29 @@ def test_writes_bytes_text_and_writer_functions(tmp_path):
   assert target.read_bytes() == b'abc'
 
 
+def test_the_new_contents_are_on_disk_before_the_rename(tmp_path, monkeypatch):
+  """A power loss after the rename but before the kernel wrote the data back can leave the
+  target empty, the old contents gone: the data is synced first, then the directory (the
+  rename). Recorded by inode, since the temporary file has its own name."""
+  events = []
+  real_fsync, real_replace = os.fsync, os.replace
+  def fsync(fd):
+    events.append(('fsync', os.fstat(fd).st_ino, os.fstat(fd).st_size))
+    real_fsync(fd)
+  def replace(src, dst):
+    events.append(('replace', os.stat(src).st_ino))
+    real_replace(src, dst)
+  monkeypatch.setattr(os, 'fsync', fsync)
+  monkeypatch.setattr(os, 'replace', replace)
+  target = tmp_path / 'results.json'
+  files.write_atomically(target, '{"complete": true}')
+  [(_, renamed)] = [e for e in events if e[0] == 'replace']
+  order = [e[:2] for e in events]
+  assert order.index(('fsync', renamed)) < order.index(('replace', renamed))
+  assert ('fsync', renamed, len('{"complete": true}')) in events   # all of it, not a buffer short
+  assert ('fsync', os.stat(tmp_path).st_ino) in order[order.index(('replace', renamed)):]
+
+
 def _crash_mid_write(f):
   f.write(b'{"compl')
   raise RuntimeError('killed mid-write')
