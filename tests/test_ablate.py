@@ -852,6 +852,47 @@ def test_a_run_trained_with_another_config_is_never_averaged_with_the_grid(tmp_p
                             plots=False)
 
 
+# Every key that decides what a grid run computes, as of 2026-12-06 (the grid's runs on
+# record were written with these or fewer). Edit only with the decision below.
+_EXPERIMENT_KEYS_ON_RECORD = set("""
+    batch_size data.mask_rate data.max_predictions_per_seq data.max_seq_len data.shards_dir
+    data.shuffle data.source data.task data.text_files data.validation_files data.vocab_path
+    data.whole_word_masking eval_every_steps eval_steps model.attention
+    model.attention_dropout_rate model.dropout_rate model.dtype model.hidden_size
+    model.initializer_range model.layer_norm_eps model.max_position_embeddings model.mlp_dim
+    model.num_heads model.num_layers model.pairwise_init_std model.sparse_mlm
+    model.type_vocab_size model.vocab_size optimizer.b1 optimizer.b2 optimizer.eps
+    optimizer.grad_accum_steps optimizer.grad_clip_norm optimizer.learning_rate
+    optimizer.warmup_steps optimizer.weight_decay seed total_steps""".split())
+
+
+def _leaf_keys(tree, prefix=''):
+  return [key for k, v in tree.items() for key in (
+      _leaf_keys(v, f'{prefix}{k}.') if isinstance(v, dict) else [prefix + k])]
+
+
+def test_a_new_training_config_key_is_classified_for_the_grid():
+  """A key added to the training config is missing from every config.json written before
+  it: unless the grid knows the value those runs had, config_differences names it and every
+  older run is left out of the summary (prng_impl did that). The failure says what to do."""
+  keys = set(_leaf_keys(ablate.resolve_config(fx.CONFIG, []).to_dict()))
+  unclassified = sorted(k for k in keys - _EXPERIMENT_KEYS_ON_RECORD
+                        if not k.startswith(ablate_runs.NOT_THE_EXPERIMENT)
+                        and k not in ablate_runs.DEFAULTS_OF_NEWER_KEYS)
+  assert not unclassified, (
+      f'New config keys {unclassified}: add each to bert_sym/ablate/runs.py '
+      'DEFAULTS_OF_NEWER_KEYS (with the value runs had before it existed) or, if it only '
+      'changes how a run is carried out, NOT_THE_EXPERIMENT; then to the set above.')
+  # An older run without the newer keys is still one of the grid (and one with another
+  # value of a newer key is not).
+  config = ablate.resolve_config(fx.CONFIG, [])
+  written = ml_collections.ConfigDict(config.to_dict())
+  for key in ablate_runs.DEFAULTS_OF_NEWER_KEYS:
+    config[key] = ablate_runs.DEFAULTS_OF_NEWER_KEYS[key]
+    del written[key]
+  assert ablate_runs.config_differences(config, written) == []
+
+
 def test_an_unfinished_run_of_another_config_is_not_resumed_into_a_mix(tmp_path):
   """The runner resumed an unfinished run whatever config its checkpoint was trained with:
   the trainer only logs the difference (a W line the runner keeps off the console) and

@@ -1010,6 +1010,32 @@ def test_results_from_before_pair_truncation_are_googles_rule(tmp_path, rule, re
   assert bool(suite.finished_runs(tmp_path, 'CKPT', config)) == reused
 
 
+# The GLUE keys that decide what a (task, seed) computes, as of 2026-12-06 (results on
+# record were written with these or fewer). Edit only with the decision below.
+_RECIPE_KEYS_ON_RECORD = set("""
+    attention_dropout_rate b1 b2 batch_size dropout_rate epochs eps eval_batch_size glue_dir
+    grad_clip_norm learning_rate length_buckets max_eval_examples max_seq_len
+    max_train_examples mesh.data mesh.fsdp mesh.tensor tfds_data_dir vocab_path warmup_ratio
+    weight_decay""".split())
+
+
+def test_a_new_glue_config_key_is_classified_for_reuse():
+  """A key added to configs/glue.py is missing from every glue_results.json written before
+  it: unless reuse knows the value those runs had, no finished run is reused (hours of
+  fine-tuning redone), or a changed meaning goes unnoticed. The failure says what to do."""
+  def leaves(tree, prefix=''):
+    return [key for k, v in tree.items() for key in (
+        leaves(v, f'{prefix}{k}.') if isinstance(v, dict) else [prefix + k])]
+  keys = set(leaves(glue_config.get_config('runlocal').to_dict()))
+  # pylint: disable=protected-access
+  unclassified = sorted(k for k in keys - _RECIPE_KEYS_ON_RECORD if k.split('.')[0] not in
+                        {*reuse._NOT_RECIPE, *reuse._DEFAULTS_OF_NEWER_KEYS})
+  assert not unclassified, (
+      f'New GLUE config keys {unclassified}: add each to bert_sym/glue/reuse.py '
+      '_DEFAULTS_OF_NEWER_KEYS (the value results had before it existed) or, if it does not '
+      'change what a (task, seed) computes, _NOT_RECIPE; then to the set above.')
+
+
 @pytest.mark.parametrize('text', [
     '{"checkpoint": "CK', '{"checkpoint": "CKPT"}', '[1, 2]',
     '{"checkpoint": "CKPT", "config": {}, "runs": {"rte": {"1": {"seconds": 3}}}}'])
