@@ -117,6 +117,12 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
                 ' nothing to do. Raise --config.total_steps to train further (the learning-'
                 'rate decay is then recomputed for the new total: the rate rises again).')
     try:
+      if (meter.interval and step == config.total_steps
+          and not run.writer.logged(step, 'train/loss')):
+        # Stopped between rows and rerun with total_steps lowered to that step: the last
+        # step's row (the steps since the previous one, kept by the save) is still due.
+        meter.timing = (0.0, step)   # no step runs now: a row without throughput
+        hooks.log(step, *meter.row(step))
       if evaluate:
         # The closing summary's numbers; a new row only where the last step's is missing
         # (without it, readers of metrics.jsonl, the ablation report, see an unfinished run).

@@ -1109,6 +1109,19 @@ def test_a_resume_between_log_rows_logs_the_rows_of_the_uninterrupted_run(tmp_pa
                          if 'eval/loss' in m and m['step'] > 3]
   assert [m['step'] for m in eval_rows(resumed)] == [6, 8]
   assert eval_rows(resumed) == eval_rows(reference)
+  # Stopped at step 3 and rerun with total_steps=3: nothing trains, and step 3's row (steps
+  # 1-3, kept by the save) was never written; the metrics ended at the eval row.
+  lowered = tmp_path / 'lowered'
+  shutil.copytree(reference, lowered)
+  for step in (6, 8):
+    shutil.rmtree(lowered / 'checkpoints' / str(step))
+  result = run_trainer(lowered, overrides=dict(cadence, total_steps=3))
+  assert 'Already trained to step 3' in result.stdout, result.stdout[-2000:]
+  [last] = [m for m in _metrics(lowered) if 'train/loss' in m]
+  assert last['step'] == 3 and last['train/nonfinite_steps'] == 0
+  first_four = [m for m in _metrics(reference) if 'train/loss' in m][0]
+  assert abs(last['train/loss'] - first_four['train/loss']) < 0.5   # the same first steps
+  assert [m['step'] for m in _metrics(lowered) if 'eval/loss' in m] == [0, 3]
 
 
 def test_a_resume_evaluates_the_step_whose_eval_was_killed(tmp_path):
