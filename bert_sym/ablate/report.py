@@ -1,7 +1,7 @@
 """Ablation report: reads the finished runs of a grid and writes summary.json,
 summary.md and the plots (`bert_sym.ablate` runs the grid, then calls `summarize`).
 
-Statistics over seeds (steps to target by interpolation, bootstrap intervals, paired
+Statistics over seeds (steps to target by interpolation, t and bootstrap intervals, paired
 differences against the reference, when a ratio is given): `bert_sym.ablate.stats`.
 
 Each run is read by `bert_sym.ablate.runs` (metrics rows, wall-clock time without the time
@@ -40,11 +40,11 @@ _fmt_stat = glue_metrics.format_mean_std
 
 # One line in summary.md (and summary.json) that says which statistic each column is.
 STATISTICS_LINE = (
-    'Columns: final eval loss and steps to target = mean [95% bootstrap interval over '
-    'seeds] (n = seeds that reached the target); steps to target = first crossing of the '
+    'Columns: final eval loss and steps to target = mean [95% t interval over seeds] '
+    '(n = seeds that reached the target); steps to target = first crossing of the '
     'eval curve, linear between evals; ratio = mean steps / {ref} mean steps, only when '
     'every seed of both reached the target [paired bootstrap interval]; paired Δ = mean '
-    'over seeds of (variant - {ref}) on the same seed [bootstrap interval]; paired Δ '
+    'over seeds of (variant - {ref}) on the same seed [t interval]; paired Δ '
     'steps (n = seeds), as the ratio, only when every seed of both reached the target '
     '(— otherwise: a mean over the seeds that got there favours the lucky ones).')
 
@@ -390,10 +390,11 @@ def reading(summary: dict) -> list[str]:
                  f'with {seeds} seed(s). More seeds (--seeds) narrow the intervals; more '
                  'steps (--config.total_steps) let the curves part.')
   elif lines and seeds < FEW_SEEDS:
-    # A percentile bootstrap over a handful of values covers less than it says (over
-    # two seeds its interval is just the two values).
-    lines.append(f'- With {seeds} seed(s) a bootstrap interval is narrower than the '
-                 f'truth: read a separation as a lead for more seeds, not a result.')
+    # A t interval is exact for normal differences; a handful of seeds cannot show that
+    # theirs are (one outlying seed widens or shifts it).
+    lines.append(f'- With {seeds} seed(s) the t interval rests on the differences being '
+                 f'near normal, which so few cannot show: read a separation as a lead for '
+                 f'more seeds, not a result.')
   return lines
 
 
@@ -408,7 +409,7 @@ def markdown(summary: dict) -> str:
             summary['statistic'], '']
   lines += _main_table(summary)
   if summary.get('reading'):
-    lines += ['', 'Reading (paired 95% bootstrap intervals; one that excludes 0 separates '
+    lines += ['', 'Reading (paired 95% t intervals; one that excludes 0 separates '
               'the variant from the reference):', ''] + summary['reading']
   lines += _loss_at_step_table(summary) + _glue_table(summary)
   return '\n'.join(lines) + '\n'

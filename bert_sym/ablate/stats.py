@@ -3,9 +3,12 @@
 * Steps to target: per seed, the first crossing of the eval curve below the target,
   linearly interpolated between the two evals around it (so its resolution is not the
   eval interval); None when the curve never gets there.
-* Intervals: percentile bootstrap over seeds (95%, fixed resampling seed, so a summary is
-  reproducible). With 3 seeds a bootstrap has only 10 distinct resamples and understates
-  the width; it says how far the seeds spread, not a guarantee.
+* Intervals of a mean and of a paired difference: Student t over seeds (95%, n - 1
+  degrees of freedom, sample std). A percentile bootstrap of the mean is about
+  mean +- 1.96 * std(ddof=0) / sqrt(n): for two variants of equal loss its interval left
+  out 0 on 25% of 3-seed grids, 17% at 5 seeds, 9% at 10, where a 95% one does on 5%.
+* The ratio of mean steps has no closed form: percentile bootstrap over seeds (fixed
+  resampling seed, so a summary is reproducible), as narrow as above with few seeds.
 * Paired differences: seed s gives every variant the same data order and masking, so
   variant - reference per seed removes the data's share of the noise.
 * Ratio and paired difference of steps to target: only when every seed of both variants
@@ -16,6 +19,7 @@
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
@@ -70,14 +74,24 @@ def bootstrap_interval(samples: Sequence[Sequence[float]],
   return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
 
 
+def t_interval(values: Sequence[float]) -> list[float] | None:
+  """95% Student t interval of the mean; None with fewer than 2 values or a non-finite one."""
+  x = np.asarray(values, float)
+  if x.size < 2 or not np.isfinite(x).all():
+    return None
+  half = (scipy_stats.t.ppf((1 + CONFIDENCE) / 2, x.size - 1) * np.std(x, ddof=1)
+          / np.sqrt(x.size))
+  return [float(np.mean(x) - half), float(np.mean(x) + half)]
+
+
 def describe(values: Sequence[float | None]) -> dict:
-  """Mean, sample std (ddof=1), n, and the bootstrap interval of the mean, over the values
+  """Mean, sample std (ddof=1), n, and the t interval of the mean, over the values
   present (None = missing)."""
   present = [float(v) for v in values if v is not None]
   n = len(present)
   return {'mean': float(np.mean(present)) if n else None,
           'std': float(np.std(present, ddof=1)) if n > 1 else None, 'n': n,
-          'ci95': bootstrap_interval([present], np.mean) if n else None}
+          'ci95': t_interval(present)}
 
 
 def paired_difference(variant: dict, reference: dict) -> dict:
