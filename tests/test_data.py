@@ -453,6 +453,27 @@ def test_validation_files_that_the_training_glob_also_matches_are_refused(tmp_pa
   sources.text_files_dataset_fn(f'{tmp_path}/wiki.*.tokens')   # held out from the files
 
 
+def test_text_files_that_cannot_be_read_are_named_not_a_tensorflow_traceback(tmp_path,
+                                                                            monkeypatch):
+  """--config.data.text_files='gs://bucket/*.txt' offline, without credentials or without
+  permission: TF's FailedPreconditionError/PermissionDeniedError ended the trainer and
+  `bert_sym.shards export` in a traceback (the streaming path names the storage error)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'a.txt').write_text('some text\n')
+
+  def refuse(path):
+    raise tf.errors.PermissionDeniedError(None, None, f'403 Forbidden when reading {path}')
+  for call in ('glob', 'stat'):
+    with monkeypatch.context() as patch:
+      patch.setattr(tf.io.gfile, call, refuse)
+      pattern = f'{tmp_path}/*.txt'
+      named = pattern if call == 'glob' else str(tmp_path / 'a.txt')
+      with pytest.raises(DataError, match=re.escape(
+          f'{named}: cannot be read (PermissionDeniedError: 403 Forbidden when reading '
+          f'{named}): the storage did not answer or refused the read')):
+        sources.expand_patterns(pattern)
+
+
 # From a mutation audit: each test fails with the rule it names broken.
 
 def test_token_dtype_holds_every_id_of_the_vocabulary():

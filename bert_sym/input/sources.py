@@ -140,6 +140,19 @@ def check_exported_files(metadata: dict, data_config, where: str) -> None:
           'mean.')
 
 
+def _gfile(call, path: str):
+  """`call(path)` through tf.io.gfile; a storage error (gs:// unreachable, no credentials
+  or permission) is a DataError naming the path, not TF's traceback."""
+  tf = import_tensorflow()
+  try:
+    return call(path)
+  except tf.errors.OpError as e:
+    raise DataError(f'{path}: cannot be read ({type(e).__name__}: '
+                    f'{" ".join(e.message.split())[:200]}): the storage did not answer or '
+                    'refused the read (network, credentials, permissions). Fix: check that '
+                    'this machine can read it.') from None
+
+
 def expand_patterns(patterns: str | list[str]) -> list[str]:
   """Sorted files matching comma-separated globs, each once; a pattern matching nothing is
   an error."""
@@ -149,10 +162,10 @@ def expand_patterns(patterns: str | list[str]) -> list[str]:
     raise DataError('no text file pattern given (config.data.text_files is empty)')
   files, seen = [], set()
   for pattern in patterns:
-    matches = sorted(tf.io.gfile.glob(pattern))
+    matches = sorted(_gfile(tf.io.gfile.glob, pattern))
     if not matches:
       raise DataError(f'{pattern}: no such file (the pattern matches nothing)')
-    pattern_files = [m for m in matches if not tf.io.gfile.isdir(m)]
+    pattern_files = [m for m in matches if not _gfile(tf.io.gfile.isdir, m)]
     if not pattern_files:   # else the corpus would be empty, and the pattern unnamed
       what = ('is a directory' if len(matches) == 1 else
               f'matches only directories ({", ".join(matches[:3])}'
@@ -163,7 +176,7 @@ def expand_patterns(patterns: str | list[str]) -> list[str]:
     # documents were trained on twice, and one copy could be held out for validation.
     files.extend(f for f in pattern_files if f not in seen)
     seen.update(pattern_files)
-  if sum(tf.io.gfile.stat(f).length for f in files) == 0:
+  if sum(_gfile(tf.io.gfile.stat, f).length for f in files) == 0:
     raise DataError(f'{", ".join(files)}: empty corpus (all files are empty)')
   return files
 
