@@ -301,6 +301,25 @@ def test_trainer_reads_the_registered_seqio_task(tmp_path):
     np.testing.assert_array_equal(through_seqio[key], direct[key])
 
 
+def test_a_task_registered_with_another_vocabulary_is_refused_not_retokenised(tmp_path):
+  """A task registered with its own vocab.txt was tokenised by the trainer with
+  config.data.vocab_path (bert-base-uncased ids up to 28k for a 2,000-token model) without
+  a word; now it names both vocabularies and the flag that agrees with the task."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
+  corpus = tmp_path / 'mine.txt'
+  corpus.write_text('\n'.join(f'sentence number {i} about apples.' for i in range(300)))
+  small_vocab = tmp_path / 'vocab.txt'
+  small_vocab.write_text('\n'.join(list(tokenizer.WordPiece('').tokens)[:2000]) + '\n')
+  tasks.register_text_files_task('task_with_its_own_vocab', str(corpus),
+                                 vocab_path=str(small_vocab))
+  config = ml_collections.ConfigDict(dict(task='task_with_its_own_vocab', vocab_path=''))
+  with pytest.raises(DataError, match=rf'--config.data.vocab_path={small_vocab}\.'):
+    tasks.task_documents(config, 'train')
+  config.vocab_path = str(small_vocab)   # agreeing: read
+  assert next(iter(tasks.task_documents(config, 'train')))['text']
+
+
 # From a mutation audit: each test fails with the rule it names broken.
 
 def test_documents_parts_partition_a_function_source(tmp_path):

@@ -207,7 +207,25 @@ def register_text_files_task(name: str, patterns: str | list[str], *, vocab_path
 def task_documents(data_config, split: str):
   """The documents of config.data's registered seqio task: what the trainer packs for
   source='seqio', so a task registered under any name is read."""
-  return documents(task_for_config(data_config), split)
+  name = task_for_config(data_config)
+  _check_task_vocabulary(name, data_config.vocab_path)
+  return documents(name, split)
+
+
+def _check_task_vocabulary(name: str, vocab_path: str) -> None:
+  """The trainer tokenises a task's documents with config.data.vocab_path: a task
+  registered with another vocabulary was trained on ids it never meant, without a word."""
+  features = seqio.get_mixture_or_task(name).output_features
+  if 'input_ids' not in features:   # not one of ours: nothing says which vocabulary it meant
+    return
+  own = features['input_ids'].vocabulary
+  if own != get_vocabulary(vocab_path):
+    what = own.path if isinstance(own, BertWordPieceVocabulary) else type(own).__name__
+    fix = (f'--config.data.vocab_path={own.path}' if isinstance(own, BertWordPieceVocabulary)
+           else 'register the task with a BertWordPieceVocabulary')
+    raise DataError(f'seqio task {name} was registered with the vocabulary {what}, but the '
+                    'trainer tokenises its documents with config.data.vocab_path '
+                    f'({vocab_path or "bert-base-uncased"}). Fix: {fix}.')
 
 
 def task_for_config(data_config) -> str:
