@@ -15,10 +15,10 @@
 #      out (unscanned), against Hugging Face from the same run: seq 128 x 256 and 512 x 128
 #      on the fast recipe (fused: cuDNN, no attention dropout) and the paper recipe, with
 #      attention dropout inside our Pallas kernel (pallas_dropout) and on xla;
-#   3. A/B: the same steps at 128 x 256 with scanned layers;
-#   4. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
-#      the top 30 device ops; then A/B: JAX autodiff's backward (model.lean_backward=False)
-#      at 128 x 256;
+#   3. the profile: one traced configuration (fast recipe, seq 128 x 256) and its table of
+#      the top 30 device ops;
+#   4. A/B: the same steps at 128 x 256 with scanned layers, then with JAX autodiff's
+#      backward (model.lean_backward=False);
 #   5. pairwise on the fast recipe at the shapes of 2., for its step time against standard's;
 #   6. with the time left: seq 512 x 32 and 512 x 256 against HF, the paper recipe with
 #      attention dropout inside cuDNN (fused_dropout), then the GLUE parallel-seeds benchmark.
@@ -105,7 +105,10 @@ DATE=$(date -u +%Y-%m-%d)
 # `-m gpu tests/`, which would collect modules that import TensorFlow or seqio. One process
 # until a test takes it down (cuDNN's dropout backward aborted it, on an H100 with jax
 # 0.11.2), then a new one for the tests after it (benchmarks/run_gpu_tests.py).
-GPU_TESTS="tests/test_cudnn_dropout.py tests/test_flash_dropout.py tests/test_attention.py tests/test_gpu_flags.py tests/test_objectives.py"
+# cuDNN's dropout tests last: its backward aborted the process on the H100 (2026-12-06); a
+# hang there instead would eat the step's time, and the Pallas kernel's tests, never yet
+# run on a GPU, come first.
+GPU_TESTS="tests/test_flash_dropout.py tests/test_attention.py tests/test_gpu_flags.py tests/test_objectives.py tests/test_cudnn_dropout.py"
 # shellcheck disable=SC2086
 step 'gpu tests' 150 python3 benchmarks/run_gpu_tests.py --quiet_s=60 $GPU_TESTS
 
@@ -119,19 +122,21 @@ rm -rf "$JAX_CACHE"
 bench 'train step vs HF: seq 128 x 256 and 512 x 128' 320 "$R/accelerator_gpu_${DATE}.json" \
   --variants=standard --shapes=128x256,512x128 --paths=fused,pallas_dropout,xla \
   --compilation_cache_dir="$JAX_CACHE"
-# The H100 run of 2026-12-06 timed scanned layers; its profile's top op was 413
-# device-to-device copies (11% of the step), and compiled for a GPU the scanned step slices
-# its stacked parameters and residuals per layer: scanned against unscanned, same run.
-bench 'A/B: scanned layers (fast and paper, 128 x 256)' 70 \
-  "$R/accelerator_gpu_scanned_${DATE}.json" \
-  --variants=standard --shapes=128x256 --paths=fused,xla --no_hf --scan_layers=1
-
+# Before the A/Bs: one short run's material for the offline work (its cache hit spares
+# it a compile).
 PROFILE_TABLE=$R/profile_standard_fused_128x256/top_ops.txt
 rm -f "$PROFILE_TABLE"
 bench 'profile: fast recipe, seq 128 x 256' 60 "$R/accelerator_gpu_profile_${DATE}.json" \
   --variants=standard --shapes=128x256 --paths=fused --no_hf --profile \
   --compilation_cache_dir="$JAX_CACHE"
 cat "$PROFILE_TABLE" 2>/dev/null && save "$PROFILE_TABLE"
+
+# The H100 run of 2026-12-06 timed scanned layers; its profile's top op was 413
+# device-to-device copies (11% of the step), and compiled for a GPU the scanned step slices
+# its stacked parameters and residuals per layer: scanned against unscanned, same run.
+bench 'A/B: scanned layers (fast and paper, 128 x 256)' 70 \
+  "$R/accelerator_gpu_scanned_${DATE}.json" \
+  --variants=standard --shapes=128x256 --paths=fused,xla --no_hf --scan_layers=1
 
 # model.lean_backward (the default since 2026-12-06, timed by every step above): GELU's
 # backward keeps x alone, xla attention dropout's draws its mask again, the MLM decoder's
