@@ -91,9 +91,11 @@ if [[ -n $EXPORT_TO && $EXPORT_TO != gs://* ]]; then
 fi
 for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
   # The launcher passes its own (absl would say the flag is "defined twice", at start-up on
-  # every worker with SKIP_PREFLIGHT=1).
-  if [[ $arg == --config=* || $arg == --workdir=* ||
-        ( -n $EXPORT_TO && $arg == --config.data.shards_dir=* ) ]]; then
+  # every worker with SKIP_PREFLIGHT=1). absl also takes `--workdir VALUE`, which the
+  # preflight ignores and every worker's trainer refuses as given twice.
+  if [[ $arg == --config || $arg == --config=* || $arg == --workdir || $arg == --workdir=* ||
+        ( -n $EXPORT_TO && ( $arg == --config.data.shards_dir ||
+                             $arg == --config.data.shards_dir=* ) ) ]]; then
     echo "$arg: launch/tpu_vm.sh passes that flag itself (from CONFIG, WORKDIR or" \
       "EXPORT_TO); drop it from the arguments." >&2
     exit 2

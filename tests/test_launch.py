@@ -471,13 +471,17 @@ def test_tpu_vm_launcher_passes_the_workers_a_config_path_of_the_checkout_they_g
 
 
 @pytest.mark.parametrize('extra', ['--config=configs/tiny.py', '--workdir=gs://bucket/other',
-                                   '--config.data.shards_dir=gs://bucket/mine'])
+                                   '--config.data.shards_dir=gs://bucket/mine',
+                                   # absl's other spelling: `--workdir VALUE` passed the
+                                   # preflight (which ignores it) and stopped every trainer
+                                   '--workdir gs://bucket/other', '--config configs/tiny.py',
+                                   '--config.data.shards_dir gs://bucket/mine'])
 def test_tpu_vm_launcher_refuses_an_argument_it_passes_itself(tmp_path, extra):
   """Given again, absl kept the user's (--config) or said 'defined twice' on every worker
   of a created slice (--config.data.shards_dir beside EXPORT_TO, SKIP_PREFLIGHT=1)."""
   env, _ = _stubbed_slice(tmp_path, state='')   # EXPORT_TO set
   result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
-                           'configs/sym_base.py', 'gs://bucket/sym_base', extra],
+                           'configs/sym_base.py', 'gs://bucket/sym_base', *extra.split(' ')],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and 'passes that flag itself' in result.stderr, result.stderr
   assert not (tmp_path / 'gcloud_calls').exists()
