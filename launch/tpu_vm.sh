@@ -32,7 +32,8 @@
 # --config.data.shards_dir=gs://... themselves.
 #   EXPORT_TO=gs://my-bucket/c4_512 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets \
 #     launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base
-# EXPORT_TASK (default bert_sym_mlm_c4) and EXPORT_SEQ_LEN (default 512) pick the corpus.
+# EXPORT_TASK (default bert_sym_mlm_c4) and EXPORT_SEQ_LEN (default 512) pick the corpus;
+# the preflight refuses an EXPORT_SEQ_LEN other than the config's data.max_seq_len.
 # A worker whose export fails stops the others' wait; one killed without a word does when
 # nothing has been written for EXPORT_STALL_MINUTES (default 180).
 # TFDS_DATA_DIR must hold the prepared TFDS dataset (`tfds build c4/en --data_dir=...`).
@@ -136,13 +137,26 @@ if [[ -z $SKIP_PREFLIGHT ]]; then
     [[ -x $REPO_ROOT/.venv/bin/python ]] && PREFLIGHT_PYTHON=$REPO_ROOT/.venv/bin/python
   fi
   echo "Preflight: compiling $CONFIG for $ACCELERATOR on this machine (bert_sym.aot)"
+  PREFLIGHT_DIR=$(mktemp -d /tmp/bert_sym_preflight.XXXXXX)
   # --require_data: the config must name its data, unless EXPORT_TO is about to make it.
   if ! (cd "$REPO_ROOT" && "$PREFLIGHT_PYTHON" -m bert_sym.aot --config="$CONFIG" \
         --topology="$ACCELERATOR" ${EXPORT_TO:+"--config.data.shards_dir=$EXPORT_TO"} \
-        --require_data ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}); then
+        --require_data --out="$PREFLIGHT_DIR/report.json" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}); then
+    rm -rf "$PREFLIGHT_DIR"
     echo "Preflight failed for $CONFIG on $ACCELERATOR (above); nothing was created." \
       "Fix the config, or set SKIP_PREFLIGHT=1 to launch anyway." >&2
     exit 1
+  fi
+  # The trainer refuses shards of another length than its config.data.max_seq_len: found
+  # only after every worker has spent hours on the export.
+  SEQ_LEN=$("$PREFLIGHT_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["seq_len"])' \
+    "$PREFLIGHT_DIR/report.json" 2>/dev/null || true)
+  rm -rf "$PREFLIGHT_DIR"
+  if [[ -n $EXPORT_TO && -n $SEQ_LEN && $SEQ_LEN != "$EXPORT_SEQ_LEN" ]]; then
+    echo "EXPORT_SEQ_LEN=$EXPORT_SEQ_LEN, but $CONFIG trains on $SEQ_LEN-token blocks" \
+      "(config.data.max_seq_len), and the trainer refuses shards of another length." \
+      "Fix: EXPORT_SEQ_LEN=$SEQ_LEN (and an EXPORT_TO for that length); nothing was created." >&2
+    exit 2
   fi
 fi
 

@@ -508,6 +508,36 @@ def test_tpu_vm_launcher_stops_before_creating_a_slice_for_a_run_that_names_no_d
   assert not (tmp_path / 'gcloud_calls').exists()
 
 
+# bert_sym.aot as the preflight runs it: writes a report of SEQ_LEN-token rows to --out.
+AOT_STUB = """#!{python}
+import json, subprocess, sys
+if sys.argv[1] == '-c':
+  sys.exit(subprocess.run([{python!r}] + sys.argv[1:]).returncode)
+for out in [a.split('=', 1)[1] for a in sys.argv if a.startswith('--out=')]:
+  json.dump({{'seq_len': int({seq_len!r}), 'fits': True}}, open(out, 'w'))
+"""
+
+
+def test_tpu_vm_launcher_refuses_an_export_of_another_length_than_the_config_trains(tmp_path):
+  """EXPORT_TO with --config.data.max_seq_len=128: every worker exported 512-token shards
+  (EXPORT_SEQ_LEN's default), for hours, then every trainer refused them (shards hold
+  512-token blocks, config asks 128). The preflight's report now says the length first."""
+  env, _ = _stubbed_slice(tmp_path, state='READY')   # EXPORT_TO set
+  env.pop('SKIP_PREFLIGHT')
+  _executable(tmp_path / 'aot', AOT_STUB.format(python=sys.executable, seq_len=128))
+  env['PYTHON'] = str(tmp_path / 'aot')
+  command = ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+             'configs/sym_base.py', 'gs://bucket/sym_base', '--config.data.max_seq_len=128']
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+  assert 'Fix: EXPORT_SEQ_LEN=128' in result.stderr, result.stderr
+  assert not (tmp_path / 'gcloud_calls').exists()
+  result = subprocess.run(command, cwd=REPO_ROOT, env=dict(env, EXPORT_SEQ_LEN='128'),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def test_tpu_vm_launcher_refuses_a_jax_version_the_constraints_would_refuse(tmp_path):
   """JAX_SPEC='jax[tpu]==0.9.0' under constraints.txt (jax==0.10.2): pip failed on every
   worker after the slice existed and the old run had stopped. Refused here now, naming
