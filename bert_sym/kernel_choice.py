@@ -24,6 +24,9 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas', 'splash')
 # The fused kernel `auto` picks on each backend (any other backend: xla).
 BACKEND_KERNELS = {'gpu': 'cudnn', 'tpu': 'splash'}
 SPLASH_BLOCK = 128   # splash tiles are multiples of the 128-lane vector width
+# The TPU compiler (libtpu 0.0.42) fails the train step with a MosaicError otherwise.
+SPLASH_FLOAT16 = ('model.dtype is float16, which the splash kernel cannot load on a TPU '
+                  "(Mosaic: 'Invalid vector type for load')")
 # Measured (benchmarks/RESULTS.md, 2026-12-06): so `auto` leaves attention dropout to xla,
 # and `cudnn` named with dropout is an opt-in for another JAX.
 CUDNN_DROPOUT_FAILED = (
@@ -151,6 +154,9 @@ def resolve_implementation(impl: str, *, training_dropout: bool, return_weights:
         f"model.attention_impl='splash' needs a sequence length that is a multiple of "
         f"{SPLASH_BLOCK}, got {seq_len}; change data.max_seq_len or use "
         f"model.attention_impl=xla.")
+  if impl == 'splash' and not interpret and jnp.dtype(dtype) == jnp.float16:
+    raise ValueError(f"model.attention_impl='splash' cannot run: {SPLASH_FLOAT16}. Set "
+                     "model.dtype=auto (bfloat16) or float32, or model.attention_impl=xla.")
   return impl
 
 
@@ -179,6 +185,8 @@ def _auto_kernel(backend, training_dropout, return_weights, seq_len, dtype, scan
     why_not = 'attention weights were asked for (return_weights)'
   elif kernel == 'splash' and seq_len % SPLASH_BLOCK:
     why_not = f'sequence length {seq_len} is not a multiple of {SPLASH_BLOCK}'
+  elif kernel == 'splash' and jnp.dtype(dtype) == jnp.float16:
+    why_not = SPLASH_FLOAT16
   elif kernel == 'cudnn' and jnp.dtype(dtype) == jnp.float32:
     why_not = ('model.dtype is float32 and cuDNN flash attention runs in 16 bits only '
                '(model.dtype=auto is bfloat16 on GPU)')

@@ -324,6 +324,23 @@ def test_auto_picks_the_backend_kernel_and_xla_for_dropout(backend, kernel, capl
     assert 'sequence length 100 is not a multiple of 128' in caplog.text
 
 
+def test_a_float16_model_on_tpu_runs_xla_not_splash(caplog):
+  """auto took splash for model.dtype=float16 on a TPU, and the TPU compiler failed the
+  train step with a MosaicError traceback ('Invalid vector type for load'; bert_sym.aot
+  for v5e-4); xla compiles it. Named, splash is refused with the fix."""
+  resolve = functools.partial(kernel_choice.resolve_implementation, training_dropout=False,
+                              return_weights=False, seq_len=128, backend='tpu')
+  kernel_choice._log_once.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    assert resolve('auto', dtype=jnp.float16) == 'xla'
+  assert 'not splash, because model.dtype is float16' in caplog.text
+  assert resolve('auto', dtype=jnp.bfloat16) == resolve('auto', dtype=jnp.float32) == 'splash'
+  with pytest.raises(ValueError, match=r"'splash' cannot run: model.dtype is float16.*"
+                                       r"model.dtype=auto"):
+    resolve('splash', dtype=jnp.float16)
+  assert resolve('splash', dtype=jnp.float16, interpret=True) == 'splash'   # CPU tests
+
+
 @pytest.mark.gpu   # skipped on a GPU machine
 @pytest.mark.skipif(ON_GPU, reason='checks the error raised off GPU')
 def test_cudnn_off_gpu_is_a_clear_error():
