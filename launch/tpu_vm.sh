@@ -101,6 +101,14 @@ for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
       "EXPORT_TO); drop it from the arguments." >&2
     exit 2
   fi
+  # The preflight accepts bert_sym.aot's own flags; every worker's trainer stops on them.
+  case "$arg" in
+    --topology|--topology=*|--num_slices|--num_slices=*|--out|--out=*|--eval_step|\
+    --eval_step=*|--noeval_step|--require_data|--require_data=*|--norequire_data)
+      echo "$arg: a flag of bert_sym.aot, which the trainer does not take; drop it (the" \
+        "preflight compiles for ACCELERATOR, one slice)." >&2
+      exit 2 ;;
+  esac
 done
 GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
