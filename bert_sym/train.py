@@ -168,8 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   `start_over`, a workdir whose checkpoints are all damaged starts again from step 0.
   Signal handlers and hooks are as before when this returns or raises.
   """
-  config = _check_inputs(config, make_iterator)   # every input, before any side effect
-  checkpoint.check_same_config_on_every_host(config, 'run')
+  config = checkpoint.inputs_checked_on_every_host(   # every input, before any side effect
+      lambda: _check_inputs(config, make_iterator), 'run')
   loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
   workdir = _prepare_workdir(workdir)
   with checkpoint.workdir_lock(workdir), loop.PreemptionFlag() as preemption:

@@ -598,6 +598,25 @@ def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
     assert not list((tmp_path / name).rglob('trainer.lock'))   # released on the way out
 
 
+def test_inputs_refused_on_one_host_stop_every_host_in_one_line(tmp_path):
+  """One host's inputs fail its checks (a data path missing on one node's disk; here a
+  mesh only it was given): that host left, and the other died in a traceback at the
+  config comparison ("Gloo context initialization failed: ... GetKeyValue() timed out").
+  Each now stops in one line, the other naming the process and its error."""
+  address = train_fixtures.coordinator_address()
+  processes = [run_trainer(tmp_path, f'--coordinator_address={address}', '--num_processes=2',
+                           f'--process_id={i}', *(['--config.mesh.data=3'] if i else []),
+                           devices=2, overrides=_overrides(), background=True)
+               for i in range(2)]
+  outputs = _outputs_of(processes, timeout=240)
+  for p, out in zip(processes, outputs):
+    errors = [line for line in out.splitlines() if 'bert_sym.train: error:' in line]
+    assert p.returncode == 1 and 'Traceback' not in out, out[-3000:]
+    assert len(errors) == 1 and 'mesh' in errors[0], out[-3000:]
+  assert 'process 1 of this run stopped on its inputs: ' in outputs[0]
+  assert not (tmp_path / 'checkpoints').exists()
+
+
 def test_two_processes_stop_at_one_step_on_sigterm_to_one_and_match_one_process(
     tmp_path, reference_run):
   """jax.distributed over 2 local processes x 2 CPU devices, gloo collectives. A preemption

@@ -30,6 +30,22 @@ class HostsDisagree(UserError, ValueError):
   """The processes of one multi-host run were not started as one run."""
 
 
+def inputs_checked_on_every_host(check, what: str = 'run'):
+  """`check()` (this host's checks of its inputs; it returns the config to run) on every
+  host, then check_same_config_on_every_host. A host whose check raised used to leave
+  while the others waited for it in the config comparison, their first collective, until
+  they died in a traceback (gloo: "GetKeyValue() timed out"): a data path missing on one
+  node's disk. It now tells them there before raising, so each stops in one line."""
+  try:
+    config = check()
+  except Exception as e:
+    if jax.process_count() > 1:
+      allgather_json([str(e) or type(e).__name__, None])   # the others raise on it
+    raise
+  check_same_config_on_every_host(config, what)
+  return config
+
+
 def check_same_config_on_every_host(config, what: str = 'run') -> None:
   """Every process runs process 0's config (which alone is written to config.json).
 
@@ -38,7 +54,15 @@ def check_same_config_on_every_host(config, what: str = 'run') -> None:
   recipes."""
   if jax.process_count() == 1:
     return
-  everyone = allgather_json(flat_config(config))
+  gathered = allgather_json([None, flat_config(config)])
+  stopped = [(index, problem) for index, (problem, _) in enumerate(gathered) if problem]
+  if stopped:   # its inputs failed its checks (inputs_checked_on_every_host)
+    index, problem = stopped[0]
+    raise HostsDisagree(
+        f'process {index} of this {what} stopped on its inputs: {problem} '
+        f'({len(stopped)} process(es) stopped). Fix that on every host (a path must be the '
+        'same shared one on all), then rerun the same command on every host.')
+  everyone = [theirs for _, theirs in gathered]
   first = everyone[0]
   differing = {index: sorted(k for k in set(theirs) | set(first)
                              if theirs.get(k) != first.get(k))
