@@ -239,6 +239,8 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
         return main(args)
     except SystemExit as e:
       if e.code not in (None, 0, EXIT_PREEMPTED):
+        if not isinstance(e.code, int) and one_of_several_processes():
+          print(e.code, file=sys.stderr)   # what the normal exit would print (os._exit won't)
         leave_a_multiprocess_run(e.code if isinstance(e.code, int) else EXIT_USER_ERROR)
       raise
     except BaseException:   # a bug

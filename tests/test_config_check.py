@@ -316,6 +316,27 @@ def test_ctrl_c_outside_the_loop_exits_130_and_permission_errors_are_one_line():
   assert cli.user_error_message(OSError(5, 'Input/output error')) is None
 
 
+def test_an_error_exit_of_one_of_several_processes_says_its_message(monkeypatch, capsys):
+  """bert_sym.glue stops on its input errors with SystemExit('bert_sym.glue: error: ...');
+  Python prints that message at exit, but one of several processes leaves by os._exit,
+  so on 2 processes (--glue_dir missing on one) both exited 1 without a word."""
+  class Left(Exception):
+    pass
+
+  def leave(code):
+    raise Left(code)
+
+  def main(argv):
+    raise SystemExit('bert_sym.glue: error: /data/glue: no such directory')
+
+  monkeypatch.setattr(cli, 'one_of_several_processes', lambda: True)
+  monkeypatch.setattr(cli, '_leave_together', lambda: None)
+  monkeypatch.setattr(os, '_exit', leave)
+  with pytest.raises(Left, match=str(cli.EXIT_USER_ERROR)):
+    cli.run(main, prog='bert_sym.glue', argv=['bert_sym.glue'])
+  assert capsys.readouterr().err == 'bert_sym.glue: error: /data/glue: no such directory\n'
+
+
 def test_a_table_one_row_short_of_the_data_vocabulary_is_refused():
   """The data's top token id needs a row: vocab_size = data vocabulary - 1 leaves id N-1
   without an embedding (a gather clamps it silently on accelerators)."""
