@@ -756,6 +756,30 @@ def test_tfds_glue_builder_code_path_has_its_runtime_dependencies(tmp_path):
   assert type(builder).code_path is not None
 
 
+def test_a_host_left_by_another_says_so_in_one_line(tmp_path):
+  """Two hosts, --glue_dir missing on host 1 only: host 1 stopped on it, and host 0's
+  collective failed with gloo's ValueError, which the input-error branch printed as
+  'bert_sym.glue: error: UNKNOWN: Gloo AllGather failed: ... Connection closed by peer'.
+  It now says, as the trainer does, that another process stopped and where to look.
+  (Host 0's side, with the collective's error raised where it was.)"""
+  gone = ('UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] '
+          'Connection closed by peer [127.0.0.1]:17325')
+  host_0 = ('import os, runpy; from bert_sym import cli; from bert_sym.glue import suite\n'
+            'cli.one_of_several_processes = lambda: True\n'
+            'cli._leave_together = lambda: None\n'
+            'def run_glue(*args):\n'
+            f'  raise ValueError({gone!r})\n'
+            'suite.run_glue = run_glue\n'
+            "runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)")
+  result = subprocess.run(
+      [sys.executable, '-c', host_0, f'--checkpoint={tmp_path}', f'--output_dir={tmp_path}'],
+      cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.startswith('bert_sym.glue: error: another process of this run '
+                                  'stopped or stalled (ValueError: UNKNOWN: Gloo'), result.stderr
+
+
 def test_help_shows_how_to_reproduce():
   result = subprocess.run([sys.executable, '-m', 'bert_sym.glue', '--help'], cwd=REPO_ROOT,
                           env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),

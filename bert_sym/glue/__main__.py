@@ -129,6 +129,8 @@ def main(argv, cli):
           checkpoint.CheckpointSaveError) as e:
     # Our input checks (GlueDataError, a bad checkpoint or task) say what to fix; a failed
     # save (disk full, permission) names the step, the path and the cause.
+    if cli_lib.another_process_stopped(str(e)):   # gloo's ValueError: cli names the cause
+      raise
     raise SystemExit(f'bert_sym.glue: error: {e}') from None
   except Exception as e:  # pylint: disable=broad-except
     if not cli_lib.raised_in(e, 'tensorflow_datasets'):
