@@ -706,3 +706,37 @@ def test_two_attempts_set_aside_in_one_second_keep_both(tmp_path, monkeypatch):
   assert [p.name for p in olds] == ['metrics.jsonl.1700000000.old',
                                     'metrics.jsonl.1700000000.old-1']
   assert sorted(json.loads(p.read_text())['train/loss'] for p in olds) == [5.0, 6.0]
+
+
+_FULL_DISK_AT_RESUME_SCRIPT = """
+import json, resource, signal, sys
+sys.modules['tensorboard.compat.proto'] = None   # metrics.jsonl only
+from bert_sym import metrics_writer
+workdir, resume_at = sys.argv[1], int(sys.argv[2])
+writer = metrics_writer.MetricWriter(workdir)
+for step in range(1, 41):
+  writer.write_scalars(step, {'train/loss': 1.0 / step})
+writer.close()
+resumed = metrics_writer.MetricWriter(workdir)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails (EFBIG)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+try:
+  resumed.drop_rows_after(resume_at)
+except OSError as e:
+  print('stopped', e)
+"""
+
+
+@pytest.mark.parametrize('resume_at', [5, 38])
+def test_a_full_disk_while_a_resume_moves_rows_aside_loses_no_row(tmp_path, resume_at):
+  """A resume rewrites metrics.jsonl without the rows after its step and appends those to
+  metrics.jsonl.dropped; the disk fills (here a 1000-byte file size limit) during one of
+  the two writes: at 5 the dropped rows do not fit, at 38 the kept ones. Every row of the
+  40 is still in metrics.jsonl, as before the resume."""
+  result = subprocess.run([sys.executable, '-c', _FULL_DISK_AT_RESUME_SCRIPT, str(tmp_path),
+                           str(resume_at)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  assert result.returncode == 0 and 'stopped' in result.stdout, result.stderr[-3000:]
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  assert len(lines) == 40, lines[-2:]
+  assert [json.loads(line)['step'] for line in lines] == list(range(1, 41))
