@@ -111,7 +111,16 @@ class _JsonLines:
   def _open(self):
     # Unbuffered: a row that fails to write (a full disk) is taken back whole in `append`,
     # and no buffer is left to fail again (over the first error) when the file is closed.
-    return open(self.path, 'ab', buffering=0)
+    handle = open(self.path, 'ab', buffering=0)
+    if os.fstat(handle.fileno()).st_size:
+      with open(self.path, 'rb') as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+      # A last row without its newline (a hand edit): the next row was glued onto it, and
+      # the next resume dropped the pair as a line that is not JSON.
+      if last != b'\n':
+        handle.write(b'\n')
+    return handle
 
   def _read(self) -> list[str]:
     if self._remote:

@@ -740,3 +740,20 @@ def test_a_full_disk_while_a_resume_moves_rows_aside_loses_no_row(tmp_path, resu
   lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
   assert len(lines) == 40, lines[-2:]
   assert [json.loads(line)['step'] for line in lines] == list(range(1, 41))
+
+
+
+def test_a_last_row_without_its_newline_keeps_the_next_row_apart(tmp_path, monkeypatch):
+  """metrics.jsonl edited by hand, its last row left without a newline: the resumed run's
+  first row was appended onto that line, and the next resume dropped both rows as a line
+  that is not JSON."""
+  monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # metrics.jsonl only
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 3.0}\n'
+                                          '{"step": 2, "train/loss": 2.0}')
+  for resumed_at, step in ((2, 3), (3, 4)):
+    writer = metrics_writer.MetricWriter(str(tmp_path))
+    writer.drop_rows_after(resumed_at)
+    writer.write_scalars(step, {'train/loss': 1.0})
+    writer.close()
+  assert [json.loads(line)['step'] for line in
+          (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3, 4]
