@@ -307,6 +307,31 @@ def test_a_signal_during_an_eval_or_save_stops_at_that_steps_save():
     assert [at_step for at_step, _ in meter.interval] == [4], during
 
 
+def test_a_signal_between_saves_stops_at_the_next_step_with_its_save():
+  """SIGTERM while step 2 is logged, saves every 8 steps: step 3 is saved and the run stops
+  there, in the notice; not at the next scheduled save, 5 steps on."""
+  calls = []
+
+  def log(step, *args):
+    del args
+    calls.append(('log', step))
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)   # the real signal, to the real handler
+
+  class Manager:
+    def wait_until_finished(self):
+      calls.append(('save finished', None))
+  hooks = loop.Hooks(log=log, save=lambda state, step: calls.append(('save', step)),
+                     log_every=1, save_every=8)
+  meter = loop.Meter(20, tokens_per_step=8, flops_per_token=1.0, peak_flops=0.0,
+                     num_devices=1)
+  with loop.PreemptionFlag() as flag:
+    state, step, preempted = loop.run(jnp.int32(0), 0, 20, _count_step, _Zeros(), meter,
+                                      hooks, flag, Manager())
+  assert (int(state), step, preempted) == (3, 3, True)
+  assert calls == [('log', 1), ('log', 2), ('log', 3), ('save', 3), ('save finished', None)]
+
+
 def test_a_second_ctrl_c_during_the_first_ones_message_quits(monkeypatch):
   """Python runs a signal's handler inside a handler still running: a second Ctrl-C that
   lands while the first one prints its message must find the first one taken, or both are
