@@ -57,6 +57,31 @@ def test_config_json_round_trip(tmp_path):
   assert not [p for p in tmp_path.iterdir() if p.name != 'config.json']   # no temp left
 
 
+_CONFIG_ON_A_FULL_DISK_SCRIPT = """
+import resource, signal, sys
+import ml_collections
+from bert_sym import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails (EFBIG)
+resource.setrlimit(resource.RLIMIT_FSIZE, (500, resource.RLIM_INFINITY))
+try:
+  checkpoint.write_config(sys.argv[1], ml_collections.ConfigDict({'seed': 1, 'x': 'y' * 1000}))
+except OSError as e:
+  print('stopped', e)
+"""
+
+
+def test_a_full_disk_while_config_json_is_rewritten_keeps_the_old_one(tmp_path):
+  """Every start rewrites config.json; a disk that fills then (here a 500-byte file size
+  limit) must leave the old one, not a cut one the next resume refuses as not JSON."""
+  config = train_fixtures.tiny_config()
+  checkpoint.write_config(tmp_path, config)
+  result = subprocess.run([sys.executable, '-c', _CONFIG_ON_A_FULL_DISK_SCRIPT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+  assert 'stopped' in result.stdout, result.stderr[-3000:]
+  assert checkpoint.read_config(tmp_path).to_dict() == json.loads(config.to_json())
+
+
 def test_load_pretrained_from_workdir_and_step_dir(tmp_path):
   config = train_fixtures.tiny_config()
   params = _write_run(tmp_path / 'run', config, step=7)
