@@ -716,21 +716,25 @@ def test_a_json_line_that_is_not_a_row_does_not_stop_a_resume(tmp_path, monkeypa
       rows[2], '[1, 2]']
 
 
-def test_two_attempts_set_aside_in_one_second_keep_both(tmp_path, monkeypatch):
+@pytest.mark.parametrize('where', ['local', 'object_store'])
+def test_two_attempts_set_aside_in_one_second_keep_both(tmp_path, monkeypatch, where):
   """Two runs from step 0 (each killed before its first save) in one second: the second
   set-aside renamed its rows onto the first's metrics.jsonl.<time>.old (os.replace), and
   that attempt's rows were gone."""
+  import fsspec  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # metrics.jsonl only
   monkeypatch.setattr(metrics_writer.time, 'time', lambda: 1700000000.0)
+  workdir = str(tmp_path) if where == 'local' else f'memory://bucket/old_{tmp_path.name}'
+  fs, root = fsspec.core.url_to_fs(workdir)
   for loss in (5.0, 6.0, 7.0):
-    writer = metrics_writer.MetricWriter(str(tmp_path))
+    writer = metrics_writer.MetricWriter(workdir)
     writer.set_aside_rows()
     writer.write_scalars(1, {'train/loss': loss})
     writer.close()
-  olds = sorted(tmp_path.glob('metrics.jsonl.*.old*'))
-  assert [p.name for p in olds] == ['metrics.jsonl.1700000000.old',
-                                    'metrics.jsonl.1700000000.old-1']
-  assert sorted(json.loads(p.read_text())['train/loss'] for p in olds) == [5.0, 6.0]
+  olds = sorted(f for f in fs.ls(root, detail=False) if '.old' in f)
+  assert [f.rsplit('/', 1)[1] for f in olds] == ['metrics.jsonl.1700000000.old',
+                                                 'metrics.jsonl.1700000000.old-1']
+  assert sorted(json.loads(fs.cat_file(f))['train/loss'] for f in olds) == [5.0, 6.0]
 
 
 _FULL_DISK_AT_RESUME_SCRIPT = """
