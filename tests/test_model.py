@@ -543,7 +543,10 @@ def test_the_lean_cross_entropy_equals_optax_with_a_one_pass_gradient():
   labels = jnp.asarray(rng.integers(0, 50, size=(3, 5)), jnp.int32).at[1, 2].set(-1)
   weights = jnp.asarray(rng.integers(0, 2, size=(3, 5)), jnp.float32).at[0, 0].set(0.0)
   weights = weights.at[1, 2].set(1.0)   # the -1 label counts
-  loss = lambda ce: lambda x: jnp.sum(jnp.where(weights > 0, ce(x, labels) * weights, 0.0))
+  # Divided by the number of targets, as the MLM loss is: a gradient that ignored the loss's
+  # cotangent (1 / targets here) would still pass with 0/1 weights summed.
+  loss = lambda ce: lambda x: jnp.sum(
+      jnp.where(weights > 0, ce(x, labels) * weights, 0.0)) / jnp.sum(weights)
   ours = loss(lean_backward.cross_entropy)
   theirs = loss(optax.softmax_cross_entropy_with_integer_labels)
   np.testing.assert_allclose(lean_backward.cross_entropy(logits, labels),
