@@ -74,7 +74,8 @@ def _ours(config, batches):
     batch = sharding.host_batch_to_global(batch, mesh, BATCH, rules)
     state, metrics = train_step(state, batch)
     losses.append(float(metrics['train/loss']))
-    logged.append({k: float(metrics[f'train/{k}']) for k in ('learning_rate', 'mlm_accuracy')})
+    logged.append({k: float(metrics[f'train/{k}'])
+                   for k in ('learning_rate', 'mlm_accuracy', 'grad_norm')})
   return initial, losses, jax.device_get(state['params']), logged
 
 
@@ -108,7 +109,8 @@ def _reference(config, initial_params, batches):
             batch['mlm_targets'][targets], out.logits.detach().numpy().argmax(-1)[targets])})
     adamw.zero_grad()
     out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(hf.parameters(), opt.grad_clip_norm)
+    logged[-1]['grad_norm'] = float(   # the norm before clipping, as the step logs it
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), opt.grad_clip_norm))
     adamw.step()
     scheduler.step()
     losses.append(out.loss.item())
@@ -125,6 +127,10 @@ def test_twenty_training_steps_match_pytorch():
   for key in ('learning_rate', 'mlm_accuracy'):
     np.testing.assert_allclose([r[key] for r in our_logged], [r[key] for r in ref_logged],
                                rtol=1e-5, atol=1e-7, err_msg=key)
+  # Every step's gradient exceeds the clip norm, so clipping would hide a gradient off by a
+  # constant factor (one that ignored the loss's 1 / targets): the norms themselves agree.
+  np.testing.assert_allclose([r['grad_norm'] for r in our_logged],
+                             [r['grad_norm'] for r in ref_logged], rtol=1e-4)
   assert len({r['mlm_accuracy'] for r in ref_logged}) > 3   # it changes: the check has teeth
   assert our_losses[-1] < our_losses[0] - 0.5   # it trained: the comparison has teeth
   ours = export.mlm_params_to_hf(our_params, config.model)
