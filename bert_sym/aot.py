@@ -295,7 +295,7 @@ def _report_header(config, slice_, devices, num_slices: int) -> dict[str, Any]:
       'chips': len(devices), 'hbm_bytes_per_chip': slice_.chip.hbm_bytes,
       'usable_bytes_per_chip': slice_.chip.usable_bytes,   # the compiler's or JAX's share
       'jax': jax.__version__, 'attention': config.model.attention,
-      'attention_impl': config.model.attention_impl,
+      'attention_impl': config.model.attention_impl, 'task': config.data.task,
       'batch_size': config.batch_size, 'seq_len': config.data.max_seq_len,
       'scan_layers': bool(config.model.get('scan_layers', False)),
       'remat': bool(config.model.get('remat', False)),

@@ -33,7 +33,8 @@
 #   EXPORT_TO=gs://my-bucket/c4_512 TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets \
 #     launch/tpu_vm.sh bert-sym us-central2-b v4-32 configs/sym_base.py gs://my-bucket/sym_base
 # EXPORT_TASK (default bert_sym_mlm_c4) and EXPORT_SEQ_LEN (default 512) pick the corpus;
-# the preflight refuses an EXPORT_SEQ_LEN other than the config's data.max_seq_len.
+# the preflight refuses an EXPORT_SEQ_LEN or EXPORT_TASK other than the config's
+# data.max_seq_len and data.task.
 # A worker whose export fails stops the others' wait; one killed without a word does when
 # nothing has been written for EXPORT_STALL_MINUTES (default 180).
 # TFDS_DATA_DIR must hold the prepared TFDS dataset (`tfds build c4/en --data_dir=...`).
@@ -155,11 +156,21 @@ if [[ -z $SKIP_PREFLIGHT ]]; then
       "Fix the config, or set SKIP_PREFLIGHT=1 to launch anyway." >&2
     exit 1
   fi
-  # The trainer refuses shards of another length than its config.data.max_seq_len: found
-  # only after every worker has spent hours on the export.
-  SEQ_LEN=$("$PREFLIGHT_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["seq_len"])' \
-    "$PREFLIGHT_DIR/report.json" 2>/dev/null || true)
+  # The trainer refuses shards of another length than its config.data.max_seq_len, or of
+  # another task than its config.data.task: found only after every worker has spent hours
+  # on the export.
+  read_report() {
+    "$PREFLIGHT_PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' \
+      "$PREFLIGHT_DIR/report.json" "$1" 2>/dev/null || true
+  }
+  SEQ_LEN=$(read_report seq_len) TASK=$(read_report task)
   rm -rf "$PREFLIGHT_DIR"
+  if [[ -n $EXPORT_TO && -n $TASK && $TASK != "$EXPORT_TASK" ]]; then
+    echo "EXPORT_TASK=$EXPORT_TASK, but $CONFIG trains on the task $TASK" \
+      "(config.data.task), and the trainer refuses shards of another task." \
+      "Fix: EXPORT_TASK=$TASK, or --config.data.task=$EXPORT_TASK; nothing was created." >&2
+    exit 2
+  fi
   if [[ -n $EXPORT_TO && -n $SEQ_LEN && $SEQ_LEN != "$EXPORT_SEQ_LEN" ]]; then
     echo "EXPORT_SEQ_LEN=$EXPORT_SEQ_LEN, but $CONFIG trains on $SEQ_LEN-token blocks" \
       "(config.data.max_seq_len), and the trainer refuses shards of another length." \

@@ -519,7 +519,7 @@ import json, subprocess, sys
 if sys.argv[1] == '-c':
   sys.exit(subprocess.run([{python!r}] + sys.argv[1:]).returncode)
 for out in [a.split('=', 1)[1] for a in sys.argv if a.startswith('--out=')]:
-  json.dump({{'seq_len': int({seq_len!r}), 'fits': True}}, open(out, 'w'))
+  json.dump({{'seq_len': int({seq_len!r}), 'task': {task!r}, 'fits': True}}, open(out, 'w'))
 """
 
 
@@ -529,7 +529,8 @@ def test_tpu_vm_launcher_refuses_an_export_of_another_length_than_the_config_tra
   512-token blocks, config asks 128). The preflight's report now says the length first."""
   env, _ = _stubbed_slice(tmp_path, state='READY')   # EXPORT_TO set
   env.pop('SKIP_PREFLIGHT')
-  _executable(tmp_path / 'aot', AOT_STUB.format(python=sys.executable, seq_len=128))
+  _executable(tmp_path / 'aot', AOT_STUB.format(python=sys.executable, seq_len=128,
+                                                task='bert_sym_mlm_c4'))
   env['PYTHON'] = str(tmp_path / 'aot')
   command = ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
              'configs/sym_base.py', 'gs://bucket/sym_base', '--config.data.max_seq_len=128']
@@ -539,6 +540,27 @@ def test_tpu_vm_launcher_refuses_an_export_of_another_length_than_the_config_tra
   assert 'Fix: EXPORT_SEQ_LEN=128' in result.stderr, result.stderr
   assert not (tmp_path / 'gcloud_calls').exists()
   result = subprocess.run(command, cwd=REPO_ROOT, env=dict(env, EXPORT_SEQ_LEN='128'),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_tpu_vm_launcher_refuses_an_export_of_another_task_than_the_config_trains(tmp_path):
+  """EXPORT_TASK (default bert_sym_mlm_c4) with a config that trains another task: every
+  worker exported for hours, then every trainer refused the shards (another task)."""
+  env, _ = _stubbed_slice(tmp_path, state='READY')   # EXPORT_TO set
+  env.pop('SKIP_PREFLIGHT')
+  _executable(tmp_path / 'aot', AOT_STUB.format(python=sys.executable, seq_len=512,
+                                                task='bert_sym_mlm_wikipedia'))
+  env['PYTHON'] = str(tmp_path / 'aot')
+  command = ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+             'configs/sym_base.py', 'gs://bucket/sym_base']
+  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+  assert 'Fix: EXPORT_TASK=bert_sym_mlm_wikipedia, or' in result.stderr, result.stderr
+  assert not (tmp_path / 'gcloud_calls').exists()
+  result = subprocess.run(command, cwd=REPO_ROOT,
+                          env=dict(env, EXPORT_TASK='bert_sym_mlm_wikipedia'),
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
