@@ -318,6 +318,14 @@ def test_a_task_registered_with_another_vocabulary_is_refused_not_retokenised(tm
     tasks.task_documents(config, 'train')
   config.vocab_path = str(small_vocab)   # agreeing: read
   assert next(iter(tasks.task_documents(config, 'train')))['text']
+  # The built-in tasks are registered with the default vocabulary, which says nothing: their
+  # text is the trainer's with any vocab.txt (these were refused, naming bert-base-uncased).
+  config.task = tasks.EMBEDDED_TASK
+  source = seqio.get_mixture_or_task(tasks.EMBEDDED_TASK).source
+  theirs = source.get_dataset(split='train', shuffle=False).take(3)
+  ours = tasks.task_documents(config, 'train').take(3)
+  assert [d['text'] for d in ours.as_numpy_iterator()] == [
+      d['text'] for d in theirs.as_numpy_iterator()]
 
 
 # From a mutation audit: each test fails with the rule it names broken.

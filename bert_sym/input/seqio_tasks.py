@@ -219,7 +219,8 @@ def _check_task_vocabulary(name: str, vocab_path: str) -> None:
   if 'input_ids' not in features:   # not one of ours: nothing says which vocabulary it meant
     return
   own = features['input_ids'].vocabulary
-  if own != get_vocabulary(vocab_path):
+  # The default one is no choice (the built-in tasks': their text is read with any vocab.txt).
+  if own != get_vocabulary(vocab_path) and own != get_vocabulary(''):
     what = own.path if isinstance(own, BertWordPieceVocabulary) else type(own).__name__
     fix = (f'--config.data.vocab_path={own.path}' if isinstance(own, BertWordPieceVocabulary)
            else 'register the task with a BertWordPieceVocabulary')
