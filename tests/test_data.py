@@ -472,6 +472,16 @@ def test_text_files_that_cannot_be_read_are_named_not_a_tensorflow_traceback(tmp
           f'{named}: cannot be read (PermissionDeniedError: 403 Forbidden when reading '
           f'{named}): the storage did not answer or refused the read')):
         sources.expand_patterns(pattern)
+  # A scheme TF has no file system for (here, whatever plugins are installed) is no read
+  # refused: credentials would not help.
+  def no_such_scheme(path):
+    raise tf.errors.UnimplementedError(None, None, f"File system scheme 's3' not implemented "
+                                       f"(file: '{path}')")
+  monkeypatch.setattr(tf.io.gfile, 'glob', no_such_scheme)
+  with pytest.raises(DataError, match=re.escape(
+      's3://bucket/*.txt: tf.io.gfile, which reads text files, has no file system for '
+      's3://. Fix: copy the files to a local path or gs://.')):
+    sources.expand_patterns('s3://bucket/*.txt')
 
 
 # From a mutation audit: each test fails with the rule it names broken.

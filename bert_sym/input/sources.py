@@ -146,6 +146,10 @@ def _gfile(call, path: str):
   tf = import_tensorflow()
   try:
     return call(path)
+  except tf.errors.UnimplementedError:   # s3://, hf://: no credentials would help
+    raise DataError(f'{path}: tf.io.gfile, which reads text files, has no file system for '
+                    f'{path.split("://")[0]}://. Fix: copy the files to a local path or '
+                    'gs://.') from None
   except tf.errors.OpError as e:
     raise DataError(f'{path}: cannot be read ({type(e).__name__}: '
                     f'{" ".join(e.message.split())[:200]}): the storage did not answer or '
