@@ -17,6 +17,7 @@ remote:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -92,13 +93,21 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
       # Before the rename: else a power loss (not a crash) can leave the new name on an
       # empty file, the old contents gone.
       f.flush()
-      os.fsync(f.fileno())
+      _fsync(f.fileno())
     os.replace(tmp, local)
     _fsync_directory(directory)   # the rename itself
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def _fsync(fd: int) -> None:
+  try:
+    os.fsync(fd)
+  except OSError as e:   # a filesystem without fsync (some FUSE mounts) is no write error;
+    if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+      raise            # an I/O error is: the data may not be on the disk
 
 
 def _fsync_directory(directory: str) -> None:

@@ -1,5 +1,6 @@
 """files.write_atomically: the old file or the whole new one, never half, local or remote."""
 
+import errno
 import gc
 import os
 
@@ -40,6 +41,25 @@ def test_the_new_contents_are_on_disk_before_the_rename(tmp_path, monkeypatch):
   assert order.index(('fsync', renamed)) < order.index(('replace', renamed))
   assert ('fsync', renamed, len('{"complete": true}')) in events   # all of it, not a buffer short
   assert ('fsync', os.stat(tmp_path).st_ino) in order[order.index(('replace', renamed)):]
+
+
+@pytest.mark.parametrize('code, raised', [(errno.EINVAL, False), (errno.EIO, True)])
+def test_a_filesystem_without_fsync_still_writes_but_an_io_error_fails(
+    tmp_path, monkeypatch, code, raised):
+  """Some FUSE mounts answer fsync with EINVAL: that is no reason to fail a write. EIO
+  means the data may not be on the disk: the old file stays, and the error is raised."""
+  def fsync(fd):
+    raise OSError(code, os.strerror(code))
+  target = tmp_path / 'results.json'
+  files.write_atomically(target, 'old')
+  monkeypatch.setattr(os, 'fsync', fsync)
+  if raised:
+    with pytest.raises(OSError):
+      files.write_atomically(target, 'new')
+  else:
+    files.write_atomically(target, 'new')
+  assert target.read_text() == ('old' if raised else 'new')
+  assert os.listdir(tmp_path) == ['results.json']
 
 
 def _crash_mid_write(f):
