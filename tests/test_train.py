@@ -365,7 +365,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
     f.write('{"step": 12, "train/lo')   # a row cut off by the kill (or by a full disk)
   result = run_trainer(workdir, overrides=_overrides())
   assert 'Resumed from step' in result.stdout
-  assert "dropped 1 line(s) that are not JSON" in result.stderr
+  assert "moved 1 line(s) that are not JSON rows" in result.stderr
+  # ... to metrics.jsonl.dropped, kept (was deleted), after the line naming the resume
+  assert '{"step": 12, "train/lo' in (workdir / 'metrics.jsonl.dropped').read_text().splitlines()
   _assert_params_equal(_final_params(workdir), _final_params(reference_run[0]))
   _assert_one_row_per_step(workdir)   # rows logged after step 8 were redone, not doubled
   # The steps after the resume record the start that wrote them, after the first one's.
