@@ -162,6 +162,8 @@ class _JsonLines:
     path = self.path + suffix
     fs, where = fsspec.core.url_to_fs(path)
     before = fs.cat_file(where).decode('utf-8') if fs.exists(where) else ''
+    if before and not before.endswith('\n'):   # a hand edit: the next line is its own
+      before += '\n'
     files.write_atomically(path, before + ''.join(r + '\n' for r in rows))
     return path
 

@@ -786,3 +786,11 @@ def test_a_last_row_without_its_newline_keeps_the_next_row_apart(tmp_path, monke
     writer.close()
   assert [json.loads(line)['step'] for line in
           (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3, 4]
+  # metrics.jsonl.dropped too: the next resume's line naming it starts a line of its own
+  dropped = tmp_path / 'metrics.jsonl.dropped'
+  for resumed_at in (3, 1):
+    writer = metrics_writer.MetricWriter(str(tmp_path))
+    writer.drop_rows_after(resumed_at)   # 3: moves step 4's row there
+    writer.close()
+    dropped.write_text(dropped.read_text().rstrip('\n'))   # a hand edit
+  assert all(isinstance(json.loads(line), dict) for line in dropped.read_text().splitlines())
