@@ -523,45 +523,33 @@ for out in [a.split('=', 1)[1] for a in sys.argv if a.startswith('--out=')]:
 """
 
 
-def test_tpu_vm_launcher_refuses_an_export_of_another_length_than_the_config_trains(tmp_path):
-  """EXPORT_TO with --config.data.max_seq_len=128: every worker exported 512-token shards
-  (EXPORT_SEQ_LEN's default), for hours, then every trainer refused them (shards hold
-  512-token blocks, config asks 128). The preflight's report now says the length first."""
+@pytest.mark.parametrize('report, extra, fix', [
+    # --config.data.max_seq_len=128: every worker exported 512-token shards (EXPORT_SEQ_LEN's
+    # default), for hours, then every trainer refused them (shards of another length).
+    (dict(seq_len=128, task='bert_sym_mlm_c4'), ['--config.data.max_seq_len=128'],
+     {'EXPORT_SEQ_LEN': '128'}),
+    # A config that trains another task than EXPORT_TASK (default bert_sym_mlm_c4): the same.
+    (dict(seq_len=512, task='bert_sym_mlm_wikipedia'), [],
+     {'EXPORT_TASK': 'bert_sym_mlm_wikipedia'}),
+], ids=['seq_len', 'task'])
+def test_tpu_vm_launcher_refuses_an_export_the_config_would_not_train_on(
+    tmp_path, report, extra, fix):
+  """EXPORT_TO with an EXPORT_SEQ_LEN or EXPORT_TASK other than the config's: the
+  preflight's report says so before the slice exists, naming the setting that agrees."""
   env, _ = _stubbed_slice(tmp_path, state='READY')   # EXPORT_TO set
   env.pop('SKIP_PREFLIGHT')
-  _executable(tmp_path / 'aot', AOT_STUB.format(python=sys.executable, seq_len=128,
-                                                task='bert_sym_mlm_c4'))
+  _executable(tmp_path / 'aot', AOT_STUB.format(python=sys.executable, **report))
   env['PYTHON'] = str(tmp_path / 'aot')
   command = ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
-             'configs/sym_base.py', 'gs://bucket/sym_base', '--config.data.max_seq_len=128']
-  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+             'configs/sym_base.py', 'gs://bucket/sym_base', *extra]
+  launch = lambda env: subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
+                                      text=True, timeout=120)
+  result = launch(env)
   assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-  assert 'Fix: EXPORT_SEQ_LEN=128' in result.stderr, result.stderr
+  [(name, value)] = fix.items()
+  assert f'Fix: {name}={value}' in result.stderr, result.stderr
   assert not (tmp_path / 'gcloud_calls').exists()
-  result = subprocess.run(command, cwd=REPO_ROOT, env=dict(env, EXPORT_SEQ_LEN='128'),
-                          capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def test_tpu_vm_launcher_refuses_an_export_of_another_task_than_the_config_trains(tmp_path):
-  """EXPORT_TASK (default bert_sym_mlm_c4) with a config that trains another task: every
-  worker exported for hours, then every trainer refused the shards (another task)."""
-  env, _ = _stubbed_slice(tmp_path, state='READY')   # EXPORT_TO set
-  env.pop('SKIP_PREFLIGHT')
-  _executable(tmp_path / 'aot', AOT_STUB.format(python=sys.executable, seq_len=512,
-                                                task='bert_sym_mlm_wikipedia'))
-  env['PYTHON'] = str(tmp_path / 'aot')
-  command = ['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
-             'configs/sym_base.py', 'gs://bucket/sym_base']
-  result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
-  assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
-  assert 'Fix: EXPORT_TASK=bert_sym_mlm_wikipedia, or' in result.stderr, result.stderr
-  assert not (tmp_path / 'gcloud_calls').exists()
-  result = subprocess.run(command, cwd=REPO_ROOT,
-                          env=dict(env, EXPORT_TASK='bert_sym_mlm_wikipedia'),
-                          capture_output=True, text=True, timeout=120)
+  result = launch(dict(env, **fix))
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
