@@ -429,10 +429,10 @@ def configurations(args):
   for shape in args.shapes.split(','):
     try:
       seq, batch = (int(v) for v in shape.split('x'))
+      if seq < 1 or batch < 1:
+        raise ValueError
     except ValueError:
       raise SystemExit(f'--shapes: {shape!r} is not SEQxBATCH (e.g. 128x256)') from None
-    if seq < 1 or batch < 1:
-      raise SystemExit(f'--shapes: {shape!r} is not SEQxBATCH (e.g. 128x256)')
     hf_rates = set()   # one HF run per attention-dropout rate: the peer of every path with it
     for path in args.paths.split(','):
       if path not in PATHS:

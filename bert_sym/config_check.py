@@ -27,6 +27,7 @@ from bert_sym.input.sources import TEXT_FILES_TASK
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 DATA_SOURCES = ('seqio', 'shards', 'streaming')   # streaming: bert_sym/input/shard_reader.py
 ON_NONFINITE = ('stop', 'skip')
+PAIR_TRUNCATIONS = ('hf', 'bert')   # GLUE's, by glue.data.truncate_longest_first
 PRNG_IMPLS = ('threefry', 'rbg', 'unsafe_rbg')   # bert_sym.steps.PRNG_IMPLS (no jax import here)
 REMAT_POLICIES = ('full', 'dots')                 # bert_sym.model.REMAT_POLICIES
 
@@ -216,7 +217,7 @@ def check_glue(config: ml_collections.ConfigDict) -> None:
   _fraction('b2', config.b2, low_open=False)
   for key in ('weight_decay', 'grad_clip_norm', 'peak_flops_per_device'):   # MFU < 0
     _not_negative(key, config.get(key, 0))
-  for key, allowed in (('on_nonfinite', ON_NONFINITE), ('pair_truncation', ('hf', 'bert'))):
+  for key, allowed in (('on_nonfinite', ON_NONFINITE), ('pair_truncation', PAIR_TRUNCATIONS)):
     _choice(key, config.get(key, allowed[0]), allowed)
   for key in [k for k in ('dropout_rate', 'attention_dropout_rate') if k in config]:
     _fraction(key, config[key], low_open=False)

@@ -79,6 +79,7 @@ def t_interval(values: Sequence[float]) -> list[float] | None:
   x = np.asarray(values, float)
   if x.size < 2 or not np.isfinite(x).all():
     return None
+  # Not scipy's t.interval: with no spread (every seed the same difference) it gives nan.
   half = (scipy_stats.t.ppf((1 + CONFIDENCE) / 2, x.size - 1) * np.std(x, ddof=1)
           / np.sqrt(x.size))
   return [float(np.mean(x) - half), float(np.mean(x) + half)]

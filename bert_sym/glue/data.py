@@ -295,9 +295,6 @@ def load_split(spec: TaskSpec, split: str, *, glue_dir: str = '',
   return load_tfds(spec, tfds_split, tfds_data_dir)
 
 
-PAIR_TRUNCATIONS = ('hf', 'bert')   # config.pair_truncation
-
-
 def truncate_longest_first(len_a: int, len_b: int, budget: int,
                            rule: str = 'hf') -> tuple[int, int]:
   """'hf': Hugging Face's truncation='longest_first' (the paper's GLUE runs used its
