@@ -14,8 +14,6 @@ scikit-learn's `matthews_corrcoef` for its own degenerate case.
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics
 
 # Score names, in the column order of the paper's results table.
 GLUE_SCORES = ('mrpc', 'cola', 'mnli_m', 'mnli_mm', 'qqp', 'rte', 'stsb', 'qnli', 'sst2')
@@ -39,6 +37,10 @@ def _correlation(correlate, x, y) -> float:
 
 def _fractions(name: str, labels, predictions) -> dict[str, float]:
   """The metrics of one dev set as fractions; 'score' is the paper's number for it."""
+  # Imported at the first score, not at start: scipy.stats and sklearn take ~1 s that
+  # `--help`, a refused flag or a missing file would otherwise wait for.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
   if name == 'cola':
     mcc = float(metrics.matthews_corrcoef(labels, predictions))
     return {'matthews_corrcoef': mcc, 'score': mcc}
