@@ -289,6 +289,23 @@ def test_start_up_checks_every_shards_first_block_and_dtype_on_every_filesystem(
         shard_reader.StreamingBlocks(url, 'train')
 
 
+def test_a_split_of_empty_shards_is_refused_when_opened(tmp_path):
+  """A metadata.json edited to list only empty shards (headers and sizes consistent) was an
+  IndexError at the first batch, after the compile; now both sources refuse it at open."""
+  write_corpus(str(tmp_path), 4, 64, splits=('train',), num_parts=1, blocks_per_shard=2)
+  meta_path = tmp_path / 'train' / shard_reader.METADATA_FILE
+  meta = json.loads(meta_path.read_text())
+  for shard in meta['shards']:
+    np.save(tmp_path / 'train' / shard['file'], np.zeros((0, 64), np.uint16))
+    shard['num_blocks'] = 0
+  meta['num_blocks'] = meta['num_tokens'] = 0
+  meta_path.write_text(json.dumps(meta))
+  for source in ('streaming', 'shards'):
+    with pytest.raises(DataError, match=r'train holds no blocks \(its metadata.json lists '
+                       'only empty shards\); re-export'):
+      shard_reader.open_blocks(_config(tmp_path, source=source), 'train')
+
+
 def test_a_negative_id_in_an_int32_shard_is_out_of_vocabulary_too():
   """Vocabularies over 65,536 ids are stored as int32, where damage can read as a negative
   id; only ids >= vocab_size were caught, and a negative one reached the embedding lookup."""

@@ -72,10 +72,8 @@ def prepare_instructions(data_config) -> str:
   if tfds_name:
     steps.append(f'`tfds build {tfds_name} --data_dir=gs://BUCKET/tensorflow_datasets` '
                  '(once, or use a prepared copy), then')
-  flags = [f'--task={task}']
-  if tfds_name:
-    flags.append('--tfds_data_dir=gs://BUCKET/tensorflow_datasets')
-  flags.append(f'--max_seq_len={data_config.max_seq_len}')
+  flags = [f'--task={task}', *(['--tfds_data_dir=gs://BUCKET/tensorflow_datasets']
+                                 if tfds_name else []), f'--max_seq_len={data_config.max_seq_len}']
   # The files and vocabulary the config reads: without them the export of the text-files
   # task fails, and other shards carry a vocabulary md5 the trainer rejects. Quoted: the
   # shell must pass a glob on, not expand it.
@@ -385,6 +383,9 @@ def open_blocks(data_config, split: str) -> Blocks | StreamingBlocks:
     blocks = load_shards(data_config.shards_dir, split, data_config)
   else:
     blocks = StreamingBlocks(data_config.shards_dir, split, data_config)
+  if len(blocks) == 0:   # a hand-edited metadata.json: the iterator would divide by zero
+    raise DataError(f'{blocks.description} holds no blocks (its {METADATA_FILE} lists only '
+                    'empty shards); re-export the split from a corpus with text in it.')
   # Both sources: shards of another task would train on another corpus without a word.
   if blocks.task != data_config.task:
     raise DataError(
