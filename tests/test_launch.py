@@ -369,7 +369,10 @@ def test_tpu_vm_launcher_exports_shards_then_trains_from_them_on_every_worker(
 
 @pytest.mark.parametrize('accelerator, runtime', [
     ('v6e-8', 'v2-alpha-tpuv6e'), ('v5p-128', 'v2-alpha-tpuv5'),
-    ('v5litepod-16', 'v2-alpha-tpuv5-lite'), ('v4-32', 'tpu-ubuntu2204-base')])
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite'), ('v4-32', 'tpu-ubuntu2204-base'),
+    # As bert_sym.aot reads it: the v5e runtime and Cloud TPU's (lowercase) type name, where
+    # it was the v4 runtime and a type gcloud refuses.
+    ('V5E-16', 'v2-alpha-tpuv5-lite')])
 def test_tpu_vm_launcher_creates_the_runtime_cloud_tpu_names_for_the_generation(
     tmp_path, accelerator, runtime):
   """Cloud TPU's software-versions table: v4 and older on tpu-ubuntu2204-base, v5e, v5p
@@ -382,6 +385,8 @@ def test_tpu_vm_launcher_creates_the_runtime_cloud_tpu_names_for_the_generation(
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   calls = (tmp_path / 'gcloud_calls').read_text().splitlines()
   assert calls[1] == f'create bert-sym {runtime}  --spot'
+  if accelerator == 'V5E-16':
+    assert 'v5litepod-16' in (tmp_path / 'gcloud_args').read_text()
 
 
 @pytest.mark.parametrize('states, code, calls, said', [
