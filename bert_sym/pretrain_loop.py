@@ -130,6 +130,10 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
     finally:
       manager.close()
     return step
+  # Resumed where a rerun with total_steps lowered to this step wrote the row of the steps
+  # the save kept (above): the next row starts after them, or it would count them again.
+  if step and checkpoint.allgather_json(run.writer.logged(step, 'train/loss'))[0]:
+    meter.interval = []
   # Step 0's eval; or a resume from a step whose eval never wrote its row.
   if evaluate and (step == 0 or (loop.due(step, config.eval_every_steps, config.total_steps)
                                  and eval_row_missing())):

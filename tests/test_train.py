@@ -1143,6 +1143,14 @@ def test_a_resume_between_log_rows_logs_the_rows_of_the_uninterrupted_run(tmp_pa
   first_four = [m for m in _metrics(reference) if 'train/loss' in m][0]
   assert abs(last['train/loss'] - first_four['train/loss']) < 0.5   # the same first steps
   assert [m['step'] for m in _metrics(lowered) if 'eval/loss' in m] == [0, 3]
+  # Raised again to 4: steps 1-3 are in step 3's row, so step 4's row is step 4 alone (it
+  # averaged steps 1-4 again, counting 1-3 twice); together the two rows are the
+  # uninterrupted run's first (per-step losses are bitwise those of that run).
+  run_trainer(lowered, overrides=dict(cadence, total_steps=4))
+  three, four = [m for m in _metrics(lowered) if 'train/loss' in m]
+  assert four['step'] == 4
+  assert (3 * three['train/loss'] + four['train/loss']) / 4 == pytest.approx(
+      first_four['train/loss'], rel=1e-6)
 
 
 def test_a_resume_evaluates_the_step_whose_eval_was_killed(tmp_path):
