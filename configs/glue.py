@@ -37,6 +37,9 @@ def get_config(arg=None):
   # tokenizers); 'bert', Google BERT's _truncate_seq_pair. They differ only where both
   # sentences are cut: which keeps the odd token.
   c.pair_truncation = 'hf'
+  # WordPiece ids of each text set, kept for the next run on the same texts and vocabulary
+  # (a sweep, an ablation grid, a rerun): it then starts without TensorFlow. '' = none.
+  c.tokens_cache_dir = '~/.cache/bert_sym/glue_tokens'
   # The attention kernel (xla | cudnn | splash | auto). Not the checkpoint's: the kernel
   # named in pre-training may not exist here (splash off a TPU), or not tile GLUE's short
   # lengths; auto takes splash on a TPU where it can tile the lengths, xla elsewhere (not

@@ -285,7 +285,7 @@ def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
 def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   out = tmp_path / 'resume'
   config = _config(tasks='wnli', seeds='1', max_train_examples=16, max_eval_examples=8,
-                   max_seq_len=16)
+                   max_seq_len=16, tokens_cache_dir=str(tmp_path / 'tokens'))
   compiled = {}   # shared by the calls with one recipe, as a sweep does: compile once
   handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
   first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
@@ -298,6 +298,9 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   config.seeds = '1,2'
   results = suite.run_glue(str(workdir), str(out), config, compiled)
   assert trained == [2] and results['runs']['wnli']['1'] == first
+  # The token ids of WNLI's two train and two dev columns, cached by the first run and
+  # read by this one (it wrote none).
+  assert len(list((tmp_path / 'tokens').glob('wordpiece-*.npz'))) == 4
   assert results['summary']['over_seeds']['wnli']['n'] == 2
   (out / 'predictions' / 'wnli_seed2.tsv').unlink()     # an interrupted write: redo seed 2
   suite.run_glue(str(workdir), str(out), config, compiled)
@@ -1536,7 +1539,7 @@ def _pretrained(**model):
 def test_a_max_seq_len_one_past_the_position_table_is_refused(monkeypatch):
   monkeypatch.setattr(suite.finetune_lib, 'load_pretrained_encoder',
                       lambda path: _pretrained(max_position_embeddings=32))
-  monkeypatch.setattr(suite.glue_data, 'WordPiece', lambda path: types.SimpleNamespace())
+  monkeypatch.setattr(suite.glue_data, 'WordPiece', lambda path, **_: types.SimpleNamespace())
   monkeypatch.setattr(suite.finetune_lib, 'check_vocab', lambda *a: None)
   config = glue_config.get_config('runlocal')
   config.update(dict(max_seq_len=32, length_buckets=False, attention_impl='xla'))

@@ -3,8 +3,13 @@ tokeniser (WordPiece, and the seqio Vocabulary over it) checked against Hugging 
 BertTokenizerFast (an independent implementation)."""
 
 import hashlib
+import logging
+import os
 import pathlib
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from bert_sym import cli
@@ -14,6 +19,7 @@ from tests import real_data
 
 # More real text when the real-size data is there (tests/real_data.py).
 WIKITEXT = real_data.data_dir() / 'wikitext-2' / 'wiki.valid.tokens'
+REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 
 
 def test_default_vocab_is_bert_base_uncased():
@@ -183,3 +189,50 @@ def test_a_vocab_txt_with_windows_line_endings_reads_like_hugging_face(tmp_path)
   special = vocab_lib.special_ids(got, str(crlf))
   assert (special.pad, special.unk, special.cls, special.sep, special.mask) == (
       hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id)
+
+
+# ---- The tokens cache (GLUE's config.tokens_cache_dir) ----
+
+def test_the_tokens_cache_gives_the_tokenisers_ids_keyed_by_texts_and_vocabulary(
+    tmp_path, monkeypatch, caplog):
+  """Written on the first encode; read back (the tokeniser not run) by the next WordPiece
+  with the same texts and vocabulary; other texts, their order or another vocabulary are
+  other entries; a damaged entry is tokenised again, said in a warning, and rewritten."""
+  cache = tmp_path / 'tokens'
+  uncached = [ids.tolist() for ids in vocab_lib.WordPiece().encode(TRICKY)]
+  first = vocab_lib.WordPiece(cache_dir=str(cache)).encode(TRICKY)
+  [entry] = cache.iterdir()
+  warm = vocab_lib.WordPiece(cache_dir=str(cache))
+  monkeypatch.setattr(warm, '_encode_eagerly', lambda *_: pytest.fail('tokenised again'))
+  served = warm.encode(TRICKY)
+  for ids in (first, served):
+    assert [x.tolist() for x in ids] == uncached and {x.dtype for x in ids} == {np.dtype(np.int32)}
+  assert warm.cached_ids_path(TRICKY) == str(entry)
+  assert warm.cached_ids_path(TRICKY[::-1]) != str(entry)
+  assert warm.cached_ids_path(['ab', 'c']) != warm.cached_ids_path(['a', 'bc'])
+  other_vocab = _write_vocab(tmp_path / 'vocab.txt',
+                             ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a', '##b'])
+  assert (vocab_lib.WordPiece(other_vocab, cache_dir=str(cache)).cached_ids_path(TRICKY)
+          != str(entry))
+  entry.write_bytes(entry.read_bytes()[:100])
+  with caplog.at_level(logging.WARNING):
+    again = vocab_lib.WordPiece(cache_dir=str(cache)).encode(TRICKY)
+  assert f'{entry}: damaged tokens cache entry' in caplog.text
+  assert [x.tolist() for x in again] == uncached
+  with np.load(entry) as rewritten:
+    assert rewritten['flat'].size == sum(map(len, uncached))
+  with pytest.raises(vocab_lib.DataError, match='tokens cache is a local directory'):
+    vocab_lib.WordPiece(cache_dir='gs://bucket/tokens')
+
+
+def test_a_warm_tokens_cache_does_not_import_tensorflow(tmp_path):
+  """What the cache is for: a GLUE process whose texts were tokenised before starts
+  without TensorFlow's seconds-long import (a cold one imports it to tokenise)."""
+  cache = str(tmp_path / 'tokens')
+  vocab_lib.WordPiece(cache_dir=cache).encode(TRICKY)
+  code = ('import sys; from bert_sym.input import tokenizer; '
+          f'ids = tokenizer.WordPiece(cache_dir={cache!r}).encode({TRICKY!r}); '
+          "print(len(ids), 'tensorflow' in sys.modules)")
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+  assert result.stdout.split() == [str(len(TRICKY)), 'False'], result.stderr[-3000:]

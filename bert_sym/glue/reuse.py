@@ -18,7 +18,7 @@ from bert_sym.glue import hosts
 # Knobs that decide what a (task, seed) computes are compared on resume; these do not.
 _NOT_RECIPE = ('tasks', 'seeds', 'progress_bar', 'log_every_steps', 'resume',
                'parallel_seeds', 'checkpoint_every_steps', 'on_nonfinite',
-               'max_consecutive_nonfinite', 'peak_flops_per_device')
+               'max_consecutive_nonfinite', 'peak_flops_per_device', 'tokens_cache_dir')
 # Keys added after outputs were written without them: their value then is this default
 # (attention_impl: those runs used the checkpoint's kernel, the same math as auto's;
 # pair_truncation: Google BERT's rule was the only one, so such results are not reused).

@@ -124,7 +124,8 @@ def _checkpoint_and_tokenizer(checkpoint, config, parallel: str):
   pretrained.config.model.attention_impl = _glue_kernel(config, pretrained.config.model,
                                                         parallel)
   tokenizer = glue_data.WordPiece(
-      config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''))
+      config.vocab_path or pretrained.config.get('data', {}).get('vocab_path', ''),
+      cache_dir=config.get('tokens_cache_dir', ''))
   finetune_lib.check_vocab(pretrained, tokenizer)
   max_positions = pretrained.config.model.max_position_embeddings
   if config.max_seq_len > max_positions:

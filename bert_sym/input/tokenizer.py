@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
+import io
+import logging
 import os
 import pathlib
 import struct
@@ -164,7 +167,14 @@ class WordPiece:
   whitespace, punctuation and CJK characters. `vocab_path` '' is bert-base-uncased.
   """
 
-  def __init__(self, vocab_path: str = ''):
+  def __init__(self, vocab_path: str = '', cache_dir: str = ''):
+    # `cache_dir` ('' = none): `encode`'s ids of each list of texts are kept there, so the
+    # next process given the same texts and vocabulary needs neither TensorFlow (seconds
+    # to import) nor the tokenising (minutes for MNLI).
+    if '://' in cache_dir:
+      raise DataError(f'tokens_cache_dir={cache_dir}: the tokens cache is a local directory. '
+                      "Fix: --config.tokens_cache_dir=<a local directory>, or '' for none.")
+    self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else ''
     self.vocab_file = vocab_path or default_vocab_file()
     self.tokens = read_vocab(self.vocab_file)
     self.special = special = special_ids(self.tokens, self.vocab_file)
@@ -223,10 +233,76 @@ class WordPiece:
     return tf.strings.reduce_join(words, separator=' ', axis=-1)[0]
 
   def encode(self, texts: list[str], chunk: int = 4096) -> list[np.ndarray]:
-    """Token ids per text (no special tokens), eagerly (GLUE)."""
+    """Token ids per text (no special tokens), eagerly (GLUE); from the cache if there."""
+    path = self.cached_ids_path(texts) if self.cache_dir else None
+    ids = _read_cached_ids(path, len(texts), self.vocab_size) if path else None
+    if ids is None:
+      ids = self._encode_eagerly(texts, chunk)
+      if path:
+        _write_cached_ids(path, ids)
+    return ids
+
+  def cached_ids_path(self, texts: list[str]) -> str:
+    """The cache file of these texts' ids: named by everything the ids depend on (this
+    module's code, TF and TF Text's versions, the vocabulary, the texts in order)."""
+    key = hashlib.sha256(_TOKENIZER_CODE_VERSION.encode())
+    key.update(self.md5.encode())
+    for text in texts:
+      raw = text if isinstance(text, bytes) else str(text).encode('utf-8', 'surrogatepass')
+      key.update(len(raw).to_bytes(8, 'little') + raw)
+    return os.path.join(self.cache_dir, f'wordpiece-{key.hexdigest()[:40]}.npz')
+
+  def _encode_eagerly(self, texts: list[str], chunk: int) -> list[np.ndarray]:
     tf = import_tensorflow()
     out = []
     for start in range(0, len(texts), chunk):
       ragged = self.encode_tf(tf.constant(texts[start:start + chunk]))   # int32
       out.extend(np.split(ragged.flat_values.numpy(), ragged.row_splits.numpy()[1:-1]))
     return out
+
+
+def _code_version() -> str:
+  """This file's bytes and the tokenising libraries' versions: any change to how ids are
+  made changes the cache's file names (a stale entry is never read, only left behind)."""
+  versions = []
+  for package in ('tensorflow', 'tensorflow-text'):
+    try:
+      versions.append(importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+      versions.append('-')
+  return hashlib.md5(pathlib.Path(__file__).read_bytes()).hexdigest() + ' '.join(versions)
+
+
+_TOKENIZER_CODE_VERSION = _code_version()
+
+
+def _read_cached_ids(path: str, num_texts: int, vocab_size: int) -> list[np.ndarray] | None:
+  """The cached ids, or None when absent or damaged (then tokenised again and rewritten)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as entry:
+      flat, splits = entry['flat'], entry['splits']
+    if (flat.dtype != np.int32 or splits.shape != (num_texts + 1,) or splits[0] != 0
+        or splits[-1] != len(flat) or np.any(np.diff(splits) < 0)
+        or (len(flat) and not 0 <= flat.min() <= flat.max() < vocab_size)):
+      raise ValueError('not the ids of these texts')
+  except Exception as e:  # pylint: disable=broad-except  (zip, npy, key errors alike)
+    logging.warning('%s: damaged tokens cache entry (%s: %s); tokenising again.', path,
+                    type(e).__name__, e)
+    return None
+  return np.split(flat, splits[1:-1])
+
+
+def _write_cached_ids(path: str, ids: list[np.ndarray]) -> None:
+  """Best effort, as JAX's compilation cache: an unwritable cache costs time, not the run."""
+  lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+  buffer = io.BytesIO()
+  np.savez(buffer, flat=np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
+           splits=np.concatenate([[0], np.cumsum(lengths)]))
+  try:
+    write_atomically(path, buffer.getvalue())
+  except OSError as e:
+    logging.warning('Cannot write the tokens cache %s (%s); the next run tokenises again. '
+                    "Fix: --config.tokens_cache_dir=<a writable directory>, or '' for none.",
+                    path, e)
