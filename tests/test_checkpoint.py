@@ -267,9 +267,14 @@ def test_finished_steps_ignores_unfinalized_steps(tmp_path, monkeypatch):
 def test_echoes_of_a_failed_orbax_read_are_muted_only_around_restores(monkeypatch):
   """After a damaged checkpoint, orbax's cancelled reads print as "Exception ignored"
   (sys.unraisablehook); inside a restore those are dropped, anything else still reaches
-  the old hook, and the old hook is back afterwards."""
+  the old hook, and the old hook is back afterwards: as it was after a restore without
+  a failed read; after one, still dropping the TensorStore callbacks into the closed loop
+  (they landed in a later test of a loaded CI run: a warning)."""
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  with checkpoint.quiet_orbax_echoes():
+    pass
+  assert sys.unraisablehook == seen.append
   unraisable = lambda obj, error: types.SimpleNamespace(
       object=obj, exc_value=error, exc_traceback=None, exc_type=type(error), err_msg=None)
   orbax_echo = unraisable('<coroutine object orbax.checkpoint._src.read>', ValueError('x'))
@@ -286,9 +291,9 @@ def test_echoes_of_a_failed_orbax_read_are_muted_only_around_restores(monkeypatc
       through_orbax.exc_traceback = e.__traceback__
     sys.unraisablehook(through_orbax)
     assert seen == [other]
-  assert sys.unraisablehook == seen.append   # restored
-  sys.unraisablehook(orbax_echo)
-  assert seen == [other, orbax_echo]
+  for item in (orbax_echo, closed_loop, other):
+    sys.unraisablehook(item)
+  assert seen == [other, orbax_echo, other]
 
 
 # ---------------------------------------------------------------------------------------

@@ -340,10 +340,20 @@ def quiet_orbax_echoes():
   finally:
     gc.collect()   # cancelled reads are reported when collected: here, not later
     if muted:      # a read failed: its last TensorStore callbacks land a moment later
-      time.sleep(0.5)
+      time.sleep(0.5)   # (on a loaded machine, later still: the restored hook drops those)
       gc.collect()
-    sys.unraisablehook, sys.excepthook = previous, previous_except
+    sys.unraisablehook = _dropping_closed_loop_echoes(previous) if muted else previous
+    sys.excepthook = previous_except
     std_logging.getLogger('asyncio').removeFilter(asyncio_filter)
+
+
+def _dropping_closed_loop_echoes(hook):
+  """`hook`, dropping TensorStore's late callbacks into orbax's closed loop (tracebacks)."""
+  if getattr(hook, 'drops_closed_loop_echoes', False):
+    return hook
+  dropping = lambda u: None if is_closed_loop_error(u.exc_value) else hook(u)
+  dropping.drops_closed_loop_echoes = True
+  return dropping
 
 
 class _AsyncioEchoFilter(std_logging.Filter):
