@@ -366,9 +366,10 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
 
   TF logs through C++ absl before anything can configure it ("failed call to cuInit" at
   error level on a CPU machine, oneDNN notices), so TensorFlow and TF Text (the input
-  pipeline's tokeniser, `bert_sym.input.tokenizer`) are imported here, GPUs hidden, with
-  the process's stderr pointed at /dev/null. `--verbosity=0` (absl; `verbose`) keeps
-  everything; a user's own TF_CPP_MIN_LOG_LEVEL / TF_ENABLE_ONEDNN_OPTS are kept.
+  pipeline's tokeniser, `bert_sym.input.tokenizer`) are imported with the process's stderr
+  pointed at /dev/null: here (`import_tf`), or wherever they are first needed. `--verbosity=0`
+  (absl; `verbose`) keeps everything; a user's own TF_CPP_MIN_LOG_LEVEL /
+  TF_ENABLE_ONEDNN_OPTS are kept.
   """
   if verbose:
     return
@@ -382,17 +383,12 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
   logging.get_absl_logger().addFilter(_orbax_errors_in_one_line)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # the input pipeline has no math
+  from bert_sym import input as input_lib  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  input_lib.quiet_tensorflow_imports()   # also where TF is imported later (GLUE: if at all)
   if not import_tf:
     return
-  saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  sys.stderr.flush()
-  os.dup2(devnull, 2)
   try:
     from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top,import-outside-toplevel
     tokenizer.import_tf_text()
   except ImportError:
     pass   # reported where the input pipeline needs it, with stderr back
-  finally:
-    os.dup2(saved_stderr, 2)
-    os.close(saved_stderr)
-    os.close(devnull)

@@ -113,7 +113,8 @@ def main(argv, cli):
       config[name] = getattr(cli, name).value
   if cli.reference_score.value is not None and not cli.sweep.value:
     raise app.UsageError('--reference_score only applies with --sweep.')
-  metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present)
+  # TF only where a text set is not in the tokens cache (or TFDS reads GLUE): imported there.
+  metrics_writer.quiet_logs(flags.FLAGS['verbosity'].present, import_tf=False)
   distributed.initialize(cli.multiprocess)   # every host runs this same command
   start = time.time()
   try:

@@ -25,7 +25,7 @@ import struct
 import numpy as np
 
 from bert_sym.files import write_atomically
-from bert_sym.input import DataError, import_tensorflow
+from bert_sym.input import DataError, import_tensorflow, tensorflow_import_scope
 
 BERT_BASE_UNCASED_MD5 = '64800d5d8528ce344256daf115d4965e'
 BERT_BASE_UNCASED_SIZE = 30522
@@ -154,7 +154,8 @@ def vocab_md5(path: str) -> str:
 def import_tf_text():
   """(tensorflow, tensorflow_text), TF imported with the GPUs hidden from it."""
   tf = import_tensorflow()
-  import tensorflow_text as tf_text  # pylint: disable=import-outside-toplevel
+  with tensorflow_import_scope():
+    import tensorflow_text as tf_text  # pylint: disable=import-outside-toplevel
   return tf, tf_text
 
 
