@@ -50,7 +50,10 @@ set -euo pipefail
 if [[ $# -lt 5 ]]; then
   sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d'; exit 2
 fi
-NAME=$1 ZONE=$2 ACCELERATOR=${3,,} CONFIG=$4 WORKDIR=$5   # V5E-16 as bert_sym.aot reads it
+NAME=$1 ZONE=$2 CONFIG=$4 WORKDIR=$5
+# V5E-16 as bert_sym.aot reads it; with tr: bash 4's lowercasing is a bad substitution in
+# macOS's /bin/bash (3.2).
+ACCELERATOR=$(printf '%s' "$3" | tr '[:upper:]' '[:lower:]')
 # SPOT, UNPINNED, SKIP_PREFLIGHT: 1/true/yes is on, empty/0/false/no off (SPOT=0 was a spot
 # slice, SKIP_PREFLIGHT=0 no preflight); anything else is refused before any work.
 switch() {

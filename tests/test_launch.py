@@ -10,6 +10,7 @@ saves on SIGTERM and exits 42.
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -387,6 +388,16 @@ def test_tpu_vm_launcher_creates_the_runtime_cloud_tpu_names_for_the_generation(
   assert calls[1] == f'create bert-sym {runtime}  --spot'
   if accelerator == 'V5E-16':
     assert 'v5litepod-16' in (tmp_path / 'gcloud_args').read_text()
+
+
+def test_tpu_vm_launcher_runs_under_macos_bash_3():
+  """macOS's /bin/bash is 3.2: bash 4's case-modifying expansions (${x,,}: 'bad
+  substitution' there, before any work), associative arrays and mapfile stop the launcher
+  on a laptop (V5E-16 was lowercased with ${3,,})."""
+  script = (REPO_ROOT / 'launch' / 'tpu_vm.sh').read_text()
+  bash4_only = re.findall(r'\$\{[^}]*(?:,,?|\^\^?)\}|declare -A|\bmapfile\b|\breadarray\b',
+                          script)
+  assert not bash4_only
 
 
 @pytest.mark.parametrize('states, code, calls, said', [
