@@ -266,7 +266,7 @@ def _code_version() -> str:
   """This file's bytes and the tokenising libraries' versions: any change to how ids are
   made changes the cache's file names (a stale entry is never read, only left behind)."""
   versions = []
-  for package in ('tensorflow', 'tensorflow-text'):
+  for package in ('tensorflow', 'tensorflow-cpu', 'tensorflow-text'):   # TF as either wheel
     try:
       versions.append(importlib.metadata.version(package))
     except importlib.metadata.PackageNotFoundError:
