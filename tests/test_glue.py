@@ -725,6 +725,28 @@ def test_bad_tasks_fail_before_training(workdir, tmp_path):
                   _config(tasks='rte', mesh={'data': 3, 'fsdp': 1, 'tensor': 1}))
 
 
+def test_a_rerun_on_cached_tokens_does_not_import_tensorflow(workdir, tmp_path):
+  """README's promise: the first run tokenises (TF) and caches the ids; the next run on the
+  same texts, another output dir, reads them and never imports TensorFlow."""
+  report = ('import atexit, runpy, sys; atexit.register(lambda: print("TF imported:", '
+            '"tensorflow" in sys.modules)); '
+            "runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)")
+  flags = [f'--checkpoint={workdir}', f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1',
+           '--config.max_train_examples=16', '--config.max_eval_examples=8',
+           '--config.max_seq_len=16', f'--config.tokens_cache_dir={tmp_path / "tokens"}']
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu')
+  imported = []
+  for run in ('cold', 'warm'):
+    result = subprocess.run([sys.executable, '-c', report, *flags,
+                             f'--output_dir={tmp_path / run}'], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported.append(result.stdout.splitlines()[-1])
+  assert imported == ['TF imported: True', 'TF imported: False']
+  assert (_read_tsv(tmp_path / 'warm' / 'predictions' / 'rte_seed1.tsv')
+          == _read_tsv(tmp_path / 'cold' / 'predictions' / 'rte_seed1.tsv'))
+
+
 def test_cli_input_errors_are_one_line(workdir, tmp_path):
   out = [f'--checkpoint={workdir}', f'--output_dir={tmp_path / "out"}', '--config.max_seq_len=32']
   blocker = tmp_path / 'a_file'
