@@ -133,10 +133,8 @@ def test_without_the_cuda_plugin_the_fix_is_one_line(monkeypatch):
     # auto leaves it to xla: it failed on a GPU, kernel_choice.CUDNN_DROPOUT_FAILED).
     ('paper on cudnn', ('--config.model.attention_impl=cudnn',
                         '--config.model.attention_dropout_rate=0.1'),
-     '__cudnn$fmhaSoftmaxDropout', '__cudnn$fmhaSoftmaxDropoutBackward'),
-    # The paper recipe as shipped (xla): explicit scores, no cuDNN attention at all.
-    ('paper', ('--config.model.attention_impl=xla', '--config.model.attention_dropout_rate=0.1'),
-     None, None)])
+     '__cudnn$fmhaSoftmaxDropout', '__cudnn$fmhaSoftmaxDropoutBackward')])
+    # The paper recipe as shipped (xla, no cuDNN attention): the lean-backward test below.
 def test_the_attention_kernel_in_the_compiled_gpu_step_is_the_one_named(tmp_path, monkeypatch,
                                                                        recipe, flags,
                                                                        forward, backward):
@@ -151,15 +149,12 @@ def test_the_attention_kernel_in_the_compiled_gpu_step_is_the_one_named(tmp_path
   assert not list(cache.iterdir())
   layers = 2   # configs/tiny.py
   assert report['device_kind'] == 'NVIDIA H100 80GB HBM3' and report['dtype'] == 'bfloat16'
-  assert report['kernel'] == ('xla' if forward is None else 'cudnn')
+  assert report['kernel'] == 'cudnn'
   train, evaluation = report['train_step']['custom_calls'], report['eval_step']['custom_calls']
   fmha = lambda calls: {k: v for k, v in calls.items() if k.startswith('__cudnn$fmha')}
-  if forward is None:
-    assert fmha(train) == fmha(evaluation) == {}
-  else:
-    assert fmha(train) == {forward: layers, backward: layers}
-    # Evaluation is deterministic: no dropout, no backward.
-    assert fmha(evaluation) == {'__cudnn$fmhaSoftmax': layers}
+  assert fmha(train) == {forward: layers, backward: layers}
+  # Evaluation is deterministic: no dropout, no backward.
+  assert fmha(evaluation) == {'__cudnn$fmhaSoftmax': layers}
   assert report['fits'] and report['memory_fraction_advice'] is None
   # MFU's peak for the device the compiler saw; no memory term without cost analysis.
   assert report['estimate']['peak_flops_per_chip'] == 989e12
@@ -220,6 +215,9 @@ def test_the_lean_backward_keeps_less_in_the_compiled_gpu_step(tmp_path):
         '--config.data.max_seq_len=128', '--config.data.max_predictions_per_seq=20',
         '--config.model.attention_impl=xla', '--config.model.attention_dropout_rate=0.1',
         f'--config.model.lean_backward={lean}')
+    # The paper recipe as shipped: explicit scores, no cuDNN attention at all.
+    assert report['kernel'] == 'xla' and report['fits']
+    assert not [k for k in report['train_step']['custom_calls'] if k.startswith('__cudnn$fmha')]
     return report['train_step']['memory']['total']
   tokens, layers, mlp, heads = 256 * 128, 2, 512, 4   # configs/tiny.py
   per_layer = 2 * tokens * mlp * 2 + 256 * heads * 128 * 128   # 2 bf16 [tokens, mlp], 1 bool mask
