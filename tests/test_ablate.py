@@ -657,12 +657,12 @@ def test_rerun_skips_finished_runs():
 
 def test_summarize_only_trains_nothing(tmp_path):
   workdir, _ = fx.tiny_grid()
-  out = ablate.run(fx.CONFIG, 'standard,symmetric', '1', workdir, fx.OVERRIDES,
+  out = ablate.run(fx.CONFIG, 'standard,symmetric', '1', workdir, fx.overrides(),
                    summarize_only=True)
   assert out['actions'] == {'standard/seed1': 'skipped', 'symmetric/seed1': 'missing'}
   assert not os.path.exists(os.path.join(workdir, 'symmetric'))
   # Put the whole grid's summary back for the other tests.
-  ablate.run(fx.CONFIG, ','.join(fx.VARIANTS), '1,2', workdir, fx.OVERRIDES,
+  ablate.run(fx.CONFIG, ','.join(fx.VARIANTS), '1,2', workdir, fx.overrides(),
              summarize_only=True)
 
 
@@ -683,7 +683,7 @@ def test_glue_scoring_through_the_runner():
   workdir, _ = fx.tiny_grid()
   glue_args = ('--config.epochs=1 --config.max_seq_len=32 --config.batch_size=8 '
                '--config.progress_bar=False')
-  out = ablate.run(fx.CONFIG, 'standard', '1', workdir, fx.OVERRIDES,
+  out = ablate.run(fx.CONFIG, 'standard', '1', workdir, fx.overrides(),
                    glue_dir=fx.tiny_glue_dir(), glue_tasks='rte', glue_seeds='1',
                    glue_args=glue_args)
   glue = out['per_variant']['standard']['glue']
@@ -695,7 +695,7 @@ def test_glue_scoring_through_the_runner():
   assert os.path.getsize(os.path.join(workdir, 'glue.png')) > 1000
   assert '| standard | ' in open(os.path.join(workdir, 'summary.md')).read().split(
       'GLUE dev')[1]
-  ablate.run(fx.CONFIG, ','.join(fx.VARIANTS), '1,2', workdir, fx.OVERRIDES,
+  ablate.run(fx.CONFIG, ','.join(fx.VARIANTS), '1,2', workdir, fx.overrides(),
              summarize_only=True)
 
 

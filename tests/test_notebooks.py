@@ -57,7 +57,7 @@ def test_ablation_notebook():
   nb = execute('ablation.ipynb', '\n'.join([
       f'CONFIG = {fx.CONFIG!r}', f'VARIANTS = {",".join(fx.VARIANTS)!r}',
       f'SEEDS = {",".join(map(str, fx.SEEDS))!r}', f'WORKDIR = {workdir!r}',
-      f'OVERRIDES = {list(fx.OVERRIDES)!r}']))
+      f'OVERRIDES = {list(fx.overrides())!r}']))
   text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
   assert 'skipped' in text and 'bert_sym.train' not in text   # the grid was reused
   shown = _outputs(nb, 'display_data')
@@ -134,7 +134,7 @@ def test_attention_analysis_leaves_out_runs_of_another_config(tmp_path):
   checkpoint.write_config(other, config)
   nb = execute('attention_analysis.ipynb', '\n'.join([
       'WORKDIRS = {}', f'VARIANTS = {list(fx.VARIANTS)!r}', f'TRAIN_CONFIG = {fx.CONFIG!r}',
-      f'TRAIN_OVERRIDES = {list(fx.OVERRIDES)!r}', f'TRAIN_WORKDIR = {workdir!r}']))
+      f'TRAIN_OVERRIDES = {list(fx.overrides())!r}', f'TRAIN_WORKDIR = {workdir!r}']))
   text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
   assert 'left out of the analysis: pairwise' in text and 'optimizer.learning_rate' in text
   assert not any(line.startswith('pairwise [[') for line in text.splitlines()), text[-3000:]
