@@ -398,32 +398,39 @@ def _cut_the_sharding_file(step_dir):
   sharding.write_bytes(sharding.read_bytes()[:10])
 
 
-@pytest.mark.parametrize('damage', [
-    _truncate_data_files,
-    _truncate_the_largest_data_file,
-    _delete_the_largest_data_file,
-    _cut_the_sharding_file,
-    lambda step_dir: (step_dir / 'state' / '_METADATA').unlink(),
-    lambda step_dir: (step_dir / 'data_iter' / 'metadata').unlink(),
-], ids=['truncated_data_file', 'truncated_array_bytes', 'deleted_array_file',
-        'cut_sharding_file', 'missing_METADATA',
-        'missing_data_iter_metadata'])
+_DAMAGES = {
+    'truncated_data_file': _truncate_data_files,
+    'truncated_array_bytes': _truncate_the_largest_data_file,
+    'deleted_array_file': _delete_the_largest_data_file,
+    'cut_sharding_file': _cut_the_sharding_file,
+    'missing_METADATA': lambda step_dir: (step_dir / 'state' / '_METADATA').unlink(),
+    'missing_data_iter_metadata': lambda step_dir: (step_dir / 'data_iter' / 'metadata').unlink(),
+}
+
+
+@pytest.mark.parametrize('damages', [
+    ('truncated_data_file', 'truncated_array_bytes', 'deleted_array_file'),
+    ('cut_sharding_file', 'missing_METADATA', 'missing_data_iter_metadata'),
+], ids=['array_files', 'metadata_files'])
 def test_damaged_newest_checkpoint_falls_back_to_previous_step(tmp_path, reference_run,
-                                                               damage):
-  """A run whose newest checkpoint (12) was damaged resumes from 8, says so, and ends
-  bitwise equal to the uninterrupted run."""
+                                                               damages):
+  """A run whose newest checkpoints (16, 12, 8) were each damaged in one way resumes from
+  4, says which it skipped, and ends bitwise equal to the uninterrupted run. (Three kinds
+  of damage per run, each on its own step: every step is tried, newest first, and each is
+  named, so a damage the restore took for a good step would stop the fall-back there.)"""
   workdir = tmp_path / 'damaged'
   shutil.copytree(reference_run[0], workdir)
-  for step in (16,):   # as if the run had stopped right after saving step 12
-    shutil.rmtree(workdir / 'checkpoints' / str(step))
-  damage(workdir / 'checkpoints' / '12')
+  for step, name in zip((16, 12, 8), damages):
+    _DAMAGES[name](workdir / 'checkpoints' / str(step))
   result = run_trainer(workdir, overrides=_overrides())
   output = result.stdout + result.stderr
-  assert 'checkpoint step 12 cannot be restored' in output, output[-3000:]
-  assert 'Resumed from step 8' in result.stdout
+  for step, name in zip((16, 12, 8), damages):
+    assert f'checkpoint step {step} cannot be restored' in output, (name, output[-3000:])
+  assert 'Resumed from step 4' in result.stdout
   assert 'Exception ignored' not in output and 'Traceback' not in output
   assert len(output.splitlines()) < 40
-  assert (workdir / 'damaged_checkpoints').is_dir()
+  assert sorted(p.name.split('-')[0] for p in (workdir / 'damaged_checkpoints').iterdir()) == [
+      '12', '16', '8']
   _assert_params_equal(_final_params(workdir), _final_params(reference_run[0]))
   _assert_one_row_per_step(workdir)
 
