@@ -1075,17 +1075,42 @@ def test_divergence_sets_its_checkpoints_aside_and_a_fixed_rerun_finishes(tmp_pa
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_params(tmp_path)))
 
 
-def test_a_divergence_across_a_restart_keeps_the_good_checkpoint_and_names_it(tmp_path):
+# The divergence tests' cadence: a row every step, a checkpoint every 2, keeping 3.
+_DIVERGENCE_CADENCE = dict(log_every_steps=1, eval_every_steps=100, checkpoint__every_steps=2,
+                           checkpoint__keep_last=3, optimizer__warmup_steps=1,
+                           optimizer__grad_clip_norm=0)
+
+
+@pytest.fixture
+def healthy_four_steps(tmp_path_factory, tmp_path):
+  """tmp_path/'run': a copy of a healthy 4-step run at _DIVERGENCE_CADENCE (checkpoints 2
+  and 4), trained once per session for the tests that then blow it up."""
+  built = train_fixtures.built_once(
+      tmp_path_factory, 'train_healthy_four_steps',
+      lambda path: run_trainer(path, overrides=_overrides(total_steps=4,
+                                                          **_DIVERGENCE_CADENCE)))
+  shutil.copytree(built, tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+def test_a_divergence_across_a_restart_keeps_the_good_checkpoint_and_names_it(
+    healthy_four_steps):
   """A run stopped while its loss was exploding (here: it reached total_steps; a
   preemption is the same) and resumed: the checkpoint it resumed from was saved mid-streak.
   It used to count as good, so rotation deleted the real good one (4) and the NaN stop
-  sent the rerun back into the exploded model."""
-  cadence = dict(log_every_steps=1, eval_every_steps=100, checkpoint__every_steps=2,
-                 checkpoint__keep_last=3, optimizer__warmup_steps=1,
-                 optimizer__grad_clip_norm=0)
-  run_trainer(tmp_path, overrides=_overrides(total_steps=4, **cadence))   # healthy: 2, 4
+  sent the rerun back into the exploded model.
+
+  Extending the run (total_steps 4, then 9) also records the new config: config.json
+  describes the run that continues (the config `configs/from_json.py` reproduces), not the
+  one it was started as."""
+  tmp_path, cadence = healthy_four_steps, _DIVERGENCE_CADENCE   # healthy: 2, 4
+  assert checkpoint.finished_steps(tmp_path) == [2, 4]
+  assert checkpoint.read_config(tmp_path).total_steps == 4
   exploding = dict(cadence, optimizer__learning_rate=1e3)
   first = run_trainer(tmp_path, overrides=_overrides(total_steps=9, **exploding))
+  assert 'Resumed from step 4' in first.stdout
+  assert checkpoint.read_config(tmp_path).total_steps == 9
+  assert checkpoint.read_config(tmp_path).optimizer.learning_rate == 1e3
   assert 'Loss spike at step 6' in first.stderr, first.stderr[-3000:]
   assert checkpoint.finished_steps(tmp_path) == [4, 6, 8, 9]   # 4: the newest good one
   result = run_trainer(tmp_path, overrides=_overrides(total_steps=40, **exploding),
@@ -1097,16 +1122,14 @@ def test_a_divergence_across_a_restart_keeps_the_good_checkpoint_and_names_it(tm
   assert 'unhealthy from step 6 on' in result.stdout
 
 
-def test_a_checkpoint_that_itself_diverges_on_resume_goes_aside_not_the_rerun_into_it(tmp_path):
+def test_a_checkpoint_that_itself_diverges_on_resume_goes_aside_not_the_rerun_into_it(
+    healthy_four_steps):
   """A run stopped right after the update that blew its parameters up (finite, so the save
   took them; here it reached total_steps, a preemption is the same). Resumed, the first
   step's loss is already non-finite: the checkpoint resumed from gave it, whatever the
   learning rate. It was kept and named ('rerun with a fixed config and it resumes from
   there'), so every rerun resumed into it and stopped again: the workdir was trapped."""
-  cadence = dict(log_every_steps=1, eval_every_steps=100, checkpoint__every_steps=2,
-                 checkpoint__keep_last=3, optimizer__warmup_steps=1,
-                 optimizer__grad_clip_norm=0)
-  run_trainer(tmp_path, overrides=_overrides(total_steps=4, **cadence))   # healthy: 2, 4
+  tmp_path, cadence = healthy_four_steps, _DIVERGENCE_CADENCE   # healthy: 2, 4
   run_trainer(tmp_path, overrides=_overrides(total_steps=5, optimizer__learning_rate=1e30,
                                              **cadence))   # step 5's update: |w| ~ 1e30
   assert checkpoint.finished_steps(tmp_path) == [2, 4, 5]
@@ -1449,21 +1472,6 @@ def test_eval_reads_the_validation_split_and_training_the_train_split():
   splits = {id(it): split for split, it in made}
   assert splits[id(data.train_iter)] == 'train'
   assert splits[id(data.eval_iter)] == 'validation'
-
-
-def test_extending_a_run_records_the_new_config(tmp_path):
-  """Resumed with a higher total_steps: config.json describes the run that continues (the
-  config `configs/from_json.py` reproduces), not the one it was started as."""
-  iterator = train_fixtures.make_synthetic_iterator
-  config = train_fixtures.tiny_config(total_steps=2, checkpoint__every_steps=2, eval_steps=0,
-                                      log_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path), make_iterator=iterator)
-  assert checkpoint.read_config(tmp_path).total_steps == 2
-  longer = train_fixtures.tiny_config(total_steps=4, checkpoint__every_steps=2, eval_steps=0,
-                                      log_every_steps=2)
-  train.train_and_evaluate(longer, str(tmp_path), make_iterator=iterator)
-  assert checkpoint.finished_steps(tmp_path)[-1] == 4
-  assert checkpoint.read_config(tmp_path).total_steps == 4
 
 
 def test_a_boolean_nonfinite_limit_is_refused(tmp_path):
