@@ -9,6 +9,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import signal
 import tempfile
 
 # PyPI's torch is the CUDA build, with triton, whose C extension crashes the process
@@ -46,6 +47,15 @@ if ('xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '')
     and gpu_flags.cuda_plugin() is None):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_CPU_COMPILE}".strip()
 
+
+# The Ctrl-C tests send SIGINT to trainer and GLUE subprocesses. A shell without job
+# control (a script, a CI runner) starts a background job with SIGINT ignored; every process
+# it starts inherits that, and Python then installs no KeyboardInterrupt: those runs ignored
+# their Ctrl-C (a two-process run trained on until the test's timeout). A handler here is
+# reset to the default in every process started from this one: the xdist workers and the
+# tests' subprocesses.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def pytest_configure(config):
   _check_xdist_groups(config)

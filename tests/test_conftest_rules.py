@@ -4,6 +4,7 @@ BERT_SYM_DATA_DIR that does not exist stops the session before any test runs."""
 
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -122,3 +123,31 @@ def test_triton_s_library_loads_before_tensorflow_s(tmp_path):
                           timeout=300)
   assert result.returncode == 0, result.stdout[-3000:]
   assert order.read_text() == 'libtriton after tensorflow: False\n'
+
+
+def test_a_suite_started_as_a_background_job_still_sends_ctrl_c(tmp_path):
+  """`bash .ci/run &` from a script: bash without job control starts the job with SIGINT
+  ignored, which its processes inherit, so the trainers of the Ctrl-C tests ignored their
+  Ctrl-C (one exited 0 after a full run, a two-process run hung until the timeout)."""
+  child = ('import signal; '
+           'print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)')
+  in_background = lambda command: subprocess.run(
+      ['bash', '-c', f'{shlex.join(command)} & wait $!'], cwd=REPO_ROOT,
+      env=dict(os.environ, CI='', PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True,
+      timeout=300)
+  # What the suite's processes start from, without the repository's conftest.
+  assert in_background([sys.executable, '-c', child]).stdout.strip() == 'False'
+  suite = tmp_path / 'suite'
+  suite.mkdir()
+  (suite / 'conftest.py').write_text('from tests.conftest import *  # noqa: F401,F403\n')
+  (suite / 'test_child.py').write_text(textwrap.dedent(f'''\
+      import subprocess, sys
+
+      def test_a_child_process_takes_ctrl_c():
+        out = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True,
+                             text=True).stdout
+        assert out.strip() == 'True', out
+      '''))
+  result = in_background([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                          str(suite)])
+  assert result.returncode == 0, result.stdout[-3000:]
