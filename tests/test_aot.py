@@ -213,21 +213,9 @@ def run_aot(*flags):
                         env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_the_eval_step_runs_the_kernel_the_train_step_runs():
-  """auto with attention dropout trains on xla (splash has no dropout), and the trainer
-  names xla; the eval step (no dropout) resolved splash: another kernel, compiled apart,
-  whose failure would first show at the first eval."""
-  config = tiny_config(attention_impl='auto', attention_dropout_rate=0.1)
-  report = aot.preflight(config, 'v5e-4')
-  assert report['kernel'] == 'xla'
-  for step in ('train_step', 'eval_step'):
-    assert 'tpu_custom_call' not in report[step]['custom_calls'], (step, report[step])
-  # Without dropout auto runs splash in both steps: the next test (from the command line).
-
-
 def test_tiny_splash_compiles_for_v5e_4_from_the_command_line(tmp_path):
   """auto without attention dropout: the Mosaic splash kernel in the train and eval steps
-  (with dropout, neither: the test above)."""
+  (with dropout, neither: test_the_eval_step_runs_the_kernel_the_train_step_runs)."""
   out = tmp_path / 'r.json'
   result = run_aot('--config=configs/tiny.py', '--topology=v5e-4',
                    f'--config.data.max_seq_len={SEQ}',
@@ -276,7 +264,7 @@ def paper_recipe():
   config = tiny_config(attention_impl='xla', attention_dropout_rate=0.1, scan_layers=False)
   assert config.model.attention == 'pairwise'
   executables = {}
-  report = aot.preflight(config, 'v5e-4', eval_step=False, executables=executables)
+  report = aot.preflight(config, 'v5e-4', executables=executables)   # train and eval steps
   return config, report, executables['train_step']
 
 
@@ -284,7 +272,37 @@ def paper_recipe():
 def test_paper_recipe_compiles_with_xla(paper_recipe):
   _, report, _ = paper_recipe
   assert report['kernel'] == 'xla' and report['fits']
-  assert report['train_step']['custom_calls'].get('tpu_custom_call', 0) == 0
+  for step in ('train_step', 'eval_step'):
+    assert report[step]['custom_calls'].get('tpu_custom_call', 0) == 0, (step, report[step])
+
+
+def lowered_steps(config) -> tuple[str, str, str]:
+  """(the trainer's kernel, the train step's and the eval step's programs as lowered for a
+  v5e-4): what the TPU compiler is given, without compiling it."""
+  devices = tpu.compile_only_devices(tpu.parse_topology('v5e-4'))
+  with kernel_choice.target_backend('tpu'):
+    built = aot.build_steps(config, devices)
+    return (built.kernel, built.train_step.lower(built.spec.abstract, built.batch).as_text(),
+            built.eval_step.lower(built.spec.abstract['params'], built.batch).as_text())
+
+
+@pytest.mark.xdist_group('aot_paper_recipe')   # one compile, shared
+def test_the_eval_step_runs_the_kernel_the_train_step_runs(paper_recipe):
+  """auto with attention dropout trains on xla (splash has no dropout), and the trainer
+  names xla; the eval step (no dropout) resolved splash: another kernel, compiled apart,
+  whose failure would first show at the first eval. auto's two steps are the very programs
+  of the paper recipe (xla named), whose compiled train and eval steps (the shared compile
+  above) hold no Mosaic kernel: the TPU compiler gives the same program the same result."""
+  config = tiny_config(attention_impl='auto', attention_dropout_rate=0.1)
+  kernel, train_step, eval_step = lowered_steps(config)
+  assert kernel == 'xla'
+  for step, text in (('train_step', train_step), ('eval_step', eval_step)):
+    assert 'tpu_custom_call' not in text, step
+  paper_config, report, _ = paper_recipe
+  assert (kernel, train_step, eval_step) == lowered_steps(paper_config)
+  for step in ('train_step', 'eval_step'):
+    assert 'tpu_custom_call' not in report[step]['custom_calls'], (step, report[step])
+  # Without dropout auto runs splash in both steps: the command-line test.
 
 
 def tpu_bytes(shape, itemsize, layout) -> int:
