@@ -9,22 +9,19 @@ import time
 
 import pytest
 
+from tests.test_run_gpu_script import BENCH_BATCH, BENCH_SEQ, BENCH_STEPS
+from tests.test_run_gpu_script import tiny_benchmark_on_the_gpu_image
 from tests.train_fixtures import REPO_ROOT
 
 
-def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
-  out = tmp_path / 'result.json'
-  steps, warmup, batch, seq = 2, 1, 2, 64
-  command = [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'accelerator.py'),
-             '--size=tiny', f'--shapes={seq}x{batch}', '--variants=symmetric', '--paths=fused',
-             f'--steps={steps}', f'--warmup={warmup}', f'--out={out}',
-             # The GPU run's limits (75 s a configuration) are for an idle accelerator: a
-             # shared 2-core CPU under the rest of the suite took 133 s for the two.
-             '--timeout_s=400', '--budget_s=800']
-  start = time.perf_counter()
-  run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
-  wall_s = time.perf_counter() - start   # measured here, independently of the benchmark
-  assert run.returncode == 0, run.stderr[-3000:]
+def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path_factory):
+  """The tiny run (symmetric, fused, 64 x 2, with the HF peer and the profile) is shared
+  with tests/test_run_gpu_script.py, which runs it under the GPU image's stand-in."""
+  folder, run = tiny_benchmark_on_the_gpu_image(tmp_path_factory)
+  steps, batch, seq = BENCH_STEPS, BENCH_BATCH, BENCH_SEQ
+  wall_s = run['wall_s']   # measured around the command, independently of the benchmark
+  assert run['returncode'] == 0, run['stderr'][-3000:]
+  out = folder / 'bench.json'
   summary = json.loads(out.read_text())
   assert summary['device'] and summary['versions']['jax'] and summary['date']
   by_impl = {r['impl']: r for r in summary['results']}
@@ -34,8 +31,8 @@ def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
   assert ours['kernel'] == 'xla'    # auto on CPU
   # The layout `python -m bert_sym.train` runs (unscanned) unless --scan_layers says: the
   # GPU runs timed scanned layers while the trainer ran them unscanned.
-  assert ours['scan_layers'] is False and '| scan 0 |' in run.stdout
-  assert ours['lean_backward'] == 1 and '| lean 1' in run.stdout   # the trainer's default
+  assert ours['scan_layers'] is False and '| scan 0 |' in run['stdout']
+  assert ours['lean_backward'] == 1 and '| lean 1' in run['stdout']   # the trainer's default
   # Its milestones, in order: a configuration killed at its limit names the last one.
   assert [p.split(' (')[0].split(' in ')[0] for p in ours['progress']] == [
       'state and batch on the device', 'compiled', 'first step ended'], ours['progress']
@@ -50,7 +47,7 @@ def test_accelerator_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
   # two moments (the MLM head's bias and the pooler aside, 4.4M parameters at hidden 128).
   assert ours['compiled_memory_gib'] * 2**30 > 3 * 4 * 4.0e6
   # Each line is printed as it is measured, before the JSON is written.
-  assert run.stdout.count('| kernel ') == 2 and 'ours/HF' in run.stdout
+  assert run['stdout'].count('| kernel ') == 2 and 'ours/HF' in run['stdout']
 
 
 def test_benchmark_imports_neither_tensorflow_nor_seqio():
