@@ -33,7 +33,8 @@ from bert_sym.input import shard_reader
 from bert_sym.input import sources
 from bert_sym.input import tokenizer as vocab_lib
 from configs import common
-from tests.train_fixtures import REPO_ROOT, coordinator_address, cpu_devices_flags, run_trainer
+from tests.train_fixtures import REPO_ROOT, built_once, coordinator_address, cpu_devices_flags
+from tests.train_fixtures import run_trainer
 
 TASK = 'synthetic_test'
 
@@ -612,16 +613,31 @@ def test_rss_of_a_50m_token_corpus_is_that_of_a_1m_token_one(tmp_path):
 
 @pytest.fixture(scope='module')
 def text_files(tmp_path_factory):
-  root = tmp_path_factory.mktemp('text')
-  docs = [t.replace('\n', ' ') for t in sources.embedded_documents('train')[:12]]
-  for i in range(3):
-    (root / f'part-{i}.txt').write_text('\n'.join(docs[i::3]) + '\n', encoding='utf-8')
-  return str(root / 'part-*.txt')
+  """Three text files, written once per session (xdist workers share them: the exports
+  built from them record their pattern). Read-only."""
+  def build(root):
+    root.mkdir(parents=True)
+    docs = [t.replace('\n', ' ') for t in sources.embedded_documents('train')[:12]]
+    for i in range(3):
+      (root / f'part-{i}.txt').write_text('\n'.join(docs[i::3]) + '\n', encoding='utf-8')
+  return str(built_once(tmp_path_factory, 'streaming_text_files', build) / 'part-*.txt')
 
 
 def _export(out, text_files, **kwargs):
   return export_lib.export(sources.TEXT_FILES_TASK, 'train', 64, str(out),
                            text_files=text_files, num_parts=3, blocks_per_shard=40, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def one_worker_export(tmp_path_factory, text_files):
+  """(out_dir, what export returned) of `_export(out_dir, text_files)`, one worker, every
+  part: a seqio/TF tokenisation, run once per session for the tests that only read it.
+  Read-only: copy it to change it."""
+  def build(path):
+    metadata = _export(path / 'export', text_files)
+    (path / 'returned.json').write_text(json.dumps(metadata))
+  path = built_once(tmp_path_factory, 'streaming_one_worker_export', build)
+  return path / 'export', json.loads((path / 'returned.json').read_text())
 
 
 def test_a_failed_worker_stops_the_others_waiting_for_its_parts(tmp_path, text_files,
@@ -692,20 +708,23 @@ def test_finalize_of_a_directory_with_no_export_is_an_error_not_a_wait(tmp_path,
   assert f'{tmp_path / "typo"}/train: nothing exported there' in capsys.readouterr().err
 
 
-def test_text_file_shards_are_accepted_by_a_config_naming_the_same_files(tmp_path, text_files):
+def test_text_file_shards_are_accepted_by_a_config_naming_the_same_files(one_worker_export,
+                                                                         text_files):
   """The export records its files, so the trainer accepts them (the refusal of other files
   is test_text_file_shards_of_other_files_are_refused_by_name)."""
-  _export(tmp_path, text_files)
-  metadata = json.loads((tmp_path / 'train' / 'metadata.json').read_text())
+  out_dir, _ = one_worker_export
+  metadata = json.loads((out_dir / 'train' / 'metadata.json').read_text())
   assert metadata['text_files'] == text_files
   config = ml_collections.ConfigDict(dict(task=sources.TEXT_FILES_TASK,
                                           text_files=text_files, validation_files=''))
-  sources.check_exported_files(metadata, config, str(tmp_path / 'train'))
+  sources.check_exported_files(metadata, config, str(out_dir / 'train'))
 
 
-def test_a_part_manifest_counts_its_blocks_not_its_shards(tmp_path, text_files):
-  _export(tmp_path, text_files)
-  for path in (tmp_path / 'train').glob('part-?????.json'):
+def test_a_part_manifest_counts_its_blocks_not_its_shards(one_worker_export):
+  out_dir, _ = one_worker_export
+  manifests = list((out_dir / 'train').glob('part-?????.json'))
+  assert len(manifests) == 3
+  for path in manifests:
     manifest = json.loads(path.read_text())
     assert len(manifest['shards']) > 1
     assert manifest['num_blocks'] == sum(s['num_blocks'] for s in manifest['shards'])
@@ -748,9 +767,11 @@ def test_a_worker_exports_only_its_own_parts(tmp_path, text_files):
   assert manifests == ['part-00001.json']
 
 
-def test_a_rerun_on_other_text_files_is_refused(tmp_path, text_files):
+def test_a_rerun_on_other_text_files_is_refused(tmp_path, text_files, one_worker_export):
   """The parts there were exported from other files: a rerun would mix two corpora."""
-  assert _export(tmp_path, text_files) is not None
+  out_dir, returned = one_worker_export
+  assert returned is not None
+  shutil.copytree(out_dir, tmp_path, dirs_exist_ok=True)   # the shared export stays as is
   with pytest.raises(DataError, match='holds an export with text_files='):
     _export(tmp_path, text_files.replace('part-*.txt', 'part-0.txt'))
 
@@ -759,17 +780,18 @@ def _files(directory):
   return {p.name: p.read_bytes() for p in sorted(pathlib.Path(directory).iterdir())}
 
 
-def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_files):
-  one = _export(tmp_path / 'one', text_files)
+def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_files,
+                                                              one_worker_export):
+  one_dir, one = one_worker_export   # _export(one_dir, text_files): one worker
   assert one is not None and len(one['shards']) > 3
   # Two workers (run one after the other here; on a pod, at once): the first to finish
   # cannot finalize, the last one writes metadata.json.
   assert _export(tmp_path / 'two', text_files, num_workers=2, worker_index=1) is None
   assert not (tmp_path / 'two' / 'train' / 'metadata.json').exists()
   assert _export(tmp_path / 'two', text_files, num_workers=2, worker_index=0) == one
-  assert _files(tmp_path / 'two' / 'train') == _files(tmp_path / 'one' / 'train')
-  assert not [n for n in _files(tmp_path / 'one' / 'train') if '.tmp' in n]
-  a = shard_reader.StreamingBlocks(str(tmp_path / 'one'), 'train')
+  assert _files(tmp_path / 'two' / 'train') == _files(one_dir / 'train')
+  assert not [n for n in _files(one_dir / 'train') if '.tmp' in n]
+  a = shard_reader.StreamingBlocks(str(one_dir), 'train')
   b = shard_reader.StreamingBlocks(str(tmp_path / 'two'), 'train')
   np.testing.assert_array_equal(a.take(np.arange(len(a))), b.take(np.arange(len(b))))
   # The blocks are the text's packed blocks: every document's tokens, in part order.
@@ -786,7 +808,7 @@ def test_export_by_two_workers_equals_one_worker_and_resumes(tmp_path, text_file
                              '--split=train']) == streaming_cli.PARTS_MISSING_EXIT_CODE == 3
   assert _export(tmp_path / 'two', text_files) == one   # reruns part 1 only
   assert {n: (split / n).stat().st_mtime_ns for n in before} == before
-  assert _files(split) == _files(tmp_path / 'one' / 'train')
+  assert _files(split) == _files(one_dir / 'train')
 
   # A rerun with another length would skip the parts there and mix two exports: refused
   # before anything is written.
