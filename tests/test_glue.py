@@ -1421,7 +1421,8 @@ def test_dev_predictions_come_back_in_the_dev_sets_order():
   # A fresh head's outputs differ in the 5th decimal: scaled, examples differ visibly.
   params['classifier']['kernel'] = params['classifier']['kernel'] * 1000.0
   rng = np.random.default_rng(3)
-  lengths = rng.permutation([5, 30, 9, 17, 3, 26, 12, 7, 21, 4, 15])
+  # Four lengths, in both buckets and tied within batches: each is one compile below.
+  lengths = rng.permutation([5, 30, 9, 17, 3, 30, 9, 17, 5, 3, 30])
   dev = glue_data.Encoded(
       input_ids=[np.array([101, *rng.integers(104, 1000, n), 102], np.int32) for n in lengths],
       token_type_ids=[np.zeros(n + 2, np.int32) for n in lengths],
@@ -1430,9 +1431,11 @@ def test_dev_predictions_come_back_in_the_dev_sets_order():
   got = finetune.predict(params, task, dev, config, sharding.make_mesh(config.mesh), pad_id=0)
   model = model_lib.BertForSequenceClassification(
       pretrained.config.model, num_labels=glue_data.TASKS[spec_name].num_labels)
+  # Jitted, one compile per length: op by op, every op of the model was compiled anew for
+  # each length (most of this test's time). The same computation.
+  apply = jax.jit(model.apply)
   for i, (ids, segments) in enumerate(zip(dev.input_ids, dev.token_type_ids)):
-    logits = model.apply({'params': params}, ids[None], segments[None],
-                         np.ones_like(ids)[None])
+    logits = apply({'params': params}, ids[None], segments[None], np.ones_like(ids)[None])
     np.testing.assert_allclose(got[i], logits[0, 0], rtol=1e-4, atol=1e-5,
                                err_msg=f'example {i}')
   assert np.isfinite(got).all() and len(set(np.round(got, 2).tolist())) > 5, got
