@@ -83,22 +83,41 @@ def _read_tsv(path):
     return list(csv.DictReader(f, delimiter='\t'))
 
 
-def test_cli_two_processes_match_one_process(workdir, tmp_path):
+# The command line, data parallel over 2 simulated CPUs: checked by
+# test_cli_end_to_end_on_two_devices, the one-process run that
+# test_cli_two_processes_match_one_process's two processes must equal.
+_TWO_DEVICE_FLAGS = [
+    f'--glue_dir={GLUE_DIR}', '--config.max_train_examples=24',
+    '--config.max_eval_examples=20', '--config.max_seq_len=32', '--config.epochs=1',
+    '--config.length_buckets=false', '--config.progress_bar=false', '--config.batch_size=8',
+    '--config.eval_batch_size=8']
+
+
+@pytest.fixture(scope='module')
+def two_device_run(workdir, tmp_path_factory):
+  """`--tasks=cola,stsb --seeds=1,2` on 2 devices, once per session (read-only): glue/ is
+  its output dir, stdout.txt what it printed."""
+  def build(path):
+    path.mkdir()
+    result = subprocess.run(
+        [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
+         f'--output_dir={path / "glue"}', '--tasks=cola,stsb', '--seeds=1,2',
+         *_TWO_DEVICE_FLAGS], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
+                 XLA_FLAGS=cpu_devices_flags(2), TF_CPP_MIN_LOG_LEVEL='3'))
+    assert result.returncode == 0, result.stderr[-5000:]
+    (path / 'stdout.txt').write_text(result.stdout)
+  return train_fixtures.built_once(tmp_path_factory, 'glue_two_device_run', build)
+
+
+def test_cli_two_processes_match_one_process(workdir, two_device_run, tmp_path):
   """Two hosts through jax.distributed (gloo on CPU), one device each, each with its own
-  local output dir: the data-parallel fine-tune equals the 2-device single-process run."""
-  common = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
-            f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1',
-            '--config.max_train_examples=16', '--config.max_eval_examples=16',
-            '--config.max_seq_len=32', '--config.epochs=1', '--config.length_buckets=false',
-            '--config.progress_bar=false', '--config.batch_size=8',
-            '--config.eval_batch_size=8']
+  local output dir: the data-parallel fine-tune equals the 2-device single-process run
+  (STS-B seed 1 of `two_device_run`: its regression outputs, to the last bit)."""
+  common = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}', '--tasks=stsb',
+            '--seeds=1', *_TWO_DEVICE_FLAGS]
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
-  single = subprocess.run(
-      common + [f'--output_dir={tmp_path / "single"}'], cwd=REPO_ROOT, capture_output=True,
-      text=True, timeout=600,
-      env=dict(env, XLA_FLAGS=cpu_devices_flags(2)))
-  assert single.returncode == 0, single.stderr[-3000:]
   address = train_fixtures.coordinator_address()
   procs = [subprocess.Popen(
       common + [f'--output_dir={tmp_path / f"host{i}"}', f'--coordinator_address={address}',
@@ -110,28 +129,19 @@ def test_cli_two_processes_match_one_process(workdir, tmp_path):
     assert p.returncode == 0, err[-3000:]
   assert not (tmp_path / 'host1' / 'glue_results.json').exists()   # process 0 writes
   two = json.loads((tmp_path / 'host0' / 'glue_results.json').read_text())
-  one = json.loads((tmp_path / 'single' / 'glue_results.json').read_text())
+  one = json.loads((two_device_run / 'glue' / 'glue_results.json').read_text())
   assert two['devices'] == one['devices'] == 2
-  assert (_read_tsv(tmp_path / 'host0' / 'predictions' / 'rte_seed1.tsv')
-          == _read_tsv(tmp_path / 'single' / 'predictions' / 'rte_seed1.tsv'))
+  assert two['runs']['stsb']['1']['scores'] == one['runs']['stsb']['1']['scores']
+  assert (_read_tsv(tmp_path / 'host0' / 'predictions' / 'stsb_seed1.tsv')
+          == _read_tsv(two_device_run / 'glue' / 'predictions' / 'stsb_seed1.tsv'))
 
 
-def test_cli_end_to_end_on_two_devices(workdir, tmp_path):
+def test_cli_end_to_end_on_two_devices(workdir, two_device_run):
   """The command line, data parallel over 2 simulated CPUs, two seeds, a single-sentence
   (MCC) and a regression pair task: every output is written and every score can be
   recomputed from the predictions file."""
-  out = tmp_path / 'glue'
-  cmd = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
-         f'--output_dir={out}', f'--glue_dir={GLUE_DIR}', '--tasks=cola,stsb',
-         '--seeds=1,2', '--config.max_train_examples=24', '--config.max_eval_examples=20',
-         '--config.max_seq_len=32', '--config.epochs=1', '--config.length_buckets=false',
-         '--config.progress_bar=false', '--config.batch_size=8', '--config.eval_batch_size=8']
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=cpu_devices_flags(2), TF_CPP_MIN_LOG_LEVEL='3')
-  result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-  assert result.returncode == 0, result.stderr[-5000:]
-  assert '| mean ± std |' in result.stdout
+  out = two_device_run / 'glue'
+  assert '| mean ± std |' in (two_device_run / 'stdout.txt').read_text()
 
   results = json.loads((out / 'glue_results.json').read_text())
   assert results['step'] == 4 and results['devices'] == 2 and results['mesh']['data'] == 2
