@@ -735,26 +735,58 @@ def test_bad_tasks_fail_before_training(workdir, tmp_path):
                   _config(tasks='rte', mesh={'data': 3, 'fsdp': 1, 'tensor': 1}))
 
 
-def test_a_rerun_on_cached_tokens_does_not_import_tensorflow(workdir, tmp_path):
+# RTE seeds 1,2 trained together for 60 steps, the run test_ctrl_c_then_sigterm_* stops.
+_RTE_GROUP_FLAGS = [
+    f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,2', '--config.max_train_examples=32',
+    '--config.max_eval_examples=16', '--config.max_seq_len=32', '--config.epochs=15',
+    '--config.length_buckets=false', '--config.batch_size=8', '--config.eval_batch_size=8',
+    '--config.checkpoint_every_steps=0', '--config.log_every_steps=10',
+    '--config.parallel_seeds=true']   # the harder resume: a vmapped group
+# Runs the GLUE command line, then prints whether the process imported TensorFlow.
+_REPORTS_TF = ('import atexit, runpy, sys; atexit.register(lambda: print("TF imported:", '
+               '"tensorflow" in sys.modules)); '
+               "runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)")
+
+
+def _glue_env():
+  return dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
+              TF_CPP_MIN_LOG_LEVEL='3')
+
+
+@pytest.fixture(scope='module')
+def rte_uninterrupted(workdir, tmp_path_factory):
+  """_RTE_GROUP_FLAGS run to the end once per session (read-only), the first run on a
+  tokens cache of its own (tokens/): out/ its output dir, tf_imported.txt _REPORTS_TF's
+  line. The reference of test_ctrl_c_*, the cold run of test_a_rerun_on_cached_tokens_*."""
+  def build(path):
+    path.mkdir()
+    result = subprocess.run(
+        [sys.executable, '-c', _REPORTS_TF, f'--checkpoint={workdir}', *_RTE_GROUP_FLAGS,
+         f'--config.tokens_cache_dir={path / "tokens"}', f'--output_dir={path / "out"}'],
+        cwd=REPO_ROOT, env=_glue_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path / 'tf_imported.txt').write_text(result.stdout.splitlines()[-1])
+  return train_fixtures.built_once(tmp_path_factory, 'glue_rte_uninterrupted', build)
+
+
+def test_a_rerun_on_cached_tokens_does_not_import_tensorflow(workdir, rte_uninterrupted,
+                                                             tmp_path):
   """README's promise: the first run tokenises (TF) and caches the ids; the next run on the
   same texts, another output dir, reads them and never imports TensorFlow."""
-  report = ('import atexit, runpy, sys; atexit.register(lambda: print("TF imported:", '
-            '"tensorflow" in sys.modules)); '
-            "runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)")
-  flags = [f'--checkpoint={workdir}', f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1',
-           '--config.max_train_examples=16', '--config.max_eval_examples=8',
-           '--config.max_seq_len=16', f'--config.tokens_cache_dir={tmp_path / "tokens"}']
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu')
-  imported = []
-  for run in ('cold', 'warm'):
-    result = subprocess.run([sys.executable, '-c', report, *flags,
-                             f'--output_dir={tmp_path / run}'], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    imported.append(result.stdout.splitlines()[-1])
-  assert imported == ['TF imported: True', 'TF imported: False']
-  assert (_read_tsv(tmp_path / 'warm' / 'predictions' / 'rte_seed1.tsv')
-          == _read_tsv(tmp_path / 'cold' / 'predictions' / 'rte_seed1.tsv'))
+  tokens = rte_uninterrupted / 'tokens'
+  cached = sorted(p.name for p in tokens.iterdir())
+  assert (rte_uninterrupted / 'tf_imported.txt').read_text() == 'TF imported: True'
+  assert cached   # the first run's
+  warm = subprocess.run(
+      [sys.executable, '-c', _REPORTS_TF, f'--checkpoint={workdir}', *_RTE_GROUP_FLAGS,
+       f'--config.tokens_cache_dir={tokens}', f'--output_dir={tmp_path / "warm"}'],
+      cwd=REPO_ROOT, env=_glue_env(), capture_output=True, text=True, timeout=600)
+  assert warm.returncode == 0, warm.stderr[-3000:]
+  assert warm.stdout.splitlines()[-1] == 'TF imported: False'
+  assert sorted(p.name for p in tokens.iterdir()) == cached   # read, none written
+  for seed in (1, 2):
+    assert (_read_tsv(tmp_path / 'warm' / 'predictions' / f'rte_seed{seed}.tsv')
+            == _read_tsv(rte_uninterrupted / 'out' / 'predictions' / f'rte_seed{seed}.tsv'))
 
 
 def test_cli_input_errors_are_one_line(workdir, tmp_path):
@@ -960,23 +992,17 @@ def test_parallel_seeds_equal_sequential_seeds(workdir, tmp_path):
   assert not list((tmp_path / 'parallel_False').glob('replaced-*'))
 
 
-def test_ctrl_c_then_sigterm_mid_task_save_and_resume_to_the_same_predictions(workdir,
-                                                                             tmp_path):
+def test_ctrl_c_then_sigterm_mid_task_save_and_resume_to_the_same_predictions(
+    workdir, rte_uninterrupted, tmp_path):
   """Ctrl-C mid-task saves and exits 130; the rerun, stopped by SIGTERM further on, saves
   and exits 42; the third run finishes with the predictions of an uninterrupted run."""
-  cmd = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}',
-         f'--glue_dir={GLUE_DIR}', '--tasks=rte', '--seeds=1,2',
-         '--config.max_train_examples=32', '--config.max_eval_examples=16',
-         '--config.max_seq_len=32', '--config.epochs=40', '--config.length_buckets=false',
-         '--config.batch_size=8', '--config.eval_batch_size=8',
-         '--config.checkpoint_every_steps=0', '--config.log_every_steps=10',
-         '--config.parallel_seeds=true']   # the harder resume: a vmapped group
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  cmd = [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}', *_RTE_GROUP_FLAGS,
+         # every text is in it: read only, no run here imports TensorFlow
+         f'--config.tokens_cache_dir={rte_uninterrupted / "tokens"}']
+  env = _glue_env()
   run = lambda out: subprocess.run(cmd + [f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
                                    capture_output=True, text=True, timeout=600)
-  reference = run(tmp_path / 'reference')
-  assert reference.returncode == 0, reference.stderr[-3000:]
+  reference = rte_uninterrupted / 'out'
 
   out = tmp_path / 'preempted'
   ckpts = out / 'runs' / 'rte' / 'checkpoints'
@@ -986,12 +1012,12 @@ def test_ctrl_c_then_sigterm_mid_task_save_and_resume_to_the_same_predictions(wo
     lines = logged.read_text().splitlines() if logged.exists() else []
     return [json.loads(line)['step'] for line in lines if line.endswith('}')]
 
-  # The runs to stop take 50 ms a batch (about 6 ms here otherwise): the whole remaining
-  # run, 150 steps after the first row, took under a second, so a test process starved
-  # that long sent its signal to a finished run.
+  # The runs to stop take 150 ms a batch (tens of ms otherwise): unslowed, the rest of the
+  # run after the first row took under a second, so a test process starved that long sent
+  # its signal to a finished run. The 50 steps after the first row leave it 7.5 s.
   slow_batches = ('import runpy, time; from bert_sym.glue import finetune as f; '
                   'take = f._Batches.__next__; '
-                  'f._Batches.__next__ = lambda self: (time.sleep(0.05), take(self))[1]; '
+                  'f._Batches.__next__ = lambda self: (time.sleep(0.15), take(self))[1]; '
                   "runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)")
 
   def stop_after(step, signum, exit_code):
@@ -1010,17 +1036,17 @@ def test_ctrl_c_then_sigterm_mid_task_save_and_resume_to_the_same_predictions(wo
     assert 'Traceback' not in stdout + stderr, stderr[-3000:]
     assert not (out / 'glue_results.json').exists()
     saved = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and step < saved[0] < 160, saved
+    assert len(saved) == 1 and step < saved[0] < 60, saved
     return saved[0]
 
   first = stop_after(0, signal.SIGINT, 130)
   second = stop_after(first, signal.SIGTERM, 42)
   resumed = run(out)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f'rte seeds 1,2: resuming from step {second} of 160' in resumed.stdout
+  assert f'rte seeds 1,2: resuming from step {second} of 60' in resumed.stdout
   for seed in (1, 2):
     assert (_read_tsv(out / 'predictions' / f'rte_seed{seed}.tsv')
-            == _read_tsv(tmp_path / 'reference' / 'predictions' / f'rte_seed{seed}.tsv'))
+            == _read_tsv(reference / 'predictions' / f'rte_seed{seed}.tsv'))
   assert not ckpts.parent.exists()   # a finished task's checkpoints (and folder) are removed
 
 
