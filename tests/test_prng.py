@@ -75,31 +75,21 @@ def test_unknown_implementation_is_a_clear_error():
     steps.dropout_key(jax.random.key(0), 'philox')
 
 
-@pytest.fixture(scope='module')
-def threefry_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('threefry')
-  config = train_fixtures.tiny_config(total_steps=2, eval_steps=0, checkpoint__every_steps=2)
-  train.train_and_evaluate(config, str(workdir),
-                           make_iterator=train_fixtures.make_synthetic_iterator)
-  return workdir
-
-
-def test_resume_with_another_key_shape_is_a_readable_error(threefry_run):
-  config = train_fixtures.tiny_config(total_steps=4, eval_steps=0, prng_impl='rbg')
-  with pytest.raises(train.RunError) as error:
-    train.train_and_evaluate(config, str(threefry_run),
-                             make_iterator=train_fixtures.make_synthetic_iterator)
-  message = str(error.value)
-  assert 'rng: checkpoint (2,) uint32, config (4,) uint32' in message, message
-  assert 'prng_impl' in message
-
-
-def test_resume_rbg_as_unsafe_rbg_is_a_readable_error(tmp_path):
-  """Same key shape (4 words): config.json says which implementation wrote the run."""
+def test_resuming_with_another_prng_impl_is_a_readable_error(tmp_path):
+  """One rbg run (4-word keys), resumed twice: as threefry (2 words) the key shapes differ;
+  as unsafe_rbg they are the same (4 words) and config.json says which implementation wrote
+  the run. Neither failed resume writes to the workdir."""
   config = train_fixtures.tiny_config(total_steps=2, eval_steps=0, checkpoint__every_steps=2,
                                       prng_impl='rbg')
   train.train_and_evaluate(config, str(tmp_path),
                            make_iterator=train_fixtures.make_synthetic_iterator)
+  config = train_fixtures.tiny_config(total_steps=4, eval_steps=0, prng_impl='threefry')
+  with pytest.raises(train.RunError) as error:
+    train.train_and_evaluate(config, str(tmp_path),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
+  message = str(error.value)
+  assert 'rng: checkpoint (4,) uint32, config (2,) uint32' in message, message
+  assert 'prng_impl' in message
   config = train_fixtures.tiny_config(total_steps=4, eval_steps=0, prng_impl='unsafe_rbg')
   with pytest.raises(train.RunError, match=r"prng_impl='rbg'.*--config.prng_impl=rbg"):
     train.train_and_evaluate(config, str(tmp_path),
