@@ -1,4 +1,5 @@
-"""One tiny ablation grid, trained once per test session, shared by the runner and notebook tests.
+"""One tiny ablation grid, trained once per test process (its tests share one xdist group),
+shared by the runner and notebook tests.
 
 2 variants x 2 seeds of configs/tiny.py shrunk to a few steps (each run is the real
 trainer in a subprocess), reading a synthetic corpus in the export's shard format

@@ -57,6 +57,7 @@ if ('xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '')
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
   signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
 def pytest_configure(config):
   _check_xdist_groups(config)
   _share_compilation_cache(config)

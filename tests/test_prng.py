@@ -78,7 +78,7 @@ def test_unknown_implementation_is_a_clear_error():
 def test_resuming_with_another_prng_impl_is_a_readable_error(tmp_path):
   """One rbg run (4-word keys), resumed twice: as threefry (2 words) the key shapes differ;
   as unsafe_rbg they are the same (4 words) and config.json says which implementation wrote
-  the run. Neither failed resume writes to the workdir."""
+  the run. Neither failed resume changes config.json or the checkpoints."""
   config = train_fixtures.tiny_config(total_steps=2, eval_steps=0, checkpoint__every_steps=2,
                                       prng_impl='rbg')
   train.train_and_evaluate(config, str(tmp_path),

@@ -287,7 +287,7 @@ def tiny_benchmark_on_the_gpu_image(tmp_path_factory):
     command = [sys.executable, os.path.join(REPO_ROOT, 'benchmarks', 'accelerator.py'),
                '--size=tiny', f'--shapes={BENCH_SEQ}x{BENCH_BATCH}', '--variants=symmetric',
                '--paths=fused', f'--steps={BENCH_STEPS}', f'--warmup={BENCH_WARMUP}',
-               '--profile', '--prng_impl=rbg', f'--profile_root={path}',
+               '--profile', f'--profile_root={path}',
                f'--out={path}/bench.json',
                # The GPU run's limits (75 s a configuration) are for an idle accelerator: a
                # shared 2-core CPU under the rest of the suite took 133 s for the two.
