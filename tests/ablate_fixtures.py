@@ -35,38 +35,20 @@ _SIZES = (
 CORPUS_TASK = 'synthetic_ablate'
 
 
-def _write_corpus(url: str, blocks_per_split: int = 64, seq_len: int = 32) -> None:
-  """Shards as `python -m bert_sym.shards export` writes them (as tests/test_streaming.py's
-  write_corpus), of ids drawn as words in text (Zipf's law over 1000 ids), so that the
-  loss falls within the grid's few steps: on write_corpus's uniform ids (a loss of
-  log 30522 from the start) the curves had nothing to learn, and the steps-to-target
-  checks no crossing after step 0."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from bert_sym.input import shard_reader  # pylint: disable=g-import-not-at-top
-  from bert_sym.input import shard_writer  # pylint: disable=g-import-not-at-top
-  from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
-  vocab_path = tokenizer.default_vocab_file()
-  tokens = tokenizer.read_vocab(vocab_path)
-  special = tokenizer.special_ids(tokens, vocab_path).as_dict()
-  rng = np.random.default_rng(0)
-  for split in ('train', 'validation'):
-    split_url = shard_reader.join_url(url, split)
-    shard_writer.write_vocab(split_url, tokenizer.read_vocab_bytes(vocab_path))
-    writer = shard_writer.PartWriter(split_url, 0, 1, max_seq_len=seq_len, dtype=np.uint16,
-                                     pad_id=0)
-    blocks = 1000 + (rng.zipf(1.2, (blocks_per_split, seq_len)) - 1) % 1000
-    blocks[:, 0], blocks[:, -1] = special['cls'], special['sep']
-    writer.add(blocks.astype(np.uint16))
-    writer.close(task=CORPUS_TASK, split=split, vocab_md5=tokenizer.BERT_BASE_UNCASED_MD5,
-                 vocab_size=len(tokens), special_ids=special)
-    shard_writer.finalize(url, split)
+def _zipf_ids(rng, shape):
+  """Ids drawn as words in text (Zipf's law over 1000 ids), so that the loss falls within
+  the grid's few steps: on uniform ids (a loss of log 30522 from the start) the curves had
+  nothing to learn, and the steps-to-target checks no crossing after step 0."""
+  return 1000 + (rng.zipf(1.2, shape) - 1) % 1000
 
 
 @functools.lru_cache(maxsize=None)
 def overrides() -> tuple[str, ...]:
   """The grid's --config overrides: a few tiny steps on a corpus written once per process."""
+  from tests import test_streaming  # pylint: disable=g-import-not-at-top
   corpus = os.path.join(_temporary_dir('ablate_corpus_'), 'corpus')
-  _write_corpus(corpus)
+  test_streaming.write_corpus(corpus, 64, 32, num_parts=1, task=CORPUS_TASK,
+                              draw_ids=_zipf_ids)
   return _SIZES + ('--config.data.source=streaming', f'--config.data.task={CORPUS_TASK}',
                    f'--config.data.shards_dir={corpus}')
 

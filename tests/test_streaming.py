@@ -40,8 +40,10 @@ TASK = 'synthetic_test'
 
 
 def write_corpus(url, num_blocks, max_seq_len, *, splits=('train', 'validation'),
-                 num_parts=2, blocks_per_shard=1000, seed=0, task=TASK):
-  """A corpus of random WordPiece ids in the export's format; returns the train metadata."""
+                 num_parts=2, blocks_per_shard=1000, seed=0, task=TASK, draw_ids=None):
+  """A corpus of random WordPiece ids in the export's format; returns the train metadata.
+  Uniform ids unless `draw_ids(rng, shape)` draws them (uniform ids leave a model nothing
+  to learn: tests/ablate_fixtures.py draws a Zipf law)."""
   vocab_path = vocab_lib.default_vocab_file()
   tokens = vocab_lib.read_vocab(vocab_path)
   special = vocab_lib.special_ids(tokens, vocab_path).as_dict()
@@ -56,7 +58,8 @@ def write_corpus(url, num_blocks, max_seq_len, *, splits=('train', 'validation')
                                      blocks_per_shard=blocks_per_shard)
       for start in range(0, count, 4096):    # bounded memory while writing, too
         n = min(4096, count - start)
-        blocks = rng.integers(1000, len(tokens), (n, max_seq_len), dtype=np.uint16)
+        blocks = (rng.integers(1000, len(tokens), (n, max_seq_len), dtype=np.uint16)
+                  if draw_ids is None else draw_ids(rng, (n, max_seq_len)).astype(np.uint16))
         blocks[:, 0], blocks[:, -1] = special['cls'], special['sep']
         blocks[:, -1 - rng.integers(0, 8)] = 0    # some padding
         writer.add(blocks)
