@@ -49,6 +49,10 @@ class PreemptionFlag:
     self._previous = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
+        # A shell starts its background jobs with SIGINT ignored, so that a Ctrl-C at the
+        # terminal stops only the job in front; `train ... &` must not stop on it either.
+        if signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN:
+          continue
         self._previous[signum] = signal.signal(signum, self._handle)
 
   def close(self) -> None:

@@ -352,6 +352,23 @@ def test_a_second_ctrl_c_during_the_first_ones_message_quits(monkeypatch):
   assert len(printed) == 1, printed
 
 
+def test_a_run_started_with_ctrl_c_ignored_leaves_it_ignored():
+  """`python -m bert_sym.train ... &` from a script: the shell ignores SIGINT in its
+  background jobs, so that a Ctrl-C at the terminal stops only the command in front. The
+  run must keep ignoring it (POSIX programs do; so does Python's own KeyboardInterrupt),
+  not save and stop; SIGTERM (preemption) is still taken."""
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with loop.PreemptionFlag() as flag:
+      assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+      assert signal.getsignal(signal.SIGTERM) == flag._handle   # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGINT)   # a real Ctrl-C meant for another job
+      assert not flag.reached(None, 1) and flag.signal_name is None
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_the_flag_puts_the_handlers_back_and_runs_off_the_main_thread():
   """A notebook training in a background thread: only the main thread may set a handler
   (signal.signal raises ValueError elsewhere), so there the run has none, and no error."""
