@@ -171,7 +171,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   config = checkpoint.inputs_checked_on_every_host(   # every input, before any side effect
       lambda: _check_inputs(config, make_iterator), 'run')
   loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
-  workdir = _prepare_workdir(workdir)
+  with checkpoint.checked_on_every_host('run'):   # a workdir one host cannot write
+    workdir = _prepare_workdir(workdir)
   with checkpoint.workdir_lock(workdir), loop.PreemptionFlag() as preemption:
     run = _open_run(workdir)                   # logging: console line, metrics writer
     try:

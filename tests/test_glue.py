@@ -144,6 +144,34 @@ def test_cli_two_processes_match_one_process(workdir, two_device_run, tmp_path):
           == _read_tsv(two_device_run / 'glue' / 'predictions' / 'stsb_seed1.tsv'))
 
 
+def test_cli_output_dir_process_0_cannot_write_stops_both_processes_in_one_line(workdir,
+                                                                                tmp_path):
+  """Process 0 (which serves jax.distributed) could not create its --output_dir and left;
+  process 1, waiting for it in finished_runs' collective, aborted (SIGABRT) in a page of
+  C++ stack. Both now stop at the inputs' check, in one line naming the path."""
+  (tmp_path / 'a_file').write_text('')   # a directory under it cannot be made, even by root
+  blocked = tmp_path / 'a_file' / 'glue'
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
+             TF_CPP_MIN_LOG_LEVEL='3')
+  address = train_fixtures.coordinator_address()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={workdir}', '--tasks=stsb',
+       '--seeds=1', *_TWO_DEVICE_FLAGS, f'--output_dir={tmp_path / "host1" if i else blocked}',
+       f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  try:
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errs):
+    errors = [line for line in err.splitlines() if 'bert_sym.glue: error:' in line]
+    assert p.returncode == 1 and 'Traceback' not in err, err[-3000:]
+    assert len(errors) == 1 and f'Cannot write to --output_dir={blocked}: ' in errors[0], err
+  assert 'process 0 of this GLUE run stopped on its inputs: ' in errs[1]
+
+
 def test_cli_end_to_end_on_two_devices(workdir, two_device_run):
   """The command line, data parallel over 2 simulated CPUs, two seeds, a single-sentence
   (MCC) and a regression pair task: every output is written and every score can be

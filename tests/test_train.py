@@ -592,14 +592,21 @@ def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
   """Hosts given different workdirs (node-local paths) trained, then hung at the first
   save with no step ever complete; hosts given different overrides hung in a collective
   (total_steps) or trained one model from two recipes, without a word. Both now stop
-  before the first step, every process with the same line."""
+  before the first step, every process with the same line. So does a workdir that only
+  process 0 (which serves jax.distributed) cannot create: it left, and the other aborted
+  in a page of C++ stack (SIGABRT, "the JAX distributed service detected fatal errors")."""
+  (tmp_path / 'a_file').write_text('')   # a directory under it cannot be made, even by root
   for name, per_process, message in (
       ('workdirs', [[], []], 'is not one directory shared by every process: process(es) 1 '
                              'do not see the lock file'),
       ('configs', [[], ['--config.seed=7']], 'started with different configs: process 1 '
-                                             'differs from process 0 in seed=7 (process 0: ')):
+                                             'differs from process 0 in seed=7 (process 0: '),
+      ('unwritable', [[], []], f'Cannot write to --workdir={tmp_path / "a_file" / "run"}: ')):
+    workdirs = {'workdirs': [tmp_path / name / 'host0', tmp_path / name / 'host1'],
+                'unwritable': [tmp_path / 'a_file' / 'run', tmp_path / name / 'run']}.get(
+                    name, [tmp_path / name / 'run'] * 2)
     address = train_fixtures.coordinator_address()
-    processes = [run_trainer(tmp_path / name / (f'host{i}' if name == 'workdirs' else 'run'),
+    processes = [run_trainer(workdirs[i],
                              f'--coordinator_address={address}', '--num_processes=2',
                              f'--process_id={i}', *per_process[i], devices=2,
                              overrides=_overrides(), background=True)
@@ -610,6 +617,8 @@ def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
       assert p.returncode == 1 and 'Traceback' not in out, out[-3000:]
       assert len(errors) == 1 and message in errors[0], out[-3000:]
       assert 'step 1' not in out
+    if name == 'unwritable':
+      assert 'process 0 of this run stopped on its inputs: ' in outputs[1]
     assert not list((tmp_path / name).rglob('checkpoints/*'))
     assert not list((tmp_path / name).rglob('trainer.lock'))   # released on the way out
 

@@ -11,7 +11,7 @@ import time
 import jax
 
 from bert_sym.checkpoint.core import absolute, allgather_json, flat_config
-from bert_sym.cli import UserError
+from bert_sym.cli import UserError, another_process_stopped
 
 
 # ---- One trainer per workdir ----
@@ -46,6 +46,23 @@ def inputs_checked_on_every_host(check, what: str = 'run'):
   return config
 
 
+@contextlib.contextmanager
+def checked_on_every_host(what: str = 'run'):
+  """The block (this host's checks of what only it sees: a directory it creates, a file it
+  reads), then a meeting of every host: one whose block raised tells the others there, so
+  each stops in one line (as inputs_checked_on_every_host). Left alone, that host exited
+  while the others went on into their next collective: they died on a lost connection, or
+  aborted (SIGABRT) when the leaver was process 0, which serves jax.distributed."""
+  try:
+    yield
+  except Exception as e:
+    if jax.process_count() > 1 and not another_process_stopped(str(e)):
+      allgather_json([str(e) or type(e).__name__, None])   # the others raise on it
+    raise
+  if jax.process_count() > 1:
+    _raise_if_any_stopped(allgather_json([None, None]), what)
+
+
 def check_same_config_on_every_host(config, what: str = 'run') -> None:
   """Every process runs process 0's config (which alone is written to config.json).
 
@@ -55,13 +72,7 @@ def check_same_config_on_every_host(config, what: str = 'run') -> None:
   if jax.process_count() == 1:
     return
   gathered = allgather_json([None, flat_config(config)])
-  stopped = [(index, problem) for index, (problem, _) in enumerate(gathered) if problem]
-  if stopped:   # its inputs failed its checks (inputs_checked_on_every_host)
-    index, problem = stopped[0]
-    raise HostsDisagree(
-        f'process {index} of this {what} stopped on its inputs: {problem} '
-        f'({len(stopped)} process(es) stopped). Fix that on every host (a path must be the '
-        'same shared one on all), then rerun the same command on every host.')
+  _raise_if_any_stopped(gathered, what)
   everyone = [theirs for _, theirs in gathered]
   first = everyone[0]
   differing = {index: sorted(k for k in set(theirs) | set(first)
@@ -76,6 +87,16 @@ def check_same_config_on_every_host(config, what: str = 'run') -> None:
         f'{index} differs from process 0 in {shown}{", ..." if len(keys) > 3 else ""} '
         f'({len(differing)} process(es) differ). Fix: start every process with the same '
         'command (the same --config file, overrides and data paths).')
+
+
+def _raise_if_any_stopped(gathered, what: str) -> None:
+  stopped = [(index, problem) for index, (problem, _) in enumerate(gathered) if problem]
+  if stopped:   # its inputs failed its checks (inputs_checked_on_every_host)
+    index, problem = stopped[0]
+    raise HostsDisagree(
+        f'process {index} of this {what} stopped on its inputs: {problem} '
+        f'({len(stopped)} process(es) stopped). Fix that on every host (a path must be the '
+        'same shared one on all), then rerun the same command on every host.')
 
 
 @contextlib.contextmanager

@@ -94,16 +94,19 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   specs = glue_data.parse_tasks(config.tasks)
   seeds = parse_seeds(config.seeds)
   parallel = parallel_seeds_mode(config.get('parallel_seeds', 'auto'))   # typos fail now
-  pretrained, tokenizer = _checkpoint_and_tokenizer(checkpoint, config, parallel)
-  pairs = [s.name for s in specs if len(s.tfds_text_keys) == 2]
-  if pairs and pretrained.config.model.type_vocab_size < 2:   # type 1 would look up NaN
-    raise ValueError(f'{pretrained.step_dir} has model.type_vocab_size='
-                     f'{pretrained.config.model.type_vocab_size}: no segment embedding for '
-                     f'the second sentence of {", ".join(pairs)}. Fix: --tasks without them.')
-  _check_data(config, specs)
-  mesh, rules = _mesh_and_rules(config, pretrained)
-  # The inputs are checked (a refused run leaves no folder); data and compiles come next.
-  output_dir = files.check_writable(output_dir, f'--output_dir={output_dir}')
+  # Each host reads its own files (vocabulary, data) and --output_dir: one that fails them
+  # stops every host, instead of leaving the others in finished_runs' collective.
+  with checkpoint_lib.checked_on_every_host('GLUE run'):
+    pretrained, tokenizer = _checkpoint_and_tokenizer(checkpoint, config, parallel)
+    pairs = [s.name for s in specs if len(s.tfds_text_keys) == 2]
+    if pairs and pretrained.config.model.type_vocab_size < 2:   # type 1 would look up NaN
+      raise ValueError(f'{pretrained.step_dir} has model.type_vocab_size='
+                       f'{pretrained.config.model.type_vocab_size}: no segment embedding for '
+                       f'the second sentence of {", ".join(pairs)}. Fix: --tasks without them.')
+    _check_data(config, specs)
+    mesh, rules = _mesh_and_rules(config, pretrained)
+    # The inputs are checked (a refused run leaves no folder); data and compiles come next.
+    output_dir = files.check_writable(output_dir, f'--output_dir={output_dir}')
   results = _new_results(pretrained, config, mesh, seeds, specs)
   _keep_finished_runs(results, finished_runs(output_dir, pretrained.step_dir, config), seeds)
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
