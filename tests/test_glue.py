@@ -450,9 +450,18 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent('''
     import json, sys
     import jax
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    address, process_id, output_dir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    address, process_id, output_dir, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
     jax.distributed.initialize(address, num_processes=2, process_id=process_id)
-    from bert_sym.glue import hosts, suite
+    from bert_sym.checkpoint import restoring
+    from bert_sym.glue import finetune, hosts, suite
+    if process_id == 1:   # step 4 unreadable on this host only (a stale or partial copy)
+      read_json_item = restoring.read_json_item
+      def unreadable_4(step_dir):
+        if str(step_dir).endswith('/4'):
+          raise FileNotFoundError(2, 'No such file or directory', f'{step_dir}/data_iter')
+        return read_json_item(step_dir)
+      restoring.read_json_item = unreadable_4
+    loaded = finetune.load_pretrained_encoder(workdir).step
     from configs import glue as glue_config
     config = glue_config.get_config('runlocal')
     done = suite.finished_runs(output_dir, 'CKPT/checkpoints/4', config)
@@ -463,14 +472,16 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent('''
     except Exception as e:
       error = f'{type(e).__name__}: {e}'
     print('RESULT', json.dumps({'done': sorted(f'{t}/{s}' for t, s in done), 'mine': mine,
-                                'error': error}))
+                                'error': error, 'loaded': loaded}))
 ''')
 
 
-def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(tmp_path):
+def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(workdir, tmp_path):
   """Only process 0 writes glue_results.json; with per-host output dirs, process 1 sees
   none. Each host deciding alone would make process 0 skip the finished run while process
-  1 enters finetune's collectives: a hang. Both must get process 0's answer."""
+  1 enters finetune's collectives: a hang. Both must get process 0's answer. Likewise the
+  checkpoint: a step that process 1 alone cannot read is skipped by both (process 0 used
+  to wait in orbax's restore barrier, process 1 in the agreement: gloo aborted both)."""
   config = glue_config.get_config('runlocal')
   host0, host1 = tmp_path / 'host0', tmp_path / 'host1'
   (host0 / 'predictions').mkdir(parents=True)
@@ -484,8 +495,8 @@ def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu',
              TF_CPP_MIN_LOG_LEVEL='3')
   procs = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_SCRIPT, address, str(i),
-                             str(d)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             str(d), str(workdir)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i, d in enumerate((host0, host1))]
   try:
     outputs = [p.communicate(timeout=180) for p in procs]
@@ -497,7 +508,7 @@ def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(tmp_path):
     assert p.returncode == 0, stderr[-3000:]
     results.append(json.loads(stdout.split('RESULT ', 1)[1]))
   for r in results:   # cola's predictions file is missing on host 0: redone everywhere
-    assert r['done'] == ['rte/1'] and r['mine'] == 0
+    assert r['done'] == ['rte/1'] and r['mine'] == 0 and r['loaded'] == 2
   assert results[0]['error'] == 'ZeroDivisionError: division by zero'
   assert results[1]['error'].startswith('RuntimeError: Process 0 failed, so process 1 '
                                         'stops too: ZeroDivisionError')

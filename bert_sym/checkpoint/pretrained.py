@@ -104,7 +104,13 @@ def load_params(step_dir) -> dict:
   """The model parameters of one step as host numpy arrays (opt_state is not read)."""
   step_dir = absolute(step_dir)
   wanted = {'params': restoring.read_state_metadata(step_dir)['params']}
-  checkpointer = ocp.PyTreeCheckpointer()
+  # This host's read alone: orbax's restore ends in a barrier of every process, which a
+  # host whose read failed never reached (it went on to `_first_readable`'s agreement,
+  # the others' barrier met it there: gloo aborted both, "collective mismatch").
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                                  multiprocessing_options=alone)
   restored = checkpointer.restore(step_dir / STATE, args=ocp.args.PyTreeRestore(
       item=wanted,
       # numpy targets: no sharding needed, so any device count can read any checkpoint.
