@@ -452,6 +452,7 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent('''
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     address, process_id, output_dir, workdir = sys.argv[1], int(sys.argv[2]), *sys.argv[3:]
     jax.distributed.initialize(address, num_processes=2, process_id=process_id)
+    from bert_sym import checkpoint, cli
     from bert_sym.checkpoint import restoring
     from bert_sym.glue import finetune, hosts, suite
     if process_id == 1:   # step 4 unreadable on this host only (a stale or partial copy)
@@ -471,8 +472,12 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent('''
       error = None
     except Exception as e:
       error = f'{type(e).__name__}: {e}'
+    try:   # the user's error: one line on every process (cli.user_error_message)
+      hosts.on_process_0(lambda: checkpoint.candidate_step_dirs(output_dir + '/none'))
+    except Exception as e:
+      user_error = cli.user_error_message(e)
     print('RESULT', json.dumps({'done': sorted(f'{t}/{s}' for t, s in done), 'mine': mine,
-                                'error': error, 'loaded': loaded}))
+                                'error': error, 'loaded': loaded, 'user_error': user_error}))
 ''')
 
 
@@ -512,6 +517,9 @@ def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(workdir, tmp
   assert results[0]['error'] == 'ZeroDivisionError: division by zero'
   assert results[1]['error'].startswith('RuntimeError: Process 0 failed, so process 1 '
                                         'stops too: ZeroDivisionError')
+  assert results[0]['user_error'].startswith(f'{host0}/none does not exist. Fix: ')
+  assert results[1]['user_error'].startswith('Process 0 failed, so process 1 stops too: '
+                                             f'FileNotFoundError: {host0}/none does not exist')
 
 
 def test_mnli_from_tfds_writes_matched_and_mismatched(workdir, tmp_path, monkeypatch):
