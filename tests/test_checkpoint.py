@@ -786,7 +786,8 @@ restoring.BACKOFF_SECONDS = 0.0
 # What each process's own check of step 8 sees, per scenario: one host's check fails
 # (always, or only the first time); the arrays are then read for real (orbax's restore,
 # with its own collectives).
-SEEN = {'damaged_on_1': [None, FileNotFoundError(2, 'No such file', '8/state/_METADATA')],
+MISSING = FileNotFoundError(2, 'No such file', '8/state/_METADATA')
+SEEN = {'damaged_on_both': [MISSING, MISSING], 'damaged_on_1': [None, MISSING],
         'transient_on_0': [OSError(5, 'Input/output error'), None],
         'transient_once_on_1': [None, OSError(5, 'Input/output error')],
         'incompatible_on_1': [None, restoring.IncompatibleCheckpoint('opt_state/0/count')]}
@@ -829,8 +830,11 @@ print('RESULT', json.dumps(out))
 
 def test_two_hosts_act_on_the_worst_read_either_saw(tmp_path):
   """Each host reads the step itself; when only one host's read fails, both take that
-  outcome (damaged: both skip the step; transient: both retry, then stop or restore;
-  incompatible: both stop), so no host resumes from a step the other set aside. A host
+  outcome (transient: both retry, then stop or restore; incompatible: both stop), so no
+  host resumes from a step the other set aside. Damage that every host sees makes both
+  skip the step (the trainer sets it aside); damage that one host sees and the other
+  does not is their views differing (a stale NFS cache), not the step's: both retry,
+  then stop with nothing moved (the trainer used to set the good step aside). A host
   whose check failed never met the other inside orbax's restore (gloo aborted both); one
   whose array read failed inside it meets the other at orbax's closing barrier."""
   manager = checkpoint.make_manager(tmp_path)
@@ -847,8 +851,12 @@ def test_two_hosts_act_on_the_worst_read_either_saw(tmp_path):
     assert p.returncode == 0, err[-3000:]
   host0, host1 = (json.loads(out.split('RESULT ', 1)[1]) for out, _ in outputs)
   assert host0 == host1
-  [reason] = host0['damaged_on_1']
+  [reason] = host0['damaged_on_both']
   assert 'No such file' in reason
+  kind, line = host0['damaged_on_1']
+  assert kind == 'CheckpointReadError' and 'after 4 attempts' in line, line
+  assert ('process(es) [1] cannot read it' in line and 'No such file' in line
+          and 'the hosts see different files' in line and 'nothing was moved' in line), line
   assert host0['transient_once_on_1'] == [[0.0, 1.0, 2.0, 3.0], {'index': 8}]
   kind, line = host0['transient_on_0']
   assert kind == 'CheckpointReadError' and 'after 4 attempts' in line and 'Input/output' in line

@@ -27,7 +27,8 @@ from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER
 #       -> the step moves to {workdir}/damaged_checkpoints/ and the previous one is tried;
 #   a readable checkpoint of another model or optimizer
 #       -> IncompatibleCheckpoint naming the differing arrays and the likely config keys;
-#   anything else (I/O, timeout, out of memory, permission)
+#   a step that some hosts read and others do not (their views differ), and anything
+#   else (I/O, timeout, out of memory, permission)
 #       -> transient storage errors are retried with back-off, then CheckpointReadError
 #          (one line); nothing is moved.
 # Every process reads, and all act on the worst outcome any of them saw (process 0's
@@ -85,11 +86,9 @@ def _own_kind(error: BaseException) -> str | None:
 
 
 def read_state_metadata(step_dir) -> Any:
-  """The tree of ArrayMetadata (shape, dtype) of `step_dir`'s state, read without arrays.
-
-  Raises the storage's own error (FileNotFoundError for a missing _METADATA, TensorStore's
-  NOT_FOUND / OUT_OF_RANGE for a lost or short file) so that `failure_kind` can tell.
-  """
+  """The tree of ArrayMetadata (shape, dtype) of `step_dir`'s state, read without arrays;
+  raises the storage's own error (FileNotFoundError for a missing _METADATA, TensorStore's
+  NOT_FOUND / OUT_OF_RANGE for a lost or short file) so that `failure_kind` can tell."""
   handler = ocp.PyTreeCheckpointHandler()
   try:
     metadata = handler.metadata(epath.Path(step_dir) / STATE)
@@ -155,12 +154,9 @@ def _likely_causes(differing, saved, wanted) -> str:
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state
             ) -> tuple[dict, Any, dict]:
-  """Restores `state` onto the shardings in `abstract_state` (any mesh), this host's data
-  state, and the run's own record: {'meter', 'lineage'} (None where a step saved none).
-
-  `abstract_state` holds jax.ShapeDtypeStruct leaves with `.sharding` set: orbax reads
-  each shard straight onto its device, whatever mesh the checkpoint was written from.
-  """
+  """Restores `state` onto the shardings of `abstract_state`'s leaves (orbax reads each
+  shard onto its device, from any mesh), this host's data state, and the run's own record:
+  {'meter', 'lineage'} (None where a step saved none)."""
   restored = restore_on_every_host(manager, step, ocp.args.Composite(**{
       STATE: ocp.args.StandardRestore(abstract_state),
       DATA_ITER: ocp.args.JsonRestore()}))
@@ -190,7 +186,15 @@ _SEVERITY = ('ok', 'damaged', 'transient', 'fatal', 'incompatible')
 
 def _agreed(outcome: dict) -> dict:
   """The worst outcome any process saw, the same on every process."""
-  return max(allgather_json(outcome), key=lambda o: _SEVERITY.index(o['kind']))
+  everyone = allgather_json(outcome)
+  worst = max(everyone, key=lambda o: _SEVERITY.index(o['kind']))
+  if worst['kind'] == 'damaged' and any(o['kind'] == 'ok' for o in everyone):
+    # Not damage: the hosts' views differ (a stale NFS cache, a node-local copy), and
+    # setting the step aside would lose a good checkpoint. Retried, then said, not moved.
+    failed = [i for i, o in enumerate(everyone) if o['kind'] == 'damaged']
+    return {'kind': 'transient', 'reason': f'process(es) {failed} cannot read it '
+            f'({worst["reason"]}) where the others can: the hosts see different files'}
+  return worst
 
 
 def _outcome_of(read) -> tuple[Any, dict]:
@@ -204,12 +208,10 @@ def _outcome_of(read) -> tuple[Any, dict]:
 
 def _restore_step(manager, step, abstract_state, hint):
   """(`restore`'s three, None) if `step` restores, (None, reason) if it is damaged;
-  raises IncompatibleCheckpoint or CheckpointReadError otherwise.
-
-  Two rounds, each ending in an agreement: the checks, then orbax's restore. orbax's
-  restore holds collectives of its own, so a host enters it only when every host passed
-  the checks (one host in it and another in the agreement deadlocks or aborts the run).
-  """
+  raises IncompatibleCheckpoint or CheckpointReadError otherwise. Two rounds, each ending
+  in an agreement: the checks, then orbax's restore, whose collectives a host enters only
+  when every host passed the checks (one host in it and another in the agreement
+  deadlocks or aborts the run)."""
   for attempt in range(READ_ATTEMPTS):
     _, agreed = _outcome_of(lambda: _check_step(manager, step, abstract_state, hint))
     agreed = _agreed(agreed)
@@ -377,12 +379,9 @@ def _steps_newest_first(manager) -> list[int]:
 def restore_latest(workdir, ckpt_config, abstract_state, *,
                    log=print, config=None, start_over: bool = False, keep_good=None
                    ) -> tuple[ocp.CheckpointManager, int | None, dict | None, Any, Any]:
-  """(manager, step, `restore`'s three) of the newest step that restores, else Nones.
-
-  See the table above for what each failure does. A workdir whose checkpoints were all
-  damaged raises NothingRestored unless `start_over`. `keep_good` (a
-  checkpoint.KeepNewestGood) goes to the manager the run then saves with.
-  """
+  """(manager, step, `restore`'s three) of the newest step that restores, else Nones. See
+  the table above; all steps damaged raise NothingRestored unless `start_over`. `keep_good`
+  (a checkpoint.KeepNewestGood) goes to the manager the run then saves with."""
   hint = config_hint(workdir, config)
   manager = make_manager(workdir, ckpt_config, keep_good=keep_good)
   moved = []
