@@ -462,7 +462,10 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent('''
           raise FileNotFoundError(2, 'No such file or directory', f'{step_dir}/data_iter')
         return read_json_item(step_dir)
       restoring.read_json_item = unreadable_4
-    loaded = finetune.load_pretrained_encoder(workdir).step
+    try:
+      loaded = finetune.load_pretrained_encoder(workdir).step
+    except Exception as e:
+      loaded = f'{type(e).__name__}: {e}'
     from configs import glue as glue_config
     config = glue_config.get_config('runlocal')
     done = suite.finished_runs(output_dir, 'CKPT/checkpoints/4', config)
@@ -485,8 +488,9 @@ def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(workdir, tmp
   """Only process 0 writes glue_results.json; with per-host output dirs, process 1 sees
   none. Each host deciding alone would make process 0 skip the finished run while process
   1 enters finetune's collectives: a hang. Both must get process 0's answer. Likewise the
-  checkpoint: a step that process 1 alone cannot read is skipped by both (process 0 used
-  to wait in orbax's restore barrier, process 1 in the agreement: gloo aborted both)."""
+  checkpoint: a step that process 1 alone cannot read stops both in one line naming it
+  (process 0 used to wait in orbax's restore barrier, process 1 in the agreement: gloo
+  aborted both; skipping it would fine-tune an older step than the hosts that read it)."""
   config = glue_config.get_config('runlocal')
   host0, host1 = tmp_path / 'host0', tmp_path / 'host1'
   (host0 / 'predictions').mkdir(parents=True)
@@ -513,7 +517,11 @@ def test_two_hosts_with_local_output_dirs_take_process_0s_decisions(workdir, tmp
     assert p.returncode == 0, stderr[-3000:]
     results.append(json.loads(stdout.split('RESULT ', 1)[1]))
   for r in results:   # cola's predictions file is missing on host 0: redone everywhere
-    assert r['done'] == ['rte/1'] and r['mine'] == 0 and r['loaded'] == 2
+    assert r['done'] == ['rte/1'] and r['mine'] == 0
+    assert r['loaded'].startswith(f'CheckpointReadError: Could not read checkpoint {workdir}/'
+                                  'checkpoints/4 (process(es) [1] cannot read it ('), r
+    assert 'where the others can: the hosts see different files' in r['loaded'], r
+    assert f'{workdir}/checkpoints/4/data_iter' in r['loaded'], r   # process 1's reason
   assert results[0]['error'] == 'ZeroDivisionError: division by zero'
   assert results[1]['error'].startswith('RuntimeError: Process 0 failed, so process 1 '
                                         'stops too: ZeroDivisionError')

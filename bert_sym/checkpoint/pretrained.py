@@ -65,22 +65,27 @@ def _first_readable(path, read, log, step_dirs=None):
   `step_dirs`: the candidates, newest first, when the caller listed them (on several
   hosts, process 0's listing: a running trainer can add a step between two listings).
   Every process must call this: orbax's restore is collective, so every host reads each
-  candidate and they agree (a step damaged on any host is skipped by all).
+  candidate and they agree (a step damaged on every host is skipped by all; one that
+  some hosts read and others do not is an error: skipping it would read an older step).
   """
   candidates = ([epath.Path(d) for d in step_dirs] if step_dirs is not None
                 else candidate_step_dirs(path))
   with restoring.quiet_orbax_echoes():
     for step_dir in candidates:
       try:
-        value, kind = _retrying(lambda d=step_dir: read(d), step_dir), 'ok'
+        value, kind, reason = _retrying(lambda d=step_dir: read(d), step_dir), 'ok', ''
       except Exception as e:  # pylint: disable=broad-except
         value, reason, kind = None, describe_error(e), restoring.failure_kind(e)
-      kinds = allgather_json(kind)   # [kind] in one process
+      seen = allgather_json([kind, reason])   # [[kind, reason]] in one process
+      kinds = [k for k, _ in seen]
       if all(k == 'ok' for k in kinds):
         return step_dir, value
-      if kind == 'ok':
-        reason = 'it failed on another host'
-      if any(k not in ('ok', 'damaged') for k in kinds):
+      failed = [i for i, k in enumerate(kinds) if k != 'ok']
+      reason = reason or seen[failed[0]][1]   # this host read it: another's reason
+      if 'ok' in kinds:   # not damage: the hosts' views differ (a stale NFS cache, a copy)
+        reason = (f'process(es) {failed} cannot read it ({seen[failed[0]][1]}) where the '
+                  'others can: the hosts see different files')
+      if any(k not in ('ok', 'damaged') for k in kinds) or 'ok' in kinds:
         raise CheckpointReadError(
             f'Could not read checkpoint {step_dir} ({reason}); it does not look damaged, '
             'so it was not skipped. Fix the cause and rerun.')
