@@ -824,6 +824,25 @@ try:
   out['array_read_fails_on_1'] = ['restored']
 except Exception as e:
   out['array_read_fails_on_1'] = [type(e).__name__, str(e)]
+# A data file of process 1's shards cut short: only process 1 reads it, so only it sees
+# the damage, which is the step's all the same (set aside, not "the hosts differ").
+serialization.async_deserialize = read_arrays
+import glob, os
+from bert_sym import checkpoint
+from bert_sym.checkpoint.core import allgather_json
+halves = NamedSharding(mesh, P('d'))
+sharded = restoring.make_manager(sys.argv[3] + '/sharded')
+x = jax.make_array_from_callback((1024,), halves, lambda i: np.arange(1024, dtype=np.float32)[i])
+checkpoint.save(sharded, 8, {'x': x}, {'index': 8}, force=True)
+sharded.wait_until_finished()
+allgather_json(None)
+if jax.process_index() == 0:
+  for f in glob.glob(sys.argv[3] + '/sharded/checkpoints/8/state/ocdbt.process_1/d/*'):
+    os.truncate(f, 10)
+allgather_json(None)
+abstract = {'x': jax.ShapeDtypeStruct((1024,), np.float32, sharding=halves)}
+result, reason = restoring._restore_step(sharded, 8, abstract, None)
+out['shard_damaged_on_1'] = [reason]
 print('RESULT', json.dumps(out))
 '''
 
@@ -865,6 +884,8 @@ def test_two_hosts_act_on_the_worst_read_either_saw(tmp_path):
   # differed and gloo aborted both (exit 134).
   kind, line = host0['array_read_fails_on_1']
   assert kind == 'CheckpointReadError' and 'Input/output' in line, line
+  [reason] = host0['shard_damaged_on_1']
+  assert reason and 'array index' in reason, reason
 
 
 def test_only_gloo_or_a_barrier_says_that_another_process_has_gone(monkeypatch):

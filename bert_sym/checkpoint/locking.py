@@ -52,7 +52,9 @@ def checked_on_every_host(what: str = 'run'):
   reads), then a meeting of every host: one whose block raised tells the others there, so
   each stops in one line (as inputs_checked_on_every_host). Left alone, that host exited
   while the others went on into their next collective: they died on a lost connection, or
-  aborted (SIGABRT) when the leaver was process 0, which serves jax.distributed."""
+  aborted (SIGABRT) when the leaver was process 0, which serves jax.distributed. A
+  collective inside the block must come before anything that can raise on one host only:
+  that host's meeting here would otherwise meet the others' inner collective."""
   try:
     yield
   except Exception as e:

@@ -82,7 +82,8 @@ def _first_readable(path, read, log, step_dirs=None):
         return step_dir, value
       failed = [i for i, k in enumerate(kinds) if k != 'ok']
       reason = reason or seen[failed[0]][1]   # this host read it: another's reason
-      if 'ok' in kinds:   # not damage: the hosts' views differ (a stale NFS cache, a copy)
+      if set(kinds) == {'ok', 'damaged'}:   # each host read every file: the damage is
+        # their views differing (a stale NFS cache, a node-local copy), not the step's
         reason = (f'process(es) {failed} cannot read it ({seen[failed[0]][1]}) where the '
                   'others can: the hosts see different files')
       if any(k not in ('ok', 'damaged') for k in kinds) or 'ok' in kinds:

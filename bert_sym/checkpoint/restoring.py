@@ -184,12 +184,13 @@ def _check_step(manager, step, abstract_state, hint) -> None:
 _SEVERITY = ('ok', 'damaged', 'transient', 'fatal', 'incompatible')
 
 
-def _agreed(outcome: dict) -> dict:
+def _agreed(outcome: dict, same_files: bool = False) -> dict:
   """The worst outcome any process saw, the same on every process."""
   everyone = allgather_json(outcome)
   worst = max(everyone, key=lambda o: _SEVERITY.index(o['kind']))
-  if worst['kind'] == 'damaged' and any(o['kind'] == 'ok' for o in everyone):
-    # Not damage: the hosts' views differ (a stale NFS cache, a node-local copy), and
+  if same_files and worst['kind'] == 'damaged' and any(o['kind'] == 'ok' for o in everyone):
+    # Every host read the same files (the checks; the arrays' shards differ by host): not
+    # damage but the hosts' views differing (a stale NFS cache, a node-local copy), and
     # setting the step aside would lose a good checkpoint. Retried, then said, not moved.
     failed = [i for i, o in enumerate(everyone) if o['kind'] == 'damaged']
     return {'kind': 'transient', 'reason': f'process(es) {failed} cannot read it '
@@ -214,7 +215,7 @@ def _restore_step(manager, step, abstract_state, hint):
   deadlocks or aborts the run)."""
   for attempt in range(READ_ATTEMPTS):
     _, agreed = _outcome_of(lambda: _check_step(manager, step, abstract_state, hint))
-    agreed = _agreed(agreed)
+    agreed = _agreed(agreed, same_files=True)
     if agreed['kind'] == 'ok':
       result, outcome = _outcome_of(lambda: restore(manager, step, abstract_state))
       agreed = _agreed(outcome)
