@@ -45,9 +45,10 @@ from bert_sym.checkpoint.saving import (  # noqa: F401
 from bert_sym.checkpoint.restoring import (  # noqa: F401
     DAMAGED_DIR, DIVERGED_SUFFIX, STARTED_OVER_SUFFIX, READ_ATTEMPTS, BACKOFF_SECONDS,
     failure_kind, read_state_metadata, check_compatible, restore,
-    set_aside_diverged, damaged_steps_found, NothingRestored, quiet_orbax_echoes,
-    restore_latest, check_same_prng_impl
+    set_aside_diverged, damaged_steps_found, NothingRestored, restore_latest,
+    check_same_prng_impl
 )
+from bert_sym.checkpoint.echoes import quiet_orbax_echoes  # noqa: F401
 from bert_sym.checkpoint.pretrained import (  # noqa: F401
     candidate_step_dirs, resolve_step_dir, load_params, load_pretrained, load_pretrained_step,
     check_trained_vocab, check_encoder,

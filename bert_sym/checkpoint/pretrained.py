@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bert_sym.checkpoint.core import CheckpointReadError, DamagedCheckpoint, STATE, absolute, allgather_json, checkpoints_root, describe_error, finished_steps, is_step_dir, read_config
-from bert_sym.checkpoint import restoring
+from bert_sym.checkpoint import echoes, restoring
 
 
 def _warn(message: str) -> None:
@@ -70,7 +70,7 @@ def _first_readable(path, read, log, step_dirs=None):
   """
   candidates = ([epath.Path(d) for d in step_dirs] if step_dirs is not None
                 else candidate_step_dirs(path))
-  with restoring.quiet_orbax_echoes():
+  with echoes.quiet_orbax_echoes():
     for step_dir in candidates:
       try:
         value, kind, reason = _retrying(lambda d=step_dir: read(d), step_dir), 'ok', ''

@@ -1,14 +1,9 @@
 """The trainer's restore: the newest step that reads; corruption is set aside, everything
 else is said and left in place (the README's restore table)."""
 
-import contextlib
-import gc
 import json
-import logging as std_logging
 import re
-import sys
 import time
-import traceback
 from typing import Any
 
 from absl import logging
@@ -17,7 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_hint, describe_error, is_closed_loop_error, key_path_str, make_manager, read_config, read_json_item, restore_on_every_host
+from bert_sym.checkpoint import echoes
+from bert_sym.checkpoint.core import CONFIG_FILE, CheckpointReadError, DATA_ITER, DamagedCheckpoint, IncompatibleCheckpoint, STATE, absolute, allgather_json, checkpoint_dir, config_hint, describe_error, key_path_str, make_manager, read_config, read_json_item, restore_on_every_host
 
 
 # ---- Restore: corruption is set aside, everything else is said and left in place ----
@@ -53,11 +49,11 @@ _UNDECODABLE = re.compile(r'FAILED_PRECONDITION:.*(Truncated|Invalid JSON|[Cc]or
 
 
 def failure_kind(error: BaseException) -> str:
-  """'damaged', 'transient' or 'fatal': what a failed read says about the step.
-
-  Read down the chain of causes: orbax wraps an array read's TensorStore error (a short
-  or missing data file: OUT_OF_RANGE, NOT_FOUND) in a bare Exception, which alone says
-  nothing. The first error in the chain that says something decides."""
+  """'damaged', 'transient' or 'fatal': what a failed read says about the step. Read down
+  the chain of causes: orbax wraps an array read's TensorStore error (a short or missing
+  data file: OUT_OF_RANGE, NOT_FOUND) in a bare Exception, which alone says nothing. The
+  first error in the chain that says something decides."""
+  echoes.count_failed_read()   # its echoes are collected (echoes.quiet_orbax_echoes)
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -317,61 +313,6 @@ def _refuse_silent_restart(workdir, moved_now, start_over: bool, log) -> None:
       'train from step 0 (the earlier rows are kept, in metrics.jsonl.<time>.old).')
 
 
-@contextlib.contextmanager
-def quiet_orbax_echoes():
-  """While restoring (and saving): the echoes of a failed orbax read (cancelled sibling reads, "Task
-  exception was never retrieved", TensorStore callbacks after the loop closed) would bury
-  the one warning that matters; they are dropped, anything else still prints. The
-  previous hook is back when the restore is over."""
-  previous, previous_except = sys.unraisablehook, sys.excepthook
-  muted = []
-
-  def hook(unraisable):
-    if _is_echo_of_failed_read(unraisable):
-      muted.append(unraisable.exc_type)
-    else:
-      previous(unraisable)
-
-  def excepthook(kind, value, tb):   # TensorStore's callbacks into a closed loop
-    if not is_closed_loop_error(value):
-      previous_except(kind, value, tb)
-  asyncio_filter = _AsyncioEchoFilter()
-  sys.unraisablehook, sys.excepthook = hook, excepthook
-  std_logging.getLogger('asyncio').addFilter(asyncio_filter)
-  try:
-    yield
-  finally:
-    gc.collect()   # cancelled reads are reported when collected: here, not later
-    if muted:      # a read failed: its last TensorStore callbacks land a moment later
-      time.sleep(0.5)   # (on a loaded machine, later still: the restored hook drops those)
-      gc.collect()
-    sys.unraisablehook = _dropping_closed_loop_echoes(previous) if muted else previous
-    sys.excepthook = previous_except
-    std_logging.getLogger('asyncio').removeFilter(asyncio_filter)
-
-
-def _dropping_closed_loop_echoes(hook):
-  """`hook`, dropping TensorStore's late callbacks into orbax's closed loop (tracebacks)."""
-  if getattr(hook, 'drops_closed_loop_echoes', False):
-    return hook
-  dropping = lambda u: None if is_closed_loop_error(u.exc_value) else hook(u)
-  dropping.drops_closed_loop_echoes = True
-  return dropping
-
-
-class _AsyncioEchoFilter(std_logging.Filter):
-  def filter(self, record):
-    return 'exception was never retrieved' not in record.getMessage()
-
-
-def _is_echo_of_failed_read(unraisable) -> bool:
-  error = unraisable.exc_value
-  if isinstance(error, RuntimeError) and 'Event loop is closed' in str(error):
-    return True
-  filenames = ''.join(frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback))
-  return 'orbax' in repr(unraisable.object) or 'orbax' in filenames
-
-
 def _steps_newest_first(manager) -> list[int]:
   """Process 0's listing, on every process (a running save could differ between hosts)."""
   return allgather_json(sorted(manager.all_steps(), reverse=True))[0]
@@ -387,7 +328,7 @@ def restore_latest(workdir, ckpt_config, abstract_state, *,
   manager = make_manager(workdir, ckpt_config, keep_good=keep_good)
   moved = []
   try:
-    with quiet_orbax_echoes():
+    with echoes.quiet_orbax_echoes():
       for step in _steps_newest_first(manager):
         restored, reason = _restore_step(manager, step, abstract_state, hint)
         if restored is not None:
