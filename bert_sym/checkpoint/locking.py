@@ -36,14 +36,22 @@ def inputs_checked_on_every_host(check, what: str = 'run'):
   while the others waited for it in the config comparison, their first collective, until
   they died in a traceback (gloo: "GetKeyValue() timed out"): a data path missing on one
   node's disk. It now tells them there before raising, so each stops in one line."""
-  try:
+  with _others_told_of_a_failure():
     config = check()
-  except Exception as e:
-    if jax.process_count() > 1:
-      allgather_json([str(e) or type(e).__name__, None])   # the others raise on it
-    raise
   check_same_config_on_every_host(config, what)
   return config
+
+
+@contextlib.contextmanager
+def _others_told_of_a_failure():
+  """A host whose block raised says it at the others' next meeting (the [problem, theirs]
+  allgather of _raise_if_any_stopped's callers), where they raise on it."""
+  try:
+    yield
+  except Exception as e:
+    if jax.process_count() > 1 and not another_process_stopped(str(e)):
+      allgather_json([str(e) or type(e).__name__, None])
+    raise
 
 
 @contextlib.contextmanager
@@ -55,12 +63,8 @@ def checked_on_every_host(what: str = 'run'):
   aborted (SIGABRT) when the leaver was process 0, which serves jax.distributed. A
   collective inside the block must come before anything that can raise on one host only:
   that host's meeting here would otherwise meet the others' inner collective."""
-  try:
+  with _others_told_of_a_failure():
     yield
-  except Exception as e:
-    if jax.process_count() > 1 and not another_process_stopped(str(e)):
-      allgather_json([str(e) or type(e).__name__, None])   # the others raise on it
-    raise
   if jax.process_count() > 1:
     _raise_if_any_stopped(allgather_json([None, None]), what)
 

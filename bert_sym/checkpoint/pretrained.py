@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bert_sym.checkpoint.core import CheckpointReadError, DamagedCheckpoint, STATE, absolute, allgather_json, checkpoints_root, describe_error, finished_steps, is_step_dir, read_config
+from bert_sym.checkpoint.core import CheckpointReadError, DamagedCheckpoint, STATE, absolute, checkpoints_root, describe_error, finished_steps, is_step_dir, read_config
 from bert_sym.checkpoint import echoes, restoring
 
 
@@ -73,20 +73,15 @@ def _first_readable(path, read, log, step_dirs=None):
   with echoes.quiet_orbax_echoes():
     for step_dir in candidates:
       try:
-        value, kind, reason = _retrying(lambda d=step_dir: read(d), step_dir), 'ok', ''
+        value, outcome = _retrying(lambda d=step_dir: read(d), step_dir), {'kind': 'ok'}
       except Exception as e:  # pylint: disable=broad-except
-        value, reason, kind = None, describe_error(e), restoring.failure_kind(e)
-      seen = allgather_json([kind, reason])   # [[kind, reason]] in one process
-      kinds = [k for k, _ in seen]
-      if all(k == 'ok' for k in kinds):
+        value, outcome = None, {'kind': restoring.failure_kind(e), 'reason': describe_error(e)}
+      # Each host reads every file of the step: the trainer's rule for its checks round.
+      agreed = restoring.agreed_outcome(outcome, same_files=True)
+      if agreed['kind'] == 'ok':
         return step_dir, value
-      failed = [i for i, k in enumerate(kinds) if k != 'ok']
-      reason = reason or seen[failed[0]][1]   # this host read it: another's reason
-      if set(kinds) == {'ok', 'damaged'}:   # each host read every file: the damage is
-        # their views differing (a stale NFS cache, a node-local copy), not the step's
-        reason = (f'process(es) {failed} cannot read it ({seen[failed[0]][1]}) where the '
-                  'others can: the hosts see different files')
-      if any(k not in ('ok', 'damaged') for k in kinds) or 'ok' in kinds:
+      reason = agreed['reason']
+      if agreed['kind'] != 'damaged':
         raise CheckpointReadError(
             f'Could not read checkpoint {step_dir} ({reason}); it does not look damaged, '
             'so it was not skipped. Fix the cause and rerun.')

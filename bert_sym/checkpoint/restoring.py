@@ -180,7 +180,7 @@ def _check_step(manager, step, abstract_state, hint) -> None:
 _SEVERITY = ('ok', 'damaged', 'transient', 'fatal', 'incompatible')
 
 
-def _agreed(outcome: dict, same_files: bool = False) -> dict:
+def agreed_outcome(outcome: dict, same_files: bool = False) -> dict:
   """The worst outcome any process saw, the same on every process."""
   everyone = allgather_json(outcome)
   worst = max(everyone, key=lambda o: _SEVERITY.index(o['kind']))
@@ -211,10 +211,10 @@ def _restore_step(manager, step, abstract_state, hint):
   deadlocks or aborts the run)."""
   for attempt in range(READ_ATTEMPTS):
     _, agreed = _outcome_of(lambda: _check_step(manager, step, abstract_state, hint))
-    agreed = _agreed(agreed, same_files=True)
+    agreed = agreed_outcome(agreed, same_files=True)
     if agreed['kind'] == 'ok':
       result, outcome = _outcome_of(lambda: restore(manager, step, abstract_state))
-      agreed = _agreed(outcome)
+      agreed = agreed_outcome(outcome)
       if agreed['kind'] == 'ok':
         return result, None
     if agreed['kind'] == 'damaged':
