@@ -33,6 +33,15 @@ _UPLOAD_CHUNK_BYTES = 16 << 20
 _WRITES_IN_PLACE = {'memory', 'sftp', 'ssh', 'hdfs', 'arrow_hdfs', 'webhdfs', 'ftp', 'smb'}
 
 
+def user_cache_dir(name: str) -> str:
+  """`name` under the directory bert_sym keeps between runs (the vocabulary, JAX's compiled
+  steps, GLUE's token ids): $BERT_SYM_CACHE, else $XDG_CACHE_HOME/bert_sym, else
+  ~/.cache/bert_sym. The tests point $BERT_SYM_CACHE at a directory of their own."""
+  root = os.environ.get('BERT_SYM_CACHE') or os.path.join(
+      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'bert_sym')
+  return os.path.join(root, name)
+
+
 def local_path(path: str) -> str | None:
   """The filesystem path of a local path or file:// URL; None for an object store."""
   if path.startswith('file://'):

@@ -12,6 +12,8 @@ import json
 from etils import epath
 import ml_collections
 
+from bert_sym import files
+
 
 def _tuples(value):
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -31,4 +33,8 @@ def get_config(path=None):   # None: `--config=configs/from_json.py` without `:P
   # be overridden from the command line as the original run's could.
   if 'sharding_rules' in values:
     values['sharding_rules'] = _tuples(values['sharding_rules'])
+  # The compilation cache belongs to this machine, not to the old run's (another user's
+  # home, a directory that does not exist here); off stays off.
+  if values.get('compilation_cache_dir'):
+    values['compilation_cache_dir'] = files.user_cache_dir('jax')
   return ml_collections.ConfigDict(values)

@@ -17,6 +17,8 @@ vocabulary) is never set here: it is read from the checkpoint's config.json.
 
 import ml_collections
 
+from bert_sym import files
+
 ALL_TASKS = 'cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli'
 
 
@@ -39,7 +41,7 @@ def get_config(arg=None):
   c.pair_truncation = 'hf'
   # WordPiece ids of each text set, kept for the next run on the same texts and vocabulary
   # (a sweep, an ablation grid, a rerun): it then starts without TensorFlow. '' = none.
-  c.tokens_cache_dir = '~/.cache/bert_sym/glue_tokens'
+  c.tokens_cache_dir = files.user_cache_dir('glue_tokens')
   # The attention kernel (xla | cudnn | splash | auto). Not the checkpoint's: the kernel
   # named in pre-training may not exist here (splash off a TPU), or not tile GLUE's short
   # lengths; auto takes splash on a TPU where it can tile the lengths, xla elsewhere (not

@@ -61,6 +61,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 def pytest_configure(config):
   _check_xdist_groups(config)
   _share_compilation_cache(config)
+  _own_user_cache(config)
   config.addinivalue_line(
       'markers', 'gpu: depends on whether a GPU is present; the only tests CI lets skip')
   config.addinivalue_line(
@@ -91,6 +92,18 @@ def _share_compilation_cache(config):
   jax.config.update('jax_persistent_cache_min_compile_time_secs',
                     float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
   config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True))
+
+
+def _own_user_cache(config):
+  """The trainer's compilation cache, GLUE's token ids and the rebuilt vocabulary go to
+  files.user_cache_dir: without this, the tests' runs wrote into the user's ~/.cache, and
+  how long a GLUE test took depended on what an earlier session had left there. A
+  temporary directory for the whole session, shared by the workers and subprocesses
+  (they inherit the variable), removed at the end."""
+  if hasattr(config, 'workerinput'):
+    return
+  os.environ['BERT_SYM_CACHE'] = tempfile.mkdtemp(prefix='bert_sym_test_cache_')
+  config.add_cleanup(lambda: shutil.rmtree(os.environ.pop('BERT_SYM_CACHE'), ignore_errors=True))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,6 +42,18 @@ def test_config_json_holds_absolute_data_paths_and_reruns_from_any_directory(
   assert json.loads(rerun.to_json()) == json.loads(resolved.to_json())
 
 
+def test_from_json_takes_this_machines_compilation_cache(tmp_path, monkeypatch):
+  """A config.json from another machine named that user's cache directory, which this
+  one may not be able to create; a run with the cache off keeps it off."""
+  monkeypatch.setenv('BERT_SYM_CACHE', str(tmp_path / 'here'))
+  for old, new in (('/path/to/another/home/.cache/bert_sym/jax', str(tmp_path / 'here' / 'jax')),
+                   ('', '')):
+    config = common.base_config('tiny')
+    config.compilation_cache_dir = old
+    (tmp_path / 'config.json').write_text(config.to_json())
+    assert from_json.get_config(str(tmp_path / 'config.json')).compilation_cache_dir == new
+
+
 def test_from_json_without_a_path_says_its_usage():
   """`--config=configs/from_json.py` without `:PATH`: ml_collections calls get_config()
   with no argument, which raised a TypeError before the usage line could be said."""

@@ -191,3 +191,30 @@ def test_an_upload_to_a_filesystem_that_writes_in_place_fails_part_way_publishin
   gc.collect()
   assert fs.cat('/bucket/in_place/metrics.json') == b'{"complete": true}'
   assert fs.ls('/bucket/in_place', detail=False) == ['/bucket/in_place/metrics.json']
+
+
+def test_every_cache_follows_bert_sym_cache_then_xdg_cache_home(tmp_path, monkeypatch):
+  """The vocabulary, the trainer's compiled steps and GLUE's token ids live under one
+  root that the user (and the tests, conftest.py) can move; the configs used to write
+  into ~/.cache whatever the environment said."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  from bert_sym.input import tokenizer  # pylint: disable=import-outside-toplevel
+  def caches():
+    tokenizer.default_vocab_file.cache_clear()
+    return (importlib.import_module('configs.tiny').get_config().compilation_cache_dir,
+            importlib.import_module('configs.glue').get_config().tokens_cache_dir,
+            os.path.dirname(tokenizer.default_vocab_file()))
+  try:
+    monkeypatch.delenv('BERT_SYM_CACHE', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    root = tmp_path / 'xdg' / 'bert_sym'
+    assert caches() == (str(root / 'jax'), str(root / 'glue_tokens'), str(root))
+    monkeypatch.setenv('BERT_SYM_CACHE', str(tmp_path / 'own'))
+    root = tmp_path / 'own'
+    assert caches() == (str(root / 'jax'), str(root / 'glue_tokens'), str(root))
+  finally:
+    tokenizer.default_vocab_file.cache_clear()
+
+
+def test_the_test_session_keeps_its_caches_out_of_the_users_home():
+  assert not os.environ['BERT_SYM_CACHE'].startswith(os.path.expanduser('~/.cache'))

@@ -24,6 +24,7 @@ import struct
 
 import numpy as np
 
+from bert_sym import files
 from bert_sym.files import write_atomically
 from bert_sym.input import DataError, import_tensorflow, tensorflow_import_scope
 
@@ -78,9 +79,8 @@ def _decode_blingfire_i2w(raw: bytes) -> list[str]:
 @functools.cache
 def default_vocab_file() -> str:
   """Path of bert-base-uncased's `vocab.txt` (30,522 lines), rebuilt once and cached."""
-  cache = os.environ.get('BERT_SYM_CACHE') or os.path.join(
-      os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'bert_sym')
-  path = pathlib.Path(cache) / f'bert-base-uncased-{BERT_BASE_UNCASED_MD5[:8]}-vocab.txt'
+  path = pathlib.Path(files.user_cache_dir(
+      f'bert-base-uncased-{BERT_BASE_UNCASED_MD5[:8]}-vocab.txt'))
   if path.exists() and hashlib.md5(path.read_bytes()).hexdigest() == BERT_BASE_UNCASED_MD5:
     return str(path)
   import blingfire  # pylint: disable=import-outside-toplevel
