@@ -105,7 +105,8 @@ _lean_gelu.defvjp(lambda x: (_lean_gelu(x), x), _lean_gelu_bwd)
 
 def gelu(x, lean: bool = True):
   """BERT's exact-erf GELU. Lean, its backward keeps x alone; autodiff of jax.nn.gelu keeps
-  erfc(x) and exp(x) too: two more [tokens, mlp] arrays a layer."""
+  erfc(x) and exp(x) too (XLA's GPU compiler recomputes exp(x): one more [tokens, mlp]
+  array a layer there; tests/test_aot_gpu.py)."""
   return _lean_gelu(x) if lean else jax.nn.gelu(x, approximate=False)
 
 
