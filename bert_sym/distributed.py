@@ -117,6 +117,13 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
   return list(range(local_id * per_task, (local_id + 1) * per_task))
 
 
+# A process that stops before it connects (a flag or config file wrong on its host only)
+# leaves the others waiting out JAX's initialization timeout, then aborting in C++ with a
+# page of stack that names no cause.
+_IF_ONE_NEVER_CONNECTS = ('A process that never connects stops the others after 5 minutes '
+                          '(DEADLINE_EXCEEDED): its own output says why.')
+
+
 def initialize(cli: types.SimpleNamespace) -> None:
   """jax.distributed.initialize() when several processes share one run."""
   address = cli.coordinator_address.value
@@ -154,7 +161,7 @@ def initialize(cli: types.SimpleNamespace) -> None:
     # 5 min), and whose own errors then blame another process.
     where = address or os.environ.get('JAX_COORDINATOR_ADDRESS') or 'the detected coordinator'
     print(f'Process {index} of {count}: waiting for all processes at '
-          f'{where} (process 0 serves it there).', flush=True)
+          f'{where} (process 0 serves it there). {_IF_ONE_NEVER_CONNECTS}', flush=True)
     try:
       jax.distributed.initialize(address, num_processes=count, process_id=index,
                                  **({'local_device_ids': local_device_ids}
@@ -165,8 +172,8 @@ def initialize(cli: types.SimpleNamespace) -> None:
   else:
     # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env.
     print(f'Multi-process run ({trigger}): waiting for every process '
-          '(jax.distributed.initialize with the coordinator found in the environment).',
-          flush=True)
+          '(jax.distributed.initialize with the coordinator found in the environment). '
+          f'{_IF_ONE_NEVER_CONNECTS}', flush=True)
     try:
       jax.distributed.initialize(local_device_ids=local_device_ids)
     except ValueError as e:   # nothing to detect: a lone process, or a launcher JAX can't read

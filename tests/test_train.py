@@ -870,7 +870,7 @@ def _start_up_flags(**values):
 
 
 def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_the_trigger(
-    monkeypatch):
+    monkeypatch, capsys):
   """Flags beside JAX_COORDINATOR_ADDRESS were dropped (auto-detection, which then found no
   process count); an Open MPI 5 job (no OMPI_MCA_orte_hnp_uri, which JAX reads) was told to
   'drop --distributed', a flag it never had."""
@@ -892,6 +892,8 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
   monkeypatch.setenv('JAX_COORDINATOR_ADDRESS', 'host0:1234')
   distributed.initialize(_start_up_flags(num_processes=4, process_id=3))
   assert calls == [((None,), {'num_processes': 4, 'process_id': 3})]
+  # JAX's timeout, when a process never connects, ends in a C++ abort that names no cause.
+  assert 'never connects stops the others after 5 minutes' in capsys.readouterr().out
   assert settings == [('jax_cpu_collectives_implementation', 'gloo')]
   # An srun task bound to its own GPU (--gpus-per-task=1) sees it as ordinal 0: with the
   # flags too, not JAX's default [SLURM_LOCALID] (a GPU it cannot see).
