@@ -6,6 +6,7 @@ in for by file:// and memory:// URLs, which take the same fsspec code path (rang
 through `fs.cat_ranges`) as gcsfs; plain local paths use os.pread.
 """
 
+import errno
 import json
 import logging
 import os
@@ -445,6 +446,40 @@ def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeyp
   assert 'metadata.json cannot be read (PermissionError' in str(error.value)
   assert 'the storage did not answer or refused the read' in str(error.value)
   assert 'not prepared' not in str(error.value)
+
+
+@pytest.mark.parametrize('failing', ['exists', 'vocab.txt', 'ls', '.npy'])
+def test_gcsfs_errors_at_start_up_are_one_line_naming_the_data(tmp_path, monkeypatch, failing):
+  """gcsfs raises HttpError (not an OSError) for a 401 without credentials or a 503 once
+  its retries are spent: reading metadata.json, vocab.txt, the listing or the shard
+  headers, that was a traceback the command line could not word."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
+  url = f'memory://gcsfs_errors_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  memory_fs = type(fsspec.filesystem('memory'))
+  error = HttpError({'code': 401, 'message': 'Anonymous caller does not have '
+                                             'storage.objects.get access'})
+  original = getattr(memory_fs, 'cat_file' if '.' in failing else failing)
+
+  def fail(self, path, *args, **kwargs):
+    if '.' not in failing or str(path).endswith(failing):
+      raise error
+    return original(self, path, *args, **kwargs)
+  monkeypatch.setattr(memory_fs, 'cat_file' if '.' in failing else failing, fail)
+  with pytest.raises(DataError) as raised:
+    _iterator(_config(url))
+  message = cli.user_error_message(raised.value)
+  assert f'{url}/train' in message and 'Anonymous caller' in message and 'Fix:' in message
+
+
+def test_a_machine_limit_while_opening_shards_keeps_its_own_fix(small_corpus, monkeypatch):
+  """Only storage errors are worded as such: too many open files says to raise ulimit."""
+  monkeypatch.setattr(np, 'load', lambda *a, **k: (_ for _ in ()).throw(
+      OSError(errno.EMFILE, 'Too many open files')))
+  with pytest.raises(OSError) as error:
+    _iterator(_config(str(small_corpus), source='shards'))
+  assert 'raise the limit (ulimit -n)' in cli.user_error_message(error.value)
 
 
 def test_a_shard_copied_after_a_failed_start_is_seen_despite_a_cached_listing(tmp_path,

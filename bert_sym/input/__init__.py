@@ -13,13 +13,41 @@ import functools
 import os
 import sys
 
-from bert_sym.cli import UserError
+from bert_sym.cli import UserError, user_error_message
 
 MAX_SEQ_LEN = 512  # BERT's; masking packs a position into its sort key below 1024
 
 
 class DataError(UserError, ValueError):
   """Bad input data or configuration; the message names the file and the problem."""
+
+
+# Where the exceptions of object stores come from: gcsfs raises its HttpError (401 without
+# credentials, 5xx once its own retries are spent), aiohttp's and google-auth's errors and a
+# plain OSError('Forbidden'); s3fs and adlfs their clients'. Only OSError is a builtin.
+_STORAGE_LIBRARIES = {'gcsfs', 's3fs', 'adlfs', 'fsspec', 'aiohttp', 'google', 'requests',
+                      'botocore', 'aiobotocore', 'azure'}
+
+
+@contextlib.contextmanager
+def storage_errors(url: str, fix: str):
+  """A failed read of the storage under `url` (not our own DataError, not a bug) as a
+  DataError naming `url` and `fix`: the command line words only OSError subclasses, so
+  gcsfs's errors were a traceback that hid which data could not be read."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    # What the command line words already (a full disk, no more open files) keeps its fix.
+    if user_error_message(e) is not None or not (
+        isinstance(e, OSError) or type(e).__module__.split('.')[0] in _STORAGE_LIBRARIES):
+      raise
+    raise DataError(f'{url} cannot be read ({type(e).__name__}: '
+                    f'{" ".join(str(e).split())[:300]}); the storage refused or failed the '
+                    f'read after its client\'s own retries. Fix: {fix}') from e
+
+
+START_UP_FIX = ('check that this machine can read it (credentials, permissions of the '
+                'bucket, network), then rerun the same command.')
 
 
 def check_max_seq_len(max_seq_len: int) -> int:

@@ -23,6 +23,7 @@ from absl import logging
 import numpy as np
 
 from bert_sym.input import DataError, check_max_seq_len, masking, shard_reader, sources, tokenizer
+from bert_sym.input import START_UP_FIX, storage_errors
 from bert_sym.input import blocks as blocks_lib
 
 EPOCH_WARNING_THRESHOLD = 10
@@ -158,7 +159,8 @@ def mask_spec(data_config, blocks) -> masking.MaskSpec:
 def load_blocks(data_config, split: str, documents=None):
   """The blocks of `config.data.source`; `documents`: see `blocks.load_packed` ('seqio')."""
   if data_config.source in ('streaming', 'shards'):
-    return shard_reader.open_blocks(data_config, split)
+    with storage_errors(shard_reader.join_url(data_config.shards_dir, split), START_UP_FIX):
+      return shard_reader.open_blocks(data_config, split)
   check_max_seq_len(data_config.max_seq_len)
   if data_config.source != 'seqio':
     raise DataError(f"config.data.source must be 'seqio', 'shards' or 'streaming', got "
@@ -192,7 +194,7 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
 def vocab_size(data_config) -> int:
   """Vocabulary size of the data (the model's vocab_size must equal it)."""
   if data_config.source in ('streaming', 'shards'):   # also checks the corpus is prepared
-    return len(shard_reader.open_blocks(data_config, 'train').vocab_tokens)
+    return len(load_blocks(data_config, 'train').vocab_tokens)
   return len(tokenizer.read_vocab(data_config.vocab_path or tokenizer.default_vocab_file()))
 
 

@@ -134,7 +134,7 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
 
   try:
     metadata = json.loads(_with_timeout(read, METADATA_TIMEOUT_S))
-  except (OSError, ValueError) as e:   # missing, unreachable, unreadable
+  except Exception as e:   # missing, unreachable, unreadable (gcsfs: HttpError, not OSError)
     if isinstance(e, DataError):
       raise
     what = (f'config.data.task={data_config.task!r} reads exported shards, '
