@@ -435,6 +435,32 @@ def test_a_failed_range_read_raises_the_storage_error(tmp_path, monkeypatch):
     shard_reader.StreamingBlocks(url, 'train')   # the shard headers, read when opening
 
 
+def test_a_storage_error_mid_run_is_one_line_and_keeps_the_position(tmp_path, monkeypatch):
+  """A read that fails mid-run once gcsfs's retries are spent (HttpError 503, no
+  OSError) was a traceback: now one line naming the split and that a rerun resumes; the
+  iterator has not moved past the batch it could not read."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
+  url = f'memory://failing_mid_run_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  iterator = _iterator(_config(url))
+  expected = iterator.batch(1)
+  next(iterator)
+  memory_fs = type(fsspec.filesystem('memory'))
+  read = memory_fs.cat_file
+  monkeypatch.setattr(memory_fs, 'cat_file', lambda *a, **k: (_ for _ in ()).throw(
+      HttpError({'code': 503, 'message': 'Service Unavailable'})))
+  with pytest.raises(DataError) as error:
+    next(iterator)
+  message = cli.user_error_message(error.value)
+  assert message.startswith(f'{url}/train cannot be read (HttpError: Service Unavailable, '
+                            '503)'), message
+  assert 'rerun the same command' in message and 'last checkpoint' in message, message
+  assert iterator.get_state()['step'] == 1
+  monkeypatch.setattr(memory_fs, 'cat_file', read)
+  _assert_same(next(iterator), expected)
+
+
 def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeypatch):
   import fsspec  # pylint: disable=g-import-not-at-top
   url = f'memory://failing_metadata_{tmp_path.name}'

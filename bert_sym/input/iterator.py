@@ -30,6 +30,9 @@ EPOCH_WARNING_THRESHOLD = 10
 FEISTEL_ROUNDS = 6
 SHUFFLE_KIND = 'feistel-v1'
 _FEISTEL_SALT = 0xFE157E1
+# Nothing is saved on the way out, and the checkpoint holds the position of its own step.
+_MID_RUN_FIX = ('once this machine can read it again, rerun the same command: the run '
+                'resumes from its last checkpoint.')
 
 
 def feistel_permutation(offset: np.ndarray, num_blocks: int, seed: int,
@@ -99,7 +102,8 @@ class MLMIterator:
     """The batch at `step` (no state change)."""
     first = (step * self._process_count + self._process_index) * self._batch_size
     example_index = first + np.arange(self._batch_size, dtype=np.int64)
-    blocks = self._blocks.take(self._rows(example_index))
+    with storage_errors(self._blocks.description, _MID_RUN_FIX):   # gs:// read mid-run
+      blocks = self._blocks.take(self._rows(example_index))
     return masking.mask_blocks(blocks, example_index, self._seed, self._spec)
 
   def __iter__(self) -> 'MLMIterator':
