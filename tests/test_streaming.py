@@ -461,6 +461,23 @@ def test_a_storage_error_mid_run_is_one_line_and_keeps_the_position(tmp_path, mo
   _assert_same(next(iterator), expected)
 
 
+@pytest.mark.parametrize('where', ['local', 'memory'])
+def test_a_shard_truncated_mid_run_is_named_not_a_reshape_error(tmp_path, where):
+  """A shard cut short after the start-up check (a copy or export into the same place)
+  reads short: that was numpy's 'cannot reshape array of size ...', naming no file."""
+  url = (str(tmp_path / 'corpus') if where == 'local'
+         else f'memory://truncated_mid_run_{tmp_path.name}')
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  iterator = _iterator(_config(url), batch_size=100)   # reads every block, so every shard
+  first = shard_reader.read_metadata(url, 'train')['shards'][0]['file']
+  fs, path = shard_reader.filesystem(shard_reader.join_url(url, 'train', first))
+  fs.pipe_file(path, fs.cat_file(path)[:-64 * 2 * 10])   # its last ten blocks gone
+  with pytest.raises(DataError, match=f'{first}: read .* bytes .* truncated or replaced '
+                     'since the run started.*re-export.*resumes'):
+    next(iterator)
+  assert iterator.get_state()['step'] == 0
+
+
 def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeypatch):
   import fsspec  # pylint: disable=g-import-not-at-top
   url = f'memory://failing_metadata_{tmp_path.name}'

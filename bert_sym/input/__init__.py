@@ -46,6 +46,19 @@ def storage_errors(url: str, fix: str):
                     f'read after its client\'s own retries. Fix: {fix}') from e
 
 
+def check_complete_reads(chunks, starts, ends, path_of) -> None:
+  """Raises unless every range read returned the bytes asked for: a file (object) cut
+  short since the start-up check of its size reads short, which was a numpy reshape
+  error naming no file (`path_of(i)`: the file of read i)."""
+  for i, (chunk, start, end) in enumerate(zip(chunks, starts, ends)):
+    if len(chunk) != end - start:
+      raise DataError(
+          f'{path_of(i)}: read {len(chunk):,} of the {end - start:,} bytes at offset '
+          f'{start:,}: the file was truncated or replaced since the run started (a copy or '
+          'export writing to the same place?). Fix: copy the split again or re-export it, '
+          'then rerun the same command: the run resumes from its last checkpoint.')
+
+
 START_UP_FIX = ('check that this machine can read it (credentials, permissions of the '
                 'bucket, network), then rerun the same command.')
 

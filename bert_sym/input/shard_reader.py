@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_sym.input import DataError, check_max_seq_len, sources
+from bert_sym.input import DataError, check_complete_reads, check_max_seq_len, sources
 from bert_sym.input.blocks import Blocks, first_out_of_vocabulary, out_of_vocabulary_error
 from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5, vocab_md5
 
@@ -351,6 +351,7 @@ class StreamingBlocks:
               for s, r in zip(run_shard, sorted_rows[run_first])]
     ends = [start + int(n) * row_bytes for start, n in zip(starts, run_size)]
     chunks = self._read_ranges([int(s) for s in run_shard], starts, ends)
+    check_complete_reads(chunks, starts, ends, lambda i: self._path(int(run_shard[i])))
     flat = np.frombuffer(b''.join(chunks), self._dtype).reshape(len(rows), self._length)
     bad = first_out_of_vocabulary(flat, len(self.vocab_tokens))
     if bad is not None:
