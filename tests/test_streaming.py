@@ -516,6 +516,17 @@ def test_gcsfs_errors_at_start_up_are_one_line_naming_the_data(tmp_path, monkeyp
   assert f'{url}/train' in message and 'Anonymous caller' in message and 'Fix:' in message
 
 
+def test_a_bug_while_reading_the_metadata_is_not_called_a_storage_failure(tmp_path,
+                                                                          monkeypatch):
+  """The metadata read words storage errors (gcsfs's too); an error of our own code stays
+  a traceback instead of sending the user to check credentials or re-export."""
+  url = f'memory://metadata_bug_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  monkeypatch.setattr(shard_reader, 'read_bytes', lambda url: None)   # json.loads(None)
+  with pytest.raises(TypeError):
+    shard_reader.read_metadata(url, 'train')
+
+
 def test_a_machine_limit_while_opening_shards_keeps_its_own_fix(small_corpus, monkeypatch):
   """Only storage errors are worded as such: too many open files says to raise ulimit."""
   monkeypatch.setattr(np, 'load', lambda *a, **k: (_ for _ in ()).throw(

@@ -29,6 +29,11 @@ _STORAGE_LIBRARIES = {'gcsfs', 's3fs', 'adlfs', 'fsspec', 'aiohttp', 'google', '
                       'botocore', 'aiobotocore', 'azure'}
 
 
+def is_storage_error(e: BaseException) -> bool:
+  """An OSError or an error of a storage client: the data's fault or the storage's, not a bug."""
+  return isinstance(e, OSError) or type(e).__module__.split('.')[0] in _STORAGE_LIBRARIES
+
+
 @contextlib.contextmanager
 def storage_errors(url: str, fix: str):
   """A failed read of the storage under `url` (not our own DataError, not a bug) as a
@@ -38,8 +43,7 @@ def storage_errors(url: str, fix: str):
     yield
   except Exception as e:  # pylint: disable=broad-except
     # What the command line words already (a full disk, no more open files) keeps its fix.
-    if user_error_message(e) is not None or not (
-        isinstance(e, OSError) or type(e).__module__.split('.')[0] in _STORAGE_LIBRARIES):
+    if user_error_message(e) is not None or not is_storage_error(e):
       raise
     raise DataError(f'{url} cannot be read ({type(e).__name__}: '
                     f'{" ".join(str(e).split())[:300]}); the storage refused or failed the '

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_sym.input import DataError, check_complete_reads, check_max_seq_len, sources
+from bert_sym.input import DataError, check_complete_reads, check_max_seq_len, is_storage_error, sources
 from bert_sym.input.blocks import Blocks, first_out_of_vocabulary, out_of_vocabulary_error
 from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5, vocab_md5
 
@@ -135,8 +135,8 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
   try:
     metadata = json.loads(_with_timeout(read, METADATA_TIMEOUT_S))
   except Exception as e:   # missing, unreachable, unreadable (gcsfs: HttpError, not OSError)
-    if isinstance(e, DataError):
-      raise
+    if isinstance(e, DataError) or not (isinstance(e, ValueError) or is_storage_error(e)):
+      raise   # (a bug is not an unprepared corpus)
     what = (f'config.data.task={data_config.task!r} reads exported shards, '
             if data_config is not None else '')
     prepare = (prepare_instructions(data_config) if data_config is not None
