@@ -830,6 +830,15 @@ def test_an_unknown_variant_fails_before_training(tmp_path):
   assert not calls.exists()
 
 
+def test_a_seed_that_is_not_an_integer_fails_in_one_line(tmp_path):
+  """--seeds=1,x was a ValueError traceback."""
+  with pytest.raises(runner.AblationError) as error:
+    runner.run('configs/tiny.py', 'standard', '1,x', str(tmp_path / 'grid'))
+  assert str(error.value) == ("Seeds must be comma-separated integers, got '1,x'. Fix: e.g. "
+                              '--seeds=1,2,3.')
+  assert not list(tmp_path.iterdir())
+
+
 def test_a_difference_that_rounds_to_zero_has_no_sign():
   """'-0 [-0, 0]' read as a difference in the paired Δ steps column."""
   cell = ablate_report._fmt_ci  # pylint: disable=protected-access

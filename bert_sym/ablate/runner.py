@@ -208,7 +208,11 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   ('skipped' finished, 'trained', or 'missing' with summarize_only).
   """
   variants = parse_list(variants) if isinstance(variants, str) else list(variants)
-  seeds = parse_list(seeds, int) if isinstance(seeds, str) else [int(s) for s in seeds]
+  try:
+    seeds = parse_list(seeds, int) if isinstance(seeds, str) else [int(s) for s in seeds]
+  except ValueError:   # --seeds=x was a traceback
+    raise AblationError(f'Seeds must be comma-separated integers, got {seeds!r}. Fix: e.g. '
+                        '--seeds=1,2,3.') from None
   glue_args = shlex.split(glue_args) if isinstance(glue_args, str) else list(glue_args)
   overrides = list(overrides)
   clashing = [o for o in overrides if o.startswith(('--config.model.attention=', '--config.seed='))]
