@@ -28,7 +28,15 @@ def get_config(path=None):   # None: `--config=configs/from_json.py` without `:P
   if not path.exists():
     raise ValueError(f'{path} does not exist. Fix: --config=configs/from_json.py:'
                      'WORKDIR/config.json (the file the trainer wrote into the old run).')
-  values = json.loads(path.read_text())
+  try:   # ml_collections re-raises type(e)(text), which a JSONDecodeError cannot take
+    values = json.loads(path.read_text())
+    why = '' if isinstance(values, dict) else f'a JSON {type(values).__name__}'
+  except ValueError as e:   # also UnicodeDecodeError
+    why = str(e)
+  if why:
+    raise ValueError(f'{path} is not a config.json ({why}). Fix: --config=configs/'
+                     'from_json.py:WORKDIR/config.json (the file the trainer wrote into the '
+                     'old run).')
   # JSON has no tuples; the config file's tuples go back to tuples, so that they can still
   # be overridden from the command line as the original run's could.
   if 'sharding_rules' in values:

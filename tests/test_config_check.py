@@ -61,6 +61,21 @@ def test_from_json_without_a_path_says_its_usage():
     from_json.get_config()
 
 
+def test_from_json_of_a_file_that_is_not_a_config_json_names_it(tmp_path):
+  """A truncated config.json or metrics.jsonl: ml_collections re-raised the JSONDecodeError
+  as type(e)(text), so the one line said "JSONDecodeError.__init__() missing 2 required
+  positional arguments" and named neither the file nor the fix."""
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 0}\n{"step": 10}\n')
+  (tmp_path / 'list.json').write_text('[1, 2]')
+  message = _config_flag(f'configs/from_json.py:{tmp_path / "metrics.jsonl"}')
+  assert message == (
+      f'the config file does not load: ValueError: {tmp_path / "metrics.jsonl"} is not a '
+      'config.json (Extra data: line 2 column 1 (char 12)). Fix: --config=configs/'
+      'from_json.py:WORKDIR/config.json (the file the trainer wrote into the old run).')
+  message = _config_flag(f'configs/from_json.py:{tmp_path / "list.json"}')
+  assert f'{tmp_path / "list.json"} is not a config.json (a JSON list). Fix:' in message
+
+
 def test_memory_mapped_shards_from_a_url_name_the_streaming_source():
   """source='shards' memory-maps files: from gs:// it used to fail later, on a mangled
   local path ('gs:/bucket/...'), instead of naming the source that reads URLs."""
