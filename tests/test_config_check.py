@@ -343,6 +343,19 @@ def test_ctrl_c_outside_the_loop_exits_130_and_permission_errors_are_one_line():
   assert cli.user_error_message(OSError(5, 'Input/output error')) is None
 
 
+def test_an_override_without_a_config_file_asks_for_the_file():
+  """`--config.total_steps=5` without --config said "Unknown command line flag
+  'config.total_steps'": the key exists, the file that defines it was not given."""
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--dry_run',
+                           '--config.total_steps=5'], cwd=cli.CHECKOUT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == cli.EXIT_USER_ERROR
+  assert result.stderr.splitlines()[-1] == (
+      'bert_sym.train: error: --config.total_steps overrides a value of the --config file, '
+      'and no --config is given. Fix: add --config=FILE, e.g. --config=configs/tiny.py (see '
+      '--help).')
+
+
 def test_an_error_exit_of_one_of_several_processes_says_its_message(monkeypatch, capsys):
   """bert_sym.glue stops on its input errors with SystemExit('bert_sym.glue: error: ...');
   Python prints that message at exit, but one of several processes leaves by os._exit,
