@@ -159,6 +159,27 @@ def test_a_workdir_whose_own_entries_are_blocked_is_refused_at_once(tmp_path, na
     train._prepare_workdir(str(tmp_path / 'run'))  # pylint: disable=protected-access
 
 
+def test_a_hugging_face_export_as_workdir_is_refused_before_its_config_is_overwritten(
+    tmp_path):
+  """--workdir=<an hf_export --out_dir>: the trainer wrote its own config.json over the
+  export's, which transformers could no longer load (hf_export refuses the other way)."""
+  export = tmp_path / 'hf'
+  export.mkdir()
+  hf_config = '{"architectures": ["BertForMaskedLM"], "model_type": "bert"}\n'
+  (export / 'config.json').write_text(hf_config)
+  before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+  with pytest.raises(train.RunError) as error:
+    train._prepare_workdir(str(export))  # pylint: disable=protected-access
+  assert str(error.value) == (f"{export / 'config.json'} is a Hugging Face model's "
+                              f'config.json: a run in {export} would overwrite it. Fix: pass '
+                              'another --workdir.')
+  assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
+  assert (export / 'config.json').read_text() == hf_config
+  run = tmp_path / 'run'
+  _write_run(run, train_fixtures.tiny_config(), step=4)   # a trainer's workdir resumes
+  assert train._prepare_workdir(str(run)) == run  # pylint: disable=protected-access
+
+
 def test_params_that_turn_nonfinite_at_a_save_keep_the_checkpoint_before(tmp_path):
   """The update of step 6 overflows the params while its loss was finite: step 6 is not
   saved, and step 5 (whose params gave that finite loss) is good and stays. Before, the

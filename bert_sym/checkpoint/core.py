@@ -294,6 +294,14 @@ def workdir_blocked(path) -> str | None:
       return (f'{entry} is {"a file" if folder else "a directory"}, where the trainer keeps '
               f'its {name}{"/ folder" if folder else " file"}. Fix: move it out of the '
               f'workdir, or pass another --workdir.')
+  try:   # another program's config.json (a Hugging Face export's) was overwritten by ours
+    written = json.loads((path / CONFIG_FILE).read_text())
+  except (OSError, ValueError):   # none, or not JSON: read_config says what to do
+    return None
+  if isinstance(written, dict) and 'model' not in written:
+    whose = "a Hugging Face model's" if 'model_type' in written else 'not a trainer\'s'
+    return (f'{path / CONFIG_FILE} is {whose} config.json: a run in {path} would overwrite '
+            f'it. Fix: pass another --workdir.')
   return None
 
 
