@@ -839,6 +839,24 @@ def test_a_seed_that_is_not_an_integer_fails_in_one_line(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_glue_inputs_are_checked_before_the_grid_trains(tmp_path):
+  """A wrong --glue_dir, task or GLUE seed failed only in the first run's GLUE step, after
+  its pre-training (hours at scale); the GLUE module's own checks now run first."""
+  grid = tmp_path / 'grid'
+  glue_dir = fx.tiny_glue_dir()
+  for kwargs, message in (
+      (dict(glue_dir=str(tmp_path / 'nowhere')), 'GLUE data, checked before training: '
+       f'--glue_dir {tmp_path / "nowhere"} is not a directory'),
+      (dict(glue_dir=glue_dir, glue_tasks='rtx'), r"Unknown GLUE task\(s\) \['rtx'\]"),
+      (dict(glue_dir=glue_dir, glue_seeds='x'), 'Seeds must be comma-separated integers'),
+      (dict(glue_dir=glue_dir, glue_tasks='rte,mrpc'), 'GLUE data, checked before training: '
+       '.*MRPC')):   # the tiny GLUE directory holds RTE alone
+    with pytest.raises(runner.AblationError, match=message):
+      runner.run('configs/tiny.py', 'standard', '1', str(grid),
+                 **{'glue_tasks': 'rte', **kwargs})
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_difference_that_rounds_to_zero_has_no_sign():
   """'-0 [-0, 0]' read as a difference in the paired Δ steps column."""
   cell = ablate_report._fmt_ci  # pylint: disable=protected-access

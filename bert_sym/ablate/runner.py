@@ -226,6 +226,8 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   unknown = [v for v in variants if v not in attention.VARIANTS]
   if unknown:
     raise AblationError(f'Unknown variant(s) {unknown}; choose from {attention.VARIANTS}.')
+  if glue_tasks and not summarize_only:
+    check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args)
   stop, previous_handler = _install_stop()
   try:
     actions = _run_grid(config, overrides, variants, seeds, workdir, requested, stop,
@@ -239,6 +241,24 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
                       target_loss=target_loss, requested=requested)
   summary['actions'] = actions
   return summary
+
+
+def check_glue_inputs(glue_dir: str, tasks: str, seeds: str, glue_args: Sequence[str]) -> None:
+  """GLUE's tasks, seeds and data, checked as bert_sym.glue checks them, before the grid
+  trains: a wrong --glue_dir failed only after the first run's training (hours at scale)."""
+  # pylint: disable=import-outside-toplevel
+  from bert_sym.glue import data as glue_data, reuse, suite
+  try:
+    specs = glue_data.parse_tasks(tasks)
+    reuse.parse_seeds(seeds)
+  except ValueError as e:
+    raise AblationError(f'--glue_tasks={tasks} --glue_seeds={seeds}: {e}') from None
+  tfds_dirs = [a.split('=', 1)[1] for a in glue_args if a.startswith('--config.tfds_data_dir=')]
+  try:
+    suite.check_data(ml_collections.ConfigDict(dict(
+        glue_dir=glue_dir, tfds_data_dir=tfds_dirs[-1] if tfds_dirs else '')), specs)
+  except glue_data.GlueDataError as e:
+    raise AblationError(f'GLUE data, checked before training: {e}') from None
 
 
 def _refuse_mixed_resumes(requested, variants, seeds, workdir) -> None:

@@ -103,7 +103,7 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
       raise ValueError(f'{pretrained.step_dir} has model.type_vocab_size='
                        f'{pretrained.config.model.type_vocab_size}: no segment embedding for '
                        f'the second sentence of {", ".join(pairs)}. Fix: --tasks without them.')
-    _check_data(config, specs)
+    check_data(config, specs)
     mesh, rules = _mesh_and_rules(config, pretrained)
     # The inputs are checked (a refused run leaves no folder); data and compiles come next.
     output_dir = files.check_writable(output_dir, f'--output_dir={output_dir}')
@@ -181,7 +181,7 @@ def _glue_kernel(config, model_cfg, parallel: str) -> str:
   return impl
 
 
-def _check_data(config, specs) -> None:
+def check_data(config, specs) -> None:
   """Every task's data checked now, not after hours of training other tasks: its local
   files, or that TFDS has it prepared or can download it."""
   for spec in specs:
