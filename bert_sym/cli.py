@@ -149,7 +149,7 @@ def _flag_error_message(error) -> str:
     return f'the config file does not load: {raised}.{fix}'   # its own fix, if it says one
   from absl import flags  # pylint: disable=import-outside-toplevel
   name = getattr(error, 'flagname', None) or ''
-  if name.startswith('config.') and 'config' in flags.FLAGS:   # defined once --config is
+  if name.startswith('config.') and 'config' in flags.FLAGS:   # a program with --config
     return (f'--{name} overrides a value of the --config file, and no --config is given. '
             'Fix: add --config=FILE, e.g. --config=configs/tiny.py (see --help).')
   return f'{one_line(text)} (see --help)'

@@ -33,6 +33,9 @@ _UPLOAD_CHUNK_BYTES = 16 << 20
 _WRITES_IN_PLACE = {'memory', 'sftp', 'ssh', 'hdfs', 'arrow_hdfs', 'webhdfs', 'ftp', 'smb'}
 
 
+DEFAULT_CACHE_ROOT = '~/.cache/bert_sym'   # as the configs spell their cache directories
+
+
 def user_cache_dir(name: str) -> str:
   """`name` under the directory bert_sym keeps between runs (the vocabulary, JAX's compiled
   steps, GLUE's token ids): $BERT_SYM_CACHE, else $XDG_CACHE_HOME/bert_sym, else
@@ -40,6 +43,16 @@ def user_cache_dir(name: str) -> str:
   root = os.environ.get('BERT_SYM_CACHE') or os.path.join(
       os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'bert_sym')
   return os.path.join(root, name)
+
+
+def cache_dir(configured: str) -> str:
+  """A config's cache directory on this machine: its default, ~/.cache/bert_sym/NAME, is
+  NAME under user_cache_dir; any other path as given. The config keeps the symbolic
+  default, so that a config.json compares equal, and reruns (configs/from_json.py), on
+  any machine and under any $BERT_SYM_CACHE."""
+  if configured.startswith(DEFAULT_CACHE_ROOT + '/'):
+    return user_cache_dir(configured[len(DEFAULT_CACHE_ROOT) + 1:])
+  return os.path.expanduser(configured)
 
 
 def local_path(path: str) -> str | None:

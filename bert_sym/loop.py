@@ -18,6 +18,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from bert_sym import files
 from bert_sym import metrics_writer
 # The stop signals (SIGTERM, Ctrl-C) and their exit codes, for the loop's callers too.
 from bert_sym.preemption import (  # noqa: F401
@@ -47,7 +48,7 @@ def enable_compilation_cache(cache_dir: str) -> str | None:
   jax.config.update('jax_enable_compilation_cache', bool(cache_dir))
   if not cache_dir:
     return None
-  path = os.path.expanduser(cache_dir)
+  path = files.cache_dir(cache_dir)
   jax.config.update('jax_compilation_cache_dir', path)
   return path
 

@@ -7,8 +7,6 @@ built from `base_config(...)`, so a key is spelled in exactly one place and
 
 import ml_collections
 
-from bert_sym import files
-
 # bert-base-uncased WordPiece size; the MLM decoder and GLUE tokenizer must agree on it.
 BERT_UNCASED_VOCAB_SIZE = 30522
 
@@ -136,7 +134,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   c.max_consecutive_nonfinite = 10  # 'skip' stops (exit 1) after this many in a row
   c.peak_flops_per_device = 0.0     # 0 = look up by device kind (for MFU)
   c.xla_gpu_flags = True            # on NVIDIA GPUs, set bert_sym/gpu_flags.py's XLA flags (cuDNN LayerNorm, cuBLASLt epilogues); False = XLA's defaults
-  c.compilation_cache_dir = files.user_cache_dir('jax')   # JAX persistent compilation cache; '' = off
+  c.compilation_cache_dir = '~/.cache/bert_sym/jax'   # JAX persistent compilation cache; '' = off; under $BERT_SYM_CACHE or $XDG_CACHE_HOME when set (files.cache_dir)
   return apply_recipe(c, recipe)
 
 

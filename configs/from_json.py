@@ -12,8 +12,6 @@ import json
 from etils import epath
 import ml_collections
 
-from bert_sym import files
-
 
 def _tuples(value):
   return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
@@ -30,7 +28,7 @@ def get_config(path=None):   # None: `--config=configs/from_json.py` without `:P
                      'WORKDIR/config.json (the file the trainer wrote into the old run).')
   try:   # ml_collections re-raises type(e)(text), which a JSONDecodeError cannot take
     values = json.loads(path.read_text())
-    why = '' if isinstance(values, dict) else f'a JSON {type(values).__name__}'
+    why = '' if isinstance(values, dict) else f'JSON {json.dumps(values)[:40]}, not an object'
   except ValueError as e:   # also UnicodeDecodeError
     why = str(e)
   if why:
@@ -41,8 +39,4 @@ def get_config(path=None):   # None: `--config=configs/from_json.py` without `:P
   # be overridden from the command line as the original run's could.
   if 'sharding_rules' in values:
     values['sharding_rules'] = _tuples(values['sharding_rules'])
-  # The compilation cache belongs to this machine, not to the old run's (another user's
-  # home, a directory that does not exist here); off stays off.
-  if values.get('compilation_cache_dir'):
-    values['compilation_cache_dir'] = files.user_cache_dir('jax')
   return ml_collections.ConfigDict(values)

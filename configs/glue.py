@@ -17,8 +17,6 @@ vocabulary) is never set here: it is read from the checkpoint's config.json.
 
 import ml_collections
 
-from bert_sym import files
-
 ALL_TASKS = 'cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli'
 
 
@@ -40,8 +38,9 @@ def get_config(arg=None):
   # sentences are cut: which keeps the odd token.
   c.pair_truncation = 'hf'
   # WordPiece ids of each text set, kept for the next run on the same texts and vocabulary
-  # (a sweep, an ablation grid, a rerun): it then starts without TensorFlow. '' = none.
-  c.tokens_cache_dir = files.user_cache_dir('glue_tokens')
+  # (a sweep, an ablation grid, a rerun): it then starts without TensorFlow. '' = none. The
+  # default moves under $BERT_SYM_CACHE or $XDG_CACHE_HOME when set (files.cache_dir).
+  c.tokens_cache_dir = '~/.cache/bert_sym/glue_tokens'
   # The attention kernel (xla | cudnn | splash | auto). Not the checkpoint's: the kernel
   # named in pre-training may not exist here (splash off a TPU), or not tile GLUE's short
   # lengths; auto takes splash on a TPU where it can tile the lengths, xla elsewhere (not

@@ -855,6 +855,26 @@ def test_glue_inputs_are_checked_before_the_grid_trains(tmp_path):
       runner.run('configs/tiny.py', 'standard', '1', str(grid),
                  **{'glue_tasks': 'rte', **kwargs})
     assert not list(tmp_path.iterdir())
+  # GLUE's own config may name its data: the runner leaves that to bert_sym.glue.
+  runner.check_glue_inputs('', 'rte', '1', [f'--config.glue_dir={glue_dir}'], data=True)
+
+
+def test_a_scored_grid_needs_no_glue_data_to_summarize_again(tmp_path, capsys):
+  """Rerunning a finished grid whose GLUE is scored reads no GLUE data (it may be on
+  another machine, or TFDS offline): the check before training is only for training."""
+  config = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
+  config.model.attention, config.seed = 'standard', 1   # what the runner gives the run
+  run = _fake_run(tmp_path, 'standard', 1, [(0, 12.0), (30, 4.0)], config.to_json())
+  nowhere = str(tmp_path / 'nowhere')
+  (run / 'glue').mkdir()
+  (run / 'glue' / 'glue_results.json').write_text(json.dumps(
+      {'summary': {'over_seeds': {'rte': {'mean': 60.0, 'std': 0.0, 'n': 1}}}}))
+  (run / 'glue' / 'ablate_request.json').write_text(json.dumps(
+      {'glue_dir': nowhere, 'tasks': 'rte', 'seeds': '1', 'args': [], 'step': 30}))
+  out = ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.total_steps=30'],
+                   glue_dir=nowhere, glue_tasks='rte')
+  assert out['actions'] == {'standard/seed1': 'skipped'}
+  assert 'GLUE already scored, skipped' in capsys.readouterr().out
 
 
 def test_a_difference_that_rounds_to_zero_has_no_sign():

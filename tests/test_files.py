@@ -195,14 +195,26 @@ def test_an_upload_to_a_filesystem_that_writes_in_place_fails_part_way_publishin
 
 def test_every_cache_follows_bert_sym_cache_then_xdg_cache_home(tmp_path, monkeypatch):
   """The vocabulary, the trainer's compiled steps and GLUE's token ids live under one
-  root that the user (and the tests, conftest.py) can move; the configs used to write
-  into ~/.cache whatever the environment said."""
+  root that the user (and the tests, conftest.py) can move: the configs' defaults went to
+  ~/.cache whatever the environment said. The configs keep the symbolic default, so that a
+  run's config.json is the same on every machine (a resume compares it, from_json reruns
+  it)."""
   import importlib  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from bert_sym import loop  # pylint: disable=import-outside-toplevel
   from bert_sym.input import tokenizer  # pylint: disable=import-outside-toplevel
+  train = importlib.import_module('configs.tiny').get_config()
+  glue = importlib.import_module('configs.glue').get_config()
+  assert (train.compilation_cache_dir, glue.tokens_cache_dir) == (
+      '~/.cache/bert_sym/jax', '~/.cache/bert_sym/glue_tokens')
+  settings = {}   # (not this test process's own compilation cache)
+  monkeypatch.setattr(jax.config, 'update', lambda name, value: settings.update({name: value}))
+
   def caches():
     tokenizer.default_vocab_file.cache_clear()
-    return (importlib.import_module('configs.tiny').get_config().compilation_cache_dir,
-            importlib.import_module('configs.glue').get_config().tokens_cache_dir,
+    loop.enable_compilation_cache(train.compilation_cache_dir)
+    return (settings['jax_compilation_cache_dir'],
+            tokenizer.WordPiece(cache_dir=glue.tokens_cache_dir).cache_dir,
             os.path.dirname(tokenizer.default_vocab_file()))
   try:
     monkeypatch.delenv('BERT_SYM_CACHE', raising=False)
@@ -212,6 +224,8 @@ def test_every_cache_follows_bert_sym_cache_then_xdg_cache_home(tmp_path, monkey
     monkeypatch.setenv('BERT_SYM_CACHE', str(tmp_path / 'own'))
     root = tmp_path / 'own'
     assert caches() == (str(root / 'jax'), str(root / 'glue_tokens'), str(root))
+    # Any other directory is the user's choice, as given.
+    assert files.cache_dir('~/elsewhere/jax') == os.path.expanduser('~/elsewhere/jax')
   finally:
     tokenizer.default_vocab_file.cache_clear()
 

@@ -461,6 +461,25 @@ def test_a_storage_error_mid_run_is_one_line_and_keeps_the_position(tmp_path, mo
   _assert_same(next(iterator), expected)
 
 
+def test_a_local_read_error_mid_run_is_worded_only_when_it_is_the_storages(small_corpus,
+                                                                           monkeypatch):
+  """EIO from a disk is one line naming the split (no object store's "client retries");
+  EBADF is a bug of the reader, and stays a traceback instead of blaming the storage."""
+  iterator = _iterator(_config(str(small_corpus)))
+  def fail_with(code):
+    monkeypatch.setattr(os, 'pread', lambda *a: (_ for _ in ()).throw(OSError(code, 'x')))
+  fail_with(errno.EBADF)
+  with pytest.raises(OSError) as error:
+    next(iterator)
+  assert not isinstance(error.value, DataError)
+  fail_with(errno.EIO)
+  with pytest.raises(DataError) as error:
+    next(iterator)
+  message = cli.user_error_message(error.value)
+  assert message.startswith(f'{small_corpus}/train cannot be read (OSError: [Errno 5] x); '
+                            'the storage refused or failed the read. Fix:'), message
+
+
 @pytest.mark.parametrize('where', ['local', 'memory'])
 def test_a_shard_truncated_mid_run_is_named_not_a_reshape_error(tmp_path, where):
   """A shard cut short after the start-up check (a copy or export into the same place)

@@ -227,7 +227,7 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   if unknown:
     raise AblationError(f'Unknown variant(s) {unknown}; choose from {attention.VARIANTS}.')
   if glue_tasks and not summarize_only:
-    check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args)
+    check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args, data=False)
   stop, previous_handler = _install_stop()
   try:
     actions = _run_grid(config, overrides, variants, seeds, workdir, requested, stop,
@@ -243,9 +243,16 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   return summary
 
 
-def check_glue_inputs(glue_dir: str, tasks: str, seeds: str, glue_args: Sequence[str]) -> None:
-  """GLUE's tasks, seeds and data, checked as bert_sym.glue checks them, before the grid
-  trains: a wrong --glue_dir failed only after the first run's training (hours at scale)."""
+# GLUE arguments that say where its data is (a config file of its own included): the
+# runner does not rebuild GLUE's config, so it leaves checking their data to bert_sym.glue.
+_GLUE_DATA_ARGS = ('--config', '--config.glue_dir', '--glue_dir', '--config.tfds_data_dir')
+
+
+def check_glue_inputs(glue_dir: str, tasks: str, seeds: str, glue_args: Sequence[str], *,
+                      data: bool) -> None:
+  """GLUE's tasks and seeds (and with `data`, its data) checked as bert_sym.glue checks
+  them, before a run trains: a wrong --glue_dir failed only after the first run's
+  training (hours at scale)."""
   # pylint: disable=import-outside-toplevel
   from bert_sym.glue import data as glue_data, reuse, suite
   try:
@@ -253,10 +260,11 @@ def check_glue_inputs(glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
     reuse.parse_seeds(seeds)
   except ValueError as e:
     raise AblationError(f'--glue_tasks={tasks} --glue_seeds={seeds}: {e}') from None
-  tfds_dirs = [a.split('=', 1)[1] for a in glue_args if a.startswith('--config.tfds_data_dir=')]
+  if not data or any(a.split('=')[0] in _GLUE_DATA_ARGS for a in glue_args):
+    return
   try:
-    suite.check_data(ml_collections.ConfigDict(dict(
-        glue_dir=glue_dir, tfds_data_dir=tfds_dirs[-1] if tfds_dirs else '')), specs)
+    suite.check_data(ml_collections.ConfigDict(dict(glue_dir=glue_dir, tfds_data_dir='')),
+                     specs)
   except glue_data.GlueDataError as e:
     raise AblationError(f'GLUE data, checked before training: {e}') from None
 
@@ -315,6 +323,8 @@ def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
         print(f'{name}: {why}; --summarize_only, left out.{hint}', flush=True)
         continue
       else:
+        if glue_tasks and 'trained' not in actions.values():   # a finished grid needs no data
+          check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args, data=True)
         print(f'{name}: {why}; training.', flush=True)
         train_run(config, overrides, variant, seed, path, stop, python=python)
         actions[name] = 'trained'

@@ -284,8 +284,9 @@ def workdir_misplaced(path) -> str | None:
 def workdir_blocked(path) -> str | None:
   """Why the trainer cannot write its own entries in workdir `path`, else None: a file
   where its checkpoints/ or tensorboard/ folder goes (the run trained until its first save
-  and then said "free space or fix the permissions"; a traceback for tensorboard), or a
-  folder where config.json or metrics.jsonl goes."""
+  and then said "free space or fix the permissions"; a traceback for tensorboard), a
+  folder where config.json or metrics.jsonl goes, or another program's config.json (a
+  Hugging Face export's, which the run would overwrite)."""
   path = absolute(path)
   for name, folder in (('checkpoints', True), ('tensorboard', True), (CONFIG_FILE, False),
                        ('metrics.jsonl', False)):

@@ -9,6 +9,7 @@ where TF runs: the shards and streaming paths never load it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sys
@@ -29,9 +30,20 @@ _STORAGE_LIBRARIES = {'gcsfs', 's3fs', 'adlfs', 'fsspec', 'aiohttp', 'google', '
                       'botocore', 'aiobotocore', 'azure'}
 
 
+# What a disk, a network file system or an object store says when it fails a read. Not
+# EBADF, EINVAL, EFAULT...: those are a bug of the reader.
+_STORAGE_ERRNOS = {getattr(errno, name) for name in (
+    'EIO', 'ETIMEDOUT', 'ECONNRESET', 'ECONNREFUSED', 'ECONNABORTED', 'EHOSTUNREACH',
+    'ENETUNREACH', 'ENETDOWN', 'ENETRESET', 'ESTALE', 'EREMOTEIO', 'EAGAIN')
+                   if hasattr(errno, name)}   # (macOS has no EREMOTEIO)
+
+
 def is_storage_error(e: BaseException) -> bool:
-  """An OSError or an error of a storage client: the data's fault or the storage's, not a bug."""
-  return isinstance(e, OSError) or type(e).__module__.split('.')[0] in _STORAGE_LIBRARIES
+  """The storage's failure, not a bug: an error of a storage client, or an OSError that
+  names no errno (gcsfs's OSError('Forbidden'), a timeout) or a storage one."""
+  if isinstance(e, OSError):
+    return e.errno is None or e.errno in _STORAGE_ERRNOS
+  return type(e).__module__.split('.')[0] in _STORAGE_LIBRARIES
 
 
 @contextlib.contextmanager
@@ -45,9 +57,10 @@ def storage_errors(url: str, fix: str):
     # What the command line words already (a full disk, no more open files) keeps its fix.
     if user_error_message(e) is not None or not is_storage_error(e):
       raise
+    retried = " after its client's own retries" if '://' in url else ''
     raise DataError(f'{url} cannot be read ({type(e).__name__}: '
                     f'{" ".join(str(e).split())[:300]}); the storage refused or failed the '
-                    f'read after its client\'s own retries. Fix: {fix}') from e
+                    f'read{retried}. Fix: {fix}') from e
 
 
 def check_complete_reads(chunks, starts, ends, path_of) -> None:

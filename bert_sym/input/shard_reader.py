@@ -135,7 +135,7 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
   try:
     metadata = json.loads(_with_timeout(read, METADATA_TIMEOUT_S))
   except Exception as e:   # missing, unreachable, unreadable (gcsfs: HttpError, not OSError)
-    if isinstance(e, DataError) or not (isinstance(e, ValueError) or is_storage_error(e)):
+    if isinstance(e, DataError) or not (isinstance(e, (OSError, ValueError)) or is_storage_error(e)):
       raise   # (a bug is not an unprepared corpus)
     what = (f'config.data.task={data_config.task!r} reads exported shards, '
             if data_config is not None else '')

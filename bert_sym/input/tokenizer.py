@@ -175,7 +175,7 @@ class WordPiece:
     if '://' in cache_dir:
       raise DataError(f'tokens_cache_dir={cache_dir}: the tokens cache is a local directory. '
                       "Fix: --config.tokens_cache_dir=<a local directory>, or '' for none.")
-    self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else ''
+    self.cache_dir = files.cache_dir(cache_dir) if cache_dir else ''
     self.vocab_file = vocab_path or default_vocab_file()
     self.tokens = read_vocab(self.vocab_file)
     self.special = special = special_ids(self.tokens, self.vocab_file)
