@@ -510,6 +510,22 @@ def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeyp
   assert 'not prepared' not in str(error.value)
 
 
+def test_a_bad_request_refused_by_gcsfs_is_not_called_a_missing_corpus(tmp_path, monkeypatch):
+  """gcsfs raises ValueError for a 400 (a requester-pays bucket, an invalid request):
+  read as 'not what an export writes', it sent the user to export a corpus that is there."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  from gcsfs import retry  # pylint: disable=g-import-not-at-top
+  url = f'memory://bad_request_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  monkeypatch.setattr(type(fsspec.filesystem('memory')), 'cat_file',
+                      lambda self, path, *a, **k: retry.validate_response(
+                          400, b'{"error": {"message": "invalid argument"}}', path))
+  with pytest.raises(DataError) as error:
+    shard_reader.read_metadata(url, 'train')
+  assert 'metadata.json cannot be read (ValueError: Bad Request' in str(error.value)
+  assert 'the storage did not answer or refused the read' in str(error.value)
+
+
 @pytest.mark.parametrize('failing', ['exists', 'vocab.txt', 'ls', '.npy'])
 def test_gcsfs_errors_at_start_up_are_one_line_naming_the_data(tmp_path, monkeypatch, failing):
   """gcsfs raises HttpError (not an OSError) for a 401 without credentials or a 503 once

@@ -14,7 +14,7 @@ import functools
 import os
 import sys
 
-from bert_sym.cli import UserError, user_error_message
+from bert_sym.cli import UserError, raised_in, user_error_message
 
 MAX_SEQ_LEN = 512  # BERT's; masking packs a position into its sort key below 1024
 
@@ -39,10 +39,13 @@ _STORAGE_ERRNOS = {getattr(errno, name) for name in (
 
 
 def is_storage_error(e: BaseException) -> bool:
-  """The storage's failure, not a bug: an error of a storage client, or an OSError that
-  names no errno (gcsfs's OSError('Forbidden'), a timeout) or a storage one."""
+  """The storage's failure, not a bug: an error of a storage client, an OSError that names
+  no errno (gcsfs's OSError('Forbidden'), a timeout) or a storage one, or a ValueError a
+  storage client raised (gcsfs: a bad request, a requester-pays bucket)."""
   if isinstance(e, OSError):
     return e.errno is None or e.errno in _STORAGE_ERRNOS
+  if isinstance(e, ValueError):
+    return any(raised_in(e, f'{os.sep}{library}{os.sep}') for library in _STORAGE_LIBRARIES)
   return type(e).__module__.split('.')[0] in _STORAGE_LIBRARIES
 
 
