@@ -480,6 +480,24 @@ def test_a_local_read_error_mid_run_is_worded_only_when_it_is_the_storages(small
                             'the storage refused or failed the read. Fix:'), message
 
 
+def test_a_shard_deleted_mid_run_is_said_to_be_gone_not_a_wrong_path(tmp_path):
+  """A shard deleted (or moved) after start-up was worded by the command line as a path
+  given wrong ("check the path given on the command line"): the path was right."""
+  url = f'memory://deleted_mid_run_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  iterator = _iterator(_config(url))
+  first = shard_reader.read_metadata(url, 'train')['shards'][0]['file']
+  fs, path = shard_reader.filesystem(shard_reader.join_url(url, 'train', first))
+  fs.rm(path)
+  with pytest.raises(DataError) as error:
+    next(iterator)
+  message = cli.user_error_message(error.value)
+  assert message.startswith(f'{url}/train cannot be read (FileNotFoundError: '), message
+  assert ('a file the run read at start-up is gone or no longer readable' in message
+          and 'copy the split again' in message and 'check the path' not in message), message
+  assert iterator.get_state()['step'] == 0
+
+
 @pytest.mark.parametrize('where', ['local', 'memory'])
 def test_a_shard_truncated_mid_run_is_named_not_a_reshape_error(tmp_path, where):
   """A shard cut short after the start-up check (a copy or export into the same place)

@@ -50,13 +50,20 @@ def is_storage_error(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def storage_errors(url: str, fix: str):
+def storage_errors(url: str, fix: str, *, mid_run: bool = False):
   """A failed read of the storage under `url` (not our own DataError, not a bug) as a
   DataError naming `url` and `fix`: the command line words only OSError subclasses, so
   gcsfs's errors were a traceback that hid which data could not be read."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
+    if mid_run and isinstance(e, (FileNotFoundError, PermissionError)):
+      # The command line's "check the path given" would send the user to a path that was
+      # right: the run read this file at start-up.
+      raise DataError(f'{url} cannot be read ({type(e).__name__}: {e}): a file the run read '
+                      'at start-up is gone or no longer readable (moved, deleted, its '
+                      'permissions changed). Fix: put it back (copy the split again), then '
+                      'rerun the same command: the run resumes from its last checkpoint.') from e
     # What the command line words already (a full disk, no more open files) keeps its fix.
     if user_error_message(e) is not None or not is_storage_error(e):
       raise
