@@ -141,6 +141,19 @@ def _fsync_directory(directory: str) -> None:
       os.close(fd)
 
 
+# Object-store clients whose failures are not OSErrors: TensorFlow's gfile, etils.epath's
+# gs:// backend once TF is imported (tf.errors.OpError: no network, no credentials, no
+# such bucket, permission denied), gcsfs (HttpError) and google-auth under it.
+_STORAGE_CLIENTS = {'tensorflow', 'gcsfs', 'google', 'aiohttp'}
+
+
+def is_storage_client_error(e: BaseException) -> bool:
+  """An object store's failure as its client raised it, not an OSError (those are worded
+  by the command line already): a bucket this machine cannot reach or write, not a bug."""
+  return (isinstance(e, Exception) and not isinstance(e, OSError)
+          and type(e).__module__.split('.')[0] in _STORAGE_CLIENTS)
+
+
 def check_writable(directory, what: str) -> epath.Path:
   """Creates `directory` and writes and removes a probe file in it, so that a place this
   process cannot write fails at once, in one line naming `what` (the flag and its value),
@@ -151,7 +164,14 @@ def check_writable(directory, what: str) -> epath.Path:
     probe = path / f'.write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}'
     probe.write_text('')
     probe.unlink()
-  except OSError as e:
+  except Exception as e:  # pylint: disable=broad-except
+    if is_storage_client_error(e):   # was a traceback: a gs:// workdir is where this happens
+      raise ValueError(f'Cannot write to {what}: {type(e).__name__}: '
+                       f'{" ".join(str(e).split())[:300]}. Fix: check that this machine can '
+                       'reach and write it (network, credentials, bucket permissions), or '
+                       'pass another directory.') from e
+    if not isinstance(e, OSError):
+      raise
     blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
     why = (f'{blocker} is a file, not a directory' if blocker is not None   # errno 17 / 20
            else str(e))

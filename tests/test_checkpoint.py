@@ -1293,3 +1293,22 @@ def test_a_workdir_url_the_trainer_cannot_write_is_one_line(tmp_path):
       f'a local directory (--workdir={tmp_path}/run), or one of gs://, s3://, az://.')
   assert 'memory:// is not a storage' in checkpoint.workdir_problem('memory://bucket/run')
   assert checkpoint.workdir_problem(tmp_path / 'fresh') is None
+
+
+def test_a_workdir_bucket_this_machine_cannot_reach_is_one_line(tmp_path, monkeypatch):
+  """TensorFlow's gfile (etils.epath's gs:// backend in the trainer) raises tf.errors.OpError,
+  not OSError: a gs:// workdir unreachable from here (no network, no credentials, a bucket
+  its service account cannot read) was a traceback before the run started."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  unreachable = tf.errors.FailedPreconditionError(
+      None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not resolve "
+      "hostname'\n\t when reading metadata of gs://bucket/run/checkpoints")
+  def exists(self):
+    raise unreachable
+  monkeypatch.setattr(type(epath.Path(tmp_path)), 'exists', exists)
+  assert checkpoint.workdir_problem(tmp_path / 'run') == (
+      f"--workdir={tmp_path / 'run'} cannot be read (FailedPreconditionError: Error executing "
+      "an HTTP request: libcurl code 6 meaning 'Could not resolve hostname' when reading "
+      'metadata of gs://bucket/run/checkpoints). Fix: check that this machine can reach and '
+      'write it (network, credentials, bucket permissions), or pass another --workdir.')

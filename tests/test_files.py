@@ -232,3 +232,30 @@ def test_every_cache_follows_bert_sym_cache_then_xdg_cache_home(tmp_path, monkey
 
 def test_the_test_session_keeps_its_caches_out_of_the_users_home():
   assert not os.environ['BERT_SYM_CACHE'].startswith(os.path.expanduser('~/.cache'))
+
+
+def test_a_bucket_this_machine_cannot_write_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+  """TensorFlow's gfile (etils.epath's gs:// backend once TF is imported: the trainer's
+  --workdir, aot's --out) raises tf.errors.OpError, not OSError: a bucket the TPU VM's
+  service account cannot write was a traceback at start-up."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  denied = tf.errors.PermissionDeniedError(
+      None, None, 'Error executing an HTTP request: HTTP response code 403\n when initiating '
+      'an upload to gs://bucket/run/.write-probe')
+  monkeypatch.setattr(type(epath.Path(tmp_path)), 'mkdir', lambda *a, **k: _raise(denied))
+  with pytest.raises(ValueError) as raised:
+    files.check_writable(tmp_path / 'run', '--workdir=gs://bucket/run')
+  assert str(raised.value) == (
+      'Cannot write to --workdir=gs://bucket/run: PermissionDeniedError: Error executing an '
+      'HTTP request: HTTP response code 403 when initiating an upload to '
+      'gs://bucket/run/.write-probe. Fix: check that this machine can reach and write it '
+      '(network, credentials, bucket permissions), or pass another directory.')
+  monkeypatch.setattr(type(epath.Path(tmp_path)), 'mkdir',
+                      lambda *a, **k: _raise(KeyError('a bug')))
+  with pytest.raises(KeyError):   # anything else is still a bug, raised as it is
+    files.check_writable(tmp_path / 'run', '--workdir=gs://bucket/run')
+
+
+def _raise(error):
+  raise error

@@ -258,7 +258,16 @@ def workdir_problem(path) -> str | None:
     local = f' (--workdir={str(path)[7:]})' if scheme == 'file://' else ''
     return (f'--workdir={path}: {scheme} is not a storage the trainer writes to. Fix: a local '
             f'directory{local}, or one of {", ".join(WORKDIR_URL_SCHEMES)}.')
-  return workdir_misplaced(path) or workdir_blocked(path)
+  try:
+    return workdir_misplaced(path) or workdir_blocked(path)
+  except Exception as e:  # pylint: disable=broad-except
+    if not files.is_storage_client_error(e):
+      raise
+    # Was a traceback from TensorFlow's gfile: a bucket unreachable from this machine, or
+    # one its credentials cannot read (the usual first mistake on a TPU VM).
+    return (f'--workdir={path} cannot be read ({type(e).__name__}: '
+            f'{" ".join(str(e).split())[:300]}). Fix: check that this machine can reach and '
+            'write it (network, credentials, bucket permissions), or pass another --workdir.')
 
 
 def workdir_misplaced(path) -> str | None:
