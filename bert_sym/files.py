@@ -143,15 +143,17 @@ def _fsync_directory(directory: str) -> None:
 
 # Object-store clients whose failures are not OSErrors: TensorFlow's gfile, etils.epath's
 # gs:// backend once TF is imported (tf.errors.OpError: no network, no credentials, no
-# such bucket, permission denied), gcsfs (HttpError) and google-auth under it.
-_STORAGE_CLIENTS = {'tensorflow', 'gcsfs', 'google', 'aiohttp'}
+# such bucket, permission denied), gcsfs (HttpError; 401 without credentials, 5xx once its
+# own retries are spent) with google-auth and aiohttp under it, s3fs and adlfs with theirs.
+STORAGE_CLIENTS = {'tensorflow', 'gcsfs', 'google', 'aiohttp', 'requests', 'fsspec', 's3fs',
+                   'botocore', 'aiobotocore', 'adlfs', 'azure'}
 
 
 def is_storage_client_error(e: BaseException) -> bool:
   """An object store's failure as its client raised it, not an OSError (those are worded
   by the command line already): a bucket this machine cannot reach or write, not a bug."""
   return (isinstance(e, Exception) and not isinstance(e, OSError)
-          and type(e).__module__.split('.')[0] in _STORAGE_CLIENTS)
+          and type(e).__module__.split('.')[0] in STORAGE_CLIENTS)
 
 
 def check_writable(directory, what: str) -> epath.Path:

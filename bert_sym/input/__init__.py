@@ -14,6 +14,7 @@ import functools
 import os
 import sys
 
+from bert_sym import files
 from bert_sym.cli import UserError, raised_in, user_error_message
 
 MAX_SEQ_LEN = 512  # BERT's; masking packs a position into its sort key below 1024
@@ -21,13 +22,6 @@ MAX_SEQ_LEN = 512  # BERT's; masking packs a position into its sort key below 10
 
 class DataError(UserError, ValueError):
   """Bad input data or configuration; the message names the file and the problem."""
-
-
-# Where the exceptions of object stores come from: gcsfs raises its HttpError (401 without
-# credentials, 5xx once its own retries are spent), aiohttp's and google-auth's errors and a
-# plain OSError('Forbidden'); s3fs and adlfs their clients'. Only OSError is a builtin.
-_STORAGE_LIBRARIES = {'gcsfs', 's3fs', 'adlfs', 'fsspec', 'aiohttp', 'google', 'requests',
-                      'botocore', 'aiobotocore', 'azure'}
 
 
 # What a disk, a network file system or an object store says when it fails a read. Not
@@ -42,11 +36,11 @@ def is_storage_error(e: BaseException) -> bool:
   """The storage's failure, not a bug: an error of a storage client, an OSError that names
   no errno (gcsfs's OSError('Forbidden'), a timeout) or a storage one, or a ValueError a
   storage client raised (gcsfs: a bad request, a requester-pays bucket)."""
-  if isinstance(e, OSError):
+  if isinstance(e, OSError):   # (gcsfs raises a plain OSError('Forbidden') too)
     return e.errno is None or e.errno in _STORAGE_ERRNOS
   if isinstance(e, ValueError):
-    return any(raised_in(e, f'{os.sep}{library}{os.sep}') for library in _STORAGE_LIBRARIES)
-  return type(e).__module__.split('.')[0] in _STORAGE_LIBRARIES
+    return any(raised_in(e, f'{os.sep}{client}{os.sep}') for client in files.STORAGE_CLIENTS)
+  return files.is_storage_client_error(e)
 
 
 @contextlib.contextmanager
