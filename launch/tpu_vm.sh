@@ -195,8 +195,12 @@ trap 'rm -rf "$ARCHIVE_DIR"' EXIT
 
 # 1. The slice. A preempted spot slice keeps its name (describe succeeds) but has no
 #    running VMs: only a READY slice can be reused.
-slice_state() {
-  "${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" --format='value(state)' 2>/dev/null || true
+slice_state() {   # "STATE ACCELERATOR_TYPE"; empty when there is no such slice
+  "${GCLOUD[@]}" describe "$NAME" "${COMMON[@]}" --format='value(state,acceleratorType)' \
+    2>/dev/null || true
+}
+v5e_spelled_once() {   # the API's v5litepod-N (or v5lite-N) as v5e-N, which the preflight took
+  printf '%s' "$1" | tr '[:upper:]' '[:lower:]' | sed -e 's/^v5litepod-/v5e-/' -e 's/^v5lite-/v5e-/'
 }
 create_slice() {
   # The Cloud TPU API names v5e slices v5litepod-N; bert_sym.aot takes both spellings.
@@ -205,11 +209,19 @@ create_slice() {
     --version "$RUNTIME_VERSION" ${SPOT_FLAG[@]+"${SPOT_FLAG[@]}"}
 }
 use_slice() {
-  local state
-  state=$(slice_state)
+  local state type
+  read -r state type <<< "$(slice_state)"
   for _ in $(seq 180); do
     case "$state" in
       READY)
+        # The preflight compiled for $ACCELERATOR: a slice of another size left under this
+        # name would run a config nobody checked (or fail its mesh after the install).
+        if [[ -n $type && $(v5e_spelled_once "$type") != $(v5e_spelled_once "$ACCELERATOR") ]]; then
+          echo "TPU VM $NAME exists as a $type slice, not the $ACCELERATOR this launch was" \
+            "checked for. Fix: pass another NAME, or delete it (gcloud compute tpus tpu-vm" \
+            "delete $NAME --zone $ZONE) and rerun." >&2
+          exit 1
+        fi
         echo "Reusing TPU VM $NAME"; return ;;
       "")   # none (also once a DELETING one is gone)
         create_slice; return ;;
@@ -226,7 +238,7 @@ use_slice() {
     # to settle (up to 30 minutes).
     echo "TPU VM $NAME is $state; waiting"
     sleep 10
-    state=$(slice_state)
+    read -r state type <<< "$(slice_state)"
   done
   echo "TPU VM $NAME is still $state after 30 minutes; fix or delete it" \
     "(gcloud compute tpus tpu-vm delete $NAME --zone $ZONE) and rerun." >&2

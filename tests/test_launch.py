@@ -404,6 +404,9 @@ def test_tpu_vm_launcher_runs_under_macos_bash_3():
     # Waited for until it was gone, then created (it waited 30 minutes, then failed).
     ('DELETING,DELETING,', 0, ['describe'] * 3 + ['create'], 'is DELETING; waiting'),
     ('CREATING,READY', 0, ['describe'] * 2, 'Reusing TPU VM'),
+    ('READY\tv5litepod-16', 0, ['describe'], 'Reusing TPU VM'),   # the API's v5e-16
+    # A slice of another size under the name: the preflight checked v5e-16, not it.
+    ('READY\tv5litepod-8', 1, ['describe'], 'exists as a v5litepod-8 slice, not the v5e-16'),
     # A state the slice does not leave by itself: at once, with the command that does.
     ('STOPPED', 1, ['describe'], 'gcloud compute tpus tpu-vm start bert-sym'),
 ])
