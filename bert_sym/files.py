@@ -51,7 +51,7 @@ def cache_dir(configured: str) -> str:
   default, so that a config.json compares equal, and reruns (configs/from_json.py), on
   any machine and under any $BERT_SYM_CACHE."""
   if configured.startswith(DEFAULT_CACHE_ROOT + '/'):
-    return user_cache_dir(configured[len(DEFAULT_CACHE_ROOT) + 1:])
+    return user_cache_dir(configured[len(DEFAULT_CACHE_ROOT) + 1:].lstrip('/'))
   return os.path.expanduser(configured)
 
 
@@ -153,7 +153,15 @@ def is_storage_client_error(e: BaseException) -> bool:
   """An object store's failure as its client raised it, not an OSError (those are worded
   by the command line already): a bucket this machine cannot reach or write, not a bug."""
   return (isinstance(e, Exception) and not isinstance(e, OSError)
-          and type(e).__module__.split('.')[0] in STORAGE_CLIENTS)
+          and type(e).__module__.split('.')[0] in STORAGE_CLIENTS
+          and not is_unsupported_scheme(e))
+
+
+def is_unsupported_scheme(e: BaseException) -> bool:
+  """TensorFlow's gfile, which etils.epath (orbax's paths) uses for URLs once TensorFlow is
+  installed, has no file system for the scheme (s3://, az://): no network would help."""
+  return (type(e).__name__ == 'UnimplementedError'
+          and type(e).__module__.split('.')[0] == 'tensorflow')
 
 
 def check_writable(directory, what: str) -> epath.Path:
@@ -167,6 +175,10 @@ def check_writable(directory, what: str) -> epath.Path:
     probe.write_text('')
     probe.unlink()
   except Exception as e:  # pylint: disable=broad-except
+    if is_unsupported_scheme(e):
+      raise ValueError(f'Cannot write to {what}: {" ".join(str(e).split())[:300]} (TensorFlow\'s '
+                       'file system, which orbax\'s paths use once TensorFlow is installed). '
+                       'Fix: a local directory or gs://bucket/path.') from e
     if is_storage_client_error(e):   # was a traceback: a gs:// workdir is where this happens
       raise ValueError(f'Cannot write to {what}: {type(e).__name__}: '
                        f'{" ".join(str(e).split())[:300]}. Fix: check that this machine can '

@@ -217,8 +217,8 @@ use_slice() {
         # The preflight compiled for $ACCELERATOR: a slice of another size left under this
         # name would run a config nobody checked (or fail its mesh after the install).
         if [[ -n $type && $(v5e_spelled_once "$type") != $(v5e_spelled_once "$ACCELERATOR") ]]; then
-          echo "TPU VM $NAME exists as a $type slice, not the $ACCELERATOR this launch was" \
-            "checked for. Fix: pass another NAME, or delete it (gcloud compute tpus tpu-vm" \
+          echo "TPU VM $NAME exists as a $type slice, not the $ACCELERATOR this launch asked" \
+            "for. Fix: pass another NAME, or delete it (gcloud compute tpus tpu-vm" \
             "delete $NAME --zone $ZONE) and rerun." >&2
           exit 1
         fi

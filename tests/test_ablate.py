@@ -855,8 +855,11 @@ def test_glue_inputs_are_checked_before_the_grid_trains(tmp_path):
       runner.run('configs/tiny.py', 'standard', '1', str(grid),
                  **{'glue_tasks': 'rte', **kwargs})
     assert not list(tmp_path.iterdir())
-  # GLUE's own config may name its data: the runner leaves that to bert_sym.glue.
-  runner.check_glue_inputs('', 'rte', '1', [f'--config.glue_dir={glue_dir}'], data=True)
+  # GLUE's own config may name its data: the runner leaves that to bert_sym.glue (a
+  # directory that does not exist here would fail the check, were it made).
+  for args in ([f'--config.glue_dir={tmp_path / "nowhere"}'], ['--config', 'my_glue.py'],
+               [f'--glue_dir={tmp_path / "nowhere"}']):
+    runner.check_glue_inputs(str(tmp_path / 'nowhere'), 'rte', '1', args, data=True)
 
 
 def test_a_scored_grid_needs_no_glue_data_to_summarize_again(tmp_path, capsys):

@@ -226,6 +226,7 @@ def test_every_cache_follows_bert_sym_cache_then_xdg_cache_home(tmp_path, monkey
     assert caches() == (str(root / 'jax'), str(root / 'glue_tokens'), str(root))
     # Any other directory is the user's choice, as given.
     assert files.cache_dir('~/elsewhere/jax') == os.path.expanduser('~/elsewhere/jax')
+    assert files.cache_dir('~/.cache/bert_sym//jax') == str(root / 'jax')   # not /jax
   finally:
     tokenizer.default_vocab_file.cache_clear()
 
@@ -255,6 +256,16 @@ def test_a_bucket_this_machine_cannot_write_is_one_line_not_a_traceback(tmp_path
                       lambda *a, **k: _raise(KeyError('a bug')))
   with pytest.raises(KeyError):   # anything else is still a bug, raised as it is
     files.check_writable(tmp_path / 'run', '--workdir=gs://bucket/run')
+
+
+def test_a_url_tensorflows_file_system_lacks_is_named_as_such_not_a_network_problem():
+  """s3:// and az:// go through TensorFlow's gfile once TF is installed (etils.epath), which
+  has neither: its UnimplementedError was worded as 'check the network, credentials'."""
+  with pytest.raises(ValueError) as raised:
+    files.check_writable('s3://bucket/glue', '--output_dir=s3://bucket/glue')
+  assert str(raised.value).startswith(
+      "Cannot write to --output_dir=s3://bucket/glue: File system scheme 's3' not implemented")
+  assert str(raised.value).endswith('Fix: a local directory or gs://bucket/path.')
 
 
 def _raise(error):

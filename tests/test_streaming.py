@@ -26,7 +26,7 @@ import pytest
 
 from bert_sym import cli
 from bert_sym import shards as streaming_cli
-from bert_sym.input import DataError
+from bert_sym.input import DataError, is_storage_error
 from bert_sym.input import shard_writer as export_lib
 from bert_sym.input import iterator as data_lib
 from bert_sym.input import masking
@@ -528,6 +528,26 @@ def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeyp
   assert 'not prepared' not in str(error.value)
 
 
+def test_a_lost_connection_mid_run_is_the_storages_and_a_scheme_typo_is_not(tmp_path,
+                                                                            monkeypatch):
+  """aiohttp's connection errors are OSErrors with errnos of their own (a DNS failure: -2,
+  -3), which gcsfs passes on once its retries are spent: the storage's, in one line. A
+  ValueError counts only when an object store's client raised it: fsspec's 'Protocol not
+  known' (a typo in the URL) is not the storage refusing a read."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import fsspec  # pylint: disable=g-import-not-at-top
+  url = f'memory://lost_connection_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  iterator = _iterator(_config(url))
+  monkeypatch.setattr(type(fsspec.filesystem('memory')), 'cat_file', lambda *a, **k: (
+      _ for _ in ()).throw(socket.gaierror(-2, 'Name or service not known')))
+  with pytest.raises(DataError, match=r'/train cannot be read \(gaierror: \[Errno -2\] Name '):
+    next(iterator)
+  with pytest.raises(ValueError) as typo:
+    fsspec.filesystem('gcs2')
+  assert not is_storage_error(typo.value)
+
+
 def test_a_bad_request_refused_by_gcsfs_is_not_called_a_missing_corpus(tmp_path, monkeypatch):
   """gcsfs raises ValueError for a 400 (a requester-pays bucket, an invalid request):
   read as 'not what an export writes', it sent the user to export a corpus that is there."""
@@ -654,7 +674,7 @@ def test_streaming_path_runs_without_tensorflow(small_corpus):
 
 _OPEN_FILES_SCRIPT = """
 import gc, os, resource, sys
-from bert_sym.input import DataError
+from bert_sym.input import DataError, is_storage_error
 from tests.test_streaming import _config, _iterator
 url, soft, hard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

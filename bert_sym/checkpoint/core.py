@@ -248,7 +248,10 @@ def checkpoints_root(path) -> epath.Path:
   return checkpoint_dir(path)
 
 
-WORKDIR_URL_SCHEMES = ('gs://', 's3://', 'az://')   # etils.epath's writable ones
+# etils.epath's writable schemes that work here: once TensorFlow is installed (always, with
+# requirements.txt) epath and so orbax go through TensorFlow's gfile, which has no s3:// or
+# az:// (an UnimplementedError at the first check, worded as no network).
+WORKDIR_URL_SCHEMES = ('gs://',)
 
 
 def workdir_problem(path) -> str | None:

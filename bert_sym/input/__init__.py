@@ -13,9 +13,10 @@ import errno
 import functools
 import os
 import sys
+import traceback
 
 from bert_sym import files
-from bert_sym.cli import UserError, raised_in, user_error_message
+from bert_sym.cli import UserError, user_error_message
 
 MAX_SEQ_LEN = 512  # BERT's; masking packs a position into its sort key below 1024
 
@@ -24,23 +25,32 @@ class DataError(UserError, ValueError):
   """Bad input data or configuration; the message names the file and the problem."""
 
 
-# What a disk, a network file system or an object store says when it fails a read. Not
-# EBADF, EINVAL, EFAULT...: those are a bug of the reader.
-_STORAGE_ERRNOS = {getattr(errno, name) for name in (
-    'EIO', 'ETIMEDOUT', 'ECONNRESET', 'ECONNREFUSED', 'ECONNABORTED', 'EHOSTUNREACH',
-    'ENETUNREACH', 'ENETDOWN', 'ENETRESET', 'ESTALE', 'EREMOTEIO', 'EAGAIN')
-                   if hasattr(errno, name)}   # (macOS has no EREMOTEIO)
+# What only a bug of the reader makes a read return (a closed descriptor, a bad offset or
+# buffer); every other OSError is the storage's: a disk, a network file system, an object
+# store and its client's connection (aiohttp's are OSErrors, a DNS failure errno -2 or -3).
+_READER_BUG_ERRNOS = {errno.EBADF, errno.EINVAL, errno.EFAULT}
+# The object stores' clients that raise a ValueError for a request the store refused
+# (gcsfs: a 400 'Bad Request', a requester-pays bucket).
+_VALUE_ERROR_CLIENTS = ('gcsfs', 's3fs', 'adlfs')
 
 
 def is_storage_error(e: BaseException) -> bool:
-  """The storage's failure, not a bug: an error of a storage client, an OSError that names
-  no errno (gcsfs's OSError('Forbidden'), a timeout) or a storage one, or a ValueError a
-  storage client raised (gcsfs: a bad request, a requester-pays bucket)."""
+  """The storage's failure, not a bug: an OSError but the reader's own, an error of a
+  storage client, or a ValueError an object store's client raised itself."""
   if isinstance(e, OSError):   # (gcsfs raises a plain OSError('Forbidden') too)
-    return e.errno is None or e.errno in _STORAGE_ERRNOS
+    return e.errno not in _READER_BUG_ERRNOS
   if isinstance(e, ValueError):
-    return any(raised_in(e, f'{os.sep}{client}{os.sep}') for client in files.STORAGE_CLIENTS)
+    return _raised_by_a_client(e)
   return files.is_storage_client_error(e)
+
+
+def _raised_by_a_client(e: BaseException) -> bool:
+  """Whether the innermost frame of `e` is in an installed object-store client's package
+  (not a path that merely names one, not fsspec's 'Protocol not known' for a typo)."""
+  frames = traceback.extract_tb(e.__traceback__)
+  packages = [os.path.dirname(sys.modules[client].__file__) + os.sep   # (imported: it raised)
+              for client in _VALUE_ERROR_CLIENTS if client in sys.modules]
+  return bool(frames) and any(frames[-1].filename.startswith(p) for p in packages)
 
 
 @contextlib.contextmanager

@@ -102,7 +102,8 @@ class MLMIterator:
     """The batch at `step` (no state change)."""
     first = (step * self._process_count + self._process_index) * self._batch_size
     example_index = first + np.arange(self._batch_size, dtype=np.int64)
-    with storage_errors(self._blocks.description, _MID_RUN_FIX, mid_run=True):   # not a bug
+    # A storage outage or a file gone since start-up: the user's to fix, in one line.
+    with storage_errors(self._blocks.description, _MID_RUN_FIX, mid_run=True):
       blocks = self._blocks.take(self._rows(example_index))
     return masking.mask_blocks(blocks, example_index, self._seed, self._spec)
 

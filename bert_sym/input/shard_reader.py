@@ -142,7 +142,7 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
     prepare = (prepare_instructions(data_config) if data_config is not None
                else 'Fix: export it (python -m bert_sym.shards export).')
     if isinstance(e, FileNotFoundError) or (isinstance(e, ValueError) and not is_storage_error(e)):
-      why = 'the corpus is not prepared there, or the export did not finish. '   # or not ours
+      why = 'the corpus is not prepared there, or the export did not finish. '   # (or a hand edit)
     else:   # a timeout, a refused or failed read: the corpus may well be there
       why = ('the storage did not answer or refused the read (network, credentials, '
              'permissions): check that this machine can read it. If it was never '
