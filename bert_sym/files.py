@@ -149,6 +149,11 @@ STORAGE_CLIENTS = {'tensorflow', 'gcsfs', 'google', 'aiohttp', 'requests', 'fssp
                    'botocore', 'aiobotocore', 'adlfs', 'azure'}
 
 
+# The fix for a bucket this machine cannot reach or write (a workdir, an output directory).
+UNREACHABLE_FIX = ('check that this machine can reach and write it (network, credentials, '
+                   'bucket permissions)')
+
+
 def is_storage_client_error(e: BaseException) -> bool:
   """An object store's failure as its client raised it, not an OSError (those are worded
   by the command line already): a bucket this machine cannot reach or write, not a bug."""
@@ -181,9 +186,8 @@ def check_writable(directory, what: str) -> epath.Path:
                        'Fix: a local directory or gs://bucket/path.') from e
     if is_storage_client_error(e):   # was a traceback: a gs:// workdir is where this happens
       raise ValueError(f'Cannot write to {what}: {type(e).__name__}: '
-                       f'{" ".join(str(e).split())[:300]}. Fix: check that this machine can '
-                       'reach and write it (network, credentials, bucket permissions), or '
-                       'pass another directory.') from e
+                       f'{" ".join(str(e).split())[:300]}. Fix: {UNREACHABLE_FIX}, or pass '
+                       'another directory.') from e
     if not isinstance(e, OSError):
       raise
     blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)

@@ -268,9 +268,8 @@ def workdir_problem(path) -> str | None:
       raise
     # Was a traceback from TensorFlow's gfile: a bucket unreachable from this machine, or
     # one its credentials cannot read (the usual first mistake on a TPU VM).
-    return (f'--workdir={path} cannot be read ({type(e).__name__}: '
-            f'{" ".join(str(e).split())[:300]}). Fix: check that this machine can reach and '
-            'write it (network, credentials, bucket permissions), or pass another --workdir.')
+    return (f'--workdir={path} cannot be read ({describe_error(e)}). Fix: '
+            f'{files.UNREACHABLE_FIX}, or pass another --workdir.')
 
 
 def workdir_misplaced(path) -> str | None:

@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from bert_sym import files
-from bert_sym.cli import UserError, user_error_message
+from bert_sym.cli import UserError, one_line, user_error_message
 
 MAX_SEQ_LEN = 512  # BERT's; masking packs a position into its sort key below 1024
 
@@ -72,9 +72,8 @@ def storage_errors(url: str, fix: str, *, mid_run: bool = False):
     if user_error_message(e) is not None or not is_storage_error(e):
       raise
     retried = " after its client's own retries" if '://' in url else ''
-    raise DataError(f'{url} cannot be read ({type(e).__name__}: '
-                    f'{" ".join(str(e).split())[:300]}); the storage refused or failed the '
-                    f'read{retried}. Fix: {fix}') from e
+    raise DataError(f'{url} cannot be read ({type(e).__name__}: {one_line(e)[:300]}); the '
+                    f'storage refused or failed the read{retried}. Fix: {fix}') from e
 
 
 def check_complete_reads(chunks, starts, ends, path_of) -> None:

@@ -25,7 +25,6 @@ import struct
 import numpy as np
 
 from bert_sym import files
-from bert_sym.files import write_atomically
 from bert_sym.input import DataError, import_tensorflow, tensorflow_import_scope
 
 BERT_BASE_UNCASED_MD5 = '64800d5d8528ce344256daf115d4965e'
@@ -93,7 +92,7 @@ def default_vocab_file() -> str:
         f'{i2w}: rebuilt vocab has {len(tokens)} entries and md5 {md5}, expected '
         f'{BERT_BASE_UNCASED_SIZE} and {BERT_BASE_UNCASED_MD5}; install blingfire==0.1.8 '
         'or pass an explicit vocab_path.')
-  write_atomically(path, lambda f: f.write(data))
+  files.write_atomically(path, lambda f: f.write(data))
   return str(path)
 
 
@@ -302,7 +301,7 @@ def _write_cached_ids(path: str, ids: list[np.ndarray]) -> None:
   np.savez(buffer, flat=np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32),
            splits=np.concatenate([[0], np.cumsum(lengths)]))
   try:
-    write_atomically(path, buffer.getvalue())
+    files.write_atomically(path, buffer.getvalue())
   except OSError as e:
     logging.warning('Cannot write the tokens cache %s (%s); the next run tokenises again. '
                     "Fix: --config.tokens_cache_dir=<a writable directory>, or '' for none.",
