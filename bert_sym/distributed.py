@@ -169,6 +169,13 @@ def initialize(cli: types.SimpleNamespace) -> None:
     except ValueError as e:   # no address given or detected
       raise app.UsageError(f'jax.distributed.initialize: {e} Fix: pass '
                            '--coordinator_address=host:port (where process 0 serves).') from None
+    if jax.process_count() != count:
+      # The coordinator's count is the run's (this process joined it as one of those); a
+      # different one here was said in the waiting line above, so it is corrected aloud.
+      print(f'Process {index}: the run has {jax.process_count()} processes (process 0\'s '
+            f'--num_processes), not the --num_processes={count} given here; this process '
+            f'trains as {index} of {jax.process_count()}. Fix: pass the same '
+            '--num_processes on every host.', flush=True)
   else:
     # TPU pod / SLURM / MPI: coordinator and process ids discovered from the env.
     print(f'Multi-process run ({trigger}): waiting for every process '

@@ -933,6 +933,27 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
     distributed.initialize(_start_up_flags(distributed=True))
 
 
+def test_a_process_count_other_than_the_coordinators_is_corrected_aloud(monkeypatch, capsys):
+  """A process given --num_processes=3 joins process 0's run of 2 (checked with two real
+  processes: jax.process_count() is 2 in both), yet said 'Process 1 of 3' and nothing else."""
+  for name in [k for k in os.environ
+               if k.startswith(('SLURM_', 'OMPI_', 'TPU_WORKER', 'JAX_COORDINATOR'))]:
+    monkeypatch.delenv(name)
+  jax.devices()
+  monkeypatch.setattr(jax.config, 'update', lambda *setting: None)
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *args, **kwargs: None)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)   # what the coordinator's run has
+  distributed.initialize(_start_up_flags(coordinator_address='host0:1234', num_processes=3,
+                                         process_id=1))
+  out = capsys.readouterr().out
+  assert ('Process 1: the run has 2 processes (process 0\'s --num_processes), not the '
+          '--num_processes=3 given here' in out), out
+  assert 'Fix: pass the same --num_processes on every host.' in out
+  distributed.initialize(_start_up_flags(coordinator_address='host0:1234', num_processes=2,
+                                         process_id=1))
+  assert 'the run has' not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--coordinator_address=localhost:1', '--process_id=2', '--num_processes=2'],
      'process ids run from 0 to 1'),
