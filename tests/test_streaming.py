@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import ml_collections
@@ -526,6 +527,26 @@ def test_a_failed_metadata_read_is_not_called_a_missing_corpus(tmp_path, monkeyp
   assert 'metadata.json cannot be read (PermissionError' in str(error.value)
   assert 'the storage did not answer or refused the read' in str(error.value)
   assert 'not prepared' not in str(error.value)
+
+
+def test_a_metadata_read_past_the_timeout_names_a_retrying_client_too(tmp_path, monkeypatch):
+  """gcsfs retries a 503 for about 30 s, past the start-up's few seconds: the timeout said
+  only 'unreachable, or no credentials' for a bucket that was reachable and readable."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  url = f'memory://slow_metadata_{tmp_path.name}'
+  write_corpus(url, 100, 64, splits=('train',), num_parts=1)
+  released = threading.Event()
+  monkeypatch.setattr(type(fsspec.filesystem('memory')), 'cat_file',
+                      lambda *a, **k: released.wait(10))
+  monkeypatch.setattr(shard_reader, 'METADATA_TIMEOUT_S', 1.0)
+  try:
+    with pytest.raises(DataError) as error:
+      shard_reader.StreamingBlocks(url, 'train')
+  finally:
+    released.set()
+  assert ('metadata.json cannot be read (TimeoutError: no answer within 1 s (unreachable, no '
+          'credentials, or retrying))' in str(error.value)), error.value
+  assert 'the storage did not answer or refused the read' in str(error.value)
 
 
 def test_a_lost_connection_mid_run_is_the_storages_and_a_scheme_typo_is_not(tmp_path,

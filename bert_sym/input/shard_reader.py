@@ -116,7 +116,7 @@ def _with_timeout(fn, seconds: float):
     return future.result(seconds)
   except concurrent.futures.TimeoutError:
     raise TimeoutError(
-        f'no answer within {seconds:.0f} s (unreachable, or no credentials)') from None
+        f'no answer within {seconds:.0f} s (unreachable, no credentials, or retrying)') from None
 
 
 def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, Any]:
