@@ -5,8 +5,10 @@ by hand passes --coordinator_address/--num_processes/--process_id. On CPU (tests
 debugging) collectives go through gloo.
 """
 
+import errno
 import os
 import re
+import socket
 import types
 
 from absl import app
@@ -124,6 +126,34 @@ _IF_ONE_NEVER_CONNECTS = ('A process that never connects stops the others after 
                           '(DEADLINE_EXCEEDED): its own output says why.')
 
 
+def _check_coordinator_port_free(address: str) -> None:
+  """Process 0 serves the coordinator on the address's port, on every interface.
+
+  gRPC binds it with SO_REUSEPORT, so a second process 0 on this host (a command copied
+  without changing --process_id, or a run that did not stop) binds it too, and both wait
+  out the 5-minute timeout, then abort in C++ naming no cause. A plain bind sees the
+  listener."""
+  port = address.rpartition(':')[2]
+  if not port.isdigit():
+    return   # JAX's own parsing reports it
+  try:
+    probe = socket.socket(socket.AF_INET6)   # dual-stack: sees IPv4 listeners too
+  except OSError:   # IPv6 off in this kernel
+    probe = socket.socket(socket.AF_INET)
+  try:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # (TIME_WAIT is no owner)
+    probe.bind(('', int(port)))
+  except OSError as e:
+    if e.errno == errno.EADDRINUSE:
+      raise app.UsageError(
+          f'--process_id=0 serves the coordinator at {address}, but port {port} of this '
+          'host is already in use: by another process 0 (of this run or an earlier one '
+          'still running) or by another program. Fix: give each process its own '
+          '--process_id, stop the other, or pick a free port.') from None
+  finally:
+    probe.close()
+
+
 def initialize(cli: types.SimpleNamespace) -> None:
   """jax.distributed.initialize() when several processes share one run."""
   address = cli.coordinator_address.value
@@ -160,6 +190,8 @@ def initialize(cli: types.SimpleNamespace) -> None:
     # Said before the call, which blocks until every process has connected (up to JAX's
     # 5 min), and whose own errors then blame another process.
     where = address or os.environ.get('JAX_COORDINATOR_ADDRESS') or 'the detected coordinator'
+    if index == 0 and where != 'the detected coordinator':
+      _check_coordinator_port_free(where)
     print(f'Process {index} of {count}: waiting for all processes at '
           f'{where} (process 0 serves it there). {_IF_ONE_NEVER_CONNECTS}', flush=True)
     try:

@@ -954,6 +954,39 @@ def test_a_process_count_other_than_the_coordinators_is_corrected_aloud(monkeypa
   assert 'the run has' not in capsys.readouterr().out
 
 
+def test_a_second_process_0_on_the_coordinators_port_is_refused_before_waiting(monkeypatch):
+  """Two trainers both given --process_id=0 on one host (gRPC binds the port with
+  SO_REUSEPORT, so both did) waited out JAX's timeout, then both aborted in C++
+  (DEADLINE_EXCEEDED, a page of stack naming no cause)."""
+  for name in [k for k in os.environ
+               if k.startswith(('SLURM_', 'OMPI_', 'TPU_WORKER', 'JAX_COORDINATOR'))]:
+    monkeypatch.delenv(name)
+  jax.devices()
+  monkeypatch.setattr(jax.config, 'update', lambda *setting: None)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append(a))
+  coordinator = socket.socket(socket.AF_INET6)   # as gRPC listens: [::]:port
+  coordinator.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  coordinator.bind(('', 0))
+  coordinator.listen()
+  address = f'localhost:{coordinator.getsockname()[1]}'
+  try:
+    with pytest.raises(app.UsageError, match=f'serves the coordinator at {address}, but port '
+                       r'\d+ of this host is already in use.*Fix: give each process its own '
+                       '--process_id'):
+      distributed.initialize(_start_up_flags(coordinator_address=address, num_processes=2,
+                                             process_id=0))
+    assert not calls
+    # Process 1 only connects there: the port in use is what it expects.
+    distributed.initialize(_start_up_flags(coordinator_address=address, num_processes=2,
+                                           process_id=1))
+  finally:
+    coordinator.close()
+  distributed.initialize(_start_up_flags(coordinator_address=address, num_processes=2,
+                                         process_id=0))   # free again
+  assert calls == [(address,), (address,)]
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--coordinator_address=localhost:1', '--process_id=2', '--num_processes=2'],
      'process ids run from 0 to 1'),
