@@ -115,6 +115,12 @@ def test_out_dir_is_new_empty_or_an_earlier_export_which_is_replaced_whole(tmp_p
   export.save_hf_pretrained(params, cfg, str(out))
   assert sorted(p.name for p in out.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json', 'tokenizer_config.json']
+  # A finished export's model and tokenizer files are replaced, a file of the user's is
+  # not deleted (the README says which).
+  (out / 'README.md').write_text('my model card')
+  export.check_out_dir(str(out))
+  export.save_hf_pretrained(params, cfg, str(out))
+  assert (out / 'README.md').read_text() == 'my model card'
 
 
 def test_the_exported_pad_token_is_the_vocabularys(tmp_path):
