@@ -4,7 +4,7 @@
 # Then, on the demo's checkpoint:
 #   make export       a standard Hugging Face BERT in runs/tiny_demo_hf
 #   make glue-local   GLUE fine-tuning from a local GLUE copy (GLUE_DIR=...), short recipe
-#   make benchmarks   CPU benchmarks into BENCH_OUT (RECORD=1 also updates benchmarks/RESULTS.md)
+#   make benchmarks   CPU benchmarks into BENCH_OUT (RECORD=1: into the committed record instead)
 # Everything else: `source .venv/bin/activate`, then `python -m bert_sym.<train|glue|hf_export>`
 # from any directory (bert_sym is installed into the venv in editable mode).
 PYTHON ?= python3
