@@ -925,6 +925,22 @@ def test_a_rerun_with_other_validation_files_is_refused(tmp_path, text_files):
     _export(tmp_path, train)
 
 
+def test_a_rerun_after_the_files_changed_is_refused_not_reported_complete(tmp_path):
+  """A file added under the same glob: the rerun skipped the finished part and said
+  'complete' with the old blocks, the new file's text left out without a word."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for name in ('a', 'b'):
+    (corpus / f'{name}.txt').write_text(f'Some text of file {name}.\n' * 3, encoding='utf-8')
+  pattern = str(corpus / '*.txt')
+  first = _export(tmp_path / 'out', pattern)
+  assert _export(tmp_path / 'out', pattern) == first   # unchanged: the rerun skips it all
+  (corpus / 'c.txt').write_text('A file added later.\n' * 50, encoding='utf-8')
+  with pytest.raises(DataError, match=r'was exported from 2 files, .* now matches 3 files'):
+    _export(tmp_path / 'out', pattern)
+  assert _export(tmp_path / 'new', pattern)['num_tokens'] > first['num_tokens']
+
+
 @pytest.mark.parametrize('task, flag', [('bert_sym_mlm_embedded', '--text_files'),
                                         ('bert_sym_mlm_c4', '--validation_files')])
 def test_export_refuses_text_files_its_task_would_ignore(tmp_path, capsys, task, flag):

@@ -106,7 +106,8 @@ def finalize(out_dir: str, split: str, stalled_after_minutes: float = 0) -> dict
   manifests = [json.loads(read_bytes(join_url(split_url, n))) for n in names]
   first = manifests[0]
   for m in manifests:
-    for key in ('num_parts', 'max_seq_len', 'dtype', 'vocab_md5', 'task', 'split'):
+    for key in ('num_parts', 'max_seq_len', 'dtype', 'vocab_md5', 'task', 'split',
+                'source_files'):
       if m.get(key) != first.get(key):
         raise DataError(f'{split_url}: part {m["part"]} has {key}={m.get(key)!r}, part '
                         f'{first["part"]} has {first.get(key)!r}; the parts come from '
@@ -214,7 +215,8 @@ def default_num_parts(task_name: str, split: str) -> int:
         'pass --tfds_data_dir=DIR.') from None
 
 
-def _check_existing_parts(split_url: str, wanted: dict) -> None:
+def _check_existing_parts(split_url: str, wanted: dict, source_files: str = '',
+                          read_files: str = '') -> None:
   """A rerun skips the parts already there, so they must be parts of this export: another
   length, vocabulary or corpus would be mixed in (and its vocab.txt overwritten)."""
   fs, path = filesystem(split_url)
@@ -230,6 +232,13 @@ def _check_existing_parts(split_url: str, wanted: dict) -> None:
           f'{split_url} holds an export with {key}={found.get(key)!r}, not {value!r} as '
           'asked; a rerun keeps the parts already there, so the two would be mixed. Fix: '
           f'export to a new --out_dir, or remove {split_url} to export it again.')
+  # (Parts written before manifests recorded the files are not checked.)
+  if found.get('source_files', source_files) != source_files:
+    raise DataError(
+        f'{split_url} was exported from {found["source_files"]}; {read_files} now '
+        f'matches {source_files}. A rerun keeps the parts already there, so the files '
+        'added or changed since would be left out. Fix: export to a new --out_dir, or '
+        f'remove {split_url} to export it again.')
 
 
 def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: int = 0,
@@ -259,15 +268,19 @@ def export(task: str, split: str, max_seq_len: int, out_dir: str, *, num_parts: 
                                          validation_patterns=validation_files)
   vocabulary = seqio_tasks.get_vocabulary(vocab_path)
   num_parts = num_parts or default_num_parts(task, split)
+  read = validation_files if split == 'validation' and validation_files else text_files
+  source_files = sources.files_fingerprint(read) if task == sources.TEXT_FILES_TASK else ''
   _check_existing_parts(split_url, dict(
       task=task, split=split, max_seq_len=max_seq_len, num_parts=num_parts,
-      vocab_md5=vocabulary.md5, text_files=text_files, validation_files=validation_files))
+      vocab_md5=vocabulary.md5, text_files=text_files, validation_files=validation_files),
+      source_files, read)
   # A failure before this point (files, TFDS, arguments, an export there of another kind)
   # is every worker's, given the same command, and leaves nothing behind; one from here on
   # leaves the marker.
   info = dict(task=task, split=split, vocab_md5=vocabulary.md5,
               vocab_size=vocabulary.vocab_size, special_ids=vocabulary.special.as_dict(),
-              text_files=text_files, validation_files=validation_files)
+              text_files=text_files, validation_files=validation_files,
+              source_files=source_files)
   try:
     _write_parts(split_url, range(worker_index, num_parts, num_workers), num_parts,
                  vocabulary, info, max_seq_len, blocks_per_shard)

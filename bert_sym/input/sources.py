@@ -185,6 +185,16 @@ def expand_patterns(patterns: str | list[str]) -> list[str]:
   return files
 
 
+def files_fingerprint(patterns: str | list[str]) -> str:
+  """The files the globs match now, and their sizes, in a few words: an export rerun keeps
+  the parts already there, which must not hold an older state of a growing corpus."""
+  tf = import_tensorflow()
+  listed = expand_patterns(patterns)
+  sizes = [_gfile(tf.io.gfile.stat, f).length for f in listed]
+  digest = hashlib.md5(''.join(f'{f}\0{n}\n' for f, n in zip(listed, sizes)).encode())
+  return f'{len(listed)} files, {sum(sizes):,} bytes, md5 {digest.hexdigest()[:12]}'
+
+
 def _documents_of_file(path):
   tf = import_tensorflow()
   content = tf.io.read_file(path)
