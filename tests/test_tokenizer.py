@@ -173,6 +173,35 @@ def test_remote_vocab_path_goes_through_gfile(tmp_path):
   assert vocabulary.encode('Hellos bye') == [5, 6, 1]
 
 
+def test_a_cased_vocabulary_is_refused_before_anything_is_tokenised(tmp_path):
+  """A vocab.txt trained on cased text (as bert-base-cased, 'The' beside 'the') was taken
+  without a word: the tokenizer lower-cases, so its capitalised rows were never produced
+  (0% [UNK], no warning) and 'London' was lower-case pieces where Hugging Face's cased
+  tokenizer of the same file gives the token 'London'."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from bert_sym.input import blocks, seqio_tasks  # pylint: disable=import-outside-toplevel
+  uncased = vocab_lib.read_vocab(vocab_lib.default_vocab_file())
+  words = [t for t in uncased[1996:4000] if t.isalpha() and t != 'london']
+  cased = _write_vocab(tmp_path / 'cased.txt', uncased + [w.title() for w in words] +
+                       ['London', 'café'])
+  hf = transformers.BertTokenizerFast(vocab=cased, do_lower_case=False)
+  assert hf.tokenize('The London café') == ['The', 'London', 'café']
+  (tmp_path / 'text.txt').write_text('The London café.\n' * 3, encoding='utf-8')
+  config = ml_collections.ConfigDict(dict(
+      task=corpus.TEXT_FILES_TASK, text_files=str(tmp_path / 'text.txt'),
+      validation_files='', max_seq_len=32, vocab_path=cased))
+  refused = r"cased.txt: \d+ of its \d+ tokens .* hold upper-case letters or accents"
+  with pytest.raises(vocab_lib.VocabError, match=refused):
+    blocks.load_packed(config, 'train')             # the trainer
+  with pytest.raises(vocab_lib.VocabError, match=refused):
+    seqio_tasks.get_vocabulary(cased)               # the export and seqio tasks
+  vocab_lib.check_uncased(uncased, 'bert-base-uncased')   # not a false alarm
+  accented = _write_vocab(tmp_path / 'accented.txt', uncased + [w + 'é' for w in words])
+  with pytest.raises(vocab_lib.VocabError, match='accented.txt'):
+    vocab_lib.check_uncased(vocab_lib.read_vocab(accented), accented)
+
+
 # From a mutation audit: each test fails with the rule it names broken.
 
 def test_a_vocab_txt_with_windows_line_endings_reads_like_hugging_face(tmp_path):

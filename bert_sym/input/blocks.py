@@ -20,7 +20,7 @@ from absl import logging
 import numpy as np
 
 from bert_sym.input import DataError, check_max_seq_len, import_tensorflow, sources
-from bert_sym.input.tokenizer import WordPiece
+from bert_sym.input.tokenizer import WordPiece, check_uncased
 
 _DOCS_PER_TOKENIZE_CALL = 64  # TF Text is much faster on a batch of strings than on one.
 
@@ -169,6 +169,7 @@ def load_packed(data_config, split: str, documents=None) -> Blocks:
   """
   task = data_config.task
   vocabulary = WordPiece(data_config.vocab_path)
+  check_uncased(vocabulary.tokens, vocabulary.vocab_file)
   text_files = task == sources.TEXT_FILES_TASK
   cache_key = (task, split, data_config.max_seq_len, vocabulary.md5, documents,
                (data_config.text_files, data_config.get('validation_files', ''))

@@ -32,6 +32,7 @@ class BertWordPieceVocabulary(seqio.Vocabulary):
 
   def __init__(self, vocab_path: str = ''):
     self.wordpiece = tokenizer.WordPiece(vocab_path)
+    tokenizer.check_uncased(self.wordpiece.tokens, self.wordpiece.vocab_file)
     self.special = self.wordpiece.special
     self.md5 = self.wordpiece.md5
     super().__init__(extra_ids=0)

@@ -21,6 +21,7 @@ import logging
 import os
 import pathlib
 import struct
+import unicodedata
 
 import numpy as np
 
@@ -144,6 +145,27 @@ def special_ids(tokens: list[str], path: str) -> SpecialIds:
     raise VocabError(f'{path}: vocab lacks {", ".join(missing)}, which BERT MLM '
                      'pre-training needs; add them as lines of the file.')
   return SpecialIds(**{k: tokens.index(t) for k, t in _SPECIAL_TOKENS.items()})
+
+
+# Above this share of tokens that the uncased tokenizer never produces, the vocabulary was
+# built for cased (or accented) text; bert-base-uncased has none.
+UNREACHABLE_SHARE = 0.01
+
+
+def check_uncased(tokens: list[str], path: str) -> None:
+  """Refuses a vocabulary for cased text: the tokenizer lower-cases and strips accents, so
+  its 'The' or 'café' would never be produced ('London' split into lower-case pieces, a
+  fifth of a cased vocabulary's rows never trained), with too few [UNK] to notice."""
+  unreachable = [t for t in tokens if not (t.startswith('[') and t.endswith(']')) and (
+      t != t.lower() or any(unicodedata.category(c) == 'Mn'
+                            for c in unicodedata.normalize('NFD', t)))]
+  if len(unreachable) > UNREACHABLE_SHARE * len(tokens):
+    raise VocabError(
+        f'{path}: {len(unreachable)} of its {len(tokens)} tokens (e.g. '
+        f'{", ".join(map(repr, unreachable[:3]))}) hold upper-case letters or accents, '
+        'which the tokenizer never produces: it lower-cases text and strips accents, as '
+        'BERT uncased does (a cased vocab.txt?). Fix: a vocab.txt built from lower-cased '
+        "text, e.g. by tokenizers' BertWordPieceTokenizer(lowercase=True).")
 
 
 def vocab_md5(path: str) -> str:
