@@ -425,6 +425,27 @@ def test_a_directory_given_as_text_files_is_named_with_the_glob_to_use(tmp_path)
       str(corpus / 'wiki.train.tokens')]
 
 
+def test_a_compressed_text_file_is_named_as_such_not_sent_through_iconv(tmp_path):
+  """A .gz corpus was 'not valid UTF-8 text. Fix: ... iconv -f latin1', which turns the
+  compressed bytes into valid UTF-8 garbage that the next run trains on."""
+  import bz2  # pylint: disable=import-outside-toplevel
+  import gzip  # pylint: disable=import-outside-toplevel
+  import lzma  # pylint: disable=import-outside-toplevel
+  text = 'A line of text.\nAnother line.\n'.encode('utf-8')
+  (tmp_path / 'wiki.txt.gz').write_bytes(gzip.compress(text))
+  (tmp_path / 'wiki.txt.bz2').write_bytes(bz2.compress(text))
+  (tmp_path / 'wiki.txt.xz').write_bytes(lzma.compress(text))
+  (tmp_path / 'latin1.txt').write_bytes('caf\xe9 au lait\n'.encode('latin-1'))
+  for name, said in (('wiki.txt.gz', 'is gzip-compressed, not text. Fix: decompress it '
+                                     '(gunzip -k FILE)'),
+                     ('wiki.txt.bz2', 'is bzip2-compressed'), ('wiki.txt.xz', 'is xz-compressed'),
+                     ('latin1.txt', 'is not valid UTF-8 text. Fix: convert it, e.g. iconv')):
+    with pytest.raises(DataError) as raised:
+      data_lib.load_blocks(_config(source='seqio', text_files=str(tmp_path / name)), 'train')
+    assert str(raised.value).startswith(f'{tmp_path / name} {said}'), str(raised.value)
+    assert ('iconv' in str(raised.value)) == (name == 'latin1.txt')
+
+
 def test_overlapping_text_file_globs_read_each_file_once(tmp_path):
   """--config.data.text_files='/data/*.txt,/data/wiki1.txt' read wiki1.txt twice: its
   documents were trained on twice, and with the held-out split (document 0 is wiki1's

@@ -195,13 +195,25 @@ def files_fingerprint(patterns: str | list[str]) -> str:
   return f'{len(listed)} files, {sum(sizes):,} bytes, md5 {digest.hexdigest()[:12]}'
 
 
+# Magic bytes of the compressed files a corpus comes in: the format and its command line.
+_COMPRESSED = {b'\x1f\x8b': ('gzip', 'gunzip'), b'BZh': ('bzip2', 'bunzip2'),
+               b'\xfd7zXZ\x00': ('xz', 'unxz'), b'\x28\xb5\x2f\xfd': ('zstd', 'unzstd')}
+
+
 def _documents_of_file(path):
   tf = import_tensorflow()
   content = tf.io.read_file(path)
   valid = tf.strings.length(
       tf.strings.unicode_transcode(content, 'UTF-8', 'UTF-8', errors='ignore')
   ) == tf.strings.length(content)
-  check = tf.debugging.Assert(valid, [path, 'is not valid UTF-8 text'])
+  # A compressed corpus is not valid UTF-8 either, but converting it as latin-1 (the fix
+  # for that) would turn it into valid text of garbage.
+  reason = tf.constant('is not valid UTF-8 text')
+  for magic, (kind, tool) in _COMPRESSED.items():
+    reason = tf.where(tf.strings.substr(content, 0, len(magic)) == magic,
+                      f'is {kind}-compressed, not text. Fix: decompress it ({tool} -k FILE) '
+                      'and name the decompressed file', reason)
+  check = tf.debugging.Assert(valid, [path, reason])
   with tf.control_dependencies([check]):
     content = tf.strings.regex_replace(content, '\r\n?', '\n')
   # A file with a blank line between two lines of text holds blank-line separated documents,
