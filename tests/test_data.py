@@ -446,6 +446,21 @@ def test_a_compressed_text_file_is_named_as_such_not_sent_through_iconv(tmp_path
     assert ('iconv' in str(raised.value)) == (name == 'latin1.txt')
 
 
+def test_a_recursive_glob_is_refused_not_read_one_level_deep(tmp_path):
+  """'/data/**/*.txt' (Python's, gsutil's recursive glob) matched one directory level in
+  tf.io.gfile.glob: of three files only the one a level down was read, without a word."""
+  import glob  # pylint: disable=import-outside-toplevel
+  for name in ('a.txt', 'sub/b.txt', 'sub/deep/c.txt'):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(f'text of {name}\n')
+  pattern = f'{tmp_path}/**/*.txt'
+  assert len(glob.glob(pattern, recursive=True)) == 3   # what the pattern means elsewhere
+  with pytest.raises(DataError, match=re.escape(f"{pattern}: '**' does not recurse here")):
+    sources.expand_patterns(f'{tmp_path}/*.txt,{pattern}')
+  assert len(sources.expand_patterns(f'{tmp_path}/*.txt,{tmp_path}/*/*.txt,'
+                                     f'{tmp_path}/*/*/*.txt')) == 3   # the fix it names
+
+
 def test_overlapping_text_file_globs_read_each_file_once(tmp_path):
   """--config.data.text_files='/data/*.txt,/data/wiki1.txt' read wiki1.txt twice: its
   documents were trained on twice, and with the held-out split (document 0 is wiki1's

@@ -166,6 +166,11 @@ def expand_patterns(patterns: str | list[str]) -> list[str]:
     raise DataError('no text file pattern given (config.data.text_files is empty)')
   files, seen = [], set()
   for pattern in patterns:
+    if '**' in pattern:   # tf.io.gfile.glob reads it as '*': one level, the rest left out
+      raise DataError(
+          f"{pattern}: '**' does not recurse here (tf.io.gfile.glob matches it as '*', one "
+          'directory level), so files at other depths would be left out. Fix: one glob '
+          "per level, comma-separated, e.g. '/data/*.txt,/data/*/*.txt'.")
     matches = sorted(_gfile(tf.io.gfile.glob, pattern))
     if not matches:
       raise DataError(f'{pattern}: no such file (the pattern matches nothing)')
