@@ -220,6 +220,20 @@ def test_a_vocab_txt_with_windows_line_endings_reads_like_hugging_face(tmp_path)
       hf.pad_token_id, hf.unk_token_id, hf.cls_token_id, hf.sep_token_id, hf.mask_token_id)
 
 
+def test_trailing_whitespace_in_a_vocab_txt_is_trimmed_as_hugging_face_does(tmp_path):
+  """'hello ' and 'world\t' (spaces an editor or a script left) were tokens of their own
+  here, so 'hello world' trained as [UNK] [UNK]; BertTokenizerFast of the same file, which
+  the Hugging Face export ships, trims them and gives the words' ids."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  from bert_sym.input import seqio_tasks  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'vocab.txt'
+  path.write_bytes(b'[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello \nworld\t\n##s  \r\n')
+  hf = transformers.BertTokenizerFast(vocab=str(path), do_lower_case=True)
+  expected = hf('hello worlds', add_special_tokens=False)['input_ids']
+  assert expected == [5, 6, 7]
+  assert seqio_tasks.get_vocabulary(str(path)).encode('hello worlds') == expected
+
+
 # ---- The tokens cache (GLUE's config.tokens_cache_dir) ----
 
 def test_the_tokens_cache_gives_the_tokenisers_ids_keyed_by_texts_and_vocabulary(

@@ -125,7 +125,9 @@ def parse_vocab(raw: bytes, path: str) -> list[str]:
   if text.startswith('\ufeff'):   # the tokenizer would read it as part of token 0
     raise VocabError(f'{path}: vocab file starts with a UTF-8 byte-order mark (saved by a '
                      "Windows editor?). Fix: remove it, e.g. sed -i '1s/^\\xEF\\xBB\\xBF//' FILE.")
-  tokens = [t.rstrip('\r') for t in text.removesuffix('\n').split('\n')]
+  # Trailing whitespace is not part of a token: Hugging Face's WordPiece reader trims it
+  # (a '\r' of Windows line endings, a space left by an editor), so 'hello ' is 'hello'.
+  tokens = [t.rstrip() for t in text.removesuffix('\n').split('\n')]
   if len(set(tokens)) < len(tokens):   # TF's lookup table would fail deep in a traceback
     first = {}
     for line, token in enumerate(tokens, 1):
