@@ -170,7 +170,10 @@ def _train_cases(tmp, corpora):
     cases += [(_shards(source, corpora / kind), DAMAGE[kind]) for kind in DAMAGE]
   cases += [   # last: these import TensorFlow
       (tiny + ['--config.data.task=bert_sym_mlm_text_files',
-               f'--config.data.text_files={tmp}/absent*.txt'], 'matches nothing'),
+               f'--config.data.text_files={tmp}/absent*.txt'],
+       'matches nothing). Fix: correct the path or glob (config.data.text_files'),
+      (tiny + [f'--config.data.vocab_path={tmp}/absent/vocab.txt'],
+       'vocab.txt\'). Fix: point vocab_path (config.data.vocab_path'),
       (tiny + ['--config.data.task=bert_sym_mlm_text_files',
                f'--config.data.text_files={not_utf8}'], 'is not valid UTF-8'),
   ]
@@ -228,7 +231,7 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           (['export', '--task=bert_sym_mlm_text_files', f'--out_dir={out}'],
            'needs --text_files'),
           (['export', '--task=bert_sym_mlm_text_files', f'--text_files={tmp_path}/no*.txt',
-            f'--out_dir={out}'], 'matches nothing'),
+            f'--out_dir={out}'], "matches nothing). Fix: correct the path or glob"),
           (['export', '--task=bert_sym_mlm_c4', f'--tfds_data_dir={tmp_path}/empty_tfds',
             '--split=train', f'--out_dir={out}'], 'tfds build c4/en'),
           (['--help'], None), (['export', '--help'], None)],

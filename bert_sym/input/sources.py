@@ -173,7 +173,9 @@ def expand_patterns(patterns: str | list[str]) -> list[str]:
           "per level, comma-separated, e.g. '/data/*.txt,/data/*/*.txt'.")
     matches = sorted(_gfile(tf.io.gfile.glob, pattern))
     if not matches:
-      raise DataError(f'{pattern}: no such file (the pattern matches nothing)')
+      raise DataError(f'{pattern}: no such file (the pattern matches nothing). Fix: correct '
+                      'the path or glob (config.data.text_files / validation_files, or the '
+                      "export's --text_files / --validation_files).")
     pattern_files = [m for m in matches if not _gfile(tf.io.gfile.isdir, m)]
     if not pattern_files:   # else the corpus would be empty, and the pattern unnamed
       what = ('is a directory' if len(matches) == 1 else

@@ -106,7 +106,9 @@ def read_vocab_bytes(path: str) -> bytes:
         return f.read()
     return pathlib.Path(path).read_bytes()
   except Exception as e:  # OSError locally; tf.errors.NotFoundError etc. via gfile.
-    raise VocabError(f'{path}: cannot read vocab file ({e})') from e
+    raise VocabError(f'{path}: cannot read vocab file ({e}). Fix: point vocab_path '
+                     '(config.data.vocab_path; for GLUE --config.vocab_path) at the '
+                     'vocab.txt, one token per line.') from e
 
 
 def read_vocab(path: str) -> list[str]:
