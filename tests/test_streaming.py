@@ -672,6 +672,18 @@ def test_describe_corpus_counts_epochs_and_warns(small_corpus, caplog):
     lines = data_lib.describe_corpus(iterator, config)
   assert '12.80 epochs' in lines[0] and len(lines) == 2 and 'WARNING' in lines[1]
   assert 'memorise' not in caplog.text   # the console line only: it was printed twice
+  # A table larger than the data's vocabulary (a small custom vocab.txt under bert-base's
+  # 30,522 rows) trained silently: an initial loss of ln(30,522) and counts that include
+  # rows no id reaches. Padding the table to a multiple of 128 is not warned about.
+  config.total_steps = 16
+  config.model.vocab_size = 30522 + 127
+  assert len(data_lib.describe_corpus(iterator, config)) == 1
+  config.model.vocab_size = 30522 + 128
+  lines = data_lib.describe_corpus(iterator, config)
+  assert len(lines) == 2 and lines[1].startswith(
+      'WARNING: config.model.vocab_size=30650, but the data vocabulary has 30,522 tokens: 128 '
+      'rows'), lines
+  assert 'Fix: --config.model.vocab_size=30522 (or padded to a multiple of 128)' in lines[1]
 
 
 def test_streaming_path_runs_without_tensorflow(small_corpus):

@@ -27,6 +27,7 @@ from bert_sym.input import START_UP_FIX, storage_errors
 from bert_sym.input import blocks as blocks_lib
 
 EPOCH_WARNING_THRESHOLD = 10
+VOCAB_PADDING = 128   # rows past the data's vocabulary that a table may be padded with
 FEISTEL_ROUNDS = 6
 SHUFFLE_KIND = 'feistel-v1'
 _FEISTEL_SALT = 0xFE157E1
@@ -197,7 +198,7 @@ def make_mlm_iterator(data_config, *, batch_size: int, split: str, seed: int,
 
 
 def vocab_size(data_config) -> int:
-  """Vocabulary size of the data (the model's vocab_size must equal it)."""
+  """Vocabulary size of the data (the model's vocab_size is at least that)."""
   if data_config.source in ('streaming', 'shards'):   # also checks the corpus is prepared
     return len(load_blocks(data_config, 'train').vocab_tokens)
   return len(tokenizer.read_vocab(data_config.vocab_path or tokenizer.default_vocab_file()))
@@ -226,4 +227,12 @@ def describe_corpus(iterator, config) -> list[str]:
                f'{EPOCH_WARNING_THRESHOLD} epochs): the model will memorise it. Use a '
                'larger corpus (see `python -m bert_sym.shards export`) or fewer steps.')
     lines.append('WARNING: ' + warning)
+  spare = config.model.vocab_size - len(blocks.vocab_tokens)
+  if spare >= VOCAB_PADDING:   # more than a padding of the table: rows no input id reaches
+    lines.append(
+        f'WARNING: config.model.vocab_size={config.model.vocab_size}, but the data '
+        f'vocabulary has {len(blocks.vocab_tokens):,} tokens: {spare:,} rows of the '
+        'embedding and the MLM softmax are never a target, yet the loss, parameter count '
+        f'and MFU include them. Fix: --config.model.vocab_size={len(blocks.vocab_tokens)} '
+        f'(or padded to a multiple of {VOCAB_PADDING}).')
   return lines
