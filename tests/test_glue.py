@@ -694,6 +694,27 @@ def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
   assert sweep.checkpoint_steps(workdir) == [3, 6]
 
 
+def test_a_step_rotated_away_during_a_sweep_is_a_gap_not_the_end(workdir, tmp_path,
+                                                                  monkeypatch, capsys):
+  """Beside a running trainer, keep_last deletes a listed step before the sweep reaches it:
+  the sweep stopped there ("checkpoints/2 does not exist. Fix: pass a training workdir"),
+  leaving the newer steps unscored. It skips that step with a warning now."""
+  source, workdir = workdir, tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  listed = sweep.checkpoint_steps
+
+  def list_then_rotate(path):
+    steps = listed(path)
+    shutil.rmtree(workdir / 'checkpoints' / '2')   # the trainer's rotation, just after
+    return steps
+  monkeypatch.setattr(sweep, 'checkpoint_steps', list_then_rotate)
+  out = tmp_path / 'sweep'
+  points = sweep.run_sweep(str(workdir), str(out), _config(tasks='mrpc', seeds='1'))['points']
+  assert [p['step'] for p in points] == [4]
+  assert 'step 2 skipped, its checkpoint was deleted' in capsys.readouterr().err
+  assert (out / 'step_00000004' / 'predictions' / 'mrpc_seed1.tsv').exists()
+
+
 def test_a_newest_step_with_a_truncated_array_file_falls_back_as_export_does(tmp_path,
                                                                             capsys):
   """Its metadata reads, one array file does not: GLUE must not stop on it (choosing the

@@ -120,6 +120,13 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
   with loop.PreemptionFlag() as preemption:
     for step in steps:
       step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
+      # A trainer still running rotates steps away (keep_last) while earlier ones are
+      # scored: a gap, as a damaged step is, not the end of the sweep.
+      if not hosts.on_process_0(step_dir.exists):
+        print(f'WARNING: GLUE sweep: step {step} skipped, its checkpoint was deleted since '
+              'the sweep listed the steps (keep_last rotation of a running trainer?)',
+              file=sys.stderr, flush=True)
+        continue
       # Each step has its own output directory, so an interrupted sweep resumes where it
       # stopped (config.resume) and a longer training run only adds its new steps.
       try:
