@@ -236,6 +236,19 @@ def test_resume_rejects_a_different_dataset(seqio_config):
     it.set_state(state)
 
 
+def test_resume_with_another_block_length_names_max_seq_len(seqio_config):
+  # Another block length packs another number of blocks: the error named num_blocks
+  # ("another corpus"), not the config key the user changed.
+  state = data_lib.make_mlm_iterator(seqio_config, batch_size=16, split='train',
+                                     seed=4).get_state()
+  config = _config(source='seqio', text_files=seqio_config.text_files, max_seq_len=L // 2,
+                   max_predictions_per_seq=12)
+  shorter = data_lib.make_mlm_iterator(config, batch_size=16, split='train', seed=4)
+  assert shorter.num_blocks != state['num_blocks']
+  with pytest.raises(DataError, match=f'has max_seq_len={L}, this run has {L // 2}'):
+    shorter.set_state(state)
+
+
 def test_resume_on_another_host_count_keeps_the_global_batch(seqio_config):
   make = lambda batch, p, n, **kw: data_lib.make_mlm_iterator(
       seqio_config, batch_size=batch, split='train', seed=5, process_index=p,

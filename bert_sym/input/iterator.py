@@ -134,9 +134,11 @@ class MLMIterator:
           f'argsort; this one reads every source in the {SHUFFLE_KIND} order, and '
           'resuming would read blocks twice or never. Fix: start a new --workdir (or '
           'finish the run with the version that wrote it).')
+    # A block length or vocabulary changed also changes the block count: said first, as
+    # the cause (config.data.max_seq_len named, not only num_blocks).
     for key, what in (('shuffle', 'another block order'), ('seed', 'another order'),
-                      ('num_blocks', 'another corpus'), ('max_seq_len', 'another corpus'),
-                      ('vocab_md5', 'another vocabulary')):
+                      ('vocab_md5', 'another vocabulary'), ('max_seq_len', 'another corpus'),
+                      ('num_blocks', 'another corpus')):
       if key in state and state[key] != mine[key]:
         raise DataError(
             f'cannot resume: the checkpointed input state has {key}={state[key]!r}, this '
