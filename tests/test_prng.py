@@ -96,6 +96,23 @@ def test_resuming_with_another_prng_impl_is_a_readable_error(tmp_path):
                              make_iterator=train_fixtures.make_synthetic_iterator)
 
 
+def test_a_config_json_edited_to_another_key_shape_does_not_block_the_resume(tmp_path):
+  """The restore's shape check tells threefry keys (2 words) from rbg ones (4 words): a
+  config.json edited by hand to say rbg over a threefry checkpoint refused the command
+  that wrote it ('trained with prng_impl=rbg'), and --config.prng_impl=rbg then failed on
+  the key shape. It resumes, and config.json says threefry again."""
+  config = train_fixtures.tiny_config(total_steps=2, eval_steps=0, checkpoint__every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path),
+                           make_iterator=train_fixtures.make_synthetic_iterator)
+  path = tmp_path / 'config.json'
+  path.write_text(path.read_text().replace('"prng_impl": "threefry"', '"prng_impl": "rbg"'))
+  config = train_fixtures.tiny_config(total_steps=4, eval_steps=0, checkpoint__every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path),
+                           make_iterator=train_fixtures.make_synthetic_iterator)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2', '4']
+  assert '"prng_impl": "threefry"' in path.read_text()
+
+
 @pytest.mark.parametrize('prng_impl', sorted(steps.PRNG_IMPLS))
 def test_every_step_and_micro_batch_gets_its_own_dropout_key(prng_impl):
   """unsafe_rbg's fold_in is an XOR: folding step then micro-batch index gave micro-batch

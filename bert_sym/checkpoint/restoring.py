@@ -348,13 +348,16 @@ def restore_latest(workdir, ckpt_config, abstract_state, *,
 
 def check_same_prng_impl(workdir, config) -> None:
   """rbg and unsafe_rbg keys have the same shape, so the shape check of the restore does
-  not tell them apart: config.json (written by the run being resumed) does."""
+  not tell them apart: config.json (written by the run being resumed) does. threefry's
+  keys have another shape: the restore passed, so the checkpoint's key is the one this
+  config builds, and a config.json naming another was edited (trusting it refused the
+  command that wrote the run, and its advice then failed on the key's shape)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
   saved = read_config(workdir).get('prng_impl', 'threefry')
   wanted = config.get('prng_impl', 'threefry')
-  if saved != wanted:
+  if saved != wanted and {saved, wanted} <= {'rbg', 'unsafe_rbg'}:
     raise IncompatibleCheckpoint(
         f'{workdir} was trained with prng_impl={saved!r} and this run asks for {wanted!r}: '
         f'its saved dropout key is {saved} key data. Rerun with --config.prng_impl={saved}, '
