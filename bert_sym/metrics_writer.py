@@ -123,10 +123,14 @@ class _JsonLines:
     return handle
 
   def _read(self) -> list[str]:
+    # Rows are ASCII (json.dumps); bytes that are not UTF-8 (a crash's garbage tail, an
+    # edit in another encoding) read as U+FFFD, a line that is not a row, which a resume
+    # moves aside (drop_rows_after): a UnicodeDecodeError was a traceback.
     if self._remote:
       fs, remote = fsspec.core.url_to_fs(self.path)
-      return fs.cat_file(remote).decode('utf-8').splitlines() if fs.exists(remote) else []
-    with open(self.path, encoding='utf-8') as f:
+      return (fs.cat_file(remote).decode('utf-8', errors='replace').splitlines()
+              if fs.exists(remote) else [])
+    with open(self.path, encoding='utf-8', errors='replace') as f:
       return f.read().splitlines()
 
   def rows(self) -> list[str]:

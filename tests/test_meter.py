@@ -736,6 +736,33 @@ def test_a_json_line_that_is_not_a_row_does_not_stop_a_resume(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize('where', ['local', 'object_store'])
+def test_a_last_line_of_bytes_that_are_not_utf8_does_not_stop_a_resume(tmp_path, monkeypatch,
+                                                                       where):
+  """A crash's garbage tail (or a hand edit saved in another encoding): reading
+  metrics.jsonl raised UnicodeDecodeError, a traceback from the trainer's resume. The line
+  is dropped with a warning, as a row cut short is; the rows before it are kept."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # metrics.jsonl only
+  workdir = str(tmp_path) if where == 'local' else f'memory://bucket/bytes_{tmp_path.name}'
+  fs, root = fsspec.core.url_to_fs(workdir)
+  first = metrics_writer.MetricWriter(workdir)
+  for step in (1, 2):
+    first.write_scalars(step, {'train/loss': 10.0 - step})
+  first.close()
+  rows = fs.cat_file(f'{root}/metrics.jsonl').decode().splitlines()
+  fs.pipe_file(f'{root}/metrics.jsonl', '\n'.join(rows).encode() + b'\n{"step": 3, "ti\xff\xfe')
+  resumed = metrics_writer.MetricWriter(workdir)
+  assert resumed.logged(2, 'train/loss') and not resumed.logged(3, 'train/loss')
+  resumed.drop_rows_after(2)
+  resumed.write_scalars(3, {'train/loss': 7.0})
+  resumed.close()
+  assert [json.loads(r)['step'] for r in
+          fs.cat_file(f'{root}/metrics.jsonl').decode().splitlines()] == [1, 2, 3]
+  dropped = fs.cat_file(f'{root}/metrics.jsonl.dropped').decode().splitlines()
+  assert len(dropped) == 2 and dropped[1].startswith('{"step": 3, "ti'), dropped
+
+
+@pytest.mark.parametrize('where', ['local', 'object_store'])
 def test_two_attempts_set_aside_in_one_second_keep_both(tmp_path, monkeypatch, where):
   """Two runs from step 0 (each killed before its first save) in one second: the second
   set-aside renamed its rows onto the first's metrics.jsonl.<time>.old (os.replace), and
