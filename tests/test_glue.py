@@ -755,6 +755,22 @@ def test_bad_checkpoints_are_clear(tmp_path):
     suite.run_glue(str(short), str(tmp_path / 'out'), _config(max_seq_len=128))
   with pytest.raises(FileNotFoundError, match='--sweep needs a training workdir'):
     sweep.run_sweep(str(empty), str(tmp_path / 'out'), _config())
+  # Results inside the checkpoints GLUE read were accepted, and deleted with their step by
+  # the trainer's keep_last rotation; so were results inside a step folder given alone.
+  (step_dir,) = (short / 'checkpoints').iterdir()
+  for inside in (step_dir / 'glue', short / 'checkpoints', step_dir.parent / 'x' / '..' / 'y'):
+    with pytest.raises(ValueError, match=rf'--output_dir={re.escape(str(inside))} lies inside '
+                       rf'{re.escape(str(short / "checkpoints"))}, where the checkpoint GLUE '
+                       rf'reads is: .* Fix: an --output_dir outside it, e.g. '
+                       rf'{re.escape(str(short))}/glue\.'):
+      suite.run_glue(str(short), str(inside), _config(tasks='rte', max_seq_len=64))
+    assert not inside.exists() or inside == short / 'checkpoints'
+  alone = tmp_path / 'copied' / 'kept' / '3'   # a step folder kept outside checkpoints/
+  shutil.copytree(step_dir, alone)
+  shutil.copy(short / 'config.json', tmp_path / 'copied' / 'config.json')
+  with pytest.raises(ValueError, match=rf'lies inside {re.escape(str(alone))}, .*e\.g\. '
+                     rf'{re.escape(str(alone.parent))}/glue\.'):
+    suite.run_glue(str(alone), str(alone / 'glue'), _config(tasks='rte', max_seq_len=64))
   # One segment embedding (RoBERTa-style): the pair tasks' token type 1 was clamped to 0.
   one_segment = _handmade_workdir(tmp_path / 'one_segment', model__type_vocab_size=1,
                                   model__vocab_size=30522)

@@ -7,6 +7,8 @@ continues from its last checkpoint in runs/<task>/checkpoints (bert_sym.glue.fin
 
 import dataclasses
 import json
+import os
+import posixpath
 import re
 import time
 from typing import Any
@@ -69,6 +71,21 @@ class _Session:
   preemption: loop.PreemptionFlag
 
 
+def _check_outside_checkpoints(output_dir, step_dir: str) -> None:
+  """Results written into the checkpoint, or beside it in a workdir's checkpoints/, would
+  be deleted with it by the trainer's keep_last rotation (and mix into its step folders)."""
+  normal = lambda p: str(p).rstrip('/') if '://' in str(p) else os.path.realpath(p)
+  step = normal(step_dir)
+  parent = posixpath.dirname(step)
+  kept = parent if posixpath.basename(parent) == 'checkpoints' else step
+  out = normal(output_dir)
+  if out == kept or out.startswith(kept + '/'):
+    raise ValueError(
+        f'--output_dir={output_dir} lies inside {kept}, where the checkpoint GLUE reads is: '
+        'the training run\'s keep_last rotation would delete the results with it. Fix: an '
+        f'--output_dir outside it, e.g. {posixpath.dirname(kept)}/glue.')
+
+
 def run_glue(checkpoint: str, output_dir: str, config: ml_collections.ConfigDict,
              task_cache: dict | None = None, preemption: loop.PreemptionFlag | None = None
              ) -> dict:
@@ -106,6 +123,7 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
     check_data(config, specs)
     mesh, rules = _mesh_and_rules(config, pretrained)
     # The inputs are checked (a refused run leaves no folder); data and compiles come next.
+    _check_outside_checkpoints(output_dir, pretrained.step_dir)
     output_dir = files.check_writable(output_dir, f'--output_dir={output_dir}')
   results = _new_results(pretrained, config, mesh, seeds, specs)
   _keep_finished_runs(results, finished_runs(output_dir, pretrained.step_dir, config), seeds)
