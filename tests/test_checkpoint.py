@@ -1315,3 +1315,20 @@ def test_a_workdir_bucket_this_machine_cannot_reach_is_one_line(tmp_path, monkey
       "an HTTP request: libcurl code 6 meaning 'Could not resolve hostname' when reading "
       'metadata of gs://bucket/run/checkpoints). Fix: check that this machine can reach and '
       'write it (network, credentials, bucket permissions), or pass another --workdir.')
+
+
+def test_another_config_file_on_a_workdir_names_the_workdirs_own_config_as_a_fix(tmp_path):
+  """configs/sym_small.py rerun on a tiny workdir listed the model and optimizer flags only;
+  following them, the data keys (max_seq_len, ...) were refused at the next start."""
+  from configs import sym_small, tiny  # pylint: disable=g-import-not-at-top
+  checkpoint.write_config(tmp_path, tiny.get_config())
+  hint = checkpoint.config_hint(tmp_path, sym_small.get_config())
+  assert 'model.hidden_size=' in hint and '--config.model.hidden_size=' in hint, hint
+  assert (f'(or --config=configs/from_json.py:{tmp_path}, its own config) to resume it, or '
+          'use a fresh --workdir for this config.') in hint, hint
+  # One key changed on the command line: its flag alone is the fix.
+  config = tiny.get_config()
+  config.model.mlp_dim += 16
+  hint = checkpoint.config_hint(tmp_path, config)
+  assert hint.endswith(f'--config.model.mlp_dim={config.model.mlp_dim - 16} to resume it, or '
+                       'use a fresh --workdir for this config.'), hint

@@ -95,7 +95,11 @@ def config_hint(workdir, config) -> str:
   said = ', '.join(f'{k}={written.get(k)!r} in its config.json, {now.get(k)!r} now'
                    for k in relevant)
   flags = ' '.join(f'--config.{k}={written[k]}' for k in relevant if k in written)
-  resume = f'rerun with {flags} to resume it, or ' if flags else ''
+  # Another config file differs in more than these (data.*, batch_size, ...), which the
+  # next start would refuse in turn: the run's own config resumes it in one step.
+  whole = (f' (or --config=configs/from_json.py:{workdir}, its own config)'
+           if len(relevant) > 2 or len(changed) > len(relevant) else '')
+  resume = f'rerun with {flags}{whole} to resume it, or ' if flags else ''
   return f'{said}. Fix: {resume}use a fresh --workdir for this config.'
 
 
