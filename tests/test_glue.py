@@ -337,6 +337,17 @@ def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   first = suite.run_glue(str(workdir), str(out), config, compiled)['runs']['wnli']['1']
   # In process (a notebook): Ctrl-C and SIGTERM are the caller's again afterwards.
   assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+  # Killed after a group's results were written, before its checkpoints were removed: a
+  # rerun with nothing left to train left them for good. Those of a group with a seed
+  # still to finish (a longer --seeds list, killed) stay, to resume.
+  group_dir = out / 'runs' / 'wnli'
+  (group_dir / 'checkpoints' / '7').mkdir(parents=True)
+  (group_dir / 'group.json').write_text(json.dumps({'seeds': [1, 2]}))
+  suite.run_glue(str(workdir), str(out), config, compiled)
+  assert (group_dir / 'checkpoints' / '7').is_dir()
+  (group_dir / 'group.json').write_text(json.dumps({'seeds': [1]}))
+  suite.run_glue(str(workdir), str(out), config, compiled)
+  assert not group_dir.exists() and (out / 'runs' / 'wnli_seed1').is_dir()
   trained = []
   real_finetune = suite.finetune_lib.finetune_group
   monkeypatch.setattr(suite.finetune_lib, 'finetune_group',

@@ -347,6 +347,21 @@ def finish_group(output_dir, task_name) -> None:
       group_dir.rmdir()   # no empty runs/<task>/ left beside the runs/<task>_seed<k>/ logs
 
 
+def discard_finished_group(output_dir, task_name, finished_seeds) -> None:
+  """A run killed after a group's results were written, before finish_group, left its
+  checkpoints; a rerun with nothing left to train never reached finish_group again. They
+  go once every seed of that group is finished (a group still to resume stays)."""
+  marker = _group_dir(output_dir, task_name) / 'group.json'
+
+  def finished():
+    try:
+      return set(json.loads(marker.read_text())['seeds']) <= set(finished_seeds)
+    except (FileNotFoundError, ValueError, KeyError, TypeError):   # none, or not ours
+      return False
+  if hosts.on_process_0(finished):
+    finish_group(output_dir, task_name)
+
+
 def predict(params, task: TaskSetup, dev, config, mesh, pad_id):
   """Dev predictions in the dev set's order (batches formed by length, then restored)."""
   order = np.argsort(dev.lengths, kind='stable')

@@ -266,6 +266,8 @@ def _run_task(session: _Session, spec) -> None:
   todo = [seed for seed in session.seeds if str(seed) not in runs]
   if not todo:
     report.write_results(session.output_dir, session.results)
+    finetune_lib.discard_finished_group(session.output_dir, spec.name,
+                                        [int(seed) for seed in runs])
     return
   # Every split is read before training, so a missing dev file fails in seconds, not
   # after an hour of fine-tuning.
