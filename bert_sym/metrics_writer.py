@@ -20,6 +20,7 @@ from absl import logging
 import fsspec
 import jax
 
+import bert_sym
 from bert_sym import files
 
 # Peak dense bf16 FLOP/s per device (per chip for TPUs), for MFU. Matched as substrings of
@@ -385,10 +386,13 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
   # A failed save is logged by orbax's threads with tracebacks, then raised to our code,
   # which says it in one line (bert_sym.checkpoint.CheckpointSaveError).
   logging.get_absl_logger().addFilter(_orbax_errors_in_one_line)
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # the input pipeline has no math
   from bert_sym import input as input_lib  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  input_lib.quiet_tensorflow_imports()   # also where TF is imported later (GLUE: if at all)
+  # TF's own warnings off (a bad input's tf.data error comes with 'Local rendezvous is
+  # aborting' lines; it is said in one line), XLA's kept: `import jax` has set the variable
+  # to '1' by now, so only the level the user's environment held says it was a choice.
+  input_lib.quiet_tensorflow_imports(   # also where TF is imported later (GLUE: if at all)
+      '3' if bert_sym.USER_TF_CPP_MIN_LOG_LEVEL is None else None)
   if not import_tf:
     return
   try:

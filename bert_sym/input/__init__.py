@@ -102,14 +102,20 @@ def check_max_seq_len(max_seq_len: int) -> int:
 
 
 _quiet_imports = False
+_tf_min_log_level = None
 
 
-def quiet_tensorflow_imports() -> None:
+def quiet_tensorflow_imports(min_log_level: str | None = None) -> None:
   """From now on TF and TF Text are imported with the process's stderr on /dev/null: their
   C++ start-up lines ("failed call to cuInit" at error level on a CPU machine, oneDNN
-  notices) print before anything can configure them. Set by metrics_writer.quiet_logs."""
-  global _quiet_imports
-  _quiet_imports = True
+  notices) print before anything can configure them. Set by metrics_writer.quiet_logs.
+
+  `min_log_level` (None: as the environment has it) is TF_CPP_MIN_LOG_LEVEL for TF's
+  libraries alone: each reads it once, as it loads, as jaxlib did at `import jax`, so it
+  is set for the import only, and the XLA plugins loaded later keep the process's level.
+  """
+  global _quiet_imports, _tf_min_log_level
+  _quiet_imports, _tf_min_log_level = True, min_log_level
 
 
 @contextlib.contextmanager
@@ -119,6 +125,9 @@ def tensorflow_import_scope():
   if not _quiet_imports:
     yield
     return
+  saved_level = os.environ.get('TF_CPP_MIN_LOG_LEVEL')
+  if _tf_min_log_level is not None:
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = _tf_min_log_level
   saved_stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
   sys.stderr.flush()
   os.dup2(devnull, 2)
@@ -128,6 +137,10 @@ def tensorflow_import_scope():
     os.dup2(saved_stderr, 2)
     os.close(saved_stderr)
     os.close(devnull)
+    if saved_level is None:
+      os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None)
+    else:
+      os.environ['TF_CPP_MIN_LOG_LEVEL'] = saved_level
 
 
 @functools.cache
