@@ -1749,6 +1749,8 @@ def test_the_curve_is_in_step_order_with_rotated_steps_between(tmp_path, monkeyp
   """Steps 1000 (kept by keep_every) and 5000 present, 2000 and 3000 scored earlier and
   rotated away: the curve and the first step reaching the reference go by step."""
   monkeypatch.setattr(sweep, 'checkpoint_steps', lambda workdir: [1000, 5000])
+  for step in (1000, 5000):   # (a listed step rotated away since is skipped)
+    (tmp_path / 'run' / 'checkpoints' / str(step)).mkdir(parents=True)
   monkeypatch.setattr(sweep, 'scored_steps_gone',
                       lambda *a: {2000: _sweep_results(90.0), 3000: _sweep_results(95.0)})
   scores = {'00001000': 99.0, '00005000': 99.0}
