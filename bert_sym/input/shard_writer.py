@@ -108,6 +108,8 @@ def finalize(out_dir: str, split: str, stalled_after_minutes: float = 0) -> dict
   for m in manifests:
     for key in ('num_parts', 'max_seq_len', 'dtype', 'vocab_md5', 'task', 'split',
                 'source_files'):
+      if key == 'source_files' and None in (m.get(key), first.get(key)):
+        continue   # a part written before manifests recorded the files: not compared
       if m.get(key) != first.get(key):
         raise DataError(f'{split_url}: part {m["part"]} has {key}={m.get(key)!r}, part '
                         f'{first["part"]} has {first.get(key)!r}; the parts come from '
