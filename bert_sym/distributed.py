@@ -132,8 +132,10 @@ def _check_coordinator_port_free(address: str) -> None:
   gRPC binds it with SO_REUSEPORT, so a second process 0 on this host (a command copied
   without changing --process_id, or a run that did not stop) binds it too, and both wait
   out the 5-minute timeout, then abort in C++ naming no cause. A plain bind sees the
-  listener."""
-  port = address.rpartition(':')[2]
+  listener. JAX binds JAX_COORDINATOR_BIND_ADDRESS's port instead where it is set (e.g.
+  a container port behind a Kubernetes Service's)."""
+  bind = os.environ.get('JAX_COORDINATOR_BIND_ADDRESS')
+  port = (bind or address).rpartition(':')[2]
   if not port.isdigit():
     return   # JAX's own parsing reports it
   try:
@@ -146,8 +148,9 @@ def _check_coordinator_port_free(address: str) -> None:
   except OSError as e:
     if e.errno == errno.EADDRINUSE:
       raise app.UsageError(
-          f'--process_id=0 serves the coordinator at {address}, but port {port} of this '
-          'host is already in use: by another process 0 (of this run or an earlier one '
+          f'--process_id=0 serves the coordinator at {address}, but port {port}'
+          f'{" (JAX_COORDINATOR_BIND_ADDRESS)" if bind else ""} of this host is already in '
+          'use: by another process 0 (of this run or an earlier one '
           'still running) or by another program. Fix: give each process its own '
           '--process_id, stop the other, or pick a free port.') from None
   finally:

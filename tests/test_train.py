@@ -965,8 +965,8 @@ def test_a_second_process_0_on_the_coordinators_port_is_refused_before_waiting(m
   monkeypatch.setattr(jax.config, 'update', lambda *setting: None)
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda *a, **k: calls.append(a))
-  coordinator = socket.socket(socket.AF_INET6)   # as gRPC listens: [::]:port
-  coordinator.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  coordinator = socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET)
+  coordinator.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)   # as gRPC listens
   coordinator.bind(('', 0))
   coordinator.listen()
   address = f'localhost:{coordinator.getsockname()[1]}'
@@ -977,6 +977,21 @@ def test_a_second_process_0_on_the_coordinators_port_is_refused_before_waiting(m
       distributed.initialize(_start_up_flags(coordinator_address=address, num_processes=2,
                                              process_id=0))
     assert not calls
+    # JAX binds JAX_COORDINATOR_BIND_ADDRESS's port where it is set (a container's port
+    # behind a Kubernetes Service's): that one is probed, not the address's.
+    monkeypatch.setenv('JAX_COORDINATOR_BIND_ADDRESS', '[::]:' + address.split(':')[1])
+    with pytest.raises(app.UsageError, match=r'\(JAX_COORDINATOR_BIND_ADDRESS\) of this host '
+                       'is already in use'):
+      distributed.initialize(_start_up_flags(coordinator_address='coordinator-service:1',
+                                             num_processes=2, process_id=0))
+    with socket.socket() as free:
+      free.bind(('', 0))
+      monkeypatch.setenv('JAX_COORDINATOR_BIND_ADDRESS', f'[::]:{free.getsockname()[1]}')
+    distributed.initialize(_start_up_flags(coordinator_address=address, num_processes=2,
+                                           process_id=0))
+    monkeypatch.delenv('JAX_COORDINATOR_BIND_ADDRESS')
+    assert calls == [(address,)]
+    calls.clear()
     # Process 1 only connects there: the port in use is what it expects.
     distributed.initialize(_start_up_flags(coordinator_address=address, num_processes=2,
                                            process_id=1))
