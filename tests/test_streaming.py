@@ -683,7 +683,8 @@ def test_describe_corpus_counts_epochs_and_warns(small_corpus, caplog):
   assert len(lines) == 2 and lines[1].startswith(
       'WARNING: config.model.vocab_size=30650, but the data vocabulary has 30,522 tokens: 128 '
       'rows'), lines
-  assert 'Fix: --config.model.vocab_size=30522 (or padded to a multiple of 128)' in lines[1]
+  assert ('Fix (a new run; a checkpoint keeps its table): --config.model.vocab_size=30522 '
+          '(or padded to a multiple of 128)') in lines[1]
 
 
 def test_streaming_path_runs_without_tensorflow(small_corpus):

@@ -235,6 +235,7 @@ def describe_corpus(iterator, config) -> list[str]:
         f'WARNING: config.model.vocab_size={config.model.vocab_size}, but the data '
         f'vocabulary has {len(blocks.vocab_tokens):,} tokens: {spare:,} rows of the '
         'embedding and the MLM softmax are never a target, yet the loss, parameter count '
-        f'and MFU include them. Fix: --config.model.vocab_size={len(blocks.vocab_tokens)} '
-        f'(or padded to a multiple of {VOCAB_PADDING}).')
+        f'and MFU include them. Fix (a new run; a checkpoint keeps its table): '
+        f'--config.model.vocab_size={len(blocks.vocab_tokens)} (or padded to a multiple '
+        f'of {VOCAB_PADDING}).')
   return lines
