@@ -214,6 +214,31 @@ def test_load_pretrained_clear_errors(tmp_path):
     checkpoint.load_pretrained(str(tmp_path / 'run'))
 
 
+def test_glue_and_export_refuse_params_that_are_not_finite_and_name_the_step_before(tmp_path):
+  """A checkpoint holding NaN (written by orbax itself here): GLUE with on_nonfinite=skip
+  presented a constant prediction's scores as results, export wrote the NaN model."""
+  config = train_fixtures.tiny_config()
+  workdir = tmp_path / 'run'
+  params = _write_run(workdir, config, step=4)
+  _write_run(workdir, config, step=8)
+  state_dir = workdir / 'checkpoints' / '8' / checkpoint.STATE
+  state = ocp.StandardCheckpointer().restore(state_dir)
+  leaves, tree = jax.tree.flatten(state['params'])
+  leaves[0] = np.full_like(np.asarray(leaves[0]), np.nan)
+  state['params'] = jax.tree.unflatten(tree, leaves)
+  shutil.rmtree(state_dir)
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(state_dir, state)
+  for path in (workdir, state_dir.parent):
+    with pytest.raises(checkpoint.DamagedCheckpoint,
+                       match=rf'checkpoints/8 are not finite .* Fix: --checkpoint=\S*'
+                             rf'checkpoints/4 \(the newest step before it\)'):
+      checkpoint.load_pretrained(str(path))
+  _, loaded = checkpoint.load_pretrained(str(workdir / 'checkpoints' / '4'))
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
 def test_plain_orbax_reads_a_checkpoint(tmp_path, caplog):
   """The README snippet: no project code, numpy restore (any device count), and the one
   warning of orbax's the README explains."""

@@ -133,9 +133,30 @@ def load_pretrained_step(path, log=_warn, step_dirs=None) -> tuple[
   """
   step_dir, params = _first_readable(
       path, lambda d: (restoring.read_json_item(d), load_params(d))[1], log, step_dirs)
+  _check_finite(step_dir, params)
   config = read_config(step_dir.parent.parent)
   logging.info('Loaded pre-trained params from %s', step_dir)
   return step_dir, config, params
+
+
+def _check_finite(step_dir, params) -> None:
+  """A DamagedCheckpoint (a sweep's gap) unless every parameter is finite. NaN weights
+  fine-tuned with on_nonfinite=skip gave NaN logits, whose argmax scored as a constant
+  prediction (a GLUE table of made-up scores); with 'stop', GLUE's error blamed its own
+  learning rate; export wrote them as a model."""
+  bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(params)
+         if not np.all(np.isfinite(x))]
+  if not bad:
+    return
+  earlier = [s for s in finished_steps(step_dir.parent)
+             if step_dir.name.isdigit() and s < int(step_dir.name)]
+  raise DamagedCheckpoint(
+      f'The parameters in {step_dir} are not finite ({len(bad)} arrays hold NaN or '
+      f'infinity, e.g. {", ".join(bad[:3])}): that model diverged, and results from it '
+      'would be meaningless. Fix: ' + (
+          f'--checkpoint={step_dir.parent / str(earlier[-1])} (the newest step before it), '
+          'or another step from before the divergence.' if earlier else
+          'pass a checkpoint from before the divergence (none is left beside this one).'))
 
 
 def load_pretrained(path, log=_warn) -> tuple[ml_collections.ConfigDict, dict]:
