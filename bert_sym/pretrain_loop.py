@@ -169,7 +169,22 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
           checkpoint.remove_unfinished_steps(manager)
   if preempted:
     raise loop.Preempted(step, preemption.signal_name)
+  if meter.health.onset is not None:   # the last steps were a loss spike that never recovered
+    run.console(unhealthy_end_warning(run.workdir, meter.health.onset))
   return step
+
+
+def unhealthy_end_warning(workdir, onset: int) -> str:
+  """A run that reached total_steps inside a loss spike said 'Done' alone, and its 'Next:'
+  lines gave hf_export and GLUE the workdir, which read its newest, diverging checkpoint
+  (a stop on a non-finite step names the good one in its error)."""
+  good = [s for s in checkpoint.finished_steps(workdir) if s < onset - 1]
+  where = (f'The newest checkpoint from before it is step {good[-1]}: pass --checkpoint='
+           f'{checkpoint.checkpoint_dir(workdir) / str(good[-1])} to hf_export and GLUE.'
+           if good else 'No checkpoint from before it is left.')
+  return (f'WARNING: the run ended inside a loss spike that began at step {onset} and never '
+          f'recovered: the checkpoints from step {onset - 1} on hold the diverging model, '
+          f'and hf_export and GLUE given the workdir read the newest. {where}')
 
 
 def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, resumed_good, run):
