@@ -962,6 +962,14 @@ def test_a_rerun_after_the_files_changed_is_refused_not_reported_complete(tmp_pa
   part_0.write_text(json.dumps(older))
   _export(tmp_path / 'mixed', pattern, num_workers=3, worker_index=1)
   assert _export(tmp_path / 'mixed', pattern, num_workers=3, worker_index=2) == first
+  # ... while two parts that both recorded their files are still compared with each other.
+  part_2 = tmp_path / 'mixed' / 'train' / 'part-00002.json'
+  other = json.loads(part_2.read_text())
+  other['source_files'] = '3 files, 1,000 bytes, md5 000000000000'
+  part_2.write_text(json.dumps(other))
+  (tmp_path / 'mixed' / 'train' / 'metadata.json').unlink()
+  with pytest.raises(DataError, match=r"part 2 has source_files='3 files.*, part 1 has "):
+    export_lib.finalize(str(tmp_path / 'mixed'), 'train')
 
 
 @pytest.mark.parametrize('task, flag', [('bert_sym_mlm_embedded', '--text_files'),

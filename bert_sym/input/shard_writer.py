@@ -105,15 +105,16 @@ def finalize(out_dir: str, split: str, stalled_after_minutes: float = 0) -> dict
     return _check_progress(fs, path, split_url, [], None, stalled_after_minutes)
   manifests = [json.loads(read_bytes(join_url(split_url, n))) for n in names]
   first = manifests[0]
-  for m in manifests:
-    for key in ('num_parts', 'max_seq_len', 'dtype', 'vocab_md5', 'task', 'split',
-                'source_files'):
-      if key == 'source_files' and None in (m.get(key), first.get(key)):
-        continue   # a part written before manifests recorded the files: not compared
-      if m.get(key) != first.get(key):
+  for key in ('num_parts', 'max_seq_len', 'dtype', 'vocab_md5', 'task', 'split',
+              'source_files'):
+    # A part written before manifests recorded the files is not compared; the others are,
+    # with the first that has them.
+    compared = [m for m in manifests if key != 'source_files' or key in m]
+    for m in compared:
+      if m.get(key) != compared[0].get(key):
         raise DataError(f'{split_url}: part {m["part"]} has {key}={m.get(key)!r}, part '
-                        f'{first["part"]} has {first.get(key)!r}; the parts come from '
-                        'different exports: remove the directory and re-export.')
+                        f'{compared[0]["part"]} has {compared[0].get(key)!r}; the parts come '
+                        'from different exports: remove the directory and re-export.')
   if len(manifests) < first['num_parts']:
     return _check_progress(fs, path, split_url, [m['part'] for m in manifests],
                            first['num_parts'], stalled_after_minutes)
