@@ -776,6 +776,15 @@ def test_bad_checkpoints_are_clear(tmp_path):
                        rf'{re.escape(str(short))}/glue\.'):
       suite.run_glue(str(short), str(inside), _config(tasks='rte', max_seq_len=64))
     assert not inside.exists() or inside == short / 'checkpoints'
+  # checkpoints/ linked to a larger disk: its step folders' parent is named otherwise.
+  linked = tmp_path / 'linked'
+  linked.mkdir()
+  (linked / 'config.json').write_text((short / 'config.json').read_text())
+  shutil.copytree(short / 'checkpoints', tmp_path / 'big_disk' / 'ckpts')
+  (linked / 'checkpoints').symlink_to(tmp_path / 'big_disk' / 'ckpts')
+  with pytest.raises(ValueError, match='lies inside .*, where the checkpoint GLUE reads is'):
+    suite.run_glue(str(linked), str(linked / 'checkpoints' / 'glue'),
+                   _config(tasks='rte', max_seq_len=64))
   alone = tmp_path / 'copied' / 'kept' / '3'   # a step folder kept outside checkpoints/
   shutil.copytree(step_dir, alone)
   shutil.copy(short / 'config.json', tmp_path / 'copied' / 'config.json')

@@ -75,9 +75,10 @@ def _check_outside_checkpoints(output_dir, step_dir: str) -> None:
   """Results written into the checkpoint, or beside it in a workdir's checkpoints/, would
   be deleted with it by the trainer's keep_last rotation (and mix into its step folders)."""
   normal = lambda p: str(p).rstrip('/') if '://' in str(p) else os.path.realpath(p)
-  step = normal(step_dir)
+  step = str(step_dir).rstrip('/')
   parent = posixpath.dirname(step)
-  kept = parent if posixpath.basename(parent) == 'checkpoints' else step
+  # Named before links are resolved: checkpoints/ may link to a larger disk.
+  kept = normal(parent if posixpath.basename(parent) == 'checkpoints' else step)
   out = normal(output_dir)
   if out == kept or out.startswith(kept + '/'):
     raise ValueError(
