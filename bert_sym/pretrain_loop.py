@@ -169,7 +169,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
           checkpoint.remove_unfinished_steps(manager)
   if preempted:
     raise loop.Preempted(step, preemption.signal_name)
-  if meter.health.onset is not None:   # the last steps were a loss spike that never recovered
+  if meter.health.onset is not None:   # the last steps were unhealthy, never recovered
     run.console(unhealthy_end_warning(run.workdir, meter.health.onset))
   return step
 
@@ -182,9 +182,10 @@ def unhealthy_end_warning(workdir, onset: int) -> str:
   where = (f'The newest checkpoint from before it is step {good[-1]}: pass --checkpoint='
            f'{checkpoint.checkpoint_dir(workdir) / str(good[-1])} to hf_export and GLUE.'
            if good else 'No checkpoint from before it is left.')
-  return (f'WARNING: the run ended inside a loss spike that began at step {onset} and never '
-          f'recovered: the checkpoints from step {onset - 1} on hold the diverging model, '
-          f'and hf_export and GLUE given the workdir read the newest. {where}')
+  return (f'WARNING: the run ended inside an unhealthy streak (loss spikes or skipped '
+          f'non-finite steps) that began at step {onset} and never recovered: the checkpoints '
+          f'from step {onset - 1} on may hold a diverging model, and hf_export and GLUE '
+          f'given the workdir read the newest. {where}')
 
 
 def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, resumed_good, run):

@@ -1202,8 +1202,9 @@ def test_a_divergence_across_a_restart_keeps_the_good_checkpoint_and_names_it(
   assert checkpoint.finished_steps(tmp_path) == [4, 6, 8, 9]   # 4: the newest good one
   # It reached total_steps inside the spike: 'Done' came alone, with 'Next:' lines that
   # give hf_export and GLUE the workdir, i.e. its newest (diverging) step.
-  assert ('WARNING: the run ended inside a loss spike that began at step 6 and never '
-          'recovered') in first.stdout, first.stdout[-3000:]
+  assert ('WARNING: the run ended inside an unhealthy streak (loss spikes or skipped '
+          'non-finite steps) that began at step 6 and never recovered') in first.stdout, (
+              first.stdout[-3000:])
   assert (f'The newest checkpoint from before it is step 4: pass --checkpoint='
           f'{tmp_path / "checkpoints" / "4"} to hf_export and GLUE.') in first.stdout
   result = run_trainer(tmp_path, overrides=_overrides(total_steps=40, **exploding),
