@@ -474,6 +474,39 @@ def test_a_recursive_glob_is_refused_not_read_one_level_deep(tmp_path):
                                      f'{tmp_path}/*/*/*.txt')) == 3   # the fix it names
 
 
+def test_a_corpus_of_many_files_is_listed_with_one_stat_each_in_parallel(tmp_path, monkeypatch):
+  """Listing ran an isdir and a stat per file, one file after another, and the export's
+  fingerprint stat-ed each again: on gs:// (a request each) thousands of files took minutes
+  on every host and export worker. The fingerprint of the files must not change."""
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  names = [f'part-{i:03d}.txt' for i in range(40)]
+  for i, name in enumerate(names):
+    (tmp_path / name).write_text('x' * i + '\n')
+  pattern = f'{tmp_path}/*.txt'
+  expected = hashlib.md5(''.join(f'{tmp_path / n}\0{i + 1}\n' for i, n in enumerate(names))
+                         .encode()).hexdigest()[:12]
+  calls, in_flight, most_in_flight, lock = [], [0], [0], threading.Lock()
+  real_stat = tf.io.gfile.stat
+
+  def slow_stat(path):   # a remote store: each answer takes a while
+    with lock:
+      calls.append(path)
+      in_flight[0] += 1
+      most_in_flight[0] = max(most_in_flight[0], in_flight[0])
+    time.sleep(0.02)
+    with lock:
+      in_flight[0] -= 1
+    return real_stat(path)
+  monkeypatch.setattr(tf.io.gfile, 'stat', slow_stat)
+  monkeypatch.setattr(tf.io.gfile, 'isdir', lambda path: pytest.fail(f'isdir({path})'))
+  assert sources.files_fingerprint(pattern) == (
+      f'40 files, {sum(range(1, 41)):,} bytes, md5 {expected}')
+  assert sorted(calls) == [str(tmp_path / n) for n in names]   # once each
+  assert most_in_flight[0] > 1
+
+
 def test_overlapping_text_file_globs_read_each_file_once(tmp_path):
   """--config.data.text_files='/data/*.txt,/data/wiki1.txt' read wiki1.txt twice: its
   documents were trained on twice, and with the held-out split (document 0 is wiki1's
