@@ -576,7 +576,7 @@ def test_fresh_head_and_pretrained_encoder(workdir, tmp_path):
   tree = reader.metadata(state_dir).item_metadata.tree
   saved = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
       restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)))
-  _, latest, state = finetune._restore_or_init(pretrained, task, [0, 1],
+  _, latest, state, _ = finetune._restore_or_init(pretrained, task, [0, 1],
                                                tmp_path / 'group', 'rte')
   assert latest is None
   encoder = jax.device_get(state['params']['bert']['encoder'])
@@ -1639,6 +1639,51 @@ def test_a_fresh_run_replaces_old_curves_and_a_resumed_one_cuts_them(tmp_path, r
   writer.write_scalars(resumed_at + 1, {'train/loss': 0.5})
   writer.close()
   assert _rows(run_dir) == rows
+
+
+class _Killed(Exception):
+  """Stands for kill -9: nothing runs after it but the files already written."""
+
+
+def _train_rows(path):
+  rows = [json.loads(l) for l in path.read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k != 'time'} for r in rows if 'train/loss' in r]
+
+
+def test_the_first_row_after_a_kill_averages_the_steps_of_an_uninterrupted_run(
+    workdir, tmp_path, monkeypatch):
+  """Killed once step 8's row is written, the rerun resumes from the save at step 6 and
+  writes row 8 again, the killed attempt's moving to metrics.jsonl.dropped: the two must
+  be the same row. The checkpoint kept no loss meter, and the redone row averaged steps
+  7-8 only, where the first one (and an uninterrupted run's) averaged 5-8."""
+  config = _config(tasks='wnli', seeds='1', **_SHORT_RUN, epochs=5.0, log_every_steps=4,
+                   checkpoint_every_steps=6)
+  real_hooks = finetune._hooks   # pylint: disable=protected-access
+
+  def killed_after_row_8(*args, **kwargs):
+    hooks = real_hooks(*args, **kwargs)
+    log = hooks.log
+
+    def log_then_die(step, *rest):
+      log(step, *rest)
+      if step == 8:
+        raise _Killed
+    hooks.log = log_then_die
+    return hooks
+
+  monkeypatch.setattr(finetune, '_hooks', killed_after_row_8)
+  out = tmp_path / 'out'
+  compiled = {}
+  with pytest.raises(_Killed):
+    suite.run_glue(str(workdir), str(out), config, compiled)
+  assert [p.name for p in (out / 'runs' / 'wnli' / 'checkpoints').iterdir()] == ['6']
+  monkeypatch.setattr(finetune, '_hooks', real_hooks)
+  suite.run_glue(str(workdir), str(out), config, compiled)
+  run_dir = out / 'runs' / 'wnli_seed1'
+  rows, first_attempt = (_train_rows(run_dir / name)
+                         for name in ('metrics.jsonl', 'metrics.jsonl.dropped'))
+  assert [r['step'] for r in rows] == [4, 8, 10]
+  assert first_attempt == [rows[1]]
 
 
 def test_check_vocab_refuses_a_table_other_than_the_config(tmp_path):

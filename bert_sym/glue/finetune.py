@@ -26,6 +26,7 @@ from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
 from bert_sym import optim
+from bert_sym import pretrain_loop
 from bert_sym import sharding
 from bert_sym import steps
 from bert_sym.glue import data as glue_data
@@ -231,12 +232,15 @@ def finetune_group(pretrained, task: TaskSetup, train, config, seeds, mesh, pad_
   _claim_group_dir(group_dir, dict(identity, seeds=list(seeds), parallel=stacked,
                                    length_seeds=sorted(set(length_seeds or seeds))))
   desc = f'{task.spec.name} seed{"s" if stacked else ""} {",".join(map(str, seeds))}'
-  manager, latest, state = _restore_or_init(pretrained, task, seeds, group_dir, desc)
+  manager, latest, state, record = _restore_or_init(pretrained, task, seeds, group_dir, desc)
   step = latest or 0
   writers = [_metric_writer(epath.Path(output_dir) / 'runs' / f'{task.spec.name}_seed{s}',
                             step) for s in seeds]
   meter = _meter(pretrained, task, config, len(seeds), desc, latest)
-  hooks = _hooks(task, config, writers, manager, desc)
+  # The steps since the last row, as the save kept them: without them the first row after
+  # a resume averaged fewer steps than the uninterrupted run's row at that step.
+  pretrain_loop.load_meter_state(meter, record.get('meter'))
+  hooks = _hooks(task, config, writers, manager, desc, meter)
   batches = _Batches(train, config, seeds, pad_id, stacked, step, length_seeds)
   to_global = lambda b: global_batch(b, mesh, task.rules, stacked)
   prefetcher = loop.Prefetcher(batches, to_global, depth=2)
@@ -272,8 +276,9 @@ def _claim_group_dir(group_dir, identity: dict) -> None:
 
 
 def _restore_or_init(pretrained, task: TaskSetup, seeds, group_dir, desc):
-  """(checkpoint manager, restored step or None, state): the group's last checkpoint, else a
-  fresh pooler and classifier (N(0, 0.02)) around the pre-trained encoder per seed."""
+  """(checkpoint manager, restored step or None, state, the save's record {'meter', ...}):
+  the group's last checkpoint, else a fresh pooler and classifier (N(0, 0.02)) around the
+  pre-trained encoder per seed."""
   stacked = len(seeds) > 1
   ckpt = ml_collections.ConfigDict(dict(keep_last=1, keep_every=0, async_save=False))
   abstract = task.state.abstract
@@ -283,13 +288,13 @@ def _restore_or_init(pretrained, task: TaskSetup, seeds, group_dir, desc):
     abstract = jax.tree.map(lead, abstract, steps.stacked(task.state.shardings))
   # start_over: a task whose checkpoints are all damaged is fine-tuned again from the
   # pre-trained encoder (minutes; refusing would stop this output directory for good).
-  manager, latest, state, _, _ = checkpoint_lib.restore_latest(
+  manager, latest, state, _, record = checkpoint_lib.restore_latest(
       group_dir, ckpt, abstract, log=logging.warning, start_over=True)
   if latest is not None:
     logging.info('%s: resuming from step %d of %d (%s)', desc, latest, task.total_steps,
                  checkpoint_lib.checkpoint_dir(group_dir))
     print(f'{desc}: resuming from step {latest} of {task.total_steps}', flush=True)
-    return manager, latest, state
+    return manager, latest, state, record
   states = []
   for seed in seeds:
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
@@ -299,8 +304,8 @@ def _restore_or_init(pretrained, task: TaskSetup, seeds, group_dir, desc):
     states.append(task.state.from_params(params, dropout_key))
   if stacked:
     return manager, None, jax.device_put(steps.stack(states),
-                                         steps.stacked(task.state.shardings))
-  return manager, None, states[0]
+                                         steps.stacked(task.state.shardings)), {}
+  return manager, None, states[0], {}
 
 
 def _meter(pretrained, task: TaskSetup, config, num_seeds, desc, last_saved) -> loop.Meter:
@@ -316,7 +321,7 @@ def _meter(pretrained, task: TaskSetup, config, num_seeds, desc, last_saved) -> 
   return meter
 
 
-def _hooks(task: TaskSetup, config, writers, manager, desc) -> loop.Hooks:
+def _hooks(task: TaskSetup, config, writers, manager, desc, meter) -> loop.Hooks:
   """Per-seed metrics every config.log_every_steps; a checkpoint every
   config.checkpoint_every_steps and on SIGTERM, except after the last step."""
   console = print if config.progress_bar and jax.process_index() == 0 else (lambda *a: None)
@@ -329,11 +334,13 @@ def _hooks(task: TaskSetup, config, writers, manager, desc) -> loop.Hooks:
 
   def save(state, step):
     if step < task.total_steps:   # a finished group is scored, not resumed
-      checkpoint_lib.save(manager, step, state, {'step': step}, force=True)
+      checkpoint_lib.save(manager, step, state, {'step': step}, force=True,
+                          meter_state=pretrain_loop.meter_state(meter))
 
   return loop.Hooks(log=log, save=save, log_every=config.log_every_steps,
                     save_every=config.get('checkpoint_every_steps', 0), console=console,
-                    name=f'GLUE {task.spec.name}')
+                    name=f'GLUE {task.spec.name}',
+                    row_at_preemption=False)   # the save keeps the steps since the last row
 
 
 def finish_group(output_dir, task_name) -> None:
