@@ -1686,6 +1686,34 @@ def test_the_first_row_after_a_kill_averages_the_steps_of_an_uninterrupted_run(
   assert first_attempt == [rows[1]]
 
 
+def test_results_written_before_a_kill_name_the_runs_still_to_finish(workdir, tmp_path,
+                                                                     monkeypatch):
+  """--tasks=rte,wnli killed while wnli trains: glue_results.* (written after rte) were
+  those of a finished --tasks=rte run, wnli '—' for 'not run'. They now say what is
+  unfinished, until the rerun finishes it."""
+  out = tmp_path / 'out'
+  config = _config(tasks='rte,wnli', seeds='1', **_SHORT_RUN)
+  compiled = {}
+  real_finetune = suite.finetune_lib.finetune_group
+
+  def killed_in_wnli(*args, **kwargs):
+    if args[1].spec.name == 'wnli':
+      raise _Killed
+    return real_finetune(*args, **kwargs)
+
+  monkeypatch.setattr(suite.finetune_lib, 'finetune_group', killed_in_wnli)
+  with pytest.raises(_Killed):
+    suite.run_glue(str(workdir), str(out), config, compiled)
+  results = json.loads((out / 'glue_results.json').read_text())
+  assert set(results['runs']) == {'rte'} and results['unfinished'] == {'wnli': [1]}
+  assert ('**Unfinished:** no scores yet for wnli (seed 1), asked for by the command'
+          in (out / 'glue_results.md').read_text())
+  monkeypatch.setattr(suite.finetune_lib, 'finetune_group', real_finetune)
+  suite.run_glue(str(workdir), str(out), config, compiled)
+  assert json.loads((out / 'glue_results.json').read_text())['unfinished'] == {}
+  assert 'Unfinished' not in (out / 'glue_results.md').read_text()
+
+
 def test_check_vocab_refuses_a_table_other_than_the_config(tmp_path):
   config = ml_collections.ConfigDict({'model': {'vocab_size': 1000}})
   table = np.zeros((1200, 4), np.float32)   # config says 1000 rows, the table has 1200

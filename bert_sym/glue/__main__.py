@@ -26,7 +26,8 @@ attention variant, vocabulary) is read from the checkpoint's workdir, never rety
 Outputs in --output_dir, local or gs://, each written whole (a temporary file renamed
 locally; on gs:// an object appears only once its upload completes):
   glue_results.json   every metric per task and seed, GLUE per seed, mean +- std
-                      (finished seeds not asked for this time: runs_of_other_seeds)
+                      (finished seeds not asked for this time: runs_of_other_seeds;
+                      those asked for and not finished yet: unfinished)
   glue_results.md     the paper's table: one row per seed, then mean +- std
   predictions/<name>_seed<k>.tsv   idx, label, prediction per dev example
                                    (MNLI: mnli_m_seed<k>.tsv and mnli_mm_seed<k>.tsv)

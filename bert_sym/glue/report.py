@@ -58,8 +58,15 @@ def markdown_table(results: dict) -> str:
   lines = [f'# GLUE dev results: {results["checkpoint"]}', '',
            f'Model: {results["model"]["attention"]} attention, '
            f'{results["model"]["num_layers"]} layers x {results["model"]["hidden_size"]}; '
-           f'pre-training step {results["step"]}. Fine-tuning: {results["recipe"]}.', '',
-           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+           f'pre-training step {results["step"]}. Fine-tuning: {results["recipe"]}.', '']
+  if results.get('unfinished'):
+    missing = '; '.join(f'{task} (seed{"s" if len(seeds) > 1 else ""} '
+                        f'{", ".join(map(str, seeds))})'
+                        for task, seeds in results['unfinished'].items())
+    lines += [f'**Unfinished:** no scores yet for {missing}, asked for by the command that '
+              'wrote this table: it stopped part-way (or is still running). Rerun the same '
+              'command to finish; "—" in those cells means not finished yet.', '']
+  lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   summary = results['summary']
   for seed, row in summary['per_seed'].items():
     cells = [str(seed), _glue_cell(row, 'glue', 9), _glue_cell(row, 'glue_full', 10)]

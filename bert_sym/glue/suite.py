@@ -69,6 +69,7 @@ class _Session:
   results: dict                     # rewritten to glue_results.json after every group
   task_cache: dict
   preemption: loop.PreemptionFlag
+  tasks: list[str]                  # asked for by this command, in order
 
 
 def _check_outside_checkpoints(output_dir, step_dir: str) -> None:
@@ -131,7 +132,8 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
                pretrained.step, config.glue_dir or 'TFDS glue/*', results['tasks'], seeds)
   session = _Session(pretrained, tokenizer, config, mesh, rules, output_dir, seeds,
-                     parallel, results, {} if task_cache is None else task_cache, preemption)
+                     parallel, results, {} if task_cache is None else task_cache, preemption,
+                     [s.name for s in specs])
   for spec in specs:
     _run_task(session, spec)
   return results
@@ -266,7 +268,7 @@ def _run_task(session: _Session, spec) -> None:
                    session.output_dir)
   todo = [seed for seed in session.seeds if str(seed) not in runs]
   if not todo:
-    report.write_results(session.output_dir, session.results)
+    _write_results(session)
     finetune_lib.discard_finished_group(session.output_dir, spec.name,
                                         [int(seed) for seed in runs])
     return
@@ -289,8 +291,19 @@ def _run_task(session: _Session, spec) -> None:
     seconds = time.time() - start
     for seed, params in zip(group, trained):
       runs[str(seed)] = _scored_run(session, task, params, seed, group, train, devs, seconds)
-    report.write_results(session.output_dir, session.results)
+    _write_results(session)
     finetune_lib.finish_group(session.output_dir, spec.name)
+
+
+def _write_results(session: _Session) -> None:
+  """glue_results.* as they stand, 'unfinished' naming the (task, seeds) this command
+  asked for that have no scores yet: the files are rewritten after every group, and those
+  of a run killed part-way read as a finished run of fewer tasks or seeds."""
+  runs = session.results['runs']
+  unfinished = {t: [s for s in session.seeds if str(s) not in runs.get(t, {})]
+                for t in session.tasks}
+  session.results['unfinished'] = {t: seeds for t, seeds in unfinished.items() if seeds}
+  report.write_results(session.output_dir, session.results)
 
 
 def _encoded_split(session: _Session, spec, split, limit):
