@@ -1770,6 +1770,30 @@ def test_a_run_missing_one_of_its_prediction_files_is_redone(tmp_path):
   assert list(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('mnli', 1)]
 
 
+def test_predictions_no_results_name_are_set_aside_unless_written_again(tmp_path):
+  """`--seeds=1,2` killed after writing its prediction files, before glue_results.json: a
+  rerun with `--seeds=1` (or another checkpoint) wrote results naming seed 1 only, and
+  rte_seed2.tsv stayed beside them, looking final. It moves to replaced-*/; a file this
+  command writes again stays (the same command rerun)."""
+  config = glue_config.get_config('runlocal')
+  config.update(tasks='rte', seeds='1')
+  predictions = tmp_path / 'predictions'
+  predictions.mkdir()
+  for name in ('rte_seed1.tsv', 'rte_seed2.tsv'):
+    (predictions / name).write_text('idx\tlabel\tprediction\n0\t1\t1\n')
+  assert not reuse.finished_runs(tmp_path, 'CKPT', config)   # no results yet
+  [aside] = tmp_path.glob('replaced-*')
+  assert [p.name for p in predictions.iterdir()] == ['rte_seed1.tsv']
+  assert [p.name for p in (aside / 'predictions').iterdir()] == ['rte_seed2.tsv']
+  shutil.rmtree(aside)
+  (predictions / 'wnli_seed1.tsv').write_text('idx\tlabel\tprediction\n0\t1\t1\n')
+  _results_file(tmp_path, config, {'rte': {'1': {'scores': {'rte': {'score': 50.0}}}}})
+  assert list(reuse.finished_runs(tmp_path, 'CKPT', config)) == [('rte', 1)]
+  [aside] = tmp_path.glob('replaced-*')
+  assert [p.name for p in predictions.iterdir()] == ['rte_seed1.tsv']
+  assert [p.name for p in (aside / 'predictions').iterdir()] == ['wnli_seed1.tsv']
+
+
 @pytest.mark.parametrize('key, value', [
     ('epochs', 5.0), ('batch_size', 32), ('learning_rate', 1e-4), ('max_seq_len', 64),
     ('warmup_ratio', 0.0), ('weight_decay', 0.1), ('max_train_examples', 7),

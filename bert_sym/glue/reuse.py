@@ -73,6 +73,7 @@ def finished_runs(output_dir, step_dir, config) -> dict:
   def read():
     path = epath.Path(output_dir) / 'glue_results.json'
     if not path.exists():
+      _set_aside_stray_predictions(output_dir, config, {})
       return []
     try:
       previous = json.loads(path.read_text())
@@ -101,6 +102,7 @@ def finished_runs(output_dir, step_dir, config) -> dict:
     if not config.resume:
       set_aside_results(output_dir, 'an earlier run (config.resume=False)')
       return []
+    _set_aside_stray_predictions(output_dir, config, previous)
     seeds = parse_seeds(config.seeds)
     # Only runs this command trains again can be stale: a task not asked for now keeps its
     # runs (in the table) for the later command whose seed list they were padded with.
@@ -144,9 +146,7 @@ def set_aside_results(output_dir, whose: str, only=None, previous=None) -> None:
   replaced-<time>/glue_results.json first.
   """
   output_dir = epath.Path(output_dir)
-  stamp = int(time.time())   # and a number when a set-aside of this second is there
-  aside = next(d for d in (output_dir / f'replaced-{stamp}{f"-{n}" if n else ""}'
-                           for n in itertools.count()) if not d.exists())
+  aside = _aside_dir(output_dir)
   results_file = output_dir / 'glue_results.json'
   if only is None:
     curves = sorted(output_dir.glob('runs/*_seed*'))
@@ -165,10 +165,41 @@ def set_aside_results(output_dir, whose: str, only=None, previous=None) -> None:
     predictions = [output_dir / 'predictions' / f'{n}_seed{seed}.tsv'
                    for task, seed in only for n in moved[task][str(seed)]['scores']]
     last = []
-  for path in curves + predictions + last:
+  _move(curves + predictions + last, output_dir, aside)
+  logging.warning('%s held the GLUE results of %s; they are kept in %s, and this run '
+                  'writes new ones.', output_dir, whose, aside)
+
+
+def _set_aside_stray_predictions(output_dir, config, previous: dict) -> None:
+  """Moves prediction files that no run of `previous` (glue_results.json as read) names
+  and that this command will not write again into replaced-<time>/. A run killed between
+  its predictions and glue_results.json left them, and they stayed, looking final, beside
+  the results of another command (other seeds, another checkpoint)."""
+  output_dir = epath.Path(output_dir)
+  named = {f'{name}_seed{seed}.tsv'
+           for runs in (previous.get('runs', {}), previous.get(OTHER_SEEDS, {}))
+           for seeds in runs.values() for seed, run in seeds.items()
+           for name in run.get('scores', {})}
+  named |= {f'{dev.score_name}_seed{seed}.tsv' for spec in glue_data.parse_tasks(config.tasks)
+            for dev in spec.dev_sets for seed in parse_seeds(config.seeds)}
+  stray = [p for p in sorted(output_dir.glob('predictions/*.tsv')) if p.name not in named]
+  if stray:
+    aside = _aside_dir(output_dir)
+    _move(stray, output_dir, aside)
+    logging.warning('%s held prediction files that no results name (%s: a run stopped '
+                    'before writing its glue_results.json); they are kept in %s.',
+                    output_dir, ', '.join(p.name for p in stray), aside)
+
+
+def _aside_dir(output_dir: epath.Path) -> epath.Path:
+  stamp = int(time.time())   # and a number when a set-aside of this second is there
+  return next(d for d in (output_dir / f'replaced-{stamp}{f"-{n}" if n else ""}'
+                          for n in itertools.count()) if not d.exists())
+
+
+def _move(paths, output_dir: epath.Path, aside: epath.Path) -> None:
+  for path in paths:
     if path.exists():
       target = aside / path.relative_to(output_dir)
       target.parent.mkdir(parents=True, exist_ok=True)
       path.rename(target)
-  logging.warning('%s held the GLUE results of %s; they are kept in %s, and this run '
-                  'writes new ones.', output_dir, whose, aside)
