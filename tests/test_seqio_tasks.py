@@ -259,6 +259,63 @@ def test_documents_of_no_token_add_no_separator(tmp_path, vocabulary):
   np.testing.assert_array_equal(got, [[101] + stream + [102] + [0] * (30 - len(stream))])
 
 
+def _long_documents():
+  """Ordinary documents and ones of many pieces at _MAX_PIECE_BYTES=1000: prose with
+  multi-byte letters, runs without whitespace cut at punctuation or between CJK
+  ideographs, words of thousands of letters (1-3 bytes each, cut inside), and long
+  documents whose last pieces, or all of them, give no token."""
+  prose = ' '.join(sources.embedded_documents('validation')[0].split()[:800])
+  return ['A short first document.', prose + ' Café naïve 東京 привет.\nNext paragraph.',
+          'Second short one.', 'ab+cd=' * 400 + 'abcdefgh…' * 300,
+          '東京タワー北京大学' * 200 + ' end',
+          'start ' + 'x' * 3500 + ' middle ' + 'б' * 2001 + ', ' + 'ー' * 1500 + ' end',
+          'word ' * 300 + '\x07' * 2500, '\x07 \u200b' * 1000, 'Last document.']
+
+
+def test_long_documents_are_tokenised_in_pieces_as_hugging_face_does_whole(monkeypatch,
+                                                                            vocabulary):
+  """Documents over _MAX_PIECE_BYTES are cut into pieces, spread over tokenizer batches
+  here (4 pieces a call): the blocks are those of Hugging Face's ids of each whole
+  document, [SEP] after each document that has any."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(blocks, '_MAX_PIECE_BYTES', 1000, raising=False)
+  monkeypatch.setattr(blocks, '_DOCS_PER_TOKENIZE_CALL', 4)
+  documents = _long_documents()
+  got = np.stack(list(blocks.packed_blocks(
+      tf.data.Dataset.from_tensor_slices({'text': documents}), L, vocabulary)
+                      .as_numpy_iterator()))
+  hf = transformers.BertTokenizerFast(vocab=vocabulary.path, do_lower_case=True)
+  stream = []
+  for doc in documents:
+    ids = hf(doc, add_special_tokens=False)['input_ids']
+    stream += ids + [102] if ids else []
+  assert stream.count(100) == 3   # the words of x, б and ー: one [UNK] each
+  body = L - 2
+  expected = [[101] + stream[i:i + body] + [102] for i in range(0, len(stream), body)]
+  expected[-1] += [0] * (L - len(expected[-1]))
+  np.testing.assert_array_equal(got, np.array(expected))
+
+
+def test_the_tokenizer_never_sees_more_than_a_piece_of_a_long_document(monkeypatch,
+                                                                       vocabulary):
+  """Tokenising takes ~40x its text in memory: a corpus of one 20 MB line peaked at 1.6 GB
+  (one of GBs ran out of memory). Each string the tokenizer gets is at most a piece, and
+  whole characters (a word cut in the middle is cut between two)."""
+  monkeypatch.setattr(blocks, '_MAX_PIECE_BYTES', 1000, raising=False)
+
+  class Bounded:
+    special = vocabulary.special
+
+    def encode_tf(self, texts):
+      longest = tf.reduce_max(tf.strings.length(texts))
+      with tf.control_dependencies([tf.debugging.assert_less_equal(longest, 1000)]):
+        return vocabulary.encode_tf(   # (fails on a string that is not UTF-8)
+            tf.strings.unicode_transcode(texts, 'UTF-8', 'UTF-8', errors='strict'))
+
+  documents = tf.data.Dataset.from_tensor_slices({'text': _long_documents()})
+  assert len(list(blocks.packed_blocks(documents, L, Bounded()).as_numpy_iterator())) > 10
+
+
 def test_text_file_errors_name_the_file(tmp_path):
   with pytest.raises(DataError, match=r'missing\*\.txt: no such file'):
     sources.expand_patterns(str(tmp_path / 'missing*.txt'))

@@ -23,6 +23,16 @@ from bert_sym.input import DataError, check_max_seq_len, import_tensorflow, sour
 from bert_sym.input.tokenizer import WordPiece, check_uncased
 
 _DOCS_PER_TOKENIZE_CALL = 64  # TF Text is much faster on a batch of strings than on one.
+# Tokenising takes ~40x its text in memory: a corpus dumped without newlines (one document
+# of GBs) ran out of it. Longer documents are tokenised in pieces of at most this many bytes
+# (1 MiB a tokenizer call), each cut after a character where the tokenizer ends a word, so
+# the ids are the whole document's (checked against Hugging Face in test_seqio_tasks.py).
+_MAX_PIECE_BYTES = 16_384
+# What the normalisation turns into a space, and BasicTokenizer's delimiters (ASCII and
+# Unicode punctuation, CJK ideographs): each is a word of its own or none, after any cut.
+_WORD_END = ('[\t\n\r\\p{Zs}\\p{Zl}\\p{Zp}!-/:-@\\[-`{-~\\p{P}\\x{4E00}-\\x{9FFF}'
+             '\\x{3400}-\\x{4DBF}\\x{20000}-\\x{2A6DF}\\x{2A700}-\\x{2B73F}\\x{2B740}-\\x{2B81F}'
+             '\\x{2B820}-\\x{2CEAF}\\x{F900}-\\x{FAFF}\\x{2F800}-\\x{2FA1F}]')
 
 
 @dataclasses.dataclass(eq=False)
@@ -99,14 +109,29 @@ def packed_blocks(documents, max_seq_len: int, vocabulary):
   tf = import_tensorflow()
   check_max_seq_len(max_seq_len)
   special = vocabulary.special
-  sep = tf.constant([special.sep], tf.int32)
 
-  def tokenize(texts):   # -> each non-empty document's ids + [SEP], flattened
-    ids = tf.cast(vocabulary.encode_tf(texts), tf.int32)  # ragged [docs, pieces]
-    ids = tf.ragged.boolean_mask(ids, ids.row_lengths() > 0)
-    seps = tf.RaggedTensor.from_row_lengths(
-        tf.tile(sep, [ids.nrows()]), tf.ones([ids.nrows()], tf.int64))
-    return tf.concat([ids, seps], axis=1).flat_values
+  def tokenize(pieces, last, mid_word):   # -> the pieces' ids, and which end a document
+    ids = tf.cast(vocabulary.encode_tf(pieces), tf.int32)  # ragged [pieces, ids]
+    # A piece that starts inside a word holds the rest of a word longer than a piece: the
+    # piece before ended with its [UNK] (over tokenizer.MAX_CHARS_PER_WORD characters).
+    drop = mid_word & tf.reduce_any(tf.equal(ids[:, :1], special.unk), axis=1)
+    starts = tf.boolean_mask(ids.row_starts(), drop)
+    keep = tf.tensor_scatter_nd_update(tf.ones_like(ids.flat_values, tf.bool),
+                                       starts[:, None], tf.zeros_like(starts, tf.bool))
+    ids = tf.ragged.boolean_mask(ids, ids.with_flat_values(keep))
+    return ids.flat_values, ids.row_lengths(), last
+
+  def add_seps(continued_has_ids, element):   # -> the pieces' ids, [SEP] after each document
+    flat, lengths, last = element
+    # A document's pieces can span tokenizer batches: [SEP] after its last piece if any of
+    # them had ids (a document of no token adds none).
+    document = tf.cumsum(tf.cast(last, tf.int32), exclusive=True)
+    has_ids = tf.math.segment_max(tf.cast(lengths > 0, tf.int32), document) > 0
+    has_ids = tf.concat([has_ids[:1] | continued_has_ids, has_ids[1:]], axis=0)
+    seps = tf.cast(last & tf.gather(has_ids, document), tf.int64)
+    ids = tf.RaggedTensor.from_row_lengths(flat, lengths)
+    seps = tf.RaggedTensor.from_row_lengths(tf.fill([tf.reduce_sum(seps)], special.sep), seps)
+    return (~last[-1] & has_ids[-1]), tf.concat([ids, seps], axis=1).flat_values
 
   def wrap(chunk):
     block = tf.concat([[special.cls], chunk, [special.sep]], axis=0)
@@ -115,13 +140,64 @@ def packed_blocks(documents, max_seq_len: int, vocabulary):
 
   # Plain graph code: AutoGraph would only rewrite it, TF Text's tokenizer included, at
   # every start-up (measured: packing the embedded corpus 7.0 s -> 3.7 s, the same blocks).
-  tokenize, wrap = (tf.autograph.experimental.do_not_convert(f) for f in (tokenize, wrap))
+  cut, tokenize, add_seps, wrap = (tf.autograph.experimental.do_not_convert(f)
+                                   for f in (_cut_into_pieces, tokenize, add_seps, wrap))
   stream = (documents.map(lambda ex: ex['text'])
             .batch(_DOCS_PER_TOKENIZE_CALL)
-            .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+            .map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .rebatch(_DOCS_PER_TOKENIZE_CALL)
+            .map(tokenize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .scan(tf.constant(False), add_seps))
   # rebatch = unbatch().batch(body) without materialising one element per token.
   return stream.rebatch(max_seq_len - 2).map(wrap, num_parallel_calls=tf.data.AUTOTUNE,
                                              deterministic=True)
+
+
+def _cut_into_pieces(texts):
+  """[b] documents -> (pieces, last piece of its document, starts inside a word), each
+  piece at most _MAX_PIECE_BYTES, cut after the last _WORD_END character in those bytes. A
+  stretch of _MAX_PIECE_BYTES without one is inside a word: cut at its middle, and the
+  word, over MAX_CHARS_PER_WORD characters on both sides, is one [UNK] (`tokenize`); not
+  so only if nearly all its characters are ones the normalisation deletes (controls,
+  combining marks)."""
+  tf = import_tensorflow()
+  size, start = _MAX_PIECE_BYTES, tf.zeros(tf.shape(texts), tf.int64)
+  substr = lambda pos, n: tf.strings.substr(texts, pos, tf.cast(n, tf.int64) + start)
+  # Lengths from substr, not tf.strings.length: its int32 wraps at 2 GiB.
+  rest_up_to = lambda pos: tf.strings.length(substr(pos, size + 1))
+
+  def step(pos, mid_word, done, pieces, last, mid, emitted):
+    rest = rest_up_to(pos)
+    whole = rest <= size
+    chunk = substr(pos, tf.where(whole, 0, size))
+    # \C: any byte, also those of the character cut at the chunk's end.
+    word_end = tf.strings.length(chunk) - tf.strings.length(
+        tf.strings.regex_replace(chunk, '^\\C*' + _WORD_END, '', replace_global=False))
+    middle = substr(tf.where(whole, pos, pos + size // 2),
+                    tf.where(whole, 0, 4))   # to cut between characters
+    middle = tf.io.decode_raw(middle, tf.uint8, fixed_length=4)
+    to_start = tf.argmax(tf.cast(middle & 0xC0, tf.int32) != 0x80, axis=1,
+                         output_type=tf.int32)
+    length = tf.where(whole, rest,
+                      tf.where(word_end > 0, word_end, size // 2 + to_start))
+    i = pieces.size()
+    return (pos + tf.cast(length, tf.int64), ~whole & (word_end == 0), done | whole,
+            pieces.write(i, substr(pos, length)), last.write(i, whole),
+            mid.write(i, mid_word), emitted.write(i, ~done))
+
+  def split():
+    arrays = [tf.TensorArray(dtype, 0, dynamic_size=True)
+              for dtype in (tf.string, tf.bool, tf.bool, tf.bool)]
+    no = tf.zeros(tf.shape(texts), tf.bool)
+    _, _, _, *arrays = tf.while_loop(lambda _, __, done, *___: ~tf.reduce_all(done), step,
+                                     [start, no, no] + arrays)
+    # [step, document] -> document by document, each one's pieces in order
+    pieces, last, mid, emitted = (tf.transpose(a.stack()) for a in arrays)
+    return tuple(tf.boolean_mask(a, emitted) for a in (pieces, last, mid))
+
+  return tf.cond(tf.reduce_all(rest_up_to(start) <= size),
+                 lambda: (texts, tf.ones(tf.shape(texts), tf.bool),
+                          tf.zeros(tf.shape(texts), tf.bool)), split)
 
 
 def numpy_blocks(dataset, description: str) -> Iterator[np.ndarray]:
