@@ -121,9 +121,14 @@ def slurm_local_device_ids(env=None) -> list[int] | None:
 
 # A process that stops before it connects (a flag or config file wrong on its host only)
 # leaves the others waiting out JAX's initialization timeout, then aborting in C++ with a
-# page of stack that names no cause.
-_IF_ONE_NEVER_CONNECTS = ('A process that never connects stops the others after 5 minutes '
-                          '(DEADLINE_EXCEEDED): its own output says why.')
+# page of stack that names no cause. Two processes given one --process_id cannot be caught
+# here: JAX's coordination service keeps the newer, aborts the older in C++ at once (so
+# no check after initialize ever sees both), and the id left out keeps the others waiting.
+_IF_ONE_NEVER_CONNECTS = (
+    'A process that never connects stops the others after 5 minutes (DEADLINE_EXCEEDED or '
+    'UNAVAILABLE): its own output says why. One that aborts at once with ALREADY_EXISTS '
+    '("a request from a newer incarnation") was given the --process_id of another: each '
+    'process needs its own, 0 to num_processes-1.')
 
 
 def _check_coordinator_port_free(address: str) -> None:

@@ -893,7 +893,11 @@ def test_start_up_takes_the_flags_beside_an_environment_coordinator_and_names_th
   distributed.initialize(_start_up_flags(num_processes=4, process_id=3))
   assert calls == [((None,), {'num_processes': 4, 'process_id': 3})]
   # JAX's timeout, when a process never connects, ends in a C++ abort that names no cause.
-  assert 'never connects stops the others after 5 minutes' in capsys.readouterr().out
+  waiting = capsys.readouterr().out
+  assert 'never connects stops the others after 5 minutes' in waiting
+  # Two processes given one id: JAX aborts the older at once with ALREADY_EXISTS ("a
+  # request from a newer incarnation"), a C++ abort no check of ours can turn into a line.
+  assert 'ALREADY_EXISTS' in waiting and 'was given the --process_id of another' in waiting
   assert settings == [('jax_cpu_collectives_implementation', 'gloo')]
   # An srun task bound to its own GPU (--gpus-per-task=1) sees it as ordinal 0: with the
   # flags too, not JAX's default [SLURM_LOCALID] (a GPU it cannot see).
