@@ -29,10 +29,16 @@ _DOCS_PER_TOKENIZE_CALL = 64  # TF Text is much faster on a batch of strings tha
 # the ids are the whole document's (checked against Hugging Face in test_seqio_tasks.py).
 _MAX_PIECE_BYTES = 16_384
 # What the normalisation turns into a space, and BasicTokenizer's delimiters (ASCII and
-# Unicode punctuation, CJK ideographs): each is a word of its own or none, after any cut.
-_WORD_END = ('[\t\n\r\\p{Zs}\\p{Zl}\\p{Zp}!-/:-@\\[-`{-~\\p{P}\\x{4E00}-\\x{9FFF}'
+# Unicode punctuation, CJK ideographs, and the four characters whose NFD is one of those
+# plus a mark it deletes: U+1FEF, U+2260, U+226E, U+226F): each is a word of its own or
+# none, after any cut.
+_WORD_END = ('[\t\n\r\\p{Zs}\\p{Zl}\\p{Zp}!-/:-@\\[-`{-~\\p{P}\\x{1FEF}\\x{2260}\\x{226E}\\x{226F}'
+             '\\x{4E00}-\\x{9FFF}'
              '\\x{3400}-\\x{4DBF}\\x{20000}-\\x{2A6DF}\\x{2A700}-\\x{2B73F}\\x{2B740}-\\x{2B81F}'
              '\\x{2B820}-\\x{2CEAF}\\x{F900}-\\x{FAFF}\\x{2F800}-\\x{2FA1F}]')
+
+# What the normalisation deletes (tokenizer.WordPiece._normalize), marks after NFD included.
+_DELETED = '[\\x{0}\\x{FFFD}\\p{Cc}\\p{Cf}\\p{Co}\\p{Mn}]'
 
 
 @dataclasses.dataclass(eq=False)
@@ -157,9 +163,10 @@ def _cut_into_pieces(texts):
   """[b] documents -> (pieces, last piece of its document, starts inside a word), each
   piece at most _MAX_PIECE_BYTES, cut after the last _WORD_END character in those bytes. A
   stretch of _MAX_PIECE_BYTES without one is inside a word: cut at its middle, and the
-  word, over MAX_CHARS_PER_WORD characters on both sides, is one [UNK] (`tokenize`); not
-  so only if nearly all its characters are ones the normalisation deletes (controls,
-  combining marks)."""
+  word, over MAX_CHARS_PER_WORD characters on both sides, is one [UNK] (`tokenize`). Not
+  where the stretch holds characters the normalisation deletes (controls, combining
+  marks): a side could then be short, or nothing, so the rest of that document is one
+  piece, unbounded (a pathological text, tokenised exactly)."""
   tf = import_tensorflow()
   size, start = _MAX_PIECE_BYTES, tf.zeros(tf.shape(texts), tf.int64)
   substr = lambda pos, n: tf.strings.substr(texts, pos, tf.cast(n, tf.int64) + start)
@@ -178,12 +185,18 @@ def _cut_into_pieces(texts):
     middle = tf.io.decode_raw(middle, tf.uint8, fixed_length=4)
     to_start = tf.argmax(tf.cast(middle & 0xC0, tf.int32) != 0x80, axis=1,
                          output_type=tf.int32)
+    mid_cut = ~whole & (word_end == 0)
+    uncuttable = mid_cut & tf.strings.regex_full_match(chunk, '\\C*' + _DELETED + '\\C*')
+    mid_cut &= ~uncuttable
     length = tf.where(whole, rest,
                       tf.where(word_end > 0, word_end, size // 2 + to_start))
+    # The rest of an uncuttable document: substr stops at its end; pos stays (in range).
+    piece = substr(pos, tf.where(uncuttable, tf.int64.max, tf.cast(length, tf.int64)))
     i = pieces.size()
-    return (pos + tf.cast(length, tf.int64), ~whole & (word_end == 0), done | whole,
-            pieces.write(i, substr(pos, length)), last.write(i, whole),
-            mid.write(i, mid_word), emitted.write(i, ~done))
+    step_by = tf.where(uncuttable, tf.constant(0, tf.int64), tf.cast(length, tf.int64))
+    return (pos + step_by, mid_cut,
+            done | whole | uncuttable, pieces.write(i, piece),
+            last.write(i, whole | uncuttable), mid.write(i, mid_word), emitted.write(i, ~done))
 
   def split():
     arrays = [tf.TensorArray(dtype, 0, dynamic_size=True)
