@@ -13,6 +13,7 @@ remove templates, tables, references and link syntax, and we keep casing and pun
 from __future__ import annotations
 
 import bz2
+import codecs
 import concurrent.futures
 import functools
 import hashlib
@@ -225,35 +226,138 @@ def files_fingerprint(patterns: str | list[str]) -> str:
 # Magic bytes of the compressed files a corpus comes in: the format and its command line.
 _COMPRESSED = {b'\x1f\x8b': ('gzip', 'gunzip'), b'BZh': ('bzip2', 'bunzip2'),
                b'\xfd7zXZ\x00': ('xz', 'unxz'), b'\x28\xb5\x2f\xfd': ('zstd', 'unzstd')}
+# Read in chunks: a file read whole (and its copies through the string ops) took ~7x its
+# size in memory before its first document, so a multi-GB corpus file did not fit.
+_READ_CHUNK = 1 << 20
+_STRIP = ' \t\n\v\f\r'   # tf.strings.strip's (ASCII) whitespace
+_RE2_SPACE = ' \t\n\f\r'   # RE2's \s: not \v
 
 
-def _documents_of_file(path):
+class _ReadFailed(Exception):
+  """A file that cannot be read as text; its message is the reason (after the path)."""
+
+
+def _lines(path: bytes):
+  r"""The file's lines ('\r\n' and a lone '\r' end one too), checked to be UTF-8."""
   tf = import_tensorflow()
-  content = tf.io.read_file(path)
-  valid = tf.strings.length(
-      tf.strings.unicode_transcode(content, 'UTF-8', 'UTF-8', errors='ignore')
-  ) == tf.strings.length(content)
-  # A compressed corpus is not valid UTF-8 either, but converting it as latin-1 (the fix
-  # for that) would turn it into valid text of garbage.
-  reason = tf.constant('is not valid UTF-8 text')
-  for magic, (kind, tool) in _COMPRESSED.items():
-    reason = tf.where(tf.strings.substr(content, 0, len(magic)) == magic,
-                      f'is {kind}-compressed, not text. Fix: decompress it ({tool} -k FILE) '
-                      'and name the decompressed file', reason)
-  check = tf.debugging.Assert(valid, [path, reason])
-  with tf.control_dependencies([check]):
-    content = tf.strings.regex_replace(content, '\r\n?', '\n')
+  decoder = codecs.getincrementaldecoder('utf-8')()
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      chunk = f.read(_READ_CHUNK)
+      # A compressed corpus is not valid UTF-8 either, but converting it as latin-1 (the
+      # fix for that) would turn it into valid text of garbage.
+      reason = 'is not valid UTF-8 text'
+      for magic, (kind, tool) in _COMPRESSED.items():
+        if chunk.startswith(magic):
+          reason = (f'is {kind}-compressed, not text. Fix: decompress it ({tool} -k FILE) '
+                    'and name the decompressed file')
+      line, cr = [], False   # the pieces of the current line; a '\r' held back
+      while chunk:
+        try:
+          text = '\r' * cr + decoder.decode(chunk)
+        except UnicodeDecodeError:
+          raise _ReadFailed(reason) from None
+        chunk = f.read(_READ_CHUNK)
+        cr = bool(chunk) and text.endswith('\r')   # perhaps the first half of a '\r\n'
+        text = text[:len(text) - cr].replace('\r\n', '\n').replace('\r', '\n')
+        *lines, last = text.split('\n')
+        if lines:
+          yield ''.join(line) + lines[0]
+          yield from lines[1:]
+          line = []
+        line.append(last)
+      try:
+        decoder.decode(b'', final=True)
+      except UnicodeDecodeError:
+        raise _ReadFailed(reason) from None
+      yield ''.join(line)
+  except tf.errors.OpError as e:
+    # As _gfile says it; no brackets, which end the assertion's fields (numpy_blocks).
+    message = ' '.join(e.message.split())[:200].translate({ord('['): '(', ord(']'): ')'})
+    raise _ReadFailed(f'cannot be read ({type(e).__name__}: {message}): the storage did not '
+                      'answer or refused the read (network, credentials, permissions). Fix: '
+                      'check that this machine can read it') from None
+
+
+def _stripped_lines(path: bytes):
+  """The lines of the file's text stripped of leading and trailing whitespace."""
+  held, pending = None, []   # the last line with text; the whitespace lines after it
+  for line in _lines(path):
+    if not line.strip(_STRIP):
+      if held is not None and pending and pending[-1][0] == line:
+        pending[-1][1] += 1   # run-length: a file can hold millions of blank lines
+      elif held is not None:
+        pending.append([line, 1])
+      continue
+    if held is None:
+      held = line.lstrip(_STRIP)
+    else:
+      yield held
+      for blank, count in pending:
+        yield from (blank for _ in range(count))
+      held, pending = line, []
+  if held is not None:
+    yield held.rstrip(_STRIP)
+
+
+def _documents(path: bytes):
+  """The documents of a text file (see `_documents_of_file`)."""
   # A file with a blank line between two lines of text holds blank-line separated documents,
   # else one per line. Stripped first: a blank line at the end (`echo >> file`) made a
   # file of one document per line a single document.
-  content = tf.strings.strip(content)
-  has_blank_line = tf.strings.regex_full_match(content, r'(?s).*\n[ \t]*\n.*')
-  separated = tf.strings.regex_replace(content, r'\n[ \t]*\n\s*', '\x1e')
-  documents = tf.cond(has_blank_line,
-                      lambda: tf.strings.split(separated, '\x1e'),
-                      lambda: tf.strings.split(content, '\n'))
-  documents = tf.boolean_mask(documents, ~tf.strings.regex_full_match(documents, r'\s*'))
-  return tf.data.Dataset.from_tensor_slices(documents)
+  if not any(not line.strip(' \t') for line in _stripped_lines(path)):
+    yield from (line for line in _stripped_lines(path) if line.strip(_RE2_SPACE))
+    return
+  # '\n[ \t]*\n\s*' separates documents: a blank line, and the whitespace after it.
+  def split(lines):   # '\x1e' (what separators were replaced by) in the text splits too
+    return (d for d in '\n'.join(lines).split('\x1e') if d.strip(_RE2_SPACE))
+
+  document, after_blank = [], False
+  for line in _stripped_lines(path):
+    if after_blank:
+      line = line.lstrip(' \t\f')
+      if not line:
+        continue
+      after_blank = False
+    elif not line.strip(' \t'):
+      yield from split(document)
+      document, after_blank = [], True
+      continue
+    document.append(line)
+  yield from split(document)
+
+
+def _checked_documents(path: bytes):
+  """Lists of the file's documents, each with b'' or (at the end of a file that failed) the
+  reason. Lists of ~1 MiB: a call into Python per document took 5x the time of the read."""
+  batch, size = [], 0
+  try:
+    for document in _documents(path):
+      batch.append(document.encode('utf-8'))
+      size += len(batch[-1])
+      if size >= _READ_CHUNK:
+        yield batch, b''
+        batch, size = [], 0
+  except _ReadFailed as e:
+    yield batch, str(e).encode('utf-8')
+    return
+  yield batch, b''
+
+
+def _documents_of_file(path):
+  """The file's documents, read as a stream: memory bounded by its longest document."""
+  tf = import_tensorflow()
+  batches = tf.data.Dataset.from_generator(
+      _checked_documents, args=(path,), output_signature=(
+          tf.TensorSpec([None], tf.string), tf.TensorSpec((), tf.string)))
+
+  def checked(documents, reason):
+    # Raised in the generator, the error would reach the user as a Python traceback.
+    check = tf.debugging.Assert(tf.equal(reason, ''), [path, reason])
+    with tf.control_dependencies([check]):
+      return tf.identity(documents)
+
+  return batches.map(checked).unbatch()
 
 
 def _text_files_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
