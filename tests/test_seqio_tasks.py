@@ -2,6 +2,8 @@
 packing against an independent Hugging Face reference, the tasks' masked examples,
 text-file sources and their errors."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -323,6 +325,35 @@ def test_the_tokenizer_never_sees_more_than_a_piece_of_a_long_document(monkeypat
   documents = tf.data.Dataset.from_tensor_slices(
       {'text': [d for d in _long_documents() if '\x07' * 2500 not in d]})
   assert len(list(blocks.packed_blocks(documents, L, Bounded()).as_numpy_iterator())) > 10
+
+
+_CUT_BESIDE_AN_UNCUTTABLE_DOCUMENT = """
+import resource
+import tensorflow as tf
+from bert_sym.input import blocks
+blocks._MAX_PIECE_BYTES = 1000
+uncuttable = 'x' * 500 + '\\x00' + 'x' * 600 + 'z' * 500_000   # no word end, a NUL
+other = 'ab ' * 100_000   # ~300 pieces, one a loop step
+for texts in ([other], [uncuttable, other]):   # the peak rises only past the first's
+  pieces, last, _ = blocks._cut_into_pieces(tf.constant(texts))
+  assert b''.join(pieces.numpy()) == ''.join(texts).encode()
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_document_left_whole_is_not_copied_while_others_are_cut():
+  """A document that cannot be cut (no word end in a stretch that holds a NUL) is one
+  piece; its rest was written again at every later step of the batch's loop, while the
+  others were cut: a 16 MB one beside a 16 MB one of ordinary text took ~16 GB. Beside a
+  0.5 MB one, the peak is that of cutting the other alone (the old code: +288 MiB)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  done = subprocess.run([sys.executable, '-c', _CUT_BESIDE_AN_UNCUTTABLE_DOCUMENT],
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert done.returncode == 0, done.stderr[-3000:]
+  alone, beside = map(int, done.stdout.split()[-2:])   # peak RSS, MiB
+  assert beside < alone + 100, (alone, beside)
 
 
 def test_text_file_errors_name_the_file(tmp_path):
