@@ -153,10 +153,13 @@ def _gfile(call, path: str):
                     f'{path.split("://")[0]}://. Fix: copy the files to a local path or '
                     'gs://.') from None
   except tf.errors.OpError as e:
-    raise DataError(f'{path}: cannot be read ({type(e).__name__}: '
-                    f'{" ".join(e.message.split())[:200]}): the storage did not answer or '
-                    'refused the read (network, credentials, permissions). Fix: check that '
-                    'this machine can read it.') from None
+    raise DataError(f'{path}: {_storage_error(e)}.') from None
+
+
+def _storage_error(e) -> str:
+  return (f'cannot be read ({type(e).__name__}: {" ".join(e.message.split())[:200]}): the '
+          'storage did not answer or refused the read (network, credentials, permissions). '
+          'Fix: check that this machine can read it')
 
 
 # gs:// answers one stat per request, ~50 ms each: a corpus of thousands of files took
@@ -272,11 +275,8 @@ def _lines(path: bytes):
         raise _ReadFailed(reason) from None
       yield ''.join(line)
   except tf.errors.OpError as e:
-    # As _gfile says it; no brackets, which end the assertion's fields (numpy_blocks).
-    message = ' '.join(e.message.split())[:200].translate({ord('['): '(', ord(']'): ')'})
-    raise _ReadFailed(f'cannot be read ({type(e).__name__}: {message}): the storage did not '
-                      'answer or refused the read (network, credentials, permissions). Fix: '
-                      'check that this machine can read it') from None
+    # No brackets, which end the assertion's fields (numpy_blocks).
+    raise _ReadFailed(_storage_error(e).translate({ord('['): '(', ord(']'): ')'})) from None
 
 
 def _stripped_lines(path: bytes):
