@@ -328,6 +328,30 @@ def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
   assert not list(tmp_path.glob('.*tmp-*'))
 
 
+def test_a_second_glue_command_on_an_output_dir_in_use_stops(workdir, tmp_path):
+  """Two commands on one --output_dir at once (say --tasks=rte and --tasks=mrpc): each
+  rewrote glue_results.json with its own runs alone, so the first one to finish lost its
+  scores, and each set the other's predictions aside as strays. The second now stops in
+  one line naming the holder, and leaves the first one's files alone."""
+  import fcntl  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  out = tmp_path / 'glue'
+  out.mkdir()
+  lock = out / 'glue.lock'   # held as the running command holds it: an flock
+  fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, json.dumps({'host': 'elsewhere', 'pid': 4242}).encode())
+    with pytest.raises(ValueError, match=r'in use by another GLUE run \(pid 4242 on elsewhere.*'
+                       r'another --output_dir'):
+      suite.run_glue(str(workdir), str(out), _config(tasks='wnli', seeds='1', **_SHORT_RUN))
+  finally:
+    os.close(fd)
+  assert [p.name for p in out.iterdir()] == ['glue.lock']   # nothing written or moved
+  results = suite.run_glue(str(workdir), str(out), _config(tasks='wnli', seeds='1',
+                                                           **_SHORT_RUN))
+  assert list(results['runs']) == ['wnli'] and not lock.exists()   # taken, then released
+
+
 def test_resume_reuses_finished_runs_only(workdir, tmp_path, monkeypatch):
   out = tmp_path / 'resume'
   config = _config(tasks='wnli', seeds='1', **_SHORT_RUN,

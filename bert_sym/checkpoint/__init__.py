@@ -36,7 +36,7 @@ from bert_sym.checkpoint.core import (  # noqa: F401
     workdir_blocked, workdir_problem
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401
-    LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host,
+    LOCK_FILE, GLUE_LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host,
     inputs_checked_on_every_host, checked_on_every_host
 )
 from bert_sym.checkpoint.saving import (  # noqa: F401

@@ -17,6 +17,7 @@ from bert_sym.cli import UserError, another_process_stopped
 # ---- One trainer per workdir ----
 
 LOCK_FILE = 'trainer.lock'
+GLUE_LOCK_FILE = 'glue.lock'   # one GLUE command per --output_dir (bert_sym.glue.suite)
 # The open lock file of each workdir this process holds (the lock lives as long as it is
 # open: the kernel releases it when the holder dies, however it dies).
 _HELD = {}
@@ -106,9 +107,12 @@ def _raise_if_any_stopped(gathered, what: str) -> None:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir, log=print):
+def workdir_lock(workdir, log=print, *, lock_file: str = LOCK_FILE, owner: str = 'trainer',
+                 flag: str = '--workdir', shared: bool = True):
   """Held by process 0 for the whole run: a second trainer on the same workdir stops at
-  once instead of deleting the first one's saves and interleaving its metrics.
+  once instead of deleting the first one's saves and interleaving its metrics. (GLUE
+  takes one on its --output_dir: `lock_file`, and the `owner` and `flag` its messages
+  name, and `shared=False`: only process 0 writes there, so other hosts need not see it.)
 
   An flock on `trainer.lock`, which names the holder (host, pid, start) for the message.
   The kernel drops the lock when the holder dies (SIGKILL, OOM, a restarted container),
@@ -117,12 +121,12 @@ def workdir_lock(workdir, log=print):
   Object stores (gs://) and filesystems without locks: the lock is not taken (one trainer
   per workdir is then the user's job, as with any orbax run).
   """
-  path = os.path.join(str(absolute(workdir)), LOCK_FILE)
+  path = os.path.join(str(absolute(workdir)), lock_file)
   local = '://' not in str(workdir)
   problem, error, holder = None, None, None
   if local and jax.process_index() == 0:
     try:
-      holder = _take_lock(path, log)
+      holder = _take_lock(path, log, owner, flag)
     except WorkdirBusy as e:
       problem = str(e)
     except Exception as e:  # pylint: disable=broad-except
@@ -133,7 +137,8 @@ def workdir_lock(workdir, log=print):
   if problem:
     raise WorkdirBusy(problem)
   try:
-    _check_every_host_sees(path, holder, workdir)
+    if shared:
+      _check_every_host_sees(path, holder, workdir)
     yield
   finally:
     _release(path)
@@ -174,7 +179,7 @@ def _lock_holder(path) -> dict:
     return {}
 
 
-def _take_lock(path, log) -> dict | None:
+def _take_lock(path, log, kind: str = 'trainer', flag: str = '--workdir') -> dict | None:
   """The holder written into the lock file; None where the filesystem cannot lock."""
   me = {'host': socket.gethostname(), 'pid': os.getpid(),
         'started': time.strftime('%Y-%m-%d %H:%M:%S %Z')}
@@ -186,14 +191,14 @@ def _take_lock(path, log) -> dict | None:
       os.close(fd)
       holder = _lock_holder(path)
       raise WorkdirBusy(
-          f'{os.path.dirname(path)} is in use by another trainer (pid '
+          f'{os.path.dirname(path)} is in use by another {kind} (pid '
           f'{holder.get("pid", "?")} on {holder.get("host", "?")}, since '
           f'{holder.get("started", "?")}; lock file {path}). Wait for it to finish or use '
-          'another --workdir.') from None
+          f'another {flag}.') from None
     except OSError as e:   # ENOLCK / EOPNOTSUPP: e.g. an NFS mount without lockd, FUSE
       os.close(fd)
       log(f'WARNING: {path} cannot be locked on this filesystem ({e.strerror}); a second '
-          'trainer on this workdir would not be stopped.')
+          f'{kind} on this {flag} would not be stopped.')
       return None
     try:   # the holder before us unlinked it between our open and our lock: not the lock
       current = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -212,7 +217,7 @@ def _take_lock(path, log) -> dict | None:
       json.dump(me, f)
     _HELD[path] = fd
     return me
-  raise WorkdirBusy(f'Could not take the workdir lock {path}; another trainer keeps taking it.')
+  raise WorkdirBusy(f'Could not take the lock {path}; another {kind} keeps taking it.')
 
 
 def _holder_text(text: str) -> dict:

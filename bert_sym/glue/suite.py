@@ -127,6 +127,17 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
     # The inputs are checked (a refused run leaves no folder); data and compiles come next.
     _check_outside_checkpoints(output_dir, pretrained.step_dir)
     output_dir = files.check_writable(output_dir, f'--output_dir={output_dir}')
+  # One command per output directory: two at once each rewrote glue_results.json with its
+  # own runs alone (the other's scores lost), and each set the other's predictions aside.
+  with checkpoint_lib.workdir_lock(output_dir, lock_file=checkpoint_lib.GLUE_LOCK_FILE,
+                                   owner='GLUE run', flag='--output_dir', shared=False):
+    return _run_locked(output_dir, config, task_cache, preemption, pretrained, tokenizer,
+                       mesh, rules, seeds, specs, parallel)
+
+
+def _run_locked(output_dir, config, task_cache, preemption, pretrained, tokenizer, mesh,
+                rules, seeds, specs, parallel) -> dict:
+  """Every (task, seed) of `specs` x `seeds` not finished before, with the lock held."""
   results = _new_results(pretrained, config, mesh, seeds, specs)
   _keep_finished_runs(results, finished_runs(output_dir, pretrained.step_dir, config), seeds)
   logging.info('GLUE on %s (step %d) from %s: tasks %s, seeds %s', pretrained.step_dir,
