@@ -23,12 +23,15 @@ INTERRUPTED_EXIT_CODE = cli.EXIT_INTERRUPTED
 class Preempted(Exception):
   """Raised after a SIGTERM / preemption stop once the checkpoint of `step` is saved."""
 
-  def __init__(self, step: int, signal_name: str | None = 'SIGTERM'):
+  def __init__(self, step: int | None, signal_name: str | None = 'SIGTERM'):
     self.step = step
     self.exit_code = (INTERRUPTED_EXIT_CODE if signal_name == 'SIGINT'
                       else PREEMPTED_EXIT_CODE)
-    # The one line the entry point says (process 0 prints it, the others log it).
-    super().__init__(f'Stopped by {signal_name or "preemption"}: saved step {step}, exiting '
+    # The one line the entry point says (process 0 prints it, the others log it). No step:
+    # stopped in start-up, before anything was trained, so nothing needed saving.
+    saved = ('before training started, nothing to save' if step is None
+             else f'saved step {step}')
+    super().__init__(f'Stopped by {signal_name or "preemption"}: {saved}, exiting '
                      f'with code {self.exit_code} (rerun the same command to resume).')
 
 
@@ -85,6 +88,12 @@ class PreemptionFlag:
     if jax.process_count() > 1:
       return manager.reached_preemption(step)
     return self._event.is_set()
+
+  def stop_if_raised(self) -> None:
+    """Raises Preempted (no step: nothing was trained, so nothing needed saving) where a
+    signal came before the run's first step could be reached, e.g. while inputs load."""
+    if self.raised_locally():
+      raise Preempted(None, self.signal_name)
 
   def raised_locally(self) -> bool:
     """A signal seen by this (only) process; several stop at orbax's agreed step instead."""

@@ -166,26 +166,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
 
   Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption. With
   `start_over`, a workdir whose checkpoints are all damaged starts again from step 0.
-  Signal handlers and hooks are as before when this returns or raises.
-  """
-  config = checkpoint.inputs_checked_on_every_host(   # every input, before any side effect
-      lambda: _check_inputs(config, make_iterator), 'run')
-  loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
-  with checkpoint.checked_on_every_host('run'):   # a workdir one host cannot write
-    workdir = _prepare_workdir(workdir)
-  with checkpoint.workdir_lock(workdir), loop.PreemptionFlag() as preemption:
-    run = _open_run(workdir)                   # logging: console line, metrics writer
-    try:
-      mesh = _build_mesh(config, run)
-      data = _build_input(config, mesh, make_iterator, run)
-      mlm = build_mlm_step(config, mesh)     # model, optimizer, state shapes, steps
-      manager, latest, state = _restore_or_init(config, workdir, mlm.spec, data, run,
-                                                start_over)
-      evaluate = _build_evaluator(config, mlm.eval_step, data, run)
-      step = pretrain_loop.run_to_total_steps(config, state, latest, mlm.train_step, data,
-                                              evaluate, manager, preemption, run)
-    finally:
-      run.writer.close()
+  Signal handlers and hooks are as before when this returns or raises."""
+  with loop.PreemptionFlag() as preemption:   # from the start: SIGTERM in start-up was 143
+    config = checkpoint.inputs_checked_on_every_host(   # every input, before any side effect
+        lambda: _check_inputs(config, make_iterator), 'run')
+    preemption.stop_if_raised()   # (which launchers do not requeue): exit 42 now, untrained
+    loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
+    with checkpoint.checked_on_every_host('run'):   # a workdir one host cannot write
+      workdir = _prepare_workdir(workdir)
+    with checkpoint.workdir_lock(workdir):
+      run = _open_run(workdir)                   # logging: console line, metrics writer
+      try:
+        mesh = _build_mesh(config, run)
+        data = _build_input(config, mesh, make_iterator, run)
+        mlm = build_mlm_step(config, mesh)     # model, optimizer, state shapes, steps
+        manager, latest, state = _restore_or_init(config, workdir, mlm.spec, data, run,
+                                                  start_over)
+        evaluate = _build_evaluator(config, mlm.eval_step, data, run)
+        step = pretrain_loop.run_to_total_steps(config, state, latest, mlm.train_step, data,
+                                                evaluate, manager, preemption, run)
+      finally:
+        run.writer.close()
   run.console(closing_summary(workdir, step, run))
   return run.eval_metrics
 
@@ -317,8 +318,7 @@ def _write_config(workdir: epath.Path, config) -> None:
     return
   old = workdir / checkpoint.CONFIG_FILE
   if old.exists():
-    changed = checkpoint.config_differences(checkpoint.read_config(workdir), config)
-    if changed:
+    if changed := checkpoint.config_differences(checkpoint.read_config(workdir), config):
       logging.warning('Config differs from the previous %s in: %s', old, ', '.join(changed))
   checkpoint.write_config(workdir, config)
 

@@ -1503,6 +1503,35 @@ def test_eval_steps_zero_and_a_second_trainer_on_the_live_workdir(tmp_path):
   assert not (workdir / checkpoint.LOCK_FILE).exists()
 
 
+def test_a_sigterm_while_the_inputs_are_checked_exits_42_untouched(tmp_path, monkeypatch):
+  """A preemption in start-up, while the inputs are checked (the data read: seconds to
+  minutes), killed the trainer: exit 143, which launch/slurm_gpu.sbatch does not requeue
+  (only 42), so the run stopped for good. It now stops with 42, nothing written."""
+  class Killed(Exception):   # what the default action would do: the process ends here
+    pass
+
+  def killed(*_):
+    raise Killed()
+  real = train.config_check.preflight
+
+  def preflight(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)   # the preemption's notice
+    return real(*args, **kwargs)
+  monkeypatch.setattr(train.config_check, 'preflight', preflight)
+  previous = signal.signal(signal.SIGTERM, killed)
+  try:
+    with pytest.raises(train.Preempted) as stopped:
+      train.train_and_evaluate(train_fixtures.tiny_config(), str(tmp_path / 'run'),
+                               make_iterator=train_fixtures.make_synthetic_iterator)
+    assert signal.getsignal(signal.SIGTERM) is killed   # the caller's handler is back
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert stopped.value.exit_code == train.PREEMPTED_EXIT_CODE
+  assert str(stopped.value).startswith('Stopped by SIGTERM: before training started, nothing '
+                                       'to save, exiting with code 42'), stopped.value
+  assert not (tmp_path / 'run').exists()   # stopped before the workdir was made
+
+
 def test_a_ctrl_c_before_the_loops_handler_is_not_called_a_second_one(tmp_path):
   """A first Ctrl-C during start-up (here while the processes connect) was said to be "a
   second Ctrl-C"."""
