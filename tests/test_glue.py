@@ -227,7 +227,10 @@ def test_sweep_scores_every_step(workdir, tmp_path, capsys):
   assert [p['step'] for p in summary['points']] == [2, 4]
   assert summary['threshold'] == pytest.approx(38.0)
   assert (out / 'glue_vs_step.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert 'First step reaching it' in (out / 'glue_vs_step.md').read_text()
+  # The curve compared with the reference came from cut sets: its table says so, as each
+  # step's glue_results.md does (it said nothing, and read as comparable with the paper).
+  assert ('Cut data, not comparable with the paper:** only the first 24 training examples; '
+          'only the first 20 dev-set examples') in (out / 'glue_vs_step.md').read_text()
   for step in (2, 4):
     assert (out / f'step_{step:08d}' / 'predictions' / 'mrpc_seed1.tsv').exists()
   # A 4-step model's scores are unpredictable, so the threshold logic is checked with
@@ -322,7 +325,14 @@ def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
   assert 'First step reaching it: none yet.' in table
   assert 'Warning: some scores are partial GLUE means' in table
 
+  report.write_sweep(tmp_path, 'WORKDIR', points, reference_score=79.36,
+                     config={'max_train_examples': 0, 'max_eval_examples': 128})
+  table = (tmp_path / 'glue_vs_step.md').read_text()
+  assert '**Cut data, not comparable with the paper:** only the first 128 dev-set' in table
+  assert 'training examples' not in table
+
   report.write_sweep(tmp_path, 'WORKDIR', points, reference_score=None)
+  assert 'Cut data' not in (tmp_path / 'glue_vs_step.md').read_text()
   summary = json.loads((tmp_path / 'glue_vs_step.json').read_text())
   assert 'threshold' not in summary and 'first_step_reaching_threshold' not in summary
   assert not list(tmp_path.glob('.*tmp-*'))

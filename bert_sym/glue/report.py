@@ -52,6 +52,17 @@ def _glue_cell(row, key, total):
   return '—'
 
 
+def _cut_note(config) -> list[str]:
+  """The lines that say a table's scores come from cut training or dev sets (none if not)."""
+  cuts = [f'only the first {n} {what} examples' for what, n in (
+      ('training', config.get('max_train_examples', 0)),
+      ('dev-set', config.get('max_eval_examples', 0))) if n]
+  if not cuts:
+    return []
+  return ['', f'**Cut data, not comparable with the paper:** {"; ".join(cuts)} '
+          '(config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
+
+
 def markdown_table(results: dict) -> str:
   names = glue_metrics.FULL_SCORES
   header = ['seed', 'GLUE', 'GLUE full'] + [glue_metrics.SCORE_TITLES[n] for n in names]
@@ -87,13 +98,7 @@ def markdown_table(results: dict) -> str:
   cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
            glue_pm('glue_full', 10)]
   lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
-  config = results.get('config', {})
-  cuts = [f'only the first {n} {what} examples' for what, n in (
-      ('training', config.get('max_train_examples', 0)),
-      ('dev-set', config.get('max_eval_examples', 0))) if n]
-  if cuts:
-    lines += ['', f'**Cut data, not comparable with the paper:** {"; ".join(cuts)} '
-              '(config.max_train_examples / config.max_eval_examples, e.g. runlocal).']
+  lines += _cut_note(results.get('config', {}))
   lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
             'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
             'mean over the k tasks present only, not comparable to the paper\'s GLUE; in '
@@ -131,7 +136,7 @@ def first_step_reaching(points, threshold):
   return next(reached, None)
 
 
-def write_sweep(output_dir, workdir, points, reference_score):
+def write_sweep(output_dir, workdir, points, reference_score, config=None):
   summary = {'workdir': str(workdir), 'points': points}
   lines = [f'# GLUE vs pre-training step: {workdir}', '',
            '| step | score | kind | ' + ' | '.join(
@@ -151,6 +156,9 @@ def write_sweep(output_dir, workdir, points, reference_score):
     if any(p['score_kind'] != 'glue' for p in points):
       lines.append('Warning: some scores are partial GLUE means (tasks missing); the '
                    'comparison with a full-GLUE reference is only indicative.')
+  # The curve is what gets compared with the paper's reference score, so a sweep on cut
+  # sets (runlocal) says so here too, not only in each step's glue_results.md.
+  lines += _cut_note(config or {})
   output_dir = epath.Path(output_dir)
   write_on_process_0(output_dir / 'glue_vs_step.json', json.dumps(summary, indent=2) + '\n')
   write_on_process_0(output_dir / 'glue_vs_step.md', '\n'.join(lines) + '\n')

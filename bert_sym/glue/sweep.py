@@ -137,7 +137,7 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
               file=sys.stderr, flush=True)
         continue
       points = sorted(points + [report.sweep_point(step, results)], key=lambda p: p['step'])
-      report.write_sweep(output_dir, workdir, points, reference_score)
+      report.write_sweep(output_dir, workdir, points, reference_score, config)
       if preemption.raised_locally() and step != steps[-1]:   # the rest when rerun
         raise loop.Preempted(step, preemption.signal_name)
   return {'points': points}
