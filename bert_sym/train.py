@@ -296,8 +296,8 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
   if latest is not None:
     with _user_errors('Resuming'):
       checkpoint.check_same_prng_impl(workdir, config)
-    with _user_errors('Resuming the input pipeline'):
-      data.train_iter.set_state(data_state)
+    with _user_errors('Resuming the input pipeline'):   # the changed keys as flags: an md5 is none
+      data.train_iter.set_state(data_state, fix=checkpoint.data_config_hint(workdir, config))
     run.console(f'Resumed from step {latest} ({checkpoint.checkpoint_dir(workdir)})')
     run.writer.drop_rows_after(latest)   # rows after it belong to a timeline redone now
   else:

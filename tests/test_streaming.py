@@ -1173,6 +1173,21 @@ def test_eval_steps_zero_trains_on_an_export_without_a_validation_split(tmp_path
   assert (tmp_path / 'run' / 'checkpoints' / '4').is_dir(), result.stdout[-2000:]
 
 
+def test_resuming_with_other_data_keys_names_the_flags_that_resume(small_corpus, tmp_path):
+  """A resume whose input position does not match said what differed inside the pipeline
+  (for a vocabulary, only its md5) and 'resume with the data and config the checkpoint was
+  written with': no key, no flag. It names the changed config keys and their flags now."""
+  flags = _train_flags(small_corpus) + ['--config.checkpoint.every_steps=4']
+  run_trainer(tmp_path / 'run', *flags, '--config.total_steps=4', synthetic=False)
+  result = run_trainer(tmp_path / 'run', *flags, '--config.total_steps=8', '--config.seed=5',
+                       synthetic=False, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  [line] = [x for x in result.stderr.splitlines() if x.startswith('bert_sym.train: error:')]
+  assert 'seed=0, this run has 5 (another order)' in line, line
+  assert "seed=0 in its config.json, 5 now. Fix: rerun with --config.seed=0 " in line, line
+  assert 'Traceback' not in result.stderr.split('bert_sym.train: error')[-1]
+
+
 @pytest.mark.parametrize('extra', [[], ['--config.data.shards_dir=gs://bert-sym-absent/c4']],
                          ids=['not_prepared', 'unreachable'])
 def test_headline_command_fails_fast_with_the_prepare_steps(tmp_path, extra):

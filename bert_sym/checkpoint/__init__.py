@@ -32,7 +32,7 @@ from bert_sym.checkpoint.core import (  # noqa: F401
     config_differences, config_hint, absolute, checkpoint_dir, KeepNewestGood, make_manager,
     allgather_json, key_path_str, describe_error, is_closed_loop_error, is_step_dir,
     checkpoints_root, finished_steps, written_at, read_json_item, lineage_of, run_id_of,
-    extend_lineage, written_by, workdir_misplaced,
+    extend_lineage, written_by, workdir_misplaced, data_config_hint,
     workdir_blocked, workdir_problem
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401

@@ -78,9 +78,9 @@ def config_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDic
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def config_hint(workdir, config) -> str:
-  """The model, optimizer and PRNG keys in which `config` differs from the workdir's
-  config.json, with the flags that resume it ('' if none or unknown)."""
+def config_hint(workdir, config, prefixes=('model.', 'optimizer.', 'prng_impl')) -> str:
+  """The keys under `prefixes` (default: model, optimizer, PRNG) in which `config` differs
+  from the workdir's config.json, with the flags that resume it ('' if none or unknown)."""
   if config is None or not (epath.Path(workdir) / CONFIG_FILE).exists():
     return ''
   try:
@@ -88,7 +88,7 @@ def config_hint(workdir, config) -> str:
     changed = config_differences(written, config)
   except ValueError:
     return ''
-  relevant = [k for k in changed if k.startswith(('model.', 'optimizer.', 'prng_impl'))]
+  relevant = [k for k in changed if k.startswith(prefixes)]
   if not relevant:
     return ''
   written, now = flat_config(written), flat_config(config)
@@ -101,6 +101,11 @@ def config_hint(workdir, config) -> str:
            if len(relevant) > 2 or len(changed) > len(relevant) else '')
   resume = f'rerun with {flags}{whole} to resume it, or ' if flags else ''
   return f'{said}. Fix: {resume}use a fresh --workdir for this config.'
+
+
+def data_config_hint(workdir, config) -> str:
+  """config_hint for the keys the input position depends on (corpus, vocabulary, order)."""
+  return config_hint(workdir, config, prefixes=('data.', 'seed', 'batch_size'))
 
 
 def absolute(path) -> epath.Path:

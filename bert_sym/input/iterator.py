@@ -125,7 +125,11 @@ class MLMIterator:
                 vocab_md5=self._blocks.vocab_md5, batch_size=self._batch_size,
                 process_count=self._process_count)
 
-  def set_state(self, state: Mapping[str, Any]) -> None:
+  def set_state(self, state: Mapping[str, Any], fix: str = '') -> None:
+    """`fix`: what resumes, when the caller knows (the config keys changed since the run
+    wrote the state, as flags); else the generic advice."""
+    fix = fix or ('Fix: resume with the data and config the checkpoint was written with, '
+                  'or start a new --workdir.')
     mine = self.get_state()
     if 'shuffle' not in state:
       raise DataError(
@@ -143,8 +147,7 @@ class MLMIterator:
         raise DataError(
             f'cannot resume: the checkpointed input state has {key}={state[key]!r}, this '
             f'run has {mine[key]!r} ({what}); resuming would not continue the same epoch. '
-            'Fix: resume with the data and config the checkpoint was written with, or '
-            'start a new --workdir.')
+            f'{fix}')
     # The read position depends only on the global batch, so a run may resume on another
     # number of hosts as long as batch_size x process_count is unchanged.
     if 'batch_size' in state:
