@@ -92,7 +92,7 @@ def finished_runs(output_dir, step_dir, config) -> dict:
         previous.get('checkpoint_written') != checkpoint_lib.written_at(step_dir)):
       # The same path rewritten (a rebuilt workdir) is another checkpoint too.
       set_aside_results(output_dir, f'another checkpoint ({previous.get("checkpoint")}, '
-                        f'written at {previous.get("checkpoint_written")})')
+                        f'written {_when(previous.get("checkpoint_written"))})')
       return []
     if previous_recipe != current_recipe:
       changed = sorted(k for k in set(previous_recipe) | set(current_recipe)
@@ -203,3 +203,10 @@ def _move(paths, output_dir: epath.Path, aside: epath.Path) -> None:
       target = aside / path.relative_to(output_dir)
       target.parent.mkdir(parents=True, exist_ok=True)
       path.rename(target)
+
+
+def _when(nanoseconds) -> str:
+  """Orbax's commit time (ns since the epoch) as a date: a 19-digit number told nobody when."""
+  if not isinstance(nanoseconds, int):
+    return 'at an unknown time'
+  return time.strftime('at %Y-%m-%d %H:%M:%S UTC', time.gmtime(nanoseconds / 1e9))
