@@ -122,7 +122,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   c.eval_steps = 20
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000,
-      keep_last=3,                  # plus the newest good one (see the README's failures)
+      keep_last=3,                  # 0 = keep all; plus the newest good one (README: failures)
       keep_every=10_000,            # also keep every K-th step forever (0 = off)
       async_save=True,
       # A host whose background save fails or stalls stops every host after this long (the
