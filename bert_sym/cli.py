@@ -198,6 +198,23 @@ def locate_config_files(argv: Sequence[str]) -> list[str]:
   return out
 
 
+def _config_file_first(argv: Sequence[str]) -> list[str]:
+  """argv with `--config=FILE` (or `--config FILE`) moved before the first `--config.KEY`
+  override: ml_collections refuses the overrides typed first ("Found --config.x in argv
+  before a value for --config was specified"), which ablate's command line accepts."""
+  argv = list(argv)
+  first_override = next((i for i, a in enumerate(argv) if a.startswith('--config.')), None)
+  for i, arg in enumerate(argv):
+    if first_override is None or i < first_override:
+      continue
+    if arg.startswith('--config='):
+      return argv[:first_override] + [arg] + argv[first_override:i] + argv[i + 1:]
+    if arg == '--config' and i + 1 < len(argv):
+      return (argv[:first_override] + argv[i:i + 2] + argv[first_override:i] +
+              argv[i + 2:])
+  return argv
+
+
 def _help_asked(argv: Sequence[str]) -> bool:
   return any(a in HELP_FLAGS for a in argv[1:])
 
@@ -227,7 +244,9 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
   """absl's `app.run(main)` with the error handling of this module (see the docstring)."""
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
-  argv = locate_config_files(sys.argv if argv is None else argv)
+  argv = _config_file_first(locate_config_files(sys.argv if argv is None else argv))
+  if any(a.startswith('--config.') for a in argv):   # ml_collections reads them from sys.argv
+    sys.argv[:] = argv
   argv = [a if a not in ('-h', '-?') else '--help' for a in argv]   # absl knows neither
   from bert_sym import tpu  # pylint: disable=import-outside-toplevel
   tpu.use_the_cpu_without_a_tpu()

@@ -411,3 +411,30 @@ def test_a_config_file_without_get_config_is_named_as_such():
                                     'get_config(): it is not an experiment config. Fix:'), (
                                         result.stderr)
     assert result.stderr.count('\n') == 1 and 'module' not in result.stdout + result.stderr
+
+
+def test_overrides_typed_before_the_config_file_apply():
+  """`--config.total_steps=-5 --config=configs/tiny.py` stopped with ml_collections'
+  "Found --config.total_steps=-5 in argv before a value for --config was specified",
+  which names no fix; ablate took either order. Now the file is read first and the
+  override applies (its own check refuses -5), for both spellings of --config, and in
+  bert_sym.glue (which adds its default --config when none is given)."""
+  assert cli._config_file_first(['p', '--config.a=1', '--x', '--config=f.py', '--config.b=2']) \
+      == ['p', '--config=f.py', '--config.a=1', '--x', '--config.b=2']
+  assert cli._config_file_first(['p', '--config.a=1', '--config', 'f.py']) == \
+      ['p', '--config', 'f.py', '--config.a=1']
+  assert cli._config_file_first(['p', '--config=f.py', '--config.a=1']) == \
+      ['p', '--config=f.py', '--config.a=1']
+  for config in (['--config=configs/tiny.py'], ['--config', 'configs/tiny.py']):
+    result = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--config.total_steps=-5',
+                             *config, '--dry_run'], cwd=cli.CHECKOUT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.startswith('bert_sym.train: error: config.total_steps=-5 must be an '
+                                    'integer >= 1.'), result.stderr
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.glue', '--config.learning_rate=-1',
+                           '--config=configs/glue.py', '--checkpoint=unused',
+                           '--output_dir=unused'], cwd=cli.CHECKOUT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.stderr.startswith('bert_sym.glue: error: config.learning_rate=-1.0 must be > 0'), (
+      result.stderr)
