@@ -722,6 +722,25 @@ def test_glue_results_of_an_unfinished_glue_run_are_not_reported(tmp_path):
   (runs['pairwise'] / 'glue' / 'ablate_request.json').write_text(json.dumps({'step': 30}))
   out = ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1], total_steps=30)
   assert out['per_variant']['pairwise']['glue']['rte']['mean'] == 70.0
+  assert 'Cut data' not in (tmp_path / 'summary.md').read_text()
+
+
+def test_the_glue_table_says_when_its_scores_come_from_cut_sets(tmp_path):
+  """GLUE run with runlocal's max_train_examples: each run's glue_results.md said "Cut
+  data, not comparable with the paper", the ablation's summary.md, which sets the
+  variants side by side, did not."""
+  config = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
+  run = _fake_run(tmp_path, 'standard', 1, [(0, 12.0), (30, 4.0)], config.to_json())
+  (run / 'glue').mkdir()
+  (run / 'glue' / 'glue_results.json').write_text(json.dumps(
+      {'summary': {'over_seeds': {'rte': {'mean': 62.0, 'std': 0.0, 'n': 1}}},
+       'config': {'max_train_examples': 256, 'max_eval_examples': 0}}))
+  (run / 'glue' / 'ablate_request.json').write_text(json.dumps({'step': 30}))
+  out = ablate_report.summarize(tmp_path, ['standard'], [1], total_steps=30)
+  assert list(out['per_variant']['standard']['glue']) == ['rte']   # not a score column
+  table = (tmp_path / 'summary.md').read_text().split('GLUE dev')[1]
+  assert '**Cut data, not comparable with the paper:** only the first 256 training ' \
+      'examples' in table
 
 
 def test_a_glue_rerun_with_another_request_unmarks_the_old_results_first(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 
 from bert_sym import files
 from bert_sym.glue import metrics as glue_metrics
+from bert_sym.glue import report as glue_report
 from bert_sym import model as model_lib
 from bert_sym.ablate import stats
 from bert_sym.ablate.runs import (Run, config_differences, latest_finished_step, load_run,
@@ -100,8 +101,10 @@ def _glue_scores(path) -> dict | None:
   results = json.loads(file.read_text())
   over = results.get('summary', {}).get('over_seeds', {})
   # Task scores and GLUE (or its partial mean); 'glue_full*' only adds WNLI to the same.
+  # With the config's cut of the training and dev sets (runlocal), which the table names.
   return {name: stat['mean'] for name, stat in over.items()
-          if stat.get('mean') is not None and not name.startswith('glue_full')}
+          if stat.get('mean') is not None and not name.startswith('glue_full')} | {
+              key: results.get('config', {}).get(key, 0) for key in glue_report.CUT_KEYS}
 
 
 def _model_cost(config) -> dict:
@@ -198,7 +201,8 @@ def variant_summary(vruns: Sequence[Run], common: list[int], final: int,
   """Everything summary.json says about one variant; per-seed values keyed by seed."""
   per_seed_steps = {r.seed: stats.steps_to_target(r.eval_steps, r.eval_loss, target)
                     for r in vruns}
-  glue = {r.seed: _glue_scores(r.path) for r in vruns}
+  glue = {r.seed: _glue_scores(r.path) or {} for r in vruns}
+  cut = {key: max(scores.pop(key, 0) for scores in glue.values()) for key in glue_report.CUT_KEYS}
   glue = {seed: scores for seed, scores in glue.items() if scores}
   glue_names = sorted({n for scores in glue.values() for n in scores})
   return {
@@ -214,7 +218,7 @@ def variant_summary(vruns: Sequence[Run], common: list[int], final: int,
       'train_seconds': mean_std([r.train_seconds for r in vruns]),
       'tokens_per_step': vruns[0].tokens_per_step,
       'glue': {n: mean_std([glue[s].get(n) for s in glue]) for n in glue_names},
-      'glue_per_seed': {str(s): scores for s, scores in glue.items()},
+      'glue_per_seed': {str(s): scores for s, scores in glue.items()}, 'glue_cut': cut,
   }
 
 
@@ -338,7 +342,8 @@ def _glue_table(summary: dict) -> list[str]:
     lines.append(f'| {v} | ' + ' | '.join(
         '—' if not st or st['mean'] is None else _fmt_stat(st, 2) + (
             f' (n={st["n"]}/{runs})' if st['n'] < runs else '') for st in stats_) + ' |')
-  return lines
+  return lines + glue_report.cut_note({k: max(pv[v].get('glue_cut', {}).get(k, 0) for v in variants)
+                                      for k in glue_report.CUT_KEYS})
 
 
 def _signed(value: float, digits: int) -> str:

@@ -52,8 +52,12 @@ def _glue_cell(row, key, total):
   return '—'
 
 
-def _cut_note(config) -> list[str]:
-  """The lines that say a table's scores come from cut training or dev sets (none if not)."""
+CUT_KEYS = ('max_train_examples', 'max_eval_examples')
+
+
+def cut_note(config) -> list[str]:
+  """The lines that say a table's scores come from cut training or dev sets (none if not).
+  `config`: the GLUE config, or any mapping with its CUT_KEYS."""
   cuts = [f'only the first {n} {what} examples' for what, n in (
       ('training', config.get('max_train_examples', 0)),
       ('dev-set', config.get('max_eval_examples', 0))) if n]
@@ -98,7 +102,7 @@ def markdown_table(results: dict) -> str:
   cells = ['mean ± std' if seeds > 1 else 'mean (1 seed)', glue_pm('glue', 9),
            glue_pm('glue_full', 10)]
   lines.append('| ' + ' | '.join(cells + [pm(stats[n]) for n in names]) + ' |')
-  lines += _cut_note(results.get('config', {}))
+  lines += cut_note(results.get('config', {}))
   lines += ['', 'GLUE = unweighted mean of MRPC, CoLA, MNLI-m, MNLI-mm, QQP, RTE, STS-B, QNLI, '
             'SST-2 (WNLI excluded); GLUE full adds WNLI. "—" = not run. "partial (k/n)" = '
             'mean over the k tasks present only, not comparable to the paper\'s GLUE; in '
@@ -158,7 +162,7 @@ def write_sweep(output_dir, workdir, points, reference_score, config=None):
                    'comparison with a full-GLUE reference is only indicative.')
   # The curve is what gets compared with the paper's reference score, so a sweep on cut
   # sets (runlocal) says so here too, not only in each step's glue_results.md.
-  lines += _cut_note(config or {})
+  lines += cut_note(config or {})
   output_dir = epath.Path(output_dir)
   write_on_process_0(output_dir / 'glue_vs_step.json', json.dumps(summary, indent=2) + '\n')
   write_on_process_0(output_dir / 'glue_vs_step.md', '\n'.join(lines) + '\n')
