@@ -302,8 +302,14 @@ def test_a_sigterm_while_a_sweep_scores_stops_it_with_exit_42(workdir, tmp_path,
   assert signal.getsignal(signal.SIGTERM) == before   # the process's handler again
   assert (out / 'step_00000002' / 'glue_results.json').exists()
   assert not (out / 'step_00000004').exists()
+  # The summary of the stopped sweep says step 4 is still to score: it read as a finished
+  # sweep of step 2 alone ("First step reaching it: none yet" over every checkpoint).
+  assert json.loads((out / 'glue_vs_step.json').read_text())['unfinished_steps'] == [4]
+  assert '**Unfinished:** step(s) 4 not scored yet' in (out / 'glue_vs_step.md').read_text()
   points = sweep.run_sweep(str(workdir), str(out), config)['points']
   assert [p['step'] for p in points] == [2, 4]
+  assert json.loads((out / 'glue_vs_step.json').read_text())['unfinished_steps'] == []
+  assert 'Unfinished' not in (out / 'glue_vs_step.md').read_text()
 
 
 def test_sweep_summary_reports_95_percent_of_the_reference(tmp_path):
@@ -739,25 +745,29 @@ def test_sweep_skips_a_step_still_being_written(tmp_path, monkeypatch):
   assert sweep.checkpoint_steps(workdir) == [3, 6]
 
 
+@pytest.mark.parametrize('gone, scored', [(2, 4), (4, 2)])
 def test_a_step_rotated_away_during_a_sweep_is_a_gap_not_the_end(workdir, tmp_path,
-                                                                  monkeypatch, capsys):
+                                                                  monkeypatch, capsys, gone,
+                                                                  scored):
   """Beside a running trainer, keep_last deletes a listed step before the sweep reaches it:
   the sweep stopped there ("checkpoints/2 does not exist. Fix: pass a training workdir"),
-  leaving the newer steps unscored. It skips that step with a warning now."""
+  leaving the newer steps unscored. It skips that step with a warning now. The last step
+  skipped, the summary no longer names it as still to score."""
   source, workdir = workdir, tmp_path / 'run'
   shutil.copytree(source, workdir)
   listed = sweep.checkpoint_steps
 
   def list_then_rotate(path):
     steps = listed(path)
-    shutil.rmtree(workdir / 'checkpoints' / '2')   # the trainer's rotation, just after
+    shutil.rmtree(workdir / 'checkpoints' / str(gone))   # the trainer's rotation, just after
     return steps
   monkeypatch.setattr(sweep, 'checkpoint_steps', list_then_rotate)
   out = tmp_path / 'sweep'
   points = sweep.run_sweep(str(workdir), str(out), _config(tasks='mrpc', seeds='1'))['points']
-  assert [p['step'] for p in points] == [4]
-  assert 'step 2 skipped, its checkpoint was deleted' in capsys.readouterr().err
-  assert (out / 'step_00000004' / 'predictions' / 'mrpc_seed1.tsv').exists()
+  assert [p['step'] for p in points] == [scored]
+  assert f'step {gone} skipped, its checkpoint was deleted' in capsys.readouterr().err
+  assert (out / f'step_{scored:08d}' / 'predictions' / 'mrpc_seed1.tsv').exists()
+  assert json.loads((out / 'glue_vs_step.json').read_text())['unfinished_steps'] == []
 
 
 def test_a_newest_step_with_a_truncated_array_file_falls_back_as_export_does(tmp_path,

@@ -140,8 +140,11 @@ def first_step_reaching(points, threshold):
   return next(reached, None)
 
 
-def write_sweep(output_dir, workdir, points, reference_score, config=None):
-  summary = {'workdir': str(workdir), 'points': points}
+def write_sweep(output_dir, workdir, points, reference_score, config=None, unfinished=()):
+  """`unfinished`: the checkpoint steps still to score. The files are rewritten after each
+  step, and those of a sweep killed part-way read as a finished sweep of fewer steps (its
+  "none yet" a verdict on every checkpoint), as glue_results.* did before 'unfinished'."""
+  summary = {'workdir': str(workdir), 'points': points, 'unfinished_steps': list(unfinished)}
   lines = [f'# GLUE vs pre-training step: {workdir}', '',
            '| step | score | kind | ' + ' | '.join(
                glue_metrics.SCORE_TITLES[n] for n in glue_metrics.FULL_SCORES) + ' |',
@@ -149,6 +152,9 @@ def write_sweep(output_dir, workdir, points, reference_score, config=None):
   for p in points:
     lines.append(f'| {p["step"]} | {_fmt(p["score"])} | {p["score_kind"]} | ' + ' | '.join(
         _fmt(p['tasks'][n]) for n in glue_metrics.FULL_SCORES) + ' |')
+  if unfinished:
+    lines += ['', f'**Unfinished:** step(s) {", ".join(map(str, unfinished))} not scored yet '
+              '(the sweep is running, or was stopped: rerun the same command to score them).']
   threshold = None
   if reference_score is not None:
     threshold = _REFERENCE_FRACTION * reference_score

@@ -117,6 +117,7 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
   # One flag for the whole sweep: a signal while a step's last task was scored, or while
   # the next checkpoint loaded, was lost with that step's own flag (the sweep went on) or
   # met no handler at all (killed, exit 143, not requeued).
+  unfinished = []   # the steps the last write of the summary named as still to score
   with loop.PreemptionFlag() as preemption:
     for step in steps:
       step_dir = checkpoint_lib.checkpoint_dir(workdir) / str(step)
@@ -137,7 +138,10 @@ def run_sweep(workdir, output_dir, config, reference_score=None) -> dict:
               file=sys.stderr, flush=True)
         continue
       points = sorted(points + [report.sweep_point(step, results)], key=lambda p: p['step'])
-      report.write_sweep(output_dir, workdir, points, reference_score, config)
+      unfinished = steps[steps.index(step) + 1:]
+      report.write_sweep(output_dir, workdir, points, reference_score, config, unfinished)
       if preemption.raised_locally() and step != steps[-1]:   # the rest when rerun
         raise loop.Preempted(step, preemption.signal_name)
+  if unfinished:   # the steps after the last one scored were skipped (deleted, damaged)
+    report.write_sweep(output_dir, workdir, points, reference_score, config)
   return {'points': points}
