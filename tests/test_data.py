@@ -258,8 +258,13 @@ def test_resume_on_another_host_count_keeps_the_global_batch(seqio_config):
   one_host = make(16, 0, 1)
   one_host.set_state(json.loads(json.dumps(two_hosts_state)))
   _assert_same([next(one_host)], [make(16, 0, 1, start_step=4).batch(4)])
-  with pytest.raises(DataError, match='global batch of 16'):
+  with pytest.raises(DataError, match=r'global batch of 16 sequences, this run reads 4\. Fix: '
+                     r'resume with config\.batch_size=16 \(the global batch\), or start a '
+                     r'new --workdir\.'):
     make(4, 0, 1).set_state(two_hosts_state)
+  # The trainer passes the flags that resume (config keys changed since config.json).
+  with pytest.raises(DataError, match=r'reads 4\. Fix: rerun with --config\.batch_size=16$'):
+    make(4, 0, 1).set_state(two_hosts_state, fix='Fix: rerun with --config.batch_size=16')
 
 
 def test_hosts_read_disjoint_rows_of_the_same_global_batch(seqio_config):

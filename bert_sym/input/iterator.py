@@ -128,8 +128,8 @@ class MLMIterator:
   def set_state(self, state: Mapping[str, Any], fix: str = '') -> None:
     """`fix`: what resumes, when the caller knows (the config keys changed since the run
     wrote the state, as flags); else the generic advice."""
-    fix = fix or ('Fix: resume with the data and config the checkpoint was written with, '
-                  'or start a new --workdir.')
+    hint, fix = fix, fix or ('Fix: resume with the data and config the checkpoint was '
+                             'written with, or start a new --workdir.')
     mine = self.get_state()
     if 'shuffle' not in state:
       raise DataError(
@@ -155,8 +155,9 @@ class MLMIterator:
       if saved != self._batch_size * self._process_count:
         raise DataError(
             f'cannot resume: the checkpoint was written with a global batch of {saved} '
-            f'sequences, this run reads {self._batch_size * self._process_count}; keep '
-            'config.batch_size unchanged when resuming')
+            f'sequences, this run reads {self._batch_size * self._process_count}. ' + (
+                hint or f'Fix: resume with config.batch_size={saved} (the global batch), '
+                'or start a new --workdir.'))
     self._step = int(state['step'])
 
 
