@@ -306,20 +306,20 @@ def _restore_or_init(config, workdir, spec, data: _Input, run: _Run, start_over:
                 f'(fresh run in {workdir})')
     run.writer.set_aside_rows()   # an earlier attempt's rows are kept, beside the new ones
   run.last_saved = latest
-  if latest is None or latest < config.total_steps:   # else nothing trains: keep its config
+  if (latest or 0) < config.total_steps or not (workdir / checkpoint.CONFIG_FILE).exists():
     with _user_errors('Writing the config'):
       _write_config(workdir, config)
   return manager, latest, state
 
 
 def _write_config(workdir: epath.Path, config) -> None:
-  """config.json, written once the workdir is known to hold a compatible run."""
+  """config.json, once the workdir holds a compatible run (a finished one's, if lost)."""
   if jax.process_index() != 0:
     return
   old = workdir / checkpoint.CONFIG_FILE
-  if old.exists():
-    if changed := checkpoint.config_differences(checkpoint.read_config(workdir), config):
-      logging.warning('Config differs from the previous %s in: %s', old, ', '.join(changed))
+  if old.exists() and (changed := checkpoint.config_differences(checkpoint.read_config(workdir),
+                                                                 config)):
+    logging.warning('Config differs from the previous %s in: %s', old, ', '.join(changed))
   checkpoint.write_config(workdir, config)
 
 

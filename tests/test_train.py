@@ -265,6 +265,21 @@ def test_a_config_json_that_is_not_an_object_is_named(tmp_path):
     checkpoint.read_config(tmp_path)
 
 
+def test_a_finished_run_that_lost_its_config_json_gets_it_back_from_its_command(
+    tmp_path, reference_run):
+  """read_config's fix for a damaged config.json: remove it and rerun the training
+  command. A finished run's rerun trains nothing and kept its config.json, so it wrote
+  none either, and export and GLUE could not read the workdir again."""
+  source, _ = reference_run
+  workdir = tmp_path / 'workdir'
+  shutil.copytree(source, workdir)
+  written = (workdir / 'config.json').read_text()
+  (workdir / 'config.json').unlink()
+  run_trainer(workdir, overrides=_overrides())   # finished: nothing trains
+  assert (workdir / 'config.json').read_text() == written
+  assert checkpoint.finished_steps(workdir) == checkpoint.finished_steps(source)
+
+
 # ---------------------------------------------------------------------------------------
 # Training, layouts, resume.
 # ---------------------------------------------------------------------------------------

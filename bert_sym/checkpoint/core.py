@@ -51,8 +51,8 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
         f'{path} does not exist: {workdir} is not a bert_sym training workdir (the trainer '
         f'writes {CONFIG_FILE} there before the first step).')
-  fix = ('it holds the run\'s config. Fix: put back a copy of it, or remove it when the '
-         'workdir has no checkpoints (the trainer writes it again).')
+  fix = ('it holds the run\'s config. Fix: put back a copy of it, or remove it and rerun '
+         'the training command that made the workdir (the trainer writes it again).')
   try:
     written = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
