@@ -302,7 +302,7 @@ class MetricWriter:
       logging.warning('metrics.jsonl: moved %d line(s) that are not JSON rows (written '
                       'when the previous attempt stopped, or edited) to metrics.jsonl%s: '
                       '%s', len(cut_short), DROPPED_SUFFIX,
-                      ' | '.join(line[:200] for line in cut_short))
+                      ' | '.join(_printable(line[:200]) for line in cut_short))
     if len(kept) != len(rows):
       self._jsonl.replace(kept)
       logging.info('metrics.jsonl: %d rows logged after step %d (resumed there) moved to '
@@ -400,3 +400,9 @@ def quiet_logs(verbose: bool, *, import_tf: bool = True) -> None:
     tokenizer.import_tf_text()
   except ImportError:
     pass   # reported where the input pipeline needs it, with stderr back
+
+
+def _printable(text: str) -> str:
+  """`text` with control characters escaped: a line a crash filled with NULs was printed
+  as raw NUL bytes to the console."""
+  return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -849,3 +849,16 @@ def test_a_last_row_without_its_newline_keeps_the_next_row_apart(tmp_path, monke
     writer.close()
     dropped.write_text(dropped.read_text().rstrip('\n'))   # a hand edit
   assert all(isinstance(json.loads(line), dict) for line in dropped.read_text().splitlines())
+
+
+def test_a_line_of_nul_bytes_is_named_escaped_in_the_warning(tmp_path, caplog):
+  """A crash (or a full disk) can leave a run of NUL bytes where a row was being written:
+  the warning that moves it aside printed them raw to the console."""
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 9.0}\n' + '\0' * 5 + '\n')
+  writer = metrics_writer.MetricWriter(str(tmp_path))
+  with caplog.at_level('WARNING'):
+    writer.drop_rows_after(1)
+  writer.close()
+  assert 'not JSON rows' in caplog.text and '\\x00\\x00\\x00\\x00\\x00' in caplog.text
+  assert '\0' not in caplog.text
+  assert (tmp_path / 'metrics.jsonl.dropped').read_text().splitlines()[-1] == '\0' * 5
