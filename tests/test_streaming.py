@@ -393,6 +393,35 @@ def test_metadata_without_its_format_or_task_is_refused(small_corpus, tmp_path, 
       _iterator(_config(str(edited), source=source))
 
 
+_EDITS = {
+    'no vocab_size': lambda m: m.pop('vocab_size'),
+    'no shards': lambda m: m.pop('shards'),
+    'shards null': lambda m: m.update(shards=None),
+    'dtype bogus': lambda m: m.update(dtype='bogus'),
+    'shard without file': lambda m: m['shards'][1].pop('file'),
+    'shard file a directory': lambda m: m['shards'][0].update(file='.'),
+    'special_ids without mask': lambda m: m['special_ids'].pop('mask'),
+    'special id outside the vocabulary': lambda m: m['special_ids'].update(mask=10**6),
+    'max_seq_len a string': lambda m: m.update(max_seq_len='64'),
+}
+
+
+@pytest.mark.parametrize('edit', list(_EDITS))
+def test_a_metadata_json_missing_or_retyping_a_field_is_refused_in_one_line(small_corpus,
+                                                                            tmp_path, edit):
+  """Any other field that the readers use, dropped or retyped by a hand edit (or a damaged
+  copy), was a KeyError, TypeError or IsADirectoryError traceback naming no file."""
+  edited = tmp_path / 'edited'
+  shutil.copytree(small_corpus, edited)
+  path = edited / 'train' / shard_reader.METADATA_FILE
+  metadata = json.loads(path.read_text())
+  _EDITS[edit](metadata)
+  path.write_text(json.dumps(metadata))
+  for source in ('streaming', 'shards'):
+    with pytest.raises(DataError, match=re.escape(f'{path}: ') + '.* re-export the split'):
+      _iterator(_config(str(edited), source=source))
+
+
 def test_a_split_copied_without_its_vocabulary_says_so(small_corpus, tmp_path):
   """`gsutil cp '*.npy' metadata.json` leaves vocab.txt behind: that was a raw
   FileNotFoundError, which the command line words as 'check the path given on the command

@@ -103,6 +103,39 @@ def out_of_vocabulary_error(path: str, block: int, row: np.ndarray,
       'split.')
 
 
+# What the shard readers use of a split's metadata.json, with its type ('task' is compared
+# with the config's, naming both): a hand edit or damaged copy that dropped or retyped one
+# was a KeyError or TypeError traceback naming no file.
+_METADATA_FIELDS = dict(max_seq_len=int, num_tokens=int, dtype=str, shards=list,
+                        vocab_md5=str, vocab_size=int, special_ids=dict)
+
+
+def check_metadata(metadata, url: str, format_version: int) -> None:
+  """Refuses a split's metadata.json (read from `url`) that is not an export's."""
+  if not isinstance(metadata, dict):   # JSON, but not what an export writes (a hand edit)
+    raise DataError(f'{url} holds a JSON {type(metadata).__name__}, not an object; re-export.')
+  if metadata.get('format_version') != format_version:
+    raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
+                    f'code reads {format_version}; re-export.')
+  typed = lambda value, kind: isinstance(value, kind) and not isinstance(value, bool)
+  bad = [k for k, kind in _METADATA_FIELDS.items() if not typed(metadata.get(k), kind)]
+  if not bad:
+    bad = [f'shards[{i}]' for i, s in enumerate(metadata['shards'])
+           if not (isinstance(s, dict) and typed(s.get('num_blocks'), int)
+                   and typed(s.get('file'), str) and s['file'].strip('.') and '/' not in s['file'])]
+    bad += [f'special_ids.{k}' for k in ('pad', 'unk', 'cls', 'sep', 'mask')
+            if not (typed(metadata['special_ids'].get(k), int)
+                    and 0 <= metadata['special_ids'][k] < metadata['vocab_size'])]
+    try:
+      np.dtype(metadata['dtype'])
+    except TypeError:
+      bad.append('dtype')
+  if bad:
+    raise DataError(f'{url}: {", ".join(bad[:3])}{" ..." if len(bad) > 3 else ""} missing or '
+                    'not what an export writes (a hand edit, a damaged copy?). Fix: copy '
+                    'the split again, or re-export the split.')
+
+
 def token_dtype(vocab_size: int):
   return np.uint16 if vocab_size <= 2**16 else np.int32
 

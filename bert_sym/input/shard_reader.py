@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from bert_sym.input import DataError, check_complete_reads, check_max_seq_len, is_storage_error, sources
-from bert_sym.input.blocks import Blocks, first_out_of_vocabulary, out_of_vocabulary_error
+from bert_sym.input.blocks import Blocks, check_metadata, first_out_of_vocabulary
+from bert_sym.input.blocks import out_of_vocabulary_error
 from bert_sym.input.tokenizer import BERT_BASE_UNCASED_MD5, vocab_md5
 
 SHARD_FORMAT_VERSION = 1
@@ -149,11 +150,7 @@ def read_metadata(shards_dir: str, split: str, data_config=None) -> dict[str, An
              'prepared: ')
     raise DataError(
         f'{what}but {url} cannot be read ({type(e).__name__}: {e}); {why}{prepare}') from e
-  if not isinstance(metadata, dict):   # JSON, but not what an export writes (a hand edit)
-    raise DataError(f'{url} holds a JSON {type(metadata).__name__}, not an object; re-export.')
-  if metadata.get('format_version') != SHARD_FORMAT_VERSION:
-    raise DataError(f'{url}: shard format {metadata.get("format_version")}, this '
-                    f'code reads {SHARD_FORMAT_VERSION}; re-export.')
+  check_metadata(metadata, url, SHARD_FORMAT_VERSION)
   sources.check_exported_files(metadata, data_config, join_url(shards_dir, split))
   return metadata
 
