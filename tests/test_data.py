@@ -465,6 +465,24 @@ def test_a_compressed_text_file_is_named_as_such_not_sent_through_iconv(tmp_path
     assert ('iconv' in str(raised.value)) == (name == 'latin1.txt')
 
 
+def test_a_utf16_text_file_is_named_as_such_not_sent_through_latin1(tmp_path):
+  """A file saved as Windows 'Unicode' (UTF-16 with its byte-order mark) was 'not valid
+  UTF-8 text. Fix: ... iconv -f latin1', which turns it into valid UTF-8 text with a NUL
+  after every letter, and Cyrillic or CJK letters into unrelated ASCII: trained on without
+  a word by the next run."""
+  text = 'Привет, мир.\nЕщё одна строка.\n'
+  for name, encoding, said in (('le.txt', 'utf-16', 'UTF-16'), ('be.txt', 'utf-16-be', 'UTF-16'),
+                               ('utf32.txt', 'utf-32', 'UTF-32')):
+    data = text.encode(encoding)
+    (tmp_path / name).write_bytes(data if data[:2] in (b'\xff\xfe', b'\xfe\xff')
+                                  else '\ufeff'.encode(encoding) + data)
+    with pytest.raises(DataError) as raised:
+      data_lib.load_blocks(_config(source='seqio', text_files=str(tmp_path / name)), 'train')
+    message = str(raised.value)
+    assert message.startswith(f'{tmp_path / name} is {said} text'), message
+    assert f'iconv -f {said.lower()} -t utf-8 FILE' in message and 'latin1' not in message, message
+
+
 def _documents_read_whole(path):
   """The documents of a text file as the reader before streaming found them (the whole
   file in one string through TF's string ops, ~7x its size in memory): the reference."""

@@ -262,7 +262,7 @@ def numpy_blocks(dataset, description: str) -> Iterator[np.ndarray]:
     if failed:
       path, reason = failed.groups()
       fix = (' Fix: convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8.'
-             if 'UTF-8' in reason else '')
+             if reason == 'is not valid UTF-8 text' else '')
       raise DataError(f'{path} {reason}.{fix}') from None
     raise DataError(f'{description}: {e.message}') from e
 

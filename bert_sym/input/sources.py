@@ -229,6 +229,8 @@ def files_fingerprint(patterns: str | list[str]) -> str:
 # Magic bytes of the compressed files a corpus comes in: the format and its command line.
 _COMPRESSED = {b'\x1f\x8b': ('gzip', 'gunzip'), b'BZh': ('bzip2', 'bunzip2'),
                b'\xfd7zXZ\x00': ('xz', 'unxz'), b'\x28\xb5\x2f\xfd': ('zstd', 'unzstd')}
+# Byte-order marks of the Unicode encodings that are not UTF-8 (Windows' 'Unicode': UTF-16).
+_BOMS = {'UTF-32': (b'\xff\xfe\x00\x00', b'\x00\x00\xfe\xff'), 'UTF-16': (b'\xff\xfe', b'\xfe\xff')}
 # Read in chunks: a file read whole (and its copies through the string ops) took ~7x its
 # size in memory before its first document, so a multi-GB corpus file did not fit.
 _READ_CHUNK = 1 << 20
@@ -247,9 +249,10 @@ def _lines(path: bytes):
   try:
     with tf.io.gfile.GFile(path, 'rb') as f:
       chunk = f.read(_READ_CHUNK)
-      # A compressed corpus is not valid UTF-8 either, but converting it as latin-1 (the
-      # fix for that) would turn it into valid text of garbage.
-      reason = 'is not valid UTF-8 text'
+      # Compressed or UTF-16 text is not UTF-8 either, but latin-1 would make it valid garbage.
+      reason = next((f'is {kind} text, not UTF-8. Fix: iconv -f {kind.lower()} -t utf-8 FILE > '
+                     'FILE.utf8' for kind, marks in _BOMS.items() if chunk.startswith(marks)),
+                    'is not valid UTF-8 text')
       for magic, (kind, tool) in _COMPRESSED.items():
         if chunk.startswith(magic):
           reason = (f'is {kind}-compressed, not text. Fix: decompress it ({tool} -k FILE) '
