@@ -356,6 +356,18 @@ def test_a_document_left_whole_is_not_copied_while_others_are_cut():
   assert beside < alone + 100, (alone, beside)
 
 
+def test_a_broken_symbolic_link_in_a_glob_is_named_as_such(tmp_path):
+  """A dangling link matched by the glob was blamed on the storage ("did not answer or
+  refused the read (network, credentials, permissions)"), which sent users to their
+  credentials; it is a file that does not exist."""
+  (tmp_path / 'a.txt').write_text('Hello world.\nSecond line.\n')
+  (tmp_path / 'b.txt').symlink_to(tmp_path / 'nowhere.txt')
+  with pytest.raises(DataError, match=r'b\.txt: does not exist \(a broken symbolic link, or '
+                     r'deleted since it was listed\)\. Fix: correct or remove it') as error:
+    sources.expand_patterns(str(tmp_path / '*.txt'))
+  assert 'credentials' not in str(error.value)
+
+
 def test_text_file_errors_name_the_file(tmp_path):
   with pytest.raises(DataError, match=r'missing\*\.txt: no such file'):
     sources.expand_patterns(str(tmp_path / 'missing*.txt'))

@@ -21,7 +21,7 @@ import html
 import os
 import re
 
-from bert_sym.input import DataError, import_tensorflow
+from bert_sym.input import DataError, gfile_error_text, import_tensorflow
 
 EMBEDDED_TASK = 'bert_sym_mlm_embedded'
 TEXT_FILES_TASK = 'bert_sym_mlm_text_files'
@@ -153,13 +153,7 @@ def _gfile(call, path: str):
                     f'{path.split("://")[0]}://. Fix: copy the files to a local path or '
                     'gs://.') from None
   except tf.errors.OpError as e:
-    raise DataError(f'{path}: {_storage_error(e)}.') from None
-
-
-def _storage_error(e) -> str:
-  return (f'cannot be read ({type(e).__name__}: {" ".join(e.message.split())[:200]}): the '
-          'storage did not answer or refused the read (network, credentials, permissions). '
-          'Fix: check that this machine can read it')
+    raise DataError(f'{path}: {gfile_error_text(e)}.') from None
 
 
 # gs:// answers one stat per request, ~50 ms each: a corpus of thousands of files took
@@ -279,7 +273,7 @@ def _lines(path: bytes):
       yield ''.join(line)
   except tf.errors.OpError as e:
     # No brackets, which end the assertion's fields (numpy_blocks).
-    raise _ReadFailed(_storage_error(e).translate({ord('['): '(', ord(']'): ')'})) from None
+    raise _ReadFailed(gfile_error_text(e).translate({ord('['): '(', ord(']'): ')'})) from None
 
 
 def _stripped_lines(path: bytes):
