@@ -275,6 +275,10 @@ def test_a_finished_run_that_lost_its_config_json_gets_it_back_from_its_command(
   shutil.copytree(source, workdir)
   written = (workdir / 'config.json').read_text()
   (workdir / 'config.json').unlink()
+  # Until then, what reads it names the deleted file and the fix, not "not a workdir".
+  with pytest.raises(FileNotFoundError, match=r'config.json does not exist, though .* holds '
+                     r'checkpoints: .* Fix: put back a copy of it, or rerun the training'):
+    checkpoint.read_config(workdir)
   run_trainer(workdir, overrides=_overrides())   # finished: nothing trains
   assert (workdir / 'config.json').read_text() == written
   assert checkpoint.finished_steps(workdir) == checkpoint.finished_steps(source)

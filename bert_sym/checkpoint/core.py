@@ -47,6 +47,11 @@ def write_config(workdir, config: ml_collections.ConfigDict) -> epath.Path:
 
 def read_config(workdir) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists() and checkpoint_dir(workdir).exists():   # a run's, but deleted
+    raise FileNotFoundError(
+        f'{path} does not exist, though {workdir} holds checkpoints: it held the run\'s '
+        'config. Fix: put back a copy of it, or rerun the training command that made the '
+        'workdir (the trainer writes it again).')
   if not path.exists():
     raise FileNotFoundError(
         f'{path} does not exist: {workdir} is not a bert_sym training workdir (the trainer '
