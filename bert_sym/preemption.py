@@ -46,9 +46,13 @@ class PreemptionFlag:
   a context manager) puts the previous handlers back.
   """
 
-  def __init__(self):
+  def __init__(self, *, starting: bool = False):
     self._event = threading.Event()
     self.signal_name = None
+    # `starting` (until stop_if_raised): nothing is trained yet, so a Ctrl-C stops at once
+    # (KeyboardInterrupt), as with no handler; kept for the end of start-up, it was said as
+    # "saving a checkpoint at the end of this step" while the input checks ran on.
+    self._starting = starting
     self._previous = {}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
@@ -76,6 +80,8 @@ class PreemptionFlag:
       # The entry point says it in one line (exit 130); with no argument, a Ctrl-C that
       # met no handler (start-up, closing), not a second one.
       raise KeyboardInterrupt('a second Ctrl-C')
+    if signum == signal.SIGINT and self._starting:
+      raise KeyboardInterrupt()   # a first Ctrl-C in start-up: nothing to save
     # Taken before it is said: Python runs a second signal's handler inside this one, and
     # one landing during the message must see the first taken, not be a first one again.
     self.signal_name = signal.Signals(signum).name
@@ -91,7 +97,9 @@ class PreemptionFlag:
 
   def stop_if_raised(self) -> None:
     """Raises Preempted (no step: nothing was trained, so nothing needed saving) where a
-    signal came before the run's first step could be reached, e.g. while inputs load."""
+    signal came before the run's first step could be reached, e.g. while inputs load.
+    Ends start-up: a Ctrl-C from here on saves, as a SIGTERM does."""
+    self._starting = False
     if self.raised_locally():
       raise Preempted(None, self.signal_name)
 

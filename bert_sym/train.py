@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
   Raises `Preempted` (after saving) when stopped early by SIGTERM / preemption. With
   `start_over`, a workdir whose checkpoints are all damaged starts again from step 0.
   Signal handlers and hooks are as before when this returns or raises."""
-  with loop.PreemptionFlag() as preemption:   # from the start: SIGTERM in start-up was 143
+  with loop.PreemptionFlag(starting=True) as preemption:   # SIGTERM in start-up was 143
     config = checkpoint.inputs_checked_on_every_host(   # every input, before any side effect
         lambda: _check_inputs(config, make_iterator), 'run')
     preemption.stop_if_raised()   # (which launchers do not requeue): exit 42 now, untrained

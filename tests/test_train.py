@@ -1551,6 +1551,27 @@ def test_a_sigterm_while_the_inputs_are_checked_exits_42_untouched(tmp_path, mon
   assert not (tmp_path / 'run').exists()   # stopped before the workdir was made
 
 
+def test_a_ctrl_c_while_the_inputs_are_checked_stops_at_once(tmp_path, monkeypatch, capsys):
+  """The handler that keeps a start-up SIGTERM for exit 42 took Ctrl-C too: it said
+  "saving a checkpoint at the end of this step" with no step to come, and the input
+  checks (seconds to minutes) ran on to their end. A Ctrl-C there stops at once again,
+  as before that handler: KeyboardInterrupt, which main says as "stopped by Ctrl-C"."""
+  went_on = []
+
+  def preflight(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)   # the user's Ctrl-C, while the data is read
+    went_on.append(True)
+    return args[0]
+  monkeypatch.setattr(train.config_check, 'preflight', preflight)
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt) as stopped:
+    train.train_and_evaluate(train_fixtures.tiny_config(), str(tmp_path / 'run'),
+                             make_iterator=train_fixtures.make_synthetic_iterator)
+  assert not went_on and not stopped.value.args   # at once; not "a second Ctrl-C"
+  assert 'saving a checkpoint' not in capsys.readouterr().out
+  assert signal.getsignal(signal.SIGINT) is before and not (tmp_path / 'run').exists()
+
+
 def test_a_ctrl_c_before_the_loops_handler_is_not_called_a_second_one(tmp_path):
   """A first Ctrl-C during start-up (here while the processes connect) was said to be "a
   second Ctrl-C"."""
