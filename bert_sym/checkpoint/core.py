@@ -108,9 +108,16 @@ def config_hint(workdir, config, prefixes=('model.', 'optimizer.', 'prng_impl'))
   return f'{said}. Fix: {resume}use a fresh --workdir for this config.'
 
 
+# The keys the input position depends on (corpus, vocabulary, order, global batch); not
+# the masking keys (mask_rate, ...), whose flags resume nothing the iterator refused.
+_POSITION_KEYS = tuple(f'data.{k}' for k in (
+    'source', 'task', 'text_files', 'validation_files', 'shards_dir', 'vocab_path',
+    'max_seq_len', 'shuffle')) + ('seed', 'batch_size')
+
+
 def data_config_hint(workdir, config) -> str:
   """config_hint for the keys the input position depends on (corpus, vocabulary, order)."""
-  return config_hint(workdir, config, prefixes=('data.', 'seed', 'batch_size'))
+  return config_hint(workdir, config, prefixes=_POSITION_KEYS)
 
 
 def absolute(path) -> epath.Path:
