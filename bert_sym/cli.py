@@ -198,12 +198,17 @@ def locate_config_files(argv: Sequence[str]) -> list[str]:
   return out
 
 
+# What ml_collections reads as a --config override: absl's `--noconfig.KEY` (a boolean set
+# to False) too, which it refuses before --config as it refuses `--config.KEY`.
+_OVERRIDE = re.compile(r'--(no)?config\.')
+
+
 def _config_file_first(argv: Sequence[str]) -> list[str]:
   """argv with `--config=FILE` (or `--config FILE`) moved before the first `--config.KEY`
   override: ml_collections refuses the overrides typed first ("Found --config.x in argv
   before a value for --config was specified"), which ablate's command line accepts."""
   argv = list(argv)
-  first_override = next((i for i, a in enumerate(argv) if a.startswith('--config.')), None)
+  first_override = next((i for i, a in enumerate(argv) if _OVERRIDE.match(a)), None)
   for i, arg in enumerate(argv):
     if first_override is None or i < first_override:
       continue
@@ -245,7 +250,7 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
   argv = _config_file_first(locate_config_files(sys.argv if argv is None else argv))
-  if any(a.startswith('--config.') for a in argv):   # ml_collections reads them from sys.argv
+  if any(map(_OVERRIDE.match, argv)):   # ml_collections reads them from sys.argv
     sys.argv[:] = argv
   argv = [a if a not in ('-h', '-?') else '--help' for a in argv]   # absl knows neither
   from bert_sym import tpu  # pylint: disable=import-outside-toplevel

@@ -438,3 +438,15 @@ def test_overrides_typed_before_the_config_file_apply():
                           capture_output=True, text=True, timeout=120)
   assert result.stderr.startswith('bert_sym.glue: error: config.learning_rate=-1.0 must be > 0'), (
       result.stderr)
+
+
+def test_a_negated_boolean_override_typed_before_the_config_file_applies():
+  """absl's spelling of a false boolean, `--noconfig.KEY`, which ml_collections reads as an
+  override too, was left where it was typed: before --config it still stopped with "Found
+  --noconfig.model.scan_layers in argv before a value for --config was specified"."""
+  assert cli._config_file_first(['p', '--noconfig.a', '--config=f.py']) == \
+      ['p', '--config=f.py', '--noconfig.a']
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--noconfig.model.scan_layers',
+                           '--config=configs/tiny.py', '--dry_run'], cwd=cli.CHECKOUT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
