@@ -362,8 +362,9 @@ def test_a_broken_symbolic_link_in_a_glob_is_named_as_such(tmp_path):
   credentials; it is a file that does not exist."""
   (tmp_path / 'a.txt').write_text('Hello world.\nSecond line.\n')
   (tmp_path / 'b.txt').symlink_to(tmp_path / 'nowhere.txt')
-  with pytest.raises(DataError, match=r'b\.txt: does not exist \(a broken symbolic link, or '
-                     r'deleted since it was listed\)\. Fix: correct or remove it') as error:
+  with pytest.raises(DataError, match=r'b\.txt: does not exist \(a missing bucket or folder, '
+                     r'a broken symbolic link, or a file deleted since it was listed\)\. Fix: '
+                     r'correct the path, or remove the link') as error:
     sources.expand_patterns(str(tmp_path / '*.txt'))
   assert 'credentials' not in str(error.value)
 

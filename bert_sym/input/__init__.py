@@ -93,8 +93,8 @@ def gfile_error_text(e) -> str:
   """What a tf.io.gfile error `e` says of a file the text-file reader lists or reads (after
   its path)."""
   if isinstance(e, import_tensorflow().errors.NotFoundError):   # it was listed, or globbed
-    return ('does not exist (a broken symbolic link, or deleted since it was listed). Fix: '
-            'correct or remove it, or leave it out of the glob')
+    return ('does not exist (a missing bucket or folder, a broken symbolic link, or a file '
+            'deleted since it was listed). Fix: correct the path, or remove the link')
   return (f'cannot be read ({type(e).__name__}: {" ".join(e.message.split())[:200]}): the '
           'storage did not answer or refused the read (network, credentials, permissions). '
           'Fix: check that this machine can read it')
