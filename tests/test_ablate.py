@@ -809,6 +809,23 @@ def test_a_trainer_killed_by_sigint_stops_the_grid(tmp_path):
   assert error.value.exit_code == runner.INTERRUPTED_EXIT_CODE
 
 
+def test_a_trainer_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_path):
+  """A SIGTERM to the runner while its trainer starts up or prints its last lines (no
+  handler of its own then) killed the trainer by the signal: the grid reported 'Training
+  ... failed (exit code -15) ... Fix the cause', for a stop it had been asked for."""
+  stop = runner._Stop()
+  stop.requested = True
+  python = _fake(tmp_path, """\
+      import os, signal
+      signal.signal(signal.SIGTERM, signal.SIG_DFL)
+      os.kill(os.getpid(), signal.SIGTERM)
+      """)
+  with pytest.raises(runner.Stopped) as error:
+    runner.train_run('configs/tiny.py', [], 'standard', 1, tmp_path / 'run', stop,
+                     python=python)
+  assert error.value.exit_code == runner.PREEMPTED_EXIT_CODE
+
+
 def test_glue_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()

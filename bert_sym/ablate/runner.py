@@ -131,14 +131,15 @@ def _run_resuming(cmd: list[str], log_file, stop: _Stop, what: str,
 
   42 without our own SIGTERM is a preemption of the child alone: it saved, and the same
   command resumes it. Ctrl-C (130, or killed by SIGINT before its handler was in place) and
-  our own SIGTERM also saved, but mean the grid should stop: Stopped.
+  our own SIGTERM (42, or the child killed by it outside its handler) mean the grid should
+  stop: Stopped; the same command resumes from the last save.
   """
   for _ in range(max_restarts + 1):
     code = _stream(cmd, log_file, stop)
     if code in (INTERRUPTED_EXIT_CODE, -signal.SIGINT):
       raise Stopped(INTERRUPTED_EXIT_CODE)
-    if code == PREEMPTED_EXIT_CODE and stop.requested:
-      raise Stopped(code)
+    if code != 0 and stop.requested:   # 42, or killed by the SIGTERM we forwarded before
+      raise Stopped(PREEMPTED_EXIT_CODE)  # its handler was in place (or after it was removed)
     if code != PREEMPTED_EXIT_CODE:
       return code
     print(f'{what}: preempted (exit {code}); resuming.', flush=True)
@@ -181,8 +182,6 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
     cmd.append(f'--glue_dir={glue_dir}')
   code = _run_resuming(cmd, out / 'glue.log', stop, f'GLUE on {path}', max_restarts)
   if code != 0:
-    if stop.requested:   # killed by our forwarded SIGTERM before its handler was in place
-      raise Stopped(PREEMPTED_EXIT_CODE)
     raise AblationError(
         f'GLUE on {path} failed (exit code {code}); the grid stops here. Its output is in '
         f'{out / "glue.log"}. Fix the cause and rerun the same command: the finished '
