@@ -826,6 +826,23 @@ def test_a_trainer_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_p
   assert error.value.exit_code == runner.PREEMPTED_EXIT_CODE
 
 
+def test_a_sigterm_while_a_trainer_finishes_stops_the_grid_before_the_next_run(tmp_path):
+  """A SIGTERM that reached the runner as its trainer was finishing (the trainer exits 0)
+  or between two runs was swallowed: the grid trained on and exited 0."""
+  python = _fake(tmp_path, f"""\
+      import os, signal
+      with open({str(tmp_path / 'calls')!r}, 'a') as f:
+        f.write('call\\n')
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)   # past its last step: it ends well
+      os.kill(os.getppid(), signal.SIGTERM)   # and the runner is stopped meanwhile
+      """)
+  with pytest.raises(runner.Stopped) as error:
+    ablate.run('configs/tiny.py', 'standard,pairwise', '1', str(tmp_path / 'grid'),
+               python=python)
+  assert error.value.exit_code == runner.PREEMPTED_EXIT_CODE
+  assert (tmp_path / 'calls').read_text().splitlines() == ['call']   # no second run
+
+
 def test_glue_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()

@@ -292,6 +292,13 @@ def _refuse_mixed_resumes(requested, variants, seeds, workdir) -> None:
         f'train them anew.')
 
 
+def _stop_if_requested(stop: _Stop) -> None:
+  """A SIGTERM that came while no child could take it (between runs, or as a trainer was
+  past its last step and exited 0) stops the grid before the next run starts."""
+  if stop.requested:
+    raise Stopped(PREEMPTED_EXIT_CODE)
+
+
 def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
               summarize_only, glue_dir, glue_tasks, glue_seeds, glue_args, python) -> dict:
   total_steps = int(requested.total_steps)
@@ -322,12 +329,14 @@ def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
         print(f'{name}: {why}; --summarize_only, left out.{hint}', flush=True)
         continue
       else:
+        _stop_if_requested(stop)
         if glue_tasks and 'trained' not in actions.values():   # a finished grid needs no data
           check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args, data=True)
         print(f'{name}: {why}; training.', flush=True)
         train_run(config, overrides, variant, seed, path, stop, python=python)
         actions[name] = 'trained'
       if glue_tasks and not summarize_only:
+        _stop_if_requested(stop)
         glue_run(path, glue_dir=glue_dir, tasks=glue_tasks, seeds=glue_seeds,
                  glue_args=glue_args, stop=stop, python=python)
   if not summarize_only:
