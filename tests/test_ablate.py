@@ -350,6 +350,43 @@ def test_summary_not_reached_and_ratio(tmp_path):
       pytest.approx(statistics.mean([20 + 10 / 3, 30.0]) / 10.0))
 
 
+def test_a_finished_checkpoint_without_its_final_eval_is_not_a_finished_run(tmp_path):
+  """A run preempted in its last step saves, then evaluates; killed in that eval it has its
+  final checkpoint but no final eval row. It counted as finished: the summary stopped on
+  'The runs end at different steps [20, 30] ... pass the same --config.total_steps', and a
+  run without metrics.jsonl was an IndexError traceback."""
+  cj = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30']).to_json()
+  curve = [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)]
+  for seed in (1, 2, 3):
+    _fake_run(tmp_path, 'standard', seed, curve, cj)
+  killed_in_eval, lost = (tmp_path / 'standard' / f'seed{s}' for s in (2, 3))
+  (killed_in_eval / 'metrics.jsonl').write_text(''.join(
+      (killed_in_eval / 'metrics.jsonl').read_text().splitlines(keepends=True)[:-1]))
+  (lost / 'metrics.jsonl').unlink()
+  assert ablate.run_status(killed_in_eval, 30) == (
+      False, 'checkpoint at step 30 but no eval at it in metrics.jsonl (stopped during its '
+      'final eval; the runner reruns the trainer, which adds it)')
+  out = ablate_report.summarize(tmp_path, ['standard'], [1, 2, 3], total_steps=30,
+                                plots=False)
+  assert out['runs'] == {'standard': [1]}
+  assert set(out['excluded']) == {'standard/seed2', 'standard/seed3'}
+  assert out['excluded']['standard/seed3'].startswith(
+      'checkpoint at step 30 but no metrics.jsonl: its eval curve is lost.')
+
+
+def test_the_runner_refuses_a_run_whose_eval_curve_is_lost(tmp_path):
+  """Rerun by the trainer, a finished run without metrics.jsonl got its final eval alone:
+  a one-point curve, averaged with the others unseen."""
+  cj = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30', '--config.seed=1',
+                                         '--config.model.attention=standard']).to_json()
+  (_fake_run(tmp_path, 'standard', 1, [(0, 12.0), (30, 4.0)], cj) / 'metrics.jsonl').unlink()
+  python = _fake_trainer(tmp_path, [0])
+  with pytest.raises(ablate.AblationError, match='standard/seed1.*no metrics.jsonl.*move'):
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.total_steps=30'],
+               python=python)
+  assert not (tmp_path / 'calls').exists()   # nothing trained
+
+
 def test_config_differences_name_the_changed_keys():
   requested = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
   saved = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30', '--config.seed=2',

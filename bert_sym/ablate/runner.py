@@ -24,8 +24,8 @@ from bert_sym import files
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_DONE, GLUE_SUBDIR, SUMMARY_JSON,
                                     SUMMARY_MD, summarize)
-from bert_sym.ablate.runs import (config_differences, latest_finished_step, run_dir,
-                                  run_status)
+from bert_sym.ablate.runs import (LOST_CURVE, config_differences, latest_finished_step,
+                                  run_dir, run_status)
 
 
 # ---- The requested config: the same file + overrides the trainer will see ----
@@ -269,21 +269,26 @@ def check_glue_inputs(glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
 
 
 def _refuse_mixed_resumes(requested, variants, seeds, workdir) -> None:
-  """Refuses, before anything trains, to resume a run whose checkpoint was trained with
+  """Refuses, before anything trains, a run with checkpoints but no metrics.jsonl (its curve
+  is lost: see runs.LOST_CURVE), and to resume a run whose checkpoint was trained with
   another config: the trainer goes on with any config that restores (a learning rate, a
   schedule's total_steps) and rewrites config.json, so the run became a mix of the two
   that nothing downstream could see."""
-  mixed = []
+  mixed, lost = [], []
   for variant in variants:
     for seed in seeds:
       path = run_dir(workdir, variant, seed)
       step = latest_finished_step(path)
+      if step is not None and not (path / 'metrics.jsonl').exists():
+        lost.append(f'{variant}/seed{seed} (checkpoint at step {step})')
       if (step is None or step >= int(requested.total_steps)
           or not (path / checkpoint_lib.CONFIG_FILE).exists()):
         continue
       changed = config_differences(requested, checkpoint_lib.read_config(path), variant, seed)
       if changed:
         mixed.append(f'{variant}/seed{seed} (checkpoint at step {step}; {", ".join(changed)})')
+  if lost:
+    raise AblationError(f'{"; ".join(lost)}: {LOST_CURVE}.')
   if mixed:
     raise AblationError(
         f'Unfinished run(s) trained with a config that differs from the requested one: '

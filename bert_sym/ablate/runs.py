@@ -26,7 +26,8 @@ def latest_finished_step(path) -> int | None:
 
 
 def run_status(path, total_steps: int | None = None) -> tuple[bool, str]:
-  """(finished, why): finished = config.json + a finalized checkpoint at total_steps.
+  """(finished, why): finished = config.json + a finalized checkpoint at total_steps + its
+  eval row in metrics.jsonl.
 
   `total_steps` is the requested one; None = the run's own config.json value (for
   --summarize_only over a workdir whose config is not at hand).
@@ -41,7 +42,19 @@ def run_status(path, total_steps: int | None = None) -> tuple[bool, str]:
     return False, f'no finished checkpoint yet (0/{total_steps})'
   if step < total_steps:
     return False, f'checkpoint at step {step}/{total_steps}'
+  # The trainer evaluates, then saves; preempted in its last step it saves first, and killed
+  # in the eval after, it has its final checkpoint without the final eval the report needs.
+  if not (path / 'metrics.jsonl').exists():
+    return False, f'checkpoint at step {step} but {LOST_CURVE}'
+  if step not in read_metrics(path)['eval']:
+    return False, (f'checkpoint at step {step} but no eval at it in metrics.jsonl (stopped '
+                   'during its final eval; the runner reruns the trainer, which adds it)')
   return True, f'finished (step {step})'
+
+
+# Rerun, the trainer would add the final eval alone: a one-point curve among full ones.
+LOST_CURVE = ('no metrics.jsonl: its eval curve is lost. Fix: put metrics.jsonl back, or '
+              'move the run folder away to train it anew')
 
 
 # Set per run from its folder (the runner passes them): they differ between runs by design.
