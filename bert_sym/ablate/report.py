@@ -41,13 +41,13 @@ _fmt_stat = glue_metrics.format_mean_std
 
 # One line in summary.md (and summary.json) that says which statistic each column is.
 STATISTICS_LINE = (
-    'Columns: final eval loss and steps to target = mean [95% t interval over seeds] '
-    '(n = seeds that reached the target); steps to target = first crossing of the '
-    'eval curve, linear between evals; ratio = mean steps / {ref} mean steps, only when '
-    'every seed of both reached the target [paired bootstrap interval]; paired Δ = mean '
-    'over seeds of (variant - {ref}) on the same seed [t interval]; paired Δ '
-    'steps (n = seeds), as the ratio, only when every seed of both reached the target '
-    '(— otherwise: a mean over the seeds that got there favours the lucky ones).')
+    'Columns: final eval loss and steps to target = mean [95% t interval over seeds] (n = seeds '
+    'that reached the target); steps to target = first crossing of the eval curve, linear '
+    'between evals; ratio = mean steps / {ref} mean steps, only when every seed of both reached '
+    'the target [bootstrap interval, over seed pairs when both ran the same seeds]; paired Δ = '
+    'mean over seeds of (variant - {ref}) on the same seed [t interval]; paired Δ steps (n = '
+    'seeds), as the ratio, only when every seed of both reached the target (— otherwise: a mean '
+    'over the seeds that got there favours the lucky ones).')
 
 
 def _fmt_int(value) -> str:
@@ -62,8 +62,7 @@ def _fmt_ci(stat: dict, digits: int, with_n: bool = False) -> str:
   number = lambda x: f'{round(x, digits) + 0.0:.{digits}f}'
   text = number(stat['mean'])
   if stat.get('ci95'):
-    low, high = stat['ci95']
-    text += f' [{number(low)}, {number(high)}]'
+    text += ' [{}, {}]'.format(*map(number, stat['ci95']))
   return text + (f' (n={stat["n"]})' if with_n else '')
 
 
@@ -100,11 +99,11 @@ def _glue_scores(path) -> dict | None:
     return None   # scored an earlier checkpoint: the run trained on since
   results = json.loads(file.read_text())
   over = results.get('summary', {}).get('over_seeds', {})
-  # Task scores and GLUE (or its partial mean); 'glue_full*' only adds WNLI to the same.
-  # With the config's cut of the training and dev sets (runlocal), which the table names.
-  return {name: stat['mean'] for name, stat in over.items()
-          if stat.get('mean') is not None and not name.startswith('glue_full')} | {
-              key: results.get('config', {}).get(key, 0) for key in glue_report.CUT_KEYS}
+  # Task scores and GLUE (or its partial mean; 'glue_full*' only adds WNLI to the same), and
+  # the config's cut of the training and dev sets (runlocal), which the table names.
+  cut = {key: results.get('config', {}).get(key, 0) for key in glue_report.CUT_KEYS}
+  return cut | {name: stat['mean'] for name, stat in over.items()
+                if stat.get('mean') is not None and not name.startswith('glue_full')}
 
 
 def _model_cost(config) -> dict:
@@ -150,7 +149,8 @@ def load_finished_runs(workdir, variants, seeds, total_steps,
         runs.setdefault(variant, []).append(run)
   if not runs:
     raise AblationError(f'No finished run under {workdir} for variants {list(variants)} and '
-                        f'seeds {list(seeds)}: {excluded}')
+                        f'seeds {list(seeds)}: {excluded}. Fix: run (or summarize) with the '
+                        'config and overrides of the grid, or use another --workdir.')
   return runs, excluded
 
 
@@ -342,8 +342,8 @@ def _glue_table(summary: dict) -> list[str]:
     lines.append(f'| {v} | ' + ' | '.join(
         '—' if not st or st['mean'] is None else _fmt_stat(st, 2) + (
             f' (n={st["n"]}/{runs})' if st['n'] < runs else '') for st in stats_) + ' |')
-  return lines + glue_report.cut_note({k: max(pv[v].get('glue_cut', {}).get(k, 0) for v in variants)
-                                      for k in glue_report.CUT_KEYS})
+  cut = lambda k: max(pv[v].get('glue_cut', {}).get(k, 0) for v in variants)   # any one's
+  return lines + glue_report.cut_note({k: cut(k) for k in glue_report.CUT_KEYS})
 
 
 def _signed(value: float, digits: int) -> str:
