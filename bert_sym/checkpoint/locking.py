@@ -107,11 +107,11 @@ def _raise_if_any_stopped(gathered, what: str) -> None:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir, log=print, *, lock_file: str = LOCK_FILE, owner: str = 'trainer',
+def workdir_lock(workdir, log=print, *, lock_file: str = LOCK_FILE, kind: str = 'trainer',
                  flag: str = '--workdir', shared: bool = True):
   """Held by process 0 for the whole run: a second trainer on the same workdir stops at
   once instead of deleting the first one's saves and interleaving its metrics. (GLUE
-  takes one on its --output_dir: `lock_file`, and the `owner` and `flag` its messages
+  takes one on its --output_dir: `lock_file`, and the `kind` and `flag` its messages
   name, and `shared=False`: only process 0 writes there, so other hosts need not see it.)
 
   An flock on `trainer.lock`, which names the holder (host, pid, start) for the message.
@@ -126,7 +126,7 @@ def workdir_lock(workdir, log=print, *, lock_file: str = LOCK_FILE, owner: str =
   problem, error, holder = None, None, None
   if local and jax.process_index() == 0:
     try:
-      holder = _take_lock(path, log, owner, flag)
+      holder = _take_lock(path, log, kind, flag)
     except WorkdirBusy as e:
       problem = str(e)
     except Exception as e:  # pylint: disable=broad-except

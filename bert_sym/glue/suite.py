@@ -130,7 +130,7 @@ def _run_glue(checkpoint, output_dir, config, task_cache, preemption) -> dict:
   # One command per output directory: two at once each rewrote glue_results.json with its
   # own runs alone (the other's scores lost), and each set the other's predictions aside.
   with checkpoint_lib.workdir_lock(output_dir, lock_file=checkpoint_lib.GLUE_LOCK_FILE,
-                                   owner='GLUE run', flag='--output_dir', shared=False):
+                                   kind='GLUE run', flag='--output_dir', shared=False):
     return _run_locked(output_dir, config, task_cache, preemption, pretrained, tokenizer,
                        mesh, rules, seeds, specs, parallel)
 
