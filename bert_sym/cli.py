@@ -22,6 +22,7 @@ import errno
 import os
 import pathlib
 import re
+import signal
 import sys
 import time
 import traceback
@@ -242,6 +243,22 @@ def guard(prog: str, *, help_argv: Sequence[str] = ()):
     if message is None:
       raise
     fail(prog, message)
+
+
+def stop_on_sigterm_in_start_up() -> None:
+  """Until the run's own handler takes over (bert_sym.preemption), a SIGTERM exits
+  EXIT_PREEMPTED at once: nothing is written yet, and a launcher requeues 42 where it
+  drops the default 143 (a preemption, or scancel, in the seconds JAX and TensorFlow take
+  to import). Called before those imports; the run's handler puts this one back when it
+  closes, when everything is saved."""
+  def stop(signum, frame):
+    del signum, frame
+    # stdout, as the run's own stop line: stderr points at /dev/null while TF imports.
+    print('Stopped by SIGTERM: before training started (or after it ended), nothing to '
+          f'save, exiting with code {EXIT_PREEMPTED} (rerun the same command to resume).',
+          flush=True)
+    os._exit(EXIT_PREEMPTED)   # pylint: disable=protected-access
+  signal.signal(signal.SIGTERM, stop)
 
 
 def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,

@@ -216,3 +216,23 @@ def set_aside_divergence(error: loop.NonFiniteError, workdir, manager, resumed_g
            'There is no checkpoint from before the divergence: a rerun with a fixed config '
            'starts from step 0.')
   return loop.NonFiniteError(error.headline, error.onset, where + resumed_into)
+
+
+def closing_summary(workdir, step: int, run) -> str:
+  """The run's last words: where it ended, where the model is, what to run next."""
+  lines, metrics = [f'Done: step {step}.'], run.eval_metrics
+  if metrics:
+    lines[0] += (f' Final eval MLM loss {metrics["eval/loss"]:.4f}, '
+                 f'accuracy {metrics["eval/mlm_accuracy"]:.3f}.')
+  if run.last_saved is not None:
+    lines.append(f'Checkpoint: {checkpoint.checkpoint_dir(workdir) / str(run.last_saved)}')
+  lines += [   # TensorBoard only where its package wrote events (GPU images may lack it)
+      f'Metrics: {workdir}/metrics.jsonl' + (f'; tensorboard --logdir {workdir}/tensorboard'
+                                             if run.writer.writes_tensorboard else ''),
+      'Next:',
+      f'  python -m bert_sym.hf_export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
+      '# Hugging Face BERT',
+      f'  python -m bert_sym.glue --checkpoint={workdir} --output_dir=GLUE_OUT_DIR '
+      '--glue_dir=/path/to/glue_data --tasks=rte --seeds=1   # GLUE fine-tuning',
+  ]
+  return '\n'.join(lines)

@@ -20,6 +20,12 @@ import os
 import sys
 from typing import Any, Callable
 
+from bert_sym import cli
+
+if __name__ == '__main__':   # before JAX and TensorFlow import (seconds): exit 42, not 143
+  cli.stop_on_sigterm_in_start_up()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -30,7 +36,6 @@ from ml_collections import config_flags
 import numpy as np
 
 from bert_sym import checkpoint
-from bert_sym import cli
 from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import files
@@ -187,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
                                                 evaluate, manager, preemption, run)
       finally:
         run.writer.close()
-  run.console(closing_summary(workdir, step, run))
+  run.console(pretrain_loop.closing_summary(workdir, step, run))
   return run.eval_metrics
 
 
@@ -346,26 +351,6 @@ def _build_evaluator(config, eval_step, data: _Input, run: _Run):
     run.console(f'eval step {step}: loss {run.eval_metrics["eval/loss"]:.4f} | '
                 f'acc {run.eval_metrics["eval/mlm_accuracy"]:.3f}')
   return evaluate
-
-
-def closing_summary(workdir, step: int, run) -> str:
-  """The run's last words: where it ended, where the model is, what to run next."""
-  lines, metrics = [f'Done: step {step}.'], run.eval_metrics
-  if metrics:
-    lines[0] += (f' Final eval MLM loss {metrics["eval/loss"]:.4f}, '
-                 f'accuracy {metrics["eval/mlm_accuracy"]:.3f}.')
-  if run.last_saved is not None:
-    lines.append(f'Checkpoint: {checkpoint.checkpoint_dir(workdir) / str(run.last_saved)}')
-  lines += [   # TensorBoard only where its package wrote events (GPU images may lack it)
-      f'Metrics: {workdir}/metrics.jsonl' + (f'; tensorboard --logdir {workdir}/tensorboard'
-                                             if run.writer.writes_tensorboard else ''),
-      'Next:',
-      f'  python -m bert_sym.hf_export --checkpoint={workdir} --out_dir=EXPORT_DIR   '
-      '# Hugging Face BERT',
-      f'  python -m bert_sym.glue --checkpoint={workdir} --output_dir=GLUE_OUT_DIR '
-      '--glue_dir=/path/to/glue_data --tasks=rte --seeds=1   # GLUE fine-tuning',
-  ]
-  return '\n'.join(lines)
 
 
 def main(argv, make_iterator=None):

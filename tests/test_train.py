@@ -34,6 +34,7 @@ from bert_sym import metrics_writer
 from bert_sym import model as model_lib
 from bert_sym import objectives
 from bert_sym import optim
+from bert_sym import pretrain_loop
 from bert_sym import train
 from tests import train_fixtures
 from tests.train_fixtures import run_trainer
@@ -327,7 +328,7 @@ def test_the_summary_names_tensorboard_only_where_its_events_were_written(tmp_pa
   monkeypatch.setitem(sys.modules, 'tensorboard.compat.proto', None)   # not installed
   writer = metrics_writer.MetricWriter(str(tmp_path))
   run = types.SimpleNamespace(eval_metrics={}, last_saved=None, writer=writer)
-  summary = train.closing_summary(tmp_path, 3, run).splitlines()
+  summary = pretrain_loop.closing_summary(tmp_path, 3, run).splitlines()
   writer.close()
   assert not (tmp_path / 'tensorboard').exists()
   assert f'Metrics: {tmp_path}/metrics.jsonl' in summary, summary
@@ -1549,6 +1550,39 @@ def test_a_sigterm_while_the_inputs_are_checked_exits_42_untouched(tmp_path, mon
   assert str(stopped.value).startswith('Stopped by SIGTERM: before training started, nothing '
                                        'to save, exiting with code 42'), stopped.value
   assert not (tmp_path / 'run').exists()   # stopped before the workdir was made
+
+
+def _catches_sigterm(pid: int) -> bool:
+  """Whether the process has a handler for SIGTERM (Linux: /proc/PID/status, SigCgt)."""
+  status = pathlib.Path(f'/proc/{pid}/status').read_text()
+  caught = int(re.search(r'^SigCgt:\s*([0-9a-f]+)', status, re.M).group(1), 16)
+  return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.parametrize('module', ['bert_sym.train', 'bert_sym.glue'])
+def test_a_sigterm_while_the_libraries_import_exits_42(module, tmp_path):
+  """The first seconds (JAX, TensorFlow importing) had no handler: a preemption or scancel
+  there ended the process with 143, which launch/slurm_gpu.sbatch does not requeue (only
+  42). The entry points now take SIGTERM before those imports: exit 42, nothing written.
+  The signal is sent as soon as the process catches it, while JAX still imports."""
+  args = {'bert_sym.train': ['--config=configs/tiny.py',
+                             f'--workdir={tmp_path / "run"}'],
+          'bert_sym.glue': [f'--checkpoint={tmp_path / "none"}',
+                            f'--output_dir={tmp_path / "run"}']}[module]
+  process = subprocess.Popen(
+      [sys.executable, '-m', module, *args], cwd=train_fixtures.REPO_ROOT, text=True,
+      env=dict(os.environ, PYTHONPATH=train_fixtures.REPO_ROOT, JAX_PLATFORMS='cpu'),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 60
+  while not _catches_sigterm(process.pid) and time.time() < deadline:
+    time.sleep(0.005)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+  assert output.strip() == ('Stopped by SIGTERM: before training started (or after it '
+                            'ended), nothing to save, exiting with code 42 (rerun the same '
+                            'command to resume).'), output[-3000:]
+  assert not (tmp_path / 'run').exists()
 
 
 def test_a_ctrl_c_while_the_inputs_are_checked_stops_at_once(tmp_path, monkeypatch, capsys):

@@ -49,6 +49,12 @@ import sys
 import time
 import types
 
+from bert_sym import cli as cli_lib   # `cli` is main's flags
+
+if __name__ == '__main__':   # before JAX and TensorFlow import (seconds): exit 42, not 143
+  cli_lib.stop_on_sigterm_in_start_up()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from etils import epath
@@ -56,7 +62,6 @@ import jax
 from ml_collections import config_flags
 
 from bert_sym import checkpoint
-from bert_sym import cli as cli_lib   # `cli` is main's flags
 from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import loop
