@@ -453,6 +453,20 @@ def test_tpu_vm_launcher_reads_0_as_off_and_refuses_other_switch_values(tmp_path
   assert usage.stdout.rstrip().endswith('SKIP_PREFLIGHT=1 skips it.'), usage.stdout[-300:]
 
 
+def test_the_checkout_archive_leaves_out_a_venv_that_is_a_symbolic_link(tmp_path):
+  """launch/tpu_vm.sh archives `git ls-files --others --exclude-standard`: with `.venv/`
+  in .gitignore (directories only), a .venv that links to a venv elsewhere was archived,
+  and every worker's tar stopped on it ("tar: .venv: Cannot open: File exists")."""
+  shutil.copy(REPO_ROOT / '.gitignore', tmp_path / '.gitignore')
+  subprocess.run(['git', 'init', '-q'], cwd=tmp_path, check=True)
+  (tmp_path / 'venv_elsewhere').mkdir()
+  os.symlink(tmp_path / 'venv_elsewhere', tmp_path / '.venv')
+  (tmp_path / 'train.py').write_text('')
+  listed = subprocess.run(['git', 'ls-files', '--others', '--exclude-standard'], cwd=tmp_path,
+                          capture_output=True, text=True, check=True).stdout.split()
+  assert '.venv' not in listed and 'train.py' in listed, listed
+
+
 def test_tpu_vm_launcher_passes_the_workers_a_config_path_of_the_checkout_they_get(tmp_path):
   """CONFIG as an absolute path (or relative to another directory) passed the preflight
   here and went to every worker as typed, where no such file is: each trainer stopped on a
