@@ -698,9 +698,8 @@ def test_summarize_only_trains_nothing(tmp_path):
                    summarize_only=True)
   assert out['actions'] == {'standard/seed1': 'skipped', 'symmetric/seed1': 'missing'}
   assert not os.path.exists(os.path.join(workdir, 'symmetric'))
-  # Put the whole grid's summary back for the other tests.
-  ablate.run(fx.CONFIG, ','.join(fx.VARIANTS), '1,2', workdir, fx.overrides(),
-             summarize_only=True)
+  # The summary still covers the whole grid (the other tests read it).
+  assert out['runs'] == {v: list(fx.SEEDS) for v in fx.VARIANTS}, out['runs']
 
 
 def test_summarize_only_without_the_grids_overrides_names_them(tmp_path, capsys):
@@ -1019,6 +1018,26 @@ def test_a_run_trained_with_another_config_is_never_averaged_with_the_grid(tmp_p
   with pytest.raises(ablate.AblationError, match='optimizer.learning_rate'):
     ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1, 2], total_steps=30,
                             plots=False)
+
+
+def test_a_command_that_adds_to_a_grid_summarizes_the_whole_grid(tmp_path, capsys):
+  """A grid grown by a second command (`--variants=symmetric`, or one more seed) had its
+  summary.* replaced by that command's part: symmetric compared with itself, the
+  standard reference and the first command's rows gone from the files."""
+  overrides = ['--config.total_steps=30']
+  for variant, seed in (('standard', 1), ('standard', 2), ('symmetric', 1), ('symmetric', 2)):
+    config = ablate.resolve_config(fx.CONFIG, overrides)
+    config.model.attention, config.seed = variant, seed
+    _fake_run(tmp_path, variant, seed, [(0, 12.0), (10, 6.0), (30, 4.0 + seed / 10)],
+              config.to_json())
+  (tmp_path / 'pairwise' / 'seed9').mkdir(parents=True)   # no config.json: not a run
+  out = ablate.run(fx.CONFIG, 'symmetric', '2', str(tmp_path), overrides, summarize_only=True)
+  assert out['runs'] == {'symmetric': [1, 2], 'standard': [1, 2]}, out['runs']
+  assert out['seeds'] == [1, 2] and 'pairwise/seed9' not in out['excluded'], out
+  paired = out['per_variant']['symmetric']['paired_vs_reference']['final_eval_loss']
+  assert paired['n'] == 2, paired   # against standard, over both seeds
+  assert json.loads((tmp_path / 'summary.json').read_text())['runs'] == out['runs']
+  assert ('Summary over every run in ' in capsys.readouterr().out)
 
 
 # Every key that decides what a grid run computes, as of 2026-12-06 (the grid's runs on
