@@ -161,9 +161,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   _check_kind(config, 'data', 'training', 'configs/tiny.py (or sym_base.py, ...)')
   check_model(config.model)
   check_data(config.data, config.model)
-  for key in ('batch_size', 'total_steps', 'log_every_steps', 'eval_every_steps'):
+  for key in ('batch_size', 'total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint.every_steps'):
     _positive(key, config[key])
-  _positive('checkpoint.every_steps', config.checkpoint.every_steps)
   for key in ('eval_steps', 'checkpoint.keep_last', 'checkpoint.keep_every'):
     _positive(key, config[key], allow_zero=True)   # 0: no evals, keep all, none kept forever
   _positive('checkpoint.save_timeout_s', config.checkpoint.get('save_timeout_s', 600))
@@ -181,8 +180,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         0 < opt[key] < math.inf):   # nan and inf too: the first update made every weight NaN
       raise ConfigError(f'config.optimizer.{key}={opt[key]!r} must be > 0 (the paper: '
                         f'{paper}) and finite. Fix: --config.optimizer.{key}={paper}.')
-  for key in ('optimizer.weight_decay', 'optimizer.grad_clip_norm', 'peak_flops_per_device'):
-    _not_negative(key, config.get(key, 0))   # clip 0: off; peak 0: the device's (MFU < 0)
+  for key in ('optimizer.weight_decay', 'optimizer.grad_clip_norm', 'peak_flops_per_device',
+              'compilation_cache_max_gb'):   # 0: clipping off, the device's peak, no limit
+    _not_negative(key, config.get(key, 0))
   _fraction('optimizer.b1', opt.b1, low_open=False)   # Adam's decay rates: 1 never moves
   _fraction('optimizer.b2', opt.b2, low_open=False)
   for axis in ('data', 'fsdp', 'tensor'):

@@ -8,6 +8,7 @@ The device side (what one step computes) is bert_sym.steps.
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import queue
 import threading
@@ -41,15 +42,23 @@ class NonFiniteError(Exception):
 
 # ---- Performance plumbing: compilation cache, input prefetch, compile once and time it ----
 
-def enable_compilation_cache(cache_dir: str) -> str | None:
+def enable_compilation_cache(cache_dir: str, max_gb: float = 0.0) -> str | None:
   """JAX's persistent compilation cache at `cache_dir` ('' = off): a rerun or a resumed
   run loads its compiled steps instead of compiling them again. Off means off, also when
-  JAX_COMPILATION_CACHE_DIR is set (JAX would use that directory otherwise)."""
+  JAX_COMPILATION_CACHE_DIR is set (JAX would use that directory otherwise).
+
+  `max_gb` (0 = no limit): JAX's own eviction of the least recently used entries, which
+  keeps a cache that every run of every config adds to from filling the disk."""
   jax.config.update('jax_enable_compilation_cache', bool(cache_dir))
   if not cache_dir:
     return None
   path = files.cache_dir(cache_dir)
   jax.config.update('jax_compilation_cache_dir', path)
+  if max_gb and importlib.util.find_spec('filelock') is None:   # JAX would raise at a compile
+    logging.warning('compilation_cache_max_gb=%s not applied: JAX evicts under a file lock '
+                    'and the filelock package is not installed (pip install filelock).', max_gb)
+  elif max_gb:
+    jax.config.update('jax_compilation_cache_max_size', int(max_gb * 2**30))
   return path
 
 

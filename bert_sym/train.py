@@ -176,7 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
     config = checkpoint.inputs_checked_on_every_host(   # every input, before any side effect
         lambda: _check_inputs(config, make_iterator), 'run')
     preemption.stop_if_raised()   # (which launchers do not requeue): exit 42 now, untrained
-    loop.enable_compilation_cache(config.get('compilation_cache_dir', ''))
+    loop.enable_compilation_cache(config.get('compilation_cache_dir', ''),
+                                  config.get('compilation_cache_max_gb', 0.0))
     with checkpoint.checked_on_every_host('run'):   # a workdir one host cannot write
       workdir = _prepare_workdir(workdir)
     with checkpoint.workdir_lock(workdir):

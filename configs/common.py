@@ -135,6 +135,7 @@ def base_config(size: str = 'base', attention: str = 'pairwise',
   c.peak_flops_per_device = 0.0     # 0 = look up by device kind (for MFU)
   c.xla_gpu_flags = True            # on NVIDIA GPUs, set bert_sym/gpu_flags.py's XLA flags (cuDNN LayerNorm, cuBLASLt epilogues); False = XLA's defaults
   c.compilation_cache_dir = '~/.cache/bert_sym/jax'   # JAX persistent compilation cache; '' = off; under $BERT_SYM_CACHE or $XDG_CACHE_HOME when set (files.cache_dir)
+  c.compilation_cache_max_gb = 10.0   # past this, JAX deletes the least recently used compiled steps there; 0 = no limit
   return apply_recipe(c, recipe)
 
 

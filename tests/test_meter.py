@@ -534,6 +534,28 @@ def test_compilation_cache_off_means_off_even_with_jax_s_variable(tmp_path, sett
   assert bool(own.exists() and list(own.iterdir())) == bool(setting)
 
 
+def test_the_compilation_cache_stays_under_its_limit(tmp_path):
+  """Every run of every config added its compiled steps to ~/.cache/bert_sym/jax, which
+  never shrank; config.compilation_cache_max_gb hands JAX a limit, under which it deletes
+  the least recently used entries (entries here: about 3 KB each; limit 8 KB)."""
+  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  script = ('import sys, jax, jax.numpy as jnp; from bert_sym import loop; '
+            'loop.enable_compilation_cache(sys.argv[1], float(sys.argv[2])); '
+            '[jax.jit(lambda x, k=k: jnp.sin(x) * k + 1)(jnp.ones(7 + k)).block_until_ready() '
+            'for k in range(8)]')
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  sizes = {}
+  for limit in (0, 8e3 / 2**30):
+    cache = tmp_path / f'cache_{limit}'
+    subprocess.run([sys.executable, '-c', script, str(cache), str(limit)], env=env,
+                   check=True, capture_output=True, timeout=120)
+    entries = [p for p in cache.iterdir() if p.name.endswith('-cache')]
+    sizes[limit] = (len(entries), sum(p.stat().st_size for p in entries))
+  assert sizes[0][0] >= 8, sizes   # no limit: every compile kept
+  assert 0 < sizes[8e3 / 2**30][1] <= 8e3 and sizes[8e3 / 2**30][0] < sizes[0][0], sizes
+
+
 def test_a_loss_worse_than_twice_a_uniform_guess_is_unhealthy_even_in_warm_up():
   """The trainer's health: with vocab 1000, ln(1000) = 6.91 is guessing uniformly; a loss
   above 2 x 6.91 means exploded weights, spike rule or not (warm-up has none)."""

@@ -66,7 +66,8 @@ NOT_THE_EXPERIMENT = (
     'model.attention_impl', 'model.remat', 'model.remat_policy', 'model.scan_layers',
     'model.lean_backward', 'model.kernel_interpret', 'mesh.', 'sharding_rules',
     'log_every_steps', 'checkpoint.', 'on_nonfinite', 'max_consecutive_nonfinite',
-    'peak_flops_per_device', 'xla_gpu_flags', 'compilation_cache_dir')
+    'peak_flops_per_device', 'xla_gpu_flags', 'compilation_cache_dir',
+    'compilation_cache_max_gb')
 
 
 # Keys added after runs were written without them: their value then (prng_impl, 2026-12-02:
