@@ -989,6 +989,29 @@ def test_a_tiny_paired_loss_difference_keeps_its_digits_in_the_table():
   assert cell({'mean': None}, 4) == '—'
 
 
+def test_a_paired_steps_difference_under_one_step_keeps_its_digits_in_the_table(tmp_path):
+  """The paired Δ steps column rounded to whole steps: pairwise crossing the target 0.2
+  steps before standard on every seed read '0 [0, 0] (n=3)' in the table, while the
+  reading below it said 'fewer than standard'."""
+  cj = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30']).to_json()
+  for seed in (1, 2, 3):
+    _fake_run(tmp_path, 'standard', seed, [(0, 12.0), (10, 6.0), (20, 5.0), (30, 4.0)], cj)
+    _fake_run(tmp_path, 'pairwise', seed,
+              [(0, 12.0), (10, 6.0), (20, 5.0 - 0.01 * (seed + 2)), (30, 4.0 - 0.001 * seed)],
+              cj)
+  out = ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1, 2, 3],
+                                total_steps=30, target_loss=4.5)
+  paired = out['per_variant']['pairwise']['paired_vs_reference']['steps_to_target']
+  assert -0.5 < paired['mean'] < 0 and paired['ci95'][1] < 0
+  (reading,) = [line for line in out['reading'] if 'steps to target' in line]
+  assert 'fewer than standard' in reading
+  md = (tmp_path / 'summary.md').read_text()
+  header, row = [line.split(' | ') for line in md.splitlines()
+                 if line.startswith(('| variant |', '| pairwise |'))][:2]
+  cell = row[header.index('paired Δ steps')]
+  assert cell.endswith(' (n=3)') and cell.removesuffix(' (n=3)') in reading, (cell, reading)
+
+
 def test_a_run_trained_with_another_config_is_never_averaged_with_the_grid(tmp_path, capsys):
   """A finished run whose config.json differs from the grid's (here its learning rate) was
   skipped with a note and then averaged with the rest in summary.json / summary.md."""

@@ -66,15 +66,15 @@ def _fmt_ci(stat: dict, digits: int, with_n: bool = False) -> str:
   return text + (f' (n={stat["n"]})' if with_n else '')
 
 
-def _fmt_paired(stat: dict, digits: int) -> str:
-  """A paired difference, signed, as the reading below the table prints it: a separation
-  smaller than `digits` decimals keeps 2 significant digits instead of '0.0000'."""
+def _fmt_paired(stat: dict, digits: int, with_n: bool = False) -> str:
+  """A paired difference, signed, as the reading below the table prints it: one smaller than
+  `digits` decimals keeps 2 significant digits, not '0.0000' (or steps' '0 [0, 0]')."""
   if stat['mean'] is None:
     return '—'
   text = _signed(stat['mean'], digits)
   if stat.get('ci95'):
     text += ' [{}, {}]'.format(*(_signed(x, digits) for x in stat['ci95']))
-  return text
+  return text + (f' (n={stat["n"]})' if with_n else '')
 
 
 def _table_steps(common: list[int], final: int, max_columns: int = 6) -> list[int]:
@@ -309,8 +309,8 @@ def _main_table(summary: dict) -> list[str]:
         f'{_fmt_ci(p["final_eval_loss"], 4)} | '
         f'{"—" if same else _fmt_paired(paired["final_eval_loss"], 4)} | '
         f'{_fmt_stat(p["final_eval_mlm_accuracy"], 4)} | {_steps_cell(st)} | '
-        f'{"—" if same else _fmt_ci(paired["steps_to_target"], 0, True)} | {_ratio_cell(st)} | '
-        f'{_fmt_stat(p["train_seconds"], 0)} |')
+        f'{"—" if same else _fmt_paired(paired["steps_to_target"], 0, True)} | '
+        f'{_ratio_cell(st)} | {_fmt_stat(p["train_seconds"], 0)} |')
   return lines
 
 
