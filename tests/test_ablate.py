@@ -200,6 +200,18 @@ def test_elapsed_seconds_removes_idle_gap_of_a_restart():
   assert ablate_runs.elapsed_seconds(rows, []) == [0.0, 10.0, 20.0, 400.0, 410.0]
 
 
+def test_elapsed_seconds_leave_out_the_first_train_step_compilation():
+  """The first process's compilation counted as training time: a variant's first seed
+  compiled (12 s of a tiny run's 13 s) and its next seeds read the compilation cache (1 s),
+  so train time and loss_vs_time measured the cache. A restart's compilation stays."""
+  rows = [{'time': 100.0}, {'time': 115.0, 'perf/compile_seconds': 12.0}, {'time': 116.0},
+          {'time': 500.0}, {'time': 530.0, 'perf/compile_seconds': 20.0}, {'time': 531.0}]
+  assert ablate_runs.elapsed_seconds(rows, [90.0, 480.0]) == [0.0, 3.0, 4.0, 24.0, 54.0, 55.0]
+  # Restarted before its first train row: the compilation logged is the restart's.
+  rows = [{'time': 100.0}, {'time': 500.0, 'perf/compile_seconds': 20.0}, {'time': 501.0}]
+  assert ablate_runs.elapsed_seconds(rows, [90.0, 480.0]) == [0.0, 20.0, 21.0]
+
+
 def test_two_restarts_after_the_same_last_row_remove_its_idle_time_once():
   """A restart that left no kept row (killed in start-up, or its rows dropped by the next
   resume) and the one after it both started after the row at 150: each subtracted its gap

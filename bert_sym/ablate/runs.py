@@ -1,7 +1,8 @@
 """One run of an ablation grid, read back: its status, metrics rows and wall-clock time.
 
 Wall-clock time runs from the run's first metrics row (the step-0 eval: start-up and the
-first compilation excluded), without the time a resumed run sat stopped (`elapsed_seconds`).
+eval step's compilation excluded), without the first process's train-step compilation nor
+the time a resumed run sat stopped (`elapsed_seconds`).
 """
 
 import dataclasses
@@ -143,7 +144,8 @@ def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float
   row; the restart's own start-up and compilation stay (real cost). Two restarts after the
   same last row (the first wrote nothing that was kept) share that idle stretch: it counts
   once, as the union of the stretches. Event-file names have whole seconds, so a gap is
-  rounded down by < 1 s; without them none is removed.
+  rounded down by < 1 s; without them none is removed. The first process's train-step
+  compilation (`perf/compile_seconds` on its first train row) is removed from that row on.
   """
   if not rows:
     return []
@@ -156,7 +158,16 @@ def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float
       idle_from = max(max(before), counted_until)
       gaps.append((start, max(0.0, start - idle_from)))
       counted_until = start
-  return [t - times[0] - sum(g for s, g in gaps if s <= t) for t in times]
+  # The first compilation is not training, and the compilation cache decides it: the first
+  # seed of a variant compiled (12 s of a tiny run's 13 s), the next read the cache (1 s), so
+  # train time and loss_vs_time measured the cache. A restart's compilation stays (above).
+  restart = min((s for s in starts if s > times[0]), default=math.inf)
+  compiled_at, compile_s = next(((t, float(r['perf/compile_seconds'])) for r, t in zip(
+      rows, times) if r.get('perf/compile_seconds') is not None), (math.inf, 0.0))
+  if compiled_at > restart:   # a restart's: the first process logged no train row
+    compile_s = 0.0
+  return [t - times[0] - sum(g for s, g in gaps if s <= t) - (compile_s if t >= compiled_at
+                                                                 else 0.0) for t in times]
 
 
 @dataclasses.dataclass
