@@ -200,6 +200,16 @@ def test_elapsed_seconds_removes_idle_gap_of_a_restart():
   assert ablate_runs.elapsed_seconds(rows, []) == [0.0, 10.0, 20.0, 400.0, 410.0]
 
 
+def test_a_config_without_its_shards_is_refused_before_any_run(tmp_path):
+  """configs/sym_small.py (the notebook's suggestion for a GPU) without
+  --config.data.shards_dir: every run's trainer failed as it started, the grid said
+  'Training standard seed 1 failed ... resumes from its last checkpoint', a folder made."""
+  with pytest.raises(ablate.AblationError, match='config.data.shards_dir is not set'):
+    ablate.run('configs/sym_small.py', 'standard', '1', str(tmp_path / 'abl'),
+               ['--config.total_steps=10'], python='false')
+  assert not (tmp_path / 'abl').exists()
+
+
 def test_elapsed_seconds_leave_out_the_first_train_step_compilation():
   """The first process's compilation counted as training time: a variant's first seed
   compiled (12 s of a tiny run's 13 s) and its next seeds read the compilation cache (1 s),

@@ -219,6 +219,11 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
     raise AblationError(f'{clashing}: the runner sets the variant and seed of each run; use '
                         f'--variants and --seeds.')
   requested = resolve_config(config, overrides)
+  if not summarize_only:   # else each run failed alone, its folder made, 'resume' advised
+    try:   # e.g. configs/sym_small.py without --config.data.shards_dir
+      config_check.check_data_named(requested)
+    except config_check.ConfigError as e:
+      raise AblationError(str(e)) from None
   if requested.get('eval_steps', 1) < 1:   # was an IndexError after training the grid
     raise AblationError(f'config.eval_steps={requested.eval_steps}: the ablation compares '
                         'the runs\' eval losses, so it needs them. Fix: eval_steps >= 1.')
