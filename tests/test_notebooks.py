@@ -54,12 +54,16 @@ def test_committed_notebooks_have_no_outputs():
 
 def test_ablation_notebook():
   workdir, _ = fx.tiny_grid()
+  # Lists, as the attention notebook writes VARIANTS: the printed command said
+  # --variants=['standard', 'pairwise'].
   nb = execute('ablation.ipynb', '\n'.join([
-      f'CONFIG = {fx.CONFIG!r}', f'VARIANTS = {",".join(fx.VARIANTS)!r}',
-      f'SEEDS = {",".join(map(str, fx.SEEDS))!r}', f'WORKDIR = {workdir!r}',
+      f'CONFIG = {fx.CONFIG!r}', f'VARIANTS = {list(fx.VARIANTS)!r}',
+      f'SEEDS = {list(fx.SEEDS)!r}', f'WORKDIR = {workdir!r}',
       f'OVERRIDES = {list(fx.overrides())!r}']))
   text = ''.join(o.get('text', '') for o in _outputs(nb, 'stream'))
   assert 'skipped' in text and 'bert_sym.train' not in text   # the grid was reused
+  assert (f'--variants={",".join(fx.VARIANTS)} --seeds={",".join(map(str, fx.SEEDS))} '
+          in text), text[:2000]
   shown = _outputs(nb, 'display_data')
   assert any('image/png' in o.data for o in shown)
   assert any('text/markdown' in o.data and '| standard |' in o.data['text/markdown']
