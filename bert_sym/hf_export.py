@@ -342,8 +342,12 @@ def main(argv):
   except ValueError as e:
     raise UserError(str(e)) from None
   save_hf_pretrained(params, config.model, _OUT_DIR.value, vocab_bytes=vocab_bytes)
+  # The step, as a workdir stands for its newest: which one a user shares must be on record.
+  # No pooler: pre-training is MLM only, so BertModel (AutoModel) starts its pooler random.
   print(f'Wrote a standard Hugging Face BertForMaskedLM ({config.model.attention} attention '
-        f'folded into W_k) to {_OUT_DIR.value}')
+        f'folded into W_k) of step {step_dir.name} ({step_dir}) to {_OUT_DIR.value}. It has '
+        'no pooler (MLM pre-training trains none): AutoModel starts one at random, for a '
+        'task head to train.')
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import safetensors
 import torch
 import transformers
 
@@ -169,9 +170,13 @@ def test_export_command_without_torch_then_fill_mask_pipeline(tmp_path):
        f'--out_dir={out_dir}'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
       env=dict(__import__('os').environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-3000:]
+  # Which step a workdir stood for, and that BertModel's pooler is not in it (the README's).
+  assert f'of step 2 ({workdir / "checkpoints" / "2"}) to {out_dir}.' in result.stdout
   assert sorted(p.name for p in out_dir.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json',
       'tokenizer_config.json', 'vocab.txt']
+  with safetensors.safe_open(out_dir / 'model.safetensors', 'np') as weights:
+    assert not [k for k in weights.keys() if 'pooler' in k]
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(out_dir))
   assert tokenizer.model_max_length == 512
   fill = transformers.pipeline('fill-mask', model=str(out_dir), device='cpu')
