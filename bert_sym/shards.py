@@ -64,15 +64,16 @@ def _main(argv: list[str]) -> int:
                    help='parts missing and nothing written for this long is an error (1), '
                         'not a wait (3): a worker killed without a word (0 = wait forever)')
   args = parser.parse_args(argv)
-  # TF's native start-up lines ('failed call to cuInit', oneDNN) would bury the two result
-  # lines; quiet_logs imports TF with them muted.
-  metrics_writer.quiet_logs(verbose=False, import_tf=args.command == 'export')
-  if args.command == 'export':
+  splits = export_lib.check_splits(args.split)
+  if args.command == 'export':   # checked before TF imports (seconds) and anything is written
     export_lib.check_export_args(args.task, args.max_seq_len, args.num_workers,
                                  args.worker_index, args.num_parts, args.blocks_per_shard,
                                  args.text_files, args.validation_files)
+  # TF's native start-up lines ('failed call to cuInit', oneDNN) would bury the two result
+  # lines; quiet_logs imports TF with them muted.
+  metrics_writer.quiet_logs(verbose=False, import_tf=args.command == 'export')
   missing = []
-  for split in args.split.split(','):
+  for split in splits:
     if args.command == 'export':
       metadata = export_lib.export(
           args.task, split, args.max_seq_len, args.out_dir, num_parts=args.num_parts,

@@ -1501,3 +1501,22 @@ def test_every_option_of_the_shards_command_says_what_it_is_and_its_default(comm
   assert len(described) == options, lines   # --help is not among them: its line says 'show'
   assert lines.count('(default:') == options - sum(f in lines for f in ('--task', '--out_dir'))
   assert '(default: None)' not in lines   # the required ones have none
+
+
+@pytest.mark.parametrize('command', ['export', 'finalize'])
+@pytest.mark.parametrize('split', ['train,', 'train,valdation', 'test'])
+def test_a_split_no_task_has_is_refused_before_any_split_is_done(tmp_path, capsys, monkeypatch,
+                                                                 command, split):
+  """A typo or trailing comma in --split: refused before any work, not after the splits
+  named before it were exported (hours for C4's train)."""
+  done = []
+  monkeypatch.setattr(export_lib, 'export', lambda task, s, *a, **k: done.append(s))
+  monkeypatch.setattr(export_lib, 'finalize', lambda out_dir, s, *a: done.append(s))
+  task = ['--task=bert_sym_mlm_embedded'] if command == 'export' else []
+  with pytest.raises(SystemExit) as exited:
+    streaming_cli.main([command, *task, f'--out_dir={tmp_path / "out"}', f'--split={split}'])
+  assert exited.value.code == cli.EXIT_USER_ERROR
+  error = capsys.readouterr().err
+  assert error.startswith(f'bert_sym.shards: error: --split={split} names ') and error.endswith(
+      'Fix: --split=train,validation (or one of them).\n'), error
+  assert not done and not (tmp_path / 'out').exists()

@@ -199,6 +199,19 @@ def check_export_args(task: str, max_seq_len: int, num_workers: int, worker_inde
                     f'{", ".join(known)}.')
 
 
+def check_splits(split_arg: str) -> list[str]:
+  """--split as the splits to export or finalize, each checked now: a name no task has (a
+  typo, a trailing comma) failed only once the splits before it were done, hours into an
+  export of C4's train split."""
+  splits = [s.strip() for s in split_arg.split(',')]
+  unknown = [s for s in splits if s not in sources.SPLITS]
+  if unknown:
+    raise DataError(f'--split={split_arg} names {", ".join(map(repr, unknown))}, not a split '
+                    f'(every task has {", ".join(sources.SPLITS)}). Fix: '
+                    f'--split={",".join(sources.SPLITS)} (or one of them).')
+  return list(dict.fromkeys(splits))
+
+
 def default_num_parts(task_name: str, split: str) -> int:
   """One part per TFDS source file (a natural, fixed unit of work); 1 otherwise."""
   import seqio  # pylint: disable=import-outside-toplevel
