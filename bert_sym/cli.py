@@ -139,8 +139,56 @@ def another_process_stopped(text: str) -> bool:
   return one_of_several_processes() and bool(_PEER_GONE.search(text))
 
 
+def check_group_overrides(flag_values=None) -> None:
+  """Raises UserError for a group of keys given as a dict (--config.mesh="{'data': 2}"),
+  which ml_collections puts in place of the whole group: the keys it leaves out were gone
+  (a KeyError traceback later) and a mistyped one in it was taken silently."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_dict  # pylint: disable=import-outside-toplevel
+  flag_values = flag_values or flags.FLAGS
+  for name in flag_values:
+    flag = flag_values[name]
+    if not flag.present or not hasattr(type(flag), 'override_values'):   # a config file's
+      continue
+    groups = {path: value for path, value in flag.override_values.items()
+              if isinstance(value, config_dict.ConfigDict)}
+    if not groups:
+      continue
+    file_config = flag.parser.parse(flag.config_filename)   # the values before overrides
+    for path, value in groups.items():
+      old, new = (_flat(_at(file_config, path)), _flat(value))
+      missing, unknown = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+      if missing or unknown:
+        what = (f'leaves out {", ".join(missing)}' if missing else
+                f'names keys the group does not have: {", ".join(unknown)}')
+        one_by_one = ' '.join(f'--{name}.{path}.{k}={v}' for k, v in new.items())
+        raise UserError(f'--{name}.{path}=... replaces the whole group config.{path} and '
+                        f'{what}. Fix: set its keys one by one: {one_by_one} (--help lists '
+                        'them).')
+
+
+def _at(config, path: str):
+  for key in path.split('.'):
+    config = config[key]
+  return config
+
+
+def _flat(group, prefix: str = '') -> dict:
+  out = {}
+  for key, value in group.items():
+    if hasattr(value, 'items'):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
 def _flag_error_message(error) -> str:
   text = str(error).strip()
+  if 'as a ConfigDict' in text and (key := re.match(r'flag --([\w.]+)=', text)):
+    # --config.model=standard: a group of keys typed as if it were one value.
+    return (f'--{key.group(1)} is a group of keys, not one value. Fix: '
+            f'--{key.group(1)}.KEY=VALUE for each key to change (--help lists them).')
   # A config file whose get_config() raised: ml_collections puts the traceback into the
   # flag error; the last line is the exception the config file raised.
   if 'Error whilst parsing config file' in text:
@@ -277,6 +325,7 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
     with guard(prog, help_argv=args):
       rest = (flags_parser or flags.FLAGS)(args)
       check_config_files()
+      check_group_overrides()
       return rest
 
   def guarded_main(args):

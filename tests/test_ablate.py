@@ -539,6 +539,10 @@ def test_bad_override_fails_before_training(tmp_path):
   # Runs without eval rows trained the whole grid, then the summary failed (IndexError).
   with pytest.raises(ablate.AblationError, match=r'eval_steps=0: .* Fix: eval_steps >= 1'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.eval_steps=0'])
+  # A group as a dict replaced it whole: "unknown config key 'fsdp'", though none was typed.
+  with pytest.raises(ablate.AblationError, match=r'replaces the whole group config.mesh and '
+                     r'leaves out fsdp, tensor. Fix: set its keys one by one: --config.mesh.data=2'):
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ["--config.mesh={'data': 2}"])
   assert not list(tmp_path.iterdir())
 
 

@@ -450,3 +450,43 @@ def test_a_negated_boolean_override_typed_before_the_config_file_applies():
                            '--config=configs/tiny.py', '--dry_run'], cwd=cli.CHECKOUT,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _parsed(argv):
+  """argv parsed as bert_sym.train parses its --config, on flags of its own."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values
+
+
+@pytest.mark.parametrize('group, refused', [
+    ("{'data': 2}", 'leaves out fsdp, tensor. Fix: set its keys one by one: '
+                    '--config.mesh.data=2 (--help lists them).'),
+    ("{'data': 2, 'fsdp': 1, 'tensor': 1, 'tensr': 2}", 'names keys the group does not have: '
+                                                       'tensr. Fix: '),
+    ("{'data': 2, 'fsdp': 1, 'tensor': 1}", None)])
+def test_a_group_given_as_a_dict_must_hold_exactly_its_keys(group, refused):
+  """ml_collections puts the dict in place of the whole group: the keys it left out were
+  gone (a KeyError traceback in the config check), a mistyped one was taken silently."""
+  values = _parsed(['p', '--config=configs/tiny.py', f'--config.mesh={group}'])
+  if refused is None:
+    cli.check_group_overrides(values)
+    cli.check_group_overrides(_parsed(['p']))   # no --config: the trainer's own line, later
+    assert values.config.mesh.data == 2
+    return
+  with pytest.raises(cli.UserError) as error:
+    cli.check_group_overrides(values)
+  assert str(error.value).startswith('--config.mesh=... replaces the whole group config.mesh '
+                                     'and ') and refused in str(error.value), str(error.value)
+
+
+def test_a_group_given_one_value_says_it_is_a_group():
+  """--config.model=standard was "Failed to parse 'standard' as a ConfigDict:
+  ValueError('malformed node or string on line 1: <ast.Name object at 0x...>')"."""
+  with pytest.raises(flags.Error) as error:
+    _parsed(['p', '--config=configs/tiny.py', '--config.model=standard'])
+  assert cli.user_error_message(error.value) == (
+      '--config.model is a group of keys, not one value. Fix: --config.model.KEY=VALUE for '
+      'each key to change (--help lists them).')

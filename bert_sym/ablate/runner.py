@@ -18,6 +18,7 @@ import ml_collections
 
 from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
+from bert_sym import cli
 from bert_sym import config_check
 from bert_sym import files
 # The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
@@ -47,6 +48,7 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
                                   lock_config=True, sys_argv=argv)
   try:
     values(argv)
+    cli.check_group_overrides(values)   # a group given as a dict: the trainer's line
     config_check.check(values.config)   # the trainer's value checks, before any run
   except (KeyError, AttributeError, TypeError) as e:   # the trainer's line for a bad key
     if "'get_config'" in str(e):   # a file without get_config(): bert_sym.cli words it
@@ -56,7 +58,7 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
       raise
     raise AblationError(through_a_value or config_check.unknown_key_line(
         e, argv, f'python -m bert_sym.train --config={config} --help')) from None
-  except config_check.ConfigError as e:
+  except cli.UserError as e:   # ConfigError too
     raise AblationError(str(e)) from None
   except (flags.Error, ValueError) as e:
     raise AblationError(f'Cannot build the config {config} with {list(overrides)}: {e}.'
