@@ -84,6 +84,8 @@ def user_error_message(error: BaseException) -> str | None:
     return str(error) if '--help' in str(error) else f'{error} (see --help)'
   if isinstance(error, flags.Error):
     return _flag_error_message(error)
+  if isinstance(error, (ValueError, IndexError)) and raised_in(error, 'config_path'):
+    return malformed_key_message(error)
   if raised_in(error, 'tensorflow_datasets'):
     # e.g. KeyError "Trying to access splits['train'] but splits is empty": a dataset
     # that `tfds build` never prepared in the data dir given (or the default one).
@@ -137,6 +139,21 @@ _PEER_GONE = re.compile(r'gloo.*(closed|reset) by peer|Barrier timed out|'
 def another_process_stopped(text: str) -> bool:
   """Whether an error, in one of several processes, says that another one is gone."""
   return one_of_several_processes() and bool(_PEER_GONE.search(text))
+
+
+def malformed_key_message(error, argv: Sequence[str] | None = None) -> str:
+  """ml_collections' error for an override in `argv` (sys.argv) whose key is no dotted name
+  of keys (dashes, a doubled or trailing dot: --config.data.max-seq-len=64): a traceback."""
+  bad = [a for a in (sys.argv if argv is None else argv)[1:] if _OVERRIDE.match(a) and
+         not re.fullmatch(r'--(no)?config(\.\w+)+', a.split('=', 1)[0])]
+  if not bad:
+    return f'a --config.KEY override cannot be read ({one_line(error)}). Fix: --config.A.B=VALUE.'
+  key, eq, value = bad[0].partition('=')
+  meant = re.sub(r'\.\.+', '.', key[2:].replace('-', '_')).rstrip('.')   # max-seq-len, a..b
+  fix = (f'--{meant}{eq}{value}' if re.fullmatch(r'(no)?config(\.\w+)+', meant)
+         else '--config.A.B=VALUE')
+  return (f'{bad[0]} names no config key: keys are words of letters, digits and _ joined '
+          f'by single dots. Fix: {fix} (--help lists the keys).')
 
 
 def check_group_overrides(flag_values=None) -> None:

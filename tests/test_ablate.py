@@ -543,6 +543,8 @@ def test_bad_override_fails_before_training(tmp_path):
   with pytest.raises(ablate.AblationError, match=r'replaces the whole group config.mesh and '
                      r'leaves out fsdp, tensor. Fix: set its keys one by one: --config.mesh.data=2'):
     ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ["--config.mesh={'data': 2}"])
+  with pytest.raises(ablate.AblationError, match=r'names no config key'):   # the trainer's line
+    ablate.run(fx.CONFIG, 'standard', '1', str(tmp_path), ['--config.model..attention=x'])
   assert not list(tmp_path.iterdir())
 
 

@@ -490,3 +490,20 @@ def test_a_group_given_one_value_says_it_is_a_group():
   assert cli.user_error_message(error.value) == (
       '--config.model is a group of keys, not one value. Fix: --config.model.KEY=VALUE for '
       'each key to change (--help lists them).')
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.data.max-seq-len=64', '--config.data.max-seq-len=64 names no config key: keys '
+     'are words of letters, digits and _ joined by single dots. Fix: '
+     '--config.data.max_seq_len=64 (--help lists the keys).'),
+    ('--config.model..attention=standard', 'Fix: --config.model.attention=standard '),
+    ('--config.model.attention.=standard', 'Fix: --config.model.attention=standard ')])
+def test_an_override_whose_key_is_malformed_is_one_line(override, message):
+  """Dashes for underscores, a doubled dot: a ValueError traceback from ml_collections."""
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--config=configs/tiny.py',
+                           override, '--dry_run'], cwd=cli.CHECKOUT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.startswith('bert_sym.train: error: ') and message in result.stderr, (
+      result.stderr[-2000:])
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]

@@ -60,7 +60,9 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
         e, argv, f'python -m bert_sym.train --config={config} --help')) from None
   except cli.UserError as e:   # ConfigError too
     raise AblationError(str(e)) from None
-  except (flags.Error, ValueError) as e:
+  except (flags.Error, ValueError, IndexError) as e:
+    if cli.raised_in(e, 'config_path'):   # a malformed key: the trainer's line
+      raise AblationError(cli.malformed_key_message(e, argv)) from None
     raise AblationError(f'Cannot build the config {config} with {list(overrides)}: {e}.'
                         ) from None
   # As the trainer writes it to config.json: a relative data path differs from none.
