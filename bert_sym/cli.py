@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import pathlib
 import re
@@ -173,7 +174,8 @@ def check_group_overrides(flag_values=None) -> None:
       continue
     file_config = flag.parser.parse(flag.config_filename)   # the values before overrides
     for path, value in groups.items():
-      old, new = (_flat(_at(file_config, path)), _flat(value))
+      group = functools.reduce(lambda c, key: c[key], path.split('.'), file_config)
+      old, new = _flat(group), _flat(value)
       missing, unknown = sorted(set(old) - set(new)), sorted(set(new) - set(old))
       if missing or unknown:
         what = (f'leaves out {", ".join(missing)}' if missing else
@@ -182,12 +184,6 @@ def check_group_overrides(flag_values=None) -> None:
         raise UserError(f'--{name}.{path}=... replaces the whole group config.{path} and '
                         f'{what}. Fix: set its keys one by one: {one_by_one} (--help lists '
                         'them).')
-
-
-def _at(config, path: str):
-  for key in path.split('.'):
-    config = config[key]
-  return config
 
 
 def _flat(group, prefix: str = '') -> dict:
@@ -286,6 +282,15 @@ def _config_file_first(argv: Sequence[str]) -> list[str]:
   return argv
 
 
+def expand_home(argv: Sequence[str]) -> list[str]:
+  """`--flag=~/x` as the shell expands `--flag ~/x` (bash leaves a ~ after '='): hf_export,
+  GLUE, aot and shards wrote into a folder named '~' here, where the trainer read the home.
+  --config.KEY overrides keep theirs (expanded where used; cache defaults stay symbolic)."""
+  parts = [(arg, *arg.partition('=')) for arg in argv]
+  return [f'{flag}={os.path.expanduser(value)}' if eq and value.startswith('~') and
+          re.fullmatch(r'-{1,2}[A-Za-z][\w-]*', flag) else arg for arg, flag, eq, value in parts]
+
+
 def _help_asked(argv: Sequence[str]) -> bool:
   return any(a in HELP_FLAGS for a in argv[1:])
 
@@ -331,7 +336,7 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
   """absl's `app.run(main)` with the error handling of this module (see the docstring)."""
   from absl import app  # pylint: disable=import-outside-toplevel
   from absl import flags  # pylint: disable=import-outside-toplevel
-  argv = _config_file_first(locate_config_files(sys.argv if argv is None else argv))
+  argv = _config_file_first(locate_config_files(expand_home(sys.argv if argv is None else argv)))
   if any(map(_OVERRIDE.match, argv)):   # ml_collections reads them from sys.argv
     sys.argv[:] = argv
   argv = [a if a not in ('-h', '-?') else '--help' for a in argv]   # absl knows neither

@@ -22,7 +22,7 @@ PARTS_MISSING_EXIT_CODE = 3
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the command; a user error is one `bert_sym.shards: error:` line, exit 1."""
-  argv = sys.argv[1:] if argv is None else argv
+  argv = cli.expand_home(sys.argv[1:] if argv is None else argv)   # --out_dir=~/x
   with cli.guard(PROG, help_argv=['', *argv]):
     return _main(argv)
 

@@ -507,3 +507,27 @@ def test_an_override_whose_key_is_malformed_is_one_line(override, message):
   assert result.stderr.startswith('bert_sym.train: error: ') and message in result.stderr, (
       result.stderr[-2000:])
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+
+
+def test_a_home_path_after_an_equals_sign_is_the_home_directory(tmp_path, monkeypatch, capsys):
+  """bash expands `--out_dir ~/x` but not `--out_dir=~/x`: hf_export, GLUE, aot and shards
+  wrote into a folder named '~' under the current directory (GLUE then failed to take its
+  lock under the real home), where the trainer's --workdir went to the home directory."""
+  home = tmp_path / 'home'
+  home.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  assert cli.expand_home(['p', '--out_dir=~/x', '-out=~', '--config.data.vocab_path=~/v',
+                          '--noconfig.a', '--tasks=rte']) == [
+      'p', f'--out_dir={home}/x', f'-out={home}', '--config.data.vocab_path=~/v',
+      '--noconfig.a', '--tasks=rte']   # config overrides expand theirs where they are used
+  from bert_sym import shards  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit):
+    shards.main(['finalize', '--out_dir=~/typo', '--split=train'])
+  assert f'{home}/typo/train: nothing exported there' in capsys.readouterr().err
+  (home / 'out').write_text('a file')
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.hf_export', '--checkpoint=unused',
+                           '--out_dir=~/out'], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(cli.CHECKOUT)))
+  assert f'error: --out_dir={home}/out is a file, not a directory.' in result.stderr, (
+      result.stderr[-2000:])
+  assert not (tmp_path / '~').exists()
