@@ -192,6 +192,8 @@ def save_hf_pretrained(params: Mapping[str, Any], cfg, out_dir: str,
   from bert_sym.files import write_atomically  # pylint: disable=g-import-not-at-top
 
   out = str(out_dir).rstrip('/')   # a string: pathlib would turn gs://b/x into gs:/b/x
+  if not out.strip():   # '' or '/': f'{out}/config.json' is a file of the root directory
+    raise ValueError(f'out_dir={out_dir!r} names no directory to export into.')
   tensors = mlm_params_to_hf(params, cfg)
   # The decoder is tied to the word embeddings (and its bias to cls.predictions.bias):
   # like save_pretrained, store each tensor once; from_pretrained re-ties them.
@@ -300,6 +302,9 @@ def main(argv):
   from bert_sym import config_check  # pylint: disable=g-import-not-at-top
   from bert_sym.input import tokenizer  # pylint: disable=g-import-not-at-top
   from etils import epath  # pylint: disable=g-import-not-at-top
+  for flag, value in (('checkpoint', _CHECKPOINT.value), ('out_dir', _OUT_DIR.value)):
+    if not value.strip():   # --out_dir=$OUT with OUT unset: the export went to / (its files)
+      raise UserError(f'--{flag} is empty. Fix: --{flag}=DIR (see --help).')
   try:
     check_out_dir(_OUT_DIR.value)   # before the checkpoint is read: seconds, not minutes
   except ValueError as e:

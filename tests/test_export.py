@@ -240,3 +240,23 @@ def test_a_checkpoint_trained_with_a_named_kernel_exports_on_a_cpu():
   for kernel in ('splash', 'cudnn'):
     cfg.attention_impl = kernel
     assert export.shape_mismatches(params, cfg) == []
+
+
+@pytest.mark.parametrize('flag', ['--out_dir', '--checkpoint'])
+def test_an_empty_directory_flag_is_refused_and_the_root_never_written(tmp_path, flag):
+  """`--out_dir=$OUT` with OUT unset: the export's files went to the root directory
+  (f'{out}/config.json' with out ''), after its check had looked at the current one."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  given = {'--checkpoint': 'absent', '--out_dir': 'out', flag: ''}
+  result = subprocess.run([sys.executable, '-m', 'bert_sym.hf_export',
+                           *(f'{k}={v}' for k, v in given.items())], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(__import__('os').environ, PYTHONPATH=REPO_ROOT))
+  assert result.returncode == 1
+  assert result.stderr == (f'bert_sym.hf_export: error: {flag} is empty. Fix: {flag}=DIR '
+                           '(see --help).\n')
+  for out_dir in ('', '/'):   # callers other than the command line (notebooks) too
+    with pytest.raises(ValueError, match='names no directory to export into'):
+      export.save_hf_pretrained({}, tiny_config('pairwise'), out_dir)
