@@ -64,6 +64,8 @@ def _main(argv: list[str]) -> int:
                    help='parts missing and nothing written for this long is an error (1), '
                         'not a wait (3): a worker killed without a word (0 = wait forever)')
   args = parser.parse_args(argv)
+  if not args.out_dir.strip():   # --out_dir=$OUT with OUT unset: join_url made it /train
+    raise cli.UserError('--out_dir is empty. Fix: --out_dir=DIR (local or gs://bucket/path).')
   splits = export_lib.check_splits(args.split)
   if args.command == 'export':   # checked before TF imports (seconds) and anything is written
     export_lib.check_export_args(args.task, args.max_seq_len, args.num_workers,

@@ -1520,3 +1520,17 @@ def test_a_split_no_task_has_is_refused_before_any_split_is_done(tmp_path, capsy
   assert error.startswith(f'bert_sym.shards: error: --split={split} names ') and error.endswith(
       'Fix: --split=train,validation (or one of them).\n'), error
   assert not done and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('command', ['export', 'finalize'])
+def test_an_empty_out_dir_is_refused_not_the_root_directory(capsys, monkeypatch, command):
+  """--out_dir=$OUT with OUT unset: join_url('', 'train') is '/train', a split of the root."""
+  done = []
+  monkeypatch.setattr(export_lib, 'export', lambda task, s, *a, **k: done.append(s))
+  monkeypatch.setattr(export_lib, 'finalize', lambda out_dir, s, *a: done.append(s))
+  task = ['--task=bert_sym_mlm_embedded'] if command == 'export' else []
+  with pytest.raises(SystemExit) as exited:
+    streaming_cli.main([command, *task, '--out_dir='])
+  assert exited.value.code == cli.EXIT_USER_ERROR and not done
+  assert capsys.readouterr().err == ('bert_sym.shards: error: --out_dir is empty. Fix: '
+                                     '--out_dir=DIR (local or gs://bucket/path).\n')
