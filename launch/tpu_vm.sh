@@ -94,7 +94,20 @@ EXPORT_STALL_MINUTES=${EXPORT_STALL_MINUTES:-180}
 if [[ -n $EXPORT_TO && $EXPORT_TO != gs://* ]]; then
   echo "EXPORT_TO must be on gs:// (every worker writes its part there)." >&2; exit 2
 fi
+PREVIOUS=
 for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
+  # Every worker reads the shards: a path of this machine passed the preflight (which found
+  # the files here) and stopped every worker's trainer on a created, billed slice.
+  SHARDS=
+  if [[ $arg == --config.data.shards_dir=* ]]; then SHARDS=${arg#*=}
+  elif [[ $PREVIOUS == --config.data.shards_dir ]]; then SHARDS=$arg; fi
+  PREVIOUS=$arg
+  if [[ -n $SHARDS && $SHARDS != gs://* ]]; then
+    echo "--config.data.shards_dir=$SHARDS is not on gs://, so the workers cannot read it." \
+      "Fix: copy the shards to gs://BUCKET/... and pass that, or set EXPORT_TO=gs://..." \
+      "to export them on the slice." >&2
+    exit 2
+  fi
   # The launcher passes its own (absl would say the flag is "defined twice", at start-up on
   # every worker with SKIP_PREFLIGHT=1). absl also takes `--workdir VALUE`, which the
   # preflight ignores and every worker's trainer refuses as given twice.

@@ -622,3 +622,19 @@ def test_a_submit_from_outside_the_checkout_says_so_before_any_task_starts(tmp_p
   assert 'PYTHON=.venv/bin/python: not found from' in result.stderr
   assert "Fix: submit from the checkout's root" in result.stderr
 
+
+
+@pytest.mark.parametrize('flags', [['--config.data.shards_dir=/data/c4_512'],
+                                   ['--config.data.shards_dir', 'c4_512']])
+def test_tpu_vm_launcher_refuses_shards_the_workers_cannot_read(tmp_path, flags):
+  """A local shards directory passed the preflight, which read it here, and stopped every
+  worker's trainer on a created slice."""
+  env, _ = _stubbed_slice(tmp_path, state='')
+  env.pop('EXPORT_TO')
+  result = subprocess.run(['bash', 'launch/tpu_vm.sh', 'bert-sym', 'us-central2-b', 'v4-32',
+                           'configs/sym_base.py', 'gs://bucket/sym_base', *flags],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.stderr.startswith(f'--config.data.shards_dir={flags[-1].split("=")[-1]} is not '
+                                  'on gs://, so the workers cannot read it. Fix: '), result.stderr
+  assert not (tmp_path / 'gcloud_calls').exists()   # stopped before any slice
