@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import tempfile
@@ -122,6 +123,29 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def remove_leftover_temporaries(path: str) -> None:
+  """Deletes the temporary files that `write_atomically(path, ...)` calls killed mid-write
+  (SIGKILL, preemption: no `except` runs) left beside `path`; the basename may be a glob
+  (`part-00001-*.npy`). A rerun writes the file again under a new temporary name, so each
+  kill left a whole-size copy (a model, a shard) for good, and an export folder shipped
+  it. Only for files that no other process is writing now (their rename would fail)."""
+  path = str(path)
+  local = local_path(path)
+  if local is not None:
+    directory, name = os.path.split(os.path.abspath(local))
+    stale = glob.glob(os.path.join(glob.escape(directory), f'.{name}.tmp-' + '?' * 8))
+    for tmp in stale:
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    return
+  fs, remote = fsspec.core.url_to_fs(path)
+  protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+  if protocols & _WRITES_IN_PLACE:   # the only remote writes with a temporary name
+    for tmp in fs.glob(f'{remote}.tmp-' + '?' * 8):
+      with contextlib.suppress(FileNotFoundError):
+        fs.rm(tmp)
 
 
 def _fsync(fd: int) -> None:

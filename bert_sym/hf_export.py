@@ -263,10 +263,15 @@ def _clear_earlier_export(out: str) -> None:
   the directory then looks finished again only when this export is), then the files this
   export does not write."""
   import fsspec  # pylint: disable=g-import-not-at-top
+  from bert_sym import files  # pylint: disable=g-import-not-at-top
   fs, root = fsspec.core.url_to_fs(out)
   for name in ('config.json',) + _OTHER_HF_FILES:
     if fs.exists(f'{root}/{name}'):
       fs.rm(f'{root}/{name}')
+  # An export killed mid-write left a hidden temporary copy (of the weights: the model's
+  # size), which the rerun never removed and an upload of the folder carried along.
+  for name in _EXPORT_FILES:
+    files.remove_leftover_temporaries(f'{out}/{name}')
 
 
 def _json_bytes(value) -> bytes:

@@ -111,9 +111,10 @@ def test_out_dir_is_new_empty_or_an_earlier_export_which_is_replaced_whole(tmp_p
   with pytest.raises(ValueError, match='holds no earlier export'):
     export.check_out_dir(str(out))
   (out / 'notes.txt').unlink()
-  (out / '.model.safetensors.tmp-0123abcd').unlink()
   monkeypatch.setattr(export_files, 'write_atomically', real_write)
   export.save_hf_pretrained(params, cfg, str(out))
+  # ... and removes the temporary copy the killed write left (it stayed for good, and an
+  # upload of the folder carried it).
   assert sorted(p.name for p in out.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json', 'tokenizer_config.json']
   # A finished export's model and tokenizer files are replaced, a file of the user's is

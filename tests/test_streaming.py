@@ -893,7 +893,13 @@ def test_a_failed_worker_stops_the_others_waiting_for_its_parts(tmp_path, text_f
     streaming_cli.main(finalize)
   assert stopped.value.code == 1
   monkeypatch.setattr(seqio_tasks, 'packed_blocks', packed_blocks)
+  # What a SIGKILL in the middle of writing part 1 leaves: temporary copies, which the
+  # rerun left beside the shards for good (a whole shard each).
+  stale = ['.part-00001-00000.npy.tmp-0123abcd', '.part-00001.json.tmp-4567cdef']
+  for name in stale:
+    (tmp_path / 'train' / name).write_bytes(b'partial')
   assert _export(tmp_path, text_files, num_workers=2, worker_index=1) is not None
+  assert not [name for name in stale if (tmp_path / 'train' / name).exists()]
   assert streaming_cli.main(finalize) == 0
   assert not list((tmp_path / 'train').glob('*.failed'))
   # A marker whose parts were written after all (the export rerun with another

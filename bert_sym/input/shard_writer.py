@@ -17,7 +17,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from bert_sym.files import write_atomically
+from bert_sym.files import remove_leftover_temporaries, write_atomically
 from bert_sym.input import DataError, check_max_seq_len, sources, tokenizer
 from bert_sym.input import blocks
 from bert_sym.input.shard_reader import METADATA_FILE, SHARD_FORMAT_VERSION, VOCAB_FILE
@@ -318,6 +318,10 @@ def _write_parts(split_url, parts, num_parts, vocabulary, info, max_seq_len,
     if exists(join_url(split_url, part_manifest_name(part))):
       logging.info('%s: part %d already exported, skipped', split_url, part)
       continue
+    # The temporaries of this part's files that a kill mid-write left (a shard each, up to
+    # its full size, never removed): only this worker writes this part.
+    for name in (f'part-{part:05d}-*.npy', part_manifest_name(part)):
+      remove_leftover_temporaries(join_url(split_url, name))
     writer = PartWriter(split_url, part, num_parts, max_seq_len=max_seq_len,
                         dtype=blocks.token_dtype(vocabulary.vocab_size),
                         pad_id=vocabulary.special.pad, blocks_per_shard=blocks_per_shard)
