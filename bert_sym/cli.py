@@ -328,7 +328,21 @@ def stop_on_sigterm_in_start_up() -> None:
           f'save, exiting with code {EXIT_PREEMPTED} (rerun the same command to resume).',
           flush=True)
     os._exit(EXIT_PREEMPTED)   # pylint: disable=protected-access
+  # Ctrl-C there was a KeyboardInterrupt traceback out of the import machinery (dozens of
+  # lines, exit -2): one line and 130 instead, as later. Taken before SIGTERM (the tests
+  # wait for that one), and left ignored where it was (a shell's `train ... &`).
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _stop_on_ctrl_c_in_start_up)
   signal.signal(signal.SIGTERM, stop)
+
+
+def _stop_on_ctrl_c_in_start_up(signum, frame) -> None:
+  """Until `run` hands Ctrl-C back to Python (KeyboardInterrupt, which `guard` and the
+  trainer's handlers say in one line)."""
+  del signum, frame
+  print('Stopped by Ctrl-C: before training started, nothing to save, exiting with code '
+        f'{EXIT_INTERRUPTED} (rerun the same command to resume).', flush=True)
+  os._exit(EXIT_INTERRUPTED)   # pylint: disable=protected-access
 
 
 def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
@@ -366,6 +380,8 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
         leave_a_multiprocess_run(EXIT_USER_ERROR)
       raise
 
+  if signal.getsignal(signal.SIGINT) is _stop_on_ctrl_c_in_start_up:   # imports done
+    signal.signal(signal.SIGINT, signal.default_int_handler)
   app.run(guarded_main, argv=argv, flags_parser=parse)
 
 

@@ -1560,11 +1560,14 @@ def _catches_sigterm(pid: int) -> bool:
 
 
 @pytest.mark.parametrize('module', ['bert_sym.train', 'bert_sym.glue'])
-def test_a_sigterm_while_the_libraries_import_exits_42(module, tmp_path):
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_sigterm_while_the_libraries_import_exits_42(module, signum, tmp_path):
   """The first seconds (JAX, TensorFlow importing) had no handler: a preemption or scancel
   there ended the process with 143, which launch/slurm_gpu.sbatch does not requeue (only
   42). The entry points now take SIGTERM before those imports: exit 42, nothing written.
-  The signal is sent as soon as the process catches it, while JAX still imports."""
+  Ctrl-C there was a KeyboardInterrupt traceback of the imports (exit -2): now one line,
+  exit 130. The signal is sent as soon as the process catches SIGTERM (Ctrl-C's handler
+  is set before it), while JAX still imports."""
   args = {'bert_sym.train': ['--config=configs/tiny.py',
                              f'--workdir={tmp_path / "run"}'],
           'bert_sym.glue': [f'--checkpoint={tmp_path / "none"}',
@@ -1576,12 +1579,18 @@ def test_a_sigterm_while_the_libraries_import_exits_42(module, tmp_path):
   deadline = time.time() + 60
   while not _catches_sigterm(process.pid) and time.time() < deadline:
     time.sleep(0.005)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   output = process.communicate(timeout=120)[0]
-  assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
-  assert output.strip() == ('Stopped by SIGTERM: before training started (or after it '
-                            'ended), nothing to save, exiting with code 42 (rerun the same '
-                            'command to resume).'), output[-3000:]
+  if signum == signal.SIGINT:
+    assert process.returncode == train.INTERRUPTED_EXIT_CODE, output[-3000:]
+    assert output.strip() == ('Stopped by Ctrl-C: before training started, nothing to save, '
+                              'exiting with code 130 (rerun the same command to resume).'
+                              ), output[-3000:]
+  else:
+    assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+    assert output.strip() == ('Stopped by SIGTERM: before training started (or after it '
+                              'ended), nothing to save, exiting with code 42 (rerun the same '
+                              'command to resume).'), output[-3000:]
   assert not (tmp_path / 'run').exists()
 
 
