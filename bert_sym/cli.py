@@ -23,7 +23,6 @@ import functools
 import os
 import pathlib
 import re
-import signal
 import sys
 import time
 import traceback
@@ -315,36 +314,6 @@ def guard(prog: str, *, help_argv: Sequence[str] = ()):
     fail(prog, message)
 
 
-def stop_on_sigterm_in_start_up() -> None:
-  """Until the run's own handler takes over (bert_sym.preemption), a SIGTERM exits
-  EXIT_PREEMPTED at once: nothing is written yet, and a launcher requeues 42 where it
-  drops the default 143 (a preemption, or scancel, in the seconds JAX and TensorFlow take
-  to import). Called before those imports; the run's handler puts this one back when it
-  closes, when everything is saved."""
-  def stop(signum, frame):
-    del signum, frame
-    # stdout, as the run's own stop line: stderr points at /dev/null while TF imports.
-    print('Stopped by SIGTERM: before training started (or after it ended), nothing to '
-          f'save, exiting with code {EXIT_PREEMPTED} (rerun the same command to resume).',
-          flush=True)
-    os._exit(EXIT_PREEMPTED)   # pylint: disable=protected-access
-  # Ctrl-C there was a KeyboardInterrupt traceback out of the import machinery (dozens of
-  # lines, exit -2): one line and 130 instead, as later. Taken before SIGTERM (the tests
-  # wait for that one), and left ignored where it was (a shell's `train ... &`).
-  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _stop_on_ctrl_c_in_start_up)
-  signal.signal(signal.SIGTERM, stop)
-
-
-def _stop_on_ctrl_c_in_start_up(signum, frame) -> None:
-  """Until `run` hands Ctrl-C back to Python (KeyboardInterrupt, which `guard` and the
-  trainer's handlers say in one line)."""
-  del signum, frame
-  print('Stopped by Ctrl-C: before training started, nothing to save, exiting with code '
-        f'{EXIT_INTERRUPTED} (rerun the same command to resume).', flush=True)
-  os._exit(EXIT_INTERRUPTED)   # pylint: disable=protected-access
-
-
 def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
         argv: Sequence[str] | None = None) -> None:
   """absl's `app.run(main)` with the error handling of this module (see the docstring)."""
@@ -380,8 +349,6 @@ def run(main: Callable, *, prog: str, flags_parser: Callable | None = None,
         leave_a_multiprocess_run(EXIT_USER_ERROR)
       raise
 
-  if signal.getsignal(signal.SIGINT) is _stop_on_ctrl_c_in_start_up:   # imports done
-    signal.signal(signal.SIGINT, signal.default_int_handler)
   app.run(guarded_main, argv=argv, flags_parser=parse)
 
 

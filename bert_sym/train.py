@@ -20,10 +20,10 @@ import os
 import sys
 from typing import Any, Callable
 
-from bert_sym import cli
+from bert_sym import early_signals
 
 if __name__ == '__main__':   # before JAX and TensorFlow import (seconds): exit 42, not 143
-  cli.stop_on_sigterm_in_start_up()
+  early_signals.take_them_until_started()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -36,6 +36,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from bert_sym import checkpoint
+from bert_sym import cli
 from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import files
@@ -403,4 +404,5 @@ parse_flags = config_check.parse_flags   # absl parsing; --help lists the config
 
 
 if __name__ == '__main__':
+  early_signals.hand_ctrl_c_back()   # the imports are done: KeyboardInterrupt from here on
   cli.run(main, prog='bert_sym.train', flags_parser=parse_flags)

@@ -22,8 +22,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'bert_sym'
 # The allowed direction, in one table: stage -> the modules in it (a trailing '.*' is a
 # package and everything in it).
 FLOW = (
-    ('config', ('bert_sym.cli', 'bert_sym.sharding', 'bert_sym.distributed', 'bert_sym.files',
-                'bert_sym.tpu', 'bert_sym.gpu', 'bert_sym.gpu_flags')),
+    ('config', ('bert_sym.cli', 'bert_sym.early_signals', 'bert_sym.sharding',
+                'bert_sym.distributed', 'bert_sym.files', 'bert_sym.tpu', 'bert_sym.gpu',
+                'bert_sym.gpu_flags')),
     ('input', ('bert_sym.input.*',)),
     ('model', ('bert_sym.kernel_choice', 'bert_sym.flash_dropout', 'bert_sym.lean_backward',
                'bert_sym.attention', 'bert_sym.model')),

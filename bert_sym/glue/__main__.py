@@ -49,10 +49,10 @@ import sys
 import time
 import types
 
-from bert_sym import cli as cli_lib   # `cli` is main's flags
+from bert_sym import early_signals
 
 if __name__ == '__main__':   # before JAX and TensorFlow import (seconds): exit 42, not 143
-  cli_lib.stop_on_sigterm_in_start_up()
+  early_signals.take_them_until_started()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -62,6 +62,7 @@ import jax
 from ml_collections import config_flags
 
 from bert_sym import checkpoint
+from bert_sym import cli as cli_lib   # `cli` is main's flags
 from bert_sym import config_check
 from bert_sym import distributed
 from bert_sym import loop
@@ -163,6 +164,7 @@ def _with_config(argv: list[str]) -> list[str]:
 
 
 if __name__ == '__main__':
+  early_signals.hand_ctrl_c_back()   # the imports are done: KeyboardInterrupt from here on
   cli_lib.run(functools.partial(main, cli=define_flags()), prog='bert_sym.glue',
               argv=_with_config(sys.argv),
               flags_parser=functools.partial(config_check.parse_flags,
