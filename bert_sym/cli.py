@@ -201,6 +201,16 @@ def _flag_error_message(error) -> str:
     # --config.model=standard: a group of keys typed as if it were one value.
     return (f'--{key.group(1)} is a group of keys, not one value. Fix: '
             f'--{key.group(1)}.KEY=VALUE for each key to change (--help lists them).')
+  typed = re.match(r"flag --([\w.]+)=(\S+): invalid literal for int\(\) with base 10", text)
+  if typed:   # 1e6 or 1000.0 for an integer key (total_steps, batch_size, ...)
+    key, value = typed.groups()
+    try:
+      whole = float(value)
+    except ValueError:
+      whole = None
+    fix = (f'--{key}={int(whole)}' if whole is not None and whole.is_integer()
+           else f'--{key}=<a whole number>')
+    return f'--{key}={value}: config.{key[7:]} is an integer. Fix: {fix}.'
   # A config file whose get_config() raised: ml_collections puts the traceback into the
   # flag error; the last line is the exception the config file raised.
   if 'Error whilst parsing config file' in text:

@@ -482,6 +482,21 @@ def test_a_group_given_as_a_dict_must_hold_exactly_its_keys(group, refused):
                                      'and ') and refused in str(error.value), str(error.value)
 
 
+@pytest.mark.parametrize('typed, fix', [
+    ('1e4', '--config.total_steps=10000.'), ('10000.0', '--config.total_steps=10000.'),
+    ('0.5', '--config.total_steps=<a whole number>.')])
+def test_an_integer_key_written_as_a_float_names_the_whole_number(typed, fix):
+  """--config.total_steps=1e4 (as papers write step counts) was "invalid literal for int()
+  with base 10: '1e4' (see --help)", naming no fix."""
+  with pytest.raises(flags.Error) as error:
+    _parsed(['p', '--config=configs/tiny.py', f'--config.total_steps={typed}'])
+  said = f'--config.total_steps={typed}: config.total_steps is an integer. Fix: {fix}'
+  assert cli.user_error_message(error.value) == said
+  from bert_sym import ablate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ablate.AblationError, match=re.escape(said)):   # the runner says it too
+    ablate.resolve_config('configs/tiny.py', [f'--config.total_steps={typed}'])
+
+
 def test_a_group_given_one_value_says_it_is_a_group():
   """--config.model=standard was "Failed to parse 'standard' as a ConfigDict:
   ValueError('malformed node or string on line 1: <ast.Name object at 0x...>')"."""

@@ -63,6 +63,9 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
   except (flags.Error, ValueError, IndexError) as e:
     if cli.raised_in(e, 'config_path'):   # a malformed key: the trainer's line
       raise AblationError(cli.malformed_key_message(e, argv)) from None
+    said = cli.user_error_message(e) if isinstance(e, flags.Error) else ''
+    if 'Fix:' in said:   # the trainer's line (e.g. 1e4 for an integer key)
+      raise AblationError(said) from None
     raise AblationError(f'Cannot build the config {config} with {list(overrides)}: {e}.'
                         ) from None
   # As the trainer writes it to config.json: a relative data path differs from none.
