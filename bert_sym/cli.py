@@ -195,6 +195,16 @@ def _flat(group, prefix: str = '') -> dict:
   return out
 
 
+# A flag typed to the wrong command (the trainer's --workdir to GLUE): what means it here.
+_WORKDIR_READ = 'the training workdir to read'
+_FLAGS_OF_OTHER_COMMANDS = {
+    'workdir': {'checkpoint': _WORKDIR_READ, 'output_dir': 'where results go'},
+    'checkpoint': {'workdir': 'the run\'s directory, resumed if it exists'},
+    'output_dir': {'workdir': 'the run\'s directory', 'out_dir': 'where the export goes'},
+    'out_dir': {'output_dir': 'where results go', 'workdir': 'the run\'s directory'},
+}
+
+
 def _flag_error_message(error) -> str:
   text = str(error).strip()
   if 'as a ConfigDict' in text and (key := re.match(r'flag --([\w.]+)=', text)):
@@ -220,6 +230,11 @@ def _flag_error_message(error) -> str:
     return f'the config file does not load: {raised}.{fix}'   # its own fix, if it says one
   from absl import flags  # pylint: disable=import-outside-toplevel
   name = getattr(error, 'flagname', None) or ''
+  meant = [flag for flag in _FLAGS_OF_OTHER_COMMANDS.get(name, ()) if flag in flags.FLAGS]
+  if isinstance(error, flags.UnrecognizedFlagError) and meant:   # absl guessed --log_dir
+    return (f'--{name} is a flag of another bert_sym command. Fix: '
+            + ' or '.join(f'--{m} ({_FLAGS_OF_OTHER_COMMANDS[name][m]})' for m in meant)
+            + ' (see --help).')
   if name.startswith('config.') and 'config' in flags.FLAGS:   # a program with --config
     return (f'--{name} overrides a value of the --config file, and no --config is given. '
             'Fix: add --config=FILE, e.g. --config=configs/tiny.py (see --help).')

@@ -180,6 +180,8 @@ def _train_cases(tmp, corpora):
   cases = [(argv + [f'--workdir={tmp}/run{i}'], expected) for i, (argv, expected) in
            enumerate(cases)]
   return cases + [(['--config=configs/tiny.py'], '--workdir is required'),
+                  (['--config=configs/tiny.py', f'--checkpoint={tmp}/run'],   # GLUE's flag
+                   'Fix: --workdir (the run\'s directory, resumed if it exists)'),
                   (['--help'], None)]
 
 
@@ -205,11 +207,15 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           ([f'--checkpoint={misspelled}', f'--out_dir={out}'],
            "config.model.attention='Pairwise' is not one of"),
           ([f'--out_dir={out}'], '--checkpoint'),
+          ([f'--checkpoint={ckpt}', f'--output_dir={out}'],   # GLUE's flag: absl guessed
+           '--output_dir is a flag of another bert_sym command. Fix: --out_dir'),   # --log_dir
           (['--help'], None)],
       'bert_sym.glue': [
           ([f'--checkpoint={tmp_path}/absent', f'--output_dir={out}', '--tasks=rte'],
            'absent does not exist. Fix: pass a training workdir'),
           ([f'--output_dir={out}'], '--checkpoint and --output_dir are required'),
+          ([f'--workdir={ckpt}', f'--output_dir={out}'], '--workdir is a flag of another '
+           'bert_sym command. Fix: --checkpoint (the training workdir to read) or --output_dir'),
           (['--config=configs/nonexistent.py', f'--checkpoint={ckpt}', f'--output_dir={out}'],
            'cannot be loaded'),
           (['--help'], None)],
