@@ -195,14 +195,11 @@ def _flat(group, prefix: str = '') -> dict:
   return out
 
 
-# A flag typed to the wrong command (the trainer's --workdir to GLUE): what means it here.
-_WORKDIR_READ = 'the training workdir to read'
-_FLAGS_OF_OTHER_COMMANDS = {
-    'workdir': {'checkpoint': _WORKDIR_READ, 'output_dir': 'where results go'},
-    'checkpoint': {'workdir': 'the run\'s directory, resumed if it exists'},
-    'output_dir': {'workdir': 'the run\'s directory', 'out_dir': 'where the export goes'},
-    'out_dir': {'output_dir': 'where results go', 'workdir': 'the run\'s directory'},
-}
+_FLAGS_OF_OTHER_COMMANDS = {   # one typed to the wrong command: what means it there
+    'workdir': {'checkpoint': 'the training workdir to read', 'output_dir': 'where results go'},
+    'checkpoint': {'workdir': "the run's directory, resumed if it exists"},
+    'output_dir': {'workdir': "the run's directory", 'out_dir': 'where the export goes'},
+    'out_dir': {'output_dir': 'where results go', 'workdir': "the run's directory"}}
 
 
 def _flag_error_message(error) -> str:
@@ -214,12 +211,8 @@ def _flag_error_message(error) -> str:
   typed = re.match(r"flag --([\w.]+)=(\S+): invalid literal for int\(\) with base 10", text)
   if typed:   # 1e6 or 1000.0 for an integer key (total_steps, batch_size, ...)
     key, value = typed.groups()
-    try:
-      whole = float(value)
-    except ValueError:
-      whole = None
-    fix = (f'--{key}={int(whole)}' if whole is not None and whole.is_integer()
-           else f'--{key}=<a whole number>')
+    whole = float(value) if re.fullmatch(r'\d+(\.\d*)?(e\d+)?', value, re.I) else 0.5
+    fix = f'--{key}={int(whole)}' if whole.is_integer() else f'--{key}=<a whole number>'
     return f'--{key}={value}: config.{key[7:]} is an integer. Fix: {fix}.'
   # A config file whose get_config() raised: ml_collections puts the traceback into the
   # flag error; the last line is the exception the config file raised.
