@@ -58,8 +58,25 @@ def enable_compilation_cache(cache_dir: str, max_gb: float = 0.0) -> str | None:
     logging.warning('compilation_cache_max_gb=%s not applied: JAX evicts under a file lock '
                     'and the filelock package is not installed (pip install filelock).', max_gb)
   elif max_gb:
+    _date_undated_entries(path)
     jax.config.update('jax_compilation_cache_max_size', int(max_gb * 2**30))
   return path
+
+
+def _date_undated_entries(path: str) -> None:
+  """Gives each entry written with no limit (a cache from before compilation_cache_max_gb,
+  or a run with it 0) the '-atime' file JAX's eviction reads for every entry: without it
+  each write under a limit failed (a warning per compile) and nothing new was cached. Its
+  last use is taken as its modification time, so it goes before the entries in use."""
+  if files.local_path(path) is None or not os.path.isdir(path):   # gs://: a request an entry
+    return
+  for name in os.listdir(path):
+    entry = os.path.join(path, name)
+    if name.endswith('-cache') and not os.path.exists(entry[:-len('cache')] + 'atime'):
+      with contextlib.suppress(OSError):   # evicted meanwhile by another run
+        stamp = os.stat(entry).st_mtime_ns.to_bytes(8, 'little')   # as JAX writes it
+        with open(entry[:-len('cache')] + 'atime', 'wb') as f:   # 8 bytes, as JAX's own
+          f.write(stamp)
 
 
 class Prefetcher:

@@ -556,6 +556,29 @@ def test_the_compilation_cache_stays_under_its_limit(tmp_path):
   assert 0 < sizes[8e3 / 2**30][1] <= 8e3 and sizes[8e3 / 2**30][0] < sizes[0][0], sizes
 
 
+def test_a_cache_written_without_a_limit_still_takes_new_entries_under_one(tmp_path):
+  """Entries written with no limit (every cache from before compilation_cache_max_gb, or a
+  run with it 0) have no '-atime' file, which JAX's eviction reads for every entry: each
+  later write under the default limit failed ('Error writing persistent compilation cache
+  entry ... FileNotFoundError ...-atime', one warning per compile) and nothing was cached."""
+  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  script = ('import sys, jax, jax.numpy as jnp; from bert_sym import loop; '
+            'loop.enable_compilation_cache(sys.argv[1], float(sys.argv[2])); '
+            '[jax.jit(lambda x, k=k: jnp.sin(x) * k + 1)(jnp.ones(7 + k)).block_until_ready() '
+            'for k in range(int(sys.argv[3]), int(sys.argv[3]) + 4)]')
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  cache = tmp_path / 'cache'
+  entries = lambda: sorted(p.name for p in cache.iterdir() if p.name.endswith('-cache'))
+  for limit, first in ((0, 0), (10, 4)):   # no limit, then the default's 10 GB
+    result = subprocess.run([sys.executable, '-c', script, str(cache), str(limit), str(first)],
+                            env=env, check=True, capture_output=True, text=True, timeout=120)
+    assert 'Error writing persistent compilation cache' not in result.stderr, result.stderr
+    if not limit:
+      unlimited = entries()
+  assert len(entries()) > len(unlimited) >= 4, (unlimited, entries())
+
+
 def test_a_loss_worse_than_twice_a_uniform_guess_is_unhealthy_even_in_warm_up():
   """The trainer's health: with vocab 1000, ln(1000) = 6.91 is guessing uniformly; a loss
   above 2 x 6.91 means exploded weights, spike rule or not (warm-up has none)."""
