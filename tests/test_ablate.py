@@ -222,6 +222,16 @@ def test_elapsed_seconds_leave_out_the_first_train_step_compilation():
   assert ablate_runs.elapsed_seconds(rows, [90.0, 480.0]) == [0.0, 20.0, 21.0]
 
 
+def test_an_eval_before_the_first_train_row_leaves_out_the_compilation_too():
+  """With eval_every_steps below log_every_steps, an eval row comes after the compilation
+  and before the train row that logs it: that eval kept the compilation and the train row
+  after it did not, so time ran backwards (0, 15, 6, 9) in loss_vs_time and train time."""
+  rows = [{'step': 0, 'time': 100.0}, {'step': 5, 'time': 115.0},
+          {'step': 10, 'time': 118.0, 'perf/compile_seconds': 12.0},
+          {'step': 10, 'time': 121.0}]
+  assert ablate_runs.elapsed_seconds(rows, []) == [0.0, 3.0, 6.0, 9.0]
+
+
 def test_two_restarts_after_the_same_last_row_remove_its_idle_time_once():
   """A restart that left no kept row (killed in start-up, or its rows dropped by the next
   resume) and the one after it both started after the row at 150: each subtracted its gap

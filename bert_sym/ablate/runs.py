@@ -166,6 +166,11 @@ def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float
       rows, times) if r.get('perf/compile_seconds') is not None), (math.inf, 0.0))
   if compiled_at > restart:   # a restart's: the first process logged no train row
     compile_s = 0.0
+  # It ran before the first step, so an eval row past the first step that comes before the
+  # train row saying it (eval_every_steps < log_every_steps) holds it too.
+  first = rows[0].get('step')
+  compiled_at = min([compiled_at] + [t for r, t in zip(rows, times) if first is not None
+                                     and r.get('step', first) > first])
   return [t - times[0] - sum(g for s, g in gaps if s <= t) - (compile_s if t >= compiled_at
                                                                  else 0.0) for t in times]
 
