@@ -177,9 +177,11 @@ def check_group_overrides(flag_values=None) -> None:
       old, new = _flat(group), _flat(value)
       missing, unknown = sorted(set(old) - set(new)), sorted(set(new) - set(old))
       if missing or unknown:
-        what = (f'leaves out {", ".join(missing)}' if missing else
-                f'names keys the group does not have: {", ".join(unknown)}')
-        one_by_one = ' '.join(f'--{name}.{path}.{k}={v}' for k, v in new.items())
+        what = ' and '.join(([f'leaves out {", ".join(missing)}'] if missing else []) + (
+            [f'names keys the group does not have: {", ".join(unknown)}'] if unknown else []))
+        # Not the unknown ones: each of those flags would stop on its key in turn.
+        one_by_one = ' '.join(f'--{name}.{path}.{k}={v}' for k, v in new.items()
+                              if k in old) or f'--{name}.{path}.KEY=VALUE'
         raise UserError(f'--{name}.{path}=... replaces the whole group config.{path} and '
                         f'{what}. Fix: set its keys one by one: {one_by_one} (--help lists '
                         'them).')

@@ -466,6 +466,9 @@ def _parsed(argv):
                     '--config.mesh.data=2 (--help lists them).'),
     ("{'data': 2, 'fsdp': 1, 'tensor': 1, 'tensr': 2}", 'names keys the group does not have: '
                                                        'tensr. Fix: '),
+    ("{'data': 2, 'fsdp': 1, 'tensr': 1}", 'leaves out tensor and names keys the group does '
+     'not have: tensr. Fix: set its keys one by one: --config.mesh.data=2 '
+     '--config.mesh.fsdp=1 (--help lists them).'),   # not --config.mesh.tensr=1: unknown too
     ("{'data': 2, 'fsdp': 1, 'tensor': 1}", None)])
 def test_a_group_given_as_a_dict_must_hold_exactly_its_keys(group, refused):
   """ml_collections puts the dict in place of the whole group: the keys it left out were
