@@ -102,7 +102,7 @@ for arg in ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}; do
   if [[ $arg == --config.data.shards_dir=* ]]; then SHARDS=${arg#*=}
   elif [[ $PREVIOUS == --config.data.shards_dir ]]; then SHARDS=$arg; fi
   PREVIOUS=$arg
-  if [[ -n $SHARDS && $SHARDS != gs://* ]]; then
+  if [[ -n $SHARDS && $SHARDS != gs://* && -z $EXPORT_TO ]]; then   # (else: refused below)
     echo "--config.data.shards_dir=$SHARDS is not on gs://, so the workers cannot read it." \
       "Fix: copy the shards to gs://BUCKET/... and pass that, or set EXPORT_TO=gs://..." \
       "to export them on the slice." >&2

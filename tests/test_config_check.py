@@ -525,6 +525,9 @@ def test_an_override_whose_key_is_malformed_is_one_line(override, message):
   assert result.stderr.startswith('bert_sym.train: error: ') and message in result.stderr, (
       result.stderr[-2000:])
   assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+  from bert_sym import ablate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ablate.AblationError, match=re.escape(message)):   # the runner's too
+    ablate.resolve_config('configs/tiny.py', [override])   # (max-seq-len: its own pattern)
 
 
 def test_a_home_path_after_an_equals_sign_is_the_home_directory(tmp_path, monkeypatch, capsys):

@@ -505,6 +505,8 @@ def test_tpu_vm_launcher_passes_the_workers_a_config_path_of_the_checkout_they_g
 
 @pytest.mark.parametrize('extra', ['--config=configs/tiny.py', '--workdir=gs://bucket/other',
                                    '--config.data.shards_dir=gs://bucket/mine',
+                                   # not "set EXPORT_TO=gs://", which is set
+                                   '--config.data.shards_dir=local/shards',
                                    # absl's other spelling: `--workdir VALUE` passed the
                                    # preflight (which ignores it) and stopped every trainer
                                    '--workdir gs://bucket/other', '--config configs/tiny.py',

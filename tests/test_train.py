@@ -1561,7 +1561,7 @@ def _catches_sigterm(pid: int) -> bool:
 
 @pytest.mark.parametrize('module', ['bert_sym.train', 'bert_sym.glue'])
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_a_sigterm_while_the_libraries_import_exits_42(module, signum, tmp_path):
+def test_a_sigterm_or_ctrl_c_while_the_libraries_import_exits_42_or_130(module, signum, tmp_path):
   """The first seconds (JAX, TensorFlow importing) had no handler: a preemption or scancel
   there ended the process with 143, which launch/slurm_gpu.sbatch does not requeue (only
   42). The entry points now take SIGTERM before those imports: exit 42, nothing written.

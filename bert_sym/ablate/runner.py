@@ -40,8 +40,10 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
   Unknown keys and bad values fail here, before any run starts.
   """
   bad = [o for o in overrides if not re.fullmatch(r'--config\.[\w.]+=.*', o, re.S)]
-  if bad:
-    raise AblationError(f'Overrides must look like --config.KEY=VALUE, got {bad}.')
+  if bad:   # the trainer's line where a key is malformed (max-seq-len: max_seq_len)
+    raise AblationError(cli.malformed_key_message(ValueError(bad), ['ablate', *bad])
+                        if all(re.fullmatch(r'--config\.\S+=.*', o, re.S) for o in bad) else
+                        f'Overrides must look like --config.KEY=VALUE, got {bad}.')
   argv = ['ablate', f'--config={config}', *overrides]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'experiment config', flag_values=values,
