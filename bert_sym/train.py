@@ -3,7 +3,7 @@ r"""Pre-trains BertForMaskedLM (standard / symmetric / pairwise attention) with 
   python -m bert_sym.train --config=configs/tiny.py --workdir=/tmp/bert_sym_tiny
   python -m bert_sym.train --config=configs/sym_base.py --dry_run
   python -m bert_sym.train --config=configs/sym_base.py --workdir=gs://BUCKET/sym_base \
-      --config.batch_size=512 --config.mesh.fsdp=4
+      --config.data.shards_dir=gs://BUCKET/c4_512 --config.mesh.fsdp=4   # README: Data
 
 Any config value can be overridden with --config.a.b=value. The resolved config is written to
 {workdir}/config.json; the same command resumes from {workdir}/checkpoints' latest step.
