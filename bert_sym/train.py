@@ -185,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, make_ite
       run = _open_run(workdir)                   # logging: console line, metrics writer
       try:
         mesh = _build_mesh(config, run)
-        data = _build_input(config, mesh, make_iterator, run)
+        data = checkpoint.inputs_read_alike_on_every_host(   # one corpus on every host
+            lambda: _build_input(config, mesh, make_iterator, run))
         mlm = build_mlm_step(config, mesh)     # model, optimizer, state shapes, steps
         manager, latest, state = _restore_or_init(config, workdir, mlm.spec, data, run,
                                                   start_over)

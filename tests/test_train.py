@@ -614,14 +614,18 @@ def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
   (total_steps) or trained one model from two recipes, without a word. Both now stop
   before the first step, every process with the same line. So does a workdir that only
   process 0 (which serves jax.distributed) cannot create: it left, and the other aborted
-  in a page of C++ stack (SIGABRT, "the JAX distributed service detected fatal errors")."""
+  in a page of C++ stack (SIGABRT, "the JAX distributed service detected fatal errors").
+  Hosts reading different copies of the data (a node-local export of another corpus) each
+  trained on their own and saved their diverging positions: they now stop in the same way."""
   (tmp_path / 'a_file').write_text('')   # a directory under it cannot be made, even by root
   for name, per_process, message in (
       ('workdirs', [[], []], 'is not one directory shared by every process: process(es) 1 '
                              'do not see the lock file'),
       ('configs', [[], ['--config.seed=7']], 'started with different configs: process 1 '
                                              'differs from process 0 in seed=7 (process 0: '),
-      ('unwritable', [[], []], f'Cannot write to --workdir={tmp_path / "a_file" / "run"}: ')):
+      ('unwritable', [[], []], f'Cannot write to --workdir={tmp_path / "a_file" / "run"}: '),
+      ('data', [[], []], "read different data: process 1's train split has corpus='another' "
+                         '(process 0: None). Fix: give every host the same data')):
     workdirs = {'workdirs': [tmp_path / name / 'host0', tmp_path / name / 'host1'],
                 'unwritable': [tmp_path / 'a_file' / 'run', tmp_path / name / 'run']}.get(
                     name, [tmp_path / name / 'run'] * 2)
@@ -629,7 +633,8 @@ def test_two_processes_started_as_two_runs_stop_at_once_in_one_line(tmp_path):
     processes = [run_trainer(workdirs[i],
                              f'--coordinator_address={address}', '--num_processes=2',
                              f'--process_id={i}', *per_process[i], devices=2,
-                             overrides=_overrides(), background=True)
+                             overrides=_overrides(), background=True,
+                             env={'SYNTHETIC_CORPUS': 'another'} if name == 'data' and i else None)
                  for i in range(2)]
     outputs = _outputs_of(processes, timeout=240)
     for p, out in zip(processes, outputs):

@@ -49,12 +49,14 @@ class SyntheticMLMIterator:
     self.seed = seed
     self.split_id = {'train': 0, 'validation': 1}[split]
     self.index = start_step
+    # Test hook: this host's copy of the corpus is another one (a node-local export).
+    self.corpus = os.environ.get('SYNTHETIC_CORPUS')
 
   def __iter__(self):
     return self
 
-  def get_state(self):
-    return {'index': self.index}
+  def get_state(self):   # like the real iterator's, it names the corpus (when a test does)
+    return {'index': self.index, **({'corpus': self.corpus} if self.corpus else {})}
 
   def set_state(self, state, fix=''):   # fix: the real iterator's error advice
     del fix

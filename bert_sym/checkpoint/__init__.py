@@ -37,7 +37,7 @@ from bert_sym.checkpoint.core import (  # noqa: F401
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401
     LOCK_FILE, GLUE_LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host,
-    inputs_checked_on_every_host, checked_on_every_host
+    inputs_checked_on_every_host, checked_on_every_host, inputs_read_alike_on_every_host
 )
 from bert_sym.checkpoint.saving import (  # noqa: F401
     save, check_saves, finish_saves, remove_unfinished_steps

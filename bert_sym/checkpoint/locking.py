@@ -96,6 +96,35 @@ def check_same_config_on_every_host(config, what: str = 'run') -> None:
         'command (the same --config file, overrides and data paths).')
 
 
+def inputs_read_alike_on_every_host(build, what: str = 'run'):
+  """`build()` (this host's input pipeline: an object with `train_iter` and `eval_iter`)
+  on every host, then every host's iterator states compared with process 0's. The config
+  comparison cannot see data: hosts given one shards_dir each read their own copy, and a
+  node-local copy from another export (another block count or vocabulary) trained every
+  host's rows from its own corpus, without a word, and saved their diverging positions."""
+  with _others_told_of_a_failure():
+    data = build()
+  if jax.process_count() == 1:
+    return data
+  splits = (('train', data.train_iter), ('validation', data.eval_iter))
+  gathered = allgather_json([None, {split: it.get_state() for split, it in splits if it}])
+  _raise_if_any_stopped(gathered, what)
+  first = gathered[0][1]
+  for index, (_, theirs) in enumerate(gathered):
+    for split in sorted(set(first) | set(theirs)):
+      mine, ours = theirs.get(split, {}), first.get(split, {})
+      keys = sorted(k for k in set(mine) | set(ours) if mine.get(k) != ours.get(k))
+      if keys:
+        shown = ', '.join(f'{k}={mine.get(k)!r} (process 0: {ours.get(k)!r})' for k in keys[:3])
+        raise HostsDisagree(
+            f'the processes of this {what} read different data: process {index}\'s {split} '
+            f'split has {shown}{", ..." if len(keys) > 3 else ""}. Fix: give every host the '
+            'same data (one shared config.data.shards_dir, the same text files and '
+            'vocabulary, not node-local copies that differ), then rerun the same command '
+            'on every host.')
+  return data
+
+
 def _raise_if_any_stopped(gathered, what: str) -> None:
   stopped = [(index, problem) for index, (problem, _) in enumerate(gathered) if problem]
   if stopped:   # its inputs failed its checks (inputs_checked_on_every_host)
