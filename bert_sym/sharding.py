@@ -240,8 +240,9 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules,
     raise ValueError(
         f'config.{what}={batch_size} is not divisible by the data-parallel size '
         f'{" x ".join(axes) or "(none)"} = '
-        f'{" x ".join(str(mesh.shape[a]) for a in axes) or "1"} = {dp}. Use a multiple '
-        f'of {dp} or change config.mesh.')
+        f'{" x ".join(str(mesh.shape[a]) for a in axes) or "1"} = {dp}. Fix: a multiple '
+        f'of {dp}, or a config.mesh whose data-parallel size divides {batch_size} (a '
+        'resumed run keeps its batch: there, change the mesh or the device count).')
   if batch_size % processes:
     raise ValueError(f'config.{what}={batch_size} is not divisible by the {processes} '
                      f'processes; each process reads an equal share.')
