@@ -534,23 +534,32 @@ def test_compilation_cache_off_means_off_even_with_jax_s_variable(tmp_path, sett
   assert bool(own.exists() and list(own.iterdir())) == bool(setting)
 
 
-def test_the_compilation_cache_stays_under_its_limit(tmp_path):
-  """Every run of every config added its compiled steps to ~/.cache/bert_sym/jax, which
-  never shrank; config.compilation_cache_max_gb hands JAX a limit, under which it deletes
-  the least recently used entries (entries here: about 3 KB each; limit 8 KB)."""
+def _compile_into_cache(cache, limit_gb: float, first: int = 0, count: int = 8):
+  """`count` distinct tiny programs compiled in a fresh process with our cache settings."""
   from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
   script = ('import sys, jax, jax.numpy as jnp; from bert_sym import loop; '
             'loop.enable_compilation_cache(sys.argv[1], float(sys.argv[2])); '
             '[jax.jit(lambda x, k=k: jnp.sin(x) * k + 1)(jnp.ones(7 + k)).block_until_ready() '
-            'for k in range(8)]')
+            'for k in range(int(sys.argv[3]), int(sys.argv[3]) + int(sys.argv[4]))]')
   env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return subprocess.run([sys.executable, '-c', script, str(cache), str(limit_gb), str(first),
+                         str(count)], env=env, check=True, capture_output=True, text=True,
+                        timeout=120)
+
+
+def _cache_entries(cache):
+  return sorted(p for p in cache.iterdir() if p.name.endswith('-cache'))
+
+
+def test_the_compilation_cache_stays_under_its_limit(tmp_path):
+  """Every run of every config added its compiled steps to ~/.cache/bert_sym/jax, which
+  never shrank; config.compilation_cache_max_gb hands JAX a limit, under which it deletes
+  the least recently used entries (entries here: about 3 KB each; limit 8 KB)."""
   sizes = {}
   for limit in (0, 8e3 / 2**30):
-    cache = tmp_path / f'cache_{limit}'
-    subprocess.run([sys.executable, '-c', script, str(cache), str(limit)], env=env,
-                   check=True, capture_output=True, timeout=120)
-    entries = [p for p in cache.iterdir() if p.name.endswith('-cache')]
+    _compile_into_cache(tmp_path / f'cache_{limit}', limit)
+    entries = _cache_entries(tmp_path / f'cache_{limit}')
     sizes[limit] = (len(entries), sum(p.stat().st_size for p in entries))
   assert sizes[0][0] >= 8, sizes   # no limit: every compile kept
   assert 0 < sizes[8e3 / 2**30][1] <= 8e3 and sizes[8e3 / 2**30][0] < sizes[0][0], sizes
@@ -561,22 +570,13 @@ def test_a_cache_written_without_a_limit_still_takes_new_entries_under_one(tmp_p
   run with it 0) have no '-atime' file, which JAX's eviction reads for every entry: each
   later write under the default limit failed ('Error writing persistent compilation cache
   entry ... FileNotFoundError ...-atime', one warning per compile) and nothing was cached."""
-  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
-  script = ('import sys, jax, jax.numpy as jnp; from bert_sym import loop; '
-            'loop.enable_compilation_cache(sys.argv[1], float(sys.argv[2])); '
-            '[jax.jit(lambda x, k=k: jnp.sin(x) * k + 1)(jnp.ones(7 + k)).block_until_ready() '
-            'for k in range(int(sys.argv[3]), int(sys.argv[3]) + 4)]')
-  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   cache = tmp_path / 'cache'
-  entries = lambda: sorted(p.name for p in cache.iterdir() if p.name.endswith('-cache'))
   for limit, first in ((0, 0), (10, 4)):   # no limit, then the default's 10 GB
-    result = subprocess.run([sys.executable, '-c', script, str(cache), str(limit), str(first)],
-                            env=env, check=True, capture_output=True, text=True, timeout=120)
+    result = _compile_into_cache(cache, limit, first, count=4)
     assert 'Error writing persistent compilation cache' not in result.stderr, result.stderr
     if not limit:
-      unlimited = entries()
-  assert len(entries()) > len(unlimited) >= 4, (unlimited, entries())
+      unlimited = _cache_entries(cache)
+  assert len(_cache_entries(cache)) > len(unlimited) >= 4, (unlimited, _cache_entries(cache))
 
 
 def test_a_loss_worse_than_twice_a_uniform_guess_is_unhealthy_even_in_warm_up():
