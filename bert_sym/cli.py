@@ -215,7 +215,7 @@ def _flag_error_message(error) -> str:
     key, value = typed.groups()
     whole = float(value) if re.fullmatch(r'\d+(\.\d*)?(e\d+)?', value, re.I) else 0.5
     fix = f'--{key}={int(whole)}' if whole.is_integer() else f'--{key}=<a whole number>'
-    return f'--{key}={value}: config.{key[7:]} is an integer. Fix: {fix}.'
+    return f'--{key}={value}: {key.replace("--", "")} is an integer. Fix: {fix}.'
   # A config file whose get_config() raised: ml_collections puts the traceback into the
   # flag error; the last line is the exception the config file raised.
   if 'Error whilst parsing config file' in text:

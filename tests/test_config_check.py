@@ -494,6 +494,13 @@ def test_an_integer_key_written_as_a_float_names_the_whole_number(typed, fix):
   with pytest.raises(flags.Error) as error:
     _parsed(['p', '--config=configs/tiny.py', f'--config.total_steps={typed}'])
   said = f'--config.total_steps={typed}: config.total_steps is an integer. Fix: {fix}'
+  absl_int = flags.FlagValues()   # an integer flag of absl's own: its name, not a config's
+  flags.DEFINE_integer('num_processes', None, 'processes', flag_values=absl_int)
+  with pytest.raises(flags.Error) as not_config:
+    absl_int(['p', f'--num_processes={typed}'])
+  assert cli.user_error_message(not_config.value).startswith(
+      f'--num_processes={typed}: num_processes is an integer. Fix: --num_processes='), (
+          cli.user_error_message(not_config.value))
   assert cli.user_error_message(error.value) == said
   from bert_sym import ablate  # pylint: disable=g-import-not-at-top
   with pytest.raises(ablate.AblationError, match=re.escape(said)):   # the runner says it too
