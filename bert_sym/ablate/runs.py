@@ -145,7 +145,8 @@ def elapsed_seconds(rows: Sequence[dict], starts: Sequence[float]) -> list[float
   same last row (the first wrote nothing that was kept) share that idle stretch: it counts
   once, as the union of the stretches. Event-file names have whole seconds, so a gap is
   rounded down by < 1 s; without them none is removed. The first process's train-step
-  compilation (`perf/compile_seconds` on its first train row) is removed from that row on.
+  compilation (`perf/compile_seconds` of its first train row) is removed from the first row
+  past the first step on.
   """
   if not rows:
     return []
