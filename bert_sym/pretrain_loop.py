@@ -161,6 +161,7 @@ def run_to_total_steps(config, state, latest, train_step, data, evaluate, manage
       if not abandoned:
         with contextlib.suppress(Exception):   # a failed save was said already
           manager.wait_until_finished()
+          checkpoint.remove_rotated_out(manager.directory)   # however the run ended
         # orbax still holds the failure (checkpoint.saving leaves it there): closing would
         # raise it again, over the one line that says it.
         with contextlib.suppress(Exception) if save_failed else contextlib.nullcontext():

@@ -395,6 +395,46 @@ def test_rotation_keeps_what_orbax_own_options_keep(tmp_path, keep_last, keep_ev
   assert ours == _save_each(reference, range(1, 13))
 
 
+_KILLED_WHILE_ROTATING = """
+import os, signal, sys, types
+import numpy as np
+from etils import epath
+from bert_sym import checkpoint
+manager = checkpoint.make_manager(
+    sys.argv[1], types.SimpleNamespace(keep_last=1, keep_every=0, async_save=False))
+checkpoint.save(manager, 1, {'x': np.ones(3, np.float32)}, {'index': 1}, force=True)
+checkpoint.finish_saves(manager)
+
+def remove_one_file_then_die(self, *args, **kwargs):   # a kill in the middle of a deletion
+  os.remove(min(os.path.join(d, f) for d, _, names in os.walk(self) for f in names))
+  os.kill(os.getpid(), signal.SIGKILL)
+
+type(epath.Path(sys.argv[1])).rmtree = remove_one_file_then_die
+checkpoint.save(manager, 2, {'x': np.ones(3, np.float32)}, {'index': 2}, force=True)
+checkpoint.finish_saves(manager)
+"""
+
+
+def test_a_kill_while_rotation_removes_a_step_leaves_no_half_deleted_step(tmp_path):
+  """keep_last=1: saving step 2 removes step 1. Killed half way through that removal, step
+  1 was still listed as finished with files missing (what `--checkpoint=.../1` or a GLUE
+  sweep then read). Rotation moves a step out of the listing before removing it."""
+  child = subprocess.run([sys.executable, '-c', _KILLED_WHILE_ROTATING, str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=False)
+  assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+  assert checkpoint.finished_steps(tmp_path) == [2]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()
+                if not p.name.startswith('.')) == ['2']
+  # The rerun's manager removes what the killed rotation left; its own rotation leaves none.
+  manager = checkpoint.make_manager(
+      tmp_path, types.SimpleNamespace(keep_last=1, keep_every=0, async_save=False))
+  assert not (tmp_path / 'checkpoints' / checkpoint.ROTATED_OUT).exists()
+  checkpoint.save(manager, 3, {'x': np.ones(3, np.float32)}, {'index': 3}, force=True)
+  checkpoint.finish_saves(manager)
+  manager.close()
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['3']
+
+
 def test_rotation_keeps_the_newest_checkpoint_the_step_health_calls_good(tmp_path):
   """keep_last=1, a save every 2 steps, a loss spike from step 7: checkpoint 6 made the
   spiking loss of step 7, so 4 is the newest good one and must outlive the rotation."""
@@ -448,6 +488,8 @@ def test_a_spike_then_divergence_leaves_the_newest_good_checkpoint_to_resume(tmp
   assert 'The newest checkpoint from before the divergence is step 4' in str(error.value)
   assert checkpoint.finished_steps(tmp_path) == [4]
   assert [p.name.split('-')[0] for p in (tmp_path / 'damaged_checkpoints').iterdir()] == ['10']
+  # The steps rotation moved out (2, 6, 8) are gone too, however the run ended.
+  assert [p.name for p in (tmp_path / 'checkpoints').iterdir()] == ['4']
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,19 +21,22 @@ directory listing. Unfinished steps are ignored, and the trainer's manager clean
 local temporary directories at the next start.
 
 The package in the order a run meets it: `core` (names, errors, config.json, the manager,
-finished steps), `locking` (one trainer per workdir), `saving`, `restoring` (the trainer's
-restore rules), `pretrained` (GLUE's and export's reads, by the same rules). Everything
-public is re-exported here: callers write `checkpoint.save(...)`.
+finished steps), `rotation` (which old steps go, and how), `locking` (one trainer per
+workdir), `saving`, `restoring` (the trainer's restore rules), `pretrained` (GLUE's and
+export's reads, by the same rules). Everything public is re-exported here: callers write `checkpoint.save(...)`.
 """
 
 from bert_sym.checkpoint.core import (  # noqa: F401
     STATE, DATA_ITER, CONFIG_FILE, IncompatibleCheckpoint, DamagedCheckpoint,
     CheckpointReadError, CheckpointSaveError, write_config, read_config, flat_config,
-    config_differences, config_hint, absolute, checkpoint_dir, KeepNewestGood, make_manager,
+    config_differences, config_hint, absolute, checkpoint_dir, make_manager,
     allgather_json, key_path_str, describe_error, is_closed_loop_error, is_step_dir,
     checkpoints_root, finished_steps, written_at, read_json_item, lineage_of, run_id_of,
     extend_lineage, written_by, workdir_misplaced, data_config_hint,
     workdir_blocked, workdir_problem
+)
+from bert_sym.checkpoint.rotation import (  # noqa: F401
+    KeepNewestGood, ROTATED_OUT, remove_rotated_out
 )
 from bert_sym.checkpoint.locking import (  # noqa: F401
     LOCK_FILE, GLUE_LOCK_FILE, WorkdirBusy, HostsDisagree, workdir_lock, check_same_config_on_every_host,

@@ -5,7 +5,7 @@ import json
 import os
 import re
 import uuid
-from typing import Any, Callable
+from typing import Any
 
 from etils import epath
 import jax
@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from bert_sym import cli
 from bert_sym import files
+from bert_sym.checkpoint.rotation import KeepNewestGood, ROTATED_OUT, remove_rotated_out
 
 
 STATE = 'state'
@@ -131,34 +132,11 @@ def checkpoint_dir(workdir) -> epath.Path:
   return absolute(workdir) / 'checkpoints'
 
 
-class KeepNewestGood:
-  """An orbax preservation policy: rotation (keep_last) never deletes the newest checkpoint
-  known to be good, the one a divergence's error points the rerun to.
-
-  A checkpoint is good once the step after it was healthy (bert_sym.loop.StepHealth), so
-  the newest one is not known to be good when the next save rotates. With keep_last=1, or
-  a loss-spike streak longer than keep_last saves, orbax alone would keep only checkpoints
-  that a divergence then sets aside, and the rerun would start from step 0. The training
-  loop sets `good_below`: checkpoints at steps below what it returns are good (None: no
-  judgement yet, nothing extra kept). A healthy run with keep_last >= 2 keeps no more than
-  before; keep_last=1 keeps a second checkpoint until the step after the newest is judged.
-  """
-
-  def __init__(self):
-    self.good_below: Callable[[], int | None] = lambda: None
-
-  def should_preserve(self, checkpoints, *, context) -> list[bool]:
-    del context
-    bound = self.good_below()
-    newest_good = max((c.step for c in checkpoints if bound is not None and c.step < bound),
-                      default=None)
-    return [c.step == newest_good for c in checkpoints]
-
-
 def make_manager(workdir, ckpt_config=None, *, read_only=False,
                  keep_good: KeepNewestGood | None = None) -> ocp.CheckpointManager:
   """keep_last N most recent steps (0 = all), plus every keep_every-th step forever (0 =
-  off), plus the newest good one when the trainer passes `keep_good`."""
+  off), plus the newest good one when the trainer passes `keep_good`. A writer's manager
+  first removes what a killed run's rotation left (rotation.ROTATED_OUT)."""
   ckpt_config = ckpt_config or ml_collections.ConfigDict(
       dict(keep_last=None, keep_every=0, async_save=False))
   policies = getattr(ocp, 'checkpoint_managers', None)
@@ -179,7 +157,10 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False,
           timeout_secs=int(getattr(ckpt_config, 'save_timeout_s', 600))),
       read_only=read_only,
       create=not read_only,
-      cleanup_tmp_directories=not read_only)
+      cleanup_tmp_directories=not read_only,
+      todelete_subdir=None if read_only else ROTATED_OUT)
+  if not read_only:
+    remove_rotated_out(checkpoint_dir(workdir))
   return ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options, item_names=(STATE, DATA_ITER))
 

@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bert_sym import cli
+from bert_sym.checkpoint.rotation import remove_rotated_out
 from bert_sym.checkpoint.core import CheckpointSaveError, DATA_ITER, STATE, allgather_json, describe_error, finished_steps, is_closed_loop_error
 
 
@@ -39,7 +40,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: Any
     data_item['lineage'] = lineage
   _watch_writes(manager)
   try:
-    # orbax first waits for the previous (background) save: its failure surfaces here.
+    # The previous (background) save's failure surfaces here. Once it is done, the steps
+    # its rotation moved out can go: no rename into that folder is in flight.
+    manager.wait_until_finished()
+    remove_rotated_out(manager.directory)
     started = manager.save(step, force=force, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
         DATA_ITER: ocp.args.JsonSave(data_item)}))
@@ -156,6 +160,7 @@ def finish_saves(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except
     raise _save_failed(manager, _failed_step(manager), e) from None
+  remove_rotated_out(manager.directory)
 
 
 _SAVE_CAUSES = ((errno.ENOSPC, 'the disk is full (ENOSPC)'),
