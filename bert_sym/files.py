@@ -81,6 +81,16 @@ def _upload(fs, staged: IO[bytes], remote: str) -> None:
   f.close()
 
 
+# A write goes to `<name>.tmp-<8 hex>` (locally hidden: `.<name>.tmp-...`) and is renamed
+# when complete; remove_leftover_temporaries globs the same pattern, so both are spelled here.
+def _temporary(name: str) -> str:
+  return f'{name}.tmp-{uuid.uuid4().hex[:8]}'
+
+
+def _temporaries(name: str) -> str:
+  return f'{name}.tmp-' + '?' * 8
+
+
 def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) -> None:
   """Writes `data` (bytes; text as UTF-8; or a function given the open binary file) to
   `path`, creating its directory."""
@@ -97,7 +107,7 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
       if not protocols & _WRITES_IN_PLACE:
         _upload(fs, staged, remote)
         return
-      tmp = f'{remote}.tmp-{uuid.uuid4().hex[:8]}'
+      tmp = _temporary(remote)
       try:
         _upload(fs, staged, tmp)
         fs.mv(tmp, remote)
@@ -109,7 +119,7 @@ def write_atomically(path, data: bytes | str | Callable[[IO[bytes]], object]) ->
     return
   directory = os.path.dirname(os.path.abspath(local))
   os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.path.basename(local)}.tmp-{uuid.uuid4().hex[:8]}')
+  tmp = os.path.join(directory, _temporary(f'.{os.path.basename(local)}'))
   try:
     with open(tmp, 'wb') as f:
       write(f)
@@ -135,7 +145,7 @@ def remove_leftover_temporaries(path: str) -> None:
   local = local_path(path)
   if local is not None:
     directory, name = os.path.split(os.path.abspath(local))
-    stale = glob.glob(os.path.join(glob.escape(directory), f'.{name}.tmp-' + '?' * 8))
+    stale = glob.glob(os.path.join(glob.escape(directory), _temporaries(f'.{name}')))
     for tmp in stale:
       with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
@@ -143,7 +153,7 @@ def remove_leftover_temporaries(path: str) -> None:
   fs, remote = fsspec.core.url_to_fs(path)
   protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
   if protocols & _WRITES_IN_PLACE:   # the only remote writes with a temporary name
-    for tmp in fs.glob(f'{remote}.tmp-' + '?' * 8):
+    for tmp in fs.glob(_temporaries(remote)):
       with contextlib.suppress(FileNotFoundError):
         fs.rm(tmp)
 
