@@ -214,6 +214,8 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           ([f'--checkpoint={tmp_path}/absent', f'--output_dir={out}', '--tasks=rte'],
            'absent does not exist. Fix: pass a training workdir'),
           ([f'--output_dir={out}'], '--checkpoint and --output_dir are required'),
+          ([f'--checkpoint={ckpt}', '--output_dir= '], '--checkpoint and --output_dir are '
+           'required'),   # a blank name: no folder ' ' written
           ([f'--workdir={ckpt}', f'--output_dir={out}'], '--workdir is a flag of another '
            'bert_sym command. Fix: --checkpoint (the training workdir to read) or --output_dir'),
           (['--config=configs/nonexistent.py', f'--checkpoint={ckpt}', f'--output_dir={out}'],
