@@ -113,7 +113,12 @@ class Prefetcher:
         return
 
   def __next__(self):
-    batch, state, error = self._queue.get()
+    while True:
+      # Short waits: the OS may hand a signal to any thread (the reader's, XLA's), and its
+      # handler runs here only once this thread runs Python: a Ctrl-C in a stalled read hung.
+      with contextlib.suppress(queue.Empty):
+        batch, state, error = self._queue.get(timeout=0.2)
+        break
     if error is not None:
       raise error
     self.state = state

@@ -1090,6 +1090,37 @@ def test_host_mlm_positions_equal_the_device_fallback():
   assert wide['mlm_position_weights'].sum() == weights.sum()
 
 
+_SIGNAL_TO_THE_READER = """
+import signal, sys, threading
+from bert_sym import loop
+
+class Stalled:   # a read that never returns (a hung storage client)
+  def __next__(self):
+    threading.Event().wait()
+  def get_state(self):
+    return {}
+
+def taken(signum, frame):
+  print('taken', flush=True)
+  sys.exit(3)
+
+signal.signal(signal.SIGINT, taken)
+prefetcher = loop.Prefetcher(Stalled(), lambda x: x)
+# The OS hands a process's signal to any thread that does not block it: here the reader's.
+threading.Timer(0.5, signal.pthread_kill, (prefetcher._thread.ident, signal.SIGINT)).start()
+next(prefetcher)
+"""
+
+
+def test_a_signal_is_taken_while_the_step_waits_for_a_stalled_read():
+  """The step waits for its batch; the Ctrl-C lands in another thread (the kernel picks
+  one): its handler, which Python runs in the main thread only, never ran (the flaky
+  test_second_ctrl_c_quits_in_one_line timed out on it under load)."""
+  result = subprocess.run([sys.executable, '-c', _SIGNAL_TO_THE_READER], capture_output=True,
+                          text=True, timeout=60, check=False)
+  assert result.returncode == 3 and result.stdout == 'taken\n', result.stderr[-2000:]
+
+
 def test_prefetcher_state_is_the_next_batch_the_step_consumes():
   class Counter:
     def __init__(self):
