@@ -62,8 +62,7 @@ TFDS_FIX = ('Fix: prepare the dataset once where there is internet (tfds build N
             'shard export, --config.tfds_data_dir=DIR for GLUE).')
 
 
-# Limits of the machine, not bugs: what a user does about each (a checkpoint save names its
-# own, checkpoint.saving).
+# Limits of the machine, not bugs: what a user does (checkpoint.saving names a save's own).
 _MACHINE_LIMITS = {
     errno.ENOSPC: 'the disk is full. Fix: free space',
     errno.EDQUOT: 'the disk quota is exceeded. Fix: free space or raise the quota',
@@ -109,8 +108,7 @@ def user_error_message(error: BaseException) -> str | None:
             'bert_sym.aot; configs/glue.py for GLUE); configs/common.py holds only the '
             'defaults they share.')
   if isinstance(error, OSError) and 'earlier failure to load' in str(error):
-    # ml_collections' placeholder for a config file that did not load, touched by a
-    # program that parses --config itself (bert_sym.ablate).
+    # ml_collections' placeholder for a config that did not load (bert_sym.ablate's parse)
     detail = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (f'the config file {detail[-2] if len(detail) > 1 else ""} cannot be loaded '
             f'({detail[-1]}). Fix: pass an existing config file, e.g. '
@@ -149,7 +147,10 @@ def malformed_key_message(error, argv: Sequence[str] | None = None) -> str:
   if not bad:
     return f'a --config.KEY override cannot be read ({one_line(error)}). Fix: --config.A.B=VALUE.'
   key, eq, value = bad[0].partition('=')
+  key, item = key.partition('[')[0], '[' in key   # --config.sharding_rules[1]=...
   meant = re.sub(r'\.\.+', '.', key[2:].replace('-', '_')).rstrip('.')   # max-seq-len, a..b
+  if item and re.fullmatch(r'config(\.\w+)+', meant):
+    return f'{bad[0]} sets one item of {meant}. Fix: --{meant}="((...), ...)" (the whole tuple).'
   fix = (f'--{meant}{eq}{value}' if re.fullmatch(r'(no)?config(\.\w+)+', meant)
          else '--config.A.B=VALUE')
   return (f'{bad[0]} names no config key: keys are words of letters, digits and _ joined '

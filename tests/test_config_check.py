@@ -522,9 +522,12 @@ def test_a_group_given_one_value_says_it_is_a_group():
      'are words of letters, digits and _ joined by single dots. Fix: '
      '--config.data.max_seq_len=64 (--help lists the keys).'),
     ('--config.model..attention=standard', 'Fix: --config.model.attention=standard '),
-    ('--config.model.attention.=standard', 'Fix: --config.model.attention=standard ')])
+    ('--config.model.attention.=standard', 'Fix: --config.model.attention=standard '),
+    ("--config.sharding_rules[1]=('vocab', None)", 'sets one item of config.sharding_rules. '
+     'Fix: --config.sharding_rules="((...), ...)" (the whole tuple).')])
 def test_an_override_whose_key_is_malformed_is_one_line(override, message):
-  """Dashes for underscores, a doubled dot: a ValueError traceback from ml_collections."""
+  """Dashes for underscores, a doubled dot: a ValueError traceback from ml_collections. One
+  item of a tuple: "names no config key ... Fix: --config.A.B=VALUE", no way to do it."""
   result = subprocess.run([sys.executable, '-m', 'bert_sym.train', '--config=configs/tiny.py',
                            override, '--dry_run'], cwd=cli.CHECKOUT, capture_output=True,
                           text=True, timeout=120)
