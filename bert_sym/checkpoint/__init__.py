@@ -23,7 +23,8 @@ local temporary directories at the next start.
 The package in the order a run meets it: `core` (names, errors, config.json, the manager,
 finished steps), `rotation` (which old steps go, and how), `locking` (one trainer per
 workdir), `saving`, `restoring` (the trainer's restore rules), `pretrained` (GLUE's and
-export's reads, by the same rules). Everything public is re-exported here: callers write `checkpoint.save(...)`.
+export's reads, by the same rules). Everything public is re-exported here: callers write
+`checkpoint.save(...)`.
 """
 
 from bert_sym.checkpoint.core import (  # noqa: F401

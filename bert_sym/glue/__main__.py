@@ -112,7 +112,7 @@ def main(argv, cli):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not (cli.checkpoint.value or '').strip() or not (cli.output_dir.value or '').strip():
-    # --output_dir=' ' (or $OUT unset inside quotes) would write into a folder named ' '
+    # a blank value (--output_dir=' ') was taken as a folder named ' '
     raise app.UsageError('--checkpoint and --output_dir are required (see --help).')
   config = cli.config.value
   config_check.check_glue(config)   # the trainer's config given here fails in one line
