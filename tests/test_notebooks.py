@@ -4,9 +4,11 @@ The parameters cell (tagged `parameters`) keeps its defaults; a cell injected ri
 it overrides them, as papermill does. A cell that raises fails the test.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 
 import flax
 import jax
@@ -178,12 +180,7 @@ def test_the_colab_setup_installs_the_gpu_jax_and_refuses_a_runtime_that_misses_
   import shutil  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
   cell = ''.join(nbformat.read(os.path.join(NOTEBOOKS, notebook), as_version=4).cells[1].source)
-  root = tmp_path / 'bert_sym'   # a fresh runtime's upload: no .venv yet
-  (root / 'bert_sym').mkdir(parents=True)
-  (root / 'configs').mkdir()
-  for name in ('bert_sym/__init__.py', 'configs/tiny.py', 'requirements.txt'):
-    (root / name).write_text('')
-  monkeypatch.chdir(root)
+  root = _fresh_colab_upload(tmp_path, monkeypatch)
   monkeypatch.setattr(sys, 'path', list(sys.path))   # the cell puts the root on it
   monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
   monkeypatch.setattr(shutil, 'which', lambda name: '/usr/bin/nvidia-smi'
@@ -203,3 +200,53 @@ def test_the_colab_setup_installs_the_gpu_jax_and_refuses_a_runtime_that_misses_
   install = calls[0]
   assert install[1:5] == ['-m', 'pip', 'install', '-q'] and install[-1] == 'jax[cuda12]'
   assert install[-2] == str(root / 'requirements.txt')
+  # Run again in the same runtime: no second install (it checked for a .venv Colab lacks).
+  calls.clear()
+  with pytest.raises(RuntimeError) if backend == 'cpu' else contextlib.nullcontext():
+    exec(cell, {})  # pylint: disable=exec-used
+  assert not [c for c in calls if 'pip' in c], calls
+  # requirements.txt changed (a git pull): installed again.
+  (root / 'requirements.txt').write_text('flax>=0.10\n')
+  with pytest.raises(RuntimeError) if backend == 'cpu' else contextlib.nullcontext():
+    exec(cell, {})  # pylint: disable=exec-used
+  assert [c for c in calls if 'pip' in c], calls
+
+
+def _fresh_colab_upload(tmp_path, monkeypatch):
+  """A repository uploaded to a fresh Colab runtime (no .venv), as the working directory,
+  with the runtime's own temporary folder."""
+  root = tmp_path / 'bert_sym'
+  (root / 'bert_sym').mkdir(parents=True)
+  (root / 'configs').mkdir()
+  for name in ('bert_sym/__init__.py', 'configs/tiny.py', 'requirements.txt'):
+    (root / name).write_text('')
+  (tmp_path / 'runtime_tmp').mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'runtime_tmp'))
+  monkeypatch.chdir(root)
+  return root
+
+
+def test_the_colab_setup_asks_for_a_restart_when_pip_changed_an_imported_package(
+    tmp_path, monkeypatch):
+  """Colab imports numpy (and often jax) before any cell: upgraded by pip under a running
+  kernel, the old modules stayed loaded beside new files, and the runs failed in odd ways
+  later. The cell says to restart the session, and the re-run installs nothing."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  cell = _setup_cell('ablation.ipynb')
+  _fresh_colab_upload(tmp_path, monkeypatch)
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
+  versions = {'numpy': '1.26.4', 'jax': '0.4.30'}   # what the runtime imported
+  monkeypatch.setattr(importlib.metadata, 'version', lambda name: versions.get(name, '1.0'))
+
+  def pip(command, **kwargs):
+    del kwargs
+    if 'pip' in command:
+      versions['numpy'] = '2.1.0'
+    return subprocess.CompletedProcess(command, 0, stdout='cpu\n')
+  monkeypatch.setattr(subprocess, 'run', pip)
+  with pytest.raises(RuntimeError, match=r'pip changed numpy, which this runtime had already '
+                                         r'imported: Runtime > Restart session'):
+    exec(cell, {})  # pylint: disable=exec-used
+  exec(cell, {})  # pylint: disable=exec-used
