@@ -284,6 +284,26 @@ def test_a_label_id_out_of_range_is_an_error(tmp_path):
     glue_data.load_split(glue_data.TASKS['rte'], 'train', glue_dir=str(tmp_path))
 
 
+def test_a_bad_row_far_down_a_later_tasks_file_is_found_before_any_task_trains(tmp_path):
+  """The check before training read each file's first rows only: a label or a byte further
+  down a later task's train.tsv stopped the run when that task's turn came, hours on."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from bert_sym.glue import suite  # pylint: disable=import-outside-toplevel
+  header = 'index\tsentence1\tsentence2\tlabel\n'
+  rows = ''.join(f'{i}\ta\tb\tentailment\n' for i in range(5))
+  for name in ('train.tsv', 'dev.tsv'):
+    _write(tmp_path / 'RTE' / name, header + rows)
+  config = ml_collections.ConfigDict(dict(glue_dir=str(tmp_path), tfds_data_dir=''))
+  specs = glue_data.parse_tasks('rte')
+  suite.check_data(config, specs)
+  _write(tmp_path / 'RTE' / 'train.tsv', header + rows + '5\ta\tb\tmaybe\n')
+  with pytest.raises(glue_data.GlueDataError, match=r"RTE/train.tsv:7: label 'maybe'"):
+    suite.check_data(config, specs)
+  (tmp_path / 'RTE' / 'train.tsv').write_bytes((header + rows).encode() + b'5\tcaf\xe9\tb\t0\n')
+  with pytest.raises(glue_data.GlueDataError, match=r'RTE/train.tsv:7: not UTF-8'):
+    suite.check_data(config, specs)
+
+
 def test_a_row_missing_its_last_column_is_skipped_not_a_traceback(tmp_path):
   (tmp_path / 'RTE').mkdir()
   (tmp_path / 'RTE' / 'train.tsv').write_text(

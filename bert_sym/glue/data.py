@@ -152,19 +152,11 @@ def tsv_path(glue_dir, spec: TaskSpec, file_name: str) -> Path:
   return path
 
 
-def check_tsv_layout(path, spec: TaskSpec) -> None:
-  """`read_tsv`'s layout checks (header or CoLA's columns) on the first rows only: in
-  seconds for every task before any trains, not when the task's turn comes hours later."""
-  first = []
-  with open(path, encoding='utf-8-sig', newline='\n', errors='replace') as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        first.append((n, line.rstrip('\r\n')))
-      if len(first) == 2:
-        break
-  if not first:
-    raise GlueDataError(f'{path} is empty; expected a {spec.name} TSV with a label column.')
-  _columns_and_rows(Path(path), spec, first)
+def check_tsv(path, spec: TaskSpec) -> None:
+  """`read_tsv`'s checks on every row (encoding, layout, each label), the texts dropped: in
+  seconds for every task before any trains (MNLI's 393k rows in ~5 s), not when the task's
+  turn comes hours later. The first rows alone passed a bad label or byte further down."""
+  read_tsv(path, spec)
 
 
 def read_tsv(path, spec: TaskSpec) -> Examples:

@@ -219,7 +219,7 @@ def check_data(config, specs) -> None:
   for spec in specs:
     if config.glue_dir:
       for file_name in ['train.tsv'] + [d.tsv_file for d in spec.dev_sets]:
-        glue_data.check_tsv_layout(glue_data.tsv_path(config.glue_dir, spec, file_name), spec)
+        glue_data.check_tsv(glue_data.tsv_path(config.glue_dir, spec, file_name), spec)
     else:
       glue_data.check_tfds_can_load(spec, config.get('tfds_data_dir', ''))
 
