@@ -282,6 +282,9 @@ def test_a_label_id_out_of_range_is_an_error(tmp_path):
   (tmp_path / 'RTE' / 'train.tsv').write_text('index\tsentence1\tsentence2\tlabel\n0\ta\tb\t2\n')
   with pytest.raises(glue_data.GlueDataError, match="label '2'"):
     glue_data.load_split(glue_data.TASKS['rte'], 'train', glue_dir=str(tmp_path))
+  for digit in ('\u00b2', '\u0661'):   # a superscript 2 was int()'s ValueError, no file named
+    with pytest.raises(glue_data.GlueDataError, match=f"x.tsv:2: label '{digit}'"):
+      glue_data._parse_label(glue_data.TASKS['rte'], digit, 'x.tsv:2')
 
 
 def test_a_bad_row_far_down_a_later_tasks_file_is_found_before_any_task_trains(tmp_path):

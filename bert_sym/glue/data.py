@@ -123,7 +123,8 @@ def _parse_label(spec: TaskSpec, value: str, where: str):
     return score
   if value in spec.label_names:
     return spec.label_names.index(value)
-  if value.isdigit() and int(value) < spec.num_labels:
+  # ASCII digits only: str.isdigit() also takes '²', which int() refuses (no file named).
+  if value.isascii() and value.isdigit() and int(value) < spec.num_labels:
     return int(value)
   raise GlueDataError(f'{where}: label {value!r} is not one of {spec.label_names} '
                       f'or 0..{spec.num_labels - 1}.')
