@@ -720,6 +720,29 @@ def _docs(pattern, split='train', holdout_every=1000):
   return [ex['text'].decode() for ex in fn(split, shuffle_files=False).as_numpy_iterator()]
 
 
+def test_a_stray_blank_line_in_a_file_of_one_document_per_line_is_warned_of(tmp_path, caplog):
+  """One blank line in 2,000 one-line documents makes the file two documents of 1,000 lines
+  (what the README's rule says), and the first, half the corpus, is held out for validation.
+  Nothing said so; now one warning per file, however often it is read. A file in BERT's
+  format (sentences per line, a blank line between documents) gets none."""
+  stray = [f'Document {i} is one line of text.' for i in range(2000)]
+  stray[1000] = ''
+  (tmp_path / 'stray.txt').write_text('\n'.join(stray) + '\n')
+  bert_format = '\n\n'.join('\n'.join(f'Sentence {j} of document {i}.' for j in range(30))
+                             for i in range(50))
+  (tmp_path / 'bert_format.txt').write_text(bert_format + '\n')
+  with caplog.at_level(logging.WARNING):
+    assert len(_docs(str(tmp_path / 'stray.txt'), 'validation', holdout_every=100)) == 1
+    assert len(_docs(str(tmp_path / 'stray.txt'), 'train', holdout_every=100)) == 1
+    assert len(_docs(str(tmp_path / 'bert_format.txt'), 'train', holdout_every=100)) == 49
+  warned = [r.getMessage() for r in caplog.records if 'blank-line gap' in r.getMessage()]
+  assert warned == [f'{tmp_path / "stray.txt"} is read as documents separated by blank lines, '
+                    'but its 1 blank-line gap(s) in 2000 lines make documents of 1000 lines on '
+                    'average. If it holds one document per line, remove the blank lines: a '
+                    'stray one makes a few huge documents, and the first is held out for '
+                    'validation whole.'], warned
+
+
 def test_old_mac_cr_line_endings_split_like_lf(tmp_path):
   lines = [f'Document number {i} has some words.' for i in range(5)]
   (tmp_path / 'lf.txt').write_bytes(('\n'.join(lines) + '\n').encode())

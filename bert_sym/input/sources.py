@@ -1,27 +1,25 @@
-"""Documents: the embedded corpus and text files as tf.data sources; the TFDS corpora.
+"""Documents: the embedded corpus (`embedded`) and text files as tf.data sources; the TFDS
+corpora.
 
 Every reader yields {'text': document} in a fixed order (the held-out split is part of
 the source, so it never moves). Text files are read with tf.io.gfile (local or gs://);
 the TFDS corpora (`TFDS_SOURCES`) are read by seqio's TfdsDataSource (`seqio_tasks`).
-
-The embedded corpus (see README.md) is gensim's shortened Wikipedia dump, turned into
-plain text the way one would for a full dump: gensim's `extract_pages` + `filter_wiki`
-remove templates, tables, references and link syntax, and we keep casing and punctuation
-(BERT's tokeniser needs real text, not gensim's lower-cased token lists).
 """
 
 from __future__ import annotations
 
-import bz2
 import codecs
 import concurrent.futures
 import functools
 import hashlib
-import html
 import os
-import re
+
+from absl import logging
 
 from bert_sym.input import DataError, gfile_error_text, import_tensorflow
+from bert_sym.input.embedded import (  # noqa: F401  (re-exported: one place to import from)
+    EMBEDDED_DUMP, SPLITS, VALIDATION_EVERY, embedded_articles, embedded_dataset, embedded_documents,
+    is_validation_title, wiki_to_text)
 
 EMBEDDED_TASK = 'bert_sym_mlm_embedded'
 TEXT_FILES_TASK = 'bert_sym_mlm_text_files'
@@ -33,78 +31,6 @@ TFDS_SOURCES = {
                                {'train': 'train[1%:]', 'validation': 'train[:1%]'}),
     'bert_sym_mlm_c4': ('c4/en:3.1.0', {'train': 'train', 'validation': 'validation'}),
 }
-
-EMBEDDED_DUMP = 'enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2'
-
-# Every `VALIDATION_EVERY`-th article (by a hash of its title, so the split does not move
-# when the dump's order does) is held out for validation.
-VALIDATION_EVERY = 10
-SPLITS = ('train', 'validation')
-
-# Trailing sections that are lists of citations and links rather than prose.
-_BACK_MATTER = re.compile(
-    r'^==+\s*(references|notes|see also|external links|further reading|bibliography|'
-    r'sources|footnotes|citations)\s*==+\s*$', re.IGNORECASE | re.MULTILINE)
-_HEADING = re.compile(r'^=+[^=\n].*=+\s*$', re.MULTILINE)
-_EMPHASIS = re.compile(r"'{2,}")  # ''italic'', '''bold'''
-_LIST_MARKER = re.compile(r'^[*#:;]+\s*', re.MULTILINE)
-_SPACES = re.compile(r'[ \t\u00a0]+')
-_MIN_PARAGRAPH_WORDS = 4  # drops image captions and leftovers of stripped templates
-
-
-def wiki_to_text(markup: str) -> str:
-  """Plain text of one article's wiki markup: paragraphs separated by '\n'."""
-  from gensim.corpora import wikicorpus  # pylint: disable=import-outside-toplevel
-  text = wikicorpus.filter_wiki(markup)
-  back_matter = _BACK_MATTER.search(text)
-  if back_matter:
-    text = text[:back_matter.start()]
-  text = html.unescape(text)
-  text = _HEADING.sub('', text)
-  text = _EMPHASIS.sub('', text)
-  text = _LIST_MARKER.sub('', text)
-  paragraphs = (_SPACES.sub(' ', line).strip() for line in text.split('\n'))
-  return '\n'.join(p for p in paragraphs if len(p.split()) >= _MIN_PARAGRAPH_WORDS)
-
-
-def is_validation_title(title: str) -> bool:
-  digest = hashlib.md5(title.encode('utf-8')).digest()
-  return int.from_bytes(digest[:4], 'little') % VALIDATION_EVERY == 0
-
-
-@functools.cache
-def embedded_articles() -> tuple[tuple[str, str], ...]:
-  """(title, plain text) of every non-redirect article of the embedded dump, dump order."""
-  from gensim.corpora import wikicorpus  # pylint: disable=import-outside-toplevel
-  from gensim.test import utils  # pylint: disable=import-outside-toplevel
-  path = utils.datapath(EMBEDDED_DUMP)
-  articles = []
-  with bz2.open(path, 'rb') as f:
-    for title, markup, _ in wikicorpus.extract_pages(f, filter_namespaces=('0',)):
-      if markup.lstrip().lower().startswith('#redirect'):
-        continue
-      text = wiki_to_text(markup)
-      if text:
-        articles.append((title, text))
-  if not articles:
-    raise ValueError(f'{path}: no articles with text in the embedded Wikipedia dump')
-  return tuple(articles)
-
-
-def embedded_documents(split: str) -> list[str]:
-  """The embedded corpus's documents (one per article) of `split`, deterministic order."""
-  if split not in SPLITS:
-    raise ValueError(f'unknown split {split!r} for the embedded corpus; use one of {SPLITS}')
-  want_validation = split == 'validation'
-  return [text for title, text in embedded_articles()
-          if is_validation_title(title) == want_validation]
-
-
-def embedded_dataset(split: str, shuffle_files: bool = False, seed: int | None = None):
-  """The embedded corpus's documents of `split` as a tf.data dataset of {'text'}."""
-  del shuffle_files, seed  # a handful of articles: order is fixed, blocks are shuffled later
-  tf = import_tensorflow()
-  return tf.data.Dataset.from_tensor_slices({'text': embedded_documents(split)})
 
 
 def _pattern_list(patterns: str | list[str]) -> list[str]:
@@ -309,8 +235,9 @@ def _documents(path: bytes):
   def split(lines):   # '\x1e' (what separators were replaced by) in the text splits too
     return (d for d in '\n'.join(lines).split('\x1e') if d.strip(_RE2_SPACE))
 
-  document, after_blank = [], False
+  document, after_blank, lines, gaps = [], False, 0, 0
   for line in _stripped_lines(path):
+    lines += 1
     if after_blank:
       line = line.lstrip(' \t\f')
       if not line:
@@ -318,10 +245,23 @@ def _documents(path: bytes):
       after_blank = False
     elif not line.strip(' \t'):
       yield from split(document)
-      document, after_blank = [], True
+      document, after_blank, gaps = [], True, gaps + 1
       continue
     document.append(line)
   yield from split(document)
+  if lines > _LINES_PER_DOCUMENT_TO_WARN * (gaps + 1) and path not in _WARNED:
+    _WARNED.add(path)   # once per file, not per read (each split and epoch reads it)
+    logging.warning(
+        '%s is read as documents separated by blank lines, but its %d blank-line gap(s) in %d '
+        'lines make documents of %d lines on average. If it holds one document per line, '
+        'remove the blank lines: a stray one makes a few huge documents, and the first is '
+        'held out for validation whole.', os.fsdecode(path), gaps, lines, lines // (gaps + 1))
+
+
+# Above this, blank lines look stray (BERT's sentence-per-line documents are far shorter;
+# a book is not, and its warning is a false alarm).
+_LINES_PER_DOCUMENT_TO_WARN = 200
+_WARNED = set()
 
 
 def _checked_documents(path: bytes):
