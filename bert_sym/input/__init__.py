@@ -1,6 +1,7 @@
 """The MLM input pipeline, one module per stage (README.md's Layout says what each does); a
-module imports only those before it: sources, tokenizer, masking, blocks, streaming,
-iterator, seqio_tasks, export (corpus -> shards, `python -m bert_sym.shards`).
+module imports only those before it: embedded (the corpus an installed package ships),
+sources, tokenizer, masking, blocks, streaming, iterator, seqio_tasks, export (corpus ->
+shards, `python -m bert_sym.shards`).
 
 TensorFlow is imported by `import_tensorflow` (here, with what all stages share), only
 where TF runs: the shards and streaming paths never load it.
