@@ -146,6 +146,32 @@ def test_a_preempted_worker_beside_a_failed_one_is_not_requeued(slurm):
   assert not (stub_dir / 'scontrol_calls').exists()
 
 
+def _sbatch_directives():
+  """The script's #SBATCH options, as sbatch reads them: only those above its first
+  command count (sbatch ignores the rest)."""
+  options = {}
+  for line in (REPO_ROOT / 'launch' / 'slurm_gpu.sbatch').read_text().splitlines()[1:]:
+    if line.startswith('#SBATCH '):
+      name, _, value = line.split()[1].partition('=')
+      options[name] = value
+    elif line.strip() and not line.startswith('#'):
+      break
+  return options
+
+
+def test_the_job_asks_for_the_signal_and_requeue_the_readme_promises():
+  """The tests above signal the tasks themselves, as SLURM would: without these
+  directives, a real job got no SIGTERM before its time limit (killed unsaved) and could
+  not be requeued, while those tests still passed. The README: SIGTERM 5 minutes before
+  the time limit, one process per GPU, two nodes of 8 (bert_sym.aot's h100-16)."""
+  options = _sbatch_directives()
+  # To every task (a `B:` prefix would signal the batch shell alone, not the trainers).
+  assert options.get('--signal') == 'TERM@300', options
+  assert '--requeue' in options, options
+  assert options.get('--ntasks-per-node') == options.get('--gpus-per-node') == '8', options
+  assert options.get('--nodes') == '2', options
+
+
 # ---- launch/tpu_vm.sh with gcloud stubbed: the worker script runs here, in a fake home ----
 
 GCLOUD = """#!{python}
