@@ -633,6 +633,34 @@ def test_persistent_read_error_stops_moves_nothing_keeps_metrics(tmp_path, train
   assert not (workdir / checkpoint.LOCK_FILE).exists()   # released on the way out
 
 
+def test_a_storage_error_is_retried_three_times_after_2_4_and_8_seconds(tmp_path, trainer_run,
+                                                                       monkeypatch):
+  """The README's failure table, as it counts: 3 retries, 2, 4 and 8 s apart, then one
+  line, for the trainer's restore and for GLUE's and export's read alike. (The tests
+  above count READ_ATTEMPTS, whatever it is, or stop after two failures.)"""
+  workdir, config, spec = _copy(trainer_run, tmp_path)
+  calls = _failing_reads(monkeypatch, failures=10**6)
+  monkeypatch.setattr(checkpoint.restoring, 'BACKOFF_SECONDS', 2.0)
+  slept = []   # the waits, not waited here
+  fake_time = types.SimpleNamespace(sleep=slept.append, time=time.time)
+  monkeypatch.setattr(checkpoint.restoring, 'time', fake_time)
+  monkeypatch.setattr(checkpoint.pretrained, 'time', fake_time)
+  with pytest.raises(checkpoint.CheckpointReadError, match='after 4 attempts'):
+    _restore(workdir, config, spec)
+  assert len(calls) == 4 and slept == [2.0, 4.0, 8.0]
+  slept.clear()
+  calls.clear()
+
+  def failing(step_dir):   # the first read of load_pretrained
+    calls.append(step_dir)
+    raise OSError(5, 'Input/output error (simulated storage hiccup)')
+  monkeypatch.setattr(checkpoint.restoring, 'read_json_item', failing)
+  with pytest.raises(checkpoint.CheckpointReadError, match='Input/output error'):
+    checkpoint.load_pretrained(workdir)
+  assert len(calls) == 4 and slept == [2.0, 4.0, 8.0]
+  assert _layout(workdir) == ([4, 8], [])
+
+
 def _truncate_arrays(step_dir):
   for f in (step_dir / 'state').rglob('d/*'):
     f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
