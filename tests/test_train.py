@@ -1685,6 +1685,51 @@ def test_second_ctrl_c_quits_in_one_line(tmp_path):
   assert not (workdir / checkpoint.LOCK_FILE).exists()
 
 
+def _ignoring_ctrl_c():
+  signal.signal(signal.SIGINT, signal.SIG_IGN)   # as a shell starts `train ... &`
+
+
+def test_a_run_started_with_ctrl_c_ignored_ignores_it_and_still_saves_on_sigterm(tmp_path):
+  """The README: a run started with Ctrl-C ignored (a shell's `train ... &`) leaves it
+  ignored, as POSIX programs do. The whole command, not only the loop's handler
+  (tests/test_meter.py): a Ctrl-C meant for the job in front reaches it while the
+  libraries import (the real entry point, whose early handlers take Ctrl-C) and mid-run,
+  and neither stops it; SIGTERM still stops it with 42, saving once it trains."""
+  importing = subprocess.Popen(
+      [sys.executable, '-m', 'bert_sym.train', '--config=configs/tiny.py',
+       f'--workdir={tmp_path / "early"}'], cwd=train_fixtures.REPO_ROOT, text=True,
+      env=dict(os.environ, PYTHONPATH=train_fixtures.REPO_ROOT, JAX_PLATFORMS='cpu'),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_ignoring_ctrl_c)
+  deadline = time.time() + 60
+  while not _catches_sigterm(importing.pid) and time.time() < deadline:
+    time.sleep(0.005)
+  importing.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  importing.send_signal(signal.SIGTERM)
+  [output] = _outputs_of([importing], timeout=120)
+  assert importing.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+  assert output.startswith('Stopped by SIGTERM: before training started'), output[-3000:]
+
+  workdir = tmp_path / 'run'
+  go = tmp_path / 'go'
+  held = {'SYNTHETIC_WAIT_FOR_FILE': str(go), 'SYNTHETIC_WAIT_AT_BATCH': '6'}
+  process = run_trainer(workdir, overrides=_overrides(), background=True, env=held,
+                        preexec_fn=_ignoring_ctrl_c)
+  try:
+    _wait_for(lambda: _logged_step(workdir) >= 6, process)
+    process.send_signal(signal.SIGINT)   # the batch of step 7 held
+    time.sleep(1)
+    assert process.poll() is None, process.stdout.read()[-3000:]
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    go.touch()
+  finally:
+    [output] = _outputs_of([process], timeout=120)
+  assert process.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+  assert 'Stopped by SIGTERM' in output and 'Ctrl-C' not in output, output[-3000:]
+  assert int(checkpoint.resolve_step_dir(workdir).name) >= 7
+
+
 def test_zero_nonfinite_limit_is_refused_before_the_workdir_exists(tmp_path):
   config = train_fixtures.tiny_config(max_consecutive_nonfinite=0)
   with pytest.raises(train.RunError, match='max_consecutive_nonfinite=0 must be an integer >= 1'):
