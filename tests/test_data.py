@@ -731,11 +731,19 @@ def test_a_stray_blank_line_in_a_file_of_one_document_per_line_is_warned_of(tmp_
   bert_format = '\n\n'.join('\n'.join(f'Sentence {j} of document {i}.' for j in range(30))
                              for i in range(50))
   (tmp_path / 'bert_format.txt').write_text(bert_format + '\n')
+  # The README's threshold: documents averaging over 200 lines are warned of.
+  for lines in (150, 250):
+    (tmp_path / f'long_{lines}.txt').write_text('\n\n'.join(
+        '\n'.join(f'Sentence {j} of document {i}.' for j in range(lines)) for i in range(3)))
   with caplog.at_level(logging.WARNING):
     assert len(_docs(str(tmp_path / 'stray.txt'), 'validation', holdout_every=100)) == 1
     assert len(_docs(str(tmp_path / 'stray.txt'), 'train', holdout_every=100)) == 1
     assert len(_docs(str(tmp_path / 'bert_format.txt'), 'train', holdout_every=100)) == 49
-  warned = [r.getMessage() for r in caplog.records if 'blank-line gap' in r.getMessage()]
+    for lines in (150, 250):
+      assert len(_docs(str(tmp_path / f'long_{lines}.txt'), 'train', holdout_every=100)) == 2
+  assert [r.getMessage().split(' is read')[0] for r in caplog.records
+          if 'long_' in r.getMessage()] == [str(tmp_path / 'long_250.txt')]
+  warned = [r.getMessage() for r in caplog.records if 'stray.txt' in r.getMessage()]
   assert warned == [f'{tmp_path / "stray.txt"} is read as documents separated by blank lines, '
                     'but its 1 blank-line gap(s) in 2000 lines make documents of 1000 lines on '
                     'average. If it holds one document per line, remove the blank lines: a '
