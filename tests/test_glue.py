@@ -49,23 +49,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The end-to-end tests read the committed GLUE-layout fixture, so they run in every clone.
 GLUE_DIR = real_data.FIXTURE_GLUE_DIR
 
-# configs/tiny.py shrunk further; bert-base-uncased vocabulary, as GLUE text needs it.
-TINY_MODEL = {
-    'model.hidden_size': 32, 'model.num_heads': 2, 'model.mlp_dim': 64,
-    'model.max_position_embeddings': 64, 'data.max_seq_len': 32,
-    'data.max_predictions_per_seq': 5, 'batch_size': 8, 'total_steps': 4,
-    'optimizer.warmup_steps': 1, 'log_every_steps': 2, 'eval_every_steps': 2, 'eval_steps': 1,
-    'checkpoint.every_steps': 2, 'checkpoint.keep_last': 0, 'checkpoint.async_save': False,
-}
-
-
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  """Pre-trains with the real trainer CLI on the embedded corpus: 4 steps, saves 2 and 4."""
-  flags = [f'--config.{k}={v}' for k, v in TINY_MODEL.items()]
-  workdir = train_fixtures.built_once(   # once per session; tests copy it to change it
-      tmp_path_factory, 'glue_pretrained',
-      lambda path: train_fixtures.run_trainer(path, *flags, synthetic=False, timeout=600))
+  """Pre-trained with the real trainer CLI on the embedded corpus: 4 steps, saves 2 and 4
+  (train_fixtures.real_pretrained, shared with tests/test_train.py)."""
+  workdir, _ = train_fixtures.real_pretrained(tmp_path_factory)
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4']
   return workdir
 

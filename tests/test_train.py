@@ -747,19 +747,20 @@ def test_two_process_divergence_sets_its_checkpoints_aside_once_and_both_stop(tm
                 if p.name.endswith('-diverged')) == ['3']
 
 
-def test_real_input_pipeline_trains_and_resumes(tmp_path):
-  """bert_sym.train's own command line on the embedded corpus (seqio task), 2 + 1 steps."""
-  small = [f'--config.{k}={v}' for k, v in dict(
-      model__hidden_size=32, model__num_heads=2, model__mlp_dim=64, data__max_seq_len=32,
-      data__max_predictions_per_seq=5, batch_size=4, eval_steps=1, log_every_steps=1,
-      eval_every_steps=100, checkpoint__every_steps=100).items()]
-  small = [flag.replace('__', '.') for flag in small]
-  result = run_trainer(tmp_path, *small, '--config.total_steps=2', synthetic=False)
-  assert 'step 2/2' in result.stdout and 'eval step 2' in result.stdout
-  result = run_trainer(tmp_path, *small, '--config.total_steps=3', synthetic=False)
-  assert 'Resumed from step 2' in result.stdout and 'step 3/3' in result.stdout
-  state = json.loads((tmp_path / 'checkpoints' / '3' / 'data_iter' / 'metadata').read_text())
-  assert state['states'][0]['step'] == 3
+def test_real_input_pipeline_trains_and_resumes(tmp_path, tmp_path_factory):
+  """bert_sym.train's own command line on the embedded corpus (seqio task): the session's
+  4-step run (train_fixtures.real_pretrained, which the GLUE tests fine-tune), resumed for
+  one more step. A fresh 2-step run here cost a second real-corpus trainer start (~20 s)."""
+  pretrained, stdout = train_fixtures.real_pretrained(tmp_path_factory)
+  assert 'step 4/4' in stdout and 'eval step 4' in stdout
+  workdir = tmp_path / 'run'
+  shutil.copytree(pretrained, workdir)   # the fixture is read-only
+  flags = [f'--config.{k}={v}'
+           for k, v in dict(train_fixtures.REAL_TINY, total_steps=5).items()]
+  result = run_trainer(workdir, *flags, synthetic=False)
+  assert 'Resumed from step 4' in result.stdout and 'step 5/5' in result.stdout
+  state = json.loads((workdir / 'checkpoints' / '5' / 'data_iter' / 'metadata').read_text())
+  assert state['states'][0]['step'] == 5
 
 
 # ---------------------------------------------------------------------------------------
