@@ -1143,13 +1143,15 @@ def test_two_processes_with_jax_distributed_read_disjoint_halves(small_corpus, t
 # The trainer on the streaming path: kill -9, resume, bitwise; the headline command.
 # ----------------------------------------------------------------------------------------
 
-TRAIN_STEPS = 48
+# 24 steps: a resume from step 8 crosses an eval (12) and two saves before the end, as
+# with 48, at half the steps for the reference and the resumed run to train.
+TRAIN_STEPS = 24
 TRAIN_FLAGS = {
     'model.vocab_size': 30522, 'model.hidden_size': 32, 'model.num_heads': 2,
     'model.mlp_dim': 64, 'model.num_layers': 2, 'model.max_position_embeddings': 64,
     'data.source': 'streaming', 'data.task': TASK, 'data.max_seq_len': 64,
     'data.max_predictions_per_seq': 10, 'batch_size': 8, 'total_steps': TRAIN_STEPS,
-    'optimizer.warmup_steps': 3, 'log_every_steps': 4, 'eval_every_steps': 24,
+    'optimizer.warmup_steps': 3, 'log_every_steps': 4, 'eval_every_steps': 12,
     'eval_steps': 1, 'checkpoint.every_steps': 4, 'checkpoint.keep_last': 20,
     'checkpoint.keep_every': 0,
 }
@@ -1167,10 +1169,11 @@ def test_sigkill_then_resume_on_streaming_shards_is_bitwise_identical(small_corp
   # The uninterrupted reference runs alongside (the test is compile-bound).
   reference = run_trainer(tmp_path / 'reference', *flags, synthetic=False, background=True)
   workdir = tmp_path / 'killed'
-  # Its input slowed to 0.1 s a batch: the 40 steps after checkpoint 8 took 2.4 s, and a
-  # test process starved that long killed a finished run.
+  # Its input slowed to 0.25 s a batch (sleeping, it takes no CPU from the others): the
+  # steps after checkpoint 8 took 2.4 s for 40 unslowed, and a test process starved that
+  # long killed a finished run; the 16 left take at least 4 s.
   process = run_trainer(workdir, *flags, apply_tiny=False, background=True,
-                        env={'REAL_INPUT_SLEEP_SECONDS': '0.1'})
+                        env={'REAL_INPUT_SLEEP_SECONDS': '0.25'})
   start = time.time()
   while not (workdir / 'checkpoints' / '8').is_dir():
     assert process.poll() is None, process.stdout.read()[-3000:]
