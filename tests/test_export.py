@@ -158,33 +158,36 @@ runpy.run_module('bert_sym.hf_export', run_name='__main__', alter_sys=True)
 """
 
 
-def test_export_command_without_torch_then_fill_mask_pipeline(tmp_path):
+def test_export_command_without_torch_then_fill_mask_pipeline(tmp_path, tmp_path_factory):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from tests.train_fixtures import REPO_ROOT, run_trainer  # pylint: disable=g-import-not-at-top
-  workdir, out_dir = tmp_path / 'run', tmp_path / 'hf'
-  # A real-vocabulary tiny model, two steps: enough for a real checkpoint and config.json.
-  run_trainer(workdir, overrides=dict(model__vocab_size=30522, model__max_position_embeddings=512,
-                                      total_steps=2, checkpoint__every_steps=2))
+  from tests import train_fixtures  # pylint: disable=g-import-not-at-top
+  from tests.train_fixtures import REPO_ROOT  # pylint: disable=g-import-not-at-top
+  # A real-vocabulary tiny model with a real checkpoint and config.json: the session's
+  # 4-step run on the embedded corpus, which the GLUE tests fine-tune (read only; a
+  # trainer run of its own here cost ~8 s).
+  workdir, _ = train_fixtures.real_pretrained(tmp_path_factory)
+  positions = train_fixtures.REAL_TINY['model.max_position_embeddings']
+  out_dir = tmp_path / 'hf'
   result = subprocess.run(
       [sys.executable, '-c', _EXPORT_WITHOUT_TORCH, f'--checkpoint={workdir}',
        f'--out_dir={out_dir}'], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
       env=dict(__import__('os').environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-3000:]
   # Which step a workdir stood for, and that BertModel's pooler is not in it (the README's).
-  assert f'of step 2 ({workdir / "checkpoints" / "2"}) to {out_dir}.' in result.stdout
+  assert f'of step 4 ({workdir / "checkpoints" / "4"}) to {out_dir}.' in result.stdout
   assert sorted(p.name for p in out_dir.iterdir()) == [
       'config.json', 'model.safetensors', 'special_tokens_map.json',
       'tokenizer_config.json', 'vocab.txt']
   with safetensors.safe_open(out_dir / 'model.safetensors', 'np') as weights:
     assert not [k for k in weights.keys() if 'pooler' in k]
   tokenizer = transformers.AutoTokenizer.from_pretrained(str(out_dir))
-  assert tokenizer.model_max_length == 512
+  assert tokenizer.model_max_length == positions   # the position table's length
   fill = transformers.pipeline('fill-mask', model=str(out_dir), device='cpu')
   short = fill('Paris is the [MASK] of France.')
   assert len(short) == 5 and all(np.isfinite(p['score']) for p in short)
   long_text = 'The capital [MASK] is here. ' + ' '.join(['word'] * 600)
-  assert len(tokenizer(long_text)['input_ids']) > 512
+  assert len(tokenizer(long_text)['input_ids']) > positions
   long = fill(long_text, tokenizer_kwargs={'truncation': True})
   assert len(long) == 5
   # Same weights as ours: the exported model reproduces the checkpoint's logits.
