@@ -196,6 +196,10 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
   config_json = json.loads((misspelled / 'config.json').read_text())
   config_json['model']['attention'] = 'Pairwise'
   (misspelled / 'config.json').write_text(json.dumps(config_json))
+  # Damaged from outside (the trainer writes it whole): the README's "one line naming it".
+  truncated = tmp_path / 'truncated'
+  shutil.copytree(ckpt, truncated)
+  (truncated / 'config.json').write_text((truncated / 'config.json').read_text()[:200])
   train = _train_cases(tmp_path, corpora)
   plans = {
       'bert_sym.train': train,
@@ -207,6 +211,7 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           ([f'--checkpoint={misspelled}', f'--out_dir={out}'],
            "config.model.attention='Pairwise' is not one of"),
           ([f'--out_dir={out}'], '--checkpoint'),
+          ([f'--checkpoint={truncated}', f'--out_dir={out}'], 'config.json is not valid JSON'),
           ([f'--checkpoint={ckpt}', f'--output_dir={out}'],   # GLUE's flag: absl guessed
            '--output_dir is a flag of another bert_sym command. Fix: --out_dir'),   # --log_dir
           (['--help'], None)],
@@ -214,6 +219,8 @@ def test_every_entry_point_answers_bad_input_in_one_line(tmp_path, corpora,
           ([f'--checkpoint={tmp_path}/absent', f'--output_dir={out}', '--tasks=rte'],
            'absent does not exist. Fix: pass a training workdir'),
           ([f'--output_dir={out}'], '--checkpoint and --output_dir are required'),
+          ([f'--checkpoint={truncated}', f'--output_dir={out}', '--tasks=rte'],
+           'config.json is not valid JSON'),
           ([f'--checkpoint={ckpt}', '--output_dir= '], '--checkpoint and --output_dir are '
            'required'),   # a blank name: no folder ' ' written
           ([f'--workdir={ckpt}', f'--output_dir={out}'], '--workdir is a flag of another '
