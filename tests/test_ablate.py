@@ -917,6 +917,55 @@ def test_a_sigterm_while_a_trainer_finishes_stops_the_grid_before_the_next_run(t
   assert (tmp_path / 'calls').read_text().splitlines() == ['call']   # no second run
 
 
+def _ctrl_c_counting_trainer(tmp_path, send_to_group: bool) -> str:
+  """A trainer that sends SIGINT to its runner (or the runner's process group), writes
+  'SIGINT' once for each it receives, and exits 130 as after a save (0 if none came)."""
+  target = 'os.killpg(os.getpgid(os.getppid()), ' if send_to_group else 'os.kill(os.getppid(), '
+  return _fake(tmp_path, f"""\
+      import os, signal, sys, time
+      log = open({str(tmp_path / 'calls')!r}, 'a')
+      log.write('call\\n'); log.flush()
+      signal.signal(signal.SIGINT, lambda *_: (log.write('SIGINT\\n'), log.flush()))
+      {target}signal.SIGINT)
+      end = time.time() + 5
+      while time.time() < end and 'SIGINT' not in open(log.name).read():
+        time.sleep(0.05)
+      time.sleep(0.5)   # time for a second one to come
+      sys.exit(130 if 'SIGINT' in open(log.name).read() else 0)
+      """)
+
+
+def test_a_ctrl_c_to_the_runner_alone_reaches_its_trainer_and_stops_the_grid(tmp_path):
+  """A SIGINT to the runner alone (kill -INT, a notebook's interrupt) never reached the
+  trainer: the runner said it waited for a save, waited for the trainer's last step, then
+  trained the next run and exited 0."""
+  python = _ctrl_c_counting_trainer(tmp_path, send_to_group=False)
+  with pytest.raises(runner.Stopped) as error:
+    ablate.run('configs/tiny.py', 'standard,pairwise', '1', str(tmp_path / 'grid'),
+               python=python)
+  assert error.value.exit_code == runner.INTERRUPTED_EXIT_CODE
+  assert (tmp_path / 'calls').read_text().splitlines() == ['call', 'SIGINT']
+
+
+def test_a_ctrl_c_at_the_terminal_reaches_the_trainer_once(tmp_path):
+  """A Ctrl-C to the runner's process group (a terminal's) that the runner forwards must
+  not reach the trainer twice: a second Ctrl-C quits it without saving."""
+  python = _ctrl_c_counting_trainer(tmp_path, send_to_group=True)
+  script = textwrap.dedent(f"""\
+      import sys
+      from bert_sym.ablate import runner
+      try:
+        runner.run('configs/tiny.py', 'standard,pairwise', '1', {str(tmp_path / 'grid')!r},
+                   python={python!r})
+      except runner.Stopped as e:
+        sys.exit(e.exit_code)
+      """)
+  proc = subprocess.run([sys.executable, '-c', script], cwd=fx.REPO_ROOT, capture_output=True,
+                        text=True, timeout=120, start_new_session=True)   # a group of its own
+  assert proc.returncode == runner.INTERRUPTED_EXIT_CODE, proc.stdout + proc.stderr
+  assert (tmp_path / 'calls').read_text().splitlines() == ['call', 'SIGINT']
+
+
 def test_glue_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()

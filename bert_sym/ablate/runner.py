@@ -85,16 +85,34 @@ class Stopped(Exception):
 
 
 class _Stop:
-  """SIGTERM to the runner: let the current trainer save and stop, then stop too."""
+  """SIGTERM or Ctrl-C to the runner: let the current trainer save and stop, then stop too.
+
+  With the SIGINT handler ours (`forwards`), the trainer runs in a process group of its own
+  and each Ctrl-C reaches it once, through here: a Ctrl-C sent to the runner alone (kill
+  -INT, an interrupt of a notebook's kernel) never reached it, and the runner, saying it
+  waited for a save, waited for the last step, then trained the next run; one at a terminal
+  reached it twice if forwarded too, and a second Ctrl-C quits without saving.
+  """
 
   def __init__(self):
-    self.requested = False
+    self.requested = False     # SIGTERM
+    self.interrupted = False   # Ctrl-C
+    self.forwards = False
     self.child = None
 
   def __call__(self, signum, frame):
     del frame
-    self.requested = True
-    if self.child is not None and self.child.poll() is None:
+    running = self.child is not None and self.child.poll() is None
+    if signum == signal.SIGINT:
+      if not running:
+        self.interrupted = True
+        raise KeyboardInterrupt()   # nothing to save: stop at once, as without a handler
+      if not self.interrupted:
+        print('Ctrl-C: waiting for the trainer to save and stop...', flush=True)
+      self.interrupted = True
+    else:
+      self.requested = True
+    if running:
       self.child.send_signal(signum)
 
 
@@ -108,7 +126,7 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
   with open(log_file, 'a') as log:
     log.write(f'\n+ {shlex.join(cmd)}\n')
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, env=env)
+                            bufsize=1, env=env, process_group=0 if stop.forwards else None)
     stop.child = proc
     try:
       for line in proc.stdout:
@@ -117,7 +135,7 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
         if not re.match(r'[IW]\d{4} ', line):
           sys.stdout.write(line)
           sys.stdout.flush()
-    except KeyboardInterrupt:   # the trainer got the Ctrl-C too: let it save and exit
+    except KeyboardInterrupt:   # the trainer got the Ctrl-C too (our group), or has exited
       print('Ctrl-C: waiting for the trainer to save and stop...', flush=True)
       log.write(proc.communicate()[0] or '')
     code = proc.wait()
@@ -125,13 +143,18 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
   return code
 
 
-def _install_stop() -> tuple[_Stop, object]:
-  """(stop flag, the previous SIGTERM handler to put back when the grid is done)."""
-  stop = _Stop()
+def _install_stop() -> tuple[_Stop, dict]:
+  """(stop flag, {signal: the previous handler to put back when the grid is done})."""
+  stop, previous = _Stop(), {}
   try:
-    return stop, signal.signal(signal.SIGTERM, stop)
+    previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, stop)
+    # An ignored Ctrl-C (a shell's `ablate ... &`) stays ignored, by the trainers too.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+      previous[signal.SIGINT] = signal.signal(signal.SIGINT, stop)
+      stop.forwards = True
   except ValueError:   # not the main thread (some notebook kernels): no forwarding
-    return stop, None
+    pass
+  return stop, previous
 
 
 def _run_resuming(cmd: list[str], log_file, stop: _Stop, what: str,
@@ -145,7 +168,7 @@ def _run_resuming(cmd: list[str], log_file, stop: _Stop, what: str,
   """
   for _ in range(max_restarts + 1):
     code = _stream(cmd, log_file, stop)
-    if code in (INTERRUPTED_EXIT_CODE, -signal.SIGINT):
+    if code in (INTERRUPTED_EXIT_CODE, -signal.SIGINT) or (code != 0 and stop.interrupted):
       raise Stopped(INTERRUPTED_EXIT_CODE)
     if code != 0 and stop.requested:   # 42, or killed by the SIGTERM we forwarded before
       raise Stopped(PREEMPTED_EXIT_CODE)  # its handler was in place (or after it was removed)
@@ -241,15 +264,16 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
     raise AblationError(f'Unknown variant(s) {unknown}; choose from {attention.VARIANTS}.')
   if glue_tasks and not summarize_only:
     check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args, data=False)
-  stop, previous_handler = _install_stop()
+  stop, previous_handlers = _install_stop()
   try:
     actions = _run_grid(config, overrides, variants, seeds, workdir, requested, stop,
                         summarize_only=summarize_only, glue_dir=glue_dir,
                         glue_tasks=glue_tasks, glue_seeds=glue_seeds, glue_args=glue_args,
                         python=python)
   finally:
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    for signum, handler in previous_handlers.items():
+      if handler is not None:   # None: set outside Python, cannot be put back
+        signal.signal(signum, handler)
   variants, seeds = whole_grid(workdir, variants, seeds)
   summary = summarize(workdir, variants, seeds, total_steps=int(requested.total_steps),
                       target_loss=target_loss, requested=requested)
@@ -333,8 +357,10 @@ def _refuse_mixed_resumes(requested, variants, seeds, workdir) -> None:
 
 
 def _stop_if_requested(stop: _Stop) -> None:
-  """A SIGTERM that came while no child could take it (between runs, or as a trainer was
-  past its last step and exited 0) stops the grid before the next run starts."""
+  """A SIGTERM or Ctrl-C that came while no child could take it (between runs, or as a
+  trainer was past its last step and exited 0) stops the grid before the next run starts."""
+  if stop.interrupted:
+    raise Stopped(INTERRUPTED_EXIT_CODE)
   if stop.requested:
     raise Stopped(PREEMPTED_EXIT_CODE)
 
