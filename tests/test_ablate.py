@@ -1006,6 +1006,23 @@ def test_an_unknown_variant_fails_before_training(tmp_path):
   assert not calls.exists()
 
 
+def test_a_seed_or_variant_listed_twice_is_one_run_in_the_summary(tmp_path):
+  """Lists (the notebook's SEEDS, VARIANTS) were taken as given, not as '1,1' is: seed 1
+  listed twice was counted twice, in every mean (here 4.0 of seeds 1, 1, 2, not 5.0) and
+  every interval."""
+  for variant in ('standard', 'pairwise'):
+    for seed, final in ((1, 3.0), (2, 7.0)):
+      config = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30'])
+      config.model.attention, config.seed = variant, seed
+      _fake_run(tmp_path, variant, seed, [(0, 12.0), (10, 9.0), (30, final)], config.to_json())
+  out = ablate.run(fx.CONFIG, ['standard', 'pairwise', 'standard'], [1, 1, 2], str(tmp_path),
+                   ['--config.total_steps=30'], summarize_only=True)
+  assert out['variants'] == ['standard', 'pairwise']
+  assert out['runs'] == {'standard': [1, 2], 'pairwise': [1, 2]}
+  assert out['per_variant']['standard']['final_eval_loss']['mean'] == 5.0
+  assert out['per_variant']['standard']['final_eval_loss']['n'] == 2
+
+
 def test_a_seed_that_is_not_an_integer_fails_in_one_line(tmp_path):
   """--seeds=1,x was a ValueError traceback."""
   with pytest.raises(runner.AblationError) as error:

@@ -222,7 +222,10 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
 
 
 def parse_list(text, cast=str) -> list:
-  items = [cast(x) for x in str(text).replace(' ', '').split(',') if x]
+  """'a,b' (or a list, as a notebook gives them) -> its distinct items, in order: a seed
+  listed twice was one run counted twice in every mean, which narrowed every interval."""
+  items = ([cast(x) for x in str(text).replace(' ', '').split(',') if x]
+           if isinstance(text, str) else [cast(x) for x in text])
   if not items:
     raise AblationError(f'Empty list: {text!r}.')
   return list(dict.fromkeys(items))
@@ -238,9 +241,9 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   Returns the summary dict (summary.json) plus 'actions': what happened to each run
   ('skipped' finished, 'trained', or 'missing' with summarize_only).
   """
-  variants = parse_list(variants) if isinstance(variants, str) else list(variants)
+  variants = parse_list(variants)
   try:
-    seeds = parse_list(seeds, int) if isinstance(seeds, str) else [int(s) for s in seeds]
+    seeds = parse_list(seeds, int)
   except ValueError:   # --seeds=x was a traceback
     raise AblationError(f'Seeds must be comma-separated integers, got {seeds!r}. Fix: e.g. '
                         '--seeds=1,2,3.') from None
