@@ -1032,6 +1032,17 @@ def test_a_seed_that_is_not_an_integer_fails_in_one_line(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_an_empty_seed_or_variant_list_names_its_flag_and_a_fix(tmp_path):
+  """--seeds= (or --variants=,) said "Empty list: ''." and nothing else."""
+  for variants, seeds, said in (('standard', '', "--seeds is empty ('')"),
+                                (',', '1', "--variants is empty (',')")):
+    with pytest.raises(runner.AblationError) as error:
+      runner.run('configs/tiny.py', variants, seeds, str(tmp_path / 'grid'))
+    assert str(error.value).startswith(said) and 'Fix: name at least one, e.g. --' in str(
+        error.value)
+  assert not list(tmp_path.iterdir())
+
+
 def test_glue_inputs_are_checked_before_the_grid_trains(tmp_path):
   """A wrong --glue_dir, task or GLUE seed failed only in the first run's GLUE step, after
   its pre-training (hours at scale); the GLUE module's own checks now run first."""

@@ -221,13 +221,14 @@ def glue_run(path, *, glue_dir: str, tasks: str, seeds: str, glue_args: Sequence
   files.write_atomically(marker, json.dumps(request) + '\n')   # read back with json.loads
 
 
-def parse_list(text, cast=str) -> list:
+def parse_list(text, cast=str, flag: str = '--variants=standard,symmetric') -> list:
   """'a,b' (or a list, as a notebook gives them) -> its distinct items, in order: a seed
   listed twice was one run counted twice in every mean, which narrowed every interval."""
   items = ([cast(x) for x in str(text).replace(' ', '').split(',') if x]
            if isinstance(text, str) else [cast(x) for x in text])
-  if not items:
-    raise AblationError(f'Empty list: {text!r}.')
+  if not items:   # was "Empty list: ''.", which named neither the flag nor a fix
+    raise AblationError(f'{flag.split("=")[0]} is empty ({text!r}). Fix: name at least '
+                        f'one, e.g. {flag}.')
   return list(dict.fromkeys(items))
 
 
@@ -243,7 +244,7 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   """
   variants = parse_list(variants)
   try:
-    seeds = parse_list(seeds, int)
+    seeds = parse_list(seeds, int, '--seeds=1,2,3')
   except ValueError:   # --seeds=x was a traceback
     raise AblationError(f'Seeds must be comma-separated integers, got {seeds!r}. Fix: e.g. '
                         '--seeds=1,2,3.') from None
