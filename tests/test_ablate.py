@@ -9,9 +9,11 @@ scipy.stats.bootstrap, paired differences by hand.
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import ml_collections
 import numpy as np
@@ -964,6 +966,72 @@ def test_a_ctrl_c_at_the_terminal_reaches_the_trainer_once(tmp_path):
                         text=True, timeout=120, start_new_session=True)   # a group of its own
   assert proc.returncode == runner.INTERRUPTED_EXIT_CODE, proc.stdout + proc.stderr
   assert (tmp_path / 'calls').read_text().splitlines() == ['call', 'SIGINT']
+
+
+def test_a_run_does_not_outlive_a_runner_killed_with_its_process_group(tmp_path):
+  """The run is in a process group of its own (so that a Ctrl-C reaches it once): a kill of
+  the runner's group (kill -9 -PGID, a Jupyter kernel restart) left it training on,
+  orphaned and holding its workdir. It now gets a SIGTERM when the runner dies, which the
+  real trainer answers by saving and exiting 42."""
+  python = _fake(tmp_path, f"""\
+      import os, signal, sys, time
+      sys.path.insert(0, {str(fx.REPO_ROOT)!r})
+      from bert_sym import early_signals
+      early_signals.take_them_until_started()
+      def saved(*_):   # the real run's handler saves here (tests/test_train.py)
+        open({str(tmp_path / 'signal')!r}, 'w').write('SIGTERM')
+        os._exit(42)
+      signal.signal(signal.SIGTERM, saved)
+      with open({str(tmp_path / 'pid')!r}, 'w') as f:
+        f.write(str(os.getpid()))
+      time.sleep(120)   # training
+      """)
+  script = textwrap.dedent(f"""\
+      from bert_sym.ablate import runner
+      runner.run('configs/tiny.py', 'standard', '1', {str(tmp_path / 'grid')!r},
+                 python={python!r})
+      """)
+  grid_runner = subprocess.Popen([sys.executable, '-c', script], cwd=fx.REPO_ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)   # a terminal's group of its own
+  pid_file = tmp_path / 'pid'
+  deadline = time.time() + 60
+  while not pid_file.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  trainer = int(pid_file.read_text())
+  os.killpg(grid_runner.pid, signal.SIGKILL)
+  grid_runner.wait(timeout=60)
+  deadline = time.time() + 30
+  while os.path.exists(f'/proc/{trainer}') and time.time() < deadline:
+    time.sleep(0.05)
+  alive = os.path.exists(f'/proc/{trainer}')
+  if alive:
+    os.kill(trainer, signal.SIGKILL)
+  assert not alive, 'the run outlived its runner'
+  assert (tmp_path / 'signal').read_text() == 'SIGTERM'
+
+
+def test_a_run_whose_runner_died_saves_though_its_output_pipe_is_closed(tmp_path):
+  """After the runner died, the run's first line written (a progress line, its stop line)
+  met the closed pipe: a BrokenPipeError ended it before it saved. What it writes is
+  dropped; its checkpoint is saved."""
+  script = textwrap.dedent(f"""\
+      import os, sys
+      sys.path.insert(0, {str(fx.REPO_ROOT)!r})
+      os.environ['BERT_SYM_STOP_WITH_PARENT'] = str(os.getppid())
+      from bert_sym import early_signals
+      early_signals.stop_with_parent()
+      sys.stdin.read()   # until the reader of its output has gone
+      print('step 10/100 | loss 7.0', flush=True)
+      sys.stderr.write('a warning\\n')
+      open({str(tmp_path / 'saved')!r}, 'w').write('saved')
+      """)
+  child = subprocess.Popen([sys.executable, '-c', script], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  child.stdout.close()   # the runner's end of the pipe, gone with it
+  child.stdin.close()
+  child.wait(timeout=60)
+  assert (tmp_path / 'saved').exists()
 
 
 def test_glue_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_path):

@@ -20,6 +20,7 @@ from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
 from bert_sym import cli
 from bert_sym import config_check
+from bert_sym import early_signals
 from bert_sym import files
 # The trainer's exit codes: SIGTERM (42) or Ctrl-C (130), stopped after saving.
 from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
@@ -120,6 +121,8 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
   """Runs `cmd`, copying its output to our stdout and to `log_file`; returns its exit code."""
   print('+ ' + shlex.join(cmd), flush=True)
   env = dict(os.environ, PYTHONUNBUFFERED='1')   # progress lines as they happen
+  if stop.forwards:   # in a group of its own: it must not outlive us (early_signals)
+    env[early_signals.STOP_WITH_PARENT] = str(os.getpid())
   if '://' in str(log_file):   # a gs:// workdir: the log stays on this machine
     log_file = epath.Path('ablate_logs') / str(log_file).split('://', 1)[1].replace('/', '_')
     log_file.parent.mkdir(parents=True, exist_ok=True)
