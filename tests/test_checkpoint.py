@@ -435,6 +435,27 @@ def test_a_kill_while_rotation_removes_a_step_leaves_no_half_deleted_step(tmp_pa
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['3']
 
 
+def test_a_rotated_out_step_that_cannot_be_removed_does_not_stop_the_run(tmp_path,
+                                                                        monkeypatch, caplog):
+  """Removing `.rotated-out` runs before each save: a file there held open on NFS (EBUSY)
+  stopped the run with "Saving checkpoint step N ... failed", N never attempted. It is out
+  of the listing already: a warning, and the save goes on."""
+  manager = checkpoint.make_manager(
+      tmp_path, types.SimpleNamespace(keep_last=1, keep_every=0, async_save=False))
+  for step in (1, 2):   # saving 2 moves 1 out
+    checkpoint.save(manager, step, {'x': np.ones(3, np.float32)}, {'index': step}, force=True)
+
+  def busy(self, *args, **kwargs):
+    raise OSError(errno.EBUSY, 'Device or resource busy', str(self / '.nfs000123'))
+  monkeypatch.setattr(type(checkpoint.checkpoint_dir(tmp_path)), 'rmtree', busy)
+  with caplog.at_level(logging.WARNING):
+    checkpoint.save(manager, 3, {'x': np.ones(3, np.float32)}, {'index': 3}, force=True)
+    checkpoint.finish_saves(manager)
+  manager.close()
+  assert checkpoint.finished_steps(tmp_path) == [3]
+  assert any('Could not remove' in r.getMessage() for r in caplog.records)
+
+
 def test_rotation_keeps_the_newest_checkpoint_the_step_health_calls_good(tmp_path):
   """keep_last=1, a save every 2 steps, a loss spike from step 7: checkpoint 6 made the
   spiking loss of step 7, so 4 is the newest good one and must outlive the rotation."""

@@ -3,6 +3,7 @@ and how it removes them without leaving a half-deleted step that looks finished.
 
 from typing import Callable
 
+from absl import logging
 from etils import epath
 import jax
 
@@ -23,7 +24,13 @@ def remove_rotated_out(directory) -> None:
   into the folder while it is removed would fail."""
   rotated_out = epath.Path(directory) / ROTATED_OUT
   if jax.process_index() == 0 and rotated_out.exists():
-    rotated_out.rmtree(missing_ok=True)
+    try:
+      rotated_out.rmtree(missing_ok=True)
+    except OSError as e:   # e.g. EBUSY: a file held open on NFS. Out of the listing already,
+      # so nothing reads it: stopping the run (this runs before each save) would blame a
+      # save that never started.
+      logging.warning('Could not remove %s (%s); the next save tries again, or remove it by '
+                      'hand: it holds only rotated-out checkpoints.', rotated_out, e)
 
 
 class KeepNewestGood:
