@@ -747,8 +747,9 @@ def test_a_stray_blank_line_in_a_file_of_one_document_per_line_is_warned_of(tmp_
   assert warned == [f'{tmp_path / "stray.txt"} is read as documents separated by blank lines, '
                     'but its 1 blank-line gap(s) in 2000 lines make documents of 1000 lines on '
                     'average. If it holds one document per line, remove the blank lines: a '
-                    'stray one makes a few huge documents, and the first is held out for '
-                    'validation whole.'], warned
+                    'stray one makes a few huge documents, and one held out for validation '
+                    '(every 100th across the files, unless validation_files are named) can '
+                    'take a large share of the text.'], warned
 
 
 def test_old_mac_cr_line_endings_split_like_lf(tmp_path):

@@ -254,8 +254,10 @@ def _documents(path: bytes):
     logging.warning(
         '%s is read as documents separated by blank lines, but its %d blank-line gap(s) in %d '
         'lines make documents of %d lines on average. If it holds one document per line, '
-        'remove the blank lines: a stray one makes a few huge documents, and the first is '
-        'held out for validation whole.', os.fsdecode(path), gaps, lines, lines // (gaps + 1))
+        'remove the blank lines: a stray one makes a few huge documents, and one held out '
+        'for validation (every 100th across the files, unless validation_files are named) '
+        'can take a large share of the text.', os.fsdecode(path), gaps, lines,
+        lines // (gaps + 1))
 
 
 # Above this, blank lines look stray (BERT's sentence-per-line documents are far shorter;
