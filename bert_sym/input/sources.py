@@ -18,8 +18,8 @@ from absl import logging
 
 from bert_sym.input import DataError, gfile_error_text, import_tensorflow
 from bert_sym.input.embedded import (  # noqa: F401  (re-exported: one place to import from)
-    EMBEDDED_DUMP, SPLITS, VALIDATION_EVERY, embedded_articles, embedded_dataset, embedded_documents,
-    is_validation_title, wiki_to_text)
+    EMBEDDED_DUMP, SPLITS, VALIDATION_EVERY, embedded_articles, embedded_dataset,
+    embedded_documents, is_validation_title, wiki_to_text)
 
 EMBEDDED_TASK = 'bert_sym_mlm_embedded'
 TEXT_FILES_TASK = 'bert_sym_mlm_text_files'
