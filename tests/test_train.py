@@ -1686,8 +1686,15 @@ def test_second_ctrl_c_quits_in_one_line(tmp_path):
   assert not (workdir / checkpoint.LOCK_FILE).exists()
 
 
-def _ignoring_ctrl_c():
-  signal.signal(signal.SIGINT, signal.SIG_IGN)   # as a shell starts `train ... &`
+@contextlib.contextmanager
+def _ctrl_c_ignored():
+  """Processes started inside inherit SIGINT ignored, as a shell starts `train ... &` (not
+  a preexec_fn: Python code between fork and exec can deadlock a multithreaded JAX process)."""
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_started_with_ctrl_c_ignored_ignores_it_and_still_saves_on_sigterm(tmp_path):
@@ -1696,11 +1703,12 @@ def test_a_run_started_with_ctrl_c_ignored_ignores_it_and_still_saves_on_sigterm
   (tests/test_meter.py): a Ctrl-C meant for the job in front reaches it while the
   libraries import (the real entry point, whose early handlers take Ctrl-C) and mid-run,
   and neither stops it; SIGTERM still stops it with 42, saving once it trains."""
-  importing = subprocess.Popen(
-      [sys.executable, '-m', 'bert_sym.train', '--config=configs/tiny.py',
-       f'--workdir={tmp_path / "early"}'], cwd=train_fixtures.REPO_ROOT, text=True,
-      env=dict(os.environ, PYTHONPATH=train_fixtures.REPO_ROOT, JAX_PLATFORMS='cpu'),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_ignoring_ctrl_c)
+  with _ctrl_c_ignored():
+    importing = subprocess.Popen(
+        [sys.executable, '-m', 'bert_sym.train', '--config=configs/tiny.py',
+         f'--workdir={tmp_path / "early"}'], cwd=train_fixtures.REPO_ROOT, text=True,
+        env=dict(os.environ, PYTHONPATH=train_fixtures.REPO_ROOT, JAX_PLATFORMS='cpu'),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   deadline = time.time() + 60
   while not _catches_sigterm(importing.pid) and time.time() < deadline:
     time.sleep(0.005)
@@ -1714,8 +1722,8 @@ def test_a_run_started_with_ctrl_c_ignored_ignores_it_and_still_saves_on_sigterm
   workdir = tmp_path / 'run'
   go = tmp_path / 'go'
   held = {'SYNTHETIC_WAIT_FOR_FILE': str(go), 'SYNTHETIC_WAIT_AT_BATCH': '6'}
-  process = run_trainer(workdir, overrides=_overrides(), background=True, env=held,
-                        preexec_fn=_ignoring_ctrl_c)
+  with _ctrl_c_ignored():
+    process = run_trainer(workdir, overrides=_overrides(), background=True, env=held)
   try:
     _wait_for(lambda: _logged_step(workdir) >= 6, process)
     process.send_signal(signal.SIGINT)   # the batch of step 7 held
