@@ -1034,6 +1034,22 @@ def test_a_run_whose_runner_died_saves_though_its_output_pipe_is_closed(tmp_path
   assert (tmp_path / 'saved').exists()
 
 
+def test_the_runner_shows_its_runs_warnings_and_keeps_info_lines_for_the_log(tmp_path,
+                                                                            capsys):
+  """absl's WARNING lines of a run (e.g. a text file read as a few huge documents) went to
+  train.log only, where the trainer itself shows them on the console."""
+  python = _fake(tmp_path, """\
+      print('I1208 00:00:00.000001 1 train.py:1] an info line')
+      print('W1208 00:00:00.000002 1 sources.py:254] corpus.txt is read as documents ...')
+      print('step 1/1 | loss 7.0')
+      """)
+  stop = runner._Stop()
+  code = runner._stream([python], tmp_path / 'train.log', stop)
+  shown = capsys.readouterr().out
+  assert code == 0 and 'step 1/1' in shown and 'sources.py:254] corpus.txt' in shown, shown
+  assert 'an info line' not in shown and 'an info line' in (tmp_path / 'train.log').read_text()
+
+
 def test_glue_killed_by_our_forwarded_sigterm_is_a_stop_not_a_failure(tmp_path):
   run = tmp_path / 'run'
   run.mkdir()

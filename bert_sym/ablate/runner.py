@@ -134,8 +134,9 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
     try:
       for line in proc.stdout:
         log.write(line)
-        # absl INFO lines are for the log file; progress lines and errors for the console.
-        if not re.match(r'[IW]\d{4} ', line):
+        # absl INFO lines are for the log file; progress lines, warnings (a text file read as
+        # a few huge documents) and errors for the console, as the trainer shows them.
+        if not re.match(r'I\d{4} ', line):
           sys.stdout.write(line)
           sys.stdout.flush()
     except KeyboardInterrupt:   # the trainer got the Ctrl-C too (our group), or has exited
