@@ -5,6 +5,7 @@ import logging as std_logging
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from typing import Any
@@ -206,7 +207,15 @@ def remove_unfinished_steps(manager) -> None:
   """The temporary directories of saves that did not finish (orbax's own start-up would
   remove them; a run that stops on a failed save leaves none)."""
   for tmp in manager.directory.glob('*.orbax-checkpoint-tmp*') if jax.process_index() == 0 else []:
-    tmp.rmtree(missing_ok=True)
+    # Writes of the failed save still running recreate files as it goes (ENOTEMPTY, seen
+    # once in CI): a traceback over the one line that says the failure. Retried; what is
+    # left, orbax's start-up removes.
+    for attempt in range(3):
+      try:
+        tmp.rmtree(missing_ok=True)
+        break
+      except OSError:
+        time.sleep(0.5 * (attempt + 1))
 
 
 def _save_failed(manager, step, error, *, failed_processes=()) -> CheckpointSaveError:
