@@ -59,14 +59,17 @@ class _DroppedWhenClosed:
     try:
       return self._stream.write(text)
     except BrokenPipeError:
-      self._stream = open(os.devnull, 'w', encoding='utf-8')   # pylint: disable=consider-using-with
+      self._drop()
       return len(text)
 
   def flush(self):
     try:
       self._stream.flush()
     except BrokenPipeError:
-      self._stream = open(os.devnull, 'w', encoding='utf-8')   # pylint: disable=consider-using-with
+      self._drop()
+
+  def _drop(self):
+    self._stream = open(os.devnull, 'w', encoding='utf-8')   # pylint: disable=consider-using-with
 
   def __getattr__(self, name):
     return getattr(self._stream, name)
