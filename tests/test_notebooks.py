@@ -6,6 +6,7 @@ it overrides them, as papermill does. A cell that raises fails the test.
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -170,13 +171,14 @@ def test_setup_cell_finds_the_repository_or_says_what_to_set(name, tmp_path):
 
 
 @pytest.mark.parametrize('notebook', ['ablation.ipynb', 'attention_analysis.ipynb'])
-@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
-def test_the_colab_setup_installs_the_gpu_jax_and_refuses_a_runtime_that_misses_it(
-    notebook, backend, tmp_path, monkeypatch):
-  """On a Colab GPU runtime, requirements.txt alone could replace Colab's CUDA JAX by a CPU
-  one: every run would then train on the CPU, unsaid. The setup cell (run here with Colab,
-  nvidia-smi and the subprocesses stood in for) installs jax[cuda12] beside the
-  requirements and stops if the runs' JAX still sees no GPU."""
+@pytest.mark.parametrize('accelerator', ['gpu', 'tpu'])
+@pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
+def test_the_colab_setup_installs_the_accelerators_jax_and_refuses_a_runtime_that_misses_it(
+    notebook, accelerator, backend, tmp_path, monkeypatch):
+  """On a Colab GPU or TPU runtime, requirements.txt alone could replace Colab's CUDA or TPU
+  JAX by a CPU one: every run would then train on the CPU, unsaid. The setup cell (run here
+  with Colab, nvidia-smi or libtpu, and the subprocesses stood in for) installs jax[cuda12]
+  or jax[tpu] beside the requirements and stops if the runs' JAX sees another backend."""
   import shutil  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
   cell = ''.join(nbformat.read(os.path.join(NOTEBOOKS, notebook), as_version=4).cells[1].source)
@@ -184,7 +186,8 @@ def test_the_colab_setup_installs_the_gpu_jax_and_refuses_a_runtime_that_misses_
   monkeypatch.setattr(sys, 'path', list(sys.path))   # the cell puts the root on it
   monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
   monkeypatch.setattr(shutil, 'which', lambda name: '/usr/bin/nvidia-smi'
-                      if name == 'nvidia-smi' else None)
+                      if name == 'nvidia-smi' and accelerator == 'gpu' else None)
+  _stand_in_libtpu(monkeypatch, installed=accelerator == 'tpu')
   calls = []
 
   def run(command, **kwargs):
@@ -192,24 +195,36 @@ def test_the_colab_setup_installs_the_gpu_jax_and_refuses_a_runtime_that_misses_
     calls.append(command)
     return subprocess.CompletedProcess(command, 0, stdout=f'{backend}\n')
   monkeypatch.setattr(subprocess, 'run', run)
-  if backend == 'cpu':
-    with pytest.raises(RuntimeError, match=r'NVIDIA GPU but JAX sees cpu: pip install -U'):
+  refused = backend != accelerator
+  wanted = {'gpu': ('an NVIDIA GPU', 'jax[cuda12]'), 'tpu': ('a TPU', 'jax[tpu]')}[accelerator]
+  if refused:
+    with pytest.raises(RuntimeError, match=re.escape(
+        f'has {wanted[0]} but JAX sees {backend}: pip install -U "{wanted[1]}"')):
       exec(cell, {})  # pylint: disable=exec-used
   else:
     exec(cell, {})  # pylint: disable=exec-used
   install = calls[0]
-  assert install[1:5] == ['-m', 'pip', 'install', '-q'] and install[-1] == 'jax[cuda12]'
+  assert install[1:5] == ['-m', 'pip', 'install', '-q'] and install[-1] == wanted[1]
   assert install[-2] == str(root / 'requirements.txt')
   # Run again in the same runtime: no second install (it checked for a .venv Colab lacks).
   calls.clear()
-  with pytest.raises(RuntimeError) if backend == 'cpu' else contextlib.nullcontext():
+  with pytest.raises(RuntimeError) if refused else contextlib.nullcontext():
     exec(cell, {})  # pylint: disable=exec-used
   assert not [c for c in calls if 'pip' in c], calls
   # requirements.txt changed (a git pull): installed again.
   (root / 'requirements.txt').write_text('flax>=0.10\n')
-  with pytest.raises(RuntimeError) if backend == 'cpu' else contextlib.nullcontext():
+  with pytest.raises(RuntimeError) if refused else contextlib.nullcontext():
     exec(cell, {})  # pylint: disable=exec-used
   assert [c for c in calls if 'pip' in c], calls
+
+
+def _stand_in_libtpu(monkeypatch, *, installed):
+  """libtpu as a Colab TPU runtime has it, or not (this machine's test environment has it,
+  for the TPU compile tests)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: (
+      (object() if installed else None) if name == 'libtpu' else real_find_spec(name, *args)))
 
 
 def _fresh_colab_upload(tmp_path, monkeypatch):
@@ -239,6 +254,7 @@ def test_the_colab_setup_asks_for_a_restart_when_pip_changed_an_imported_package
   monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
   versions = {'numpy': '1.26.4', 'jax': '0.4.30'}   # what the runtime imported
   monkeypatch.setattr(importlib.metadata, 'version', lambda name: versions.get(name, '1.0'))
+  _stand_in_libtpu(monkeypatch, installed=False)
 
   def pip(command, **kwargs):
     del kwargs
