@@ -287,6 +287,21 @@ def test_a_label_id_out_of_range_is_an_error(tmp_path):
       glue_data._parse_label(glue_data.TASKS['rte'], digit, 'x.tsv:2')
 
 
+def test_an_stsb_score_outside_0_to_5_is_an_error_naming_file_and_line(tmp_path):
+  """A corrupted score (50 for 5.0) was read as it is and trained on, silently."""
+  header = ('index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t'
+            'sentence2\tscore\n')
+  row = '{}\tmain\tf\t2012\t0\tnone\tnone\ta\tb\t{}\n'
+  stsb = glue_data.TASKS['stsb']
+  for bad in ('50', '5.001', '-0.5'):
+    _write(tmp_path / 'STS-B' / 'train.tsv', header + row.format(0, '5.000') + row.format(1, bad))
+    with pytest.raises(glue_data.GlueDataError,
+                       match=rf"STS-B/train.tsv:3: STS-B score '{bad}' is outside 0..5"):
+      glue_data.load_split(stsb, 'train', glue_dir=str(tmp_path))
+  _write(tmp_path / 'STS-B' / 'train.tsv', header + row.format(0, '5.000') + row.format(1, '0'))
+  assert glue_data.load_split(stsb, 'train', glue_dir=str(tmp_path)).labels.tolist() == [5, 0]
+
+
 def test_a_bad_row_far_down_a_later_tasks_file_is_found_before_any_task_trains(tmp_path):
   """The check before training read each file's first rows only: a label or a byte further
   down a later task's train.tsv stopped the run when that task's turn came, hours on."""

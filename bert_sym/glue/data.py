@@ -120,6 +120,11 @@ def _parse_label(spec: TaskSpec, value: str, where: str):
       score = math.nan
     if not math.isfinite(score):   # 'nan' parsed: training stopped later on a NaN loss
       raise GlueDataError(f'{where}: STS-B score {value!r} is not a number.')
+    # A corrupted row (50 for 5.0) trained a regression onto a scale ten times too wide,
+    # with no error: STS-B's scores are similarities from 0 to 5.
+    if not 0.0 <= score <= 5.0:
+      raise GlueDataError(f'{where}: STS-B score {value!r} is outside 0..5, the range of '
+                          'its similarity scores. Fix the row or download the file again.')
     return score
   if value in spec.label_names:
     return spec.label_names.index(value)
