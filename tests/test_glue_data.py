@@ -302,6 +302,27 @@ def test_an_stsb_score_outside_0_to_5_is_an_error_naming_file_and_line(tmp_path)
   assert glue_data.load_split(stsb, 'train', glue_dir=str(tmp_path)).labels.tolist() == [5, 0]
 
 
+def test_empty_texts_are_trained_on_with_a_warning_that_counts_them(tmp_path, caplog):
+  """A row whose sentence column is empty packed as [CLS] a [SEP] [SEP] and trained on,
+  with nothing said. Kept (a real file may hold a few), but counted in a warning per
+  field, naming the first one's line; the check before training stays quiet."""
+  _write(tmp_path / 'RTE' / 'train.tsv', 'index\tsentence1\tsentence2\tlabel\n'
+         '0\tA cat.\t\tentailment\n1\tok\tfine\tentailment\n2\tA dog.\t \tentailment\n'
+         '3\t\tA bird.\tnot_entailment\n')
+  rte = glue_data.TASKS['rte']
+  glue_data.check_tsv(tmp_path / 'RTE' / 'train.tsv', rte)
+  assert not caplog.records
+  examples = glue_data.load_split(rte, 'train', glue_dir=str(tmp_path))
+  assert len(examples) == 4 and examples.texts[1][0] == ''
+  warnings = sorted(r.getMessage() for r in caplog.records if r.levelname == 'WARNING')
+  assert len(warnings) == 2, warnings
+  assert warnings[0].endswith('RTE/train.tsv: 1 of 4 examples have an empty sentence1 (the '
+                              'first at line 5): each is packed with no tokens for it and '
+                              'trained on as it is.')
+  assert 'RTE/train.tsv: 2 of 4 examples have an empty sentence2 (the first at line 2)' in (
+      warnings[1])
+
+
 def test_a_bad_row_far_down_a_later_tasks_file_is_found_before_any_task_trains(tmp_path):
   """The check before training read each file's first rows only: a label or a byte further
   down a later task's train.tsv stopped the run when that task's turn came, hours on."""

@@ -174,23 +174,40 @@ def read_tsv(path, spec: TaskSpec, *, warn: bool = True) -> Examples:
   label_column = columns[spec.tsv_label_column]
   needed = max(columns.values()) + 1
   idx, texts, labels, skipped = [], tuple([] for _ in text_columns), [], 0
+  line_numbers = []
   for row_number, (line_number, line) in enumerate(rows):
     fields = line.split('\t')
     if len(fields) < needed or fields[label_column].strip() in ('', '-'):
       skipped += 1   # QQP's malformed rows; NLI rows without a gold label ('-')
       continue
     idx.append(row_number)
+    line_numbers.append(line_number)
     for out, column in zip(texts, text_columns):
       out.append(fields[column])
     labels.append(_parse_label(spec, fields[label_column], f'{path}:{line_number}'))
   if skipped and warn:
     logging.warning('%s: skipped %d of %d rows with fewer than %d columns or no label.',
                     path, skipped, len(rows), needed)
+  if warn:
+    _warn_empty_texts(texts, spec.tsv_text_columns, path, 'line', line_numbers)
   if not idx:
     raise GlueDataError(f'{path}: none of its {len(rows)} rows has the {needed} columns '
                         f'{spec.name} needs.')
   dtype = np.float32 if spec.is_regression else np.int32
   return Examples(np.asarray(idx, np.int64), texts, np.asarray(labels, dtype))
+
+
+def _warn_empty_texts(texts, names, where, unit: str, positions) -> None:
+  """A warning per text field that is empty (or blank) in some examples, with their count
+  and the first one's `unit` ('line', 'idx') from `positions`. They are kept, not refused
+  (a real file may hold a few, e.g. a question left empty): each packs as nothing between
+  its [CLS]/[SEP] marks, trained on and scored as it is, which went unsaid before."""
+  for name, column in zip(names, texts):
+    empty = [i for i, text in enumerate(column) if not text.strip()]
+    if empty:
+      logging.warning('%s: %d of %d examples have an empty %s (the first at %s %d): each '
+                      'is packed with no tokens for it and trained on as it is.', where,
+                      len(empty), len(column), name, unit, positions[empty[0]])
 
 
 def _numbered_lines(path: Path, spec: TaskSpec) -> list[tuple[int, str]]:
@@ -276,6 +293,7 @@ def load_tfds(spec: TaskSpec, split: str, data_dir: str | None = None) -> Exampl
     for out, key in zip(texts, spec.tfds_text_keys):
       out.append(example[key].decode('utf-8'))
     labels.append(example['label'])
+  _warn_empty_texts(texts, spec.tfds_text_keys, f'TFDS glue/{spec.name} {split}', 'idx', idx)
   dtype = np.float32 if spec.is_regression else np.int32
   return Examples(np.asarray(idx, np.int64), texts, np.asarray(labels, dtype))
 
