@@ -251,6 +251,44 @@ def test_sweep_scores_every_step(workdir, tmp_path, capsys):
   assert 'step 2 skipped, its checkpoint is damaged' in capsys.readouterr().err
 
 
+def _make_params_nonfinite(step_dir):
+  """One parameter array of a checkpoint's state set to NaN, written by orbax itself."""
+  state_dir = step_dir / checkpoint.STATE
+  state = ocp.StandardCheckpointer().restore(state_dir)
+  leaves, tree = jax.tree.flatten(state['params'])
+  leaves[0] = np.full_like(np.asarray(leaves[0]), np.nan)
+  state['params'] = jax.tree.unflatten(tree, leaves)
+  shutil.rmtree(state_dir)
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(state_dir, state)
+
+
+def test_a_sweep_leaves_out_a_step_whose_params_are_not_finite_with_a_warning(workdir,
+                                                                            tmp_path):
+  """The README's "--sweep leaves it out with a warning", as a user runs it: the command
+  line over a workdir whose newest step holds NaN scores the step before, says why the
+  other is missing, and exits 0. That step is never fine-tuned."""
+  run, out = tmp_path / 'run', tmp_path / 'sweep'
+  shutil.copytree(workdir, run)
+  _make_params_nonfinite(run / 'checkpoints' / '4')
+  result = subprocess.run(
+      [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={run}', f'--output_dir={out}',
+       '--sweep', '--tasks=wnli', '--seeds=1', f'--glue_dir={GLUE_DIR}',
+       *[f'--config.{k}={v}' for k, v in _SHORT_RUN.items()], '--config.epochs=1',
+       '--config.progress_bar=false', f'--config.tokens_cache_dir={tmp_path / "tokens"}'],
+      cwd=REPO_ROOT, env=_glue_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(r'WARNING: GLUE sweep: step 4 skipped, its checkpoint is damaged \(The '
+                   r'parameters in \S*checkpoints/4 are not finite .* Fix: '
+                   r'--checkpoint=\S*checkpoints/2 \(the newest step before it\)',
+                   result.stderr), result.stderr[-3000:]
+  summary = json.loads((out / 'glue_vs_step.json').read_text())
+  assert [p['step'] for p in summary['points']] == [2] and summary['unfinished_steps'] == []
+  assert (out / 'step_00000002' / 'predictions' / 'wnli_seed1.tsv').exists()
+  assert not (out / 'step_00000004').exists()
+  assert 'GLUE finished' in result.stdout
+
+
 def _point(step, score, kind='glue'):
   return {'step': step, 'score': score, 'std': None, 'score_kind': kind, 'glue_full': score,
           'tasks': {n: score for n in glue_metrics.FULL_SCORES}}
