@@ -374,8 +374,11 @@ def _assert_one_row_per_step(workdir):
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
   workdir = tmp_path / 'killed'
-  process = run_trainer(workdir, overrides=_overrides(), background=True,
-                        env={'SYNTHETIC_SLEEP_SECONDS': '0.15'})
+  # Held at step 12's batch until killed: slowed to 0.15 s a batch instead, the rest of
+  # the run took under a second after step 10's row, and a test process starved that long
+  # (a loaded CI machine) killed a finished run (killed_at 16).
+  held = {'SYNTHETIC_WAIT_FOR_FILE': str(tmp_path / 'never'), 'SYNTHETIC_WAIT_AT_BATCH': '11'}
+  process = run_trainer(workdir, overrides=_overrides(), background=True, env=held)
   # Kill somewhere after the step-8 save was finalised, i.e. mid-way through step 9-12.
   _wait_for(lambda: (workdir / 'checkpoints' / '8').is_dir(), process)
   # Mid-way through steps 9-12: once step 9's row is logged (an event, not a delay).
@@ -383,7 +386,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, reference_run):
   process.send_signal(signal.SIGKILL)
   process.wait()
   killed_at = int(checkpoint.resolve_step_dir(workdir).name)
-  assert killed_at in (8, 12)
+  assert killed_at == 8
   [[first_run, started_from]] = checkpoint.lineage_of(workdir / 'checkpoints' / '8')
   assert started_from == -1
   with open(workdir / 'metrics.jsonl', 'a', encoding='utf-8') as f:
