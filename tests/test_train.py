@@ -490,11 +490,28 @@ def test_start_over_and_verbosity_as_typed_on_the_command_line(tmp_path, referen
 
 def test_ctrl_c_saves_and_resumes(tmp_path, reference_run):
   workdir = tmp_path / 'interrupted'
+  # Held at step 11's batch until the Ctrl-C has been taken: slowed to 0.15 s a batch
+  # instead, a test process starved for the 1.8 s left after step 4's save signalled a
+  # finished run (exit 0).
+  gate = tmp_path / 'ctrl_c_taken'
   process = run_trainer(workdir, overrides=_overrides(), background=True,
-                        env={'SYNTHETIC_SLEEP_SECONDS': '0.15'})
+                        env={'SYNTHETIC_WAIT_FOR_FILE': str(gate),
+                             'SYNTHETIC_WAIT_AT_BATCH': '10'})
   _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
+  # And once step 6 is logged, step 4's save call has returned: the asynchronous save
+  # renames the directory in a thread of its own, which can do so before that call
+  # returns, and a Ctrl-C taken inside the save stops at step 4 itself.
+  _wait_for(lambda: _logged_step(workdir) >= 6, process)
   process.send_signal(signal.SIGINT)
-  output, _ = process.communicate(timeout=120)
+  watchdog = threading.Timer(120, process.kill)   # a hung run ends the readline below
+  watchdog.start()
+  read = ['']
+  while 'Ctrl-C: saving' not in read[-1]:   # printed (and flushed) by the handler
+    read.append(process.stdout.readline())
+    assert read[-1], 'the trainer ended before taking the Ctrl-C:\n' + ''.join(read)
+  watchdog.cancel()
+  gate.write_text('')
+  output = ''.join(read) + process.communicate(timeout=120)[0]
   assert process.returncode == train.INTERRUPTED_EXIT_CODE == 130, output[-3000:]
   assert 'Traceback' not in output
   stopped_at = int(checkpoint.resolve_step_dir(workdir).name)
