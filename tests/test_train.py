@@ -537,6 +537,10 @@ def test_sigterm_saves_exits_42_and_resumes_on_another_mesh(tmp_path, reference_
   process = run_trainer(workdir, devices=8, overrides=_overrides(**mesh8), background=True,
                         env={'SYNTHETIC_SLEEP_SECONDS': '1.0'})
   _wait_for(lambda: (workdir / 'checkpoints' / '4').is_dir(), process)
+  # And once step 6 is logged, step 4's save call has returned: the asynchronous save
+  # renames the directory in a thread of its own, which can do so before that call
+  # returns, and a SIGTERM taken inside the save stops at step 4 itself.
+  _wait_for(lambda: _logged_step(workdir) >= 6, process)
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=120)
   assert process.returncode == train.PREEMPTED_EXIT_CODE == 42, output[-3000:]
