@@ -283,6 +283,24 @@ def test_unfinished_save_is_invisible(tmp_path):
   manager.close()
 
 
+def test_a_writers_manager_has_removed_unfinished_steps_when_it_returns(tmp_path, monkeypatch):
+  """orbax's start-up removal of temporary steps ran in a thread of its own: the trainer's
+  fall-back past a damaged step opened a second manager while the first one's removal ran,
+  and both removing the same files failed the run's first save (FileNotFoundError)."""
+  from orbax.checkpoint._src.path import async_path  # pylint: disable=g-import-not-at-top
+  unfinished = checkpoint.checkpoint_dir(tmp_path) / '8.orbax-checkpoint-tmp-1234'
+  (unfinished / 'state').mkdir(parents=True)
+  rmtree = async_path.rmtree
+
+  async def slow_rmtree(*args, **kwargs):   # a removal that takes a while (a slow disk)
+    time.sleep(0.5)
+    return await rmtree(*args, **kwargs)
+  monkeypatch.setattr(async_path, 'rmtree', slow_rmtree)
+  manager = checkpoint.make_manager(tmp_path)
+  assert not unfinished.exists()
+  manager.close()
+
+
 def test_finished_steps_ignores_unfinalized_steps(tmp_path, monkeypatch):
   """Local: a tmp-suffixed step is skipped. gs://-style: a step without commit_success.txt."""
   config = train_fixtures.tiny_config()

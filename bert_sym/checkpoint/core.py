@@ -161,8 +161,13 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False,
       todelete_subdir=None if read_only else ROTATED_OUT)
   if not read_only:
     remove_rotated_out(checkpoint_dir(workdir))
-  return ocp.CheckpointManager(
+  manager = ocp.CheckpointManager(
       checkpoint_dir(workdir), options=options, item_names=(STATE, DATA_ITER))
+  # orbax removes unfinished steps in a thread of its own, awaited only by the first save:
+  # a second manager (the fall-back past a damaged step) removed the same files beside it,
+  # and the first save failed on the other's FileNotFoundError.
+  getattr(manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
+  return manager
 
 
 def restore_on_every_host(manager: ocp.CheckpointManager, step: int, args):
