@@ -27,7 +27,7 @@ from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_DONE, GLUE_SUBDIR, SUMMARY_JSON,
                                     SUMMARY_MD, summarize)
 from bert_sym.ablate.runs import (LOST_CURVE, config_differences, latest_finished_step,
-                                  run_dir, run_status)
+                                  run_dir, run_status, whole_grid)
 
 
 # ---- The requested config: the same file + overrides the trainer will see ----
@@ -287,26 +287,6 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
                       target_loss=target_loss, requested=requested)
   summary['actions'] = actions
   return summary
-
-
-def whole_grid(workdir, variants: list[str], seeds: list[int]) -> tuple[list, list]:
-  """The variants and seeds asked for, then those of the runs earlier commands started in
-  `workdir`: summary.* covers them all. It covered the command's own only, so a command
-  that added a variant or a seed to a grid replaced the grid's summary with a part of it
-  (adding `--variants=symmetric` compared symmetric with itself: its reference was gone)."""
-  found = [(folder.parent.name, int(folder.name[4:]))
-           for folder in epath.Path(workdir).glob('*/seed*')
-           if folder.parent.name in attention.VARIANTS and folder.name[4:].isdigit()
-           and (folder / checkpoint_lib.CONFIG_FILE).exists()]
-  more_variants = [v for v in attention.VARIANTS if v in {f[0] for f in found} - set(variants)]
-  more_seeds = sorted({f[1] for f in found} - set(seeds))
-  if not more_variants and not more_seeds:
-    return variants, seeds
-  variants, seeds = variants + more_variants, sorted(set(seeds) | set(more_seeds))
-  print(f'Summary over every run in {workdir}: variants {", ".join(variants)}; seeds '
-        f'{", ".join(map(str, seeds))} (earlier commands started those this one did not '
-        'name).', flush=True)
-  return variants, seeds
 
 
 # GLUE arguments that say where its data is (a config file of its own included): the

@@ -14,11 +14,32 @@ from typing import Sequence
 from etils import epath
 import ml_collections
 
+from bert_sym import attention
 from bert_sym import checkpoint as checkpoint_lib
 
 
 def run_dir(workdir, variant: str, seed: int) -> epath.Path:
   return epath.Path(workdir) / variant / f'seed{seed}'
+
+
+def whole_grid(workdir, variants: list[str], seeds: list[int]) -> tuple[list, list]:
+  """The variants and seeds asked for, then those of the runs earlier commands started in
+  `workdir`: summary.* covers them all. It covered the command's own only, so a command
+  that added a variant or a seed to a grid replaced the grid's summary with a part of it
+  (adding `--variants=symmetric` compared symmetric with itself: its reference was gone)."""
+  found = [(folder.parent.name, int(folder.name[4:]))
+           for folder in epath.Path(workdir).glob('*/seed*')
+           if folder.parent.name in attention.VARIANTS and folder.name[4:].isdigit()
+           and (folder / checkpoint_lib.CONFIG_FILE).exists()]
+  more_variants = [v for v in attention.VARIANTS if v in {f[0] for f in found} - set(variants)]
+  more_seeds = sorted({f[1] for f in found} - set(seeds))
+  if not more_variants and not more_seeds:
+    return variants, seeds
+  variants, seeds = variants + more_variants, sorted(set(seeds) | set(more_seeds))
+  print(f'Summary over every run in {workdir}: variants {", ".join(variants)}; seeds '
+        f'{", ".join(map(str, seeds))} (earlier commands started those this one did not '
+        'name).', flush=True)
+  return variants, seeds
 
 
 def latest_finished_step(path) -> int | None:
