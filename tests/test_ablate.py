@@ -1116,6 +1116,22 @@ def test_a_seed_that_is_not_an_integer_fails_in_one_line(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_a_negative_seed_is_refused_before_anything_trains(tmp_path):
+  """--seeds=-1 trained into seed-1, a folder the whole grid's summary did not read as a
+  seed: a later command's summary left that run out, unnamed."""
+  result = subprocess.run(   # (--summarize_only: the old code's failure was quick too)
+      [sys.executable, '-m', 'bert_sym.ablate', f'--config={fx.CONFIG}', '--seeds=1,-1',
+       f'--workdir={tmp_path / "grid"}', '--summarize_only'], cwd=fx.REPO_ROOT,
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1 and result.stderr.strip() == (
+      'bert_sym.ablate: error: --seeds: seeds must be non-negative integers (each names its '
+      'run folder, seed<S>), got -1. Fix: e.g. --seeds=1,2,3.'), result.stderr
+  python = _fake_trainer(tmp_path, [0, 0])
+  with pytest.raises(runner.AblationError, match='--seeds: .* got -3. Fix'):   # a notebook's
+    runner.run('configs/tiny.py', 'standard', [2, -3], str(tmp_path / 'grid'), python=python)
+  assert not (tmp_path / 'calls').exists() and not (tmp_path / 'grid').exists()
+
+
 def test_an_empty_seed_or_variant_list_names_its_flag_and_a_fix(tmp_path):
   """--seeds= (or --variants=,) said "Empty list: ''." and nothing else."""
   for variants, seeds, said in (('standard', '', "--seeds is empty ('')"),

@@ -252,6 +252,10 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   except ValueError:   # --seeds=x was a traceback
     raise AblationError(f'Seeds must be comma-separated integers, got {seeds!r}. Fix: e.g. '
                         '--seeds=1,2,3.') from None
+  if min(seeds) < 0:   # seed -1 trained into seed-1, which the whole grid's summary missed
+    raise AblationError('--seeds: seeds must be non-negative integers (each names its run '
+                        f'folder, seed<S>), got {", ".join(str(s) for s in seeds if s < 0)}. '
+                        'Fix: e.g. --seeds=1,2,3.')
   glue_args = shlex.split(glue_args) if isinstance(glue_args, str) else list(glue_args)
   overrides = list(overrides)
   clashing = [o for o in overrides if o.startswith(('--config.model.attention=', '--config.seed='))]
