@@ -222,21 +222,6 @@ def variant_summary(vruns: Sequence[Run], common: list[int], final: int,
   }
 
 
-def compare_to_reference(per_variant: dict, reference: str) -> None:
-  """Adds the ratio of steps to target and the paired differences to every variant."""
-  ref = per_variant[reference]
-  ref_steps = ref['steps_to_target']['per_seed']
-  for p in per_variant.values():
-    st = p['steps_to_target']
-    ratio = stats.steps_ratio(st['per_seed'], ref_steps)
-    st['ratio_to_reference'], st['ratio_ci95'] = ratio['value'], ratio['ci95']
-    p['paired_vs_reference'] = {
-        'final_eval_loss': stats.paired_difference(p['final_eval_loss_per_seed'],
-                                                   ref['final_eval_loss_per_seed']),
-        'steps_to_target': stats.paired_steps_difference(st['per_seed'], ref_steps),
-    }
-
-
 def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
               total_steps: int | None = None, target_loss: float | None = None,
               plots: bool = True, requested=None) -> dict:
@@ -254,7 +239,7 @@ def summarize(workdir, variants: Sequence[str], seeds: Sequence[int], *,
          'final_step': final, 'eval_steps': common, 'target_loss': target,
          'per_variant': {v: variant_summary(runs[v], common, final, target['value'])
                          for v in present}}
-  compare_to_reference(out['per_variant'], reference)
+  stats.compare_to_reference(out['per_variant'], reference)
   out['reading'] = reading(out)
   if plots:
     from bert_sym.ablate import plots as plots_lib  # pylint: disable=g-import-not-at-top  (matplotlib)

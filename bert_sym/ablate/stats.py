@@ -145,3 +145,19 @@ def steps_ratio(variant: dict, reference: dict) -> dict:
     ci = ([float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
           if len(a) > 1 or len(b) > 1 else None)
   return {'value': value, 'ci95': ci, 'why': None}
+
+
+def compare_to_reference(per_variant: dict, reference: str) -> None:
+  """Adds the ratio of steps to target and the paired differences to every variant of a
+  summary's 'per_variant' (bert_sym.ablate.report's)."""
+  ref = per_variant[reference]
+  ref_steps = ref['steps_to_target']['per_seed']
+  for p in per_variant.values():
+    st = p['steps_to_target']
+    ratio = steps_ratio(st['per_seed'], ref_steps)
+    st['ratio_to_reference'], st['ratio_ci95'] = ratio['value'], ratio['ci95']
+    p['paired_vs_reference'] = {
+        'final_eval_loss': paired_difference(p['final_eval_loss_per_seed'],
+                                             ref['final_eval_loss_per_seed']),
+        'steps_to_target': paired_steps_difference(st['per_seed'], ref_steps),
+    }
