@@ -384,6 +384,40 @@ def test_summary_not_reached_and_ratio(tmp_path):
       pytest.approx(statistics.mean([20 + 10 / 3, 30.0]) / 10.0))
 
 
+def test_on_a_partial_grid_the_ratio_is_over_the_paired_seeds(tmp_path):
+  """Standard finished seeds 1-4, pairwise 1-3 (its seed 4 unfinished). The ratio divided
+  pairwise's mean over 1-3 by standard's over 1-4: 1.04, slower, beside a paired difference
+  on seeds 1-3 that said faster. Both are over the seeds both finished."""
+  cj = ablate.resolve_config(fx.CONFIG, ['--config.total_steps=30']).to_json()
+  tail = [(20, 4.0), (30, 3.0)]
+  first = {('standard', 1): 6.0, ('standard', 2): 7.0, ('standard', 3): 5.5,
+           ('standard', 4): 4.5, ('pairwise', 1): 5.8, ('pairwise', 2): 6.5,
+           ('pairwise', 3): 5.2}   # eval loss at step 10 (4.5 at step 20 on seed 2)
+  curves = {k: dict([(0, 12.0), (10, v)] + ([(20, 4.5), (30, 3.0)] if k[1] == 2 else tail))
+            for k, v in first.items()}
+  for (v, s), c in curves.items():
+    _fake_run(tmp_path, v, s, sorted(c.items()), cj)
+  _fake_run(tmp_path, 'pairwise', 4, [(0, 12.0), (10, 9.0)], cj)   # unfinished (10/30)
+  out = ablate_report.summarize(tmp_path, ['standard', 'pairwise'], [1, 2, 3, 4],
+                                total_steps=30, target_loss=5.0, plots=False)
+  hand = {k: _hand_crossing(c, 5.0).expected for k, c in curves.items()}
+  std, pw = (np.array([hand[v, s] for s in (1, 2, 3)]) for v in ('standard', 'pairwise'))
+  # The case: faster on the same seeds; slower against all of standard's (seed 4 is quick).
+  assert np.mean(pw - std) < 0 and np.mean(pw) / np.mean(std.tolist() + [hand['standard', 4]]) > 1
+  st = out['per_variant']['pairwise']['steps_to_target']
+  paired = out['per_variant']['pairwise']['paired_vs_reference']['steps_to_target']
+  assert paired['mean'] == pytest.approx(np.mean(pw - std)) and paired['n'] == 3
+  assert st['ratio_to_reference'] == pytest.approx(np.mean(pw) / np.mean(std))
+  assert st['ratio_seeds'] == [1, 2, 3]
+  ci = scipy.stats.bootstrap((pw, std), lambda a, b, axis=-1: np.mean(a, axis) / np.mean(
+      b, axis), paired=True, n_resamples=100_000, method='percentile', random_state=1,
+                             vectorized=True).confidence_interval
+  assert st['ratio_ci95'] == pytest.approx([ci.low, ci.high], abs=0.025 * (ci.high - ci.low))
+  row = next(line.split(' | ') for line in (tmp_path / 'summary.md').read_text().splitlines()
+             if line.startswith('| pairwise |'))
+  assert row[8].startswith('-1 [') and row[9].startswith(f'{np.mean(pw) / np.mean(std):.2f} [')
+
+
 def test_a_finished_checkpoint_without_its_final_eval_is_not_a_finished_run(tmp_path):
   """A run preempted in its last step saves, then evaluates; killed in that eval it has its
   final checkpoint but no final eval row. It counted as finished: the summary stopped on

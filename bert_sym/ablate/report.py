@@ -43,11 +43,11 @@ _fmt_stat = glue_metrics.format_mean_std
 STATISTICS_LINE = (
     'Columns: final eval loss and steps to target = mean [95% t interval over seeds] (n = seeds '
     'that reached the target); steps to target = first crossing of the eval curve, linear '
-    'between evals; ratio = mean steps / {ref} mean steps, only when every seed of both reached '
-    'the target [bootstrap interval, over seed pairs when both ran the same seeds]; paired Δ = '
-    'mean over seeds of (variant - {ref}) on the same seed [t interval]; paired Δ steps (n = '
-    'seeds), as the ratio, only when every seed of both reached the target (— otherwise: a mean '
-    'over the seeds that got there favours the lucky ones).')
+    'between evals; paired Δ = mean over the seeds both finished of (variant - {ref}) on the '
+    'same seed [t interval]; paired Δ steps (n = seeds) only when every seed of both reached the '
+    'target (— otherwise: a mean over the seeds that got there favours the lucky ones); ratio = '
+    'mean steps / {ref} mean steps over the seeds of paired Δ steps [bootstrap interval over '
+    'those seed pairs].')
 
 
 def _fmt_int(value) -> str:

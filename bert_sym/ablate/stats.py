@@ -13,7 +13,7 @@
   variant - reference per seed removes the data's share of the noise.
 * Ratio and paired difference of steps to target: only when every seed of both variants
   reached the target (a mean over the seeds that happened to get there would favour the
-  lucky ones).
+  lucky ones); in a summary, both over the seeds both variants finished.
 """
 
 from typing import Callable, Sequence
@@ -154,10 +154,18 @@ def compare_to_reference(per_variant: dict, reference: str) -> None:
   ref_steps = ref['steps_to_target']['per_seed']
   for p in per_variant.values():
     st = p['steps_to_target']
-    ratio = steps_ratio(st['per_seed'], ref_steps)
+    paired_steps = paired_steps_difference(st['per_seed'], ref_steps)
+    # Over the seeds of the paired difference (both finished them): over all of each, a
+    # partial grid's ratio set the variant's seeds against the reference's others too, and
+    # could say slower where the paired difference on the same seeds said faster.
+    seeds = paired_steps['seeds']
+    ratio = (steps_ratio({s: st['per_seed'][s] for s in seeds},
+                         {s: ref_steps[s] for s in seeds})
+             if seeds else {'value': None, 'ci95': None})
     st['ratio_to_reference'], st['ratio_ci95'] = ratio['value'], ratio['ci95']
+    st['ratio_seeds'] = [int(s) for s in seeds]
     p['paired_vs_reference'] = {
         'final_eval_loss': paired_difference(p['final_eval_loss_per_seed'],
                                              ref['final_eval_loss_per_seed']),
-        'steps_to_target': paired_steps_difference(st['per_seed'], ref_steps),
+        'steps_to_target': paired_steps,
     }
