@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import ml_collections
@@ -508,6 +509,38 @@ def test_a_preempted_run_is_rerun_until_it_finishes(tmp_path, capsys):
                       '--config.model.attention=pairwise --config.seed=3 --config.total_steps=6')
   assert capsys.readouterr().out.count('pairwise seed 3: preempted (exit 42); resuming.') == 2
   assert (tmp_path / 'run' / 'train.log').read_text().count('trainer call') == 3
+
+
+def test_a_runs_train_log_shows_each_line_as_the_trainer_writes_it(tmp_path):
+  """`tail -f train.log` showed a running trainer's output in 8 KB blocks (the log file was
+  block-buffered): here the trainer waits, after its first line, until the test has read
+  that line from the log."""
+  go = tmp_path / 'go'
+  script = tmp_path / 'waiting_python'
+  script.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import pathlib, time
+      print('first line', flush=True)
+      deadline = time.monotonic() + 300   # the test's own deadline ends this one's wait
+      while not pathlib.Path({str(go)!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+      print('last line')
+      """))
+  script.chmod(0o755)
+  log = tmp_path / 'run' / 'train.log'
+  trainer = threading.Thread(target=runner.train_run, args=(
+      'configs/tiny.py', [], 'standard', 1, tmp_path / 'run', runner._Stop(), str(script)))
+  trainer.start()
+  try:
+    deadline = time.monotonic() + 120   # generous: only a block-buffered log gets there
+    while time.monotonic() < deadline and not (log.exists()
+                                               and 'first line' in log.read_text()):
+      time.sleep(0.05)
+    assert 'first line' in log.read_text() and trainer.is_alive()
+  finally:
+    go.touch()
+    trainer.join(timeout=300)
+  assert log.read_text().endswith('first line\nlast line\n')
 
 
 @pytest.mark.parametrize('codes, stop_requested, expected', [

@@ -126,7 +126,7 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
   if '://' in str(log_file):   # a gs:// workdir: the log stays on this machine
     log_file = epath.Path('ablate_logs') / str(log_file).split('://', 1)[1].replace('/', '_')
     log_file.parent.mkdir(parents=True, exist_ok=True)
-  with open(log_file, 'a') as log:
+  with open(log_file, 'a', buffering=1) as log:   # line by line: `tail -f` shows each line
     log.write(f'\n+ {shlex.join(cmd)}\n')
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, env=env, process_group=0 if stop.forwards else None)
