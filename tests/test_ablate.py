@@ -1345,6 +1345,29 @@ def test_a_command_that_adds_to_a_grid_summarizes_the_whole_grid(tmp_path, capsy
   assert ('Summary over every run in ' in capsys.readouterr().out)
 
 
+def test_runs_a_changed_setting_leaves_out_are_named_with_how_to_retrain_them(tmp_path,
+                                                                             capsys):
+  """A changed setting plus a new seed trains the new seed alone; the grid's older seeds,
+  trained with the old setting, are left out of its summary. Not named by the command, they
+  were dropped without a word on the console (its 'Summary over every run ... seeds 1, 2, 3'
+  read as if they counted), and nothing said how to retrain them."""
+  old, new = ['--config.total_steps=30'], ['--config.total_steps=30',
+                                           '--config.optimizer.learning_rate=5e-4']
+  for seed, overrides in ((1, old), (2, old), (3, new)):
+    config = ablate.resolve_config(fx.CONFIG, overrides)
+    config.model.attention, config.seed = 'standard', seed
+    _fake_run(tmp_path, 'standard', seed, [(0, 12.0), (10, 6.0), (30, 4.0)], config.to_json())
+  out = ablate.run(fx.CONFIG, 'standard', '3', str(tmp_path), new, summarize_only=True)
+  assert out['runs'] == {'standard': [3]}
+  said = [line for line in capsys.readouterr().out.splitlines() if 'left out' in line]
+  assert said == [
+      'Note: 2 finished run(s) are left out of the summary, trained with a config that '
+      'differs from the requested one in: standard/seed1 (optimizer.learning_rate); '
+      'standard/seed2 (optimizer.learning_rate). To retrain them with this one, move their '
+      'folders away and rerun naming them (--variants=standard --seeds=1,2); to summarize '
+      'them, rerun with the config they were trained with.'], said
+
+
 # Every key that decides what a grid run computes, as of 2026-12-06 (the grid's runs on
 # record were written with these or fewer). Edit only with the decision below.
 _EXPERIMENT_KEYS_ON_RECORD = set("""

@@ -27,7 +27,7 @@ from bert_sym.loop import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 from bert_sym.ablate.report import (AblationError, GLUE_DONE, GLUE_SUBDIR, SUMMARY_JSON,
                                     SUMMARY_MD, summarize)
 from bert_sym.ablate.runs import (LOST_CURVE, config_differences, latest_finished_step,
-                                  run_dir, run_status, whole_grid)
+                                  left_out_runs, run_dir, run_status, whole_grid)
 
 
 # ---- The requested config: the same file + overrides the trainer will see ----
@@ -276,6 +276,10 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
     raise AblationError(f'Unknown variant(s) {unknown}; choose from {attention.VARIANTS}.')
   if glue_tasks and not summarize_only:
     check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args, data=False)
+  # Said before the grid trains, over the whole grid's runs (the summary's), with the fix.
+  left_out = left_out_runs(workdir, *whole_grid(workdir, variants, seeds, say=False), requested)
+  if left_out:
+    print(left_out, flush=True)
   stop, previous_handlers = _install_stop()
   try:
     actions = _run_grid(config, overrides, variants, seeds, workdir, requested, stop,
@@ -372,10 +376,6 @@ def _run_grid(config, overrides, variants, seeds, workdir, requested, stop, *,
       if finished:
         actions[name] = 'skipped'
         print(f'{name}: {why}, skipped.', flush=True)
-        changed = config_differences(requested, checkpoint_lib.read_config(path), variant, seed)
-        if changed:
-          print(f'  note: {name} was trained with a config that differs from the requested '
-                f'one in {", ".join(changed)}; it is left out of the summary.', flush=True)
       elif summarize_only:
         actions[name] = 'missing'
         # Finished at its own total_steps, another than asked: the grid's overrides are missing.

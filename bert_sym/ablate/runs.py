@@ -22,7 +22,8 @@ def run_dir(workdir, variant: str, seed: int) -> epath.Path:
   return epath.Path(workdir) / variant / f'seed{seed}'
 
 
-def whole_grid(workdir, variants: list[str], seeds: list[int]) -> tuple[list, list]:
+def whole_grid(workdir, variants: list[str], seeds: list[int],
+               say: bool = True) -> tuple[list, list]:
   """The variants and seeds asked for, then those of the runs earlier commands started in
   `workdir`: summary.* covers them all. It covered the command's own only, so a command
   that added a variant or a seed to a grid replaced the grid's summary with a part of it
@@ -36,10 +37,35 @@ def whole_grid(workdir, variants: list[str], seeds: list[int]) -> tuple[list, li
   if not more_variants and not more_seeds:
     return variants, seeds
   variants, seeds = variants + more_variants, sorted(set(seeds) | set(more_seeds))
-  print(f'Summary over every run in {workdir}: variants {", ".join(variants)}; seeds '
-        f'{", ".join(map(str, seeds))} (earlier commands started those this one did not '
-        'name).', flush=True)
+  if say:
+    print(f'Summary over every run in {workdir}: variants {", ".join(variants)}; seeds '
+          f'{", ".join(map(str, seeds))} (earlier commands started those this one did not '
+          'name).', flush=True)
   return variants, seeds
+
+
+def left_out_runs(workdir, variants, seeds, requested) -> str | None:
+  """One line naming the finished runs that the summary leaves out as trained with another
+  config than `requested`, and how to retrain them; None if there is none. A changed
+  setting plus new seeds trained the new seeds only: the older seeds of that grid were then
+  dropped with a note only where the command named them, and never said how to redo them."""
+  other = {}
+  for variant in variants:
+    for seed in seeds:
+      path = run_dir(workdir, variant, seed)
+      if run_status(path, int(requested.total_steps))[0]:
+        changed = config_differences(requested, checkpoint_lib.read_config(path), variant, seed)
+        if changed:
+          other[variant, seed] = changed
+  if not other:
+    return None
+  names = '; '.join(f'{v}/seed{s} ({", ".join(c)})' for (v, s), c in other.items())
+  again = (f'--variants={",".join(dict.fromkeys(v for v, _ in other))} '
+           f'--seeds={",".join(str(s) for s in sorted({s for _, s in other}))}')
+  return (f'Note: {len(other)} finished run(s) are left out of the summary, trained with a '
+          f'config that differs from the requested one in: {names}. To retrain them with '
+          f'this one, move their folders away and rerun naming them ({again}); to summarize '
+          'them, rerun with the config they were trained with.')
 
 
 def latest_finished_step(path) -> int | None:
