@@ -1519,7 +1519,9 @@ def test_a_save_failure_that_surfaces_between_saves_stops_every_host_together(tm
   processes = _two_processes(
       workdir, _overrides(checkpoint__async_save=True, checkpoint__every_steps=8,
                           checkpoint__save_timeout_s=60),
-      env={'SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP': '1:8', 'SYNTHETIC_SLEEP_SECONDS': '0.3'})
+      # 0.6 s a step: process 1's failed write must be recorded before step 14's check,
+      # 3.6 s after step 8's save began (0.3 s left 1.8 s to a starved CI machine).
+      env={'SYNTHETIC_NO_SPACE_ON_PROCESS_AT_STEP': '1:8', 'SYNTHETIC_SLEEP_SECONDS': '0.6'})
   outputs = _outputs_of(processes, timeout=150)
   for p, out in zip(processes, outputs):
     assert p.returncode == 1 and 'Traceback' not in out and 'Fatal' not in out, out[-3000:]
