@@ -1169,11 +1169,11 @@ def test_sigkill_then_resume_on_streaming_shards_is_bitwise_identical(small_corp
   # The uninterrupted reference runs alongside (the test is compile-bound).
   reference = run_trainer(tmp_path / 'reference', *flags, synthetic=False, background=True)
   workdir = tmp_path / 'killed'
-  # Its input slowed to 0.25 s a batch (sleeping, it takes no CPU from the others): the
-  # steps after checkpoint 8 took 2.4 s for 40 unslowed, and a test process starved that
-  # long killed a finished run; the 16 left take at least 4 s.
-  process = run_trainer(workdir, *flags, apply_tiny=False, background=True,
-                        env={'REAL_INPUT_SLEEP_SECONDS': '0.25'})
+  # Held at step 12's batch until killed (waiting, it takes no CPU from the others):
+  # slowed to 0.25 s a batch instead, the run went on to its end while a test process
+  # starved for some seconds waited to kill it ('the run finished before it was killed').
+  held = {'REAL_INPUT_WAIT_FOR_FILE': str(tmp_path / 'never'), 'REAL_INPUT_WAIT_AT_BATCH': '11'}
+  process = run_trainer(workdir, *flags, apply_tiny=False, background=True, env=held)
   start = time.time()
   while not (workdir / 'checkpoints' / '8').is_dir():
     assert process.poll() is None, process.stdout.read()[-3000:]
@@ -1182,7 +1182,7 @@ def test_sigkill_then_resume_on_streaming_shards_is_bitwise_identical(small_corp
   process.send_signal(signal.SIGKILL)
   process.wait()
   killed_at = int(checkpoint.resolve_step_dir(workdir).name)
-  assert 8 <= killed_at < TRAIN_STEPS, 'the run finished before it was killed'
+  assert killed_at == 8, 'killed elsewhere than between steps 8 and 12'
   resumed = run_trainer(workdir, *flags, synthetic=False)
   assert f'Resumed from step {killed_at}' in resumed.stdout
   reference_output = reference.communicate(timeout=240)[0]

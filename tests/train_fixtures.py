@@ -285,10 +285,20 @@ if __name__ == '__main__':
   if os.environ.get('SYNTHETIC_CTRL_C_AT_START'):   # while waiting for the other processes
     from bert_sym import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize = lambda cli_flags: signal.raise_signal(signal.SIGINT)
-  if os.environ.get('REAL_INPUT_SLEEP_SECONDS'):   # the real pipeline, slowed (a test kills it)
+  if os.environ.get('REAL_INPUT_WAIT_FOR_FILE'):   # the real pipeline, held (a test kills it)
+    # Its training batches from REAL_INPUT_WAIT_AT_BATCH on wait for the file, as the
+    # synthetic ones do for SYNTHETIC_WAIT_FOR_FILE: a run slowed by a sleep instead ran to
+    # its end while a starved test process waited to kill it.
     from bert_sym.input import iterator  # pylint: disable=g-import-not-at-top
     make_iterator, take = None, iterator.MLMIterator.__next__
-    iterator.MLMIterator.__next__ = lambda self: (
-        time.sleep(float(os.environ['REAL_INPUT_SLEEP_SECONDS'])), take(self))[1]
+    gate, held_from = (os.environ['REAL_INPUT_WAIT_FOR_FILE'],
+                       int(os.environ.get('REAL_INPUT_WAIT_AT_BATCH', '2')))
+
+    def held_next(self):
+      while (self._shuffle and self._step >= held_from   # pylint: disable=protected-access
+             and not os.path.exists(gate)):
+        time.sleep(0.05)
+      return take(self)
+    iterator.MLMIterator.__next__ = held_next
   cli.run(lambda argv: train.main(argv, make_iterator=make_iterator),
           prog='bert_sym.train', flags_parser=train.parse_flags)
