@@ -145,15 +145,18 @@ def test_tfds_source_all_tasks(name, tfds_mock_data):
 def test_tfds_unprepared_and_offline_fails_in_seconds(tmp_path, monkeypatch):
   """Not prepared in data_dir and the download host unreachable (here: a closed local
   port): one clear error before tfds.load, instead of minutes of TFDS's retries."""
+  # Held bound, never listening, until the probe is refused: a port closed first was free
+  # for another xdist worker's listener (a kernel's, gloo's) during the seconds the
+  # TensorFlow import takes, and the probe then reached it.
   with socket.socket() as closed:
     closed.bind(('localhost', 0))
     port = closed.getsockname()[1]
-  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', port))
-  monkeypatch.setattr(tfds, 'load', lambda *a, **k: pytest.fail('tfds.load was called'))
-  with pytest.raises(glue_data.GlueDataError,
-                     match=rf'glue/rte is not prepared in {tmp_path}.*localhost:{port} is '
-                           r'unreachable.*--config.tfds_data_dir=DIR.*--glue_dir=DIR'):
-    glue_data.load_split(glue_data.TASKS['rte'], 'train', tfds_data_dir=str(tmp_path))
+    monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', port))
+    monkeypatch.setattr(tfds, 'load', lambda *a, **k: pytest.fail('tfds.load was called'))
+    with pytest.raises(glue_data.GlueDataError,
+                       match=rf'glue/rte is not prepared in {tmp_path}.*localhost:{port} is '
+                             r'unreachable.*--config.tfds_data_dir=DIR.*--glue_dir=DIR'):
+      glue_data.load_split(glue_data.TASKS['rte'], 'train', tfds_data_dir=str(tmp_path))
 
 
 def test_errors_are_clear(tmp_path):
