@@ -1608,13 +1608,15 @@ def test_tfds_glue_unprepared_offline_is_refused_before_the_output_dir(workdir, 
   """Checked with the other inputs: a refused run leaves no output folder behind (it left
   an empty one, as TFDS was first asked when the first task loaded)."""
   import socket  # pylint: disable=g-import-not-at-top
+  # Held bound, never listening, until the probe is refused: a port closed first was free
+  # for another xdist worker's listener (a kernel's, gloo's) before the probe reached it.
   with socket.socket() as closed:
     closed.bind(('localhost', 0))
     port = closed.getsockname()[1]
-  monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', port))
-  config = _config(tasks='rte', seeds='1', glue_dir='', tfds_data_dir=str(tmp_path / 'tfds'))
-  with pytest.raises(glue_data.GlueDataError, match='glue/rte is not prepared'):
-    suite.run_glue(str(workdir), str(tmp_path / 'out'), config)
+    monkeypatch.setattr(glue_data, 'TFDS_DOWNLOAD_HOST', ('localhost', port))
+    config = _config(tasks='rte', seeds='1', glue_dir='', tfds_data_dir=str(tmp_path / 'tfds'))
+    with pytest.raises(glue_data.GlueDataError, match='glue/rte is not prepared'):
+      suite.run_glue(str(workdir), str(tmp_path / 'out'), config)
   assert not (tmp_path / 'out').exists()
 
 
