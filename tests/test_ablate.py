@@ -1051,8 +1051,11 @@ def test_a_run_does_not_outlive_a_runner_killed_with_its_process_group(tmp_path)
         open({str(tmp_path / 'signal')!r}, 'w').write('SIGTERM')
         os._exit(42)
       signal.signal(signal.SIGTERM, saved)
-      with open({str(tmp_path / 'pid')!r}, 'w') as f:
+      # Whole when it appears (renamed into place): the test reads it as soon as it exists,
+      # and read between open and write it was empty (int('') failed).
+      with open({str(tmp_path / 'pid.tmp')!r}, 'w') as f:
         f.write(str(os.getpid()))
+      os.replace({str(tmp_path / 'pid.tmp')!r}, {str(tmp_path / 'pid')!r})
       time.sleep(120)   # training
       """)
   script = textwrap.dedent(f"""\
