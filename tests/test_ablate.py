@@ -1018,6 +1018,31 @@ def test_a_ctrl_c_to_the_runner_alone_reaches_its_trainer_and_stops_the_grid(tmp
   assert (tmp_path / 'calls').read_text().splitlines() == ['call', 'SIGINT']
 
 
+def test_a_ctrl_c_while_a_trainer_starts_reaches_it(tmp_path, monkeypatch):
+  """A Ctrl-C after the trainer started but before Popen returned (a runner descheduled
+  there on a loaded machine): the runner, knowing no child yet, raised KeyboardInterrupt,
+  and the trainer, in a group of its own, trained on unsignalled."""
+  python = _fake(tmp_path, """\
+      import time
+      time.sleep(60)   # training; the forwarded Ctrl-C ends it (exit -2)
+      """)
+  real_popen = subprocess.Popen
+
+  def popen_then_ctrl_c(cmd, *args, **kwargs):
+    proc = real_popen(cmd, *args, **kwargs)
+    if cmd[0] == python:
+      os.kill(os.getpid(), signal.SIGINT)   # before the runner knows its trainer
+    return proc
+  monkeypatch.setattr(runner.subprocess, 'Popen', popen_then_ctrl_c)
+  try:
+    ablate.run('configs/tiny.py', 'standard', '1', str(tmp_path / 'grid'), python=python)
+    error = None
+  except BaseException as e:  # pylint: disable=broad-except
+    error = e   # a KeyboardInterrupt too: here, not in pytest
+  assert isinstance(error, runner.Stopped), repr(error)
+  assert error.exit_code == runner.INTERRUPTED_EXIT_CODE
+
+
 def test_a_ctrl_c_at_the_terminal_reaches_the_trainer_once(tmp_path):
   """A Ctrl-C to the runner's process group (a terminal's) that the runner forwards must
   not reach the trainer twice: a second Ctrl-C quits it without saving."""

@@ -100,9 +100,13 @@ class _Stop:
     self.interrupted = False   # Ctrl-C
     self.forwards = False
     self.child = None
+    self.starting, self.pending = False, []   # see started()
 
   def __call__(self, signum, frame):
     del frame
+    if self.starting and self.child is None:
+      self.pending.append(signum)
+      return
     running = self.child is not None and self.child.poll() is None
     if signum == signal.SIGINT:
       if not running:
@@ -116,6 +120,14 @@ class _Stop:
     if running:
       self.child.send_signal(signum)
 
+  def started(self, proc) -> None:
+    """Forwards what came while Popen returned: it raised KeyboardInterrupt from there (no
+    child known yet), and the trainer trained on, in its own group, never signalled."""
+    self.child, self.starting = proc, False
+    for signum in self.pending:
+      self(signum, None)
+    self.pending = []
+
 
 def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
   """Runs `cmd`, copying its output to our stdout and to `log_file`; returns its exit code."""
@@ -128,9 +140,10 @@ def _stream(cmd: list[str], log_file: epath.Path, stop: _Stop) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
   with open(log_file, 'a', buffering=1) as log:   # line by line: `tail -f` shows each line
     log.write(f'\n+ {shlex.join(cmd)}\n')
+    stop.starting = True   # (a Popen that raises ends the grid: no reset needed)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, env=env, process_group=0 if stop.forwards else None)
-    stop.child = proc
+    stop.started(proc)
     try:
       for line in proc.stdout:
         log.write(line)
