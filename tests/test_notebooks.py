@@ -171,14 +171,16 @@ def test_setup_cell_finds_the_repository_or_says_what_to_set(name, tmp_path):
 
 
 @pytest.mark.parametrize('notebook', ['ablation.ipynb', 'attention_analysis.ipynb'])
-@pytest.mark.parametrize('accelerator', ['gpu', 'tpu'])
+@pytest.mark.parametrize('accelerator', ['gpu', 'tpu', 'cpu'])
 @pytest.mark.parametrize('backend', ['cpu', 'gpu', 'tpu'])
 def test_the_colab_setup_installs_the_accelerators_jax_and_refuses_a_runtime_that_misses_it(
     notebook, accelerator, backend, tmp_path, monkeypatch):
   """On a Colab GPU or TPU runtime, requirements.txt alone could replace Colab's CUDA or TPU
   JAX by a CPU one: every run would then train on the CPU, unsaid. The setup cell (run here
-  with Colab, nvidia-smi or libtpu, and the subprocesses stood in for) installs jax[cuda12]
-  or jax[tpu] beside the requirements and stops if the runs' JAX sees another backend."""
+  with Colab, nvidia-smi or the PCI bus, and the subprocesses stood in for) installs
+  jax[cuda12] or jax[tpu] beside the requirements and stops if the runs' JAX sees another
+  backend. A CPU runtime gets neither and no stop, also with libtpu installed (as in this
+  test environment, which compiles for TPUs: libtpu is no sign of a TPU)."""
   import shutil  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
   cell = ''.join(nbformat.read(os.path.join(NOTEBOOKS, notebook), as_version=4).cells[1].source)
@@ -187,7 +189,8 @@ def test_the_colab_setup_installs_the_accelerators_jax_and_refuses_a_runtime_tha
   monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
   monkeypatch.setattr(shutil, 'which', lambda name: '/usr/bin/nvidia-smi'
                       if name == 'nvidia-smi' and accelerator == 'gpu' else None)
-  _stand_in_libtpu(monkeypatch, installed=accelerator == 'tpu')
+  gvnic, tpu_v5e = ('0x1ae0', '0x0042'), ('0x1ae0', '0x0063')   # Google's NIC, a TPU chip
+  _stand_in_pci_bus(monkeypatch, tmp_path, gvnic, *([tpu_v5e] if accelerator == 'tpu' else []))
   calls = []
 
   def run(command, **kwargs):
@@ -195,8 +198,9 @@ def test_the_colab_setup_installs_the_accelerators_jax_and_refuses_a_runtime_tha
     calls.append(command)
     return subprocess.CompletedProcess(command, 0, stdout=f'{backend}\n')
   monkeypatch.setattr(subprocess, 'run', run)
-  refused = backend != accelerator
-  wanted = {'gpu': ('an NVIDIA GPU', 'jax[cuda12]'), 'tpu': ('a TPU', 'jax[tpu]')}[accelerator]
+  refused = backend != accelerator and accelerator != 'cpu'
+  wanted = {'gpu': ('an NVIDIA GPU', 'jax[cuda12]'), 'tpu': ('a TPU', 'jax[tpu]'),
+            'cpu': (None, str(root / 'requirements.txt'))}[accelerator]
   if refused:
     with pytest.raises(RuntimeError, match=re.escape(
         f'has {wanted[0]} but JAX sees {backend}: pip install -U "{wanted[1]}"')):
@@ -205,7 +209,9 @@ def test_the_colab_setup_installs_the_accelerators_jax_and_refuses_a_runtime_tha
     exec(cell, {})  # pylint: disable=exec-used
   install = calls[0]
   assert install[1:5] == ['-m', 'pip', 'install', '-q'] and install[-1] == wanted[1]
-  assert install[-2] == str(root / 'requirements.txt')
+  assert str(root / 'requirements.txt') in install[-2:]
+  if accelerator == 'cpu':   # nothing asked of the runs' JAX
+    assert calls == [install], calls
   # Run again in the same runtime: no second install (it checked for a .venv Colab lacks).
   calls.clear()
   with pytest.raises(RuntimeError) if refused else contextlib.nullcontext():
@@ -218,13 +224,17 @@ def test_the_colab_setup_installs_the_accelerators_jax_and_refuses_a_runtime_tha
   assert [c for c in calls if 'pip' in c], calls
 
 
-def _stand_in_libtpu(monkeypatch, *, installed):
-  """libtpu as a Colab TPU runtime has it, or not (this machine's test environment has it,
-  for the TPU compile tests)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  real_find_spec = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: (
-      (object() if installed else None) if name == 'libtpu' else real_find_spec(name, *args)))
+def _stand_in_pci_bus(monkeypatch, tmp_path, *devices):
+  """The machine's PCI devices as (vendor id, device id) pairs: what the setup cell reads
+  in /sys to tell a TPU runtime (this machine has none)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  bus, real_glob = tmp_path / 'pci_devices', glob.glob
+  for i, (vendor, device) in enumerate(devices):
+    (bus / f'0000:00:{i:02x}.0').mkdir(parents=True)
+    (bus / f'0000:00:{i:02x}.0' / 'vendor').write_text(vendor + '\n')
+    (bus / f'0000:00:{i:02x}.0' / 'device').write_text(device + '\n')
+  monkeypatch.setattr(glob, 'glob', lambda pattern, *a, **k: real_glob(
+      pattern.replace('/sys/bus/pci/devices', str(bus)), *a, **k))
 
 
 def _fresh_colab_upload(tmp_path, monkeypatch):
@@ -254,7 +264,7 @@ def test_the_colab_setup_asks_for_a_restart_when_pip_changed_an_imported_package
   monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
   versions = {'numpy': '1.26.4', 'jax': '0.4.30'}   # what the runtime imported
   monkeypatch.setattr(importlib.metadata, 'version', lambda name: versions.get(name, '1.0'))
-  _stand_in_libtpu(monkeypatch, installed=False)
+  _stand_in_pci_bus(monkeypatch, tmp_path, ('0x1ae0', '0x0042'))   # Google's NIC: no TPU
 
   def pip(command, **kwargs):
     del kwargs
