@@ -97,8 +97,8 @@ def describe(values: Sequence[float | None]) -> dict:
 
 def paired_difference(variant: dict, reference: dict) -> dict:
   """variant - reference over the seeds both have a value for ({seed: value} dicts)."""
-  seeds = sorted(s for s in variant
-                 if variant[s] is not None and reference.get(s) is not None)
+  seeds = sorted((s for s in variant
+                  if variant[s] is not None and reference.get(s) is not None), key=int)
   out = describe([variant[s] - reference[s] for s in seeds])
   out['seeds'] = seeds
   return out
