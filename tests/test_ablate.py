@@ -164,6 +164,9 @@ def test_paired_difference_is_per_seed():
   d = stats.paired_difference({1: 5.0, 2: 6.0, 3: None}, {1: 4.0, 2: 5.5, 3: 4.0})
   assert d['seeds'] == [1, 2] and d['mean'] == pytest.approx(0.75) and d['n'] == 2
   assert d['std'] == pytest.approx(statistics.stdev([1.0, 0.5]))
+  # A summary's seeds are its JSON keys, strings: in number order, not text order.
+  assert stats.paired_difference({'10': 1.0, '2': 2.0}, {'10': 0.0, '2': 0.0})['seeds'] == [
+      '2', '10']
 
 
 def test_paired_steps_only_when_every_seed_of_both_reached():
@@ -1394,7 +1397,8 @@ def test_runs_a_changed_setting_leaves_out_are_named_with_how_to_retrain_them(tm
       'Note: 2 finished run(s) are left out of the summary, trained with a config that '
       'differs from the requested one in: standard/seed1 (optimizer.learning_rate); '
       'standard/seed2 (optimizer.learning_rate). To retrain them with this one, move their '
-      'folders away and rerun naming them (--variants=standard --seeds=1,2); to summarize '
+      'folders away and rerun naming them (--variants=standard --seeds=1,2 without '
+      '--summarize_only); to summarize '
       'them, rerun with the config they were trained with.'], said
 
 

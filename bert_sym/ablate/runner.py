@@ -290,7 +290,8 @@ def run(config: str, variants: Sequence[str] | str, seeds: Sequence[int] | str, 
   if glue_tasks and not summarize_only:
     check_glue_inputs(glue_dir, glue_tasks, glue_seeds, glue_args, data=False)
   # Said before the grid trains, over the whole grid's runs (the summary's), with the fix.
-  left_out = left_out_runs(workdir, *whole_grid(workdir, variants, seeds, say=False), requested)
+  left_out = left_out_runs(workdir, *whole_grid(workdir, variants, seeds, say=False), requested,
+                           summarize_only)
   if left_out:
     print(left_out, flush=True)
   stop, previous_handlers = _install_stop()

@@ -1,4 +1,5 @@
-"""One run of an ablation grid, read back: its status, metrics rows and wall-clock time.
+"""The runs of an ablation grid, read back: each one's status, metrics rows and wall-clock
+time, and which runs a workdir holds (whole_grid, left_out_runs).
 
 Wall-clock time runs from the run's first metrics row (the step-0 eval: start-up and the
 eval step's compilation excluded), without the first process's train-step compilation nor
@@ -44,7 +45,7 @@ def whole_grid(workdir, variants: list[str], seeds: list[int],
   return variants, seeds
 
 
-def left_out_runs(workdir, variants, seeds, requested) -> str | None:
+def left_out_runs(workdir, variants, seeds, requested, summarize_only=False) -> str | None:
   """One line naming the finished runs that the summary leaves out as trained with another
   config than `requested`, and how to retrain them; None if there is none. A changed
   setting plus new seeds trained the new seeds only: the older seeds of that grid were then
@@ -61,7 +62,8 @@ def left_out_runs(workdir, variants, seeds, requested) -> str | None:
     return None
   names = '; '.join(f'{v}/seed{s} ({", ".join(c)})' for (v, s), c in other.items())
   again = (f'--variants={",".join(dict.fromkeys(v for v, _ in other))} '
-           f'--seeds={",".join(str(s) for s in sorted({s for _, s in other}))}')
+           f'--seeds={",".join(str(s) for s in sorted({s for _, s in other}))}'
+           + (' without --summarize_only' if summarize_only else ''))
   return (f'Note: {len(other)} finished run(s) are left out of the summary, trained with a '
           f'config that differs from the requested one in: {names}. To retrain them with '
           f'this one, move their folders away and rerun naming them ({again}); to summarize '
