@@ -321,7 +321,7 @@ def test_empty_texts_are_trained_on_with_a_warning_that_counts_them(tmp_path, ca
   assert len(warnings) == 2, warnings
   assert warnings[0].endswith('RTE/train.tsv: 1 of 4 examples have an empty sentence1 (the '
                               'first at line 5): each is packed with no tokens for it and '
-                              'trained on as it is.')
+                              'kept as it is (trained on, or scored in a dev set).')
   assert 'RTE/train.tsv: 2 of 4 examples have an empty sentence2 (the first at line 2)' in (
       warnings[1])
 

@@ -206,8 +206,9 @@ def _warn_empty_texts(texts, names, where, unit: str, positions) -> None:
     empty = [i for i, text in enumerate(column) if not text.strip()]
     if empty:
       logging.warning('%s: %d of %d examples have an empty %s (the first at %s %d): each '
-                      'is packed with no tokens for it and trained on as it is.', where,
-                      len(empty), len(column), name, unit, positions[empty[0]])
+                      'is packed with no tokens for it and kept as it is (trained on, or '
+                      'scored in a dev set).', where, len(empty), len(column), name, unit,
+                      positions[empty[0]])
 
 
 def _numbered_lines(path: Path, spec: TaskSpec) -> list[tuple[int, str]]:
