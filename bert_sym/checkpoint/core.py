@@ -165,7 +165,8 @@ def make_manager(workdir, ckpt_config=None, *, read_only=False,
       checkpoint_dir(workdir), options=options, item_names=(STATE, DATA_ITER))
   # orbax removes unfinished steps in a thread of its own, awaited only by the first save:
   # a second manager (the fall-back past a damaged step) removed the same files beside it,
-  # and the first save failed on the other's FileNotFoundError.
+  # and the first save failed on the other's FileNotFoundError. A private method: orbax
+  # 0.11 has none, and removes them before its constructor returns.
   getattr(manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
   return manager
 
