@@ -1202,22 +1202,41 @@ def test_ctrl_c_then_sigterm_mid_task_save_and_resume_to_the_same_predictions(
     lines = logged.read_text().splitlines() if logged.exists() else []
     return [json.loads(line)['step'] for line in lines if line.endswith('}')]
 
-  # The runs to stop take 300 ms a batch (tens of ms otherwise): unslowed, the rest of the
-  # run after the first row took under a second, so a test process starved that long sent
-  # its signal to a finished run. The 50 steps after the first row leave it over 15 s (a
-  # sleep costs no CPU; each run is stopped a few rows in).
-  slow_batches = ('import runpy, time; from bert_sym.glue import finetune as f; '
-                  'take = f._Batches.__next__; '
-                  'f._Batches.__next__ = lambda self: (time.sleep(0.3), take(self))[1]; '
-                  "runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)")
+  # Each run to stop is held at a batch a few steps past the row the test waits for, until
+  # its signal handler has taken the signal (the handler, wrapped, writes the gate file).
+  # Slowed to 300 ms a batch instead, a test process starved for the 15 s left after the
+  # row sent its signal to a finished run (exit 0; shown with a 20 s sleep before it).
+  held_run = textwrap.dedent("""\
+      import os, runpy, time
+      from bert_sym import preemption
+      from bert_sym.glue import finetune
+      gate, held_from = os.environ['GLUE_WAIT_FOR_FILE'], int(os.environ['GLUE_WAIT_AT_BATCH'])
+      take, handle = finetune._Batches.__next__, preemption.PreemptionFlag._handle
+
+      def held_next(self):
+        while self.step >= held_from and not os.path.exists(gate):
+          time.sleep(0.05)
+        return take(self)
+
+      def handle_then_open(self, signum, frame):
+        handle(self, signum, frame)
+        open(gate, 'w').close()
+
+      finetune._Batches.__next__ = held_next
+      preemption.PreemptionFlag._handle = handle_then_open
+      runpy.run_module('bert_sym.glue', run_name='__main__', alter_sys=True)
+      """)
 
   def stop_after(step, signum, exit_code):
     """Runs the command, sends `signum` once a row past `step` is logged (no periodic
     checkpoints: checkpoint_every_steps=0, so the one left is the signal's save)."""
-    process = subprocess.Popen([sys.executable, '-c', slow_batches, *cmd[3:],
-                                f'--output_dir={out}'], cwd=REPO_ROOT, env=env,
+    # Held at the batch 2 steps past the next row (log_every_steps=10) until signalled.
+    held = dict(env, GLUE_WAIT_FOR_FILE=str(tmp_path / f'taken_{signum}'),
+                GLUE_WAIT_AT_BATCH=str((step // 10 + 1) * 10 + 2))
+    process = subprocess.Popen([sys.executable, '-c', held_run, *cmd[3:],
+                                f'--output_dir={out}'], cwd=REPO_ROOT, env=held,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 300   # a hang, not a timing: each run waits for its signal
     while not any(s > step for s in logged_steps()):
       assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
       time.sleep(0.02)
