@@ -222,13 +222,7 @@ def test_glue_and_export_refuse_params_that_are_not_finite_and_name_the_step_bef
   params = _write_run(workdir, config, step=4)
   _write_run(workdir, config, step=8)
   state_dir = workdir / 'checkpoints' / '8' / checkpoint.STATE
-  state = ocp.StandardCheckpointer().restore(state_dir)
-  leaves, tree = jax.tree.flatten(state['params'])
-  leaves[0] = np.full_like(np.asarray(leaves[0]), np.nan)
-  state['params'] = jax.tree.unflatten(tree, leaves)
-  shutil.rmtree(state_dir)
-  with ocp.StandardCheckpointer() as writer:
-    writer.save(state_dir, state)
+  train_fixtures.make_params_nonfinite(state_dir.parent)
   for path in (workdir, state_dir.parent):
     with pytest.raises(checkpoint.DamagedCheckpoint,
                        match=rf'checkpoints/8 are not finite .* Fix: --checkpoint=\S*'

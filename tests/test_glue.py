@@ -251,18 +251,6 @@ def test_sweep_scores_every_step(workdir, tmp_path, capsys):
   assert 'step 2 skipped, its checkpoint is damaged' in capsys.readouterr().err
 
 
-def _make_params_nonfinite(step_dir):
-  """One parameter array of a checkpoint's state set to NaN, written by orbax itself."""
-  state_dir = step_dir / checkpoint.STATE
-  state = ocp.StandardCheckpointer().restore(state_dir)
-  leaves, tree = jax.tree.flatten(state['params'])
-  leaves[0] = np.full_like(np.asarray(leaves[0]), np.nan)
-  state['params'] = jax.tree.unflatten(tree, leaves)
-  shutil.rmtree(state_dir)
-  with ocp.StandardCheckpointer() as writer:
-    writer.save(state_dir, state)
-
-
 def test_a_sweep_leaves_out_a_step_whose_params_are_not_finite_with_a_warning(workdir,
                                                                             tmp_path):
   """The README's "--sweep leaves it out with a warning", as a user runs it: the command
@@ -270,7 +258,7 @@ def test_a_sweep_leaves_out_a_step_whose_params_are_not_finite_with_a_warning(wo
   other is missing, and exits 0. That step is never fine-tuned."""
   run, out = tmp_path / 'run', tmp_path / 'sweep'
   shutil.copytree(workdir, run)
-  _make_params_nonfinite(run / 'checkpoints' / '4')
+  train_fixtures.make_params_nonfinite(run / 'checkpoints' / '4')
   result = subprocess.run(
       [sys.executable, '-m', 'bert_sym.glue', f'--checkpoint={run}', f'--output_dir={out}',
        '--sweep', '--tasks=wnli', '--seeds=1', f'--glue_dir={GLUE_DIR}',

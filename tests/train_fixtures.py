@@ -274,6 +274,21 @@ def _simulate_full_disk_on_one_process(process_and_step: str) -> None:
   serialization.async_serialize_from_host = write
 
 
+def make_params_nonfinite(step_dir) -> None:
+  """One parameter array of a checkpoint's state set to NaN, written by orbax itself."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from bert_sym import checkpoint  # pylint: disable=g-import-not-at-top
+  state_dir = pathlib.Path(step_dir) / checkpoint.STATE
+  state = ocp.StandardCheckpointer().restore(state_dir)
+  leaves, tree = jax.tree.flatten(state['params'])
+  leaves[0] = np.full_like(np.asarray(leaves[0]), np.nan)
+  state['params'] = jax.tree.unflatten(tree, leaves)
+  shutil.rmtree(state_dir)
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(state_dir, state)
+
+
 if __name__ == '__main__':
   from bert_sym import cli  # pylint: disable=g-import-not-at-top
   from bert_sym import train  # pylint: disable=g-import-not-at-top
